@@ -1,0 +1,1 @@
+"""Subcommands of the `megamath` CLI: each module declares its flags and calls the library."""
