@@ -15,6 +15,8 @@ COMMANDS = {
     "inspect": "inspect",
     "demo-corpus": "demo_corpus",
     "blend": "blend",
+    "merge": "merge",
+    "convert": "convert",
 }
 
 
