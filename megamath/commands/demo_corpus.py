@@ -1,11 +1,32 @@
-"""`megamath demo-corpus` (not yet implemented)."""
+"""`megamath demo-corpus`: write the generated demo corpus (ProofPile II layout) and train its tokenizer."""
 from __future__ import annotations
+
+from pathlib import Path
 
 
 def add_parser(subparsers, name: str) -> None:
-    parser = subparsers.add_parser(name, help="(not yet implemented)")
+    parser = subparsers.add_parser(
+        name,
+        help="generate a small math corpus in ProofPile II's layout and a SentencePiece tokenizer for it",
+        description="Writes OUTPUT/corpus/{algebraic-stack,arxiv,open-web-math}/{train,validation,test}/"
+        "*.jsonl.zst and OUTPUT/tokenizer.model. No downloads: everything is generated from the seed.",
+    )
+    parser.add_argument("--output", required=True, type=Path, help="folder to write into")
+    parser.add_argument("--documents", type=int, default=1000, help="training documents per subset")
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--vocab-size", type=int, default=1024, help="upper bound on the tokenizer's pieces")
     parser.set_defaults(run=run)
 
 
 def run(args) -> int:
-    raise NotImplementedError("megamath demo-corpus")
+    from megamath.data.demo_corpus import DemoCorpusConfig, train_demo_tokenizer, write_demo_corpus
+
+    if args.documents < 1:
+        raise ValueError(f"--documents must be at least 1, got {args.documents}")
+    config = DemoCorpusConfig(documents_per_subset=args.documents, seed=args.seed, vocab_size=args.vocab_size)
+    counts = write_demo_corpus(args.output / "corpus", config)
+    model = train_demo_tokenizer(args.output / "corpus", args.output / "tokenizer.model", config.vocab_size)
+    for (subset, split), count in counts.items():
+        print(f"{subset:>16} {split:<10} {count:>6} documents")
+    print(f"corpus:    {args.output / 'corpus'}\ntokenizer: {model}")
+    return 0
