@@ -1,0 +1,203 @@
+"""RMSNorm over the last dimension: one fused pass forward, one fused pass backward.
+
+    y = cast(x * rstd) * weight,    rstd = 1 / sqrt(mean(x², -1) + eps)
+
+Order of operations is Llama/HF's: the statistics and the normalization are computed in fp32, the
+normalized row is rounded to x's dtype, and only then multiplied by the weight (the product is rounded
+to x's dtype again). Kernel and `rms_norm_ref` follow the same order, so in fp32 they agree to rounding
+and in bf16/fp16 the kernel rounds exactly where plain torch does.
+
+Why a kernel: unfused, torch makes an fp32 copy of x and several intermediates of its size. Here the
+forward reads x and weight once and writes y plus one fp32 `rstd` per row; the backward reads x, dy,
+rstd once, writes dx, and reduces dweight through fp32 per-program partial sums (a (programs, N) buffer,
+never an fp32 copy of x) followed by one small sum.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_WIDTH = 65536  # one row per program lives in registers; beyond this the block no longer fits
+
+
+@triton.jit
+def _cast(x, dtype: tl.constexpr, EXACT_BF16: tl.constexpr):
+    """fp32 -> dtype. Triton's interpreter truncates fp32 -> bf16 (a GPU rounds to nearest even), so
+    under it (EXACT_BF16, set by the launcher) the rounding is done by hand on the bits; on a GPU the
+    native conversion runs."""
+    if EXACT_BF16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16  # round half to even on the dropped 16 bits
+        bits = tl.where(x != x, 0x7FC0, bits)  # NaN stays a quiet NaN
+        y = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        y = x.to(dtype)
+    return y
+
+
+@triton.jit
+def _rms_norm_fwd_kernel(
+    x_ptr, w_ptr, y_ptr, rstd_ptr,
+    x_row_stride, y_row_stride, N, eps,
+    BLOCK: tl.constexpr, EXACT_BF16: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)  # (BLOCK,)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)  # (BLOCK,)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / N + eps)
+    tl.store(rstd_ptr + row, rstd)
+    # Round the normalized row to the output dtype before the weight multiply (HF's order).
+    x_hat = _cast(x * rstd, y_ptr.dtype.element_ty, EXACT_BF16).to(tl.float32)
+    y = _cast(x_hat * w, y_ptr.dtype.element_ty, EXACT_BF16)
+    tl.store(y_ptr + row * y_row_stride + cols, y, mask=mask)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(
+    dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_ptr,
+    dy_row_stride, x_row_stride, dx_row_stride, M, N, rows_per_program,
+    BLOCK: tl.constexpr, EXACT_BF16: tl.constexpr,
+):
+    """Each program walks a contiguous range of rows and keeps its dweight share in fp32 registers.
+
+    dx = rstd * (g - x_hat * mean(g * x_hat)),  g = dy * w,  x_hat = x * rstd
+    dw_partial[pid] = sum over its rows of dy * cast(x_hat)   (the value the forward multiplied by w)
+    """
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)  # (BLOCK,)
+    dw_acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    row_start = pid.to(tl.int64) * rows_per_program  # int64 bounds give an int64 loop variable
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    for row in range(row_start, row_end):
+        x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + row * dy_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + row)
+        x_hat = x * rstd
+        g = dy * w
+        dot = tl.sum(g * x_hat, axis=0) / N
+        dx = rstd * (g - x_hat * dot)
+        tl.store(dx_ptr + row * dx_row_stride + cols, _cast(dx, dx_ptr.dtype.element_ty, EXACT_BF16), mask=mask)
+        dw_acc += dy * _cast(x_hat, x_ptr.dtype.element_ty, EXACT_BF16).to(tl.float32)
+    tl.store(dw_partial_ptr + pid.to(tl.int64) * N + cols, dw_acc, mask=mask)
+
+
+def _num_warps(block: int) -> int:
+    """Enough warps that each thread holds a handful of elements of the row."""
+    if block >= 32768:
+        return 32
+    if block >= 8192:
+        return 16
+    if block >= 2048:
+        return 8
+    return 4
+
+
+def _exact_bf16(dtype: torch.dtype) -> bool:
+    """Round bf16 by hand only where the interpreter would truncate."""
+    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _rows_2d(t: torch.Tensor) -> torch.Tensor:
+    """View as (rows, N) with unit column stride, copying only when the layout forbids a view."""
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    return t.reshape(-1, t.shape[-1])
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
+    if not x.is_floating_point():
+        raise TypeError(f"rms_norm: x must be a floating-point tensor, got {x.dtype}")
+    if x.dim() == 0:
+        raise ValueError("rms_norm: x must have at least one dimension")
+    n = x.shape[-1]
+    if weight.dim() != 1 or weight.shape[0] != n:
+        raise ValueError(f"rms_norm: weight must have shape ({n},) to match x's last dim, got {tuple(weight.shape)}")
+    if weight.device != x.device:
+        raise ValueError(f"rms_norm: x is on {x.device} but weight is on {weight.device}")
+    if n > MAX_WIDTH:
+        raise ValueError(f"rms_norm: row width {n} exceeds the supported maximum {MAX_WIDTH}")
+
+
+def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float):
+    """Launch the forward; returns y (x's shape and dtype), x as (M, N), rstd (M,) fp32."""
+    n = x.shape[-1]
+    x2 = _rows_2d(x)  # (M, N)
+    m = x2.shape[0]
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    rstd = torch.empty(m, dtype=torch.float32, device=x.device)
+    if m > 0 and n > 0:
+        block = triton.next_power_of_2(n)
+        _rms_norm_fwd_kernel[(m,)](
+            x2, weight, y, rstd, x2.stride(0), y.stride(0), n, eps,
+            BLOCK=block, EXACT_BF16=_exact_bf16(x.dtype), num_warps=_num_warps(block),
+        )
+    return y.view(x.shape), x2, rstd
+
+
+def _bwd_programs(m: int, device: torch.device) -> int:
+    """A few programs per SM on a GPU keeps the dweight partial buffer small and every SM busy."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return max(1, min(m, 4 * sms))
+    return max(1, min(m, 8))
+
+
+def rms_norm_bwd(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor):
+    """Launch the backward; returns dx (M, N) in x's dtype and dweight in weight's dtype."""
+    m, n = x2.shape
+    dy2 = _rows_2d(dy)  # (M, N)
+    dx = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    if m == 0 or n == 0:
+        return dx, torch.zeros_like(weight)
+    programs = _bwd_programs(m, x2.device)
+    rows_per_program = triton.cdiv(m, programs)
+    programs = triton.cdiv(m, rows_per_program)
+    dw_partial = torch.empty((programs, n), dtype=torch.float32, device=x2.device)  # (P, N)
+    block = triton.next_power_of_2(n)
+    _rms_norm_bwd_kernel[(programs,)](
+        dy2, x2, weight, rstd, dx, dw_partial,
+        dy2.stride(0), x2.stride(0), dx.stride(0), m, n, rows_per_program,
+        BLOCK=block, EXACT_BF16=_exact_bf16(x2.dtype), num_warps=_num_warps(block),
+    )
+    dweight = dw_partial.sum(0).to(weight.dtype)  # (N,)
+    return dx, dweight
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """Saves x (as given, no copy) and the fp32 per-row rstd; recomputes x_hat in the backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        y, x2, rstd = rms_norm_fwd(x, weight, eps)
+        ctx.save_for_backward(x2, weight, rstd)
+        ctx.x_shape = x.shape
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, rstd = ctx.saved_tensors
+        dx, dweight = rms_norm_bwd(dy, x2, weight, rstd)
+        return dx.view(ctx.x_shape), dweight, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """RMSNorm over the last dim of x (any leading shape); output has x's shape and dtype.
+
+    Differentiable in x and weight. Statistics in fp32; see the module docstring for the rounding order.
+    """
+    _check(x, weight)
+    return RMSNormFunction.apply(x, weight, eps)
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Plain-torch RMSNorm in Llama/HF's order: fp32 statistics, cast to x's dtype, then times weight."""
+    x32 = x.float()
+    x_hat = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (x_hat.to(x.dtype) * weight).to(x.dtype)

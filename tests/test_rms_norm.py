@@ -1,0 +1,116 @@
+"""rms_norm matches rms_norm_ref forward and backward (dx, dweight) within the three-way tolerance."""
+import pytest
+import torch
+from kernel_tolerance import assert_close_3way
+
+from megamath.kernels.rms_norm import rms_norm, rms_norm_ref
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _inputs(shape, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    n = shape[-1]
+    x = torch.randn(shape, generator=g)
+    w = 1.0 + 0.1 * torch.randn(n, generator=g)
+    dy = torch.randn(shape, generator=g)
+    return x.to(DEVICE, dtype), w.to(DEVICE, dtype), dy.to(DEVICE, dtype)
+
+
+def _run(fn, x, w, dy, eps):
+    x = x.detach().clone().requires_grad_(True)
+    w = w.detach().clone().requires_grad_(True)
+    y = fn(x, w, eps)
+    y.backward(dy)
+    return y.detach(), x.grad, w.grad
+
+
+def _check(shape, dtype, seed, eps=1e-5):
+    x, w, dy = _inputs(shape, dtype, seed)
+    y, dx, dw = _run(rms_norm, x, w, dy, eps)
+    y32, dx32, dw32 = _run(rms_norm_ref, x.float(), w.float(), dy.float(), eps)
+    y_lo, dx_lo, dw_lo = _run(rms_norm_ref, x, w, dy, eps)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert dx.dtype == dtype and dx.shape == x.shape
+    assert dw.dtype == dtype and dw.shape == w.shape
+    # dweight sums over rows: scale the fp32 atol with the magnitude of the sum.
+    dw_atol = None if dtype != torch.float32 else 1e-5 * max(1.0, dw32.abs().max().item())
+    assert_close_3way(y, y32, y_lo, name=f"y {shape} {dtype}")
+    assert_close_3way(dx, dx32, dx_lo, name=f"dx {shape} {dtype}")
+    assert_close_3way(dw, dw32, dw_lo, atol=dw_atol, name=f"dweight {shape} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 1000), (5, 4096), (2, 3, 129), (129, 1), (129, 1000)])
+def test_matches_reference(shape, dtype):
+    _check(shape, dtype, seed=sum(shape) * 3 + DTYPES.index(dtype))
+
+
+def test_width_16384_fp32():
+    _check((3, 16384), torch.float32, seed=1)
+
+
+def test_eps_and_large_scale_inputs():
+    """A different eps reaches the kernel, and inputs far from unit scale normalize the same way."""
+    x, w, dy = _inputs((4, 257), torch.float32, seed=3)
+    x = x * 1e3
+    y = rms_norm(x, w, eps=1e-2)
+    assert_close_3way(y, rms_norm_ref(x, w, eps=1e-2), rms_norm_ref(x, w, eps=1e-2), name="eps")
+    small = torch.full((2, 8), 1e-3, device=DEVICE)
+    ones = torch.ones(8, device=DEVICE)
+    # mean(x²) = 1e-6 is comparable to eps, so eps visibly changes the result.
+    assert not torch.allclose(rms_norm(small, ones, eps=1e-6), rms_norm(small, ones, eps=1e-2))
+
+
+def test_non_contiguous_input():
+    """A transposed x (last-dim stride != 1) gives the same values and gradients as a contiguous copy."""
+    x, w, _ = _inputs((64, 6), torch.float32, seed=4)
+    xt = x.t()  # (6, 64), stride (1, 6)
+    dy = torch.randn(6, 64, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    y, dx, dw = _run(rms_norm, xt, w[:1].expand(64).contiguous(), dy, 1e-5)
+    y_ref, dx_ref, dw_ref = _run(rms_norm_ref, xt.contiguous(), w[:1].expand(64).contiguous(), dy, 1e-5)
+    assert_close_3way(y, y_ref, y_ref, name="y non-contiguous")
+    assert_close_3way(dx, dx_ref, dx_ref, name="dx non-contiguous")
+    assert_close_3way(dw, dw_ref, dw_ref, name="dw non-contiguous")
+
+
+def test_fp32_weight_with_bf16_input():
+    """Mixed dtypes: output and dx keep x's dtype, dweight keeps the weight's."""
+    x, w, dy = _inputs((5, 300), torch.bfloat16, seed=6)
+    w32 = w.float()
+    y, dx, dw = _run(rms_norm, x, w32, dy, 1e-5)
+    y_lo, dx_lo, dw_lo = _run(rms_norm_ref, x, w32, dy, 1e-5)
+    y32, dx32, dw32 = _run(rms_norm_ref, x.float(), w32, dy.float(), 1e-5)
+    assert (y.dtype, dx.dtype, dw.dtype) == (torch.bfloat16, torch.bfloat16, torch.float32)
+    assert_close_3way(y, y32, y_lo, name="y mixed")
+    assert_close_3way(dx, dx32, dx_lo, name="dx mixed")
+    assert_close_3way(dw, dw32, dw_lo, atol=1e-2, name="dw mixed")
+
+
+def test_empty_rows():
+    x = torch.empty(0, 16, device=DEVICE, requires_grad=True)
+    w = torch.ones(16, device=DEVICE, requires_grad=True)
+    y = rms_norm(x, w)
+    y.sum().backward()
+    assert y.shape == (0, 16)
+    assert torch.equal(w.grad, torch.zeros(16, device=DEVICE))
+
+
+def test_bad_weight_shape():
+    x = torch.randn(2, 8, device=DEVICE)
+    with pytest.raises(ValueError) as e:
+        rms_norm(x, torch.ones(7, device=DEVICE))
+    assert str(e.value) == "rms_norm: weight must have shape (8,) to match x's last dim, got (7,)"
+
+
+def test_integer_input_rejected():
+    with pytest.raises(TypeError) as e:
+        rms_norm(torch.ones(2, 8, dtype=torch.int64, device=DEVICE), torch.ones(8, device=DEVICE))
+    assert str(e.value) == "rms_norm: x must be a floating-point tensor, got torch.int64"
+
+
+def test_too_wide_rejected():
+    with pytest.raises(ValueError) as e:
+        rms_norm(torch.ones(1, 65537, device=DEVICE), torch.ones(65537, device=DEVICE))
+    assert str(e.value) == "rms_norm: row width 65537 exceeds the supported maximum 65536"
