@@ -1,0 +1,91 @@
+"""swiglu matches swiglu_ref forward and backward within the three-way tolerance."""
+import pytest
+import torch
+from kernel_tolerance import assert_close_3way
+
+from megamath.kernels.swiglu import swiglu, swiglu_ref
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _inputs(shape, dtype, seed, scale=2.0):
+    g = torch.Generator().manual_seed(seed)
+    gate = scale * torch.randn(shape, generator=g)
+    up = torch.randn(shape, generator=g)
+    dy = torch.randn(shape, generator=g)
+    return gate.to(DEVICE, dtype), up.to(DEVICE, dtype), dy.to(DEVICE, dtype)
+
+
+def _run(fn, gate, up, dy):
+    gate = gate.detach().clone().requires_grad_(True)
+    up = up.detach().clone().requires_grad_(True)
+    out = fn(gate, up)
+    out.backward(dy)
+    return out.detach(), gate.grad, up.grad
+
+
+def _check(gate, up, dy, label):
+    out, dg, du = _run(swiglu, gate, up, dy)
+    out32, dg32, du32 = _run(swiglu_ref, gate.float(), up.float(), dy.float())
+    out_lo, dg_lo, du_lo = _run(swiglu_ref, gate, up, dy)
+    for t in (out, dg, du):
+        assert t.dtype == gate.dtype and t.shape == gate.shape
+    assert_close_3way(out, out32, out_lo, name=f"out {label}")
+    assert_close_3way(dg, dg32, dg_lo, name=f"dgate {label}")
+    assert_close_3way(du, du32, du_lo, name=f"dup {label}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1,), (1000,), (3, 1000), (5, 129, 7), (3, 5, 1001)])
+def test_matches_reference(shape, dtype):
+    gate, up, dy = _inputs(shape, dtype, seed=sum(shape) * 3 + DTYPES.index(dtype))
+    _check(gate, up, dy, f"{shape} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_saturated_gate(dtype):
+    """Gates far into both tails (sigmoid -> 0 or 1) give finite values and gradients."""
+    gate, up, dy = _inputs((4, 257), dtype, seed=11, scale=30.0)
+    _check(gate, up, dy, f"saturated {dtype}")
+    out, dg, du = _run(swiglu, gate, up, dy)
+    assert torch.isfinite(out).all() and torch.isfinite(dg).all() and torch.isfinite(du).all()
+
+
+def test_non_contiguous_inputs():
+    """Column slices of a fused (tokens, 2*ffn) projection, as a fused gate/up matmul would give."""
+    g = torch.Generator().manual_seed(5)
+    fused = torch.randn(7, 2 * 33, generator=g).to(DEVICE)
+    gate, up = fused[:, :33], fused[:, 33:]  # (7, 33) each, row stride 66
+    dy = torch.randn(7, 33, generator=g).to(DEVICE).t().contiguous().t()  # column-major dy
+    out, dg, du = _run(swiglu, gate, up, dy)
+    out_r, dg_r, du_r = _run(swiglu_ref, gate.contiguous(), up.contiguous(), dy.contiguous())
+    assert_close_3way(out, out_r, out_r, name="out non-contiguous")
+    assert_close_3way(dg, dg_r, dg_r, name="dgate non-contiguous")
+    assert_close_3way(du, du_r, du_r, name="dup non-contiguous")
+
+
+def test_empty():
+    gate = torch.empty(0, 8, device=DEVICE, requires_grad=True)
+    up = torch.empty(0, 8, device=DEVICE, requires_grad=True)
+    out = swiglu(gate, up)
+    out.sum().backward()
+    assert out.shape == (0, 8) and gate.grad.shape == (0, 8) and up.grad.shape == (0, 8)
+
+
+def test_shape_mismatch_rejected():
+    with pytest.raises(ValueError) as e:
+        swiglu(torch.ones(2, 8, device=DEVICE), torch.ones(2, 7, device=DEVICE))
+    assert str(e.value) == "swiglu: gate and up must have the same shape, got (2, 8) and (2, 7)"
+
+
+def test_dtype_mismatch_rejected():
+    with pytest.raises(TypeError) as e:
+        swiglu(torch.ones(3, device=DEVICE), torch.ones(3, device=DEVICE, dtype=torch.bfloat16))
+    assert str(e.value) == "swiglu: gate and up must have the same dtype, got torch.float32 and torch.bfloat16"
+
+
+def test_integer_rejected():
+    with pytest.raises(TypeError) as e:
+        swiglu(torch.ones(3, device=DEVICE, dtype=torch.int32), torch.ones(3, device=DEVICE, dtype=torch.int32))
+    assert str(e.value) == "swiglu: inputs must be floating-point, got torch.int32"
