@@ -1,0 +1,108 @@
+"""rope matches rope_ref forward and backward; rope_ref itself matches an independent complex-number formula."""
+import pytest
+import torch
+from kernel_tolerance import assert_close_3way
+
+from megamath.kernels.rope import rope, rope_ref
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+# (batch, seq, q_heads, kv_heads, head_dim, theta, position_offset)
+CONFIGS = [
+    (3, 129, 4, 2, 64, 1e4, 0),  # Llemma 7B theta
+    (3, 129, 4, 1, 128, 1e6, 0),  # Code Llama / Llemma 34B theta, multi-query k
+    (3, 1, 4, 2, 128, 1e6, 37),  # one position (decoding), offset
+    (1, 5, 4, 1, 64, 1e4, 16380),  # long context: angle reduction at ~16k rad
+]
+
+
+def _inputs(cfg, dtype, seed):
+    batch, seq, hq, hk, dim = cfg[:5]
+    g = torch.Generator().manual_seed(seed)
+    tensors = [torch.randn(shape, generator=g) for shape in
+               [(batch, seq, hq, dim), (batch, seq, hk, dim), (batch, seq, hq, dim), (batch, seq, hk, dim)]]
+    return [t.to(DEVICE, dtype) for t in tensors]
+
+
+def _run(fn, q, k, dq_out, dk_out, theta, offset):
+    q = q.detach().clone().requires_grad_(True)
+    k = k.detach().clone().requires_grad_(True)
+    q_out, k_out = fn(q, k, theta, offset)
+    torch.autograd.backward([q_out, k_out], [dq_out, dk_out])
+    return q_out.detach(), k_out.detach(), q.grad, k.grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_matches_reference(cfg, dtype):
+    theta, offset = cfg[5], cfg[6]
+    q, k, dq_out, dk_out = _inputs(cfg, dtype, seed=CONFIGS.index(cfg) * 3 + DTYPES.index(dtype))
+    got = _run(rope, q, k, dq_out, dk_out, theta, offset)
+    ref32 = _run(rope_ref, q.float(), k.float(), dq_out.float(), dk_out.float(), theta, offset)
+    ref_lo = _run(rope_ref, q, k, dq_out, dk_out, theta, offset)
+    for name, out, want, want_lo in zip(["q_out", "k_out", "dq", "dk"], got, ref32, ref_lo):
+        assert out.dtype == dtype and out.shape == want.shape, name
+        assert_close_3way(out, want, want_lo, name=f"{name} {cfg} {dtype}")
+
+
+def _rope_complex(x: torch.Tensor, theta: float, offset: int) -> torch.Tensor:
+    """Independent formula in float64: the halves (i, i + d/2) as one complex number times e^{i angle}."""
+    seq, dim = x.shape[1], x.shape[3]
+    x64 = x.double()
+    xc = torch.complex(x64[..., : dim // 2], x64[..., dim // 2:])  # (B, S, H, D/2)
+    inv_freq = theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)  # (D/2,)
+    angle = torch.arange(offset, offset + seq, dtype=torch.float64)[:, None] * inv_freq  # (S, D/2)
+    rotated = xc * torch.polar(torch.ones_like(angle), angle)[None, :, None, :]
+    return torch.cat([rotated.real, rotated.imag], dim=-1)
+
+
+@pytest.mark.parametrize("theta,offset", [(1e4, 0), (1e6, 100)])
+def test_reference_matches_complex_formula(theta, offset):
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(2, 100, 3, 128, generator=g)
+    k = torch.randn(2, 100, 1, 128, generator=g)
+    q_out, k_out = rope_ref(q, k, theta, offset)
+    # fp32 angles drift from float64 ones by ~1e-7 relative, i.e. ~3e-5 rad at position 200.
+    torch.testing.assert_close(q_out.double(), _rope_complex(q, theta, offset), rtol=0, atol=5e-4)
+    torch.testing.assert_close(k_out.double(), _rope_complex(k, theta, offset), rtol=0, atol=5e-4)
+
+
+def test_strided_inputs_from_fused_qkv():
+    """q and k as views of one (B, S, Hq + 2 Hk, D) projection give the same result as contiguous copies."""
+    g = torch.Generator().manual_seed(11)
+    qkv = torch.randn(2, 7, 4 + 2 * 2, 64, generator=g).to(DEVICE, torch.bfloat16)
+    q, k = qkv[:, :, :4], qkv[:, :, 4:6]  # strided over heads and positions
+    q_before = q.clone()
+    q_out, k_out = rope(q, k, 1e4, 3)
+    q_want, k_want = rope(q.contiguous(), k.contiguous(), 1e4, 3)
+    assert torch.equal(q_out, q_want) and torch.equal(k_out, k_want)
+    assert torch.equal(q, q_before), "rope must not write into its inputs"
+
+
+def test_unused_k_output_gives_zero_grad():
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 3, 2, 64, generator=g).to(DEVICE).requires_grad_(True)
+    k = torch.randn(1, 3, 1, 64, generator=g).to(DEVICE).requires_grad_(True)
+    q_out, _ = rope(q, k)
+    q_out.sum().backward()
+    assert torch.equal(k.grad, torch.zeros_like(k))
+    q_ref = q.detach().clone().requires_grad_(True)
+    rope_ref(q_ref, k.detach())[0].sum().backward()
+    torch.testing.assert_close(q.grad, q_ref.grad, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("q_shape,k_shape,kwargs,message", [
+    ((2, 3, 4, 64), (2, 3, 64), {},
+     "rope expects q (batch, seq, q_heads, head_dim) and k (batch, seq, kv_heads, head_dim), "
+     "got q (2, 3, 4, 64) and k (2, 3, 64)"),
+    ((2, 3, 4, 64), (2, 5, 1, 64), {},
+     "rope: q and k must share batch, seq and head_dim, got q (2, 3, 4, 64) and k (2, 5, 1, 64)"),
+    ((2, 3, 4, 63), (2, 3, 1, 63), {}, "rope: head_dim must be even, got 63"),
+    ((2, 3, 4, 64), (2, 3, 1, 64), {"position_offset": -1}, "rope: position_offset must be >= 0, got -1"),
+    ((2, 3, 4, 64), (2, 3, 1, 64), {"theta": 0.0}, "rope: theta must be positive, got 0.0"),
+])
+def test_bad_inputs_raise(q_shape, k_shape, kwargs, message):
+    with pytest.raises(ValueError) as err:
+        rope(torch.zeros(q_shape, device=DEVICE), torch.zeros(k_shape, device=DEVICE), **kwargs)
+    assert str(err.value) == message
