@@ -79,7 +79,8 @@ def test_unknown_version(tmp_path):
 
 @pytest.mark.parametrize("code", [0, 9, 255])
 def test_unknown_dtype_code(tmp_path, code):
-    refused(build(tmp_path, code=code), rf"\.idx: unknown dtype code {code}, expected one of \[1, 2, 3, 4, 5, 6, 7, 8\]")
+    refused(build(tmp_path, code=code), rf"\.idx: unknown dtype code {code}, "
+                                        r"expected one of \[1, 2, 3, 4, 5, 6, 7, 8\]")
 
 
 def test_truncated_index(tmp_path):

@@ -1,11 +1,92 @@
-"""`megamath inspect` (not yet implemented)."""
+"""`megamath inspect`: print an indexed dataset's header and statistics, and optionally decode a few documents.
+
+The first thing to run on a `.bin`/`.idx` pair of unknown origin: opening it validates the whole index,
+and decoding the first documents with the tokenizer shows whether the two belong together.
+"""
 from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+PREVIEW_CHARS = 200
+PREVIEW_TOKENS = 20
 
 
 def add_parser(subparsers, name: str) -> None:
-    parser = subparsers.add_parser(name, help="(not yet implemented)")
+    parser = subparsers.add_parser(
+        name,
+        help="print the header and statistics of a Megatron .bin/.idx dataset",
+        description="Validates PREFIX.idx and PREFIX.bin, prints version, dtype, sequences, documents, "
+        "tokens, .bin bytes and document lengths; with --tokenizer-model, decodes the first documents.",
+    )
+    parser.add_argument("prefix", metavar="PREFIX", help="dataset path without .bin/.idx (either is stripped)")
+    parser.add_argument("--tokenizer-model", type=Path, default=None, help="SentencePiece model to decode with")
+    parser.add_argument("--show", type=int, default=3, metavar="N",
+                        help="documents to preview: decoded text with a tokenizer, else their first token ids")
     parser.set_defaults(run=run)
 
 
+def strip_extension(prefix: str) -> str:
+    """Accept `data.bin` / `data.idx` where a prefix is meant: a common slip, harmless to forgive."""
+    for ext in (".bin", ".idx"):
+        if prefix.endswith(ext):
+            return prefix[: -len(ext)]
+    return prefix
+
+
+def document_lengths(dataset) -> np.ndarray:
+    """Tokens per document (a document may span several sequences)."""
+    ends = np.zeros(len(dataset) + 1, dtype=np.int64)  # (N+1,) token offset of each sequence boundary
+    np.cumsum(dataset.sizes, out=ends[1:])
+    docs = np.asarray(dataset.document_indices)  # (D,)
+    return ends[docs[1:]] - ends[docs[:-1]]  # (D-1,)
+
+
+def document_tokens(dataset, d: int) -> np.ndarray:
+    """All tokens of document `d`, its sequences joined."""
+    first, last = int(dataset.document_indices[d]), int(dataset.document_indices[d + 1])
+    parts = [dataset[i] for i in range(first, last)]
+    return np.concatenate(parts) if parts else np.zeros(0, dataset.dtype)
+
+
 def run(args) -> int:
-    raise NotImplementedError("megamath inspect")
+    from megamath.data.indexed_dataset import DTYPE_CODES, IndexedDataset
+
+    if args.show < 0:
+        raise ValueError(f"--show must be at least 0, got {args.show}")
+    processor = None
+    if args.tokenizer_model is not None:
+        if not args.tokenizer_model.is_file():
+            raise FileNotFoundError(f"tokenizer model not found: {args.tokenizer_model}")
+        import sentencepiece
+
+        processor = sentencepiece.SentencePieceProcessor(model_file=str(args.tokenizer_model))
+    dataset = IndexedDataset(strip_extension(args.prefix))
+    code = {dtype: code for code, dtype in DTYPE_CODES.items()}[dataset.dtype]
+    lengths = document_lengths(dataset)
+    print(f"prefix:     {dataset.prefix}")
+    print(f"version:    {dataset.version}")
+    print(f"dtype:      {dataset.dtype} (code {code})")
+    print(f"sequences:  {len(dataset)}")
+    print(f"documents:  {dataset.num_documents}")
+    print(f"tokens:     {dataset.num_tokens}")
+    print(f".bin bytes: {dataset.bin_bytes}")
+    if len(lengths):
+        print(f"document length: min {lengths.min()}  mean {lengths.mean():.1f}  max {lengths.max()}")
+    else:
+        print("document length: n/a (no documents)")
+    for d in range(min(args.show, dataset.num_documents)):
+        tokens = document_tokens(dataset, d)
+        if processor is None:
+            more = " ..." if len(tokens) > PREVIEW_TOKENS else ""
+            print(f"[{d}] {len(tokens)} tokens: {tokens[:PREVIEW_TOKENS].tolist()}{more}")
+            continue
+        if len(tokens) and int(tokens.max()) >= processor.get_piece_size():
+            raise ValueError(f"document {d} holds token id {int(tokens.max())}, outside the tokenizer's "
+                             f"{processor.get_piece_size()} pieces: is {args.tokenizer_model} the tokenizer "
+                             "this dataset was made with?")
+        text = processor.decode(tokens.tolist())
+        more = " ..." if len(text) > PREVIEW_CHARS else ""
+        print(f"[{d}] {len(tokens)} tokens: {text[:PREVIEW_CHARS]!r}{more}")
+    return 0

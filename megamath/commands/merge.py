@@ -1,11 +1,28 @@
-"""`megamath merge` (not yet implemented)."""
+"""`megamath merge`: concatenate indexed datasets into one (Megatron's merge_datasets tool).
+
+Document indices are offset, not duplicated at the seams, so the output equals writing every input
+document into one writer.
+"""
 from __future__ import annotations
 
 
 def add_parser(subparsers, name: str) -> None:
-    parser = subparsers.add_parser(name, help="(not yet implemented)")
+    parser = subparsers.add_parser(
+        name,
+        help="concatenate Megatron .bin/.idx datasets into one",
+        description="Merges the inputs, in the order given, into OUTPUT.bin/OUTPUT.idx (written atomically; "
+        "an existing dataset there is replaced). All inputs must share one token dtype.",
+    )
+    parser.add_argument("--input", nargs="+", required=True, metavar="PREFIX", help="datasets to merge, in order")
+    parser.add_argument("--output", required=True, metavar="PREFIX", help="prefix of the merged dataset")
     parser.set_defaults(run=run)
 
 
 def run(args) -> int:
-    raise NotImplementedError("megamath merge")
+    from megamath.commands.inspect import strip_extension
+    from megamath.data.indexed_dataset import merge_datasets
+
+    merged = merge_datasets([strip_extension(p) for p in args.input], strip_extension(args.output))
+    print(f"merged {len(args.input)} datasets into {merged.prefix}: {len(merged)} sequences, "
+          f"{merged.num_documents} documents, {merged.num_tokens} tokens ({merged.dtype})")
+    return 0
