@@ -1,0 +1,465 @@
+"""Flash attention (causal or not, grouped-query heads): FlashAttention-2 forward and exact backward.
+
+    O = softmax(scale · Q Kᵀ + mask) V,   per (batch, q head h), with K, V of kv head h // (H / H_kv)
+
+Why a kernel: plain attention writes an (S, S) score matrix per head to memory and reads it back twice.
+Here the forward streams K/V blocks past a block of queries, keeping the softmax online in fp32 registers
+(running max m, running sum l, exp2 with log2(e) folded into the scale), and writes only O and the
+logsumexp (fp32, (B, H, S)). The backward recomputes P = exp(scale · Q Kᵀ - lse) block by block:
+  delta = rowsum(dO ∘ O)                      (preprocess kernel, fp32)
+  dV = Pᵀ dO,  dS = P ∘ (dO Vᵀ - delta),  dK = scale · dSᵀ Q   (one program per kv block and kv head)
+  dQ = scale · dS K                           (one program per q block and q head)
+The dK/dV program loops over the q heads of its GQA group, so a kv head's gradients accumulate in
+registers: no atomics and K/V are never repeated in memory (the kernel indexes the kv head instead).
+
+Layout is the model's (batch, seq, heads, head_dim); strides are passed explicitly so views of a fused
+QKV projection work without copies (only a non-unit head_dim stride forces a copy). Causal blocks above
+the diagonal are skipped; the mask is applied only on the diagonal (and sequence-tail) blocks.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x · log2 e)
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_HEAD_DIMS = (16, 32, 64, 128)
+
+
+# INTERPRET (a constexpr, True only under TRITON_INTERPRET=1) works around two bugs of triton's CPU
+# interpreter: tl.dot on bf16 operands gives garbage (operands are upcast to fp32 there), and its
+# fp32 -> bf16 cast truncates instead of rounding to nearest even (rounded by hand there, so CPU tests
+# see the GPU's rounding error, not twice it). Compiled kernels never take either branch.
+@triton.jit
+def _dot(a, b, INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
+    """a @ b accumulated in fp32; PRECISION is "ieee" for fp32 inputs so a GPU does not drop to tf32."""
+    if INTERPRET:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _cast(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
+    """fp32 x to dtype, rounding to nearest even (by hand for bf16 under the interpreter)."""
+    if INTERPRET and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+# ----------------------------------------------------------------------------------------- forward
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, lo, hi, seqlen,
+               qk_scale, MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
+               INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
+    """Online softmax over the key blocks [lo, hi). MASK blocks are the diagonal (causal) or the
+    sequence tail (non-causal); every other block is fully visible and skips the mask arithmetic."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+        if MASK:
+            in_seq = offs_n < seqlen
+            kT = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None], mask=in_seq[None, :], other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=in_seq[:, None], other=0.0)
+        else:
+            kT = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None])  # (D, BLOCK_N)
+            v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :])  # (BLOCK_N, D)
+        s = _dot(q, kT, INTERPRET, PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 domain
+        if MASK:
+            if CAUSAL:  # keys past the sequence end are also past every valid query: one compare suffices
+                keep = offs_m[:, None] >= offs_n[None, :]
+            else:
+                keep = in_seq[None, :]
+            s = tl.where(keep, s, float("-inf"))
+        # Each row sees key 0 in its first block, so m_new is finite and no (-inf) - (-inf) appears.
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # (BLOCK_M,)
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])  # (BLOCK_M, BLOCK_N)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(_cast(p, v.dtype, INTERPRET), v, INTERPRET, PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE,
+                stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+                stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
+                seqlen, n_heads, group, qk_scale,
+                CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
+    start_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest causal rows first: better tail balance
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // n_heads).to(tl.int64)
+    off_h = pid_bh % n_heads
+    off_kvh = off_h // group
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < seqlen
+    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)  # (BLOCK_M, D)
+    k_base = K + off_b * stride_kb + off_kvh * stride_kh
+    v_base = V + off_b * stride_vb + off_kvh * stride_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    if CAUSAL:  # BLOCK_M % BLOCK_N == 0: blocks left of the diagonal are whole
+        full_hi = start_m * BLOCK_M
+        mask_hi = tl.minimum(full_hi + BLOCK_M, seqlen)
+    else:
+        full_hi = (seqlen // BLOCK_N) * BLOCK_N
+        mask_hi = seqlen
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d,
+                               0, full_hi, seqlen, qk_scale, False, CAUSAL, BLOCK_N, INTERPRET, PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d,
+                               full_hi, mask_hi, seqlen, qk_scale, True, CAUSAL, BLOCK_N, INTERPRET, PRECISION)
+
+    out = acc / l_i[:, None]
+    o_ptrs = O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
+    tl.store(o_ptrs, _cast(out, O.dtype.element_ty, INTERPRET), mask=row_ok[:, None])
+    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # natural-log logsumexp of the scaled scores
+    tl.store(LSE + pid_bh.to(tl.int64) * seqlen + offs_m, lse, mask=row_ok)
+
+
+# ---------------------------------------------------------------------------------------- backward
+@triton.jit
+def _bwd_preprocess_kernel(O, DO, DELTA, stride_ob, stride_os, stride_oh, stride_db, stride_ds, stride_dh,
+                           seqlen, n_heads, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """delta = rowsum(dO ∘ O) in fp32, (B, H, S): the softmax-backward term shared by dK and dQ."""
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // n_heads).to(tl.int64)
+    off_h = pid_bh % n_heads
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < seqlen
+    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0).to(tl.float32)  # (BLOCK_M, D)
+    do = tl.load(DO + off_b * stride_db + off_h * stride_dh + offs_m[:, None] * stride_ds + offs_d[None, :],
+                 mask=row_ok[:, None], other=0.0).to(tl.float32)  # (BLOCK_M, D)
+    tl.store(DELTA + pid_bh.to(tl.int64) * seqlen + offs_m, tl.sum(o * do, 1), mask=row_ok)
+
+
+@triton.jit
+def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos, offs_n, offs_d,
+                    lo, hi, seqlen, qk_scale, MASK: tl.constexpr, BLOCK_M: tl.constexpr,
+                    INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate dK, dV of one kv block over the query blocks [lo, hi) of one q head.
+
+    Query rows past the sequence end load q = dO = delta = 0, which makes their dV and dS terms exactly
+    zero, so only the causal diagonal needs a mask."""
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+        row_ok = offs_m < seqlen
+        q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * stride_dos + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        lse2 = tl.load(lse_base + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634  # (BLOCK_M,) log2
+        delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)  # (BLOCK_M,)
+        sT = _dot(k, tl.trans(q), INTERPRET, PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+        pT = tl.math.exp2(sT - lse2[None, :])
+        if MASK:
+            pT = tl.where(offs_m[None, :] >= offs_n[:, None], pT, 0.0)
+        dv += _dot(_cast(pT, do.dtype, INTERPRET), do, INTERPRET, PRECISION)  # (BLOCK_N, D)
+        dpT = _dot(v, tl.trans(do), INTERPRET, PRECISION)  # (BLOCK_N, BLOCK_M)
+        dsT = pT * (dpT - delta[None, :])
+        dk += _dot(_cast(dsT, q.dtype, INTERPRET), q, INTERPRET, PRECISION)  # (BLOCK_N, D)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
+                     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+                     stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
+                     stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
+                     seqlen, n_heads, n_kv_heads, group, sm_scale, qk_scale,
+                     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
+    start_n = tl.program_id(0) * BLOCK_N
+    pid_bkv = tl.program_id(1)
+    off_b = (pid_bkv // n_kv_heads).to(tl.int64)
+    off_kvh = pid_bkv % n_kv_heads
+    offs_n = start_n + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+    offs_d = tl.arange(0, HEAD_DIM)
+    key_ok = offs_n < seqlen
+    k = tl.load(K + off_b * stride_kb + off_kvh * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :],
+                mask=key_ok[:, None], other=0.0)  # (BLOCK_N, D)
+    v = tl.load(V + off_b * stride_vb + off_kvh * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :],
+                mask=key_ok[:, None], other=0.0)  # (BLOCK_N, D)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    if CAUSAL:  # BLOCK_N % BLOCK_M == 0: queries below this key block see all of it
+        full_lo = start_n + BLOCK_N
+    else:
+        full_lo = 0
+    for g in range(group):  # the q heads sharing this kv head
+        off_h = off_kvh * group + g
+        q_base = Q + off_b * stride_qb + off_h * stride_qh
+        do_base = DO + off_b * stride_dob + off_h * stride_doh
+        row_base = (off_b * n_heads + off_h) * seqlen
+        if CAUSAL:
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base,
+                                     stride_qs, stride_dos, offs_n, offs_d, start_n, tl.minimum(full_lo, seqlen),
+                                     seqlen, qk_scale, True, BLOCK_M, INTERPRET, PRECISION)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base,
+                                 stride_qs, stride_dos, offs_n, offs_d, full_lo, seqlen,
+                                 seqlen, qk_scale, False, BLOCK_M, INTERPRET, PRECISION)
+    dk = dk * sm_scale
+    tl.store(DK + off_b * stride_dkb + off_kvh * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :],
+             _cast(dk, DK.dtype.element_ty, INTERPRET), mask=key_ok[:, None])
+    tl.store(DV + off_b * stride_dvb + off_kvh * stride_dvh + offs_n[:, None] * stride_dvs + offs_d[None, :],
+             _cast(dv, DV.dtype.element_ty, INTERPRET), mask=key_ok[:, None])
+
+
+@triton.jit
+def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, lo, hi, seqlen,
+                  qk_scale, MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
+                  INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate dQ of one query block over the key blocks [lo, hi); masks as in the forward."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+        if MASK:
+            in_seq = offs_n < seqlen
+            kT = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None], mask=in_seq[None, :], other=0.0)
+            vT = tl.load(v_base + offs_n[None, :] * stride_vs + offs_d[:, None], mask=in_seq[None, :], other=0.0)
+        else:
+            kT = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None])  # (D, BLOCK_N)
+            vT = tl.load(v_base + offs_n[None, :] * stride_vs + offs_d[:, None])  # (D, BLOCK_N)
+        s = _dot(q, kT, INTERPRET, PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        p = tl.math.exp2(s - lse2[:, None])
+        if MASK:
+            if CAUSAL:
+                keep = offs_m[:, None] >= offs_n[None, :]
+            else:
+                keep = in_seq[None, :]
+            p = tl.where(keep, p, 0.0)
+        dp = _dot(do, vT, INTERPRET, PRECISION)  # (BLOCK_M, BLOCK_N)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(_cast(ds, kT.dtype, INTERPRET), tl.trans(kT), INTERPRET, PRECISION)  # (BLOCK_M, D)
+    return dq
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
+                   stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+                   stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
+                   stride_dqb, stride_dqs, stride_dqh,
+                   seqlen, n_heads, group, sm_scale, qk_scale,
+                   CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
+    start_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // n_heads).to(tl.int64)
+    off_h = pid_bh % n_heads
+    off_kvh = off_h // group
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < seqlen
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)  # (BLOCK_M, D)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :],
+                 mask=row_ok[:, None], other=0.0)  # (BLOCK_M, D)
+    row_base = pid_bh.to(tl.int64) * seqlen
+    lse2 = tl.load(LSE + row_base + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634  # (BLOCK_M,)
+    delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)  # (BLOCK_M,)
+    k_base = K + off_b * stride_kb + off_kvh * stride_kh
+    v_base = V + off_b * stride_vb + off_kvh * stride_vh
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    if CAUSAL:
+        full_hi = start_m * BLOCK_M
+        mask_hi = tl.minimum(full_hi + BLOCK_M, seqlen)
+    else:
+        full_hi = (seqlen // BLOCK_N) * BLOCK_N
+        mask_hi = seqlen
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d,
+                       0, full_hi, seqlen, qk_scale, False, CAUSAL, BLOCK_N, INTERPRET, PRECISION)
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d,
+                       full_hi, mask_hi, seqlen, qk_scale, True, CAUSAL, BLOCK_N, INTERPRET, PRECISION)
+    dq = dq * sm_scale
+    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqs + offs_d[None, :],
+             _cast(dq, DQ.dtype.element_ty, INTERPRET), mask=row_ok[:, None])
+
+
+# ------------------------------------------------------------------------------------------ launchers
+@dataclass(frozen=True)
+class FlashAttentionBlocks:
+    """Tile sizes and launch shape of the three kernels (forward, dK/dV, dQ)."""
+
+    fwd_m: int
+    """Queries per forward program; a multiple of fwd_n so causal blocks split cleanly at the diagonal."""
+    fwd_n: int
+    """Keys per forward inner-loop step."""
+    fwd_warps: int
+    fwd_stages: int
+    bwd_kv_m: int
+    """Queries per step of the dK/dV loop; divides bwd_kv_n."""
+    bwd_kv_n: int
+    """Keys owned by one dK/dV program (its accumulators live in registers)."""
+    bwd_q_m: int
+    """Queries owned by one dQ program; a multiple of bwd_q_n."""
+    bwd_q_n: int
+    """Keys per step of the dQ loop."""
+    bwd_warps: int
+    bwd_stages: int
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def flash_attention_blocks(head_dim: int, interpret: bool | None = None) -> FlashAttentionBlocks:
+    """H100 defaults (FlashAttention-2's Triton tilings), or 16-wide tiles under the CPU interpreter,
+    which keep tests fast while still crossing block boundaries at seq 17 and 129."""
+    if _interpreting() if interpret is None else interpret:
+        return FlashAttentionBlocks(16, 16, 4, 1, 16, 16, 16, 16, 4, 1)
+    if head_dim <= 64:
+        return FlashAttentionBlocks(128, 64, 4, 3, 32, 128, 128, 32, 4, 3)
+    # head_dim 128: the dK/dV program keeps four (n, 128) tiles live, so its key block halves.
+    return FlashAttentionBlocks(128, 64, 8, 3, 32, 64, 64, 32, 4, 3)
+
+
+def _kernel_flags(dtype: torch.dtype) -> dict:
+    return {"INTERPRET": _interpreting(), "PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    """Keep (B, S, H, D) views as they are unless head_dim itself is strided."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _bsh(t: torch.Tensor) -> tuple:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def flash_attention_fwd(q, k, v, causal: bool, softmax_scale: float, blocks: FlashAttentionBlocks | None = None):
+    """Launch the forward; returns o (B, S, H, D) in q's dtype and lse (B, H, S) fp32 (natural log of
+    the row sums of exp(scale · q·k) over the visible keys). Inputs must already be validated."""
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    batch, seqlen, n_heads, head_dim = q.shape
+    group = n_heads // k.shape[2]
+    blocks = blocks or flash_attention_blocks(head_dim)
+    o = torch.empty((batch, seqlen, n_heads, head_dim), dtype=q.dtype, device=q.device)  # (B, S, H, D)
+    lse = torch.empty((batch, n_heads, seqlen), dtype=torch.float32, device=q.device)  # (B, H, S)
+    grid = (triton.cdiv(seqlen, blocks.fwd_m), batch * n_heads)
+    _fwd_kernel[grid](
+        q, k, v, o, lse, *_bsh(q), *_bsh(k), *_bsh(v), *_bsh(o),
+        seqlen, n_heads, group, softmax_scale * _LOG2E,
+        CAUSAL=causal, BLOCK_M=blocks.fwd_m, BLOCK_N=blocks.fwd_n, HEAD_DIM=head_dim,
+        num_warps=blocks.fwd_warps, num_stages=blocks.fwd_stages, **_kernel_flags(q.dtype),
+    )
+    return o, lse
+
+
+def flash_attention_bwd(do, q, k, v, o, lse, causal: bool, softmax_scale: float,
+                        blocks: FlashAttentionBlocks | None = None):
+    """Launch the backward; returns dq (B, S, H, D), dk and dv (B, S, H_kv, D) in the inputs' dtype."""
+    do, q, k, v = _unit_last(do), _unit_last(q), _unit_last(k), _unit_last(v)
+    batch, seqlen, n_heads, head_dim = q.shape
+    n_kv_heads = k.shape[2]
+    group = n_heads // n_kv_heads
+    blocks = blocks or flash_attention_blocks(head_dim)
+    flags = _kernel_flags(q.dtype)
+    qk_scale = softmax_scale * _LOG2E
+
+    delta = torch.empty_like(lse)  # (B, H, S) fp32
+    pre_m = 64 if not _interpreting() else 16
+    _bwd_preprocess_kernel[(triton.cdiv(seqlen, pre_m), batch * n_heads)](
+        o, do, delta, *_bsh(o), *_bsh(do), seqlen, n_heads, BLOCK_M=pre_m, HEAD_DIM=head_dim,
+    )
+    dq = torch.empty((batch, seqlen, n_heads, head_dim), dtype=q.dtype, device=q.device)  # (B, S, H, D)
+    dk = torch.empty((batch, seqlen, n_kv_heads, head_dim), dtype=k.dtype, device=q.device)  # (B, S, H_kv, D)
+    dv = torch.empty((batch, seqlen, n_kv_heads, head_dim), dtype=v.dtype, device=q.device)  # (B, S, H_kv, D)
+    _bwd_dkdv_kernel[(triton.cdiv(seqlen, blocks.bwd_kv_n), batch * n_kv_heads)](
+        q, k, v, do, lse, delta, dk, dv,
+        *_bsh(q), *_bsh(k), *_bsh(v), *_bsh(do), *_bsh(dk), *_bsh(dv),
+        seqlen, n_heads, n_kv_heads, group, softmax_scale, qk_scale,
+        CAUSAL=causal, BLOCK_M=blocks.bwd_kv_m, BLOCK_N=blocks.bwd_kv_n, HEAD_DIM=head_dim,
+        num_warps=blocks.bwd_warps, num_stages=blocks.bwd_stages, **flags,
+    )
+    _bwd_dq_kernel[(triton.cdiv(seqlen, blocks.bwd_q_m), batch * n_heads)](
+        q, k, v, do, lse, delta, dq,
+        *_bsh(q), *_bsh(k), *_bsh(v), *_bsh(do), *_bsh(dq),
+        seqlen, n_heads, group, softmax_scale, qk_scale,
+        CAUSAL=causal, BLOCK_M=blocks.bwd_q_m, BLOCK_N=blocks.bwd_q_n, HEAD_DIM=head_dim,
+        num_warps=blocks.bwd_warps, num_stages=blocks.bwd_stages, **flags,
+    )
+    return dq, dk, dv
+
+
+# ------------------------------------------------------------------------------------------- autograd
+class _FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal: bool, softmax_scale: float):
+        o, lse = flash_attention_fwd(q, k, v, causal, softmax_scale)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.causal, ctx.softmax_scale = causal, softmax_scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = flash_attention_bwd(do, q, k, v, o, lse, ctx.causal, ctx.softmax_scale)
+        return dq, dk, dv, None, None
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            "flash_attention: q, k and v must be 4-D (batch, seq, heads, head_dim); got shapes "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if k.shape != v.shape:
+        raise ValueError(f"flash_attention: k and v must have the same shape; got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(
+            "flash_attention: q, k and v must share one dtype among float16, bfloat16 and float32; got "
+            f"{q.dtype}, {k.dtype}, {v.dtype}"
+        )
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"flash_attention: q, k and v must be on one device; got {q.device}, {k.device}, {v.device}")
+    for axis, name in ((0, "batch"), (1, "seq"), (3, "head_dim")):
+        if k.shape[axis] != q.shape[axis]:
+            raise ValueError(f"flash_attention: q has {name} {q.shape[axis]} but k and v have {name} {k.shape[axis]}")
+    heads, kv_heads, head_dim = q.shape[2], k.shape[2], q.shape[3]
+    if kv_heads == 0 or heads % kv_heads != 0:
+        raise ValueError(f"flash_attention: heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
+    if head_dim not in _HEAD_DIMS:
+        raise ValueError(f"flash_attention: head_dim {head_dim} is not supported; use one of {_HEAD_DIMS}")
+    if q.shape[0] == 0 or q.shape[1] == 0:
+        raise ValueError(f"flash_attention: batch and seq must be at least 1; got shape {tuple(q.shape)}")
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+                    softmax_scale: float | None = None) -> torch.Tensor:
+    """softmax(scale · q kᵀ (+ causal mask)) v with grouped-query heads, differentiable in q, k and v.
+
+    q: (batch, seq, heads, head_dim); k, v: (batch, seq, kv_heads, head_dim) with kv_heads dividing
+    heads (q head h reads kv head h // (heads // kv_heads)). head_dim in 16, 32, 64, 128.
+    softmax_scale defaults to 1 / sqrt(head_dim). Returns (batch, seq, heads, head_dim) in q's dtype.
+    """
+    _check(q, k, v)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    return _FlashAttention.apply(q, k, v, bool(causal), scale)
+
+
+# ------------------------------------------------------------------------------------------ reference
+def flash_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+                        softmax_scale: float | None = None) -> torch.Tensor:
+    """Plain-torch attention: K/V heads repeated to the q heads, scores and softmax in fp32, P cast to
+    q's dtype before P·V. Materializes (B, H, S, S); for tests and benchmarks only."""
+    batch, seqlen, n_heads, head_dim = q.shape
+    group = n_heads // k.shape[2]
+    scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
+    k = k.repeat_interleave(group, dim=2)  # (B, S, H, D)
+    v = v.repeat_interleave(group, dim=2)  # (B, S, H, D)
+    scores = torch.einsum("bshd,bthd->bhst", q, k).float() * scale  # (B, H, S, S)
+    if causal:
+        above = torch.ones(seqlen, seqlen, dtype=torch.bool, device=q.device).triu(1)  # (S, S)
+        scores = scores.masked_fill(above, float("-inf"))
+    p = scores.softmax(dim=-1).to(q.dtype)  # (B, H, S, S)
+    return torch.einsum("bhst,bthd->bshd", p, v).to(q.dtype)  # (B, S, H, D)

@@ -1,0 +1,142 @@
+"""flash_attention against flash_attention_ref: forward, dq/dk/dv, the saved logsumexp, strided views,
+and the errors for shapes the kernel cannot take.
+
+Under the CPU interpreter the kernels use 16-wide tiles, so seq 17 and 129 end mid-block on both the
+query and the key side, and seq 129 crosses several causal diagonals. The cases cover each axis
+(dtype, batch, seq, kv_heads, head_dim, causal, scale) without the full product, which the interpreter
+could not run in reasonable time.
+"""
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+from kernel_tolerance import assert_close_3way
+
+from megamath.kernels.flash_attention import flash_attention, flash_attention_fwd, flash_attention_ref
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# (batch, seq, heads, kv_heads, head_dim, causal, dtype, softmax_scale)
+CASES = [
+    (1, 129, 4, 4, 64, True, torch.float32, None),
+    (1, 129, 4, 2, 64, False, torch.float32, 0.2),
+    (3, 17, 4, 1, 64, True, torch.float32, None),
+    (1, 129, 4, 2, 64, True, torch.bfloat16, None),
+    (3, 17, 4, 2, 64, False, torch.bfloat16, None),
+    (3, 1, 4, 2, 64, True, torch.bfloat16, None),
+    (1, 17, 4, 1, 128, True, torch.bfloat16, 0.3),
+    (1, 129, 4, 1, 64, True, torch.float16, None),
+    (3, 17, 4, 4, 64, False, torch.float16, None),
+    (1, 1, 4, 4, 64, False, torch.float16, 0.5),
+]
+
+
+def _inputs(batch, seq, heads, kv_heads, head_dim, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, seq, heads, head_dim, generator=gen)  # (B, S, H, D)
+    k = torch.randn(batch, seq, kv_heads, head_dim, generator=gen)  # (B, S, H_kv, D)
+    v = torch.randn(batch, seq, kv_heads, head_dim, generator=gen)  # (B, S, H_kv, D)
+    do = torch.randn(batch, seq, heads, head_dim, generator=gen)  # (B, S, H, D)
+    return [t.to(device=DEVICE, dtype=dtype) for t in (q, k, v, do)]
+
+
+def _run(fn, q, k, v, do, **kw):
+    """Output and (dq, dk, dv) of fn on leaf copies of q, k, v."""
+    q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    o = fn(q, k, v, **kw)
+    o.backward(do)
+    return o.detach(), q.grad, k.grad, v.grad
+
+
+@pytest.mark.parametrize("batch,seq,heads,kv_heads,head_dim,causal,dtype,scale", CASES)
+def test_forward_backward_match_reference(batch, seq, heads, kv_heads, head_dim, causal, dtype, scale):
+    q, k, v, do = _inputs(batch, seq, heads, kv_heads, head_dim, dtype, seed=seq * 7 + kv_heads + head_dim)
+    kw = dict(causal=causal, softmax_scale=scale)
+    out = _run(flash_attention, q, k, v, do, **kw)
+    ref32 = _run(flash_attention_ref, q.float(), k.float(), v.float(), do.float(), **kw)
+    ref_lowp = _run(flash_attention_ref, q, k, v, do, **kw)
+    assert out[0].shape == (batch, seq, heads, head_dim) and out[0].dtype == dtype
+    assert out[2].shape == k.shape and out[3].shape == v.shape
+    for name, got, r32, rlow in zip(("out", "dq", "dk", "dv"), out, ref32, ref_lowp):
+        assert_close_3way(got, r32, rlow, name=f"{name} {dtype} causal={causal}")
+
+
+def test_gqa_equals_attention_with_repeated_kv_heads():
+    """A kv head shared by two q heads gets the sum of both heads' gradients (exact in fp32 up to
+    summation order), the same as running full multi-head attention on repeated K/V."""
+    q, k, v, do = _inputs(2, 33, 4, 2, 32, torch.float32, seed=3)
+    _, _, dk, dv = _run(flash_attention, q, k, v, do)
+    k_rep, v_rep = k.repeat_interleave(2, dim=2), v.repeat_interleave(2, dim=2)  # (B, S, H, D)
+    _, _, dk_rep, dv_rep = _run(flash_attention, q, k_rep, v_rep, do)
+    torch.testing.assert_close(dk, dk_rep.view(2, 33, 2, 2, 32).sum(3), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dv, dv_rep.view(2, 33, 2, 2, 32).sum(3), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_saved_logsumexp_is_the_row_logsumexp(causal):
+    q, k, v, _ = _inputs(2, 40, 2, 1, 16, torch.float32, seed=11)
+    _, lse = flash_attention_fwd(q, k, v, causal, 0.25)
+    scores = torch.einsum("bshd,bthd->bhst", q, k.expand(-1, -1, 2, -1)) * 0.25  # (B, H, S, S)
+    if causal:
+        scores = scores.masked_fill(torch.ones(40, 40, dtype=torch.bool, device=DEVICE).triu(1), float("-inf"))
+    assert lse.shape == (2, 2, 40) and lse.dtype == torch.float32
+    torch.testing.assert_close(lse, scores.logsumexp(-1), rtol=1e-5, atol=1e-5)
+
+
+def test_strided_views_of_a_fused_projection():
+    """q, k, v sliced out of one (B, S, H + 2·H_kv, D) tensor are used in place, gradients included."""
+    gen = torch.Generator().manual_seed(5)
+    qkv = torch.randn(2, 21, 8, 32, generator=gen).to(DEVICE, torch.bfloat16)  # (B, S, 4 + 2 + 2, D)
+    do = torch.randn(2, 21, 4, 32, generator=gen).to(DEVICE, torch.bfloat16)
+    q, k, v = qkv[:, :, :4], qkv[:, :, 4:6], qkv[:, :, 6:]
+    assert not q.is_contiguous()
+    out = _run(flash_attention, q, k, v, do)
+    dense = _run(flash_attention, q.contiguous(), k.contiguous(), v.contiguous(), do)
+    for got, want in zip(out, dense):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_default_scale_is_inverse_sqrt_head_dim():
+    q, k, v, _ = _inputs(1, 9, 2, 2, 32, torch.float32, seed=2)
+    torch.testing.assert_close(flash_attention(q, k, v, causal=False),
+                               flash_attention(q, k, v, causal=False, softmax_scale=1 / math.sqrt(32)),
+                               rtol=0, atol=0)
+
+
+def _t(*shape, dtype=torch.float32):
+    return torch.zeros(shape, dtype=dtype, device=DEVICE)
+
+
+BAD = [
+    ((_t(2, 8, 4, 16), _t(2, 8, 4, 16, 1), _t(2, 8, 4, 16, 1)),
+     "flash_attention: q, k and v must be 4-D (batch, seq, heads, head_dim); got shapes "
+     "(2, 8, 4, 16), (2, 8, 4, 16, 1), (2, 8, 4, 16, 1)"),
+    ((_t(2, 8, 4, 16), _t(2, 8, 2, 16), _t(2, 8, 1, 16)),
+     "flash_attention: k and v must have the same shape; got (2, 8, 2, 16) and (2, 8, 1, 16)"),
+    ((_t(2, 8, 4, 16), _t(2, 8, 4, 16, dtype=torch.float16), _t(2, 8, 4, 16)),
+     "flash_attention: q, k and v must share one dtype among float16, bfloat16 and float32; got "
+     "torch.float32, torch.float16, torch.float32"),
+    ((_t(2, 8, 4, 16), _t(3, 8, 4, 16), _t(3, 8, 4, 16)),
+     "flash_attention: q has batch 2 but k and v have batch 3"),
+    ((_t(2, 8, 4, 16), _t(2, 9, 4, 16), _t(2, 9, 4, 16)),
+     "flash_attention: q has seq 8 but k and v have seq 9"),
+    ((_t(2, 8, 4, 16), _t(2, 8, 4, 32), _t(2, 8, 4, 32)),
+     "flash_attention: q has head_dim 16 but k and v have head_dim 32"),
+    ((_t(2, 8, 4, 16), _t(2, 8, 3, 16), _t(2, 8, 3, 16)),
+     "flash_attention: heads (4) must be a multiple of kv_heads (3)"),
+    ((_t(2, 8, 4, 48), _t(2, 8, 4, 48), _t(2, 8, 4, 48)),
+     "flash_attention: head_dim 48 is not supported; use one of (16, 32, 64, 128)"),
+    ((_t(2, 8, 4, 256), _t(2, 8, 4, 256), _t(2, 8, 4, 256)),
+     "flash_attention: head_dim 256 is not supported; use one of (16, 32, 64, 128)"),
+    ((_t(2, 0, 4, 16), _t(2, 0, 4, 16), _t(2, 0, 4, 16)),
+     "flash_attention: batch and seq must be at least 1; got shape (2, 0, 4, 16)"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD, ids=[f"bad{i}" for i in range(len(BAD))])
+def test_bad_inputs_raise_clear_errors(args, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        flash_attention(*args)
