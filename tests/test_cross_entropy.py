@@ -1,0 +1,111 @@
+"""cross_entropy matches cross_entropy_ref (loss and logit gradient) on one process, and rejects bad input."""
+import pytest
+import torch
+import torch.nn.functional as F
+from kernel_tolerance import assert_close_3way
+
+from megamath.kernels.cross_entropy import cross_entropy, cross_entropy_ref
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SHAPES = [(1, 1000), (3, 1000), (129, 1000), (3, 32016), (5, 50257)]
+
+
+def _inputs(n_rows, vocab, dtype, seed, ignore_index=-100):
+    g = torch.Generator().manual_seed(seed)
+    # Spread 3 makes softmax peaked enough that its probabilities stand above the bf16/fp16 atol.
+    logits = 3.0 * torch.randn(n_rows, vocab, generator=g)
+    targets = torch.randint(0, vocab, (n_rows,), generator=g)
+    targets[1::3] = ignore_index  # every third row from the second is ignored
+    return logits.to(DEVICE, dtype), targets.to(DEVICE)
+
+
+def _run(fn, logits, targets, grad_loss, **kwargs):
+    logits = logits.detach().clone().requires_grad_(True)
+    loss = fn(logits, targets, **kwargs)
+    loss.backward(grad_loss)
+    return loss.detach(), logits.grad
+
+
+def _check(logits, targets, ignore_index=-100):
+    # grad_loss = n_valid makes each row's gradient softmax - onehot, of order 1, so atol stays meaningful.
+    n_valid = max(1, int((targets != ignore_index).sum()))
+    grad_loss = torch.tensor(float(n_valid), device=DEVICE)
+    loss, grad = _run(cross_entropy, logits, targets, grad_loss, ignore_index=ignore_index)
+    loss32, grad32 = _run(cross_entropy_ref, logits.float(), targets, grad_loss, ignore_index=ignore_index)
+    loss_lo, grad_lo = _run(cross_entropy_ref, logits, targets, grad_loss, ignore_index=ignore_index)
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    assert grad.dtype == logits.dtype and grad.shape == logits.shape
+    # The loss is a sum of logsumexps in fp32 either way: scale atol with its size.
+    assert_close_3way(loss, loss32, loss_lo, atol=1e-5 * max(1.0, abs(loss32.item())), name="loss")
+    assert_close_3way(grad, grad32, grad_lo, name=f"grad {tuple(logits.shape)} {logits.dtype}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_reference(shape, dtype):
+    logits, targets = _inputs(*shape, dtype, seed=SHAPES.index(shape) * 3 + DTYPES.index(dtype))
+    _check(logits, targets)
+
+
+def test_reference_is_torch_mean_cross_entropy():
+    """With some valid targets, the reference is exactly F.cross_entropy's default mean reduction."""
+    logits, targets = _inputs(7, 300, torch.float32, seed=1)
+    want = F.cross_entropy(logits.double(), targets)
+    torch.testing.assert_close(cross_entropy_ref(logits, targets).double(), want, rtol=1e-6, atol=0)
+
+
+def test_ignore_index_inside_vocabulary_and_large_logits():
+    """A pad id used as ignore_index is skipped even though it is a real column; huge logits do not overflow."""
+    logits, targets = _inputs(9, 1000, torch.bfloat16, seed=2, ignore_index=0)
+    logits[:, 5] += 1000.0  # exp would overflow without the running max
+    _check(logits, targets, ignore_index=0)
+
+
+def test_all_ignored_gives_zero_loss_and_zero_grad():
+    logits, _ = _inputs(4, 1000, torch.bfloat16, seed=3)
+    targets = torch.full((4,), -100, dtype=torch.int64, device=DEVICE)
+    logits.requires_grad_(True)
+    loss = cross_entropy(logits, targets)
+    loss.backward()
+    assert loss.item() == 0.0 and loss.dtype == torch.float32
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+def test_minus_inf_logits_block_before_finite_ones():
+    """A masked vocabulary range (-inf) that fills the first block must not turn the loss into NaN."""
+    logits, targets = _inputs(3, 5000, torch.float32, seed=4)
+    logits[:, :4096] = float("-inf")
+    targets = torch.tensor([4096, 4999, -100], device=DEVICE)
+    loss, grad = _run(cross_entropy, logits, targets, torch.tensor(1.0, device=DEVICE))
+    loss32, grad32 = _run(cross_entropy_ref, logits, targets, torch.tensor(1.0, device=DEVICE))
+    torch.testing.assert_close(loss, loss32, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad, grad32, rtol=0, atol=1e-6)
+
+
+def test_strided_rows():
+    """Logits as a column slice of a wider buffer (padded vocabulary) give the same result as a copy."""
+    wide, targets = _inputs(5, 1100, torch.float16, seed=6)
+    logits = wide[:, :1000]
+    targets = targets.clamp(max=999)
+    assert torch.equal(cross_entropy(logits, targets), cross_entropy(logits.contiguous(), targets))
+
+
+@pytest.mark.parametrize("logits_shape,targets,message", [
+    ((2, 3, 10), [1, 2], "cross_entropy expects logits (N, V), got shape (2, 3, 10)"),
+    ((2, 10), [1, 2, 3], "cross_entropy expects targets (2,) for logits (2, 10), got shape (3,)"),
+    ((2, 10), [1, 10], "cross_entropy: target 10 at row 1 is outside the vocabulary [0, 10) "
+                       "and is not ignore_index (-100)"),
+    ((2, 10), [-1, 3], "cross_entropy: target -1 at row 0 is outside the vocabulary [0, 10) "
+                       "and is not ignore_index (-100)"),
+])
+def test_bad_inputs_raise(logits_shape, targets, message):
+    with pytest.raises(ValueError) as err:
+        cross_entropy(torch.zeros(logits_shape, device=DEVICE), torch.tensor(targets, device=DEVICE))
+    assert str(err.value) == message
+
+
+def test_int32_targets_raise():
+    with pytest.raises(ValueError) as err:
+        cross_entropy(torch.zeros(2, 10, device=DEVICE), torch.tensor([1, 2], dtype=torch.int32, device=DEVICE))
+    assert str(err.value) == "cross_entropy: targets must be int64, got torch.int32"
