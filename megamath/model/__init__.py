@@ -1,0 +1,9 @@
+"""What the model is: its config and presets, the Llama architecture, and checkpoint conversion.
+
+    from megamath.model import Llama, ModelConfig
+    model = Llama(ModelConfig.from_preset("tiny"))
+"""
+from megamath.model.config import PRESETS, ModelConfig
+from megamath.model.llama import Llama
+
+__all__ = ["Llama", "ModelConfig", "PRESETS"]
