@@ -1,11 +1,41 @@
-"""`megamath convert` (not yet implemented)."""
+"""`megamath convert`: Hugging Face Llama checkpoints to megamath's format and back.
+
+Both directions stream tensor by tensor from memory-mapped safetensors files into one output shard
+at a time, so a 34B checkpoint converts in about one shard of memory, without transformers installed.
+"""
 from __future__ import annotations
+
+from pathlib import Path
+
+DTYPES = ("bfloat16", "float16", "float32")
 
 
 def add_parser(subparsers, name: str) -> None:
-    parser = subparsers.add_parser(name, help="(not yet implemented)")
+    parser = subparsers.add_parser(
+        name,
+        help="convert Llama checkpoints between Hugging Face and megamath",
+        description="hf-to-megamath reads a Hugging Face Llama directory (config.json + model.safetensors or "
+        "sharded model-*.safetensors with model.safetensors.index.json); megamath-to-hf writes one that "
+        "LlamaForCausalLM.from_pretrained loads. DST must not exist or be an empty directory.",
+    )
+    parser.add_argument("direction", choices=("hf-to-megamath", "megamath-to-hf"))
+    parser.add_argument("src", type=Path, metavar="SRC", help="checkpoint directory to read")
+    parser.add_argument("dst", type=Path, metavar="DST", help="checkpoint directory to write")
+    parser.add_argument("--max-shard-size", default="5GB",
+                        help="largest safetensors file to write, e.g. 5GB, 500MB, 2GiB (default 5GB)")
+    parser.add_argument("--dtype", choices=DTYPES, default=None,
+                        help="cast the weights (default: keep the stored dtype)")
     parser.set_defaults(run=run)
 
 
 def run(args) -> int:
-    raise NotImplementedError("megamath convert")
+    import torch
+
+    from megamath.model.hf_interop import convert_hf_to_megamath, convert_megamath_to_hf
+
+    convert = convert_hf_to_megamath if args.direction == "hf-to-megamath" else convert_megamath_to_hf
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    config = convert(args.src, args.dst, max_shard_size=args.max_shard_size, dtype=dtype)
+    print(f"converted {args.src} -> {args.dst} ({args.direction}): {config.num_layers} layers, "
+          f"hidden {config.hidden_size}, {config.num_params():,} parameters")
+    return 0
