@@ -1,0 +1,92 @@
+"""A weighted mixture of GPT datasets, Megatron-LM's BlendedDataset without its sample-count guessing.
+
+The blending indices decide, for each of num_samples samples, its dataset and its rank within that
+dataset. Their counts are exactly what each dataset must supply, so each GPTDataset is built for
+that count (Megatron-LM asks each for weight * num_samples * 1.005 and hopes). A dataset the blend
+never picks (a tiny weight, few samples) gets no GPTDataset at all.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+import numpy as np
+
+from megamath.data.blending import build_blending_indices, normalize_weights
+from megamath.data.gpt_dataset import GPTDataset, TokenSource, check_documents, dataset_name
+from megamath.data.index_cache import INDEX_FORMAT_VERSION, IndexCache, load_or_build
+
+BLEND_NAMES = ("dataset_index", "dataset_sample_index")
+
+
+class BlendRow(NamedTuple):
+    """One dataset's line of the blend summary."""
+
+    name: str
+    weight: float  # normalized target share
+    share: float  # realized share of samples (= of tokens: all samples have seq_length + 1 tokens)
+    samples: int
+    epochs: int  # epochs of its documents that its samples span (0 when it supplies none)
+
+
+def dataset_seed(seed: int, position: int) -> int:
+    """Seed of the position-th dataset's GPTDataset: distinct per position, stable per (seed, position)."""
+    return int(np.random.SeedSequence([int(seed), int(position)]).generate_state(1)[0])
+
+
+class BlendedDataset:
+    """num_samples samples of seq_length + 1 int64 tokens, drawn from `datasets` in proportion to `weights`."""
+
+    def __init__(self, datasets: Sequence[TokenSource], weights: Sequence[float], num_samples: int,
+                 seq_length: int, seed: int = 1234, cache_dir: str | Path | None = None) -> None:
+        datasets = list(datasets)
+        if len(datasets) == 0:
+            raise ValueError("a blend needs at least one dataset")
+        if len(weights) != len(datasets):
+            raise ValueError(f"got {len(weights)} weights for {len(datasets)} datasets; "
+                             "each dataset needs exactly one weight")
+        if int(seq_length) < 1:
+            raise ValueError(f"seq_length must be >= 1, got {seq_length}")
+        if int(num_samples) < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        self.num_samples, self.seq_length, self.seed = int(num_samples), int(seq_length), int(seed)
+        self.names = [dataset_name(d) for d in datasets]
+        for dataset in datasets:  # every dataset must be usable, picked or not
+            check_documents(dataset, None, self.seq_length)
+        self.weights = normalize_weights(weights)  # (D,)
+        description = {"kind": "blend", "version": INDEX_FORMAT_VERSION, "weights": self.weights.tolist(),
+                       "num_samples": self.num_samples}
+        cache = IndexCache(cache_dir) if cache_dir is not None else None
+        arrays = load_or_build(cache, description, BLEND_NAMES,
+                               lambda: dict(zip(BLEND_NAMES, build_blending_indices(weights, self.num_samples))))
+        self.dataset_index = arrays["dataset_index"]  # (num_samples,) int16
+        self.dataset_sample_index = arrays["dataset_sample_index"]  # (num_samples,) int64
+        self.counts = np.bincount(self.dataset_index, minlength=len(datasets)).astype(np.int64)  # (D,)
+        self.datasets: list[GPTDataset | None] = [
+            GPTDataset(dataset, int(count), self.seq_length, seed=dataset_seed(self.seed, k), cache_dir=cache_dir)
+            if count > 0 else None
+            for k, (dataset, count) in enumerate(zip(datasets, self.counts))
+        ]
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def dataset_of(self, i: int) -> int:
+        """Position (in `datasets`) of the dataset sample i comes from."""
+        return int(self.dataset_index[i])
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        """(seq_length + 1,) int64 tokens of sample i."""
+        if not -self.num_samples <= i < self.num_samples:
+            raise IndexError(f"sample {i} out of range for a blend of {self.num_samples} samples")
+        d = int(self.dataset_index[i])
+        return self.datasets[d][int(self.dataset_sample_index[i])]
+
+    def realized_shares(self) -> np.ndarray:
+        """(D,) float64 fraction of samples (and so of tokens) each dataset supplies."""
+        return self.counts / self.num_samples
+
+    def summary_rows(self) -> list[BlendRow]:
+        shares = self.realized_shares()
+        return [BlendRow(name, float(w), float(s), int(c), gpt.num_epochs if gpt is not None else 0)
+                for name, w, s, c, gpt in zip(self.names, self.weights, shares, self.counts, self.datasets)]
