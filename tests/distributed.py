@@ -1,0 +1,39 @@
+"""Run a function on several gloo processes the way torchrun would, for the parallel tests.
+
+Each process gets torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT),
+so the code under test joins through `ParallelState.from_env` exactly as in production. The function
+must be importable (module level) and writes what the test checks into files under `out_dir`.
+"""
+from __future__ import annotations
+
+import os
+import socket
+
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world_size: int, port: int, fn, args) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_distributed(fn, world_size: int, *args) -> None:
+    """Call fn(rank, world_size, *args) in world_size fresh processes; re-raise the first failure."""
+    mp.spawn(_entry, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True)
