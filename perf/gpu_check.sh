@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The GPU check, in one run of about 6-8 minutes: versions, build (with the CUDA RMSNorm), the kernel
+# tests compiled on the GPU, then the kernel benchmark. Assumes torch, triton and numpy are installed;
+# installs megamath's other needs if missing (from wheels in $WHEELS_DIR when there is no network).
+#
+#   bash perf/gpu_check.sh            # logs and results go to $OUT if set, else perf/results
+#
+# Knobs (environment): PYTHON (default python3), WHEELS_DIR (default .whl: wheels to install first,
+# e.g. liger-kernel for the benchmark's peers), TEST_TIMEOUT / BENCH_TIMEOUT (seconds, 240 / 330),
+# BENCH_ARGS (extra arguments for perf/bench_kernels.py, e.g. "--no-compile" or "--ops rms_norm").
+# Each step runs even when an earlier one failed; the exit status is that of the first failing step.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+DEST=${OUT:-perf/results}
+mkdir -p "$DEST"
+exec > >(tee -a "$DEST/gpu_check.log") 2>&1
+status=0
+step() { echo; echo "=== $* ($(date +%H:%M:%S))"; }
+record() { local rc=$1; if [ "$rc" -ne 0 ] && [ "$status" -eq 0 ]; then status=$rc; fi; }
+
+step "versions"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv || true
+$PY -c "import torch, triton; print('torch', torch.__version__, '| CUDA', torch.version.cuda, '| triton',
+triton.__version__, '|', torch.cuda.get_device_name(0))"
+nvcc --version | tail -n 2
+
+step "python packages"
+WHEELS=${WHEELS_DIR:-.whl}
+if compgen -G "$WHEELS/*.whl" > /dev/null; then
+    $PY -m pip install -q --no-index --no-deps "$WHEELS"/*.whl || echo "some wheels in $WHEELS did not install"
+fi
+missing=$($PY - <<'EOF'
+import importlib.util
+wanted = {"sentencepiece": "sentencepiece", "zstandard": "zstandard", "tqdm": "tqdm", "yaml": "pyyaml",
+          "safetensors": "safetensors", "pybind11": "pybind11", "pytest": "pytest"}
+print(" ".join(pkg for module, pkg in wanted.items() if importlib.util.find_spec(module) is None))
+EOF
+)
+if [ -n "$missing" ]; then
+    $PY -m pip install -q $missing || echo "could not install: $missing (no network?); continuing"
+fi
+
+step "build: megamath with the CUDA RMSNorm extension"
+MAX_JOBS=${MAX_JOBS:-$(nproc)} $PY -m pip install --no-build-isolation --no-deps -e . > "$DEST/build.log" 2>&1
+rc=$?; record $rc
+tail -n 5 "$DEST/build.log"
+$PY -c "from megamath.kernels import rms_norm_cuda as m; print('CUDA RMSNorm extension available:', m.is_available())"
+
+step "kernel tests, compiled on the GPU"
+unset TRITON_INTERPRET
+tests=$(ls tests/test_rms_norm*.py tests/test_rope*.py tests/test_flash_attention*.py tests/test_swiglu*.py \
+        tests/test_cross_entropy*.py tests/test_adamw*.py 2> /dev/null)
+workers=$($PY -c "import xdist" 2> /dev/null && echo "-n 8")
+timeout "${TEST_TIMEOUT:-240}" $PY -m pytest -q -p no:cacheprovider $workers $tests > "$DEST/tests.log" 2>&1
+rc=$?; record $rc
+tail -n 40 "$DEST/tests.log"
+[ "$rc" -eq 124 ] && echo "tests stopped at TEST_TIMEOUT"
+
+step "kernel benchmark"
+timeout "${BENCH_TIMEOUT:-330}" $PY perf/bench_kernels.py --out "$DEST" ${BENCH_ARGS:-}
+rc=$?; record $rc
+[ "$rc" -eq 124 ] && echo "benchmark stopped at BENCH_TIMEOUT"
+
+step "done: status $status"
+exit $status
