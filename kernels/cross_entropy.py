@@ -39,13 +39,14 @@ def _ce_forward_kernel(logits_ptr, targets_ptr, lse_ptr, target_logit_ptr,
     valid = target != ignore_index
     local_target = target - vocab_start
     owned = valid & (local_target >= 0) & (local_target < n_cols)
-    # Ignored rows run no iteration, so their logits are never read.
+    # Ignored rows mask every load, so their logits are never read (a tensor loop bound would skip the
+    # loop too, but Triton 3.6's interpreter rejects one).
     n_read = tl.where(valid, n_cols, 0)
     m = float("-inf")  # running max
     s = 0.0  # running sum of exp(x - m)
-    for start in range(0, n_read, BLOCK_V):
+    for start in range(0, n_cols, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)  # (BLOCK_V,)
-        x = tl.load(row_ptr + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
+        x = tl.load(row_ptr + cols, mask=cols < n_read, other=float("-inf")).to(tl.float32)
         m_new = tl.maximum(m, tl.max(x, axis=0))
         # A block of -inf logits (masked vocabulary) before any finite one would give exp(-inf + inf).
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
