@@ -7,7 +7,8 @@
 #
 # Knobs (environment): PYTHON (default python3), WHEELS_DIR (default .whl: wheels to install first,
 # e.g. liger-kernel for the benchmark's peers), TEST_TIMEOUT / BENCH_TIMEOUT (seconds, 240 / 330),
-# BENCH_ARGS (extra arguments for perf/bench_kernels.py, e.g. "--no-compile" or "--ops rms_norm").
+# TESTS (test files to run instead of every kernel test), BENCH_ARGS (extra arguments for
+# perf/bench_kernels.py, e.g. "--no-compile" or "--ops rms_norm").
 # Each step runs even when an earlier one failed; the exit status is that of the first failing step.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -49,8 +50,8 @@ $PY -c "from megamath.kernels import rms_norm_cuda as m; print('CUDA RMSNorm ext
 
 step "kernel tests, compiled on the GPU"
 unset TRITON_INTERPRET
-tests=$(ls tests/test_rms_norm*.py tests/test_rope*.py tests/test_flash_attention*.py tests/test_swiglu*.py \
-        tests/test_cross_entropy*.py tests/test_adamw*.py 2> /dev/null)
+tests=${TESTS:-$(ls tests/test_rms_norm*.py tests/test_rope*.py tests/test_flash_attention*.py tests/test_swiglu*.py \
+        tests/test_cross_entropy*.py tests/test_adamw*.py 2> /dev/null)}
 workers=$($PY -c "import xdist" 2> /dev/null && echo "-n 8")
 timeout "${TEST_TIMEOUT:-240}" $PY -m pytest -q -p no:cacheprovider $workers $tests > "$DEST/tests.log" 2>&1
 rc=$?; record $rc
