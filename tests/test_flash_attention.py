@@ -15,7 +15,13 @@ import pytest
 import torch
 from kernel_tolerance import assert_close_3way
 
-from megamath.kernels.flash_attention import flash_attention, flash_attention_fwd, flash_attention_ref
+from megamath.kernels.flash_attention import (
+    FlashAttentionBlocks,
+    flash_attention,
+    flash_attention_bwd,
+    flash_attention_fwd,
+    flash_attention_ref,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -140,3 +146,16 @@ BAD = [
 def test_bad_inputs_raise_clear_errors(args, message):
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         flash_attention(*args)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_unequal_tiles_match_reference(causal):
+    """Query tiles twice the key tiles (forward, dQ) and the reverse (dK/dV), as on a GPU, so the
+    split between whole blocks and masked diagonal blocks is exercised where it is not trivial."""
+    blocks = FlashAttentionBlocks(32, 16, 4, 1, 16, 32, 32, 16, 4, 1)
+    q, k, v, do = _inputs(1, 77, 4, 2, 32, torch.float32, seed=8)
+    o, lse = flash_attention_fwd(q, k, v, causal, 0.25, blocks)
+    grads = flash_attention_bwd(do, q, k, v, o, lse, causal, 0.25, blocks)
+    ref = _run(flash_attention_ref, q, k, v, do, causal=causal, softmax_scale=0.25)
+    for name, got, want in zip(("out", "dq", "dk", "dv"), (o, *grads), ref):
+        assert_close_3way(got, want, want, name=f"{name} causal={causal}")
