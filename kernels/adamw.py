@@ -18,25 +18,15 @@ one-element device tensor so the clipping coefficient never travels to the host 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from ._interpreter import cast_rne as _cast
+from ._interpreter import exact_bf16 as _exact_bf16
 
-@triton.jit
-def _cast(x, dtype: tl.constexpr, EXACT_BF16: tl.constexpr):
-    """fp32 -> dtype. Triton's interpreter truncates fp32 -> bf16 (a GPU rounds to nearest even), so
-    under it (EXACT_BF16, set by the launcher) the rounding is done by hand on the bits."""
-    if EXACT_BF16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16  # round half to even on the dropped 16 bits
-        bits = tl.where(x != x, 0x7FC0, bits)  # NaN stays a quiet NaN
-        y = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        y = x.to(dtype)
-    return y
+
 
 
 @triton.jit
@@ -132,8 +122,7 @@ def adamw_step(params: torch.Tensor, grads: torch.Tensor, exp_avg: torch.Tensor,
         n, 1.0 if scale_from_ptr else float(grad_scale), 1.0 - lr * weight_decay, 1.0 - beta1, beta2,
         1.0 - beta2, lr / bias_correction1, math.sqrt(bias_correction2), eps,
         BLOCK=block, HAS_LOWP=params_lowp is not None, SCALE_FROM_PTR=scale_from_ptr,
-        EXACT_BF16=(params_lowp is not None and params_lowp.dtype == torch.bfloat16
-                    and os.environ.get("TRITON_INTERPRET") == "1"),
+        EXACT_BF16=params_lowp is not None and _exact_bf16(params_lowp.dtype),
         num_warps=4,
     )
 

@@ -19,12 +19,14 @@ the diagonal are skipped; the mask is applied only on the diagonal (and sequence
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+from ._interpreter import cast_rne as _cast
+from ._interpreter import interpreting
 
 _LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x · log2 e)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -42,16 +44,6 @@ def _dot(a, b, INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, input_precision=PRECISION)
-
-
-@triton.jit
-def _cast(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
-    """fp32 x to dtype, rounding to nearest even (by hand for bf16 under the interpreter)."""
-    if INTERPRET and dtype == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        x = bits.to(tl.float32, bitcast=True)
-    return x.to(dtype)
 
 
 # ----------------------------------------------------------------------------------------- forward
@@ -308,10 +300,6 @@ class FlashAttentionBlocks:
     bwd_stages: int
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def flash_attention_blocks(head_dim: int, interpret: bool | None = None) -> FlashAttentionBlocks:
     """H100 defaults, or 16-wide tiles under the CPU interpreter, which keep tests fast while still
     crossing block boundaries at seq 17 and 129.
@@ -322,7 +310,7 @@ def flash_attention_blocks(head_dim: int, interpret: bool | None = None) -> Flas
     (likely register pressure of the fp32 accumulators, and coarser causal load balance), so one set
     serves every head_dim for now; head_dim stays an argument for per-size tiles later.
     """
-    if _interpreting() if interpret is None else interpret:
+    if interpreting() if interpret is None else interpret:
         return FlashAttentionBlocks(16, 16, 4, 1, 16, 16, 16, 16, 4, 1)
     return FlashAttentionBlocks(64, 64, 4, 3, 32, 64, 64, 32, 4, 4)
 
@@ -330,7 +318,7 @@ def flash_attention_blocks(head_dim: int, interpret: bool | None = None) -> Flas
 def _kernel_flags(dtype: torch.dtype) -> dict:
     # fp32 inputs: three tf32 products recover fp32 accuracy on tensor cores; "ieee" (FMA) dots compile
     # and run far slower. Low-precision operands ignore the setting.
-    return {"INTERPRET": _interpreting(), "PRECISION": "tf32x3" if dtype == torch.float32 else "tf32"}
+    return {"INTERPRET": interpreting(), "PRECISION": "tf32x3" if dtype == torch.float32 else "tf32"}
 
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
@@ -373,7 +361,7 @@ def flash_attention_bwd(do, q, k, v, o, lse, causal: bool, softmax_scale: float,
     qk_scale = softmax_scale * _LOG2E
 
     delta = torch.empty_like(lse)  # (B, H, S) fp32
-    pre_m = 64 if not _interpreting() else 16
+    pre_m = 64 if not interpreting() else 16
     _bwd_preprocess_kernel[(triton.cdiv(seqlen, pre_m), batch * n_heads)](
         o, do, delta, *_bsh(o), *_bsh(do), seqlen, n_heads, BLOCK_M=pre_m, HEAD_DIM=head_dim,
     )

@@ -14,28 +14,17 @@ never an fp32 copy of x) followed by one small sum.
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from ._interpreter import cast_rne as _cast
+from ._interpreter import exact_bf16 as _exact_bf16
+
 MAX_WIDTH = 65536  # one row per program lives in registers; beyond this the block no longer fits
 
 
-@triton.jit
-def _cast(x, dtype: tl.constexpr, EXACT_BF16: tl.constexpr):
-    """fp32 -> dtype. Triton's interpreter truncates fp32 -> bf16 (a GPU rounds to nearest even), so
-    under it (EXACT_BF16, set by the launcher) the rounding is done by hand on the bits; on a GPU the
-    native conversion runs."""
-    if EXACT_BF16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16  # round half to even on the dropped 16 bits
-        bits = tl.where(x != x, 0x7FC0, bits)  # NaN stays a quiet NaN
-        y = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        y = x.to(dtype)
-    return y
 
 
 @triton.jit
@@ -97,11 +86,6 @@ def _num_warps(block: int) -> int:
     if block >= 2048:
         return 8
     return 4
-
-
-def _exact_bf16(dtype: torch.dtype) -> bool:
-    """Round bf16 by hand only where the interpreter would truncate."""
-    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _rows_2d(t: torch.Tensor) -> torch.Tensor:

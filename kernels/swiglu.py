@@ -11,25 +11,15 @@ saved) and writes dg and du in the same pass. Math in fp32, one rounding at each
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from ._interpreter import cast_rne as _cast
+from ._interpreter import exact_bf16 as _exact_bf16
 
-@triton.jit
-def _cast(x, dtype: tl.constexpr, EXACT_BF16: tl.constexpr):
-    """fp32 -> dtype. Triton's interpreter truncates fp32 -> bf16 (a GPU rounds to nearest even), so
-    under it (EXACT_BF16, set by the launcher) the rounding is done by hand on the bits."""
-    if EXACT_BF16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16  # round half to even on the dropped 16 bits
-        bits = tl.where(x != x, 0x7FC0, bits)  # NaN stays a quiet NaN
-        y = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        y = x.to(dtype)
-    return y
+
 
 
 @triton.jit
@@ -63,11 +53,6 @@ def _launch_config(n: int):
     """Blocks of up to 4096 elements: big enough to amortize indexing, 8 warps at the largest size."""
     block = min(triton.next_power_of_2(max(n, 1)), 4096)
     return block, (8 if block >= 4096 else 4), triton.cdiv(n, block)
-
-
-def _exact_bf16(dtype: torch.dtype) -> bool:
-    """Round bf16 by hand only where the interpreter would truncate."""
-    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
