@@ -300,7 +300,8 @@ class FlashAttentionBlocks:
     bwd_stages: int
 
 
-def flash_attention_blocks(head_dim: int, interpret: bool | None = None) -> FlashAttentionBlocks:
+def flash_attention_blocks(head_dim: int, interpret: bool | None = None,
+                          dtype: torch.dtype = torch.bfloat16) -> FlashAttentionBlocks:
     """H100 defaults, or 16-wide tiles under the CPU interpreter, which keep tests fast while still
     crossing block boundaries at seq 17 and 129.
 
@@ -309,9 +310,13 @@ def flash_attention_blocks(head_dim: int, interpret: bool | None = None) -> Flas
     128 x 64 forward tiles and 128-key dK/dV tiles measured 3-10% slower at both D 64 and D 128
     (likely register pressure of the fp32 accumulators, and coarser causal load balance), so one set
     serves every head_dim for now; head_dim stays an argument for per-size tiles later.
+    fp32 tiles take twice the shared memory per pipeline stage: at D 128 the bf16 stage counts ask for
+    more than an H100's 227 KiB, so fp32 runs single-staged (fp32 attention is for checks, not speed).
     """
     if interpreting() if interpret is None else interpret:
         return FlashAttentionBlocks(16, 16, 4, 1, 16, 16, 16, 16, 4, 1)
+    if dtype == torch.float32:
+        return FlashAttentionBlocks(64, 64, 4, 1, 32, 64, 64, 32, 4, 1)
     return FlashAttentionBlocks(64, 64, 4, 3, 32, 64, 64, 32, 4, 4)
 
 
@@ -336,7 +341,7 @@ def flash_attention_fwd(q, k, v, causal: bool, softmax_scale: float, blocks: Fla
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     batch, seqlen, n_heads, head_dim = q.shape
     group = n_heads // k.shape[2]
-    blocks = blocks or flash_attention_blocks(head_dim)
+    blocks = blocks or flash_attention_blocks(head_dim, dtype=q.dtype)
     o = torch.empty((batch, seqlen, n_heads, head_dim), dtype=q.dtype, device=q.device)  # (B, S, H, D)
     lse = torch.empty((batch, n_heads, seqlen), dtype=torch.float32, device=q.device)  # (B, H, S)
     grid = (triton.cdiv(seqlen, blocks.fwd_m), batch * n_heads)
@@ -356,7 +361,7 @@ def flash_attention_bwd(do, q, k, v, o, lse, causal: bool, softmax_scale: float,
     batch, seqlen, n_heads, head_dim = q.shape
     n_kv_heads = k.shape[2]
     group = n_heads // n_kv_heads
-    blocks = blocks or flash_attention_blocks(head_dim)
+    blocks = blocks or flash_attention_blocks(head_dim, dtype=q.dtype)
     flags = _kernel_flags(q.dtype)
     qk_scale = softmax_scale * _LOG2E
 
