@@ -1,0 +1,204 @@
+"""Tensor parallelism's communications as a small vocabulary of differentiable functions.
+
+Each function is one collective in the forward and its adjoint in the backward (Megatron-LM core's
+mappings). Layers call them by name, so a reader of a layer sees every collective it does. Every
+function takes its process group explicitly; with group None (or a group of one rank) it is the identity
+and adds no autograd node, so the serial model runs exactly the plain ops.
+
+p = size of the TP group, r = this rank in it. Activations are batch first, (B, S, h). Sequence
+parallelism splits the sequence dimension S (dim 1) into p contiguous chunks: rank r holds positions
+[r·S/p, (r+1)·S/p), and S must be divisible by p.
+
+    function                      forward                                 backward
+    copy_to_tp                    identity        (B, S, h)               all-reduce      (B, S, h)
+    reduce_from_tp                all-reduce      (B, S, h)               identity        (B, S, h)
+    scatter_to_sequence           split dim 1     (B, S, h) -> (B, S/p, h)    all-gather  (B, S/p, h) -> (B, S, h)
+    gather_from_sequence          all-gather      (B, S/p, h) -> (B, S, h)    reduce-scatter (B, S, h) -> (B, S/p, h)
+    reduce_scatter_to_sequence    reduce-scatter  (B, S, h) -> (B, S/p, h)    all-gather  (B, S/p, h) -> (B, S, h)
+    gather_from_tp                all-gather last (..., n/p) -> (..., n)      split last  (..., n) -> (..., n/p)
+
+Why these pairs: when every rank reads the same input (copy_to_tp, gather_from_sequence), each rank's
+backward only holds its own share of that input's gradient, so the backward sums over ranks; when each
+rank produces a partial sum (reduce_from_tp, reduce_scatter_to_sequence), the forward sums and the
+gradient of a sum is handed unchanged to every term. gather_from_sequence's backward is a reduce-scatter
+because what follows it (a column-parallel layer) leaves a partial gradient on each rank; gather_from_tp's
+backward is a plain split because what follows it is replicated (the same on every rank).
+
+Collectives: on NCCL the native all_gather_into_tensor / reduce_scatter_tensor run on a rank-major
+buffer; other backends (gloo on CPU: its reduce-scatter is missing from older torch) all-gather into a
+list and reduce-scatter as all-reduce + slice, which moves p times the bytes but needs no special support.
+All collectives write into new tensors: a gradient handed to a backward may be shared with another branch
+of the graph (an add passes the same tensor to both inputs), so it is never reduced in place.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+SEQUENCE_DIM = 1
+"""The sequence dimension of (B, S, h) activations, the one sequence parallelism splits."""
+_NATIVE_BACKENDS = ("nccl",)
+"""Backends whose reduce-scatter / all-gather into one tensor are used directly."""
+# torch >= 2.13 renamed the single-tensor collectives; the old names warn there but are all torch 2.11 has.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+# ---- plain collectives (not differentiable) ---------------------------------------------------------------
+
+def group_size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def group_rank(group) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+def _native(group) -> bool:
+    return dist.get_backend(group) in _NATIVE_BACKENDS
+
+
+def _check_divisible(x: torch.Tensor, dim: int, p: int) -> int:
+    n = x.shape[dim]
+    if n % p:
+        what = "sequence length" if dim == SEQUENCE_DIM else f"dim {dim}"
+        raise ValueError(f"{what} {n} of a tensor of shape {tuple(x.shape)} is not divisible by the "
+                         f"tensor-parallel size {p}")
+    return n // p
+
+
+def all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    """Sum over the group into a new tensor."""
+    out = x.clone(memory_format=torch.contiguous_format)
+    dist.all_reduce(out, group=group)
+    return out
+
+
+def all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """Concatenate every rank's x along dim, in rank order: (.., n, ..) -> (.., p·n, ..)."""
+    p = group_size(group)
+    x = x.contiguous()
+    if _native(group):
+        out = x.new_empty((p * x.shape[0],) + tuple(x.shape[1:]))  # rank-major: the ranks' x one after another
+        _all_gather_single(out, x, group=group)
+        return out.view((p,) + tuple(x.shape)).movedim(0, dim).flatten(dim, dim + 1)  # a copy unless dim is 0
+    parts = [torch.empty_like(x) for _ in range(p)]
+    dist.all_gather(parts, x, group=group)
+    return torch.cat(parts, dim=dim)
+
+
+def reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """Sum over the group, keep this rank's chunk r of dim: (.., n, ..) -> (.., n/p, ..)."""
+    p = group_size(group)
+    n_local = _check_divisible(x, dim, p)
+    if _native(group):
+        x_rank_major = x.unflatten(dim, (p, n_local)).movedim(dim, 0).contiguous()  # (p, .., n/p, ..)
+        out = x.new_empty(x_rank_major.shape[1:])  # (.., n/p, ..)
+        _reduce_scatter_single(out, x_rank_major.flatten(0, 1), group=group)  # chunk r of dim 0 goes to rank r
+        return out
+    return all_reduce(x, group).narrow(dim, group_rank(group) * n_local, n_local).contiguous()
+
+
+def split(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """This rank's chunk r of dim, no communication: (.., n, ..) -> (.., n/p, ..)."""
+    n_local = _check_divisible(x, dim, group_size(group))
+    return x.narrow(dim, group_rank(group) * n_local, n_local).contiguous()
+
+
+# ---- the paired autograd functions --------------------------------------------------------------------------
+
+class _CopyToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_reduce(grad, ctx.group), None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        return all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _ScatterToSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return split(x, SEQUENCE_DIM, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_gather(grad, SEQUENCE_DIM, ctx.group), None
+
+
+class _GatherFromSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return all_gather(x, SEQUENCE_DIM, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return reduce_scatter(grad, SEQUENCE_DIM, ctx.group), None
+
+
+class _ReduceScatterToSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return reduce_scatter(x, SEQUENCE_DIM, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_gather(grad, SEQUENCE_DIM, ctx.group), None
+
+
+class _GatherFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return all_gather(x, x.dim() - 1, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return split(grad, grad.dim() - 1, ctx.group), None
+
+
+def copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:
+    """Identity forward, all-reduce backward: x (B, S, h) enters a region where every rank reads all of it."""
+    return x if group_size(group) == 1 else _CopyToTP.apply(x, group)
+
+
+def reduce_from_tp(x: torch.Tensor, group) -> torch.Tensor:
+    """All-reduce forward, identity backward: per-rank partial sums (B, S, h) leave the TP region."""
+    return x if group_size(group) == 1 else _ReduceFromTP.apply(x, group)
+
+
+def scatter_to_sequence(x: torch.Tensor, group) -> torch.Tensor:
+    """Keep this rank's sequence chunk (B, S, h) -> (B, S/p, h); all-gather backward."""
+    return x if group_size(group) == 1 else _ScatterToSequence.apply(x, group)
+
+
+def gather_from_sequence(x: torch.Tensor, group) -> torch.Tensor:
+    """All-gather the sequence chunks (B, S/p, h) -> (B, S, h); reduce-scatter backward (the consumer's
+    gradient is a per-rank partial sum)."""
+    return x if group_size(group) == 1 else _GatherFromSequence.apply(x, group)
+
+
+def reduce_scatter_to_sequence(x: torch.Tensor, group) -> torch.Tensor:
+    """Sum per-rank partials and keep this rank's sequence chunk (B, S, h) -> (B, S/p, h); all-gather backward."""
+    return x if group_size(group) == 1 else _ReduceScatterToSequence.apply(x, group)
+
+
+def gather_from_tp(x: torch.Tensor, group) -> torch.Tensor:
+    """All-gather along the last dim (..., n/p) -> (..., n), e.g. vocabulary-parallel logits; the backward
+    keeps this rank's slice of the gradient, which must be the same on every rank."""
+    return x if group_size(group) == 1 else _GatherFromTP.apply(x, group)
