@@ -1,0 +1,69 @@
+"""Preprocess the real ProofPile II sample (all subsets and splits) with a real Llama-family tokenizer,
+once per module, and check it against counts and ids computed independently of megamath."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import sentencepiece as spm
+import zstandard
+
+from megamath.data.indexed_dataset import IndexedDataset
+from megamath.data.preprocess import PreprocessConfig, format_summary, preprocess
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SAMPLE = SHARED / "data" / "proof-pile-2-sample"
+MODEL = SHARED / "tokenizers" / "llama-family-32k.model"
+SUBSETS = ("algebraic-stack", "arxiv", "open-web-math")
+SPLITS = ("train", "validation", "test")
+
+
+def _records(subset: str, split: str) -> list[bytes]:
+    """The raw lines of one (subset, split), files in name order, read with zstandard directly."""
+    lines = []
+    for path in sorted((SAMPLE / subset / split).glob("*.jsonl.zst"), key=lambda p: p.name):
+        with open(path, "rb") as f:
+            data = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True).read()
+        lines.extend(data.split(b"\n")[:-1] if data.endswith(b"\n") else data.split(b"\n"))
+    return lines
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    if not SAMPLE.is_dir() or not MODEL.is_file():
+        pytest.skip(f"the shared ProofPile II sample or tokenizer is not present: {SAMPLE}, {MODEL}")
+    out = tmp_path_factory.mktemp("proofpile")
+    start = time.perf_counter()
+    summaries = preprocess(PreprocessConfig(inputs=[SAMPLE], tokenizer_model=MODEL, output_dir=out, workers=2,
+                                            progress=False))
+    seconds = time.perf_counter() - start
+    tokens = sum(s.tokens for s in summaries)
+    print(f"\n{format_summary(summaries)}\nProofPile II sample: {tokens:,} tokens in {seconds:.1f} s = "
+          f"{tokens / seconds:,.0f} tokens/s with 2 workers")
+    return out, {s.name: s for s in summaries}
+
+
+def test_one_dataset_per_subset_and_split(run):
+    out, summaries = run
+    names = sorted(f"{subset}_{split}_text_document" for subset in SUBSETS for split in SPLITS)
+    assert sorted(summaries) == names
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{n}{ext}" for n in names for ext in (".bin", ".idx"))
+    assert all(summary.skipped == {} for summary in summaries.values())
+
+
+@pytest.mark.parametrize("subset", SUBSETS)
+def test_document_counts_and_ids(run, subset):
+    out, summaries = run
+    sp = spm.SentencePieceProcessor(model_file=str(MODEL))
+    for split in SPLITS:
+        records = _records(subset, split)
+        dataset = IndexedDataset(out / f"{subset}_{split}_text_document")
+        assert len(dataset) == len(records) == summaries[dataset.prefix.name].documents
+        assert dataset.num_tokens == summaries[dataset.prefix.name].tokens
+        assert str(dataset.dtype) == "uint16"
+        picks = sorted({0, len(records) // 2, len(records) - 1}) if split == "train" else [len(records) - 1]
+        for i in picks:
+            text = json.loads(records[i])["text"]
+            assert dataset[i].tolist() == sp.encode(text) + [sp.eos_id()], (subset, split, i)
