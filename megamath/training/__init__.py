@@ -1,0 +1,1 @@
+"""Reusable training parts: config, schedule, data, loop, metrics, checkpoints (`megamath train`)."""

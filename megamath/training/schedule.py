@@ -1,0 +1,49 @@
+"""LLEMMA's learning-rate schedule: linear warmup to the peak, then cosine decay to a fraction of it.
+
+    step ≤ warmup:  lr = peak · step / warmup
+    after:          lr = peak · (r + (1 − r) · ½ · (1 + cos(π · t))),   t = (step − warmup) / (decay − warmup)
+
+with t clipped to [0, 1], so the rate holds at r · peak after `decay_steps` (LLEMMA: warmup 500, decay
+48,000, r = 1/30; the 7B run stopped at 42,000 steps, before the floor). `step` is the 1-based number
+of the optimizer update being taken: the first update runs at peak / warmup, update `warmup` at the
+peak, and both branches agree there. The peak itself is `optimizer.lr` (as Megatron's `--lr` is the
+peak of its schedule), so the run has one learning rate to set.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass
+class ScheduleConfig:
+    warmup_steps: int = 500
+    """Updates of linear warmup from 0 to the peak (0: start at the peak)."""
+    decay_steps: int = 48000
+    """Update at which the cosine reaches its floor; counted from the start, warmup included."""
+    min_lr_ratio: float = 1.0 / 30.0
+    """Floor of the cosine as a fraction of the peak (LLEMMA: 1/30)."""
+
+    def __post_init__(self) -> None:
+        for name in ("warmup_steps", "decay_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"schedule.{name} must be a non-negative integer, got {value!r}")
+        if self.decay_steps <= self.warmup_steps:
+            raise ValueError(f"schedule.decay_steps ({self.decay_steps}) must exceed schedule.warmup_steps "
+                             f"({self.warmup_steps})")
+        ratio = self.min_lr_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
+            raise ValueError(f"schedule.min_lr_ratio must be a number in [0, 1], got {ratio!r}")
+        self.min_lr_ratio = float(ratio)
+
+
+def lr_at(step: int, peak_lr: float, config: ScheduleConfig) -> float:
+    """The learning rate of update `step` (1-based) under `config`, peaking at `peak_lr`."""
+    if step < 1:
+        raise ValueError(f"step must be >= 1 (the first update is step 1), got {step}")
+    warmup, decay, r = config.warmup_steps, config.decay_steps, config.min_lr_ratio
+    if step <= warmup:
+        return peak_lr * step / warmup
+    t = min(max((step - warmup) / (decay - warmup), 0.0), 1.0)
+    return peak_lr * (r + (1.0 - r) * 0.5 * (1.0 + math.cos(math.pi * t)))
