@@ -61,7 +61,7 @@ def _native(group) -> bool:
 def _check_divisible(x: torch.Tensor, dim: int, p: int) -> int:
     n = x.shape[dim]
     if n % p:
-        what = "sequence length" if dim == SEQUENCE_DIM else f"dim {dim}"
+        what = "sequence length" if dim == SEQUENCE_DIM and x.dim() == 3 else f"dim {dim} of size"
         raise ValueError(f"{what} {n} of a tensor of shape {tuple(x.shape)} is not divisible by the "
                          f"tensor-parallel size {p}")
     return n // p
