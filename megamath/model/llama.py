@@ -3,10 +3,27 @@
 No biases, untied embedding and LM head, RMSNorm before each sub-block and once at the end. Parameter
 names follow Hugging Face's `LlamaForCausalLM` minus its `model.` prefix (`embed_tokens`,
 `layers.N.self_attn.q_proj`, `layers.N.mlp.gate_proj`, `layers.N.input_layernorm`, `norm`, `lm_head`),
-so checkpoint conversion is a renaming. Every projection is its own `nn.Linear` so that tensor
-parallelism can later swap each one for a column- or row-parallel layer; head counts are read from the
-projections' widths for the same reason.
+so checkpoint conversion is a renaming. Head counts are read from the projections' widths, so the same
+code runs whole or tensor-parallel.
 
+Tensor parallelism (Megatron-LM's layout, p = tp_size, r = tp_rank; see megamath.parallel.layers):
+    q, k, v, gate, up, lm_head   column-parallel: rank r holds rows [r·n/p, (r+1)·n/p) of the serial weight
+    o, down                      row-parallel: rank r holds columns [r·n/p, (r+1)·n/p)
+    embed_tokens                 vocab-parallel: rows [r·V/p, (r+1)·V/p)
+    norms                        replicated
+Attention heads split: rank r runs query heads [r·Hq/p, (r+1)·Hq/p). KV heads split the same way when
+p divides Hkv; otherwise every rank holds all Hkv heads' k/v weights (replicated, the serial tensors
+unchanged) and projects only the contiguous range of KV heads its query heads read. The vocabulary must
+be divisible by p (no padding here). The LM head's logits stay split, (B, S, V/p) per rank, and the
+loss is the vocabulary-parallel cross-entropy over them. `shard_state_dict` / `merge_state_dicts` turn
+a serial state dict into rank r's and back, bit-exact.
+
+Sequence parallelism (on top of TP): the residual stream, the norms and the embedding's output hold a
+(B, S/p, h) chunk of the sequence; each attention / MLP all-gathers its input and reduce-scatters its
+output. The norm weights' gradients are then partial per rank: the training loop calls
+`megamath.parallel.layers.allreduce_sequence_parallel_grads(model, state)` after the backward.
+
+With no parallel state (or tp_size 1) every collective is the identity and the model is the serial one.
 The elementwise and attention work goes through `ops.get_ops`, i.e. Triton kernels or their references.
 """
 from __future__ import annotations
@@ -19,15 +36,26 @@ import torch.utils.checkpoint
 
 from megamath.model.config import ModelConfig
 from megamath.model.ops import Ops, get_ops
+from megamath.parallel.layers import (
+    ColumnParallelLinear, RowParallelLinear, TPReplicatedLinear, VocabParallelEmbedding, merge_shards, shard_tensor,
+    tp_region_input, vocab_parallel_cross_entropy_ref,
+)
+from megamath.parallel.state import ParallelState
 
 
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x², -1) + eps) · weight (weight starts at ones)."""
+    """y = x / sqrt(mean(x², -1) + eps) · weight (weight starts at ones).
 
-    def __init__(self, hidden_size: int, eps: float):
+    Under sequence parallelism the weight is marked `sequence_parallel`: each rank's gradient covers only
+    its sequence chunk and is summed over TP by allreduce_sequence_parallel_grads.
+    """
+
+    def __init__(self, hidden_size: int, eps: float, sequence_parallel: bool = False):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size))
+        if sequence_parallel:
+            self.weight.sequence_parallel = True
 
     def forward(self, x: torch.Tensor, ops: Ops) -> torch.Tensor:
         return ops.rms_norm(x, self.weight, self.eps)
@@ -36,50 +64,85 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     """Causal grouped-query attention: Hq query heads share Hkv key/value heads (Hq / Hkv per group)."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, parallel: ParallelState, sequence_parallel: bool = False):
         super().__init__()
-        h, d = config.hidden_size, config.head_dim
+        h, d, p = config.hidden_size, config.head_dim, parallel.tp_size
         self.head_dim = d
         self.rope_theta = config.rope_theta
-        self.q_proj = nn.Linear(h, config.num_heads * d, bias=False)
-        self.k_proj = nn.Linear(h, config.num_kv_heads * d, bias=False)
-        self.v_proj = nn.Linear(h, config.num_kv_heads * d, bias=False)
-        self.o_proj = nn.Linear(config.num_heads * d, h, bias=False)
+        self.group, self.sequence_parallel = parallel.tp_group, sequence_parallel
+        tp = dict(group=parallel.tp_group, sequence_parallel=sequence_parallel)
+        self.q_proj = ColumnParallelLinear(h, config.num_heads * d, **tp)
+        self.kv_replicated = config.num_kv_heads % p != 0
+        kv_layer = TPReplicatedLinear if self.kv_replicated else ColumnParallelLinear
+        self.k_proj = kv_layer(h, config.num_kv_heads * d, **tp)
+        self.v_proj = kv_layer(h, config.num_kv_heads * d, **tp)
+        self.o_proj = RowParallelLinear(config.num_heads * d, h, **tp)
+        self.kv_rows, self.kv_expand = slice(None), None
+        if self.kv_replicated:
+            self._plan_replicated_kv(config, parallel.tp_rank, p)
+
+    def _plan_replicated_kv(self, config: ModelConfig, tp_rank: int, p: int) -> None:
+        """Which KV heads this rank's query heads read (serial rule: query head j reads j // (Hq / Hkv)).
+
+        They form a contiguous range [first, last]; only their rows of k/v are projected. When each of
+        them serves the same number of consecutive local query heads, flash attention's GQA grouping
+        applies as is; otherwise (e.g. Hq 6, Hkv 3, p 2: rank 0 reads 0, 0, 1) k and v are expanded to
+        one head per local query head.
+        """
+        q_local, group_size = config.num_heads // p, config.num_heads // config.num_kv_heads
+        kv_of_q = [(tp_rank * q_local + i) // group_size for i in range(q_local)]  # global KV head per local q
+        first, n_kv = kv_of_q[0], kv_of_q[-1] - kv_of_q[0] + 1
+        self.kv_rows = slice(first * self.head_dim, (first + n_kv) * self.head_dim)
+        local = [k - first for k in kv_of_q]
+        if q_local % n_kv or local != [i // (q_local // n_kv) for i in range(q_local)]:
+            self.kv_expand = local
+
+    def _project_kv(self, proj: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.kv_replicated:
+            return proj(x, rows=self.kv_rows)
+        return proj(x, input_is_tp_region=True)
 
     def forward(self, x: torch.Tensor, ops: Ops, position_offset: int) -> torch.Tensor:
-        b, s, _ = x.shape  # (B, S, h)
-        q = self.q_proj(x).view(b, s, -1, self.head_dim)  # (B, S, Hq, D)
-        k = self.k_proj(x).view(b, s, -1, self.head_dim)  # (B, S, Hkv, D)
-        v = self.v_proj(x).view(b, s, -1, self.head_dim)  # (B, S, Hkv, D)
-        q, k = ops.rope(q, k, self.rope_theta, position_offset)  # (B, S, Hq, D), (B, S, Hkv, D)
-        o = ops.flash_attention(q, k, v, causal=True)  # (B, S, Hq, D); scale 1/sqrt(D)
-        return self.o_proj(o.reshape(b, s, -1))  # (B, S, h)
+        x = tp_region_input(x, self.group, self.sequence_parallel)  # (B, S, h); from (B, S/p, h) under SP
+        b, s, _ = x.shape
+        q = self.q_proj(x, input_is_tp_region=True).view(b, s, -1, self.head_dim)  # (B, S, Hq/p, D)
+        k = self._project_kv(self.k_proj, x).view(b, s, -1, self.head_dim)  # (B, S, Hkv/p, D)
+        v = self._project_kv(self.v_proj, x).view(b, s, -1, self.head_dim)  # (B, S, Hkv/p, D)
+        q, k = ops.rope(q, k, self.rope_theta, position_offset)  # (B, S, Hq/p, D), (B, S, Hkv/p, D)
+        if self.kv_expand is not None:
+            index = torch.tensor(self.kv_expand, device=k.device)
+            k, v = k.index_select(2, index), v.index_select(2, index)  # (B, S, Hq/p, D)
+        o = ops.flash_attention(q, k, v, causal=True)  # (B, S, Hq/p, D); scale 1/sqrt(D)
+        return self.o_proj(o.reshape(b, s, -1))  # (B, S, h), or (B, S/p, h) under SP
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) · up(x))."""
+    """SwiGLU: down(silu(gate(x)) · up(x)); gate and up split by columns, down by rows."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, parallel: ParallelState, sequence_parallel: bool = False):
         super().__init__()
         h, f = config.hidden_size, config.ffn_hidden_size
-        self.gate_proj = nn.Linear(h, f, bias=False)
-        self.up_proj = nn.Linear(h, f, bias=False)
-        self.down_proj = nn.Linear(f, h, bias=False)
+        self.group, self.sequence_parallel = parallel.tp_group, sequence_parallel
+        tp = dict(group=parallel.tp_group, sequence_parallel=sequence_parallel)
+        self.gate_proj = ColumnParallelLinear(h, f, **tp)
+        self.up_proj = ColumnParallelLinear(h, f, **tp)
+        self.down_proj = RowParallelLinear(f, h, **tp)
 
     def forward(self, x: torch.Tensor, ops: Ops) -> torch.Tensor:
-        a = ops.swiglu(self.gate_proj(x), self.up_proj(x))  # (B, S, ffn)
-        return self.down_proj(a)  # (B, S, h)
+        x = tp_region_input(x, self.group, self.sequence_parallel)  # (B, S, h)
+        a = ops.swiglu(self.gate_proj(x, input_is_tp_region=True), self.up_proj(x, input_is_tp_region=True))
+        return self.down_proj(a)  # (B, S, h), or (B, S/p, h) under SP; a is (B, S, ffn/p)
 
 
 class Block(nn.Module):
     """x + attn(norm(x)), then + mlp(norm(·)): pre-norm keeps the residual stream un-normalized."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, parallel: ParallelState, sequence_parallel: bool = False):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.self_attn = Attention(config)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps, sequence_parallel)
+        self.self_attn = Attention(config, parallel, sequence_parallel)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps, sequence_parallel)
+        self.mlp = MLP(config, parallel, sequence_parallel)
 
     def forward(self, x: torch.Tensor, ops: Ops, position_offset: int) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x, ops), ops, position_offset)  # (B, S, h)
@@ -87,15 +150,25 @@ class Block(nn.Module):
 
 
 class Llama(nn.Module):
-    """Decoder-only Llama; `Llama(ModelConfig.from_preset("tiny"))` trains with torch.optim.AdamW."""
+    """Decoder-only Llama; `Llama(ModelConfig.from_preset("tiny"))` trains with torch.optim.AdamW.
 
-    def __init__(self, config: ModelConfig):
+    `Llama(config, parallel, sequence_parallel=True)` is rank parallel.tp_rank's tensor-parallel part.
+    """
+
+    def __init__(self, config: ModelConfig, parallel: ParallelState | None = None, sequence_parallel: bool = False):
         super().__init__()
+        parallel = parallel or ParallelState.single()
+        check_tensor_parallel(config, parallel.tp_size)
+        if parallel.tp_size > 1 and parallel.tp_group is None:
+            raise ValueError(f"tensor-parallel size {parallel.tp_size} needs a tp_group")
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.parallel = parallel
+        self.sequence_parallel = bool(sequence_parallel) and parallel.tp_size > 1
+        sp = self.sequence_parallel
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, parallel.tp_group, sp)
+        self.layers = nn.ModuleList(Block(config, parallel, sp) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps, sp)
+        self.lm_head = ColumnParallelLinear(config.hidden_size, config.vocab_size, parallel.tp_group, sp)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -105,22 +178,34 @@ class Llama(nn.Module):
         Each block adds two outputs (attention's o_proj, the MLP's down_proj) to the residual stream,
         2L additions in all; scaling those projections by 1/sqrt(2L) keeps the stream's variance at
         initialization independent of depth (GPT-2 / Megatron's scaled init). Norm weights start at 1.
+        Under TP each split weight is drawn whole and sliced, in the serial order: a TP rank seeded like
+        the serial model holds exactly the serial model's slices.
         """
         std = self.config.init_std
         scaled_std = std / math.sqrt(2 * self.config.num_layers)
+        p, r = self.parallel.tp_size, self.parallel.tp_rank
         for name, param in self.named_parameters():
             if name.endswith("layernorm.weight") or name == "norm.weight":
                 param.fill_(1.0)
-            elif name.endswith(("o_proj.weight", "down_proj.weight")):
-                param.normal_(0.0, scaled_std)
-            else:
-                param.normal_(0.0, std)
+                continue
+            dim = getattr(param, "partition_dim", None)
+            full = param
+            if p > 1 and dim is not None:
+                shape = list(param.shape)
+                shape[dim] *= p
+                full = param.new_empty(shape)
+            full.normal_(0.0, scaled_std if name.endswith(("o_proj.weight", "down_proj.weight")) else std)
+            if full is not param:
+                param.copy_(shard_tensor(full, dim, p, r, name))
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, position_offset: int = 0):
         """tokens (B, S) int -> logits (B, S, V), or (logits, loss) when targets (B, S) are given.
 
         The loss is the mean cross-entropy over targets != -100. `position_offset` shifts RoPE's
-        positions (the first token sits at that position).
+        positions (the first token sits at that position). Under TP every rank of the group gets the same
+        tokens and targets; the logits are this rank's vocabulary slice (B, S, V/p), columns
+        [r·V/p, (r+1)·V/p) (`megamath.parallel.mappings.gather_from_tp` joins them), the loss is the
+        full-vocabulary loss, the same on every rank.
         """
         if tokens.dim() != 2 or tokens.is_floating_point() or tokens.is_complex():
             raise ValueError(f"tokens must be an integer tensor of shape (batch, seq), got "
@@ -131,23 +216,122 @@ class Llama(nn.Module):
                              f"{self.config.max_seq_length}")
         if targets is not None and targets.shape != tokens.shape:
             raise ValueError(f"targets shape {tuple(targets.shape)} differs from tokens shape {tuple(tokens.shape)}")
+        if self.sequence_parallel and s % self.parallel.tp_size:
+            raise ValueError(f"sequence parallelism needs the sequence length {s} to be divisible by the "
+                             f"tensor-parallel size {self.parallel.tp_size}")
         ops = get_ops(self.config.kernels, tokens.device)
-        x = self.embed_tokens(tokens)  # (B, S, h)
+        x = self.embed_tokens(tokens)  # (B, S, h), or (B, S/p, h) under SP
         checkpointing = self.config.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
             if checkpointing:
                 x = torch.utils.checkpoint.checkpoint(layer, x, ops, position_offset, use_reentrant=False)
             else:
-                x = layer(x, ops, position_offset)  # (B, S, h)
-        x = self.norm(x, ops)  # (B, S, h)
-        logits = self.lm_head(x)  # (B, S, V)
+                x = layer(x, ops, position_offset)  # (B, S, h), or (B, S/p, h) under SP
+        x = self.norm(x, ops)  # (B, S, h), or (B, S/p, h) under SP
+        logits = self.lm_head(x)  # (B, S, V/p)
         if targets is None:
             return logits
-        loss = ops.cross_entropy(logits.view(b * s, -1), targets.reshape(b * s), ignore_index=-100)  # ()
+        loss = self._cross_entropy(ops, logits.view(b * s, -1), targets.reshape(b * s))  # ()
         return logits, loss
+
+    def _cross_entropy(self, ops: Ops, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean over targets != -100 of logits (N, V/p); vocabulary-parallel over the TP group when p > 1."""
+        group = self.parallel.tp_group if self.parallel.tp_size > 1 else None
+        if group is None:
+            return ops.cross_entropy(logits, targets, ignore_index=-100)
+        if ops.backend == "triton":
+            return ops.cross_entropy(logits, targets, ignore_index=-100, group=group)
+        return vocab_parallel_cross_entropy_ref(logits, targets, ignore_index=-100, group=group)
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """AdamW groups in Megatron's convention: decay the matrices, not the norm weights (1-D)."""
         decay = [p for p in self.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.parameters() if p.dim() < 2]
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# ---- tensor-parallel state dicts ------------------------------------------------------------------------------
+
+def check_tensor_parallel(config: ModelConfig, tp_size: int) -> None:
+    """The sizes TP splits must be divisible by tp_size (KV heads need not: they are replicated)."""
+    if isinstance(tp_size, bool) or not isinstance(tp_size, int) or tp_size < 1:
+        raise ValueError(f"tensor-parallel size must be a positive integer, got {tp_size!r}")
+    for field in ("num_heads", "ffn_hidden_size"):
+        if getattr(config, field) % tp_size:
+            raise ValueError(f"tensor-parallel size {tp_size} does not divide {field} {getattr(config, field)}")
+    if config.vocab_size % tp_size:
+        padded = -(-config.vocab_size // tp_size) * tp_size
+        raise ValueError(f"tensor-parallel size {tp_size} does not divide vocab_size {config.vocab_size}: pad the "
+                         f"vocabulary to a multiple of {tp_size} (e.g. {padded}; Megatron's "
+                         f"--make-vocab-size-divisible-by) before splitting it")
+
+
+def tp_partition_dim(name: str, config: ModelConfig, tp_size: int) -> int | None:
+    """The dim of serial tensor `name` that TP splits, or None where every rank holds all of it."""
+    if name in ("embed_tokens.weight", "lm_head.weight"):
+        return 0
+    projection = name.rsplit(".", 2)[-2]  # "layers.3.self_attn.q_proj.weight" -> "q_proj"
+    if projection in ("q_proj", "gate_proj", "up_proj"):
+        return 0
+    if projection in ("k_proj", "v_proj"):
+        return 0 if config.num_kv_heads % tp_size == 0 else None
+    if projection in ("o_proj", "down_proj"):
+        return 1
+    return None  # norms
+
+
+def _check_names(tensors: dict, expected: dict, what: str) -> None:
+    missing = [n for n in expected if n not in tensors]
+    unknown = sorted(set(tensors) - set(expected))
+    if missing:
+        raise ValueError(f"{what} is missing tensors: {', '.join(missing)}")
+    if unknown:
+        raise ValueError(f"{what} has unknown tensors: {', '.join(unknown)}")
+    wrong = [f"{n} {tuple(tensors[n].shape)} (expected {shape})" for n, shape in expected.items()
+             if tuple(tensors[n].shape) != shape]
+    if wrong:
+        raise ValueError(f"{what} tensors have wrong shapes: {', '.join(wrong)}")
+
+
+def _local_shapes(config: ModelConfig, tp_size: int) -> dict[str, tuple[int, ...]]:
+    from megamath.model.hf_interop import expected_shapes  # imported here: hf_interop builds Llama models
+
+    shapes = {}
+    for name, shape in expected_shapes(config).items():
+        dim = tp_partition_dim(name, config, tp_size)
+        shapes[name] = shape if dim is None else shape[:dim] + (shape[dim] // tp_size,) + shape[dim + 1:]
+    return shapes
+
+
+def shard_state_dict(full: dict[str, torch.Tensor], config: ModelConfig, tp_size: int,
+                     tp_rank: int) -> dict[str, torch.Tensor]:
+    """TP rank tp_rank's state dict from the serial one (new tensors; replicated ones copied whole)."""
+    check_tensor_parallel(config, tp_size)
+    if not 0 <= tp_rank < tp_size:
+        raise ValueError(f"tp_rank {tp_rank} is out of range for tensor-parallel size {tp_size}")
+    _check_names(full, _local_shapes(config, 1), "serial state dict")
+    shards = {}
+    for name, tensor in full.items():
+        dim = tp_partition_dim(name, config, tp_size)
+        shards[name] = tensor.clone() if dim is None else shard_tensor(tensor, dim, tp_size, tp_rank, name)
+    return shards
+
+
+def merge_state_dicts(shards: list[dict[str, torch.Tensor]], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """The serial state dict from TP ranks 0 … p-1's; replicated tensors must agree bit for bit."""
+    tp_size = len(shards)
+    check_tensor_parallel(config, tp_size)
+    local = _local_shapes(config, tp_size)
+    for rank, shard in enumerate(shards):
+        _check_names(shard, local, f"TP rank {rank}'s state dict")
+    merged = {}
+    for name in shards[0]:  # the model's order
+        dim = tp_partition_dim(name, config, tp_size)
+        if dim is not None:
+            merged[name] = merge_shards([shard[name] for shard in shards], dim)
+            continue
+        for rank in range(1, tp_size):
+            if not torch.equal(shards[rank][name], shards[0][name]):
+                raise ValueError(f"replicated tensor {name} differs between TP ranks 0 and {rank}")
+        merged[name] = shards[0][name].clone()
+    return merged

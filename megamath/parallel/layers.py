@@ -1,0 +1,257 @@
+"""Tensor-parallel layers: the linear maps and the embedding split over the ranks of a TP group.
+
+torch stores a Linear's weight as (out, in), i.e. W = Aᵀ for Y = XA. With p ranks, rank r:
+
+    ColumnParallelLinear    Y = XA,  A = [A_1 … A_p] split by output columns (W rows, dim 0);
+                            Y_r = X A_r stays split: (B, S, out/p).
+                            input: copy_to_tp (B, S, in), or under SP gather_from_sequence (B, S/p, in) -> (B, S, in)
+    RowParallelLinear       Y = XA,  A = [A_1; …; A_p] split by input rows (W columns, dim 1), X = [X_1 … X_p];
+                            Y = Σ_r X_r A_r: each rank's (B, S, out) is a partial sum.
+                            output: reduce_from_tp (B, S, out), or under SP reduce_scatter_to_sequence (B, S/p, out)
+    VocabParallelEmbedding  E = [E_1; …; E_p] split by vocabulary rows; rank r looks up the ids it owns,
+                            zeros the others, and the sum over ranks (reduce_from_tp, or reduce-scatter
+                            under SP) is the serial lookup.
+    TPReplicatedLinear      every rank holds the full weight (KV heads that do not split evenly); its
+                            gradient is summed over the group in the backward so all copies stay equal.
+
+Split weights carry `weight.tensor_parallel = True` and `weight.partition_dim` (the serial tensor's dim
+they cut): a grad norm counts them on every TP rank, replicated parameters once. `shard_tensor` /
+`merge_shards` are the slicing rule, so a TP layer holds exactly the serial weight's slice
+(`load_full_weight`). Layers take their group explicitly; with group None they are plain Linear /
+Embedding (no communication, no autograd node added).
+
+Several column-parallel layers that read the same input (q, k, v; gate, up) should enter the TP region
+once: `x_tp = tp_region_input(x, group, sequence_parallel)` and call each with `x_tp, input_is_tp_region=True`,
+which costs one all-gather (SP) or one backward all-reduce instead of one per layer.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megamath.parallel.mappings import (
+    copy_to_tp, gather_from_sequence, group_rank, group_size, reduce_from_tp, reduce_scatter_to_sequence,
+)
+
+
+# ---- slicing rule ----------------------------------------------------------------------------------------
+
+def shard_tensor(full: torch.Tensor, dim: int, tp_size: int, tp_rank: int, name: str = "tensor") -> torch.Tensor:
+    """Rank tp_rank's contiguous chunk of `full` along dim (a new tensor, not a view into `full`)."""
+    if full.shape[dim] % tp_size:
+        raise ValueError(f"cannot split {name} of shape {tuple(full.shape)}: dim {dim} is not divisible by the "
+                         f"tensor-parallel size {tp_size}")
+    n_local = full.shape[dim] // tp_size
+    return full.narrow(dim, tp_rank * n_local, n_local).clone()
+
+
+def merge_shards(shards: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """Inverse of shard_tensor: concatenate rank 0 … p-1's chunks along dim."""
+    return torch.cat(shards, dim=dim)
+
+
+def _mark_split(weight: nn.Parameter, dim: int) -> None:
+    weight.tensor_parallel = True
+    weight.partition_dim = dim
+
+
+def tp_region_input(x: torch.Tensor, group, sequence_parallel: bool) -> torch.Tensor:
+    """Enter a TP region: (B, S/p, h) sequence shards all-gathered under SP, else (B, S, h) copied."""
+    return gather_from_sequence(x, group) if sequence_parallel else copy_to_tp(x, group)
+
+
+def tp_region_output(y_partial: torch.Tensor, group, sequence_parallel: bool) -> torch.Tensor:
+    """Leave a TP region: per-rank partial sums (B, S, h) reduce-scattered to (B, S/p, h) under SP, else all-reduced."""
+    return reduce_scatter_to_sequence(y_partial, group) if sequence_parallel else reduce_from_tp(y_partial, group)
+
+
+class _TPLayer(nn.Module):
+    """Group bookkeeping and loading from the serial weight, shared by the layers below."""
+
+    partition_dim: int | None = None
+
+    def _setup(self, group, sequence_parallel: bool) -> None:
+        self.group = group
+        self.sequence_parallel = bool(sequence_parallel)
+        self.tp_size, self.tp_rank = group_size(group), group_rank(group)
+
+    @torch.no_grad()
+    def load_full_weight(self, full: torch.Tensor) -> None:
+        """Copy this rank's slice of the serial layer's full weight."""
+        if self.partition_dim is not None:
+            full = shard_tensor(full, self.partition_dim, self.tp_size, self.tp_rank, type(self).__name__)
+        if full.shape != self.weight.shape:
+            raise ValueError(f"{type(self).__name__}: weight slice of shape {tuple(full.shape)} does not fit "
+                             f"the local weight {tuple(self.weight.shape)}")
+        self.weight.copy_(full)
+
+    @classmethod
+    def from_full_weight(cls, full: torch.Tensor, group=None, sequence_parallel: bool = False) -> "_TPLayer":
+        """The layer of a serial (out, in) / (vocab, h) weight, holding rank r's slice of it."""
+        layer = cls(full.shape[1], full.shape[0], group=group, sequence_parallel=sequence_parallel)
+        layer.load_full_weight(full)
+        return layer
+
+
+def _local_size(n: int, p: int, what: str) -> int:
+    if n % p:
+        raise ValueError(f"{what} {n} is not divisible by the tensor-parallel size {p}")
+    return n // p
+
+
+class ColumnParallelLinear(_TPLayer):
+    """Y_r = X A_r: weight (out/p, in) = rows [r·out/p, (r+1)·out/p) of the serial weight; output split."""
+
+    partition_dim = 0
+
+    def __init__(self, in_features: int, out_features: int, group=None, sequence_parallel: bool = False):
+        super().__init__()
+        self._setup(group, sequence_parallel)
+        self.in_features, self.out_features = in_features, out_features
+        out_local = _local_size(out_features, self.tp_size, "ColumnParallelLinear: out_features")
+        self.weight = nn.Parameter(torch.empty(out_local, in_features))
+        _mark_split(self.weight, 0)
+
+    def forward(self, x: torch.Tensor, input_is_tp_region: bool = False) -> torch.Tensor:
+        """x (B, S, in), or (B, S/p, in) under SP -> (B, S, out/p). With input_is_tp_region, x is already
+        tp_region_input(...)'s (B, S, in)."""
+        if not input_is_tp_region:
+            x = tp_region_input(x, self.group, self.sequence_parallel)  # (B, S, in)
+        return F.linear(x, self.weight)  # (B, S, out/p)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, tp_size={self.tp_size}"
+
+
+class RowParallelLinear(_TPLayer):
+    """Y = Σ_r X_r A_r: weight (out, in/p) = columns [r·in/p, (r+1)·in/p) of the serial weight."""
+
+    partition_dim = 1
+
+    def __init__(self, in_features: int, out_features: int, group=None, sequence_parallel: bool = False):
+        super().__init__()
+        self._setup(group, sequence_parallel)
+        self.in_features, self.out_features = in_features, out_features
+        in_local = _local_size(in_features, self.tp_size, "RowParallelLinear: in_features")
+        self.weight = nn.Parameter(torch.empty(out_features, in_local))
+        _mark_split(self.weight, 1)
+
+    def forward(self, x_local: torch.Tensor) -> torch.Tensor:
+        """x_local (B, S, in/p) -> (B, S, out), or (B, S/p, out) under SP."""
+        y_partial = F.linear(x_local, self.weight)  # (B, S, out): this rank's term of the sum
+        return tp_region_output(y_partial, self.group, self.sequence_parallel)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, tp_size={self.tp_size}"
+
+
+class VocabParallelEmbedding(_TPLayer):
+    """Rows [r·V/p, (r+1)·V/p) of the serial (V, h) table; ids outside them give zeros on this rank."""
+
+    partition_dim = 0
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, group=None, sequence_parallel: bool = False):
+        super().__init__()
+        self._setup(group, sequence_parallel)
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        v_local = _local_size(num_embeddings, self.tp_size, "VocabParallelEmbedding: num_embeddings")
+        self.vocab_start = self.tp_rank * v_local
+        self.weight = nn.Parameter(torch.empty(v_local, embedding_dim))
+        _mark_split(self.weight, 0)
+
+    @classmethod
+    def from_full_weight(cls, full, group=None, sequence_parallel=False):
+        layer = cls(full.shape[0], full.shape[1], group=group, sequence_parallel=sequence_parallel)
+        layer.load_full_weight(full)
+        return layer
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, S) ids in [0, V) -> (B, S, h), or (B, S/p, h) under SP."""
+        if self.tp_size == 1:
+            return F.embedding(tokens, self.weight)  # (B, S, h)
+        local_ids = tokens - self.vocab_start  # (B, S)
+        foreign = (local_ids < 0) | (local_ids >= self.weight.shape[0])  # (B, S): another rank's row
+        x_partial = F.embedding(local_ids.masked_fill(foreign, 0), self.weight)  # (B, S, h)
+        x_partial = x_partial.masked_fill(foreign.unsqueeze(-1), 0.0)  # zero value and zero gradient
+        return tp_region_output(x_partial, self.group, self.sequence_parallel)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, tp_size={self.tp_size}"
+
+
+class TPReplicatedLinear(_TPLayer):
+    """Full weight (out, in) on every rank, for KV projections whose heads do not split evenly over p.
+
+    Each rank may use only some output rows (`rows`: the KV heads its query heads read), so its weight
+    gradient is partial; the weight passes through copy_to_tp so the backward sums it over the group and
+    every rank ends the backward with the serial gradient (one all-reduce of the weight per backward).
+    The input must already be in the TP region (tp_region_input).
+    """
+
+    partition_dim = None
+
+    def __init__(self, in_features: int, out_features: int, group=None, sequence_parallel: bool = False):
+        super().__init__()
+        self._setup(group, sequence_parallel)
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+
+    def forward(self, x_tp: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+        """x_tp (B, S, in) -> (B, S, len(rows)): only the requested output rows are computed."""
+        return F.linear(x_tp, copy_to_tp(self.weight, self.group)[rows])
+
+
+# ---- loss and gradient bookkeeping ---------------------------------------------------------------------------
+
+def vocab_parallel_cross_entropy_ref(logits_local: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                                     group=None) -> torch.Tensor:
+    """Plain-torch mean cross-entropy over logits whose vocabulary is split over `group` (Megatron's
+    vocab-parallel cross-entropy; the reference beside kernels.cross_entropy's `group=` path).
+
+    logits_local (N, V/p): columns [r·V/p, (r+1)·V/p) of the full logits; targets (N,) full-vocabulary ids.
+    Per row: loss = log Σ_v exp(x_v - M) + M - x_t with M the global max. The sums over the vocabulary
+    go through reduce_from_tp (identity backward), so each rank's gradient is its own columns of
+    softmax - onehot; M is a constant shift and carries no gradient. Every rank returns the same loss.
+    """
+    p, rank = group_size(group), group_rank(group)
+    n_rows, v_local = logits_local.shape
+    valid = targets != ignore_index  # (N,)
+    bad = valid & ((targets < 0) | (targets >= v_local * p))
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0, 0])
+        raise ValueError(f"cross_entropy: target {int(targets[first])} at row {first} is outside the vocabulary "
+                         f"[0, {v_local * p}) and is not ignore_index ({ignore_index})")
+    x = logits_local.float()  # (N, V/p)
+    row_max = x.detach().amax(dim=1)  # (N,)
+    if p > 1:
+        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+    sum_exp = reduce_from_tp(torch.exp(x - row_max[:, None]).sum(dim=1), group)  # (N,)
+    local_t = targets - rank * v_local  # (N,)
+    owned = valid & (local_t >= 0) & (local_t < v_local)
+    target_logit = x.gather(1, local_t.clamp(0, v_local - 1)[:, None]).squeeze(1)  # (N,)
+    target_logit = reduce_from_tp(torch.where(owned, target_logit, 0.0), group)  # (N,)
+    per_row = torch.log(sum_exp) + row_max - target_logit  # (N,)
+    return torch.where(valid, per_row, 0.0).sum() / valid.sum().clamp(min=1)
+
+
+def allreduce_sequence_parallel_grads(model: nn.Module, state) -> None:
+    """Sum over TP the gradients of parameters marked `sequence_parallel` (norm weights under SP).
+
+    Under sequence parallelism each rank runs the norms on its own sequence chunk, so its norm-weight
+    gradient covers only those positions. The training loop calls this once per step, after the last
+    micro-batch's backward and before the DP gradient reduction and the grad norm; the grads go through
+    one flat buffer, so it is a single all-reduce however many norms the model has.
+    """
+    if state.tp_size == 1:
+        return
+    grads = [p.grad for p in model.parameters() if getattr(p, "sequence_parallel", False) and p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])  # (Σ numel,)
+    dist.all_reduce(flat, group=state.tp_group)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
