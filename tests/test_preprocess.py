@@ -246,6 +246,20 @@ def test_worker_failure_is_reported(tmp_path):
         pool.close(terminate=True)
 
 
+def test_dead_worker_raises_instead_of_hanging(bpe_model):
+    spec = _EncoderSpec(str(bpe_model), True, "text", 2, "<u2")
+    pool = _ProcessPool(spec, workers=1)
+    try:
+        pool._procs[0].kill()  # as the OOM killer would
+        pool._procs[0].join()
+        batch = LineBatch(0, Path("f.jsonl"), 1, b'{"text": "x"}\n', 10)
+        with pytest.raises(RuntimeError, match=r"^preprocessing worker megamath-preprocess-0 \(pid \d+\) died with "
+                                               r"exit code -9$"):
+            list(pool.map_ordered([batch]))
+    finally:
+        pool.close(terminate=True)
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_interrupted_run_publishes_nothing(tmp_path, bpe_model, monkeypatch, workers):
     path = _write(tmp_path / "d.jsonl", [{"text": t} for t in _texts(6, 40)])
@@ -278,6 +292,7 @@ def test_published_dataset_replaced_only_on_success(tmp_path, bpe_model, monkeyp
     with pytest.raises(OSError, match="disk full"):
         preprocess(_config([path], bpe_model, out, workers=1))
     assert _stored(out / "d_text_document") == before
+    assert sorted(p.name for p in out.iterdir()) == ["d_text_document.bin", "d_text_document.idx"]
 
 
 # --- tokenizer fast path ----------------------------------------------------------------------------

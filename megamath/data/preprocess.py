@@ -222,10 +222,13 @@ class _ProcessPool:
             try:
                 return self._results.get(timeout=1.0)
             except queue.Empty:
-                for proc in self._procs:
-                    if not proc.is_alive():
-                        raise RuntimeError(f"preprocessing worker {proc.name} (pid {proc.pid}) died with exit "
-                                           f"code {proc.exitcode}") from None
+                dead = [proc for proc in self._procs if not proc.is_alive()]
+                if dead:
+                    try:  # a worker that failed cleanly sent its traceback just before exiting
+                        return self._results.get(timeout=1.0)
+                    except queue.Empty:
+                        raise RuntimeError(f"preprocessing worker {dead[0].name} (pid {dead[0].pid}) died with "
+                                           f"exit code {dead[0].exitcode}") from None
 
     def close(self, terminate: bool = False) -> None:
         """Stop the workers: after their current task, or at once when the run failed."""
@@ -252,9 +255,8 @@ class _Outputs:
 
     def __init__(self, groups: list[InputGroup], config: PreprocessConfig, dtype: np.dtype, log) -> None:
         self.config, self.dtype, self.log = config, dtype, log
-        self.summaries = [DatasetSummary(g.output_prefix(config.output_dir, config.json_key).name,
-                                         g.output_prefix(config.output_dir, config.json_key), len(g.files))
-                          for g in groups]
+        prefixes = [g.output_prefix(config.output_dir, config.json_key) for g in groups]
+        self.summaries = [DatasetSummary(prefix.name, prefix, len(g.files)) for g, prefix in zip(groups, prefixes)]
         self._writers: dict[int, IndexedDatasetWriter] = {}
         self._next_to_finish = 0
         self._clock = time.perf_counter()
