@@ -1,0 +1,315 @@
+"""ZeRO-1 against torch.optim.AdamW on one process: same weights after several clipped, accumulated steps.
+
+Two gloo ranks each see half of every batch (in two micro-batches); the serial run sees the whole batch
+with the mean loss, so both average the same gradient. The model is fp32 so the comparison is tight.
+One launch runs every multi-rank check; the tests below read what it wrote.
+"""
+import dataclasses
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from distributed import run_distributed
+from megamath.model.config import ModelConfig
+from megamath.model.llama import Llama
+from megamath.parallel.grad_clip import clip_coefficient
+from megamath.parallel.state import ParallelState
+from megamath.parallel.zero import OptimizerConfig, StepResult, ZeroOptimizer
+
+MODEL = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, ffn_hidden_size=48,
+                    max_seq_length=16, kernels="reference")
+BATCH, SEQ = 8, 8
+LRS = [1e-2, 8e-3, 6e-3, 5e-3, 4e-3, 3e-3]  # a schedule: step() takes the lr of each step
+HP = dict(beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+CLIP = 1.13  # the tiny model's norms are 1.10-1.15: some steps are clipped, some not
+STEPS = 4
+TP_CLIP = 0.1
+
+
+def make_model(dtype=torch.float32) -> Llama:
+    torch.manual_seed(0)
+    return Llama(MODEL).to(dtype)
+
+
+def batch(step: int):
+    tokens = torch.randint(0, MODEL.vocab_size, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(100 + step))
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def serial_adamw(steps: int, clip: float = CLIP, model: Llama | None = None):
+    """The reference: torch.optim.AdamW with the model's param_groups and clip_grad_norm_ (full batch)."""
+    model = model or make_model()
+    opt = torch.optim.AdamW(model.param_groups(HP["weight_decay"]), lr=LRS[0], betas=(HP["beta1"], HP["beta2"]),
+                            eps=HP["eps"], foreach=False)
+    norms = []
+    for step in range(steps):
+        x, y = batch(step)
+        opt.zero_grad(set_to_none=True)
+        model(x, y)[1].backward()
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item())
+        for group in opt.param_groups:
+            group["lr"] = LRS[step]
+        opt.step()
+    return model, norms
+
+
+def zero_train(model, opt: ZeroOptimizer, steps, dp_rank, dp_size, start=0, micro=2) -> list[StepResult]:
+    """Steps start..start+steps-1 on this rank's rows of each batch, in `micro` micro-batches."""
+    results = []
+    rows = BATCH // dp_size
+    for step in range(start, start + steps):
+        x, y = (t[dp_rank * rows:(dp_rank + 1) * rows] for t in batch(step))
+        opt.zero_grad()
+        for xm, ym in zip(x.chunk(micro), y.chunk(micro)):
+            (model(xm, ym)[1] / micro).backward()
+        results.append(opt.step(LRS[step]))
+    return results
+
+
+def zero_config(**overrides) -> OptimizerConfig:
+    return OptimizerConfig(**{**dict(lr=LRS[0], clip_grad=CLIP, grad_dtype="fp32", **HP), **overrides})
+
+
+# ---- the multi-rank worker ---------------------------------------------------------------------------
+
+
+def _worker(rank, world_size, out_dir):
+    state = ParallelState.from_env(1)
+    for bucket_mb in (0.0, 0.004):  # one in-place collective; ~20 staged column buckets
+        model = make_model()
+        opt = ZeroOptimizer(model, state, zero_config(bucket_mb=bucket_mb))
+        results = zero_train(model, opt, STEPS, state.dp_rank, state.dp_size)
+        torch.save({"params": model.state_dict(), "results": [dataclasses.asdict(r) for r in results]},
+                   out_dir / f"dp-{bucket_mb}-{rank}.pt")
+    _nan_skip(opt, model, state, out_dir)
+    _bf16(state, out_dir)
+    _tp_norm(ParallelState.from_env(2), out_dir)
+
+
+def _nan_skip(opt, model, state, out_dir):
+    """A NaN on rank 1 only, in an element of rank 1's shard: rank 0 must learn of it through the norm."""
+    opt.zero_grad()
+    x, y = batch(10)
+    model(x, y)[1].backward()
+    if state.dp_rank == 1:
+        opt.flat_grad[opt.numel - 1] = float("nan")
+    before = [t.clone() for t in (opt.master, opt.exp_avg, opt.exp_avg_sq, opt.flat_param)]
+    skipped = opt.step(1e-2)
+    after = [opt.master, opt.exp_avg, opt.exp_avg_sq, opt.flat_param]
+    unchanged = [torch.equal(a, b) for a, b in zip(before, after)]
+    step_after_skip = opt.step_count
+    opt.zero_grad()
+    model(x, y)[1].backward()
+    normal = opt.step(1e-2)
+    torch.save({"skipped": dataclasses.asdict(skipped), "unchanged": unchanged, "step_after_skip": step_after_skip,
+                "normal": dataclasses.asdict(normal), "step_after_normal": opt.step_count},
+               out_dir / f"nan-{state.rank}.pt")
+
+
+def _bf16(state, out_dir):
+    """bf16 model: after the all-gather every bf16 weight is its fp32 master rounded to bf16."""
+    report = {}
+    for grad_dtype in ("bf16", "fp32"):
+        model = make_model(torch.bfloat16)
+        initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt = ZeroOptimizer(model, state, zero_config(grad_dtype=grad_dtype))
+        zero_train(model, opt, 2, state.dp_rank, state.dp_size)
+        masters = [torch.empty_like(opt.master) for _ in range(state.dp_size)]
+        dist.all_gather(masters, opt.master, group=state.dp_group)
+        full_master = torch.cat(masters)  # (dp·S,) fp32
+        report[grad_dtype] = dict(
+            flat_param=opt.flat_param.clone(), full_master=full_master, grad_dtype=opt.flat_grad.dtype,
+            params={n: p.detach().clone() for n, p in model.named_parameters()}, initial=initial,
+            offsets={s.name: (s.offset, s.numel) for s in opt.slots})
+    torch.save(report, out_dir / f"bf16-{state.rank}.pt")
+
+
+def tp_grads(tp_rank):
+    """Gradients of the TP check: a split (TP-marked) weight differs per rank, the replicated one does not."""
+    split = torch.arange(12, dtype=torch.float32).view(3, 4) * 0.1 - 0.3 * tp_rank  # (3, 4)
+    replicated = torch.linspace(-1.0, 2.0, 5)  # (5,)
+    return split, replicated
+
+
+def _tp_norm(state, out_dir):
+    module = nn.Module()
+    module.split = nn.Parameter(torch.ones(3, 4))
+    module.split.tensor_parallel = True
+    module.norm = nn.Parameter(torch.ones(5))
+    opt = ZeroOptimizer(module, state, OptimizerConfig(lr=0.1, clip_grad=TP_CLIP))
+    g_split, g_repl = tp_grads(state.tp_rank)
+    ((module.split * g_split).sum() + (module.norm * g_repl).sum()).backward()
+    result = opt.step(0.1)
+    # A non-finite replicated gradient on TP rank 1 only: both TP ranks must skip.
+    opt.zero_grad()
+    ((module.split * g_split).sum() + (module.norm * g_repl).sum()).backward()
+    if state.tp_rank == 1:
+        opt.flat_grad[-1] = float("inf")
+    skipped = opt.step(0.1)
+    torch.save({"first": dataclasses.asdict(result), "inf": dataclasses.asdict(skipped)},
+               out_dir / f"tp-{state.rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("zero")
+    run_distributed(_worker, 2, out_dir)
+    return out_dir
+
+
+# ---- tests -------------------------------------------------------------------------------------------
+
+
+def _assert_params_close(got: dict, want: nn.Module, what: str):
+    """rtol 1e-5, atol 1e-6 = 1e-4 · lr: the DP sum adds in another order than the serial backward, and
+    Adam's m / sqrt(v) turns a last-bit gradient difference into up to ~5e-7 where a gradient is near 0."""
+    for name, p in want.named_parameters():
+        torch.testing.assert_close(got[name], p.detach(), rtol=1e-5, atol=1e-6, msg=lambda m: f"{what} {name}: {m}")
+
+
+@pytest.mark.parametrize("bucket_mb", [0.0, 0.004])
+def test_two_ranks_match_serial_adamw(two_ranks, bucket_mb):
+    """Weight decay on matrices only, clipping active on some steps, 2 micro-batches, a varying lr."""
+    serial, norms = serial_adamw(STEPS)
+    for rank in range(2):
+        saved = torch.load(two_ranks / f"dp-{bucket_mb}-{rank}.pt")
+        _assert_params_close(saved["params"], serial, f"rank {rank} bucket_mb {bucket_mb}")
+        got_norms = [r["grad_norm"] for r in saved["results"]]
+        torch.testing.assert_close(torch.tensor(got_norms), torch.tensor(norms), rtol=1e-5, atol=0)
+        coefs = [r["clip_coef"] for r in saved["results"]]
+        assert coefs == [clip_coefficient(n, CLIP) for n in got_norms]
+        assert any(c < 1.0 for c in coefs) and any(c == 1.0 for c in coefs), coefs  # both regimes were hit
+        assert not any(r["skipped"] for r in saved["results"])
+
+
+def test_nan_on_one_rank_skips_on_every_rank(two_ranks):
+    for rank in range(2):
+        saved = torch.load(two_ranks / f"nan-{rank}.pt")
+        skipped = saved["skipped"]
+        assert skipped["skipped"] and skipped["clip_coef"] == 0.0
+        assert torch.tensor(skipped["grad_norm"]).isnan()
+        assert saved["unchanged"] == [True, True, True, True], "master, exp_avg, exp_avg_sq, params"
+        assert saved["step_after_skip"] == STEPS
+        assert not saved["normal"]["skipped"] and saved["step_after_normal"] == STEPS + 1
+
+
+@pytest.mark.parametrize("grad_dtype", ["bf16", "fp32"])
+def test_bf16_params_are_rounded_masters(two_ranks, grad_dtype):
+    reports = [torch.load(two_ranks / f"bf16-{rank}.pt")[grad_dtype] for rank in range(2)]
+    assert reports[0]["grad_dtype"] == {"bf16": torch.bfloat16, "fp32": torch.float32}[grad_dtype]
+    full_master = reports[0]["full_master"]
+    assert torch.equal(full_master, reports[1]["full_master"])
+    for rank, report in enumerate(reports):
+        assert report["flat_param"].dtype == torch.bfloat16
+        assert torch.equal(report["flat_param"], full_master.to(torch.bfloat16)), f"rank {rank}"
+        for name, (offset, numel) in report["offsets"].items():
+            param = report["params"][name]
+            assert torch.equal(param.flatten(), full_master[offset:offset + numel].to(torch.bfloat16)), name
+            if name == "lm_head.weight":
+                assert not torch.equal(param, report["initial"][name]), "the step changed nothing"
+
+
+def test_tp_norm_counts_split_weights_per_rank_and_replicated_once(two_ranks):
+    split0, repl = tp_grads(0)
+    split1, _ = tp_grads(1)
+    want = (split0.square().sum() + split1.square().sum() + repl.square().sum()).sqrt().item()
+    for rank in range(2):
+        saved = torch.load(two_ranks / f"tp-{rank}.pt")
+        result = saved["first"]
+        assert result["grad_norm"] == pytest.approx(want, rel=1e-6)
+        assert result["clip_coef"] == pytest.approx(TP_CLIP / (want + 1e-6), rel=1e-6)
+        assert saved["inf"]["skipped"], f"TP rank {rank} did not skip an inf on TP rank 1"
+
+
+# ---- one process -------------------------------------------------------------------------------------
+
+
+def test_single_process_matches_serial_adamw():
+    """dp = 1 (ParallelState.single()): no collectives, the same update as torch's."""
+    serial, norms = serial_adamw(STEPS)
+    model = make_model()
+    opt = ZeroOptimizer(model, ParallelState.single(), zero_config())
+    results = zero_train(model, opt, STEPS, 0, 1)
+    _assert_params_close(dict(model.named_parameters()), serial, "single")
+    torch.testing.assert_close(torch.tensor([r.grad_norm for r in results]), torch.tensor(norms), rtol=1e-5, atol=0)
+
+
+def test_clipping_off_matches_unclipped_adamw():
+    serial, _ = serial_adamw(2, clip=float("inf"))
+    model = make_model()
+    opt = ZeroOptimizer(model, ParallelState.single(), zero_config(clip_grad=0))
+    results = zero_train(model, opt, 2, 0, 1)
+    assert [r.clip_coef for r in results] == [1.0, 1.0]
+    _assert_params_close(dict(model.named_parameters()), serial, "no clip")
+
+
+def test_layout_views_and_padding():
+    model = make_model()
+    state = dataclasses.replace(ParallelState.single(), dp_size=3, dp_rank=2)  # layout only: no step
+    opt = ZeroOptimizer(model, state, zero_config())
+    numel = sum(p.numel() for p in model.parameters())
+    assert opt.numel == numel and opt.padded_numel % 3 == 0 and opt.padded_numel - numel < 3
+    assert (opt.shard_start, opt.shard_end) == (2 * opt.shard_size, 3 * opt.shard_size)
+    assert opt.master.numel() == opt.shard_size and opt.master.dtype == torch.float32
+    slots = {s.name: s for s in opt.slots}
+    for name, p in model.named_parameters():
+        slot = slots[name]
+        assert p.data_ptr() == opt.flat_param[slot.offset:].data_ptr(), name
+        assert slot.decay == (p.dim() >= 2)
+    decays = [s.decay for s in opt.slots]
+    assert decays == sorted(decays, reverse=True), "matrices first, then 1-D weights"
+    # The ranges tile the shard up to the padding, neighbours differ, and each element's (decay, TP)
+    # is that of the parameter it belongs to.
+    assert opt.ranges[0].start == 0 and opt.ranges[-1].end == numel - opt.shard_start
+    for a, b in zip(opt.ranges, opt.ranges[1:]):
+        assert a.end == b.start and (a.decay, a.tensor_parallel) != (b.decay, b.tensor_parallel)
+    params = dict(model.named_parameters())
+    for slot in opt.slots:
+        for r in opt.ranges:
+            lo, hi = r.start + opt.shard_start, r.end + opt.shard_start
+            if lo < slot.offset + slot.numel and slot.offset < hi:
+                split = getattr(params[slot.name], "tensor_parallel", False)
+                assert (r.decay, r.tensor_parallel) == (params[slot.name].dim() >= 2, split), slot.name
+    assert len(opt.ranges) >= 2  # the end of the matrices, then the norm weights
+
+
+def test_gradients_accumulate_into_the_flat_buffer():
+    model = make_model()
+    reference = make_model()
+    opt = ZeroOptimizer(model, ParallelState.single(), zero_config())
+    x, y = batch(0)
+    for _ in range(2):
+        model(x, y)[1].backward()
+        reference(x, y)[1].backward()
+    ref = dict(reference.named_parameters())
+    for slot in opt.slots:
+        assert dict(model.named_parameters())[slot.name].grad is None, "the hook frees p.grad"
+        got = opt.flat_grad[slot.offset:slot.offset + slot.numel]
+        torch.testing.assert_close(got, ref[slot.name].grad.flatten(), rtol=0, atol=0, msg=slot.name)
+    opt.zero_grad()
+    assert not opt.flat_grad.any()
+
+
+def test_moved_model_is_refused():
+    model = make_model()
+    opt = ZeroOptimizer(model, ParallelState.single(), zero_config())
+    model.double()
+    with pytest.raises(RuntimeError, match=r"^ZeroOptimizer: parameter embed_tokens.weight no longer lives in the "
+                                           r"optimizer's flat buffer \(was the model moved or cast"):
+        opt.step(1e-3)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match=r"^OptimizerConfig.grad_dtype must be one of bf16, fp32, got 'fp16'$"):
+        OptimizerConfig(grad_dtype="fp16")
+    with pytest.raises(ValueError, match=r"^OptimizerConfig.beta2 must be in \[0, 1\), got 1.0$"):
+        OptimizerConfig(beta2=1.0)
+    with pytest.raises(ValueError, match=r"^OptimizerConfig.clip_grad must be a number >= 0, got -1$"):
+        OptimizerConfig(clip_grad=-1)
+    with pytest.raises(ValueError, match=r"^ZeroOptimizer: all parameters must share one dtype and device"):
+        mixed = nn.Module()
+        mixed.a = nn.Parameter(torch.ones(2))
+        mixed.b = nn.Parameter(torch.ones(2, dtype=torch.float64))
+        ZeroOptimizer(mixed, ParallelState.single(), OptimizerConfig())
