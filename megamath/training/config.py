@@ -1,0 +1,308 @@
+"""A training run's configuration: dataclasses that a YAML file maps onto one to one.
+
+A YAML section is a dataclass, a YAML key is a field (documented by the docstring under it); an
+unknown key is an error that names it, because a misspelt `optimizer.lrr` silently falling back to a
+default would waste a run. Command-line overrides are dotted keys (`optimizer.lr=1e-4`) whose values
+are parsed as YAML scalars, applied to the raw mapping before validation. Nothing is executed.
+
+The model section is a `ModelConfig`, given in full or as `preset: <name>` plus the fields to change.
+The peak learning rate is `optimizer.lr`; `schedule` only shapes it (see schedule.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from megamath.data.blending import parse_data_path
+from megamath.model.config import ModelConfig
+from megamath.parallel.zero import OptimizerConfig
+from megamath.training.schedule import ScheduleConfig
+
+# LLEMMA's ProofPile II weights. LLEMMA also mixed in general data: the Pile at 0.147368 and
+# RedPajama code at 0.221053 of the subset total, to limit forgetting; those are not ProofPile II
+# and are left to an explicit data_path list.
+LLEMMA_MIXTURE = {"arxiv": 2.0, "open-web-math": 4.0, "algebraic-stack": 1.0}
+PARAM_DTYPES = ("auto", "float32", "bfloat16")
+RESUME_MODES = ("auto", "never")
+
+
+def proofpile_prefix(data_dir: str | Path, subset: str, split: str) -> str:
+    """The dataset `megamath preprocess` writes for a ProofPile II subset and split."""
+    return str(Path(data_dir) / f"{subset}_{split}_text_document")
+
+
+@dataclass
+class ParallelConfig:
+    tp_size: int = 1
+    """Tensor-parallel size: ranks that split each layer; the rest of the world is data parallel (ZeRO-1)."""
+    sequence_parallel: bool = False
+    """Split norms and residual activations along the sequence over the TP ranks (needs tp_size > 1)."""
+
+    def __post_init__(self) -> None:
+        _check_int("parallel.tp_size", self.tp_size, 1)
+        _check_bool("parallel.sequence_parallel", self.sequence_parallel)
+        if self.sequence_parallel and self.tp_size == 1:
+            raise ValueError("parallel.sequence_parallel needs parallel.tp_size > 1")
+
+
+@dataclass
+class DataConfig:
+    data_path: list | str = field(default_factory=list)
+    """Training blend: Megatron's `[W1, PREFIX1, W2, PREFIX2, ...]` (or one prefix), or `llemma`:
+    LLEMMA's ProofPile II mixture (arxiv 2, open-web-math 4, algebraic-stack 1) of the train splits in data_dir."""
+    data_dir: str | None = None
+    """Folder of `megamath preprocess` outputs that `llemma` refers to ({subset}_{split}_text_document)."""
+    valid_data: dict | str = field(default_factory=dict)
+    """Validation sets reported one by one, `{name: prefix}`, or `llemma`: the validation split of each
+    ProofPile II subset in data_dir. Empty: no evaluation."""
+    seq_length: int = 4096
+    """Tokens per sample fed to the model (each sample reads seq_length + 1, the targets shifted by one)."""
+    seed: int = 1234
+    """Shuffling seed of the sample indices (Megatron's --seed for the data)."""
+    cache_dir: str | None = None
+    """Where sample indices are cached; default RUN_DIR/index-cache."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data_path, str) and self.data_path != "llemma":
+            self.data_path = [self.data_path]
+        if not isinstance(self.data_path, (list, str)):
+            raise ValueError(f"data.data_path must be a list [W1, PREFIX1, ...] or 'llemma', got {self.data_path!r}")
+        if self.data_path == "llemma" or self.valid_data == "llemma":
+            if self.data_dir is None:
+                raise ValueError("data.data_dir is needed to find the 'llemma' datasets")
+        if not isinstance(self.valid_data, (dict, str)) or (isinstance(self.valid_data, str)
+                                                            and self.valid_data != "llemma"):
+            raise ValueError(f"data.valid_data must be a mapping {{name: prefix}} or 'llemma', got {self.valid_data!r}")
+        _check_int("data.seq_length", self.seq_length, 1)
+        _check_int("data.seed", self.seed, 0)
+        if self.data_path:
+            self.train_blend()  # reject a malformed list now; an empty one is refused when training starts
+
+    def train_blend(self) -> tuple[list[float], list[str]]:
+        """(weights, prefixes) of the training blend, as given (not normalized)."""
+        if self.data_path == "llemma":
+            return (list(LLEMMA_MIXTURE.values()),
+                    [proofpile_prefix(self.data_dir, s, "train") for s in LLEMMA_MIXTURE])
+        if not self.data_path:
+            raise ValueError("data.data_path is empty: give [W1, PREFIX1, ...], one PREFIX, or 'llemma'")
+        try:
+            return parse_data_path([str(item) for item in self.data_path])
+        except ValueError as err:
+            raise ValueError(f"data.data_path: {err}") from None
+
+    def valid_sets(self) -> dict[str, str]:
+        """{name: prefix} of the validation sets."""
+        if self.valid_data == "llemma":
+            return {s: proofpile_prefix(self.data_dir, s, "validation") for s in LLEMMA_MIXTURE}
+        return {str(name): str(prefix) for name, prefix in self.valid_data.items()}
+
+
+@dataclass
+class CheckpointConfig:
+    save_every: int = 1000
+    """Save every this many steps (0: only at the end and on preemption)."""
+    keep: int = 2
+    """Complete checkpoints kept on disk; older ones are deleted after each save."""
+    resume: str = "auto"
+    """`auto`: continue from RUN_DIR/checkpoints/latest when it exists; `never`: start fresh (refused
+    when checkpoints exist); or a path to a step_XXXXXXX folder to continue from."""
+
+    def __post_init__(self) -> None:
+        _check_int("checkpoint.save_every", self.save_every, 0)
+        _check_int("checkpoint.keep", self.keep, 1)
+        if not isinstance(self.resume, str) or not self.resume:
+            raise ValueError(f"checkpoint.resume must be auto, never or a checkpoint path, got {self.resume!r}")
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The model's shape and switches (activation_checkpointing, kernels); YAML: fields or `preset:` + fields."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """How the ranks are split between tensor and data parallelism."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """AdamW with ZeRO-1 sharding; `lr` is the schedule's peak."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training blend, validation sets, sequence length."""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """Warmup and cosine decay of the learning rate."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """When to save, how many to keep, where to resume from."""
+    run_dir: str = "runs/train"
+    """Everything the run writes: metrics.jsonl, config.yaml, checkpoints/, index-cache/."""
+    micro_batch_size: int = 1
+    """Sequences per forward/backward on one data-parallel rank."""
+    grad_accum_steps: int = 1
+    """Micro-batches accumulated per optimizer step; global batch = micro_batch_size · grad_accum_steps · dp."""
+    train_steps: int = 1000
+    """Optimizer steps of the whole run (it sizes the blend: train_steps · global batch samples)."""
+    eval_every: int = 0
+    """Validation loss per set every this many steps (0: never)."""
+    eval_batches: int = 10
+    """Micro-batches per data-parallel rank in each validation set's evaluation."""
+    init_from_hf: str | None = None
+    """Start from a Hugging Face Llama checkpoint folder (or a megamath one); null: random initialization."""
+    param_dtype: str = "auto"
+    """Model parameter dtype (the optimizer keeps fp32 masters): auto = bfloat16 on GPUs, float32 on CPUs."""
+    seed: int = 1234
+    """Seed of the random initialization (and of the per-rank RNGs)."""
+    max_consecutive_nonfinite: int = 5
+    """Stop with an error after this many skipped (NaN/inf) steps in a row."""
+    log_every: int = 10
+    """Print a console line every this many steps (metrics.jsonl gets every step)."""
+
+    def __post_init__(self) -> None:
+        for name, low in (("micro_batch_size", 1), ("grad_accum_steps", 1), ("train_steps", 1), ("eval_every", 0),
+                          ("eval_batches", 1), ("seed", 0), ("max_consecutive_nonfinite", 1), ("log_every", 1)):
+            _check_int(name, getattr(self, name), low)
+        if self.param_dtype not in PARAM_DTYPES:
+            raise ValueError(f"param_dtype must be one of {', '.join(PARAM_DTYPES)}, got {self.param_dtype!r}")
+        if self.data.seq_length > self.model.max_seq_length:
+            raise ValueError(f"data.seq_length {self.data.seq_length} exceeds model.max_seq_length "
+                             f"{self.model.max_seq_length}")
+        if self.eval_every and not self.data.valid_sets():
+            raise ValueError(f"eval_every is {self.eval_every} but data.valid_data is empty")
+
+    def global_batch_size(self, dp_size: int) -> int:
+        return self.micro_batch_size * self.grad_accum_steps * dp_size
+
+    def to_dict(self) -> dict:
+        """Plain data (the model in full, no preset) that `from_dict` turns back into an equal config."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "TrainConfig":
+        return _build(cls, raw, "")
+
+
+# ---- YAML and overrides --------------------------------------------------------------------------------
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Read a YAML config and apply `dotted.key=value` overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path} is not valid YAML: {err}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    return TrainConfig.from_dict(apply_overrides(raw, overrides))
+
+
+def dump_config(config: TrainConfig) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict:
+    """A copy of `raw` with each `a.b.c=value` set; values are YAML scalars (`1e-4`, `null`, `[1, a]`)."""
+    import copy
+
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ValueError(f"override {item!r} must look like dotted.key=value")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ValueError(f"override {item!r}: the value is not valid YAML: {err}") from None
+        *sections, last = key.split(".")
+        node = raw
+        for depth, part in enumerate(sections):
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {'.'.join(sections[:depth + 1])} is not a section")
+        node[last] = value
+    return raw
+
+
+def _build(cls, raw: Any, where: str):
+    """Construct dataclass `cls` from a mapping, recursing into sections and coercing scalars."""
+    label = where or "config"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{label} must be a mapping of keys, got {raw!r}")
+    if cls is ModelConfig:
+        return _build_model(raw, where)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = [k for k in raw if k not in fields]
+    if unknown:
+        raise ValueError(f"unknown key {_dotted(where, unknown[0])!r}; {label} takes: {', '.join(fields)}")
+    values = {}
+    for name, value in raw.items():
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            values[name] = _build(kind, value, _dotted(where, name))
+        else:
+            values[name] = _coerce(kind, value, _dotted(where, name))
+    return cls(**values)
+
+
+def _build_model(raw: dict, where: str) -> ModelConfig:
+    raw = dict(raw)
+    preset = raw.pop("preset", None)
+    known = [f.name for f in dataclasses.fields(ModelConfig)]
+    unknown = [k for k in raw if k not in known]
+    if unknown:
+        raise ValueError(f"unknown key {_dotted(where, unknown[0])!r}; model takes: preset, {', '.join(known)}")
+    hints = typing.get_type_hints(ModelConfig)
+    values = {k: _coerce(hints[k], v, _dotted(where, k)) for k, v in raw.items()}
+    if preset is not None:
+        return ModelConfig.from_preset(str(preset), **values)
+    return ModelConfig(**values)
+
+
+def _coerce(kind, value, key: str):
+    """Check `value` against the annotation `kind`; numbers written as strings become floats, since
+    YAML 1.1 reads `1e-4` (no dot) as a string."""
+    options = typing.get_args(kind) if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union \
+        else (kind,)
+    if value is None and type(None) in options:
+        return None
+    for option in options:
+        base = typing.get_origin(option) or option
+        if base is bool and isinstance(value, bool):
+            return value
+        if base is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if base is float and not isinstance(value, bool):
+            if isinstance(value, (int, float)):
+                return float(value)
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+        if base in (str, list, dict) and isinstance(value, base):
+            return value
+        if base not in (bool, int, float, str, list, dict, type(None)):
+            return value  # a type this loader does not know: the dataclass validates it
+    names = " or ".join("null" if o is type(None) else getattr(typing.get_origin(o) or o, "__name__", str(o))
+                        for o in options)
+    raise ValueError(f"{key} must be {names}, got {value!r}")
+
+
+def _dotted(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
+def _check_int(key: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
+
+
+def _check_bool(key: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{key} must be true or false, got {value!r}")
