@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 import torch.multiprocessing as mp
 
@@ -34,6 +35,18 @@ def _entry(rank: int, world_size: int, port: int, fn, args) -> None:
             dist.destroy_process_group()
 
 
-def run_distributed(fn, world_size: int, *args) -> None:
-    """Call fn(rank, world_size, *args) in world_size fresh processes; re-raise the first failure."""
-    mp.spawn(_entry, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True)
+def run_distributed(fn, world_size: int, *args, timeout_s: float = 300) -> None:
+    """Call fn(rank, world_size, *args) in world_size fresh processes; re-raise the first failure.
+
+    A rank stuck in a collective (its peers failed or skipped it) would hang the suite: past timeout_s
+    every process is killed and the test fails instead.
+    """
+    context = mp.start_processes(_entry, args=(world_size, free_port(), fn, args), nprocs=world_size,
+                                 join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+            raise TimeoutError(f"{fn.__name__} on {world_size} processes did not finish in {timeout_s:.0f} s")

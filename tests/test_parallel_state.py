@@ -1,5 +1,6 @@
 """ParallelState: TP-first rank layout over torchrun's environment, validation, the serial baseline."""
 import json
+import time
 
 import pytest
 import torch
@@ -49,3 +50,13 @@ def test_single_process(monkeypatch):
     assert not state.is_distributed
     with pytest.raises(ValueError, match="needs a distributed launch"):
         ParallelState.from_env(2)
+
+
+def _hang(rank, world_size):
+    if rank == 1:
+        time.sleep(3600)  # a rank that never returns: without the harness' deadline the suite would hang
+
+
+def test_harness_kills_a_hung_launch():
+    with pytest.raises(TimeoutError, match="_hang on 2 processes did not finish in 20 s"):
+        run_distributed(_hang, 2, timeout_s=20)
