@@ -14,3 +14,8 @@ megamath blend --seq-length "$SEQ_LENGTH" --num-samples 2000 --cache-dir "$OUT/i
     2 "$OUT/data/arxiv_train_text_document" \
     4 "$OUT/data/open-web-math_train_text_document" \
     1 "$OUT/data/algebraic-stack_train_text_document"
+# Train the tiny model on that mixture: 2 CPU processes, ZeRO-1 data parallel, a few minutes; the loss
+# falls from ~7.6 and a validation loss per subset is printed every 100 steps. Rerunning resumes from
+# $OUT/train/checkpoints/latest (and stops at once when the run is complete).
+torchrun --standalone --nproc_per_node 2 -m megamath.cli train --config examples/tiny.yaml \
+    data.data_dir="$OUT/data" data.cache_dir="$OUT/index-cache" run_dir="$OUT/train"

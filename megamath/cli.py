@@ -17,6 +17,7 @@ COMMANDS = {
     "blend": "blend",
     "merge": "merge",
     "convert": "convert",
+    "train": "train",
 }
 
 

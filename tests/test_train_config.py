@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from megamath.cli import main
 from megamath.model.config import ModelConfig
 from megamath.training.config import TrainConfig, apply_overrides, dump_config, load_config
 
@@ -125,6 +126,15 @@ def test_override_and_file_errors(tmp_path):
         load_config(tmp_path / "missing.yaml")
     with pytest.raises(ValueError, match=r"the top level must be a mapping of keys, got list$"):
         load_config(write(tmp_path, "- 1\n- 2\n", "list.yaml"))
+
+
+def test_cli_reports_a_bad_config_in_one_line(tmp_path, capsys):
+    path = write(tmp_path, BASE + "warmup: 5\n")
+    assert main(["train", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err == ("megamath train: error: unknown key 'warmup'; config takes: model, parallel, optimizer, data, "
+                   "schedule, checkpoint, run_dir, micro_batch_size, grad_accum_steps, train_steps, eval_every, "
+                   "eval_batches, init_from_hf, param_dtype, seed, max_consecutive_nonfinite, log_every\n")
 
 
 @pytest.mark.parametrize("name", ["tiny.yaml", "llemma_7b.yaml", "llemma_34b.yaml"])

@@ -1,0 +1,91 @@
+"""Which samples each rank trains and evaluates on, as a pure function of the step.
+
+The training set is one BlendedDataset of train_steps · global_batch samples over the data_path blend,
+so the whole run's sample order is fixed before the first step. Step s (1-based) consumes samples
+[(s−1)·G, s·G) with G = micro_batch_size · grad_accum_steps · dp_size. Inside a step the order is
+Megatron's: micro-batch m covers [m·b·dp, (m+1)·b·dp) of the step's samples and DP rank r takes the
+b = micro_batch_size rows starting at r·b. Tensor-parallel ranks of one DP rank read the same rows.
+Nothing is iterated, so the data position of a checkpoint is just its step and resume is exact.
+
+Sample indices are built on global rank 0 first (it writes the cache), then loaded by the others after a
+barrier, so a large run does not build them world_size times over.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, TypeVar
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megamath.data.blended_dataset import BlendedDataset
+from megamath.data.gpt_dataset import GPTDataset
+from megamath.data.indexed_dataset import IndexedDataset
+from megamath.parallel.state import ParallelState
+
+T = TypeVar("T")
+MicroBatch = tuple[torch.Tensor, torch.Tensor]  # tokens (b, S), targets (b, S), int64
+
+
+def rank0_first(state: ParallelState, build: Callable[[], T]) -> T:
+    """Run `build` on rank 0, then (after a barrier) on every other rank, which then hits rank 0's cache."""
+    if not state.is_distributed:
+        return build()
+    result = build() if state.rank == 0 else None
+    dist.barrier()
+    return result if state.rank == 0 else build()
+
+
+def _open(prefix: str) -> IndexedDataset:
+    try:
+        return IndexedDataset(prefix)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{err} (data prefixes are given without .bin/.idx)") from None
+
+
+class TrainData:
+    """The run's training samples and validation sets, cut into this rank's micro-batches."""
+
+    def __init__(self, config, state: ParallelState, cache_dir: str | Path | None) -> None:
+        self.micro_batch_size, self.grad_accum_steps = config.micro_batch_size, config.grad_accum_steps
+        self.dp_size, self.dp_rank, self.device = state.dp_size, state.dp_rank, state.device
+        self.global_batch_size = config.global_batch_size(state.dp_size)
+        data = config.data
+        weights, prefixes = data.train_blend()
+
+        def build_train() -> BlendedDataset:
+            return BlendedDataset([_open(p) for p in prefixes], weights, config.train_steps * self.global_batch_size,
+                                  data.seq_length, seed=data.seed, cache_dir=cache_dir)
+
+        self.train = rank0_first(state, build_train)
+        # Each validation set is a fixed list of samples, the same at every evaluation, so that the
+        # curve moves only with the model (Megatron instead walks on through its validation set).
+        eval_samples = config.eval_batches * self.micro_batch_size * state.dp_size
+
+        def build_valid() -> dict[str, GPTDataset]:
+            return {name: GPTDataset(_open(prefix), eval_samples, data.seq_length, seed=data.seed, cache_dir=cache_dir)
+                    for name, prefix in data.valid_sets().items()}
+
+        self.valid = rank0_first(state, build_valid) if config.eval_every else {}
+
+    def sample_rows(self, step: int, micro: int) -> range:
+        """Indices into the blend of this rank's rows of micro-batch `micro` of update `step` (1-based)."""
+        b = self.micro_batch_size
+        start = (step - 1) * self.global_batch_size + micro * b * self.dp_size + self.dp_rank * b
+        return range(start, start + b)
+
+    def micro_batches(self, step: int) -> list[MicroBatch]:
+        """This rank's grad_accum_steps micro-batches of update `step`."""
+        return [self._batch(self.train, self.sample_rows(step, m)) for m in range(self.grad_accum_steps)]
+
+    def valid_batches(self, name: str) -> list[MicroBatch]:
+        """This rank's micro-batches of validation set `name` (eval_batches of them)."""
+        dataset, b = self.valid[name], self.micro_batch_size
+        starts = range(self.dp_rank * b, len(dataset), b * self.dp_size)
+        return [self._batch(dataset, range(s, s + b)) for s in starts]
+
+    def _batch(self, dataset, rows: range) -> MicroBatch:
+        samples = torch.from_numpy(np.stack([dataset[i] for i in rows]))  # (b, S + 1) int64
+        samples = samples.to(self.device, non_blocking=True)
+        return samples[:, :-1], samples[:, 1:]  # tokens (b, S), targets (b, S)

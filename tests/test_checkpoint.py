@@ -1,0 +1,172 @@
+"""Checkpoints: a process killed mid-save leaves a loadable previous one, pruning, refusals, pretrained init."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from megamath.model.hf_interop import convert_megamath_to_hf, save_checkpoint
+from megamath.parallel.state import ParallelState
+from megamath.parallel.zero import ZeroOptimizer
+from megamath.training import loop
+from megamath.training.checkpoint import (LATEST, complete_checkpoints, latest_checkpoint, load_checkpoint,
+                                          read_metadata, rng_state, set_rng_state)
+from megamath.training.config import TrainConfig
+from test_train_loop import assert_bitwise_equal, final_state, metrics, one_thread, raw_config, run  # noqa: F401
+
+# Stops the run inside its second save (step 4), at a point the test picks, and waits to be killed.
+RUNNER = """
+import sys, time
+import torch
+torch.set_num_threads(1)
+import megamath.training.checkpoint as ckpt
+config, marker, where = sys.argv[1:4]
+
+def hang():
+    open(marker, "w").close()
+    time.sleep(600)
+
+fsync, write_pointer = ckpt._fsync, ckpt._write_text_atomically
+def fsync_then_hang(path):
+    fsync(path)
+    if where == "shard" and ".step_0000004.tmp" in str(path) and path.name.startswith("optimizer"):
+        hang()  # the model and optimizer files are written, the RNG states and metadata are not
+def hang_before_pointer(path, text):
+    if where == "pointer" and text.startswith("step_0000004"):
+        hang()  # step_0000004 is complete and in place, `latest` still names step_0000002
+    write_pointer(path, text)
+ckpt._fsync, ckpt._write_text_atomically = fsync_then_hang, hang_before_pointer
+from megamath.cli import main
+sys.exit(main(["train", "--config", config]))
+"""
+
+
+@pytest.mark.parametrize("where", ["shard", "pointer"])
+def test_kill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path, one_thread, where):
+    raw = raw_config(tmp_path / "data", tmp_path / "run", train_steps=6, checkpoint__save_every=2)
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
+    (tmp_path / "runner.py").write_text(RUNNER)
+    marker = tmp_path / "saving"
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "runner.py"), str(tmp_path / "run.yaml"), str(marker),
+                             where], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while not marker.exists():
+            assert proc.poll() is None, proc.communicate()[0]
+            assert time.time() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    root = tmp_path / "run" / "checkpoints"
+    assert (root / LATEST).read_text() == "step_0000002\n"
+    assert latest_checkpoint(tmp_path / "run") == root / "step_0000002"
+    assert read_metadata(root / "step_0000002")["step"] == 2
+    if where == "shard":
+        partial = root / ".step_0000004.tmp"
+        assert sorted(p.name for p in partial.iterdir()) == ["model_tp00.safetensors", "optimizer_tp00_dp000.pt"]
+        assert [step for step, _ in complete_checkpoints(root)] == [2]
+    else:
+        assert [step for step, _ in complete_checkpoints(root)] == [2, 4]
+    # Resuming goes on from step 2 and ends where an uninterrupted run ends, bit for bit.
+    run(raw)
+    straight = raw_config(tmp_path / "data", tmp_path / "straight", train_steps=6, checkpoint__save_every=2)
+    run(straight)
+    assert [r["loss"] for r in metrics(tmp_path / "run")] == [r["loss"] for r in metrics(tmp_path / "straight")]
+    assert_bitwise_equal(final_state(tmp_path / "run", 6), final_state(tmp_path / "straight", 6))
+    assert sorted(p.name for p in root.iterdir()) == [LATEST, "step_0000002", "step_0000004", "step_0000006"]
+
+
+def test_keep_prunes_the_oldest(tmp_path, one_thread):
+    run(raw_config(tmp_path / "data", tmp_path / "run", train_steps=9, checkpoint__save_every=2, checkpoint__keep=2))
+    root = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == [LATEST, "step_0000008", "step_0000009"]
+    meta = read_metadata(root / "step_0000009")
+    assert (meta["step"], meta["consumed_samples"], meta["tp_size"], meta["dp_size"]) == (9, 18, 1, 1)
+    assert meta["files"] == ["model_tp00.safetensors", "optimizer_tp00_dp000.pt", "rng_rank00000.pt"]
+    assert meta["schedule"]["peak_lr"] == 3e-3 and meta["schedule"]["warmup_steps"] == 2
+    assert TrainConfig.from_dict(meta["config"]) == TrainConfig.from_dict(raw_config(
+        tmp_path / "data", tmp_path / "run", train_steps=9, checkpoint__save_every=2, checkpoint__keep=2))
+
+
+def test_refusals(tmp_path, one_thread):
+    raw = raw_config(tmp_path / "data", tmp_path / "run", train_steps=2, checkpoint__save_every=2)
+    run(raw)
+    root = tmp_path / "run" / "checkpoints"
+    with pytest.raises(ValueError, match=r"already holds checkpoints \(latest: step_0000002\) and checkpoint.resume is "
+                                         r"'never': resume with checkpoint.resume=auto or choose another run_dir"):
+        run(raw_config(tmp_path / "data", tmp_path / "run", train_steps=4, checkpoint__resume="never"))
+    (root / LATEST).write_text("step_0000007\n")
+    with pytest.raises(ValueError, match=r"latest names step_0000007, which is not a complete checkpoint; point it at "
+                                         r"one of \['step_0000002'\] or resume from a path"):
+        latest_checkpoint(tmp_path / "run")
+    (root / LATEST).write_text("step_0000002\n")
+    config, state = TrainConfig.from_dict(raw), ParallelState.single()
+    model = loop.build_model(config, state)
+    optimizer = ZeroOptimizer(model, state, config.optimizer)
+    meta_path = root / "step_0000002" / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "tp_size": 2}))
+    with pytest.raises(ValueError, match=r"was saved with tensor-parallel size 2, this run uses 1: changing the TP "
+                                         r"size on resume is not supported"):
+        load_checkpoint(root / "step_0000002", model, optimizer, state)
+    meta_path.write_text(json.dumps(meta))
+    (root / "step_0000002" / "rng_rank00000.pt").unlink()
+    with pytest.raises(ValueError, match=r"step_0000002 is missing files: rng_rank00000.pt$"):
+        load_checkpoint(root / "step_0000002", model, optimizer, state)
+    with pytest.raises(FileNotFoundError, match=r"is not a complete checkpoint: metadata.json not found$"):
+        read_metadata(root)
+
+
+def test_rng_states_round_trip(tmp_path):
+    import random
+
+    import numpy as np
+
+    torch.save(rng_state(), tmp_path / "rng.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(1))
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))  # plain types: no pickled objects
+    assert (random.random(), np.random.rand()) == expected[:2] and torch.equal(torch.rand(1), expected[2])
+
+
+def test_init_from_hugging_face_and_megamath_checkpoints(tmp_path):
+    raw = raw_config(tmp_path / "data", tmp_path / "run")
+    config, state = TrainConfig.from_dict(raw), ParallelState.single()
+    torch.manual_seed(3)
+    source = loop.build_model(config, state)
+    save_checkpoint(source, tmp_path / "ours")
+    convert_megamath_to_hf(tmp_path / "ours", tmp_path / "hf")
+    expected = {n: p.detach() for n, p in source.named_parameters()}
+    for directory in ("hf", "ours"):
+        model = loop.build_model(TrainConfig.from_dict({**raw, "init_from_hf": str(tmp_path / directory)}), state)
+        assert_bitwise_equal({n: p.detach() for n, p in model.named_parameters()}, expected)
+    # the run's rope_theta may differ from the checkpoint's (LLEMMA 7B: 1e4 on Code Llama's 1e6 weights) ...
+    raw["model"]["rope_theta"] = 1e6
+    loop.build_model(TrainConfig.from_dict({**raw, "init_from_hf": str(tmp_path / "hf")}), state)
+    # ... its shapes may not
+    raw["model"]["ffn_hidden_size"] = 96
+    with pytest.raises(ValueError, match=r"^checkpoint tensors have wrong shapes: model.layers.0.mlp.gate_proj.weight "
+                                         r"\(64, 32\) \(expected \(96, 32\)\)"):
+        loop.build_model(TrainConfig.from_dict({**raw, "init_from_hf": str(tmp_path / "hf")}), state)
+    with pytest.raises(FileNotFoundError, match=r"^init_from_hf: .*nowhere/config.json not found$"):
+        loop.build_model(TrainConfig.from_dict({**raw, "init_from_hf": str(tmp_path / "nowhere")}), state)
+
+
+def test_training_from_a_pretrained_checkpoint_starts_from_its_loss(tmp_path, one_thread):
+    """A run initialized from a trained model's checkpoint starts near that model's final loss."""
+    run(raw_config(tmp_path / "data", tmp_path / "first", train_steps=12, checkpoint__save_every=0))
+    step12 = tmp_path / "first" / "checkpoints" / "step_0000012"
+    config = TrainConfig.from_dict(raw_config(tmp_path / "data", tmp_path / "first"))
+    with torch.device("meta"):
+        model = loop.Llama(config.model)
+    model.to_empty(device="cpu").load_state_dict(load_file(str(step12 / "model_tp00.safetensors")))
+    save_checkpoint(model, tmp_path / "pretrained")
+    run(raw_config(tmp_path / "data", tmp_path / "second", train_steps=2, init_from_hf=str(tmp_path / "pretrained")))
+    first, second = metrics(tmp_path / "first"), metrics(tmp_path / "second")
+    assert second[0]["loss"] < first[0]["loss"] - 0.5

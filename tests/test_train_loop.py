@@ -1,0 +1,376 @@
+"""The training loop end to end on a tiny model: metrics, exact resume (1 and 2 DP ranks), resume on another
+DP size, SIGTERM, and the non-finite skip rule. CPU, fp32, reference ops, gloo.
+
+The helpers at the top are shared with test_checkpoint.py.
+"""
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from distributed import run_distributed
+from megamath.data.indexed_dataset import IndexedDatasetWriter
+from megamath.parallel.state import ParallelState
+from megamath.parallel.zero import ZeroOptimizer
+from megamath.training import loop
+from megamath.training.checkpoint import LATEST, latest_checkpoint, load_checkpoint, read_metadata
+from megamath.training.config import TrainConfig
+from megamath.training.loop import NonFiniteError, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---- shared helpers -------------------------------------------------------------------------------------
+
+def write_corpus(directory: Path) -> dict[str, str]:
+    """Two small datasets of counting sequences (learnable: the next token is the previous + 1 mod 60)."""
+    rng = np.random.default_rng(0)
+    prefixes = {}
+    for name in ("arxiv", "web"):
+        prefixes[name] = str(directory / name)
+        with IndexedDatasetWriter(prefixes[name], np.uint16) as writer:
+            for _ in range(40):
+                start, n = int(rng.integers(0, 60)), int(rng.integers(8, 80))
+                writer.add_document((np.arange(start, start + n) % 60).astype(np.uint16))
+    return prefixes
+
+
+def raw_config(data_dir: Path, run_dir: Path, **top) -> dict:
+    """A tiny run as the raw mapping a YAML file would hold (hidden 32, 2 layers, seq 32)."""
+    prefixes = write_corpus(data_dir) if not (data_dir / "web.idx").exists() else \
+        {n: str(data_dir / n) for n in ("arxiv", "web")}
+    raw = {
+        "model": {"vocab_size": 64, "hidden_size": 32, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
+                  "ffn_hidden_size": 64, "max_seq_length": 32, "kernels": "reference"},
+        "optimizer": {"lr": 3e-3, "weight_decay": 0.1, "clip_grad": 1.0},
+        "data": {"data_path": [1, prefixes["arxiv"], 2, prefixes["web"]], "valid_data": {"arxiv": prefixes["arxiv"]},
+                 "seq_length": 32},
+        "schedule": {"warmup_steps": 2, "decay_steps": 20},
+        "checkpoint": {"save_every": 4, "keep": 10},
+        "run_dir": str(run_dir), "micro_batch_size": 2, "grad_accum_steps": 1, "train_steps": 8,
+        "eval_every": 0, "param_dtype": "float32", "log_every": 4,
+    }
+    for key, value in top.items():
+        section, _, field = key.rpartition("__")
+        (raw.setdefault(section, {}) if section else raw)[field] = value
+    return raw
+
+
+@pytest.fixture
+def one_thread():
+    """Runs compared bit for bit must use the same thread count (reduction order)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def run(raw: dict) -> loop.TrainResult:
+    return train(TrainConfig.from_dict(raw), ParallelState.single())
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def rewind(run_dir: Path, step: int) -> None:
+    """Make `run_dir` look killed right after step `step`'s checkpoint: later checkpoints gone."""
+    root = Path(run_dir) / "checkpoints"
+    for path in root.glob("step_*"):
+        if int(path.name.split("_")[1]) > step:
+            shutil.rmtree(path)
+    (root / LATEST).write_text(f"step_{step:07d}\n")
+
+
+def final_state(run_dir: Path, step: int, tp_rank: int = 0, dp_size: int = 1) -> dict[str, torch.Tensor]:
+    """Model tensors and all optimizer shards of a checkpoint, by name."""
+    path = Path(run_dir) / "checkpoints" / f"step_{step:07d}"
+    tensors = dict(load_file(str(path / f"model_tp{tp_rank:02d}.safetensors")))
+    for d in range(dp_size):
+        shard = torch.load(path / f"optimizer_tp{tp_rank:02d}_dp{d:03d}.pt", weights_only=True)
+        tensors.update({f"{k}.dp{d}": shard[k] for k in ("master", "exp_avg", "exp_avg_sq")})
+    return tensors
+
+
+def assert_bitwise_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+# ---- metrics ------------------------------------------------------------------------------------------------
+
+def test_metrics_jsonl_and_falling_loss(tmp_path, one_thread, capsys):
+    raw = raw_config(tmp_path / "data", tmp_path / "run", train_steps=24, eval_every=12, eval_batches=2,
+                     checkpoint__save_every=0, schedule__decay_steps=24)
+    result = run(raw)
+    records = metrics(tmp_path / "run")
+    assert [r["step"] for r in records] == list(range(1, 25)) and result.step == 24 and not result.preempted
+    required = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "tflops", "skipped", "step_time_s",
+                "consumed_samples"}
+    assert all(required <= r.keys() for r in records)
+    assert all(r["mfu"] is None and r["tflops"] > 0 and r["tokens_per_s"] > 0 and not r["skipped"] for r in records)
+    assert [r["consumed_samples"] for r in records[:3]] == [2, 4, 6]
+    assert records[0]["lr"] == pytest.approx(1.5e-3) and records[1]["lr"] == pytest.approx(3e-3)
+    assert set(records[11]["val_loss"]) == {"arxiv"} and "val_loss" not in records[10]
+    assert records[0]["loss"] > 3.5  # about ln(64) = 4.16 at initialization
+    assert np.mean([r["loss"] for r in records[-4:]]) < records[0]["loss"] - 1.0
+    assert records[23]["val_loss"]["arxiv"] < records[11]["val_loss"]["arxiv"]
+    # the checkpoint at the end, whatever save_every says, and a throughput summary
+    assert latest_checkpoint(tmp_path / "run").name == "step_0000024"
+    assert set(result.summary) == {"steps", "step_time_s", "tokens_per_s", "tflops", "mfu"}
+    out = capsys.readouterr().out
+    assert "step      12  loss" in out and "val/arxiv" in out and "throughput over" in out
+
+
+def test_empty_data_path_fails_before_building_anything(tmp_path):
+    raw = raw_config(tmp_path / "data", tmp_path / "run")
+    raw["data"]["data_path"] = []
+    with pytest.raises(ValueError, match=r"^data.data_path is empty: give \[W1, PREFIX1, ...\], one PREFIX, or "
+                                         r"'llemma'$"):
+        run(raw)
+    raw["data"]["data_path"] = [str(tmp_path / "nothing")]
+    with pytest.raises(FileNotFoundError, match=r"indexed dataset file not found: .*nothing.idx \(data prefixes "
+                                                r"are given without .bin/.idx\)"):
+        run(raw)
+
+
+# ---- exact resume, one process ----------------------------------------------------------------------------------
+
+def test_resume_is_bitwise_exact_single_process(tmp_path, one_thread):
+    raw_a = raw_config(tmp_path / "data", tmp_path / "a")
+    run(raw_a)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    rewind(tmp_path / "b", 4)
+    result = run(raw_config(tmp_path / "data", tmp_path / "b"))
+    assert result.step == 8
+    assert untimed(metrics(tmp_path / "b")) == untimed(metrics(tmp_path / "a"))  # losses, norms, lrs: all equal
+    assert_bitwise_equal(final_state(tmp_path / "a", 8), final_state(tmp_path / "b", 8))
+    # a finished run resumed again does nothing more
+    assert run(raw_config(tmp_path / "data", tmp_path / "b")).step == 8 and len(metrics(tmp_path / "b")) == 8
+
+
+def untimed(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "tflops", "step_time_s")} for r in records]
+
+
+# ---- two DP ranks: exact resume, then resume on one rank ------------------------------------------------------
+
+def _dp_worker(rank, world_size, tmp):
+    torch.set_num_threads(1)
+    state = ParallelState.from_env(1)
+    raw = raw_config(tmp / "data", tmp / "dp2")
+    train(TrainConfig.from_dict(raw), state)
+    if rank == 0:
+        shutil.copytree(tmp / "dp2", tmp / "dp2_resumed")
+        rewind(tmp / "dp2_resumed", 4)
+    torch.distributed.barrier()
+    raw["run_dir"] = str(tmp / "dp2_resumed")
+    train(TrainConfig.from_dict(raw), state)
+
+
+@pytest.fixture(scope="module")
+def dp2_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dp2")
+    write_corpus(tmp / "data")  # before the workers start: they would race to write it
+    run_distributed(_dp_worker, 2, tmp)
+    return tmp
+
+
+def test_resume_is_bitwise_exact_on_two_dp_ranks(dp2_runs):
+    a, b = metrics(dp2_runs / "dp2"), metrics(dp2_runs / "dp2_resumed")
+    assert [r["loss"] for r in a] == [r["loss"] for r in b] and len(a) == 8
+    assert [r["grad_norm"] for r in a] == [r["grad_norm"] for r in b]
+    assert_bitwise_equal(final_state(dp2_runs / "dp2", 8, dp_size=2), final_state(dp2_runs / "dp2_resumed", 8,
+                                                                                    dp_size=2))
+    meta = read_metadata(dp2_runs / "dp2" / "checkpoints" / "step_0000008")
+    assert (meta["dp_size"], meta["tp_size"], meta["consumed_samples"], meta["global_batch_size"]) == (2, 1, 32, 4)
+
+
+def test_resume_on_a_different_dp_size(dp2_runs, tmp_path, one_thread):
+    """2 → 1 rank: the optimizer shards are re-cut exactly; training with the same global batch (2 micro-batches
+    instead of 2 ranks) goes on equal up to float noise."""
+    step4 = dp2_runs / "dp2" / "checkpoints" / "step_0000004"
+    raw = raw_config(dp2_runs / "data", tmp_path / "dp1", grad_accum_steps=2)
+    config, state = TrainConfig.from_dict(raw), ParallelState.single()
+    model = loop.build_model(config, state)
+    optimizer = ZeroOptimizer(model, state, config.optimizer)
+    load_checkpoint(step4, model, optimizer, state)
+    old = [torch.load(step4 / f"optimizer_tp00_dp{d:03d}.pt", weights_only=True) for d in range(2)]
+    for key in ("master", "exp_avg", "exp_avg_sq"):
+        joined = torch.cat([shard[key] for shard in old])[:optimizer.numel]  # the old flat vector, unpadded
+        assert torch.equal(getattr(optimizer, key)[:optimizer.numel], joined), key
+    assert optimizer.step_count == 4
+    assert_bitwise_equal({n: p.detach() for n, p in model.named_parameters()},
+                         dict(load_file(str(step4 / "model_tp00.safetensors"))))
+    optimizer.remove_hooks()
+
+    shutil.copytree(dp2_runs / "dp2", tmp_path / "dp1")
+    rewind(tmp_path / "dp1", 4)
+    run(raw)
+    two, one = [r["loss"] for r in metrics(dp2_runs / "dp2")], [r["loss"] for r in metrics(tmp_path / "dp1")]
+    assert one[:5] == two[:5]  # step 5 runs on the restored weights: the same sums in the same order
+    # Later steps differ by rounding (1 rank sums two micro-batches, 2 ranks all-reduce them), which
+    # AdamW amplifies; two fresh runs, 1 rank vs 2, drift apart just as much.
+    np.testing.assert_allclose(one, two, rtol=1e-4)
+    a, b, before = final_state(dp2_runs / "dp2", 8), final_state(tmp_path / "dp1", 8), final_state(dp2_runs / "dp2", 4)
+    for name in b:
+        if not name.endswith(".dp0"):
+            assert (a[name] - b[name]).norm() < 0.05 * (a[name] - before[name]).norm(), name
+
+
+def test_resume_refuses_another_global_batch(dp2_runs, tmp_path):
+    shutil.copytree(dp2_runs / "dp2", tmp_path / "dp1")
+    rewind(tmp_path / "dp1", 4)
+    with pytest.raises(ValueError, match=r"trained with global batch 4, this run's is 2 \(micro_batch_size · "
+                                         r"grad_accum_steps · dp\): keep it equal on resume"):
+        run(raw_config(dp2_runs / "data", tmp_path / "dp1"))
+
+
+# ---- SIGTERM ----------------------------------------------------------------------------------------------
+
+RUNNER = """
+import sys, time
+import torch
+torch.set_num_threads(1)
+import megamath.training.loop as loop
+step = loop.train_step
+def slow_step(*args, **kwargs):  # slow enough for the test to signal mid-run; the numbers are untouched
+    time.sleep(0.3)
+    return step(*args, **kwargs)
+loop.train_step = slow_step
+from megamath.cli import main
+sys.exit(main(["train", "--config", sys.argv[1]]))
+"""
+
+
+def test_sigterm_saves_and_exits_zero_then_resumes_exactly(tmp_path, one_thread):
+    raw = raw_config(tmp_path / "data", tmp_path / "preempted", train_steps=12, checkpoint__save_every=100)
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
+    (tmp_path / "runner.py").write_text(RUNNER)
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "runner.py"), str(tmp_path / "run.yaml")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        log = tmp_path / "preempted" / "metrics.jsonl"
+        deadline = time.time() + 120
+        while not (log.is_file() and len(log.read_text().splitlines()) >= 2):
+            assert proc.poll() is None and time.time() < deadline, "the run ended before it could be signalled"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out
+    stopped = len(metrics(tmp_path / "preempted"))
+    assert 2 <= stopped < 12
+    assert f"stopping on SIGTERM after step {stopped}: checkpoint saved" in out
+    assert latest_checkpoint(tmp_path / "preempted").name == f"step_{stopped:07d}"
+    run(raw)  # resume to the end, in this process
+    reference = raw_config(tmp_path / "data", tmp_path / "straight", train_steps=12, checkpoint__save_every=100)
+    run(reference)
+    assert [r["loss"] for r in metrics(tmp_path / "preempted")] == [r["loss"] for r in metrics(tmp_path / "straight")]
+    assert_bitwise_equal(final_state(tmp_path / "preempted", 12), final_state(tmp_path / "straight", 12))
+
+
+# ---- non-finite steps -----------------------------------------------------------------------------------------
+
+def inject_nonfinite(monkeypatch, loss_steps=(), grad_steps=()):
+    """Make the loss (forward hook) or one gradient (tensor hook) NaN at the given steps (1 micro-batch a step)."""
+    build = loop.build_model
+
+    def build_with_faults(config, state):
+        model = build(config, state)
+        calls, handles = {"n": 0}, []
+
+        def forward_hook(module, args, output):
+            calls["n"] += 1
+            step = calls["n"]
+            if step in grad_steps:  # a NaN in one gradient of this step's backward only
+                def nan_grad(grad):
+                    handles.pop().remove()
+                    return grad * float("nan")
+
+                handles.append(module.lm_head.weight.register_hook(nan_grad))
+            if step in loss_steps:
+                return output[0], output[1] * float("nan")
+            return None
+
+        model.register_forward_hook(forward_hook)
+        return model
+
+    monkeypatch.setattr(loop, "build_model", build_with_faults)
+
+
+def test_nonfinite_steps_are_skipped_and_logged(tmp_path, monkeypatch, one_thread, capsys):
+    inject_nonfinite(monkeypatch, loss_steps={3}, grad_steps={4})
+    run(raw_config(tmp_path / "data", tmp_path / "run", train_steps=6, checkpoint__save_every=0))
+    records = metrics(tmp_path / "run")
+    assert [r["skipped"] for r in records] == [False, False, True, True, False, False]
+    assert records[2]["loss"] is None and records[2]["grad_norm"] is None  # NaN loss: no optimizer step at all
+    assert records[3]["loss"] is not None and records[3]["grad_norm"] is None  # finite loss, NaN gradient
+    out = capsys.readouterr().out
+    assert "step 3: non-finite loss nan / grad norm nan: update skipped (1 in a row, limit 5)" in out
+    assert "step 4: non-finite loss" in out and "(2 in a row, limit 5)" in out
+    shard = torch.load(tmp_path / "run" / "checkpoints" / "step_0000006" / "optimizer_tp00_dp000.pt",
+                       weights_only=True)
+    assert shard["step"] == 4  # six steps, two skipped: four AdamW updates
+
+
+def test_too_many_nonfinite_steps_stop_with_the_last_good_checkpoint(tmp_path, monkeypatch, one_thread):
+    inject_nonfinite(monkeypatch, loss_steps=set(range(5, 100)))
+    raw = raw_config(tmp_path / "data", tmp_path / "run", train_steps=12, max_consecutive_nonfinite=3)
+    with pytest.raises(NonFiniteError) as err:
+        run(raw)
+    assert str(err.value) == ("3 consecutive steps (5..7) had a non-finite loss or gradient norm; stopping. The last "
+                              "checkpoint (step 4) is intact: resume from it with a lower learning rate or after "
+                              "checking the data of those steps")
+    assert latest_checkpoint(tmp_path / "run").name == "step_0000004"
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [LATEST, "step_0000004"]
+    assert read_metadata(tmp_path / "run" / "checkpoints" / "step_0000004")["step"] == 4
+    assert [r["step"] for r in metrics(tmp_path / "run")] == list(range(1, 8))
+
+
+# ---- tensor parallelism ---------------------------------------------------------------------------------------
+
+def _tp_worker(rank, world_size, tmp):
+    torch.set_num_threads(1)
+    state = ParallelState.from_env(2)
+    raw = raw_config(tmp / "data", tmp / "tp2", parallel__tp_size=2, parallel__sequence_parallel=True)
+    train(TrainConfig.from_dict(raw), state)
+    model = loop.build_model(TrainConfig.from_dict({**raw, "init_from_hf": str(tmp / "hf")}), state)
+    torch.save({n: p.detach().clone() for n, p in model.named_parameters()}, tmp / f"pretrained_tp{rank}.pt")
+
+
+def test_tensor_and_sequence_parallel_run_matches_serial(tmp_path, one_thread):
+    """TP = 2 with sequence parallelism (norm-weight grads summed over TP inside ZeRO's flat buffer) follows
+    the serial run; init_from_hf gives each TP rank its slices of the checkpoint."""
+    from megamath.model.hf_interop import convert_megamath_to_hf, save_checkpoint
+    from megamath.model.llama import merge_state_dicts, shard_state_dict
+
+    raw = raw_config(tmp_path / "data", tmp_path / "serial")
+    config = TrainConfig.from_dict(raw)
+    torch.manual_seed(7)
+    source = loop.build_model(config, ParallelState.single())
+    save_checkpoint(source, tmp_path / "megamath_ckpt")
+    convert_megamath_to_hf(tmp_path / "megamath_ckpt", tmp_path / "hf")
+    run_distributed(_tp_worker, 2, tmp_path)
+    run(raw)
+    serial, tp = [r["loss"] for r in metrics(tmp_path / "serial")], [r["loss"] for r in metrics(tmp_path / "tp2")]
+    np.testing.assert_allclose(tp, serial, rtol=1e-4)
+    path = tmp_path / "tp2" / "checkpoints" / "step_0000008"
+    merged = merge_state_dicts([load_file(str(path / f"model_tp{r:02d}.safetensors")) for r in range(2)], config.model)
+    a, before = final_state(tmp_path / "serial", 8), final_state(tmp_path / "serial", 4)
+    for name, tensor in merged.items():
+        assert (tensor - a[name]).norm() < 0.05 * (a[name] - before[name]).norm(), name
+    full = {n: p.detach() for n, p in source.named_parameters()}
+    for r in range(2):
+        assert_bitwise_equal(torch.load(tmp_path / f"pretrained_tp{r}.pt"), shard_state_dict(full, config.model, 2, r))
