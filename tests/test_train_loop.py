@@ -18,13 +18,14 @@ import yaml
 from safetensors.torch import load_file
 
 from distributed import run_distributed
+from megamath.cli import main
 from megamath.data.indexed_dataset import IndexedDatasetWriter
 from megamath.parallel.state import ParallelState
 from megamath.parallel.zero import ZeroOptimizer
 from megamath.training import loop
 from megamath.training.checkpoint import LATEST, latest_checkpoint, load_checkpoint, read_metadata
 from megamath.training.config import TrainConfig
-from megamath.training.loop import NonFiniteError, train
+from megamath.training.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -125,6 +126,8 @@ def test_metrics_jsonl_and_falling_loss(tmp_path, one_thread, capsys):
     assert records[0]["loss"] > 3.5  # about ln(64) = 4.16 at initialization
     assert np.mean([r["loss"] for r in records[-4:]]) < records[0]["loss"] - 1.0
     assert records[23]["val_loss"]["arxiv"] < records[11]["val_loss"]["arxiv"]
+    assert TrainConfig.from_dict(yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())) == \
+        TrainConfig.from_dict(raw)
     # the checkpoint at the end, whatever save_every says, and a throughput summary
     assert latest_checkpoint(tmp_path / "run").name == "step_0000024"
     assert set(result.summary) == {"steps", "step_time_s", "tokens_per_s", "tflops", "mfu"}
@@ -325,14 +328,16 @@ def test_nonfinite_steps_are_skipped_and_logged(tmp_path, monkeypatch, one_threa
     assert shard["step"] == 4  # six steps, two skipped: four AdamW updates
 
 
-def test_too_many_nonfinite_steps_stop_with_the_last_good_checkpoint(tmp_path, monkeypatch, one_thread):
+def test_too_many_nonfinite_steps_stop_with_the_last_good_checkpoint(tmp_path, monkeypatch, one_thread, capsys):
     inject_nonfinite(monkeypatch, loss_steps=set(range(5, 100)))
     raw = raw_config(tmp_path / "data", tmp_path / "run", train_steps=12, max_consecutive_nonfinite=3)
-    with pytest.raises(NonFiniteError) as err:
-        run(raw)
-    assert str(err.value) == ("3 consecutive steps (5..7) had a non-finite loss or gradient norm; stopping. The last "
-                              "checkpoint (step 4) is intact: resume from it with a lower learning rate or after "
-                              "checking the data of those steps")
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.delenv("RANK", raising=False)
+    assert main(["train", "--config", str(tmp_path / "run.yaml")]) == 1  # through the CLI: exit status 1
+    assert capsys.readouterr().err.endswith(
+        "megamath train: error: 3 consecutive steps (5..7) had a non-finite loss or gradient norm; stopping. The last "
+        "checkpoint (step 4) is intact: resume from it with a lower learning rate or after checking the data of "
+        "those steps\n")
     assert latest_checkpoint(tmp_path / "run").name == "step_0000004"
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [LATEST, "step_0000004"]
     assert read_metadata(tmp_path / "run" / "checkpoints" / "step_0000004")["step"] == 4
