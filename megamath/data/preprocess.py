@@ -314,7 +314,11 @@ def _line_batches(groups: list[InputGroup], batch_bytes: int) -> Iterator[LineBa
 
 
 def preprocess(config: PreprocessConfig) -> list[DatasetSummary]:
-    """Tokenize every input into its output dataset; return one summary per dataset, in name order."""
+    """Tokenize every input into its output dataset; return one summary per dataset, in name order.
+
+    Workers are spawned (not forked), so a script that calls this with `workers > 1` needs the usual
+    `if __name__ == "__main__":` guard around its entry; the CLI and `tools/preprocess_data.py` have it.
+    """
     groups = discover_inputs(config.inputs)
     tokenizer = SentencePieceTokenizer(config.tokenizer_model)
     if config.append_eod and tokenizer.eos_id is None:
