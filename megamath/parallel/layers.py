@@ -236,17 +236,26 @@ def vocab_parallel_cross_entropy_ref(logits_local: torch.Tensor, targets: torch.
     return torch.where(valid, per_row, 0.0).sum() / valid.sum().clamp(min=1)
 
 
-def allreduce_sequence_parallel_grads(model: nn.Module, state) -> None:
+@torch.no_grad()
+def allreduce_sequence_parallel_grads(model: nn.Module, state, optimizer=None) -> None:
     """Sum over TP the gradients of parameters marked `sequence_parallel` (norm weights under SP).
 
     Under sequence parallelism each rank runs the norms on its own sequence chunk, so its norm-weight
-    gradient covers only those positions. The training loop calls this once per step, after the last
-    micro-batch's backward and before the DP gradient reduction and the grad norm; the grads go through
-    one flat buffer, so it is a single all-reduce however many norms the model has.
+    gradient covers only those positions. Call this once per step, after the last micro-batch's backward
+    and before the DP gradient reduction and the grad norm (the sum is linear, so once is enough).
+
+    Where the gradients are: in `p.grad` (optimizer None, e.g. torch.optim), or, with the ZeRO-1
+    optimizer, in its flat gradient buffer (`optimizer.grad_view(p)`), because its hooks move every
+    gradient there and free p.grad. Either way they go through one flat message, so it is a single
+    all-reduce however many norms the model has. A no-op at tp_size 1 and without SP marks.
     """
     if state.tp_size == 1:
         return
-    grads = [p.grad for p in model.parameters() if getattr(p, "sequence_parallel", False) and p.grad is not None]
+    marked = [p for p in model.parameters() if getattr(p, "sequence_parallel", False)]
+    if optimizer is None:
+        grads = [p.grad for p in marked if p.grad is not None]
+    else:
+        grads = [optimizer.grad_view(p) for p in marked]
     if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])  # (Σ numel,)

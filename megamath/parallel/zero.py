@@ -174,6 +174,7 @@ class ZeroOptimizer:
         self.flat_param = torch.zeros(self.padded_numel, dtype=self.param_dtype, device=self.device)  # (dp·S,)
         self.flat_grad = torch.zeros(self.padded_numel, dtype=GRAD_DTYPES[config.grad_dtype], device=self.device)
         self.params: list[nn.Parameter] = []
+        self._slot_of: dict[int, ParamSlot] = {}  # id(parameter) -> its slot
         self._hooks = []
         with torch.no_grad():
             for slot, (_, p) in zip(self.slots, named):
@@ -182,6 +183,7 @@ class ZeroOptimizer:
                 p.data = view
                 p.grad = None
                 self.params.append(p)
+                self._slot_of[id(p)] = slot
                 grad_view = self.flat_grad[slot.offset:slot.offset + slot.numel].view_as(p)
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(grad_view)))
         self.ranges = self._shard_ranges()
@@ -225,6 +227,13 @@ class ZeroOptimizer:
     def zero_grad(self) -> None:
         """Zero the flat gradient buffer; call once per optimizer step, before the first micro-batch."""
         self.flat_grad.zero_()
+
+    def grad_view(self, p: nn.Parameter) -> torch.Tensor:
+        """Parameter p's accumulated gradient: its view (shape of p) into the flat gradient buffer."""
+        slot = self._slot_of.get(id(p))
+        if slot is None:
+            raise KeyError("ZeroOptimizer.grad_view: the parameter is not one of this optimizer's")
+        return self.flat_grad[slot.offset:slot.offset + slot.numel].view_as(p)
 
     # ---- the step ----------------------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from megamath.model.llama import Llama
+from megamath.parallel.layers import allreduce_sequence_parallel_grads
 from megamath.parallel.state import ParallelState
 from megamath.parallel.zero import ZeroOptimizer
 from megamath.training import checkpoint as ckpt
@@ -74,8 +75,8 @@ def train_step(model: Llama, optimizer: ZeroOptimizer, micro_batches: list[Micro
         _, loss = model(tokens, targets)  # () mean over the micro-batch's tokens
         (loss / len(micro_batches)).backward()  # grads accumulate in the optimizer's flat buffer
         loss_sum += loss.detach().float()
-    if model.sequence_parallel:
-        allreduce_sequence_parallel_grads(optimizer, state)
+    if model.sequence_parallel:  # norm-weight grads cover this rank's sequence chunk: sum them over TP
+        allreduce_sequence_parallel_grads(model, state, optimizer)
     loss = mean_over_dp(loss_sum / len(micro_batches), state)  # a host sync
     if not math.isfinite(loss):
         return StepOutput(loss, math.nan, skipped=True)
@@ -90,26 +91,6 @@ def mean_over_dp(value: torch.Tensor, state: ParallelState) -> float:
         dist.all_reduce(value, group=state.dp_group)
         value /= state.dp_size
     return float(value)
-
-
-@torch.no_grad()
-def allreduce_sequence_parallel_grads(optimizer: ZeroOptimizer, state: ParallelState) -> None:
-    """Sum over TP the grads of the sequence-parallel norm weights, where ZeRO-1 keeps them: its flat buffer.
-
-    Under SP each TP rank's norm-weight gradient covers only its sequence chunk. The optimizer's hooks
-    have already moved every gradient into its flat buffer (p.grad is None by now), so this reduces those
-    slices of the buffer; it is linear, so once after all micro-batches is enough.
-    """
-    views = [optimizer.flat_grad[s.offset:s.offset + s.numel] for s, p in zip(optimizer.slots, optimizer.params)
-             if getattr(p, "sequence_parallel", False)]
-    if not views or state.tp_group is None:
-        return
-    flat = torch.cat(views)  # (Σ numel,)
-    dist.all_reduce(flat, group=state.tp_group)
-    offset = 0
-    for view in views:
-        view.copy_(flat[offset:offset + view.numel()])
-        offset += view.numel()
 
 
 @torch.no_grad()
