@@ -334,8 +334,9 @@ def preprocess(config: PreprocessConfig) -> list[DatasetSummary]:
 
     outputs = _Outputs(groups, config, dtype, log)
     total_bytes = sum(path.stat().st_size for group in groups for path in group.files)
+    # Redirected to a log file, a bar redrawn ten times a second is noise: update it twice a minute.
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="preprocess", file=sys.stderr,
-               disable=not config.progress, dynamic_ncols=True)
+               disable=not config.progress, dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30)
     start, documents, tokens, text_bytes = time.perf_counter(), 0, 0, 0
     pool = _InProcess(spec, tokenizer) if config.workers == 1 else _ProcessPool(spec, config.workers)
     failed = True
