@@ -18,20 +18,19 @@ Layout under cache_dir, for key K of a description with kind "gpt":
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from megamath.atomic_io import replace_atomically
+
 # Bump when the meaning of any cached array changes: old caches then miss instead of being misread.
 INDEX_FORMAT_VERSION = 1
 _KEY_CHARS = 32  # hex digits of sha256 in file names: 128 bits, no accidental collisions
 _HASH_BLOCK = 1 << 22
-_temp_counter = itertools.count()
 
 logger = logging.getLogger(__name__)
 
@@ -56,19 +55,6 @@ def file_digest(path: Path) -> str:
         for block in iter(lambda: f.read(_HASH_BLOCK), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _replace_atomically(write: Callable[[object], None], path: Path) -> None:
-    """Write through `write(file)` into a temp file beside `path`, fsync, then rename over `path`."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{next(_temp_counter)}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 class _Stale(Exception):
@@ -96,13 +82,13 @@ class IndexCache:
         entries = {}
         for name, array in arrays.items():
             path = self.array_path(description, name)
-            _replace_atomically(lambda f: np.save(f, np.ascontiguousarray(array), allow_pickle=False), path)
+            replace_atomically(path, lambda f: np.save(f, np.ascontiguousarray(array), allow_pickle=False))
             entries[name] = {"file": path.name, "bytes": path.stat().st_size, "sha256": file_digest(path),
                              "dtype": np.dtype(array.dtype).str, "shape": list(array.shape)}
         metadata = {"format": INDEX_FORMAT_VERSION, "description": description, "arrays": entries}
         meta_path = self.metadata_path(description)
         text = json.dumps(metadata, sort_keys=True, indent=1).encode()
-        _replace_atomically(lambda f: f.write(text), meta_path)
+        replace_atomically(meta_path, lambda f: f.write(text))
         return meta_path
 
     def load(self, description: Mapping, names: Sequence[str]) -> dict[str, np.ndarray] | None:

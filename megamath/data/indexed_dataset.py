@@ -33,6 +33,8 @@ from typing import Sequence
 
 import numpy as np
 
+from megamath.atomic_io import fsync_path
+
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
 _HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, N, D
@@ -233,7 +235,7 @@ class IndexedDatasetWriter:
         self._idx_path.unlink(missing_ok=True)
         os.replace(self._bin_tmp, self._bin_path)
         os.replace(self._idx_tmp, self._idx_path)
-        _fsync_dir(self._idx_path.parent)
+        fsync_path(self._idx_path.parent)
         self._state = "finalized"
 
     def abort(self) -> None:
@@ -257,20 +259,6 @@ class IndexedDatasetWriter:
         except BaseException:
             self.abort()
             raise
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make the renames durable; some filesystems refuse to fsync a directory, which is harmless."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class IndexedDataset:

@@ -33,6 +33,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from megamath.atomic_io import fsync_path as _fsync  # module names: crash tests patch them here
+from megamath.atomic_io import write_text_atomically as _write_text_atomically
 from megamath.model.hf_interop import CONFIG_NAME, SafetensorsReader, check_tensors, to_hf_name
 from megamath.model.llama import tp_partition_dim
 from megamath.parallel.layers import shard_tensor
@@ -69,30 +71,6 @@ def checkpoint_files(tp_size: int, dp_size: int) -> list[str]:
 
 
 # ---- durability helpers ------------------------------------------------------------------------------------
-
-def _fsync(path: Path) -> None:
-    """Flush a file's (or a folder's entries') data to disk; folders some filesystems refuse are skipped."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_text_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync(path.parent)
-
 
 def _barrier(state: ParallelState) -> None:
     if state.is_distributed:
