@@ -75,16 +75,16 @@ def _decompress_to(files: list[Path], target: Path) -> tuple[int, int]:
     with open(target, "wb") as out:
         for path in files:
             if path.name.endswith(".zst"):
-                stream = zstandard.open(path, "rb")
+                with open(path, "rb") as f:
+                    data = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True).read()
             elif path.name.endswith(".gz"):
-                stream = gzip.open(path, "rb")
+                data = gzip.decompress(path.read_bytes())
             else:
-                stream = open(path, "rb")
-            with stream:
-                for line in stream:
-                    if line.strip():
-                        out.write(line if line.endswith(b"\n") else line + b"\n")
-                        records += 1
+                data = path.read_bytes()
+            for line in data.splitlines(keepends=False):
+                if line.strip():
+                    out.write(line + b"\n")
+                    records += 1
     return records, target.stat().st_size
 
 
