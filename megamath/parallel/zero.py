@@ -56,6 +56,8 @@ from megamath.parallel.state import ParallelState
 
 GRAD_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 CHECKPOINT_FORMAT = "megamath-zero1-v1"
+STATE_KEYS = ("master", "exp_avg", "exp_avg_sq")
+"""The per-parameter fp32 tensors a shard holds, in the order shards and tools list them."""
 
 
 @dataclass
@@ -137,6 +139,22 @@ def _native_collectives(group) -> bool:
     return dist.get_backend(group) == "nccl"
 
 
+def flat_layout(params: list[tuple[str, tuple[int, ...], bool]]) -> list[ParamSlot]:
+    """Where each parameter (name, shape, tensor_parallel) goes in the flat buffers, in buffer order.
+
+    Matrices (decayed) first, then 1-D weights; within each, TP-split before replicated; otherwise the
+    given (the model's) order. A checkpoint tool that writes optimizer shards for a model it does not
+    build uses this same rule, so its files are the ones a live optimizer would save.
+    """
+    ordered = sorted(params, key=lambda entry: (len(entry[1]) < 2, not entry[2]))
+    slots, offset = [], 0
+    for name, shape, split in ordered:
+        numel = math.prod(shape)
+        slots.append(ParamSlot(name, numel, offset, len(shape) >= 2, split))
+        offset += numel
+    return slots
+
+
 class ZeroOptimizer:
     """AdamW over flat buffers with fp32 master weights and moments sharded over the DP group.
 
@@ -157,16 +175,12 @@ class ZeroOptimizer:
             raise ValueError(f"ZeroOptimizer: all parameters must share one dtype and device for the flat buffer, "
                              f"got dtypes {dtypes} on devices {devices}")
         self.param_dtype, self.device = named[0][1].dtype, named[0][1].device
-        # Matrices (decayed) first, then 1-D weights; within each, TP-split before replicated; stable.
-        named.sort(key=lambda np_: (np_[1].dim() < 2, not getattr(np_[1], "tensor_parallel", False)))
-        self.slots: list[ParamSlot] = []
-        offset = 0
-        for name, p in named:
-            split = bool(getattr(p, "tensor_parallel", False))
-            self.slots.append(ParamSlot(name, p.numel(), offset, p.dim() >= 2, split))
-            offset += p.numel()
-        self.numel = offset
-        self.shard_size = -(-offset // self.dp_size)  # S = ceil(numel / dp)
+        self.slots: list[ParamSlot] = flat_layout([(n, tuple(p.shape), bool(getattr(p, "tensor_parallel", False)))
+                                                   for n, p in named])
+        by_name = dict(named)
+        named = [(slot.name, by_name[slot.name]) for slot in self.slots]  # the buffer's order
+        self.numel = sum(slot.numel for slot in self.slots)
+        self.shard_size = -(-self.numel // self.dp_size)  # S = ceil(numel / dp)
         self.padded_numel = self.shard_size * self.dp_size
         self.shard_start = self.dp_rank * self.shard_size
         self.shard_end = self.shard_start + self.shard_size
@@ -331,7 +345,7 @@ class ZeroOptimizer:
         shards without building the full vectors. The masters, rounded to the model's dtype, are also
         written into the model's parameters (they are the source of truth the bf16 weights came from).
         """
-        old = _validate_shards(shards, self.state)
+        old = validate_shards(shards, self.state.tp_size, self.state.tp_rank)
         old_slots = {name: (numel, offset) for name, numel, offset in old[0]["params"]}
         mine = {s.name: s.numel for s in self.slots}
         if mine != {n: numel for n, (numel, _) in old_slots.items()}:
@@ -341,17 +355,48 @@ class ZeroOptimizer:
             raise ValueError(f"load_sharded_state_dicts: the checkpoint's parameters differ from the model's: "
                              f"missing {missing}, unexpected {unexpected}, different sizes {resized}")
         old_size = old[0]["shard"][1] - old[0]["shard"][0]
-        for key, target in (("master", self.master), ("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
-            old_shards = [s[key] for s in old]
+        for key in STATE_KEYS:
+            target, old_shards = getattr(self, key), [s[key] for s in old]
             target.zero_()
             for slot in self.slots:
                 lo, hi = max(slot.offset, self.shard_start), min(slot.offset + slot.numel, self.shard_end)
                 if lo >= hi:
                     continue
                 old_offset = old_slots[slot.name][1] + (lo - slot.offset)
-                target[lo - self.shard_start:hi - self.shard_start] = _read_flat(old_shards, old_size, old_offset,
-                                                                                hi - lo)
+                target[lo - self.shard_start:hi - self.shard_start] = read_flat(old_shards, old_size, old_offset,
+                                                                               hi - lo)
         self.step_count = old[0]["step"]
+        self.flat_param[self.shard_start:self.shard_end].copy_(self.master)
+        self._all_gather_params()
+
+    @torch.no_grad()
+    def load_param_states(self, param_state, step: int) -> None:
+        """Resume from whole per-parameter states: `param_state(name)` gives {"master", "exp_avg",
+        "exp_avg_sq"} of parameter `name` as this rank holds it (fp32, its shape or flat).
+
+        The way in for a checkpoint of another layout (another TP size: megamath.training.reshard), where
+        each parameter is rebuilt by name. Only the parameters overlapping this rank's shard are asked
+        for. As in load_sharded_state_dicts, the masters (rounded) become the model's weights.
+        """
+        shard: dict[str, list[tuple[int, int, torch.Tensor]]] = {key: [] for key in STATE_KEYS}
+        for slot in self.slots:
+            lo, hi = max(slot.offset, self.shard_start), min(slot.offset + slot.numel, self.shard_end)
+            if lo >= hi:
+                continue
+            state = param_state(slot.name)
+            for key in STATE_KEYS:
+                flat = state[key].reshape(-1)  # (numel,)
+                if flat.numel() != slot.numel:
+                    raise ValueError(f"load_param_states: {key} of {slot.name} has {flat.numel()} elements, the "
+                                     f"parameter {slot.numel}")
+                piece = flat[lo - slot.offset:hi - slot.offset]  # (hi - lo,)
+                shard[key].append((lo - self.shard_start, hi - self.shard_start, piece))
+        for key in STATE_KEYS:  # only now: a refused load changes nothing
+            target = getattr(self, key)
+            target.zero_()
+            for start, end, piece in shard[key]:
+                target[start:end] = piece
+        self.step_count = step
         self.flat_param[self.shard_start:self.shard_end].copy_(self.master)
         self._all_gather_params()
 
@@ -367,7 +412,7 @@ def _all_gather(out: torch.Tensor, inp: torch.Tensor, group) -> None:
     fn(out, inp, group=group)
 
 
-def _read_flat(shards: list[torch.Tensor], shard_size: int, start: int, n: int) -> torch.Tensor:
+def read_flat(shards: list[torch.Tensor], shard_size: int, start: int, n: int) -> torch.Tensor:
     """Elements [start, start + n) of the old flat vector that `shards` (in DP-rank order) cut into size S."""
     pieces = []
     while n > 0:
@@ -378,8 +423,8 @@ def _read_flat(shards: list[torch.Tensor], shard_size: int, start: int, n: int) 
     return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
 
-def _validate_shards(shards: list[dict], state: ParallelState) -> list[dict]:
-    """The shards of one TP rank's whole DP group, sorted by DP rank; a clear error for anything else."""
+def validate_shards(shards: list[dict], tp_size: int, tp_rank: int) -> list[dict]:
+    """The shards of TP rank tp_rank's whole DP group, sorted by DP rank; a clear error for anything else."""
     if not shards:
         raise ValueError("load_sharded_state_dicts: got no shards")
     for s in shards:
@@ -392,17 +437,18 @@ def _validate_shards(shards: list[dict], state: ParallelState) -> list[dict]:
         raise ValueError(f"load_sharded_state_dicts: need the shards of all {dp_size} DP ranks exactly once, "
                          f"got DP ranks {ranks}")
     first = shards[0]
-    if (first["tp_size"], first["tp_rank"]) != (state.tp_size, state.tp_rank):
+    if (first["tp_size"], first["tp_rank"]) != (tp_size, tp_rank):
         raise ValueError(f"load_sharded_state_dicts: the shards are of TP rank {first['tp_rank']} of "
-                         f"{first['tp_size']}, this process is TP rank {state.tp_rank} of {state.tp_size} "
-                         "(resharding across tensor parallelism is not supported)")
+                         f"{first['tp_size']}, this process is TP rank {tp_rank} of {tp_size} "
+                         "(resharding across tensor parallelism goes through megamath.training.reshard: "
+                         "`megamath reshard`)")
     for s in shards[1:]:
         if (s["params"], s["step"], s["tp_rank"]) != (first["params"], first["step"], first["tp_rank"]):
             raise ValueError(f"load_sharded_state_dicts: DP rank {s['dp_rank']}'s shard is from another run or step "
                              "(its layout, step or TP rank differs from DP rank 0's)")
     size = first["shard"][1] - first["shard"][0]
     for s in shards:
-        if any(s[k].numel() != size for k in ("master", "exp_avg", "exp_avg_sq")):
+        if any(s[k].numel() != size for k in STATE_KEYS):
             raise ValueError(f"load_sharded_state_dicts: DP rank {s['dp_rank']}'s tensors do not have the shard "
                              f"size {size}")
     return shards
