@@ -18,6 +18,7 @@ COMMANDS = {
     "merge": "merge",
     "convert": "convert",
     "train": "train",
+    "reshard": "reshard",
 }
 
 

@@ -35,6 +35,7 @@ from megamath.training import checkpoint as ckpt
 from megamath.training.config import TrainConfig, dump_config
 from megamath.training.data import MicroBatch, TrainData
 from megamath.training.metrics import MetricsLogger, format_summary
+from megamath.training.reshard import load_checkpoint_any_tp
 from megamath.training.schedule import lr_at
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -202,7 +203,7 @@ def train(config: TrainConfig, state: ParallelState) -> TrainResult:
     step, nonfinite = 0, 0
     resume_from = resume_point(config, run_dir)
     if resume_from is not None:
-        meta = ckpt.load_checkpoint(resume_from, model, optimizer, state)
+        meta = load_checkpoint_any_tp(resume_from, model, optimizer, state)  # re-cut on another TP or DP size
         if meta["global_batch_size"] != data.global_batch_size:
             raise ValueError(f"checkpoint {resume_from} was trained with global batch {meta['global_batch_size']}, "
                              f"this run's is {data.global_batch_size} (micro_batch_size · grad_accum_steps · dp): "
@@ -212,7 +213,9 @@ def train(config: TrainConfig, state: ParallelState) -> TrainResult:
     log = MetricsLogger(run_dir, state.rank, state.device, config.model.flops_per_token(config.data.seq_length),
                         state.world_size, tokens_per_step, config.train_steps, step + 1, config.log_every)
     if resume_from is not None:
-        log.say(f"resumed from {resume_from} at step {step}")
+        resharded = (f" (saved at tensor-parallel size {meta['tp_size']}, re-cut for {state.tp_size})"
+                     if meta["tp_size"] != state.tp_size else "")
+        log.say(f"resumed from {resume_from} at step {step}{resharded}")
     last_saved, preempted, lr = step, False, 0.0
     try:
         with PreemptionFlag() as flag:

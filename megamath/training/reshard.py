@@ -1,0 +1,304 @@
+"""Change a training checkpoint's tensor-parallel size (and its data-parallel size): `megamath reshard`.
+
+Why: a checkpoint holds one model file per TP rank and one ZeRO-1 optimizer shard per (TP, DP) rank
+(checkpoint.py). A new DP size is re-cut at load time (zero.py), but a new TP size moves slices of every
+weight and of every Adam moment between files, so it is done here: offline into a new checkpoint
+(`reshard_checkpoint`, Megatron's checkpoint-conversion tool), or while resuming (`load_checkpoint_any_tp`).
+
+How, one parameter at a time, by name (p = old TP size, n = new, `tp_partition_dim` says the dim):
+
+    weight          model_tp00 … model_tp{p-1}: concatenate the slices along the dim -> the serial tensor;
+                    replicated tensors (norms, KV heads that do not split): one copy, equal on every rank
+    master, exp_avg, exp_avg_sq
+                    each old TP rank's flat fp32 vectors, cut over its DP ranks: the parameter's range is
+                    read back by name and offset, viewed as the rank's slice, merged like the weight
+    then            the serial tensor's slice for new TP rank t (shard_tensor), placed at the offset
+                    ZeroOptimizer would give it (zero.flat_layout) in the new DP shards
+
+Files are memory-mapped and read one parameter at a time: peak memory is one output file plus one
+parameter's serial state (4 + 12 bytes per element), not the model. Every step is bit-exact (slicing and
+concatenation only).
+
+What the new checkpoint holds besides the tensors: metadata.json is the old one with the new tp_size,
+dp_size, world_size and file list, the stored run config's parallel.tp_size set to n (sequence
+parallelism off at n = 1), and `resharded_from` (the source's path and sizes); step, consumed samples,
+schedule and the optimizer's step count are unchanged. RNG states: new rank r takes the saved states of
+old rank r when r is below the old world size, so a job that keeps its size (TP 2 × DP 1 -> TP 1 × DP 2)
+continues every process' streams; a rank the old job did not have starts the streams a fresh run seeds
+for it (seed + rank, as training.loop.seed_rngs), so no two ranks share a stream. Nothing draws random
+numbers after the initialization today; dropout would.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from megamath.model.config import ModelConfig
+from megamath.model.hf_interop import expected_shapes
+from megamath.model.llama import Llama, check_tensor_parallel, tp_partition_dim
+from megamath.parallel.layers import shard_tensor
+from megamath.parallel.state import ParallelState
+from megamath.parallel.zero import CHECKPOINT_FORMAT, STATE_KEYS, ZeroOptimizer, flat_layout, read_flat, validate_shards
+from megamath.training import checkpoint as ckpt
+from megamath.training.checkpoint import (CHECKPOINTS, LATEST, METADATA, _fsync, _write_text_atomically,
+                                          checkpoint_files, complete_checkpoints, latest_checkpoint, model_file,
+                                          optimizer_file, read_metadata, rng_file, step_dir_name)
+
+
+# ---- reading a checkpoint by parameter name ---------------------------------------------------------------
+
+def local_shapes(config: ModelConfig, tp_size: int) -> dict[str, tuple[int, ...]]:
+    """Each parameter's shape on one rank of TP size tp_size."""
+    shapes = {}
+    for name, shape in expected_shapes(config).items():
+        dim = tp_partition_dim(name, config, tp_size)
+        shapes[name] = shape if dim is None else shape[:dim] + (shape[dim] // tp_size,) + shape[dim + 1:]
+    return shapes
+
+
+def param_names(config: ModelConfig) -> list[str]:
+    """The model's parameter names in its own order (a model on the meta device: no memory, no init work)."""
+    with torch.device("meta"):
+        return [name for name, _ in Llama(config).named_parameters()]
+
+
+def cut(full: torch.Tensor, name: str, config: ModelConfig, tp_size: int, tp_rank: int) -> torch.Tensor:
+    """TP rank tp_rank's piece of parameter `name`'s serial tensor (a new tensor; replicated: a copy)."""
+    dim = tp_partition_dim(name, config, tp_size)
+    return full.clone() if dim is None else shard_tensor(full, dim, tp_size, tp_rank, name)
+
+
+class TrainCheckpoint:
+    """A complete training checkpoint's serial tensors, merged over its TP ranks on demand.
+
+    Opening checks that every file is there and consistent (names, shapes, one step); the tensors stay
+    memory-mapped until `weight(name)` / `param_state(name)` read one parameter.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.meta = read_metadata(self.path)
+        self.config = ModelConfig.from_dict(self.meta["config"]["model"])
+        self.tp_size, self.dp_size = self.meta["tp_size"], self.meta["dp_size"]
+        self.local = local_shapes(self.config, self.tp_size)
+        self._models = []
+        for t in range(self.tp_size):
+            handle = safe_open(str(self.path / model_file(t)), framework="pt")
+            shapes = {n: tuple(handle.get_slice(n).get_shape()) for n in handle.keys()}
+            if shapes != self.local:
+                raise ValueError(f"{self.path / model_file(t)} does not hold TP rank {t}'s slices of the model in "
+                                 f"metadata.json: {_difference(shapes, self.local)}")
+            self._models.append(handle)
+        self._shards, self._offsets = [], []
+        for t in range(self.tp_size):
+            shards = validate_shards([torch.load(self.path / optimizer_file(t, d), map_location="cpu", mmap=True,
+                                                 weights_only=True) for d in range(self.dp_size)], self.tp_size, t)
+            numels = {n: numel for n, numel, _ in shards[0]["params"]}
+            if numels != {n: _numel(s) for n, s in self.local.items()}:
+                raise ValueError(f"{self.path / optimizer_file(t, 0)}: the optimizer's parameters are not TP rank "
+                                 f"{t}'s of the model in metadata.json")
+            self._shards.append(shards)
+            self._offsets.append({n: offset for n, _, offset in shards[0]["params"]})
+        steps = [shards[0]["step"] for shards in self._shards]
+        if len(set(steps)) > 1:
+            raise ValueError(f"{self.path}: the optimizer shards of the TP ranks are at different steps {steps}")
+        self.step_count = steps[0]
+        self.optimizer_config = self._shards[0][0]["config"]
+
+    def weight(self, name: str) -> torch.Tensor:
+        """The serial model tensor `name`, in the stored dtype."""
+        return self._merge(name, [handle.get_tensor(name) for handle in self._models], "weight")
+
+    def param_state(self, name: str) -> dict[str, torch.Tensor]:
+        """The serial fp32 master, exp_avg and exp_avg_sq of parameter `name`."""
+        state = {}
+        for key in STATE_KEYS:
+            pieces = []
+            for shards, offsets in zip(self._shards, self._offsets):
+                size = shards[0]["shard"][1] - shards[0]["shard"][0]
+                flat = read_flat([s[key] for s in shards], size, offsets[name], _numel(self.local[name]))
+                pieces.append(flat.view(self.local[name]))  # this TP rank's slice
+            state[key] = self._merge(name, pieces, key)
+        return state
+
+    def _merge(self, name: str, pieces: list[torch.Tensor], what: str) -> torch.Tensor:
+        dim = tp_partition_dim(name, self.config, self.tp_size)
+        if dim is not None:
+            return torch.cat(pieces, dim=dim)
+        for t in range(1, len(pieces)):
+            if not torch.equal(pieces[t], pieces[0]):
+                raise ValueError(f"{self.path}: the {what} of replicated parameter {name} differs between TP ranks "
+                                 f"0 and {t}")
+        return pieces[0]
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    return int(np.prod(shape, dtype=np.int64))
+
+
+def _difference(found: dict, expected: dict) -> str:
+    missing, unknown = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    wrong = sorted(f"{n} {found[n]} (expected {expected[n]})" for n in set(found) & set(expected)
+                   if found[n] != expected[n])
+    parts = [f"missing {', '.join(missing)}" if missing else "", f"unknown {', '.join(unknown)}" if unknown else "",
+             f"wrong shapes {', '.join(wrong)}" if wrong else ""]
+    return "; ".join(p for p in parts if p)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder as given, or the one a run directory's `latest` names."""
+    path = Path(path)
+    if not (path / METADATA).is_file() and (path / CHECKPOINTS / LATEST).is_file():
+        return latest_checkpoint(path)
+    return path
+
+
+# ---- writing a checkpoint of another layout ----------------------------------------------------------------
+
+def default_dp_size(world_size: int, tp_size: int) -> int:
+    """The old world size / the new TP size (the same number of processes), or 1 when TP outgrows it."""
+    if tp_size >= world_size:
+        return 1
+    if world_size % tp_size:
+        raise ValueError(f"the checkpoint's world size {world_size} is not divisible by the new tensor-parallel size "
+                         f"{tp_size}: give the data-parallel size (--dp-size)")
+    return world_size // tp_size
+
+
+def optimizer_shards(source: TrainCheckpoint, names: list[str], tp_size: int, tp_rank: int, dp_size: int):
+    """The ZeRO-1 shards (ZeroOptimizer.sharded_state_dict's format) of TP rank tp_rank's DP ranks, in order."""
+    config, shapes = source.config, local_shapes(source.config, tp_size)
+    slots = flat_layout([(n, shapes[n], tp_partition_dim(n, config, tp_size) is not None) for n in names])
+    numel = sum(slot.numel for slot in slots)
+    size = -(-numel // dp_size)  # S = ceil(numel / dp), as ZeroOptimizer pads
+    params = [(slot.name, slot.numel, slot.offset) for slot in slots]
+    for dp_rank in range(dp_size):
+        start, end = dp_rank * size, (dp_rank + 1) * size
+        tensors = {key: torch.zeros(size, dtype=torch.float32) for key in STATE_KEYS}  # (S,); padding stays 0
+        for slot in slots:
+            lo, hi = max(slot.offset, start), min(slot.offset + slot.numel, end)
+            if lo >= hi:
+                continue
+            for key, full in source.param_state(slot.name).items():
+                piece = cut(full, slot.name, config, tp_size, tp_rank).reshape(-1)  # (numel,)
+                tensors[key][lo - start:hi - start] = piece[lo - slot.offset:hi - slot.offset]
+        yield {"format": CHECKPOINT_FORMAT, "step": source.step_count, "config": source.optimizer_config,
+               "tp_size": tp_size, "tp_rank": tp_rank, "dp_size": dp_size, "dp_rank": dp_rank, "shard": (start, end),
+               "params": params, **tensors}
+
+
+def fresh_rng_state(seed: int) -> dict:
+    """checkpoint.rng_state()'s format for generators seeded with `seed`, as loop.seed_rngs seeds them."""
+    version, mt, gauss = random.Random(seed).getstate()
+    name, keys, pos, has_gauss, cached = np.random.RandomState(seed % 2**32).get_state()
+    return {"python": [version, list(mt), gauss],
+            "numpy": [name, torch.from_numpy(keys.copy()), pos, has_gauss, cached],
+            "torch": torch.Generator().manual_seed(seed).get_state()}
+
+
+def _new_metadata(source: TrainCheckpoint, tp_size: int, dp_size: int) -> dict:
+    meta = copy.deepcopy(source.meta)
+    old = {"path": str(source.path), "tp_size": source.tp_size, "dp_size": source.dp_size}
+    meta.update(tp_size=tp_size, dp_size=dp_size, world_size=tp_size * dp_size,
+                files=checkpoint_files(tp_size, dp_size), resharded_from=old)
+    parallel = meta["config"].setdefault("parallel", {})
+    parallel["tp_size"] = tp_size
+    if tp_size == 1:
+        parallel["sequence_parallel"] = False  # needs TP > 1
+    return meta
+
+
+def _save(write, path: Path) -> None:
+    write(path)
+    _fsync(path)
+
+
+def _write_files(source: TrainCheckpoint, folder: Path, tp_size: int, dp_size: int) -> None:
+    """Every file of the new layout into `folder`, metadata.json last."""
+    names = param_names(source.config)
+    for tp_rank in range(tp_size):
+        tensors = {n: cut(source.weight(n), n, source.config, tp_size, tp_rank).contiguous() for n in names}
+        _save(lambda path: save_file(tensors, str(path)), folder / model_file(tp_rank))
+        del tensors
+        for dp_rank, shard in enumerate(optimizer_shards(source, names, tp_size, tp_rank, dp_size)):
+            _save(lambda path: torch.save(shard, path), folder / optimizer_file(tp_rank, dp_rank))
+    seed = source.meta["config"]["seed"]
+    for rank in range(tp_size * dp_size):
+        if rank < source.meta["world_size"]:
+            state = torch.load(source.path / rng_file(rank), weights_only=True)
+        else:
+            state = fresh_rng_state(seed + rank)
+        _save(lambda path: torch.save(state, path), folder / rng_file(rank))
+    meta = _new_metadata(source, tp_size, dp_size)
+    _save(lambda path: path.write_text(json.dumps(meta, indent=2) + "\n"), folder / METADATA)
+
+
+def reshard_checkpoint(checkpoint: str | Path, output: str | Path, tp_size: int, dp_size: int | None = None) -> Path:
+    """Write `checkpoint` (a step folder, or a run directory's latest) as a TP tp_size × DP dp_size checkpoint.
+
+    The result is OUTPUT/checkpoints/step_XXXXXXX with `latest` naming it, so a run with run_dir OUTPUT and
+    parallel.tp_size tp_size resumes from it. Written into a temp folder, metadata last, renamed into
+    place, then `latest` replaced: a killed tool leaves no checkpoint behind, never half of one.
+    """
+    src = resolve_checkpoint(checkpoint)
+    meta = read_metadata(src)
+    check_tensor_parallel(ModelConfig.from_dict(meta["config"]["model"]), tp_size)
+    if dp_size is None:
+        dp_size = default_dp_size(meta["world_size"], tp_size)
+    if isinstance(dp_size, bool) or not isinstance(dp_size, int) or dp_size < 1:
+        raise ValueError(f"data-parallel size must be a positive integer, got {dp_size!r}")
+    root = Path(output) / CHECKPOINTS
+    held = complete_checkpoints(root)
+    if held:
+        raise FileExistsError(f"{output} already holds checkpoints ({', '.join(p.name for _, p in held)}): reshard "
+                              "into a new run directory")
+    source = TrainCheckpoint(src)
+    name = step_dir_name(source.meta["step"])
+    final, tmp = root / name, root / f".{name}.tmp"
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a reshard that was killed
+    tmp.mkdir()
+    try:
+        _write_files(source, tmp, tp_size, dp_size)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # refused input or a failed write: leave nothing half done
+        raise
+    _fsync(tmp)
+    os.rename(tmp, final)
+    _fsync(root)
+    _write_text_atomically(root / LATEST, name + "\n")
+    return final
+
+
+# ---- resuming at another TP size directly ------------------------------------------------------------------
+
+def load_checkpoint_any_tp(path: str | Path, model: torch.nn.Module, optimizer: ZeroOptimizer,
+                           state: ParallelState) -> dict:
+    """checkpoint.load_checkpoint, which also accepts a checkpoint of another TP size (returns its metadata).
+
+    Same TP size: load_checkpoint as is (RNG states restored on an unchanged layout). Another TP size:
+    every rank rebuilds the optimizer state of its shard's parameters by name from all old files (the
+    masters become the weights, as on a DP change) and keeps its freshly seeded RNG states. Each rank
+    reads its parameters' whole serial state, so for a large model `megamath reshard` once is cheaper.
+    """
+    meta = read_metadata(path)
+    if meta["tp_size"] == state.tp_size:
+        return ckpt.load_checkpoint(path, model, optimizer, state)
+    source = TrainCheckpoint(path)
+    if expected_shapes(source.config) != expected_shapes(model.config):
+        raise ValueError(f"checkpoint {path} holds a model of another shape than this run's: "
+                         f"{_difference(expected_shapes(source.config), expected_shapes(model.config))}")
+    config, tp, rank = model.config, state.tp_size, state.tp_rank
+    optimizer.load_param_states(
+        lambda name: {k: cut(v, name, config, tp, rank) for k, v in source.param_state(name).items()},
+        source.step_count)
+    return meta
