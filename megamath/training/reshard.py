@@ -42,6 +42,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from megamath.atomic_io import fsync_path, write_text_atomically
 from megamath.model.config import ModelConfig
 from megamath.model.hf_interop import expected_shapes
 from megamath.model.llama import Llama, check_tensor_parallel, tp_partition_dim
@@ -49,9 +50,9 @@ from megamath.parallel.layers import shard_tensor
 from megamath.parallel.state import ParallelState
 from megamath.parallel.zero import CHECKPOINT_FORMAT, STATE_KEYS, ZeroOptimizer, flat_layout, read_flat, validate_shards
 from megamath.training import checkpoint as ckpt
-from megamath.training.checkpoint import (CHECKPOINTS, LATEST, METADATA, _fsync, _write_text_atomically,
-                                          checkpoint_files, complete_checkpoints, latest_checkpoint, model_file,
-                                          optimizer_file, read_metadata, rng_file, step_dir_name)
+from megamath.training.checkpoint import (CHECKPOINTS, LATEST, METADATA, checkpoint_files, complete_checkpoints,
+                                          latest_checkpoint, model_file, optimizer_file, read_metadata, rng_file,
+                                          step_dir_name)
 
 
 # ---- reading a checkpoint by parameter name ---------------------------------------------------------------
@@ -219,7 +220,7 @@ def _new_metadata(source: TrainCheckpoint, tp_size: int, dp_size: int) -> dict:
 
 def _save(write, path: Path) -> None:
     write(path)
-    _fsync(path)
+    fsync_path(path)
 
 
 def _write_files(source: TrainCheckpoint, folder: Path, tp_size: int, dp_size: int) -> None:
@@ -272,10 +273,10 @@ def reshard_checkpoint(checkpoint: str | Path, output: str | Path, tp_size: int,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # refused input or a failed write: leave nothing half done
         raise
-    _fsync(tmp)
+    fsync_path(tmp)
     os.rename(tmp, final)
-    _fsync(root)
-    _write_text_atomically(root / LATEST, name + "\n")
+    fsync_path(root)
+    write_text_atomically(root / LATEST, name + "\n")
     return final
 
 
