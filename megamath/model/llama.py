@@ -21,7 +21,8 @@ a serial state dict into rank r's and back, bit-exact.
 Sequence parallelism (on top of TP): the residual stream, the norms and the embedding's output hold a
 (B, S/p, h) chunk of the sequence; each attention / MLP all-gathers its input and reduce-scatters its
 output. The norm weights' gradients are then partial per rank: the training loop calls
-`megamath.parallel.layers.allreduce_sequence_parallel_grads(model, state)` after the backward.
+`megamath.parallel.layers.allreduce_sequence_parallel_grads(model, state, optimizer)` after the backward
+(with the ZeRO optimizer the gradients live in its flat buffer).
 
 With no parallel state (or tp_size 1) every collective is the identity and the model is the serial one.
 The elementwise and attention work goes through `ops.get_ops`, i.e. Triton kernels or their references.

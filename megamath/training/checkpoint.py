@@ -17,7 +17,8 @@ All ranks must see one filesystem (a shared one across nodes).
 
 Resume on another DP size works because every DP rank of the new run reads the optimizer shards of
 all old DP ranks of its TP rank (memory-mapped, so only the slices it needs are read) and hands them to
-`ZeroOptimizer.load_sharded_state_dicts`, which re-cuts them. Changing the TP size is refused.
+`ZeroOptimizer.load_sharded_state_dicts`, which re-cuts them. A different TP size goes through
+`megamath.training.reshard` (`megamath reshard`, or `load_checkpoint_any_tp` on resume).
 """
 from __future__ import annotations
 
@@ -199,7 +200,8 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer, state: 
     meta = read_metadata(path)
     if meta["tp_size"] != state.tp_size:
         raise ValueError(f"checkpoint {path} was saved with tensor-parallel size {meta['tp_size']}, this run uses "
-                         f"{state.tp_size}: changing the TP size on resume is not supported")
+                         f"{state.tp_size}: re-cut it with `megamath reshard` or load it with "
+                         f"megamath.training.reshard.load_checkpoint_any_tp")
     with torch.no_grad():
         model.load_state_dict(load_file(str(path / model_file(state.tp_rank))), strict=True)
     shards = [torch.load(path / optimizer_file(state.tp_rank, d), map_location="cpu", mmap=True, weights_only=True)
