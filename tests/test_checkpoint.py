@@ -113,8 +113,9 @@ def test_refusals(tmp_path, one_thread):
     meta_path = root / "step_0000002" / "metadata.json"
     meta = json.loads(meta_path.read_text())
     meta_path.write_text(json.dumps({**meta, "tp_size": 2}))
-    with pytest.raises(ValueError, match=r"was saved with tensor-parallel size 2, this run uses 1: changing the TP "
-                                         r"size on resume is not supported"):
+    with pytest.raises(ValueError, match=r"was saved with tensor-parallel size 2, this run uses 1: re-cut it with "
+                                         r"`megamath reshard` or load it with "
+                                         r"megamath\.training\.reshard\.load_checkpoint_any_tp"):
         load_checkpoint(root / "step_0000002", model, optimizer, state)
     meta_path.write_text(json.dumps(meta))
     (root / "step_0000002" / "rng_rank00000.pt").unlink()
