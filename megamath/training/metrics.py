@@ -54,7 +54,7 @@ class NvmlProbe:
         if device.type != "cuda":
             return
         try:
-            import pynvml  # nvidia-ml-py; optional
+            import pynvml  # nvidia-ml-py
 
             pynvml.nvmlInit()
             index = torch.cuda.current_device() if device.index is None else device.index
