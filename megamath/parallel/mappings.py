@@ -44,6 +44,16 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
+def all_gather_into(out: torch.Tensor, x: torch.Tensor, group) -> None:
+    """Native all-gather into one rank-major tensor (NCCL; see `native_collectives`)."""
+    _all_gather_single(out, x, group=group)
+
+
+def reduce_scatter_into(out: torch.Tensor, x: torch.Tensor, group) -> None:
+    """Native reduce-scatter of a rank-major tensor: chunk r of x's dim 0, summed, lands in rank r's out."""
+    _reduce_scatter_single(out, x, group=group)
+
+
 # ---- plain collectives (not differentiable) ---------------------------------------------------------------
 
 def group_size(group) -> int:
@@ -54,7 +64,8 @@ def group_rank(group) -> int:
     return 0 if group is None else dist.get_rank(group)
 
 
-def _native(group) -> bool:
+def native_collectives(group) -> bool:
+    """Whether the group's backend has single-tensor all-gather / reduce-scatter worth using directly."""
     return dist.get_backend(group) in _NATIVE_BACKENDS
 
 
@@ -78,9 +89,9 @@ def all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     """Concatenate every rank's x along dim, in rank order: (.., n, ..) -> (.., p·n, ..)."""
     p = group_size(group)
     x = x.contiguous()
-    if _native(group):
+    if native_collectives(group):
         out = x.new_empty((p * x.shape[0],) + tuple(x.shape[1:]))  # rank-major: the ranks' x one after another
-        _all_gather_single(out, x, group=group)
+        all_gather_into(out, x, group)
         return out.view((p,) + tuple(x.shape)).movedim(0, dim).flatten(dim, dim + 1)  # a copy unless dim is 0
     parts = [torch.empty_like(x) for _ in range(p)]
     dist.all_gather(parts, x, group=group)
@@ -91,10 +102,10 @@ def reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     """Sum over the group, keep this rank's chunk r of dim: (.., n, ..) -> (.., n/p, ..)."""
     p = group_size(group)
     n_local = _check_divisible(x, dim, p)
-    if _native(group):
+    if native_collectives(group):
         x_rank_major = x.unflatten(dim, (p, n_local)).movedim(dim, 0).contiguous()  # (p, .., n/p, ..)
         out = x.new_empty(x_rank_major.shape[1:])  # (.., n/p, ..)
-        _reduce_scatter_single(out, x_rank_major.flatten(0, 1), group=group)  # chunk r of dim 0 goes to rank r
+        reduce_scatter_into(out, x_rank_major.flatten(0, 1), group)  # chunk r of dim 0 goes to rank r
         return out
     return all_reduce(x, group).narrow(dim, group_rank(group) * n_local, n_local).contiguous()
 

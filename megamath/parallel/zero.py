@@ -52,6 +52,7 @@ import torch.nn as nn
 
 from megamath.kernels.adamw import adamw_step, adamw_step_ref
 from megamath.parallel.grad_clip import clip_coefficient, global_grad_norm
+from megamath.parallel.mappings import all_gather_into, native_collectives, reduce_scatter_into
 from megamath.parallel.state import ParallelState
 
 GRAD_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -131,12 +132,6 @@ class ShardRange:
 def _adamw_fn(device: torch.device):
     """The Triton kernel on CUDA, its plain-torch reference elsewhere (as megamath.model.ops dispatches)."""
     return adamw_step if device.type == "cuda" else adamw_step_ref
-
-
-def _native_collectives(group) -> bool:
-    """NCCL has in-place reduce-scatter / all-gather on flat buffers; gloo's reduce-scatter is missing
-    from older torch, so other backends use all-reduce + slice and a list all-gather (more bytes, CPU only)."""
-    return dist.get_backend(group) == "nccl"
 
 
 def flat_layout(params: list[tuple[str, tuple[int, ...], bool]]) -> list[ParamSlot]:
@@ -262,7 +257,7 @@ class ZeroOptimizer:
         if self.dp_group is None:
             return
         grad_2d = self.flat_grad.view(self.dp_size, self.shard_size)  # (dp, S): row r is rank r's shard
-        native = _native_collectives(self.dp_group)
+        native = native_collectives(self.dp_group)
         cols = self.shard_size
         if self.config.bucket_mb > 0:
             bytes_per_col = self.dp_size * self.flat_grad.element_size()
@@ -272,7 +267,7 @@ class ZeroOptimizer:
             out = grad_2d[self.dp_rank, c0:c1]  # (c,) contiguous
             bucket = grad_2d if c1 - c0 == self.shard_size else grad_2d[:, c0:c1].contiguous()  # (dp, c)
             if native:
-                _reduce_scatter(out, bucket.view(-1), group=self.dp_group)  # in place when bucket is grad_2d
+                reduce_scatter_into(out, bucket.view(-1), self.dp_group)  # in place when bucket is grad_2d
             else:
                 dist.all_reduce(bucket, group=self.dp_group)
                 if bucket.data_ptr() != grad_2d.data_ptr():
@@ -282,8 +277,8 @@ class ZeroOptimizer:
         if self.dp_group is None:
             return
         shard = self.flat_param[self.shard_start:self.shard_end]  # (S,)
-        if _native_collectives(self.dp_group):
-            _all_gather(self.flat_param, shard, group=self.dp_group)  # in place: shard is a view of the output
+        if native_collectives(self.dp_group):
+            all_gather_into(self.flat_param, shard, self.dp_group)  # in place: shard is a view of the output
         else:
             dist.all_gather(list(self.flat_param.view(self.dp_size, self.shard_size).unbind(0)), shard.clone(),
                             group=self.dp_group)
@@ -399,17 +394,6 @@ class ZeroOptimizer:
         self.step_count = step
         self.flat_param[self.shard_start:self.shard_end].copy_(self.master)
         self._all_gather_params()
-
-
-def _reduce_scatter(out: torch.Tensor, inp: torch.Tensor, group) -> None:
-    """torch >= 2.13 renamed reduce_scatter_tensor to reduce_scatter_single; use whichever exists."""
-    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-    fn(out, inp, group=group)
-
-
-def _all_gather(out: torch.Tensor, inp: torch.Tensor, group) -> None:
-    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    fn(out, inp, group=group)
 
 
 def read_flat(shards: list[torch.Tensor], shard_size: int, start: int, n: int) -> torch.Tensor:
