@@ -109,7 +109,7 @@ def test_refusals(tmp_path, one_thread):
     (root / LATEST).write_text("step_0000002\n")
     config, state = TrainConfig.from_dict(raw), ParallelState.single()
     model = loop.build_model(config, state)
-    optimizer = ZeroOptimizer(model, state, config.optimizer)
+    optimizer = ZeroOptimizer(model, state, config.optimizer, model.split_parameter_names())
     meta_path = root / "step_0000002" / "metadata.json"
     meta = json.loads(meta_path.read_text())
     meta_path.write_text(json.dumps({**meta, "tp_size": 2}))

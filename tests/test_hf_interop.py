@@ -11,9 +11,10 @@ from safetensors.torch import load_file, save_file
 from megamath.cli import main
 from megamath.model import Llama, ModelConfig
 from megamath.model.hf_interop import (
-    INDEX_NAME, WEIGHTS_NAME, convert_hf_to_megamath, convert_megamath_to_hf, expected_shapes,
-    hf_config_to_model_config, load_checkpoint, parse_size, save_checkpoint, to_hf_name,
+    INDEX_NAME, WEIGHTS_NAME, convert_hf_to_megamath, convert_megamath_to_hf, hf_config_to_model_config,
+    load_checkpoint, parse_size, save_checkpoint, to_hf_name,
 )
+from megamath.model.partition import parameter_shapes
 
 # GQA (4 q heads, 2 kv heads), an odd vocabulary, a non-default RoPE base and norm epsilon.
 SMALL = dict(vocab_size=1003, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=176,
@@ -82,7 +83,7 @@ def test_megamath_to_hf_to_megamath_is_bit_exact_when_sharded(megamath_ckpt, tmp
 
     convert_hf_to_megamath(tmp_path / "hf", tmp_path / "back")
     back = read_dir(tmp_path / "back")
-    assert set(back) == set(expected_shapes(model.config))
+    assert set(back) == set(parameter_shapes(model.config))
     for name, tensor in back.items():
         assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, exported[to_hf_name(name)]), name
 

@@ -22,7 +22,8 @@ from safetensors.torch import load_file, save_file
 
 from distributed import run_distributed
 from megamath.cli import main
-from megamath.model.llama import merge_state_dicts, shard_state_dict, tp_partition_dim
+from megamath.model.llama import merge_state_dicts, shard_state_dict
+from megamath.model.partition import tp_partition_dim
 from megamath.parallel.state import ParallelState
 from megamath.parallel.zero import ZeroOptimizer
 from megamath.training import loop
@@ -117,14 +118,14 @@ def _sp_grads(state, tmp):
     for kind in ("serial", "plain", "zero"):
         torch.manual_seed(3)
         model = Llama(config) if kind == "serial" else Llama(config, state, sequence_parallel=True)
-        optimizer = ZeroOptimizer(model, state, OptimizerConfig()) if kind == "zero" else None
+        optimizer = ZeroOptimizer(model, state, OptimizerConfig(), model.split_parameter_names()) if kind == "zero" else None
         model(tokens[:, :-1], tokens[:, 1:])[1].backward()
         norms = [(n, p) for n, p in model.named_parameters() if "norm" in n]
         grad = (lambda p: optimizer.grad_view(p)) if optimizer else (lambda p: p.grad)
         if kind == "zero":
             grads["partial"] = {n: grad(p).clone() for n, p in norms}
         if kind != "serial":
-            allreduce_sequence_parallel_grads(model, state, optimizer)
+            allreduce_sequence_parallel_grads(model.sequence_parallel_parameters(), state, optimizer)
         grads[kind] = {n: grad(p).clone() for n, p in norms}
     torch.save(grads, tmp / f"sp_grads{state.rank}.pt")
 
@@ -376,7 +377,7 @@ def test_direct_resume_refuses_another_model(runs):
                                             model__num_kv_heads=3))
     state = ParallelState.single()
     model = loop.build_model(config, state)
-    optimizer = ZeroOptimizer(model, state, config.optimizer)
+    optimizer = ZeroOptimizer(model, state, config.optimizer, model.split_parameter_names())
     with pytest.raises(ValueError) as err:
         rs.load_checkpoint_any_tp(runs / "a_tp2" / STEP2, model, optimizer, state)
     assert str(err.value).startswith(f"checkpoint {runs / 'a_tp2' / STEP2} holds a model of another shape than this "
@@ -399,7 +400,7 @@ def test_load_param_states_refuses_a_wrong_size_and_changes_nothing(runs):
     config = TrainConfig.from_dict(config_b(runs, "x", 1))
     state = ParallelState.single()
     model = loop.build_model(config, state)
-    optimizer = ZeroOptimizer(model, state, config.optimizer)
+    optimizer = ZeroOptimizer(model, state, config.optimizer, model.split_parameter_names())
     before = {k: getattr(optimizer, k).clone() for k in KEYS}
     source = rs.TrainCheckpoint(runs / "b_tp1" / STEP2)
 

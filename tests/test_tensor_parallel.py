@@ -52,6 +52,11 @@ def _grads(model) -> dict[str, torch.Tensor]:
 
 # ---- workers ---------------------------------------------------------------------------------------------
 
+def owner(model, name: str):
+    """The module that holds parameter `name`."""
+    return model.get_submodule(name.rpartition(".")[0])
+
+
 def _tp2_worker(rank, world_size, out_dir):
     from megamath.model.ops import get_ops
     from megamath.parallel.layers import allreduce_sequence_parallel_grads
@@ -67,8 +72,9 @@ def _tp2_worker(rank, world_size, out_dir):
         model = Llama(config, state, sequence_parallel=sp)
         r = {"init": {k: v.clone() for k, v in model.state_dict().items()},
              "serial_state": {k: v.clone() for k, v in serial.state_dict().items()},
-             "marks": {n: (getattr(p, "tensor_parallel", False), getattr(p, "sequence_parallel", False))
-                       for n, p in model.named_parameters()}}
+             "marks": {n: (spec.tensor_parallel, spec.sequence_parallel) for n, spec in model.partition.items()},
+             "layer_dims": {n: (model.partition[n].partition_dim, getattr(owner(model, n), "partition_dim", None))
+                            for n, _ in model.named_parameters()}}
         model.load_state_dict(shard_state_dict(serial.state_dict(), config, TP, rank))
         tokens, targets = batch(config.vocab_size)
         logits, loss = serial(tokens, targets)
@@ -78,7 +84,7 @@ def _tp2_worker(rank, world_size, out_dir):
         loss.backward()
         r.update(tp_logits=logits.detach(), tp_logits_gathered=gather_from_tp(logits.detach(), state.tp_group),
                  tp_loss=loss.detach(), tp_grads_partial=_grads(model))
-        allreduce_sequence_parallel_grads(model, state)
+        allreduce_sequence_parallel_grads(model.sequence_parallel_parameters(), state)
         r["tp_grads"] = _grads(model)
         if case == "kv2":  # the loss through the vocab-parallel Triton kernel (interpreted on CPU)
             r["tp_loss_triton"] = model._cross_entropy(get_ops("triton", "cpu"), logits.detach().view(B * S, -1),
@@ -163,7 +169,7 @@ def _tp2_dp2_worker(rank, world_size, out_dir):
     rows = slice(2 * state.dp_rank, 2 * state.dp_rank + 2)
     _, loss = model(tokens[rows], targets[rows])
     loss.backward()
-    allreduce_sequence_parallel_grads(model, state)
+    allreduce_sequence_parallel_grads(model.sequence_parallel_parameters(), state)
     for p in model.parameters():  # what a DP gradient reduction does: the mean over DP ranks
         dist.all_reduce(p.grad, group=state.dp_group)
         p.grad /= state.dp_size
@@ -255,6 +261,9 @@ def test_tp2_model_matches_serial(tp2, case):
         if sp:
             assert r["odd_length_error"] == ("sequence parallelism needs the sequence length 7 to be divisible by "
                                              "the tensor-parallel size 2")
+        assert list(r["marks"]) == list(r["init"]), "the partition table names the model's parameters, in order"
+        for name, (table_dim, layer_dim) in r["layer_dims"].items():  # the table agrees with the layer classes
+            assert table_dim == layer_dim, f"{where}: partition dim of {name}"
         for name, (split, seq) in r["marks"].items():
             replicated = "norm" in name or (config.num_kv_heads % TP and ("k_proj" in name or "v_proj" in name))
             assert split == (not replicated), f"{where}: tensor_parallel mark of {name}"

@@ -206,7 +206,7 @@ def test_resume_on_a_different_dp_size(dp2_runs, tmp_path, one_thread):
     raw = raw_config(dp2_runs / "data", tmp_path / "dp1", grad_accum_steps=2)
     config, state = TrainConfig.from_dict(raw), ParallelState.single()
     model = loop.build_model(config, state)
-    optimizer = ZeroOptimizer(model, state, config.optimizer)
+    optimizer = ZeroOptimizer(model, state, config.optimizer, model.split_parameter_names())
     load_checkpoint(step4, model, optimizer, state)
     old = [torch.load(step4 / f"optimizer_tp00_dp{d:03d}.pt", weights_only=True) for d in range(2)]
     for key in ("master", "exp_avg", "exp_avg_sq"):

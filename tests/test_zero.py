@@ -151,9 +151,8 @@ def tp_grads(tp_rank):
 def _tp_norm(state, out_dir):
     module = nn.Module()
     module.split = nn.Parameter(torch.ones(3, 4))
-    module.split.tensor_parallel = True
     module.norm = nn.Parameter(torch.ones(5))
-    opt = ZeroOptimizer(module, state, OptimizerConfig(lr=0.1, clip_grad=TP_CLIP))
+    opt = ZeroOptimizer(module, state, OptimizerConfig(lr=0.1, clip_grad=TP_CLIP), split_names={"split"})
     g_split, g_repl = tp_grads(state.tp_rank)
     ((module.split * g_split).sum() + (module.norm * g_repl).sum()).backward()
     result = opt.step(0.1)
@@ -266,7 +265,7 @@ def test_clipping_off_matches_unclipped_adamw():
 def test_layout_views_and_padding():
     model = make_model()
     state = dataclasses.replace(ParallelState.single(), dp_size=3, dp_rank=2)  # layout only: no step
-    opt = ZeroOptimizer(model, state, zero_config())
+    opt = ZeroOptimizer(model, state, zero_config(), model.split_parameter_names())
     numel = sum(p.numel() for p in model.parameters())
     assert opt.numel == numel and opt.padded_numel % 3 == 0 and opt.padded_numel - numel < 3
     assert (opt.shard_start, opt.shard_end) == (2 * opt.shard_size, 3 * opt.shard_size)
@@ -288,7 +287,7 @@ def test_layout_views_and_padding():
         for r in opt.ranges:
             lo, hi = r.start + opt.shard_start, r.end + opt.shard_start
             if lo < slot.offset + slot.numel and slot.offset < hi:
-                split = getattr(params[slot.name], "tensor_parallel", False)
+                split = slot.name in model.split_parameter_names()
                 assert (r.decay, r.tensor_parallel) == (params[slot.name].dim() >= 2, split), slot.name
     assert len(opt.ranges) >= 2  # the end of the matrices, then the norm weights
 

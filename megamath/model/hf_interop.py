@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from megamath.model.config import ModelConfig
+from megamath.model.partition import parameter_shapes
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -36,27 +37,6 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.floa
 
 
 # ---- names and shapes ----------------------------------------------------------------------------------
-
-def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Our parameter names, in Llama's order, with their shapes (the model need not be built)."""
-    h, d, f, v = config.hidden_size, config.head_dim, config.ffn_hidden_size, config.vocab_size
-    shapes = {"embed_tokens.weight": (v, h)}
-    for i in range(config.num_layers):
-        p = f"layers.{i}."
-        shapes.update({
-            p + "self_attn.q_proj.weight": (config.num_heads * d, h),
-            p + "self_attn.k_proj.weight": (config.num_kv_heads * d, h),
-            p + "self_attn.v_proj.weight": (config.num_kv_heads * d, h),
-            p + "self_attn.o_proj.weight": (h, config.num_heads * d),
-            p + "mlp.gate_proj.weight": (f, h),
-            p + "mlp.up_proj.weight": (f, h),
-            p + "mlp.down_proj.weight": (h, f),
-            p + "input_layernorm.weight": (h,),
-            p + "post_attention_layernorm.weight": (h,),
-        })
-    shapes.update({"norm.weight": (h,), "lm_head.weight": (v, h)})
-    return shapes
-
 
 def to_hf_name(name: str) -> str:
     return name if name == "lm_head.weight" else "model." + name
@@ -189,7 +169,7 @@ def _some(names: list[str], limit: int = 8) -> str:
 
 def check_tensors(found: dict[str, tuple[int, ...]], config: ModelConfig, describe: Callable[[str], str]) -> None:
     """Names and shapes must be exactly the model's; errors name the offending tensors (in file naming)."""
-    expected = expected_shapes(config)
+    expected = parameter_shapes(config)
     missing = [describe(n) for n in expected if n not in found]
     if missing:
         raise ValueError(f"checkpoint is missing tensors: {_some(missing)}")
@@ -277,7 +257,7 @@ def save_checkpoint(model, directory: str | Path, max_shard_size: str | int = DE
 
     def write(tmp: Path) -> None:
         (tmp / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-        plan = [(n, state[n].numel() * (dtype or state[n].dtype).itemsize) for n in expected_shapes(config)]
+        plan = [(n, state[n].numel() * (dtype or state[n].dtype).itemsize) for n in parameter_shapes(config)]
         write_safetensors_dir(tmp, plan, lambda n: state[n].to("cpu", dtype or state[n].dtype), max_bytes)
 
     return _write_dir(directory, write)
@@ -297,7 +277,7 @@ def load_checkpoint(directory: str | Path, device: torch.device | str = "cpu", d
     check_tensors({n: reader.shape(n) for n in reader.names()}, config, str)
     with torch.device("meta"):
         model = Llama(config)
-    state = {n: reader.get(n, dtype).to(device) for n in expected_shapes(config)}
+    state = {n: reader.get(n, dtype).to(device) for n in parameter_shapes(config)}
     model.load_state_dict(state, assign=True)
     return model
 
@@ -319,7 +299,7 @@ def convert_hf_to_megamath(src: str | Path, dst: str | Path, max_shard_size: str
 
     def write(tmp: Path) -> None:
         (tmp / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-        plan = [(n, reader.nbytes(hf_of[n], dtype)) for n in expected_shapes(config)]
+        plan = [(n, reader.nbytes(hf_of[n], dtype)) for n in parameter_shapes(config)]
         write_safetensors_dir(tmp, plan, lambda n: reader.get(hf_of[n], dtype), max_bytes)
 
     _write_dir(dst, write)
@@ -337,7 +317,7 @@ def convert_megamath_to_hf(src: str | Path, dst: str | Path, max_shard_size: str
 
     def write(tmp: Path) -> None:
         (tmp / CONFIG_NAME).write_text(json.dumps(hf_config, indent=2) + "\n")
-        plan = [(to_hf_name(n), reader.nbytes(n, dtype)) for n in expected_shapes(config)]
+        plan = [(to_hf_name(n), reader.nbytes(n, dtype)) for n in parameter_shapes(config)]
         write_safetensors_dir(tmp, plan, lambda hf: reader.get(from_hf_name(hf), dtype), max_bytes)
 
     _write_dir(dst, write)

@@ -20,9 +20,13 @@ a serial state dict into rank r's and back, bit-exact.
 
 Sequence parallelism (on top of TP): the residual stream, the norms and the embedding's output hold a
 (B, S/p, h) chunk of the sequence; each attention / MLP all-gathers its input and reduce-scatters its
-output. The norm weights' gradients are then partial per rank: the training loop calls
-`megamath.parallel.layers.allreduce_sequence_parallel_grads(model, state, optimizer)` after the backward
-(with the ZeRO optimizer the gradients live in its flat buffer).
+output. The norm weights' gradients are then partial per rank: the training step calls
+`allreduce_sequence_parallel_grads(model.sequence_parallel_parameters(), state, optimizer)` after the
+backward (with the ZeRO optimizer the gradients live in its flat buffer).
+
+Which parameter is split along which dim, and which is sequence-parallel, is decided by name in
+megamath.model.partition (`model.partition`), never by attributes on the parameter tensors, which
+`to_empty` and other re-creations of parameters drop.
 
 With no parallel state (or tp_size 1) every collective is the identity and the model is the serial one.
 The elementwise and attention work goes through `ops.get_ops`, i.e. Triton kernels or their references.
@@ -37,6 +41,9 @@ import torch.utils.checkpoint
 
 from megamath.model.config import ModelConfig
 from megamath.model.ops import Ops, get_ops
+from megamath.model.partition import (
+    ParamSpec, check_tensor_parallel, is_norm_weight, local_shapes, partition_table, tp_partition_dim,
+)
 from megamath.parallel.layers import (
     ColumnParallelLinear, RowParallelLinear, TPReplicatedLinear, VocabParallelEmbedding, merge_shards, shard_tensor,
     tp_region_input, vocab_parallel_cross_entropy_ref,
@@ -47,16 +54,15 @@ from megamath.parallel.state import ParallelState
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x², -1) + eps) · weight (weight starts at ones).
 
-    Under sequence parallelism the weight is marked `sequence_parallel`: each rank's gradient covers only
-    its sequence chunk and is summed over TP by allreduce_sequence_parallel_grads.
+    Under sequence parallelism each rank's weight gradient covers only its sequence chunk; the partition
+    table (megamath.model.partition) names these weights, and the training step sums their gradients
+    over TP (allreduce_sequence_parallel_grads).
     """
 
-    def __init__(self, hidden_size: int, eps: float, sequence_parallel: bool = False):
+    def __init__(self, hidden_size: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size))
-        if sequence_parallel:
-            self.weight.sequence_parallel = True
 
     def forward(self, x: torch.Tensor, ops: Ops) -> torch.Tensor:
         return ops.rms_norm(x, self.weight, self.eps)
@@ -140,9 +146,9 @@ class Block(nn.Module):
 
     def __init__(self, config: ModelConfig, parallel: ParallelState, sequence_parallel: bool = False):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps, sequence_parallel)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
         self.self_attn = Attention(config, parallel, sequence_parallel)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps, sequence_parallel)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
         self.mlp = MLP(config, parallel, sequence_parallel)
 
     def forward(self, x: torch.Tensor, ops: Ops, position_offset: int) -> torch.Tensor:
@@ -166,9 +172,10 @@ class Llama(nn.Module):
         self.parallel = parallel
         self.sequence_parallel = bool(sequence_parallel) and parallel.tp_size > 1
         sp = self.sequence_parallel
+        self.partition: dict[str, ParamSpec] = partition_table(config, parallel.tp_size, sp)
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, parallel.tp_group, sp)
         self.layers = nn.ModuleList(Block(config, parallel, sp) for _ in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.norm_eps, sp)
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.lm_head = ColumnParallelLinear(config.hidden_size, config.vocab_size, parallel.tp_group, sp)
         self.reset_parameters()
 
@@ -186,15 +193,14 @@ class Llama(nn.Module):
         scaled_std = std / math.sqrt(2 * self.config.num_layers)
         p, r = self.parallel.tp_size, self.parallel.tp_rank
         for name, param in self.named_parameters():
-            if name.endswith("layernorm.weight") or name == "norm.weight":
+            spec = self.partition[name]
+            if is_norm_weight(name):
                 param.fill_(1.0)
                 continue
-            dim = getattr(param, "partition_dim", None)
+            dim = spec.partition_dim
             full = param
             if p > 1 and dim is not None:
-                shape = list(param.shape)
-                shape[dim] *= p
-                full = param.new_empty(shape)
+                full = param.new_empty(spec.shape)
             full.normal_(0.0, scaled_std if name.endswith(("o_proj.weight", "down_proj.weight")) else std)
             if full is not param:
                 param.copy_(shard_tensor(full, dim, p, r, name))
@@ -244,6 +250,14 @@ class Llama(nn.Module):
             return ops.cross_entropy(logits, targets, ignore_index=-100, group=group)
         return vocab_parallel_cross_entropy_ref(logits, targets, ignore_index=-100, group=group)
 
+    def split_parameter_names(self) -> set[str]:
+        """Names of the parameters TP splits (each TP rank holds a different piece), from the partition table."""
+        return {name for name, spec in self.partition.items() if spec.tensor_parallel}
+
+    def sequence_parallel_parameters(self) -> list[nn.Parameter]:
+        """The parameters whose gradients are partial per TP rank under SP (the norm weights), by the table."""
+        return [p for name, p in self.named_parameters() if self.partition[name].sequence_parallel]
+
     def param_groups(self, weight_decay: float) -> list[dict]:
         """AdamW groups in Megatron's convention: decay the matrices, not the norm weights (1-D)."""
         decay = [p for p in self.parameters() if p.dim() >= 2]
@@ -252,34 +266,6 @@ class Llama(nn.Module):
 
 
 # ---- tensor-parallel state dicts ------------------------------------------------------------------------------
-
-def check_tensor_parallel(config: ModelConfig, tp_size: int) -> None:
-    """The sizes TP splits must be divisible by tp_size (KV heads need not: they are replicated)."""
-    if isinstance(tp_size, bool) or not isinstance(tp_size, int) or tp_size < 1:
-        raise ValueError(f"tensor-parallel size must be a positive integer, got {tp_size!r}")
-    for field in ("num_heads", "ffn_hidden_size"):
-        if getattr(config, field) % tp_size:
-            raise ValueError(f"tensor-parallel size {tp_size} does not divide {field} {getattr(config, field)}")
-    if config.vocab_size % tp_size:
-        padded = -(-config.vocab_size // tp_size) * tp_size
-        raise ValueError(f"tensor-parallel size {tp_size} does not divide vocab_size {config.vocab_size}: pad the "
-                         f"vocabulary to a multiple of {tp_size} (e.g. {padded}; Megatron's "
-                         f"--make-vocab-size-divisible-by) before splitting it")
-
-
-def tp_partition_dim(name: str, config: ModelConfig, tp_size: int) -> int | None:
-    """The dim of serial tensor `name` that TP splits, or None where every rank holds all of it."""
-    if name in ("embed_tokens.weight", "lm_head.weight"):
-        return 0
-    projection = name.rsplit(".", 2)[-2]  # "layers.3.self_attn.q_proj.weight" -> "q_proj"
-    if projection in ("q_proj", "gate_proj", "up_proj"):
-        return 0
-    if projection in ("k_proj", "v_proj"):
-        return 0 if config.num_kv_heads % tp_size == 0 else None
-    if projection in ("o_proj", "down_proj"):
-        return 1
-    return None  # norms
-
 
 def _check_names(tensors: dict, expected: dict, what: str) -> None:
     missing = [n for n in expected if n not in tensors]
@@ -294,23 +280,13 @@ def _check_names(tensors: dict, expected: dict, what: str) -> None:
         raise ValueError(f"{what} tensors have wrong shapes: {', '.join(wrong)}")
 
 
-def _local_shapes(config: ModelConfig, tp_size: int) -> dict[str, tuple[int, ...]]:
-    from megamath.model.hf_interop import expected_shapes  # imported here: hf_interop builds Llama models
-
-    shapes = {}
-    for name, shape in expected_shapes(config).items():
-        dim = tp_partition_dim(name, config, tp_size)
-        shapes[name] = shape if dim is None else shape[:dim] + (shape[dim] // tp_size,) + shape[dim + 1:]
-    return shapes
-
-
 def shard_state_dict(full: dict[str, torch.Tensor], config: ModelConfig, tp_size: int,
                      tp_rank: int) -> dict[str, torch.Tensor]:
     """TP rank tp_rank's state dict from the serial one (new tensors; replicated ones copied whole)."""
     check_tensor_parallel(config, tp_size)
     if not 0 <= tp_rank < tp_size:
         raise ValueError(f"tp_rank {tp_rank} is out of range for tensor-parallel size {tp_size}")
-    _check_names(full, _local_shapes(config, 1), "serial state dict")
+    _check_names(full, local_shapes(config, 1), "serial state dict")
     shards = {}
     for name, tensor in full.items():
         dim = tp_partition_dim(name, config, tp_size)
@@ -322,7 +298,7 @@ def merge_state_dicts(shards: list[dict[str, torch.Tensor]], config: ModelConfig
     """The serial state dict from TP ranks 0 … p-1's; replicated tensors must agree bit for bit."""
     tp_size = len(shards)
     check_tensor_parallel(config, tp_size)
-    local = _local_shapes(config, tp_size)
+    local = local_shapes(config, tp_size)
     for rank, shard in enumerate(shards):
         _check_names(shard, local, f"TP rank {rank}'s state dict")
     merged = {}

@@ -5,9 +5,9 @@ and tensor parallelism gives it 1/tp of every split weight. The global norm is
 
     ||g||² = Σ_dp Σ_tp ||g_split||²  +  Σ_dp ||g_replicated||²
 
-Split weights (`p.tensor_parallel = True`: column- or row-parallel matrices, the vocabulary-parallel
+Split weights (named in ZeroOptimizer's `split_names`: column- or row-parallel matrices, the vocabulary-parallel
 embedding) hold different pieces on the TP ranks, so their squares are summed over TP as well as DP.
-Replicated weights (the attribute absent or False: the RMSNorm weights) are the same on every TP rank,
+Replicated weights (all others: the RMSNorm weights, KV projections that TP cannot split) are the same on every TP rank,
 so they are counted once, from the DP sum alone. The TP all-reduce also carries `replicated · 0`: 0 when
 finite, NaN otherwise, so a non-finite gradient on one TP rank makes every TP rank skip the step (their
 weights would drift apart otherwise).

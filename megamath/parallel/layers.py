@@ -14,10 +14,12 @@ torch stores a Linear's weight as (out, in), i.e. W = Aᵀ for Y = XA. With p ra
     TPReplicatedLinear      every rank holds the full weight (KV heads that do not split evenly); its
                             gradient is summed over the group in the backward so all copies stay equal.
 
-Split weights carry `weight.tensor_parallel = True` and `weight.partition_dim` (the serial tensor's dim
-they cut): a grad norm counts them on every TP rank, replicated parameters once. `shard_tensor` /
-`merge_shards` are the slicing rule, so a TP layer holds exactly the serial weight's slice
-(`load_full_weight`). Layers take their group explicitly; with group None they are plain Linear /
+Each layer class states the dim it cuts (`partition_dim`). Nothing is written onto the weight tensors:
+which parameters of a model are split or sequence-parallel is a table by name (for Llama,
+megamath.model.partition), read by the gradient norm (ZeroOptimizer's `split_names`) and by the SP
+gradient sum, because attributes on a tensor vanish when the tensor is re-created (`to_empty`).
+`shard_tensor` / `merge_shards` are the slicing rule, so a TP layer holds exactly the serial weight's
+slice (`load_full_weight`). Layers take their group explicitly; with group None they are plain Linear /
 Embedding (no communication, no autograd node added).
 
 Several column-parallel layers that read the same input (q, k, v; gate, up) should enter the TP region
@@ -50,11 +52,6 @@ def shard_tensor(full: torch.Tensor, dim: int, tp_size: int, tp_rank: int, name:
 def merge_shards(shards: list[torch.Tensor], dim: int) -> torch.Tensor:
     """Inverse of shard_tensor: concatenate rank 0 … p-1's chunks along dim."""
     return torch.cat(shards, dim=dim)
-
-
-def _mark_split(weight: nn.Parameter, dim: int) -> None:
-    weight.tensor_parallel = True
-    weight.partition_dim = dim
 
 
 def tp_region_input(x: torch.Tensor, group, sequence_parallel: bool) -> torch.Tensor:
@@ -112,7 +109,6 @@ class ColumnParallelLinear(_TPLayer):
         self.in_features, self.out_features = in_features, out_features
         out_local = _local_size(out_features, self.tp_size, "ColumnParallelLinear: out_features")
         self.weight = nn.Parameter(torch.empty(out_local, in_features))
-        _mark_split(self.weight, 0)
 
     def forward(self, x: torch.Tensor, input_is_tp_region: bool = False) -> torch.Tensor:
         """x (B, S, in), or (B, S/p, in) under SP -> (B, S, out/p). With input_is_tp_region, x is already
@@ -136,7 +132,6 @@ class RowParallelLinear(_TPLayer):
         self.in_features, self.out_features = in_features, out_features
         in_local = _local_size(in_features, self.tp_size, "RowParallelLinear: in_features")
         self.weight = nn.Parameter(torch.empty(out_features, in_local))
-        _mark_split(self.weight, 1)
 
     def forward(self, x_local: torch.Tensor) -> torch.Tensor:
         """x_local (B, S, in/p) -> (B, S, out), or (B, S/p, out) under SP."""
@@ -159,7 +154,6 @@ class VocabParallelEmbedding(_TPLayer):
         v_local = _local_size(num_embeddings, self.tp_size, "VocabParallelEmbedding: num_embeddings")
         self.vocab_start = self.tp_rank * v_local
         self.weight = nn.Parameter(torch.empty(v_local, embedding_dim))
-        _mark_split(self.weight, 0)
 
     @classmethod
     def from_full_weight(cls, full, group=None, sequence_parallel=False):
@@ -237,8 +231,8 @@ def vocab_parallel_cross_entropy_ref(logits_local: torch.Tensor, targets: torch.
 
 
 @torch.no_grad()
-def allreduce_sequence_parallel_grads(model: nn.Module, state, optimizer=None) -> None:
-    """Sum over TP the gradients of parameters marked `sequence_parallel` (norm weights under SP).
+def allreduce_sequence_parallel_grads(params: list[nn.Parameter], state, optimizer=None) -> None:
+    """Sum over TP the gradients of `params`, the sequence-parallel weights (`model.sequence_parallel_parameters()`).
 
     Under sequence parallelism each rank runs the norms on its own sequence chunk, so its norm-weight
     gradient covers only those positions. Call this once per step, after the last micro-batch's backward
@@ -247,15 +241,14 @@ def allreduce_sequence_parallel_grads(model: nn.Module, state, optimizer=None) -
     Where the gradients are: in `p.grad` (optimizer None, e.g. torch.optim), or, with the ZeRO-1
     optimizer, in its flat gradient buffer (`optimizer.grad_view(p)`), because its hooks move every
     gradient there and free p.grad. Either way they go through one flat message, so it is a single
-    all-reduce however many norms the model has. A no-op at tp_size 1 and without SP marks.
+    all-reduce however many norms the model has. A no-op at tp_size 1 and for an empty list.
     """
     if state.tp_size == 1:
         return
-    marked = [p for p in model.parameters() if getattr(p, "sequence_parallel", False)]
     if optimizer is None:
-        grads = [p.grad for p in marked if p.grad is not None]
+        grads = [p.grad for p in params if p.grad is not None]
     else:
-        grads = [optimizer.grad_view(p) for p in marked]
+        grads = [optimizer.grad_view(p) for p in params]
     if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])  # (Σ numel,)

@@ -37,14 +37,17 @@ micro-batches until `zero_grad()`. The reduce-scatter runs after backward, not o
 rank-major shard layout makes a gradient bucket ready only at the end of backward, so overlapping would
 need Megatron's per-bucket shards. `bucket_mb` only caps the size of each collective.
 
-Attribute read from parameters: `p.tensor_parallel` (bool, default False): True for weights split over
-the TP ranks (each holds a different piece), absent/False for weights replicated on every TP rank.
+Which parameters are split over the TP ranks (each holds a different piece) is passed by name
+(`split_names`, for Llama `model.split_parameter_names()`, from megamath.model.partition); everything else
+is replicated on every TP rank. Nothing is read from attributes on the parameter tensors, which vanish
+when a model's parameters are re-created (`to_empty` for a pretrained init).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Collection
 
 import torch
 import torch.distributed as dist
@@ -153,25 +156,34 @@ def flat_layout(params: list[tuple[str, tuple[int, ...], bool]]) -> list[ParamSl
 class ZeroOptimizer:
     """AdamW over flat buffers with fp32 master weights and moments sharded over the DP group.
 
-    Build it after the model is on its device and in its training dtype (bf16; fp32 works too), and
-    after tensor parallelism has marked split weights with `p.tensor_parallel = True`. The model must
-    not be moved or cast afterwards: its parameters are views of this optimizer's buffer.
+    Build it after the model is on its device and in its training dtype (bf16; fp32 works too). The
+    model must not be moved or cast afterwards: its parameters are views of this optimizer's buffer.
+    `split_names`: the names of the parameters tensor parallelism splits (required when tp_size > 1;
+    the gradient norm sums their squares over TP and counts the other parameters once).
     """
 
-    def __init__(self, model: nn.Module, state: ParallelState, config: OptimizerConfig):
+    def __init__(self, model: nn.Module, state: ParallelState, config: OptimizerConfig,
+                 split_names: Collection[str] = ()):
         self.state, self.config = state, config
         self.dp_size, self.dp_rank, self.dp_group = state.dp_size, state.dp_rank, state.dp_group
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("ZeroOptimizer: the model has no trainable parameters")
+        split_names = set(split_names)
+        unknown = sorted(split_names - {n for n, _ in named})
+        if unknown:
+            raise ValueError(f"ZeroOptimizer: split_names names no trainable parameter of the model: {', '.join(unknown)}")
+        if state.tp_size > 1 and not split_names:
+            raise ValueError(f"ZeroOptimizer: tensor-parallel size {state.tp_size} needs split_names, the parameters TP "
+                             "splits (Llama.split_parameter_names()), or the gradient norm would count their pieces "
+                             "as replicated")
         dtypes = sorted({str(p.dtype) for _, p in named})
         devices = sorted({str(p.device) for _, p in named})
         if len(dtypes) > 1 or len(devices) > 1:
             raise ValueError(f"ZeroOptimizer: all parameters must share one dtype and device for the flat buffer, "
                              f"got dtypes {dtypes} on devices {devices}")
         self.param_dtype, self.device = named[0][1].dtype, named[0][1].device
-        self.slots: list[ParamSlot] = flat_layout([(n, tuple(p.shape), bool(getattr(p, "tensor_parallel", False)))
-                                                   for n, p in named])
+        self.slots: list[ParamSlot] = flat_layout([(n, tuple(p.shape), n in split_names) for n, p in named])
         by_name = dict(named)
         named = [(slot.name, by_name[slot.name]) for slot in self.slots]  # the buffer's order
         self.numel = sum(slot.numel for slot in self.slots)

@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from megamath.atomic_io import fsync_path as _fsync  # module names: crash tests patch them here
 from megamath.atomic_io import write_text_atomically as _write_text_atomically
 from megamath.model.hf_interop import CONFIG_NAME, SafetensorsReader, check_tensors, to_hf_name
-from megamath.model.llama import tp_partition_dim
+from megamath.model.partition import tp_partition_dim
 from megamath.parallel.layers import shard_tensor
 from megamath.parallel.state import ParallelState
 

@@ -77,7 +77,7 @@ def train_step(model: Llama, optimizer: ZeroOptimizer, micro_batches: list[Micro
         (loss / len(micro_batches)).backward()  # grads accumulate in the optimizer's flat buffer
         loss_sum += loss.detach().float()
     if model.sequence_parallel:  # norm-weight grads cover this rank's sequence chunk: sum them over TP
-        allreduce_sequence_parallel_grads(model, state, optimizer)
+        allreduce_sequence_parallel_grads(model.sequence_parallel_parameters(), state, optimizer)
     loss = mean_over_dp(loss_sum / len(micro_batches), state)  # a host sync
     if not math.isfinite(loss):
         return StepOutput(loss, math.nan, skipped=True)
@@ -198,7 +198,7 @@ def train(config: TrainConfig, state: ParallelState) -> TrainResult:
         (run_dir / "config.yaml").write_text(dump_config(config))
     data = TrainData(config, state, config.data.cache_dir or run_dir / "index-cache")  # data errors first
     model = build_model(config, state)
-    optimizer = ZeroOptimizer(model, state, config.optimizer)
+    optimizer = ZeroOptimizer(model, state, config.optimizer, split_names=model.split_parameter_names())
     seed_rngs(config.seed, state.rank)
     step, nonfinite = 0, 0
     resume_from = resume_point(config, run_dir)

@@ -44,8 +44,7 @@ from safetensors.torch import save_file
 
 from megamath.atomic_io import fsync_path, write_text_atomically
 from megamath.model.config import ModelConfig
-from megamath.model.hf_interop import expected_shapes
-from megamath.model.llama import Llama, check_tensor_parallel, tp_partition_dim
+from megamath.model.partition import check_tensor_parallel, local_shapes, parameter_shapes, tp_partition_dim
 from megamath.parallel.layers import shard_tensor
 from megamath.parallel.state import ParallelState
 from megamath.parallel.zero import CHECKPOINT_FORMAT, STATE_KEYS, ZeroOptimizer, flat_layout, read_flat, validate_shards
@@ -56,21 +55,6 @@ from megamath.training.checkpoint import (CHECKPOINTS, LATEST, METADATA, checkpo
 
 
 # ---- reading a checkpoint by parameter name ---------------------------------------------------------------
-
-def local_shapes(config: ModelConfig, tp_size: int) -> dict[str, tuple[int, ...]]:
-    """Each parameter's shape on one rank of TP size tp_size."""
-    shapes = {}
-    for name, shape in expected_shapes(config).items():
-        dim = tp_partition_dim(name, config, tp_size)
-        shapes[name] = shape if dim is None else shape[:dim] + (shape[dim] // tp_size,) + shape[dim + 1:]
-    return shapes
-
-
-def param_names(config: ModelConfig) -> list[str]:
-    """The model's parameter names in its own order (a model on the meta device: no memory, no init work)."""
-    with torch.device("meta"):
-        return [name for name, _ in Llama(config).named_parameters()]
-
 
 def cut(full: torch.Tensor, name: str, config: ModelConfig, tp_size: int, tp_rank: int) -> torch.Tensor:
     """TP rank tp_rank's piece of parameter `name`'s serial tensor (a new tensor; replicated: a copy)."""
@@ -225,7 +209,7 @@ def _save(write, path: Path) -> None:
 
 def _write_files(source: TrainCheckpoint, folder: Path, tp_size: int, dp_size: int) -> None:
     """Every file of the new layout into `folder`, metadata.json last."""
-    names = param_names(source.config)
+    names = list(parameter_shapes(source.config))  # the model's own order
     for tp_rank in range(tp_size):
         tensors = {n: cut(source.weight(n), n, source.config, tp_size, tp_rank).contiguous() for n in names}
         _save(lambda path: save_file(tensors, str(path)), folder / model_file(tp_rank))
@@ -295,9 +279,9 @@ def load_checkpoint_any_tp(path: str | Path, model: torch.nn.Module, optimizer: 
     if meta["tp_size"] == state.tp_size:
         return ckpt.load_checkpoint(path, model, optimizer, state)
     source = TrainCheckpoint(path)
-    if expected_shapes(source.config) != expected_shapes(model.config):
+    if parameter_shapes(source.config) != parameter_shapes(model.config):
         raise ValueError(f"checkpoint {path} holds a model of another shape than this run's: "
-                         f"{_difference(expected_shapes(source.config), expected_shapes(model.config))}")
+                         f"{_difference(parameter_shapes(source.config), parameter_shapes(model.config))}")
     config, tp, rank = model.config, state.tp_size, state.tp_rank
     optimizer.load_param_states(
         lambda name: {k: cut(v, name, config, tp, rank) for k, v in source.param_state(name).items()},

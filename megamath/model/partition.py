@@ -1,0 +1,123 @@
+"""The Llama parameters by name: their serial shapes, and how tensor and sequence parallelism treat each one.
+
+Which weights tensor parallelism splits, along which dim, and which are sequence-parallel is a property
+of a parameter's *name* and the config, so it lives here as one table that depends on nothing but
+`ModelConfig`. The model (its init), Hugging Face import, checkpoints, `megamath reshard`, ZeRO-1's
+gradient norm and the sequence-parallel gradient sum all read it. Nothing is read from attributes hung on
+parameter tensors: `nn.Module.to_empty`, `load_state_dict(assign=True)`, `torch.compile` or FSDP-style
+wrappers replace those tensors and their attributes silently vanish (a TP run initialised from Hugging
+Face weights once computed its gradient norm as if nothing were split).
+
+The rules, p = tp_size (Megatron-LM's layout; see megamath.parallel.layers):
+    embed_tokens, lm_head, q, gate, up   dim 0 split: rank r holds rows [r·n/p, (r+1)·n/p)
+    k, v                                 dim 0 split when p divides num_kv_heads, else replicated whole
+    o, down                              dim 1 split
+    norms                                replicated; sequence-parallel under SP (each rank's gradient
+                                         covers only its sequence chunk and is summed over TP)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megamath.model.config import ModelConfig
+
+_ROW_SPLIT = ("q_proj", "gate_proj", "up_proj")
+_KV = ("k_proj", "v_proj")
+_COLUMN_SPLIT = ("o_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """How one parameter is laid out over the tensor-parallel ranks."""
+
+    shape: tuple[int, ...]
+    """The serial (unsplit) shape."""
+    partition_dim: int | None
+    """The dim TP splits, or None where every TP rank holds the whole tensor."""
+    sequence_parallel: bool
+    """True for replicated weights applied to sequence chunks under SP: their gradients are summed over TP."""
+
+    @property
+    def tensor_parallel(self) -> bool:
+        """True when the TP ranks hold different pieces (a gradient norm sums their squares over TP)."""
+        return self.partition_dim is not None
+
+
+def parameter_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The parameter names, in Llama's own order, with their serial shapes (no model needs to be built)."""
+    h, d, f, v = config.hidden_size, config.head_dim, config.ffn_hidden_size, config.vocab_size
+    shapes = {"embed_tokens.weight": (v, h)}
+    for i in range(config.num_layers):
+        prefix = f"layers.{i}."
+        shapes.update({  # the order of Llama.named_parameters() (the ZeRO flat layout follows it)
+            prefix + "input_layernorm.weight": (h,),
+            prefix + "self_attn.q_proj.weight": (config.num_heads * d, h),
+            prefix + "self_attn.k_proj.weight": (config.num_kv_heads * d, h),
+            prefix + "self_attn.v_proj.weight": (config.num_kv_heads * d, h),
+            prefix + "self_attn.o_proj.weight": (h, config.num_heads * d),
+            prefix + "post_attention_layernorm.weight": (h,),
+            prefix + "mlp.gate_proj.weight": (f, h),
+            prefix + "mlp.up_proj.weight": (f, h),
+            prefix + "mlp.down_proj.weight": (h, f),
+        })
+    shapes.update({"norm.weight": (h,), "lm_head.weight": (v, h)})
+    return shapes
+
+
+def check_tensor_parallel(config: ModelConfig, tp_size: int) -> None:
+    """The sizes TP splits must be divisible by tp_size (KV heads need not: they are replicated)."""
+    if isinstance(tp_size, bool) or not isinstance(tp_size, int) or tp_size < 1:
+        raise ValueError(f"tensor-parallel size must be a positive integer, got {tp_size!r}")
+    for field in ("num_heads", "ffn_hidden_size"):
+        if getattr(config, field) % tp_size:
+            raise ValueError(f"tensor-parallel size {tp_size} does not divide {field} {getattr(config, field)}")
+    if config.vocab_size % tp_size:
+        padded = -(-config.vocab_size // tp_size) * tp_size
+        raise ValueError(f"tensor-parallel size {tp_size} does not divide vocab_size {config.vocab_size}: pad the "
+                         f"vocabulary to a multiple of {tp_size} (e.g. {padded}; Megatron's "
+                         f"--make-vocab-size-divisible-by) before splitting it")
+
+
+def _projection(name: str) -> str:
+    return name.rsplit(".", 2)[-2] if name.count(".") >= 2 else ""  # "layers.3.self_attn.q_proj.weight" -> "q_proj"
+
+
+def tp_partition_dim(name: str, config: ModelConfig, tp_size: int) -> int | None:
+    """The dim of serial tensor `name` that TP splits, or None where every rank holds all of it.
+
+    At tp_size 1 the split weights keep their dim (a split into one piece), so the optimizer's flat layout
+    and the norm's bookkeeping are the same function of the name at every TP size.
+    """
+    if name in ("embed_tokens.weight", "lm_head.weight"):
+        return 0
+    projection = _projection(name)
+    if projection in _ROW_SPLIT:
+        return 0
+    if projection in _KV:
+        return 0 if config.num_kv_heads % tp_size == 0 else None
+    if projection in _COLUMN_SPLIT:
+        return 1
+    return None  # norms
+
+
+def is_norm_weight(name: str) -> bool:
+    return name == "norm.weight" or name.endswith("layernorm.weight")
+
+
+def local_shape(shape: tuple[int, ...], dim: int | None, tp_size: int) -> tuple[int, ...]:
+    """A parameter's shape on one TP rank (dim already checked to divide)."""
+    return shape if dim is None else shape[:dim] + (shape[dim] // tp_size,) + shape[dim + 1:]
+
+
+def partition_table(config: ModelConfig, tp_size: int = 1, sequence_parallel: bool = False) -> dict[str, ParamSpec]:
+    """Every parameter's ParamSpec at this TP size (SP applies only when tp_size > 1), in Llama's order."""
+    check_tensor_parallel(config, tp_size)
+    sp = bool(sequence_parallel) and tp_size > 1
+    return {name: ParamSpec(shape, tp_partition_dim(name, config, tp_size), sp and is_norm_weight(name))
+            for name, shape in parameter_shapes(config).items()}
+
+
+def local_shapes(config: ModelConfig, tp_size: int) -> dict[str, tuple[int, ...]]:
+    """Each parameter's shape on one rank of TP size tp_size, in Llama's order."""
+    return {name: local_shape(spec.shape, spec.partition_dim, tp_size)
+            for name, spec in partition_table(config, tp_size).items()}
