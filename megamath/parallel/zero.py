@@ -298,9 +298,12 @@ class ZeroOptimizer:
     def _grad_norm(self) -> torch.Tensor:
         """Global norm of the DP-averaged gradient (fp32 scalar); valid after the reduce-scatter of step()."""
         grad_shard = self.flat_grad[self.shard_start:self.shard_end]  # (S,)
-        sums = {True: torch.zeros((), device=self.device), False: torch.zeros((), device=self.device)}
+        # Squares accumulate in fp64: a CPU fp32 norm over millions of elements is off by ~1e-4 relative,
+        # enough to move the clip coefficient away from what a serial run (or transformers) computes.
+        sums = {True: torch.zeros((), dtype=torch.float64, device=self.device),
+                False: torch.zeros((), dtype=torch.float64, device=self.device)}
         for r in self.ranges:
-            sums[r.tensor_parallel] += torch.linalg.vector_norm(grad_shard[r.start:r.end], dtype=torch.float32) ** 2
+            sums[r.tensor_parallel] += torch.linalg.vector_norm(grad_shard[r.start:r.end], dtype=torch.float64) ** 2
         norm = global_grad_norm(sums[True], sums[False], dp_group=self.dp_group, tp_group=self.state.tp_group)
         return norm / self.dp_size  # the buffer holds the DP sum; the average is 1/dp of it
 
