@@ -25,9 +25,10 @@ from typing import Sequence
 
 import numpy as np
 import sentencepiece
+from google.protobuf.message import DecodeError
+from sentencepiece import sentencepiece_model_pb2
 
 SEGMENT_CHARS = 2048  # per-byte speed is flat for pieces of 0.25-4 K characters, and drops beyond
-_BPE = 2  # TrainerSpec.ModelType
 _PROBES = ("a\nb", "x  \n  y\n\n z \n", "\n\nfoo\n", "caf\u00e9\n\u0301x\n\u00e9", "1 2\n 3\t\n4\r\n5",
            "  lead\n\ntrail  ", "\u4e2d\u6587\n\U0001d400\n\u2028 z")
 
@@ -129,17 +130,16 @@ def encode_flat_ref(sp: sentencepiece.SentencePieceProcessor, texts: Sequence[st
 
 def newline_cuts_are_exact(sp: sentencepiece.SentencePieceProcessor) -> bool:
     """Whether cutting texts after newlines leaves the ids unchanged (see the module docstring)."""
+    model = sentencepiece_model_pb2.ModelProto()
     try:
-        model = _proto_fields(sp.serialized_model_proto())
-        trainer = _proto_fields(model[2][-1]) if 2 in model else {}
-        normalizer = _proto_fields(model[3][-1]) if 3 in model else {}
-    except (IndexError, ValueError):
+        model.ParseFromString(sp.serialized_model_proto())
+    except DecodeError:
         return False
-    if trainer.get(3, [1])[-1] != _BPE:  # unigram's Viterbi sums float scores: keep whole documents
+    if model.trainer_spec.model_type != sentencepiece_model_pb2.TrainerSpec.BPE:
+        return False  # unigram's Viterbi sums float scores: keep whole documents
+    if model.trainer_spec.treat_whitespace_as_suffix:  # moves the dummy "▁" to the end
         return False
-    if trainer.get(24, [0])[-1]:  # treat_whitespace_as_suffix moves the dummy "▁" to the end
-        return False
-    if normalizer.get(2, [b""])[-1]:  # a precompiled map (NFKC, nmt) may rewrite or join "\n"
+    if model.normalizer_spec.precompiled_charsmap:  # a precompiled map (NFKC, nmt) may rewrite or join "\n"
         return False
     newline = sp.piece_to_id("<0x0A>")
     if not sp.is_byte(newline):  # without byte fallback "\n" is <unk>, and runs of <unk> are joined
@@ -158,42 +158,3 @@ def newline_cuts_are_exact(sp: sentencepiece.SentencePieceProcessor) -> bool:
         if ids != sp.encode(probe):
             return False
     return True
-
-
-def _proto_fields(buf: bytes) -> dict[int, list]:
-    """Top-level fields of a protobuf message, by number: ints for varints, bytes otherwise.
-
-    Enough wire format to read a few ModelProto options without depending on the protobuf package.
-    """
-    fields: dict[int, list] = {}
-    i, n = 0, len(buf)
-    while i < n:
-        key, i = _varint(buf, i)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value, i = _varint(buf, i)
-        elif wire == 2:
-            length, i = _varint(buf, i)
-            value, i = buf[i:i + length], i + length
-        elif wire in (1, 5):
-            size = 8 if wire == 1 else 4
-            value, i = buf[i:i + size], i + size
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-        if i > n:
-            raise ValueError("truncated protobuf message")
-        fields.setdefault(number, []).append(value)
-    return fields
-
-
-def _varint(buf: bytes, i: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if i >= len(buf):
-            raise ValueError("truncated protobuf varint")
-        byte = buf[i]
-        value |= (byte & 0x7F) << shift
-        i += 1
-        if byte < 0x80:
-            return value, i
-        shift += 7
