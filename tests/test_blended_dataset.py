@@ -9,7 +9,8 @@ from megamath.data import blended_dataset
 from megamath.data.blended_dataset import BlendedDataset, dataset_seed
 from megamath.data.blending import build_blending_indices_ref
 from megamath.data.gpt_dataset import GPTDataset
-from megamath.data.indexed_dataset import IndexedDataset, IndexedDatasetWriter
+from megamath.data.indexed_dataset import IndexedDataset
+from megamath.data.indexed_dataset_writer import IndexedDatasetWriter
 
 
 def write_dataset(prefix, n_docs, seed, max_len=40) -> IndexedDataset:

@@ -6,7 +6,8 @@ import pytest
 import sentencepiece as spm
 
 from megamath.cli import main
-from megamath.data.indexed_dataset import IndexedDataset, IndexedDatasetWriter
+from megamath.data.indexed_dataset import IndexedDataset
+from megamath.data.indexed_dataset_writer import IndexedDatasetWriter
 
 TEXTS = [
     "The sum of 12 and 30 is 42, since 12 + 30 = 42.",

@@ -10,7 +10,8 @@ import pytest
 from megamath.data import sample_index
 from megamath.data.gpt_dataset import INDEX_NAMES, GPTDataset
 from megamath.data.index_cache import IndexCache
-from megamath.data.indexed_dataset import IndexedDataset, IndexedDatasetWriter
+from megamath.data.indexed_dataset import IndexedDataset
+from megamath.data.indexed_dataset_writer import IndexedDatasetWriter
 
 
 def write_dataset(prefix, documents, dtype=np.uint16) -> IndexedDataset:

@@ -11,14 +11,9 @@ import sys
 import numpy as np
 import pytest
 
-from megamath.data.indexed_dataset import (
-    IndexedDataset,
-    IndexedDatasetWriter,
-    best_dtype,
-    data_file_path,
-    index_file_path,
-    merge_datasets,
-)
+from megamath.data.indexed_dataset import IndexedDataset, best_dtype, data_file_path, index_file_path
+from megamath.data.indexed_dataset_writer import IndexedDatasetWriter
+from megamath.data.dataset_tools import merge_datasets
 
 CODES = {np.uint8: 1, np.int8: 2, np.int16: 3, np.int32: 4, np.int64: 5, np.float64: 6, np.float32: 7, np.uint16: 8}
 
@@ -255,7 +250,7 @@ def test_crash_between_renames_never_pairs_old_index_with_new_bin(tmp_path, monk
 def test_killed_process_leaves_no_complete_dataset(tmp_path):
     script = (
         "import os, sys, numpy as np\n"
-        "from megamath.data.indexed_dataset import IndexedDatasetWriter\n"
+        "from megamath.data.indexed_dataset_writer import IndexedDatasetWriter\n"
         "w = IndexedDatasetWriter(sys.argv[1], np.uint16)\n"
         "w.add_documents(np.arange(1000) % 500, np.full(10, 100))\n"
         "os._exit(9)\n"

@@ -9,7 +9,8 @@ import struct
 import numpy as np
 import pytest
 
-from megamath.data.indexed_dataset import IndexedDataset, IndexedDatasetWriter, IndexFormatError
+from megamath.data.indexed_dataset import IndexedDataset, IndexFormatError
+from megamath.data.indexed_dataset_writer import IndexedDatasetWriter
 
 SIZES, DOC_IDX = [2, 3, 1], [0, 1, 3]
 N, D = len(SIZES), len(DOC_IDX)

@@ -16,7 +16,8 @@ import zstandard
 
 from megamath.cli import main
 from megamath.data import preprocess as preprocess_module
-from megamath.data.indexed_dataset import IndexedDataset, IndexedDatasetWriter
+from megamath.data.indexed_dataset import IndexedDataset
+from megamath.data.indexed_dataset_writer import IndexedDatasetWriter
 from megamath.data.preprocess import PreprocessConfig, _EncoderSpec, _ProcessPool, format_summary, preprocess
 from megamath.data.sources import LineBatch, discover_inputs
 from megamath.data.tokenizer import SentencePieceTokenizer, encode_flat_ref, newline_cuts_are_exact, split_at_newlines

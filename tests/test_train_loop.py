@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from distributed import run_distributed
 from megamath.cli import main
-from megamath.data.indexed_dataset import IndexedDatasetWriter
+from megamath.data.indexed_dataset_writer import IndexedDatasetWriter
 from megamath.parallel.state import ParallelState
 from megamath.parallel.zero import ZeroOptimizer
 from megamath.training import loop

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 PREVIEW_CHARS = 200
 PREVIEW_TOKENS = 20
 
@@ -27,31 +25,9 @@ def add_parser(subparsers, name: str) -> None:
     parser.set_defaults(run=run)
 
 
-def strip_extension(prefix: str) -> str:
-    """Accept `data.bin` / `data.idx` where a prefix is meant: a common slip, harmless to forgive."""
-    for ext in (".bin", ".idx"):
-        if prefix.endswith(ext):
-            return prefix[: -len(ext)]
-    return prefix
-
-
-def document_lengths(dataset) -> np.ndarray:
-    """Tokens per document (a document may span several sequences)."""
-    ends = np.zeros(len(dataset) + 1, dtype=np.int64)  # (N+1,) token offset of each sequence boundary
-    np.cumsum(dataset.sizes, out=ends[1:])
-    docs = np.asarray(dataset.document_indices)  # (D,)
-    return ends[docs[1:]] - ends[docs[:-1]]  # (D-1,)
-
-
-def document_tokens(dataset, d: int) -> np.ndarray:
-    """All tokens of document `d`, its sequences joined."""
-    first, last = int(dataset.document_indices[d]), int(dataset.document_indices[d + 1])
-    parts = [dataset[i] for i in range(first, last)]
-    return np.concatenate(parts) if parts else np.zeros(0, dataset.dtype)
-
-
 def run(args) -> int:
-    from megamath.data.indexed_dataset import DTYPE_CODES, IndexedDataset
+    from megamath.data.dataset_tools import document_lengths, document_tokens, strip_extension
+    from megamath.data.indexed_dataset import CODE_OF, IndexedDataset
 
     if args.show < 0:
         raise ValueError(f"--show must be at least 0, got {args.show}")
@@ -63,7 +39,7 @@ def run(args) -> int:
 
         processor = sentencepiece.SentencePieceProcessor(model_file=str(args.tokenizer_model))
     dataset = IndexedDataset(strip_extension(args.prefix))
-    code = {dtype: code for code, dtype in DTYPE_CODES.items()}[dataset.dtype]
+    code = CODE_OF[dataset.dtype]
     lengths = document_lengths(dataset)
     print(f"prefix:     {dataset.prefix}")
     print(f"version:    {dataset.version}")

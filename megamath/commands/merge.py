@@ -19,8 +19,7 @@ def add_parser(subparsers, name: str) -> None:
 
 
 def run(args) -> int:
-    from megamath.commands.inspect import strip_extension
-    from megamath.data.indexed_dataset import merge_datasets
+    from megamath.data.dataset_tools import merge_datasets, strip_extension
 
     merged = merge_datasets([strip_extension(p) for p in args.input], strip_extension(args.output))
     print(f"merged {len(args.input)} datasets into {merged.prefix}: {len(merged)} sequences, "

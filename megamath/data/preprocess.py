@@ -30,7 +30,8 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from megamath.data.indexed_dataset import IndexedDatasetWriter, best_dtype
+from megamath.data.indexed_dataset import best_dtype
+from megamath.data.indexed_dataset_writer import IndexedDatasetWriter
 from megamath.data.sources import (EMPTY_TEXT, BadLine, InputGroup, LineBatch, discover_inputs, parse_lines,
                                    read_line_batches)
 from megamath.data.tokenizer import SentencePieceTokenizer
