@@ -8,6 +8,8 @@ when this torch's gloo has them.
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -46,7 +48,7 @@ def _worker(rank, world_size, out_dir):
     for mode in ("portable", "native"):
         if mode == "native" and not results["native_supported"]:
             continue
-        mappings._NATIVE_BACKENDS = ("nccl", "gloo") if mode == "native" else ("nccl",)
+        os.environ[mappings.COLLECTIVES_ENV] = mode  # this process only: the test's own worker
         for name, (fn, x_shape, g_shape) in CASES.items():
             x = x_of(rank, x_shape).requires_grad_(True)
             y = fn(x, state.tp_group)
@@ -126,3 +128,9 @@ def test_no_group_is_the_identity():
     x = torch.randn(B, S, H, requires_grad=True)
     for fn, _, _ in CASES.values():
         assert fn(x, None) is x
+
+
+def test_collectives_override_is_checked(monkeypatch):
+    monkeypatch.setenv(mappings.COLLECTIVES_ENV, "fastest")
+    with pytest.raises(ValueError, match=r"^MEGAMATH_COLLECTIVES must be auto, native or portable, got 'fastest'$"):
+        mappings.native_collectives(None)

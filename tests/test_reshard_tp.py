@@ -109,7 +109,7 @@ def _worker(rank, world_size, tmp):
 def _sp_grads(state, tmp):
     """Norm-weight gradients summed over TP: in p.grad, and in ZeRO's flat buffer, the same function."""
     from megamath.model import Llama
-    from megamath.parallel.layers import allreduce_sequence_parallel_grads
+    from megamath.parallel.sequence_parallel import allreduce_sequence_parallel_grads
     from megamath.parallel.zero import OptimizerConfig
 
     config = TrainConfig.from_dict(config_b(tmp, "unused", 2)).model

@@ -15,7 +15,8 @@ import torch
 from distributed import run_distributed
 from megamath.model import Llama, ModelConfig
 from megamath.model.llama import merge_state_dicts, shard_state_dict
-from megamath.parallel.layers import shard_tensor, vocab_parallel_cross_entropy_ref
+from megamath.parallel.cross_entropy import vocab_parallel_cross_entropy_ref
+from megamath.parallel.layers import shard_tensor
 from megamath.parallel.state import ParallelState
 
 TP = 2
@@ -59,7 +60,7 @@ def owner(model, name: str):
 
 def _tp2_worker(rank, world_size, out_dir):
     from megamath.model.ops import get_ops
-    from megamath.parallel.layers import allreduce_sequence_parallel_grads
+    from megamath.parallel.sequence_parallel import allreduce_sequence_parallel_grads
     from megamath.parallel.mappings import gather_from_tp
 
     state = ParallelState.from_env(TP)
@@ -155,7 +156,7 @@ def _tp2_dp2_worker(rank, world_size, out_dir):
     """Ranks (0, 1) and (2, 3) are TP pairs; DP rank d takes rows [2d, 2d + 2) of a batch of 4."""
     import torch.distributed as dist
 
-    from megamath.parallel.layers import allreduce_sequence_parallel_grads
+    from megamath.parallel.sequence_parallel import allreduce_sequence_parallel_grads
 
     state = ParallelState.from_env(TP)
     config = config_of("kv2")

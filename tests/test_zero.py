@@ -5,6 +5,7 @@ with the mean loss, so both average the same gradient. The model is fp32 so the 
 One launch runs every multi-rank check; the tests below read what it wrote.
 """
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -90,14 +91,14 @@ def _worker(rank, world_size, out_dir):
     state = ParallelState.from_env(1)
     modes = ("portable", "native") if _native_on_gloo(state.dp_group) else ("portable",)
     for mode in modes:  # native: the in-place reduce-scatter / all-gather path of NCCL runs, here on gloo
-        mappings._NATIVE_BACKENDS = ("nccl", "gloo") if mode == "native" else ("nccl",)
+        os.environ[mappings.COLLECTIVES_ENV] = mode  # this process only: the test's own worker
         for bucket_mb in (0.0, 0.004):  # one in-place collective; ~20 staged column buckets
             model = make_model()
             opt = ZeroOptimizer(model, state, zero_config(bucket_mb=bucket_mb))
             results = zero_train(model, opt, STEPS, state.dp_rank, state.dp_size)
             torch.save({"params": model.state_dict(), "results": [dataclasses.asdict(r) for r in results]},
                        out_dir / f"dp-{mode}-{bucket_mb}-{rank}.pt")
-    mappings._NATIVE_BACKENDS = ("nccl",)
+    os.environ.pop(mappings.COLLECTIVES_ENV)
     _nan_skip(opt, model, state, out_dir)
     _bf16(state, out_dir)
     _tp_norm(ParallelState.from_env(2), out_dir)

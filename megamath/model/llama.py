@@ -20,9 +20,10 @@ a serial state dict into rank r's and back, bit-exact.
 
 Sequence parallelism (on top of TP): the residual stream, the norms and the embedding's output hold a
 (B, S/p, h) chunk of the sequence; each attention / MLP all-gathers its input and reduce-scatters its
-output. The norm weights' gradients are then partial per rank: the training step calls
-`allreduce_sequence_parallel_grads(model.sequence_parallel_parameters(), state, optimizer)` after the
-backward (with the ZeRO optimizer the gradients live in its flat buffer).
+output. The norm weights' gradients are then partial per rank: after the backward the training step
+sums `model.sequence_parallel_parameters()`' gradients over TP
+(megamath.parallel.sequence_parallel.allreduce_sequence_parallel_grads; with the ZeRO optimizer the
+gradients live in its flat buffer).
 
 Which parameter is split along which dim, and which is sequence-parallel, is decided by name in
 megamath.model.partition (`model.partition`), never by attributes on the parameter tensors, which
@@ -46,7 +47,7 @@ from megamath.model.partition import (
 )
 from megamath.parallel.layers import (
     ColumnParallelLinear, RowParallelLinear, TPReplicatedLinear, VocabParallelEmbedding, merge_shards, shard_tensor,
-    tp_region_input, vocab_parallel_cross_entropy_ref,
+    tp_region_input,
 )
 from megamath.parallel.state import ParallelState
 
@@ -244,11 +245,7 @@ class Llama(nn.Module):
     def _cross_entropy(self, ops: Ops, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean over targets != -100 of logits (N, V/p); vocabulary-parallel over the TP group when p > 1."""
         group = self.parallel.tp_group if self.parallel.tp_size > 1 else None
-        if group is None:
-            return ops.cross_entropy(logits, targets, ignore_index=-100)
-        if ops.backend == "triton":
-            return ops.cross_entropy(logits, targets, ignore_index=-100, group=group)
-        return vocab_parallel_cross_entropy_ref(logits, targets, ignore_index=-100, group=group)
+        return ops.cross_entropy(logits, targets, ignore_index=-100, group=group)
 
     def split_parameter_names(self) -> set[str]:
         """Names of the parameters TP splits (each TP rank holds a different piece), from the partition table."""

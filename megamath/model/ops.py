@@ -1,28 +1,27 @@
-"""The five ops the model calls, resolved to Triton kernels or to their plain-torch references.
+"""The ops the model calls, resolved to Triton kernels or to their plain-torch references.
 
 The model never imports a kernel module itself: it asks `get_ops(config.kernels, device)` on every
 forward, so one model object can run the kernels on a GPU and the references on a CPU copy (which is
-how the tests compare them). Kernel modules import Triton, so they are imported lazily, on the first
-forward that needs them.
+how the tests compare them). The two tables below, `_triton_ops` and `_reference_ops`, name every op's
+function explicitly, so a reader follows the model to a kernel in one step. Kernel modules import Triton,
+so each table imports them on first use (a config parser or a CPU tool never loads Triton).
 
 Signatures (all layouts are the model's, batch first):
     rms_norm(x (..., h), weight (h,), eps) -> (..., h)
     rope(q (B, S, Hq, D), k (B, S, Hkv, D), theta, position_offset) -> (q, k)   rotate-half (Llama)
     flash_attention(q (B, S, Hq, D), k, v (B, S, Hkv, D), causal=True, softmax_scale=None) -> (B, S, Hq, D)
     swiglu(gate (..., f), up (..., f)) -> silu(gate) * up
-    cross_entropy(logits (N, V), targets (N,), ignore_index=-100, group=None) -> mean over non-ignored
+    cross_entropy(logits (N, V/p), targets (N,), ignore_index=-100, group=None) -> mean over non-ignored;
+        with a tensor-parallel `group` the logits are this rank's vocabulary slice (vocab-parallel)
 """
 from __future__ import annotations
 
 import functools
-import importlib
 import os
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
-
-OP_NAMES = ("rms_norm", "rope", "flash_attention", "swiglu", "cross_entropy")
 
 
 @dataclass(frozen=True)
@@ -52,23 +51,45 @@ def resolve_backend(kernels: str, device: torch.device | str) -> str:
     raise ValueError(f"kernels must be one of auto, triton, reference, got {kernels!r}")
 
 
+def _triton_ops() -> Ops:
+    """The Triton kernels (each takes the same arguments as its reference)."""
+    from megamath.kernels.cross_entropy import cross_entropy
+    from megamath.kernels.flash_attention import flash_attention
+    from megamath.kernels.rms_norm import rms_norm
+    from megamath.kernels.rope import rope
+    from megamath.kernels.swiglu import swiglu
+
+    return Ops("triton", rms_norm=rms_norm, rope=rope, flash_attention=flash_attention, swiglu=swiglu,
+               cross_entropy=cross_entropy)
+
+
+def _reference_ops() -> Ops:
+    """The plain-torch references beside the kernels; the vocabulary-parallel loss is megamath.parallel's."""
+    from megamath.kernels.cross_entropy import cross_entropy_ref
+    from megamath.kernels.flash_attention import flash_attention_ref
+    from megamath.kernels.rms_norm import rms_norm_ref
+    from megamath.kernels.rope import rope_ref
+    from megamath.kernels.swiglu import swiglu_ref
+    from megamath.parallel.cross_entropy import vocab_parallel_cross_entropy_ref
+
+    def cross_entropy(logits, targets, ignore_index=-100, group=None):
+        if group is None:
+            return cross_entropy_ref(logits, targets, ignore_index=ignore_index)
+        return vocab_parallel_cross_entropy_ref(logits, targets, ignore_index=ignore_index, group=group)
+
+    return Ops("reference", rms_norm=rms_norm_ref, rope=rope_ref, flash_attention=flash_attention_ref,
+               swiglu=swiglu_ref, cross_entropy=cross_entropy)
+
+
+_TABLES = {"triton": _triton_ops, "reference": _reference_ops}
+
+
 @functools.lru_cache(maxsize=None)
 def load_ops(backend: str) -> Ops:
-    """Import the kernels (backend "triton") or their `<op>_ref` references (backend "reference")."""
-    if backend not in ("triton", "reference"):
+    """The Ops of backend "triton" (the kernels) or "reference" (their plain-torch references)."""
+    if backend not in _TABLES:
         raise ValueError(f"backend must be 'triton' or 'reference', got {backend!r}")
-    suffix = "" if backend == "triton" else "_ref"
-    resolved = {}
-    for name in OP_NAMES:
-        # Each op lives in the kernel module of the same name. Import that module, not the package
-        # attribute: once `megamath.kernels.rms_norm` (the module) is imported, the package attribute
-        # `rms_norm` is the module, no longer the function.
-        try:
-            module = importlib.import_module(f"megamath.kernels.{name}")
-            resolved[name] = getattr(module, name + suffix)
-        except (AttributeError, ImportError) as err:
-            raise ImportError(f"megamath.kernels.{name}.{name + suffix} is not available ({err})") from err
-    return Ops(backend=backend, **resolved)
+    return _TABLES[backend]()
 
 
 def get_ops(kernels: str, device: torch.device | str) -> Ops:

@@ -17,7 +17,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
+
+from megamath.parallel.mappings import all_reduce_
 
 
 def global_grad_norm(sumsq_split: torch.Tensor, sumsq_replicated: torch.Tensor, *, dp_group=None,
@@ -29,12 +30,11 @@ def global_grad_norm(sumsq_split: torch.Tensor, sumsq_replicated: torch.Tensor, 
     a NaN or inf on any rank makes the result non-finite on every rank.
     """
     sums = torch.stack([sumsq_split.float(), sumsq_replicated.float()])  # (2,)
-    if dp_group is not None:
-        dist.all_reduce(sums, group=dp_group)
+    all_reduce_(sums, dp_group)
     split, replicated = sums[0], sums[1]
     if tp_group is not None:
         over_tp = torch.stack([split, replicated * 0.0])  # (2,): Σ_tp split, and 0 unless some rank is non-finite
-        dist.all_reduce(over_tp, group=tp_group)
+        all_reduce_(over_tp, tp_group)
         split = over_tp[0] + over_tp[1]
     return (split + replicated).sqrt()
 

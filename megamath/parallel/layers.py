@@ -29,7 +29,6 @@ which costs one all-gather (SP) or one backward all-reduce instead of one per la
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -195,65 +194,3 @@ class TPReplicatedLinear(_TPLayer):
     def forward(self, x_tp: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
         """x_tp (B, S, in) -> (B, S, len(rows)): only the requested output rows are computed."""
         return F.linear(x_tp, copy_to_tp(self.weight, self.group)[rows])
-
-
-# ---- loss and gradient bookkeeping ---------------------------------------------------------------------------
-
-def vocab_parallel_cross_entropy_ref(logits_local: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
-                                     group=None) -> torch.Tensor:
-    """Plain-torch mean cross-entropy over logits whose vocabulary is split over `group` (Megatron's
-    vocab-parallel cross-entropy; the reference beside kernels.cross_entropy's `group=` path).
-
-    logits_local (N, V/p): columns [r·V/p, (r+1)·V/p) of the full logits; targets (N,) full-vocabulary ids.
-    Per row: loss = log Σ_v exp(x_v - M) + M - x_t with M the global max. The sums over the vocabulary
-    go through reduce_from_tp (identity backward), so each rank's gradient is its own columns of
-    softmax - onehot; M is a constant shift and carries no gradient. Every rank returns the same loss.
-    """
-    p, rank = group_size(group), group_rank(group)
-    n_rows, v_local = logits_local.shape
-    valid = targets != ignore_index  # (N,)
-    bad = valid & ((targets < 0) | (targets >= v_local * p))
-    if bool(bad.any()):
-        first = int(bad.nonzero()[0, 0])
-        raise ValueError(f"cross_entropy: target {int(targets[first])} at row {first} is outside the vocabulary "
-                         f"[0, {v_local * p}) and is not ignore_index ({ignore_index})")
-    x = logits_local.float()  # (N, V/p)
-    row_max = x.detach().amax(dim=1)  # (N,)
-    if p > 1:
-        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
-    sum_exp = reduce_from_tp(torch.exp(x - row_max[:, None]).sum(dim=1), group)  # (N,)
-    local_t = targets - rank * v_local  # (N,)
-    owned = valid & (local_t >= 0) & (local_t < v_local)
-    target_logit = x.gather(1, local_t.clamp(0, v_local - 1)[:, None]).squeeze(1)  # (N,)
-    target_logit = reduce_from_tp(torch.where(owned, target_logit, 0.0), group)  # (N,)
-    per_row = torch.log(sum_exp) + row_max - target_logit  # (N,)
-    return torch.where(valid, per_row, 0.0).sum() / valid.sum().clamp(min=1)
-
-
-@torch.no_grad()
-def allreduce_sequence_parallel_grads(params: list[nn.Parameter], state, optimizer=None) -> None:
-    """Sum over TP the gradients of `params`, the sequence-parallel weights (`model.sequence_parallel_parameters()`).
-
-    Under sequence parallelism each rank runs the norms on its own sequence chunk, so its norm-weight
-    gradient covers only those positions. Call this once per step, after the last micro-batch's backward
-    and before the DP gradient reduction and the grad norm (the sum is linear, so once is enough).
-
-    Where the gradients are: in `p.grad` (optimizer None, e.g. torch.optim), or, with the ZeRO-1
-    optimizer, in its flat gradient buffer (`optimizer.grad_view(p)`), because its hooks move every
-    gradient there and free p.grad. Either way they go through one flat message, so it is a single
-    all-reduce however many norms the model has. A no-op at tp_size 1 and for an empty list.
-    """
-    if state.tp_size == 1:
-        return
-    if optimizer is None:
-        grads = [p.grad for p in params if p.grad is not None]
-    else:
-        grads = [optimizer.grad_view(p) for p in params]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])  # (Σ numel,)
-    dist.all_reduce(flat, group=state.tp_group)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()

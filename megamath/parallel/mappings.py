@@ -27,18 +27,27 @@ backward is a plain split because what follows it is replicated (the same on eve
 Collectives: on NCCL the native all_gather_into_tensor / reduce_scatter_tensor run on a rank-major
 buffer; other backends (gloo on CPU: its reduce-scatter is missing from older torch) all-gather into a
 list and reduce-scatter as all-reduce + slice, which moves p times the bytes but needs no special support.
+The environment variable MEGAMATH_COLLECTIVES overrides the choice: `native` everywhere (gloo of a recent
+torch supports it: the tests run NCCL's code path on CPU this way) or `portable` everywhere.
+
+Every collective of megamath goes through this file: the differentiable pairs below, and the plain ones
+(all_reduce_, all_reduce_max_, all_gather_into, reduce_scatter_into, barrier) for optimizers, gradient
+norms and the training loop.
 All collectives write into new tensors: a gradient handed to a backward may be shared with another branch
 of the graph (an add passes the same tensor to both inputs), so it is never reduced in place.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.distributed as dist
 
 SEQUENCE_DIM = 1
 """The sequence dimension of (B, S, h) activations, the one sequence parallelism splits."""
-_NATIVE_BACKENDS = ("nccl",)
-"""Backends whose reduce-scatter / all-gather into one tensor are used directly."""
+NATIVE_BACKENDS = ("nccl",)
+"""Backends whose reduce-scatter / all-gather into one tensor are used directly (unless overridden)."""
+COLLECTIVES_ENV = "MEGAMATH_COLLECTIVES"
 # torch >= 2.13 renamed the single-tensor collectives; the old names warn there but are all torch 2.11 has.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -65,8 +74,31 @@ def group_rank(group) -> int:
 
 
 def native_collectives(group) -> bool:
-    """Whether the group's backend has single-tensor all-gather / reduce-scatter worth using directly."""
-    return dist.get_backend(group) in _NATIVE_BACKENDS
+    """Whether to use single-tensor all-gather / reduce-scatter on this group (see MEGAMATH_COLLECTIVES)."""
+    choice = os.environ.get(COLLECTIVES_ENV, "auto")
+    if choice not in ("auto", "native", "portable"):
+        raise ValueError(f"{COLLECTIVES_ENV} must be auto, native or portable, got {choice!r}")
+    if choice != "auto":
+        return choice == "native"
+    return dist.get_backend(group) in NATIVE_BACKENDS
+
+
+def all_reduce_(x: torch.Tensor, group) -> None:
+    """Sum over the group, in place (a no-op for group None)."""
+    if group is not None:
+        dist.all_reduce(x, group=group)
+
+
+def all_reduce_max_(x: torch.Tensor, group) -> None:
+    """Element-wise max over the group, in place (a no-op for group None)."""
+    if group is not None:
+        dist.all_reduce(x, op=dist.ReduceOp.MAX, group=group)
+
+
+def barrier(group=None) -> None:
+    """Wait for every rank of the group (the default group: all ranks); a no-op without torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier(group=group)
 
 
 def _check_divisible(x: torch.Tensor, dim: int, p: int) -> int:

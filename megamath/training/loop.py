@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from megamath.model.llama import Llama
-from megamath.parallel.layers import allreduce_sequence_parallel_grads
+from megamath.parallel.sequence_parallel import allreduce_sequence_parallel_grads
 from megamath.parallel.state import ParallelState
 from megamath.parallel.zero import ZeroOptimizer
 from megamath.training import checkpoint as ckpt
