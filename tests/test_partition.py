@@ -8,7 +8,8 @@ import torch
 from megamath.model import Llama, ModelConfig
 from megamath.model.partition import local_shapes, parameter_shapes, partition_table
 from megamath.parallel.state import ParallelState
-from megamath.parallel.zero import OptimizerConfig, ZeroOptimizer
+from megamath.parallel.optimizer_config import OptimizerConfig
+from megamath.parallel.zero import ZeroOptimizer
 
 CONFIG = ModelConfig(vocab_size=64, hidden_size=48, num_layers=2, num_heads=6, num_kv_heads=3, ffn_hidden_size=64,
                      max_seq_length=16, kernels="reference")

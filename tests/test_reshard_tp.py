@@ -110,7 +110,7 @@ def _sp_grads(state, tmp):
     """Norm-weight gradients summed over TP: in p.grad, and in ZeRO's flat buffer, the same function."""
     from megamath.model import Llama
     from megamath.parallel.sequence_parallel import allreduce_sequence_parallel_grads
-    from megamath.parallel.zero import OptimizerConfig
+    from megamath.parallel.optimizer_config import OptimizerConfig
 
     config = TrainConfig.from_dict(config_b(tmp, "unused", 2)).model
     tokens = torch.randint(0, config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(1))  # (b, S + 1)

@@ -18,7 +18,8 @@ from megamath.model.llama import Llama
 from megamath.parallel import mappings
 from megamath.parallel.grad_clip import clip_coefficient
 from megamath.parallel.state import ParallelState
-from megamath.parallel.zero import OptimizerConfig, StepResult, ZeroOptimizer
+from megamath.parallel.optimizer_config import OptimizerConfig
+from megamath.parallel.zero import StepResult, ZeroOptimizer
 
 MODEL = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, ffn_hidden_size=48,
                     max_seq_length=16, kernels="reference")

@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from megamath.model.config import ModelConfig
+from megamath.model.llama import Llama
 from megamath.model.partition import parameter_shapes
 
 CONFIG_NAME = "config.json"
@@ -268,8 +269,6 @@ def load_checkpoint(directory: str | Path, device: torch.device | str = "cpu", d
     """Build the `Llama` of a megamath checkpoint directory; `overrides` replace config fields
     (e.g. kernels="reference"). The model is created on the meta device, so no time goes into a
     random initialization that the weights overwrite."""
-    from megamath.model.llama import Llama
-
     config = load_config(directory)
     if overrides:
         config = ModelConfig.from_dict({**config.to_dict(), **overrides})

@@ -56,49 +56,12 @@ import torch.nn as nn
 from megamath.kernels.adamw import adamw_step, adamw_step_ref
 from megamath.parallel.grad_clip import clip_coefficient, global_grad_norm
 from megamath.parallel.mappings import all_gather_into, native_collectives, reduce_scatter_into
+from megamath.parallel.optimizer_config import GRAD_DTYPES, OptimizerConfig
 from megamath.parallel.state import ParallelState
 
-GRAD_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 CHECKPOINT_FORMAT = "megamath-zero1-v1"
 STATE_KEYS = ("master", "exp_avg", "exp_avg_sq")
 """The per-parameter fp32 tensors a shard holds, in the order shards and tools list them."""
-
-
-@dataclass
-class OptimizerConfig:
-    lr: float = 3e-4
-    """Peak learning rate; the training loop passes the scheduled lr to each `step(lr)`."""
-    beta1: float = 0.9
-    """AdamW's first-moment decay."""
-    beta2: float = 0.95
-    """AdamW's second-moment decay (0.95, as LLEMMA and most LLM pretraining use)."""
-    eps: float = 1e-8
-    """Added to sqrt(v̂) in AdamW's denominator."""
-    weight_decay: float = 0.1
-    """Decoupled weight decay, applied to parameters with 2 or more dimensions only (not norm weights)."""
-    clip_grad: float = 1.0
-    """Clip the global gradient norm to this value; 0 turns clipping off (the norm is still computed)."""
-    grad_dtype: str = "fp32"
-    """dtype of the flat gradient buffer: "fp32" accumulates micro-batches exactly enough for bf16 training
-    (Megatron's default); "bf16" saves 2 bytes per parameter and halves the reduce-scatter's traffic."""
-    bucket_mb: float = 0.0
-    """Largest reduce-scatter message in MiB; 0 sends the whole gradient buffer in one collective, in place.
-    A positive value splits it into column blocks of the (dp, S) view, each staged through a copy."""
-
-    def __post_init__(self) -> None:
-        for name in ("lr", "eps", "weight_decay", "clip_grad", "bucket_mb"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise ValueError(f"OptimizerConfig.{name} must be a number >= 0, got {value!r}")
-            setattr(self, name, float(value))
-        for name in ("beta1", "beta2"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-                raise ValueError(f"OptimizerConfig.{name} must be in [0, 1), got {value!r}")
-            setattr(self, name, float(value))
-        if self.grad_dtype not in GRAD_DTYPES:
-            raise ValueError(f"OptimizerConfig.grad_dtype must be one of {', '.join(GRAD_DTYPES)}, "
-                             f"got {self.grad_dtype!r}")
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import yaml
 
 from megamath.data.blending import parse_data_path
 from megamath.model.config import ModelConfig
-from megamath.parallel.zero import OptimizerConfig
+from megamath.parallel.optimizer_config import OptimizerConfig
 from megamath.training.schedule import ScheduleConfig
 
 # LLEMMA's ProofPile II weights. LLEMMA also mixed in general data: the Pile at 0.147368 and

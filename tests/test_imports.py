@@ -1,0 +1,108 @@
+"""Imports run one way: no cycle among megamath's modules (lazy imports count), the kernels import nothing of
+megamath, and parsing a training config loads neither Triton nor the kernels."""
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def module_files() -> dict[str, Path]:
+    """megamath's modules by dotted name; kernels/ is installed as megamath.kernels."""
+    files = {}
+    for root, package in ((REPO / "megamath", "megamath"), (REPO / "kernels", "megamath.kernels")):
+        for path in root.rglob("*.py"):
+            parts = list(path.relative_to(root).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            files[".".join([package, *parts])] = path
+    return files
+
+
+def imports_of(name: str, path: Path, modules: set[str]) -> set[str]:
+    """The megamath modules that `name` imports anywhere in its file (function bodies included)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{anchor}.{base}" if base else anchor
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)  # `from pkg import module`
+    return {m for m in found if m in modules and m != name}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state, stack = {}, []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        state[node] = "done"
+        stack.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def graph() -> dict[str, set[str]]:
+    files = module_files()
+    return {name: imports_of(name, path, set(files)) for name, path in files.items()}
+
+
+def test_no_import_cycles():
+    g = graph()
+    assert len(g) > 40 and "megamath.model.llama" in g["megamath.training.loop"]  # the walk sees real edges
+    cycle = find_cycle(g)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_cycle_finder_finds_a_planted_cycle():
+    g = graph()
+    g["megamath.model.partition"] = g["megamath.model.partition"] | {"megamath.training.loop"}
+    assert find_cycle(g) is not None
+
+
+def test_kernels_import_nothing_of_megamath():
+    for name, deps in graph().items():
+        if name.startswith("megamath.kernels"):
+            assert all(d.startswith("megamath.kernels") for d in deps), f"{name} imports {deps}"
+
+
+def test_parsing_a_training_config_imports_no_triton():
+    """Run with Triton made unimportable, as on a machine without it."""
+    code = (
+        "import sys\n"
+        "class NoTriton:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'triton' or name.startswith('triton.'):\n"
+        "            raise ImportError('triton is blocked by this test')\n"
+        "sys.meta_path.insert(0, NoTriton())\n"
+        "import megamath.training.config as c\n"
+        "c.TrainConfig\n"
+        "assert not any(m == 'triton' or m.startswith('megamath.kernels') for m in sys.modules), sorted(sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def test_files_stay_small_or_say_why():
+    """A file past ~400 lines usually holds two jobs; one that does not says so in a "Why one file:" line."""
+    for path in (REPO / "megamath").rglob("*.py"):
+        text = path.read_text()
+        if len(text.splitlines()) > 420:
+            doc = ast.get_docstring(ast.parse(text)) or ""
+            assert "Why one file:" in doc, f"{path.relative_to(REPO)} has {len(text.splitlines())} lines"
