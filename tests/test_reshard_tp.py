@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from distributed import run_distributed
 from megamath.cli import main
-from megamath.model.llama import merge_state_dicts, shard_state_dict
+from megamath.model.tp_state_dict import merge_state_dicts, shard_state_dict
 from megamath.model.partition import tp_partition_dim
 from megamath.parallel.state import ParallelState
 from megamath.parallel.zero import ZeroOptimizer

@@ -14,7 +14,7 @@ import torch
 
 from distributed import run_distributed
 from megamath.model import Llama, ModelConfig
-from megamath.model.llama import merge_state_dicts, shard_state_dict
+from megamath.model.tp_state_dict import merge_state_dicts, shard_state_dict
 from megamath.parallel.cross_entropy import vocab_parallel_cross_entropy_ref
 from megamath.parallel.layers import shard_tensor
 from megamath.parallel.state import ParallelState

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from distributed import run_distributed
-from megamath.model.llama import merge_state_dicts
+from megamath.model.tp_state_dict import merge_state_dicts
 from megamath.parallel.state import ParallelState
 from megamath.training import reshard as rs
 from megamath.training.config import TrainConfig

@@ -359,7 +359,7 @@ def test_tensor_and_sequence_parallel_run_matches_serial(tmp_path, one_thread):
     """TP = 2 with sequence parallelism (norm-weight grads summed over TP inside ZeRO's flat buffer) follows
     the serial run; init_from_hf gives each TP rank its slices of the checkpoint."""
     from megamath.model.hf_interop import convert_megamath_to_hf, save_checkpoint
-    from megamath.model.llama import merge_state_dicts, shard_state_dict
+    from megamath.model.tp_state_dict import merge_state_dicts, shard_state_dict
 
     raw = raw_config(tmp_path / "data", tmp_path / "serial")
     config = TrainConfig.from_dict(raw)

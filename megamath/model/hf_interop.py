@@ -16,7 +16,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 from safetensors import safe_open

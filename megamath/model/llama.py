@@ -15,8 +15,8 @@ Attention heads split: rank r runs query heads [r·Hq/p, (r+1)·Hq/p). KV heads 
 p divides Hkv; otherwise every rank holds all Hkv heads' k/v weights (replicated, the serial tensors
 unchanged) and projects only the contiguous range of KV heads its query heads read. The vocabulary must
 be divisible by p (no padding here). The LM head's logits stay split, (B, S, V/p) per rank, and the
-loss is the vocabulary-parallel cross-entropy over them. `shard_state_dict` / `merge_state_dicts` turn
-a serial state dict into rank r's and back, bit-exact.
+loss is the vocabulary-parallel cross-entropy over them. megamath.model.tp_state_dict turns a serial
+state dict into rank r's and back, bit-exact.
 
 Sequence parallelism (on top of TP): the residual stream, the norms and the embedding's output hold a
 (B, S/p, h) chunk of the sequence; each attention / MLP all-gathers its input and reduce-scatters its
@@ -43,10 +43,10 @@ import torch.utils.checkpoint
 from megamath.model.config import ModelConfig
 from megamath.model.ops import Ops, get_ops
 from megamath.model.partition import (
-    ParamSpec, check_tensor_parallel, is_norm_weight, local_shapes, partition_table, tp_partition_dim,
+    ParamSpec, check_tensor_parallel, is_norm_weight, partition_table,
 )
 from megamath.parallel.layers import (
-    ColumnParallelLinear, RowParallelLinear, TPReplicatedLinear, VocabParallelEmbedding, merge_shards, shard_tensor,
+    ColumnParallelLinear, RowParallelLinear, TPReplicatedLinear, VocabParallelEmbedding, shard_tensor,
     tp_region_input,
 )
 from megamath.parallel.state import ParallelState
@@ -260,52 +260,3 @@ class Llama(nn.Module):
         decay = [p for p in self.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.parameters() if p.dim() < 2]
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-# ---- tensor-parallel state dicts ------------------------------------------------------------------------------
-
-def _check_names(tensors: dict, expected: dict, what: str) -> None:
-    missing = [n for n in expected if n not in tensors]
-    unknown = sorted(set(tensors) - set(expected))
-    if missing:
-        raise ValueError(f"{what} is missing tensors: {', '.join(missing)}")
-    if unknown:
-        raise ValueError(f"{what} has unknown tensors: {', '.join(unknown)}")
-    wrong = [f"{n} {tuple(tensors[n].shape)} (expected {shape})" for n, shape in expected.items()
-             if tuple(tensors[n].shape) != shape]
-    if wrong:
-        raise ValueError(f"{what} tensors have wrong shapes: {', '.join(wrong)}")
-
-
-def shard_state_dict(full: dict[str, torch.Tensor], config: ModelConfig, tp_size: int,
-                     tp_rank: int) -> dict[str, torch.Tensor]:
-    """TP rank tp_rank's state dict from the serial one (new tensors; replicated ones copied whole)."""
-    check_tensor_parallel(config, tp_size)
-    if not 0 <= tp_rank < tp_size:
-        raise ValueError(f"tp_rank {tp_rank} is out of range for tensor-parallel size {tp_size}")
-    _check_names(full, local_shapes(config, 1), "serial state dict")
-    shards = {}
-    for name, tensor in full.items():
-        dim = tp_partition_dim(name, config, tp_size)
-        shards[name] = tensor.clone() if dim is None else shard_tensor(tensor, dim, tp_size, tp_rank, name)
-    return shards
-
-
-def merge_state_dicts(shards: list[dict[str, torch.Tensor]], config: ModelConfig) -> dict[str, torch.Tensor]:
-    """The serial state dict from TP ranks 0 … p-1's; replicated tensors must agree bit for bit."""
-    tp_size = len(shards)
-    check_tensor_parallel(config, tp_size)
-    local = local_shapes(config, tp_size)
-    for rank, shard in enumerate(shards):
-        _check_names(shard, local, f"TP rank {rank}'s state dict")
-    merged = {}
-    for name in shards[0]:  # the model's order
-        dim = tp_partition_dim(name, config, tp_size)
-        if dim is not None:
-            merged[name] = merge_shards([shard[name] for shard in shards], dim)
-            continue
-        for rank in range(1, tp_size):
-            if not torch.equal(shards[rank][name], shards[0][name]):
-                raise ValueError(f"replicated tensor {name} differs between TP ranks 0 and {rank}")
-        merged[name] = shards[0][name].clone()
-    return merged
