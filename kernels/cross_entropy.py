@@ -17,8 +17,12 @@ local logsumexp l_r and, where it owns the target column, the target logit. Then
 
 Nothing of vocabulary size crosses ranks, and the backward is local: each rank writes its own columns
 of the gradient from the global lse. Costs: forward reads the logits once; backward reads them once more
-and writes the gradient once. Targets outside the vocabulary raise (one tiny device-to-host sync, at a
-point where the loss is usually read for logging anyway).
+and writes the gradient once.
+
+Targets outside the vocabulary: `check_targets=True` (the default) raises, at the cost of one tiny
+device-to-host sync; the training step passes False (its data side has already checked the ids), and
+the kernel still makes such a row's loss NaN, so a bad id is never silently a finite loss (the training
+loop skips a step whose loss is not finite).
 """
 from __future__ import annotations
 
@@ -31,8 +35,11 @@ import triton.language as tl
 
 @triton.jit
 def _ce_forward_kernel(logits_ptr, targets_ptr, lse_ptr, target_logit_ptr,
-                       n_cols, stride_row, vocab_start, ignore_index, BLOCK_V: tl.constexpr):
-    """One program per row: local logsumexp and (if this shard owns it) the target logit, both fp32."""
+                       n_cols, stride_row, vocab_start, vocab_size, ignore_index, BLOCK_V: tl.constexpr):
+    """One program per row: local logsumexp and (if this shard owns it) the target logit, both fp32.
+
+    A target outside [0, vocab_size) that is not ignore_index gets a NaN logsumexp, so its loss is NaN.
+    """
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride_row overflows int32 at large N * V
     row_ptr = logits_ptr + row * stride_row
     target = tl.load(targets_ptr + row)
@@ -53,6 +60,8 @@ def _ce_forward_kernel(logits_ptr, targets_ptr, lse_ptr, target_logit_ptr,
         s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), axis=0)
         m = m_new
     lse = tl.where(valid, m + tl.log(tl.where(valid, s, 1.0)), 0.0)
+    out_of_vocab = valid & ((target < 0) | (target >= vocab_size))
+    lse = tl.where(out_of_vocab, float("nan"), lse)
     target_logit = tl.load(row_ptr + tl.where(owned, local_target, 0), mask=owned, other=0.0).to(tl.float32)
     tl.store(lse_ptr + row, lse)
     tl.store(target_logit_ptr + row, target_logit)
@@ -123,19 +132,20 @@ def _combine_over_vocab_shards(lse_local, target_logit, group):
 
 class _CrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets, ignore_index, group):
+    def forward(ctx, logits, targets, ignore_index, group, check_targets):
         n_rows, n_cols = logits.shape
         rank = 0 if group is None else dist.get_rank(group)
         world = 1 if group is None else dist.get_world_size(group)
         vocab_start = rank * n_cols
-        _check_targets(targets, n_cols * world, ignore_index)
+        if check_targets:
+            _check_targets(targets, n_cols * world, ignore_index)
         lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device)  # (N,)
         target_logit = torch.empty(n_rows, dtype=torch.float32, device=logits.device)  # (N,)
         block_v, num_warps = _launch_config(n_cols)
         if n_rows > 0:
             _ce_forward_kernel[(n_rows,)](
-                logits, targets, lse, target_logit, n_cols, logits.stride(0), vocab_start, ignore_index,
-                BLOCK_V=block_v, num_warps=num_warps)
+                logits, targets, lse, target_logit, n_cols, logits.stride(0), vocab_start, n_cols * world,
+                ignore_index, BLOCK_V=block_v, num_warps=num_warps)
         if group is not None:
             lse, target_logit = _combine_over_vocab_shards(lse, target_logit, group)
         valid = targets != ignore_index  # (N,)
@@ -156,21 +166,22 @@ class _CrossEntropy(torch.autograd.Function):
             _ce_backward_kernel[(n_rows,)](
                 logits, grad, targets, lse, scale, n_cols, logits.stride(0), grad.stride(0),
                 ctx.vocab_start, ctx.ignore_index, BLOCK_V=block_v, num_warps=num_warps)
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
-                  group: "dist.ProcessGroup | None" = None) -> torch.Tensor:
+                  group: "dist.ProcessGroup | None" = None, check_targets: bool = True) -> torch.Tensor:
     """Mean cross-entropy over targets != ignore_index; a 0-dim fp32 tensor (0 if all are ignored).
 
     logits: (N, V) any float dtype, or with `group` this rank's (N, V / p) slice of the vocabulary
     (rank r holds columns [r * V/p, (r + 1) * V/p)); targets: (N,) int64 ids into the full vocabulary.
-    Differentiable in logits; the gradient has the logits' dtype.
+    Differentiable in logits; the gradient has the logits' dtype. `check_targets=False` skips the
+    host-synchronising range check (an out-of-range target then gives a NaN loss).
     """
     _check_inputs(logits, targets)
     if logits.stride(1) != 1:  # rows may be strided; columns are streamed and must be contiguous
         logits = logits.contiguous()
-    return _CrossEntropy.apply(logits, targets, int(ignore_index), group)
+    return _CrossEntropy.apply(logits, targets, int(ignore_index), group, bool(check_targets))
 
 
 def cross_entropy_ref(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

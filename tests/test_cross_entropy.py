@@ -105,6 +105,16 @@ def test_bad_inputs_raise(logits_shape, targets, message):
     assert str(err.value) == message
 
 
+def test_unchecked_targets_give_nan_not_a_number():
+    """check_targets=False (the training step's path, no host sync): an out-of-vocabulary id poisons the loss."""
+    logits = torch.randn(3, 10, device=DEVICE)
+    for bad in (10, -1):
+        loss = cross_entropy(logits, torch.tensor([1, bad, -100], device=DEVICE), check_targets=False)
+        assert torch.isnan(loss)
+    good = torch.tensor([1, 9, -100], device=DEVICE)
+    assert torch.equal(cross_entropy(logits, good, check_targets=False), cross_entropy(logits, good))
+
+
 def test_int32_targets_raise():
     with pytest.raises(ValueError) as err:
         cross_entropy(torch.zeros(2, 10, device=DEVICE), torch.tensor([1, 2], dtype=torch.int32, device=DEVICE))

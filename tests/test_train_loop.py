@@ -147,6 +147,13 @@ def test_empty_data_path_fails_before_building_anything(tmp_path):
         run(raw)
 
 
+def test_token_ids_outside_the_vocabulary_are_refused_on_the_host(tmp_path):
+    raw = raw_config(tmp_path / "data", tmp_path / "run", model__vocab_size=48)  # the corpus holds ids up to 59
+    with pytest.raises(ValueError, match=r"^sample \d+ holds token id 5\d, outside the model's vocabulary "
+                                         r"\[0, 48\): was the data made with another tokenizer"):
+        run(raw)
+
+
 # ---- exact resume, one process ----------------------------------------------------------------------------------
 
 def test_resume_is_bitwise_exact_single_process(tmp_path, one_thread):

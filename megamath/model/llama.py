@@ -86,6 +86,7 @@ class Attention(nn.Module):
         self.v_proj = kv_layer(h, config.num_kv_heads * d, **tp)
         self.o_proj = RowParallelLinear(config.num_heads * d, h, **tp)
         self.kv_rows, self.kv_expand = slice(None), None
+        self._kv_index_by_device: dict[torch.device, torch.Tensor] = {}
         if self.kv_replicated:
             self._plan_replicated_kv(config, parallel.tp_rank, p)
 
@@ -105,6 +106,14 @@ class Attention(nn.Module):
         if q_local % n_kv or local != [i // (q_local // n_kv) for i in range(q_local)]:
             self.kv_expand = local
 
+    def _kv_index(self, device: torch.device) -> torch.Tensor:
+        """kv_expand as an index tensor on `device`, built once per device: a host-to-device copy in every
+        forward would cost a copy and a stream sync each time. Not a buffer: to_empty would leave it garbage."""
+        index = self._kv_index_by_device.get(device)
+        if index is None:
+            index = self._kv_index_by_device[device] = torch.tensor(self.kv_expand, device=device)
+        return index
+
     def _project_kv(self, proj: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.kv_replicated:
             return proj(x, rows=self.kv_rows)
@@ -118,7 +127,7 @@ class Attention(nn.Module):
         v = self._project_kv(self.v_proj, x).view(b, s, -1, self.head_dim)  # (B, S, Hkv/p, D)
         q, k = ops.rope(q, k, self.rope_theta, position_offset)  # (B, S, Hq/p, D), (B, S, Hkv/p, D)
         if self.kv_expand is not None:
-            index = torch.tensor(self.kv_expand, device=k.device)
+            index = self._kv_index(k.device)
             k, v = k.index_select(2, index), v.index_select(2, index)  # (B, S, Hq/p, D)
         o = ops.flash_attention(q, k, v, causal=True)  # (B, S, Hq/p, D); scale 1/sqrt(D)
         return self.o_proj(o.reshape(b, s, -1))  # (B, S, h), or (B, S/p, h) under SP

@@ -50,6 +50,7 @@ class TrainData:
     def __init__(self, config, state: ParallelState, cache_dir: str | Path | None) -> None:
         self.micro_batch_size, self.grad_accum_steps = config.micro_batch_size, config.grad_accum_steps
         self.dp_size, self.dp_rank, self.device = state.dp_size, state.dp_rank, state.device
+        self.vocab_size = config.model.vocab_size
         self.global_batch_size = config.global_batch_size(state.dp_size)
         data = config.data
         weights, prefixes = data.train_blend()
@@ -86,6 +87,13 @@ class TrainData:
         return [self._batch(dataset, range(s, s + b)) for s in starts]
 
     def _batch(self, dataset, rows: range) -> MicroBatch:
-        samples = torch.from_numpy(np.stack([dataset[i] for i in rows]))  # (b, S + 1) int64
+        samples = np.stack([dataset[i] for i in rows])  # (b, S + 1) int64
+        # Checked here, on the host, so that the loss kernel needs no device-to-host sync to do it.
+        if samples.size and (samples.min() < 0 or samples.max() >= self.vocab_size):
+            bad = int(samples.max() if samples.max() >= self.vocab_size else samples.min())
+            raise ValueError(f"sample {rows[int(np.argwhere(samples == bad)[0, 0])]} holds token id {bad}, "
+                             f"outside the model's vocabulary [0, {self.vocab_size}): was the data made with "
+                             "another tokenizer (or does model.vocab_size need padding)?")
+        samples = torch.from_numpy(samples)
         samples = samples.to(self.device, non_blocking=True)
         return samples[:, :-1], samples[:, 1:]  # tokens (b, S), targets (b, S)
