@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 
 KERNEL_CHOICES = ("auto", "triton", "reference")
+ATTENTION_CHOICES = ("auto", "megamath", "sdpa")
 
 
 @dataclass
@@ -38,6 +39,10 @@ class ModelConfig:
     """Recompute each block's activations in the backward instead of storing them (memory for ~1/3 more compute)."""
     kernels: str = "auto"
     """Which ops run: "triton" kernels, plain-torch "reference" ops, or "auto" (Triton on CUDA, references on CPU)."""
+    attention: str = "auto"
+    """Attention: "megamath" (our flash-attention kernel under `kernels`), "sdpa" (PyTorch's
+    scaled_dot_product_attention), or "auto": whichever of the two is faster for the run's shape on its
+    GPU, timed once at start-up and logged (megamath off a GPU). See megamath.model.attention."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
@@ -63,6 +68,9 @@ class ModelConfig:
                              f"got {self.activation_checkpointing!r}")
         if self.kernels not in KERNEL_CHOICES:
             raise ValueError(f"ModelConfig.kernels must be one of {', '.join(KERNEL_CHOICES)}, got {self.kernels!r}")
+        if self.attention not in ATTENTION_CHOICES:
+            raise ValueError(f"ModelConfig.attention must be one of {', '.join(ATTENTION_CHOICES)}, "
+                             f"got {self.attention!r}")
 
     @property
     def head_dim(self) -> int:

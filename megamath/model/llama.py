@@ -41,6 +41,7 @@ import torch.nn as nn
 import torch.utils.checkpoint
 
 from megamath.model.config import ModelConfig
+from megamath.model.attention import with_attention
 from megamath.model.ops import Ops, get_ops
 from megamath.model.partition import (
     ParamSpec, check_tensor_parallel, is_norm_weight, partition_table,
@@ -183,6 +184,8 @@ class Llama(nn.Module):
         self.sequence_parallel = bool(sequence_parallel) and parallel.tp_size > 1
         sp = self.sequence_parallel
         self.partition: dict[str, ParamSpec] = partition_table(config, parallel.tp_size, sp)
+        self.attention = config.attention
+        """"megamath" or "sdpa" once a run has settled "auto" (megamath.model.attention.choose_attention)."""
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, parallel.tp_group, sp)
         self.layers = nn.ModuleList(Block(config, parallel, sp) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
@@ -236,7 +239,7 @@ class Llama(nn.Module):
         if self.sequence_parallel and s % self.parallel.tp_size:
             raise ValueError(f"sequence parallelism needs the sequence length {s} to be divisible by the "
                              f"tensor-parallel size {self.parallel.tp_size}")
-        ops = get_ops(self.config.kernels, tokens.device)
+        ops = with_attention(get_ops(self.config.kernels, tokens.device), self.attention)
         x = self.embed_tokens(tokens)  # (B, S, h), or (B, S/p, h) under SP
         checkpointing = self.config.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:

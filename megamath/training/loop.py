@@ -27,8 +27,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megamath.model.attention import choose_attention
 from megamath.model.llama import Llama
+from megamath.model.ops import get_ops
 from megamath.parallel.sequence_parallel import allreduce_sequence_parallel_grads
+from megamath.parallel.mappings import all_reduce_max_
 from megamath.parallel.state import ParallelState
 from megamath.parallel.zero import ZeroOptimizer
 from megamath.training import checkpoint as ckpt
@@ -132,6 +135,25 @@ def build_model(config: TrainConfig, state: ParallelState) -> Llama:
     return model.to(param_dtype(config, state.device)).train()
 
 
+def settle_attention(model: Llama, config: TrainConfig, state: ParallelState) -> str:
+    """Resolve model.attention "auto" for this run's shape (timed on the GPU); every rank keeps one choice."""
+    attn = model.layers[0].self_attn
+    hq = config.model.num_heads // state.tp_size
+    hkv = hq if attn.kv_expand is not None else (
+        (attn.kv_rows.stop - attn.kv_rows.start) // attn.head_dim if attn.kv_replicated
+        else config.model.num_kv_heads // state.tp_size)
+    shape = (config.micro_batch_size, config.data.seq_length, hq, hkv, config.model.head_dim)
+    ops = get_ops(config.model.kernels, state.device)
+    choice = choose_attention(config.model.attention, ops, shape, param_dtype(config, state.device), state.device)
+    chosen = choice.attention
+    if state.is_distributed and config.model.attention == "auto":  # timings differ by rank: sdpa only if all agree
+        prefers_ours = torch.tensor([float(chosen == "megamath")], device=state.device)
+        all_reduce_max_(prefers_ours, dist.group.WORLD)
+        chosen = "megamath" if prefers_ours.item() > 0 else "sdpa"
+    model.attention = chosen
+    return choice.reason if chosen == choice.attention else f"{choice.reason}; megamath on every rank, as another preferred it"
+
+
 def seed_rngs(seed: int, rank: int) -> None:
     """Per-rank RNGs for anything stochastic after the init (none today; dropout would use them)."""
     random.seed(seed + rank)
@@ -216,6 +238,7 @@ def train(config: TrainConfig, state: ParallelState) -> TrainResult:
         resharded = (f" (saved at tensor-parallel size {meta['tp_size']}, re-cut for {state.tp_size})"
                      if meta["tp_size"] != state.tp_size else "")
         log.say(f"resumed from {resume_from} at step {step}{resharded}")
+    log.say(settle_attention(model, config, state))
     last_saved, preempted, lr = step, False, 0.0
     try:
         with PreemptionFlag() as flag:

@@ -1,0 +1,58 @@
+"""model.attention: SDPA behind the flash_attention signature equals the reference; `auto` settles once."""
+import dataclasses
+
+import pytest
+import torch
+
+from megamath.model import Llama, ModelConfig
+from megamath.model.attention import choose_attention, sdpa_attention, with_attention
+from megamath.model.ops import get_ops
+from megamath.kernels.flash_attention import flash_attention_ref
+
+CONFIG = ModelConfig(vocab_size=64, hidden_size=48, num_layers=2, num_heads=6, num_kv_heads=2, ffn_hidden_size=64,
+                     max_seq_length=32, kernels="reference")
+
+
+@pytest.mark.parametrize("kv_heads", [6, 2, 1])
+def test_sdpa_matches_the_reference_forward_and_backward(kv_heads):
+    g = torch.Generator().manual_seed(kv_heads)
+    q = torch.randn(2, 13, 6, 8, generator=g, requires_grad=True)
+    k, v = (torch.randn(2, 13, kv_heads, 8, generator=g, requires_grad=True) for _ in range(2))
+    dout = torch.randn(2, 13, 6, 8, generator=g)
+    grads = []
+    for attend in (flash_attention_ref, sdpa_attention):
+        out = attend(q, k, v, causal=True)
+        grads.append((out,) + torch.autograd.grad(out, (q, k, v), dout))
+    for ref, got in zip(*grads):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_model_with_sdpa_equals_the_reference_model():
+    torch.manual_seed(0)
+    model = Llama(CONFIG)
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    ours = model(tokens)
+    model.attention = "sdpa"
+    torch.testing.assert_close(model(tokens), ours, rtol=1e-5, atol=1e-5)
+    sdpa_model = Llama(dataclasses.replace(CONFIG, attention="sdpa"))
+    assert sdpa_model.attention == "sdpa"
+
+
+def test_choice_rules_and_errors():
+    ops = get_ops("reference", "cpu")
+    assert with_attention(ops, "sdpa").flash_attention is sdpa_attention
+    assert with_attention(ops, "auto") is ops and with_attention(ops, "megamath") is ops
+    cpu = torch.device("cpu")
+    auto = choose_attention("auto", ops, (1, 8, 2, 1, 8), torch.float32, cpu)
+    assert (auto.attention, auto.timings_ms) == ("megamath", {}) and "nothing to time off a GPU" in auto.reason
+    assert choose_attention("sdpa", ops, (1, 8, 2, 1, 8), torch.float32, cpu).attention == "sdpa"
+    with pytest.raises(ValueError, match=r"^ModelConfig.attention must be one of auto, megamath, sdpa, got 'flash'$"):
+        ModelConfig(attention="flash")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="timing both attentions needs a CUDA GPU")
+def test_auto_times_both_on_a_gpu():
+    ops = get_ops("auto", "cuda")
+    choice = choose_attention("auto", ops, (1, 256, 4, 2, 64), torch.bfloat16, torch.device("cuda"), repeats=3)
+    assert set(choice.timings_ms) == {"megamath", "sdpa"} and choice.attention == min(choice.timings_ms,
+                                                                                      key=choice.timings_ms.get)
