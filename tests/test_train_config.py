@@ -91,7 +91,7 @@ def test_llemma_mixture_expands_from_data_dir():
                     "init_from_hf, param_dtype, seed, max_consecutive_nonfinite, log_every"),
     ({"model": {"preset": "tiny", "hidden": 64}}, "unknown key 'model.hidden'; model takes: preset, vocab_size, "
      "hidden_size, num_layers, num_heads, num_kv_heads, ffn_hidden_size, max_seq_length, rope_theta, norm_eps, "
-     "init_std, activation_checkpointing, kernels"),
+     "init_std, activation_checkpointing, kernels, attention"),
     ({"micro_batch_size": "two"}, "micro_batch_size must be int, got 'two'"),
     ({"micro_batch_size": 0}, "micro_batch_size must be an integer >= 1, got 0"),
     ({"optimizer": {"lr": "fast"}}, "optimizer.lr must be float, got 'fast'"),
