@@ -147,6 +147,19 @@ def test_empty_data_path_fails_before_building_anything(tmp_path):
         run(raw)
 
 
+def test_step_time_covers_the_optimizer(tmp_path, monkeypatch):
+    """A deliberately slow optimizer step must show in step_time_s (the timer stops after it, synced)."""
+    slow_step = ZeroOptimizer.step
+
+    def step(self, lr):
+        time.sleep(0.3)
+        return slow_step(self, lr)
+
+    monkeypatch.setattr(ZeroOptimizer, "step", step)
+    run(raw_config(tmp_path / "data", tmp_path / "run", train_steps=2, checkpoint__save_every=0))
+    assert all(r["step_time_s"] >= 0.3 for r in metrics(tmp_path / "run"))
+
+
 def test_token_ids_outside_the_vocabulary_are_refused_on_the_host(tmp_path):
     raw = raw_config(tmp_path / "data", tmp_path / "run", model__vocab_size=48)  # the corpus holds ids up to 59
     with pytest.raises(ValueError, match=r"^sample \d+ holds token id 5\d, outside the model's vocabulary "

@@ -88,6 +88,14 @@ def train_step(model: Llama, optimizer: ZeroOptimizer, micro_batches: list[Micro
     return StepOutput(loss, result.grad_norm, result.skipped)
 
 
+def end_of_step(state: ParallelState) -> None:
+    """The step's one device synchronisation: the optimizer's kernels and the parameter all-gather are
+    queued asynchronously after the last value the step reads, and a timer stopped before them would
+    overstate tokens/s and MFU."""
+    if state.device.type == "cuda":
+        torch.cuda.synchronize(state.device)
+
+
 def mean_over_dp(value: torch.Tensor, state: ParallelState) -> float:
     """The mean of a scalar over the DP group (TP ranks of a DP rank hold the same loss)."""
     if state.dp_group is not None:
@@ -247,6 +255,7 @@ def train(config: TrainConfig, state: ParallelState) -> TrainResult:
                 lr = lr_at(step, config.optimizer.lr, config.schedule)
                 start = time.perf_counter()
                 out = train_step(model, optimizer, data.micro_batches(step), lr, state)
+                end_of_step(state)  # the timer covers the optimizer and the all-gather, not just what was queued
                 rec = log.record(step, out.loss, lr, out.grad_norm, out.skipped, time.perf_counter() - start,
                                  step * data.global_batch_size)
                 nonfinite = nonfinite + 1 if out.skipped else 0

@@ -1,0 +1,224 @@
+"""Training-step benchmark: megamath against Hugging Face Llama in one process, on one GPU, same input.
+
+    python perf/bench_train.py                                  # Code Llama 7B width, 4 layers, S 4096, mb 1 and 2
+    python perf/bench_train.py --layers 2 --seq-length 2048 --micro-batch 1 --no-compile
+
+Each system runs the whole training step, forward + backward + optimizer step, on the same random
+tokens (seed 0), timed from before the forward to after a device synchronize at the step's end; the
+median over --steps timed steps (after --warmup untimed ones) is reported.
+
+    megamath            Llama with the kernels (Triton) and `model.attention` settled as a run does,
+                        bf16 weights, ZeRO-1 AdamW with fp32 master weights and moments (dp = 1)
+    megamath-ref        the same with the plain-torch reference ops
+    hf-eager            transformers' LlamaForCausalLM (SDPA attention), fp32 weights under bf16 autocast,
+                        torch.optim.AdamW(fused=True): the usual mixed-precision recipe, fp32 master
+    hf-compiled         the same model through torch.compile
+
+Model FLOPs per token, for every system alike (ModelConfig.flops_per_token, Megatron's convention):
+6·(L·(2h·h_q + 2h·h_kv + 3h·ffn) + V·h) + 6·L·S·h_q, i.e. causal attention counted at half of the full
+S² (= 6·(L·(4h² + 3h·ffn) + V·h) + 6·L·S·h for multi-head attention, the anchors' formula). MFU = model
+TFLOP/s / the GPU's dense bf16 peak (megamath.training.metrics.PEAK_TFLOPS; --peak-tflops overrides).
+`vs ours` = the system's step time / megamath's (above 1: megamath is faster).
+
+Without CUDA it runs a tiny smoke case on CPU (fp32, 2 layers, S 32) so the test suite can check that
+the script works; its numbers are labelled as not a measurement and nothing is written unless --out.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from megamath.model.attention import choose_attention
+from megamath.model.config import ModelConfig
+from megamath.model.llama import Llama
+from megamath.model.ops import get_ops
+from megamath.parallel.optimizer_config import OptimizerConfig
+from megamath.parallel.state import ParallelState
+from megamath.parallel.zero import ZeroOptimizer
+from megamath.training.loop import train_step
+from megamath.training.metrics import peak_tflops
+
+REPO = Path(__file__).resolve().parents[1]
+LR = 1e-4
+
+
+def model_config(args, gpu: bool) -> ModelConfig:
+    if gpu:  # Code Llama 7B's width
+        return ModelConfig(vocab_size=32016, hidden_size=4096, num_layers=args.layers, num_heads=32, num_kv_heads=32,
+                           ffn_hidden_size=11008, max_seq_length=args.seq_length, rope_theta=1e6)
+    return ModelConfig(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=128,
+                       max_seq_length=args.seq_length, rope_theta=1e6, kernels="reference")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def megamath_step(config: ModelConfig, device: torch.device, dtype: torch.dtype, tokens: torch.Tensor,
+                  reference: bool) -> Callable[[], float]:
+    if reference:
+        config = ModelConfig.from_dict({**config.to_dict(), "kernels": "reference"})
+    state = ParallelState.single(device)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Llama(config).to(dtype).train()
+    b, s = tokens.shape[0], tokens.shape[1] - 1
+    ops = get_ops(config.kernels, device)
+    model.attention = choose_attention(config.attention, ops, (b, s, config.num_heads, config.num_kv_heads,
+                                                                config.head_dim), dtype, device).attention
+    optimizer = ZeroOptimizer(model, state, OptimizerConfig(lr=LR), split_names=model.split_parameter_names())
+    batch = [(tokens[:, :-1], tokens[:, 1:])]
+    return lambda: train_step(model, optimizer, batch, LR, state).loss
+
+
+def hf_step(config: ModelConfig, device: torch.device, tokens: torch.Tensor, compiled: bool) -> Callable[[], float]:
+    import transformers
+
+    hf_config = transformers.LlamaConfig(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.ffn_hidden_size,
+        num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads, max_position_embeddings=config.max_seq_length,
+        rope_theta=config.rope_theta, rms_norm_eps=config.norm_eps, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM._from_config(hf_config, attn_implementation="sdpa").to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95), weight_decay=0.1,
+                                  fused=device.type == "cuda")
+    forward = torch.compile(model) if compiled else model
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def step() -> float:
+        with amp:
+            logits = forward(input_ids=x).logits  # (b, S, V)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+    return step
+
+
+def measure(step: Callable[[], float], device: torch.device, warmup: int, steps: int) -> tuple[list[float], float]:
+    """Step times in seconds (device synchronized at each step's end) and peak memory in GiB."""
+    for _ in range(warmup):
+        step()
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    return times, peak
+
+
+def run_case(config: ModelConfig, micro_batch: int, args, device: torch.device) -> list[dict]:
+    seq = args.seq_length
+    tokens = torch.randint(0, config.vocab_size, (micro_batch, seq + 1), generator=torch.Generator().manual_seed(0))
+    tokens = tokens.to(device)
+    gpu = device.type == "cuda"
+    systems: dict[str, Callable[[], Callable[[], float]]] = {
+        "megamath": lambda: megamath_step(config, device, torch.bfloat16 if gpu else torch.float32, tokens, False),
+        "megamath-ref": lambda: megamath_step(config, device, torch.bfloat16 if gpu else torch.float32, tokens, True),
+        "hf-eager": lambda: hf_step(config, device, tokens, compiled=False),
+    }
+    if gpu and not args.no_compile:
+        systems["hf-compiled"] = lambda: hf_step(config, device, tokens, compiled=True)
+    if not gpu:
+        systems.pop("megamath-ref")  # on CPU megamath already runs the reference ops
+    flops_per_token = config.flops_per_token(seq)
+    peak = args.peak_tflops or peak_tflops(device)
+    rows = []
+    for name, build in systems.items():
+        row = {"system": name, "micro_batch": micro_batch}
+        try:
+            times, mem = measure(build(), device, args.warmup, args.steps)
+        except ImportError as err:
+            row["error"] = f"absent ({err})"
+        except Exception as err:  # a peer that fails is reported as such, never dropped or faked
+            row["error"] = f"error: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
+        else:
+            step_s = statistics.median(times)
+            tokens_per_s = micro_batch * seq / step_s
+            tflops = flops_per_token * tokens_per_s / 1e12
+            row.update(step_ms=step_s * 1e3, tokens_per_s=tokens_per_s, tflops=tflops,
+                       mfu=tflops / peak if peak else None, peak_gib=mem)
+        rows.append(row)
+        gc.collect()
+        if gpu:
+            torch.cuda.empty_cache()
+    ours = next((r for r in rows if r["system"] == "megamath" and "step_ms" in r), None)
+    for row in rows:
+        if ours and "step_ms" in row:
+            row["vs_ours"] = row["step_ms"] / ours["step_ms"]
+    return rows
+
+
+def table(rows: list[dict]) -> list[str]:
+    lines = ["| system | micro-batch | step ms | tokens/s | model TFLOP/s | MFU | peak GiB | vs ours |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['system']} | {r['micro_batch']} | {r['error']} | | | | | |")
+            continue
+        mfu = f"{100 * r['mfu']:.1f} %" if r["mfu"] is not None else "n/a"
+        lines.append(f"| {r['system']} | {r['micro_batch']} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | "
+                     f"{r['tflops']:.1f} | {mfu} | {r['peak_gib']:.1f} | {r.get('vs_ours', float('nan')):.2f} |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--seq-length", type=int, default=None, help="default 4096 on a GPU, 32 on CPU")
+    parser.add_argument("--micro-batch", type=int, nargs="+", default=None, help="default 1 2 on a GPU, 2 on CPU")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps (default 3 on a GPU, 1 on CPU)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 10 on a GPU, 2 on CPU)")
+    parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile peer")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak for MFU")
+    parser.add_argument("--out", type=Path, default=None, help="folder for train-YYYY-MM-DD.md (GPU default: "
+                        "perf/results)")
+    args = parser.parse_args(argv)
+    gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if gpu else "cpu")
+    args.seq_length = args.seq_length or (4096 if gpu else 32)
+    args.warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
+    args.steps = args.steps or (10 if gpu else 2)
+    config = model_config(args, gpu)
+    what = (torch.cuda.get_device_name(device) if gpu else
+            "CPU smoke run: tiny model, fp32 -- NOT a measurement, only a check that the benchmark runs")
+    header = [f"# Training step, {datetime.date.today()}: {what}", "",
+              f"torch {torch.__version__}; model: L {config.num_layers}, h {config.hidden_size}, heads "
+              f"{config.num_heads}/{config.num_kv_heads}, ffn {config.ffn_hidden_size}, vocab {config.vocab_size}, "
+              f"S {args.seq_length}; median of {args.steps} steps after {args.warmup} warm-up; model FLOPs/token "
+              f"{config.flops_per_token(args.seq_length):.4g} (causal attention halved, same for every system); "
+              f"peak {args.peak_tflops or peak_tflops(device) or 'n/a'} TFLOP/s", ""]
+    rows = []
+    for micro_batch in args.micro_batch or ([1, 2] if gpu else [2]):
+        rows += run_case(config, micro_batch, args, device)
+    text = "\n".join(header + table(rows)) + "\n"
+    print(text)
+    out = args.out or (REPO / "perf" / "results" if gpu else None)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"train-{datetime.date.today()}.md"
+        path.write_text(text)
+        print(f"written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
