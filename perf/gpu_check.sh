@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU check, in one run of about 6-8 minutes: versions, build (with the CUDA RMSNorm), the kernel
-# tests compiled on the GPU, then the kernel benchmark. Assumes torch, triton and numpy are installed;
+# The GPU check, in one run of about 9-11 minutes: versions, build (with the CUDA RMSNorm, which must
+# build on a CUDA machine), the kernel and trainer tests compiled on the GPU, a short `megamath train`
+# on the GPU, the kernel benchmark, then the training-step benchmark. Assumes torch, triton and numpy are installed;
 # installs megamath's other needs if missing (from wheels in $WHEELS_DIR when there is no network).
 #
 #   bash perf/gpu_check.sh            # logs and results go to $OUT if set, else perf/results
@@ -8,7 +9,8 @@
 # Knobs (environment): PYTHON (default python3), WHEELS_DIR (default .whl: wheels to install first,
 # e.g. liger-kernel for the benchmark's peers), TEST_TIMEOUT / BENCH_TIMEOUT (seconds, 240 / 330),
 # TESTS (test files to run instead of every kernel test), BENCH_ARGS (extra arguments for
-# perf/bench_kernels.py, e.g. "--no-compile" or "--ops rms_norm").
+# perf/bench_kernels.py, e.g. "--no-compile" or "--ops rms_norm"), TRAIN_BENCH_ARGS (for
+# perf/bench_train.py), TRAIN_BENCH_TIMEOUT (seconds, 300).
 # Each step runs even when an earlier one failed; the exit status is that of the first failing step.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -47,21 +49,38 @@ MAX_JOBS=${MAX_JOBS:-$(nproc)} $PY -m pip install --no-build-isolation --no-deps
 rc=$?; record $rc
 tail -n 5 "$DEST/build.log"
 $PY -c "from megamath.kernels import rms_norm_cuda as m; print('CUDA RMSNorm extension available:', m.is_available())"
+# On a CUDA machine the extension must exist: its tests skip without it, which would look green.
+$PY -c "from megamath.kernels import rms_norm_cuda as m; import sys; sys.exit(0 if m.is_available() else 1)"
+rc=$?; record $rc
+[ "$rc" -ne 0 ] && echo "FAILED: the CUDA RMSNorm extension did not build (see $DEST/build.log)"
 
 step "kernel tests, compiled on the GPU"
 unset TRITON_INTERPRET
 tests=${TESTS:-$(ls tests/test_rms_norm*.py tests/test_rope*.py tests/test_flash_attention*.py tests/test_swiglu*.py \
-        tests/test_cross_entropy*.py tests/test_adamw*.py 2> /dev/null)}
+        tests/test_cross_entropy*.py tests/test_adamw*.py tests/test_gpu_trainer.py tests/test_attention_choice.py \
+        2> /dev/null)}
 workers=$($PY -c "import xdist" 2> /dev/null && echo "-n 8")
 timeout "${TEST_TIMEOUT:-240}" $PY -m pytest -q -p no:cacheprovider $workers $tests > "$DEST/tests.log" 2>&1
 rc=$?; record $rc
 tail -n 40 "$DEST/tests.log"
 [ "$rc" -eq 124 ] && echo "tests stopped at TEST_TIMEOUT"
 
+step "megamath train on the GPU: 20 steps of a small model, bf16, kernels"
+TRAIN_DIR=$(mktemp -d)
+$PY perf/gpu_train_case.py "$TRAIN_DIR"
+timeout 180 $PY -m megamath.cli train --config "$TRAIN_DIR/train.yaml"
+rc=$?; record $rc
+tail -n 3 "$TRAIN_DIR/run/metrics.jsonl" 2> /dev/null
+
 step "kernel benchmark"
 timeout "${BENCH_TIMEOUT:-330}" $PY perf/bench_kernels.py --out "$DEST" ${BENCH_ARGS:-}
 rc=$?; record $rc
 [ "$rc" -eq 124 ] && echo "benchmark stopped at BENCH_TIMEOUT"
+
+step "training-step benchmark (megamath vs Hugging Face eager and compiled)"
+timeout "${TRAIN_BENCH_TIMEOUT:-300}" $PY perf/bench_train.py --out "$DEST" ${TRAIN_BENCH_ARGS:-}
+rc=$?; record $rc
+[ "$rc" -eq 124 ] && echo "training benchmark stopped at TRAIN_BENCH_TIMEOUT"
 
 step "done: status $status"
 exit $status
