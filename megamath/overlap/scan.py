@@ -1,0 +1,76 @@
+"""Worker side of `megamath overlap`: one batch of corpus lines -> the candidate n-grams it holds.
+
+Per batch: parse and validate the JSON lines (`parse_lines`, shared with preprocessing), encode the texts
+back to back as UTF-8, and let C++ (`_helpers.scan_candidates`) split words, roll the n-gram hashes and
+look each key up in the test keys' table. Only the few candidates come back to Python: for each, the
+real n-gram (its words joined by one space, taken from the document text) and its character offset.
+The main process then compares that text with the test n-grams, so a key collision never makes a hit.
+The worker needs only the key table (8 bytes a slot), not the test n-gram strings.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from megamath import _helpers
+from megamath.data.sources import parse_lines
+from megamath.overlap.ngrams import encode_texts
+
+
+@dataclass(frozen=True)
+class ScanSpec:
+    """What a worker needs, small and picklable."""
+
+    json_key: str
+    ns: np.ndarray
+    """(len(ns),) int64 n-gram lengths, ascending."""
+    table: np.ndarray
+    """uint64 key table of the test n-grams (`TestIndex.table`)."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    line: int
+    """Line offset of the document in its batch."""
+    j: int
+    """Index into ns."""
+    offset: int
+    """Character offset of the n-gram's first word in the document text."""
+    ngram: str
+    """The document's n-gram: its words joined by one space."""
+
+
+@dataclass
+class ScanResult:
+    documents: int
+    text_bytes: int
+    """UTF-8 bytes of the scanned texts."""
+    bad: list[tuple[int, str, str]]
+    """(line offset, reason, detail) of skipped lines."""
+    candidates: list[Candidate] = field(default_factory=list)
+    """In document order, then n, then position."""
+    meta: dict[int, object] = field(default_factory=dict)
+    """line offset -> the record's `meta` (None when absent), for documents with candidates."""
+
+
+def scan_batch(spec: ScanSpec, data: bytes) -> ScanResult:
+    texts, bad = parse_lines(data, spec.json_key)
+    buf, offsets = encode_texts(texts)
+    which, docs, starts, ends = _helpers.scan_candidates(buf, offsets, spec.ns, spec.table)
+    result = ScanResult(len(texts), len(buf), bad)
+    if len(docs) == 0:
+        return result
+    bad_lines = {offset for offset, _, _ in bad}
+    line_of = [i for i in range(len(texts) + len(bad)) if i not in bad_lines]  # document -> line offset
+    lines = data.split(b"\n")
+    for j, d, start, end in zip(which.tolist(), docs.tolist(), starts.tolist(), ends.tolist()):
+        line = line_of[d]
+        ngram = " ".join(buf[start:end].decode("utf-8", "surrogatepass").split())
+        offset = len(buf[offsets[d]:start].decode("utf-8", "surrogatepass"))
+        result.candidates.append(Candidate(line, j, offset, ngram))
+        if line not in result.meta:
+            record = json.loads(lines[line])
+            result.meta[line] = record.get("meta")
+    return result
