@@ -214,3 +214,27 @@ def test_cli_end_to_end(planted, capsys):
     printed = capsys.readouterr().out
     assert "question n=30: 4 of 8 test items hit by 4 documents" in printed
     assert "answer n=30: 0 of 8" in printed and summary_path(out).is_file()
+
+
+def _slow_first_files(spec, path, group):
+    """Early files take longest, so later files finish first and must be held back."""
+    import time
+    time.sleep(0.05 * (spec - group))
+    for k in range(3):
+        yield (group, k)
+
+
+def test_file_pool_keeps_file_order_and_reports_bad_input(tmp_path):
+    from megamath.overlap.pool import map_files
+
+    files = [(tmp_path / f"f{i}", i) for i in range(6)]
+    assert list(map_files(_slow_first_files, 6, files, 3)) == [(g, k) for g in range(6) for k in range(3)]
+    (tmp_path / "c").mkdir()
+    _write_jsonl(tmp_path / "c/a.jsonl", [{"text": "a b c"}])
+    (tmp_path / "c/b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(b'{"text": "x"}\n' * 100)[:-5])
+    _write_jsonl(tmp_path / "t.jsonl", [{"question": "a b c"}])
+    for workers in (1, 2):
+        with pytest.raises(ValueError, match="b.jsonl.zst: cannot decompress"):
+            overlap(OverlapConfig(tmp_path / "t.jsonl", ["question"], [tmp_path / "c"], tmp_path / "h.jsonl", ns=[2],
+                                  workers=workers, progress=False))
+        assert not (tmp_path / "h.jsonl").exists()

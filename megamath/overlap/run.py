@@ -1,10 +1,10 @@
 """`megamath overlap`: scan a corpus for the n-grams of a test set and write one line per hit.
 
 The corpus inputs are those of `megamath preprocess` (`megamath.data.sources`): a ProofPile II root,
-subset or split folders, `.jsonl[.zst|.gz]` files or globs. The main process decompresses and cuts
-~1 MB batches of lines, workers find candidate n-grams (`scan.py`), and the main process verifies each
-candidate's real n-gram against the test n-grams, then writes the hits in corpus order: the output is
-identical for any worker count. Hits go to a temporary file published on success (an interrupted run
+subset or split folders, `.jsonl[.zst|.gz]` files or globs. Workers read files in ~1 MB batches of
+lines and find candidate n-grams (`scan.py`, `pool.py`); the main process verifies each candidate's
+real n-gram against the test n-grams, then writes the hits in corpus order: the output is identical for
+any worker count. Hits go to a temporary file published on success (an interrupted run
 leaves no output that looks complete); the summary is written beside it (`summary_path`).
 
 A hit line is one (test item, field, n, corpus document):
@@ -19,16 +19,16 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 from tqdm import tqdm
 
 from megamath.atomic_io import replace_atomically, write_text_atomically
-from megamath.data.sources import BadLine, InputGroup, LineBatch, discover_inputs, read_line_batches
+from megamath.data.sources import BadLine, InputGroup, discover_inputs
 from megamath.overlap.ngrams import TestIndex, load_test_items
-from megamath.overlap.pool import make_pool
-from megamath.overlap.scan import ScanResult, ScanSpec, scan_batch
+from megamath.overlap.pool import map_files
+from megamath.overlap.scan import ScanResult, ScanSpec, scan_file
 from megamath.overlap.summary import OverlapSummary
 
 
@@ -81,12 +81,6 @@ class _Hit:
     distinct: set[str] = field(default_factory=set)
 
 
-def _batches(groups: list[InputGroup], batch_bytes: int) -> Iterator[LineBatch]:
-    for index, group in enumerate(groups):
-        for path in group.files:
-            yield from read_line_batches(path, index, batch_bytes)
-
-
 def verify(index: TestIndex, result: ScanResult) -> dict[tuple[int, int, int, int], _Hit]:
     """Candidates -> hits keyed (line offset, item, field, j), sorted; a candidate whose text is no test
     n-gram (a key collision) is dropped here."""
@@ -113,31 +107,30 @@ def overlap(config: OverlapConfig, log=None) -> OverlapSummary:
         raise ValueError(f"--output {output} is a folder; name the HITS.jsonl file")
     output.parent.mkdir(parents=True, exist_ok=True)
     summary = OverlapSummary.start(config, index, groups)
-    spec = ScanSpec(config.json_key, np.asarray(index.ns, dtype=np.int64), index.table)
+    spec = ScanSpec(config.json_key, np.asarray(index.ns, dtype=np.int64), index.table, config.batch_bytes)
+    files = [(path, g) for g, group in enumerate(groups) for path in group.files]
     total_bytes = sum(path.stat().st_size for group in groups for path in group.files)
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="overlap", file=sys.stderr,
                disable=not config.progress, dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30)
     start = time.perf_counter()
 
     def scan_into(f) -> None:
-        pool = make_pool(scan_batch, spec, config.workers, "megamath-overlap")
-        failed = True
+        results = map_files(scan_file, spec, files, config.workers)
         try:
-            for batch, result in pool.map_ordered(_batches(groups, config.batch_bytes)):
-                group = groups[batch.group]
-                _count_bad(summary, batch, result, config.report_bad_lines, log)
+            for result in results:
+                group = groups[result.group]
+                _count_bad(summary, result, config.report_bad_lines, log)
                 hits = verify(index, result)
                 for (line, item, fld, j), hit in hits.items():
-                    f.write(_hit_line(index, batch, group, line, item, fld, j, hit, result.meta[line]))
+                    f.write(_hit_line(index, result, group, line, item, fld, j, hit))
                 summary.add_batch(group, result, hits)
                 elapsed = max(time.perf_counter() - start, 1e-9)
                 bar.set_postfix_str(f"{summary.text_bytes / elapsed / 1e6:.1f} MB/s, "
                                     f"{summary.documents / elapsed:,.0f} docs/s, {summary.hit_lines:,} hits",
                                     refresh=False)
-                bar.update(batch.file_bytes)
-            failed = False
+                bar.update(result.file_bytes)
         finally:
-            pool.close(terminate=failed)
+            results.close()  # stops the workers if the scan failed here
 
     try:
         replace_atomically(output, scan_into)
@@ -148,16 +141,16 @@ def overlap(config: OverlapConfig, log=None) -> OverlapSummary:
     return summary
 
 
-def _count_bad(summary: OverlapSummary, batch: LineBatch, result: ScanResult, report: int, log) -> None:
+def _count_bad(summary: OverlapSummary, result: ScanResult, report: int, log) -> None:
     for offset, reason, detail in result.bad:
         count = summary.skipped.get(reason, 0) + 1
         summary.skipped[reason] = count
         if count <= report:
-            log(f"skipped {BadLine(batch.file, batch.first_line + offset, reason, detail)}")
+            log(f"skipped {BadLine(result.file, result.first_line + offset, reason, detail)}")
 
 
-def _hit_line(index: TestIndex, batch: LineBatch, group: InputGroup, line: int, item: int, fld: int, j: int,
-              hit: _Hit, meta) -> bytes:
+def _hit_line(index: TestIndex, result: ScanResult, group: InputGroup, line: int, item: int, fld: int, j: int,
+              hit: _Hit) -> bytes:
     record = {
         "test_id": index.items[item].id,
         "field": index.fields[fld],
@@ -165,10 +158,10 @@ def _hit_line(index: TestIndex, batch: LineBatch, group: InputGroup, line: int, 
         "ngram": hit.ngram,
         "offset": hit.offset,
         "matching_ngrams": len(hit.distinct),
-        "file": str(batch.file),
-        "line": batch.first_line + line,
+        "file": str(result.file),
+        "line": result.first_line + line,
         "subset": group.subset or group.name,
         "split": group.split,
-        "meta": meta,
+        "meta": result.meta[line],
     }
     return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8", "surrogatepass")

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 from megamath import _helpers
-from megamath.data.sources import parse_lines
+from megamath.data.sources import parse_lines, read_line_batches
 from megamath.overlap.ngrams import encode_texts
 
 
@@ -28,6 +30,8 @@ class ScanSpec:
     """(len(ns),) int64 n-gram lengths, ascending."""
     table: np.ndarray
     """uint64 key table of the test n-grams (`TestIndex.table`)."""
+    batch_bytes: int = 1 << 20
+    """Decompressed bytes of whole lines scanned at a time."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,21 @@ class ScanResult:
     """In document order, then n, then position."""
     meta: dict[int, object] = field(default_factory=dict)
     """line offset -> the record's `meta` (None when absent), for documents with candidates."""
+    file: Path | None = None
+    group: int = 0
+    """Index of the file's InputGroup."""
+    first_line: int = 1
+    """1-based line number of the batch's first line in its file."""
+    file_bytes: int = 0
+    """Bytes of the (compressed) file consumed for this batch: drives the progress bar."""
+
+
+def scan_file(spec: ScanSpec, path: Path, group: int) -> Iterator[ScanResult]:
+    """The results of a file's batches, in order (what a worker runs per task)."""
+    for batch in read_line_batches(path, group, spec.batch_bytes):
+        result = scan_batch(spec, batch.data)
+        result.file, result.group, result.first_line, result.file_bytes = path, group, batch.first_line, batch.file_bytes
+        yield result
 
 
 def scan_batch(spec: ScanSpec, data: bytes) -> ScanResult:
