@@ -144,6 +144,7 @@ py::tuple build_blending_indices(const Float64Array& weights, int64_t num_sample
 }  // namespace
 
 void register_ngram_overlap(py::module_& m);  // csrc/ngram_overlap.cpp
+void register_jsonl_text(py::module_& m);      // csrc/jsonl_text.cpp
 
 PYBIND11_MODULE(_helpers, m) {
   m.doc() = "megamath C++ helpers (sample index, blending indices, n-gram overlap scan)";
@@ -153,4 +154,5 @@ PYBIND11_MODULE(_helpers, m) {
   m.def("build_blending_indices", &build_blending_indices, py::arg("weights"), py::arg("num_samples"),
         "Greedy blend of normalized weights: (dataset_index int16, dataset_sample_index int64).");
   register_ngram_overlap(m);
+  register_jsonl_text(m);
 }

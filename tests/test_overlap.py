@@ -238,3 +238,19 @@ def test_file_pool_keeps_file_order_and_reports_bad_input(tmp_path):
             overlap(OverlapConfig(tmp_path / "t.jsonl", ["question"], [tmp_path / "c"], tmp_path / "h.jsonl", ns=[2],
                                   workers=workers, progress=False))
         assert not (tmp_path / "h.jsonl").exists()
+
+
+def test_bad_lines_are_skipped_and_counted_without_losing_hits(tmp_path):
+    """A batch with a bad line leaves the C++ fast path for Python's parser: the good lines around it
+    still hit, at their own line numbers."""
+    question = " ".join(f"w{i}" for i in range(12))
+    _write_jsonl(tmp_path / "t.jsonl", [{"question": question}])
+    lines = [json.dumps({"text": "intro " + question, "meta": 1}), "{not json", json.dumps({"text": ""}),
+             json.dumps({"meta": 2}), json.dumps({"text": question + " outro", "meta": 3})]
+    (tmp_path / "c.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "h.jsonl"
+    summary = overlap(OverlapConfig(tmp_path / "t.jsonl", ["question"], [tmp_path / "c.jsonl"], out, ns=[10],
+                                    progress=False))
+    assert [(h["line"], h["meta"], h["offset"]) for h in _read_hits(out)] == [(1, 1, 6), (5, 3, 0)]
+    assert summary.skipped == {"invalid JSON": 1, "empty text": 1, "missing json key": 1}
+    assert summary.documents == 2

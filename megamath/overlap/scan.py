@@ -1,8 +1,9 @@
 """Worker side of `megamath overlap`: one batch of corpus lines -> the candidate n-grams it holds.
 
-Per batch: parse and validate the JSON lines (`parse_lines`, shared with preprocessing), encode the texts
-back to back as UTF-8, and let C++ (`_helpers.scan_candidates`) split words, roll the n-gram hashes and
-look each key up in the test keys' table. Only the few candidates come back to Python: for each, the
+Per batch: C++ pulls the text field of every JSON line out as UTF-8, back to back
+(`_helpers.extract_json_field`; a batch with any line it is not sure of goes through Python's
+`parse_lines`, shared with preprocessing, instead), then C++ (`_helpers.scan_candidates`) splits words,
+rolls the n-gram hashes and looks each key up in the test keys' table. Only the few candidates come back to Python: for each, the
 real n-gram (its words joined by one space, taken from the document text) and its character offset.
 The main process then compares that text with the test n-grams, so a key collision never makes a hit.
 The worker needs only the key table (8 bytes a slot), not the test n-gram strings.
@@ -75,14 +76,21 @@ def scan_file(spec: ScanSpec, path: Path, group: int) -> Iterator[ScanResult]:
 
 
 def scan_batch(spec: ScanSpec, data: bytes) -> ScanResult:
-    texts, bad = parse_lines(data, spec.json_key)
-    buf, offsets = encode_texts(texts)
+    # Fast path: C++ pulls the text field out of every line; it gives up on the whole batch when any line
+    # is not plainly valid, and then Python parses it, reporting each bad line as preprocessing does.
+    ok, buf, offsets = _helpers.extract_json_field(data, spec.json_key)
+    if ok:
+        bad: list[tuple[int, str, str]] = []
+    else:
+        texts, bad = parse_lines(data, spec.json_key)
+        buf, offsets = encode_texts(texts)
+    documents = len(offsets) - 1
     which, docs, starts, ends = _helpers.scan_candidates(buf, offsets, spec.ns, spec.table)
-    result = ScanResult(len(texts), len(buf), bad)
+    result = ScanResult(documents, len(buf), bad)
     if len(docs) == 0:
         return result
     bad_lines = {offset for offset, _, _ in bad}
-    line_of = [i for i in range(len(texts) + len(bad)) if i not in bad_lines]  # document -> line offset
+    line_of = [i for i in range(documents + len(bad)) if i not in bad_lines]  # document -> line offset
     lines = data.split(b"\n")
     for j, d, start, end in zip(which.tolist(), docs.tolist(), starts.tolist(), ends.tolist()):
         line = line_of[d]
