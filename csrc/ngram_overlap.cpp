@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <stdexcept>
 #include <string_view>
 #include <vector>
@@ -57,22 +58,65 @@ struct Word {
   int64_t start, end;  // byte offsets in the buffer
 };
 
+// Byte classes: 0 inside a word, 1 ASCII whitespace, 2 the lead byte of a character that may be Unicode
+// whitespace (C2, E1, E2, E3: decided by whitespace_at). Most bytes are class 0, one table load each.
+struct ByteClasses {
+  unsigned char of[256];
+  ByteClasses() {
+    for (int c = 0; c < 256; ++c) {
+      const unsigned char b = static_cast<unsigned char>(c);
+      of[c] = (c < 0x80 && whitespace_at(&b, &b + 1)) ? 1 : (c == 0xc2 || (c >= 0xe1 && c <= 0xe3)) ? 2 : 0;
+    }
+  }
+};
+
+// A word's bytes, 8 at a time (one multiply per 8 bytes, not per byte), mixed with its length.
+inline uint64_t hash_bytes(const unsigned char* p, int64_t len) {
+  uint64_t h = kFnvOffset ^ static_cast<uint64_t>(len) * kFnvPrime;
+  for (; len >= 8; p += 8, len -= 8) {
+    uint64_t x;
+    std::memcpy(&x, p, 8);
+    h = (h ^ x) * 0xff51afd7ed558ccdULL;
+    h ^= h >> 32;
+  }
+  if (len > 0) {
+    uint64_t x = 0;
+    std::memcpy(&x, p, static_cast<size_t>(len));
+    h = (h ^ x) * 0xff51afd7ed558ccdULL;
+  }
+  return mix64(h);
+}
+
 // The words of data[begin:end] with their hashes, appended to `words` (cleared first).
 void split_words(const unsigned char* data, int64_t begin, int64_t end, std::vector<Word>& words) {
+  static const ByteClasses classes;
   words.clear();
   const unsigned char* p = data + begin;
   const unsigned char* stop = data + end;
   while (p < stop) {
-    int ws;
-    while (p < stop && (ws = whitespace_at(p, stop)) > 0) p += ws;
+    while (p < stop) {  // whitespace
+      const unsigned char c = classes.of[*p];
+      if (c == 0) break;
+      if (c == 1) {
+        ++p;
+        continue;
+      }
+      const int ws = whitespace_at(p, stop);
+      if (ws == 0) break;
+      p += ws;
+    }
     if (p >= stop) break;
     const unsigned char* word = p;
-    uint64_t h = kFnvOffset;
-    while (p < stop && whitespace_at(p, stop) == 0) {
-      h = (h ^ *p) * kFnvPrime;
+    while (p < stop) {  // the word
+      const unsigned char c = classes.of[*p];
+      if (c == 0) {
+        ++p;
+        continue;
+      }
+      if (c == 1 || whitespace_at(p, stop) > 0) break;
       ++p;
     }
-    words.push_back({mix64(h), word - data, p - data});
+    words.push_back({hash_bytes(word, p - word), word - data, p - data});
   }
 }
 
