@@ -254,3 +254,24 @@ def test_bad_lines_are_skipped_and_counted_without_losing_hits(tmp_path):
     assert [(h["line"], h["meta"], h["offset"]) for h in _read_hits(out)] == [(1, 1, 6), (5, 3, 0)]
     assert summary.skipped == {"invalid JSON": 1, "empty text": 1, "missing json key": 1}
     assert summary.documents == 2
+
+
+def test_numpy_scan_nominates_the_same_spans_as_the_cpp_scan():
+    """The measured alternative (numpy) must cut words and n-grams exactly as the C++ scan does."""
+    from megamath.overlap.numpy_scan import NumpyScanner
+
+    rng = random.Random(4)
+    vocab = ["a", "bb", "αβ", "日本語", "😀", "x\u200by"]
+    corpus = _random_corpus(rng, vocab, 80) + ["", "one", "a" + "b".join(WHITESPACE) + "c"]
+    data, offsets = encode_texts(corpus)
+    ns = np.array([1, 3, 5], dtype=np.int64)
+    ours, theirs = _helpers.ngram_keys(data, offsets, ns), NumpyScanner().scan(data, offsets, ns)
+    assert len(ours[0]) > 500
+    for a, b in zip(ours[1:], theirs[1:]):  # which n, document, start, end (the keys differ by design)
+        np.testing.assert_array_equal(a, b)
+    scanner = NumpyScanner()
+    test_data, test_offsets = encode_texts([" ".join(rng.choice(vocab) for _ in range(6)) for _ in range(5)])
+    table = _helpers.build_key_table(np.unique(_helpers.ngram_keys(test_data, test_offsets, ns)[0]))
+    keys = scanner.keys_of(test_data, test_offsets, ns)
+    for a, b in zip(_helpers.scan_candidates(data, offsets, ns, table), scanner.scan(data, offsets, ns, keys)):
+        np.testing.assert_array_equal(a, b)
