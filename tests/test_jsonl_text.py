@@ -20,7 +20,7 @@ def _value(rng: random.Random, depth: int = 0):
         return rng.choice([True, False, None])
     if kind in (2, 3):
         return "".join(rng.choice(["a", " ", "\n", "\t", "é", "∑", "😀", '"', "\\", "\x01", "\u2028", "$x$"])
-                       for _ in range(rng.randrange(12)))
+                       for _ in range(rng.randrange(rng.choice([12, 80]))))
     if kind == 4:
         return [_value(rng, depth + 1) for _ in range(rng.randrange(4))]
     return {rng.choice(["text", "meta", "url", "t", "é"]): _value(rng, depth + 1) for _ in range(rng.randrange(4))}
