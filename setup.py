@@ -31,7 +31,7 @@ def cuda_extension():
 ext_modules = [
     Pybind11Extension(
         "megamath._helpers",
-        ["csrc/helpers.cpp"],
+        ["csrc/helpers.cpp", "csrc/ngram_overlap.cpp", "csrc/jsonl_text.cpp"],
         cxx_std=17,
         extra_compile_args=["-O3"],
     ),

@@ -143,11 +143,16 @@ py::tuple build_blending_indices(const Float64Array& weights, int64_t num_sample
 
 }  // namespace
 
+void register_ngram_overlap(py::module_& m);  // csrc/ngram_overlap.cpp
+void register_jsonl_text(py::module_& m);      // csrc/jsonl_text.cpp
+
 PYBIND11_MODULE(_helpers, m) {
-  m.doc() = "megamath dataset index helpers (sample index, blending indices)";
+  m.doc() = "megamath C++ helpers (sample index, blending indices, n-gram overlap scan)";
   m.def("build_sample_index", &build_sample_index, py::arg("sizes"), py::arg("doc_idx"), py::arg("seq_length"),
         py::arg("num_samples"),
         "(num_samples + 1, 2) int64 rows (position in doc_idx, offset) of global tokens k * seq_length.");
   m.def("build_blending_indices", &build_blending_indices, py::arg("weights"), py::arg("num_samples"),
         "Greedy blend of normalized weights: (dataset_index int16, dataset_sample_index int64).");
+  register_ngram_overlap(m);
+  register_jsonl_text(m);
 }

@@ -19,6 +19,8 @@ COMMANDS = {
     "convert": "convert",
     "train": "train",
     "reshard": "reshard",
+    "overlap": "overlap",
+    "overlap-accuracy": "overlap_accuracy",
 }
 
 

@@ -1,0 +1,59 @@
+"""`megamath overlap-accuracy`: accuracy on hit vs non-hit problems, overall and per level."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from megamath.cli import main
+from megamath.overlap.accuracy import accuracy_by_hit, read_hit_ids, read_results
+
+
+def _write(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture
+def files(tmp_path):
+    hits = _write(tmp_path / "hits.jsonl", [
+        {"test_id": 0, "field": "problem", "n": 30}, {"test_id": 0, "field": "problem", "n": 30},
+        {"test_id": 2, "field": "solution", "n": 30}, {"test_id": 5, "field": "problem", "n": 20}])
+    levels = ["Level 1", "Level 1", "Level 5", "Level 5", "Level 5", "Level 1"]
+    correct = [True, False, False, True, False, True]
+    results = _write(tmp_path / "results.jsonl", [{"id": str(i), "correct": c, "level": lv}
+                                                  for i, (c, lv) in enumerate(zip(correct, levels))])
+    return tmp_path, hits, results
+
+
+def test_accuracy_on_hits_and_non_hits(files):
+    _, hits, results = files
+    rows, unmatched = accuracy_by_hit(read_hit_ids(hits), read_results(results, "level"))
+    by = {r.group: r for r in rows}
+    assert [r.group for r in rows] == ["Level 1", "Level 5", "all"] and not unmatched
+    # hits: ids 0, 2, 5 (the int test ids match the results' string ids)
+    assert (by["all"].hit_n, by["all"].hit_correct, by["all"].nonhit_n, by["all"].nonhit_correct) == (3, 2, 3, 1)
+    assert (by["Level 1"].hit_n, by["Level 1"].hit_accuracy, by["Level 1"].nonhit_accuracy) == (2, 1.0, 0.0)
+    assert (by["Level 5"].hit_n, by["Level 5"].hit_accuracy, by["Level 5"].nonhit_accuracy) == (1, 0.0, 0.5)
+    # narrowed to problem-field 30-gram hits: only id 0
+    assert read_hit_ids(hits, fields=["problem"], ns=[30]) == {"0"}
+
+
+def test_cli_prints_the_table(files, capsys):
+    _, hits, results = files
+    assert main(["overlap-accuracy", "--hits", str(hits), "--results", str(results), "--by", "level"]) == 0
+    out = capsys.readouterr().out
+    assert "Level 5" in out and "66.67%" in out and "33.33%" in out
+
+
+def test_missing_fields_are_clear_errors(files, capsys):
+    tmp, hits, results = files
+    bad = _write(tmp / "bad.jsonl", [{"id": 1, "acc": 1}])
+    assert main(["overlap-accuracy", "--hits", str(hits), "--results", str(bad)]) == 2
+    assert "bad.jsonl:1: no 'correct' field" in capsys.readouterr().err
+    assert main(["overlap-accuracy", "--hits", str(hits), "--results", str(results), "--by", "type"]) == 2
+    assert "no 'type' field" in capsys.readouterr().err
+    other = _write(tmp / "other.jsonl", [{"id": "x", "correct": True}])
+    assert main(["overlap-accuracy", "--hits", str(hits), "--results", str(other)]) == 2
+    assert "no hit test id appears in the results" in capsys.readouterr().err
