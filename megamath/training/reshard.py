@@ -53,6 +53,7 @@ from megamath.training import checkpoint as ckpt
 from megamath.training.checkpoint import (CHECKPOINTS, LATEST, METADATA, checkpoint_files, complete_checkpoints,
                                           latest_checkpoint, model_file, optimizer_file, read_metadata, rng_file,
                                           step_dir_name)
+from megamath.training.checkpoint_integrity import file_digest, verify_files
 
 
 # ---- reading a checkpoint by parameter name ---------------------------------------------------------------
@@ -81,13 +82,16 @@ def cut(full: torch.Tensor, name: str, config: ModelConfig, tp_size: int, tp_ran
 class TrainCheckpoint:
     """A complete training checkpoint's serial tensors, merged over its TP ranks on demand.
 
-    Opening checks that every file is there and consistent (names, shapes, one step); the tensors stay
+    Opening checks that every file is there, matches its recorded checksum (unless `verify` is False
+    because the caller just checked) and is consistent (names, shapes, one step); the tensors stay
     memory-mapped until `weight(name)` / `param_state(name)` read one parameter.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, verify: bool = True):
         self.path = Path(path)
         self.meta = read_metadata(self.path)
+        if verify:
+            verify_files(self.path, self.meta, self.meta["files"])
         self.config = ModelConfig.from_dict(self.meta["config"]["model"])
         self.tp_size, self.dp_size = self.meta["tp_size"], self.meta["dp_size"]
         self.local = local_shapes(self.config, self.tp_size)
@@ -209,6 +213,7 @@ def fresh_rng_state(seed: int) -> dict:
 def _new_metadata(source: TrainCheckpoint, tp_size: int, dp_size: int) -> dict:
     meta = copy.deepcopy(source.meta)
     old = {"path": str(source.path), "tp_size": source.tp_size, "dp_size": source.dp_size}
+    meta.pop("checksums", None)  # the new files get their own
     meta.update(tp_size=tp_size, dp_size=dp_size, world_size=tp_size * dp_size,
                 files=checkpoint_files(tp_size, dp_size), resharded_from=old)
     parallel = meta["config"].setdefault("parallel", {})
@@ -240,6 +245,7 @@ def _write_files(source: TrainCheckpoint, folder: Path, tp_size: int, dp_size: i
             state = fresh_rng_state(seed + rank)
         _save(lambda path: torch.save(state, path), folder / rng_file(rank))
     meta = _new_metadata(source, tp_size, dp_size)
+    meta["checksums"] = {name: file_digest(folder / name) for name in meta["files"]}
     _save(lambda path: path.write_text(json.dumps(meta, indent=2) + "\n"), folder / METADATA)
 
 
@@ -283,7 +289,7 @@ def reshard_checkpoint(checkpoint: str | Path, output: str | Path, tp_size: int,
 # ---- resuming at another TP size directly ------------------------------------------------------------------
 
 def load_checkpoint_any_tp(path: str | Path, model: torch.nn.Module, optimizer: ZeroOptimizer,
-                           state: ParallelState) -> dict:
+                           state: ParallelState, verify: bool = True) -> dict:
     """checkpoint.load_checkpoint, which also accepts a checkpoint of another TP size (returns its metadata).
 
     Same TP size: load_checkpoint as is (RNG states restored on an unchanged layout). Another TP size:
@@ -293,8 +299,8 @@ def load_checkpoint_any_tp(path: str | Path, model: torch.nn.Module, optimizer: 
     """
     meta = read_metadata(path)
     if meta["tp_size"] == state.tp_size:
-        return ckpt.load_checkpoint(path, model, optimizer, state)
-    source = TrainCheckpoint(path)
+        return ckpt.load_checkpoint(path, model, optimizer, state, verify=verify)
+    source = TrainCheckpoint(path, verify=verify)
     if expected_shapes(source.config) != expected_shapes(model.config):
         raise ValueError(f"checkpoint {path} holds a model of another shape than this run's: "
                          f"{_difference(expected_shapes(source.config), expected_shapes(model.config))}")
