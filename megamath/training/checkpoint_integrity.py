@@ -98,3 +98,19 @@ def verify_checkpoint(path: str | Path) -> tuple[bool, str]:
         return False, f"{path}: BROKEN: {err}"
     note = "" if "checksums" in meta else " (saved without checksums: only presence checked)"
     return True, f"{path}: intact, step {meta['step']}, {len(meta['files'])} files{note}"
+
+
+def checkpoints_to_verify(path: str | Path) -> list[Path]:
+    """A step folder as given, or every checkpoint folder of a run directory (oldest first)."""
+    from megamath.training.checkpoint import CHECKPOINTS, METADATA
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} not found (give a run directory or a step_XXXXXXX folder)")
+    if (path / METADATA).is_file() or path.name.startswith("step_"):
+        return [path]
+    root = path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
+    found = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
+    if not found:
+        raise FileNotFoundError(f"no checkpoints under {root}")
+    return found

@@ -10,6 +10,7 @@ The peak learning rate is `optimizer.lr`; `schedule` only shapes it (see schedul
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import types
@@ -255,7 +256,20 @@ def _build(cls, raw: Any, where: str):
             values[name] = _build(kind, value, _dotted(where, name))
         else:
             values[name] = _coerce(kind, value, _dotted(where, name))
-    return cls(**values)
+    with _keys_named(cls, where):
+        return cls(**values)
+
+
+@contextlib.contextmanager
+def _keys_named(cls, where: str):
+    """Say `optimizer.lr`, the key the user wrote, where a section's own check says `OptimizerConfig.lr`."""
+    try:
+        yield
+    except ValueError as err:
+        message, prefix = str(err), f"{cls.__name__}."
+        if where and message.startswith(prefix):
+            raise ValueError(where + "." + message[len(prefix):]) from None
+        raise
 
 
 def _build_model(raw: dict, where: str) -> ModelConfig:
@@ -267,9 +281,10 @@ def _build_model(raw: dict, where: str) -> ModelConfig:
         raise ValueError(f"unknown key {_dotted(where, unknown[0])!r}; model takes: preset, {', '.join(known)}")
     hints = typing.get_type_hints(ModelConfig)
     values = {k: _coerce(hints[k], v, _dotted(where, k)) for k, v in raw.items()}
-    if preset is not None:
-        return ModelConfig.from_preset(str(preset), **values)
-    return ModelConfig(**values)
+    with _keys_named(ModelConfig, where):
+        if preset is not None:
+            return ModelConfig.from_preset(str(preset), **values)
+        return ModelConfig(**values)
 
 
 def _coerce(kind, value, key: str):
