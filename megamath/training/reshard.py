@@ -87,11 +87,11 @@ class TrainCheckpoint:
     memory-mapped until `weight(name)` / `param_state(name)` read one parameter.
     """
 
-    def __init__(self, path: str | Path, verify: bool = True):
+    def __init__(self, path: str | Path, verify: bool = True, with_optimizer: bool = True):
         self.path = Path(path)
         self.meta = read_metadata(self.path)
-        if verify:
-            verify_files(self.path, self.meta, self.meta["files"])
+        if verify:  # without the optimizer (an export), only the model files are read
+            verify_files(self.path, self.meta, [f for f in self.meta["files"] if with_optimizer or f.startswith("model_")])
         self.config = ModelConfig.from_dict(self.meta["config"]["model"])
         self.tp_size, self.dp_size = self.meta["tp_size"], self.meta["dp_size"]
         self.local = local_shapes(self.config, self.tp_size)
@@ -104,7 +104,7 @@ class TrainCheckpoint:
                                  f"metadata.json: {_difference(shapes, self.local)}")
             self._models.append(handle)
         self._shards, self._offsets = [], []
-        for t in range(self.tp_size):
+        for t in range(self.tp_size if with_optimizer else 0):
             shards = validate_shards([torch.load(self.path / optimizer_file(t, d), map_location="cpu", mmap=True,
                                                  weights_only=True) for d in range(self.dp_size)], self.tp_size, t)
             numels = {n: numel for n, numel, _ in shards[0]["params"]}
@@ -116,8 +116,8 @@ class TrainCheckpoint:
         steps = [shards[0]["step"] for shards in self._shards]
         if len(set(steps)) > 1:
             raise ValueError(f"{self.path}: the optimizer shards of the TP ranks are at different steps {steps}")
-        self.step_count = steps[0]
-        self.optimizer_config = self._shards[0][0]["config"]
+        self.step_count = steps[0] if steps else None
+        self.optimizer_config = self._shards[0][0]["config"] if self._shards else None
 
     def weight(self, name: str) -> torch.Tensor:
         """The serial model tensor `name`, in the stored dtype."""
@@ -164,6 +164,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if not (path / METADATA).is_file() and (path / CHECKPOINTS / LATEST).is_file():
         return latest_checkpoint(path)
+    if not (path / METADATA).is_file() and path.name == CHECKPOINTS and (path / LATEST).is_file():
+        return latest_checkpoint(path.parent)  # RUN_DIR/checkpoints given
     return path
 
 
