@@ -184,3 +184,23 @@ def test_resume_with_another_model_shape_or_seq_length_is_refused(good_run, tmp_
     result = run(raw_config(good_run / "data", tmp_path / "run", train_steps=10, data__seq_length=16,
                             checkpoint__allow_seq_length_change=True))
     assert result.step == 10
+
+
+def test_a_corrupt_metadata_file_falls_back_too(good_run, tmp_path, one_thread, capsys):
+    shutil.copytree(good_run / "run", tmp_path / "run")
+    meta = tmp_path / "run" / "checkpoints" / "step_0000008" / "metadata.json"
+    meta.write_text(meta.read_text()[:100])
+    assert run(raw_config(good_run / "data", tmp_path / "run")).step == 8
+    assert f"skipped checkpoint step_0000008: {meta} is not valid JSON" in capsys.readouterr().out
+    assert_bitwise_equal(final_state(tmp_path / "run", 8), final_state(good_run / "run", 8))
+
+
+def test_reshard_refuses_a_damaged_checkpoint_in_one_line(good_run, tmp_path, capsys):
+    shutil.copytree(good_run / "run", tmp_path / "run")
+    shard = tmp_path / "run" / "checkpoints" / "step_0000008" / FILES["optimizer"]
+    damage(shard, "truncate")
+    assert main(["reshard", "--checkpoint", str(tmp_path / "run"), "--tp-size", "2", "--output",
+                 str(tmp_path / "tp2")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"megamath reshard: error: checkpoint file {shard} is ") and err.count("\n") == 1
+    assert not list((tmp_path / "tp2" / "checkpoints").glob("step_*"))
