@@ -204,3 +204,43 @@ def test_reshard_refuses_a_damaged_checkpoint_in_one_line(good_run, tmp_path, ca
     err = capsys.readouterr().err
     assert err.startswith(f"megamath reshard: error: checkpoint file {shard} is ") and err.count("\n") == 1
     assert not list((tmp_path / "tp2" / "checkpoints").glob("step_*"))
+
+
+def _dp2_fallback_worker(rank, world_size, tmp):
+    """Two DP ranks: train, damage a file that rank 1 verifies, resume: both must fall back together."""
+    torch.set_num_threads(1)
+    state = ParallelState.from_env(1)
+    raw = raw_config(tmp / "data", tmp / "run")
+    loop.train(TrainConfig.from_dict(raw), state)
+    if rank == 0:
+        shutil.copytree(tmp / "run", tmp / "damaged")
+        # files: model, optimizer dp0, optimizer dp1, rng 0, rng 1; rank r checks files r, r + 2, ...
+        damage(tmp / "damaged" / "checkpoints" / "step_0000008" / "optimizer_tp00_dp000.pt", "flip")
+    torch.distributed.barrier()
+    raw["run_dir"] = str(tmp / "damaged")
+    loop.train(TrainConfig.from_dict(raw), state)
+
+
+def test_two_ranks_agree_to_fall_back(tmp_path):
+    from distributed import run_distributed
+    from test_train_loop import write_corpus
+
+    write_corpus(tmp_path / "data")
+    run_distributed(_dp2_fallback_worker, 2, tmp_path)
+    root = tmp_path / "damaged" / "checkpoints"
+    assert (root / "step_0000008.corrupt").is_dir() and verify_checkpoint(root / "step_0000008")[0]
+    assert_bitwise_equal(final_state(tmp_path / "damaged", 8, dp_size=2), final_state(tmp_path / "run", 8, dp_size=2))
+
+
+def test_checkpoints_saved_before_checksums_still_resume(good_run, tmp_path, one_thread, capsys):
+    shutil.copytree(good_run / "run", tmp_path / "run")
+    meta_path = tmp_path / "run" / "checkpoints" / "step_0000004" / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["checksums"], meta["update_ok"]
+    meta_path.write_text(json.dumps(meta))
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step_0000008")
+    (tmp_path / "run" / "checkpoints" / LATEST).write_text("step_0000004\n")
+    assert main(["checkpoint", "verify", str(meta_path.parent)]) == 0
+    assert "intact, step 4, 3 files (saved without checksums: only presence checked)" in capsys.readouterr().out
+    run(raw_config(good_run / "data", tmp_path / "run"))
+    assert_bitwise_equal(final_state(tmp_path / "run", 8), final_state(good_run / "run", 8))

@@ -258,8 +258,9 @@ def _train(config: TrainConfig, state: ParallelState, attempt: str) -> TrainResu
                                          attempt=attempt)
                     last_saved = step
                 if preempted:
+                    saved = "checkpoint saved to" if last_saved == step else "resume from the last good checkpoint,"
                     log.say(f"stopping on {flag.signal_name or 'a peer rank’s signal'} after step {step}: "
-                            f"checkpoint saved to {run_dir / ckpt.CHECKPOINTS / ckpt.step_dir_name(last_saved)}")
+                            f"{saved} {run_dir / ckpt.CHECKPOINTS / ckpt.step_dir_name(last_saved)}")
                     break
         summary = log.summary()
         log.say(format_summary(summary))
