@@ -46,7 +46,7 @@ def test_kill_at_random_points_of_a_save_always_resumes_exactly(tmp_path, one_th
                      checkpoint__keep=2)
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
     (tmp_path / "killer.py").write_text(KILLER)
-    points = random.Random(7).sample(range(POINTS_PER_SAVE - 2), 4) + [12, 13]  # and around the pointer
+    points = random.Random(7).sample(range(POINTS_PER_SAVE - 2), 3) + [12, 13]  # and around the pointer
     for point in points:
         proc = subprocess.run([sys.executable, str(tmp_path / "killer.py"), str(tmp_path / "run.yaml"), str(point)],
                               capture_output=True, text=True, timeout=300)
@@ -109,3 +109,15 @@ def test_folder_lock_refuses_a_second_holder_and_frees_on_release(tmp_path):
         raise AssertionError("a second holder got the lock")
     first.release()
     FolderLock(tmp_path / "x", "training").acquire().release()
+
+
+def test_os_errors_on_the_run_dir_and_the_export_folder_are_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("a regular file")
+    raw = raw_config(tmp_path / "data", tmp_path / "file" / "run")
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["train", "--config", str(tmp_path / "run.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"megamath train: error: {tmp_path / 'file' / 'run'}: File exists\n" or \
+        err == f"megamath train: error: {tmp_path / 'file' / 'run'}: Not a directory\n", err
+    assert main(["convert", "megamath-to-hf", str(tmp_path / "nowhere"), str(tmp_path / "hf")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
