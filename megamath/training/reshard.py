@@ -91,7 +91,8 @@ class TrainCheckpoint:
         self.path = Path(path)
         self.meta = read_metadata(self.path)
         if verify:  # without the optimizer (an export), only the model files are read
-            verify_files(self.path, self.meta, [f for f in self.meta["files"] if with_optimizer or f.startswith("model_")])
+            files = [f for f in self.meta["files"] if with_optimizer or f.startswith("model_")]
+            verify_files(self.path, self.meta, files)
         self.config = ModelConfig.from_dict(self.meta["config"]["model"])
         self.tp_size, self.dp_size = self.meta["tp_size"], self.meta["dp_size"]
         self.local = local_shapes(self.config, self.tp_size)

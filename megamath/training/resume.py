@@ -65,19 +65,22 @@ def verified_checkpoint(path: Path, state: ParallelState) -> None:
         raise ckpt.CheckpointIntegrityError(problem)
 
 
-def find_resume_checkpoint(mode: str, run_dir: Path, state: ParallelState, say: Callable[[str], None]) -> Path | None:
+def find_resume_checkpoint(mode: str, run_dir: Path, state: ParallelState,
+                           say: Callable[[str], None]) -> Path | None:
     """The verified checkpoint to resume from under `checkpoint.resume` = `mode`, or None to start fresh."""
     root = run_dir / ckpt.CHECKPOINTS
     if mode == "never":
         held = ckpt.complete_checkpoints(root)
         if held:
-            raise ValueError(f"{run_dir} already holds checkpoints (latest: {held[-1][1].name}) and checkpoint.resume is "
-                             "'never': resume with checkpoint.resume=auto or choose another run_dir")
+            raise ValueError(f"{run_dir} already holds checkpoints (latest: {held[-1][1].name}) and "
+                             "checkpoint.resume is 'never': resume with checkpoint.resume=auto or choose another "
+                             "run_dir")
         return None
     if mode != "auto":
         path = Path(mode)
         if not (path / ckpt.METADATA).is_file():
-            raise FileNotFoundError(f"checkpoint.resume: {path} is not a complete checkpoint ({ckpt.METADATA} not found)")
+            raise FileNotFoundError(f"checkpoint.resume: {path} is not a complete checkpoint "
+                                    f"({ckpt.METADATA} not found)")
         verified_checkpoint(path, state)
         return path
     candidates, pointer_problem = _candidates(root)
