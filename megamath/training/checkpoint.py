@@ -3,7 +3,8 @@
 Layout of RUN_DIR/checkpoints/:
 
     step_0001000/
-        metadata.json                 rank 0: step, consumed samples, tp/dp sizes, schedule, the run's config
+        metadata.json                 rank 0: step, consumed samples, tp/dp sizes, schedule, the run's config,
+                                      update_ok, and every other file's size and SHA-256 (`checksums`)
         model_tp00.safetensors        the model's TP rank 0 slice, written by its DP rank 0 (bf16 when training in bf16)
         optimizer_tp00_dp000.pt       each rank's ZeRO-1 shard: fp32 master, exp_avg, exp_avg_sq, layout
         rng_rank00000.pt              each rank's python / numpy / torch / cuda RNG states
