@@ -125,3 +125,24 @@ def test_os_errors_on_user_paths_are_one_line(tmp_path, bpe_model, capsys):
     with pytest.raises(NotADirectoryError):  # --debug: the traceback for whoever needs it
         main(["--debug", "preprocess", "--input", str(src), "--tokenizer-model", str(bpe_model), "--output-dir",
               str(tmp_path / "file" / "out"), "--workers", "1", "--no-progress"])
+
+
+def test_skip_bad_files_drops_empty_and_broken_archives_whole(tmp_path, bpe_model, capsys):
+    split = tmp_path / "pp2" / "arxiv" / "train"
+    _write(split / "a.jsonl.zst", [{"text": t} for t in _texts(1, 30)])
+    (split / "b.jsonl.zst").write_bytes(b"")
+    broken = _write(split / "c.jsonl.gz", [{"text": t} for t in _texts(2, 300)])
+    broken.write_bytes(broken.read_bytes()[:-200])  # cut inside the stream: the first lines would decode
+    args = ["preprocess", "--input", str(tmp_path / "pp2"), "--tokenizer-model", str(bpe_model), "--output-dir",
+            str(tmp_path / "out"), "--workers", "1", "--no-progress"]
+    assert main(args) == 2
+    assert "b.jsonl.zst: empty file (0 bytes)" in capsys.readouterr().err
+    assert main(args + ["--skip-bad-files"]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: skipping {split / 'b.jsonl.zst'}: empty file (0 bytes)" in err
+    assert f"warning: skipping {split / 'c.jsonl.gz'}: cannot decompress" in err
+    expected = preprocess(_config([split / "a.jsonl.zst"], bpe_model, tmp_path / "only_a", workers=1))[0]
+    for ext in (".bin", ".idx"):  # exactly the good file's dataset: nothing of the broken one's first lines
+        assert (tmp_path / "out" / f"arxiv_train_text_document{ext}").read_bytes() == \
+            (tmp_path / "only_a" / f"arxiv_train_text_document{ext}").read_bytes()
+    assert expected.documents == 30

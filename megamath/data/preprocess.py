@@ -17,6 +17,7 @@ A dataset is published (atomically, by the writer) when its last file is done; a
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import multiprocessing
 import os
 import re
@@ -33,8 +34,8 @@ import numpy as np
 from tqdm import tqdm
 
 from megamath.data.indexed_dataset import IndexedDatasetWriter, best_dtype
-from megamath.data.sources import (EMPTY_TEXT, BadLine, InputGroup, LineBatch, discover_inputs, parse_lines,
-                                   read_line_batches)
+from megamath.data.sources import (EMPTY_TEXT, BadLine, InputGroup, LineBatch, archive_fault, discover_inputs,
+                                   parse_lines, read_line_batches)
 from megamath.data.tokenizer import SentencePieceTokenizer
 from megamath.run_lock import FolderLock
 
@@ -68,6 +69,9 @@ class PreprocessConfig:
     """Append the tokenizer's EOS id after every document (Megatron's --append-eod)."""
     strict: bool = False
     """Fail on the first bad line (ValueError naming file:line) instead of skipping and counting it."""
+    skip_bad_files: bool = False
+    """Skip (with a warning) compressed inputs that are empty or cannot be decompressed to their end,
+    checked by a test pass before reading; by default such a file is an error."""
     batch_bytes: int = 1 << 20
     """Decompressed bytes of whole lines per batch sent to a worker (a few hundred documents)."""
     report_bad_lines: int = 5
@@ -365,7 +369,27 @@ def preprocess(config: PreprocessConfig) -> list[DatasetSummary]:
         removed = remove_stale_temporaries(Path(config.output_dir))
         if removed:
             log(f"removed {len(removed)} temporary files of a dead run: {', '.join(p.name for p in removed[:4])}")
+        if config.skip_bad_files:
+            groups = _without_bad_files(groups, log)
         return _run(config, groups, tokenizer, dtype, spec, log)
+
+
+def _without_bad_files(groups: list[InputGroup], log) -> list[InputGroup]:
+    """The groups minus compressed files that fail a test pass; a group left with no file is dropped."""
+    kept = []
+    for group in groups:
+        files = []
+        for path in group.files:
+            fault = archive_fault(path)
+            if fault is None:
+                files.append(path)
+            else:
+                log(f"warning: skipping {fault}")
+        if files:
+            kept.append(dataclasses.replace(group, files=tuple(files)))
+        else:
+            log(f"warning: no readable input left for {group.name}: no dataset written for it")
+    return kept
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:

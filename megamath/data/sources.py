@@ -195,6 +195,19 @@ def _blocks(raw, path: Path, size: int) -> Iterator[bytes]:
         yield block
 
 
+def archive_fault(path: Path) -> str | None:
+    """Why a compressed input cannot be read to its end (None when it can): a test pass, like `zstd -t`,
+    for --skip-bad-files, which must drop a bad file whole instead of keeping the part read before the fault."""
+    if not path.name.endswith((".zst", ".gz")):
+        return None
+    try:
+        for _ in read_line_batches(path, 0, 8 << 20):
+            pass
+    except ValueError as err:
+        return str(err)
+    return None
+
+
 def read_line_batches(path: Path, group: int, batch_bytes: int) -> Iterator[LineBatch]:
     """Cut a file into batches of at least `batch_bytes` decompressed bytes (one block more at most),
     at line ends.
