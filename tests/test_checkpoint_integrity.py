@@ -244,3 +244,12 @@ def test_checkpoints_saved_before_checksums_still_resume(good_run, tmp_path, one
     assert "intact, step 4, 3 files (saved without checksums: only presence checked)" in capsys.readouterr().out
     run(raw_config(good_run / "data", tmp_path / "run"))
     assert_bitwise_equal(final_state(tmp_path / "run", 8), final_state(good_run / "run", 8))
+
+
+def test_an_explicit_resume_path_is_verified_and_never_replaced(good_run, tmp_path, one_thread):
+    shutil.copytree(good_run / "run", tmp_path / "run")
+    step4 = tmp_path / "run" / "checkpoints" / "step_0000004"
+    damage(step4 / FILES["rng"], "flip")
+    with pytest.raises(CheckpointIntegrityError, match=rf"^checkpoint file {step4 / FILES['rng']} has sha256"):
+        run(raw_config(good_run / "data", tmp_path / "run", checkpoint__resume=str(step4)))
+    assert step4.is_dir() and not (step4.parent / "step_0000004.corrupt").exists()  # left where the user put it
