@@ -50,7 +50,7 @@ def test_damaged_checkpoint_falls_back_to_the_previous_intact_one(good_run, tmp_
     root = tmp_path / "run" / "checkpoints"
     damage(root / "step_0000008" / FILES[kind], fault)
     expected = {"flip": r"has sha256 [0-9a-f]{64}, expected [0-9a-f]{64}", "truncate": r"is \d+ bytes, expected \d+",
-                "missing": "is missing"}[fault]
+                "missing": r"is missing \(expected \d+ bytes\)"}[fault]
     ok, line = verify_checkpoint(root / "step_0000008")
     assert not ok and line.startswith(f"{root / 'step_0000008'}: BROKEN: checkpoint file "
                                       f"{root / 'step_0000008' / FILES[kind]} ")

@@ -70,7 +70,8 @@ def verify_files(path: Path, meta: dict, names: list[str]) -> None:
     for name in names:
         file = path / check_file_name(name, str(path / "metadata.json"))
         if not file.is_file():
-            raise CheckpointIntegrityError(f"checkpoint file {file} is missing")
+            expected = f" (expected {sums[name]['bytes']} bytes)" if sums and name in sums else ""
+            raise CheckpointIntegrityError(f"checkpoint file {file} is missing{expected}")
         if sums is None:
             continue  # saved before checksums were recorded: presence is all that can be checked
         expected = sums.get(name)
