@@ -21,11 +21,13 @@ COMMANDS = {
     "reshard": "reshard",
     "overlap": "overlap",
     "overlap-accuracy": "overlap_accuracy",
+    "checkpoint": "checkpoint",
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megamath", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(f"megamath.commands.{module_name}")
@@ -37,10 +39,20 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        # Bad input: one clear line, no traceback.
-        print(f"megamath {args.command}: error: {err}", file=sys.stderr)
+    except (ValueError, OSError) as err:
+        # Bad input or an OS error on a user's path (missing, exists, read-only, a file where a folder goes,
+        # locked, a corrupt checkpoint): one clear line, no traceback, unless --debug.
+        if args.debug:
+            raise
+        print(f"megamath {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
+
+
+def _one_line(err: BaseException) -> str:
+    """The message of an error, with the path an OSError carries when its message lacks it."""
+    if isinstance(err, OSError) and err.strerror and err.filename is not None:  # raised by the OS, not by us
+        return f"{err.filename}: {err.strerror}"
+    return str(err)
 
 
 if __name__ == "__main__":

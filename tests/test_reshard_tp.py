@@ -294,6 +294,16 @@ def _edit_meta(path: Path, **model) -> None:
     (path / "metadata.json").write_text(json.dumps(meta))
 
 
+def _reseal(path: Path) -> None:
+    """Record the checksums of files edited on purpose, so the consistency checks behind the integrity
+    check are reached (as for a checkpoint a buggy writer sealed, or one saved before checksums)."""
+    from megamath.training.checkpoint_integrity import file_digest
+
+    meta = json.loads((path / "metadata.json").read_text())
+    meta["checksums"] = {name: file_digest(path / name) for name in meta["files"]}
+    (path / "metadata.json").write_text(json.dumps(meta))
+
+
 def test_refusals(runs, tmp_path):
     src = runs / "a_tp2" / STEP2
     out = tmp_path / "out"
@@ -325,21 +335,25 @@ def test_refusals(runs, tmp_path):
     tensors = load_file(str(bad / "model_tp01.safetensors"))
     tensors["norm.weight"] = tensors["norm.weight"] + 1
     save_file(tensors, str(bad / "model_tp01.safetensors"))
+    _reseal(bad)
     assert error(bad, 1) == f"{bad}: the weight of replicated parameter norm.weight differs between TP ranks 0 and 1"
     bad = _copy(src, tmp_path / "bad_moment")
     shard = torch.load(bad / "optimizer_tp01_dp000.pt", weights_only=True)
     offset = {n: o for n, _, o in shard["params"]}["layers.1.self_attn.k_proj.weight"]
     shard["exp_avg_sq"][offset] += 1
     torch.save(shard, bad / "optimizer_tp01_dp000.pt")
+    _reseal(bad)
     assert error(bad, 1) == (f"{bad}: the exp_avg_sq of replicated parameter layers.1.self_attn.k_proj.weight differs "
                              "between TP ranks 0 and 1")
     bad = _copy(src, tmp_path / "bad_step")
     shard = torch.load(bad / "optimizer_tp01_dp000.pt", weights_only=True)
     torch.save({**shard, "step": 5}, bad / "optimizer_tp01_dp000.pt")
+    _reseal(bad)
     assert error(bad, 1) == f"{bad}: the optimizer shards of the TP ranks are at different steps [2, 5]"
     bad = _copy(src, tmp_path / "bad_model")
     tensors = load_file(str(bad / "model_tp01.safetensors"))
     save_file({n: t for n, t in tensors.items() if n != "norm.weight"}, str(bad / "model_tp01.safetensors"))
+    _reseal(bad)
     assert error(bad, 1) == (f"{bad / 'model_tp01.safetensors'} does not hold TP rank 1's slices of the model in "
                              "metadata.json: missing norm.weight")
     assert complete_checkpoints(out / "checkpoints") == [] and list((out / "checkpoints").iterdir()) == []

@@ -15,8 +15,10 @@ def add_parser(subparsers, name: str) -> None:
         name,
         help="convert Llama checkpoints between Hugging Face and megamath",
         description="hf-to-megamath reads a Hugging Face Llama directory (config.json + model.safetensors or "
-        "sharded model-*.safetensors with model.safetensors.index.json); megamath-to-hf writes one that "
-        "LlamaForCausalLM.from_pretrained loads. DST must not exist or be an empty directory.",
+        "sharded model-*.safetensors with model.safetensors.index.json); megamath-to-hf reads a megamath model "
+        "folder or a training checkpoint (a run directory, taking its latest, or a step_XXXXXXX folder, at any "
+        "tensor-parallel size) and writes one that LlamaForCausalLM.from_pretrained loads. DST must not exist "
+        "or be an empty directory.",
     )
     parser.add_argument("direction", choices=("hf-to-megamath", "megamath-to-hf"))
     parser.add_argument("src", type=Path, metavar="SRC", help="checkpoint directory to read")
@@ -32,8 +34,11 @@ def run(args) -> int:
     import torch
 
     from megamath.model.hf_interop import convert_hf_to_megamath, convert_megamath_to_hf
+    from megamath.training.export import export_training_checkpoint_to_hf, is_training_checkpoint
 
     convert = convert_hf_to_megamath if args.direction == "hf-to-megamath" else convert_megamath_to_hf
+    if args.direction == "megamath-to-hf" and is_training_checkpoint(args.src):
+        convert = export_training_checkpoint_to_hf  # a run directory or step folder: TP slices merged
     dtype = getattr(torch, args.dtype) if args.dtype else None
     config = convert(args.src, args.dst, max_shard_size=args.max_shard_size, dtype=dtype)
     print(f"converted {args.src} -> {args.dst} ({args.direction}): {config.num_layers} layers, "

@@ -39,6 +39,9 @@ def add_parser(subparsers, name: str) -> None:
                         help="append the tokenizer's EOS id after every document (default: on)")
     parser.add_argument("--strict", action="store_true",
                         help="fail on the first bad line instead of skipping it")
+    parser.add_argument("--skip-bad-files", action="store_true",
+                        help="skip, with a warning, .zst/.gz inputs that are empty or cannot be decompressed to "
+                        "their end (default: such a file is an error)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     parser.set_defaults(run=run)
 
@@ -49,6 +52,6 @@ def run(args) -> int:
     workers = default_workers() if args.workers is None else args.workers
     config = PreprocessConfig(inputs=args.input, tokenizer_model=args.tokenizer_model, output_dir=args.output_dir,
                               workers=workers, json_key=args.json_key, append_eod=args.append_eod,
-                              strict=args.strict, progress=args.progress)
+                              strict=args.strict, skip_bad_files=args.skip_bad_files, progress=args.progress)
     print(format_summary(preprocess(config)))
     return 0

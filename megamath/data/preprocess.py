@@ -16,8 +16,11 @@ A dataset is published (atomically, by the writer) when its last file is done; a
 """
 from __future__ import annotations
 
+import ctypes
+import dataclasses
 import multiprocessing
 import os
+import re
 import queue
 import signal
 import sys
@@ -32,9 +35,13 @@ from tqdm import tqdm
 
 from megamath.data.indexed_dataset import best_dtype
 from megamath.data.indexed_dataset_writer import IndexedDatasetWriter
-from megamath.data.sources import (EMPTY_TEXT, BadLine, InputGroup, LineBatch, discover_inputs, parse_lines,
-                                   read_line_batches)
+from megamath.data.sources import (EMPTY_TEXT, BadLine, InputGroup, LineBatch, archive_fault, discover_inputs,
+                                   parse_lines, read_line_batches)
 from megamath.data.tokenizer import SentencePieceTokenizer
+from megamath.run_lock import FolderLock
+
+# Temporary names of IndexedDatasetWriter (`{prefix}.bin.tmp-{pid}-{n}`), removed when their run is dead.
+_STALE_TEMP = re.compile(r"^.+_document\.(bin|idx)\.tmp-(\d+)-\d+$")
 
 
 def default_workers() -> int:
@@ -63,6 +70,9 @@ class PreprocessConfig:
     """Append the tokenizer's EOS id after every document (Megatron's --append-eod)."""
     strict: bool = False
     """Fail on the first bad line (ValueError naming file:line) instead of skipping and counting it."""
+    skip_bad_files: bool = False
+    """Skip (with a warning) compressed inputs that are empty or cannot be decompressed to their end,
+    checked by a test pass before reading; by default such a file is an error."""
     batch_bytes: int = 1 << 20
     """Decompressed bytes of whole lines per batch sent to a worker (a few hundred documents)."""
     report_bad_lines: int = 5
@@ -77,6 +87,9 @@ class PreprocessConfig:
             raise ValueError(f"batch_bytes must be at least 1, got {self.batch_bytes}")
         if not self.json_key:
             raise ValueError("--json-key must not be empty")
+        if "/" in self.json_key or "\\" in self.json_key or ".." in self.json_key or "\0" in self.json_key:
+            raise ValueError(f"--json-key {self.json_key!r} would name datasets outside --output-dir (it is part "
+                             "of the file name): use a key without path separators or '..'")
 
 
 @dataclass
@@ -151,13 +164,34 @@ class _BatchEncoder:
         return tokens[keep_tokens], lengths[~empty], bad
 
 
-def _worker_main(spec: _EncoderSpec, tasks, results) -> None:
+def _die_with_parent(parent_pid: int) -> None:
+    """Have the kernel SIGKILL this worker when its parent dies, however it dies (kill -9 included), so no
+    orphan keeps tokenizing; Linux only (prctl PR_SET_PDEATHSIG), the task loop's polling covers the rest."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent_pid:  # the parent died before the request took effect
+        os._exit(1)
+
+
+def _worker_main(spec: _EncoderSpec, tasks, results, parent_pid: int) -> None:
+    _die_with_parent(parent_pid)
     # Ctrl-C reaches the whole process group: the main process handles it and stops the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     seq = -1
     try:
         encode = _BatchEncoder(spec)
-        while (task := tasks.get()) is not None:
+        while True:
+            try:
+                task = tasks.get(timeout=1.0)
+            except queue.Empty:
+                if os.getppid() != parent_pid:  # orphaned: nobody will read the results
+                    return
+                continue
+            if task is None:
+                return
             seq, data = task
             results.put((seq, encode(data)))
     except Exception:
@@ -192,7 +226,7 @@ class _ProcessPool:
         context = multiprocessing.get_context("spawn")  # fork is unsafe with threads (tqdm, torch)
         self._tasks, self._results = context.Queue(), context.Queue()
         self._max_in_flight = 2 * workers
-        self._procs = [context.Process(target=_worker_main, args=(spec, self._tasks, self._results),
+        self._procs = [context.Process(target=_worker_main, args=(spec, self._tasks, self._results, os.getpid()),
                                        name=f"megamath-preprocess-{i}", daemon=True) for i in range(workers)]
         for proc in self._procs:
             proc.start()
@@ -328,11 +362,60 @@ def preprocess(config: PreprocessConfig) -> list[DatasetSummary]:
     dtype = best_dtype(tokenizer.vocab_size)
     spec = _EncoderSpec(str(config.tokenizer_model), tokenizer.newline_cuts, config.json_key,
                         tokenizer.eos_id if config.append_eod else None, dtype.str)
-    Path(config.output_dir).mkdir(parents=True, exist_ok=True)
 
     def log(message: str) -> None:
         tqdm.write(message, file=sys.stderr)
 
+    with FolderLock(config.output_dir, "preprocess run"):  # one writer per output folder
+        removed = remove_stale_temporaries(Path(config.output_dir))
+        if removed:
+            log(f"removed {len(removed)} temporary files of a dead run: {', '.join(p.name for p in removed[:4])}")
+        if config.skip_bad_files:
+            groups = _without_bad_files(groups, log)
+        return _run(config, groups, tokenizer, dtype, spec, log)
+
+
+def _without_bad_files(groups: list[InputGroup], log) -> list[InputGroup]:
+    """The groups minus compressed files that fail a test pass; a group left with no file is dropped."""
+    kept = []
+    for group in groups:
+        files = []
+        for path in group.files:
+            fault = archive_fault(path)
+            if fault is None:
+                files.append(path)
+            else:
+                log(f"warning: skipping {fault}")
+        if files:
+            kept.append(dataclasses.replace(group, files=tuple(files)))
+        else:
+            log(f"warning: no readable input left for {group.name}: no dataset written for it")
+    return kept
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete dataset temporaries whose writing process is gone (call while holding the folder's lock)."""
+    removed = []
+    for path in folder.iterdir():
+        match = _STALE_TEMP.match(path.name)
+        if match and not _alive(int(match.group(2))):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return sorted(removed)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid != 0
+
+
+def _run(config: PreprocessConfig, groups, tokenizer, dtype, spec, log) -> list[DatasetSummary]:
+    """The run proper, under the output folder's lock."""
     outputs = _Outputs(groups, config, dtype, log)
     total_bytes = sum(path.stat().st_size for group in groups for path in group.files)
     # Redirected to a log file, a bar redrawn ten times a second is noise: update it twice a minute.

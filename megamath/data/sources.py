@@ -55,8 +55,13 @@ class InputGroup:
     split: str | None = None
 
     def output_prefix(self, output_dir: str | Path, json_key: str) -> Path:
-        """`output_dir/{name}_{json_key}_document` (Megatron's `{prefix}_{key}_document`)."""
-        return Path(output_dir) / f"{self.name}_{json_key}_document"
+        """`output_dir/{name}_{json_key}_document` (Megatron's `{prefix}_{key}_document`); a name that would
+        leave output_dir (a separator or `..` from the key or a file name) is refused."""
+        name = f"{self.name}_{json_key}_document"
+        if "/" in name or "\\" in name or "\0" in name or ".." in name or Path(name).name != name:
+            raise ValueError(f"dataset name {name!r} (from {'--json-key' if json_key in name else 'the input name'}) "
+                             "is not a plain file name: use names without path separators or '..'")
+        return Path(output_dir) / name
 
 
 @dataclass(frozen=True)
@@ -190,6 +195,19 @@ def _blocks(raw, path: Path, size: int) -> Iterator[bytes]:
         yield block
 
 
+def archive_fault(path: Path) -> str | None:
+    """Why a compressed input cannot be read to its end (None when it can): a test pass, like `zstd -t`,
+    for --skip-bad-files, which must drop a bad file whole instead of keeping the part read before the fault."""
+    if not path.name.endswith((".zst", ".gz")):
+        return None
+    try:
+        for _ in read_line_batches(path, 0, 8 << 20):
+            pass
+    except ValueError as err:
+        return str(err)
+    return None
+
+
 def read_line_batches(path: Path, group: int, batch_bytes: int) -> Iterator[LineBatch]:
     """Cut a file into batches of at least `batch_bytes` decompressed bytes (one block more at most),
     at line ends.
@@ -198,6 +216,10 @@ def read_line_batches(path: Path, group: int, batch_bytes: int) -> Iterator[Line
     Decompression errors (corrupt or truncated archives) become a ValueError naming the file.
     """
     with open(path, "rb") as raw:
+        if path.name.endswith((".zst", ".gz")) and os.fstat(raw.fileno()).st_size == 0:
+            # A 0-byte archive is no valid zstd/gzip stream (`zstd -t` rejects it): a failed download, not an
+            # empty shard. Reading it as empty would publish a dataset silently missing that shard.
+            raise ValueError(f"{path}: empty file (0 bytes) is not a valid {path.suffix[1:]} archive")
         blocks = _blocks(raw, path, batch_bytes)
         pending: list[bytes] = []  # blocks not yet sent, the first starting at a line start
         size, line, consumed, first = 0, 1, 0, True

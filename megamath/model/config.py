@@ -54,6 +54,8 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"ModelConfig.{name} must be a positive number, got {value!r}")
+            if value == float("inf"):
+                raise ValueError(f"ModelConfig.{name} must be finite, got {value!r}")
             setattr(self, name, float(value))
         if self.hidden_size % self.num_heads:
             raise ValueError(f"ModelConfig: hidden_size {self.hidden_size} is not divisible by "

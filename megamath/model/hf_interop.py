@@ -120,6 +120,10 @@ class SafetensorsReader:
             if not isinstance(weight_map, dict):
                 raise ValueError(f"{index}: no weight_map")
             files = sorted(set(weight_map.values()))
+            outside = [f for f in files if not isinstance(f, str) or f in ("", ".", "..") or "\\" in f
+                       or Path(f).name != f]
+            if outside:  # a file name must not lead out of the checkpoint folder
+                raise ValueError(f"{index}: weight_map names {outside[0]!r}, not a file name inside {self.directory}")
         elif single.is_file():
             weight_map, files = None, [WEIGHTS_NAME]
         else:

@@ -3,17 +3,19 @@
 Layout of RUN_DIR/checkpoints/:
 
     step_0001000/
-        metadata.json                 rank 0: step, consumed samples, tp/dp sizes, schedule, the run's config
+        metadata.json                 rank 0: step, consumed samples, tp/dp sizes, schedule, the run's config,
+                                      update_ok, and every other file's size and SHA-256 (`checksums`)
         model_tp00.safetensors        the model's TP rank 0 slice, written by its DP rank 0 (bf16 when training in bf16)
         optimizer_tp00_dp000.pt       each rank's ZeRO-1 shard: fp32 master, exp_avg, exp_avg_sq, layout
         rng_rank00000.pt              each rank's python / numpy / torch / cuda RNG states
     latest                            the name of the newest complete checkpoint, one line
 
-Atomicity: every rank writes into `.step_0001000.tmp/` and fsyncs its files; after a barrier rank 0
-writes metadata.json (the mark of completeness), fsyncs, renames the folder into place, and only then
-replaces `latest` (temp file + rename). A process killed at any point leaves `latest` naming a complete
-checkpoint; the half-written temp folder is ignored and removed by the next save of that step.
-All ranks must see one filesystem (a shared one across nodes).
+Atomicity: every rank writes into `.step_0001000.tmp-ATTEMPT/` (unique per run attempt) and fsyncs its
+files; after a barrier rank 0 writes metadata.json (the mark of completeness, with every file's size and
+SHA-256, see checkpoint_integrity.py), fsyncs, renames the folder into place, and only then replaces
+`latest` (temp file + rename). A process killed at any point leaves `latest` naming a complete
+checkpoint; the half-written temp folder is ignored and removed by the next run (under its run lock).
+Loading checks each file against its recorded checksum first. All ranks must see one filesystem.
 
 Resume on another DP size works because every DP rank of the new run reads the optimizer shards of
 all old DP ranks of its TP rank (memory-mapped, so only the slices it needs are read) and hands them to
@@ -40,6 +42,8 @@ from megamath.model.hf_interop import CONFIG_NAME, SafetensorsReader, check_tens
 from megamath.model.partition import tp_partition_dim
 from megamath.parallel.layers import shard_tensor
 from megamath.parallel.state import ParallelState
+from megamath.training.checkpoint_integrity import (CheckpointIntegrityError, check_file_name, collect_sums,
+                                                    verify_files, write_rank_sums)
 
 FORMAT = "megamath-train-checkpoint-v1"
 CHECKPOINTS = "checkpoints"
@@ -104,26 +108,38 @@ def set_rng_state(state: dict) -> None:
 # ---- save ---------------------------------------------------------------------------------------------------
 
 def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, optimizer, state: ParallelState,
-                    metadata: dict, keep: int) -> Path:
-    """Write step `step`'s checkpoint (collective: every rank calls it) and prune to the newest `keep`."""
+                    metadata: dict, keep: int, attempt: str = "0") -> Path:
+    """Write step `step`'s checkpoint (collective: every rank calls it) and prune to the newest `keep`.
+
+    `attempt` makes the temporary folder unique to this run attempt (the same string on every rank)."""
     root = Path(run_dir) / CHECKPOINTS
     name = step_dir_name(step)
-    final, tmp = root / name, root / f".{name}.tmp"
+    final, tmp = root / name, root / f".{name}.tmp-{attempt}"
     if state.rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a save of this attempt that failed
         tmp.mkdir(parents=True)
     _barrier(state)
+    written = []
     if state.dp_rank == 0:
         # Clones: the parameters are views of one flat buffer, which safetensors refuses to save as is.
         tensors = {n: t.detach().to("cpu", copy=True).contiguous() for n, t in model.state_dict().items()}
         _save(lambda path: save_file(tensors, str(path)), tmp / model_file(state.tp_rank))
+        written.append(model_file(state.tp_rank))
     _save(lambda path: torch.save(optimizer.sharded_state_dict(), path), tmp / optimizer_file(state.tp_rank,
                                                                                                state.dp_rank))
     _save(lambda path: torch.save(rng_state(), path), tmp / rng_file(state.rank))
+    written += [optimizer_file(state.tp_rank, state.dp_rank), rng_file(state.rank)]
+    write_rank_sums(tmp, state.rank, written)
     _barrier(state)  # every shard is on disk
     if state.rank == 0:
+        files = checkpoint_files(state.tp_size, state.dp_size)
+        sums = collect_sums(tmp)
+        missing = [f for f in files if f not in sums]
+        if missing:
+            raise CheckpointIntegrityError(f"saving {tmp}: no rank reported {', '.join(missing)}")
         meta = {"format": FORMAT, "step": step, "tp_size": state.tp_size, "dp_size": state.dp_size,
-                "world_size": state.world_size, "files": checkpoint_files(state.tp_size, state.dp_size), **metadata}
+                "world_size": state.world_size, "files": files, **metadata,
+                "checksums": {f: sums[f] for f in files}}
         _save(lambda path: path.write_text(json.dumps(meta, indent=2) + "\n"), tmp / METADATA)
         _fsync(tmp)
         if final.exists():  # this step was saved before, by a run that went on past it and was resumed earlier
@@ -157,11 +173,47 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
 
 
 def prune_checkpoints(root: Path, keep: int) -> None:
-    """Delete all but the newest `keep` complete checkpoints; never the one `latest` names."""
+    """Delete all but the newest `keep` complete checkpoints; never the one `latest` names, nor the newest
+    one saved right after a successful update (`update_ok` in its metadata): the last good state."""
     latest = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
-    for _, path in complete_checkpoints(root)[:-keep]:
-        if path.name != latest:
+    found = complete_checkpoints(root)
+    protected = {latest}
+    for _, path in reversed(found):
+        if _saved_after_good_update(path):
+            protected.add(path.name)
+            break
+    for _, path in found[:-keep]:
+        if path.name not in protected:
             shutil.rmtree(path)
+
+
+def _saved_after_good_update(path: Path) -> bool:
+    try:
+        meta = json.loads((path / METADATA).read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(meta.get("update_ok", meta.get("consecutive_nonfinite", 1) == 0))
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a checkpoint that failed verification to `step_….corrupt` (never deleted: kept to inspect)."""
+    target, n = path.with_name(path.name + ".corrupt"), 1
+    while target.exists():
+        target, n = path.with_name(f"{path.name}.corrupt-{n}"), n + 1
+    os.rename(path, target)
+    _fsync(path.parent)
+    return target
+
+
+def remove_stale_temporaries(root: Path) -> list[Path]:
+    """Remove the temporary folders of saves that died (call only while holding the run lock)."""
+    removed = []
+    if root.is_dir():
+        for entry in root.iterdir():
+            if entry.name.startswith(".step_") and (".tmp" in entry.name or ".old-" in entry.name):
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
+    return removed
 
 
 # ---- find and load -------------------------------------------------------------------------------------------
@@ -172,36 +224,64 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     pointer = root / LATEST
     if not pointer.is_file():
         return None
-    path = root / pointer.read_text().strip()
+    named = pointer.read_text().strip()
+    if not _STEP_DIR.match(named):  # a pointer may only name a step folder beside it
+        raise ValueError(f"{pointer} holds {named[:80]!r}, not the name of a step_NNNNNNN folder beside it")
+    path = root / named
     if not (path / METADATA).is_file():
         raise ValueError(f"{pointer} names {path.name}, which is not a complete checkpoint; point it at one of "
                          f"{[p.name for _, p in complete_checkpoints(root)]} or resume from a path")
     return path
 
 
-def read_metadata(path: str | Path) -> dict:
+def read_metadata(path: str | Path, check_files: bool = True) -> dict:
     """A checkpoint's metadata, after checking that every file it lists is there."""
     path = Path(path)
     meta_path = path / METADATA
     if not meta_path.is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint: {METADATA} not found")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{meta_path}: not a {FORMAT} checkpoint (format {meta.get('format')!r})")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CheckpointIntegrityError(f"{meta_path} is not valid JSON ({err})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{meta_path}: not a {FORMAT} checkpoint (format "
+                         f"{meta.get('format') if isinstance(meta, dict) else None!r})")
+    if not isinstance(meta.get("files"), list):
+        raise CheckpointIntegrityError(f"{meta_path} lists no files")
+    for name in meta["files"]:
+        check_file_name(name, str(meta_path))
+    if not check_files:
+        return meta
     missing = [f for f in meta["files"] if not (path / f).is_file()]
     if missing:
         raise ValueError(f"checkpoint {path} is missing files: {', '.join(missing)}")
     return meta
 
 
-def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer, state: ParallelState) -> dict:
-    """Restore model, optimizer (re-cut when the DP size changed) and, on an unchanged layout, RNG states."""
+def files_read(meta: dict, state: ParallelState) -> list[str]:
+    """The files of a checkpoint that this rank reads on load (every model and optimizer file on another
+    TP size, since each parameter is then rebuilt from all slices)."""
+    if meta["tp_size"] != state.tp_size:
+        return [f for f in meta["files"] if not f.startswith("rng_")]
+    files = [model_file(state.tp_rank)] + [optimizer_file(state.tp_rank, d) for d in range(meta["dp_size"])]
+    return files + ([rng_file(state.rank)] if meta["dp_size"] == state.dp_size else [])
+
+
+def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer, state: ParallelState,
+                    verify: bool = True) -> dict:
+    """Restore model, optimizer (re-cut when the DP size changed) and, on an unchanged layout, RNG states.
+
+    With `verify`, every file this rank reads is checked against its recorded size and SHA-256 first
+    (CheckpointIntegrityError naming the file otherwise); `verify=False` when the caller just did."""
     path = Path(path)
     meta = read_metadata(path)
     if meta["tp_size"] != state.tp_size:
         raise ValueError(f"checkpoint {path} was saved with tensor-parallel size {meta['tp_size']}, this run uses "
                          f"{state.tp_size}: re-cut it with `megamath reshard` or load it with "
                          f"megamath.training.reshard.load_checkpoint_any_tp")
+    if verify:
+        verify_files(path, meta, files_read(meta, state))
     with torch.no_grad():
         model.load_state_dict(load_file(str(path / model_file(state.tp_rank))), strict=True)
     shards = [torch.load(path / optimizer_file(state.tp_rank, d), map_location="cpu", mmap=True, weights_only=True)

@@ -10,7 +10,9 @@ The peak learning rate is `optimizer.lr`; `schedule` only shapes it (see schedul
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -111,11 +113,16 @@ class CheckpointConfig:
     """Complete checkpoints kept on disk; older ones are deleted after each save."""
     resume: str = "auto"
     """`auto`: continue from RUN_DIR/checkpoints/latest when it exists; `never`: start fresh (refused
-    when checkpoints exist); or a path to a step_XXXXXXX folder to continue from."""
+    when checkpoints exist); or a path to a step_XXXXXXX folder to continue from. `auto` skips (and
+    renames to step_….corrupt) checkpoints that fail verification, resuming from the newest intact one."""
+    allow_seq_length_change: bool = False
+    """Resume from a checkpoint trained at another data.seq_length (refused unless true: a changed
+    sequence length changes the data order and the positions the model was trained on)."""
 
     def __post_init__(self) -> None:
         _check_int("checkpoint.save_every", self.save_every, 0)
         _check_int("checkpoint.keep", self.keep, 1)
+        _check_bool("checkpoint.allow_seq_length_change", self.allow_seq_length_change)
         if not isinstance(self.resume, str) or not self.resume:
             raise ValueError(f"checkpoint.resume must be auto, never or a checkpoint path, got {self.resume!r}")
 
@@ -168,6 +175,8 @@ class TrainConfig:
                              f"{self.model.max_seq_length}")
         if self.eval_every and not self.data.valid_sets():
             raise ValueError(f"eval_every is {self.eval_every} but data.valid_data is empty")
+        _check_optimizer_ranges(self.optimizer)
+
 
     def global_batch_size(self, dp_size: int) -> int:
         return self.micro_batch_size * self.grad_accum_steps * dp_size
@@ -247,7 +256,20 @@ def _build(cls, raw: Any, where: str):
             values[name] = _build(kind, value, _dotted(where, name))
         else:
             values[name] = _coerce(kind, value, _dotted(where, name))
-    return cls(**values)
+    with _keys_named(cls, where):
+        return cls(**values)
+
+
+@contextlib.contextmanager
+def _keys_named(cls, where: str):
+    """Say `optimizer.lr`, the key the user wrote, where a section's own check says `OptimizerConfig.lr`."""
+    try:
+        yield
+    except ValueError as err:
+        message, prefix = str(err), f"{cls.__name__}."
+        if where and message.startswith(prefix):
+            raise ValueError(where + "." + message[len(prefix):]) from None
+        raise
 
 
 def _build_model(raw: dict, where: str) -> ModelConfig:
@@ -259,9 +281,10 @@ def _build_model(raw: dict, where: str) -> ModelConfig:
         raise ValueError(f"unknown key {_dotted(where, unknown[0])!r}; model takes: preset, {', '.join(known)}")
     hints = typing.get_type_hints(ModelConfig)
     values = {k: _coerce(hints[k], v, _dotted(where, k)) for k, v in raw.items()}
-    if preset is not None:
-        return ModelConfig.from_preset(str(preset), **values)
-    return ModelConfig(**values)
+    with _keys_named(ModelConfig, where):
+        if preset is not None:
+            return ModelConfig.from_preset(str(preset), **values)
+        return ModelConfig(**values)
 
 
 def _coerce(kind, value, key: str):
@@ -301,6 +324,20 @@ def _dotted(where: str, name: str) -> str:
 def _check_int(key: str, value, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
+
+
+def _check_optimizer_ranges(opt: OptimizerConfig) -> None:
+    """Ranges OptimizerConfig itself does not enforce: finite values, lr in (0, 1], eps > 0. An infinite
+    or zero learning rate would run to the end and save checkpoints of a model that never trained."""
+    ranges = {"lr": (0.0, 1.0, False), "eps": (0.0, 1.0, False), "weight_decay": (0.0, math.inf, True),
+              "clip_grad": (0.0, math.inf, True), "bucket_mb": (0.0, math.inf, True)}
+    for name, (low, high, low_ok) in ranges.items():
+        value = getattr(opt, name)
+        inside = math.isfinite(value) and (value >= low if low_ok else value > low) and value <= high
+        if not inside:
+            bounds = f"{'[' if low_ok else '('}{low:g}, {high:g}]" if math.isfinite(high) else \
+                f"{'>=' if low_ok else '>'} {low:g} and finite"
+            raise ValueError(f"optimizer.{name} must be {'in ' if math.isfinite(high) else ''}{bounds}, got {value!r}")
 
 
 def _check_bool(key: str, value) -> None:

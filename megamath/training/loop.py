@@ -10,8 +10,10 @@ Order of one step (every rank, in lockstep):
     5. metrics; validation every eval_every steps; a checkpoint every save_every steps, at the end, and
        when SIGTERM/SIGUSR1 asked the job to stop (saved at the end of the step, then a clean exit 0).
 
-After max_consecutive_nonfinite skipped steps in a row the run stops with NonFiniteError; no checkpoint
-is written after the last good one, so it stays the one to resume from.
+After max_consecutive_nonfinite skipped steps in a row the run stops with NonFiniteError. No checkpoint
+is written while the streak of skipped steps is non-zero (not even at the end or on preemption), and
+pruning keeps the newest checkpoint saved right after a good update, so the last good state survives.
+The whole run holds RUN_DIR's lock (run_guard.py); resume picks the newest intact checkpoint (resume.py).
 """
 from __future__ import annotations
 
@@ -39,6 +41,8 @@ from megamath.training.config import TrainConfig, dump_config
 from megamath.training.data import MicroBatch, TrainData
 from megamath.training.metrics import MetricsLogger, format_summary
 from megamath.training.reshard import load_checkpoint_any_tp
+from megamath.training.resume import check_resume_compatible, find_resume_checkpoint
+from megamath.training.run_guard import hold_run_dir
 from megamath.training.schedule import lr_at
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -169,23 +173,19 @@ def seed_rngs(seed: int, rank: int) -> None:
     torch.manual_seed(seed + rank)
 
 
-def resume_point(config: TrainConfig, run_dir: Path) -> Path | None:
-    mode = config.checkpoint.resume
-    if mode == "auto":
-        return ckpt.latest_checkpoint(run_dir)
-    if mode == "never":
-        latest = ckpt.latest_checkpoint(run_dir)
-        if latest is not None:
-            raise ValueError(f"{run_dir} already holds checkpoints (latest: {latest.name}) and checkpoint.resume is "
-                             "'never': resume with checkpoint.resume=auto or choose another run_dir")
-        return None
-    return Path(mode)
+def resume_point(config: TrainConfig, run_dir: Path, state: ParallelState) -> Path | None:
+    """The verified checkpoint to continue from (resume.py), or None for a fresh start."""
+    def say(line: str) -> None:
+        if state.rank == 0:
+            print(line, flush=True)
+
+    return find_resume_checkpoint(config.checkpoint.resume, run_dir, state, say)
 
 
 def _metadata(config: TrainConfig, step: int, lr: float, global_batch: int, nonfinite: int) -> dict:
     return {"consumed_samples": step * global_batch, "global_batch_size": global_batch,
             "schedule": {"lr": lr, "peak_lr": config.optimizer.lr, **vars(config.schedule)},
-            "consecutive_nonfinite": nonfinite, "config": config.to_dict()}
+            "consecutive_nonfinite": nonfinite, "update_ok": nonfinite == 0, "config": config.to_dict()}
 
 
 class PreemptionFlag:
@@ -222,18 +222,24 @@ class PreemptionFlag:
 
 def train(config: TrainConfig, state: ParallelState) -> TrainResult:
     """Train per `config` on this process' share of the job; returns when done or preempted."""
+    with hold_run_dir(Path(config.run_dir), state) as attempt:  # one training per run_dir
+        return _train(config, state, attempt)
+
+
+def _train(config: TrainConfig, state: ParallelState, attempt: str) -> TrainResult:
     run_dir = Path(config.run_dir)
     if state.rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_config(config))
     data = TrainData(config, state, config.data.cache_dir or run_dir / "index-cache")  # data errors first
     model = build_model(config, state)
     optimizer = ZeroOptimizer(model, state, config.optimizer, split_names=model.split_parameter_names())
     seed_rngs(config.seed, state.rank)
     step, nonfinite = 0, 0
-    resume_from = resume_point(config, run_dir)
+    resume_from = resume_point(config, run_dir, state)
     if resume_from is not None:
-        meta = load_checkpoint_any_tp(resume_from, model, optimizer, state)  # re-cut on another TP or DP size
+        check_resume_compatible(ckpt.read_metadata(resume_from), config, resume_from)
+        # verified by resume_point on every rank's behalf; re-cut on another TP or DP size
+        meta = load_checkpoint_any_tp(resume_from, model, optimizer, state, verify=False)
         if meta["global_batch_size"] != data.global_batch_size:
             raise ValueError(f"checkpoint {resume_from} was trained with global batch {meta['global_batch_size']}, "
                              f"this run's is {data.global_batch_size} (micro_batch_size · grad_accum_steps · dp): "
@@ -274,13 +280,19 @@ def train(config: TrainConfig, state: ParallelState) -> TrainResult:
                             "of those steps")
                 preempted = flag.agreed(state)
                 save_every = config.checkpoint.save_every
-                if preempted or step == config.train_steps or (save_every and step % save_every == 0):
+                due = preempted or step == config.train_steps or (save_every and step % save_every == 0)
+                if due and nonfinite:  # mid-streak: the last good checkpoint stays the newest
+                    log.say(f"step {step}: no checkpoint during a streak of skipped steps; the last one is step "
+                            f"{last_saved}")
+                elif due:
                     meta = _metadata(config, step, lr, data.global_batch_size, nonfinite)
-                    ckpt.save_checkpoint(run_dir, step, model, optimizer, state, meta, config.checkpoint.keep)
+                    ckpt.save_checkpoint(run_dir, step, model, optimizer, state, meta, config.checkpoint.keep,
+                                         attempt=attempt)
                     last_saved = step
                 if preempted:
+                    saved = "checkpoint saved to" if last_saved == step else "resume from the last good checkpoint,"
                     log.say(f"stopping on {flag.signal_name or 'a peer rank’s signal'} after step {step}: "
-                            f"checkpoint saved to {run_dir / ckpt.CHECKPOINTS / ckpt.step_dir_name(step)}")
+                            f"{saved} {run_dir / ckpt.CHECKPOINTS / ckpt.step_dir_name(last_saved)}")
                     break
         summary = log.summary()
         log.say(format_summary(summary))

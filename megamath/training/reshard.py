@@ -52,6 +52,7 @@ from megamath.training import checkpoint as ckpt
 from megamath.training.checkpoint import (CHECKPOINTS, LATEST, METADATA, checkpoint_files, complete_checkpoints,
                                           latest_checkpoint, model_file, optimizer_file, read_metadata, rng_file,
                                           step_dir_name)
+from megamath.training.checkpoint_integrity import file_digest, verify_files
 
 
 # ---- reading a checkpoint by parameter name ---------------------------------------------------------------
@@ -65,13 +66,17 @@ def cut(full: torch.Tensor, name: str, config: ModelConfig, tp_size: int, tp_ran
 class TrainCheckpoint:
     """A complete training checkpoint's serial tensors, merged over its TP ranks on demand.
 
-    Opening checks that every file is there and consistent (names, shapes, one step); the tensors stay
+    Opening checks that every file is there, matches its recorded checksum (unless `verify` is False
+    because the caller just checked) and is consistent (names, shapes, one step); the tensors stay
     memory-mapped until `weight(name)` / `param_state(name)` read one parameter.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, verify: bool = True, with_optimizer: bool = True):
         self.path = Path(path)
         self.meta = read_metadata(self.path)
+        if verify:  # without the optimizer (an export), only the model files are read
+            files = [f for f in self.meta["files"] if with_optimizer or f.startswith("model_")]
+            verify_files(self.path, self.meta, files)
         self.config = ModelConfig.from_dict(self.meta["config"]["model"])
         self.tp_size, self.dp_size = self.meta["tp_size"], self.meta["dp_size"]
         self.local = local_shapes(self.config, self.tp_size)
@@ -84,7 +89,7 @@ class TrainCheckpoint:
                                  f"metadata.json: {_difference(shapes, self.local)}")
             self._models.append(handle)
         self._shards, self._offsets = [], []
-        for t in range(self.tp_size):
+        for t in range(self.tp_size if with_optimizer else 0):
             shards = validate_shards([torch.load(self.path / optimizer_file(t, d), map_location="cpu", mmap=True,
                                                  weights_only=True) for d in range(self.dp_size)], self.tp_size, t)
             numels = {n: numel for n, numel, _ in shards[0]["params"]}
@@ -96,8 +101,8 @@ class TrainCheckpoint:
         steps = [shards[0]["step"] for shards in self._shards]
         if len(set(steps)) > 1:
             raise ValueError(f"{self.path}: the optimizer shards of the TP ranks are at different steps {steps}")
-        self.step_count = steps[0]
-        self.optimizer_config = self._shards[0][0]["config"]
+        self.step_count = steps[0] if steps else None
+        self.optimizer_config = self._shards[0][0]["config"] if self._shards else None
 
     def weight(self, name: str) -> torch.Tensor:
         """The serial model tensor `name`, in the stored dtype."""
@@ -144,6 +149,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if not (path / METADATA).is_file() and (path / CHECKPOINTS / LATEST).is_file():
         return latest_checkpoint(path)
+    if not (path / METADATA).is_file() and path.name == CHECKPOINTS and (path / LATEST).is_file():
+        return latest_checkpoint(path.parent)  # RUN_DIR/checkpoints given
     return path
 
 
@@ -193,6 +200,7 @@ def fresh_rng_state(seed: int) -> dict:
 def _new_metadata(source: TrainCheckpoint, tp_size: int, dp_size: int) -> dict:
     meta = copy.deepcopy(source.meta)
     old = {"path": str(source.path), "tp_size": source.tp_size, "dp_size": source.dp_size}
+    meta.pop("checksums", None)  # the new files get their own
     meta.update(tp_size=tp_size, dp_size=dp_size, world_size=tp_size * dp_size,
                 files=checkpoint_files(tp_size, dp_size), resharded_from=old)
     parallel = meta["config"].setdefault("parallel", {})
@@ -224,6 +232,7 @@ def _write_files(source: TrainCheckpoint, folder: Path, tp_size: int, dp_size: i
             state = fresh_rng_state(seed + rank)
         _save(lambda path: torch.save(state, path), folder / rng_file(rank))
     meta = _new_metadata(source, tp_size, dp_size)
+    meta["checksums"] = {name: file_digest(folder / name) for name in meta["files"]}
     _save(lambda path: path.write_text(json.dumps(meta, indent=2) + "\n"), folder / METADATA)
 
 
@@ -267,7 +276,7 @@ def reshard_checkpoint(checkpoint: str | Path, output: str | Path, tp_size: int,
 # ---- resuming at another TP size directly ------------------------------------------------------------------
 
 def load_checkpoint_any_tp(path: str | Path, model: torch.nn.Module, optimizer: ZeroOptimizer,
-                           state: ParallelState) -> dict:
+                           state: ParallelState, verify: bool = True) -> dict:
     """checkpoint.load_checkpoint, which also accepts a checkpoint of another TP size (returns its metadata).
 
     Same TP size: load_checkpoint as is (RNG states restored on an unchanged layout). Another TP size:
@@ -277,8 +286,8 @@ def load_checkpoint_any_tp(path: str | Path, model: torch.nn.Module, optimizer: 
     """
     meta = read_metadata(path)
     if meta["tp_size"] == state.tp_size:
-        return ckpt.load_checkpoint(path, model, optimizer, state)
-    source = TrainCheckpoint(path)
+        return ckpt.load_checkpoint(path, model, optimizer, state, verify=verify)
+    source = TrainCheckpoint(path, verify=verify)
     if parameter_shapes(source.config) != parameter_shapes(model.config):
         raise ValueError(f"checkpoint {path} holds a model of another shape than this run's: "
                          f"{_difference(parameter_shapes(source.config), parameter_shapes(model.config))}")

@@ -1,0 +1,84 @@
+"""One writer per folder: an advisory `fcntl` lock on a lock file inside it.
+
+Why: two trainings on one run_dir (or two preprocess runs into one output folder) otherwise race on the
+same temporary files, and once produced a checkpoint holding one run's metadata and the other's weights.
+The lock is `flock(LOCK_EX | LOCK_NB)` on `FOLDER/.megamath.lock`, held for the run's lifetime. The
+kernel drops it when the holder exits, however it dies (kill -9 included), so a lock is never stale:
+a file left by a dead holder is taken over at once. A clean release deletes the file while still
+holding the lock, so an acquirer checks after locking that its file is still the one at the path (else
+it retries on the new one). The holder writes its pid, host and command into the file so the refusal
+can say who holds it. Advisory locks work on local filesystems
+and NFSv4/Lustre mounts that support flock; where the filesystem ignores them, nothing is refused.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+LOCK_NAME = ".megamath.lock"
+
+
+class FolderBusyError(OSError):
+    """Another live process holds the folder's lock (an OSError: the CLI prints it as one line, exit 2)."""
+
+
+class FolderLock:
+    """`with FolderLock(folder, "training"):` holds `folder`'s lock (creating the folder) or raises FolderBusyError."""
+
+    def __init__(self, folder: str | Path, what: str) -> None:
+        self.folder, self.what = Path(folder), what
+        self.path = self.folder / LOCK_NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> "FolderLock":
+        self.folder.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise FolderBusyError(f"{self.folder} is in use by another {self.what} ({holder or 'holder unknown'}"
+                                      "): wait for it to end or choose another folder") from None
+            except BaseException:
+                os.close(fd)
+                raise
+            try:
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)  # the previous holder released and deleted this file meanwhile: lock the new one
+        os.ftruncate(fd, 0)
+        os.write(fd, (f"pid {os.getpid()} on {socket.gethostname()} since "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv)[:300]}\n").encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            try:
+                os.unlink(self.path)  # still locked: nobody can be holding this file
+            except FileNotFoundError:
+                pass
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "FolderLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        return os.pread(fd, 400, 0).decode("utf-8", "replace").strip()
+    except OSError:
+        return ""

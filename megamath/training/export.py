@@ -1,0 +1,59 @@
+"""Export a training checkpoint (a run directory's latest, or one step folder, at any TP size) as a
+Hugging Face Llama folder: `megamath convert megamath-to-hf RUN_DIR hf-out`.
+
+Training writes per-TP-rank slices with a metadata.json, not the config.json + safetensors of a
+megamath model folder, so the export merges each parameter's slices (reshard.TrainCheckpoint, after
+checking the model files' checksums) and streams them, one output shard at a time, into the Hugging
+Face layout that hf_interop writes. The optimizer state is not read.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from megamath.model.config import ModelConfig
+from megamath.model.hf_interop import (CONFIG_NAME, DEFAULT_MAX_SHARD_SIZE, _write_dir, from_hf_name,
+                                       model_config_to_hf_config, parse_size, to_hf_name, write_safetensors_dir)
+from megamath.model.partition import parameter_shapes
+from megamath.training.checkpoint import CHECKPOINTS, LATEST, METADATA
+from megamath.training.reshard import TrainCheckpoint, resolve_checkpoint
+
+
+def is_training_checkpoint(path: str | Path) -> bool:
+    """A step folder, a run directory or its checkpoints/ folder (as opposed to a megamath model folder)."""
+    path = Path(path)
+    return ((path / METADATA).is_file() or (path / CHECKPOINTS / LATEST).is_file()
+            or (path.name == CHECKPOINTS and (path / LATEST).is_file()))
+
+
+def export_training_checkpoint_to_hf(src: str | Path, dst: str | Path,
+                                     max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
+                                     dtype: torch.dtype | None = None) -> ModelConfig:
+    """Merged serial weights of a training checkpoint -> a Hugging Face Llama folder; returns the model config."""
+    max_bytes = parse_size(max_shard_size)
+    step = resolve_checkpoint(src)
+    if step is None or not (step / METADATA).is_file():
+        raise FileNotFoundError(f"{src}: no training checkpoint found (no {METADATA}, no {CHECKPOINTS}/{LATEST})")
+    source = TrainCheckpoint(step, with_optimizer=False)
+    config = source.config
+    names = list(parameter_shapes(config))
+    stored = source.weight(names[0]).dtype
+    hf_config = model_config_to_hf_config(config, dtype or stored)
+    width = (dtype or stored).itemsize
+
+    def write(tmp: Path) -> None:
+        (tmp / CONFIG_NAME).write_text(json.dumps(hf_config, indent=2) + "\n")
+        plan = [(to_hf_name(n), _numel(shape) * width) for n, shape in parameter_shapes(config).items()]
+        write_safetensors_dir(tmp, plan, lambda hf: source.weight(from_hf_name(hf)).to(dtype or stored), max_bytes)
+
+    _write_dir(dst, write)
+    return config
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

@@ -1,0 +1,125 @@
+"""Where a run continues from: the newest checkpoint that verifies, and only if it fits this run.
+
+`checkpoint.resume=auto` starts at the checkpoint `latest` names and walks back through older complete
+checkpoints until one verifies (every file's size and SHA-256, see checkpoint_integrity.py). A
+checkpoint that fails is renamed aside to `step_….corrupt` (kept for inspection, never deleted), the
+skip and its reason are reported, and `latest` is pointed at the one chosen. Verification is spread
+over the ranks (file i by rank i mod world), so the checkpoint is read once whatever the job's size;
+the ranks then agree, before anyone loads, that every file is intact.
+
+An explicit path is verified too but never replaced by another. Whatever is chosen must have the run's
+model shape and (unless `checkpoint.allow_seq_length_change`) its sequence length.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch.distributed as dist
+
+from megamath.atomic_io import write_text_atomically
+from megamath.parallel.state import ParallelState
+from megamath.training import checkpoint as ckpt
+from megamath.training.checkpoint_integrity import verify_files
+
+SHAPE_KEYS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size")
+
+
+def _candidates(root: Path) -> tuple[list[Path], str | None]:
+    """Checkpoints to try, newest first: `latest`'s, then older complete ones; and a note on a bad pointer."""
+    complete = list(reversed(ckpt.complete_checkpoints(root)))  # (step, path), newest first
+    try:
+        latest = ckpt.latest_checkpoint(root.parent)
+    except ValueError as err:  # a pointer naming nothing usable: every complete checkpoint is a candidate
+        return [path for _, path in complete], str(err)
+    if latest is None:
+        return [], None
+    newest = next(step for step, path in complete if path == latest)
+    return [latest] + [path for step, path in complete if step < newest], None
+
+
+def _verify_share(path: Path, state: ParallelState) -> str | None:
+    """This rank's share of the check of `path`: None when intact, else what is wrong."""
+    try:
+        meta = ckpt.read_metadata(path, check_files=False)
+        files = meta["files"]
+        verify_files(path, meta, files[state.rank::state.world_size])
+    except (ValueError, OSError, KeyError) as err:
+        return str(err)
+    return None
+
+
+def _agree(problem: str | None, state: ParallelState) -> str | None:
+    """The first rank's problem, the same on every rank (None when no rank found one)."""
+    if not state.is_distributed:
+        return problem
+    problems = [None] * state.world_size
+    dist.all_gather_object(problems, problem)
+    return next((p for p in problems if p is not None), None)
+
+
+def verified_checkpoint(path: Path, state: ParallelState) -> None:
+    """Raise (on every rank) unless every file of `path` is intact."""
+    problem = _agree(_verify_share(path, state), state)
+    if problem is not None:
+        raise ckpt.CheckpointIntegrityError(problem)
+
+
+def find_resume_checkpoint(mode: str, run_dir: Path, state: ParallelState,
+                           say: Callable[[str], None]) -> Path | None:
+    """The verified checkpoint to resume from under `checkpoint.resume` = `mode`, or None to start fresh."""
+    root = run_dir / ckpt.CHECKPOINTS
+    if mode == "never":
+        held = ckpt.complete_checkpoints(root)
+        if held:
+            raise ValueError(f"{run_dir} already holds checkpoints (latest: {held[-1][1].name}) and "
+                             "checkpoint.resume is 'never': resume with checkpoint.resume=auto or choose another "
+                             "run_dir")
+        return None
+    if mode != "auto":
+        path = Path(mode)
+        if not (path / ckpt.METADATA).is_file():
+            raise FileNotFoundError(f"checkpoint.resume: {path} is not a complete checkpoint "
+                                    f"({ckpt.METADATA} not found)")
+        verified_checkpoint(path, state)
+        return path
+    candidates, pointer_problem = _candidates(root)
+    if pointer_problem:
+        say(f"warning: {pointer_problem}; looking for the newest intact checkpoint instead")
+    skipped = []
+    for path in candidates:
+        problem = _agree(_verify_share(path, state), state)
+        if problem is None:
+            if skipped or pointer_problem:
+                if state.rank == 0:
+                    write_text_atomically(root / ckpt.LATEST, path.name + "\n")
+                say(f"resuming from {path.name}, the newest intact checkpoint")
+            return path
+        if state.is_distributed:
+            dist.barrier()  # every rank is done reading it before it moves
+        if state.rank == 0:
+            aside = ckpt.set_aside(path)
+            say(f"skipped checkpoint {path.name}: {problem}; renamed it to {aside.name} for inspection")
+        skipped.append(path.name)
+    if skipped:
+        raise ckpt.CheckpointIntegrityError(
+            f"no intact checkpoint in {root}: {', '.join(skipped)} failed verification (renamed to *.corrupt); "
+            "restore one, or start afresh with checkpoint.resume=never in a new run_dir")
+    if pointer_problem:
+        raise ValueError(pointer_problem)
+    return None
+
+
+def check_resume_compatible(meta: dict, config, path: Path) -> None:
+    """The checkpoint's model shape must be the run's; its seq_length too unless the override allows it."""
+    saved = meta["config"]
+    model = saved.get("model", {})
+    differ = [f"model.{k} {model.get(k)} (checkpoint) vs {getattr(config.model, k)} (this run)"
+              for k in SHAPE_KEYS if model.get(k) != getattr(config.model, k)]
+    if differ:
+        raise ValueError(f"checkpoint {path} holds a model of another shape than this run's: {'; '.join(differ)}")
+    old_seq = saved.get("data", {}).get("seq_length")
+    if old_seq != config.data.seq_length and not config.checkpoint.allow_seq_length_change:
+        raise ValueError(f"checkpoint {path} was trained with data.seq_length {old_seq}, this run's is "
+                         f"{config.data.seq_length}: set checkpoint.allow_seq_length_change=true to change it on "
+                         "purpose")

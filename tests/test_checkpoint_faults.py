@@ -1,0 +1,123 @@
+"""Faults during a run: a process killed at random points of a save, a second training on the same run_dir."""
+import random
+import subprocess
+import sys
+import time
+
+import yaml
+
+from megamath.cli import main
+from megamath.run_lock import FolderBusyError, FolderLock
+from megamath.training.checkpoint import latest_checkpoint
+from megamath.training.checkpoint_integrity import verify_checkpoint
+from test_train_loop import RUNNER as SLOW_RUNNER
+from test_train_loop import assert_bitwise_equal, final_state, metrics, one_thread, raw_config, run  # noqa: F401
+
+# Kills itself (SIGKILL: no cleanup of any kind) at I/O event `point` of the first save it makes: every
+# fsync and the `latest` pointer write count as events, each with a point just before and just after.
+KILLER = """
+import os, signal, sys
+import torch
+torch.set_num_threads(1)
+import megamath.training.checkpoint as ckpt
+config, point = sys.argv[1], int(sys.argv[2])
+events = {"n": 0}
+
+def at_event(original):
+    def wrapped(*args):
+        for phase in (0, 1):
+            if events["n"] == point:
+                os.kill(os.getpid(), signal.SIGKILL)
+            events["n"] += 1
+            if phase == 0:
+                result = original(*args)
+        return result
+    return wrapped
+
+ckpt._fsync, ckpt._write_text_atomically = at_event(ckpt._fsync), at_event(ckpt._write_text_atomically)
+from megamath.cli import main
+sys.exit(main(["train", "--config", config]))
+"""
+POINTS_PER_SAVE = 14  # 6 fsyncs (3 shards, metadata, temp folder, checkpoints folder) + the pointer, x2
+
+
+def test_kill_at_random_points_of_a_save_always_resumes_exactly(tmp_path, one_thread):
+    raw = raw_config(tmp_path / "data", tmp_path / "run", train_steps=8, checkpoint__save_every=2,
+                     checkpoint__keep=2)
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
+    (tmp_path / "killer.py").write_text(KILLER)
+    points = random.Random(7).sample(range(POINTS_PER_SAVE - 2), 3) + [12, 13]  # and around the pointer
+    for point in points:
+        proc = subprocess.run([sys.executable, str(tmp_path / "killer.py"), str(tmp_path / "run.yaml"), str(point)],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == -9, (point, proc.stdout, proc.stderr)
+        latest = latest_checkpoint(tmp_path / "run")
+        if latest is not None:  # killed before the first pointer: a fresh start is right
+            ok, line = verify_checkpoint(latest)
+            assert ok, (point, line)
+    run(raw)  # resume after the last kill, to the end
+    straight = raw_config(tmp_path / "data", tmp_path / "straight", train_steps=8, checkpoint__save_every=2)
+    run(straight)
+    assert_bitwise_equal(final_state(tmp_path / "run", 8), final_state(tmp_path / "straight", 8))
+    by_step = {r["step"]: r["loss"] for r in metrics(tmp_path / "run")}  # a replayed step logs the same loss
+    assert by_step == {r["step"]: r["loss"] for r in metrics(tmp_path / "straight")}
+    leftovers = [p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith(".")]
+    assert leftovers == []  # temporary folders of the killed attempts were removed under the lock
+
+
+def test_a_second_training_on_one_run_dir_is_refused_and_the_first_finishes(tmp_path, one_thread, capsys):
+    raw = raw_config(tmp_path / "data", tmp_path / "run", train_steps=6, checkpoint__save_every=2)
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
+    (tmp_path / "slow.py").write_text(SLOW_RUNNER)
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "slow.py"), str(tmp_path / "run.yaml")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        log = tmp_path / "run" / "metrics.jsonl"
+        deadline = time.time() + 120
+        while not (log.is_file() and log.read_text().count("\n") >= 1):
+            assert proc.poll() is None and time.time() < deadline, "the first run ended too early"
+            time.sleep(0.05)
+        start = time.time()
+        assert main(["train", "--config", str(tmp_path / "run.yaml")]) == 2
+        assert time.time() - start < 10  # at once, not after a timeout
+        err = capsys.readouterr().err
+        assert err.startswith(f"megamath train: error: {tmp_path / 'run'} is in use by another training "
+                              f"(pid {proc.pid} on ") and err.endswith(": wait for it to end or choose another "
+                                                                        "folder\n") and err.count("\n") == 1
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out
+    assert [r["step"] for r in metrics(tmp_path / "run")] == list(range(1, 7))
+    root = tmp_path / "run" / "checkpoints"
+    assert all(verify_checkpoint(p)[0] for p in root.glob("step_*"))
+    straight = raw_config(tmp_path / "data", tmp_path / "straight", train_steps=6, checkpoint__save_every=2)
+    run(straight)
+    assert_bitwise_equal(final_state(tmp_path / "run", 6), final_state(tmp_path / "straight", 6))
+    # the holder is gone: the lock is free again
+    with FolderLock(tmp_path / "run", "training"):
+        pass
+
+
+def test_folder_lock_refuses_a_second_holder_and_frees_on_release(tmp_path):
+    first = FolderLock(tmp_path / "x", "training").acquire()
+    try:
+        FolderLock(tmp_path / "x", "preprocess run").acquire()
+    except FolderBusyError as err:
+        assert "is in use by another preprocess run (pid " in str(err)
+    else:
+        raise AssertionError("a second holder got the lock")
+    first.release()
+    FolderLock(tmp_path / "x", "training").acquire().release()
+
+
+def test_os_errors_on_the_run_dir_and_the_export_folder_are_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("a regular file")
+    raw = raw_config(tmp_path / "data", tmp_path / "file" / "run")
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["train", "--config", str(tmp_path / "run.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"megamath train: error: {tmp_path / 'file' / 'run'}: File exists\n" or \
+        err == f"megamath train: error: {tmp_path / 'file' / 'run'}: Not a directory\n", err
+    assert main(["convert", "megamath-to-hf", str(tmp_path / "nowhere"), str(tmp_path / "hf")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
