@@ -9,7 +9,7 @@ import yaml
 from megamath.cli import main
 from megamath.run_lock import FolderBusyError, FolderLock
 from megamath.training.checkpoint import latest_checkpoint
-from megamath.training.checkpoint_integrity import verify_checkpoint
+from megamath.training.checkpoint_verify import verify_checkpoint
 from test_train_loop import RUNNER as SLOW_RUNNER
 from test_train_loop import assert_bitwise_equal, final_state, metrics, one_thread, raw_config, run  # noqa: F401
 

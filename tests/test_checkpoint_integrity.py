@@ -12,7 +12,7 @@ from megamath.parallel.zero import ZeroOptimizer
 from megamath.training import loop
 from megamath.training.checkpoint import (LATEST, CheckpointIntegrityError, latest_checkpoint, load_checkpoint,
                                           prune_checkpoints, read_metadata)
-from megamath.training.checkpoint_integrity import verify_checkpoint
+from megamath.training.checkpoint_verify import verify_checkpoint
 from megamath.training.config import TrainConfig
 from test_train_loop import (assert_bitwise_equal, final_state, inject_nonfinite, metrics, one_thread,  # noqa: F401
                              raw_config, run)

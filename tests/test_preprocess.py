@@ -18,7 +18,8 @@ from megamath.cli import main
 from megamath.data import preprocess as preprocess_module
 from megamath.data.indexed_dataset import IndexedDataset
 from megamath.data.indexed_dataset_writer import IndexedDatasetWriter
-from megamath.data.preprocess import PreprocessConfig, _EncoderSpec, _ProcessPool, format_summary, preprocess
+from megamath.data.preprocess import PreprocessConfig, format_summary, preprocess
+from megamath.data.preprocess_workers import EncoderSpec, ProcessPool
 from megamath.data.sources import LineBatch, discover_inputs
 from megamath.data.tokenizer import SentencePieceTokenizer, encode_flat_ref, newline_cuts_are_exact, split_at_newlines
 
@@ -217,7 +218,7 @@ def test_workers_1_and_2_write_identical_files(tmp_path, bpe_model):
 
 def test_read_ahead_is_bounded(bpe_model):
     """At most 2 x workers batches are read before their results are consumed."""
-    spec = _EncoderSpec(str(bpe_model), True, "text", 2, "<u2")
+    spec = EncoderSpec(str(bpe_model), True, "text", 2, "<u2")
     read = []
 
     def batches():
@@ -225,7 +226,7 @@ def test_read_ahead_is_bounded(bpe_model):
             read.append(i)
             yield LineBatch(0, Path("f.jsonl"), i + 1, json.dumps({"text": f"doc {i}"}).encode() + b"\n", 10)
 
-    pool = _ProcessPool(spec, workers=2)
+    pool = ProcessPool(spec, workers=2)
     try:
         for consumed, (batch, encoded) in enumerate(pool.map_ordered(batches())):
             assert batch.first_line == consumed + 1 and len(encoded.lengths) == 1
@@ -236,8 +237,8 @@ def test_read_ahead_is_bounded(bpe_model):
 
 
 def test_worker_failure_is_reported(tmp_path):
-    spec = _EncoderSpec(str(tmp_path / "missing.model"), True, "text", 2, "<u2")
-    pool = _ProcessPool(spec, workers=1)
+    spec = EncoderSpec(str(tmp_path / "missing.model"), True, "text", 2, "<u2")
+    pool = ProcessPool(spec, workers=1)
     try:
         batch = LineBatch(0, Path("f.jsonl"), 1, b'{"text": "x"}\n', 10)
         with pytest.raises(RuntimeError, match=r"(?s)^a preprocessing worker failed:\n.*FileNotFoundError: "
@@ -248,8 +249,8 @@ def test_worker_failure_is_reported(tmp_path):
 
 
 def test_dead_worker_raises_instead_of_hanging(bpe_model):
-    spec = _EncoderSpec(str(bpe_model), True, "text", 2, "<u2")
-    pool = _ProcessPool(spec, workers=1)
+    spec = EncoderSpec(str(bpe_model), True, "text", 2, "<u2")
+    pool = ProcessPool(spec, workers=1)
     try:
         pool._procs[0].kill()  # as the OOM killer would
         pool._procs[0].join()

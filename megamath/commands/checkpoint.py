@@ -22,7 +22,7 @@ def add_parser(subparsers, name: str) -> None:
 
 
 def run(args) -> int:
-    from megamath.training.checkpoint_integrity import checkpoints_to_verify, verify_checkpoint
+    from megamath.training.checkpoint_verify import checkpoints_to_verify, verify_checkpoint
 
     results = [verify_checkpoint(path) for path in checkpoints_to_verify(args.path)]
     for _, line in results:

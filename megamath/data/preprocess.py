@@ -16,27 +16,22 @@ A dataset is published (atomically, by the writer) when its last file is done; a
 """
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import multiprocessing
 import os
 import re
-import queue
-import signal
 import sys
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
 from megamath.data.indexed_dataset import best_dtype
 from megamath.data.indexed_dataset_writer import IndexedDatasetWriter
-from megamath.data.sources import (EMPTY_TEXT, BadLine, InputGroup, LineBatch, archive_fault, discover_inputs,
-                                   parse_lines, read_line_batches)
+from megamath.data.preprocess_workers import Encoded, EncoderSpec, InProcess, ProcessPool
+from megamath.data.sources import BadLine, InputGroup, LineBatch, archive_fault, discover_inputs, read_line_batches
 from megamath.data.tokenizer import SentencePieceTokenizer
 from megamath.run_lock import FolderLock
 
@@ -117,174 +112,6 @@ class DatasetSummary:
 # --- worker side ------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _EncoderSpec:
-    """Everything a worker needs, small and picklable (workers load the tokenizer themselves)."""
-
-    tokenizer_model: str
-    newline_cuts: bool
-    json_key: str
-    eod_id: int | None
-    dtype: str
-
-
-@dataclass
-class _Encoded:
-    tokens: np.ndarray  # (sum(lengths),) in the dataset dtype
-    lengths: np.ndarray  # (documents,) int64
-    bad: list[tuple[int, str, str]]  # (line offset in the batch, reason, detail)
-    input_bytes: int
-
-
-class _BatchEncoder:
-    """Raw lines -> validated texts -> one flat token array."""
-
-    def __init__(self, spec: _EncoderSpec, tokenizer: SentencePieceTokenizer | None = None) -> None:
-        self.tokenizer = tokenizer or SentencePieceTokenizer(spec.tokenizer_model, newline_cuts=spec.newline_cuts)
-        self.spec = spec
-
-    def __call__(self, data: bytes) -> _Encoded:
-        texts, bad = parse_lines(data, self.spec.json_key)
-        tokens, lengths = self.tokenizer.encode_flat(texts, self.spec.eod_id, self.spec.dtype)
-        extra = int(self.spec.eod_id is not None)
-        if len(lengths) and int(lengths.min()) == extra:  # rare: a text the model maps to no tokens
-            tokens, lengths, bad = self._drop_tokenless(tokens, lengths, bad, extra)
-        return _Encoded(tokens, lengths, bad, len(data))
-
-    def _drop_tokenless(self, tokens, lengths, bad, extra):
-        bad_offsets = {offset for offset, _, _ in bad}
-        good_offsets = [i for i in range(len(lengths) + len(bad)) if i not in bad_offsets]  # (documents,)
-        empty = lengths == extra  # (documents,)
-        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-        keep_tokens = np.ones(len(tokens), dtype=bool)
-        for doc in np.flatnonzero(empty):
-            keep_tokens[starts[doc]:starts[doc] + lengths[doc]] = False
-            bad.append((good_offsets[doc], EMPTY_TEXT, f"{self.spec.json_key!r} encodes to no tokens"))
-        bad.sort()
-        return tokens[keep_tokens], lengths[~empty], bad
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """Have the kernel SIGKILL this worker when its parent dies, however it dies (kill -9 included), so no
-    orphan keeps tokenizing; Linux only (prctl PR_SET_PDEATHSIG), the task loop's polling covers the rest."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent_pid:  # the parent died before the request took effect
-        os._exit(1)
-
-
-def _worker_main(spec: _EncoderSpec, tasks, results, parent_pid: int) -> None:
-    _die_with_parent(parent_pid)
-    # Ctrl-C reaches the whole process group: the main process handles it and stops the workers.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    seq = -1
-    try:
-        encode = _BatchEncoder(spec)
-        while True:
-            try:
-                task = tasks.get(timeout=1.0)
-            except queue.Empty:
-                if os.getppid() != parent_pid:  # orphaned: nobody will read the results
-                    return
-                continue
-            if task is None:
-                return
-            seq, data = task
-            results.put((seq, encode(data)))
-    except Exception:
-        results.put((seq, traceback.format_exc()))
-
-
-# --- main side: running batches -------------------------------------------------------------------
-
-
-class _InProcess:
-    """--workers 1: encode in this process, no pickling."""
-
-    def __init__(self, spec: _EncoderSpec, tokenizer: SentencePieceTokenizer) -> None:
-        self._encode = _BatchEncoder(spec, tokenizer)
-
-    def map_ordered(self, batches: Iterable[LineBatch]) -> Iterator[tuple[LineBatch, _Encoded]]:
-        for batch in batches:
-            yield batch, self._encode(batch.data)
-
-    def close(self, terminate: bool = False) -> None:
-        pass
-
-
-class _ProcessPool:
-    """Worker processes fed from one task queue, with at most `2 * workers` batches in flight.
-
-    Unlike `Pool.imap`, nothing is read ahead of that window, and a worker that dies (OOM killer)
-    raises here instead of hanging the run.
-    """
-
-    def __init__(self, spec: _EncoderSpec, workers: int) -> None:
-        context = multiprocessing.get_context("spawn")  # fork is unsafe with threads (tqdm, torch)
-        self._tasks, self._results = context.Queue(), context.Queue()
-        self._max_in_flight = 2 * workers
-        self._procs = [context.Process(target=_worker_main, args=(spec, self._tasks, self._results, os.getpid()),
-                                       name=f"megamath-preprocess-{i}", daemon=True) for i in range(workers)]
-        for proc in self._procs:
-            proc.start()
-
-    def map_ordered(self, batches: Iterable[LineBatch]) -> Iterator[tuple[LineBatch, _Encoded]]:
-        batches = iter(batches)
-        in_flight: dict[int, LineBatch] = {}
-        done: dict[int, _Encoded] = {}
-        sent = received = 0
-        while True:
-            while len(in_flight) < self._max_in_flight and (batch := next(batches, None)) is not None:
-                self._tasks.put((sent, batch.data))
-                in_flight[sent] = batch
-                sent += 1
-            if not in_flight:
-                return
-            while received not in done:
-                seq, result = self._next_result()
-                if isinstance(result, str):
-                    where = f" on {in_flight[seq].file} from line {in_flight[seq].first_line}" if seq >= 0 else ""
-                    raise RuntimeError(f"a preprocessing worker failed{where}:\n{result}")
-                done[seq] = result
-            yield in_flight.pop(received), done.pop(received)
-            received += 1
-
-    def _next_result(self):
-        while True:
-            try:
-                return self._results.get(timeout=1.0)
-            except queue.Empty:
-                dead = [proc for proc in self._procs if not proc.is_alive()]
-                if dead:
-                    try:  # a worker that failed cleanly sent its traceback just before exiting
-                        return self._results.get(timeout=1.0)
-                    except queue.Empty:
-                        raise RuntimeError(f"preprocessing worker {dead[0].name} (pid {dead[0].pid}) died with "
-                                           f"exit code {dead[0].exitcode}") from None
-
-    def close(self, terminate: bool = False) -> None:
-        """Stop the workers: after their current task, or at once when the run failed."""
-        if not terminate:
-            for _ in self._procs:
-                self._tasks.put(None)
-        deadline = time.monotonic() + 5.0
-        for proc in self._procs:
-            if not terminate:
-                proc.join(timeout=max(0.0, deadline - time.monotonic()))
-            if proc.is_alive():
-                proc.terminate()
-            proc.join()
-        self._tasks.cancel_join_thread()
-        self._tasks.close()
-        self._results.close()
-
-
-# --- main side: writing datasets --------------------------------------------------------------------
-
-
 class _Outputs:
     """Writers and summaries of the output datasets, fed batches in input order (group by group)."""
 
@@ -296,7 +123,7 @@ class _Outputs:
         self._next_to_finish = 0
         self._clock = time.perf_counter()
 
-    def add(self, batch: LineBatch, encoded: _Encoded) -> None:
+    def add(self, batch: LineBatch, encoded: Encoded) -> None:
         self._finish_before(batch.group)
         summary = self.summaries[batch.group]
         for offset, reason, detail in encoded.bad:
@@ -360,7 +187,7 @@ def preprocess(config: PreprocessConfig) -> list[DatasetSummary]:
         raise ValueError(f"{config.tokenizer_model}: the tokenizer has no EOS token (eos_id is -1), so "
                          "--append-eod cannot mark document ends; use a model with an EOS or pass --no-append-eod")
     dtype = best_dtype(tokenizer.vocab_size)
-    spec = _EncoderSpec(str(config.tokenizer_model), tokenizer.newline_cuts, config.json_key,
+    spec = EncoderSpec(str(config.tokenizer_model), tokenizer.newline_cuts, config.json_key,
                         tokenizer.eos_id if config.append_eod else None, dtype.str)
 
     def log(message: str) -> None:
@@ -422,7 +249,7 @@ def _run(config: PreprocessConfig, groups, tokenizer, dtype, spec, log) -> list[
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="preprocess", file=sys.stderr,
                disable=not config.progress, dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30)
     start, documents, tokens, text_bytes = time.perf_counter(), 0, 0, 0
-    pool = _InProcess(spec, tokenizer) if config.workers == 1 else _ProcessPool(spec, config.workers)
+    pool = InProcess(spec, tokenizer) if config.workers == 1 else ProcessPool(spec, config.workers)
     failed = True
     try:
         for batch, encoded in pool.map_ordered(_line_batches(groups, config.batch_bytes)):

@@ -9,8 +9,8 @@ Saving: each rank hashes the files it wrote (read back from the page cache) and 
 a small `.sums_rankNNNNN.json` in the temporary folder; rank 0 merges them into metadata.json's
 `checksums` and removes them. No collective is needed, so it works the same on gloo and NCCL.
 
-`verify_checkpoint` checks a whole checkpoint offline (`megamath checkpoint verify`); checkpoints saved
-before checksums existed are checked for presence only and reported as such.
+checkpoint_verify.py checks whole checkpoints offline (`megamath checkpoint verify`) with these
+primitives; checkpoints saved before checksums existed are checked for presence only.
 """
 from __future__ import annotations
 
@@ -85,33 +85,3 @@ def verify_files(path: Path, meta: dict, names: list[str]) -> None:
         if found != expected["sha256"]:
             raise CheckpointIntegrityError(f"checkpoint file {file} has sha256 {found}, expected {expected['sha256']} "
                                            "(its contents changed after it was saved)")
-
-
-def verify_checkpoint(path: str | Path) -> tuple[bool, str]:
-    """(intact, one-line description) of a whole checkpoint folder: every rank's files."""
-    from megamath.training.checkpoint import read_metadata  # checkpoint.py imports this module
-
-    path = Path(path)
-    try:
-        meta = read_metadata(path, check_files=False)
-        verify_files(path, meta, meta["files"])
-    except (ValueError, OSError, KeyError) as err:
-        return False, f"{path}: BROKEN: {err}"
-    note = "" if "checksums" in meta else " (saved without checksums: only presence checked)"
-    return True, f"{path}: intact, step {meta['step']}, {len(meta['files'])} files{note}"
-
-
-def checkpoints_to_verify(path: str | Path) -> list[Path]:
-    """A step folder as given, or every checkpoint folder of a run directory (oldest first)."""
-    from megamath.training.checkpoint import CHECKPOINTS, METADATA
-
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path} not found (give a run directory or a step_XXXXXXX folder)")
-    if (path / METADATA).is_file() or path.name.startswith("step_"):
-        return [path]
-    root = path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
-    found = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
-    if not found:
-        raise FileNotFoundError(f"no checkpoints under {root}")
-    return found
