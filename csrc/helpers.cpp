@@ -8,6 +8,9 @@
 // The boundary is thin on purpose: arrays in, arrays out, inputs checked here (std::invalid_argument
 // becomes ValueError), the GIL released while the loop runs so other threads (e.g. a data loader)
 // keep going.
+//
+// The same module also holds the overlap scan's functions (csrc/ngram_overlap.cpp, csrc/jsonl_text.cpp),
+// registered by the PYBIND11_MODULE at the end of this file.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 

@@ -15,7 +15,8 @@ reproduced:
 The reference scans with Python sets per document; here the corpus goes through a C++ rolling hash
 (`megamath._helpers.scan_candidates`) and each candidate's real n-gram text is compared with the test
 n-grams, so a hash collision never becomes a hit. `reference.py` holds the plain-Python algorithm that
-the tests and `perf/bench_overlap.py` compare against.
+the tests and `perf/bench_overlap.py` compare against; `numpy_scan.py` the same scan vectorised in numpy,
+measured slower than the C++ one and kept as its check.
 """
 from megamath.overlap.ngrams import TestIndex, load_test_items, words
 from megamath.overlap.reference import overlap_ref
