@@ -263,9 +263,12 @@ def _vocab_size(flags: Flags, given: int | None, tp: int, out: Conversion) -> in
         given = sentencepiece.SentencePieceProcessor(model_file=model).get_piece_size()
     multiple = flags.one("make_vocab_size_divisible_by", int, 128) * tp
     padded = multiple * math.ceil(given / multiple)
-    out.unmapped.append(Unmapped("--tokenizer-type", NOT_NEEDED, f"{tokenizer}: it only sizes the vocabulary here "
-                                 f"({given} tokens, padded to {padded} as Megatron pads); megamath reads token ids "
-                                 "from the preprocessed datasets"))
+    sizing = f"{given} tokens, padded to {padded} as Megatron pads (make_vocab_size_divisible_by × TP)"
+    if tokenizer is None:
+        out.notes.append(f"vocabulary: {sizing}")
+    else:
+        out.unmapped.append(Unmapped("--tokenizer-type", NOT_NEEDED, f"{tokenizer}: it only sizes the vocabulary "
+                                     f"here ({sizing}); megamath reads token ids from the preprocessed datasets"))
     return padded
 
 
