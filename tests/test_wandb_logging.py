@@ -33,8 +33,9 @@ def test_config_section_and_bad_mode():
 
 def test_missing_package_is_one_clear_error(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "wandb", None)  # makes `import wandb` fail
-    with pytest.raises(ValueError, match="pip install wandb"):
-        import_wandb(WandbConfig(project="p", mode="offline"))
+    for load in (True, False):  # rank 0 imports it, the other ranks only look for it
+        with pytest.raises(ValueError, match="pip install wandb"):
+            import_wandb(WandbConfig(project="p", mode="offline"), load=load)
     assert import_wandb(WandbConfig()) is None  # off: never imported
 
 

@@ -29,6 +29,10 @@ def megatron_main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     argv = sys.argv[1:]
+    if argv in (["-h"], ["--help"]):  # both interfaces: Megatron's flags, then megamath's own
+        megatron_preprocess.build_parser().print_help()
+        print("\nWith --output-dir instead of --output-prefix, megamath's own interface (megamath preprocess):\n")
+        sys.exit(main(["preprocess", "--help"]))
     if megatron_preprocess.wants_megatron_flags(argv):
         sys.exit(megatron_main(argv))
     sys.exit(main(["preprocess", *argv]))

@@ -86,7 +86,8 @@ class MetricsLogger:
                  tokens_per_step: int, total_steps: int, first_step: int, log_every: int,
                  wandb: WandbConfig | None = None, run_config: dict | None = None) -> None:
         self.enabled = rank == 0
-        wandb_module = import_wandb(wandb) if wandb is not None else None  # every rank: fail together
+        # Every rank checks the package, so that a missing one fails the whole job at once; rank 0 loads it.
+        wandb_module = import_wandb(wandb, load=self.enabled) if wandb is not None else None
         self.wandb = None
         self.device, self.flops_per_token, self.world_size = device, flops_per_token, world_size
         self.tokens_per_step, self.log_every = tokens_per_step, log_every

@@ -3,12 +3,14 @@
 W&B is one more sink beside metrics.jsonl, never the record of the run: the package is optional, only
 global rank 0 talks to it, and `mode: offline` writes the run under RUN_DIR/wandb/ with no network (sync
 it later with `wandb sync RUN_DIR/wandb/offline-run-*`). A resumed run continues the same W&B run: its
-id is kept in RUN_DIR/wandb_run_id. The package is imported only when `project` is set, and a missing
+id is kept in RUN_DIR/wandb_run_id (W&B keeps the first values of steps a resumed run redoes; metrics.jsonl
+keeps the redone ones). The package is imported only when `project` is set, and a missing
 package is reported on every rank before any work, so a multi-rank job fails together instead of hanging.
 """
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,11 +51,16 @@ class LoggingConfig:
     """Weights & Biases: off unless `project` is set."""
 
 
-def import_wandb(config: WandbConfig):
-    """The wandb module when W&B is on, None when it is off; a clear error when it is on but not installed."""
+def import_wandb(config: WandbConfig, load: bool = True):
+    """The wandb module when W&B is on (None when it is off); a clear error when it is on but not installed.
+    `load=False` only checks that it is installed (ranks that do not log skip the slow import)."""
     if not config.enabled:
         return None
     try:
+        if not load:
+            if importlib.util.find_spec("wandb") is None:
+                raise ImportError("wandb")
+            return None
         return importlib.import_module("wandb")
     except ImportError:
         raise ValueError("logging.wandb.project is set but the wandb package is not installed: "
