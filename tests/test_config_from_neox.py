@@ -273,3 +273,20 @@ def test_cli_error_names_the_key(tmp_path, capsys):
     assert main(["config", "from-neox", *paths, "--vocab-size", "32016"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("megamath config: error: pipe_parallel_size is 4") and err.count("\n") == 1
+
+
+def test_hf_load_single_data_path_and_constant_schedule(tmp_path):
+    hf = tmp_path / "CodeLlama-7b-hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    text = (LLEMMA_7B_YML.replace('"/path/to/converted/codellama_7b_weights_with_mp2"', f'"{hf}"')
+            .replace('"lr_decay_style": "cosine",', '"lr_decay_style": "constant", "data-path": "data/all_text_document",'))
+    (tmp_path / "one.yml").write_text(text)
+    conversion = convert_neox(read_neox_yaml([tmp_path / "one.yml"]), vocab_size=32016)
+    config = conversion.validate()
+    assert config.init_from_hf == str(hf) and config.schedule.min_lr_ratio == 1.0
+    assert config.data.train_blend() == ([1.0], ["data/all_text_document"])
+    assert config.eval_every == 0  # no validation sets: evaluation off, and said
+    listed = {u.key: u for u in conversion.unmapped}
+    assert listed["split"].kind == "unsupported" and "load" not in listed
+    assert any(note.startswith("eval_interval 250: no valid_data_paths") for note in conversion.notes)
