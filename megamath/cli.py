@@ -22,6 +22,7 @@ COMMANDS = {
     "overlap": "overlap",
     "overlap-accuracy": "overlap_accuracy",
     "checkpoint": "checkpoint",
+    "config": "config",
 }
 
 

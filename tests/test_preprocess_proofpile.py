@@ -87,3 +87,21 @@ def test_llemma_mixture_of_the_three_subsets(run, tmp_path):
     for name, weight, tokens, share in zip(names, weights, served, blend.realized_shares()):
         assert abs(tokens / total - weight / 7) <= 0.005 * weight / 7, (name, tokens / total, weight / 7)
         assert tokens / total == pytest.approx(share)
+
+
+def test_megatron_flags_on_the_train_splits_are_byte_identical(run):
+    """tools/preprocess_data.py with Megatron-LM's flags (each train split's shards as a glob, kept in
+    order) writes {output_prefix}_text_document byte-identical to `megamath preprocess`."""
+    from megamath.compat import megatron_preprocess
+
+    out, _ = run
+    for subset in SUBSETS:
+        prefix = out.parent / f"{out.name}-megatron" / subset
+        assert megatron_preprocess.run([
+            "--input", str(SAMPLE / subset / "train" / "*.jsonl.zst"), "--partitions", "2",
+            "--keep-sequential-samples", "--output-prefix", str(prefix), "--json-keys", "text",
+            "--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model", str(MODEL), "--append-eod",
+            "--workers", "2", "--no-progress"]) == 0
+        for ext in (".bin", ".idx"):
+            assert Path(f"{prefix}_text_document{ext}").read_bytes() == \
+                (out / f"{subset}_train_text_document{ext}").read_bytes(), (subset, ext)

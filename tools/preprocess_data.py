@@ -1,12 +1,13 @@
 #!/usr/bin/env python
-"""Megatron-LM's `tools/preprocess_data.py`, the megamath way: the same entry as `megamath preprocess`.
+"""Megatron-LM's `tools/preprocess_data.py`, with its flags, run by megamath's preprocessing.
 
-    python tools/preprocess_data.py --input DATA --tokenizer-model tokenizer.model --output-dir OUT \\
-        [--workers N] [--json-key text] [--append-eod/--no-append-eod] [--strict]
+    python tools/preprocess_data.py --input data.jsonl --output-prefix out/name --json-keys text \\
+        --tokenizer-type GPTSentencePieceTokenizer --tokenizer-model tokenizer.model --append-eod --workers 8
 
-Differences from Megatron's script: outputs are named per ProofPile II subset and split under
---output-dir (see --help) instead of one --output-prefix, the tokenizer is always SentencePiece, and
-.jsonl.zst/.jsonl.gz inputs are read directly.
+writes out/name_text_document.{bin,idx}, byte-identical to Megatron-LM's output for the same input and
+tokenizer (SentencePieceTokenizer, GPTSentencePieceTokenizer, Llama2Tokenizer; see
+megamath/compat/megatron_preprocess.py). Called with megamath's own flags (--output-dir, no
+--output-prefix) it is `megamath preprocess`, which names outputs per ProofPile II subset and split.
 """
 import sys
 from pathlib import Path
@@ -15,6 +16,23 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megamath.cli import main  # noqa: E402
+from megamath.compat import megatron_preprocess  # noqa: E402
+
+
+def megatron_main(argv: list[str]) -> int:
+    try:
+        return megatron_preprocess.run(argv)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"preprocess_data.py: error: {err}", file=sys.stderr)
+        return 2
+
 
 if __name__ == "__main__":
-    sys.exit(main(["preprocess", *sys.argv[1:]]))
+    argv = sys.argv[1:]
+    if argv in (["-h"], ["--help"]):  # both interfaces: Megatron's flags, then megamath's own
+        megatron_preprocess.build_parser().print_help()
+        print("\nWith --output-dir instead of --output-prefix, megamath's own interface (megamath preprocess):\n")
+        sys.exit(main(["preprocess", "--help"]))
+    if megatron_preprocess.wants_megatron_flags(argv):
+        sys.exit(megatron_main(argv))
+    sys.exit(main(["preprocess", *argv]))

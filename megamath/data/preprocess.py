@@ -175,13 +175,16 @@ def _line_batches(groups: list[InputGroup], batch_bytes: int) -> Iterator[LineBa
             yield from read_line_batches(path, index, batch_bytes)
 
 
-def preprocess(config: PreprocessConfig) -> list[DatasetSummary]:
+def preprocess(config: PreprocessConfig, groups: list[InputGroup] | None = None) -> list[DatasetSummary]:
     """Tokenize every input into its output dataset; return one summary per dataset, in name order.
+
+    `groups` replaces the discovery of `config.inputs` by the naming rule (Megatron's one `--output-prefix`
+    for the files given).
 
     Workers are spawned (not forked), so a script that calls this with `workers > 1` needs the usual
     `if __name__ == "__main__":` guard around its entry; the CLI and `tools/preprocess_data.py` have it.
     """
-    groups = discover_inputs(config.inputs)
+    groups = discover_inputs(config.inputs) if groups is None else groups
     tokenizer = SentencePieceTokenizer(config.tokenizer_model)
     if config.append_eod and tokenizer.eos_id is None:
         raise ValueError(f"{config.tokenizer_model}: the tokenizer has no EOS token (eos_id is -1), so "

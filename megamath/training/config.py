@@ -25,6 +25,7 @@ from megamath.data.blending import parse_data_path
 from megamath.model.config import ModelConfig
 from megamath.parallel.optimizer_config import OptimizerConfig
 from megamath.training.schedule import ScheduleConfig
+from megamath.training.wandb_log import LoggingConfig
 
 # LLEMMA's ProofPile II weights. LLEMMA also mixed in general data: the Pile at 0.147368 and
 # RedPajama code at 0.221053 of the subset total, to limit forgetting; those are not ProofPile II
@@ -163,6 +164,8 @@ class TrainConfig:
     """Stop with an error after this many skipped (NaN/inf) steps in a row."""
     log_every: int = 10
     """Print a console line every this many steps (metrics.jsonl gets every step)."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Optional sinks beside metrics.jsonl: `wandb: {project, group, name, mode, entity}` (off by default)."""
 
     def __post_init__(self) -> None:
         for name, low in (("micro_batch_size", 1), ("grad_accum_steps", 1), ("train_steps", 1), ("eval_every", 0),

@@ -247,7 +247,8 @@ def _train(config: TrainConfig, state: ParallelState, attempt: str) -> TrainResu
         step, nonfinite = meta["step"], meta["consecutive_nonfinite"]
     tokens_per_step = data.global_batch_size * config.data.seq_length
     log = MetricsLogger(run_dir, state.rank, state.device, config.model.flops_per_token(config.data.seq_length),
-                        state.world_size, tokens_per_step, config.train_steps, step + 1, config.log_every)
+                        state.world_size, tokens_per_step, config.train_steps, step + 1, config.log_every,
+                        wandb=config.logging.wandb, run_config=config.to_dict())
     if resume_from is not None:
         resharded = (f" (saved at tensor-parallel size {meta['tp_size']}, re-cut for {state.tp_size})"
                      if meta["tp_size"] != state.tp_size else "")

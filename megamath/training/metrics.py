@@ -4,7 +4,8 @@ Throughput in Megatron's terms: tokens/s of the whole job, model TFLOP/s per dev
 `ModelConfig.flops_per_token` (activation recomputation not counted, so this is MFU, not HFU), and MFU
 against the device's dense bf16 peak. On CPUs there is no meaningful peak and MFU is null. GPU memory
 comes from torch; utilization and power from NVML when nvidia-ml-py is importable (optional).
-Only global rank 0 writes; the other ranks return before touching a file.
+Only global rank 0 writes; the other ranks return before touching a file. With `logging.wandb` set, the
+same records also go to Weights & Biases (wandb_log.py).
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+from megamath.training.wandb_log import WandbConfig, WandbSink, import_wandb
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity), by a substring of torch.cuda.get_device_name().
 # Most specific first: an "H100 PCIe" must not match the SXM entry.
@@ -80,8 +83,12 @@ class MetricsLogger:
     """Rank 0's metrics.jsonl, console lines and progress bar; every method is a no-op on other ranks."""
 
     def __init__(self, run_dir: Path, rank: int, device: torch.device, flops_per_token: int, world_size: int,
-                 tokens_per_step: int, total_steps: int, first_step: int, log_every: int) -> None:
+                 tokens_per_step: int, total_steps: int, first_step: int, log_every: int,
+                 wandb: WandbConfig | None = None, run_config: dict | None = None) -> None:
         self.enabled = rank == 0
+        # Every rank checks the package, so that a missing one fails the whole job at once; rank 0 loads it.
+        wandb_module = import_wandb(wandb, load=self.enabled) if wandb is not None else None
+        self.wandb = None
         self.device, self.flops_per_token, self.world_size = device, flops_per_token, world_size
         self.tokens_per_step, self.log_every = tokens_per_step, log_every
         self.peak = peak_tflops(device)
@@ -96,6 +103,8 @@ class MetricsLogger:
 
         self.bar = tqdm(total=total_steps, initial=first_step - 1, desc="train", unit="step", file=sys.stderr,
                         dynamic_ncols=True, disable=None)
+        if wandb_module is not None:
+            self.wandb = WandbSink(wandb_module, wandb, run_dir, run_config)
 
     def record(self, step: int, loss: float, lr: float, grad_norm: float, skipped: bool, step_time: float,
                consumed_samples: int) -> dict:
@@ -118,6 +127,8 @@ class MetricsLogger:
         if not self.enabled:
             return
         self.file.write(json.dumps(rec) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(rec)
         self.bar.update(1)
         loss = "nan" if rec["loss"] is None else f"{rec['loss']:.4f}"
         self.bar.set_postfix_str(f"loss {loss} lr {rec['lr']:.2e}", refresh=False)
@@ -147,6 +158,8 @@ class MetricsLogger:
         if self.enabled:
             self.bar.close()
             self.file.close()
+            if self.wandb is not None:
+                self.wandb.close()
 
 
 def format_record(rec: dict) -> str:

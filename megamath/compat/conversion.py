@@ -1,0 +1,91 @@
+"""The result of converting another trainer's config: megamath's config, and every key left behind with why.
+
+A conversion never drops a key silently. A key is either mapped (it sets a megamath field, maybe with a
+note on how the two differ), listed as unmapped with its reason, or an error naming it when megamath
+cannot train what it describes (pipeline parallelism, dropout, another architecture): a config that
+converted is one megamath trains as the source described, up to the notes.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from megamath.training.config import TrainConfig
+
+# Reasons an unmapped key is listed with.
+NO_EQUIVALENT = "no equivalent"
+NOT_NEEDED = "not needed"
+UNSUPPORTED = "unsupported"
+
+
+@dataclass(frozen=True)
+class Unmapped:
+    key: str
+    kind: str
+    """NO_EQUIVALENT, NOT_NEEDED or UNSUPPORTED."""
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.kind}: {self.reason}"
+
+
+@dataclass
+class Conversion:
+    config: dict
+    """The raw mapping of a megamath training config (what a YAML file holds)."""
+    unmapped: list[Unmapped] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    """Mapped keys whose meaning differs in some detail, said once each."""
+    source: str = ""
+
+    def validate(self) -> TrainConfig:
+        """The config as `megamath train --config` reads it (raises ValueError when it would be refused)."""
+        return TrainConfig.from_dict(self.config)
+
+    def report(self) -> str:
+        lines = [f"notes ({len(self.notes)}):"] + [f"  - {n}" for n in self.notes]
+        lines += [f"not converted ({len(self.unmapped)}):"] + [f"  - {u}" for u in self.unmapped]
+        return "\n".join(lines)
+
+    def to_yaml(self) -> str:
+        """The config as YAML, headed by where it came from, and followed by the report as comments."""
+        head = f"# Converted by `megamath config` from {self.source}.\n" if self.source else ""
+        order = [f.name for f in dataclasses.fields(TrainConfig)]
+        ordered = {k: self.config[k] for k in sorted(self.config, key=lambda k: order.index(k) if k in order else 99)}
+        body = yaml.safe_dump(ordered, sort_keys=False, allow_unicode=True)
+        tail = "".join(f"# {line}\n" for line in self.report().splitlines())
+        return head + body + tail
+
+
+class Keys:
+    """The source's keys, each taken at most once; what is never taken is reported as unmapped."""
+
+    def __init__(self, raw: dict) -> None:
+        self.raw = dict(raw)
+        self.taken: set[str] = set()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.raw
+
+    def take(self, key: str, default=None):
+        self.taken.add(key)
+        return self.raw.get(key, default)
+
+    def untaken(self) -> list[str]:
+        return [k for k in self.raw if k not in self.taken]
+
+
+def valid_set_names(prefixes: list[str]) -> dict:
+    """Report names for validation prefixes: `.../arxiv_validation_text_document` -> `arxiv`."""
+    names = {}
+    for prefix in prefixes:
+        name = Path(prefix).name
+        for suffix in ("_text_document", "_document", "_validation", "_valid", "_val"):
+            name = name[: -len(suffix)] if name.endswith(suffix) and len(name) > len(suffix) else name
+        if name in names:
+            name = Path(prefix).name
+        names[name] = prefix
+    return names

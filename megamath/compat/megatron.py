@@ -1,0 +1,394 @@
+"""Megatron-LM training command lines -> megamath training configs (`megamath config from-megatron`).
+
+The flags are read the way Megatron's argparse reads them (`--flag value...`, `--flag=value`, switches
+without values), after an optional launcher (`torchrun --nnodes 4 --nproc_per_node 8 pretrain_gpt.py`,
+whose sizes give the world size). Megatron's defaults apply to flags left out (LayerNorm, learned
+positions, GeLU MLP, biases, tied embeddings, dropout 0.1, linear decay, weight decay 0.01, clipping
+1.0, Adam betas 0.9/0.999), so a missing flag can be what megamath cannot train; the error says so.
+
+Megatron's `--global-batch-size` counts sequences over all data-parallel ranks; megamath's config counts
+per rank (`micro_batch_size`, `grad_accum_steps`), so the conversion needs the data-parallel size:
+world size / tensor-parallel size.
+"""
+from __future__ import annotations
+
+import math
+import shlex
+from pathlib import Path
+from typing import Sequence
+
+from megamath.compat.conversion import (NO_EQUIVALENT, NOT_NEEDED, UNSUPPORTED, Conversion, Keys, Unmapped,
+                                        valid_set_names)
+
+SENTENCEPIECE_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer")
+LAUNCHER_SIZES = {"--nnodes", "--nproc_per_node", "--nproc-per-node"}
+
+KNOWN_UNMAPPED = {
+    **{k: (NOT_NEEDED, "megamath's kernels are always fused (Triton RMSNorm, RoPE, FlashAttention, SwiGLU, "
+                       "streaming cross-entropy)")
+       for k in ("use_flash_attn", "no_masked_softmax_fusion", "no_bias_gelu_fusion", "no_bias_swiglu_fusion",
+                 "no_bias_dropout_fusion", "no_rope_fusion", "no_gradient_accumulation_fusion",
+                 "attention_softmax_in_fp32", "apply_query_key_layer_scaling", "cross_entropy_loss_fusion",
+                 "masked_softmax_fusion", "use_fused_rmsnorm", "transformer_impl", "use_mcore_models",
+                 "use_legacy_models", "attention_backend", "no_persist_layer_norm", "bias_swiglu_fusion")},
+    "use_distributed_optimizer": (NOT_NEEDED, "megamath always shards the optimizer state over data-parallel "
+                                              "ranks (ZeRO-1), as Megatron's distributed optimizer does"),
+    **{k: (NOT_NEEDED, "megamath's ZeRO-1 reduce-scatters and all-gathers the flat buffers in one collective each")
+       for k in ("overlap_grad_reduce", "overlap_param_gather", "overlap_param_gather_with_optimizer_step",
+                 "ddp_bucket_size", "ddp_average_in_collective", "tp_comm_overlap", "align_grad_reduce",
+                 "align_param_gather")},
+    "num_workers": (NOT_NEEDED, "samples are read in the training process (memory-mapped, no loader workers)"),
+    "distributed_backend": (NOT_NEEDED, "NCCL on GPUs, gloo on CPUs, chosen by megamath"),
+    "distributed_timeout_minutes": (NOT_NEEDED, "torch's default process-group timeout"),
+    "exit_signal_handler": (NOT_NEEDED, "megamath always saves and exits 0 on SIGTERM or SIGUSR1"),
+    "exit_duration_in_mins": (NO_EQUIVALENT, "send SIGUSR1/SIGTERM (e.g. SLURM's --signal) to save and stop"),
+    "exit_interval": (NO_EQUIVALENT, "send SIGUSR1/SIGTERM to save and stop, or set train_steps"),
+    "tensorboard_dir": (NO_EQUIVALENT, "metrics.jsonl and optionally W&B (logging.wandb)"),
+    "wandb_save_dir": (NOT_NEEDED, "W&B writes under run_dir"),
+    "no_load_optim": (NOT_NEEDED, "init_from_hf loads the weights only"),
+    "no_load_rng": (NOT_NEEDED, "init_from_hf loads the weights only"),
+    "finetune": (NOT_NEEDED, "init_from_hf loads the weights only and starts at step 0"),
+    "ckpt_format": (NOT_NEEDED, "megamath checkpoints are sharded safetensors + torch files per rank"),
+    "use_checkpoint_args": (NOT_NEEDED, "the config is the source of the model's shape"),
+    "seq_length_for_eval": (NOT_NEEDED, "validation uses data.seq_length"),
+    "data_cache_path": (NOT_NEEDED, "set data.cache_dir (default RUN_DIR/index-cache)"),
+    "split": (UNSUPPORTED, "megamath trains on all of --data-path and validates on separate prefixes "
+                           "(data.valid_data); no split is cut out of --data-path"),
+    "test_data_path": (NO_EQUIVALENT, "megamath evaluates validation sets only"),
+    "log_throughput": (NOT_NEEDED, "metrics.jsonl records tokens/s, TFLOP/s and MFU every step"),
+    **{k: (NOT_NEEDED, "metrics.jsonl records loss, lr, grad norm, throughput and memory every step")
+       for k in ("log_timers_to_tensorboard", "log_validation_ppl_to_tensorboard", "log_memory_to_tensorboard",
+                 "log_num_zeros_in_grad", "log_params_norm", "timing_log_level", "log_progress",
+                 "tensorboard_log_interval", "log_world_size_to_tensorboard", "log_loss_scale_to_tensorboard",
+                 "log_batch_size_to_tensorboard", "log_learning_rate_to_tensorboard")},
+    **{k: (NOT_NEEDED, "only used to build the tokenizer's vocabulary; megamath reads token ids")
+       for k in ("vocab_file", "merge_file")},
+}
+
+
+def read_command_line(args: Sequence[str]) -> tuple[list[str], str]:
+    """The words of a Megatron command line: the arguments themselves, or the one file that holds them."""
+    args = list(args)
+    if args and args[0] == "--":
+        args = args[1:]
+    if len(args) == 1 and not args[0].startswith("-"):
+        path = Path(args[0])
+        if not path.is_file():
+            raise FileNotFoundError(f"Megatron-LM command line file not found: {path}")
+        text = path.read_text().replace("\\\n", " ")
+        words = [w for line in text.splitlines() for w in shlex.split(line, comments=True)]
+        return words, str(path)
+    if not args:
+        raise ValueError("give Megatron-LM's flags after `--`, or a file holding its command line")
+    return args, "a Megatron-LM command line"
+
+
+def parse_flags(words: Sequence[str]) -> tuple[dict, int | None]:
+    """{flag_name (underscores): [values]} of the training script's flags, and the launcher's world size."""
+    variables = [w for w in words if "$" in w]
+    if variables:
+        raise ValueError(f"{variables[0]}: expand shell variables first (e.g. run the script with "
+                         "`bash -x` and convert the command it prints)")
+    script = next((i for i, w in enumerate(words) if w.endswith(".py")), None)
+    launcher, flags = (words[:script], words[script + 1:]) if script is not None else ([], list(words))
+    world = _launcher_world_size(launcher)
+    parsed: dict = {}
+    current = None
+    for word in flags:
+        if word.startswith("--"):
+            name, eq, value = word[2:].partition("=")
+            current = name.replace("-", "_")
+            if current in parsed:
+                raise ValueError(f"--{name} is given twice")
+            parsed[current] = [value] if eq else []
+        elif current is None:
+            raise ValueError(f"{word!r} comes before any --flag")
+        else:
+            parsed[current].append(word)
+    return parsed, world
+
+
+def _launcher_world_size(launcher: list[str]) -> int | None:
+    sizes = {}
+    for i, word in enumerate(launcher):
+        name, eq, value = word.partition("=")
+        if name in LAUNCHER_SIZES:
+            value = value if eq else (launcher[i + 1] if i + 1 < len(launcher) else "")
+            if not value.isdigit():
+                return None  # e.g. an elastic range 1:4: not a fixed size
+            sizes[name.lstrip("-").replace("-", "_")] = int(value)
+    if "nproc_per_node" not in sizes:
+        return None
+    return sizes["nproc_per_node"] * sizes.get("nnodes", 1)
+
+
+class Flags(Keys):
+    """Megatron flags with typed reads; switches are present or not."""
+
+    def on(self, key: str) -> bool:
+        value = self.take(key)
+        return value is not None and (value == [] or str(value[0]).lower() in ("true", "1"))
+
+    def one(self, key: str, kind, default=None):
+        value = self.take(key)
+        if value is None:
+            return default
+        if len(value) != 1:
+            raise ValueError(f"--{key.replace('_', '-')} takes one value, got {value}")
+        try:
+            return kind(value[0])
+        except ValueError:
+            raise ValueError(f"--{key.replace('_', '-')} must be {kind.__name__}, got {value[0]!r}") from None
+
+
+def convert_megatron(words: Sequence[str], world_size: int | None = None, vocab_size: int | None = None,
+                     source: str = "") -> Conversion:
+    parsed, launcher_world = parse_flags(words)
+    flags = Flags(parsed)
+    out = Conversion({}, source=source)
+    world = world_size or launcher_world
+    _refuse(flags)
+    tp = flags.one("tensor_model_parallel_size", int, 1)
+    out.config["parallel"] = {"tp_size": tp, "sequence_parallel": flags.on("sequence_parallel")}
+    out.config["model"] = _model(flags, vocab_size, tp, out)
+    _optimizer(flags, out)
+    _batch(flags, world, tp, out)
+    _schedule(flags, out)
+    _data_and_checkpoints(flags, out)
+    for key in flags.untaken():
+        kind, reason = KNOWN_UNMAPPED.get(key, (NO_EQUIVALENT, "not a Megatron-LM training flag this converter "
+                                                               "knows; ignored"))
+        out.unmapped.append(Unmapped("--" + key.replace("_", "-"), kind, reason))
+    out.validate()
+    return out
+
+
+def _refuse(flags: Flags) -> None:
+    """What megamath cannot train is an error naming the flag (or the Megatron default behind it)."""
+    for key, what in (("pipeline_model_parallel_size", "pipeline parallelism"),
+                      ("context_parallel_size", "context parallelism"),
+                      ("expert_model_parallel_size", "expert parallelism")):
+        if flags.one(key, int, 1) > 1:
+            raise ValueError(f"--{key.replace('_', '-')}: megamath has no {what}; use tensor and data parallelism")
+    if flags.one("num_experts", int, 0):
+        raise ValueError("--num-experts: megamath trains dense Llama models only (no MoE)")
+    checks = (
+        ("position_embedding_type", "rope", "learned_absolute", "rotary position embeddings"),
+        ("normalization", "RMSNorm", "LayerNorm", "RMSNorm"),
+    )
+    rope_legacy = flags.on("use_rotary_position_embeddings")
+    for key, wanted, default, what in checks:
+        value = flags.one(key, str, "rope" if key == "position_embedding_type" and rope_legacy else default)
+        if value != wanted:
+            given = f"is {value}" if key in flags else f"is not given (Megatron's default: {default})"
+            raise ValueError(f"--{key.replace('_', '-')} {given}: megamath trains the Llama architecture "
+                             f"only ({what}: --{key.replace('_', '-')} {wanted})")
+    for key, why in (("swiglu", "the SwiGLU MLP"), ("disable_bias_linear", "no biases"),
+                     ("untie_embeddings_and_output_weights", "untied input and output embeddings")):
+        if not flags.on(key):
+            raise ValueError(f"--{key.replace('_', '-')} is not given: megamath trains the Llama architecture "
+                             f"only ({why})")
+    for key in ("hidden_dropout", "attention_dropout"):
+        if flags.one(key, float, 0.1) != 0:
+            given = "is not given (Megatron's default: 0.1)" if key not in flags else f"is {flags.raw[key][0]}"
+            raise ValueError(f"--{key.replace('_', '-')} {given}: megamath trains without dropout; pass "
+                             f"--{key.replace('_', '-')} 0")
+    if flags.one("rotary_percent", float, 1.0) != 1.0:
+        raise ValueError("--rotary-percent: megamath rotates the whole head (1.0)")
+    for key in ("fp16", "apply_layernorm_1p", "qk_layernorm", "eod_mask_loss", "reset_position_ids",
+                "reset_attention_mask", "add_qkv_bias", "add_bias_linear"):
+        if flags.on(key):
+            raise ValueError(f"--{key.replace('_', '-')}: megamath cannot train that (" +
+                             ("it trains in bfloat16 without loss scaling; use --bf16" if key == "fp16" else
+                              "Llama layers, every token of the blend in the loss") + ")")
+    if flags.take("rampup_batch_size") is not None:
+        raise ValueError("--rampup-batch-size: megamath trains with one global batch size")
+    optimizer = flags.one("optimizer", str, "adam")
+    if optimizer != "adam":
+        raise ValueError(f"--optimizer {optimizer}: megamath trains with AdamW (ZeRO-1) only")
+
+
+def _model(flags: Flags, vocab_size: int | None, tp: int, out: Conversion) -> dict:
+    shape = {k: flags.one(k, int) for k in ("num_layers", "hidden_size", "num_attention_heads", "seq_length")}
+    missing = [f"--{k.replace('_', '-')}" for k, v in shape.items() if v is None]
+    if missing:
+        raise ValueError(f"{', '.join(missing)} not given: Megatron-LM needs them too")
+    h, heads = shape["hidden_size"], shape["num_attention_heads"]
+    gqa = flags.on("group_query_attention")
+    groups = flags.one("num_query_groups", int, None)
+    ffn = flags.one("ffn_hidden_size", int, None)
+    if ffn is None:  # Megatron's default with --swiglu: 2/3 of 4h, rounded down to a multiple of 64
+        ffn = int((4 * h * 2 / 3) / 64) * 64
+    if flags.one("kv_channels", int, h // heads) != h // heads:
+        raise ValueError("--kv-channels: megamath's head size is hidden_size / num_attention_heads")
+    return {
+        "vocab_size": _vocab_size(flags, vocab_size, tp, out), "hidden_size": h, "num_layers": shape["num_layers"],
+        "num_heads": heads, "num_kv_heads": groups if gqa and groups else heads, "ffn_hidden_size": ffn,
+        "max_seq_length": flags.one("max_position_embeddings", int, None) or shape["seq_length"],
+        "rope_theta": flags.one("rotary_base", float, 10000.0), "norm_eps": flags.one("norm_epsilon", float, 1e-5),
+        "init_std": flags.one("init_method_std", float, 0.02),
+        "activation_checkpointing": _recompute(flags, out), "kernels": "auto",
+    }
+
+
+def _recompute(flags: Flags, out: Conversion) -> bool:
+    selective = flags.on("recompute_activations")
+    granularity = flags.one("recompute_granularity", str, "selective" if selective else None)
+    method, layers = flags.take("recompute_method"), flags.take("recompute_num_layers")
+    if granularity is None:
+        return False
+    if granularity == "selective":
+        out.notes.append("selective recomputation (--recompute-activations): megamath recomputes whole blocks, "
+                         "which saves more memory for about a third more compute")
+    if method is not None or layers is not None:
+        out.notes.append("--recompute-method/--recompute-num-layers: megamath recomputes every block")
+    return True
+
+
+def _vocab_size(flags: Flags, given: int | None, tp: int, out: Conversion) -> int:
+    """Megatron's padded vocabulary: the tokenizer's size rounded up to make_vocab_size_divisible_by × TP."""
+    tokenizer = flags.one("tokenizer_type", str, None)
+    model = flags.one("tokenizer_model", str, None)
+    if given is None:
+        given = flags.one("vocab_size", int, None)
+    if given is None:
+        if tokenizer not in SENTENCEPIECE_TYPES or not model:
+            raise ValueError(f"--tokenizer-type {tokenizer}: the vocabulary size comes from the tokenizer; pass "
+                             "--vocab-size N (the tokenizer's number of tokens)")
+        if not Path(model).is_file():
+            raise ValueError(f"--tokenizer-model {model} not found: the vocabulary size comes from it; run where "
+                             "the path resolves or pass --vocab-size N")
+        import sentencepiece
+
+        given = sentencepiece.SentencePieceProcessor(model_file=model).get_piece_size()
+    multiple = flags.one("make_vocab_size_divisible_by", int, 128) * tp
+    padded = multiple * math.ceil(given / multiple)
+    sizing = f"{given} tokens, padded to {padded} as Megatron pads (make_vocab_size_divisible_by × TP)"
+    if tokenizer is None:
+        out.notes.append(f"vocabulary: {sizing}")
+    else:
+        out.unmapped.append(Unmapped("--tokenizer-type", NOT_NEEDED, f"{tokenizer}: it only sizes the vocabulary "
+                                     f"here ({sizing}); megamath reads token ids from the preprocessed datasets"))
+    return padded
+
+
+def _optimizer(flags: Flags, out: Conversion) -> None:
+    lr = flags.one("lr", float, None)
+    if lr is None:
+        raise ValueError("--lr not given: Megatron-LM needs it too")
+    if flags.on("bf16"):
+        out.config["param_dtype"] = "auto"
+        out.notes.append("--bf16: param_dtype auto = bfloat16 weights with fp32 master weights and Adam moments "
+                         "on GPUs (float32 on a CPU)")
+    else:
+        out.config["param_dtype"] = "float32"
+    grad_dtype = "bf16" if flags.on("grad_reduce_in_bf16") else "fp32"
+    flags.take("accumulate_allreduce_grads_in_fp32")
+    out.config["optimizer"] = {"lr": lr, "beta1": flags.one("adam_beta1", float, 0.9),
+                               "beta2": flags.one("adam_beta2", float, 0.999), "eps": flags.one("adam_eps", float, 1e-8),
+                               "weight_decay": flags.one("weight_decay", float, 0.01),
+                               "clip_grad": flags.one("clip_grad", float, 1.0), "grad_dtype": grad_dtype}
+
+
+def _batch(flags: Flags, world: int | None, tp: int, out: Conversion) -> None:
+    micro = flags.one("micro_batch_size", int, None)
+    if micro is None:
+        raise ValueError("--micro-batch-size not given: Megatron-LM needs it too")
+    out.config["micro_batch_size"] = micro
+    global_batch = flags.one("global_batch_size", int, None)
+    if global_batch is None:
+        out.config["grad_accum_steps"] = 1
+        return
+    if world is None:
+        raise ValueError("--global-batch-size: megamath's config counts per data-parallel rank, so the job's size "
+                         "is needed; pass --world-size N (GPUs) or include torchrun's --nnodes/--nproc_per_node")
+    if world % tp:
+        raise ValueError(f"world size {world} is not divisible by --tensor-model-parallel-size {tp}")
+    dp = world // tp
+    if global_batch % (micro * dp):
+        raise ValueError(f"--global-batch-size {global_batch} is not divisible by micro-batch {micro} × "
+                         f"data-parallel size {dp}")
+    out.config["grad_accum_steps"] = global_batch // (micro * dp)
+    out.notes.append(f"--global-batch-size {global_batch} on {world} GPUs (data-parallel {dp}): grad_accum_steps "
+                     f"{out.config['grad_accum_steps']}; on another GPU count change grad_accum_steps to keep it")
+
+
+def _schedule(flags: Flags, out: Conversion) -> None:
+    """Megatron: warmup lr = peak · i / warmup, then min + (peak − min) · ½ · (1 + cos(π · (i − warmup) /
+    (decay − warmup))), min after decay; megamath's formula, with r = min_lr / lr."""
+    if flags.take("train_samples") is not None:
+        raise ValueError("--train-samples: give --train-iters (megamath counts optimizer steps)")
+    train_iters = flags.one("train_iters", int, None)
+    if train_iters is None:
+        raise ValueError("--train-iters not given: Megatron-LM needs it (or --train-samples) too")
+    decay = flags.one("lr_decay_iters", int, None) or train_iters
+    warmup = flags.one("lr_warmup_iters", int, None)
+    fraction = flags.one("lr_warmup_fraction", float, None)
+    if warmup is None:
+        warmup = round((fraction or 0.0) * decay)
+    style = flags.one("lr_decay_style", str, "linear")
+    peak = out.config["optimizer"]["lr"]
+    if style == "constant":
+        ratio = 1.0
+        flags.take("min_lr")
+    elif style == "cosine":
+        ratio = flags.one("min_lr", float, 0.0) / peak
+    else:
+        given = f"is {style}" if "lr_decay_style" in flags else "is not given (Megatron's default: linear)"
+        raise ValueError(f"--lr-decay-style {given}: megamath's schedule is warmup then cosine (or constant)")
+    if flags.one("lr_warmup_init", float, 0.0):
+        out.unmapped.append(Unmapped("--lr-warmup-init", UNSUPPORTED, "megamath's warmup starts from 0"))
+    out.config["schedule"] = {"warmup_steps": warmup, "decay_steps": decay, "min_lr_ratio": ratio}
+    out.config["train_steps"] = train_iters
+    out.notes.append("schedule: Megatron steps its scheduler after each update, so its update k runs at the lr of "
+                     "iteration k−1 (the first at lr 0); megamath's update k runs at lr(k): the same curve, one "
+                     "update earlier")
+
+
+def _data_and_checkpoints(flags: Flags, out: Conversion) -> None:
+    c = out.config
+    data: dict = {"seq_length": int(flags.raw["seq_length"][0])}
+    seed = flags.one("seed", int, 1234)
+    data["seed"], c["seed"] = seed, seed
+    train = flags.take("train_data_path") or flags.take("data_path")
+    if train and len(train) == 1:
+        data["data_path"] = [1.0, train[0]]
+    elif train:
+        if len(train) % 2 or not all(_is_number(w) for w in train[0::2]):
+            raise ValueError("--data-path: give weights and prefixes (W1 PREFIX1 W2 PREFIX2 ...) or one prefix")
+        data["data_path"] = [float(x) if i % 2 == 0 else x for i, x in enumerate(train)]
+    valid = flags.take("valid_data_path") or []
+    prefixes = valid[1::2] if len(valid) > 1 and _is_number(valid[0]) else valid
+    data["valid_data"] = valid_set_names(list(prefixes))
+    c["data"] = data
+    interval, iters = flags.one("eval_interval", int, 1000), flags.one("eval_iters", int, 100)
+    sets = len(data["valid_data"])
+    c["eval_every"] = interval if sets else 0
+    c["eval_batches"] = max(1, math.ceil(iters * c["grad_accum_steps"] / max(sets, 1)))
+    if interval and not sets:
+        out.notes.append(f"--eval-interval {interval}: no --valid-data-path, so evaluation is off (megamath does "
+                         "not cut a validation split out of --data-path); set data.valid_data and eval_every")
+    c["checkpoint"] = {"save_every": flags.one("save_interval", int, 0), "resume": "auto"}
+    save, load = flags.one("save", str, None), flags.one("load", str, None)
+    if save:
+        c["run_dir"] = save
+    if load:
+        if (Path(load) / "config.json").is_file():
+            c["init_from_hf"] = load
+        else:
+            out.unmapped.append(Unmapped("--load", UNSUPPORTED, f"{load} is not a Hugging Face folder (no "
+                                         "config.json): convert the Megatron checkpoint to Hugging Face format and "
+                                         "set init_from_hf"))
+    c["log_every"] = flags.one("log_interval", int, 100)
+    project = flags.one("wandb_project", str, None)
+    if project:
+        c["logging"] = {"wandb": {"project": project, "group": None, "name": flags.one("wandb_exp_name", str, None),
+                                  "mode": "online", "entity": flags.one("wandb_entity", str, None)}}
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False

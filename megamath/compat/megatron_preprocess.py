@@ -1,0 +1,155 @@
+"""Megatron-LM's `tools/preprocess_data.py` command line, run by megamath's preprocessing.
+
+    python tools/preprocess_data.py --input data.jsonl --output-prefix out/pp2 --json-keys text \\
+        --tokenizer-type GPTSentencePieceTokenizer --tokenizer-model tokenizer.model --append-eod --workers 8
+
+writes `out/pp2_text_document.{bin,idx}`: Megatron's `{output_prefix}_{key}_document` naming, and the bytes
+Megatron-LM writes for the same input and tokenizer. Megatron-LM (since its 2026 tokenizer rewrite) runs
+its three SentencePiece tokenizer types the same way: the ids of `encode(text)`, no BOS, and with
+`--append-eod` the model's EOS after each document; megamath's `preprocess` stores exactly that, so
+the files are also byte-identical to `megamath preprocess` on the same file.
+
+Megatron's `--partitions N` deals the input lines out round robin (line i to partition i mod N), encodes
+each partition and concatenates them in partition order; `--keep-sequential-samples` deals contiguous
+chunks instead, which keeps the input order. The documents are written in that same order here; the
+partition files are made in a temporary folder and removed (Megatron leaves `{input}_{i}` files next to
+the input and `{output_prefix}_{i}_*` datasets next to the output).
+
+Differences on input Megatron cannot read: invalid JSON lines, which stop Megatron, are skipped and
+reported (`--strict` stops); an empty text, which Megatron stores as an empty document, is skipped and
+reported; `.jsonl.zst` inputs are read directly; glob matches are read in sorted name order.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+from megamath.data.preprocess import PreprocessConfig, default_workers, format_summary, preprocess
+from megamath.data.sources import InputGroup, _blocks
+
+SENTENCEPIECE_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer")
+# Megatron-LM's other tokenizer types, refused with what to use instead.
+OTHER_TYPES = ("GPT2BPETokenizer", "HuggingFaceTokenizer", "BertWordPieceLowerCase", "BertWordPieceCase",
+               "TikTokenizer", "NullTokenizer", "MultimodalTokenizer", "NullMultimodalTokenizer", "SFTTokenizer")
+USE_INSTEAD = ("megamath tokenizes with SentencePiece only: use --tokenizer-type GPTSentencePieceTokenizer "
+               "--tokenizer-model tokenizer.model (the Llama / Code Llama tokenizer)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tools/preprocess_data.py", description="Megatron-LM's preprocess_data.py flags, run by megamath: "
+        "jsonl -> {output_prefix}_{key}_document.{bin,idx}. (megamath's own flags, --output-dir and the "
+        "ProofPile II naming, are those of `megamath preprocess`.)")
+    group = parser.add_argument_group("input data")
+    group.add_argument("--input", required=True, help="a jsonl file (with --partitions > 1: a glob of files)")
+    group.add_argument("--json-keys", nargs="+", default=["text"], help="keys to extract (default: text)")
+    group.add_argument("--split-sentences", action="store_true", help="not supported (refused)")
+    group.add_argument("--keep-newlines", action="store_true", help="only used with --split-sentences")
+    group.add_argument("--lang", default="english", help="only used with --split-sentences")
+    group = parser.add_argument_group("tokenizer")
+    group.add_argument("--tokenizer-type", required=True, metavar="TYPE",
+                       help=f"one of {', '.join(SENTENCEPIECE_TYPES)}")
+    group.add_argument("--tokenizer-model", help="SentencePiece tokenizer.model")
+    group.add_argument("--vocab-file", help="ignored for SentencePiece types (as in Megatron)")
+    group.add_argument("--merge-file", help="ignored for SentencePiece types (as in Megatron)")
+    group.add_argument("--vocab-extra-ids", type=int, default=0, help="must be 0")
+    group.add_argument("--append-eod", action="store_true", help="append the EOS id after every document")
+    group = parser.add_argument_group("output data")
+    group.add_argument("--output-prefix", required=True, help="path of the outputs without _{key}_document.bin")
+    group = parser.add_argument_group("runtime")
+    group.add_argument("--workers", type=int, required=True, help="worker processes (output identical for any)")
+    group.add_argument("--partitions", type=int, default=1, help="deal the input lines over N partitions")
+    group.add_argument("--log-interval", type=int, default=1000, help="accepted; megamath shows a progress bar")
+    group.add_argument("--keep-sequential-samples", action="store_true",
+                       help="with --partitions > 1: contiguous chunks, the input order kept")
+    group.add_argument("--find-optimal-num-workers", action="store_true", help="not supported (refused)")
+    group.add_argument("--workers-to-check", nargs="+", type=int, default=None, help=argparse.SUPPRESS)
+    group.add_argument("--max-documents", type=int, default=None, help=argparse.SUPPRESS)
+    group = parser.add_argument_group("megamath")
+    group.add_argument("--strict", action="store_true", help="stop at the first bad line instead of skipping it")
+    group.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return parser
+
+
+def check_supported(args) -> None:
+    """One-line errors for what megamath does not do, each saying what to use instead."""
+    if args.split_sentences:
+        raise ValueError("--split-sentences is not supported: megamath stores one sequence per document "
+                         "(Megatron's default for GPT training); drop the flag")
+    if args.find_optimal_num_workers:
+        raise ValueError("--find-optimal-num-workers is not supported: the output is the same for any --workers; "
+                         "time worker counts with perf/bench_data.py preprocess --workers 1 2 4 ...")
+    if args.tokenizer_type not in SENTENCEPIECE_TYPES:
+        known = "" if args.tokenizer_type in OTHER_TYPES else " (not a Megatron-LM tokenizer type)"
+        raise ValueError(f"--tokenizer-type {args.tokenizer_type} is not supported{known}: {USE_INSTEAD}")
+    if not args.tokenizer_model:
+        raise ValueError(f"--tokenizer-type {args.tokenizer_type} needs --tokenizer-model tokenizer.model")
+    if args.vocab_extra_ids:
+        raise ValueError("--vocab-extra-ids is not supported: megamath adds no tokens to the SentencePiece vocabulary")
+    if args.workers < 1 or args.partitions < 1:
+        raise ValueError("--workers and --partitions must be at least 1")
+
+
+def input_files(spec: str, partitions: int) -> list[Path]:
+    """Megatron opens --input as one file; with --partitions > 1 it is a glob (sorted here)."""
+    path = Path(spec)
+    if path.is_file():
+        return [path]
+    matches = sorted(Path(m) for m in glob.glob(spec) if Path(m).is_file())
+    if matches and partitions > 1:
+        return matches
+    raise FileNotFoundError(f"--input {spec}: no such file" + (" (a glob needs --partitions > 1, as in Megatron)"
+                                                                if matches else ""))
+
+
+def deal_round_robin(files: Sequence[Path], partitions: int, folder: Path) -> list[Path]:
+    """Megatron's partition files: line i of the inputs (counted across files) goes to partition i mod N."""
+    paths = [folder / f"partition_{i}.jsonl" for i in range(partitions)]
+    outs = [open(p, "wb") for p in paths]
+    try:
+        index, carry = 0, b""
+        for path in files:
+            with open(path, "rb") as raw:
+                for block in _blocks(raw, path, 1 << 20):
+                    lines = (carry + block).split(b"\n")
+                    carry = lines.pop()
+                    for line in lines:
+                        outs[index].write(line + b"\n")
+                        index = (index + 1) % partitions
+            if carry:  # a last line without a newline is still a line of its own
+                outs[index].write(carry + b"\n")
+                index, carry = (index + 1) % partitions, b""
+    finally:
+        for out in outs:
+            out.close()
+    return paths
+
+
+def run(argv: Sequence[str]) -> int:
+    args = build_parser().parse_args(list(argv))
+    check_supported(args)
+    files = input_files(args.input, args.partitions)
+    prefix = Path(args.output_prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="megatron-partitions-", dir=prefix.parent) as tmp:
+        if args.partitions > 1 and not args.keep_sequential_samples:
+            files = deal_round_robin(files, args.partitions, Path(tmp))
+        for key in args.json_keys:
+            # One dataset: Megatron's {output_prefix}_{key}_document, made of the files in this order.
+            group = InputGroup(prefix.name, tuple(files))
+            config = PreprocessConfig(inputs=[str(f) for f in files], tokenizer_model=args.tokenizer_model,
+                                      output_dir=prefix.parent, workers=args.workers or default_workers(),
+                                      json_key=key, append_eod=args.append_eod, strict=args.strict,
+                                      progress=args.progress)
+            print(format_summary(preprocess(config, groups=[group])))
+    return 0
+
+
+def wants_megatron_flags(argv: Sequence[str]) -> bool:
+    """Megatron's interface is chosen by its required flag; megamath's (--output-dir) otherwise."""
+    return any(a == "--output-prefix" or a.startswith("--output-prefix=") for a in argv) or \
+        not any(a == "--output-dir" or a.startswith("--output-dir=") for a in argv)
+

@@ -1,0 +1,437 @@
+"""GPT-NeoX YAML configs -> megamath training configs (`megamath config from-neox`).
+
+GPT-NeoX reads one or more YAML files (JSON-like, with comments) whose top-level keys may be spelt with
+`-` or `_`; a key set in two files is an error there, and here. Values a config leaves out take
+GPT-NeoX's defaults (those of the `llemma` branch LLEMMA trained with: dropout 0.1, learned positions,
+LayerNorm, tied embeddings, linear decay, weight decay 0.01, no clipping), so a key that is absent can
+still be one megamath cannot honour; the error then says the default is the problem.
+
+Where GPT-NeoX and megamath compute a mapped value differently, a note says how (the schedule is the
+main case: see `_schedule`).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import yaml
+
+from megamath.compat.conversion import (NO_EQUIVALENT, NOT_NEEDED, UNSUPPORTED, Conversion, Keys, Unmapped,
+                                        valid_set_names)
+
+LLAMA_MLP_MULTIPLE = 256  # GPT-NeoX's LLaMAParallelMLP rounds 2·4h/3 up to a multiple of this
+ATTENTION_TYPES = {"global", "flash"}  # dense causal attention; the rest are sparse or local patterns
+ADAM_TYPES = {"adam", "adamw", "cpu_adam", "cpu_torch_adam"}
+
+# Keys accepted and dropped, with why. Anything neither mapped nor listed here is reported as unknown.
+KNOWN_UNMAPPED = {
+    **{k: (NOT_NEEDED, "megamath's kernels are always fused (Triton RMSNorm, RoPE, FlashAttention, SwiGLU, "
+                       "streaming cross-entropy)")
+       for k in ("scaled_upper_triang_masked_softmax_fusion", "scaled_masked_softmax_fusion", "bias_gelu_fusion",
+                 "bias_dropout_fusion", "fp16_lm_cross_entropy", "attention_softmax_in_fp32", "use_flashattn_swiglu",
+                 "rope_fusion")},
+    "apply_query_key_layer_scaling": (NOT_NEEDED, "rescales inside the fp16 softmax only; the result is the same"),
+    "output_layer_parallelism": (NOT_NEEDED, "megamath's LM head is always vocabulary-parallel over the TP ranks "
+                                             "(same numbers either way)"),
+    "data_impl": (NOT_NEEDED, "megamath reads Megatron's mmap .bin/.idx datasets"),
+    "mmap_warmup": (NOT_NEEDED, "datasets are memory-mapped on demand"),
+    "num_workers": (NOT_NEEDED, "samples are read in the training process (memory-mapped, no loader workers)"),
+    "use_shared_fs": (NOT_NEEDED, "sample indices are built by rank 0 and cached under RUN_DIR (or data.cache_dir)"),
+    "short_seq_prob": (NOT_NEEDED, "BERT-only"),
+    "synchronize_each_layer": (NOT_NEEDED, "a DeepSpeed debugging aid"),
+    "contiguous_checkpointing": (NOT_NEEDED, "a DeepSpeed memory layout option"),
+    "deepspeed_activation_checkpointing": (NOT_NEEDED, "megamath checkpoints with torch.utils.checkpoint"),
+    "partition_activations": (NO_EQUIVALENT, "checkpointed activations are not split over the TP ranks; "
+                                             "parallel.sequence_parallel=true saves that memory instead"),
+    "checkpoint_in_cpu": (UNSUPPORTED, "checkpointed activations stay on the GPU (more GPU memory)"),
+    "checkpoint_validation_with_forward_pass": (NO_EQUIVALENT, "checkpoints are verified by the exact-resume "
+                                                               "tests instead"),
+    "override_lr_scheduler": (NOT_NEEDED, "the schedule is always recomputed from the config on resume"),
+    "use_checkpoint_lr_scheduler": (NOT_NEEDED, "the schedule is always recomputed from the config on resume"),
+    "no_save_optim": (NO_EQUIVALENT, "checkpoints always hold the optimizer shards (exact resume)"),
+    "no_save_rng": (NO_EQUIVALENT, "checkpoints always hold the RNG states (exact resume)"),
+    "no_load_optim": (NO_EQUIVALENT, "init_from_hf loads weights only; a megamath checkpoint resumes everything"),
+    "no_load_rng": (NO_EQUIVALENT, "a megamath checkpoint resumes everything"),
+    "extra_save_iters": (NO_EQUIVALENT, "checkpoints are saved every checkpoint.save_every steps, at the end and "
+                                        "on SIGTERM/SIGUSR1"),
+    "exit_interval": (NO_EQUIVALENT, "stop a run with SIGUSR1/SIGTERM (it saves, then exits 0) or by train_steps"),
+    "s3_path": (NO_EQUIVALENT, "checkpoints are written to RUN_DIR only; copy them with your own tools"),
+    "s3_chunk_size": (NO_EQUIVALENT, "checkpoints are written to RUN_DIR only"),
+    "test_data_paths": (NO_EQUIVALENT, "megamath evaluates validation sets only (data.valid_data)"),
+    "test_data_weights": (NO_EQUIVALENT, "megamath evaluates validation sets only (data.valid_data)"),
+    "valid_data_weights": (NOT_NEEDED, "each validation set is evaluated and reported on its own"),
+    "distributed_backend": (NOT_NEEDED, "NCCL on GPUs, gloo on CPUs, chosen by megamath"),
+    "steps_per_print": (NOT_NEEDED, "DeepSpeed's console print; see log_every"),
+    "wall_clock_breakdown": (NOT_NEEDED, "metrics.jsonl records step time, tokens/s, TFLOP/s and MFU every step"),
+    "log_dir": (NOT_NEEDED, "everything goes to run_dir (metrics.jsonl, config.yaml)"),
+    "tensorboard_dir": (NO_EQUIVALENT, "metrics.jsonl and optionally W&B (logging.wandb)"),
+    "wandb_init_all_ranks": (NOT_NEEDED, "only rank 0 logs"),
+    "git_hash": (NOT_NEEDED, "bookkeeping"),
+    "config_files": (NOT_NEEDED, "bookkeeping"),
+    "user_script": (NOT_NEEDED, "megamath train is the script"),
+    "global_num_gpus": (NOT_NEEDED, "the world size comes from torchrun"),
+    "world_size": (NOT_NEEDED, "the world size comes from torchrun"),
+    **{k: (NOT_NEEDED, "megamath runs under torchrun; on SLURM see examples/launch_slurm.sbatch")
+       for k in ("launcher", "deepspeed_slurm", "deepspeed_mpi", "hostfile", "include", "exclude", "num_nodes",
+                 "num_gpus", "master_port", "master_addr", "force_multi", "detect_nvlink_pairs", "comment",
+                 "account", "no_ssh_check", "local_rank", "rank")},
+    **{k: (NO_EQUIVALENT, "extra training diagnostics; metrics.jsonl logs loss, lr and the global grad norm")
+       for k in ("log_grad_pct_zeros", "log_param_norm", "log_grad_norm", "log_optimizer_states",
+                 "log_gradient_noise_scale", "gradient_noise_scale_n_batches", "gradient_noise_scale_cpu_offload")},
+    **{k: (NOT_NEEDED, "text generation and evaluation-harness settings, not training")
+       for k in ("text_gen_type", "temperature", "top_p", "top_k", "return_logits", "maximum_tokens", "prompt_end",
+                 "sample_input_file", "sample_output_file", "num_samples", "recompute", "eval_results_prefix",
+                 "eval_tasks")},
+}
+
+
+def read_neox_yaml(paths: Sequence[str | Path]) -> dict:
+    """Merge GPT-NeoX config files into one mapping with `_` spellings (a key set twice is an error)."""
+    merged: dict = {}
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise FileNotFoundError(f"GPT-NeoX config not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path} is not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: a GPT-NeoX config is a mapping of keys, got {type(raw).__name__}")
+        for key, value in raw.items():
+            key = str(key).replace("-", "_")
+            if key in merged:
+                raise ValueError(f"{path}: key {key!r} is already set by an earlier file (GPT-NeoX refuses this too)")
+            merged[key] = value
+    return merged
+
+
+def convert_neox(raw: dict, vocab_size: int | None = None, source: str = "") -> Conversion:
+    """Convert a merged GPT-NeoX config. `vocab_size` is the tokenizer's size when its file is not at hand."""
+    keys = Keys(raw)
+    out = Conversion({}, source=source)
+    _architecture(keys)
+    out.config["model"] = _model(keys, vocab_size, out)
+    out.config["parallel"] = {"tp_size": _int(keys, "model_parallel_size", 1),
+                              "sequence_parallel": bool(keys.take("sequence_parallel", False))}
+    _optimizer(keys, out)
+    out.config["data"] = _data(keys, out)
+    _schedule(keys, out)
+    _checkpointing(keys, out)
+    _logging(keys, out)
+    for key in keys.untaken():
+        kind, reason = KNOWN_UNMAPPED.get(key, (NO_EQUIVALENT, "not a GPT-NeoX training key this converter knows; "
+                                                               "ignored"))
+        out.unmapped.append(Unmapped(key, kind, reason))
+    out.validate()
+    return out
+
+
+# ---- what megamath can train ---------------------------------------------------------------------------
+
+def _require(keys: Keys, key: str, wanted, default, why: str) -> None:
+    value = keys.take(key, default)
+    ok = value in wanted if isinstance(wanted, (set, tuple)) else value == wanted
+    if not ok:
+        given = f"is {value!r}" if key in keys else f"is not set (GPT-NeoX's default: {default!r})"
+        raise ValueError(f"{key} {given}: {why}")
+
+
+def _architecture(keys: Keys) -> None:
+    """Errors for what megamath cannot train: it is a Llama with tensor and data parallelism only."""
+    pipe = keys.take("pipe_parallel_size", 0)
+    if not isinstance(pipe, int) or pipe > 1:
+        raise ValueError(f"pipe_parallel_size is {pipe!r}: megamath has no pipeline parallelism; set it to 0 and "
+                         "split the model with model_parallel_size (tensor parallelism) instead")
+    llama = "megamath trains the Llama architecture only"
+    _require(keys, "pos_emb", "rotary", "learned", f"{llama} (rotary position embeddings)")
+    _require(keys, "rotary_pct", {1, 1.0}, 1.0, "megamath rotates the whole head (rotary_pct 1)")
+    _require(keys, "norm", "rmsnorm", "layernorm", f"{llama} (RMSNorm)")
+    _require(keys, "mlp_type", "llama", "regular", f"{llama} (the gated SwiGLU MLP)")
+    _require(keys, "activation", "silu", "gelu", f"{llama} (SwiGLU: silu gate)")
+    _require(keys, "use_bias_in_norms", False, True, f"{llama} (no biases)")
+    _require(keys, "use_bias_in_attn_linear", False, True, f"{llama} (no biases)")
+    _require(keys, "no_weight_tying", True, False, f"{llama} (untied input and output embeddings)")
+    _require(keys, "gpt_j_residual", False, False, f"{llama} (sequential residual)")
+    _require(keys, "gpt_j_tied", False, False, f"{llama} (sequential residual)")
+    for key in ("hidden_dropout", "attention_dropout"):
+        _require(keys, key, {0, 0.0}, 0.1, "megamath trains without dropout; set it to 0")
+    _require(keys, "use_mup", False, False, "megamath has no muP parametrization")
+    for item in keys.take("attention_config") or []:
+        types = set(item[0]) if isinstance(item, list) and item and isinstance(item[0], list) else {str(item)}
+        if not types <= ATTENTION_TYPES:
+            raise ValueError(f"attention_config has {sorted(types - ATTENTION_TYPES)}: megamath has dense causal "
+                             "attention only (global / flash)")
+    if keys.take("num_unique_layers") not in (None, keys.raw.get("num_layers")):
+        raise ValueError("num_unique_layers: megamath has no parameter sharing between layers")
+    keys.take("param_sharing_style")
+    for key in ("label_data_paths", "eod_mask_loss", "weight_by_num_documents"):
+        if keys.take(key):
+            raise ValueError(f"{key} is set: megamath trains on every token of the blend at the given weights; "
+                             "remove it to convert")
+    if keys.take("intermediate_size") is not None:
+        raise ValueError("intermediate_size: the MLP width follows GPT-NeoX's Llama rule (256·⌈(8h/3)/256⌉); "
+                         "this converter does not map an explicit width, remove the key or edit "
+                         "model.ffn_hidden_size after converting")
+
+
+def _model(keys: Keys, vocab_size: int | None, out: Conversion) -> dict:
+    shape = {k: keys.take(k) for k in ("num_layers", "hidden_size", "num_attention_heads", "seq_length")}
+    missing = [k for k, v in shape.items() if v is None]
+    if missing:
+        raise ValueError(f"{', '.join(missing)} not set: GPT-NeoX needs them too")
+    hidden = int(shape["hidden_size"])
+    ffn = int(2 * hidden * 4 / 3)
+    ffn = LLAMA_MLP_MULTIPLE * ((ffn + LLAMA_MLP_MULTIPLE - 1) // LLAMA_MLP_MULTIPLE)
+    init_method = keys.take("init_method", "normal")
+    output_init = keys.take("output_layer_init_method", "scaled_normal")
+    if (init_method, output_init) != ("normal", "scaled_normal"):
+        out.unmapped.append(Unmapped("init_method", UNSUPPORTED, f"{init_method}/{output_init}: megamath initializes "
+                                     "normal(0, init_std) with scaled output projections; only a run from random "
+                                     "weights is affected"))
+    return {
+        "vocab_size": _vocab_size(keys, vocab_size, out),
+        "hidden_size": hidden,
+        "num_layers": int(shape["num_layers"]),
+        "num_heads": int(shape["num_attention_heads"]),
+        "num_kv_heads": int(keys.take("num_kv_heads") or shape["num_attention_heads"]),
+        "ffn_hidden_size": ffn,
+        "max_seq_length": int(keys.take("max_position_embeddings") or shape["seq_length"]),
+        "rope_theta": float(keys.take("rotary_emb_base", 10000)),
+        "norm_eps": float(keys.take("rms_norm_epsilon", 1e-8)),
+        "init_std": float(keys.take("init_method_std", 0.02)),
+        "activation_checkpointing": bool(keys.take("checkpoint_activations", False)),
+        "kernels": "auto",
+    }
+
+
+def _vocab_size(keys: Keys, given: int | None, out: Conversion) -> int:
+    """GPT-NeoX's padded vocabulary: the tokenizer's size rounded up to make_vocab_size_divisible_by × TP."""
+    if keys.take("padded_vocab_size") is not None:
+        return int(keys.raw["padded_vocab_size"])
+    tokenizer = keys.take("tokenizer_type", "GPT2BPETokenizer")
+    vocab_file = keys.take("vocab_file")
+    keys.take("merge_file")
+    if given is None:
+        if tokenizer != "SPMTokenizer" or not vocab_file:
+            raise ValueError(f"tokenizer_type {tokenizer}: the vocabulary size comes from the tokenizer; pass "
+                             "--vocab-size N (the tokenizer's number of tokens)")
+        path = Path(vocab_file)
+        if not path.is_file():
+            raise ValueError(f"vocab_file {vocab_file} not found: the vocabulary size comes from it; run where "
+                             "the path resolves or pass --vocab-size N")
+        import sentencepiece
+
+        given = sentencepiece.SentencePieceProcessor(model_file=str(path)).get_piece_size()
+    multiple = int(keys.take("make_vocab_size_divisible_by", 128)) * int(keys.raw.get("model_parallel_size", 1))
+    padded = multiple * math.ceil(given / multiple)
+    out.unmapped.append(Unmapped("tokenizer_type", NOT_NEEDED,
+                                 f"{tokenizer}: it only sizes the vocabulary here ({given} tokens, padded to {padded} "
+                                 "as GPT-NeoX pads); megamath reads token ids from the preprocessed datasets"
+                                 + ("" if tokenizer == "SPMTokenizer" else
+                                    " (megamath preprocess needs a SentencePiece model)")))
+    return padded
+
+
+def _optimizer(keys: Keys, out: Conversion) -> None:
+    spec = keys.take("optimizer") or {}
+    kind = str(spec.get("type", "adam")).lower()
+    if kind not in ADAM_TYPES:
+        raise ValueError(f"optimizer.type is {spec.get('type')!r}: megamath trains with AdamW (ZeRO-1) only")
+    params = dict(spec.get("params") or {})
+    lr = params.pop("lr", keys.take("lr"))
+    if lr is None:
+        raise ValueError("optimizer.params.lr not set: GPT-NeoX needs it too")
+    betas = params.pop("betas", [0.9, 0.999])
+    eps = params.pop("eps", 1e-8)
+    for name in params:
+        out.unmapped.append(Unmapped(f"optimizer.params.{name}", NO_EQUIVALENT, "megamath's AdamW takes lr, betas, "
+                                     "eps and the top-level weight_decay"))
+    zero = keys.take("zero_optimization") or {}
+    stage = zero.get("stage", keys.take("zero_stage", 0))
+    if stage not in (0, 1):
+        out.unmapped.append(Unmapped("zero_optimization.stage", UNSUPPORTED, f"{stage}: megamath runs ZeRO-1, the "
+                                     "same updates; gradients (stage 2) and parameters (stage 3) are not sharded, "
+                                     "so each GPU needs more memory"))
+    if zero.get("cpu_offload") or zero.get("offload_optimizer"):
+        out.unmapped.append(Unmapped("zero_optimization.cpu_offload", UNSUPPORTED, "the optimizer shards stay on "
+                                     "the GPU (12 bytes per parameter / DP size)"))
+    for name in zero:
+        if name not in ("stage", "cpu_offload", "offload_optimizer"):
+            out.unmapped.append(Unmapped(f"zero_optimization.{name}", NOT_NEEDED, "megamath's ZeRO-1 reduce-scatters "
+                                         "the flat gradient buffer and all-gathers parameters in one collective "
+                                         "each (optimizer.bucket_mb splits them)"))
+    for name in ("zero_reduce_scatter", "zero_contiguous_gradients", "zero_reduce_bucket_size",
+                 "zero_allgather_bucket_size"):
+        keys.take(name)
+    grad_dtype = _grad_dtype(keys, out)
+    clip = keys.take("gradient_clipping", keys.take("clip_grad", 0.0))
+    out.config["optimizer"] = {"lr": _float(lr, "lr"), "beta1": float(betas[0]), "beta2": float(betas[1]),
+                               "eps": _float(eps, "optimizer.params.eps"),
+                               "weight_decay": _float(keys.take("weight_decay", 0.01), "weight_decay"),
+                               "clip_grad": _float(clip or 0.0, "gradient_clipping"), "grad_dtype": grad_dtype}
+    if kind != "adamw":
+        out.notes.append(f"optimizer.type {spec.get('type', 'adam')}: GPT-NeoX's Adam decouples weight decay "
+                         "(AdamW), as megamath does; neither decays norm weights or biases")
+
+
+def _grad_dtype(keys: Keys, out: Conversion) -> str:
+    precision = str(keys.take("precision", "fp32")).lower()
+    fp16, bf16 = keys.take("fp16") or {}, keys.take("bf16") or {}
+    if precision in ("fp16", "float16", "half") or fp16.get("enabled"):
+        raise ValueError("precision fp16: megamath trains in bfloat16 (or fp32) without loss scaling; "
+                         "set precision: bfloat16")
+    if precision in ("bfloat16", "bf16") or bf16.get("enabled"):
+        out.config["param_dtype"] = "auto"
+        out.notes.append("precision bfloat16: param_dtype auto = bfloat16 weights with fp32 master weights and "
+                         "Adam moments on GPUs (float32 on a CPU)")
+    else:
+        out.config["param_dtype"] = "float32"
+    accum = str((keys.take("data_types") or {}).get("grad_accum_dtype", "fp32")).lower()
+    if accum in ("fp16", "float16"):
+        raise ValueError("data_types.grad_accum_dtype fp16: megamath accumulates gradients in fp32 or bf16")
+    if keys.take("fp32_allreduce") or accum in ("fp32", "float32"):
+        return "fp32"  # megamath reduce-scatters the gradient buffer in its own dtype
+    return "bf16"
+
+
+def _schedule(keys: Keys, out: Conversion) -> None:
+    """GPT-NeoX (llemma branch) and megamath both compute, after a linear warmup,
+    lr = peak · (r + (1 − r) · ½ · (1 + cos(π · (i − warmup) / (decay − warmup)))); the differences are noted."""
+    train_iters = keys.take("train_iters")
+    if train_iters is None:
+        raise ValueError("train_iters not set: GPT-NeoX needs it too")
+    style = keys.take("lr_decay_style", "linear")
+    decay = keys.take("lr_decay_iters")
+    fraction = keys.take("lr_decay_fraction")
+    decay = int(decay if decay is not None else math.floor(train_iters * fraction) if fraction else train_iters)
+    warmup_iters, warmup_fraction = keys.take("warmup_iters"), keys.take("warmup")
+    warmup = int(warmup_iters) if warmup_iters is not None else round(float(warmup_fraction or 0.0) * decay)
+    if warmup_fraction and warmup != float(warmup_fraction) * decay:
+        out.notes.append(f"warmup {warmup_fraction}: {float(warmup_fraction) * decay} iterations in GPT-NeoX, "
+                         f"rounded to {warmup} steps")
+    peak = out.config["optimizer"]["lr"]
+    ratio, min_lr = keys.take("decay_lr_to"), float(keys.take("min_lr", 0.0) or 0.0)
+    if style == "constant":
+        ratio = 1.0
+    elif style != "cosine":
+        raise ValueError(f"lr_decay_style {'is ' + repr(style) if 'lr_decay_style' in keys else 'is not set'} "
+                         "(GPT-NeoX's default is linear): megamath's schedule is warmup then cosine "
+                         "(or constant)")
+    elif ratio is None:
+        ratio = min_lr / peak
+    elif min_lr > float(ratio) * peak:
+        out.notes.append(f"min_lr {min_lr} is above decay_lr_to·lr: GPT-NeoX clamps to it, megamath's floor is "
+                         "decay_lr_to·lr")
+    out.config["schedule"] = {"warmup_steps": warmup, "decay_steps": decay, "min_lr_ratio": float(ratio)}
+    out.config["train_steps"] = int(train_iters)
+    out.notes.append("schedule: GPT-NeoX steps its scheduler after each update, so its update k runs at the lr of "
+                     "iteration k−1 (the first at 0); megamath's update k runs at lr(k): the same curve, one update "
+                     "earlier. Past lr_decay_iters GPT-NeoX's cosine rises again, megamath's holds the floor")
+
+
+def _data(keys: Keys, out: Conversion) -> dict:
+    data: dict = {"seq_length": int(keys.raw["seq_length"]), "seed": int(keys.raw.get("seed", 1234))}
+    out.config["seed"] = int(keys.take("seed", 1234))
+    train, weights = keys.take("train_data_paths"), keys.take("train_data_weights")
+    single = keys.take("data_path")
+    split = keys.take("split")
+    if train:
+        weights = weights or [1.0] * len(train)
+        if len(weights) != len(train):
+            raise ValueError(f"train_data_weights has {len(weights)} entries for {len(train)} train_data_paths")
+        data["data_path"] = [x for w, p in zip(weights, train) for x in (float(w), str(p))]
+    elif single:
+        data["data_path"] = [1.0, str(single)]
+        out.unmapped.append(Unmapped("split", UNSUPPORTED, f"{split or '969, 30, 1'}: megamath trains on all of "
+                                     "data_path and validates on separate prefixes (data.valid_data); no split "
+                                     "is cut out of data_path"))
+    elif split is not None:
+        out.unmapped.append(Unmapped("split", NOT_NEEDED, "no data_path to split"))
+    valid = keys.take("valid_data_paths") or []
+    data["valid_data"] = valid_set_names([str(p) for p in valid])
+    return data
+
+
+def _checkpointing(keys: Keys, out: Conversion) -> None:
+    c = out.config
+    c["micro_batch_size"] = _int(keys, "train_micro_batch_size_per_gpu", None) or _int(keys, "batch_size", 1)
+    accum = _int(keys, "gradient_accumulation_steps", None) or _int(keys, "gas", 1)
+    c["grad_accum_steps"] = accum
+    batch = keys.take("train_batch_size")
+    if batch is not None:
+        out.unmapped.append(Unmapped("train_batch_size", NOT_NEEDED, f"{batch}: megamath's global batch is "
+                                     "micro_batch_size × grad_accum_steps × data-parallel size, as in GPT-NeoX"))
+    interval, iters = _int(keys, "eval_interval", 1000), _int(keys, "eval_iters", 100)
+    sets = len(c["data"]["valid_data"])
+    c["eval_every"] = interval if sets else 0
+    c["eval_batches"] = math.ceil(iters * accum / max(sets, 1))
+    if interval and not sets:
+        out.notes.append(f"eval_interval {interval}: no valid_data_paths, so evaluation is off; set data.valid_data "
+                         f"and eval_every={interval}")
+    out.notes.append(f"eval_iters {iters}: GPT-NeoX evaluates eval_iters × gradient_accumulation_steps = "
+                     f"{iters * accum} micro-batches per rank on the blend of valid_data_paths and reports one loss; "
+                     f"megamath reports each validation set, so the same work is split: eval_batches = "
+                     f"⌈{iters * accum} / {max(sets, 1)}⌉ = {c['eval_batches']} per set")
+    if keys.take("checkpoint_scale", "linear") != "linear":
+        out.unmapped.append(Unmapped("checkpoint_scale", UNSUPPORTED, "megamath saves every checkpoint.save_every "
+                                     "steps (linear)"))
+    num_layers = _int(keys, "checkpoint_num_layers", 1)
+    if num_layers != 1:
+        out.unmapped.append(Unmapped("checkpoint_num_layers", UNSUPPORTED, f"{num_layers}: megamath checkpoints "
+                                     "every block (less memory, the same recompute)"))
+    c["checkpoint"] = {"save_every": _int(keys, "checkpoint_factor", None) or _int(keys, "save_interval", 0)}
+    keep = keys.take("keep_last_n_checkpoints")
+    if keep is not None:
+        c["checkpoint"]["keep"] = int(keep)
+    else:
+        out.notes.append("keep_last_n_checkpoints not set: GPT-NeoX keeps every checkpoint, megamath keeps "
+                         "checkpoint.keep (2 by default); raise it to keep more")
+    save, load, finetune = keys.take("save"), keys.take("load"), keys.take("finetune", False)
+    if save:
+        c["run_dir"] = str(save)
+    if load:
+        if (Path(load) / "config.json").is_file():
+            c["init_from_hf"] = str(load)
+            if not finetune:
+                out.notes.append("load without finetune: GPT-NeoX would resume its iteration count; init_from_hf "
+                                 "starts at step 0 from the weights")
+        else:
+            out.unmapped.append(Unmapped("load", UNSUPPORTED, f"{load} is not a Hugging Face folder (no config.json "
+                                         "there): a GPT-NeoX checkpoint; convert it with GPT-NeoX's "
+                                         "tools/ckpts/convert_neox_to_hf.py and set init_from_hf to the result"))
+            if finetune:
+                out.unmapped.append(Unmapped("finetune", NOT_NEEDED, "init_from_hf always loads the weights only "
+                                             "and starts at step 0 (GPT-NeoX's finetune)"))
+    elif finetune:
+        out.notes.append("finetune without load: nothing to start from, so random initialization")
+    c["log_every"] = _int(keys, "log_interval", 100)
+    c["checkpoint"]["resume"] = "auto"
+
+
+def _logging(keys: Keys, out: Conversion) -> None:
+    use = keys.take("use_wandb")
+    project, group = keys.take("wandb_project", "neox"), keys.take("wandb_group")
+    team, host = keys.take("wandb_team"), keys.take("wandb_host", "https://api.wandb.ai")
+    if not use:
+        return
+    out.config["logging"] = {"wandb": {"project": str(project), "group": group and str(group), "name": None,
+                                       "mode": "online", "entity": team and str(team)}}
+    if host.rstrip("/") != "https://api.wandb.ai":
+        out.unmapped.append(Unmapped("wandb_host", NO_EQUIVALENT, f"set WANDB_BASE_URL={host} in the environment"))
+
+
+def _int(keys: Keys, key: str, default):
+    value = keys.take(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        raise ValueError(f"{key} must be an integer, got {value!r}")
+    return int(value)
+
+
+def _float(value, key: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key} must be a number, got {value!r}") from None

@@ -1,0 +1,123 @@
+"""`megamath config from-megatron`: a Megatron-LM Llama command line converts to a megamath config that
+`megamath train --config` accepts; the global batch becomes accumulation steps for the job's size; what
+megamath cannot train is an error naming the flag; unknown flags are listed."""
+from __future__ import annotations
+
+import pytest
+
+from megamath.cli import main
+from megamath.compat.megatron import convert_megatron, parse_flags, read_command_line
+from megamath.training.config import load_config
+
+# A Llama-2-7B-shaped continued-pretraining launch on 4 nodes × 8 GPUs, in the form Megatron-LM's examples use.
+SCRIPT = """\
+#!/bin/bash
+# Llama 7B on ProofPile II
+torchrun --nnodes 4 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint node0:29500 \\
+    pretrain_gpt.py \\
+    --tensor-model-parallel-size 2 --pipeline-model-parallel-size 1 --sequence-parallel \\
+    --use-distributed-optimizer --overlap-grad-reduce \\
+    --num-layers 32 --hidden-size 4096 --ffn-hidden-size 11008 --num-attention-heads 32 \\
+    --group-query-attention --num-query-groups 8 \\
+    --seq-length 4096 --max-position-embeddings 4096 \\
+    --position-embedding-type rope --rotary-base 10000 --normalization RMSNorm --norm-epsilon 1e-5 \\
+    --swiglu --disable-bias-linear --untie-embeddings-and-output-weights \\
+    --attention-dropout 0.0 --hidden-dropout 0.0 \\
+    --micro-batch-size 4 --global-batch-size 1024 \\
+    --lr 1e-4 --min-lr 3.3e-6 --lr-decay-style cosine --lr-warmup-iters 500 --lr-decay-iters 48000 \\
+    --train-iters 48000 --weight-decay 0.1 --clip-grad 1.0 --adam-beta1 0.9 --adam-beta2 0.95 \\
+    --bf16 --recompute-granularity full --recompute-method uniform --recompute-num-layers 1 \\
+    --use-flash-attn --my-site-flag 7 \\
+    --data-path 2 data/arxiv_train_text_document 4 data/open-web-math_train_text_document \\
+    --valid-data-path data/arxiv_validation_text_document \\
+    --tokenizer-type Llama2Tokenizer --tokenizer-model tokenizer.model \\
+    --save-interval 500 --eval-interval 250 --eval-iters 50 --log-interval 10 \\
+    --save runs/megatron-7b --wandb-project math --wandb-exp-name llama7b
+"""
+
+
+def test_script_converts(tmp_path):
+    path = tmp_path / "train.sh"
+    path.write_text(SCRIPT)
+    words, source = read_command_line([str(path)])
+    conversion = convert_megatron(words, vocab_size=32000, source=source)
+    config = conversion.validate()
+    assert (config.parallel.tp_size, config.parallel.sequence_parallel) == (2, True)
+    m = config.model
+    assert (m.num_layers, m.hidden_size, m.num_heads, m.num_kv_heads, m.ffn_hidden_size) == (32, 4096, 32, 8, 11008)
+    assert (m.vocab_size, m.rope_theta, m.norm_eps, m.activation_checkpointing) == (32000, 1e4, 1e-5, True)
+    # 32 GPUs / TP 2 = DP 16: 1024 = 4 × 16 × 16.
+    assert (config.micro_batch_size, config.grad_accum_steps) == (4, 16)
+    assert (config.optimizer.lr, config.optimizer.beta2, config.optimizer.weight_decay) == (1e-4, 0.95, 0.1)
+    assert (config.schedule.warmup_steps, config.schedule.decay_steps) == (500, 48000)
+    assert config.schedule.min_lr_ratio == pytest.approx(0.033)
+    assert config.data.train_blend() == ([2.0, 4.0], ["data/arxiv_train_text_document",
+                                                      "data/open-web-math_train_text_document"])
+    assert config.data.valid_sets() == {"arxiv": "data/arxiv_validation_text_document"}
+    assert (config.eval_every, config.eval_batches) == (250, 50 * 16)
+    assert (config.checkpoint.save_every, config.run_dir, config.param_dtype) == (500, "runs/megatron-7b", "auto")
+    assert (config.logging.wandb.project, config.logging.wandb.name) == ("math", "llama7b")
+    listed = {u.key: u for u in conversion.unmapped}
+    assert listed["--my-site-flag"].reason.startswith("not a Megatron-LM training flag")
+    assert listed["--use-distributed-optimizer"].kind == "not needed"
+    assert "--use-flash-attn" in listed and "--overlap-grad-reduce" in listed
+
+
+def test_flags_after_double_dash_and_world_size(tmp_path, capsys):
+    flags = SCRIPT.split("pretrain_gpt.py \\\n", 1)[1].replace("\\\n", " ").split()
+    with pytest.raises(ValueError, match="pass --world-size N"):
+        convert_megatron(read_command_line(["--", *flags])[0], vocab_size=32000)
+    config = convert_megatron(flags, world_size=256, vocab_size=32000).validate()
+    assert config.grad_accum_steps == 2  # DP 128: 1024 = 4 × 2 × 128, LLEMMA's run
+    out = tmp_path / "c.yaml"
+    assert main(["config", "from-megatron", "--world-size", "256", "--vocab-size", "32000", "--output", str(out),
+                 "--", *flags]) == 0
+    assert load_config(out).grad_accum_steps == 2
+    assert "--my-site-flag: no equivalent" in capsys.readouterr().out
+
+
+def test_launcher_and_parsing():
+    _, world = parse_flags(["torchrun", "--nnodes=2", "--nproc-per-node", "8", "pretrain_gpt.py", "--lr", "1"])
+    assert world == 16
+    parsed, world = parse_flags(["--data-path", "1", "a", "2", "b", "--bf16", "--lr=3e-4"])
+    assert parsed == {"data_path": ["1", "a", "2", "b"], "bf16": [], "lr": ["3e-4"]} and world is None
+    with pytest.raises(ValueError, match="expand shell variables"):
+        parse_flags(["--lr", "$LR"])
+
+
+@pytest.mark.parametrize("edit, message", [
+    (("--pipeline-model-parallel-size 1", "--pipeline-model-parallel-size 4"), "--pipeline-model-parallel-size: "
+                                                                              "megamath has no pipeline"),
+    (("--attention-dropout 0.0", ""), "--attention-dropout is not given (Megatron's default: 0.1)"),
+    (("--normalization RMSNorm", ""), "--normalization is not given (Megatron's default: LayerNorm)"),
+    (("--swiglu", ""), "--swiglu is not given"),
+    (("--bf16", "--fp16"), "--fp16: megamath cannot train that"),
+    (("--lr-decay-style cosine", ""), "--lr-decay-style is not given (Megatron's default: linear)"),
+    (("--global-batch-size 1024", "--global-batch-size 1000"), "--global-batch-size 1000 is not divisible"),
+])
+def test_what_megamath_cannot_train_is_an_error(tmp_path, edit, message):
+    text = SCRIPT.replace(*edit)
+    assert text != SCRIPT
+    path = tmp_path / "train.sh"
+    path.write_text(text)
+    with pytest.raises(ValueError) as err:
+        convert_megatron(read_command_line([str(path)])[0], vocab_size=32000)
+    assert message in str(err.value)
+
+
+def test_converted_config_trains_shrunk_on_cpu(tmp_path):
+    from test_train_loop import metrics, write_corpus
+
+    path = tmp_path / "train.sh"
+    path.write_text(SCRIPT)
+    out = tmp_path / "c.yaml"
+    assert main(["config", "from-megatron", "--vocab-size", "32000", "--output", str(out), str(path)]) == 0
+    prefixes = write_corpus(tmp_path / "data")
+    shrink = ["model.vocab_size=64", "model.hidden_size=32", "model.num_layers=2", "model.num_heads=4",
+              "model.num_kv_heads=2", "model.ffn_hidden_size=64", "model.max_seq_length=32", "model.kernels=reference",
+              "data.seq_length=32", "parallel.tp_size=1", "parallel.sequence_parallel=false", "micro_batch_size=2",
+              "grad_accum_steps=2", f"data.data_path=[1, {prefixes['arxiv']}]", "data.valid_data={}", "eval_every=0",
+              "train_steps=2", "schedule.warmup_steps=1", "schedule.decay_steps=2", f"run_dir={tmp_path / 'run'}",
+              "logging.wandb.mode=disabled"]
+    assert main(["train", "--config", str(out), *shrink]) == 0
+    assert [r["step"] for r in metrics(tmp_path / "run")] == [1, 2]

@@ -1,0 +1,292 @@
+"""`megamath config from-neox`: LLEMMA's own GPT-NeoX config converts to examples/llemma_7b.yaml in every
+training-relevant field and trains (shrunk) on CPU; unmapped keys are listed with reasons; what megamath
+cannot honour is an error naming the key."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from megamath.cli import main
+from megamath.compat.neox import convert_neox, read_neox_yaml
+from megamath.training.config import TrainConfig, load_config
+from test_train_loop import metrics, write_corpus
+
+REPO = Path(__file__).resolve().parents[1]
+
+# LLEMMA 7B's GPT-NeoX config as published (configs/llemma_7b.yml on GPT-NeoX's llemma branch), written
+# out from its values with its layout: JSON-style YAML, comments, and one key spelt with `-`.
+LLEMMA_7B_YML = """\
+{
+  "pipe_parallel_size": 0,
+  "model_parallel_size": 2,
+  "make_vocab_size_divisible_by": 1,
+
+  # model settings
+  "num_layers": 32,
+  "hidden_size": 4096,
+  "num_attention_heads": 32,
+  "seq_length": 4096,
+  "max_position_embeddings": 4096,
+  "pos_emb": "rotary",
+  "rotary_pct": 1,
+  "rotary_emb_base": 10000,
+  "no_weight_tying": true,
+  "gpt_j_residual": false,
+  "output_layer_parallelism": "column",
+  "norm": "rmsnorm",
+  "rms_norm_epsilon": 1.0e-5,
+
+  "attention_config": [[["flash"], 32]],
+
+  "scaled_upper_triang_masked_softmax_fusion": true,
+  "bias_gelu_fusion": false,
+  "use_bias_in_norms": false,
+  "use_bias_in_attn_linear": false,
+  "mlp_type": "llama",
+  "activation": "silu",
+
+   "optimizer": {
+     "type": "Adam",
+     "params": {
+       "lr": 0.0001,
+       "betas": [0.9, 0.95],
+       "eps": 1.0e-8
+     }
+   },
+
+   "zero_optimization": {
+    "stage": 1,
+    "allgather_partitions": true,
+    "allgather_bucket_size": 1260000000,
+    "overlap_comm": true,
+    "reduce_scatter": true,
+    "reduce_bucket_size": 1260000000,
+    "contiguous_gradients": true,
+    "cpu_offload": false
+  },
+
+   "train_micro_batch_size_per_gpu": 4,
+   "gradient_accumulation_steps": 2,
+   "data_impl": "mmap",
+
+   "checkpoint_activations": true,
+   "checkpoint_num_layers": 1,
+   "partition_activations": true,
+   "synchronize_each_layer": true,
+
+   "gradient_clipping": 1.0,
+   "weight_decay": 0.1,
+   "hidden_dropout": 0,
+   "attention_dropout": 0,
+
+   "precision": "bfloat16",
+   "fp32_allreduce": true,
+   "bf16": {
+     "enabled": true
+   },
+   "data_types": {
+     "grad_accum_dtype": "fp32"
+   },
+
+   "train_iters": 48000,
+   "lr_decay_iters": 48000,
+   "distributed_backend": "nccl",
+   "lr_decay_style": "cosine",
+   "decay_lr_to": 0.033,
+   "warmup_iters": 500,
+   "checkpoint_factor": 500,
+   "eval_interval": 250,
+   "eval_iters": 50,
+
+   "log_interval": 1,
+   "steps_per_print": 1,
+   "wall_clock_breakdown": true,
+
+   "tokenizer_type": "SPMTokenizer",
+   "vocab-file": "codellama/tokenizer.model", # use tokenizer.model from Meta CodeLlama download
+
+   "save": "/path/to/save/llema-replication",
+   #"load": "", # once run is started, to restart from intermediate ckpt use "load" = "save"
+   "load": "/path/to/converted/codellama_7b_weights_with_mp2",
+
+   "finetune": true, # set to false once resuming from intermediate finetuning step
+   "checkpoint_validation_with_forward_pass": true,
+
+   "use_wandb": true,
+   "wandb_group": "llemma_7b_replication",
+   "wandb_project": "your-project-name",
+   "wandb_team": "your-teamname-here",
+   "wandb_host": "https://api.wandb.ai",
+
+   "launcher": "slurm",
+   "deepspeed_slurm": true
+}
+"""
+
+# A data config in GPT-NeoX's form (LLEMMA's own, configs/data_mixture.yml, lists its cluster's paths) for
+# the ProofPile II datasets `megamath preprocess` writes, at LLEMMA's weights.
+DATA_YML = """\
+{
+  "train-data-paths": ["data/proof-pile-2/arxiv_train_text_document",
+                       "data/proof-pile-2/open-web-math_train_text_document",
+                       "data/proof-pile-2/algebraic-stack_train_text_document"],
+  "train-data-weights": [2, 4, 1],
+  "valid-data-paths": ["data/proof-pile-2/arxiv_validation_text_document",
+                       "data/proof-pile-2/open-web-math_validation_text_document",
+                       "data/proof-pile-2/algebraic-stack_validation_text_document"],
+}
+"""
+
+# Fields that name places on a cluster or how much is printed, not what is trained.
+SITE_FIELDS = {"run_dir", "init_from_hf", "log_every", "logging"}
+SITE_DATA_FIELDS = {"data_path", "data_dir", "valid_data", "cache_dir"}
+
+
+def write_llemma(tmp_path: Path, text: str = LLEMMA_7B_YML) -> list[str]:
+    (tmp_path / "llemma_7b.yml").write_text(text)
+    (tmp_path / "data.yml").write_text(DATA_YML)
+    return [str(tmp_path / "llemma_7b.yml"), str(tmp_path / "data.yml")]
+
+
+def training_fields(config: TrainConfig) -> dict:
+    d = config.to_dict()
+    for key in SITE_FIELDS:
+        d.pop(key)
+    d["checkpoint"].pop("keep")  # disk space, not training
+    for key in SITE_DATA_FIELDS:
+        d["data"].pop(key)
+    d["data"]["train_blend"] = config.data.train_blend()
+    d["data"]["valid_sets"] = config.data.valid_sets()
+    return d
+
+
+def test_llemma_7b_converts_to_the_example(tmp_path):
+    conversion = convert_neox(read_neox_yaml(write_llemma(tmp_path)), vocab_size=32016)  # Code Llama's tokenizer
+    converted = conversion.validate()
+    example = load_config(REPO / "examples" / "llemma_7b.yaml")
+    assert training_fields(converted) == training_fields(example)
+    # Spelled out, the values the issue lists:
+    assert (converted.parallel.tp_size, converted.micro_batch_size, converted.grad_accum_steps) == (2, 4, 2)
+    assert (converted.optimizer.lr, converted.optimizer.clip_grad, converted.optimizer.weight_decay) == (1e-4, 1.0, 0.1)
+    assert (converted.schedule.warmup_steps, converted.schedule.decay_steps,
+            converted.schedule.min_lr_ratio) == (500, 48000, 0.033)
+    assert (converted.model.rope_theta, converted.model.ffn_hidden_size, converted.model.norm_eps) == (1e4, 11008, 1e-5)
+    assert converted.model.activation_checkpointing and converted.param_dtype == "auto"
+    assert (converted.eval_every, converted.eval_batches, converted.checkpoint.save_every) == (250, 34, 500)
+    assert converted.logging.wandb.project == "your-project-name"
+    assert converted.logging.wandb.group == "llemma_7b_replication"
+
+
+def test_every_key_is_mapped_or_listed(tmp_path):
+    text = LLEMMA_7B_YML.replace('"launcher": "slurm",', '"launcher": "slurm", "my_cluster_knob": 3, '
+                                 '"tensorboard-dir": "tb",')
+    conversion = convert_neox(read_neox_yaml(write_llemma(tmp_path, text)), vocab_size=32016)
+    listed = {u.key.split(".")[0]: u for u in conversion.unmapped}
+    assert listed["my_cluster_knob"].kind == "no equivalent" and "not a GPT-NeoX" in listed["my_cluster_knob"].reason
+    assert listed["tensorboard_dir"].kind == "no equivalent"  # `-` spelling read as `_`
+    assert listed["load"].kind == "unsupported" and "convert_neox_to_hf" in listed["load"].reason
+    assert listed["partition_activations"].reason and listed["launcher"].kind == "not needed"
+    assert {"zero_optimization", "tokenizer_type", "finetune"} <= set(listed)
+    mapped = {"pipe_parallel_size", "model_parallel_size", "make_vocab_size_divisible_by", "num_layers",
+              "hidden_size", "num_attention_heads", "seq_length", "max_position_embeddings", "pos_emb",
+              "rotary_pct", "rotary_emb_base", "no_weight_tying", "gpt_j_residual", "norm", "rms_norm_epsilon",
+              "attention_config", "use_bias_in_norms", "use_bias_in_attn_linear", "mlp_type", "activation",
+              "optimizer", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+              "checkpoint_activations", "checkpoint_num_layers", "gradient_clipping", "weight_decay",
+              "hidden_dropout", "attention_dropout", "precision", "fp32_allreduce", "bf16", "data_types",
+              "train_iters", "lr_decay_iters", "lr_decay_style", "decay_lr_to", "warmup_iters",
+              "checkpoint_factor", "eval_interval", "eval_iters", "log_interval", "vocab_file", "save",
+              "use_wandb", "wandb_group", "wandb_project", "wandb_team", "wandb_host", "train_data_paths",
+              "train_data_weights", "valid_data_paths"}
+    raw = read_neox_yaml(write_llemma(tmp_path, text))
+    assert set(raw) <= mapped | set(listed), set(raw) - mapped - set(listed)
+    report = conversion.report()
+    assert "schedule:" in report and "eval_iters 50" in report  # formula and eval differences said
+
+
+@pytest.mark.parametrize("edit, message", [
+    (('"pipe_parallel_size": 0', '"pipe_parallel_size": 2'), "pipe_parallel_size is 2: megamath has no pipeline"),
+    (('"hidden_dropout": 0,', '"hidden_dropout": 0.1,'), "hidden_dropout is 0.1: megamath trains without dropout"),
+    (('"hidden_dropout": 0,', ''), "hidden_dropout is not set (GPT-NeoX's default: 0.1)"),
+    (('"mlp_type": "llama",', '"mlp_type": "regular",'), "mlp_type is 'regular': megamath trains the Llama"),
+    (('"norm": "rmsnorm",', ''), "norm is not set (GPT-NeoX's default: 'layernorm')"),
+    (('"no_weight_tying": true,', '"no_weight_tying": false,'), "no_weight_tying is False"),
+    (('"precision": "bfloat16",', '"precision": "fp16",'), "precision fp16: megamath trains in bfloat16"),
+    (('"lr_decay_style": "cosine",', '"lr_decay_style": "linear",'), "lr_decay_style is 'linear'"),
+    (('"type": "Adam",', '"type": "Lion",'), "optimizer.type is 'Lion'"),
+    (('[["flash"], 32]', '[["local"], 32]'), "attention_config has ['local']"),
+])
+def test_what_megamath_cannot_train_is_an_error_naming_the_key(tmp_path, edit, message):
+    text = LLEMMA_7B_YML.replace(*edit)
+    assert text != LLEMMA_7B_YML
+    with pytest.raises(ValueError) as err:
+        convert_neox(read_neox_yaml(write_llemma(tmp_path, text)), vocab_size=32016)
+    assert message in str(err.value)
+
+
+def test_spellings_duplicates_and_vocab(tmp_path):
+    (tmp_path / "a.yml").write_text("train-iters: 10\n")
+    (tmp_path / "b.yml").write_text("train_iters: 20\n")
+    with pytest.raises(ValueError, match="'train_iters' is already set by an earlier file"):
+        read_neox_yaml([tmp_path / "a.yml", tmp_path / "b.yml"])
+    paths = write_llemma(tmp_path)
+    with pytest.raises(ValueError, match="vocab_file codellama/tokenizer.model not found"):
+        convert_neox(read_neox_yaml(paths))
+    # GPT-NeoX pads the tokenizer's size to make_vocab_size_divisible_by × model_parallel_size.
+    padded = convert_neox(read_neox_yaml(paths), vocab_size=32001).config["model"]["vocab_size"]
+    assert padded == 32002
+    text = LLEMMA_7B_YML.replace('"make_vocab_size_divisible_by": 1,', '')
+    assert convert_neox(read_neox_yaml(write_llemma(tmp_path, text)), vocab_size=32000).config["model"][
+        "vocab_size"] == 32000  # 128 × 2 divides it
+    assert convert_neox(read_neox_yaml(write_llemma(tmp_path, text)), vocab_size=32016).config["model"][
+        "vocab_size"] == 32256
+
+
+def test_cli_output_trains_shrunk_on_cpu(tmp_path, capsys):
+    paths = write_llemma(tmp_path)
+    out = tmp_path / "llemma_7b.yaml"
+    assert main(["config", "from-neox", *paths, "--vocab-size", "32016", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "not converted" in printed and "load: unsupported" in printed
+    assert main(["config", "from-neox", *paths, "--vocab-size", "32016", "--output", str(out)]) == 2
+    assert "exists; pass --force" in capsys.readouterr().err
+    assert TrainConfig.from_dict(yaml.safe_load(out.read_text())) == load_config(out)  # comments are comments
+    prefixes = write_corpus(tmp_path / "data")
+    shrink = ["model.vocab_size=64", "model.hidden_size=32", "model.num_layers=2", "model.num_heads=4",
+              "model.num_kv_heads=4", "model.ffn_hidden_size=64", "model.max_seq_length=32",
+              "model.kernels=reference", "data.seq_length=32", "parallel.tp_size=1", "micro_batch_size=2",
+              f"data.data_path=[2, {prefixes['arxiv']}, 4, {prefixes['web']}]",
+              f"data.valid_data={{arxiv: {prefixes['arxiv']}}}", "train_steps=4", "eval_every=2", "eval_batches=1",
+              "schedule.warmup_steps=1", "schedule.decay_steps=4", f"run_dir={tmp_path / 'run'}",
+              "logging.wandb.mode=disabled"]
+    assert main(["train", "--config", str(out), *shrink]) == 0
+    records = metrics(tmp_path / "run")
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and "val_loss" in records[1]
+    saved = load_config(tmp_path / "run" / "config.yaml")
+    assert saved.model.activation_checkpointing and saved.grad_accum_steps == 2 and saved.schedule.min_lr_ratio == 0.033
+
+
+def test_cli_error_names_the_key(tmp_path, capsys):
+    paths = write_llemma(tmp_path, LLEMMA_7B_YML.replace('"pipe_parallel_size": 0', '"pipe-parallel-size": 4'))
+    assert main(["config", "from-neox", *paths, "--vocab-size", "32016"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("megamath config: error: pipe_parallel_size is 4") and err.count("\n") == 1
+
+
+def test_hf_load_single_data_path_and_constant_schedule(tmp_path):
+    hf = tmp_path / "CodeLlama-7b-hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    text = (LLEMMA_7B_YML.replace('"/path/to/converted/codellama_7b_weights_with_mp2"', f'"{hf}"')
+            .replace('"lr_decay_style": "cosine",', '"lr_decay_style": "constant", "data-path": "data/all_text_document",'))
+    (tmp_path / "one.yml").write_text(text)
+    conversion = convert_neox(read_neox_yaml([tmp_path / "one.yml"]), vocab_size=32016)
+    config = conversion.validate()
+    assert config.init_from_hf == str(hf) and config.schedule.min_lr_ratio == 1.0
+    assert config.data.train_blend() == ([1.0], ["data/all_text_document"])
+    assert config.eval_every == 0  # no validation sets: evaluation off, and said
+    listed = {u.key: u for u in conversion.unmapped}
+    assert listed["split"].kind == "unsupported" and "load" not in listed
+    assert any(note.startswith("eval_interval 250: no valid_data_paths") for note in conversion.notes)

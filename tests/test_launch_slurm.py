@@ -1,0 +1,66 @@
+"""examples/launch_slurm.sbatch under stand-in `srun`, `scontrol` and `torchrun` commands: the launch line,
+and the preemption path (USR1 or TERM to the batch script reaches the training ranks, not torchrun; a
+clean stop requeues the job)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "launch_slurm.sbatch"
+
+FAKES = {
+    # srun: drop its options, run the command (the forwarding call uses --overlap and runs in the foreground).
+    "srun": '#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\nexec "$@"\n',
+    "scontrol": '#!/bin/bash\nif [[ $1 == show ]]; then echo node0; echo node1; else echo "$@" >> "$LOG/scontrol"; fi\n',
+    # torchrun: records its arguments and runs one "rank" as its child; exits with the rank's status.
+    "torchrun": '#!/bin/bash\necho "$@" > "$LOG/torchrun"\n"$PY" "$LOG/rank.py" &\nwait $!\n',
+}
+RANK = """\
+import os, signal, sys, time
+log = os.environ["LOG"]
+def stop(signum, frame):
+    open(os.path.join(log, "rank-got"), "w").write(signal.Signals(signum).name)
+    sys.exit(0)  # the checkpoint would be saved here
+signal.signal(signal.SIGUSR1, stop)
+signal.signal(signal.SIGTERM, stop)
+open(os.path.join(log, "rank-ready"), "w").write("")
+time.sleep(60)
+sys.exit(3)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="needs pgrep/pkill (procps)")
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_signal_reaches_the_ranks_and_the_job_requeues(tmp_path, sig):
+    bin_dir, log = tmp_path / "bin", tmp_path / "log"
+    bin_dir.mkdir()
+    log.mkdir()
+    for name, text in FAKES.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    (log / "rank.py").write_text(RANK)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "LOG": str(log), "PY": sys.executable,
+           "USER": os.environ.get("USER") or subprocess.run(["id", "-un"], capture_output=True, text=True).stdout.strip(),
+           "SLURM_JOB_ID": "42", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "node[0-1]"}
+    proc = subprocess.Popen(["bash", str(SCRIPT), "train_steps=10"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 30
+    while not (log / "rank-ready").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    output = proc.communicate(timeout=30)[0]
+    assert proc.returncode == 0, output
+    assert (log / "rank-got").read_text() == sig.name
+    assert (log / "scontrol").read_text().split() == ["requeue", "42"]
+    launch = (log / "torchrun").read_text().split()
+    assert launch == ["--nnodes", "2", "--nproc_per_node", "8", "--rdzv_backend", "c10d", "--rdzv_endpoint",
+                      "node0:29500", "--rdzv_id", "42", "-m", "megamath.cli", "train", "--config",
+                      "examples/llemma_7b.yaml", "run_dir=runs/llemma-7b", "train_steps=10"]
+    assert (tmp_path / "logs").is_dir() and (tmp_path / "runs" / "llemma-7b").is_dir()

@@ -1,0 +1,121 @@
+"""`tools/preprocess_data.py` with Megatron-LM's flags: Megatron's output names, bytes equal to
+`megamath preprocess` and to Megatron's format built here from SentencePiece directly, Megatron's
+partition order, and one-line refusals that say what to use instead."""
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+
+from megamath.cli import main
+from megamath.compat import megatron_preprocess
+from test_preprocess import _texts, _write, bpe_model  # noqa: F401  (bpe_model is a fixture)
+
+REPO = Path(__file__).resolve().parents[1]
+TOOL = REPO / "tools" / "preprocess_data.py"
+
+
+def megatron_bytes(docs: list[list[int]], dtype=np.uint16) -> tuple[bytes, bytes]:
+    """(.bin, .idx) as Megatron-LM's IndexedDatasetBuilder writes them: one sequence per document; the
+    index is header, version 1, dtype code (uint16: 8, int32: 4), counts, int32 lengths, int64 byte
+    pointers, int64 document indices 0..N."""
+    code = {np.uint16: 8, np.int32: 4}[dtype]
+    lengths = np.array([len(d) for d in docs], dtype=np.int32)
+    pointers = np.concatenate([[0], np.cumsum(lengths.astype(np.int64))[:-1]]) * np.dtype(dtype).itemsize
+    idx = (b"MMIDIDX\x00\x00" + struct.pack("<Q", 1) + struct.pack("<B", code) + struct.pack("<Q", len(docs))
+           + struct.pack("<Q", len(docs) + 1) + lengths.tobytes() + pointers.astype(np.int64).tobytes()
+           + np.arange(len(docs) + 1, dtype=np.int64).tobytes())
+    return b"".join(np.array(d, dtype=dtype).tobytes() for d in docs), idx
+
+
+def read_pair(prefix: Path) -> tuple[bytes, bytes]:
+    return Path(f"{prefix}.bin").read_bytes(), Path(f"{prefix}.idx").read_bytes()
+
+
+def megatron_args(inp, prefix, model, *extra, tokenizer="GPTSentencePieceTokenizer"):
+    return ["--input", str(inp), "--output-prefix", str(prefix), "--json-keys", "text", "--tokenizer-type",
+            tokenizer, "--tokenizer-model", str(model), "--append-eod", "--workers", "1", "--no-progress", *extra]
+
+
+@pytest.mark.parametrize("tokenizer", ["SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer"])
+def test_megatron_flags_match_megamath_preprocess_and_megatron_format(tmp_path, bpe_model, tokenizer):
+    texts = _texts(7, 40)
+    data = _write(tmp_path / "corpus.json", [{"text": t, "id": i} for i, t in enumerate(texts)])
+    prefix = tmp_path / "megatron" / "pp2"
+    assert megatron_preprocess.run(megatron_args(data, prefix, bpe_model, tokenizer=tokenizer)) == 0
+    assert sorted(p.name for p in prefix.parent.iterdir()) == ["pp2_text_document.bin", "pp2_text_document.idx"]
+    # megamath preprocess on the same file (a loose file: DIR/{stem}_text_document).
+    data_jsonl = _write(tmp_path / "corpus.jsonl", [{"text": t, "id": i} for i, t in enumerate(texts)])
+    assert main(["preprocess", "--input", str(data_jsonl), "--tokenizer-model", str(bpe_model), "--output-dir",
+                 str(tmp_path / "megamath"), "--workers", "1", "--no-progress"]) == 0
+    assert read_pair(prefix.parent / "pp2_text_document") == read_pair(tmp_path / "megamath" / "corpus_text_document")
+    sp = spm.SentencePieceProcessor(model_file=str(bpe_model))
+    expected = megatron_bytes([sp.encode(t) + [sp.eos_id()] for t in texts])
+    assert read_pair(prefix.parent / "pp2_text_document") == expected
+
+
+def test_partitions_deal_lines_round_robin_across_files(tmp_path, bpe_model):
+    texts = [f"document number {i}: {i} + 1 = {i + 1}" for i in range(11)]
+    _write(tmp_path / "in" / "a.jsonl", [{"text": t} for t in texts[:6]])
+    _write(tmp_path / "in" / "b.jsonl", [{"text": t} for t in texts[6:]])
+    sp = spm.SentencePieceProcessor(model_file=str(bpe_model))
+    glob = str(tmp_path / "in" / "*.jsonl")
+    assert megatron_preprocess.run(megatron_args(glob, tmp_path / "rr", bpe_model, "--partitions", "3")) == 0
+    order = [0, 3, 6, 9, 1, 4, 7, 10, 2, 5, 8]  # line i -> partition i mod 3, partitions concatenated
+    assert read_pair(tmp_path / "rr_text_document") == megatron_bytes([sp.encode(texts[i]) + [2] for i in order])
+    assert megatron_preprocess.run(megatron_args(glob, tmp_path / "seq", bpe_model, "--partitions", "3",
+                                                 "--keep-sequential-samples")) == 0
+    assert read_pair(tmp_path / "seq_text_document") == megatron_bytes([sp.encode(t) + [2] for t in texts])
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("megatron-partitions-")]  # temporary files gone
+
+
+def test_several_json_keys_and_no_eod(tmp_path, bpe_model):
+    data = _write(tmp_path / "qa.jsonl", [{"question": f"q {i}?", "answer": f"a = {i}"} for i in range(5)])
+    args = megatron_args(data, tmp_path / "qa", bpe_model)
+    args[args.index("--json-keys") + 1] = "question"
+    args.insert(args.index("--json-keys") + 2, "answer")
+    args.remove("--append-eod")
+    assert megatron_preprocess.run(args) == 0
+    sp = spm.SentencePieceProcessor(model_file=str(bpe_model))
+    for key, fmt in (("question", "q {}?"), ("answer", "a = {}")):
+        assert read_pair(tmp_path / f"qa_{key}_document") == megatron_bytes([sp.encode(fmt.format(i))
+                                                                             for i in range(5)])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--split-sentences"], "--split-sentences is not supported: megamath stores one sequence per document"),
+    (["--tokenizer-type", "GPT2BPETokenizer"], "--tokenizer-type GPT2BPETokenizer is not supported: megamath "
+                                               "tokenizes with SentencePiece only: use --tokenizer-type "
+                                               "GPTSentencePieceTokenizer"),
+    (["--tokenizer-type", "HuggingFaceTokenizer"], "use --tokenizer-type GPTSentencePieceTokenizer"),
+    (["--find-optimal-num-workers"], "the output is the same for any --workers"),
+])
+def test_unsupported_flags_fail_with_one_line(tmp_path, bpe_model, extra, message):
+    data = _write(tmp_path / "x.jsonl", [{"text": "a"}])
+    proc = subprocess.run([sys.executable, str(TOOL), *megatron_args(data, tmp_path / "x", bpe_model), *extra],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("preprocess_data.py: error: ") and message in proc.stderr
+    assert proc.stderr.count("\n") == 1 and not list(tmp_path.glob("x_*"))
+
+
+def test_script_runs_both_interfaces(tmp_path, bpe_model):
+    data = _write(tmp_path / "d.jsonl", [{"text": t} for t in _texts(3, 5)])
+    proc = subprocess.run([sys.executable, str(TOOL), *megatron_args(data, tmp_path / "out" / "d", bpe_model)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    proc = subprocess.run([sys.executable, str(TOOL), "--input", str(data), "--tokenizer-model", str(bpe_model),
+                           "--output-dir", str(tmp_path / "own"), "--workers", "1", "--no-progress"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert read_pair(tmp_path / "out" / "d_text_document") == read_pair(tmp_path / "own" / "d_text_document")
+
+
+# The ProofPile II sample's train splits through Megatron's flags are compared with `megamath preprocess`
+# in test_preprocess_proofpile.py, which preprocesses the sample once for all its tests.
