@@ -8,6 +8,9 @@ still be one megamath cannot honour; the error then says the default is the prob
 
 Where GPT-NeoX and megamath compute a mapped value differently, a note says how (the schedule is the
 main case: see `_schedule`).
+
+Why one file: it has one job, the key-by-key mapping, one function per config section; some 60 of its
+lines are the table of GPT-NeoX keys that have no counterpart, each with its reason.
 """
 from __future__ import annotations
 
