@@ -121,6 +121,32 @@ class CheckpointConfig:
 
 
 @dataclass
+class ProfileConfig:
+    steps: list = field(default_factory=list)
+    """`[a, b]`: a torch.profiler trace of steps a..b (inclusive) per rank, RUN_DIR/profile/ (Chrome/Perfetto
+    JSON); empty: no trace."""
+    memory: bool = False
+    """Record CUDA allocations and write a memory snapshot at the end of the `steps` window (or after the
+    first step without one); GPUs only. An out-of-memory error writes one whatever this says."""
+
+    def __post_init__(self) -> None:
+        _check_bool("profile.memory", self.memory)
+        if self.steps and (len(self.steps) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1
+                                                       for s in self.steps) or self.steps[0] > self.steps[1]):
+            raise ValueError(f"profile.steps must be [first, last] with 1 <= first <= last, got {self.steps!r}")
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = False
+    """Also write every metrics.jsonl scalar as TensorBoard events in RUN_DIR/tensorboard/ (metrics.jsonl stays
+    the source of truth)."""
+
+    def __post_init__(self) -> None:
+        _check_bool("logging.tensorboard", self.tensorboard)
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     """The model's shape and switches (activation_checkpointing, kernels); YAML: fields or `preset:` + fields."""
@@ -134,6 +160,10 @@ class TrainConfig:
     """Warmup and cosine decay of the learning rate."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """When to save, how many to keep, where to resume from."""
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    """torch.profiler traces and CUDA memory snapshots on demand."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Where metrics go besides metrics.jsonl."""
     run_dir: str = "runs/train"
     """Everything the run writes: metrics.jsonl, config.yaml, checkpoints/, index-cache/."""
     micro_batch_size: int = 1
