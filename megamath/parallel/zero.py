@@ -315,8 +315,8 @@ class ZeroOptimizer:
         `timer` (a megamath.training.phases.PhaseTimer, optional) times grad_reduce / optimizer / param_gather.
         """
         phase = timer.phase if timer is not None else (lambda name: contextlib.nullcontext())
-        self._check_views()
         with phase("grad_reduce"):
+            self._check_views()
             self._reduce_scatter_grads()
         with phase("optimizer"):
             result = self._update(lr)

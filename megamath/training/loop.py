@@ -72,8 +72,9 @@ def train_step(model: Llama, optimizer: ZeroOptimizer, micro_batches: list[Micro
                state: ParallelState, timer: PhaseTimer | None = None) -> StepOutput:
     """One optimizer update from this rank's micro-batches of the step (`timer` times its phases)."""
     phase = timer.phase if timer is not None else no_phase
-    optimizer.zero_grad()
-    loss_sum = torch.zeros((), dtype=torch.float32, device=state.device)
+    with phase("optimizer"):  # the gradient buffer's memset is the optimizer's bookkeeping
+        optimizer.zero_grad()
+        loss_sum = torch.zeros((), dtype=torch.float32, device=state.device)
     for tokens, targets in micro_batches:  # tokens, targets: (b, S)
         with phase("forward"):
             _, loss = model(tokens, targets)  # () mean over the micro-batch's tokens
@@ -253,7 +254,8 @@ def train(config: TrainConfig, state: ParallelState) -> TrainResult:
                             f"{nonfinite} consecutive steps ({step - nonfinite + 1}..{step}) had a non-finite loss or "
                             f"gradient norm; stopping. {kept} with a lower learning rate or after checking the data "
                             "of those steps")
-                preempted = flag.agreed(state)
+                with timer.phase("sync"):  # a collective: mostly waiting for the slowest rank
+                    preempted = flag.agreed(state)
                 save_every = config.checkpoint.save_every
                 if preempted or step == config.train_steps or (save_every and step % save_every == 0):
                     meta = _metadata(config, step, lr, data.global_batch_size, nonfinite)

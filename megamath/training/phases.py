@@ -1,5 +1,5 @@
 """Where a step's time goes: named phases (data, forward, backward, grad_reduce, optimizer, param_gather,
-eval, checkpoint) timed on the clock that sees the work.
+eval, sync, checkpoint) timed on the clock that sees the work.
 
 Why two clocks. On a CPU the work happens when the host runs it, so a wall clock around each phase is
 exact. On a GPU the host only enqueues kernels and races ahead; a wall clock would charge a phase for
@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-PHASES = ("data", "forward", "backward", "grad_reduce", "optimizer", "param_gather", "eval", "checkpoint")
-"""Every phase name a step may report, in the order a step runs them."""
+PHASES = ("data", "forward", "backward", "grad_reduce", "optimizer", "param_gather", "eval", "sync", "checkpoint")
+"""Every phase name a step may report, in the order a step runs them. `sync` is the end-of-step agreement
+of the ranks on a preemption signal (one scalar all-reduce): its time is mostly waiting for the slowest rank."""
 ALWAYS = PHASES[:6]
 """Phases every step reports (0.0 when a step skipped one, e.g. the update after a non-finite loss)."""
 
@@ -81,13 +82,12 @@ class PhaseTimer:
         if self._current is None:  # used outside a timed step (e.g. the optimizer in a test): time nothing
             yield
             return
-        label = torch.profiler.record_function(name) if self.annotate else contextlib.nullcontext()
-        with label:
-            start = self._mark()
-            try:
+        start = self._mark()
+        try:
+            with torch.profiler.record_function(name) if self.annotate else contextlib.nullcontext():
                 yield
-            finally:
-                self._current.spans.append((name, start, self._mark()))
+        finally:
+            self._current.spans.append((name, start, self._mark()))
 
     def end_step(self) -> StepTiming:
         """The finished step's timing (read it with `resolve()`; on GPU not before `ready()` or a step later)."""
