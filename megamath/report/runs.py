@@ -34,13 +34,14 @@ def load_run(path: str | Path) -> Run:
     if not metrics.is_file():
         raise FileNotFoundError(f"{path} has no {METRICS}: is it a megamath run folder (the run_dir of a config)?")
     records = []
-    for number, line in enumerate(metrics.read_text().splitlines(), 1):
+    lines = metrics.read_text().splitlines()
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             records.append(json.loads(line))
-        except ValueError:  # the torn last line of a killed run
-            if number < len(metrics.read_text().splitlines()):
+        except ValueError:
+            if number < len(lines):  # only the last line may be torn (a run killed while writing it)
                 raise ValueError(f"{metrics}:{number} is not valid JSON") from None
     if not records:
         raise ValueError(f"{metrics} holds no step yet")

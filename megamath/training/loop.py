@@ -7,8 +7,9 @@ Order of one step (every rank, in lockstep):
     3. the mean loss over micro-batches and DP ranks (a host sync); a non-finite loss skips the update;
     4. optimizer.step(lr): DP reduction, global grad norm, clipping, AdamW on the shard (a non-finite norm
        skips the update on every rank);
-    5. metrics; validation every eval_every steps; a checkpoint every save_every steps, at the end, and
-       when SIGTERM/SIGUSR1 asked the job to stop (saved at the end of the step, then a clean exit 0).
+    5. validation every eval_every steps; a checkpoint every save_every steps, at the end, and
+       when SIGTERM/SIGUSR1 asked the job to stop (saved at the end of the step, then a clean exit 0);
+    6. metrics, with the time of each phase of 1-5 (phases.py; on GPUs written a step later).
 
 After max_consecutive_nonfinite skipped steps in a row the run stops with NonFiniteError; no checkpoint
 is written after the last good one, so it stays the one to resume from.
@@ -258,8 +259,8 @@ def train(config: TrainConfig, state: ParallelState) -> TrainResult:
                     preempted = flag.agreed(state)
                 save_every = config.checkpoint.save_every
                 if preempted or step == config.train_steps or (save_every and step % save_every == 0):
-                    meta = _metadata(config, step, lr, data.global_batch_size, nonfinite)
                     with timer.phase("checkpoint"):
+                        meta = _metadata(config, step, lr, data.global_batch_size, nonfinite)
                         ckpt.save_checkpoint(run_dir, step, model, optimizer, state, meta, config.checkpoint.keep)
                     last_saved = step
                 log.write(rec, timer.end_step())  # the step's timing ends here: data to checkpoint

@@ -5,8 +5,8 @@ Why two clocks. On a CPU the work happens when the host runs it, so a wall clock
 exact. On a GPU the host only enqueues kernels and races ahead; a wall clock would charge a phase for
 whatever earlier work the host happened to wait on. CUDA events recorded on the stream instead measure
 when the GPU reached each point. Reading an event's time needs the GPU to have passed it; asking at once
-would be an extra host sync per phase, so a step's events are read one step later (`StepTiming.ready`),
-when the loop's own syncs (the loss, the grad norm) have long passed them.
+would be an extra host sync per phase, so a step's events are read one step later (MetricsLogger.write
+keeps the newest step pending), when the loop's own syncs (the loss, the grad norm) have long passed them.
 
 Phases nest nowhere and may repeat (forward/backward once per micro-batch): their times add up. The
 step's time runs from `start_step` to `end_step` on the same clock, so anything outside every phase
@@ -29,7 +29,7 @@ ALWAYS = PHASES[:6]
 
 @dataclass
 class StepTiming:
-    """One step's markers; `resolve()` turns them into seconds once `ready()`."""
+    """One step's markers; `resolve()` turns them into seconds."""
 
     start: object
     """perf_counter() seconds on CPU, a torch.cuda.Event on GPU."""
@@ -37,12 +37,8 @@ class StepTiming:
     spans: list[tuple[str, object, object]] = field(default_factory=list)
     """(phase, start marker, end marker) in the order they ran."""
 
-    def ready(self) -> bool:
-        """True when every marker can be read without waiting (always on CPU)."""
-        return not isinstance(self.end, torch.cuda.Event) or self.end.query()
-
     def resolve(self) -> tuple[float, dict[str, float]]:
-        """(step seconds, {phase: seconds}); on GPU it waits for the step's last event if needed."""
+        """(step seconds, {phase: seconds}); on GPU it waits for the step's last event if it has not passed."""
         if isinstance(self.end, torch.cuda.Event):
             self.end.synchronize()
             seconds = lambda a, b: a.elapsed_time(b) / 1e3  # noqa: E731 (ms between two events)
@@ -90,7 +86,7 @@ class PhaseTimer:
             self._current.spans.append((name, start, self._mark()))
 
     def end_step(self) -> StepTiming:
-        """The finished step's timing (read it with `resolve()`; on GPU not before `ready()` or a step later)."""
+        """The finished step's timing (on GPU, `resolve()` it a step later to avoid waiting)."""
         timing, self._current = self._current, None
         timing.end = self._mark()
         return timing
