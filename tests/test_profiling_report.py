@@ -356,3 +356,24 @@ def test_report_shows_gpu_readings_and_scores_when_present(tmp_path):
     assert "<figcaption>Memory, power and utilization</figcaption>" in page
     assert "<figcaption>Evaluation scores</figcaption>" in page
     assert "<figcaption>Throughput: tokens/s and MFU</figcaption>" in page
+
+
+def test_gpu_records_wait_one_step_for_their_timing(tmp_path):
+    """The one-step-late rule of a CUDA logger, driven on CPU: a step's line appears when the next one
+    arrives, the last at summary()."""
+    from megamath.training.metrics import MetricsLogger
+
+    log = MetricsLogger(tmp_path, 0, torch.device("cpu"), 1000, 1, 64, 3, 1, 100)
+    log.device = torch.device("cuda")  # only the deferral reads it on this path
+    timer = PhaseTimer(torch.device("cpu"))
+    lines = lambda: (tmp_path / "metrics.jsonl").read_text().splitlines()  # noqa: E731
+    for step in (1, 2, 3):
+        timer.start_step()
+        with timer.phase("forward"):
+            pass
+        log.write({"step": step, "loss": 1.0, "lr": 1e-3, "grad_norm": 1.0, "skipped": False,
+                   "consumed_samples": step}, timer.end_step())
+        assert [json.loads(line)["step"] for line in lines()] == list(range(1, step))
+    assert log.summary()["steps"] == 2 and [json.loads(line)["step"] for line in lines()] == [1, 2, 3]
+    assert all("phases" in json.loads(line) for line in lines())
+    log.close()
