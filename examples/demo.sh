@@ -19,3 +19,6 @@ megamath blend --seq-length "$SEQ_LENGTH" --num-samples 2000 --cache-dir "$OUT/i
 # $OUT/train/checkpoints/latest (and stops at once when the run is complete).
 torchrun --standalone --nproc_per_node 2 -m megamath.cli train --config examples/tiny.yaml \
     data.data_dir="$OUT/data" data.cache_dir="$OUT/index-cache" run_dir="$OUT/train"
+# The run's report: summary table, notes, plots of loss, throughput and where each step's time goes.
+REPORT=$(megamath report "$OUT/train" --output "$OUT/train/report.html")
+echo "report: $REPORT"

@@ -23,6 +23,7 @@ COMMANDS = {
     "overlap-accuracy": "overlap_accuracy",
     "checkpoint": "checkpoint",
     "config": "config",
+    "report": "report",
 }
 
 

@@ -87,8 +87,8 @@ def test_llemma_mixture_expands_from_data_dir():
     ({"optimizer": {"lrr": 1}}, "unknown key 'optimizer.lrr'; optimizer takes: lr, beta1, beta2, eps, weight_decay, "
                                 "clip_grad, grad_dtype, bucket_mb"),
     ({"modle": {}}, "unknown key 'modle'; config takes: model, parallel, optimizer, data, schedule, checkpoint, "
-                    "run_dir, micro_batch_size, grad_accum_steps, train_steps, eval_every, eval_batches, "
-                    "init_from_hf, param_dtype, seed, max_consecutive_nonfinite, log_every, logging"),
+                    "profile, logging, run_dir, micro_batch_size, grad_accum_steps, train_steps, eval_every, "
+                    "eval_batches, init_from_hf, param_dtype, seed, max_consecutive_nonfinite, log_every"),
     ({"model": {"preset": "tiny", "hidden": 64}}, "unknown key 'model.hidden'; model takes: preset, vocab_size, "
      "hidden_size, num_layers, num_heads, num_kv_heads, ffn_hidden_size, max_seq_length, rope_theta, norm_eps, "
      "init_std, activation_checkpointing, kernels, attention"),
@@ -133,8 +133,8 @@ def test_cli_reports_a_bad_config_in_one_line(tmp_path, capsys):
     assert main(["train", "--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert err == ("megamath train: error: unknown key 'warmup'; config takes: model, parallel, optimizer, data, "
-                   "schedule, checkpoint, run_dir, micro_batch_size, grad_accum_steps, train_steps, eval_every, "
-                   "eval_batches, init_from_hf, param_dtype, seed, max_consecutive_nonfinite, log_every, logging\n")
+                   "schedule, checkpoint, profile, logging, run_dir, micro_batch_size, grad_accum_steps, train_steps, "
+                   "eval_every, eval_batches, init_from_hf, param_dtype, seed, max_consecutive_nonfinite, log_every\n")
 
 
 @pytest.mark.parametrize("name", ["tiny.yaml", "llemma_7b.yaml", "llemma_34b.yaml"])

@@ -3,7 +3,7 @@
     torchrun --nproc_per_node 8 -m megamath.cli train --config examples/llemma_7b.yaml optimizer.lr=5e-5
 
 Exit status: 0 when training finished or was preempted (a checkpoint was saved), 1 when it stopped on
-non-finite losses, 2 on a bad config or input.
+non-finite losses or out of GPU memory (a memory snapshot is written first), 2 on a bad config or input.
 """
 from __future__ import annotations
 
@@ -30,13 +30,14 @@ def run(args) -> int:
     from megamath.parallel.state import ParallelState
     from megamath.training.config import load_config
     from megamath.training.loop import NonFiniteError, train
+    from megamath.training.profiling import OutOfMemoryStop
 
     overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
     config = load_config(args.config, overrides)
     state = ParallelState.from_env(config.parallel.tp_size)
     try:
         train(config, state)
-    except NonFiniteError as err:
+    except (NonFiniteError, OutOfMemoryStop) as err:
         print(f"megamath train: error: {err}", file=sys.stderr)
         return 1
     finally:

@@ -44,6 +44,7 @@ when a model's parameters are re-created (`to_empty` for a pretrained init).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -271,10 +272,25 @@ class ZeroOptimizer:
         return norm / self.dp_size  # the buffer holds the DP sum; the average is 1/dp of it
 
     @torch.no_grad()
-    def step(self, lr: float) -> StepResult:
-        """One AdamW update at learning rate lr of the gradients accumulated since zero_grad()."""
-        self._check_views()
-        self._reduce_scatter_grads()
+    def step(self, lr: float, timer=None) -> StepResult:
+        """One AdamW update at learning rate lr of the gradients accumulated since zero_grad().
+
+        `timer` (a megamath.training.phases.PhaseTimer, optional) times grad_reduce / optimizer / param_gather.
+        """
+        phase = timer.phase if timer is not None else (lambda name: contextlib.nullcontext())
+        with phase("grad_reduce"):
+            self._check_views()
+            self._reduce_scatter_grads()
+        with phase("optimizer"):
+            result = self._update(lr)
+        if result.skipped:
+            return result
+        with phase("param_gather"):
+            self._all_gather_params()
+        return result
+
+    def _update(self, lr: float) -> StepResult:
+        """Norm, clipping and AdamW on this rank's shard (the parameter shard is written, not yet gathered)."""
         norm = float(self._grad_norm())  # a host sync: every rank must agree on skipping before updating
         if not math.isfinite(norm):
             return StepResult(norm, True, 0.0)
@@ -292,7 +308,6 @@ class ZeroOptimizer:
                   grad_scale=coef / self.dp_size)
         if not lowp:
             param_shard.copy_(self.master)  # padding stays 0: its grads are 0 and it is never decayed
-        self._all_gather_params()
         return StepResult(norm, False, coef)
 
     # ---- checkpoints -------------------------------------------------------------------------------

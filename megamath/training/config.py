@@ -25,7 +25,7 @@ from megamath.data.blending import parse_data_path
 from megamath.model.config import ModelConfig
 from megamath.parallel.optimizer_config import OptimizerConfig
 from megamath.training.schedule import ScheduleConfig
-from megamath.training.wandb_log import LoggingConfig
+from megamath.training.wandb_log import WandbConfig
 
 # LLEMMA's ProofPile II weights. LLEMMA also mixed in general data: the Pile at 0.147368 and
 # RedPajama code at 0.221053 of the subset total, to limit forgetting; those are not ProofPile II
@@ -129,6 +129,34 @@ class CheckpointConfig:
 
 
 @dataclass
+class ProfileConfig:
+    steps: list = field(default_factory=list)
+    """`[a, b]`: a torch.profiler trace of steps a..b (inclusive) per rank, RUN_DIR/profile/ (Chrome/Perfetto
+    JSON); empty: no trace."""
+    memory: bool = False
+    """Record CUDA allocations and write a memory snapshot at the end of the `steps` window (or after the
+    first step without one); GPUs only. An out-of-memory error writes one whatever this says."""
+
+    def __post_init__(self) -> None:
+        _check_bool("profile.memory", self.memory)
+        if self.steps and (len(self.steps) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1
+                                                       for s in self.steps) or self.steps[0] > self.steps[1]):
+            raise ValueError(f"profile.steps must be [first, last] with 1 <= first <= last, got {self.steps!r}")
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = False
+    """Also write every metrics.jsonl scalar as TensorBoard events in RUN_DIR/tensorboard/ (metrics.jsonl stays
+    the source of truth)."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Weights & Biases, `{project, group, name, mode, entity}`: off unless `project` is set."""
+
+    def __post_init__(self) -> None:
+        _check_bool("logging.tensorboard", self.tensorboard)
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     """The model's shape and switches (activation_checkpointing, kernels); YAML: fields or `preset:` + fields."""
@@ -142,6 +170,10 @@ class TrainConfig:
     """Warmup and cosine decay of the learning rate."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """When to save, how many to keep, where to resume from."""
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    """torch.profiler traces and CUDA memory snapshots on demand."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Sinks besides metrics.jsonl (the source of truth): TensorBoard, Weights & Biases."""
     run_dir: str = "runs/train"
     """Everything the run writes: metrics.jsonl, config.yaml, checkpoints/, index-cache/."""
     micro_batch_size: int = 1
@@ -164,8 +196,6 @@ class TrainConfig:
     """Stop with an error after this many skipped (NaN/inf) steps in a row."""
     log_every: int = 10
     """Print a console line every this many steps (metrics.jsonl gets every step)."""
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    """Optional sinks beside metrics.jsonl: `wandb: {project, group, name, mode, entity}` (off by default)."""
 
     def __post_init__(self) -> None:
         for name, low in (("micro_batch_size", 1), ("grad_accum_steps", 1), ("train_steps", 1), ("eval_every", 0),

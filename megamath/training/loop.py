@@ -7,8 +7,9 @@ Order of one step (every rank, in lockstep):
     3. the mean loss over micro-batches and DP ranks (a host sync); a non-finite loss skips the update;
     4. optimizer.step(lr): DP reduction, global grad norm, clipping, AdamW on the shard (a non-finite norm
        skips the update on every rank);
-    5. metrics; validation every eval_every steps; a checkpoint every save_every steps, at the end, and
-       when SIGTERM/SIGUSR1 asked the job to stop (saved at the end of the step, then a clean exit 0).
+    5. validation every eval_every steps; a checkpoint every save_every steps, at the end, and
+       when SIGTERM/SIGUSR1 asked the job to stop (saved at the end of the step, then a clean exit 0);
+    6. metrics, with the time of each phase of 1-5 (phases.py; on GPUs written a step later).
 
 After max_consecutive_nonfinite skipped steps in a row the run stops with NonFiniteError. No checkpoint
 is written while the streak of skipped steps is non-zero (not even at the end or on preemption), and
@@ -21,7 +22,6 @@ import math
 import random
 import signal
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,7 +39,9 @@ from megamath.parallel.zero import ZeroOptimizer
 from megamath.training import checkpoint as ckpt
 from megamath.training.config import TrainConfig, dump_config
 from megamath.training.data import MicroBatch, TrainData
-from megamath.training.metrics import MetricsLogger, format_summary
+from megamath.training.metrics import MetricsLogger, format_summary, run_info
+from megamath.training.phases import PhaseTimer, no_phase
+from megamath.training.profiling import StepProfiler
 from megamath.training.reshard import load_checkpoint_any_tp
 from megamath.training.resume import check_resume_compatible, find_resume_checkpoint
 from megamath.training.run_guard import hold_run_dir
@@ -75,29 +77,26 @@ class TrainResult:
 # ---- one step ---------------------------------------------------------------------------------------------
 
 def train_step(model: Llama, optimizer: ZeroOptimizer, micro_batches: list[MicroBatch], lr: float,
-               state: ParallelState) -> StepOutput:
-    """One optimizer update from this rank's micro-batches of the step."""
-    optimizer.zero_grad()
-    loss_sum = torch.zeros((), dtype=torch.float32, device=state.device)
+               state: ParallelState, timer: PhaseTimer | None = None) -> StepOutput:
+    """One optimizer update from this rank's micro-batches of the step (`timer` times its phases)."""
+    phase = timer.phase if timer is not None else no_phase
+    with phase("optimizer"):  # the gradient buffer's memset is the optimizer's bookkeeping
+        optimizer.zero_grad()
+        loss_sum = torch.zeros((), dtype=torch.float32, device=state.device)
     for tokens, targets in micro_batches:  # tokens, targets: (b, S)
-        _, loss = model(tokens, targets)  # () mean over the micro-batch's tokens
-        (loss / len(micro_batches)).backward()  # grads accumulate in the optimizer's flat buffer
-        loss_sum += loss.detach().float()
-    if model.sequence_parallel:  # norm-weight grads cover this rank's sequence chunk: sum them over TP
-        allreduce_sequence_parallel_grads(model.sequence_parallel_parameters(), state, optimizer)
-    loss = mean_over_dp(loss_sum / len(micro_batches), state)  # a host sync
+        with phase("forward"):
+            _, loss = model(tokens, targets)  # () mean over the micro-batch's tokens
+        with phase("backward"):
+            (loss / len(micro_batches)).backward()  # grads accumulate in the optimizer's flat buffer
+            loss_sum += loss.detach().float()
+    with phase("grad_reduce"):  # the SP norm grads over TP and the loss over DP: small, but communication
+        if model.sequence_parallel:  # norm-weight grads cover this rank's sequence chunk: sum them over TP
+            allreduce_sequence_parallel_grads(model.sequence_parallel_parameters(), state, optimizer)
+        loss = mean_over_dp(loss_sum / len(micro_batches), state)  # a host sync
     if not math.isfinite(loss):
         return StepOutput(loss, math.nan, skipped=True)
-    result = optimizer.step(lr)
+    result = optimizer.step(lr, timer)
     return StepOutput(loss, result.grad_norm, result.skipped)
-
-
-def end_of_step(state: ParallelState) -> None:
-    """The step's one device synchronisation: the optimizer's kernels and the parameter all-gather are
-    queued asynchronously after the last value the step reads, and a timer stopped before them would
-    overstate tokens/s and MFU."""
-    if state.device.type == "cuda":
-        torch.cuda.synchronize(state.device)
 
 
 def mean_over_dp(value: torch.Tensor, state: ParallelState) -> float:
@@ -246,9 +245,14 @@ def _train(config: TrainConfig, state: ParallelState, attempt: str) -> TrainResu
                              "keep it equal on resume (adjust grad_accum_steps to the new DP size)")
         step, nonfinite = meta["step"], meta["consecutive_nonfinite"]
     tokens_per_step = data.global_batch_size * config.data.seq_length
-    log = MetricsLogger(run_dir, state.rank, state.device, config.model.flops_per_token(config.data.seq_length),
-                        state.world_size, tokens_per_step, config.train_steps, step + 1, config.log_every,
+    flops_per_token = config.model.flops_per_token(config.data.seq_length)
+    log = MetricsLogger(run_dir, state.rank, state.device, flops_per_token, state.world_size, tokens_per_step,
+                        config.train_steps, step + 1, config.log_every, config.logging.tensorboard,
+                        run_info(state.world_size, state.tp_size, state.device, flops_per_token, tokens_per_step,
+                                 config.data.seq_length),
                         wandb=config.logging.wandb, run_config=config.to_dict())
+    timer = PhaseTimer(state.device)
+    profiler = StepProfiler(config.profile.steps, config.profile.memory, run_dir, state.rank, state.device, timer)
     if resume_from is not None:
         resharded = (f" (saved at tensor-parallel size {meta['tp_size']}, re-cut for {state.tp_size})"
                      if meta["tp_size"] != state.tp_size else "")
@@ -260,36 +264,42 @@ def _train(config: TrainConfig, state: ParallelState, attempt: str) -> TrainResu
             while step < config.train_steps:
                 step += 1
                 lr = lr_at(step, config.optimizer.lr, config.schedule)
-                start = time.perf_counter()
-                out = train_step(model, optimizer, data.micro_batches(step), lr, state)
-                end_of_step(state)  # the timer covers the optimizer and the all-gather, not just what was queued
-                rec = log.record(step, out.loss, lr, out.grad_norm, out.skipped, time.perf_counter() - start,
-                                 step * data.global_batch_size)
+                profiler.begin(step)
+                timer.start_step()
+                with timer.phase("data"):
+                    micro_batches = data.micro_batches(step)
+                out = train_step(model, optimizer, micro_batches, lr, state, timer)
+                rec = log.record(step, out.loss, lr, out.grad_norm, out.skipped, step * data.global_batch_size)
                 nonfinite = nonfinite + 1 if out.skipped else 0
                 if config.eval_every and step % config.eval_every == 0:
-                    rec["val_loss"] = evaluate(model, data, state)
-                log.write(rec)
+                    with timer.phase("eval"):
+                        rec["val_loss"] = evaluate(model, data, state)
                 if out.skipped:
                     log.say(f"step {step}: non-finite loss {out.loss} / grad norm {out.grad_norm}: update skipped "
                             f"({nonfinite} in a row, limit {config.max_consecutive_nonfinite})")
                     if nonfinite >= config.max_consecutive_nonfinite:
+                        log.write(rec, timer.end_step())
                         kept = (f"The last checkpoint (step {last_saved}) is intact: resume from it" if last_saved
                                 else "No checkpoint was saved yet: restart")
                         raise NonFiniteError(
                             f"{nonfinite} consecutive steps ({step - nonfinite + 1}..{step}) had a non-finite loss or "
                             f"gradient norm; stopping. {kept} with a lower learning rate or after checking the data "
                             "of those steps")
-                preempted = flag.agreed(state)
+                with timer.phase("sync"):  # a collective: mostly waiting for the slowest rank
+                    preempted = flag.agreed(state)
                 save_every = config.checkpoint.save_every
                 due = preempted or step == config.train_steps or (save_every and step % save_every == 0)
                 if due and nonfinite:  # mid-streak: the last good checkpoint stays the newest
                     log.say(f"step {step}: no checkpoint during a streak of skipped steps; the last one is step "
                             f"{last_saved}")
                 elif due:
-                    meta = _metadata(config, step, lr, data.global_batch_size, nonfinite)
-                    ckpt.save_checkpoint(run_dir, step, model, optimizer, state, meta, config.checkpoint.keep,
-                                         attempt=attempt)
+                    with timer.phase("checkpoint"):
+                        meta = _metadata(config, step, lr, data.global_batch_size, nonfinite)
+                        ckpt.save_checkpoint(run_dir, step, model, optimizer, state, meta, config.checkpoint.keep,
+                                             attempt=attempt)
                     last_saved = step
+                log.write(rec, timer.end_step())  # the step's timing ends here: data to checkpoint
+                profiler.end(step)
                 if preempted:
                     saved = "checkpoint saved to" if last_saved == step else "resume from the last good checkpoint,"
                     log.say(f"stopping on {flag.signal_name or 'a peer rank’s signal'} after step {step}: "
@@ -297,7 +307,10 @@ def _train(config: TrainConfig, state: ParallelState, attempt: str) -> TrainResu
                     break
         summary = log.summary()
         log.say(format_summary(summary))
+    except torch.cuda.OutOfMemoryError as err:
+        raise profiler.out_of_memory(step, err) from err
     finally:
+        profiler.close()
         log.close()
         optimizer.remove_hooks()
     return TrainResult(step, preempted, summary)

@@ -3,9 +3,9 @@
 Throughput in Megatron's terms: tokens/s of the whole job, model TFLOP/s per device from
 `ModelConfig.flops_per_token` (activation recomputation not counted, so this is MFU, not HFU), and MFU
 against the device's dense bf16 peak. On CPUs there is no meaningful peak and MFU is null. GPU memory
-comes from torch; utilization and power from NVML when nvidia-ml-py is importable (optional).
-Only global rank 0 writes; the other ranks return before touching a file. With `logging.wandb` set, the
-same records also go to Weights & Biases (wandb_log.py).
+comes from torch; utilization, power, energy, temperature and clocks from NVML (hardware.py). Each
+step also carries its phase times (phases.py). Only global rank 0 writes files. TensorBoard
+(tensorboard_log.py) and Weights & Biases (wandb_log.py) are optional sinks of the same records.
 """
 from __future__ import annotations
 
@@ -16,6 +16,12 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+
+from megamath.training.hardware import HardwareProbe
+from megamath.training.phases import StepTiming
+
+RUN_INFO = "run_info.json"
 
 from megamath.training.wandb_log import WandbConfig, WandbSink, import_wandb
 
@@ -49,42 +55,23 @@ def finite_or_none(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-class NvmlProbe:
-    """Utilization and power of this process' GPU through NVML, or nothing when it is unavailable."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.handle = None
-        if device.type != "cuda":
-            return
-        try:
-            import pynvml  # nvidia-ml-py
-
-            pynvml.nvmlInit()
-            index = torch.cuda.current_device() if device.index is None else device.index
-            visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
-            if index < len(visible) and visible[index].strip().isdigit():
-                index = int(visible[index])  # NVML numbers all GPUs, CUDA only the visible ones
-            self.handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            self.nvml = pynvml
-        except Exception:  # no library, no driver access: report without NVML
-            self.handle = None
-
-    def read(self) -> dict:
-        if self.handle is None:
-            return {}
-        try:
-            return {"gpu_util": self.nvml.nvmlDeviceGetUtilizationRates(self.handle).gpu,
-                    "power_w": self.nvml.nvmlDeviceGetPowerUsage(self.handle) / 1000.0}
-        except Exception:
-            return {}
-
-
 class MetricsLogger:
-    """Rank 0's metrics.jsonl, console lines and progress bar; every method is a no-op on other ranks."""
+    """Rank 0's metrics.jsonl, console lines and progress bar; files are written by rank 0 only.
+
+    A step goes in as `record` (the step's values, every rank) then `write(rec, timing)`, which adds the
+    timing fields once the step's timing can be read: at once on CPU, one step later on GPU (see
+    phases.py). Every rank must call `write` for every step in the same order, since with several ranks
+    it gathers the step times (a small collective), and `summary()` before `close()`.
+
+    Timing fields: `step_time_s` is the whole step (data to checkpoint), `phases` its parts; tokens/s,
+    TFLOP/s and MFU count the training work only (evaluation and checkpoint time left out, as Megatron
+    does). With several ranks: `step_time_max_s`, `step_time_min_s` and the `slowest_rank`.
+    """
 
     def __init__(self, run_dir: Path, rank: int, device: torch.device, flops_per_token: int, world_size: int,
                  tokens_per_step: int, total_steps: int, first_step: int, log_every: int,
-                 wandb: WandbConfig | None = None, run_config: dict | None = None) -> None:
+                 tensorboard: bool = False, info: dict | None = None, wandb: WandbConfig | None = None,
+                 run_config: dict | None = None) -> None:
         self.enabled = rank == 0
         # Every rank checks the package, so that a missing one fails the whole job at once; rank 0 loads it.
         wandb_module = import_wandb(wandb, load=self.enabled) if wandb is not None else None
@@ -92,13 +79,21 @@ class MetricsLogger:
         self.device, self.flops_per_token, self.world_size = device, flops_per_token, world_size
         self.tokens_per_step, self.log_every = tokens_per_step, log_every
         self.peak = peak_tflops(device)
-        self.timed: list[float] = []  # step times, for the summary
+        self.timed: list[float] = []  # training times of steps, for the summary
+        self.pending: list[tuple[dict, StepTiming]] = []  # records whose timing is not read yet
+        self.hardware = HardwareProbe(device)
+        self.tensorboard = None
         if not self.enabled:
             return
         self.path = Path(run_dir) / "metrics.jsonl"
         _truncate_after(self.path, first_step - 1)
+        if info is not None:
+            (Path(run_dir) / RUN_INFO).write_text(json.dumps(info, indent=1) + "\n")
         self.file = open(self.path, "a", buffering=1)  # line-buffered: a killed run keeps its lines
-        self.nvml = NvmlProbe(device)
+        if tensorboard:
+            from megamath.training.tensorboard_log import TensorBoardLog
+
+            self.tensorboard = TensorBoardLog(Path(run_dir) / "tensorboard")
         from tqdm import tqdm
 
         self.bar = tqdm(total=total_steps, initial=first_step - 1, desc="train", unit="step", file=sys.stderr,
@@ -106,34 +101,65 @@ class MetricsLogger:
         if wandb_module is not None:
             self.wandb = WandbSink(wandb_module, wandb, run_dir, run_config)
 
-    def record(self, step: int, loss: float, lr: float, grad_norm: float, skipped: bool, step_time: float,
+    def record(self, step: int, loss: float, lr: float, grad_norm: float, skipped: bool,
                consumed_samples: int) -> dict:
-        """The step's metrics as a dict (every rank builds it; rank 0 writes it with `write`)."""
-        tokens_per_s = self.tokens_per_step / step_time
-        tflops = self.flops_per_token * tokens_per_s / self.world_size / 1e12  # per device
+        """The step's values (every rank builds it); `write` adds the timing fields."""
         rec = {"step": step, "loss": finite_or_none(loss), "lr": lr, "grad_norm": finite_or_none(grad_norm),
-               "skipped": skipped, "tokens_per_s": tokens_per_s, "tflops": tflops,
-               "mfu": tflops / self.peak if self.peak else None, "step_time_s": step_time,
-               "consumed_samples": consumed_samples}
+               "skipped": skipped, "consumed_samples": consumed_samples}
         if self.device.type == "cuda":
             rec["mem_gib"] = torch.cuda.memory_allocated(self.device) / 2**30
             rec["max_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-            if self.enabled:
-                rec.update(self.nvml.read())
-        self.timed.append(step_time)
         return rec
 
-    def write(self, rec: dict) -> None:
-        if not self.enabled:
-            return
-        self.file.write(json.dumps(rec) + "\n")
-        if self.wandb is not None:
-            self.wandb.log(rec)
-        self.bar.update(1)
-        loss = "nan" if rec["loss"] is None else f"{rec['loss']:.4f}"
-        self.bar.set_postfix_str(f"loss {loss} lr {rec['lr']:.2e}", refresh=False)
-        if rec["step"] % self.log_every == 0 or "val_loss" in rec:
-            self.say(format_record(rec))
+    def write(self, rec: dict, timing: StepTiming) -> None:
+        """Queue the step; steps whose timing is readable are completed and (rank 0) written.
+
+        On GPU the newest step waits for the next call (its events are read a step late); the rule is the
+        same on every rank, so their collectives pair up.
+        """
+        self.pending.append((rec, timing))
+        self._flush(keep_last=self.device.type == "cuda")
+
+    def _flush(self, keep_last: bool, gather: bool = True) -> None:
+        while len(self.pending) > (1 if keep_last else 0):
+            rec, timing = self.pending.pop(0)
+            self._complete(rec, timing, gather)
+            if self.enabled:
+                self.file.write(json.dumps(rec) + "\n")
+                if self.tensorboard is not None:
+                    self.tensorboard.write(rec)
+                if self.wandb is not None:
+                    self.wandb.log(rec)
+                self.bar.update(1)
+                loss = "nan" if rec["loss"] is None else f"{rec['loss']:.4f}"
+                self.bar.set_postfix_str(f"loss {loss} lr {rec['lr']:.2e}", refresh=False)
+                if rec["step"] % self.log_every == 0 or "val_loss" in rec:
+                    self.say(format_record(rec))
+
+    def _complete(self, rec: dict, timing: StepTiming, gather: bool) -> None:
+        """Add the timing, throughput and hardware fields to `rec`."""
+        step_time, phases = timing.resolve()
+        train_time = max(step_time - phases.get("eval", 0.0) - phases.get("checkpoint", 0.0), 1e-12)
+        tokens_per_s = self.tokens_per_step / train_time
+        tflops = self.flops_per_token * tokens_per_s / self.world_size / 1e12  # per device
+        rec.update({"tokens_per_s": tokens_per_s, "tflops": tflops, "mfu": tflops / self.peak if self.peak else None,
+                    "step_time_s": step_time, "phases": phases})
+        hw = self.hardware.read()
+        energy = hw.pop("gpu_energy_j", math.nan)
+        rec.update(hw)
+        if self.world_size > 1 and gather and dist.is_initialized():
+            mine = torch.tensor([step_time, energy], dtype=torch.float64, device=self.device)
+            every = [torch.empty_like(mine) for _ in range(self.world_size)]
+            dist.all_gather(every, mine)
+            table = torch.stack(every).cpu()  # (world, 2)
+            times = table[:, 0]
+            rec.update({"step_time_max_s": float(times.max()), "step_time_min_s": float(times.min()),
+                        "slowest_rank": int(times.argmax())})
+            energy = float(table[:, 1].sum())  # nan when any GPU could not say
+        if math.isfinite(energy):
+            rec["energy_j"] = energy  # the whole job's GPUs over this step
+            rec["j_per_token"] = energy / self.tokens_per_step
+        self.timed.append(train_time)
 
     def say(self, line: str) -> None:
         """A console line from rank 0 that does not tear the progress bar."""
@@ -143,8 +169,10 @@ class MetricsLogger:
     def summary(self) -> dict:
         """Mean throughput over this process' steps, the first left out (it pays for warm-up and compilation).
 
-        `steps` counts the steps averaged.
+        Completes the steps still waiting for their timing (every rank must call it). `steps` counts the
+        steps averaged; `step_time_s` is their training time (evaluation and checkpoints left out).
         """
+        self._flush(keep_last=False)
         times = self.timed[1:] if len(self.timed) > 1 else self.timed
         if not times:
             return {}
@@ -155,11 +183,28 @@ class MetricsLogger:
                 "tflops": tflops, "mfu": tflops / self.peak if self.peak else None}
 
     def close(self) -> None:
-        if self.enabled:
-            self.bar.close()
-            self.file.close()
-            if self.wandb is not None:
-                self.wandb.close()
+        """Write what is still pending (without the cross-rank fields: a failing run's peers may be gone)."""
+        try:
+            self._flush(keep_last=False, gather=False)
+        except Exception:  # closing after a failure (e.g. out of memory): never hide the error that got us here
+            pass
+        finally:
+            if self.enabled:
+                self.bar.close()
+                self.file.close()
+                if self.tensorboard is not None:
+                    self.tensorboard.close()
+                if self.wandb is not None:
+                    self.wandb.close()
+
+
+def run_info(world_size: int, tp_size: int, device: torch.device, flops_per_token: int, tokens_per_step: int,
+             seq_length: int) -> dict:
+    """What a report needs about the job that no step record says (RUN_DIR/run_info.json)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {"world_size": world_size, "tp_size": tp_size, "dp_size": world_size // tp_size,
+            "device_type": device.type, "device_name": name, "peak_tflops": peak_tflops(device),
+            "flops_per_token": flops_per_token, "tokens_per_step": tokens_per_step, "seq_length": seq_length}
 
 
 def format_record(rec: dict) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 WANDB_MODES = ("online", "offline", "disabled")
@@ -43,12 +43,6 @@ class WandbConfig:
     @property
     def enabled(self) -> bool:
         return self.project is not None and self.mode != "disabled"
-
-
-@dataclass
-class LoggingConfig:
-    wandb: WandbConfig = field(default_factory=WandbConfig)
-    """Weights & Biases: off unless `project` is set."""
 
 
 def import_wandb(config: WandbConfig, load: bool = True):

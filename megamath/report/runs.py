@@ -1,0 +1,60 @@
+"""A finished or running training run as the report reads it."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+METRICS = "metrics.jsonl"
+CONFIG = "config.yaml"
+RUN_INFO = "run_info.json"  # written by megamath.training.metrics.MetricsLogger
+
+
+@dataclass
+class Run:
+    path: Path
+    name: str
+    """Label in tables and legends: the folder's name (with its parent when two runs share a name)."""
+    records: list[dict]
+    """metrics.jsonl, one dict per step, in step order (a resumed run's file is already one curve)."""
+    config: dict = field(default_factory=dict)
+    """config.yaml as plain data (empty when missing)."""
+    info: dict = field(default_factory=dict)
+    """run_info.json: world size, TP/DP sizes, device (empty for runs older than it)."""
+
+
+def load_run(path: str | Path) -> Run:
+    """Read RUN_DIR; a clear error when it is not a run folder or holds no step."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"run folder not found: {path}")
+    metrics = path / METRICS
+    if not metrics.is_file():
+        raise FileNotFoundError(f"{path} has no {METRICS}: is it a megamath run folder (the run_dir of a config)?")
+    records = []
+    lines = metrics.read_text().splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if number < len(lines):  # only the last line may be torn (a run killed while writing it)
+                raise ValueError(f"{metrics}:{number} is not valid JSON") from None
+    if not records:
+        raise ValueError(f"{metrics} holds no step yet")
+    records.sort(key=lambda r: r["step"])
+    config = yaml.safe_load((path / CONFIG).read_text()) if (path / CONFIG).is_file() else {}
+    info = json.loads((path / RUN_INFO).read_text()) if (path / RUN_INFO).is_file() else {}
+    return Run(path, path.resolve().name, records, config or {}, info)
+
+
+def load_runs(paths: list[str | Path]) -> list[Run]:
+    runs = [load_run(p) for p in paths]
+    names = [r.name for r in runs]
+    for run in runs:
+        if names.count(run.name) > 1:  # two runs named `train` in different folders
+            run.name = f"{run.path.resolve().parent.name}/{run.path.resolve().name}"
+    return runs

@@ -1,0 +1,118 @@
+"""Profiling on demand: a torch.profiler trace of a window of steps, CUDA memory snapshots, and what an
+out-of-memory error leaves behind.
+
+Why a window and not the whole run: a trace of every kernel of every step is gigabytes and slows the
+steps it watches; a few steps after warm-up show the steady state. Each rank writes its own trace
+(ranks differ: a straggler shows in its own file), Chrome/Perfetto JSON, into RUN_DIR/profile/:
+
+    trace_steps{a}-{b}_rank{r}.json        `profile.steps: [a, b]`, each step a `step N` range, each phase
+                                           (forward, backward, grad_reduce, ...) a range inside it
+    memory_step{s}_rank{r}.pickle          `profile.memory: true` (GPUs): allocations with their stacks,
+                                           for PyTorch's memory visualizer
+    oom_memory_rank{r}.pickle              written when a step runs out of GPU memory, before the run stops
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+PROFILE_DIR = "profile"
+HISTORY_ENTRIES = 100_000
+"""Allocation events kept by the CUDA memory history (a ring buffer: older ones are dropped)."""
+
+
+class OutOfMemoryStop(RuntimeError):
+    """A step ran out of GPU memory; the message says where the memory snapshot went."""
+
+
+class StepProfiler:
+    """Opens the profiler for the steps of `steps` ([first, last], inclusive) and writes what it saw.
+
+    Call `begin(step)` before the step's first work and `end(step)` after its last (checkpoint included),
+    `close()` when the run stops (a run that ends inside the window still writes its trace).
+    """
+
+    def __init__(self, steps: list[int], memory: bool, run_dir: Path, rank: int, device: torch.device,
+                 timer) -> None:
+        self.first, self.last = steps if steps else (None, None)
+        self.dir, self.rank, self.timer = Path(run_dir) / PROFILE_DIR, rank, timer
+        self.cuda = device.type == "cuda"
+        self.memory = memory and self.cuda
+        self.profiler = None
+        self.step_range = None
+        self.memory_written = False
+        self.window_start = None
+        if self.memory:
+            torch.cuda.memory._record_memory_history(max_entries=HISTORY_ENTRIES)
+
+    def in_window(self, step: int) -> bool:
+        return self.first is not None and self.first <= step <= self.last
+
+    def begin(self, step: int) -> None:
+        if not self.in_window(step):
+            return
+        if self.profiler is None:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if self.cuda:
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.__enter__()
+            self.window_start = step
+            self.timer.annotate = True
+        self.seen = step
+        self.step_range = torch.profiler.record_function(f"step {step}")
+        self.step_range.__enter__()
+
+    def end(self, step: int) -> None:
+        if self.step_range is not None:
+            self.step_range.__exit__(None, None, None)
+            self.step_range = None
+        if self.profiler is not None and step >= self.last:
+            self._write_trace(step)
+        if self.memory and not self.memory_written and (self.first is None or step >= self.last):
+            self.write_memory_snapshot(self.dir / f"memory_step{step}_rank{self.rank}.pickle")
+            self.memory_written = True
+
+    def _write_trace(self, step: int) -> None:
+        profiler, self.profiler = self.profiler, None
+        self.timer.annotate = False
+        if self.cuda:
+            torch.cuda.synchronize()  # the window's kernels must have finished to be in the trace
+        profiler.__exit__(None, None, None)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        profiler.export_chrome_trace(str(self.dir / f"trace_steps{self.window_start}-{step}_rank{self.rank}.json"))
+
+    def write_memory_snapshot(self, path: Path) -> bool:
+        """The CUDA allocator's state (and its history when recorded) as a pickle; False without a GPU."""
+        if not self.cuda:
+            return False
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.cuda.memory._dump_snapshot(str(path))
+        return True
+
+    def out_of_memory(self, step: int, err: BaseException) -> OutOfMemoryStop:
+        """The error to stop the run with, after writing the memory snapshot that explains it."""
+        path = self.dir / f"oom_memory_rank{self.rank}.pickle"
+        try:
+            written = self.write_memory_snapshot(path)
+        except Exception as snap_err:  # the snapshot is a help, never a second failure
+            written, path = False, f"(none: writing it failed: {snap_err})"
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        where = (f"memory snapshot written to {path} (open it in PyTorch's memory visualizer)" if written
+                 else "no memory snapshot (not a CUDA device)" if not self.cuda else f"memory snapshot {path}")
+        hint = ("" if self.memory else "; rerun with profile.memory=true to see which allocations led there")
+        return OutOfMemoryStop(f"rank {self.rank} ran out of GPU memory in step {step}: {first_line}. {where}{hint}. "
+                               "Lower micro_batch_size or turn on model.activation_checkpointing")
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):  # called while unwinding too: never hide the run's own error
+            if self.step_range is not None:
+                self.step_range.__exit__(None, None, None)
+                self.step_range = None
+            if self.profiler is not None:
+                self._write_trace(self.seen)
+        if self.memory:
+            with contextlib.suppress(Exception):
+                torch.cuda.memory._record_memory_history(enabled=None)
