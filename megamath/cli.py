@@ -19,6 +19,9 @@ COMMANDS = {
     "convert": "convert",
     "train": "train",
     "reshard": "reshard",
+    "generate": "generate",
+    "eval": "eval",
+    "serve": "serve",
 }
 
 
