@@ -13,17 +13,20 @@ import sys
 from pathlib import Path
 
 
-def add_generation_flags(parser, max_new_tokens: int, temperature: float, batch_size: int) -> None:
-    """The flags generate, eval and serve share."""
+def add_generation_flags(parser, max_new_tokens: int | None, temperature: float, batch_size: int,
+                         top_p: float = 1.0) -> None:
+    """The flags generate, eval and serve share (max_new_tokens None: the task's default)."""
     parser.add_argument("--model", required=True, metavar="PATH",
                         help="a training run (its latest checkpoint), a checkpoint step folder, a megamath "
                         "checkpoint or a Hugging Face Llama folder")
     parser.add_argument("--tokenizer-model", required=True, metavar="MODEL", help="SentencePiece tokenizer.model")
     parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N",
-                        help=f"tokens to generate at most per completion (default {max_new_tokens})")
+                        help="tokens to generate at most per completion (default "
+                        f"{max_new_tokens or 'set by the task'})")
     parser.add_argument("--temperature", type=float, default=temperature, metavar="T",
                         help=f"0 decodes greedily (default {temperature})")
-    parser.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (default 1)")
+    parser.add_argument("--top-p", type=float, default=top_p, metavar="P",
+                        help=f"nucleus sampling mass (default {top_p})")
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the samples (default 0)")
     parser.add_argument("--batch-size", type=int, default=batch_size, metavar="B",
                         help=f"sequences decoded together (default {batch_size})")
@@ -63,7 +66,7 @@ def read_prompts(path: Path) -> list[dict]:
     return records
 
 
-def open_model(args):
+def open_model(args, max_new_tokens: int | None = None):
     """(model, codec, parallel state) for the command's flags; every torchrun process is a TP rank."""
     import os
 
@@ -78,9 +81,10 @@ def open_model(args):
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} pieces, more than the model's vocabulary "
                          f"{model.config.vocab_size}")
-    room = model.config.max_seq_length - args.max_new_tokens
+    max_new_tokens = max_new_tokens or args.max_new_tokens
+    room = model.config.max_seq_length - max_new_tokens
     if room < 2:
-        raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's "
+        raise ValueError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's "
                          f"max_seq_length {model.config.max_seq_length}")
     return model, PromptCodec(tokenizer, room), state
 

@@ -17,6 +17,7 @@ whole unpadded sequence. Tests compare the two.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -134,8 +135,15 @@ def _last_logits(model, logits: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams, *, seeds: Sequence[int] | None = None,
              eos_id: int | None = None, decode: Callable[[list[int]], str] | None = None,
-             use_cache: bool = True) -> list[Completion]:
-    """Complete each prompt (a list of token ids) once; `seeds` (one per prompt) are needed to sample."""
+             use_cache: bool = True, deadline: float | None = None,
+             vocab_limit: int | None = None) -> list[Completion]:
+    """Complete each prompt (a list of token ids) once; `seeds` (one per prompt) are needed to sample.
+
+    `vocab_limit`: only ids below it are generated (a model's vocabulary padded past its tokenizer's:
+    the demo's holds 2,048 rows for 1,024 pieces); log-probabilities are then over those ids.
+
+    `deadline` (a time.monotonic() value): past it, decoding raises TimeoutError (a server's bound per request).
+    """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     if params.temperature > 0 and (seeds is None or len(seeds) != len(prompts)):
@@ -151,9 +159,14 @@ def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
     steps = (_cached_steps if use_cache else _uncached_steps)(model, prompts, longest + params.max_new_tokens, device)
     logits = next(steps)  # (B, V): the prefill's
     for i in range(params.max_new_tokens):
+        if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+            logits[:, vocab_limit:] = float("-inf")
         tokens, logps = choose_tokens(logits, params, gens)
         if tracker.add(tokens.tolist(), logps.tolist()) or i + 1 == params.max_new_tokens:
             break
+        if deadline is not None and time.monotonic() > deadline:
+            steps.close()
+            raise TimeoutError(f"generation passed its deadline after {i + 1} tokens")
         logits = steps.send(tokens)
     steps.close()
     return tracker.finish()
