@@ -42,13 +42,16 @@ class EvalSettings:
 
 
 def evaluate(model, codec: PromptCodec, task: Task, problems: list[Problem], settings: EvalSettings,
-             progress: Callable[[int, int], None] | None = None) -> list[dict]:
-    """The result record of each problem (see the module docstring); progress(problems, tokens) per batch."""
+             progress: Callable[[int, int], None] | None = None, keys: list[int] | None = None) -> list[dict]:
+    """The result record of each problem (see the module docstring); progress(problems, tokens) per batch.
+
+    `keys` (default 0, 1, …) number the problems in the seeds: a share of a task keeps its global numbers.
+    """
     shots = task.shots if settings.shots is None else settings.shots
     prompts = [task.prompt(p.question, shots) for p in problems]
     truncated = [codec.encode(p)[1] for p in prompts]
     max_new = settings.max_new_tokens or task.max_new_tokens
-    keys = list(range(len(problems)))
+    keys = list(range(len(problems))) if keys is None else keys
     greedy = complete(model, codec, prompts, SamplingParams(max_new, 0.0, 1.0, task.stop), 1, settings.seed,
                       settings.batch_size, keys, progress)
     sampled = None

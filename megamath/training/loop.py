@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megamath.evaluation.during_training import evaluate_tasks
 from megamath.model.llama import Llama
 from megamath.parallel.layers import allreduce_sequence_parallel_grads
 from megamath.parallel.state import ParallelState
@@ -229,6 +230,7 @@ def train(config: TrainConfig, state: ParallelState) -> TrainResult:
                 nonfinite = nonfinite + 1 if out.skipped else 0
                 if config.eval_every and step % config.eval_every == 0:
                     rec["val_loss"] = evaluate(model, data, state)
+                    rec.update(evaluate_tasks(model, config.evaluation, state, log.say))  # few-shot tasks
                 log.write(rec)
                 if out.skipped:
                     log.say(f"step {step}: non-finite loss {out.loss} / grad norm {out.grad_norm}: update skipped "
