@@ -41,6 +41,7 @@ class Task:
 
 
 def _jsonl(path: Path) -> list[tuple[int, dict]]:
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} not found")
     records = []
@@ -90,6 +91,7 @@ def _math_problem(record: dict, pid: str, where: str) -> Problem:
 
 
 def read_math(path: Path) -> list[Problem]:
+    path = Path(path)
     if path.is_dir():
         files = sorted(path.rglob("*.json"))
         if not files:
