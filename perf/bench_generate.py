@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import statistics
 import time
 from pathlib import Path
@@ -144,7 +145,9 @@ def main() -> None:
         same = sum(a == b for r, q in zip(row["tokens"], reference) for a, b in zip(r, q))
         row["agree"] = same / (batch * new)
 
-    name = torch.cuda.get_device_name(device) if gpu else f"CPU ({torch.get_num_threads()} threads)"
+    name = torch.cuda.get_device_name(device) if gpu else \
+        f"CPU ({torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} at the end: other " \
+        "processes on the machine slow both models alike)"
     floor = f"{weight_bytes / bandwidth * 1e3:.3f} ms ({weight_bytes / 2**30:.2f} GiB of weights at " \
             f"{bandwidth / 1e9:.0f} GB/s)" if bandwidth else "n/a (no GPU: no bandwidth measured)"
     lines = [f"# Generation benchmark, {datetime.date.today()}", "",

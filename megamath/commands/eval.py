@@ -46,6 +46,8 @@ def run(args) -> int:
         if args.limit < 1:
             raise ValueError(f"--limit must be positive, got {args.limit}")
         problems = problems[:args.limit]
+    if not problems:
+        raise ValueError(f"{args.data}: no problems")
     settings = EvalSettings(args.shots, args.maj, args.temperature, args.top_p, args.max_new_tokens, args.seed,
                             args.batch_size)
     task.prompt(problems[0].question, task.shots if args.shots is None else args.shots)  # bad --shots: fail now
@@ -68,10 +70,10 @@ def run(args) -> int:
     seconds = time.perf_counter() - watch.start
     print(f"{args.task}: {summary['problems']} problems in {seconds:.1f} s, {watch.tokens} tokens generated "
           f"({watch.tokens / max(seconds, 1e-9):.1f} tokens/s)")
-    print(f"  maj@1 (greedy)     {summary['maj1']:.2%}")
+    print(f"  maj@1  {summary['maj1']:7.2%}  greedy")
     if args.maj > 1:
-        print(f"  maj@{args.maj:<4} (T={args.temperature}, top-p={args.top_p}; ties: higher summed log-prob) "
-              f"{summary[f'maj{args.maj}']:.2%}")
+        print(f"  maj@{args.maj}  {summary[f'maj{args.maj}']:7.2%}  vote of {args.maj} samples at T={args.temperature}, "
+              f"top-p={args.top_p}; ties: higher summed log-prob")
     if truncated:
         print(f"  {truncated} prompts were cut from the left to fit the model's max_seq_length")
     print(f"results: {args.output}")
