@@ -21,17 +21,17 @@ from test_train_loop import metrics, raw_config, run
 
 def _gsm8k_digits(path: Path) -> Path:
     """Problems whose answers are single digits: a random model that writes digits gets some right."""
-    rows = [{"question": f"What is {d} + 0?", "answer": f"#### {d}"} for d in [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8]]
+    rows = [{"question": f"What is {d} + 0?", "answer": f"#### {d}"} for d in [3, 1, 4, 1, 5, 9, 2, 6]]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
 def _evaluation(root: Path, tokenizer: Path) -> dict:
-    write_problems(root / "demo-arith.jsonl", count=7)
+    write_problems(root / "demo-arith.jsonl", count=5)
     _gsm8k_digits(root / "digits.jsonl")
     return {"tokenizer_model": str(tokenizer), "data_dir": str(root),
             "tasks": [{"name": "demo-arith", "data": "demo-arith.jsonl", "maj": 2},
-                      {"name": "gsm8k", "data": "digits.jsonl", "shots": 0, "maj": 3, "max_new_tokens": 12}]}
+                      {"name": "gsm8k", "data": "digits.jsonl", "shots": 0, "maj": 3, "max_new_tokens": 8}]}
 
 
 @pytest.fixture(scope="module")
@@ -43,18 +43,17 @@ def assets(tmp_path_factory):
 
 def test_tasks_are_logged_to_metrics_jsonl(tmp_path, assets):
     _, _, evaluation = assets
-    raw = raw_config(tmp_path / "data", tmp_path / "run", train_steps=4, eval_every=2, model__vocab_size=512,
+    raw = raw_config(tmp_path / "data", tmp_path / "run", train_steps=3, eval_every=2, model__vocab_size=512,
                      model__max_seq_length=256)
     raw["evaluation"] = evaluation
     config = TrainConfig.from_dict(raw)
     assert TrainConfig.from_dict(config.to_dict()) == config  # the section round-trips through config.yaml
     run(raw)
     records = {r["step"]: r for r in metrics(tmp_path / "run")}
-    for step in (2, 4):
-        keys = {k for k in records[step] if k.startswith("eval/")}
-        assert keys == {"eval/demo-arith/maj1", "eval/demo-arith/maj2", "eval/gsm8k/maj1", "eval/gsm8k/maj3"}
-        assert all(0.0 <= records[step][k] <= 1.0 for k in keys)
-    assert not any(k.startswith("eval/") for k in records[1])
+    keys = {k for k in records[2] if k.startswith("eval/")}
+    assert keys == {"eval/demo-arith/maj1", "eval/demo-arith/maj2", "eval/gsm8k/maj1", "eval/gsm8k/maj3"}
+    assert all(0.0 <= records[2][k] <= 1.0 for k in keys)
+    assert not any(k.startswith("eval/") for k in records[1]) and not any(k.startswith("eval/") for k in records[3])
 
 
 def test_config_errors(assets):
