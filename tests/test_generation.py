@@ -191,3 +191,21 @@ def test_load_model_from_every_checkpoint_kind(tmp_path, hf_models, hf_root):
         assert torch.equal(a, b), n
     with pytest.raises(FileNotFoundError, match="not a training run"):
         load_model(tmp_path)
+
+
+def test_load_model_from_a_training_run_and_a_step_folder(tmp_path):
+    from safetensors.torch import load_file
+
+    from test_train_loop import raw_config, run
+
+    run(raw_config(tmp_path / "data", tmp_path / "run", train_steps=4, checkpoint__save_every=2))
+    assert checkpoint_kind(tmp_path / "run") == "train-run"
+    step2 = tmp_path / "run" / "checkpoints" / "step_0000002"
+    assert checkpoint_kind(step2) == "train-step"
+    for path, step in ((tmp_path / "run", 4), (step2, 2)):  # the run means its latest checkpoint
+        saved = load_file(str(tmp_path / "run" / "checkpoints" / f"step_{step:07d}" / "model_tp00.safetensors"))
+        model = load_model(path, kernels="reference")
+        assert not model.training and model.config.vocab_size == 64
+        for name, param in model.named_parameters():
+            assert torch.equal(param, saved[name]), name
+    assert len(generate(model, [[3, 4, 5]], SamplingParams(max_new_tokens=3))[0].token_ids) == 3
