@@ -33,6 +33,15 @@ def add_parser(subparsers, name: str) -> None:
 
 
 def run(args) -> int:
+    from megamath.commands.generate import close_distributed
+
+    try:
+        return _run(args)
+    finally:
+        close_distributed()
+
+
+def _run(args) -> int:
     from tqdm import tqdm
 
     from megamath.atomic_io import write_text_atomically

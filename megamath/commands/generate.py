@@ -89,7 +89,22 @@ def open_model(args, max_new_tokens: int | None = None):
     return model, PromptCodec(tokenizer, room), state
 
 
+def close_distributed() -> None:
+    """Leave torchrun's process group (when this command joined one)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def run(args) -> int:
+    try:
+        return _run(args)
+    finally:
+        close_distributed()
+
+
+def _run(args) -> int:
     from tqdm import tqdm
 
     from megamath.atomic_io import write_text_atomically

@@ -58,7 +58,7 @@ def load_model(path: str | Path, parallel: ParallelState | None = None, device: 
     config = dataclasses.replace(config, kernels=kernels, activation_checkpointing=False)
     with torch.device("meta"):
         model = Llama(config, parallel)
-    model.to_empty(device=device)
+    model.to_empty(device=device).to(dtype or default_dtype(device))  # the weights are cast as they are copied
     if source is None:
         load_pretrained(model, path, parallel)
     else:
@@ -66,4 +66,4 @@ def load_model(path: str | Path, parallel: ParallelState | None = None, device: 
 
         for name, param in model.named_parameters():
             param.copy_(cut(source.weight(name), name, config, parallel.tp_size, parallel.tp_rank))
-    return model.to(dtype or default_dtype(device)).eval()
+    return model.eval()
