@@ -235,10 +235,10 @@ class Llama(nn.Module):
         x = self.embed_tokens(tokens)  # (B, S, h), or (B, S/p, h) under SP
         checkpointing = self.config.activation_checkpointing and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            if checkpointing:
-                x = torch.utils.checkpoint.checkpoint(layer, x, ops, position_offset, use_reentrant=False)
-            elif cache is not None:
+            if cache is not None:
                 x = layer(x, ops, position_offset, cache.layers[i])  # (B, S, h)
+            elif checkpointing:
+                x = torch.utils.checkpoint.checkpoint(layer, x, ops, position_offset, use_reentrant=False)
             else:
                 x = layer(x, ops, position_offset)  # (B, S, h), or (B, S/p, h) under SP
         if cache is not None:
