@@ -11,7 +11,7 @@ import pytest
 from generation_fixtures import build_checkpoint, build_tokenizer
 from megamath.cli import main
 from megamath.evaluation import runner
-from megamath.evaluation.runner import EvalSettings, evaluate, summarize
+from megamath.evaluation.runner import EvalSettings, breakdown, evaluate, summarize
 from megamath.evaluation.tasks import Problem, get_task
 from megamath.generation.generate import Completion
 
@@ -86,7 +86,7 @@ def test_eval_gsm8k_with_majority_vote(tiny, tmp_path, capsys):
     assert "ties: higher summed log-prob" in printed
 
 
-def test_eval_math_release_layout_keeps_level(tiny, tmp_path):
+def test_eval_math_release_layout_keeps_level(tiny, tmp_path, capsys):
     folder = tmp_path / "MATH" / "test" / "algebra"
     folder.mkdir(parents=True)
     (folder / "1.json").write_text(json.dumps({"problem": "Compute $2+2$.", "level": "Level 1", "type": "Algebra",
@@ -94,6 +94,7 @@ def test_eval_math_release_layout_keeps_level(tiny, tmp_path):
     out = tmp_path / "math.jsonl"
     assert main(["eval", *_args(tiny, "--task", "math", "--data", str(tmp_path / "MATH"), "--shots", "2",
                                 "--max-new-tokens", "8", "--output", str(out))]) == 0
+    assert "level Level 1" in capsys.readouterr().out
     (record,) = _lines(out)
     assert record["id"] == "test/algebra/1" and record["level"] == "Level 1" and record["gold"] == "4"
     assert isinstance(record["correct"], bool) and "vote" not in record
@@ -138,6 +139,9 @@ def test_scores_and_votes_follow_the_completions(monkeypatch):
     assert results[0]["vote"] == "7" and results[0]["correct_maj"]  # 2 votes beat 1 likelier vote
     assert results[1]["answers"] == ["5", "6", None] and results[1]["vote"] == "6"  # tie -> higher log-prob
     assert summarize(results, 3) == {"problems": 2, "maj1": 0.5, "maj3": 1.0}
+    results[0]["level"], results[1]["level"] = "Level 1", "Level 2"
+    assert breakdown(results, 3) == {"level Level 1": {"problems": 1, "maj1": 1.0, "maj3": 1.0},
+                                     "level Level 2": {"problems": 1, "maj1": 0.0, "maj3": 1.0}}
 
 
 @pytest.mark.skipif(not SHARED_GSM8K.is_file(), reason="the shared GSM8K test file is not on this machine")

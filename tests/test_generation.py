@@ -3,6 +3,8 @@ RoPE θ 1e6, ragged prompts in one batch); the KV cache equals the plain forward
 reproducible and independent of the batch; stop strings and EOS; loading every checkpoint kind."""
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -156,6 +158,8 @@ def test_stop_strings_cut_the_text():
                    use_cache=False)
     assert out[0].text == "45" and out[0].token_ids == [4, 5, 6, 7] and out[0].finish_reason == "stop"
     assert out[1].token_ids == [9, 0, 1, 2, 3, 4, 5, 6] and out[1].text == "90123456"
+    with pytest.raises(TimeoutError, match="deadline"):  # a server's bound per request
+        generate(Echo(), [[3]], SamplingParams(max_new_tokens=8), use_cache=False, deadline=time.monotonic() - 1)
 
 
 def test_rope_at_equals_the_reference_rope():

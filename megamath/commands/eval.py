@@ -46,7 +46,7 @@ def _run(args) -> int:
 
     from megamath.atomic_io import write_text_atomically
     from megamath.commands.generate import open_model
-    from megamath.evaluation.runner import EvalSettings, Stopwatch, evaluate, summarize
+    from megamath.evaluation.runner import EvalSettings, Stopwatch, breakdown, evaluate, summarize
     from megamath.evaluation.tasks import get_task
 
     task = get_task(args.task)
@@ -83,6 +83,9 @@ def _run(args) -> int:
     if args.maj > 1:
         print(f"  maj@{args.maj}  {summary[f'maj{args.maj}']:7.2%}  vote of {args.maj} samples at T={args.temperature}, "
               f"top-p={args.top_p}; ties: higher summed log-prob")
+    for group, part in breakdown(results, args.maj).items():
+        line = f"    {group:<24} {part['problems']:>5} problems  maj@1 {part['maj1']:7.2%}"
+        print(line + (f"  maj@{args.maj} {part[f'maj{args.maj}']:7.2%}" if args.maj > 1 else ""))
     if truncated:
         print(f"  {truncated} prompts were cut from the left to fit the model's max_seq_length")
     print(f"results: {args.output}")

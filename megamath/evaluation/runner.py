@@ -85,6 +85,17 @@ def summarize(results: list[dict], maj: int) -> dict:
     return summary
 
 
+def breakdown(results: list[dict], maj: int) -> dict[str, dict]:
+    """Accuracies per group of the first grouping field the data has (MATH's level, demo-arith's kind)."""
+    for key in ("level", "kind", "type"):
+        if results and all(key in r for r in results):
+            groups: dict[str, list[dict]] = {}
+            for r in results:
+                groups.setdefault(f"{key} {r[key]}", []).append(r)
+            return {name: summarize(rows, maj) for name, rows in sorted(groups.items())}
+    return {}
+
+
 class Stopwatch:
     """Problems/s and tokens/s for the progress bar."""
 
