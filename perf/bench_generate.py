@@ -114,6 +114,8 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=None, help="longest prompt (default 64 CPU, 512 GPU)")
     parser.add_argument("--new-tokens", type=int, default=None, help="tokens per row (default 32 CPU, 128 GPU)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for both models (default torch's; 1 on a machine shared with other jobs)")
     parser.add_argument("--out", type=Path, default=REPO / "perf" / "results")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -122,8 +124,8 @@ def main() -> None:
     batch, plen, new = args.batch or (16 if gpu else 4), args.prompt_len or (512 if gpu else 64), \
         args.new_tokens or (128 if gpu else 32)
     dtype = torch.bfloat16 if gpu else torch.float32
-    if not gpu:
-        torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     ours, hf = build(shape, device, dtype)
     prompts = prompts_for(batch, plen, SHAPES[shape].vocab_size)
     prompt_tokens = sum(map(len, prompts))
