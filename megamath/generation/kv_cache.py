@@ -57,10 +57,14 @@ class LayerCache:
         if kv_expand is not None:  # TP rank whose query heads read KV heads unevenly (see llama.Attention)
             index = torch.tensor(kv_expand, device=k.device)
             keys, values = keys.index_select(2, index), values.index_select(2, index)
-        group = hq // keys.shape[2]
-        keys = keys.transpose(1, 2).repeat_interleave(group, dim=1)  # (B, Hq, T, D)
-        values = values.transpose(1, 2).repeat_interleave(group, dim=1)  # (B, Hq, T, D)
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=cache.mask(start, end)[:, None])
+        q, keys, values = q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2)  # (B, H, S|T, D)
+        mask = cache.mask(start, end)[:, None]  # (B, 1, S, T)
+        try:  # query head j reads KV head j // (Hq / Hkv) without copying K/V per query head
+            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+        except TypeError:  # torch < 2.5: no enable_gqa
+            group = hq // keys.shape[1]
+            o = F.scaled_dot_product_attention(q, keys.repeat_interleave(group, dim=1),
+                                               values.repeat_interleave(group, dim=1), attn_mask=mask)
         return o.transpose(1, 2)  # (B, S, Hq, D)
 
 
