@@ -21,7 +21,7 @@ import json
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 from megamath.generation.batching import PromptCodec, complete
@@ -41,7 +41,6 @@ class ServeConfig:
     request_timeout_s: float = 60.0
     seed: int = 0
     batch_size: int = 16
-    fields: tuple[str, ...] = field(default=("tactic_state", "prefix", "context"))
 
 
 def llmstep_prompt(tactic_state: str, prefix: str) -> str:
