@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job, end to end on data the project generates itself (CPU is enough):
 # demo corpus -> tokenizer -> preprocess to .bin/.idx -> inspect -> Llemma's 2:4:1 mixture of samples.
+# -> training with demo-arith accuracy every eval_every steps -> megamath eval on the final model.
 set -euo pipefail
 OUT=${1:-runs/demo}
 SEQ_LENGTH=${SEQ_LENGTH:-256}
@@ -18,7 +19,12 @@ megamath blend --seq-length "$SEQ_LENGTH" --num-samples 2000 --cache-dir "$OUT/i
 # falls from ~7.6 and a validation loss per subset is printed every 100 steps. Rerunning resumes from
 # $OUT/train/checkpoints/latest (and stops at once when the run is complete).
 torchrun --standalone --nproc_per_node 2 -m megamath.cli train --config examples/tiny.yaml \
-    data.data_dir="$OUT/data" data.cache_dir="$OUT/index-cache" run_dir="$OUT/train"
+    data.data_dir="$OUT/data" data.cache_dir="$OUT/index-cache" run_dir="$OUT/train" \
+    evaluation.tokenizer_model="$OUT/tokenizer.model" evaluation.data_dir="$OUT/eval"
+# The trained model on held-out arithmetic from the corpus templates (greedy, then a vote of 4 samples);
+# per-problem results in $OUT/demo-arith-results.jsonl.
+megamath eval --model "$OUT/train" --tokenizer-model "$OUT/tokenizer.model" --task demo-arith \
+    --data "$OUT/eval/demo-arith.jsonl" --maj 4 --output "$OUT/demo-arith-results.jsonl"
 # The run's report: summary table, notes, plots of loss, throughput and where each step's time goes.
 REPORT=$(megamath report "$OUT/train" --output "$OUT/train/report.html")
 echo "report: $REPORT"

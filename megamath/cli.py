@@ -24,6 +24,9 @@ COMMANDS = {
     "checkpoint": "checkpoint",
     "config": "config",
     "report": "report",
+    "generate": "generate",
+    "eval": "eval",
+    "serve": "serve",
 }
 
 

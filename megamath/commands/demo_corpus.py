@@ -9,7 +9,9 @@ def add_parser(subparsers, name: str) -> None:
         name,
         help="generate a small math corpus in ProofPile II's layout and a SentencePiece tokenizer for it",
         description="Writes OUTPUT/corpus/{algebraic-stack,arxiv,open-web-math}/{train,validation,test}/"
-        "*.jsonl.zst and OUTPUT/tokenizer.model. No downloads: everything is generated from the seed.",
+        "*.jsonl.zst, OUTPUT/tokenizer.model and OUTPUT/eval/demo-arith.jsonl (held-out arithmetic problems "
+        "from the same templates, for `megamath eval --task demo-arith`). No downloads: everything is generated "
+        "from the seed.",
     )
     parser.add_argument("--output", required=True, type=Path, help="folder to write into")
     parser.add_argument("--documents", type=int, default=1000, help="training documents per subset")
@@ -20,13 +22,15 @@ def add_parser(subparsers, name: str) -> None:
 
 def run(args) -> int:
     from megamath.data.demo_corpus import DemoCorpusConfig, train_demo_tokenizer, write_demo_corpus
+    from megamath.evaluation.demo_arith import write_problems
 
     if args.documents < 1:
         raise ValueError(f"--documents must be at least 1, got {args.documents}")
     config = DemoCorpusConfig(documents_per_subset=args.documents, seed=args.seed, vocab_size=args.vocab_size)
     counts = write_demo_corpus(args.output / "corpus", config)
     model = train_demo_tokenizer(args.output / "corpus", args.output / "tokenizer.model", config.vocab_size)
+    problems = write_problems(args.output / "eval" / "demo-arith.jsonl", seed=args.seed)
     for (subset, split), count in counts.items():
         print(f"{subset:>16} {split:<10} {count:>6} documents")
-    print(f"corpus:    {args.output / 'corpus'}\ntokenizer: {model}")
+    print(f"corpus:    {args.output / 'corpus'}\ntokenizer: {model}\neval:      {problems}")
     return 0

@@ -120,12 +120,15 @@ class Attention(nn.Module):
             return proj(x, rows=self.kv_rows)
         return proj(x, input_is_tp_region=True)
 
-    def forward(self, x: torch.Tensor, ops: Ops, position_offset: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ops: Ops, position_offset: int, cache=None) -> torch.Tensor:
         x = tp_region_input(x, self.group, self.sequence_parallel)  # (B, S, h); from (B, S/p, h) under SP
         b, s, _ = x.shape
         q = self.q_proj(x, input_is_tp_region=True).view(b, s, -1, self.head_dim)  # (B, S, Hq/p, D)
         k = self._project_kv(self.k_proj, x).view(b, s, -1, self.head_dim)  # (B, S, Hkv/p, D)
         v = self._project_kv(self.v_proj, x).view(b, s, -1, self.head_dim)  # (B, S, Hkv/p, D)
+        if cache is not None:  # decoding: per-row positions and past keys (megamath.generation.kv_cache)
+            o = cache.attend(q, k, v, self.rope_theta, self.kv_expand)  # (B, S, Hq/p, D)
+            return self.o_proj(o.reshape(b, s, -1))  # (B, S, h)
         q, k = ops.rope(q, k, self.rope_theta, position_offset)  # (B, S, Hq/p, D), (B, S, Hkv/p, D)
         if self.kv_expand is not None:
             index = self._kv_index(k.device)
@@ -162,8 +165,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
         self.mlp = MLP(config, parallel, sequence_parallel)
 
-    def forward(self, x: torch.Tensor, ops: Ops, position_offset: int) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x, ops), ops, position_offset)  # (B, S, h)
+    def forward(self, x: torch.Tensor, ops: Ops, position_offset: int, cache=None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x, ops), ops, position_offset, cache)  # (B, S, h)
         return x + self.mlp(self.post_attention_layernorm(x, ops), ops)  # (B, S, h)
 
 
@@ -218,7 +221,8 @@ class Llama(nn.Module):
             if full is not param:
                 param.copy_(shard_tensor(full, dim, p, r, name))
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, position_offset: int = 0):
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, position_offset: int = 0,
+                cache=None):
         """tokens (B, S) int -> logits (B, S, V), or (logits, loss) when targets (B, S) are given.
 
         The loss is the mean cross-entropy over targets != -100. `position_offset` shifts RoPE's
@@ -226,6 +230,11 @@ class Llama(nn.Module):
         tokens and targets; the logits are this rank's vocabulary slice (B, S, V/p), columns
         [r·V/p, (r+1)·V/p) (`megamath.parallel.mappings.gather_from_tp` joins them), the loss is the
         full-vocabulary loss, the same on every rank.
+
+        `cache` (a `megamath.generation.kv_cache.KVCache`, generation only) holds the keys and values of
+        earlier calls and each row's positions; `position_offset` is then the number of slots already
+        filled, and only the last position's logits (B, 1, V/p) are computed: decoding needs no more, and
+        a long prompt's (B, S, V) logits would be the step's largest tensor.
         """
         if tokens.dim() != 2 or tokens.is_floating_point() or tokens.is_complex():
             raise ValueError(f"tokens must be an integer tensor of shape (batch, seq), got "
@@ -236,17 +245,23 @@ class Llama(nn.Module):
                              f"{self.config.max_seq_length}")
         if targets is not None and targets.shape != tokens.shape:
             raise ValueError(f"targets shape {tuple(targets.shape)} differs from tokens shape {tuple(tokens.shape)}")
+        if cache is not None and (targets is not None or self.sequence_parallel):
+            raise ValueError("a KV cache is for generation: no targets, no sequence parallelism")
         if self.sequence_parallel and s % self.parallel.tp_size:
             raise ValueError(f"sequence parallelism needs the sequence length {s} to be divisible by the "
                              f"tensor-parallel size {self.parallel.tp_size}")
         ops = with_attention(get_ops(self.config.kernels, tokens.device), self.attention)
         x = self.embed_tokens(tokens)  # (B, S, h), or (B, S/p, h) under SP
         checkpointing = self.config.activation_checkpointing and self.training and torch.is_grad_enabled()
-        for layer in self.layers:
-            if checkpointing:
+        for i, layer in enumerate(self.layers):
+            if cache is not None:
+                x = layer(x, ops, position_offset, cache.layers[i])  # (B, S, h)
+            elif checkpointing:
                 x = torch.utils.checkpoint.checkpoint(layer, x, ops, position_offset, use_reentrant=False)
             else:
                 x = layer(x, ops, position_offset)  # (B, S, h), or (B, S/p, h) under SP
+        if cache is not None:
+            x = x[:, -1:]  # (B, 1, h)
         x = self.norm(x, ops)  # (B, S, h), or (B, S/p, h) under SP
         logits = self.lm_head(x)  # (B, S, V/p)
         if targets is None:

@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import yaml
 
 from megamath.data.blending import parse_data_path
+from megamath.evaluation.config import EvaluationConfig
 from megamath.model.config import ModelConfig
 from megamath.parallel.optimizer_config import OptimizerConfig
 from megamath.training.schedule import ScheduleConfig
@@ -196,6 +197,8 @@ class TrainConfig:
     """Stop with an error after this many skipped (NaN/inf) steps in a row."""
     log_every: int = 10
     """Print a console line every this many steps (metrics.jsonl gets every step)."""
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    """Few-shot tasks run every eval_every steps (megamath.evaluation.config)."""
 
     def __post_init__(self) -> None:
         for name, low in (("micro_batch_size", 1), ("grad_accum_steps", 1), ("train_steps", 1), ("eval_every", 0),
@@ -206,6 +209,8 @@ class TrainConfig:
         if self.data.seq_length > self.model.max_seq_length:
             raise ValueError(f"data.seq_length {self.data.seq_length} exceeds model.max_seq_length "
                              f"{self.model.max_seq_length}")
+        if self.evaluation.tasks and not self.eval_every:
+            raise ValueError("evaluation.tasks are listed but eval_every is 0: set how often they run")
         if self.eval_every and not self.data.valid_sets():
             raise ValueError(f"eval_every is {self.eval_every} but data.valid_data is empty")
         _check_optimizer_ranges(self.optimizer)

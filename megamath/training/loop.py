@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megamath.evaluation.during_training import evaluate_tasks
 from megamath.model.attention import choose_attention
 from megamath.model.llama import Llama
 from megamath.model.ops import get_ops
@@ -274,6 +275,7 @@ def _train(config: TrainConfig, state: ParallelState, attempt: str) -> TrainResu
                 if config.eval_every and step % config.eval_every == 0:
                     with timer.phase("eval"):
                         rec["val_loss"] = evaluate(model, data, state)
+                        rec.update(evaluate_tasks(model, config.evaluation, state, log.say))  # few-shot tasks
                 if out.skipped:
                     log.say(f"step {step}: non-finite loss {out.loss} / grad norm {out.grad_norm}: update skipped "
                             f"({nonfinite} in a row, limit {config.max_consecutive_nonfinite})")

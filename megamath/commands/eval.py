@@ -1,0 +1,92 @@
+"""`megamath eval`: few-shot problem solving on a task, greedy (maj@1) and majority vote (maj@k).
+
+    megamath eval --model RUN_DIR --tokenizer-model tokenizer.model --task gsm8k --data gsm8k_test.jsonl \\
+        --maj 16 --temperature 0.6 --top-p 0.95 --output results.jsonl
+
+Writes one line per problem (megamath.evaluation.runner says which fields) and prints the accuracies.
+Under torchrun every process is one tensor-parallel rank; rank 0 writes and prints.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from megamath.commands.generate import add_generation_flags
+
+
+def add_parser(subparsers, name: str) -> None:
+    parser = subparsers.add_parser(
+        name, help="evaluate a model on gsm8k, math or demo-arith (maj@1 and maj@k)",
+        description="Greedy decoding gives maj@1; with --maj K > 1, K samples at --temperature / --top-p vote "
+        "(ties go to the answer whose samples have the higher summed log-probability) for maj@K.")
+    add_generation_flags(parser, max_new_tokens=None, temperature=0.6, batch_size=16, top_p=0.95)
+    parser.add_argument("--task", required=True, metavar="NAME", help="gsm8k, math or demo-arith")
+    parser.add_argument("--data", required=True, type=Path, metavar="FILE|DIR",
+                        help="the task's data: a jsonl file, or for math also the MATH release folder")
+    parser.add_argument("--shots", type=int, default=None, metavar="N", help="exemplars (default: the task's)")
+    parser.add_argument("--maj", type=int, default=1, metavar="K", help="samples per problem for maj@K (default 1)")
+    parser.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate the first N problems")
+    parser.add_argument("--output", required=True, type=Path, metavar="RESULTS.jsonl", help="per-problem results")
+    parser.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from megamath.commands.generate import close_distributed
+
+    try:
+        return _run(args)
+    finally:
+        close_distributed()
+
+
+def _run(args) -> int:
+    from tqdm import tqdm
+
+    from megamath.atomic_io import write_text_atomically
+    from megamath.commands.generate import open_model
+    from megamath.evaluation.runner import EvalSettings, Stopwatch, breakdown, evaluate, summarize
+    from megamath.evaluation.tasks import get_task
+
+    task = get_task(args.task)
+    problems = task.read(args.data)
+    if args.limit is not None:
+        if args.limit < 1:
+            raise ValueError(f"--limit must be positive, got {args.limit}")
+        problems = problems[:args.limit]
+    if not problems:
+        raise ValueError(f"{args.data}: no problems")
+    settings = EvalSettings(args.shots, args.maj, args.temperature, args.top_p, args.max_new_tokens, args.seed,
+                            args.batch_size)
+    task.prompt(problems[0].question, task.shots if args.shots is None else args.shots)  # bad --shots: fail now
+    model, codec, state = open_model(args, args.max_new_tokens or task.max_new_tokens)
+    passes = 2 if args.maj > 1 else 1
+    bar = tqdm(total=len(problems) * passes, unit="problem", disable=state.rank != 0, file=sys.stderr)
+    watch = Stopwatch()
+
+    def progress(done: int, tokens: int) -> None:
+        bar.set_postfix(watch.rates(done, tokens), refresh=False)
+        bar.update(done)
+
+    results = evaluate(model, codec, task, problems, settings, progress)
+    bar.close()
+    if state.rank != 0:
+        return 0
+    write_text_atomically(args.output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results))
+    summary = summarize(results, args.maj)
+    truncated = sum(r["prompt_truncated"] > 0 for r in results)
+    seconds = time.perf_counter() - watch.start
+    print(f"{args.task}: {summary['problems']} problems in {seconds:.1f} s, {watch.tokens} tokens generated "
+          f"({watch.tokens / max(seconds, 1e-9):.1f} tokens/s)")
+    print(f"  maj@1  {summary['maj1']:7.2%}  greedy")
+    if args.maj > 1:
+        print(f"  maj@{args.maj}  {summary[f'maj{args.maj}']:7.2%}  vote of {args.maj} samples at T={args.temperature}, "
+              f"top-p={args.top_p}; ties: higher summed log-prob")
+    for group, part in breakdown(results, args.maj).items():
+        line = f"    {group:<24} {part['problems']:>5} problems  maj@1 {part['maj1']:7.2%}"
+        print(line + (f"  maj@{args.maj} {part[f'maj{args.maj}']:7.2%}" if args.maj > 1 else ""))
+    if truncated:
+        print(f"  {truncated} prompts were cut from the left to fit the model's max_seq_length")
+    print(f"results: {args.output}")
+    return 0

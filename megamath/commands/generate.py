@@ -1,0 +1,129 @@
+"""`megamath generate`: complete the prompts of a jsonl file with a megamath or Hugging Face model.
+
+    megamath generate --model RUN_DIR --tokenizer-model tokenizer.model --prompts in.jsonl --output out.jsonl
+
+Input lines `{"prompt": str, ...}`; output lines keep every input field and add `completions`,
+`token_ids` and `logprobs` (one entry per sample). Under torchrun every process is one tensor-parallel
+rank of the model; rank 0 writes the output.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def add_generation_flags(parser, max_new_tokens: int | None, temperature: float, batch_size: int,
+                         top_p: float = 1.0) -> None:
+    """The flags generate, eval and serve share (max_new_tokens None: the task's default)."""
+    parser.add_argument("--model", required=True, metavar="PATH",
+                        help="a training run (its latest checkpoint), a checkpoint step folder, a megamath "
+                        "checkpoint or a Hugging Face Llama folder")
+    parser.add_argument("--tokenizer-model", required=True, metavar="MODEL", help="SentencePiece tokenizer.model")
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N",
+                        help="tokens to generate at most per completion (default "
+                        f"{max_new_tokens or 'set by the task'})")
+    parser.add_argument("--temperature", type=float, default=temperature, metavar="T",
+                        help=f"0 decodes greedily (default {temperature})")
+    parser.add_argument("--top-p", type=float, default=top_p, metavar="P",
+                        help=f"nucleus sampling mass (default {top_p})")
+    parser.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the samples (default 0)")
+    parser.add_argument("--batch-size", type=int, default=batch_size, metavar="B",
+                        help=f"sequences decoded together (default {batch_size})")
+
+
+def add_parser(subparsers, name: str) -> None:
+    parser = subparsers.add_parser(
+        name, help="generate completions of jsonl prompts",
+        description="Reads {\"prompt\": str} lines, writes them back with completions, token_ids and logprobs "
+        "(summed log-probability of each completion under the model). Launch with torchrun for tensor "
+        "parallelism (every process is one TP rank).")
+    add_generation_flags(parser, max_new_tokens=256, temperature=0.0, batch_size=16)
+    parser.add_argument("--prompts", required=True, type=Path, metavar="FILE.jsonl", help="input prompts")
+    parser.add_argument("--output", required=True, type=Path, metavar="OUT.jsonl", help="output file")
+    parser.add_argument("--num-samples", type=int, default=1, metavar="K", help="completions per prompt (default 1)")
+    parser.add_argument("--stop", nargs="+", default=[], metavar="STR", help="strings that end a completion")
+    parser.set_defaults(run=run)
+
+
+def read_prompts(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file {path} not found")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{n}: invalid JSON ({err.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                raise ValueError(f'{path}:{n}: expected an object with a string "prompt"')
+            records.append(record)
+    if not records:
+        raise ValueError(f"{path}: no prompts")
+    return records
+
+
+def open_model(args, max_new_tokens: int | None = None):
+    """(model, codec, parallel state) for the command's flags; every torchrun process is a TP rank."""
+    import os
+
+    from megamath.data.tokenizer import SentencePieceTokenizer
+    from megamath.generation.batching import PromptCodec
+    from megamath.generation.loading import load_model
+    from megamath.parallel.state import ParallelState
+
+    tokenizer = SentencePieceTokenizer(args.tokenizer_model)
+    state = ParallelState.from_env(tp_size=int(os.environ.get("WORLD_SIZE", 1)))
+    model = load_model(args.model, state)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} pieces, more than the model's vocabulary "
+                         f"{model.config.vocab_size}")
+    max_new_tokens = max_new_tokens or args.max_new_tokens
+    room = model.config.max_seq_length - max_new_tokens
+    if room < 2:
+        raise ValueError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's "
+                         f"max_seq_length {model.config.max_seq_length}")
+    return model, PromptCodec(tokenizer, room), state
+
+
+def close_distributed() -> None:
+    """Leave torchrun's process group (when this command joined one)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def run(args) -> int:
+    try:
+        return _run(args)
+    finally:
+        close_distributed()
+
+
+def _run(args) -> int:
+    from tqdm import tqdm
+
+    from megamath.atomic_io import write_text_atomically
+    from megamath.generation.batching import complete
+    from megamath.generation.generate import SamplingParams
+
+    params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, tuple(args.stop))
+    records = read_prompts(args.prompts)
+    if args.output.exists() and args.output.is_dir():
+        raise FileExistsError(f"--output {args.output} is a directory")
+    model, codec, state = open_model(args)
+    bar = tqdm(total=len(records), unit="prompt", disable=state.rank != 0, file=sys.stderr)
+    results = complete(model, codec, [r["prompt"] for r in records], params, args.num_samples, args.seed,
+                       args.batch_size, progress=lambda n, _: bar.update(n))
+    bar.close()
+    if state.rank == 0:
+        lines = [json.dumps({**r, "completions": [c.text for c in cs], "token_ids": [c.token_ids for c in cs],
+                             "logprobs": [c.logprob for c in cs]}, ensure_ascii=False)
+                 for r, cs in zip(records, results)]
+        write_text_atomically(args.output, "\n".join(lines) + "\n")
+        print(f"wrote {len(records)} prompts x {args.num_samples} completions to {args.output}")
+    return 0

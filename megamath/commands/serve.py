@@ -1,0 +1,55 @@
+"""`megamath serve`: a Lean copilot endpoint (LLMSTEP's HTTP protocol) backed by a megamath model.
+
+    megamath serve --model RUN_DIR --tokenizer-model tokenizer.model --port 6000
+
+Then point Lean's llmstep at it (LLMSTEP_HOST=localhost, LLMSTEP_PORT=6000). One process, one model;
+megamath.generation.server describes the protocol and its limits.
+"""
+from __future__ import annotations
+
+import os
+
+from megamath.commands.generate import add_generation_flags
+
+
+def add_parser(subparsers, name: str) -> None:
+    parser = subparsers.add_parser(
+        name, help="serve tactic suggestions over HTTP (LLMSTEP's protocol) for Lean's llmstep",
+        description="POST / {\"tactic_state\", \"prefix\", \"context\"} -> {\"suggestions\": [...]}: N samples "
+        "of [GOAL]state[PROOFSTEP]prefix, cut at a newline, deduplicated, ranked by mean log-probability. "
+        "Binds to 127.0.0.1 unless --host says otherwise; SIGTERM stops it cleanly.")
+    add_generation_flags(parser, max_new_tokens=64, temperature=0.5, batch_size=16)
+    parser.set_defaults(temperature=None)
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=6000, help="TCP port (default 6000; 0 picks a free one)")
+    parser.add_argument("--num-samples", type=int, default=10, metavar="N", help="samples per request (default 10)")
+    parser.add_argument("--temperatures", type=float, nargs="+", default=None, metavar="T",
+                        help="several temperatures to split the samples over (instead of --temperature)")
+    parser.add_argument("--max-body-bytes", type=int, default=1 << 20, metavar="N",
+                        help="largest request body accepted (default 1 MiB)")
+    parser.add_argument("--request-timeout", type=float, default=60.0, metavar="S",
+                        help="seconds a request may take, reading and generating (default 60)")
+    parser.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from megamath.commands.generate import open_model
+    from megamath.generation.server import ServeConfig, serve
+
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise ValueError("megamath serve runs as one process (no torchrun)")
+    temperatures = tuple(args.temperatures or [0.5 if args.temperature is None else args.temperature])
+    if args.num_samples < 1:
+        raise ValueError(f"--num-samples must be positive, got {args.num_samples}")
+    if any(t < 0 for t in temperatures):
+        raise ValueError(f"temperatures must be >= 0, got {temperatures}")
+    config = ServeConfig(args.host, args.port, args.num_samples, temperatures, args.max_new_tokens, args.top_p,
+                         args.max_body_bytes, args.request_timeout, args.seed, args.batch_size)
+    model, codec, _ = open_model(args)
+
+    def ready(host, port):
+        print(f"megamath serve: listening on http://{host}:{port}/ (LLMSTEP protocol; SIGTERM stops)", flush=True)
+
+    serve(model, codec, config, ready)
+    print("megamath serve: stopped", flush=True)
+    return 0

@@ -1,0 +1,80 @@
+"""The training config's `evaluation` section: few-shot tasks run on the model being trained.
+
+    evaluation:
+      tokenizer_model: runs/demo/tokenizer.model
+      data_dir: runs/demo/eval          # task data paths are relative to it (optional)
+      tasks:
+        - {name: demo-arith, data: demo-arith.jsonl, limit: 70}
+        - {name: gsm8k, data: gsm8k_test.jsonl, shots: 8, limit: 200, maj: 4}
+
+The tasks run every `eval_every` steps, beside the validation loss; results go to metrics.jsonl as
+`eval/<task>/maj1` and `eval/<task>/maj<k>`. This module holds only the dataclasses (the training
+config imports it); megamath.evaluation.during_training runs them.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class EvalTaskConfig:
+    name: str
+    """A task of megamath.evaluation.tasks: gsm8k, math or demo-arith."""
+    data: str
+    """Its data file or folder (relative to evaluation.data_dir when that is set)."""
+    shots: int | None = None
+    """Exemplars in the prompt (null: the task's default)."""
+    limit: int | None = None
+    """Evaluate the first `limit` problems (null: all)."""
+    maj: int = 1
+    """k of maj@k; 1 runs greedy decoding only."""
+    max_new_tokens: int | None = None
+    """null: the task's default."""
+
+    def __post_init__(self) -> None:
+        from megamath.evaluation.tasks import TASKS  # light: the task table, no model code
+
+        if self.name not in TASKS:
+            raise ValueError(f"evaluation task {self.name!r} is unknown; choose one of {', '.join(TASKS)}")
+        for key, low in (("shots", 0), ("limit", 1), ("maj", 1), ("max_new_tokens", 1)):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+                raise ValueError(f"evaluation task {self.name}: {key} must be an integer >= {low}, got {value!r}")
+
+
+@dataclass
+class EvaluationConfig:
+    tasks: list = field(default_factory=list)
+    """Tasks to run every eval_every steps: mappings with the fields of EvalTaskConfig."""
+    tokenizer_model: str | None = None
+    """SentencePiece model of the training data (needed when tasks are listed)."""
+    data_dir: str | None = None
+    """Folder the tasks' data paths are relative to (null: as written)."""
+    temperature: float = 0.6
+    """Sampling temperature of the maj@k votes."""
+    top_p: float = 0.95
+    seed: int = 0
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        tasks = []
+        for i, task in enumerate(self.tasks):
+            if isinstance(task, EvalTaskConfig):
+                tasks.append(task)
+                continue
+            if not isinstance(task, dict):
+                raise ValueError(f"evaluation.tasks[{i}] must be a mapping, got {task!r}")
+            known = {f.name for f in dataclasses.fields(EvalTaskConfig)}
+            unknown = sorted(set(task) - known)
+            if unknown or "name" not in task or "data" not in task:
+                raise ValueError(f"evaluation.tasks[{i}]: needs name and data, takes {', '.join(sorted(known))}"
+                                 + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
+            tasks.append(EvalTaskConfig(**task))
+        self.tasks = tasks
+        if tasks and not self.tokenizer_model:
+            raise ValueError("evaluation.tokenizer_model is required when evaluation.tasks are listed")
+
+    def data_path(self, task: EvalTaskConfig) -> Path:
+        return Path(self.data_dir) / task.data if self.data_dir else Path(task.data)

@@ -1,0 +1,153 @@
+r"""Symbolic equality of two normalised MATH answers through SymPy, bounded by a timeout.
+
+Why not SymPy's own LaTeX parser: it needs the ANTLR runtime. MATH's answers use a small LaTeX
+vocabulary (numbers, `\frac`, `\sqrt`, `\pi`, powers, `\cdot`, intervals and tuples), which `to_sympy`
+rewrites into SymPy syntax. An answer it cannot read compares unequal (exact string match already
+failed), so a parser gap can only cost a correct answer, never credit a wrong one.
+
+Intervals and tuples compare element by element and need the same brackets ("[2,5)" is not "(2,5)").
+SymPy's simplify can run for minutes on adversarial input: the check runs under a SIGALRM timer when
+called from the main thread (elsewhere inputs are short-circuited by length instead) and a timeout
+counts as unequal.
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+import signal
+import threading
+
+_COMMANDS = {"\\pi": "pi", "\\infty": "oo", "\\cdot": "*", "\\times": "*", "\\div": "/", "\\ln": "log",
+             "\\log": "log", "\\sin": "sin", "\\cos": "cos", "\\tan": "tan", "\\exp": "exp"}
+MAX_CHARS = 200
+
+
+class _Timeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float):
+    """Raise _Timeout after `seconds` (main thread only; elsewhere no limit)."""
+    if threading.current_thread() is not threading.main_thread() or seconds <= 0:
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        raise _Timeout()
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _group(text: str, i: int) -> tuple[str, int]:
+    """The brace group (or single character) starting at text[i] -> (content, index after it)."""
+    if i >= len(text):
+        raise ValueError("missing argument")
+    if text[i] != "{":
+        return text[i], i + 1
+    depth = 0
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1:j], j + 1
+    raise ValueError("unbalanced braces")
+
+
+def latex_to_python(text: str) -> str:
+    r"""`\frac{a}{b}` -> ((a)/(b)), `\sqrt[n]{x}` -> ((x)**(1/(n))), `^{…}` -> **(…), braces -> parentheses."""
+    out, i = [], 0
+    while i < len(text):
+        if text.startswith("\\frac", i):
+            num, i = _group(text, i + 5)
+            den, i = _group(text, i)
+            out.append(f"(({latex_to_python(num)})/({latex_to_python(den)}))")
+        elif text.startswith("\\sqrt", i):
+            i += 5
+            root = "2"
+            if text.startswith("[", i):
+                close = text.index("]", i)
+                root, i = text[i + 1:close], close + 1
+            arg, i = _group(text, i)
+            out.append(f"(({latex_to_python(arg)})**(1/({latex_to_python(root)})))")
+        elif text[i] == "^":
+            arg, i = _group(text, i + 1)
+            out.append(f"**({latex_to_python(arg)})")
+        elif text[i] == "\\":
+            name = re.match(r"\\[A-Za-z]+", text[i:])
+            if not name or name.group(0) not in _COMMANDS:
+                raise ValueError(f"unsupported LaTeX {text[i:i + 12]!r}")
+            out.append(f" {_COMMANDS[name.group(0)]} ")
+            i += len(name.group(0))
+        elif text[i] in "{}":
+            out.append("(" if text[i] == "{" else ")")
+            i += 1
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+def to_sympy(text: str):
+    from sympy.parsing.sympy_parser import (convert_xor, implicit_multiplication_application, parse_expr,
+                                            standard_transformations)
+
+    python = latex_to_python(text)
+    if re.search(r"[^0-9A-Za-z_+\-*/().\s]", python):
+        raise ValueError(f"unsupported characters in {text!r}")
+    return parse_expr(python, transformations=standard_transformations + (implicit_multiplication_application,
+                                                                            convert_xor), evaluate=True)
+
+
+def _split_top_level(text: str) -> list[str]:
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += ch in "([{" and 1 or (ch in ")]}" and -1 or 0)
+        if ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return parts + [text[start:]]
+
+
+def _scalar_equal(a: str, b: str) -> bool:
+    import sympy
+
+    x, y = to_sympy(a), to_sympy(b)
+    difference = sympy.simplify(x - y)
+    if difference == 0:
+        return True
+    return bool(difference.is_number and abs(complex(sympy.N(difference))) <= 1e-9 * max(1.0, abs(complex(sympy.N(y)))))
+
+
+def _equal(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    ends = (a[:1] + a[-1:], b[:1] + b[-1:])
+    bracketed = [e[0] in "([" and e[1] in ")]" for e in ends]
+    if any(bracketed) or "," in a or "," in b:  # intervals, tuples, lists: same brackets, elementwise
+        if bracketed[0] != bracketed[1] or (bracketed[0] and ends[0] != ends[1]):
+            return False
+        inner_a, inner_b = (a[1:-1], b[1:-1]) if bracketed[0] else (a, b)
+        parts_a, parts_b = _split_top_level(inner_a), _split_top_level(inner_b)
+        if len(parts_a) != len(parts_b) or (len(parts_a) == 1 and bracketed[0]):
+            return len(parts_a) == len(parts_b) == 1 and _scalar_equal(inner_a, inner_b)
+        return all(_equal(p.strip(), q.strip()) for p, q in zip(parts_a, parts_b))
+    return _scalar_equal(a, b)
+
+
+def symbolic_equal(a: str, b: str, timeout_s: float = 2.0) -> bool:
+    """True when the answers are provably equal; unreadable, too long or too slow counts as unequal."""
+    if not a or not b or len(a) > MAX_CHARS or len(b) > MAX_CHARS:
+        return False
+    try:
+        with _time_limit(timeout_s):
+            return _equal(a, b)
+    except _Timeout:
+        return False
+    except Exception:  # noqa: BLE001 - any parse or SymPy failure means "not shown equal"
+        return False

@@ -1,0 +1,1 @@
+"""Text generation from megamath models: a KV cache, batched decoding, model loading for inference."""

@@ -1,0 +1,73 @@
+"""Text in, completions out: tokenize prompts, fan out K samples each, batch by length, decode.
+
+Why a layer above `generate`: the commands (generate, eval, serve) and evaluation during training all
+need the same prompt handling (BOS first, as Llama's tokenizer does; too-long prompts cut from the left
+so the question at the end survives), the same seeds (sample j of prompt key i draws from a stream
+derived from (seed, i, j), so a sample does not depend on the batch size or the order of the file) and
+the same batching (rows sorted by prompt length, so a batch pads little).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from megamath.generation.generate import Completion, SamplingParams, generate
+
+
+def row_seed(seed: int, key: int, sample: int) -> int:
+    """A 63-bit seed for sample `sample` of prompt `key` under the user's seed."""
+    return int(np.random.SeedSequence([seed, key, sample]).generate_state(2, np.uint64)[0]) >> 1
+
+
+@dataclass
+class PromptCodec:
+    """Prompt text <-> ids for one tokenizer (anything with encode / decode / bos_id / eos_id)."""
+
+    tokenizer: object
+    max_prompt_tokens: int
+    add_bos: bool = True
+
+    def encode(self, text: str) -> tuple[list[int], int]:
+        """(ids, number of tokens cut from the left to fit max_prompt_tokens)."""
+        ids = list(self.tokenizer.encode(text))
+        bos = [self.tokenizer.bos_id] if self.add_bos and self.tokenizer.bos_id is not None else []
+        room = self.max_prompt_tokens - len(bos)
+        cut = max(0, len(ids) - room)
+        return bos + ids[cut:], cut
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+
+def complete(model, codec: PromptCodec, prompts: Sequence[str], params: SamplingParams, num_samples: int = 1,
+             seed: int = 0, batch_size: int = 16, keys: Sequence[int] | None = None,
+             progress: Callable[[int, int], None] | None = None,
+             deadline: float | None = None) -> list[list[Completion]]:
+    """num_samples completions of each prompt; `keys` (default 0, 1, ...) name the prompts in the seeds.
+
+    `progress(prompts_finished, tokens_generated)` is called after each batch.
+    """
+    if num_samples < 1 or batch_size < 1:
+        raise ValueError(f"num_samples and batch_size must be positive, got {num_samples} and {batch_size}")
+    keys = list(range(len(prompts))) if keys is None else list(keys)
+    encoded = [codec.encode(p)[0] for p in prompts]
+    rows = [(i, j) for i in range(len(prompts)) for j in range(num_samples)]
+    rows.sort(key=lambda r: len(encoded[r[0]]))
+    out: list[list[Completion | None]] = [[None] * num_samples for _ in prompts]
+    remaining = [num_samples] * len(prompts)
+    eos = getattr(codec.tokenizer, "eos_id", None)
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start:start + batch_size]
+        seeds = [row_seed(seed, keys[i], j) for i, j in batch]
+        done = generate(model, [encoded[i] for i, _ in batch], params, seeds=seeds, eos_id=eos, decode=codec.decode,
+                        deadline=deadline, vocab_limit=getattr(codec.tokenizer, "vocab_size", None))
+        finished = 0
+        for (i, j), completion in zip(batch, done):
+            out[i][j] = completion
+            remaining[i] -= 1
+            finished += remaining[i] == 0
+        if progress is not None:
+            progress(finished, sum(len(c.token_ids) for c in done))
+    return out

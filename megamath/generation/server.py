@@ -1,0 +1,139 @@
+"""An HTTP server speaking LLMSTEP's protocol, so Lean 4's `llmstep` tactic can use a megamath model.
+
+    POST /   {"tactic_state": str, "prefix": str, "context": str}
+          -> {"suggestions": [str, ...]}          200
+          -> {"error": str}                        400 malformed JSON or fields, 404 other paths,
+                                                   411 no Content-Length, 413 body too large, 503 timeout
+
+The prompt is LLMSTEP's `[GOAL]{tactic_state}[PROOFSTEP]{prefix}`; `num_samples` completions are drawn
+(split evenly over the configured temperatures), each cut at the first newline; a suggestion is the
+prefix followed by the completion, stripped. Duplicates are merged and suggestions ranked by mean
+log-probability per generated token (long tactics are not penalised for their length). `context` is
+accepted and unused, as in LLMSTEP's reference server.
+
+One request is served at a time (one model); each request's socket reads and its generation are bounded
+by `request_timeout_s`. The server binds to 127.0.0.1 unless told otherwise; SIGTERM finishes the
+request in flight and stops it.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+from megamath.generation.batching import PromptCodec, complete
+from megamath.generation.generate import SamplingParams
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 6000
+    num_samples: int = 10
+    temperatures: tuple[float, ...] = (0.5,)
+    """Samples are split evenly over these temperatures."""
+    max_new_tokens: int = 64
+    top_p: float = 1.0
+    max_body_bytes: int = 1 << 20
+    request_timeout_s: float = 60.0
+    seed: int = 0
+    batch_size: int = 16
+
+
+def llmstep_prompt(tactic_state: str, prefix: str) -> str:
+    return f"[GOAL]{tactic_state}[PROOFSTEP]{prefix}"
+
+
+def suggest(model, codec: PromptCodec, config: ServeConfig, tactic_state: str, prefix: str,
+            request_number: int = 0, deadline: float | None = None) -> list[str]:
+    """Ranked, deduplicated tactic suggestions for one proof state."""
+    prompt = llmstep_prompt(tactic_state, prefix)
+    scored: dict[str, float] = {}
+    temps = config.temperatures
+    for t_index, temperature in enumerate(temps):
+        count = config.num_samples // len(temps) + (t_index < config.num_samples % len(temps))
+        if count == 0:
+            continue
+        params = SamplingParams(config.max_new_tokens, temperature, config.top_p, ("\n",))
+        samples = complete(model, codec, [prompt], params, count, config.seed, config.batch_size,
+                           keys=[request_number * len(temps) + t_index], deadline=deadline)[0]
+        for c in samples:
+            text = (prefix + c.text).strip()
+            if text:
+                score = c.logprob / max(1, len(c.token_ids))
+                scored[text] = max(score, scored.get(text, float("-inf")))
+    return sorted(scored, key=lambda s: -scored[s])
+
+
+def make_handler(model, codec: PromptCodec, config: ServeConfig):
+    counter = iter(range(1 << 62))
+
+    class Handler(BaseHTTPRequestHandler):
+        timeout = config.request_timeout_s  # socket reads: a stalled client cannot hold the server
+        server_version = "megamath-llmstep"
+
+        def log_message(self, format, *args):  # noqa: A002 - the base class's name
+            pass
+
+        def _reply(self, status: int, body: dict) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):  # noqa: N802
+            self._reply(405, {"error": "use POST / with a JSON body"})
+
+        def do_POST(self):  # noqa: N802
+            if self.path.split("?")[0] != "/":
+                return self._reply(404, {"error": f"unknown path {self.path}"})
+            length = self.headers.get("Content-Length")
+            if length is None or not length.isdigit():
+                return self._reply(411, {"error": "a Content-Length header is required"})
+            if int(length) > config.max_body_bytes:
+                self.close_connection = True
+                return self._reply(413, {"error": f"body of {length} bytes exceeds {config.max_body_bytes}"})
+            try:
+                request = json.loads(self.rfile.read(int(length)).decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                return self._reply(400, {"error": f"malformed JSON: {err}"})
+            if not isinstance(request, dict):
+                return self._reply(400, {"error": "the body must be a JSON object"})
+            bad = [k for k in ("tactic_state", "prefix", "context") if not isinstance(request.get(k, ""), str)]
+            if "tactic_state" not in request or bad:
+                return self._reply(400, {"error": 'expected {"tactic_state": str, "prefix": str, "context": str}'})
+            deadline = time.monotonic() + config.request_timeout_s
+            try:
+                suggestions = suggest(model, codec, config, request["tactic_state"], request.get("prefix", ""),
+                                      next(counter), deadline)
+            except TimeoutError:
+                return self._reply(503, {"error": f"timed out after {config.request_timeout_s} s"})
+            self._reply(200, {"suggestions": suggestions})
+
+    return Handler
+
+
+def serve(model, codec: PromptCodec, config: ServeConfig, ready=None) -> None:
+    """Serve until SIGTERM or SIGINT; `ready(host, port)` is called once listening."""
+    server = HTTPServer((config.host, config.port), make_handler(model, codec, config))
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        if not stop.is_set():
+            stop.set()
+            threading.Thread(target=server.shutdown, daemon=True).start()  # shutdown() waits for the loop
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        if ready is not None:
+            ready(*server.server_address[:2])
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        server.server_close()
+        for s, handler in previous.items():
+            signal.signal(s, handler)

@@ -1,0 +1,206 @@
+"""Scoring: GSM8K answer extraction, MATH's Minerva normalisation and equivalence on hand-written pairs,
+majority voting and its tie rule, the task readers."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from megamath.evaluation import demo_arith, gsm8k, minerva_math
+from megamath.evaluation.equivalence import latex_to_python, symbolic_equal
+from megamath.evaluation.tasks import get_task
+from megamath.evaluation.voting import majority_vote
+
+
+# ---- GSM8K -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("completion,expected", [
+    (" Janet has 16 - 3 - 4 = 9 eggs. 9 * 2 = 18. The answer is 18.", "18"),
+    (" The answer is $1,234.", "1234"),
+    (" The answer is 18.00.", "18"),
+    (" The answer is -7", "-7"),
+    (" The answer is 0.5.", "0.5"),
+    (" He pays 3 + 4 = 7 dollars, so 7 in all.", "7"),  # no "The answer is": the last number
+    (" The answer is 5. Then 3 more questions follow with 9.", "5"),  # the stated answer wins
+    (" I do not know.", None),
+])
+def test_gsm8k_extraction(completion, expected):
+    assert gsm8k.extract_answer(completion) == expected
+
+
+def test_gsm8k_gold_and_comparison():
+    assert gsm8k.gold_answer("Janet sells 9 eggs.\nShe makes $18.\n#### 18") == "18"
+    assert gsm8k.gold_answer("... #### 1,000") == "1000"
+    assert gsm8k.is_correct("$1,000.", "1000") and gsm8k.is_correct("18.0", "18")
+    assert not gsm8k.is_correct("17", "18") and not gsm8k.is_correct(None, "18")
+    with pytest.raises(ValueError, match="####"):
+        gsm8k.gold_answer("no marker")
+
+
+def test_gsm8k_prompt_is_eight_shot_chain_of_thought():
+    prompt = gsm8k.build_prompt("How many?")
+    assert prompt.count("Q: ") == 9 and prompt.count("The answer is") == 8 and prompt.endswith("Q: How many?\nA:")
+    assert gsm8k.build_prompt("How many?", 0) == "Q: How many?\nA:"
+    with pytest.raises(ValueError, match="0..8"):
+        gsm8k.build_prompt("x", 9)
+
+
+# ---- MATH -----------------------------------------------------------------------------------------------------
+
+EQUIVALENT = [
+    ("0.5", r"\frac{1}{2}"),  # fractions vs decimals
+    (r"\frac{3}{4}", "0.75"),
+    (r"\dfrac{1}{2}", r"\frac12"),  # \dfrac, shorthand \frac12
+    (r"\tfrac{2}{3}", r"\frac{2}{3}"),
+    (r"-\dfrac{2}{3}", r"-\frac{2}{3}"),
+    (r"10^\circ", "10"),  # degrees
+    (r"30^{\circ}", "30"),
+    (r"5\text{ cm}", "5"),  # units
+    ("12 inches", "12"),
+    (r"\$18.90", "18.9"),
+    (r"\text{(C)}", r"\text{(C)}"),  # \text{}
+    (r"\text{Evelyn}", "Evelyn"),
+    (r"\textbf{8}", "8"),
+    ("[2,5)", "[2, 5)"),  # intervals
+    (r"(-\infty, 3]", r"(-\infty,3]"),
+    (r"\left( \frac{1}{2}, 3 \right)", "(0.5,3)"),
+    ("x = 3", "3"),  # equation vs value
+    ("y=-2", "-2"),
+    (r"50\%", "50"),  # percentages
+    ("25%", "25"),
+    ("1,000", "1000"),
+    (r"\sqrt{8}", r"2\sqrt{2}"),
+    (r"\sqrt2", r"\sqrt{2}"),
+    (r"\frac{\pi}{2}", r"\pi/2"),
+    (r"2\pi", r"\pi \cdot 2"),
+    ("2x+1", "1+2x"),
+    ("x^2+2x+1", "(x+1)^2"),
+    ("(1,2)", "(1, 2)"),
+    (r"\boxed{7}", "7"),
+    ("$7$", "7"),
+    (r"3\sqrt{3}", r"\sqrt{27}"),
+    (r"\frac{1}{\sqrt{2}}", r"\frac{\sqrt{2}}{2}"),
+]
+DIFFERENT = [
+    ("3", "4"),
+    ("(2,5)", "[2,5)"),  # open vs half-open
+    ("[2,5]", "[2,5)"),
+    (r"\frac{1}{3}", "0.333"),  # a rounded decimal is not the fraction
+    ("(1,2)", "(2,1)"),
+    ("(1,2)", "(1,2,3)"),
+    ("2x", "2y"),
+    (r"\sqrt{2}", "1.414"),
+    ("5", "-5"),
+    ("12", "1.2"),
+    (r"\text{odd}", r"\text{even}"),
+]
+
+
+@pytest.mark.parametrize("predicted,gold", EQUIVALENT)
+def test_math_equivalent_pairs(predicted, gold):
+    assert minerva_math.is_equiv(predicted, gold), (minerva_math.normalize_final_answer(predicted),
+                                                    minerva_math.normalize_final_answer(gold))
+    assert minerva_math.is_equiv(gold, predicted)
+
+
+@pytest.mark.parametrize("predicted,gold", DIFFERENT)
+def test_math_different_pairs(predicted, gold):
+    assert not minerva_math.is_equiv(predicted, gold)
+    assert not minerva_math.is_equiv(gold, predicted)
+
+
+def test_minerva_normalisation_steps():
+    norm = minerva_math.normalize_final_answer
+    assert norm(r"5 \text{ dollars}") == "5" and norm(r"\text{an apple}") == "apple"  # Minerva drops "an "
+    assert norm(r"x = \frac{a}{b}") == r"\frac{a}{b}"
+    assert norm("100,000") == "100000"
+    assert norm(r"\frac{\sqrt{3}}{2}") == r"\frac{\sqrt{3}}{2}"
+    assert norm(r"\sqrt3") == r"\sqrt{3}"
+
+
+def test_math_extraction_and_gold():
+    completion = " The domain is $[2,5)$.\nFinal Answer: The final answer is $[2,5)$. I hope it is correct."
+    assert minerva_math.extract_answer(completion) == "$[2,5)$"
+    cut_at_stop = " So $n = 16$.\nFinal Answer: The final answer is $16$. "  # the stop string was removed
+    assert minerva_math.extract_answer(cut_at_stop) == "$16$"
+    assert minerva_math.extract_answer(r" so the answer is $\boxed{\frac{1}{2}}$.") == r"\frac{1}{2}"
+    assert minerva_math.extract_answer(" no idea") is None
+    assert minerva_math.gold_answer(r"Thus $x = \boxed{\frac{\sqrt{3}}{2}}$ and $\boxed{5}$.") == "5"
+    assert minerva_math.gold_answer(r"Thus $\boxed{\frac{\sqrt{3}}{2}}$.") == r"\frac{\sqrt{3}}{2}"
+    assert minerva_math.last_boxed(r"\boxed 5$") == "5"
+    with pytest.raises(ValueError, match="boxed"):
+        minerva_math.gold_answer("no box")
+
+
+def test_math_prompt_is_minervas_four_shot():
+    prompt = minerva_math.build_prompt("What is $1+1$?")
+    assert prompt.count("Problem:\n") == 5 and prompt.count("I hope it is correct.") == 4
+    assert prompt.endswith("Problem:\nWhat is $1+1$?\n\nSolution:")
+
+
+def test_symbolic_equality_is_bounded():
+    assert latex_to_python(r"\frac{1}{\sqrt{2}}") == "((1)/(((2)**(1/(2)))))"
+    assert not symbolic_equal("x" * 500, "x" * 500)  # too long: not attempted (exact match handles equal strings)
+    assert not symbolic_equal(r"\unknown{3}", "3")  # unreadable LaTeX is "not shown equal"
+    assert not symbolic_equal("(x+1)^(10**9)", "1", timeout_s=0.5)  # gives up, does not hang
+
+
+# ---- voting -----------------------------------------------------------------------------------------------------
+
+def test_majority_vote_and_tie_rule():
+    assert majority_vote(["4", "5", "4"], [-9.0, -1.0, -9.0]) == "4"  # most votes beat a higher log-prob
+    # 2 votes each: "5"'s samples sum to -3, "4"'s to -6: "5" wins the tie.
+    assert majority_vote(["4", "5", "4", "5"], [-3.0, -1.0, -3.0, -2.0]) == "5"
+    assert majority_vote(["4", "5"], [-2.0, -2.0]) == "4"  # exact tie: first sampled
+    assert majority_vote([None, None], [-1.0, -1.0]) is None
+    assert majority_vote([None, "7"], [-1.0, -50.0]) == "7"  # abstentions do not vote
+    # Grouped by the task's canonical form: "$1,000" and "1000" are one answer.
+    assert majority_vote(["$1,000", "999", "1000"], [-1.0, -0.5, -1.0], gsm8k.normalize_number) == "$1,000"
+    with pytest.raises(ValueError):
+        majority_vote(["1"], [])
+
+
+# ---- readers -----------------------------------------------------------------------------------------------------
+
+def test_math_reader_takes_the_release_layout_and_jsonl(tmp_path):
+    for i, (subject, level) in enumerate([("algebra", "Level 2"), ("geometry", "Level 5")]):
+        folder = tmp_path / "MATH" / "test" / subject
+        folder.mkdir(parents=True)
+        (folder / f"{i}.json").write_text(json.dumps({"problem": f"P{i}", "level": level, "type": subject.title(),
+                                                      "solution": rf"so $\boxed{{{i + 1}}}$."}))
+    problems = get_task("math").read(tmp_path / "MATH")
+    assert [(p.id, p.answer, p.meta["level"]) for p in problems] == [("test/algebra/0", "1", "Level 2"),
+                                                                     ("test/geometry/1", "2", "Level 5")]
+    (tmp_path / "m.jsonl").write_text(json.dumps({"problem": "P", "solution": r"$\boxed{3}$", "level": "Level 1"})
+                                      + "\n")
+    assert get_task("math").read(tmp_path / "m.jsonl")[0].answer == "3"
+    (tmp_path / "bad.jsonl").write_text('{"problem": "P"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1: missing string field"):
+        get_task("math").read(tmp_path / "bad.jsonl")
+
+
+def test_gsm8k_reader_errors(tmp_path):
+    (tmp_path / "g.jsonl").write_text('{"question": "q", "answer": "a #### 5"}\n\nnot json\n')
+    with pytest.raises(ValueError, match="g.jsonl:3: invalid JSON"):
+        get_task("gsm8k").read(tmp_path / "g.jsonl")
+    with pytest.raises(FileNotFoundError):
+        get_task("gsm8k").read(tmp_path / "missing.jsonl")
+    with pytest.raises(ValueError, match="unknown task"):
+        get_task("mmlu")
+
+
+def test_demo_arith_problems_come_from_the_corpus_templates():
+    problems = demo_arith.make_problems(70, seed=3)
+    assert problems == demo_arith.make_problems(70, seed=3) and problems != demo_arith.make_problems(70, seed=4)
+    assert {p["kind"] for p in problems} == set(demo_arith.KINDS)
+    for p in problems:  # the answer is the arithmetic the template computed
+        if p["kind"] == "linear":
+            assert int(p["answer"]) % 7 == 0
+        if p["kind"] == "derivative":
+            a = int(p["prompt"].rsplit("Let $f(x) = ", 1)[1].split("x^2")[0])
+            assert int(p["answer"]) == 2 * a
+        if p["kind"] == "lean-add":
+            a, b = p["prompt"].rsplit("(", 1)[1].replace(": ℕ)", "").replace("=", "").split("+")
+            assert int(p["answer"]) == int(a) + int(b)
+    assert demo_arith.extract_answer(" 42$. Divide") == "42" and demo_arith.extract_answer(" x") is None
+    assert demo_arith.is_correct("042", "42") and not demo_arith.is_correct(None, "42")

@@ -1,0 +1,112 @@
+"""`megamath serve`: a real HTTP client over 127.0.0.1 against the server process (LLMSTEP's protocol):
+a well-formed request, malformed JSON, an oversized body, a wrong path; SIGTERM stops it cleanly."""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from generation_fixtures import build_checkpoint, build_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    ckpt, tok = build_checkpoint(root / "ckpt"), build_tokenizer(root / "tok.model")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "megamath.cli", "serve", "--model", str(ckpt), "--tokenizer-model", str(tok),
+         "--port", "0", "--num-samples", "6", "--temperatures", "0.5", "1.0", "--max-new-tokens", "10",
+         "--max-body-bytes", "2000"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    line = proc.stdout.readline()
+    if "listening on http://127.0.0.1:" not in line:
+        proc.kill()
+        pytest.fail(f"server did not start: {line!r} {proc.stderr.read()}")
+    port = int(line.split("127.0.0.1:")[1].split("/")[0])
+    yield proc, port
+    if proc.poll() is None:
+        proc.kill()
+
+
+def post(port: int, body: bytes, path: str = "/") -> tuple[int, dict]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+def test_well_formed_request_gets_ranked_unique_suggestions(server):
+    _, port = server
+    request = {"tactic_state": "x y : ℕ\n⊢ x + y = y + x", "prefix": "rw", "context": "theorem t ..."}
+    status, body = post(port, json.dumps(request).encode())
+    assert status == 200 and set(body) == {"suggestions"}
+    suggestions = body["suggestions"]
+    assert 1 <= len(suggestions) <= 6 and len(set(suggestions)) == len(suggestions)
+    assert all(isinstance(s, str) and s.startswith("rw") and "\n" not in s for s in suggestions)
+
+
+def test_malformed_json_and_bad_fields_get_an_error(server):
+    _, port = server
+    status, body = post(port, b'{"tactic_state": "x",')
+    assert status == 400 and body["error"].startswith("malformed JSON")
+    status, body = post(port, b'["tactic_state"]')
+    assert status == 400 and "JSON object" in body["error"]
+    status, body = post(port, json.dumps({"prefix": "rw"}).encode())
+    assert status == 400 and "tactic_state" in body["error"]
+    status, body = post(port, json.dumps({"tactic_state": 3}).encode())
+    assert status == 400
+
+
+def test_oversized_body_and_wrong_path(server):
+    _, port = server
+    status, body = post(port, json.dumps({"tactic_state": "x" * 5000}).encode())
+    assert status == 413 and "exceeds 2000" in body["error"]
+    status, body = post(port, b"{}", path="/other")
+    assert status == 404
+    status, body = post(port, json.dumps({"tactic_state": "⊢ True", "prefix": ""}).encode())
+    assert status == 200  # the server is still serving after the refusals
+
+
+def test_sigterm_stops_the_server_cleanly(server):
+    proc, port = server
+    proc.send_signal(signal.SIGTERM)
+    try:
+        out, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("the server ignored SIGTERM")
+    assert proc.returncode == 0, err
+    assert "megamath serve: stopped" in out
+    with pytest.raises(OSError):
+        post(port, b"{}")
+
+
+def test_suggestions_are_prefixed_deduplicated_and_ranked_by_mean_logprob(monkeypatch):
+    from megamath.generation import server as server_module
+    from megamath.generation.generate import Completion
+    from megamath.generation.server import ServeConfig, suggest
+
+    seen = []
+
+    def fake_complete(model, codec, prompts, params, count, seed, batch_size, keys, deadline=None):
+        seen.append((prompts[0], params.temperature, count, params.stop))
+        return [[Completion([1, 2], -4.0, " [foo]"), Completion([1], -1.0, "_comm"),  # means -2.0, -1.0
+                 Completion([1, 2, 3, 4, 5], -4.0, " [foo]"), Completion([1], -0.1, "  ")][:count]]  # -0.8, blank
+
+    monkeypatch.setattr(server_module, "complete", fake_complete)
+    config = ServeConfig(num_samples=5, temperatures=(0.5, 1.0))
+    # " [foo]" twice: one suggestion, with its better mean (-0.8 beats "_comm"'s -1.0); blanks are dropped.
+    assert suggest(None, None, config, "⊢ a = a", "rw") == ["rw [foo]", "rw_comm"]
+    assert seen == [("[GOAL]⊢ a = a[PROOFSTEP]rw", 0.5, 3, ("\n",)), ("[GOAL]⊢ a = a[PROOFSTEP]rw", 1.0, 2, ("\n",))]
