@@ -291,17 +291,21 @@ def _train(config: TrainConfig, state: ParallelState, attempt: str) -> TrainResu
                     preempted = flag.agreed(state)
                 save_every = config.checkpoint.save_every
                 due = preempted or step == config.train_steps or (save_every and step % save_every == 0)
+                save = due and not nonfinite
                 if due and nonfinite:  # mid-streak: the last good checkpoint stays the newest
                     log.say(f"step {step}: no checkpoint during a streak of skipped steps; the last one is step "
                             f"{last_saved}")
-                elif due:
+                # The step's record reaches metrics.jsonl before its checkpoint is published, so a checkpoint
+                # never exists without its step's line; the save is timed in the next step's record.
+                log.write(rec, timer.end_step(), flush=save)
+                profiler.end(step)
+                if save:
+                    timer.start_step()
                     with timer.phase("checkpoint"):
                         meta = _metadata(config, step, lr, data.global_batch_size, nonfinite)
                         ckpt.save_checkpoint(run_dir, step, model, optimizer, state, meta, config.checkpoint.keep,
                                              attempt=attempt)
                     last_saved = step
-                log.write(rec, timer.end_step())  # the step's timing ends here: data to checkpoint
-                profiler.end(step)
                 if preempted:
                     saved = "checkpoint saved to" if last_saved == step else "resume from the last good checkpoint,"
                     log.say(f"stopping on {flag.signal_name or 'a peer rank’s signal'} after step {step}: "

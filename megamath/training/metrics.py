@@ -63,7 +63,8 @@ class MetricsLogger:
     phases.py). Every rank must call `write` for every step in the same order, since with several ranks
     it gathers the step times (a small collective), and `summary()` before `close()`.
 
-    Timing fields: `step_time_s` is the whole step (data to checkpoint), `phases` its parts; tokens/s,
+    Timing fields: `step_time_s` is the whole step, `phases` its parts (`checkpoint` is the save made
+    after the previous step's record, which is written before its checkpoint is published); tokens/s,
     TFLOP/s and MFU count the training work only (evaluation and checkpoint time left out, as Megatron
     does). With several ranks: `step_time_max_s`, `step_time_min_s` and the `slowest_rank`.
     """
@@ -111,14 +112,15 @@ class MetricsLogger:
             rec["max_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return rec
 
-    def write(self, rec: dict, timing: StepTiming) -> None:
+    def write(self, rec: dict, timing: StepTiming, flush: bool = False) -> None:
         """Queue the step; steps whose timing is readable are completed and (rank 0) written.
 
         On GPU the newest step waits for the next call (its events are read a step late); the rule is the
-        same on every rank, so their collectives pair up.
+        same on every rank, so their collectives pair up. `flush` writes it now (waiting for its events):
+        the loop asks for that before a checkpoint, whose step must be in metrics.jsonl first.
         """
         self.pending.append((rec, timing))
-        self._flush(keep_last=self.device.type == "cuda")
+        self._flush(keep_last=self.device.type == "cuda" and not flush)
 
     def _flush(self, keep_last: bool, gather: bool = True) -> None:
         while len(self.pending) > (1 if keep_last else 0):

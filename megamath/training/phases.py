@@ -69,7 +69,10 @@ class PhaseTimer:
         return time.perf_counter()
 
     def start_step(self) -> None:
-        self._current = StepTiming(self._mark(), None)
+        """Open the next step's timing; a no-op when it is open already (the loop opens it early to time a
+        checkpoint saved after the previous step's record was written, which then counts in this step)."""
+        if self._current is None:
+            self._current = StepTiming(self._mark(), None)
 
     @contextlib.contextmanager
     def phase(self, name: str):
