@@ -70,7 +70,7 @@ class TrainResult:
 def train_step(model: Llama, optimizer: ZeroOptimizer, micro_batches: list[MicroBatch], lr: float,
                state: ParallelState) -> StepOutput:
     """One optimizer update from this rank's micro-batches of the step."""
-    optimizer.zero_grad()
+    optimizer.zero_grad(len(micro_batches))  # the count lets the last backward start the DP reductions
     loss_sum = torch.zeros((), dtype=torch.float32, device=state.device)
     for tokens, targets in micro_batches:  # tokens, targets: (b, S)
         _, loss = model(tokens, targets)  # () mean over the micro-batch's tokens
@@ -198,7 +198,10 @@ def train(config: TrainConfig, state: ParallelState) -> TrainResult:
         (run_dir / "config.yaml").write_text(dump_config(config))
     data = TrainData(config, state, config.data.cache_dir or run_dir / "index-cache")  # data errors first
     model = build_model(config, state)
-    optimizer = ZeroOptimizer(model, state, config.optimizer, split_names=model.split_parameter_names())
+    par = config.parallel
+    optimizer = ZeroOptimizer(model, state, config.optimizer, split_names=model.split_parameter_names(),
+                              bucket_mb=par.bucket_mb, overlap_grad_reduce=par.overlap_grad_reduce,
+                              overlap_param_gather=par.overlap_param_gather)
     seed_rngs(config.seed, state.rank)
     step, nonfinite = 0, 0
     resume_from = resume_point(config, run_dir)
