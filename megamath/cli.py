@@ -19,6 +19,7 @@ COMMANDS = {
     "convert": "convert",
     "train": "train",
     "reshard": "reshard",
+    "plan": "plan",
 }
 
 

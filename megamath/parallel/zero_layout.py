@@ -31,6 +31,8 @@ import bisect
 import math
 from dataclasses import dataclass
 
+GRAD_BYTES = {"bf16": 2, "fp32": 4}
+"""Bytes per element of the gradient buffer for each `optimizer.grad_dtype`."""
 ALIGN = 64
 """Each rank's piece of a bucket is a multiple of 64 elements (128 B in bf16), so every shard piece and
 every collective starts aligned for the GPU's vector loads and NCCL."""

@@ -132,6 +132,14 @@ def build_model(config: TrainConfig, state: ParallelState) -> Llama:
     return model.to(param_dtype(config, state.device)).train()
 
 
+def build_optimizer(config: TrainConfig, model: Llama, state: ParallelState) -> ZeroOptimizer:
+    """The ZeRO-1 optimizer over the model's parameters, bucketed and overlapped as config.parallel says."""
+    par = config.parallel
+    return ZeroOptimizer(model, state, config.optimizer, split_names=model.split_parameter_names(),
+                         bucket_mb=par.bucket_mb, overlap_grad_reduce=par.overlap_grad_reduce,
+                         overlap_param_gather=par.overlap_param_gather)
+
+
 def seed_rngs(seed: int, rank: int) -> None:
     """Per-rank RNGs for anything stochastic after the init (none today; dropout would use them)."""
     random.seed(seed + rank)
@@ -198,10 +206,7 @@ def train(config: TrainConfig, state: ParallelState) -> TrainResult:
         (run_dir / "config.yaml").write_text(dump_config(config))
     data = TrainData(config, state, config.data.cache_dir or run_dir / "index-cache")  # data errors first
     model = build_model(config, state)
-    par = config.parallel
-    optimizer = ZeroOptimizer(model, state, config.optimizer, split_names=model.split_parameter_names(),
-                              bucket_mb=par.bucket_mb, overlap_grad_reduce=par.overlap_grad_reduce,
-                              overlap_param_gather=par.overlap_param_gather)
+    optimizer = build_optimizer(config, model, state)
     seed_rngs(config.seed, state.rank)
     step, nonfinite = 0, 0
     resume_from = resume_point(config, run_dir)
