@@ -28,13 +28,14 @@ def _run(state, tp, sp: bool, overlap: bool, events: bool = False):
     opt = ZeroOptimizer(model, state, zero_config(), model.split_parameter_names(), bucket_mb=BUCKET_MB,
                         overlap_grad_reduce=overlap, overlap_param_gather=overlap)
     rows = batch(0)[0].shape[0] // state.dp_size
-    results, log = [], {}
+    results = []
     for step in range(STEPS):
         x, y = (t[state.dp_rank * rows:(state.dp_rank + 1) * rows] for t in batch(step))
         if events and step == STEPS - 1:
             opt.events = []
         micro_batches = list(zip(x.chunk(MICRO), y.chunk(MICRO)))
         results.append(dataclasses.asdict(train_step(model, opt, micro_batches, LRS[step], state)))
+    log = {}
     if events:
         log["step"] = opt.events
         log["pending_after_step"] = [w is not None for w in opt._gather_work]
@@ -43,6 +44,10 @@ def _run(state, tp, sp: bool, overlap: bool, events: bool = False):
         log["forward"] = opt.events
         log["pending_after_forward"] = [w is not None for w in opt._gather_work]
         log["num_buckets"] = len(opt.buckets)
+    slots = {s.name: s for s in opt.slots}
+    waited = {name: [m for m in (name.rpartition(".")[0], name.rpartition(".")[0].rpartition(".")[0])
+                     if slots[name].bucket in opt.forward_waits.get(m, [])] for name in slots}
+    log["waited_by"] = waited  # the modules (owner, parent) whose forward pre-hook waits for a weight's bucket
     out = {"params": {k: v.clone() for k, v in model.state_dict().items()}, "results": results,
            "state": {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.sharded_state_dict().items()},
            "events": log}
@@ -80,6 +85,11 @@ def test_overlapped_equals_non_overlapped_bit_for_bit(launches, tp, world, sp):
         for key in ("master", "exp_avg", "exp_avg_sq"):
             assert torch.equal(plain["state"][key], overlapped["state"][key]), (rank, key)
         assert plain["state"]["buckets"] == overlapped["state"]["buckets"] and len(plain["state"]["buckets"]) > 3
+        waited = overlapped["events"]["waited_by"]
+        assert all(waited.values()), [n for n, w in waited.items() if not w]  # every weight waited for
+        if sp:  # the fused SP projections are applied by their parent: it waits for them
+            assert "layers.0.self_attn" in waited["layers.0.self_attn.q_proj.weight"]
+            assert "layers.1.mlp" in waited["layers.1.mlp.up_proj.weight"]
 
 
 def test_reduce_scatters_start_inside_the_backward(launches):

@@ -45,8 +45,8 @@ from megamath.model.partition import (
     ParamSpec, check_tensor_parallel, is_norm_weight, local_shapes, partition_table, tp_partition_dim,
 )
 from megamath.parallel.layers import (
-    ColumnParallelLinear, RowParallelLinear, TPReplicatedLinear, VocabParallelEmbedding, merge_shards, shard_tensor,
-    tp_region_input, vocab_parallel_cross_entropy_ref,
+    ColumnParallelLinear, RowParallelLinear, TPReplicatedLinear, VocabParallelEmbedding, column_parallel_inputs,
+    merge_shards, shard_tensor, tp_region_input, vocab_parallel_cross_entropy_ref,
 )
 from megamath.parallel.state import ParallelState
 
@@ -110,11 +110,17 @@ class Attention(nn.Module):
         return proj(x, input_is_tp_region=True)
 
     def forward(self, x: torch.Tensor, ops: Ops, position_offset: int) -> torch.Tensor:
-        x = tp_region_input(x, self.group, self.sequence_parallel)  # (B, S, h); from (B, S/p, h) under SP
-        b, s, _ = x.shape
-        q = self.q_proj(x, input_is_tp_region=True).view(b, s, -1, self.head_dim)  # (B, S, Hq/p, D)
-        k = self._project_kv(self.k_proj, x).view(b, s, -1, self.head_dim)  # (B, S, Hkv/p, D)
-        v = self._project_kv(self.v_proj, x).view(b, s, -1, self.head_dim)  # (B, S, Hkv/p, D)
+        if self.kv_replicated:
+            x = tp_region_input(x, self.group, self.sequence_parallel)  # (B, S, h); from (B, S/p, h) under SP
+            q, k, v = self.q_proj(x, input_is_tp_region=True), self._project_kv(self.k_proj, x), \
+                self._project_kv(self.v_proj, x)
+        else:  # under SP: one all-gather, and the gathered (B, S, h) is not kept for the backward
+            q, k, v = column_parallel_inputs(x, [self.q_proj, self.k_proj, self.v_proj], self.group,
+                                             self.sequence_parallel)
+        b, s = q.shape[:2]
+        q = q.view(b, s, -1, self.head_dim)  # (B, S, Hq/p, D)
+        k = k.view(b, s, -1, self.head_dim)  # (B, S, Hkv/p, D)
+        v = v.view(b, s, -1, self.head_dim)  # (B, S, Hkv/p, D)
         q, k = ops.rope(q, k, self.rope_theta, position_offset)  # (B, S, Hq/p, D), (B, S, Hkv/p, D)
         if self.kv_expand is not None:
             index = torch.tensor(self.kv_expand, device=k.device)
@@ -136,8 +142,8 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(f, h, **tp)
 
     def forward(self, x: torch.Tensor, ops: Ops) -> torch.Tensor:
-        x = tp_region_input(x, self.group, self.sequence_parallel)  # (B, S, h)
-        a = ops.swiglu(self.gate_proj(x, input_is_tp_region=True), self.up_proj(x, input_is_tp_region=True))
+        gate, up = column_parallel_inputs(x, [self.gate_proj, self.up_proj], self.group, self.sequence_parallel)
+        a = ops.swiglu(gate, up)  # (B, S, ffn/p)
         return self.down_proj(a)  # (B, S, h), or (B, S/p, h) under SP; a is (B, S, ffn/p)
 
 

@@ -224,12 +224,25 @@ class ZeroOptimizer:
         the order they happen (tests read it to see what overlaps what)."""
 
     def _hook_forward(self, model: nn.Module) -> None:
-        """A forward pre-hook per module waits for its own parameters' all-gathers; state_dict waits for all."""
+        """A forward pre-hook per module waits for its own parameters' all-gathers; state_dict waits for all.
+
+        A module without parameters of its own whose children all hold parameters (a block of layers, not the
+        model) also waits for its children's: it may apply their weights directly (the sequence-parallel
+        attention and MLP fuse their column-parallel projections into one autograd function that never calls
+        the projection modules)."""
         slot_by_name = {s.name: s for s in self.slots}
+        self.forward_waits: dict[str, list[int]] = {}  # module name -> the buckets its forward pre-hook waits for
         for prefix, module in model.named_modules():
-            names = [f"{prefix}.{n}" if prefix else n for n, _ in module.named_parameters(recurse=False)]
-            buckets = sorted({slot_by_name[n].bucket for n in names if n in slot_by_name})
+            own = [f"{prefix}.{n}" if prefix else n for n, _ in module.named_parameters(recurse=False)]
+            names = own
+            children = list(module.children())
+            if (not own and module is not model and children
+                    and all(any(True for _ in c.parameters(recurse=False)) for c in children)):
+                names = [f"{prefix}.{c}.{n}" for c, child in module.named_children()
+                         for n, _ in child.named_parameters(recurse=False)]
+            buckets = sorted({slot_by_name[n].bucket for n in names if n in slot_by_name}, reverse=True)  # forward order
             if buckets:
+                self.forward_waits[prefix] = buckets
                 self._hooks.append(module.register_forward_pre_hook(
                     lambda mod, args, buckets=buckets: self._wait_param_gathers(buckets)))
         self._hooks.append(model.register_state_dict_pre_hook(lambda *args: self.finish_param_sync()))

@@ -10,7 +10,9 @@ backward, per token, bf16), stated below; they are estimates, not measurements.
 Activations kept per token and layer (bytes; t = TP size, sp = t under sequence parallelism else 1,
 h_q = heads · head_dim, kv = the local K/V width, whole when t does not divide the KV heads, f = ffn size):
     2 · [ 2h/sp      the two RMSNorm inputs (the residual stream; split along the sequence under SP)
-        + 2h         the two norm outputs as the column-parallel matmuls see them (gathered under SP)
+        + 2h/sp      the two norm outputs the column-parallel matmuls keep (under SP only the rank's
+                     chunk: the gathered input is all-gathered again in the backward, layers._GatherLinears;
+                     the attention's whole input where K/V heads are replicated, which takes the unfused path)
         + h_q/t + 2kv + h_q/t     q, k, v after RoPE and the attention output (FlashAttention)
         + 3f/t ]     gate, up and their SwiGLU product
     + 4 · heads/t    FlashAttention's fp32 log-sum-exp
@@ -66,9 +68,12 @@ def zero_buffer_bytes(model: ModelConfig, shape: RunShape, param_bytes: int = PA
 def _layer_bytes_per_token(model: ModelConfig, tp: int, sp: bool) -> float:
     h, f, d = model.hidden_size, model.ffn_hidden_size, model.head_dim
     q_local = model.num_heads * d / tp
-    kv_local = (model.num_kv_heads // tp if model.num_kv_heads % tp == 0 else model.num_kv_heads) * d  # or replicated
+    kv_split = model.num_kv_heads % tp == 0
+    kv_local = (model.num_kv_heads // tp if kv_split else model.num_kv_heads) * d  # replicated when p does not divide
     seq_div = tp if sp else 1
-    return 2 * (2 * h / seq_div + 2 * h + q_local + 2 * kv_local + q_local + 3 * f / tp) + 4 * model.num_heads / tp
+    attn_in = h / seq_div if kv_split else h  # replicated K/V take the unfused path, which keeps the gathered input
+    return 2 * (2 * h / seq_div + attn_in + h / seq_div + q_local + 2 * kv_local + q_local + 3 * f / tp) \
+        + 4 * model.num_heads / tp
 
 
 def activation_bytes(model: ModelConfig, shape: RunShape) -> dict[str, int]:
@@ -78,7 +83,7 @@ def activation_bytes(model: ModelConfig, shape: RunShape) -> dict[str, int]:
     seq_div = tp if sp else 1
     layer = _layer_bytes_per_token(model, tp, sp) * tokens
     h, L = model.hidden_size, model.num_layers
-    final_norm = (2 * h / seq_div + 2 * h) * tokens  # its input and the LM head's (gathered) input
+    final_norm = (2 * h / seq_div + 2 * h / seq_div) * tokens  # its input and the LM head's (a chunk under SP)
     if shape.activation_checkpointing:
         kept = L * 2 * h / seq_div * tokens + final_norm
         transient = 2 * layer  # the recomputed layer and the gradients of its activations

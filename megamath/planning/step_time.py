@@ -8,7 +8,8 @@ compute    FLOPs per token (ModelConfig.flops_per_token: Megatron's count, causa
            peak × efficiency. Forward : backward = 1 : 2 (1 : 3 with recomputation inside the backward).
 TP         per micro-batch, 4L + 1 collectives on the (b, s, h) bf16 activations (2 per block forward,
            2 backward, the vocabulary-parallel embedding), 2L more with recomputation; an all-reduce, or
-           under sequence parallelism an all-gather + reduce-scatter pair of the same bytes. Ring α-β:
+           under sequence parallelism an all-gather + reduce-scatter pair of the same bytes, plus the
+           backward's second all-gather of each column-parallel input (L + 1/2 more). Ring α-β:
            2 (t-1)/t · bytes / bw + 2 (t-1) α, inside a node (NVLink). Not overlapped: fully exposed.
 DP         per step, ZeRO-1's reduce-scatter of each gradient bucket and all-gather of each parameter
            bucket, ring α-β per bucket: (d-1)/d · bytes / bw + (d-1) α, over the inter-node network when
@@ -61,6 +62,8 @@ def step_seconds(model: ModelConfig, shape: RunShape, gpu: GPU, net: Network, la
     if shape.tp > 1:
         message = shape.micro_batch * shape.seq_length * model.hidden_size * PARAM_BYTES
         count = 4 * model.num_layers + 1 + (2 * model.num_layers if shape.activation_checkpointing else 0)
+        if shape.sequence_parallel:  # the backward gathers each column-parallel input again: half an all-reduce
+            count += model.num_layers + 0.5
         one = _ring(message, shape.tp, net.nvlink_gbs, net.alpha_intra, 2.0)
         tp_comm = shape.grad_accum * count * one
 
