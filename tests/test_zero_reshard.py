@@ -9,6 +9,7 @@ import torch
 from distributed import run_distributed
 from megamath.parallel.state import ParallelState
 from megamath.parallel.zero import ZeroOptimizer
+from megamath.parallel.zero_layout import read_flat, saved_layout
 from test_zero import _assert_params_close, make_model, zero_config, zero_train
 
 BEFORE, AFTER = 2, 2  # steps before the checkpoint, steps after it
@@ -162,3 +163,20 @@ def test_bad_shards_are_refused():
                                          r"different sizes \[\]$"):
         opt.load_sharded_state_dicts(renamed)
     assert opt.step_count == 0, "a refused load changes nothing"
+
+
+def test_read_flat_reads_v1_and_v2_shards_alike():
+    """The reader megamath reshard uses (saved_layout + read_flat) finds every parameter in old rank-major
+    (v1) shards and in bucketed (v2) ones."""
+    state = _trained_single()
+    v1 = _recut(state, 3, [name for name, _, _ in reversed(state["params"])])
+    bucketed = ZeroOptimizer(make_model(), ParallelState.single(), zero_config(), bucket_mb=0.004)
+    bucketed.load_sharded_state_dicts(v1)
+    v2 = [bucketed.sharded_state_dict()]
+    assert len(v2[0]["buckets"]) > 3
+    for shards in (v1, v2):
+        buckets, dp = saved_layout(shards[0])
+        for name, numel, offset in shards[0]["params"]:
+            got = read_flat([s["master"] for s in shards], buckets, dp, offset, numel)
+            start = dict((n, o) for n, _, o in state["params"])[name]
+            assert torch.equal(got, state["master"][start:start + numel]), (shards[0]["format"], name)
