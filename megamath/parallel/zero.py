@@ -240,7 +240,8 @@ class ZeroOptimizer:
                     and all(any(True for _ in c.parameters(recurse=False)) for c in children)):
                 names = [f"{prefix}.{c}.{n}" for c, child in module.named_children()
                          for n, _ in child.named_parameters(recurse=False)]
-            buckets = sorted({slot_by_name[n].bucket for n in names if n in slot_by_name}, reverse=True)  # forward order
+            # in forward order: the embedding's bucket (the last) first
+            buckets = sorted({slot_by_name[n].bucket for n in names if n in slot_by_name}, reverse=True)
             if buckets:
                 self.forward_waits[prefix] = buckets
                 self._hooks.append(module.register_forward_pre_hook(

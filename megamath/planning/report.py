@@ -5,13 +5,18 @@ from megamath.planning.hardware import ALLOCATOR_HEADROOM, GiB, RUNTIME_RESERVE_
 from megamath.planning.plan import Plan, PlanRequest
 
 
+def _on(flag: bool) -> str:
+    return "on" if flag else "off"
+
+
 def _shape_line(p: Plan) -> str:
     s = p.shape
+    overlaps = (s.overlap_grad_reduce, s.overlap_param_gather)
+    overlap = "on" if all(overlaps) else "partly" if any(overlaps) else "off"
     return (f"TP {s.tp} x DP {s.dp}, micro-batch {s.micro_batch} x accumulation {s.grad_accum} = "
             f"{s.micro_batch * s.grad_accum * s.dp:,} sequences ({p.tokens_per_step:,} tokens) per step; "
-            f"checkpointing {'on' if s.activation_checkpointing else 'off'}, SP {'on' if s.sequence_parallel else 'off'}, "
-            f"grads {s.grad_dtype}, buckets {s.bucket_mb:g} MiB, overlap "
-            f"{'on' if s.overlap_grad_reduce and s.overlap_param_gather else 'partly' if s.overlap_grad_reduce or s.overlap_param_gather else 'off'}")
+            f"checkpointing {_on(s.activation_checkpointing)}, SP {_on(s.sequence_parallel)}, "
+            f"grads {s.grad_dtype}, buckets {s.bucket_mb:g} MiB, overlap {overlap}")
 
 
 def format_plan(req: PlanRequest, p: Plan) -> str:
@@ -32,11 +37,12 @@ def format_plan(req: PlanRequest, p: Plan) -> str:
                else f"does NOT fit: {-p.margin_bytes / GiB:.2f} GiB over")
     lines.append(f"  {'total':<50}{p.total_bytes / GiB:>7.2f} of {p.capacity / GiB:.2f}: {verdict}")
     fpt = req.model.flops_per_token(s.seq_length)
+    compute = f"compute ({fpt / 1e9:.1f} GFLOP/token, {p.efficiency:.0%} of {req.gpu.peak_tflops:g} TFLOP/s)"
     lines += ["", "step time                                                s",
-              f"  {f'compute ({fpt / 1e9:.1f} GFLOP/token, {p.efficiency:.0%} of {req.gpu.peak_tflops:g} TFLOP/s)':<50}"
-              f"{t['compute']:>7.2f}",
+              f"  {compute:<50}{t['compute']:>7.2f}",
               f"  {'TP collectives (exposed)':<50}{t['tp_comm']:>7.2f}",
-              f"  {'DP reduce-scatter (exposed)':<50}{t['dp_reduce_scatter']:>7.2f}  of {t['dp_reduce_scatter_unhidden']:.2f}",
+              f"  {'DP reduce-scatter (exposed)':<50}{t['dp_reduce_scatter']:>7.2f}"
+              f"  of {t['dp_reduce_scatter_unhidden']:.2f}",
               f"  {'DP all-gather (exposed)':<50}{t['dp_all_gather']:>7.2f}  of {t['dp_all_gather_unhidden']:.2f}",
               f"  {'optimizer step':<50}{t['optimizer']:>7.2f}",
               f"  {'total':<50}{t['total']:>7.2f}",
@@ -53,8 +59,8 @@ def format_ranking(req: PlanRequest, plans: list[Plan], top: int = 10) -> str:
              f"{'tokens/s':>10} {'MFU':>6}" + (f" {'GPU-hours':>10}" if req.tokens else "")]
     for p in plans[:top]:
         s = p.shape
-        lines.append(f"  {s.tp:>3} {s.micro_batch:>5} {s.grad_accum:>5} {'on' if s.activation_checkpointing else 'off':>4} "
-                     f"{'on' if s.sequence_parallel else 'off':>3} {p.total_bytes / GiB:>6.1f} "
+        lines.append(f"  {s.tp:>3} {s.micro_batch:>5} {s.grad_accum:>5} {_on(s.activation_checkpointing):>4} "
+                     f"{_on(s.sequence_parallel):>3} {p.total_bytes / GiB:>6.1f} "
                      f"{p.margin_bytes / GiB:>6.1f} {p.time['total']:>7.2f} {p.tokens_per_s:>10,.0f} {p.mfu:>6.1%}"
                      + (f" {p.gpu_hours:>10,.0f}" if req.tokens else ""))
     return "\n".join(lines + ["", "the fastest, itemised:", format_plan(req, plans[0])])
