@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from megamath.model.config import ModelConfig
 from megamath.model.partition import check_tensor_parallel
 from megamath.planning.hardware import GPU, GiB
-from megamath.planning.memory import RunShape, memory_items, zero_layout_for
+from megamath.planning.memory import RunShape, activation_bytes, memory_items, zero_layout_for
 from megamath.planning.step_time import Network, step_seconds
 
 TARGET_BATCH_TOKENS = 1024 * 4096  # LLEMMA's 4M-token batches: 1,024 sequences of 4,096 tokens
@@ -113,7 +113,7 @@ class Plan:
                 "step_seconds": self.time, "tokens_per_step": self.tokens_per_step, "tokens_per_s": self.tokens_per_s,
                 "mfu": self.mfu, "efficiency": self.efficiency, "gpus": self.gpus, "run_tokens": self.run_tokens,
                 "run_hours": None if self.run_seconds is None else self.run_seconds / 3600,
-                "gpu_hours": self.gpu_hours}
+                "gpu_hours": self.gpu_hours, **self.extra}
 
 
 def _grad_accum(req: PlanRequest, micro: int, dp: int) -> int:
@@ -138,8 +138,9 @@ def evaluate(req: PlanRequest, tp: int, micro: int, checkpointing: bool, sp: boo
     tokens_per_step = shape.micro_batch * shape.grad_accum * dp * shape.seq_length
     tokens_per_s = tokens_per_step / time["total"]
     mfu = req.model.flops_per_token(req.seq_length) * tokens_per_s / req.gpus / (gpu.peak_tflops * 1e12)
+    other = activation_bytes(req.model, dataclasses.replace(shape, activation_checkpointing=not checkpointing))
     return Plan(shape, memory_items(req.model, shape), gpu.memory_bytes, time, tokens_per_step, tokens_per_s, mfu,
-                efficiency, req.gpus, req.tokens)
+                efficiency, req.gpus, req.tokens, extra={"activations_other_checkpointing": other})
 
 
 def _tp_choices(req: PlanRequest) -> list[int]:

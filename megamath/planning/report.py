@@ -33,6 +33,9 @@ def format_plan(req: PlanRequest, p: Plan) -> str:
             (f"allocator headroom ({ALLOCATOR_HEADROOM:.0%})", m["allocator_headroom"]),
             ("CUDA context + NCCL", m["runtime_reserve"])]
     lines += [f"  {name:<50}{value / GiB:>7.2f}" for name, value in rows]
+    other = p.extra["activations_other_checkpointing"]
+    lines.insert(-4, f"    {'(with' if not s.activation_checkpointing else '(without'} checkpointing: activations "
+                     f"{other['activations'] / GiB:.2f}, working set {other['backward_transient'] / GiB:.2f})")
     verdict = (f"fits, {p.margin_bytes / GiB:.2f} GiB to spare" if p.fits
                else f"does NOT fit: {-p.margin_bytes / GiB:.2f} GiB over")
     lines.append(f"  {'total':<50}{p.total_bytes / GiB:>7.2f} of {p.capacity / GiB:.2f}: {verdict}")
