@@ -55,12 +55,32 @@ def _run(state, tp, sp: bool, overlap: bool, events: bool = False):
     return out
 
 
+def _extra_backward_error(state) -> str:
+    """zero_grad(micro_batches=1), then a second backward: its gradients would land in sent buckets."""
+    torch.manual_seed(0)
+    model = Llama(MODEL)
+    opt = ZeroOptimizer(model, state, zero_config(), bucket_mb=BUCKET_MB, overlap_grad_reduce=True)
+    x, y = batch(0)
+    opt.zero_grad(micro_batches=1)
+    model(x, y)[1].backward()
+    try:
+        model(x, y)[1].backward()
+        message = ""
+    except RuntimeError as err:
+        message = str(err)
+    opt.zero_grad()  # waits for the reductions the first backward started
+    opt.remove_hooks()
+    return message
+
+
 def _worker(rank, world_size, out_dir, tp):
     state = ParallelState.from_env(tp)
     report = {}
     for sp in ((False, True) if tp > 1 else (False,)):
         for overlap in (False, True):
             report[(sp, overlap)] = _run(state, tp, sp, overlap, events=(tp == 1))
+    if tp == 1:
+        report["extra_backward"] = _extra_backward_error(state)
     torch.save(report, out_dir / f"tp{tp}-{rank}.pt")
 
 
@@ -120,3 +140,11 @@ def test_all_gathers_finish_in_the_next_forward(launches):
         assert not any(log["pending_after_forward"])
         plain = torch.load(launches / f"tp1-{rank}.pt", weights_only=False)[(False, False)]["events"]
         assert not any(plain["pending_after_step"]) and not [e for e in plain["forward"] if e[0] == "wait_all_gather"]
+
+
+def test_a_backward_beyond_the_announced_count_is_refused(launches):
+    for rank in range(2):
+        message = torch.load(launches / f"tp1-{rank}.pt", weights_only=False)["extra_backward"]
+        assert message.startswith("ZeroOptimizer: a gradient of lm_head.weight arrived after its bucket's "
+                                  "reduce-scatter started: more backward passes than zero_grad(micro_batches=...) "
+                                  "announced"), message
