@@ -27,6 +27,7 @@ COMMANDS = {
     "generate": "generate",
     "eval": "eval",
     "serve": "serve",
+    "plan": "plan",
 }
 
 

@@ -126,6 +126,8 @@ def _sp_grads(state, tmp):
             grads["partial"] = {n: grad(p).clone() for n, p in norms}
         if kind != "serial":
             allreduce_sequence_parallel_grads(model.sequence_parallel_parameters(), state, optimizer)
+        if optimizer:
+            optimizer._reduce_scatter_grads()  # step's phase 1: the DP reduction, then the TP sum asked for
         grads[kind] = {n: grad(p).clone() for n, p in norms}
     torch.save(grads, tmp / f"sp_grads{state.rank}.pt")
 
@@ -247,7 +249,7 @@ def test_metadata_and_rng_states(runs, tmp_path):
         assert new[key] == old[key], key
     assert new["config"] == old["config"]  # still TP 2 with SP
     one = read_metadata(runs / "a_tp1" / STEP2)["config"]
-    assert one["parallel"] == {"tp_size": 1, "sequence_parallel": False}
+    assert one["parallel"] == {**old["config"]["parallel"], "tp_size": 1, "sequence_parallel": False}
     assert {**one, "parallel": old["config"]["parallel"]} == old["config"]
     # Ranks 0 and 1 continue the old ranks' streams; ranks 2 and 3 get what a fresh run seeds.
     rng = [torch.load(tmp_path / "out" / STEP2 / f"rng_rank{r:05d}.pt") for r in range(4)]

@@ -20,6 +20,7 @@ from megamath.parallel.grad_clip import clip_coefficient
 from megamath.parallel.state import ParallelState
 from megamath.parallel.optimizer_config import OptimizerConfig
 from megamath.parallel.zero import StepResult, ZeroOptimizer
+from megamath.parallel.zero_layout import ALIGN
 
 MODEL = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, ffn_hidden_size=48,
                     max_seq_length=16, kernels="reference")
@@ -93,9 +94,9 @@ def _worker(rank, world_size, out_dir):
     modes = ("portable", "native") if _native_on_gloo(state.dp_group) else ("portable",)
     for mode in modes:  # native: the in-place reduce-scatter / all-gather path of NCCL runs, here on gloo
         os.environ[mappings.COLLECTIVES_ENV] = mode  # this process only: the test's own worker
-        for bucket_mb in (0.0, 0.004):  # one in-place collective; ~20 staged column buckets
+        for bucket_mb in (0.0, 0.004):  # one in-place collective; ~20 buckets of ~1,000 elements
             model = make_model()
-            opt = ZeroOptimizer(model, state, zero_config(bucket_mb=bucket_mb))
+            opt = ZeroOptimizer(model, state, zero_config(), bucket_mb=bucket_mb)
             results = zero_train(model, opt, STEPS, state.dp_rank, state.dp_size)
             torch.save({"params": model.state_dict(), "results": [dataclasses.asdict(r) for r in results]},
                        out_dir / f"dp-{mode}-{bucket_mb}-{rank}.pt")
@@ -162,7 +163,7 @@ def _tp_norm(state, out_dir):
     opt.zero_grad()
     ((module.split * g_split).sum() + (module.norm * g_repl).sum()).backward()
     if state.tp_rank == 1:
-        opt.flat_grad[-1] = float("inf")
+        opt.flat_grad[opt.numel - 1] = float("inf")  # the last parameter element (padding follows)
     skipped = opt.step(0.1)
     torch.save({"first": dataclasses.asdict(result), "inf": dataclasses.asdict(skipped)},
                out_dir / f"tp-{state.rank}.pt")
@@ -278,31 +279,33 @@ def test_grad_norm_of_millions_of_elements_is_exact_to_fp32():
 def test_layout_views_and_padding():
     model = make_model()
     state = dataclasses.replace(ParallelState.single(), dp_size=3, dp_rank=2)  # layout only: no step
-    opt = ZeroOptimizer(model, state, zero_config(), model.split_parameter_names())
+    opt = ZeroOptimizer(model, state, zero_config(), model.split_parameter_names(), bucket_mb=0.004)
     numel = sum(p.numel() for p in model.parameters())
-    assert opt.numel == numel and opt.padded_numel % 3 == 0 and opt.padded_numel - numel < 3
-    assert (opt.shard_start, opt.shard_end) == (2 * opt.shard_size, 3 * opt.shard_size)
-    assert opt.master.numel() == opt.shard_size and opt.master.dtype == torch.float32
-    slots = {s.name: s for s in opt.slots}
-    for name, p in model.named_parameters():
-        slot = slots[name]
-        assert p.data_ptr() == opt.flat_param[slot.offset:].data_ptr(), name
-        assert slot.decay == (p.dim() >= 2)
-    decays = [s.decay for s in opt.slots]
-    assert decays == sorted(decays, reverse=True), "matrices first, then 1-D weights"
-    # The ranges tile the shard up to the padding, neighbours differ, and each element's (decay, TP)
-    # is that of the parameter it belongs to.
-    assert opt.ranges[0].start == 0 and opt.ranges[-1].end == numel - opt.shard_start
-    for a, b in zip(opt.ranges, opt.ranges[1:]):
-        assert a.end == b.start and (a.decay, a.tensor_parallel) != (b.decay, b.tensor_parallel)
+    assert opt.numel == numel and len(opt.buckets) > 3
+    names = [n for n, _ in model.named_parameters()]
+    assert [s.name for s in opt.slots] == names[::-1], "backward order: lm_head first, embed_tokens last"
+    for a, b in zip(opt.buckets, opt.buckets[1:]):
+        assert a.end == b.start and (a.end - a.start) % (3 * ALIGN) == 0
+    assert opt.padded_numel == opt.buckets[-1].end and opt.padded_numel - numel < len(opt.buckets) * 3 * ALIGN
+    assert opt.master.numel() == opt.shard_size == opt.padded_numel // 3 and opt.master.dtype == torch.float32
+    for b, (f0, f1, s0) in zip(opt.buckets, opt.pieces):  # rank 2 owns the last third of every bucket
+        assert (f0, f1) == (b.start + 2 * (b.end - b.start) // 3, b.end) and s0 == b.shard_offset
     params = dict(model.named_parameters())
     for slot in opt.slots:
-        for r in opt.ranges:
-            lo, hi = r.start + opt.shard_start, r.end + opt.shard_start
-            if lo < slot.offset + slot.numel and slot.offset < hi:
+        p = params[slot.name]
+        assert p.data_ptr() == opt.flat_param[slot.offset:].data_ptr(), slot.name
+        assert slot.decay == (p.dim() >= 2)
+        bucket = opt.buckets[slot.bucket]
+        assert bucket.start <= slot.offset and slot.offset + slot.numel <= bucket.end, "a parameter is never split"
+    # The ranges tile the rank's parameter elements; each element's (decay, TP) is its parameter's.
+    owned = sum(max(0, min(s.offset + s.numel, f1) - max(s.offset, f0))
+                for s in opt.slots for f0, f1, _ in [opt.pieces[s.bucket]])
+    assert sum(r.end - r.start for r in opt.ranges) == owned
+    for r in opt.ranges:
+        for slot in opt.slots:
+            if r.flat.start < slot.offset + slot.numel and slot.offset < r.flat.stop:
                 split = slot.name in model.split_parameter_names()
                 assert (r.decay, r.tensor_parallel) == (params[slot.name].dim() >= 2, split), slot.name
-    assert len(opt.ranges) >= 2  # the end of the matrices, then the norm weights
 
 
 def test_gradients_accumulate_into_the_flat_buffer():
@@ -326,7 +329,7 @@ def test_moved_model_is_refused():
     model = make_model()
     opt = ZeroOptimizer(model, ParallelState.single(), zero_config())
     model.double()
-    with pytest.raises(RuntimeError, match=r"^ZeroOptimizer: parameter embed_tokens.weight no longer lives in the "
+    with pytest.raises(RuntimeError, match=r"^ZeroOptimizer: parameter lm_head.weight no longer lives in the "
                                            r"optimizer's flat buffer \(was the model moved or cast"):
         opt.step(1e-3)
 

@@ -9,6 +9,7 @@ import torch
 from distributed import run_distributed
 from megamath.parallel.state import ParallelState
 from megamath.parallel.zero import ZeroOptimizer
+from megamath.parallel.zero_layout import read_flat, saved_layout
 from test_zero import _assert_params_close, make_model, zero_config, zero_train
 
 BEFORE, AFTER = 2, 2  # steps before the checkpoint, steps after it
@@ -29,7 +30,7 @@ def _worker(rank, world_size, out_dir):
     opt = ZeroOptimizer(model, state, zero_config())
     opt.load_sharded_state_dicts([torch.load(out_dir / "single.pt")])
     loaded = {k: getattr(opt, k).clone() for k in STATE_KEYS}
-    shard = (opt.shard_start, opt.shard_end)
+    shard = opt.pieces[0][:2]  # one bucket: the rank's piece [lo, hi) of the flat vector
     _continue(opt, model, state.dp_rank, state.dp_size)
     torch.save({"params": model.state_dict(), "loaded": loaded, "shard": shard, "step": opt.step_count},
                out_dir / f"from1-{rank}.pt")
@@ -81,7 +82,8 @@ def test_two_to_one(runs):
     assert opt.step_count == BEFORE
     for key in STATE_KEYS:
         full = torch.cat([s[key] for s in sorted(shards, key=lambda s: s["dp_rank"])])  # (2·S,)
-        assert torch.equal(getattr(opt, key), full[:opt.numel]), key
+        assert torch.equal(getattr(opt, key)[:opt.numel], full[:opt.numel]), key
+        assert not getattr(opt, key)[opt.numel:].any(), "padding must be zero"
     assert torch.equal(opt.flat_param, opt.master), "the model's weights are the loaded masters"
     _continue(opt, model, 0, 1)
     for rank in range(2):
@@ -91,7 +93,8 @@ def test_two_to_one(runs):
 
 
 def _recut(state: dict, dp_size: int, order: list[str]) -> list[dict]:
-    """Re-cut a one-shard checkpoint into dp_size shards with the parameters placed in `order`."""
+    """Re-cut a one-shard checkpoint into dp_size shards with the parameters placed in `order`, in the
+    format of the checkpoints written before bucketing (v1: rank r holds [r·S, (r+1)·S) of one vector)."""
     slots = {name: (numel, offset) for name, numel, offset in state["params"]}
     params, offset = [], 0
     for name in order:
@@ -104,8 +107,9 @@ def _recut(state: dict, dp_size: int, order: list[str]) -> list[dict]:
         for name, numel, new_offset in params:
             flat[new_offset:new_offset + numel] = state[key][slots[name][1]:slots[name][1] + numel]
         vectors[key] = flat.view(dp_size, size)
-    return [dict(state, dp_size=dp_size, dp_rank=r, shard=(r * size, (r + 1) * size), params=params,
-                 **{k: vectors[k][r].clone() for k in STATE_KEYS}) for r in range(dp_size)]
+    v1 = {k: v for k, v in state.items() if k not in ("buckets", "shard_size")}
+    return [dict(v1, format="megamath-zero1-v1", dp_size=dp_size, dp_rank=r, shard=(r * size, (r + 1) * size),
+                 params=params, **{k: vectors[k][r].clone() for k in STATE_KEYS}) for r in range(dp_size)]
 
 
 def _trained_single():
@@ -116,7 +120,8 @@ def _trained_single():
 
 
 def test_parameters_are_found_by_name_across_shard_boundaries():
-    """Three old shards holding the parameters in reverse order: every piece lands by its name."""
+    """Three old (v1) shards holding the parameters in reverse order: every piece lands by its name, into
+    one bucket and into many, and a v2 checkpoint of many buckets back into one."""
     state = _trained_single()
     shards = _recut(state, 3, [name for name, _, _ in reversed(state["params"])])
     opt = ZeroOptimizer(make_model(), ParallelState.single(), zero_config())
@@ -124,6 +129,15 @@ def test_parameters_are_found_by_name_across_shard_boundaries():
     for key in STATE_KEYS:
         assert torch.equal(getattr(opt, key), state[key]), key
     assert opt.step_count == 1
+    bucketed = ZeroOptimizer(make_model(), ParallelState.single(), zero_config(), bucket_mb=0.004)
+    assert len(bucketed.buckets) > 3
+    bucketed.load_sharded_state_dicts(shards)
+    saved = bucketed.sharded_state_dict()
+    back = ZeroOptimizer(make_model(), ParallelState.single(), zero_config())
+    back.load_sharded_state_dicts([saved])
+    for key in STATE_KEYS:
+        assert torch.equal(getattr(back, key), state[key]), key
+        assert not torch.equal(getattr(bucketed, key), state[key]), "the bucketed layout pads between buckets"
 
 
 def test_bad_shards_are_refused():
@@ -132,7 +146,7 @@ def test_bad_shards_are_refused():
     shards = _recut(state, 2, [name for name, _, _ in state["params"]])
     with pytest.raises(ValueError, match=r"^load_sharded_state_dicts: got no shards$"):
         opt.load_sharded_state_dicts([])
-    with pytest.raises(ValueError, match=r"^load_sharded_state_dicts: not a megamath-zero1-v1 optimizer shard$"):
+    with pytest.raises(ValueError, match=r"^load_sharded_state_dicts: not a megamath ZeRO-1 optimizer shard \(megamath-zero1-v1 or megamath-zero1-v2\)$"):
         opt.load_sharded_state_dicts([{"master": state["master"]}])
     with pytest.raises(ValueError, match=r"^load_sharded_state_dicts: need the shards of all 2 DP ranks exactly "
                                          r"once, got DP ranks \[1\]$"):
@@ -149,3 +163,20 @@ def test_bad_shards_are_refused():
                                          r"different sizes \[\]$"):
         opt.load_sharded_state_dicts(renamed)
     assert opt.step_count == 0, "a refused load changes nothing"
+
+
+def test_read_flat_reads_v1_and_v2_shards_alike():
+    """The reader megamath reshard uses (saved_layout + read_flat) finds every parameter in old rank-major
+    (v1) shards and in bucketed (v2) ones."""
+    state = _trained_single()
+    v1 = _recut(state, 3, [name for name, _, _ in reversed(state["params"])])
+    bucketed = ZeroOptimizer(make_model(), ParallelState.single(), zero_config(), bucket_mb=0.004)
+    bucketed.load_sharded_state_dicts(v1)
+    v2 = [bucketed.sharded_state_dict()]
+    assert len(v2[0]["buckets"]) > 3
+    for shards in (v1, v2):
+        buckets, dp = saved_layout(shards[0])
+        for name, numel, offset in shards[0]["params"]:
+            got = read_flat([s["master"] for s in shards], buckets, dp, offset, numel)
+            start = dict((n, o) for n, _, o in state["params"])[name]
+            assert torch.equal(got, state["master"][start:start + numel]), (shards[0]["format"], name)

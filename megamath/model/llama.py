@@ -47,8 +47,8 @@ from megamath.model.partition import (
     ParamSpec, check_tensor_parallel, is_norm_weight, partition_table,
 )
 from megamath.parallel.layers import (
-    ColumnParallelLinear, RowParallelLinear, TPReplicatedLinear, VocabParallelEmbedding, shard_tensor,
-    tp_region_input,
+    ColumnParallelLinear, RowParallelLinear, TPReplicatedLinear, VocabParallelEmbedding, column_parallel_inputs,
+    shard_tensor, tp_region_input,
 )
 from megamath.parallel.state import ParallelState
 
@@ -121,11 +121,17 @@ class Attention(nn.Module):
         return proj(x, input_is_tp_region=True)
 
     def forward(self, x: torch.Tensor, ops: Ops, position_offset: int, cache=None) -> torch.Tensor:
-        x = tp_region_input(x, self.group, self.sequence_parallel)  # (B, S, h); from (B, S/p, h) under SP
-        b, s, _ = x.shape
-        q = self.q_proj(x, input_is_tp_region=True).view(b, s, -1, self.head_dim)  # (B, S, Hq/p, D)
-        k = self._project_kv(self.k_proj, x).view(b, s, -1, self.head_dim)  # (B, S, Hkv/p, D)
-        v = self._project_kv(self.v_proj, x).view(b, s, -1, self.head_dim)  # (B, S, Hkv/p, D)
+        if self.kv_replicated:
+            x = tp_region_input(x, self.group, self.sequence_parallel)  # (B, S, h); from (B, S/p, h) under SP
+            q, k, v = self.q_proj(x, input_is_tp_region=True), self._project_kv(self.k_proj, x), \
+                self._project_kv(self.v_proj, x)
+        else:  # under SP: one all-gather, and the gathered (B, S, h) is not kept for the backward
+            q, k, v = column_parallel_inputs(x, [self.q_proj, self.k_proj, self.v_proj], self.group,
+                                             self.sequence_parallel)
+        b, s = q.shape[:2]
+        q = q.view(b, s, -1, self.head_dim)  # (B, S, Hq/p, D)
+        k = k.view(b, s, -1, self.head_dim)  # (B, S, Hkv/p, D)
+        v = v.view(b, s, -1, self.head_dim)  # (B, S, Hkv/p, D)
         if cache is not None:  # decoding: per-row positions and past keys (megamath.generation.kv_cache)
             o = cache.attend(q, k, v, self.rope_theta, self.kv_expand)  # (B, S, Hq/p, D)
             return self.o_proj(o.reshape(b, s, -1))  # (B, S, h)
@@ -150,8 +156,8 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(f, h, **tp)
 
     def forward(self, x: torch.Tensor, ops: Ops) -> torch.Tensor:
-        x = tp_region_input(x, self.group, self.sequence_parallel)  # (B, S, h)
-        a = ops.swiglu(self.gate_proj(x, input_is_tp_region=True), self.up_proj(x, input_is_tp_region=True))
+        gate, up = column_parallel_inputs(x, [self.gate_proj, self.up_proj], self.group, self.sequence_parallel)
+        a = ops.swiglu(gate, up)  # (B, S, ffn/p)
         return self.down_proj(a)  # (B, S, h), or (B, S/p, h) under SP; a is (B, S, ffn/p)
 
 

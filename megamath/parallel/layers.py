@@ -23,8 +23,10 @@ slice (`load_full_weight`). Layers take their group explicitly; with group None 
 Embedding (no communication, no autograd node added).
 
 Several column-parallel layers that read the same input (q, k, v; gate, up) should enter the TP region
-once: `x_tp = tp_region_input(x, group, sequence_parallel)` and call each with `x_tp, input_is_tp_region=True`,
-which costs one all-gather (SP) or one backward all-reduce instead of one per layer.
+once: `column_parallel_inputs(x, layers, group, sequence_parallel)`, which costs one all-gather (SP) or one
+backward all-reduce instead of one per layer. Under SP it also keeps only the rank's (B, S/p, h) chunk for
+the backward, not the gathered (B, S, h) (Megatron's re-gather in the backward: p times less activation
+memory for one more all-gather); a lone ColumnParallelLinear under SP (the LM head) does the same.
 """
 from __future__ import annotations
 
@@ -33,7 +35,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megamath.parallel.mappings import (
-    copy_to_tp, gather_from_sequence, group_rank, group_size, reduce_from_tp, reduce_scatter_to_sequence,
+    SEQUENCE_DIM, all_gather, copy_to_tp, gather_from_sequence, group_rank, group_size, reduce_from_tp, reduce_scatter,
+    reduce_scatter_to_sequence,
 )
 
 
@@ -56,6 +59,49 @@ def merge_shards(shards: list[torch.Tensor], dim: int) -> torch.Tensor:
 def tp_region_input(x: torch.Tensor, group, sequence_parallel: bool) -> torch.Tensor:
     """Enter a TP region: (B, S/p, h) sequence shards all-gathered under SP, else (B, S, h) copied."""
     return gather_from_sequence(x, group) if sequence_parallel else copy_to_tp(x, group)
+
+
+class _GatherLinears(torch.autograd.Function):
+    """Y_i = all_gather(X_local) W_iᵀ for several column-parallel weights, keeping only X_local for the backward.
+
+    Why: under SP the gathered input (B, S, h) is p times the rank's chunk (B, S/p, h); saved by the
+    matmuls it would be the largest activation of a block. Megatron's trick: save the chunk and all-gather
+    it again in the backward (one more all-gather of the same bytes per region). The backward follows
+    autograd's own arithmetic for the unfused path (mm over the flattened tokens; the input gradients
+    summed last projection first) and ends with the reduce-scatter gather_from_sequence's backward does.
+    """
+
+    @staticmethod
+    def forward(ctx, x_local, group, *weights):
+        ctx.group = group
+        x = all_gather(x_local, SEQUENCE_DIM, group)  # (B, S, in)
+        ctx.save_for_backward(x_local, *weights)
+        return tuple(F.linear(x, w) for w in weights)  # each (B, S, out_i/p)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x_local, *weights = ctx.saved_tensors
+        x_flat = all_gather(x_local, SEQUENCE_DIM, ctx.group).flatten(0, -2)  # (B·S, in), gathered again
+        grad_x, grad_weights = None, []
+        for g, w in reversed(list(zip(grads, weights))):
+            g_flat = g.reshape(-1, g.shape[-1])  # (B·S, out_i/p)
+            gx = g_flat.mm(w)  # (B·S, in)
+            grad_x = gx if grad_x is None else grad_x + gx
+            grad_weights.append(g_flat.t().mm(x_flat))  # (out_i/p, in)
+        grad_x = grad_x.view(*grads[0].shape[:-1], -1)  # (B, S, in)
+        return (reduce_scatter(grad_x, SEQUENCE_DIM, ctx.group), None, *reversed(grad_weights))
+
+
+def column_parallel_inputs(x: torch.Tensor, layers: list, group, sequence_parallel: bool) -> list[torch.Tensor]:
+    """Several column-parallel layers applied to one input x (B, S, h), or (B, S/p, h) under SP.
+
+    Under SP with p > 1 and only ColumnParallelLinear layers, one _GatherLinears: a single all-gather and no
+    saved (B, S, h) copy. Otherwise tp_region_input once, then each layer (which saves the shared input).
+    """
+    if sequence_parallel and group_size(group) > 1 and all(type(m) is ColumnParallelLinear for m in layers):
+        return list(_GatherLinears.apply(x, group, *[m.weight for m in layers]))
+    x_tp = tp_region_input(x, group, sequence_parallel)  # (B, S, h)
+    return [m(x_tp, input_is_tp_region=True) for m in layers]
 
 
 def tp_region_output(y_partial: torch.Tensor, group, sequence_parallel: bool) -> torch.Tensor:
@@ -113,6 +159,8 @@ class ColumnParallelLinear(_TPLayer):
         """x (B, S, in), or (B, S/p, in) under SP -> (B, S, out/p). With input_is_tp_region, x is already
         tp_region_input(...)'s (B, S, in)."""
         if not input_is_tp_region:
+            if self.sequence_parallel and self.tp_size > 1:  # the chunk, not the gathered input, is saved
+                return _GatherLinears.apply(x, self.group, self.weight)[0]  # (B, S, out/p)
             x = tp_region_input(x, self.group, self.sequence_parallel)  # (B, S, in)
         return F.linear(x, self.weight)  # (B, S, out/p)
 

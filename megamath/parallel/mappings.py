@@ -53,14 +53,14 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
-def all_gather_into(out: torch.Tensor, x: torch.Tensor, group) -> None:
-    """Native all-gather into one rank-major tensor (NCCL; see `native_collectives`)."""
-    _all_gather_single(out, x, group=group)
+def all_gather_into(out: torch.Tensor, x: torch.Tensor, group, async_op: bool = False):
+    """Native all-gather into one rank-major tensor (NCCL; see `native_collectives`); async_op returns the work."""
+    return _all_gather_single(out, x, group=group, async_op=async_op)
 
 
-def reduce_scatter_into(out: torch.Tensor, x: torch.Tensor, group) -> None:
+def reduce_scatter_into(out: torch.Tensor, x: torch.Tensor, group, async_op: bool = False):
     """Native reduce-scatter of a rank-major tensor: chunk r of x's dim 0, summed, lands in rank r's out."""
-    _reduce_scatter_single(out, x, group=group)
+    return _reduce_scatter_single(out, x, group=group, async_op=async_op)
 
 
 # ---- plain collectives (not differentiable) ---------------------------------------------------------------

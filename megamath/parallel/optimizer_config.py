@@ -23,14 +23,13 @@ class OptimizerConfig:
     clip_grad: float = 1.0
     """Clip the global gradient norm to this value; 0 turns clipping off (the norm is still computed)."""
     grad_dtype: str = "fp32"
-    """dtype of the flat gradient buffer: "fp32" accumulates micro-batches exactly enough for bf16 training
-    (Megatron's default); "bf16" saves 2 bytes per parameter and halves the reduce-scatter's traffic."""
-    bucket_mb: float = 0.0
-    """Largest reduce-scatter message in MiB; 0 sends the whole gradient buffer in one collective, in place.
-    A positive value splits it into column blocks of the (dp, S) view, each staged through a copy."""
+    """dtype of the flat gradient buffer. "fp32" (Megatron's default): 4 bytes per parameter; micro-batch
+    gradients accumulate and are DP-summed in fp32, rounded once. "bf16": 2 bytes per parameter and half the
+    reduce-scatter's bytes, but every micro-batch's add and the DP sum round to bf16. (Bucket sizes and the
+    overlap of communication are `parallel.bucket_mb` / `overlap_grad_reduce` / `overlap_param_gather`.)"""
 
     def __post_init__(self) -> None:
-        for name in ("lr", "eps", "weight_decay", "clip_grad", "bucket_mb"):
+        for name in ("lr", "eps", "weight_decay", "clip_grad"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise ValueError(f"OptimizerConfig.{name} must be a number >= 0, got {value!r}")

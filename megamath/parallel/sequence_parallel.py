@@ -17,19 +17,20 @@ def allreduce_sequence_parallel_grads(params: list[nn.Parameter], state, optimiz
 
     Under sequence parallelism each rank runs the norms on its own sequence chunk, so its norm-weight
     gradient covers only those positions. Call this once per step, after the last micro-batch's backward
-    and before the DP gradient reduction and the grad norm (the sum is linear, so once is enough).
+    (the sum is linear, so once is enough).
 
-    Where the gradients are: in `p.grad` (optimizer None, e.g. torch.optim), or, with the ZeRO-1
-    optimizer, in its flat gradient buffer (`optimizer.grad_view(p)`), because its hooks move every
-    gradient there and free p.grad. Either way they go through one flat message, so it is a single
-    all-reduce however many norms the model has. A no-op at tp_size 1 and for an empty list.
+    Where the gradients are: in `p.grad` (optimizer None, e.g. torch.optim), summed here in one flat
+    message, a single all-reduce however many norms the model has; or, with the ZeRO-1 optimizer, in its
+    flat gradient buffer, whose DP reduce-scatter may already be in flight (overlap_grad_reduce): the sum
+    is then left to the optimizer's step (`sum_sequence_parallel_grads`), on its DP pieces after the DP
+    reduction. A no-op at tp_size 1 and for an empty list.
     """
     if state.tp_size == 1:
         return
-    if optimizer is None:
-        grads = [p.grad for p in params if p.grad is not None]
-    else:
-        grads = [optimizer.grad_view(p) for p in params]
+    if optimizer is not None:  # summed inside its step, after the DP reduction (see ZeroOptimizer)
+        optimizer.sum_sequence_parallel_grads(params)
+        return
+    grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])  # (Σ numel,)

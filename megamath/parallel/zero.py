@@ -4,38 +4,45 @@ Why: with Adam, the optimizer state (fp32 master + two moments = 12 bytes per pa
 the bf16 weights. Data-parallel ranks all hold the same weights, so each can own 1/dp of that state and
 update only its part (llm.c's ZeRO-1, Megatron's distributed optimizer).
 
-Layout (explicit offsets over flat buffers). Every trainable parameter of the model is re-pointed into
-ONE flat parameter buffer (`p.data` becomes a view of it), and its gradient is summed into ONE flat
-gradient buffer. Both are padded with zeros to dp · S elements; DP rank r owns the shard
+Layout (explicit offsets over flat buffers, see zero_layout.py). Every trainable parameter of the model
+is re-pointed into ONE flat parameter buffer (`p.data` becomes a view of it), and its gradient is summed
+into ONE flat gradient buffer, both in backward order (lm_head first) and cut into buckets of about
+`bucket_mb` MiB of gradients. Each bucket is padded and split into dp equal pieces: DP rank r owns piece
+r of every bucket, and its fp32 master, exp_avg, exp_avg_sq are those pieces concatenated (length S).
 
-    [r·S, (r+1)·S)          of both buffers, with fp32 master, exp_avg, exp_avg_sq of length S.
+Bytes per parameter on one rank, bf16 model (`zero_layout.buffer_bytes`, plus the padding):
 
-Parameters are placed in groups of the same (weight decay, tensor_parallel): matrices first, then the
-1-D weights, so a shard spans at most four contiguous ranges and a step is at most four AdamW launches.
-
-Bytes per parameter on one rank, bf16 model:
-
-    bf16 params 2 + bf16 grads 2 + (fp32 master 4 + exp_avg 4 + exp_avg_sq 4) / dp = 4 + 12/dp
-    with grad_dtype="fp32":  2 + 4 + 12/dp = 6 + 12/dp
+    bf16 params 2 + grads (4 with grad_dtype "fp32", 2 with "bf16") + (master 4 + exp_avg 4 + exp_avg_sq 4) / dp
+    fp32 grads: 6 + 12/dp;  bf16 grads: 4 + 12/dp
 
 (7B at dp = 8 with fp32 grads: 6 + 1.5 = 7.5 bytes, 52 GB, against 16 bytes without sharding.)
+What grad_dtype costs: "fp32" adds each micro-batch's gradient (bf16, as autograd computes it) into an
+fp32 buffer, so the accumulation over micro-batches and the DP sum round only once, at the end, to fp32;
+"bf16" saves 2 bytes per parameter and half the reduce-scatter's bytes, but rounds to bf16 at every
+micro-batch's add and inside the reduce-scatter (the DP sum is taken in bf16 by the collective).
 
-One step (`step(lr)`):
-  1. reduce-scatter the gradient buffer over DP (a sum; the 1/dp of the average is folded into the
-     norm and into AdamW's grad_scale instead of a pass over the shard);
-  2. the global gradient norm over the DP shards and the TP splits (grad_clip.py);
-  3. a non-finite norm on any rank skips the update on every rank (nothing changes, not the step count);
-  4. the clipping coefficient min(1, clip / (norm + 1e-6)) joins grad_scale;
-  5. AdamW on this rank's ranges, writing the new bf16 weights straight into the parameter buffer's shard;
-  6. all-gather the parameter shards over DP.
+One step (`step(lr)`), in three phases:
+  1. `_reduce_scatter_grads`: every bucket's gradients summed over DP into this rank's pieces (a sum; the
+     1/dp of the average is folded into the norm and AdamW's grad_scale). With overlap_grad_reduce and
+     `zero_grad(micro_batches=n)`, a bucket's reduce-scatter was already started, asynchronously, by the
+     gradient hook that delivered the bucket's last gradient of the n-th backward; this phase starts
+     the rest and waits. Sequence-parallel weights are then summed over TP (`sum_sequence_parallel_grads`).
+  2. `_update`: the global gradient norm over the DP pieces and TP splits (grad_clip.py); a non-finite
+     norm on any rank skips the update on every rank; clipping joins grad_scale; AdamW on this rank's
+     ranges writes the new bf16 weights straight into its pieces of the parameter buffer.
+  3. `_all_gather_params`: each bucket's pieces all-gathered over DP, embedding's bucket first. With
+     overlap_param_gather they run while the next forward starts: a forward pre-hook on each module
+     waits only for its own parameters' buckets (`model.state_dict()` and the next step wait for all).
+
+Both overlaps move only when a collective is issued, never what it sums: the buckets, their collectives
+and the order of every floating-point operation are the same with and without them, so results are
+bit-identical.
 
 Gradients reach the flat buffer through post-accumulate-grad hooks: once autograd has accumulated a
 parameter's gradient, the hook adds it into the buffer and frees `p.grad`. This costs what `.grad` views
 would (autograd hands over its gradient tensor either way, then one add), allows a gradient buffer
 whose dtype differs from the model's (torch refuses a `.grad` of another dtype), and accumulates over
-micro-batches until `zero_grad()`. The reduce-scatter runs after backward, not overlapped with it: the
-rank-major shard layout makes a gradient bucket ready only at the end of backward, so overlapping would
-need Megatron's per-bucket shards. `bucket_mb` only caps the size of each collective.
+micro-batches until `zero_grad()`.
 
 Which parameters are split over the TP ranks (each holds a different piece) is passed by name
 (`split_names`, for Llama `model.split_parameter_names()`, from megamath.model.partition); everything else
@@ -59,10 +66,16 @@ from megamath.parallel.grad_clip import clip_coefficient, global_grad_norm
 from megamath.parallel.mappings import all_gather_into, native_collectives, reduce_scatter_into
 from megamath.parallel.optimizer_config import GRAD_DTYPES, OptimizerConfig
 from megamath.parallel.state import ParallelState
+from megamath.parallel.zero_layout import (ParamSlot, ZeroLayout, bucket_numel_for, read_flat, saved_layout,
+                                           zero_layout)
 
-CHECKPOINT_FORMAT = "megamath-zero1-v1"
+CHECKPOINT_FORMAT = "megamath-zero1-v2"
+"""v2: bucketed shards (zero_layout.py). v1 shards (one rank-major range per rank) still load."""
+CHECKPOINT_FORMATS = ("megamath-zero1-v1", CHECKPOINT_FORMAT)
 STATE_KEYS = ("master", "exp_avg", "exp_avg_sq")
 """The per-parameter fp32 tensors a shard holds, in the order shards and tools list them."""
+__all__ = ["OptimizerConfig", "ParamSlot", "ZeroOptimizer", "read_flat", "saved_layout", "validate_shards",
+           "zero_layout"]
 
 
 @dataclass(frozen=True)
@@ -76,45 +89,24 @@ class StepResult:
 
 
 @dataclass(frozen=True)
-class ParamSlot:
-    """Where one parameter lives in the flat buffers."""
-
-    name: str
-    numel: int
-    offset: int
-    decay: bool
-    tensor_parallel: bool
-
-
-@dataclass(frozen=True)
 class ShardRange:
-    """A run of the shard, [start, end) in shard coordinates, whose parameters share decay and TP-ness."""
+    """A run of the shard, [start, end) in shard coordinates, whose parameters share decay and TP-ness;
+    it lies in one bucket piece, at [flat_start, flat_start + end - start) of the flat buffers."""
 
     start: int
     end: int
+    flat_start: int
     decay: bool
     tensor_parallel: bool
+
+    @property
+    def flat(self) -> slice:
+        return slice(self.flat_start, self.flat_start + self.end - self.start)
 
 
 def _adamw_fn(device: torch.device):
     """The Triton kernel on CUDA, its plain-torch reference elsewhere (as megamath.model.ops dispatches)."""
     return adamw_step if device.type == "cuda" else adamw_step_ref
-
-
-def flat_layout(params: list[tuple[str, tuple[int, ...], bool]]) -> list[ParamSlot]:
-    """Where each parameter (name, shape, tensor_parallel) goes in the flat buffers, in buffer order.
-
-    Matrices (decayed) first, then 1-D weights; within each, TP-split before replicated; otherwise the
-    given (the model's) order. A checkpoint tool that writes optimizer shards for a model it does not
-    build uses this same rule, so its files are the ones a live optimizer would save.
-    """
-    ordered = sorted(params, key=lambda entry: (len(entry[1]) < 2, not entry[2]))
-    slots, offset = [], 0
-    for name, shape, split in ordered:
-        numel = math.prod(shape)
-        slots.append(ParamSlot(name, numel, offset, len(shape) >= 2, split))
-        offset += numel
-    return slots
 
 
 class ZeroOptimizer:
@@ -124,10 +116,14 @@ class ZeroOptimizer:
     model must not be moved or cast afterwards: its parameters are views of this optimizer's buffer.
     `split_names`: the names of the parameters tensor parallelism splits (required when tp_size > 1;
     the gradient norm sums their squares over TP and counts the other parameters once).
+    `bucket_mb`: MiB of gradients per bucket (0: one bucket). `overlap_grad_reduce` /
+    `overlap_param_gather`: start the reduce-scatters in the backward / finish the all-gathers in the next
+    forward (see the module docstring); off, each runs inside step().
     """
 
     def __init__(self, model: nn.Module, state: ParallelState, config: OptimizerConfig,
-                 split_names: Collection[str] = ()):
+                 split_names: Collection[str] = (), *, bucket_mb: float = 0.0, overlap_grad_reduce: bool = False,
+                 overlap_param_gather: bool = False):
         self.state, self.config = state, config
         self.dp_size, self.dp_rank, self.dp_group = state.dp_size, state.dp_rank, state.dp_group
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -141,77 +137,138 @@ class ZeroOptimizer:
             raise ValueError(f"ZeroOptimizer: tensor-parallel size {state.tp_size} needs split_names, the parameters TP "
                              "splits (Llama.split_parameter_names()), or the gradient norm would count their pieces "
                              "as replicated")
+        if isinstance(bucket_mb, bool) or not isinstance(bucket_mb, (int, float)) or not bucket_mb >= 0:
+            raise ValueError(f"ZeroOptimizer: bucket_mb must be a number >= 0, got {bucket_mb!r}")
         dtypes = sorted({str(p.dtype) for _, p in named})
         devices = sorted({str(p.device) for _, p in named})
         if len(dtypes) > 1 or len(devices) > 1:
             raise ValueError(f"ZeroOptimizer: all parameters must share one dtype and device for the flat buffer, "
                              f"got dtypes {dtypes} on devices {devices}")
         self.param_dtype, self.device = named[0][1].dtype, named[0][1].device
-        self.slots: list[ParamSlot] = flat_layout([(n, tuple(p.shape), n in split_names) for n, p in named])
-        by_name = dict(named)
-        named = [(slot.name, by_name[slot.name]) for slot in self.slots]  # the buffer's order
-        self.numel = sum(slot.numel for slot in self.slots)
-        self.shard_size = -(-self.numel // self.dp_size)  # S = ceil(numel / dp)
-        self.padded_numel = self.shard_size * self.dp_size
-        self.shard_start = self.dp_rank * self.shard_size
-        self.shard_end = self.shard_start + self.shard_size
+        grad_dtype = GRAD_DTYPES[config.grad_dtype]
+        self.layout: ZeroLayout = zero_layout([(n, tuple(p.shape), n in split_names) for n, p in named],
+                                              self.dp_size, bucket_numel_for(bucket_mb, grad_dtype.itemsize))
+        self.slots: list[ParamSlot] = self.layout.slots
+        self.buckets = self.layout.buckets
+        self.numel, self.padded_numel, self.shard_size = (self.layout.numel, self.layout.padded_numel,
+                                                          self.layout.shard_size)
+        self.pieces = self.layout.rank_pieces(self.dp_rank)  # per bucket: (flat_start, flat_end, shard_start)
+        self.overlap_grad_reduce, self.overlap_param_gather = bool(overlap_grad_reduce), bool(overlap_param_gather)
 
-        self.flat_param = torch.zeros(self.padded_numel, dtype=self.param_dtype, device=self.device)  # (dp·S,)
-        self.flat_grad = torch.zeros(self.padded_numel, dtype=GRAD_DTYPES[config.grad_dtype], device=self.device)
+        self.flat_param = torch.zeros(self.padded_numel, dtype=self.param_dtype, device=self.device)  # (N,)
+        self.flat_grad = torch.zeros(self.padded_numel, dtype=grad_dtype, device=self.device)  # (N,)
+        by_name = dict(named)
         self.params: list[nn.Parameter] = []
         self._slot_of: dict[int, ParamSlot] = {}  # id(parameter) -> its slot
         self._hooks = []
+        self._params_per_bucket = [0] * len(self.buckets)
         with torch.no_grad():
-            for slot, (_, p) in zip(self.slots, named):
+            for slot in self.slots:
+                p = by_name[slot.name]
                 view = self.flat_param[slot.offset:slot.offset + slot.numel].view_as(p)
                 view.copy_(p)
                 p.data = view
                 p.grad = None
                 self.params.append(p)
                 self._slot_of[id(p)] = slot
+                self._params_per_bucket[slot.bucket] += 1
                 grad_view = self.flat_grad[slot.offset:slot.offset + slot.numel].view_as(p)
-                self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(grad_view)))
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._make_grad_hook(slot, grad_view)))
+        self._hook_forward(model)
         self.ranges = self._shard_ranges()
-        shard = slice(self.shard_start, self.shard_end)
-        self.master = self.flat_param[shard].to(torch.float32, copy=True)  # (S,)
+        self.master = torch.cat([self.flat_param[f0:f1] for f0, f1, _ in self.pieces]).to(torch.float32)  # (S,)
         self.exp_avg = torch.zeros_like(self.master)  # (S,)
         self.exp_avg_sq = torch.zeros_like(self.master)  # (S,)
         self.step_count = 0
+        self._grad_work: list = [None] * len(self.buckets)  # in-flight reduce-scatter per bucket
+        self._gather_work: list = [None] * len(self.buckets)  # in-flight all-gather per bucket
+        self._ready = [0] * len(self.buckets)  # gradients delivered per bucket since zero_grad
+        self._expected: list[int] | None = None  # gradients per bucket that complete it (None: no early start)
+        self._sp_slots: list[ParamSlot] = []
+        self.events: list | None = None
+        """Set to a list to record ("grad", name), ("reduce_scatter", bucket), ("all_gather", bucket) ... in
+        the order they happen (tests read it to see what overlaps what)."""
 
-    @staticmethod
-    def _make_hook(grad_view: torch.Tensor):
+    def _hook_forward(self, model: nn.Module) -> None:
+        """A forward pre-hook per module waits for its own parameters' all-gathers; state_dict waits for all.
+
+        A module without parameters of its own whose children all hold parameters (a block of layers, not the
+        model) also waits for its children's: it may apply their weights directly (the sequence-parallel
+        attention and MLP fuse their column-parallel projections into one autograd function that never calls
+        the projection modules)."""
+        slot_by_name = {s.name: s for s in self.slots}
+        self.forward_waits: dict[str, list[int]] = {}  # module name -> the buckets its forward pre-hook waits for
+        for prefix, module in model.named_modules():
+            own = [f"{prefix}.{n}" if prefix else n for n, _ in module.named_parameters(recurse=False)]
+            names = own
+            children = list(module.children())
+            if (not own and module is not model and children
+                    and all(any(True for _ in c.parameters(recurse=False)) for c in children)):
+                names = [f"{prefix}.{c}.{n}" for c, child in module.named_children()
+                         for n, _ in child.named_parameters(recurse=False)]
+            # in forward order: the embedding's bucket (the last) first
+            buckets = sorted({slot_by_name[n].bucket for n in names if n in slot_by_name}, reverse=True)
+            if buckets:
+                self.forward_waits[prefix] = buckets
+                self._hooks.append(module.register_forward_pre_hook(
+                    lambda mod, args, buckets=buckets: self._wait_param_gathers(buckets)))
+        self._hooks.append(model.register_state_dict_pre_hook(lambda *args: self.finish_param_sync()))
+
+    def _make_grad_hook(self, slot: ParamSlot, grad_view: torch.Tensor):
         def hook(p: torch.Tensor) -> None:
             grad = p.grad  # (shape of p): this micro-batch's gradient, which autograd has just accumulated
             if torch.promote_types(grad.dtype, grad_view.dtype) != grad_view.dtype:
                 grad = grad.to(grad_view.dtype)  # fp32 into a bf16 buffer; bf16 into fp32 adds without a copy
+            if self._grad_work[slot.bucket] is not None:
+                raise RuntimeError(f"ZeroOptimizer: a gradient of {slot.name} arrived after its bucket's "
+                                   "reduce-scatter started: more backward passes than zero_grad(micro_batches=...) "
+                                   "announced")
             grad_view.add_(grad)
             p.grad = None
+            if self.events is not None:
+                self.events.append(("grad", slot.name))
+            if self._expected is not None:
+                self._ready[slot.bucket] += 1
+                if self._ready[slot.bucket] == self._expected[slot.bucket]:
+                    self._launch_reduce_scatter(slot.bucket)  # the bucket's last gradient of the last backward
         return hook
 
     def _shard_ranges(self) -> list[ShardRange]:
-        """The parameters' pieces inside [shard_start, shard_end), merged into runs of equal (decay, TP)."""
+        """The parameters' pieces inside this rank's bucket pieces, merged into runs of equal (decay, TP)."""
         ranges: list[ShardRange] = []
         for slot in self.slots:
-            lo = max(slot.offset, self.shard_start) - self.shard_start
-            hi = min(slot.offset + slot.numel, self.shard_end) - self.shard_start
+            f0, f1, s0 = self.pieces[slot.bucket]
+            lo, hi = max(slot.offset, f0), min(slot.offset + slot.numel, f1)
             if lo >= hi:
                 continue
-            last = ranges[-1] if ranges else None
-            if last and last.end == lo and (last.decay, last.tensor_parallel) == (slot.decay, slot.tensor_parallel):
-                ranges[-1] = dataclasses.replace(last, end=hi)
+            start, last = s0 + lo - f0, ranges[-1] if ranges else None
+            if (last and last.end == start and last.flat.stop == lo
+                    and (last.decay, last.tensor_parallel) == (slot.decay, slot.tensor_parallel)):
+                ranges[-1] = dataclasses.replace(last, end=start + hi - lo)
             else:
-                ranges.append(ShardRange(lo, hi, slot.decay, slot.tensor_parallel))
+                ranges.append(ShardRange(start, start + hi - lo, lo, slot.decay, slot.tensor_parallel))
         return ranges
 
     def remove_hooks(self) -> None:
-        """Detach the gradient hooks (the model's parameters stay views of the flat buffer)."""
+        """Finish the parameters' all-gathers and detach every hook (the parameters stay views of the buffer)."""
+        self.finish_param_sync()
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
 
-    def zero_grad(self) -> None:
-        """Zero the flat gradient buffer; call once per optimizer step, before the first micro-batch."""
+    def zero_grad(self, micro_batches: int | None = None) -> None:
+        """Zero the flat gradient buffer; call once per optimizer step, before the first micro-batch.
+
+        micro_batches: the number of backward passes before step(). With overlap_grad_reduce, each bucket's
+        reduce-scatter then starts inside the last one, as soon as its gradients are complete; None starts
+        them all in step() (the only safe choice when the count is not known).
+        """
+        self._wait_grad_reductions()  # a step the caller skipped (non-finite loss) may leave some in flight
         self.flat_grad.zero_()
+        self._ready = [0] * len(self.buckets)
+        early = self.overlap_grad_reduce and micro_batches and self.dp_group is not None
+        self._expected = [n * micro_batches for n in self._params_per_bucket] if early else None
+        self._sp_slots = []
 
     def grad_view(self, p: nn.Parameter) -> torch.Tensor:
         """Parameter p's accumulated gradient: its view (shape of p) into the flat gradient buffer."""
@@ -219,6 +276,57 @@ class ZeroOptimizer:
         if slot is None:
             raise KeyError("ZeroOptimizer.grad_view: the parameter is not one of this optimizer's")
         return self.flat_grad[slot.offset:slot.offset + slot.numel].view_as(p)
+
+    def sum_sequence_parallel_grads(self, params: list[nn.Parameter]) -> None:
+        """Have this step sum these parameters' gradients over TP (the sequence-parallel norm weights, whose
+        gradient on each TP rank covers only its sequence chunk). It is done in step(), after the DP
+        reduction and on this rank's pieces only, so it never races an in-flight reduce-scatter and costs
+        1/dp of a full all-reduce; the sum is linear, so the order (DP, then TP) gives the same total."""
+        self._sp_slots = sorted((self._slot_of[id(p)] for p in params), key=lambda s: s.offset)
+
+    # ---- communication --------------------------------------------------------------------------------
+
+    def _record(self, *event) -> None:
+        if self.events is not None:
+            self.events.append(event)
+
+    def _launch_reduce_scatter(self, b: int) -> None:
+        bucket, (f0, f1, _) = self.buckets[b], self.pieces[b]
+        grad = self.flat_grad[bucket.start:bucket.end]  # (dp·L,): row r is rank r's piece
+        if native_collectives(self.dp_group):
+            work = reduce_scatter_into(self.flat_grad[f0:f1], grad, self.dp_group, async_op=True)  # in place
+        else:
+            work = dist.all_reduce(grad, group=self.dp_group, async_op=True)  # every row summed; ours is used
+        self._grad_work[b] = work
+        self._record("reduce_scatter", b)
+
+    def _wait_grad_reductions(self) -> None:
+        for b, work in enumerate(self._grad_work):
+            if work is not None:
+                work.wait()
+                self._grad_work[b] = None
+
+    def _launch_all_gather(self, b: int) -> None:
+        bucket, (f0, f1, _) = self.buckets[b], self.pieces[b]
+        full, mine = self.flat_param[bucket.start:bucket.end], self.flat_param[f0:f1]  # (dp·L,), (L,)
+        if native_collectives(self.dp_group):
+            self._gather_work[b] = (all_gather_into(full, mine, self.dp_group, async_op=True), None)  # in place
+        else:
+            source = mine.clone()  # kept alive until the wait
+            rows = list(full.view(self.dp_size, -1).unbind(0))
+            self._gather_work[b] = (dist.all_gather(rows, source, group=self.dp_group, async_op=True), source)
+        self._record("all_gather", b)
+
+    def _wait_param_gathers(self, buckets) -> None:
+        for b in buckets:
+            if self._gather_work[b] is not None:
+                self._gather_work[b][0].wait()
+                self._gather_work[b] = None
+                self._record("wait_all_gather", b)
+
+    def finish_param_sync(self) -> None:
+        """Wait for every parameter all-gather still in flight (before reading the weights outside a forward)."""
+        self._wait_param_gathers(range(len(self.buckets)))
 
     # ---- the step ----------------------------------------------------------------------------------
 
@@ -229,45 +337,43 @@ class ZeroOptimizer:
                                    "buffer (was the model moved or cast after the optimizer was built?)")
 
     def _reduce_scatter_grads(self) -> None:
-        """Sum the gradient buffer over DP into this rank's shard [shard_start, shard_end) of flat_grad."""
-        if self.dp_group is None:
-            return
-        grad_2d = self.flat_grad.view(self.dp_size, self.shard_size)  # (dp, S): row r is rank r's shard
-        native = native_collectives(self.dp_group)
-        cols = self.shard_size
-        if self.config.bucket_mb > 0:
-            bytes_per_col = self.dp_size * self.flat_grad.element_size()
-            cols = max(1, int(self.config.bucket_mb * 2**20) // bytes_per_col)
-        for c0 in range(0, self.shard_size, cols):
-            c1 = min(c0 + cols, self.shard_size)
-            out = grad_2d[self.dp_rank, c0:c1]  # (c,) contiguous
-            bucket = grad_2d if c1 - c0 == self.shard_size else grad_2d[:, c0:c1].contiguous()  # (dp, c)
-            if native:
-                reduce_scatter_into(out, bucket.view(-1), self.dp_group)  # in place when bucket is grad_2d
-            else:
-                dist.all_reduce(bucket, group=self.dp_group)
-                if bucket.data_ptr() != grad_2d.data_ptr():
-                    out.copy_(bucket[self.dp_rank])
+        """Phase 1: each bucket summed over DP into this rank's piece (the backward may have started some)."""
+        if self.dp_group is not None:
+            for b in range(len(self.buckets)):
+                if self._grad_work[b] is None:
+                    self._launch_reduce_scatter(b)
+            self._wait_grad_reductions()
+            self._record("reduce_scatter_done")
+        self._expected = None
+        self._sum_sequence_parallel()
 
-    def _all_gather_params(self) -> None:
-        if self.dp_group is None:
+    def _sum_sequence_parallel(self) -> None:
+        """The TP sum asked for by sum_sequence_parallel_grads, over this rank's pieces, as one message."""
+        slots, self._sp_slots = self._sp_slots, []
+        if self.state.tp_size == 1 or not slots:
             return
-        shard = self.flat_param[self.shard_start:self.shard_end]  # (S,)
-        if native_collectives(self.dp_group):
-            all_gather_into(self.flat_param, shard, self.dp_group)  # in place: shard is a view of the output
-        else:
-            dist.all_gather(list(self.flat_param.view(self.dp_size, self.shard_size).unbind(0)), shard.clone(),
-                            group=self.dp_group)
+        views = []
+        for slot in slots:  # the same pieces on every TP rank: their layouts are identical
+            f0, f1, _ = self.pieces[slot.bucket]
+            lo, hi = max(slot.offset, f0), min(slot.offset + slot.numel, f1)
+            if lo < hi:
+                views.append(self.flat_grad[lo:hi])
+        if views:
+            flat = torch.cat(views)  # (Σ,)
+            dist.all_reduce(flat, group=self.state.tp_group)
+            offset = 0
+            for v in views:
+                v.copy_(flat[offset:offset + v.numel()])
+                offset += v.numel()
 
     def _grad_norm(self) -> torch.Tensor:
-        """Global norm of the DP-averaged gradient (fp32 scalar); valid after the reduce-scatter of step()."""
-        grad_shard = self.flat_grad[self.shard_start:self.shard_end]  # (S,)
+        """Global norm of the DP-averaged gradient (fp32 scalar); valid after _reduce_scatter_grads."""
         # Squares accumulate in fp64: a CPU fp32 norm over millions of elements is off by ~1e-4 relative,
         # enough to move the clip coefficient away from what a serial run (or transformers) computes.
         sums = {True: torch.zeros((), dtype=torch.float64, device=self.device),
                 False: torch.zeros((), dtype=torch.float64, device=self.device)}
         for r in self.ranges:
-            sums[r.tensor_parallel] += torch.linalg.vector_norm(grad_shard[r.start:r.end], dtype=torch.float64) ** 2
+            sums[r.tensor_parallel] += torch.linalg.vector_norm(self.flat_grad[r.flat], dtype=torch.float64) ** 2
         norm = global_grad_norm(sums[True], sums[False], dp_group=self.dp_group, tp_group=self.state.tp_group)
         return norm / self.dp_size  # the buffer holds the DP sum; the average is 1/dp of it
 
@@ -275,9 +381,13 @@ class ZeroOptimizer:
     def step(self, lr: float, timer=None) -> StepResult:
         """One AdamW update at learning rate lr of the gradients accumulated since zero_grad().
 
-        `timer` (a megamath.training.phases.PhaseTimer, optional) times grad_reduce / optimizer / param_gather.
+        `timer` (a megamath.training.phases.PhaseTimer, optional) times grad_reduce / optimizer / param_gather;
+        with the overlaps on, grad_reduce is the wait for reductions the backward started, and param_gather
+        the launch of gathers the next forward waits for.
         """
         phase = timer.phase if timer is not None else (lambda name: contextlib.nullcontext())
+        with phase("param_gather"):
+            self.finish_param_sync()  # the last step's gathers (the forward has normally waited for them all)
         with phase("grad_reduce"):
             self._check_views()
             self._reduce_scatter_grads()
@@ -290,46 +400,67 @@ class ZeroOptimizer:
         return result
 
     def _update(self, lr: float) -> StepResult:
-        """Norm, clipping and AdamW on this rank's shard (the parameter shard is written, not yet gathered)."""
+        """Phase 2: the norm, the skip decision, clipping, and AdamW on this rank's ranges."""
         norm = float(self._grad_norm())  # a host sync: every rank must agree on skipping before updating
         if not math.isfinite(norm):
             return StepResult(norm, True, 0.0)
         coef = clip_coefficient(norm, self.config.clip_grad)
         self.step_count += 1
         cfg, adamw = self.config, _adamw_fn(self.device)
-        grad_shard = self.flat_grad[self.shard_start:self.shard_end]  # (S,)
-        param_shard = self.flat_param[self.shard_start:self.shard_end]  # (S,) model dtype
         lowp = self.param_dtype in (torch.bfloat16, torch.float16)
         for r in self.ranges:
             part = slice(r.start, r.end)
-            adamw(self.master[part], grad_shard[part], self.exp_avg[part], self.exp_avg_sq[part], lr=lr,
+            adamw(self.master[part], self.flat_grad[r.flat], self.exp_avg[part], self.exp_avg_sq[part], lr=lr,
                   beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps, weight_decay=cfg.weight_decay if r.decay else 0.0,
-                  step=self.step_count, params_lowp=param_shard[part] if lowp else None,
+                  step=self.step_count, params_lowp=self.flat_param[r.flat] if lowp else None,
                   grad_scale=coef / self.dp_size)
         if not lowp:
-            param_shard.copy_(self.master)  # padding stays 0: its grads are 0 and it is never decayed
+            self._masters_to_params()  # padding stays 0: its grads are 0 and it is never decayed
         return StepResult(norm, False, coef)
+
+    def _masters_to_params(self) -> None:
+        for f0, f1, s0 in self.pieces:
+            self.flat_param[f0:f1].copy_(self.master[s0:s0 + f1 - f0])
+
+    def _all_gather_params(self) -> None:
+        """Phase 3: the updated pieces all-gathered over DP, the embedding's bucket (the forward's first) first."""
+        if self.dp_group is None:
+            return
+        for b in reversed(range(len(self.buckets))):
+            self._launch_all_gather(b)
+        if not self.overlap_param_gather:
+            self.finish_param_sync()
 
     # ---- checkpoints -------------------------------------------------------------------------------
 
     def sharded_state_dict(self) -> dict:
-        """This rank's optimizer state and the layout needed to re-cut it for another DP size.
+        """This rank's optimizer state and the layout needed to re-cut it for another DP size or layout.
 
         The tensors are the live fp32 shards (S,): save them (torch.save) before the next step.
         """
         return {
             "format": CHECKPOINT_FORMAT, "step": self.step_count, "config": dataclasses.asdict(self.config),
             "tp_size": self.state.tp_size, "tp_rank": self.state.tp_rank,
-            "dp_size": self.dp_size, "dp_rank": self.dp_rank, "shard": (self.shard_start, self.shard_end),
+            "dp_size": self.dp_size, "dp_rank": self.dp_rank, "shard_size": self.shard_size,
+            "buckets": [(b.start, b.end) for b in self.buckets],
             "params": [(s.name, s.numel, s.offset) for s in self.slots],
             "master": self.master, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq,
         }
 
+    def _param_pieces(self):
+        """(slot, lo, hi, shard_start): the part [lo, hi) (flat coordinates) of each parameter this rank owns."""
+        for slot in self.slots:
+            f0, f1, s0 = self.pieces[slot.bucket]
+            lo, hi = max(slot.offset, f0), min(slot.offset + slot.numel, f1)
+            if lo < hi:
+                yield slot, lo, hi, s0 + lo - f0
+
     @torch.no_grad()
     def load_sharded_state_dicts(self, shards: list[dict]) -> None:
-        """Resume from the shards saved by ALL DP ranks of a run (same TP rank), whatever its DP size.
+        """Resume from the shards saved by ALL DP ranks of a run (same TP rank), whatever its DP size and
+        layout (v1 rank-major shards, or v2 buckets of any size).
 
-        Each parameter is found by name in the old layout and this rank's new shard is cut from the old
+        Each parameter is found by name in the old layout and this rank's new pieces are cut from the old
         shards without building the full vectors. The masters, rounded to the model's dtype, are also
         written into the model's parameters (they are the source of truth the bf16 weights came from).
         """
@@ -342,20 +473,15 @@ class ZeroOptimizer:
             resized = sorted(n for n in set(mine) & set(old_slots) if mine[n] != old_slots[n][0])
             raise ValueError(f"load_sharded_state_dicts: the checkpoint's parameters differ from the model's: "
                              f"missing {missing}, unexpected {unexpected}, different sizes {resized}")
-        old_size = old[0]["shard"][1] - old[0]["shard"][0]
+        old_buckets, old_dp = saved_layout(old[0])
         for key in STATE_KEYS:
             target, old_shards = getattr(self, key), [s[key] for s in old]
             target.zero_()
-            for slot in self.slots:
-                lo, hi = max(slot.offset, self.shard_start), min(slot.offset + slot.numel, self.shard_end)
-                if lo >= hi:
-                    continue
+            for slot, lo, hi, start in self._param_pieces():
                 old_offset = old_slots[slot.name][1] + (lo - slot.offset)
-                target[lo - self.shard_start:hi - self.shard_start] = read_flat(old_shards, old_size, old_offset,
-                                                                               hi - lo)
+                target[start:start + hi - lo] = read_flat(old_shards, old_buckets, old_dp, old_offset, hi - lo)
         self.step_count = old[0]["step"]
-        self.flat_param[self.shard_start:self.shard_end].copy_(self.master)
-        self._all_gather_params()
+        self._sync_params_from_masters()
 
     @torch.no_grad()
     def load_param_states(self, param_state, step: int) -> None:
@@ -366,38 +492,33 @@ class ZeroOptimizer:
         each parameter is rebuilt by name. Only the parameters overlapping this rank's shard are asked
         for. As in load_sharded_state_dicts, the masters (rounded) become the model's weights.
         """
-        shard: dict[str, list[tuple[int, int, torch.Tensor]]] = {key: [] for key in STATE_KEYS}
-        for slot in self.slots:
-            lo, hi = max(slot.offset, self.shard_start), min(slot.offset + slot.numel, self.shard_end)
-            if lo >= hi:
-                continue
+        shard: dict[str, list[tuple[int, torch.Tensor]]] = {key: [] for key in STATE_KEYS}
+        for slot, lo, hi, start in self._param_pieces():
             state = param_state(slot.name)
             for key in STATE_KEYS:
                 flat = state[key].reshape(-1)  # (numel,)
                 if flat.numel() != slot.numel:
                     raise ValueError(f"load_param_states: {key} of {slot.name} has {flat.numel()} elements, the "
                                      f"parameter {slot.numel}")
-                piece = flat[lo - slot.offset:hi - slot.offset]  # (hi - lo,)
-                shard[key].append((lo - self.shard_start, hi - self.shard_start, piece))
+                shard[key].append((start, flat[lo - slot.offset:hi - slot.offset]))  # (hi - lo,)
         for key in STATE_KEYS:  # only now: a refused load changes nothing
             target = getattr(self, key)
             target.zero_()
-            for start, end, piece in shard[key]:
-                target[start:end] = piece
+            for start, piece in shard[key]:
+                target[start:start + piece.numel()] = piece
         self.step_count = step
-        self.flat_param[self.shard_start:self.shard_end].copy_(self.master)
+        self._sync_params_from_masters()
+
+    def _sync_params_from_masters(self) -> None:
+        self.finish_param_sync()
+        self._masters_to_params()
         self._all_gather_params()
+        self.finish_param_sync()
 
 
-def read_flat(shards: list[torch.Tensor], shard_size: int, start: int, n: int) -> torch.Tensor:
-    """Elements [start, start + n) of the old flat vector that `shards` (in DP-rank order) cut into size S."""
-    pieces = []
-    while n > 0:
-        rank, local = divmod(start, shard_size)
-        take = min(n, shard_size - local)
-        pieces.append(shards[rank][local:local + take])
-        start, n = start + take, n - take
-    return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+def saved_shard_size(shard: dict) -> int:
+    """The length S of a saved shard's tensors (v1 or v2)."""
+    return shard["shard_size"] if "shard_size" in shard else shard["shard"][1] - shard["shard"][0]
 
 
 def validate_shards(shards: list[dict], tp_size: int, tp_rank: int) -> list[dict]:
@@ -405,8 +526,9 @@ def validate_shards(shards: list[dict], tp_size: int, tp_rank: int) -> list[dict
     if not shards:
         raise ValueError("load_sharded_state_dicts: got no shards")
     for s in shards:
-        if not isinstance(s, dict) or s.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"load_sharded_state_dicts: not a {CHECKPOINT_FORMAT} optimizer shard")
+        if not isinstance(s, dict) or s.get("format") not in CHECKPOINT_FORMATS:
+            raise ValueError(f"load_sharded_state_dicts: not a megamath ZeRO-1 optimizer shard "
+                             f"({' or '.join(CHECKPOINT_FORMATS)})")
     shards = sorted(shards, key=lambda s: s["dp_rank"])
     dp_size = shards[0]["dp_size"]
     ranks = [s["dp_rank"] for s in shards]
@@ -420,10 +542,11 @@ def validate_shards(shards: list[dict], tp_size: int, tp_rank: int) -> list[dict
                          "(resharding across tensor parallelism goes through megamath.training.reshard: "
                          "`megamath reshard`)")
     for s in shards[1:]:
-        if (s["params"], s["step"], s["tp_rank"]) != (first["params"], first["step"], first["tp_rank"]):
+        if ((s["params"], s["step"], s["tp_rank"], s.get("buckets"))
+                != (first["params"], first["step"], first["tp_rank"], first.get("buckets"))):
             raise ValueError(f"load_sharded_state_dicts: DP rank {s['dp_rank']}'s shard is from another run or step "
                              "(its layout, step or TP rank differs from DP rank 0's)")
-    size = first["shard"][1] - first["shard"][0]
+    size = saved_shard_size(first)
     for s in shards:
         if any(s[k].numel() != size for k in STATE_KEYS):
             raise ValueError(f"load_sharded_state_dicts: DP rank {s['dp_rank']}'s tensors do not have the shard "

@@ -47,10 +47,24 @@ class ParallelConfig:
     """Tensor-parallel size: ranks that split each layer; the rest of the world is data parallel (ZeRO-1)."""
     sequence_parallel: bool = False
     """Split norms and residual activations along the sequence over the TP ranks (needs tp_size > 1)."""
+    overlap_grad_reduce: bool = True
+    """Start each ZeRO-1 gradient bucket's DP reduce-scatter inside the last micro-batch's backward, as soon as
+    the bucket is complete, instead of after the backward (results are bit-identical either way)."""
+    overlap_param_gather: bool = True
+    """Leave each bucket's DP all-gather of the updated weights running until the next forward reaches its
+    layers (a forward pre-hook waits), instead of waiting at the end of the step (bit-identical either way)."""
+    bucket_mb: float = 128.0
+    """MiB of gradients per ZeRO-1 bucket (0: one bucket, nothing to overlap). Smaller buckets start their
+    reduce-scatter earlier; larger ones pay the collective's latency fewer times."""
 
     def __post_init__(self) -> None:
         _check_int("parallel.tp_size", self.tp_size, 1)
         _check_bool("parallel.sequence_parallel", self.sequence_parallel)
+        _check_bool("parallel.overlap_grad_reduce", self.overlap_grad_reduce)
+        _check_bool("parallel.overlap_param_gather", self.overlap_param_gather)
+        if isinstance(self.bucket_mb, bool) or not isinstance(self.bucket_mb, (int, float)) or not self.bucket_mb >= 0:
+            raise ValueError(f"parallel.bucket_mb must be a number >= 0, got {self.bucket_mb!r}")
+        self.bucket_mb = float(self.bucket_mb)
         if self.sequence_parallel and self.tp_size == 1:
             raise ValueError("parallel.sequence_parallel needs parallel.tp_size > 1")
 
@@ -368,7 +382,7 @@ def _check_optimizer_ranges(opt: OptimizerConfig) -> None:
     """Ranges OptimizerConfig itself does not enforce: finite values, lr in (0, 1], eps > 0. An infinite
     or zero learning rate would run to the end and save checkpoints of a model that never trained."""
     ranges = {"lr": (0.0, 1.0, False), "eps": (0.0, 1.0, False), "weight_decay": (0.0, math.inf, True),
-              "clip_grad": (0.0, math.inf, True), "bucket_mb": (0.0, math.inf, True)}
+              "clip_grad": (0.0, math.inf, True)}
     for name, (low, high, low_ok) in ranges.items():
         value = getattr(opt, name)
         inside = math.isfinite(value) and (value >= low if low_ok else value > low) and value <= high

@@ -82,7 +82,7 @@ def train_step(model: Llama, optimizer: ZeroOptimizer, micro_batches: list[Micro
     """One optimizer update from this rank's micro-batches of the step (`timer` times its phases)."""
     phase = timer.phase if timer is not None else no_phase
     with phase("optimizer"):  # the gradient buffer's memset is the optimizer's bookkeeping
-        optimizer.zero_grad()
+        optimizer.zero_grad(len(micro_batches))  # the count lets the last backward start the DP reductions
         loss_sum = torch.zeros((), dtype=torch.float32, device=state.device)
     for tokens, targets in micro_batches:  # tokens, targets: (b, S)
         with phase("forward"):
@@ -166,6 +166,14 @@ def settle_attention(model: Llama, config: TrainConfig, state: ParallelState) ->
     return choice.reason if chosen == choice.attention else f"{choice.reason}; megamath on every rank, as another preferred it"
 
 
+def build_optimizer(config: TrainConfig, model: Llama, state: ParallelState) -> ZeroOptimizer:
+    """The ZeRO-1 optimizer over the model's parameters, bucketed and overlapped as config.parallel says."""
+    par = config.parallel
+    return ZeroOptimizer(model, state, config.optimizer, split_names=model.split_parameter_names(),
+                         bucket_mb=par.bucket_mb, overlap_grad_reduce=par.overlap_grad_reduce,
+                         overlap_param_gather=par.overlap_param_gather)
+
+
 def seed_rngs(seed: int, rank: int) -> None:
     """Per-rank RNGs for anything stochastic after the init (none today; dropout would use them)."""
     random.seed(seed + rank)
@@ -232,7 +240,7 @@ def _train(config: TrainConfig, state: ParallelState, attempt: str) -> TrainResu
         (run_dir / "config.yaml").write_text(dump_config(config))
     data = TrainData(config, state, config.data.cache_dir or run_dir / "index-cache")  # data errors first
     model = build_model(config, state)
-    optimizer = ZeroOptimizer(model, state, config.optimizer, split_names=model.split_parameter_names())
+    optimizer = build_optimizer(config, model, state)
     seed_rngs(config.seed, state.rank)
     step, nonfinite = 0, 0
     resume_from = resume_point(config, run_dir, state)

@@ -12,8 +12,8 @@ How, one parameter at a time, by name (p = old TP size, n = new, `tp_partition_d
     master, exp_avg, exp_avg_sq
                     each old TP rank's flat fp32 vectors, cut over its DP ranks: the parameter's range is
                     read back by name and offset, viewed as the rank's slice, merged like the weight
-    then            the serial tensor's slice for new TP rank t (shard_tensor), placed at the offset
-                    ZeroOptimizer would give it (zero.flat_layout) in the new DP shards
+    then            the serial tensor's slice for new TP rank t (shard_tensor), placed where
+                    ZeroOptimizer would put it (zero_layout: the run's buckets) in the new DP shards
 
 Files are memory-mapped and read one parameter at a time: peak memory is one output file plus one
 parameter's serial state (4 + 12 bytes per element), not the model. Every step is bit-exact (slicing and
@@ -47,7 +47,8 @@ from megamath.model.config import ModelConfig
 from megamath.model.partition import check_tensor_parallel, local_shapes, parameter_shapes, tp_partition_dim
 from megamath.parallel.layers import shard_tensor
 from megamath.parallel.state import ParallelState
-from megamath.parallel.zero import CHECKPOINT_FORMAT, STATE_KEYS, ZeroOptimizer, flat_layout, read_flat, validate_shards
+from megamath.parallel.zero import CHECKPOINT_FORMAT, GRAD_DTYPES, STATE_KEYS, ZeroOptimizer, validate_shards
+from megamath.parallel.zero_layout import bucket_numel_for, read_flat, saved_layout, zero_layout
 from megamath.training import checkpoint as ckpt
 from megamath.training.checkpoint import (CHECKPOINTS, LATEST, METADATA, checkpoint_files, complete_checkpoints,
                                           latest_checkpoint, model_file, optimizer_file, read_metadata, rng_file,
@@ -114,8 +115,8 @@ class TrainCheckpoint:
         for key in STATE_KEYS:
             pieces = []
             for shards, offsets in zip(self._shards, self._offsets):
-                size = shards[0]["shard"][1] - shards[0]["shard"][0]
-                flat = read_flat([s[key] for s in shards], size, offsets[name], _numel(self.local[name]))
+                buckets, dp = saved_layout(shards[0])
+                flat = read_flat([s[key] for s in shards], buckets, dp, offsets[name], _numel(self.local[name]))
                 pieces.append(flat.view(self.local[name]))  # this TP rank's slice
             state[key] = self._merge(name, pieces, key)
         return state
@@ -169,22 +170,26 @@ def default_dp_size(world_size: int, tp_size: int) -> int:
 def optimizer_shards(source: TrainCheckpoint, names: list[str], tp_size: int, tp_rank: int, dp_size: int):
     """The ZeRO-1 shards (ZeroOptimizer.sharded_state_dict's format) of TP rank tp_rank's DP ranks, in order."""
     config, shapes = source.config, local_shapes(source.config, tp_size)
-    slots = flat_layout([(n, shapes[n], tp_partition_dim(n, config, tp_size) is not None) for n in names])
-    numel = sum(slot.numel for slot in slots)
-    size = -(-numel // dp_size)  # S = ceil(numel / dp), as ZeroOptimizer pads
-    params = [(slot.name, slot.numel, slot.offset) for slot in slots]
+    run = source.meta["config"]
+    grad_bytes = GRAD_DTYPES[run.get("optimizer", {}).get("grad_dtype", "fp32")].itemsize
+    bucket_numel = bucket_numel_for(run.get("parallel", {}).get("bucket_mb", 0.0), grad_bytes)  # the run's buckets
+    layout = zero_layout([(n, shapes[n], tp_partition_dim(n, config, tp_size) is not None) for n in names], dp_size,
+                         bucket_numel)
+    params = [(slot.name, slot.numel, slot.offset) for slot in layout.slots]
     for dp_rank in range(dp_size):
-        start, end = dp_rank * size, (dp_rank + 1) * size
-        tensors = {key: torch.zeros(size, dtype=torch.float32) for key in STATE_KEYS}  # (S,); padding stays 0
-        for slot in slots:
-            lo, hi = max(slot.offset, start), min(slot.offset + slot.numel, end)
+        pieces = layout.rank_pieces(dp_rank)
+        tensors = {key: torch.zeros(layout.shard_size, dtype=torch.float32) for key in STATE_KEYS}  # (S,); padding 0
+        for slot in layout.slots:
+            f0, f1, s0 = pieces[slot.bucket]
+            lo, hi = max(slot.offset, f0), min(slot.offset + slot.numel, f1)
             if lo >= hi:
                 continue
             for key, full in source.param_state(slot.name).items():
                 piece = cut(full, slot.name, config, tp_size, tp_rank).reshape(-1)  # (numel,)
-                tensors[key][lo - start:hi - start] = piece[lo - slot.offset:hi - slot.offset]
+                tensors[key][s0 + lo - f0:s0 + hi - f0] = piece[lo - slot.offset:hi - slot.offset]
         yield {"format": CHECKPOINT_FORMAT, "step": source.step_count, "config": source.optimizer_config,
-               "tp_size": tp_size, "tp_rank": tp_rank, "dp_size": dp_size, "dp_rank": dp_rank, "shard": (start, end),
+               "tp_size": tp_size, "tp_rank": tp_rank, "dp_size": dp_size, "dp_rank": dp_rank,
+               "shard_size": layout.shard_size, "buckets": [(b.start, b.end) for b in layout.buckets],
                "params": params, **tensors}
 
 

@@ -1,0 +1,150 @@
+"""Overlapped ZeRO-1 equals the non-overlapped path bit for bit, and really overlaps.
+
+Two launches: DP 2 (2 gloo ranks) and TP 2 × DP 2 (4 ranks), each training the tiny Llama 3 steps of 2
+accumulated micro-batches through the loop's own train_step, once with both overlaps off and once with
+both on (many small buckets), with and without sequence parallelism. The weights, optimizer shards and
+step results must be identical: the overlaps change when a collective is issued, never what it sums.
+The DP 2 launch also records the optimizer's events to show the order: reduce-scatters issued while the
+backward still delivers gradients, all-gathers left in flight after step() and waited for by the forward.
+"""
+import dataclasses
+
+import pytest
+import torch
+
+from distributed import run_distributed
+from megamath.model.llama import Llama
+from megamath.parallel.state import ParallelState
+from megamath.parallel.zero import ZeroOptimizer
+from megamath.training.loop import train_step
+from test_zero import LRS, MODEL, batch, zero_config
+
+STEPS, MICRO, BUCKET_MB = 3, 2, 0.004  # ~1,000 fp32 gradients per bucket: about a dozen buckets
+
+
+def _run(state, tp, sp: bool, overlap: bool, events: bool = False):
+    torch.manual_seed(0)
+    model = Llama(MODEL, parallel=state if tp > 1 else None, sequence_parallel=sp)
+    opt = ZeroOptimizer(model, state, zero_config(), model.split_parameter_names(), bucket_mb=BUCKET_MB,
+                        overlap_grad_reduce=overlap, overlap_param_gather=overlap)
+    rows = batch(0)[0].shape[0] // state.dp_size
+    results = []
+    for step in range(STEPS):
+        x, y = (t[state.dp_rank * rows:(state.dp_rank + 1) * rows] for t in batch(step))
+        if events and step == STEPS - 1:
+            opt.events = []
+        micro_batches = list(zip(x.chunk(MICRO), y.chunk(MICRO)))
+        results.append(dataclasses.asdict(train_step(model, opt, micro_batches, LRS[step], state)))
+    log = {}
+    if events:
+        log["step"] = opt.events
+        log["pending_after_step"] = [w is not None for w in opt._gather_work]
+        opt.events = []
+        model(x, y)  # the next forward waits for the all-gathers, bucket by bucket
+        log["forward"] = opt.events
+        log["pending_after_forward"] = [w is not None for w in opt._gather_work]
+        log["num_buckets"] = len(opt.buckets)
+    slots = {s.name: s for s in opt.slots}
+    waited = {name: [m for m in (name.rpartition(".")[0], name.rpartition(".")[0].rpartition(".")[0])
+                     if slots[name].bucket in opt.forward_waits.get(m, [])] for name in slots}
+    log["waited_by"] = waited  # the modules (owner, parent) whose forward pre-hook waits for a weight's bucket
+    out = {"params": {k: v.clone() for k, v in model.state_dict().items()}, "results": results,
+           "state": {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.sharded_state_dict().items()},
+           "events": log}
+    opt.remove_hooks()
+    return out
+
+
+def _extra_backward_error(state) -> str:
+    """zero_grad(micro_batches=1), then a second backward: its gradients would land in sent buckets."""
+    torch.manual_seed(0)
+    model = Llama(MODEL)
+    opt = ZeroOptimizer(model, state, zero_config(), bucket_mb=BUCKET_MB, overlap_grad_reduce=True)
+    x, y = batch(0)
+    opt.zero_grad(micro_batches=1)
+    model(x, y)[1].backward()
+    try:
+        model(x, y)[1].backward()
+        message = ""
+    except RuntimeError as err:
+        message = str(err)
+    opt.zero_grad()  # waits for the reductions the first backward started
+    opt.remove_hooks()
+    return message
+
+
+def _worker(rank, world_size, out_dir, tp):
+    state = ParallelState.from_env(tp)
+    report = {}
+    for sp in ((False, True) if tp > 1 else (False,)):
+        for overlap in (False, True):
+            report[(sp, overlap)] = _run(state, tp, sp, overlap, events=(tp == 1))
+    if tp == 1:
+        report["extra_backward"] = _extra_backward_error(state)
+    torch.save(report, out_dir / f"tp{tp}-{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def launches(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("overlap")
+    run_distributed(_worker, 2, out_dir, 1)
+    run_distributed(_worker, 4, out_dir, 2)
+    return out_dir
+
+
+@pytest.mark.parametrize("tp, world, sp", [(1, 2, False), (2, 4, False), (2, 4, True)])
+def test_overlapped_equals_non_overlapped_bit_for_bit(launches, tp, world, sp):
+    for rank in range(world):
+        report = torch.load(launches / f"tp{tp}-{rank}.pt", weights_only=False)
+        plain, overlapped = report[(sp, False)], report[(sp, True)]
+        assert plain["results"] == overlapped["results"], rank
+        assert not any(r["skipped"] for r in plain["results"])
+        assert plain["params"].keys() == overlapped["params"].keys()
+        for name in plain["params"]:
+            assert torch.equal(plain["params"][name], overlapped["params"][name]), (rank, name)
+        for key in ("master", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(plain["state"][key], overlapped["state"][key]), (rank, key)
+        assert plain["state"]["buckets"] == overlapped["state"]["buckets"] and len(plain["state"]["buckets"]) > 3
+        waited = overlapped["events"]["waited_by"]
+        assert all(waited.values()), [n for n, w in waited.items() if not w]  # every weight waited for
+        if sp:  # the fused SP projections are applied by their parent: it waits for them
+            assert "layers.0.self_attn" in waited["layers.0.self_attn.q_proj.weight"]
+            assert "layers.1.mlp" in waited["layers.1.mlp.up_proj.weight"]
+
+
+def test_reduce_scatters_start_inside_the_backward(launches):
+    for rank in range(2):
+        report = torch.load(launches / f"tp1-{rank}.pt", weights_only=False)
+        for overlap in (False, True):
+            events = report[(False, overlap)]["events"]["step"]
+            kinds = [e[0] for e in events]
+            last_grad = max(i for i, k in enumerate(kinds) if k == "grad")
+            first_rs = kinds.index("reduce_scatter")
+            if overlap:  # bucket 0 (lm_head, the backward's first gradients) is sent before embed_tokens' arrives
+                assert first_rs < last_grad and events[first_rs] == ("reduce_scatter", 0), events
+                early = sum(1 for k in kinds[:last_grad] if k == "reduce_scatter")
+                assert early >= report[(False, True)]["events"]["num_buckets"] - 2, events
+            else:
+                assert first_rs > last_grad, "without overlap nothing is sent before the backward ends"
+
+
+def test_all_gathers_finish_in_the_next_forward(launches):
+    for rank in range(2):
+        log = torch.load(launches / f"tp1-{rank}.pt", weights_only=False)[(False, True)]["events"]
+        n = log["num_buckets"]
+        gathers = [e[1] for e in log["step"] if e[0] == "all_gather"]
+        assert gathers == list(reversed(range(n))), "the embedding's bucket (the forward's first) is sent first"
+        assert any(log["pending_after_step"]), "step() returned with its all-gathers still in flight"
+        waits = [e[1] for e in log["forward"] if e[0] == "wait_all_gather"]
+        assert waits and waits == sorted(waits, reverse=True), "the forward waits layer by layer, first layers first"
+        assert not any(log["pending_after_forward"])
+        plain = torch.load(launches / f"tp1-{rank}.pt", weights_only=False)[(False, False)]["events"]
+        assert not any(plain["pending_after_step"]) and not [e for e in plain["forward"] if e[0] == "wait_all_gather"]
+
+
+def test_a_backward_beyond_the_announced_count_is_refused(launches):
+    for rank in range(2):
+        message = torch.load(launches / f"tp1-{rank}.pt", weights_only=False)["extra_backward"]
+        assert message.startswith("ZeroOptimizer: a gradient of lm_head.weight arrived after its bucket's "
+                                  "reduce-scatter started: more backward passes than zero_grad(micro_batches=...) "
+                                  "announced"), message
