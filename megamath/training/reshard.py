@@ -47,7 +47,9 @@ from megamath.model.config import ModelConfig
 from megamath.model.partition import check_tensor_parallel, local_shapes, parameter_shapes, tp_partition_dim
 from megamath.parallel.layers import shard_tensor
 from megamath.parallel.state import ParallelState
-from megamath.parallel.zero import CHECKPOINT_FORMAT, GRAD_DTYPES, STATE_KEYS, ZeroOptimizer, validate_shards
+from megamath.parallel.optimizer_config import GRAD_DTYPES
+from megamath.parallel.zero import ZeroOptimizer
+from megamath.parallel.zero_checkpoint import CHECKPOINT_FORMAT, STATE_KEYS, validate_shards
 from megamath.parallel.zero_layout import bucket_numel_for, read_flat, saved_layout, zero_layout
 from megamath.training import checkpoint as ckpt
 from megamath.training.checkpoint import (CHECKPOINTS, LATEST, METADATA, checkpoint_files, complete_checkpoints,
