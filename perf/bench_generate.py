@@ -30,7 +30,7 @@ import torch
 
 from megamath.generation.generate import SamplingParams, generate
 from megamath.model import Llama, ModelConfig
-from megamath.model.hf_interop import model_config_to_hf_config, to_hf_name
+from megamath.model.hf_llama import model_config_to_hf_config, to_hf_name
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = {

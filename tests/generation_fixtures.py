@@ -10,7 +10,7 @@ import torch
 
 from megamath.evaluation import gsm8k, minerva_math
 from megamath.model import Llama, ModelConfig
-from megamath.model.hf_interop import save_checkpoint
+from megamath.model.model_folder import save_model_folder
 
 
 def _sentences():
@@ -40,4 +40,4 @@ def tiny_config(**overrides) -> ModelConfig:
 
 def build_checkpoint(path: Path, seed: int = 0, **overrides) -> Path:
     torch.manual_seed(seed)
-    return save_checkpoint(Llama(tiny_config(**overrides)), path)
+    return save_model_folder(Llama(tiny_config(**overrides)), path)

@@ -10,7 +10,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from megamath.model.hf_interop import convert_megamath_to_hf, save_checkpoint
+from megamath.model.model_folder import convert_megamath_to_hf, save_model_folder
 from megamath.parallel.state import ParallelState
 from megamath.parallel.zero import ZeroOptimizer
 from megamath.training import loop
@@ -141,7 +141,7 @@ def test_init_from_hugging_face_and_megamath_checkpoints(tmp_path):
     config, state = TrainConfig.from_dict(raw), ParallelState.single()
     torch.manual_seed(3)
     source = loop.build_model(config, state)
-    save_checkpoint(source, tmp_path / "ours")
+    save_model_folder(source, tmp_path / "ours")
     convert_megamath_to_hf(tmp_path / "ours", tmp_path / "hf")
     expected = {n: p.detach() for n, p in source.named_parameters()}
     for directory in ("hf", "ours"):
@@ -167,7 +167,7 @@ def test_training_from_a_pretrained_checkpoint_starts_from_its_loss(tmp_path, on
     with torch.device("meta"):
         model = loop.Llama(config.model)
     model.to_empty(device="cpu").load_state_dict(load_file(str(step12 / "model_tp00.safetensors")))
-    save_checkpoint(model, tmp_path / "pretrained")
+    save_model_folder(model, tmp_path / "pretrained")
     run(raw_config(tmp_path / "data", tmp_path / "second", train_steps=2, init_from_hf=str(tmp_path / "pretrained")))
     first, second = metrics(tmp_path / "first"), metrics(tmp_path / "second")
     assert second[0]["loss"] < first[0]["loss"] - 0.5

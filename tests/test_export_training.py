@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from megamath.cli import main
-from megamath.model.hf_interop import SafetensorsReader
+from megamath.model.safetensors_io import SafetensorsReader
 from megamath.model.llama import Llama
 from megamath.training.config import TrainConfig
 from megamath.training.reshard import reshard_checkpoint

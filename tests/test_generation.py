@@ -183,7 +183,7 @@ def test_training_forward_is_unchanged_by_the_cache_argument():
 
 
 def test_load_model_from_every_checkpoint_kind(tmp_path, hf_models, hf_root):
-    from megamath.model.hf_interop import convert_hf_to_megamath
+    from megamath.model.model_folder import convert_hf_to_megamath
 
     _, ours = hf_models["gqa"]
     hf_dir = hf_root / "gqa"

@@ -10,10 +10,10 @@ from safetensors.torch import load_file, save_file
 
 from megamath.cli import main
 from megamath.model import Llama, ModelConfig
-from megamath.model.hf_interop import (
-    INDEX_NAME, WEIGHTS_NAME, convert_hf_to_megamath, convert_megamath_to_hf, hf_config_to_model_config,
-    load_checkpoint, parse_size, save_checkpoint, to_hf_name,
-)
+from megamath.model.hf_llama import hf_config_to_model_config, to_hf_name
+from megamath.model.model_folder import (convert_hf_to_megamath, convert_megamath_to_hf, load_model_folder,
+                                         save_model_folder)
+from megamath.model.safetensors_io import INDEX_NAME, WEIGHTS_NAME, parse_size
 from megamath.model.partition import parameter_shapes
 
 # GQA (4 q heads, 2 kv heads), an odd vocabulary, a non-default RoPE base and norm epsilon.
@@ -34,7 +34,7 @@ def read_dir(directory) -> dict[str, torch.Tensor]:
 def megamath_ckpt(tmp_path):
     torch.manual_seed(0)
     model = Llama(ModelConfig(**SMALL))
-    return save_checkpoint(model, tmp_path / "ours"), model
+    return save_model_folder(model, tmp_path / "ours"), model
 
 
 # ---- without transformers ----------------------------------------------------------------------------------
@@ -53,7 +53,7 @@ def test_save_and_load_checkpoint(megamath_ckpt):
     directory, model = megamath_ckpt
     assert sorted(p.name for p in directory.iterdir()) == ["config.json", WEIGHTS_NAME]
     assert json.loads((directory / "config.json").read_text()) == model.config.to_dict()
-    loaded = load_checkpoint(directory, kernels="reference")
+    loaded = load_model_folder(directory, kernels="reference")
     assert loaded.config == model.config
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
@@ -211,7 +211,7 @@ def test_hf_import_gives_the_same_logits(hf_model, tmp_path, layout):
     transformers, model, root = hf_model
     assert (root / layout / INDEX_NAME).exists() == (layout == "sharded")
     convert_hf_to_megamath(root / layout, tmp_path / "ours")
-    ours = load_checkpoint(tmp_path / "ours", kernels="reference").eval()
+    ours = load_model_folder(tmp_path / "ours", kernels="reference").eval()
     assert ours.config.rope_theta == 500000.0 and ours.config.num_kv_heads == 2
     tokens = torch.randint(0, 1003, (2, 37), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():

@@ -386,14 +386,14 @@ def _tp_worker(rank, world_size, tmp):
 def test_tensor_and_sequence_parallel_run_matches_serial(tmp_path, one_thread):
     """TP = 2 with sequence parallelism (norm-weight grads summed over TP inside ZeRO's flat buffer) follows
     the serial run; init_from_hf gives each TP rank its slices of the checkpoint."""
-    from megamath.model.hf_interop import convert_megamath_to_hf, save_checkpoint
+    from megamath.model.model_folder import convert_megamath_to_hf, save_model_folder
     from megamath.model.tp_state_dict import merge_state_dicts, shard_state_dict
 
     raw = raw_config(tmp_path / "data", tmp_path / "serial")
     config = TrainConfig.from_dict(raw)
     torch.manual_seed(7)
     source = loop.build_model(config, ParallelState.single())
-    save_checkpoint(source, tmp_path / "megamath_ckpt")
+    save_model_folder(source, tmp_path / "megamath_ckpt")
     convert_megamath_to_hf(tmp_path / "megamath_ckpt", tmp_path / "hf")
     run_distributed(_tp_worker, 2, tmp_path)
     run(raw)

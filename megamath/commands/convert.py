@@ -33,7 +33,7 @@ def add_parser(subparsers, name: str) -> None:
 def run(args) -> int:
     import torch
 
-    from megamath.model.hf_interop import convert_hf_to_megamath, convert_megamath_to_hf
+    from megamath.model.model_folder import convert_hf_to_megamath, convert_megamath_to_hf
     from megamath.training.export import export_training_checkpoint_to_hf, is_training_checkpoint
 
     convert = convert_hf_to_megamath if args.direction == "hf-to-megamath" else convert_megamath_to_hf

@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 
 from megamath.model.config import ModelConfig
-from megamath.model.hf_interop import CONFIG_NAME, hf_config_to_model_config
+from megamath.model.hf_llama import hf_config_to_model_config
 from megamath.model.llama import Llama
+from megamath.model.safetensors_io import CONFIG_NAME
 from megamath.parallel.state import ParallelState
 from megamath.training.checkpoint import CHECKPOINTS, LATEST, METADATA, load_pretrained
 

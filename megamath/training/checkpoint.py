@@ -38,8 +38,9 @@ from safetensors.torch import load_file, save_file
 
 from megamath.atomic_io import fsync_path as _fsync  # module names: crash tests patch them here
 from megamath.atomic_io import write_text_atomically as _write_text_atomically
-from megamath.model.hf_interop import CONFIG_NAME, SafetensorsReader, check_tensors, to_hf_name
+from megamath.model.hf_llama import check_tensors, to_hf_name
 from megamath.model.partition import tp_partition_dim
+from megamath.model.safetensors_io import CONFIG_NAME, SafetensorsReader
 from megamath.parallel.layers import shard_tensor
 from megamath.parallel.state import ParallelState
 from megamath.training.checkpoint_integrity import (CheckpointIntegrityError, check_file_name, collect_sums,

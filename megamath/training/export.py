@@ -4,7 +4,7 @@ Hugging Face Llama folder: `megamath convert megamath-to-hf RUN_DIR hf-out`.
 Training writes per-TP-rank slices with a metadata.json, not the config.json + safetensors of a
 megamath model folder, so the export merges each parameter's slices (reshard.TrainCheckpoint, after
 checking the model files' checksums) and streams them, one output shard at a time, into the Hugging
-Face layout that hf_interop writes. The optimizer state is not read.
+Face layout that model_folder.py writes. The optimizer state is not read.
 """
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ from pathlib import Path
 import torch
 
 from megamath.model.config import ModelConfig
-from megamath.model.hf_interop import (CONFIG_NAME, DEFAULT_MAX_SHARD_SIZE, _write_dir, from_hf_name,
-                                       model_config_to_hf_config, parse_size, to_hf_name, write_safetensors_dir)
+from megamath.model.hf_llama import from_hf_name, model_config_to_hf_config, to_hf_name
 from megamath.model.partition import parameter_shapes
+from megamath.model.safetensors_io import (CONFIG_NAME, DEFAULT_MAX_SHARD_SIZE, parse_size, write_dir_atomically,
+                                           write_safetensors_dir)
 from megamath.training.checkpoint import CHECKPOINTS, LATEST, METADATA
 from megamath.training.reshard import TrainCheckpoint, resolve_checkpoint
 
@@ -48,7 +49,7 @@ def export_training_checkpoint_to_hf(src: str | Path, dst: str | Path,
         plan = [(to_hf_name(n), _numel(shape) * width) for n, shape in parameter_shapes(config).items()]
         write_safetensors_dir(tmp, plan, lambda hf: source.weight(from_hf_name(hf)).to(dtype or stored), max_bytes)
 
-    _write_dir(dst, write)
+    write_dir_atomically(dst, write)
     return config
 
 

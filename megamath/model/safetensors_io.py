@@ -1,0 +1,153 @@
+"""Safetensors checkpoint folders, Hugging Face's layout: read by name, written in shards, published atomically.
+
+A folder holds `config.json` and either one `model.safetensors` or shards `model-0000i-of-0000N.safetensors`
+listed by `model.safetensors.index.json`. Reading memory-maps the files and returns one tensor at a time;
+writing streams tensors into one shard at a time, so a conversion needs about one shard of memory. Where
+the shard boundaries fall is huggingface_hub's rule (the one transformers' `save_pretrained` uses); the
+folder is built beside its destination and renamed into place, so no half-written folder is ever seen.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import torch
+from huggingface_hub import split_state_dict_into_shards_factory
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1}
+_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    with open(path) as f:
+        return json.load(f)
+
+
+class SafetensorsReader:
+    """Tensors of a checkpoint directory, by name, read one at a time from memory-mapped files."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        if not self.directory.is_dir():
+            raise FileNotFoundError(f"checkpoint directory {self.directory} not found")
+        index, single = self.directory / INDEX_NAME, self.directory / WEIGHTS_NAME
+        if index.is_file():
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index}: no weight_map")
+            files = sorted(set(weight_map.values()))
+            outside = [f for f in files if not isinstance(f, str) or f in ("", ".", "..") or "\\" in f
+                       or Path(f).name != f]
+            if outside:  # a file name must not lead out of the checkpoint folder
+                raise ValueError(f"{index}: weight_map names {outside[0]!r}, not a file name inside {self.directory}")
+        elif single.is_file():
+            weight_map, files = None, [WEIGHTS_NAME]
+        else:
+            other = sorted(p.name for p in self.directory.glob("*.bin")) + sorted(
+                p.name for p in self.directory.glob("*.pt"))
+            hint = f" (found {', '.join(other)}: only safetensors checkpoints are read)" if other else ""
+            raise FileNotFoundError(f"{self.directory}: neither {WEIGHTS_NAME} nor {INDEX_NAME} found{hint}")
+        self._handles = {}
+        self.file_of: dict[str, str] = {}  # tensor name -> file name
+        for file in files:
+            if not (self.directory / file).is_file():
+                raise FileNotFoundError(f"{self.directory / file} (listed in {INDEX_NAME}) not found")
+            handle = self._handles[file] = safe_open(str(self.directory / file), framework="pt")
+            for name in handle.keys():
+                self.file_of[name] = file
+        if weight_map is not None:
+            absent = sorted(n for n, f in weight_map.items() if self.file_of.get(n) != f)
+            if absent:
+                raise ValueError(f"{INDEX_NAME} lists tensors their files lack: {some_names(absent)}")
+
+    def names(self) -> list[str]:
+        return list(self.file_of)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handles[self.file_of[name]].get_slice(name).get_shape())
+
+    def nbytes(self, name: str, dtype: torch.dtype | None = None) -> int:
+        """Bytes of the tensor as stored, or once cast to `dtype`."""
+        tensor_slice = self._handles[self.file_of[name]].get_slice(name)
+        numel = 1
+        for n in tensor_slice.get_shape():
+            numel *= n
+        width = _DTYPE_BYTES[tensor_slice.get_dtype()] if dtype is None else dtype.itemsize
+        return numel * width
+
+    def dtype(self, name: str) -> torch.dtype:
+        return _TORCH_DTYPES[self._handles[self.file_of[name]].get_slice(name).get_dtype()]
+
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        tensor = self._handles[self.file_of[name]].get_tensor(name)
+        return tensor if dtype is None else tensor.to(dtype)
+
+
+def some_names(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+# ---- writing ----------------------------------------------------------------------------------------------
+
+def parse_size(size: str | int) -> int:
+    """'5GB' -> 5·10⁹ bytes, '2GiB' -> 2·2³⁰; an int is bytes already. (huggingface_hub's parser has no
+    binary units and its errors do not name the flag, hence this one.)"""
+    if isinstance(size, int):
+        value = size
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", size, flags=re.IGNORECASE)
+        if not match:
+            raise ValueError(f"cannot parse size {size!r}; use e.g. 5GB, 500MB, 2GiB or a byte count")
+        unit = (match.group(2) or "B").upper()
+        power = "BKMGT".index(unit[0])
+        value = int(float(match.group(1)) * ((1024 if "I" in unit else 1000) ** power))
+    if value <= 0:
+        raise ValueError(f"max shard size must be positive, got {size!r}")
+    return value
+
+
+def write_safetensors_dir(directory: Path, plan: list[tuple[str, int]], fetch: Callable[[str], torch.Tensor],
+                          max_shard_bytes: int) -> None:
+    """Write the tensors of `plan` ((name, nbytes), in the model's order) into shards of at most
+    max_shard_bytes, cut by huggingface_hub's rule; only the shard being written is held in memory."""
+    split = split_state_dict_into_shards_factory(dict(plan), get_storage_size=lambda nbytes: nbytes,
+                                                 get_storage_id=lambda nbytes: None,
+                                                 filename_pattern="model{suffix}.safetensors",
+                                                 max_shard_size=max_shard_bytes)
+    for file, names in split.filename_to_tensors.items():
+        save_file({n: fetch(n).contiguous() for n in names}, str(directory / file), metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def write_dir_atomically(dst: str | Path, write: Callable[[Path], None]) -> Path:
+    """Build the checkpoint in a sibling temp folder, then rename it into place: no half-written DST."""
+    dst = Path(dst)
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise FileExistsError(f"{dst} already exists and is not an empty directory")
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+        if dst.exists():
+            dst.rmdir()
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
