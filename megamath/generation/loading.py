@@ -2,7 +2,7 @@
 megamath checkpoint directory or a Hugging Face Llama folder; whole or as this TP rank's part.
 
 The readers are the project's own (training.reshard.TrainCheckpoint merges a training checkpoint's TP
-slices by name; training.checkpoint.load_pretrained copies an HF / megamath directory's slices), so
+slices by name; model.pretrained.load_pretrained copies an HF / megamath directory's slices), so
 inference reads every format training writes. The model is built on the meta device and materialized
 empty: no time goes into a random initialization the weights overwrite.
 """
@@ -18,8 +18,9 @@ from megamath.model.config import ModelConfig
 from megamath.model.hf_llama import hf_config_to_model_config
 from megamath.model.llama import Llama
 from megamath.model.safetensors_io import CONFIG_NAME
+from megamath.model.pretrained import load_pretrained
 from megamath.parallel.state import ParallelState
-from megamath.training.checkpoint import CHECKPOINTS, LATEST, METADATA, load_pretrained
+from megamath.training.checkpoint import CHECKPOINTS, LATEST, METADATA
 
 
 def checkpoint_kind(path: str | Path) -> str:

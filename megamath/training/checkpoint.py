@@ -1,4 +1,6 @@
-"""Training checkpoints: save, find, load (on another DP size too), prune; and the pretrained initialization.
+"""Training checkpoints: save, find, load (on another DP size too), prune.
+
+(Initialising from pretrained weights is megamath.model.pretrained; model folders are model_folder.py.)
 
 Layout of RUN_DIR/checkpoints/:
 
@@ -38,10 +40,6 @@ from safetensors.torch import load_file, save_file
 
 from megamath.atomic_io import fsync_path as _fsync  # module names: crash tests patch them here
 from megamath.atomic_io import write_text_atomically as _write_text_atomically
-from megamath.model.hf_llama import check_tensors, to_hf_name
-from megamath.model.partition import tp_partition_dim
-from megamath.model.safetensors_io import CONFIG_NAME, SafetensorsReader
-from megamath.parallel.layers import shard_tensor
 from megamath.parallel.state import ParallelState
 from megamath.training.checkpoint_integrity import (CheckpointIntegrityError, check_file_name, collect_sums,
                                                     verify_files, write_rank_sums)
@@ -291,30 +289,3 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer, state: 
     if meta["dp_size"] == state.dp_size:
         set_rng_state(torch.load(path / rng_file(state.rank), weights_only=True))
     return meta
-
-
-# ---- initialization from a pretrained checkpoint ---------------------------------------------------------------
-
-def load_pretrained(model: torch.nn.Module, directory: str | Path, state: ParallelState) -> None:
-    """Copy a Hugging Face Llama (or megamath) checkpoint's weights into `model`, this TP rank's slices only.
-
-    Tensors stream one at a time from memory-mapped safetensors, so a rank needs about one full tensor
-    of extra memory. The checkpoint's shapes must be the model config's; other settings (rope_theta,
-    max_seq_length) are the run's own: LLEMMA 7B started from Code Llama's weights with θ = 1e4.
-    """
-    directory = Path(directory)
-    if not (directory / CONFIG_NAME).is_file():
-        raise FileNotFoundError(f"init_from_hf: {directory / CONFIG_NAME} not found")
-    is_hf = "model_type" in json.loads((directory / CONFIG_NAME).read_text())
-    file_name = to_hf_name if is_hf else (lambda n: n)
-    reader = SafetensorsReader(directory)
-    ours = {(n.removeprefix("model.") if is_hf and n != "lm_head.weight" else n): n for n in reader.names()
-            if not n.endswith("rotary_emb.inv_freq")}
-    check_tensors({n: reader.shape(f) for n, f in ours.items()}, model.config, file_name)
-    tp = state.tp_size
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            full = reader.get(ours[name])
-            dim = tp_partition_dim(name, model.config, tp)
-            piece = full if tp == 1 or dim is None else shard_tensor(full, dim, tp, state.tp_rank, name)
-            param.copy_(piece)

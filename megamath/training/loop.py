@@ -33,6 +33,7 @@ from megamath.evaluation.during_training import evaluate_tasks
 from megamath.model.attention import choose_attention
 from megamath.model.llama import Llama
 from megamath.model.ops import get_ops
+from megamath.model.pretrained import load_pretrained
 from megamath.parallel.sequence_parallel import allreduce_sequence_parallel_grads
 from megamath.parallel.mappings import all_reduce_max_
 from megamath.parallel.state import ParallelState
@@ -139,7 +140,7 @@ def build_model(config: TrainConfig, state: ParallelState) -> Llama:
         with torch.device("meta"):  # no time spent on an init the weights overwrite
             model = Llama(config.model, parallel=state, sequence_parallel=sp)
         model.to_empty(device=state.device)
-        ckpt.load_pretrained(model, config.init_from_hf, state)
+        load_pretrained(model, config.init_from_hf, state)
     else:
         torch.manual_seed(config.seed)  # the same on every rank: TP ranks slice one draw, DP ranks agree
         with torch.device(state.device):

@@ -1,0 +1,42 @@
+"""Initialise a model from pretrained weights: this TP rank's slices of a Hugging Face Llama or megamath model
+folder (`init_from_hf`, and generation's loading of model folders).
+
+Which slice a rank takes is the partition table's rule (megamath.model.partition), applied by name.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from megamath.model.hf_llama import IGNORED_HF_TENSORS, check_tensors, to_hf_name
+from megamath.model.partition import tp_partition_dim
+from megamath.model.safetensors_io import CONFIG_NAME, SafetensorsReader
+from megamath.parallel.layers import shard_tensor
+from megamath.parallel.state import ParallelState
+
+
+def load_pretrained(model: torch.nn.Module, directory: str | Path, state: ParallelState) -> None:
+    """Copy a Hugging Face Llama (or megamath) checkpoint's weights into `model`, this TP rank's slices only.
+
+    Tensors stream one at a time from memory-mapped safetensors, so a rank needs about one full tensor
+    of extra memory. The checkpoint's shapes must be the model config's; other settings (rope_theta,
+    max_seq_length) are the run's own: LLEMMA 7B started from Code Llama's weights with θ = 1e4.
+    """
+    directory = Path(directory)
+    if not (directory / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"init_from_hf: {directory / CONFIG_NAME} not found")
+    is_hf = "model_type" in json.loads((directory / CONFIG_NAME).read_text())
+    file_name = to_hf_name if is_hf else (lambda n: n)
+    reader = SafetensorsReader(directory)
+    ours = {(n.removeprefix("model.") if is_hf and n != "lm_head.weight" else n): n for n in reader.names()
+            if not IGNORED_HF_TENSORS.match(n)}
+    check_tensors({n: reader.shape(f) for n, f in ours.items()}, model.config, file_name)
+    tp = state.tp_size
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            full = reader.get(ours[name])
+            dim = tp_partition_dim(name, model.config, tp)
+            piece = full if tp == 1 or dim is None else shard_tensor(full, dim, tp, state.tp_rank, name)
+            param.copy_(piece)
