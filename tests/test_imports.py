@@ -106,3 +106,21 @@ def test_files_stay_small_or_say_why():
         if len(text.splitlines()) > 420:
             doc = ast.get_docstring(ast.parse(text)) or ""
             assert "Why one file:" in doc, f"{path.relative_to(REPO)} has {len(text.splitlines())} lines"
+
+
+COLLECTIVES = {"all_reduce", "all_gather", "all_gather_object", "all_gather_into_tensor", "all_gather_single",
+               "reduce_scatter", "reduce_scatter_tensor", "reduce_scatter_single", "broadcast", "barrier",
+               "send", "recv", "all_to_all", "gather", "scatter"}
+
+
+def test_every_collective_goes_through_mappings():
+    """torch.distributed's collectives are called in parallel/mappings.py only, so a reader finds them all."""
+    offenders = []
+    for name, path in module_files().items():
+        if name == "megamath.parallel.mappings" or name.startswith("megamath.kernels"):
+            continue  # the kernels are a separate package that imports nothing of megamath
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Attribute) and node.attr in COLLECTIVES and isinstance(node.value, ast.Name)
+                    and node.value.id == "dist"):
+                offenders.append(f"{path.relative_to(REPO)}:{node.lineno} dist.{node.attr}")
+    assert offenders == []

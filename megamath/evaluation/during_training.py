@@ -15,12 +15,12 @@ from __future__ import annotations
 import time
 
 import torch
-import torch.distributed as dist
 
 from megamath.evaluation.config import EvaluationConfig
 from megamath.evaluation.runner import EvalSettings, evaluate
 from megamath.evaluation.tasks import get_task
 from megamath.generation.batching import PromptCodec
+from megamath.parallel.mappings import all_reduce_
 
 
 def _decoding_view(model):
@@ -60,7 +60,7 @@ def evaluate_tasks(model, config: EvaluationConfig, state, say=print) -> dict[st
             counts = torch.tensor([sum(r["correct"] for r in results), sum(r.get("correct_maj", False) for r in results),
                                    len(results)], dtype=torch.float64)
             if state.dp_size > 1:
-                dist.all_reduce(counts, group=state.dp_group)
+                all_reduce_(counts, state.dp_group)
             total = max(counts[2].item(), 1.0)
             metrics[f"eval/{task_config.name}/maj1"] = counts[0].item() / total
             line = f"eval/{task_config.name}: maj@1 {counts[0].item() / total:.1%}"

@@ -83,10 +83,11 @@ def native_collectives(group) -> bool:
     return dist.get_backend(group) in NATIVE_BACKENDS
 
 
-def all_reduce_(x: torch.Tensor, group) -> None:
-    """Sum over the group, in place (a no-op for group None)."""
+def all_reduce_(x: torch.Tensor, group, async_op: bool = False):
+    """Sum over the group, in place (a no-op for group None); async_op returns the work to wait on."""
     if group is not None:
-        dist.all_reduce(x, group=group)
+        return dist.all_reduce(x, group=group, async_op=async_op)
+    return None
 
 
 def all_reduce_max_(x: torch.Tensor, group) -> None:
@@ -95,9 +96,35 @@ def all_reduce_max_(x: torch.Tensor, group) -> None:
         dist.all_reduce(x, op=dist.ReduceOp.MAX, group=group)
 
 
-def barrier(group=None) -> None:
-    """Wait for every rank of the group (the default group: all ranks); a no-op without torch.distributed."""
-    if dist.is_available() and dist.is_initialized():
+def broadcast_(x: torch.Tensor, src: int, group) -> None:
+    """Global rank src's x into every rank's x, in place (a no-op for group None)."""
+    if group is not None:
+        dist.broadcast(x, src=src, group=group)
+
+
+def all_gather_list(x: torch.Tensor, group, async_op: bool = False, out: list[torch.Tensor] | None = None):
+    """Every rank's x in rank order, as a list (gloo's form of all-gather); [x] for group None.
+
+    With async_op the list is returned with the work to wait on: (list, work)."""
+    if group is None:
+        return ([x], None) if async_op else [x]
+    out = out if out is not None else [torch.empty_like(x) for _ in range(group_size(group))]
+    work = dist.all_gather(out, x, group=group, async_op=async_op)
+    return (out, work) if async_op else out
+
+
+def all_gather_objects(obj, group) -> list:
+    """Every rank's picklable obj in rank order; [obj] for group None."""
+    if group is None:
+        return [obj]
+    out = [None] * group_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def barrier(group) -> None:
+    """Wait for every rank of the group (a no-op for group None: pass ParallelState.world_group)."""
+    if group is not None:
         dist.barrier(group=group)
 
 

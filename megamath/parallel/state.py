@@ -77,6 +77,11 @@ class ParallelState:
     def is_distributed(self) -> bool:
         return self.world_size > 1
 
+    @property
+    def world_group(self):
+        """Every rank, for the collectives of megamath.parallel.mappings; None for a single process."""
+        return dist.group.WORLD if self.is_distributed else None
+
 
 def validate_sizes(world_size: int, tp_size: int) -> None:
     """tp_size must be positive and divide the world size."""

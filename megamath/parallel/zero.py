@@ -63,12 +63,12 @@ from dataclasses import dataclass
 from typing import Collection
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 from megamath.kernels.adamw import adamw_step, adamw_step_ref
 from megamath.parallel.grad_clip import clip_coefficient, global_grad_norm
-from megamath.parallel.mappings import all_gather_into, native_collectives, reduce_scatter_into
+from megamath.parallel.mappings import (all_gather_into, all_gather_list, all_reduce_, native_collectives,
+                                        reduce_scatter_into)
 from megamath.parallel.optimizer_config import GRAD_DTYPES, OptimizerConfig
 from megamath.parallel import zero_checkpoint
 from megamath.parallel.state import ParallelState
@@ -293,7 +293,7 @@ class ZeroOptimizer:
         if native_collectives(self.dp_group):
             work = reduce_scatter_into(self.flat_grad[f0:f1], grad, self.dp_group, async_op=True)  # in place
         else:
-            work = dist.all_reduce(grad, group=self.dp_group, async_op=True)  # every row summed; ours is used
+            work = all_reduce_(grad, self.dp_group, async_op=True)  # every row summed; ours is used
         self._grad_work[b] = work
         self._record("reduce_scatter", b)
 
@@ -311,7 +311,8 @@ class ZeroOptimizer:
         else:
             source = mine.clone()  # kept alive until the wait
             rows = list(full.view(self.dp_size, -1).unbind(0))
-            self._gather_work[b] = (dist.all_gather(rows, source, group=self.dp_group, async_op=True), source)
+            _, work = all_gather_list(source, self.dp_group, async_op=True, out=rows)
+            self._gather_work[b] = (work, source)
         self._record("all_gather", b)
 
     def _wait_param_gathers(self, buckets) -> None:
@@ -357,7 +358,7 @@ class ZeroOptimizer:
                 views.append(self.flat_grad[lo:hi])
         if views:
             flat = torch.cat(views)  # (Σ,)
-            dist.all_reduce(flat, group=self.state.tp_group)
+            all_reduce_(flat, self.state.tp_group)
             offset = 0
             for v in views:
                 v.copy_(flat[offset:offset + v.numel()])

@@ -35,11 +35,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from megamath.atomic_io import fsync_path as _fsync  # module names: crash tests patch them here
 from megamath.atomic_io import write_text_atomically as _write_text_atomically
+from megamath.parallel.mappings import barrier
 from megamath.parallel.state import ParallelState
 from megamath.training.checkpoint_integrity import (CheckpointIntegrityError, check_file_name, collect_sums,
                                                     verify_files, write_rank_sums)
@@ -77,8 +77,7 @@ def checkpoint_files(tp_size: int, dp_size: int) -> list[str]:
 # ---- durability helpers ------------------------------------------------------------------------------------
 
 def _barrier(state: ParallelState) -> None:
-    if state.is_distributed:
-        dist.barrier()
+    barrier(state.world_group)
 
 
 # ---- RNG states -------------------------------------------------------------------------------------------

@@ -17,11 +17,11 @@ from typing import Callable, TypeVar
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from megamath.data.blended_dataset import BlendedDataset
 from megamath.data.gpt_dataset import GPTDataset
 from megamath.data.indexed_dataset import IndexedDataset
+from megamath.parallel.mappings import barrier
 from megamath.parallel.state import ParallelState
 
 T = TypeVar("T")
@@ -33,7 +33,7 @@ def rank0_first(state: ParallelState, build: Callable[[], T]) -> T:
     if not state.is_distributed:
         return build()
     result = build() if state.rank == 0 else None
-    dist.barrier()
+    barrier(state.world_group)
     return result if state.rank == 0 else build()
 
 

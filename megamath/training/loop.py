@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from megamath.evaluation.during_training import evaluate_tasks
 from megamath.model.attention import choose_attention
@@ -35,7 +34,7 @@ from megamath.model.llama import Llama
 from megamath.model.ops import get_ops
 from megamath.model.pretrained import load_pretrained
 from megamath.parallel.sequence_parallel import allreduce_sequence_parallel_grads
-from megamath.parallel.mappings import all_reduce_max_
+from megamath.parallel.mappings import all_reduce_, all_reduce_max_
 from megamath.parallel.state import ParallelState
 from megamath.parallel.zero import ZeroOptimizer
 from megamath.training import checkpoint as ckpt
@@ -105,7 +104,7 @@ def mean_over_dp(value: torch.Tensor, state: ParallelState) -> float:
     """The mean of a scalar over the DP group (TP ranks of a DP rank hold the same loss)."""
     if state.dp_group is not None:
         value = value.clone()
-        dist.all_reduce(value, group=state.dp_group)
+        all_reduce_(value, state.dp_group)
         value /= state.dp_size
     return float(value)
 
@@ -161,7 +160,7 @@ def settle_attention(model: Llama, config: TrainConfig, state: ParallelState) ->
     chosen = choice.attention
     if state.is_distributed and config.model.attention == "auto":  # timings differ by rank: sdpa only if all agree
         prefers_ours = torch.tensor([float(chosen == "megamath")], device=state.device)
-        all_reduce_max_(prefers_ours, dist.group.WORLD)
+        all_reduce_max_(prefers_ours, state.world_group)
         chosen = "megamath" if prefers_ours.item() > 0 else "sdpa"
     model.attention = chosen
     return choice.reason if chosen == choice.attention else f"{choice.reason}; megamath on every rank, as another preferred it"
@@ -223,7 +222,7 @@ class PreemptionFlag:
         if not state.is_distributed:
             return flag
         t = torch.tensor([1.0 if flag else 0.0], device=state.device)
-        dist.all_reduce(t)
+        all_reduce_(t, state.world_group)
         return bool(t.item() > 0)
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megamath.parallel.mappings import all_gather_list
 from megamath.training.hardware import HardwareProbe
 from megamath.training.phases import StepTiming
 
@@ -151,8 +152,7 @@ class MetricsLogger:
         rec.update(hw)
         if self.world_size > 1 and gather and dist.is_initialized():
             mine = torch.tensor([step_time, energy], dtype=torch.float64, device=self.device)
-            every = [torch.empty_like(mine) for _ in range(self.world_size)]
-            dist.all_gather(every, mine)
+            every = all_gather_list(mine, dist.group.WORLD)
             table = torch.stack(every).cpu()  # (world, 2)
             times = table[:, 0]
             rec.update({"step_time_max_s": float(times.max()), "step_time_min_s": float(times.min()),

@@ -15,9 +15,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-import torch.distributed as dist
 
 from megamath.atomic_io import write_text_atomically
+from megamath.parallel.mappings import all_gather_objects, barrier
 from megamath.parallel.state import ParallelState
 from megamath.training import checkpoint as ckpt
 from megamath.training.checkpoint_integrity import verify_files
@@ -53,8 +53,7 @@ def _agree(problem: str | None, state: ParallelState) -> str | None:
     """The first rank's problem, the same on every rank (None when no rank found one)."""
     if not state.is_distributed:
         return problem
-    problems = [None] * state.world_size
-    dist.all_gather_object(problems, problem)
+    problems = all_gather_objects(problem, state.world_group)
     return next((p for p in problems if p is not None), None)
 
 
@@ -95,8 +94,7 @@ def find_resume_checkpoint(mode: str, run_dir: Path, state: ParallelState,
                     write_text_atomically(root / ckpt.LATEST, path.name + "\n")
                 say(f"resuming from {path.name}, the newest intact checkpoint")
             return path
-        if state.is_distributed:
-            dist.barrier()  # every rank is done reading it before it moves
+        barrier(state.world_group)  # every rank is done reading it before it moves
         if state.rank == 0:
             aside = ckpt.set_aside(path)
             say(f"skipped checkpoint {path.name}: {problem}; renamed it to {aside.name} for inspection")

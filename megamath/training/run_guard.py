@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-import torch.distributed as dist
 
+from megamath.parallel.mappings import broadcast_
 from megamath.parallel.state import ParallelState
 from megamath.run_lock import FolderBusyError, FolderLock
 from megamath.training import checkpoint as ckpt
@@ -33,7 +33,7 @@ def hold_run_dir(run_dir: Path, state: ParallelState) -> Iterator[str]:
             failure = err
     if state.is_distributed:
         shared = torch.tensor([0 if failure else 1, attempt], dtype=torch.int64, device=state.device)
-        dist.broadcast(shared, src=0)
+        broadcast_(shared, 0, state.world_group)
         ok, attempt = bool(shared[0].item()), int(shared[1].item())
         if not ok and failure is None:
             failure = FolderBusyError(f"rank 0 could not lock {run_dir} (see its message)")
