@@ -261,9 +261,10 @@ def _optimizer(keys: Keys, out: Conversion) -> None:
                                      "the GPU (12 bytes per parameter / DP size)"))
     for name in zero:
         if name not in ("stage", "cpu_offload", "offload_optimizer"):
-            out.unmapped.append(Unmapped(f"zero_optimization.{name}", NOT_NEEDED, "megamath's ZeRO-1 reduce-scatters "
-                                         "the flat gradient buffer and all-gathers parameters in one collective "
-                                         "each (optimizer.bucket_mb splits them)"))
+            out.unmapped.append(Unmapped(f"zero_optimization.{name}", NOT_NEEDED, "megamath's ZeRO-1 buckets the gradients "
+                                         "(parallel.bucket_mb) and overlaps their reduce-scatter and the parameter "
+                                         "all-gather with compute (parallel.overlap_grad_reduce / "
+                                         "overlap_param_gather, on by default)"))
     for name in ("zero_reduce_scatter", "zero_contiguous_gradients", "zero_reduce_bucket_size",
                  "zero_allgather_bucket_size"):
         keys.take(name)

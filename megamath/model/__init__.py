@@ -1,4 +1,5 @@
-"""What the model is: its config and presets, the Llama architecture, and checkpoint conversion.
+"""What the model is: its config and presets, the Llama architecture, its parameters' partition rules, and
+model folders (megamath's and Hugging Face's).
 
     from megamath.model import Llama, ModelConfig
     model = Llama(ModelConfig.from_preset("tiny"))

@@ -1,1 +1,2 @@
-"""How the model is spread over devices: process groups, tensor-parallel layers, ZeRO-1."""
+"""How the model is spread over devices: process groups, every collective (mappings.py), tensor-parallel
+layers, ZeRO-1."""
