@@ -33,7 +33,7 @@ def add_parser(subparsers, name: str) -> None:
 
 
 def run(args) -> int:
-    from megamath.commands.generate import close_distributed
+    from megamath.generation.session import close_distributed
 
     try:
         return _run(args)
@@ -45,7 +45,7 @@ def _run(args) -> int:
     from tqdm import tqdm
 
     from megamath.atomic_io import write_text_atomically
-    from megamath.commands.generate import open_model
+    from megamath.generation.session import open_model
     from megamath.evaluation.runner import EvalSettings, Stopwatch, breakdown, evaluate, summarize
     from megamath.evaluation.tasks import get_task
 
@@ -60,7 +60,8 @@ def _run(args) -> int:
     settings = EvalSettings(args.shots, args.maj, args.temperature, args.top_p, args.max_new_tokens, args.seed,
                             args.batch_size)
     task.prompt(problems[0].question, task.shots if args.shots is None else args.shots)  # bad --shots: fail now
-    model, codec, state = open_model(args, args.max_new_tokens or task.max_new_tokens)
+    model, codec, state = open_model(args.model, args.tokenizer_model,
+                                     args.max_new_tokens or task.max_new_tokens)
     passes = 2 if args.maj > 1 else 1
     bar = tqdm(total=len(problems) * passes, unit="problem", disable=state.rank != 0, file=sys.stderr)
     watch = Stopwatch()

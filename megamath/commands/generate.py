@@ -46,58 +46,9 @@ def add_parser(subparsers, name: str) -> None:
     parser.set_defaults(run=run)
 
 
-def read_prompts(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise FileNotFoundError(f"prompts file {path} not found")
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{n}: invalid JSON ({err.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                raise ValueError(f'{path}:{n}: expected an object with a string "prompt"')
-            records.append(record)
-    if not records:
-        raise ValueError(f"{path}: no prompts")
-    return records
-
-
-def open_model(args, max_new_tokens: int | None = None):
-    """(model, codec, parallel state) for the command's flags; every torchrun process is a TP rank."""
-    import os
-
-    from megamath.data.tokenizer import SentencePieceTokenizer
-    from megamath.generation.batching import PromptCodec
-    from megamath.generation.loading import load_model
-    from megamath.parallel.state import ParallelState
-
-    tokenizer = SentencePieceTokenizer(args.tokenizer_model)
-    state = ParallelState.from_env(tp_size=int(os.environ.get("WORLD_SIZE", 1)))
-    model = load_model(args.model, state)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} pieces, more than the model's vocabulary "
-                         f"{model.config.vocab_size}")
-    max_new_tokens = max_new_tokens or args.max_new_tokens
-    room = model.config.max_seq_length - max_new_tokens
-    if room < 2:
-        raise ValueError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's "
-                         f"max_seq_length {model.config.max_seq_length}")
-    return model, PromptCodec(tokenizer, room), state
-
-
-def close_distributed() -> None:
-    """Leave torchrun's process group (when this command joined one)."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def run(args) -> int:
+    from megamath.generation.session import close_distributed
+
     try:
         return _run(args)
     finally:
@@ -110,12 +61,13 @@ def _run(args) -> int:
     from megamath.atomic_io import write_text_atomically
     from megamath.generation.batching import complete
     from megamath.generation.generate import SamplingParams
+    from megamath.generation.session import open_model, read_prompts
 
     params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, tuple(args.stop))
     records = read_prompts(args.prompts)
     if args.output.exists() and args.output.is_dir():
         raise FileExistsError(f"--output {args.output} is a directory")
-    model, codec, state = open_model(args)
+    model, codec, state = open_model(args.model, args.tokenizer_model, args.max_new_tokens)
     bar = tqdm(total=len(records), unit="prompt", disable=state.rank != 0, file=sys.stderr)
     results = complete(model, codec, [r["prompt"] for r in records], params, args.num_samples, args.seed,
                        args.batch_size, progress=lambda n, _: bar.update(n))

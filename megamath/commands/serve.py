@@ -33,7 +33,7 @@ def add_parser(subparsers, name: str) -> None:
 
 
 def run(args) -> int:
-    from megamath.commands.generate import open_model
+    from megamath.generation.session import open_model
     from megamath.generation.server import ServeConfig, serve
 
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
@@ -45,7 +45,7 @@ def run(args) -> int:
         raise ValueError(f"temperatures must be >= 0, got {temperatures}")
     config = ServeConfig(args.host, args.port, args.num_samples, temperatures, args.max_new_tokens, args.top_p,
                          args.max_body_bytes, args.request_timeout, args.seed, args.batch_size)
-    model, codec, _ = open_model(args)
+    model, codec, _ = open_model(args.model, args.tokenizer_model, args.max_new_tokens)
 
     def ready(host, port):
         print(f"megamath serve: listening on http://{host}:{port}/ (LLMSTEP protocol; SIGTERM stops)", flush=True)

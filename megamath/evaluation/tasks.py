@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from megamath.evaluation import demo_arith, gsm8k, minerva_math
+from megamath.jsonl import read_jsonl_objects
 
 
 @dataclass
@@ -41,21 +42,7 @@ class Task:
 
 
 def _jsonl(path: Path) -> list[tuple[int, dict]]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file {path} not found")
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{n}: invalid JSON ({err.msg})") from None
-                if not isinstance(record, dict):
-                    raise ValueError(f"{path}:{n}: expected a JSON object")
-                records.append((n, record))
-    return records
+    return list(read_jsonl_objects(path, "data file"))
 
 
 def _need(record: dict, keys: tuple[str, ...], where: str) -> None:

@@ -11,33 +11,17 @@ LLEMMA's analysis, which pooled the hits of problems and of solutions.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
-
-def _records(path: str | Path) -> Iterator[tuple[int, dict]]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as err:
-                raise ValueError(f"{path}:{line_no}: invalid JSON: {err}") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{line_no}: not a JSON object")
-            yield line_no, record
+from megamath.jsonl import read_jsonl_objects
 
 
 def read_hit_ids(path: str | Path, fields: Sequence[str] | None = None, ns: Sequence[int] | None = None) -> set[str]:
     """Ids (as text) of the test items named by the hit lines kept by the filters."""
     ids = set()
-    for line_no, record in _records(path):
+    for line_no, record in read_jsonl_objects(path):
         if "test_id" not in record:
             raise ValueError(f"{path}:{line_no}: no 'test_id' field: is this a HITS.jsonl of megamath overlap?")
         if fields and record.get("field") not in fields:
@@ -57,7 +41,7 @@ class Result:
 
 def read_results(path: str | Path, by: str | None = None) -> list[Result]:
     results, seen = [], set()
-    for line_no, record in _records(path):
+    for line_no, record in read_jsonl_objects(path):
         for name in ("id", "correct") + ((by,) if by else ()):
             if name not in record:
                 needed = "id, correct" + (f" and {by}" if by else "")

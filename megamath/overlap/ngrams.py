@@ -6,7 +6,6 @@ reference's representation, so a matched n-gram can be printed and compared as i
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -14,6 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from megamath import _helpers
+from megamath.jsonl import read_jsonl_objects
 
 
 def words(text: str) -> list[str]:
@@ -55,34 +55,23 @@ def load_test_items(path: str | Path, fields: Sequence[str], id_field: str = "id
     path = Path(path)
     if not fields:
         raise ValueError("no --field given: name the test field(s) to check, e.g. --field question")
-    if not path.is_file():
-        raise FileNotFoundError(f"test file not found: {path}")
     items: list[TestItem] = []
     with_id = set()
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as err:
-                raise ValueError(f"{path}:{line_no}: invalid JSON: {err}") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{line_no}: not a JSON object")
-            texts = []
-            for name in fields:
-                if name not in record:
-                    keys = ", ".join(repr(k) for k in list(record)[:8])
-                    raise ValueError(f"{path}:{line_no}: no field {name!r} (keys: {keys})")
-                if not isinstance(record[name], str):
-                    raise ValueError(f"{path}:{line_no}: field {name!r} is not a string")
-                texts.append(record[name])
-            item_id = record.get(id_field, len(items))
-            if id_field in record:
-                with_id.add(len(items))
-            if not isinstance(item_id, (str, int)) or isinstance(item_id, bool):
-                raise ValueError(f"{path}:{line_no}: id field {id_field!r} must be a string or an integer")
-            items.append(TestItem(item_id, tuple(texts)))
+    for line_no, record in read_jsonl_objects(path, "test file"):
+        texts = []
+        for name in fields:
+            if name not in record:
+                keys = ", ".join(repr(k) for k in list(record)[:8])
+                raise ValueError(f"{path}:{line_no}: no field {name!r} (keys: {keys})")
+            if not isinstance(record[name], str):
+                raise ValueError(f"{path}:{line_no}: field {name!r} is not a string")
+            texts.append(record[name])
+        item_id = record.get(id_field, len(items))
+        if id_field in record:
+            with_id.add(len(items))
+        if not isinstance(item_id, (str, int)) or isinstance(item_id, bool):
+            raise ValueError(f"{path}:{line_no}: id field {id_field!r} must be a string or an integer")
+        items.append(TestItem(item_id, tuple(texts)))
     if not items:
         raise ValueError(f"{path}: no test records")
     if with_id and len(with_id) != len(items):

@@ -1,0 +1,50 @@
+"""An inference session as the generate, eval and serve commands open one: the model at a path (a run, a
+checkpoint step, a megamath or Hugging Face folder), its tokenizer codec, and the process group that
+torchrun set up (every process one tensor-parallel rank); and the prompts file those commands read.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch.distributed as dist
+
+from megamath.data.tokenizer import SentencePieceTokenizer
+from megamath.generation.batching import PromptCodec
+from megamath.generation.loading import load_model
+from megamath.jsonl import read_jsonl_objects
+from megamath.parallel.state import ParallelState
+
+
+def read_prompts(path: Path) -> list[dict]:
+    """The records of a prompts jsonl file, each with a string "prompt" (other fields are kept)."""
+    records = []
+    for n, record in read_jsonl_objects(path, "prompts file"):
+        if not isinstance(record.get("prompt"), str):
+            raise ValueError(f'{path}:{n}: expected an object with a string "prompt"')
+        records.append(record)
+    if not records:
+        raise ValueError(f"{path}: no prompts")
+    return records
+
+
+def open_model(model_path: str | Path, tokenizer_model: str | Path, max_new_tokens: int):
+    """(model, codec, parallel state) for generating up to max_new_tokens per completion; under torchrun
+    every process is one tensor-parallel rank."""
+    tokenizer = SentencePieceTokenizer(tokenizer_model)
+    state = ParallelState.from_env(tp_size=int(os.environ.get("WORLD_SIZE", 1)))
+    model = load_model(model_path, state)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} pieces, more than the model's vocabulary "
+                         f"{model.config.vocab_size}")
+    room = model.config.max_seq_length - max_new_tokens
+    if room < 2:
+        raise ValueError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's "
+                         f"max_seq_length {model.config.max_seq_length}")
+    return model, PromptCodec(tokenizer, room), state
+
+
+def close_distributed() -> None:
+    """Leave torchrun's process group (when this process joined one)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()

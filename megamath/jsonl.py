@@ -1,0 +1,29 @@
+"""Reading small jsonl files of records (test sets, prompts, evaluation results) with errors that name the line.
+
+The corpus is read elsewhere (megamath.data.sources: compressed, streamed, bad lines counted); this is for
+the files a user writes or a tool produced, where any bad line is an error.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+
+def read_jsonl_objects(path: str | Path, what: str = "file") -> Iterator[tuple[int, dict]]:
+    """(line number, object) for every non-blank line of `path`; a missing file, a line that is not JSON
+    or not a JSON object is a one-line error naming `what`, the path and the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} not found")
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{line_no}: invalid JSON ({err.msg})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{line_no}: expected a JSON object")
+            yield line_no, record
