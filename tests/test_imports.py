@@ -124,3 +124,23 @@ def test_every_collective_goes_through_mappings():
                     and node.value.id == "dist"):
                 offenders.append(f"{path.relative_to(REPO)}:{node.lineno} dist.{node.attr}")
     assert offenders == []
+
+
+LAYERS = {  # a package may import from the ones listed, never the other way round
+    "megamath.data": (),
+    "megamath.parallel": (),
+    "megamath.model": ("megamath.parallel",),
+    "megamath.training": ("megamath.data", "megamath.model", "megamath.parallel", "megamath.evaluation",
+                          "megamath.generation"),
+}
+
+
+def test_model_parallel_and_training_import_one_way():
+    inner = set(LAYERS)
+    for name, deps in graph().items():
+        package = next((p for p in LAYERS if name == p or name.startswith(p + ".")), None)
+        if package is None:
+            continue
+        for dep in deps:
+            target = next((p for p in inner if dep == p or dep.startswith(p + ".")), None)
+            assert target in (None, package, *LAYERS[package]), f"{name} imports {dep}"
