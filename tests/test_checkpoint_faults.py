@@ -3,6 +3,7 @@ import random
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import yaml
 
@@ -63,6 +64,71 @@ def test_kill_at_random_points_of_a_save_always_resumes_exactly(tmp_path, one_th
     assert by_step == {r["step"]: r["loss"] for r in metrics(tmp_path / "straight")}
     leftovers = [p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith(".")]
     assert leftovers == []  # temporary folders of the killed attempts were removed under the lock
+
+
+# The same under torchrun with two DP ranks: rank KILL_RANK SIGKILLs itself at its I/O event `point`; torchrun
+# then ends the other rank with SIGTERM, which here terminates it (SIGUSR1 alone stays the preemption
+# signal), as a node failure would. KILL_RANK -1 trains undisturbed.
+KILL_ONE_RANK = """
+import os, signal, sys
+import torch
+torch.set_num_threads(1)
+import megamath.training.checkpoint as ckpt
+import megamath.training.loop as loop
+config, kill_rank, point = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+loop.PREEMPTION_SIGNALS = (signal.SIGUSR1,)
+events = {"n": 0}
+
+def at_event(original):
+    def wrapped(*args):
+        for phase in (0, 1):
+            if events["n"] == point:
+                os.kill(os.getpid(), signal.SIGKILL)
+            events["n"] += 1
+            if phase == 0:
+                result = original(*args)
+        return result
+    return wrapped
+
+if int(os.environ["RANK"]) == kill_rank:
+    ckpt._fsync, ckpt._write_text_atomically = at_event(ckpt._fsync), at_event(ckpt._write_text_atomically)
+from megamath.cli import main
+sys.exit(main(["train", "--config", config]))
+"""
+# I/O events per save (each with a point just before and just after): rank 0 writes the model, its optimizer
+# shard and RNG state, metadata.json, fsyncs two folders and moves `latest` (7 events); rank 1 its optimizer
+# shard and RNG state (2). Kills land in an attempt's second save, so a complete checkpoint exists before.
+SECOND_SAVE_POINTS = {0: range(14, 28), 1: range(4, 8)}
+
+
+def torchrun(script: Path, config: Path, kill_rank: int, point: int) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), str(config), str(kill_rank), str(point)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_one_rank_of_two_killed_mid_save_resumes_exactly(tmp_path):
+    raw = raw_config(tmp_path / "data", tmp_path / "run", train_steps=6, checkpoint__save_every=2,
+                     micro_batch_size=1)
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
+    straight = {**raw, "run_dir": str(tmp_path / "straight")}
+    (tmp_path / "straight.yaml").write_text(yaml.safe_dump(straight))
+    script = tmp_path / "kill_one_rank.py"
+    script.write_text(KILL_ONE_RANK)
+    rng = random.Random(11)
+    for rank in (1, 0):
+        point = rng.choice(SECOND_SAVE_POINTS[rank])
+        proc = torchrun(script, tmp_path / "run.yaml", rank, point)
+        assert proc.returncode != 0, (rank, point, proc.stdout[-2000:], proc.stderr[-2000:])
+        latest = latest_checkpoint(tmp_path / "run")
+        assert latest is not None, (rank, point)  # step 2 at least was complete before any kill
+        ok, line = verify_checkpoint(latest)
+        assert ok, (rank, point, line)
+    for config in ("run.yaml", "straight.yaml"):  # resume after the last kill; an undisturbed run
+        proc = torchrun(script, tmp_path / config, -1, -1)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_bitwise_equal(final_state(tmp_path / "run", 6, dp_size=2), final_state(tmp_path / "straight", 6, dp_size=2))
+    assert [r["loss"] for r in metrics(tmp_path / "run")] == [r["loss"] for r in metrics(tmp_path / "straight")]
 
 
 def test_a_second_training_on_one_run_dir_is_refused_and_the_first_finishes(tmp_path, one_thread, capsys):
