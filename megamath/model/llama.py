@@ -127,7 +127,7 @@ class Attention(nn.Module):
                 self._project_kv(self.v_proj, x)
         else:  # under SP: one all-gather, and the gathered (B, S, h) is not kept for the backward
             q, k, v = column_parallel_inputs(x, [self.q_proj, self.k_proj, self.v_proj], self.group,
-                                             self.sequence_parallel)
+                                             self.sequence_parallel, fuse=ops.backend == "triton")
         b, s = q.shape[:2]
         q = q.view(b, s, -1, self.head_dim)  # (B, S, Hq/p, D)
         k = k.view(b, s, -1, self.head_dim)  # (B, S, Hkv/p, D)

@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megamath.parallel.fused_linear import linears
 from megamath.parallel.mappings import (
     SEQUENCE_DIM, all_gather, copy_to_tp, gather_from_sequence, group_rank, group_size, reduce_from_tp, reduce_scatter,
     reduce_scatter_to_sequence,
@@ -92,15 +93,21 @@ class _GatherLinears(torch.autograd.Function):
         return (reduce_scatter(grad_x, SEQUENCE_DIM, ctx.group), None, *reversed(grad_weights))
 
 
-def column_parallel_inputs(x: torch.Tensor, layers: list, group, sequence_parallel: bool) -> list[torch.Tensor]:
+def column_parallel_inputs(x: torch.Tensor, layers: list, group, sequence_parallel: bool,
+                           fuse: bool = False) -> list[torch.Tensor]:
     """Several column-parallel layers applied to one input x (B, S, h), or (B, S/p, h) under SP.
 
     Under SP with p > 1 and only ColumnParallelLinear layers, one _GatherLinears: a single all-gather and no
-    saved (B, S, h) copy. Otherwise tp_region_input once, then each layer (which saves the shared input).
+    saved (B, S, h) copy. Otherwise tp_region_input once, then the layers' matmuls (which save the shared
+    input); with `fuse`, one matmul for all of them when their weights lie back to back in memory
+    (fused_linear.py: ZeRO-1's flat buffer places them so).
     """
-    if sequence_parallel and group_size(group) > 1 and all(type(m) is ColumnParallelLinear for m in layers):
+    column = all(type(m) is ColumnParallelLinear for m in layers)
+    if sequence_parallel and group_size(group) > 1 and column:
         return list(_GatherLinears.apply(x, group, *[m.weight for m in layers]))
     x_tp = tp_region_input(x, group, sequence_parallel)  # (B, S, h)
+    if fuse and column:
+        return linears(x_tp, [m.weight for m in layers])  # (B, S, out_i/p) each
     return [m(x_tp, input_is_tp_region=True) for m in layers]
 
 

@@ -1,0 +1,70 @@
+"""Several projections of one input as ONE matmul, when their weights already lie back to back in memory.
+
+Why: q, k and v (and Megatron's fused QKV) read the same input; one GEMM of width Hq+2·Hkv heads keeps a
+GPU busier than three narrow ones, and the backward needs one GEMM for dX and one for dW instead of three
+each. Megatron gets there with one fused parameter in a rank-interleaved layout, which every checkpoint
+converter must then know about. megamath keeps q_proj / k_proj / v_proj as they are (names, shapes, Hugging
+Face import/export and `megamath reshard` untouched and bit-exact) and fuses where the memory allows:
+ZeRO-1's flat buffer stores a layer's k, v, q weights back to back (backward order), so on each TP rank
+they already form one contiguous (Σ out, in) matrix. `_AdjacentWeights` hands that matrix to F.linear
+without a copy and splits its gradient back into the three parameters' gradients (views, no copy).
+Weights that are not adjacent (a plain model, a bucket boundary between them) take one matmul each.
+
+The model fuses with its kernel ops (GPUs, and Triton's interpreter in the tests), not with the plain-torch
+reference ops: one wide matmul sums in another order than three narrow ones, and the CPU reference runs
+stay bit-identical to the unfused arithmetic that their tests pin.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def adjacent_order(weights: list[torch.Tensor]) -> list[int] | None:
+    """The indices of `weights` in memory order when they tile one contiguous row-major block (same dtype,
+    device and in-features), else None."""
+    if len(weights) < 2:
+        return None
+    first = weights[0]
+    if any(w.dim() != 2 or not w.is_contiguous() or w.dtype != first.dtype or w.device != first.device
+           or w.shape[1] != first.shape[1] for w in weights):
+        return None
+    if any(w.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() for w in weights):
+        return None
+    order = sorted(range(len(weights)), key=lambda i: weights[i].data_ptr())
+    for a, b in zip(order, order[1:]):
+        if weights[a].data_ptr() + weights[a].numel() * weights[a].element_size() != weights[b].data_ptr():
+            return None
+    return order
+
+
+class _AdjacentWeights(torch.autograd.Function):
+    """Weights that lie back to back in memory (in the order given) as the one (Σ out, in) matrix they form."""
+
+    @staticmethod
+    def forward(ctx, *weights):
+        ctx.rows = [w.shape[0] for w in weights]
+        first = weights[0]
+        return first.as_strided((sum(ctx.rows), first.shape[1]), (first.shape[1], 1))  # a view: no copy
+
+    @staticmethod
+    def backward(ctx, grad):
+        return tuple(grad.split(ctx.rows, dim=0))  # each parameter's rows of the fused gradient
+
+
+def linears(x: torch.Tensor, weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    """[F.linear(x, w) for w in weights], as one matmul when the weights are adjacent in memory.
+
+    x (..., in) -> one (..., out_i) per weight; fused outputs are views of one (..., Σ out) tensor (their
+    last dim is contiguous, which is all the rope and attention kernels ask of q, k, v).
+    """
+    order = adjacent_order(weights)
+    if order is None:
+        return [F.linear(x, w) for w in weights]
+    ordered = [weights[i] for i in order]
+    y = F.linear(x, _AdjacentWeights.apply(*ordered))  # (..., Σ out): one GEMM
+    parts = y.split([w.shape[0] for w in ordered], dim=-1)
+    out: list[torch.Tensor] = [None] * len(weights)  # type: ignore[list-item]
+    for i, part in zip(order, parts):
+        out[i] = part
+    return out

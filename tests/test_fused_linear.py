@@ -1,0 +1,63 @@
+"""q, k, v as one matmul where ZeRO-1's flat buffer already stores them back to back (fused_linear.py)."""
+import torch
+
+from megamath.model import Llama, ModelConfig
+from megamath.parallel import fused_linear
+from megamath.parallel.fused_linear import adjacent_order, linears
+from megamath.parallel.optimizer_config import OptimizerConfig
+from megamath.parallel.state import ParallelState
+from megamath.parallel.zero import ZeroOptimizer
+
+CONFIG = ModelConfig(vocab_size=64, hidden_size=96, num_layers=2, num_heads=6, num_kv_heads=2, ffn_hidden_size=64,
+                     max_seq_length=32)
+
+
+def test_adjacent_weights_make_one_matmul_with_the_same_values_and_gradients():
+    buffer = torch.randn(40 * 12, generator=torch.Generator().manual_seed(0)).requires_grad_(False)
+    # v, k, q back to back (ZeRO's backward order), handed over as q, k, v
+    v, k, q = (t.view(-1, 12) for t in buffer.split([8 * 12, 8 * 12, 24 * 12]))
+    weights = [w.clone().requires_grad_(True) for w in (q, k, v)]
+    adjacent = [w.detach().requires_grad_(True) for w in (q, k, v)]  # views into one buffer, leaves
+    assert adjacent_order(adjacent) == [2, 1, 0] and adjacent_order(weights) is None
+    x = torch.randn(3, 5, 12, generator=torch.Generator().manual_seed(1))
+    fused, separate = linears(x, adjacent), linears(x, weights)
+    assert [t.shape for t in fused] == [(3, 5, 24), (3, 5, 8), (3, 5, 8)]
+    grads = [torch.randn(t.shape, generator=torch.Generator().manual_seed(2 + i)) for i, t in enumerate(fused)]
+    torch.autograd.backward(fused, grads)
+    torch.autograd.backward(separate, grads)
+    for a, b in zip(fused, separate):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    for a, b in zip(adjacent, weights):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-6)
+
+
+def test_zero_lays_each_layers_q_k_v_back_to_back():
+    model = Llama(CONFIG)
+    ZeroOptimizer(model, ParallelState.single(), OptimizerConfig(), model.split_parameter_names())
+    for layer in model.layers:
+        attn = layer.self_attn
+        assert adjacent_order([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]) is not None
+
+
+def test_model_with_kernels_fuses_and_matches_the_reference_ops(monkeypatch):
+    """The Triton path (interpreted on CPU) takes the fused matmul inside ZeRO's buffer; same loss and grads."""
+    calls = []
+    fuse = fused_linear._AdjacentWeights.apply
+    monkeypatch.setattr(fused_linear._AdjacentWeights, "apply", lambda *w: calls.append(len(w)) or fuse(*w))
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(3))
+    results = {}
+    for kernels in ("reference", "triton"):
+        torch.manual_seed(0)
+        model = Llama(ModelConfig(**{**CONFIG.to_dict(), "kernels": kernels}))
+        opt = ZeroOptimizer(model, ParallelState.single(), OptimizerConfig(), model.split_parameter_names())
+        opt.zero_grad()
+        loss = model(tokens[:, :-1], tokens[:, 1:])[1]
+        loss.backward()
+        results[kernels] = (loss.detach(), {n: opt.grad_view(p).clone() for n, p in model.named_parameters()})
+        opt.remove_hooks()
+    assert calls == [3] * CONFIG.num_layers  # one fused q/k/v matmul per layer, on the kernel path only
+    (ref_loss, ref_grads), (loss, grads) = results["reference"], results["triton"]
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-5, msg=name)
