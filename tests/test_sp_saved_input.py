@@ -19,7 +19,7 @@ CONFIG = ModelConfig(vocab_size=128, hidden_size=32, num_layers=2, num_heads=4, 
 B, S = 2, 8
 
 
-def _unfused(x, layers, group, sequence_parallel):
+def _unfused(x, layers, group, sequence_parallel, fuse=False):
     x_tp = tp_region_input(x, group, sequence_parallel)  # (B, S, h), saved by every matmul below
     return [m(x_tp, input_is_tp_region=True) for m in layers]
 
