@@ -38,14 +38,19 @@ def adjacent_order(weights: list[torch.Tensor]) -> list[int] | None:
     return order
 
 
+def fused_view(ordered: list[torch.Tensor]) -> torch.Tensor:
+    """The (Σ out, in) matrix that weights back to back in memory (in this order) form: a view, no copy."""
+    first = ordered[0]
+    return first.as_strided((sum(w.shape[0] for w in ordered), first.shape[1]), (first.shape[1], 1))
+
+
 class _AdjacentWeights(torch.autograd.Function):
     """Weights that lie back to back in memory (in the order given) as the one (Σ out, in) matrix they form."""
 
     @staticmethod
     def forward(ctx, *weights):
         ctx.rows = [w.shape[0] for w in weights]
-        first = weights[0]
-        return first.as_strided((sum(ctx.rows), first.shape[1]), (first.shape[1], 1))  # a view: no copy
+        return fused_view(list(weights))
 
     @staticmethod
     def backward(ctx, grad):

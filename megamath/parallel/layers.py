@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megamath.parallel.fused_linear import linears
+from megamath.parallel.fused_linear import adjacent_order, fused_view, linears
 from megamath.parallel.mappings import (
     SEQUENCE_DIM, all_gather, copy_to_tp, gather_from_sequence, group_rank, group_size, reduce_from_tp, reduce_scatter,
     reduce_scatter_to_sequence,
@@ -70,19 +70,39 @@ class _GatherLinears(torch.autograd.Function):
     it again in the backward (one more all-gather of the same bytes per region). The backward follows
     autograd's own arithmetic for the unfused path (mm over the flattened tokens; the input gradients
     summed last projection first) and ends with the reduce-scatter gather_from_sequence's backward does.
+    With `fuse` and weights back to back in memory (fused_linear.py), the forward is one matmul and the
+    backward one for dX and one for dW (the output gradients joined once, in memory order).
     """
 
     @staticmethod
-    def forward(ctx, x_local, group, *weights):
+    def forward(ctx, x_local, group, fuse, *weights):
         ctx.group = group
+        ctx.order = adjacent_order(list(weights)) if fuse else None
         x = all_gather(x_local, SEQUENCE_DIM, group)  # (B, S, in)
         ctx.save_for_backward(x_local, *weights)
-        return tuple(F.linear(x, w) for w in weights)  # each (B, S, out_i/p)
+        if ctx.order is None:
+            return tuple(F.linear(x, w) for w in weights)  # each (B, S, out_i/p)
+        ordered = [weights[i] for i in ctx.order]
+        y = F.linear(x, fused_view(ordered))  # (B, S, Σ out/p): one GEMM
+        parts = y.split([w.shape[0] for w in ordered], dim=-1)
+        out = [None] * len(weights)
+        for i, part in zip(ctx.order, parts):
+            out[i] = part
+        return tuple(out)
 
     @staticmethod
     def backward(ctx, *grads):
         x_local, *weights = ctx.saved_tensors
         x_flat = all_gather(x_local, SEQUENCE_DIM, ctx.group).flatten(0, -2)  # (B·S, in), gathered again
+        if ctx.order is not None:
+            ordered = [weights[i] for i in ctx.order]
+            g_flat = torch.cat([grads[i].reshape(-1, grads[i].shape[-1]) for i in ctx.order], dim=1)  # (B·S, Σ)
+            grad_x = g_flat.mm(fused_view(ordered)).view(*grads[0].shape[:-1], -1)  # (B, S, in)
+            grad_fused = g_flat.t().mm(x_flat).split([w.shape[0] for w in ordered], dim=0)  # (out_i/p, in) each
+            grad_weights = [None] * len(weights)
+            for i, g in zip(ctx.order, grad_fused):
+                grad_weights[i] = g
+            return (reduce_scatter(grad_x, SEQUENCE_DIM, ctx.group), None, None, *grad_weights)
         grad_x, grad_weights = None, []
         for g, w in reversed(list(zip(grads, weights))):
             g_flat = g.reshape(-1, g.shape[-1])  # (B·S, out_i/p)
@@ -90,7 +110,7 @@ class _GatherLinears(torch.autograd.Function):
             grad_x = gx if grad_x is None else grad_x + gx
             grad_weights.append(g_flat.t().mm(x_flat))  # (out_i/p, in)
         grad_x = grad_x.view(*grads[0].shape[:-1], -1)  # (B, S, in)
-        return (reduce_scatter(grad_x, SEQUENCE_DIM, ctx.group), None, *reversed(grad_weights))
+        return (reduce_scatter(grad_x, SEQUENCE_DIM, ctx.group), None, None, *reversed(grad_weights))
 
 
 def column_parallel_inputs(x: torch.Tensor, layers: list, group, sequence_parallel: bool,
@@ -99,12 +119,12 @@ def column_parallel_inputs(x: torch.Tensor, layers: list, group, sequence_parall
 
     Under SP with p > 1 and only ColumnParallelLinear layers, one _GatherLinears: a single all-gather and no
     saved (B, S, h) copy. Otherwise tp_region_input once, then the layers' matmuls (which save the shared
-    input); with `fuse`, one matmul for all of them when their weights lie back to back in memory
-    (fused_linear.py: ZeRO-1's flat buffer places them so).
+    input). With `fuse`, either way, one matmul for all of them when their weights lie back to back in
+    memory (fused_linear.py: ZeRO-1's flat buffer places them so).
     """
     column = all(type(m) is ColumnParallelLinear for m in layers)
     if sequence_parallel and group_size(group) > 1 and column:
-        return list(_GatherLinears.apply(x, group, *[m.weight for m in layers]))
+        return list(_GatherLinears.apply(x, group, fuse, *[m.weight for m in layers]))
     x_tp = tp_region_input(x, group, sequence_parallel)  # (B, S, h)
     if fuse and column:
         return linears(x_tp, [m.weight for m in layers])  # (B, S, out_i/p) each
@@ -167,7 +187,7 @@ class ColumnParallelLinear(_TPLayer):
         tp_region_input(...)'s (B, S, in)."""
         if not input_is_tp_region:
             if self.sequence_parallel and self.tp_size > 1:  # the chunk, not the gathered input, is saved
-                return _GatherLinears.apply(x, self.group, self.weight)[0]  # (B, S, out/p)
+                return _GatherLinears.apply(x, self.group, False, self.weight)[0]  # (B, S, out/p)
             x = tp_region_input(x, self.group, self.sequence_parallel)  # (B, S, in)
         return F.linear(x, self.weight)  # (B, S, out/p)
 
