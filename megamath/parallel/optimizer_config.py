@@ -1,6 +1,7 @@
 """AdamW's settings for ZeRO-1, apart from the optimizer so that parsing a training config imports no kernels."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,16 @@ class OptimizerConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
                 raise ValueError(f"OptimizerConfig.{name} must be in [0, 1), got {value!r}")
             setattr(self, name, float(value))
+        # Finite values and sane ranges: an infinite or zero learning rate would run to the end and save
+        # checkpoints of a model that never trained.
+        ranges = {"lr": (0.0, 1.0, False), "eps": (0.0, 1.0, False), "weight_decay": (0.0, math.inf, True),
+                  "clip_grad": (0.0, math.inf, True)}
+        for name, (low, high, low_ok) in ranges.items():
+            value = getattr(self, name)
+            if not (math.isfinite(value) and (value >= low if low_ok else value > low) and value <= high):
+                bounds = (f"in {'[' if low_ok else '('}{low:g}, {high:g}]" if math.isfinite(high)
+                          else f"{'>=' if low_ok else '>'} {low:g} and finite")
+                raise ValueError(f"OptimizerConfig.{name} must be {bounds}, got {value!r}")
         if self.grad_dtype not in GRAD_DTYPES:
             raise ValueError(f"OptimizerConfig.grad_dtype must be one of {', '.join(GRAD_DTYPES)}, "
                              f"got {self.grad_dtype!r}")

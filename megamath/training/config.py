@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -227,8 +226,6 @@ class TrainConfig:
             raise ValueError("evaluation.tasks are listed but eval_every is 0: set how often they run")
         if self.eval_every and not self.data.valid_sets():
             raise ValueError(f"eval_every is {self.eval_every} but data.valid_data is empty")
-        _check_optimizer_ranges(self.optimizer)
-
 
     def global_batch_size(self, dp_size: int) -> int:
         return self.micro_batch_size * self.grad_accum_steps * dp_size
@@ -376,20 +373,6 @@ def _dotted(where: str, name: str) -> str:
 def _check_int(key: str, value, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
-
-
-def _check_optimizer_ranges(opt: OptimizerConfig) -> None:
-    """Ranges OptimizerConfig itself does not enforce: finite values, lr in (0, 1], eps > 0. An infinite
-    or zero learning rate would run to the end and save checkpoints of a model that never trained."""
-    ranges = {"lr": (0.0, 1.0, False), "eps": (0.0, 1.0, False), "weight_decay": (0.0, math.inf, True),
-              "clip_grad": (0.0, math.inf, True)}
-    for name, (low, high, low_ok) in ranges.items():
-        value = getattr(opt, name)
-        inside = math.isfinite(value) and (value >= low if low_ok else value > low) and value <= high
-        if not inside:
-            bounds = f"{'[' if low_ok else '('}{low:g}, {high:g}]" if math.isfinite(high) else \
-                f"{'>=' if low_ok else '>'} {low:g} and finite"
-            raise ValueError(f"optimizer.{name} must be {'in ' if math.isfinite(high) else ''}{bounds}, got {value!r}")
 
 
 def _check_bool(key: str, value) -> None:
