@@ -23,24 +23,30 @@ from ._interpreter import exact_bf16 as _exact_bf16
 
 
 @triton.jit
-def _swiglu_fwd_kernel(g_ptr, u_ptr, out_ptr, n, BLOCK: tl.constexpr, EXACT_BF16: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,)
+def _swiglu_fwd_kernel(g_ptr, u_ptr, out_ptr, n, n_cols, stride_g, stride_u, BLOCK: tl.constexpr,
+                       EXACT_BF16: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) index into the output
     mask = offs < n
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    row = offs // n_cols
+    col = offs - row * n_cols
+    g = tl.load(g_ptr + row * stride_g + col, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + row * stride_u + col, mask=mask, other=0.0).to(tl.float32)
     s = 1.0 / (1.0 + tl.exp(-g))
     tl.store(out_ptr + offs, _cast(g * s * u, out_ptr.dtype.element_ty, EXACT_BF16), mask=mask)
 
 
 @triton.jit
 def _swiglu_bwd_kernel(
-    dy_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n, BLOCK: tl.constexpr, EXACT_BF16: tl.constexpr,
+    dy_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n, n_cols, stride_g, stride_u, BLOCK: tl.constexpr,
+    EXACT_BF16: tl.constexpr,
 ):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) index into dy, dg, du
     mask = offs < n
+    row = offs // n_cols
+    col = offs - row * n_cols
     dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + row * stride_g + col, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + row * stride_u + col, mask=mask, other=0.0).to(tl.float32)
     s = 1.0 / (1.0 + tl.exp(-g))
     silu = g * s
     dg = dy * u * s * (1.0 + g * (1.0 - s))
@@ -55,39 +61,71 @@ def _launch_config(n: int):
     return block, (8 if block >= 4096 else 4), triton.cdiv(n, block)
 
 
+def _row_stride(x: torch.Tensor) -> int | None:
+    """The element distance between consecutive rows (..., f) of x when its rows are evenly spaced and each
+    row is contiguous, else None (then x is copied)."""
+    if x.dim() == 0 or (x.stride(-1) != 1 and x.shape[-1] > 1):
+        return None
+    lead = [(x.shape[i], x.stride(i)) for i in range(x.dim() - 1) if x.shape[i] > 1]  # non-singleton row dims
+    if not lead:
+        return x.shape[-1]
+    row = lead[-1][1]
+    expected = row
+    for size, stride in reversed(lead):  # the leading dims must flatten onto one evenly spaced row index
+        if stride != expected:
+            return None
+        expected = stride * size
+    return row if row >= x.shape[-1] else None
+
+
+def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(x or a contiguous copy of it, its row stride)."""
+    stride = _row_stride(x)
+    if stride is None:
+        x = x.contiguous()
+        stride = x.shape[-1] if x.dim() else 1
+    return x, stride
+
+
 def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """Launch the forward on contiguous inputs; returns out with gate's shape and dtype."""
-    out = torch.empty_like(gate)
+    """Launch the forward on row-strided inputs (see the module docstring); returns a contiguous out."""
+    gate, stride_g = _rows(gate)
+    up, stride_u = _rows(up)
+    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     n = gate.numel()
     if n:
         block, warps, programs = _launch_config(n)
         _swiglu_fwd_kernel[(programs,)](
-            gate, up, out, n, BLOCK=block, EXACT_BF16=_exact_bf16(gate.dtype), num_warps=warps,
+            gate, up, out, n, gate.shape[-1], stride_g, stride_u, BLOCK=block, EXACT_BF16=_exact_bf16(gate.dtype),
+            num_warps=warps,
         )
     return out
 
 
 def swiglu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
-    """Launch the backward on contiguous inputs; returns (dgate, dup)."""
+    """Launch the backward on row-strided gate and up; returns contiguous (dgate, dup)."""
     dy = dy.contiguous()
-    dg = torch.empty_like(gate)
-    du = torch.empty_like(up)
+    gate, stride_g = _rows(gate)
+    up, stride_u = _rows(up)
+    dg = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    du = torch.empty(up.shape, dtype=up.dtype, device=up.device)
     n = gate.numel()
     if n:
         block, warps, programs = _launch_config(n)
         _swiglu_bwd_kernel[(programs,)](
-            dy, gate, up, dg, du, n, BLOCK=block, EXACT_BF16=_exact_bf16(gate.dtype), num_warps=warps,
+            dy, gate, up, dg, du, n, gate.shape[-1], stride_g, stride_u, BLOCK=block,
+            EXACT_BF16=_exact_bf16(gate.dtype), num_warps=warps,
         )
     return dg, du
 
 
 class SwiGLUFunction(torch.autograd.Function):
-    """Saves gate and up only; sigmoid(gate) is recomputed in the backward."""
+    """Saves gate and up only (row-strided views are kept as they are); sigmoid(gate) is recomputed."""
 
     @staticmethod
     def forward(ctx, gate, up):
-        gate = gate.contiguous()
-        up = up.contiguous()
+        gate, _ = _rows(gate)
+        up, _ = _rows(up)
         ctx.save_for_backward(gate, up)
         return swiglu_fwd(gate, up)
 

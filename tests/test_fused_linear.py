@@ -1,4 +1,4 @@
-"""q, k, v as one matmul where ZeRO-1's flat buffer already stores them back to back (fused_linear.py)."""
+"""q, k, v (and gate, up) as one matmul where ZeRO-1's flat buffer already stores them back to back."""
 import torch
 
 from megamath.model import Llama, ModelConfig
@@ -31,12 +31,13 @@ def test_adjacent_weights_make_one_matmul_with_the_same_values_and_gradients():
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-6)
 
 
-def test_zero_lays_each_layers_q_k_v_back_to_back():
+def test_zero_lays_each_layers_q_k_v_and_gate_up_back_to_back():
     model = Llama(CONFIG)
     ZeroOptimizer(model, ParallelState.single(), OptimizerConfig(), model.split_parameter_names())
     for layer in model.layers:
         attn = layer.self_attn
         assert adjacent_order([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]) is not None
+        assert adjacent_order([layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight]) is not None
 
 
 def test_model_with_kernels_fuses_and_matches_the_reference_ops(monkeypatch):
@@ -56,7 +57,7 @@ def test_model_with_kernels_fuses_and_matches_the_reference_ops(monkeypatch):
         loss.backward()
         results[kernels] = (loss.detach(), {n: opt.grad_view(p).clone() for n, p in model.named_parameters()})
         opt.remove_hooks()
-    assert calls == [3] * CONFIG.num_layers  # one fused q/k/v matmul per layer, on the kernel path only
+    assert calls == [3, 2] * CONFIG.num_layers  # q/k/v and gate/up as one matmul each, kernel path only
     (ref_loss, ref_grads), (loss, grads) = results["reference"], results["triton"]
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
     for name in ref_grads:
@@ -92,7 +93,7 @@ def test_sequence_parallel_fuses_q_k_v_too(tmp_path):
     run_distributed(_sp_worker, 2, tmp_path)
     for rank in range(2):
         saved = torch.load(tmp_path / f"sp{rank}.pt")
-        assert saved["calls"] == [3] * (2 * CONFIG.num_layers)  # forward and backward of each layer
+        assert saved["calls"] == [3, 2] * CONFIG.num_layers + [2, 3] * CONFIG.num_layers  # fwd, then bwd
         (ref_loss, ref_grads), (loss, grads) = saved["results"]["reference"], saved["results"]["triton"]
         torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
         for name in ref_grads:

@@ -89,3 +89,24 @@ def test_integer_rejected():
     with pytest.raises(TypeError) as e:
         swiglu(torch.ones(3, device=DEVICE, dtype=torch.int32), torch.ones(3, device=DEVICE, dtype=torch.int32))
     assert str(e.value) == "swiglu: inputs must be floating-point, got torch.int32"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 5, 33), (2, 1, 64), (7, 40)])
+def test_row_strided_halves_of_a_fused_gate_up_output(shape, dtype):
+    """gate and up as the two halves of one (..., 2f) matmul output: read in place, same results as copies."""
+    g = torch.Generator().manual_seed(11)
+    fused = torch.randn(*shape[:-1], 2 * shape[-1], generator=g).to(DEVICE, dtype)
+    dy = torch.randn(shape, generator=g).to(DEVICE, dtype)
+    for up, gate in (fused.split(shape[-1], dim=-1), tuple(reversed(fused.split(shape[-1], dim=-1)))):
+        assert not gate.is_contiguous() or shape[:-1] == (1,)
+        out, dg, du = _run(swiglu, gate, up, dy)
+        ref_out, ref_dg, ref_du = _run(swiglu, gate.contiguous(), up.contiguous(), dy)
+        assert torch.equal(out, ref_out) and torch.equal(dg, ref_dg) and torch.equal(du, ref_du)
+        assert out.is_contiguous() and dg.is_contiguous() and du.is_contiguous()
+
+
+def test_unevenly_strided_inputs_are_copied_not_misread():
+    base = torch.randn(6, 8, generator=torch.Generator().manual_seed(12)).to(DEVICE)
+    gate, up = base.t()[:, :3], base.t()[:, 3:6]  # (8, 3) views with a column stride: not row-contiguous
+    torch.testing.assert_close(swiglu(gate, up), swiglu_ref(gate, up))

@@ -156,8 +156,9 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(f, h, **tp)
 
     def forward(self, x: torch.Tensor, ops: Ops) -> torch.Tensor:
-        gate, up = column_parallel_inputs(x, [self.gate_proj, self.up_proj], self.group, self.sequence_parallel)
-        a = ops.swiglu(gate, up)  # (B, S, ffn/p)
+        gate, up = column_parallel_inputs(x, [self.gate_proj, self.up_proj], self.group, self.sequence_parallel,
+                                          fuse=ops.backend == "triton")  # one matmul inside ZeRO's buffer
+        a = ops.swiglu(gate, up)  # (B, S, ffn/p); the kernel reads fused halves in place
         return self.down_proj(a)  # (B, S, h), or (B, S/p, h) under SP; a is (B, S, ffn/p)
 
 
