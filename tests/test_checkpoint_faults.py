@@ -14,14 +14,20 @@ from megamath.training.checkpoint_verify import verify_checkpoint
 from test_train_loop import RUNNER as SLOW_RUNNER
 from test_train_loop import assert_bitwise_equal, final_state, metrics, one_thread, raw_config, run  # noqa: F401
 
-# Kills itself (SIGKILL: no cleanup of any kind) at I/O event `point` of the first save it makes: every
-# fsync and the `latest` pointer write count as events, each with a point just before and just after.
+# Kills itself (SIGKILL: no cleanup of any kind) at I/O event `point` of the saves it makes: every fsync
+# and the `latest` pointer write count as events, each with a point just before and just after. Under
+# torchrun (a third argument), only rank KILL_RANK kills itself (-1: none); torchrun then ends the other
+# rank with SIGTERM, which here terminates it (SIGUSR1 alone stays the preemption signal), as a node
+# failure would.
 KILLER = """
 import os, signal, sys
 import torch
 torch.set_num_threads(1)
 import megamath.training.checkpoint as ckpt
+import megamath.training.loop as loop
 config, point = sys.argv[1], int(sys.argv[2])
+kill_rank = int(sys.argv[3]) if len(sys.argv) > 3 else int(os.environ.get("RANK", 0))
+loop.PREEMPTION_SIGNALS = (signal.SIGUSR1,)
 events = {"n": 0}
 
 def at_event(original):
@@ -35,7 +41,8 @@ def at_event(original):
         return result
     return wrapped
 
-ckpt._fsync, ckpt._write_text_atomically = at_event(ckpt._fsync), at_event(ckpt._write_text_atomically)
+if int(os.environ.get("RANK", 0)) == kill_rank:
+    ckpt._fsync, ckpt._write_text_atomically = at_event(ckpt._fsync), at_event(ckpt._write_text_atomically)
 from megamath.cli import main
 sys.exit(main(["train", "--config", config]))
 """
@@ -66,35 +73,6 @@ def test_kill_at_random_points_of_a_save_always_resumes_exactly(tmp_path, one_th
     assert leftovers == []  # temporary folders of the killed attempts were removed under the lock
 
 
-# The same under torchrun with two DP ranks: rank KILL_RANK SIGKILLs itself at its I/O event `point`; torchrun
-# then ends the other rank with SIGTERM, which here terminates it (SIGUSR1 alone stays the preemption
-# signal), as a node failure would. KILL_RANK -1 trains undisturbed.
-KILL_ONE_RANK = """
-import os, signal, sys
-import torch
-torch.set_num_threads(1)
-import megamath.training.checkpoint as ckpt
-import megamath.training.loop as loop
-config, kill_rank, point = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-loop.PREEMPTION_SIGNALS = (signal.SIGUSR1,)
-events = {"n": 0}
-
-def at_event(original):
-    def wrapped(*args):
-        for phase in (0, 1):
-            if events["n"] == point:
-                os.kill(os.getpid(), signal.SIGKILL)
-            events["n"] += 1
-            if phase == 0:
-                result = original(*args)
-        return result
-    return wrapped
-
-if int(os.environ["RANK"]) == kill_rank:
-    ckpt._fsync, ckpt._write_text_atomically = at_event(ckpt._fsync), at_event(ckpt._write_text_atomically)
-from megamath.cli import main
-sys.exit(main(["train", "--config", config]))
-"""
 # I/O events per save (each with a point just before and just after): rank 0 writes the model, its optimizer
 # shard and RNG state, metadata.json, fsyncs two folders and moves `latest` (7 events); rank 1 its optimizer
 # shard and RNG state (2). Kills land in an attempt's second save, so a complete checkpoint exists before.
@@ -103,7 +81,7 @@ SECOND_SAVE_POINTS = {0: range(14, 28), 1: range(4, 8)}
 
 def torchrun(script: Path, config: Path, kill_rank: int, point: int) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script), str(config), str(kill_rank), str(point)],
+                           str(script), str(config), str(point), str(kill_rank)],
                           capture_output=True, text=True, timeout=300)
 
 
@@ -113,8 +91,8 @@ def test_one_rank_of_two_killed_mid_save_resumes_exactly(tmp_path):
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
     straight = {**raw, "run_dir": str(tmp_path / "straight")}
     (tmp_path / "straight.yaml").write_text(yaml.safe_dump(straight))
-    script = tmp_path / "kill_one_rank.py"
-    script.write_text(KILL_ONE_RANK)
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER)
     rng = random.Random(11)
     for rank in (1, 0):
         point = rng.choice(SECOND_SAVE_POINTS[rank])
