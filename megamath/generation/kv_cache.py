@@ -40,8 +40,11 @@ class LayerCache:
         self.v: torch.Tensor | None = None
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: float,
-               kv_expand: list[int] | None) -> torch.Tensor:
-        """q (B, S, Hq, D), k/v (B, S, Hkv, D) of the new slots -> attention output (B, S, Hq, D)."""
+               kv_index: torch.Tensor | None) -> torch.Tensor:
+        """q (B, S, Hq, D), k/v (B, S, Hkv, D) of the new slots -> attention output (B, S, Hq, D).
+
+        `kv_index`: the KV head each local query head reads, when a TP rank's query heads read KV heads
+        unevenly (llama.Attention builds it once per device); None otherwise."""
         cache = self.parent
         b, s, hq, d = q.shape
         start, end = cache.length, cache.length + s
@@ -54,9 +57,8 @@ class LayerCache:
             self.k, self.v = k.new_zeros(shape), v.new_zeros(shape)
         self.k[:, start:end], self.v[:, start:end] = k, v
         keys, values = self.k[:, :end], self.v[:, :end]  # (B, T, Hkv, D)
-        if kv_expand is not None:  # TP rank whose query heads read KV heads unevenly (see llama.Attention)
-            index = torch.tensor(kv_expand, device=k.device)
-            keys, values = keys.index_select(2, index), values.index_select(2, index)
+        if kv_index is not None:  # TP rank whose query heads read KV heads unevenly (see llama.Attention)
+            keys, values = keys.index_select(2, kv_index), values.index_select(2, kv_index)
         q, keys, values = q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2)  # (B, H, S|T, D)
         mask = cache.mask(start, end)[:, None]  # (B, 1, S, T)
         try:  # query head j reads KV head j // (Hq / Hkv) without copying K/V per query head

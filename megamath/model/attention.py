@@ -10,6 +10,7 @@ is the one the tests check against.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import statistics
 from dataclasses import dataclass
 from typing import Callable
@@ -33,6 +34,7 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
     return out.transpose(1, 2)  # (B, S, Hq, D)
 
 
+@functools.lru_cache(maxsize=None)
 def with_attention(ops: Ops, attention: str) -> Ops:
     """`ops` with its attention replaced by SDPA when `attention` is "sdpa" ("auto" not yet settled: ours)."""
     if attention not in ATTENTION_CHOICES:

@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 
 from megamath.model.config import ModelConfig
-from megamath.model.partition import parameter_shapes
+from megamath.model.partition import check_names_and_shapes, parameter_shapes
 from megamath.model.safetensors_io import some_names
 
 # Old HF checkpoints stored RoPE's inverse frequencies; they are recomputed from θ, never loaded.
@@ -78,13 +78,4 @@ def model_config_to_hf_config(config: ModelConfig, dtype: torch.dtype) -> dict:
 
 def check_tensors(found: dict[str, tuple[int, ...]], config: ModelConfig, describe: Callable[[str], str]) -> None:
     """Names and shapes must be exactly the model's; errors name the offending tensors (in file naming)."""
-    expected = parameter_shapes(config)
-    missing = [describe(n) for n in expected if n not in found]
-    if missing:
-        raise ValueError(f"checkpoint is missing tensors: {some_names(missing)}")
-    unknown = sorted(describe(n) for n in found if n not in expected)
-    if unknown:
-        raise ValueError(f"checkpoint has unknown tensors: {some_names(unknown)}")
-    wrong = [f"{describe(n)} {found[n]} (expected {expected[n]})" for n in expected if found[n] != expected[n]]
-    if wrong:
-        raise ValueError(f"checkpoint tensors have wrong shapes: {some_names(wrong)}")
+    check_names_and_shapes(found, parameter_shapes(config), "checkpoint", describe, some_names)

@@ -107,6 +107,14 @@ class Attention(nn.Module):
         if q_local % n_kv or local != [i // (q_local // n_kv) for i in range(q_local)]:
             self.kv_expand = local
 
+    def local_heads(self) -> tuple[int, int]:
+        """(query heads, KV heads) that this rank's attention kernel sees."""
+        hq = self.q_proj.weight.shape[0] // self.head_dim
+        if self.kv_expand is not None:
+            return hq, hq  # k and v are expanded to one head per local query head
+        rows = self.kv_rows if self.kv_replicated else slice(0, self.k_proj.weight.shape[0])
+        return hq, (rows.stop - rows.start) // self.head_dim
+
     def _kv_index(self, device: torch.device) -> torch.Tensor:
         """kv_expand as an index tensor on `device`, built once per device: a host-to-device copy in every
         forward would cost a copy and a stream sync each time. Not a buffer: to_empty would leave it garbage."""
@@ -133,7 +141,8 @@ class Attention(nn.Module):
         k = k.view(b, s, -1, self.head_dim)  # (B, S, Hkv/p, D)
         v = v.view(b, s, -1, self.head_dim)  # (B, S, Hkv/p, D)
         if cache is not None:  # decoding: per-row positions and past keys (megamath.generation.kv_cache)
-            o = cache.attend(q, k, v, self.rope_theta, self.kv_expand)  # (B, S, Hq/p, D)
+            kv_index = self._kv_index(k.device) if self.kv_expand is not None else None
+            o = cache.attend(q, k, v, self.rope_theta, kv_index)  # (B, S, Hq/p, D)
             return self.o_proj(o.reshape(b, s, -1))  # (B, S, h)
         q, k = ops.rope(q, k, self.rope_theta, position_offset)  # (B, S, Hq/p, D), (B, S, Hkv/p, D)
         if self.kv_expand is not None:

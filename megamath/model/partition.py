@@ -104,6 +104,22 @@ def is_norm_weight(name: str) -> bool:
     return name == "norm.weight" or name.endswith("layernorm.weight")
 
 
+def check_names_and_shapes(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], what: str,
+                           describe=str, join=", ".join) -> None:
+    """`found` must hold exactly `expected`'s names with its shapes; errors say `what` and name the tensors
+    (`describe` maps a name to the one the user sees, e.g. Hugging Face's)."""
+    missing = [describe(n) for n in expected if n not in found]
+    if missing:
+        raise ValueError(f"{what} is missing tensors: {join(missing)}")
+    unknown = sorted(describe(n) for n in found if n not in expected)
+    if unknown:
+        raise ValueError(f"{what} has unknown tensors: {join(unknown)}")
+    wrong = [f"{describe(n)} {tuple(found[n])} (expected {shape})" for n, shape in expected.items()
+             if tuple(found[n]) != shape]
+    if wrong:
+        raise ValueError(f"{what} tensors have wrong shapes: {join(wrong)}")
+
+
 def local_shape(shape: tuple[int, ...], dim: int | None, tp_size: int) -> tuple[int, ...]:
     """A parameter's shape on one TP rank (dim already checked to divide)."""
     return shape if dim is None else shape[:dim] + (shape[dim] // tp_size,) + shape[dim + 1:]

@@ -11,9 +11,8 @@ from pathlib import Path
 import torch
 
 from megamath.model.hf_llama import IGNORED_HF_TENSORS, check_tensors, to_hf_name
-from megamath.model.partition import tp_partition_dim
 from megamath.model.safetensors_io import CONFIG_NAME, SafetensorsReader
-from megamath.parallel.layers import shard_tensor
+from megamath.model.tp_state_dict import tp_slice
 from megamath.parallel.state import ParallelState
 
 
@@ -37,6 +36,4 @@ def load_pretrained(model: torch.nn.Module, directory: str | Path, state: Parall
     with torch.no_grad():
         for name, param in model.named_parameters():
             full = reader.get(ours[name])
-            dim = tp_partition_dim(name, model.config, tp)
-            piece = full if tp == 1 or dim is None else shard_tensor(full, dim, tp, state.tp_rank, name)
-            param.copy_(piece)
+            param.copy_(full if tp == 1 else tp_slice(full, name, model.config, tp, state.tp_rank))

@@ -4,21 +4,18 @@ from __future__ import annotations
 import torch
 
 from megamath.model.config import ModelConfig
-from megamath.model.partition import check_tensor_parallel, local_shapes, tp_partition_dim
+from megamath.model.partition import check_names_and_shapes, check_tensor_parallel, local_shapes, tp_partition_dim
 from megamath.parallel.layers import merge_shards, shard_tensor
 
 
+def tp_slice(full: torch.Tensor, name: str, config: ModelConfig, tp_size: int, tp_rank: int) -> torch.Tensor:
+    """TP rank tp_rank's piece of parameter `name`'s serial tensor (a new tensor; replicated: a copy)."""
+    dim = tp_partition_dim(name, config, tp_size)
+    return full.clone() if dim is None else shard_tensor(full, dim, tp_size, tp_rank, name)
+
+
 def _check_names(tensors: dict, expected: dict, what: str) -> None:
-    missing = [n for n in expected if n not in tensors]
-    unknown = sorted(set(tensors) - set(expected))
-    if missing:
-        raise ValueError(f"{what} is missing tensors: {', '.join(missing)}")
-    if unknown:
-        raise ValueError(f"{what} has unknown tensors: {', '.join(unknown)}")
-    wrong = [f"{n} {tuple(tensors[n].shape)} (expected {shape})" for n, shape in expected.items()
-             if tuple(tensors[n].shape) != shape]
-    if wrong:
-        raise ValueError(f"{what} tensors have wrong shapes: {', '.join(wrong)}")
+    check_names_and_shapes({n: tuple(t.shape) for n, t in tensors.items()}, expected, what)
 
 
 def shard_state_dict(full: dict[str, torch.Tensor], config: ModelConfig, tp_size: int,
@@ -28,11 +25,7 @@ def shard_state_dict(full: dict[str, torch.Tensor], config: ModelConfig, tp_size
     if not 0 <= tp_rank < tp_size:
         raise ValueError(f"tp_rank {tp_rank} is out of range for tensor-parallel size {tp_size}")
     _check_names(full, local_shapes(config, 1), "serial state dict")
-    shards = {}
-    for name, tensor in full.items():
-        dim = tp_partition_dim(name, config, tp_size)
-        shards[name] = tensor.clone() if dim is None else shard_tensor(tensor, dim, tp_size, tp_rank, name)
-    return shards
+    return {name: tp_slice(tensor, name, config, tp_size, tp_rank) for name, tensor in full.items()}
 
 
 def merge_state_dicts(shards: list[dict[str, torch.Tensor]], config: ModelConfig) -> dict[str, torch.Tensor]:

@@ -149,11 +149,7 @@ def build_model(config: TrainConfig, state: ParallelState) -> Llama:
 
 def settle_attention(model: Llama, config: TrainConfig, state: ParallelState) -> str:
     """Resolve model.attention "auto" for this run's shape (timed on the GPU); every rank keeps one choice."""
-    attn = model.layers[0].self_attn
-    hq = config.model.num_heads // state.tp_size
-    hkv = hq if attn.kv_expand is not None else (
-        (attn.kv_rows.stop - attn.kv_rows.start) // attn.head_dim if attn.kv_replicated
-        else config.model.num_kv_heads // state.tp_size)
+    hq, hkv = model.layers[0].self_attn.local_heads()
     shape = (config.micro_batch_size, config.data.seq_length, hq, hkv, config.model.head_dim)
     ops = get_ops(config.model.kernels, state.device)
     choice = choose_attention(config.model.attention, ops, shape, param_dtype(config, state.device), state.device)

@@ -45,9 +45,9 @@ from safetensors.torch import save_file
 from megamath.atomic_io import fsync_path, write_text_atomically
 from megamath.model.config import ModelConfig
 from megamath.model.partition import check_tensor_parallel, local_shapes, parameter_shapes, tp_partition_dim
-from megamath.parallel.layers import shard_tensor
-from megamath.parallel.state import ParallelState
+from megamath.model.tp_state_dict import tp_slice
 from megamath.parallel.optimizer_config import GRAD_DTYPES
+from megamath.parallel.state import ParallelState
 from megamath.parallel.zero import ZeroOptimizer
 from megamath.parallel.zero_checkpoint import CHECKPOINT_FORMAT, STATE_KEYS, validate_shards
 from megamath.parallel.zero_layout import bucket_numel_for, read_flat, saved_layout, zero_layout
@@ -59,12 +59,6 @@ from megamath.training.checkpoint_integrity import file_digest, verify_files
 
 
 # ---- reading a checkpoint by parameter name ---------------------------------------------------------------
-
-def cut(full: torch.Tensor, name: str, config: ModelConfig, tp_size: int, tp_rank: int) -> torch.Tensor:
-    """TP rank tp_rank's piece of parameter `name`'s serial tensor (a new tensor; replicated: a copy)."""
-    dim = tp_partition_dim(name, config, tp_size)
-    return full.clone() if dim is None else shard_tensor(full, dim, tp_size, tp_rank, name)
-
 
 class TrainCheckpoint:
     """A complete training checkpoint's serial tensors, merged over its TP ranks on demand.
@@ -187,7 +181,7 @@ def optimizer_shards(source: TrainCheckpoint, names: list[str], tp_size: int, tp
             if lo >= hi:
                 continue
             for key, full in source.param_state(slot.name).items():
-                piece = cut(full, slot.name, config, tp_size, tp_rank).reshape(-1)  # (numel,)
+                piece = tp_slice(full, slot.name, config, tp_size, tp_rank).reshape(-1)  # (numel,)
                 tensors[key][s0 + lo - f0:s0 + hi - f0] = piece[lo - slot.offset:hi - slot.offset]
         yield {"format": CHECKPOINT_FORMAT, "step": source.step_count, "config": source.optimizer_config,
                "tp_size": tp_size, "tp_rank": tp_rank, "dp_size": dp_size, "dp_rank": dp_rank,
@@ -226,7 +220,7 @@ def _write_files(source: TrainCheckpoint, folder: Path, tp_size: int, dp_size: i
     """Every file of the new layout into `folder`, metadata.json last."""
     names = list(parameter_shapes(source.config))  # the model's own order
     for tp_rank in range(tp_size):
-        tensors = {n: cut(source.weight(n), n, source.config, tp_size, tp_rank).contiguous() for n in names}
+        tensors = {n: tp_slice(source.weight(n), n, source.config, tp_size, tp_rank).contiguous() for n in names}
         _save(lambda path: save_file(tensors, str(path)), folder / model_file(tp_rank))
         del tensors
         for dp_rank, shard in enumerate(optimizer_shards(source, names, tp_size, tp_rank, dp_size)):
@@ -300,6 +294,6 @@ def load_checkpoint_any_tp(path: str | Path, model: torch.nn.Module, optimizer: 
                          f"{_difference(parameter_shapes(source.config), parameter_shapes(model.config))}")
     config, tp, rank = model.config, state.tp_size, state.tp_rank
     optimizer.load_param_states(
-        lambda name: {k: cut(v, name, config, tp, rank) for k, v in source.param_state(name).items()},
+        lambda name: {k: tp_slice(v, name, config, tp, rank) for k, v in source.param_state(name).items()},
         source.step_count)
     return meta
