@@ -27,6 +27,7 @@ import triton.language as tl
 
 from ._interpreter import cast_rne as _cast
 from ._interpreter import interpreting
+from ._layout import empty_like_order
 
 _LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x · log2 e)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -342,7 +343,7 @@ def flash_attention_fwd(q, k, v, causal: bool, softmax_scale: float, blocks: Fla
     batch, seqlen, n_heads, head_dim = q.shape
     group = n_heads // k.shape[2]
     blocks = blocks or flash_attention_blocks(head_dim, dtype=q.dtype)
-    o = torch.empty((batch, seqlen, n_heads, head_dim), dtype=q.dtype, device=q.device)  # (B, S, H, D)
+    o = empty_like_order(q)  # (B, S, H, D), in q's batch/sequence memory order
     lse = torch.empty((batch, n_heads, seqlen), dtype=torch.float32, device=q.device)  # (B, H, S)
     grid = (triton.cdiv(seqlen, blocks.fwd_m), batch * n_heads)
     _fwd_kernel[grid](
@@ -370,9 +371,9 @@ def flash_attention_bwd(do, q, k, v, o, lse, causal: bool, softmax_scale: float,
     _bwd_preprocess_kernel[(triton.cdiv(seqlen, pre_m), batch * n_heads)](
         o, do, delta, *_bsh(o), *_bsh(do), seqlen, n_heads, BLOCK_M=pre_m, HEAD_DIM=head_dim,
     )
-    dq = torch.empty((batch, seqlen, n_heads, head_dim), dtype=q.dtype, device=q.device)  # (B, S, H, D)
-    dk = torch.empty((batch, seqlen, n_kv_heads, head_dim), dtype=k.dtype, device=q.device)  # (B, S, H_kv, D)
-    dv = torch.empty((batch, seqlen, n_kv_heads, head_dim), dtype=v.dtype, device=q.device)  # (B, S, H_kv, D)
+    dq = empty_like_order(q)  # (B, S, H, D), in q's batch/sequence memory order
+    dk = empty_like_order(k)  # (B, S, H_kv, D)
+    dv = empty_like_order(v)  # (B, S, H_kv, D)
     _bwd_dkdv_kernel[(triton.cdiv(seqlen, blocks.bwd_kv_n), batch * n_kv_heads)](
         q, k, v, do, lse, delta, dk, dv,
         *_bsh(q), *_bsh(k), *_bsh(v), *_bsh(do), *_bsh(dk), *_bsh(dv),

@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._layout import empty_like_order
+
 # 2*pi split in three parts (Cody-Waite): k * _TWO_PI_A and k * _TWO_PI_B are exact in fp32 for the
 # multiples k of 2*pi that angles reach (|k| < 2^12, i.e. angles up to ~25k rad), so the reduced angle
 # keeps ~1e-7 absolute accuracy.
@@ -132,8 +134,8 @@ def _rope_launch(q: torch.Tensor, k: torch.Tensor, theta: float, position_offset
     q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
     batch, seq, n_q_heads, head_dim = q.shape
     n_kv_heads = k.shape[2]
-    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # (B, S, Hq, D) contiguous
-    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)  # (B, S, Hk, D) contiguous
+    q_out = empty_like_order(q)  # (B, S, Hq, D), dense, batch or sequence major as q is
+    k_out = empty_like_order(k)  # (B, S, Hk, D), dense, batch or sequence major as k is
     if q.numel() == 0 and k.numel() == 0:
         return q_out, k_out
     half = head_dim // 2

@@ -105,6 +105,23 @@ def test_strided_views_of_a_fused_projection():
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+def test_sequence_major_views_keep_their_memory_order():
+    """(B, S, H, D) views of sequence-first (S, B, H, D) memory, as the model passes them under sequence
+    parallelism: the same values as dense inputs, and o, dq, dk, dv come back sequence-major too, so the
+    model's transpose back to (S, B, ·) is a view, not a copy."""
+    gen = torch.Generator().manual_seed(6)
+    qkv = torch.randn(21, 2, 8, 32, generator=gen).to(DEVICE, torch.bfloat16)  # (S, B, 4 + 2 + 2, D)
+    do = torch.randn(21, 2, 4, 32, generator=gen).to(DEVICE, torch.bfloat16).transpose(0, 1)  # (B, S, 4, D)
+    q, k, v = (t.transpose(0, 1) for t in (qkv[:, :, :4], qkv[:, :, 4:6], qkv[:, :, 6:]))  # (B, S, ·, D) views
+    out = _run(flash_attention, q, k, v, do)
+    dense = _run(flash_attention, q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous())
+    for got, want in zip(out, dense):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for t in out:  # o, dq, dk, dv
+        assert t.transpose(0, 1).is_contiguous(), t.stride()
+    assert dense[0].is_contiguous(), "batch-first inputs keep batch-first outputs"
+
+
 def test_default_scale_is_inverse_sqrt_head_dim():
     q, k, v, _ = _inputs(1, 9, 2, 2, 32, torch.float32, seed=2)
     torch.testing.assert_close(flash_attention(q, k, v, causal=False),

@@ -20,14 +20,14 @@ from megamath.parallel.mappings import (
 )
 
 P = 2
-B, S, H = 2, 4, 3  # (B, S, h); S/p = 2
+B, S, H = 2, 4, 3  # (B, S, h), and sequence first (S, B, h) for the sequence functions; S/p = 2
 # name: (function, shape of x on each rank, shape of the upstream gradient on each rank)
 CASES = {
     "copy_to_tp": (copy_to_tp, (B, S, H), (B, S, H)),
     "reduce_from_tp": (reduce_from_tp, (B, S, H), (B, S, H)),
-    "scatter_to_sequence": (scatter_to_sequence, (B, S, H), (B, S // P, H)),
-    "gather_from_sequence": (gather_from_sequence, (B, S // P, H), (B, S, H)),
-    "reduce_scatter_to_sequence": (reduce_scatter_to_sequence, (B, S, H), (B, S // P, H)),
+    "scatter_to_sequence": (scatter_to_sequence, (S, B, H), (S // P, B, H)),
+    "gather_from_sequence": (gather_from_sequence, (S // P, B, H), (S, B, H)),
+    "reduce_scatter_to_sequence": (reduce_scatter_to_sequence, (S, B, H), (S // P, B, H)),
     "gather_from_tp": (gather_from_tp, (B, S, H), (B, S, P * H)),
 }
 
@@ -55,7 +55,7 @@ def _worker(rank, world_size, out_dir):
             y.backward(g_of(rank, g_shape))
             results[mode, name] = (y.detach(), x.grad)
         try:  # S = 3 does not split over 2 ranks: both ranks raise before any collective
-            reduce_scatter_to_sequence(torch.zeros(B, 3, H), state.tp_group)
+            reduce_scatter_to_sequence(torch.zeros(3, B, H), state.tp_group)
         except ValueError as err:
             results[mode, "error"] = str(err)
     torch.save(results, out_dir / f"rank{rank}.pt")
@@ -90,11 +90,11 @@ def _expected(name: str, rank: int):
     if name == "reduce_from_tp":
         return sum(xs), gs[rank]
     if name == "scatter_to_sequence":
-        return xs[rank][:, chunk], torch.cat(gs, dim=1)
+        return xs[rank][chunk], torch.cat(gs, dim=0)
     if name == "gather_from_sequence":
-        return torch.cat(xs, dim=1), sum(gs)[:, chunk]
+        return torch.cat(xs, dim=0), sum(gs)[chunk]
     if name == "reduce_scatter_to_sequence":
-        return sum(xs)[:, chunk], torch.cat(gs, dim=1)
+        return sum(xs)[chunk], torch.cat(gs, dim=0)
     if name == "gather_from_tp":
         return torch.cat(xs, dim=-1), gs[rank][..., rank * H:(rank + 1) * H]
     raise AssertionError(name)
@@ -107,7 +107,7 @@ def _check(results, mode):
             y_expected, grad_expected = _expected(name, rank)
             assert torch.equal(y, y_expected), f"{mode} {name} forward on rank {rank}"
             assert torch.equal(grad, grad_expected), f"{mode} {name} backward on rank {rank}"
-        assert results[rank][mode, "error"] == ("sequence length 3 of a tensor of shape (2, 3, 3) is not divisible "
+        assert results[rank][mode, "error"] == ("sequence length 3 of a tensor of shape (3, 2, 3) is not divisible "
                                                 "by the tensor-parallel size 2")
 
 

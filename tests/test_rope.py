@@ -80,6 +80,21 @@ def test_strided_inputs_from_fused_qkv():
     assert torch.equal(q, q_before), "rope must not write into its inputs"
 
 
+def test_sequence_major_views_keep_their_memory_order():
+    """(B, S, H, D) views of sequence-first memory (the model's layout under sequence parallelism): the same
+    values as dense inputs, and the outputs and input gradients are sequence-major as well."""
+    g = torch.Generator().manual_seed(12)
+    qkv = torch.randn(7, 3, 4 + 2 * 2, 64, generator=g).to(DEVICE, torch.bfloat16)  # (S, B, Hq + 2 Hk, D)
+    q, k = qkv[:, :, :4].transpose(0, 1), qkv[:, :, 4:6].transpose(0, 1)  # (B, S, ·, D) views
+    dq_out, dk_out = (torch.randn(7, 3, h, 64, generator=g).to(DEVICE, torch.bfloat16).transpose(0, 1) for h in (4, 2))
+    got = _run(rope, q, k, dq_out, dk_out, 1e4, 3)
+    want = _run(rope, q.contiguous(), k.contiguous(), dq_out.contiguous(), dk_out.contiguous(), 1e4, 3)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    for t in got[:2]:  # q_out, k_out
+        assert t.transpose(0, 1).is_contiguous(), t.stride()
+
+
 def test_unused_k_output_gives_zero_grad():
     g = torch.Generator().manual_seed(5)
     q = torch.randn(1, 3, 2, 64, generator=g).to(DEVICE).requires_grad_(True)

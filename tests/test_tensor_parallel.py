@@ -118,7 +118,11 @@ def _layer_results(state):
     table, tokens = ints(10, 8), torch.randint(0, 10, (B, S), generator=g)  # (V, h), (B, S)
     out = {}
     for sp in (False, True):
+        # Under SP activations are sequence first, (S, B, ·), and a rank's chunk is a slice of dim 0.
         chunk = slice(rank * S // TP, (rank + 1) * S // TP) if sp else slice(None)
+
+        def lay(t):
+            return t.transpose(0, 1).contiguous() if sp else t
 
         def run(serial_fn, tp_layer, inp, weight_full, tp_input, gy, tp_gy):
             """Serial: y = serial_fn(inp, W), y.backward(gy); TP: the layer on this rank's pieces."""
@@ -133,15 +137,15 @@ def _layer_results(state):
             return dict(y_serial=y_s.detach(), dw_serial=serial_w.grad, dx_serial=inp_s.grad,
                         y_tp=y_t.detach(), dw_tp=tp_layer.weight.grad, dx_tp=tp_in.grad)
 
-        gy = ints(B, S, 12)
-        out["column", sp] = run(lambda i, wt: i @ wt.T, ColumnParallelLinear.from_full_weight(w, group, sp), x, w,
-                                lambda i: i[:, chunk].clone(), gy, gy[..., rank * 6:(rank + 1) * 6])
-        gy = ints(B, S, 8)
-        out["row", sp] = run(lambda i, wt: i @ wt.T, RowParallelLinear.from_full_weight(w_row, group, sp), x_row,
-                             w_row, lambda i: i[..., rank * 6:(rank + 1) * 6].clone(), gy, gy[:, chunk])
-        gy = ints(B, S, 8)
+        gy = lay(ints(B, S, 12))
+        out["column", sp] = run(lambda i, wt: i @ wt.T, ColumnParallelLinear.from_full_weight(w, group, sp), lay(x),
+                                w, lambda i: i[chunk].clone(), gy, gy[..., rank * 6:(rank + 1) * 6])
+        gy = lay(ints(B, S, 8))
+        out["row", sp] = run(lambda i, wt: i @ wt.T, RowParallelLinear.from_full_weight(w_row, group, sp),
+                             lay(x_row), w_row, lambda i: i[..., rank * 6:(rank + 1) * 6].clone(), gy, gy[chunk])
+        gy = lay(ints(B, S, 8))
         out["embedding", sp] = run(lambda i, wt: wt[i], VocabParallelEmbedding.from_full_weight(table, group, sp),
-                                   tokens, table, lambda i: i, gy, gy[:, chunk])
+                                   lay(tokens), table, lambda i: i, gy, gy[chunk])
     logits = torch.randn(B * S, 64, generator=g)  # (N, V)
     targets = torch.randint(0, 64, (B * S,), generator=g)
     targets[::3] = -100
@@ -194,18 +198,18 @@ def test_layers_match_serial(tp2, sp):
     """Rank r's output / gradients are exactly its slices of the serial ones (integer data: exact sums)."""
     for rank in range(TP):
         res = tp2[rank]["layers"]
-        chunk = slice(rank * S // TP, (rank + 1) * S // TP) if sp else slice(None)
+        chunk = slice(rank * S // TP, (rank + 1) * S // TP) if sp else slice(None)  # of dim 0: (S, B, ·) under SP
         cols = slice(rank * 6, (rank + 1) * 6)
         expected = {
             # column: output split by columns (full sequence); dX summed over ranks, then this rank's chunk
             "column": (col := res["column", sp])["y_serial"][..., cols],
-            "row": res["row", sp]["y_serial"][:, chunk],  # row: output summed over ranks
-            "embedding": res["embedding", sp]["y_serial"][:, chunk],
+            "row": res["row", sp]["y_serial"][chunk],  # row: output summed over ranks
+            "embedding": res["embedding", sp]["y_serial"][chunk],
         }
         for name, y in expected.items():
             assert torch.equal(res[name, sp]["y_tp"], y), f"{name} forward, rank {rank}"
         assert torch.equal(col["dw_tp"], col["dw_serial"][cols]), f"column dW rank {rank}"
-        assert torch.equal(col["dx_tp"], col["dx_serial"][:, chunk]), f"column dX rank {rank}"
+        assert torch.equal(col["dx_tp"], col["dx_serial"][chunk]), f"column dX rank {rank}"
         row = res["row", sp]
         assert torch.equal(row["dw_tp"], row["dw_serial"][:, cols]), f"row dW rank {rank}"
         assert torch.equal(row["dx_tp"], row["dx_serial"][..., cols]), f"row dX rank {rank}"

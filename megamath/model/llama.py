@@ -18,9 +18,13 @@ be divisible by p (no padding here). The LM head's logits stay split, (B, S, V/p
 loss is the vocabulary-parallel cross-entropy over them. megamath.model.tp_state_dict turns a serial
 state dict into rank r's and back, bit-exact.
 
-Sequence parallelism (on top of TP): the residual stream, the norms and the embedding's output hold a
-(B, S/p, h) chunk of the sequence; each attention / MLP all-gathers its input and reduce-scatters its
-output. The norm weights' gradients are then partial per rank: after the backward the training step
+Sequence parallelism (on top of TP): the residual stream is sequence first, (S, B, h) as in Megatron-LM,
+so that the sequence collectives move contiguous memory (megamath.parallel.mappings); the norms and the
+embedding's output hold an (S/p, B, h) chunk of the sequence; each attention / MLP all-gathers its input
+and reduce-scatters its output. Only attention looks at the layout: it sees q, k, v as (B, S, H, D)
+views of the (S, B, ·) projections (the kernels take strides and allocate in their inputs' order), and
+the model's inputs and outputs stay batch first: tokens and targets (B, S) are read transposed, the
+logits are returned as a (B, S, V/p) view. The norm weights' gradients are then partial per rank: after the backward the training step
 sums `model.sequence_parallel_parameters()`' gradients over TP
 (megamath.parallel.sequence_parallel.allreduce_sequence_parallel_grads; with the ZeRO optimizer the
 gradients live in its flat buffer).
@@ -51,6 +55,15 @@ from megamath.parallel.layers import (
     shard_tensor, tp_region_input,
 )
 from megamath.parallel.state import ParallelState
+
+
+def swap_batch_seq(t: torch.Tensor, swap: bool) -> torch.Tensor:
+    """Dims 0 and 1 swapped (a view) when `swap`, the stream being sequence first: (S, B, ...) <-> (B, S, ...).
+
+    Its own inverse, so it both reads batch-first tensors (tokens, targets) into the sequence-first stream
+    and shows sequence-first ones (q, k, v, logits) as the (B, S, ...) the kernels and callers expect.
+    """
+    return t.transpose(0, 1) if swap else t
 
 
 class RMSNorm(nn.Module):
@@ -129,27 +142,29 @@ class Attention(nn.Module):
         return proj(x, input_is_tp_region=True)
 
     def forward(self, x: torch.Tensor, ops: Ops, position_offset: int, cache=None) -> torch.Tensor:
+        """x (B, S, h) -> (B, S, h); under SP (S/p, B, h) -> (S/p, B, h), sequence first."""
         if self.kv_replicated:
-            x = tp_region_input(x, self.group, self.sequence_parallel)  # (B, S, h); from (B, S/p, h) under SP
+            x = tp_region_input(x, self.group, self.sequence_parallel)  # (B, S, h); from (S/p, B, h) under SP
             q, k, v = self.q_proj(x, input_is_tp_region=True), self._project_kv(self.k_proj, x), \
                 self._project_kv(self.v_proj, x)
         else:  # under SP: one all-gather, and the gathered (B, S, h) is not kept for the backward
             q, k, v = column_parallel_inputs(x, [self.q_proj, self.k_proj, self.v_proj], self.group,
                                              self.sequence_parallel, fuse=ops.backend == "triton")
-        b, s = q.shape[:2]
-        q = q.view(b, s, -1, self.head_dim)  # (B, S, Hq/p, D)
-        k = k.view(b, s, -1, self.head_dim)  # (B, S, Hkv/p, D)
-        v = v.view(b, s, -1, self.head_dim)  # (B, S, Hkv/p, D)
+        n0, n1 = q.shape[:2]  # (B, S), or (S, B) under SP
+        q = swap_batch_seq(q.view(n0, n1, -1, self.head_dim), self.sequence_parallel)  # (B, S, Hq/p, D)
+        k = swap_batch_seq(k.view(n0, n1, -1, self.head_dim), self.sequence_parallel)  # (B, S, Hkv/p, D)
+        v = swap_batch_seq(v.view(n0, n1, -1, self.head_dim), self.sequence_parallel)  # (B, S, Hkv/p, D)
         if cache is not None:  # decoding: per-row positions and past keys (megamath.generation.kv_cache)
             kv_index = self._kv_index(k.device) if self.kv_expand is not None else None
             o = cache.attend(q, k, v, self.rope_theta, kv_index)  # (B, S, Hq/p, D)
-            return self.o_proj(o.reshape(b, s, -1))  # (B, S, h)
+            return self.o_proj(o.reshape(n0, n1, -1))  # (B, S, h): no SP with a cache
         q, k = ops.rope(q, k, self.rope_theta, position_offset)  # (B, S, Hq/p, D), (B, S, Hkv/p, D)
         if self.kv_expand is not None:
             index = self._kv_index(k.device)
             k, v = k.index_select(2, index), v.index_select(2, index)  # (B, S, Hq/p, D)
         o = ops.flash_attention(q, k, v, causal=True)  # (B, S, Hq/p, D); scale 1/sqrt(D)
-        return self.o_proj(o.reshape(b, s, -1))  # (B, S, h), or (B, S/p, h) under SP
+        o = swap_batch_seq(o, self.sequence_parallel).reshape(n0, n1, -1)  # (B, S, Hq·D/p), or (S, B, ·) under SP
+        return self.o_proj(o)  # (B, S, h), or (S/p, B, h) under SP
 
 
 class MLP(nn.Module):
@@ -168,7 +183,7 @@ class MLP(nn.Module):
         gate, up = column_parallel_inputs(x, [self.gate_proj, self.up_proj], self.group, self.sequence_parallel,
                                           fuse=ops.backend == "triton")  # one matmul inside ZeRO's buffer
         a = ops.swiglu(gate, up)  # (B, S, ffn/p); the kernel reads fused halves in place
-        return self.down_proj(a)  # (B, S, h), or (B, S/p, h) under SP; a is (B, S, ffn/p)
+        return self.down_proj(a)  # (B, S, h), or (S/p, B, h) under SP; a is (B, S, ffn/p) / (S, B, ffn/p)
 
 
 class Block(nn.Module):
@@ -267,7 +282,8 @@ class Llama(nn.Module):
             raise ValueError(f"sequence parallelism needs the sequence length {s} to be divisible by the "
                              f"tensor-parallel size {self.parallel.tp_size}")
         ops = with_attention(get_ops(self.config.kernels, tokens.device), self.attention)
-        x = self.embed_tokens(tokens)  # (B, S, h), or (B, S/p, h) under SP
+        sequence_first = self.sequence_parallel
+        x = self.embed_tokens(swap_batch_seq(tokens, sequence_first))  # (B, S, h), or (S/p, B, h) under SP
         checkpointing = self.config.activation_checkpointing and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
             if cache is not None:
@@ -275,15 +291,16 @@ class Llama(nn.Module):
             elif checkpointing:
                 x = torch.utils.checkpoint.checkpoint(layer, x, ops, position_offset, use_reentrant=False)
             else:
-                x = layer(x, ops, position_offset)  # (B, S, h), or (B, S/p, h) under SP
+                x = layer(x, ops, position_offset)  # (B, S, h), or (S/p, B, h) under SP
         if cache is not None:
             x = x[:, -1:]  # (B, 1, h)
-        x = self.norm(x, ops)  # (B, S, h), or (B, S/p, h) under SP
-        logits = self.lm_head(x)  # (B, S, V/p)
+        x = self.norm(x, ops)  # (B, S, h), or (S/p, B, h) under SP
+        logits = self.lm_head(x)  # (B, S, V/p), or (S, B, V/p) under SP
         if targets is None:
-            return logits
+            return swap_batch_seq(logits, sequence_first)  # (B, S, V/p)
+        targets = swap_batch_seq(targets, sequence_first)  # in the logits' order
         loss = self._cross_entropy(ops, logits.view(b * s, -1), targets.reshape(b * s))  # ()
-        return logits, loss
+        return swap_batch_seq(logits, sequence_first), loss  # (B, S, V/p), a view under SP
 
     def _cross_entropy(self, ops: Ops, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean over targets != -100 of logits (N, V/p); vocabulary-parallel over the TP group when p > 1."""

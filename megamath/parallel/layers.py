@@ -4,15 +4,19 @@ torch stores a Linear's weight as (out, in), i.e. W = Aᵀ for Y = XA. With p ra
 
     ColumnParallelLinear    Y = XA,  A = [A_1 … A_p] split by output columns (W rows, dim 0);
                             Y_r = X A_r stays split: (B, S, out/p).
-                            input: copy_to_tp (B, S, in), or under SP gather_from_sequence (B, S/p, in) -> (B, S, in)
+                            input: copy_to_tp (B, S, in), or under SP gather_from_sequence (S/p, B, in) -> (S, B, in)
     RowParallelLinear       Y = XA,  A = [A_1; …; A_p] split by input rows (W columns, dim 1), X = [X_1 … X_p];
                             Y = Σ_r X_r A_r: each rank's (B, S, out) is a partial sum.
-                            output: reduce_from_tp (B, S, out), or under SP reduce_scatter_to_sequence (B, S/p, out)
+                            output: reduce_from_tp (B, S, out), or under SP reduce_scatter_to_sequence (S/p, B, out)
     VocabParallelEmbedding  E = [E_1; …; E_p] split by vocabulary rows; rank r looks up the ids it owns,
                             zeros the others, and the sum over ranks (reduce_from_tp, or reduce-scatter
                             under SP) is the serial lookup.
     TPReplicatedLinear      every rank holds the full weight (KV heads that do not split evenly); its
                             gradient is summed over the group in the backward so all copies stay equal.
+
+Shapes are written batch first; under SP the activations are sequence first, (S, B, ·), and sequence
+chunks (S/p, B, ·) (megamath.parallel.mappings says why). The layers themselves do not care: their
+matmuls act on the last dim, and the sequence collectives split dim 0.
 
 Each layer class states the dim it cuts (`partition_dim`). Nothing is written onto the weight tensors:
 which parameters of a model are split or sequence-parallel is a table by name (for Llama,
@@ -24,8 +28,8 @@ Embedding (no communication, no autograd node added).
 
 Several column-parallel layers that read the same input (q, k, v; gate, up) should enter the TP region
 once: `column_parallel_inputs(x, layers, group, sequence_parallel)`, which costs one all-gather (SP) or one
-backward all-reduce instead of one per layer. Under SP it also keeps only the rank's (B, S/p, h) chunk for
-the backward, not the gathered (B, S, h) (Megatron's re-gather in the backward: p times less activation
+backward all-reduce instead of one per layer. Under SP it also keeps only the rank's (S/p, B, h) chunk for
+the backward, not the gathered (S, B, h) (Megatron's re-gather in the backward: p times less activation
 memory for one more all-gather); a lone ColumnParallelLinear under SP (the LM head) does the same.
 """
 from __future__ import annotations
@@ -58,14 +62,14 @@ def merge_shards(shards: list[torch.Tensor], dim: int) -> torch.Tensor:
 
 
 def tp_region_input(x: torch.Tensor, group, sequence_parallel: bool) -> torch.Tensor:
-    """Enter a TP region: (B, S/p, h) sequence shards all-gathered under SP, else (B, S, h) copied."""
+    """Enter a TP region: (S/p, B, h) sequence shards all-gathered under SP, else (B, S, h) copied."""
     return gather_from_sequence(x, group) if sequence_parallel else copy_to_tp(x, group)
 
 
 class _GatherLinears(torch.autograd.Function):
     """Y_i = all_gather(X_local) W_iᵀ for several column-parallel weights, keeping only X_local for the backward.
 
-    Why: under SP the gathered input (B, S, h) is p times the rank's chunk (B, S/p, h); saved by the
+    Why: under SP the gathered input (S, B, h) is p times the rank's chunk (S/p, B, h); saved by the
     matmuls it would be the largest activation of a block. Megatron's trick: save the chunk and all-gather
     it again in the backward (one more all-gather of the same bytes per region). The backward follows
     autograd's own arithmetic for the unfused path (mm over the flattened tokens; the input gradients
@@ -78,12 +82,12 @@ class _GatherLinears(torch.autograd.Function):
     def forward(ctx, x_local, group, fuse, *weights):
         ctx.group = group
         ctx.order = adjacent_order(list(weights)) if fuse else None
-        x = all_gather(x_local, SEQUENCE_DIM, group)  # (B, S, in)
+        x = all_gather(x_local, SEQUENCE_DIM, group)  # (S, B, in): rank-major is sequence order, no copy
         ctx.save_for_backward(x_local, *weights)
         if ctx.order is None:
-            return tuple(F.linear(x, w) for w in weights)  # each (B, S, out_i/p)
+            return tuple(F.linear(x, w) for w in weights)  # each (S, B, out_i/p)
         ordered = [weights[i] for i in ctx.order]
-        y = F.linear(x, fused_view(ordered))  # (B, S, Σ out/p): one GEMM
+        y = F.linear(x, fused_view(ordered))  # (S, B, Σ out/p): one GEMM
         parts = y.split([w.shape[0] for w in ordered], dim=-1)
         out = [None] * len(weights)
         for i, part in zip(ctx.order, parts):
@@ -93,11 +97,11 @@ class _GatherLinears(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         x_local, *weights = ctx.saved_tensors
-        x_flat = all_gather(x_local, SEQUENCE_DIM, ctx.group).flatten(0, -2)  # (B·S, in), gathered again
+        x_flat = all_gather(x_local, SEQUENCE_DIM, ctx.group).flatten(0, -2)  # (S·B, in), gathered again
         if ctx.order is not None:
             ordered = [weights[i] for i in ctx.order]
-            g_flat = torch.cat([grads[i].reshape(-1, grads[i].shape[-1]) for i in ctx.order], dim=1)  # (B·S, Σ)
-            grad_x = g_flat.mm(fused_view(ordered)).view(*grads[0].shape[:-1], -1)  # (B, S, in)
+            g_flat = torch.cat([grads[i].reshape(-1, grads[i].shape[-1]) for i in ctx.order], dim=1)  # (S·B, Σ)
+            grad_x = g_flat.mm(fused_view(ordered)).view(*grads[0].shape[:-1], -1)  # (S, B, in)
             grad_fused = g_flat.t().mm(x_flat).split([w.shape[0] for w in ordered], dim=0)  # (out_i/p, in) each
             grad_weights = [None] * len(weights)
             for i, g in zip(ctx.order, grad_fused):
@@ -105,34 +109,35 @@ class _GatherLinears(torch.autograd.Function):
             return (reduce_scatter(grad_x, SEQUENCE_DIM, ctx.group), None, None, *grad_weights)
         grad_x, grad_weights = None, []
         for g, w in reversed(list(zip(grads, weights))):
-            g_flat = g.reshape(-1, g.shape[-1])  # (B·S, out_i/p)
-            gx = g_flat.mm(w)  # (B·S, in)
+            g_flat = g.reshape(-1, g.shape[-1])  # (S·B, out_i/p)
+            gx = g_flat.mm(w)  # (S·B, in)
             grad_x = gx if grad_x is None else grad_x + gx
             grad_weights.append(g_flat.t().mm(x_flat))  # (out_i/p, in)
-        grad_x = grad_x.view(*grads[0].shape[:-1], -1)  # (B, S, in)
+        grad_x = grad_x.view(*grads[0].shape[:-1], -1)  # (S, B, in)
         return (reduce_scatter(grad_x, SEQUENCE_DIM, ctx.group), None, None, *reversed(grad_weights))
 
 
 def column_parallel_inputs(x: torch.Tensor, layers: list, group, sequence_parallel: bool,
                            fuse: bool = False) -> list[torch.Tensor]:
-    """Several column-parallel layers applied to one input x (B, S, h), or (B, S/p, h) under SP.
+    """Several column-parallel layers applied to one input x (B, S, h), or (S/p, B, h) under SP.
 
     Under SP with p > 1 and only ColumnParallelLinear layers, one _GatherLinears: a single all-gather and no
-    saved (B, S, h) copy. Otherwise tp_region_input once, then the layers' matmuls (which save the shared
+    saved (S, B, h) copy. Otherwise tp_region_input once, then the layers' matmuls (which save the shared
     input). With `fuse`, either way, one matmul for all of them when their weights lie back to back in
     memory (fused_linear.py: ZeRO-1's flat buffer places them so).
     """
     column = all(type(m) is ColumnParallelLinear for m in layers)
     if sequence_parallel and group_size(group) > 1 and column:
         return list(_GatherLinears.apply(x, group, fuse, *[m.weight for m in layers]))
-    x_tp = tp_region_input(x, group, sequence_parallel)  # (B, S, h)
+    x_tp = tp_region_input(x, group, sequence_parallel)  # (B, S, h); (S, B, h) under SP
     if fuse and column:
         return linears(x_tp, [m.weight for m in layers])  # (B, S, out_i/p) each
     return [m(x_tp, input_is_tp_region=True) for m in layers]
 
 
 def tp_region_output(y_partial: torch.Tensor, group, sequence_parallel: bool) -> torch.Tensor:
-    """Leave a TP region: per-rank partial sums (B, S, h) reduce-scattered to (B, S/p, h) under SP, else all-reduced."""
+    """Leave a TP region: per-rank partial sums (B, S, h) all-reduced, or under SP (S, B, h) reduce-scattered
+    to (S/p, B, h)."""
     return reduce_scatter_to_sequence(y_partial, group) if sequence_parallel else reduce_from_tp(y_partial, group)
 
 
@@ -183,11 +188,11 @@ class ColumnParallelLinear(_TPLayer):
         self.weight = nn.Parameter(torch.empty(out_local, in_features))
 
     def forward(self, x: torch.Tensor, input_is_tp_region: bool = False) -> torch.Tensor:
-        """x (B, S, in), or (B, S/p, in) under SP -> (B, S, out/p). With input_is_tp_region, x is already
-        tp_region_input(...)'s (B, S, in)."""
+        """x (B, S, in) -> (B, S, out/p), or under SP (S/p, B, in) -> (S, B, out/p). With input_is_tp_region,
+        x is already tp_region_input(...)'s (B, S, in) / (S, B, in)."""
         if not input_is_tp_region:
             if self.sequence_parallel and self.tp_size > 1:  # the chunk, not the gathered input, is saved
-                return _GatherLinears.apply(x, self.group, False, self.weight)[0]  # (B, S, out/p)
+                return _GatherLinears.apply(x, self.group, False, self.weight)[0]  # (S, B, out/p)
             x = tp_region_input(x, self.group, self.sequence_parallel)  # (B, S, in)
         return F.linear(x, self.weight)  # (B, S, out/p)
 
@@ -208,7 +213,7 @@ class RowParallelLinear(_TPLayer):
         self.weight = nn.Parameter(torch.empty(out_features, in_local))
 
     def forward(self, x_local: torch.Tensor) -> torch.Tensor:
-        """x_local (B, S, in/p) -> (B, S, out), or (B, S/p, out) under SP."""
+        """x_local (B, S, in/p) -> (B, S, out), or under SP (S, B, in/p) -> (S/p, B, out)."""
         y_partial = F.linear(x_local, self.weight)  # (B, S, out): this rank's term of the sum
         return tp_region_output(y_partial, self.group, self.sequence_parallel)
 
@@ -236,7 +241,7 @@ class VocabParallelEmbedding(_TPLayer):
         return layer
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (B, S) ids in [0, V) -> (B, S, h), or (B, S/p, h) under SP."""
+        """tokens (B, S) ids in [0, V) -> (B, S, h); under SP tokens (S, B) -> (S/p, B, h)."""
         if self.tp_size == 1:
             return F.embedding(tokens, self.weight)  # (B, S, h)
         local_ids = tokens - self.vocab_start  # (B, S)

@@ -5,16 +5,20 @@ mappings). Layers call them by name, so a reader of a layer sees every collectiv
 function takes its process group explicitly; with group None (or a group of one rank) it is the identity
 and adds no autograd node, so the serial model runs exactly the plain ops.
 
-p = size of the TP group, r = this rank in it. Activations are batch first, (B, S, h). Sequence
-parallelism splits the sequence dimension S (dim 1) into p contiguous chunks: rank r holds positions
-[r·S/p, (r+1)·S/p), and S must be divisible by p.
+p = size of the TP group, r = this rank in it. Activations are batch first, (B, S, h), except under
+sequence parallelism, where the model keeps its residual stream sequence first, (S, B, h) (Megatron-LM's
+layout), and SP splits that leading S into p contiguous chunks: rank r holds positions [r·S/p, (r+1)·S/p),
+and S must be divisible by p. Why sequence first: a chunk of dim 0 is one contiguous block whatever B
+is, so the all-gather's rank-major output already is the gathered (S, B, h) and the reduce-scatter reads
+its input in place; batch first with B > 1, both would copy the whole (B, S, h) to and from rank-major
+order at every call (a layer's four forward collectives and six backward ones).
 
     function                      forward                                 backward
     copy_to_tp                    identity        (B, S, h)               all-reduce      (B, S, h)
     reduce_from_tp                all-reduce      (B, S, h)               identity        (B, S, h)
-    scatter_to_sequence           split dim 1     (B, S, h) -> (B, S/p, h)    all-gather  (B, S/p, h) -> (B, S, h)
-    gather_from_sequence          all-gather      (B, S/p, h) -> (B, S, h)    reduce-scatter (B, S, h) -> (B, S/p, h)
-    reduce_scatter_to_sequence    reduce-scatter  (B, S, h) -> (B, S/p, h)    all-gather  (B, S/p, h) -> (B, S, h)
+    scatter_to_sequence           split dim 0     (S, B, h) -> (S/p, B, h)    all-gather  (S/p, B, h) -> (S, B, h)
+    gather_from_sequence          all-gather      (S/p, B, h) -> (S, B, h)    reduce-scatter (S, B, h) -> (S/p, B, h)
+    reduce_scatter_to_sequence    reduce-scatter  (S, B, h) -> (S/p, B, h)    all-gather  (S/p, B, h) -> (S, B, h)
     gather_from_tp                all-gather last (..., n/p) -> (..., n)      split last  (..., n) -> (..., n/p)
 
 Why these pairs: when every rank reads the same input (copy_to_tp, gather_from_sequence), each rank's
@@ -43,8 +47,8 @@ import os
 import torch
 import torch.distributed as dist
 
-SEQUENCE_DIM = 1
-"""The sequence dimension of (B, S, h) activations, the one sequence parallelism splits."""
+SEQUENCE_DIM = 0
+"""The dimension sequence parallelism splits: S of the sequence-first (S, B, h) activations."""
 NATIVE_BACKENDS = ("nccl",)
 """Backends whose reduce-scatter / all-gather into one tensor are used directly (unless overridden)."""
 COLLECTIVES_ENV = "MEGAMATH_COLLECTIVES"
@@ -253,18 +257,18 @@ def reduce_from_tp(x: torch.Tensor, group) -> torch.Tensor:
 
 
 def scatter_to_sequence(x: torch.Tensor, group) -> torch.Tensor:
-    """Keep this rank's sequence chunk (B, S, h) -> (B, S/p, h); all-gather backward."""
+    """Keep this rank's sequence chunk (S, B, h) -> (S/p, B, h); all-gather backward."""
     return x if group_size(group) == 1 else _ScatterToSequence.apply(x, group)
 
 
 def gather_from_sequence(x: torch.Tensor, group) -> torch.Tensor:
-    """All-gather the sequence chunks (B, S/p, h) -> (B, S, h); reduce-scatter backward (the consumer's
+    """All-gather the sequence chunks (S/p, B, h) -> (S, B, h); reduce-scatter backward (the consumer's
     gradient is a per-rank partial sum)."""
     return x if group_size(group) == 1 else _GatherFromSequence.apply(x, group)
 
 
 def reduce_scatter_to_sequence(x: torch.Tensor, group) -> torch.Tensor:
-    """Sum per-rank partials and keep this rank's sequence chunk (B, S, h) -> (B, S/p, h); all-gather backward."""
+    """Sum per-rank partials and keep this rank's sequence chunk (S, B, h) -> (S/p, B, h); all-gather backward."""
     return x if group_size(group) == 1 else _ReduceScatterToSequence.apply(x, group)
 
 
