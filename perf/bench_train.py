@@ -18,7 +18,12 @@ Model FLOPs per token, for every system alike (ModelConfig.flops_per_token, Mega
 6·(L·(2h·h_q + 2h·h_kv + 3h·ffn) + V·h) + 6·L·S·h_q, i.e. causal attention counted at half of the full
 S² (= 6·(L·(4h² + 3h·ffn) + V·h) + 6·L·S·h for multi-head attention, the anchors' formula). MFU = model
 TFLOP/s / the GPU's dense bf16 peak (megamath.training.metrics.PEAK_TFLOPS; --peak-tflops overrides).
-`vs ours` = the system's step time / megamath's (above 1: megamath is faster).
+`vs ours` = the system's step time / megamath's (above 1: megamath is faster). `peak GiB` is the most
+the system held allocated during its timed steps, less what was allocated before it was built. `plan GiB` is what
+`megamath plan`'s memory model (megamath.planning.memory) predicts megamath's step allocates at its peak,
+for this very shape (TP 1, DP 1, the optimizer's gradient dtype and buckets), less the allocator headroom
+and runtime reserve that torch.cuda.max_memory_allocated does not see; on a GPU the run fails when it is
+more than 10 % away from the measured peak.
 
 Without CUDA it runs a tiny smoke case on CPU (fp32, 2 layers, S 32) so the test suite can check that
 the script works; its numbers are labelled as not a measurement and nothing is written unless --out.
@@ -42,6 +47,7 @@ from megamath.model.config import ModelConfig
 from megamath.model.llama import Llama
 from megamath.model.ops import get_ops
 from megamath.parallel.optimizer_config import OptimizerConfig
+from megamath.planning.memory import RunShape, memory_items
 from megamath.parallel.state import ParallelState
 from megamath.parallel.zero import ZeroOptimizer
 from megamath.training.loop import train_step
@@ -49,6 +55,8 @@ from megamath.training.metrics import peak_tflops
 
 REPO = Path(__file__).resolve().parents[1]
 LR = 1e-4
+BUCKET_MB = 0.0  # ZeroOptimizer's default: one bucket (dp 1 has nothing to overlap)
+PLAN_TOLERANCE = 0.10
 
 
 def model_config(args, gpu: bool) -> ModelConfig:
@@ -76,9 +84,35 @@ def megamath_step(config: ModelConfig, device: torch.device, dtype: torch.dtype,
     ops = get_ops(config.kernels, device)
     model.attention = choose_attention(config.attention, ops, (b, s, config.num_heads, config.num_kv_heads,
                                                                 config.head_dim), dtype, device).attention
-    optimizer = ZeroOptimizer(model, state, OptimizerConfig(lr=LR), split_names=model.split_parameter_names())
+    optimizer = ZeroOptimizer(model, state, OptimizerConfig(lr=LR), split_names=model.split_parameter_names(),
+                              bucket_mb=BUCKET_MB)
     batch = [(tokens[:, :-1], tokens[:, 1:])]
     return lambda: train_step(model, optimizer, batch, LR, state).loss
+
+
+def planned_peak_gib(config: ModelConfig, micro_batch: int, seq: int) -> float:
+    """The planner's peak allocation for megamath's step in this benchmark (GiB; bf16 weights as on a GPU)."""
+    shape = RunShape(tp=1, dp=1, micro_batch=micro_batch, grad_accum=1, seq_length=seq,
+                     activation_checkpointing=config.activation_checkpointing, sequence_parallel=False,
+                     grad_dtype=OptimizerConfig(lr=LR).grad_dtype, bucket_mb=BUCKET_MB,
+                     overlap_grad_reduce=False, overlap_param_gather=False)
+    items = memory_items(config, shape)
+    return (sum(items.values()) - items["allocator_headroom"] - items["runtime_reserve"]) / 2**30
+
+
+def plan_check(rows: list[dict]) -> tuple[list[str], bool]:
+    """Lines comparing the planner with megamath's measured peak, and whether each is within 10 %."""
+    lines, ok = [], True
+    for r in rows:
+        if "plan_gib" not in r or "peak_gib" not in r or r["peak_gib"] != r["peak_gib"]:  # NaN: no CUDA
+            continue
+        off = r["plan_gib"] / r["peak_gib"] - 1
+        within = abs(off) <= PLAN_TOLERANCE
+        ok &= within
+        lines.append(f"- planner, micro-batch {r['micro_batch']}: {r['plan_gib']:.2f} GiB predicted, "
+                     f"{r['peak_gib']:.2f} GiB measured ({100 * off:+.1f} %): "
+                     f"{'within' if within else 'FAILED, not within'} {100 * PLAN_TOLERANCE:.0f} %")
+    return lines, ok
 
 
 def hf_step(config: ModelConfig, device: torch.device, tokens: torch.Tensor, compiled: bool) -> Callable[[], float]:
@@ -108,8 +142,13 @@ def hf_step(config: ModelConfig, device: torch.device, tokens: torch.Tensor, com
     return step
 
 
-def measure(step: Callable[[], float], device: torch.device, warmup: int, steps: int) -> tuple[list[float], float]:
-    """Step times in seconds (device synchronized at each step's end) and peak memory in GiB."""
+def measure(build: Callable[[], Callable[[], float]], device: torch.device, warmup: int,
+            steps: int) -> tuple[list[float], float]:
+    """Step times in seconds (device synchronized at each step's end) and the peak memory the system itself
+    allocated, GiB: the peak over the timed steps less what was allocated before it was built (the shared
+    input tokens, anything an earlier system left behind)."""
+    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    step = build()
     for _ in range(warmup):
         step()
     sync(device)
@@ -121,7 +160,7 @@ def measure(step: Callable[[], float], device: torch.device, warmup: int, steps:
         step()
         sync(device)
         times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    peak = (torch.cuda.max_memory_allocated(device) - base) / 2**30 if device.type == "cuda" else float("nan")
     return times, peak
 
 
@@ -145,7 +184,7 @@ def run_case(config: ModelConfig, micro_batch: int, args, device: torch.device) 
     for name, build in systems.items():
         row = {"system": name, "micro_batch": micro_batch}
         try:
-            times, mem = measure(build(), device, args.warmup, args.steps)
+            times, mem = measure(build, device, args.warmup, args.steps)
         except ImportError as err:
             row["error"] = f"absent ({err})"
         except Exception as err:  # a peer that fails is reported as such, never dropped or faked
@@ -156,7 +195,11 @@ def run_case(config: ModelConfig, micro_batch: int, args, device: torch.device) 
             tflops = flops_per_token * tokens_per_s / 1e12
             row.update(step_ms=step_s * 1e3, tokens_per_s=tokens_per_s, tflops=tflops,
                        mfu=tflops / peak if peak else None, peak_gib=mem)
+            if name == "megamath":
+                row["plan_gib"] = planned_peak_gib(config, micro_batch, seq)
         rows.append(row)
+        if name == "hf-compiled":
+            torch._dynamo.reset()  # its compiled graphs would keep the model's weights alive
         gc.collect()
         if gpu:
             torch.cuda.empty_cache()
@@ -168,15 +211,17 @@ def run_case(config: ModelConfig, micro_batch: int, args, device: torch.device) 
 
 
 def table(rows: list[dict]) -> list[str]:
-    lines = ["| system | micro-batch | step ms | tokens/s | model TFLOP/s | MFU | peak GiB | vs ours |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| system | micro-batch | step ms | tokens/s | model TFLOP/s | MFU | peak GiB | plan GiB | vs ours |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['system']} | {r['micro_batch']} | {r['error']} | | | | | |")
+            lines.append(f"| {r['system']} | {r['micro_batch']} | {r['error']} | | | | | | |")
             continue
         mfu = f"{100 * r['mfu']:.1f} %" if r["mfu"] is not None else "n/a"
+        plan = f"{r['plan_gib']:.1f}" if "plan_gib" in r else ""
         lines.append(f"| {r['system']} | {r['micro_batch']} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | "
-                     f"{r['tflops']:.1f} | {mfu} | {r['peak_gib']:.1f} | {r.get('vs_ours', float('nan')):.2f} |")
+                     f"{r['tflops']:.1f} | {mfu} | {r['peak_gib']:.1f} | {plan} | "
+                     f"{r.get('vs_ours', float('nan')):.2f} |")
     return lines
 
 
@@ -209,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for micro_batch in args.micro_batch or ([1, 2] if gpu else [2]):
         rows += run_case(config, micro_batch, args, device)
-    text = "\n".join(header + table(rows)) + "\n"
+    checks, plan_ok = plan_check(rows)
+    text = "\n".join(header + table(rows) + ([""] + checks if checks else [])) + "\n"
     print(text)
     out = args.out or (REPO / "perf" / "results" if gpu else None)
     if out is not None:
@@ -217,6 +263,10 @@ def main(argv: list[str] | None = None) -> int:
         path = out / f"train-{datetime.date.today()}.md"
         path.write_text(text)
         print(f"written to {path}")
+    if not plan_ok:
+        print(f"the planner's memory model is more than {100 * PLAN_TOLERANCE:.0f} % off the measured peak",
+              file=sys.stderr)
+        return 1
     return 0
 
 

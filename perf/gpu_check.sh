@@ -77,7 +77,7 @@ timeout "${BENCH_TIMEOUT:-330}" $PY perf/bench_kernels.py --out "$DEST" ${BENCH_
 rc=$?; record $rc
 [ "$rc" -eq 124 ] && echo "benchmark stopped at BENCH_TIMEOUT"
 
-step "training-step benchmark (megamath vs Hugging Face eager and compiled)"
+step "training-step benchmark (megamath vs Hugging Face eager and compiled; the planner's memory within 10 %)"
 timeout "${TRAIN_BENCH_TIMEOUT:-300}" $PY perf/bench_train.py --out "$DEST" ${TRAIN_BENCH_ARGS:-}
 rc=$?; record $rc
 [ "$rc" -eq 124 ] && echo "training benchmark stopped at TRAIN_BENCH_TIMEOUT"
