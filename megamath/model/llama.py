@@ -24,8 +24,8 @@ embedding's output hold an (S/p, B, h) chunk of the sequence; each attention / M
 and reduce-scatters its output. Only attention looks at the layout: it sees q, k, v as (B, S, H, D)
 views of the (S, B, ·) projections (the kernels take strides and allocate in their inputs' order), and
 the model's inputs and outputs stay batch first: tokens and targets (B, S) are read transposed, the
-logits are returned as a (B, S, V/p) view. The norm weights' gradients are then partial per rank: after the backward the training step
-sums `model.sequence_parallel_parameters()`' gradients over TP
+logits are returned as a (B, S, V/p) view. The norm weights' gradients are then partial per rank:
+after the backward the training step sums `model.sequence_parallel_parameters()`' gradients over TP
 (megamath.parallel.sequence_parallel.allreduce_sequence_parallel_grads; with the ZeRO optimizer the
 gradients live in its flat buffer).
 
