@@ -13,7 +13,9 @@ Why a kernel: this is ZeRO-1's step on one rank's shard (fp32 master params, mom
 grads). Each element is read once and written once: 16 bytes read + 12 written per parameter (grads in
 fp32; 14 + 12 with bf16 grads) plus 2 for the bf16 copy, with no temporaries; torch's per-tensor
 AdamW makes several passes and allocates denominators the size of the shard. `grad_scale` may be a
-one-element device tensor so the clipping coefficient never travels to the host (no sync).
+one-element device tensor so the clipping coefficient never travels to the host (no sync); a NaN there
+means "skip": nothing is written, which lets the optimizer skip a step with a non-finite gradient norm
+without the host having looked at the norm first.
 """
 from __future__ import annotations
 
@@ -39,6 +41,8 @@ def _adamw_kernel(
     mask = offs < n
     if SCALE_FROM_PTR:
         scale = tl.load(scale_ptr).to(tl.float32)
+        scale_b = tl.zeros((BLOCK,), dtype=tl.float32) + scale  # (BLOCK,)
+        mask = mask & (scale_b == scale_b)  # a NaN scale skips the update: every load and store masked off
     else:
         scale = grad_scale
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * scale
@@ -102,7 +106,8 @@ def adamw_step(params: torch.Tensor, grads: torch.Tensor, exp_avg: torch.Tensor,
 
     grads: fp32, bf16 or fp16. step: 1-based count of this update (for bias correction). params_lowp:
     optional bf16 (or fp16) flat buffer that receives the updated params rounded to its dtype.
-    grad_scale: a float, or a one-element tensor on params' device (read by the kernel, no host sync).
+    grad_scale: a float, or a one-element tensor on params' device (read by the kernel, no host sync); a
+    NaN tensor leaves every buffer untouched (the step is skipped on the device).
     """
     _check(params, grads, exp_avg, exp_avg_sq, params_lowp, grad_scale, lr, beta1, beta2, eps,
            weight_decay, step)
@@ -131,7 +136,12 @@ def adamw_step(params: torch.Tensor, grads: torch.Tensor, exp_avg: torch.Tensor,
 def adamw_step_ref(params: torch.Tensor, grads: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *,
                    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int,
                    params_lowp: torch.Tensor | None = None, grad_scale: float | torch.Tensor = 1.0) -> None:
-    """Plain-torch AdamW step with adamw_step's signature, following torch.optim.AdamW's single-tensor path."""
+    """Plain-torch AdamW step with adamw_step's signature, following torch.optim.AdamW's single-tensor path.
+
+    A NaN tensor grad_scale skips the update, as in the kernel; the reference decides that on the host.
+    """
+    if isinstance(grad_scale, torch.Tensor) and torch.isnan(grad_scale).item():
+        return
     g = grads.float() * grad_scale
     params.mul_(1.0 - lr * weight_decay)
     exp_avg.lerp_(g, 1.0 - beta1)

@@ -6,6 +6,7 @@ must be importable (module level) and writes what the test checks into files und
 """
 from __future__ import annotations
 
+import faulthandler
 import os
 import socket
 import time
@@ -20,6 +21,7 @@ def free_port() -> int:
 
 
 def _entry(rank: int, world_size: int, port: int, fn, args) -> None:
+    faulthandler.enable()  # a crashing rank prints its Python stack, not only "terminated with signal"
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     os.environ.setdefault("TRITON_INTERPRET", "1")

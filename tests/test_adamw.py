@@ -72,6 +72,19 @@ def test_grad_scale(as_tensor):
     assert not torch.allclose(unscaled[1], got[1])
 
 
+@pytest.mark.parametrize("fn", [adamw_step, adamw_step_ref], ids=["kernel", "ref"])
+def test_nan_grad_scale_tensor_writes_nothing(fn):
+    """A NaN device scale is the optimizer's on-device skip: params, moments and the bf16 copy stay as they were."""
+    params0, grads = _state(1001, seed=8)
+    p, m, v = params0.clone(), torch.rand_like(params0), torch.rand_like(params0)
+    p_lowp = torch.zeros(p.numel(), dtype=torch.bfloat16, device=DEVICE)
+    before = [t.clone() for t in (p, m, v, p_lowp)]
+    fn(p, grads[0], m, v, weight_decay=0.1, step=3, params_lowp=p_lowp,
+       grad_scale=torch.tensor(float("nan"), device=DEVICE), **HP)
+    for name, a, b in zip(("params", "exp_avg", "exp_avg_sq", "params_lowp"), (p, m, v, p_lowp), before):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("n", [1, 1001, 4099])
 def test_params_lowp_is_exact_bf16_of_params(n):
     params0, grads = _state(n, seed=100 + n)

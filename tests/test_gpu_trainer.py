@@ -43,11 +43,10 @@ def test_bf16_kernels_match_the_reference_ops_within_the_bf16_error():
         assert (gk[name] - g32[name]).abs().max() <= bound, name
 
 
-def test_forward_and_backward_make_no_host_sync():
-    """The micro-batch loop of a step runs under sync-debug mode "error": any device-to-host sync fails.
-
-    The optimizer step still reads the gradient norm on the host once (the skip/clip decision); the loop
-    reads the loss once and synchronises once at the step's end for its timer.
+def test_a_training_step_makes_no_host_sync_until_its_one_read():
+    """The micro-batch loop and the whole optimizer step (DP reduction, norm, clip factor, the skip decision,
+    AdamW, the parameter all-gather) run under sync-debug mode "error": any device-to-host sync fails. The
+    step's figures are then read once (train_step reads them together with the loss).
     """
     torch.manual_seed(0)
     state = ParallelState.single("cuda")
@@ -61,6 +60,8 @@ def test_forward_and_backward_make_no_host_sync():
             for _ in range(2):
                 _, loss = model(tokens[:, :-1], tokens[:, 1:])
                 (loss / 2).backward()
+            stats = optimizer.launch_step(1e-4, finite=torch.isfinite(loss))
         finally:
             torch.cuda.set_sync_debug_mode("default")
-        optimizer.step(1e-4)
+        result = optimizer.finish_step(stats.tolist())
+        assert not result.skipped and result.grad_norm > 0

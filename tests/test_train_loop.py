@@ -150,13 +150,13 @@ def test_empty_data_path_fails_before_building_anything(tmp_path):
 
 def test_step_time_covers_the_optimizer(tmp_path, monkeypatch):
     """A deliberately slow optimizer step must show in step_time_s (the timer stops after it, synced)."""
-    slow_step = ZeroOptimizer.step
+    slow_step = ZeroOptimizer.launch_step
 
-    def step(self, lr, *args, **kwargs):
+    def launch_step(self, lr, *args, **kwargs):
         time.sleep(0.3)
         return slow_step(self, lr, *args, **kwargs)
 
-    monkeypatch.setattr(ZeroOptimizer, "step", step)
+    monkeypatch.setattr(ZeroOptimizer, "launch_step", launch_step)
     run(raw_config(tmp_path / "data", tmp_path / "run", train_steps=2, checkpoint__save_every=0))
     assert all(r["step_time_s"] >= 0.3 for r in metrics(tmp_path / "run"))
 

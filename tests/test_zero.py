@@ -199,7 +199,7 @@ def test_two_ranks_match_serial_adamw(two_ranks, bucket_mb, mode):
         got_norms = [r["grad_norm"] for r in saved["results"]]
         torch.testing.assert_close(torch.tensor(got_norms), torch.tensor(norms), rtol=1e-5, atol=0)
         coefs = [r["clip_coef"] for r in saved["results"]]
-        assert coefs == [clip_coefficient(n, CLIP) for n in got_norms]
+        assert coefs == [clip_coefficient(torch.tensor(n), CLIP).item() for n in got_norms]  # fp32, on the device
         assert any(c < 1.0 for c in coefs) and any(c == 1.0 for c in coefs), coefs  # both regimes were hit
         assert not any(r["skipped"] for r in saved["results"])
 
@@ -254,6 +254,30 @@ def test_single_process_matches_serial_adamw():
     results = zero_train(model, opt, STEPS, 0, 1)
     _assert_params_close(dict(model.named_parameters()), serial, "single")
     torch.testing.assert_close(torch.tensor([r.grad_norm for r in results]), torch.tensor(norms), rtol=1e-5, atol=0)
+
+
+def test_a_false_finite_flag_skips_on_the_device_and_leaves_the_next_step_exact():
+    """launch_step(finite=False) (the loop's non-finite loss) updates nothing, and finish_step takes the step
+    count back, so the next update equals that of a run which never saw the skipped step."""
+    def one_step(model, opt, finite):
+        opt.zero_grad()
+        x, y = batch(0)
+        model(x, y)[1].backward()
+        flag = None if finite is None else torch.tensor(finite)
+        return opt.finish_step(opt.launch_step(LRS[0], finite=flag).tolist())
+
+    model, plain = make_model(), make_model()
+    opt, plain_opt = ZeroOptimizer(model, ParallelState.single(), zero_config()), \
+        ZeroOptimizer(plain, ParallelState.single(), zero_config())
+    before = [t.clone() for t in (opt.master, opt.exp_avg, opt.exp_avg_sq, opt.flat_param)]
+    skipped = one_step(model, opt, False)
+    assert skipped.skipped and skipped.clip_coef == 0.0 and skipped.grad_norm > 0 and opt.step_count == 0
+    for a, b in zip(before, (opt.master, opt.exp_avg, opt.exp_avg_sq, opt.flat_param)):
+        assert torch.equal(a, b)
+    applied, want = one_step(model, opt, True), one_step(plain, plain_opt, None)
+    assert not applied.skipped and opt.step_count == 1
+    assert applied == want
+    assert torch.equal(opt.flat_param, plain_opt.flat_param) and torch.equal(opt.exp_avg_sq, plain_opt.exp_avg_sq)
 
 
 def test_clipping_off_matches_unclipped_adamw():

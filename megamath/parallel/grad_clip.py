@@ -14,8 +14,6 @@ weights would drift apart otherwise).
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from megamath.parallel.mappings import all_reduce_
@@ -39,10 +37,10 @@ def global_grad_norm(sumsq_split: torch.Tensor, sumsq_replicated: torch.Tensor, 
     return (split + replicated).sqrt()
 
 
-def clip_coefficient(grad_norm: float, max_norm: float) -> float:
-    """min(1, max_norm / (grad_norm + 1e-6)), torch.nn.utils.clip_grad_norm_'s rule; 1 when max_norm is 0 (off)."""
+def clip_coefficient(grad_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """min(1, max_norm / (grad_norm + 1e-6)) on grad_norm's device, in its dtype: torch.nn.utils.clip_grad_norm_'s
+    rule and arithmetic. 1 when max_norm is 0 (off). A non-finite norm gives a non-finite or meaningless
+    factor: the caller skips the step instead (ZeroOptimizer does, on the device)."""
     if max_norm <= 0.0:
-        return 1.0
-    if not math.isfinite(grad_norm):
-        raise ValueError(f"clip_coefficient: the gradient norm is {grad_norm}; skip the step instead of clipping")
-    return min(1.0, max_norm / (grad_norm + 1e-6))
+        return torch.ones_like(grad_norm)
+    return torch.clamp(max_norm / (grad_norm + 1e-6), max=1.0)

@@ -29,7 +29,11 @@ One step (`step(lr)`), in three phases:
      the rest and waits. Sequence-parallel weights are then summed over TP (`sum_sequence_parallel_grads`).
   2. `_update`: the global gradient norm over the DP pieces and TP splits (grad_clip.py); a non-finite
      norm on any rank skips the update on every rank; clipping joins grad_scale; AdamW on this rank's
-     ranges writes the new bf16 weights straight into its pieces of the parameter buffer.
+     ranges writes the new bf16 weights straight into its pieces of the parameter buffer. All of it on
+     the device: the clip factor, and the skip (a NaN grad_scale, which the AdamW kernel treats as "write
+     nothing"), so the host launches the whole step without waiting for the norm. `launch_step` returns
+     the step's figures as a device tensor; the caller reads them once, at the step's end, together with
+     its loss, and hands them to `finish_step` (`step` does both, for callers that read nothing else).
   3. `_all_gather_params`: each bucket's pieces all-gathered over DP, embedding's bucket first. With
      overlap_param_gather they run while the next forward starts: a forward pre-hook on each module
      waits only for its own parameters' buckets (`model.state_dict()` and the next step wait for all).
@@ -58,7 +62,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Collection
 
@@ -80,7 +83,7 @@ class StepResult:
     grad_norm: float
     """Global L2 norm of the DP-averaged gradient, before clipping (nan/inf when the step was skipped)."""
     skipped: bool
-    """True when the norm was not finite and nothing was updated."""
+    """True when the norm was not finite (or the caller's `finite` flag was false) and nothing was updated."""
     clip_coef: float
     """The factor the gradient was scaled by (1.0 without clipping; 0.0 when skipped)."""
 
@@ -377,11 +380,21 @@ class ZeroOptimizer:
 
     @torch.no_grad()
     def step(self, lr: float, timer=None) -> StepResult:
-        """One AdamW update at learning rate lr of the gradients accumulated since zero_grad().
+        """One AdamW update at learning rate lr of the gradients accumulated since zero_grad(); reads its
+        result on the host at the end (launch_step, then finish_step)."""
+        return self.finish_step(self.launch_step(lr, timer).tolist())
 
-        `timer` (a megamath.training.phases.PhaseTimer, optional) times grad_reduce / optimizer / param_gather;
-        with the overlaps on, grad_reduce is the wait for reductions the backward started, and param_gather
-        the launch of gathers the next forward waits for.
+    @torch.no_grad()
+    def launch_step(self, lr: float, timer=None, finite: torch.Tensor | None = None) -> torch.Tensor:
+        """The whole step, launched without a device-to-host sync: (grad_norm, applied 1/0, clip_coef), a (3,)
+        fp32 tensor on the device. Read it when the step has to end anyway and pass the values to
+        finish_step before the next step.
+
+        `finite` (optional, a bool device scalar, the same on every rank) must also hold for the update to
+        happen: the training loop passes `isfinite(loss)`. `timer` (a megamath.training.phases.PhaseTimer)
+        times grad_reduce / optimizer / param_gather; with the overlaps on, grad_reduce is the wait for
+        reductions the backward started, and param_gather the launch of gathers the next forward waits for.
+        A skipped update still all-gathers the (unchanged) parameters: the host does not know it was skipped.
         """
         phase = timer.phase if timer is not None else (lambda name: contextlib.nullcontext())
         with phase("param_gather"):
@@ -390,20 +403,26 @@ class ZeroOptimizer:
             self._check_views()
             self._reduce_scatter_grads()
         with phase("optimizer"):
-            result = self._update(lr)
-        if result.skipped:
-            return result
+            stats = self._update(lr, finite)
         with phase("param_gather"):
             self._all_gather_params()
-        return result
+        return stats
 
-    def _update(self, lr: float) -> StepResult:
-        """Phase 2: the norm, the skip decision, clipping, and AdamW on this rank's ranges."""
-        norm = float(self._grad_norm())  # a host sync: every rank must agree on skipping before updating
-        if not math.isfinite(norm):
-            return StepResult(norm, True, 0.0)
-        coef = clip_coefficient(norm, self.config.clip_grad)
-        self.step_count += 1
+    def finish_step(self, stats: list[float]) -> StepResult:
+        """The StepResult of launch_step's (grad_norm, applied, clip_coef), read on the host."""
+        grad_norm, applied, clip_coef = stats
+        if not applied:
+            self.step_count -= 1  # counted at launch for the bias correction, but nothing was updated
+            return StepResult(grad_norm, True, 0.0)
+        return StepResult(grad_norm, False, clip_coef)
+
+    def _update(self, lr: float, finite: torch.Tensor | None) -> torch.Tensor:
+        """Phase 2: the norm, the skip decision, clipping, and AdamW on this rank's ranges, all on the device."""
+        norm = self._grad_norm()  # () fp32, the same on every rank
+        applied = torch.isfinite(norm) if finite is None else torch.isfinite(norm) & finite
+        coef = clip_coefficient(norm, self.config.clip_grad)  # () fp32
+        grad_scale = torch.where(applied, coef / self.dp_size, torch.nan)  # NaN: the AdamW kernel writes nothing
+        self.step_count += 1  # taken back by finish_step if the update was skipped
         cfg, adamw = self.config, _adamw_fn(self.device)
         lowp = self.param_dtype in (torch.bfloat16, torch.float16)
         for r in self.ranges:
@@ -411,10 +430,10 @@ class ZeroOptimizer:
             adamw(self.master[part], self.flat_grad[r.flat], self.exp_avg[part], self.exp_avg_sq[part], lr=lr,
                   beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps, weight_decay=cfg.weight_decay if r.decay else 0.0,
                   step=self.step_count, params_lowp=self.flat_param[r.flat] if lowp else None,
-                  grad_scale=coef / self.dp_size)
+                  grad_scale=grad_scale)
         if not lowp:
             self._masters_to_params()  # padding stays 0: its grads are 0 and it is never decayed
-        return StepResult(norm, False, coef)
+        return torch.stack([norm, applied.float(), coef.float()])
 
     def _masters_to_params(self) -> None:
         for f0, f1, s0 in self.pieces:

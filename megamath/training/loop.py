@@ -4,9 +4,10 @@ Order of one step (every rank, in lockstep):
     1. the scheduled lr of update `step` (1-based);
     2. grad_accum_steps forward/backward passes of this rank's micro-batches, each loss divided by the
        accumulation count (grads accumulate in the ZeRO-1 optimizer's flat buffer);
-    3. the mean loss over micro-batches and DP ranks (a host sync); a non-finite loss skips the update;
-    4. optimizer.step(lr): DP reduction, global grad norm, clipping, AdamW on the shard (a non-finite norm
-       skips the update on every rank);
+    3. the mean loss over micro-batches and DP ranks, on the device;
+    4. optimizer.launch_step(lr): DP reduction, global grad norm, clipping, AdamW on the shard; a
+       non-finite loss or norm skips the update on every rank, decided on the device; then the step's
+       one device-to-host read (loss, norm, whether it was applied, clip factor);
     5. validation every eval_every steps; a checkpoint every save_every steps, at the end, and
        when SIGTERM/SIGUSR1 asked the job to stop (saved at the end of the step, then a clean exit 0);
     6. metrics, with the time of each phase of 1-5 (phases.py; on GPUs written a step later).
@@ -93,20 +94,24 @@ def train_step(model: Llama, optimizer: ZeroOptimizer, micro_batches: list[Micro
     with phase("grad_reduce"):  # the SP norm grads over TP and the loss over DP: small, but communication
         if model.sequence_parallel:  # norm-weight grads cover this rank's sequence chunk: sum them over TP
             allreduce_sequence_parallel_grads(model.sequence_parallel_parameters(), state, optimizer)
-        loss = mean_over_dp(loss_sum / len(micro_batches), state)  # a host sync
-    if not math.isfinite(loss):
-        return StepOutput(loss, math.nan, skipped=True)
-    result = optimizer.step(lr, timer)
-    return StepOutput(loss, result.grad_norm, result.skipped)
+        loss = mean_over_dp(loss_sum / len(micro_batches), state)  # () on the device
+        finite = torch.isfinite(loss)  # a non-finite loss skips the update on the device, like a non-finite norm
+    stats = optimizer.launch_step(lr, timer, finite=finite)
+    with phase("optimizer"):  # on a GPU the read waits for AdamW; its time is the optimizer's
+        loss_value, *figures = torch.cat([loss.view(1), stats]).tolist()  # the step's one device-to-host read
+        result = optimizer.finish_step(figures)
+    if not math.isfinite(loss_value):
+        return StepOutput(loss_value, math.nan, skipped=True)
+    return StepOutput(loss_value, result.grad_norm, result.skipped)
 
 
-def mean_over_dp(value: torch.Tensor, state: ParallelState) -> float:
-    """The mean of a scalar over the DP group (TP ranks of a DP rank hold the same loss)."""
+def mean_over_dp(value: torch.Tensor, state: ParallelState) -> torch.Tensor:
+    """The mean of a scalar over the DP group (TP ranks of a DP rank hold the same loss), on the device."""
     if state.dp_group is not None:
         value = value.clone()
         all_reduce_(value, state.dp_group)
         value /= state.dp_size
-    return float(value)
+    return value
 
 
 @torch.no_grad()
@@ -119,7 +124,7 @@ def evaluate(model: Llama, data: TrainData, state: ParallelState) -> dict[str, f
         total = torch.zeros((), dtype=torch.float32, device=state.device)
         for tokens, targets in batches:
             total += model(tokens, targets)[1].float()
-        losses[name] = mean_over_dp(total / len(batches), state)
+        losses[name] = float(mean_over_dp(total / len(batches), state))
     model.train()
     return losses
 
