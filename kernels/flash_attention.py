@@ -301,10 +301,34 @@ class FlashAttentionBlocks:
     bwd_stages: int
 
 
+def check_blocks(blocks: FlashAttentionBlocks) -> FlashAttentionBlocks:
+    """Refuse tiles the kernels' causal split cannot use (see the field docs); returns blocks."""
+    rules = [(blocks.fwd_m % blocks.fwd_n, "fwd_m must be a multiple of fwd_n"),
+             (blocks.bwd_kv_n % blocks.bwd_kv_m, "bwd_kv_m must divide bwd_kv_n"),
+             (blocks.bwd_q_m % blocks.bwd_q_n, "bwd_q_m must be a multiple of bwd_q_n")]
+    for broken, rule in rules:
+        if broken:
+            raise ValueError(f"flash attention tiles {blocks}: {rule}")
+    return blocks
+
+
+_TUNED: dict[tuple[int, torch.dtype], FlashAttentionBlocks] = {}
+"""Tiles measured fastest on this GPU (flash_attention_tuning), by (head_dim, dtype)."""
+
+
+def use_blocks(head_dim: int, dtype: torch.dtype, blocks: FlashAttentionBlocks | None) -> None:
+    """Make `blocks` the tiles of every later call at this head_dim and dtype (None: back to the defaults)."""
+    if blocks is None:
+        _TUNED.pop((head_dim, dtype), None)
+    else:
+        _TUNED[head_dim, dtype] = check_blocks(blocks)
+
+
 def flash_attention_blocks(head_dim: int, interpret: bool | None = None,
-                          dtype: torch.dtype = torch.bfloat16) -> FlashAttentionBlocks:
-    """H100 defaults, or 16-wide tiles under the CPU interpreter, which keep tests fast while still
-    crossing block boundaries at seq 17 and 129.
+                          dtype: torch.dtype = torch.bfloat16, tuned: bool = True) -> FlashAttentionBlocks:
+    """The tiles registered by use_blocks (a start-up measurement on this GPU) when `tuned`, else H100
+    defaults; or 16-wide tiles under the CPU interpreter, which keep tests fast while still crossing
+    block boundaries at seq 17 and 129.
 
     Measured on an H100 (triton 3.6, bf16, causal, B 2, S 4096, H 32, D 128): forward 0.64 ms (430
     TFLOP/s), backward 1.98 ms (350 TFLOP/s), against 0.51 / 1.52 ms for torch's SDPA flash backend.
@@ -316,6 +340,8 @@ def flash_attention_blocks(head_dim: int, interpret: bool | None = None,
     """
     if interpreting() if interpret is None else interpret:
         return FlashAttentionBlocks(16, 16, 4, 1, 16, 16, 16, 16, 4, 1)
+    if tuned and (head_dim, dtype) in _TUNED:
+        return _TUNED[head_dim, dtype]
     if dtype == torch.float32:
         return FlashAttentionBlocks(64, 64, 4, 1, 32, 64, 64, 32, 4, 1)
     return FlashAttentionBlocks(64, 64, 4, 3, 32, 64, 64, 32, 4, 4)

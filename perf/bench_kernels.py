@@ -244,9 +244,22 @@ def attention_cases(attn, ref, use_compile: bool, shrink: int, dev: str) -> list
         def bhsd(hq=hq, hk=hk):
             return randn(b, hq, s, d), randn(b, hk, s, d), randn(b, hk, s, d)
 
+        ours, label = (lambda q, k, v: attn(q, k, v, True)), "megamath (triton)"
+        if dev == "cuda":  # ours as a run uses it: tiles tuned on this GPU for this shape at start-up
+            from megamath.kernels.flash_attention import use_blocks
+            from megamath.kernels.flash_attention_tuning import tune_flash_attention
+
+            tiles = tune_flash_attention(b, s, hq, hk, d, torch.bfloat16, dev)
+            print(f"attention B={b} S={s} H={hq}/{hk}: {tiles.summary()}")
+
+            def ours(q, k, v, blocks=tiles.blocks):
+                use_blocks(d, q.dtype, blocks)  # this case's tiles (the other case tuned its own)
+                return attn(q, k, v, True)
+            label = "megamath (triton, tuned tiles)"
+
         out.append(Case("attention", f"B={b} S={s} H={hq}/{hk} D={d} causal", bshd, 3,
                         {"fwd": (flops, "FLOP"), "bwd": (2.5 * flops, "FLOP")}, [
-            Impl("megamath (triton)", lambda q, k, v: attn(q, k, v, True), ours=True),
+            Impl(label, ours, ours=True),
             Impl("sdpa-flash", sdpa(SDPBackend.FLASH_ATTENTION), make=bhsd),
             Impl("sdpa-cudnn", sdpa(SDPBackend.CUDNN_ATTENTION), make=bhsd),
             Impl("sdpa-efficient", sdpa(SDPBackend.EFFICIENT_ATTENTION), make=bhsd),

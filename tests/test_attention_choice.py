@@ -56,6 +56,7 @@ def test_auto_times_both_on_a_gpu():
     choice = choose_attention("auto", ops, (1, 256, 4, 2, 64), torch.bfloat16, torch.device("cuda"), repeats=3)
     assert set(choice.timings_ms) == {"megamath", "sdpa"} and choice.attention == min(choice.timings_ms,
                                                                                       key=choice.timings_ms.get)
+    assert "flash-attention tiles: forward" in choice.reason, choice.reason  # ours was tuned before the race
 
 
 def test_local_heads_are_what_the_attention_kernel_sees():

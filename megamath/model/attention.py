@@ -5,15 +5,15 @@
 `auto`. A run should never be slower because of our kernel, so `auto` is settled once at start-up by
 `choose_attention`: on CUDA it times the forward and backward of both for the run's own shape and keeps
 the faster (the timings are returned for the log); elsewhere it keeps `megamath`, whose CPU reference
-is the one the tests check against.
+is the one the tests check against. Whenever our Triton kernel may run on a GPU (`auto` or `megamath`),
+its tiles are first tuned for this GPU and shape (megamath.kernels.flash_attention_tuning), so that
+`auto` compares SDPA with our kernel at its best.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import statistics
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -52,20 +52,6 @@ class AttentionChoice:
     """One line for the run's log."""
 
 
-def _time_ms(fn: Callable[[], None], repeats: int) -> float:
-    """Median of CUDA-event timings of fn (after one warm-up call, which also compiles a Triton kernel)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def choose_attention(setting: str, ops: Ops, shape: tuple[int, int, int, int, int], dtype: torch.dtype,
                      device: torch.device, repeats: int = 10) -> AttentionChoice:
     """Settle `model.attention` for a run whose attention inputs are q (B, S, Hq, D) with Hkv KV heads.
@@ -74,11 +60,18 @@ def choose_attention(setting: str, ops: Ops, shape: tuple[int, int, int, int, in
     """
     if setting not in ATTENTION_CHOICES:
         raise ValueError(f"model.attention must be one of {', '.join(ATTENTION_CHOICES)}, got {setting!r}")
+    b, s, hq, hkv, d = shape
+    tiles = ""
+    if device.type == "cuda" and ops.backend == "triton" and setting != "sdpa":
+        from megamath.kernels.flash_attention_tuning import tune_flash_attention  # Triton only on this path
+
+        tiles = "; " + tune_flash_attention(b, s, hq, hkv, d, dtype, device).summary()
     if setting != "auto":
-        return AttentionChoice(setting, {}, f"attention: {setting} (set in the config)")
+        return AttentionChoice(setting, {}, f"attention: {setting} (set in the config){tiles}")
     if device.type != "cuda":
         return AttentionChoice("megamath", {}, "attention: megamath (auto: nothing to time off a GPU)")
-    b, s, hq, hkv, d = shape
+    from megamath.kernels.flash_attention_tuning import cuda_time_ms
+
     generator = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(b, s, h, d, device=device, dtype=dtype, generator=generator).requires_grad_(True)
                for h in (hq, hkv, hkv))
@@ -89,8 +82,8 @@ def choose_attention(setting: str, ops: Ops, shape: tuple[int, int, int, int, in
         def step(attend=attend):
             q.grad = k.grad = v.grad = None
             attend(q, k, v, causal=True).backward(grad)
-        timings[name] = _time_ms(step, repeats)
+        timings[name] = cuda_time_ms(step, repeats)
     best = min(timings, key=timings.get)
     detail = ", ".join(f"{name} {ms:.3f} ms" for name, ms in timings.items())
     return AttentionChoice(best, timings, f"attention: {best} (auto, forward + backward at B {b} S {s} heads "
-                                          f"{hq}/{hkv} D {d}: {detail})")
+                                          f"{hq}/{hkv} D {d}: {detail}){tiles}")

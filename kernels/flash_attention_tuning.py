@@ -1,0 +1,133 @@
+"""Flash-attention tiles chosen by measurement on the GPU at hand, once, for the run's own shape.
+
+Why: the fastest tiles depend on the GPU (an H100 has 227 KiB of shared memory per SM, an A100 164 KiB;
+their tensor cores and register files differ), on head_dim and dtype, and on the sequence length. One
+fixed set was measured on an H100 at D 128 to be 25-30 % slower than SDPA's flash backend, and a table
+per GPU would be guesses until someone measures every cell. So `tune_flash_attention` times a short list
+of candidates on the caller's shape: forward tiles and backward tiles separately (they are independent
+kernels), keeps the fastest of each, and registers the pair for that head_dim and dtype
+(flash_attention.use_blocks), so every later call uses it. A candidate that does not fit this GPU
+(shared memory, registers) fails to compile or launch and is skipped; one whose results differ from the
+default tiles' beyond bf16 rounding is rejected (a tile-specific bug must never become the fastest). The
+cost is one compile per candidate at start-up. fp32 attention (for checks, not speed) is not tuned.
+
+The candidates, (queries, keys, warps, stages) forward and (dK/dV queries, dK/dV keys, dQ queries, dQ keys,
+warps, stages) backward: the current default first, then FlashAttention-2's larger Hopper/Ampere tiles
+(128 queries, 8 warps), which need fewer programs and reload K/V less often but hold twice the fp32
+accumulators, and smaller ones that suit short sequences and fewer heads.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .flash_attention import check_blocks, flash_attention_blocks, flash_attention_bwd, flash_attention_fwd, use_blocks
+
+FORWARD_CANDIDATES = ((64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (128, 128, 8, 2))
+"""(fwd_m, fwd_n, fwd_warps, fwd_stages); the first is the default."""
+BACKWARD_CANDIDATES = ((32, 64, 64, 32, 4, 4), (64, 128, 128, 64, 8, 2), (32, 128, 128, 32, 8, 2),
+                       (64, 64, 64, 64, 4, 3))
+"""(bwd_kv_m, bwd_kv_n, bwd_q_m, bwd_q_n, bwd_warps, bwd_stages); the first is the default."""
+_FORWARD_FIELDS = ("fwd_m", "fwd_n", "fwd_warps", "fwd_stages")
+_BACKWARD_FIELDS = ("bwd_kv_m", "bwd_kv_n", "bwd_q_m", "bwd_q_n", "bwd_warps", "bwd_stages")
+
+
+@dataclass(frozen=True)
+class TunedBlocks:
+    blocks: object
+    """The FlashAttentionBlocks now registered for this head_dim and dtype."""
+    forward_ms: dict
+    """Candidate label -> median forward time in ms, or a string saying why it was skipped."""
+    backward_ms: dict
+    """The same for the backward (dK/dV and dQ kernels together)."""
+
+    def summary(self) -> str:
+        """One line for the run's log: the chosen tiles against the default ones."""
+        parts = []
+        for what, timings in (("forward", self.forward_ms), ("backward", self.backward_ms)):
+            timed = {label: ms for label, ms in timings.items() if isinstance(ms, float)}
+            if not timed:
+                parts.append(f"{what} untuned")
+                continue
+            best, default = min(timed, key=timed.get), next(iter(timings))
+            versus = f", default {default} {timed[default]:.3f} ms" if default in timed and best != default else ""
+            parts.append(f"{what} {best} {timed[best]:.3f} ms{versus}")
+        return "flash-attention tiles: " + "; ".join(parts)
+
+
+def _label(values: tuple) -> str:
+    *tiles, warps, stages = values
+    return "x".join(str(t) for t in tiles) + f" w{warps} s{stages}"
+
+
+def cuda_time_ms(fn: Callable[[], object], repeats: int) -> float:
+    """Median of CUDA-event timings of fn, after one untimed call (which compiles the kernels)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _close(got, want) -> bool:
+    """Equal up to a few bf16 roundings: tiles change the order of the fp32 sums, nothing else."""
+    return all(torch.allclose(g.float(), w.float(), rtol=2e-2, atol=2e-2) for g, w in zip(got, want))
+
+
+def _measure(run: Callable[[], tuple], reference: tuple, time_ms, repeats: int):
+    """Median ms of run, or why it was skipped."""
+    try:
+        if not _close(run(), reference):
+            return "rejected: results differ from the default tiles'"
+        return float(time_ms(run, repeats))
+    except Exception as err:  # out of shared memory or registers on this GPU, or a compile failure
+        return f"skipped: {type(err).__name__}"
+
+
+def tune_flash_attention(batch: int, seqlen: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                         device: torch.device | str, causal: bool = True, repeats: int = 5,
+                         time_ms: Callable[[Callable[[], object], int], float] = cuda_time_ms) -> TunedBlocks:
+    """Time every candidate on q (batch, seqlen, heads, head_dim), k and v with kv_heads, register the
+    fastest forward and backward tiles for (head_dim, dtype), and return them with every timing.
+
+    `time_ms(fn, repeats)` measures one candidate (CUDA events by default; tests pass their own).
+    """
+    default = flash_attention_blocks(head_dim, interpret=False, dtype=dtype, tuned=False)
+    if dtype == torch.float32:
+        use_blocks(head_dim, dtype, None)
+        return TunedBlocks(default, {}, {})
+    generator = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(batch, seqlen, h, head_dim, device=device, dtype=dtype, generator=generator)
+               for h in (heads, kv_heads, kv_heads))
+    do = torch.randn(batch, seqlen, heads, head_dim, device=device, dtype=dtype, generator=generator)
+    scale = 1.0 / math.sqrt(head_dim)
+    forward_ref = flash_attention_fwd(q, k, v, causal, scale, default)
+    o, lse = forward_ref
+    backward_ref = flash_attention_bwd(do, q, k, v, o, lse, causal, scale, default)
+
+    def candidate(fields, values):
+        return check_blocks(dataclasses.replace(default, **dict(zip(fields, values))))
+
+    forward_ms = {_label(c): _measure(lambda b=candidate(_FORWARD_FIELDS, c): flash_attention_fwd(
+        q, k, v, causal, scale, b), forward_ref, time_ms, repeats) for c in FORWARD_CANDIDATES}
+    backward_ms = {_label(c): _measure(lambda b=candidate(_BACKWARD_FIELDS, c): flash_attention_bwd(
+        do, q, k, v, o, lse, causal, scale, b), backward_ref, time_ms, repeats) for c in BACKWARD_CANDIDATES}
+
+    def fastest(timings, candidates):
+        timed = [(ms, c) for c, ms in zip(candidates, timings.values()) if isinstance(ms, float)]
+        return min(timed, key=lambda t: t[0])[1] if timed else candidates[0]
+
+    blocks = dataclasses.replace(default, **dict(zip(_FORWARD_FIELDS, fastest(forward_ms, FORWARD_CANDIDATES))),
+                                 **dict(zip(_BACKWARD_FIELDS, fastest(backward_ms, BACKWARD_CANDIDATES))))
+    use_blocks(head_dim, dtype, blocks)
+    return TunedBlocks(blocks, forward_ms, backward_ms)

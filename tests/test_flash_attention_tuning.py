@@ -1,0 +1,108 @@
+"""Tuned flash-attention tiles: every candidate computes the same attention, and the tuner keeps the fastest.
+
+The candidates run under Triton's CPU interpreter against flash_attention_ref (forward and backward, causal
+and not, a sequence that ends mid-tile), so no tile the tuner may pick on a GPU is untested. The tuner's
+choice is checked with a stand-in timer (on a GPU, CUDA events time the real kernels: test_attention_choice
+and perf/gpu_check.sh): it registers the fastest forward and backward tiles, skips a candidate that fails,
+and rejects one whose results differ from the default tiles'.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from megamath.kernels import flash_attention_tuning as tuning
+from megamath.kernels.flash_attention import (
+    FlashAttentionBlocks, check_blocks, flash_attention_blocks, flash_attention_bwd, flash_attention_fwd,
+    flash_attention_ref, use_blocks,
+)
+
+B, S, H, KV, D = 1, 150, 2, 1, 32  # 150: mid-tile for 32-, 64- and 128-wide tiles
+
+
+def _inputs(dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(3)
+    return [torch.randn(B, S, h, D, generator=g).to(dtype) for h in (H, KV, KV, H)]  # q, k, v, do
+
+
+def _reference(q, k, v, do, causal):
+    q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    o = flash_attention_ref(q, k, v, causal=causal)
+    o.backward(do)
+    return o.detach(), q.grad, k.grad, v.grad
+
+
+def _blocks(fields, values):
+    default = flash_attention_blocks(D, interpret=False, dtype=torch.bfloat16, tuned=False)
+    return check_blocks(dataclasses.replace(default, **dict(zip(fields, values))))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("stage,values", [("forward", c) for c in tuning.FORWARD_CANDIDATES[1:]]
+                         + [("backward", c) for c in tuning.BACKWARD_CANDIDATES[1:]])
+def test_every_candidate_matches_the_reference(stage, values, causal):
+    q, k, v, do = _inputs()
+    want = _reference(q, k, v, do, causal)
+    default = flash_attention_blocks(D, interpret=False, dtype=torch.bfloat16, tuned=False)
+    fields = tuning._FORWARD_FIELDS if stage == "forward" else tuning._BACKWARD_FIELDS
+    blocks = _blocks(fields, values)
+    scale = 1 / math.sqrt(D)
+    o, lse = flash_attention_fwd(q, k, v, causal, scale, blocks if stage == "forward" else default)
+    grads = flash_attention_bwd(do, q, k, v, o, lse, causal, scale, blocks if stage == "backward" else default)
+    for name, got, ref in zip(("o", "dq", "dk", "dv"), (o, *grads), want):
+        torch.testing.assert_close(got.float(), ref.float(), rtol=2e-2, atol=2e-2, msg=lambda m: f"{name}: {m}")
+
+
+def test_the_tuner_registers_the_fastest_tiles_and_skips_or_rejects_bad_ones(monkeypatch):
+    forward_times = iter([0.9, 0.5, 0.7])  # default, 128x64, 128x32 (128x128 fails)
+    backward_times = iter([2.0, 2.5, 1.5])  # default, 64x128x128x64, (32x128... rejected), 64x64x64x64
+    real_fwd, real_bwd = tuning.flash_attention_fwd, tuning.flash_attention_bwd
+
+    def fwd(q, k, v, causal, scale, blocks):
+        if blocks.fwd_n == 128:
+            raise RuntimeError("out of shared memory")  # what a tile that does not fit this GPU does
+        return real_fwd(q, k, v, causal, scale, blocks)
+
+    def bwd(do, q, k, v, o, lse, causal, scale, blocks):
+        dq, dk, dv = real_bwd(do, q, k, v, o, lse, causal, scale, blocks)
+        return (dq + 1, dk, dv) if (blocks.bwd_kv_m, blocks.bwd_kv_n) == (32, 128) else (dq, dk, dv)
+
+    def fake_time(fn, repeats):
+        backward = "flash_attention_bwd" in fn.__code__.co_names  # which kernel the candidate runs
+        return next(backward_times if backward else forward_times)
+
+    monkeypatch.setattr(tuning, "flash_attention_fwd", fwd)
+    monkeypatch.setattr(tuning, "flash_attention_bwd", bwd)
+    try:
+        tuned = tuning.tune_flash_attention(1, 40, 2, 1, D, torch.bfloat16, "cpu", time_ms=fake_time)
+        assert (tuned.blocks.fwd_m, tuned.blocks.fwd_n, tuned.blocks.fwd_warps) == (128, 64, 8)
+        assert (tuned.blocks.bwd_kv_m, tuned.blocks.bwd_kv_n, tuned.blocks.bwd_q_m, tuned.blocks.bwd_q_n) == (64, 64, 64, 64)
+        assert tuned.forward_ms["128x128 w8 s2"] == "skipped: RuntimeError"
+        assert tuned.backward_ms["32x128x128x32 w8 s2"].startswith("rejected")
+        assert flash_attention_blocks(D, interpret=False, dtype=torch.bfloat16) == tuned.blocks  # registered
+        assert flash_attention_blocks(D, interpret=True) != tuned.blocks  # the interpreter keeps its tiles
+        assert tuned.summary() == ("flash-attention tiles: forward 128x64 w8 s3 0.500 ms, default 64x64 w4 s3 "
+                                   "0.900 ms; backward 64x64x64x64 w4 s3 1.500 ms, default 32x64x64x32 w4 s4 2.000 ms")
+    finally:
+        use_blocks(D, torch.bfloat16, None)
+    assert flash_attention_blocks(D, interpret=False, dtype=torch.bfloat16) == \
+        flash_attention_blocks(D, interpret=False, dtype=torch.bfloat16, tuned=False)
+
+
+def test_fp32_is_not_tuned():
+    tuned = tuning.tune_flash_attention(1, 8, 2, 1, D, torch.float32, "cpu", time_ms=lambda fn, r: 1 / 0)
+    assert (tuned.forward_ms, tuned.backward_ms) == ({}, {})
+
+
+def test_tiles_the_causal_split_cannot_use_are_refused():
+    good = FlashAttentionBlocks(64, 64, 4, 3, 32, 64, 64, 32, 4, 4)
+    for field, value, rule in [("fwd_n", 48, "fwd_m must be a multiple of fwd_n"),
+                               ("bwd_kv_m", 48, "bwd_kv_m must divide bwd_kv_n"),
+                               ("bwd_q_n", 48, "bwd_q_m must be a multiple of bwd_q_n")]:
+        with pytest.raises(ValueError, match=rule):
+            use_blocks(D, torch.bfloat16, dataclasses.replace(good, **{field: value}))
+    assert flash_attention_blocks(D, interpret=False, tuned=True) == flash_attention_blocks(D, interpret=False,
+                                                                                           tuned=False)
