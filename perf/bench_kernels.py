@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib
-import math
 import os
 import sys
 from dataclasses import dataclass, field

@@ -52,3 +52,18 @@ def run_distributed(fn, world_size: int, *args, timeout_s: float = 300) -> None:
                 if process.is_alive():
                     process.kill()
             raise TimeoutError(f"{fn.__name__} on {world_size} processes did not finish in {timeout_s:.0f} s")
+
+
+def native_collectives_supported(group) -> bool:
+    """Whether this torch's gloo has the single-tensor all-gather and reduce-scatter that NCCL runs use
+    (called on every rank of `group` together: each probe is a collective)."""
+    import torch
+    import torch.distributed as dist
+
+    p = dist.get_world_size(group)
+    try:
+        dist.reduce_scatter_tensor(torch.empty(1), torch.zeros(p), group=group)
+        dist.all_gather_into_tensor(torch.empty(p), torch.zeros(1), group=group)
+        return True
+    except (RuntimeError, NotImplementedError, ValueError):
+        return False

@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from distributed import run_distributed
+from distributed import native_collectives_supported, run_distributed
 from megamath.parallel import mappings
 from megamath.parallel.mappings import (
     copy_to_tp, gather_from_sequence, gather_from_tp, reduce_from_tp, reduce_scatter_to_sequence, scatter_to_sequence,
@@ -44,7 +44,7 @@ def _worker(rank, world_size, out_dir):
     from megamath.parallel.state import ParallelState
 
     state = ParallelState.from_env(P)
-    results = {"native_supported": _native_supported(state.tp_group)}
+    results = {"native_supported": native_collectives_supported(state.tp_group)}
     for mode in ("portable", "native"):
         if mode == "native" and not results["native_supported"]:
             continue
@@ -59,17 +59,6 @@ def _worker(rank, world_size, out_dir):
         except ValueError as err:
             results[mode, "error"] = str(err)
     torch.save(results, out_dir / f"rank{rank}.pt")
-
-
-def _native_supported(group) -> bool:
-    import torch.distributed as dist
-
-    try:
-        dist.reduce_scatter_tensor(torch.empty(1), torch.zeros(P), group=group)
-        dist.all_gather_into_tensor(torch.empty(P), torch.zeros(1), group=group)
-        return True
-    except (RuntimeError, NotImplementedError, ValueError):
-        return False
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from distributed import run_distributed
+from distributed import native_collectives_supported, run_distributed
 from megamath.model.config import ModelConfig
 from megamath.model.llama import Llama
 from megamath.parallel import layers, mappings
@@ -68,20 +68,9 @@ def _backend(collective):
     return wrapped
 
 
-def _native_supported(group) -> bool:
-    import torch.distributed as dist
-
-    try:
-        dist.reduce_scatter_tensor(torch.empty(1), torch.zeros(P), group=group)
-        dist.all_gather_into_tensor(torch.empty(P), torch.zeros(1), group=group)
-        return True
-    except (RuntimeError, NotImplementedError, ValueError):
-        return False
-
-
 def _worker(rank, world_size, out_dir):
     state = ParallelState.from_env(P)
-    results = {"native": _native_supported(state.tp_group)}
+    results = {"native": native_collectives_supported(state.tp_group)}
     if results["native"]:
         os.environ[mappings.COLLECTIVES_ENV] = "native"  # this worker process only
         mappings.all_gather_into = _backend(mappings.all_gather_into)

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from distributed import run_distributed
+from distributed import native_collectives_supported, run_distributed
 from megamath.model.config import ModelConfig
 from megamath.model.llama import Llama
 from megamath.parallel import mappings
@@ -79,19 +79,9 @@ def zero_config(**overrides) -> OptimizerConfig:
 # ---- the multi-rank worker ---------------------------------------------------------------------------
 
 
-def _native_on_gloo(group) -> bool:
-    """Whether this torch's gloo has the single-tensor reduce-scatter that NCCL runs use."""
-    try:
-        out = torch.zeros(1)
-        mappings.reduce_scatter_into(out, torch.ones(dist.get_world_size(group)), group)
-        return True
-    except (RuntimeError, NotImplementedError, ValueError):
-        return False
-
-
 def _worker(rank, world_size, out_dir):
     state = ParallelState.from_env(1)
-    modes = ("portable", "native") if _native_on_gloo(state.dp_group) else ("portable",)
+    modes = ("portable", "native") if native_collectives_supported(state.dp_group) else ("portable",)
     for mode in modes:  # native: the in-place reduce-scatter / all-gather path of NCCL runs, here on gloo
         os.environ[mappings.COLLECTIVES_ENV] = mode  # this process only: the test's own worker
         for bucket_mb in (0.0, 0.004):  # one in-place collective; ~20 buckets of ~1,000 elements
