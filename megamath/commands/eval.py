@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from megamath.commands import leaves_process_group
 from megamath.commands.generate import add_generation_flags
 
 
@@ -32,16 +33,8 @@ def add_parser(subparsers, name: str) -> None:
     parser.set_defaults(run=run)
 
 
+@leaves_process_group
 def run(args) -> int:
-    from megamath.generation.session import close_distributed
-
-    try:
-        return _run(args)
-    finally:
-        close_distributed()
-
-
-def _run(args) -> int:
     from tqdm import tqdm
 
     from megamath.atomic_io import write_text_atomically

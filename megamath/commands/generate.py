@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+from megamath.commands import leaves_process_group
+
 
 def add_generation_flags(parser, max_new_tokens: int | None, temperature: float, batch_size: int,
                          top_p: float = 1.0) -> None:
@@ -46,16 +48,8 @@ def add_parser(subparsers, name: str) -> None:
     parser.set_defaults(run=run)
 
 
+@leaves_process_group
 def run(args) -> int:
-    from megamath.generation.session import close_distributed
-
-    try:
-        return _run(args)
-    finally:
-        close_distributed()
-
-
-def _run(args) -> int:
     from tqdm import tqdm
 
     from megamath.atomic_io import write_text_atomically

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import sys
 
+from megamath.commands import leaves_process_group
+
 
 def add_parser(subparsers, name: str) -> None:
     parser = subparsers.add_parser(
@@ -24,9 +26,8 @@ def add_parser(subparsers, name: str) -> None:
     parser.set_defaults(run=run)
 
 
+@leaves_process_group
 def run(args) -> int:
-    import torch.distributed as dist
-
     from megamath.parallel.state import ParallelState
     from megamath.training.config import load_config
     from megamath.training.loop import NonFiniteError, train
@@ -40,7 +41,4 @@ def run(args) -> int:
     except (NonFiniteError, OutOfMemoryStop) as err:
         print(f"megamath train: error: {err}", file=sys.stderr)
         return 1
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
     return 0

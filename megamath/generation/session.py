@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch.distributed as dist
 
 from megamath.data.tokenizer import SentencePieceTokenizer
 from megamath.generation.batching import PromptCodec
@@ -42,9 +41,3 @@ def open_model(model_path: str | Path, tokenizer_model: str | Path, max_new_toke
         raise ValueError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's "
                          f"max_seq_length {model.config.max_seq_length}")
     return model, PromptCodec(tokenizer, room), state
-
-
-def close_distributed() -> None:
-    """Leave torchrun's process group (when this process joined one)."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
