@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-
 from megamath.data.tokenizer import SentencePieceTokenizer
 from megamath.generation.batching import PromptCodec
 from megamath.generation.loading import load_model
