@@ -365,7 +365,7 @@ def test_gpu_records_wait_one_step_for_their_timing(tmp_path):
     arrives, the last at summary()."""
     from megamath.training.metrics import MetricsLogger
 
-    log = MetricsLogger(tmp_path, 0, torch.device("cpu"), 1000, 1, 64, 3, 1, 100)
+    log = MetricsLogger(tmp_path, ParallelState.single(), 1000, 64, 3, 1, 100)
     log.device = torch.device("cuda")  # only the deferral reads it on this path
     timer = PhaseTimer(torch.device("cpu"))
     lines = lambda: (tmp_path / "metrics.jsonl").read_text().splitlines()  # noqa: E731

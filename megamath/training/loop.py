@@ -256,8 +256,8 @@ def _train(config: TrainConfig, state: ParallelState, attempt: str) -> TrainResu
         step, nonfinite = meta["step"], meta["consecutive_nonfinite"]
     tokens_per_step = data.global_batch_size * config.data.seq_length
     flops_per_token = config.model.flops_per_token(config.data.seq_length)
-    log = MetricsLogger(run_dir, state.rank, state.device, flops_per_token, state.world_size, tokens_per_step,
-                        config.train_steps, step + 1, config.log_every, config.logging.tensorboard,
+    log = MetricsLogger(run_dir, state, flops_per_token, tokens_per_step, config.train_steps, step + 1,
+                        config.log_every, config.logging.tensorboard,
                         run_info(state.world_size, state.tp_size, state.device, flops_per_token, tokens_per_step,
                                  config.data.seq_length),
                         wandb=config.logging.wandb, run_config=config.to_dict())

@@ -16,9 +16,9 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from megamath.parallel.mappings import all_gather_list
+from megamath.parallel.state import ParallelState
 from megamath.training.hardware import HardwareProbe
 from megamath.training.phases import StepTiming
 
@@ -70,20 +70,20 @@ class MetricsLogger:
     does). With several ranks: `step_time_max_s`, `step_time_min_s` and the `slowest_rank`.
     """
 
-    def __init__(self, run_dir: Path, rank: int, device: torch.device, flops_per_token: int, world_size: int,
-                 tokens_per_step: int, total_steps: int, first_step: int, log_every: int,
-                 tensorboard: bool = False, info: dict | None = None, wandb: WandbConfig | None = None,
-                 run_config: dict | None = None) -> None:
-        self.enabled = rank == 0
+    def __init__(self, run_dir: Path, state: ParallelState, flops_per_token: int, tokens_per_step: int,
+                 total_steps: int, first_step: int, log_every: int, tensorboard: bool = False,
+                 info: dict | None = None, wandb: WandbConfig | None = None, run_config: dict | None = None) -> None:
+        self.enabled = state.rank == 0
+        self.world_group = state.world_group  # the per-step gather of step times and energy
         # Every rank checks the package, so that a missing one fails the whole job at once; rank 0 loads it.
         wandb_module = import_wandb(wandb, load=self.enabled) if wandb is not None else None
         self.wandb = None
-        self.device, self.flops_per_token, self.world_size = device, flops_per_token, world_size
+        self.device, self.flops_per_token, self.world_size = state.device, flops_per_token, state.world_size
         self.tokens_per_step, self.log_every = tokens_per_step, log_every
-        self.peak = peak_tflops(device)
+        self.peak = peak_tflops(state.device)
         self.timed: list[float] = []  # training times of steps, for the summary
         self.pending: list[tuple[dict, StepTiming]] = []  # records whose timing is not read yet
-        self.hardware = HardwareProbe(device)
+        self.hardware = HardwareProbe(state.device)
         self.tensorboard = None
         if not self.enabled:
             return
@@ -150,9 +150,9 @@ class MetricsLogger:
         hw = self.hardware.read()
         energy = hw.pop("gpu_energy_j", math.nan)
         rec.update(hw)
-        if self.world_size > 1 and gather and dist.is_initialized():
+        if self.world_group is not None and gather:
             mine = torch.tensor([step_time, energy], dtype=torch.float64, device=self.device)
-            every = all_gather_list(mine, dist.group.WORLD)
+            every = all_gather_list(mine, self.world_group)
             table = torch.stack(every).cpu()  # (world, 2)
             times = table[:, 0]
             rec.update({"step_time_max_s": float(times.max()), "step_time_min_s": float(times.min()),
