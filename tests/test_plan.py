@@ -13,6 +13,7 @@ from distributed import run_distributed
 from megamath.cli import main
 from megamath.model.config import ModelConfig
 from megamath.parallel.state import ParallelState
+from megamath.planning import measured
 from megamath.planning.hardware import get_gpu
 from megamath.planning.memory import RunShape, zero_buffer_bytes, zero_layout_for
 from megamath.planning.plan import PlanRequest, plan
@@ -23,6 +24,12 @@ MODEL = dict(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_h
              max_seq_length=32, kernels="reference")
 SHAPES = [(1, 4), (2, 2), (4, 1)]
 VARIANTS = [("fp32", 0.0), ("fp32", 0.02), ("bf16", 0.02)]  # 0.02 MiB: several buckets
+
+
+@pytest.fixture(autouse=True)
+def no_measured_results(tmp_path_factory, monkeypatch):
+    """The figures below assume the stated efficiencies, whatever perf/results/ holds in this checkout."""
+    monkeypatch.setattr(measured, "RESULTS_DIR", tmp_path_factory.mktemp("no_results"))
 
 
 def _config(tp: int, grad_dtype: str, bucket_mb: float) -> TrainConfig:
@@ -115,6 +122,44 @@ def test_search_ranks_fitting_options_by_throughput():
     assert {p.shape.tp for p in plans} <= {1, 2, 4, 8}
     only_tp4 = plan(PlanRequest(model=req.model, model_name="x", gpu=req.gpu, gpus=256, tp=4))
     assert {p.shape.tp for p in only_tp4} == {4}
+
+
+# ---- efficiency: measured where this project has measured it ------------------------------------------
+
+def _bench_result(folder, date: str, device: str, mfus: list[float]) -> None:
+    """A perf/results/train-DATE.md as perf/bench_train.py writes it (title, table; other rows too)."""
+    rows = [f"| megamath | {i + 1} | 500.0 | 8,192 | 400.0 | {100 * m:.1f} % | 30.1 | 29.0 | 1.00 |"
+            for i, m in enumerate(mfus)]
+    (folder / f"train-{date}.md").write_text("\n".join([
+        f"# Training step, {date}: {device}", "", "torch 2.11; model: ...", "",
+        "| system | micro-batch | step ms | tokens/s | model TFLOP/s | MFU | peak GiB | plan GiB | vs ours |",
+        "|---|---|---|---|---|---|---|---|---|", *rows,
+        "| hf-eager | 1 | 700.0 | 5,000 | 300.0 | 30.0 % | 40.0 |  | 1.40 |"]) + "\n")
+
+
+def test_the_newest_step_measured_on_the_planned_gpu_sets_the_efficiency(tmp_path):
+    _bench_result(tmp_path, "2026-12-02", "NVIDIA H100 80GB HBM3", [0.50, 0.54])
+    _bench_result(tmp_path, "2026-12-05", "NVIDIA H100 80GB HBM3", [0.55, 0.57])
+    _bench_result(tmp_path, "2026-12-09", "NVIDIA A100-SXM4-80GB", [0.61, 0.61])
+    (tmp_path / "train-2026-12-10.md").write_text("# Training step, 2026-12-10: CPU smoke run: tiny model, fp32 -- "
+                                                  "NOT a measurement\n\n| megamath | 2 | 3.7 | 1 | 0.0 | 99.0 % |\n")
+    model = ModelConfig.from_preset("llemma-7b")
+
+    def request(gpu, **kw):
+        return PlanRequest(model=model, model_name="llemma-7b", gpu=get_gpu(gpu), gpus=8, tp=1, micro_batch=1,
+                           activation_checkpointing=True, results_dir=tmp_path, **kw)
+
+    h100 = request("h100-80gb")
+    assert h100.efficiency == pytest.approx(0.56)  # the newest H100 file, median of its megamath rows
+    assert h100.efficiency_source == "measured: megamath's MFU in train-2026-12-05.md on NVIDIA H100 80GB HBM3"
+    assert request("a100-80gb").efficiency == pytest.approx(0.61)
+    a100_40 = request("a100-40gb")  # an 80GB A100 is not a 40GB one
+    assert a100_40.efficiency == get_gpu("a100-40gb").efficiency and a100_40.efficiency_source.startswith("stated")
+    assert request("h200").efficiency_source.startswith("stated default")  # the CPU smoke file counts for nothing
+    forced = request("h100-80gb", efficiency=0.3)
+    assert (forced.efficiency, forced.efficiency_source) == (0.3, "--efficiency")
+    (p,) = plan(h100)
+    assert p.efficiency == pytest.approx(0.56)
 
 
 # ---- the command --------------------------------------------------------------------------------------

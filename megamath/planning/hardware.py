@@ -5,10 +5,10 @@ visible and overridable, not buried in formulas. Sources: NVIDIA's data sheets f
 bandwidths and memory (total memory as nvidia-smi reports it for the SXM parts); the others are stated
 assumptions, printed with every plan:
 
-- `efficiency`: the fraction of the dense bf16 peak the model's matmul-dominated compute achieves.
-  This project has no measured training step on these GPUs in perf/results/ yet, so these are stated
+- `efficiency`: the fraction of the dense bf16 peak the model's matmul-dominated compute achieves, used
+  only until perf/results/ holds a training step measured on that GPU (measured.py), so these are stated
   defaults (Megatron-style 7B-70B runs report 50-60 % of peak on A100s; Hopper's higher peak is harder
-  to reach, 40-50 %). `--efficiency` overrides.
+  to reach, 40-50 %). `--efficiency` overrides both.
 - `nvlink_gbs`: the all-reduce bus bandwidth inside a node (nccl-tests' busbw on 8 GPUs, GB/s).
 - `internode_gbs`: bytes per second per GPU across nodes: one 200 Gb/s HDR InfiniBand NIC per A100, one
   400 Gb/s NDR NIC per H100/H200 (DGX / SuperPOD designs). `--internode-gbs` overrides for other fabrics.

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from megamath.model.config import ModelConfig
 from megamath.model.partition import check_tensor_parallel
 from megamath.planning.hardware import GPU, GiB
+from megamath.planning import measured
+from megamath.planning.measured import compute_efficiency
 from megamath.planning.memory import RunShape, activation_bytes, memory_items, zero_layout_for
 from megamath.planning.step_time import Network, step_seconds
 
@@ -45,7 +48,12 @@ class PlanRequest:
     overlap_grad_reduce: bool = True
     overlap_param_gather: bool = True
     efficiency: float | None = None
+    """Fraction of the bf16 peak; None: measured (perf/results) or the GPU's stated default, see measured.py."""
     internode_gbs: float | None = None
+    results_dir: Path | None = None
+    """Where bench_train's measured training steps are looked up (None: this checkout's perf/results)."""
+    efficiency_source: str = field(init=False, default="")
+    """Where the efficiency came from (set from `efficiency` and `results_dir`)."""
 
     def __post_init__(self) -> None:
         for name in ("gpus", "gpus_per_node", "seq_length"):
@@ -70,6 +78,8 @@ class PlanRequest:
             raise ValueError(f"--efficiency must be in (0, 1], got {self.efficiency}")
         if self.tokens is not None and not self.tokens > 0:
             raise ValueError(f"--tokens must be positive, got {self.tokens}")
+        resolved = compute_efficiency(self.gpu, self.efficiency, self.results_dir or measured.RESULTS_DIR)
+        self.efficiency, self.efficiency_source = resolved.value, resolved.source
 
 
 @dataclass
@@ -130,7 +140,7 @@ def evaluate(req: PlanRequest, tp: int, micro: int, checkpointing: bool, sp: boo
                      sequence_parallel=sp and tp > 1, grad_dtype=req.grad_dtype, bucket_mb=req.bucket_mb,
                      overlap_grad_reduce=req.overlap_grad_reduce, overlap_param_gather=req.overlap_param_gather)
     gpu = req.gpu
-    efficiency = req.efficiency if req.efficiency is not None else gpu.efficiency
+    efficiency = req.efficiency
     net = Network(req.gpus_per_node, gpu.nvlink_gbs, req.internode_gbs or gpu.internode_gbs, gpu.alpha_intra,
                   gpu.alpha_inter)
     layout = zero_layout_for(req.model, tp, dp, req.grad_dtype, req.bucket_mb)

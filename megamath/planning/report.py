@@ -71,8 +71,8 @@ def format_ranking(req: PlanRequest, plans: list[Plan], top: int = 10) -> str:
 
 def assumptions(req: PlanRequest) -> str:
     g = req.gpu
-    return (f"assumptions: compute at {req.efficiency or g.efficiency:.0%} of the dense bf16 peak (stated default, "
-            f"--efficiency); NVLink all-reduce bus bandwidth {g.nvlink_gbs:g} GB/s, inter-node "
+    return (f"assumptions: compute at {req.efficiency:.0%} of the dense bf16 peak ({req.efficiency_source}; "
+            f"--efficiency overrides); NVLink all-reduce bus bandwidth {g.nvlink_gbs:g} GB/s, inter-node "
             f"{req.internode_gbs or g.internode_gbs:g} GB/s per GPU, ring latency {g.alpha_intra * 1e6:g}/"
             f"{g.alpha_inter * 1e6:g} us per hop; {RUNTIME_RESERVE_BYTES / GiB:g} GiB outside the allocator. "
             "Parameter, gradient and optimizer bytes are ZeroOptimizer's own buffer sizes; activations are a model "

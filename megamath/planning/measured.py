@@ -1,0 +1,64 @@
+"""The compute efficiency a plan assumes: this project's own measured training step where there is one.
+
+perf/bench_train.py writes `perf/results/train-YYYY-MM-DD.md` when it runs on a GPU: a title naming the
+device and a table with megamath's MFU on the benchmark's shape (Code Llama 7B's width, one GPU, so no
+communication: its MFU is exactly the compute efficiency that step_time.py multiplies the peak by). The
+newest such file measured on the planned GPU gives the efficiency (the median of megamath's rows); without
+one the GPU's stated default is used (hardware.py). Every plan says which it used, and --efficiency
+overrides both.
+"""
+from __future__ import annotations
+
+import re
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from megamath.planning.hardware import GPU
+
+RESULTS_DIR = Path(__file__).resolve().parents[2] / "perf" / "results"
+"""perf/results/ of the checkout this package runs from."""
+DEVICE_NAMES = {"a100-40gb": ("A100", "40GB"), "a100-80gb": ("A100", "80GB"), "h100-80gb": ("H100",),
+                "h200": ("H200",)}
+"""Words that torch.cuda.get_device_name() of each planned GPU contains (e.g. "NVIDIA A100-SXM4-40GB")."""
+_TITLE = re.compile(r"^# Training step, (\d{4}-\d{2}-\d{2}): (.+)$")
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    value: float
+    """Fraction of the dense bf16 peak."""
+    source: str
+    """Where it comes from, for the plan's assumptions line."""
+
+
+def _megamath_mfus(text: str) -> list[float]:
+    """MFU of every megamath row of a bench_train table (the sixth column, e.g. "52.1 %")."""
+    mfus = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.split("|")]
+        if len(cells) > 7 and cells[1] == "megamath" and cells[6].endswith("%"):
+            mfus.append(float(cells[6].rstrip(" %")) / 100)
+    return mfus
+
+
+def measured_efficiency(gpu: GPU, results_dir: Path = RESULTS_DIR) -> Efficiency | None:
+    """megamath's measured MFU on this GPU from the newest bench_train result, or None when there is none."""
+    words = DEVICE_NAMES.get(gpu.name, ())
+    for path in sorted(Path(results_dir).glob("train-*.md"), reverse=True):  # names sort by date
+        text = path.read_text(errors="replace")
+        title = _TITLE.match(text.splitlines()[0] if text else "")
+        if not title or not words or not all(w.lower() in title.group(2).lower() for w in words):
+            continue
+        mfus = [m for m in _megamath_mfus(text) if 0 < m <= 1]
+        if mfus:
+            return Efficiency(statistics.median(mfus), f"measured: megamath's MFU in {path.name} on {title.group(2)}")
+    return None
+
+
+def compute_efficiency(gpu: GPU, override: float | None = None, results_dir: Path = RESULTS_DIR) -> Efficiency:
+    """--efficiency if given, else the measured efficiency on this GPU, else its stated default."""
+    if override is not None:
+        return Efficiency(override, "--efficiency")
+    return measured_efficiency(gpu, results_dir) or Efficiency(gpu.efficiency, "stated default: no measured "
+                                                                                "training step on this GPU yet")
