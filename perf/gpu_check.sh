@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check, in one run of about 9-11 minutes: versions, build (with the CUDA RMSNorm, which must
+# The GPU check, about 10-12 minutes in all (PARTS splits it): versions, build (with the CUDA RMSNorm, which must
 # build on a CUDA machine), the kernel and trainer tests compiled on the GPU, a short `megamath train`
 # on the GPU, the kernel benchmark, then the training-step benchmark. Assumes torch, triton and numpy are installed;
 # installs megamath's other needs if missing (from wheels in $WHEELS_DIR when there is no network).
@@ -10,7 +10,9 @@
 # e.g. liger-kernel for the benchmark's peers), TEST_TIMEOUT / BENCH_TIMEOUT (seconds, 240 / 330),
 # TESTS (test files to run instead of every kernel test), BENCH_ARGS (extra arguments for
 # perf/bench_kernels.py, e.g. "--no-compile" or "--ops rms_norm"), TRAIN_BENCH_ARGS (for
-# perf/bench_train.py), TRAIN_BENCH_TIMEOUT (seconds, 300).
+# perf/bench_train.py), TRAIN_BENCH_TIMEOUT (seconds, 300), PARTS (which parts run, default all of
+# "tests train kernels train_bench"; versions, packages and the build always run). The whole check takes
+# longer than one 10-minute command: split it, e.g. PARTS="tests train" then PARTS="kernels train_bench".
 # Each step runs even when an earlier one failed; the exit status is that of the first failing step.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +22,11 @@ mkdir -p "$DEST"
 exec > >(tee -a "$DEST/gpu_check.log") 2>&1
 status=0
 step() { echo; echo "=== $* ($(date +%H:%M:%S))"; }
+PARTS=${PARTS:-tests train kernels train_bench}
+for p in $PARTS; do
+    case $p in tests|train|kernels|train_bench) ;; *) echo "unknown part '$p' in PARTS (tests train kernels train_bench)"; exit 2;; esac
+done
+part() { [[ " $PARTS " == *" $1 "* ]]; }
 record() { local rc=$1; if [ "$rc" -ne 0 ] && [ "$status" -eq 0 ]; then status=$rc; fi; }
 
 step "versions"
@@ -54,6 +61,7 @@ $PY -c "from megamath.kernels import rms_norm_cuda as m; import sys; sys.exit(0 
 rc=$?; record $rc
 [ "$rc" -ne 0 ] && echo "FAILED: the CUDA RMSNorm extension did not build (see $DEST/build.log)"
 
+if part tests; then
 step "kernel tests, compiled on the GPU"
 unset TRITON_INTERPRET
 tests=${TESTS:-$(ls tests/test_rms_norm*.py tests/test_rope*.py tests/test_flash_attention*.py tests/test_swiglu*.py \
@@ -64,23 +72,30 @@ timeout "${TEST_TIMEOUT:-240}" $PY -m pytest -q -p no:cacheprovider $workers $te
 rc=$?; record $rc
 tail -n 40 "$DEST/tests.log"
 [ "$rc" -eq 124 ] && echo "tests stopped at TEST_TIMEOUT"
+fi
 
+if part train; then
 step "megamath train on the GPU: 20 steps of a small model, bf16, kernels"
 TRAIN_DIR=$(mktemp -d)
 $PY perf/gpu_train_case.py "$TRAIN_DIR"
 timeout 180 $PY -m megamath.cli train --config "$TRAIN_DIR/train.yaml"
 rc=$?; record $rc
 tail -n 3 "$TRAIN_DIR/run/metrics.jsonl" 2> /dev/null
+fi
 
+if part kernels; then
 step "kernel benchmark"
 timeout "${BENCH_TIMEOUT:-330}" $PY perf/bench_kernels.py --out "$DEST" ${BENCH_ARGS:-}
 rc=$?; record $rc
 [ "$rc" -eq 124 ] && echo "benchmark stopped at BENCH_TIMEOUT"
+fi
 
+if part train_bench; then
 step "training-step benchmark (megamath vs Hugging Face eager and compiled; the planner's memory within 10 %)"
 timeout "${TRAIN_BENCH_TIMEOUT:-300}" $PY perf/bench_train.py --out "$DEST" ${TRAIN_BENCH_ARGS:-}
 rc=$?; record $rc
 [ "$rc" -eq 124 ] && echo "training benchmark stopped at TRAIN_BENCH_TIMEOUT"
+fi
 
 step "done: status $status"
 exit $status
