@@ -170,13 +170,19 @@ def reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
         out = x.new_empty(x_rank_major.shape[1:])  # (.., n/p, ..)
         reduce_scatter_into(out, x_rank_major.flatten(0, 1), group)  # chunk r of dim 0 goes to rank r
         return out
-    return all_reduce(x, group).narrow(dim, group_rank(group) * n_local, n_local).contiguous()
+    return _own_chunk(all_reduce(x, group), dim, group_rank(group) * n_local, n_local)
 
 
 def split(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     """This rank's chunk r of dim, no communication: (.., n, ..) -> (.., n/p, ..)."""
     n_local = _check_divisible(x, dim, group_size(group))
-    return x.narrow(dim, group_rank(group) * n_local, n_local).contiguous()
+    return _own_chunk(x, dim, group_rank(group) * n_local, n_local)
+
+
+def _own_chunk(x: torch.Tensor, dim: int, start: int, length: int) -> torch.Tensor:
+    """x.narrow(dim, start, length) in a tensor of its own. Not a view: a chunk of dim 0 is contiguous, and a
+    view kept for the backward would hold all of x's memory alive (p times the chunk)."""
+    return x.narrow(dim, start, length).clone(memory_format=torch.contiguous_format)
 
 
 # ---- the paired autograd functions --------------------------------------------------------------------------

@@ -5,7 +5,9 @@ buffers, and their sizes come from the very functions ZeroOptimizer allocates wi
 partition.py's per-rank shapes, zero_layout.buffer_bytes), so padding, buckets, replicated KV heads and
 the dtype of the gradient buffer are counted exactly; tests compare them byte for byte with a live
 optimizer. The activation items are a model of this trainer's Llama (what autograd keeps for the
-backward, per token, bf16), stated below; they are estimates, not measurements.
+backward, per token, bf16), stated below; tests/test_plan_activations.py holds it to within 1 % of the
+bytes autograd really keeps on the kernel path (serial, and TP 2 with SP), which leaves the backward's
+transients and the allocator to the GPU check (perf/bench_train.py).
 
 Activations kept per token and layer (bytes; t = TP size, sp = t under sequence parallelism else 1,
 h_q = heads · head_dim, kv = the local K/V width, whole when t does not divide the KV heads, f = ffn size):
