@@ -12,7 +12,8 @@
 # perf/bench_kernels.py, e.g. "--no-compile" or "--ops rms_norm"), TRAIN_BENCH_ARGS (for
 # perf/bench_train.py), TRAIN_BENCH_TIMEOUT (seconds, 300), PARTS (which parts run, default all of
 # "tests train kernels train_bench"; versions, packages and the build always run). The whole check takes
-# longer than one 10-minute command: split it, e.g. PARTS="tests train" then PARTS="kernels train_bench".
+# longer than one 10-minute command: split it, e.g. PARTS="tests train", then PARTS=kernels, then
+# PARTS=train_bench (each part's timeout is below; the build runs each time, incrementally).
 # Each step runs even when an earlier one failed; the exit status is that of the first failing step.
 set -uo pipefail
 cd "$(dirname "$0")/.."
