@@ -54,6 +54,14 @@ def run_distributed(fn, world_size: int, *args, timeout_s: float = 300) -> None:
             raise TimeoutError(f"{fn.__name__} on {world_size} processes did not finish in {timeout_s:.0f} s")
 
 
+def run_and_load(fn, world_size: int, out_dir) -> list:
+    """run_distributed(fn, world_size, out_dir), then what each rank saved to out_dir/rank{r}.pt, in rank order."""
+    import torch
+
+    run_distributed(fn, world_size, out_dir)
+    return [torch.load(out_dir / f"rank{r}.pt") for r in range(world_size)]
+
+
 def native_collectives_supported(group) -> bool:
     """Whether this torch's gloo has the single-tensor all-gather and reduce-scatter that NCCL runs use
     (called on every rank of `group` together: each probe is a collective)."""

@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from distributed import native_collectives_supported, run_distributed
+from distributed import native_collectives_supported, run_and_load
 from megamath.parallel import mappings
 from megamath.parallel.mappings import (
     copy_to_tp, gather_from_sequence, gather_from_tp, reduce_from_tp, reduce_scatter_to_sequence, scatter_to_sequence,
@@ -64,8 +64,7 @@ def _worker(rank, world_size, out_dir):
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("mappings")
-    run_distributed(_worker, P, out_dir)
-    return [torch.load(out_dir / f"rank{r}.pt") for r in range(P)]
+    return run_and_load(_worker, P, out_dir)
 
 
 def _expected(name: str, rank: int):

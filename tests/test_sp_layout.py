@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from distributed import native_collectives_supported, run_distributed
+from distributed import native_collectives_supported, run_and_load
 from megamath.model.config import ModelConfig
 from megamath.model.llama import Llama
 from megamath.parallel import layers, mappings
@@ -101,8 +101,7 @@ def _worker(rank, world_size, out_dir):
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("sp_layout")
-    run_distributed(_worker, P, out_dir)
-    return [torch.load(out_dir / f"rank{r}.pt") for r in range(P)]
+    return run_and_load(_worker, P, out_dir)
 
 
 @pytest.mark.parametrize("case", list(CONFIGS))

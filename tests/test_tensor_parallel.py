@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distributed import run_distributed
+from distributed import run_and_load, run_distributed
 from megamath.model import Llama, ModelConfig
 from megamath.model.tp_state_dict import merge_state_dicts, shard_state_dict
 from megamath.parallel.cross_entropy import vocab_parallel_cross_entropy_ref
@@ -187,8 +187,7 @@ def _tp2_dp2_worker(rank, world_size, out_dir):
 @pytest.fixture(scope="module")
 def tp2(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("tp2")
-    run_distributed(_tp2_worker, TP, out_dir)
-    return [torch.load(out_dir / f"rank{r}.pt") for r in range(TP)]
+    return run_and_load(_tp2_worker, TP, out_dir)
 
 
 # ---- layers ----------------------------------------------------------------------------------------------
