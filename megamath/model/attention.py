@@ -56,7 +56,8 @@ def choose_attention(setting: str, ops: Ops, shape: tuple[int, int, int, int, in
                      device: torch.device, repeats: int = 10) -> AttentionChoice:
     """Settle `model.attention` for a run whose attention inputs are q (B, S, Hq, D) with Hkv KV heads.
 
-    shape = (B, S, Hq, Hkv, D), per rank (under TP: local heads). Explicit settings are kept as they are.
+    shape = (B, S, Hq, Hkv, D), per rank (under TP: local heads). Explicit settings are kept as they are
+    (with `megamath` on a GPU, our kernel's tiles are still tuned for the shape first).
     """
     if setting not in ATTENTION_CHOICES:
         raise ValueError(f"model.attention must be one of {', '.join(ATTENTION_CHOICES)}, got {setting!r}")
