@@ -11,8 +11,9 @@ from megamath.cli import main
 from megamath.run_lock import FolderBusyError, FolderLock
 from megamath.training.checkpoint import latest_checkpoint
 from megamath.training.checkpoint_verify import verify_checkpoint
-from test_train_loop import RUNNER as SLOW_RUNNER
-from test_train_loop import assert_bitwise_equal, final_state, metrics, one_thread, raw_config, run  # noqa: F401
+from test_train_loop import (  # noqa: F401
+    assert_bitwise_equal, final_state, metrics, one_thread, raw_config, run, start_slow_training,
+)
 
 # Kills itself (SIGKILL: no cleanup of any kind) at I/O event `point` of the saves it makes: every fsync
 # and the `latest` pointer write count as events, each with a point just before and just after. Under
@@ -111,16 +112,8 @@ def test_one_rank_of_two_killed_mid_save_resumes_exactly(tmp_path):
 
 def test_a_second_training_on_one_run_dir_is_refused_and_the_first_finishes(tmp_path, one_thread, capsys):
     raw = raw_config(tmp_path / "data", tmp_path / "run", train_steps=6, checkpoint__save_every=2)
-    (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
-    (tmp_path / "slow.py").write_text(SLOW_RUNNER)
-    proc = subprocess.Popen([sys.executable, str(tmp_path / "slow.py"), str(tmp_path / "run.yaml")],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = start_slow_training(tmp_path, raw, 1, "the first run ended too early")
     try:
-        log = tmp_path / "run" / "metrics.jsonl"
-        deadline = time.time() + 120
-        while not (log.is_file() and log.read_text().count("\n") >= 1):
-            assert proc.poll() is None and time.time() < deadline, "the first run ended too early"
-            time.sleep(0.05)
         start = time.time()
         assert main(["train", "--config", str(tmp_path / "run.yaml")]) == 2
         assert time.time() - start < 10  # at once, not after a timeout

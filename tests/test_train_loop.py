@@ -284,18 +284,29 @@ sys.exit(main(["train", "--config", sys.argv[1]]))
 """
 
 
-def test_sigterm_saves_and_exits_zero_then_resumes_exactly(tmp_path, one_thread):
-    raw = raw_config(tmp_path / "data", tmp_path / "preempted", train_steps=12, checkpoint__save_every=100)
+def start_slow_training(tmp_path: Path, raw: dict, records: int, too_early: str) -> subprocess.Popen:
+    """`megamath train` of `raw` in a subprocess slowed by RUNNER, returned once its metrics.jsonl holds
+    `records` lines (the test then acts mid-run); fails with `too_early` if it ends or stalls before."""
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
     (tmp_path / "runner.py").write_text(RUNNER)
     proc = subprocess.Popen([sys.executable, str(tmp_path / "runner.py"), str(tmp_path / "run.yaml")],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = Path(raw["run_dir"]) / "metrics.jsonl"
+    deadline = time.time() + 120
     try:
-        log = tmp_path / "preempted" / "metrics.jsonl"
-        deadline = time.time() + 120
-        while not (log.is_file() and len(log.read_text().splitlines()) >= 2):
-            assert proc.poll() is None and time.time() < deadline, "the run ended before it could be signalled"
+        while not (log.is_file() and len(log.read_text().splitlines()) >= records):
+            assert proc.poll() is None and time.time() < deadline, too_early
             time.sleep(0.05)
+    except BaseException:
+        proc.kill()
+        raise
+    return proc
+
+
+def test_sigterm_saves_and_exits_zero_then_resumes_exactly(tmp_path, one_thread):
+    raw = raw_config(tmp_path / "data", tmp_path / "preempted", train_steps=12, checkpoint__save_every=100)
+    proc = start_slow_training(tmp_path, raw, 2, "the run ended before it could be signalled")
+    try:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=120)
     finally:

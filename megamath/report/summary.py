@@ -144,30 +144,27 @@ ROWS = (
 )
 
 
+_CELL_FORMATS = {
+    "mfu": lambda v, s: f"{v:.1%} ({s['mfu_p10']:.1%}–{s['mfu_p90']:.1%})",
+    "tokens_per_s": lambda v, s: f"{v:,.0f}",
+    "tflops": lambda v, s: f"{v:.3g}",
+    "step_time_s": lambda v, s: f"{v:.3f} s",
+    "peak_mem_gib": lambda v, s: f"{v:.2f} GiB",
+    "j_per_token": lambda v, s: f"{v:.3g} J",
+    "tokens_so_far": lambda v, s: f"{v:,} ({v / s['token_budget']:.2e} of {s['token_budget']:.3g})",
+    "budget_hours": lambda v, s: f"{v:,.1f} h ({v / 24:,.1f} days)",
+    "remaining_hours": lambda v, s: f"{v:,.1f} h ({v / 24:,.1f} days)",
+    "budget_gpu_hours": lambda v, s: f"{v:,.0f}",
+}
+"""How each row's value is written (from the value and the whole summary); others as str(value)."""
+
+
 def fmt(key: str, s: dict) -> str:
     """The cell of row `key` for summary `s` (n/a where the run has no such data)."""
     value = s.get(key)
     if value is None:
         return "n/a"
-    if key == "mfu":
-        return f"{value:.1%} ({s['mfu_p10']:.1%}–{s['mfu_p90']:.1%})"
-    if key == "tokens_per_s":
-        return f"{value:,.0f}"
-    if key == "tflops":
-        return f"{value:.3g}"
-    if key == "step_time_s":
-        return f"{value:.3f} s"
-    if key == "peak_mem_gib":
-        return f"{value:.2f} GiB"
-    if key == "j_per_token":
-        return f"{value:.3g} J"
-    if key == "tokens_so_far":
-        return f"{value:,} ({value / s['token_budget']:.2e} of {s['token_budget']:.3g})"
-    if key in ("budget_hours", "remaining_hours"):
-        return f"{value:,.1f} h ({value / 24:,.1f} days)"
-    if key == "budget_gpu_hours":
-        return f"{value:,.0f}"
-    return str(value)
+    return _CELL_FORMATS[key](value, s) if key in _CELL_FORMATS else str(value)
 
 
 def table_rows(summaries: list[dict]) -> list[list[str]]:
