@@ -357,7 +357,7 @@ def test_nonfinite_steps_are_skipped_and_logged(tmp_path, monkeypatch, one_threa
     run(raw_config(tmp_path / "data", tmp_path / "run", train_steps=6, checkpoint__save_every=0))
     records = metrics(tmp_path / "run")
     assert [r["skipped"] for r in records] == [False, False, True, True, False, False]
-    assert records[2]["loss"] is None and records[2]["grad_norm"] is None  # NaN loss: the update is skipped on the device, no norm reported
+    assert records[2]["loss"] is None and records[2]["grad_norm"] is None  # NaN loss: skipped, no norm
     assert records[3]["loss"] is not None and records[3]["grad_norm"] is None  # finite loss, NaN gradient
     out = capsys.readouterr().out
     assert "step 3: non-finite loss nan / grad norm nan: update skipped (1 in a row, limit 5)" in out
