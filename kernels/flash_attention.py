@@ -335,15 +335,17 @@ def flash_attention_blocks(head_dim: int, interpret: bool | None = None,
     128 x 64 forward tiles and 128-key dK/dV tiles measured 3-10% slower at both D 64 and D 128
     (likely register pressure of the fp32 accumulators, and coarser causal load balance), so one set
     serves every head_dim for now; head_dim stays an argument for per-size tiles later.
-    fp32 tiles take twice the shared memory per pipeline stage: at D 128 the bf16 stage counts ask for
-    more than an H100's 227 KiB, so fp32 runs single-staged (fp32 attention is for checks, not speed).
+    fp32 tiles take twice the shared memory per pipeline stage, so fp32 runs single-staged, and its
+    three-product (tf32x3) dots need three times the registers: at the bf16 tiles the compiler spilled
+    5-95 KB per thread at D 128 (perf/kernel_resources.py, Triton 3.9, sm_80 and sm_90a); the smaller fp32
+    tiles below spill at most 36 bytes there. fp32 attention is for checks, not speed.
     """
     if interpreting() if interpret is None else interpret:
         return FlashAttentionBlocks(16, 16, 4, 1, 16, 16, 16, 16, 4, 1)
     if tuned and (head_dim, dtype) in _TUNED:
         return _TUNED[head_dim, dtype]
     if dtype == torch.float32:
-        return FlashAttentionBlocks(64, 64, 4, 1, 32, 64, 64, 32, 4, 1)
+        return FlashAttentionBlocks(32, 32, 4, 1, 16, 32, 32, 16, 8, 1)
     return FlashAttentionBlocks(64, 64, 4, 3, 32, 64, 64, 32, 4, 4)
 
 

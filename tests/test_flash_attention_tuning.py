@@ -57,8 +57,8 @@ def test_every_candidate_matches_the_reference(stage, values, causal):
 
 
 def test_the_tuner_registers_the_fastest_tiles_and_skips_or_rejects_bad_ones(monkeypatch):
-    forward_times = iter([0.9, 0.5, 0.7])  # default, 128x64, 128x32 (128x128 fails)
-    backward_times = iter([2.0, 2.5, 1.5])  # default, 64x128x128x64, (32x128... rejected), 64x64x64x64
+    forward_times = iter([0.9, 0.5, 0.7])  # default, 128x64 w8, 64x64 w8 (128x128 fails)
+    backward_times = iter([2.0, 2.5, 1.5])  # default, (32x128x128x32 rejected), 32x64x64x32 w8, 64x64x64x64 w8
     real_fwd, real_bwd = tuning.flash_attention_fwd, tuning.flash_attention_bwd
 
     def fwd(q, k, v, causal, scale, blocks):
@@ -85,11 +85,25 @@ def test_the_tuner_registers_the_fastest_tiles_and_skips_or_rejects_bad_ones(mon
         assert flash_attention_blocks(D, interpret=False, dtype=torch.bfloat16) == tuned.blocks  # registered
         assert flash_attention_blocks(D, interpret=True) != tuned.blocks  # the interpreter keeps its tiles
         assert tuned.summary() == ("flash-attention tiles: forward 128x64 w8 s3 0.500 ms, default 64x64 w4 s3 "
-                                   "0.900 ms; backward 64x64x64x64 w4 s3 1.500 ms, default 32x64x64x32 w4 s4 2.000 ms")
+                                   "0.900 ms; backward 64x64x64x64 w8 s3 1.500 ms, default 32x64x64x32 w4 s4 2.000 ms")
     finally:
         use_blocks(D, torch.bfloat16, None)
     assert flash_attention_blocks(D, interpret=False, dtype=torch.bfloat16) == \
         flash_attention_blocks(D, interpret=False, dtype=torch.bfloat16, tuned=False)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_fp32_gpu_tiles_match_the_reference(causal):
+    """fp32 has its own, smaller GPU tiles (16-row backward blocks); run them here against the reference."""
+    q, k, v, do = _inputs(torch.float32)
+    want = _reference(q, k, v, do, causal)
+    blocks = flash_attention_blocks(D, interpret=False, dtype=torch.float32, tuned=False)
+    assert blocks != flash_attention_blocks(D, interpret=False, dtype=torch.bfloat16, tuned=False)
+    scale = 1 / math.sqrt(D)
+    o, lse = flash_attention_fwd(q, k, v, causal, scale, blocks)
+    grads = flash_attention_bwd(do, q, k, v, o, lse, causal, scale, blocks)
+    for name, got, ref in zip(("o", "dq", "dk", "dv"), (o, *grads), want):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
 def test_fp32_is_not_tuned():
