@@ -1,0 +1,75 @@
+"""Every Triton kernel compiles for an H100 (sm_90a) on this CPU-only machine, and the compiler's output
+shows no sign of a slow GPU program at the configurations a run launches: within shared memory and the
+register file, no spilled registers, wgmma tensor-core dots, 128-bit global accesses. The tuner's
+attention candidates must fit and not spill either (a candidate that spills wastes a start-up timing).
+
+This reads the compiler (perf/kernel_resources.py), not a GPU: how fast the programs run is measured on a
+GPU only. The figures are those of the Triton installed here.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _compile_for_h100(tmp_path: Path, *flags: str) -> list[dict]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled, not interpreted
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the GPU's Triton fuses multiply-adds by default
+    out = tmp_path / "rows.json"
+    done = subprocess.run([sys.executable, str(REPO / "perf" / "kernel_resources.py"), "--arch", "90",
+                           "--json", str(out), *flags], capture_output=True, text=True, env=env, timeout=600)
+    if done.returncode == 2:
+        pytest.skip(f"this Triton cannot compile for NVIDIA GPUs here: {done.stderr.strip()[-300:]}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_default_launches_compile_for_h100_without_signs_of_slowness(tmp_path):
+    rows = _compile_for_h100(tmp_path, "--defaults-only")
+    kernels = {r["kernel"] for r in rows}
+    assert kernels == {"_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel", "_rope_kernel", "_swiglu_fwd_kernel",
+                       "_swiglu_bwd_kernel", "_ce_forward_kernel", "_ce_backward_kernel", "_adamw_kernel",
+                       "_fwd_kernel", "_bwd_preprocess_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"}
+    for r in rows:
+        where = f"{r['kernel']} ({r['case']}, {r['config']})"
+        assert r["default"], where
+        assert r["shared_bytes"] <= 232448 and r["registers"] * r["threads"] <= 65536, where
+        assert r["spill_bytes"] == 0, where
+        assert r["widest_access_bits"] == 128, where
+        dots = r["kernel"] in {"_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"}
+        assert r["tensor_cores"] == ("wgmma" if dots else "-"), where
+
+
+def test_every_attention_tuning_candidate_fits_an_h100_without_spilling(tmp_path):
+    rows = [r for r in _compile_for_h100(tmp_path, "--match", "attention D128") if "candidate" in r["case"]]
+    # 3 forward candidates (1 kernel) and 3 backward ones (3 kernels) besides the defaults, at the default
+    # case's head_dim (perf/results/kernel-resources-*.md has head_dim 64 and the A100 as well).
+    assert len(rows) == 3 * 1 + 3 * 3
+    for r in rows:
+        where = f"{r['kernel']} ({r['case']})"
+        assert r["shared_bytes"] <= 232448 and r["registers"] * r["threads"] <= 65536, where
+        assert r["spill_bytes"] == 0, where
+        assert r["tensor_cores"] in {"wgmma", "-"}, where
+
+
+@pytest.mark.parametrize("flags,interpret,message", [
+    (["--arch", "75"], False, "unknown --arch 75; choose from [80, 90]"),
+    (["--only", "softmax"], False, "unknown --only softmax; choose from"),
+    ([], True, "unset TRITON_INTERPRET"),
+])
+def test_bad_requests_get_one_line_errors(flags, interpret, message):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    done = subprocess.run([sys.executable, str(REPO / "perf" / "kernel_resources.py"), *flags],
+                          capture_output=True, text=True, env=env, timeout=120)
+    errors = [line for line in done.stderr.splitlines() if "Warning" not in line and "warn_once" not in line]
+    assert (done.returncode, len(errors)) == (2, 1), done.stderr
+    assert message in errors[0] and done.stdout == ""
