@@ -8,9 +8,11 @@ Here the forward streams K/V blocks past a block of queries, keeping the softmax
 logsumexp (fp32, (B, H, S)). The backward recomputes P = exp(scale · Q Kᵀ - lse) block by block:
   delta = rowsum(dO ∘ O)                      (preprocess kernel, fp32)
   dV = Pᵀ dO,  dS = P ∘ (dO Vᵀ - delta),  dK = scale · dSᵀ Q   (one program per kv block and kv head)
-  dQ = scale · dS K                           (one program per q block and q head)
+  dQ = scale · dS K                           (one program per q block and q head; or, with the
+                                              `bwd_atomic_dq` tiles, added by the dK/dV programs into
+                                              an fp32 buffer with atomics, P and dP computed once)
 The dK/dV program loops over the q heads of its GQA group, so a kv head's gradients accumulate in
-registers: no atomics and K/V are never repeated in memory (the kernel indexes the kv head instead).
+registers (no atomics for them), and K/V are never repeated in memory (the kernel indexes the kv head).
 
 Layout is the model's (batch, seq, heads, head_dim); strides are passed explicitly so views of a fused
 QKV projection work without copies (only a non-unit head_dim stride forces a copy). Causal blocks above
@@ -18,6 +20,7 @@ the diagonal are skipped; the mask is applied only on the diagonal (and sequence
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -140,13 +143,15 @@ def _bwd_preprocess_kernel(O, DO, DELTA, stride_ob, stride_os, stride_oh, stride
 
 
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos, offs_n, offs_d,
-                    lo, hi, seqlen, qk_scale, MASK: tl.constexpr, BLOCK_M: tl.constexpr,
-                    INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
-    """Accumulate dK, dV of one kv block over the query blocks [lo, hi) of one q head.
+def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qs, stride_dos,
+                    stride_dqs, offs_n, offs_d, lo, hi, seqlen, qk_scale, MASK: tl.constexpr,
+                    BLOCK_M: tl.constexpr, ATOMIC_DQ: tl.constexpr, INTERPRET: tl.constexpr,
+                    PRECISION: tl.constexpr):
+    """Accumulate dK, dV of one kv block over the query blocks [lo, hi) of one q head; with ATOMIC_DQ,
+    also add this kv block's share of dQ (dS K, unscaled) into the fp32 buffer at dq_base.
 
     Query rows past the sequence end load q = dO = delta = 0, which makes their dV and dS terms exactly
-    zero, so only the causal diagonal needs a mask."""
+    zero, so only the causal diagonal needs a mask. Keys past the end load k = 0: their dQ share is 0."""
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
         row_ok = offs_m < seqlen
@@ -160,19 +165,24 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
             pT = tl.where(offs_m[None, :] >= offs_n[:, None], pT, 0.0)
         dv += _dot(_cast(pT, do.dtype, INTERPRET), do, INTERPRET, PRECISION)  # (BLOCK_N, D)
         dpT = _dot(v, tl.trans(do), INTERPRET, PRECISION)  # (BLOCK_N, BLOCK_M)
-        dsT = pT * (dpT - delta[None, :])
-        dk += _dot(_cast(dsT, q.dtype, INTERPRET), q, INTERPRET, PRECISION)  # (BLOCK_N, D)
+        dsT = _cast(pT * (dpT - delta[None, :]), q.dtype, INTERPRET)  # (BLOCK_N, BLOCK_M)
+        dk += _dot(dsT, q, INTERPRET, PRECISION)  # (BLOCK_N, D)
+        if ATOMIC_DQ:  # dQᵀ = Kᵀ dSᵀ: head_dim rows, a Hopper wgmma shape at any BLOCK_M
+            dqT = _dot(tl.trans(k), dsT, INTERPRET, PRECISION)  # (D, BLOCK_M)
+            tl.atomic_add(dq_base + offs_m[None, :] * stride_dqs + offs_d[:, None], dqT, mask=row_ok[None, :],
+                          sem="relaxed")
     return dk, dv
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC,
                      stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
                      stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
                      stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
+                     stride_dqb, stride_dqs, stride_dqh,
                      seqlen, n_heads, n_kv_heads, group, sm_scale, qk_scale,
                      CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                     INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
+                     ATOMIC_DQ: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
     pid_bkv = tl.program_id(1)
     off_b = (pid_bkv // n_kv_heads).to(tl.int64)
@@ -194,14 +204,16 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
         off_h = off_kvh * group + g
         q_base = Q + off_b * stride_qb + off_h * stride_qh
         do_base = DO + off_b * stride_dob + off_h * stride_doh
+        dq_base = DQ_ACC + off_b * stride_dqb + off_h * stride_dqh
         row_base = (off_b * n_heads + off_h) * seqlen
         if CAUSAL:
-            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base,
-                                     stride_qs, stride_dos, offs_n, offs_d, start_n, tl.minimum(full_lo, seqlen),
-                                     seqlen, qk_scale, True, BLOCK_M, INTERPRET, PRECISION)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base,
-                                 stride_qs, stride_dos, offs_n, offs_d, full_lo, seqlen,
-                                 seqlen, qk_scale, False, BLOCK_M, INTERPRET, PRECISION)
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base, dq_base,
+                                     stride_qs, stride_dos, stride_dqs, offs_n, offs_d, start_n,
+                                     tl.minimum(full_lo, seqlen), seqlen, qk_scale, True, BLOCK_M, ATOMIC_DQ,
+                                     INTERPRET, PRECISION)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base, dq_base,
+                                 stride_qs, stride_dos, stride_dqs, offs_n, offs_d, full_lo, seqlen,
+                                 seqlen, qk_scale, False, BLOCK_M, ATOMIC_DQ, INTERPRET, PRECISION)
     dk = dk * sm_scale
     tl.store(DK + off_b * stride_dkb + off_kvh * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :],
              _cast(dk, DK.dtype.element_ty, INTERPRET), mask=key_ok[:, None])
@@ -299,6 +311,11 @@ class FlashAttentionBlocks:
     """Keys per step of the dQ loop."""
     bwd_warps: int
     bwd_stages: int
+    bwd_atomic_dq: bool = False
+    """Compute dQ inside the dK/dV kernel, adding each kv block's share to an fp32 buffer with atomic adds
+    (FlashAttention-2's backward): 5 matmuls per (q block, kv block) pair instead of 7, since the dQ kernel
+    no longer recomputes P and dP; the price is an fp32 dQ buffer and an order of additions that varies
+    from run to run (last bits). bwd_q_m and bwd_q_n are then unused."""
 
 
 def check_blocks(blocks: FlashAttentionBlocks) -> FlashAttentionBlocks:
@@ -391,6 +408,8 @@ def flash_attention_bwd(do, q, k, v, o, lse, causal: bool, softmax_scale: float,
     n_kv_heads = k.shape[2]
     group = n_heads // n_kv_heads
     blocks = blocks or flash_attention_blocks(head_dim, dtype=q.dtype)
+    if blocks.bwd_atomic_dq and torch.are_deterministic_algorithms_enabled():
+        blocks = dataclasses.replace(blocks, bwd_atomic_dq=False)  # the same tiles, with the dQ kernel
     flags = _kernel_flags(q.dtype)
     qk_scale = softmax_scale * _LOG2E
 
@@ -402,13 +421,18 @@ def flash_attention_bwd(do, q, k, v, o, lse, causal: bool, softmax_scale: float,
     dq = empty_like_order(q)  # (B, S, H, D), in q's batch/sequence memory order
     dk = empty_like_order(k)  # (B, S, H_kv, D)
     dv = empty_like_order(v)  # (B, S, H_kv, D)
+    # fp32 dQ sums for the atomic variant (zeroed: every share is added); otherwise an unused placeholder.
+    dq_acc = empty_like_order(q, dtype=torch.float32).zero_() if blocks.bwd_atomic_dq else dq
     _bwd_dkdv_kernel[(triton.cdiv(seqlen, blocks.bwd_kv_n), batch * n_kv_heads)](
-        q, k, v, do, lse, delta, dk, dv,
-        *_bsh(q), *_bsh(k), *_bsh(v), *_bsh(do), *_bsh(dk), *_bsh(dv),
+        q, k, v, do, lse, delta, dk, dv, dq_acc,
+        *_bsh(q), *_bsh(k), *_bsh(v), *_bsh(do), *_bsh(dk), *_bsh(dv), *_bsh(dq_acc),
         seqlen, n_heads, n_kv_heads, group, softmax_scale, qk_scale,
         CAUSAL=causal, BLOCK_M=blocks.bwd_kv_m, BLOCK_N=blocks.bwd_kv_n, HEAD_DIM=head_dim,
-        num_warps=blocks.bwd_warps, num_stages=blocks.bwd_stages, **flags,
+        ATOMIC_DQ=blocks.bwd_atomic_dq, num_warps=blocks.bwd_warps, num_stages=blocks.bwd_stages, **flags,
     )
+    if blocks.bwd_atomic_dq:
+        dq.copy_(dq_acc.mul_(softmax_scale))  # the dQ kernel's rounding: scale in fp32, then one cast
+        return dq, dk, dv
     _bwd_dq_kernel[(triton.cdiv(seqlen, blocks.bwd_q_m), batch * n_heads)](
         q, k, v, do, lse, delta, dq,
         *_bsh(q), *_bsh(k), *_bsh(v), *_bsh(do), *_bsh(dq),

@@ -14,10 +14,13 @@ cost is one compile per candidate at start-up. fp32 attention (for checks, not s
 The candidates, (queries, keys, warps, stages) forward and (dK/dV queries, dK/dV keys, dQ queries, dQ keys,
 warps, stages) backward: the current default first, then FlashAttention-2's larger Hopper/Ampere tiles
 (128 queries, 8 warps), which need fewer programs and reload K/V less often but hold twice the fp32
-accumulators, and the default tiles spread over 8 warps (fewer registers per thread). Every candidate
+accumulators, and the default tiles spread over 8 warps (fewer registers per thread). Two backward
+candidates add dQ inside the dK/dV kernel with fp32 atomics (FlashAttention-2's scheme: 5 matmuls per
+block pair instead of 7, in exchange for atomic traffic); their sums vary in the last bits from run to
+run, so they are not tried when torch.use_deterministic_algorithms(True) is in force. Every candidate
 compiles for an H100 at head_dim 64 and 128 without spilling registers, within shared memory, with wgmma
-dots (`perf/kernel_resources.py` shows this without a GPU); two earlier ones spilled 272 and 336 bytes
-there and were replaced.
+dots only (`perf/kernel_resources.py` shows this without a GPU); two earlier ones spilled 272 and 336
+bytes there and were replaced.
 """
 from __future__ import annotations
 
@@ -33,11 +36,12 @@ from .flash_attention import check_blocks, flash_attention_blocks, flash_attenti
 
 FORWARD_CANDIDATES = ((64, 64, 4, 3), (128, 64, 8, 3), (64, 64, 8, 3), (128, 128, 8, 2))
 """(fwd_m, fwd_n, fwd_warps, fwd_stages); the first is the default."""
-BACKWARD_CANDIDATES = ((32, 64, 64, 32, 4, 4), (32, 128, 128, 32, 8, 2), (32, 64, 64, 32, 8, 4),
-                       (64, 64, 64, 64, 8, 3))
-"""(bwd_kv_m, bwd_kv_n, bwd_q_m, bwd_q_n, bwd_warps, bwd_stages); the first is the default."""
+BACKWARD_CANDIDATES = ((32, 64, 64, 32, 4, 4, False), (32, 128, 128, 32, 8, 2, False),
+                       (32, 64, 64, 32, 8, 4, False), (64, 64, 64, 64, 8, 3, False),
+                       (32, 64, 64, 32, 8, 4, True), (32, 128, 128, 32, 8, 2, True))
+"""(bwd_kv_m, bwd_kv_n, bwd_q_m, bwd_q_n, bwd_warps, bwd_stages, bwd_atomic_dq); the first is the default."""
 _FORWARD_FIELDS = ("fwd_m", "fwd_n", "fwd_warps", "fwd_stages")
-_BACKWARD_FIELDS = ("bwd_kv_m", "bwd_kv_n", "bwd_q_m", "bwd_q_n", "bwd_warps", "bwd_stages")
+_BACKWARD_FIELDS = ("bwd_kv_m", "bwd_kv_n", "bwd_q_m", "bwd_q_n", "bwd_warps", "bwd_stages", "bwd_atomic_dq")
 
 
 @dataclass(frozen=True)
@@ -64,7 +68,13 @@ class TunedBlocks:
 
 
 def _label(values: tuple) -> str:
-    *tiles, warps, stages = values
+    """'64x64 w4 s3' (forward), '32x64x64x32 w4 s4' (backward), '32x64 w8 s4 atomic dQ' (no dQ kernel)."""
+    if len(values) == len(_BACKWARD_FIELDS):
+        *tiles, warps, stages, atomic_dq = values
+        if atomic_dq:
+            return "x".join(str(t) for t in tiles[:2]) + f" w{warps} s{stages} atomic dQ"
+    else:
+        *tiles, warps, stages = values
     return "x".join(str(t) for t in tiles) + f" w{warps} s{stages}"
 
 
@@ -123,8 +133,11 @@ def tune_flash_attention(batch: int, seqlen: int, heads: int, kv_heads: int, hea
 
     forward_ms = {_label(c): _measure(lambda b=candidate(_FORWARD_FIELDS, c): flash_attention_fwd(
         q, k, v, causal, scale, b), forward_ref, time_ms, repeats) for c in FORWARD_CANDIDATES}
-    backward_ms = {_label(c): _measure(lambda b=candidate(_BACKWARD_FIELDS, c): flash_attention_bwd(
-        do, q, k, v, o, lse, causal, scale, b), backward_ref, time_ms, repeats) for c in BACKWARD_CANDIDATES}
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    backward_ms = {_label(c): "skipped: deterministic algorithms requested" if deterministic and c[-1] else
+                   _measure(lambda b=candidate(_BACKWARD_FIELDS, c): flash_attention_bwd(
+                       do, q, k, v, o, lse, causal, scale, b), backward_ref, time_ms, repeats)
+                   for c in BACKWARD_CANDIDATES}
 
     def fastest(timings, candidates):
         timed = [(ms, c) for c, ms in zip(candidates, timings.values()) if isinstance(ms, float)]

@@ -57,7 +57,7 @@ class Compiled:
     spill_bytes: int
     threads: int
     tensor_cores: str
-    """'wgmma', 'mma' or '-' (no dot)."""
+    """'wgmma', 'mma', 'wgmma+mma' (some dots of each) or '-' (no dot)."""
     widest_access_bits: int
     error: str = ""
     """Why it did not compile, if it did not (the other figures are then 0)."""
@@ -77,7 +77,7 @@ class Compiled:
     def slow_signs(self) -> list[str]:
         """What runs, but slower than it could: spilled registers, Hopper dots on Ampere's instruction."""
         found = [f"spills {self.spill_bytes} B"] if self.spill_bytes else []
-        if self.arch >= 90 and self.tensor_cores == "mma":
+        if self.arch >= 90 and "mma" in self.tensor_cores.split("+"):
             found.append("dots without wgmma on Hopper")
         return found
 
@@ -132,8 +132,9 @@ def _widest_access_bits(ptx: str) -> int:
 
 
 def _tensor_cores(ttgir: str) -> str:
+    """The instruction families of the program's dots: 'wgmma', 'mma', both ('wgmma+mma'), or '-'."""
     versions = set(re.findall(r"nvidia_mma<\{versionMajor = (\d)", ttgir))
-    return "wgmma" if "3" in versions else "mma" if versions else "-"
+    return "+".join(name for version, name in (("3", "wgmma"), ("2", "mma")) if version in versions) or "-"
 
 
 def _config_label(function, constants: dict, warps: int, stages: int) -> str:

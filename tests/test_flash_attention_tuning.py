@@ -9,6 +9,7 @@ and rejects one whose results differ from the default tiles'.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 
 import pytest
@@ -58,7 +59,8 @@ def test_every_candidate_matches_the_reference(stage, values, causal):
 
 def test_the_tuner_registers_the_fastest_tiles_and_skips_or_rejects_bad_ones(monkeypatch):
     forward_times = iter([0.9, 0.5, 0.7])  # default, 128x64 w8, 64x64 w8 (128x128 fails)
-    backward_times = iter([2.0, 2.5, 1.5])  # default, (32x128x128x32 rejected), 32x64x64x32 w8, 64x64x64x64 w8
+    # default, (32x128x128x32 rejected), 32x64x64x32 w8, 64x64x64x64 w8, 32x64 atomic dQ, (32x128 atomic rejected)
+    backward_times = iter([2.0, 2.5, 1.5, 1.7])
     real_fwd, real_bwd = tuning.flash_attention_fwd, tuning.flash_attention_bwd
 
     def fwd(q, k, v, causal, scale, blocks):
@@ -82,6 +84,9 @@ def test_the_tuner_registers_the_fastest_tiles_and_skips_or_rejects_bad_ones(mon
         assert (tuned.blocks.bwd_kv_m, tuned.blocks.bwd_kv_n, tuned.blocks.bwd_q_m, tuned.blocks.bwd_q_n) == (64, 64, 64, 64)
         assert tuned.forward_ms["128x128 w8 s2"] == "skipped: RuntimeError"
         assert tuned.backward_ms["32x128x128x32 w8 s2"].startswith("rejected")
+        assert tuned.backward_ms["32x128 w8 s2 atomic dQ"].startswith("rejected")
+        assert tuned.backward_ms["32x64 w8 s4 atomic dQ"] == 1.7
+        assert next(backward_times, None) is None  # every candidate that ran was timed once
         assert flash_attention_blocks(D, interpret=False, dtype=torch.bfloat16) == tuned.blocks  # registered
         assert flash_attention_blocks(D, interpret=True) != tuned.blocks  # the interpreter keeps its tiles
         assert tuned.summary() == ("flash-attention tiles: forward 128x64 w8 s3 0.500 ms, default 64x64 w4 s3 "
@@ -104,6 +109,41 @@ def test_fp32_gpu_tiles_match_the_reference(causal):
     grads = flash_attention_bwd(do, q, k, v, o, lse, causal, scale, blocks)
     for name, got, ref in zip(("o", "dq", "dk", "dv"), (o, *grads), want):
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_deterministic_algorithms_keep_the_dq_kernel(monkeypatch):
+    """Atomic dQ sums vary in their last bits between runs: under torch.use_deterministic_algorithms the
+    tuner does not try those tiles, and tiles registered with atomic dQ run the dQ kernel instead."""
+    kernels = importlib.import_module("megamath.kernels.flash_attention")  # the module, not the op it exports
+    dq_launches = []
+    real_dq_kernel = kernels._bwd_dq_kernel
+
+    class CountingKernel:
+        def __getitem__(self, grid):
+            dq_launches.append(grid)
+            return real_dq_kernel[grid]
+
+    monkeypatch.setattr(kernels, "_bwd_dq_kernel", CountingKernel())
+    q, k, v, do = _inputs()
+    atomic = _blocks(tuning._BACKWARD_FIELDS, tuning.BACKWARD_CANDIDATES[-2])
+    assert atomic.bwd_atomic_dq
+    scale = 1 / math.sqrt(D)
+    o, lse = flash_attention_fwd(q, k, v, True, scale, atomic)
+    atomic_grads = flash_attention_bwd(do, q, k, v, o, lse, True, scale, atomic)
+    assert dq_launches == []  # dQ came from the dK/dV kernel's atomics
+    torch.use_deterministic_algorithms(True)
+    try:
+        kept_grads = flash_attention_bwd(do, q, k, v, o, lse, True, scale, atomic)
+        assert len(dq_launches) == 1
+        tuned = tuning.tune_flash_attention(1, 40, 2, 1, D, torch.bfloat16, "cpu", time_ms=lambda fn, r: 1.0)
+    finally:
+        torch.use_deterministic_algorithms(False)
+        use_blocks(D, torch.bfloat16, None)
+    for got, want in zip(atomic_grads, kept_grads):
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    skipped = {label for label, ms in tuned.backward_ms.items() if ms == "skipped: deterministic algorithms requested"}
+    assert skipped == {"32x64 w8 s4 atomic dQ", "32x128 w8 s2 atomic dQ"}
+    assert not tuned.blocks.bwd_atomic_dq
 
 
 def test_fp32_is_not_tuned():
