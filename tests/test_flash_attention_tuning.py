@@ -22,11 +22,12 @@ from megamath.kernels.flash_attention import (
 )
 
 B, S, H, KV, D = 1, 150, 2, 1, 32  # 150: mid-tile for 32-, 64- and 128-wide tiles
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the GPU check runs these compiled on the GPU
 
 
 def _inputs(dtype=torch.bfloat16):
     g = torch.Generator().manual_seed(3)
-    return [torch.randn(B, S, h, D, generator=g).to(dtype) for h in (H, KV, KV, H)]  # q, k, v, do
+    return [torch.randn(B, S, h, D, generator=g).to(DEVICE, dtype) for h in (H, KV, KV, H)]  # q, k, v, do
 
 
 def _reference(q, k, v, do, causal):
@@ -79,7 +80,7 @@ def test_the_tuner_registers_the_fastest_tiles_and_skips_or_rejects_bad_ones(mon
     monkeypatch.setattr(tuning, "flash_attention_fwd", fwd)
     monkeypatch.setattr(tuning, "flash_attention_bwd", bwd)
     try:
-        tuned = tuning.tune_flash_attention(1, 40, 2, 1, D, torch.bfloat16, "cpu", time_ms=fake_time)
+        tuned = tuning.tune_flash_attention(1, 40, 2, 1, D, torch.bfloat16, DEVICE, time_ms=fake_time)
         assert (tuned.blocks.fwd_m, tuned.blocks.fwd_n, tuned.blocks.fwd_warps) == (128, 64, 8)
         assert (tuned.blocks.bwd_kv_m, tuned.blocks.bwd_kv_n, tuned.blocks.bwd_q_m, tuned.blocks.bwd_q_n) == (64, 64, 64, 64)
         assert tuned.forward_ms["128x128 w8 s2"] == "skipped: RuntimeError"
@@ -135,7 +136,7 @@ def test_deterministic_algorithms_keep_the_dq_kernel(monkeypatch):
     try:
         kept_grads = flash_attention_bwd(do, q, k, v, o, lse, True, scale, atomic)
         assert len(dq_launches) == 1
-        tuned = tuning.tune_flash_attention(1, 40, 2, 1, D, torch.bfloat16, "cpu", time_ms=lambda fn, r: 1.0)
+        tuned = tuning.tune_flash_attention(1, 40, 2, 1, D, torch.bfloat16, DEVICE, time_ms=lambda fn, r: 1.0)
     finally:
         torch.use_deterministic_algorithms(False)
         use_blocks(D, torch.bfloat16, None)
@@ -147,7 +148,7 @@ def test_deterministic_algorithms_keep_the_dq_kernel(monkeypatch):
 
 
 def test_fp32_is_not_tuned():
-    tuned = tuning.tune_flash_attention(1, 8, 2, 1, D, torch.float32, "cpu", time_ms=lambda fn, r: 1 / 0)
+    tuned = tuning.tune_flash_attention(1, 8, 2, 1, D, torch.float32, DEVICE, time_ms=lambda fn, r: 1 / 0)
     assert (tuned.forward_ms, tuned.backward_ms) == ({}, {})
 
 
