@@ -15,8 +15,11 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "launch_slurm.sbatch"
 
 FAKES = {
-    # srun: drop its options, run the command (the forwarding call uses --overlap and runs in the foreground).
-    "srun": '#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\nexec "$@"\n',
+    # srun: drop its options, run the command. The forwarding call (--overlap, in the foreground) lingers
+    # after delivering the signal, so the ranks have stopped before the batch script's trap returns: the
+    # script must still report their exit status, not its interrupted `wait`'s (once a race under load).
+    "srun": '#!/bin/bash\noverlap=0\nwhile [[ $1 == --* ]]; do [[ $1 == --overlap ]] && overlap=1; shift; done\n'
+            'if ((overlap)); then "$@"; sleep 0.5; else exec "$@"; fi\n',
     "scontrol": '#!/bin/bash\nif [[ $1 == show ]]; then echo node0; echo node1; else echo "$@" >> "$LOG/scontrol"; fi\n',
     # torchrun: records its arguments and runs one "rank" as its child; exits with the rank's status.
     "torchrun": '#!/bin/bash\necho "$@" > "$LOG/torchrun"\n"$PY" "$LOG/rank.py" &\nwait $!\n',
