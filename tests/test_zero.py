@@ -336,7 +336,57 @@ def test_gradients_accumulate_into_the_flat_buffer():
         got = opt.flat_grad[slot.offset:slot.offset + slot.numel]
         torch.testing.assert_close(got, ref[slot.name].grad.flatten(), rtol=0, atol=0, msg=slot.name)
     opt.zero_grad()
-    assert not opt.flat_grad.any()
+    assert all(not opt.grad_view(p).any() for p in model.parameters())
+
+
+class _TwoBranches(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x, use_b: bool):
+        y = self.a(x)
+        return (self.b(y) if use_b else y).square().sum()
+
+
+@pytest.mark.parametrize("read_first", [True, False])
+def test_a_gradient_that_does_not_arrive_counts_as_zero(read_first):
+    """zero_grad() writes nothing: each parameter's first gradient overwrites its slot. A parameter left out
+    of the next backward must count as zero, not as the last step's gradient: in grad_view, and in the
+    step's norm whether or not anything read the buffer first."""
+    model, reference = _TwoBranches(), _TwoBranches()
+    opt = ZeroOptimizer(model, ParallelState.single(), zero_config(clip_grad=0.0))
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+    model(x, True).backward()  # every slot now holds a gradient
+    opt.zero_grad()
+    model(x, False).backward()  # b's gradients do not arrive
+    reference(x, False).backward()
+    if read_first:
+        assert not opt.grad_view(model.b.weight).any() and not opt.grad_view(model.b.bias).any()
+        assert torch.equal(opt.grad_view(model.a.weight), reference.a.weight.grad)
+    result = opt.step(1e-3)
+    want = torch.cat([reference.a.weight.grad.flatten(), reference.a.bias.grad]).norm()
+    assert result.grad_norm == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_the_first_gradient_after_zero_grad_overwrites_the_slot_exactly():
+    """Copy for the first micro-batch, add for the next: bit-identical to summing into zeros."""
+    model, reference = make_model(torch.bfloat16), make_model(torch.bfloat16)
+    opt = ZeroOptimizer(model, ParallelState.single(), zero_config())
+    for window in range(2):
+        opt.zero_grad()
+        reference.zero_grad(set_to_none=True)
+        sums = {n: torch.zeros(p.shape) for n, p in reference.named_parameters()}  # fp32, as the buffer
+        for micro in range(2):
+            x, y = batch(10 * window + micro)
+            model(x, y)[1].backward()
+            reference(x, y)[1].backward()
+            for n, p in reference.named_parameters():
+                sums[n] += p.grad.float()
+                p.grad = None
+        for n, p in model.named_parameters():
+            assert torch.equal(opt.grad_view(p), sums[n]), (window, n)
 
 
 def test_moved_model_is_refused():

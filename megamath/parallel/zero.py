@@ -43,10 +43,14 @@ and the order of every floating-point operation are the same with and without th
 bit-identical.
 
 Gradients reach the flat buffer through post-accumulate-grad hooks: once autograd has accumulated a
-parameter's gradient, the hook adds it into the buffer and frees `p.grad`. This costs what `.grad` views
-would (autograd hands over its gradient tensor either way, then one add), allows a gradient buffer
+parameter's gradient, the hook puts it into the buffer and frees `p.grad`. This allows a gradient buffer
 whose dtype differs from the model's (torch refuses a `.grad` of another dtype), and accumulates over
-micro-batches until `zero_grad()`.
+micro-batches until `zero_grad()`. The first gradient of a parameter after `zero_grad()` is copied, later
+ones added, so `zero_grad()` clears nothing: it only marks every slot as awaiting its first gradient.
+That saves, per step, a pass writing the whole buffer with zeros and the first add's read of them
+(for 1B parameters and fp32 gradients, about 8.6 GB of memory traffic). A parameter whose gradient never
+arrives (unused in the forward) has its slot zeroed before anything reads the buffer: the reductions,
+the step and `grad_view`. Copying is exact: x + 0 is x (only -0.0 becomes +0.0 in the add).
 
 Which parameters are split over the TP ranks (each holds a different piece) is passed by name
 (`split_names`, for Llama `model.split_parameter_names()`, from megamath.model.partition); everything else
@@ -173,7 +177,8 @@ class ZeroOptimizer:
                 self._slot_of[id(p)] = slot
                 self._params_per_bucket[slot.bucket] += 1
                 grad_view = self.flat_grad[slot.offset:slot.offset + slot.numel].view_as(p)
-                self._hooks.append(p.register_post_accumulate_grad_hook(self._make_grad_hook(slot, grad_view)))
+                self._hooks.append(p.register_post_accumulate_grad_hook(
+                    self._make_grad_hook(len(self.params) - 1, slot, grad_view)))
         self._hook_forward(model)
         self.ranges = self._shard_ranges()
         self.master = torch.cat([self.flat_param[f0:f1] for f0, f1, _ in self.pieces]).to(torch.float32)  # (S,)
@@ -183,6 +188,7 @@ class ZeroOptimizer:
         self._grad_work: list = [None] * len(self.buckets)  # in-flight reduce-scatter per bucket
         self._gather_work: list = [None] * len(self.buckets)  # in-flight all-gather per bucket
         self._ready = [0] * len(self.buckets)  # gradients delivered per bucket since zero_grad
+        self._arrived = [False] * len(self.slots)  # per slot: a gradient since zero_grad (else it is stale)
         self._expected: list[int] | None = None  # gradients per bucket that complete it (None: no early start)
         self._sp_slots: list[ParamSlot] = []
         self.events: list | None = None
@@ -214,7 +220,7 @@ class ZeroOptimizer:
                     lambda mod, args, buckets=buckets: self._wait_param_gathers(buckets)))
         self._hooks.append(model.register_state_dict_pre_hook(lambda *args: self.finish_param_sync()))
 
-    def _make_grad_hook(self, slot: ParamSlot, grad_view: torch.Tensor):
+    def _make_grad_hook(self, index: int, slot: ParamSlot, grad_view: torch.Tensor):
         def hook(p: torch.Tensor) -> None:
             grad = p.grad  # (shape of p): this micro-batch's gradient, which autograd has just accumulated
             if torch.promote_types(grad.dtype, grad_view.dtype) != grad_view.dtype:
@@ -223,7 +229,11 @@ class ZeroOptimizer:
                 raise RuntimeError(f"ZeroOptimizer: a gradient of {slot.name} arrived after its bucket's "
                                    "reduce-scatter started: more backward passes than zero_grad(micro_batches=...) "
                                    "announced")
-            grad_view.add_(grad)
+            if self._arrived[index]:
+                grad_view.add_(grad)
+            else:  # the slot still holds an earlier step's values: overwrite them
+                grad_view.copy_(grad)
+                self._arrived[index] = True
             p.grad = None
             if self.events is not None:
                 self.events.append(("grad", slot.name))
@@ -257,14 +267,15 @@ class ZeroOptimizer:
         self._hooks = []
 
     def zero_grad(self, micro_batches: int | None = None) -> None:
-        """Zero the flat gradient buffer; call once per optimizer step, before the first micro-batch.
+        """Start a new gradient sum; call once per optimizer step, before the first micro-batch. Nothing is
+        written: each parameter's first gradient overwrites its slot (see the module docstring).
 
         micro_batches: the number of backward passes before step(). With overlap_grad_reduce, each bucket's
         reduce-scatter then starts inside the last one, as soon as its gradients are complete; None starts
         them all in step() (the only safe choice when the count is not known).
         """
         self._wait_grad_reductions()  # a step the caller skipped (non-finite loss) may leave some in flight
-        self.flat_grad.zero_()
+        self._arrived = [False] * len(self.slots)
         self._ready = [0] * len(self.buckets)
         early = self.overlap_grad_reduce and micro_batches and self.dp_group is not None
         self._expected = [n * micro_batches for n in self._params_per_bucket] if early else None
@@ -275,7 +286,17 @@ class ZeroOptimizer:
         slot = self._slot_of.get(id(p))
         if slot is None:
             raise KeyError("ZeroOptimizer.grad_view: the parameter is not one of this optimizer's")
+        self._zero_missing_grads()
         return self.flat_grad[slot.offset:slot.offset + slot.numel].view_as(p)
+
+    def _zero_missing_grads(self) -> None:
+        """Zero the slots of parameters whose gradient has not arrived since zero_grad (stale values)."""
+        if all(self._arrived):
+            return
+        for index, slot in enumerate(self.slots):
+            if not self._arrived[index]:
+                self.flat_grad[slot.offset:slot.offset + slot.numel].zero_()
+                self._arrived[index] = True
 
     def sum_sequence_parallel_grads(self, params: list[nn.Parameter]) -> None:
         """Have this step sum these parameters' gradients over TP (the sequence-parallel norm weights, whose
@@ -339,6 +360,7 @@ class ZeroOptimizer:
 
     def _reduce_scatter_grads(self) -> None:
         """Phase 1: each bucket summed over DP into this rank's piece (the backward may have started some)."""
+        self._zero_missing_grads()  # a bucket started early had all its gradients; the others may not
         if self.dp_group is not None:
             for b in range(len(self.buckets)):
                 if self._grad_work[b] is None:
