@@ -99,6 +99,19 @@ def test_parsing_a_training_config_imports_no_triton():
     assert result.returncode == 0, result.stderr
 
 
+def test_the_training_path_needs_no_zstandard():
+    """Training, its evaluation and the GPU benchmarks import no compression library: zstandard is needed to
+    read or write .jsonl.zst corpora only, and a GPU image may lack it (the one the GPU check runs on does)."""
+    code = (
+        "import sys\n"
+        "sys.modules['zstandard'] = None  # import zstandard now raises ImportError\n"
+        "import megamath.training.loop, megamath.commands.train, megamath.evaluation.during_training\n"
+        "import megamath.data.indexed_dataset_writer  # perf/gpu_train_case.py writes its corpus with it\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
 def test_files_stay_small_or_say_why():
     """A file past ~400 lines usually holds two jobs; one that does not says so in a "Why one file:" line."""
     for path in (REPO / "megamath").rglob("*.py"):

@@ -1,6 +1,6 @@
 r"""demo-arith: held-out arithmetic from the demo corpus's own templates, so the demo can show an accuracy.
 
-A problem is a document drawn from a template of megamath.data.demo_corpus with a fresh seed (not one the
+A problem is a document drawn from a template of megamath.data.demo_documents with a fresh seed (not one the
 corpus used), cut just before a number the template computed: the model completes the document, and the
 first integer it writes is its answer. Kinds, from easy to hard for a small model:
 
@@ -23,16 +23,16 @@ import re
 from pathlib import Path
 
 # The corpus's template functions (private there: the corpus is their only other user).
-from megamath.data.demo_corpus import _arxiv_paper, _lean_source, _web_page
+from megamath.data.demo_documents import arxiv_paper, lean_source, web_page
 
 KINDS = {  # kind -> (template, regex: group 1 is the prompt, group 2 the answer)
-    "derivative": (_arxiv_paper, r"(^.*?Then \$f'\(x\) = )(\d+)"),
-    "linear": (_web_page, r"(^.*?Subtract \d+ from both sides: \$\d+x = )(\d+)"),
-    "circumference": (_web_page, r"(^.*? and circumference \$)(\d+)"),
-    "lean-add": (_lean_source, r"(^.*?theorem demo_add_\d+ : \(\d+ : ℕ\) \+ \d+ = )(\d+)"),
-    "area": (_web_page, r"(^.*?has area \$\\pi r\^2 = )(\d+)"),
-    "gcd": (_web_page, r"(^.*?\$\\gcd\(\d+, \d+\) = )(\d+)"),
-    "sum": (_web_page, r"(^.*?\\cdot \d+\}\{2\} = )(\d+)"),
+    "derivative": (arxiv_paper, r"(^.*?Then \$f'\(x\) = )(\d+)"),
+    "linear": (web_page, r"(^.*?Subtract \d+ from both sides: \$\d+x = )(\d+)"),
+    "circumference": (web_page, r"(^.*? and circumference \$)(\d+)"),
+    "lean-add": (lean_source, r"(^.*?theorem demo_add_\d+ : \(\d+ : ℕ\) \+ \d+ = )(\d+)"),
+    "area": (web_page, r"(^.*?has area \$\\pi r\^2 = )(\d+)"),
+    "gcd": (web_page, r"(^.*?\$\\gcd\(\d+, \d+\) = )(\d+)"),
+    "sum": (web_page, r"(^.*?\\cdot \d+\}\{2\} = )(\d+)"),
 }
 STOP = ("\n",)
 _FIRST_INTEGER = re.compile(r"^\s*(-?\d+)")
