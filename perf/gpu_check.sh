@@ -1,19 +1,25 @@
 #!/usr/bin/env bash
-# The GPU check, about 10-12 minutes in all (PARTS splits it): versions, build (with the CUDA RMSNorm, which must
-# build on a CUDA machine), the kernel and trainer tests compiled on the GPU, a short `megamath train`
-# on the GPU, the kernel benchmark, then the training-step benchmark. Assumes torch, triton and numpy are installed;
-# installs megamath's other needs if missing (from wheels in $WHEELS_DIR when there is no network).
+# The GPU check. A GPU session has about 15 minutes of device time in all, machine start included, and
+# should run this early (a baseline) and again at the end, so the default run is the short one (about 5-6
+# minutes, estimated: never timed whole on a GPU): versions, build (with the CUDA RMSNorm, which must build on
+# a CUDA machine), the trainer tests compiled on the GPU (bf16 model with kernels against the reference ops,
+# the host-sync test), the training-step benchmark (MFU, against Hugging Face eager and compiled, the
+# planner's memory), and attention against SDPA's backends. The rest, every compiled kernel test, a short
+# `megamath train` and the benchmark of every kernel, runs by PARTS, one or two parts per call.
+# Assumes torch, triton and numpy are installed; installs megamath's other needs if missing (from wheels in
+# $WHEELS_DIR when there is no network; without zstandard only corpus reading is lost).
 #
-#   bash perf/gpu_check.sh            # logs and results go to $OUT if set, else perf/results
+#   bash perf/gpu_check.sh                          # the short check: trainer train_bench attention
+#   PARTS="tests train" bash perf/gpu_check.sh      # then, if the lease allows: PARTS=kernels
 #
 # Knobs (environment): PYTHON (default python3), WHEELS_DIR (default .whl: wheels to install first,
 # e.g. liger-kernel for the benchmark's peers), TEST_TIMEOUT / BENCH_TIMEOUT (seconds, 240 / 330),
 # TESTS (test files to run instead of every kernel test), BENCH_ARGS (extra arguments for
 # perf/bench_kernels.py, e.g. "--no-compile" or "--ops rms_norm"), TRAIN_BENCH_ARGS (for
-# perf/bench_train.py), TRAIN_BENCH_TIMEOUT (seconds, 300), PARTS (which parts run, default all of
-# "tests train kernels train_bench"; versions, packages and the build always run). The whole check takes
-# longer than one 10-minute command: split it, e.g. PARTS="tests train", then PARTS=kernels, then
-# PARTS=train_bench (each part's timeout is below; the build runs each time, incrementally).
+# perf/bench_train.py), TRAIN_BENCH_TIMEOUT (seconds, 300), PARTS (which parts run: default
+# "trainer train_bench attention"; also "tests" (every compiled kernel test, the trainer's included),
+# "train" and "kernels" (every kernel's benchmark, attention's included); versions, packages and the build
+# always run, incrementally after the first call).
 # Each step runs even when an earlier one failed; the exit status is that of the first failing step.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -23,9 +29,10 @@ mkdir -p "$DEST"
 exec > >(tee -a "$DEST/gpu_check.log") 2>&1
 status=0
 step() { echo; echo "=== $* ($(date +%H:%M:%S))"; }
-PARTS=${PARTS:-tests train kernels train_bench}
+PARTS=${PARTS:-trainer train_bench attention}
 for p in $PARTS; do
-    case $p in tests|train|kernels|train_bench) ;; *) echo "unknown part '$p' in PARTS (tests train kernels train_bench)"; exit 2;; esac
+    case $p in trainer|train_bench|attention|tests|train|kernels) ;;
+        *) echo "unknown part '$p' in PARTS (trainer train_bench attention tests train kernels)"; exit 2;; esac
 done
 part() { [[ " $PARTS " == *" $1 "* ]]; }
 record() { local rc=$1; if [ "$rc" -ne 0 ] && [ "$status" -eq 0 ]; then status=$rc; fi; }
@@ -62,12 +69,17 @@ $PY -c "from megamath.kernels import rms_norm_cuda as m; import sys; sys.exit(0 
 rc=$?; record $rc
 [ "$rc" -ne 0 ] && echo "FAILED: the CUDA RMSNorm extension did not build (see $DEST/build.log)"
 
-if part tests; then
-step "kernel tests, compiled on the GPU"
 unset TRITON_INTERPRET
-tests=${TESTS:-$(ls tests/test_rms_norm*.py tests/test_rope*.py tests/test_flash_attention*.py tests/test_swiglu*.py \
-        tests/test_cross_entropy*.py tests/test_adamw*.py tests/test_gpu_trainer.py tests/test_attention_choice.py \
-        2> /dev/null)}
+if part tests || part trainer; then
+if part tests; then
+    step "kernel and trainer tests, compiled on the GPU"
+    tests=${TESTS:-$(ls tests/test_rms_norm*.py tests/test_rope*.py tests/test_flash_attention*.py tests/test_swiglu*.py \
+            tests/test_cross_entropy*.py tests/test_adamw*.py tests/test_gpu_trainer.py tests/test_attention_choice.py \
+            2> /dev/null)}
+else
+    step "trainer tests, compiled on the GPU (the bf16 model against the reference ops, the host-sync test)"
+    tests=${TESTS:-tests/test_gpu_trainer.py tests/test_attention_choice.py}
+fi
 workers=$($PY -c "import xdist" 2> /dev/null && echo "-n 8")
 timeout "${TEST_TIMEOUT:-240}" $PY -m pytest -q -p no:cacheprovider $workers $tests > "$DEST/tests.log" 2>&1
 rc=$?; record $rc
@@ -84,18 +96,24 @@ rc=$?; record $rc
 tail -n 3 "$TRAIN_DIR/run/metrics.jsonl" 2> /dev/null
 fi
 
-if part kernels; then
-step "kernel benchmark"
-timeout "${BENCH_TIMEOUT:-330}" $PY perf/bench_kernels.py --out "$DEST" ${BENCH_ARGS:-}
-rc=$?; record $rc
-[ "$rc" -eq 124 ] && echo "benchmark stopped at BENCH_TIMEOUT"
-fi
-
 if part train_bench; then
 step "training-step benchmark (megamath vs Hugging Face eager and compiled; the planner's memory within 10 %)"
 timeout "${TRAIN_BENCH_TIMEOUT:-300}" $PY perf/bench_train.py --out "$DEST" ${TRAIN_BENCH_ARGS:-}
 rc=$?; record $rc
 [ "$rc" -eq 124 ] && echo "training benchmark stopped at TRAIN_BENCH_TIMEOUT"
+fi
+
+if part kernels || part attention; then
+if part kernels; then
+    step "kernel benchmark"
+    ops=""
+else
+    step "attention benchmark (ours, tuned, against SDPA's flash, cuDNN, efficient and math backends)"
+    ops="--ops flash_attention"
+fi
+timeout "${BENCH_TIMEOUT:-330}" $PY perf/bench_kernels.py --out "$DEST" $ops ${BENCH_ARGS:-}
+rc=$?; record $rc
+[ "$rc" -eq 124 ] && echo "benchmark stopped at BENCH_TIMEOUT"
 fi
 
 step "done: status $status"
