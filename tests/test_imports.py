@@ -82,6 +82,12 @@ def test_kernels_import_nothing_of_megamath():
             assert all(d.startswith("megamath.kernels") for d in deps), f"{name} imports {deps}"
 
 
+def assert_runs(code: str) -> None:
+    """Run code in a fresh interpreter (nothing imported yet) and require it to succeed."""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
 def test_parsing_a_training_config_imports_no_triton():
     """Run with Triton made unimportable, as on a machine without it."""
     code = (
@@ -95,8 +101,7 @@ def test_parsing_a_training_config_imports_no_triton():
         "c.TrainConfig\n"
         "assert not any(m == 'triton' or m.startswith('megamath.kernels') for m in sys.modules), sorted(sys.modules)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
+    assert_runs(code)
 
 
 def test_the_training_path_needs_no_zstandard():
@@ -108,8 +113,7 @@ def test_the_training_path_needs_no_zstandard():
         "import megamath.training.loop, megamath.commands.train, megamath.evaluation.during_training\n"
         "import megamath.data.indexed_dataset_writer  # perf/gpu_train_case.py writes its corpus with it\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
+    assert_runs(code)
 
 
 def test_files_stay_small_or_say_why():
