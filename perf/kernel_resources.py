@@ -5,8 +5,9 @@
 
 Every kernel is compiled by the real launch code (megamath.kernels' launchers, called on CPU tensors of
 the default training case: Code Llama 7B's width, S 4096, micro-batch 1) for each target, and each
-compiled program is reported with its shared memory, registers per thread, spilled bytes, the
-tensor-core instruction its dots use (`mma` on Ampere, `wgmma` on Hopper) and its widest global access.
+compiled program is reported with its shared memory, registers per thread, the blocks one SM holds at
+once (occupancy), spilled bytes, the tensor-core instruction its dots use (`mma` on Ampere, `wgmma` on
+Hopper) and its widest global access.
 Attention is compiled at its default tiles and at every tile set the start-up tuner may try.
 
 Why: GPU time is scarce, and a tile set that cannot launch (shared memory or registers over the GPU's
@@ -40,6 +41,9 @@ SHARED_LIMIT = {80: 166912, 90: 232448}
 """Largest shared memory one block may opt into, in bytes: 163 KiB on an A100, 227 KiB on an H100."""
 REGISTER_FILE = 65536
 """32-bit registers per SM (both GPUs): registers per thread x threads per block must fit."""
+SM_SHARED = {80: 167936, 90: 233472}
+"""Shared memory per SM, in bytes (164 and 228 KiB); each resident block also takes 1 KiB of it."""
+MAX_THREADS_PER_SM, MAX_BLOCKS_PER_SM = 2048, 32
 ARCH_NAMES = {80: "sm_80 (A100)", 90: "sm_90a (H100)"}
 
 
@@ -61,6 +65,19 @@ class Compiled:
     widest_access_bits: int
     error: str = ""
     """Why it did not compile, if it did not (the other figures are then 0)."""
+
+    def blocks_per_sm(self) -> int:
+        """Blocks of this program one SM holds at once (occupancy): what registers, shared memory and
+        threads allow. Registers are handed out per warp in units of 256. 0 when it cannot launch."""
+        if self.error:
+            return 0
+        warps = self.threads // 32
+        registers_per_warp = -(-self.registers * 32 // 256) * 256
+        limits = [MAX_BLOCKS_PER_SM, MAX_THREADS_PER_SM // self.threads,
+                  REGISTER_FILE // max(1, registers_per_warp * warps)]
+        if self.shared_bytes:
+            limits.append(SM_SHARED[self.arch] // (self.shared_bytes + 1024))
+        return min(limits) if not self.cannot_launch() else 0
 
     def cannot_launch(self) -> list[str]:
         """Why the GPU would refuse this program at launch (empty when it fits)."""
@@ -269,12 +286,13 @@ def _cases() -> list[tuple[str, str, bool, Callable[[], object]]]:
 
 # ---------------------------------------------------------------------------------------------- report
 def _table(rows: list[Compiled]) -> str:
-    lines = ["| case | kernel | config | GPU | shared KiB | registers | spills B | tensor cores | widest access | problems |",
-             "| --- | --- | --- | --- | ---: | ---: | ---: | --- | ---: | --- |"]
+    lines = ["| case | kernel | config | GPU | shared KiB | registers | blocks/SM | spills B | tensor cores | widest access "
+             "| problems |",
+             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: | --- |"]
     for r in rows:
         case = r.case + (" (default)" if r.default else "")
         lines.append(f"| {case} | {r.kernel} | {r.config} | {ARCH_NAMES[r.arch]} | {r.shared_bytes / 1024:.1f} | "
-                     f"{r.registers} | {r.spill_bytes} | {r.tensor_cores} | {r.widest_access_bits} bit | "
+                     f"{r.registers} | {r.blocks_per_sm()} | {r.spill_bytes} | {r.tensor_cores} | {r.widest_access_bits} bit | "
                      f"{'; '.join(r.cannot_launch() + r.slow_signs()) or 'none'} |")
     return "\n".join(lines)
 
@@ -339,7 +357,8 @@ def main(argv=None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         (out / f"kernel-resources-{datetime.date.today().isoformat()}.md").write_text(report)
     if args.json:
-        Path(args.json).write_text(json.dumps([dataclasses.asdict(r) for r in compiler.compiled], indent=1))
+        Path(args.json).write_text(json.dumps([{**dataclasses.asdict(r), "blocks_per_sm": r.blocks_per_sm()}
+                                               for r in compiler.compiled], indent=1))
     for r in compiler.compiled:
         if r.default and (r.cannot_launch() or r.slow_signs()):
             print(f"{'cannot launch' if r.cannot_launch() else 'slow'}: {r.kernel} ({r.case}, {ARCH_NAMES[r.arch]}): "

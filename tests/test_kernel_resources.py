@@ -8,6 +8,7 @@ GPU only. The figures are those of the Triton installed here.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -17,6 +18,29 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("kernel_resources", REPO / "perf" / "kernel_resources.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while being built
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("arch,registers,threads,shared,blocks", [
+    (90, 254, 128, 99328, 2),    # attention's default dK/dV tiles: registers and shared memory both allow 2
+    (90, 168, 128, 114688, 2),   # the default forward: 2 x (112 + 1) KiB fit in 228 KiB
+    (90, 124, 256, 114688, 2),   # 8 warps of 124 registers (128 allotted): 32 K registers per block
+    (80, 255, 128, 86784, 1),    # an A100 holds 164 KiB: one 85 KiB block
+    (90, 32, 256, 0, 8),         # an elementwise kernel: 8 blocks of 256 threads fill 2048 threads
+    (90, 255, 512, 0, 0),        # 255 x 512 registers: over the register file, it cannot launch
+])
+def test_blocks_per_sm(arch, registers, threads, shared, blocks):
+    tool = _tool()
+    row = tool.Compiled(case="", kernel="", config="", arch=arch, default=True, shared_bytes=shared,
+                        registers=registers, spill_bytes=0, threads=threads, tensor_cores="-", widest_access_bits=128)
+    assert row.blocks_per_sm() == blocks
 
 
 def _compile_for_h100(tmp_path: Path, *flags: str) -> list[dict]:
@@ -41,6 +65,7 @@ def test_default_launches_compile_for_h100_without_signs_of_slowness(tmp_path):
         where = f"{r['kernel']} ({r['case']}, {r['config']})"
         assert r["default"], where
         assert r["shared_bytes"] <= 232448 and r["registers"] * r["threads"] <= 65536, where
+        assert r["blocks_per_sm"] >= 1, where
         assert r["spill_bytes"] == 0, where
         assert r["widest_access_bits"] == 128, where
         dots = r["kernel"] in {"_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"}
