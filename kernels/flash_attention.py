@@ -354,7 +354,7 @@ def flash_attention_blocks(head_dim: int, interpret: bool | None = None,
     serves every head_dim for now; head_dim stays an argument for per-size tiles later.
     fp32 tiles take twice the shared memory per pipeline stage, so fp32 runs single-staged, and its
     three-product (tf32x3) dots need three times the registers: at the bf16 tiles the compiler spilled
-    5-95 KB per thread at D 128 (perf/kernel_resources.py, Triton 3.9, sm_80 and sm_90a); the smaller fp32
+    0.7-95 KB per thread at D 128 (perf/kernel_resources.py, Triton 3.9, sm_80 and sm_90a); the smaller fp32
     tiles below spill at most 36 bytes there. fp32 attention is for checks, not speed.
     """
     if interpreting() if interpret is None else interpret:
