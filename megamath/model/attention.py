@@ -50,6 +50,8 @@ class AttentionChoice:
     """Median forward + backward time of each candidate (empty when nothing was timed)."""
     reason: str
     """One line for the run's log."""
+    tiles: object = None
+    """The FlashAttentionBlocks our kernel was tuned to and now uses (a GPU with the Triton kernels), else None."""
 
 
 def choose_attention(setting: str, ops: Ops, shape: tuple[int, int, int, int, int], dtype: torch.dtype,
@@ -62,13 +64,15 @@ def choose_attention(setting: str, ops: Ops, shape: tuple[int, int, int, int, in
     if setting not in ATTENTION_CHOICES:
         raise ValueError(f"model.attention must be one of {', '.join(ATTENTION_CHOICES)}, got {setting!r}")
     b, s, hq, hkv, d = shape
-    tiles = ""
+    tiles, tuned = "", None
     if device.type == "cuda" and ops.backend == "triton" and setting != "sdpa":
         from megamath.kernels.flash_attention_tuning import tune_flash_attention  # Triton only on this path
 
-        tiles = "; " + tune_flash_attention(b, s, hq, hkv, d, dtype, device).summary()
+        tuned = tune_flash_attention(b, s, hq, hkv, d, dtype, device)
+        tiles = "; " + tuned.summary()
+    blocks = tuned.blocks if tuned is not None else None
     if setting != "auto":
-        return AttentionChoice(setting, {}, f"attention: {setting} (set in the config){tiles}")
+        return AttentionChoice(setting, {}, f"attention: {setting} (set in the config){tiles}", blocks)
     if device.type != "cuda":
         return AttentionChoice("megamath", {}, "attention: megamath (auto: nothing to time off a GPU)")
     from megamath.kernels.flash_attention_tuning import cuda_time_ms
@@ -87,4 +91,4 @@ def choose_attention(setting: str, ops: Ops, shape: tuple[int, int, int, int, in
     best = min(timings, key=timings.get)
     detail = ", ".join(f"{name} {ms:.3f} ms" for name, ms in timings.items())
     return AttentionChoice(best, timings, f"attention: {best} (auto, forward + backward at B {b} S {s} heads "
-                                          f"{hq}/{hkv} D {d}: {detail}){tiles}")
+                                          f"{hq}/{hkv} D {d}: {detail}){tiles}", blocks)

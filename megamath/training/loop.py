@@ -30,15 +30,14 @@ import numpy as np
 import torch
 
 from megamath.evaluation.during_training import evaluate_tasks
-from megamath.model.attention import choose_attention
 from megamath.model.llama import Llama
-from megamath.model.ops import get_ops
 from megamath.model.pretrained import load_pretrained
 from megamath.parallel.sequence_parallel import allreduce_sequence_parallel_grads
-from megamath.parallel.mappings import all_reduce_, all_reduce_max_
+from megamath.parallel.mappings import all_reduce_
 from megamath.parallel.state import ParallelState
 from megamath.parallel.zero import ZeroOptimizer
 from megamath.training import checkpoint as ckpt
+from megamath.training.attention_settle import settle_attention
 from megamath.training.config import TrainConfig, dump_config
 from megamath.training.data import MicroBatch, TrainData
 from megamath.training.metrics import MetricsLogger, format_summary, run_info
@@ -152,21 +151,6 @@ def build_model(config: TrainConfig, state: ParallelState) -> Llama:
     return model.to(param_dtype(config, state.device)).train()
 
 
-def settle_attention(model: Llama, config: TrainConfig, state: ParallelState) -> str:
-    """Resolve model.attention "auto" for this run's shape (timed on the GPU); every rank keeps one choice."""
-    hq, hkv = model.layers[0].self_attn.local_heads()
-    shape = (config.micro_batch_size, config.data.seq_length, hq, hkv, config.model.head_dim)
-    ops = get_ops(config.model.kernels, state.device)
-    choice = choose_attention(config.model.attention, ops, shape, param_dtype(config, state.device), state.device)
-    chosen = choice.attention
-    if state.is_distributed and config.model.attention == "auto":  # timings differ by rank: sdpa only if all agree
-        prefers_ours = torch.tensor([float(chosen == "megamath")], device=state.device)
-        all_reduce_max_(prefers_ours, state.world_group)
-        chosen = "megamath" if prefers_ours.item() > 0 else "sdpa"
-    model.attention = chosen
-    return choice.reason if chosen == choice.attention else f"{choice.reason}; megamath on every rank, as another preferred it"
-
-
 def build_optimizer(config: TrainConfig, model: Llama, state: ParallelState) -> ZeroOptimizer:
     """The ZeRO-1 optimizer over the model's parameters, bucketed and overlapped as config.parallel says."""
     par = config.parallel
@@ -267,7 +251,7 @@ def _train(config: TrainConfig, state: ParallelState, attempt: str) -> TrainResu
         resharded = (f" (saved at tensor-parallel size {meta['tp_size']}, re-cut for {state.tp_size})"
                      if meta["tp_size"] != state.tp_size else "")
         log.say(f"resumed from {resume_from} at step {step}{resharded}")
-    log.say(settle_attention(model, config, state))
+    log.say(settle_attention(model, config, state, run_dir, param_dtype(config, state.device)))
     last_saved, preempted, lr = step, False, 0.0
     try:
         with PreemptionFlag() as flag:

@@ -1,0 +1,79 @@
+"""The attention a run settles on at its first start, shared by every rank and kept for its resumes.
+
+Why: `model.attention: auto` and our flash-attention kernel's tiles are chosen by timing on the GPU at
+start-up (megamath.model.attention.choose_attention). Timings vary from rank to rank and from start to
+start, so ranks could run different tiles, and a resumed run could pick another implementation or other
+tiles than the run it continues: its losses would then drift from an uninterrupted run's in the last
+bits. So rank 0's tiles are used by every rank (the implementation is already agreed: SDPA only when every
+rank timed it faster), and the choice is written to RUN_DIR/attention.json. A later start with the same
+setting, kernels, GPU model, per-rank shape and dtype reads it and times nothing; anything else is timed
+again and the file rewritten, the log line saying why.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from megamath.atomic_io import write_text_atomically
+from megamath.model.attention import choose_attention
+from megamath.model.llama import Llama
+from megamath.model.ops import get_ops
+from megamath.parallel.mappings import all_gather_objects, all_reduce_max_
+from megamath.parallel.state import ParallelState
+from megamath.training.config import TrainConfig
+
+FILE = "attention.json"
+
+
+def settle_attention(model: Llama, config: TrainConfig, state: ParallelState, run_dir: Path,
+                     dtype: torch.dtype) -> str:
+    """Set model.attention (and our kernel's tiles) for this run on every rank; returns the log line."""
+    hq, hkv = model.layers[0].self_attn.local_heads()
+    shape = (config.micro_batch_size, config.data.seq_length, hq, hkv, config.model.head_dim)
+    ops = get_ops(config.model.kernels, state.device)
+    key = {"setting": config.model.attention, "kernels": ops.backend, "shape": list(shape), "dtype": str(dtype),
+           "device": torch.cuda.get_device_name(state.device) if state.device.type == "cuda" else state.device.type}
+    saved = all_gather_objects(_read(run_dir / FILE) if state.rank == 0 else None, state.world_group)[0]
+    if saved is not None and saved.get("key") == key:
+        record, line = saved, f"{saved['reason']} (kept from this run's first start, {FILE})"
+    else:
+        record, line = _choose(key, ops, shape, dtype, state)
+        if saved is not None:
+            changed = sorted(name for name in key if saved.get("key", {}).get(name) != key[name])
+            line += f" (timed again: {', '.join(changed) or 'the saved choice'} changed since {FILE} was written)"
+        if state.rank == 0:
+            write_text_atomically(run_dir / FILE, json.dumps(record, indent=1) + "\n")
+    model.attention = record["attention"]
+    if record["tiles"] is not None:
+        from megamath.kernels.flash_attention import FlashAttentionBlocks, use_blocks  # Triton only on this path
+
+        use_blocks(shape[-1], dtype, FlashAttentionBlocks(**record["tiles"]))
+    return line
+
+
+def _choose(key: dict, ops, shape: tuple, dtype: torch.dtype, state: ParallelState) -> tuple[dict, str]:
+    """Time on every rank; agree on the implementation (SDPA only if every rank prefers it) and on rank 0's
+    tiles. Returns the record for the file and the log line."""
+    choice = choose_attention(key["setting"], ops, shape, dtype, state.device)
+    chosen, reason = choice.attention, choice.reason
+    if state.is_distributed and key["setting"] == "auto":
+        prefers_ours = torch.tensor([float(chosen == "megamath")], device=state.device)
+        all_reduce_max_(prefers_ours, state.world_group)
+        chosen = "megamath" if prefers_ours.item() > 0 else "sdpa"
+        if chosen != choice.attention:
+            reason += "; megamath on every rank, as another preferred it"
+    tiles = dataclasses.asdict(choice.tiles) if choice.tiles is not None else None
+    tiles = all_gather_objects(tiles, state.world_group)[0]  # rank 0's, on every rank
+    return {"key": key, "attention": chosen, "tiles": tiles, "reason": reason}, reason
+
+
+def _read(path: Path) -> dict | None:
+    """The saved choice, or None when there is none or it cannot be read (it is then timed again)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and {"key", "attention", "tiles", "reason"} <= record.keys() else None
