@@ -18,8 +18,9 @@
 # perf/bench_kernels.py, e.g. "--no-compile" or "--ops rms_norm"), TRAIN_BENCH_ARGS (for
 # perf/bench_train.py), TRAIN_BENCH_TIMEOUT (seconds, 300), PARTS (which parts run: default
 # "trainer train_bench attention"; also "tests" (every compiled kernel test, the trainer's included),
-# "train" and "kernels" (every kernel's benchmark, attention's included); versions, packages and the build
-# always run, incrementally after the first call).
+# "train", "kernels" (every kernel's benchmark, attention's included) and "resources" (perf/kernel_resources.py
+# under this machine's Triton, about a minute of CPU: registers, spills, wgmma of every kernel at sm_90a);
+# versions, packages and the build always run, incrementally after the first call).
 # Each step runs even when an earlier one failed; the exit status is that of the first failing step.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -31,8 +32,8 @@ status=0
 step() { echo; echo "=== $* ($(date +%H:%M:%S))"; }
 PARTS=${PARTS:-trainer train_bench attention}
 for p in $PARTS; do
-    case $p in trainer|train_bench|attention|tests|train|kernels) ;;
-        *) echo "unknown part '$p' in PARTS (trainer train_bench attention tests train kernels)"; exit 2;; esac
+    case $p in trainer|train_bench|attention|tests|train|kernels|resources) ;;
+        *) echo "unknown part '$p' in PARTS (trainer train_bench attention tests train kernels resources)"; exit 2;; esac
 done
 part() { [[ " $PARTS " == *" $1 "* ]]; }
 record() { local rc=$1; if [ "$rc" -ne 0 ] && [ "$status" -eq 0 ]; then status=$rc; fi; }
@@ -114,6 +115,14 @@ fi
 timeout "${BENCH_TIMEOUT:-330}" $PY perf/bench_kernels.py --out "$DEST" $ops ${BENCH_ARGS:-}
 rc=$?; record $rc
 [ "$rc" -eq 124 ] && echo "benchmark stopped at BENCH_TIMEOUT"
+fi
+
+if part resources; then
+step "kernel resources from this machine's Triton (compiled for sm_90a, not run)"
+$PY perf/kernel_resources.py --arch 90 --out "$DEST" > "$DEST/kernel_resources.log" 2>&1
+rc=$?
+if [ "$rc" -eq 2 ]; then echo "this Triton cannot be read that way: $(tail -n 1 "$DEST/kernel_resources.log")"; else record $rc; fi
+grep -E "^(cannot launch|slow):" "$DEST/kernel_resources.log" || echo "no default configuration spills or misses wgmma"
 fi
 
 step "done: status $status"
