@@ -118,15 +118,24 @@ class _CompileOnlyDriver:
         return 0
 
 
-def _ptxas_report(ptx: str, arch: int) -> tuple[int, int]:
-    """(registers per thread, spilled bytes) from ptxas -v, the assembler Triton itself uses."""
+def _ptxas_path(arch: int) -> str:
+    """The ptxas Triton itself assembles with (its helper's signature and result vary between versions)."""
     from triton.backends.nvidia.compiler import get_ptxas
 
+    try:
+        tool = get_ptxas(arch)
+    except TypeError:  # versions whose get_ptxas() takes no architecture
+        tool = get_ptxas()
+    return tool.path if hasattr(tool, "path") else tool[0]
+
+
+def _ptxas_report(ptx: str, arch: int) -> tuple[int, int]:
+    """(registers per thread, spilled bytes) from ptxas -v, the assembler Triton itself uses."""
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as source:
         source.write(ptx)
     try:
         name = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-        done = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={name}", source.name, "-o", os.devnull],
+        done = subprocess.run([_ptxas_path(arch), "-v", f"--gpu-name={name}", source.name, "-o", os.devnull],
                               capture_output=True, text=True)
     finally:
         os.unlink(source.name)
@@ -179,7 +188,7 @@ class KernelCompiler:
         self._case, self._default, self._arch = case, default, arch
         for function in self._functions:  # binders cache the target they were created for
             function.device_caches.clear()
-        # Not reset afterwards: without a GPU there is no real driver to go back to (this is a one-shot tool).
+        # Not reset afterwards: this is a one-shot tool, and without a GPU there is no driver to go back to.
         driver.set_active(_CompileOnlyDriver(arch))
         knobs.runtime.jit_cache_hook = self._compile
         try:
@@ -321,7 +330,7 @@ def main(argv=None) -> int:
     try:
         import triton
         from triton import knobs
-        from triton.backends.nvidia.compiler import get_ptxas  # the NVIDIA back end is present
+        import triton.backends.nvidia.compiler  # noqa: F401  (the NVIDIA back end is present)
         knobs.runtime.jit_cache_hook  # noqa: B018  (Triton >= 3.4 calls it before compiling)
     except (ImportError, AttributeError) as err:
         print(f"kernel_resources: this Triton cannot compile for NVIDIA GPUs here ({err})", file=sys.stderr)
@@ -339,7 +348,7 @@ def main(argv=None) -> int:
             if op in wanted and args.match in label and (default or not args.defaults_only):
                 compiler.run(label, launch, arch, default)
 
-    ptxas_version = subprocess.run([get_ptxas(max(arches)).path, "--version"], capture_output=True, text=True)
+    ptxas_version = subprocess.run([_ptxas_path(max(arches)), "--version"], capture_output=True, text=True)
     ptxas = ptxas_version.stdout.strip().splitlines()[-1] if ptxas_version.stdout.strip() else "unknown"
     report = "\n".join([
         f"# Kernel resources, {datetime.date.today().isoformat()} (compiled, not run: no timings)",
