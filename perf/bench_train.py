@@ -61,8 +61,7 @@ PLAN_TOLERANCE = 0.10
 
 def model_config(args, gpu: bool) -> ModelConfig:
     if gpu:  # Code Llama 7B's width
-        return ModelConfig(vocab_size=32016, hidden_size=4096, num_layers=args.layers, num_heads=32, num_kv_heads=32,
-                           ffn_hidden_size=11008, max_seq_length=args.seq_length, rope_theta=1e6)
+        return ModelConfig.from_preset("codellama-7b", num_layers=args.layers, max_seq_length=args.seq_length)
     return ModelConfig(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=128,
                        max_seq_length=args.seq_length, rope_theta=1e6, kernels="reference")
 

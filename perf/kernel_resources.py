@@ -224,8 +224,16 @@ class KernelCompiler:
 
 
 # ------------------------------------------------------------------------- the launches, default case
-HIDDEN, HEADS, HEAD_DIM, FFN, VOCAB, SEQ = 4096, 32, 128, 11008, 32016, 4096
+MODEL_PRESET, SEQ = "codellama-7b", 4096
 """Code Llama 7B's width at S 4096, micro-batch 1: the training benchmark's default case."""
+
+
+def _default_shape() -> tuple[int, int, int, int, int]:
+    """(hidden, heads, head_dim, ffn, vocab) of the preset, as the model defines them."""
+    from megamath.model.config import ModelConfig
+
+    m = ModelConfig.from_preset(MODEL_PRESET)
+    return m.hidden_size, m.num_heads, m.head_dim, m.ffn_hidden_size, m.vocab_size
 
 
 def _cases() -> list[tuple[str, str, bool, Callable[[], object]]]:
@@ -238,23 +246,24 @@ def _cases() -> list[tuple[str, str, bool, Callable[[], object]]]:
         ("adamw", "cross_entropy", "flash_attention", "flash_attention_tuning", "rms_norm", "rope", "swiglu"))
 
     bf16, tokens = torch.bfloat16, SEQ
+    hidden, heads, dim, ffn, vocab = _default_shape()
 
     def rms_norm():
-        x, w = torch.empty(tokens, HIDDEN, dtype=bf16), torch.empty(HIDDEN, dtype=bf16)
+        x, w = torch.empty(tokens, hidden, dtype=bf16), torch.empty(hidden, dtype=bf16)
         _, x2, rstd = rms_module.rms_norm_fwd(x, w, 1e-5)
         rms_module.rms_norm_bwd(x, x2, w, rstd)
 
     def rope():
-        qkv = torch.empty(1, SEQ, 3 * HEADS, HEAD_DIM, dtype=bf16)  # views of a fused projection, as the model
-        rope_module._rope_launch(qkv[:, :, :HEADS], qkv[:, :, HEADS:2 * HEADS], 10000.0, 0, 1.0)
+        qkv = torch.empty(1, SEQ, 3 * heads, dim, dtype=bf16)  # views of a fused projection, as the model
+        rope_module._rope_launch(qkv[:, :, :heads], qkv[:, :, heads:2 * heads], 10000.0, 0, 1.0)
 
     def swiglu():
-        gate_up = torch.empty(tokens, 2 * FFN, dtype=bf16)
-        gate, up = gate_up[:, :FFN], gate_up[:, FFN:]
+        gate_up = torch.empty(tokens, 2 * ffn, dtype=bf16)
+        gate, up = gate_up[:, :ffn], gate_up[:, ffn:]
         swiglu_module.swiglu_bwd(swiglu_module.swiglu_fwd(gate, up), gate, up)
 
     def cross_entropy():
-        logits = torch.empty(tokens, VOCAB, dtype=bf16, requires_grad=True)
+        logits = torch.empty(tokens, vocab, dtype=bf16, requires_grad=True)
         targets = torch.zeros(tokens, dtype=torch.int64)
         ce_module.cross_entropy(logits, targets, check_targets=False).backward()
 
@@ -266,17 +275,17 @@ def _cases() -> list[tuple[str, str, bool, Callable[[], object]]]:
 
     def attention(head_dim, dtype, blocks, forward=True, backward=True):
         def launch():
-            q = torch.empty(1, SEQ, HEADS, head_dim, dtype=dtype)
+            q = torch.empty(1, SEQ, heads, head_dim, dtype=dtype)
             scale = head_dim ** -0.5
             o, lse = fa.flash_attention_fwd(q, q, q, True, scale, blocks) if forward else (q, torch.empty(0))
             if backward:
-                fa.flash_attention_bwd(q, q, q, q, o, torch.empty(1, HEADS, SEQ), True, scale, blocks)
+                fa.flash_attention_bwd(q, q, q, q, o, torch.empty(1, heads, SEQ), True, scale, blocks)
         return launch
 
     cases = [("rms_norm", "rms_norm", True, rms_norm), ("rope", "rope", True, rope),
              ("swiglu", "swiglu", True, swiglu), ("cross_entropy", "cross_entropy", True, cross_entropy),
              ("adamw", "adamw", True, adamw)]
-    for head_dim in (128, 64):
+    for head_dim in (dim, 64):  # the model's, and the common smaller one
         default = fa.flash_attention_blocks(head_dim, interpret=False, dtype=bf16, tuned=False)
         cases.append(("flash_attention", f"attention D{head_dim} default tiles", True,
                       attention(head_dim, bf16, default)))
@@ -287,9 +296,9 @@ def _cases() -> list[tuple[str, str, bool, Callable[[], object]]]:
                 label = f"attention D{head_dim} {'forward' if forward else 'backward'} candidate {tuning._label(values)}"
                 cases.append(("flash_attention", label, False,
                               attention(head_dim, bf16, blocks, forward=forward, backward=not forward)))
-    fp32_tiles = fa.flash_attention_blocks(128, interpret=False, dtype=torch.float32, tuned=False)
-    cases.append(("flash_attention", "attention fp32 D128 (checks only)", False,
-                  attention(128, torch.float32, fp32_tiles)))
+    fp32_tiles = fa.flash_attention_blocks(dim, interpret=False, dtype=torch.float32, tuned=False)
+    cases.append(("flash_attention", f"attention fp32 D{dim} (checks only)", False,
+                  attention(dim, torch.float32, fp32_tiles)))
     return cases
 
 
@@ -337,6 +346,7 @@ def main(argv=None) -> int:
         return 2
 
     cases = _cases()
+    hidden, heads, dim, ffn, vocab = _default_shape()
     ops = {op for op, *_ in cases}
     wanted = set(args.only.split(",")) if args.only else ops
     if wanted - ops:
@@ -353,8 +363,8 @@ def main(argv=None) -> int:
     report = "\n".join([
         f"# Kernel resources, {datetime.date.today().isoformat()} (compiled, not run: no timings)",
         "",
-        f"Triton {triton.__version__}, ptxas {ptxas}; default case: hidden {HIDDEN}, {HEADS} heads, head_dim "
-        f"{HEAD_DIM}, FFN {FFN}, vocab {VOCAB}, S {SEQ}, micro-batch 1, bf16. Limits: shared memory per block "
+        f"Triton {triton.__version__}, ptxas {ptxas}; default case: {MODEL_PRESET}'s width (hidden {hidden}, {heads} "
+        f"heads, head_dim {dim}, FFN {ffn}, vocab {vocab}), S {SEQ}, micro-batch 1, bf16. Limits: shared memory per block "
         + ", ".join(f"{ARCH_NAMES[a]} {SHARED_LIMIT[a] / 1024:.0f} KiB" for a in arches)
         + f", {REGISTER_FILE} registers per SM. `(default)` rows are what a run launches untuned.",
         "",
