@@ -3,7 +3,6 @@
 partition order, and one-line refusals that say what to use instead."""
 from __future__ import annotations
 
-import json
 import struct
 import subprocess
 import sys
