@@ -18,10 +18,9 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-import yaml
-
 from megamath.compat.conversion import (NO_EQUIVALENT, NOT_NEEDED, UNSUPPORTED, Conversion, Keys, Unmapped,
                                         valid_set_names)
+from megamath.training.config import read_yaml
 
 LLAMA_MLP_MULTIPLE = 256  # GPT-NeoX's LLaMAParallelMLP rounds 2·4h/3 up to a multiple of this
 ATTENTION_TYPES = {"global", "flash"}  # dense causal attention; the rest are sparse or local patterns
@@ -93,12 +92,7 @@ def read_neox_yaml(paths: Sequence[str | Path]) -> dict:
     """Merge GPT-NeoX config files into one mapping with `_` spellings (a key set twice is an error)."""
     merged: dict = {}
     for path in map(Path, paths):
-        if not path.is_file():
-            raise FileNotFoundError(f"GPT-NeoX config not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise ValueError(f"{path} is not valid YAML: {err}") from None
+        raw = read_yaml(path, "GPT-NeoX config")
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: a GPT-NeoX config is a mapping of keys, got {type(raw).__name__}")
         for key, value in raw.items():

@@ -241,15 +241,21 @@ class TrainConfig:
 
 # ---- YAML and overrides --------------------------------------------------------------------------------
 
+def read_yaml(path: Path, what: str):
+    """The parsed contents of a YAML file; one-line errors for a missing file (`what not found: path`) and
+    for invalid YAML."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path} is not valid YAML: {err}") from None
+
+
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
     """Read a YAML config and apply `dotted.key=value` overrides."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path} is not valid YAML: {err}") from None
+    raw = read_yaml(path, "config file")
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
