@@ -110,3 +110,20 @@ def test_suggestions_are_prefixed_deduplicated_and_ranked_by_mean_logprob(monkey
     # " [foo]" twice: one suggestion, with its better mean (-0.8 beats "_comm"'s -1.0); blanks are dropped.
     assert suggest(None, None, config, "⊢ a = a", "rw") == ["rw [foo]", "rw_comm"]
     assert seen == [("[GOAL]⊢ a = a[PROOFSTEP]rw", 0.5, 3, ("\n",)), ("[GOAL]⊢ a = a[PROOFSTEP]rw", 1.0, 2, ("\n",))]
+
+
+def test_completions_keep_the_space_that_follows_the_prompt(tmp_path):
+    """SentencePiece drops the leading space of a text's first piece; a completion continues a prompt, so
+    "intro" + "▁h" must read "intro h" (a suggestion "introh" is no tactic)."""
+    from megamath.data.tokenizer import SentencePieceTokenizer
+    from megamath.generation.batching import PromptCodec
+
+    tokenizer = SentencePieceTokenizer(build_tokenizer(tmp_path / "tok.model"))
+    codec = PromptCodec(tokenizer, 100)
+    for prompt, continuation in (("[GOAL]⊢ a = a[PROOFSTEP]rw", " [Nat.add_comm]"), ("[PROOFSTEP]intro", " h"),
+                                 ("Q: How many?\nA:", " The answer is 5."), ("x =", "  5"), ("A:", "\nQ:"),
+                                 ("x", "é ü")):
+        prompt_ids, full_ids = tokenizer.encode(prompt), tokenizer.encode(prompt + continuation)
+        assert full_ids[:len(prompt_ids)] == prompt_ids
+        assert codec.decode(full_ids[len(prompt_ids):]) == continuation
+    assert codec.decode([]) == ""

@@ -9,6 +9,7 @@ the same batching (rows sorted by prompt length, so a batch pads little).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable, Sequence
 
 import numpy as np
@@ -38,7 +39,21 @@ class PromptCodec:
         return bos + ids[cut:], cut
 
     def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids)
+        """The text of generated ids as a continuation of the prompt.
+
+        SentencePiece drops the space of a text's first piece ("▁h" alone decodes to "h"): right at the
+        start of a text, wrong after a prompt ("intro" + "▁h" is "intro h"). So the ids are decoded behind
+        an anchor piece, whose own text is then cut off.
+        """
+        anchor, head = self._anchor
+        text = self.tokenizer.decode(anchor + list(ids))
+        return text[len(head):] if text.startswith(head) else self.tokenizer.decode(ids)
+
+    @cached_property
+    def _anchor(self) -> tuple[list[int], str]:
+        """(ids of a plain one-letter text, their decoded text)."""
+        anchor = list(self.tokenizer.encode("a"))
+        return anchor, self.tokenizer.decode(anchor)
 
 
 def complete(model, codec: PromptCodec, prompts: Sequence[str], params: SamplingParams, num_samples: int = 1,
