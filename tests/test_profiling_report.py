@@ -379,3 +379,21 @@ def test_gpu_records_wait_one_step_for_their_timing(tmp_path):
     assert log.summary()["steps"] == 2 and [json.loads(line)["step"] for line in lines()] == [1, 2, 3]
     assert all("phases" in json.loads(line) for line in lines())
     log.close()
+
+
+def test_report_plots_the_scores_evaluation_during_training_logs(tmp_path, monkeypatch):
+    """The training loop logs few-shot accuracies as flat `eval/<task>/maj<k>` fields: the report plots them."""
+    from megamath.report import figures
+    from megamath.report.runs import load_run
+
+    changes = {s: {"eval/gsm8k/maj1": s / 100, "eval/gsm8k/maj4": s / 80, "eval/demo-arith/maj1": 0.5}
+               for s in (20, 40, 60)}
+    drawn = []
+    monkeypatch.setattr(figures, "to_uri", lambda fig: drawn.append(fig) or "data:")
+    assert figures.score_figure([load_run(fake_run(tmp_path / "plain"))]) == []
+    assert figures.score_figure([load_run(fake_run(tmp_path / "evaluated", changes))]) == [("Evaluation scores",
+                                                                                             "data:")]
+    ax = drawn[0].axes[0]
+    assert sorted(ax.get_legend_handles_labels()[1]) == [f"evaluated: eval/{k}" for k in
+                                                         ("demo-arith/maj1", "gsm8k/maj1", "gsm8k/maj4")]
+    assert [list(line.get_xdata()) for line in ax.get_lines()] == [[20, 40, 60]] * 3

@@ -127,11 +127,17 @@ def hardware_figure(runs: list[Run]) -> list[tuple[str, str]]:
     return [("Memory, power and utilization", to_uri(fig))]
 
 
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def score_figure(runs: list[Run]) -> list[tuple[str, str]]:
-    """Evaluation scores: any dict of numbers in the records other than phases and val_loss."""
+    """Evaluation scores: any dict of numbers in the records other than phases and val_loss, and the flat
+    `eval/<task>/maj<k>` numbers that evaluation during training logs."""
     keys = sorted({f"{k}.{n}" for r in runs for rec in r.records for k, v in rec.items()
-                   if isinstance(v, dict) and k not in NOT_SCORES for n, x in v.items()
-                   if isinstance(x, (int, float)) and not isinstance(x, bool)})
+                   if isinstance(v, dict) and k not in NOT_SCORES for n, x in v.items() if _is_number(x)}
+                  | {k for r in runs for rec in r.records for k, v in rec.items()
+                     if k.startswith("eval/") and _is_number(v)})
     if not keys:
         return []
     fig, (ax,) = _axes(1, height=3.5)
