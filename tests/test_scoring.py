@@ -93,6 +93,8 @@ DIFFERENT = [
     ("5", "-5"),
     ("12", "1.2"),
     (r"\text{odd}", r"\text{even}"),
+    ("1000000007", "1000000008"),  # exact numbers that differ are different, however large
+    (r"10^{10}+1", r"10^{10}"),
 ]
 
 

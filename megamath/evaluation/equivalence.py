@@ -121,6 +121,8 @@ def _scalar_equal(a: str, b: str) -> bool:
     difference = sympy.simplify(x - y)
     if difference == 0:
         return True
+    if difference.is_Rational:  # exactly nonzero: a relative tolerance would equate 1000000007 and 1000000008
+        return False
     return bool(difference.is_number and abs(complex(sympy.N(difference))) <= 1e-9 * max(1.0, abs(complex(sympy.N(y)))))
 
 
