@@ -68,6 +68,26 @@ def test_config_errors(assets):
         EvaluationConfig(tasks=[{"name": "gsm8k", "data": "x", "maj": 0}], tokenizer_model=str(tokenizer))
 
 
+def test_sampling_and_length_errors_come_at_load_not_at_the_first_eval_step(tmp_path, assets):
+    """These settings used to pass the config and stop the run when the first evaluation began."""
+    _, tokenizer, evaluation = assets
+    task = [{"name": "gsm8k", "data": "x", "maj": 4}]
+    for key, value, message in (("top_p", 0.0, "top_p must be in"), ("top_p", 1.5, "top_p must be in"),
+                                ("temperature", -1.0, "temperature must be >= 0"),
+                                ("batch_size", 0, "batch_size must be an integer >= 1"),
+                                ("seed", -1, "seed must be an integer >= 0")):
+        with pytest.raises(ValueError, match=f"evaluation.{message}"):
+            EvaluationConfig(tasks=task, tokenizer_model=str(tokenizer), **{key: value})
+    raw = raw_config(tmp_path / "data", tmp_path / "run", eval_every=2, model__vocab_size=512,
+                     model__max_seq_length=256)
+    raw["evaluation"] = {**evaluation, "tasks": [{"name": "gsm8k", "data": "digits.jsonl"}]}  # 256 new tokens
+    with pytest.raises(ValueError, match="gsm8k: max_new_tokens 256 leaves no room for a prompt in "
+                                         "model.max_seq_length 256"):
+        TrainConfig.from_dict(raw)
+    raw["evaluation"]["tasks"][0]["max_new_tokens"] = 254
+    TrainConfig.from_dict(raw)
+
+
 def _worker(rank, world_size, root, ckpt, evaluation, tp, out):
     state = ParallelState.from_env(tp_size=tp)
     if tp == 1:

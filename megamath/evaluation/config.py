@@ -75,6 +75,25 @@ class EvaluationConfig:
         self.tasks = tasks
         if tasks and not self.tokenizer_model:
             raise ValueError("evaluation.tokenizer_model is required when evaluation.tasks are listed")
+        # Checked here: otherwise a bad value stops the run only when its first evaluation begins.
+        if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
+            raise ValueError(f"evaluation.temperature must be >= 0, got {self.temperature!r}")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise ValueError(f"evaluation.top_p must be in (0, 1], got {self.top_p!r}")
+        for key, low in (("seed", 0), ("batch_size", 1)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"evaluation.{key} must be an integer >= {low}, got {value!r}")
+
+    def check_room(self, max_seq_length: int) -> None:
+        """Each task's max_new_tokens must leave a prompt room in the model's context (as `megamath eval` asks)."""
+        from megamath.evaluation.tasks import get_task
+
+        for task in self.tasks:
+            max_new = task.max_new_tokens or get_task(task.name).max_new_tokens
+            if max_seq_length - max_new < 2:
+                raise ValueError(f"evaluation task {task.name}: max_new_tokens {max_new} leaves no room for a prompt "
+                                 f"in model.max_seq_length {max_seq_length}")
 
     def data_path(self, task: EvalTaskConfig) -> Path:
         return Path(self.data_dir) / task.data if self.data_dir else Path(task.data)

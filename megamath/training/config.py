@@ -224,6 +224,7 @@ class TrainConfig:
                              f"{self.model.max_seq_length}")
         if self.evaluation.tasks and not self.eval_every:
             raise ValueError("evaluation.tasks are listed but eval_every is 0: set how often they run")
+        self.evaluation.check_room(self.model.max_seq_length)
         if self.eval_every and not self.data.valid_sets():
             raise ValueError(f"eval_every is {self.eval_every} but data.valid_data is empty")
 
