@@ -79,6 +79,17 @@ def test_oversized_body_and_wrong_path(server):
     assert status == 200  # the server is still serving after the refusals
 
 
+def test_text_that_is_not_unicode_gets_an_error_and_the_server_keeps_serving(server):
+    """JSON's \\ud800 escape gives a lone surrogate, which no tokenizer can encode: a 400, not a dropped
+    connection."""
+    _, port = server
+    for body in (b'{"tactic_state": "x \\ud800 y"}', b'{"tactic_state": "x", "prefix": "\\udfff"}'):
+        status, reply = post(port, body)
+        assert status == 400 and "not valid Unicode" in reply["error"]
+    status, _ = post(port, json.dumps({"tactic_state": "⊢ True", "prefix": "ex"}).encode())
+    assert status == 200
+
+
 def test_sigterm_stops_the_server_cleanly(server):
     proc, port = server
     proc.send_signal(signal.SIGTERM)

@@ -107,6 +107,11 @@ def make_handler(model, codec: PromptCodec, config: ServeConfig):
             bad = [k for k in ("tactic_state", "prefix", "context") if not isinstance(request.get(k, ""), str)]
             if "tactic_state" not in request or bad:
                 return self._reply(400, {"error": 'expected {"tactic_state": str, "prefix": str, "context": str}'})
+            try:  # JSON's \ud800 escapes give lone surrogates, which the tokenizer cannot take
+                for key in ("tactic_state", "prefix"):
+                    request.get(key, "").encode("utf-8")
+            except UnicodeEncodeError as err:
+                return self._reply(400, {"error": f"{key} is not valid Unicode: {err.reason}"})
             deadline = time.monotonic() + config.request_timeout_s
             try:
                 suggestions = suggest(model, codec, config, request["tactic_state"], request.get("prefix", ""),
