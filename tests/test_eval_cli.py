@@ -113,6 +113,21 @@ def test_eval_errors(tiny, tmp_path, capsys):
     assert "no problems" in capsys.readouterr().err
 
 
+def test_bad_vote_sampling_settings_stop_eval_before_the_greedy_pass(tiny, tmp_path, capsys, monkeypatch):
+    """--temperature / --top-p only matter for the maj@k votes, which run after the greedy pass: a bad value
+    must not cost that pass first."""
+    calls = []
+    monkeypatch.setattr(runner, "complete", lambda *a, **k: calls.append(a[3]) or [])
+    data = _gsm8k_file(tmp_path / "g.jsonl")
+    for flags, message in ((["--top-p", "0"], "top_p must be in (0, 1]"),
+                           (["--temperature", "-1"], "temperature must be >= 0")):
+        assert main(["eval", *_args(tiny, "--task", "gsm8k", "--data", str(data), "--maj", "4", *flags,
+                                    "--output", str(tmp_path / "o.jsonl"))]) == 2
+        assert message in capsys.readouterr().err
+    assert calls == [] and not (tmp_path / "o.jsonl").exists()
+    EvalSettings(maj=1, top_p=0.0)  # greedy only: the sampling settings are not used
+
+
 def test_scores_and_votes_follow_the_completions(monkeypatch):
     """With the generator stubbed, the records say exactly which answers were right and how the vote went."""
     script = {  # problem -> (greedy text, sampled texts with their log-probs)
