@@ -76,7 +76,7 @@ def test_eval_gsm8k_with_majority_vote(tiny, tmp_path, capsys):
     assert main(["eval", *_args(tiny, "--task", "gsm8k", "--data", str(_gsm8k_file(tmp_path / "g.jsonl")),
                                 "--limit", "2", "--maj", "3", "--max-new-tokens", "10", "--output", str(out))]) == 0
     results = _lines(out)
-    assert [r["id"] for r in results] == ["gsm8k-0", "gsm8k-1"] and [r["gold"] for r in results] == ["7", "2400"]
+    assert [r["id"] for r in results] == ["0", "1"] and [r["gold"] for r in results] == ["7", "2400"]
     for r in results:
         assert isinstance(r["correct"], bool) and isinstance(r["correct_maj"], bool)
         assert len(r["samples"]) == len(r["answers"]) == len(r["logprobs"]) == 3

@@ -57,3 +57,29 @@ def test_missing_fields_are_clear_errors(files, capsys):
     other = _write(tmp / "other.jsonl", [{"id": "x", "correct": True}])
     assert main(["overlap-accuracy", "--hits", str(hits), "--results", str(other)]) == 2
     assert "no hit test id appears in the results" in capsys.readouterr().err
+
+
+def test_eval_results_join_the_hits_of_test_files_without_ids(tmp_path, capsys):
+    """GSM8K's and MATH's jsonl records have no id field: megamath overlap names them by 0-based position, so
+    megamath eval must too, or the README's overlap -> eval -> overlap-accuracy pipeline joins nothing."""
+    from megamath.evaluation.tasks import get_task
+    from megamath.overlap.ngrams import load_test_items
+
+    gsm8k = _write(tmp_path / "gsm8k.jsonl", [{"question": f"How many apples does person number {i} have now?",
+                                               "answer": f"#### {i}"} for i in range(3)])
+    math = _write(tmp_path / "math.jsonl", [{"problem": f"Compute {i} + {i}.", "solution": rf"$\boxed{{{2 * i}}}$"}
+                                            for i in range(3)])
+    for task, path, field in (("gsm8k", gsm8k, "question"), ("math", math, "problem")):
+        assert [p.id for p in get_task(task).read(path)] == [str(item.id) for item in load_test_items(path, [field])]
+    (tmp_path / "corpus").mkdir()
+    corpus = _write(tmp_path / "corpus" / "web.jsonl",
+                    [{"text": "Forum post: How many apples does person number 1 have now? Nobody knows."}])
+    hits = tmp_path / "hits.jsonl"
+    assert main(["overlap", "--test", str(gsm8k), "--field", "question", "--corpus", str(corpus), "--n", "8",
+                 "--workers", "1", "--output", str(hits), "--no-progress"]) == 0
+    results = _write(tmp_path / "results.jsonl", [{"id": p.id, "correct": p.answer == "1"}
+                                                  for p in get_task("gsm8k").read(gsm8k)])
+    capsys.readouterr()
+    assert main(["overlap-accuracy", "--hits", str(hits), "--results", str(results)]) == 0
+    row = capsys.readouterr().out.splitlines()[-1].split()
+    assert row == ["all", "1", "100.00%", "2", "0.00%"]

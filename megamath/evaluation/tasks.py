@@ -4,6 +4,9 @@
     math         the MATH release (a folder of {"problem", "level", "type", "solution"} JSON files, read
                  recursively) or a jsonl of such records; Minerva's 4-shot prompt
     demo-arith   jsonl {"id", "kind", "prompt", "answer"} as `megamath demo-corpus` writes it; 0-shot
+
+A problem's id is its record's id field, else its 0-based position in the jsonl file (in MATH's release
+folder, the file's path): how `megamath overlap` names test items, so overlap-accuracy can join the two.
 """
 from __future__ import annotations
 
@@ -59,7 +62,7 @@ def read_gsm8k(path: Path) -> list[Problem]:
             gold = gsm8k.gold_answer(record["answer"])
         except ValueError as err:
             raise ValueError(f"{path}:{n}: {err}") from None
-        problems.append(Problem(str(record.get("id", f"gsm8k-{len(problems)}")), record["question"], gold))
+        problems.append(Problem(str(record.get("id", len(problems))), record["question"], gold))
     return problems
 
 
@@ -91,7 +94,7 @@ def read_math(path: Path) -> list[Problem]:
                 raise ValueError(f"{file}: invalid JSON ({err.msg})") from None
             problems.append(_math_problem(record, str(file.relative_to(path).with_suffix("")), str(file)))
         return problems
-    return [_math_problem(r, f"math-{i}", f"{path}:{n}") for i, (n, r) in enumerate(_jsonl(path))]
+    return [_math_problem(r, str(i), f"{path}:{n}") for i, (n, r) in enumerate(_jsonl(path))]
 
 
 def read_demo_arith(path: Path) -> list[Problem]:
