@@ -7,7 +7,7 @@ import json
 import pytest
 
 from megamath.evaluation import demo_arith, gsm8k, minerva_math
-from megamath.evaluation.equivalence import latex_to_python, symbolic_equal
+from megamath.evaluation.equivalence import latex_to_python, symbolic_equal, to_sympy
 from megamath.evaluation.tasks import get_task
 from megamath.evaluation.voting import majority_vote
 
@@ -145,6 +145,15 @@ def test_symbolic_equality_is_bounded():
     assert not symbolic_equal("x" * 500, "x" * 500)  # too long: not attempted (exact match handles equal strings)
     assert not symbolic_equal(r"\unknown{3}", "3")  # unreadable LaTeX is "not shown equal"
     assert not symbolic_equal("(x+1)^(10**9)", "1", timeout_s=0.5)  # gives up, does not hang
+
+
+def test_a_models_answer_never_reaches_python_attributes():
+    # SymPy's parser evaluates Python; "(1).__class__" would be the class One, and worse is reachable.
+    for answer in ["(1).__class__", "(1) . real", "x.__dict__", "__import__"]:
+        with pytest.raises(ValueError, match="attribute access"):
+            to_sympy(answer)
+        assert not symbolic_equal(answer, "1")
+    assert symbolic_equal("2.50", r"\frac{5}{2}") and symbolic_equal("x_1 + 1", "1 + x_1")  # decimals, subscripts
 
 
 # ---- voting -----------------------------------------------------------------------------------------------------

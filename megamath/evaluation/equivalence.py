@@ -8,7 +8,8 @@ failed), so a parser gap can only cost a correct answer, never credit a wrong on
 Intervals and tuples compare element by element and need the same brackets ("[2,5)" is not "(2,5)").
 SymPy's simplify can run for minutes on adversarial input: the check runs under a SIGALRM timer when
 called from the main thread (elsewhere inputs are short-circuited by length instead) and a timeout
-counts as unequal.
+counts as unequal. SymPy's parser evaluates Python, so the rewritten text may hold only numbers, names,
+operators and parentheses, and no attribute access: the answer is a model's output.
 """
 from __future__ import annotations
 
@@ -100,6 +101,9 @@ def to_sympy(text: str):
     python = latex_to_python(text)
     if re.search(r"[^0-9A-Za-z_+\-*/().\s]", python):
         raise ValueError(f"unsupported characters in {text!r}")
+    # parse_expr evaluates its input as Python: a model's answer must not reach attributes ("(1).__class__").
+    if re.search(r"\.\s*[A-Za-z_]|__", python):
+        raise ValueError(f"attribute access in {text!r}")
     return parse_expr(python, transformations=standard_transformations + (implicit_multiplication_application,
                                                                             convert_xor), evaluate=True)
 
