@@ -165,6 +165,19 @@ def test_fingerprint_follows_content_not_path(tmp_path):
     assert len({a.fingerprint(), c.fingerprint(), d.fingerprint()}) == 3
 
 
+def test_fingerprint_is_of_the_files_opened_not_of_a_later_rewrite(tmp_path):
+    """The fingerprint keys the index cache, so it must describe the sizes this object reads. A dataset
+    rewritten under the same prefix after opening (a re-run of preprocess) must not lend its fingerprint
+    to the old sizes: indices built from those would be cached under the new data's key and served to
+    every later run as that data's indices."""
+    expected = IndexedDataset(write(tmp_path / "x", DOCS, np.uint16)).fingerprint()
+    opened = IndexedDataset(tmp_path / "x")
+    write(tmp_path / "x", DOCS[:-1], np.uint16)  # replaced atomically; `opened` still maps the old files
+    assert opened.sizes.tolist() == [3, 2, 1, 4, 1, 0, 5]
+    assert opened.fingerprint() == expected
+    assert IndexedDataset(tmp_path / "x").fingerprint() != expected
+
+
 def test_merge_equals_a_single_writer(tmp_path):
     parts = [DOCS[:2], [], DOCS[2:4], DOCS[4:]]
     prefixes = [write(tmp_path / f"part{i}", docs, np.uint16) for i, docs in enumerate(parts)]
