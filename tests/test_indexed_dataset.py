@@ -144,6 +144,25 @@ def test_add_documents_equals_one_document_at_a_time(tmp_path):
         assert (tmp_path / f"fast{ext}").read_bytes() == (tmp_path / f"slow{ext}").read_bytes()
 
 
+def test_zero_token_documents_given_as_empty_lists(tmp_path):
+    """`[]` and `np.array([])` are float64 to numpy, yet hold no value that could fail to fit: a 0-token
+    document (Megatron's builder accepts one) must not be refused as "not integers"."""
+    with IndexedDatasetWriter(tmp_path / "lists", np.uint16) as w:
+        w.add_document([])
+        w.add_item(np.array([]))
+        w.add_item([7, 8])
+        w.end_document()
+        w.add_documents([], [])
+    with IndexedDatasetWriter(tmp_path / "arrays", np.uint16) as w:
+        w.add_document(np.zeros(0, np.uint16))
+        w.add_item(np.zeros(0, np.uint16))
+        w.add_item(np.array([7, 8], np.uint16))
+        w.end_document()
+    for ext in (".bin", ".idx"):
+        assert (tmp_path / f"lists{ext}").read_bytes() == (tmp_path / f"arrays{ext}").read_bytes()
+    assert IndexedDataset(tmp_path / "lists").sizes.tolist() == [0, 0, 2]
+
+
 def test_empty_dataset(tmp_path):
     with IndexedDatasetWriter(tmp_path / "e", np.int32):
         pass
