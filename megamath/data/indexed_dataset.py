@@ -170,8 +170,10 @@ def _read_header(path: Path) -> tuple[np.dtype, int, int]:
         raise IndexFormatError(f"{path}: truncated index: header says {n} sequences and {d} document "
                                f"indices ({expected} bytes) but the file has {actual} bytes")
     if actual > expected:
+        modes = (f" ({n} bytes more, one per sequence: Megatron-LM's multimodal sequence modes, which megamath "
+                 "does not read)") if n and actual == expected + n else ""
         raise IndexFormatError(f"{path}: index longer than it should be: header says {n} sequences and "
-                               f"{d} document indices ({expected} bytes) but the file has {actual} bytes")
+                               f"{d} document indices ({expected} bytes) but the file has {actual} bytes{modes}")
     if d < 1:
         raise IndexFormatError(f"{path}: document indices are empty; they must start at 0 and end at {n}")
     return DTYPE_CODES[code], n, d
