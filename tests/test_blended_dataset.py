@@ -90,6 +90,8 @@ def test_errors(tmp_path, three):
         BlendedDataset([three[0], tiny], [1.0, 1e-9], 10, 8)  # checked even where never picked
     with pytest.raises(ValueError, match=r"^num_samples must be >= 1, got 0$"):
         BlendedDataset(three, [1.0] * 3, 0, 8)
+    with pytest.raises(ValueError, match=r"^seed must be >= 0, got -1$"):  # not numpy's bare "expected non-negative integer"
+        BlendedDataset(three, [1.0] * 3, 10, 8, seed=-1)
 
 
 def test_blend_cache_hit(tmp_path, three, monkeypatch):

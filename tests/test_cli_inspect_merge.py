@@ -97,6 +97,22 @@ def test_inspect_bad_inputs_exit_2(tmp_path, capsys, tokenizer):
     assert err == f"megamath inspect: error: tokenizer model not found: {tmp_path / 'no.model'}"
 
 
+def test_inspect_decode_refuses_ids_no_tokenizer_has(tmp_path, capsys, tokenizer):
+    """A negative id (signed dtypes) or a float dataset is the same mismatch as an id past the vocabulary:
+    one error line, not SentencePiece's IndexError / TypeError traceback."""
+    path, _ = tokenizer
+    write(tmp_path / "neg", [[[5, -3, 7]]], np.int32)
+    assert main(["inspect", str(tmp_path / "neg"), "--tokenizer-model", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("megamath inspect: error: document 0 holds token id -3, outside the tokenizer's")
+    write(tmp_path / "float", [[[5.0, 3.0]]], np.float32)
+    assert main(["inspect", str(tmp_path / "float"), "--tokenizer-model", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"megamath inspect: error: {tmp_path / 'float'} holds float32 values, not token ids: "
+                   "it cannot be decoded with --tokenizer-model")
+    assert main(["inspect", str(tmp_path / "float")]) == 0  # without a tokenizer it still shows the values
+
+
 def test_merge_equals_single_writer(tmp_path, capsys):
     docs = [[[1, 2, 3]], [[4, 5], [6]], [[7]], [[8, 9, 10, 11]]]
     write(tmp_path / "a", docs[:2])

@@ -69,3 +69,15 @@ def test_cli(tmp_path, capsys):
     assert (tmp_path / "corpus" / "open-web-math" / "test" / "open-web-math-0000.jsonl.zst").exists()
     assert main(["demo-corpus", "--output", str(tmp_path), "--documents", "0"]) == 2
     assert "--documents must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_cli_vocab_size_too_small_is_one_line(tmp_path, capsys):
+    """SentencePiece refuses a vocabulary smaller than the corpus's characters with a RuntimeError: bad
+    input all the same, so one line, not a traceback."""
+    assert main(["demo-corpus", "--output", str(tmp_path), "--documents", "2", "--vocab-size", "10"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith("megamath demo-corpus: error: --vocab-size 10: SentencePiece cannot train the demo "
+                          "tokenizer: Vocabulary size is smaller than required_chars")
+    assert main(["demo-corpus", "--output", str(tmp_path), "--documents", "2", "--vocab-size", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "megamath demo-corpus: error: --vocab-size must be at least 1, got 0"

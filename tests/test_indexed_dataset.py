@@ -144,6 +144,25 @@ def test_add_documents_equals_one_document_at_a_time(tmp_path):
         assert (tmp_path / f"fast{ext}").read_bytes() == (tmp_path / f"slow{ext}").read_bytes()
 
 
+def test_zero_token_documents_given_as_empty_lists(tmp_path):
+    """`[]` and `np.array([])` are float64 to numpy, yet hold no value that could fail to fit: a 0-token
+    document (Megatron's builder accepts one) must not be refused as "not integers"."""
+    with IndexedDatasetWriter(tmp_path / "lists", np.uint16) as w:
+        w.add_document([])
+        w.add_item(np.array([]))
+        w.add_item([7, 8])
+        w.end_document()
+        w.add_documents([], [])
+    with IndexedDatasetWriter(tmp_path / "arrays", np.uint16) as w:
+        w.add_document(np.zeros(0, np.uint16))
+        w.add_item(np.zeros(0, np.uint16))
+        w.add_item(np.array([7, 8], np.uint16))
+        w.end_document()
+    for ext in (".bin", ".idx"):
+        assert (tmp_path / f"lists{ext}").read_bytes() == (tmp_path / f"arrays{ext}").read_bytes()
+    assert IndexedDataset(tmp_path / "lists").sizes.tolist() == [0, 0, 2]
+
+
 def test_empty_dataset(tmp_path):
     with IndexedDatasetWriter(tmp_path / "e", np.int32):
         pass
@@ -163,6 +182,19 @@ def test_fingerprint_follows_content_not_path(tmp_path):
     d = IndexedDataset(write(tmp_path / "d", DOCS, np.int32))
     assert a.fingerprint() == b.fingerprint() == IndexedDataset(tmp_path / "a").fingerprint()
     assert len({a.fingerprint(), c.fingerprint(), d.fingerprint()}) == 3
+
+
+def test_fingerprint_is_of_the_files_opened_not_of_a_later_rewrite(tmp_path):
+    """The fingerprint keys the index cache, so it must describe the sizes this object reads. A dataset
+    rewritten under the same prefix after opening (a re-run of preprocess) must not lend its fingerprint
+    to the old sizes: indices built from those would be cached under the new data's key and served to
+    every later run as that data's indices."""
+    expected = IndexedDataset(write(tmp_path / "x", DOCS, np.uint16)).fingerprint()
+    opened = IndexedDataset(tmp_path / "x")
+    write(tmp_path / "x", DOCS[:-1], np.uint16)  # replaced atomically; `opened` still maps the old files
+    assert opened.sizes.tolist() == [3, 2, 1, 4, 1, 0, 5]
+    assert opened.fingerprint() == expected
+    assert IndexedDataset(tmp_path / "x").fingerprint() != expected
 
 
 def test_merge_equals_a_single_writer(tmp_path):

@@ -94,6 +94,15 @@ def test_index_longer_than_header_says(tmp_path):
                                                 r"and 3 document indices \(94 bytes\) but the file has 102 bytes")
 
 
+def test_multimodal_index_is_named_as_such(tmp_path):
+    """Megatron-LM's multimodal datasets add one int8 mode per sequence after the document indices: a
+    valid file of Megatron's, not a corrupt one, and the message should say which it is."""
+    message = refused(build(tmp_path, extra=b"\x00" * N), r"\.idx: index longer than it should be: .* the file "
+                                                          r"has 97 bytes")
+    assert message.endswith("(3 bytes more, one per sequence: Megatron-LM's multimodal sequence modes, "
+                            "which megamath does not read)")
+
+
 def test_header_count_disagrees_with_arrays(tmp_path):
     """N one too small: the arrays no longer line up, and the byte count says so."""
     refused(build(tmp_path, n=2), r"truncated|longer")

@@ -104,6 +104,17 @@ def test_unsupported_flags_fail_with_one_line(tmp_path, bpe_model, extra, messag
     assert proc.stderr.count("\n") == 1 and not list(tmp_path.glob("x_*"))
 
 
+def test_os_error_on_an_output_path_is_one_line(tmp_path, bpe_model):
+    """As with `megamath preprocess`: an OS error on a user's path (here a regular file where the output
+    folder goes) is one line naming the path, not a NotADirectoryError traceback."""
+    data = _write(tmp_path / "x.jsonl", [{"text": "a"}])
+    (tmp_path / "file").write_text("a regular file")
+    proc = subprocess.run([sys.executable, str(TOOL), *megatron_args(data, tmp_path / "file" / "out" / "x", bpe_model)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr == f"preprocess_data.py: error: {tmp_path / 'file' / 'out'}: Not a directory\n"
+
+
 def test_script_runs_both_interfaces(tmp_path, bpe_model):
     data = _write(tmp_path / "d.jsonl", [{"text": t} for t in _texts(3, 5)])
     proc = subprocess.run([sys.executable, str(TOOL), *megatron_args(data, tmp_path / "out" / "d", bpe_model)],

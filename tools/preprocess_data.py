@@ -15,15 +15,15 @@ from pathlib import Path
 # Runnable from a checkout without installing: the repository root holds the `megamath` package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megamath.cli import main  # noqa: E402
+from megamath.cli import _one_line, main  # noqa: E402
 from megamath.compat import megatron_preprocess  # noqa: E402
 
 
 def megatron_main(argv: list[str]) -> int:
     try:
         return megatron_preprocess.run(argv)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"preprocess_data.py: error: {err}", file=sys.stderr)
+    except (ValueError, OSError) as err:  # bad input or an OS error on a user's path, as `megamath` reports them
+        print(f"preprocess_data.py: error: {_one_line(err)}", file=sys.stderr)
         return 2
 
 

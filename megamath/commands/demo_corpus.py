@@ -26,9 +26,16 @@ def run(args) -> int:
 
     if args.documents < 1:
         raise ValueError(f"--documents must be at least 1, got {args.documents}")
+    if args.vocab_size < 1:
+        raise ValueError(f"--vocab-size must be at least 1, got {args.vocab_size}")
     config = DemoCorpusConfig(documents_per_subset=args.documents, seed=args.seed, vocab_size=args.vocab_size)
     counts = write_demo_corpus(args.output / "corpus", config)
-    model = train_demo_tokenizer(args.output / "corpus", args.output / "tokenizer.model", config.vocab_size)
+    try:
+        model = train_demo_tokenizer(args.output / "corpus", args.output / "tokenizer.model", config.vocab_size)
+    except RuntimeError as err:  # how SentencePiece refuses settings, e.g. fewer pieces than the corpus has characters
+        reason = str(err).rsplit("] ", 1)[-1].strip() or str(err)
+        raise ValueError(f"--vocab-size {args.vocab_size}: SentencePiece cannot train the demo tokenizer: "
+                         f"{reason}") from None
     problems = write_problems(args.output / "eval" / "demo-arith.jsonl", seed=args.seed)
     for (subset, split), count in counts.items():
         print(f"{subset:>16} {split:<10} {count:>6} documents")

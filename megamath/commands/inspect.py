@@ -39,6 +39,9 @@ def run(args) -> int:
 
         processor = sentencepiece.SentencePieceProcessor(model_file=str(args.tokenizer_model))
     dataset = IndexedDataset(strip_extension(args.prefix))
+    if processor is not None and dataset.dtype.kind not in "iu":
+        raise ValueError(f"{dataset.prefix} holds {dataset.dtype} values, not token ids: it cannot be decoded "
+                         "with --tokenizer-model")
     code = CODE_OF[dataset.dtype]
     lengths = document_lengths(dataset)
     print(f"prefix:     {dataset.prefix}")
@@ -58,8 +61,9 @@ def run(args) -> int:
             more = " ..." if len(tokens) > PREVIEW_TOKENS else ""
             print(f"[{d}] {len(tokens)} tokens: {tokens[:PREVIEW_TOKENS].tolist()}{more}")
             continue
-        if len(tokens) and int(tokens.max()) >= processor.get_piece_size():
-            raise ValueError(f"document {d} holds token id {int(tokens.max())}, outside the tokenizer's "
+        bad = tokens[(tokens < 0) | (tokens >= processor.get_piece_size())]  # negative ids: signed dtypes
+        if len(bad):
+            raise ValueError(f"document {d} holds token id {int(bad[0])}, outside the tokenizer's "
                              f"{processor.get_piece_size()} pieces: is {args.tokenizer_model} the tokenizer "
                              "this dataset was made with?")
         text = processor.decode(tokens.tolist())

@@ -49,6 +49,8 @@ class BlendedDataset:
             raise ValueError(f"seq_length must be >= 1, got {seq_length}")
         if int(num_samples) < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if int(seed) < 0:  # else numpy's SeedSequence says only "expected non-negative integer"
+            raise ValueError(f"seed must be >= 0, got {seed}")
         self.num_samples, self.seq_length, self.seed = int(num_samples), int(seq_length), int(seed)
         self.names = [dataset_name(d) for d in datasets]
         for dataset in datasets:  # every dataset must be usable, picked or not

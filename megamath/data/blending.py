@@ -4,6 +4,12 @@ Megatron-LM mixes datasets deterministically rather than by sampling: sample i g
 furthest behind its target share, so after any prefix of n samples every dataset holds its weight * n
 samples to within about one. `build_blending_indices` runs that loop in C++ (O(samples * datasets));
 `build_blending_indices_ref` is the numpy reference the tests hold it to.
+
+Not Megatron's order, sample for sample: Megatron-LM's loop measures the deficit against a target of
+max(i, 1) samples, so samples 0 and 1 share one target; here the target is i + 1, the count once
+sample i is placed. Shares and the within-one bound are the same, but the two sequences differ at
+some positions (weights 1:3 give 1 0 1 1 1 0 1 1 here, 1 0 1 1 0 1 1 1 in Megatron-LM). The GPT
+sample order inside each dataset is not Megatron's either (see `sample_index`).
 """
 from __future__ import annotations
 

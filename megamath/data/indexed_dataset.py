@@ -96,6 +96,7 @@ class IndexedDataset:
                 f"{bin_path}: has {bin_bytes} bytes but its index describes {self.num_tokens} tokens of "
                 f"{self.dtype} = {self.num_tokens * self.dtype.itemsize} bytes")
         self.bin_bytes = bin_bytes
+        self._index = index  # kept for fingerprint(): the bytes validated here, not whatever the path holds later
         # np.memmap refuses a 0-byte file: an empty dataset gets an empty array instead.
         tokens = np.memmap(bin_path, dtype=self.dtype, mode="r") if bin_bytes else np.zeros(0, self.dtype)
         self._tokens = tokens.view(np.ndarray)  # (num_tokens,) plain ndarray over the memmap
@@ -134,12 +135,13 @@ class IndexedDataset:
 
         The index fixes dtype, every sequence length and the document structure; hashing the tokens
         themselves would cost a full read of the `.bin`, so a same-shaped rewrite is not detected.
+        The bytes hashed are those of the index opened (and read) here, not the file now at the path:
+        a dataset rewritten since must not lend its id to this one's sizes (the index cache key).
         """
         if self._fingerprint is None:
             digest = hashlib.sha256()
-            with open(index_file_path(self.prefix), "rb") as f:
-                for block in iter(lambda: f.read(1 << 22), b""):
-                    digest.update(block)
+            for start in range(0, len(self._index), 1 << 22):
+                digest.update(self._index[start:start + (1 << 22)])
             digest.update(struct.pack("<Q", self.bin_bytes))
             self._fingerprint = digest.hexdigest()
         return self._fingerprint
@@ -168,8 +170,10 @@ def _read_header(path: Path) -> tuple[np.dtype, int, int]:
         raise IndexFormatError(f"{path}: truncated index: header says {n} sequences and {d} document "
                                f"indices ({expected} bytes) but the file has {actual} bytes")
     if actual > expected:
+        modes = (f" ({n} bytes more, one per sequence: Megatron-LM's multimodal sequence modes, which megamath "
+                 "does not read)") if n and actual == expected + n else ""
         raise IndexFormatError(f"{path}: index longer than it should be: header says {n} sequences and "
-                               f"{d} document indices ({expected} bytes) but the file has {actual} bytes")
+                               f"{d} document indices ({expected} bytes) but the file has {actual} bytes{modes}")
     if d < 1:
         raise IndexFormatError(f"{path}: document indices are empty; they must start at 0 and end at {n}")
     return DTYPE_CODES[code], n, d

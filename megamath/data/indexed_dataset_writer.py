@@ -86,6 +86,8 @@ class IndexedDatasetWriter:
         if tokens.ndim != 1:
             raise ValueError(f"tokens must be 1-D, got shape {tokens.shape}")
         if tokens.dtype != self.dtype:
+            if tokens.size == 0:  # `[]` is float64 to numpy; with no values there is nothing to check
+                return np.zeros(0, self.dtype)
             if self.dtype.kind in "iu":
                 if tokens.dtype.kind not in "biu":
                     raise ValueError(f"tokens must be integers for a {self.dtype} dataset, got {tokens.dtype}")
