@@ -121,3 +121,13 @@ def test_converted_config_trains_shrunk_on_cpu(tmp_path):
               "logging.wandb.mode=disabled"]
     assert main(["train", "--config", str(out), *shrink]) == 0
     assert [r["step"] for r in metrics(tmp_path / "run")] == [1, 2]
+
+
+def test_group_query_attention_without_num_query_groups_is_megatrons_default_of_one_group():
+    """Megatron's --num-query-groups defaults to 1: --group-query-attention alone is multi-query attention
+    (one KV head), not multi-head; --num-query-groups without --group-query-attention is ignored there."""
+    flags = SCRIPT.split("pretrain_gpt.py \\\n", 1)[1].replace("\\\n", " ")
+    alone = flags.replace("--num-query-groups 8", "").split()
+    assert convert_megatron(alone, world_size=32, vocab_size=32000).validate().model.num_kv_heads == 1
+    ignored = flags.replace("--group-query-attention", "").split()
+    assert convert_megatron(ignored, world_size=32, vocab_size=32000).validate().model.num_kv_heads == 32

@@ -215,7 +215,7 @@ def _model(flags: Flags, vocab_size: int | None, tp: int, out: Conversion) -> di
         raise ValueError(f"{', '.join(missing)} not given: Megatron-LM needs them too")
     h, heads = shape["hidden_size"], shape["num_attention_heads"]
     gqa = flags.on("group_query_attention")
-    groups = flags.one("num_query_groups", int, None)
+    groups = flags.one("num_query_groups", int, 1)  # Megatron's default: one group (multi-query attention)
     ffn = flags.one("ffn_hidden_size", int, None)
     if ffn is None:  # Megatron's default with --swiglu: 2/3 of 4h, rounded down to a multiple of 64
         ffn = int((4 * h * 2 / 3) / 64) * 64
@@ -223,7 +223,7 @@ def _model(flags: Flags, vocab_size: int | None, tp: int, out: Conversion) -> di
         raise ValueError("--kv-channels: megamath's head size is hidden_size / num_attention_heads")
     return {
         "vocab_size": _vocab_size(flags, vocab_size, tp, out), "hidden_size": h, "num_layers": shape["num_layers"],
-        "num_heads": heads, "num_kv_heads": groups if gqa and groups else heads, "ffn_hidden_size": ffn,
+        "num_heads": heads, "num_kv_heads": groups if gqa else heads, "ffn_hidden_size": ffn,
         "max_seq_length": flags.one("max_position_embeddings", int, None) or shape["seq_length"],
         "rope_theta": flags.one("rotary_base", float, 10000.0), "norm_eps": flags.one("norm_epsilon", float, 1e-5),
         "init_std": flags.one("init_method_std", float, 0.02),
