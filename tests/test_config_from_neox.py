@@ -290,3 +290,18 @@ def test_hf_load_single_data_path_and_constant_schedule(tmp_path):
     listed = {u.key: u for u in conversion.unmapped}
     assert listed["split"].kind == "unsupported" and "load" not in listed
     assert any(note.startswith("eval_interval 250: no valid_data_paths") for note in conversion.notes)
+
+
+def test_warmup_left_out_is_gpt_neoxs_default_of_one_percent(tmp_path):
+    """GPT-NeoX's `warmup` defaults to 0.01: a config without warmup_iters or warmup warms up over 1% of the
+    decay iterations there, so the converted run must too (not start at the peak lr)."""
+    text = LLEMMA_7B_YML.replace('"warmup_iters": 500,', '')
+    assert text != LLEMMA_7B_YML
+    config = convert_neox(read_neox_yaml(write_llemma(tmp_path, text)), vocab_size=32016).validate()
+    assert config.schedule.warmup_steps == 480  # 0.01 × lr_decay_iters 48,000
+    with_iters = convert_neox(read_neox_yaml(write_llemma(tmp_path)), vocab_size=32016)
+    assert with_iters.validate().schedule.warmup_steps == 500  # warmup_iters wins, and no note about `warmup`
+    assert not [note for note in with_iters.notes if note.startswith("warmup")]
+    text = LLEMMA_7B_YML.replace('"warmup_iters": 500,', '"warmup": 0,')
+    config = convert_neox(read_neox_yaml(write_llemma(tmp_path, text)), vocab_size=32016).validate()
+    assert config.schedule.warmup_steps == 0  # explicitly off
