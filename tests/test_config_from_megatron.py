@@ -94,6 +94,11 @@ def test_launcher_and_parsing():
     (("--bf16", "--fp16"), "--fp16: megamath cannot train that"),
     (("--lr-decay-style cosine", ""), "--lr-decay-style is not given (Megatron's default: linear)"),
     (("--global-batch-size 1024", "--global-batch-size 1000"), "--global-batch-size 1000 is not divisible"),
+    # RoPE variants megamath does not compute: an error, not an "ignored" line under a converted config.
+    (("--rotary-base 10000", "--rotary-base 10000 --rotary-interleaved"), "--rotary-interleaved: megamath"),
+    (("--rotary-base 10000", "--rotary-base 10000 --rotary-seq-len-interpolation-factor 4"),
+     "--rotary-seq-len-interpolation-factor 4: megamath"),
+    (("--rotary-base 10000", "--rotary-base 10000 --use-rope-scaling"), "--use-rope-scaling: megamath"),
 ])
 def test_what_megamath_cannot_train_is_an_error(tmp_path, edit, message):
     text = SCRIPT.replace(*edit)
@@ -131,3 +136,11 @@ def test_group_query_attention_without_num_query_groups_is_megatrons_default_of_
     assert convert_megatron(alone, world_size=32, vocab_size=32000).validate().model.num_kv_heads == 1
     ignored = flags.replace("--group-query-attention", "").split()
     assert convert_megatron(ignored, world_size=32, vocab_size=32000).validate().model.num_kv_heads == 32
+
+
+def test_rope_interpolation_factor_one_is_plain_rope():
+    flags = SCRIPT.split("pretrain_gpt.py \\\n", 1)[1].replace("\\\n", " ")
+    flags = flags.replace("--rotary-base 10000", "--rotary-base 10000 --rotary-seq-len-interpolation-factor 1")
+    conversion = convert_megatron(flags.split(), world_size=32, vocab_size=32000)
+    assert conversion.validate().model.rope_theta == 1e4
+    assert "--rotary-seq-len-interpolation-factor" not in {u.key for u in conversion.unmapped}

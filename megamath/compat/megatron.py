@@ -195,6 +195,14 @@ def _refuse(flags: Flags) -> None:
                              f"--{key.replace('_', '-')} 0")
     if flags.one("rotary_percent", float, 1.0) != 1.0:
         raise ValueError("--rotary-percent: megamath rotates the whole head (1.0)")
+    for key in ("rotary_interleaved", "use_rope_scaling"):
+        if flags.on(key):
+            raise ValueError(f"--{key.replace('_', '-')}: megamath computes Llama's plain RoPE only (rotate-half, "
+                             "no frequency scaling)")
+    factor = flags.one("rotary_seq_len_interpolation_factor", int, 1)
+    if factor != 1:
+        raise ValueError(f"--rotary-seq-len-interpolation-factor {factor}: megamath computes Llama's plain RoPE only "
+                         "(no position interpolation)")
     for key in ("fp16", "apply_layernorm_1p", "qk_layernorm", "eod_mask_loss", "reset_position_ids",
                 "reset_attention_mask", "add_qkv_bias", "add_bias_linear"):
         if flags.on(key):
