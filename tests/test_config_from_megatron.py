@@ -144,3 +144,16 @@ def test_rope_interpolation_factor_one_is_plain_rope():
     conversion = convert_megatron(flags.split(), world_size=32, vocab_size=32000)
     assert conversion.validate().model.rope_theta == 1e4
     assert "--rotary-seq-len-interpolation-factor" not in {u.key for u in conversion.unmapped}
+
+
+def test_layernorm_epsilon_is_the_older_name_of_norm_epsilon():
+    """Megatron-LM versions with --normalization RMSNorm but before the rename spell the epsilon
+    --layernorm-epsilon; it sets the RMSNorm epsilon there, so it must here (not fall back to 1e-5)."""
+    flags = SCRIPT.split("pretrain_gpt.py \\\n", 1)[1].replace("\\\n", " ")
+    older = flags.replace("--norm-epsilon 1e-5", "--layernorm-epsilon 1e-6").split()
+    conversion = convert_megatron(older, world_size=32, vocab_size=32000)
+    assert conversion.validate().model.norm_eps == 1e-6
+    assert "--layernorm-epsilon" not in {u.key for u in conversion.unmapped}
+    both = flags.replace("--norm-epsilon 1e-5", "--norm-epsilon 1e-5 --layernorm-epsilon 1e-6").split()
+    with pytest.raises(ValueError, match="--layernorm-epsilon"):
+        convert_megatron(both, world_size=32, vocab_size=32000)

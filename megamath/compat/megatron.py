@@ -229,11 +229,17 @@ def _model(flags: Flags, vocab_size: int | None, tp: int, out: Conversion) -> di
         ffn = int((4 * h * 2 / 3) / 64) * 64
     if flags.one("kv_channels", int, h // heads) != h // heads:
         raise ValueError("--kv-channels: megamath's head size is hidden_size / num_attention_heads")
+    if "norm_epsilon" in flags and "layernorm_epsilon" in flags:
+        raise ValueError("--layernorm-epsilon and --norm-epsilon are both given: they are one setting (the older "
+                         "and the newer name of the norm's epsilon); keep one")
+    eps = flags.one("norm_epsilon", float, None)
+    if eps is None:
+        eps = flags.one("layernorm_epsilon", float, 1e-5)  # the older name, in the versions before the rename
     return {
         "vocab_size": _vocab_size(flags, vocab_size, tp, out), "hidden_size": h, "num_layers": shape["num_layers"],
         "num_heads": heads, "num_kv_heads": groups if gqa else heads, "ffn_hidden_size": ffn,
         "max_seq_length": flags.one("max_position_embeddings", int, None) or shape["seq_length"],
-        "rope_theta": flags.one("rotary_base", float, 10000.0), "norm_eps": flags.one("norm_epsilon", float, 1e-5),
+        "rope_theta": flags.one("rotary_base", float, 10000.0), "norm_eps": eps,
         "init_std": flags.one("init_method_std", float, 0.02),
         "activation_checkpointing": _recompute(flags, out), "kernels": "auto",
     }
