@@ -99,6 +99,8 @@ def test_launcher_and_parsing():
     (("--rotary-base 10000", "--rotary-base 10000 --rotary-seq-len-interpolation-factor 4"),
      "--rotary-seq-len-interpolation-factor 4: megamath"),
     (("--rotary-base 10000", "--rotary-base 10000 --use-rope-scaling"), "--use-rope-scaling: megamath"),
+    (("--swiglu", "--swiglu --apply-residual-connection-post-layernorm"),
+     "--apply-residual-connection-post-layernorm: megamath cannot train that"),
 ])
 def test_what_megamath_cannot_train_is_an_error(tmp_path, edit, message):
     text = SCRIPT.replace(*edit)

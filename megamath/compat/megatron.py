@@ -204,7 +204,7 @@ def _refuse(flags: Flags) -> None:
         raise ValueError(f"--rotary-seq-len-interpolation-factor {factor}: megamath computes Llama's plain RoPE only "
                          "(no position interpolation)")
     for key in ("fp16", "apply_layernorm_1p", "qk_layernorm", "eod_mask_loss", "reset_position_ids",
-                "reset_attention_mask", "add_qkv_bias", "add_bias_linear"):
+                "reset_attention_mask", "add_qkv_bias", "add_bias_linear", "apply_residual_connection_post_layernorm"):
         if flags.on(key):
             raise ValueError(f"--{key.replace('_', '-')}: megamath cannot train that (" +
                              ("it trains in bfloat16 without loss scaling; use --bf16" if key == "fp16" else
