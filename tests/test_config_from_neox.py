@@ -305,3 +305,16 @@ def test_warmup_left_out_is_gpt_neoxs_default_of_one_percent(tmp_path):
     text = LLEMMA_7B_YML.replace('"warmup_iters": 500,', '"warmup": 0,')
     config = convert_neox(read_neox_yaml(write_llemma(tmp_path, text)), vocab_size=32016).validate()
     assert config.schedule.warmup_steps == 0  # explicitly off
+
+
+def test_gradient_clipping_left_out_is_gpt_neoxs_default_of_one(tmp_path):
+    """GPT-NeoX (the llemma branch and main alike) clips at gradient_clipping = 1.0 unless told otherwise;
+    clip_grad is not an input there (it is overwritten with gradient_clipping)."""
+    text = LLEMMA_7B_YML.replace('"gradient_clipping": 1.0,', '')
+    assert text != LLEMMA_7B_YML
+    assert convert_neox(read_neox_yaml(write_llemma(tmp_path, text)), vocab_size=32016).validate() \
+        .optimizer.clip_grad == 1.0
+    off = LLEMMA_7B_YML.replace('"gradient_clipping": 1.0,', '"gradient_clipping": 0.0, "clip_grad": 0.5,')
+    conversion = convert_neox(read_neox_yaml(write_llemma(tmp_path, off)), vocab_size=32016)
+    assert conversion.validate().optimizer.clip_grad == 0.0
+    assert {u.key: u.kind for u in conversion.unmapped}["clip_grad"] == "not needed"

@@ -3,7 +3,7 @@
 GPT-NeoX reads one or more YAML files (JSON-like, with comments) whose top-level keys may be spelt with
 `-` or `_`; a key set in two files is an error there, and here. Values a config leaves out take
 GPT-NeoX's defaults (those of the `llemma` branch LLEMMA trained with: dropout 0.1, learned positions,
-LayerNorm, tied embeddings, linear decay, weight decay 0.01, no clipping), so a key that is absent can
+LayerNorm, tied embeddings, linear decay, weight decay 0.01, clipping at 1.0), so a key that is absent can
 still be one megamath cannot honour; the error then says the default is the problem.
 
 Where GPT-NeoX and megamath compute a mapped value differently, a note says how (the schedule is the
@@ -33,6 +33,7 @@ KNOWN_UNMAPPED = {
        for k in ("scaled_upper_triang_masked_softmax_fusion", "scaled_masked_softmax_fusion", "bias_gelu_fusion",
                  "bias_dropout_fusion", "fp16_lm_cross_entropy", "attention_softmax_in_fp32", "use_flashattn_swiglu",
                  "rope_fusion")},
+    "clip_grad": (NOT_NEEDED, "GPT-NeoX overwrites it with gradient_clipping, which sets optimizer.clip_grad"),
     "apply_query_key_layer_scaling": (NOT_NEEDED, "rescales inside the fp16 softmax only; the result is the same"),
     "output_layer_parallelism": (NOT_NEEDED, "megamath's LM head is always vocabulary-parallel over the TP ranks "
                                              "(same numbers either way)"),
@@ -263,7 +264,7 @@ def _optimizer(keys: Keys, out: Conversion) -> None:
                  "zero_allgather_bucket_size"):
         keys.take(name)
     grad_dtype = _grad_dtype(keys, out)
-    clip = keys.take("gradient_clipping", keys.take("clip_grad", 0.0))
+    clip = keys.take("gradient_clipping", 1.0)  # DeepSpeed's setting; GPT-NeoX's default clips at 1.0
     out.config["optimizer"] = {"lr": _float(lr, "lr"), "beta1": float(betas[0]), "beta2": float(betas[1]),
                                "eps": _float(eps, "optimizer.params.eps"),
                                "weight_decay": _float(keys.take("weight_decay", 0.01), "weight_decay"),
