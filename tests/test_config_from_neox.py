@@ -300,8 +300,11 @@ def test_warmup_left_out_is_gpt_neoxs_default_of_one_percent(tmp_path):
     config = convert_neox(read_neox_yaml(write_llemma(tmp_path, text)), vocab_size=32016).validate()
     assert config.schedule.warmup_steps == 480  # 0.01 × lr_decay_iters 48,000
     with_iters = convert_neox(read_neox_yaml(write_llemma(tmp_path)), vocab_size=32016)
-    assert with_iters.validate().schedule.warmup_steps == 500  # warmup_iters wins, and no note about `warmup`
+    assert with_iters.validate().schedule.warmup_steps == 500  # from warmup_iters, and no note about `warmup`
     assert not [note for note in with_iters.notes if note.startswith("warmup")]
+    both = LLEMMA_7B_YML.replace('"warmup_iters": 500,', '"warmup_iters": 500, "warmup": 0.01,')
+    with pytest.raises(ValueError, match="warmup_iters and warmup are both set"):
+        convert_neox(read_neox_yaml(write_llemma(tmp_path, both)), vocab_size=32016)
     text = LLEMMA_7B_YML.replace('"warmup_iters": 500,', '"warmup": 0,')
     config = convert_neox(read_neox_yaml(write_llemma(tmp_path, text)), vocab_size=32016).validate()
     assert config.schedule.warmup_steps == 0  # explicitly off

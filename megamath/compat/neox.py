@@ -304,7 +304,10 @@ def _schedule(keys: Keys, out: Conversion) -> None:
     decay = keys.take("lr_decay_iters")
     fraction = keys.take("lr_decay_fraction")
     decay = int(decay if decay is not None else math.floor(train_iters * fraction) if fraction else train_iters)
-    warmup_iters, warmup_fraction = keys.take("warmup_iters"), keys.take("warmup", 0.01)  # GPT-NeoX's default: 1%
+    if keys.raw.get("warmup_iters") and keys.raw.get("warmup"):
+        raise ValueError("warmup_iters and warmup are both set: GPT-NeoX refuses that too; keep one")
+    # Neither: 1%, GPT-NeoX main's default (the llemma branch has no default and fails to build its schedule).
+    warmup_iters, warmup_fraction = keys.take("warmup_iters"), keys.take("warmup", 0.01)
     warmup = int(warmup_iters) if warmup_iters is not None else round(float(warmup_fraction or 0.0) * decay)
     if warmup_iters is None and warmup_fraction and warmup != float(warmup_fraction) * decay:
         out.notes.append(f"warmup {warmup_fraction}: {float(warmup_fraction) * decay} iterations in GPT-NeoX, "
