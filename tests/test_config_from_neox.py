@@ -321,3 +321,11 @@ def test_gradient_clipping_left_out_is_gpt_neoxs_default_of_one(tmp_path):
     conversion = convert_neox(read_neox_yaml(write_llemma(tmp_path, off)), vocab_size=32016)
     assert conversion.validate().optimizer.clip_grad == 0.0
     assert {u.key: u.kind for u in conversion.unmapped}["clip_grad"] == "not needed"
+
+
+def test_rmsnorm_epsilon_placement_is_noted(tmp_path):
+    """GPT-NeoX's RMSNorm divides by rms + eps, megamath's (Llama's) by sqrt(mean square + eps): mapped, with
+    a note, since for Code Llama's small early activations the two differ by more than rounding."""
+    conversion = convert_neox(read_neox_yaml(write_llemma(tmp_path)), vocab_size=32016)
+    assert conversion.validate().model.norm_eps == 1e-5
+    assert any(note.startswith("rms_norm_epsilon 1e-05: GPT-NeoX") for note in conversion.notes)

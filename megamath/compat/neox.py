@@ -187,6 +187,9 @@ def _model(keys: Keys, vocab_size: int | None, out: Conversion) -> dict:
         out.unmapped.append(Unmapped("init_method", UNSUPPORTED, f"{init_method}/{output_init}: megamath initializes "
                                      "normal(0, init_std) with scaled output projections; only a run from random "
                                      "weights is affected"))
+    eps = float(keys.take("rms_norm_epsilon", 1e-8))
+    out.notes.append(f"rms_norm_epsilon {eps:g}: GPT-NeoX's RMSNorm divides by rms(x) + eps, megamath's (Llama's, "
+                     "Hugging Face's) by sqrt(mean(x²) + eps); they differ where rms(x)² is not large against eps")
     return {
         "vocab_size": _vocab_size(keys, vocab_size, out),
         "hidden_size": hidden,
@@ -196,7 +199,7 @@ def _model(keys: Keys, vocab_size: int | None, out: Conversion) -> dict:
         "ffn_hidden_size": ffn,
         "max_seq_length": int(keys.take("max_position_embeddings") or shape["seq_length"]),
         "rope_theta": float(keys.take("rotary_emb_base", 10000)),
-        "norm_eps": float(keys.take("rms_norm_epsilon", 1e-8)),
+        "norm_eps": eps,
         "init_std": float(keys.take("init_method_std", 0.02)),
         "activation_checkpointing": bool(keys.take("checkpoint_activations", False)),
         "kernels": "auto",
