@@ -94,6 +94,13 @@ def test_launcher_and_parsing():
     (("--bf16", "--fp16"), "--fp16: megamath cannot train that"),
     (("--lr-decay-style cosine", ""), "--lr-decay-style is not given (Megatron's default: linear)"),
     (("--global-batch-size 1024", "--global-batch-size 1000"), "--global-batch-size 1000 is not divisible"),
+    # RoPE variants megamath does not compute: an error, not an "ignored" line under a converted config.
+    (("--rotary-base 10000", "--rotary-base 10000 --rotary-interleaved"), "--rotary-interleaved: megamath"),
+    (("--rotary-base 10000", "--rotary-base 10000 --rotary-seq-len-interpolation-factor 4"),
+     "--rotary-seq-len-interpolation-factor 4: megamath"),
+    (("--rotary-base 10000", "--rotary-base 10000 --use-rope-scaling"), "--use-rope-scaling: megamath"),
+    (("--swiglu", "--swiglu --apply-residual-connection-post-layernorm"),
+     "--apply-residual-connection-post-layernorm: megamath cannot train that"),
 ])
 def test_what_megamath_cannot_train_is_an_error(tmp_path, edit, message):
     text = SCRIPT.replace(*edit)
@@ -121,3 +128,34 @@ def test_converted_config_trains_shrunk_on_cpu(tmp_path):
               "logging.wandb.mode=disabled"]
     assert main(["train", "--config", str(out), *shrink]) == 0
     assert [r["step"] for r in metrics(tmp_path / "run")] == [1, 2]
+
+
+def test_group_query_attention_without_num_query_groups_is_megatrons_default_of_one_group():
+    """Megatron's --num-query-groups defaults to 1: --group-query-attention alone is multi-query attention
+    (one KV head), not multi-head; --num-query-groups without --group-query-attention is ignored there."""
+    flags = SCRIPT.split("pretrain_gpt.py \\\n", 1)[1].replace("\\\n", " ")
+    alone = flags.replace("--num-query-groups 8", "").split()
+    assert convert_megatron(alone, world_size=32, vocab_size=32000).validate().model.num_kv_heads == 1
+    ignored = flags.replace("--group-query-attention", "").split()
+    assert convert_megatron(ignored, world_size=32, vocab_size=32000).validate().model.num_kv_heads == 32
+
+
+def test_rope_interpolation_factor_one_is_plain_rope():
+    flags = SCRIPT.split("pretrain_gpt.py \\\n", 1)[1].replace("\\\n", " ")
+    flags = flags.replace("--rotary-base 10000", "--rotary-base 10000 --rotary-seq-len-interpolation-factor 1")
+    conversion = convert_megatron(flags.split(), world_size=32, vocab_size=32000)
+    assert conversion.validate().model.rope_theta == 1e4
+    assert "--rotary-seq-len-interpolation-factor" not in {u.key for u in conversion.unmapped}
+
+
+def test_layernorm_epsilon_is_the_older_name_of_norm_epsilon():
+    """Megatron-LM versions with --normalization RMSNorm but before the rename spell the epsilon
+    --layernorm-epsilon; it sets the RMSNorm epsilon there, so it must here (not fall back to 1e-5)."""
+    flags = SCRIPT.split("pretrain_gpt.py \\\n", 1)[1].replace("\\\n", " ")
+    older = flags.replace("--norm-epsilon 1e-5", "--layernorm-epsilon 1e-6").split()
+    conversion = convert_megatron(older, world_size=32, vocab_size=32000)
+    assert conversion.validate().model.norm_eps == 1e-6
+    assert "--layernorm-epsilon" not in {u.key for u in conversion.unmapped}
+    both = flags.replace("--norm-epsilon 1e-5", "--norm-epsilon 1e-5 --layernorm-epsilon 1e-6").split()
+    with pytest.raises(ValueError, match="--layernorm-epsilon"):
+        convert_megatron(both, world_size=32, vocab_size=32000)

@@ -290,3 +290,42 @@ def test_hf_load_single_data_path_and_constant_schedule(tmp_path):
     listed = {u.key: u for u in conversion.unmapped}
     assert listed["split"].kind == "unsupported" and "load" not in listed
     assert any(note.startswith("eval_interval 250: no valid_data_paths") for note in conversion.notes)
+
+
+def test_warmup_left_out_is_gpt_neoxs_default_of_one_percent(tmp_path):
+    """GPT-NeoX's `warmup` defaults to 0.01: a config without warmup_iters or warmup warms up over 1% of the
+    decay iterations there, so the converted run must too (not start at the peak lr)."""
+    text = LLEMMA_7B_YML.replace('"warmup_iters": 500,', '')
+    assert text != LLEMMA_7B_YML
+    config = convert_neox(read_neox_yaml(write_llemma(tmp_path, text)), vocab_size=32016).validate()
+    assert config.schedule.warmup_steps == 480  # 0.01 × lr_decay_iters 48,000
+    with_iters = convert_neox(read_neox_yaml(write_llemma(tmp_path)), vocab_size=32016)
+    assert with_iters.validate().schedule.warmup_steps == 500  # from warmup_iters, and no note about `warmup`
+    assert not [note for note in with_iters.notes if note.startswith("warmup")]
+    both = LLEMMA_7B_YML.replace('"warmup_iters": 500,', '"warmup_iters": 500, "warmup": 0.01,')
+    with pytest.raises(ValueError, match="warmup_iters and warmup are both set"):
+        convert_neox(read_neox_yaml(write_llemma(tmp_path, both)), vocab_size=32016)
+    text = LLEMMA_7B_YML.replace('"warmup_iters": 500,', '"warmup": 0,')
+    config = convert_neox(read_neox_yaml(write_llemma(tmp_path, text)), vocab_size=32016).validate()
+    assert config.schedule.warmup_steps == 0  # explicitly off
+
+
+def test_gradient_clipping_left_out_is_gpt_neoxs_default_of_one(tmp_path):
+    """GPT-NeoX (the llemma branch and main alike) clips at gradient_clipping = 1.0 unless told otherwise;
+    clip_grad is not an input there (it is overwritten with gradient_clipping)."""
+    text = LLEMMA_7B_YML.replace('"gradient_clipping": 1.0,', '')
+    assert text != LLEMMA_7B_YML
+    assert convert_neox(read_neox_yaml(write_llemma(tmp_path, text)), vocab_size=32016).validate() \
+        .optimizer.clip_grad == 1.0
+    off = LLEMMA_7B_YML.replace('"gradient_clipping": 1.0,', '"gradient_clipping": 0.0, "clip_grad": 0.5,')
+    conversion = convert_neox(read_neox_yaml(write_llemma(tmp_path, off)), vocab_size=32016)
+    assert conversion.validate().optimizer.clip_grad == 0.0
+    assert {u.key: u.kind for u in conversion.unmapped}["clip_grad"] == "not needed"
+
+
+def test_rmsnorm_epsilon_placement_is_noted(tmp_path):
+    """GPT-NeoX's RMSNorm divides by rms + eps, megamath's (Llama's) by sqrt(mean square + eps): mapped, with
+    a note, since for Code Llama's small early activations the two differ by more than rounding."""
+    conversion = convert_neox(read_neox_yaml(write_llemma(tmp_path)), vocab_size=32016)
+    assert conversion.validate().model.norm_eps == 1e-5
+    assert any(note.startswith("rms_norm_epsilon 1e-05: GPT-NeoX") for note in conversion.notes)

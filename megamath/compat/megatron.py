@@ -195,8 +195,16 @@ def _refuse(flags: Flags) -> None:
                              f"--{key.replace('_', '-')} 0")
     if flags.one("rotary_percent", float, 1.0) != 1.0:
         raise ValueError("--rotary-percent: megamath rotates the whole head (1.0)")
+    for key in ("rotary_interleaved", "use_rope_scaling"):
+        if flags.on(key):
+            raise ValueError(f"--{key.replace('_', '-')}: megamath computes Llama's plain RoPE only (rotate-half, "
+                             "no frequency scaling)")
+    factor = flags.one("rotary_seq_len_interpolation_factor", int, 1)
+    if factor != 1:
+        raise ValueError(f"--rotary-seq-len-interpolation-factor {factor}: megamath computes Llama's plain RoPE only "
+                         "(no position interpolation)")
     for key in ("fp16", "apply_layernorm_1p", "qk_layernorm", "eod_mask_loss", "reset_position_ids",
-                "reset_attention_mask", "add_qkv_bias", "add_bias_linear"):
+                "reset_attention_mask", "add_qkv_bias", "add_bias_linear", "apply_residual_connection_post_layernorm"):
         if flags.on(key):
             raise ValueError(f"--{key.replace('_', '-')}: megamath cannot train that (" +
                              ("it trains in bfloat16 without loss scaling; use --bf16" if key == "fp16" else
@@ -215,17 +223,23 @@ def _model(flags: Flags, vocab_size: int | None, tp: int, out: Conversion) -> di
         raise ValueError(f"{', '.join(missing)} not given: Megatron-LM needs them too")
     h, heads = shape["hidden_size"], shape["num_attention_heads"]
     gqa = flags.on("group_query_attention")
-    groups = flags.one("num_query_groups", int, None)
+    groups = flags.one("num_query_groups", int, 1)  # Megatron's default: one group (multi-query attention)
     ffn = flags.one("ffn_hidden_size", int, None)
     if ffn is None:  # Megatron's default with --swiglu: 2/3 of 4h, rounded down to a multiple of 64
         ffn = int((4 * h * 2 / 3) / 64) * 64
     if flags.one("kv_channels", int, h // heads) != h // heads:
         raise ValueError("--kv-channels: megamath's head size is hidden_size / num_attention_heads")
+    if "norm_epsilon" in flags and "layernorm_epsilon" in flags:
+        raise ValueError("--layernorm-epsilon and --norm-epsilon are both given: they are one setting (the older "
+                         "and the newer name of the norm's epsilon); keep one")
+    eps = flags.one("norm_epsilon", float, None)
+    if eps is None:
+        eps = flags.one("layernorm_epsilon", float, 1e-5)  # the older name, in the versions before the rename
     return {
         "vocab_size": _vocab_size(flags, vocab_size, tp, out), "hidden_size": h, "num_layers": shape["num_layers"],
-        "num_heads": heads, "num_kv_heads": groups if gqa and groups else heads, "ffn_hidden_size": ffn,
+        "num_heads": heads, "num_kv_heads": groups if gqa else heads, "ffn_hidden_size": ffn,
         "max_seq_length": flags.one("max_position_embeddings", int, None) or shape["seq_length"],
-        "rope_theta": flags.one("rotary_base", float, 10000.0), "norm_eps": flags.one("norm_epsilon", float, 1e-5),
+        "rope_theta": flags.one("rotary_base", float, 10000.0), "norm_eps": eps,
         "init_std": flags.one("init_method_std", float, 0.02),
         "activation_checkpointing": _recompute(flags, out), "kernels": "auto",
     }

@@ -3,7 +3,7 @@
 GPT-NeoX reads one or more YAML files (JSON-like, with comments) whose top-level keys may be spelt with
 `-` or `_`; a key set in two files is an error there, and here. Values a config leaves out take
 GPT-NeoX's defaults (those of the `llemma` branch LLEMMA trained with: dropout 0.1, learned positions,
-LayerNorm, tied embeddings, linear decay, weight decay 0.01, no clipping), so a key that is absent can
+LayerNorm, tied embeddings, linear decay, weight decay 0.01, clipping at 1.0), so a key that is absent can
 still be one megamath cannot honour; the error then says the default is the problem.
 
 Where GPT-NeoX and megamath compute a mapped value differently, a note says how (the schedule is the
@@ -33,6 +33,7 @@ KNOWN_UNMAPPED = {
        for k in ("scaled_upper_triang_masked_softmax_fusion", "scaled_masked_softmax_fusion", "bias_gelu_fusion",
                  "bias_dropout_fusion", "fp16_lm_cross_entropy", "attention_softmax_in_fp32", "use_flashattn_swiglu",
                  "rope_fusion")},
+    "clip_grad": (NOT_NEEDED, "GPT-NeoX overwrites it with gradient_clipping, which sets optimizer.clip_grad"),
     "apply_query_key_layer_scaling": (NOT_NEEDED, "rescales inside the fp16 softmax only; the result is the same"),
     "output_layer_parallelism": (NOT_NEEDED, "megamath's LM head is always vocabulary-parallel over the TP ranks "
                                              "(same numbers either way)"),
@@ -186,6 +187,9 @@ def _model(keys: Keys, vocab_size: int | None, out: Conversion) -> dict:
         out.unmapped.append(Unmapped("init_method", UNSUPPORTED, f"{init_method}/{output_init}: megamath initializes "
                                      "normal(0, init_std) with scaled output projections; only a run from random "
                                      "weights is affected"))
+    eps = float(keys.take("rms_norm_epsilon", 1e-8))
+    out.notes.append(f"rms_norm_epsilon {eps:g}: GPT-NeoX's RMSNorm divides by rms(x) + eps, megamath's (Llama's, "
+                     "Hugging Face's) by sqrt(mean(x²) + eps); they differ where rms(x)² is not large against eps")
     return {
         "vocab_size": _vocab_size(keys, vocab_size, out),
         "hidden_size": hidden,
@@ -195,7 +199,7 @@ def _model(keys: Keys, vocab_size: int | None, out: Conversion) -> dict:
         "ffn_hidden_size": ffn,
         "max_seq_length": int(keys.take("max_position_embeddings") or shape["seq_length"]),
         "rope_theta": float(keys.take("rotary_emb_base", 10000)),
-        "norm_eps": float(keys.take("rms_norm_epsilon", 1e-8)),
+        "norm_eps": eps,
         "init_std": float(keys.take("init_method_std", 0.02)),
         "activation_checkpointing": bool(keys.take("checkpoint_activations", False)),
         "kernels": "auto",
@@ -263,7 +267,7 @@ def _optimizer(keys: Keys, out: Conversion) -> None:
                  "zero_allgather_bucket_size"):
         keys.take(name)
     grad_dtype = _grad_dtype(keys, out)
-    clip = keys.take("gradient_clipping", keys.take("clip_grad", 0.0))
+    clip = keys.take("gradient_clipping", 1.0)  # DeepSpeed's setting; GPT-NeoX's default clips at 1.0
     out.config["optimizer"] = {"lr": _float(lr, "lr"), "beta1": float(betas[0]), "beta2": float(betas[1]),
                                "eps": _float(eps, "optimizer.params.eps"),
                                "weight_decay": _float(keys.take("weight_decay", 0.01), "weight_decay"),
@@ -303,9 +307,12 @@ def _schedule(keys: Keys, out: Conversion) -> None:
     decay = keys.take("lr_decay_iters")
     fraction = keys.take("lr_decay_fraction")
     decay = int(decay if decay is not None else math.floor(train_iters * fraction) if fraction else train_iters)
-    warmup_iters, warmup_fraction = keys.take("warmup_iters"), keys.take("warmup")
+    if keys.raw.get("warmup_iters") and keys.raw.get("warmup"):
+        raise ValueError("warmup_iters and warmup are both set: GPT-NeoX refuses that too; keep one")
+    # Neither: 1%, GPT-NeoX main's default (the llemma branch has no default and fails to build its schedule).
+    warmup_iters, warmup_fraction = keys.take("warmup_iters"), keys.take("warmup", 0.01)
     warmup = int(warmup_iters) if warmup_iters is not None else round(float(warmup_fraction or 0.0) * decay)
-    if warmup_fraction and warmup != float(warmup_fraction) * decay:
+    if warmup_iters is None and warmup_fraction and warmup != float(warmup_fraction) * decay:
         out.notes.append(f"warmup {warmup_fraction}: {float(warmup_fraction) * decay} iterations in GPT-NeoX, "
                          f"rounded to {warmup} steps")
     peak = out.config["optimizer"]["lr"]
