@@ -155,8 +155,21 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, opti
 
 
 def _save(write, path: Path) -> None:
-    write(path)
-    _fsync(path)
+    try:
+        write(path)
+        _fsync(path)
+    except Exception as err:
+        # A full disk reaches us as torch.save's "unexpected pos 93184 vs 93072" (a RuntimeError) or safetensors'
+        # SafetensorError, neither naming the file: say which file, how much room is left, and what survives.
+        raise OSError(f"could not write checkpoint file {path} ({_free_space(path.parent)} free there): "
+                      f"{' '.join(str(err).split())}; the checkpoints saved before are untouched") from err
+
+
+def _free_space(folder: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(folder).free / 2**30:.2f} GiB"
+    except OSError:
+        return "unknown space"
 
 
 def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
