@@ -95,7 +95,7 @@ class MetricsLogger:
         if tensorboard:
             from megamath.training.tensorboard_log import TensorBoardLog
 
-            self.tensorboard = TensorBoardLog(Path(run_dir) / "tensorboard")
+            self.tensorboard = TensorBoardLog(Path(run_dir) / "tensorboard", first_step)
         from tqdm import tqdm
 
         self.bar = tqdm(total=total_steps, initial=first_step - 1, desc="train", unit="step", file=sys.stderr,
