@@ -15,7 +15,7 @@ from megamath.training.checkpoint import (LATEST, CheckpointIntegrityError, late
 from megamath.training.checkpoint_verify import verify_checkpoint
 from megamath.training.config import TrainConfig
 from test_train_loop import (assert_bitwise_equal, final_state, inject_nonfinite, metrics, one_thread,  # noqa: F401
-                             raw_config, run)
+                             raw_config, run, untimed)
 
 FILES = {"model": "model_tp00.safetensors", "optimizer": "optimizer_tp00_dp000.pt", "rng": "rng_rank00000.pt"}
 
@@ -193,6 +193,21 @@ def test_a_corrupt_metadata_file_falls_back_too(good_run, tmp_path, one_thread, 
     assert run(raw_config(good_run / "data", tmp_path / "run")).step == 8
     assert f"skipped checkpoint step_0000008: {meta} is not valid JSON" in capsys.readouterr().out
     assert_bitwise_equal(final_state(tmp_path / "run", 8), final_state(good_run / "run", 8))
+
+
+def test_a_metadata_file_naming_another_step_falls_back_too(good_run, tmp_path, one_thread, capsys):
+    """One flipped bit turns `"step": 8` into `"step": 0`: valid JSON that no checksum covers. Unchecked, the run
+    restarted at step 0 on step 8's weights and erased metrics.jsonl."""
+    shutil.copytree(good_run / "run", tmp_path / "run")
+    meta = tmp_path / "run" / "checkpoints" / "step_0000008" / "metadata.json"
+    data = meta.read_bytes()
+    at = data.index(b'"step": 8,') + len(b'"step": ')
+    meta.write_bytes(data[:at] + bytes([data[at] ^ 0x08]) + data[at + 1:])  # '8' -> '0'
+    assert run(raw_config(good_run / "data", tmp_path / "run")).step == 8
+    assert (f"skipped checkpoint step_0000008: {meta} says step 0, but its folder is step_0000008"
+            in capsys.readouterr().out)
+    assert_bitwise_equal(final_state(tmp_path / "run", 8), final_state(good_run / "run", 8))
+    assert untimed(metrics(tmp_path / "run")) == untimed(metrics(good_run / "run"))
 
 
 def test_reshard_refuses_a_damaged_checkpoint_in_one_line(good_run, tmp_path, capsys):

@@ -260,6 +260,10 @@ def read_metadata(path: str | Path, check_files: bool = True) -> dict:
                          f"{meta.get('format') if isinstance(meta, dict) else None!r})")
     if not isinstance(meta.get("files"), list):
         raise CheckpointIntegrityError(f"{meta_path} lists no files")
+    # No checksum covers metadata.json itself: a flipped digit of its step would resume at another step.
+    named = _STEP_DIR.match(path.name)
+    if named and meta.get("step") != int(named.group(1)):
+        raise CheckpointIntegrityError(f"{meta_path} says step {meta.get('step')!r}, but its folder is {path.name}")
     for name in meta["files"]:
         check_file_name(name, str(meta_path))
     if not check_files:
