@@ -418,3 +418,37 @@ def test_tensor_and_sequence_parallel_run_matches_serial(tmp_path, one_thread):
     full = {n: p.detach() for n, p in source.named_parameters()}
     for r in range(2):
         assert_bitwise_equal(torch.load(tmp_path / f"pretrained_tp{r}.pt"), shard_state_dict(full, config.model, 2, r))
+
+
+def signal_at_step(monkeypatch, step: int) -> None:
+    """As if SIGTERM reached the job during step `step` (the flag is read once per step)."""
+    agreed, calls = loop.PreemptionFlag.agreed, {"n": 0}
+
+    def agreed_at(self, state):
+        calls["n"] += 1
+        if calls["n"] == step:
+            self.signal_name = "SIGTERM"
+        return agreed(self, state)
+
+    monkeypatch.setattr(loop.PreemptionFlag, "agreed", agreed_at)
+
+
+@pytest.mark.parametrize("resumed", [False, True])
+def test_a_signal_during_a_streak_of_skipped_steps_names_the_checkpoint_that_exists(tmp_path, monkeypatch,
+                                                                                    one_thread, capsys, resumed):
+    raw = raw_config(tmp_path / "data", tmp_path / "run", train_steps=12, checkpoint__save_every=4)
+    first = 4 if resumed else 0
+    if resumed:  # a first attempt left step 4
+        run({**raw, "train_steps": 4})
+    inject_nonfinite(monkeypatch, loss_steps={2, 3})  # the second and third steps of this attempt
+    signal_at_step(monkeypatch, 3)
+    result = run(raw)
+    assert (result.step, result.preempted) == (first + 3, True)
+    out = capsys.readouterr().out
+    if resumed:
+        assert (f"stopping on SIGTERM after step 7: resume from the last good checkpoint, "
+                f"{tmp_path / 'run' / 'checkpoints' / 'step_0000004'}\n") in out
+    else:  # it named step_0000000, which never exists
+        assert ("stopping on SIGTERM after step 3: no checkpoint was saved yet (none is during a streak of skipped "
+                "steps): the next run starts from scratch\n") in out
+        assert not (tmp_path / "run" / "checkpoints").exists()

@@ -70,7 +70,8 @@ class TrainResult:
     step: int
     """Last completed step."""
     preempted: bool
-    """True when a signal stopped the run early (a checkpoint of `step` was saved)."""
+    """True when a signal stopped the run early (a checkpoint of `step` was saved, unless mid-streak of skipped
+    steps)."""
     summary: dict = field(default_factory=dict)
     """Throughput over the steps of this process (see metrics.MetricsLogger.summary)."""
 
@@ -300,9 +301,12 @@ def _train(config: TrainConfig, state: ParallelState, attempt: str) -> TrainResu
                                              attempt=attempt)
                     last_saved = step
                 if preempted:
-                    saved = "checkpoint saved to" if last_saved == step else "resume from the last good checkpoint,"
-                    log.say(f"stopping on {flag.signal_name or 'a peer rank’s signal'} after step {step}: "
-                            f"{saved} {run_dir / ckpt.CHECKPOINTS / ckpt.step_dir_name(last_saved)}")
+                    path = run_dir / ckpt.CHECKPOINTS / ckpt.step_dir_name(last_saved)
+                    saved = (f"checkpoint saved to {path}" if last_saved == step else
+                             f"resume from the last good checkpoint, {path}" if last_saved else
+                             "no checkpoint was saved yet (none is during a streak of skipped steps): the next "
+                             "run starts from scratch")
+                    log.say(f"stopping on {flag.signal_name or 'a peer rank’s signal'} after step {step}: {saved}")
                     break
         summary = log.summary()
         log.say(format_summary(summary))
