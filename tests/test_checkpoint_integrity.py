@@ -159,6 +159,8 @@ def test_pruning_keeps_the_newest_checkpoint_saved_after_a_good_update(tmp_path)
     ("train_steps", 0, r"train_steps must be an integer >= 1, got 0"),
     ("micro_batch_size", 0, r"micro_batch_size must be an integer >= 1, got 0"),
     ("checkpoint__keep", 0, r"checkpoint.keep must be an integer >= 1, got 0"),
+    ("parallel__bucket_mb", float("inf"), r"^parallel.bucket_mb must be a finite number >= 0 \(0: one bucket\), "
+                                          r"got inf$"),
 ])
 def test_out_of_range_config_values_are_refused(tmp_path, key, value, message):
     with pytest.raises(ValueError, match=message):
