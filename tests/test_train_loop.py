@@ -4,6 +4,7 @@ DP size, SIGTERM, and the non-finite skip rule. CPU, fp32, reference ops, gloo.
 The helpers at the top are shared with test_checkpoint.py.
 """
 import json
+import math
 import shutil
 import signal
 import subprocess
@@ -452,3 +453,24 @@ def test_a_signal_during_a_streak_of_skipped_steps_names_the_checkpoint_that_exi
         assert ("stopping on SIGTERM after step 3: no checkpoint was saved yet (none is during a streak of skipped "
                 "steps): the next run starts from scratch\n") in out
         assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_nonfinite_validation_loss_is_null_in_metrics_jsonl(tmp_path, monkeypatch, one_thread, capsys):
+    """metrics.jsonl stays strict JSON (NaN and Infinity are not JSON) when only the validation loss overflows."""
+    build = loop.build_model
+
+    def build_overflowing_in_eval(config, state):
+        model = build(config, state)
+        model.register_forward_hook(lambda module, args, out: None if module.training else (out[0], out[1] * math.inf))
+        return model
+
+    monkeypatch.setattr(loop, "build_model", build_overflowing_in_eval)
+    run(raw_config(tmp_path / "data", tmp_path / "run", train_steps=2, eval_every=2, eval_batches=1))
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line, parse_constant=refuse) for line in lines]
+    assert records[1]["val_loss"] == {"arxiv": None} and records[1]["loss"] is not None
+    assert "val/arxiv nan" in capsys.readouterr().out

@@ -40,7 +40,7 @@ from megamath.training import checkpoint as ckpt
 from megamath.training.attention_settle import settle_attention
 from megamath.training.config import TrainConfig, dump_config
 from megamath.training.data import MicroBatch, TrainData
-from megamath.training.metrics import MetricsLogger, format_summary, run_info
+from megamath.training.metrics import MetricsLogger, finite_or_none, format_summary, run_info
 from megamath.training.phases import PhaseTimer, no_phase
 from megamath.training.profiling import StepProfiler
 from megamath.training.reshard import load_checkpoint_any_tp
@@ -268,7 +268,8 @@ def _train(config: TrainConfig, state: ParallelState, attempt: str) -> TrainResu
                 nonfinite = nonfinite + 1 if out.skipped else 0
                 if config.eval_every and step % config.eval_every == 0:
                     with timer.phase("eval"):
-                        rec["val_loss"] = evaluate(model, data, state)
+                        rec["val_loss"] = {name: finite_or_none(value)  # JSON has no NaN
+                                           for name, value in evaluate(model, data, state).items()}
                         rec.update(evaluate_tasks(model, config.evaluation, state, log.say))  # few-shot tasks
                 if out.skipped:
                     log.say(f"step {step}: non-finite loss {out.loss} / grad norm {out.grad_norm}: update skipped "

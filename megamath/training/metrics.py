@@ -219,7 +219,7 @@ def format_record(rec: dict) -> str:
     if "max_mem_gib" in rec:
         line += f"  mem {rec['max_mem_gib']:.1f} GiB"
     for name, value in rec.get("val_loss", {}).items():
-        line += f"  val/{name} {value:.4f}"
+        line += f"  val/{name} {'nan' if value is None else f'{value:.4f}'}"
     return line
 
 
