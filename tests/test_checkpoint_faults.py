@@ -1,6 +1,7 @@
 """Faults during a run: a process killed at random points of a save, a second training on the same run_dir."""
 import random
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -14,7 +15,7 @@ from safetensors import SafetensorError
 from megamath.cli import main
 from megamath.run_lock import FolderBusyError, FolderLock
 from megamath.training import checkpoint as ckpt
-from megamath.training.checkpoint import latest_checkpoint
+from megamath.training.checkpoint import LATEST, latest_checkpoint
 from megamath.training.checkpoint_verify import verify_checkpoint
 from test_train_loop import (  # noqa: F401
     assert_bitwise_equal, final_state, metrics, one_thread, raw_config, run, start_slow_training,
@@ -199,3 +200,30 @@ def test_a_full_disk_during_a_save_is_one_line_naming_the_file_then_resumes(tmp_
     assert latest_checkpoint(tmp_path / "run").name == "step_0000002"
     monkeypatch.undo()  # room was made: the run resumes from step 2 and finishes
     assert run(raw).step == 4 and verify_checkpoint(root / "step_0000004")[0]
+
+
+class Killed(BaseException):
+    """The job's time limit reached mid-delete (SIGKILL: nothing after it runs)."""
+
+
+def test_a_kill_while_pruning_leaves_no_half_deleted_checkpoint(tmp_path, monkeypatch, one_thread):
+    """Pruning a big checkpoint takes a while on a parallel filesystem; a kill in it once left a step folder
+    without metadata.json, which nothing ever counted, pruned or cleaned: its shards stayed on disk for good."""
+    raw = raw_config(tmp_path / "data", tmp_path / "run", train_steps=4, checkpoint__save_every=2,
+                     checkpoint__keep=1)
+    rmtree = shutil.rmtree
+
+    def killed_midway(path, *args, **kwargs):
+        if "step_0000002" in Path(path).name and (Path(path) / "metadata.json").is_file():  # pruned
+            (Path(path) / "metadata.json").unlink()  # the filesystem's listing order put it first
+            raise Killed
+        rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", killed_midway)
+    with pytest.raises(Killed):  # while pruning step 2, just after step 4 was saved
+        run(raw)
+    monkeypatch.undo()
+    root = tmp_path / "run" / "checkpoints"
+    assert latest_checkpoint(tmp_path / "run").name == "step_0000004"
+    assert run(raw).step == 4  # the next start (nothing left to train) cleans up
+    assert sorted(p.name for p in root.iterdir()) == [LATEST, "step_0000004"]

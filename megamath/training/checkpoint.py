@@ -16,7 +16,8 @@ Atomicity: every rank writes into `.step_0001000.tmp-ATTEMPT/` (unique per run a
 files; after a barrier rank 0 writes metadata.json (the mark of completeness, with every file's size and
 SHA-256, see checkpoint_integrity.py), fsyncs, renames the folder into place, and only then replaces
 `latest` (temp file + rename). A process killed at any point leaves `latest` naming a complete
-checkpoint; the half-written temp folder is ignored and removed by the next run (under its run lock).
+checkpoint; the half-written temp folder is ignored and removed by the next run (under its run lock), and so
+is a pruned checkpoint half-deleted (renamed to a temporary name before its delete).
 Loading checks each file against its recorded checksum first. All ranks must see one filesystem.
 
 Resume on another DP size works because every DP rank of the new run reads the optimizer shards of
@@ -195,7 +196,11 @@ def prune_checkpoints(root: Path, keep: int) -> None:
             break
     for _, path in found[:-keep]:
         if path.name not in protected:
-            shutil.rmtree(path)
+            # Renamed first: a kill during the (long) delete leaves a temporary that the next run removes,
+            # not a step folder whose metadata.json went first, which nothing would ever count or delete.
+            doomed = root / f".{path.name}.old-{os.getpid()}"
+            os.rename(path, doomed)
+            shutil.rmtree(doomed)
 
 
 def _saved_after_good_update(path: Path) -> bool:
