@@ -90,7 +90,8 @@ def rng_state() -> dict:
     state = {"python": [version, list(mt), gauss], "numpy": [name, torch.from_numpy(keys.copy()), pos, has_gauss,
                                                               cached], "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # This rank's device only: a resume on nodes with fewer GPUs (same DP size) sees fewer devices.
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -101,7 +102,12 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((name, keys.numpy(), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]
+        if isinstance(cuda, (list, tuple)):  # saved by older megamath: every visible device's state, by index
+            device = torch.cuda.current_device()
+            cuda = cuda[device] if device < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
 
 
 # ---- save ---------------------------------------------------------------------------------------------------
