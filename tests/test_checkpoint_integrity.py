@@ -270,3 +270,20 @@ def test_an_explicit_resume_path_is_verified_and_never_replaced(good_run, tmp_pa
     with pytest.raises(CheckpointIntegrityError, match=rf"^checkpoint file {step4 / FILES['rng']} has sha256"):
         run(raw_config(good_run / "data", tmp_path / "run", checkpoint__resume=str(step4)))
     assert step4.is_dir() and not (step4.parent / "step_0000004.corrupt").exists()  # left where the user put it
+
+
+def test_complete_checkpoints_without_a_latest_pointer_are_resumed_not_ignored(good_run, tmp_path, one_thread,
+                                                                               capsys):
+    """A kill between the first save's rename and its pointer, or step folders copied without `latest`: auto
+    started afresh from step 0 (and truncated metrics.jsonl), while `never` refused because of the same folders."""
+    shutil.copytree(good_run / "run", tmp_path / "run")
+    root = tmp_path / "run" / "checkpoints"
+    shutil.rmtree(root / "step_0000008")
+    (root / LATEST).unlink()
+    assert run(raw_config(good_run / "data", tmp_path / "run")).step == 8
+    out = capsys.readouterr().out
+    assert f"warning: {root / LATEST} is missing though {root} holds complete checkpoints" in out
+    assert f"resumed from {root / 'step_0000004'} at step 4" in out
+    assert (root / LATEST).read_text() == "step_0000008\n"
+    assert_bitwise_equal(final_state(tmp_path / "run", 8), final_state(good_run / "run", 8))
+    assert untimed(metrics(tmp_path / "run")) == untimed(metrics(good_run / "run"))
