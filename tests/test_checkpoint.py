@@ -136,6 +136,50 @@ def test_rng_states_round_trip(tmp_path):
     assert (random.random(), np.random.rand()) == expected[:2] and torch.equal(torch.rand(1), expected[2])
 
 
+class FakeCuda:
+    """torch.cuda's RNG functions on a process that sees `count` GPUs and uses `current` (no GPU needed)."""
+
+    def __init__(self, monkeypatch, count: int, current: int) -> None:
+        self.states = [torch.full((16,), 10 * current + i, dtype=torch.uint8) for i in range(count)]
+        for name in ("is_available", "current_device", "get_rng_state", "get_rng_state_all", "set_rng_state",
+                     "set_rng_state_all"):
+            monkeypatch.setattr(torch.cuda, name, getattr(self, name))
+        self.current = current
+
+    def is_available(self):
+        return True
+
+    def current_device(self):
+        return self.current
+
+    def get_rng_state(self, device="cuda"):
+        return self.states[self.current if device == "cuda" else device].clone()
+
+    def get_rng_state_all(self):
+        return [s.clone() for s in self.states]
+
+    def set_rng_state(self, state, device="cuda"):
+        self.states[self.current if device == "cuda" else device] = state.clone()  # IndexError past the count
+
+    def set_rng_state_all(self, states):  # as torch does it: device i gets states[i]
+        for i, state in enumerate(states):
+            self.set_rng_state(state, i)
+
+
+def test_cuda_rng_state_resumes_on_a_node_with_fewer_gpus(tmp_path, monkeypatch):
+    """Global rank 5 saved on an 8-GPU node (its device 5), resumed on a 4-GPU node (its device 1), same DP size:
+    every visible GPU's state was saved and set back by index, so device 4 of 4 raised IndexError."""
+    eight = FakeCuda(monkeypatch, count=8, current=5)
+    torch.save(rng_state(), tmp_path / "rng.pt")
+    four = FakeCuda(monkeypatch, count=4, current=1)
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert torch.equal(four.states[1], eight.states[5])  # the device it trains on gets the state it trained with
+    assert [int(s[0]) for s in four.states] == [10, 55, 12, 13]  # the others untouched
+    older = [torch.full((16,), 70 + i, dtype=torch.uint8) for i in range(8)]  # older megamath's list, by index
+    set_rng_state({**torch.load(tmp_path / "rng.pt", weights_only=True), "cuda": older})
+    assert [int(s[0]) for s in four.states] == [10, 71, 12, 13]
+
+
 def test_init_from_hugging_face_and_megamath_checkpoints(tmp_path):
     raw = raw_config(tmp_path / "data", tmp_path / "run")
     config, state = TrainConfig.from_dict(raw), ParallelState.single()

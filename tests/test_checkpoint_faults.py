@@ -1,15 +1,21 @@
 """Faults during a run: a process killed at random points of a save, a second training on the same run_dir."""
 import random
+import re
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
+import torch
 import yaml
+from safetensors import SafetensorError
 
 from megamath.cli import main
 from megamath.run_lock import FolderBusyError, FolderLock
-from megamath.training.checkpoint import latest_checkpoint
+from megamath.training import checkpoint as ckpt
+from megamath.training.checkpoint import LATEST, latest_checkpoint
 from megamath.training.checkpoint_verify import verify_checkpoint
 from test_train_loop import (  # noqa: F401
     assert_bitwise_equal, final_state, metrics, one_thread, raw_config, run, start_slow_training,
@@ -158,3 +164,66 @@ def test_os_errors_on_the_run_dir_and_the_export_folder_are_one_line(tmp_path, c
         err == f"megamath train: error: {tmp_path / 'file' / 'run'}: Not a directory\n", err
     assert main(["convert", "megamath-to-hf", str(tmp_path / "nowhere"), str(tmp_path / "hf")]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+# What a full disk looks like from inside each writer (seen on a 256 KiB tmpfs): torch.save's zip writer and
+# safetensors name neither the file nor the cause in any words a user searches for.
+FULL_DISK = {"optimizer_tp00_dp000.pt": ("torch", RuntimeError("[enforce fail at inline_container.cc:672] . "
+                                                               "unexpected pos 93184 vs 93072")),
+             "model_tp00.safetensors": ("save_file", SafetensorError("Error while serializing: I/O error: No space "
+                                                                     "left on device (os error 28)"))}
+
+
+@pytest.mark.parametrize("name", list(FULL_DISK))
+def test_a_full_disk_during_a_save_is_one_line_naming_the_file_then_resumes(tmp_path, monkeypatch, one_thread, capsys,
+                                                                           name):
+    raw = raw_config(tmp_path / "data", tmp_path / "run", train_steps=4, checkpoint__save_every=2)
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
+    writer, error = FULL_DISK[name]
+    target, attr = (torch, "save") if writer == "torch" else (ckpt, "save_file")
+    real = getattr(target, attr)
+
+    def disk_fills_before_the_second_save(obj, path, *args, **kwargs):
+        if ".step_0000004.tmp" in str(path) and str(path).endswith(name):
+            raise error
+        return real(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(target, attr, disk_fills_before_the_second_save)
+    monkeypatch.delenv("RANK", raising=False)
+    assert main(["train", "--config", str(tmp_path / "run.yaml")]) == 2
+    err = capsys.readouterr().err
+    root = tmp_path / "run" / "checkpoints"
+    assert err.count("\n") == 1 and re.match(
+        rf"megamath train: error: could not write checkpoint file {re.escape(str(root))}/\.step_0000004\.tmp-\w+/"
+        rf"{re.escape(name)} \(\d+\.\d\d GiB free there\): {re.escape(str(error))}; the checkpoints saved before are "
+        r"untouched$", err), err
+    assert latest_checkpoint(tmp_path / "run").name == "step_0000002"
+    monkeypatch.undo()  # room was made: the run resumes from step 2 and finishes
+    assert run(raw).step == 4 and verify_checkpoint(root / "step_0000004")[0]
+
+
+class Killed(BaseException):
+    """The job's time limit reached mid-delete (SIGKILL: nothing after it runs)."""
+
+
+def test_a_kill_while_pruning_leaves_no_half_deleted_checkpoint(tmp_path, monkeypatch, one_thread):
+    """Pruning a big checkpoint takes a while on a parallel filesystem; a kill in it once left a step folder
+    without metadata.json, which nothing ever counted, pruned or cleaned: its shards stayed on disk for good."""
+    raw = raw_config(tmp_path / "data", tmp_path / "run", train_steps=4, checkpoint__save_every=2,
+                     checkpoint__keep=1)
+    rmtree = shutil.rmtree
+
+    def killed_midway(path, *args, **kwargs):
+        if "step_0000002" in Path(path).name and (Path(path) / "metadata.json").is_file():  # pruned
+            (Path(path) / "metadata.json").unlink()  # the filesystem's listing order put it first
+            raise Killed
+        rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", killed_midway)
+    with pytest.raises(Killed):  # while pruning step 2, just after step 4 was saved
+        run(raw)
+    monkeypatch.undo()
+    root = tmp_path / "run" / "checkpoints"
+    assert latest_checkpoint(tmp_path / "run").name == "step_0000004"
+    assert run(raw).step == 4  # the next start (nothing left to train) cleans up
+    assert sorted(p.name for p in root.iterdir()) == [LATEST, "step_0000004"]

@@ -15,7 +15,7 @@ from megamath.training.checkpoint import (LATEST, CheckpointIntegrityError, late
 from megamath.training.checkpoint_verify import verify_checkpoint
 from megamath.training.config import TrainConfig
 from test_train_loop import (assert_bitwise_equal, final_state, inject_nonfinite, metrics, one_thread,  # noqa: F401
-                             raw_config, run)
+                             raw_config, run, untimed)
 
 FILES = {"model": "model_tp00.safetensors", "optimizer": "optimizer_tp00_dp000.pt", "rng": "rng_rank00000.pt"}
 
@@ -159,6 +159,8 @@ def test_pruning_keeps_the_newest_checkpoint_saved_after_a_good_update(tmp_path)
     ("train_steps", 0, r"train_steps must be an integer >= 1, got 0"),
     ("micro_batch_size", 0, r"micro_batch_size must be an integer >= 1, got 0"),
     ("checkpoint__keep", 0, r"checkpoint.keep must be an integer >= 1, got 0"),
+    ("parallel__bucket_mb", float("inf"), r"^parallel.bucket_mb must be a finite number >= 0 \(0: one bucket\), "
+                                          r"got inf$"),
 ])
 def test_out_of_range_config_values_are_refused(tmp_path, key, value, message):
     with pytest.raises(ValueError, match=message):
@@ -193,6 +195,21 @@ def test_a_corrupt_metadata_file_falls_back_too(good_run, tmp_path, one_thread, 
     assert run(raw_config(good_run / "data", tmp_path / "run")).step == 8
     assert f"skipped checkpoint step_0000008: {meta} is not valid JSON" in capsys.readouterr().out
     assert_bitwise_equal(final_state(tmp_path / "run", 8), final_state(good_run / "run", 8))
+
+
+def test_a_metadata_file_naming_another_step_falls_back_too(good_run, tmp_path, one_thread, capsys):
+    """One flipped bit turns `"step": 8` into `"step": 0`: valid JSON that no checksum covers. Unchecked, the run
+    restarted at step 0 on step 8's weights and erased metrics.jsonl."""
+    shutil.copytree(good_run / "run", tmp_path / "run")
+    meta = tmp_path / "run" / "checkpoints" / "step_0000008" / "metadata.json"
+    data = meta.read_bytes()
+    at = data.index(b'"step": 8,') + len(b'"step": ')
+    meta.write_bytes(data[:at] + bytes([data[at] ^ 0x08]) + data[at + 1:])  # '8' -> '0'
+    assert run(raw_config(good_run / "data", tmp_path / "run")).step == 8
+    assert (f"skipped checkpoint step_0000008: {meta} says step 0, but its folder is step_0000008"
+            in capsys.readouterr().out)
+    assert_bitwise_equal(final_state(tmp_path / "run", 8), final_state(good_run / "run", 8))
+    assert untimed(metrics(tmp_path / "run")) == untimed(metrics(good_run / "run"))
 
 
 def test_reshard_refuses_a_damaged_checkpoint_in_one_line(good_run, tmp_path, capsys):
@@ -253,3 +270,20 @@ def test_an_explicit_resume_path_is_verified_and_never_replaced(good_run, tmp_pa
     with pytest.raises(CheckpointIntegrityError, match=rf"^checkpoint file {step4 / FILES['rng']} has sha256"):
         run(raw_config(good_run / "data", tmp_path / "run", checkpoint__resume=str(step4)))
     assert step4.is_dir() and not (step4.parent / "step_0000004.corrupt").exists()  # left where the user put it
+
+
+def test_complete_checkpoints_without_a_latest_pointer_are_resumed_not_ignored(good_run, tmp_path, one_thread,
+                                                                               capsys):
+    """A kill between the first save's rename and its pointer, or step folders copied without `latest`: auto
+    started afresh from step 0 (and truncated metrics.jsonl), while `never` refused because of the same folders."""
+    shutil.copytree(good_run / "run", tmp_path / "run")
+    root = tmp_path / "run" / "checkpoints"
+    shutil.rmtree(root / "step_0000008")
+    (root / LATEST).unlink()
+    assert run(raw_config(good_run / "data", tmp_path / "run")).step == 8
+    out = capsys.readouterr().out
+    assert f"warning: {root / LATEST} is missing though {root} holds complete checkpoints" in out
+    assert f"resumed from {root / 'step_0000004'} at step 4" in out
+    assert (root / LATEST).read_text() == "step_0000008\n"
+    assert_bitwise_equal(final_state(tmp_path / "run", 8), final_state(good_run / "run", 8))
+    assert untimed(metrics(tmp_path / "run")) == untimed(metrics(good_run / "run"))

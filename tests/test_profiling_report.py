@@ -25,7 +25,7 @@ from megamath.training.config import TrainConfig
 from megamath.training.loop import train
 from megamath.training.phases import ALWAYS, PhaseTimer
 from megamath.training.profiling import OutOfMemoryStop
-from test_train_loop import metrics, raw_config
+from test_train_loop import metrics, raw_config, rewind
 
 STEPS = 8
 
@@ -126,6 +126,19 @@ def test_tensorboard_events_hold_the_metrics(runs):
     losses = [(e.step, e.value) for e in events.Scalars("loss")]
     assert losses == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in metrics(runs[0])]
     assert not (runs[1] / "tensorboard").exists()  # only when asked
+
+
+def test_tensorboard_after_a_resume_holds_each_step_once(tmp_path):
+    """Steps redone after a resume replace the killed attempt's events, as they replace its metrics.jsonl lines."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    raw = raw_config(tmp_path / "data", tmp_path / "run", logging__tensorboard=True)  # 8 steps, saves at 4 and 8
+    train(TrainConfig.from_dict(raw), ParallelState.single())
+    rewind(tmp_path / "run", 4)  # as if killed after step 8's record, before its checkpoint
+    train(TrainConfig.from_dict(raw), ParallelState.single())
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
+    assert [e.step for e in events.Scalars("loss")] == list(range(1, 9))
+    assert [e.value for e in events.Scalars("loss")] == pytest.approx([r["loss"] for r in metrics(tmp_path / "run")])
 
 
 # ---- the report --------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ DP size, SIGTERM, and the non-finite skip rule. CPU, fp32, reference ops, gloo.
 The helpers at the top are shared with test_checkpoint.py.
 """
 import json
+import math
 import shutil
 import signal
 import subprocess
@@ -418,3 +419,58 @@ def test_tensor_and_sequence_parallel_run_matches_serial(tmp_path, one_thread):
     full = {n: p.detach() for n, p in source.named_parameters()}
     for r in range(2):
         assert_bitwise_equal(torch.load(tmp_path / f"pretrained_tp{r}.pt"), shard_state_dict(full, config.model, 2, r))
+
+
+def signal_at_step(monkeypatch, step: int) -> None:
+    """As if SIGTERM reached the job during step `step` (the flag is read once per step)."""
+    agreed, calls = loop.PreemptionFlag.agreed, {"n": 0}
+
+    def agreed_at(self, state):
+        calls["n"] += 1
+        if calls["n"] == step:
+            self.signal_name = "SIGTERM"
+        return agreed(self, state)
+
+    monkeypatch.setattr(loop.PreemptionFlag, "agreed", agreed_at)
+
+
+@pytest.mark.parametrize("resumed", [False, True])
+def test_a_signal_during_a_streak_of_skipped_steps_names_the_checkpoint_that_exists(tmp_path, monkeypatch,
+                                                                                    one_thread, capsys, resumed):
+    raw = raw_config(tmp_path / "data", tmp_path / "run", train_steps=12, checkpoint__save_every=4)
+    first = 4 if resumed else 0
+    if resumed:  # a first attempt left step 4
+        run({**raw, "train_steps": 4})
+    inject_nonfinite(monkeypatch, loss_steps={2, 3})  # the second and third steps of this attempt
+    signal_at_step(monkeypatch, 3)
+    result = run(raw)
+    assert (result.step, result.preempted) == (first + 3, True)
+    out = capsys.readouterr().out
+    if resumed:
+        assert (f"stopping on SIGTERM after step 7: resume from the last good checkpoint, "
+                f"{tmp_path / 'run' / 'checkpoints' / 'step_0000004'}\n") in out
+    else:  # it named step_0000000, which never exists
+        assert ("stopping on SIGTERM after step 3: no checkpoint was saved yet (none is during a streak of skipped "
+                "steps): the next run starts from scratch\n") in out
+        assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_nonfinite_validation_loss_is_null_in_metrics_jsonl(tmp_path, monkeypatch, one_thread, capsys):
+    """metrics.jsonl stays strict JSON (NaN and Infinity are not JSON) when only the validation loss overflows."""
+    build = loop.build_model
+
+    def build_overflowing_in_eval(config, state):
+        model = build(config, state)
+        model.register_forward_hook(lambda module, args, out: None if module.training else (out[0], out[1] * math.inf))
+        return model
+
+    monkeypatch.setattr(loop, "build_model", build_overflowing_in_eval)
+    run(raw_config(tmp_path / "data", tmp_path / "run", train_steps=2, eval_every=2, eval_batches=1))
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line, parse_constant=refuse) for line in lines]
+    assert records[1]["val_loss"] == {"arxiv": None} and records[1]["loss"] is not None
+    assert "val/arxiv nan" in capsys.readouterr().out

@@ -16,7 +16,8 @@ Atomicity: every rank writes into `.step_0001000.tmp-ATTEMPT/` (unique per run a
 files; after a barrier rank 0 writes metadata.json (the mark of completeness, with every file's size and
 SHA-256, see checkpoint_integrity.py), fsyncs, renames the folder into place, and only then replaces
 `latest` (temp file + rename). A process killed at any point leaves `latest` naming a complete
-checkpoint; the half-written temp folder is ignored and removed by the next run (under its run lock).
+checkpoint; the half-written temp folder is ignored and removed by the next run (under its run lock), and so
+is a pruned checkpoint half-deleted (renamed to a temporary name before its delete).
 Loading checks each file against its recorded checksum first. All ranks must see one filesystem.
 
 Resume on another DP size works because every DP rank of the new run reads the optimizer shards of
@@ -89,7 +90,8 @@ def rng_state() -> dict:
     state = {"python": [version, list(mt), gauss], "numpy": [name, torch.from_numpy(keys.copy()), pos, has_gauss,
                                                               cached], "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # This rank's device only: a resume on nodes with fewer GPUs (same DP size) sees fewer devices.
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -100,7 +102,12 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((name, keys.numpy(), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]
+        if isinstance(cuda, (list, tuple)):  # saved by older megamath: every visible device's state, by index
+            device = torch.cuda.current_device()
+            cuda = cuda[device] if device < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
 
 
 # ---- save ---------------------------------------------------------------------------------------------------
@@ -155,8 +162,21 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, opti
 
 
 def _save(write, path: Path) -> None:
-    write(path)
-    _fsync(path)
+    try:
+        write(path)
+        _fsync(path)
+    except Exception as err:
+        # A full disk reaches us as torch.save's "unexpected pos 93184 vs 93072" (a RuntimeError) or safetensors'
+        # SafetensorError, neither naming the file: say which file, how much room is left, and what survives.
+        raise OSError(f"could not write checkpoint file {path} ({_free_space(path.parent)} free there): "
+                      f"{' '.join(str(err).split())}; the checkpoints saved before are untouched") from err
+
+
+def _free_space(folder: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(folder).free / 2**30:.2f} GiB"
+    except OSError:
+        return "unknown space"
 
 
 def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
@@ -182,7 +202,11 @@ def prune_checkpoints(root: Path, keep: int) -> None:
             break
     for _, path in found[:-keep]:
         if path.name not in protected:
-            shutil.rmtree(path)
+            # Renamed first: a kill during the (long) delete leaves a temporary that the next run removes,
+            # not a step folder whose metadata.json went first, which nothing would ever count or delete.
+            doomed = root / f".{path.name}.old-{os.getpid()}"
+            os.rename(path, doomed)
+            shutil.rmtree(doomed)
 
 
 def _saved_after_good_update(path: Path) -> bool:
@@ -247,6 +271,10 @@ def read_metadata(path: str | Path, check_files: bool = True) -> dict:
                          f"{meta.get('format') if isinstance(meta, dict) else None!r})")
     if not isinstance(meta.get("files"), list):
         raise CheckpointIntegrityError(f"{meta_path} lists no files")
+    # No checksum covers metadata.json itself: a flipped digit of its step would resume at another step.
+    named = _STEP_DIR.match(path.name)
+    if named and meta.get("step") != int(named.group(1)):
+        raise CheckpointIntegrityError(f"{meta_path} says step {meta.get('step')!r}, but its folder is {path.name}")
     for name in meta["files"]:
         check_file_name(name, str(meta_path))
     if not check_files:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -61,8 +62,9 @@ class ParallelConfig:
         _check_bool("parallel.sequence_parallel", self.sequence_parallel)
         _check_bool("parallel.overlap_grad_reduce", self.overlap_grad_reduce)
         _check_bool("parallel.overlap_param_gather", self.overlap_param_gather)
-        if isinstance(self.bucket_mb, bool) or not isinstance(self.bucket_mb, (int, float)) or not self.bucket_mb >= 0:
-            raise ValueError(f"parallel.bucket_mb must be a number >= 0, got {self.bucket_mb!r}")
+        if isinstance(self.bucket_mb, bool) or not isinstance(self.bucket_mb, (int, float)) or \
+                not 0 <= self.bucket_mb < math.inf:  # inf: a traceback at the optimizer's build, after the data's
+            raise ValueError(f"parallel.bucket_mb must be a finite number >= 0 (0: one bucket), got {self.bucket_mb!r}")
         self.bucket_mb = float(self.bucket_mb)
         if self.sequence_parallel and self.tp_size == 1:
             raise ValueError("parallel.sequence_parallel needs parallel.tp_size > 1")

@@ -40,7 +40,7 @@ from megamath.training import checkpoint as ckpt
 from megamath.training.attention_settle import settle_attention
 from megamath.training.config import TrainConfig, dump_config
 from megamath.training.data import MicroBatch, TrainData
-from megamath.training.metrics import MetricsLogger, format_summary, run_info
+from megamath.training.metrics import MetricsLogger, finite_or_none, format_summary, run_info
 from megamath.training.phases import PhaseTimer, no_phase
 from megamath.training.profiling import StepProfiler
 from megamath.training.reshard import load_checkpoint_any_tp
@@ -70,7 +70,8 @@ class TrainResult:
     step: int
     """Last completed step."""
     preempted: bool
-    """True when a signal stopped the run early (a checkpoint of `step` was saved)."""
+    """True when a signal stopped the run early (a checkpoint of `step` was saved, unless mid-streak of skipped
+    steps)."""
     summary: dict = field(default_factory=dict)
     """Throughput over the steps of this process (see metrics.MetricsLogger.summary)."""
 
@@ -267,7 +268,8 @@ def _train(config: TrainConfig, state: ParallelState, attempt: str) -> TrainResu
                 nonfinite = nonfinite + 1 if out.skipped else 0
                 if config.eval_every and step % config.eval_every == 0:
                     with timer.phase("eval"):
-                        rec["val_loss"] = evaluate(model, data, state)
+                        rec["val_loss"] = {name: finite_or_none(value)  # JSON has no NaN
+                                           for name, value in evaluate(model, data, state).items()}
                         rec.update(evaluate_tasks(model, config.evaluation, state, log.say))  # few-shot tasks
                 if out.skipped:
                     log.say(f"step {step}: non-finite loss {out.loss} / grad norm {out.grad_norm}: update skipped "
@@ -300,9 +302,12 @@ def _train(config: TrainConfig, state: ParallelState, attempt: str) -> TrainResu
                                              attempt=attempt)
                     last_saved = step
                 if preempted:
-                    saved = "checkpoint saved to" if last_saved == step else "resume from the last good checkpoint,"
-                    log.say(f"stopping on {flag.signal_name or 'a peer rank’s signal'} after step {step}: "
-                            f"{saved} {run_dir / ckpt.CHECKPOINTS / ckpt.step_dir_name(last_saved)}")
+                    path = run_dir / ckpt.CHECKPOINTS / ckpt.step_dir_name(last_saved)
+                    saved = (f"checkpoint saved to {path}" if last_saved == step else
+                             f"resume from the last good checkpoint, {path}" if last_saved else
+                             "no checkpoint was saved yet (none is during a streak of skipped steps): the next "
+                             "run starts from scratch")
+                    log.say(f"stopping on {flag.signal_name or 'a peer rank’s signal'} after step {step}: {saved}")
                     break
         summary = log.summary()
         log.say(format_summary(summary))

@@ -95,7 +95,7 @@ class MetricsLogger:
         if tensorboard:
             from megamath.training.tensorboard_log import TensorBoardLog
 
-            self.tensorboard = TensorBoardLog(Path(run_dir) / "tensorboard")
+            self.tensorboard = TensorBoardLog(Path(run_dir) / "tensorboard", first_step)
         from tqdm import tqdm
 
         self.bar = tqdm(total=total_steps, initial=first_step - 1, desc="train", unit="step", file=sys.stderr,
@@ -219,7 +219,7 @@ def format_record(rec: dict) -> str:
     if "max_mem_gib" in rec:
         line += f"  mem {rec['max_mem_gib']:.1f} GiB"
     for name, value in rec.get("val_loss", {}).items():
-        line += f"  val/{name} {value:.4f}"
+        line += f"  val/{name} {'nan' if value is None else f'{value:.4f}'}"
     return line
 
 

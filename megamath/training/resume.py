@@ -1,11 +1,11 @@
 """Where a run continues from: the newest checkpoint that verifies, and only if it fits this run.
 
-`checkpoint.resume=auto` starts at the checkpoint `latest` names and walks back through older complete
-checkpoints until one verifies (every file's size and SHA-256, see checkpoint_integrity.py). A
-checkpoint that fails is renamed aside to `step_….corrupt` (kept for inspection, never deleted), the
-skip and its reason are reported, and `latest` is pointed at the one chosen. Verification is spread
-over the ranks (file i by rank i mod world), so the checkpoint is read once whatever the job's size;
-the ranks then agree, before anyone loads, that every file is intact.
+`checkpoint.resume=auto` starts at the checkpoint `latest` names (the newest complete one when there is no
+`latest`) and walks back through older complete checkpoints until one verifies (every file's size and
+SHA-256, see checkpoint_integrity.py). A checkpoint that fails is renamed aside to `step_….corrupt` (kept
+for inspection, never deleted), the skip and its reason are reported, and `latest` is pointed at the one
+chosen. Verification is spread over the ranks (file i by rank i mod world), so the checkpoint is read
+once whatever the job's size; the ranks then agree, before anyone loads, that every file is intact.
 
 An explicit path is verified too but never replaced by another. Whatever is chosen must have the run's
 model shape and (unless `checkpoint.allow_seq_length_change`) its sequence length.
@@ -33,6 +33,9 @@ def _candidates(root: Path) -> tuple[list[Path], str | None]:
     except ValueError as err:  # a pointer naming nothing usable: every complete checkpoint is a candidate
         return [path for _, path in complete], str(err)
     if latest is None:
+        if complete:  # killed between the first save's rename and its pointer, or step folders copied without it
+            note = f"{root / ckpt.LATEST} is missing though {root} holds complete checkpoints"
+            return [path for _, path in complete], note
         return [], None
     newest = next(step for step, path in complete if path == latest)
     return [latest] + [path for step, path in complete if step < newest], None

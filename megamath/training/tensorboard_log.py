@@ -24,15 +24,18 @@ def scalars(rec: dict, prefix: str = "") -> dict[str, float]:
 
 
 class TensorBoardLog:
-    """One SummaryWriter per run; `write(rec)` adds the record's scalars at its step."""
+    """One SummaryWriter per run; `write(rec)` adds the record's scalars at its step.
 
-    def __init__(self, directory: Path) -> None:
+    `first_step` is the step this process starts at: TensorBoard drops the events of that step and later
+    ones left by an earlier attempt (a resumed run redoes them), as metrics.jsonl drops their lines."""
+
+    def __init__(self, directory: Path, first_step: int = 1) -> None:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as err:
             raise ValueError(f"logging.tensorboard needs the tensorboard package ({err}): pip install tensorboard") \
                 from None
-        self.writer = SummaryWriter(log_dir=str(directory))
+        self.writer = SummaryWriter(log_dir=str(directory), purge_step=first_step)
 
     def write(self, rec: dict) -> None:
         for tag, value in scalars(rec).items():
