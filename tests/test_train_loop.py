@@ -184,6 +184,20 @@ def test_resume_is_bitwise_exact_single_process(tmp_path, one_thread):
     assert run(raw_config(tmp_path / "data", tmp_path / "b")).step == 8 and len(metrics(tmp_path / "b")) == 8
 
 
+def test_resume_says_when_the_samples_come_in_another_order(tmp_path, one_thread, capsys):
+    run(raw_config(tmp_path / "data", tmp_path / "a"))
+    rewind(tmp_path / "a", 4)
+    capsys.readouterr()
+    run(raw_config(tmp_path / "data", tmp_path / "a"))  # same plan: no warning
+    assert "another order" not in capsys.readouterr().out
+    rewind(tmp_path / "a", 4)
+    longer = raw_config(tmp_path / "data", tmp_path / "a", train_steps=12)
+    longer["data"]["seed"] = 7
+    assert run(longer).step == 12
+    assert ("warning: train_steps 8 -> 12, data.seed 1234 -> 7 since checkpoint step 4: the blend is rebuilt, so the "
+            "samples from here on come in another order") in capsys.readouterr().out
+
+
 def untimed(records: list[dict]) -> list[dict]:
     timed = ("tokens_per_s", "tflops", "step_time_s", "phases", "step_time_max_s", "step_time_min_s", "slowest_rank")
     return [{k: v for k, v in r.items() if k not in timed} for r in records]

@@ -44,7 +44,7 @@ from megamath.training.metrics import MetricsLogger, finite_or_none, format_summ
 from megamath.training.phases import PhaseTimer, no_phase
 from megamath.training.profiling import StepProfiler
 from megamath.training.reshard import load_checkpoint_any_tp
-from megamath.training.resume import check_resume_compatible, find_resume_checkpoint
+from megamath.training.resume import check_resume_compatible, data_order_change, find_resume_checkpoint
 from megamath.training.run_guard import hold_run_dir
 from megamath.training.schedule import lr_at
 
@@ -231,7 +231,10 @@ def _train(config: TrainConfig, state: ParallelState, attempt: str) -> TrainResu
     step, nonfinite = 0, 0
     resume_from = resume_point(config, run_dir, state)
     if resume_from is not None:
-        check_resume_compatible(ckpt.read_metadata(resume_from), config, resume_from)
+        saved = ckpt.read_metadata(resume_from)
+        check_resume_compatible(saved, config, resume_from)
+        if state.rank == 0 and (warning := data_order_change(saved, config)):
+            print(warning, flush=True)
         # verified by resume_point on every rank's behalf; re-cut on another TP or DP size
         meta = load_checkpoint_any_tp(resume_from, model, optimizer, state, verify=False)
         if meta["global_batch_size"] != data.global_batch_size:

@@ -8,7 +8,8 @@ chosen. Verification is spread over the ranks (file i by rank i mod world), so t
 once whatever the job's size; the ranks then agree, before anyone loads, that every file is intact.
 
 An explicit path is verified too but never replaced by another. Whatever is chosen must have the run's
-model shape and (unless `checkpoint.allow_seq_length_change`) its sequence length.
+model shape and (unless `checkpoint.allow_seq_length_change`) its sequence length. A change to what orders
+the samples (train_steps, the blend, the data seed) is allowed, as in Megatron-LM, but said in a warning.
 """
 from __future__ import annotations
 
@@ -109,6 +110,29 @@ def find_resume_checkpoint(mode: str, run_dir: Path, state: ParallelState,
     if pointer_problem:
         raise ValueError(pointer_problem)
     return None
+
+
+DATA_ORDER_KEYS = (("train_steps",), ("data", "data_path"), ("data", "data_dir"), ("data", "seed"))
+"""What fixes the order of the training samples besides the global batch (which must stay equal): the blend is
+train_steps · global batch samples, and its shuffles depend on that size (as Megatron-LM's indices do on
+train-iters)."""
+
+
+def data_order_change(meta: dict, config) -> str | None:
+    """A warning line when this run draws the samples after the checkpoint in another order than the run that
+    saved it (e.g. train_steps extended on resume): samples may then repeat or be skipped. None otherwise."""
+    saved, ours = meta["config"], config.to_dict()
+    changed = []
+    for keys in DATA_ORDER_KEYS:
+        old, new = saved, ours
+        for key in keys:
+            old, new = (old or {}).get(key), (new or {}).get(key)
+        if old != new:
+            changed.append(f"{'.'.join(keys)} {old!r} -> {new!r}")
+    if not changed:
+        return None
+    return (f"warning: {', '.join(changed)} since checkpoint step {meta['step']}: the blend is rebuilt, so the samples "
+            "from here on come in another order than that run's (some may repeat, others be skipped)")
 
 
 def check_resume_compatible(meta: dict, config, path: Path) -> None:
