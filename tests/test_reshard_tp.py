@@ -26,6 +26,7 @@ from megamath.model.tp_state_dict import merge_state_dicts, shard_state_dict
 from megamath.model.partition import tp_partition_dim
 from megamath.parallel.state import ParallelState
 from megamath.parallel.zero import ZeroOptimizer
+from megamath.training import checkpoint as ckpt
 from megamath.training import loop
 from megamath.training import reshard as rs
 from megamath.training.checkpoint import LATEST, complete_checkpoints, read_metadata, rng_state, set_rng_state
@@ -370,20 +371,24 @@ def test_default_dp_size():
 
 
 def test_a_failed_reshard_leaves_no_checkpoint(runs, tmp_path, monkeypatch):
-    save, calls = rs._save, []
+    save, calls = ckpt.write_checkpoint_file, []
 
     def fail_on_the_third_file(write, path):
         calls.append(path.name)
         if len(calls) == 3:
-            raise OSError("disk full")
+            write = disk_full
         save(write, path)
 
-    monkeypatch.setattr(rs, "_save", fail_on_the_third_file)
-    with pytest.raises(OSError, match="disk full"):
+    def disk_full(path):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 93184 vs 93072")
+
+    monkeypatch.setattr(ckpt, "write_checkpoint_file", fail_on_the_third_file)
+    with pytest.raises(OSError, match=r"could not write checkpoint file .*/optimizer_tp00_dp001\.pt \(\d+\.\d\d GiB "
+                                      r"free there\): \[enforce fail.*unexpected pos"):
         rs.reshard_checkpoint(runs / "a_tp2" / STEP2, tmp_path / "out", 1, 2)
     root = tmp_path / "out" / "checkpoints"
     assert list(root.iterdir()) == [], "the temp folder is removed, no `latest`"
-    monkeypatch.setattr(rs, "_save", save)
+    monkeypatch.setattr(ckpt, "write_checkpoint_file", save)
     path = rs.reshard_checkpoint(runs / "a_tp2" / STEP2, tmp_path / "out", 1, 2)
     assert sorted(p.name for p in root.iterdir()) == [LATEST, "step_0000002"] and read_metadata(path)["dp_size"] == 2
 

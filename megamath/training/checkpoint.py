@@ -128,11 +128,11 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, opti
     if state.dp_rank == 0:
         # Clones: the parameters are views of one flat buffer, which safetensors refuses to save as is.
         tensors = {n: t.detach().to("cpu", copy=True).contiguous() for n, t in model.state_dict().items()}
-        _save(lambda path: save_file(tensors, str(path)), tmp / model_file(state.tp_rank))
+        write_checkpoint_file(lambda path: save_file(tensors, str(path)), tmp / model_file(state.tp_rank))
         written.append(model_file(state.tp_rank))
-    _save(lambda path: torch.save(optimizer.sharded_state_dict(), path), tmp / optimizer_file(state.tp_rank,
-                                                                                               state.dp_rank))
-    _save(lambda path: torch.save(rng_state(), path), tmp / rng_file(state.rank))
+    write_checkpoint_file(lambda path: torch.save(optimizer.sharded_state_dict(), path),
+                          tmp / optimizer_file(state.tp_rank, state.dp_rank))
+    write_checkpoint_file(lambda path: torch.save(rng_state(), path), tmp / rng_file(state.rank))
     written += [optimizer_file(state.tp_rank, state.dp_rank), rng_file(state.rank)]
     write_rank_sums(tmp, state.rank, written)
     _barrier(state)  # every shard is on disk
@@ -145,7 +145,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, opti
         meta = {"format": FORMAT, "step": step, "tp_size": state.tp_size, "dp_size": state.dp_size,
                 "world_size": state.world_size, "files": files, **metadata,
                 "checksums": {f: sums[f] for f in files}}
-        _save(lambda path: path.write_text(json.dumps(meta, indent=2) + "\n"), tmp / METADATA)
+        write_checkpoint_file(lambda path: path.write_text(json.dumps(meta, indent=2) + "\n"), tmp / METADATA)
         _fsync(tmp)
         if final.exists():  # this step was saved before, by a run that went on past it and was resumed earlier
             old = root / f".{name}.old-{os.getpid()}"
@@ -161,7 +161,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, opti
     return final
 
 
-def _save(write, path: Path) -> None:
+def write_checkpoint_file(write, path: Path) -> None:
+    """`write(path)`, then fsync; any failure (a full disk above all) becomes one OSError naming the file."""
     try:
         write(path)
         _fsync(path)

@@ -211,30 +211,25 @@ def _new_metadata(source: TrainCheckpoint, tp_size: int, dp_size: int) -> dict:
     return meta
 
 
-def _save(write, path: Path) -> None:
-    write(path)
-    fsync_path(path)
-
-
 def _write_files(source: TrainCheckpoint, folder: Path, tp_size: int, dp_size: int) -> None:
     """Every file of the new layout into `folder`, metadata.json last."""
     names = list(parameter_shapes(source.config))  # the model's own order
     for tp_rank in range(tp_size):
         tensors = {n: tp_slice(source.weight(n), n, source.config, tp_size, tp_rank).contiguous() for n in names}
-        _save(lambda path: save_file(tensors, str(path)), folder / model_file(tp_rank))
+        ckpt.write_checkpoint_file(lambda path: save_file(tensors, str(path)), folder / model_file(tp_rank))
         del tensors
         for dp_rank, shard in enumerate(optimizer_shards(source, names, tp_size, tp_rank, dp_size)):
-            _save(lambda path: torch.save(shard, path), folder / optimizer_file(tp_rank, dp_rank))
+            ckpt.write_checkpoint_file(lambda path: torch.save(shard, path), folder / optimizer_file(tp_rank, dp_rank))
     seed = source.meta["config"]["seed"]
     for rank in range(tp_size * dp_size):
         if rank < source.meta["world_size"]:
             state = torch.load(source.path / rng_file(rank), weights_only=True)
         else:
             state = fresh_rng_state(seed + rank)
-        _save(lambda path: torch.save(state, path), folder / rng_file(rank))
+        ckpt.write_checkpoint_file(lambda path: torch.save(state, path), folder / rng_file(rank))
     meta = _new_metadata(source, tp_size, dp_size)
     meta["checksums"] = {name: file_digest(folder / name) for name in meta["files"]}
-    _save(lambda path: path.write_text(json.dumps(meta, indent=2) + "\n"), folder / METADATA)
+    ckpt.write_checkpoint_file(lambda path: path.write_text(json.dumps(meta, indent=2) + "\n"), folder / METADATA)
 
 
 def reshard_checkpoint(checkpoint: str | Path, output: str | Path, tp_size: int, dp_size: int | None = None) -> Path:
