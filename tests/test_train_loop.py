@@ -198,6 +198,16 @@ def test_resume_says_when_the_samples_come_in_another_order(tmp_path, one_thread
             "samples from here on come in another order") in capsys.readouterr().out
 
 
+def test_a_refused_resume_leaves_the_runs_config_yaml_as_it_was(tmp_path, one_thread):
+    run(raw_config(tmp_path / "data", tmp_path / "a", train_steps=2, checkpoint__save_every=2))
+    before = (tmp_path / "a" / "config.yaml").read_text()
+    other = raw_config(tmp_path / "data", tmp_path / "a", train_steps=4)
+    other["model"]["hidden_size"] = 48
+    with pytest.raises(ValueError, match="holds a model of another shape than this run's"):
+        run(other)
+    assert (tmp_path / "a" / "config.yaml").read_text() == before
+
+
 def untimed(records: list[dict]) -> list[dict]:
     timed = ("tokens_per_s", "tflops", "step_time_s", "phases", "step_time_max_s", "step_time_min_s", "slowest_rank")
     return [{k: v for k, v in r.items() if k not in timed} for r in records]

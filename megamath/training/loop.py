@@ -222,8 +222,6 @@ def train(config: TrainConfig, state: ParallelState) -> TrainResult:
 
 def _train(config: TrainConfig, state: ParallelState, attempt: str) -> TrainResult:
     run_dir = Path(config.run_dir)
-    if state.rank == 0:
-        (run_dir / "config.yaml").write_text(dump_config(config))
     data = TrainData(config, state, config.data.cache_dir or run_dir / "index-cache")  # data errors first
     model = build_model(config, state)
     optimizer = build_optimizer(config, model, state)
@@ -242,6 +240,8 @@ def _train(config: TrainConfig, state: ParallelState, attempt: str) -> TrainResu
                              f"this run's is {data.global_batch_size} (micro_batch_size · grad_accum_steps · dp): "
                              "keep it equal on resume (adjust grad_accum_steps to the new DP size)")
         step, nonfinite = meta["step"], meta["consecutive_nonfinite"]
+    if state.rank == 0:  # only now: a start refused above leaves the run's config.yaml as it was
+        (run_dir / "config.yaml").write_text(dump_config(config))
     tokens_per_step = data.global_batch_size * config.data.seq_length
     flops_per_token = config.model.flops_per_token(config.data.seq_length)
     log = MetricsLogger(run_dir, state, flops_per_token, tokens_per_step, config.train_steps, step + 1,
