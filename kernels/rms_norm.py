@@ -160,6 +160,7 @@ class RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps):
+        weight = weight.contiguous()  # the kernels index weight as w_ptr + col: a strided view would be misread
         y, x2, rstd = rms_norm_fwd(x, weight, eps)
         ctx.save_for_backward(x2, weight, rstd)
         ctx.x_shape = x.shape
