@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 
 import torch
 import triton
@@ -120,8 +121,12 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, theta: float, position_offse
                          f"and {k.dtype} on {k.device}")
     if not q.is_floating_point():
         raise ValueError(f"rope: q and k must be floating point, got {q.dtype}")
-    if theta <= 0:
+    if not theta > 0:  # also refuses NaN, which would turn every output into NaN
         raise ValueError(f"rope: theta must be positive, got {theta}")
+    try:
+        position_offset = operator.index(position_offset)  # int, NumPy or 0-d integer tensor; not a float
+    except TypeError:
+        raise ValueError(f"rope: position_offset must be an integer, got {position_offset!r}") from None
     if position_offset < 0:
         raise ValueError(f"rope: position_offset must be >= 0, got {position_offset}")
     if position_offset + q.shape[1] > MAX_POSITION:
@@ -188,7 +193,7 @@ def rope(q: torch.Tensor, k: torch.Tensor, theta: float = 10000.0,
     Position of q[:, s] is s + position_offset. Differentiable in q and k; not in place.
     """
     _check_inputs(q, k, theta, position_offset)
-    return _RoPE.apply(q, k, float(theta), int(position_offset))
+    return _RoPE.apply(q, k, float(theta), operator.index(position_offset))
 
 
 def rope_ref(q: torch.Tensor, k: torch.Tensor, theta: float = 10000.0,
