@@ -119,6 +119,16 @@ def test_empty_rows():
     assert torch.equal(w.grad, torch.zeros(16, device=DEVICE))
 
 
+def test_empty_width():
+    """A zero-width last dim gives an empty output and empty gradients, as rms_norm_ref does."""
+    x = torch.empty(3, 0, device=DEVICE, requires_grad=True)
+    w = torch.ones(0, device=DEVICE, requires_grad=True)
+    y = rms_norm(x, w)
+    assert y.shape == rms_norm_ref(x, w).shape == (3, 0)
+    y.sum().backward()
+    assert x.grad.shape == (3, 0) and w.grad.shape == (0,)
+
+
 def test_bad_weight_shape():
     x = torch.randn(2, 8, device=DEVICE)
     with pytest.raises(ValueError) as e:
