@@ -87,6 +87,10 @@ def _check(params, grads, exp_avg, exp_avg_sq, params_lowp, grad_scale, lr, beta
         if grad_scale.numel() != 1 or grad_scale.device != params.device:
             raise ValueError(f"adamw_step: a tensor grad_scale must hold one element on {params.device}, "
                              f"got shape {tuple(grad_scale.shape)} on {grad_scale.device}")
+    for name, value in (("lr", lr), ("beta1", beta1), ("beta2", beta2), ("eps", eps), ("weight_decay", weight_decay)):
+        if isinstance(value, torch.Tensor):  # the launcher would pass it to Triton as a pointer
+            raise ValueError(f"adamw_step: {name} must be a Python float, got a tensor; only grad_scale may be "
+                             "a device tensor")
     if isinstance(step, bool) or not isinstance(step, int) or step < 1:
         raise ValueError(f"adamw_step: step must be an int >= 1 (1-based), got {step!r}")
     if not lr >= 0.0:

@@ -181,6 +181,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     _check_inputs(logits, targets)
     if logits.stride(1) != 1:  # rows may be strided; columns are streamed and must be contiguous
         logits = logits.contiguous()
+    targets = targets.contiguous()  # the kernels read targets_ptr + row: a strided view would be misread
     return _CrossEntropy.apply(logits, targets, int(ignore_index), group, bool(check_targets))
 
 

@@ -14,6 +14,7 @@ never an fp32 copy of x) followed by one small sum.
 """
 from __future__ import annotations
 
+import math
 
 import torch
 import triton
@@ -92,7 +93,7 @@ def _rows_2d(t: torch.Tensor) -> torch.Tensor:
     """View as (rows, N) with unit column stride, copying only when the layout forbids a view."""
     if t.stride(-1) != 1:
         t = t.contiguous()
-    return t.reshape(-1, t.shape[-1])
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])  # not -1: ambiguous when the width is 0
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
@@ -160,6 +161,7 @@ class RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps):
+        weight = weight.contiguous()  # the kernels index weight as w_ptr + col: a strided view would be misread
         y, x2, rstd = rms_norm_fwd(x, weight, eps)
         ctx.save_for_backward(x2, weight, rstd)
         ctx.x_shape = x.shape

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 
 import torch
 import triton
@@ -31,12 +32,14 @@ import triton.language as tl
 
 from ._layout import empty_like_order
 
-# 2*pi split in three parts (Cody-Waite): k * _TWO_PI_A and k * _TWO_PI_B are exact in fp32 for the
-# multiples k of 2*pi that angles reach (|k| < 2^12, i.e. angles up to ~25k rad), so the reduced angle
-# keeps ~1e-7 absolute accuracy.
+# 2*pi split in three parts (Cody-Waite): k * _TWO_PI_A (8 significant bits) is exact in fp32 for the
+# multiples k of 2*pi below 2^24 / 201, k * _TWO_PI_B (11 bits) below 2^13, so the reduced angle keeps
+# ~1e-7 absolute accuracy up to ~50k rad and ~1.5e-5 up to 2^19 rad. Past that k * _TWO_PI_A rounds and
+# cos/sin are off by up to ~0.1: angle = position * inv_freq[0] = position, hence MAX_POSITION.
 _TWO_PI_A = 6.28125
 _TWO_PI_B = 0.0019350051879882812
 _TWO_PI_C = 3.0199159795074593e-07
+MAX_POSITION = 1 << 19  # positions (offset + seq) the angle reduction keeps accurate; larger ones are refused
 _INV_TWO_PI = 1.0 / (2.0 * math.pi)
 # Elements per half-tile (positions x heads x head_dim/2) of one program.
 _TILE = 4096
@@ -118,10 +121,17 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, theta: float, position_offse
                          f"and {k.dtype} on {k.device}")
     if not q.is_floating_point():
         raise ValueError(f"rope: q and k must be floating point, got {q.dtype}")
-    if theta <= 0:
+    if not theta > 0:  # also refuses NaN, which would turn every output into NaN
         raise ValueError(f"rope: theta must be positive, got {theta}")
+    try:
+        position_offset = operator.index(position_offset)  # int, NumPy or 0-d integer tensor; not a float
+    except TypeError:
+        raise ValueError(f"rope: position_offset must be an integer, got {position_offset!r}") from None
     if position_offset < 0:
         raise ValueError(f"rope: position_offset must be >= 0, got {position_offset}")
+    if position_offset + q.shape[1] > MAX_POSITION:
+        raise ValueError(f"rope: positions {position_offset}..{position_offset + q.shape[1] - 1} exceed the "
+                         f"supported maximum {MAX_POSITION - 1} (fp32 angle reduction)")
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -183,7 +193,7 @@ def rope(q: torch.Tensor, k: torch.Tensor, theta: float = 10000.0,
     Position of q[:, s] is s + position_offset. Differentiable in q and k; not in place.
     """
     _check_inputs(q, k, theta, position_offset)
-    return _RoPE.apply(q, k, float(theta), int(position_offset))
+    return _RoPE.apply(q, k, float(theta), operator.index(position_offset))
 
 
 def rope_ref(q: torch.Tensor, k: torch.Tensor, theta: float = 10000.0,

@@ -78,6 +78,11 @@ def _row_stride(x: torch.Tensor) -> int | None:
     return row if row >= x.shape[-1] else None
 
 
+def _width(x: torch.Tensor) -> int:
+    """Elements per row: the last dim, or 1 for a 0-d tensor (one row of one element)."""
+    return x.shape[-1] if x.dim() else 1
+
+
 def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(x or a contiguous copy of it, its row stride)."""
     stride = _row_stride(x)
@@ -96,7 +101,7 @@ def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if n:
         block, warps, programs = _launch_config(n)
         _swiglu_fwd_kernel[(programs,)](
-            gate, up, out, n, gate.shape[-1], stride_g, stride_u, BLOCK=block, EXACT_BF16=_exact_bf16(gate.dtype),
+            gate, up, out, n, _width(gate), stride_g, stride_u, BLOCK=block, EXACT_BF16=_exact_bf16(gate.dtype),
             num_warps=warps,
         )
     return out
@@ -113,7 +118,7 @@ def swiglu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
     if n:
         block, warps, programs = _launch_config(n)
         _swiglu_bwd_kernel[(programs,)](
-            dy, gate, up, dg, du, n, gate.shape[-1], stride_g, stride_u, BLOCK=block,
+            dy, gate, up, dg, du, n, _width(gate), stride_g, stride_u, BLOCK=block,
             EXACT_BF16=_exact_bf16(gate.dtype), num_warps=warps,
         )
     return dg, du

@@ -149,6 +149,10 @@ def test_bad_buffers_rejected(mutate, exc, message):
     (dict(weight_decay=-0.1), "adamw_step: weight_decay must be >= 0, got -0.1"),
     (dict(params_lowp=torch.zeros(8, device=DEVICE)),
      "adamw_step: params_lowp must be bfloat16 or float16, got torch.float32"),
+    (dict(lr=torch.tensor(1e-3, device=DEVICE)),
+     "adamw_step: lr must be a Python float, got a tensor; only grad_scale may be a device tensor"),
+    (dict(weight_decay=torch.tensor(0.1, device=DEVICE)),
+     "adamw_step: weight_decay must be a Python float, got a tensor; only grad_scale may be a device tensor"),
     (dict(grad_scale=torch.ones(2, device=DEVICE)),
      f"adamw_step: a tensor grad_scale must hold one element on {_DEV}, got shape (2,) on {_DEV}"),
 ])

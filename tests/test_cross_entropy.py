@@ -91,6 +91,19 @@ def test_strided_rows():
     assert torch.equal(cross_entropy(logits, targets), cross_entropy(logits.contiguous(), targets))
 
 
+@pytest.mark.parametrize("layout", ["column", "expanded"])
+def test_strided_targets(layout):
+    """Targets as a column of a (N, 2) id tensor (stride 2) or one id broadcast (stride 0) are read by row."""
+    logits, targets = _inputs(6, 300, torch.float32, seed=9)
+    pairs = torch.stack([targets, targets.flip(0)], dim=1)  # (N, 2)
+    strided = pairs[:, 0] if layout == "column" else targets[2:3].expand(6)  # (N,), stride 2 or 0
+    assert not strided.is_contiguous()
+    loss, grad = _run(cross_entropy, logits, strided, torch.tensor(1.0, device=DEVICE))
+    loss_ref, grad_ref = _run(cross_entropy_ref, logits, strided.contiguous(), torch.tensor(1.0, device=DEVICE))
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, grad_ref, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("logits_shape,targets,message", [
     ((2, 3, 10), [1, 2], "cross_entropy expects logits (N, V), got shape (2, 3, 10)"),
     ((2, 10), [1, 2, 3], "cross_entropy expects targets (2,) for logits (2, 10), got shape (3,)"),

@@ -167,6 +167,23 @@ def test_deterministic_algorithms_keep_the_dq_kernel(monkeypatch):
     assert not tuned.blocks.bwd_atomic_dq
 
 
+@pytest.mark.parametrize("heads,kv_heads,head_dim,message", [
+    (2, 1, 80, "flash_attention: head_dim 80 is not supported; use one of (16, 32, 64, 128)"),
+    (3, 2, D, "flash_attention: heads (3) must be a multiple of kv_heads (2)"),
+])
+def test_shapes_flash_attention_refuses_are_refused_before_tuning(heads, kv_heads, head_dim, message):
+    """A model shape the kernel cannot run gets flash_attention's own error at start-up, not a Triton compile
+    error from the unvalidated launchers, and no tiles are registered for it."""
+    def never(fn, repeats):
+        raise AssertionError("nothing may be timed")
+
+    with pytest.raises(ValueError) as err:
+        tuning.tune_flash_attention(1, 16, heads, kv_heads, head_dim, torch.bfloat16, DEVICE, time_ms=never)
+    assert str(err.value) == message
+    assert flash_attention_blocks(head_dim, interpret=False, dtype=torch.bfloat16) == \
+        flash_attention_blocks(head_dim, interpret=False, dtype=torch.bfloat16, tuned=False)
+
+
 def test_fp32_is_not_tuned():
     tuned = tuning.tune_flash_attention(1, 8, 2, 1, D, torch.float32, DEVICE, time_ms=lambda fn, r: 1 / 0)
     assert (tuned.forward_ms, tuned.backward_ms) == ({}, {})

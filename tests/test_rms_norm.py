@@ -75,6 +75,28 @@ def test_non_contiguous_input():
     assert_close_3way(dw, dw_ref, dw_ref, name="dw non-contiguous")
 
 
+@pytest.mark.parametrize("layout", ["strided", "expanded"])
+def test_non_contiguous_weight(layout):
+    """A weight that is a strided or broadcast view (stride 2 or 0) is read by value, not by offset, and
+    its gradient reaches the tensor it views."""
+    x, _, dy = _inputs((3, 40), torch.float32, seed=7)
+    wide = 1.0 + 0.1 * torch.randn(80, generator=torch.Generator().manual_seed(8)).to(DEVICE)
+
+    def run(fn):
+        base = wide.clone().requires_grad_(True)
+        xx = x.clone().requires_grad_(True)
+        w = base[::2] if layout == "strided" else base[:1].expand(40)  # (40,), stride 2 or 0
+        y = fn(xx, w, 1e-5)
+        y.backward(dy)
+        return y.detach(), xx.grad, base.grad
+
+    y, dx, dw = run(rms_norm)
+    y_ref, dx_ref, dw_ref = run(lambda xx, w, eps: rms_norm_ref(xx, w.contiguous(), eps))
+    assert_close_3way(y, y_ref, y_ref, name=f"y {layout} weight")
+    assert_close_3way(dx, dx_ref, dx_ref, name=f"dx {layout} weight")
+    assert_close_3way(dw, dw_ref, dw_ref, atol=1e-4, name=f"dw {layout} weight")
+
+
 def test_fp32_weight_with_bf16_input():
     """Mixed dtypes: output and dx keep x's dtype, dweight keeps the weight's."""
     x, w, dy = _inputs((5, 300), torch.bfloat16, seed=6)
@@ -95,6 +117,16 @@ def test_empty_rows():
     y.sum().backward()
     assert y.shape == (0, 16)
     assert torch.equal(w.grad, torch.zeros(16, device=DEVICE))
+
+
+def test_empty_width():
+    """A zero-width last dim gives an empty output and empty gradients, as rms_norm_ref does."""
+    x = torch.empty(3, 0, device=DEVICE, requires_grad=True)
+    w = torch.ones(0, device=DEVICE, requires_grad=True)
+    y = rms_norm(x, w)
+    assert y.shape == rms_norm_ref(x, w).shape == (3, 0)
+    y.sum().backward()
+    assert x.grad.shape == (3, 0) and w.grad.shape == (0,)
 
 
 def test_bad_weight_shape():

@@ -57,6 +57,25 @@ def _rope_complex(x: torch.Tensor, theta: float, offset: int) -> torch.Tensor:
     return torch.cat([rotated.real, rotated.imag], dim=-1)
 
 
+def test_integer_tensor_position_offset():
+    """A 0-d integer tensor offset (a cache length kept as a tensor) means the same positions as the int."""
+    q, k = (t.to(DEVICE) for t in _inputs((1, 3, 2, 1, 64), torch.float32, seed=14)[:2])
+    want = rope(q, k, 1e4, 5)
+    got = rope(q, k, 1e4, torch.tensor(5))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_largest_supported_position_matches_reference():
+    """The last positions below MAX_POSITION (angles ~2^19 rad) still reduce accurately in fp32; one past
+    them, k * 2pi rounded and cos/sin were off by ~0.09 (see test_bad_inputs_raise)."""
+    q, k, dq_out, dk_out = _inputs((1, 4, 2, 1, 64), torch.float32, seed=13)
+    offset = (1 << 19) - 4
+    got = _run(rope, q, k, dq_out, dk_out, 1e4, offset)
+    want = _run(rope_ref, q, k, dq_out, dk_out, 1e4, offset)
+    for name, a, b in zip(["q_out", "k_out", "dq", "dk"], got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=5e-5, msg=lambda m: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("theta,offset", [(1e4, 0), (1e6, 100)])
 def test_reference_matches_complex_formula(theta, offset):
     g = torch.Generator().manual_seed(7)
@@ -116,6 +135,10 @@ def test_unused_k_output_gives_zero_grad():
     ((2, 3, 4, 63), (2, 3, 1, 63), {}, "rope: head_dim must be even, got 63"),
     ((2, 3, 4, 64), (2, 3, 1, 64), {"position_offset": -1}, "rope: position_offset must be >= 0, got -1"),
     ((2, 3, 4, 64), (2, 3, 1, 64), {"theta": 0.0}, "rope: theta must be positive, got 0.0"),
+    ((2, 3, 4, 64), (2, 3, 1, 64), {"theta": float("nan")}, "rope: theta must be positive, got nan"),
+    ((2, 3, 4, 64), (2, 3, 1, 64), {"position_offset": 2.7}, "rope: position_offset must be an integer, got 2.7"),
+    ((1, 3, 1, 64), (1, 3, 1, 64), {"position_offset": (1 << 19) - 2},
+     "rope: positions 524286..524288 exceed the supported maximum 524287 (fp32 angle reduction)"),
 ])
 def test_bad_inputs_raise(q_shape, k_shape, kwargs, message):
     with pytest.raises(ValueError) as err:

@@ -65,6 +65,12 @@ def test_non_contiguous_inputs():
     assert_close_3way(du, du_r, du_r, name="dup non-contiguous")
 
 
+def test_zero_dim():
+    """0-d gate and up (one element, no row dim) work as in swiglu_ref, gradients included."""
+    gate, up, dy = (t.reshape(()) for t in _inputs((1,), torch.float32, seed=13))
+    _check(gate, up, dy, "0-d")
+
+
 def test_empty():
     gate = torch.empty(0, 8, device=DEVICE, requires_grad=True)
     up = torch.empty(0, 8, device=DEVICE, requires_grad=True)
