@@ -459,7 +459,8 @@ class _FlashAttention(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """ValueError for what the kernels cannot take (shapes, dtypes, head_dim); meta tensors are enough."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
             "flash_attention: q, k and v must be 4-D (batch, seq, heads, head_dim); got shapes "
@@ -494,7 +495,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     heads (q head h reads kv head h // (heads // kv_heads)). head_dim in 16, 32, 64, 128.
     softmax_scale defaults to 1 / sqrt(head_dim). Returns (batch, seq, heads, head_dim) in q's dtype.
     """
-    _check(q, k, v)
+    check_inputs(q, k, v)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     return _FlashAttention.apply(q, k, v, bool(causal), scale)
 

@@ -32,8 +32,7 @@ from typing import Callable
 
 import torch
 
-from .flash_attention import _check as _check_inputs
-from .flash_attention import check_blocks, flash_attention_blocks, flash_attention_bwd, flash_attention_fwd, use_blocks
+from .flash_attention import check_blocks, check_inputs, flash_attention_blocks, flash_attention_bwd, flash_attention_fwd, use_blocks
 
 FORWARD_CANDIDATES = ((64, 64, 4, 3), (128, 64, 8, 3), (64, 64, 8, 3), (128, 128, 8, 2))
 """(fwd_m, fwd_n, fwd_warps, fwd_stages); the first is the default."""
@@ -118,7 +117,7 @@ def tune_flash_attention(batch: int, seqlen: int, heads: int, kv_heads: int, hea
     """
     # Refuse what flash_attention refuses, with its message, before the launchers (which do not validate)
     # hit a Triton compile error (head_dim 80: no power of two) or time a shape no call will take.
-    _check_inputs(*(torch.empty(batch, seqlen, h, head_dim, dtype=dtype, device="meta")
+    check_inputs(*(torch.empty(batch, seqlen, h, head_dim, dtype=dtype, device="meta")
                     for h in (heads, kv_heads, kv_heads)))
     default = flash_attention_blocks(head_dim, interpret=False, dtype=dtype, tuned=False)
     if dtype == torch.float32:

@@ -50,6 +50,17 @@ def test_choice_rules_and_errors():
         ModelConfig(attention="flash")
 
 
+def test_auto_takes_sdpa_for_a_shape_our_kernel_refuses():
+    # Decided from the shape alone, before any GPU work: this runs on a CPU too.
+    ops, gpu = get_ops("triton", "cpu"), torch.device("cuda")
+    choice = choose_attention("auto", ops, (1, 256, 4, 2, 80), torch.bfloat16, gpu)
+    assert (choice.attention, choice.timings_ms, choice.tiles) == ("sdpa", {}, None)
+    assert choice.reason == ("attention: sdpa (auto: our kernel does not take this shape: flash_attention: head_dim 80 "
+                             "is not supported; use one of (16, 32, 64, 128))"), choice.reason
+    with pytest.raises(ValueError, match="^flash_attention: head_dim 80 is not supported"):
+        choose_attention("megamath", ops, (1, 256, 4, 2, 80), torch.bfloat16, gpu)  # asked for by name: refused
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="timing both attentions needs a CUDA GPU")
 def test_auto_times_both_on_a_gpu():
     ops = get_ops("auto", "cuda")

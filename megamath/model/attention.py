@@ -4,8 +4,9 @@
 (`F.scaled_dot_product_attention`, whose backends on an H100 include FlashAttention-2 and cuDNN), or
 `auto`. A run should never be slower because of our kernel, so `auto` is settled once at start-up by
 `choose_attention`: on CUDA it times the forward and backward of both for the run's own shape and keeps
-the faster (the timings are returned for the log); elsewhere it keeps `megamath`, whose CPU reference
-is the one the tests check against. Whenever our Triton kernel may run on a GPU (`auto` or `megamath`),
+the faster (the timings are returned for the log), or takes SDPA without timing when our kernel cannot
+take the shape (e.g. head_dim 80); elsewhere it keeps `megamath`, whose CPU reference is the one the tests
+check against. Whenever our Triton kernel may run on a GPU (`auto` or `megamath`),
 its tiles are first tuned for this GPU and shape (megamath.kernels.flash_attention_tuning), so that
 `auto` compares SDPA with our kernel at its best.
 """
@@ -54,6 +55,18 @@ class AttentionChoice:
     """The FlashAttentionBlocks our kernel was tuned to and now uses (a GPU with the Triton kernels), else None."""
 
 
+def _kernel_refusal(shape: tuple[int, int, int, int, int], dtype: torch.dtype) -> str | None:
+    """Why our kernel cannot take q (B, S, Hq, D) with Hkv KV heads (e.g. head_dim 80), or None."""
+    from megamath.kernels.flash_attention import check_inputs
+
+    b, s, hq, hkv, d = shape
+    try:
+        check_inputs(*(torch.empty(b, s, h, d, dtype=dtype, device="meta") for h in (hq, hkv, hkv)))
+    except ValueError as err:
+        return str(err)
+    return None
+
+
 def choose_attention(setting: str, ops: Ops, shape: tuple[int, int, int, int, int], dtype: torch.dtype,
                      device: torch.device, repeats: int = 10) -> AttentionChoice:
     """Settle `model.attention` for a run whose attention inputs are q (B, S, Hq, D) with Hkv KV heads.
@@ -68,6 +81,9 @@ def choose_attention(setting: str, ops: Ops, shape: tuple[int, int, int, int, in
     if device.type == "cuda" and ops.backend == "triton" and setting != "sdpa":
         from megamath.kernels.flash_attention_tuning import tune_flash_attention  # Triton only on this path
 
+        refusal = _kernel_refusal(shape, dtype)
+        if refusal and setting == "auto":  # "megamath" set explicitly: the tuner raises it below
+            return AttentionChoice("sdpa", {}, f"attention: sdpa (auto: our kernel does not take this shape: {refusal})")
         tuned = tune_flash_attention(b, s, hq, hkv, d, dtype, device)
         tiles = "; " + tuned.summary()
     blocks = tuned.blocks if tuned is not None else None
