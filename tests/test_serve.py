@@ -104,6 +104,33 @@ def test_sigterm_stops_the_server_cleanly(server):
         post(port, b"{}")
 
 
+def test_a_failed_generation_gets_a_500_and_the_server_keeps_serving(monkeypatch, capsys):
+    """Out of GPU memory on one long request used to drop the connection with no reply."""
+    import threading
+    from http.server import HTTPServer
+
+    from megamath.generation import server as server_module
+    from megamath.generation.server import ServeConfig, make_handler
+
+    def suggest(model, codec, config, tactic_state, prefix, request_number, deadline):
+        if tactic_state == "huge":
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return [prefix + " rfl"]
+
+    monkeypatch.setattr(server_module, "suggest", suggest)
+    httpd = HTTPServer(("127.0.0.1", 0), make_handler(None, None, ServeConfig()))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        port = httpd.server_address[1]
+        assert post(port, b'{"tactic_state": "huge"}') == (
+            500, {"error": "generation failed: RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"})
+        assert post(port, b'{"tactic_state": "small", "prefix": "exact"}') == (200, {"suggestions": ["exact rfl"]})
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert "request failed: RuntimeError: CUDA out of memory" in capsys.readouterr().err
+
+
 def test_suggestions_are_prefixed_deduplicated_and_ranked_by_mean_logprob(monkeypatch):
     from megamath.generation import server as server_module
     from megamath.generation.generate import Completion

@@ -3,7 +3,8 @@
     POST /   {"tactic_state": str, "prefix": str, "context": str}
           -> {"suggestions": [str, ...]}          200
           -> {"error": str}                        400 malformed JSON or fields, 404 other paths,
-                                                   411 no Content-Length, 413 body too large, 503 timeout
+                                                   411 no Content-Length, 413 body too large, 503 timeout,
+                                                   500 generation failed (e.g. out of GPU memory; logged)
 
 The prompt is LLMSTEP's `[GOAL]{tactic_state}[PROOFSTEP]{prefix}`; `num_samples` completions are drawn
 (split evenly over the configured temperatures), each cut at the first newline; a suggestion is the
@@ -19,10 +20,13 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import torch
 
 from megamath.generation.batching import PromptCodec, complete
 from megamath.generation.generate import SamplingParams
@@ -118,6 +122,11 @@ def make_handler(model, codec: PromptCodec, config: ServeConfig):
                                       next(counter), deadline)
             except TimeoutError:
                 return self._reply(503, {"error": f"timed out after {config.request_timeout_s} s"})
+            except Exception as err:  # noqa: BLE001 - e.g. out of GPU memory: answer, log, and keep serving
+                print(f"request failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()  # an out-of-memory request must not leave the next one short
+                return self._reply(500, {"error": f"generation failed: {type(err).__name__}: {err}"})
             self._reply(200, {"suggestions": suggestions})
 
     return Handler
