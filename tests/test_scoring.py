@@ -23,6 +23,8 @@ from megamath.evaluation.voting import majority_vote
     (" He pays 3 + 4 = 7 dollars, so 7 in all.", "7"),  # no "The answer is": the last number
     (" The answer is 5. Then 3 more questions follow with 9.", "5"),  # the stated answer wins
     (" I do not know.", None),
+    (" The answer is $-5. Then 3 more.", "-5"), (" The answer is -$5.", "-5"), (" The answer is $ 12.", "12"),
+    (" So he gave 20 - 12", "12"),  # the last number, not "- 12"
 ])
 def test_gsm8k_extraction(completion, expected):
     assert gsm8k.extract_answer(completion) == expected

@@ -38,7 +38,7 @@ EXEMPLARS = [
      "left. 23 - 15 is 8. The answer is 8."),
 ]
 STOP = ("\n\nQ:", "\nQ:", "\n\n\n")
-_NUMBER = r"-?[$]?\s*[0-9][0-9,]*(?:\.[0-9]+)?"
+_NUMBER = r"(?:-?[$]\s*-?|-)?[0-9][0-9,]*(?:\.[0-9]+)?"  # 5, -5, $5, -$5, $-5; the "-" of "20 - 12" is no sign
 _ANSWER_IS = re.compile(r"[Tt]he answer is:?\s*(" + _NUMBER + ")")
 
 
