@@ -32,3 +32,16 @@ def test_a_measurement_on_another_form_factor_is_not_the_planned_gpus(tmp_path, 
            "a100-40gb": "NVIDIA A100-SXM4-40GB"}[gpu]
     _bench_result(tmp_path, "2026-12-04", sxm, 0.52)  # older, but on the planned part: it counts
     assert measured_efficiency(get_gpu(gpu), tmp_path).value == pytest.approx(0.52)
+
+
+CUDA_TOTAL_MIB = {"a100-40gb": 40_536, "a100-80gb": 81_920, "h100-80gb": 81_082, "h200": 143_156}
+"""torch.cuda.get_device_properties(d).total_memory of each SXM part, MiB (the smallest seen across
+drivers): all the allocator and the CUDA context can ever have. On Hopper it is nvidia-smi's total less
+the memory the driver reserves (81,559 and 143,771 MiB in nvidia-smi's listing)."""
+
+
+@pytest.mark.parametrize("gpu", sorted(CUDA_TOTAL_MIB))
+def test_capacity_is_what_cuda_can_allocate(gpu):
+    """A plan that 'fits with 0.3 GiB to spare' must not count memory CUDA never hands out."""
+    capacity_mib = get_gpu(gpu).memory_bytes / 2**20
+    assert CUDA_TOTAL_MIB[gpu] * 0.99 <= capacity_mib <= CUDA_TOTAL_MIB[gpu], (gpu, capacity_mib)
