@@ -2,7 +2,10 @@
 
 perf/bench_train.py writes `perf/results/train-YYYY-MM-DD.md` when it runs on a GPU: a title naming the
 device and a table with megamath's MFU on the benchmark's shape (Code Llama 7B's width, one GPU, so no
-communication: its MFU is exactly the compute efficiency that step_time.py multiplies the peak by). The
+communication: its MFU is the compute efficiency that step_time.py multiplies the peak by, somewhat low:
+the benchmark's step also holds an AdamW step over its whole unsharded model, which by step_time.py's own
+models is ~10 ms beside ~50 ms of matmuls per 4,096 tokens on an H100, while a planned step amortises it
+over DP and accumulation and charges it on its own line; so a measured efficiency errs slow). The
 newest such file measured on the planned GPU gives the efficiency (the median of megamath's rows); without
 one the GPU's stated default is used (hardware.py). Every plan says which it used, and --efficiency
 overrides both.
