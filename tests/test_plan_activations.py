@@ -5,17 +5,21 @@ model runs one forward in bf16 on the Triton kernels (the path a GPU run takes; 
 CPU) under a saved-tensors hook that records every distinct storage kept for the backward, parameters
 left out. What it keeps must be the planner's `activations` plus the saved logits, give or take the
 small per-token vectors the model does not itemise (token ids, RMSNorm's and the loss's fp32 statistics):
-within 1 %. Once serial, once as TP 2 with sequence parallelism on two gloo ranks (each rank's own bytes).
+within 1 %. Once serial, once as TP 2 with sequence parallelism on two gloo ranks (each rank's own bytes),
+and once with K/V heads TP does not divide (each rank keeps only the heads its query heads read).
 """
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from distributed import run_distributed
 from megamath.model.config import ModelConfig
-from megamath.model.llama import Llama
+from megamath.model.llama import Attention, Llama
 from megamath.parallel.state import ParallelState
+from megamath.planning import memory
 from megamath.planning.memory import RunShape, activation_bytes
 
 CONFIG = ModelConfig(vocab_size=320, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=192,
@@ -66,3 +70,43 @@ def test_tensor_and_sequence_parallel_activations_are_what_autograd_keeps(tmp_pa
     for rank in range(2):
         measured = torch.load(tmp_path / f"saved-{rank}.pt")
         assert measured == pytest.approx(predicted, rel=0.01), (rank, measured, predicted)
+
+
+# ---- K/V heads that TP does not divide -------------------------------------------------------------------
+
+UNEVEN = ModelConfig(vocab_size=320, hidden_size=192, num_layers=1, num_heads=12, num_kv_heads=3, ffn_hidden_size=192,
+                     max_seq_length=64, kernels="triton")
+"""12 query heads over 3 K/V heads at TP 2: rank 0's six query heads read K/V heads 0,0,0,0,1,1, which do not
+group evenly, so each rank keeps its k and v expanded to six heads (more than the 3 a whole copy holds)."""
+
+
+def _uneven_worker(rank, world_size, out_dir):
+    state = ParallelState.from_env(2)
+    torch.manual_seed(0)
+    model = Llama(UNEVEN, state, sequence_parallel=True).to(torch.bfloat16)
+    torch.save(saved_bytes(model), out_dir / f"saved-{rank}.pt")
+
+
+def test_replicated_kv_activations_are_what_autograd_keeps(tmp_path):
+    """TP 2 with SP (one layer, to stay quick); the head count rule below covers every other layout."""
+    run_distributed(_uneven_worker, 2, tmp_path)
+    shape = RunShape(tp=2, dp=1, micro_batch=B, grad_accum=1, seq_length=S, activation_checkpointing=False,
+                     sequence_parallel=True)
+    predicted = activation_bytes(UNEVEN, shape)["activations"] + B * S * UNEVEN.vocab_size // 2 * 2  # + bf16 logits
+    for rank in range(2):
+        measured = torch.load(tmp_path / f"saved-{rank}.pt")
+        assert measured == pytest.approx(predicted, rel=0.01), (rank, measured, predicted)
+
+
+@pytest.mark.parametrize("heads, kv_heads, tp", [(4, 2, 4), (12, 3, 2), (6, 3, 2), (8, 1, 2), (40, 10, 4), (16, 2, 8)])
+def test_planned_kv_heads_follow_the_attention_layers_rule(heads, kv_heads, tp):
+    """The planner's count of kept K/V heads is the busiest rank's under llama.Attention's own rule."""
+    config = ModelConfig(vocab_size=64, hidden_size=heads * 8, num_layers=1, num_heads=heads, num_kv_heads=kv_heads,
+                         ffn_hidden_size=16, max_seq_length=8)
+    kept = []
+    for rank in range(tp):
+        plan = SimpleNamespace(head_dim=config.head_dim, kv_expand=None)
+        Attention._plan_replicated_kv(plan, config, rank, tp)
+        kept.append(len(plan.kv_expand) if plan.kv_expand is not None
+                    else (plan.kv_rows.stop - plan.kv_rows.start) // config.head_dim)
+    assert memory._replicated_kv_heads(config, tp) == max(kept)

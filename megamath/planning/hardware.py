@@ -2,8 +2,9 @@
 
 Why a table: a plan is napkin math over a handful of numbers per GPU, and every one of them must be
 visible and overridable, not buried in formulas. Sources: NVIDIA's data sheets for the peaks, HBM
-bandwidths and memory (total memory as nvidia-smi reports it for the SXM parts); the others are stated
-assumptions, printed with every plan:
+bandwidths and memory of the SXM parts (memory: what CUDA can allocate, torch.cuda.get_device_properties'
+total_memory; on Hopper that is nvidia-smi's total less the ~0.5 GiB the driver reserves); the others are
+stated assumptions, printed with every plan:
 
 - `efficiency`: the fraction of the dense bf16 peak the model's matmul-dominated compute achieves, used
   only until perf/results/ holds a training step measured on that GPU (measured.py), so these are stated
@@ -25,7 +26,7 @@ GiB = 2**30
 class GPU:
     name: str
     memory_bytes: int
-    """Total device memory."""
+    """Device memory CUDA can allocate (the smallest total_memory seen across drivers)."""
     peak_tflops: float
     """Dense bf16 tensor-core peak, TFLOP/s."""
     hbm_gbs: float
@@ -41,8 +42,8 @@ MiB = 2**20
 GPUS: dict[str, GPU] = {
     "a100-40gb": GPU("a100-40gb", 40_536 * MiB, 312.0, 1_555.0, 230.0, 25.0, 0.50),
     "a100-80gb": GPU("a100-80gb", 81_920 * MiB, 312.0, 2_039.0, 230.0, 25.0, 0.50),
-    "h100-80gb": GPU("h100-80gb", 81_559 * MiB, 989.0, 3_350.0, 370.0, 50.0, 0.45),
-    "h200": GPU("h200", 143_771 * MiB, 989.0, 4_800.0, 370.0, 50.0, 0.45),
+    "h100-80gb": GPU("h100-80gb", 81_082 * MiB, 989.0, 3_350.0, 370.0, 50.0, 0.45),
+    "h200": GPU("h200", 143_156 * MiB, 989.0, 4_800.0, 370.0, 50.0, 0.45),
 }
 
 RUNTIME_RESERVE_BYTES = int(1.5 * GiB)

@@ -2,7 +2,10 @@
 
 perf/bench_train.py writes `perf/results/train-YYYY-MM-DD.md` when it runs on a GPU: a title naming the
 device and a table with megamath's MFU on the benchmark's shape (Code Llama 7B's width, one GPU, so no
-communication: its MFU is exactly the compute efficiency that step_time.py multiplies the peak by). The
+communication: its MFU is the compute efficiency that step_time.py multiplies the peak by, somewhat low:
+the benchmark's step also holds an AdamW step over its whole unsharded model, which by step_time.py's own
+models is ~10 ms beside ~50 ms of matmuls per 4,096 tokens on an H100, while a planned step amortises it
+over DP and accumulation and charges it on its own line; so a measured efficiency errs slow). The
 newest such file measured on the planned GPU gives the efficiency (the median of megamath's rows); without
 one the GPU's stated default is used (hardware.py). Every plan says which it used, and --efficiency
 overrides both.
@@ -21,6 +24,10 @@ RESULTS_DIR = Path(__file__).resolve().parents[2] / "perf" / "results"
 DEVICE_NAMES = {"a100-40gb": ("A100", "40GB"), "a100-80gb": ("A100", "80GB"), "h100-80gb": ("H100",),
                 "h200": ("H200",)}
 """Words that torch.cuda.get_device_name() of each planned GPU contains (e.g. "NVIDIA A100-SXM4-40GB")."""
+OTHER_PARTS = ("PCIe", "NVL", "GH200")
+"""Words of the same chips' other boards: the planned GPUs are the SXM parts (hardware.py's memory, HBM and
+NVLink figures), and a PCIe or NVL card (lower power, clocks and peak) or a Grace Hopper superchip reaches
+another fraction of its peak, so a step measured on one is not a measurement on them."""
 _TITLE = re.compile(r"^# Training step, (\d{4}-\d{2}-\d{2}): (.+)$")
 
 
@@ -48,7 +55,9 @@ def measured_efficiency(gpu: GPU, results_dir: Path = RESULTS_DIR) -> Efficiency
     for path in sorted(Path(results_dir).glob("train-*.md"), reverse=True):  # names sort by date
         text = path.read_text(errors="replace")
         title = _TITLE.match(text.splitlines()[0] if text else "")
-        if not title or not words or not all(w.lower() in title.group(2).lower() for w in words):
+        device = title.group(2).lower() if title else ""
+        if not title or not words or not all(w.lower() in device for w in words) \
+                or any(w.lower() in device for w in OTHER_PARTS):
             continue
         mfus = [m for m in _megamath_mfus(text) if 0 < m <= 1]
         if mfus:

@@ -10,7 +10,8 @@ bytes autograd really keeps on the kernel path (serial, and TP 2 with SP), which
 transients and the allocator to the GPU check (perf/bench_train.py).
 
 Activations kept per token and layer (bytes; t = TP size, sp = t under sequence parallelism else 1,
-h_q = heads · head_dim, kv = the local K/V width, whole when t does not divide the KV heads, f = ffn size):
+h_q = heads · head_dim, kv = the local K/V width; when t does not divide the KV heads, the width of the heads
+the rank's query heads read, one per query head where they do not group evenly, f = ffn size):
     2 · [ 2h/sp      the two RMSNorm inputs (the residual stream; split along the sequence under SP)
         + 2h/sp      the two norm outputs the column-parallel matmuls keep (under SP only the rank's
                      chunk: the gathered input is all-gathered again in the backward, layers._GatherLinears;
@@ -67,11 +68,26 @@ def zero_buffer_bytes(model: ModelConfig, shape: RunShape, param_bytes: int = PA
     return buffer_bytes(layout, param_bytes, GRAD_BYTES[shape.grad_dtype])
 
 
+def _replicated_kv_heads(model: ModelConfig, tp: int) -> int:
+    """K/V heads the attention keeps on the busiest rank when tp does not divide the KV heads: the rule of
+    llama.Attention._plan_replicated_kv (only the heads the rank's query heads read are projected; expanded
+    to one per query head when those do not group evenly)."""
+    q_local, group = model.num_heads // tp, model.num_heads // model.num_kv_heads
+    most = 0
+    for rank in range(tp):
+        kv_of_q = [(rank * q_local + i) // group for i in range(q_local)]  # global KV head per local query head
+        n_kv = kv_of_q[-1] - kv_of_q[0] + 1
+        local = [k - kv_of_q[0] for k in kv_of_q]
+        even = q_local % n_kv == 0 and local == [i // (q_local // n_kv) for i in range(q_local)]
+        most = max(most, n_kv if even else q_local)
+    return most
+
+
 def _layer_bytes_per_token(model: ModelConfig, tp: int, sp: bool) -> float:
     h, f, d = model.hidden_size, model.ffn_hidden_size, model.head_dim
     q_local = model.num_heads * d / tp
     kv_split = model.num_kv_heads % tp == 0
-    kv_local = (model.num_kv_heads // tp if kv_split else model.num_kv_heads) * d  # replicated when p does not divide
+    kv_local = (model.num_kv_heads // tp if kv_split else _replicated_kv_heads(model, tp)) * d
     seq_div = tp if sp else 1
     attn_in = h / seq_div if kv_split else h  # replicated K/V take the unfused path, which keeps the gathered input
     return 2 * (2 * h / seq_div + attn_in + h / seq_div + q_local + 2 * kv_local + q_local + 3 * f / tp) \

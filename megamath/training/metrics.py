@@ -27,13 +27,14 @@ RUN_INFO = "run_info.json"
 from megamath.training.wandb_log import WandbConfig, WandbSink, import_wandb
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity), by a substring of torch.cuda.get_device_name().
-# Most specific first: an "H100 PCIe" must not match the SXM entry.
+# Most specific first: an "H100 PCIe" or an "H200 NVL" must not match the SXM entry.
 PEAK_TFLOPS = (
-    ("H200", 989.0),
+    ("GH200", 989.0),
+    ("H200 NVL", 835.0),
+    ("H200", 989.0),  # SXM
     ("H100 PCIe", 756.0),
     ("H100 NVL", 835.0),
     ("H100", 989.0),  # SXM (HBM3)
-    ("GH200", 989.0),
     ("A100", 312.0),
     ("A10G", 125.0),
     ("L40S", 362.0),
