@@ -1,0 +1,80 @@
+"""The command surface under bad input: every case is one `megamath CMD: error: ...` line and exit 2 (never a
+traceback), checked before the slow work starts, and no input or existing output is destroyed.
+
+Inputs are built here in milliseconds: a tiny random model folder and SentencePiece model, hand-written
+run folders and jsonl files."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from generation_fixtures import build_checkpoint, build_tokenizer
+from megamath.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_cli")
+    return build_checkpoint(root / "ckpt"), build_tokenizer(root / "tok.model")
+
+
+def one_error_line(capsys, command: str) -> str:
+    """The single stderr line of a failed command, without its `megamath CMD: error: ` prefix."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    prefix = f"megamath {command}: error: "
+    assert lines[0].startswith(prefix), lines[0]
+    return lines[0][len(prefix):]
+
+
+# ---- model folders: convert, and the loading generate / eval / serve share ---------------------------------
+
+def _copy_folder(src, dst):
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+@pytest.mark.parametrize("size", [0, 7, 4000])
+def test_convert_truncated_safetensors_is_one_line(tiny, tmp_path, capsys, size):
+    src = _copy_folder(tiny[0], tmp_path / "src")
+    weights = src / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:size])
+    assert main(["convert", "megamath-to-hf", str(src), str(tmp_path / "out")]) == 2
+    assert one_error_line(capsys, "convert").startswith(f"{weights}: not a readable safetensors file")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"vocab_size":', "is not valid JSON"),
+    ("[1, 2]", "must hold a JSON object, got list"),
+])
+def test_model_folder_config_json_errors_name_the_file(tiny, tmp_path, capsys, text, message):
+    src = _copy_folder(tiny[0], tmp_path / "src")
+    (src / "config.json").write_text(text)
+    for argv, command in ((["convert", "megamath-to-hf", str(src), str(tmp_path / "out")], "convert"),
+                          (["convert", "hf-to-megamath", str(src), str(tmp_path / "out")], "convert"),
+                          (["generate", "--model", str(src), "--tokenizer-model", str(tiny[1]), "--prompts",
+                            str(tmp_path / "p.jsonl"), "--output", str(tmp_path / "g.jsonl")], "generate")):
+        (tmp_path / "p.jsonl").write_text('{"prompt": "x"}\n')
+        assert main(argv) == 2
+        line = one_error_line(capsys, command)
+        assert line.startswith(f"{src / 'config.json'}") and message in line, line
+
+
+@pytest.mark.parametrize("value", ["64", None, [64]])
+def test_hf_config_with_a_wrong_type_is_one_line(tiny, tmp_path, capsys, value):
+    hf = tmp_path / "hf"
+    assert main(["convert", "megamath-to-hf", str(tiny[0]), str(hf)]) == 0
+    config = json.loads((hf / "config.json").read_text())
+    config["hidden_size"] = value
+    (hf / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    assert main(["convert", "hf-to-megamath", str(hf), str(tmp_path / "out")]) == 2
+    assert "hidden_size must be a positive integer" in one_error_line(capsys, "convert")
