@@ -78,3 +78,71 @@ def test_hf_config_with_a_wrong_type_is_one_line(tiny, tmp_path, capsys, value):
     capsys.readouterr()
     assert main(["convert", "hf-to-megamath", str(hf), str(tmp_path / "out")]) == 2
     assert "hidden_size must be a positive integer" in one_error_line(capsys, "convert")
+
+
+# ---- files that are not what they should be: tokenizers, YAML, binary text ---------------------------------
+
+def test_inspect_with_a_file_that_is_no_tokenizer_is_one_line(tmp_path, capsys):
+    from megamath.data.indexed_dataset_writer import IndexedDatasetWriter
+    import numpy as np
+
+    with IndexedDatasetWriter(tmp_path / "d", np.uint16) as w:
+        w.add_item(np.arange(5))
+        w.end_document()
+    (tmp_path / "bad.model").write_text("not a model")
+    assert main(["inspect", str(tmp_path / "d"), "--tokenizer-model", str(tmp_path / "bad.model")]) == 2
+    assert one_error_line(capsys, "inspect").startswith(f"{tmp_path / 'bad.model'}: not a SentencePiece model")
+
+
+def test_config_vocab_from_a_file_that_is_no_tokenizer_is_one_line(tmp_path, capsys):
+    from test_config_from_neox import LLEMMA_7B_YML
+
+    (tmp_path / "bad.model").write_text("not a model")
+    assert '"codellama/tokenizer.model"' in LLEMMA_7B_YML
+    (tmp_path / "neox.yml").write_text(LLEMMA_7B_YML.replace("codellama/tokenizer.model", str(tmp_path / "bad.model")))
+    assert main(["config", "from-neox", str(tmp_path / "neox.yml")]) == 2
+    assert one_error_line(capsys, "config").startswith(f"{tmp_path / 'bad.model'}: not a SentencePiece model")
+
+
+@pytest.mark.parametrize("text", ["model: [\n", "model:\n  hidden_size: [1\n", "a: 1\n\tb: 2\n"])
+def test_invalid_yaml_is_one_line_with_its_position(tmp_path, capsys, text):
+    (tmp_path / "c.yaml").write_text(text)
+    for argv, command in ((["train", "--config", str(tmp_path / "c.yaml")], "train"),
+                          (["plan", "--model", str(tmp_path / "c.yaml"), "--gpu", "h200", "--gpus", "8"], "plan"),
+                          (["config", "from-neox", str(tmp_path / "c.yaml")], "config")):
+        assert main(argv) == 2
+        line = one_error_line(capsys, command)
+        assert line.startswith(f"{tmp_path / 'c.yaml'} is not valid YAML: line ") and "<unicode string>" not in line
+
+
+def test_invalid_yaml_override_is_one_line(tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text("train_steps: 1\n")
+    assert main(["train", "--config", str(tmp_path / "c.yaml"), "train_steps=[1"]) == 2
+    assert one_error_line(capsys, "train").startswith("override 'train_steps=[1': the value is not valid YAML: ")
+
+
+def test_binary_files_given_as_text_name_the_file(tiny, tmp_path, capsys):
+    binary = tmp_path / "tok.bin"
+    binary.write_bytes(bytes(range(128, 256)) + b"\n")  # like a tokenizer.model given by mistake
+    out = tmp_path / "out.jsonl"
+    for argv, command in (
+            (["train", "--config", str(binary)], "train"),
+            (["plan", "--model", str(binary), "--gpu", "h200", "--gpus", "8"], "plan"),
+            (["config", "from-megatron", str(binary)], "config"),
+            (["generate", "--model", str(tiny[0]), "--tokenizer-model", str(tiny[1]), "--prompts", str(binary),
+              "--output", str(out)], "generate"),
+            (["eval", "--model", str(tiny[0]), "--tokenizer-model", str(tiny[1]), "--task", "gsm8k", "--data",
+              str(binary), "--output", str(out)], "eval"),
+            (["overlap", "--test", str(binary), "--field", "q", "--corpus", str(binary), "--output", str(out)],
+             "overlap"),
+            (["overlap-accuracy", "--hits", str(binary), "--results", str(binary)], "overlap-accuracy")):
+        assert main(argv) == 2
+        line = one_error_line(capsys, command)
+        assert str(binary) in line and "UTF-8" in line, line
+    assert not out.exists()
+
+
+def test_megatron_command_file_with_an_unclosed_quote_names_the_line(tmp_path, capsys):
+    (tmp_path / "train.sh").write_text("torchrun pretrain_gpt.py \\\n  --num-layers 2\n--data-path 'a b\n")
+    assert main(["config", "from-megatron", str(tmp_path / "train.sh")]) == 2
+    assert one_error_line(capsys, "config") == f"{tmp_path / 'train.sh'}: No closing quotation in \"--data-path 'a b\""
