@@ -146,3 +146,119 @@ def test_megatron_command_file_with_an_unclosed_quote_names_the_line(tmp_path, c
     (tmp_path / "train.sh").write_text("torchrun pretrain_gpt.py \\\n  --num-layers 2\n--data-path 'a b\n")
     assert main(["config", "from-megatron", str(tmp_path / "train.sh")]) == 2
     assert one_error_line(capsys, "config") == f"{tmp_path / 'train.sh'}: No closing quotation in \"--data-path 'a b\""
+
+
+# ---- output paths: checked before the work, never an input ------------------------------------------------
+
+def _eval_args(tiny, data, output):
+    return ["eval", "--model", str(tiny[0]), "--tokenizer-model", str(tiny[1]), "--task", "demo-arith",
+            "--data", str(data), "--max-new-tokens", "2", "--output", str(output)]
+
+
+def _generate_args(tiny, prompts, output):
+    return ["generate", "--model", str(tiny[0]), "--tokenizer-model", str(tiny[1]), "--prompts", str(prompts),
+            "--max-new-tokens", "2", "--output", str(output)]
+
+
+@pytest.mark.parametrize("command", ["eval", "generate"])
+def test_unwritable_output_fails_before_the_model_runs(tiny, tmp_path, capsys, monkeypatch, command):
+    """The results are written at the end: a bad --output must not cost the whole run first."""
+    from megamath.generation import session
+
+    data = tmp_path / "in.jsonl"
+    data.write_text('{"id": "1", "prompt": "2 + 2 =", "answer": "4"}\n')
+    monkeypatch.setattr(session, "open_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    build = _eval_args if command == "eval" else _generate_args
+    (tmp_path / "afile").write_text("keep")
+    (tmp_path / "adir").mkdir()
+    for output, message in ((tmp_path / "afile" / "out.jsonl", f"{tmp_path / 'afile'} is a file, not a folder"),
+                            (tmp_path / "adir", "is a folder; name a file"),
+                            (data, f"is also an input ({data})")):
+        assert main(build(tiny, data, output)) == 2
+        line = one_error_line(capsys, command)
+        assert line.startswith(f"--output {output}") and message in line, line
+    monkeypatch.setattr("megamath.output_path.os.access", lambda *a: False)  # root passes any permission check
+    assert main(build(tiny, data, tmp_path / "out.jsonl")) == 2
+    assert one_error_line(capsys, command) == (f"--output {tmp_path / 'out.jsonl'}: cannot write in {tmp_path} "
+                                               "(permission denied)")
+    assert data.read_text() == '{"id": "1", "prompt": "2 + 2 =", "answer": "4"}\n'
+    assert (tmp_path / "afile").read_text() == "keep"
+
+
+def test_eval_creates_the_folder_of_its_output(tiny, tmp_path, capsys):
+    data = tmp_path / "in.jsonl"
+    data.write_text('{"id": "1", "prompt": "2 + 2 =", "answer": "4"}\n')
+    assert main(_eval_args(tiny, data, tmp_path / "new" / "results.jsonl")) == 0
+    assert len((tmp_path / "new" / "results.jsonl").read_text().splitlines()) == 1
+
+
+def test_overlap_output_naming_its_test_set_keeps_the_test_set(tmp_path, capsys):
+    test = tmp_path / "test.jsonl"
+    test.write_text('{"id": "a", "q": "one two three four"}\n')
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"text": "zero one two three four five"}\n')
+    for output in (test, corpus):
+        assert main(["overlap", "--test", str(test), "--field", "q", "--n", "3", "--corpus", str(corpus),
+                     "--output", str(output), "--workers", "1", "--no-progress"]) == 2
+        assert one_error_line(capsys, "overlap").startswith(f"--output {output} is also an input ({output})")
+    assert test.read_text() == '{"id": "a", "q": "one two three four"}\n'
+    assert corpus.read_text() == '{"text": "zero one two three four five"}\n'
+
+
+@pytest.mark.parametrize("command, flag", [("generate", "--num-samples"), ("generate", "--batch-size"),
+                                           ("eval", "--batch-size")])
+def test_counts_below_one_fail_before_the_model_loads(tiny, tmp_path, capsys, monkeypatch, command, flag):
+    from megamath.generation import session
+
+    data = tmp_path / "in.jsonl"
+    data.write_text('{"id": "1", "prompt": "2 + 2 =", "answer": "4"}\n')
+    monkeypatch.setattr(session, "open_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    build = _eval_args if command == "eval" else _generate_args
+    assert main(build(tiny, data, tmp_path / "o.jsonl") + [flag, "0"]) == 2
+    assert one_error_line(capsys, command) == f"{flag} must be at least 1, got 0"
+
+
+# ---- report -------------------------------------------------------------------------------------------------
+
+def _run_folder(path, **files):
+    path.mkdir()
+    (path / "metrics.jsonl").write_text('{"step": 1, "loss": 7.0}\n{"step": 2, "loss": 6.5}\n')
+    for name, text in files.items():
+        (path / name.replace("_", ".", 1)).write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("config.yaml", "model: [\n", "config.yaml is not valid YAML: line 2, column 1: "),
+    ("config.yaml", "- 1\n", "config.yaml must hold a mapping of keys, got list"),
+    ("run_info.json", "[1", "run_info.json is not valid JSON"),
+    ("run_info.json", "[1]", "run_info.json must hold a JSON object, got list"),
+    ("metrics.jsonl", '{"step": 1}\n[1, 2]\n{"step": 3}\n', "metrics.jsonl:2: not a metrics record (an object with a step)"),
+    ("metrics.jsonl", '{"loss": 1}\n{"step": 3}\n', "metrics.jsonl:1: not a metrics record (an object with a step)"),
+])
+def test_report_of_a_corrupt_run_folder_is_one_line(tmp_path, capsys, name, text, message):
+    run = _run_folder(tmp_path / "run")
+    (run / name).write_text(text)
+    assert main(["report", str(run)]) == 2
+    assert one_error_line(capsys, "report").startswith(f"{run / name}{message[len(name):]}")
+    assert not (run / "report.html").exists()
+
+
+def test_report_output_never_replaces_what_it_reads(tmp_path, capsys):
+    run = _run_folder(tmp_path / "run", config_yaml="seed: 1\n")
+    for name in ("metrics.jsonl", "config.yaml"):
+        before = (run / name).read_text()
+        assert main(["report", str(run), "--output", str(run / name)]) == 2
+        assert one_error_line(capsys, "report").startswith(f"--output {run / name} is also an input")
+        assert (run / name).read_text() == before
+    (tmp_path / "adir").mkdir()
+    assert main(["report", str(run), "--output", str(tmp_path / "adir")]) == 2
+    assert one_error_line(capsys, "report") == f"--output {tmp_path / 'adir'} is a folder; name a file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "run"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("value", ["-0.1", "1.5", "nan"])
+def test_report_comm_threshold_is_a_share(tmp_path, capsys, value):
+    run = _run_folder(tmp_path / "run")
+    assert main(["report", str(run), "--comm-threshold", value]) == 2
+    assert one_error_line(capsys, "report") == f"--comm-threshold must be a share between 0 and 1, got {float(value)}"

@@ -41,7 +41,11 @@ def run(args) -> int:
     from megamath.generation.session import open_model
     from megamath.evaluation.runner import EvalSettings, Stopwatch, breakdown, evaluate, summarize
     from megamath.evaluation.tasks import get_task
+    from megamath.output_path import prepare_output_file
 
+    if args.batch_size < 1:  # checked before the model loads, which takes minutes for a large one
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    prepare_output_file(args.output, inputs=[args.data])  # written at the end: fail now, not after the run
     task = get_task(args.task)
     problems = task.read(args.data)
     if args.limit is not None:

@@ -56,11 +56,14 @@ def run(args) -> int:
     from megamath.generation.batching import complete
     from megamath.generation.generate import SamplingParams
     from megamath.generation.session import open_model, read_prompts
+    from megamath.output_path import prepare_output_file
 
+    for flag, value in (("--num-samples", args.num_samples), ("--batch-size", args.batch_size)):
+        if value < 1:  # checked before the model loads, which takes minutes for a large one
+            raise ValueError(f"{flag} must be at least 1, got {value}")
+    prepare_output_file(args.output, inputs=[args.prompts])  # written at the end: fail now, not after the run
     params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, tuple(args.stop))
     records = read_prompts(args.prompts)
-    if args.output.exists() and args.output.is_dir():
-        raise FileExistsError(f"--output {args.output} is a directory")
     model, codec, state = open_model(args.model, args.tokenizer_model, args.max_new_tokens)
     bar = tqdm(total=len(records), unit="prompt", disable=state.rank != 0, file=sys.stderr)
     results = complete(model, codec, [r["prompt"] for r in records], params, args.num_samples, args.seed,

@@ -40,6 +40,8 @@ def run(args) -> int:
     if not tokens > 0:
         raise ValueError(f"--tokens must be > 0, got {args.tokens}")
     threshold = COMM_THRESHOLD if args.comm_threshold is None else args.comm_threshold
+    if not 0 <= threshold <= 1:
+        raise ValueError(f"--comm-threshold must be a share between 0 and 1, got {threshold}")
     runs = load_runs(args.runs)
     skips = [default_skip_steps(len(r.records)) if args.skip_steps is None else args.skip_steps for r in runs]
     if args.format == "md":

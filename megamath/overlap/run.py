@@ -30,6 +30,7 @@ from megamath.overlap.ngrams import TestIndex, load_test_items
 from megamath.overlap.pool import map_files
 from megamath.overlap.scan import ScanResult, ScanSpec, scan_file
 from megamath.overlap.summary import OverlapSummary
+from megamath.output_path import prepare_output_file
 
 
 @dataclass
@@ -105,7 +106,7 @@ def overlap(config: OverlapConfig, log=None) -> OverlapSummary:
     output = Path(config.output)
     if output.is_dir():
         raise ValueError(f"--output {output} is a folder; name the HITS.jsonl file")
-    output.parent.mkdir(parents=True, exist_ok=True)
+    prepare_output_file(output, inputs=[config.test, *(path for group in groups for path in group.files)])
     summary = OverlapSummary.start(config, index, groups)
     spec = ScanSpec(config.json_key, np.asarray(index.ns, dtype=np.int64), index.table, config.batch_bytes)
     files = [(path, g) for g, group in enumerate(groups) for path in group.files]
