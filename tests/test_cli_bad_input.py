@@ -262,3 +262,32 @@ def test_report_comm_threshold_is_a_share(tmp_path, capsys, value):
     run = _run_folder(tmp_path / "run")
     assert main(["report", str(run), "--comm-threshold", value]) == 2
     assert one_error_line(capsys, "report") == f"--comm-threshold must be a share between 0 and 1, got {float(value)}"
+
+
+# ---- serve --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags, message", [
+    (["--port", "-1"], "--port must be 0..65535, got -1"),
+    (["--port", "70000"], "--port must be 0..65535, got 70000"),
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--max-body-bytes", "0"], "--max-body-bytes must be at least 1, got 0"),
+    (["--request-timeout", "0"], "--request-timeout must be > 0 seconds, got 0.0"),
+])
+def test_serve_flags_are_checked_before_the_model_loads(tiny, capsys, monkeypatch, flags, message):
+    from megamath.generation import session
+
+    monkeypatch.setattr(session, "open_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert main(["serve", "--model", str(tiny[0]), "--tokenizer-model", str(tiny[1]), *flags]) == 2
+    assert one_error_line(capsys, "serve") == message
+
+
+def test_serve_on_a_port_in_use_names_it(tiny, capsys):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--model", str(tiny[0]), "--tokenizer-model", str(tiny[1]), "--max-new-tokens", "4",
+                     "--port", str(port)]) == 2
+    assert one_error_line(capsys, "serve") == f"cannot listen on 127.0.0.1:{port}: Address already in use"
