@@ -291,3 +291,15 @@ def test_serve_on_a_port_in_use_names_it(tiny, capsys):
         assert main(["serve", "--model", str(tiny[0]), "--tokenizer-model", str(tiny[1]), "--max-new-tokens", "4",
                      "--port", str(port)]) == 2
     assert one_error_line(capsys, "serve") == f"cannot listen on 127.0.0.1:{port}: Address already in use"
+
+
+# ---- the entry point ----------------------------------------------------------------------------------------
+
+def test_output_piped_into_a_reader_that_leaves_is_no_error(tmp_path):
+    """`megamath plan ... | head -1`: the reader closes the pipe; stop quietly, as a Unix filter does."""
+    proc = subprocess.Popen([sys.executable, "-m", "megamath.cli", "plan", "--model", "llemma-7b", "--gpu", "h200",
+                             "--gpus", "8"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before it writes: every write fails with EPIPE
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=60)
+    assert err == "" and proc.returncode == 1
