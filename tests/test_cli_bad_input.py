@@ -303,3 +303,14 @@ def test_output_piped_into_a_reader_that_leaves_is_no_error(tmp_path):
     err = proc.stderr.read().decode()
     proc.wait(timeout=60)
     assert err == "" and proc.returncode == 1
+
+
+def test_ctrl_c_is_one_line_and_status_130(capsys, monkeypatch):
+    import megamath.commands.plan as plan
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plan, "run", interrupted)
+    assert main(["plan", "--model", "llemma-7b", "--gpu", "h200", "--gpus", "8"]) == 130
+    assert capsys.readouterr().err == "megamath plan: interrupted\n"
