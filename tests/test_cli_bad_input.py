@@ -314,3 +314,39 @@ def test_ctrl_c_is_one_line_and_status_130(capsys, monkeypatch):
     monkeypatch.setattr(plan, "run", interrupted)
     assert main(["plan", "--model", "llemma-7b", "--gpu", "h200", "--gpus", "8"]) == 130
     assert capsys.readouterr().err == "megamath plan: interrupted\n"
+
+
+# ---- config and demo-corpus: small files, still published whole --------------------------------------------
+
+def _interrupt_inside_writes(monkeypatch):
+    """Ctrl-C after a file's bytes are written but before they are published (as if hit mid-write)."""
+    def interrupted(fd):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("megamath.atomic_io.os.fsync", interrupted)
+
+
+def test_config_output_interrupted_mid_write_keeps_the_old_file(tmp_path, capsys, monkeypatch):
+    from test_config_from_neox import LLEMMA_7B_YML
+
+    (tmp_path / "neox.yml").write_text(LLEMMA_7B_YML)
+    out = tmp_path / "out.yaml"
+    out.write_text("old: config\n")
+    _interrupt_inside_writes(monkeypatch)
+    assert main(["config", "from-neox", str(tmp_path / "neox.yml"), "--vocab-size", "32000", "--output", str(out),
+                 "--force"]) == 130
+    assert out.read_text() == "old: config\n" and sorted(p.name for p in tmp_path.iterdir()) == ["neox.yml", "out.yaml"]
+
+
+@pytest.mark.parametrize("flag", ["--world-size", "--vocab-size"])
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_config_counts_below_one_are_refused(tmp_path, capsys, flag, value):
+    (tmp_path / "train.sh").write_text("--num-layers 2\n")
+    assert main(["config", "from-megatron", flag, value, str(tmp_path / "train.sh")]) == 2
+    assert one_error_line(capsys, "config") == f"{flag} must be at least 1, got {value}"
+
+
+def test_demo_corpus_interrupted_mid_write_leaves_no_file(tmp_path, capsys, monkeypatch):
+    _interrupt_inside_writes(monkeypatch)
+    assert main(["demo-corpus", "--output", str(tmp_path / "demo"), "--documents", "4"]) == 130
+    assert [p for p in (tmp_path / "demo").rglob("*") if p.is_file()] == []
