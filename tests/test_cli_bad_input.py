@@ -350,3 +350,15 @@ def test_demo_corpus_interrupted_mid_write_leaves_no_file(tmp_path, capsys, monk
     _interrupt_inside_writes(monkeypatch)
     assert main(["demo-corpus", "--output", str(tmp_path / "demo"), "--documents", "4"]) == 130
     assert [p for p in (tmp_path / "demo").rglob("*") if p.is_file()] == []
+
+
+# ---- plan ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags, message", [
+    (["--internode-gbs", "0"], "--internode-gbs must be positive, got 0.0"),
+    (["--internode-gbs", "-5"], "--internode-gbs must be positive, got -5.0"),
+    (["--top", "0"], "--top must be >= 1, got 0"),
+])
+def test_plan_flags_that_would_be_ignored_are_refused(capsys, flags, message):
+    assert main(["plan", "--model", "llemma-7b", "--gpu", "h200", "--gpus", "16", *flags]) == 2
+    assert one_error_line(capsys, "plan") == message

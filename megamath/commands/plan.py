@@ -83,6 +83,8 @@ def run(args) -> int:
     from megamath.planning.plan import plan
     from megamath.planning.report import assumptions, format_plan, format_ranking
 
+    if args.top < 1:
+        raise ValueError(f"--top must be >= 1, got {args.top}")
     req = request_from_args(args)
     plans = plan(req)
     if args.json:
