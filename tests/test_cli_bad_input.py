@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -362,3 +363,20 @@ def test_demo_corpus_interrupted_mid_write_leaves_no_file(tmp_path, capsys, monk
 def test_plan_flags_that_would_be_ignored_are_refused(capsys, flags, message):
     assert main(["plan", "--model", "llemma-7b", "--gpu", "h200", "--gpus", "16", *flags]) == 2
     assert one_error_line(capsys, "plan") == message
+
+
+# ---- tools/ -------------------------------------------------------------------------------------------------
+
+def test_compare_with_megatron_checks_its_paths_first(tmp_path):
+    tool = Path(__file__).resolve().parents[1] / "tools" / "compare_with_megatron.py"
+    (tmp_path / "Megatron-LM" / "tools").mkdir(parents=True)
+    (tmp_path / "Megatron-LM" / "tools" / "preprocess_data.py").write_text("")
+    (tmp_path / "tok.model").write_text("")
+    base = ["--tokenizer-model", str(tmp_path / "tok.model"), "--work-dir", str(tmp_path / "work")]
+    for flags, message in ((["--megatron-lm", str(tmp_path / "nope"), "--input", str(tmp_path / "tok.model")],
+                            "--megatron-lm: no tools/preprocess_data.py in that checkout"),
+                           (["--megatron-lm", str(tmp_path / "Megatron-LM"), "--input", str(tmp_path / "no.jsonl")],
+                            "--input: no such file")):
+        proc = subprocess.run([sys.executable, str(tool), *flags, *base], capture_output=True, text=True)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr and message in proc.stderr, proc.stderr
+    assert not (tmp_path / "work").exists()
