@@ -234,7 +234,8 @@ def _run_folder(path, **files):
     ("config.yaml", "- 1\n", "config.yaml must hold a mapping of keys, got list"),
     ("run_info.json", "[1", "run_info.json is not valid JSON"),
     ("run_info.json", "[1]", "run_info.json must hold a JSON object, got list"),
-    ("metrics.jsonl", '{"step": 1}\n[1, 2]\n{"step": 3}\n', "metrics.jsonl:2: not a metrics record (an object with a step)"),
+    ("metrics.jsonl", '{"step": 1}\n[1, 2]\n{"step": 3}\n',
+     "metrics.jsonl:2: not a metrics record (an object with a step)"),
     ("metrics.jsonl", '{"loss": 1}\n{"step": 3}\n', "metrics.jsonl:1: not a metrics record (an object with a step)"),
 ])
 def test_report_of_a_corrupt_run_folder_is_one_line(tmp_path, capsys, name, text, message):
@@ -380,3 +381,18 @@ def test_compare_with_megatron_checks_its_paths_first(tmp_path):
         proc = subprocess.run([sys.executable, str(tool), *flags, *base], capture_output=True, text=True)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr and message in proc.stderr, proc.stderr
     assert not (tmp_path / "work").exists()
+
+
+def test_every_help_renders_and_output_flags_say_they_replace(capsys):
+    from megamath.cli import COMMANDS
+
+    for command in COMMANDS:
+        argvs = ([[command, "from-neox", "--help"], [command, "from-megatron", "--help"]] if command == "config"
+                 else [[command, "--help"]])
+        for argv in argvs:
+            with pytest.raises(SystemExit) as exit_:
+                main(argv)
+            assert exit_.value.code == 0, argv
+            text = " ".join(capsys.readouterr().out.split())
+            if command in ("generate", "eval", "overlap", "report", "preprocess", "merge", "demo-corpus"):
+                assert "replaced" in text, command

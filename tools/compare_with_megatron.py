@@ -45,7 +45,8 @@ def main() -> int:
     args = parser.parse_args()
     megatron_script = args.megatron_lm / "tools" / "preprocess_data.py"
     for path, what in ((megatron_script, "--megatron-lm: no tools/preprocess_data.py in that checkout"),
-                       (args.input, "--input: no such file"), (args.tokenizer_model, "--tokenizer-model: no such file")):
+                       (args.input, "--input: no such file"),
+                       (args.tokenizer_model, "--tokenizer-model: no such file")):
         if not path.is_file():  # before the work folder exists, which a failed run would leave behind
             parser.error(f"{what}: {path}")
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="megatron-compare-"))

@@ -29,7 +29,8 @@ def add_parser(subparsers, name: str) -> None:
     parser.add_argument("--shots", type=int, default=None, metavar="N", help="exemplars (default: the task's)")
     parser.add_argument("--maj", type=int, default=1, metavar="K", help="samples per problem for maj@K (default 1)")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate the first N problems")
-    parser.add_argument("--output", required=True, type=Path, metavar="RESULTS.jsonl", help="per-problem results")
+    parser.add_argument("--output", required=True, type=Path, metavar="RESULTS.jsonl",
+                        help="per-problem results (replaced when it exists; checked before the model loads)")
     parser.set_defaults(run=run)
 
 

@@ -42,7 +42,8 @@ def add_parser(subparsers, name: str) -> None:
         "parallelism (every process is one TP rank).")
     add_generation_flags(parser, max_new_tokens=256, temperature=0.0, batch_size=16)
     parser.add_argument("--prompts", required=True, type=Path, metavar="FILE.jsonl", help="input prompts")
-    parser.add_argument("--output", required=True, type=Path, metavar="OUT.jsonl", help="output file")
+    parser.add_argument("--output", required=True, type=Path, metavar="OUT.jsonl",
+                        help="output file (replaced when it exists; checked before the model loads)")
     parser.add_argument("--num-samples", type=int, default=1, metavar="K", help="completions per prompt (default 1)")
     parser.add_argument("--stop", nargs="+", default=[], metavar="STR", help="strings that end a completion")
     parser.set_defaults(run=run)
