@@ -30,8 +30,9 @@ def add_parser(subparsers, name: str) -> None:
                         help="sequences per micro-batch (searched if absent)")
     parser.add_argument("--grad-accum", type=int, default=None, metavar="G",
                         help="micro-batches per step (default: the config's, else a global batch near 4M tokens)")
-    parser.add_argument("--seq-length", type=int, default=None, metavar="S", help="tokens per sequence (default: the config's, else 4096 or the model's "
-                        "max_seq_length when shorter)")
+    parser.add_argument("--seq-length", type=int, default=None, metavar="S",
+                        help="tokens per sequence (default: the config's, else 4096 or the model's max_seq_length "
+                        "when shorter)")
     parser.add_argument("--activation-checkpointing", action="store_true", default=None,
                         help="recompute activations (absent: off for one plan, both ways in a search)")
     parser.add_argument("--sequence-parallel", action="store_true", default=None,
