@@ -396,3 +396,27 @@ def test_every_help_renders_and_output_flags_say_they_replace(capsys):
             text = " ".join(capsys.readouterr().out.split())
             if command in ("generate", "eval", "overlap", "report", "preprocess", "merge", "demo-corpus"):
                 assert "replaced" in text, command
+
+
+# ---- OS errors on output paths name the user's path, not a temporary one ----------------------------------
+
+def test_output_under_a_file_says_so(tmp_path, capsys):
+    from megamath.data.indexed_dataset_writer import IndexedDatasetWriter
+    import numpy as np
+
+    with IndexedDatasetWriter(tmp_path / "d", np.uint16) as w:
+        w.add_item(np.arange(5))
+        w.end_document()
+    (tmp_path / "afile").write_text("keep")
+    assert main(["merge", "--input", str(tmp_path / "d"), "--output", str(tmp_path / "afile" / "m")]) == 2
+    assert one_error_line(capsys, "merge") == f"{tmp_path / 'afile'}: exists and is not a folder"
+    assert (tmp_path / "afile").read_text() == "keep"
+
+
+def test_a_folder_in_the_way_of_an_output_is_named(tiny, tmp_path, capsys):
+    (tmp_path / "in.jsonl").write_text('{"text": "one two three"}\n')
+    (tmp_path / "out" / "in_text_document.bin").mkdir(parents=True)
+    assert main(["preprocess", "--input", str(tmp_path / "in.jsonl"), "--tokenizer-model", str(tiny[1]),
+                 "--output-dir", str(tmp_path / "out"), "--workers", "1", "--no-progress"]) == 2
+    assert one_error_line(capsys, "preprocess") == f"{tmp_path / 'out' / 'in_text_document.bin'}: Is a directory"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["in_text_document.bin"]
