@@ -420,3 +420,21 @@ def test_a_folder_in_the_way_of_an_output_is_named(tiny, tmp_path, capsys):
                  "--output-dir", str(tmp_path / "out"), "--workers", "1", "--no-progress"]) == 2
     assert one_error_line(capsys, "preprocess") == f"{tmp_path / 'out' / 'in_text_document.bin'}: Is a directory"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["in_text_document.bin"]
+
+
+def test_a_folder_given_for_a_file_is_called_a_folder(tiny, tmp_path, capsys):
+    folder = tmp_path / "adir"
+    folder.mkdir()
+    out = tmp_path / "out.jsonl"
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "x"}\n')
+    for argv, command in (
+            (["train", "--config", str(folder)], "train"),
+            (["generate", "--model", str(tiny[0]), "--tokenizer-model", str(tiny[1]), "--prompts", str(folder),
+              "--output", str(out)], "generate"),
+            (["generate", "--model", str(tiny[0]), "--tokenizer-model", str(folder), "--prompts", str(prompts),
+              "--output", str(out)], "generate"),
+            (["overlap-accuracy", "--hits", str(folder), "--results", str(folder)], "overlap-accuracy")):
+        assert main(argv) == 2
+        line = one_error_line(capsys, command)
+        assert line.endswith(f"{folder} is a folder, not a file"), line

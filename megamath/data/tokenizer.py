@@ -36,6 +36,8 @@ _PROBES = ("a\nb", "x  \n  y\n\n z \n", "\n\nfoo\n", "caf\u00e9\n\u0301x\n\u00e9
 def load_sentencepiece(path: str | Path) -> sentencepiece.SentencePieceProcessor:
     """A loaded `tokenizer.model`; a missing file, or one SentencePiece cannot parse, is one error naming it."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"tokenizer model {path} is a folder, not a file")
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer model not found: {path}")
     processor = sentencepiece.SentencePieceProcessor()

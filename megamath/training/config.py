@@ -245,6 +245,8 @@ class TrainConfig:
 def read_yaml(path: Path, what: str):
     """The parsed contents of a YAML file; one-line errors for a missing file (`what not found: path`) and
     for invalid YAML."""
+    if path.is_dir():
+        raise IsADirectoryError(f"{what} {path} is a folder, not a file")
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
     try:
