@@ -438,3 +438,10 @@ def test_a_folder_given_for_a_file_is_called_a_folder(tiny, tmp_path, capsys):
         assert main(argv) == 2
         line = one_error_line(capsys, command)
         assert line.endswith(f"{folder} is a folder, not a file"), line
+
+
+def test_convert_into_a_path_under_a_file_names_the_file(tiny, tmp_path, capsys):
+    (tmp_path / "afile").write_text("keep")
+    assert main(["convert", "megamath-to-hf", str(tiny[0]), str(tmp_path / "afile" / "hf")]) == 2
+    assert one_error_line(capsys, "convert") == f"{tmp_path / 'afile'}: exists and is not a folder"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]

@@ -151,7 +151,8 @@ def write_dir_atomically(dst: str | Path, write: Callable[[Path], None]) -> Path
         raise FileExistsError(f"{dst} already exists and is not an empty directory")
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    dst.parent.mkdir(parents=True, exist_ok=True)  # a file in the way is named here, not as the temp folder
+    tmp.mkdir()
     try:
         write(tmp)
         if dst.exists():
