@@ -445,3 +445,18 @@ def test_convert_into_a_path_under_a_file_names_the_file(tiny, tmp_path, capsys)
     assert main(["convert", "megamath-to-hf", str(tiny[0]), str(tmp_path / "afile" / "hf")]) == 2
     assert one_error_line(capsys, "convert") == f"{tmp_path / 'afile'}: exists and is not a folder"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_overlap_with_an_absurd_n_finishes_or_is_refused(tmp_path, capsys):
+    """n is only compared with document lengths: a huge one must neither hang (an O(n) power loop per
+    document) nor overflow int64 with a traceback."""
+    (tmp_path / "test.jsonl").write_text('{"id": "a", "q": "one two three"}\n')
+    (tmp_path / "corpus.jsonl").write_text('{"text": "zero one two three four"}\n')
+    argv = [sys.executable, "-m", "megamath.cli", "overlap", "--test", str(tmp_path / "test.jsonl"), "--field", "q",
+            "--corpus", str(tmp_path / "corpus.jsonl"), "--output", str(tmp_path / "hits.jsonl"), "--workers", "1",
+            "--no-progress", "--n"]
+    proc = subprocess.run(argv + [str(2**62)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and (tmp_path / "hits.jsonl").read_text() == "", proc.stderr
+    proc = subprocess.run(argv + [str(2**70)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr == f"megamath overlap: error: --n must be at most {2**63 - 1}, " \
+        f"got {2**70}\n", proc.stderr

@@ -32,6 +32,8 @@ from megamath.overlap.scan import ScanResult, ScanSpec, scan_file
 from megamath.overlap.summary import OverlapSummary
 from megamath.output_path import prepare_output_file
 
+INT64_MAX = 2**63 - 1
+
 
 @dataclass
 class OverlapConfig:
@@ -64,6 +66,8 @@ class OverlapConfig:
             raise ValueError(f"--workers must be at least 1, got {self.workers}")
         if any(int(n) < 1 for n in self.ns):
             raise ValueError(f"--n must be at least 1, got {min(self.ns)}")
+        if any(int(n) > INT64_MAX for n in self.ns):  # the scan holds n in int64
+            raise ValueError(f"--n must be at most {INT64_MAX}, got {max(self.ns)}")
         if not self.json_key:
             raise ValueError("--json-key must not be empty")
 
