@@ -206,17 +206,22 @@ def test_overlap_output_naming_its_test_set_keeps_the_test_set(tmp_path, capsys)
     assert corpus.read_text() == '{"text": "zero one two three four five"}\n'
 
 
-@pytest.mark.parametrize("command, flag", [("generate", "--num-samples"), ("generate", "--batch-size"),
-                                           ("eval", "--batch-size")])
-def test_counts_below_one_fail_before_the_model_loads(tiny, tmp_path, capsys, monkeypatch, command, flag):
+@pytest.mark.parametrize("command, flag, value, message", [
+    ("generate", "--num-samples", "0", "--num-samples must be at least 1, got 0"),
+    ("generate", "--batch-size", "0", "--batch-size must be at least 1, got 0"),
+    ("eval", "--batch-size", "0", "--batch-size must be at least 1, got 0"),
+    ("generate", "--seed", "-1", "--seed must be >= 0, got -1"),
+    ("eval", "--seed", "-1", "--seed must be >= 0, got -1"),
+])
+def test_bad_counts_fail_before_the_model_loads(tiny, tmp_path, capsys, monkeypatch, command, flag, value, message):
     from megamath.generation import session
 
     data = tmp_path / "in.jsonl"
     data.write_text('{"id": "1", "prompt": "2 + 2 =", "answer": "4"}\n')
     monkeypatch.setattr(session, "open_model", lambda *a, **k: pytest.fail("the model was loaded"))
     build = _eval_args if command == "eval" else _generate_args
-    assert main(build(tiny, data, tmp_path / "o.jsonl") + [flag, "0"]) == 2
-    assert one_error_line(capsys, command) == f"{flag} must be at least 1, got 0"
+    assert main(build(tiny, data, tmp_path / "o.jsonl") + [flag, value]) == 2
+    assert one_error_line(capsys, command) == message
 
 
 # ---- report -------------------------------------------------------------------------------------------------
@@ -274,6 +279,7 @@ def test_report_comm_threshold_is_a_share(tmp_path, capsys, value):
     (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
     (["--max-body-bytes", "0"], "--max-body-bytes must be at least 1, got 0"),
     (["--request-timeout", "0"], "--request-timeout must be > 0 seconds, got 0.0"),
+    (["--seed", "-1"], "--seed must be >= 0, got -1"),
 ])
 def test_serve_flags_are_checked_before_the_model_loads(tiny, capsys, monkeypatch, flags, message):
     from megamath.generation import session

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from megamath.commands import leaves_process_group
-from megamath.commands.generate import add_generation_flags
+from megamath.commands.generate import add_generation_flags, check_generation_flags
 
 
 def add_parser(subparsers, name: str) -> None:
@@ -44,8 +44,7 @@ def run(args) -> int:
     from megamath.evaluation.tasks import get_task
     from megamath.output_path import prepare_output_file
 
-    if args.batch_size < 1:  # checked before the model loads, which takes minutes for a large one
-        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_generation_flags(args)
     prepare_output_file(args.output, inputs=[args.data])  # written at the end: fail now, not after the run
     task = get_task(args.task)
     problems = task.read(args.data)

@@ -34,6 +34,14 @@ def add_generation_flags(parser, max_new_tokens: int | None, temperature: float,
                         help=f"sequences decoded together (default {batch_size})")
 
 
+def check_generation_flags(args) -> None:
+    """The shared flags' checks that need no model, run before it loads (minutes for a large one)."""
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
+
+
 def add_parser(subparsers, name: str) -> None:
     parser = subparsers.add_parser(
         name, help="generate completions of jsonl prompts",
@@ -59,9 +67,9 @@ def run(args) -> int:
     from megamath.generation.session import open_model, read_prompts
     from megamath.output_path import prepare_output_file
 
-    for flag, value in (("--num-samples", args.num_samples), ("--batch-size", args.batch_size)):
-        if value < 1:  # checked before the model loads, which takes minutes for a large one
-            raise ValueError(f"{flag} must be at least 1, got {value}")
+    check_generation_flags(args)
+    if args.num_samples < 1:
+        raise ValueError(f"--num-samples must be at least 1, got {args.num_samples}")
     prepare_output_file(args.output, inputs=[args.prompts])  # written at the end: fail now, not after the run
     params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, tuple(args.stop))
     records = read_prompts(args.prompts)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from megamath.commands.generate import add_generation_flags
+from megamath.commands.generate import add_generation_flags, check_generation_flags
 
 
 def add_parser(subparsers, name: str) -> None:
@@ -45,9 +45,9 @@ def run(args) -> int:
         raise ValueError(f"temperatures must be >= 0, got {temperatures}")
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be 0..65535, got {args.port}")
-    for flag, value in (("--batch-size", args.batch_size), ("--max-body-bytes", args.max_body_bytes)):
-        if value < 1:
-            raise ValueError(f"{flag} must be at least 1, got {value}")
+    check_generation_flags(args)
+    if args.max_body_bytes < 1:
+        raise ValueError(f"--max-body-bytes must be at least 1, got {args.max_body_bytes}")
     if not args.request_timeout > 0:
         raise ValueError(f"--request-timeout must be > 0 seconds, got {args.request_timeout}")
     config = ServeConfig(args.host, args.port, args.num_samples, temperatures, args.max_new_tokens, args.top_p,
