@@ -59,6 +59,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"megamath {args.command}: interrupted", file=sys.stderr)
         return 130
+    except MemoryError as err:
+        # A count too large for this machine (numpy names the allocation): one line, status 1 as for a GPU OOM.
+        if args.debug:
+            raise
+        print(f"megamath {args.command}: error: out of memory: {err}", file=sys.stderr)
+        return 1
     except (ValueError, OSError) as err:
         # Bad input or an OS error on a user's path (missing, exists, read-only, a file where a folder goes,
         # locked, a corrupt checkpoint): one clear line, no traceback, unless --debug.

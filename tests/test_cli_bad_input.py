@@ -466,3 +466,16 @@ def test_overlap_with_an_absurd_n_finishes_or_is_refused(tmp_path, capsys):
     proc = subprocess.run(argv + [str(2**70)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr == f"megamath overlap: error: --n must be at most {2**63 - 1}, " \
         f"got {2**70}\n", proc.stderr
+
+
+def test_running_out_of_host_memory_is_one_line(capsys, monkeypatch):
+    """`blend --num-samples 10000000000` asks numpy for 19 GiB at once: say so, without a traceback."""
+    import megamath.commands.plan as plan
+
+    def allocate(args):
+        raise MemoryError("Unable to allocate 18.6 GiB for an array with shape (10000000000,) and data type int16")
+
+    monkeypatch.setattr(plan, "run", allocate)
+    assert main(["plan", "--model", "llemma-7b", "--gpu", "h200", "--gpus", "8"]) == 1
+    assert capsys.readouterr().err == ("megamath plan: error: out of memory: Unable to allocate 18.6 GiB for an array "
+                                       "with shape (10000000000,) and data type int16\n")
