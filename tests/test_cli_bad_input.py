@@ -479,3 +479,17 @@ def test_running_out_of_host_memory_is_one_line(capsys, monkeypatch):
     assert main(["plan", "--model", "llemma-7b", "--gpu", "h200", "--gpus", "8"]) == 1
     assert capsys.readouterr().err == ("megamath plan: error: out of memory: Unable to allocate 18.6 GiB for an array "
                                        "with shape (10000000000,) and data type int16\n")
+
+
+def test_merge_into_an_empty_prefix_is_refused(tmp_path, capsys, monkeypatch):
+    from megamath.data.indexed_dataset_writer import IndexedDatasetWriter
+    import numpy as np
+
+    with IndexedDatasetWriter(tmp_path / "d", np.uint16) as w:
+        w.add_item(np.arange(5))
+        w.end_document()
+    monkeypatch.chdir(tmp_path)
+    for output in ("", ".bin"):  # both wrote hidden files .bin/.idx in the current folder
+        assert main(["merge", "--input", "d", "--output", output]) == 2
+        assert one_error_line(capsys, "merge") == f"--output {output!r} names no dataset: give a prefix such as out/merged"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.bin", "d.idx"]
