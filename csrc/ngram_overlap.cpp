@@ -125,9 +125,10 @@ inline uint64_t ngram_key(uint64_t rolling, int64_t n) {
   return key ? key : 1;  // 0 marks an empty table slot
 }
 
-inline uint64_t power(uint64_t base, int64_t exponent) {
+inline uint64_t power(uint64_t base, int64_t exponent) {  // by squaring: --n may be huge, it costs log n
   uint64_t result = 1;
-  for (int64_t i = 0; i < exponent; ++i) result *= base;
+  for (; exponent > 0; exponent >>= 1, base *= base)
+    if (exponent & 1) result *= base;
   return result;
 }
 

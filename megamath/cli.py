@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # subcommand name -> module under megamath.commands
@@ -44,7 +45,26 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.run(args) or 0)
+        status = int(args.run(args) or 0)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
+        return status
+    except BrokenPipeError:
+        # stdout's reader left (`megamath plan ... | head`): stop quietly, as a Unix filter does, with
+        # stdout pointed at /dev/null so that the interpreter's own flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except KeyboardInterrupt:
+        # Ctrl-C: one line and the shell's status for SIGINT (128 + 2), not a traceback from wherever it landed.
+        if args.debug:
+            raise
+        print(f"megamath {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError as err:
+        # A count too large for this machine (numpy names the allocation): one line, status 1 as for a GPU OOM.
+        if args.debug:
+            raise
+        print(f"megamath {args.command}: error: out of memory: {err}", file=sys.stderr)
+        return 1
     except (ValueError, OSError) as err:
         # Bad input or an OS error on a user's path (missing, exists, read-only, a file where a folder goes,
         # locked, a corrupt checkpoint): one clear line, no traceback, unless --debug.
@@ -57,7 +77,10 @@ def main(argv: list[str] | None = None) -> int:
 def _one_line(err: BaseException) -> str:
     """The message of an error, with the path an OSError carries when its message lacks it."""
     if isinstance(err, OSError) and err.strerror and err.filename is not None:  # raised by the OS, not by us
-        return f"{err.filename}: {err.strerror}"
+        if isinstance(err, FileExistsError) and os.path.lexists(err.filename) and not os.path.isdir(err.filename):
+            return f"{err.filename}: exists and is not a folder"  # mkdir met a file where a folder goes
+        # a failed rename (os.replace(temp, target)) names the temporary file first: the user's path is the target
+        return f"{err.filename2 if err.filename2 is not None else err.filename}: {err.strerror}"
     return str(err)
 
 

@@ -14,10 +14,16 @@ def read_jsonl_objects(path: str | Path, what: str = "file") -> Iterator[tuple[i
     """(line number, object) for every non-blank line of `path`; a missing file, a line that is not JSON
     or not a JSON object is a one-line error naming `what`, the path and the line."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{what} {path} is a folder, not a file")
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} not found")
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is an error naming it, like bad JSON
+        for line_no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path}:{line_no}: not UTF-8 text ({err.reason} at byte {err.start})") from None
             if not line.strip():
                 continue
             try:

@@ -43,11 +43,17 @@ def main() -> int:
     parser.add_argument("--keep-sequential-samples", action="store_true")
     parser.add_argument("--work-dir", type=Path, default=None, help="kept when given (default: a temporary one)")
     args = parser.parse_args()
+    megatron_script = args.megatron_lm / "tools" / "preprocess_data.py"
+    for path, what in ((megatron_script, "--megatron-lm: no tools/preprocess_data.py in that checkout"),
+                       (args.input, "--input: no such file"),
+                       (args.tokenizer_model, "--tokenizer-model: no such file")):
+        if not path.is_file():  # before the work folder exists, which a failed run would leave behind
+            parser.error(f"{what}: {path}")
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="megatron-compare-"))
     failures = 0
     for kind in args.tokenizer_type:
         outputs = {}
-        for side, python, script in (("megatron", args.megatron_python, args.megatron_lm / "tools" / "preprocess_data.py"),
+        for side, python, script in (("megatron", args.megatron_python, megatron_script),
                                      ("megamath", sys.executable, REPO / "tools" / "preprocess_data.py")):
             folder = work / side / kind
             folder.mkdir(parents=True, exist_ok=True)

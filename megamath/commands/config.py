@@ -40,6 +40,11 @@ def add_parser(subparsers, name: str) -> None:
 
 
 def run(args) -> int:
+    from megamath.atomic_io import write_text_atomically
+
+    for flag, value in (("--world-size", getattr(args, "world_size", None)), ("--vocab-size", args.vocab_size)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
     if args.output is not None and args.output.exists() and not args.force:
         raise FileExistsError(f"{args.output} exists; pass --force to overwrite it")
     if args.action == "from-neox":
@@ -57,7 +62,7 @@ def run(args) -> int:
         print(conversion.report(), file=sys.stderr)
     else:
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(text)
+        write_text_atomically(args.output, text)
         print(conversion.report())
         print(f"wrote {args.output}; run it with: megamath train --config {args.output}")
     return 0

@@ -11,7 +11,9 @@ def add_parser(subparsers, name: str) -> None:
         description="Writes OUTPUT/corpus/{algebraic-stack,arxiv,open-web-math}/{train,validation,test}/"
         "*.jsonl.zst, OUTPUT/tokenizer.model and OUTPUT/eval/demo-arith.jsonl (held-out arithmetic problems "
         "from the same templates, for `megamath eval --task demo-arith`). No downloads: everything is generated "
-        "from the seed.",
+        "from the seed. Files already there are replaced (each written whole, then renamed into place): the same "
+        "flags write the same files, other flags a new tokenizer that datasets preprocessed with the old one do "
+        "not match.",
     )
     parser.add_argument("--output", required=True, type=Path, help="folder to write into")
     parser.add_argument("--documents", type=int, default=1000, help="training documents per subset")

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from megamath.commands import leaves_process_group
-from megamath.commands.generate import add_generation_flags
+from megamath.commands.generate import add_generation_flags, check_generation_flags
 
 
 def add_parser(subparsers, name: str) -> None:
@@ -29,7 +29,8 @@ def add_parser(subparsers, name: str) -> None:
     parser.add_argument("--shots", type=int, default=None, metavar="N", help="exemplars (default: the task's)")
     parser.add_argument("--maj", type=int, default=1, metavar="K", help="samples per problem for maj@K (default 1)")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate the first N problems")
-    parser.add_argument("--output", required=True, type=Path, metavar="RESULTS.jsonl", help="per-problem results")
+    parser.add_argument("--output", required=True, type=Path, metavar="RESULTS.jsonl",
+                        help="per-problem results (replaced when it exists; checked before the model loads)")
     parser.set_defaults(run=run)
 
 
@@ -41,7 +42,10 @@ def run(args) -> int:
     from megamath.generation.session import open_model
     from megamath.evaluation.runner import EvalSettings, Stopwatch, breakdown, evaluate, summarize
     from megamath.evaluation.tasks import get_task
+    from megamath.output_path import prepare_output_file
 
+    check_generation_flags(args)
+    prepare_output_file(args.output, inputs=[args.data])  # written at the end: fail now, not after the run
     task = get_task(args.task)
     problems = task.read(args.data)
     if args.limit is not None:

@@ -34,6 +34,14 @@ def add_generation_flags(parser, max_new_tokens: int | None, temperature: float,
                         help=f"sequences decoded together (default {batch_size})")
 
 
+def check_generation_flags(args) -> None:
+    """The shared flags' checks that need no model, run before it loads (minutes for a large one)."""
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
+
+
 def add_parser(subparsers, name: str) -> None:
     parser = subparsers.add_parser(
         name, help="generate completions of jsonl prompts",
@@ -42,7 +50,8 @@ def add_parser(subparsers, name: str) -> None:
         "parallelism (every process is one TP rank).")
     add_generation_flags(parser, max_new_tokens=256, temperature=0.0, batch_size=16)
     parser.add_argument("--prompts", required=True, type=Path, metavar="FILE.jsonl", help="input prompts")
-    parser.add_argument("--output", required=True, type=Path, metavar="OUT.jsonl", help="output file")
+    parser.add_argument("--output", required=True, type=Path, metavar="OUT.jsonl",
+                        help="output file (replaced when it exists; checked before the model loads)")
     parser.add_argument("--num-samples", type=int, default=1, metavar="K", help="completions per prompt (default 1)")
     parser.add_argument("--stop", nargs="+", default=[], metavar="STR", help="strings that end a completion")
     parser.set_defaults(run=run)
@@ -56,11 +65,14 @@ def run(args) -> int:
     from megamath.generation.batching import complete
     from megamath.generation.generate import SamplingParams
     from megamath.generation.session import open_model, read_prompts
+    from megamath.output_path import prepare_output_file
 
+    check_generation_flags(args)
+    if args.num_samples < 1:
+        raise ValueError(f"--num-samples must be at least 1, got {args.num_samples}")
+    prepare_output_file(args.output, inputs=[args.prompts])  # written at the end: fail now, not after the run
     params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, tuple(args.stop))
     records = read_prompts(args.prompts)
-    if args.output.exists() and args.output.is_dir():
-        raise FileExistsError(f"--output {args.output} is a directory")
     model, codec, state = open_model(args.model, args.tokenizer_model, args.max_new_tokens)
     bar = tqdm(total=len(records), unit="prompt", disable=state.rank != 0, file=sys.stderr)
     results = complete(model, codec, [r["prompt"] for r in records], params, args.num_samples, args.seed,

@@ -33,11 +33,9 @@ def run(args) -> int:
         raise ValueError(f"--show must be at least 0, got {args.show}")
     processor = None
     if args.tokenizer_model is not None:
-        if not args.tokenizer_model.is_file():
-            raise FileNotFoundError(f"tokenizer model not found: {args.tokenizer_model}")
-        import sentencepiece
+        from megamath.data.tokenizer import load_sentencepiece
 
-        processor = sentencepiece.SentencePieceProcessor(model_file=str(args.tokenizer_model))
+        processor = load_sentencepiece(args.tokenizer_model)
     dataset = IndexedDataset(strip_extension(args.prefix))
     if processor is not None and dataset.dtype.kind not in "iu":
         raise ValueError(f"{dataset.prefix} holds {dataset.dtype} values, not token ids: it cannot be decoded "

@@ -5,6 +5,8 @@ document into one writer.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 
 def add_parser(subparsers, name: str) -> None:
     parser = subparsers.add_parser(
@@ -21,7 +23,10 @@ def add_parser(subparsers, name: str) -> None:
 def run(args) -> int:
     from megamath.data.dataset_tools import merge_datasets, strip_extension
 
-    merged = merge_datasets([strip_extension(p) for p in args.input], strip_extension(args.output))
+    output = strip_extension(args.output)
+    if not Path(output).name:
+        raise ValueError(f"--output {args.output!r} names no dataset: give a prefix such as out/merged")
+    merged = merge_datasets([strip_extension(p) for p in args.input], output)
     print(f"merged {len(args.input)} datasets into {merged.prefix}: {len(merged)} sequences, "
           f"{merged.num_documents} documents, {merged.num_tokens} tokens ({merged.dtype})")
     return 0

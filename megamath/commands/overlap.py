@@ -34,7 +34,8 @@ def add_parser(subparsers, name: str) -> None:
                         ".jsonl, .jsonl.zst, .jsonl.gz")
     parser.add_argument("--n", type=int, action="append", dest="ns", metavar="N",
                         help="n-gram length in words (repeat for several; default: 30)")
-    parser.add_argument("--output", required=True, metavar="HITS.jsonl", help="where the hits are written")
+    parser.add_argument("--output", required=True, metavar="HITS.jsonl",
+                        help="where the hits are written (replaced when it exists, as is HITS.summary.json)")
     parser.add_argument("--workers", type=int, default=None,
                         help="worker processes; 1 runs in-process (default: the number of CPUs)")
     parser.add_argument("--json-key", default="text", help="corpus record field holding the text (default: text)")

@@ -30,7 +30,9 @@ def add_parser(subparsers, name: str) -> None:
                         help="sequences per micro-batch (searched if absent)")
     parser.add_argument("--grad-accum", type=int, default=None, metavar="G",
                         help="micro-batches per step (default: the config's, else a global batch near 4M tokens)")
-    parser.add_argument("--seq-length", type=int, default=None, metavar="S", help="tokens per sequence (default 4096)")
+    parser.add_argument("--seq-length", type=int, default=None, metavar="S",
+                        help="tokens per sequence (default: the config's, else 4096 or the model's max_seq_length "
+                        "when shorter)")
     parser.add_argument("--activation-checkpointing", action="store_true", default=None,
                         help="recompute activations (absent: off for one plan, both ways in a search)")
     parser.add_argument("--sequence-parallel", action="store_true", default=None,
@@ -39,7 +41,8 @@ def add_parser(subparsers, name: str) -> None:
     parser.add_argument("--grad-dtype", choices=("fp32", "bf16"), default=None,
                         help="ZeRO-1 gradient buffer dtype (default: the config's, else fp32)")
     parser.add_argument("--efficiency", type=float, default=None, metavar="F",
-                        help="fraction of the bf16 peak the compute reaches (default: the GPU's stated value)")
+                        help="fraction of the bf16 peak the compute reaches (default: megamath's MFU measured "
+                        "on this GPU by perf/bench_train.py in perf/results/, else the GPU's stated value)")
     parser.add_argument("--internode-gbs", type=float, default=None, metavar="GB/s",
                         help="inter-node bandwidth per GPU (default: the GPU's stated value)")
     parser.add_argument("--top", type=int, default=10, metavar="K", help="configurations listed by a search")
@@ -83,6 +86,8 @@ def run(args) -> int:
     from megamath.planning.plan import plan
     from megamath.planning.report import assumptions, format_plan, format_ranking
 
+    if args.top < 1:
+        raise ValueError(f"--top must be >= 1, got {args.top}")
     req = request_from_args(args)
     plans = plan(req)
     if args.json:

@@ -14,7 +14,8 @@ output naming:
 
 bad lines (invalid JSON or UTF-8, not an object, missing key, text not a string, empty text) are
 skipped, counted by reason and the first few printed as file:line; --strict stops at the first one.
-A dataset is published only when complete: a failed or interrupted run leaves no partial output."""
+A dataset is published only when complete: a failed or interrupted run leaves no partial output.
+An existing dataset of the same name in DIR is replaced."""
 
 
 def add_parser(subparsers, name: str) -> None:

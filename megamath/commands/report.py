@@ -15,7 +15,8 @@ def add_parser(subparsers, name: str) -> None:
         "self-contained HTML file: summary table, notes on what stands out, configuration differences, plots.")
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (a config's run_dir)")
     parser.add_argument("--output", default=None, metavar="FILE",
-                        help="the HTML file to write (default: report.html in the first RUN_DIR)")
+                        help="the HTML file to write, replaced when it exists (default: report.html in the first "
+                        "RUN_DIR)")
     parser.add_argument("--skip-steps", type=int, default=None, metavar="N",
                         help="warm-up steps left out of the steady-state figures (default: 5%% of the steps, at "
                         "least 1)")
@@ -40,6 +41,8 @@ def run(args) -> int:
     if not tokens > 0:
         raise ValueError(f"--tokens must be > 0, got {args.tokens}")
     threshold = COMM_THRESHOLD if args.comm_threshold is None else args.comm_threshold
+    if not 0 <= threshold <= 1:
+        raise ValueError(f"--comm-threshold must be a share between 0 and 1, got {threshold}")
     runs = load_runs(args.runs)
     skips = [default_skip_steps(len(r.records)) if args.skip_steps is None else args.skip_steps for r in runs]
     if args.format == "md":

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from megamath.commands.generate import add_generation_flags
+from megamath.commands.generate import add_generation_flags, check_generation_flags
 
 
 def add_parser(subparsers, name: str) -> None:
@@ -43,6 +43,13 @@ def run(args) -> int:
         raise ValueError(f"--num-samples must be positive, got {args.num_samples}")
     if any(t < 0 for t in temperatures):
         raise ValueError(f"temperatures must be >= 0, got {temperatures}")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be 0..65535, got {args.port}")
+    check_generation_flags(args)
+    if args.max_body_bytes < 1:
+        raise ValueError(f"--max-body-bytes must be at least 1, got {args.max_body_bytes}")
+    if not args.request_timeout > 0:
+        raise ValueError(f"--request-timeout must be > 0 seconds, got {args.request_timeout}")
     config = ServeConfig(args.host, args.port, args.num_samples, temperatures, args.max_new_tokens, args.top_p,
                          args.max_body_bytes, args.request_timeout, args.seed, args.batch_size)
     model, codec, _ = open_model(args.model, args.tokenizer_model, args.max_new_tokens)

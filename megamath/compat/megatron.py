@@ -75,8 +75,17 @@ def read_command_line(args: Sequence[str]) -> tuple[list[str], str]:
         path = Path(args[0])
         if not path.is_file():
             raise FileNotFoundError(f"Megatron-LM command line file not found: {path}")
-        text = path.read_text().replace("\\\n", " ")
-        words = [w for line in text.splitlines() for w in shlex.split(line, comments=True)]
+        try:
+            text = path.read_text(encoding="utf-8").replace("\\\n", " ")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}): is it the file "
+                             "holding the command line?") from None
+        words = []
+        for line in text.splitlines():
+            try:
+                words += shlex.split(line, comments=True)
+            except ValueError as err:  # shlex's "No closing quotation" names neither file nor line
+                raise ValueError(f"{path}: {err} in {line.strip()[:120]!r}") from None
         return words, str(path)
     if not args:
         raise ValueError("give Megatron-LM's flags after `--`, or a file holding its command line")
@@ -272,9 +281,9 @@ def _vocab_size(flags: Flags, given: int | None, tp: int, out: Conversion) -> in
         if not Path(model).is_file():
             raise ValueError(f"--tokenizer-model {model} not found: the vocabulary size comes from it; run where "
                              "the path resolves or pass --vocab-size N")
-        import sentencepiece
+        from megamath.data.tokenizer import load_sentencepiece
 
-        given = sentencepiece.SentencePieceProcessor(model_file=model).get_piece_size()
+        given = load_sentencepiece(model).get_piece_size()
     multiple = flags.one("make_vocab_size_divisible_by", int, 128) * tp
     padded = multiple * math.ceil(given / multiple)
     sizing = f"{given} tokens, padded to {padded} as Megatron pads (make_vocab_size_divisible_by × TP)"

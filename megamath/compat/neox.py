@@ -221,9 +221,9 @@ def _vocab_size(keys: Keys, given: int | None, out: Conversion) -> int:
         if not path.is_file():
             raise ValueError(f"vocab_file {vocab_file} not found: the vocabulary size comes from it; run where "
                              "the path resolves or pass --vocab-size N")
-        import sentencepiece
+        from megamath.data.tokenizer import load_sentencepiece
 
-        given = sentencepiece.SentencePieceProcessor(model_file=str(path)).get_piece_size()
+        given = load_sentencepiece(path).get_piece_size()
     multiple = int(keys.take("make_vocab_size_divisible_by", 128)) * int(keys.raw.get("model_parallel_size", 1))
     padded = multiple * math.ceil(given / multiple)
     out.unmapped.append(Unmapped("tokenizer_type", NOT_NEEDED,

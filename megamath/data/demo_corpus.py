@@ -17,6 +17,7 @@ from pathlib import Path
 
 import zstandard
 
+from megamath.atomic_io import replace_atomically
 from megamath.data.demo_documents import GENERATORS
 
 SUBSETS = ("algebraic-stack", "arxiv", "open-web-math")
@@ -58,7 +59,8 @@ def write_demo_corpus(root: str | Path, config: DemoCorpusConfig = DemoCorpusCon
             folder.mkdir(parents=True, exist_ok=True)
             for name, records in _records(subset, split, count, rng).items():
                 lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-                (folder / f"{name}-0000.jsonl.zst").write_bytes(compressor.compress(lines.encode("utf-8")))
+                data = compressor.compress(lines.encode("utf-8"))
+                replace_atomically(folder / f"{name}-0000.jsonl.zst", lambda f: f.write(data))
             counts[(subset, split)] = count
     return counts
 
@@ -97,5 +99,5 @@ def train_demo_tokenizer(corpus_root: str | Path, model_path: str | Path, vocab_
     )
     model_path = Path(model_path)
     model_path.parent.mkdir(parents=True, exist_ok=True)
-    model_path.write_bytes(model.getvalue())
+    replace_atomically(model_path, lambda f: f.write(model.getvalue()))
     return model_path

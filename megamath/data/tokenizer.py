@@ -33,6 +33,21 @@ _PROBES = ("a\nb", "x  \n  y\n\n z \n", "\n\nfoo\n", "caf\u00e9\n\u0301x\n\u00e9
            "  lead\n\ntrail  ", "\u4e2d\u6587\n\U0001d400\n\u2028 z")
 
 
+def load_sentencepiece(path: str | Path) -> sentencepiece.SentencePieceProcessor:
+    """A loaded `tokenizer.model`; a missing file, or one SentencePiece cannot parse, is one error naming it."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"tokenizer model {path} is a folder, not a file")
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer model not found: {path}")
+    processor = sentencepiece.SentencePieceProcessor()
+    try:
+        processor.Load(model_file=str(path))
+    except (OSError, RuntimeError) as err:
+        raise ValueError(f"{path}: not a SentencePiece model ({err})") from err
+    return processor
+
+
 class SentencePieceTokenizer:
     """A loaded `tokenizer.model` with the ids preprocessing needs and a fast batch encoder."""
 
@@ -40,13 +55,7 @@ class SentencePieceTokenizer:
                  segment_chars: int = SEGMENT_CHARS) -> None:
         """`newline_cuts`: None decides from the model; workers get the main process's decision."""
         self.model_path = Path(model_path)
-        if not self.model_path.is_file():
-            raise FileNotFoundError(f"tokenizer model not found: {self.model_path}")
-        self.sp = sentencepiece.SentencePieceProcessor()
-        try:
-            self.sp.Load(model_file=str(self.model_path))
-        except (OSError, RuntimeError) as err:
-            raise ValueError(f"{self.model_path}: not a SentencePiece model ({err})") from err
+        self.sp = load_sentencepiece(self.model_path)
         self.vocab_size = self.sp.get_piece_size()
         self.eos_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else None
         self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None

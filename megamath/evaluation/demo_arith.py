@@ -23,6 +23,7 @@ import re
 from pathlib import Path
 
 # The corpus's template functions (private there: the corpus is their only other user).
+from megamath.atomic_io import write_text_atomically
 from megamath.data.demo_documents import arxiv_paper, lean_source, web_page
 
 KINDS = {  # kind -> (template, regex: group 1 is the prompt, group 2 the answer)
@@ -59,7 +60,7 @@ def make_problems(count: int, seed: int = 0) -> list[dict]:
 def write_problems(path: str | Path, count: int = 140, seed: int = 0) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in make_problems(count, seed)))
+    write_text_atomically(path, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in make_problems(count, seed)))
     return path
 
 

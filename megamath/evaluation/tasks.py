@@ -90,8 +90,8 @@ def read_math(path: Path) -> list[Problem]:
         for file in files:
             try:
                 record = json.loads(file.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{file}: invalid JSON ({err.msg})") from None
+            except ValueError as err:  # JSONDecodeError, or UnicodeDecodeError: a file that is not UTF-8 text
+                raise ValueError(f"{file}: invalid JSON ({getattr(err, 'msg', None) or err})") from None
             problems.append(_math_problem(record, str(file.relative_to(path).with_suffix("")), str(file)))
         return problems
     return [_math_problem(r, str(i), f"{path}:{n}") for i, (n, r) in enumerate(_jsonl(path))]

@@ -9,7 +9,6 @@ empty: no time goes into a random initialization the weights overwrite.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
@@ -18,7 +17,7 @@ from megamath.model.config import ModelConfig
 from megamath.model.hf_llama import hf_config_to_model_config
 from megamath.model.llama import Llama
 from megamath.model.pretrained import load_pretrained
-from megamath.model.safetensors_io import CONFIG_NAME
+from megamath.model.safetensors_io import CONFIG_NAME, read_json
 from megamath.model.tp_state_dict import tp_slice
 from megamath.parallel.state import ParallelState
 from megamath.training.checkpoint import CHECKPOINTS, LATEST, METADATA
@@ -32,7 +31,7 @@ def checkpoint_kind(path: str | Path) -> str:
     if (path / METADATA).is_file():
         return "train-step"
     if (path / CONFIG_NAME).is_file():
-        return "hf" if "model_type" in json.loads((path / CONFIG_NAME).read_text()) else "megamath"
+        return "hf" if "model_type" in read_json(path / CONFIG_NAME) else "megamath"
     raise FileNotFoundError(f"{path}: not a training run (checkpoints/latest), a checkpoint step folder "
                             f"(metadata.json) or a model folder ({CONFIG_NAME})")
 
@@ -55,9 +54,9 @@ def load_model(path: str | Path, parallel: ParallelState | None = None, device: 
         source = TrainCheckpoint(resolve_checkpoint(path))
         config = source.config
     elif kind == "hf":
-        config = hf_config_to_model_config(json.loads((Path(path) / CONFIG_NAME).read_text()))
+        config = hf_config_to_model_config(read_json(Path(path) / CONFIG_NAME))
     else:
-        config = ModelConfig.from_dict(json.loads((Path(path) / CONFIG_NAME).read_text()))
+        config = ModelConfig.from_dict(read_json(Path(path) / CONFIG_NAME))
     config = dataclasses.replace(config, kernels=kernels, activation_checkpointing=False)
     with torch.device("meta"):
         model = Llama(config, parallel)

@@ -134,7 +134,10 @@ def make_handler(model, codec: PromptCodec, config: ServeConfig):
 
 def serve(model, codec: PromptCodec, config: ServeConfig, ready=None) -> None:
     """Serve until SIGTERM or SIGINT; `ready(host, port)` is called once listening."""
-    server = HTTPServer((config.host, config.port), make_handler(model, codec, config))
+    try:
+        server = HTTPServer((config.host, config.port), make_handler(model, codec, config))
+    except OSError as err:  # port in use, unknown host: the OS's message names neither
+        raise OSError(f"cannot listen on {config.host}:{config.port}: {err.strerror or err}") from None
     stop = threading.Event()
 
     def on_signal(signum, frame):

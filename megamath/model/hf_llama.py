@@ -49,16 +49,17 @@ def hf_config_to_model_config(hf: dict) -> ModelConfig:
     if rope_type != "default":
         raise ValueError(f"Hugging Face config: RoPE scaling {rope_type!r} is not supported (only plain RoPE)")
     heads = hf["num_attention_heads"]
-    if hf.get("head_dim") not in (None, hf["hidden_size"] // heads):
-        raise ValueError(f"Hugging Face config: head_dim {hf['head_dim']} must equal hidden_size / "
-                         f"num_attention_heads = {hf['hidden_size'] // heads}")
-    return ModelConfig(
+    config = ModelConfig(  # validates the values' types first: the head_dim check divides them
         vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
         num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
         ffn_hidden_size=hf["intermediate_size"], max_seq_length=hf.get("max_position_embeddings", 2048),
         rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
         norm_eps=hf.get("rms_norm_eps", 1e-6), init_std=hf.get("initializer_range", 0.02),
     )
+    if hf.get("head_dim") not in (None, config.head_dim):
+        raise ValueError(f"Hugging Face config: head_dim {hf['head_dim']} must equal hidden_size / "
+                         f"num_attention_heads = {config.head_dim}")
+    return config
 
 
 def model_config_to_hf_config(config: ModelConfig, dtype: torch.dtype) -> dict:

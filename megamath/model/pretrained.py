@@ -5,13 +5,12 @@ Which slice a rank takes is the partition table's rule (megamath.model.partition
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from megamath.model.hf_llama import IGNORED_HF_TENSORS, check_tensors, to_hf_name
-from megamath.model.safetensors_io import CONFIG_NAME, SafetensorsReader
+from megamath.model.safetensors_io import CONFIG_NAME, SafetensorsReader, read_json
 from megamath.model.tp_state_dict import tp_slice
 from megamath.parallel.state import ParallelState
 
@@ -26,7 +25,7 @@ def load_pretrained(model: torch.nn.Module, directory: str | Path, state: Parall
     directory = Path(directory)
     if not (directory / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"init_from_hf: {directory / CONFIG_NAME} not found")
-    is_hf = "model_type" in json.loads((directory / CONFIG_NAME).read_text())
+    is_hf = "model_type" in read_json(directory / CONFIG_NAME)
     file_name = to_hf_name if is_hf else (lambda n: n)
     reader = SafetensorsReader(directory)
     ours = {(n.removeprefix("model.") if is_hf and n != "lm_head.weight" else n): n for n in reader.names()

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 from huggingface_hub import split_state_dict_into_shards_factory
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 CONFIG_NAME = "config.json"
@@ -29,10 +29,17 @@ _TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloa
 
 
 def read_json(path: Path) -> dict:
+    """A JSON object from `path`; a missing, unparsable or non-object file is one error naming it."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError: neither names the file
+        raise ValueError(f"{path} is not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
 
 
 class SafetensorsReader:
@@ -64,7 +71,10 @@ class SafetensorsReader:
         for file in files:
             if not (self.directory / file).is_file():
                 raise FileNotFoundError(f"{self.directory / file} (listed in {INDEX_NAME}) not found")
-            handle = self._handles[file] = safe_open(str(self.directory / file), framework="pt")
+            try:
+                handle = self._handles[file] = safe_open(str(self.directory / file), framework="pt")
+            except SafetensorError as err:  # a truncated or foreign file: its header does not parse
+                raise ValueError(f"{self.directory / file}: not a readable safetensors file ({err})") from None
             for name in handle.keys():
                 self.file_of[name] = file
         if weight_map is not None:
@@ -141,7 +151,8 @@ def write_dir_atomically(dst: str | Path, write: Callable[[Path], None]) -> Path
         raise FileExistsError(f"{dst} already exists and is not an empty directory")
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    dst.parent.mkdir(parents=True, exist_ok=True)  # a file in the way is named here, not as the temp folder
+    tmp.mkdir()
     try:
         write(tmp)
         if dst.exists():

@@ -30,6 +30,9 @@ from megamath.overlap.ngrams import TestIndex, load_test_items
 from megamath.overlap.pool import map_files
 from megamath.overlap.scan import ScanResult, ScanSpec, scan_file
 from megamath.overlap.summary import OverlapSummary
+from megamath.output_path import prepare_output_file
+
+INT64_MAX = 2**63 - 1
 
 
 @dataclass
@@ -63,6 +66,8 @@ class OverlapConfig:
             raise ValueError(f"--workers must be at least 1, got {self.workers}")
         if any(int(n) < 1 for n in self.ns):
             raise ValueError(f"--n must be at least 1, got {min(self.ns)}")
+        if any(int(n) > INT64_MAX for n in self.ns):  # the scan holds n in int64
+            raise ValueError(f"--n must be at most {INT64_MAX}, got {max(self.ns)}")
         if not self.json_key:
             raise ValueError("--json-key must not be empty")
 
@@ -105,7 +110,7 @@ def overlap(config: OverlapConfig, log=None) -> OverlapSummary:
     output = Path(config.output)
     if output.is_dir():
         raise ValueError(f"--output {output} is a folder; name the HITS.jsonl file")
-    output.parent.mkdir(parents=True, exist_ok=True)
+    prepare_output_file(output, inputs=[config.test, *(path for group in groups for path in group.files)])
     summary = OverlapSummary.start(config, index, groups)
     spec = ScanSpec(config.json_key, np.asarray(index.ns, dtype=np.int64), index.table, config.batch_bytes)
     files = [(path, g) for g, group in enumerate(groups) for path in group.files]

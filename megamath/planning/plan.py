@@ -78,6 +78,8 @@ class PlanRequest:
             raise ValueError(f"--efficiency must be in (0, 1], got {self.efficiency}")
         if self.tokens is not None and not self.tokens > 0:
             raise ValueError(f"--tokens must be positive, got {self.tokens}")
+        if self.internode_gbs is not None and not self.internode_gbs > 0:  # 0 fell back to the GPU's default
+            raise ValueError(f"--internode-gbs must be positive, got {self.internode_gbs}")
         resolved = compute_efficiency(self.gpu, self.efficiency, self.results_dir or measured.RESULTS_DIR)
         self.efficiency, self.efficiency_source = resolved.value, resolved.source
 

@@ -9,9 +9,11 @@ import datetime
 import html
 from pathlib import Path
 
+from megamath.atomic_io import write_text_atomically
+from megamath.output_path import prepare_output_file
 from megamath.report.figures import all_figures
 from megamath.report.notes import COMM_THRESHOLD, run_notes
-from megamath.report.runs import Run
+from megamath.report.runs import CONFIG, METRICS, RUN_INFO, Run
 from megamath.report.summary import LLEMMA_TOKENS, config_differences, summarize, table_rows
 from megamath.training.phases import PHASES
 
@@ -70,9 +72,7 @@ def build_report(runs: list[Run], skip_steps: list[int], token_budget: float = L
 
 def write_report(runs: list[Run], output: Path, skip_steps: list[int], token_budget: float = LLEMMA_TOKENS,
                  comm_threshold: float = COMM_THRESHOLD) -> Path:
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + ".tmp")
-    tmp.write_text(build_report(runs, skip_steps, token_budget, comm_threshold), encoding="utf-8")
-    tmp.replace(output)
+    read = [run.path / name for run in runs for name in (METRICS, CONFIG, RUN_INFO)]
+    output = prepare_output_file(output, inputs=read)
+    write_text_atomically(output, build_report(runs, skip_steps, token_budget, comm_threshold))
     return output

@@ -5,7 +5,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
+from megamath.model.safetensors_io import read_json
+from megamath.training.config import read_yaml
 
 METRICS = "metrics.jsonl"
 CONFIG = "config.yaml"
@@ -39,15 +40,21 @@ def load_run(path: str | Path) -> Run:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except ValueError:
             if number < len(lines):  # only the last line may be torn (a run killed while writing it)
                 raise ValueError(f"{metrics}:{number} is not valid JSON") from None
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get("step"), (int, float)):
+            raise ValueError(f"{metrics}:{number}: not a metrics record (an object with a step)")
+        records.append(record)
     if not records:
         raise ValueError(f"{metrics} holds no step yet")
     records.sort(key=lambda r: r["step"])
-    config = yaml.safe_load((path / CONFIG).read_text()) if (path / CONFIG).is_file() else {}
-    info = json.loads((path / RUN_INFO).read_text()) if (path / RUN_INFO).is_file() else {}
+    config = read_yaml(path / CONFIG, "config") if (path / CONFIG).is_file() else {}
+    if not isinstance(config or {}, dict):
+        raise ValueError(f"{path / CONFIG} must hold a mapping of keys, got {type(config).__name__}")
+    info = read_json(path / RUN_INFO) if (path / RUN_INFO).is_file() else {}
     return Run(path, path.resolve().name, records, config or {}, info)
 
 

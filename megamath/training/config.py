@@ -247,12 +247,25 @@ class TrainConfig:
 def read_yaml(path: Path, what: str):
     """The parsed contents of a YAML file; one-line errors for a missing file (`what not found: path`) and
     for invalid YAML."""
+    if path.is_dir():
+        raise IsADirectoryError(f"{what} {path} is a folder, not a file")
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}): is it a YAML file?") from None
     except yaml.YAMLError as err:
-        raise ValueError(f"{path} is not valid YAML: {err}") from None
+        raise ValueError(f"{path} is not valid YAML: {yaml_problem(err)}") from None
+
+
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's message on one line: where, then what (its own spans several lines, quoting the source)."""
+    mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+    if mark is None or problem is None:
+        return " ".join(str(err).split())
+    context = getattr(err, "context", None)
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" + (f" ({context})" if context else "")
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
@@ -282,7 +295,7 @@ def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict:
         try:
             value = yaml.safe_load(text)
         except yaml.YAMLError as err:
-            raise ValueError(f"override {item!r}: the value is not valid YAML: {err}") from None
+            raise ValueError(f"override {item!r}: the value is not valid YAML: {yaml_problem(err)}") from None
         *sections, last = key.split(".")
         node = raw
         for depth, part in enumerate(sections):

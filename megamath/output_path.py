@@ -1,0 +1,31 @@
+"""Checks on a command's output file made before its work starts.
+
+Generation, evaluation and overlap scans write their one output file at the end, after minutes or hours:
+a path that cannot be written must fail before that work, not after it; and an output that is one of the
+command's inputs (`--output` given the test set's name) must not replace it.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable
+
+
+def prepare_output_file(path: str | Path, flag: str = "--output", inputs: Iterable[str | Path] = ()) -> Path:
+    """Refuse an output `path` that is a folder, lies under a file or in a folder this process cannot write,
+    or is one of `inputs`; create its missing parent folders. Returns `path` as a Path."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a folder; name a file")
+    for source in inputs:
+        if path.exists() and Path(source).exists() and os.path.samefile(path, source):
+            raise ValueError(f"{flag} {path} is also an input ({source}); writing it would replace that input")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"{flag} {path}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: cannot write in {folder} (permission denied)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,495 @@
+"""The command surface under bad input: every case is one `megamath CMD: error: ...` line and exit 2 (never a
+traceback), checked before the slow work starts, and no input or existing output is destroyed.
+
+Inputs are built here in milliseconds: a tiny random model folder and SentencePiece model, hand-written
+run folders and jsonl files."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from generation_fixtures import build_checkpoint, build_tokenizer
+from megamath.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_cli")
+    return build_checkpoint(root / "ckpt"), build_tokenizer(root / "tok.model")
+
+
+def one_error_line(capsys, command: str) -> str:
+    """The single stderr line of a failed command, without its `megamath CMD: error: ` prefix."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    prefix = f"megamath {command}: error: "
+    assert lines[0].startswith(prefix), lines[0]
+    return lines[0][len(prefix):]
+
+
+# ---- model folders: convert, and the loading generate / eval / serve share ---------------------------------
+
+def _copy_folder(src, dst):
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+@pytest.mark.parametrize("size", [0, 7, 4000])
+def test_convert_truncated_safetensors_is_one_line(tiny, tmp_path, capsys, size):
+    src = _copy_folder(tiny[0], tmp_path / "src")
+    weights = src / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:size])
+    assert main(["convert", "megamath-to-hf", str(src), str(tmp_path / "out")]) == 2
+    assert one_error_line(capsys, "convert").startswith(f"{weights}: not a readable safetensors file")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"vocab_size":', "is not valid JSON"),
+    ("[1, 2]", "must hold a JSON object, got list"),
+])
+def test_model_folder_config_json_errors_name_the_file(tiny, tmp_path, capsys, text, message):
+    src = _copy_folder(tiny[0], tmp_path / "src")
+    (src / "config.json").write_text(text)
+    for argv, command in ((["convert", "megamath-to-hf", str(src), str(tmp_path / "out")], "convert"),
+                          (["convert", "hf-to-megamath", str(src), str(tmp_path / "out")], "convert"),
+                          (["generate", "--model", str(src), "--tokenizer-model", str(tiny[1]), "--prompts",
+                            str(tmp_path / "p.jsonl"), "--output", str(tmp_path / "g.jsonl")], "generate")):
+        (tmp_path / "p.jsonl").write_text('{"prompt": "x"}\n')
+        assert main(argv) == 2
+        line = one_error_line(capsys, command)
+        assert line.startswith(f"{src / 'config.json'}") and message in line, line
+
+
+@pytest.mark.parametrize("value", ["64", None, [64]])
+def test_hf_config_with_a_wrong_type_is_one_line(tiny, tmp_path, capsys, value):
+    hf = tmp_path / "hf"
+    assert main(["convert", "megamath-to-hf", str(tiny[0]), str(hf)]) == 0
+    config = json.loads((hf / "config.json").read_text())
+    config["hidden_size"] = value
+    (hf / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    assert main(["convert", "hf-to-megamath", str(hf), str(tmp_path / "out")]) == 2
+    assert "hidden_size must be a positive integer" in one_error_line(capsys, "convert")
+
+
+# ---- files that are not what they should be: tokenizers, YAML, binary text ---------------------------------
+
+def test_inspect_with_a_file_that_is_no_tokenizer_is_one_line(tmp_path, capsys):
+    from megamath.data.indexed_dataset_writer import IndexedDatasetWriter
+    import numpy as np
+
+    with IndexedDatasetWriter(tmp_path / "d", np.uint16) as w:
+        w.add_item(np.arange(5))
+        w.end_document()
+    (tmp_path / "bad.model").write_text("not a model")
+    assert main(["inspect", str(tmp_path / "d"), "--tokenizer-model", str(tmp_path / "bad.model")]) == 2
+    assert one_error_line(capsys, "inspect").startswith(f"{tmp_path / 'bad.model'}: not a SentencePiece model")
+
+
+def test_config_vocab_from_a_file_that_is_no_tokenizer_is_one_line(tmp_path, capsys):
+    from test_config_from_neox import LLEMMA_7B_YML
+
+    (tmp_path / "bad.model").write_text("not a model")
+    assert '"codellama/tokenizer.model"' in LLEMMA_7B_YML
+    (tmp_path / "neox.yml").write_text(LLEMMA_7B_YML.replace("codellama/tokenizer.model", str(tmp_path / "bad.model")))
+    assert main(["config", "from-neox", str(tmp_path / "neox.yml")]) == 2
+    assert one_error_line(capsys, "config").startswith(f"{tmp_path / 'bad.model'}: not a SentencePiece model")
+
+
+@pytest.mark.parametrize("text", ["model: [\n", "model:\n  hidden_size: [1\n", "a: 1\n\tb: 2\n"])
+def test_invalid_yaml_is_one_line_with_its_position(tmp_path, capsys, text):
+    (tmp_path / "c.yaml").write_text(text)
+    for argv, command in ((["train", "--config", str(tmp_path / "c.yaml")], "train"),
+                          (["plan", "--model", str(tmp_path / "c.yaml"), "--gpu", "h200", "--gpus", "8"], "plan"),
+                          (["config", "from-neox", str(tmp_path / "c.yaml")], "config")):
+        assert main(argv) == 2
+        line = one_error_line(capsys, command)
+        assert line.startswith(f"{tmp_path / 'c.yaml'} is not valid YAML: line ") and "<unicode string>" not in line
+
+
+def test_invalid_yaml_override_is_one_line(tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text("train_steps: 1\n")
+    assert main(["train", "--config", str(tmp_path / "c.yaml"), "train_steps=[1"]) == 2
+    assert one_error_line(capsys, "train").startswith("override 'train_steps=[1': the value is not valid YAML: ")
+
+
+def test_binary_files_given_as_text_name_the_file(tiny, tmp_path, capsys):
+    binary = tmp_path / "tok.bin"
+    binary.write_bytes(bytes(range(128, 256)) + b"\n")  # like a tokenizer.model given by mistake
+    out = tmp_path / "out.jsonl"
+    for argv, command in (
+            (["train", "--config", str(binary)], "train"),
+            (["plan", "--model", str(binary), "--gpu", "h200", "--gpus", "8"], "plan"),
+            (["config", "from-megatron", str(binary)], "config"),
+            (["generate", "--model", str(tiny[0]), "--tokenizer-model", str(tiny[1]), "--prompts", str(binary),
+              "--output", str(out)], "generate"),
+            (["eval", "--model", str(tiny[0]), "--tokenizer-model", str(tiny[1]), "--task", "gsm8k", "--data",
+              str(binary), "--output", str(out)], "eval"),
+            (["overlap", "--test", str(binary), "--field", "q", "--corpus", str(binary), "--output", str(out)],
+             "overlap"),
+            (["overlap-accuracy", "--hits", str(binary), "--results", str(binary)], "overlap-accuracy")):
+        assert main(argv) == 2
+        line = one_error_line(capsys, command)
+        assert str(binary) in line and "UTF-8" in line, line
+    assert not out.exists()
+
+
+def test_megatron_command_file_with_an_unclosed_quote_names_the_line(tmp_path, capsys):
+    (tmp_path / "train.sh").write_text("torchrun pretrain_gpt.py \\\n  --num-layers 2\n--data-path 'a b\n")
+    assert main(["config", "from-megatron", str(tmp_path / "train.sh")]) == 2
+    assert one_error_line(capsys, "config") == f"{tmp_path / 'train.sh'}: No closing quotation in \"--data-path 'a b\""
+
+
+# ---- output paths: checked before the work, never an input ------------------------------------------------
+
+def _eval_args(tiny, data, output):
+    return ["eval", "--model", str(tiny[0]), "--tokenizer-model", str(tiny[1]), "--task", "demo-arith",
+            "--data", str(data), "--max-new-tokens", "2", "--output", str(output)]
+
+
+def _generate_args(tiny, prompts, output):
+    return ["generate", "--model", str(tiny[0]), "--tokenizer-model", str(tiny[1]), "--prompts", str(prompts),
+            "--max-new-tokens", "2", "--output", str(output)]
+
+
+@pytest.mark.parametrize("command", ["eval", "generate"])
+def test_unwritable_output_fails_before_the_model_runs(tiny, tmp_path, capsys, monkeypatch, command):
+    """The results are written at the end: a bad --output must not cost the whole run first."""
+    from megamath.generation import session
+
+    data = tmp_path / "in.jsonl"
+    data.write_text('{"id": "1", "prompt": "2 + 2 =", "answer": "4"}\n')
+    monkeypatch.setattr(session, "open_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    build = _eval_args if command == "eval" else _generate_args
+    (tmp_path / "afile").write_text("keep")
+    (tmp_path / "adir").mkdir()
+    for output, message in ((tmp_path / "afile" / "out.jsonl", f"{tmp_path / 'afile'} is a file, not a folder"),
+                            (tmp_path / "adir", "is a folder; name a file"),
+                            (data, f"is also an input ({data})")):
+        assert main(build(tiny, data, output)) == 2
+        line = one_error_line(capsys, command)
+        assert line.startswith(f"--output {output}") and message in line, line
+    monkeypatch.setattr("megamath.output_path.os.access", lambda *a: False)  # root passes any permission check
+    assert main(build(tiny, data, tmp_path / "out.jsonl")) == 2
+    assert one_error_line(capsys, command) == (f"--output {tmp_path / 'out.jsonl'}: cannot write in {tmp_path} "
+                                               "(permission denied)")
+    assert data.read_text() == '{"id": "1", "prompt": "2 + 2 =", "answer": "4"}\n'
+    assert (tmp_path / "afile").read_text() == "keep"
+
+
+def test_eval_creates_the_folder_of_its_output(tiny, tmp_path, capsys):
+    data = tmp_path / "in.jsonl"
+    data.write_text('{"id": "1", "prompt": "2 + 2 =", "answer": "4"}\n')
+    assert main(_eval_args(tiny, data, tmp_path / "new" / "results.jsonl")) == 0
+    assert len((tmp_path / "new" / "results.jsonl").read_text().splitlines()) == 1
+
+
+def test_overlap_output_naming_its_test_set_keeps_the_test_set(tmp_path, capsys):
+    test = tmp_path / "test.jsonl"
+    test.write_text('{"id": "a", "q": "one two three four"}\n')
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"text": "zero one two three four five"}\n')
+    for output in (test, corpus):
+        assert main(["overlap", "--test", str(test), "--field", "q", "--n", "3", "--corpus", str(corpus),
+                     "--output", str(output), "--workers", "1", "--no-progress"]) == 2
+        assert one_error_line(capsys, "overlap").startswith(f"--output {output} is also an input ({output})")
+    assert test.read_text() == '{"id": "a", "q": "one two three four"}\n'
+    assert corpus.read_text() == '{"text": "zero one two three four five"}\n'
+
+
+@pytest.mark.parametrize("command, flag, value, message", [
+    ("generate", "--num-samples", "0", "--num-samples must be at least 1, got 0"),
+    ("generate", "--batch-size", "0", "--batch-size must be at least 1, got 0"),
+    ("eval", "--batch-size", "0", "--batch-size must be at least 1, got 0"),
+    ("generate", "--seed", "-1", "--seed must be >= 0, got -1"),
+    ("eval", "--seed", "-1", "--seed must be >= 0, got -1"),
+])
+def test_bad_counts_fail_before_the_model_loads(tiny, tmp_path, capsys, monkeypatch, command, flag, value, message):
+    from megamath.generation import session
+
+    data = tmp_path / "in.jsonl"
+    data.write_text('{"id": "1", "prompt": "2 + 2 =", "answer": "4"}\n')
+    monkeypatch.setattr(session, "open_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    build = _eval_args if command == "eval" else _generate_args
+    assert main(build(tiny, data, tmp_path / "o.jsonl") + [flag, value]) == 2
+    assert one_error_line(capsys, command) == message
+
+
+# ---- report -------------------------------------------------------------------------------------------------
+
+def _run_folder(path, **files):
+    path.mkdir()
+    (path / "metrics.jsonl").write_text('{"step": 1, "loss": 7.0}\n{"step": 2, "loss": 6.5}\n')
+    for name, text in files.items():
+        (path / name.replace("_", ".", 1)).write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("config.yaml", "model: [\n", "config.yaml is not valid YAML: line 2, column 1: "),
+    ("config.yaml", "- 1\n", "config.yaml must hold a mapping of keys, got list"),
+    ("run_info.json", "[1", "run_info.json is not valid JSON"),
+    ("run_info.json", "[1]", "run_info.json must hold a JSON object, got list"),
+    ("metrics.jsonl", '{"step": 1}\n[1, 2]\n{"step": 3}\n',
+     "metrics.jsonl:2: not a metrics record (an object with a step)"),
+    ("metrics.jsonl", '{"loss": 1}\n{"step": 3}\n', "metrics.jsonl:1: not a metrics record (an object with a step)"),
+])
+def test_report_of_a_corrupt_run_folder_is_one_line(tmp_path, capsys, name, text, message):
+    run = _run_folder(tmp_path / "run")
+    (run / name).write_text(text)
+    assert main(["report", str(run)]) == 2
+    assert one_error_line(capsys, "report").startswith(f"{run / name}{message[len(name):]}")
+    assert not (run / "report.html").exists()
+
+
+def test_report_output_never_replaces_what_it_reads(tmp_path, capsys):
+    run = _run_folder(tmp_path / "run", config_yaml="seed: 1\n")
+    for name in ("metrics.jsonl", "config.yaml"):
+        before = (run / name).read_text()
+        assert main(["report", str(run), "--output", str(run / name)]) == 2
+        assert one_error_line(capsys, "report").startswith(f"--output {run / name} is also an input")
+        assert (run / name).read_text() == before
+    (tmp_path / "adir").mkdir()
+    assert main(["report", str(run), "--output", str(tmp_path / "adir")]) == 2
+    assert one_error_line(capsys, "report") == f"--output {tmp_path / 'adir'} is a folder; name a file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "run"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("value", ["-0.1", "1.5", "nan"])
+def test_report_comm_threshold_is_a_share(tmp_path, capsys, value):
+    run = _run_folder(tmp_path / "run")
+    assert main(["report", str(run), "--comm-threshold", value]) == 2
+    assert one_error_line(capsys, "report") == f"--comm-threshold must be a share between 0 and 1, got {float(value)}"
+
+
+# ---- serve --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags, message", [
+    (["--port", "-1"], "--port must be 0..65535, got -1"),
+    (["--port", "70000"], "--port must be 0..65535, got 70000"),
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--max-body-bytes", "0"], "--max-body-bytes must be at least 1, got 0"),
+    (["--request-timeout", "0"], "--request-timeout must be > 0 seconds, got 0.0"),
+    (["--seed", "-1"], "--seed must be >= 0, got -1"),
+])
+def test_serve_flags_are_checked_before_the_model_loads(tiny, capsys, monkeypatch, flags, message):
+    from megamath.generation import session
+
+    monkeypatch.setattr(session, "open_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert main(["serve", "--model", str(tiny[0]), "--tokenizer-model", str(tiny[1]), *flags]) == 2
+    assert one_error_line(capsys, "serve") == message
+
+
+def test_serve_on_a_port_in_use_names_it(tiny, capsys):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--model", str(tiny[0]), "--tokenizer-model", str(tiny[1]), "--max-new-tokens", "4",
+                     "--port", str(port)]) == 2
+    assert one_error_line(capsys, "serve") == f"cannot listen on 127.0.0.1:{port}: Address already in use"
+
+
+# ---- the entry point ----------------------------------------------------------------------------------------
+
+def test_output_piped_into_a_reader_that_leaves_is_no_error(tmp_path):
+    """`megamath plan ... | head -1`: the reader closes the pipe; stop quietly, as a Unix filter does."""
+    proc = subprocess.Popen([sys.executable, "-m", "megamath.cli", "plan", "--model", "llemma-7b", "--gpu", "h200",
+                             "--gpus", "8"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before it writes: every write fails with EPIPE
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=60)
+    assert err == "" and proc.returncode == 1
+
+
+def test_ctrl_c_is_one_line_and_status_130(capsys, monkeypatch):
+    import megamath.commands.plan as plan
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plan, "run", interrupted)
+    assert main(["plan", "--model", "llemma-7b", "--gpu", "h200", "--gpus", "8"]) == 130
+    assert capsys.readouterr().err == "megamath plan: interrupted\n"
+
+
+# ---- config and demo-corpus: small files, still published whole --------------------------------------------
+
+def _interrupt_inside_writes(monkeypatch):
+    """Ctrl-C after a file's bytes are written but before they are published (as if hit mid-write)."""
+    def interrupted(fd):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("megamath.atomic_io.os.fsync", interrupted)
+
+
+def test_config_output_interrupted_mid_write_keeps_the_old_file(tmp_path, capsys, monkeypatch):
+    from test_config_from_neox import LLEMMA_7B_YML
+
+    (tmp_path / "neox.yml").write_text(LLEMMA_7B_YML)
+    out = tmp_path / "out.yaml"
+    out.write_text("old: config\n")
+    _interrupt_inside_writes(monkeypatch)
+    assert main(["config", "from-neox", str(tmp_path / "neox.yml"), "--vocab-size", "32000", "--output", str(out),
+                 "--force"]) == 130
+    assert out.read_text() == "old: config\n" and sorted(p.name for p in tmp_path.iterdir()) == ["neox.yml", "out.yaml"]
+
+
+@pytest.mark.parametrize("flag", ["--world-size", "--vocab-size"])
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_config_counts_below_one_are_refused(tmp_path, capsys, flag, value):
+    (tmp_path / "train.sh").write_text("--num-layers 2\n")
+    assert main(["config", "from-megatron", flag, value, str(tmp_path / "train.sh")]) == 2
+    assert one_error_line(capsys, "config") == f"{flag} must be at least 1, got {value}"
+
+
+def test_demo_corpus_interrupted_mid_write_leaves_no_file(tmp_path, capsys, monkeypatch):
+    _interrupt_inside_writes(monkeypatch)
+    assert main(["demo-corpus", "--output", str(tmp_path / "demo"), "--documents", "4"]) == 130
+    assert [p for p in (tmp_path / "demo").rglob("*") if p.is_file()] == []
+
+
+# ---- plan ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags, message", [
+    (["--internode-gbs", "0"], "--internode-gbs must be positive, got 0.0"),
+    (["--internode-gbs", "-5"], "--internode-gbs must be positive, got -5.0"),
+    (["--top", "0"], "--top must be >= 1, got 0"),
+])
+def test_plan_flags_that_would_be_ignored_are_refused(capsys, flags, message):
+    assert main(["plan", "--model", "llemma-7b", "--gpu", "h200", "--gpus", "16", *flags]) == 2
+    assert one_error_line(capsys, "plan") == message
+
+
+# ---- tools/ -------------------------------------------------------------------------------------------------
+
+def test_compare_with_megatron_checks_its_paths_first(tmp_path):
+    tool = Path(__file__).resolve().parents[1] / "tools" / "compare_with_megatron.py"
+    (tmp_path / "Megatron-LM" / "tools").mkdir(parents=True)
+    (tmp_path / "Megatron-LM" / "tools" / "preprocess_data.py").write_text("")
+    (tmp_path / "tok.model").write_text("")
+    base = ["--tokenizer-model", str(tmp_path / "tok.model"), "--work-dir", str(tmp_path / "work")]
+    for flags, message in ((["--megatron-lm", str(tmp_path / "nope"), "--input", str(tmp_path / "tok.model")],
+                            "--megatron-lm: no tools/preprocess_data.py in that checkout"),
+                           (["--megatron-lm", str(tmp_path / "Megatron-LM"), "--input", str(tmp_path / "no.jsonl")],
+                            "--input: no such file")):
+        proc = subprocess.run([sys.executable, str(tool), *flags, *base], capture_output=True, text=True)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr and message in proc.stderr, proc.stderr
+    assert not (tmp_path / "work").exists()
+
+
+def test_every_help_renders_and_output_flags_say_they_replace(capsys):
+    from megamath.cli import COMMANDS
+
+    for command in COMMANDS:
+        argvs = ([[command, "from-neox", "--help"], [command, "from-megatron", "--help"]] if command == "config"
+                 else [[command, "--help"]])
+        for argv in argvs:
+            with pytest.raises(SystemExit) as exit_:
+                main(argv)
+            assert exit_.value.code == 0, argv
+            text = " ".join(capsys.readouterr().out.split())
+            if command in ("generate", "eval", "overlap", "report", "preprocess", "merge", "demo-corpus"):
+                assert "replaced" in text, command
+
+
+# ---- OS errors on output paths name the user's path, not a temporary one ----------------------------------
+
+def test_output_under_a_file_says_so(tmp_path, capsys):
+    from megamath.data.indexed_dataset_writer import IndexedDatasetWriter
+    import numpy as np
+
+    with IndexedDatasetWriter(tmp_path / "d", np.uint16) as w:
+        w.add_item(np.arange(5))
+        w.end_document()
+    (tmp_path / "afile").write_text("keep")
+    assert main(["merge", "--input", str(tmp_path / "d"), "--output", str(tmp_path / "afile" / "m")]) == 2
+    assert one_error_line(capsys, "merge") == f"{tmp_path / 'afile'}: exists and is not a folder"
+    assert (tmp_path / "afile").read_text() == "keep"
+
+
+def test_a_folder_in_the_way_of_an_output_is_named(tiny, tmp_path, capsys):
+    (tmp_path / "in.jsonl").write_text('{"text": "one two three"}\n')
+    (tmp_path / "out" / "in_text_document.bin").mkdir(parents=True)
+    assert main(["preprocess", "--input", str(tmp_path / "in.jsonl"), "--tokenizer-model", str(tiny[1]),
+                 "--output-dir", str(tmp_path / "out"), "--workers", "1", "--no-progress"]) == 2
+    assert one_error_line(capsys, "preprocess") == f"{tmp_path / 'out' / 'in_text_document.bin'}: Is a directory"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["in_text_document.bin"]
+
+
+def test_a_folder_given_for_a_file_is_called_a_folder(tiny, tmp_path, capsys):
+    folder = tmp_path / "adir"
+    folder.mkdir()
+    out = tmp_path / "out.jsonl"
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "x"}\n')
+    for argv, command in (
+            (["train", "--config", str(folder)], "train"),
+            (["generate", "--model", str(tiny[0]), "--tokenizer-model", str(tiny[1]), "--prompts", str(folder),
+              "--output", str(out)], "generate"),
+            (["generate", "--model", str(tiny[0]), "--tokenizer-model", str(folder), "--prompts", str(prompts),
+              "--output", str(out)], "generate"),
+            (["overlap-accuracy", "--hits", str(folder), "--results", str(folder)], "overlap-accuracy")):
+        assert main(argv) == 2
+        line = one_error_line(capsys, command)
+        assert line.endswith(f"{folder} is a folder, not a file"), line
+
+
+def test_convert_into_a_path_under_a_file_names_the_file(tiny, tmp_path, capsys):
+    (tmp_path / "afile").write_text("keep")
+    assert main(["convert", "megamath-to-hf", str(tiny[0]), str(tmp_path / "afile" / "hf")]) == 2
+    assert one_error_line(capsys, "convert") == f"{tmp_path / 'afile'}: exists and is not a folder"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_overlap_with_an_absurd_n_finishes_or_is_refused(tmp_path, capsys):
+    """n is only compared with document lengths: a huge one must neither hang (an O(n) power loop per
+    document) nor overflow int64 with a traceback."""
+    (tmp_path / "test.jsonl").write_text('{"id": "a", "q": "one two three"}\n')
+    (tmp_path / "corpus.jsonl").write_text('{"text": "zero one two three four"}\n')
+    argv = [sys.executable, "-m", "megamath.cli", "overlap", "--test", str(tmp_path / "test.jsonl"), "--field", "q",
+            "--corpus", str(tmp_path / "corpus.jsonl"), "--output", str(tmp_path / "hits.jsonl"), "--workers", "1",
+            "--no-progress", "--n"]
+    proc = subprocess.run(argv + [str(2**62)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and (tmp_path / "hits.jsonl").read_text() == "", proc.stderr
+    proc = subprocess.run(argv + [str(2**70)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr == f"megamath overlap: error: --n must be at most {2**63 - 1}, " \
+        f"got {2**70}\n", proc.stderr
+
+
+def test_running_out_of_host_memory_is_one_line(capsys, monkeypatch):
+    """`blend --num-samples 10000000000` asks numpy for 19 GiB at once: say so, without a traceback."""
+    import megamath.commands.plan as plan
+
+    def allocate(args):
+        raise MemoryError("Unable to allocate 18.6 GiB for an array with shape (10000000000,) and data type int16")
+
+    monkeypatch.setattr(plan, "run", allocate)
+    assert main(["plan", "--model", "llemma-7b", "--gpu", "h200", "--gpus", "8"]) == 1
+    assert capsys.readouterr().err == ("megamath plan: error: out of memory: Unable to allocate 18.6 GiB for an array "
+                                       "with shape (10000000000,) and data type int16\n")
+
+
+def test_merge_into_an_empty_prefix_is_refused(tmp_path, capsys, monkeypatch):
+    from megamath.data.indexed_dataset_writer import IndexedDatasetWriter
+    import numpy as np
+
+    with IndexedDatasetWriter(tmp_path / "d", np.uint16) as w:
+        w.add_item(np.arange(5))
+        w.end_document()
+    monkeypatch.chdir(tmp_path)
+    for output in ("", ".bin"):  # both wrote hidden files .bin/.idx in the current folder
+        assert main(["merge", "--input", "d", "--output", output]) == 2
+        assert one_error_line(capsys, "merge") == f"--output {output!r} names no dataset: give a prefix such as out/merged"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.bin", "d.idx"]
