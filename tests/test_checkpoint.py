@@ -1,5 +1,6 @@
 """Checkpoints: a process killed mid-save leaves a loadable previous one, pruning, refusals, pretrained init."""
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -201,6 +202,28 @@ def test_init_from_hugging_face_and_megamath_checkpoints(tmp_path):
         loop.build_model(TrainConfig.from_dict({**raw, "init_from_hf": str(tmp_path / "hf")}), state)
     with pytest.raises(FileNotFoundError, match=r"^init_from_hf: .*nowhere/config.json not found$"):
         loop.build_model(TrainConfig.from_dict({**raw, "init_from_hf": str(tmp_path / "nowhere")}), state)
+
+
+
+def test_init_from_hf_refuses_what_the_shapes_do_not_show(tmp_path):
+    """Same tensor shapes, another model: these loaded silently and trained something else than the checkpoint."""
+    raw = raw_config(tmp_path / "data", tmp_path / "run")
+    config, state = TrainConfig.from_dict(raw), ParallelState.single()
+    save_model_folder(loop.build_model(config, state), tmp_path / "ours")
+    convert_megamath_to_hf(tmp_path / "ours", tmp_path / "hf")
+    # 8 heads x 4 and 4 KV heads fill q_proj (32, 32) and k_proj (16, 32) as 4 x 8 with 2 KV heads do
+    other_heads = {**raw, "model": {**raw["model"], "num_heads": 8, "num_kv_heads": 4}}
+    for directory in ("hf", "ours"):
+        with pytest.raises(ValueError, match=r"^init_from_hf: .* splits attention into other heads than this run: "
+                                             r"num_heads 4 \(checkpoint\) vs 8 \(this run\); num_kv_heads 2 "
+                                             r"\(checkpoint\) vs 4 \(this run\)$"):
+            loop.build_model(TrainConfig.from_dict({**other_heads, "init_from_hf": str(tmp_path / directory)}), state)
+    hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    for change, message in (({"hidden_act": "gelu"}, "hidden_act must be 'silu', got 'gelu'"),
+                            ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "RoPE scaling 'linear'")):
+        (tmp_path / "hf" / "config.json").write_text(json.dumps({**hf_config, **change}))
+        with pytest.raises(ValueError, match=rf"^init_from_hf: .*hf: Hugging Face config: {re.escape(message)}"):
+            loop.build_model(TrainConfig.from_dict({**raw, "init_from_hf": str(tmp_path / "hf")}), state)
 
 
 def test_training_from_a_pretrained_checkpoint_starts_from_its_loss(tmp_path, one_thread):

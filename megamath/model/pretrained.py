@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from megamath.model.hf_llama import IGNORED_HF_TENSORS, check_tensors, to_hf_name
+from megamath.model.config import ModelConfig
+from megamath.model.hf_llama import IGNORED_HF_TENSORS, check_tensors, hf_config_to_model_config, to_hf_name
 from megamath.model.safetensors_io import CONFIG_NAME, SafetensorsReader, read_json
 from megamath.model.tp_state_dict import tp_slice
 from megamath.parallel.state import ParallelState
@@ -19,13 +20,16 @@ def load_pretrained(model: torch.nn.Module, directory: str | Path, state: Parall
     """Copy a Hugging Face Llama (or megamath) checkpoint's weights into `model`, this TP rank's slices only.
 
     Tensors stream one at a time from memory-mapped safetensors, so a rank needs about one full tensor
-    of extra memory. The checkpoint's shapes must be the model config's; other settings (rope_theta,
-    max_seq_length) are the run's own: LLEMMA 7B started from Code Llama's weights with θ = 1e4.
+    of extra memory. The checkpoint's shapes must be the model config's, and so must what shapes cannot
+    show (check_architecture); other settings (rope_theta, norm_eps, max_seq_length) are the run's own:
+    LLEMMA 7B started from Code Llama's weights with θ = 1e4.
     """
     directory = Path(directory)
     if not (directory / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"init_from_hf: {directory / CONFIG_NAME} not found")
-    is_hf = "model_type" in read_json(directory / CONFIG_NAME)
+    saved = read_json(directory / CONFIG_NAME)
+    is_hf = "model_type" in saved
+    check_architecture(saved, is_hf, model.config, directory)
     file_name = to_hf_name if is_hf else (lambda n: n)
     reader = SafetensorsReader(directory)
     ours = {(n.removeprefix("model.") if is_hf and n != "lm_head.weight" else n): n for n in reader.names()
@@ -36,3 +40,18 @@ def load_pretrained(model: torch.nn.Module, directory: str | Path, state: Parall
         for name, param in model.named_parameters():
             full = reader.get(ours[name])
             param.copy_(full if tp == 1 else tp_slice(full, name, model.config, tp, state.tp_rank))
+
+
+def check_architecture(saved: dict, is_hf: bool, config: ModelConfig, directory: Path) -> None:
+    """Refuse a checkpoint the run's model would compute differently with the very same tensor shapes: a
+    Hugging Face config megamath's Llama cannot express (another activation, RoPE scaling, biases, tied
+    embeddings), or another split of the same width into heads (32 x 128 and 64 x 64 fill one q_proj)."""
+    try:
+        theirs = hf_config_to_model_config(saved) if is_hf else ModelConfig.from_dict(saved)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"init_from_hf: {directory}: {err}") from None
+    differ = [f"{key} {getattr(theirs, key)} (checkpoint) vs {getattr(config, key)} (this run)"
+              for key in ("num_heads", "num_kv_heads") if getattr(theirs, key) != getattr(config, key)]
+    if differ:
+        raise ValueError(f"init_from_hf: {directory} splits attention into other heads than this run: "
+                         f"{'; '.join(differ)}")
