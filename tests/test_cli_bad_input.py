@@ -493,3 +493,30 @@ def test_merge_into_an_empty_prefix_is_refused(tmp_path, capsys, monkeypatch):
         assert main(["merge", "--input", "d", "--output", output]) == 2
         assert one_error_line(capsys, "merge") == f"--output {output!r} names no dataset: give a prefix such as out/merged"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.bin", "d.idx"]
+
+
+# ---- train: inputs used only at the first evaluation are checked at the start -------------------------------
+
+@pytest.mark.parametrize("broken", ["data", "tokenizer"])
+def test_train_checks_evaluation_inputs_before_the_first_step(tiny, tmp_path, capsys, broken):
+    """A wrong evaluation path used to stop the run at its first evaluation, eval_every steps (hours) in."""
+    import yaml
+    from test_train_loop import raw_config
+
+    (tmp_path / "arith.jsonl").write_text('{"id": "1", "prompt": "2 + 2 =", "answer": "4"}\n')
+    (tmp_path / "bad.model").write_text("not a model")
+    raw = raw_config(tmp_path / "data", tmp_path / "run", train_steps=4, eval_every=4, model__max_seq_length=64,
+                     model__vocab_size=512)
+    raw["evaluation"] = {"tokenizer_model": str(tmp_path / "bad.model" if broken == "tokenizer" else tiny[1]),
+                         "data_dir": str(tmp_path),
+                         "tasks": [{"name": "demo-arith", "data": "missing.jsonl" if broken == "data" else "arith.jsonl",
+                                    "max_new_tokens": 4}]}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["train", "--config", str(tmp_path / "run.yaml")]) == 2
+    line = one_error_line(capsys, "train")
+    assert line == (f"data file {tmp_path / 'missing.jsonl'} not found" if broken == "data"
+                    else f"{tmp_path / 'bad.model'}: not a SentencePiece model (INTERNAL: could not parse ModelProto "
+                    f"from {tmp_path / 'bad.model'})")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() or \
+        (tmp_path / "run" / "metrics.jsonl").read_text() == ""
