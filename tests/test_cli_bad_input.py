@@ -520,3 +520,11 @@ def test_train_checks_evaluation_inputs_before_the_first_step(tiny, tmp_path, ca
     assert not (tmp_path / "run" / "checkpoints").exists()
     assert not (tmp_path / "run" / "metrics.jsonl").exists() or \
         (tmp_path / "run" / "metrics.jsonl").read_text() == ""
+
+
+def test_config_from_megatron_with_its_own_flags_after_the_file_says_where_they_go(tmp_path, capsys):
+    (tmp_path / "train.sh").write_text("--num-layers 2\n")
+    assert main(["config", "from-megatron", str(tmp_path / "train.sh"), "--world-size", "4"]) == 2
+    assert one_error_line(capsys, "config") == (
+        f"{str(tmp_path / 'train.sh')!r} comes before any --flag (a file holding the command line goes last, "
+        "after megamath's own flags such as --output and --world-size)")
