@@ -528,3 +528,28 @@ def test_config_from_megatron_with_its_own_flags_after_the_file_says_where_they_
     assert one_error_line(capsys, "config") == (
         f"{str(tmp_path / 'train.sh')!r} comes before any --flag (a file holding the command line goes last, "
         "after megamath's own flags such as --output and --world-size)")
+
+
+def test_output_to_a_pipe_or_device_is_written_through_not_replaced(tmp_path, capsys):
+    """`--output /dev/null` is the usual way to keep only the printed numbers: publishing by rename would
+    replace the device itself with a regular file (as root, for every program on the machine). A FIFO
+    stands in for it here."""
+    import os
+    import stat
+    import threading
+
+    run = _run_folder(tmp_path / "run")
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    try:
+        assert main(["report", str(run), "--output", str(fifo)]) == 0
+    finally:
+        if not received:  # unblock the reader if nothing was written through the pipe
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)) if stat.S_ISFIFO(os.stat(fifo).st_mode) else None
+    reader.join(timeout=10)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode), "the FIFO was replaced by a regular file"
+    assert received and received[0].startswith(b"<!DOCTYPE html>")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe", "run"]
