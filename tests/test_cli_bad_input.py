@@ -10,16 +10,24 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from generation_fixtures import build_checkpoint, build_tokenizer
 from megamath.cli import main
+from megamath.data.indexed_dataset_writer import IndexedDatasetWriter
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_cli")
     return build_checkpoint(root / "ckpt"), build_tokenizer(root / "tok.model")
+
+
+def _tiny_dataset(prefix):
+    with IndexedDatasetWriter(prefix, np.uint16) as w:
+        w.add_item(np.arange(5))
+        w.end_document()
 
 
 def one_error_line(capsys, command: str) -> str:
@@ -84,12 +92,7 @@ def test_hf_config_with_a_wrong_type_is_one_line(tiny, tmp_path, capsys, value):
 # ---- files that are not what they should be: tokenizers, YAML, binary text ---------------------------------
 
 def test_inspect_with_a_file_that_is_no_tokenizer_is_one_line(tmp_path, capsys):
-    from megamath.data.indexed_dataset_writer import IndexedDatasetWriter
-    import numpy as np
-
-    with IndexedDatasetWriter(tmp_path / "d", np.uint16) as w:
-        w.add_item(np.arange(5))
-        w.end_document()
+    _tiny_dataset(tmp_path / "d")
     (tmp_path / "bad.model").write_text("not a model")
     assert main(["inspect", str(tmp_path / "d"), "--tokenizer-model", str(tmp_path / "bad.model")]) == 2
     assert one_error_line(capsys, "inspect").startswith(f"{tmp_path / 'bad.model'}: not a SentencePiece model")
@@ -407,12 +410,7 @@ def test_every_help_renders_and_output_flags_say_they_replace(capsys):
 # ---- OS errors on output paths name the user's path, not a temporary one ----------------------------------
 
 def test_output_under_a_file_says_so(tmp_path, capsys):
-    from megamath.data.indexed_dataset_writer import IndexedDatasetWriter
-    import numpy as np
-
-    with IndexedDatasetWriter(tmp_path / "d", np.uint16) as w:
-        w.add_item(np.arange(5))
-        w.end_document()
+    _tiny_dataset(tmp_path / "d")
     (tmp_path / "afile").write_text("keep")
     assert main(["merge", "--input", str(tmp_path / "d"), "--output", str(tmp_path / "afile" / "m")]) == 2
     assert one_error_line(capsys, "merge") == f"{tmp_path / 'afile'}: exists and is not a folder"
@@ -482,12 +480,7 @@ def test_running_out_of_host_memory_is_one_line(capsys, monkeypatch):
 
 
 def test_merge_into_an_empty_prefix_is_refused(tmp_path, capsys, monkeypatch):
-    from megamath.data.indexed_dataset_writer import IndexedDatasetWriter
-    import numpy as np
-
-    with IndexedDatasetWriter(tmp_path / "d", np.uint16) as w:
-        w.add_item(np.arange(5))
-        w.end_document()
+    _tiny_dataset(tmp_path / "d")
     monkeypatch.chdir(tmp_path)
     for output in ("", ".bin"):  # both wrote hidden files .bin/.idx in the current folder
         assert main(["merge", "--input", "d", "--output", output]) == 2
