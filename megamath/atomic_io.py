@@ -32,6 +32,11 @@ def fsync_path(path: str | Path) -> None:
 def replace_atomically(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
     """Write through `write(file)` into a temporary file beside `path`, then publish it as `path`."""
     path = Path(path)
+    if path.exists() and not path.is_file() and not path.is_dir():
+        # A device or pipe (`--output /dev/null`): a rename would replace it with a regular file; write through.
+        with open(path, "wb") as f:
+            write(f)
+        return
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{next(_temp_counter)}")
     try:
         with open(tmp, "wb") as f:

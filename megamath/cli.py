@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
 def _one_line(err: BaseException) -> str:
     """The message of an error, with the path an OSError carries when its message lacks it."""
     if isinstance(err, OSError) and err.strerror and err.filename is not None:  # raised by the OS, not by us
-        if isinstance(err, FileExistsError) and os.path.lexists(err.filename) and not os.path.isdir(err.filename):
+        if (isinstance(err, FileExistsError) and isinstance(err.filename, (str, bytes, os.PathLike))
+                and os.path.lexists(err.filename) and not os.path.isdir(err.filename)):
             return f"{err.filename}: exists and is not a folder"  # mkdir met a file where a folder goes
         # a failed rename (os.replace(temp, target)) names the temporary file first: the user's path is the target
         return f"{err.filename2 if err.filename2 is not None else err.filename}: {err.strerror}"

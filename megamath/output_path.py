@@ -17,6 +17,8 @@ def prepare_output_file(path: str | Path, flag: str = "--output", inputs: Iterab
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{flag} {path} is a folder; name a file")
+    if path.exists() and not path.is_file():  # /dev/null, a pipe: written through, in place
+        return path
     for source in inputs:
         if path.exists() and Path(source).exists() and os.path.samefile(path, source):
             raise ValueError(f"{flag} {path} is also an input ({source}); writing it would replace that input")

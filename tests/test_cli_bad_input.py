@@ -10,16 +10,24 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from generation_fixtures import build_checkpoint, build_tokenizer
 from megamath.cli import main
+from megamath.data.indexed_dataset_writer import IndexedDatasetWriter
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_cli")
     return build_checkpoint(root / "ckpt"), build_tokenizer(root / "tok.model")
+
+
+def _tiny_dataset(prefix):
+    with IndexedDatasetWriter(prefix, np.uint16) as w:
+        w.add_item(np.arange(5))
+        w.end_document()
 
 
 def one_error_line(capsys, command: str) -> str:
@@ -84,12 +92,7 @@ def test_hf_config_with_a_wrong_type_is_one_line(tiny, tmp_path, capsys, value):
 # ---- files that are not what they should be: tokenizers, YAML, binary text ---------------------------------
 
 def test_inspect_with_a_file_that_is_no_tokenizer_is_one_line(tmp_path, capsys):
-    from megamath.data.indexed_dataset_writer import IndexedDatasetWriter
-    import numpy as np
-
-    with IndexedDatasetWriter(tmp_path / "d", np.uint16) as w:
-        w.add_item(np.arange(5))
-        w.end_document()
+    _tiny_dataset(tmp_path / "d")
     (tmp_path / "bad.model").write_text("not a model")
     assert main(["inspect", str(tmp_path / "d"), "--tokenizer-model", str(tmp_path / "bad.model")]) == 2
     assert one_error_line(capsys, "inspect").startswith(f"{tmp_path / 'bad.model'}: not a SentencePiece model")
@@ -407,12 +410,7 @@ def test_every_help_renders_and_output_flags_say_they_replace(capsys):
 # ---- OS errors on output paths name the user's path, not a temporary one ----------------------------------
 
 def test_output_under_a_file_says_so(tmp_path, capsys):
-    from megamath.data.indexed_dataset_writer import IndexedDatasetWriter
-    import numpy as np
-
-    with IndexedDatasetWriter(tmp_path / "d", np.uint16) as w:
-        w.add_item(np.arange(5))
-        w.end_document()
+    _tiny_dataset(tmp_path / "d")
     (tmp_path / "afile").write_text("keep")
     assert main(["merge", "--input", str(tmp_path / "d"), "--output", str(tmp_path / "afile" / "m")]) == 2
     assert one_error_line(capsys, "merge") == f"{tmp_path / 'afile'}: exists and is not a folder"
@@ -482,14 +480,69 @@ def test_running_out_of_host_memory_is_one_line(capsys, monkeypatch):
 
 
 def test_merge_into_an_empty_prefix_is_refused(tmp_path, capsys, monkeypatch):
-    from megamath.data.indexed_dataset_writer import IndexedDatasetWriter
-    import numpy as np
-
-    with IndexedDatasetWriter(tmp_path / "d", np.uint16) as w:
-        w.add_item(np.arange(5))
-        w.end_document()
+    _tiny_dataset(tmp_path / "d")
     monkeypatch.chdir(tmp_path)
     for output in ("", ".bin"):  # both wrote hidden files .bin/.idx in the current folder
         assert main(["merge", "--input", "d", "--output", output]) == 2
         assert one_error_line(capsys, "merge") == f"--output {output!r} names no dataset: give a prefix such as out/merged"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.bin", "d.idx"]
+
+
+# ---- train: inputs used only at the first evaluation are checked at the start -------------------------------
+
+@pytest.mark.parametrize("broken", ["data", "tokenizer"])
+def test_train_checks_evaluation_inputs_before_the_first_step(tiny, tmp_path, capsys, broken):
+    """A wrong evaluation path used to stop the run at its first evaluation, eval_every steps (hours) in."""
+    import yaml
+    from test_train_loop import raw_config
+
+    (tmp_path / "arith.jsonl").write_text('{"id": "1", "prompt": "2 + 2 =", "answer": "4"}\n')
+    (tmp_path / "bad.model").write_text("not a model")
+    raw = raw_config(tmp_path / "data", tmp_path / "run", train_steps=4, eval_every=4, model__max_seq_length=64,
+                     model__vocab_size=512)
+    raw["evaluation"] = {"tokenizer_model": str(tmp_path / "bad.model" if broken == "tokenizer" else tiny[1]),
+                         "data_dir": str(tmp_path),
+                         "tasks": [{"name": "demo-arith", "data": "missing.jsonl" if broken == "data" else "arith.jsonl",
+                                    "max_new_tokens": 4}]}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["train", "--config", str(tmp_path / "run.yaml")]) == 2
+    line = one_error_line(capsys, "train")
+    assert line == (f"data file {tmp_path / 'missing.jsonl'} not found" if broken == "data"
+                    else f"{tmp_path / 'bad.model'}: not a SentencePiece model (INTERNAL: could not parse ModelProto "
+                    f"from {tmp_path / 'bad.model'})")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() or \
+        (tmp_path / "run" / "metrics.jsonl").read_text() == ""
+
+
+def test_config_from_megatron_with_its_own_flags_after_the_file_says_where_they_go(tmp_path, capsys):
+    (tmp_path / "train.sh").write_text("--num-layers 2\n")
+    assert main(["config", "from-megatron", str(tmp_path / "train.sh"), "--world-size", "4"]) == 2
+    assert one_error_line(capsys, "config") == (
+        f"{str(tmp_path / 'train.sh')!r} comes before any --flag (a file holding the command line goes last, "
+        "after megamath's own flags such as --output and --world-size)")
+
+
+def test_output_to_a_pipe_or_device_is_written_through_not_replaced(tmp_path, capsys):
+    """`--output /dev/null` is the usual way to keep only the printed numbers: publishing by rename would
+    replace the device itself with a regular file (as root, for every program on the machine). A FIFO
+    stands in for it here."""
+    import os
+    import stat
+    import threading
+
+    run = _run_folder(tmp_path / "run")
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    try:
+        assert main(["report", str(run), "--output", str(fifo)]) == 0
+    finally:
+        if not received:  # unblock the reader if nothing was written through the pipe
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)) if stat.S_ISFIFO(os.stat(fifo).st_mode) else None
+    reader.join(timeout=10)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode), "the FIFO was replaced by a regular file"
+    assert received and received[0].startswith(b"<!DOCTYPE html>")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe", "run"]

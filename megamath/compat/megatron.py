@@ -111,7 +111,9 @@ def parse_flags(words: Sequence[str]) -> tuple[dict, int | None]:
                 raise ValueError(f"--{name} is given twice")
             parsed[current] = [value] if eq else []
         elif current is None:
-            raise ValueError(f"{word!r} comes before any --flag")
+            hint = (" (a file holding the command line goes last, after megamath's own flags such as --output "
+                    "and --world-size)") if Path(word).is_file() else ""
+            raise ValueError(f"{word!r} comes before any --flag{hint}")
         else:
             parsed[current].append(word)
     return parsed, world

@@ -35,6 +35,22 @@ def _decoding_view(model):
     return twin
 
 
+def check_task_inputs(config: EvaluationConfig) -> None:
+    """Open the tokenizer and read every task's problems (and build one prompt) now, at the start of the run:
+    a wrong path or --shots would otherwise stop training at its first evaluation, eval_every steps in."""
+    if not config.tasks:
+        return
+    from megamath.data.tokenizer import load_sentencepiece
+
+    load_sentencepiece(config.tokenizer_model)
+    for task_config in config.tasks:
+        task = get_task(task_config.name)
+        problems = task.read(config.data_path(task_config))
+        if not problems:
+            raise ValueError(f"evaluation task {task_config.name}: {config.data_path(task_config)} holds no problems")
+        task.prompt(problems[0].question, task.shots if task_config.shots is None else task_config.shots)
+
+
 @torch.no_grad()
 def evaluate_tasks(model, config: EvaluationConfig, state, say=print) -> dict[str, float]:
     """Run every configured task once (collective over all ranks); the accuracies by metric name."""

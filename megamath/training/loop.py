@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megamath.evaluation.during_training import evaluate_tasks
+from megamath.evaluation.during_training import check_task_inputs, evaluate_tasks
 from megamath.model.llama import Llama
 from megamath.model.pretrained import load_pretrained
 from megamath.parallel.sequence_parallel import allreduce_sequence_parallel_grads
@@ -223,6 +223,7 @@ def train(config: TrainConfig, state: ParallelState) -> TrainResult:
 def _train(config: TrainConfig, state: ParallelState, attempt: str) -> TrainResult:
     run_dir = Path(config.run_dir)
     data = TrainData(config, state, config.data.cache_dir or run_dir / "index-cache")  # data errors first
+    check_task_inputs(config.evaluation)  # and the evaluation's, not at its first eval_every step
     model = build_model(config, state)
     optimizer = build_optimizer(config, model, state)
     seed_rngs(config.seed, state.rank)
