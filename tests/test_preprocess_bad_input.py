@@ -125,6 +125,27 @@ def test_all_bad_lines_counted_only_the_first_few_reported(tmp_path, model, caps
     assert summary.documents == 1
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_dataset_whose_every_line_is_skipped_is_an_error_not_an_empty_dataset(tmp_path, model, workers):
+    """A wrong --json-key skips every line: publishing an empty dataset and exiting 0 hid the mistake."""
+    root = tmp_path / "pp2"
+    for split, key in (("test", "text"), ("train", "content")):
+        path = root / "arxiv" / split / "a.jsonl"
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"".join(json.dumps({key: f"document {i}"}).encode() + b"\n" for i in range(3)))
+    out = tmp_path / "out"
+    with pytest.raises(ValueError) as err:
+        _run([root], model, out, workers=workers)
+    assert str(err.value) == (f"arxiv_train_text_document: every line was skipped ({MISSING_KEY}: 3; first: "
+                              f"{root}/arxiv/train/a.jsonl:1: {MISSING_KEY}: no 'text' key (keys: 'content')); "
+                              "nothing written for it: check --json-key and the input")
+    assert sorted(p.name for p in out.iterdir()) == ["arxiv_test_text_document.bin", "arxiv_test_text_document.idx"]
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    (summary,) = _run([empty], model, tmp_path / "out2", workers=workers)  # no lines at all: an empty dataset
+    assert (summary.documents, summary.skipped) == (0, {})
+
+
 def test_text_that_encodes_to_no_tokens_is_skipped(tmp_path):
     # remove_extra_whitespaces: a text of spaces normalizes to nothing.
     squeezing = _train(tmp_path / "squeeze.model", remove_extra_whitespaces=True)

@@ -149,9 +149,14 @@ class _Outputs:
         """Publish every dataset before `group` (empty inputs give empty datasets)."""
         while self._next_to_finish < group:
             index = self._next_to_finish
+            summary = self.summaries[index]
+            if summary.skipped and not summary.documents:  # e.g. a wrong --json-key: an empty dataset is no result
+                reasons = ", ".join(f"{reason}: {count:,}" for reason, count in sorted(summary.skipped.items()))
+                raise ValueError(f"{summary.name}: every line was skipped ({reasons}; first: {summary.bad_lines[0]}); "
+                                 "nothing written for it: check --json-key and the input")
             self._writer(index).finalize()
             del self._writers[index]
-            summary, now = self.summaries[index], time.perf_counter()
+            now = time.perf_counter()
             summary.output_bytes = sum(os.path.getsize(f"{summary.prefix}{ext}") for ext in (".bin", ".idx"))
             summary.seconds, self._clock = now - self._clock, now
             self._next_to_finish += 1
