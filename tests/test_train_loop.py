@@ -5,6 +5,7 @@ The helpers at the top are shared with test_checkpoint.py.
 """
 import json
 import math
+import os
 import shutil
 import signal
 import subprocess
@@ -346,6 +347,22 @@ def test_sigterm_saves_and_exits_zero_then_resumes_exactly(tmp_path, one_thread)
     run(reference)
     assert [r["loss"] for r in metrics(tmp_path / "preempted")] == [r["loss"] for r in metrics(tmp_path / "straight")]
     assert_bitwise_equal(final_state(tmp_path / "preempted", 12), final_state(tmp_path / "straight", 12))
+
+
+def test_a_signal_during_a_scheduled_save_stops_on_that_checkpoint(tmp_path, monkeypatch, one_thread, capsys):
+    """A cluster's grace period after SIGTERM may not cover one more step and another full save."""
+    save = loop.ckpt.save_checkpoint
+
+    def save_then_signalled(run_dir, step, *args, **kwargs):
+        save(run_dir, step, *args, **kwargs)
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives while the checkpoint is being written
+
+    monkeypatch.setattr(loop.ckpt, "save_checkpoint", save_then_signalled)
+    result = run(raw_config(tmp_path / "data", tmp_path / "run", train_steps=8, checkpoint__save_every=2))
+    assert (result.step, result.preempted) == (4, True) and len(metrics(tmp_path / "run")) == 4
+    assert "stopping on SIGTERM after step 4: checkpoint saved to" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*")) == ["step_0000002", "step_0000004"]
 
 
 # ---- non-finite steps -----------------------------------------------------------------------------------------

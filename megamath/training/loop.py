@@ -305,6 +305,9 @@ def _train(config: TrainConfig, state: ParallelState, attempt: str) -> TrainResu
                         ckpt.save_checkpoint(run_dir, step, model, optimizer, state, meta, config.checkpoint.keep,
                                              attempt=attempt)
                     last_saved = step
+                    if not preempted and step < config.train_steps:  # signalled during the save: stop on it now,
+                        with timer.phase("sync"):  # not after another step and another save (the grace may not last)
+                            preempted = flag.agreed(state)
                 if preempted:
                     path = run_dir / ckpt.CHECKPOINTS / ckpt.step_dir_name(last_saved)
                     saved = (f"checkpoint saved to {path}" if last_saved == step else
