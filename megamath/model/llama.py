@@ -48,7 +48,7 @@ from megamath.model.config import ModelConfig
 from megamath.model.attention import with_attention
 from megamath.model.ops import Ops, get_ops
 from megamath.model.partition import (
-    ParamSpec, check_tensor_parallel, is_norm_weight, partition_table,
+    ParamSpec, check_tensor_parallel, is_norm_weight, partition_table, replicated_kv_heads,
 )
 from megamath.parallel.layers import (
     ColumnParallelLinear, RowParallelLinear, TPReplicatedLinear, VocabParallelEmbedding, column_parallel_inputs,
@@ -105,20 +105,15 @@ class Attention(nn.Module):
             self._plan_replicated_kv(config, parallel.tp_rank, p)
 
     def _plan_replicated_kv(self, config: ModelConfig, tp_rank: int, p: int) -> None:
-        """Which KV heads this rank's query heads read (serial rule: query head j reads j // (Hq / Hkv)).
-
-        They form a contiguous range [first, last]; only their rows of k/v are projected. When each of
-        them serves the same number of consecutive local query heads, flash attention's GQA grouping
-        applies as is; otherwise (e.g. Hq 6, Hkv 3, p 2: rank 0 reads 0, 0, 1) k and v are expanded to
-        one head per local query head.
+        """Which KV heads this rank's query heads read (partition.replicated_kv_heads): a contiguous range,
+        whose rows of k/v alone are projected. When each of them serves the same number of consecutive local
+        query heads, flash attention's GQA grouping applies as is; otherwise k and v are expanded to one head
+        per local query head.
         """
-        q_local, group_size = config.num_heads // p, config.num_heads // config.num_kv_heads
-        kv_of_q = [(tp_rank * q_local + i) // group_size for i in range(q_local)]  # global KV head per local q
-        first, n_kv = kv_of_q[0], kv_of_q[-1] - kv_of_q[0] + 1
+        first, n_kv, expand = replicated_kv_heads(config, tp_rank, p)
         self.kv_rows = slice(first * self.head_dim, (first + n_kv) * self.head_dim)
-        local = [k - first for k in kv_of_q]
-        if q_local % n_kv or local != [i // (q_local // n_kv) for i in range(q_local)]:
-            self.kv_expand = local
+        if expand is not None:
+            self.kv_expand = expand
 
     def local_heads(self) -> tuple[int, int]:
         """(query heads, KV heads) that this rank's attention kernel sees."""

@@ -137,3 +137,18 @@ def local_shapes(config: ModelConfig, tp_size: int) -> dict[str, tuple[int, ...]
     """Each parameter's shape on one rank of TP size tp_size, in Llama's order."""
     return {name: local_shape(spec.shape, spec.partition_dim, tp_size)
             for name, spec in partition_table(config, tp_size).items()}
+
+
+def replicated_kv_heads(config: ModelConfig, tp_rank: int, tp_size: int) -> tuple[int, int, list[int] | None]:
+    """When tp_size does not divide the KV heads: (first, count) of the KV heads this rank's query heads read
+    (serial rule: query head j reads j // (Hq / Hkv)), and the local KV head of each local query head when
+    they do not group evenly (e.g. Hq 6, Hkv 3, p 2: rank 0 reads 0, 0, 1), else None.
+
+    The attention layer projects only those heads (and expands them by that list); the planner counts them.
+    """
+    q_local, group_size = config.num_heads // tp_size, config.num_heads // config.num_kv_heads
+    kv_of_q = [(tp_rank * q_local + i) // group_size for i in range(q_local)]  # global KV head per local q
+    first, n_kv = kv_of_q[0], kv_of_q[-1] - kv_of_q[0] + 1
+    local = [k - first for k in kv_of_q]
+    even = q_local % n_kv == 0 and local == [i // (q_local // n_kv) for i in range(q_local)]
+    return first, n_kv, None if even else local

@@ -30,7 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megamath.model.config import ModelConfig
-from megamath.model.partition import local_shape, partition_table
+from megamath.model.partition import local_shape, partition_table, replicated_kv_heads
 from megamath.parallel.zero_layout import GRAD_BYTES, ZeroLayout, bucket_numel_for, buffer_bytes, zero_layout
 from megamath.planning.hardware import ALLOCATOR_HEADROOM, RUNTIME_RESERVE_BYTES
 
@@ -69,18 +69,11 @@ def zero_buffer_bytes(model: ModelConfig, shape: RunShape, param_bytes: int = PA
 
 
 def _replicated_kv_heads(model: ModelConfig, tp: int) -> int:
-    """K/V heads the attention keeps on the busiest rank when tp does not divide the KV heads: the rule of
-    llama.Attention._plan_replicated_kv (only the heads the rank's query heads read are projected; expanded
-    to one per query head when those do not group evenly)."""
-    q_local, group = model.num_heads // tp, model.num_heads // model.num_kv_heads
-    most = 0
-    for rank in range(tp):
-        kv_of_q = [(rank * q_local + i) // group for i in range(q_local)]  # global KV head per local query head
-        n_kv = kv_of_q[-1] - kv_of_q[0] + 1
-        local = [k - kv_of_q[0] for k in kv_of_q]
-        even = q_local % n_kv == 0 and local == [i // (q_local // n_kv) for i in range(q_local)]
-        most = max(most, n_kv if even else q_local)
-    return most
+    """K/V heads the attention keeps on the busiest rank when tp does not divide the KV heads: those its
+    query heads read, or one per query head when they do not group evenly (the layer's own rule)."""
+    q_local = model.num_heads // tp
+    plans = (replicated_kv_heads(model, rank, tp) for rank in range(tp))
+    return max(n_kv if expand is None else q_local for _, n_kv, expand in plans)
 
 
 def _layer_bytes_per_token(model: ModelConfig, tp: int, sp: bool) -> float:
