@@ -9,15 +9,13 @@ import json
 from pathlib import Path
 from typing import Iterator
 
+from megamath.input_path import require_file
+
 
 def read_jsonl_objects(path: str | Path, what: str = "file") -> Iterator[tuple[int, dict]]:
     """(line number, object) for every non-blank line of `path`; a missing file, a line that is not JSON
     or not a JSON object is a one-line error naming `what`, the path and the line."""
-    path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"{what} {path} is a folder, not a file")
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} {path} not found")
+    path = require_file(path, what)
     with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is an error naming it, like bad JSON
         for line_no, raw in enumerate(f, 1):
             try:

@@ -507,7 +507,7 @@ def test_train_checks_evaluation_inputs_before_the_first_step(tiny, tmp_path, ca
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
     assert main(["train", "--config", str(tmp_path / "run.yaml")]) == 2
     line = one_error_line(capsys, "train")
-    assert line == (f"data file {tmp_path / 'missing.jsonl'} not found" if broken == "data"
+    assert line == (f"data file not found: {tmp_path / 'missing.jsonl'}" if broken == "data"
                     else f"{tmp_path / 'bad.model'}: not a SentencePiece model (INTERNAL: could not parse ModelProto "
                     f"from {tmp_path / 'bad.model'})")
     assert not (tmp_path / "run" / "checkpoints").exists()

@@ -19,6 +19,7 @@ from typing import Sequence
 
 from megamath.compat.conversion import (NO_EQUIVALENT, NOT_NEEDED, UNSUPPORTED, Conversion, Keys, Unmapped,
                                         valid_set_names)
+from megamath.input_path import require_file
 
 SENTENCEPIECE_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer")
 LAUNCHER_SIZES = {"--nnodes", "--nproc_per_node", "--nproc-per-node"}
@@ -72,9 +73,7 @@ def read_command_line(args: Sequence[str]) -> tuple[list[str], str]:
     if args and args[0] == "--":
         args = args[1:]
     if len(args) == 1 and not args[0].startswith("-"):
-        path = Path(args[0])
-        if not path.is_file():
-            raise FileNotFoundError(f"Megatron-LM command line file not found: {path}")
+        path = require_file(args[0], "Megatron-LM command line file")
         try:
             text = path.read_text(encoding="utf-8").replace("\\\n", " ")
         except UnicodeDecodeError as err:

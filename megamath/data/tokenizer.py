@@ -28,6 +28,8 @@ import sentencepiece
 from google.protobuf.message import DecodeError
 from sentencepiece import sentencepiece_model_pb2
 
+from megamath.input_path import require_file
+
 SEGMENT_CHARS = 2048  # per-byte speed is flat for pieces of 0.25-4 K characters, and drops beyond
 _PROBES = ("a\nb", "x  \n  y\n\n z \n", "\n\nfoo\n", "caf\u00e9\n\u0301x\n\u00e9", "1 2\n 3\t\n4\r\n5",
            "  lead\n\ntrail  ", "\u4e2d\u6587\n\U0001d400\n\u2028 z")
@@ -35,11 +37,7 @@ _PROBES = ("a\nb", "x  \n  y\n\n z \n", "\n\nfoo\n", "caf\u00e9\n\u0301x\n\u00e9
 
 def load_sentencepiece(path: str | Path) -> sentencepiece.SentencePieceProcessor:
     """A loaded `tokenizer.model`; a missing file, or one SentencePiece cannot parse, is one error naming it."""
-    path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"tokenizer model {path} is a folder, not a file")
-    if not path.is_file():
-        raise FileNotFoundError(f"tokenizer model not found: {path}")
+    path = require_file(path, "tokenizer model")
     processor = sentencepiece.SentencePieceProcessor()
     try:
         processor.Load(model_file=str(path))

@@ -27,6 +27,7 @@ from megamath.model.config import ModelConfig
 from megamath.parallel.optimizer_config import OptimizerConfig
 from megamath.training.schedule import ScheduleConfig
 from megamath.training.wandb_log import WandbConfig
+from megamath.input_path import require_file
 
 # LLEMMA's ProofPile II weights. LLEMMA also mixed in general data: the Pile at 0.147368 and
 # RedPajama code at 0.221053 of the subset total, to limit forgetting; those are not ProofPile II
@@ -247,10 +248,7 @@ class TrainConfig:
 def read_yaml(path: Path, what: str):
     """The parsed contents of a YAML file; one-line errors for a missing file (`what not found: path`) and
     for invalid YAML."""
-    if path.is_dir():
-        raise IsADirectoryError(f"{what} {path} is a folder, not a file")
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
+    require_file(path, what)
     try:
         return yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as err:
