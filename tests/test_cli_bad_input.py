@@ -215,6 +215,10 @@ def test_overlap_output_naming_its_test_set_keeps_the_test_set(tmp_path, capsys)
     ("eval", "--batch-size", "0", "--batch-size must be at least 1, got 0"),
     ("generate", "--seed", "-1", "--seed must be >= 0, got -1"),
     ("eval", "--seed", "-1", "--seed must be >= 0, got -1"),
+    ("generate", "--num-samples", "10000001", "10,000,001 samples of each of 1 prompts is 10,000,001 completions; "
+     "at most 10,000,000 in one run (split the prompts or take fewer samples)"),
+    ("eval", "--maj", str(10**20), f"{10**20:,} samples of each of 1 prompts is {10**20:,} completions; "
+     "at most 10,000,000 in one run (split the prompts or take fewer samples)"),
 ])
 def test_bad_counts_fail_before_the_model_loads(tiny, tmp_path, capsys, monkeypatch, command, flag, value, message):
     from megamath.generation import session

@@ -39,6 +39,7 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from megamath.atomic_io import write_text_atomically
+    from megamath.generation.batching import check_completion_count
     from megamath.generation.session import open_model
     from megamath.evaluation.runner import EvalSettings, Stopwatch, breakdown, evaluate, summarize
     from megamath.evaluation.tasks import get_task
@@ -57,6 +58,7 @@ def run(args) -> int:
     settings = EvalSettings(args.shots, args.maj, args.temperature, args.top_p, args.max_new_tokens, args.seed,
                             args.batch_size)
     task.prompt(problems[0].question, task.shots if args.shots is None else args.shots)  # bad --shots: fail now
+    check_completion_count(len(problems), args.maj)  # before the model loads
     model, codec, state = open_model(args.model, args.tokenizer_model,
                                      args.max_new_tokens or task.max_new_tokens)
     passes = 2 if args.maj > 1 else 1

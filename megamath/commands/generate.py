@@ -62,7 +62,7 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from megamath.atomic_io import write_text_atomically
-    from megamath.generation.batching import complete
+    from megamath.generation.batching import check_completion_count, complete
     from megamath.generation.generate import SamplingParams
     from megamath.generation.session import open_model, read_prompts
     from megamath.output_path import prepare_output_file
@@ -73,6 +73,7 @@ def run(args) -> int:
     prepare_output_file(args.output, inputs=[args.prompts])  # written at the end: fail now, not after the run
     params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, tuple(args.stop))
     records = read_prompts(args.prompts)
+    check_completion_count(len(records), args.num_samples)  # before the model loads
     model, codec, state = open_model(args.model, args.tokenizer_model, args.max_new_tokens)
     bar = tqdm(total=len(records), unit="prompt", disable=state.rank != 0, file=sys.stderr)
     results = complete(model, codec, [r["prompt"] for r in records], params, args.num_samples, args.seed,

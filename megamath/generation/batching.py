@@ -17,6 +17,20 @@ import numpy as np
 from megamath.generation.generate import Completion, SamplingParams, generate
 
 
+MAX_COMPLETIONS = 10_000_000
+"""Completions in one call: every (prompt, sample) row and its result are held in memory, so a count far past
+what any run generates (`--num-samples 1e20`) must be refused at once, not met by the kernel's OOM killer."""
+
+
+def check_completion_count(num_prompts: int, num_samples: int) -> None:
+    """Refuse a number of samples below 1, or more than MAX_COMPLETIONS completions in all; one line."""
+    if num_samples < 1:
+        raise ValueError(f"samples per prompt must be at least 1, got {num_samples}")
+    if num_prompts * num_samples > MAX_COMPLETIONS:
+        raise ValueError(f"{num_samples:,} samples of each of {num_prompts:,} prompts is {num_prompts * num_samples:,} "
+                         f"completions; at most {MAX_COMPLETIONS:,} in one run (split the prompts or take fewer samples)")
+
+
 def row_seed(seed: int, key: int, sample: int) -> int:
     """A 63-bit seed for sample `sample` of prompt `key` under the user's seed."""
     return int(np.random.SeedSequence([seed, key, sample]).generate_state(2, np.uint64)[0]) >> 1
@@ -64,8 +78,9 @@ def complete(model, codec: PromptCodec, prompts: Sequence[str], params: Sampling
 
     `progress(prompts_finished, tokens_generated)` is called after each batch.
     """
-    if num_samples < 1 or batch_size < 1:
-        raise ValueError(f"num_samples and batch_size must be positive, got {num_samples} and {batch_size}")
+    check_completion_count(len(prompts), num_samples)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
     keys = list(range(len(prompts))) if keys is None else list(keys)
     encoded = [codec.encode(p)[0] for p in prompts]
     rows = [(i, j) for i in range(len(prompts)) for j in range(num_samples)]
