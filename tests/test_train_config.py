@@ -87,7 +87,7 @@ def test_llemma_mixture_expands_from_data_dir():
     ({"optimizer": {"lrr": 1}}, "unknown key 'optimizer.lrr'; optimizer takes: lr, beta1, beta2, eps, weight_decay, "
                                 "clip_grad, grad_dtype"),
     ({"modle": {}}, "unknown key 'modle'; config takes: model, parallel, optimizer, data, schedule, checkpoint, "
-                    "profile, logging, run_dir, micro_batch_size, grad_accum_steps, train_steps, eval_every, "
+                    "profile, logging, metrics, run_dir, micro_batch_size, grad_accum_steps, train_steps, eval_every, "
                     "eval_batches, init_from_hf, param_dtype, seed, max_consecutive_nonfinite, log_every, evaluation"),
     ({"model": {"preset": "tiny", "hidden": 64}}, "unknown key 'model.hidden'; model takes: preset, vocab_size, "
      "hidden_size, num_layers, num_heads, num_kv_heads, ffn_hidden_size, max_seq_length, rope_theta, norm_eps, "
@@ -107,6 +107,9 @@ def test_llemma_mixture_expands_from_data_dir():
      "eval_every is 10 but data.valid_data is empty"),
     ({"parallel": {"sequence_parallel": True}}, "parallel.sequence_parallel needs parallel.tp_size > 1"),
     ({"param_dtype": "fp16"}, "param_dtype must be one of auto, float32, bfloat16, got 'fp16'"),
+    *[({"metrics": {"peak_tflops": bad}}, f"metrics.peak_tflops must be a positive number of TFLOP/s or null, got {bad!r}")
+      for bad in (0.0, -989.0, float("inf"), float("nan"))],
+    ({"metrics": {"peak_tflops": True}}, "metrics.peak_tflops must be float or null, got True"),
 ])
 def test_errors_name_the_key(raw, message):
     with pytest.raises(ValueError) as err:
@@ -133,7 +136,7 @@ def test_cli_reports_a_bad_config_in_one_line(tmp_path, capsys):
     assert main(["train", "--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert err == ("megamath train: error: unknown key 'warmup'; config takes: model, parallel, optimizer, data, "
-                   "schedule, checkpoint, profile, logging, run_dir, micro_batch_size, grad_accum_steps, train_steps, "
+                   "schedule, checkpoint, profile, logging, metrics, run_dir, micro_batch_size, grad_accum_steps, train_steps, "
                    "eval_every, eval_batches, init_from_hf, param_dtype, seed, max_consecutive_nonfinite, log_every, evaluation\n")
 
 

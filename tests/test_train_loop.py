@@ -163,6 +163,15 @@ def test_step_time_covers_the_optimizer(tmp_path, monkeypatch):
     assert all(r["step_time_s"] >= 0.3 for r in metrics(tmp_path / "run"))
 
 
+def test_metrics_peak_tflops_is_the_denominator_of_mfu(tmp_path):
+    """metrics.peak_tflops overrides the table (here on a CPU, which the table has no peak for)."""
+    run(raw_config(tmp_path / "data", tmp_path / "run", train_steps=2, checkpoint__save_every=0,
+                   metrics__peak_tflops=0.25))
+    records = metrics(tmp_path / "run")
+    assert len(records) == 2 and all(r["mfu"] == pytest.approx(r["tflops"] / 0.25, rel=1e-12) for r in records)
+    assert json.loads((tmp_path / "run" / "run_info.json").read_text())["peak_tflops"] == 0.25
+
+
 def test_token_ids_outside_the_vocabulary_are_refused_on_the_host(tmp_path):
     raw = raw_config(tmp_path / "data", tmp_path / "run", model__vocab_size=48)  # the corpus holds ids up to 59
     with pytest.raises(ValueError, match=r"^sample \d+ holds token id 5\d, outside the model's vocabulary "

@@ -174,6 +174,20 @@ class LoggingConfig:
 
 
 @dataclass
+class MetricsConfig:
+    peak_tflops: float | None = None
+    """The device's dense bf16 peak in TFLOP/s, the denominator of `mfu`; null: looked up by the GPU's name in
+    megamath.training.metrics.PEAK_TFLOPS (no MFU on CPUs or on a GPU missing from it). Set it for a card the
+    table lacks, or one run at other clocks."""
+
+    def __post_init__(self) -> None:
+        value = self.peak_tflops
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value) or value <= 0):
+            raise ValueError(f"metrics.peak_tflops must be a positive number of TFLOP/s or null, got {value!r}")
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     """The model's shape and switches (activation_checkpointing, kernels); YAML: fields or `preset:` + fields."""
@@ -191,6 +205,8 @@ class TrainConfig:
     """torch.profiler traces and CUDA memory snapshots on demand."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Sinks besides metrics.jsonl (the source of truth): TensorBoard, Weights & Biases."""
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    """How metrics.jsonl's MFU is computed: the device's peak."""
     run_dir: str = "runs/train"
     """Everything the run writes: metrics.jsonl, config.yaml, checkpoints/, index-cache/."""
     micro_batch_size: int = 1

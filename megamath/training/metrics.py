@@ -41,8 +41,11 @@ PEAK_TFLOPS = (
 )
 
 
-def peak_tflops(device: torch.device) -> float | None:
-    """The device's dense bf16 peak in TFLOP/s, or None (CPU, or a GPU missing from the table)."""
+def peak_tflops(device: torch.device, override: float | None = None) -> float | None:
+    """The device's dense bf16 peak in TFLOP/s: `override` when given (the config's metrics.peak_tflops), else
+    the table's entry for the GPU's name, else None (CPU, or a GPU missing from the table)."""
+    if override is not None:
+        return float(override)
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
@@ -73,7 +76,8 @@ class MetricsLogger:
 
     def __init__(self, run_dir: Path, state: ParallelState, flops_per_token: int, tokens_per_step: int,
                  total_steps: int, first_step: int, log_every: int, tensorboard: bool = False,
-                 info: dict | None = None, wandb: WandbConfig | None = None, run_config: dict | None = None) -> None:
+                 info: dict | None = None, wandb: WandbConfig | None = None, run_config: dict | None = None,
+                 peak: float | None = None) -> None:
         self.enabled = state.rank == 0
         self.world_group = state.world_group  # the per-step gather of step times and energy
         # Every rank checks the package, so that a missing one fails the whole job at once; rank 0 loads it.
@@ -81,7 +85,7 @@ class MetricsLogger:
         self.wandb = None
         self.device, self.flops_per_token, self.world_size = state.device, flops_per_token, state.world_size
         self.tokens_per_step, self.log_every = tokens_per_step, log_every
-        self.peak = peak_tflops(state.device)
+        self.peak = peak_tflops(state.device, peak)  # MFU's denominator, TFLOP/s
         self.timed: list[float] = []  # training times of steps, for the summary
         self.pending: list[tuple[dict, StepTiming]] = []  # records whose timing is not read yet
         self.hardware = HardwareProbe(state.device)
@@ -202,11 +206,11 @@ class MetricsLogger:
 
 
 def run_info(world_size: int, tp_size: int, device: torch.device, flops_per_token: int, tokens_per_step: int,
-             seq_length: int) -> dict:
+             seq_length: int, peak: float | None = None) -> dict:
     """What a report needs about the job that no step record says (RUN_DIR/run_info.json)."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return {"world_size": world_size, "tp_size": tp_size, "dp_size": world_size // tp_size,
-            "device_type": device.type, "device_name": name, "peak_tflops": peak_tflops(device),
+            "device_type": device.type, "device_name": name, "peak_tflops": peak_tflops(device, peak),
             "flops_per_token": flops_per_token, "tokens_per_step": tokens_per_step, "seq_length": seq_length}
 
 
@@ -230,7 +234,9 @@ def format_summary(summary: dict) -> str:
     line = (f"throughput over {summary['steps']} steps (the first one after start left out): "
             f"{summary['step_time_s']:.3f} s/step, {summary['tokens_per_s']:,.0f} tokens/s, "
             f"{summary['tflops']:.3g} TFLOP/s per device")
-    return line + (f", MFU {summary['mfu']:.1%}" if summary["mfu"] is not None else ", MFU n/a (no GPU peak)")
+    if summary["mfu"] is None:
+        return line + ", MFU n/a (no GPU peak: set metrics.peak_tflops)"
+    return line + f", MFU {summary['mfu']:.1%}"
 
 
 def _truncate_after(path: Path, last_step: int) -> None:
