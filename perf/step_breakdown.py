@@ -1,0 +1,97 @@
+"""Where a training step's time goes: its kernels under torch.profiler, summed by kind.
+
+Why beside the benchmark: a GPU session is short and rare, and an MFU figure alone does not say what to
+fix next. One profiled pair of steps says it: the share of GEMMs (cuBLAS, already near peak), attention,
+the memory-bound kernels, the optimizer, copies; and how much of the step the device sat idle, waiting on
+the host (launch gaps, syncs). The table goes into the benchmark's results, so a session without a GPU can
+still plan from it.
+
+Device time is each kernel's own time (on CPU: each op's self time), summed over the profiled steps and
+divided by their number; `busy` is their sum, `wall` the host time of the profiled steps, the device
+synchronized at the end. The profiler adds some overhead of its own, so `wall` runs a little long.
+"""
+from __future__ import annotations
+
+import re
+import time
+from typing import Callable
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+# (kind, pattern over kernel or op names), first match wins: our own kernels by their exact names first,
+# since `_rms_norm_fwd_kernel` also ends like attention's `_fwd_kernel`.
+KINDS = (
+    ("norm", r"rms_norm|layer_norm"),
+    ("rope", r"rope"),
+    ("swiglu", r"swiglu|silu"),
+    ("cross-entropy", r"_ce_(forward|backward)|cross_entropy|log_softmax|nll_loss"),
+    ("optimizer", r"adamw|_fused_adam|multi_tensor_apply"),
+    ("attention", r"^_(fwd|bwd_dkdv|bwd_dq|bwd_preprocess)_kernel$|flash|fmha|sdpa|attention|scaled_dot"),
+    ("gemm", r"gemm|nvjet|cutlass|xmma|cublas|aten::(mm|addmm|bmm|matmul|linear)$"),
+    ("communication", r"nccl|gloo|all_reduce|allreduce|all_gather|reduce_scatter|broadcast"),
+    ("copy / cast", r"copy|memcpy|memset|to_copy|fill|cat_|index"),
+)
+
+
+def kind_of(name: str) -> str:
+    """The kind of a kernel or op name; `other` (elementwise, reductions) when no pattern matches."""
+    for kind, pattern in KINDS:
+        if re.search(pattern, name, re.IGNORECASE):
+            return kind
+    return "other"
+
+
+def profile_steps(step: Callable[[], object], device: torch.device, steps: int = 2) -> dict:
+    """Run `step` once untimed, then `steps` times under the profiler. Returns {"kinds": {kind: (ms per
+    step, [(name, ms per step), ...] heaviest first)}, "busy_ms": .., "wall_ms": .., "device": "cuda" | "cpu"}."""
+    cuda = device.type == "cuda"
+    step()
+    _sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        _sync(device)
+        wall_ms = (time.perf_counter() - start) * 1e3 / steps
+    kinds: dict[str, tuple[float, list]] = {}
+    for event in prof.key_averages():
+        if cuda and event.device_type != DeviceType.CUDA:
+            continue  # ops: their kernels are counted themselves
+        self_us = event.self_device_time_total if cuda else event.self_cpu_time_total
+        if self_us <= 0 or event.key.startswith("ProfilerStep"):
+            continue
+        ms = self_us / 1e3 / steps
+        total, names = kinds.get(kind_of(event.key), (0.0, []))
+        kinds[kind_of(event.key)] = (total + ms, names + [(event.key, ms)])
+    kinds = {k: (ms, sorted(names, key=lambda n: -n[1])) for k, (ms, names) in kinds.items()}
+    return {"kinds": kinds, "busy_ms": sum(ms for ms, _ in kinds.values()), "wall_ms": wall_ms,
+            "device": device.type}
+
+
+def breakdown_table(result: dict, title: str) -> list[str]:
+    """Markdown lines: one row per kind, heaviest first, with its two heaviest kernels."""
+    busy, wall = result["busy_ms"], result["wall_ms"]
+    if result["device"] == "cuda":
+        head = (f"{title}: device busy {busy:.1f} ms of a {wall:.1f} ms step ({100 * busy / wall:.0f} %; the rest is "
+                "the device waiting on the host)")
+    else:
+        head = f"{title}: CPU ops take {busy:.1f} ms of a {wall:.1f} ms step ({100 * busy / wall:.0f} %)"
+    lines = [head, "",
+             "| kind | ms per step | share of busy | heaviest |", "|---|---:|---:|---|"]
+    for kind, (ms, names) in sorted(result["kinds"].items(), key=lambda item: -item[1][0]):
+        heaviest = "; ".join(f"`{_short(name)}` {t:.2f}" for name, t in names[:2])
+        lines.append(f"| {kind} | {ms:.2f} | {100 * ms / busy:.1f} % | {heaviest} |")
+    return lines
+
+
+def _short(name: str, width: int = 60) -> str:
+    name = name.replace("|", "/").replace("`", "'")
+    return name if len(name) <= width else name[:width - 3] + "..."
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,68 @@
+"""perf/step_breakdown.py: a training step's kernels summed by kind, the table a GPU session leaves behind."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megamath.model.config import ModelConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "perf" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+breakdown = _load("step_breakdown")
+
+
+@pytest.mark.parametrize("name, kind", [
+    # CUDA kernel names as torch.profiler reports them on an H100 (cuBLAS, PyTorch, cuDNN, NCCL) and ours
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off_"
+     "kernel__5x_cublas", "gemm"),
+    ("nvjet_tst_128x256_64x4_2x1_v_bz_coopA_TNT", "gemm"),
+    ("_fwd_kernel", "attention"), ("_bwd_dkdv_kernel", "attention"), ("_bwd_dq_kernel", "attention"),
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4> >(Flash_fwd_params)",
+     "attention"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x128x128_4x1x1", "attention"),
+    ("_rms_norm_fwd_kernel", "norm"), ("_rms_norm_bwd_kernel", "norm"), ("_rope_kernel", "rope"),
+    ("_swiglu_bwd_kernel", "swiglu"), ("_ce_forward_kernel", "cross-entropy"), ("_adamw_kernel", "optimizer"),
+    ("ncclDevKernel_ReduceScatter_Sum_f32_RING_LL(ncclDevKernelArgsStorage<4096ul>)", "communication"),
+    ("Memcpy DtoD (Device -> Device)", "copy / cast"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>, "
+     "std::array<char*, 3ul> >(int, at::native::CUDAFunctor_add<c10::BFloat16>, std::array<char*, 3ul>)", "other"),
+    # CPU ops
+    ("aten::mm", "gemm"), ("aten::addmm", "gemm"), ("aten::silu", "swiglu"), ("aten::_log_softmax", "cross-entropy"),
+])
+def test_kernel_names_fall_into_their_kind(name, kind):
+    assert breakdown.kind_of(name) == kind
+
+
+def test_a_profiled_step_adds_up_and_renders(tmp_path):
+    bench = _load("bench_train")
+    config = ModelConfig(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                         ffn_hidden_size=128, max_seq_length=32, kernels="reference")
+    tokens = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(0))
+    step = bench.megamath_step(config, torch.device("cpu"), torch.float32, tokens, True)
+    result = breakdown.profile_steps(step, torch.device("cpu"), steps=2)
+    kinds = result["kinds"]
+    assert {"gemm", "swiglu", "cross-entropy"} <= kinds.keys(), kinds.keys()
+    assert 0 < result["busy_ms"] <= result["wall_ms"] * 1.05
+    assert result["busy_ms"] == pytest.approx(sum(ms for ms, _ in kinds.values()))
+    for ms, names in kinds.values():
+        assert ms == pytest.approx(sum(t for _, t in names)) and [t for _, t in names] == sorted(
+            (t for _, t in names), reverse=True)
+    lines = breakdown.breakdown_table(result, "megamath, micro-batch 2")
+    assert lines[0].startswith("megamath, micro-batch 2: CPU ops take ") and lines[2].startswith("| kind |")
+    rows = [line.split("|")[1].strip() for line in lines[4:]]
+    assert set(rows) == kinds.keys() and len(rows) == len(kinds)
+    shares = [float(line.split("|")[3].strip(" %")) for line in lines[4:]]
+    assert shares == sorted(shares, reverse=True) and sum(shares) == pytest.approx(100, abs=0.1 * len(shares))
