@@ -1,0 +1,70 @@
+"""The training step reads the device from the host once: the loss and the optimizer's figures, together.
+
+On a GPU every such read (`.item()`, `.tolist()`, `if tensor:`, `float(t)`, `.cpu()`, `nonzero`) waits for all
+queued work and leaves the GPU idle while the host catches up; test_gpu_trainer.py checks the step under
+CUDA's sync-debug mode there. This is the same check on CPU, in every CI run: the tensor methods that read
+the device are counted while megamath's code (the model, its Triton kernels' launchers, ZeRO-1, the loop) is
+on the stack, and Triton's CPU interpreter, which reads tensors by design, is left out.
+"""
+from __future__ import annotations
+
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+
+from megamath.model import Llama, ModelConfig
+from megamath.parallel.optimizer_config import OptimizerConfig
+from megamath.parallel.state import ParallelState
+from megamath.kernels.adamw import adamw_step
+from megamath.parallel import zero
+from megamath.parallel.zero import ZeroOptimizer
+from megamath.training.loop import train_step
+
+REPO = Path(__file__).resolve().parents[1]
+OURS = (str(REPO / "megamath") + "/", str(REPO / "kernels") + "/")
+READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "cpu", "nonzero")
+
+
+class HostReads:
+    """Counts device reads made from megamath's code while `active`: [(method, file:line of our frame)]."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.active, self.seen = False, []
+        for name in READS:
+            monkeypatch.setattr(torch.Tensor, name, self._counting(name, getattr(torch.Tensor, name)))
+
+    def _counting(self, name, original):
+        def read(tensor, *args, **kwargs):
+            if self.active:
+                frames = traceback.extract_stack()[:-1]
+                if not any("/triton/" in f.filename for f in frames):
+                    ours = [f for f in frames if f.filename.startswith(OURS)]
+                    if ours:
+                        self.seen.append((name, f"{Path(ours[-1].filename).relative_to(REPO)}:{ours[-1].lineno}"))
+            return original(tensor, *args, **kwargs)
+        return read
+
+
+@pytest.mark.parametrize("kernels", ["triton", "reference"])
+def test_a_training_step_reads_the_device_once(monkeypatch, kernels):
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, ffn_hidden_size=48,
+                         max_seq_length=32, kernels=kernels)
+    # The AdamW a GPU runs (the Triton kernel, here interpreted); on CPU ZeRO-1 takes the plain-torch reference,
+    # which decides a skipped step on the host.
+    monkeypatch.setattr(zero, "_adamw_fn", lambda device: adamw_step)
+    state = ParallelState.single()
+    model = Llama(config)
+    optimizer = ZeroOptimizer(model, state, OptimizerConfig(clip_grad=1.0), split_names=model.split_parameter_names())
+    batches = [(t[:, :-1], t[:, 1:]) for t in torch.randint(0, 64, (2, 2, 17))]  # 2 micro-batches of (2, 16)
+    reads = HostReads(monkeypatch)
+    train_step(model, optimizer, batches, 1e-3, state)  # the first step builds caches
+    reads.active = True
+    out = train_step(model, optimizer, batches, 1e-3, state)
+    reads.active = False
+    assert not out.skipped and out.grad_norm > 0
+    one_read = [(name, where) for name, where in reads.seen if where.startswith("megamath/training/loop.py")]
+    assert len(one_read) == 1 and one_read[0][0] == "tolist", reads.seen  # the step's own read
+    assert sorted(set(reads.seen) - set(one_read)) == []  # nothing else, in any file
