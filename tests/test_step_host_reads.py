@@ -8,6 +8,7 @@ on the stack, and Triton's CPU interpreter, which reads tensors by design, is le
 """
 from __future__ import annotations
 
+import json
 import traceback
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from megamath.kernels.adamw import adamw_step
 from megamath.parallel import zero
 from megamath.parallel.zero import ZeroOptimizer
 from megamath.training.loop import train_step
+from distributed import run_distributed
 
 REPO = Path(__file__).resolve().parents[1]
 OURS = (str(REPO / "megamath") + "/", str(REPO / "kernels") + "/")
@@ -28,12 +30,14 @@ READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "num
 
 
 class HostReads:
-    """Counts device reads made from megamath's code while `active`: [(method, file:line of our frame)]."""
+    """Counts device reads made from megamath's code while `active`: [(method, file:line of our frame)].
+    `patch(obj, name, value)` installs the counters: pytest's monkeypatch.setattr, or setattr in a process
+    that ends with the test."""
 
-    def __init__(self, monkeypatch) -> None:
+    def __init__(self, patch=setattr) -> None:
         self.active, self.seen = False, []
         for name in READS:
-            monkeypatch.setattr(torch.Tensor, name, self._counting(name, getattr(torch.Tensor, name)))
+            patch(torch.Tensor, name, self._counting(name, getattr(torch.Tensor, name)))
 
     def _counting(self, name, original):
         def read(tensor, *args, **kwargs):
@@ -59,7 +63,7 @@ def test_a_training_step_reads_the_device_once(monkeypatch, kernels):
     model = Llama(config)
     optimizer = ZeroOptimizer(model, state, OptimizerConfig(clip_grad=1.0), split_names=model.split_parameter_names())
     batches = [(t[:, :-1], t[:, 1:]) for t in torch.randint(0, 64, (2, 2, 17))]  # 2 micro-batches of (2, 16)
-    reads = HostReads(monkeypatch)
+    reads = HostReads(monkeypatch.setattr)
     train_step(model, optimizer, batches, 1e-3, state)  # the first step builds caches
     reads.active = True
     out = train_step(model, optimizer, batches, 1e-3, state)
@@ -68,3 +72,32 @@ def test_a_training_step_reads_the_device_once(monkeypatch, kernels):
     one_read = [(name, where) for name, where in reads.seen if where.startswith("megamath/training/loop.py")]
     assert len(one_read) == 1 and one_read[0][0] == "tolist", reads.seen  # the step's own read
     assert sorted(set(reads.seen) - set(one_read)) == []  # nothing else, in any file
+
+
+def _parallel_worker(rank, world_size, out_dir):
+    zero._adamw_fn = lambda device: adamw_step  # the GPU's AdamW, as above
+    state = ParallelState.from_env(tp_size=2)
+    config = ModelConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2, ffn_hidden_size=48,
+                         max_seq_length=32, kernels="reference")
+    torch.manual_seed(0)
+    model = Llama(config, parallel=state, sequence_parallel=True)
+    optimizer = ZeroOptimizer(model, state, OptimizerConfig(clip_grad=1.0), split_names=model.split_parameter_names(),
+                              bucket_mb=0.002, overlap_grad_reduce=True, overlap_param_gather=True)  # a few buckets
+    batches = [(t[:, :-1], t[:, 1:]) for t in torch.randint(0, 64, (2, 1, 17))]
+    reads = HostReads()
+    train_step(model, optimizer, batches, 1e-3, state)
+    reads.active = True
+    out = train_step(model, optimizer, batches, 1e-3, state)
+    reads.active = False
+    assert not out.skipped and out.grad_norm > 0
+    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(reads.seen))
+
+
+def test_tensor_sequence_and_data_parallel_steps_read_the_device_once(tmp_path):
+    """TP 2 with sequence parallelism x DP 2 with overlapped, bucketed ZeRO-1: the collectives, their hooks and
+    the sharded optimizer add no read."""
+    run_distributed(_parallel_worker, 4, tmp_path)
+    for rank in range(4):
+        seen = [tuple(r) for r in json.loads((tmp_path / f"rank{rank}.json").read_text())]
+        assert [name for name, where in seen if where.startswith("megamath/training/loop.py")] == ["tolist"], seen
+        assert [r for r in seen if not r[1].startswith("megamath/training/loop.py")] == [], (rank, seen)

@@ -239,6 +239,8 @@ def test_vocab_parallel_cross_entropy_ref_without_group():
         vocab_parallel_cross_entropy_ref(logits, torch.tensor([0, 1, 2, 10, 3, 4]))
     assert str(err.value) == ("cross_entropy: target 10 at row 3 is outside the vocabulary [0, 10) and is not "
                               "ignore_index (-100)")
+    unchecked = vocab_parallel_cross_entropy_ref(logits, torch.tensor([0, 1, 2, 10, 3, 4]), check_targets=False)
+    assert torch.isnan(unchecked)  # no host read, and never a finite loss
 
 
 # ---- the model -------------------------------------------------------------------------------------------

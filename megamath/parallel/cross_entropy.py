@@ -11,7 +11,7 @@ from megamath.parallel.mappings import all_reduce_max_, group_rank, group_size, 
 
 
 def vocab_parallel_cross_entropy_ref(logits_local: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
-                                     group=None) -> torch.Tensor:
+                                     group=None, check_targets: bool = True) -> torch.Tensor:
     """Plain-torch mean cross-entropy over logits whose vocabulary is split over `group` (Megatron's
     vocab-parallel cross-entropy; the reference beside kernels.cross_entropy's `group=` path).
 
@@ -19,12 +19,15 @@ def vocab_parallel_cross_entropy_ref(logits_local: torch.Tensor, targets: torch.
     Per row: loss = log Σ_v exp(x_v - M) + M - x_t with M the global max. The sums over the vocabulary
     go through reduce_from_tp (identity backward), so each rank's gradient is its own columns of
     softmax - onehot; M is a constant shift and carries no gradient. Every rank returns the same loss.
+
+    A target outside the vocabulary (not ignore_index) raises when `check_targets`, which reads the device
+    (a sync on a GPU); the training step passes False, as with the kernel, and such a row's loss is then NaN.
     """
     p, rank = group_size(group), group_rank(group)
     n_rows, v_local = logits_local.shape
     valid = targets != ignore_index  # (N,)
     bad = valid & ((targets < 0) | (targets >= v_local * p))
-    if bool(bad.any()):
+    if check_targets and bool(bad.any()):
         first = int(bad.nonzero()[0, 0])
         raise ValueError(f"cross_entropy: target {int(targets[first])} at row {first} is outside the vocabulary "
                          f"[0, {v_local * p}) and is not ignore_index ({ignore_index})")
@@ -37,4 +40,5 @@ def vocab_parallel_cross_entropy_ref(logits_local: torch.Tensor, targets: torch.
     target_logit = x.gather(1, local_t.clamp(0, v_local - 1)[:, None]).squeeze(1)  # (N,)
     target_logit = reduce_from_tp(torch.where(owned, target_logit, 0.0), group)  # (N,)
     per_row = torch.log(sum_exp) + row_max - target_logit  # (N,)
+    per_row = torch.where(bad, torch.nan, per_row)  # unchecked: a bad id is never a finite loss
     return torch.where(valid, per_row, 0.0).sum() / valid.sum().clamp(min=1)
