@@ -85,8 +85,11 @@ def megamath_step(config: ModelConfig, device: torch.device, dtype: torch.dtype,
         model = Llama(config).to(dtype).train()
     b, s = tokens.shape[0], tokens.shape[1] - 1
     ops = get_ops(config.kernels, device)
-    model.attention = choose_attention(config.attention, ops, (b, s, config.num_heads, config.num_kv_heads,
-                                                                config.head_dim), dtype, device).attention
+    choice = choose_attention(config.attention, ops, (b, s, config.num_heads, config.num_kv_heads, config.head_dim),
+                              dtype, device)
+    # The choice, its timings and the tuned tiles, as a run logs them (on a GPU `auto` may pick SDPA).
+    print(f"{'megamath-ref' if reference else 'megamath'}, micro-batch {b}: {choice.reason}", flush=True)
+    model.attention = choice.attention
     optimizer = ZeroOptimizer(model, state, OptimizerConfig(lr=LR), split_names=model.split_parameter_names(),
                               bucket_mb=BUCKET_MB)
     batch = [(tokens[:, :-1], tokens[:, 1:])]

@@ -17,6 +17,7 @@ def test_bench_train_runs_and_writes_its_table(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "perf" / "bench_train.py"), "--out", str(tmp_path), *small],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
+    assert "megamath, micro-batch " in result.stdout and ": attention: " in result.stdout  # the choice is logged
     text = next(tmp_path.glob("train-*.md")).read_text()
     if not torch.cuda.is_available():
         assert "NOT a measurement" in text
