@@ -1,11 +1,21 @@
 #!/usr/bin/env bash
 # The GPU check. A GPU session has about 15 minutes of device time in all, machine start included, and
-# should run this early (a baseline) and again at the end, so the default run is the short one (about 5-6
-# minutes, estimated: never timed whole on a GPU): versions, build (with the CUDA RMSNorm, which must build on
-# a CUDA machine), the trainer tests compiled on the GPU (bf16 model with kernels against the reference ops,
-# the host-sync test), the training-step benchmark (MFU, against Hugging Face eager and compiled, the
-# planner's memory), and attention against SDPA's backends. The rest, every compiled kernel test, a short
-# `megamath train` and the benchmark of every kernel, runs by PARTS, one or two parts per call.
+# should run this early (a baseline) and again at the end, so the default run is the short one: versions,
+# build (with the CUDA RMSNorm, which must build on a CUDA machine), the trainer tests compiled on the GPU
+# (bf16 model with kernels against the reference ops, the host-sync test), the training-step benchmark (MFU,
+# against Hugging Face eager and compiled, the planner's memory), and attention against SDPA's backends. The
+# rest, every compiled kernel test, a short `megamath train` and the benchmark of every kernel, runs by
+# PARTS, one or two parts per call.
+# Time of the short run on an H200, estimated from the work each step does (never timed whole on a GPU;
+# a fresh machine: nothing built, empty Triton and Inductor caches, no pytest-xdist): versions and packages
+# ~20 s; build ~50-90 s (three pybind11 files, the torch binding, one .cu; the .cu alone takes ~5 s in nvcc
+# 13); trainer tests ~50-80 s (~20 Triton compiles at head_dim 64, half of them the tuner's candidates);
+# training benchmark ~170-330 s (tuning at head_dim 128: ~15 compiles, ~50 s; the model's other kernels
+# ~10 s; four Hugging Face model builds with fp32 init on the CPU, ~40 s; torch.compile of the HF model, cold,
+# once per micro-batch, ~40-70 s each; the 104 timed and warm-up steps ~15 s); attention benchmark ~50-70 s
+# (its kernels come from the Triton cache the training benchmark filled). In all about 6-9 minutes; the
+# budget below stops it at 9. So one short run fits a lease; the run at the end is best a subset
+# (e.g. PARTS="train_bench attention"), as a machine given back is fresh again (the build and caches gone).
 # Assumes torch, triton and numpy are installed; installs megamath's other needs if missing (from wheels in
 # $WHEELS_DIR when there is no network; without zstandard only corpus reading is lost).
 #
