@@ -118,7 +118,7 @@ bounded setup 60 "package check" "$DEST/missing.txt" $PY -c "
 import importlib.util
 wanted = {'sentencepiece': 'sentencepiece', 'zstandard': 'zstandard', 'tqdm': 'tqdm', 'yaml': 'pyyaml',
           'safetensors': 'safetensors', 'pybind11': 'pybind11', 'pytest': 'pytest',
-          'setuptools': 'setuptools'}  # setuptools: the build (--no-build-isolation) and torch's cpp_extension
+          'setuptools': 'setuptools'}  # the build (--no-build-isolation) imports setuptools, so does torch.utils.cpp_extension
 print(' '.join(pkg for module, pkg in wanted.items() if importlib.util.find_spec(module) is None))"
 missing=$(tail -n 1 "$DEST/missing.txt" 2> /dev/null)
 rm -f "$DEST/missing.txt"
