@@ -114,13 +114,14 @@ if compgen -G "$WHEELS/*.whl" > /dev/null; then
     bounded setup 90 "wheels" - $PY -m pip install -q --no-index --no-deps "$WHEELS"/*.whl \
         || echo "some wheels in $WHEELS did not install"
 fi
+missing=""
 bounded setup 60 "package check" "$DEST/missing.txt" $PY -c "
 import importlib.util
 wanted = {'sentencepiece': 'sentencepiece', 'zstandard': 'zstandard', 'tqdm': 'tqdm', 'yaml': 'pyyaml',
           'safetensors': 'safetensors', 'pybind11': 'pybind11', 'pytest': 'pytest',
           'setuptools': 'setuptools'}  # the build (--no-build-isolation) imports setuptools, so does torch.utils.cpp_extension
-print(' '.join(pkg for module, pkg in wanted.items() if importlib.util.find_spec(module) is None))"
-missing=$(tail -n 1 "$DEST/missing.txt" 2> /dev/null)
+print(' '.join(pkg for module, pkg in wanted.items() if importlib.util.find_spec(module) is None))" \
+    && missing=$(tail -n 1 "$DEST/missing.txt")  # (a failed check's last line is no package list)
 rm -f "$DEST/missing.txt"
 if [ -n "$missing" ]; then  # one quick try: a machine without network must not spend minutes in retries
     bounded setup 60 "pip install" - $PY -m pip install -q --retries 0 --timeout 10 $missing \
