@@ -74,8 +74,8 @@ def test_rows_are_printed_and_written_as_they_are_measured(tmp_path, monkeypatch
 
 
 def test_the_hugging_face_peer_trains_without_a_kv_cache(monkeypatch):
-    """use_cache defaults to True in LlamaConfig: a training forward would build a DynamicCache of every
-    layer's keys and values (work and graph breaks no trainer has), unfair to the compiled peer."""
+    """use_cache defaults to True in LlamaConfig: a training forward would build a DynamicCache holding every
+    layer's keys and values and return it (extra outputs of the compiled graph), work no trainer does."""
     pytest.importorskip("transformers", reason="the benchmark's peer")
     bench = load_bench(monkeypatch)
     config = bench.model_config(bench.argparse.Namespace(layers=1, seq_length=16), gpu=False)
