@@ -38,7 +38,8 @@
 # leaves after keeping a share for each selected stage still to come (tests 11 %, train 11 %, train_bench
 # 22 %, the benchmark 17 %, resources 11 % of the budget), so the sum of the worst cases is the budget: the
 # run ends by GPU_CHECK_BUDGET seconds whatever hangs, a step the budget stopped or never started prints a
-# `CUT:` line, and the last line, `=== done: status N after Ts ...; cut: ...`, is always written.
+# `CUT:` line, and the last line, `=== done: status N after Ts ...; cut: ...`, is always written. When the
+# session has less device time left than the command's limit, set GPU_CHECK_BUDGET a minute under it.
 # Python runs unbuffered, so a stopped step keeps every line it printed in gpu_check.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
