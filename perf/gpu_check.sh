@@ -151,7 +151,7 @@ else
     step "trainer tests, compiled on the GPU (the bf16 model against the reference ops, the host-sync test)"
     tests=${TESTS:-tests/test_gpu_trainer.py tests/test_attention_choice.py}
 fi
-workers=$(bounded tests 20 "xdist check" /dev/null $PY -c "import xdist" && echo "-n 8")
+workers=$(bounded tests 20 "xdist check" /dev/null $PY -c "import xdist" > /dev/null && echo "-n 8")
 bounded tests "${TEST_TIMEOUT:-240}" tests "$DEST/tests.log" $PY -m pytest -q -p no:cacheprovider $workers $tests
 rc=$?; record $rc
 tail -n 40 "$DEST/tests.log" 2> /dev/null
