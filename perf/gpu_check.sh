@@ -179,7 +179,7 @@ if part kernels; then
     step "kernel benchmark"
     ops=""
 else
-    step "attention benchmark (ours, tuned, against SDPA's flash, cuDNN, efficient and math backends)"
+    step "attention benchmark (ours, tuned, against SDPA's flash, cuDNN and efficient backends and the eager reference)"
     ops="--ops flash_attention"
 fi
 bounded bench "${BENCH_TIMEOUT:-330}" "kernel benchmark" - $PY perf/bench_kernels.py --out "$DEST" $ops ${BENCH_ARGS:-}
