@@ -41,7 +41,9 @@ def run_check(tmp_path: Path, parts: str | None = None, sleep: float = 0, budget
     stub.write_text(STUB)
     stub.chmod(0o755)
     log = tmp_path / "calls.log"
-    env = {k: v for k, v in os.environ.items() if k not in ("PARTS", "TESTS", "BENCH_ARGS", "TRAIN_BENCH_ARGS")}
+    knobs = ("PARTS", "TESTS", "BENCH_ARGS", "TRAIN_BENCH_ARGS", "GPU_CHECK_BUDGET", "TEST_TIMEOUT",
+             "TRAIN_BENCH_TIMEOUT", "BENCH_TIMEOUT")
+    env = {k: v for k, v in os.environ.items() if k not in knobs}
     env.update(PYTHON=str(stub), OUT=str(tmp_path / "out"), STUB_LOG=str(log), STUB_SLEEP=str(sleep),
                WHEELS_DIR=str(tmp_path / "no-wheels"))
     if parts is not None:
