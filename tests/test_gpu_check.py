@@ -3,7 +3,8 @@ the short run fits the one command a GPU session gets (600 s): one budget shared
 naming a step the budget stopped, and the final status line written whatever was cut.
 
 The script runs here with a stand-in `python` (PYTHON=...) that records each call and sleeps on the heavy
-ones, so the budget arithmetic is exercised for real at a small GPU_CHECK_BUDGET.
+ones (the training benchmark's stand-in, a real Python, prints a row first, as bench_train does, without
+flushing), so the budget arithmetic and the log are exercised for real at a small GPU_CHECK_BUDGET.
 """
 from __future__ import annotations
 
@@ -29,7 +30,10 @@ ALL_PARTS = "tests train train_bench kernels resources"
 STUB = """#!/usr/bin/env bash
 # Stands in for python: records its arguments, sleeps on the heavy steps (pytest and the benchmarks).
 printf '%s\\n' "$*" >> "$STUB_LOG"
-case "$*" in "-m pytest "*|*bench_train.py*|*bench_kernels.py*) exec sleep "${STUB_SLEEP:-0}";; esac
+case "$*" in
+    *bench_train.py*) exec "$REAL_PYTHON" -c "import time; print('| megamath | 1 | a row |'); time.sleep($STUB_SLEEP)";;
+    "-m pytest "*|*bench_kernels.py*) exec sleep "${STUB_SLEEP:-0}";;
+esac
 exit 0
 """
 
@@ -43,8 +47,8 @@ def run_check(tmp_path: Path, parts: str | None = None, sleep: float = 0, budget
     log = tmp_path / "calls.log"
     knobs = ("PARTS", "TESTS", "BENCH_ARGS", "TRAIN_BENCH_ARGS", "GPU_CHECK_BUDGET", "TEST_TIMEOUT",
              "TRAIN_BENCH_TIMEOUT", "BENCH_TIMEOUT")
-    env = {k: v for k, v in os.environ.items() if k not in knobs}
-    env.update(PYTHON=str(stub), OUT=str(tmp_path / "out"), STUB_LOG=str(log), STUB_SLEEP=str(sleep),
+    env = {k: v for k, v in os.environ.items() if k not in knobs + ("PYTHONUNBUFFERED",)}
+    env.update(PYTHON=str(stub), REAL_PYTHON=sys.executable, OUT=str(tmp_path / "out"), STUB_LOG=str(log), STUB_SLEEP=str(sleep),
                WHEELS_DIR=str(tmp_path / "no-wheels"))
     if parts is not None:
         env["PARTS"] = parts
@@ -158,6 +162,7 @@ def test_the_budget_bounds_the_whole_run_and_names_what_it_cut(tmp_path):
     last = log.rstrip().splitlines()[-1]
     assert last.startswith("=== done: status ") and "cut:" in last, last
     assert any("bench_train.py" in call for call in calls), calls  # the later steps kept a share of the budget
+    assert "| megamath | 1 | a row |" in log, log  # what a stopped Python step printed is in the log
 
 
 def test_the_default_budget_fits_one_command_of_a_gpu_session():
