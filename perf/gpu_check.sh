@@ -12,7 +12,7 @@
 # 13); trainer tests ~50-80 s (~20 Triton compiles at head_dim 64, half of them the tuner's candidates);
 # training benchmark ~170-330 s (tuning at head_dim 128: ~15 compiles, ~50 s; the model's other kernels
 # ~10 s; four Hugging Face model builds with fp32 init on the CPU, ~40 s; torch.compile of the HF model, cold,
-# once per micro-batch, ~40-70 s each; the 104 timed and warm-up steps ~15 s); attention benchmark ~50-70 s
+# once per micro-batch, ~40-70 s each; the 104 timed and warm-up steps ~25 s); attention benchmark ~50-70 s
 # (its kernels come from the Triton cache the training benchmark filled). In all about 6-9 minutes; the
 # budget below stops it at 9. So one short run fits a lease; the run at the end is best a subset
 # (e.g. PARTS="train_bench attention"), as a machine given back is fresh again (the build and caches gone).
