@@ -25,6 +25,10 @@ for this very shape (TP 1, DP 1, the optimizer's gradient dtype and buckets), le
 and runtime reserve that torch.cuda.max_memory_allocated does not see; on a GPU the run fails when it is
 more than 10 % away from the measured peak.
 
+Each row is printed, and the file rewritten, as soon as it is measured, so a run stopped by a time limit keeps
+what it measured. A peer that is absent or fails is a row saying so; megamath's own step failing (or the
+planner's 10 %) makes the exit status 1.
+
 Without CUDA it runs a tiny smoke case on CPU (fp32, 2 layers, S 32) so the test suite can check that
 the script works; its numbers are labelled as not a measurement and nothing is written unless --out.
 """
@@ -81,8 +85,11 @@ def megamath_step(config: ModelConfig, device: torch.device, dtype: torch.dtype,
         model = Llama(config).to(dtype).train()
     b, s = tokens.shape[0], tokens.shape[1] - 1
     ops = get_ops(config.kernels, device)
-    model.attention = choose_attention(config.attention, ops, (b, s, config.num_heads, config.num_kv_heads,
-                                                                config.head_dim), dtype, device).attention
+    choice = choose_attention(config.attention, ops, (b, s, config.num_heads, config.num_kv_heads, config.head_dim),
+                              dtype, device)
+    # The choice, its timings and the tuned tiles, as a run logs them (on a GPU `auto` may pick SDPA).
+    print(f"{'megamath-ref' if reference else 'megamath'}, micro-batch {b}: {choice.reason}", flush=True)
+    model.attention = choice.attention
     optimizer = ZeroOptimizer(model, state, OptimizerConfig(lr=LR), split_names=model.split_parameter_names(),
                               bucket_mb=BUCKET_MB)
     batch = [(tokens[:, :-1], tokens[:, 1:])]
@@ -114,16 +121,22 @@ def plan_check(rows: list[dict]) -> tuple[list[str], bool]:
     return lines, ok
 
 
-def hf_step(config: ModelConfig, device: torch.device, tokens: torch.Tensor, compiled: bool) -> Callable[[], float]:
+def hf_model(config: ModelConfig, device: torch.device):
+    """transformers' LlamaForCausalLM of the same shape, fp32, SDPA attention, set up for training: no KV
+    cache (LlamaConfig's use_cache=True would make every training forward build a DynamicCache)."""
     import transformers
 
     hf_config = transformers.LlamaConfig(
         vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.ffn_hidden_size,
         num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
         num_key_value_heads=config.num_kv_heads, max_position_embeddings=config.max_seq_length,
-        rope_theta=config.rope_theta, rms_norm_eps=config.norm_eps, tie_word_embeddings=False)
+        rope_theta=config.rope_theta, rms_norm_eps=config.norm_eps, tie_word_embeddings=False, use_cache=False)
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM._from_config(hf_config, attn_implementation="sdpa").to(device).train()
+    return transformers.LlamaForCausalLM._from_config(hf_config, attn_implementation="sdpa").to(device).train()
+
+
+def hf_step(config: ModelConfig, device: torch.device, tokens: torch.Tensor, compiled: bool) -> Callable[[], float]:
+    model = hf_model(config, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95), weight_decay=0.1,
                                   fused=device.type == "cuda")
     forward = torch.compile(model) if compiled else model
@@ -163,7 +176,9 @@ def measure(build: Callable[[], Callable[[], float]], device: torch.device, warm
     return times, peak
 
 
-def run_case(config: ModelConfig, micro_batch: int, args, device: torch.device) -> list[dict]:
+def run_case(config: ModelConfig, micro_batch: int, args, device: torch.device,
+             on_row: Callable[[dict], None] = lambda row: None) -> list[dict]:
+    """Every system's row at this micro-batch; on_row(row) as soon as each is measured."""
     seq = args.seq_length
     tokens = torch.randint(0, config.vocab_size, (micro_batch, seq + 1), generator=torch.Generator().manual_seed(0))
     tokens = tokens.to(device)
@@ -196,16 +211,16 @@ def run_case(config: ModelConfig, micro_batch: int, args, device: torch.device) 
                        mfu=tflops / peak if peak else None, peak_gib=mem)
             if name == "megamath":
                 row["plan_gib"] = planned_peak_gib(config, micro_batch, seq)
+            ours = next((r for r in rows + [row] if r["system"] == "megamath" and "step_ms" in r), None)
+            if ours is not None:  # megamath runs first
+                row["vs_ours"] = row["step_ms"] / ours["step_ms"]
         rows.append(row)
+        on_row(row)
         if name == "hf-compiled":
             torch._dynamo.reset()  # its compiled graphs would keep the model's weights alive
         gc.collect()
         if gpu:
             torch.cuda.empty_cache()
-    ours = next((r for r in rows if r["system"] == "megamath" and "step_ms" in r), None)
-    for row in rows:
-        if ours and "step_ms" in row:
-            row["vs_ours"] = row["step_ms"] / ours["step_ms"]
     return rows
 
 
@@ -250,23 +265,36 @@ def main(argv: list[str] | None = None) -> int:
               f"S {args.seq_length}; median of {args.steps} steps after {args.warmup} warm-up; model FLOPs/token "
               f"{config.flops_per_token(args.seq_length):.4g} (causal attention halved, same for every system); "
               f"peak {args.peak_tflops or peak_tflops(device) or 'n/a'} TFLOP/s", ""]
-    rows = []
-    for micro_batch in args.micro_batch or ([1, 2] if gpu else [2]):
-        rows += run_case(config, micro_batch, args, device)
-    checks, plan_ok = plan_check(rows)
-    text = "\n".join(header + table(rows) + ([""] + checks if checks else [])) + "\n"
-    print(text)
     out = args.out or (REPO / "perf" / "results" if gpu else None)
+    path = None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         path = out / f"train-{datetime.date.today()}.md"
+    rows = []
+
+    def on_row(row: dict) -> None:
+        """Print the row and rewrite the file at once: a run stopped later (a time limit) keeps it."""
+        rows.append(row)
+        print(table([row])[-1], flush=True)
+        if path is not None:
+            path.write_text("\n".join(header + table(rows)) + "\n")
+
+    print("\n".join(header + table([])), flush=True)  # the column names, then each row as it is measured
+    for micro_batch in args.micro_batch or ([1, 2] if gpu else [2]):
+        run_case(config, micro_batch, args, device, on_row)
+    checks, plan_ok = plan_check(rows)
+    text = "\n".join(header + table(rows) + ([""] + checks if checks else [])) + "\n"
+    print("\n".join([""] + checks) if checks else "", flush=True)
+    if path is not None:
         path.write_text(text)
         print(f"written to {path}")
+    failed = [r for r in rows if r["system"] == "megamath" and "error" in r]
+    for r in failed:  # a peer may be absent or fail; megamath's own step must run
+        print(f"megamath's step failed at micro-batch {r['micro_batch']}: {r['error']}", file=sys.stderr)
     if not plan_ok:
         print(f"the planner's memory model is more than {100 * PLAN_TOLERANCE:.0f} % off the measured peak",
               file=sys.stderr)
-        return 1
-    return 0
+    return 1 if failed or not plan_ok else 0
 
 
 if __name__ == "__main__":

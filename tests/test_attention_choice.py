@@ -6,7 +6,7 @@ import torch
 
 from megamath.model import Llama, ModelConfig
 from megamath.model.attention import choose_attention, sdpa_attention, with_attention
-from megamath.model.ops import get_ops
+from megamath.model.ops import get_ops, load_ops
 from megamath.kernels.flash_attention import flash_attention_ref
 
 CONFIG = ModelConfig(vocab_size=64, hidden_size=48, num_layers=2, num_heads=6, num_kv_heads=2, ffn_hidden_size=64,
@@ -50,9 +50,12 @@ def test_choice_rules_and_errors():
         ModelConfig(attention="flash")
 
 
-def test_auto_takes_sdpa_for_a_shape_our_kernel_refuses():
-    # Decided from the shape alone, before any GPU work: this runs on a CPU too.
-    ops, gpu = get_ops("triton", "cpu"), torch.device("cuda")
+def test_auto_takes_sdpa_for_a_shape_our_kernel_refuses(monkeypatch):
+    # Decided from the shape alone, before any GPU work: this runs on a CPU too, and on a GPU machine, where
+    # TRITON_INTERPRET is unset (the kernel modules are imported first, as this session runs them).
+    load_ops("triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    ops, gpu = get_ops("triton", "cuda"), torch.device("cuda")  # resolving the table touches no GPU
     choice = choose_attention("auto", ops, (1, 256, 4, 2, 80), torch.bfloat16, gpu)
     assert (choice.attention, choice.timings_ms, choice.tiles) == ("sdpa", {}, None)
     assert choice.reason == ("attention: sdpa (auto: our kernel does not take this shape: flash_attention: head_dim 80 "

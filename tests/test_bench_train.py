@@ -1,4 +1,5 @@
 """perf/bench_train.py runs end to end (a labelled CPU smoke case here; a short real case on a GPU)."""
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ def test_bench_train_runs_and_writes_its_table(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "perf" / "bench_train.py"), "--out", str(tmp_path), *small],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
+    assert "megamath, micro-batch " in result.stdout and ": attention: " in result.stdout  # the choice is logged
     text = next(tmp_path.glob("train-*.md")).read_text()
     if not torch.cuda.is_available():
         assert "NOT a measurement" in text
@@ -26,3 +28,56 @@ def test_bench_train_runs_and_writes_its_table(tmp_path):
     float(rows["megamath"].split("|")[8])  # the planner's prediction for megamath's own step is there
     if torch.cuda.is_available():  # the planner against the measured peak
         assert "planner, micro-batch 1" in text and "within 10 %" in text, text
+
+
+def load_bench(monkeypatch):
+    """perf/bench_train.py as a module (it is a script, not a package member)."""
+    spec = importlib.util.spec_from_file_location("_bench_train", REPO / "perf" / "bench_train.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fake_step(*args, **kwargs):
+    return lambda: 1.0
+
+
+def test_a_failing_megamath_step_fails_the_benchmark(tmp_path, monkeypatch):
+    """A peer may be absent or fail (its row says so); megamath's own step failing is the benchmark failing."""
+    bench = load_bench(monkeypatch)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    monkeypatch.setattr(bench, "megamath_step", broken)
+    monkeypatch.setattr(bench, "hf_step", fake_step)
+    assert bench.main(["--out", str(tmp_path)]) == 1
+    text = next(tmp_path.glob("train-*.md")).read_text()
+    assert "| megamath | 2 | error: RuntimeError: CUDA error: an illegal memory access" in text, text
+    monkeypatch.setattr(bench, "megamath_step", fake_step)
+    assert bench.main(["--out", str(tmp_path)]) == 0
+
+
+def test_rows_are_printed_and_written_as_they_are_measured(tmp_path, monkeypatch, capsys):
+    """A run the GPU check's budget stops (a kill: no Python code runs after it) keeps what it measured."""
+    bench = load_bench(monkeypatch)
+    monkeypatch.setattr(bench, "megamath_step", fake_step)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # not an Exception: stands in for the process being stopped here
+    monkeypatch.setattr(bench, "hf_step", killed)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--out", str(tmp_path)])
+    text = next(tmp_path.glob("train-*.md")).read_text()
+    assert "| megamath | 2 |" in text and "NOT a measurement" in text, text
+    assert "| megamath | 2 |" in capsys.readouterr().out
+
+
+def test_the_hugging_face_peer_trains_without_a_kv_cache(monkeypatch):
+    """use_cache defaults to True in LlamaConfig: a training forward would build a DynamicCache holding every
+    layer's keys and values and return it (extra outputs of the compiled graph), work no trainer does."""
+    pytest.importorskip("transformers", reason="the benchmark's peer")
+    bench = load_bench(monkeypatch)
+    config = bench.model_config(bench.argparse.Namespace(layers=1, seq_length=16), gpu=False)
+    out = bench.hf_model(config, torch.device("cpu"))(input_ids=torch.zeros(1, 8, dtype=torch.long))
+    assert getattr(out, "cache", None) is None and getattr(out, "past_key_values", None) is None
