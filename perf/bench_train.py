@@ -9,7 +9,7 @@ median over --steps timed steps (after --warmup untimed ones) is reported.
 
     megamath            Llama with the kernels (Triton) and `model.attention` settled as a run does,
                         bf16 weights, ZeRO-1 AdamW with fp32 master weights and moments (dp = 1)
-    megamath-ref        the same with the plain-torch reference ops
+    megamath-ref        the same with the plain-torch reference ops and PyTorch's SDPA attention
     hf-eager            transformers' LlamaForCausalLM (SDPA attention), fp32 weights under bf16 autocast,
                         torch.optim.AdamW(fused=True): the usual mixed-precision recipe, fp32 master
     hf-compiled         the same model through torch.compile
@@ -24,6 +24,10 @@ the system held allocated during its timed steps, less what was allocated before
 for this very shape (TP 1, DP 1, the optimizer's gradient dtype and buckets), less the allocator headroom
 and runtime reserve that torch.cuda.max_memory_allocated does not see; on a GPU the run fails when it is
 more than 10 % away from the measured peak.
+
+After its timed steps, megamath runs --breakdown-steps more under torch.profiler, and the results end with its
+kernels summed by kind (GEMM, attention, norm, ..., and the share of the step the device sat idle): what to
+tune next, readable without a GPU (megamath.training.kernel_kinds).
 
 Each row is printed, and the file rewritten, as soon as it is measured, so a run stopped by a time limit keeps
 what it measured. A peer that is absent or fails is a row saying so; megamath's own step failing (or the
@@ -55,6 +59,7 @@ from megamath.planning.memory import RunShape, memory_items
 from megamath.parallel.state import ParallelState
 from megamath.parallel.zero import ZeroOptimizer
 from megamath.training.loop import train_step
+from megamath.training.kernel_kinds import breakdown_table, summarize
 from megamath.training.metrics import peak_tflops
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,8 +82,8 @@ def sync(device: torch.device) -> None:
 
 def megamath_step(config: ModelConfig, device: torch.device, dtype: torch.dtype, tokens: torch.Tensor,
                   reference: bool) -> Callable[[], float]:
-    if reference:
-        config = ModelConfig.from_dict({**config.to_dict(), "kernels": "reference"})
+    if reference:  # plain torch throughout: the reference ops, and PyTorch's SDPA rather than a timed choice
+        config = ModelConfig.from_dict({**config.to_dict(), "kernels": "reference", "attention": "sdpa"})
     state = ParallelState.single(device)
     torch.manual_seed(0)
     with torch.device(device):
@@ -155,10 +160,11 @@ def hf_step(config: ModelConfig, device: torch.device, tokens: torch.Tensor, com
 
 
 def measure(build: Callable[[], Callable[[], float]], device: torch.device, warmup: int,
-            steps: int) -> tuple[list[float], float]:
-    """Step times in seconds (device synchronized at each step's end) and the peak memory the system itself
+            steps: int, profile_steps: int = 0) -> tuple[list[float], float, dict | None]:
+    """Step times in seconds (device synchronized at each step's end), the peak memory the system itself
     allocated, GiB: the peak over the timed steps less what was allocated before it was built (the shared
-    input tokens, anything an earlier system left behind)."""
+    input tokens, anything an earlier system left behind); and with profile_steps, those further steps'
+    kernels by kind (megamath.training.kernel_kinds), profiled after the timed ones."""
     base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     step = build()
     for _ in range(warmup):
@@ -173,7 +179,21 @@ def measure(build: Callable[[], Callable[[], float]], device: torch.device, warm
         sync(device)
         times.append(time.perf_counter() - start)
     peak = (torch.cuda.max_memory_allocated(device) - base) / 2**30 if device.type == "cuda" else float("nan")
-    return times, peak
+    return times, peak, profile(step, device, profile_steps) if profile_steps else None
+
+
+def profile(step: Callable[[], float], device: torch.device, steps: int) -> dict:
+    """`steps` more steps under torch.profiler, summed by kernel kind."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync(device)
+        wall = time.perf_counter() - start
+    return summarize(prof, steps, device.type == "cuda", wall)
 
 
 def run_case(config: ModelConfig, micro_batch: int, args, device: torch.device,
@@ -198,7 +218,8 @@ def run_case(config: ModelConfig, micro_batch: int, args, device: torch.device,
     for name, build in systems.items():
         row = {"system": name, "micro_batch": micro_batch}
         try:
-            times, mem = measure(build, device, args.warmup, args.steps)
+            times, mem, kinds = measure(build, device, args.warmup, args.steps,
+                                        args.breakdown_steps if name == "megamath" else 0)
         except ImportError as err:
             row["error"] = f"absent ({err})"
         except Exception as err:  # a peer that fails is reported as such, never dropped or faked
@@ -211,6 +232,8 @@ def run_case(config: ModelConfig, micro_batch: int, args, device: torch.device,
                        mfu=tflops / peak if peak else None, peak_gib=mem)
             if name == "megamath":
                 row["plan_gib"] = planned_peak_gib(config, micro_batch, seq)
+            if kinds is not None:
+                row["breakdown"] = breakdown_table(kinds, f"{args.breakdown_steps} profiled steps")
             ours = next((r for r in rows + [row] if r["system"] == "megamath" and "step_ms" in r), None)
             if ours is not None:  # megamath runs first
                 row["vs_ours"] = row["step_ms"] / ours["step_ms"]
@@ -239,6 +262,16 @@ def table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def breakdowns(rows: list[dict]) -> list[str]:
+    """The profiled rows' kernels by kind, a section after the table."""
+    lines = []
+    for row in rows:
+        if "breakdown" in row:
+            lines += ["", f"## Kernels by kind: {row['system']}, micro-batch {row['micro_batch']}", "",
+                      *row["breakdown"]]
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=4)
@@ -248,9 +281,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 10 on a GPU, 2 on CPU)")
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile peer")
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak for MFU")
+    parser.add_argument("--breakdown-steps", type=int, default=2, metavar="N",
+                        help="profile N more steps of megamath and write its kernels by kind (default 2; 0: none)")
     parser.add_argument("--out", type=Path, default=None, help="folder for train-YYYY-MM-DD.md (GPU default: "
                         "perf/results)")
     args = parser.parse_args(argv)
+    if args.breakdown_steps < 0:
+        parser.error(f"--breakdown-steps must be >= 0, got {args.breakdown_steps}")
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")
     args.seq_length = args.seq_length or (4096 if gpu else 32)
@@ -277,13 +314,14 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(table([row])[-1], flush=True)
         if path is not None:
-            path.write_text("\n".join(header + table(rows)) + "\n")
+            path.write_text("\n".join(header + table(rows) + breakdowns(rows)) + "\n")
 
     print("\n".join(header + table([])), flush=True)  # the column names, then each row as it is measured
     for micro_batch in args.micro_batch or ([1, 2] if gpu else [2]):
         run_case(config, micro_batch, args, device, on_row)
     checks, plan_ok = plan_check(rows)
-    text = "\n".join(header + table(rows) + ([""] + checks if checks else [])) + "\n"
+    text = "\n".join(header + table(rows) + ([""] + checks if checks else []) + breakdowns(rows)) + "\n"
+    print("\n".join(breakdowns(rows)), flush=True)
     print("\n".join([""] + checks) if checks else "", flush=True)
     if path is not None:
         path.write_text(text)

@@ -26,6 +26,7 @@ def test_bench_train_runs_and_writes_its_table(tmp_path):
     assert "error" not in rows["megamath"] and "error" not in rows["hf-eager"], text
     assert rows["megamath"].rstrip(" |").endswith("1.00")  # vs ours of ours
     float(rows["megamath"].split("|")[8])  # the planner's prediction for megamath's own step is there
+    assert "## Kernels by kind: megamath, micro-batch " in text and "| gemm | " in text, text  # where it goes
     if torch.cuda.is_available():  # the planner against the measured peak
         assert "planner, micro-batch 1" in text and "within 10 %" in text, text
 

@@ -110,9 +110,15 @@ def test_profiler_window_writes_a_trace_per_rank_of_those_steps(runs):
     names = {e.get("name") for e in json.loads(one.read_text())["traceEvents"]}
     assert {"forward", "backward", "optimizer", "eval"} <= names  # phases named inside the steps
     assert "checkpoint" not in names  # step 4's save comes after its record, in step 5's timing: outside [3, 4]
-    assert sorted(p.name for p in (runs[0] / "profile").iterdir()) == ["trace_steps3-4_rank0.json"]
+    assert sorted(p.name for p in (runs[0] / "profile").iterdir()) == ["kernels_steps3-4_rank0.md",
+                                                                       "trace_steps3-4_rank0.json"]
     for rank in (0, 1):
         assert trace_steps(runs[1] / "profile" / f"trace_steps2-2_rank{rank}.json") == {"step 2"}
+    # beside the trace, its kernels by kind: the steps' matmuls are there, the step and phase ranges are not
+    kinds = (runs[0] / "profile" / "kernels_steps3-4_rank0.md").read_text()
+    assert kinds.startswith("steps 3-4: CPU ops take ") and "\n| gemm | " in kinds, kinds
+    assert "`forward`" not in kinds and "`step 3`" not in kinds
+    assert "| gemm | " in (runs[1] / "profile" / "kernels_steps2-2_rank1.md").read_text()
 
 
 def test_tensorboard_events_hold_the_metrics(runs):

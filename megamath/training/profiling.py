@@ -7,6 +7,8 @@ steps it watches; a few steps after warm-up show the steady state. Each rank wri
 
     trace_steps{a}-{b}_rank{r}.json        `profile.steps: [a, b]`, each step a `step N` range, each phase
                                            (forward, backward, grad_reduce, ...) a range inside it
+    kernels_steps{a}-{b}_rank{r}.md        the same window's kernels summed by kind (GEMM, attention, norm, ...)
+                                           with the share of the steps the device sat idle (kernel_kinds.py)
     memory_step{s}_rank{r}.pickle          `profile.memory: true` (GPUs): allocations with their stacks,
                                            for PyTorch's memory visualizer
     oom_memory_rank{r}.pickle              written when a step runs out of GPU memory, before the run stops
@@ -14,9 +16,12 @@ steps it watches; a few steps after warm-up show the steady state. Each rank wri
 from __future__ import annotations
 
 import contextlib
+import time
 from pathlib import Path
 
 import torch
+
+from megamath.training.kernel_kinds import breakdown_table, summarize
 
 PROFILE_DIR = "profile"
 HISTORY_ENTRIES = 100_000
@@ -59,7 +64,7 @@ class StepProfiler:
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
             self.profiler = torch.profiler.profile(activities=activities)
             self.profiler.__enter__()
-            self.window_start = step
+            self.window_start, self.window_clock = step, time.perf_counter()
             self.timer.annotate = True
         self.seen = step
         self.step_range = torch.profiler.record_function(f"step {step}")
@@ -80,9 +85,17 @@ class StepProfiler:
         self.timer.annotate = False
         if self.cuda:
             torch.cuda.synchronize()  # the window's kernels must have finished to be in the trace
+        wall = time.perf_counter() - self.window_clock
         profiler.__exit__(None, None, None)
         self.dir.mkdir(parents=True, exist_ok=True)
-        profiler.export_chrome_trace(str(self.dir / f"trace_steps{self.window_start}-{step}_rank{self.rank}.json"))
+        name = f"steps{self.window_start}-{step}_rank{self.rank}"
+        profiler.export_chrome_trace(str(self.dir / f"trace_{name}.json"))
+        steps = step - self.window_start + 1
+        try:  # the trace is written; the summary beside it is a help, never the run's failure
+            lines = breakdown_table(summarize(profiler, steps, self.cuda, wall), f"steps {self.window_start}-{step}")
+        except Exception as err:
+            lines = [f"no breakdown: {type(err).__name__}: {err}"]
+        (self.dir / f"kernels_{name}.md").write_text("\n".join(lines) + "\n")
 
     def write_memory_snapshot(self, path: Path) -> bool:
         """The CUDA allocator's state (and its history when recorded) as a pickle; False without a GPU."""

@@ -1,27 +1,17 @@
-"""perf/step_breakdown.py: a training step's kernels summed by kind, the table a GPU session leaves behind."""
+"""megamath.training.kernel_kinds: a profiled step's kernels summed by kind, the table a GPU session leaves."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
+import time
 
 import pytest
 import torch
 
-from megamath.model.config import ModelConfig
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "perf" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-breakdown = _load("step_breakdown")
+from megamath.model import Llama, ModelConfig
+from megamath.parallel.optimizer_config import OptimizerConfig
+from megamath.parallel.state import ParallelState
+from megamath.parallel.zero import ZeroOptimizer
+from megamath.training import kernel_kinds
+from megamath.training.loop import train_step
 
 
 @pytest.mark.parametrize("name, kind", [
@@ -43,25 +33,35 @@ breakdown = _load("step_breakdown")
     ("aten::mm", "gemm"), ("aten::addmm", "gemm"), ("aten::silu", "swiglu"), ("aten::_log_softmax", "cross-entropy"),
 ])
 def test_kernel_names_fall_into_their_kind(name, kind):
-    assert breakdown.kind_of(name) == kind
+    assert kernel_kinds.kind_of(name) == kind
 
 
-def test_a_profiled_step_adds_up_and_renders(tmp_path):
-    bench = _load("bench_train")
+def test_a_profiled_step_adds_up_and_renders():
     config = ModelConfig(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                          ffn_hidden_size=128, max_seq_length=32, kernels="reference")
+    state = ParallelState.single()
+    model = Llama(config)
+    optimizer = ZeroOptimizer(model, state, OptimizerConfig(), split_names=model.split_parameter_names())
     tokens = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(0))
-    step = bench.megamath_step(config, torch.device("cpu"), torch.float32, tokens, True)
-    result = breakdown.profile_steps(step, torch.device("cpu"), steps=2)
+    batch = [(tokens[:, :-1], tokens[:, 1:])]
+    train_step(model, optimizer, batch, 1e-3, state)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        for step in range(2):
+            with torch.profiler.record_function(f"step {step}"):  # an annotation: no work of its own
+                train_step(model, optimizer, batch, 1e-3, state)
+        wall = time.perf_counter() - start
+    result = kernel_kinds.summarize(prof, 2, cuda=False, wall_s=wall)
     kinds = result["kinds"]
     assert {"gemm", "swiglu", "cross-entropy"} <= kinds.keys(), kinds.keys()
-    assert 0 < result["busy_ms"] <= result["wall_ms"] * 1.05
+    assert not any(name.startswith("step ") for _, names in kinds.values() for name, _ in names)
+    assert 0 < result["busy_ms"] <= result["wall_ms"] * 1.05 and result["wall_ms"] == pytest.approx(wall * 500)
     assert result["busy_ms"] == pytest.approx(sum(ms for ms, _ in kinds.values()))
     for ms, names in kinds.values():
-        assert ms == pytest.approx(sum(t for _, t in names)) and [t for _, t in names] == sorted(
-            (t for _, t in names), reverse=True)
-    lines = breakdown.breakdown_table(result, "megamath, micro-batch 2")
-    assert lines[0].startswith("megamath, micro-batch 2: CPU ops take ") and lines[2].startswith("| kind |")
+        times = [t for _, t in names]
+        assert ms == pytest.approx(sum(times)) and times == sorted(times, reverse=True)
+    lines = kernel_kinds.breakdown_table(result, "2 profiled steps")
+    assert lines[0].startswith("2 profiled steps: CPU ops take ") and lines[2].startswith("| kind |")
     rows = [line.split("|")[1].strip() for line in lines[4:]]
     assert set(rows) == kinds.keys() and len(rows) == len(kinds)
     shares = [float(line.split("|")[3].strip(" %")) for line in lines[4:]]

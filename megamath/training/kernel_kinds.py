@@ -1,24 +1,20 @@
-"""Where a training step's time goes: its kernels under torch.profiler, summed by kind.
+"""Where a step's time goes, by kind of kernel: a torch.profiler window summed into GEMMs, attention, norm,
+rope, SwiGLU, cross-entropy, optimizer, copies, communication and the rest.
 
-Why beside the benchmark: a GPU session is short and rare, and an MFU figure alone does not say what to
-fix next. One profiled pair of steps says it: the share of GEMMs (cuBLAS, already near peak), attention,
-the memory-bound kernels, the optimizer, copies; and how much of the step the device sat idle, waiting on
-the host (launch gaps, syncs). The table goes into the benchmark's results, so a session without a GPU can
-still plan from it.
+Why: an MFU figure alone does not say what to fix next, and a GPU session is short; a trace needs a viewer
+and an hour. This table says it at a glance: the share of GEMMs (cuBLAS, already near peak), of attention,
+of the memory-bound kernels, and how much of the step the device sat idle waiting on the host (launch
+gaps, syncs). The trainer writes it beside each profiler trace; perf/bench_train.py puts it in its results.
 
 Device time is each kernel's own time (on CPU: each op's self time), summed over the profiled steps and
-divided by their number; `busy` is their sum, `wall` the host time of the profiled steps, the device
-synchronized at the end. The profiler adds some overhead of its own, so `wall` runs a little long.
+divided by their number; `busy` is their sum, `wall` the host time of the window, the device synchronized
+at its end. The profiler adds overhead of its own, so `wall` runs a little long.
 """
 from __future__ import annotations
 
 import re
-import time
-from typing import Callable
 
-import torch
 from torch.autograd import DeviceType
-from torch.profiler import ProfilerActivity, profile
 
 # (kind, pattern over kernel or op names), first match wins: our own kernels by their exact names first,
 # since `_rms_norm_fwd_kernel` also ends like attention's `_fwd_kernel`.
@@ -43,32 +39,22 @@ def kind_of(name: str) -> str:
     return "other"
 
 
-def profile_steps(step: Callable[[], object], device: torch.device, steps: int = 2) -> dict:
-    """Run `step` once untimed, then `steps` times under the profiler. Returns {"kinds": {kind: (ms per
-    step, [(name, ms per step), ...] heaviest first)}, "busy_ms": .., "wall_ms": .., "device": "cuda" | "cpu"}."""
-    cuda = device.type == "cuda"
-    step()
-    _sync(device)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        _sync(device)
-        wall_ms = (time.perf_counter() - start) * 1e3 / steps
+def summarize(profiler, steps: int, cuda: bool, wall_s: float) -> dict:
+    """A finished torch.profiler.profile of `steps` steps taking `wall_s` seconds, by kind: {"kinds": {kind:
+    (ms per step, [(name, ms per step), ...] heaviest first)}, "busy_ms", "wall_ms" (per step), "device"}."""
     kinds: dict[str, tuple[float, list]] = {}
-    for event in prof.key_averages():
+    for event in profiler.key_averages():
         if cuda and event.device_type != DeviceType.CUDA:
             continue  # ops: their kernels are counted themselves
         self_us = event.self_device_time_total if cuda else event.self_cpu_time_total
-        if self_us <= 0 or event.key.startswith("ProfilerStep"):
-            continue
-        ms = self_us / 1e3 / steps
-        total, names = kinds.get(kind_of(event.key), (0.0, []))
-        kinds[kind_of(event.key)] = (total + ms, names + [(event.key, ms)])
+        if self_us <= 0 or getattr(event, "is_user_annotation", False) or event.key.startswith("ProfilerStep"):
+            continue  # record_function ranges (steps, phases) hold no work of their own
+        kind, ms = kind_of(event.key), self_us / 1e3 / steps
+        total, names = kinds.get(kind, (0.0, []))
+        kinds[kind] = (total + ms, names + [(event.key, ms)])
     kinds = {k: (ms, sorted(names, key=lambda n: -n[1])) for k, (ms, names) in kinds.items()}
-    return {"kinds": kinds, "busy_ms": sum(ms for ms, _ in kinds.values()), "wall_ms": wall_ms,
-            "device": device.type}
+    return {"kinds": kinds, "busy_ms": sum(ms for ms, _ in kinds.values()), "wall_ms": wall_s * 1e3 / steps,
+            "device": "cuda" if cuda else "cpu"}
 
 
 def breakdown_table(result: dict, title: str) -> list[str]:
@@ -79,19 +65,13 @@ def breakdown_table(result: dict, title: str) -> list[str]:
                 "the device waiting on the host)")
     else:
         head = f"{title}: CPU ops take {busy:.1f} ms of a {wall:.1f} ms step ({100 * busy / wall:.0f} %)"
-    lines = [head, "",
-             "| kind | ms per step | share of busy | heaviest |", "|---|---:|---:|---|"]
+    lines = [head, "", "| kind | ms per step | share of busy | heaviest |", "|---|---:|---:|---|"]
     for kind, (ms, names) in sorted(result["kinds"].items(), key=lambda item: -item[1][0]):
         heaviest = "; ".join(f"`{_short(name)}` {t:.2f}" for name, t in names[:2])
-        lines.append(f"| {kind} | {ms:.2f} | {100 * ms / busy:.1f} % | {heaviest} |")
+        lines.append(f"| {kind} | {ms:.2f} | {100 * ms / max(busy, 1e-12):.1f} % | {heaviest} |")
     return lines
 
 
 def _short(name: str, width: int = 60) -> str:
     name = name.replace("|", "/").replace("`", "'")
     return name if len(name) <= width else name[:width - 3] + "..."
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
