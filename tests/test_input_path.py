@@ -13,7 +13,7 @@ from megamath.compat.megatron import read_command_line
 from megamath.data.tokenizer import load_sentencepiece
 from megamath.jsonl import read_jsonl_objects
 from megamath.training.config import read_yaml
-from tests.generation_fixtures import build_tokenizer
+from generation_fixtures import build_tokenizer
 
 READERS = {
     "jsonl": lambda path: list(read_jsonl_objects(path, "prompts file")),
