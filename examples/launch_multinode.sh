@@ -26,7 +26,10 @@ NNODES=${NNODES:-${SLURM_NNODES:-1}}
 NODE_RANK=${NODE_RANK:-${SLURM_NODEID:-0}}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 if [[ -z "${MASTER_ADDR:-}" && -n "${SLURM_JOB_NODELIST:-}" ]]; then
-    MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+    # The first line of the whole list, not `| head -n 1`: under pipefail, scontrol killed by SIGPIPE once head
+    # has left (a list longer than the pipe holds) would stop this script without a word.
+    HOSTS=$(scontrol show hostnames "$SLURM_JOB_NODELIST")
+    MASTER_ADDR=${HOSTS%%$'\n'*}
 fi
 MASTER_ADDR=${MASTER_ADDR:-localhost}
 MASTER_PORT=${MASTER_PORT:-29500}
