@@ -9,7 +9,8 @@
 #   NNODES         nodes in the job                     (SLURM_NNODES, else 1)
 #   NODE_RANK      this node's rank                     (SLURM_NODEID, else 0)
 #   GPUS_PER_NODE  processes per node, one per GPU      (8)
-#   MASTER_ADDR    rendezvous host, node 0              (first host of SLURM_JOB_NODELIST, else localhost)
+#   MASTER_ADDR    rendezvous host, node 0              (first host of SLURM_JOB_NODELIST; else needed
+#                                                        when NNODES > 1, localhost on one node)
 #   MASTER_PORT    rendezvous port                      (29500)
 #   RDZV_ID        job id shared by all nodes           (SLURM_JOB_ID, else megamath)
 # Checkpoints go to the config's run_dir, which every node must see (a shared filesystem).
@@ -30,6 +31,11 @@ if [[ -z "${MASTER_ADDR:-}" && -n "${SLURM_JOB_NODELIST:-}" ]]; then
     # has left (a list longer than the pipe holds) would stop this script without a word.
     HOSTS=$(scontrol show hostnames "$SLURM_JOB_NODELIST")
     MASTER_ADDR=${HOSTS%%$'\n'*}
+fi
+if [[ -z "${MASTER_ADDR:-}" && "$NNODES" != 1 ]]; then  # else every node waits on its own localhost store
+    echo "launch_multinode.sh: error: NNODES=$NNODES needs MASTER_ADDR, the hostname of node 0 (every node must use" \
+         "the same; under SLURM it is read from SLURM_JOB_NODELIST)" >&2
+    exit 2
 fi
 MASTER_ADDR=${MASTER_ADDR:-localhost}
 MASTER_PORT=${MASTER_PORT:-29500}

@@ -37,6 +37,16 @@ def test_arguments_reach_torchrun_unsplit(tmp_path):
                     "--config", "my configs/7b.yaml", "run_dir=/shared/my runs/a"]
 
 
+def test_several_nodes_without_a_rendezvous_host_is_refused(tmp_path):
+    """Each node would rendezvous with itself on localhost and wait for the others until torchrun's join
+    timeout (15 minutes by default): refuse before starting."""
+    proc, argv = _launch(tmp_path, ["examples/llemma_7b.yaml"], {"NNODES": "4", "NODE_RANK": "2"})
+    assert proc.returncode != 0 and argv is None
+    assert proc.stderr.strip().splitlines() == [
+        "launch_multinode.sh: error: NNODES=4 needs MASTER_ADDR, the hostname of node 0 (every node must use the "
+        "same; under SLURM it is read from SLURM_JOB_NODELIST)"]
+
+
 def test_one_node_needs_no_rendezvous_host(tmp_path):
     proc, argv = _launch(tmp_path, ["examples/tiny.yaml"], {"GPUS_PER_NODE": "2"})
     assert proc.returncode == 0, proc.stderr
