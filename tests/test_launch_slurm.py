@@ -67,3 +67,11 @@ def test_signal_reaches_the_ranks_and_the_job_requeues(tmp_path, sig):
                       "node0:29500", "--rdzv_id", "42", "-m", "megamath.cli", "train", "--config",
                       "examples/llemma_7b.yaml", "run_dir=runs/llemma-7b", "train_steps=10"]
     assert (tmp_path / "logs").is_dir() and (tmp_path / "runs" / "llemma-7b").is_dir()
+
+
+def test_the_console_log_folder_exists_before_submission():
+    """SLURM opens #SBATCH --output before the script runs and creates no folder for it: with logs/ missing
+    (a fresh clone) the job dies at start with nothing written; the script's own `mkdir -p logs` is too late."""
+    (output,) = [line.split("=", 1)[1] for line in SCRIPT.read_text().splitlines() if line.startswith("#SBATCH --output=")]
+    folder = Path(output).parent
+    assert folder == Path(".") or (SCRIPT.parents[1] / folder).is_dir(), f"{folder}/ is not in the repository"
