@@ -410,3 +410,17 @@ def test_report_plots_the_scores_evaluation_during_training_logs(tmp_path, monke
     assert sorted(ax.get_legend_handles_labels()[1]) == [f"evaluated: eval/{k}" for k in
                                                          ("demo-arith/maj1", "gsm8k/maj1", "gsm8k/maj4")]
     assert [list(line.get_xdata()) for line in ax.get_lines()] == [[20, 40, 60]] * 3
+
+
+def test_report_plots_validation_sets_whose_names_hold_a_dot(tmp_path, monkeypatch):
+    """data.valid_data names are the user's (`owm-v1.1: data/...`); the loss plot split field paths at dots and
+    drew such a set as an empty line, its label in the legend and no point on the axes."""
+    from megamath.report import figures
+    from megamath.report.runs import load_run
+
+    changes = {s: {"val_loss": {"owm-v1.1": 3.0 - s / 100, "arxiv": 3.5}} for s in (20, 40)}
+    drawn = []
+    monkeypatch.setattr(figures, "to_uri", lambda fig: drawn.append(fig) or "data:")
+    figures.loss_figure([load_run(fake_run(tmp_path / "run", changes))])
+    points = {line.get_label(): list(line.get_xdata()) for line in drawn[0].axes[0].get_lines()}
+    assert points["run: validation owm-v1.1"] == [20, 40] and points["run: validation arxiv"] == [20, 40]
