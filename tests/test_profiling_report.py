@@ -424,3 +424,25 @@ def test_report_plots_validation_sets_whose_names_hold_a_dot(tmp_path, monkeypat
     figures.loss_figure([load_run(fake_run(tmp_path / "run", changes))])
     points = {line.get_label(): list(line.get_xdata()) for line in drawn[0].axes[0].get_lines()}
     assert points["run: validation owm-v1.1"] == [20, 40] and points["run: validation arxiv"] == [20, 40]
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_throughput_summary_says_which_steps_it_averages(tmp_path, steps):
+    """The first step after start is left out of the average, except when it is the only one (train_steps=1, or a
+    resume one step before the end): then the line must not claim it was left out."""
+    from megamath.training.metrics import MetricsLogger, format_summary
+
+    log = MetricsLogger(tmp_path, ParallelState.single(), 1000, 64, steps, 1, 100)
+    timer = PhaseTimer(torch.device("cpu"))
+    for step in range(1, steps + 1):
+        timer.start_step()
+        with timer.phase("forward"):
+            pass
+        log.write({"step": step, "loss": 1.0, "lr": 1e-3, "grad_norm": 1.0, "skipped": False,
+                   "consumed_samples": step}, timer.end_step())
+    line = format_summary(log.summary())
+    log.close()
+    if steps == 1:
+        assert line.startswith("throughput over 1 step (the only one, warm-up included): ")
+    else:
+        assert line.startswith("throughput over 2 steps (the first one after start left out): ")
