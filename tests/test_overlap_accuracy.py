@@ -83,3 +83,23 @@ def test_eval_results_join_the_hits_of_test_files_without_ids(tmp_path, capsys):
     assert main(["overlap-accuracy", "--hits", str(hits), "--results", str(results)]) == 0
     row = capsys.readouterr().out.splitlines()[-1].split()
     assert row == ["all", "1", "100.00%", "2", "0.00%"]
+
+
+def test_a_filter_naming_nothing_the_overlap_run_checked_is_refused(files, capsys):
+    """`--field questoin` or `--n 13` against hits of a run that checked question at n=30 kept no hit line, and
+    the table said every problem was clean: the opposite of a contamination finding, from a typo."""
+    tmp, hits, results = files
+    (tmp / "hits.summary.json").write_text(json.dumps({"fields": ["problem", "solution"], "ns": [20, 30]}))
+    argv = ["overlap-accuracy", "--hits", str(hits), "--results", str(results)]
+    assert main([*argv, "--field", "problme"]) == 2
+    assert capsys.readouterr().err == ("megamath overlap-accuracy: error: --field 'problme': the overlap run "
+                                       "checked the fields 'problem', 'solution' (hits.summary.json)\n")
+    assert main([*argv, "--n", "13"]) == 2
+    assert capsys.readouterr().err == ("megamath overlap-accuracy: error: --n 13: the overlap run checked n = 20, 30 "
+                                       "(hits.summary.json)\n")
+    assert main([*argv, "--field", "solution", "--n", "20"]) == 0  # checked, and no hit: a real zero
+    # Without the summary nothing says what was checked: a filter no hit line matches is a warning.
+    (tmp / "hits.summary.json").unlink()
+    assert main([*argv, "--field", "problme"]) == 0
+    assert "warning: no hit line has --field 'problme' (the hits name the fields 'problem', 'solution')" in \
+        capsys.readouterr().err
