@@ -62,6 +62,7 @@ class OverlapConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        self.fields = tuple(dict.fromkeys(self.fields))  # a field given twice is checked once, as an n is
         if self.workers < 1:
             raise ValueError(f"--workers must be at least 1, got {self.workers}")
         if any(int(n) < 1 for n in self.ns):
