@@ -75,3 +75,22 @@ def test_the_console_log_folder_exists_before_submission():
     (output,) = [line.split("=", 1)[1] for line in SCRIPT.read_text().splitlines() if line.startswith("#SBATCH --output=")]
     folder = Path(output).parent
     assert folder == Path(".") or (SCRIPT.parents[1] / folder).is_dir(), f"{folder}/ is not in the repository"
+
+
+def test_the_training_step_gets_the_cpus_the_job_asked_for(tmp_path):
+    """Since Slurm 22.05 srun no longer inherits sbatch's --cpus-per-task: without passing it on, the step ran
+    torchrun and its 8 ranks (8 OpenMP threads each) on the one CPU a task gets by default."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "log"
+    bin_dir.mkdir()
+    log.mkdir()
+    fakes = {"srun": '#!/bin/bash\necho "$@" >> "$LOG/srun"\nwhile [[ $1 == --* ]]; do shift; done\nexec "$@"\n',
+             "scontrol": FAKES["scontrol"], "torchrun": '#!/bin/bash\nexit 0\n'}
+    for name, text in fakes.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "LOG": str(log), "SLURM_JOB_ID": "42",
+           "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "node[0-1]", "SLURM_CPUS_PER_TASK": "64"}
+    proc = subprocess.run(["bash", str(SCRIPT)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (launch,) = (log / "srun").read_text().splitlines()
+    assert "--cpus-per-task=64" in launch.split(), launch
