@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Launch `megamath train` on several nodes with torchrun's c10d rendezvous. Run this same command once
-# per node (by hand, pdsh, or `srun --ntasks-per-node=1` under SLURM):
+# per node (by hand, pdsh, or `srun --ntasks-per-node=1 --cpus-per-task=N` under SLURM: since Slurm 22.05
+# srun does not inherit --cpus-per-task, and the ranks would share one CPU):
 #
 #   NNODES=32 NODE_RANK=<0..31> MASTER_ADDR=<node 0's hostname> \
 #       bash examples/launch_multinode.sh examples/llemma_7b.yaml [dotted.key=value ...]
