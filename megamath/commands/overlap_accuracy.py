@@ -7,7 +7,7 @@ import sys
 FORMAT = """\
 HITS.jsonl: the output of megamath overlap (its test_id field).
 RESULTS.jsonl: one line per problem, as megamath eval writes it, with at least
-  id       equal to the hits' test_id (the test record's id field, else its 0-based position);
+  id       equal to the hits' test_id (the test record's id field, else unique_id, else its 0-based position);
            compared as text, so 7 and "7" match
   correct  true/false (0/1 accepted)
   level    MATH's difficulty level, for --by level (--by takes any field name)

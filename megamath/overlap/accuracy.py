@@ -3,7 +3,8 @@
 Inputs: the hits of `megamath overlap` (HITS.jsonl, `test_id` per line) and a results file of
 `megamath eval` (RESULTS.jsonl), one line per problem with at least
     id       the problem's id, the same value `megamath overlap` writes as `test_id` (the test record's
-             id field, else its 0-based position in the test file); compared as text, so 7 and "7" match;
+             id field, else unique_id, else its 0-based position in the test file); compared as text, so 7
+             and "7" match;
     correct  true/false (0/1 accepted);
     level    (MATH) the difficulty level, needed for `--by level`; `--by` takes any field name.
 A problem is a hit when any hit line names it (any field and n unless `--field` / `--n` narrow it), as in

@@ -54,7 +54,8 @@ class OverlapConfig:
     json_key: str = "text"
     """Corpus record field holding the document text."""
     id_field: str = "id"
-    """Test record field holding the item id; without it, the record's 0-based position."""
+    """Test record field holding the item id (`id` also takes `unique_id`, MATH-500's); without it, the
+    record's 0-based position."""
     batch_bytes: int = 1 << 20
     """Decompressed bytes of whole lines per batch sent to a worker."""
     report_bad_lines: int = 5
