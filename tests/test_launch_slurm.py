@@ -50,7 +50,7 @@ def test_signal_reaches_the_ranks_and_the_job_requeues(tmp_path, sig):
     (log / "rank.py").write_text(RANK)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "LOG": str(log), "PY": sys.executable,
            "USER": os.environ.get("USER") or subprocess.run(["id", "-un"], capture_output=True, text=True).stdout.strip(),
-           "SLURM_JOB_ID": "42", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "node[0-1]"}
+           "SLURM_JOB_ID": "42", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "node[0-1]", "RUN_DIR": "runs/llemma-7b"}
     proc = subprocess.Popen(["bash", str(SCRIPT), "train_steps=10"], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 30
@@ -94,3 +94,30 @@ def test_the_training_step_gets_the_cpus_the_job_asked_for(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (launch,) = (log / "srun").read_text().splitlines()
     assert "--cpus-per-task=64" in launch.split(), launch
+
+
+def _launch_line(tmp_path, extra_env: dict[str, str]) -> list[str]:
+    bin_dir, log = tmp_path / "bin", tmp_path / "log"
+    bin_dir.mkdir(exist_ok=True)
+    log.mkdir(exist_ok=True)
+    fakes = {"srun": '#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\nexec "$@"\n', "scontrol": FAKES["scontrol"],
+             "torchrun": '#!/bin/bash\nprintf "%s\\n" "$@" > "$LOG/torchrun"\n'}
+    for name, text in fakes.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = {**{k: v for k, v in os.environ.items() if k not in ("CONFIG", "RUN_DIR")}, "LOG": str(log),
+           "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "42", "SLURM_NNODES": "2",
+           "SLURM_JOB_NODELIST": "node[0-1]", **extra_env}
+    proc = subprocess.run(["bash", str(SCRIPT)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return (log / "torchrun").read_text().splitlines()
+
+
+def test_the_run_folder_is_the_configs_unless_run_dir_is_given(tmp_path):
+    """CONFIG=examples/llemma_34b.yaml alone trained the 34B into runs/llemma-7b (the script's default RUN_DIR
+    overrode the config's run_dir), where auto-resume would meet a 7B run's checkpoints."""
+    launch = _launch_line(tmp_path, {"CONFIG": "examples/llemma_34b.yaml"})
+    assert launch[launch.index("--config") + 1] == "examples/llemma_34b.yaml"
+    assert not any(arg.startswith("run_dir=") for arg in launch), launch
+    launch = _launch_line(tmp_path, {"CONFIG": "examples/llemma_34b.yaml", "RUN_DIR": "/shared/my runs/34b"})
+    assert launch[-1] == "run_dir=/shared/my runs/34b"
