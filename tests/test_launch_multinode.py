@@ -53,7 +53,7 @@ def test_one_node_needs_no_rendezvous_host(tmp_path):
     assert argv[argv.index("--rdzv_endpoint") + 1] == "localhost:29500"
 
 
-@pytest.mark.parametrize("hosts", [2, 100_000])
+@pytest.mark.parametrize("hosts", [2, 30_000])  # 30,000 names: ~240 KB, beyond a 64 KB pipe
 def test_master_addr_from_a_long_slurm_nodelist(tmp_path, hosts):
     """`scontrol show hostnames | head -n 1` under `set -e -o pipefail`: once the list outgrows the pipe,
     scontrol dies of SIGPIPE after head exits, and the script stopped without a word (hundreds of nodes)."""
