@@ -41,6 +41,10 @@ def check_filters(hits: str | Path, fields: Sequence[str] | None, ns: Sequence[i
     from megamath.overlap.run import summary_path
 
     hits = Path(hits)
+    seen_fields, seen_ns = set(), set()
+    for _, record in read_jsonl_objects(hits):
+        seen_fields.add(record.get("field"))
+        seen_ns.add(record.get("n"))
     path = summary_path(hits)
     checked = None
     if path.is_file():
@@ -49,6 +53,8 @@ def check_filters(hits: str | Path, fields: Sequence[str] | None, ns: Sequence[i
             checked = ([str(f) for f in summary["fields"]], [int(n) for n in summary["ns"]])
         except (ValueError, KeyError, TypeError):
             checked = None  # not a summary of megamath overlap: judge by the hit lines alone
+        if checked is not None and not (seen_fields <= set(checked[0]) and seen_ns <= set(checked[1])):
+            checked = None  # the summary of another run (this one stopped before writing its own)
     if checked is not None:
         for f in fields or ():
             if f not in checked[0]:
@@ -58,10 +64,6 @@ def check_filters(hits: str | Path, fields: Sequence[str] | None, ns: Sequence[i
             if n not in checked[1]:
                 raise ValueError(f"--n {n}: the overlap run checked n = {', '.join(map(str, checked[1]))} ({path.name})")
         return []
-    seen_fields, seen_ns = set(), set()
-    for _, record in read_jsonl_objects(hits):
-        seen_fields.add(record.get("field"))
-        seen_ns.add(record.get("n"))
     warnings = []
     named = ", ".join(repr(x) for x in sorted(seen_fields, key=str))
     warnings += [f"no hit line has --field {f!r} (the hits name the fields {named})" for f in fields or ()
