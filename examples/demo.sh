@@ -4,6 +4,7 @@
 # -> training with demo-arith accuracy every eval_every steps -> megamath eval on the final model.
 set -euo pipefail
 OUT=${1:-runs/demo}
+EXAMPLES=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)  # tiny.yaml beside this script, from any folder
 SEQ_LENGTH=${SEQ_LENGTH:-256}
 
 megamath demo-corpus --output "$OUT"
@@ -18,7 +19,7 @@ megamath blend --seq-length "$SEQ_LENGTH" --num-samples 2000 --cache-dir "$OUT/i
 # Train the tiny model on that mixture: 2 CPU processes, ZeRO-1 data parallel, a few minutes; the loss
 # falls from ~7.6 and a validation loss per subset is printed every 100 steps. Rerunning resumes from
 # $OUT/train/checkpoints/latest (and stops at once when the run is complete).
-torchrun --standalone --nproc_per_node 2 -m megamath.cli train --config examples/tiny.yaml \
+torchrun --standalone --nproc_per_node 2 -m megamath.cli train --config "$EXAMPLES/tiny.yaml" \
     data.data_dir="$OUT/data" data.cache_dir="$OUT/index-cache" run_dir="$OUT/train" \
     evaluation.tokenizer_model="$OUT/tokenizer.model" evaluation.data_dir="$OUT/eval"
 # The trained model on held-out arithmetic from the corpus templates (greedy, then a vote of 4 samples);

@@ -6,6 +6,7 @@ run folders and jsonl files."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -395,6 +396,30 @@ def test_compare_with_megatron_checks_its_paths_first(tmp_path):
         assert proc.returncode == 2 and "Traceback" not in proc.stderr and message in proc.stderr, proc.stderr
     assert not (tmp_path / "work").exists()
 
+
+
+def test_compare_with_megatron_failures_are_one_line_and_leave_no_temporary_folder(tmp_path):
+    """A --megatron-python that does not exist was a FileNotFoundError traceback; it and a failing side both
+    left their megatron-compare-* folder behind in the temporary directory."""
+    tool = Path(__file__).resolve().parents[1] / "tools" / "compare_with_megatron.py"
+    (tmp_path / "Megatron-LM" / "tools").mkdir(parents=True)
+    (tmp_path / "Megatron-LM" / "tools" / "preprocess_data.py").write_text("import sys; sys.exit('bad flags')\n")
+    (tmp_path / "tok.model").write_text("")
+    (tmp_path / "in.jsonl").write_text('{"text": "a"}\n')
+    (tmp_path / "tmp").mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp")}
+    base = ["--megatron-lm", str(tmp_path / "Megatron-LM"), "--input", str(tmp_path / "in.jsonl"),
+            "--tokenizer-model", str(tmp_path / "tok.model"), "--tokenizer-type", "Llama2Tokenizer"]
+    proc = subprocess.run([sys.executable, str(tool), *base, "--megatron-python", str(tmp_path / "no-python")],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].endswith(f"--megatron-python: cannot run {tmp_path / 'no-python'}: "
+                                                         "No such file or directory")
+    assert list((tmp_path / "tmp").iterdir()) == []
+    proc = subprocess.run([sys.executable, str(tool), *base], capture_output=True, text=True, env=env)
+    assert proc.returncode == 2 and "megatron Llama2Tokenizer failed" in proc.stdout + proc.stderr
+    assert "bad flags" in proc.stdout + proc.stderr
+    assert list((tmp_path / "tmp").iterdir()) == []
 
 def test_every_help_renders_and_output_flags_say_they_replace(capsys):
     from megamath.cli import COMMANDS

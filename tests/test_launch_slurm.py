@@ -50,7 +50,7 @@ def test_signal_reaches_the_ranks_and_the_job_requeues(tmp_path, sig):
     (log / "rank.py").write_text(RANK)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "LOG": str(log), "PY": sys.executable,
            "USER": os.environ.get("USER") or subprocess.run(["id", "-un"], capture_output=True, text=True).stdout.strip(),
-           "SLURM_JOB_ID": "42", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "node[0-1]"}
+           "SLURM_JOB_ID": "42", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "node[0-1]", "RUN_DIR": "runs/llemma-7b"}
     proc = subprocess.Popen(["bash", str(SCRIPT), "train_steps=10"], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 30
@@ -67,3 +67,57 @@ def test_signal_reaches_the_ranks_and_the_job_requeues(tmp_path, sig):
                       "node0:29500", "--rdzv_id", "42", "-m", "megamath.cli", "train", "--config",
                       "examples/llemma_7b.yaml", "run_dir=runs/llemma-7b", "train_steps=10"]
     assert (tmp_path / "logs").is_dir() and (tmp_path / "runs" / "llemma-7b").is_dir()
+
+
+def test_the_console_log_folder_exists_before_submission():
+    """SLURM opens #SBATCH --output before the script runs and creates no folder for it: with logs/ missing
+    (a fresh clone) the job dies at start with nothing written; the script's own `mkdir -p logs` is too late."""
+    (output,) = [line.split("=", 1)[1] for line in SCRIPT.read_text().splitlines() if line.startswith("#SBATCH --output=")]
+    folder = Path(output).parent
+    assert folder == Path(".") or (SCRIPT.parents[1] / folder).is_dir(), f"{folder}/ is not in the repository"
+
+
+def test_the_training_step_gets_the_cpus_the_job_asked_for(tmp_path):
+    """Since Slurm 22.05 srun no longer inherits sbatch's --cpus-per-task: without passing it on, the step ran
+    torchrun and its 8 ranks (8 OpenMP threads each) on the one CPU a task gets by default."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "log"
+    bin_dir.mkdir()
+    log.mkdir()
+    fakes = {"srun": '#!/bin/bash\necho "$@" >> "$LOG/srun"\nwhile [[ $1 == --* ]]; do shift; done\nexec "$@"\n',
+             "scontrol": FAKES["scontrol"], "torchrun": '#!/bin/bash\nexit 0\n'}
+    for name, text in fakes.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "LOG": str(log), "SLURM_JOB_ID": "42",
+           "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "node[0-1]", "SLURM_CPUS_PER_TASK": "64"}
+    proc = subprocess.run(["bash", str(SCRIPT)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (launch,) = (log / "srun").read_text().splitlines()
+    assert "--cpus-per-task=64" in launch.split(), launch
+
+
+def _launch_line(tmp_path, extra_env: dict[str, str]) -> list[str]:
+    bin_dir, log = tmp_path / "bin", tmp_path / "log"
+    bin_dir.mkdir(exist_ok=True)
+    log.mkdir(exist_ok=True)
+    fakes = {"srun": '#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\nexec "$@"\n', "scontrol": FAKES["scontrol"],
+             "torchrun": '#!/bin/bash\nprintf "%s\\n" "$@" > "$LOG/torchrun"\n'}
+    for name, text in fakes.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = {**{k: v for k, v in os.environ.items() if k not in ("CONFIG", "RUN_DIR")}, "LOG": str(log),
+           "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "42", "SLURM_NNODES": "2",
+           "SLURM_JOB_NODELIST": "node[0-1]", **extra_env}
+    proc = subprocess.run(["bash", str(SCRIPT)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return (log / "torchrun").read_text().splitlines()
+
+
+def test_the_run_folder_is_the_configs_unless_run_dir_is_given(tmp_path):
+    """CONFIG=examples/llemma_34b.yaml alone trained the 34B into runs/llemma-7b (the script's default RUN_DIR
+    overrode the config's run_dir), where auto-resume would meet a 7B run's checkpoints."""
+    launch = _launch_line(tmp_path, {"CONFIG": "examples/llemma_34b.yaml"})
+    assert launch[launch.index("--config") + 1] == "examples/llemma_34b.yaml"
+    assert not any(arg.startswith("run_dir=") for arg in launch), launch
+    launch = _launch_line(tmp_path, {"CONFIG": "examples/llemma_34b.yaml", "RUN_DIR": "/shared/my runs/34b"})
+    assert launch[-1] == "run_dir=/shared/my runs/34b"

@@ -275,3 +275,19 @@ def test_numpy_scan_nominates_the_same_spans_as_the_cpp_scan():
     keys = scanner.keys_of(test_data, test_offsets, ns)
     for a, b in zip(_helpers.scan_candidates(data, offsets, ns, table), scanner.scan(data, offsets, ns, keys)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_field_given_twice_is_checked_once(planted, capsys):
+    """`--field question --field question` (as --n 30 --n 30 already was) counts once: it wrote every hit line
+    twice and doubled the summary's rows."""
+    tmp, _, _ = planted
+    corpus = ["--corpus", str(tmp / "corpus/open-web-math"), "--n", "30", "--workers", "1", "--no-progress"]
+    once, twice = tmp / "once.jsonl", tmp / "twice.jsonl"
+    assert main(["overlap", "--test", str(tmp / "test.jsonl"), "--field", "question", "--output", str(once),
+                 *corpus]) == 0
+    assert main(["overlap", "--test", str(tmp / "test.jsonl"), "--field", "question", "--field", "question",
+                 "--output", str(twice), *corpus]) == 0
+    totals = [line for line in capsys.readouterr().out.splitlines() if line.startswith("question n=30:")]
+    assert len(totals) == 2  # one total line per run
+    assert _read_hits(twice) == _read_hits(once) and _read_hits(once)
+    assert json.loads(summary_path(twice).read_text())["fields"] == ["question"]

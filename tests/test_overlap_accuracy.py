@@ -83,3 +83,52 @@ def test_eval_results_join_the_hits_of_test_files_without_ids(tmp_path, capsys):
     assert main(["overlap-accuracy", "--hits", str(hits), "--results", str(results)]) == 0
     row = capsys.readouterr().out.splitlines()[-1].split()
     assert row == ["all", "1", "100.00%", "2", "0.00%"]
+
+
+def test_a_filter_naming_nothing_the_overlap_run_checked_is_refused(files, capsys):
+    """`--field questoin` or `--n 13` against hits of a run that checked question at n=30 kept no hit line, and
+    the table said every problem was clean: the opposite of a contamination finding, from a typo."""
+    tmp, hits, results = files
+    (tmp / "hits.summary.json").write_text(json.dumps({"fields": ["problem", "solution"], "ns": [20, 30]}))
+    argv = ["overlap-accuracy", "--hits", str(hits), "--results", str(results)]
+    assert main([*argv, "--field", "problme"]) == 2
+    assert capsys.readouterr().err == ("megamath overlap-accuracy: error: --field 'problme': the overlap run "
+                                       "checked the fields 'problem', 'solution' (hits.summary.json)\n")
+    assert main([*argv, "--n", "13"]) == 2
+    assert capsys.readouterr().err == ("megamath overlap-accuracy: error: --n 13: the overlap run checked n = 20, 30 "
+                                       "(hits.summary.json)\n")
+    assert main([*argv, "--field", "solution", "--n", "20"]) == 0  # checked, and no hit: a real zero
+    # A summary that does not cover the hits' own fields is another run's: only the warning then.
+    (tmp / "hits.summary.json").write_text(json.dumps({"fields": ["problem"], "ns": [30]}))
+    assert main([*argv, "--n", "20"]) == 0
+    capsys.readouterr()
+    # Without the summary nothing says what was checked: a filter no hit line matches is a warning.
+    (tmp / "hits.summary.json").unlink()
+    assert main([*argv, "--field", "problme"]) == 0
+    assert "warning: no hit line has --field 'problme' (the hits name the fields 'problem', 'solution')" in \
+        capsys.readouterr().err
+
+
+def test_math_records_named_by_unique_id_join_the_eval_results(tmp_path, capsys):
+    """MATH as MATH-500 / PRM800K ship it names each problem by `unique_id` ("test/algebra/1.json") and has no
+    `id`: megamath eval uses unique_id, and overlap used the 0-based position, so overlap-accuracy joined nothing
+    and blamed the files for describing different test sets."""
+    from megamath.evaluation.tasks import get_task
+    from megamath.overlap.ngrams import load_test_items
+
+    math = _write(tmp_path / "math500.jsonl", [
+        {"problem": f"Find the value of x such that x minus {i} equals zero here.", "answer": str(i),
+         "unique_id": f"test/algebra/{100 + i}.json"} for i in range(3)])
+    assert [p.id for p in get_task("math").read(math)] == [str(item.id) for item in load_test_items(math, ["problem"])]
+    (tmp_path / "corpus").mkdir()
+    corpus = _write(tmp_path / "corpus" / "web.jsonl",
+                    [{"text": "Homework: Find the value of x such that x minus 2 equals zero here. Thanks!"}])
+    hits = tmp_path / "hits.jsonl"
+    assert main(["overlap", "--test", str(math), "--field", "problem", "--corpus", str(corpus), "--n", "10",
+                 "--workers", "1", "--output", str(hits), "--no-progress"]) == 0
+    assert [json.loads(line)["test_id"] for line in hits.read_text().splitlines()] == ["test/algebra/102.json"]
+    results = _write(tmp_path / "results.jsonl", [{"id": p.id, "correct": p.answer == "2"}
+                                                  for p in get_task("math").read(math)])
+    capsys.readouterr()
+    assert main(["overlap-accuracy", "--hits", str(hits), "--results", str(results)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].split() == ["all", "1", "100.00%", "2", "0.00%"]

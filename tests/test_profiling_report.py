@@ -416,3 +416,39 @@ def test_report_plots_the_scores_evaluation_during_training_logs(tmp_path, monke
     assert sorted(ax.get_legend_handles_labels()[1]) == [f"evaluated: eval/{k}" for k in
                                                          ("demo-arith/maj1", "gsm8k/maj1", "gsm8k/maj4")]
     assert [list(line.get_xdata()) for line in ax.get_lines()] == [[20, 40, 60]] * 3
+
+
+def test_report_plots_validation_sets_whose_names_hold_a_dot(tmp_path, monkeypatch):
+    """data.valid_data names are the user's (`owm-v1.1: data/...`); the loss plot split field paths at dots and
+    drew such a set as an empty line, its label in the legend and no point on the axes."""
+    from megamath.report import figures
+    from megamath.report.runs import load_run
+
+    changes = {s: {"val_loss": {"owm-v1.1": 3.0 - s / 100, "arxiv": 3.5}} for s in (20, 40)}
+    drawn = []
+    monkeypatch.setattr(figures, "to_uri", lambda fig: drawn.append(fig) or "data:")
+    figures.loss_figure([load_run(fake_run(tmp_path / "run", changes))])
+    points = {line.get_label(): list(line.get_xdata()) for line in drawn[0].axes[0].get_lines()}
+    assert points["run: validation owm-v1.1"] == [20, 40] and points["run: validation arxiv"] == [20, 40]
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_throughput_summary_says_which_steps_it_averages(tmp_path, steps):
+    """The first step after start is left out of the average, except when it is the only one (train_steps=1, or a
+    resume one step before the end): then the line must not claim it was left out."""
+    from megamath.training.metrics import MetricsLogger, format_summary
+
+    log = MetricsLogger(tmp_path, ParallelState.single(), 1000, 64, steps, 1, 100)
+    timer = PhaseTimer(torch.device("cpu"))
+    for step in range(1, steps + 1):
+        timer.start_step()
+        with timer.phase("forward"):
+            pass
+        log.write({"step": step, "loss": 1.0, "lr": 1e-3, "grad_norm": 1.0, "skipped": False,
+                   "consumed_samples": step}, timer.end_step())
+    line = format_summary(log.summary())
+    log.close()
+    if steps == 1:
+        assert line.startswith("throughput over 1 step (the only one, warm-up included): ")
+    else:
+        assert line.startswith("throughput over 2 steps (the first one after start left out): ")

@@ -152,3 +152,22 @@ def test_examples_load(name):
     if name == "llemma_34b.yaml":
         assert (config.parallel.tp_size, config.model.rope_theta, config.optimizer.lr) == (8, 1e6, 5e-5)
         assert config.global_batch_size(dp_size=32) == 1024
+
+
+def test_llemma_34b_schedule_is_the_published_one():
+    """LLEMMA's published GPT-NeoX config for the 34B (configs/llemma_34b.yml on NeoX's llemma branch):
+    lr_decay_iters 12000 = train_iters, decay_lr_to 0.033, warmup 500, eval_interval 250 with eval_iters 25,
+    checkpoint_factor 250. A 48,000-step horizon would end the 12,000 steps near 87% of the peak lr."""
+    config = load_config(EXAMPLES / "llemma_34b.yaml")
+    assert config.train_steps == 12000
+    assert (config.schedule.warmup_steps, config.schedule.decay_steps, config.schedule.min_lr_ratio) == (500, 12000, 0.033)
+    assert (config.eval_every, config.checkpoint.save_every) == (250, 250)
+    # NeoX evaluates eval_iters × accumulation = 25 × 16 = 400 micro-batches; megamath splits them over 3 sets
+    assert config.eval_batches == 134
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_config_loads_and_plans(path, capsys):
+    """Every shipped example (not a fixed list: a new one is covered too) loads and passes `megamath plan`."""
+    load_config(path)
+    assert main(["plan", "--model", str(path), "--gpu", "a100-80gb", "--gpus", "8", "--json"]) == 0, capsys.readouterr().err

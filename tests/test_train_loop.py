@@ -133,7 +133,7 @@ def test_metrics_jsonl_and_falling_loss(tmp_path, one_thread, capsys):
         TrainConfig.from_dict(raw)
     # the checkpoint at the end, whatever save_every says, and a throughput summary
     assert latest_checkpoint(tmp_path / "run").name == "step_0000024"
-    assert set(result.summary) == {"steps", "step_time_s", "tokens_per_s", "tflops", "mfu"}
+    assert set(result.summary) == {"steps", "first_left_out", "step_time_s", "tokens_per_s", "tflops", "mfu"}
     out = capsys.readouterr().out
     assert "step      12  loss" in out and "val/arxiv" in out and "throughput over" in out
 

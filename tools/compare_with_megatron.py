@@ -50,6 +50,17 @@ def main() -> int:
         if not path.is_file():  # before the work folder exists, which a failed run would leave behind
             parser.error(f"{what}: {path}")
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="megatron-compare-"))
+    try:
+        return compare(args, megatron_script, work)
+    except ValueError as err:  # e.g. a --megatron-python that cannot be started: one line, not a traceback
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    finally:  # a failed comparison leaves no temporary folder behind; a --work-dir is kept to look into
+        if args.work_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def compare(args, megatron_script: Path, work: Path) -> int:
+    """Run both sides per tokenizer type in `work`; 0 when every file is identical, 1 if not, 2 on failure."""
     failures = 0
     for kind in args.tokenizer_type:
         outputs = {}
@@ -64,7 +75,10 @@ def main() -> int:
                      "--workers", str(args.workers), "--partitions", str(args.partitions)]
             flags += ["--keep-sequential-samples"] if args.keep_sequential_samples else []
             env = dict(os.environ, PYTHONPATH=str(args.megatron_lm if side == "megatron" else REPO))
-            proc = subprocess.run([python, str(script), *flags], env=env, capture_output=True, text=True)
+            try:
+                proc = subprocess.run([python, str(script), *flags], env=env, capture_output=True, text=True)
+            except OSError as err:
+                raise ValueError(f"--megatron-python: cannot run {python}: {err.strerror}") from None
             if proc.returncode:
                 print(f"{side} {kind} failed:\n{proc.stderr[-3000:]}")
                 return 2
@@ -75,8 +89,6 @@ def main() -> int:
             verdict = first_difference(a, b)
             failures += verdict != "identical"
             print(f"{kind:26s} {ext}  {len(a):>12,} bytes  {verdict}")
-    if args.work_dir is None:
-        shutil.rmtree(work)
     return 1 if failures else 0
 
 

@@ -14,7 +14,8 @@ output: one line per (test item, field, n, corpus document) sharing at least one
   test_id, field, n, ngram (the first shared n-gram in the document), offset (its character offset in
   the document text), matching_ngrams (distinct shared n-grams), file, line, subset, split, meta.
   The summary (per subset, per test item) is printed and written to HITS.summary.json.
-  Test ids: the record's --id-field when present, else its 0-based position in the test file."""
+  Test ids: the record's --id-field when present (by default id, else unique_id as in MATH-500, the ids
+  megamath eval gives), else its 0-based position in the test file."""
 
 
 def add_parser(subparsers, name: str) -> None:
@@ -39,7 +40,7 @@ def add_parser(subparsers, name: str) -> None:
     parser.add_argument("--workers", type=int, default=None,
                         help="worker processes; 1 runs in-process (default: the number of CPUs)")
     parser.add_argument("--json-key", default="text", help="corpus record field holding the text (default: text)")
-    parser.add_argument("--id-field", default="id", help="test record field holding its id (default: id)")
+    parser.add_argument("--id-field", default="id", help="test record field holding its id (default: id, else unique_id)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     parser.set_defaults(run=run)
 

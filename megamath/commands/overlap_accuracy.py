@@ -7,11 +7,12 @@ import sys
 FORMAT = """\
 HITS.jsonl: the output of megamath overlap (its test_id field).
 RESULTS.jsonl: one line per problem, as megamath eval writes it, with at least
-  id       equal to the hits' test_id (the test record's id field, else its 0-based position);
+  id       equal to the hits' test_id (the test record's id field, else unique_id, else its 0-based position);
            compared as text, so 7 and "7" match
   correct  true/false (0/1 accepted)
   level    MATH's difficulty level, for --by level (--by takes any field name)
-A problem counts as a hit when any hit line names it (narrow with --field / --n)."""
+A problem counts as a hit when any hit line names it (narrow with --field / --n, which must name a field and
+n the overlap run checked: HITS.summary.json beside the hits says which)."""
 
 
 def add_parser(subparsers, name: str) -> None:
@@ -34,9 +35,11 @@ def add_parser(subparsers, name: str) -> None:
 
 
 def run(args) -> int:
-    from megamath.overlap.accuracy import accuracy_by_hit, format_rows, read_hit_ids, read_results
+    from megamath.overlap.accuracy import accuracy_by_hit, check_filters, format_rows, read_hit_ids, read_results
 
     hit_ids = read_hit_ids(args.hits, args.fields, args.ns)
+    for warning in check_filters(args.hits, args.fields, args.ns):
+        print(f"warning: {warning}", file=sys.stderr)
     results = read_results(args.results, args.by)
     rows, unmatched = accuracy_by_hit(hit_ids, results)
     if unmatched:

@@ -3,7 +3,8 @@
 Inputs: the hits of `megamath overlap` (HITS.jsonl, `test_id` per line) and a results file of
 `megamath eval` (RESULTS.jsonl), one line per problem with at least
     id       the problem's id, the same value `megamath overlap` writes as `test_id` (the test record's
-             id field, else its 0-based position in the test file); compared as text, so 7 and "7" match;
+             id field, else unique_id, else its 0-based position in the test file); compared as text, so 7
+             and "7" match;
     correct  true/false (0/1 accepted);
     level    (MATH) the difficulty level, needed for `--by level`; `--by` takes any field name.
 A problem is a hit when any hit line names it (any field and n unless `--field` / `--n` narrow it), as in
@@ -11,6 +12,7 @@ LLEMMA's analysis, which pooled the hits of problems and of solutions.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -30,6 +32,45 @@ def read_hit_ids(path: str | Path, fields: Sequence[str] | None = None, ns: Sequ
             continue
         ids.add(str(record["test_id"]))
     return ids
+
+
+def check_filters(hits: str | Path, fields: Sequence[str] | None, ns: Sequence[int] | None) -> list[str]:
+    """Refuse a --field or --n the overlap run did not check (its HITS.summary.json says which): such a filter
+    keeps no hit line and the table would call every problem clean. Without the summary, the warnings for
+    filters that no hit line matches (a field checked with no hit is a real zero, so not an error there)."""
+    from megamath.overlap.run import summary_path
+
+    hits = Path(hits)
+    seen_fields, seen_ns = set(), set()
+    for _, record in read_jsonl_objects(hits):
+        seen_fields.add(record.get("field"))
+        seen_ns.add(record.get("n"))
+    path = summary_path(hits)
+    checked = None
+    if path.is_file():
+        try:
+            summary = json.loads(path.read_text(encoding="utf-8"))
+            checked = ([str(f) for f in summary["fields"]], [int(n) for n in summary["ns"]])
+        except (ValueError, KeyError, TypeError):
+            checked = None  # not a summary of megamath overlap: judge by the hit lines alone
+        if checked is not None and not (seen_fields <= set(checked[0]) and seen_ns <= set(checked[1])):
+            checked = None  # the summary of another run (this one stopped before writing its own)
+    if checked is not None:
+        for f in fields or ():
+            if f not in checked[0]:
+                names = ", ".join(repr(x) for x in checked[0])
+                raise ValueError(f"--field {f!r}: the overlap run checked the fields {names} ({path.name})")
+        for n in ns or ():
+            if n not in checked[1]:
+                raise ValueError(f"--n {n}: the overlap run checked n = {', '.join(map(str, checked[1]))} ({path.name})")
+        return []
+    warnings = []
+    named = ", ".join(repr(x) for x in sorted(seen_fields, key=str))
+    warnings += [f"no hit line has --field {f!r} (the hits name the fields {named})" for f in fields or ()
+                 if f not in seen_fields and seen_fields]
+    warnings += [f"no hit line has --n {n} (the hits hold n = {', '.join(map(str, sorted(seen_ns, key=str)))})"
+                 for n in ns or () if n not in seen_ns and seen_ns]
+    return warnings
 
 
 @dataclass(frozen=True)

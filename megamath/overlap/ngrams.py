@@ -44,8 +44,9 @@ class TestItem:
     """One record of the test file."""
 
     id: str | int
-    """The record's id field when it has one, else its 0-based position among the file's records
-    (the reference tool's id: the index in the dataset)."""
+    """The record's id field when it has one (by default `id`, else `unique_id`, as `megamath eval` names
+    MATH problems), else its 0-based position among the file's records (the reference tool's id: the index
+    in the dataset)."""
     texts: tuple[str, ...]
     """The value of each `--field`, in the order given."""
 
@@ -55,6 +56,9 @@ def load_test_items(path: str | Path, fields: Sequence[str], id_field: str = "id
     path = Path(path)
     if not fields:
         raise ValueError("no --field given: name the test field(s) to check, e.g. --field question")
+    # The default also takes MATH-500's `unique_id`, as `megamath eval` does: the two must name a problem alike
+    # for `megamath overlap-accuracy` to join them.
+    id_fields = (id_field, "unique_id") if id_field == "id" else (id_field,)
     items: list[TestItem] = []
     with_id = set()
     for line_no, record in read_jsonl_objects(path, "test file"):
@@ -66,17 +70,19 @@ def load_test_items(path: str | Path, fields: Sequence[str], id_field: str = "id
             if not isinstance(record[name], str):
                 raise ValueError(f"{path}:{line_no}: field {name!r} is not a string")
             texts.append(record[name])
-        item_id = record.get(id_field, len(items))
-        if id_field in record:
+        name = next((n for n in id_fields if n in record), None)
+        item_id = record[name] if name else len(items)
+        if name:
             with_id.add(len(items))
         if not isinstance(item_id, (str, int)) or isinstance(item_id, bool):
-            raise ValueError(f"{path}:{line_no}: id field {id_field!r} must be a string or an integer")
+            raise ValueError(f"{path}:{line_no}: id field {name!r} must be a string or an integer")
         items.append(TestItem(item_id, tuple(texts)))
     if not items:
         raise ValueError(f"{path}: no test records")
     if with_id and len(with_id) != len(items):
         missing = next(i for i in range(len(items)) if i not in with_id)
-        raise ValueError(f"{path}: record {missing} has no {id_field!r} field while others have one")
+        raise ValueError(f"{path}: record {missing} has no {' or '.join(map(repr, id_fields))} field while others "
+                         "have one")
     ids = [item.id for item in items]
     if len(set(ids)) != len(ids):
         raise ValueError(f"{path}: the {id_field!r} values are not unique")

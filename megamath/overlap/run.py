@@ -54,7 +54,8 @@ class OverlapConfig:
     json_key: str = "text"
     """Corpus record field holding the document text."""
     id_field: str = "id"
-    """Test record field holding the item id; without it, the record's 0-based position."""
+    """Test record field holding the item id (`id` also takes `unique_id`, MATH-500's); without it, the
+    record's 0-based position."""
     batch_bytes: int = 1 << 20
     """Decompressed bytes of whole lines per batch sent to a worker."""
     report_bad_lines: int = 5
@@ -62,6 +63,7 @@ class OverlapConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        self.fields = tuple(dict.fromkeys(self.fields))  # a field given twice is checked once, as an n is
         if self.workers < 1:
             raise ValueError(f"--workers must be at least 1, got {self.workers}")
         if any(int(n) < 1 for n in self.ns):

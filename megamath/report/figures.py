@@ -31,12 +31,13 @@ def to_uri(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def series(run: Run, key: str) -> tuple[list[int], list[float]]:
-    """(steps, values) of a field, a nested `a.b` field, skipping records without a number."""
+def series(run: Run, key: str | tuple[str, ...]) -> tuple[list[int], list[float]]:
+    """(steps, values) of a field, a nested `a.b` field, skipping records without a number. Names that may
+    hold a dot themselves (validation sets, score fields) come as a tuple path: ("val_loss", "owm-v1.1")."""
     xs, ys = [], []
     for rec in run.records:
         value = rec
-        for part in key.split("."):
+        for part in key if isinstance(key, tuple) else key.split("."):
             value = value.get(part) if isinstance(value, dict) else None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             xs.append(rec["step"])
@@ -62,7 +63,7 @@ def loss_figure(runs: list[Run]) -> list[tuple[str, str]]:
         ax.plot(*series(run, "loss"), color=_colour(i), lw=1.2, label=f"{run.name}: train")
         subsets = sorted({n for r in run.records for n in r.get("val_loss", {})})
         for j, name in enumerate(subsets):
-            ax.plot(*series(run, f"val_loss.{name}"), color=_colour(i), ls=("--", ":", "-.")[j % 3], marker="o",
+            ax.plot(*series(run, ("val_loss", name)), color=_colour(i), ls=("--", ":", "-.")[j % 3], marker="o",
                     ms=4, label=f"{run.name}: validation {name}")
     ax.set_ylabel("loss")
     ax.legend(fontsize=8)
@@ -134,9 +135,9 @@ def _is_number(x) -> bool:
 def score_figure(runs: list[Run]) -> list[tuple[str, str]]:
     """Evaluation scores: any dict of numbers in the records other than phases and val_loss, and the flat
     `eval/<task>/maj<k>` numbers that evaluation during training logs."""
-    keys = sorted({f"{k}.{n}" for r in runs for rec in r.records for k, v in rec.items()
+    keys = sorted({(k, n) for r in runs for rec in r.records for k, v in rec.items()
                    if isinstance(v, dict) and k not in NOT_SCORES for n, x in v.items() if _is_number(x)}
-                  | {k for r in runs for rec in r.records for k, v in rec.items()
+                  | {(k,) for r in runs for rec in r.records for k, v in rec.items()
                      if k.startswith("eval/") and _is_number(v)})
     if not keys:
         return []
@@ -146,7 +147,7 @@ def score_figure(runs: list[Run]) -> list[tuple[str, str]]:
             xs, ys = series(run, key)
             if xs:
                 ax.plot(xs, ys, color=_colour(i), ls=("-", "--", ":", "-.")[j % 4], marker="o", ms=4,
-                        label=f"{run.name}: {key}")
+                        label=f"{run.name}: {'.'.join(key)}")
     ax.set_ylabel("score")
     ax.legend(fontsize=8)
     return [("Evaluation scores", to_uri(fig))]

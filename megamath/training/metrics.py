@@ -186,8 +186,8 @@ class MetricsLogger:
         step_time = sum(times) / len(times)
         tokens_per_s = self.tokens_per_step / step_time
         tflops = self.flops_per_token * tokens_per_s / self.world_size / 1e12
-        return {"steps": len(times), "step_time_s": step_time, "tokens_per_s": tokens_per_s,
-                "tflops": tflops, "mfu": tflops / self.peak if self.peak else None}
+        return {"steps": len(times), "first_left_out": len(self.timed) > 1, "step_time_s": step_time,
+                "tokens_per_s": tokens_per_s, "tflops": tflops, "mfu": tflops / self.peak if self.peak else None}
 
     def close(self) -> None:
         """Write what is still pending (without the cross-rank fields: a failing run's peers may be gone)."""
@@ -231,7 +231,9 @@ def format_record(rec: dict) -> str:
 def format_summary(summary: dict) -> str:
     if not summary:
         return "no steps were run"
-    line = (f"throughput over {summary['steps']} steps (the first one after start left out): "
+    which = ("steps (the first one after start left out)" if summary.get("first_left_out", True)
+             else "step (the only one, warm-up included)")
+    line = (f"throughput over {summary['steps']} {which}: "
             f"{summary['step_time_s']:.3f} s/step, {summary['tokens_per_s']:,.0f} tokens/s, "
             f"{summary['tflops']:.3g} TFLOP/s per device")
     if summary["mfu"] is None:

@@ -3,8 +3,8 @@
     step ≤ warmup:  lr = peak · step / warmup
     after:          lr = peak · (r + (1 − r) · ½ · (1 + cos(π · t))),   t = (step − warmup) / (decay − warmup)
 
-with t clipped to [0, 1], so the rate holds at r · peak after `decay_steps` (LLEMMA: warmup 500, decay
-48,000, r = 1/30; the 7B run stopped at 42,000 steps, before the floor). `step` is the 1-based number
+with t clipped to [0, 1], so the rate holds at r · peak after `decay_steps` (LLEMMA 7B: warmup 500, decay
+48,000, r = 1/30; the 7B run stopped at 42,000 steps, before the floor; the 34B decayed over its 12,000). `step` is the 1-based number
 of the optimizer update being taken: the first update runs at peak / warmup, update `warmup` at the
 peak, and both branches agree there. The peak itself is `optimizer.lr` (as Megatron's `--lr` is the
 peak of its schedule), so the run has one learning rate to set.

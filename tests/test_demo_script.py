@@ -1,0 +1,34 @@
+"""examples/demo.sh under stand-in `megamath` and `torchrun` commands: every path it hands on is one
+argument (an output folder with a space stays whole) and the training config is found wherever the
+script is started from."""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "demo.sh"
+# Each call appends its arguments, one a line, after a `---` line; `megamath report` prints a path.
+FAKE = '#!/bin/bash\n{ echo "--- $(basename "$0")"; printf "%s\\n" "$@"; } >> "$LOG"\necho report.html\n'
+
+
+def test_paths_stay_whole_and_the_config_is_found_from_any_folder(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("megamath", "torchrun"):
+        (bin_dir / name).write_text(FAKE)
+        (bin_dir / name).chmod(0o755)
+    log = tmp_path / "calls"
+    elsewhere = tmp_path / "somewhere else"
+    elsewhere.mkdir()
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "LOG": str(log)}
+    proc = subprocess.run(["bash", str(SCRIPT), "my runs/demo"], cwd=elsewhere, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    calls = [block.splitlines() for block in log.read_text().split("--- ")[1:]]
+    assert [c[0] for c in calls] == ["megamath"] * 4 + ["torchrun"] + ["megamath"] * 2
+    assert calls[0][1:] == ["demo-corpus", "--output", "my runs/demo"]
+    train = calls[4][1:]
+    config = Path(train[train.index("--config") + 1])
+    assert (elsewhere / config).is_file(), f"--config {config} does not exist from {elsewhere}"
+    assert "data.data_dir=my runs/demo/data" in train and "run_dir=my runs/demo/train" in train
