@@ -1,6 +1,6 @@
 """examples/launch_slurm.sbatch under stand-in `srun`, `scontrol` and `torchrun` commands: the launch line,
-and the preemption path (USR1 or TERM to the batch script reaches the training ranks, not torchrun; a
-clean stop requeues the job)."""
+and the stopping path (USR1 or TERM to the batch script reaches the training ranks, not torchrun; a clean
+stop at the time limit's USR1 requeues the job, a cancel's TERM does not)."""
 from __future__ import annotations
 
 import os
@@ -40,7 +40,7 @@ sys.exit(3)
 
 @pytest.mark.skipif(sys.platform != "linux", reason="needs pgrep/pkill (procps)")
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
-def test_signal_reaches_the_ranks_and_the_job_requeues(tmp_path, sig):
+def test_signal_reaches_the_ranks_and_only_the_time_limit_requeues(tmp_path, sig):
     bin_dir, log = tmp_path / "bin", tmp_path / "log"
     bin_dir.mkdir()
     log.mkdir()
@@ -61,7 +61,10 @@ def test_signal_reaches_the_ranks_and_the_job_requeues(tmp_path, sig):
     output = proc.communicate(timeout=30)[0]
     assert proc.returncode == 0, output
     assert (log / "rank-got").read_text() == sig.name
-    assert (log / "scontrol").read_text().split() == ["requeue", "42"]
+    if sig == signal.SIGUSR1:  # the time limit's warning: come back and resume
+        assert (log / "scontrol").read_text().split() == ["requeue", "42"]
+    else:  # scancel (or a preemption, which a REQUEUE site handles itself): stopped for good
+        assert not (log / "scontrol").exists() and "not requeued" in output, output
     launch = (log / "torchrun").read_text().split()
     assert launch == ["--nnodes", "2", "--nproc_per_node", "8", "--rdzv_backend", "c10d", "--rdzv_endpoint",
                       "node0:29500", "--rdzv_id", "42", "-m", "megamath.cli", "train", "--config",
