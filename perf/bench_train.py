@@ -160,11 +160,11 @@ def hf_step(config: ModelConfig, device: torch.device, tokens: torch.Tensor, com
 
 
 def measure(build: Callable[[], Callable[[], float]], device: torch.device, warmup: int,
-            steps: int, profile_steps: int = 0) -> tuple[list[float], float, dict | None]:
+            steps: int, profile_steps: int = 0) -> tuple[list[float], float, list[str] | None]:
     """Step times in seconds (device synchronized at each step's end), the peak memory the system itself
     allocated, GiB: the peak over the timed steps less what was allocated before it was built (the shared
-    input tokens, anything an earlier system left behind); and with profile_steps, those further steps'
-    kernels by kind (megamath.training.kernel_kinds), profiled after the timed ones."""
+    input tokens, anything an earlier system left behind); and with profile_steps, the table of those further
+    steps' kernels by kind (megamath.training.kernel_kinds), profiled after the timed ones."""
     base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     step = build()
     for _ in range(warmup):
@@ -179,7 +179,12 @@ def measure(build: Callable[[], Callable[[], float]], device: torch.device, warm
         sync(device)
         times.append(time.perf_counter() - start)
     peak = (torch.cuda.max_memory_allocated(device) - base) / 2**30 if device.type == "cuda" else float("nan")
-    return times, peak, profile(step, device, profile_steps) if profile_steps else None
+    if not profile_steps:
+        return times, peak, None
+    try:  # a profiler that fails costs the breakdown, never the row measured above
+        return times, peak, breakdown_table(profile(step, device, profile_steps), f"{profile_steps} profiled steps")
+    except Exception as err:
+        return times, peak, [f"no breakdown: the profiler failed: {type(err).__name__}: {str(err)[:200]}"]
 
 
 def profile(step: Callable[[], float], device: torch.device, steps: int) -> dict:
@@ -218,7 +223,7 @@ def run_case(config: ModelConfig, micro_batch: int, args, device: torch.device,
     for name, build in systems.items():
         row = {"system": name, "micro_batch": micro_batch}
         try:
-            times, mem, kinds = measure(build, device, args.warmup, args.steps,
+            times, mem, breakdown = measure(build, device, args.warmup, args.steps,
                                         args.breakdown_steps if name == "megamath" else 0)
         except ImportError as err:
             row["error"] = f"absent ({err})"
@@ -232,8 +237,8 @@ def run_case(config: ModelConfig, micro_batch: int, args, device: torch.device,
                        mfu=tflops / peak if peak else None, peak_gib=mem)
             if name == "megamath":
                 row["plan_gib"] = planned_peak_gib(config, micro_batch, seq)
-            if kinds is not None:
-                row["breakdown"] = breakdown_table(kinds, f"{args.breakdown_steps} profiled steps")
+            if breakdown is not None:
+                row["breakdown"] = breakdown
             ours = next((r for r in rows + [row] if r["system"] == "megamath" and "step_ms" in r), None)
             if ours is not None:  # megamath runs first
                 row["vs_ours"] = row["step_ms"] / ours["step_ms"]

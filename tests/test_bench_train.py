@@ -82,3 +82,16 @@ def test_the_hugging_face_peer_trains_without_a_kv_cache(monkeypatch):
     config = bench.model_config(bench.argparse.Namespace(layers=1, seq_length=16), gpu=False)
     out = bench.hf_model(config, torch.device("cpu"))(input_ids=torch.zeros(1, 8, dtype=torch.long))
     assert getattr(out, "cache", None) is None and getattr(out, "past_key_values", None) is None
+
+
+def test_a_failing_profiler_costs_the_breakdown_not_the_row(tmp_path, monkeypatch):
+    bench = load_bench(monkeypatch)
+
+    def broken_profiler(*args):
+        raise RuntimeError("CUPTI unavailable")
+
+    monkeypatch.setattr(bench, "profile", broken_profiler)
+    assert bench.main(["--out", str(tmp_path), "--no-compile"]) == 0
+    text = next(tmp_path.glob("train-*.md")).read_text()
+    assert "no breakdown: the profiler failed: RuntimeError: CUPTI unavailable" in text
+    assert "| megamath | 2 | " in text and "error" not in text.split("| megamath | 2 | ")[1].splitlines()[0]

@@ -66,3 +66,10 @@ def test_a_profiled_step_adds_up_and_renders():
     assert set(rows) == kinds.keys() and len(rows) == len(kinds)
     shares = [float(line.split("|")[3].strip(" %")) for line in lines[4:]]
     assert shares == sorted(shares, reverse=True) and sum(shares) == pytest.approx(100, abs=0.1 * len(shares))
+
+
+def test_a_window_without_kernels_says_so_instead_of_an_idle_device():
+    """A machine whose profiler cannot read the GPU's activity records no kernels: not '0 % busy'."""
+    empty = {"kinds": {}, "busy_ms": 0.0, "wall_ms": 120.0, "device": "cuda"}
+    assert kernel_kinds.breakdown_table(empty, "2 profiled steps") == [
+        "2 profiled steps: the profiler recorded no kernels; nothing to break down"]

@@ -60,6 +60,9 @@ def summarize(profiler, steps: int, cuda: bool, wall_s: float) -> dict:
 def breakdown_table(result: dict, title: str) -> list[str]:
     """Markdown lines: one row per kind, heaviest first, with its two heaviest kernels."""
     busy, wall = result["busy_ms"], result["wall_ms"]
+    if not result["kinds"]:  # e.g. a machine where the profiler cannot read the GPU's activity (no CUPTI)
+        return [f"{title}: the profiler recorded no {'kernels' if result['device'] == 'cuda' else 'ops'}; "
+                "nothing to break down"]
     if result["device"] == "cuda":
         head = (f"{title}: device busy {busy:.1f} ms of a {wall:.1f} ms step ({100 * busy / wall:.0f} %; the rest is "
                 "the device waiting on the host)")
