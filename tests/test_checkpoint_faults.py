@@ -115,10 +115,22 @@ def test_kill_at_random_points_of_a_save_always_resumes_exactly(tmp_path, one_th
 SECOND_SAVE_POINTS = {0: range(14, 28), 1: range(4, 8)}
 
 
+def start_torchrun(script: Path, config: Path, kill_rank: int, point: int) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(script), str(config), str(point), str(kill_rank)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    try:
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
 def torchrun(script: Path, config: Path, kill_rank: int, point: int) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script), str(config), str(point), str(kill_rank)],
-                          capture_output=True, text=True, timeout=300)
+    return finish(start_torchrun(script, config, kill_rank, point))
 
 
 def test_one_rank_of_two_killed_mid_save_resumes_exactly(tmp_path):
@@ -129,6 +141,9 @@ def test_one_rank_of_two_killed_mid_save_resumes_exactly(tmp_path):
     (tmp_path / "straight.yaml").write_text(yaml.safe_dump(straight))
     script = tmp_path / "killer.py"
     script.write_text(KILLER)
+    # The undisturbed run shares nothing with the killed ones (its own run_dir and rendezvous port): it runs
+    # beside them, using the core their launcher leaves idle while it starts.
+    undisturbed = start_torchrun(script, tmp_path / "straight.yaml", -1, -1)
     rng = random.Random(11)
     for rank in (1, 0):
         point = rng.choice(SECOND_SAVE_POINTS[rank])
@@ -138,8 +153,7 @@ def test_one_rank_of_two_killed_mid_save_resumes_exactly(tmp_path):
         assert latest is not None, (rank, point)  # step 2 at least was complete before any kill
         ok, line = verify_checkpoint(latest)
         assert ok, (rank, point, line)
-    for config in ("run.yaml", "straight.yaml"):  # resume after the last kill; an undisturbed run
-        proc = torchrun(script, tmp_path / config, -1, -1)
+    for proc in (torchrun(script, tmp_path / "run.yaml", -1, -1), finish(undisturbed)):  # resume after the last kill
         assert proc.returncode == 0, proc.stderr[-3000:]
     assert_bitwise_equal(final_state(tmp_path / "run", 6, dp_size=2), final_state(tmp_path / "straight", 6, dp_size=2))
     assert [r["loss"] for r in metrics(tmp_path / "run")] == [r["loss"] for r in metrics(tmp_path / "straight")]
