@@ -1,6 +1,4 @@
 """Faults during a run: a process killed at random points of a save, a second training on the same run_dir."""
-import multiprocessing
-import os
 import random
 import re
 import shutil
@@ -14,6 +12,7 @@ import torch
 import yaml
 from safetensors import SafetensorError
 
+from forked_script import ScriptProcess
 from megamath.cli import main
 from megamath.run_lock import FolderBusyError, FolderLock
 from megamath.training import checkpoint as ckpt
@@ -58,32 +57,14 @@ sys.exit(main(["train", "--config", config]))
 POINTS_PER_SAVE = 14  # 6 fsyncs (3 shards, metadata, temp folder, checkpoints folder) + the pointer, x2
 
 
-def _run_script(script: str, argv: list[str], log: str) -> None:
-    """Run `script` as __main__ with sys.argv = argv, its output into `log` (in a forked child, see run_killer)."""
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    sys.argv = argv
-    exec(compile(Path(script).read_text(), script, "exec"), {"__name__": "__main__"})
-
-
 def run_killer(script: Path, config: Path, point: int) -> tuple[int | None, str]:
-    """KILLER in a fresh single process: (exit code, -9 when it killed itself; its output).
-
-    The process is forked from a forkserver that imported torch and megamath once, so the five attempts
-    don't pay Python's start and those imports (~2 s of CPU each) again; it still runs the script from the
-    top in a process of its own, killed with SIGKILL, as `python killer.py` would be.
-    """
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "megamath.cli", "megamath.training.loop", "test_checkpoint_faults"])
-    log = f"{script}.{point}.log"
-    process = context.Process(target=_run_script, args=(str(script), [str(script), str(config), str(point)], log))
-    process.start()
-    process.join(300)
-    if process.is_alive():
-        process.kill()
-        process.join()
-    return process.exitcode, Path(log).read_text() if Path(log).exists() else ""
+    """KILLER in a fresh single process (tests/forked_script.py): (exit code, -9 when it killed itself; output)."""
+    proc = ScriptProcess(script, [config, point], Path(f"{script}.{point}.log"))
+    try:
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    return proc.returncode, output
 
 
 def test_kill_at_random_points_of_a_save_always_resumes_exactly(tmp_path, one_thread):

@@ -8,8 +8,6 @@ import math
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import yaml
 from safetensors.torch import load_file
 
 from distributed import run_distributed
+from forked_script import ScriptProcess
 from megamath.cli import main
 from megamath.data.indexed_dataset_writer import IndexedDatasetWriter
 from megamath.parallel.state import ParallelState
@@ -310,13 +309,13 @@ sys.exit(main(["train", "--config", sys.argv[1]]))
 """
 
 
-def start_slow_training(tmp_path: Path, raw: dict, records: int, too_early: str) -> subprocess.Popen:
-    """`megamath train` of `raw` in a subprocess slowed by RUNNER, returned once its metrics.jsonl holds
-    `records` lines (the test then acts mid-run); fails with `too_early` if it ends or stalls before."""
+def start_slow_training(tmp_path: Path, raw: dict, records: int, too_early: str) -> ScriptProcess:
+    """`megamath train` of `raw` in a process of its own slowed by RUNNER (forked from a preloaded server,
+    tests/forked_script.py), returned once its metrics.jsonl holds `records` lines (the test then acts
+    mid-run); fails with `too_early` if it ends or stalls before."""
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
     (tmp_path / "runner.py").write_text(RUNNER)
-    proc = subprocess.Popen([sys.executable, str(tmp_path / "runner.py"), str(tmp_path / "run.yaml")],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = ScriptProcess(tmp_path / "runner.py", [tmp_path / "run.yaml"], tmp_path / "runner.log")
     log = Path(raw["run_dir"]) / "metrics.jsonl"
     deadline = time.time() + 120
     try:
