@@ -2,9 +2,9 @@
 and megamath imports (~2 s of CPU) per process.
 
 The process is forked from a forkserver (started once per test session, clean: it only imported those
-modules, no thread pools yet), then runs the script from the top as __main__ with sys.argv set, its
-stdout and stderr into a log file. It is a process of its own: signals, SIGKILL and exit codes behave as
-for a subprocess. `ScriptProcess` offers the few subprocess.Popen calls the tests use.
+modules, no thread pools yet), then runs the script from the top as __main__ with sys.argv, the caller's
+environment and working folder set, its stdout and stderr into a log file. It is a process of its own:
+signals, SIGKILL and exit codes behave as for a subprocess. `ScriptProcess` offers the few subprocess.Popen calls the tests use.
 """
 from __future__ import annotations
 
@@ -17,7 +17,10 @@ from pathlib import Path
 PRELOAD = ["torch", "megamath.cli", "megamath.training.loop"]
 
 
-def _run_script(script: str, args: list[str], log: str) -> None:
+def _run_script(script: str, args: list[str], log: str, env: dict, cwd: str) -> None:
+    os.environ.clear()  # the caller's environment and folder now, not the server's from its start
+    os.environ.update(env)
+    os.chdir(cwd)
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -32,7 +35,8 @@ class ScriptProcess:
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(PRELOAD)  # used when the server starts, i.e. by the session's first call
         self.log = Path(log)
-        self.process = context.Process(target=_run_script, args=(str(script), [str(a) for a in args], str(log)))
+        self.process = context.Process(target=_run_script, args=(str(script), [str(a) for a in args], str(log),
+                                                                     dict(os.environ), os.getcwd()))
         self.process.start()
         self.pid = self.process.pid
 
