@@ -69,7 +69,10 @@ def compiled(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("kernel_resources")
     flags = {"defaults": ["--defaults-only"], "attention D128": ["--match", "attention D128"]}
     procs = {name: _start_compile_for_h100(tmp / f"{i}.json", *f) for i, (name, f) in enumerate(flags.items())}
-    return {name: (proc, tmp / f"{i}.json") for i, (name, proc) in enumerate(procs.items())}
+    yield {name: (proc, tmp / f"{i}.json") for i, (name, proc) in enumerate(procs.items())}
+    for proc in procs.values():  # one a deselected test never waited for
+        proc.kill()
+        proc.communicate()
 
 
 def test_default_launches_compile_for_h100_without_signs_of_slowness(compiled):
