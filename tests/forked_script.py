@@ -4,7 +4,8 @@ and megamath imports (~2 s of CPU) per process.
 The process is forked from a forkserver (started once per test session, clean: it only imported those
 modules, no thread pools yet), then runs the script from the top as __main__ with sys.argv, the caller's
 environment and working folder set, its stdout and stderr into a log file. It is a process of its own:
-signals, SIGKILL and exit codes behave as for a subprocess. `ScriptProcess` offers the few subprocess.Popen calls the tests use.
+signals, SIGKILL and exit codes behave as for a subprocess. `ScriptProcess` offers the few
+subprocess.Popen calls the tests use.
 """
 from __future__ import annotations
 

@@ -125,17 +125,21 @@ def test_one_rank_of_two_killed_mid_save_resumes_exactly(tmp_path):
     # The undisturbed run shares nothing with the killed ones (its own run_dir and rendezvous port): it runs
     # beside them, using the core their launcher leaves idle while it starts.
     undisturbed = start_torchrun(script, tmp_path / "straight.yaml", -1, -1)
-    rng = random.Random(11)
-    for rank in (1, 0):
-        point = rng.choice(SECOND_SAVE_POINTS[rank])
-        proc = torchrun(script, tmp_path / "run.yaml", rank, point)
-        assert proc.returncode != 0, (rank, point, proc.stdout[-2000:], proc.stderr[-2000:])
-        latest = latest_checkpoint(tmp_path / "run")
-        assert latest is not None, (rank, point)  # step 2 at least was complete before any kill
-        ok, line = verify_checkpoint(latest)
-        assert ok, (rank, point, line)
-    for proc in (torchrun(script, tmp_path / "run.yaml", -1, -1), finish(undisturbed)):  # resume after the last kill
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    try:
+        rng = random.Random(11)
+        for rank in (1, 0):
+            point = rng.choice(SECOND_SAVE_POINTS[rank])
+            proc = torchrun(script, tmp_path / "run.yaml", rank, point)
+            assert proc.returncode != 0, (rank, point, proc.stdout[-2000:], proc.stderr[-2000:])
+            latest = latest_checkpoint(tmp_path / "run")
+            assert latest is not None, (rank, point)  # step 2 at least was complete before any kill
+            ok, line = verify_checkpoint(latest)
+            assert ok, (rank, point, line)
+        resumed = torchrun(script, tmp_path / "run.yaml", -1, -1)  # resume after the last kill
+        for proc in (resumed, finish(undisturbed)):
+            assert proc.returncode == 0, proc.stderr[-3000:]
+    finally:
+        undisturbed.kill()  # already ended, unless a check above failed
     assert_bitwise_equal(final_state(tmp_path / "run", 6, dp_size=2), final_state(tmp_path / "straight", 6, dp_size=2))
     assert [r["loss"] for r in metrics(tmp_path / "run")] == [r["loss"] for r in metrics(tmp_path / "straight")]
 
