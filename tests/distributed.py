@@ -25,6 +25,10 @@ def _entry(rank: int, world_size: int, port: int, fn, args) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    if os.environ["TRITON_INTERPRET"] == "1":
+        from interpreter_speedup import install  # the ranks run kernels under the interpreter too
+
+        install()
     import torch
 
     torch.set_num_threads(1)

@@ -2,8 +2,6 @@
 import json
 import re
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -11,6 +9,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from forked_script import ScriptProcess
 from megamath.model.model_folder import convert_megamath_to_hf, save_model_folder
 from megamath.parallel.state import ParallelState
 from megamath.parallel.zero import ZeroOptimizer
@@ -53,8 +52,7 @@ def test_kill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path, one_
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
     (tmp_path / "runner.py").write_text(RUNNER)
     marker = tmp_path / "saving"
-    proc = subprocess.Popen([sys.executable, str(tmp_path / "runner.py"), str(tmp_path / "run.yaml"), str(marker),
-                             where], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = ScriptProcess(tmp_path / "runner.py", [tmp_path / "run.yaml", marker, where], tmp_path / "runner.log")
     try:
         deadline = time.time() + 120
         while not marker.exists():

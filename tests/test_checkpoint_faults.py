@@ -12,6 +12,7 @@ import torch
 import yaml
 from safetensors import SafetensorError
 
+from forked_script import ScriptProcess
 from megamath.cli import main
 from megamath.run_lock import FolderBusyError, FolderLock
 from megamath.training import checkpoint as ckpt
@@ -56,6 +57,16 @@ sys.exit(main(["train", "--config", config]))
 POINTS_PER_SAVE = 14  # 6 fsyncs (3 shards, metadata, temp folder, checkpoints folder) + the pointer, x2
 
 
+def run_killer(script: Path, config: Path, point: int) -> tuple[int | None, str]:
+    """KILLER in a fresh single process (tests/forked_script.py): (exit code, -9 when it killed itself; output)."""
+    proc = ScriptProcess(script, [config, point], Path(f"{script}.{point}.log"))
+    try:
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    return proc.returncode, output
+
+
 def test_kill_at_random_points_of_a_save_always_resumes_exactly(tmp_path, one_thread):
     raw = raw_config(tmp_path / "data", tmp_path / "run", train_steps=8, checkpoint__save_every=2,
                      checkpoint__keep=2)
@@ -63,9 +74,8 @@ def test_kill_at_random_points_of_a_save_always_resumes_exactly(tmp_path, one_th
     (tmp_path / "killer.py").write_text(KILLER)
     points = random.Random(7).sample(range(POINTS_PER_SAVE - 2), 3) + [12, 13]  # and around the pointer
     for point in points:
-        proc = subprocess.run([sys.executable, str(tmp_path / "killer.py"), str(tmp_path / "run.yaml"), str(point)],
-                              capture_output=True, text=True, timeout=300)
-        assert proc.returncode == -9, (point, proc.stdout, proc.stderr)
+        returncode, output = run_killer(tmp_path / "killer.py", tmp_path / "run.yaml", point)
+        assert returncode == -9, (point, output)
         latest = latest_checkpoint(tmp_path / "run")
         if latest is not None:  # killed before the first pointer: a fresh start is right
             ok, line = verify_checkpoint(latest)
@@ -86,10 +96,22 @@ def test_kill_at_random_points_of_a_save_always_resumes_exactly(tmp_path, one_th
 SECOND_SAVE_POINTS = {0: range(14, 28), 1: range(4, 8)}
 
 
+def start_torchrun(script: Path, config: Path, kill_rank: int, point: int) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(script), str(config), str(point), str(kill_rank)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    try:
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
 def torchrun(script: Path, config: Path, kill_rank: int, point: int) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script), str(config), str(point), str(kill_rank)],
-                          capture_output=True, text=True, timeout=300)
+    return finish(start_torchrun(script, config, kill_rank, point))
 
 
 def test_one_rank_of_two_killed_mid_save_resumes_exactly(tmp_path):
@@ -100,18 +122,24 @@ def test_one_rank_of_two_killed_mid_save_resumes_exactly(tmp_path):
     (tmp_path / "straight.yaml").write_text(yaml.safe_dump(straight))
     script = tmp_path / "killer.py"
     script.write_text(KILLER)
-    rng = random.Random(11)
-    for rank in (1, 0):
-        point = rng.choice(SECOND_SAVE_POINTS[rank])
-        proc = torchrun(script, tmp_path / "run.yaml", rank, point)
-        assert proc.returncode != 0, (rank, point, proc.stdout[-2000:], proc.stderr[-2000:])
-        latest = latest_checkpoint(tmp_path / "run")
-        assert latest is not None, (rank, point)  # step 2 at least was complete before any kill
-        ok, line = verify_checkpoint(latest)
-        assert ok, (rank, point, line)
-    for config in ("run.yaml", "straight.yaml"):  # resume after the last kill; an undisturbed run
-        proc = torchrun(script, tmp_path / config, -1, -1)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    # The undisturbed run shares nothing with the killed ones (its own run_dir and rendezvous port): it runs
+    # beside them, using the core their launcher leaves idle while it starts.
+    undisturbed = start_torchrun(script, tmp_path / "straight.yaml", -1, -1)
+    try:
+        rng = random.Random(11)
+        for rank in (1, 0):
+            point = rng.choice(SECOND_SAVE_POINTS[rank])
+            proc = torchrun(script, tmp_path / "run.yaml", rank, point)
+            assert proc.returncode != 0, (rank, point, proc.stdout[-2000:], proc.stderr[-2000:])
+            latest = latest_checkpoint(tmp_path / "run")
+            assert latest is not None, (rank, point)  # step 2 at least was complete before any kill
+            ok, line = verify_checkpoint(latest)
+            assert ok, (rank, point, line)
+        resumed = torchrun(script, tmp_path / "run.yaml", -1, -1)  # resume after the last kill
+        for proc in (resumed, finish(undisturbed)):
+            assert proc.returncode == 0, proc.stderr[-3000:]
+    finally:
+        undisturbed.kill()  # already ended, unless a check above failed
     assert_bitwise_equal(final_state(tmp_path / "run", 6, dp_size=2), final_state(tmp_path / "straight", 6, dp_size=2))
     assert [r["loss"] for r in metrics(tmp_path / "run")] == [r["loss"] for r in metrics(tmp_path / "straight")]
 

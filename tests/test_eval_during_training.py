@@ -88,7 +88,12 @@ def test_sampling_and_length_errors_come_at_load_not_at_the_first_eval_step(tmp_
     TrainConfig.from_dict(raw)
 
 
-def _worker(rank, world_size, root, ckpt, evaluation, tp, out):
+def _worker(rank, world_size, root, ckpt, evaluation, out):
+    for tp in (1, 2):  # DP 2, then TP 2 with sequence parallelism: one launch, each from_env builds its groups
+        _evaluate_on_layout(rank, ckpt, evaluation, tp, f"{out}{tp}")
+
+
+def _evaluate_on_layout(rank, ckpt, evaluation, tp, out):
     state = ParallelState.from_env(tp_size=tp)
     if tp == 1:
         model = load_model(ckpt, state, kernels="reference")
@@ -116,7 +121,7 @@ def test_dp_and_sequence_parallel_ranks_give_the_serial_accuracies(tmp_path, ass
     finally:
         torch.set_num_threads(threads)
     assert any(v > 0 for v in serial.values())  # something was answered right: the comparison has content
+    run_distributed(_worker, 2, str(tmp_path), str(ckpt), evaluation, str(tmp_path / "tp"))
     for tp in (1, 2):  # DP 2, then TP 2 with sequence parallelism
-        run_distributed(_worker, 2, str(tmp_path), str(ckpt), evaluation, tp, str(tmp_path / f"tp{tp}"))
         for rank in range(2):
             assert json.loads((tmp_path / f"tp{tp}.{rank}").read_text()) == pytest.approx(serial), (tp, rank)

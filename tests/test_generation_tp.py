@@ -26,27 +26,37 @@ def _decode_all(model) -> list[dict]:
     return out
 
 
-def _worker(rank, world_size, ckpt, out_path):
+def _worker(rank, world_size, ckpts, out_paths):
+    """Both shapes in one launch (one process start per rank); each from_env call builds its own groups."""
     from megamath.parallel.state import ParallelState
 
-    state = ParallelState.from_env(tp_size=2)
-    model = load_model(ckpt, state, kernels="reference")
-    result = _decode_all(model)
-    with open(f"{out_path}.{rank}", "w") as f:
-        json.dump(result, f)
+    for ckpt, out_path in zip(ckpts, out_paths):
+        state = ParallelState.from_env(tp_size=2)
+        model = load_model(ckpt, state, kernels="reference")
+        result = _decode_all(model)
+        with open(f"{out_path}.{rank}", "w") as f:
+            json.dump(result, f)
 
 
-@pytest.mark.parametrize("shape", list(SHAPES))
-def test_tp2_generates_what_tp1_generates(tmp_path, shape):
-    ckpt = build_checkpoint(tmp_path / "ckpt", seed=3, **SHAPES[shape])
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """{shape: (serial result, [rank 0 result, rank 1 result])}, the TP 2 runs of all shapes in one launch."""
+    tmp = tmp_path_factory.mktemp("generation_tp")
+    ckpts = {shape: build_checkpoint(tmp / shape / "ckpt", seed=3, **SHAPES[shape]) for shape in SHAPES}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        serial = _decode_all(load_model(ckpt, kernels="reference"))
+        serial = {shape: _decode_all(load_model(ckpts[shape], kernels="reference")) for shape in SHAPES}
     finally:
         torch.set_num_threads(threads)
-    run_distributed(_worker, 2, str(ckpt), str(tmp_path / "tp"))
-    ranks = [json.loads((tmp_path / f"tp.{r}").read_text()) for r in range(2)]
+    run_distributed(_worker, 2, [str(ckpts[s]) for s in SHAPES], [str(tmp / s / "tp") for s in SHAPES])
+    return {shape: (serial[shape], [json.loads((tmp / shape / f"tp.{r}").read_text()) for r in range(2)])
+            for shape in SHAPES}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_tp2_generates_what_tp1_generates(runs, shape):
+    serial, ranks = runs[shape]
     assert ranks[0] == ranks[1]  # every rank draws the same tokens from the same gathered logits
     for got, expected in zip(ranks[0], serial):
         assert got["tokens"] == expected["tokens"]

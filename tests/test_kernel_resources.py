@@ -43,20 +43,40 @@ def test_blocks_per_sm(arch, registers, threads, shared, blocks):
     assert row.blocks_per_sm() == blocks
 
 
-def _compile_for_h100(tmp_path: Path, *flags: str) -> list[dict]:
+def _start_compile_for_h100(out: Path, *flags: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled, not interpreted
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the GPU's Triton fuses multiply-adds by default
-    out = tmp_path / "rows.json"
-    done = subprocess.run([sys.executable, str(REPO / "perf" / "kernel_resources.py"), "--arch", "90",
-                           "--json", str(out), *flags], capture_output=True, text=True, env=env, timeout=600)
-    if done.returncode == 2:
-        pytest.skip(f"this Triton cannot compile for NVIDIA GPUs here: {done.stderr.strip()[-300:]}")
-    assert done.returncode == 0, done.stderr[-3000:]
+    return subprocess.Popen([sys.executable, str(REPO / "perf" / "kernel_resources.py"), "--arch", "90",
+                             "--json", str(out), *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+
+
+def _rows(proc: subprocess.Popen, out: Path) -> list[dict]:
+    try:
+        _, stderr = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
+    if proc.returncode == 2:
+        pytest.skip(f"this Triton cannot compile for NVIDIA GPUs here: {stderr.strip()[-300:]}")
+    assert proc.returncode == 0, stderr[-3000:]
     return json.loads(out.read_text())
 
 
-def test_default_launches_compile_for_h100_without_signs_of_slowness(tmp_path):
-    rows = _compile_for_h100(tmp_path, "--defaults-only")
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """The two compilations the tests below read, started together: each is one single-threaded process
+    (Python, torch, Triton, then ptxas per kernel), so on a 2-core machine they take the time of one."""
+    tmp = tmp_path_factory.mktemp("kernel_resources")
+    flags = {"defaults": ["--defaults-only"], "attention D128": ["--match", "attention D128"]}
+    procs = {name: _start_compile_for_h100(tmp / f"{i}.json", *f) for i, (name, f) in enumerate(flags.items())}
+    yield {name: (proc, tmp / f"{i}.json") for i, (name, proc) in enumerate(procs.items())}
+    for proc in procs.values():  # one a deselected test never waited for
+        proc.kill()
+        proc.communicate()
+
+
+def test_default_launches_compile_for_h100_without_signs_of_slowness(compiled):
+    rows = _rows(*compiled["defaults"])
     kernels = {r["kernel"] for r in rows}
     assert kernels == {"_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel", "_rope_kernel", "_swiglu_fwd_kernel",
                        "_swiglu_bwd_kernel", "_ce_forward_kernel", "_ce_backward_kernel", "_adamw_kernel",
@@ -72,8 +92,8 @@ def test_default_launches_compile_for_h100_without_signs_of_slowness(tmp_path):
         assert r["tensor_cores"] == ("wgmma" if dots else "-"), where
 
 
-def test_every_attention_tuning_candidate_fits_an_h100_without_spilling(tmp_path):
-    rows = [r for r in _compile_for_h100(tmp_path, "--match", "attention D128") if "candidate" in r["case"]]
+def test_every_attention_tuning_candidate_fits_an_h100_without_spilling(compiled):
+    rows = [r for r in _rows(*compiled["attention D128"]) if "candidate" in r["case"]]
     # Besides the defaults: 3 forward candidates (1 kernel), 3 backward ones (3 kernels) and 2 backward ones
     # with atomic dQ (2 kernels: no dQ kernel), at the default case's head_dim (perf/results/kernel-resources-*.md
     # has head_dim 64 and the A100 as well).

@@ -52,10 +52,22 @@ def predicted_bytes(tp: int, sp: bool) -> int:
 
 
 def _worker(rank, world_size, out_dir):
-    state = ParallelState.from_env(2)
-    torch.manual_seed(0)
-    model = Llama(CONFIG, state, sequence_parallel=True).to(torch.bfloat16)
-    torch.save(saved_bytes(model), out_dir / f"saved-{rank}.pt")
+    """Both TP 2 + SP models of this file (CONFIG, then UNEVEN) in one launch: one process start per rank
+    for the two tests; each from_env call builds its own groups."""
+    for name, config in (("even", CONFIG), ("uneven", UNEVEN)):
+        state = ParallelState.from_env(2)
+        torch.manual_seed(0)
+        model = Llama(config, state, sequence_parallel=True).to(torch.bfloat16)
+        torch.save(saved_bytes(model), out_dir / f"saved-{name}-{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def tp2_saved(tmp_path_factory):
+    """{(name, rank): bytes kept for the backward} of the two TP 2 + SP models."""
+    out_dir = tmp_path_factory.mktemp("plan_activations")
+    run_distributed(_worker, 2, out_dir)
+    return {(name, rank): torch.load(out_dir / f"saved-{name}-{rank}.pt")
+            for name in ("even", "uneven") for rank in range(2)}
 
 
 def test_serial_activations_are_what_autograd_keeps():
@@ -64,11 +76,10 @@ def test_serial_activations_are_what_autograd_keeps():
     assert measured == pytest.approx(predicted, rel=0.01), (measured, predicted)
 
 
-def test_tensor_and_sequence_parallel_activations_are_what_autograd_keeps(tmp_path):
-    run_distributed(_worker, 2, tmp_path)
+def test_tensor_and_sequence_parallel_activations_are_what_autograd_keeps(tp2_saved):
     predicted = predicted_bytes(2, True)
     for rank in range(2):
-        measured = torch.load(tmp_path / f"saved-{rank}.pt")
+        measured = tp2_saved[("even", rank)]
         assert measured == pytest.approx(predicted, rel=0.01), (rank, measured, predicted)
 
 
@@ -80,21 +91,13 @@ UNEVEN = ModelConfig(vocab_size=320, hidden_size=192, num_layers=1, num_heads=12
 group evenly, so each rank keeps its k and v expanded to six heads (more than the 3 a whole copy holds)."""
 
 
-def _uneven_worker(rank, world_size, out_dir):
-    state = ParallelState.from_env(2)
-    torch.manual_seed(0)
-    model = Llama(UNEVEN, state, sequence_parallel=True).to(torch.bfloat16)
-    torch.save(saved_bytes(model), out_dir / f"saved-{rank}.pt")
-
-
-def test_replicated_kv_activations_are_what_autograd_keeps(tmp_path):
+def test_replicated_kv_activations_are_what_autograd_keeps(tp2_saved):
     """TP 2 with SP (one layer, to stay quick); the head count rule below covers every other layout."""
-    run_distributed(_uneven_worker, 2, tmp_path)
     shape = RunShape(tp=2, dp=1, micro_batch=B, grad_accum=1, seq_length=S, activation_checkpointing=False,
                      sequence_parallel=True)
     predicted = activation_bytes(UNEVEN, shape)["activations"] + B * S * UNEVEN.vocab_size // 2 * 2  # + bf16 logits
     for rank in range(2):
-        measured = torch.load(tmp_path / f"saved-{rank}.pt")
+        measured = tp2_saved[("uneven", rank)]
         assert measured == pytest.approx(predicted, rel=0.01), (rank, measured, predicted)
 
 

@@ -5,14 +5,14 @@ from the serial weights' slices; both results are saved and compared here, slice
 reference ops throughout. Exact equality for the layers (on integer data every sum is exact, whichever
 rank adds it), for the seeded initialization and for state-dict slicing; allclose (1e-5) for the model's
 logits, loss and gradients, where the TP run adds partial sums across ranks in another order.
-Two launches: 2 ranks (layers, five model cases) and 4 ranks (TP 2 × DP 2).
+One launch of 4 ranks: the TP pair of DP rank 0 runs the layers and five model cases, then all four TP 2 × DP 2.
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-from distributed import run_and_load, run_distributed
+from distributed import run_distributed
 from megamath.model import Llama, ModelConfig
 from megamath.model.tp_state_dict import merge_state_dicts, shard_state_dict
 from megamath.parallel.cross_entropy import vocab_parallel_cross_entropy_ref
@@ -58,12 +58,20 @@ def owner(model, name: str):
     return model.get_submodule(name.rpartition(".")[0])
 
 
-def _tp2_worker(rank, world_size, out_dir):
+def _worker(rank, world_size, out_dir):
+    """One launch of 4 ranks for both: the TP pair (0, 1) runs the TP 2 cases (their collectives stay in
+    the TP group, so DP rank 1 has nothing to add), then all four the TP 2 × DP 2 comparison."""
+    state = ParallelState.from_env(TP)
+    if state.dp_rank == 0:
+        _tp2_worker(rank, state, out_dir)
+    _tp2_dp2_worker(rank, state, out_dir)
+
+
+def _tp2_worker(rank, state, out_dir):
     from megamath.model.ops import get_ops
     from megamath.parallel.sequence_parallel import allreduce_sequence_parallel_grads
     from megamath.parallel.mappings import gather_from_tp
 
-    state = ParallelState.from_env(TP)
     results = {"layers": _layer_results(state)}
     for case, (_, sp) in MODEL_CASES.items():
         config = config_of(case)
@@ -156,13 +164,12 @@ def _layer_results(state):
     return out
 
 
-def _tp2_dp2_worker(rank, world_size, out_dir):
+def _tp2_dp2_worker(rank, state, out_dir):
     """Ranks (0, 1) and (2, 3) are TP pairs; DP rank d takes rows [2d, 2d + 2) of a batch of 4."""
     import torch.distributed as dist
 
     from megamath.parallel.sequence_parallel import allreduce_sequence_parallel_grads
 
-    state = ParallelState.from_env(TP)
     config = config_of("kv2")
     torch.manual_seed(13)
     serial = Llama(config)
@@ -181,13 +188,19 @@ def _tp2_dp2_worker(rank, world_size, out_dir):
     dist.all_reduce(loss, group=state.dp_group)
     torch.save(dict(tp_rank=state.tp_rank, dp_rank=state.dp_rank, serial_loss=serial_loss.detach(),
                     serial_grads=_grads(serial), loss=loss.detach() / state.dp_size, grads=_grads(model)),
-               out_dir / f"rank{rank}.pt")
+               out_dir / f"tp2dp2-rank{rank}.pt")
 
 
 @pytest.fixture(scope="module")
-def tp2(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("tp2")
-    return run_and_load(_tp2_worker, TP, out_dir)
+def launch(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("tp")
+    run_distributed(_worker, 4, out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def tp2(launch):
+    return [torch.load(launch / f"rank{r}.pt") for r in range(TP)]
 
 
 # ---- layers ----------------------------------------------------------------------------------------------
@@ -288,11 +301,10 @@ def test_sequence_parallel_norm_grads_are_partial_until_reduced(tp2, case):
         torch.testing.assert_close(parts[0] + parts[1], serial, **TOL)
 
 
-def test_tp2_dp2_matches_serial(tmp_path):
-    run_distributed(_tp2_dp2_worker, 4, tmp_path)
+def test_tp2_dp2_matches_serial(launch):
     config = config_of("kv2")
     for rank in range(4):
-        r = torch.load(tmp_path / f"rank{rank}.pt")
+        r = torch.load(launch / f"tp2dp2-rank{rank}.pt")
         assert (r["tp_rank"], r["dp_rank"]) == (rank % 2, rank // 2)
         torch.testing.assert_close(r["loss"], r["serial_loss"], **TOL)
         expected = shard_state_dict(r["serial_grads"], config, TP, r["tp_rank"])

@@ -29,12 +29,11 @@ from megamath.training import reshard as rs
 from megamath.training.config import TrainConfig
 from megamath.training.data import TrainData
 from megamath.training.loop import train
-from test_train_loop import metrics, raw_config, untimed, write_corpus
+from test_train_loop import metrics, untimed, write_corpus
+from tp_from_hf_runs import CLIP, KV_CASES, SAVE_AT, STEPS, raw, tp2_dp2_worker, tp2_worker
 
 transformers = pytest.importorskip("transformers", reason="the reference implementation for this test")
 
-STEPS, SAVE_AT, CLIP = 10, 5, 1.0
-KV_CASES = {"kv2": 2, "kv3": 3}
 RTOL = 2e-5  # fp32; TP and serial add partial sums in different orders
 
 
@@ -45,27 +44,6 @@ def save_hf_model(directory: Path, kv_heads: int) -> None:
         initializer_range=0.1, tie_word_embeddings=False)
     torch.manual_seed(kv_heads)
     transformers.LlamaForCausalLM(config).save_pretrained(directory)
-
-
-def raw(tmp: Path, case: str, run: str, tp: int = 1, sp: bool = False, **top) -> dict:
-    parallel = {"parallel__tp_size": tp, **({"parallel__sequence_parallel": True} if sp else {})}
-    return raw_config(tmp / "data", tmp / case / run, train_steps=STEPS, init_from_hf=str(tmp / case / "hf"),
-                      model__hidden_size=48, model__num_heads=6, model__num_kv_heads=KV_CASES[case],
-                      model__rope_theta=1e6, model__max_seq_length=64, optimizer__clip_grad=CLIP,
-                      checkpoint__save_every=SAVE_AT, **parallel, **top)
-
-
-def _tp2_worker(rank, world_size, tmp):
-    state = ParallelState.from_env(2)
-    for case in KV_CASES:
-        train(TrainConfig.from_dict(raw(tmp, case, "tp2", 2)), state)
-        train(TrainConfig.from_dict(raw(tmp, case, "tp2_sp", 2, sp=True)), state)
-    resume = str(tmp / "kv2" / "tp2_sp" / "checkpoints" / f"step_{SAVE_AT:07d}")
-    train(TrainConfig.from_dict(raw(tmp, "kv2", "tp2_sp_resumed", 2, sp=True, checkpoint__resume=resume)), state)
-
-
-def _tp2_dp2_worker(rank, world_size, tmp):
-    train(TrainConfig.from_dict(raw(tmp, "kv2", "tp2_dp2_sp", 2, sp=True)), ParallelState.from_env(2))
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +57,8 @@ def runs(tmp_path_factory):
             save_hf_model(tmp / case / "hf", kv)
             train(TrainConfig.from_dict(raw(tmp, case, "tp1")), ParallelState.single())
         train(TrainConfig.from_dict(raw(tmp, "kv2", "tp1_accum2", grad_accum_steps=2)), ParallelState.single())
-        run_distributed(_tp2_worker, 2, tmp)
-        run_distributed(_tp2_dp2_worker, 4, tmp)
+        run_distributed(tp2_worker, 2, tmp)
+        run_distributed(tp2_dp2_worker, 4, tmp)
         source = tmp / "kv2" / "tp2_sp" / "checkpoints" / f"step_{SAVE_AT:07d}"
         rs.reshard_checkpoint(source, tmp / "kv2" / "resharded_tp1", 1, 1)
         train(TrainConfig.from_dict(raw(tmp, "kv2", "resharded_tp1")), ParallelState.single())

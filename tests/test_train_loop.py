@@ -8,8 +8,6 @@ import math
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import yaml
 from safetensors.torch import load_file
 
 from distributed import run_distributed
+from forked_script import ScriptProcess
 from megamath.cli import main
 from megamath.data.indexed_dataset_writer import IndexedDatasetWriter
 from megamath.parallel.state import ParallelState
@@ -239,12 +238,25 @@ def _dp_worker(rank, world_size, tmp):
     train(TrainConfig.from_dict(raw), state)
 
 
+def _two_rank_worker(rank, world_size, tmp):
+    """The DP 2 runs, then the TP 2 one (below): one launch, one process start per rank for both."""
+    _dp_worker(rank, world_size, tmp)
+    _tp_worker(rank, world_size, tmp / "tp")
+
+
 @pytest.fixture(scope="module")
-def dp2_runs(tmp_path_factory):
+def two_rank_runs(tmp_path_factory):
+    """Run folders of the module's 2-rank trainings: DP 2 in it, TP 2 with SP under tp/."""
     tmp = tmp_path_factory.mktemp("dp2")
     write_corpus(tmp / "data")  # before the workers start: they would race to write it
-    run_distributed(_dp_worker, 2, tmp)
+    _write_tp_inputs(tmp / "tp")
+    run_distributed(_two_rank_worker, 2, tmp)
     return tmp
+
+
+@pytest.fixture(scope="module")
+def dp2_runs(two_rank_runs):
+    return two_rank_runs
 
 
 def test_resume_is_bitwise_exact_on_two_dp_ranks(dp2_runs):
@@ -319,13 +331,13 @@ sys.exit(main(["train", "--config", sys.argv[1]]))
 """
 
 
-def start_slow_training(tmp_path: Path, raw: dict, records: int, too_early: str) -> subprocess.Popen:
-    """`megamath train` of `raw` in a subprocess slowed by RUNNER, returned once its metrics.jsonl holds
-    `records` lines (the test then acts mid-run); fails with `too_early` if it ends or stalls before."""
+def start_slow_training(tmp_path: Path, raw: dict, records: int, too_early: str) -> ScriptProcess:
+    """`megamath train` of `raw` in a process of its own slowed by RUNNER (forked from a preloaded server,
+    tests/forked_script.py), returned once its metrics.jsonl holds `records` lines (the test then acts
+    mid-run); fails with `too_early` if it ends or stalls before."""
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
     (tmp_path / "runner.py").write_text(RUNNER)
-    proc = subprocess.Popen([sys.executable, str(tmp_path / "runner.py"), str(tmp_path / "run.yaml")],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = ScriptProcess(tmp_path / "runner.py", [tmp_path / "run.yaml"], tmp_path / "runner.log")
     log = Path(raw["run_dir"]) / "metrics.jsonl"
     deadline = time.time() + 120
     try:
@@ -445,19 +457,30 @@ def _tp_worker(rank, world_size, tmp):
     torch.save({n: p.detach().clone() for n, p in model.named_parameters()}, tmp / f"pretrained_tp{rank}.pt")
 
 
-def test_tensor_and_sequence_parallel_run_matches_serial(tmp_path, one_thread):
+def _tp_source_model(tmp: Path):
+    """(raw config of the serial run, the seeded model whose HF export the TP ranks start from)."""
+    raw = raw_config(tmp / "data", tmp / "serial")
+    torch.manual_seed(7)
+    return raw, loop.build_model(TrainConfig.from_dict(raw), ParallelState.single())
+
+
+def _write_tp_inputs(tmp: Path) -> None:
+    """The corpus and the HF checkpoint _tp_worker reads (written before the ranks start)."""
+    from megamath.model.model_folder import convert_megamath_to_hf, save_model_folder
+
+    _, source = _tp_source_model(tmp)
+    save_model_folder(source, tmp / "megamath_ckpt")
+    convert_megamath_to_hf(tmp / "megamath_ckpt", tmp / "hf")
+
+
+def test_tensor_and_sequence_parallel_run_matches_serial(two_rank_runs, one_thread):
     """TP = 2 with sequence parallelism (norm-weight grads summed over TP inside ZeRO's flat buffer) follows
     the serial run; init_from_hf gives each TP rank its slices of the checkpoint."""
-    from megamath.model.model_folder import convert_megamath_to_hf, save_model_folder
     from megamath.model.tp_state_dict import merge_state_dicts, shard_state_dict
 
-    raw = raw_config(tmp_path / "data", tmp_path / "serial")
+    tmp_path = two_rank_runs / "tp"  # the TP 2 run is made by the module's 2-rank launch
+    raw, source = _tp_source_model(tmp_path)
     config = TrainConfig.from_dict(raw)
-    torch.manual_seed(7)
-    source = loop.build_model(config, ParallelState.single())
-    save_model_folder(source, tmp_path / "megamath_ckpt")
-    convert_megamath_to_hf(tmp_path / "megamath_ckpt", tmp_path / "hf")
-    run_distributed(_tp_worker, 2, tmp_path)
     run(raw)
     serial, tp = [r["loss"] for r in metrics(tmp_path / "serial")], [r["loss"] for r in metrics(tmp_path / "tp2")]
     np.testing.assert_allclose(tp, serial, rtol=1e-4)

@@ -1,10 +1,11 @@
 """Overlapped ZeRO-1 equals the non-overlapped path bit for bit, and really overlaps.
 
-Two launches: DP 2 (2 gloo ranks) and TP 2 × DP 2 (4 ranks), each training the tiny Llama 3 steps of 2
-accumulated micro-batches through the loop's own train_step, once with both overlaps off and once with
-both on (many small buckets), with and without sequence parallelism. The weights, optimizer shards and
+One launch of 4 gloo ranks, in two layouts: DP 4, and TP 2 × DP 2 (one process start for both; each
+ParallelState.from_env builds its own groups). Each trains the tiny Llama 3 steps of 2 accumulated
+micro-batches through the loop's own train_step, once with both overlaps off and once with both on (many
+small buckets), with and without sequence parallelism under TP. The weights, optimizer shards and
 step results must be identical: the overlaps change when a collective is issued, never what it sums.
-The DP 2 launch also records the optimizer's events to show the order: reduce-scatters issued while the
+The DP 4 layout also records the optimizer's events to show the order: reduce-scatters issued while the
 backward still delivers gradients, all-gathers left in flight after step() and waited for by the forward.
 """
 import dataclasses
@@ -73,7 +74,12 @@ def _extra_backward_error(state) -> str:
     return message
 
 
-def _worker(rank, world_size, out_dir, tp):
+def _worker(rank, world_size, out_dir):
+    for tp in (1, 2):
+        _layout(rank, out_dir, tp)
+
+
+def _layout(rank, out_dir, tp):
     state = ParallelState.from_env(tp)
     report = {}
     for sp in ((False, True) if tp > 1 else (False,)):
@@ -87,12 +93,11 @@ def _worker(rank, world_size, out_dir, tp):
 @pytest.fixture(scope="module")
 def launches(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("overlap")
-    run_distributed(_worker, 2, out_dir, 1)
-    run_distributed(_worker, 4, out_dir, 2)
+    run_distributed(_worker, 4, out_dir)
     return out_dir
 
 
-@pytest.mark.parametrize("tp, world, sp", [(1, 2, False), (2, 4, False), (2, 4, True)])
+@pytest.mark.parametrize("tp, world, sp", [(1, 4, False), (2, 4, False), (2, 4, True)])
 def test_overlapped_equals_non_overlapped_bit_for_bit(launches, tp, world, sp):
     for rank in range(world):
         report = torch.load(launches / f"tp{tp}-{rank}.pt", weights_only=False)
@@ -113,7 +118,7 @@ def test_overlapped_equals_non_overlapped_bit_for_bit(launches, tp, world, sp):
 
 
 def test_reduce_scatters_start_inside_the_backward(launches):
-    for rank in range(2):
+    for rank in range(4):
         report = torch.load(launches / f"tp1-{rank}.pt", weights_only=False)
         for overlap in (False, True):
             events = report[(False, overlap)]["events"]["step"]
@@ -129,7 +134,7 @@ def test_reduce_scatters_start_inside_the_backward(launches):
 
 
 def test_all_gathers_finish_in_the_next_forward(launches):
-    for rank in range(2):
+    for rank in range(4):
         log = torch.load(launches / f"tp1-{rank}.pt", weights_only=False)[(False, True)]["events"]
         n = log["num_buckets"]
         gathers = [e[1] for e in log["step"] if e[0] == "all_gather"]
@@ -143,7 +148,7 @@ def test_all_gathers_finish_in_the_next_forward(launches):
 
 
 def test_a_backward_beyond_the_announced_count_is_refused(launches):
-    for rank in range(2):
+    for rank in range(4):
         message = torch.load(launches / f"tp1-{rank}.pt", weights_only=False)["extra_backward"]
         assert message.startswith("ZeroOptimizer: a gradient of lm_head.weight arrived after its bucket's "
                                   "reduce-scatter started: more backward passes than zero_grad(micro_batches=...) "
