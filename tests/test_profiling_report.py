@@ -31,8 +31,7 @@ STEPS = 8
 
 
 def tiny(tmp: Path, name: str, **top) -> dict:
-    """A run of STEPS steps, eval and checkpoint at step 4 and 8, micro-batches big enough that a step takes
-    tens of milliseconds (so the timer's own overhead is far below the tolerance)."""
+    """A run of STEPS steps, eval and checkpoint at step 4 and 8, two micro-batches per step."""
     return raw_config(tmp / "data", tmp / name, train_steps=STEPS, eval_every=4, eval_batches=2,
                       checkpoint__save_every=4, grad_accum_steps=2, **top)
 
@@ -62,7 +61,7 @@ def runs(tmp_path_factory):
 
 def check_phases(records: list[dict]) -> None:
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
-    ratios = []
+    gaps = []  # seconds of each step outside every phase
     for r in records:
         phases = r["phases"]
         assert set(ALWAYS) <= phases.keys() and all(v >= 0 for v in phases.values()), r
@@ -72,13 +71,15 @@ def check_phases(records: list[dict]) -> None:
         assert phases["forward"] > 0 and phases["backward"] > 0 and phases["optimizer"] > 0
         total = sum(phases.values())
         assert total <= r["step_time_s"] * (1 + 1e-9)  # phases lie inside the step
-        ratios.append(total / r["step_time_s"])
+        gaps.append(r["step_time_s"] - total)
         # throughput counts training work: the step's time without its eval and checkpoint
         train_time = r["step_time_s"] - phases.get("eval", 0) - phases.get("checkpoint", 0)
         assert r["tokens_per_s"] == pytest.approx(r["consumed_samples"] // r["step"] * 32 / train_time, rel=1e-9)
-    # ... and cover it: the untimed rest of a step is ~0.1 ms of bookkeeping. On a shared, overloaded CPU the
-    # process is sometimes descheduled inside that rest for milliseconds, so one record may miss 5%; two may not.
-    assert min(ratios) >= 0.8 and sum(x < 0.95 for x in ratios) <= 1 and statistics.median(ratios) >= 0.98, ratios
+    # ... and cover it: the untimed rest of a step is the Python between its dozen phase boundaries, 0.1-0.25 ms
+    # here, whatever the step's length (these steps take 6-20 ms, so a ratio to the step would be noise). Work
+    # left outside the phases (an evaluation, a save: milliseconds) shows as a larger rest. On a shared,
+    # overloaded CPU the process is sometimes descheduled inside that rest, so one record may miss more.
+    assert statistics.median(gaps) <= 1e-3 and sum(g > 2e-3 for g in gaps) <= 1, gaps
 
 
 def test_one_rank_records_have_phases_that_add_up(runs):
