@@ -1,4 +1,4 @@
-"""The one check on a file a command reads, made before the read so a wrong path is one line naming it.
+"""Reading a file a command is given, checked first so a wrong path or a binary file is one line naming it.
 
 A folder and a missing path are refused with their own wording; anything else that exists is read,
 regular or not, so process substitution (`--prompts <(zstdcat p.jsonl.zst)`) and /dev/stdin work.
@@ -16,3 +16,13 @@ def require_file(path: str | Path, what: str) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"{what} not found: {path}")
     return path
+
+
+def read_text(path: str | Path, what: str, kind: str) -> str:
+    """The UTF-8 text of `path` (require_file's checks first); a file that is not UTF-8 text is one line
+    naming where it breaks and asking whether it is `kind` (e.g. "a YAML file")."""
+    path = require_file(path, what)
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}): is it {kind}?") from None

@@ -218,7 +218,7 @@ def run_case(config: ModelConfig, micro_batch: int, args, device: torch.device,
     if not gpu:
         systems.pop("megamath-ref")  # on CPU megamath already runs the reference ops
     flops_per_token = config.flops_per_token(seq)
-    peak = args.peak_tflops or peak_tflops(device)
+    peak = peak_tflops(device, args.peak_tflops)
     rows = []
     for name, build in systems.items():
         row = {"system": name, "micro_batch": micro_batch}
@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{config.num_heads}/{config.num_kv_heads}, ffn {config.ffn_hidden_size}, vocab {config.vocab_size}, "
               f"S {args.seq_length}; median of {args.steps} steps after {args.warmup} warm-up; model FLOPs/token "
               f"{config.flops_per_token(args.seq_length):.4g} (causal attention halved, same for every system); "
-              f"peak {args.peak_tflops or peak_tflops(device) or 'n/a'} TFLOP/s", ""]
+              f"peak {peak_tflops(device, args.peak_tflops) or 'n/a'} TFLOP/s", ""]
     out = args.out or (REPO / "perf" / "results" if gpu else None)
     path = None
     if out is not None:

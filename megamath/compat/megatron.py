@@ -19,7 +19,7 @@ from typing import Sequence
 
 from megamath.compat.conversion import (NO_EQUIVALENT, NOT_NEEDED, UNSUPPORTED, Conversion, Keys, Unmapped,
                                         valid_set_names)
-from megamath.input_path import require_file
+from megamath.input_path import read_text
 
 SENTENCEPIECE_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer")
 LAUNCHER_SIZES = {"--nnodes", "--nproc_per_node", "--nproc-per-node"}
@@ -73,12 +73,9 @@ def read_command_line(args: Sequence[str]) -> tuple[list[str], str]:
     if args and args[0] == "--":
         args = args[1:]
     if len(args) == 1 and not args[0].startswith("-"):
-        path = require_file(args[0], "Megatron-LM command line file")
-        try:
-            text = path.read_text(encoding="utf-8").replace("\\\n", " ")
-        except UnicodeDecodeError as err:
-            raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}): is it the file "
-                             "holding the command line?") from None
+        path = Path(args[0])
+        text = read_text(path, "Megatron-LM command line file", "the file holding the command line")
+        text = text.replace("\\\n", " ")
         words = []
         for line in text.splitlines():
             try:

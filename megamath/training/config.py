@@ -23,11 +23,11 @@ import yaml
 
 from megamath.data.blending import parse_data_path
 from megamath.evaluation.config import EvaluationConfig
+from megamath.input_path import read_text
 from megamath.model.config import ModelConfig
 from megamath.parallel.optimizer_config import OptimizerConfig
 from megamath.training.schedule import ScheduleConfig
 from megamath.training.wandb_log import WandbConfig
-from megamath.input_path import require_file
 
 # LLEMMA's ProofPile II weights. LLEMMA also mixed in general data: the Pile at 0.147368 and
 # RedPajama code at 0.221053 of the subset total, to limit forgetting; those are not ProofPile II
@@ -264,11 +264,9 @@ class TrainConfig:
 def read_yaml(path: Path, what: str):
     """The parsed contents of a YAML file; one-line errors for a missing file (`what not found: path`) and
     for invalid YAML."""
-    require_file(path, what)
+    text = read_text(path, what, "a YAML file")
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}): is it a YAML file?") from None
+        return yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ValueError(f"{path} is not valid YAML: {yaml_problem(err)}") from None
 

@@ -40,7 +40,7 @@ from megamath.training import checkpoint as ckpt
 from megamath.training.attention_settle import settle_attention
 from megamath.training.config import TrainConfig, dump_config
 from megamath.training.data import MicroBatch, TrainData
-from megamath.training.metrics import MetricsLogger, finite_or_none, format_summary, peak_tflops, run_info
+from megamath.training.metrics import MetricsLogger, finite_or_none, format_summary, run_info
 from megamath.training.phases import PhaseTimer, no_phase
 from megamath.training.profiling import StepProfiler
 from megamath.training.reshard import load_checkpoint_any_tp
@@ -245,12 +245,12 @@ def _train(config: TrainConfig, state: ParallelState, attempt: str) -> TrainResu
         (run_dir / "config.yaml").write_text(dump_config(config))
     tokens_per_step = data.global_batch_size * config.data.seq_length
     flops_per_token = config.model.flops_per_token(config.data.seq_length)
-    peak = peak_tflops(state.device, config.metrics.peak_tflops)
     log = MetricsLogger(run_dir, state, flops_per_token, tokens_per_step, config.train_steps, step + 1,
                         config.log_every, config.logging.tensorboard,
                         run_info(state.world_size, state.tp_size, state.device, flops_per_token, tokens_per_step,
-                                 config.data.seq_length, peak),
-                        wandb=config.logging.wandb, run_config=config.to_dict(), peak=peak)
+                                 config.data.seq_length, config.metrics.peak_tflops),
+                        wandb=config.logging.wandb, run_config=config.to_dict(),
+                        peak_override=config.metrics.peak_tflops)
     timer = PhaseTimer(state.device)
     profiler = StepProfiler(config.profile.steps, config.profile.memory, run_dir, state.rank, state.device, timer)
     if resume_from is not None:

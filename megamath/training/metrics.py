@@ -77,7 +77,7 @@ class MetricsLogger:
     def __init__(self, run_dir: Path, state: ParallelState, flops_per_token: int, tokens_per_step: int,
                  total_steps: int, first_step: int, log_every: int, tensorboard: bool = False,
                  info: dict | None = None, wandb: WandbConfig | None = None, run_config: dict | None = None,
-                 peak: float | None = None) -> None:
+                 peak_override: float | None = None) -> None:
         self.enabled = state.rank == 0
         self.world_group = state.world_group  # the per-step gather of step times and energy
         # Every rank checks the package, so that a missing one fails the whole job at once; rank 0 loads it.
@@ -85,7 +85,7 @@ class MetricsLogger:
         self.wandb = None
         self.device, self.flops_per_token, self.world_size = state.device, flops_per_token, state.world_size
         self.tokens_per_step, self.log_every = tokens_per_step, log_every
-        self.peak = peak_tflops(state.device, peak)  # MFU's denominator, TFLOP/s
+        self.peak = peak_tflops(state.device, peak_override)  # MFU's denominator, TFLOP/s
         self.timed: list[float] = []  # training times of steps, for the summary
         self.pending: list[tuple[dict, StepTiming]] = []  # records whose timing is not read yet
         self.hardware = HardwareProbe(state.device)
@@ -206,11 +206,11 @@ class MetricsLogger:
 
 
 def run_info(world_size: int, tp_size: int, device: torch.device, flops_per_token: int, tokens_per_step: int,
-             seq_length: int, peak: float | None = None) -> dict:
+             seq_length: int, peak_override: float | None = None) -> dict:
     """What a report needs about the job that no step record says (RUN_DIR/run_info.json)."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return {"world_size": world_size, "tp_size": tp_size, "dp_size": world_size // tp_size,
-            "device_type": device.type, "device_name": name, "peak_tflops": peak_tflops(device, peak),
+            "device_type": device.type, "device_name": name, "peak_tflops": peak_tflops(device, peak_override),
             "flops_per_token": flops_per_token, "tokens_per_step": tokens_per_step, "seq_length": seq_length}
 
 
