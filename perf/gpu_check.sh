@@ -59,9 +59,7 @@ done
 part() { [[ " $PARTS " == *" $1 "* ]]; }
 record() { local rc=$1; if [ "$rc" -ne 0 ] && [ "$status" -eq 0 ]; then status=$rc; fi; }
 
-# One budget for the whole run. Every command runs under `timeout`, its limit the smaller of its own cap
-# and what the budget leaves once the later selected stages' shares are kept back, so the run ends by
-# BUDGET - END_RESERVE seconds whatever hangs, and the last line (the status) is always written.
+# The budget (see the header): `bounded` runs each command under it.
 BUDGET=${GPU_CHECK_BUDGET:-540}
 GRACE=$(( BUDGET / 50 > 5 ? 5 : BUDGET / 50 > 1 ? BUDGET / 50 : 1 ))  # timeout's SIGKILL after its SIGTERM
 END_RESERVE=$GRACE                                 # the final lines

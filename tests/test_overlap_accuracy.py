@@ -59,6 +59,23 @@ def test_missing_fields_are_clear_errors(files, capsys):
     assert "no hit test id appears in the results" in capsys.readouterr().err
 
 
+def _scan_and_join(tmp_path, capsys, test, field: str, n: int, corpus_text: str, task: str, correct: str):
+    """overlap of `test` against a one-document corpus, then overlap-accuracy of eval-style results (a problem
+    is correct when its answer is `correct`); returns the hits file and the table's last row."""
+    from megamath.evaluation.tasks import get_task
+
+    (tmp_path / "corpus").mkdir()
+    corpus = _write(tmp_path / "corpus" / "web.jsonl", [{"text": corpus_text}])
+    hits = tmp_path / "hits.jsonl"
+    assert main(["overlap", "--test", str(test), "--field", field, "--corpus", str(corpus), "--n", str(n),
+                 "--workers", "1", "--output", str(hits), "--no-progress"]) == 0
+    results = _write(tmp_path / "results.jsonl", [{"id": p.id, "correct": p.answer == correct}
+                                                  for p in get_task(task).read(test)])
+    capsys.readouterr()
+    assert main(["overlap-accuracy", "--hits", str(hits), "--results", str(results)]) == 0
+    return hits, capsys.readouterr().out.splitlines()[-1].split()
+
+
 def test_eval_results_join_the_hits_of_test_files_without_ids(tmp_path, capsys):
     """GSM8K's and MATH's jsonl records have no id field: megamath overlap names them by 0-based position, so
     megamath eval must too, or the README's overlap -> eval -> overlap-accuracy pipeline joins nothing."""
@@ -71,17 +88,8 @@ def test_eval_results_join_the_hits_of_test_files_without_ids(tmp_path, capsys):
                                             for i in range(3)])
     for task, path, field in (("gsm8k", gsm8k, "question"), ("math", math, "problem")):
         assert [p.id for p in get_task(task).read(path)] == [str(item.id) for item in load_test_items(path, [field])]
-    (tmp_path / "corpus").mkdir()
-    corpus = _write(tmp_path / "corpus" / "web.jsonl",
-                    [{"text": "Forum post: How many apples does person number 1 have now? Nobody knows."}])
-    hits = tmp_path / "hits.jsonl"
-    assert main(["overlap", "--test", str(gsm8k), "--field", "question", "--corpus", str(corpus), "--n", "8",
-                 "--workers", "1", "--output", str(hits), "--no-progress"]) == 0
-    results = _write(tmp_path / "results.jsonl", [{"id": p.id, "correct": p.answer == "1"}
-                                                  for p in get_task("gsm8k").read(gsm8k)])
-    capsys.readouterr()
-    assert main(["overlap-accuracy", "--hits", str(hits), "--results", str(results)]) == 0
-    row = capsys.readouterr().out.splitlines()[-1].split()
+    _, row = _scan_and_join(tmp_path, capsys, gsm8k, "question", 8,
+                            "Forum post: How many apples does person number 1 have now? Nobody knows.", "gsm8k", "1")
     assert row == ["all", "1", "100.00%", "2", "0.00%"]
 
 
@@ -120,15 +128,7 @@ def test_math_records_named_by_unique_id_join_the_eval_results(tmp_path, capsys)
         {"problem": f"Find the value of x such that x minus {i} equals zero here.", "answer": str(i),
          "unique_id": f"test/algebra/{100 + i}.json"} for i in range(3)])
     assert [p.id for p in get_task("math").read(math)] == [str(item.id) for item in load_test_items(math, ["problem"])]
-    (tmp_path / "corpus").mkdir()
-    corpus = _write(tmp_path / "corpus" / "web.jsonl",
-                    [{"text": "Homework: Find the value of x such that x minus 2 equals zero here. Thanks!"}])
-    hits = tmp_path / "hits.jsonl"
-    assert main(["overlap", "--test", str(math), "--field", "problem", "--corpus", str(corpus), "--n", "10",
-                 "--workers", "1", "--output", str(hits), "--no-progress"]) == 0
+    homework = "Homework: Find the value of x such that x minus 2 equals zero here. Thanks!"
+    hits, row = _scan_and_join(tmp_path, capsys, math, "problem", 10, homework, "math", "2")
     assert [json.loads(line)["test_id"] for line in hits.read_text().splitlines()] == ["test/algebra/102.json"]
-    results = _write(tmp_path / "results.jsonl", [{"id": p.id, "correct": p.answer == "2"}
-                                                  for p in get_task("math").read(math)])
-    capsys.readouterr()
-    assert main(["overlap-accuracy", "--hits", str(hits), "--results", str(results)]) == 0
-    assert capsys.readouterr().out.splitlines()[-1].split() == ["all", "1", "100.00%", "2", "0.00%"]
+    assert row == ["all", "1", "100.00%", "2", "0.00%"]
