@@ -7,6 +7,9 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
+# Test processes: one per CPU. Whole files go to a worker (--dist loadfile) because a file's tests share
+# module fixtures that start gloo jobs; split across workers, each would start them again.
+TEST_WORKERS ?= auto
 
 .PHONY: setup demo test clean
 
@@ -22,7 +25,7 @@ demo: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash examples/demo.sh $(DEMO_DIR)
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 clean:
 	rm -rf $(VENV) build *.egg-info runs megamath/*.so
