@@ -569,9 +569,10 @@ def test_output_to_a_pipe_or_device_is_written_through_not_replaced(tmp_path, ca
     try:
         assert main(["report", str(run), "--output", str(fifo)]) == 0
     finally:
-        if not received:  # unblock the reader if nothing was written through the pipe
-            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)) if stat.S_ISFIFO(os.stat(fifo).st_mode) else None
-    reader.join(timeout=10)
+        reader.join(timeout=10)  # the report closed the pipe: the reader ends once it has read the bytes
+        if reader.is_alive() and stat.S_ISFIFO(os.stat(fifo).st_mode):  # nothing written: unblock its open
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            reader.join(timeout=10)
     assert stat.S_ISFIFO(os.stat(fifo).st_mode), "the FIFO was replaced by a regular file"
     assert received and received[0].startswith(b"<!DOCTYPE html>")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe", "run"]
