@@ -34,7 +34,6 @@ from megamath.training.wandb_log import WandbConfig
 # and are left to an explicit data_path list.
 LLEMMA_MIXTURE = {"arxiv": 2.0, "open-web-math": 4.0, "algebraic-stack": 1.0}
 PARAM_DTYPES = ("auto", "float32", "bfloat16")
-RESUME_MODES = ("auto", "never")
 
 
 def proofpile_prefix(data_dir: str | Path, subset: str, split: str) -> str:
