@@ -48,7 +48,7 @@ whose dtype differs from the model's (torch refuses a `.grad` of another dtype),
 micro-batches until `zero_grad()`. The first gradient of a parameter after `zero_grad()` is copied, later
 ones added, so `zero_grad()` clears nothing: it only marks every slot as awaiting its first gradient.
 That saves, per step, a pass writing the whole buffer with zeros and the first add's read of them
-(for 1B parameters and fp32 gradients, about 8.6 GB of memory traffic). A parameter whose gradient never
+(for 1B parameters and fp32 gradients, about 8 GB of memory traffic). A parameter whose gradient never
 arrives (unused in the forward) has its slot zeroed before anything reads the buffer: the reductions,
 the step and `grad_view`. Copying is exact: x + 0 is x (only -0.0 becomes +0.0 in the add).
 
