@@ -1,9 +1,11 @@
 """RMSNorm through the hand-written CUDA C++ kernels (csrc/rms_norm_cuda.cu), as an autograd op.
 
 Why it exists beside the Triton `rms_norm`: a second, independent implementation of the same math
-(`rms_norm_ref` in rms_norm.py) that the benchmark measures against, and a fallback where Triton is
-unavailable. It needs the compiled extension `megamath.kernels._rms_norm_cuda`, which setup.py builds
-only when torch with CUDA and nvcc are present at install time:
+(`rms_norm_ref` in rms_norm.py) that the benchmark measures against. Nothing in megamath falls back to
+it (the model's ops are the Triton kernels or their references), and it is reached through the
+`megamath.kernels` package, whose `__init__` imports the Triton kernels. It needs the compiled extension
+`megamath.kernels._rms_norm_cuda`, which setup.py builds only when torch with CUDA and nvcc are present
+at install time:
 
     pip install --no-build-isolation -e .
 

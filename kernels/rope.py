@@ -1,8 +1,8 @@
 """Rotary position embedding (RoPE) for q and k in one launch, Llama's rotate-half convention.
 
 Why a kernel: RoPE is pure memory traffic. Done in torch it reads and writes q and k several times and
-keeps a (seq, head_dim) cos/sin cache per call; here one program per (batch, position) reads each element
-of q and k once, writes it once, and computes cos/sin in registers from the position.
+keeps a (seq, head_dim) cos/sin cache per call; here one program per block of (batch, position) rows
+reads each element of q and k once, writes it once, and computes cos/sin in registers from the position.
 
 Convention (Hugging Face's Llama, which Code Llama and Llemma checkpoints assume): head_dim d is split in
 halves and element i is paired with element i + d/2,

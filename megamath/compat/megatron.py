@@ -34,17 +34,20 @@ KNOWN_UNMAPPED = {
                  "use_legacy_models", "attention_backend", "no_persist_layer_norm", "bias_swiglu_fusion")},
     "use_distributed_optimizer": (NOT_NEEDED, "megamath always shards the optimizer state over data-parallel "
                                               "ranks (ZeRO-1), as Megatron's distributed optimizer does"),
-    **{k: (NOT_NEEDED, "megamath's ZeRO-1 reduce-scatters and all-gathers the flat buffers in one collective each")
+    **{k: (NOT_NEEDED, "megamath's ZeRO-1 buckets its flat buffers (parallel.bucket_mb) and overlaps their "
+                       "reduce-scatter and all-gather with compute (parallel.overlap_grad_reduce / "
+                       "overlap_param_gather, on by default)")
        for k in ("overlap_grad_reduce", "overlap_param_gather", "overlap_param_gather_with_optimizer_step",
-                 "ddp_bucket_size", "ddp_average_in_collective", "tp_comm_overlap", "align_grad_reduce",
-                 "align_param_gather")},
+                 "ddp_bucket_size", "ddp_average_in_collective", "align_grad_reduce", "align_param_gather")},
+    "tp_comm_overlap": (NO_EQUIVALENT, "megamath's tensor-parallel collectives are not overlapped with compute"),
     "num_workers": (NOT_NEEDED, "samples are read in the training process (memory-mapped, no loader workers)"),
     "distributed_backend": (NOT_NEEDED, "NCCL on GPUs, gloo on CPUs, chosen by megamath"),
-    "distributed_timeout_minutes": (NOT_NEEDED, "torch's default process-group timeout"),
+    "distributed_timeout_minutes": (NOT_NEEDED, "megamath's process groups time out after 10 minutes"),
     "exit_signal_handler": (NOT_NEEDED, "megamath always saves and exits 0 on SIGTERM or SIGUSR1"),
     "exit_duration_in_mins": (NO_EQUIVALENT, "send SIGUSR1/SIGTERM (e.g. SLURM's --signal) to save and stop"),
     "exit_interval": (NO_EQUIVALENT, "send SIGUSR1/SIGTERM to save and stop, or set train_steps"),
-    "tensorboard_dir": (NO_EQUIVALENT, "metrics.jsonl and optionally W&B (logging.wandb)"),
+    "tensorboard_dir": (NO_EQUIVALENT, "logging.tensorboard: true writes the events to RUN_DIR/tensorboard/ (the "
+                                       "folder is not configurable); metrics.jsonl stays the record"),
     "wandb_save_dir": (NOT_NEEDED, "W&B writes under run_dir"),
     "no_load_optim": (NOT_NEEDED, "init_from_hf loads the weights only"),
     "no_load_rng": (NOT_NEEDED, "init_from_hf loads the weights only"),

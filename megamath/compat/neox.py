@@ -68,7 +68,8 @@ KNOWN_UNMAPPED = {
     "steps_per_print": (NOT_NEEDED, "DeepSpeed's console print; see log_every"),
     "wall_clock_breakdown": (NOT_NEEDED, "metrics.jsonl records step time, tokens/s, TFLOP/s and MFU every step"),
     "log_dir": (NOT_NEEDED, "everything goes to run_dir (metrics.jsonl, config.yaml)"),
-    "tensorboard_dir": (NO_EQUIVALENT, "metrics.jsonl and optionally W&B (logging.wandb)"),
+    "tensorboard_dir": (NO_EQUIVALENT, "logging.tensorboard: true writes the events to RUN_DIR/tensorboard/ (the "
+                                       "folder is not configurable); metrics.jsonl stays the record"),
     "wandb_init_all_ranks": (NOT_NEEDED, "only rank 0 logs"),
     "git_hash": (NOT_NEEDED, "bookkeeping"),
     "config_files": (NOT_NEEDED, "bookkeeping"),

@@ -109,7 +109,7 @@ class DatasetSummary:
     """Wall time from the previous dataset's completion (or the start) to this one's."""
 
 
-# --- worker side ------------------------------------------------------------------------------------
+# --- output side (main process; the workers are in preprocess_workers.py) ---------------------------
 
 
 class _Outputs:

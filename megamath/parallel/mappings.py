@@ -35,10 +35,11 @@ The environment variable MEGAMATH_COLLECTIVES overrides the choice: `native` eve
 torch supports it: the tests run NCCL's code path on CPU this way) or `portable` everywhere.
 
 Every collective of megamath goes through this file: the differentiable pairs below, and the plain ones
-(all_reduce_, all_reduce_max_, all_gather_into, reduce_scatter_into, barrier) for optimizers, gradient
-norms and the training loop.
-All collectives write into new tensors: a gradient handed to a backward may be shared with another branch
-of the graph (an add passes the same tensor to both inputs), so it is never reduced in place.
+(all_reduce_, all_reduce_max_, broadcast_, all_gather_list, all_gather_objects, all_gather_into,
+reduce_scatter_into, barrier) for optimizers, gradient norms, checkpoints and the training loop.
+The differentiable ones write into new tensors (the plain ones named with a trailing _ work in place): a
+gradient handed to a backward may be shared with another branch of the graph (an add passes the same
+tensor to both inputs), so it is never reduced in place.
 """
 from __future__ import annotations
 

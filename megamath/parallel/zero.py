@@ -15,7 +15,7 @@ Bytes per parameter on one rank, bf16 model (`zero_layout.buffer_bytes`, plus th
     bf16 params 2 + grads (4 with grad_dtype "fp32", 2 with "bf16") + (master 4 + exp_avg 4 + exp_avg_sq 4) / dp
     fp32 grads: 6 + 12/dp;  bf16 grads: 4 + 12/dp
 
-(7B at dp = 8 with fp32 grads: 6 + 1.5 = 7.5 bytes, 52 GB, against 16 bytes without sharding.)
+(7B at dp = 8 with fp32 grads: 6 + 1.5 = 7.5 bytes, 52 GB, against 18 bytes without sharding.)
 What grad_dtype costs: "fp32" adds each micro-batch's gradient (bf16, as autograd computes it) into an
 fp32 buffer, so the accumulation over micro-batches and the DP sum round only once, at the end, to fp32;
 "bf16" saves 2 bytes per parameter and half the reduce-scatter's bytes, but rounds to bf16 at every
@@ -48,7 +48,7 @@ whose dtype differs from the model's (torch refuses a `.grad` of another dtype),
 micro-batches until `zero_grad()`. The first gradient of a parameter after `zero_grad()` is copied, later
 ones added, so `zero_grad()` clears nothing: it only marks every slot as awaiting its first gradient.
 That saves, per step, a pass writing the whole buffer with zeros and the first add's read of them
-(for 1B parameters and fp32 gradients, about 8.6 GB of memory traffic). A parameter whose gradient never
+(for 1B parameters and fp32 gradients, about 8 GB of memory traffic). A parameter whose gradient never
 arrives (unused in the forward) has its slot zeroed before anything reads the buffer: the reductions,
 the step and `grad_view`. Copying is exact: x + 0 is x (only -0.0 becomes +0.0 in the add).
 
@@ -58,7 +58,7 @@ is replicated on every TP rank. Nothing is read from attributes on the parameter
 when a model's parameters are re-created (`to_empty` for a pretrained init).
 
 Why one file: it is one object's job. The buffers, the gradient and forward hooks, the bucketed
-collectives in flight and the step share that object's state; about 50 of its lines are this docstring.
+collectives in flight and the step share that object's state; about 60 of its lines are this docstring.
 The layout arithmetic (zero_layout.py), the settings (optimizer_config.py) and the checkpoint format and
 re-cutting (zero_checkpoint.py) live apart.
 """
@@ -85,7 +85,8 @@ from megamath.parallel.zero_layout import ParamSlot, ZeroLayout, bucket_numel_fo
 @dataclass(frozen=True)
 class StepResult:
     grad_norm: float
-    """Global L2 norm of the DP-averaged gradient, before clipping (nan/inf when the step was skipped)."""
+    """Global L2 norm of the DP-averaged gradient, before clipping (nan/inf when it is what skipped the step;
+    a false `finite` flag skips it with a finite norm)."""
     skipped: bool
     """True when the norm was not finite (or the caller's `finite` flag was false) and nothing was updated."""
     clip_coef: float

@@ -30,8 +30,8 @@ from megamath.training.schedule import ScheduleConfig
 from megamath.training.wandb_log import WandbConfig
 
 # LLEMMA's ProofPile II weights. LLEMMA also mixed in general data: the Pile at 0.147368 and
-# RedPajama code at 0.221053 of the subset total, to limit forgetting; those are not ProofPile II
-# and are left to an explicit data_path list.
+# RedPajama code at 0.221053 (weights beside these 2, 4, 1), to limit forgetting; those are not
+# ProofPile II and are left to an explicit data_path list (examples/llemma_7b.yaml shows it).
 LLEMMA_MIXTURE = {"arxiv": 2.0, "open-web-math": 4.0, "algebraic-stack": 1.0}
 PARAM_DTYPES = ("auto", "float32", "bfloat16")
 

@@ -8,9 +8,11 @@ Order of one step (every rank, in lockstep):
     4. optimizer.launch_step(lr): DP reduction, global grad norm, clipping, AdamW on the shard; a
        non-finite loss or norm skips the update on every rank, decided on the device; then the step's
        one device-to-host read (loss, norm, whether it was applied, clip factor);
-    5. validation every eval_every steps; a checkpoint every save_every steps, at the end, and
-       when SIGTERM/SIGUSR1 asked the job to stop (saved at the end of the step, then a clean exit 0);
-    6. metrics, with the time of each phase of 1-5 (phases.py; on GPUs written a step later).
+    5. validation every eval_every steps;
+    6. metrics, with the time of each phase (phases.py; on GPUs written a step later, but at once when a
+       checkpoint follows, so that no checkpoint exists without its step's record);
+    7. a checkpoint every save_every steps, at the end, and when SIGTERM/SIGUSR1 asked the job to stop
+       (saved at the end of the step, then a clean exit 0); its time is in the next step's record.
 
 After max_consecutive_nonfinite skipped steps in a row the run stops with NonFiniteError. No checkpoint
 is written while the streak of skipped steps is non-zero (not even at the end or on preemption), and
@@ -58,7 +60,8 @@ class NonFiniteError(RuntimeError):
 @dataclass
 class StepOutput:
     loss: float
-    """Mean loss over this step's micro-batches and DP ranks (nan/inf when the update was skipped)."""
+    """Mean loss over this step's micro-batches and DP ranks (nan/inf when it is what skipped the update; a
+    non-finite gradient norm skips it with a finite loss)."""
     grad_norm: float
     """Global gradient norm before clipping (nan when the loss was already non-finite)."""
     skipped: bool

@@ -24,7 +24,8 @@ PHASES = ("data", "forward", "backward", "grad_reduce", "optimizer", "param_gath
 """Every phase name a step may report, in the order a step runs them. `sync` is the end-of-step agreement
 of the ranks on a preemption signal (one scalar all-reduce): its time is mostly waiting for the slowest rank."""
 ALWAYS = PHASES[:6]
-"""Phases every step reports (0.0 when a step skipped one, e.g. the update after a non-finite loss)."""
+"""Phases every step reports (0.0 for one a step did not enter; a skipped update still enters all six, the
+skip being decided on the device)."""
 
 
 @dataclass

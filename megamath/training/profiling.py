@@ -35,7 +35,8 @@ class OutOfMemoryStop(RuntimeError):
 class StepProfiler:
     """Opens the profiler for the steps of `steps` ([first, last], inclusive) and writes what it saw.
 
-    Call `begin(step)` before the step's first work and `end(step)` after its last (checkpoint included),
+    Call `begin(step)` before the step's first work and `end(step)` once its record is written, before its
+    checkpoint: a save lies between two `step N` ranges (in the trace only when the window goes on past it),
     `close()` when the run stops (a run that ends inside the window still writes its trace).
     """
 

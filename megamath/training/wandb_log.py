@@ -5,7 +5,7 @@ global rank 0 talks to it, and `mode: offline` writes the run under RUN_DIR/wand
 it later with `wandb sync RUN_DIR/wandb/offline-run-*`). A resumed run continues the same W&B run: its
 id is kept in RUN_DIR/wandb_run_id (W&B keeps the first values of steps a resumed run redoes; metrics.jsonl
 keeps the redone ones). The package is imported only when `project` is set, and a missing
-package is reported on every rank before any work, so a multi-rank job fails together instead of hanging.
+package is reported on every rank before the first step, so a multi-rank job fails together instead of hanging.
 """
 from __future__ import annotations
 
