@@ -123,7 +123,7 @@ def adamw_step(params: torch.Tensor, grads: torch.Tensor, exp_avg: torch.Tensor,
     bias_correction2 = 1.0 - beta2 ** step
     scale_from_ptr = isinstance(grad_scale, torch.Tensor)
     # 1024 elements and 4 warps: on an H100 (100M params) 2.4 TB/s, vs 2.2 at 2048 and 1.7 at 4096
-    # (commit 5ab7772's H100 session; no perf/results/ file records it).
+    # (an H100 run of November 2026 whose figures no perf/results/ file holds).
     block = min(triton.next_power_of_2(n), 1024)
     _adamw_kernel[(triton.cdiv(n, block),)](
         params, grads, exp_avg, exp_avg_sq,

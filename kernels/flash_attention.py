@@ -349,7 +349,7 @@ def flash_attention_blocks(head_dim: int, interpret: bool | None = None,
 
     Measured on an H100 (triton 3.6, bf16, causal, B 2, S 4096, H 32, D 128): forward 0.64 ms (430
     TFLOP/s), backward 1.98 ms (350 TFLOP/s), against 0.51 / 1.52 ms for torch's SDPA flash backend
-    (commit 0d5b235's H100 session; no perf/results/ file records these timings).
+    (an H100 run of November 2026, whose timings no perf/results/ file holds).
     128 x 64 forward tiles and 128-key dK/dV tiles measured 3-10% slower at both D 64 and D 128
     (likely register pressure of the fp32 accumulators, and coarser causal load balance), so one set
     serves every head_dim for now; head_dim stays an argument for per-size tiles later.

@@ -3,7 +3,7 @@
 Why: the fastest tiles depend on the GPU (an H100 has 228 KiB of shared memory per SM, an A100 164 KiB;
 their tensor cores and register files differ), on head_dim and dtype, and on the sequence length. One
 fixed set was measured on an H100 at D 128 to be 25-30 % slower than SDPA's flash backend (a figure
-quoted by the issue behind commit bc8d2da; no perf/results/ file records it), and a table
+from scratch runs quoted in the issue; no perf/results/ file holds it), and a table
 per GPU would be guesses until someone measures every cell. So `tune_flash_attention` times a short list
 of candidates on the caller's shape: forward tiles and backward tiles separately (they are independent
 kernels), keeps the fastest of each, and registers the pair for that head_dim and dtype
