@@ -511,10 +511,13 @@ def test_running_out_of_host_memory_is_one_line(capsys, monkeypatch):
 def test_merge_into_an_empty_prefix_is_refused(tmp_path, capsys, monkeypatch):
     _tiny_dataset(tmp_path / "d")
     monkeypatch.chdir(tmp_path)
-    for output in ("", ".bin"):  # both wrote hidden files .bin/.idx in the current folder
+    (tmp_path / "out").mkdir()
+    # each wrote hidden files .bin/.idx in the current folder, or (a folder's name) inside that folder
+    for output in ("", ".bin", "out/", "out/.bin", "out/.", f"{tmp_path}/out/"):
         assert main(["merge", "--input", "d", "--output", output]) == 2
         assert one_error_line(capsys, "merge") == f"--output {output!r} names no dataset: give a prefix such as out/merged"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.bin", "d.idx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.bin", "d.idx", "out"]
+    assert list((tmp_path / "out").iterdir()) == []
 
 
 # ---- train: inputs used only at the first evaluation are checked at the start -------------------------------

@@ -5,7 +5,7 @@ document into one writer.
 """
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
 
 def add_parser(subparsers, name: str) -> None:
@@ -24,7 +24,8 @@ def run(args) -> int:
     from megamath.data.dataset_tools import merge_datasets, strip_extension
 
     output = strip_extension(args.output)
-    if not Path(output).name:
+    # the last component as written: Path("out/") would read as "out" and the files land in out/.bin, out/.idx
+    if os.path.basename(output) in ("", ".", ".."):
         raise ValueError(f"--output {args.output!r} names no dataset: give a prefix such as out/merged")
     merged = merge_datasets([strip_extension(p) for p in args.input], output)
     print(f"merged {len(args.input)} datasets into {merged.prefix}: {len(merged)} sequences, "
