@@ -43,7 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # a flag typo: the command's usage and `megamath CMD: error`, not the top level's `megamath: error`
+        subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        subparsers.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         status = int(args.run(args) or 0)
         sys.stdout.flush()  # here, where a closed pipe is caught, not at exit

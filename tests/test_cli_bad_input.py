@@ -578,3 +578,14 @@ def test_output_to_a_pipe_or_device_is_written_through_not_replaced(tmp_path, ca
     assert stat.S_ISFIFO(os.stat(fifo).st_mode), "the FIFO was replaced by a regular file"
     assert received and received[0].startswith(b"<!DOCTYPE html>")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe", "run"]
+
+
+def test_a_flag_typo_names_the_command(capsys):
+    """argparse's top-level parser reported unknown flags as `megamath: error` with the top usage, which
+    does not say which command's flags to look at."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["merge", "--input", "a", "--output", "b", "--ouptut", "c"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: megamath merge ") and "Traceback" not in err
+    assert err.splitlines()[-1] == "megamath merge: error: unrecognized arguments: --ouptut c"
