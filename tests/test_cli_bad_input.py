@@ -589,3 +589,14 @@ def test_a_flag_typo_names_the_command(capsys):
     err = capsys.readouterr().err
     assert err.startswith("usage: megamath merge ") and "Traceback" not in err
     assert err.splitlines()[-1] == "megamath merge: error: unrecognized arguments: --ouptut c"
+
+
+def test_checkpoint_verify_of_a_file_says_it_is_a_file(tmp_path, capsys):
+    """A file given for the run directory was reported as 'not found', though it is there."""
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    assert main(["checkpoint", "verify", str(tmp_path / "metrics.jsonl")]) == 2
+    assert one_error_line(capsys, "checkpoint") == (f"{tmp_path / 'metrics.jsonl'} is a file, not a folder "
+                                                    "(give a run directory or a step_XXXXXXX folder)")
+    assert main(["checkpoint", "verify", str(tmp_path / "nope")]) == 2
+    assert one_error_line(capsys, "checkpoint") == (f"{tmp_path / 'nope'} not found "
+                                                    "(give a run directory or a step_XXXXXXX folder)")
