@@ -600,3 +600,19 @@ def test_checkpoint_verify_of_a_file_says_it_is_a_file(tmp_path, capsys):
     assert main(["checkpoint", "verify", str(tmp_path / "nope")]) == 2
     assert one_error_line(capsys, "checkpoint") == (f"{tmp_path / 'nope'} not found "
                                                     "(give a run directory or a step_XXXXXXX folder)")
+
+
+def test_convert_names_a_wrong_source_itself(tmp_path, capsys):
+    """A missing SRC, a file, or a training run given to hf-to-megamath were all 'SRC/config.json not found'."""
+    (tmp_path / "afile").write_text("x")
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "latest").write_text("step_0000004\n")
+    for direction, src, message in (
+            ("megamath-to-hf", tmp_path / "nope", f"{tmp_path / 'nope'} not found"),
+            ("hf-to-megamath", tmp_path / "afile", f"{tmp_path / 'afile'} is a file; SRC is a checkpoint folder"),
+            ("hf-to-megamath", run, f"{run} is a megamath training checkpoint, not a Hugging Face folder: "
+                                    "export it with `megamath convert megamath-to-hf`")):
+        assert main(["convert", direction, str(src), str(tmp_path / "out")]) == 2
+        assert one_error_line(capsys, "convert") == message
+    assert not (tmp_path / "out").exists()
