@@ -231,6 +231,14 @@ def test_spellings_duplicates_and_vocab(tmp_path):
     (tmp_path / "b.yml").write_text("train_iters: 20\n")
     with pytest.raises(ValueError, match="'train_iters' is already set by an earlier file"):
         read_neox_yaml([tmp_path / "a.yml", tmp_path / "b.yml"])
+    # both spellings in one file were blamed on "an earlier file", and an empty file was "got NoneType"
+    (tmp_path / "c.yml").write_text('{"train-iters": 10, "train_iters": 20}\n')
+    with pytest.raises(ValueError, match=r"c.yml: key 'train_iters' is set twice in this file \('train-iters' and "
+                                         r"'train_iters'\)$"):
+        read_neox_yaml([tmp_path / "c.yml"])
+    (tmp_path / "empty.yml").write_text("")
+    with pytest.raises(ValueError, match=r"empty.yml: a GPT-NeoX config is a mapping of keys, got an empty file$"):
+        read_neox_yaml([tmp_path / "empty.yml"])
     paths = write_llemma(tmp_path)
     with pytest.raises(ValueError, match="vocab_file codellama/tokenizer.model not found"):
         convert_neox(read_neox_yaml(paths))
