@@ -616,3 +616,18 @@ def test_convert_names_a_wrong_source_itself(tmp_path, capsys):
         assert main(["convert", direction, str(src), str(tmp_path / "out")]) == 2
         assert one_error_line(capsys, "convert") == message
     assert not (tmp_path / "out").exists()
+
+
+def test_merge_into_one_of_its_inputs_is_refused(tmp_path, capsys):
+    """`merge --input a b --output a` replaced dataset a (run twice, it held a + b + b)."""
+    _tiny_dataset(tmp_path / "a")
+    _tiny_dataset(tmp_path / "b")
+    before = (tmp_path / "a.bin").read_bytes(), (tmp_path / "a.idx").read_bytes()
+    for output in ("a", "a.bin", f"{tmp_path}/a"):
+        argv = ["merge", "--input", str(tmp_path / "a"), str(tmp_path / "b"), "--output",
+                output if output.startswith("/") else str(tmp_path / output)]
+        assert main(argv) == 2
+        assert one_error_line(capsys, "merge").endswith(f"is also an input ({tmp_path / 'a'}); writing it would "
+                                                        "replace that input")
+    assert ((tmp_path / "a.bin").read_bytes(), (tmp_path / "a.idx").read_bytes()) == before
+    assert main(["merge", "--input", str(tmp_path / "a"), str(tmp_path / "b"), "--output", str(tmp_path / "c")]) == 0
