@@ -631,3 +631,12 @@ def test_merge_into_one_of_its_inputs_is_refused(tmp_path, capsys):
                                                         "replace that input")
     assert ((tmp_path / "a.bin").read_bytes(), (tmp_path / "a.idx").read_bytes()) == before
     assert main(["merge", "--input", str(tmp_path / "a"), str(tmp_path / "b"), "--output", str(tmp_path / "c")]) == 0
+
+
+def test_a_file_in_the_way_of_a_deep_output_is_named(tmp_path, capsys):
+    """mkdir(parents=True) under a file fails on the deepest folder: the error named a/file/out/corpus/arxiv/train,
+    which does not exist, instead of the file that stands in the way."""
+    (tmp_path / "afile").write_text("keep")
+    assert main(["demo-corpus", "--output", str(tmp_path / "afile" / "out"), "--documents", "2"]) == 2
+    assert one_error_line(capsys, "demo-corpus") == f"{tmp_path / 'afile'}: exists and is not a folder"
+    assert (tmp_path / "afile").read_text() == "keep"

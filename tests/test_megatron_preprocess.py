@@ -112,7 +112,7 @@ def test_os_error_on_an_output_path_is_one_line(tmp_path, bpe_model):
     proc = subprocess.run([sys.executable, str(TOOL), *megatron_args(data, tmp_path / "file" / "out" / "x", bpe_model)],
                           capture_output=True, text=True)
     assert proc.returncode == 2
-    assert proc.stderr == f"preprocess_data.py: error: {tmp_path / 'file' / 'out'}: Not a directory\n"
+    assert proc.stderr == f"preprocess_data.py: error: {tmp_path / 'file'}: exists and is not a folder\n"
 
 
 def test_script_runs_both_interfaces(tmp_path, bpe_model):
