@@ -640,3 +640,13 @@ def test_a_file_in_the_way_of_a_deep_output_is_named(tmp_path, capsys):
     assert main(["demo-corpus", "--output", str(tmp_path / "afile" / "out"), "--documents", "2"]) == 2
     assert one_error_line(capsys, "demo-corpus") == f"{tmp_path / 'afile'}: exists and is not a folder"
     assert (tmp_path / "afile").read_text() == "keep"
+
+
+def test_blend_names_a_prefix_given_with_its_extension(tmp_path, capsys):
+    """`blend --data-path d.bin` said only 'd.bin.idx not found'; training's data errors say what a prefix is."""
+    _tiny_dataset(tmp_path / "d")
+    assert main(["blend", "--data-path", str(tmp_path / "d.bin"), "--seq-length", "2", "--num-samples", "1"]) == 2
+    assert one_error_line(capsys, "blend") == (f"indexed dataset file not found: {tmp_path / 'd.bin.idx'} "
+                                               "(--data-path takes prefixes, without .bin/.idx, as training does)")
+    assert main(["blend", "--data-path", str(tmp_path / "nope"), "--seq-length", "2", "--num-samples", "1"]) == 2
+    assert one_error_line(capsys, "blend") == f"indexed dataset file not found: {tmp_path / 'nope.idx'}"
