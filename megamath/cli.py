@@ -9,6 +9,7 @@ import argparse
 import importlib
 import os
 import sys
+from pathlib import Path
 
 # subcommand name -> module under megamath.commands
 COMMANDS = {
@@ -43,7 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # a flag typo: the command's usage and `megamath CMD: error`, not the top level's `megamath: error`
+        subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        subparsers.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         status = int(args.run(args) or 0)
         sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
@@ -80,6 +85,11 @@ def _one_line(err: BaseException) -> str:
         if (isinstance(err, FileExistsError) and isinstance(err.filename, (str, bytes, os.PathLike))
                 and os.path.lexists(err.filename) and not os.path.isdir(err.filename)):
             return f"{err.filename}: exists and is not a folder"  # mkdir met a file where a folder goes
+        if isinstance(err, NotADirectoryError) and isinstance(err.filename, (str, os.PathLike)):
+            # a/file/x/y: name the file in the way, not the deepest path that could not be made under it
+            blocker = next((p for p in Path(err.filename).parents if os.path.lexists(p)), None)
+            if blocker is not None and not blocker.is_dir():
+                return f"{blocker}: exists and is not a folder"
         # a failed rename (os.replace(temp, target)) names the temporary file first: the user's path is the target
         return f"{err.filename2 if err.filename2 is not None else err.filename}: {err.strerror}"
     return str(err)

@@ -511,10 +511,13 @@ def test_running_out_of_host_memory_is_one_line(capsys, monkeypatch):
 def test_merge_into_an_empty_prefix_is_refused(tmp_path, capsys, monkeypatch):
     _tiny_dataset(tmp_path / "d")
     monkeypatch.chdir(tmp_path)
-    for output in ("", ".bin"):  # both wrote hidden files .bin/.idx in the current folder
+    (tmp_path / "out").mkdir()
+    # each wrote hidden files .bin/.idx in the current folder, or (a folder's name) inside that folder
+    for output in ("", ".bin", "out/", "out/.bin", "out/.", f"{tmp_path}/out/"):
         assert main(["merge", "--input", "d", "--output", output]) == 2
         assert one_error_line(capsys, "merge") == f"--output {output!r} names no dataset: give a prefix such as out/merged"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.bin", "d.idx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.bin", "d.idx", "out"]
+    assert list((tmp_path / "out").iterdir()) == []
 
 
 # ---- train: inputs used only at the first evaluation are checked at the start -------------------------------
@@ -576,3 +579,75 @@ def test_output_to_a_pipe_or_device_is_written_through_not_replaced(tmp_path, ca
     assert stat.S_ISFIFO(os.stat(fifo).st_mode), "the FIFO was replaced by a regular file"
     assert received and received[0].startswith(b"<!DOCTYPE html>")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe", "run"]
+
+
+def test_a_flag_typo_names_the_command(capsys):
+    """argparse's top-level parser reported unknown flags as `megamath: error` with the top usage, which
+    does not say which command's flags to look at."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["merge", "--input", "a", "--output", "b", "--ouptut", "c"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: megamath merge ") and "Traceback" not in err
+    assert err.splitlines()[-1] == "megamath merge: error: unrecognized arguments: --ouptut c"
+
+
+def test_checkpoint_verify_of_a_file_says_it_is_a_file(tmp_path, capsys):
+    """A file given for the run directory was reported as 'not found', though it is there."""
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    assert main(["checkpoint", "verify", str(tmp_path / "metrics.jsonl")]) == 2
+    assert one_error_line(capsys, "checkpoint") == (f"{tmp_path / 'metrics.jsonl'} is a file, not a folder "
+                                                    "(give a run directory or a step_XXXXXXX folder)")
+    assert main(["checkpoint", "verify", str(tmp_path / "nope")]) == 2
+    assert one_error_line(capsys, "checkpoint") == (f"{tmp_path / 'nope'} not found "
+                                                    "(give a run directory or a step_XXXXXXX folder)")
+
+
+def test_convert_names_a_wrong_source_itself(tmp_path, capsys):
+    """A missing SRC, a file, or a training run given to hf-to-megamath were all 'SRC/config.json not found'."""
+    (tmp_path / "afile").write_text("x")
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "latest").write_text("step_0000004\n")
+    for direction, src, message in (
+            ("megamath-to-hf", tmp_path / "nope", f"{tmp_path / 'nope'} not found"),
+            ("hf-to-megamath", tmp_path / "afile", f"{tmp_path / 'afile'} is a file; SRC is a checkpoint folder"),
+            ("hf-to-megamath", run, f"{run} is a megamath training checkpoint, not a Hugging Face folder: "
+                                    "export it with `megamath convert megamath-to-hf`")):
+        assert main(["convert", direction, str(src), str(tmp_path / "out")]) == 2
+        assert one_error_line(capsys, "convert") == message
+    assert not (tmp_path / "out").exists()
+
+
+def test_merge_into_one_of_its_inputs_is_refused(tmp_path, capsys):
+    """`merge --input a b --output a` replaced dataset a (run twice, it held a + b + b)."""
+    _tiny_dataset(tmp_path / "a")
+    _tiny_dataset(tmp_path / "b")
+    before = (tmp_path / "a.bin").read_bytes(), (tmp_path / "a.idx").read_bytes()
+    for output in ("a", "a.bin", f"{tmp_path}/a"):
+        argv = ["merge", "--input", str(tmp_path / "a"), str(tmp_path / "b"), "--output",
+                output if output.startswith("/") else str(tmp_path / output)]
+        assert main(argv) == 2
+        assert one_error_line(capsys, "merge").endswith(f"is also an input ({tmp_path / 'a'}); writing it would "
+                                                        "replace that input")
+    assert ((tmp_path / "a.bin").read_bytes(), (tmp_path / "a.idx").read_bytes()) == before
+    assert main(["merge", "--input", str(tmp_path / "a"), str(tmp_path / "b"), "--output", str(tmp_path / "c")]) == 0
+
+
+def test_a_file_in_the_way_of_a_deep_output_is_named(tmp_path, capsys):
+    """mkdir(parents=True) under a file fails on the deepest folder: the error named a/file/out/corpus/arxiv/train,
+    which does not exist, instead of the file that stands in the way."""
+    (tmp_path / "afile").write_text("keep")
+    assert main(["demo-corpus", "--output", str(tmp_path / "afile" / "out"), "--documents", "2"]) == 2
+    assert one_error_line(capsys, "demo-corpus") == f"{tmp_path / 'afile'}: exists and is not a folder"
+    assert (tmp_path / "afile").read_text() == "keep"
+
+
+def test_blend_names_a_prefix_given_with_its_extension(tmp_path, capsys):
+    """`blend --data-path d.bin` said only 'd.bin.idx not found'; training's data errors say what a prefix is."""
+    _tiny_dataset(tmp_path / "d")
+    assert main(["blend", "--data-path", str(tmp_path / "d.bin"), "--seq-length", "2", "--num-samples", "1"]) == 2
+    assert one_error_line(capsys, "blend") == (f"indexed dataset file not found: {tmp_path / 'd.bin.idx'} "
+                                               "(--data-path takes prefixes, without .bin/.idx, as training does)")
+    assert main(["blend", "--data-path", str(tmp_path / "nope"), "--seq-length", "2", "--num-samples", "1"]) == 2
+    assert one_error_line(capsys, "blend") == f"indexed dataset file not found: {tmp_path / 'nope.idx'}"

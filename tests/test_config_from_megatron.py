@@ -159,3 +159,14 @@ def test_layernorm_epsilon_is_the_older_name_of_norm_epsilon():
     both = flags.replace("--norm-epsilon 1e-5", "--norm-epsilon 1e-5 --layernorm-epsilon 1e-6").split()
     with pytest.raises(ValueError, match="--layernorm-epsilon"):
         convert_megatron(both, world_size=32, vocab_size=32000)
+
+
+@pytest.mark.parametrize("text", ["", "#!/bin/bash\n# the real launch is in run.sh\nbash run.sh node0\n"])
+def test_a_file_without_flags_says_so(tmp_path, capsys, text):
+    """An empty or wrong file was reported as '--position-embedding-type is not given', a flag of a command
+    line that is not there at all."""
+    path = tmp_path / "train.sh"
+    path.write_text(text)
+    assert main(["config", "from-megatron", str(path)]) == 2
+    assert capsys.readouterr().err == (f"megamath config: error: {path}: no Megatron-LM flags in it (expected its "
+                                       "command line, e.g. `torchrun ... pretrain_gpt.py --num-layers 32 ...`)\n")

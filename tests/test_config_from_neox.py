@@ -231,6 +231,14 @@ def test_spellings_duplicates_and_vocab(tmp_path):
     (tmp_path / "b.yml").write_text("train_iters: 20\n")
     with pytest.raises(ValueError, match="'train_iters' is already set by an earlier file"):
         read_neox_yaml([tmp_path / "a.yml", tmp_path / "b.yml"])
+    # both spellings in one file were blamed on "an earlier file", and an empty file was "got NoneType"
+    (tmp_path / "c.yml").write_text('{"train-iters": 10, "train_iters": 20}\n')
+    with pytest.raises(ValueError, match=r"c.yml: key 'train_iters' is set twice in this file \('train-iters' and "
+                                         r"'train_iters'\)$"):
+        read_neox_yaml([tmp_path / "c.yml"])
+    (tmp_path / "empty.yml").write_text("")
+    with pytest.raises(ValueError, match=r"empty.yml: a GPT-NeoX config is a mapping of keys, got an empty file$"):
+        read_neox_yaml([tmp_path / "empty.yml"])
     paths = write_llemma(tmp_path)
     with pytest.raises(ValueError, match="vocab_file codellama/tokenizer.model not found"):
         convert_neox(read_neox_yaml(paths))
@@ -329,3 +337,21 @@ def test_rmsnorm_epsilon_placement_is_noted(tmp_path):
     conversion = convert_neox(read_neox_yaml(write_llemma(tmp_path)), vocab_size=32016)
     assert conversion.validate().model.norm_eps == 1e-5
     assert any(note.startswith("rms_norm_epsilon 1e-05: GPT-NeoX") for note in conversion.notes)
+
+
+def test_force_never_overwrites_a_source_file(tmp_path, capsys):
+    """`--output` naming one of the converted files, with --force, replaced the GPT-NeoX config (or the
+    Megatron script) by its conversion: the source was gone."""
+    from test_config_from_megatron import SCRIPT
+
+    paths = write_llemma(tmp_path)
+    (tmp_path / "train.sh").write_text(SCRIPT)
+    for argv, source in (
+            (["from-neox", *paths, "--vocab-size", "32016", "--output", paths[1], "--force"], paths[1]),
+            (["from-megatron", "--vocab-size", "32000", "--output", str(tmp_path / "train.sh"), "--force",
+              str(tmp_path / "train.sh")], str(tmp_path / "train.sh"))):
+        before = Path(source).read_text()
+        assert main(["config", *argv]) == 2
+        assert capsys.readouterr().err.endswith(f"error: --output {source} is also an input ({source}); "
+                                                "writing it would replace that input\n")
+        assert Path(source).read_text() == before

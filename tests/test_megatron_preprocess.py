@@ -112,7 +112,7 @@ def test_os_error_on_an_output_path_is_one_line(tmp_path, bpe_model):
     proc = subprocess.run([sys.executable, str(TOOL), *megatron_args(data, tmp_path / "file" / "out" / "x", bpe_model)],
                           capture_output=True, text=True)
     assert proc.returncode == 2
-    assert proc.stderr == f"preprocess_data.py: error: {tmp_path / 'file' / 'out'}: Not a directory\n"
+    assert proc.stderr == f"preprocess_data.py: error: {tmp_path / 'file'}: exists and is not a folder\n"
 
 
 def test_script_runs_both_interfaces(tmp_path, bpe_model):
@@ -129,3 +129,14 @@ def test_script_runs_both_interfaces(tmp_path, bpe_model):
 
 # The ProofPile II sample's train splits through Megatron's flags are compared with `megamath preprocess`
 # in test_preprocess_proofpile.py, which preprocesses the sample once for all its tests.
+
+
+def test_an_output_prefix_that_names_a_folder_is_refused(tmp_path):
+    """`--output-prefix out/` wrote out_text_document.{bin,idx} beside out/ (Path drops the slash), where neither
+    the user nor Megatron (out/_text_document.bin) puts it."""
+    (tmp_path / "out").mkdir()
+    data = _write(tmp_path / "x.jsonl", [{"text": "a"}])
+    for prefix in (f"{tmp_path}/out/", f"{tmp_path}/out/."):
+        with pytest.raises(ValueError, match=r"^--output-prefix '.*' names a folder, not a dataset: add a name"):
+            megatron_preprocess.run(megatron_args(data, prefix, tmp_path / "unused.model"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "x.jsonl"] and not list((tmp_path / "out").iterdir())

@@ -197,6 +197,11 @@ def test_test_file_errors(tmp_path):
     _write_jsonl(tmp_path / "ids.jsonl", [{"question": "a", "id": 1}, {"question": "b", "id": 1}])
     with pytest.raises(ValueError, match="not unique"):
         load_test_items(tmp_path / "ids.jsonl", ["question"])
+    # a named id field that no record has (a typo) used to fall back to positions, which join other results
+    _write_jsonl(tmp_path / "uid.jsonl", [{"question": "a", "unique_id": "x/1"}, {"question": "b", "unique_id": "x/2"}])
+    with pytest.raises(ValueError, match=r"uid.jsonl: no record has the --id-field 'uniqe_id'$"):
+        load_test_items(tmp_path / "uid.jsonl", ["question"], "uniqe_id")
+    assert [item.id for item in load_test_items(tmp_path / "uid.jsonl", ["question"], "unique_id")] == ["x/1", "x/2"]
     _write_jsonl(tmp_path / "c/x.jsonl", [{"text": "a b"}])
     assert main(["overlap", "--test", str(tmp_path / "t.jsonl"), "--field", "question", "--corpus",
                  str(tmp_path / "c"), "--output", str(tmp_path / "h.jsonl"), "--no-progress"]) == 2

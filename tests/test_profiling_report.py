@@ -230,6 +230,10 @@ def test_report_errors_are_one_line(tmp_path, capsys):
     assert capsys.readouterr().err == f"megamath report: error: run folder not found: {tmp_path / 'missing'}\n"
     assert main(["report", str(tmp_path)]) == 2
     assert "has no metrics.jsonl" in capsys.readouterr().err
+    (tmp_path / "metrics.jsonl").write_text("")  # the run's file given for its folder was 'not found'
+    assert main(["report", str(tmp_path / "metrics.jsonl")]) == 2
+    assert capsys.readouterr().err == (f"megamath report: error: {tmp_path / 'metrics.jsonl'} is a file, not a run "
+                                       "folder: give the folder that holds metrics.jsonl\n")
 
 
 # ---- notes on synthetic records --------------------------------------------------------------------------------

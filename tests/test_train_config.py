@@ -129,6 +129,11 @@ def test_override_and_file_errors(tmp_path):
         load_config(tmp_path / "missing.yaml")
     with pytest.raises(ValueError, match=r"the top level must be a mapping of keys, got list$"):
         load_config(write(tmp_path, "- 1\n- 2\n", "list.yaml"))
+    # an empty file used to mean "all defaults" and failed on one of them: data.seq_length 4096 exceeds ...
+    for text in ("", "# only a comment\n"):
+        with pytest.raises(ValueError, match=r"^config file .*empty.yaml is empty \(a config of the defaults only "
+                                             r"is written \{\}\)$"):
+            load_config(write(tmp_path, text, "empty.yaml"))
 
 
 def test_cli_reports_a_bad_config_in_one_line(tmp_path, capsys):

@@ -217,6 +217,22 @@ def test_a_refused_resume_leaves_the_runs_config_yaml_as_it_was(tmp_path, one_th
     assert (tmp_path / "a" / "config.yaml").read_text() == before
 
 
+def test_a_finished_run_started_again_keeps_its_description(tmp_path, one_thread):
+    """Started again with no step left to run (another layout, a forgotten torchrun), the run's config.yaml and
+    run_info.json were rewritten with that start's settings: `megamath report` then described the run by a start
+    that trained nothing (its layout, its device count, so its GPU-hours)."""
+    run(raw_config(tmp_path / "data", tmp_path / "a", train_steps=2, checkpoint__save_every=2))
+    files = ("config.yaml", "run_info.json", "metrics.jsonl")
+    before = [(tmp_path / "a" / f).read_text() for f in files]
+    again = raw_config(tmp_path / "data", tmp_path / "a", train_steps=2, log_every=1, metrics__peak_tflops=100.0)
+    assert run(again).step == 2
+    assert [(tmp_path / "a" / f).read_text() for f in files] == before
+    longer = raw_config(tmp_path / "data", tmp_path / "a", train_steps=3, log_every=1, metrics__peak_tflops=100.0)
+    assert run(longer).step == 3  # a start that trains describes the run from then on, as before
+    assert json.loads((tmp_path / "a" / "run_info.json").read_text())["peak_tflops"] == 100.0
+    assert "log_every: 1" in (tmp_path / "a" / "config.yaml").read_text()
+
+
 def untimed(records: list[dict]) -> list[dict]:
     timed = ("tokens_per_s", "tflops", "step_time_s", "phases", "step_time_max_s", "step_time_min_s", "slowest_rank")
     return [{k: v for k, v in r.items() if k not in timed} for r in records]

@@ -35,7 +35,7 @@ def format_table(blend: BlendedDataset) -> str:
 
 def run(args) -> int:
     weights, prefixes = parse_data_path(args.data_path)
-    datasets = [IndexedDataset(prefix) for prefix in prefixes]
+    datasets = [_open(prefix) for prefix in prefixes]
     start = time.perf_counter()
     blend = BlendedDataset(datasets, weights, args.num_samples, args.seq_length, seed=args.seed,
                            cache_dir=args.cache_dir)
@@ -44,3 +44,13 @@ def run(args) -> int:
     print(f"{len(blend):,} samples of {args.seq_length + 1} tokens from {len(datasets)} dataset(s), "
           f"indices built in {elapsed:.2f} s" + (f" (cache: {args.cache_dir})" if args.cache_dir else ""))
     return 0
+
+
+def _open(prefix: str) -> IndexedDataset:
+    """The dataset; a prefix given with its extension is named as the slip it is (training refuses it too)."""
+    try:
+        return IndexedDataset(prefix)
+    except FileNotFoundError as err:
+        if prefix.endswith((".bin", ".idx")):  # the error said "x.bin.idx not found", true but puzzling
+            raise FileNotFoundError(f"{err} (--data-path takes prefixes, without .bin/.idx, as training does)") from None
+        raise

@@ -57,6 +57,10 @@ def run(args) -> int:
         words, source = read_command_line(args.args)
         conversion = convert_megatron(words, world_size=args.world_size, vocab_size=args.vocab_size, source=source)
     text = conversion.to_yaml()
+    if args.output is not None:  # --force replaces an old output, never the source being converted
+        from megamath.output_path import prepare_output_file
+
+        prepare_output_file(args.output, "--output", args.files if args.action == "from-neox" else [source])
     if args.output is None:
         sys.stdout.write(text)
         print(conversion.report(), file=sys.stderr)

@@ -36,6 +36,7 @@ def run(args) -> int:
     from megamath.model.model_folder import convert_hf_to_megamath, convert_megamath_to_hf
     from megamath.training.export import export_training_checkpoint_to_hf, is_training_checkpoint
 
+    check_source(args.src, args.direction, is_training_checkpoint(args.src))
     convert = convert_hf_to_megamath if args.direction == "hf-to-megamath" else convert_megamath_to_hf
     if args.direction == "megamath-to-hf" and is_training_checkpoint(args.src):
         convert = export_training_checkpoint_to_hf  # a run directory or step folder: TP slices merged
@@ -44,3 +45,14 @@ def run(args) -> int:
     print(f"converted {args.src} -> {args.dst} ({args.direction}): {config.num_layers} layers, "
           f"hidden {config.hidden_size}, {config.num_params():,} parameters")
     return 0
+
+
+def check_source(src: Path, direction: str, training: bool) -> None:
+    """Name the fault with SRC itself; the converters would only report its config.json missing."""
+    if not src.exists():
+        raise FileNotFoundError(f"{src} not found")
+    if not src.is_dir():
+        raise ValueError(f"{src} is a file; SRC is a checkpoint folder")
+    if direction == "hf-to-megamath" and training:
+        raise ValueError(f"{src} is a megamath training checkpoint, not a Hugging Face folder: "
+                         "export it with `megamath convert megamath-to-hf`")

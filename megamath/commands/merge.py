@@ -5,7 +5,7 @@ document into one writer.
 """
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
 
 def add_parser(subparsers, name: str) -> None:
@@ -13,7 +13,7 @@ def add_parser(subparsers, name: str) -> None:
         name,
         help="concatenate Megatron .bin/.idx datasets into one",
         description="Merges the inputs, in the order given, into OUTPUT.bin/OUTPUT.idx (written atomically; "
-        "an existing dataset there is replaced). All inputs must share one token dtype.",
+        "an existing dataset there is replaced, never one of the inputs). All inputs must share one token dtype.",
     )
     parser.add_argument("--input", nargs="+", required=True, metavar="PREFIX", help="datasets to merge, in order")
     parser.add_argument("--output", required=True, metavar="PREFIX", help="prefix of the merged dataset")
@@ -24,9 +24,15 @@ def run(args) -> int:
     from megamath.data.dataset_tools import merge_datasets, strip_extension
 
     output = strip_extension(args.output)
-    if not Path(output).name:
+    # the last component as written: Path("out/") would read as "out" and the files land in out/.bin, out/.idx
+    if os.path.basename(output) in ("", ".", ".."):
         raise ValueError(f"--output {args.output!r} names no dataset: give a prefix such as out/merged")
-    merged = merge_datasets([strip_extension(p) for p in args.input], output)
+    inputs = [strip_extension(p) for p in args.input]
+    for prefix in inputs:  # as every command refuses: the merge would replace one of the datasets it reads
+        if os.path.exists(f"{output}.idx") and os.path.exists(f"{prefix}.idx") and \
+                os.path.samefile(f"{output}.idx", f"{prefix}.idx"):
+            raise ValueError(f"--output {args.output} is also an input ({prefix}); writing it would replace that input")
+    merged = merge_datasets(inputs, output)
     print(f"merged {len(args.input)} datasets into {merged.prefix}: {len(merged)} sequences, "
           f"{merged.num_documents} documents, {merged.num_tokens} tokens ({merged.dtype})")
     return 0

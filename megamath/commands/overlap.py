@@ -15,7 +15,8 @@ output: one line per (test item, field, n, corpus document) sharing at least one
   the document text), matching_ngrams (distinct shared n-grams), file, line, subset, split, meta.
   The summary (per subset, per test item) is printed and written to HITS.summary.json.
   Test ids: the record's --id-field when present (by default id, else unique_id as in MATH-500, the ids
-  megamath eval gives), else its 0-based position in the test file."""
+  megamath eval gives), else its 0-based position in the test file; an --id-field other than id that no
+  record has is an error."""
 
 
 def add_parser(subparsers, name: str) -> None:

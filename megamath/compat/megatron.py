@@ -85,6 +85,9 @@ def read_command_line(args: Sequence[str]) -> tuple[list[str], str]:
                 words += shlex.split(line, comments=True)
             except ValueError as err:  # shlex's "No closing quotation" names neither file nor line
                 raise ValueError(f"{path}: {err} in {line.strip()[:120]!r}") from None
+        if not any(w.startswith("--") for w in words):  # an empty or wrong file: not "--position-embedding-type is not given"
+            raise ValueError(f"{path}: no Megatron-LM flags in it (expected its command line, "
+                             "e.g. `torchrun ... pretrain_gpt.py --num-layers 32 ...`)")
         return words, str(path)
     if not args:
         raise ValueError("give Megatron-LM's flags after `--`, or a file holding its command line")

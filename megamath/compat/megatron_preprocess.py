@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import os
 import tempfile
 from pathlib import Path
 from typing import Sequence
@@ -91,6 +92,9 @@ def check_supported(args) -> None:
         raise ValueError("--vocab-extra-ids is not supported: megamath adds no tokens to the SentencePiece vocabulary")
     if args.workers < 1 or args.partitions < 1:
         raise ValueError("--workers and --partitions must be at least 1")
+    if os.path.basename(args.output_prefix) in ("", ".", ".."):  # Path("out/") is "out": out_text_document beside out/
+        raise ValueError(f"--output-prefix {args.output_prefix!r} names a folder, not a dataset: add a name, "
+                         "e.g. out/pp2 for out/pp2_text_document.bin")
 
 
 def input_files(spec: str, partitions: int) -> list[Path]:

@@ -96,12 +96,17 @@ def read_neox_yaml(paths: Sequence[str | Path]) -> dict:
     for path in map(Path, paths):
         raw = read_yaml(path, "GPT-NeoX config")
         if not isinstance(raw, dict):
-            raise ValueError(f"{path}: a GPT-NeoX config is a mapping of keys, got {type(raw).__name__}")
+            kind = "an empty file" if raw is None else type(raw).__name__
+            raise ValueError(f"{path}: a GPT-NeoX config is a mapping of keys, got {kind}")
+        spelled: dict = {}  # this file's keys as written, by their `_` spelling
         for key, value in raw.items():
-            key = str(key).replace("-", "_")
-            if key in merged:
-                raise ValueError(f"{path}: key {key!r} is already set by an earlier file (GPT-NeoX refuses this too)")
-            merged[key] = value
+            name = str(key).replace("-", "_")
+            if name in spelled:  # `num-layers` and `num_layers` in one file: no earlier file is to blame
+                raise ValueError(f"{path}: key {name!r} is set twice in this file ({spelled[name]!r} and {key!r})")
+            if name in merged:
+                raise ValueError(f"{path}: key {name!r} is already set by an earlier file (GPT-NeoX refuses this too)")
+            spelled[name] = key
+            merged[name] = value
     return merged
 
 

@@ -79,6 +79,8 @@ def load_test_items(path: str | Path, fields: Sequence[str], id_field: str = "id
         items.append(TestItem(item_id, tuple(texts)))
     if not items:
         raise ValueError(f"{path}: no test records")
+    if id_field != "id" and not with_id:  # a field named on purpose: a typo must not fall back to positions
+        raise ValueError(f"{path}: no record has the --id-field {id_field!r}")
     if with_id and len(with_id) != len(items):
         missing = next(i for i in range(len(items)) if i not in with_id)
         raise ValueError(f"{path}: record {missing} has no {' or '.join(map(repr, id_fields))} field while others "

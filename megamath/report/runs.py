@@ -29,6 +29,8 @@ class Run:
 def load_run(path: str | Path) -> Run:
     """Read RUN_DIR; a clear error when it is not a run folder or holds no step."""
     path = Path(path)
+    if path.exists() and not path.is_dir():  # often RUN_DIR/metrics.jsonl itself
+        raise ValueError(f"{path} is a file, not a run folder: give the folder that holds {METRICS}")
     if not path.is_dir():
         raise FileNotFoundError(f"run folder not found: {path}")
     metrics = path / METRICS

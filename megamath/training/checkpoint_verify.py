@@ -27,7 +27,8 @@ def checkpoints_to_verify(path: str | Path) -> list[Path]:
     """A step folder as given, or every checkpoint folder of a run directory (oldest first)."""
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"{path} not found (give a run directory or a step_XXXXXXX folder)")
+        fault = "is a file, not a folder" if path.exists() else "not found"
+        raise FileNotFoundError(f"{path} {fault} (give a run directory or a step_XXXXXXX folder)")
     if (path / METADATA).is_file() or path.name.startswith("step_"):
         return [path]
     root = path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path

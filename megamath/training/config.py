@@ -283,8 +283,8 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
     """Read a YAML config and apply `dotted.key=value` overrides."""
     path = Path(path)
     raw = read_yaml(path, "config file")
-    if raw is None:
-        raw = {}
+    if raw is None:  # an empty (or truncated) file would train the defaults and fail on one of them
+        raise ValueError(f"config file {path} is empty (a config of the defaults only is written {{}})")
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
     return TrainConfig.from_dict(apply_overrides(raw, overrides))

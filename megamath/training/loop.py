@@ -244,14 +244,16 @@ def _train(config: TrainConfig, state: ParallelState, attempt: str) -> TrainResu
                              f"this run's is {data.global_batch_size} (micro_batch_size · grad_accum_steps · dp): "
                              "keep it equal on resume (adjust grad_accum_steps to the new DP size)")
         step, nonfinite = meta["step"], meta["consecutive_nonfinite"]
-    if state.rank == 0:  # only now: a start refused above leaves the run's config.yaml as it was
+    finished = step >= config.train_steps  # started again with no step to run: the run stays described as it ran
+    if state.rank == 0 and not finished:  # only now: a start refused above leaves the run's config.yaml as it was
         (run_dir / "config.yaml").write_text(dump_config(config))
     tokens_per_step = data.global_batch_size * config.data.seq_length
     flops_per_token = config.model.flops_per_token(config.data.seq_length)
     log = MetricsLogger(run_dir, state, flops_per_token, tokens_per_step, config.train_steps, step + 1,
                         config.log_every, config.logging.tensorboard,
-                        run_info(state.world_size, state.tp_size, state.device, flops_per_token, tokens_per_step,
-                                 config.data.seq_length, config.metrics.peak_tflops),
+                        None if finished else run_info(state.world_size, state.tp_size, state.device, flops_per_token,
+                                                       tokens_per_step, config.data.seq_length,
+                                                       config.metrics.peak_tflops),
                         wandb=config.logging.wandb, run_config=config.to_dict(),
                         peak_override=config.metrics.peak_tflops)
     timer = PhaseTimer(state.device)
