@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(f"megamath.commands.{module_name}")
         module.add_parser(subparsers, name)
+        command = subparsers.choices[name]
+        command.set_defaults(command_parser=command)  # its own usage for errors main() finds (a flag typo)
     return parser
 
 
@@ -47,8 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # a flag typo: the command's usage and `megamath CMD: error`, not the top level's `megamath: error`
-        subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        subparsers.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         status = int(args.run(args) or 0)
         sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
