@@ -94,6 +94,23 @@ def test_keep_prunes_the_oldest(tmp_path, one_thread):
         tmp_path / "data", tmp_path / "run", train_steps=9, checkpoint__save_every=2, checkpoint__keep=2))
 
 
+def test_a_run_rewound_to_an_earlier_checkpoint_keeps_what_it_branched_from(tmp_path, one_thread, capsys):
+    """Resuming from step 2 of a run saved at 2, 4 and 6 (a rewind past a loss spike): 4 and 6 hold a future the
+    run left. Counted by `keep`, they got step 2, where this run branched, deleted at its first save (its own
+    line then held one checkpoint), and the stale step 6 was protected as the last good state."""
+    raw = dict(train_steps=6, checkpoint__save_every=2, checkpoint__keep=3)
+    run(raw_config(tmp_path / "data", tmp_path / "run", **raw))
+    root = tmp_path / "run" / "checkpoints"
+    abandoned_loss = metrics(tmp_path / "run")[3]["loss"]
+    capsys.readouterr()
+    run(raw_config(tmp_path / "data", tmp_path / "run", **{**raw, "train_steps": 4, "checkpoint__keep": 2},
+                   checkpoint__resume=str(root / "step_0000002")))
+    assert "note: step_0000004, step_0000006 were saved after step 2, where this run continues" in capsys.readouterr().out
+    assert sorted(p.name for p in root.iterdir()) == [LATEST, "step_0000002", "step_0000004", "step_0000006"]
+    assert (root / LATEST).read_text() == "step_0000004\n" and read_metadata(root / "step_0000004")["step"] == 4
+    assert metrics(tmp_path / "run")[3]["loss"] == abandoned_loss  # the same data and state: the same step 4
+
+
 def test_refusals(tmp_path, one_thread):
     raw = raw_config(tmp_path / "data", tmp_path / "run", train_steps=2, checkpoint__save_every=2)
     run(raw)

@@ -192,10 +192,19 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
 
 
 def prune_checkpoints(root: Path, keep: int) -> None:
-    """Delete all but the newest `keep` complete checkpoints; never the one `latest` names, nor the newest
-    one saved right after a successful update (`update_ok` in its metadata): the last good state."""
+    """Delete all but the newest `keep` complete checkpoints up to the one `latest` names (which is kept);
+    never the newest of those saved right after a successful update (`update_ok` in its metadata): the last
+    good state.
+
+    Checkpoints newer than `latest` are a future the run rewound past (it resumed from an earlier one: a
+    path, or `latest` pointed back by hand to step past a loss spike). They are neither counted nor
+    deleted here, so that they never push out the checkpoints the run continues from; its saves replace
+    them as it reaches their steps."""
     latest = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
     found = complete_checkpoints(root)
+    head = next((step for step, path in found if path.name == latest), None)
+    if head is not None:
+        found = [(step, path) for step, path in found if step <= head]
     protected = {latest}
     for _, path in reversed(found):
         if _saved_after_good_update(path):

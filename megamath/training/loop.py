@@ -46,7 +46,8 @@ from megamath.training.metrics import MetricsLogger, finite_or_none, format_summ
 from megamath.training.phases import PhaseTimer, no_phase
 from megamath.training.profiling import StepProfiler
 from megamath.training.reshard import load_checkpoint_any_tp
-from megamath.training.resume import check_resume_compatible, data_order_change, find_resume_checkpoint
+from megamath.training.resume import (check_resume_compatible, data_order_change, find_resume_checkpoint,
+                                     rewound_past)
 from megamath.training.run_guard import hold_run_dir
 from megamath.training.schedule import lr_at
 
@@ -237,6 +238,8 @@ def _train(config: TrainConfig, state: ParallelState, attempt: str) -> TrainResu
         check_resume_compatible(saved, config, resume_from)
         if state.rank == 0 and (warning := data_order_change(saved, config)):
             print(warning, flush=True)
+        if state.rank == 0 and (note := rewound_past(run_dir, saved["step"])):
+            print(note, flush=True)
         # verified by resume_point on every rank's behalf; re-cut on another TP or DP size
         meta = load_checkpoint_any_tp(resume_from, model, optimizer, state, verify=False)
         if meta["global_batch_size"] != data.global_batch_size:

@@ -7,7 +7,8 @@ for inspection, never deleted), the skip and its reason are reported, and `lates
 chosen. Verification is spread over the ranks (file i by rank i mod world), so the checkpoint is read
 once whatever the job's size; the ranks then agree, before anyone loads, that every file is intact.
 
-An explicit path is verified too but never replaced by another. Whatever is chosen must have the run's
+An explicit path is verified too but never replaced by another. Checkpoints newer than the one chosen
+(a rewind) are named in a note, and left to the run's saves (checkpoint.prune_checkpoints). Whatever is chosen must have the run's
 model shape and (unless `checkpoint.allow_seq_length_change`) its sequence length. A change to what orders
 the samples (train_steps, the blend, the data seed) is allowed, as in Megatron-LM, but said in a warning.
 """
@@ -110,6 +111,18 @@ def find_resume_checkpoint(mode: str, run_dir: Path, state: ParallelState,
     if pointer_problem:
         raise ValueError(pointer_problem)
     return None
+
+
+def rewound_past(run_dir: Path, step: int) -> str | None:
+    """A line naming the run's checkpoints newer than `step`, the one it continues from (None when none):
+    a future it rewound past, which its saves replace step by step and `keep` does not count."""
+    later = [path.name for later_step, path in ckpt.complete_checkpoints(run_dir / ckpt.CHECKPOINTS)
+             if later_step > step]
+    if not later:
+        return None
+    return (f"note: {', '.join(later)} {'was' if len(later) == 1 else 'were'} saved after step {step}, where this "
+            "run continues; its own saves replace them as it reaches their steps, and checkpoint.keep does not "
+            "count them")
 
 
 DATA_ORDER_KEYS = (("train_steps",), ("data", "data_path"), ("data", "data_dir"), ("data", "seed"))
