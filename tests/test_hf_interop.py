@@ -61,6 +61,25 @@ def test_save_and_load_checkpoint(megamath_ckpt):
     assert torch.equal(loaded(tokens), model(tokens))
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_exports_and_checkpoints_get_the_umask_permissions(megamath_ckpt, tmp_path, umask):
+    """safetensors writes 0600 files: an export on a shared file system was unreadable to the team."""
+    import os
+    import stat
+
+    from test_train_loop import raw_config, run
+
+    previous = os.umask(umask)
+    try:
+        convert_megamath_to_hf(megamath_ckpt[0], tmp_path / "hf", max_shard_size=SHARD)
+        run(raw_config(tmp_path / "data", tmp_path / "run", train_steps=1))
+    finally:
+        os.umask(previous)
+    files = [*(tmp_path / "hf").glob("*.safetensors"), *(tmp_path / "run").glob("checkpoints/step_*/*.safetensors")]
+    assert len(files) > 2
+    assert {stat.S_IMODE(f.stat().st_mode) for f in files} == {0o666 & ~umask}
+
+
 def test_megamath_to_hf_to_megamath_is_bit_exact_when_sharded(megamath_ckpt, tmp_path):
     directory, model = megamath_ckpt
     convert_megamath_to_hf(directory, tmp_path / "hf", max_shard_size=SHARD, dtype=torch.bfloat16)

@@ -129,6 +129,17 @@ def parse_size(size: str | int) -> int:
     return value
 
 
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
+    """safetensors' save_file, with the permissions any other file gets (0666 less the umask).
+
+    Why: safetensors 0.8 writes through a private temporary file and keeps its mode, 0600, so an export or
+    checkpoint on a shared file system was unreadable to everyone but its writer whatever their umask."""
+    save_file(tensors, str(path), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def write_safetensors_dir(directory: Path, plan: list[tuple[str, int]], fetch: Callable[[str], torch.Tensor],
                           max_shard_bytes: int) -> None:
     """Write the tensors of `plan` ((name, nbytes), in the model's order) into shards of at most
@@ -138,7 +149,7 @@ def write_safetensors_dir(directory: Path, plan: list[tuple[str, int]], fetch: C
                                                  filename_pattern="model{suffix}.safetensors",
                                                  max_shard_size=max_shard_bytes)
     for file, names in split.filename_to_tensors.items():
-        save_file({n: fetch(n).contiguous() for n in names}, str(directory / file), metadata={"format": "pt"})
+        save_safetensors({n: fetch(n).contiguous() for n in names}, directory / file, metadata={"format": "pt"})
     if split.is_sharded:
         index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
         (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")

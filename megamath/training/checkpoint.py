@@ -36,10 +36,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from megamath.atomic_io import fsync_path as _fsync  # module names: crash tests patch them here
 from megamath.atomic_io import write_text_atomically as _write_text_atomically
+from megamath.model.safetensors_io import save_safetensors
 from megamath.parallel.mappings import barrier
 from megamath.parallel.state import ParallelState
 from megamath.training.checkpoint_integrity import (CheckpointIntegrityError, check_file_name, collect_sums,
@@ -128,7 +129,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, opti
     if state.dp_rank == 0:
         # Clones: the parameters are views of one flat buffer, which safetensors refuses to save as is.
         tensors = {n: t.detach().to("cpu", copy=True).contiguous() for n, t in model.state_dict().items()}
-        write_checkpoint_file(lambda path: save_file(tensors, str(path)), tmp / model_file(state.tp_rank))
+        write_checkpoint_file(lambda path: save_safetensors(tensors, path), tmp / model_file(state.tp_rank))
         written.append(model_file(state.tp_rank))
     write_checkpoint_file(lambda path: torch.save(optimizer.sharded_state_dict(), path),
                           tmp / optimizer_file(state.tp_rank, state.dp_rank))

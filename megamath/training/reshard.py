@@ -40,11 +40,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from megamath.atomic_io import fsync_path, write_text_atomically
 from megamath.model.config import ModelConfig
 from megamath.model.partition import check_tensor_parallel, local_shapes, parameter_shapes, tp_partition_dim
+from megamath.model.safetensors_io import save_safetensors
 from megamath.model.tp_state_dict import tp_slice
 from megamath.parallel.optimizer_config import GRAD_DTYPES
 from megamath.parallel.state import ParallelState
@@ -216,7 +216,7 @@ def _write_files(source: TrainCheckpoint, folder: Path, tp_size: int, dp_size: i
     names = list(parameter_shapes(source.config))  # the model's own order
     for tp_rank in range(tp_size):
         tensors = {n: tp_slice(source.weight(n), n, source.config, tp_size, tp_rank).contiguous() for n in names}
-        ckpt.write_checkpoint_file(lambda path: save_file(tensors, str(path)), folder / model_file(tp_rank))
+        ckpt.write_checkpoint_file(lambda path: save_safetensors(tensors, path), folder / model_file(tp_rank))
         del tensors
         for dp_rank, shard in enumerate(optimizer_shards(source, names, tp_size, tp_rank, dp_size)):
             ckpt.write_checkpoint_file(lambda path: torch.save(shard, path), folder / optimizer_file(tp_rank, dp_rank))
