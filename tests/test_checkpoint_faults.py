@@ -197,8 +197,8 @@ def test_os_errors_on_the_run_dir_and_the_export_folder_are_one_line(tmp_path, c
 # safetensors name neither the file nor the cause in any words a user searches for.
 FULL_DISK = {"optimizer_tp00_dp000.pt": ("torch", RuntimeError("[enforce fail at inline_container.cc:672] . "
                                                                "unexpected pos 93184 vs 93072")),
-             "model_tp00.safetensors": ("save_file", SafetensorError("Error while serializing: I/O error: No space "
-                                                                     "left on device (os error 28)"))}
+             "model_tp00.safetensors": ("safetensors", SafetensorError("Error while serializing: I/O error: "
+                                                                       "No space left on device (os error 28)"))}
 
 
 @pytest.mark.parametrize("name", list(FULL_DISK))
@@ -207,7 +207,7 @@ def test_a_full_disk_during_a_save_is_one_line_naming_the_file_then_resumes(tmp_
     raw = raw_config(tmp_path / "data", tmp_path / "run", train_steps=4, checkpoint__save_every=2)
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
     writer, error = FULL_DISK[name]
-    target, attr = (torch, "save") if writer == "torch" else (ckpt, "save_file")
+    target, attr = (torch, "save") if writer == "torch" else (ckpt, "save_safetensors")
     real = getattr(target, attr)
 
     def disk_fills_before_the_second_save(obj, path, *args, **kwargs):

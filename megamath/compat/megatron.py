@@ -9,6 +9,9 @@ positions, GeLU MLP, biases, tied embeddings, dropout 0.1, linear decay, weight 
 Megatron's `--global-batch-size` counts sequences over all data-parallel ranks; megamath's config counts
 per rank (`micro_batch_size`, `grad_accum_steps`), so the conversion needs the data-parallel size:
 world size / tensor-parallel size.
+
+Why one file: it has one job, the flag-by-flag mapping, one function per config section; some 45 of its
+lines are the table of Megatron-LM flags that have no counterpart, each with its reason.
 """
 from __future__ import annotations
 
