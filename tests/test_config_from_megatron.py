@@ -101,6 +101,10 @@ def test_launcher_and_parsing():
     (("--rotary-base 10000", "--rotary-base 10000 --use-rope-scaling"), "--use-rope-scaling: megamath"),
     (("--swiglu", "--swiglu --apply-residual-connection-post-layernorm"),
      "--apply-residual-connection-post-layernorm: megamath cannot train that"),
+    # A slip in a flag it reads would drop that setting (TP 1, the default): an error, as in Megatron-LM.
+    (("--tensor-model-parallel-size 2", "--tensor-model-paralel-size 2"),
+     "--tensor-model-paralel-size is not a key this converter knows; did you mean --tensor-model-parallel-size? "
+     "(as written it would be left out, and its setting lost)"),
 ])
 def test_what_megamath_cannot_train_is_an_error(tmp_path, edit, message):
     text = SCRIPT.replace(*edit)

@@ -217,6 +217,8 @@ def test_every_key_is_mapped_or_listed(tmp_path):
     (('"lr_decay_style": "cosine",', '"lr_decay_style": "linear",'), "lr_decay_style is 'linear'"),
     (('"type": "Adam",', '"type": "Lion",'), "optimizer.type is 'Lion'"),
     (('[["flash"], 32]', '[["local"], 32]'), "attention_config has ['local']"),
+    (('"model_parallel_size": 2,', '"model_paralel_size": 2,'),
+     "model_paralel_size is not a key this converter knows; did you mean model_parallel_size?"),
 ])
 def test_what_megamath_cannot_train_is_an_error_naming_the_key(tmp_path, edit, message):
     text = LLEMMA_7B_YML.replace(*edit)

@@ -171,6 +171,7 @@ def convert_megatron(words: Sequence[str], world_size: int | None = None, vocab_
     _batch(flags, world, tp, out)
     _schedule(flags, out)
     _data_and_checkpoints(flags, out)
+    flags.check_spelling(lambda key: "--" + key.replace("_", "-"))
     for key in flags.untaken():
         kind, reason = KNOWN_UNMAPPED.get(key, (NO_EQUIVALENT, "not a Megatron-LM training flag this converter "
                                                                "knows; ignored"))

@@ -123,6 +123,7 @@ def convert_neox(raw: dict, vocab_size: int | None = None, source: str = "") -> 
     _schedule(keys, out)
     _checkpointing(keys, out)
     _logging(keys, out)
+    keys.check_spelling(str)
     for key in keys.untaken():
         kind, reason = KNOWN_UNMAPPED.get(key, (NO_EQUIVALENT, "not a GPT-NeoX training key this converter knows; "
                                                                "ignored"))
