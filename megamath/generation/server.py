@@ -31,6 +31,10 @@ import torch
 from megamath.generation.batching import PromptCodec, complete
 from megamath.generation.generate import SamplingParams
 
+DISCARD_BYTES = 64 << 20
+"""The most of a refused (413) body read and dropped so that its client gets the answer; past it the
+connection is closed as it stands."""
+
 
 @dataclass
 class ServeConfig:
@@ -90,6 +94,13 @@ def make_handler(model, codec: PromptCodec, config: ServeConfig):
             self.end_headers()
             self.wfile.write(data)
 
+        def _discard(self, length: int) -> None:
+            """Read and drop a refused body, up to DISCARD_BYTES: a socket closed with data unread is reset,
+            and a client still sending would get an error instead of the answer."""
+            left = min(length, DISCARD_BYTES)
+            while left > 0 and (chunk := self.rfile.read(min(left, 1 << 16))):
+                left -= len(chunk)
+
         def do_GET(self):  # noqa: N802
             self._reply(405, {"error": "use POST / with a JSON body"})
 
@@ -101,6 +112,7 @@ def make_handler(model, codec: PromptCodec, config: ServeConfig):
                 return self._reply(411, {"error": "a Content-Length header is required"})
             if int(length) > config.max_body_bytes:
                 self.close_connection = True
+                self._discard(int(length))
                 return self._reply(413, {"error": f"body of {length} bytes exceeds {config.max_body_bytes}"})
             try:
                 request = json.loads(self.rfile.read(int(length)).decode("utf-8"))
