@@ -34,7 +34,7 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="megamath", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="megamath", description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module_name in COMMANDS.items():
@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
         module.add_parser(subparsers, name)
         command = subparsers.choices[name]
         command.set_defaults(command_parser=command)  # its own usage for errors main() finds (a flag typo)
+        # Whole flag names only, as Megatron-LM parses them: `--worker` for --workers would break the day
+        # another flag starts the same way, and a typo of one flag must not silently select another.
+        command.allow_abbrev = False
     return parser
 
 

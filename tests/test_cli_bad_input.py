@@ -651,3 +651,11 @@ def test_blend_names_a_prefix_given_with_its_extension(tmp_path, capsys):
                                                "(--data-path takes prefixes, without .bin/.idx, as training does)")
     assert main(["blend", "--data-path", str(tmp_path / "nope"), "--seq-length", "2", "--num-samples", "1"]) == 2
     assert one_error_line(capsys, "blend") == f"indexed dataset file not found: {tmp_path / 'nope.idx'}"
+
+
+def test_flags_are_never_abbreviated(capsys):
+    """`--out` for --output worked until another flag began the same way; Megatron-LM refuses it too."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["merge", "--input", "a", "--out", "b"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == "megamath merge: error: the following arguments are required: --output"
