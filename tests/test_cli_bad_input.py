@@ -659,3 +659,12 @@ def test_flags_are_never_abbreviated(capsys):
         main(["merge", "--input", "a", "--out", "b"])
     assert exit_.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1] == "megamath merge: error: the following arguments are required: --output"
+
+
+def test_generate_reads_escapes_in_stop_strings():
+    r"""A shell passes `--stop "\n"` as a backslash and an n, which no completion contains: nothing stopped."""
+    from megamath.cli import build_parser
+
+    args = build_parser().parse_args(["generate", "--model", "m", "--tokenizer-model", "t", "--prompts", "p.jsonl",
+                                      "--output", "o.jsonl", "--stop", "\\n", "a\\tb", "\\\\n", "Q:"])
+    assert args.stop == ["\n", "a\tb", "\\n", "Q:"]

@@ -9,10 +9,19 @@ rank of the model; rank 0 writes the output.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
 from megamath.commands import leaves_process_group
+
+_STOP_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+
+
+def stop_string(text: str) -> str:
+    r"""A --stop value with `\n`, `\t` and `\\` read as a newline, a tab and a backslash: a shell passes
+    `--stop "\n"` as the two characters, which a completion never contains, so nothing stopped it."""
+    return re.sub(r"\\([nt\\])", lambda m: _STOP_ESCAPES[m.group(1)], text)
 
 
 def add_generation_flags(parser, max_new_tokens: int | None, temperature: float, batch_size: int,
@@ -53,7 +62,8 @@ def add_parser(subparsers, name: str) -> None:
     parser.add_argument("--output", required=True, type=Path, metavar="OUT.jsonl",
                         help="output file (replaced when it exists; checked before the model loads)")
     parser.add_argument("--num-samples", type=int, default=1, metavar="K", help="completions per prompt (default 1)")
-    parser.add_argument("--stop", nargs="+", default=[], metavar="STR", help="strings that end a completion")
+    parser.add_argument("--stop", nargs="+", type=stop_string, default=[], metavar="STR",
+                        help="strings that end a completion (\\n, \\t and \\\\ are a newline, a tab and a backslash)")
     parser.set_defaults(run=run)
 
 
