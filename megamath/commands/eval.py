@@ -61,8 +61,9 @@ def run(args) -> int:
     check_completion_count(len(problems), args.maj)  # before the model loads
     model, codec, state = open_model(args.model, args.tokenizer_model,
                                      args.max_new_tokens or task.max_new_tokens)
-    passes = 2 if args.maj > 1 else 1
-    bar = tqdm(total=len(problems) * passes, unit="problem", disable=state.rank != 0, file=sys.stderr)
+    passes = 2 if args.maj > 1 else 1  # greedy, then the maj@k samples: the bar counts each problem twice
+    bar = tqdm(total=len(problems) * passes, unit="problem", disable=state.rank != 0, file=sys.stderr,
+               desc=f"greedy + maj@{args.maj} passes" if passes == 2 else "greedy")
     watch = Stopwatch()
 
     def progress(done: int, tokens: int) -> None:
