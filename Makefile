@@ -7,10 +7,10 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
-# Test processes: one per CPU, at most 8 (past that the longest file sets the time, and each worker holds
-# its own torch). Whole files go to a worker (--dist loadfile) because a file's tests share module
-# fixtures that start gloo jobs; split across workers, each would start them again.
-TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n < 8 ? n : 8 )))
+# Test processes: `auto` is one per CPU this job may use, at most 8 (tests/conftest.py says how). Whole
+# files go to a worker (--dist loadfile) because a file's tests share module fixtures that start gloo
+# jobs; split across workers, each would start them again. TEST_WORKERS=0 runs them in one process.
+TEST_WORKERS ?= auto
 
 .PHONY: setup demo test clean
 
