@@ -158,6 +158,28 @@ def test_a_models_answer_never_reaches_python_attributes():
     assert symbolic_equal("2.50", r"\frac{5}{2}") and symbolic_equal("x_1 + 1", "1 + x_1")  # decimals, subscripts
 
 
+def test_a_models_answer_reaches_no_python_function(capsys):
+    # SymPy's default namespace holds Python's builtins: eval(chr(..)+..) built any code from letters and digits.
+    for answer in ["eval(chr(49)+chr(43)+chr(49))", "print(7)", "open(1)", "len(chr(49))"]:
+        assert not symbolic_equal(answer, "2") and not symbolic_equal(answer, "1")
+        assert to_sympy(answer).free_symbols  # read as a product of letters, nothing called
+    assert capsys.readouterr().out == ""
+
+
+def test_huge_powers_are_refused_before_evaluation_in_any_thread():
+    # Off the main thread there is no alarm, and a big-integer power runs in C holding the GIL (minutes, or
+    # memory exhausted): a child process, so that a regression fails on the timeout instead of hanging pytest.
+    import subprocess
+    import sys
+    script = ("import threading\nfrom megamath.evaluation.equivalence import symbolic_equal\nout = []\n"
+              "answers = [r'10^{10^{10}}', r'9^{9^{9}}', r'(x+1)^{10^9}', r'\\frac{1}{2}^{10^{9}}', 'factorial(10^9)']\n"
+              "t = threading.Thread(target=lambda: out.extend(symbolic_equal(a, '1') for a in answers))\n"
+              "t.start(); t.join(); print(out)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == str([False] * 5), done.stderr
+    assert symbolic_equal(r"2^{2005}", r"2 \cdot 2^{2004}")  # a power of ordinary size still compares
+
+
 # ---- voting -----------------------------------------------------------------------------------------------------
 
 def test_majority_vote_and_tie_rule():
