@@ -82,6 +82,10 @@ EQUIVALENT = [
     ("$7$", "7"),
     (r"3\sqrt{3}", r"\sqrt{27}"),
     (r"\frac{1}{\sqrt{2}}", r"\frac{\sqrt{2}}{2}"),
+    ("(x+2)(x-2)", "(x-2)(x+2)"),  # a product of groups is no tuple: factored forms in either order
+    ("(2x-5)(x+3)", "2x^2+x-15"),
+    ("(5)", "5"),  # parentheses around one value only group it
+    (r"\text{(C)}", "C"),
 ]
 DIFFERENT = [
     ("3", "4"),
@@ -97,6 +101,8 @@ DIFFERENT = [
     (r"\text{odd}", r"\text{even}"),
     ("1000000007", "1000000008"),  # exact numbers that differ are different, however large
     (r"10^{10}+1", r"10^{10}"),
+    ("(x+1)(x-2)", "(x-1)(x+2)"),
+    ("(1,2)", "1"),
 ]
 
 

@@ -168,11 +168,31 @@ def _scalar_equal(a: str, b: str) -> bool:
     return bool(difference.is_number and abs(complex(sympy.N(difference))) <= 1e-9 * max(1.0, abs(complex(sympy.N(y)))))
 
 
+def _enclosed(text: str) -> bool:
+    """True when the bracket opening text closes at its end: "[2,5)", "(1,2)", "(x)"; not "(x+1)(x-1)"."""
+    if len(text) < 2 or text[0] not in "([" or text[-1] not in ")]":
+        return False
+    depth = 0
+    for i, ch in enumerate(text[:-1]):
+        depth += ch in "([{" and 1 or (ch in ")]}" and -1 or 0)
+        if depth == 0:  # the first bracket closed before the end: a product of groups
+            return False
+    return True
+
+
+def _ungroup(text: str) -> str:
+    """"(5)" -> "5": parentheses around one value group it, they make no tuple."""
+    while _enclosed(text) and text[0] + text[-1] == "()" and len(_split_top_level(text[1:-1])) == 1:
+        text = text[1:-1].strip()
+    return text
+
+
 def _equal(a: str, b: str) -> bool:
+    a, b = _ungroup(a), _ungroup(b)
     if a == b:
         return True
     ends = (a[:1] + a[-1:], b[:1] + b[-1:])
-    bracketed = [e[0] in "([" and e[1] in ")]" for e in ends]
+    bracketed = [_enclosed(a), _enclosed(b)]
     if any(bracketed) or "," in a or "," in b:  # intervals, tuples, lists: same brackets, elementwise
         if bracketed[0] != bracketed[1] or (bracketed[0] and ends[0] != ends[1]):
             return False
