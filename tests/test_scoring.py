@@ -25,6 +25,7 @@ from megamath.evaluation.voting import majority_vote
     (" I do not know.", None),
     (" The answer is $-5. Then 3 more.", "-5"), (" The answer is -$5.", "-5"), (" The answer is $ 12.", "12"),
     (" So he gave 20 - 12", "12"),  # the last number, not "- 12"
+    (" The answer is 5.\nWait, she had 9. The answer is 7.", "5"),  # the first statement is graded
 ])
 def test_gsm8k_extraction(completion, expected):
     assert gsm8k.extract_answer(completion) == expected
@@ -135,6 +136,9 @@ def test_math_extraction_and_gold():
     assert minerva_math.extract_answer(cut_at_stop) == "$16$"
     assert minerva_math.extract_answer(r" so the answer is $\boxed{\frac{1}{2}}$.") == r"\frac{1}{2}"
     assert minerva_math.extract_answer(" no idea") is None
+    ran_on = ("Final Answer: The final answer is $5$.\nBut $2+4$ is $6$.\n"
+              "Final Answer: The final answer is $6$.")  # the first answer is graded, as Minerva's search does
+    assert minerva_math.extract_answer(ran_on) == "$5$"
     assert minerva_math.gold_answer(r"Thus $x = \boxed{\frac{\sqrt{3}}{2}}$ and $\boxed{5}$.") == "5"
     assert minerva_math.gold_answer(r"Thus $\boxed{\frac{\sqrt{3}}{2}}$.") == r"\frac{\sqrt{3}}{2}"
     assert minerva_math.last_boxed(r"\boxed 5$") == "5"

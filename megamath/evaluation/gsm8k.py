@@ -69,10 +69,14 @@ def gold_answer(solution: str) -> str:
 
 
 def extract_answer(completion: str) -> str | None:
-    """The number after "The answer is", else the last number of the completion, else None."""
-    found = _ANSWER_IS.findall(completion)
+    """The number after the first "The answer is", else the last number of the completion, else None.
+
+    The first statement is the answer (as lm-evaluation-harness's gsm8k-cot strict match takes it): what a
+    model writes after it, past the stop strings, is a continuation, not a correction to be graded.
+    """
+    found = _ANSWER_IS.search(completion)
     if found:
-        return normalize_number(found[-1])
+        return normalize_number(found.group(1))
     numbers = re.findall(_NUMBER, completion)
     return normalize_number(numbers[-1]) if numbers else None
 

@@ -1,8 +1,8 @@
 r"""MATH (Hendrycks et al., 2021) with Minerva's 4-shot prompt and final-answer normalisation.
 
 The prompt is Minerva's (Lewkowycz et al., 2022): four worked problems, each solution ending with
-"Final Answer: The final answer is $…$. I hope it is correct." The model's answer is what follows
-"The final answer is" (else its last `\boxed{}`); the gold answer is the last `\boxed{}` of the
+"Final Answer: The final answer is $…$. I hope it is correct." The model's answer is what follows the
+first "The final answer is" (else its last `\boxed{}`); the gold answer is the last `\boxed{}` of the
 dataset's solution. Both go through `normalize_final_answer`, Minerva's normalisation (appendix D: keep
 the right-hand side of an equation, drop units and filler words, unwrap `\text{}`, `\boxed{}`, `$…$`,
 complete shorthand like `\frac12`), with three additions it lacks: `\dfrac`/`\tfrac` read as `\frac`,
@@ -87,10 +87,13 @@ def gold_answer(solution: str) -> str:
 
 
 def extract_answer(completion: str) -> str | None:
-    """What follows "The final answer is" on its line (Minerva's format), else the last `\\boxed{}`."""
-    match = re.findall(r"[Tt]he final answer is(.*)", completion)
+    """What follows the first "The final answer is" on its line (Minerva's format), else the last `\\boxed{}`.
+
+    The first, as Minerva's scoring searches for it: a second one belongs to text the model ran on into.
+    """
+    match = re.search(r"[Tt]he final answer is(.*)", completion)
     if match:
-        answer = match[-1].split("I hope it is correct")[0].strip()
+        answer = match.group(1).split("I hope it is correct")[0].strip()
         answer = answer[:-1].strip() if answer.endswith(".") else answer
         return answer or None
     return last_boxed(completion)
