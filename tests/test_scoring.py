@@ -86,6 +86,7 @@ EQUIVALENT = [
     ("(x+2)(x-2)", "(x-2)(x+2)"),  # a product of groups is no tuple: factored forms in either order
     ("(2x-5)(x+3)", "2x^2+x-15"),
     ("(5)", "5"),  # parentheses around one value only group it
+    (r"2\sqrt[3]{2}", r"\sqrt[3]{16}"),  # a cube root survives the \sqrt2 shorthand rule
     (r"\text{(C)}", "C"),
 ]
 DIFFERENT = [
@@ -127,6 +128,7 @@ def test_minerva_normalisation_steps():
     assert norm("100,000") == "100000"
     assert norm(r"\frac{\sqrt{3}}{2}") == r"\frac{\sqrt{3}}{2}"
     assert norm(r"\sqrt3") == r"\sqrt{3}"
+    assert norm(r"\sqrt[3]{2}") == r"\sqrt[3]{2}"
 
 
 def test_math_extraction_and_gold():

@@ -129,7 +129,7 @@ def normalize_final_answer(answer: str) -> str:
     for command in ("text", "textbf", "overline", "boxed", "mathrm", "mathbf"):
         answer = _unwrap(answer, command)
     answer = re.sub(r"(frac)([^{])(.)", r"frac{\2}{\3}", answer)  # \frac12 -> \frac{1}{2}
-    answer = re.sub(r"(sqrt)([^{])", r"sqrt{\2}", answer)  # \sqrt2 -> \sqrt{2}
+    answer = re.sub(r"(sqrt)([^{[])", r"sqrt{\2}", answer)  # \sqrt2 -> \sqrt{2}; \sqrt[3]{2} kept (Minerva: \sqrt{[}3]{2})
     answer = answer.replace("$", "").strip()
     if answer.replace(",", "").isdigit():  # 100,000 -> 100000
         answer = answer.replace(",", "")
