@@ -154,6 +154,16 @@ def test_math_prompt_is_minervas_four_shot():
     assert prompt.endswith("Problem:\nWhat is $1+1$?\n\nSolution:")
 
 
+@pytest.mark.parametrize("module", [gsm8k, minerva_math])
+def test_a_problem_is_never_its_own_exemplar(module):
+    # Its worked solution and answer would sit in the prompt: the next exemplar takes its place, if any.
+    own = module.EXEMPLARS[1][0]
+    prompt = module.build_prompt("  " + own.replace(" ", "  ") + "\n", 2)
+    assert module.EXEMPLARS[1][1] not in prompt
+    assert module.EXEMPLARS[0][1] in prompt and module.EXEMPLARS[2][1] in prompt
+    assert module.EXEMPLARS[-1][1] not in module.build_prompt(module.EXEMPLARS[-1][0])
+
+
 def test_symbolic_equality_is_bounded():
     assert latex_to_python(r"\frac{1}{\sqrt{2}}") == "((1)/(((2)**(1/(2)))))"
     assert not symbolic_equal("x" * 500, "x" * 500)  # too long: not attempted (exact match handles equal strings)

@@ -45,7 +45,9 @@ _ANSWER_IS = re.compile(r"[Tt]he answer is:?\s*(" + _NUMBER + ")")
 def build_prompt(question: str, shots: int = 8) -> str:
     if not 0 <= shots <= len(EXEMPLARS):
         raise ValueError(f"gsm8k has {len(EXEMPLARS)} exemplars; --shots must be 0..{len(EXEMPLARS)}, got {shots}")
-    parts = [f"Q: {q}\nA: {a}\n\n" for q, a in EXEMPLARS[:shots]]
+    same = " ".join(question.split())  # a test question is never its own exemplar (its answer would be shown)
+    exemplars = [(q, a) for q, a in EXEMPLARS if " ".join(q.split()) != same][:shots]
+    parts = [f"Q: {q}\nA: {a}\n\n" for q, a in exemplars]
     return "".join(parts) + f"Q: {question.strip()}\nA:"
 
 

@@ -57,7 +57,9 @@ EXTRA_SUBSTITUTIONS = [("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\left", 
 def build_prompt(problem: str, shots: int = 4) -> str:
     if not 0 <= shots <= len(EXEMPLARS):
         raise ValueError(f"math has {len(EXEMPLARS)} exemplars; --shots must be 0..{len(EXEMPLARS)}, got {shots}")
-    parts = [f"Problem:\n{p}\n\nSolution:\n{s}\n\n" for p, s in EXEMPLARS[:shots]]
+    same = " ".join(problem.split())  # a test problem is never its own exemplar (its answer would be shown)
+    exemplars = [(p, s) for p, s in EXEMPLARS if " ".join(p.split()) != same][:shots]
+    parts = [f"Problem:\n{p}\n\nSolution:\n{s}\n\n" for p, s in exemplars]
     return "".join(parts) + f"Problem:\n{problem.strip()}\n\nSolution:"
 
 
