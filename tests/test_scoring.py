@@ -217,6 +217,18 @@ def test_majority_vote_and_tie_rule():
         majority_vote(["1"], [])
 
 
+def test_math_votes_pool_equal_numbers_however_written():
+    canonical = get_task("math").canonical
+    # 1/2 written three ways is three votes for one answer and beats 2/5 written two ways (string keys: a tie of
+    # five single votes, won by the first sampled, 0.4).
+    answers = ["0.4", "1/2", r"\frac{2}{5}", r"\dfrac12", "0.5"]
+    assert majority_vote(answers, [-1.0] * 5, canonical) == "1/2"
+    assert canonical(r"\sqrt{8}") == canonical(r"2\sqrt2") and canonical("1,000") == canonical("1000")
+    assert canonical(r"\frac{1}{3}") != canonical("0.333") and canonical("x+1") == "x+1"  # not numbers: strings
+    assert canonical("1000000000007") != canonical("1000000000008") and canonical("0.25") == canonical(r"\frac14")
+    assert canonical("[2,5)") == "[2,5)" and canonical(r"10^{10^{10}}") == r"10^{10^{10}}"  # refused: its string
+
+
 # ---- readers -----------------------------------------------------------------------------------------------------
 
 def test_math_reader_takes_the_release_layout_and_jsonl(tmp_path):

@@ -215,3 +215,25 @@ def symbolic_equal(a: str, b: str, timeout_s: float = 2.0) -> bool:
         return False
     except Exception:  # noqa: BLE001 - any parse or SymPy failure means "not shown equal"
         return False
+
+
+def numeric_key(text: str, timeout_s: float = 1.0) -> str | None:
+    """The value of an answer that is a plain number ("0.5" and `\\frac{1}{2}` give "1/2"), else None (symbols,
+    tuples, unreadable, too long or too slow). Used to pool votes: rationals and decimals are exact (0.333
+    is not 1/3, 10^{12}+7 is not 10^{12}+8), other numbers (`2\\sqrt{2}`, `\\pi/2`) 15 significant digits."""
+    if not text or len(text) > MAX_CHARS or "," in text:
+        return None
+    try:
+        with _time_limit(timeout_s):
+            import sympy
+
+            value = to_sympy(text)
+            if not value.is_number or not value.is_finite:
+                return None
+            if value.is_Float:  # a decimal as written: exactly the rational it spells
+                value = sympy.Rational(str(value))
+            return str(value) if value.is_Rational else str(sympy.N(value, 15))
+    except _Timeout:
+        return None
+    except Exception:  # noqa: BLE001 - an unreadable answer keeps its string
+        return None

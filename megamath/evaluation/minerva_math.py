@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-from megamath.evaluation.equivalence import symbolic_equal
+from megamath.evaluation.equivalence import numeric_key, symbolic_equal
 
 EXEMPLARS = [
     (r"Find the domain of the expression  $\frac{\sqrt{x-2}}{\sqrt{5-x}}$.}",
@@ -148,3 +148,11 @@ def is_equiv(predicted: str | None, gold: str, timeout_s: float = 2.0) -> bool:
     if a == b:
         return True
     return symbolic_equal(a, b, timeout_s)
+
+
+def canonical_answer(answer: str) -> str:
+    """The form votes are pooled by: the numeric value of a number (`1/2`, `\\frac12` and `0.5` pool, as the
+    reference vote pools answers it finds equivalent), else the normalised string."""
+    normalized = normalize_final_answer(answer)
+    key = numeric_key(normalized)
+    return normalized if key is None else "= " + key
