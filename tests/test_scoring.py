@@ -72,6 +72,7 @@ EQUIVALENT = [
     (r"50\%", "50"),  # percentages
     ("25%", "25"),
     ("1,000", "1000"),
+    ("-1,000", "-1000"), ("1,234.5", "1234.5"), (r"12,\!345", "12345"),
     (r"\sqrt{8}", r"2\sqrt{2}"),
     (r"\sqrt2", r"\sqrt{2}"),
     (r"\frac{\pi}{2}", r"\pi/2"),
@@ -105,6 +106,8 @@ DIFFERENT = [
     (r"10^{10}+1", r"10^{10}"),
     ("(x+1)(x-2)", "(x-1)(x+2)"),
     ("(1,2)", "1"),
+    ("2, 3", "23"),  # a list of two solutions is not the number twenty-three
+    ("2,3", "3,2"),  # lists compare in order, as in Minerva's check
 ]
 
 
@@ -138,6 +141,7 @@ def test_math_extraction_and_gold():
     assert minerva_math.extract_answer(cut_at_stop) == "$16$"
     assert minerva_math.extract_answer(r" so the answer is $\boxed{\frac{1}{2}}$.") == r"\frac{1}{2}"
     assert minerva_math.extract_answer(" no idea") is None
+    assert minerva_math.extract_answer(r" so $\boxed{}$.") is None
     ran_on = ("Final Answer: The final answer is $5$.\nBut $2+4$ is $6$.\n"
               "Final Answer: The final answer is $6$.")  # the first answer is graded, as Minerva's search does
     assert minerva_math.extract_answer(ran_on) == "$5$"

@@ -5,9 +5,13 @@ The prompt is Minerva's (Lewkowycz et al., 2022): four worked problems, each sol
 first "The final answer is" (else its last `\boxed{}`); the gold answer is the last `\boxed{}` of the
 dataset's solution. Both go through `normalize_final_answer`, Minerva's normalisation (appendix D: keep
 the right-hand side of an equation, drop units and filler words, unwrap `\text{}`, `\boxed{}`, `$…$`,
-complete shorthand like `\frac12`), with three additions it lacks: `\dfrac`/`\tfrac` read as `\frac`,
-`\%` dropped, `\left`/`\right` dropped. Equivalence (equivalence.py) is equality of the normalised
-strings, then symbolic equality through SymPy under a timeout.
+complete shorthand like `\frac12`), with additions it lacks: `\dfrac`/`\tfrac` read as `\frac`, `\%`,
+`%`, `\!`, `\left`/`\right` dropped, `\mathrm{}`/`\mathbf{}` unwrapped too, braces matched when unwrapping
+(Minerva's regexes stop at the first `}`), a trailing period dropped, `\sqrt[n]{x}` kept whole, and commas
+dropped only as thousands separators (Minerva's turns the list "2,3" into 23). Equivalence
+(equivalence.py) is equality of the normalised strings, then symbolic equality through SymPy under a
+timeout. Where Minerva's scoring finds no "Final Answer" line it counts the problem wrong; the `\boxed{}`
+fallback here is more lenient.
 """
 from __future__ import annotations
 
@@ -98,7 +102,7 @@ def extract_answer(completion: str) -> str | None:
         answer = match.group(1).split("I hope it is correct")[0].strip()
         answer = answer[:-1].strip() if answer.endswith(".") else answer
         return answer or None
-    return last_boxed(completion)
+    return last_boxed(completion) or None  # an empty \boxed{} is no answer (it would vote)
 
 
 def _unwrap(text: str, command: str) -> str:
@@ -133,7 +137,9 @@ def normalize_final_answer(answer: str) -> str:
     answer = re.sub(r"(frac)([^{])(.)", r"frac{\2}{\3}", answer)  # \frac12 -> \frac{1}{2}
     answer = re.sub(r"(sqrt)([^{[])", r"sqrt{\2}", answer)  # \sqrt2 -> \sqrt{2}; \sqrt[3]{2} kept (Minerva: \sqrt{[}3]{2})
     answer = answer.replace("$", "").strip()
-    if answer.replace(",", "").isdigit():  # 100,000 -> 100000
+    # 100,000 -> 100000, also -1,000 and 1,234.5; Minerva drops the commas of any digits, making the solution
+    # list "2,3" the number 23: only groups of three digits are a thousands separator here.
+    if re.fullmatch(r"-?[0-9]{1,3}(,[0-9]{3})+(\.[0-9]+)?", answer):
         answer = answer.replace(",", "")
     if answer.endswith(".") and not answer.endswith("\\."):
         answer = answer[:-1]
