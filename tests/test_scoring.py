@@ -156,6 +156,9 @@ def test_math_prompt_is_minervas_four_shot():
     prompt = minerva_math.build_prompt("What is $1+1$?")
     assert prompt.count("Problem:\n") == 5 and prompt.count("I hope it is correct.") == 4
     assert prompt.endswith("Problem:\nWhat is $1+1$?\n\nSolution:")
+    # Minerva's text, spacing included: the fourth problem breaks its line before "find" (a model continues
+    # the layout it is shown).
+    assert "are both nonzero,\nfind $\\frac{a}{b},$" in prompt and "\n\n$$-\\frac{3}{2}a=b" in prompt
 
 
 @pytest.mark.parametrize("module", [gsm8k, minerva_math])
