@@ -27,8 +27,9 @@ _COMMANDS = {"\\pi": "pi", "\\infty": "oo", "\\cdot": "*", "\\times": "*", "\\di
 MAX_CHARS = 200
 MAX_DIGITS = 100_000
 """A number power may have at most this many digits (2^{2005} is fine, 10^{10^{10}} is not)."""
-MAX_SYMBOLIC_EXPONENT = 1_000
-"""A power of an expression with symbols may have at most this exponent ((x+1)^{10^9} would be expanded)."""
+MAX_SYMBOLIC_EXPONENT = 100
+"""A power of an expression with symbols may have at most this exponent: (x+y+z)^{1000} would be expanded
+for minutes where no alarm runs (off the main thread); ^{100} takes seconds."""
 _SYMPY_NAMES = ("Integer", "Float", "Rational", "Symbol", "Add", "Mul", "Pow")  # what parse_expr's code calls
 
 
