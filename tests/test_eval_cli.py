@@ -86,6 +86,17 @@ def test_eval_gsm8k_with_majority_vote(tiny, tmp_path, capsys):
     assert "ties: higher summed log-prob" in printed
 
 
+def test_votes_at_temperature_zero_are_the_greedy_answer(tiny, tmp_path):
+    """maj@k at temperature 0 samples the greedy completion k times: its vote and score are maj@1's."""
+    out = tmp_path / "results.jsonl"
+    assert main(["eval", *_args(tiny, "--task", "gsm8k", "--data", str(_gsm8k_file(tmp_path / "g.jsonl")),
+                                "--limit", "2", "--maj", "3", "--temperature", "0", "--max-new-tokens", "10",
+                                "--output", str(out))]) == 0
+    for r in _lines(out):
+        assert r["samples"] == [r["greedy"]] * 3 and r["answers"] == [r["greedy_answer"]] * 3
+        assert r["vote"] == r["greedy_answer"] and r["correct_maj"] == r["correct"]
+
+
 def test_eval_math_release_layout_keeps_level(tiny, tmp_path, capsys):
     folder = tmp_path / "MATH" / "test" / "algebra"
     folder.mkdir(parents=True)

@@ -25,6 +25,7 @@ from megamath.evaluation.voting import majority_vote
     (" I do not know.", None),
     (" The answer is $-5. Then 3 more.", "-5"), (" The answer is -$5.", "-5"), (" The answer is $ 12.", "12"),
     (" So he gave 20 - 12", "12"),  # the last number, not "- 12"
+    (" The answer is 5.\nWait, she had 9. The answer is 7.", "5"),  # the first statement is graded
 ])
 def test_gsm8k_extraction(completion, expected):
     assert gsm8k.extract_answer(completion) == expected
@@ -71,6 +72,7 @@ EQUIVALENT = [
     (r"50\%", "50"),  # percentages
     ("25%", "25"),
     ("1,000", "1000"),
+    ("-1,000", "-1000"), ("1,234.5", "1234.5"), (r"12,\!345", "12345"),
     (r"\sqrt{8}", r"2\sqrt{2}"),
     (r"\sqrt2", r"\sqrt{2}"),
     (r"\frac{\pi}{2}", r"\pi/2"),
@@ -82,6 +84,11 @@ EQUIVALENT = [
     ("$7$", "7"),
     (r"3\sqrt{3}", r"\sqrt{27}"),
     (r"\frac{1}{\sqrt{2}}", r"\frac{\sqrt{2}}{2}"),
+    ("(x+2)(x-2)", "(x-2)(x+2)"),  # a product of groups is no tuple: factored forms in either order
+    ("(2x-5)(x+3)", "2x^2+x-15"),
+    ("(5)", "5"),  # parentheses around one value only group it
+    (r"2\sqrt[3]{2}", r"\sqrt[3]{16}"),  # a cube root survives the \sqrt2 shorthand rule
+    (r"\text{(C)}", "C"),
 ]
 DIFFERENT = [
     ("3", "4"),
@@ -97,6 +104,10 @@ DIFFERENT = [
     (r"\text{odd}", r"\text{even}"),
     ("1000000007", "1000000008"),  # exact numbers that differ are different, however large
     (r"10^{10}+1", r"10^{10}"),
+    ("(x+1)(x-2)", "(x-1)(x+2)"),
+    ("(1,2)", "1"),
+    ("2, 3", "23"),  # a list of two solutions is not the number twenty-three
+    ("2,3", "3,2"),  # lists compare in order, as in Minerva's check
 ]
 
 
@@ -120,6 +131,7 @@ def test_minerva_normalisation_steps():
     assert norm("100,000") == "100000"
     assert norm(r"\frac{\sqrt{3}}{2}") == r"\frac{\sqrt{3}}{2}"
     assert norm(r"\sqrt3") == r"\sqrt{3}"
+    assert norm(r"\sqrt[3]{2}") == r"\sqrt[3]{2}"
 
 
 def test_math_extraction_and_gold():
@@ -129,6 +141,10 @@ def test_math_extraction_and_gold():
     assert minerva_math.extract_answer(cut_at_stop) == "$16$"
     assert minerva_math.extract_answer(r" so the answer is $\boxed{\frac{1}{2}}$.") == r"\frac{1}{2}"
     assert minerva_math.extract_answer(" no idea") is None
+    assert minerva_math.extract_answer(r" so $\boxed{}$.") is None
+    ran_on = ("Final Answer: The final answer is $5$.\nBut $2+4$ is $6$.\n"
+              "Final Answer: The final answer is $6$.")  # the first answer is graded, as Minerva's search does
+    assert minerva_math.extract_answer(ran_on) == "$5$"
     assert minerva_math.gold_answer(r"Thus $x = \boxed{\frac{\sqrt{3}}{2}}$ and $\boxed{5}$.") == "5"
     assert minerva_math.gold_answer(r"Thus $\boxed{\frac{\sqrt{3}}{2}}$.") == r"\frac{\sqrt{3}}{2}"
     assert minerva_math.last_boxed(r"\boxed 5$") == "5"
@@ -140,6 +156,19 @@ def test_math_prompt_is_minervas_four_shot():
     prompt = minerva_math.build_prompt("What is $1+1$?")
     assert prompt.count("Problem:\n") == 5 and prompt.count("I hope it is correct.") == 4
     assert prompt.endswith("Problem:\nWhat is $1+1$?\n\nSolution:")
+    # Minerva's text, spacing included: the fourth problem breaks its line before "find" (a model continues
+    # the layout it is shown).
+    assert "are both nonzero,\nfind $\\frac{a}{b},$" in prompt and "\n\n$$-\\frac{3}{2}a=b" in prompt
+
+
+@pytest.mark.parametrize("module", [gsm8k, minerva_math])
+def test_a_problem_is_never_its_own_exemplar(module):
+    # Its worked solution and answer would sit in the prompt: the next exemplar takes its place, if any.
+    own = module.EXEMPLARS[1][0]
+    prompt = module.build_prompt("  " + own.replace(" ", "  ") + "\n", 2)
+    assert module.EXEMPLARS[1][1] not in prompt
+    assert module.EXEMPLARS[0][1] in prompt and module.EXEMPLARS[2][1] in prompt
+    assert module.EXEMPLARS[-1][1] not in module.build_prompt(module.EXEMPLARS[-1][0])
 
 
 def test_symbolic_equality_is_bounded():
@@ -158,6 +187,28 @@ def test_a_models_answer_never_reaches_python_attributes():
     assert symbolic_equal("2.50", r"\frac{5}{2}") and symbolic_equal("x_1 + 1", "1 + x_1")  # decimals, subscripts
 
 
+def test_a_models_answer_reaches_no_python_function(capsys):
+    # SymPy's default namespace holds Python's builtins: eval(chr(..)+..) built any code from letters and digits.
+    for answer in ["eval(chr(49)+chr(43)+chr(49))", "print(7)", "open(1)", "len(chr(49))"]:
+        assert not symbolic_equal(answer, "2") and not symbolic_equal(answer, "1")
+        assert to_sympy(answer).free_symbols  # read as a product of letters, nothing called
+    assert capsys.readouterr().out == ""
+
+
+def test_huge_powers_are_refused_before_evaluation_in_any_thread():
+    # Off the main thread there is no alarm, and a big-integer power runs in C holding the GIL (minutes, or
+    # memory exhausted): a child process, so that a regression fails on the timeout instead of hanging pytest.
+    import subprocess
+    import sys
+    script = ("import threading\nfrom megamath.evaluation.equivalence import symbolic_equal\nout = []\n"
+              "answers = [r'10^{10^{10}}', r'9^{9^{9}}', r'(x+y+z)^{1000}', r'\\frac{1}{2}^{10^{9}}', 'factorial(10^9)']\n"
+              "t = threading.Thread(target=lambda: out.extend(symbolic_equal(a, '1') for a in answers))\n"
+              "t.start(); t.join(); print(out)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == str([False] * 5), done.stderr
+    assert symbolic_equal(r"2^{2005}", r"2 \cdot 2^{2004}")  # a power of ordinary size still compares
+
+
 # ---- voting -----------------------------------------------------------------------------------------------------
 
 def test_majority_vote_and_tie_rule():
@@ -171,6 +222,18 @@ def test_majority_vote_and_tie_rule():
     assert majority_vote(["$1,000", "999", "1000"], [-1.0, -0.5, -1.0], gsm8k.normalize_number) == "$1,000"
     with pytest.raises(ValueError):
         majority_vote(["1"], [])
+
+
+def test_math_votes_pool_equal_numbers_however_written():
+    canonical = get_task("math").canonical
+    # 1/2 written three ways is three votes for one answer and beats 2/5 written two ways (string keys: a tie of
+    # five single votes, won by the first sampled, 0.4).
+    answers = ["0.4", "1/2", r"\frac{2}{5}", r"\dfrac12", "0.5"]
+    assert majority_vote(answers, [-1.0] * 5, canonical) == "1/2"
+    assert canonical(r"\sqrt{8}") == canonical(r"2\sqrt2") and canonical("1,000") == canonical("1000")
+    assert canonical(r"\frac{1}{3}") != canonical("0.333") and canonical("x+1") == "x+1"  # not numbers: strings
+    assert canonical("1000000000007") != canonical("1000000000008") and canonical("0.25") == canonical(r"\frac14")
+    assert canonical("[2,5)") == "[2,5)" and canonical(r"10^{10^{10}}") == r"10^{10^{10}}"  # refused: its string
 
 
 # ---- readers -----------------------------------------------------------------------------------------------------

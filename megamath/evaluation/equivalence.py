@@ -8,8 +8,12 @@ failed), so a parser gap can only cost a correct answer, never credit a wrong on
 Intervals and tuples compare element by element and need the same brackets ("[2,5)" is not "(2,5)").
 SymPy's simplify can run for minutes on adversarial input: the check runs under a SIGALRM timer when
 called from the main thread (elsewhere inputs are short-circuited by length instead) and a timeout
-counts as unequal. SymPy's parser evaluates Python, so the rewritten text may hold only numbers, names,
-operators and parentheses, and no attribute access: the answer is a model's output.
+counts as unequal. SymPy's parser evaluates Python, and the answer is a model's output: the rewritten
+text may hold only numbers, names, operators and parentheses, no attribute access, and it is evaluated in
+a namespace of the few SymPy names the rewriting produces with no builtins (SymPy's default namespace
+holds all of SymPy and Python's builtin functions, so `eval(chr(…)+…)` would run any code). A power
+whose result would have too many digits (`10^{10^{10}}`) is refused before anything is evaluated: Python's
+big-integer arithmetic runs in C, where neither the alarm nor any thread can stop it.
 """
 from __future__ import annotations
 
@@ -21,6 +25,12 @@ import threading
 _COMMANDS = {"\\pi": "pi", "\\infty": "oo", "\\cdot": "*", "\\times": "*", "\\div": "/", "\\ln": "log",
              "\\log": "log", "\\sin": "sin", "\\cos": "cos", "\\tan": "tan", "\\exp": "exp"}
 MAX_CHARS = 200
+MAX_DIGITS = 100_000
+"""A number power may have at most this many digits (2^{2005} is fine, 10^{10^{10}} is not)."""
+MAX_SYMBOLIC_EXPONENT = 100
+"""A power of an expression with symbols may have at most this exponent: (x+y+z)^{1000} would be expanded
+for minutes where no alarm runs (off the main thread); ^{100} takes seconds."""
+_SYMPY_NAMES = ("Integer", "Float", "Rational", "Symbol", "Add", "Mul", "Pow")  # what parse_expr's code calls
 
 
 class _Timeout(Exception):
@@ -94,6 +104,33 @@ def latex_to_python(text: str) -> str:
     return "".join(out)
 
 
+def _namespace() -> dict:
+    """The only names the parsed answer can reach: SymPy's number/symbol constructors and _COMMANDS' targets."""
+    import sympy
+
+    names = _SYMPY_NAMES + tuple(name.strip() for name in _COMMANDS.values() if name.strip().isalpha())
+    return {"__builtins__": {}, **{name: getattr(sympy, name) for name in names}}
+
+
+def _check_size(expr) -> None:
+    """Refuse (ValueError) a power too large to evaluate: expr is unevaluated, so nothing big exists yet."""
+    import math
+
+    import sympy
+
+    for node in sympy.preorder_traversal(expr):
+        if not isinstance(node, sympy.Pow) or not node.exp.is_number:
+            continue
+        exponent = abs(complex(sympy.N(node.exp)))  # mpmath: 10^{10} evaluates to a float, not an integer
+        if not node.base.is_number:
+            if exponent > MAX_SYMBOLIC_EXPONENT:
+                raise ValueError(f"exponent {exponent:g} too large")
+            continue
+        base = abs(complex(sympy.N(node.base)))
+        if base not in (0.0, 1.0) and exponent * abs(math.log10(base)) > MAX_DIGITS:
+            raise ValueError(f"power with about {exponent * abs(math.log10(base)):g} digits")
+
+
 def to_sympy(text: str):
     from sympy.parsing.sympy_parser import (convert_xor, implicit_multiplication_application, parse_expr,
                                             standard_transformations)
@@ -104,8 +141,10 @@ def to_sympy(text: str):
     # parse_expr evaluates its input as Python: a model's answer must not reach attributes ("(1).__class__").
     if re.search(r"\.\s*[A-Za-z_]|__", python):
         raise ValueError(f"attribute access in {text!r}")
-    return parse_expr(python, transformations=standard_transformations + (implicit_multiplication_application,
-                                                                            convert_xor), evaluate=True)
+    transformations = standard_transformations + (implicit_multiplication_application, convert_xor)
+    # Parsed unevaluated first, sizes checked, then evaluated; names outside _namespace() become symbols.
+    _check_size(parse_expr(python, {}, transformations, _namespace(), evaluate=False))
+    return parse_expr(python, {}, transformations, _namespace(), evaluate=True)
 
 
 def _split_top_level(text: str) -> list[str]:
@@ -130,11 +169,31 @@ def _scalar_equal(a: str, b: str) -> bool:
     return bool(difference.is_number and abs(complex(sympy.N(difference))) <= 1e-9 * max(1.0, abs(complex(sympy.N(y)))))
 
 
+def _enclosed(text: str) -> bool:
+    """True when the bracket opening text closes at its end: "[2,5)", "(1,2)", "(x)"; not "(x+1)(x-1)"."""
+    if len(text) < 2 or text[0] not in "([" or text[-1] not in ")]":
+        return False
+    depth = 0
+    for i, ch in enumerate(text[:-1]):
+        depth += ch in "([{" and 1 or (ch in ")]}" and -1 or 0)
+        if depth == 0:  # the first bracket closed before the end: a product of groups
+            return False
+    return True
+
+
+def _ungroup(text: str) -> str:
+    """"(5)" -> "5": parentheses around one value group it, they make no tuple."""
+    while _enclosed(text) and text[0] + text[-1] == "()" and len(_split_top_level(text[1:-1])) == 1:
+        text = text[1:-1].strip()
+    return text
+
+
 def _equal(a: str, b: str) -> bool:
+    a, b = _ungroup(a), _ungroup(b)
     if a == b:
         return True
     ends = (a[:1] + a[-1:], b[:1] + b[-1:])
-    bracketed = [e[0] in "([" and e[1] in ")]" for e in ends]
+    bracketed = [_enclosed(a), _enclosed(b)]
     if any(bracketed) or "," in a or "," in b:  # intervals, tuples, lists: same brackets, elementwise
         if bracketed[0] != bracketed[1] or (bracketed[0] and ends[0] != ends[1]):
             return False
@@ -157,3 +216,25 @@ def symbolic_equal(a: str, b: str, timeout_s: float = 2.0) -> bool:
         return False
     except Exception:  # noqa: BLE001 - any parse or SymPy failure means "not shown equal"
         return False
+
+
+def numeric_key(text: str, timeout_s: float = 1.0) -> str | None:
+    """The value of an answer that is a plain number ("0.5" and `\\frac{1}{2}` give "1/2"), else None (symbols,
+    tuples, unreadable, too long or too slow). Used to pool votes: rationals and decimals are exact (0.333
+    is not 1/3, 10^{12}+7 is not 10^{12}+8), other numbers (`2\\sqrt{2}`, `\\pi/2`) 15 significant digits."""
+    if not text or len(text) > MAX_CHARS or "," in text:
+        return None
+    try:
+        with _time_limit(timeout_s):
+            import sympy
+
+            value = to_sympy(text)
+            if not value.is_number or not value.is_finite:
+                return None
+            if value.is_Float:  # a decimal as written: exactly the rational it spells
+                value = sympy.Rational(str(value))
+            return str(value) if value.is_Rational else str(sympy.N(value, 15))
+    except _Timeout:
+        return None
+    except Exception:  # noqa: BLE001 - an unreadable answer keeps its string
+        return None

@@ -45,7 +45,9 @@ _ANSWER_IS = re.compile(r"[Tt]he answer is:?\s*(" + _NUMBER + ")")
 def build_prompt(question: str, shots: int = 8) -> str:
     if not 0 <= shots <= len(EXEMPLARS):
         raise ValueError(f"gsm8k has {len(EXEMPLARS)} exemplars; --shots must be 0..{len(EXEMPLARS)}, got {shots}")
-    parts = [f"Q: {q}\nA: {a}\n\n" for q, a in EXEMPLARS[:shots]]
+    same = " ".join(question.split())  # a test question is never its own exemplar (its answer would be shown)
+    exemplars = [(q, a) for q, a in EXEMPLARS if " ".join(q.split()) != same][:shots]
+    parts = [f"Q: {q}\nA: {a}\n\n" for q, a in exemplars]
     return "".join(parts) + f"Q: {question.strip()}\nA:"
 
 
@@ -69,10 +71,14 @@ def gold_answer(solution: str) -> str:
 
 
 def extract_answer(completion: str) -> str | None:
-    """The number after "The answer is", else the last number of the completion, else None."""
-    found = _ANSWER_IS.findall(completion)
+    """The number after the first "The answer is", else the last number of the completion, else None.
+
+    The first statement is the answer (as lm-evaluation-harness's gsm8k-cot strict match takes it): what a
+    model writes after it, past the stop strings, is a continuation, not a correction to be graded.
+    """
+    found = _ANSWER_IS.search(completion)
     if found:
-        return normalize_number(found[-1])
+        return normalize_number(found.group(1))
     numbers = re.findall(_NUMBER, completion)
     return normalize_number(numbers[-1]) if numbers else None
 

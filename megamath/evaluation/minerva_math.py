@@ -1,19 +1,23 @@
 r"""MATH (Hendrycks et al., 2021) with Minerva's 4-shot prompt and final-answer normalisation.
 
 The prompt is Minerva's (Lewkowycz et al., 2022): four worked problems, each solution ending with
-"Final Answer: The final answer is $…$. I hope it is correct." The model's answer is what follows
-"The final answer is" (else its last `\boxed{}`); the gold answer is the last `\boxed{}` of the
+"Final Answer: The final answer is $…$. I hope it is correct." The model's answer is what follows the
+first "The final answer is" (else its last `\boxed{}`); the gold answer is the last `\boxed{}` of the
 dataset's solution. Both go through `normalize_final_answer`, Minerva's normalisation (appendix D: keep
 the right-hand side of an equation, drop units and filler words, unwrap `\text{}`, `\boxed{}`, `$…$`,
-complete shorthand like `\frac12`), with three additions it lacks: `\dfrac`/`\tfrac` read as `\frac`,
-`\%` dropped, `\left`/`\right` dropped. Equivalence (equivalence.py) is equality of the normalised
-strings, then symbolic equality through SymPy under a timeout.
+complete shorthand like `\frac12`), with additions it lacks: `\dfrac`/`\tfrac` read as `\frac`, `\%`,
+`%`, `\!`, `\left`/`\right` dropped, `\mathrm{}`/`\mathbf{}` unwrapped too, braces matched when unwrapping
+(Minerva's regexes stop at the first `}`), a trailing period dropped, `\sqrt[n]{x}` kept whole, and commas
+dropped only as thousands separators (Minerva's turns the list "2,3" into 23). Equivalence
+(equivalence.py) is equality of the normalised strings, then symbolic equality through SymPy under a
+timeout. Where Minerva's scoring finds no "Final Answer" line it counts the problem wrong; the `\boxed{}`
+fallback here is more lenient.
 """
 from __future__ import annotations
 
 import re
 
-from megamath.evaluation.equivalence import symbolic_equal
+from megamath.evaluation.equivalence import numeric_key, symbolic_equal
 
 EXEMPLARS = [
     (r"Find the domain of the expression  $\frac{\sqrt{x-2}}{\sqrt{5-x}}$.}",
@@ -32,7 +36,7 @@ EXEMPLARS = [
      "\\begin{align*}\n30n&=480\\\\\n\\Rightarrow\\qquad n&=480/30=\\boxed{16}\n\\end{align*}\n"
      "Final Answer: The final answer is $16$. I hope it is correct."),
     ("If the system of equations\n\n\\begin{align*}\n6x-4y&=a,\\\\\n6y-9x &=b.\n\\end{align*}has a solution "
-     "$(x, y)$ where $x$ and $y$ are both nonzero, find $\\frac{a}{b},$ assuming $b$ is nonzero.",
+     "$(x, y)$ where $x$ and $y$ are both nonzero,\nfind $\\frac{a}{b},$ assuming $b$ is nonzero.",
      "If we multiply the first equation by $-\\frac{3}{2}$, we obtain\n\n$$6y-9x=-\\frac{3}{2}a.$$Since we "
      "also know that $6y-9x=b$, we have\n\n$$-\\frac{3}{2}a=b\\Rightarrow\\frac{a}{b}=\\boxed{-\\frac{2}{3}}.$$\n"
      "Final Answer: The final answer is $-\\frac{2}{3}$. I hope it is correct."),
@@ -57,7 +61,9 @@ EXTRA_SUBSTITUTIONS = [("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\left", 
 def build_prompt(problem: str, shots: int = 4) -> str:
     if not 0 <= shots <= len(EXEMPLARS):
         raise ValueError(f"math has {len(EXEMPLARS)} exemplars; --shots must be 0..{len(EXEMPLARS)}, got {shots}")
-    parts = [f"Problem:\n{p}\n\nSolution:\n{s}\n\n" for p, s in EXEMPLARS[:shots]]
+    same = " ".join(problem.split())  # a test problem is never its own exemplar (its answer would be shown)
+    exemplars = [(p, s) for p, s in EXEMPLARS if " ".join(p.split()) != same][:shots]
+    parts = [f"Problem:\n{p}\n\nSolution:\n{s}\n\n" for p, s in exemplars]
     return "".join(parts) + f"Problem:\n{problem.strip()}\n\nSolution:"
 
 
@@ -87,13 +93,16 @@ def gold_answer(solution: str) -> str:
 
 
 def extract_answer(completion: str) -> str | None:
-    """What follows "The final answer is" on its line (Minerva's format), else the last `\\boxed{}`."""
-    match = re.findall(r"[Tt]he final answer is(.*)", completion)
+    """What follows the first "The final answer is" on its line (Minerva's format), else the last `\\boxed{}`.
+
+    The first, as Minerva's scoring searches for it: a second one belongs to text the model ran on into.
+    """
+    match = re.search(r"[Tt]he final answer is(.*)", completion)
     if match:
-        answer = match[-1].split("I hope it is correct")[0].strip()
+        answer = match.group(1).split("I hope it is correct")[0].strip()
         answer = answer[:-1].strip() if answer.endswith(".") else answer
         return answer or None
-    return last_boxed(completion)
+    return last_boxed(completion) or None  # an empty \boxed{} is no answer (it would vote)
 
 
 def _unwrap(text: str, command: str) -> str:
@@ -126,9 +135,11 @@ def normalize_final_answer(answer: str) -> str:
     for command in ("text", "textbf", "overline", "boxed", "mathrm", "mathbf"):
         answer = _unwrap(answer, command)
     answer = re.sub(r"(frac)([^{])(.)", r"frac{\2}{\3}", answer)  # \frac12 -> \frac{1}{2}
-    answer = re.sub(r"(sqrt)([^{])", r"sqrt{\2}", answer)  # \sqrt2 -> \sqrt{2}
+    answer = re.sub(r"(sqrt)([^{[])", r"sqrt{\2}", answer)  # \sqrt2 -> \sqrt{2}; \sqrt[3]{2} kept (Minerva: \sqrt{[}3]{2})
     answer = answer.replace("$", "").strip()
-    if answer.replace(",", "").isdigit():  # 100,000 -> 100000
+    # 100,000 -> 100000, also -1,000 and 1,234.5; Minerva drops the commas of any digits, making the solution
+    # list "2,3" the number 23: only groups of three digits are a thousands separator here.
+    if re.fullmatch(r"-?[0-9]{1,3}(,[0-9]{3})+(\.[0-9]+)?", answer):
         answer = answer.replace(",", "")
     if answer.endswith(".") and not answer.endswith("\\."):
         answer = answer[:-1]
@@ -143,3 +154,11 @@ def is_equiv(predicted: str | None, gold: str, timeout_s: float = 2.0) -> bool:
     if a == b:
         return True
     return symbolic_equal(a, b, timeout_s)
+
+
+def canonical_answer(answer: str) -> str:
+    """The form votes are pooled by: the numeric value of a number (`1/2`, `\\frac12` and `0.5` pool, as the
+    reference vote pools answers it finds equivalent), else the normalised string."""
+    normalized = normalize_final_answer(answer)
+    key = numeric_key(normalized)
+    return normalized if key is None else "= " + key

@@ -115,7 +115,7 @@ TASKS = {
     "gsm8k": Task("gsm8k", 8, 256, gsm8k.STOP, read_gsm8k, gsm8k.build_prompt, gsm8k.extract_answer,
                   gsm8k.is_correct, gsm8k.normalize_number),
     "math": Task("math", 4, 512, minerva_math.STOP, read_math, minerva_math.build_prompt,
-                 minerva_math.extract_answer, minerva_math.is_equiv, minerva_math.normalize_final_answer),
+                 minerva_math.extract_answer, minerva_math.is_equiv, minerva_math.canonical_answer),
     "demo-arith": Task("demo-arith", 0, 8, demo_arith.STOP, read_demo_arith, _demo_prompt,
                        demo_arith.extract_answer, demo_arith.is_correct, lambda a: str(int(a))),
 }

@@ -1,10 +1,13 @@
 """Majority voting over sampled answers (maj@k), with the tie rule stated.
 
 Samples vote with their extracted answer (one without an answer abstains). Votes are grouped by the
-task's canonical form of the answer (normalised string: grouping by symbolic equality would cost k²
-SymPy calls at LLEMMA's k = 256). The answer with the most votes wins; among answers with equally many
-votes, the one whose samples have the highest summed log-probability wins (more total model confidence),
-and a remaining exact tie goes to the answer sampled first.
+task's canonical form of the answer: for MATH the numeric value of a number (`1/2`, `\\frac{1}{2}`, `0.5`
+are one answer), else the normalised string. LLEMMA's vote pools any two answers SymPy finds equal, which
+costs up to k² SymPy calls at k = 256; numbers are pooled here at one call per distinct answer, while
+equal non-numeric expressions written differently (`x+1`, `1+x`) still vote apart. The answer with the
+most votes wins; among answers with equally many votes, the one whose samples have the highest summed
+log-probability wins (more total model confidence), and a remaining exact tie goes to the answer sampled
+first.
 """
 from __future__ import annotations
 
