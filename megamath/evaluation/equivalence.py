@@ -21,6 +21,7 @@ import contextlib
 import re
 import signal
 import threading
+import warnings
 
 _COMMANDS = {"\\pi": "pi", "\\infty": "oo", "\\cdot": "*", "\\times": "*", "\\div": "/", "\\ln": "log",
              "\\log": "log", "\\sin": "sin", "\\cos": "cos", "\\tan": "tan", "\\exp": "exp"}
@@ -141,10 +142,16 @@ def to_sympy(text: str):
     # parse_expr evaluates its input as Python: a model's answer must not reach attributes ("(1).__class__").
     if re.search(r"\.\s*[A-Za-z_]|__", python):
         raise ValueError(f"attribute access in {text!r}")
+    from sympy.utilities.exceptions import SymPyDeprecationWarning
+
     transformations = standard_transformations + (implicit_multiplication_application, convert_xor)
     # Parsed unevaluated first, sizes checked, then evaluated; names outside _namespace() become symbols.
-    _check_size(parse_expr(python, {}, transformations, _namespace(), evaluate=False))
-    return parse_expr(python, {}, transformations, _namespace(), evaluate=True)
+    # What SymPy only deprecates (a tuple inside a product: "x(1,2)") is unreadable here, not a warning
+    # printed in the middle of an evaluation's progress bar that a later SymPy turns into an error anyway.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SymPyDeprecationWarning)
+        _check_size(parse_expr(python, {}, transformations, _namespace(), evaluate=False))
+        return parse_expr(python, {}, transformations, _namespace(), evaluate=True)
 
 
 def _split_top_level(text: str) -> list[str]:
