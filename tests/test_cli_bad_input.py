@@ -288,6 +288,7 @@ def test_report_comm_threshold_is_a_share(tmp_path, capsys, value):
     (["--max-body-bytes", "0"], "--max-body-bytes must be at least 1, got 0"),
     (["--request-timeout", "0"], "--request-timeout must be > 0 seconds, got 0.0"),
     (["--seed", "-1"], "--seed must be >= 0, got -1"),
+    (["--temperature", "0.2", "--temperatures", "0.5", "1.0"], "give --temperature or --temperatures, not both"),
 ])
 def test_serve_flags_are_checked_before_the_model_loads(tiny, capsys, monkeypatch, flags, message):
     from megamath.generation import session

@@ -38,6 +38,8 @@ def run(args) -> int:
 
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise ValueError("megamath serve runs as one process (no torchrun)")
+    if args.temperatures is not None and args.temperature is not None:  # one would be dropped without a word
+        raise ValueError("give --temperature or --temperatures, not both")
     temperatures = tuple(args.temperatures or [0.5 if args.temperature is None else args.temperature])
     if args.num_samples < 1:
         raise ValueError(f"--num-samples must be positive, got {args.num_samples}")
