@@ -5,6 +5,7 @@ repeated scan of triton.language is cached (tests/interpreter_speedup.py: same k
 """
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -15,6 +16,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     install()
 
 
+@pytest.hookimpl(optionalhook=True)  # without pytest-xdist (a GPU machine's bare image) the hook is unknown
 def pytest_xdist_auto_num_workers(config):
     """Workers for `-n auto` (make test): the CPUs this process may run on, a container's CPU quota included
     (a CI job limited to 2 CPUs may see the host's 64, and 8 workers on 2 CPUs only fight), at most 8."""

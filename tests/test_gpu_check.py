@@ -170,3 +170,11 @@ def test_the_default_budget_fits_one_command_of_a_gpu_session():
     budget = re.search(r"BUDGET=\$\{GPU_CHECK_BUDGET:-(\d+)\}", text)
     assert budget and int(budget.group(1)) <= 540, "the short run must end well inside a 600 s command"
     assert "export PYTHONUNBUFFERED=1" in text  # a step stopped by the budget keeps the lines it printed
+
+
+def test_the_tests_run_without_pytest_xdist():
+    """A GPU machine's image has no pytest-xdist: the script then runs pytest plain, and the suite's conftest
+    must load there (an xdist hook it did not mark optional stopped every test with an internal error)."""
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider",
+                             "tests/test_readme.py"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0 and "passed" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
