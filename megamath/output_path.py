@@ -11,6 +11,11 @@ from pathlib import Path
 from typing import Iterable
 
 
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """True when both paths exist and are one file (a link or another spelling counts)."""
+    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+
+
 def prepare_output_file(path: str | Path, flag: str = "--output", inputs: Iterable[str | Path] = ()) -> Path:
     """Refuse an output `path` that is a folder, lies under a file or in a folder this process cannot write,
     or is one of `inputs`; create its missing parent folders. Returns `path` as a Path."""
@@ -20,7 +25,7 @@ def prepare_output_file(path: str | Path, flag: str = "--output", inputs: Iterab
     if path.exists() and not path.is_file():  # /dev/null, a pipe: written through, in place
         return path
     for source in inputs:
-        if path.exists() and Path(source).exists() and os.path.samefile(path, source):
+        if same_file(path, source):
             raise ValueError(f"{flag} {path} is also an input ({source}); writing it would replace that input")
     folder = path.parent
     while not folder.exists() and folder != folder.parent:

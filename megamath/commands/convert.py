@@ -36,9 +36,10 @@ def run(args) -> int:
     from megamath.model.model_folder import convert_hf_to_megamath, convert_megamath_to_hf
     from megamath.training.export import export_training_checkpoint_to_hf, is_training_checkpoint
 
-    check_source(args.src, args.direction, is_training_checkpoint(args.src))
+    training = is_training_checkpoint(args.src)
+    check_source(args.src, args.direction, training)
     convert = convert_hf_to_megamath if args.direction == "hf-to-megamath" else convert_megamath_to_hf
-    if args.direction == "megamath-to-hf" and is_training_checkpoint(args.src):
+    if args.direction == "megamath-to-hf" and training:
         convert = export_training_checkpoint_to_hf  # a run directory or step folder: TP slices merged
     dtype = getattr(torch, args.dtype) if args.dtype else None
     config = convert(args.src, args.dst, max_shard_size=args.max_shard_size, dtype=dtype)

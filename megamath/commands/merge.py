@@ -22,6 +22,7 @@ def add_parser(subparsers, name: str) -> None:
 
 def run(args) -> int:
     from megamath.data.dataset_tools import merge_datasets, strip_extension
+    from megamath.output_path import same_file
 
     output = strip_extension(args.output)
     # the last component as written: Path("out/") would read as "out" and the files land in out/.bin, out/.idx
@@ -29,8 +30,7 @@ def run(args) -> int:
         raise ValueError(f"--output {args.output!r} names no dataset: give a prefix such as out/merged")
     inputs = [strip_extension(p) for p in args.input]
     for prefix in inputs:  # as every command refuses: the merge would replace one of the datasets it reads
-        if os.path.exists(f"{output}.idx") and os.path.exists(f"{prefix}.idx") and \
-                os.path.samefile(f"{output}.idx", f"{prefix}.idx"):
+        if same_file(f"{output}.idx", f"{prefix}.idx"):
             raise ValueError(f"--output {args.output} is also an input ({prefix}); writing it would replace that input")
     merged = merge_datasets(inputs, output)
     print(f"merged {len(args.input)} datasets into {merged.prefix}: {len(merged)} sequences, "

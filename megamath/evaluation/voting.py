@@ -20,10 +20,13 @@ def majority_vote(answers: Sequence[str | None], logprobs: Sequence[float],
     if len(answers) != len(logprobs):
         raise ValueError(f"{len(answers)} answers but {len(logprobs)} log-probabilities")
     tally: dict[str, list] = {}  # canonical -> [votes, summed logprob, first index, first spelling]
+    keys: dict[str, str] = {}  # answer -> canonical, computed once per distinct answer (MATH's is a SymPy call)
     for i, (answer, logprob) in enumerate(zip(answers, logprobs)):
         if answer is None:
             continue
-        key = canonical(answer)
+        if answer not in keys:
+            keys[answer] = canonical(answer)
+        key = keys[answer]
         entry = tally.setdefault(key, [0, 0.0, i, answer])
         entry[0] += 1
         entry[1] += logprob
