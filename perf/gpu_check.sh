@@ -3,9 +3,9 @@
 # should run this early (a baseline) and again at the end, so the default run is the short one: versions,
 # build (with the CUDA RMSNorm, which must build on a CUDA machine), the trainer tests compiled on the GPU
 # (bf16 model with kernels against the reference ops, the host-sync test), the training-step benchmark (MFU,
-# against Hugging Face eager and compiled, the planner's memory), and attention against SDPA's backends. The
-# rest, every compiled kernel test, a short `megamath train` and the benchmark of every kernel, runs by
-# PARTS, one or two parts per call.
+# against Hugging Face eager and compiled, the planner's memory), attention against SDPA's backends, and a
+# short `megamath train` (one process, 20 steps, two checkpoints; its loss must fall). The rest, every
+# compiled kernel test and the benchmark of every kernel, runs by PARTS, one or two parts per call.
 # Time of the short run on an H200, estimated from the work each step does (never timed whole on a GPU;
 # a fresh machine: nothing built, empty Triton and Inductor caches, no pytest-xdist): versions and packages
 # ~20 s; build ~50-90 s (three pybind11 files, the torch binding, one .cu; the .cu alone takes ~5 s in nvcc
@@ -13,14 +13,16 @@
 # training benchmark ~170-330 s (tuning at head_dim 128: ~15 compiles, ~50 s; the model's other kernels
 # ~10 s; four Hugging Face model builds with fp32 init on the CPU, ~40 s; torch.compile of the HF model, cold,
 # once per micro-batch, ~40-70 s each; the 104 timed and warm-up steps ~25 s); attention benchmark ~50-70 s
-# (its kernels come from the Triton cache the training benchmark filled). In all about 6-9 minutes; the
-# budget below stops it at 9. So one short run fits a lease; the run at the end is best a subset
+# (its kernels come from the Triton cache the training benchmark filled); `megamath train` ~30-50 s (two
+# Python starts; the trainer tests compiled its kernels at the same head_dim). In all about 6.5-10 minutes;
+# the budget below stops it at 9, and `megamath train` runs last so that it is what a slow machine loses,
+# not the benchmarks. So one short run fits a lease; the run at the end is best a subset
 # (e.g. PARTS="train_bench attention"), as a machine given back is fresh again (the build and caches gone).
 # Assumes torch, triton and numpy are installed; installs megamath's other needs if missing (from wheels in
 # $WHEELS_DIR when there is no network; without zstandard only corpus reading is lost).
 #
-#   bash perf/gpu_check.sh                          # the short check: trainer train_bench attention
-#   PARTS="tests train" bash perf/gpu_check.sh      # then, if the lease allows: PARTS=kernels
+#   bash perf/gpu_check.sh                          # the short check: trainer train_bench attention train
+#   PARTS=tests bash perf/gpu_check.sh              # then, if the lease allows: PARTS=kernels
 #
 # Knobs (environment): PYTHON (default python3), WHEELS_DIR (default .whl: wheels to install first,
 # e.g. liger-kernel for the benchmark's peers; .whl/ is git-ignored, so a remote run must be asked to carry
@@ -29,14 +31,14 @@
 # applies when smaller), TESTS (test files to run instead of every kernel test), BENCH_ARGS (extra
 # arguments for perf/bench_kernels.py, e.g. "--no-compile" or "--ops rms_norm"), TRAIN_BENCH_ARGS (for
 # perf/bench_train.py), PARTS (which parts run: default
-# "trainer train_bench attention"; also "tests" (every compiled kernel test, the trainer's included),
-# "train", "kernels" (every kernel's benchmark, attention's included) and "resources" (perf/kernel_resources.py
+# "trainer train_bench attention train"; also "tests" (every compiled kernel test, the trainer's included),
+# "kernels" (every kernel's benchmark, attention's included) and "resources" (perf/kernel_resources.py
 # under this machine's Triton, about a minute of CPU: registers, spills, wgmma of every kernel at sm_90a);
 # versions, packages and the build always run, incrementally on a machine that has built before).
 # Each step runs even when an earlier one failed; the exit status is that of the first failing step.
 # The budget: every command runs under `timeout`, limited to the smaller of its cap and what the budget
-# leaves after keeping a share for each selected stage still to come (tests 11 %, train 11 %, train_bench
-# 22 %, the benchmark 17 %, resources 11 % of the budget), so the sum of the worst cases is the budget: the
+# leaves after keeping a share for each selected stage still to come (tests 11 %, train_bench 22 %, the
+# benchmark 17 %, train 11 %, resources 11 % of the budget), so the sum of the worst cases is the budget: the
 # run ends by GPU_CHECK_BUDGET seconds whatever hangs, a step the budget stopped or never started prints a
 # `CUT:` line, and the last line, `=== done: status N after Ts ...; cut: ...`, is always written. When the
 # session has less device time left than the command's limit, set GPU_CHECK_BUDGET a minute under it.
@@ -51,7 +53,7 @@ TEE_PID=$!
 export PYTHONUNBUFFERED=1  # a step the budget stops keeps every line it printed (a pipe would buffer them)
 status=0
 step() { echo; echo "=== $* ($(date +%H:%M:%S), ${SECONDS}s)"; }
-PARTS=${PARTS:-trainer train_bench attention}
+PARTS=${PARTS:-trainer train_bench attention train}
 for p in $PARTS; do
     case $p in trainer|train_bench|attention|tests|train|kernels|resources) ;;
         *) echo "unknown part '$p' in PARTS (trainer train_bench attention tests train kernels resources)"; exit 2;; esac
@@ -64,7 +66,7 @@ BUDGET=${GPU_CHECK_BUDGET:-540}
 GRACE=$(( BUDGET / 50 > 5 ? 5 : BUDGET / 50 > 1 ? BUDGET / 50 : 1 ))  # timeout's SIGKILL after its SIGTERM
 END_RESERVE=$GRACE                                 # the final lines
 MIN_STEP=$(( BUDGET / 50 > 1 ? BUDGET / 50 : 1 ))  # a step left less than this is not started
-STAGES="tests train train_bench bench resources"    # the order the heavy stages run in
+STAGES="tests train_bench bench train resources"    # the order the heavy stages run in
 CUT=""
 stage_selected() {
     case $1 in tests) part tests || part trainer;; bench) part kernels || part attention;; *) part "$1";; esac
@@ -155,16 +157,6 @@ rc=$?; record $rc
 tail -n 40 "$DEST/tests.log" 2> /dev/null
 fi
 
-if part train; then
-step "megamath train on the GPU: 20 steps of a small model, bf16, kernels"
-TRAIN_DIR=$(mktemp -d)
-bounded train 60 "training case" - $PY perf/gpu_train_case.py "$TRAIN_DIR"
-bounded train 180 "megamath train" - $PY -m megamath.cli train --config "$TRAIN_DIR/train.yaml"
-rc=$?; record $rc
-tail -n 3 "$TRAIN_DIR/run/metrics.jsonl" 2> /dev/null
-cp "$TRAIN_DIR/run/metrics.jsonl" "$DEST/train_metrics.jsonl" 2> /dev/null
-fi
-
 if part train_bench; then
 step "training-step benchmark (megamath vs Hugging Face eager and compiled; the planner's memory within 10 %)"
 bounded train_bench "${TRAIN_BENCH_TIMEOUT:-300}" "training benchmark" - \
@@ -182,6 +174,21 @@ else
 fi
 bounded bench "${BENCH_TIMEOUT:-330}" "kernel benchmark" - $PY perf/bench_kernels.py --out "$DEST" $ops ${BENCH_ARGS:-}
 rc=$?; record $rc
+fi
+
+if part train; then
+step "megamath train on the GPU: 20 steps of a small model, bf16, kernels, two checkpoints; the loss must fall"
+TRAIN_DIR=$(mktemp -d)
+bounded train 30 "training case" - $PY perf/gpu_train_case.py "$TRAIN_DIR"
+record $?
+bounded train 150 "megamath train" "$DEST/train.log" $PY -m megamath.cli train --config "$TRAIN_DIR/train.yaml"
+rc=$?; record $rc
+tail -n 4 "$DEST/train.log" 2> /dev/null
+if [ "$rc" -eq 0 ]; then
+    bounded train 30 "training check" - $PY perf/gpu_train_case.py --check "$TRAIN_DIR"
+    record $?
+fi
+cp "$TRAIN_DIR/run/metrics.jsonl" "$DEST/train_metrics.jsonl" 2> /dev/null
 fi
 
 if part resources; then

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import glob
 import importlib.util
+import json
 import os
 import re
 import shlex
@@ -125,9 +126,9 @@ def test_what_it_runs_exists_and_parses_the_flags_it_passes(tmp_path, monkeypatc
             scripts[argv[0]] = argv[1:]
         elif argv[:3] == ["-m", "megamath.cli", "train"]:
             scripts["megamath train"] = argv[3:]
-    expected = {"pytest", "perf/bench_train.py", "perf/bench_kernels.py"}
+    expected = {"pytest", "perf/bench_train.py", "perf/bench_kernels.py", "perf/gpu_train_case.py", "megamath train"}
     if parts == ALL_PARTS:
-        expected |= {"perf/gpu_train_case.py", "megamath train", "perf/kernel_resources.py"}
+        expected |= {"perf/kernel_resources.py"}
     else:
         assert scripts["pytest"] == ["tests/test_gpu_trainer.py", "tests/test_attention_choice.py"]
         assert "--ops" in scripts["perf/bench_kernels.py"]
@@ -178,3 +179,33 @@ def test_the_tests_run_without_pytest_xdist():
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider",
                              "tests/test_readme.py"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0 and "passed" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
+
+
+def _case_module():
+    spec = importlib.util.spec_from_file_location("gpu_train_case", REPO / "perf" / "gpu_train_case.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_training_case_is_a_valid_config_and_its_check_can_fail(tmp_path):
+    """The case `megamath train` runs on the GPU loads as a config; the check after it passes a run whose loss
+    fell and fails a run whose loss stalled, went non-finite or lost a step."""
+    from megamath.training.config import load_config
+    case = _case_module()
+    case.write_case(tmp_path)
+    config = load_config(tmp_path / "train.yaml")
+    assert config.train_steps == case.STEPS
+    (tmp_path / "run").mkdir()
+
+    def run_with(losses):
+        lines = [json.dumps({"step": i + 1, "loss": loss, "step_time_s": 0.01, "tokens_per_s": 1e5, "mfu": 0.3,
+                             "phases": {"forward": 0.004, "optimizer": 0.002}}) for i, loss in enumerate(losses)]
+        (tmp_path / "run" / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+        return case.main(["--check", str(tmp_path)])
+
+    falling = [8.3 - 0.4 * i for i in range(case.STEPS)]
+    assert run_with(falling) == 0
+    assert run_with([8.3] * case.STEPS) == 1
+    assert run_with(falling[:-1] + [None]) == 1
+    assert run_with(falling[:-1]) == 1
