@@ -403,6 +403,28 @@ def test_report_shows_gpu_readings_and_scores_when_present(tmp_path):
     assert "<figcaption>Throughput: tokens/s and MFU</figcaption>" in page
 
 
+def test_report_rates_are_those_of_the_layout_run_info_describes(tmp_path):
+    """A run that went from 8 to 16 devices at step 31: its throughput, MFU and GPU-hours are those of steps
+    31 on (the 16 devices run_info.json counts); before, the slow 8-device steps were multiplied by 16."""
+    from megamath.report.runs import load_run
+    from megamath.report.summary import summarize
+
+    changes = {s: {"step_time_s": 2.0 if s <= 30 else 1.0, "mfu": 0.30 if s <= 30 else 0.45} for s in range(1, 61)}
+    run_dir = fake_run(tmp_path / "grown", changes)
+    info = {"world_size": 16, "tp_size": 2, "dp_size": 8, "device_name": "NVIDIA H100 80GB HBM3",
+            "layout_since_step": 31}
+    (run_dir / "run_info.json").write_text(json.dumps(info))
+    out = summarize(load_run(run_dir), 3, token_budget=8 * 16 * 3600)  # 8 samples × 16 tokens per step
+    assert out["step_time_s"] == 1.0 and out["mfu"] == 0.45
+    assert out["budget_hours"] == pytest.approx(1.0) and out["budget_gpu_hours"] == pytest.approx(16.0)
+    assert ("Steps 1–30 ran on another layout (devices, TP or DP); the throughput, MFU and projections are those "
+            "of steps 31– on this one.") in notes_of(run_dir)
+    del info["layout_since_step"]  # a run from before the field: every step counts, as it did
+    (run_dir / "run_info.json").write_text(json.dumps(info))
+    assert summarize(load_run(run_dir), 3)["mfu"] == pytest.approx(0.45)  # the median of 27 × 0.30, 30 × 0.45
+    assert not any("another layout" in n for n in notes_of(run_dir))
+
+
 def test_gpu_records_wait_one_step_for_their_timing(tmp_path):
     """The one-step-late rule of a CUDA logger, driven on CPU: a step's line appears when the next one
     arrives, the last at summary()."""

@@ -233,6 +233,41 @@ def test_a_finished_run_started_again_keeps_its_description(tmp_path, one_thread
     assert "log_every: 1" in (tmp_path / "a" / "config.yaml").read_text()
 
 
+def test_a_start_that_fails_at_its_first_step_leaves_the_runs_description(tmp_path, one_thread, monkeypatch):
+    """config.yaml and run_info.json describe the steps in metrics.jsonl: a start that dies before its first
+    record (out of memory at step 1 with a larger micro-batch, say) must not rewrite them."""
+    run(raw_config(tmp_path / "data", tmp_path / "a", train_steps=2, checkpoint__save_every=2))
+    files = ("config.yaml", "run_info.json", "metrics.jsonl")
+    before = [(tmp_path / "a" / f).read_text() for f in files]
+
+    def dies(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (a stand-in)")
+
+    monkeypatch.setattr(loop, "train_step", dies)
+    with pytest.raises(RuntimeError, match="a stand-in"):
+        run(raw_config(tmp_path / "data", tmp_path / "a", train_steps=4, log_every=1))
+    assert [(tmp_path / "a" / f).read_text() for f in files] == before
+
+
+def test_run_info_says_since_which_step_the_layout_ran(tmp_path, one_thread):
+    from megamath.training.metrics import layout_since_step
+
+    run(raw_config(tmp_path / "data", tmp_path / "a", train_steps=2, checkpoint__save_every=2))
+    info_path = tmp_path / "a" / "run_info.json"
+    assert json.loads(info_path.read_text())["layout_since_step"] == 1
+    run(raw_config(tmp_path / "data", tmp_path / "a", train_steps=4, checkpoint__save_every=2))
+    assert json.loads(info_path.read_text())["layout_since_step"] == 1  # the same layout goes on
+    info = json.loads(info_path.read_text())
+    info_path.write_text(json.dumps({**info, "device_name": "another device"}))  # as if the job moved
+    run(raw_config(tmp_path / "data", tmp_path / "a", train_steps=6, checkpoint__save_every=2))
+    assert json.loads(info_path.read_text())["layout_since_step"] == 5
+    layout = {"world_size": 8, "tp_size": 2, "dp_size": 4, "device_name": "H100"}
+    assert layout_since_step({**layout, "layout_since_step": 3}, layout, 9) == 3
+    assert layout_since_step({**layout, "layout_since_step": 3}, {**layout, "world_size": 16, "dp_size": 8}, 9) == 9
+    assert layout_since_step({**layout, "layout_since_step": 12}, layout, 9) == 9  # rewound before it began
+    assert layout_since_step({}, layout, 1) == 1
+
+
 def untimed(records: list[dict]) -> list[dict]:
     timed = ("tokens_per_s", "tflops", "step_time_s", "phases", "step_time_max_s", "step_time_min_s", "slowest_rank")
     return [{k: v for k, v in r.items() if k not in timed} for r in records]

@@ -33,7 +33,8 @@ def run(args) -> int:
     from megamath.report.html import write_report
     from megamath.report.notes import COMM_THRESHOLD
     from megamath.report.runs import load_runs
-    from megamath.report.summary import LLEMMA_TOKENS, default_skip_steps, markdown_table, summarize
+    from megamath.report.summary import (LLEMMA_TOKENS, current_layout, default_skip_steps, markdown_table,
+                                         summarize)
 
     if args.skip_steps is not None and args.skip_steps < 0:
         raise ValueError(f"--skip-steps must be >= 0, got {args.skip_steps}")
@@ -44,7 +45,7 @@ def run(args) -> int:
     if not 0 <= threshold <= 1:
         raise ValueError(f"--comm-threshold must be a share between 0 and 1, got {threshold}")
     runs = load_runs(args.runs)
-    skips = [default_skip_steps(len(r.records)) if args.skip_steps is None else args.skip_steps for r in runs]
+    skips = [default_skip_steps(len(current_layout(r))) if args.skip_steps is None else args.skip_steps for r in runs]
     if args.format == "md":
         print(markdown_table([summarize(r, k, tokens) for r, k in zip(runs, skips)]))
         return 0

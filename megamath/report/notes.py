@@ -9,6 +9,7 @@
     exposed communication grad_reduce + param_gather above `comm_threshold` of the step time: time the
                           ranks spend communicating and not computing (nothing overlaps it today)
     untimed time          the phases adding up to less than (1 - UNTIMED_SHARE) of the step time
+    another layout        steps before run_info.json's `layout_since_step`: the rates leave them out
 """
 from __future__ import annotations
 
@@ -87,6 +88,10 @@ def run_notes(run: Run, skip_steps: int, comm_threshold: float = COMM_THRESHOLD)
                      f"(threshold {comm_threshold:.0%}), time no computation hides.")
     if shares and sum(shares.values()) < 1 - UNTIMED_SHARE:
         notes.append(f"{1 - sum(shares.values()):.0%} of the step time is outside the timed phases.")
+    since = run.info.get("layout_since_step")
+    if isinstance(since, int) and run.records[0]["step"] < since <= run.records[-1]["step"]:
+        notes.append(f"Steps {run.records[0]['step']}–{since - 1} ran on another layout (devices, TP or DP); the "
+                     f"throughput, MFU and projections are those of steps {since}– on this one.")
     if not run.info:
         notes.append("No run_info.json (a run from before it existed): the device count and layout are unknown.")
     return notes

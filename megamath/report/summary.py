@@ -1,10 +1,10 @@
 """The numbers of the summary table, each a plain statistic of metrics.jsonl fields.
 
-Steady state: the records after the first `skip_steps` (warm-up: allocator growth, compilation, cold
-caches). Throughput figures are medians over them, which one slow step (an eval, a hiccup of the
-machine) does not move; their spread is the 10th–90th percentile. The projection to a token budget uses
-the MEAN whole-step time instead (evaluation and checkpoints included), because over 200B tokens every
-second of overhead is paid.
+Steady state: the records of the layout run_info.json describes, after their first `skip_steps`
+(warm-up: allocator growth, compilation, cold caches). Throughput figures are medians over them, which
+one slow step (an eval, a hiccup of the machine) does not move; their spread is the 10th–90th
+percentile. The projection to a token budget uses the MEAN whole-step time instead (evaluation and
+checkpoints included), because over 200B tokens every second of overhead is paid.
 """
 from __future__ import annotations
 
@@ -25,9 +25,20 @@ def default_skip_steps(n_records: int) -> int:
     return 0 if n_records <= 1 else max(1, n_records // 20)
 
 
+def current_layout(run: Run) -> list[dict]:
+    """The records of the steps run on the layout run_info.json describes (`layout_since_step` on), or all
+    of them (older runs, or none left)."""
+    since = run.info.get("layout_since_step")
+    if not isinstance(since, int):
+        return run.records
+    return [r for r in run.records if r["step"] >= since] or run.records
+
+
 def steady(run: Run, skip_steps: int) -> list[dict]:
-    """The records after the first skip_steps (all of them when that would leave none)."""
-    return run.records[skip_steps:] or run.records
+    """The current layout's records after its first skip_steps (all of them when that would leave none):
+    throughput, MFU and the projections are those of the devices run_info.json counts."""
+    records = current_layout(run)
+    return records[skip_steps:] or records
 
 
 def values(records: list[dict], key: str) -> list[float]:

@@ -42,7 +42,7 @@ from megamath.training import checkpoint as ckpt
 from megamath.training.attention_settle import settle_attention
 from megamath.training.config import TrainConfig, dump_config
 from megamath.training.data import MicroBatch, TrainData
-from megamath.training.metrics import MetricsLogger, finite_or_none, format_summary, run_info
+from megamath.training.metrics import MetricsLogger, RunDescription, finite_or_none, format_summary, run_info
 from megamath.training.phases import PhaseTimer, no_phase
 from megamath.training.profiling import StepProfiler
 from megamath.training.reshard import load_checkpoint_any_tp
@@ -247,16 +247,13 @@ def _train(config: TrainConfig, state: ParallelState, attempt: str) -> TrainResu
                              f"this run's is {data.global_batch_size} (micro_batch_size · grad_accum_steps · dp): "
                              "keep it equal on resume (adjust grad_accum_steps to the new DP size)")
         step, nonfinite = meta["step"], meta["consecutive_nonfinite"]
-    finished = step >= config.train_steps  # started again with no step to run: the run stays described as it ran
-    if state.rank == 0 and not finished:  # only now: a start refused above leaves the run's config.yaml as it was
-        (run_dir / "config.yaml").write_text(dump_config(config))
     tokens_per_step = data.global_batch_size * config.data.seq_length
     flops_per_token = config.model.flops_per_token(config.data.seq_length)
+    description = RunDescription(dump_config(config), run_info(
+        state.world_size, state.tp_size, state.device, flops_per_token, tokens_per_step, config.data.seq_length,
+        config.metrics.peak_tflops))
     log = MetricsLogger(run_dir, state, flops_per_token, tokens_per_step, config.train_steps, step + 1,
-                        config.log_every, config.logging.tensorboard,
-                        None if finished else run_info(state.world_size, state.tp_size, state.device, flops_per_token,
-                                                       tokens_per_step, config.data.seq_length,
-                                                       config.metrics.peak_tflops),
+                        config.log_every, config.logging.tensorboard, description,
                         wandb=config.logging.wandb, run_config=config.to_dict(),
                         peak_override=config.metrics.peak_tflops)
     timer = PhaseTimer(state.device)

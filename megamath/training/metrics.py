@@ -13,18 +13,22 @@ import json
 import math
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from megamath.atomic_io import write_text_atomically
 from megamath.parallel.mappings import all_gather_list
 from megamath.parallel.state import ParallelState
 from megamath.training.hardware import HardwareProbe
 from megamath.training.phases import StepTiming
+from megamath.training.wandb_log import WandbConfig, WandbSink, import_wandb
 
 RUN_INFO = "run_info.json"
-
-from megamath.training.wandb_log import WandbConfig, WandbSink, import_wandb
+CONFIG_FILE = "config.yaml"
+LAYOUT_KEYS = ("world_size", "tp_size", "dp_size", "device_name")
+"""run_info.json's fields that make a layout: a start that changes one begins a new `layout_since_step`."""
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity), by a substring of torch.cuda.get_device_name().
 # Most specific first: an "H100 PCIe" or an "H200 NVL" must not match the SXM entry.
@@ -60,6 +64,38 @@ def finite_or_none(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
+@dataclass
+class RunDescription:
+    """What a start's records came from: RUN_DIR/config.yaml (the config as text) and run_info.json.
+
+    The logger writes both just before the start's first record reaches metrics.jsonl, so a start that
+    trains no step (refused on resume, started with no step left, out of memory at its first step) leaves
+    the run described as it ran. run_info.json's `layout_since_step` is the first step run on this layout
+    (devices, TP and DP sizes): steps before it ran on another one, and a report's throughput is that of
+    the steps from it on.
+    """
+
+    config_yaml: str
+    info: dict
+
+
+def layout_since_step(previous: dict, info: dict, first_step: int) -> int:
+    """The first step of the layout `info` describes: kept from the previous start's run_info.json when
+    that start ran the same layout and began before this one, else this start's first step."""
+    since = previous.get("layout_since_step", 1)
+    same = all(previous.get(k) == info.get(k) for k in LAYOUT_KEYS)
+    return since if same and isinstance(since, int) and since <= first_step else first_step
+
+
+def _read_info(run_dir: Path) -> dict:
+    """The previous start's run_info.json, or {} (missing or unreadable: it is about to be replaced)."""
+    try:
+        info = json.loads((run_dir / RUN_INFO).read_text())
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
 class MetricsLogger:
     """Rank 0's metrics.jsonl, console lines and progress bar; files are written by rank 0 only.
 
@@ -76,8 +112,8 @@ class MetricsLogger:
 
     def __init__(self, run_dir: Path, state: ParallelState, flops_per_token: int, tokens_per_step: int,
                  total_steps: int, first_step: int, log_every: int, tensorboard: bool = False,
-                 info: dict | None = None, wandb: WandbConfig | None = None, run_config: dict | None = None,
-                 peak_override: float | None = None) -> None:
+                 description: RunDescription | None = None, wandb: WandbConfig | None = None,
+                 run_config: dict | None = None, peak_override: float | None = None) -> None:
         self.enabled = state.rank == 0
         self.world_group = state.world_group  # the per-step gather of step times and energy
         # Every rank checks the package, so that a missing one fails the whole job at once; rank 0 loads it.
@@ -92,10 +128,12 @@ class MetricsLogger:
         self.tensorboard = None
         if not self.enabled:
             return
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.run_dir, self.description = Path(run_dir), description
+        if description is not None:
+            since = layout_since_step(_read_info(self.run_dir), description.info, first_step)
+            description.info = {**description.info, "layout_since_step": since}
+        self.path = self.run_dir / "metrics.jsonl"
         _truncate_after(self.path, first_step - 1)
-        if info is not None:
-            (Path(run_dir) / RUN_INFO).write_text(json.dumps(info, indent=1) + "\n")
         self.file = open(self.path, "a", buffering=1)  # line-buffered: a killed run keeps its lines
         if tensorboard:
             from megamath.training.tensorboard_log import TensorBoardLog
@@ -133,6 +171,10 @@ class MetricsLogger:
             rec, timing = self.pending.pop(0)
             self._complete(rec, timing, gather)
             if self.enabled:
+                if self.description is not None:  # this start's first record: it describes the run from now on
+                    write_text_atomically(self.run_dir / CONFIG_FILE, self.description.config_yaml)
+                    write_text_atomically(self.run_dir / RUN_INFO, json.dumps(self.description.info, indent=1) + "\n")
+                    self.description = None
                 self.file.write(json.dumps(rec) + "\n")
                 if self.tensorboard is not None:
                     self.tensorboard.write(rec)
