@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from megamath.cli import main
-from megamath.overlap.accuracy import accuracy_by_hit, read_hit_ids, read_results
+from megamath.overlap.accuracy import accuracy_by_hit, read_hits, read_results
 
 
 def _write(path: Path, records: list[dict]) -> Path:
@@ -29,7 +29,7 @@ def files(tmp_path):
 
 def test_accuracy_on_hits_and_non_hits(files):
     _, hits, results = files
-    rows, unmatched = accuracy_by_hit(read_hit_ids(hits), read_results(results, "level"))
+    rows, unmatched = accuracy_by_hit(read_hits(hits).ids(), read_results(results, "level"))
     by = {r.group: r for r in rows}
     assert [r.group for r in rows] == ["Level 1", "Level 5", "all"] and not unmatched
     # hits: ids 0, 2, 5 (the int test ids match the results' string ids)
@@ -37,7 +37,7 @@ def test_accuracy_on_hits_and_non_hits(files):
     assert (by["Level 1"].hit_n, by["Level 1"].hit_accuracy, by["Level 1"].nonhit_accuracy) == (2, 1.0, 0.0)
     assert (by["Level 5"].hit_n, by["Level 5"].hit_accuracy, by["Level 5"].nonhit_accuracy) == (1, 0.0, 0.5)
     # narrowed to problem-field 30-gram hits: only id 0
-    assert read_hit_ids(hits, fields=["problem"], ns=[30]) == {"0"}
+    assert read_hits(hits).ids(fields=["problem"], ns=[30]) == {"0"}
 
 
 def test_cli_prints_the_table(files, capsys):

@@ -35,10 +35,11 @@ def add_parser(subparsers, name: str) -> None:
 
 
 def run(args) -> int:
-    from megamath.overlap.accuracy import accuracy_by_hit, check_filters, format_rows, read_hit_ids, read_results
+    from megamath.overlap.accuracy import accuracy_by_hit, check_filters, format_rows, read_hits, read_results
 
-    hit_ids = read_hit_ids(args.hits, args.fields, args.ns)
-    for warning in check_filters(args.hits, args.fields, args.ns):
+    hits = read_hits(args.hits)
+    hit_ids = hits.ids(args.fields, args.ns)
+    for warning in check_filters(hits, args.fields, args.ns):
         print(f"warning: {warning}", file=sys.stderr)
     results = read_results(args.results, args.by)
     rows, unmatched = accuracy_by_hit(hit_ids, results)

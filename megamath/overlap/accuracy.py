@@ -20,32 +20,37 @@ from typing import Sequence
 from megamath.jsonl import read_jsonl_objects
 
 
-def read_hit_ids(path: str | Path, fields: Sequence[str] | None = None, ns: Sequence[int] | None = None) -> set[str]:
-    """Ids (as text) of the test items named by the hit lines kept by the filters."""
-    ids = set()
+@dataclass(frozen=True)
+class Hits:
+    """The hit lines of a HITS.jsonl, read once: each line's test id (as text), field and n."""
+
+    path: Path
+    lines: list[tuple[str, object, object]]
+
+    def ids(self, fields: Sequence[str] | None = None, ns: Sequence[int] | None = None) -> set[str]:
+        """Ids of the test items named by the hit lines kept by the filters."""
+        return {test_id for test_id, field, n in self.lines
+                if (not fields or field in fields) and (not ns or n in ns)}
+
+
+def read_hits(path: str | Path) -> Hits:
+    lines = []
     for line_no, record in read_jsonl_objects(path):
         if "test_id" not in record:
             raise ValueError(f"{path}:{line_no}: no 'test_id' field: is this a HITS.jsonl of megamath overlap?")
-        if fields and record.get("field") not in fields:
-            continue
-        if ns and record.get("n") not in ns:
-            continue
-        ids.add(str(record["test_id"]))
-    return ids
+        lines.append((str(record["test_id"]), record.get("field"), record.get("n")))
+    return Hits(Path(path), lines)
 
 
-def check_filters(hits: str | Path, fields: Sequence[str] | None, ns: Sequence[int] | None) -> list[str]:
+def check_filters(hits: Hits, fields: Sequence[str] | None, ns: Sequence[int] | None) -> list[str]:
     """Refuse a --field or --n the overlap run did not check (its HITS.summary.json says which): such a filter
     keeps no hit line and the table would call every problem clean. Without the summary, the warnings for
     filters that no hit line matches (a field checked with no hit is a real zero, so not an error there)."""
     from megamath.overlap.run import summary_path
 
-    hits = Path(hits)
-    seen_fields, seen_ns = set(), set()
-    for _, record in read_jsonl_objects(hits):
-        seen_fields.add(record.get("field"))
-        seen_ns.add(record.get("n"))
-    path = summary_path(hits)
+    seen_fields = {field for _, field, _ in hits.lines}
+    seen_ns = {n for _, _, n in hits.lines}
+    path = summary_path(hits.path)
     checked = None
     if path.is_file():
         try:
