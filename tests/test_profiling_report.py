@@ -77,7 +77,7 @@ def runs(tmp_path_factory):
 
 # ---- the records -----------------------------------------------------------------------------------------------
 
-def check_phases(records: list[dict]) -> None:
+def check_phases(records: list[dict], profiled: tuple[int, int]) -> None:
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
     gaps = []  # seconds of each step outside every phase
     for r in records:
@@ -86,12 +86,14 @@ def check_phases(records: list[dict]) -> None:
         assert ("eval" in phases) == (r["step"] % 4 == 0), r  # only where they ran
         assert ("checkpoint" in phases) == (r["step"] % 4 == 1 and r["step"] > 1), r  # the previous step's save
         assert "sync" in phases  # the preemption check, every step
+        assert ("log" in phases) == (r["step"] > 1)  # the previous step's record, timed in this step
+        assert ("profile" in phases) == (r["step"] in profiled), r  # the profiler's start and its trace
         assert phases["forward"] > 0 and phases["backward"] > 0 and phases["optimizer"] > 0
         total = sum(phases.values())
         assert total <= r["step_time_s"] * (1 + 1e-9)  # phases lie inside the step
         gaps.append(r["step_time_s"] - total)
         # throughput counts training work: the step's time without its eval and checkpoint
-        train_time = r["step_time_s"] - phases.get("eval", 0) - phases.get("checkpoint", 0)
+        train_time = r["step_time_s"] - phases.get("eval", 0) - phases.get("checkpoint", 0) - phases.get("profile", 0)
         assert r["tokens_per_s"] == pytest.approx(r["consumed_samples"] // r["step"] * 32 / train_time, rel=1e-9)
     # ... and cover it: the untimed rest of a step is the Python between its dozen phase boundaries, 0.1-0.25 ms
     # here, whatever the step's length (these steps take 6-20 ms, so a ratio to the step would be noise): per
@@ -103,7 +105,7 @@ def check_phases(records: list[dict]) -> None:
 
 def test_one_rank_records_have_phases_that_add_up(runs):
     records = metrics(runs[0])
-    check_phases(records)
+    check_phases(records, profiled=(3, 4))
     assert all("step_time_max_s" not in r for r in records)  # one rank: nothing to compare
     info = json.loads((runs[0] / "run_info.json").read_text())
     assert info["world_size"] == 1 and info["device_type"] == "cpu" and info["tokens_per_step"] == 2 * 2 * 32
@@ -111,7 +113,7 @@ def test_one_rank_records_have_phases_that_add_up(runs):
 
 def test_two_rank_records_have_rank_spread(runs):
     records = metrics(runs[1])
-    check_phases(records)
+    check_phases(records, profiled=(2,))
     for r in records:
         assert r["step_time_min_s"] <= r["step_time_s"] <= r["step_time_max_s"]  # rank 0 is one of the two
         assert r["slowest_rank"] in (0, 1)
@@ -370,7 +372,7 @@ def test_gpu_records_nvml_event_phases_trace_and_memory_snapshot(tmp_path):
                param_dtype="auto")
     train(TrainConfig.from_dict(raw), ParallelState.single())
     records = metrics(tmp_path / "gpu")
-    check_phases(records)  # events, read a step late, still add up to the step
+    check_phases(records, profiled=(2, 3))  # events, read a step late, still add up to the step
     for r in records:
         assert {"mem_gib", "max_mem_gib", "max_reserved_gib", "alloc_retries"} <= r.keys()
         assert {"gpu_util", "power_w", "temp_c", "sm_clock_mhz", "gpu_mem_used_gib"} <= r.keys(), r

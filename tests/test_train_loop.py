@@ -268,6 +268,25 @@ def test_run_info_says_since_which_step_the_layout_ran(tmp_path, one_thread):
     assert layout_since_step({}, layout, 1) == 1
 
 
+def test_the_work_between_two_steps_is_timed_in_the_next_one(tmp_path, one_thread, monkeypatch):
+    """Steps are timed back to back: writing a step's record (NVML's readings, here slowed as a busy driver
+    would) counts in the next step's `log` phase and its step_time_s, not in a gap no record shows."""
+    from megamath.training.hardware import HardwareProbe
+
+    read = HardwareProbe.read
+
+    def slow_read(self):
+        time.sleep(0.05)
+        return read(self)
+
+    monkeypatch.setattr(HardwareProbe, "read", slow_read)
+    run(raw_config(tmp_path / "data", tmp_path / "a", train_steps=4))
+    records = metrics(tmp_path / "a")
+    assert "log" not in records[0]["phases"]  # nothing ran before the first step
+    for r in records[1:]:
+        assert r["phases"]["log"] >= 0.05 and r["step_time_s"] >= sum(r["phases"].values()) >= 0.05, r
+
+
 def untimed(records: list[dict]) -> list[dict]:
     timed = ("tokens_per_s", "tflops", "step_time_s", "phases", "step_time_max_s", "step_time_min_s", "slowest_rank")
     return [{k: v for k, v in r.items() if k not in timed} for r in records]

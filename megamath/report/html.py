@@ -45,7 +45,7 @@ def build_report(runs: list[Run], skip_steps: list[int], token_budget: float = L
              f"written {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC</p>",
              "<h2>Summary</h2>", _table(["", *names], table_rows(summaries)),
              "<p>Medians over the steps after the warm-up; tokens/s, TFLOP/s and MFU count training work "
-             "(evaluation and checkpoints left out); the projection to the token budget uses the mean whole step "
+             "(evaluation, checkpoints and profiler left out); the projection to the token budget uses the mean whole step "
              "time, evaluation and checkpoints included.</p>"]
     phase_names = [p for p in PHASES if any(p in s["phases"] for s in summaries)]
     if phase_names:

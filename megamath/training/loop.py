@@ -269,8 +269,8 @@ def _train(config: TrainConfig, state: ParallelState, attempt: str) -> TrainResu
             while step < config.train_steps:
                 step += 1
                 lr = lr_at(step, config.optimizer.lr, config.schedule)
+                timer.start_step()  # (a no-op after the first step: the previous one opened it)
                 profiler.begin(step)
-                timer.start_step()
                 with timer.phase("data"):
                     micro_batches = data.micro_batches(step)
                 out = train_step(model, optimizer, micro_batches, lr, state, timer)
@@ -300,12 +300,14 @@ def _train(config: TrainConfig, state: ParallelState, attempt: str) -> TrainResu
                 if due and nonfinite:  # mid-streak: the last good checkpoint stays the newest
                     log.say(f"step {step}: no checkpoint during a streak of skipped steps; the last one is step "
                             f"{last_saved}")
+                profiler.end(step)  # a window's trace is written in its last step, which is profiled anyway
+                timing = timer.end_step()
+                timer.start_step()  # steps are contiguous: the work between two steps is timed in the next one
                 # The step's record reaches metrics.jsonl before its checkpoint is published, so a checkpoint
-                # never exists without its step's line; the save is timed in the next step's record.
-                log.write(rec, timer.end_step(), flush=save)
-                profiler.end(step)
+                # never exists without its step's line; the write and the save are timed in the next step's record.
+                with timer.phase("log"):
+                    log.write(rec, timing, flush=save)
                 if save:
-                    timer.start_step()
                     with timer.phase("checkpoint"):
                         meta = _metadata(config, step, lr, data.global_batch_size, nonfinite)
                         ckpt.save_checkpoint(run_dir, step, model, optimizer, state, meta, config.checkpoint.keep,

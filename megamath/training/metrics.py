@@ -22,7 +22,7 @@ from megamath.atomic_io import write_text_atomically
 from megamath.parallel.mappings import all_gather_list
 from megamath.parallel.state import ParallelState
 from megamath.training.hardware import HardwareProbe
-from megamath.training.phases import StepTiming
+from megamath.training.phases import NOT_TRAINING, StepTiming
 from megamath.training.wandb_log import WandbConfig, WandbSink, import_wandb
 
 RUN_INFO = "run_info.json"
@@ -106,8 +106,8 @@ class MetricsLogger:
 
     Timing fields: `step_time_s` is the whole step, `phases` its parts (`checkpoint` is the save made
     after the previous step's record, which is written before its checkpoint is published); tokens/s,
-    TFLOP/s and MFU count the training work only (evaluation and checkpoint time left out, as Megatron
-    does). With several ranks: `step_time_max_s`, `step_time_min_s` and the `slowest_rank`.
+    TFLOP/s and MFU count the training work only (evaluation, checkpoint and profiler time left out, as
+    Megatron leaves out evaluation and saves). With several ranks: `step_time_max_s`, `step_time_min_s` and the `slowest_rank`.
     """
 
     def __init__(self, run_dir: Path, state: ParallelState, flops_per_token: int, tokens_per_step: int,
@@ -189,7 +189,7 @@ class MetricsLogger:
     def _complete(self, rec: dict, timing: StepTiming, gather: bool) -> None:
         """Add the timing, throughput and hardware fields to `rec`."""
         step_time, phases = timing.resolve()
-        train_time = max(step_time - phases.get("eval", 0.0) - phases.get("checkpoint", 0.0), 1e-12)
+        train_time = max(step_time - sum(phases.get(name, 0.0) for name in NOT_TRAINING), 1e-12)
         tokens_per_s = self.tokens_per_step / train_time
         tflops = self.flops_per_token * tokens_per_s / self.world_size / 1e12  # per device
         rec.update({"tokens_per_s": tokens_per_s, "tflops": tflops, "mfu": tflops / self.peak if self.peak else None,
@@ -219,7 +219,7 @@ class MetricsLogger:
         """Mean throughput over this process' steps, the first left out (it pays for warm-up and compilation).
 
         Completes the steps still waiting for their timing (every rank must call it). `steps` counts the
-        steps averaged; `step_time_s` is their training time (evaluation and checkpoints left out).
+        steps averaged; `step_time_s` is their training time (evaluation, checkpoints and profiler left out).
         """
         self._flush(keep_last=False)
         times = self.timed[1:] if len(self.timed) > 1 else self.timed

@@ -10,7 +10,8 @@ keeps the newest step pending), when the loop's own syncs (the loss, the grad no
 
 Phases nest nowhere and may repeat (forward/backward once per micro-batch): their times add up. The
 step's time runs from `start_step` to `end_step` on the same clock, so anything outside every phase
-shows as the difference between `step_time_s` and the sum of `phases`.
+shows as the difference between `step_time_s` and the sum of `phases`. The loop opens the next step as
+soon as one ends, so the steps' times add up to the training's time as Megatron-LM's iteration time does.
 """
 from __future__ import annotations
 
@@ -20,9 +21,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-PHASES = ("data", "forward", "backward", "grad_reduce", "optimizer", "param_gather", "eval", "sync", "checkpoint")
-"""Every phase name a step may report, in the order a step runs them. `sync` is the end-of-step agreement
-of the ranks on a preemption signal (one scalar all-reduce): its time is mostly waiting for the slowest rank."""
+PHASES = ("data", "forward", "backward", "grad_reduce", "optimizer", "param_gather", "eval", "sync", "log",
+          "checkpoint", "profile")
+"""Every phase name a step may report. `sync` is the end-of-step agreement of the ranks on a preemption signal
+(one scalar all-reduce): its time is mostly waiting for the slowest rank. `log` and `checkpoint` run first:
+they are the previous step's record (with several ranks its step-time gather; NVML's readings; the line
+written) and save, since steps are timed back to back, each from the end of the one before, so that no work
+of the loop falls between two steps' times. `profile` is the profiler's own start and writing (a window's
+first and last steps)."""
+NOT_TRAINING = ("eval", "checkpoint", "profile")
+"""Phases that throughput (tokens/s, TFLOP/s, MFU) leaves out: they are not training work."""
 ALWAYS = PHASES[:6]
 """Phases every step reports (0.0 for one a step did not enter; a skipped update still enters all six, the
 skip being decided on the device)."""

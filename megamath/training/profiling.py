@@ -35,9 +35,11 @@ class OutOfMemoryStop(RuntimeError):
 class StepProfiler:
     """Opens the profiler for the steps of `steps` ([first, last], inclusive) and writes what it saw.
 
-    Call `begin(step)` before the step's first work and `end(step)` once its record is written, before its
-    checkpoint: a save lies between two `step N` ranges (in the trace only when the window goes on past it),
-    `close()` when the run stops (a run that ends inside the window still writes its trace).
+    Call `begin(step)` once the step's timing is open, before its first work, and `end(step)` after its last
+    work, before its timing closes: the record and the save come after, between two `step N` ranges (in the
+    trace only when the window goes on past them); `close()` when the run stops (a run that ends inside the
+    window still writes its trace). Starting the profiler and writing what it saw is the step's `profile`
+    phase, which throughput leaves out as it does evaluation and checkpoints.
     """
 
     def __init__(self, steps: list[int], memory: bool, run_dir: Path, rank: int, device: torch.device,
@@ -63,8 +65,9 @@ class StepProfiler:
             activities = [torch.profiler.ProfilerActivity.CPU]
             if self.cuda:
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
-            self.profiler = torch.profiler.profile(activities=activities)
-            self.profiler.__enter__()
+            with self.timer.phase("profile"):  # seconds: not training work, and not hidden between two steps
+                self.profiler = torch.profiler.profile(activities=activities)
+                self.profiler.__enter__()
             self.window_start, self.window_clock = step, time.perf_counter()
             self.timer.annotate = True
         self.seen = step
@@ -75,11 +78,17 @@ class StepProfiler:
         if self.step_range is not None:
             self.step_range.__exit__(None, None, None)
             self.step_range = None
-        if self.profiler is not None and step >= self.last:
-            self._write_trace(step)
-        if self.memory and not self.memory_written and (self.first is None or step >= self.last):
-            self.write_memory_snapshot(self.dir / f"memory_step{step}_rank{self.rank}.pickle")
-            self.memory_written = True
+        trace = self.profiler is not None and step >= self.last
+        snapshot = self.memory and not self.memory_written and (self.first is None or step >= self.last)
+        if not (trace or snapshot):
+            return
+        self.timer.annotate = False  # the window ends here
+        with self.timer.phase("profile"):
+            if trace:
+                self._write_trace(step)
+            if snapshot:
+                self.write_memory_snapshot(self.dir / f"memory_step{step}_rank{self.rank}.pickle")
+                self.memory_written = True
 
     def _write_trace(self, step: int) -> None:
         profiler, self.profiler = self.profiler, None
