@@ -364,7 +364,10 @@ def test_resume_on_a_different_dp_size(dp2_runs, tmp_path, one_thread):
 
     shutil.copytree(dp2_runs / "dp2", tmp_path / "dp1")
     rewind(tmp_path / "dp1", 4)
+    assert json.loads((tmp_path / "dp1" / "run_info.json").read_text())["layout_since_step"] == 1
     run(raw)
+    info = json.loads((tmp_path / "dp1" / "run_info.json").read_text())
+    assert (info["dp_size"], info["layout_since_step"]) == (1, 5)  # steps 1-4 ran on 2 ranks
     two, one = [r["loss"] for r in metrics(dp2_runs / "dp2")], [r["loss"] for r in metrics(tmp_path / "dp1")]
     assert one[:5] == two[:5]  # step 5 runs on the restored weights: the same sums in the same order
     # Later steps differ by rounding (1 rank sums two micro-batches, 2 ranks all-reduce them), which
