@@ -104,10 +104,11 @@ class MetricsLogger:
     phases.py). Every rank must call `write` for every step in the same order, since with several ranks
     it gathers the step times (a small collective), and `summary()` before `close()`.
 
-    Timing fields: `step_time_s` is the whole step, `phases` its parts (`checkpoint` is the save made
-    after the previous step's record, which is written before its checkpoint is published); tokens/s,
+    Timing fields: `step_time_s` is the whole step, `phases` its parts (`log` and `checkpoint` are the
+    previous step's record and save: a record is written before its checkpoint is published); tokens/s,
     TFLOP/s and MFU count the training work only (evaluation, checkpoint and profiler time left out, as
-    Megatron leaves out evaluation and saves). With several ranks: `step_time_max_s`, `step_time_min_s` and the `slowest_rank`.
+    Megatron leaves out evaluation and saves). With several ranks: `step_time_max_s`, `step_time_min_s`
+    and the `slowest_rank`.
     """
 
     def __init__(self, run_dir: Path, state: ParallelState, flops_per_token: int, tokens_per_step: int,
