@@ -30,11 +30,12 @@ import triton.language as tl
 
 from ._interpreter import cast_rne as _cast
 from ._interpreter import interpreting
-from ._layout import empty_like_order
+from ._layout import empty_like_order, sequence_major
 
 _LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x · log2 e)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _HEAD_DIMS = (16, 32, 64, 128)
+_INT32_MAX = 2**31 - 1  # largest offset the kernels' int32 position/head arithmetic reaches without wrapping
 
 
 # INTERPRET (a constexpr, True only under TRITON_INTERPRET=1) works around two bugs of triton's CPU
@@ -373,9 +374,23 @@ def _kernel_flags(dtype: torch.dtype) -> dict:
     return {"INTERPRET": interpreting(), "PRECISION": "tf32x3" if dtype == torch.float32 else "tf32"}
 
 
+def _offsets_fit_int32(t: torch.Tensor) -> bool:
+    """Whether every element offset inside one batch element, of t and of the outputs allocated in t's
+    order (empty_like_order: dense, batch- or sequence-major), is below 2^31."""
+    batch, seq, heads, head_dim = t.shape
+    span = sum((n - 1) * stride for n, stride in zip(t.shape[1:], t.stride()[1:]) if n > 0)  # t's own
+    dense_span = ((seq - 1) * batch + 1) * heads * head_dim - 1 if sequence_major(t) else seq * heads * head_dim - 1
+    return max(span, dense_span) <= _INT32_MAX
+
+
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
-    """Keep (B, S, H, D) views as they are unless head_dim itself is strided."""
-    return t if t.stride(-1) == 1 else t.contiguous()
+    """Keep (B, S, H, D) views as they are unless head_dim itself is strided, or an element of one batch
+    element lies 2^31 or more elements from its start. The kernels offset by the batch index in int64 but
+    by position and head in int32, which keeps the address arithmetic of every tile load 32-bit; such a
+    view (e.g. a sequence-major tensor of 2^31 elements or more, whose positions are B·H·D apart) would be
+    read, and its outputs written, at wrapped addresses. A copy is batch-major, spanning S·H·D - 1 per
+    batch element, which check_inputs keeps below 2^31. Rare: a copy only for tensors of that size."""
+    return t if t.stride(-1) == 1 and _offsets_fit_int32(t) else t.contiguous()
 
 
 def _bsh(t: torch.Tensor) -> tuple:
@@ -486,6 +501,9 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"flash_attention: head_dim {head_dim} is not supported; use one of {_HEAD_DIMS}")
     if q.shape[0] == 0 or q.shape[1] == 0:
         raise ValueError(f"flash_attention: batch and seq must be at least 1; got shape {tuple(q.shape)}")
+    if q.shape[1] * heads * head_dim > _INT32_MAX + 1:  # even a batch-major copy: see _unit_last
+        raise ValueError(f"flash_attention: one batch element of q holds seq * heads * head_dim = "
+                         f"{q.shape[1] * heads * head_dim} elements; the kernels support at most 2^31")
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,

@@ -17,6 +17,7 @@ from kernel_tolerance import assert_close_3way
 
 from megamath.kernels.flash_attention import (
     FlashAttentionBlocks,
+    check_inputs,
     flash_attention,
     flash_attention_bwd,
     flash_attention_fwd,
@@ -120,6 +121,36 @@ def test_sequence_major_views_keep_their_memory_order():
     for t in out:  # o, dq, dk, dv
         assert t.transpose(0, 1).is_contiguous(), t.stride()
     assert dense[0].is_contiguous(), "batch-first inputs keep batch-first outputs"
+
+
+def test_positions_2_31_elements_apart_are_copied_not_read_at_wrapped_offsets():
+    """Batch element 0 of sequence-major (S 3, B 2^26, H 1, D 16) tensors: positions lie B·H·D = 2^30
+    elements apart, so the third one is 2^31 past the first, beyond the kernels' int32 position offsets.
+    Such views are copied (before, the offset wrapped: a crash or another tensor's memory read as q)."""
+    try:  # 4 GiB of address space; only the few rows written below are ever touched
+        big = torch.empty(2**31 + 64, dtype=torch.float16, device=DEVICE)
+    except (RuntimeError, MemoryError) as e:
+        pytest.skip(f"cannot reserve 4 GiB of address space here: {e}")
+    q, k, v, do = (big.as_strided((1, 3, 1, 16), (16, 2**30, 16, 1), offset) for offset in (0, 16, 32, 48))
+    for view, values in zip((q, k, v, do), _inputs(1, 3, 1, 1, 16, torch.float16, seed=12)):
+        view.copy_(values)
+    dense = [t.contiguous() for t in (q, k, v, do)]
+    for causal in (True, False):
+        o, lse = flash_attention_fwd(q, k, v, causal, 0.25)
+        o_dense, lse_dense = flash_attention_fwd(*dense[:3], causal, 0.25)
+        assert torch.equal(o, o_dense) and torch.equal(lse, lse_dense)
+        grads = flash_attention_bwd(do, q, k, v, o, lse, causal, 0.25)
+        for got, want in zip(grads, flash_attention_bwd(dense[3], *dense[:3], o, lse, causal, 0.25)):
+            assert torch.equal(got, want)
+
+
+def test_more_than_2_31_elements_per_batch_element_refused():
+    """Even a batch-major copy could not be indexed in int32 then (shapes only: meta tensors)."""
+    q = torch.empty(1, 2**21 + 1, 64, 16, device="meta")  # seq · heads · head_dim = 2^31 + 1024
+    with pytest.raises(ValueError, match=r"^flash_attention: one batch element of q holds seq \* heads \* head_dim "
+                                         r"= 2147484672 elements; the kernels support at most 2\^31$"):
+        flash_attention(q, q, q)
+    check_inputs(*(torch.empty(1, 2**21, 64, 16, device="meta"),) * 3)  # exactly 2^31 is fine
 
 
 def test_default_scale_is_inverse_sqrt_head_dim():
