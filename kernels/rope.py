@@ -41,6 +41,7 @@ _TWO_PI_B = 0.0019350051879882812
 _TWO_PI_C = 3.0199159795074593e-07
 MAX_POSITION = 1 << 19  # positions (offset + seq) the angle reduction keeps accurate; larger ones are refused
 _INV_TWO_PI = 1.0 / (2.0 * math.pi)
+_INT32_MAX = 2**31 - 1  # largest head offset the kernel's int32 head arithmetic reaches without wrapping
 # Elements per half-tile (positions x heads x head_dim/2) of one program.
 _TILE = 4096
 
@@ -135,8 +136,13 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, theta: float, position_offse
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
-    # Heads and positions may be strided (views of a fused qkv projection); the head dim must not be.
-    return x if x.stride(-1) == 1 else x.contiguous()
+    # Heads and positions may be strided (views of a fused qkv projection); the head dim must not be. The
+    # kernel offsets (batch, position) rows in int64 but heads in int32 (int64 would cost address arithmetic
+    # in every tile), so a view whose heads lie 2^31 or more elements apart (a (B, H, S, D) tensor of that
+    # size, transposed) is copied, to heads head_dim apart, rather than read at wrapped addresses.
+    if x.stride(-1) != 1 or (x.shape[2] - 1) * x.stride(2) > _INT32_MAX:
+        return x.contiguous()
+    return x
 
 
 def _rope_launch(q: torch.Tensor, k: torch.Tensor, theta: float, position_offset: int, sin_sign: float):
