@@ -46,6 +46,18 @@ def test_matches_reference(cfg, dtype):
         assert_close_3way(out, want, want_lo, name=f"{name} {cfg} {dtype}")
 
 
+def test_bf16_rounds_to_nearest_as_the_reference_does():
+    """One rounding of the fp32 result to nearest even, as rope_ref's cast: within twice torch's error
+    with no atol. (Stored with a plain cast, which Triton's CPU interpreter truncates,
+    it had over twice torch's error, hidden by the bf16 atol of the test above.)"""
+    q, k, dq_out, dk_out = _inputs((2, 33, 4, 2, 64, 1e4, 0), torch.bfloat16, seed=16)
+    got = _run(rope, q, k, dq_out, dk_out, 1e4, 0)
+    ref32 = _run(rope_ref, q.float(), k.float(), dq_out.float(), dk_out.float(), 1e4, 0)
+    ref_lo = _run(rope_ref, q, k, dq_out, dk_out, 1e4, 0)
+    for name, out, want, want_lo in zip(["q_out", "k_out", "dq", "dk"], got, ref32, ref_lo):
+        assert_close_3way(out, want, want_lo, atol=0.0, name=f"{name} bf16")
+
+
 def _rope_complex(x: torch.Tensor, theta: float, offset: int) -> torch.Tensor:
     """Independent formula in float64: the halves (i, i + d/2) as one complex number times e^{i angle}."""
     seq, dim = x.shape[1], x.shape[3]
