@@ -8,6 +8,7 @@ could not run in reasonable time.
 """
 from __future__ import annotations
 
+import importlib
 import math
 import re
 
@@ -25,6 +26,7 @@ from megamath.kernels.flash_attention import (
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+KERNELS = importlib.import_module("megamath.kernels.flash_attention")  # the module, not the op it exports
 
 # (batch, seq, heads, kv_heads, head_dim, causal, dtype, softmax_scale)
 CASES = [
@@ -151,6 +153,51 @@ def test_more_than_2_31_elements_per_batch_element_refused():
                                          r"= 2147484672 elements; the kernels support at most 2\^31$"):
         flash_attention(q, q, q)
     check_inputs(*(torch.empty(1, 2**21, 64, 16, device="meta"),) * 3)  # exactly 2^31 is fine
+
+
+def test_launch_grids_keep_batch_times_heads_within_cuda_limit(monkeypatch):
+    """batch x heads programs sit on the grid's second axis, which CUDA caps at 65535 (a launch beyond it
+    fails): batch 4097 with 16 heads is launched in batch chunks. Grids recorded, kernels not run (meta)."""
+    grids = {}
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: grids.setdefault(self.name, []).append(grid)
+
+    for name in ("_fwd_kernel", "_bwd_preprocess_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"):
+        monkeypatch.setattr(KERNELS, name, Recorder(name))
+    q = torch.empty(4097, 1, 16, 16, device="meta")  # (B, S, H, D)
+    kv = torch.empty(4097, 1, 4, 16, device="meta")
+    for blocks in (None, FlashAttentionBlocks(16, 16, 4, 1, 16, 16, 16, 16, 4, 1, True)):
+        o, lse = flash_attention_fwd(q, kv, kv, True, 0.25, blocks)
+        flash_attention_bwd(q, q, kv, kv, o, lse, True, 0.25, blocks)
+    heads = {"_fwd_kernel": 16, "_bwd_preprocess_kernel": 16, "_bwd_dkdv_kernel": 4, "_bwd_dq_kernel": 16}
+    for name, launched in grids.items():
+        assert max(grid[1] for grid in launched) <= 65535, name
+        assert sum(grid[1] for grid in launched) == 4097 * heads[name] * (2 if name != "_bwd_dq_kernel" else 1)
+
+
+@pytest.mark.parametrize("atomic_dq", [False, True])
+def test_launches_split_over_batch_give_the_same_results(monkeypatch, atomic_dq):
+    """With the grid limit lowered to 5, batch 3 x heads 4 runs as three launches of one batch element
+    each, bit for bit what one launch gives."""
+    blocks = FlashAttentionBlocks(16, 16, 4, 1, 16, 16, 16, 16, 4, 1, atomic_dq)
+    q, k, v, do = _inputs(3, 17, 4, 2, 16, torch.float32, seed=13)
+
+    def run():
+        o, lse = flash_attention_fwd(q, k, v, True, 0.25, blocks)
+        return (o, lse, *flash_attention_bwd(do, q, k, v, o, lse, True, 0.25, blocks))
+
+    whole = run()
+    monkeypatch.setattr(KERNELS, "_MAX_GRID_Y", 5)
+    for name, got, want in zip(("o", "lse", "dq", "dk", "dv"), run(), whole):
+        if atomic_dq and name == "dq":  # atomic adds: the order of additions varies
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        else:
+            assert torch.equal(got, want), name
 
 
 def test_default_scale_is_inverse_sqrt_head_dim():
