@@ -32,6 +32,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ._interpreter import cast_rne as _cast
+from ._interpreter import exact_bf16 as _exact_bf16
+
 
 @triton.jit
 def _ce_forward_kernel(logits_ptr, targets_ptr, lse_ptr, target_logit_ptr,
@@ -70,7 +73,7 @@ def _ce_forward_kernel(logits_ptr, targets_ptr, lse_ptr, target_logit_ptr,
 @triton.jit
 def _ce_backward_kernel(logits_ptr, grad_ptr, targets_ptr, lse_ptr, scale_ptr,
                         n_cols, stride_row, stride_grad_row, vocab_start, ignore_index,
-                        BLOCK_V: tl.constexpr):
+                        BLOCK_V: tl.constexpr, EXACT_BF16: tl.constexpr):
     """One program per row: grad = (exp(x - lse) - onehot) * scale, written in the logits' dtype."""
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
@@ -86,7 +89,7 @@ def _ce_backward_kernel(logits_ptr, grad_ptr, targets_ptr, lse_ptr, scale_ptr,
         x = tl.load(row_ptr + cols, mask=cols < n_read, other=float("-inf")).to(tl.float32)
         p = tl.exp(x - lse)
         grad = (p - tl.where(cols == local_target, 1.0, 0.0)) * row_scale
-        tl.store(grad_row_ptr + cols, grad.to(grad_ptr.dtype.element_ty), mask=cols < n_cols)
+        tl.store(grad_row_ptr + cols, _cast(grad, grad_ptr.dtype.element_ty, EXACT_BF16), mask=cols < n_cols)
 
 
 def _launch_config(n_cols: int) -> tuple[int, int]:
@@ -165,7 +168,8 @@ class _CrossEntropy(torch.autograd.Function):
         if n_rows > 0:
             _ce_backward_kernel[(n_rows,)](
                 logits, grad, targets, lse, scale, n_cols, logits.stride(0), grad.stride(0),
-                ctx.vocab_start, ctx.ignore_index, BLOCK_V=block_v, num_warps=num_warps)
+                ctx.vocab_start, ctx.ignore_index, BLOCK_V=block_v, EXACT_BF16=_exact_bf16(logits.dtype),
+                num_warps=num_warps)
         return grad, None, None, None, None
 
 

@@ -30,11 +30,13 @@ import triton.language as tl
 
 from ._interpreter import cast_rne as _cast
 from ._interpreter import interpreting
-from ._layout import empty_like_order
+from ._layout import empty_like_order, sequence_major
 
 _LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x · log2 e)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _HEAD_DIMS = (16, 32, 64, 128)
+_INT32_MAX = 2**31 - 1  # largest offset the kernels' int32 position/head arithmetic reaches without wrapping
+_MAX_GRID_Y = 65535  # CUDA's limit on a launch grid's second axis, where the kernels put batch x heads
 
 
 # INTERPRET (a constexpr, True only under TRITON_INTERPRET=1) works around two bugs of triton's CPU
@@ -373,9 +375,35 @@ def _kernel_flags(dtype: torch.dtype) -> dict:
     return {"INTERPRET": interpreting(), "PRECISION": "tf32x3" if dtype == torch.float32 else "tf32"}
 
 
+def _offsets_fit_int32(t: torch.Tensor) -> bool:
+    """Whether every element offset inside one batch element, of t and of the outputs allocated in t's
+    order (empty_like_order: dense, batch- or sequence-major), is below 2^31."""
+    batch, seq, heads, head_dim = t.shape
+    span = sum((n - 1) * stride for n, stride in zip(t.shape[1:], t.stride()[1:]) if n > 0)  # t's own
+    dense_span = ((seq - 1) * batch + 1) * heads * head_dim - 1 if sequence_major(t) else seq * heads * head_dim - 1
+    return max(span, dense_span) <= _INT32_MAX
+
+
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
-    """Keep (B, S, H, D) views as they are unless head_dim itself is strided."""
-    return t if t.stride(-1) == 1 else t.contiguous()
+    """Keep (B, S, H, D) views as they are unless head_dim itself is strided, or an element of one batch
+    element lies 2^31 or more elements from its start. The kernels offset by the batch index in int64 but
+    by position and head in int32, which keeps the address arithmetic of every tile load 32-bit; such a
+    view (e.g. a sequence-major tensor of 2^31 elements or more, whose positions are B·H·D apart) would be
+    read, and its outputs written, at wrapped addresses. A copy is batch-major, spanning S·H·D - 1 per
+    batch element, which check_inputs keeps below 2^31. Rare: a copy only for tensors of that size."""
+    return t if t.stride(-1) == 1 and _offsets_fit_int32(t) else t.contiguous()
+
+
+def _batch_chunks(batch: int, heads: int, *tensors: torch.Tensor):
+    """Yield (batch elements, the tensors' views of them) in chunks whose batch x heads programs fit a grid's
+    second axis: CUDA refuses a launch with more than 65535 there, e.g. batch 4096 with 16 heads. One chunk,
+    the tensors themselves, unless batch x heads exceeds that; all tensors are batch first."""
+    step = max(1, _MAX_GRID_Y // max(heads, 1))
+    if batch <= step:
+        yield batch, tensors
+        return
+    for start in range(0, batch, step):
+        yield min(step, batch - start), tuple(t[start:start + step] for t in tensors)
 
 
 def _bsh(t: torch.Tensor) -> tuple:
@@ -391,13 +419,13 @@ def flash_attention_fwd(q, k, v, causal: bool, softmax_scale: float, blocks: Fla
     blocks = blocks or flash_attention_blocks(head_dim, dtype=q.dtype)
     o = empty_like_order(q)  # (B, S, H, D), in q's batch/sequence memory order
     lse = torch.empty((batch, n_heads, seqlen), dtype=torch.float32, device=q.device)  # (B, H, S)
-    grid = (triton.cdiv(seqlen, blocks.fwd_m), batch * n_heads)
-    _fwd_kernel[grid](
-        q, k, v, o, lse, *_bsh(q), *_bsh(k), *_bsh(v), *_bsh(o),
-        seqlen, n_heads, group, softmax_scale * _LOG2E,
-        CAUSAL=causal, BLOCK_M=blocks.fwd_m, BLOCK_N=blocks.fwd_n, HEAD_DIM=head_dim,
-        num_warps=blocks.fwd_warps, num_stages=blocks.fwd_stages, **_kernel_flags(q.dtype),
-    )
+    for n_batch, (q_, k_, v_, o_, lse_) in _batch_chunks(batch, n_heads, q, k, v, o, lse):
+        _fwd_kernel[(triton.cdiv(seqlen, blocks.fwd_m), n_batch * n_heads)](
+            q_, k_, v_, o_, lse_, *_bsh(q), *_bsh(k), *_bsh(v), *_bsh(o),
+            seqlen, n_heads, group, softmax_scale * _LOG2E,
+            CAUSAL=causal, BLOCK_M=blocks.fwd_m, BLOCK_N=blocks.fwd_n, HEAD_DIM=head_dim,
+            num_warps=blocks.fwd_warps, num_stages=blocks.fwd_stages, **_kernel_flags(q.dtype),
+        )
     return o, lse
 
 
@@ -416,31 +444,32 @@ def flash_attention_bwd(do, q, k, v, o, lse, causal: bool, softmax_scale: float,
 
     delta = torch.empty_like(lse)  # (B, H, S) fp32
     pre_m = 64 if not interpreting() else 16
-    _bwd_preprocess_kernel[(triton.cdiv(seqlen, pre_m), batch * n_heads)](
-        o, do, delta, *_bsh(o), *_bsh(do), seqlen, n_heads, BLOCK_M=pre_m, HEAD_DIM=head_dim,
-    )
+    for n_batch, (o_, do_, delta_) in _batch_chunks(batch, n_heads, o, do, delta):
+        _bwd_preprocess_kernel[(triton.cdiv(seqlen, pre_m), n_batch * n_heads)](
+            o_, do_, delta_, *_bsh(o), *_bsh(do), seqlen, n_heads, BLOCK_M=pre_m, HEAD_DIM=head_dim,
+        )
     dq = empty_like_order(q)  # (B, S, H, D), in q's batch/sequence memory order
     dk = empty_like_order(k)  # (B, S, H_kv, D)
     dv = empty_like_order(v)  # (B, S, H_kv, D)
     # fp32 dQ sums for the atomic variant (zeroed: every share is added); otherwise an unused placeholder.
     dq_acc = empty_like_order(q, dtype=torch.float32).zero_() if blocks.bwd_atomic_dq else dq
-    _bwd_dkdv_kernel[(triton.cdiv(seqlen, blocks.bwd_kv_n), batch * n_kv_heads)](
-        q, k, v, do, lse, delta, dk, dv, dq_acc,
-        *_bsh(q), *_bsh(k), *_bsh(v), *_bsh(do), *_bsh(dk), *_bsh(dv), *_bsh(dq_acc),
-        seqlen, n_heads, n_kv_heads, group, softmax_scale, qk_scale,
-        CAUSAL=causal, BLOCK_M=blocks.bwd_kv_m, BLOCK_N=blocks.bwd_kv_n, HEAD_DIM=head_dim,
-        ATOMIC_DQ=blocks.bwd_atomic_dq, num_warps=blocks.bwd_warps, num_stages=blocks.bwd_stages, **flags,
-    )
+    for n_batch, chunk in _batch_chunks(batch, n_heads, q, k, v, do, lse, delta, dk, dv, dq_acc):
+        _bwd_dkdv_kernel[(triton.cdiv(seqlen, blocks.bwd_kv_n), n_batch * n_kv_heads)](
+            *chunk, *_bsh(q), *_bsh(k), *_bsh(v), *_bsh(do), *_bsh(dk), *_bsh(dv), *_bsh(dq_acc),
+            seqlen, n_heads, n_kv_heads, group, softmax_scale, qk_scale,
+            CAUSAL=causal, BLOCK_M=blocks.bwd_kv_m, BLOCK_N=blocks.bwd_kv_n, HEAD_DIM=head_dim,
+            ATOMIC_DQ=blocks.bwd_atomic_dq, num_warps=blocks.bwd_warps, num_stages=blocks.bwd_stages, **flags,
+        )
     if blocks.bwd_atomic_dq:
         dq.copy_(dq_acc.mul_(softmax_scale))  # the dQ kernel's rounding: scale in fp32, then one cast
         return dq, dk, dv
-    _bwd_dq_kernel[(triton.cdiv(seqlen, blocks.bwd_q_m), batch * n_heads)](
-        q, k, v, do, lse, delta, dq,
-        *_bsh(q), *_bsh(k), *_bsh(v), *_bsh(do), *_bsh(dq),
-        seqlen, n_heads, group, softmax_scale, qk_scale,
-        CAUSAL=causal, BLOCK_M=blocks.bwd_q_m, BLOCK_N=blocks.bwd_q_n, HEAD_DIM=head_dim,
-        num_warps=blocks.bwd_warps, num_stages=blocks.bwd_stages, **flags,
-    )
+    for n_batch, chunk in _batch_chunks(batch, n_heads, q, k, v, do, lse, delta, dq):
+        _bwd_dq_kernel[(triton.cdiv(seqlen, blocks.bwd_q_m), n_batch * n_heads)](
+            *chunk, *_bsh(q), *_bsh(k), *_bsh(v), *_bsh(do), *_bsh(dq),
+            seqlen, n_heads, group, softmax_scale, qk_scale,
+            CAUSAL=causal, BLOCK_M=blocks.bwd_q_m, BLOCK_N=blocks.bwd_q_n, HEAD_DIM=head_dim,
+            num_warps=blocks.bwd_warps, num_stages=blocks.bwd_stages, **flags,
+        )
     return dq, dk, dv
 
 
@@ -486,6 +515,9 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"flash_attention: head_dim {head_dim} is not supported; use one of {_HEAD_DIMS}")
     if q.shape[0] == 0 or q.shape[1] == 0:
         raise ValueError(f"flash_attention: batch and seq must be at least 1; got shape {tuple(q.shape)}")
+    if q.shape[1] * heads * head_dim > _INT32_MAX + 1:  # even a batch-major copy: see _unit_last
+        raise ValueError(f"flash_attention: one batch element of q holds seq * heads * head_dim = "
+                         f"{q.shape[1] * heads * head_dim} elements; the kernels support at most 2^31")
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,

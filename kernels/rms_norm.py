@@ -104,6 +104,8 @@ def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
     n = x.shape[-1]
     if weight.dim() != 1 or weight.shape[0] != n:
         raise ValueError(f"rms_norm: weight must have shape ({n},) to match x's last dim, got {tuple(weight.shape)}")
+    if weight.is_complex():  # Triton has no complex type: the launch would fail on a KeyError
+        raise TypeError(f"rms_norm: weight must be a real tensor, got {weight.dtype}")
     if weight.device != x.device:
         raise ValueError(f"rms_norm: x is on {x.device} but weight is on {weight.device}")
     if n > MAX_WIDTH:

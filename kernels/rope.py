@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._interpreter import cast_rne as _cast
+from ._interpreter import exact_bf16 as _exact_bf16
 from ._layout import empty_like_order
 
 # 2*pi split in three parts (Cody-Waite): k * _TWO_PI_A (8 significant bits) is exact in fp32 for the
@@ -41,13 +43,14 @@ _TWO_PI_B = 0.0019350051879882812
 _TWO_PI_C = 3.0199159795074593e-07
 MAX_POSITION = 1 << 19  # positions (offset + seq) the angle reduction keeps accurate; larger ones are refused
 _INV_TWO_PI = 1.0 / (2.0 * math.pi)
+_INT32_MAX = 2**31 - 1  # largest head offset the kernel's int32 head arithmetic reaches without wrapping
 # Elements per half-tile (positions x heads x head_dim/2) of one program.
 _TILE = 4096
 
 
 @triton.jit
 def _rotate_heads(x_ptr, out_ptr, x_rows, out_rows, row_mask, n_heads, stride_h, stride_out_h, cos, sin,
-                  d, d_mask, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+                  d, d_mask, HALF: tl.constexpr, BLOCK_H: tl.constexpr, EXACT_BF16: tl.constexpr):
     """Rotate all heads of a block of (batch, position) rows; x_rows/out_rows: (BLOCK_S,) row offsets."""
     for h0 in range(0, n_heads, BLOCK_H):
         h = h0 + tl.arange(0, BLOCK_H)  # (BLOCK_H,)
@@ -58,8 +61,8 @@ def _rotate_heads(x_ptr, out_ptr, x_rows, out_rows, row_mask, n_heads, stride_h,
         x2 = tl.load(x_ptr + x_off + HALF, mask=mask, other=0.0).to(tl.float32)  # second half
         o1 = x1 * cos - x2 * sin
         o2 = x2 * cos + x1 * sin
-        tl.store(out_ptr + o_off, o1.to(out_ptr.dtype.element_ty), mask=mask)
-        tl.store(out_ptr + o_off + HALF, o2.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + o_off, _cast(o1, out_ptr.dtype.element_ty, EXACT_BF16), mask=mask)
+        tl.store(out_ptr + o_off + HALF, _cast(o2, out_ptr.dtype.element_ty, EXACT_BF16), mask=mask)
 
 
 @triton.jit
@@ -72,7 +75,7 @@ def _rope_kernel(
     stride_kob, stride_kos, stride_koh,
     TWO_PI_A: tl.constexpr, TWO_PI_B: tl.constexpr, TWO_PI_C: tl.constexpr, INV_TWO_PI: tl.constexpr,
     HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_HQ: tl.constexpr,
-    BLOCK_HK: tl.constexpr, SIN_SIGN: tl.constexpr,
+    BLOCK_HK: tl.constexpr, SIN_SIGN: tl.constexpr, EXACT_BF16: tl.constexpr,
 ):
     """One program per BLOCK_S (batch, position) rows: all their q heads, then all k heads, one cos/sin."""
     # int64: offsets of large activations overflow int32.
@@ -91,9 +94,9 @@ def _rope_kernel(
     cos = tl.cos(r)[:, None, :]  # (BLOCK_S, 1, BLOCK_D)
     sin = (SIN_SIGN * tl.sin(r))[:, None, :]
     _rotate_heads(q_ptr, q_out_ptr, b * stride_qb + s * stride_qs, b * stride_qob + s * stride_qos, row_mask,
-                  n_q_heads, stride_qh, stride_qoh, cos, sin, d, d_mask, HALF, BLOCK_HQ)
+                  n_q_heads, stride_qh, stride_qoh, cos, sin, d, d_mask, HALF, BLOCK_HQ, EXACT_BF16)
     _rotate_heads(k_ptr, k_out_ptr, b * stride_kb + s * stride_ks, b * stride_kob + s * stride_kos, row_mask,
-                  n_kv_heads, stride_kh, stride_koh, cos, sin, d, d_mask, HALF, BLOCK_HK)
+                  n_kv_heads, stride_kh, stride_koh, cos, sin, d, d_mask, HALF, BLOCK_HK, EXACT_BF16)
 
 
 @functools.lru_cache(maxsize=32)
@@ -135,8 +138,13 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, theta: float, position_offse
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
-    # Heads and positions may be strided (views of a fused qkv projection); the head dim must not be.
-    return x if x.stride(-1) == 1 else x.contiguous()
+    # Heads and positions may be strided (views of a fused qkv projection); the head dim must not be. The
+    # kernel offsets (batch, position) rows in int64 but heads in int32 (int64 would cost address arithmetic
+    # in every tile), so a view whose heads lie 2^31 or more elements apart (a (B, H, S, D) tensor of that
+    # size, transposed) is copied, to heads head_dim apart, rather than read at wrapped addresses.
+    if x.stride(-1) != 1 or (x.shape[2] - 1) * x.stride(2) > _INT32_MAX:
+        return x.contiguous()
+    return x
 
 
 def _rope_launch(q: torch.Tensor, k: torch.Tensor, theta: float, position_offset: int, sin_sign: float):
@@ -168,7 +176,7 @@ def _rope_launch(q: torch.Tensor, k: torch.Tensor, theta: float, position_offset
         k_out.stride(0), k_out.stride(1), k_out.stride(2),
         TWO_PI_A=_TWO_PI_A, TWO_PI_B=_TWO_PI_B, TWO_PI_C=_TWO_PI_C, INV_TWO_PI=_INV_TWO_PI,
         HALF=half, BLOCK_D=block_d, BLOCK_S=block_s, BLOCK_HQ=block_hq, BLOCK_HK=block_hk,
-        SIN_SIGN=sin_sign, num_warps=num_warps,
+        SIN_SIGN=sin_sign, EXACT_BF16=_exact_bf16(q.dtype), num_warps=num_warps,
     )
     return q_out, k_out
 

@@ -48,6 +48,18 @@ def test_matches_reference(shape, dtype):
     _check(logits, targets)
 
 
+def test_bf16_gradient_rounds_to_nearest_as_the_reference_does():
+    """One rounding of the fp32 gradient to nearest even, as the reference's cast: within twice torch's
+    error with no atol. (Stored with a plain cast, which Triton's CPU interpreter truncates,
+    it had over twice torch's error, hidden by the bf16 atol of the test above.)"""
+    logits, targets = _inputs(8, 1000, torch.bfloat16, seed=10)
+    grad_loss = torch.tensor(float((targets != -100).sum()), device=DEVICE)
+    _, grad = _run(cross_entropy, logits, targets, grad_loss)
+    _, grad32 = _run(cross_entropy_ref, logits.float(), targets, grad_loss)
+    _, grad_lo = _run(cross_entropy_ref, logits, targets, grad_loss)
+    assert_close_3way(grad, grad32, grad_lo, atol=0.0, name="grad bf16")
+
+
 def test_reference_is_torch_mean_cross_entropy():
     """With some valid targets, the reference is exactly F.cross_entropy's default mean reduction."""
     logits, targets = _inputs(7, 300, torch.float32, seed=1)

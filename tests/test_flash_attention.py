@@ -8,6 +8,7 @@ could not run in reasonable time.
 """
 from __future__ import annotations
 
+import importlib
 import math
 import re
 
@@ -17,6 +18,7 @@ from kernel_tolerance import assert_close_3way
 
 from megamath.kernels.flash_attention import (
     FlashAttentionBlocks,
+    check_inputs,
     flash_attention,
     flash_attention_bwd,
     flash_attention_fwd,
@@ -24,6 +26,7 @@ from megamath.kernels.flash_attention import (
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+KERNELS = importlib.import_module("megamath.kernels.flash_attention")  # the module, not the op it exports
 
 # (batch, seq, heads, kv_heads, head_dim, causal, dtype, softmax_scale)
 CASES = [
@@ -120,6 +123,81 @@ def test_sequence_major_views_keep_their_memory_order():
     for t in out:  # o, dq, dk, dv
         assert t.transpose(0, 1).is_contiguous(), t.stride()
     assert dense[0].is_contiguous(), "batch-first inputs keep batch-first outputs"
+
+
+def test_positions_2_31_elements_apart_are_copied_not_read_at_wrapped_offsets():
+    """Batch element 0 of sequence-major (S 3, B 2^26, H 1, D 16) tensors: positions lie B·H·D = 2^30
+    elements apart, so the third one is 2^31 past the first, beyond the kernels' int32 position offsets.
+    Such views are copied (before, the offset wrapped: a crash or another tensor's memory read as q)."""
+    try:  # 4 GiB of address space; only the few rows written below are ever touched
+        big = torch.empty(2**31 + 64, dtype=torch.float16, device=DEVICE)
+    except (RuntimeError, MemoryError) as e:
+        pytest.skip(f"cannot reserve 4 GiB of address space here: {e}")
+    q, k, v, do = (big.as_strided((1, 3, 1, 16), (16, 2**30, 16, 1), offset) for offset in (0, 16, 32, 48))
+    for view, values in zip((q, k, v, do), _inputs(1, 3, 1, 1, 16, torch.float16, seed=12)):
+        view.copy_(values)
+    dense = [t.contiguous() for t in (q, k, v, do)]
+    for causal in (True, False):
+        o, lse = flash_attention_fwd(q, k, v, causal, 0.25)
+        o_dense, lse_dense = flash_attention_fwd(*dense[:3], causal, 0.25)
+        assert torch.equal(o, o_dense) and torch.equal(lse, lse_dense)
+        grads = flash_attention_bwd(do, q, k, v, o, lse, causal, 0.25)
+        for got, want in zip(grads, flash_attention_bwd(dense[3], *dense[:3], o, lse, causal, 0.25)):
+            assert torch.equal(got, want)
+
+
+def test_more_than_2_31_elements_per_batch_element_refused():
+    """Even a batch-major copy could not be indexed in int32 then (shapes only: meta tensors)."""
+    q = torch.empty(1, 2**21 + 1, 64, 16, device="meta")  # seq · heads · head_dim = 2^31 + 1024
+    with pytest.raises(ValueError, match=r"^flash_attention: one batch element of q holds seq \* heads \* head_dim "
+                                         r"= 2147484672 elements; the kernels support at most 2\^31$"):
+        flash_attention(q, q, q)
+    check_inputs(*(torch.empty(1, 2**21, 64, 16, device="meta"),) * 3)  # exactly 2^31 is fine
+
+
+def test_launch_grids_keep_batch_times_heads_within_cuda_limit(monkeypatch):
+    """batch x heads programs sit on the grid's second axis, which CUDA caps at 65535 (a launch beyond it
+    fails): batch 4097 with 16 heads is launched in batch chunks. Grids recorded, kernels not run (meta)."""
+    grids = {}
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: grids.setdefault(self.name, []).append(grid)
+
+    for name in ("_fwd_kernel", "_bwd_preprocess_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"):
+        monkeypatch.setattr(KERNELS, name, Recorder(name))
+    q = torch.empty(4097, 1, 16, 16, device="meta")  # (B, S, H, D)
+    kv = torch.empty(4097, 1, 4, 16, device="meta")
+    for blocks in (None, FlashAttentionBlocks(16, 16, 4, 1, 16, 16, 16, 16, 4, 1, True)):
+        o, lse = flash_attention_fwd(q, kv, kv, True, 0.25, blocks)
+        flash_attention_bwd(q, q, kv, kv, o, lse, True, 0.25, blocks)
+    heads = {"_fwd_kernel": 16, "_bwd_preprocess_kernel": 16, "_bwd_dkdv_kernel": 4, "_bwd_dq_kernel": 16}
+    for name, launched in grids.items():
+        assert max(grid[1] for grid in launched) <= 65535, name
+        assert sum(grid[1] for grid in launched) == 4097 * heads[name] * (2 if name != "_bwd_dq_kernel" else 1)
+
+
+@pytest.mark.parametrize("atomic_dq", [False, True])
+def test_launches_split_over_batch_give_the_same_results(monkeypatch, atomic_dq):
+    """With the grid limit lowered to 5, batch 3 x heads 4 runs as three launches of one batch element
+    each, bit for bit what one launch gives."""
+    blocks = FlashAttentionBlocks(16, 16, 4, 1, 16, 16, 16, 16, 4, 1, atomic_dq)
+    q, k, v, do = _inputs(3, 17, 4, 2, 16, torch.float32, seed=13)
+
+    def run():
+        o, lse = flash_attention_fwd(q, k, v, True, 0.25, blocks)
+        return (o, lse, *flash_attention_bwd(do, q, k, v, o, lse, True, 0.25, blocks))
+
+    whole = run()
+    monkeypatch.setattr(KERNELS, "_MAX_GRID_Y", 5)
+    for name, got, want in zip(("o", "lse", "dq", "dk", "dv"), run(), whole):
+        if atomic_dq and name == "dq":  # atomic adds: the order of additions varies
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        else:
+            assert torch.equal(got, want), name
 
 
 def test_default_scale_is_inverse_sqrt_head_dim():

@@ -142,6 +142,12 @@ def test_integer_input_rejected():
     assert str(e.value) == "rms_norm: x must be a floating-point tensor, got torch.int64"
 
 
+def test_complex_weight_rejected():
+    with pytest.raises(TypeError) as e:
+        rms_norm(torch.ones(2, 8, device=DEVICE), torch.ones(8, dtype=torch.complex64, device=DEVICE))
+    assert str(e.value) == "rms_norm: weight must be a real tensor, got torch.complex64"
+
+
 def test_too_wide_rejected():
     with pytest.raises(ValueError) as e:
         rms_norm(torch.ones(1, 65537, device=DEVICE), torch.ones(65537, device=DEVICE))

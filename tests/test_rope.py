@@ -46,6 +46,18 @@ def test_matches_reference(cfg, dtype):
         assert_close_3way(out, want, want_lo, name=f"{name} {cfg} {dtype}")
 
 
+def test_bf16_rounds_to_nearest_as_the_reference_does():
+    """One rounding of the fp32 result to nearest even, as rope_ref's cast: within twice torch's error
+    with no atol. (Stored with a plain cast, which Triton's CPU interpreter truncates,
+    it had over twice torch's error, hidden by the bf16 atol of the test above.)"""
+    q, k, dq_out, dk_out = _inputs((2, 33, 4, 2, 64, 1e4, 0), torch.bfloat16, seed=16)
+    got = _run(rope, q, k, dq_out, dk_out, 1e4, 0)
+    ref32 = _run(rope_ref, q.float(), k.float(), dq_out.float(), dk_out.float(), 1e4, 0)
+    ref_lo = _run(rope_ref, q, k, dq_out, dk_out, 1e4, 0)
+    for name, out, want, want_lo in zip(["q_out", "k_out", "dq", "dk"], got, ref32, ref_lo):
+        assert_close_3way(out, want, want_lo, atol=0.0, name=f"{name} bf16")
+
+
 def _rope_complex(x: torch.Tensor, theta: float, offset: int) -> torch.Tensor:
     """Independent formula in float64: the halves (i, i + d/2) as one complex number times e^{i angle}."""
     seq, dim = x.shape[1], x.shape[3]
@@ -112,6 +124,27 @@ def test_sequence_major_views_keep_their_memory_order():
         assert torch.equal(a, b)
     for t in got[:2]:  # q_out, k_out
         assert t.transpose(0, 1).is_contiguous(), t.stride()
+
+
+def test_heads_2_31_elements_apart_are_copied_not_read_at_wrapped_offsets():
+    """Position 0 of a (B 1, H 3, S 2^26, D 16) tensor transposed to (B, S, H, D): heads lie S·D = 2^30
+    elements apart, so the third is 2^31 past the first, beyond the kernel's int32 head offsets. Such
+    views, as q or as the backward's dq_out, are copied (before, the offset wrapped: a crash or another
+    tensor's memory read)."""
+    try:  # 4 GiB of address space; only the few rows written below are ever touched
+        big = torch.empty(2**31 + 64, dtype=torch.float16, device=DEVICE)
+    except (RuntimeError, MemoryError) as e:
+        pytest.skip(f"cannot reserve 4 GiB of address space here: {e}")
+    q_view, dq_view = (big.as_strided((1, 1, 3, 16), (3 * 2**30, 16, 2**30, 1), offset) for offset in (0, 16))
+    q, k, dq_out, dk_out = _inputs((1, 1, 3, 1, 16), torch.float16, seed=15)
+    q_view.copy_(q)
+    dq_view.copy_(dq_out)
+    for a, b in zip(rope(q_view, k, 1e4, 5), rope(q, k, 1e4, 5)):  # forward: q_view is read
+        assert torch.equal(a, b)
+    got = _run(rope, q, k, dq_view, dk_out, 1e4, 5)  # backward: dq_view is read
+    want = _run(rope, q, k, dq_out, dk_out, 1e4, 5)
+    for name, a, b in zip(["q_out", "k_out", "dq", "dk"], got, want):
+        assert torch.equal(a, b), name
 
 
 def test_unused_k_output_gives_zero_grad():
