@@ -324,10 +324,12 @@ def test_resume_on_a_different_dp_size(dp2_runs, tmp_path, one_thread):
     meta = read_metadata(step4)
     assert validation_change(meta, config, 1) is None
     fewer = TrainConfig.from_dict({**raw, "eval_batches": 10})
-    assert validation_change(meta, fewer, 1) == (
-        "warning: the validation sets hold 20 samples each (eval_batches · micro_batch_size · DP size), the run of "
-        "checkpoint step 4 evaluated 40: val_loss after it is not comparable with the earlier values; "
-        "eval_batches=20 keeps the checkpoint's sets")
+    warning = ("warning: the validation sets hold 20 samples each (eval_batches · micro_batch_size · DP size), the "
+               "run of checkpoint step 4 evaluated 40: val_loss after it is not comparable with the earlier values; "
+               "eval_batches=20 keeps the checkpoint's sets")
+    assert validation_change(meta, fewer, 1) == warning
+    resharded = {**meta, "dp_size": 1, "resharded_from": {"path": str(step4), "tp_size": 1, "dp_size": 2}}
+    assert validation_change(resharded, fewer, 1) == warning  # the reshard's DP size evaluated nothing
     a, b, before = final_state(dp2_runs / "dp2", 8), final_state(tmp_path / "dp1", 8), final_state(dp2_runs / "dp2", 4)
     for name in b:
         if not name.endswith(".dp0"):

@@ -159,7 +159,8 @@ def validation_change(meta: dict, config, dp_size: int) -> str | None:
     saved = meta["config"]
     if not config.eval_every or not saved.get("eval_every"):
         return None
-    old = saved["eval_batches"] * saved["micro_batch_size"] * meta["dp_size"]
+    trained_dp = meta.get("resharded_from", {}).get("dp_size", meta["dp_size"])  # `megamath reshard` trains nothing
+    old = saved["eval_batches"] * saved["micro_batch_size"] * trained_dp
     per_batch = config.micro_batch_size * dp_size  # samples of one eval batch over this run's DP ranks
     new = config.eval_batches * per_batch
     if old == new:
