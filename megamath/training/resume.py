@@ -157,10 +157,11 @@ def validation_change(meta: dict, config, dp_size: int) -> str | None:
     curve would jump where the model did not change (by ~1e-3 on a tiny model, DP 2 -> DP 1). None otherwise.
     """
     saved = meta["config"]
-    if not config.eval_every or not saved.get("eval_every"):
+    batches, micro = saved.get("eval_batches"), saved.get("micro_batch_size")
+    if not config.eval_every or not saved.get("eval_every") or batches is None or micro is None:
         return None
     trained_dp = meta.get("resharded_from", {}).get("dp_size", meta["dp_size"])  # `megamath reshard` trains nothing
-    old = saved["eval_batches"] * saved["micro_batch_size"] * trained_dp
+    old = batches * micro * trained_dp
     per_batch = config.micro_batch_size * dp_size  # samples of one eval batch over this run's DP ranks
     new = config.eval_batches * per_batch
     if old == new:
