@@ -5,7 +5,8 @@ from the serial weights' slices; both results are saved and compared here, slice
 reference ops throughout. Exact equality for the layers (on integer data every sum is exact, whichever
 rank adds it), for the seeded initialization and for state-dict slicing; allclose (1e-5) for the model's
 logits, loss and gradients, where the TP run adds partial sums across ranks in another order.
-One launch of 4 ranks: the TP pair of DP rank 0 runs the layers and five model cases, then all four TP 2 × DP 2.
+One launch of 4 ranks: the TP pair of DP rank 0 runs the layers and five model cases, then all four TP 2 × DP 2,
+then all four the TP 4 model cases (2 KV heads over 4 ranks: replicated; 4: one per rank).
 """
 from __future__ import annotations
 
@@ -32,11 +33,15 @@ MODEL_CASES = {
     # 6 q heads over 2 ranks read KV heads (0, 0, 1) and (1, 2, 2): k and v are expanded per query head.
     "q6-kv3-replicated-sp": (dict(hidden_size=48, num_heads=6, num_kv_heads=3), True),
 }
+TP4_CASES = {  # fewer KV heads than TP ranks (replicated, each rank's one query head reads one) and one each
+    "tp4-kv2-replicated-sp": (dict(), True),
+    "tp4-kv4": (dict(num_kv_heads=4), False),
+}
 B, S = 2, 8
 
 
 def config_of(case: str) -> ModelConfig:
-    return ModelConfig(**{**BASE, **MODEL_CASES[case][0]})
+    return ModelConfig(**{**BASE, **{**MODEL_CASES, **TP4_CASES}[case][0]})
 
 
 def batch(vocab: int, b: int = B, seed: int = 3):
@@ -59,52 +64,60 @@ def owner(model, name: str):
 
 
 def _worker(rank, world_size, out_dir):
-    """One launch of 4 ranks for both: the TP pair (0, 1) runs the TP 2 cases (their collectives stay in
-    the TP group, so DP rank 1 has nothing to add), then all four the TP 2 × DP 2 comparison."""
+    """One launch of 4 ranks for all: the TP pair (0, 1) runs the TP 2 cases (their collectives stay in
+    the TP group, so DP rank 1 has nothing to add), then all four the TP 2 × DP 2 comparison and the TP 4 cases."""
     state = ParallelState.from_env(TP)
     if state.dp_rank == 0:
         _tp2_worker(rank, state, out_dir)
     _tp2_dp2_worker(rank, state, out_dir)
+    tp4 = ParallelState.from_env(4)
+    torch.save({case: _model_case(tp4, case, sp) for case, (_, sp) in TP4_CASES.items()},
+               out_dir / f"tp4-rank{rank}.pt")
 
 
 def _tp2_worker(rank, state, out_dir):
+    results = {"layers": _layer_results(state)}
+    for case, (_, sp) in MODEL_CASES.items():
+        results[case] = _model_case(state, case, sp)
+    torch.save(results, out_dir / f"rank{rank}.pt")
+
+
+def _model_case(state, case: str, sp: bool) -> dict:
+    """The serial model and this rank's TP part of it, from the same seed: outputs, gradients, marks."""
     from megamath.model.ops import get_ops
     from megamath.parallel.sequence_parallel import allreduce_sequence_parallel_grads
     from megamath.parallel.mappings import gather_from_tp
 
-    results = {"layers": _layer_results(state)}
-    for case, (_, sp) in MODEL_CASES.items():
-        config = config_of(case)
-        torch.manual_seed(11)
-        serial = Llama(config)
-        torch.manual_seed(11)
-        model = Llama(config, state, sequence_parallel=sp)
-        r = {"init": {k: v.clone() for k, v in model.state_dict().items()},
-             "serial_state": {k: v.clone() for k, v in serial.state_dict().items()},
-             "marks": {n: (spec.tensor_parallel, spec.sequence_parallel) for n, spec in model.partition.items()},
-             "layer_dims": {n: (model.partition[n].partition_dim, getattr(owner(model, n), "partition_dim", None))
-                            for n, _ in model.named_parameters()}}
-        model.load_state_dict(shard_state_dict(serial.state_dict(), config, TP, rank))
-        tokens, targets = batch(config.vocab_size)
-        logits, loss = serial(tokens, targets)
-        loss.backward()
-        r.update(serial_logits=logits.detach(), serial_loss=loss.detach(), serial_grads=_grads(serial))
-        logits, loss = model(tokens, targets)
-        loss.backward()
-        r.update(tp_logits=logits.detach(), tp_logits_gathered=gather_from_tp(logits.detach(), state.tp_group),
-                 tp_loss=loss.detach(), tp_grads_partial=_grads(model))
-        allreduce_sequence_parallel_grads(model.sequence_parallel_parameters(), state)
-        r["tp_grads"] = _grads(model)
-        if case == "kv2":  # the loss through the vocab-parallel Triton kernel (interpreted on CPU)
-            r["tp_loss_triton"] = model._cross_entropy(get_ops("triton", "cpu"), logits.detach().view(B * S, -1),
-                                                       targets.reshape(-1))
-        if sp:  # refused before any collective, on every rank
-            try:
-                model(tokens[:, :7])
-            except ValueError as err:
-                r["odd_length_error"] = str(err)
-        results[case] = r
-    torch.save(results, out_dir / f"rank{rank}.pt")
+    config = config_of(case)
+    torch.manual_seed(11)
+    serial = Llama(config)
+    torch.manual_seed(11)
+    model = Llama(config, state, sequence_parallel=sp)
+    r = {"init": {k: v.clone() for k, v in model.state_dict().items()},
+         "serial_state": {k: v.clone() for k, v in serial.state_dict().items()},
+         "marks": {n: (spec.tensor_parallel, spec.sequence_parallel) for n, spec in model.partition.items()},
+         "layer_dims": {n: (model.partition[n].partition_dim, getattr(owner(model, n), "partition_dim", None))
+                        for n, _ in model.named_parameters()}}
+    model.load_state_dict(shard_state_dict(serial.state_dict(), config, state.tp_size, state.tp_rank))
+    tokens, targets = batch(config.vocab_size)
+    logits, loss = serial(tokens, targets)
+    loss.backward()
+    r.update(serial_logits=logits.detach(), serial_loss=loss.detach(), serial_grads=_grads(serial))
+    logits, loss = model(tokens, targets)
+    loss.backward()
+    r.update(tp_logits=logits.detach(), tp_logits_gathered=gather_from_tp(logits.detach(), state.tp_group),
+             tp_loss=loss.detach(), tp_grads_partial=_grads(model))
+    allreduce_sequence_parallel_grads(model.sequence_parallel_parameters(), state)
+    r["tp_grads"] = _grads(model)
+    if case == "kv2":  # the loss through the vocab-parallel Triton kernel (interpreted on CPU)
+        r["tp_loss_triton"] = model._cross_entropy(get_ops("triton", "cpu"), logits.detach().view(B * S, -1),
+                                                   targets.reshape(-1))
+    if sp:  # refused before any collective, on every rank
+        try:
+            model(tokens[:, :7])
+        except ValueError as err:
+            r["odd_length_error"] = str(err)
+    return r
 
 
 def _layer_results(state):
@@ -203,6 +216,11 @@ def tp2(launch):
     return [torch.load(launch / f"rank{r}.pt") for r in range(TP)]
 
 
+@pytest.fixture(scope="module")
+def tp4(launch):
+    return [torch.load(launch / f"tp4-rank{r}.pt") for r in range(4)]
+
+
 # ---- layers ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("sp", [False, True], ids=["tp", "tp-sp"])
@@ -258,14 +276,15 @@ def test_vocab_parallel_cross_entropy_ref_without_group():
 
 # ---- the model -------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("case", list(MODEL_CASES))
-def test_tp2_model_matches_serial(tp2, case):
-    config, sp = config_of(case), MODEL_CASES[case][1]
-    v_local = config.vocab_size // TP
-    for rank in range(TP):
-        r = tp2[rank][case]
+@pytest.mark.parametrize("tp, case", [(TP, case) for case in MODEL_CASES] + [(4, case) for case in TP4_CASES])
+def test_model_matches_serial(request, tp, case):
+    ranks = request.getfixturevalue(f"tp{tp}")
+    config, sp = config_of(case), {**MODEL_CASES, **TP4_CASES}[case][1]
+    v_local = config.vocab_size // tp
+    for rank in range(tp):
+        r = ranks[rank][case]
         where = f"{case} rank {rank}"
-        expected_init = shard_state_dict(r["serial_state"], config, TP, rank)
+        expected_init = shard_state_dict(r["serial_state"], config, tp, rank)
         for name, tensor in r["init"].items():  # seeded like the serial model: exactly its slices
             assert torch.equal(tensor, expected_init[name]), f"{where}: init of {name}"
         assert r["tp_logits"].shape == (B, S, v_local)
@@ -274,17 +293,17 @@ def test_tp2_model_matches_serial(tp2, case):
         torch.testing.assert_close(r["tp_loss"], r["serial_loss"], **TOL)
         if case == "kv2":
             torch.testing.assert_close(r["tp_loss_triton"], r["serial_loss"], **TOL)
-        expected = shard_state_dict(r["serial_grads"], config, TP, rank)
+        expected = shard_state_dict(r["serial_grads"], config, tp, rank)
         for name, grad in r["tp_grads"].items():
             torch.testing.assert_close(grad, expected[name], **TOL, msg=lambda m: f"{where}: grad of {name}: {m}")
         if sp:
             assert r["odd_length_error"] == ("sequence parallelism needs the sequence length 7 to be divisible by "
-                                             "the tensor-parallel size 2")
+                                             f"the tensor-parallel size {tp}")
         assert list(r["marks"]) == list(r["init"]), "the partition table names the model's parameters, in order"
         for name, (table_dim, layer_dim) in r["layer_dims"].items():  # the table agrees with the layer classes
             assert table_dim == layer_dim, f"{where}: partition dim of {name}"
         for name, (split, seq) in r["marks"].items():
-            replicated = "norm" in name or (config.num_kv_heads % TP and ("k_proj" in name or "v_proj" in name))
+            replicated = "norm" in name or (config.num_kv_heads % tp and ("k_proj" in name or "v_proj" in name))
             assert split == (not replicated), f"{where}: tensor_parallel mark of {name}"
             assert seq == (sp and "norm" in name), f"{where}: sequence_parallel mark of {name}"
 

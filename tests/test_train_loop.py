@@ -28,6 +28,7 @@ from megamath.training import loop
 from megamath.training.checkpoint import LATEST, latest_checkpoint, load_checkpoint, read_metadata
 from megamath.training.config import TrainConfig
 from megamath.training.loop import train
+from megamath.training.resume import validation_change
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -341,9 +342,10 @@ def test_resume_is_bitwise_exact_on_two_dp_ranks(dp2_runs):
 
 def test_resume_on_a_different_dp_size(dp2_runs, tmp_path, one_thread):
     """2 → 1 rank: the optimizer shards are re-cut exactly; training with the same global batch (2 micro-batches
-    instead of 2 ranks) goes on equal up to float noise."""
+    instead of 2 ranks) goes on equal up to float noise, and so does the validation loss once eval_batches keeps
+    the validation set (eval_batches · micro_batch_size · DP size samples); a resume that changes the set says so."""
     step4 = dp2_runs / "dp2" / "checkpoints" / "step_0000004"
-    raw = raw_config(dp2_runs / "data", tmp_path / "dp1", grad_accum_steps=2)
+    raw = raw_config(dp2_runs / "data", tmp_path / "dp1", grad_accum_steps=2, eval_every=4, eval_batches=20)
     config, state = TrainConfig.from_dict(raw), ParallelState.single()
     model = loop.build_model(config, state)
     optimizer = ZeroOptimizer(model, state, config.optimizer, model.split_parameter_names())
@@ -373,6 +375,18 @@ def test_resume_on_a_different_dp_size(dp2_runs, tmp_path, one_thread):
     # Later steps differ by rounding (1 rank sums two micro-batches, 2 ranks all-reduce them), which
     # AdamW amplifies; two fresh runs, 1 rank vs 2, drift apart just as much.
     np.testing.assert_allclose(one, two, rtol=1e-4)
+    val = [r["val_loss"]["arxiv"] for run_dir in (dp2_runs / "dp2", tmp_path / "dp1") for r in metrics(run_dir)
+           if r["step"] == 8]
+    np.testing.assert_allclose(val[1], val[0], rtol=1e-5)  # the same 40 samples (DP 2 read 10 batches per rank)
+    meta = read_metadata(step4)
+    assert validation_change(meta, config, 1) is None
+    fewer = TrainConfig.from_dict({**raw, "eval_batches": 10})
+    warning = ("warning: the validation sets hold 20 samples each (eval_batches · micro_batch_size · DP size), the "
+               "run of checkpoint step 4 evaluated 40: val_loss after it is not comparable with the earlier values; "
+               "eval_batches=20 keeps the checkpoint's sets")
+    assert validation_change(meta, fewer, 1) == warning
+    resharded = {**meta, "dp_size": 1, "resharded_from": {"path": str(step4), "tp_size": 1, "dp_size": 2}}
+    assert validation_change(resharded, fewer, 1) == warning  # the reshard's DP size evaluated nothing
     a, b, before = final_state(dp2_runs / "dp2", 8), final_state(tmp_path / "dp1", 8), final_state(dp2_runs / "dp2", 4)
     for name in b:
         if not name.endswith(".dp0"):

@@ -47,7 +47,7 @@ from megamath.training.phases import PhaseTimer, no_phase
 from megamath.training.profiling import StepProfiler
 from megamath.training.reshard import load_checkpoint_any_tp
 from megamath.training.resume import (check_resume_compatible, data_order_change, find_resume_checkpoint,
-                                     rewound_past)
+                                     rewound_past, validation_change)
 from megamath.training.run_guard import hold_run_dir
 from megamath.training.schedule import lr_at
 
@@ -237,6 +237,8 @@ def _train(config: TrainConfig, state: ParallelState, attempt: str) -> TrainResu
         saved = ckpt.read_metadata(resume_from)
         check_resume_compatible(saved, config, resume_from)
         if state.rank == 0 and (warning := data_order_change(saved, config)):
+            print(warning, flush=True)
+        if state.rank == 0 and (warning := validation_change(saved, config, state.dp_size)):
             print(warning, flush=True)
         if state.rank == 0 and (note := rewound_past(run_dir, saved["step"])):
             print(note, flush=True)

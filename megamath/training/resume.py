@@ -10,7 +10,8 @@ once whatever the job's size; the ranks then agree, before anyone loads, that ev
 An explicit path is verified too but never replaced by another. Checkpoints newer than the one chosen
 (a rewind) are named in a note, and left to the run's saves (checkpoint.prune_checkpoints). Whatever is chosen must have the run's
 model shape and (unless `checkpoint.allow_seq_length_change`) its sequence length. A change to what orders
-the samples (train_steps, the blend, the data seed) is allowed, as in Megatron-LM, but said in a warning.
+the samples (train_steps, the blend, the data seed) is allowed, as in Megatron-LM, but said in a warning,
+and so is a change that gives the validation sets other samples (their size follows the DP size).
 """
 from __future__ import annotations
 
@@ -146,6 +147,29 @@ def data_order_change(meta: dict, config) -> str | None:
         return None
     return (f"warning: {', '.join(changed)} since checkpoint step {meta['step']}: the blend is rebuilt, so the samples "
             "from here on come in another order than that run's (some may repeat, others be skipped)")
+
+
+def validation_change(meta: dict, config, dp_size: int) -> str | None:
+    """A warning line when this run's validation sets hold another number of samples than the checkpoint run's.
+
+    Each set is eval_batches · micro_batch_size · DP size fixed samples, so a resume at another DP size with the
+    global batch kept (grad_accum_steps adjusted, as the resume requires) evaluates val_loss on another set: the
+    curve would jump where the model did not change (by ~1e-3 on a tiny model, DP 2 -> DP 1). None otherwise.
+    """
+    saved = meta["config"]
+    batches, micro = saved.get("eval_batches"), saved.get("micro_batch_size")
+    if not config.eval_every or not saved.get("eval_every") or batches is None or micro is None:
+        return None
+    trained_dp = meta.get("resharded_from", {}).get("dp_size", meta["dp_size"])  # `megamath reshard` trains nothing
+    old = batches * micro * trained_dp
+    per_batch = config.micro_batch_size * dp_size  # samples of one eval batch over this run's DP ranks
+    new = config.eval_batches * per_batch
+    if old == new:
+        return None
+    keep = (f"; eval_batches={old // per_batch} keeps the checkpoint's sets" if old % per_batch == 0 else "")
+    return (f"warning: the validation sets hold {new} samples each (eval_batches · micro_batch_size · DP size), the "
+            f"run of checkpoint step {meta['step']} evaluated {old}: val_loss after it is not comparable with the "
+            f"earlier values{keep}")
 
 
 def check_resume_compatible(meta: dict, config, path: Path) -> None:
