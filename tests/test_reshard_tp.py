@@ -321,8 +321,10 @@ def test_refusals(runs, tmp_path):
     assert error(src, 1, 0) == "data-parallel size must be a positive integer, got 0"
     vocab = _copy(src, tmp_path / "vocab")
     _edit_meta(vocab, vocab_size=66)
-    assert error(vocab, 4) == ("tensor-parallel size 4 does not divide vocab_size 66: pad the vocabulary to a multiple "
-                               "of 4 (e.g. 68; Megatron's --make-vocab-size-divisible-by) before splitting it")
+    assert error(vocab, 4) == ("tensor-parallel size 4 does not divide vocab_size 66: use a TP size that does (1, 2, 3, "
+                               "6, 11) or, for a model trained from scratch, a model.vocab_size padded to a multiple "
+                               "of 4 (e.g. 68; Megatron's --make-vocab-size-divisible-by); megamath does not pad a "
+                               "pretrained vocabulary")
     ffn = _copy(src, tmp_path / "ffn")
     _edit_meta(ffn, ffn_hidden_size=66)
     assert error(ffn, 4) == "tensor-parallel size 4 does not divide ffn_hidden_size 66"

@@ -73,9 +73,11 @@ def check_tensor_parallel(config: ModelConfig, tp_size: int) -> None:
             raise ValueError(f"tensor-parallel size {tp_size} does not divide {field} {getattr(config, field)}")
     if config.vocab_size % tp_size:
         padded = -(-config.vocab_size // tp_size) * tp_size
-        raise ValueError(f"tensor-parallel size {tp_size} does not divide vocab_size {config.vocab_size}: pad the "
-                         f"vocabulary to a multiple of {tp_size} (e.g. {padded}; Megatron's "
-                         f"--make-vocab-size-divisible-by) before splitting it")
+        fitting = ", ".join(str(t) for t in range(1, 17) if config.vocab_size % t == 0)
+        raise ValueError(f"tensor-parallel size {tp_size} does not divide vocab_size {config.vocab_size}: use a TP "
+                         f"size that does ({fitting}) or, for a model trained from scratch, a model.vocab_size "
+                         f"padded to a multiple of {tp_size} (e.g. {padded}; Megatron's "
+                         "--make-vocab-size-divisible-by); megamath does not pad a pretrained vocabulary")
 
 
 def _projection(name: str) -> str:
