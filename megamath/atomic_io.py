@@ -6,12 +6,58 @@ half-written file under the real name.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import itertools
 import os
+import shutil
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterator
 
 _temp_counter = itertools.count()
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # disk full, quota reached, file size limit
+
+
+class WriteError(OSError):
+    """A file that could not be written, named with the room left where it goes (the CLI prints it as one line)."""
+
+
+def free_space(folder: str | Path) -> str:
+    try:
+        return f"{shutil.disk_usage(folder).free / 2**30:.2f} GiB"
+    except OSError:
+        return "unknown space"
+
+
+def is_out_of_room(err: BaseException) -> bool:
+    """A full disk as a write reports it: an OSError naming no file, with ENOSPC, EDQUOT or EFBIG, or with no
+    errno at all (numpy's `tofile` says only "N requested and M written"). Errors that name a file (a missing
+    folder, a permission) or carry another errno (a read's EIO) are left as they are."""
+    return type(err) is OSError and err.filename is None and (err.errno is None or err.errno in _NO_ROOM)
+
+
+def write_error(path: str | Path, err: BaseException, kept: str | None = None) -> WriteError:
+    """`err`, met while writing `path`, as one error naming the file, the room left and what survives
+    (`kept`; by default the file that was there before, since every writer here publishes by rename)."""
+    path = Path(path)
+    reason = err.strerror if isinstance(err, OSError) and err.strerror else " ".join(str(err).split())
+    return WriteError(f"could not write {path} ({free_space(path.parent)} free there): {reason}; "
+                      f"{kept or f'any earlier {path.name} is untouched'}")
+
+
+@contextlib.contextmanager
+def naming_write_errors(path: str | Path, kept: str | None = None) -> Iterator[None]:
+    """Turn a full disk met inside into a WriteError naming `path`.
+
+    Why: a write past the end of the disk fails as "[Errno 28] No space left on device" (or EFBIG past a
+    file size limit) with no file name, so a command's one-line error left the user guessing which of
+    its files, and on which filesystem, ran out of room."""
+    try:
+        yield
+    except OSError as err:
+        if is_out_of_room(err):
+            raise write_error(path, err, kept) from err
+        raise
 
 
 def fsync_path(path: str | Path) -> None:
@@ -39,7 +85,7 @@ def replace_atomically(path: str | Path, write: Callable[[BinaryIO], None]) -> N
         return
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{next(_temp_counter)}")
     try:
-        with open(tmp, "wb") as f:
+        with naming_write_errors(path), open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())

@@ -28,6 +28,7 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
+from megamath.atomic_io import naming_write_errors
 from megamath.data.preprocess import PreprocessConfig, default_workers, format_summary, preprocess
 from megamath.data.sources import InputGroup, _blocks
 
@@ -112,23 +113,25 @@ def input_files(spec: str, partitions: int) -> list[Path]:
 def deal_round_robin(files: Sequence[Path], partitions: int, folder: Path) -> list[Path]:
     """Megatron's partition files: line i of the inputs (counted across files) goes to partition i mod N."""
     paths = [folder / f"partition_{i}.jsonl" for i in range(partitions)]
-    outs = [open(p, "wb") for p in paths]
-    try:
-        index, carry = 0, b""
-        for path in files:
-            with open(path, "rb") as raw:
-                for block in _blocks(raw, path, 1 << 20):
-                    lines = (carry + block).split(b"\n")
-                    carry = lines.pop()
-                    for line in lines:
-                        outs[index].write(line + b"\n")
-                        index = (index + 1) % partitions
-            if carry:  # a last line without a newline is still a line of its own
-                outs[index].write(carry + b"\n")
-                index, carry = (index + 1) % partitions, b""
-    finally:
-        for out in outs:
-            out.close()
+    # the partitions are copies of the input, as large: a full disk is likeliest here, and would name no file
+    with naming_write_errors(folder, "the inputs are untouched and nothing was written under --output-prefix"):
+        outs = [open(p, "wb") for p in paths]
+        try:
+            index, carry = 0, b""
+            for path in files:
+                with open(path, "rb") as raw:
+                    for block in _blocks(raw, path, 1 << 20):
+                        lines = (carry + block).split(b"\n")
+                        carry = lines.pop()
+                        for line in lines:
+                            outs[index].write(line + b"\n")
+                            index = (index + 1) % partitions
+                if carry:  # a last line without a newline is still a line of its own
+                    outs[index].write(carry + b"\n")
+                    index, carry = (index + 1) % partitions, b""
+        finally:
+            for out in outs:
+                out.close()
     return paths
 
 

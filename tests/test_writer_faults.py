@@ -1,0 +1,95 @@
+"""Faults in the commands that write datasets, caches, model folders and result files (checkpoints have
+tests/test_checkpoint_faults.py): a full disk, simulated for real by a file size limit (RLIMIT_FSIZE) on the
+writing process, which then fails its writes past the limit with EFBIG as a full disk fails them with ENOSPC."""
+from __future__ import annotations
+
+import re
+import resource
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from megamath.cli import main
+from megamath.compat import megatron_preprocess
+from megamath.data.indexed_dataset_writer import IndexedDatasetWriter
+from megamath.model import Llama, ModelConfig
+from megamath.model.model_folder import save_model_folder
+from test_config_from_neox import LLEMMA_7B_YML
+from test_preprocess import _texts, _write, bpe_model  # noqa: F401
+
+REPO = Path(__file__).resolve().parents[1]
+LIMIT = 1000  # bytes a file may reach: each output below is larger
+
+
+def _dataset(prefix: Path, seed: int) -> str:
+    with IndexedDatasetWriter(prefix, np.uint16) as writer:
+        for doc in np.random.default_rng(seed).integers(0, 500, size=(40, 50)):
+            writer.add_document(doc)
+    return str(prefix)
+
+
+def _writers(tmp: Path, tokenizer: Path) -> dict[str, tuple[list[str], Path]]:
+    """name -> (the command line after `megamath`, or a script's; the folder it writes into)."""
+    src = _write(tmp / "in" / "d.jsonl", [{"text": t} for t in _texts(3, 200)])
+    a, b = _dataset(tmp / "in" / "a", 1), _dataset(tmp / "in" / "b", 2)
+    (tmp / "in" / "neox.yml").write_text(LLEMMA_7B_YML)
+    torch.manual_seed(0)
+    model = save_model_folder(Llama(ModelConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=2,
+                                                ffn_hidden_size=64, max_seq_length=32)), tmp / "in" / "model")
+    out = tmp / "out"
+    return {
+        "preprocess": (["preprocess", "--input", str(src), "--tokenizer-model", str(tokenizer), "--output-dir",
+                        str(out), "--workers", "1", "--no-progress"], out),
+        "tools/preprocess_data.py": ([str(REPO / "tools" / "preprocess_data.py"), "--input", str(src),
+                                      "--output-prefix", str(out / "pp"), "--tokenizer-type",
+                                      "GPTSentencePieceTokenizer", "--tokenizer-model", str(tokenizer),
+                                      "--workers", "1", "--partitions", "2", "--no-progress"], out),
+        "merge": (["merge", "--input", a, b, "--output", str(out / "merged")], out),
+        "blend": (["blend", "--data-path", "1", a, "1", b, "--seq-length", "8", "--num-samples", "400",
+                   "--cache-dir", str(out)], out),
+        "convert": (["convert", "megamath-to-hf", str(model), str(out / "hf")], out),
+        "config": (["config", "from-neox", str(tmp / "in" / "neox.yml"), "--vocab-size", "32016", "--output",
+                    str(out / "c.yaml"), "--force"], out),
+    }
+
+
+def _run(name: str, argv: list[str]) -> int:
+    if name.startswith("tools/"):
+        return megatron_preprocess.run(argv[1:])
+    return main(argv)
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _limit_file_size() -> None:
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing
+    resource.setrlimit(resource.RLIMIT_FSIZE, (LIMIT, LIMIT))
+
+
+@pytest.mark.parametrize("name", ["preprocess", "tools/preprocess_data.py", "merge", "blend", "convert", "config"])
+def test_a_full_disk_is_one_line_naming_the_file_and_loses_nothing(tmp_path, bpe_model, name):
+    argv, out = _writers(tmp_path, bpe_model)[name]
+    if name not in ("convert", "blend"):  # convert refuses an existing destination; blend would find its cache
+        assert _run(name, argv) == 0  # a complete earlier output, which the failed run must leave as it was
+    before = _files(out) if out.exists() else {}
+    command = argv if name.startswith("tools/") else ["-m", "megamath.cli", *argv]
+    proc = subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=300,
+                          preexec_fn=_limit_file_size)
+    prog = "preprocess_data.py" if name.startswith("tools/") else f"megamath {argv[0]}"
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and re.match(
+        rf"{re.escape(prog)}: error: could not write {re.escape(str(out))}/\S+ \(\d+\.\d\d GiB free there\): "
+        r".*File too large.*; (any earlier .+ is untouched|nothing of it was kept|the inputs are untouched .+)\n$",
+        proc.stderr), proc.stderr
+    after = _files(out) if out.exists() else {}
+    if before:
+        assert after == before  # no temporary left, no earlier file changed
+    else:  # blend: the datasets' own indices, each complete with its metadata, may stay cached
+        assert not [p for p in after if Path(p).name.startswith(".")], list(after)
+    assert _run(name, argv) == 0  # room made again: the same command succeeds
