@@ -11,6 +11,7 @@ import numpy as np
 
 from megamath.data.indexed_dataset import IndexedDataset
 from megamath.data.indexed_dataset_writer import IndexedDatasetWriter
+from megamath.run_lock import FolderLock
 
 
 def strip_extension(prefix: str) -> str:
@@ -46,7 +47,11 @@ def merge_datasets(prefixes: Sequence[str | Path], output_prefix: str | Path) ->
         if other.dtype != inputs[0].dtype:
             raise ValueError(f"cannot merge {other.prefix} ({other.dtype}) with {inputs[0].prefix} "
                              f"({inputs[0].dtype}): all inputs must share one dtype")
-    with IndexedDatasetWriter(output_prefix, inputs[0].dtype) as writer:
-        for p in prefixes:
-            writer.add_dataset(p)
-    return IndexedDataset(output_prefix)
+    # One writer per folder, as preprocess: two merges into one prefix each published .bin then .idx, so the
+    # second's unlink of the old .idx met the first between its renames: it failed on its own output, the
+    # files left were the other's, and the pair could have mixed one merge's .bin with the other's .idx.
+    with FolderLock(Path(output_prefix).parent, "merge"):
+        with IndexedDatasetWriter(output_prefix, inputs[0].dtype) as writer:
+            for p in prefixes:
+                writer.add_dataset(p)
+        return IndexedDataset(output_prefix)
