@@ -3,8 +3,11 @@ tests/test_checkpoint_faults.py): a full disk, simulated for real by a file size
 writing process, which then fails its writes past the limit with EFBIG as a full disk fails them with ENOSPC."""
 from __future__ import annotations
 
+import json
+import os
 import re
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from megamath.cli import main
 from megamath.compat import megatron_preprocess
@@ -21,6 +25,7 @@ from megamath.model import Llama, ModelConfig
 from megamath.model.model_folder import save_model_folder
 from test_config_from_neox import LLEMMA_7B_YML
 from test_preprocess import _texts, _write, bpe_model  # noqa: F401
+from test_train_loop import metrics, raw_config, rewind, run
 
 REPO = Path(__file__).resolve().parents[1]
 LIMIT = 1000  # bytes a file may reach: each output below is larger
@@ -93,3 +98,55 @@ def test_a_full_disk_is_one_line_naming_the_file_and_loses_nothing(tmp_path, bpe
     else:  # blend: the datasets' own indices, each complete with its metadata, may stay cached
         assert not [p for p in after if Path(p).name.startswith(".")], list(after)
     assert _run(name, argv) == 0  # room made again: the same command succeeds
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, one_thread_module):
+    """A finished 8-step run (checkpoints at 4 and 8, a metrics line per step) and its config file."""
+    tmp = tmp_path_factory.mktemp("trained")
+    raw = raw_config(tmp / "data", tmp / "run", train_steps=8, checkpoint__save_every=4, log_every=1)
+    run(raw)
+    (tmp / "run.yaml").write_text(yaml.safe_dump(raw))
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# (file size limit, the run's file it strikes first): config.yaml is ~1.4 KB, metrics.jsonl ~0.5 KB a step
+@pytest.mark.parametrize("limit, name", [(1000, "config.yaml"), (2500, "metrics.jsonl")])
+def test_a_full_disk_on_the_run_files_is_one_line_and_keeps_them_whole(tmp_path, trained, limit, name):
+    """A resume from step 4 on a full disk: config.yaml was rewritten in place (cut at the limit, the earlier
+    one lost), and neither it nor metrics.jsonl was named in the error."""
+    shutil.copytree(trained, tmp_path, dirs_exist_ok=True)
+    raw = yaml.safe_load((tmp_path / "run.yaml").read_text())
+    raw["run_dir"] = str(tmp_path / "run")
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
+    run_dir = tmp_path / "run"
+    rewind(run_dir, 4)
+    config = (run_dir / "config.yaml").read_bytes()
+
+    def limit_file_size() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    proc = subprocess.run([sys.executable, "-m", "megamath.cli", "train", "--config", str(tmp_path / "run.yaml")],
+                          capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    last = proc.stderr.splitlines()[-1]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and re.fullmatch(
+        rf"megamath train: error: could not write {re.escape(str(run_dir / name))} \(\d+\.\d\d GiB free there\): "
+        r"File too large; .+", last), proc.stderr
+    if name == "config.yaml":  # the earlier one, whole
+        assert (run_dir / "config.yaml").read_bytes() == config
+    else:  # written whole before the disk filled (this copy's run_dir differs from the earlier one's)
+        assert yaml.safe_load((run_dir / "config.yaml").read_text())["run_dir"] == str(run_dir)
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines[:4]] == [1, 2, 3, 4]  # kept; a torn 5th goes on resume
+    assert run(raw).step == 8  # room made again: the run resumes from step 4 and finishes
+    assert [r["step"] for r in metrics(run_dir)] == list(range(1, 9))

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megamath.atomic_io import write_text_atomically
 from megamath.evaluation.during_training import check_task_inputs, evaluate_tasks
 from megamath.model.llama import Llama
 from megamath.model.pretrained import load_pretrained
@@ -249,7 +250,7 @@ def _train(config: TrainConfig, state: ParallelState, attempt: str) -> TrainResu
         step, nonfinite = meta["step"], meta["consecutive_nonfinite"]
     finished = step >= config.train_steps  # started again with no step to run: the run stays described as it ran
     if state.rank == 0 and not finished:  # only now: a start refused above leaves the run's config.yaml as it was
-        (run_dir / "config.yaml").write_text(dump_config(config))
+        write_text_atomically(run_dir / "config.yaml", dump_config(config))  # a full disk keeps the old one whole
     tokens_per_step = data.global_batch_size * config.data.seq_length
     flops_per_token = config.model.flops_per_token(config.data.seq_length)
     log = MetricsLogger(run_dir, state, flops_per_token, tokens_per_step, config.train_steps, step + 1,

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
 import torch
 
+from megamath.atomic_io import naming_write_errors, write_text_atomically
 from megamath.parallel.mappings import all_gather_list
 from megamath.parallel.state import ParallelState
 from megamath.training.hardware import HardwareProbe
@@ -95,7 +95,7 @@ class MetricsLogger:
         self.path = Path(run_dir) / "metrics.jsonl"
         _truncate_after(self.path, first_step - 1)
         if info is not None:
-            (Path(run_dir) / RUN_INFO).write_text(json.dumps(info, indent=1) + "\n")
+            write_text_atomically(Path(run_dir) / RUN_INFO, json.dumps(info, indent=1) + "\n")
         self.file = open(self.path, "a", buffering=1)  # line-buffered: a killed run keeps its lines
         if tensorboard:
             from megamath.training.tensorboard_log import TensorBoardLog
@@ -133,7 +133,8 @@ class MetricsLogger:
             rec, timing = self.pending.pop(0)
             self._complete(rec, timing, gather)
             if self.enabled:
-                self.file.write(json.dumps(rec) + "\n")
+                with naming_write_errors(self.path, "the steps logged before are kept"):  # a resume drops a torn line
+                    self.file.write(json.dumps(rec) + "\n")
                 if self.tensorboard is not None:
                     self.tensorboard.write(rec)
                 if self.wandb is not None:
@@ -198,7 +199,10 @@ class MetricsLogger:
         finally:
             if self.enabled:
                 self.bar.close()
-                self.file.close()
+                try:
+                    self.file.close()
+                except OSError:  # the tail of a line a full disk refused, flushed again: the first error says it
+                    pass
                 if self.tensorboard is not None:
                     self.tensorboard.close()
                 if self.wandb is not None:
@@ -253,6 +257,4 @@ def _truncate_after(path: Path, last_step: int) -> None:
             continue
         if step <= last_step:
             kept.append(line if line.endswith("\n") else line + "\n")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
+    write_text_atomically(path, "".join(kept))
