@@ -11,6 +11,7 @@ import errno
 import itertools
 import os
 import shutil
+import socket
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
@@ -73,6 +74,42 @@ def fsync_path(path: str | Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def temp_tag() -> str:
+    """`HOST-PID`, for temporaries a killed process leaves: `remove_dead_temporaries` tells whose they are."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def remove_dead_temporaries(folder: str | Path, prefix: str) -> list[Path]:
+    """Delete the entries `folder/{prefix}{HOST}-{PID}[-...]` made on this host by a process that is gone.
+
+    Why: a writer killed with SIGKILL cleans nothing up, and a model export's or a partitioning's temporary
+    is as large as its output or input; the next run removes it. Another host's temporaries, and those of a
+    process still alive, are left alone (a pid is only known dead on its own host)."""
+    removed = []
+    folder, start = Path(folder), f"{prefix}{socket.gethostname()}-"
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return removed
+    for path in entries:
+        pid = path.name[len(start):].split("-", 1)[0] if path.name.startswith(start) else ""
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            removed.append(path)
+    return sorted(removed)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` of this host exists (another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid != 0
 
 
 def replace_atomically(path: str | Path, write: Callable[[BinaryIO], None]) -> None:

@@ -150,3 +150,32 @@ def test_a_full_disk_on_the_run_files_is_one_line_and_keeps_them_whole(tmp_path,
     assert [json.loads(line)["step"] for line in lines[:4]] == [1, 2, 3, 4]  # kept; a torn 5th goes on resume
     assert run(raw).step == 8  # room made again: the run resumes from step 4 and finishes
     assert [r["step"] for r in metrics(run_dir)] == list(range(1, 9))
+
+
+# Runs `megamath ARGS` (or tools/preprocess_data.py's ARGS) with MODULE.ATTR replaced by a SIGKILL of the process.
+KILLER = """
+import importlib, os, signal, sys
+module, attr, name = sys.argv[1:4]
+setattr(importlib.import_module(module), attr, lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL))
+from megamath.cli import main
+from megamath.compat import megatron_preprocess
+sys.exit(megatron_preprocess.run(sys.argv[5:]) if name.startswith("tools/") else main(sys.argv[4:]))
+"""
+# where the kill lands: a model export's first shard (config.json written), and the tokenizing of the
+# partitions (each a copy of the input, made in the output folder)
+KILLED_AT = {"convert": ("megamath.model.safetensors_io", "save_safetensors"),
+             "tools/preprocess_data.py": ("megamath.compat.megatron_preprocess", "preprocess")}
+
+
+@pytest.mark.parametrize("name", list(KILLED_AT))
+def test_the_run_after_a_kill_removes_the_killed_runs_temporary(tmp_path, bpe_model, name):
+    """The temporaries of these two are as large as the model or the input; nothing removed them."""
+    argv, out = _writers(tmp_path, bpe_model)[name]
+    (tmp_path / "killer.py").write_text(KILLER)
+    proc = subprocess.run([sys.executable, str(tmp_path / "killer.py"), *KILLED_AT[name], name, *argv],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    left = [p.name for p in out.iterdir()]
+    assert len(left) == 1 and left[0].startswith("."), left  # the killed run's temporary, nothing else
+    assert _run(name, argv) == 0
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]

@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from megamath.atomic_io import naming_write_errors
+from megamath.atomic_io import naming_write_errors, remove_dead_temporaries, temp_tag
 from megamath.data.preprocess import PreprocessConfig, default_workers, format_summary, preprocess
 from megamath.data.sources import InputGroup, _blocks
 
@@ -141,7 +141,8 @@ def run(argv: Sequence[str]) -> int:
     files = input_files(args.input, args.partitions)
     prefix = Path(args.output_prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="megatron-partitions-", dir=prefix.parent) as tmp:
+    remove_dead_temporaries(prefix.parent, ".megatron-partitions-")  # a killed run's copy of its input
+    with tempfile.TemporaryDirectory(prefix=f".megatron-partitions-{temp_tag()}-", dir=prefix.parent) as tmp:
         if args.partitions > 1 and not args.keep_sequential_samples:
             files = deal_round_robin(files, args.partitions, Path(tmp))
         for key in args.json_keys:

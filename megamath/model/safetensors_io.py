@@ -20,7 +20,7 @@ from huggingface_hub import split_state_dict_into_shards_factory
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from megamath.atomic_io import naming_write_errors
+from megamath.atomic_io import naming_write_errors, remove_dead_temporaries, temp_tag
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -167,9 +167,10 @@ def write_dir_atomically(dst: str | Path, write: Callable[[Path], None]) -> Path
     dst = Path(dst)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise FileExistsError(f"{dst} already exists and is not an empty directory")
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    tmp = dst.with_name(f".{dst.name}.tmp-{temp_tag()}")
     shutil.rmtree(tmp, ignore_errors=True)
     dst.parent.mkdir(parents=True, exist_ok=True)  # a file in the way is named here, not as the temp folder
+    remove_dead_temporaries(dst.parent, f".{dst.name}.tmp-")  # a killed export's: as large as the model
     tmp.mkdir()
     try:
         with naming_write_errors(dst, "nothing of it was kept"):  # a full disk, in whichever file it struck
