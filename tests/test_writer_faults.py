@@ -23,6 +23,7 @@ from megamath.compat import megatron_preprocess
 from megamath.data.indexed_dataset_writer import IndexedDatasetWriter
 from megamath.model import Llama, ModelConfig
 from megamath.model.model_folder import save_model_folder
+from megamath.run_lock import LOCK_NAME
 from test_config_from_neox import LLEMMA_7B_YML
 from test_preprocess import _texts, _write, bpe_model  # noqa: F401
 from test_train_loop import metrics, raw_config, rewind, run
@@ -161,21 +162,22 @@ from megamath.cli import main
 from megamath.compat import megatron_preprocess
 sys.exit(megatron_preprocess.run(sys.argv[5:]) if name.startswith("tools/") else main(sys.argv[4:]))
 """
-# where the kill lands: a model export's first shard (config.json written), and the tokenizing of the
-# partitions (each a copy of the input, made in the output folder)
-KILLED_AT = {"convert": ("megamath.model.safetensors_io", "save_safetensors"),
+# where the kill lands: a merge copying its first input, a model export's first shard (config.json written),
+# and the tokenizing of the partitions (each a copy of the input, made in the output folder)
+KILLED_AT = {"merge": ("shutil", "copyfileobj"),
+             "convert": ("megamath.model.safetensors_io", "save_safetensors"),
              "tools/preprocess_data.py": ("megamath.compat.megatron_preprocess", "preprocess")}
 
 
 @pytest.mark.parametrize("name", list(KILLED_AT))
 def test_the_run_after_a_kill_removes_the_killed_runs_temporary(tmp_path, bpe_model, name):
-    """The temporaries of these two are as large as the model or the input; nothing removed them."""
+    """These temporaries are as large as the output, the model or the input; nothing removed them."""
     argv, out = _writers(tmp_path, bpe_model)[name]
     (tmp_path / "killer.py").write_text(KILLER)
     proc = subprocess.run([sys.executable, str(tmp_path / "killer.py"), *KILLED_AT[name], name, *argv],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
-    left = [p.name for p in out.iterdir()]
-    assert len(left) == 1 and left[0].startswith("."), left  # the killed run's temporary, nothing else
+    left = [p.name for p in out.iterdir() if p.name != LOCK_NAME]  # a lock file left is taken over at once
+    assert len(left) == 1 and (".tmp-" in left[0] or "partitions" in left[0]), left  # the killed run's temporary
     assert _run(name, argv) == 0
-    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+    assert not [p.name for p in out.iterdir() if ".tmp-" in p.name or "partitions" in p.name]
