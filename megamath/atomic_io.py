@@ -120,7 +120,8 @@ def replace_atomically(path: str | Path, write: Callable[[BinaryIO], None]) -> N
         with open(path, "wb") as f:
             write(f)
         return
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{next(_temp_counter)}")
+    remove_dead_temporaries(path.parent, f".{path.name}.tmp-")  # a killed writer's, of this very file
+    tmp = path.with_name(f".{path.name}.tmp-{temp_tag()}-{next(_temp_counter)}")
     try:
         with naming_write_errors(path), open(tmp, "wb") as f:
             write(f)

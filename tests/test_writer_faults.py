@@ -162,16 +162,18 @@ from megamath.cli import main
 from megamath.compat import megatron_preprocess
 sys.exit(megatron_preprocess.run(sys.argv[5:]) if name.startswith("tools/") else main(sys.argv[4:]))
 """
-# where the kill lands: a merge copying its first input, a model export's first shard (config.json written),
-# and the tokenizing of the partitions (each a copy of the input, made in the output folder)
+# Where the kill lands: a merge copying its first input; replace_atomically's fsync, its temporary written (the
+# writer of every result file, index cache array and corpus file); a model export's first shard (config.json
+# written); the tokenizing of the partitions (each a copy of the input, made in the output folder).
 KILLED_AT = {"merge": ("shutil", "copyfileobj"),
+             "config": ("os", "fsync"),
              "convert": ("megamath.model.safetensors_io", "save_safetensors"),
              "tools/preprocess_data.py": ("megamath.compat.megatron_preprocess", "preprocess")}
 
 
 @pytest.mark.parametrize("name", list(KILLED_AT))
 def test_the_run_after_a_kill_removes_the_killed_runs_temporary(tmp_path, bpe_model, name):
-    """These temporaries are as large as the output, the model or the input; nothing removed them."""
+    """Nothing removed these temporaries, as large as the output, the model or the input."""
     argv, out = _writers(tmp_path, bpe_model)[name]
     (tmp_path / "killer.py").write_text(KILLER)
     proc = subprocess.run([sys.executable, str(tmp_path / "killer.py"), *KILLED_AT[name], name, *argv],
