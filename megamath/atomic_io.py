@@ -6,12 +6,59 @@ half-written file under the real name.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import itertools
 import os
+import shutil
+import socket
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterator
 
 _temp_counter = itertools.count()
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # disk full, quota reached, file size limit
+
+
+class WriteError(OSError):
+    """A file that could not be written, named with the room left where it goes (the CLI prints it as one line)."""
+
+
+def free_space(folder: str | Path) -> str:
+    try:
+        return f"{shutil.disk_usage(folder).free / 2**30:.2f} GiB"
+    except OSError:
+        return "unknown space"
+
+
+def is_out_of_room(err: BaseException) -> bool:
+    """A full disk as a write reports it: an OSError naming no file, with ENOSPC, EDQUOT or EFBIG, or with no
+    errno at all (numpy's `tofile` says only "N requested and M written"). Errors that name a file (a missing
+    folder, a permission) or carry another errno (a read's EIO) are left as they are."""
+    return type(err) is OSError and err.filename is None and (err.errno is None or err.errno in _NO_ROOM)
+
+
+def write_error(path: str | Path, err: BaseException, kept: str | None = None) -> WriteError:
+    """`err`, met while writing `path`, as one error naming the file, the room left and what survives
+    (`kept`; by default the file that was there before, since every writer here publishes by rename)."""
+    path = Path(path)
+    reason = err.strerror if isinstance(err, OSError) and err.strerror else " ".join(str(err).split())
+    return WriteError(f"could not write {path} ({free_space(path.parent)} free there): {reason}; "
+                      f"{kept or f'any earlier {path.name} is untouched'}")
+
+
+@contextlib.contextmanager
+def naming_write_errors(path: str | Path, kept: str | None = None) -> Iterator[None]:
+    """Turn a full disk met inside into a WriteError naming `path`.
+
+    Why: a write past the end of the disk fails as "[Errno 28] No space left on device" (or EFBIG past a
+    file size limit) with no file name, so a command's one-line error left the user guessing which of
+    its files, and on which filesystem, ran out of room."""
+    try:
+        yield
+    except OSError as err:
+        if is_out_of_room(err):
+            raise write_error(path, err, kept) from err
+        raise
 
 
 def fsync_path(path: str | Path) -> None:
@@ -29,6 +76,42 @@ def fsync_path(path: str | Path) -> None:
         os.close(fd)
 
 
+def temp_tag() -> str:
+    """`HOST-PID`, for temporaries a killed process leaves: `remove_dead_temporaries` tells whose they are."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def remove_dead_temporaries(folder: str | Path, prefix: str) -> list[Path]:
+    """Delete the entries `folder/{prefix}{HOST}-{PID}[-...]` made on this host by a process that is gone.
+
+    Why: a writer killed with SIGKILL cleans nothing up, and a model export's or a partitioning's temporary
+    is as large as its output or input; the next run removes it. Another host's temporaries, and those of a
+    process still alive, are left alone (a pid is only known dead on its own host)."""
+    removed = []
+    folder, start = Path(folder), f"{prefix}{socket.gethostname()}-"
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return removed
+    for path in entries:
+        pid = path.name[len(start):].split("-", 1)[0] if path.name.startswith(start) else ""
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            removed.append(path)
+    return sorted(removed)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` of this host exists (another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid != 0
+
+
 def replace_atomically(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
     """Write through `write(file)` into a temporary file beside `path`, then publish it as `path`."""
     path = Path(path)
@@ -37,9 +120,10 @@ def replace_atomically(path: str | Path, write: Callable[[BinaryIO], None]) -> N
         with open(path, "wb") as f:
             write(f)
         return
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{next(_temp_counter)}")
+    remove_dead_temporaries(path.parent, f".{path.name}.tmp-")  # a killed writer's, of this very file
+    tmp = path.with_name(f".{path.name}.tmp-{temp_tag()}-{next(_temp_counter)}")
     try:
-        with open(tmp, "wb") as f:
+        with naming_write_errors(path), open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())

@@ -8,6 +8,7 @@ import sentencepiece as spm
 from megamath.cli import main
 from megamath.data.indexed_dataset import IndexedDataset
 from megamath.data.indexed_dataset_writer import IndexedDatasetWriter
+from megamath.run_lock import FolderLock
 
 TEXTS = [
     "The sum of 12 and 30 is 42, since 12 + 30 = 42.",
@@ -135,3 +136,16 @@ def test_merge_bad_inputs_exit_2(tmp_path, capsys):
     assert main(["merge", "--input", str(tmp_path / "a"), str(tmp_path / "nope"), "--output", str(tmp_path / "m")]) == 2
     assert "indexed dataset file not found" in capsys.readouterr().err
     assert not (tmp_path / "m.idx").exists()
+
+
+def test_a_second_writer_in_the_output_folder_is_refused(tmp_path, capsys):
+    """Two merges into one prefix raced between the .bin and .idx renames (one failed on its own output)."""
+    write(tmp_path / "in" / "a", [[[1, 2, 3]]])
+    argv = ["merge", "--input", str(tmp_path / "in" / "a"), "--output", str(tmp_path / "out" / "m")]
+    with FolderLock(tmp_path / "out", "merge"):  # another merge, or a preprocess run into that folder
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"megamath merge: error: {tmp_path / 'out'} is in use by another merge (pid ") and \
+            err.count("\n") == 1, err
+        assert not list((tmp_path / "out").glob("m*"))
+    assert main(argv) == 0 and IndexedDataset(tmp_path / "out" / "m").num_documents == 1

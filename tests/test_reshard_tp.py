@@ -26,6 +26,7 @@ from megamath.model.tp_state_dict import merge_state_dicts, shard_state_dict
 from megamath.model.partition import tp_partition_dim
 from megamath.parallel.state import ParallelState
 from megamath.parallel.zero import ZeroOptimizer
+from megamath.run_lock import FolderLock
 from megamath.training import checkpoint as ckpt
 from megamath.training import loop
 from megamath.training import reshard as rs
@@ -393,6 +394,20 @@ def test_a_failed_reshard_leaves_no_checkpoint(runs, tmp_path, monkeypatch):
     monkeypatch.setattr(ckpt, "write_checkpoint_file", save)
     path = rs.reshard_checkpoint(runs / "a_tp2" / STEP2, tmp_path / "out", 1, 2)
     assert sorted(p.name for p in root.iterdir()) == [LATEST, "step_0000002"] and read_metadata(path)["dp_size"] == 2
+
+
+def test_a_second_writer_on_the_output_is_refused(runs, tmp_path, capsys):
+    """Two reshards into one OUTPUT shared its temp folder, each deleting the other's files; a training there
+    would race it too. The output's run lock refuses the second at once."""
+    out = tmp_path / "out"
+    argv = ["reshard", "--checkpoint", str(runs / "a_tp2" / STEP2), "--tp-size", "1", "--output", str(out)]
+    with FolderLock(out, "training"):  # or another reshard: any holder
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"megamath reshard: error: {out} is in use by another reshard (pid ") and \
+            err.count("\n") == 1, err
+        assert not (out / "checkpoints").exists()
+    assert main(argv) == 0 and complete_checkpoints(out / "checkpoints")
 
 
 def test_direct_resume_refuses_another_model(runs):

@@ -12,8 +12,9 @@ def add_parser(subparsers, name: str) -> None:
     parser = subparsers.add_parser(
         name,
         help="concatenate Megatron .bin/.idx datasets into one",
-        description="Merges the inputs, in the order given, into OUTPUT.bin/OUTPUT.idx (written atomically; "
-        "an existing dataset there is replaced, never one of the inputs). All inputs must share one token dtype.",
+        description="Merges the inputs, in the order given, into OUTPUT.bin/OUTPUT.idx (written atomically, one merge "
+        "or preprocess run at a time per output folder; an existing dataset there is replaced, never one of the "
+        "inputs). All inputs must share one token dtype.",
     )
     parser.add_argument("--input", nargs="+", required=True, metavar="PREFIX", help="datasets to merge, in order")
     parser.add_argument("--output", required=True, metavar="PREFIX", help="prefix of the merged dataset")

@@ -28,6 +28,7 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
+from megamath.atomic_io import naming_write_errors, remove_dead_temporaries, temp_tag
 from megamath.data.preprocess import PreprocessConfig, default_workers, format_summary, preprocess
 from megamath.data.sources import InputGroup, _blocks
 
@@ -112,23 +113,25 @@ def input_files(spec: str, partitions: int) -> list[Path]:
 def deal_round_robin(files: Sequence[Path], partitions: int, folder: Path) -> list[Path]:
     """Megatron's partition files: line i of the inputs (counted across files) goes to partition i mod N."""
     paths = [folder / f"partition_{i}.jsonl" for i in range(partitions)]
-    outs = [open(p, "wb") for p in paths]
-    try:
-        index, carry = 0, b""
-        for path in files:
-            with open(path, "rb") as raw:
-                for block in _blocks(raw, path, 1 << 20):
-                    lines = (carry + block).split(b"\n")
-                    carry = lines.pop()
-                    for line in lines:
-                        outs[index].write(line + b"\n")
-                        index = (index + 1) % partitions
-            if carry:  # a last line without a newline is still a line of its own
-                outs[index].write(carry + b"\n")
-                index, carry = (index + 1) % partitions, b""
-    finally:
-        for out in outs:
-            out.close()
+    # the partitions are copies of the input, as large: a full disk is likeliest here, and would name no file
+    with naming_write_errors(folder, "the inputs are untouched and nothing was written under --output-prefix"):
+        outs = [open(p, "wb") for p in paths]
+        try:
+            index, carry = 0, b""
+            for path in files:
+                with open(path, "rb") as raw:
+                    for block in _blocks(raw, path, 1 << 20):
+                        lines = (carry + block).split(b"\n")
+                        carry = lines.pop()
+                        for line in lines:
+                            outs[index].write(line + b"\n")
+                            index = (index + 1) % partitions
+                if carry:  # a last line without a newline is still a line of its own
+                    outs[index].write(carry + b"\n")
+                    index, carry = (index + 1) % partitions, b""
+        finally:
+            for out in outs:
+                out.close()
     return paths
 
 
@@ -138,7 +141,8 @@ def run(argv: Sequence[str]) -> int:
     files = input_files(args.input, args.partitions)
     prefix = Path(args.output_prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="megatron-partitions-", dir=prefix.parent) as tmp:
+    remove_dead_temporaries(prefix.parent, ".megatron-partitions-")  # a killed run's copy of its input
+    with tempfile.TemporaryDirectory(prefix=f".megatron-partitions-{temp_tag()}-", dir=prefix.parent) as tmp:
         if args.partitions > 1 and not args.keep_sequential_samples:
             files = deal_round_robin(files, args.partitions, Path(tmp))
         for key in args.json_keys:

@@ -4,13 +4,16 @@ Library side of `megamath merge` and `megamath inspect`.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from megamath.atomic_io import pid_alive
 from megamath.data.indexed_dataset import IndexedDataset
 from megamath.data.indexed_dataset_writer import IndexedDatasetWriter
+from megamath.run_lock import FolderLock
 
 
 def strip_extension(prefix: str) -> str:
@@ -46,7 +49,22 @@ def merge_datasets(prefixes: Sequence[str | Path], output_prefix: str | Path) ->
         if other.dtype != inputs[0].dtype:
             raise ValueError(f"cannot merge {other.prefix} ({other.dtype}) with {inputs[0].prefix} "
                              f"({inputs[0].dtype}): all inputs must share one dtype")
-    with IndexedDatasetWriter(output_prefix, inputs[0].dtype) as writer:
-        for p in prefixes:
-            writer.add_dataset(p)
-    return IndexedDataset(output_prefix)
+    # One writer per folder, as preprocess: two merges into one prefix each published .bin then .idx, so the
+    # second's unlink of the old .idx met the first between its renames: it failed on its own output, the
+    # files left were the other's, and the pair could have mixed one merge's .bin with the other's .idx.
+    with FolderLock(Path(output_prefix).parent, "merge"):
+        _remove_dead_temporaries(Path(output_prefix))
+        with IndexedDatasetWriter(output_prefix, inputs[0].dtype) as writer:
+            for p in prefixes:
+                writer.add_dataset(p)
+        return IndexedDataset(output_prefix)
+
+
+def _remove_dead_temporaries(prefix: Path) -> None:
+    """Delete PREFIX.bin/.idx temporaries of a killed merge (as large as its output), holding the folder's lock
+    (as preprocess removes its own): their writer is gone when its pid is."""
+    pattern = re.compile(rf"^{re.escape(prefix.name)}\.(bin|idx)\.tmp-(\d+)-\d+$")
+    for path in prefix.parent.iterdir():
+        match = pattern.match(path.name)
+        if match and not pid_alive(int(match.group(2))):
+            path.unlink(missing_ok=True)

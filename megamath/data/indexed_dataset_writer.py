@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megamath.atomic_io import fsync_path
+from megamath.atomic_io import fsync_path, naming_write_errors
 from megamath.data.indexed_dataset import (
     HEADER, MAGIC, VERSION, IndexedDataset, data_file_path, dtype_code, index_file_path,
 )
@@ -105,7 +105,8 @@ class IndexedDatasetWriter:
         tokens = self._as_tokens(tokens)
         if len(tokens) > _INT32_MAX:
             raise ValueError(f"a sequence of {len(tokens)} tokens exceeds the format's int32 length")
-        self._bin.write(memoryview(tokens).cast("B"))
+        with naming_write_errors(self._bin_path):
+            self._bin.write(memoryview(tokens).cast("B"))
         self._sizes.append(len(tokens))
 
     def end_document(self) -> None:
@@ -136,7 +137,8 @@ class IndexedDatasetWriter:
             raise ValueError(f"lengths sum to {int(lengths.sum())} but {len(tokens)} tokens were given")
         if self._sizes.count != self._doc_ends.last:
             raise ValueError("add_documents() needs the current document closed: call end_document() first")
-        self._bin.write(memoryview(tokens).cast("B"))
+        with naming_write_errors(self._bin_path):
+            self._bin.write(memoryview(tokens).cast("B"))
         first = self._sizes.count
         self._sizes.extend(lengths)
         self._doc_ends.extend(np.arange(first + 1, first + 1 + len(lengths), dtype=np.int64))
@@ -152,7 +154,7 @@ class IndexedDatasetWriter:
         if self._sizes.count != self._doc_ends.last:
             raise ValueError(f"cannot add {other.prefix} while a document is open: call end_document() first")
         offset = self._sizes.count
-        with open(data_file_path(prefix), "rb") as src:
+        with open(data_file_path(prefix), "rb") as src, naming_write_errors(self._bin_path):
             shutil.copyfileobj(src, self._bin, length=_WRITE_BUFFER)
         self._sizes.extend(other.sizes)
         self._doc_ends.extend(other.document_indices[1:] + offset)
@@ -166,14 +168,15 @@ class IndexedDatasetWriter:
         if self._sizes.count != self._doc_ends.last:
             raise ValueError(f"{self._sizes.count - self._doc_ends.last} sequence(s) of {self.prefix} were "
                              "added after the last end_document(): close the document before finalize()")
-        self._bin.flush()
-        os.fsync(self._bin.fileno())
-        self._bin.close()
+        with naming_write_errors(self._bin_path):
+            self._bin.flush()
+            os.fsync(self._bin.fileno())
+            self._bin.close()
         sizes = self._sizes.to_numpy()  # (N,)
         pointers = np.zeros(len(sizes), dtype=np.int64)  # (N,) exclusive prefix sum, in bytes
         np.cumsum(sizes[:-1] * self.dtype.itemsize, out=pointers[1:])
         doc_indices = np.concatenate([[0], self._doc_ends.to_numpy()]).astype(np.int64)  # (D,)
-        with open(self._idx_tmp, "wb") as f:
+        with naming_write_errors(self._idx_path), open(self._idx_tmp, "wb") as f:
             f.write(HEADER.pack(MAGIC, VERSION, self._code, len(sizes), len(doc_indices)))
             f.write(sizes.astype("<i4").tobytes())
             f.write(pointers.astype("<i8").tobytes())
@@ -190,7 +193,10 @@ class IndexedDatasetWriter:
         """Close and delete the temporaries; files already under the final names are left alone."""
         if self._state == "finalized":
             return
-        self._bin.close()
+        try:
+            self._bin.close()
+        except OSError:  # the buffered tail cannot be flushed (the disk is full): the file goes anyway
+            pass
         self._bin_tmp.unlink(missing_ok=True)
         self._idx_tmp.unlink(missing_ok=True)
         self._state = "aborted"

@@ -28,6 +28,7 @@ from typing import Iterator, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from megamath.atomic_io import pid_alive
 from megamath.data.indexed_dataset import best_dtype
 from megamath.data.indexed_dataset_writer import IndexedDatasetWriter
 from megamath.data.preprocess_workers import Encoded, EncoderSpec, InProcess, ProcessPool
@@ -233,20 +234,10 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
     removed = []
     for path in folder.iterdir():
         match = _STALE_TEMP.match(path.name)
-        if match and not _alive(int(match.group(2))):
+        if match and not pid_alive(int(match.group(2))):
             path.unlink(missing_ok=True)
             removed.append(path)
     return sorted(removed)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return pid != 0
 
 
 def _run(config: PreprocessConfig, groups, tokenizer, dtype, spec, log) -> list[DatasetSummary]:

@@ -20,6 +20,8 @@ from huggingface_hub import split_state_dict_into_shards_factory
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from megamath.atomic_io import naming_write_errors, remove_dead_temporaries, temp_tag
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -149,7 +151,12 @@ def write_safetensors_dir(directory: Path, plan: list[tuple[str, int]], fetch: C
                                                  filename_pattern="model{suffix}.safetensors",
                                                  max_shard_size=max_shard_bytes)
     for file, names in split.filename_to_tensors.items():
-        save_safetensors({n: fetch(n).contiguous() for n in names}, directory / file, metadata={"format": "pt"})
+        shard = {n: fetch(n).contiguous() for n in names}
+        try:
+            save_safetensors(shard, directory / file, metadata={"format": "pt"})
+        except SafetensorError as err:  # a full disk, as safetensors words it ("I/O error: ..."): an OSError
+            raise OSError(f"{file}: {' '.join(str(err).split())}") from err  # for write_dir_atomically to name
+        del shard
     if split.is_sharded:
         index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
         (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
@@ -160,12 +167,14 @@ def write_dir_atomically(dst: str | Path, write: Callable[[Path], None]) -> Path
     dst = Path(dst)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise FileExistsError(f"{dst} already exists and is not an empty directory")
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    tmp = dst.with_name(f".{dst.name}.tmp-{temp_tag()}")
     shutil.rmtree(tmp, ignore_errors=True)
     dst.parent.mkdir(parents=True, exist_ok=True)  # a file in the way is named here, not as the temp folder
+    remove_dead_temporaries(dst.parent, f".{dst.name}.tmp-")  # a killed export's: as large as the model
     tmp.mkdir()
     try:
-        write(tmp)
+        with naming_write_errors(dst, "nothing of it was kept"):  # a full disk, in whichever file it struck
+            write(tmp)
         if dst.exists():
             dst.rmdir()
         os.replace(tmp, dst)

@@ -39,6 +39,7 @@ import torch
 from safetensors.torch import load_file
 
 from megamath.atomic_io import fsync_path as _fsync  # module names: crash tests patch them here
+from megamath.atomic_io import free_space as _free_space
 from megamath.atomic_io import write_text_atomically as _write_text_atomically
 from megamath.model.safetensors_io import save_safetensors
 from megamath.parallel.mappings import barrier
@@ -172,13 +173,6 @@ def write_checkpoint_file(write, path: Path) -> None:
         # SafetensorError, neither naming the file: say which file, how much room is left, and what survives.
         raise OSError(f"could not write checkpoint file {path} ({_free_space(path.parent)} free there): "
                       f"{' '.join(str(err).split())}; the checkpoints saved before are untouched") from err
-
-
-def _free_space(folder: Path) -> str:
-    try:
-        return f"{shutil.disk_usage(folder).free / 2**30:.2f} GiB"
-    except OSError:
-        return "unknown space"
 
 
 def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from megamath.atomic_io import write_text_atomically
+from megamath.atomic_io import naming_write_errors, write_text_atomically
 from megamath.parallel.mappings import all_gather_list
 from megamath.parallel.state import ParallelState
 from megamath.training.hardware import HardwareProbe
@@ -176,7 +175,8 @@ class MetricsLogger:
                     write_text_atomically(self.run_dir / CONFIG_FILE, self.description.config_yaml)
                     write_text_atomically(self.run_dir / RUN_INFO, json.dumps(self.description.info, indent=1) + "\n")
                     self.description = None
-                self.file.write(json.dumps(rec) + "\n")
+                with naming_write_errors(self.path, "the steps logged before are kept"):  # a resume drops a torn line
+                    self.file.write(json.dumps(rec) + "\n")
                 if self.tensorboard is not None:
                     self.tensorboard.write(rec)
                 if self.wandb is not None:
@@ -241,7 +241,10 @@ class MetricsLogger:
         finally:
             if self.enabled:
                 self.bar.close()
-                self.file.close()
+                try:
+                    self.file.close()
+                except OSError:  # the tail of a line a full disk refused, flushed again: the first error says it
+                    pass
                 if self.tensorboard is not None:
                     self.tensorboard.close()
                 if self.wandb is not None:
@@ -296,6 +299,4 @@ def _truncate_after(path: Path, last_step: int) -> None:
             continue
         if step <= last_step:
             kept.append(line if line.endswith("\n") else line + "\n")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
+    write_text_atomically(path, "".join(kept))

@@ -51,6 +51,7 @@ from megamath.parallel.state import ParallelState
 from megamath.parallel.zero import ZeroOptimizer
 from megamath.parallel.zero_checkpoint import CHECKPOINT_FORMAT, STATE_KEYS, validate_shards
 from megamath.parallel.zero_layout import bucket_numel_for, read_flat, saved_layout, zero_layout
+from megamath.run_lock import FolderLock
 from megamath.training import checkpoint as ckpt
 from megamath.training.checkpoint import (CHECKPOINTS, LATEST, METADATA, checkpoint_files, complete_checkpoints,
                                           latest_checkpoint, model_file, optimizer_file, read_metadata, rng_file,
@@ -246,27 +247,30 @@ def reshard_checkpoint(checkpoint: str | Path, output: str | Path, tp_size: int,
         dp_size = default_dp_size(meta["world_size"], tp_size)
     if isinstance(dp_size, bool) or not isinstance(dp_size, int) or dp_size < 1:
         raise ValueError(f"data-parallel size must be a positive integer, got {dp_size!r}")
-    root = Path(output) / CHECKPOINTS
-    held = complete_checkpoints(root)
-    if held:
-        raise FileExistsError(f"{output} already holds checkpoints ({', '.join(p.name for _, p in held)}): reshard "
-                              "into a new run directory")
-    source = TrainCheckpoint(src)
-    name = step_dir_name(source.meta["step"])
-    final, tmp = root / name, root / f".{name}.tmp"
-    root.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a reshard that was killed
-    tmp.mkdir()
-    try:
-        _write_files(source, tmp, tp_size, dp_size)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # refused input or a failed write: leave nothing half done
-        raise
-    fsync_path(tmp)
-    os.rename(tmp, final)
-    fsync_path(root)
-    write_text_atomically(root / LATEST, name + "\n")
-    return final
+    # One writer per run directory, as for training: two reshards into OUTPUT shared `.step_N.tmp`, each
+    # deleting the other's files, and one left a checkpoint mixing both layouts that its checksums sealed.
+    with FolderLock(output, "reshard"):
+        root = Path(output) / CHECKPOINTS
+        held = complete_checkpoints(root)
+        if held:
+            raise FileExistsError(f"{output} already holds checkpoints ({', '.join(p.name for _, p in held)}): "
+                                  "reshard into a new run directory")
+        source = TrainCheckpoint(src)
+        name = step_dir_name(source.meta["step"])
+        final, tmp = root / name, root / f".{name}.tmp"
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a reshard that was killed
+        tmp.mkdir()
+        try:
+            _write_files(source, tmp, tp_size, dp_size)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # refused input or a failed write: leave nothing half done
+            raise
+        fsync_path(tmp)
+        os.rename(tmp, final)
+        fsync_path(root)
+        write_text_atomically(root / LATEST, name + "\n")
+        return final
 
 
 # ---- resuming at another TP size directly ------------------------------------------------------------------
