@@ -6,9 +6,9 @@ The lock is `flock(LOCK_EX | LOCK_NB)` on `FOLDER/.megamath.lock`, held for the 
 kernel drops it when the holder exits, however it dies (kill -9 included), so a lock is never stale:
 a file left by a dead holder is taken over at once. A clean release deletes the file while still
 holding the lock, so an acquirer checks after locking that its file is still the one at the path (else
-it retries on the new one). The holder writes its pid, host and command into the file so the refusal
-can say who holds it. Advisory locks work on local filesystems
-and NFSv4/Lustre mounts that support flock; where the filesystem ignores them, nothing is refused.
+it retries on the new one). The holder writes what it does (training, reshard, ...), its pid, host and
+command into the file so the refusal can say who holds it. Advisory locks work on local filesystems and
+NFSv4/Lustre mounts that support flock; where the filesystem ignores them, nothing is refused.
 """
 from __future__ import annotations
 
@@ -41,9 +41,10 @@ class FolderLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = _read_holder(fd)
+                kind, holder = _read_holder(fd)
                 os.close(fd)
-                raise FolderBusyError(f"{self.folder} is in use by another {self.what} ({holder or 'holder unknown'}"
+                who = f"another {self.what}" if kind in ("", self.what) else f"a {kind}"  # a training holds a reshard's
+                raise FolderBusyError(f"{self.folder} is in use by {who} ({holder or 'holder unknown'}"
                                       "): wait for it to end or choose another folder") from None
             except BaseException:
                 os.close(fd)
@@ -55,7 +56,7 @@ class FolderLock:
                 pass
             os.close(fd)  # the previous holder released and deleted this file meanwhile: lock the new one
         os.ftruncate(fd, 0)
-        os.write(fd, (f"pid {os.getpid()} on {socket.gethostname()} since "
+        os.write(fd, (f"{self.what}\npid {os.getpid()} on {socket.gethostname()} since "
                       f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv)[:300]}\n").encode())
         self._fd = fd
         return self
@@ -77,8 +78,12 @@ class FolderLock:
         self.release()
 
 
-def _read_holder(fd: int) -> str:
+def _read_holder(fd: int) -> tuple[str, str]:
+    """(what the holder is doing, who it is) from its lock file; a file of one line (an older megamath's)
+    names no kind."""
     try:
-        return os.pread(fd, 400, 0).decode("utf-8", "replace").strip()
+        text = os.pread(fd, 500, 0).decode("utf-8", "replace").strip()
     except OSError:
-        return ""
+        return "", ""
+    kind, _, holder = text.partition("\n")
+    return (kind, holder.strip()) if holder else ("", kind)

@@ -1,4 +1,6 @@
 """Faults during a run: a process killed at random points of a save, a second training on the same run_dir."""
+import fcntl
+import os
 import random
 import re
 import shutil
@@ -14,7 +16,7 @@ from safetensors import SafetensorError
 
 from forked_script import ScriptProcess
 from megamath.cli import main
-from megamath.run_lock import FolderBusyError, FolderLock
+from megamath.run_lock import LOCK_NAME, FolderBusyError, FolderLock
 from megamath.training import checkpoint as ckpt
 from megamath.training.checkpoint import LATEST, latest_checkpoint
 from megamath.training.checkpoint_verify import verify_checkpoint
@@ -171,15 +173,21 @@ def test_a_second_training_on_one_run_dir_is_refused_and_the_first_finishes(tmp_
 
 
 def test_folder_lock_refuses_a_second_holder_and_frees_on_release(tmp_path):
+    """The refusal names what the holder is doing: a reshard refused by a training said "another reshard"."""
     first = FolderLock(tmp_path / "x", "training").acquire()
-    try:
-        FolderLock(tmp_path / "x", "preprocess run").acquire()
-    except FolderBusyError as err:
-        assert "is in use by another preprocess run (pid " in str(err)
-    else:
-        raise AssertionError("a second holder got the lock")
+    for what, who in (("preprocess run", "a training"), ("training", "another training")):
+        with pytest.raises(FolderBusyError, match=rf"x is in use by {who} \(pid \d+ on "):
+            FolderLock(tmp_path / "x", what).acquire()
     first.release()
     FolderLock(tmp_path / "x", "training").acquire().release()
+    fd = os.open(tmp_path / "x" / LOCK_NAME, os.O_RDWR | os.O_CREAT)  # held by an older megamath: one line
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, b"pid 1 on host since then: megamath merge\n")
+        with pytest.raises(FolderBusyError, match=r"x is in use by another merge \(pid 1 on host since then: "):
+            FolderLock(tmp_path / "x", "merge").acquire()
+    finally:
+        os.close(fd)
 
 
 def test_os_errors_on_the_run_dir_and_the_export_folder_are_one_line(tmp_path, capsys):

@@ -404,7 +404,7 @@ def test_a_second_writer_on_the_output_is_refused(runs, tmp_path, capsys):
     with FolderLock(out, "training"):  # or another reshard: any holder
         assert main(argv) == 2
         err = capsys.readouterr().err
-        assert err.startswith(f"megamath reshard: error: {out} is in use by another reshard (pid ") and \
+        assert err.startswith(f"megamath reshard: error: {out} is in use by a training (pid ") and \
             err.count("\n") == 1, err
         assert not (out / "checkpoints").exists()
     assert main(argv) == 0 and complete_checkpoints(out / "checkpoints")
