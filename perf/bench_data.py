@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import filecmp
 import json
 import os
 import platform
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,10 +47,6 @@ LLEMMA_MIXTURE = {
 
 def _machine() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-
-
-def _peak_child_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
 
 # --- preprocessing -----------------------------------------------------------------------------------
@@ -100,53 +98,84 @@ def _count_tokens(output_dir: Path) -> tuple[int, int]:
 
 
 def _timed(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
-    """Run cmd; return (seconds, peak RSS MiB of the largest process it ran)."""
-    before = _peak_child_rss_mib()
+    """Run cmd; return (seconds, peak RSS MiB of the largest process it ran: itself or a worker it waited
+    for, from wait4's usage of this one child, so earlier runs' peaks never carry over)."""
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(process.pid, 0)
     seconds = time.perf_counter() - start
-    return seconds, max(_peak_child_rss_mib(), before)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise subprocess.CalledProcessError(process.returncode, cmd)
+    return seconds, usage.ru_maxrss / 1024
 
 
 def bench_preprocess(args) -> list[dict]:
+    """Each tool and worker count `--repeats` times, interleaved (a change in the machine's load reaches
+    every tool alike); rows give the median time and, for the peer, its ratio to megamath on the same file."""
     files = _jsonl_inputs(args.input)
-    rows = []
+    megatron = args.megatron_lm / "tools" / "preprocess_data.py" if args.megatron_lm else None
+    peer_env = dict(os.environ, PYTHONPATH=f"{args.megatron_lm}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     with tempfile.TemporaryDirectory(prefix="megamath-bench-") as tmp:
         tmp = Path(tmp)
         plain = tmp / "input.jsonl"
         records, plain_bytes = _decompress_to(files, plain)
         print(f"input: {len(files)} files, {records:,} records, {plain_bytes / 1e6:.1f} MB uncompressed")
-        runs = [("megamath", w, [str(p) for p in args.input]) for w in args.workers]
-        runs += [("megamath (plain jsonl)", w, [str(plain)]) for w in args.workers]
-        for name, workers, inputs in runs:
-            out = tmp / f"out-{len(rows)}"
-            cmd = [sys.executable, "-m", "megamath.cli", "preprocess", "--input", *inputs,
-                   "--tokenizer-model", str(args.tokenizer_model), "--output-dir", str(out),
-                   "--workers", str(workers)]
-            seconds, peak = _timed(cmd)
-            documents, tokens = _count_tokens(out)
-            rows.append(_preprocess_row(name, workers, seconds, documents, tokens, plain_bytes, peak))
-            shutil.rmtree(out)
-        script = args.megatron_lm / "tools" / "preprocess_data.py" if args.megatron_lm else None
-        for workers in args.workers:
-            if script is None or not script.exists():
-                rows.append({"tool": "Megatron-LM tools/preprocess_data.py", "workers": workers, "status": "absent"})
-                continue
-            out = tmp / f"megatron-{workers}"
-            out.mkdir()
-            cmd = [sys.executable, str(script), "--input", str(plain), "--output-prefix", str(out / "doc"),
-                   "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", str(args.tokenizer_model),
-                   "--workers", str(workers), "--append-eod", "--json-keys", "text"]
-            env = dict(os.environ, PYTHONPATH=f"{args.megatron_lm}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-            seconds, peak = _timed(cmd, env)
-            documents, tokens = _count_tokens(out)
-            rows.append(_preprocess_row("Megatron-LM tools/preprocess_data.py", workers, seconds, documents,
-                                        tokens, plain_bytes, peak))
+
+        def ours(inputs, workers):
+            return lambda out: ([sys.executable, "-m", "megamath.cli", "preprocess", "--input", *inputs,
+                                 "--tokenizer-model", str(args.tokenizer_model), "--output-dir", str(out),
+                                 "--workers", str(workers)], None, out / f"{plain.stem}_text_document")
+
+        def theirs(workers):
+            # GPTSentencePieceTokenizer: encode(text) + EOS in every Megatron-LM version, as megamath stores
+            # it (the older SentencePieceTokenizer appended an added <EOD> id instead of EOS).
+            return lambda out: ([sys.executable, str(megatron), "--input", str(plain), "--output-prefix",
+                                 str(out / "doc"), "--tokenizer-type", "GPTSentencePieceTokenizer",
+                                 "--tokenizer-model", str(args.tokenizer_model), "--workers", str(workers),
+                                 "--append-eod", "--json-keys", "text"], peer_env, out / "doc_text_document")
+
+        runs = [("megamath", w, ours([str(p) for p in args.input], w)) for w in args.workers]
+        runs += [("megamath (plain jsonl)", w, ours([str(plain)], w)) for w in args.workers]
+        if megatron is not None and megatron.exists():
+            runs += [(PEER, w, theirs(w)) for w in args.workers]
+        seconds = {(name, w): [] for name, w, _ in runs}
+        counts, peaks, outputs = {}, {}, {}
+        for repeat in range(args.repeats):
+            for name, workers, build in runs:
+                out = tmp / f"out-{len(outputs)}-{repeat}"
+                out.mkdir()
+                cmd, env, prefix = build(out)
+                elapsed, peak = _timed(cmd, env)
+                seconds[name, workers].append(elapsed)
+                peaks[name, workers] = max(peak, peaks.get((name, workers), 0.0))
+                if repeat == 0:  # the outputs are the same every time: count and compare the first
+                    counts[name, workers] = _count_tokens(out)
+                    outputs[name, workers] = prefix
+                else:
+                    shutil.rmtree(out)
+        rows = []
+        for name, workers, _ in runs:
+            median = statistics.median(seconds[name, workers])
+            rows.append(_preprocess_row(name, workers, median, *counts[name, workers], plain_bytes,
+                                        peaks[name, workers]))
+            if name == PEER:
+                ref = outputs["megamath (plain jsonl)", workers]
+                rows[-1]["seconds_vs_megamath"] = round(median / statistics.median(
+                    seconds["megamath (plain jsonl)", workers]), 2)
+                rows[-1]["byte_identical_to_megamath"] = all(
+                    filecmp.cmp(f"{outputs[name, workers]}{ext}", f"{ref}{ext}", shallow=False)
+                    for ext in (".bin", ".idx"))
+        if megatron is None or not megatron.exists():
+            rows += [{"tool": PEER, "workers": w, "status": "absent"} for w in args.workers]
     return rows
 
 
+PEER = "Megatron-LM tools/preprocess_data.py"
+
+
 def _preprocess_row(tool, workers, seconds, documents, tokens, input_bytes, peak_mib) -> dict:
-    return {"tool": tool, "workers": workers, "seconds": round(seconds, 2), "documents": documents,
+    return {"tool": tool, "workers": workers, "seconds (median)": round(seconds, 2), "documents": documents,
             "tokens": tokens, "docs_per_s": round(documents / seconds), "tokens_per_s": round(tokens / seconds),
             "MB_per_s": round(input_bytes / 1e6 / seconds, 2), "peak_rss_MiB": round(peak_mib)}
 
@@ -247,6 +276,7 @@ def main(argv=None) -> int:
     pre.add_argument("--tokenizer-model", type=Path, required=True)
     pre.add_argument("--workers", nargs="+", type=int, default=[1, 2])
     pre.add_argument("--megatron-lm", type=Path, default=None, help="a Megatron-LM checkout: the peer")
+    pre.add_argument("--repeats", type=int, default=3, help="runs of each tool and worker count (median)")
     idx = sub.add_parser("index", help="sample index and blending indices at ProofPile II scale")
     idx.add_argument("--documents", type=int, default=10_000_000)
     idx.add_argument("--tokens", type=float, default=55e9)
