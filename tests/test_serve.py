@@ -135,6 +135,27 @@ def test_a_failed_generation_gets_a_500_and_the_server_keeps_serving(monkeypatch
     assert "request failed: RuntimeError: CUDA out of memory" in capsys.readouterr().err
 
 
+def test_deeply_nested_json_gets_a_400_and_the_server_keeps_serving(monkeypatch):
+    """200 KB of "[[[[...]]]]" made json.loads raise RecursionError: the connection was dropped unanswered."""
+    import threading
+    from http.server import HTTPServer
+
+    from megamath.generation import server as server_module
+    from megamath.generation.server import ServeConfig, make_handler
+
+    monkeypatch.setattr(server_module, "suggest", lambda *args: ["rfl"])
+    httpd = HTTPServer(("127.0.0.1", 0), make_handler(None, None, ServeConfig()))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        port = httpd.server_address[1]
+        for body in (b"[" * 100_000 + b"]" * 100_000, b'{"tactic_state": "x", "context": ' + b"[" * 100_000 + b"}"):
+            assert post(port, body) == (400, {"error": "malformed JSON: nested too deeply"})
+        assert post(port, b'{"tactic_state": "x"}') == (200, {"suggestions": ["rfl"]})
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
 def test_suggestions_are_prefixed_deduplicated_and_ranked_by_mean_logprob(monkeypatch):
     from megamath.generation import server as server_module
     from megamath.generation.generate import Completion

@@ -118,6 +118,8 @@ def make_handler(model, codec: PromptCodec, config: ServeConfig):
                 request = json.loads(self.rfile.read(int(length)).decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError) as err:
                 return self._reply(400, {"error": f"malformed JSON: {err}"})
+            except RecursionError:  # "[[[[...]]]]": Python's parser recurses once per level
+                return self._reply(400, {"error": "malformed JSON: nested too deeply"})
             if not isinstance(request, dict):
                 return self._reply(400, {"error": "the body must be a JSON object"})
             bad = [k for k in ("tactic_state", "prefix", "context") if not isinstance(request.get(k, ""), str)]
