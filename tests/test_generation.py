@@ -84,6 +84,19 @@ def test_greedy_equals_hugging_face_generate_on_ragged_batches(hf_models, kind):
             assert abs(c.logprob - ref) < 1e-3
 
 
+def test_greedy_runs_to_max_seq_length_like_hugging_face_on_each_prompt_alone(hf_models):
+    """A batch of a 10-token and a 1-token prompt decoded to the model's last position (96) gives the tokens HF
+    gives each prompt alone; one token more is refused."""
+    hf, ours = hf_models["mqa-odd"]
+    prompts = ragged_prompts(ours.config.vocab_size, lengths=(10, 1), seed=4)
+    got = generate(ours, prompts, SamplingParams(max_new_tokens=86))
+    assert ours.config.max_seq_length == 96
+    for prompt, c in zip(prompts, got):
+        assert c.token_ids == hf_greedy(hf, [prompt], 86)[0] and len(c.token_ids) == 86
+    with pytest.raises(ValueError, match="exceeds the model's max_seq_length 96"):
+        generate(ours, prompts, SamplingParams(max_new_tokens=87))
+
+
 def test_greedy_stops_at_eos_like_hugging_face(hf_models):
     hf, ours = hf_models["gqa"]
     prompts = ragged_prompts(ours.config.vocab_size, seed=5)
