@@ -10,7 +10,9 @@ The prompt is LLMSTEP's `[GOAL]{tactic_state}[PROOFSTEP]{prefix}`; `num_samples`
 (split evenly over the configured temperatures), each cut at the first newline; a suggestion is the
 prefix followed by the completion, stripped. Duplicates are merged and suggestions ranked by mean
 log-probability per generated token (long tactics are not penalised for their length). `context` is
-accepted and unused, as in LLMSTEP's reference server.
+accepted and unused, as in LLMSTEP's reference server. The samples of the server's n-th request draw from
+seeds keyed by n: the same proof state asked again gets fresh samples, and a restarted server answers its
+requests in the same order with the same suggestions.
 
 One request is served at a time (one model); each request's socket reads and its generation are bounded
 by `request_timeout_s`. The server binds to 127.0.0.1 unless told otherwise; SIGTERM finishes the
