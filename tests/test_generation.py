@@ -186,6 +186,16 @@ def test_sampling_probabilities_equal_hugging_face_warpers():
         SamplingParams(temperature=float("inf"))
 
 
+def test_a_zero_from_the_exponential_race_never_draws_a_filtered_token(monkeypatch):
+    """exponential_ may return an exact 0 on some backends: probs / race was then 0 / 0 = NaN for a token
+    top-p or vocab_limit removed, and argmax chose it."""
+    monkeypatch.setattr(torch.Tensor, "exponential_", lambda self, generator=None: self.zero_())
+    logits = torch.tensor([[float("-inf"), 0.0, 1.0], [3.0, 2.0, -2.0]])  # a limited vocabulary; top-p's tail
+    tokens, _ = choose_tokens(logits, SamplingParams(temperature=1.0, top_p=0.6),
+                              row_generators([1, 2], torch.device("cpu")))
+    assert tokens.tolist() == [2, 0]  # each row's one kept token
+
+
 def test_stop_strings_cut_the_text():
     class Echo(torch.nn.Module):  # a "model" that always predicts (last token + 1) mod 10
         config = ModelConfig(vocab_size=10, hidden_size=8, num_layers=1, num_heads=2, num_kv_heads=1,

@@ -91,7 +91,9 @@ def choose_tokens(logits: torch.Tensor, params: SamplingParams,
         probs = sampling_probs(logits, params)  # (B, V)
         race = torch.stack([torch.empty(probs.shape[1], device=probs.device).exponential_(generator=g)
                             for g in generators])  # (B, V) ~ Exp(1), one stream per row
-        tokens = (probs / race).argmax(dim=-1)  # (B,)
+        # An exact 0 from exponential_ (some backends draw them) would make a filtered token's 0 / 0 a NaN,
+        # which argmax picks: floored, it leaves that token at 0 and a kept token's draw finite.
+        tokens = (probs / race.clamp_min_(torch.finfo(race.dtype).tiny)).argmax(dim=-1)  # (B,)
     return tokens, logp.gather(1, tokens[:, None])[:, 0]
 
 
