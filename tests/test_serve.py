@@ -156,6 +156,39 @@ def test_deeply_nested_json_gets_a_400_and_the_server_keeps_serving(monkeypatch)
         httpd.server_close()
 
 
+def test_a_burst_of_clients_waits_its_turn_and_each_gets_its_answer(monkeypatch):
+    """64 clients at once: past HTTPServer's listen queue of 5, the connections were reset."""
+    import threading
+    import time
+
+    from megamath.generation import server as server_module
+    from megamath.generation.server import LLMStepServer, ServeConfig, make_handler
+
+    monkeypatch.setattr(server_module, "suggest", lambda model, codec, config, state, prefix, n, deadline:
+                        time.sleep(0.01) or [f"{prefix} {state}"])
+    httpd = LLMStepServer(("127.0.0.1", 0), make_handler(None, None, ServeConfig()))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    replies = [None] * 64
+
+    def client(i):
+        try:
+            body = json.dumps({"tactic_state": f"h{i} : α ⊢ α", "prefix": "λ"}).encode()
+            replies[i] = post(httpd.server_address[1], body)
+        except OSError as err:
+            replies[i] = repr(err)
+
+    clients = [threading.Thread(target=client, args=(i,)) for i in range(64)]
+    try:
+        for c in clients:
+            c.start()
+        for c in clients:
+            c.join()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert replies == [(200, {"suggestions": [f"λ h{i} : α ⊢ α"]}) for i in range(64)]
+
+
 def test_suggestions_are_prefixed_deduplicated_and_ranked_by_mean_logprob(monkeypatch):
     from megamath.generation import server as server_module
     from megamath.generation.generate import Completion
