@@ -289,6 +289,11 @@ def test_report_comm_threshold_is_a_share(tmp_path, capsys, value):
     (["--request-timeout", "0"], "--request-timeout must be > 0 seconds, got 0.0"),
     (["--seed", "-1"], "--seed must be >= 0, got -1"),
     (["--temperature", "0.2", "--temperatures", "0.5", "1.0"], "give --temperature or --temperatures, not both"),
+    # Checked only by each request's SamplingParams, these answered every request with a 500.
+    (["--temperatures", "0.5", "nan"], "temperature must be >= 0 and finite, got nan"),
+    (["--temperature", "-1"], "temperature must be >= 0 and finite, got -1.0"),
+    (["--top-p", "1.5"], "top_p must be in (0, 1], got 1.5"),
+    (["--max-new-tokens", "0"], "max_new_tokens must be a positive integer, got 0"),
 ])
 def test_serve_flags_are_checked_before_the_model_loads(tiny, capsys, monkeypatch, flags, message):
     from megamath.generation import session

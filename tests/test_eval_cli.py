@@ -131,7 +131,8 @@ def test_bad_vote_sampling_settings_stop_eval_before_the_greedy_pass(tiny, tmp_p
     monkeypatch.setattr(runner, "complete", lambda *a, **k: calls.append(a[3]) or [])
     data = _gsm8k_file(tmp_path / "g.jsonl")
     for flags, message in ((["--top-p", "0"], "top_p must be in (0, 1]"),
-                           (["--temperature", "-1"], "temperature must be >= 0")):
+                           (["--temperature", "-1"], "temperature must be >= 0"),
+                           (["--max-new-tokens", "0"], "max_new_tokens must be a positive integer")):
         assert main(["eval", *_args(tiny, "--task", "gsm8k", "--data", str(data), "--maj", "4", *flags,
                                     "--output", str(tmp_path / "o.jsonl"))]) == 2
         assert message in capsys.readouterr().err

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from megamath.generation.generate import SamplingParams, choose_tokens, generate, row_generators
+from megamath.generation.generate import SamplingParams, choose_tokens, generate, row_generators, sampling_probs
 from megamath.generation.kv_cache import rope_at
 from megamath.generation.loading import checkpoint_kind, load_model
 from megamath.model import Llama, ModelConfig
@@ -84,6 +84,19 @@ def test_greedy_equals_hugging_face_generate_on_ragged_batches(hf_models, kind):
             assert abs(c.logprob - ref) < 1e-3
 
 
+def test_greedy_runs_to_max_seq_length_like_hugging_face_on_each_prompt_alone(hf_models):
+    """A batch of a 10-token and a 1-token prompt decoded to the model's last position (96) gives the tokens HF
+    gives each prompt alone; one token more is refused."""
+    hf, ours = hf_models["mqa-odd"]
+    prompts = ragged_prompts(ours.config.vocab_size, lengths=(10, 1), seed=4)
+    got = generate(ours, prompts, SamplingParams(max_new_tokens=86))
+    assert ours.config.max_seq_length == 96
+    for prompt, c in zip(prompts, got):
+        assert c.token_ids == hf_greedy(hf, [prompt], 86)[0] and len(c.token_ids) == 86
+    with pytest.raises(ValueError, match="exceeds the model's max_seq_length 96"):
+        generate(ours, prompts, SamplingParams(max_new_tokens=87))
+
+
 def test_greedy_stops_at_eos_like_hugging_face(hf_models):
     hf, ours = hf_models["gqa"]
     prompts = ragged_prompts(ours.config.vocab_size, seed=5)
@@ -138,6 +151,49 @@ def test_sampling_follows_the_distribution_and_top_p_cuts_the_tail():
     assert torch.allclose(logp, logits[0, tokens].float(), atol=1e-6)
     tokens, _ = choose_tokens(logits, SamplingParams(temperature=1.0, top_p=0.75), gens)
     assert set(tokens.tolist()) == {0, 1}  # 0.5 + 0.3 reach 0.75; the tail is never drawn
+
+
+def test_sampling_probabilities_equal_hugging_face_warpers():
+    """The filtered distribution is HF's TemperatureLogitsWarper + TopPLogitsWarper's; ties at the top-p
+    boundary keep as many tokens (which of them, HF's unstable sort decides); a temperature near 0 gives
+    the greedy token, not NaN probabilities (logits / 1e-38 overflowed and token 0 was drawn every step)."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+    def hf(logits, temperature, top_p):
+        return torch.softmax(TopPLogitsWarper(top_p)(None, TemperatureLogitsWarper(temperature)(None, logits)), -1)
+
+    g = torch.Generator().manual_seed(0)
+    for temperature, top_p in ((0.3, 0.95), (0.6, 0.5), (1.0, 0.8), (1.7, 0.1), (1.0, 0.999999)):
+        logits = torch.randn(32, 301, generator=g) * 3
+        ties = logits.bfloat16().float()  # bf16 logits tie often, at the boundary too
+        for x in (logits, ties):
+            ours, ref = sampling_probs(x, SamplingParams(temperature=temperature, top_p=top_p)), hf(x, temperature, top_p)
+            assert torch.equal((ours > 0).sum(-1), (ref > 0).sum(-1))
+            assert torch.allclose(ours.sort(-1).values, ref.sort(-1).values, atol=1e-6, rtol=0)
+        assert torch.equal(sampling_probs(logits, SamplingParams(temperature=temperature, top_p=top_p)) > 0,
+                           hf(logits, temperature, top_p) > 0)  # no ties: the very same tokens
+    logits = torch.log(torch.tensor([[0.4, 0.3, 0.3], [0.3, 0.3, 0.4]]))  # a tie at 0.5's boundary
+    expected = torch.tensor([[4 / 7, 0, 3 / 7], [0, 3 / 7, 4 / 7]])  # the later tied index stays, as in HF
+    assert torch.allclose(sampling_probs(logits, SamplingParams(temperature=1.0, top_p=0.5)), expected)
+    logits = torch.randn(4, 50, generator=g) * 3
+    logits[0, 7] = logits[0].max()
+    for temperature in (1e-6, 1e-38, 1e-45):
+        probs = sampling_probs(logits, SamplingParams(temperature=temperature, top_p=0.9))
+        assert torch.equal(probs > 0, logits == logits.max(-1, keepdim=True).values)
+    tokens, _ = choose_tokens(logits, SamplingParams(temperature=1e-38), row_generators(range(4), torch.device("cpu")))
+    assert torch.equal(tokens[1:], logits[1:].argmax(-1)) and tokens[0] in (logits[0].argmax(), 7)
+    with pytest.raises(ValueError, match="finite"):
+        SamplingParams(temperature=float("inf"))
+
+
+def test_a_zero_from_the_exponential_race_never_draws_a_filtered_token(monkeypatch):
+    """exponential_ may return an exact 0 on some backends: probs / race was then 0 / 0 = NaN for a token
+    top-p or vocab_limit removed, and argmax chose it."""
+    monkeypatch.setattr(torch.Tensor, "exponential_", lambda self, generator=None: self.zero_())
+    logits = torch.tensor([[float("-inf"), 0.0, 1.0], [3.0, 2.0, -2.0]])  # a limited vocabulary; top-p's tail
+    tokens, _ = choose_tokens(logits, SamplingParams(temperature=1.0, top_p=0.6),
+                              row_generators([1, 2], torch.device("cpu")))
+    assert tokens.tolist() == [2, 0]  # each row's one kept token
 
 
 def test_stop_strings_cut_the_text():

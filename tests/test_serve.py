@@ -135,6 +135,60 @@ def test_a_failed_generation_gets_a_500_and_the_server_keeps_serving(monkeypatch
     assert "request failed: RuntimeError: CUDA out of memory" in capsys.readouterr().err
 
 
+def test_deeply_nested_json_gets_a_400_and_the_server_keeps_serving(monkeypatch):
+    """200 KB of "[[[[...]]]]" made json.loads raise RecursionError: the connection was dropped unanswered."""
+    import threading
+    from http.server import HTTPServer
+
+    from megamath.generation import server as server_module
+    from megamath.generation.server import ServeConfig, make_handler
+
+    monkeypatch.setattr(server_module, "suggest", lambda *args: ["rfl"])
+    httpd = HTTPServer(("127.0.0.1", 0), make_handler(None, None, ServeConfig()))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        port = httpd.server_address[1]
+        for body in (b"[" * 100_000 + b"]" * 100_000, b'{"tactic_state": "x", "context": ' + b"[" * 100_000 + b"}"):
+            assert post(port, body) == (400, {"error": "malformed JSON: nested too deeply"})
+        assert post(port, b'{"tactic_state": "x"}') == (200, {"suggestions": ["rfl"]})
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_a_burst_of_clients_waits_its_turn_and_each_gets_its_answer(monkeypatch):
+    """64 clients at once: past HTTPServer's listen queue of 5, the connections were reset."""
+    import threading
+    import time
+
+    from megamath.generation import server as server_module
+    from megamath.generation.server import LLMStepServer, ServeConfig, make_handler
+
+    monkeypatch.setattr(server_module, "suggest", lambda model, codec, config, state, prefix, n, deadline:
+                        time.sleep(0.01) or [f"{prefix} {state}"])
+    httpd = LLMStepServer(("127.0.0.1", 0), make_handler(None, None, ServeConfig()))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    replies = [None] * 64
+
+    def client(i):
+        try:
+            body = json.dumps({"tactic_state": f"h{i} : α ⊢ α", "prefix": "λ"}).encode()
+            replies[i] = post(httpd.server_address[1], body)
+        except OSError as err:
+            replies[i] = repr(err)
+
+    clients = [threading.Thread(target=client, args=(i,)) for i in range(64)]
+    try:
+        for c in clients:
+            c.start()
+        for c in clients:
+            c.join()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert replies == [(200, {"suggestions": [f"λ h{i} : α ⊢ α"]}) for i in range(64)]
+
+
 def test_suggestions_are_prefixed_deduplicated_and_ranked_by_mean_logprob(monkeypatch):
     from megamath.generation import server as server_module
     from megamath.generation.generate import Completion

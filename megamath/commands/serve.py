@@ -33,6 +33,7 @@ def add_parser(subparsers, name: str) -> None:
 
 
 def run(args) -> int:
+    from megamath.generation.generate import SamplingParams
     from megamath.generation.session import open_model
     from megamath.generation.server import ServeConfig, serve
 
@@ -43,8 +44,8 @@ def run(args) -> int:
     temperatures = tuple(args.temperatures or [0.5 if args.temperature is None else args.temperature])
     if args.num_samples < 1:
         raise ValueError(f"--num-samples must be positive, got {args.num_samples}")
-    if any(t < 0 for t in temperatures):
-        raise ValueError(f"temperatures must be >= 0, got {temperatures}")
+    for temperature in temperatures:  # each request's settings, checked now: a bad one failed every request
+        SamplingParams(args.max_new_tokens, temperature, args.top_p)
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be 0..65535, got {args.port}")
     check_generation_flags(args)

@@ -76,8 +76,8 @@ class EvaluationConfig:
         if tasks and not self.tokenizer_model:
             raise ValueError("evaluation.tokenizer_model is required when evaluation.tasks are listed")
         # Checked here: otherwise a bad value stops the run only when its first evaluation begins.
-        if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
-            raise ValueError(f"evaluation.temperature must be >= 0, got {self.temperature!r}")
+        if not (isinstance(self.temperature, (int, float)) and 0 <= self.temperature < float("inf")):
+            raise ValueError(f"evaluation.temperature must be >= 0 and finite, got {self.temperature!r}")
         if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
             raise ValueError(f"evaluation.top_p must be in (0, 1], got {self.top_p!r}")
         for key, low in (("seed", 0), ("batch_size", 1)):

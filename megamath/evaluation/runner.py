@@ -39,6 +39,8 @@ class EvalSettings:
     def __post_init__(self) -> None:
         if self.maj < 1:
             raise ValueError(f"maj must be at least 1, got {self.maj}")
+        if self.max_new_tokens is not None:  # 0 would read as "the task's default"
+            SamplingParams(self.max_new_tokens)
         if self.maj > 1:  # the votes' settings, checked now: the votes run after the whole greedy pass
             SamplingParams(1, self.temperature, self.top_p)
 

@@ -43,8 +43,8 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not 0 <= self.temperature < float("inf"):
+            raise ValueError(f"temperature must be >= 0 and finite, got {self.temperature!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         self.stop = tuple(self.stop)
@@ -64,6 +64,22 @@ class Completion:
     """"eos", "stop" or "length"."""
 
 
+def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """logits (B, V) -> the probabilities a sample is drawn from (B, V), those of Hugging Face's temperature
+    and top-p warpers: softmax(logits / temperature) with the least probable tokens zeroed while their
+    mass stays within 1 - top_p (ties leave in index order, as HF's stable ascending sort has them).
+
+    The logits are shifted to a maximum of 0 before the division: softmax is unchanged, and a temperature
+    near 0 (1e-38) gives the greedy token instead of inf / inf = NaN probabilities."""
+    scaled = (logits - logits.max(dim=-1, keepdim=True).values) / params.temperature  # (B, V), max 0
+    if params.top_p < 1:
+        sorted_s, order = scaled.sort(dim=-1, stable=True)  # (B, V) ascending
+        tail = sorted_s.softmax(dim=-1).cumsum(dim=-1) <= 1 - params.top_p  # (B, V) in sorted order
+        tail[:, -1] = False  # the most probable token always stays
+        scaled = scaled.masked_fill(tail.scatter(1, order, tail), float("-inf"))
+    return torch.softmax(scaled, dim=-1)  # (B, V)
+
+
 def choose_tokens(logits: torch.Tensor, params: SamplingParams,
                   generators: Sequence[torch.Generator] | None) -> tuple[torch.Tensor, torch.Tensor]:
     """logits (B, V) -> (tokens (B,), log p(token) (B,) under the untempered model)."""
@@ -72,15 +88,12 @@ def choose_tokens(logits: torch.Tensor, params: SamplingParams,
     if params.temperature == 0:
         tokens = logits.argmax(dim=-1)  # (B,)
     else:
-        probs = torch.softmax(logits / params.temperature, dim=-1)  # (B, V)
-        if params.top_p < 1:
-            sorted_p, order = probs.sort(dim=-1, descending=True)
-            before = sorted_p.cumsum(dim=-1) - sorted_p  # mass of the more probable tokens
-            sorted_p = sorted_p.masked_fill(before >= params.top_p, 0.0)  # the first token always stays
-            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+        probs = sampling_probs(logits, params)  # (B, V)
         race = torch.stack([torch.empty(probs.shape[1], device=probs.device).exponential_(generator=g)
                             for g in generators])  # (B, V) ~ Exp(1), one stream per row
-        tokens = (probs / race).argmax(dim=-1)  # (B,)
+        # An exact 0 from exponential_ (some backends draw them) would make a filtered token's 0 / 0 a NaN,
+        # which argmax picks: floored, it leaves that token at 0 and a kept token's draw finite.
+        tokens = (probs / race.clamp_min_(torch.finfo(race.dtype).tiny)).argmax(dim=-1)  # (B,)
     return tokens, logp.gather(1, tokens[:, None])[:, 0]
 
 

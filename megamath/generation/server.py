@@ -10,11 +10,13 @@ The prompt is LLMSTEP's `[GOAL]{tactic_state}[PROOFSTEP]{prefix}`; `num_samples`
 (split evenly over the configured temperatures), each cut at the first newline; a suggestion is the
 prefix followed by the completion, stripped. Duplicates are merged and suggestions ranked by mean
 log-probability per generated token (long tactics are not penalised for their length). `context` is
-accepted and unused, as in LLMSTEP's reference server.
+accepted and unused, as in LLMSTEP's reference server. The samples of the server's n-th request draw from
+seeds keyed by n: the same proof state asked again gets fresh samples, and a restarted server answers its
+requests in the same order with the same suggestions.
 
-One request is served at a time (one model); each request's socket reads and its generation are bounded
-by `request_timeout_s`. The server binds to 127.0.0.1 unless told otherwise; SIGTERM finishes the
-request in flight and stops it.
+One request is served at a time (one model; up to 128 more connections wait their turn); each request's
+socket reads and its generation are bounded by `request_timeout_s`. The server binds to 127.0.0.1 unless
+told otherwise; SIGTERM finishes the request in flight and stops it.
 """
 from __future__ import annotations
 
@@ -49,6 +51,13 @@ class ServeConfig:
     request_timeout_s: float = 60.0
     seed: int = 0
     batch_size: int = 16
+
+
+class LLMStepServer(HTTPServer):
+    """An HTTPServer whose listen queue holds a burst of clients: one request is served at a time and the
+    others wait their turn there (HTTPServer's queue of 5 reset every connection past it)."""
+
+    request_queue_size = 128
 
 
 def llmstep_prompt(tactic_state: str, prefix: str) -> str:
@@ -118,6 +127,8 @@ def make_handler(model, codec: PromptCodec, config: ServeConfig):
                 request = json.loads(self.rfile.read(int(length)).decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError) as err:
                 return self._reply(400, {"error": f"malformed JSON: {err}"})
+            except RecursionError:  # "[[[[...]]]]": Python's parser recurses once per level
+                return self._reply(400, {"error": "malformed JSON: nested too deeply"})
             if not isinstance(request, dict):
                 return self._reply(400, {"error": "the body must be a JSON object"})
             bad = [k for k in ("tactic_state", "prefix", "context") if not isinstance(request.get(k, ""), str)]
@@ -147,7 +158,7 @@ def make_handler(model, codec: PromptCodec, config: ServeConfig):
 def serve(model, codec: PromptCodec, config: ServeConfig, ready=None) -> None:
     """Serve until SIGTERM or SIGINT; `ready(host, port)` is called once listening."""
     try:
-        server = HTTPServer((config.host, config.port), make_handler(model, codec, config))
+        server = LLMStepServer((config.host, config.port), make_handler(model, codec, config))
     except OSError as err:  # port in use, unknown host: the OS's message names neither
         raise OSError(f"cannot listen on {config.host}:{config.port}: {err.strerror or err}") from None
     stop = threading.Event()
