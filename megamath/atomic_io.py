@@ -81,12 +81,13 @@ def temp_tag() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-def remove_dead_temporaries(folder: str | Path, prefix: str) -> list[Path]:
-    """Delete the entries `folder/{prefix}{HOST}-{PID}[-...]` made on this host by a process that is gone.
+def remove_dead_temporaries(folder: str | Path, prefix: str, anywhere: bool = False) -> list[Path]:
+    """Delete the entries `folder/{prefix}{HOST}-{PID}[-...]` made on this host by a process that is gone;
+    with `anywhere`, `{prefix}{HOST}-{PID}` may follow any name (`X_document.bin.tmp-HOST-PID-N`).
 
-    Why: a writer killed with SIGKILL cleans nothing up, and a model export's or a partitioning's temporary
-    is as large as its output or input; the next run removes it. Another host's temporaries, and those of a
-    process still alive, are left alone (a pid is only known dead on its own host)."""
+    Why: a writer killed with SIGKILL cleans nothing up, and a model export's, a dataset's or a partitioning's
+    temporary is as large as its output or input; the next run removes it. Another host's temporaries, and
+    those of a process still alive, are left alone (a pid is only known dead on its own host)."""
     removed = []
     folder, start = Path(folder), f"{prefix}{socket.gethostname()}-"
     try:
@@ -94,7 +95,8 @@ def remove_dead_temporaries(folder: str | Path, prefix: str) -> list[Path]:
     except OSError:
         return removed
     for path in entries:
-        pid = path.name[len(start):].split("-", 1)[0] if path.name.startswith(start) else ""
+        at = path.name.find(start) if anywhere else (0 if path.name.startswith(start) else -1)
+        pid = path.name[at + len(start):].split("-", 1)[0] if at >= 0 else ""
         if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
             removed.append(path)

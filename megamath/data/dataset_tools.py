@@ -4,15 +4,13 @@ Library side of `megamath merge` and `megamath inspect`.
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from megamath.atomic_io import pid_alive
 from megamath.data.indexed_dataset import IndexedDataset
-from megamath.data.indexed_dataset_writer import IndexedDatasetWriter
+from megamath.data.indexed_dataset_writer import IndexedDatasetWriter, remove_dead_writers_temporaries
 from megamath.run_lock import FolderLock
 
 
@@ -53,18 +51,8 @@ def merge_datasets(prefixes: Sequence[str | Path], output_prefix: str | Path) ->
     # second's unlink of the old .idx met the first between its renames: it failed on its own output, the
     # files left were the other's, and the pair could have mixed one merge's .bin with the other's .idx.
     with FolderLock(Path(output_prefix).parent, "merge"):
-        _remove_dead_temporaries(Path(output_prefix))
+        remove_dead_writers_temporaries(Path(output_prefix).parent, output_prefix)  # a killed merge's
         with IndexedDatasetWriter(output_prefix, inputs[0].dtype) as writer:
             for p in prefixes:
                 writer.add_dataset(p)
         return IndexedDataset(output_prefix)
-
-
-def _remove_dead_temporaries(prefix: Path) -> None:
-    """Delete PREFIX.bin/.idx temporaries of a killed merge (as large as its output), holding the folder's lock
-    (as preprocess removes its own): their writer is gone when its pid is."""
-    pattern = re.compile(rf"^{re.escape(prefix.name)}\.(bin|idx)\.tmp-(\d+)-\d+$")
-    for path in prefix.parent.iterdir():
-        match = pattern.match(path.name)
-        if match and not pid_alive(int(match.group(2))):
-            path.unlink(missing_ok=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megamath.atomic_io import fsync_path, naming_write_errors
+from megamath.atomic_io import fsync_path, naming_write_errors, remove_dead_temporaries, temp_tag
 from megamath.data.indexed_dataset import (
     HEADER, MAGIC, VERSION, IndexedDataset, data_file_path, dtype_code, index_file_path,
 )
@@ -21,6 +21,15 @@ from megamath.data.indexed_dataset import (
 _INT32_MAX = np.iinfo(np.int32).max
 _WRITE_BUFFER = 16 << 20  # bytes; small add_item calls are batched into writes this large
 _temp_counter = itertools.count()  # makes temporary names unique within one process
+TEMP_MARK = ".tmp-"  # PREFIX.bin.tmp-HOST-PID-N and PREFIX.idx.tmp-HOST-PID-N until finalize() publishes them
+
+
+def remove_dead_writers_temporaries(folder: str | Path, prefix: str | Path | None = None) -> list[Path]:
+    """Delete the temporaries of writers killed before they finished (as large as their output), those of
+    `prefix`'s dataset or, without it, of every dataset in `folder`; call it holding the folder's lock."""
+    names = (f"{Path(prefix).name}.bin{TEMP_MARK}", f"{Path(prefix).name}.idx{TEMP_MARK}") if prefix else \
+        (f".bin{TEMP_MARK}", f".idx{TEMP_MARK}")
+    return sorted(p for name in names for p in remove_dead_temporaries(folder, name, anywhere=prefix is None))
 
 
 class _GrowingArray:
@@ -66,7 +75,7 @@ class IndexedDatasetWriter:
         self.prefix = Path(prefix)
         self._bin_path, self._idx_path = data_file_path(prefix), index_file_path(prefix)
         self._bin_path.parent.mkdir(parents=True, exist_ok=True)
-        tag = f".tmp-{os.getpid()}-{next(_temp_counter)}"
+        tag = f"{TEMP_MARK}{temp_tag()}-{next(_temp_counter)}"  # the writer's host and pid: see remove_dead_temporaries
         self._bin_tmp = self._bin_path.with_name(self._bin_path.name + tag)
         self._idx_tmp = self._idx_path.with_name(self._idx_path.name + tag)
         self._bin = open(self._bin_tmp, "wb", buffering=_WRITE_BUFFER)

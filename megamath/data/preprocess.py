@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -28,16 +27,14 @@ from typing import Iterator, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from megamath.atomic_io import pid_alive
 from megamath.data.indexed_dataset import best_dtype
-from megamath.data.indexed_dataset_writer import IndexedDatasetWriter
+from megamath.data.indexed_dataset_writer import IndexedDatasetWriter, remove_dead_writers_temporaries
 from megamath.data.preprocess_workers import Encoded, EncoderSpec, InProcess, ProcessPool
 from megamath.data.sources import BadLine, InputGroup, LineBatch, archive_fault, discover_inputs, read_line_batches
 from megamath.data.tokenizer import SentencePieceTokenizer
 from megamath.run_lock import FolderLock
 
 # Temporary names of IndexedDatasetWriter (`{prefix}.bin.tmp-{pid}-{n}`), removed when their run is dead.
-_STALE_TEMP = re.compile(r"^.+_document\.(bin|idx)\.tmp-(\d+)-\d+$")
 
 
 def default_workers() -> int:
@@ -203,7 +200,7 @@ def preprocess(config: PreprocessConfig, groups: list[InputGroup] | None = None)
         tqdm.write(message, file=sys.stderr)
 
     with FolderLock(config.output_dir, "preprocess run"):  # one writer per output folder
-        removed = remove_stale_temporaries(Path(config.output_dir))
+        removed = remove_dead_writers_temporaries(config.output_dir)
         if removed:
             log(f"removed {len(removed)} temporary files of a dead run: {', '.join(p.name for p in removed[:4])}")
         if config.skip_bad_files:
@@ -227,17 +224,6 @@ def _without_bad_files(groups: list[InputGroup], log) -> list[InputGroup]:
         else:
             log(f"warning: no readable input left for {group.name}: no dataset written for it")
     return kept
-
-
-def remove_stale_temporaries(folder: Path) -> list[Path]:
-    """Delete dataset temporaries whose writing process is gone (call while holding the folder's lock)."""
-    removed = []
-    for path in folder.iterdir():
-        match = _STALE_TEMP.match(path.name)
-        if match and not pid_alive(int(match.group(2))):
-            path.unlink(missing_ok=True)
-            removed.append(path)
-    return sorted(removed)
 
 
 def _run(config: PreprocessConfig, groups, tokenizer, dtype, spec, log) -> list[DatasetSummary]:
