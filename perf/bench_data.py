@@ -192,10 +192,14 @@ def _synthetic_sizes(documents: int, tokens: int, seed: int) -> np.ndarray:
     return sizes.astype(np.int32)
 
 
-def _seconds(fn):
-    start = time.perf_counter()
-    result = fn()
-    return time.perf_counter() - start, result
+def _seconds(fn, repeats: int = 1):
+    """(median seconds of `repeats` calls of fn, the last call's result)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
 
 
 def _megatron_helpers():
@@ -218,20 +222,22 @@ def bench_index(args) -> list[dict]:
     print(f"synthetic dataset: {args.documents:,} documents, {tokens:,} tokens, "
           f"seq {args.seq_length}, {num_samples:,} samples")
     rows = []
-    seconds, _ = _seconds(lambda: build_gpt_indices(sizes, documents, num_samples, args.seq_length, args.seed))
+    seconds, _ = _seconds(lambda: build_gpt_indices(sizes, documents, num_samples, args.seq_length, args.seed),
+                          args.repeats)
     rows.append({"step": "GPT indices (doc + sample + shuffle), megamath", "items": num_samples,
-                 "seconds": round(seconds, 3)})
+                 "seconds (median)": round(seconds, 3)})
     doc_idx = build_doc_idx(documents, num_epochs_needed(tokens, args.seq_length, num_samples),
                             np.random.RandomState(args.seed))
-    seconds, ours = _seconds(lambda: build_sample_index(sizes, doc_idx, args.seq_length, num_samples))
-    rows.append({"step": "sample index alone, megamath (C++)", "items": num_samples, "seconds": round(seconds, 3)})
+    seconds, ours = _seconds(lambda: build_sample_index(sizes, doc_idx, args.seq_length, num_samples), args.repeats)
+    rows.append({"step": "sample index alone, megamath (C++)", "items": num_samples,
+                 "seconds (median)": round(seconds, 3)})
 
     weights = normalize_weights(list(LLEMMA_MIXTURE.values()))
-    seconds, (dataset_index, _) = _seconds(lambda: build_blending_indices(weights, num_samples))
+    seconds, (dataset_index, _) = _seconds(lambda: build_blending_indices(weights, num_samples), args.repeats)
     shares = np.bincount(dataset_index, minlength=len(weights)) / num_samples
     worst = float(np.max(np.abs(shares - weights) / weights))
     rows.append({"step": "blending indices, Llemma mixture of 5, megamath (C++)", "items": num_samples,
-                 "seconds": round(seconds, 3), "worst_relative_share_error": f"{worst:.2e}"})
+                 "seconds (median)": round(seconds, 3), "worst_relative_share_error": f"{worst:.2e}"})
 
     peer = _megatron_helpers()
     if peer is None:
@@ -240,16 +246,17 @@ def bench_index(args) -> list[dict]:
         doc_idx32 = doc_idx.astype(np.int32)
         helpers, helpers_cpp = peer
         seconds, theirs = _seconds(lambda: helpers.build_sample_idx(
-            sizes, doc_idx32, args.seq_length, 1, tokens, True, True))
+            sizes, doc_idx32, args.seq_length, 1, tokens, True, True), args.repeats)
         same = bool(np.array_equal(np.asarray(theirs)[: num_samples + 1], ours[: num_samples + 1]))
         rows.append({"step": "sample index alone, Megatron-core helpers_cpp", "items": num_samples,
-                     "seconds": round(seconds, 3), "equal_to_megamath": same})
+                     "seconds (median)": round(seconds, 3), "equal_to_megamath": same})
         index = np.zeros(num_samples, dtype=np.int16)
         sample = np.zeros(num_samples, dtype=np.int64)
         seconds, _ = _seconds(lambda: helpers_cpp.build_blending_indices(
-            index, sample, weights, len(weights), num_samples, False))
+            index, sample, weights, len(weights), num_samples, False), args.repeats)
         rows.append({"step": "blending indices, Megatron-core helpers_cpp", "items": num_samples,
-                     "seconds": round(seconds, 3), "equal_to_megamath": bool(np.array_equal(index, dataset_index)),
+                     "seconds (median)": round(seconds, 3),
+                     "equal_to_megamath": bool(np.array_equal(index, dataset_index)),
                      "note": "peer picks argmax w*max(i,1)-count, megamath w*(i+1)-count (the peer gives "
                              "a 1e-9-weight dataset a sample at i=2)"})
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -282,6 +289,7 @@ def main(argv=None) -> int:
     idx.add_argument("--tokens", type=float, default=55e9)
     idx.add_argument("--seq-length", type=int, default=4096)
     idx.add_argument("--seed", type=int, default=1234)
+    idx.add_argument("--repeats", type=int, default=5, help="calls of each step (median)")
     args = parser.parse_args(argv)
 
     rows = bench_preprocess(args) if args.what == "preprocess" else bench_index(args)
