@@ -419,8 +419,8 @@ def test_report_rates_are_those_of_the_layout_run_info_describes(tmp_path):
     out = summarize(load_run(run_dir), 3, token_budget=8 * 16 * 3600)  # 8 samples × 16 tokens per step
     assert out["step_time_s"] == 1.0 and out["mfu"] == 0.45
     assert out["budget_hours"] == pytest.approx(1.0) and out["budget_gpu_hours"] == pytest.approx(16.0)
-    assert ("Steps 1–30 ran on another layout (devices, TP or DP); the throughput, MFU and projections are those "
-            "of steps 31– on this one.") in notes_of(run_dir)
+    assert ("Steps 1–30 ran on another layout (devices, TP or DP), or on one no run_info.json recorded; the "
+            "throughput, MFU and projections are those of steps 31– on this one.") in notes_of(run_dir)
     del info["layout_since_step"]  # a run from before the field: every step counts, as it did
     (run_dir / "run_info.json").write_text(json.dumps(info))
     assert summarize(load_run(run_dir), 3)["mfu"] == pytest.approx(0.45)  # the median of 27 × 0.30, 30 × 0.45

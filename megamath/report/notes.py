@@ -90,8 +90,9 @@ def run_notes(run: Run, skip_steps: int, comm_threshold: float = COMM_THRESHOLD)
         notes.append(f"{1 - sum(shares.values()):.0%} of the step time is outside the timed phases.")
     since = run.info.get("layout_since_step")
     if isinstance(since, int) and run.records[0]["step"] < since <= run.records[-1]["step"]:
-        notes.append(f"Steps {run.records[0]['step']}–{since - 1} ran on another layout (devices, TP or DP); the "
-                     f"throughput, MFU and projections are those of steps {since}– on this one.")
+        notes.append(f"Steps {run.records[0]['step']}–{since - 1} ran on another layout (devices, TP or DP), or on "
+                     f"one no run_info.json recorded; the throughput, MFU and projections are those of steps "
+                     f"{since}– on this one.")
     if not run.info:
         notes.append("No run_info.json (a run from before it existed): the device count and layout are unknown.")
     return notes

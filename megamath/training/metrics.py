@@ -80,7 +80,8 @@ class RunDescription:
 
 def layout_since_step(previous: dict, info: dict, first_step: int) -> int:
     """The first step of the layout `info` describes: kept from the previous start's run_info.json when
-    that start ran the same layout and began before this one, else this start's first step."""
+    that start ran the same layout and began before this one, else this start's first step (also when no
+    run_info.json says what ran before: those steps' layout is unknown)."""
     since = previous.get("layout_since_step", 1)
     same = all(previous.get(k) == info.get(k) for k in LAYOUT_KEYS)
     return since if same and isinstance(since, int) and since <= first_step else first_step
