@@ -110,6 +110,16 @@ def test_a_filter_naming_nothing_the_overlap_run_checked_is_refused(files, capsy
     (tmp / "hits.summary.json").write_text(json.dumps({"fields": ["problem"], "ns": [30]}))
     assert main([*argv, "--n", "20"]) == 0
     capsys.readouterr()
+    # Nor is one that counts another number of hit lines (two runs into one output, each file whole).
+    lines = len(hits.read_text().splitlines())
+    (tmp / "hits.summary.json").write_text(json.dumps({"fields": ["problem", "solution"], "ns": [20, 30],
+                                                       "hit_lines": lines + 1}))
+    assert main([*argv, "--field", "problme"]) == 0
+    assert "warning: no hit line has --field 'problme'" in capsys.readouterr().err
+    (tmp / "hits.summary.json").write_text(json.dumps({"fields": ["problem", "solution"], "ns": [20, 30],
+                                                       "hit_lines": lines}))
+    assert main([*argv, "--field", "problme"]) == 2
+    capsys.readouterr()
     # Without the summary nothing says what was checked: a filter no hit line matches is a warning.
     (tmp / "hits.summary.json").unlink()
     assert main([*argv, "--field", "problme"]) == 0

@@ -45,7 +45,8 @@ def read_hits(path: str | Path) -> Hits:
 def check_filters(hits: Hits, fields: Sequence[str] | None, ns: Sequence[int] | None) -> list[str]:
     """Refuse a --field or --n the overlap run did not check (its HITS.summary.json says which): such a filter
     keeps no hit line and the table would call every problem clean. Without the summary, the warnings for
-    filters that no hit line matches (a field checked with no hit is a real zero, so not an error there)."""
+    filters that no hit line matches (a field checked with no hit is a real zero, so not an error there).
+    A summary whose hit_lines is not the file's line count is another run's (two runs into one output)."""
     from megamath.overlap.run import summary_path
 
     seen_fields = {field for _, field, _ in hits.lines}
@@ -56,6 +57,8 @@ def check_filters(hits: Hits, fields: Sequence[str] | None, ns: Sequence[int] | 
         try:
             summary = json.loads(path.read_text(encoding="utf-8"))
             checked = ([str(f) for f in summary["fields"]], [int(n) for n in summary["ns"]])
+            if summary.get("hit_lines", len(hits.lines)) != len(hits.lines):
+                checked = None  # another run's: two runs into one output each publish their two files whole
         except (ValueError, KeyError, TypeError):
             checked = None  # not a summary of megamath overlap: judge by the hit lines alone
         if checked is not None and not (seen_fields <= set(checked[0]) and seen_ns <= set(checked[1])):
