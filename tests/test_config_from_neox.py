@@ -217,6 +217,8 @@ def test_every_key_is_mapped_or_listed(tmp_path):
     (('"lr_decay_style": "cosine",', '"lr_decay_style": "linear",'), "lr_decay_style is 'linear'"),
     (('"type": "Adam",', '"type": "Lion",'), "optimizer.type is 'Lion'"),
     (('[["flash"], 32]', '[["local"], 32]'), "attention_config has ['local']"),
+    (('"seq_length": 4096,', '"seq_length": 4096, "sliding_window_width": 2048,'),
+     "sliding_window_width is 2048: megamath has dense causal attention only"),  # was dropped as "unknown"
     (('"model_parallel_size": 2,', '"model_paralel_size": 2,'),
      "model_paralel_size is not a key this converter knows; did you mean model_parallel_size?"),
 ])
@@ -357,3 +359,22 @@ def test_force_never_overwrites_a_source_file(tmp_path, capsys):
         assert capsys.readouterr().err.endswith(f"error: --output {source} is also an input ({source}); "
                                                 "writing it would replace that input\n")
         assert Path(source).read_text() == before
+
+
+def test_gpt_neox_main_llama_dialect_and_defaults(tmp_path):
+    """GPT-NeoX main's Llama configs (configs/llama2/7B.yml there) spell the MLP `activation: swiglu` with
+    intermediate_size and mlp_multiple_of, and main defaults to MLP biases, no dropout and weight decay 0.1.
+    Such a config was refused with "mlp_type is not set", and then "activation is 'swiglu'" (misleading)."""
+    llama = '"activation": "swiglu", "mlp_multiple_of": 256, "intermediate_size": 32768, "use_bias_in_mlp": false,'
+    main_text = LLEMMA_7B_YML.replace('"mlp_type": "llama",', '').replace('"activation": "silu",', llama)
+    main_text = main_text.replace('"weight_decay": 0.1,', '').replace('"hidden_dropout": 0,', '')
+    config = convert_neox(read_neox_yaml(write_llemma(tmp_path, main_text)), vocab_size=32016).validate()
+    assert config.model.ffn_hidden_size == 11008  # 256·⌈⌊⌊2·32768/3⌋/2⌋/256⌉, Llama 2 7B's width
+    assert config.optimizer.weight_decay == 0.1  # main's default (the llemma branch's is 0.01)
+    no_size = convert_neox(read_neox_yaml(write_llemma(tmp_path, main_text.replace('"intermediate_size": 32768,',
+                                                                                   ''))), vocab_size=32016)
+    assert no_size.validate().model.ffn_hidden_size == 5632  # GPT-NeoX main's 4h rule, noted
+    assert any(n.startswith("activation swiglu without intermediate_size") for n in no_size.notes)
+    with pytest.raises(ValueError, match=r"use_bias_in_mlp is not set \(GPT-NeoX's default: True\)"):
+        convert_neox(read_neox_yaml(write_llemma(tmp_path, main_text.replace('"use_bias_in_mlp": false,', ''))),
+                     vocab_size=32016)

@@ -4,7 +4,9 @@ GPT-NeoX reads one or more YAML files (JSON-like, with comments) whose top-level
 `-` or `_`; a key set in two files is an error there, and here. Values a config leaves out take
 GPT-NeoX's defaults (those of the `llemma` branch LLEMMA trained with: dropout 0.1, learned positions,
 LayerNorm, tied embeddings, linear decay, weight decay 0.01, clipping at 1.0), so a key that is absent can
-still be one megamath cannot honour; the error then says the default is the problem.
+still be one megamath cannot honour; the error then says the default is the problem. A config written for
+GPT-NeoX main (its Llama MLP is `activation: swiglu`, which the llemma branch lacks) takes main's defaults
+where they differ: no dropout, weight decay 0.1, MLP biases unless `use_bias_in_mlp: false`.
 
 Where GPT-NeoX and megamath compute a mapped value differently, a note says how (the schedule is the
 main case: see `_schedule`).
@@ -134,6 +136,11 @@ def convert_neox(raw: dict, vocab_size: int | None = None, source: str = "") -> 
 
 # ---- what megamath can train ---------------------------------------------------------------------------
 
+def _neox_main(keys: Keys) -> bool:
+    """Whether the config is written for GPT-NeoX main: only main has the swiglu activation (its Llama MLP)."""
+    return keys.raw.get("activation") == "swiglu"
+
+
 def _require(keys: Keys, key: str, wanted, default, why: str) -> None:
     value = keys.take(key, default)
     ok = value in wanted if isinstance(wanted, (set, tuple)) else value == wanted
@@ -152,21 +159,31 @@ def _architecture(keys: Keys) -> None:
     _require(keys, "pos_emb", "rotary", "learned", f"{llama} (rotary position embeddings)")
     _require(keys, "rotary_pct", {1, 1.0}, 1.0, "megamath rotates the whole head (rotary_pct 1)")
     _require(keys, "norm", "rmsnorm", "layernorm", f"{llama} (RMSNorm)")
-    _require(keys, "mlp_type", "llama", "regular", f"{llama} (the gated SwiGLU MLP)")
-    _require(keys, "activation", "silu", "gelu", f"{llama} (SwiGLU: silu gate)")
+    if _neox_main(keys):  # GPT-NeoX main spells the Llama MLP as a gated activation
+        keys.take("activation")
+        _require(keys, "use_bias_in_mlp", False, True, f"{llama} (no biases)")
+    else:  # the llemma branch: mlp_type llama with a silu gate
+        _require(keys, "mlp_type", "llama", "regular", f"{llama} (the gated SwiGLU MLP: mlp_type llama, or "
+                 "activation swiglu in GPT-NeoX main)")
+        _require(keys, "activation", "silu", "gelu", f"{llama} (SwiGLU: silu gate)")
     _require(keys, "use_bias_in_norms", False, True, f"{llama} (no biases)")
     _require(keys, "use_bias_in_attn_linear", False, True, f"{llama} (no biases)")
     _require(keys, "no_weight_tying", True, False, f"{llama} (untied input and output embeddings)")
     _require(keys, "gpt_j_residual", False, False, f"{llama} (sequential residual)")
     _require(keys, "gpt_j_tied", False, False, f"{llama} (sequential residual)")
     for key in ("hidden_dropout", "attention_dropout"):
-        _require(keys, key, {0, 0.0}, 0.1, "megamath trains without dropout; set it to 0")
+        _require(keys, key, {0, 0.0}, 0.0 if _neox_main(keys) else 0.1,
+                 "megamath trains without dropout; set it to 0")
     _require(keys, "use_mup", False, False, "megamath has no muP parametrization")
     for item in keys.take("attention_config") or []:
         types = set(item[0]) if isinstance(item, list) and item and isinstance(item[0], list) else {str(item)}
         if not types <= ATTENTION_TYPES:
             raise ValueError(f"attention_config has {sorted(types - ATTENTION_TYPES)}: megamath has dense causal "
                              "attention only (global / flash)")
+    window = keys.take("sliding_window_width")
+    if window is not None and int(window) < int(keys.raw.get("seq_length") or 0):
+        raise ValueError(f"sliding_window_width is {window}: megamath has dense causal attention only (a window "
+                         "shorter than seq_length changes what each token attends to)")
     if keys.take("num_unique_layers") not in (None, keys.raw.get("num_layers")):
         raise ValueError("num_unique_layers: megamath has no parameter sharing between layers")
     keys.take("param_sharing_style")
@@ -174,7 +191,7 @@ def _architecture(keys: Keys) -> None:
         if keys.take(key):
             raise ValueError(f"{key} is set: megamath trains on every token of the blend at the given weights; "
                              "remove it to convert")
-    if keys.take("intermediate_size") is not None:
+    if not _neox_main(keys) and keys.take("intermediate_size") is not None:
         raise ValueError("intermediate_size: the MLP width follows GPT-NeoX's Llama rule (256·⌈(8h/3)/256⌉); "
                          "this converter does not map an explicit width, remove the key or edit "
                          "model.ffn_hidden_size after converting")
@@ -186,8 +203,7 @@ def _model(keys: Keys, vocab_size: int | None, out: Conversion) -> dict:
     if missing:
         raise ValueError(f"{', '.join(missing)} not set: GPT-NeoX needs them too")
     hidden = int(shape["hidden_size"])
-    ffn = int(2 * hidden * 4 / 3)
-    ffn = LLAMA_MLP_MULTIPLE * ((ffn + LLAMA_MLP_MULTIPLE - 1) // LLAMA_MLP_MULTIPLE)
+    ffn = _ffn_hidden_size(keys, hidden, out)
     init_method = keys.take("init_method", "normal")
     output_init = keys.take("output_layer_init_method", "scaled_normal")
     if (init_method, output_init) != ("normal", "scaled_normal"):
@@ -211,6 +227,32 @@ def _model(keys: Keys, vocab_size: int | None, out: Conversion) -> dict:
         "activation_checkpointing": bool(keys.take("checkpoint_activations", False)),
         "kernels": "auto",
     }
+
+
+def _ffn_hidden_size(keys: Keys, hidden: int, out: Conversion) -> int:
+    """The SwiGLU width GPT-NeoX builds. The llemma branch's LLaMAParallelMLP: 256·⌈(8h/3)/256⌉. GPT-NeoX
+    main's gated ParallelMLP (activation swiglu) scales its width w (intermediate_size, else
+    expansion_factor·h, else 4h) to ⌊2w/3⌋ for gate and up together, so each is ⌊⌊2w/3⌋/2⌋, rounded up to
+    mlp_multiple_of (default 1)."""
+    if not _neox_main(keys):
+        return _ffn_llama(hidden)
+    size, factor = keys.take("intermediate_size"), keys.take("expansion_factor")
+    if size is not None and factor is not None:
+        raise ValueError("intermediate_size and expansion_factor are both set: GPT-NeoX refuses that too; keep one")
+    width = int(size) if size else int(float(factor) * hidden) if factor else 4 * hidden
+    multiple = int(keys.take("mlp_multiple_of", 1))
+    ffn = multiple * math.ceil((int(width * 2 / 3) // 2) / multiple)
+    if not size:
+        out.notes.append(f"activation swiglu without intermediate_size: GPT-NeoX sizes the MLP from "
+                         f"{'expansion_factor·h' if factor else '4h'}, so ffn_hidden_size is {ffn}; a Llama "
+                         f"checkpoint of this hidden size has {_ffn_llama(hidden)} (GPT-NeoX's Llama configs set "
+                         "intermediate_size)")
+    return ffn
+
+
+def _ffn_llama(hidden: int) -> int:
+    ffn = int(2 * hidden * 4 / 3)
+    return LLAMA_MLP_MULTIPLE * ((ffn + LLAMA_MLP_MULTIPLE - 1) // LLAMA_MLP_MULTIPLE)
 
 
 def _vocab_size(keys: Keys, given: int | None, out: Conversion) -> int:
@@ -277,7 +319,8 @@ def _optimizer(keys: Keys, out: Conversion) -> None:
     clip = keys.take("gradient_clipping", 1.0)  # DeepSpeed's setting; GPT-NeoX's default clips at 1.0
     out.config["optimizer"] = {"lr": _float(lr, "lr"), "beta1": float(betas[0]), "beta2": float(betas[1]),
                                "eps": _float(eps, "optimizer.params.eps"),
-                               "weight_decay": _float(keys.take("weight_decay", 0.01), "weight_decay"),
+                               "weight_decay": _float(keys.take("weight_decay", 0.1 if _neox_main(keys) else 0.01),
+                                                      "weight_decay"),
                                "clip_grad": _float(clip or 0.0, "gradient_clipping"), "grad_dtype": grad_dtype}
     if kind != "adamw":
         out.notes.append(f"optimizer.type {spec.get('type', 'adam')}: GPT-NeoX's Adam decouples weight decay "
