@@ -101,6 +101,8 @@ def test_launcher_and_parsing():
     (("--rotary-base 10000", "--rotary-base 10000 --use-rope-scaling"), "--use-rope-scaling: megamath"),
     (("--swiglu", "--swiglu --apply-residual-connection-post-layernorm"),
      "--apply-residual-connection-post-layernorm: megamath cannot train that"),
+    # Megatron-LM's examples/llama script: an lr for the embedding and output layers was dropped as "unknown".
+    (("--lr 1e-4", "--lr 1e-4 --decoupled-lr 5.0e-4"), "--decoupled-lr: megamath trains every parameter at one"),
     # A slip in a flag it reads would drop that setting (TP 1, the default): an error, as in Megatron-LM.
     (("--tensor-model-parallel-size 2", "--tensor-model-paralel-size 2"),
      "--tensor-model-paralel-size is not a key this converter knows; did you mean --tensor-model-parallel-size? "
@@ -142,6 +144,18 @@ def test_group_query_attention_without_num_query_groups_is_megatrons_default_of_
     assert convert_megatron(alone, world_size=32, vocab_size=32000).validate().model.num_kv_heads == 1
     ignored = flags.replace("--group-query-attention", "").split()
     assert convert_megatron(ignored, world_size=32, vocab_size=32000).validate().model.num_kv_heads == 32
+
+
+def test_sequence_parallel_without_tensor_parallelism_is_off_as_in_megatron():
+    """Megatron-LM's examples/llama/train_llama3_8b_h100_fp8.sh passes --sequence-parallel with TP 1, which
+    Megatron turns off; the conversion failed with "parallel.sequence_parallel needs parallel.tp_size > 1".
+    Its --fp8-format was listed as an unknown flag; it is a precision megamath does not run."""
+    flags = SCRIPT.split("pretrain_gpt.py \\\n", 1)[1].replace("\\\n", " ")
+    flags = flags.replace("--tensor-model-parallel-size 2", "--tensor-model-parallel-size 1 --fp8-format hybrid")
+    conversion = convert_megatron(flags.split(), world_size=32, vocab_size=32000)
+    assert (conversion.validate().parallel.tp_size, conversion.validate().parallel.sequence_parallel) == (1, False)
+    assert any(n.startswith("--sequence-parallel with --tensor-model-parallel-size 1") for n in conversion.notes)
+    assert {u.key: u.kind for u in conversion.unmapped}["--fp8-format"] == "unsupported"  # not "unknown"
 
 
 def test_rope_interpolation_factor_one_is_plain_rope():

@@ -68,6 +68,12 @@ KNOWN_UNMAPPED = {
                  "log_num_zeros_in_grad", "log_params_norm", "timing_log_level", "log_progress",
                  "tensorboard_log_interval", "log_world_size_to_tensorboard", "log_loss_scale_to_tensorboard",
                  "log_batch_size_to_tensorboard", "log_learning_rate_to_tensorboard")},
+    **{k: (UNSUPPORTED, "megamath's matrix multiplies run in bfloat16 (no FP8 recipe): more memory and time, "
+                        "slightly different numerics")
+       for k in ("fp8_format", "fp8_recipe", "fp8_amax_history_len", "fp8_amax_compute_algo",
+                 "fp8_param_gather", "fp8_margin")},
+    "calculate_per_token_loss": (NOT_NEEDED, "megamath's micro-batches hold the same number of tokens each, all in "
+                                             "the loss, so the mean over micro-batches is the mean per token"),
     **{k: (NOT_NEEDED, "only used to build the tokenizer's vocabulary; megamath reads token ids")
        for k in ("vocab_file", "merge_file")},
 }
@@ -165,7 +171,11 @@ def convert_megatron(words: Sequence[str], world_size: int | None = None, vocab_
     world = world_size or launcher_world
     _refuse(flags)
     tp = flags.one("tensor_model_parallel_size", int, 1)
-    out.config["parallel"] = {"tp_size": tp, "sequence_parallel": flags.on("sequence_parallel")}
+    sequence_parallel = flags.on("sequence_parallel")
+    if sequence_parallel and tp == 1:  # Megatron turns it off (with a warning) when there is no TP to split over
+        out.notes.append("--sequence-parallel with --tensor-model-parallel-size 1: Megatron disables it, and so "
+                         "does megamath (parallel.sequence_parallel false)")
+    out.config["parallel"] = {"tp_size": tp, "sequence_parallel": sequence_parallel and tp > 1}
     out.config["model"] = _model(flags, vocab_size, tp, out)
     _optimizer(flags, out)
     _batch(flags, world, tp, out)
@@ -226,6 +236,10 @@ def _refuse(flags: Flags) -> None:
             raise ValueError(f"--{key.replace('_', '-')}: megamath cannot train that (" +
                              ("it trains in bfloat16 without loss scaling; use --bf16" if key == "fp16" else
                               "Llama layers, every token of the blend in the loss") + ")")
+    for key in ("decoupled_lr", "decoupled_min_lr"):
+        if flags.take(key) is not None:
+            raise ValueError(f"--{key.replace('_', '-')}: megamath trains every parameter at one learning rate "
+                             "(Megatron's decoupled lr applies to the embedding and output layers); remove it")
     if flags.take("rampup_batch_size") is not None:
         raise ValueError("--rampup-batch-size: megamath trains with one global batch size")
     optimizer = flags.one("optimizer", str, "adam")
