@@ -103,6 +103,9 @@ def test_launcher_and_parsing():
      "--apply-residual-connection-post-layernorm: megamath cannot train that"),
     # Megatron-LM's examples/llama script: an lr for the embedding and output layers was dropped as "unknown".
     (("--lr 1e-4", "--lr 1e-4 --decoupled-lr 5.0e-4"), "--decoupled-lr: megamath trains every parameter at one"),
+    # Megatron-LM's examples/gpt3 script: a batch-size schedule was dropped as "unknown".
+    (("--micro-batch-size 4", "--micro-batch-size 4 --step-batch-size-schedule 0:16 2.4B:320"),
+     "--step-batch-size-schedule: megamath trains with one global batch size"),
     # A slip in a flag it reads would drop that setting (TP 1, the default): an error, as in Megatron-LM.
     (("--tensor-model-parallel-size 2", "--tensor-model-paralel-size 2"),
      "--tensor-model-paralel-size is not a key this converter knows; did you mean --tensor-model-parallel-size? "

@@ -240,8 +240,9 @@ def _refuse(flags: Flags) -> None:
         if flags.take(key) is not None:
             raise ValueError(f"--{key.replace('_', '-')}: megamath trains every parameter at one learning rate "
                              "(Megatron's decoupled lr applies to the embedding and output layers); remove it")
-    if flags.take("rampup_batch_size") is not None:
-        raise ValueError("--rampup-batch-size: megamath trains with one global batch size")
+    for key in ("rampup_batch_size", "step_batch_size_schedule"):
+        if flags.take(key) is not None:
+            raise ValueError(f"--{key.replace('_', '-')}: megamath trains with one global batch size")
     optimizer = flags.one("optimizer", str, "adam")
     if optimizer != "adam":
         raise ValueError(f"--optimizer {optimizer}: megamath trains with AdamW (ZeRO-1) only")
