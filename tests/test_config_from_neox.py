@@ -378,3 +378,14 @@ def test_gpt_neox_main_llama_dialect_and_defaults(tmp_path):
     with pytest.raises(ValueError, match=r"use_bias_in_mlp is not set \(GPT-NeoX's default: True\)"):
         convert_neox(read_neox_yaml(write_llemma(tmp_path, main_text.replace('"use_bias_in_mlp": false,', ''))),
                      vocab_size=32016)
+
+
+def test_one_part_of_a_split_config_says_the_model_file_is_missing(tmp_path):
+    """GPT-NeoX configs are often split (a model .yml, then local_setup.yml with paths); given only
+    local_setup.yml the error was "pos_emb is not set (GPT-NeoX's default: 'learned')", which blames the
+    architecture instead of the missing file."""
+    (tmp_path / "local_setup.yml").write_text('{"data_path": "data/enwik8/enwik8_text_document", '
+                                              '"save": "checkpoints", "load": "checkpoints"}\n')
+    with pytest.raises(ValueError, match=r"^num_layers, hidden_size, num_attention_heads, seq_length not set: .*"
+                                         r"split over several files"):
+        convert_neox(read_neox_yaml([tmp_path / "local_setup.yml"]), vocab_size=32000)

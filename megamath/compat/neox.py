@@ -27,6 +27,9 @@ from megamath.training.config import read_yaml
 LLAMA_MLP_MULTIPLE = 256  # GPT-NeoX's LLaMAParallelMLP rounds 2·4h/3 up to a multiple of this
 ATTENTION_TYPES = {"global", "flash"}  # dense causal attention; the rest are sparse or local patterns
 ADAM_TYPES = {"adam", "adamw", "cpu_adam", "cpu_torch_adam"}
+SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "seq_length")
+SPLIT_HINT = " (a config split over several files, e.g. a model .yml and local_setup.yml, converts from all of them: " \
+             "give every file, as to deepy.py)"
 
 # Keys accepted and dropped, with why. Anything neither mapped nor listed here is reported as unknown.
 KNOWN_UNMAPPED = {
@@ -116,6 +119,9 @@ def convert_neox(raw: dict, vocab_size: int | None = None, source: str = "") -> 
     """Convert a merged GPT-NeoX config. `vocab_size` is the tokenizer's size when its file is not at hand."""
     keys = Keys(raw)
     out = Conversion({}, source=source)
+    missing = [k for k in SHAPE_KEYS if raw.get(k) is None]
+    if missing:  # before the architecture checks: with no model file, "pos_emb is not set" would be the error
+        raise ValueError(f"{', '.join(missing)} not set: GPT-NeoX needs them too{SPLIT_HINT}")
     _architecture(keys)
     out.config["model"] = _model(keys, vocab_size, out)
     out.config["parallel"] = {"tp_size": _int(keys, "model_parallel_size", 1),
@@ -198,10 +204,7 @@ def _architecture(keys: Keys) -> None:
 
 
 def _model(keys: Keys, vocab_size: int | None, out: Conversion) -> dict:
-    shape = {k: keys.take(k) for k in ("num_layers", "hidden_size", "num_attention_heads", "seq_length")}
-    missing = [k for k, v in shape.items() if v is None]
-    if missing:
-        raise ValueError(f"{', '.join(missing)} not set: GPT-NeoX needs them too")
+    shape = {k: keys.take(k) for k in SHAPE_KEYS}
     hidden = int(shape["hidden_size"])
     ffn = _ffn_hidden_size(keys, hidden, out)
     init_method = keys.take("init_method", "normal")
@@ -291,7 +294,7 @@ def _optimizer(keys: Keys, out: Conversion) -> None:
     params = dict(spec.get("params") or {})
     lr = params.pop("lr", keys.take("lr"))
     if lr is None:
-        raise ValueError("optimizer.params.lr not set: GPT-NeoX needs it too")
+        raise ValueError(f"optimizer.params.lr not set: GPT-NeoX needs it too{SPLIT_HINT}")
     betas = params.pop("betas", [0.9, 0.999])
     eps = params.pop("eps", 1e-8)
     for name in params:
@@ -352,7 +355,7 @@ def _schedule(keys: Keys, out: Conversion) -> None:
     lr = peak · (r + (1 − r) · ½ · (1 + cos(π · (i − warmup) / (decay − warmup)))); the differences are noted."""
     train_iters = keys.take("train_iters")
     if train_iters is None:
-        raise ValueError("train_iters not set: GPT-NeoX needs it too")
+        raise ValueError(f"train_iters not set: GPT-NeoX needs it too{SPLIT_HINT}")
     style = keys.take("lr_decay_style", "linear")
     decay = keys.take("lr_decay_iters")
     fraction = keys.take("lr_decay_fraction")
