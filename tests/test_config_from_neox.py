@@ -389,3 +389,10 @@ def test_one_part_of_a_split_config_says_the_model_file_is_missing(tmp_path):
     with pytest.raises(ValueError, match=r"^num_layers, hidden_size, num_attention_heads, seq_length not set: .*"
                                          r"split over several files"):
         convert_neox(read_neox_yaml([tmp_path / "local_setup.yml"]), vocab_size=32000)
+
+
+def test_a_mamba_model_is_refused_for_its_layers(tmp_path):
+    """GPT-NeoX's configs/mamba/*.yml (no pos_emb) were refused for "pos_emb is not set", not for being Mamba."""
+    text = LLEMMA_7B_YML.replace('"pos_emb": "rotary",', '').replace('[["flash"], 32]', '[["mamba"], 32]')
+    with pytest.raises(ValueError, match=r"^attention_config has \['mamba'\]: megamath has dense causal attention"):
+        convert_neox(read_neox_yaml(write_llemma(tmp_path, text)), vocab_size=32016)

@@ -161,6 +161,12 @@ def _architecture(keys: Keys) -> None:
     if not isinstance(pipe, int) or pipe > 1:
         raise ValueError(f"pipe_parallel_size is {pipe!r}: megamath has no pipeline parallelism; set it to 0 and "
                          "split the model with model_parallel_size (tensor parallelism) instead")
+    # First: a Mamba or RWKV model (layer types here) would otherwise be refused for its position embeddings.
+    for item in keys.take("attention_config") or []:
+        types = set(item[0]) if isinstance(item, list) and item and isinstance(item[0], list) else {str(item)}
+        if not types <= ATTENTION_TYPES:
+            raise ValueError(f"attention_config has {sorted(types - ATTENTION_TYPES)}: megamath has dense causal "
+                             "attention only (global / flash)")
     llama = "megamath trains the Llama architecture only"
     _require(keys, "pos_emb", "rotary", "learned", f"{llama} (rotary position embeddings)")
     _require(keys, "rotary_pct", {1, 1.0}, 1.0, "megamath rotates the whole head (rotary_pct 1)")
@@ -181,11 +187,6 @@ def _architecture(keys: Keys) -> None:
         _require(keys, key, {0, 0.0}, 0.0 if _neox_main(keys) else 0.1,
                  "megamath trains without dropout; set it to 0")
     _require(keys, "use_mup", False, False, "megamath has no muP parametrization")
-    for item in keys.take("attention_config") or []:
-        types = set(item[0]) if isinstance(item, list) and item and isinstance(item[0], list) else {str(item)}
-        if not types <= ATTENTION_TYPES:
-            raise ValueError(f"attention_config has {sorted(types - ATTENTION_TYPES)}: megamath has dense causal "
-                             "attention only (global / flash)")
     window = keys.take("sliding_window_width")
     if window is not None and int(window) < int(keys.raw.get("seq_length") or 0):
         raise ValueError(f"sliding_window_width is {window}: megamath has dense causal attention only (a window "
