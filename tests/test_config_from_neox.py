@@ -396,3 +396,17 @@ def test_a_mamba_model_is_refused_for_its_layers(tmp_path):
     text = LLEMMA_7B_YML.replace('"pos_emb": "rotary",', '').replace('[["flash"], 32]', '[["mamba"], 32]')
     with pytest.raises(ValueError, match=r"^attention_config has \['mamba'\]: megamath has dense causal attention"):
         convert_neox(read_neox_yaml(write_llemma(tmp_path, text)), vocab_size=32016)
+
+
+def test_num_kv_heads_counts_only_with_a_grouped_attention_type(tmp_path):
+    """The llemma branch builds one KV head per query head unless attention_type is groupedquery or multiquery
+    (llemma_34b.yml sets groupedquery with num_kv_heads 8): num_kv_heads alone was mapped to grouped-query
+    attention, a model GPT-NeoX does not build, and attention_type was listed as an unknown key."""
+    alone = LLEMMA_7B_YML.replace('"num_attention_heads": 32,', '"num_attention_heads": 32, "num_kv_heads": 8,')
+    conversion = convert_neox(read_neox_yaml(write_llemma(tmp_path, alone)), vocab_size=32016)
+    assert conversion.validate().model.num_kv_heads == 32
+    assert {u.key: u.kind for u in conversion.unmapped}["num_kv_heads"] == "not needed"
+    grouped = alone.replace('"num_kv_heads": 8,', '"num_kv_heads": 8, "attention_type": "groupedquery",')
+    conversion = convert_neox(read_neox_yaml(write_llemma(tmp_path, grouped)), vocab_size=32016)
+    assert conversion.validate().model.num_kv_heads == 8
+    assert "attention_type" not in {u.key for u in conversion.unmapped}

@@ -222,7 +222,7 @@ def _model(keys: Keys, vocab_size: int | None, out: Conversion) -> dict:
         "hidden_size": hidden,
         "num_layers": int(shape["num_layers"]),
         "num_heads": int(shape["num_attention_heads"]),
-        "num_kv_heads": int(keys.take("num_kv_heads") or shape["num_attention_heads"]),
+        "num_kv_heads": _kv_heads(keys, int(shape["num_attention_heads"]), out),
         "ffn_hidden_size": ffn,
         "max_seq_length": int(keys.take("max_position_embeddings") or shape["seq_length"]),
         "rope_theta": float(keys.take("rotary_emb_base", 10000)),
@@ -231,6 +231,23 @@ def _model(keys: Keys, vocab_size: int | None, out: Conversion) -> dict:
         "activation_checkpointing": bool(keys.take("checkpoint_activations", False)),
         "kernels": "auto",
     }
+
+
+def _kv_heads(keys: Keys, heads: int, out: Conversion) -> int:
+    """The llemma branch reads num_kv_heads only when attention_type (default multihead) is multiquery or
+    groupedquery; GPT-NeoX main has no attention_type and always reads num_kv_heads."""
+    kind, kv = keys.take("attention_type"), keys.take("num_kv_heads")
+    if kind is None and _neox_main(keys):
+        return int(kv or heads)
+    if (kind or "multihead") == "multihead":
+        if kv not in (None, heads):
+            out.unmapped.append(Unmapped("num_kv_heads", NOT_NEEDED, f"{kv}: GPT-NeoX ignores it with attention_type "
+                                         "multihead (its default), so the model has one KV head per query head"))
+        return heads
+    if kind not in ("multiquery", "groupedquery") or kv is None:
+        raise ValueError(f"attention_type {kind!r} needs num_kv_heads (GPT-NeoX's attention types: multihead, "
+                         "multiquery, groupedquery)")
+    return int(kv)
 
 
 def _ffn_hidden_size(keys: Keys, hidden: int, out: Conversion) -> int:
