@@ -191,3 +191,14 @@ def test_a_file_without_flags_says_so(tmp_path, capsys, text):
     assert main(["config", "from-megatron", str(path)]) == 2
     assert capsys.readouterr().err == (f"megamath config: error: {path}: no Megatron-LM flags in it (expected its "
                                        "command line, e.g. `torchrun ... pretrain_gpt.py --num-layers 32 ...`)\n")
+
+
+def test_vocab_size_flag_is_read_when_the_size_is_also_given():
+    """Megatron-LM's examples/llama script passes --vocab-size 128256; with `megamath config --vocab-size` too,
+    the script's flag was listed as "not a Megatron-LM training flag this converter knows; ignored"."""
+    flags = SCRIPT.split("pretrain_gpt.py \\\n", 1)[1].replace("\\\n", " ") + " --vocab-size 32001"
+    conversion = convert_megatron(flags.split(), world_size=32, vocab_size=32000)
+    assert "--vocab-size" not in {u.key for u in conversion.unmapped}
+    assert conversion.validate().model.vocab_size == 32000  # 128 × TP 2 divides it: `megamath config`'s value
+    assert any(n.startswith("--vocab-size 32001 of the command line is replaced by the 32000")
+               for n in conversion.notes)

@@ -295,8 +295,12 @@ def _vocab_size(flags: Flags, given: int | None, tp: int, out: Conversion) -> in
     """Megatron's padded vocabulary: the tokenizer's size rounded up to make_vocab_size_divisible_by × TP."""
     tokenizer = flags.one("tokenizer_type", str, None)
     model = flags.one("tokenizer_model", str, None)
+    in_flags = flags.one("vocab_size", int, None)  # read either way: --vocab-size N of `megamath config` wins
     if given is None:
-        given = flags.one("vocab_size", int, None)
+        given = in_flags
+    elif in_flags not in (None, given):
+        out.notes.append(f"--vocab-size {in_flags} of the command line is replaced by the {given} given to "
+                         "`megamath config`")
     if given is None:
         if tokenizer not in SENTENCEPIECE_TYPES or not model:
             raise ValueError(f"--tokenizer-type {tokenizer}: the vocabulary size comes from the tokenizer; pass "
