@@ -202,3 +202,16 @@ def test_vocab_size_flag_is_read_when_the_size_is_also_given():
     assert conversion.validate().model.vocab_size == 32000  # 128 × TP 2 divides it: `megamath config`'s value
     assert any(n.startswith("--vocab-size 32001 of the command line is replaced by the 32000")
                for n in conversion.notes)
+
+
+def test_a_quoted_string_over_several_lines_is_shell_not_a_quoting_error(tmp_path):
+    """Megatron-LM's examples/t5 script sets DISTRIBUTED_ARGS="<newline> --nproc_per_node $GPUS ..." over several
+    lines; read line by line that was "No closing quotation", not the variables the user must expand."""
+    path = tmp_path / "train.sh"
+    path.write_text('DISTRIBUTED_ARGS="\n    --nproc_per_node $GPUS_PER_NODE\n"\ntorchrun $DISTRIBUTED_ARGS '
+                    'pretrain_gpt.py --num-layers 2\n')
+    with pytest.raises(ValueError, match="expand shell variables first"):
+        parse_flags(read_command_line([str(path)])[0])
+    path.write_text('# it\'s the launch\ntorchrun --nproc_per_node 8 pretrain_gpt.py --save "runs/a b" \\\n'
+                    '    --num-layers 2\n')
+    assert parse_flags(read_command_line([str(path)])[0]) == ({"save": ["runs/a b"], "num_layers": ["2"]}, 8)

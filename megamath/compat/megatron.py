@@ -88,12 +88,15 @@ def read_command_line(args: Sequence[str]) -> tuple[list[str], str]:
         path = Path(args[0])
         text = read_text(path, "Megatron-LM command line file", "the file holding the command line")
         text = text.replace("\\\n", " ")
-        words = []
-        for line in text.splitlines():
-            try:
-                words += shlex.split(line, comments=True)
-            except ValueError as err:  # shlex's "No closing quotation" names neither file nor line
-                raise ValueError(f"{path}: {err} in {line.strip()[:120]!r}") from None
+        try:  # the whole text: a quoted string may span lines (DISTRIBUTED_ARGS="\n  --nnodes 4 ...")
+            words = shlex.split(text, comments=True)
+        except ValueError:
+            words = []
+            for line in text.splitlines():
+                try:
+                    words += shlex.split(line, comments=True)
+                except ValueError as err:  # shlex's "No closing quotation" names neither file nor line
+                    raise ValueError(f"{path}: {err} in {line.strip()[:120]!r}") from None
         if not any(w.startswith("--") for w in words):  # an empty or wrong file: not "--position-embedding-type is not given"
             raise ValueError(f"{path}: no Megatron-LM flags in it (expected its command line, "
                              "e.g. `torchrun ... pretrain_gpt.py --num-layers 32 ...`)")
