@@ -130,9 +130,9 @@ class MetricsLogger:
         if not self.enabled:
             return
         self.run_dir, self.description = Path(run_dir), description
-        if description is not None:
+        if description is not None:  # (a copy: the caller's description stays as given)
             since = layout_since_step(_read_info(self.run_dir), description.info, first_step)
-            description.info = {**description.info, "layout_since_step": since}
+            self.description = RunDescription(description.config_yaml, {**description.info, "layout_since_step": since})
         self.path = self.run_dir / "metrics.jsonl"
         _truncate_after(self.path, first_step - 1)
         self.file = open(self.path, "a", buffering=1)  # line-buffered: a killed run keeps its lines
