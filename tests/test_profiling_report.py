@@ -25,7 +25,7 @@ from megamath.training import loop
 from megamath.training.config import TrainConfig
 from megamath.training.loop import train
 from megamath.training.phases import ALWAYS, PhaseTimer
-from megamath.training.profiling import OutOfMemoryStop
+from megamath.training.profiling import OutOfMemoryStop, StepProfiler
 from test_train_loop import metrics, raw_config, rewind
 
 STEPS = 8
@@ -301,6 +301,27 @@ def test_phase_timer_rejects_unknown_phases_and_times_nothing_outside_a_step():
     step_time, phases = timer.end_step().resolve()
     assert step_time >= phases["forward"] > 0  # two spans of one phase add up
     assert set(phases) == set(ALWAYS) and all(phases[p] == 0.0 for p in ALWAYS if p != "forward")
+
+
+@pytest.mark.parametrize("stop_after", [3, 2])  # the window ends as planned; the run stops inside it
+def test_the_profiler_stops_only_after_the_collectives_in_flight_finish(tmp_path, stop_after):
+    """`settle` (the optimizer's wait for its overlapped all-gathers) runs once, while the profiler still
+    runs: a gloo thread ends an async collective's profiled range, and must not do it during the teardown."""
+    cpu = torch.device("cpu")
+    timer, seen = PhaseTimer(cpu), []
+    profiler = StepProfiler([1, 2], False, tmp_path, 0, cpu, timer,
+                            settle=lambda: seen.append(torch._C._autograd._profiler_enabled()))
+    for step in range(1, stop_after + 1):
+        timer.start_step()
+        profiler.begin(step)
+        torch.ones(8, 8) @ torch.ones(8, 8)
+        if step < stop_after or stop_after == 3:
+            profiler.end(step)
+        timer.end_step()
+    profiler.close()
+    assert seen == [True]
+    assert not torch._C._autograd._profiler_enabled()
+    assert (tmp_path / "profile" / f"trace_steps1-{min(stop_after, 2)}_rank0.json").is_file()
 
 
 def test_out_of_memory_stops_with_a_clear_message(tmp_path, monkeypatch):

@@ -259,7 +259,8 @@ def _train(config: TrainConfig, state: ParallelState, attempt: str) -> TrainResu
                         wandb=config.logging.wandb, run_config=config.to_dict(),
                         peak_override=config.metrics.peak_tflops)
     timer = PhaseTimer(state.device)
-    profiler = StepProfiler(config.profile.steps, config.profile.memory, run_dir, state.rank, state.device, timer)
+    profiler = StepProfiler(config.profile.steps, config.profile.memory, run_dir, state.rank, state.device, timer,
+                            settle=optimizer.finish_param_sync)
     if resume_from is not None:
         resharded = (f" (saved at tensor-parallel size {meta['tp_size']}, re-cut for {state.tp_size})"
                      if meta["tp_size"] != state.tp_size else "")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -40,12 +41,19 @@ class StepProfiler:
     trace only when the window goes on past them); `close()` when the run stops (a run that ends inside the
     window still writes its trace). Starting the profiler and writing what it saw is the step's `profile`
     phase, which throughput leaves out as it does evaluation and checkpoints.
+
+    `settle` (optional) is called before the profiler stops and must finish the collectives still in flight
+    (the optimizer's overlapped parameter all-gathers): an asynchronous collective's profiled range is
+    closed by the communication library's own thread when the work completes, and that thread must not
+    close it while this one tears the profiler down (the suspected cause of a crash seen once in a two-rank
+    test, in a gloo wait at the window's end).
     """
 
     def __init__(self, steps: list[int], memory: bool, run_dir: Path, rank: int, device: torch.device,
-                 timer) -> None:
+                 timer, settle: Callable[[], None] | None = None) -> None:
         self.first, self.last = steps if steps else (None, None)
         self.dir, self.rank, self.timer = Path(run_dir) / PROFILE_DIR, rank, timer
+        self.settle = settle
         self.cuda = device.type == "cuda"
         self.memory = memory and self.cuda
         self.profiler = None
@@ -93,6 +101,8 @@ class StepProfiler:
     def _write_trace(self, step: int) -> None:
         profiler, self.profiler = self.profiler, None
         self.timer.annotate = False
+        if self.settle is not None:
+            self.settle()
         if self.cuda:
             torch.cuda.synchronize()  # the window's kernels must have finished to be in the trace
         wall = time.perf_counter() - self.window_clock
