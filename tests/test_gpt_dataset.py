@@ -1,13 +1,15 @@
 """GPTDataset samples against a naive concatenate-then-slice reference, its errors, and the index cache."""
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 
 import numpy as np
 import pytest
 
-from megamath.data import sample_index
+from megamath.data import index_cache, sample_index
 from megamath.data.gpt_dataset import INDEX_NAMES, GPTDataset
 from megamath.data.index_cache import IndexCache
 from megamath.data.indexed_dataset import IndexedDataset
@@ -228,6 +230,26 @@ def test_damaged_cache_is_rebuilt(tmp_path, counted_builds, caplog, damage, targ
     assert_same_indices(built, rebuilt)
     GPTDataset(dataset, 20, 8, seed=3, cache_dir=cache_dir)  # repaired: a hit again
     assert len(counted_builds) == 2
+
+
+@pytest.mark.parametrize("code", [errno.EACCES, errno.EROFS, errno.ENOSPC], ids=errno.errorcode.get)
+def test_a_cache_that_cannot_be_written_leaves_the_indices_in_memory(tmp_path, monkeypatch, caplog, code):
+    """A shared or read-only cache folder is not the run's failure (the real refusal: test_unprivileged.py);
+    a full disk still is."""
+    dataset = small_dataset(tmp_path)
+
+    def refused(path, write):
+        raise OSError(code, os.strerror(code), str(path))
+
+    monkeypatch.setattr(index_cache, "replace_atomically", refused)
+    if code == errno.ENOSPC:
+        with pytest.raises(OSError, match="No space left"):
+            GPTDataset(dataset, 20, 8, seed=3, cache_dir=tmp_path / "cache")
+        return
+    with caplog.at_level(logging.WARNING, logger="megamath.data.index_cache"):
+        built = GPTDataset(dataset, 20, 8, seed=3, cache_dir=tmp_path / "cache")
+    assert f"index cache {tmp_path / 'cache'} cannot be written ({os.strerror(code)})" in caplog.text
+    assert_same_indices(built, GPTDataset(dataset, 20, 8, seed=3))
 
 
 def test_cache_load_and_save_are_separate(tmp_path):

@@ -8,7 +8,9 @@ Trust nothing on disk: a metadata JSON, written last and atomically (temp file +
 description and the size and sha256 of each array file. `load` checks all of them and treats any
 mismatch (stale description, missing, truncated or corrupt file, tampered metadata) as a miss, with a
 warning; the caller then rebuilds. Build and load are separate calls so that one rank can build and
-save while the others wait and then load.
+save while the others wait and then load. A cache folder this process may read but not write (built by
+another user, or on a read-only mount) serves the entries it has; a missing entry is built and used from
+memory, with a warning, since the run needs the indices, not the cache.
 
 Layout under cache_dir, for key K of a description with kind "gpt":
     gpt-K.json             {"format": 1, "description": {...}, "arrays": {name: {file, bytes, sha256,
@@ -17,6 +19,7 @@ Layout under cache_dir, for key K of a description with kind "gpt":
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -31,6 +34,7 @@ from megamath.atomic_io import replace_atomically
 INDEX_FORMAT_VERSION = 1
 _KEY_CHARS = 32  # hex digits of sha256 in file names: 128 bits, no accidental collisions
 _HASH_BLOCK = 1 << 22
+_NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)  # the folder refuses writes; a full disk is an error
 
 logger = logging.getLogger(__name__)
 
@@ -150,5 +154,12 @@ def load_or_build(cache: IndexCache | None, description: Mapping, names: Sequenc
             return arrays
     arrays = dict(build())
     if cache is not None:
-        cache.save(description, arrays)
+        try:
+            cache.save(description, arrays)
+        except OSError as err:  # a shared cache another user built, or a read-only mount: not the run's failure
+            if err.errno not in _NOT_WRITABLE:
+                raise
+            logger.warning("index cache %s cannot be written (%s): the indices are used from memory and rebuilt "
+                           "at each start; point data.cache_dir at a writable folder to keep them",
+                           cache.cache_dir, err.strerror)
     return arrays
