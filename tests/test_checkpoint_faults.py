@@ -201,6 +201,20 @@ def test_os_errors_on_the_run_dir_and_the_export_folder_are_one_line(tmp_path, c
     assert capsys.readouterr().err.count("\n") == 1
 
 
+def test_a_run_that_cannot_write_checkpoints_stops_before_its_first_step(tmp_path, capsys):
+    """Found at the start, not at the first save hours in (the real permission refusal: test_unprivileged.py)."""
+    raw = raw_config(tmp_path / "data", tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ckpt.CHECKPOINTS).write_text("a file where the checkpoints go")
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["train", "--config", str(tmp_path / "run.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"megamath train: error: cannot write checkpoints in {tmp_path / 'run' / ckpt.CHECKPOINTS} "
+                          "(File exists): the run would lose its steps at its first save"), err
+    assert err.count("\n") == 1 and not (tmp_path / "run" / "metrics.jsonl").exists()
+    FolderLock(tmp_path / "run", "test").acquire().release()  # the refused start let its lock go
+
+
 # What a full disk looks like from inside each writer (seen on a 256 KiB tmpfs): torch.save's zip writer and
 # safetensors name neither the file nor the cause in any words a user searches for.
 FULL_DISK = {"optimizer_tp00_dp000.pt": ("torch", RuntimeError("[enforce fail at inline_container.cc:672] . "

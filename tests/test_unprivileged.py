@@ -18,10 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from megamath.data.gpt_dataset import GPTDataset
 from megamath.data.indexed_dataset import IndexedDataset
 from megamath.data.indexed_dataset_writer import IndexedDatasetWriter
+from test_train_loop import raw_config
 
 PR_CAPBSET_DROP = 24  # prctl(2): remove a capability from the bounding set, so no exec'd program regains it
 CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 1, 2
@@ -89,6 +91,18 @@ def test_a_command_cannot_write_its_output_in_one_line(place):
     assert run.returncode == 2, run.stderr
     assert run.stderr.strip() == f"megamath merge: error: {locked / 'merged'}: Permission denied", run.stderr
     assert list(locked.iterdir()) == []
+
+
+def test_a_training_that_cannot_write_checkpoints_stops_before_its_first_step(place):
+    raw = raw_config(place / "data", place / "run")
+    read_only_folder(place / "run" / "checkpoints")
+    (place / "run.yaml").write_text(yaml.safe_dump(raw))
+    run = run_unprivileged(["-m", "megamath.cli", "train", "--config", str(place / "run.yaml")], place)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip() == (f"megamath train: error: cannot write checkpoints in {place / 'run' / 'checkpoints'} "
+                                  "(Permission denied): the run would lose its steps at its first save; make the "
+                                  "folder writable or choose another run_dir"), run.stderr
+    assert not (place / "run" / "metrics.jsonl").exists()
 
 
 def test_a_read_only_index_cache_serves_its_entries_and_builds_the_rest_in_memory(place):

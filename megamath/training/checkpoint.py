@@ -32,6 +32,7 @@ import os
 import random
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -230,6 +231,22 @@ def set_aside(path: Path) -> Path:
     os.rename(path, target)
     _fsync(path.parent)
     return target
+
+
+def check_writable(root: Path) -> None:
+    """Fail at the start, not at the first save hours in, when checkpoints cannot be written under `root`.
+
+    A file is created and removed there (permission bits, ACLs and read-only mounts all answer that);
+    it is named like a save's temporary, so a kill between the two leaves it to remove_stale_temporaries.
+    """
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".step_probe.tmp-", dir=root)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise OSError(f"cannot write checkpoints in {root} ({err.strerror or err}): the run would lose its steps at "
+                      "its first save; make the folder writable or choose another run_dir") from err
 
 
 def remove_stale_temporaries(root: Path) -> list[Path]:

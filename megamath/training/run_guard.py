@@ -1,7 +1,8 @@
 """The run directory's lock for a whole training job, agreed by every rank.
 
 Rank 0 takes `RUN_DIR/.megamath.lock` (megamath.run_lock) before anything is written, removes the
-temporary checkpoint folders of dead attempts (safe only under the lock), and draws an attempt id that
+temporary checkpoint folders of dead attempts (safe only under the lock), checks that checkpoints can be
+written at all (not at the first save, hours in), and draws an attempt id that
 names this attempt's temporary folders. One broadcast tells every rank whether the lock was taken and
 the attempt id, so a refused job stops on all ranks at once instead of hanging in a collective.
 """
@@ -29,8 +30,12 @@ def hold_run_dir(run_dir: Path, state: ParallelState) -> Iterator[str]:
         try:
             lock = FolderLock(run_dir, "training").acquire()
             ckpt.remove_stale_temporaries(run_dir / ckpt.CHECKPOINTS)
+            ckpt.check_writable(run_dir / ckpt.CHECKPOINTS)
         except OSError as err:
             failure = err
+            if lock is not None:  # refused after taking the lock: this process may try again (tests, notebooks)
+                lock.release()
+                lock = None
     if state.is_distributed:
         shared = torch.tensor([0 if failure else 1, attempt], dtype=torch.int64, device=state.device)
         broadcast_(shared, 0, state.world_group)
