@@ -74,6 +74,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"megamath {args.command}: error: out of memory: {err}", file=sys.stderr)
         return 1
+    except RuntimeError as err:
+        # A collective broken by another rank's failure: one line that points at that rank, not a traceback.
+        from megamath.parallel.peer_failure import lost_peer
+
+        if args.debug or (line := lost_peer(err)) is None:
+            raise
+        print(f"megamath {args.command}: error: {line}", file=sys.stderr)
+        return 1
     except (ValueError, OSError) as err:
         # Bad input or an OS error on a user's path (missing, exists, read-only, a file where a folder goes,
         # locked, a corrupt checkpoint): one clear line, no traceback, unless --debug.
