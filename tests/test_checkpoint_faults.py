@@ -210,7 +210,7 @@ def test_a_run_that_cannot_write_checkpoints_stops_before_its_first_step(tmp_pat
     assert main(["train", "--config", str(tmp_path / "run.yaml")]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"megamath train: error: cannot write checkpoints in {tmp_path / 'run' / ckpt.CHECKPOINTS} "
-                          "(File exists): the run would lose its steps at its first save"), err
+                          "(Not a directory): the run would lose its steps at its first save"), err
     assert err.count("\n") == 1 and not (tmp_path / "run" / "metrics.jsonl").exists()
     FolderLock(tmp_path / "run", "test").acquire().release()  # the refused start let its lock go
 

@@ -238,9 +238,11 @@ def check_writable(root: Path) -> None:
 
     A file is created and removed there (permission bits, ACLs and read-only mounts all answer that);
     it is named like a save's temporary, so a kill between the two leaves it to remove_stale_temporaries.
+    A folder not made yet is made by the first save in RUN_DIR, which the run lock's file proved writable.
     """
+    if not os.path.lexists(root):
+        return
     try:
-        root.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".step_probe.tmp-", dir=root)
         os.close(fd)
         os.unlink(probe)
