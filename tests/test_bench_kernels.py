@@ -1,5 +1,6 @@
 """perf/bench_kernels.py's GPU set-up without a GPU: what it builds before timing anything must not abort the
-whole benchmark (every peer's row lost) when one of our steps fails."""
+whole benchmark (every peer's row lost) when one of our steps fails; and the results file it rewrites after
+each op keeps its rows through a full disk."""
 import argparse
 import contextlib
 import importlib
@@ -9,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from disk_full import file_size_limit
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,8 +50,6 @@ def test_a_failing_tile_tuning_leaves_ours_on_default_tiles_and_the_peers_measur
 def test_a_full_disk_while_an_op_is_written_keeps_the_ops_written_before(tmp_path, monkeypatch):
     """kernels-DATE.md is rewritten after each op so that a cut-off run keeps its rows; it was rewritten in place,
     so a full disk (or a kill) in the rewrite cut them."""
-    from test_profile_writes import file_size_limit
-
     bench = load_bench(monkeypatch)
     monkeypatch.setattr(bench, "environment", lambda: "a stand-in GPU")
     monkeypatch.setattr(bench, "measure_ceilings", lambda: (1000.0, 100.0))

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from disk_full import file_size_limit
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -102,8 +104,6 @@ def test_a_failing_profiler_costs_the_breakdown_not_the_row(tmp_path, monkeypatc
 def test_a_full_disk_while_a_row_is_written_keeps_the_rows_written_before(tmp_path, monkeypatch):
     """The results file is rewritten after each row; it was rewritten in place, so a full disk (or a kill) in
     the rewrite cut the rows already measured."""
-    from test_profile_writes import file_size_limit
-
     bench = load_bench(monkeypatch)
     monkeypatch.setattr(bench, "megamath_step", fake_step)
     written = []

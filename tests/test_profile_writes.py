@@ -10,7 +10,6 @@ import json
 import os
 import pickle
 import re
-import resource
 import signal
 import socket
 import subprocess
@@ -20,23 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from disk_full import file_size_limit
 from megamath.training.profiling import StepProfiler
 from test_train_loop import metrics, raw_config, run
 
 HOST = socket.gethostname()
-
-
-@contextlib.contextmanager
-def file_size_limit(limit: int):
-    """Writes of this process past `limit` bytes fail with EFBIG, as a full disk fails them with ENOSPC."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, handler)
 
 
 class Timer:

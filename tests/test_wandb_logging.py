@@ -10,7 +10,7 @@ import pytest
 from megamath.atomic_io import WriteError
 from megamath.training.config import TrainConfig
 from megamath.training.wandb_log import WandbConfig, WandbSink, flatten_record, import_wandb
-from test_profile_writes import file_size_limit
+from disk_full import file_size_limit
 from test_train_loop import metrics, raw_config, run
 
 
