@@ -103,6 +103,37 @@ def test_the_trace_is_written_beside_its_name_and_renamed_into_place(tmp_path, m
     assert sorted(p.name for p in profile.iterdir()) == ["kernels_steps1-1_rank0.md", "trace_steps1-1_rank0.json"]
 
 
+def test_a_trace_cut_in_its_writers_last_flush_is_not_published(tmp_path, monkeypatch, capsys):
+    """torch.profiler's writer checks its writes before its last flush only: a disk that filled in that flush
+    (all of a small trace) left a cut trace, renamed into place with no error."""
+    whole = _profile_one_step(tmp_path / "whole").dir / "trace_steps1-1_rank0.json"
+    size = whole.stat().st_size
+    json.loads(whole.read_text())
+    export = torch.profiler.profile.export_chrome_trace
+    for limit in (1000, size // 2, size - 100, size - 2, size + 100):
+        def export_on_a_full_disk(self, path, *args, **kwargs):
+            with file_size_limit(limit):
+                return export(self, path, *args, **kwargs)
+
+        monkeypatch.setattr(torch.profiler.profile, "export_chrome_trace", export_on_a_full_disk)
+        run_dir = tmp_path / f"limit{limit}"
+        _profile_one_step(run_dir)
+        trace = run_dir / "profile" / "trace_steps1-1_rank0.json"
+        warned = capsys.readouterr().out
+        if trace.exists():  # whole, or nothing (a trace a few bytes shorter than the first fits the limit)
+            assert json.loads(trace.read_text())["traceEvents"] and not warned, (limit, size, warned)
+        else:
+            assert limit < size + 100 and re.fullmatch(
+                rf"warning: rank 0: could not write {re.escape(str(trace))} \(\d+\.\d\d GiB free there\): the trace "
+                r"was cut short \(the disk filled as it was written\?\); the run goes on without it\n", warned), warned
+        if limit <= size - 100:  # far short of any run's trace: nothing
+            assert not trace.exists()
+        elif limit > size:  # room enough: the trace, whole
+            assert trace.exists()
+        assert sorted(p.name for p in trace.parent.iterdir()) == ["kernels_steps1-1_rank0.md"] + \
+            (["trace_steps1-1_rank0.json"] if trace.exists() else [])
+
+
 KILLED_MID_TRACE = """
 import os, signal, sys, torch
 from pathlib import Path

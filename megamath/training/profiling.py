@@ -21,6 +21,8 @@ be written (a full disk) is a one-line warning naming it, and the run goes on.
 from __future__ import annotations
 
 import contextlib
+import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -35,10 +37,24 @@ from megamath.training.kernel_kinds import breakdown_table, summarize
 PROFILE_DIR = "profile"
 HISTORY_ENTRIES = 100_000
 """Allocation events kept by the CUDA memory history (a ring buffer: older ones are dropped)."""
+TRACE_END = re.compile(rb'\]\s*(?:,\s*"(?:[^"\\]|\\.)*"\s*:\s*(?:"(?:[^"\\]|\\.)*"|[-+.\w]+)\s*)*\}\s*\Z')
+"""How a whole Chrome trace ends: its event list closed, then plain `"key": value` members, then the final brace."""
 
 
 class OutOfMemoryStop(RuntimeError):
     """A step ran out of GPU memory; the message says where the memory snapshot went."""
+
+
+def export_trace(profiler, path: Path) -> None:
+    """`profiler.export_chrome_trace(path)`, checked whole. Why: torch.profiler's writer (Kineto's) notices a
+    failed write only before its last flush; a disk that fills in that flush leaves a cut file, which it renames
+    into place and reports nowhere."""
+    profiler.export_chrome_trace(str(path))
+    if path.is_file():
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 65536))
+            if TRACE_END.search(f.read()) is None:
+                raise OSError("the trace was cut short (the disk filled as it was written?)")
 
 
 class StepProfiler:
@@ -110,7 +126,7 @@ class StepProfiler:
         profiler.__exit__(None, None, None)
         name = f"steps{self.window_start}-{step}_rank{self.rank}"
         trace = self.dir / f"trace_{name}.json"
-        self._write_or_warn(trace, lambda: self._publish(trace, lambda tmp: profiler.export_chrome_trace(str(tmp))))
+        self._write_or_warn(trace, lambda: self._publish(trace, lambda tmp: export_trace(profiler, tmp)))
         steps = step - self.window_start + 1
         try:  # the summary beside the trace is a help, never the run's failure
             lines = breakdown_table(summarize(profiler, steps, self.cuda, wall), f"steps {self.window_start}-{step}")
