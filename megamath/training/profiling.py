@@ -37,8 +37,8 @@ from megamath.training.kernel_kinds import breakdown_table, summarize
 PROFILE_DIR = "profile"
 HISTORY_ENTRIES = 100_000
 """Allocation events kept by the CUDA memory history (a ring buffer: older ones are dropped)."""
-TRACE_END = re.compile(rb'\]\s*(?:,\s*"(?:[^"\\]|\\.)*"\s*:\s*(?:"(?:[^"\\]|\\.)*"|[-+.\w]+)\s*)*\}\s*\Z')
-"""How a whole Chrome trace ends: its event list closed, then plain `"key": value` members, then the final brace."""
+TRACE_END = re.compile(rb'"traceName"\s*:\s*"(?:[^"\\]|\\.)*"\s*\}\s*\Z')
+"""How Kineto (torch.profiler's writer) ends a whole trace: its last member, `"traceName": PATH`, then the brace."""
 
 
 class OutOfMemoryStop(RuntimeError):
@@ -50,7 +50,7 @@ def export_trace(profiler, path: Path) -> None:
     failed write only before its last flush; a disk that fills in that flush leaves a cut file, which it renames
     into place and reports nowhere."""
     profiler.export_chrome_trace(str(path))
-    if path.is_file():
+    if path.is_file() and torch.autograd.kineto_available():  # (without Kineto, Python writes it and raises)
         with open(path, "rb") as f:
             f.seek(max(0, os.fstat(f.fileno()).st_size - 65536))
             if TRACE_END.search(f.read()) is None:
