@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import itertools
 import os
 import shutil
@@ -137,3 +138,28 @@ def replace_atomically(path: str | Path, write: Callable[[BinaryIO], None]) -> N
 
 def write_text_atomically(path: str | Path, text: str) -> None:
     replace_atomically(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def publish_file(path: str | Path, write_to: Callable[[Path], None], kept: str | None = None) -> None:
+    """`write_to(temporary)` for a writer that takes a file name, not a file (torch.profiler's trace export, a
+    CUDA memory snapshot), then publish the temporary as `path` as replace_atomically does.
+
+    The temporary is `.{name}.tmp-HOST-PID-N` beside `path`; what the writer itself leaves beside the name it
+    was given (the profiler writes `NAME.tmp` and renames it) starts with that name, so it is removed with it,
+    and a killed writer's is swept by `remove_dead_temporaries` (its HOST-PID is in the name). A writer that
+    fails quietly (the profiler only logs a failed write) leaves no file: that is an error too."""
+    path = Path(path)
+    remove_dead_temporaries(path.parent, f".{path.name}.tmp-")
+    tmp = path.with_name(f".{path.name}.tmp-{temp_tag()}-{next(_temp_counter)}")
+    try:
+        with naming_write_errors(path, kept):
+            write_to(tmp)
+            if not tmp.is_file():
+                raise OSError("the writer left no file (its own message, if any, says why)")
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_path(path.parent)
+    finally:
+        for left in tmp.parent.glob(f"{glob.escape(tmp.name)}*"):
+            left.unlink(missing_ok=True)

@@ -1,4 +1,4 @@
-"""One writer per folder: an advisory `fcntl` lock on a lock file inside it.
+"""One writer per folder (or per output file): an advisory `fcntl` lock on a lock file.
 
 Why: two trainings on one run_dir (or two preprocess runs into one output folder) otherwise race on the
 same temporary files, and once produced a checkpoint holding one run's metadata and the other's weights.
@@ -9,6 +9,9 @@ holding the lock, so an acquirer checks after locking that its file is still the
 it retries on the new one). The holder writes what it does (training, reshard, ...), its pid, host and
 command into the file so the refusal can say who holds it. Advisory locks work on local filesystems and
 NFSv4/Lustre mounts that support flock; where the filesystem ignores them, nothing is refused.
+
+A command that writes one file among others in a folder (`megamath overlap --output HITS.jsonl`) locks that
+file alone with `output_lock`: `.HITS.jsonl.lock` beside it, so two runs writing other files there both run.
 """
 from __future__ import annotations
 
@@ -22,20 +25,26 @@ from pathlib import Path
 LOCK_NAME = ".megamath.lock"
 
 
-class FolderBusyError(OSError):
-    """Another live process holds the folder's lock (an OSError: the CLI prints it as one line, exit 2)."""
+class LockBusyError(OSError):
+    """Another live process holds the lock (an OSError: the CLI prints it as one line, exit 2)."""
 
 
-class FolderLock:
-    """`with FolderLock(folder, "training"):` holds `folder`'s lock (creating the folder) or raises FolderBusyError."""
+class FolderBusyError(LockBusyError):
+    """Another live process holds the folder's lock."""
 
-    def __init__(self, folder: str | Path, what: str) -> None:
-        self.folder, self.what = Path(folder), what
-        self.path = self.folder / LOCK_NAME
+
+class FileLock:
+    """`with FileLock(lock_file, "overlap run", subject, "another --output"):` holds `lock_file` (its folder must
+    exist) or raises LockBusyError: "SUBJECT is in use by another overlap run (HOLDER): wait for it to end or
+    choose another --output"."""
+
+    busy_error: type[LockBusyError] = LockBusyError
+
+    def __init__(self, path: str | Path, what: str, subject: str | Path, instead: str) -> None:
+        self.path, self.what, self.subject, self.instead = Path(path), what, Path(subject), instead
         self._fd: int | None = None
 
-    def acquire(self) -> "FolderLock":
-        self.folder.mkdir(parents=True, exist_ok=True)
+    def acquire(self) -> "FileLock":
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -44,8 +53,8 @@ class FolderLock:
                 kind, holder = _read_holder(fd)
                 os.close(fd)
                 who = f"another {self.what}" if kind in ("", self.what) else f"a {kind}"  # a training holds a reshard's
-                raise FolderBusyError(f"{self.folder} is in use by {who} ({holder or 'holder unknown'}"
-                                      "): wait for it to end or choose another folder") from None
+                raise self.busy_error(f"{self.subject} is in use by {who} ({holder or 'holder unknown'}"
+                                      f"): wait for it to end or choose {self.instead}") from None
             except BaseException:
                 os.close(fd)
                 raise
@@ -71,11 +80,32 @@ class FolderLock:
             os.close(self._fd)
             self._fd = None
 
-    def __enter__(self) -> "FolderLock":
+    def __enter__(self) -> "FileLock":
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+class FolderLock(FileLock):
+    """`with FolderLock(folder, "training"):` holds `folder`'s lock (creating the folder) or raises FolderBusyError."""
+
+    busy_error = FolderBusyError
+
+    def __init__(self, folder: str | Path, what: str) -> None:
+        self.folder = Path(folder)
+        super().__init__(self.folder / LOCK_NAME, what, self.folder, "another folder")
+
+    def acquire(self) -> "FolderLock":
+        self.folder.mkdir(parents=True, exist_ok=True)
+        return super().acquire()
+
+
+def output_lock(output: str | Path, what: str, flag: str = "--output") -> FileLock:
+    """The lock of one output file, `.NAME.lock` beside it (its folder must exist): one writer per output, while
+    other outputs in the same folder stay free."""
+    output = Path(output)
+    return FileLock(output.with_name(f".{output.name}.lock"), what, output, f"another {flag}")
 
 
 def _read_holder(fd: int) -> tuple[str, str]:

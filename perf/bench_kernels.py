@@ -38,6 +38,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from megamath.atomic_io import write_text_atomically
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "perf" / "results"
 OPS = ("rms_norm", "rope", "flash_attention", "swiglu", "cross_entropy", "adamw_step")
@@ -404,7 +406,8 @@ def gpu_main(args) -> int:
     rows: list[Row] = []
     for case in cases(ops, not args.no_compile, args.shrink):
         rows += run_case(case, (copy_gbps, tflops))
-        path.write_text("\n".join(header + table(rows)) + "\n")  # after each op, so a cut-off run keeps its rows
+        # after each op, so a cut-off run keeps its rows; by rename, so a kill or full disk mid-write keeps them too
+        write_text_atomically(path, "\n".join(header + table(rows)) + "\n")
     print("\n".join(table(rows)))
     print(f"wrote {path}")
     return 0

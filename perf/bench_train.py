@@ -50,6 +50,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from megamath.atomic_io import write_text_atomically
 from megamath.model.attention import choose_attention
 from megamath.model.config import ModelConfig
 from megamath.model.llama import Llama
@@ -315,11 +316,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
 
     def on_row(row: dict) -> None:
-        """Print the row and rewrite the file at once: a run stopped later (a time limit) keeps it."""
+        """Print the row and rewrite the file at once (by rename: a kill or a full disk mid-write keeps the rows
+        written before): a run stopped later (a time limit) keeps it."""
         rows.append(row)
         print(table([row])[-1], flush=True)
         if path is not None:
-            path.write_text("\n".join(header + table(rows) + breakdowns(rows)) + "\n")
+            write_text_atomically(path, "\n".join(header + table(rows) + breakdowns(rows)) + "\n")
 
     print("\n".join(header + table([])), flush=True)  # the column names, then each row as it is measured
     for micro_batch in args.micro_batch or ([1, 2] if gpu else [2]):
@@ -329,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(breakdowns(rows)), flush=True)
     print("\n".join([""] + checks) if checks else "", flush=True)
     if path is not None:
-        path.write_text(text)
+        write_text_atomically(path, text)
         print(f"written to {path}")
     failed = [r for r in rows if r["system"] == "megamath" and "error" in r]
     for r in failed:  # a peer may be absent or fail; megamath's own step must run

@@ -1,11 +1,17 @@
 """perf/bench_kernels.py's GPU set-up without a GPU: what it builds before timing anything must not abort the
-whole benchmark (every peer's row lost) when one of our steps fails."""
+whole benchmark (every peer's row lost) when one of our steps fails; and the results file it rewrites after
+each op keeps its rows through a full disk."""
+import argparse
+import contextlib
 import importlib
 import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+
+from disk_full import file_size_limit
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,3 +45,26 @@ def test_a_failing_tile_tuning_leaves_ours_on_default_tiles_and_the_peers_measur
         q = torch.zeros(1, 2, 32, 128)
         ours.fn(q, q, q)
         assert calls[-1] == (128, q.dtype, None)  # the default tiles, not another case's tuned ones
+
+
+def test_a_full_disk_while_an_op_is_written_keeps_the_ops_written_before(tmp_path, monkeypatch):
+    """kernels-DATE.md is rewritten after each op so that a cut-off run keeps its rows; it was rewritten in place,
+    so a full disk (or a kill) in the rewrite cut them."""
+    bench = load_bench(monkeypatch)
+    monkeypatch.setattr(bench, "environment", lambda: "a stand-in GPU")
+    monkeypatch.setattr(bench, "measure_ceilings", lambda: (1000.0, 100.0))
+    monkeypatch.setattr(bench, "cases", lambda *args: ["rms_norm", "rope"])
+    monkeypatch.setattr(bench, "table", lambda rows: [f"{len(rows)} rows:", *(f"| {row} |" for row in rows)])
+    written = []
+
+    def run_case(case, ceilings):  # the second op's rows are measured after the first's were written: disk full
+        if case == "rope":
+            written.append(next(tmp_path.glob("kernels-*.md")).read_bytes())
+            limit.enter_context(file_size_limit(len(written[0])))
+        return [f"{case} row"]
+    monkeypatch.setattr(bench, "run_case", run_case)
+    with contextlib.ExitStack() as limit, pytest.raises(OSError) as failed:
+        bench.gpu_main(argparse.Namespace(ops="rms_norm,rope", out=str(tmp_path), no_compile=True, shrink=1))
+    assert next(tmp_path.glob("kernels-*.md")).read_bytes() == written[0] and b"| rms_norm row |" in written[0]
+    assert len(list(tmp_path.iterdir())) == 1  # no temporary
+    assert "could not write" in str(failed.value) and "File too large" in str(failed.value), failed.value

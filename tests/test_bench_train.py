@@ -1,11 +1,15 @@
 """perf/bench_train.py runs end to end (a labelled CPU smoke case here; a short real case on a GPU)."""
+import contextlib
 import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from disk_full import file_size_limit
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -95,3 +99,22 @@ def test_a_failing_profiler_costs_the_breakdown_not_the_row(tmp_path, monkeypatc
     text = next(tmp_path.glob("train-*.md")).read_text()
     assert "no breakdown: the profiler failed: RuntimeError: CUPTI unavailable" in text
     assert "| megamath | 2 | " in text and "error" not in text.split("| megamath | 2 | ")[1].splitlines()[0]
+
+
+def test_a_full_disk_while_a_row_is_written_keeps_the_rows_written_before(tmp_path, monkeypatch):
+    """The results file is rewritten after each row; it was rewritten in place, so a full disk (or a kill) in
+    the rewrite cut the rows already measured."""
+    bench = load_bench(monkeypatch)
+    monkeypatch.setattr(bench, "megamath_step", fake_step)
+    written = []
+
+    def disk_fills(*args, **kwargs):  # the peer runs after megamath's row was written; the disk fills meanwhile
+        written.append(next(tmp_path.glob("train-*.md")).read_bytes())
+        limit.enter_context(file_size_limit(len(written[0])))
+        return fake_step()
+    monkeypatch.setattr(bench, "hf_step", disk_fills)
+    with contextlib.ExitStack() as limit, pytest.raises(OSError) as failed:
+        bench.main(["--out", str(tmp_path)])
+    assert next(tmp_path.glob("train-*.md")).read_bytes() == written[0] and b"| megamath | 2 |" in written[0]
+    assert [p.name for p in tmp_path.iterdir()] == [f"train-{bench.datetime.date.today()}.md"]  # no temporary
+    assert re.match(r"could not write .*train-.*File too large", str(failed.value)), failed.value  # names the file

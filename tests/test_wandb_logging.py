@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from megamath.atomic_io import WriteError
 from megamath.training.config import TrainConfig
-from megamath.training.wandb_log import WandbConfig, flatten_record, import_wandb
+from megamath.training.wandb_log import WandbConfig, WandbSink, flatten_record, import_wandb
+from disk_full import file_size_limit
 from test_train_loop import metrics, raw_config, run
 
 
@@ -94,3 +96,29 @@ def read_wandb_records(path: Path) -> list[bytes]:
         if kind in (1, 4):
             records.append(pending)
     return records
+
+
+class StandInWandb:
+    """The part of the wandb module WandbSink uses; `init` records the id it was given and what the id file held."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir, self.inits = run_dir, []
+
+    def init(self, **kwargs):
+        id_file = self.run_dir / "wandb_run_id"
+        self.inits.append((kwargs["id"], id_file.read_text() if id_file.is_file() else None))
+        return self
+
+
+def test_the_run_id_is_kept_whole_before_the_wandb_run_starts(tmp_path):
+    """It was written in place after wandb.init: a full disk left a cut id (the resumed run became another W&B
+    run), and a kill during init left none."""
+    wandb, config = StandInWandb(tmp_path), WandbConfig(project="p", mode="offline")
+    with file_size_limit(4), pytest.raises(WriteError, match=r"could not write .*wandb_run_id \(.*File too large"):
+        WandbSink(wandb, config, tmp_path, None)  # the disk fills while the new id is written
+    assert list(tmp_path.iterdir()) == [] and wandb.inits == []  # no cut id, no temporary; W&B not started
+    WandbSink(wandb, config, tmp_path, None)
+    run_id, held = wandb.inits[0]
+    assert held == run_id + "\n" and len(run_id) == 8  # on disk before W&B starts
+    WandbSink(wandb, config, tmp_path, None)  # a resume: the same W&B run
+    assert wandb.inits[1] == (run_id, run_id + "\n") and [p.name for p in tmp_path.iterdir()] == ["wandb_run_id"]

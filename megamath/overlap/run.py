@@ -5,7 +5,8 @@ subset or split folders, `.jsonl[.zst|.gz]` files or globs. Workers read files i
 lines and find candidate n-grams (`scan.py`, `pool.py`); the main process verifies each candidate's
 real n-gram against the test n-grams, then writes the hits in corpus order: the output is identical for
 any worker count. Hits go to a temporary file published on success (an interrupted run
-leaves no output that looks complete); the summary is written beside it (`summary_path`).
+leaves no output that looks complete); the summary is written beside it (`summary_path`). A second run on
+the same output is refused while the first holds its lock (`run_lock.output_lock`).
 
 A hit line is one (test item, field, n, corpus document):
     {"test_id", "field", "n", "ngram" (the first matching n-gram in the document), "offset" (its character
@@ -14,6 +15,7 @@ A hit line is one (test item, field, n, corpus document):
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -31,6 +33,7 @@ from megamath.overlap.pool import map_files
 from megamath.overlap.scan import ScanResult, ScanSpec, scan_file
 from megamath.overlap.summary import OverlapSummary
 from megamath.output_path import prepare_output_file
+from megamath.run_lock import output_lock
 
 INT64_MAX = 2**63 - 1
 
@@ -113,39 +116,43 @@ def overlap(config: OverlapConfig, log=None) -> OverlapSummary:
     if output.is_dir():
         raise ValueError(f"--output {output} is a folder; name the HITS.jsonl file")
     prepare_output_file(output, inputs=[config.test, *(path for group in groups for path in group.files)])
-    summary = OverlapSummary.start(config, index, groups)
-    spec = ScanSpec(config.json_key, np.asarray(index.ns, dtype=np.int64), index.table, config.batch_bytes)
-    files = [(path, g) for g, group in enumerate(groups) for path in group.files]
-    total_bytes = sum(path.stat().st_size for group in groups for path in group.files)
-    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="overlap", file=sys.stderr,
-               disable=not config.progress, dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30)
-    start = time.perf_counter()
+    # One run per output, held from the scan to the summary: two runs on one HITS.jsonl left one's summary
+    # beside the other's hits. Other outputs in the folder stay free; a device or pipe output is not locked.
+    held = output_lock(output, "overlap run") if output.is_file() or not output.exists() else contextlib.nullcontext()
+    with held:
+        summary = OverlapSummary.start(config, index, groups)
+        spec = ScanSpec(config.json_key, np.asarray(index.ns, dtype=np.int64), index.table, config.batch_bytes)
+        files = [(path, g) for g, group in enumerate(groups) for path in group.files]
+        total_bytes = sum(path.stat().st_size for group in groups for path in group.files)
+        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="overlap", file=sys.stderr,
+                   disable=not config.progress, dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30)
+        start = time.perf_counter()
 
-    def scan_into(f) -> None:
-        results = map_files(scan_file, spec, files, config.workers)
+        def scan_into(f) -> None:
+            results = map_files(scan_file, spec, files, config.workers)
+            try:
+                for result in results:
+                    group = groups[result.group]
+                    _count_bad(summary, result, config.report_bad_lines, log)
+                    hits = verify(index, result)
+                    for (line, item, fld, j), hit in hits.items():
+                        f.write(_hit_line(index, result, group, line, item, fld, j, hit))
+                    summary.add_batch(group, result, hits)
+                    elapsed = max(time.perf_counter() - start, 1e-9)
+                    bar.set_postfix_str(f"{summary.text_bytes / elapsed / 1e6:.1f} MB/s, "
+                                        f"{summary.documents / elapsed:,.0f} docs/s, {summary.hit_lines:,} hits",
+                                        refresh=False)
+                    bar.update(result.file_bytes)
+            finally:
+                results.close()  # stops the workers if the scan failed here
+
         try:
-            for result in results:
-                group = groups[result.group]
-                _count_bad(summary, result, config.report_bad_lines, log)
-                hits = verify(index, result)
-                for (line, item, fld, j), hit in hits.items():
-                    f.write(_hit_line(index, result, group, line, item, fld, j, hit))
-                summary.add_batch(group, result, hits)
-                elapsed = max(time.perf_counter() - start, 1e-9)
-                bar.set_postfix_str(f"{summary.text_bytes / elapsed / 1e6:.1f} MB/s, "
-                                    f"{summary.documents / elapsed:,.0f} docs/s, {summary.hit_lines:,} hits",
-                                    refresh=False)
-                bar.update(result.file_bytes)
+            replace_atomically(output, scan_into)
         finally:
-            results.close()  # stops the workers if the scan failed here
-
-    try:
-        replace_atomically(output, scan_into)
-    finally:
-        bar.close()
-    summary.seconds = time.perf_counter() - start
-    write_text_atomically(summary_path(output), json.dumps(summary.to_json(), indent=1, ensure_ascii=False) + "\n")
-    return summary
+            bar.close()
+        summary.seconds = time.perf_counter() - start
+        write_text_atomically(summary_path(output), json.dumps(summary.to_json(), indent=1, ensure_ascii=False) + "\n")
+        return summary
 
 
 def _count_bad(summary: OverlapSummary, result: ScanResult, report: int, log) -> None:

@@ -12,25 +12,49 @@ steps it watches; a few steps after warm-up show the steady state. Each rank wri
     memory_step{s}_rank{r}.pickle          `profile.memory: true` (GPUs): allocations with their stacks,
                                            for PyTorch's memory visualizer
     oom_memory_rank{r}.pickle              written when a step runs out of GPU memory, before the run stops
+
+Each file is written under a temporary name beside it and renamed into place (atomic_io.publish_file): a run
+killed mid-write leaves no truncated trace under the real name (Perfetto refuses one with no hint), and the
+next run removes the dead writer's temporary. The profile is a help, not the run's work: a file that cannot
+be written (a full disk) is a one-line warning naming it, and the run goes on.
 """
 from __future__ import annotations
 
 import contextlib
+import os
+import re
+import sys
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
+from tqdm import tqdm
 
+from megamath.atomic_io import publish_file, remove_dead_temporaries
 from megamath.training.kernel_kinds import breakdown_table, summarize
 
 PROFILE_DIR = "profile"
 HISTORY_ENTRIES = 100_000
 """Allocation events kept by the CUDA memory history (a ring buffer: older ones are dropped)."""
+TRACE_END = re.compile(rb'"traceName"\s*:\s*"(?:[^"\\]|\\.)*"\s*\}\s*\Z')
+"""How Kineto (torch.profiler's writer) ends a whole trace: its last member, `"traceName": PATH`, then the brace."""
 
 
 class OutOfMemoryStop(RuntimeError):
     """A step ran out of GPU memory; the message says where the memory snapshot went."""
+
+
+def export_trace(profiler, path: Path) -> None:
+    """`profiler.export_chrome_trace(path)`, checked whole. Why: torch.profiler's writer (Kineto's) notices a
+    failed write only before its last flush; a disk that fills in that flush leaves a cut file, which it renames
+    into place and reports nowhere."""
+    profiler.export_chrome_trace(str(path))
+    if path.is_file() and torch.autograd.kineto_available():  # (without Kineto, Python writes it and raises)
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 65536))
+            if TRACE_END.search(f.read()) is None:
+                raise OSError("the trace was cut short (the disk filled as it was written?)")
 
 
 class StepProfiler:
@@ -60,6 +84,7 @@ class StepProfiler:
         self.step_range = None
         self.memory_written = False
         self.window_start = None
+        remove_dead_temporaries(self.dir, ".tmp-", anywhere=True)  # a killed run's, whatever window it wrote
         if self.memory:
             torch.cuda.memory._record_memory_history(max_entries=HISTORY_ENTRIES)
 
@@ -95,7 +120,8 @@ class StepProfiler:
             if trace:
                 self._write_trace(step)
             if snapshot:
-                self.write_memory_snapshot(self.dir / f"memory_step{step}_rank{self.rank}.pickle")
+                path = self.dir / f"memory_step{step}_rank{self.rank}.pickle"
+                self._write_or_warn(path, lambda: self.write_memory_snapshot(path))
                 self.memory_written = True
 
     def _write_trace(self, step: int) -> None:
@@ -107,29 +133,46 @@ class StepProfiler:
             torch.cuda.synchronize()  # the window's kernels must have finished to be in the trace
         wall = time.perf_counter() - self.window_clock
         profiler.__exit__(None, None, None)
-        self.dir.mkdir(parents=True, exist_ok=True)
         name = f"steps{self.window_start}-{step}_rank{self.rank}"
-        profiler.export_chrome_trace(str(self.dir / f"trace_{name}.json"))
+        trace = self.dir / f"trace_{name}.json"
+        self._write_or_warn(trace, lambda: self._publish(trace, lambda tmp: export_trace(profiler, tmp)))
         steps = step - self.window_start + 1
-        try:  # the trace is written; the summary beside it is a help, never the run's failure
+        try:  # the summary beside the trace is a help, never the run's failure
             lines = breakdown_table(summarize(profiler, steps, self.cuda, wall), f"steps {self.window_start}-{step}")
         except Exception as err:
             lines = [f"no breakdown: {type(err).__name__}: {err}"]
-        (self.dir / f"kernels_{name}.md").write_text("\n".join(lines) + "\n")
+        kinds = self.dir / f"kernels_{name}.md"
+        self._write_or_warn(kinds, lambda: self._publish(kinds, lambda tmp: tmp.write_text("\n".join(lines) + "\n")))
 
-    def write_memory_snapshot(self, path: Path) -> bool:
+    @staticmethod
+    def _publish(path: Path, write_to: Callable[[Path], None], kept: str | None = "the run goes on without it") -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        publish_file(path, write_to, kept)
+
+    def _write_or_warn(self, path: Path, write: Callable[[], object]) -> None:
+        """`write()`, or a one-line warning naming `path` when it fails: the profile is a help, and a full disk
+        (or a file where profile/ should be) must not end the run it watches."""
+        try:
+            write()
+        except Exception as err:
+            text = " ".join(str(err).split())
+            if f"could not write {path}" not in text:
+                text = f"could not write {path}: {type(err).__name__}: {text}; the run goes on without it"
+            tqdm.write(f"warning: rank {self.rank}: {text}", file=sys.stdout)
+            sys.stdout.flush()
+
+    def write_memory_snapshot(self, path: Path, kept: str | None = "the run goes on without it") -> bool:
         """The CUDA allocator's state (and its history when recorded) as a pickle; False without a GPU."""
         if not self.cuda:
             return False
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.cuda.memory._dump_snapshot(str(path))
+        self._publish(path, lambda tmp: torch.cuda.memory._dump_snapshot(str(tmp)), kept)
         return True
 
     def out_of_memory(self, step: int, err: BaseException) -> OutOfMemoryStop:
         """The error to stop the run with, after writing the memory snapshot that explains it."""
         path = self.dir / f"oom_memory_rank{self.rank}.pickle"
         try:
-            written = self.write_memory_snapshot(path)
+            written = self.write_memory_snapshot(path, kept=None)  # the run stops: say what is left
         except Exception as snap_err:  # the snapshot is a help, never a second failure
             written, path = False, f"(none: writing it failed: {snap_err})"
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -3,9 +3,10 @@
 W&B is one more sink beside metrics.jsonl, never the record of the run: the package is optional, only
 global rank 0 talks to it, and `mode: offline` writes the run under RUN_DIR/wandb/ with no network (sync
 it later with `wandb sync RUN_DIR/wandb/offline-run-*`). A resumed run continues the same W&B run: its
-id is kept in RUN_DIR/wandb_run_id (W&B keeps the first values of steps a resumed run redoes; metrics.jsonl
-keeps the redone ones). The package is imported only when `project` is set, and a missing
-package is reported on every rank before the first step, so a multi-rank job fails together instead of hanging.
+id is kept in RUN_DIR/wandb_run_id, written whole (by rename) before the W&B run starts (W&B keeps the first
+values of steps a resumed run redoes; metrics.jsonl keeps the redone ones). The package is imported only when
+`project` is set, and a missing package is reported on every rank before the first step, so a multi-rank job
+fails together instead of hanging.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import importlib.util
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+
+from megamath.atomic_io import write_text_atomically
 
 WANDB_MODES = ("online", "offline", "disabled")
 RUN_ID_FILE = "wandb_run_id"
@@ -78,10 +81,13 @@ class WandbSink:
     def __init__(self, wandb, config: WandbConfig, run_dir: Path, run_config: dict | None) -> None:
         self.wandb = wandb
         id_file = Path(run_dir) / RUN_ID_FILE
-        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
+        if id_file.is_file():
+            run_id = id_file.read_text().strip()
+        else:  # kept before the run starts, and whole: a cut or lost id makes the resumed run a new W&B run
+            run_id = secrets.token_hex(4)
+            write_text_atomically(id_file, run_id + "\n")
         self.run = wandb.init(project=config.project, group=config.group, name=config.name, entity=config.entity,
                               mode=config.mode, dir=str(run_dir), id=run_id, resume="allow", config=run_config)
-        id_file.write_text(run_id + "\n")
 
     def log(self, rec: dict) -> None:
         self.run.log(flatten_record(rec), step=rec["step"])
