@@ -1,5 +1,6 @@
 """Generation under tensor parallelism: TP 2 on gloo gives the tokens of TP 1 (greedy and seeded sampling),
-with KV heads split over the ranks and with KV heads replicated and expanded (6 query heads, 3 KV heads)."""
+with KV heads split over the ranks, with KV heads replicated and expanded (6 query heads, 3 KV heads), and
+with a vocabulary TP 2 does not divide (511: the padding row is never a candidate)."""
 from __future__ import annotations
 
 import json
@@ -9,11 +10,13 @@ import torch
 
 from distributed import run_distributed
 from generation_fixtures import build_checkpoint
-from megamath.generation.generate import SamplingParams, generate
+from megamath.generation.generate import SamplingParams, _last_logits, generate
 from megamath.generation.loading import load_model
 
 SHAPES = {"kv-split": dict(num_heads=4, num_kv_heads=2, hidden_size=32),
-          "kv-replicated": dict(num_heads=6, num_kv_heads=3, hidden_size=48)}
+          "kv-replicated": dict(num_heads=6, num_kv_heads=3, hidden_size=48),
+          # 2 does not divide 511: rank 1 holds 255 ids and a zero padding row that must never be drawn
+          "vocab-padded": dict(num_heads=4, num_kv_heads=2, hidden_size=32, vocab_size=511)}
 PROMPTS = [[5, 9, 33, 2, 100], [7], [300, 301, 302, 303, 304, 305, 306, 307, 308], [11, 12]]
 PARAMS = [SamplingParams(max_new_tokens=12), SamplingParams(max_new_tokens=12, temperature=0.9, top_p=0.9)]
 
@@ -34,6 +37,7 @@ def _worker(rank, world_size, ckpts, out_paths):
         state = ParallelState.from_env(tp_size=2)
         model = load_model(ckpt, state, kernels="reference")
         result = _decode_all(model)
+        result[0]["logits_width"] = _last_logits(model, model(torch.tensor([PROMPTS[0]]))).shape[-1]
         with open(f"{out_path}.{rank}", "w") as f:
             json.dump(result, f)
 
@@ -58,6 +62,15 @@ def runs(tmp_path_factory):
 def test_tp2_generates_what_tp1_generates(runs, shape):
     serial, ranks = runs[shape]
     assert ranks[0] == ranks[1]  # every rank draws the same tokens from the same gathered logits
+    vocab = SHAPES[shape].get("vocab_size", 512)
     for got, expected in zip(ranks[0], serial):
         assert got["tokens"] == expected["tokens"]
         assert got["logprobs"] == pytest.approx(expected["logprobs"], abs=1e-3)
+        assert all(0 <= t < vocab for tokens in got["tokens"] for t in tokens)
+
+
+def test_gathered_logits_are_the_true_vocabulary_wide(runs):
+    """Padded ids are never sampled: the gathered last-position logits hold exactly V columns."""
+    serial, ranks = runs["vocab-padded"]
+    for rank in ranks:
+        assert rank[0]["logits_width"] == 511
