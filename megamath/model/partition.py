@@ -18,8 +18,9 @@ The rules, p = tp_size (Megatron-LM's layout; see megamath.parallel.layers):
     norms                                replicated; sequence-parallel under SP (each rank's gradient
                                          covers only its sequence chunk and is summed over TP)
 
-The vocabulary padding rule lives here alone (`vocab_rows_per_rank`, `vocab_range`); the layers, the loss,
-state dicts, reshard, generation and the planner call it. `model.vocab_size` stays the true V everywhere a
+The vocabulary padding rule is `vocab_rows_per_rank` / `vocab_range` (defined in megamath.parallel.vocab_split,
+below the layers that need it, and re-exported here); the layers, the loss, state dicts, reshard, generation
+and the planner call it. `model.vocab_size` stays the true V everywhere a
 user sees it. Unlike Megatron-LM's loader (which pads with copies of the last row and trains them, so the
 extra logits enter the softmax), the padding rows are zero, never looked up, never multiplied into a logit
 (the LM head uses a view of its valid rows), so they get zero gradients and keep zero Adam moments, and
@@ -30,6 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megamath.model.config import ModelConfig
+from megamath.parallel.vocab_split import vocab_range, vocab_rows_per_rank  # the rule, re-exported here
 
 _ROW_SPLIT = ("q_proj", "gate_proj", "up_proj")
 _KV = ("k_proj", "v_proj")
@@ -76,22 +78,6 @@ def parameter_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 VOCAB_PARAMETERS = ("embed_tokens.weight", "lm_head.weight")
 """The parameters with one row per vocabulary id: split by vocab_range, padded on the last rank(s)."""
-
-
-def vocab_rows_per_rank(vocab_size: int, tp_size: int) -> int:
-    """Rows of embed_tokens / lm_head on each TP rank: ceil(V/p), V/p exactly when p divides V."""
-    return -(-vocab_size // tp_size)
-
-
-def vocab_range(vocab_size: int, tp_size: int, tp_rank: int) -> tuple[int, int]:
-    """[start, stop): the vocabulary ids TP rank tp_rank owns, its first stop - start local rows.
-
-    start = r·ceil(V/p); stop is capped at V, so the padding rows (local rows stop - start onwards) are on
-    the last rank(s) only and the serial tensor is the ranks' rows concatenated, cut to V.
-    """
-    rows = vocab_rows_per_rank(vocab_size, tp_size)
-    start = min(tp_rank * rows, vocab_size)
-    return start, min(start + rows, vocab_size)
 
 
 def vocab_tp_sizes(vocab_size: int, limit: int = 16) -> list[int]:

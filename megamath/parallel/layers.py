@@ -14,7 +14,7 @@ torch stores a Linear's weight as (out, in), i.e. W = Aᵀ for Y = XA. With p ra
     VocabParallelLMHead     the column-parallel LM head over the vocabulary: logits (B, S, stop - start).
 
 The vocabulary need not be divisible by p (a pretrained model's 32,001 at TP 2): rank r of the two vocabulary
-layers holds ceil(V/p) rows, the serial rows megamath.model.partition.vocab_range(V, p, r) first, then zero
+layers holds ceil(V/p) rows, the serial rows vocab_split.vocab_range(V, p, r) first, then zero
 padding rows (on the last rank(s) only). Padding is never read: the embedding treats its ids as foreign, the
 LM head multiplies a view of its valid rows only, so no padded logit exists, the padding's gradient is zero
 and (with zero Adam moments) it stays zero through every step. `shard_tensor(..., padded=True)` writes the
@@ -52,17 +52,10 @@ from megamath.parallel.mappings import (
     SEQUENCE_DIM, all_gather, copy_to_tp, gather_from_sequence, gather_from_tp, group_rank, group_size, reduce_from_tp,
     reduce_scatter, reduce_scatter_to_sequence,
 )
+from megamath.parallel.vocab_split import vocab_range, vocab_rows_per_rank
 
 
 # ---- slicing rule ----------------------------------------------------------------------------------------
-
-def _vocab_rule():
-    """partition.py's vocabulary split (vocab_range, vocab_rows_per_rank), imported on use: megamath.model's
-    package imports this module, so a module-level import would run in a circle."""
-    from megamath.model import partition
-
-    return partition.vocab_range, partition.vocab_rows_per_rank
-
 
 def shard_tensor(full: torch.Tensor, dim: int, tp_size: int, tp_rank: int, name: str = "tensor",
                  padded: bool = False) -> torch.Tensor:
@@ -72,9 +65,8 @@ def shard_tensor(full: torch.Tensor, dim: int, tp_size: int, tp_rank: int, name:
     serial rows vocab_range(n, p, r) followed by zeros.
     """
     if padded:
-        vocab_range, rows_per_rank = _vocab_rule()
         start, stop = vocab_range(full.shape[dim], tp_size, tp_rank)
-        rows = rows_per_rank(full.shape[dim], tp_size)
+        rows = vocab_rows_per_rank(full.shape[dim], tp_size)
         if stop - start == rows:  # no padding on this rank: what an even split gives, bit for bit
             return full.narrow(dim, start, rows).clone()
         chunk = full.new_zeros(full.shape[:dim] + (rows,) + full.shape[dim + 1:])  # padding rows stay zero
@@ -97,7 +89,6 @@ def merge_shards(shards: list[torch.Tensor], dim: int, size: int | None = None, 
     """
     if size is None:
         return torch.cat(shards, dim=dim)
-    vocab_range, _ = _vocab_rule()
     pieces = []
     for rank, shard in enumerate(shards):
         start, stop = vocab_range(size, len(shards), rank)
@@ -118,8 +109,7 @@ def gather_vocab_logits(logits_local: torch.Tensor, vocab_size: int, group) -> t
     p = group_size(group)
     if p == 1:
         return logits_local
-    _, rows_per_rank = _vocab_rule()
-    pad = rows_per_rank(vocab_size, p) - logits_local.shape[-1]
+    pad = vocab_rows_per_rank(vocab_size, p) - logits_local.shape[-1]
     if pad:
         logits_local = F.pad(logits_local, (0, pad))  # (..., ceil(V/p))
     full = gather_from_tp(logits_local.contiguous(), group)  # (..., p·ceil(V/p))
@@ -305,9 +295,8 @@ class VocabParallelLMHead(ColumnParallelLinear):
     padded = True
 
     def _local_rows(self, out_features: int) -> int:
-        vocab_range, rows_per_rank = _vocab_rule()
         self.vocab_start, self.vocab_stop = vocab_range(out_features, self.tp_size, self.tp_rank)
-        return rows_per_rank(out_features, self.tp_size)
+        return vocab_rows_per_rank(out_features, self.tp_size)
 
     def _active_weight(self) -> torch.Tensor:
         n_valid = self.vocab_stop - self.vocab_start
@@ -325,9 +314,8 @@ class VocabParallelEmbedding(_TPLayer):
         super().__init__()
         self._setup(group, sequence_parallel)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        vocab_range, rows_per_rank = _vocab_rule()
         self.vocab_start, self.vocab_stop = vocab_range(num_embeddings, self.tp_size, self.tp_rank)
-        self.weight = nn.Parameter(torch.empty(rows_per_rank(num_embeddings, self.tp_size), embedding_dim))
+        self.weight = nn.Parameter(torch.empty(vocab_rows_per_rank(num_embeddings, self.tp_size), embedding_dim))
 
     @classmethod
     def from_full_weight(cls, full, group=None, sequence_parallel=False):
