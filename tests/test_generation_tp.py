@@ -74,3 +74,43 @@ def test_gathered_logits_are_the_true_vocabulary_wide(runs):
     serial, ranks = runs["vocab-padded"]
     for rank in ranks:
         assert rank[0]["logits_width"] == 511
+
+
+# ---- `megamath eval` at TP 2 over a padded vocabulary (the tokenizer's 400 pieces + 1, as 32,000 + a pad) ----
+
+def _eval_args(ckpt, tok, data, out) -> list[str]:
+    return ["eval", "--model", str(ckpt), "--tokenizer-model", str(tok), "--task", "gsm8k", "--data", str(data),
+            "--limit", "2", "--maj", "2", "--max-new-tokens", "8", "--seed", "3", "--output", str(out)]
+
+
+def _eval_worker(rank, world_size, args):
+    import os
+
+    from megamath.cli import main
+
+    os.environ["WORLD_SIZE"] = str(world_size)  # as torchrun sets it: every process one TP rank
+    assert main(args) == 0
+
+
+def test_eval_cli_at_tp2_equals_tp1_on_a_padded_vocabulary(tmp_path):
+    from generation_fixtures import build_tokenizer
+    from megamath.cli import main
+
+    ckpt = build_checkpoint(tmp_path / "ckpt", seed=5, vocab_size=401)  # 2 does not divide 401
+    tok = build_tokenizer(tmp_path / "tok.model")
+    data = tmp_path / "g.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "answer": f"#### {a}"}) + "\n"
+                            for q, a in [("What is 2 + 3?", 5), ("What is 7 - 4?", 3)]))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(_eval_args(ckpt, tok, data, tmp_path / "tp1.jsonl")) == 0
+    finally:
+        torch.set_num_threads(threads)
+    run_distributed(_eval_worker, 2, _eval_args(ckpt, tok, data, tmp_path / "tp2.jsonl"))
+    tp1, tp2 = ([json.loads(line) for line in (tmp_path / f"{n}.jsonl").read_text().splitlines()]
+                for n in ("tp1", "tp2"))
+    assert len(tp1) == 2
+    for a, b in zip(tp1, tp2):  # greedy and seeded samples token for token: the same texts
+        assert (b["greedy"], b["samples"]) == (a["greedy"], a["samples"])
+        assert b["logprobs"] == pytest.approx(a["logprobs"], abs=1e-3)
