@@ -10,7 +10,8 @@ Each TP run's losses and gradient norms equal TP 1's (the same ops) within the t
 TP tests, its exported Hugging Face folder equals TP 1's export at the true V (each weight within 1e-3 of how
 far training moved it, in norm), and its padding rows are zero in the weights and the Adam
 moments at every rank. `megamath reshard` of tp2_sp's step 2 to TP 1 and TP 4 and back to TP 2 is bit-exact
-(weights, masters, moments); the TP 1 reshard resumes like the TP 1 run.
+(weights, masters, moments); the TP 1 reshard resumes like the TP 1 run, as does tp2's checkpoint read
+straight into TP 1, and TP 1's read straight into TP 4.
 """
 import json
 from pathlib import Path
@@ -31,7 +32,7 @@ from megamath.training.config import TrainConfig
 from megamath.training.export import export_training_checkpoint_to_hf
 from megamath.training.loop import train
 from test_reshard_tp import assert_same_files
-from test_train_loop import metrics, raw_config
+from test_train_loop import metrics, raw_config, untimed
 
 V, STEPS, SAVE_AT = 61, 4, 2
 RTOL = 2e-5  # fp32; TP and serial add partial sums in different orders (test_tp_from_hf.py's bar)
@@ -52,6 +53,7 @@ def last_step(run: str) -> str:
 def raw(tmp: Path, run: str, **top) -> dict:
     tp, sp, kernels = RUNS.get(run, (1, False, "reference"))
     parallel = {"parallel__tp_size": tp, **({"parallel__sequence_parallel": True} if sp else {})}
+    parallel.update({k: top.pop(k) for k in list(top) if k.startswith("parallel__")})  # a run not in RUNS
     steps = SAVE_AT if kernels == "triton" else STEPS  # the interpreter takes seconds a step on a CPU
     return raw_config(tmp / "data", tmp / run, train_steps=steps, init_from_hf=str(tmp / "hf"), model__kernels=kernels,
                       checkpoint__save_every=SAVE_AT, **MODEL, **parallel, **top)
@@ -69,8 +71,10 @@ def tp2_worker(rank, world_size, tmp):
 
 def tp4_worker(rank, world_size, tmp):
     state = ParallelState.from_env(4)
-    for run in ("tp4_sp",):
-        _train(tmp, run, state)
+    _train(tmp, "tp4_sp", state)
+    # TP 1's checkpoint read straight into TP 4 (load_checkpoint_any_tp): weights and moments padded on load
+    train(TrainConfig.from_dict(raw(tmp, "tp4_from_tp1", parallel__tp_size=4, checkpoint__resume=str(tmp / "tp1" / SAVED))),
+          state)
 
 
 @pytest.fixture(scope="module")
@@ -170,6 +174,10 @@ def test_reshard_of_a_padded_vocabulary_is_bit_exact(runs, capsys):
 def test_resharded_to_tp1_resumes_like_the_tp1_run(runs):
     rs.reshard_checkpoint(runs / "tp2" / SAVED, runs / "resharded_tp1", 1)
     train(TrainConfig.from_dict(raw(runs, "resharded_tp1")), ParallelState.single())
-    for key in ("loss", "grad_norm"):
-        np.testing.assert_allclose(series(runs, "resharded_tp1", key), series(runs, "tp1", key)[SAVE_AT:],
-                                   rtol=RTOL, err_msg=key)
+    direct = raw(runs, "direct_tp1", checkpoint__resume=str(runs / "tp2" / SAVED))  # no tool: read at TP 1
+    train(TrainConfig.from_dict(direct), ParallelState.single())
+    assert untimed(metrics(runs / "direct_tp1")) == untimed(metrics(runs / "resharded_tp1"))
+    for run in ("resharded_tp1", "tp4_from_tp1"):
+        for key in ("loss", "grad_norm"):
+            np.testing.assert_allclose(series(runs, run, key), series(runs, "tp1", key)[SAVE_AT:], rtol=RTOL,
+                                       err_msg=f"{run}: {key}")
