@@ -113,7 +113,7 @@ def tp_partition_dim(name: str, config: ModelConfig, tp_size: int) -> int | None
     At tp_size 1 the split weights keep their dim (a split into one piece), so the optimizer's flat layout
     and the norm's bookkeeping are the same function of the name at every TP size.
     """
-    if name in ("embed_tokens.weight", "lm_head.weight"):
+    if name in VOCAB_PARAMETERS:
         return 0
     projection = _projection(name)
     if projection in _ROW_SPLIT:
