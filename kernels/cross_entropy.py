@@ -12,8 +12,8 @@ Vocabulary parallelism (Megatron's vocab-parallel cross-entropy; `group=` a proc
 rank r holds the columns [r * V_local, (r + 1) * V_local) of the logits, or, given `vocab_start` and
 `vocab_size`, the columns [vocab_start, vocab_start + its width) of a V the ranks split unevenly (a
 vocabulary p does not divide: the last rank's slice is narrower, its padding never computed, so it never
-enters the softmax). Per row, each rank computes its
-local logsumexp l_r and, where it owns the target column, the target logit. Then
+enters the softmax). Per row, each rank computes its local logsumexp l_r and, where it owns the target
+column, the target logit. Then
 
     M   = max_r l_r                                  all-reduce MAX, (N,) fp32
     lse = M + log(sum_r exp(l_r - M)),  x[t] = sum_r  one all-reduce SUM of (2, N) fp32

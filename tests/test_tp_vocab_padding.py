@@ -203,3 +203,18 @@ def test_refuses_a_rank_of_padding_only():
         Llama(ModelConfig(**{**BASE, "vocab_size": 6}), fake)
     assert str(err.value) == ("tensor-parallel size 4 would leave TP rank 3 no vocabulary id of vocab_size 6 (2 rows "
                               "per rank): use a TP size at which every rank owns some (1, 2, 3, 6)")
+
+
+def test_loss_takes_a_vocabulary_start_only_with_its_size_and_a_group():
+    from megamath.kernels.cross_entropy import cross_entropy
+    from megamath.parallel.cross_entropy import vocab_parallel_cross_entropy_ref
+
+    logits, targets = torch.randn(4, 6), torch.tensor([0, 5, -100, 3])
+    for call in (lambda: cross_entropy(logits, targets, vocab_start=0, vocab_size=6),
+                 lambda: cross_entropy(logits, targets, vocab_start=0),
+                 lambda: vocab_parallel_cross_entropy_ref(logits, targets, vocab_size=6)):
+        with pytest.raises(ValueError, match="vocab_start and vocab_size go together"):
+            call()
+    # one rank owning the whole vocabulary from 0: the serial loss
+    torch.testing.assert_close(vocab_parallel_cross_entropy_ref(logits, targets, vocab_start=0, vocab_size=6),
+                               vocab_parallel_cross_entropy_ref(logits, targets))

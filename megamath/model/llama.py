@@ -18,8 +18,8 @@ unchanged) and projects only the contiguous range of KV heads its query heads re
 be divisible by p: the last rank(s) hold zero padding rows that nothing reads (megamath.model.partition's
 vocab_range; the LM head multiplies only its valid rows). The LM head's logits stay split, (B, S, V/p) per
 rank ((B, S, stop - start) with padding), and the loss is the vocabulary-parallel cross-entropy over them,
-told each rank's true vocabulary start. megamath.model.tp_state_dict turns a serial
-state dict into rank r's and back, bit-exact.
+told each rank's true vocabulary start. megamath.model.tp_state_dict turns a serial state dict into rank
+r's and back, bit-exact.
 
 Sequence parallelism (on top of TP): the residual stream is sequence first, (S, B, h) as in Megatron-LM,
 so that the sequence collectives move contiguous memory (megamath.parallel.mappings); the norms and the

@@ -20,11 +20,11 @@ The rules, p = tp_size (Megatron-LM's layout; see megamath.parallel.layers):
 
 The vocabulary padding rule is `vocab_rows_per_rank` / `vocab_range` (defined in megamath.parallel.vocab_split,
 below the layers that need it, and re-exported here); the layers, the loss, state dicts, reshard, generation
-and the planner call it. `model.vocab_size` stays the true V everywhere a
-user sees it. Unlike Megatron-LM's loader (which pads with copies of the last row and trains them, so the
-extra logits enter the softmax), the padding rows are zero, never looked up, never multiplied into a logit
-(the LM head uses a view of its valid rows), so they get zero gradients and keep zero Adam moments, and
-every serial tensor is made with them stripped: a padded TP run computes what TP 1 computes.
+and the planner call it. `model.vocab_size` stays the true V everywhere a user sees it. Unlike Megatron-LM's
+loader (which pads with copies of the last row and trains them, so the extra logits enter the softmax), the
+padding rows are zero, never looked up, never multiplied into a logit (the LM head uses a view of its valid
+rows), so they get zero gradients and keep zero Adam moments, and every serial tensor is made with them
+stripped: a padded TP run computes what TP 1 computes.
 """
 from __future__ import annotations
 
