@@ -115,8 +115,9 @@ def test_tp_run_equals_tp1_and_exports_the_same_model(runs, run):
         np.testing.assert_allclose(series(runs, run, key), series(runs, serial, key), rtol=RTOL,
                                    err_msg=f"{run}: {key}")
     assert sum(n > 1.0 for n in series(runs, serial, "grad_norm")) >= 1, "clipping active at least once"
-    assert json.loads((runs / "export" / run / "config.json").read_text()) == \
-        json.loads((runs / "export" / serial / "config.json").read_text())
+    exported = json.loads((runs / "export" / run / "config.json").read_text())
+    assert exported == json.loads((runs / "export" / serial / "config.json").read_text())
+    assert exported["vocab_size"] == V
     want, got = load_file(str(runs / "export" / serial / "model.safetensors")), \
         load_file(str(runs / "export" / run / "model.safetensors"))
     start = load_file(str(runs / "hf" / "model.safetensors"))
@@ -159,8 +160,9 @@ def test_reshard_of_a_padded_vocabulary_is_bit_exact(runs, capsys):
     rs.reshard_checkpoint(src, runs / "r1", 1)
     rs.reshard_checkpoint(runs / "r4", runs / "r4_2", 2, 1)
     rs.reshard_checkpoint(runs / "r1", runs / "r1_2", 2, 1)
+    rs.reshard_checkpoint(runs / "r4", runs / "r4_dp2", 2, 2)  # ZeRO shards cut over 2 DP ranks as well
     source = rs.TrainCheckpoint(src)
-    for out in ("r4", "r1", "r4_2", "r1_2"):  # reading merges every rank and checks its padding is zero
+    for out in ("r4", "r1", "r4_2", "r1_2", "r4_dp2"):  # reading merges every rank and checks its padding is zero
         other = rs.TrainCheckpoint(runs / out / SAVED)
         for name in source.local:
             assert torch.equal(other.weight(name), source.weight(name)), (out, name)
