@@ -9,8 +9,11 @@ the backward streams the row again and writes the gradient straight in the logit
     dx_r = (softmax(x_r) - onehot(t_r)) * grad_out / n_valid          (0 for ignored rows)
 
 Vocabulary parallelism (Megatron's vocab-parallel cross-entropy; `group=` a process group of p ranks):
-rank r holds the columns [r * V_local, (r + 1) * V_local) of the logits. Per row, each rank computes its
-local logsumexp l_r and, where it owns the target column, the target logit. Then
+rank r holds the columns [r * V_local, (r + 1) * V_local) of the logits, or, given `vocab_start` and
+`vocab_size`, the columns [vocab_start, vocab_start + its width) of a V the ranks split unevenly (a
+vocabulary p does not divide: the last rank's slice is narrower, its padding never computed, so it never
+enters the softmax). Per row, each rank computes its local logsumexp l_r and, where it owns the target
+column, the target logit. Then
 
     M   = max_r l_r                                  all-reduce MAX, (N,) fp32
     lse = M + log(sum_r exp(l_r - M)),  x[t] = sum_r  one all-reduce SUM of (2, N) fp32
@@ -135,19 +138,20 @@ def _combine_over_vocab_shards(lse_local, target_logit, group):
 
 class _CrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets, ignore_index, group, check_targets):
+    def forward(ctx, logits, targets, ignore_index, group, check_targets, vocab_start, vocab_size):
         n_rows, n_cols = logits.shape
         rank = 0 if group is None else dist.get_rank(group)
         world = 1 if group is None else dist.get_world_size(group)
-        vocab_start = rank * n_cols
+        if vocab_start is None:  # an even split: rank r's columns start at r * width
+            vocab_start, vocab_size = rank * n_cols, n_cols * world
         if check_targets:
-            _check_targets(targets, n_cols * world, ignore_index)
+            _check_targets(targets, vocab_size, ignore_index)
         lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device)  # (N,)
         target_logit = torch.empty(n_rows, dtype=torch.float32, device=logits.device)  # (N,)
         block_v, num_warps = _launch_config(n_cols)
         if n_rows > 0:
             _ce_forward_kernel[(n_rows,)](
-                logits, targets, lse, target_logit, n_cols, logits.stride(0), vocab_start, n_cols * world,
+                logits, targets, lse, target_logit, n_cols, logits.stride(0), vocab_start, vocab_size,
                 ignore_index, BLOCK_V=block_v, num_warps=num_warps)
         if group is not None:
             lse, target_logit = _combine_over_vocab_shards(lse, target_logit, group)
@@ -170,15 +174,18 @@ class _CrossEntropy(torch.autograd.Function):
                 logits, grad, targets, lse, scale, n_cols, logits.stride(0), grad.stride(0),
                 ctx.vocab_start, ctx.ignore_index, BLOCK_V=block_v, EXACT_BF16=_exact_bf16(logits.dtype),
                 num_warps=num_warps)
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
-                  group: "dist.ProcessGroup | None" = None, check_targets: bool = True) -> torch.Tensor:
+                  group: "dist.ProcessGroup | None" = None, check_targets: bool = True,
+                  vocab_start: int | None = None, vocab_size: int | None = None) -> torch.Tensor:
     """Mean cross-entropy over targets != ignore_index; a 0-dim fp32 tensor (0 if all are ignored).
 
     logits: (N, V) any float dtype, or with `group` this rank's (N, V / p) slice of the vocabulary
     (rank r holds columns [r * V/p, (r + 1) * V/p)); targets: (N,) int64 ids into the full vocabulary.
+    `vocab_start` and `vocab_size` (both, with `group`): this rank's columns are the ids
+    [vocab_start, vocab_start + width) of a vocabulary of vocab_size ids the ranks split unevenly.
     Differentiable in logits; the gradient has the logits' dtype. `check_targets=False` skips the
     host-synchronising range check (an out-of-range target then gives a NaN loss).
     """
@@ -186,7 +193,10 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     if logits.stride(1) != 1:  # rows may be strided; columns are streamed and must be contiguous
         logits = logits.contiguous()
     targets = targets.contiguous()  # the kernels read targets_ptr + row: a strided view would be misread
-    return _CrossEntropy.apply(logits, targets, int(ignore_index), group, bool(check_targets))
+    if (vocab_start is None) != (vocab_size is None) or (vocab_start is not None and group is None):
+        raise ValueError("cross_entropy: vocab_start and vocab_size go together, and only with a group")
+    return _CrossEntropy.apply(logits, targets, int(ignore_index), group, bool(check_targets), vocab_start,
+                               vocab_size)
 
 
 def cross_entropy_ref(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

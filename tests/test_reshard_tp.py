@@ -321,11 +321,9 @@ def test_refusals(runs, tmp_path):
     assert error(src, 0) == "tensor-parallel size must be a positive integer, got 0"
     assert error(src, 1, 0) == "data-parallel size must be a positive integer, got 0"
     vocab = _copy(src, tmp_path / "vocab")
-    _edit_meta(vocab, vocab_size=66)
-    assert error(vocab, 4) == ("tensor-parallel size 4 does not divide vocab_size 66: use a TP size that does (1, 2, 3, "
-                               "6, 11) or, for a model trained from scratch, a model.vocab_size padded to a multiple "
-                               "of 4 (e.g. 68; Megatron's --make-vocab-size-divisible-by); megamath does not pad a "
-                               "pretrained vocabulary")
+    _edit_meta(vocab, vocab_size=5)
+    assert error(vocab, 4) == ("tensor-parallel size 4 would leave TP rank 3 no vocabulary id of vocab_size 5 (2 rows "
+                               "per rank): use a TP size at which every rank owns some (1, 2, 3, 5)")
     ffn = _copy(src, tmp_path / "ffn")
     _edit_meta(ffn, ffn_hidden_size=66)
     assert error(ffn, 4) == "tensor-parallel size 4 does not divide ffn_hidden_size 66"

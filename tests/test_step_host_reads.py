@@ -74,30 +74,35 @@ def test_a_training_step_reads_the_device_once(monkeypatch, kernels):
     assert sorted(set(reads.seen) - set(one_read)) == []  # nothing else, in any file
 
 
+VOCABS = (64, 63)  # split evenly over TP 2, and padded
+
+
 def _parallel_worker(rank, world_size, out_dir):
     zero._adamw_fn = lambda device: adamw_step  # the GPU's AdamW, as above
     state = ParallelState.from_env(tp_size=2)
-    config = ModelConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2, ffn_hidden_size=48,
-                         max_seq_length=32, kernels="reference")
-    torch.manual_seed(0)
-    model = Llama(config, parallel=state, sequence_parallel=True)
-    optimizer = ZeroOptimizer(model, state, OptimizerConfig(clip_grad=1.0), split_names=model.split_parameter_names(),
-                              bucket_mb=0.002, overlap_grad_reduce=True, overlap_param_gather=True)  # a few buckets
-    batches = [(t[:, :-1], t[:, 1:]) for t in torch.randint(0, 64, (2, 1, 17))]
     reads = HostReads()
-    train_step(model, optimizer, batches, 1e-3, state)
-    reads.active = True
-    out = train_step(model, optimizer, batches, 1e-3, state)
-    reads.active = False
-    assert not out.skipped and out.grad_norm > 0
-    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(reads.seen))
+    for vocab in VOCABS:
+        config = ModelConfig(vocab_size=vocab, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2,
+                             ffn_hidden_size=48, max_seq_length=32, kernels="reference")
+        torch.manual_seed(0)
+        model = Llama(config, parallel=state, sequence_parallel=True)
+        optimizer = ZeroOptimizer(model, state, OptimizerConfig(clip_grad=1.0),
+                                  split_names=model.split_parameter_names(), bucket_mb=0.002,
+                                  overlap_grad_reduce=True, overlap_param_gather=True)  # a few buckets
+        batches = [(t[:, :-1], t[:, 1:]) for t in torch.randint(0, vocab, (2, 1, 17))]
+        train_step(model, optimizer, batches, 1e-3, state)
+        reads.seen, reads.active = [], True
+        out = train_step(model, optimizer, batches, 1e-3, state)
+        reads.active = False
+        assert not out.skipped and out.grad_norm > 0
+        (Path(out_dir) / f"rank{rank}-v{vocab}.json").write_text(json.dumps(reads.seen))
 
 
 def test_tensor_sequence_and_data_parallel_steps_read_the_device_once(tmp_path):
     """TP 2 with sequence parallelism x DP 2 with overlapped, bucketed ZeRO-1: the collectives, their hooks and
-    the sharded optimizer add no read."""
+    the sharded optimizer add no read; nor does a vocabulary TP 2 does not divide (63: padded, narrower logits)."""
     run_distributed(_parallel_worker, 4, tmp_path)
-    for rank in range(4):
-        seen = [tuple(r) for r in json.loads((tmp_path / f"rank{rank}.json").read_text())]
+    for rank, vocab in [(r, v) for r in range(4) for v in VOCABS]:
+        seen = [tuple(r) for r in json.loads((tmp_path / f"rank{rank}-v{vocab}.json").read_text())]
         assert [name for name, where in seen if where.startswith("megamath/training/loop.py")] == ["tolist"], seen
         assert [r for r in seen if not r[1].startswith("megamath/training/loop.py")] == [], (rank, seen)

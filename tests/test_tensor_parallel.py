@@ -354,10 +354,9 @@ def test_state_dict_errors():
     config = ModelConfig(**BASE)
     full = Llama(config).state_dict()
     cases = [
-        (lambda: shard_state_dict(full, ModelConfig(**{**BASE, "vocab_size": 63}), 2, 0),
-         "tensor-parallel size 2 does not divide vocab_size 63: use a TP size that does (1, 3, 7, 9) or, for a model "
-         "trained from scratch, a model.vocab_size padded to a multiple of 2 (e.g. 64; Megatron's "
-         "--make-vocab-size-divisible-by); megamath does not pad a pretrained vocabulary"),
+        (lambda: shard_state_dict(full, ModelConfig(**{**BASE, "vocab_size": 5}), 4, 0),
+         "tensor-parallel size 4 would leave TP rank 3 no vocabulary id of vocab_size 5 (2 rows per rank): use a TP "
+         "size at which every rank owns some (1, 2, 3, 5)"),
         (lambda: shard_state_dict(full, config, 8, 0), "tensor-parallel size 8 does not divide num_heads 4"),
         (lambda: shard_state_dict(full, ModelConfig(**{**BASE, "ffn_hidden_size": 66}), 4, 0),
          "tensor-parallel size 4 does not divide ffn_hidden_size 66"),
@@ -385,8 +384,9 @@ def test_state_dict_errors():
 
 def test_model_refuses_sizes_it_cannot_split():
     fake = ParallelState(world_size=2, rank=0, tp_size=2, tp_rank=0, dp_size=1, dp_rank=0, device=torch.device("cpu"))
-    with pytest.raises(ValueError, match=r"^tensor-parallel size 2 does not divide vocab_size 63: use a TP size that does"):
-        Llama(ModelConfig(**{**BASE, "vocab_size": 63}), fake)
+    fake4 = ParallelState(world_size=4, rank=0, tp_size=4, tp_rank=0, dp_size=1, dp_rank=0, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"^tensor-parallel size 4 would leave TP rank 3 no vocabulary id of vocab_size 5"):
+        Llama(ModelConfig(**{**BASE, "vocab_size": 5}), fake4)
     with pytest.raises(ValueError, match=r"^tensor-parallel size 2 needs a tp_group$"):
         Llama(ModelConfig(**BASE), fake)
 

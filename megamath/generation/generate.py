@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 import torch
 
 from megamath.generation.kv_cache import KVCache
-from megamath.parallel.mappings import gather_from_tp
+from megamath.parallel.layers import gather_vocab_logits
 
 
 @dataclass
@@ -141,8 +141,9 @@ class _Tracker:
 
 
 def _last_logits(model, logits: torch.Tensor) -> torch.Tensor:
-    """(B, S, V/p) -> the full-vocabulary logits of the last position (B, V)."""
-    return gather_from_tp(logits[:, -1].contiguous(), model.parallel.tp_group)
+    """(B, S, V/p) -> the full-vocabulary logits of the last position (B, V): exactly V columns, so a padded
+    vocabulary's padding ids (p not dividing V) are never candidates."""
+    return gather_vocab_logits(logits[:, -1], model.config.vocab_size, model.parallel.tp_group)
 
 
 @torch.no_grad()

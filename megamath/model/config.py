@@ -128,6 +128,10 @@ class ModelConfig:
         halved for the causal mask, times 3. For multi-head attention (h_q = h_kv = h) this is
         6·(L·(4h² + 3h·ffn) + V·h) + 6·L·S·h, the formula of the H100 anchors. Norms, RoPE, softmax
         and SwiGLU's elementwise work are not counted.
+
+        V is the true vocabulary even when tensor parallelism pads it (p not dividing V): Megatron counts its
+        padded vocabulary, but megamath never multiplies the padding rows (the LM head uses its valid rows
+        only), so counting them would credit MFU with work not done.
         """
         if seq_length <= 0:
             raise ValueError(f"seq_length must be positive, got {seq_length}")

@@ -10,13 +10,16 @@ Tensor parallelism (Megatron-LM's layout, p = tp_size, r = tp_rank; see megamath
     q, k, v, gate, up, lm_head   column-parallel: rank r holds rows [r·n/p, (r+1)·n/p) of the serial weight
     o, down                      row-parallel: rank r holds columns [r·n/p, (r+1)·n/p)
     embed_tokens                 vocab-parallel: rows [r·V/p, (r+1)·V/p)
+    (embed_tokens and lm_head when p does not divide V: ceil(V/p) rows, vocab_range(V, p, r) then zeros)
     norms                        replicated
 Attention heads split: rank r runs query heads [r·Hq/p, (r+1)·Hq/p). KV heads split the same way when
 p divides Hkv; otherwise every rank holds all Hkv heads' k/v weights (replicated, the serial tensors
-unchanged) and projects only the contiguous range of KV heads its query heads read. The vocabulary must
-be divisible by p (no padding here). The LM head's logits stay split, (B, S, V/p) per rank, and the
-loss is the vocabulary-parallel cross-entropy over them. megamath.model.tp_state_dict turns a serial
-state dict into rank r's and back, bit-exact.
+unchanged) and projects only the contiguous range of KV heads its query heads read. The vocabulary need not
+be divisible by p: the last rank(s) hold zero padding rows that nothing reads (megamath.model.partition's
+vocab_range; the LM head multiplies only its valid rows). The LM head's logits stay split, (B, S, V/p) per
+rank ((B, S, stop - start) with padding), and the loss is the vocabulary-parallel cross-entropy over them,
+told each rank's true vocabulary start. megamath.model.tp_state_dict turns a serial state dict into rank
+r's and back, bit-exact.
 
 Sequence parallelism (on top of TP): the residual stream is sequence first, (S, B, h) as in Megatron-LM,
 so that the sequence collectives move contiguous memory (megamath.parallel.mappings); the norms and the
@@ -48,11 +51,11 @@ from megamath.model.config import ModelConfig
 from megamath.model.attention import with_attention
 from megamath.model.ops import Ops, get_ops
 from megamath.model.partition import (
-    ParamSpec, check_tensor_parallel, is_norm_weight, partition_table, replicated_kv_heads,
+    VOCAB_PARAMETERS, ParamSpec, check_tensor_parallel, is_norm_weight, partition_table, replicated_kv_heads,
 )
 from megamath.parallel.layers import (
-    ColumnParallelLinear, RowParallelLinear, TPReplicatedLinear, VocabParallelEmbedding, column_parallel_inputs,
-    shard_tensor, tp_region_input,
+    ColumnParallelLinear, RowParallelLinear, TPReplicatedLinear, VocabParallelEmbedding, VocabParallelLMHead,
+    column_parallel_inputs, shard_tensor, tp_region_input,
 )
 from megamath.parallel.state import ParallelState
 
@@ -218,7 +221,7 @@ class Llama(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, parallel.tp_group, sp)
         self.layers = nn.ModuleList(Block(config, parallel, sp) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.lm_head = ColumnParallelLinear(config.hidden_size, config.vocab_size, parallel.tp_group, sp)
+        self.lm_head = VocabParallelLMHead(config.hidden_size, config.vocab_size, parallel.tp_group, sp)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -245,7 +248,7 @@ class Llama(nn.Module):
                 full = param.new_empty(spec.shape)
             full.normal_(0.0, scaled_std if name.endswith(("o_proj.weight", "down_proj.weight")) else std)
             if full is not param:
-                param.copy_(shard_tensor(full, dim, p, r, name))
+                param.copy_(shard_tensor(full, dim, p, r, name, padded=name in VOCAB_PARAMETERS))  # padding: 0
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, position_offset: int = 0,
                 cache=None):
@@ -254,8 +257,9 @@ class Llama(nn.Module):
         The loss is the mean cross-entropy over targets != -100. `position_offset` shifts RoPE's
         positions (the first token sits at that position). Under TP every rank of the group gets the same
         tokens and targets; the logits are this rank's vocabulary slice (B, S, V/p), columns
-        [r·V/p, (r+1)·V/p) (`megamath.parallel.mappings.gather_from_tp` joins them), the loss is the
-        full-vocabulary loss, the same on every rank.
+        [r·V/p, (r+1)·V/p), or (B, S, stop - start) for vocab_range's ids when p does not divide V
+        (`megamath.parallel.layers.gather_vocab_logits` joins them), the loss is the full-vocabulary loss,
+        the same on every rank.
 
         `cache` (a `megamath.generation.kv_cache.KVCache`, generation only) holds the keys and values of
         earlier calls and each row's positions; `position_offset` is then the number of slots already
@@ -298,9 +302,13 @@ class Llama(nn.Module):
         return swap_batch_seq(logits, sequence_first), loss  # (B, S, V/p), a view under SP
 
     def _cross_entropy(self, ops: Ops, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean over targets != -100 of logits (N, V/p); vocabulary-parallel over the TP group when p > 1."""
-        group = self.parallel.tp_group if self.parallel.tp_size > 1 else None
-        return ops.cross_entropy(logits, targets, ignore_index=-100, group=group)
+        """Mean over targets != -100 of logits (N, V/p); vocabulary-parallel over the TP group when p > 1,
+        where this rank's columns are the ids [lm_head.vocab_start, vocab_stop) (not rank · width: with
+        padding the last rank's logits are narrower)."""
+        if self.parallel.tp_size == 1:
+            return ops.cross_entropy(logits, targets, ignore_index=-100, group=None)
+        return ops.cross_entropy(logits, targets, ignore_index=-100, group=self.parallel.tp_group,
+                                 vocab_start=self.lm_head.vocab_start, vocab_size=self.config.vocab_size)
 
     def split_parameter_names(self) -> set[str]:
         """Names of the parameters TP splits (each TP rank holds a different piece), from the partition table."""

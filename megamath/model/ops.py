@@ -12,8 +12,10 @@ Signatures (all layouts are the model's, batch first):
     rope(q (B, S, Hq, D), k (B, S, Hkv, D), theta, position_offset) -> (q, k)   rotate-half (Llama)
     flash_attention(q (B, S, Hq, D), k, v (B, S, Hkv, D), causal=True, softmax_scale=None) -> (B, S, Hq, D)
     swiglu(gate (..., f), up (..., f)) -> silu(gate) * up
-    cross_entropy(logits (N, V/p), targets (N,), ignore_index=-100, group=None) -> mean over non-ignored;
-        with a tensor-parallel `group` the logits are this rank's vocabulary slice (vocab-parallel)
+    cross_entropy(logits (N, V/p), targets (N,), ignore_index=-100, group=None, vocab_start=None,
+                  vocab_size=None) -> mean over non-ignored;
+        with a tensor-parallel `group` the logits are this rank's vocabulary slice (vocab-parallel), the ids
+        [vocab_start, vocab_start + width) of vocab_size when given (a split p does not divide evenly)
 """
 from __future__ import annotations
 
@@ -60,10 +62,11 @@ def _triton_ops() -> Ops:
     from megamath.kernels.rope import rope
     from megamath.kernels.swiglu import swiglu
 
-    def unchecked_cross_entropy(logits, targets, ignore_index=-100, group=None):
+    def unchecked_cross_entropy(logits, targets, ignore_index=-100, group=None, vocab_start=None, vocab_size=None):
         # No host-synchronising range check in the hot path: TrainData checks every batch's ids on the
         # host, and the kernel turns an out-of-range id into a NaN loss (a skipped step), never a number.
-        return cross_entropy(logits, targets, ignore_index=ignore_index, group=group, check_targets=False)
+        return cross_entropy(logits, targets, ignore_index=ignore_index, group=group, check_targets=False,
+                             vocab_start=vocab_start, vocab_size=vocab_size)
 
     return Ops("triton", rms_norm=rms_norm, rope=rope, flash_attention=flash_attention, swiglu=swiglu,
                cross_entropy=unchecked_cross_entropy)
@@ -78,12 +81,12 @@ def _reference_ops() -> Ops:
     from megamath.kernels.swiglu import swiglu_ref
     from megamath.parallel.cross_entropy import vocab_parallel_cross_entropy_ref
 
-    def cross_entropy(logits, targets, ignore_index=-100, group=None):
+    def cross_entropy(logits, targets, ignore_index=-100, group=None, vocab_start=None, vocab_size=None):
         if group is None:
             return cross_entropy_ref(logits, targets, ignore_index=ignore_index)
         # unchecked, as the kernel in the training step (see _triton_ops): no host read
         return vocab_parallel_cross_entropy_ref(logits, targets, ignore_index=ignore_index, group=group,
-                                                check_targets=False)
+                                                check_targets=False, vocab_start=vocab_start, vocab_size=vocab_size)
 
     return Ops("reference", rms_norm=rms_norm_ref, rope=rope_ref, flash_attention=flash_attention_ref,
                swiglu=swiglu_ref, cross_entropy=cross_entropy)

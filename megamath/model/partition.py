@@ -9,17 +9,29 @@ wrappers replace those tensors and their attributes silently vanish (a TP run in
 Face weights once computed its gradient norm as if nothing were split).
 
 The rules, p = tp_size (Megatron-LM's layout; see megamath.parallel.layers):
-    embed_tokens, lm_head, q, gate, up   dim 0 split: rank r holds rows [r·n/p, (r+1)·n/p)
+    q, gate, up                          dim 0 split: rank r holds rows [r·n/p, (r+1)·n/p)
+    embed_tokens, lm_head                dim 0 split over a vocabulary V that p need not divide: rank r holds
+                                         ceil(V/p) rows, the serial rows vocab_range(V, p, r) and zero rows
+                                         after them (padding, on the last rank(s) only; see below)
     k, v                                 dim 0 split when p divides num_kv_heads, else replicated whole
     o, down                              dim 1 split
     norms                                replicated; sequence-parallel under SP (each rank's gradient
                                          covers only its sequence chunk and is summed over TP)
+
+The vocabulary padding rule is `vocab_rows_per_rank` / `vocab_range` (defined in megamath.parallel.vocab_split,
+below the layers that need it, and re-exported here); the layers, the loss, state dicts, reshard, generation
+and the planner call it. `model.vocab_size` stays the true V everywhere a user sees it. Unlike Megatron-LM's
+loader (which pads with copies of the last row and trains them, so the extra logits enter the softmax), the
+padding rows are zero, never looked up, never multiplied into a logit (the LM head uses a view of its valid
+rows), so they get zero gradients and keep zero Adam moments, and every serial tensor is made with them
+stripped: a padded TP run computes what TP 1 computes.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from megamath.model.config import ModelConfig
+from megamath.parallel.vocab_split import vocab_range, vocab_rows_per_rank  # the rule, re-exported here
 
 _ROW_SPLIT = ("q_proj", "gate_proj", "up_proj")
 _KV = ("k_proj", "v_proj")
@@ -64,20 +76,31 @@ def parameter_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+VOCAB_PARAMETERS = ("embed_tokens.weight", "lm_head.weight")
+"""The parameters with one row per vocabulary id: split by vocab_range, padded on the last rank(s)."""
+
+
+def vocab_tp_sizes(vocab_size: int, limit: int = 16) -> list[int]:
+    """The TP sizes up to `limit` at which every rank owns at least one vocabulary id."""
+    return [t for t in range(1, limit + 1) if (t - 1) * vocab_rows_per_rank(vocab_size, t) < vocab_size]
+
+
 def check_tensor_parallel(config: ModelConfig, tp_size: int) -> None:
-    """The sizes TP splits must be divisible by tp_size (KV heads need not: they are replicated)."""
+    """The sizes TP splits must be divisible by tp_size (KV heads need not: they are replicated); the
+    vocabulary need not be (padded, vocab_range), as long as every rank owns at least one id."""
     if isinstance(tp_size, bool) or not isinstance(tp_size, int) or tp_size < 1:
         raise ValueError(f"tensor-parallel size must be a positive integer, got {tp_size!r}")
     for field in ("num_heads", "ffn_hidden_size"):
         if getattr(config, field) % tp_size:
             raise ValueError(f"tensor-parallel size {tp_size} does not divide {field} {getattr(config, field)}")
-    if config.vocab_size % tp_size:
-        padded = -(-config.vocab_size // tp_size) * tp_size
-        fitting = ", ".join(str(t) for t in range(1, 17) if config.vocab_size % t == 0)
-        raise ValueError(f"tensor-parallel size {tp_size} does not divide vocab_size {config.vocab_size}: use a TP "
-                         f"size that does ({fitting}) or, for a model trained from scratch, a model.vocab_size "
-                         f"padded to a multiple of {tp_size} (e.g. {padded}; Megatron's "
-                         "--make-vocab-size-divisible-by); megamath does not pad a pretrained vocabulary")
+    v = config.vocab_size
+    if vocab_range(v, tp_size, tp_size - 1)[0] >= v:
+        # A rank of padding only would hold an empty vocabulary slice: refused rather than supported, since
+        # it takes a vocabulary smaller than about p² ids (never a real tokenizer's).
+        fitting = ", ".join(str(t) for t in vocab_tp_sizes(v))
+        raise ValueError(f"tensor-parallel size {tp_size} would leave TP rank {tp_size - 1} no vocabulary id of "
+                         f"vocab_size {v} ({vocab_rows_per_rank(v, tp_size)} rows per rank): use a TP size at "
+                         f"which every rank owns some ({fitting})")
 
 
 def _projection(name: str) -> str:
@@ -90,7 +113,7 @@ def tp_partition_dim(name: str, config: ModelConfig, tp_size: int) -> int | None
     At tp_size 1 the split weights keep their dim (a split into one piece), so the optimizer's flat layout
     and the norm's bookkeeping are the same function of the name at every TP size.
     """
-    if name in ("embed_tokens.weight", "lm_head.weight"):
+    if name in VOCAB_PARAMETERS:
         return 0
     projection = _projection(name)
     if projection in _ROW_SPLIT:
@@ -123,8 +146,9 @@ def check_names_and_shapes(found: dict[str, tuple[int, ...]], expected: dict[str
 
 
 def local_shape(shape: tuple[int, ...], dim: int | None, tp_size: int) -> tuple[int, ...]:
-    """A parameter's shape on one TP rank (dim already checked to divide)."""
-    return shape if dim is None else shape[:dim] + (shape[dim] // tp_size,) + shape[dim + 1:]
+    """A parameter's shape on one TP rank, padding included: ceil(n/p) along dim (n/p where p divides n, as
+    check_tensor_parallel demands of every split dim but the vocabulary's)."""
+    return shape if dim is None else shape[:dim] + (vocab_rows_per_rank(shape[dim], tp_size),) + shape[dim + 1:]
 
 
 def partition_table(config: ModelConfig, tp_size: int = 1, sequence_parallel: bool = False) -> dict[str, ParamSpec]:

@@ -11,6 +11,15 @@ torch stores a Linear's weight as (out, in), i.e. W = Aᵀ for Y = XA. With p ra
     VocabParallelEmbedding  E = [E_1; …; E_p] split by vocabulary rows; rank r looks up the ids it owns,
                             zeros the others, and the sum over ranks (reduce_from_tp, or reduce-scatter
                             under SP) is the serial lookup.
+    VocabParallelLMHead     the column-parallel LM head over the vocabulary: logits (B, S, stop - start).
+
+The vocabulary need not be divisible by p (a pretrained model's 32,001 at TP 2): rank r of the two vocabulary
+layers holds ceil(V/p) rows, the serial rows vocab_split.vocab_range(V, p, r) first, then zero
+padding rows (on the last rank(s) only). Padding is never read: the embedding treats its ids as foreign, the
+LM head multiplies a view of its valid rows only, so no padded logit exists, the padding's gradient is zero
+and (with zero Adam moments) it stays zero through every step. `shard_tensor(..., padded=True)` writes the
+padding, `merge_shards(..., size=V)` checks it is zero and strips it; `gather_vocab_logits` joins the
+ranks' unequal logit slices into the (..., V) serial logits.
     TPReplicatedLinear      every rank holds the full weight (KV heads that do not split evenly); its
                             gradient is summed over the group in the backward so all copies stay equal.
 
@@ -40,15 +49,29 @@ import torch.nn.functional as F
 
 from megamath.parallel.fused_linear import adjacent_order, fused_view, linears
 from megamath.parallel.mappings import (
-    SEQUENCE_DIM, all_gather, copy_to_tp, gather_from_sequence, group_rank, group_size, reduce_from_tp, reduce_scatter,
-    reduce_scatter_to_sequence,
+    SEQUENCE_DIM, all_gather, copy_to_tp, gather_from_sequence, gather_from_tp, group_rank, group_size, reduce_from_tp,
+    reduce_scatter, reduce_scatter_to_sequence,
 )
+from megamath.parallel.vocab_split import vocab_range, vocab_rows_per_rank
 
 
 # ---- slicing rule ----------------------------------------------------------------------------------------
 
-def shard_tensor(full: torch.Tensor, dim: int, tp_size: int, tp_rank: int, name: str = "tensor") -> torch.Tensor:
-    """Rank tp_rank's contiguous chunk of `full` along dim (a new tensor, not a view into `full`)."""
+def shard_tensor(full: torch.Tensor, dim: int, tp_size: int, tp_rank: int, name: str = "tensor",
+                 padded: bool = False) -> torch.Tensor:
+    """Rank tp_rank's contiguous chunk of `full` along dim (a new tensor, not a view into `full`).
+
+    `padded` (the vocabulary's rows): tp_size need not divide the dim; the chunk is ceil(n/p) rows, the
+    serial rows vocab_range(n, p, r) followed by zeros.
+    """
+    if padded:
+        start, stop = vocab_range(full.shape[dim], tp_size, tp_rank)
+        rows = vocab_rows_per_rank(full.shape[dim], tp_size)
+        if stop - start == rows:  # no padding on this rank: what an even split gives, bit for bit
+            return full.narrow(dim, start, rows).clone()
+        chunk = full.new_zeros(full.shape[:dim] + (rows,) + full.shape[dim + 1:])  # padding rows stay zero
+        chunk.narrow(dim, 0, stop - start).copy_(full.narrow(dim, start, stop - start))
+        return chunk
     if full.shape[dim] % tp_size:
         raise ValueError(f"cannot split {name} of shape {tuple(full.shape)}: dim {dim} is not divisible by the "
                          f"tensor-parallel size {tp_size}")
@@ -56,9 +79,41 @@ def shard_tensor(full: torch.Tensor, dim: int, tp_size: int, tp_rank: int, name:
     return full.narrow(dim, tp_rank * n_local, n_local).clone()
 
 
-def merge_shards(shards: list[torch.Tensor], dim: int) -> torch.Tensor:
-    """Inverse of shard_tensor: concatenate rank 0 … p-1's chunks along dim."""
-    return torch.cat(shards, dim=dim)
+def merge_shards(shards: list[torch.Tensor], dim: int, size: int | None = None, name: str = "tensor") -> torch.Tensor:
+    """Inverse of shard_tensor: concatenate rank 0 … p-1's chunks along dim.
+
+    `size` (padded shards: the true vocabulary V): each rank's rows past vocab_range are padding, which must
+    be zero and is stripped. Checked rather than dropped blindly: a nonzero padding row is trained weight or
+    optimizer state that the serial model has no place for (a Megatron-style padded layout, or a bug), and
+    dropping it would lose it silently.
+    """
+    if size is None:
+        return torch.cat(shards, dim=dim)
+    pieces = []
+    for rank, shard in enumerate(shards):
+        start, stop = vocab_range(size, len(shards), rank)
+        padding = shard.narrow(dim, stop - start, shard.shape[dim] - (stop - start))
+        if padding.numel() and bool(padding.count_nonzero()):
+            raise ValueError(f"{name}: TP rank {rank}'s vocabulary padding (rows {stop - start}..{shard.shape[dim] - 1} "
+                             f"of {len(shards)} ranks' split of {size}) is not zero")
+        pieces.append(shard.narrow(dim, 0, stop - start))
+    return torch.cat(pieces, dim=dim)
+
+
+def gather_vocab_logits(logits_local: torch.Tensor, vocab_size: int, group) -> torch.Tensor:
+    """Join vocabulary-parallel logits (..., stop - start) into the serial (..., V) on every rank.
+
+    The ranks' slices differ in width when p does not divide V; all-gather needs equal ones, so each is
+    padded to ceil(V/p) columns (values never seen: the gathered (..., p·ceil(V/p)) is cut to V).
+    """
+    p = group_size(group)
+    if p == 1:
+        return logits_local
+    pad = vocab_rows_per_rank(vocab_size, p) - logits_local.shape[-1]
+    if pad:
+        logits_local = F.pad(logits_local, (0, pad))  # (..., ceil(V/p))
+    full = gather_from_tp(logits_local.contiguous(), group)  # (..., p·ceil(V/p))
+    return full if full.shape[-1] == vocab_size else full[..., :vocab_size]  # (..., V)
 
 
 def tp_region_input(x: torch.Tensor, group, sequence_parallel: bool) -> torch.Tensor:
@@ -145,6 +200,8 @@ class _TPLayer(nn.Module):
     """Group bookkeeping and loading from the serial weight, shared by the layers below."""
 
     partition_dim: int | None = None
+    padded: bool = False
+    """True for the vocabulary layers: rows split by vocab_range, zero padding after them (shard_tensor)."""
 
     def _setup(self, group, sequence_parallel: bool) -> None:
         self.group = group
@@ -155,7 +212,8 @@ class _TPLayer(nn.Module):
     def load_full_weight(self, full: torch.Tensor) -> None:
         """Copy this rank's slice of the serial layer's full weight."""
         if self.partition_dim is not None:
-            full = shard_tensor(full, self.partition_dim, self.tp_size, self.tp_rank, type(self).__name__)
+            full = shard_tensor(full, self.partition_dim, self.tp_size, self.tp_rank, type(self).__name__,
+                                padded=self.padded)
         if full.shape != self.weight.shape:
             raise ValueError(f"{type(self).__name__}: weight slice of shape {tuple(full.shape)} does not fit "
                              f"the local weight {tuple(self.weight.shape)}")
@@ -184,17 +242,24 @@ class ColumnParallelLinear(_TPLayer):
         super().__init__()
         self._setup(group, sequence_parallel)
         self.in_features, self.out_features = in_features, out_features
-        out_local = _local_size(out_features, self.tp_size, "ColumnParallelLinear: out_features")
-        self.weight = nn.Parameter(torch.empty(out_local, in_features))
+        self.weight = nn.Parameter(torch.empty(self._local_rows(out_features), in_features))
+
+    def _local_rows(self, out_features: int) -> int:
+        return _local_size(out_features, self.tp_size, "ColumnParallelLinear: out_features")
+
+    def _active_weight(self) -> torch.Tensor:
+        """The rows the matmul uses: all of them here (VocabParallelLMHead leaves out its padding)."""
+        return self.weight
 
     def forward(self, x: torch.Tensor, input_is_tp_region: bool = False) -> torch.Tensor:
         """x (B, S, in) -> (B, S, out/p), or under SP (S/p, B, in) -> (S, B, out/p). With input_is_tp_region,
         x is already tp_region_input(...)'s (B, S, in) / (S, B, in)."""
+        weight = self._active_weight()  # (out/p, in)
         if not input_is_tp_region:
             if self.sequence_parallel and self.tp_size > 1:  # the chunk, not the gathered input, is saved
-                return _GatherLinears.apply(x, self.group, False, self.weight)[0]  # (S, B, out/p)
+                return _GatherLinears.apply(x, self.group, False, weight)[0]  # (S, B, out/p)
             x = tp_region_input(x, self.group, self.sequence_parallel)  # (B, S, in)
-        return F.linear(x, self.weight)  # (B, S, out/p)
+        return F.linear(x, weight)  # (B, S, out/p)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, tp_size={self.tp_size}"
@@ -221,18 +286,36 @@ class RowParallelLinear(_TPLayer):
         return f"in_features={self.in_features}, out_features={self.out_features}, tp_size={self.tp_size}"
 
 
+class VocabParallelLMHead(ColumnParallelLinear):
+    """The LM head, column-parallel over a vocabulary p need not divide: weight (ceil(V/p), h) whose rows past
+    [vocab_start, vocab_stop) are zero padding. The matmul takes a view of the valid rows, so the logits are
+    (B, S, vocab_stop - vocab_start): padded logits never exist (no masked copy of the largest activation),
+    and the padding rows' gradient is zero (the view's backward). With p dividing V: ColumnParallelLinear."""
+
+    padded = True
+
+    def _local_rows(self, out_features: int) -> int:
+        self.vocab_start, self.vocab_stop = vocab_range(out_features, self.tp_size, self.tp_rank)
+        return vocab_rows_per_rank(out_features, self.tp_size)
+
+    def _active_weight(self) -> torch.Tensor:
+        n_valid = self.vocab_stop - self.vocab_start
+        return self.weight if n_valid == self.weight.shape[0] else self.weight[:n_valid]  # (stop - start, h) view
+
+
 class VocabParallelEmbedding(_TPLayer):
-    """Rows [r·V/p, (r+1)·V/p) of the serial (V, h) table; ids outside them give zeros on this rank."""
+    """Rows vocab_range(V, p, r) = [vocab_start, vocab_stop) of the serial (V, h) table, then zero padding up
+    to ceil(V/p) rows (rows [r·V/p, (r+1)·V/p) when p divides V); ids outside the range give zeros here."""
 
     partition_dim = 0
+    padded = True
 
     def __init__(self, num_embeddings: int, embedding_dim: int, group=None, sequence_parallel: bool = False):
         super().__init__()
         self._setup(group, sequence_parallel)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        v_local = _local_size(num_embeddings, self.tp_size, "VocabParallelEmbedding: num_embeddings")
-        self.vocab_start = self.tp_rank * v_local
-        self.weight = nn.Parameter(torch.empty(v_local, embedding_dim))
+        self.vocab_start, self.vocab_stop = vocab_range(num_embeddings, self.tp_size, self.tp_rank)
+        self.weight = nn.Parameter(torch.empty(vocab_rows_per_rank(num_embeddings, self.tp_size), embedding_dim))
 
     @classmethod
     def from_full_weight(cls, full, group=None, sequence_parallel=False):
@@ -245,7 +328,7 @@ class VocabParallelEmbedding(_TPLayer):
         if self.tp_size == 1:
             return F.embedding(tokens, self.weight)  # (B, S, h)
         local_ids = tokens - self.vocab_start  # (B, S)
-        foreign = (local_ids < 0) | (local_ids >= self.weight.shape[0])  # (B, S): another rank's row
+        foreign = (local_ids < 0) | (local_ids >= self.vocab_stop - self.vocab_start)  # (B, S): not a row of ours
         x_partial = F.embedding(local_ids.masked_fill(foreign, 0), self.weight)  # (B, S, h)
         x_partial = x_partial.masked_fill(foreign.unsqueeze(-1), 0.0)  # zero value and zero gradient
         return tp_region_output(x_partial, self.group, self.sequence_parallel)

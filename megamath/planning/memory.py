@@ -30,7 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megamath.model.config import ModelConfig
-from megamath.model.partition import local_shape, partition_table, replicated_kv_heads
+from megamath.model.partition import local_shape, partition_table, replicated_kv_heads, vocab_rows_per_rank
 from megamath.parallel.zero_layout import GRAD_BYTES, ZeroLayout, bucket_numel_for, buffer_bytes, zero_layout
 from megamath.planning.hardware import ALLOCATOR_HEADROOM, RUNTIME_RESERVE_BYTES
 
@@ -57,6 +57,8 @@ class RunShape:
 def zero_layout_for(model: ModelConfig, tp: int, dp: int, grad_dtype: str, bucket_mb: float) -> ZeroLayout:
     """The layout ZeroOptimizer builds for one TP rank of `model` (every TP rank's is the same size)."""
     table = partition_table(model, tp)
+    # local_shape counts a padded vocabulary's ceil(V/p) rows: the padding is allocated (weights, gradients,
+    # fp32 master and moments) even though it is never computed with.
     params = [(name, local_shape(spec.shape, spec.partition_dim, tp), spec.tensor_parallel)
               for name, spec in table.items()]
     return zero_layout(params, dp, bucket_numel_for(bucket_mb, GRAD_BYTES[grad_dtype]))
@@ -101,7 +103,7 @@ def activation_bytes(model: ModelConfig, shape: RunShape) -> dict[str, int]:
     else:
         kept = L * layer + final_norm
         transient = layer
-    vocab_local = model.vocab_size // tp
+    vocab_local = vocab_rows_per_rank(model.vocab_size, tp)  # memory: the widest rank's logits (no padding logits)
     logits = tokens * (2 * PARAM_BYTES * vocab_local + 4)
     return {"activations": int(kept), "backward_transient": int(transient), "logits_and_loss": int(logits)}
 

@@ -6,8 +6,9 @@ sizes + an activation model) and step_time.py (FLOPs at a stated efficiency + α
 evaluated for one configuration or for every configuration of a search, ranked by throughput.
 
 Search (when --tp or --micro-batch is missing): TP over the divisors of the GPUs per node that the model
-allows (heads, FFN and vocabulary divisible) and that divide the GPU count, micro-batches 1..64,
-activation checkpointing and sequence parallelism both ways unless their flag fixes them on. Without
+allows (heads and FFN divisible; a vocabulary it does not divide is padded, vocab_split.vocab_range) and that
+divide the GPU count, micro-batches 1..64, activation checkpointing and sequence parallelism both ways
+unless their flag fixes them on. Without
 --grad-accum the accumulation is the one whose global batch is closest to 4M tokens (LLEMMA's).
 """
 from __future__ import annotations

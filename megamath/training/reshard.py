@@ -8,11 +8,13 @@ weight and of every Adam moment between files, so it is done here: offline into 
 How, one parameter at a time, by name (p = old TP size, n = new, `tp_partition_dim` says the dim):
 
     weight          model_tp00 … model_tp{p-1}: concatenate the slices along the dim -> the serial tensor;
-                    replicated tensors (norms, KV heads that do not split): one copy, equal on every rank
+                    replicated tensors (norms, KV heads that do not split): one copy, equal on every rank;
+                    a vocabulary p does not divide: each rank's zero padding rows checked and stripped
     master, exp_avg, exp_avg_sq
                     each old TP rank's flat fp32 vectors, cut over its DP ranks: the parameter's range is
                     read back by name and offset, viewed as the rank's slice, merged like the weight
-    then            the serial tensor's slice for new TP rank t (shard_tensor), placed where
+    then            the serial tensor's slice for new TP rank t (shard_tensor; padded with zero rows for a
+                    vocabulary n does not divide, so Adam moments of padding are zero too), placed where
                     ZeroOptimizer would put it (zero_layout: the run's buckets) in the new DP shards
 
 Files are memory-mapped and read one parameter at a time: peak memory is one output file plus one
@@ -45,7 +47,7 @@ from megamath.atomic_io import fsync_path, write_text_atomically
 from megamath.model.config import ModelConfig
 from megamath.model.partition import check_tensor_parallel, local_shapes, parameter_shapes, tp_partition_dim
 from megamath.model.safetensors_io import save_safetensors
-from megamath.model.tp_state_dict import tp_slice
+from megamath.model.tp_state_dict import tp_merge, tp_slice
 from megamath.parallel.optimizer_config import GRAD_DTYPES
 from megamath.parallel.state import ParallelState
 from megamath.parallel.zero import ZeroOptimizer
@@ -121,7 +123,10 @@ class TrainCheckpoint:
     def _merge(self, name: str, pieces: list[torch.Tensor], what: str) -> torch.Tensor:
         dim = tp_partition_dim(name, self.config, self.tp_size)
         if dim is not None:
-            return torch.cat(pieces, dim=dim)
+            try:
+                return tp_merge(pieces, name, self.config)
+            except ValueError as err:  # nonzero vocabulary padding
+                raise ValueError(f"{self.path}: the {what} of {err}") from None
         for t in range(1, len(pieces)):
             if not torch.equal(pieces[t], pieces[0]):
                 raise ValueError(f"{self.path}: the {what} of replicated parameter {name} differs between TP ranks "
