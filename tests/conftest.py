@@ -16,10 +16,25 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     install()
 
 
+def pytest_configure(config):
+    """An xdist worker's share of the CPUs for torch's intra-op threads, and for the processes its tests start
+    (OMP_NUM_THREADS, unless set). Each worker's torch otherwise takes every CPU: 2 workers on 2 CPUs ran 4
+    OpenMP threads, whose parallel regions wait for a thread the other worker has descheduled."""
+    workers = getattr(config, "workerinput", {}).get("workercount")
+    if workers:
+        threads = max(1, _usable_cpus() // workers)
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+        torch.set_num_threads(threads)
+
+
 @pytest.hookimpl(optionalhook=True)  # without pytest-xdist (a GPU machine's bare image) the hook is unknown
 def pytest_xdist_auto_num_workers(config):
     """Workers for `-n auto` (make test): the CPUs this process may run on, a container's CPU quota included
     (a CI job limited to 2 CPUs may see the host's 64, and 8 workers on 2 CPUs only fight), at most 8."""
+    return min(_usable_cpus(), 8)
+
+
+def _usable_cpus() -> int:
     cpus = len(os.sched_getaffinity(0))
     for path, parse in (("/sys/fs/cgroup/cpu.max", lambda text: text.split()),  # cgroup v2: "quota period"
                         ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", lambda text: [text.strip(), _cgroup_v1_period()])):
@@ -30,7 +45,7 @@ def pytest_xdist_auto_num_workers(config):
         if quota not in ("max", "-1"):
             cpus = min(cpus, max(1, int(quota) // int(period)))
         break
-    return min(cpus, 8)
+    return cpus
 
 
 def _cgroup_v1_period() -> str:
