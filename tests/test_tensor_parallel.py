@@ -19,6 +19,7 @@ from megamath.model.tp_state_dict import merge_state_dicts, shard_state_dict
 from megamath.parallel.cross_entropy import vocab_parallel_cross_entropy_ref
 from megamath.parallel.layers import shard_tensor
 from megamath.parallel.state import ParallelState
+from tp_model_pass import grads as _grads, serial_and_tp_pass
 
 TP = 2
 TOL = dict(rtol=1e-5, atol=1e-6)
@@ -52,12 +53,6 @@ def batch(vocab: int, b: int = B, seed: int = 3):
     return tokens[:, :-1], targets
 
 
-def _grads(model) -> dict[str, torch.Tensor]:
-    return {n: p.grad.clone() for n, p in model.named_parameters()}
-
-
-# ---- workers ---------------------------------------------------------------------------------------------
-
 def owner(model, name: str):
     """The module that holds parameter `name`."""
     return model.get_submodule(name.rpartition(".")[0])
@@ -85,32 +80,15 @@ def _tp2_worker(rank, state, out_dir):
 def _model_case(state, case: str, sp: bool) -> dict:
     """The serial model and this rank's TP part of it, from the same seed: outputs, gradients, marks."""
     from megamath.model.ops import get_ops
-    from megamath.parallel.sequence_parallel import allreduce_sequence_parallel_grads
-    from megamath.parallel.mappings import gather_from_tp
 
     config = config_of(case)
-    torch.manual_seed(11)
-    serial = Llama(config)
-    torch.manual_seed(11)
-    model = Llama(config, state, sequence_parallel=sp)
-    r = {"init": {k: v.clone() for k, v in model.state_dict().items()},
-         "serial_state": {k: v.clone() for k, v in serial.state_dict().items()},
-         "marks": {n: (spec.tensor_parallel, spec.sequence_parallel) for n, spec in model.partition.items()},
-         "layer_dims": {n: (model.partition[n].partition_dim, getattr(owner(model, n), "partition_dim", None))
-                        for n, _ in model.named_parameters()}}
-    model.load_state_dict(shard_state_dict(serial.state_dict(), config, state.tp_size, state.tp_rank))
     tokens, targets = batch(config.vocab_size)
-    logits, loss = serial(tokens, targets)
-    loss.backward()
-    r.update(serial_logits=logits.detach(), serial_loss=loss.detach(), serial_grads=_grads(serial))
-    logits, loss = model(tokens, targets)
-    loss.backward()
-    r.update(tp_logits=logits.detach(), tp_logits_gathered=gather_from_tp(logits.detach(), state.tp_group),
-             tp_loss=loss.detach(), tp_grads_partial=_grads(model))
-    allreduce_sequence_parallel_grads(model.sequence_parallel_parameters(), state)
-    r["tp_grads"] = _grads(model)
+    _, model, r = serial_and_tp_pass(config, state, sp, tokens, targets)
+    r.update(marks={n: (spec.tensor_parallel, spec.sequence_parallel) for n, spec in model.partition.items()},
+             layer_dims={n: (model.partition[n].partition_dim, getattr(owner(model, n), "partition_dim", None))
+                         for n, _ in model.named_parameters()})
     if case == "kv2":  # the loss through the vocab-parallel Triton kernel (interpreted on CPU)
-        r["tp_loss_triton"] = model._cross_entropy(get_ops("triton", "cpu"), logits.detach().view(B * S, -1),
+        r["tp_loss_triton"] = model._cross_entropy(get_ops("triton", "cpu"), r["tp_logits"].view(B * S, -1),
                                                    targets.reshape(-1))
     if sp:  # refused before any collective, on every rank
         try:

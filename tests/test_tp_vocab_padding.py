@@ -20,6 +20,7 @@ from megamath.model.partition import local_shapes, vocab_range, vocab_rows_per_r
 from megamath.model.tp_state_dict import merge_state_dicts, shard_state_dict
 from megamath.parallel.layers import merge_shards, shard_tensor
 from megamath.parallel.state import ParallelState
+from tp_model_pass import serial_and_tp_pass
 
 TOL = dict(rtol=1e-5, atol=1e-6)
 BASE = dict(vocab_size=63, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=64,
@@ -62,29 +63,11 @@ def _worker(rank, world_size, out_dir):
 
 
 def _model_case(state, case: str, sp: bool) -> dict:
-    from megamath.parallel.layers import gather_vocab_logits
-    from megamath.parallel.sequence_parallel import allreduce_sequence_parallel_grads
-
     config = config_of(case)
-    torch.manual_seed(11)
-    serial = Llama(config)
-    torch.manual_seed(11)
-    model = Llama(config, state, sequence_parallel=sp)  # seeded like the serial model: its slices, padded
-    r = {"init": {k: v.clone() for k, v in model.state_dict().items()},
-         "serial_state": {k: v.clone() for k, v in serial.state_dict().items()},
-         "ranges": (model.embed_tokens.vocab_start, model.embed_tokens.vocab_stop, model.lm_head.vocab_start,
-                    model.lm_head.vocab_stop)}
     tokens, targets = batch(config.vocab_size)
-    logits, loss = serial(tokens, targets)
-    loss.backward()
-    r.update(serial_logits=logits.detach(), serial_loss=loss.detach(),
-             serial_grads={n: p.grad.clone() for n, p in serial.named_parameters()})
-    logits, loss = model(tokens, targets)
-    loss.backward()
-    allreduce_sequence_parallel_grads(model.sequence_parallel_parameters(), state)
-    r.update(tp_logits=logits.detach(), tp_logits_gathered=gather_vocab_logits(logits.detach(), config.vocab_size,
-                                                                               state.tp_group),
-             tp_loss=loss.detach(), tp_grads={n: p.grad.clone() for n, p in model.named_parameters()})
+    serial, model, r = serial_and_tp_pass(config, state, sp, tokens, targets)  # (init: the seeded TP model's own)
+    r["ranges"] = (model.embed_tokens.vocab_start, model.embed_tokens.vocab_stop, model.lm_head.vocab_start,
+                   model.lm_head.vocab_stop)
     for m in (serial, model):  # one step with weight decay: the padding must stay zero, moments too
         opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1)
         opt.step()
