@@ -122,6 +122,11 @@ def test_eval_errors(tiny, tmp_path, capsys):
     assert main(["eval", *_args(tiny, "--task", "gsm8k", "--data", str(tmp_path / "empty.jsonl"),
                                 "--output", str(tmp_path / "o"))]) == 2
     assert "no problems" in capsys.readouterr().err
+    for tp, message in (("0", "--tp-size must be at least 1, got 0"),
+                        ("2", "tensor parallel size 2 needs a distributed launch (torchrun)")):
+        assert main(["eval", *_args(tiny, "--task", "gsm8k", "--data", str(data), "--tp-size", tp,
+                                    "--output", str(tmp_path / "o"))]) == 2
+        assert capsys.readouterr().err == f"megamath eval: error: {message}\n"
 
 
 def test_bad_vote_sampling_settings_stop_eval_before_the_greedy_pass(tiny, tmp_path, capsys, monkeypatch):

@@ -80,7 +80,7 @@ def test_gathered_logits_are_the_true_vocabulary_wide(runs):
 
 def _eval_args(ckpt, tok, data, out) -> list[str]:
     return ["eval", "--model", str(ckpt), "--tokenizer-model", str(tok), "--task", "gsm8k", "--data", str(data),
-            "--limit", "2", "--maj", "2", "--max-new-tokens", "8", "--seed", "3", "--output", str(out)]
+            "--limit", "3", "--maj", "2", "--max-new-tokens", "8", "--seed", "3", "--output", str(out)]
 
 
 def _eval_worker(rank, world_size, args):
@@ -92,7 +92,9 @@ def _eval_worker(rank, world_size, args):
     assert main(args) == 0
 
 
-def test_eval_cli_at_tp2_equals_tp1_on_a_padded_vocabulary(tmp_path):
+def test_eval_cli_at_tp2_and_at_dp2_equals_one_process_on_a_padded_vocabulary(tmp_path):
+    """TP 2 (every process one TP rank), and DP 2 (`--tp-size 1`: each process a whole model and every
+    other problem, gathered back in order), give one process's results."""
     from generation_fixtures import build_tokenizer
     from megamath.cli import main
 
@@ -100,7 +102,7 @@ def test_eval_cli_at_tp2_equals_tp1_on_a_padded_vocabulary(tmp_path):
     tok = build_tokenizer(tmp_path / "tok.model")
     data = tmp_path / "g.jsonl"
     data.write_text("".join(json.dumps({"question": q, "answer": f"#### {a}"}) + "\n"
-                            for q, a in [("What is 2 + 3?", 5), ("What is 7 - 4?", 3)]))
+                            for q, a in [("What is 2 + 3?", 5), ("What is 7 - 4?", 3), ("What is 6 + 6?", 12)]))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -108,9 +110,12 @@ def test_eval_cli_at_tp2_equals_tp1_on_a_padded_vocabulary(tmp_path):
     finally:
         torch.set_num_threads(threads)
     run_distributed(_eval_worker, 2, _eval_args(ckpt, tok, data, tmp_path / "tp2.jsonl"))
-    tp1, tp2 = ([json.loads(line) for line in (tmp_path / f"{n}.jsonl").read_text().splitlines()]
-                for n in ("tp1", "tp2"))
-    assert len(tp1) == 2
-    for a, b in zip(tp1, tp2):  # greedy and seeded samples token for token: the same texts
+    run_distributed(_eval_worker, 2, _eval_args(ckpt, tok, data, tmp_path / "dp2.jsonl") + ["--tp-size", "1"])
+    one, tp2, dp2 = ([json.loads(line) for line in (tmp_path / f"{n}.jsonl").read_text().splitlines()]
+                     for n in ("tp1", "tp2", "dp2"))
+    assert len(one) == 3 and [r["id"] for r in dp2] == [r["id"] for r in one]  # gathered back in problem order
+    for a, b, c in zip(one, tp2, dp2):  # greedy and seeded samples token for token: the same texts
         assert (b["greedy"], b["samples"]) == (a["greedy"], a["samples"])
         assert b["logprobs"] == pytest.approx(a["logprobs"], abs=1e-3)
+        assert (c["greedy"], c["samples"]) == (a["greedy"], a["samples"])
+        assert c["logprobs"] == pytest.approx(a["logprobs"], abs=1e-3)

@@ -4,7 +4,10 @@
         --maj 16 --temperature 0.6 --top-p 0.95 --output results.jsonl
 
 Writes one line per problem (megamath.evaluation.runner says which fields) and prints the accuracies.
-Under torchrun every process is one tensor-parallel rank; rank 0 writes and prints.
+Under torchrun every process is one tensor-parallel rank, or with --tp-size N the WORLD_SIZE / N
+data-parallel groups each decode every (WORLD_SIZE / N)-th problem (LLEMMA's maj@256 on MATH is hours of
+decoding: spread it over the node's GPUs). Each problem's samples are seeded by its number, so the results
+are those of one process; rank 0 gathers them, writes and prints.
 """
 from __future__ import annotations
 
@@ -29,6 +32,9 @@ def add_parser(subparsers, name: str) -> None:
     parser.add_argument("--shots", type=int, default=None, metavar="N", help="exemplars (default: the task's)")
     parser.add_argument("--maj", type=int, default=1, metavar="K", help="samples per problem for maj@K (default 1)")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate the first N problems")
+    parser.add_argument("--tp-size", type=int, default=None, metavar="N",
+                        help="tensor-parallel size under torchrun (default: every process one TP rank); the other "
+                        "WORLD_SIZE / N ways split the problems (data parallel)")
     parser.add_argument("--output", required=True, type=Path, metavar="RESULTS.jsonl",
                         help="per-problem results (replaced when it exists; checked before the model loads)")
     parser.set_defaults(run=run)
@@ -44,8 +50,11 @@ def run(args) -> int:
     from megamath.evaluation.runner import EvalSettings, Stopwatch, breakdown, evaluate, summarize
     from megamath.evaluation.tasks import get_task
     from megamath.output_path import prepare_output_file
+    from megamath.parallel.mappings import all_gather_objects
 
     check_generation_flags(args)
+    if args.tp_size is not None and args.tp_size < 1:
+        raise ValueError(f"--tp-size must be at least 1, got {args.tp_size}")
     prepare_output_file(args.output, inputs=[args.data])  # written at the end: fail now, not after the run
     task = get_task(args.task)
     problems = task.read(args.data)
@@ -60,18 +69,24 @@ def run(args) -> int:
     task.prompt(problems[0].question, task.shots if args.shots is None else args.shots)  # bad --shots: fail now
     check_completion_count(len(problems), args.maj)  # before the model loads
     model, codec, state = open_model(args.model, args.tokenizer_model,
-                                     args.max_new_tokens or task.max_new_tokens)
+                                     args.max_new_tokens or task.max_new_tokens, tp_size=args.tp_size)
+    keys = list(range(len(problems)))[state.dp_rank::state.dp_size]  # this data-parallel group's problems
     passes = 2 if args.maj > 1 else 1  # greedy, then the maj@k samples: the bar counts each problem twice
-    bar = tqdm(total=len(problems) * passes, unit="problem", disable=state.rank != 0, file=sys.stderr,
-               desc=f"greedy + maj@{args.maj} passes" if passes == 2 else "greedy")
+    share = f" (1/{state.dp_size} of the problems per group)" if state.dp_size > 1 else ""
+    bar = tqdm(total=len(keys) * passes, unit="problem", disable=state.rank != 0, file=sys.stderr,
+               desc=(f"greedy + maj@{args.maj} passes" if passes == 2 else "greedy") + share)
     watch = Stopwatch()
 
     def progress(done: int, tokens: int) -> None:
         bar.set_postfix(watch.rates(done, tokens), refresh=False)
         bar.update(done)
 
-    results = evaluate(model, codec, task, problems, settings, progress)
+    results = evaluate(model, codec, task, [problems[k] for k in keys], settings, progress, keys=keys)
     bar.close()
+    if state.dp_size > 1:  # every group's results, in problem order, and every group's generated tokens
+        shares = all_gather_objects((keys, results, watch.tokens), state.dp_group)
+        results = [r for _, r in sorted(((k, r) for ks, rs, _ in shares for k, r in zip(ks, rs)), key=lambda kr: kr[0])]
+        watch.tokens = sum(tokens for _, _, tokens in shares)
     if state.rank != 0:
         return 0
     write_text_atomically(args.output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results))

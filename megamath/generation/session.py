@@ -26,11 +26,12 @@ def read_prompts(path: Path) -> list[dict]:
     return records
 
 
-def open_model(model_path: str | Path, tokenizer_model: str | Path, max_new_tokens: int):
+def open_model(model_path: str | Path, tokenizer_model: str | Path, max_new_tokens: int, tp_size: int | None = None):
     """(model, codec, parallel state) for generating up to max_new_tokens per completion; under torchrun
-    every process is one tensor-parallel rank."""
+    every process is one tensor-parallel rank, or with `tp_size` the processes form WORLD_SIZE / tp_size
+    data-parallel groups of tp_size ranks (each group a whole model)."""
     tokenizer = SentencePieceTokenizer(tokenizer_model)
-    state = ParallelState.from_env(tp_size=int(os.environ.get("WORLD_SIZE", 1)))
+    state = ParallelState.from_env(tp_size=int(os.environ.get("WORLD_SIZE", 1)) if tp_size is None else tp_size)
     model = load_model(model_path, state)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} pieces, more than the model's vocabulary "
