@@ -92,9 +92,9 @@ def _eval_worker(rank, world_size, args):
     assert main(args) == 0
 
 
-def test_eval_cli_at_tp2_and_at_dp2_equals_one_process_on_a_padded_vocabulary(tmp_path):
+def test_eval_and_generate_at_tp2_and_at_dp2_equal_one_process_on_a_padded_vocabulary(tmp_path):
     """TP 2 (every process one TP rank), and DP 2 (`--tp-size 1`: each process a whole model and every
-    other problem, gathered back in order), give one process's results."""
+    other problem or prompt, gathered back in order), give one process's results."""
     from generation_fixtures import build_tokenizer
     from megamath.cli import main
 
@@ -119,3 +119,16 @@ def test_eval_cli_at_tp2_and_at_dp2_equals_one_process_on_a_padded_vocabulary(tm
         assert b["logprobs"] == pytest.approx(a["logprobs"], abs=1e-3)
         assert (c["greedy"], c["samples"]) == (a["greedy"], a["samples"])
         assert c["logprobs"] == pytest.approx(a["logprobs"], abs=1e-3)
+    # generate's prompts split over two model copies the same way: sampled, two completions each
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": q, "n": i}) + "\n" for i, q in enumerate(["2 +", "7 -", "6 + 6"])))
+    gen = ["generate", "--model", str(ckpt), "--tokenizer-model", str(tok), "--prompts", str(prompts),
+           "--max-new-tokens", "6", "--temperature", "0.8", "--num-samples", "2", "--seed", "4"]
+    torch.set_num_threads(1)
+    try:
+        assert main([*gen, "--output", str(tmp_path / "gen1.jsonl")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    run_distributed(_eval_worker, 2, [*gen, "--tp-size", "1", "--output", str(tmp_path / "gen2.jsonl")])
+    one, two = ([json.loads(line) for line in (tmp_path / f"{n}.jsonl").read_text().splitlines()] for n in ("gen1", "gen2"))
+    assert [r["n"] for r in two] == [0, 1, 2] and [r["token_ids"] for r in two] == [r["token_ids"] for r in one]

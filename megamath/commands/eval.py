@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from megamath.commands import leaves_process_group
-from megamath.commands.generate import add_generation_flags, check_generation_flags
+from megamath.commands.generate import add_generation_flags, add_tp_size_flag, check_generation_flags
 
 
 def add_parser(subparsers, name: str) -> None:
@@ -32,9 +32,7 @@ def add_parser(subparsers, name: str) -> None:
     parser.add_argument("--shots", type=int, default=None, metavar="N", help="exemplars (default: the task's)")
     parser.add_argument("--maj", type=int, default=1, metavar="K", help="samples per problem for maj@K (default 1)")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate the first N problems")
-    parser.add_argument("--tp-size", type=int, default=None, metavar="N",
-                        help="tensor-parallel size under torchrun (default: every process one TP rank); the other "
-                        "WORLD_SIZE / N ways split the problems (data parallel)")
+    add_tp_size_flag(parser, "problems")
     parser.add_argument("--output", required=True, type=Path, metavar="RESULTS.jsonl",
                         help="per-problem results (replaced when it exists; checked before the model loads)")
     parser.set_defaults(run=run)
@@ -46,15 +44,12 @@ def run(args) -> int:
 
     from megamath.atomic_io import write_text_atomically
     from megamath.generation.batching import check_completion_count
-    from megamath.generation.session import open_model
+    from megamath.generation.session import gather_shares, my_share, open_model
     from megamath.evaluation.runner import EvalSettings, Stopwatch, breakdown, evaluate, summarize
     from megamath.evaluation.tasks import get_task
     from megamath.output_path import prepare_output_file
-    from megamath.parallel.mappings import all_gather_objects
 
     check_generation_flags(args)
-    if args.tp_size is not None and args.tp_size < 1:
-        raise ValueError(f"--tp-size must be at least 1, got {args.tp_size}")
     prepare_output_file(args.output, inputs=[args.data])  # written at the end: fail now, not after the run
     task = get_task(args.task)
     problems = task.read(args.data)
@@ -70,7 +65,7 @@ def run(args) -> int:
     check_completion_count(len(problems), args.maj)  # before the model loads
     model, codec, state = open_model(args.model, args.tokenizer_model,
                                      args.max_new_tokens or task.max_new_tokens, tp_size=args.tp_size)
-    keys = list(range(len(problems)))[state.dp_rank::state.dp_size]  # this data-parallel group's problems
+    keys = my_share(state, len(problems))
     passes = 2 if args.maj > 1 else 1  # greedy, then the maj@k samples: the bar counts each problem twice
     share = f" (1/{state.dp_size} of the problems per group)" if state.dp_size > 1 else ""
     bar = tqdm(total=len(keys) * passes, unit="problem", disable=state.rank != 0, file=sys.stderr,
@@ -83,10 +78,7 @@ def run(args) -> int:
 
     results = evaluate(model, codec, task, [problems[k] for k in keys], settings, progress, keys=keys)
     bar.close()
-    if state.dp_size > 1:  # every group's results, in problem order, and every group's generated tokens
-        shares = all_gather_objects((keys, results, watch.tokens), state.dp_group)
-        results = [r for _, r in sorted(((k, r) for ks, rs, _ in shares for k, r in zip(ks, rs)), key=lambda kr: kr[0])]
-        watch.tokens = sum(tokens for _, _, tokens in shares)
+    results, watch.tokens = gather_shares(state, keys, results, watch.tokens)  # every group's, in order
     if state.rank != 0:
         return 0
     write_text_atomically(args.output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results))

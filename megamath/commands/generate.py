@@ -43,8 +43,17 @@ def add_generation_flags(parser, max_new_tokens: int | None, temperature: float,
                         help=f"sequences decoded together (default {batch_size})")
 
 
+def add_tp_size_flag(parser, items: str) -> None:
+    """--tp-size for the commands whose items can be split over model copies (generate, eval)."""
+    parser.add_argument("--tp-size", type=int, default=None, metavar="N",
+                        help="tensor-parallel size under torchrun (default: every process one TP rank); the "
+                        f"WORLD_SIZE / N model copies split the {items} (data parallel)")
+
+
 def check_generation_flags(args) -> None:
     """The shared flags' checks that need no model, run before it loads (minutes for a large one)."""
+    if getattr(args, "tp_size", None) is not None and args.tp_size < 1:
+        raise ValueError(f"--tp-size must be at least 1, got {args.tp_size}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.seed < 0:
@@ -56,7 +65,7 @@ def add_parser(subparsers, name: str) -> None:
         name, help="generate completions of jsonl prompts",
         description="Reads {\"prompt\": str} lines, writes them back with completions, token_ids and logprobs "
         "(summed log-probability of each completion under the model). Launch with torchrun for tensor "
-        "parallelism (every process is one TP rank).")
+        "parallelism (every process is one TP rank), or with --tp-size for model copies that split the prompts.")
     add_generation_flags(parser, max_new_tokens=256, temperature=0.0, batch_size=16)
     parser.add_argument("--prompts", required=True, type=Path, metavar="FILE.jsonl", help="input prompts")
     parser.add_argument("--output", required=True, type=Path, metavar="OUT.jsonl",
@@ -64,6 +73,7 @@ def add_parser(subparsers, name: str) -> None:
     parser.add_argument("--num-samples", type=int, default=1, metavar="K", help="completions per prompt (default 1)")
     parser.add_argument("--stop", nargs="+", type=stop_string, default=[], metavar="STR",
                         help="strings that end a completion (\\n, \\t and \\\\ are a newline, a tab and a backslash)")
+    add_tp_size_flag(parser, "prompts")
     parser.set_defaults(run=run)
 
 
@@ -74,7 +84,7 @@ def run(args) -> int:
     from megamath.atomic_io import write_text_atomically
     from megamath.generation.batching import check_completion_count, complete
     from megamath.generation.generate import SamplingParams
-    from megamath.generation.session import open_model, read_prompts
+    from megamath.generation.session import gather_shares, my_share, open_model, read_prompts
     from megamath.output_path import prepare_output_file
 
     check_generation_flags(args)
@@ -84,11 +94,13 @@ def run(args) -> int:
     params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, tuple(args.stop))
     records = read_prompts(args.prompts)
     check_completion_count(len(records), args.num_samples)  # before the model loads
-    model, codec, state = open_model(args.model, args.tokenizer_model, args.max_new_tokens)
-    bar = tqdm(total=len(records), unit="prompt", disable=state.rank != 0, file=sys.stderr)
-    results = complete(model, codec, [r["prompt"] for r in records], params, args.num_samples, args.seed,
-                       args.batch_size, progress=lambda n, _: bar.update(n))
+    model, codec, state = open_model(args.model, args.tokenizer_model, args.max_new_tokens, tp_size=args.tp_size)
+    keys = my_share(state, len(records))
+    bar = tqdm(total=len(keys), unit="prompt", disable=state.rank != 0, file=sys.stderr)
+    results = complete(model, codec, [records[k]["prompt"] for k in keys], params, args.num_samples, args.seed,
+                       args.batch_size, keys, progress=lambda n, _: bar.update(n))
     bar.close()
+    results, _ = gather_shares(state, keys, results)  # every model copy's, in prompt order
     if state.rank == 0:
         lines = [json.dumps({**r, "completions": [c.text for c in cs], "token_ids": [c.token_ids for c in cs],
                              "logprobs": [c.logprob for c in cs]}, ensure_ascii=False)

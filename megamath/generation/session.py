@@ -11,6 +11,7 @@ from megamath.data.tokenizer import SentencePieceTokenizer
 from megamath.generation.batching import PromptCodec
 from megamath.generation.loading import load_model
 from megamath.jsonl import read_jsonl_objects
+from megamath.parallel.mappings import all_gather_objects
 from megamath.parallel.state import ParallelState
 
 
@@ -41,3 +42,18 @@ def open_model(model_path: str | Path, tokenizer_model: str | Path, max_new_toke
         raise ValueError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's "
                          f"max_seq_length {model.config.max_seq_length}")
     return model, PromptCodec(tokenizer, room), state
+
+
+def my_share(state: ParallelState, count: int) -> list[int]:
+    """The numbers of the `count` items (prompts, problems) this data-parallel group decodes: every
+    dp_size-th from dp_rank. Their numbers, not their places in the share, seed their samples."""
+    return list(range(count))[state.dp_rank::state.dp_size]
+
+
+def gather_shares(state: ParallelState, keys: list[int], items: list, tokens: int = 0) -> tuple[list, int]:
+    """Every data-parallel group's `items` (numbered by `keys`) back in order, and the groups' tokens summed."""
+    if state.dp_size == 1:
+        return items, tokens
+    shares = all_gather_objects((keys, items, tokens), state.dp_group)
+    ordered = sorted(((k, item) for ks, its, _ in shares for k, item in zip(ks, its)), key=lambda pair: pair[0])
+    return [item for _, item in ordered], sum(t for _, _, t in shares)
