@@ -116,24 +116,19 @@ def pid_alive(pid: int) -> bool:
 
 
 def replace_atomically(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write through `write(file)` into a temporary file beside `path`, then publish it as `path`."""
+    """Write through `write(file)` into a temporary file beside `path`, then publish it as `path` (publish_file)."""
     path = Path(path)
     if path.exists() and not path.is_file() and not path.is_dir():
         # A device or pipe (`--output /dev/null`): a rename would replace it with a regular file; write through.
         with open(path, "wb") as f:
             write(f)
         return
-    remove_dead_temporaries(path.parent, f".{path.name}.tmp-")  # a killed writer's, of this very file
-    tmp = path.with_name(f".{path.name}.tmp-{temp_tag()}-{next(_temp_counter)}")
-    try:
-        with naming_write_errors(path), open(tmp, "wb") as f:
+
+    def write_to(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_path(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    publish_file(path, write_to)
 
 
 def write_text_atomically(path: str | Path, text: str) -> None:
@@ -149,7 +144,7 @@ def publish_file(path: str | Path, write_to: Callable[[Path], None], kept: str |
     and a killed writer's is swept by `remove_dead_temporaries` (its HOST-PID is in the name). A writer that
     fails quietly (the profiler only logs a failed write) leaves no file: that is an error too."""
     path = Path(path)
-    remove_dead_temporaries(path.parent, f".{path.name}.tmp-")
+    remove_dead_temporaries(path.parent, f".{path.name}.tmp-")  # a killed writer's, of this very file
     tmp = path.with_name(f".{path.name}.tmp-{temp_tag()}-{next(_temp_counter)}")
     try:
         with naming_write_errors(path, kept):
