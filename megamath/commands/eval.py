@@ -44,7 +44,7 @@ def run(args) -> int:
 
     from megamath.atomic_io import write_text_atomically
     from megamath.generation.batching import check_completion_count
-    from megamath.generation.session import gather_shares, my_share, open_model
+    from megamath.generation.session import gather_shares, open_model
     from megamath.evaluation.runner import EvalSettings, Stopwatch, breakdown, evaluate, summarize
     from megamath.evaluation.tasks import get_task
     from megamath.output_path import prepare_output_file
@@ -65,7 +65,7 @@ def run(args) -> int:
     check_completion_count(len(problems), args.maj)  # before the model loads
     model, codec, state = open_model(args.model, args.tokenizer_model,
                                      args.max_new_tokens or task.max_new_tokens, tp_size=args.tp_size)
-    keys = my_share(state, len(problems))
+    keys = state.dp_share(len(problems))
     passes = 2 if args.maj > 1 else 1  # greedy, then the maj@k samples: the bar counts each problem twice
     share = f" (1/{state.dp_size} of the problems per group)" if state.dp_size > 1 else ""
     bar = tqdm(total=len(keys) * passes, unit="problem", disable=state.rank != 0, file=sys.stderr,

@@ -84,7 +84,7 @@ def run(args) -> int:
     from megamath.atomic_io import write_text_atomically
     from megamath.generation.batching import check_completion_count, complete
     from megamath.generation.generate import SamplingParams
-    from megamath.generation.session import gather_shares, my_share, open_model, read_prompts
+    from megamath.generation.session import gather_shares, open_model, read_prompts
     from megamath.output_path import prepare_output_file
 
     check_generation_flags(args)
@@ -95,7 +95,7 @@ def run(args) -> int:
     records = read_prompts(args.prompts)
     check_completion_count(len(records), args.num_samples)  # before the model loads
     model, codec, state = open_model(args.model, args.tokenizer_model, args.max_new_tokens, tp_size=args.tp_size)
-    keys = my_share(state, len(records))
+    keys = state.dp_share(len(records))
     bar = tqdm(total=len(keys), unit="prompt", disable=state.rank != 0, file=sys.stderr)
     results = complete(model, codec, [records[k]["prompt"] for k in keys], params, args.num_samples, args.seed,
                        args.batch_size, keys, progress=lambda n, _: bar.update(n))

@@ -44,14 +44,9 @@ def open_model(model_path: str | Path, tokenizer_model: str | Path, max_new_toke
     return model, PromptCodec(tokenizer, room), state
 
 
-def my_share(state: ParallelState, count: int) -> list[int]:
-    """The numbers of the `count` items (prompts, problems) this data-parallel group decodes: every
-    dp_size-th from dp_rank. Their numbers, not their places in the share, seed their samples."""
-    return list(range(count))[state.dp_rank::state.dp_size]
-
-
 def gather_shares(state: ParallelState, keys: list[int], items: list, tokens: int = 0) -> tuple[list, int]:
-    """Every data-parallel group's `items` (numbered by `keys`) back in order, and the groups' tokens summed."""
+    """Every data-parallel group's `items` (numbered by `keys`, its ParallelState.dp_share) back in order, and
+    the groups' tokens summed."""
     if state.dp_size == 1:
         return items, tokens
     shares = all_gather_objects((keys, items, tokens), state.dp_group)

@@ -82,6 +82,11 @@ class ParallelState:
         """Every rank, for the collectives of megamath.parallel.mappings; None for a single process."""
         return dist.group.WORLD if self.is_distributed else None
 
+    def dp_share(self, count: int) -> list[int]:
+        """The numbers of `count` items (problems, prompts) this data-parallel rank's group takes: every
+        dp_size-th from dp_rank. Their numbers, not their places in the share, seed their samples."""
+        return list(range(count))[self.dp_rank::self.dp_size]
+
 
 def validate_sizes(world_size: int, tp_size: int) -> None:
     """tp_size must be positive and divide the world size."""
