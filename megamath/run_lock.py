@@ -11,7 +11,7 @@ command into the file so the refusal can say who holds it. Advisory locks work o
 NFSv4/Lustre mounts that support flock; where the filesystem ignores them, nothing is refused.
 
 A command that writes one file among others in a folder (`megamath overlap --output HITS.jsonl`) locks that
-file alone with `output_lock`: `.HITS.jsonl.lock` beside it, so two runs writing other files there both run.
+output alone with a `FileLock` beside it, so two runs writing other files there both run.
 """
 from __future__ import annotations
 
@@ -99,13 +99,6 @@ class FolderLock(FileLock):
     def acquire(self) -> "FolderLock":
         self.folder.mkdir(parents=True, exist_ok=True)
         return super().acquire()
-
-
-def output_lock(output: str | Path, what: str, flag: str = "--output") -> FileLock:
-    """The lock of one output file, `.NAME.lock` beside it (its folder must exist): one writer per output, while
-    other outputs in the same folder stay free."""
-    output = Path(output)
-    return FileLock(output.with_name(f".{output.name}.lock"), what, output, f"another {flag}")
 
 
 def _read_holder(fd: int) -> tuple[str, str]:

@@ -14,8 +14,8 @@ import pytest
 
 from megamath.cli import main
 from megamath.overlap import run as overlap_run
-from megamath.overlap.run import OverlapConfig, overlap, summary_path
-from megamath.run_lock import LockBusyError, output_lock
+from megamath.overlap.run import OverlapConfig, output_lock, overlap, summary_path
+from megamath.run_lock import LockBusyError
 from test_overlap import planted  # noqa: F401
 
 
@@ -34,7 +34,7 @@ def test_a_second_run_on_a_held_output_is_refused_in_one_line_and_changes_nothin
     assert main(_argv(tmp, out)) == 0
     before = {p.name: p.read_bytes() for p in tmp.iterdir() if p.is_file()}
     capsys.readouterr()
-    with output_lock(out, "overlap run"):  # another overlap run, scanning into the same output
+    with output_lock(out):  # another overlap run, scanning into the same output
         assert main(_argv(tmp, out)) == 2
     err = capsys.readouterr().err
     assert re.fullmatch(rf"megamath overlap: error: {re.escape(str(out))} is in use by another overlap run "
@@ -62,7 +62,7 @@ def test_the_lock_is_held_for_the_whole_scan_and_other_outputs_in_the_folder_run
     def summary_while_held(path, text):
         if path == summary_path(out):
             with pytest.raises(LockBusyError):
-                output_lock(out, "overlap run").acquire()
+                output_lock(out).acquire()
             seen.append("summary")
         publish_summary(path, text)
 
@@ -74,10 +74,22 @@ def test_the_lock_is_held_for_the_whole_scan_and_other_outputs_in_the_folder_run
     assert not list(tmp.glob(".*.lock"))  # released, and removed with it
 
 
+def test_outputs_that_share_a_summary_share_the_lock(planted):
+    """`--output hits` and `--output hits.jsonl` write different hits files but the same hits.summary.json, so
+    one run on each at once would leave one's summary beside the other's hits: the second is refused."""
+    tmp, _, _ = planted
+    assert summary_path(tmp / "hits") == summary_path(tmp / "hits.jsonl")
+    with output_lock(tmp / "hits.jsonl"):
+        with pytest.raises(LockBusyError, match=rf"^{re.escape(str(tmp / 'hits'))} is in use by another overlap run"):
+            overlap(_config(tmp, tmp / "hits"))
+    assert not (tmp / "hits").exists() and not summary_path(tmp / "hits").exists()
+    assert overlap(_config(tmp, tmp / "hits")).hit_lines == 5  # released: the same output now runs
+
+
 HOLD_AND_DIE = """
 import os, signal, sys
-from megamath.run_lock import output_lock
-output_lock(sys.argv[1], "overlap run").acquire()
+from megamath.overlap.run import output_lock
+output_lock(sys.argv[1]).acquire()
 os.kill(os.getpid(), signal.SIGKILL)
 """
 
@@ -87,7 +99,7 @@ def test_a_lock_left_by_a_killed_run_is_taken_over(planted):
     out = tmp / "hits.jsonl"
     proc = subprocess.run([sys.executable, "-c", HOLD_AND_DIE, str(out)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
-    left = tmp / ".hits.jsonl.lock"
+    left = tmp / ".hits.summary.json.lock"
     assert left.read_text().startswith("overlap run\npid ")  # the dead holder's file, still there
     assert overlap(_config(tmp, out)).hit_lines == 5
     assert not left.exists()

@@ -6,7 +6,7 @@ lines and find candidate n-grams (`scan.py`, `pool.py`); the main process verifi
 real n-gram against the test n-grams, then writes the hits in corpus order: the output is identical for
 any worker count. Hits go to a temporary file published on success (an interrupted run
 leaves no output that looks complete); the summary is written beside it (`summary_path`). A second run on
-the same output is refused while the first holds its lock (`run_lock.output_lock`).
+the same output is refused while the first holds its lock (`output_lock`).
 
 A hit line is one (test item, field, n, corpus document):
     {"test_id", "field", "n", "ngram" (the first matching n-gram in the document), "offset" (its character
@@ -33,7 +33,7 @@ from megamath.overlap.pool import map_files
 from megamath.overlap.scan import ScanResult, ScanSpec, scan_file
 from megamath.overlap.summary import OverlapSummary
 from megamath.output_path import prepare_output_file
-from megamath.run_lock import output_lock
+from megamath.run_lock import FileLock
 
 INT64_MAX = 2**63 - 1
 
@@ -77,6 +77,13 @@ class OverlapConfig:
             raise ValueError("--json-key must not be empty")
 
 
+def output_lock(output: str | Path) -> FileLock:
+    """One overlap run per summary: `.HITS.summary.json.lock` beside it. Keyed by the summary, not the hits
+    file, because `--output hits` and `--output hits.jsonl` write different hits files but one summary."""
+    summary = summary_path(output)
+    return FileLock(summary.with_name(f".{summary.name}.lock"), "overlap run", output, "another --output")
+
+
 def summary_path(output: str | Path) -> Path:
     """`HITS.jsonl` -> `HITS.summary.json` (any other name: the name plus `.summary.json`)."""
     output = Path(output)
@@ -118,7 +125,7 @@ def overlap(config: OverlapConfig, log=None) -> OverlapSummary:
     prepare_output_file(output, inputs=[config.test, *(path for group in groups for path in group.files)])
     # One run per output, held from the scan to the summary: two runs on one HITS.jsonl left one's summary
     # beside the other's hits. Other outputs in the folder stay free; a device or pipe output is not locked.
-    held = output_lock(output, "overlap run") if output.is_file() or not output.exists() else contextlib.nullcontext()
+    held = output_lock(output) if output.is_file() or not output.exists() else contextlib.nullcontext()
     with held:
         summary = OverlapSummary.start(config, index, groups)
         spec = ScanSpec(config.json_key, np.asarray(index.ns, dtype=np.int64), index.table, config.batch_bytes)
