@@ -17,6 +17,9 @@ registers (no atomics for them), and K/V are never repeated in memory (the kerne
 Layout is the model's (batch, seq, heads, head_dim); strides are passed explicitly so views of a fused
 QKV projection work without copies (only a non-unit head_dim stride forces a copy). Causal blocks above
 the diagonal are skipped; the mask is applied only on the diagonal (and sequence-tail) blocks.
+On Hopper, tiles with `fwd_tma` / `bwd_tma` read the loops' K/V (or Q/dO) tiles through tensor
+descriptors of (B, S, H * D) views: the tensor memory accelerator copies them into shared memory
+asynchronously and fills rows past the sequence end with zeros, so no per-thread addresses or masks.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._interpreter import cast_rne as _cast
 from ._interpreter import interpreting
@@ -54,15 +58,19 @@ def _dot(a, b, INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
 
 # ----------------------------------------------------------------------------------------- forward
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, lo, hi, seqlen,
-               qk_scale, MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
-               INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, kv_b, kv_col, offs_m, offs_d, lo, hi,
+               seqlen, qk_scale, MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
+               HEAD_DIM: tl.constexpr, TMA: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
     """Online softmax over the key blocks [lo, hi). MASK blocks are the diagonal (causal) or the
-    sequence tail (non-causal); every other block is fully visible and skips the mask arithmetic."""
+    sequence tail (non-causal); every other block is fully visible and skips the mask arithmetic.
+    With TMA, k_base and v_base are (B, S, H_kv * D) tensor descriptors read at (kv_b, key, kv_col)."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
-        if MASK:
-            in_seq = offs_n < seqlen
+        in_seq = offs_n < seqlen
+        if TMA:  # rows past the sequence end arrive as zeros, as the masked loads below give them
+            kT = tl.trans(k_base.load([kv_b, start_n, kv_col]).reshape(BLOCK_N, HEAD_DIM))  # (D, BLOCK_N)
+            v = v_base.load([kv_b, start_n, kv_col]).reshape(BLOCK_N, HEAD_DIM)  # (BLOCK_N, D)
+        elif MASK:
             kT = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None], mask=in_seq[None, :], other=0.0)
             v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=in_seq[:, None], other=0.0)
         else:
@@ -91,7 +99,9 @@ def _fwd_kernel(Q, K, V, O, LSE,
                 stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
                 seqlen, n_heads, group, qk_scale,
                 CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
+                TMA: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
+    """One program per (query block, batch x q head). With TMA, K and V are tensor descriptors (Hopper's
+    tensor memory accelerator copies their tiles into shared memory) instead of pointers."""
     start_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest causal rows first: better tail balance
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // n_heads).to(tl.int64)
@@ -102,8 +112,13 @@ def _fwd_kernel(Q, K, V, O, LSE,
     row_ok = offs_m < seqlen
     q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)  # (BLOCK_M, D)
-    k_base = K + off_b * stride_kb + off_kvh * stride_kh
-    v_base = V + off_b * stride_vb + off_kvh * stride_vh
+    if TMA:
+        k_base, v_base = K, V
+    else:
+        k_base = K + off_b * stride_kb + off_kvh * stride_kh
+        v_base = V + off_b * stride_vb + off_kvh * stride_vh
+    kv_b = off_b.to(tl.int32)
+    kv_col = off_kvh * HEAD_DIM
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -114,10 +129,12 @@ def _fwd_kernel(Q, K, V, O, LSE,
     else:
         full_hi = (seqlen // BLOCK_N) * BLOCK_N
         mask_hi = seqlen
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d,
-                               0, full_hi, seqlen, qk_scale, False, CAUSAL, BLOCK_N, INTERPRET, PRECISION)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d,
-                               full_hi, mask_hi, seqlen, qk_scale, True, CAUSAL, BLOCK_N, INTERPRET, PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, kv_b, kv_col, offs_m,
+                               offs_d, 0, full_hi, seqlen, qk_scale, False, CAUSAL, BLOCK_N, HEAD_DIM, TMA,
+                               INTERPRET, PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, kv_b, kv_col, offs_m,
+                               offs_d, full_hi, mask_hi, seqlen, qk_scale, True, CAUSAL, BLOCK_N, HEAD_DIM, TMA,
+                               INTERPRET, PRECISION)
 
     out = acc / l_i[:, None]
     o_ptrs = O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
@@ -146,19 +163,24 @@ def _bwd_preprocess_kernel(O, DO, DELTA, stride_ob, stride_os, stride_oh, stride
 
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qs, stride_dos,
-                    stride_dqs, offs_n, offs_d, lo, hi, seqlen, qk_scale, MASK: tl.constexpr,
-                    BLOCK_M: tl.constexpr, ATOMIC_DQ: tl.constexpr, INTERPRET: tl.constexpr,
-                    PRECISION: tl.constexpr):
+                    stride_dqs, q_b, q_col, offs_n, offs_d, lo, hi, seqlen, qk_scale, MASK: tl.constexpr,
+                    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, ATOMIC_DQ: tl.constexpr, TMA: tl.constexpr,
+                    INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
     """Accumulate dK, dV of one kv block over the query blocks [lo, hi) of one q head; with ATOMIC_DQ,
-    also add this kv block's share of dQ (dS K, unscaled) into the fp32 buffer at dq_base.
+    also add this kv block's share of dQ (dS K, unscaled) into the fp32 buffer at dq_base. With TMA,
+    q_base and do_base are (B, S, H * D) tensor descriptors read at (q_b, query, q_col).
 
     Query rows past the sequence end load q = dO = delta = 0, which makes their dV and dS terms exactly
     zero, so only the causal diagonal needs a mask. Keys past the end load k = 0: their dQ share is 0."""
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
         row_ok = offs_m < seqlen
-        q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * stride_dos + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        if TMA:  # rows past the sequence end arrive as zeros
+            q = q_base.load([q_b, start_m, q_col]).reshape(BLOCK_M, HEAD_DIM)  # (BLOCK_M, D)
+            do = do_base.load([q_b, start_m, q_col]).reshape(BLOCK_M, HEAD_DIM)  # (BLOCK_M, D)
+        else:
+            q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * stride_dos + offs_d[None, :], mask=row_ok[:, None], other=0.0)
         lse2 = tl.load(lse_base + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634  # (BLOCK_M,) log2
         delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)  # (BLOCK_M,)
         sT = _dot(k, tl.trans(q), INTERPRET, PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
@@ -184,11 +206,13 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC,
                      stride_dqb, stride_dqs, stride_dqh,
                      seqlen, n_heads, n_kv_heads, group, sm_scale, qk_scale,
                      CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                     ATOMIC_DQ: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
+                     ATOMIC_DQ: tl.constexpr, TMA: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
+    """One program per (kv block, batch x kv head). With TMA, Q and DO are tensor descriptors."""
     start_n = tl.program_id(0) * BLOCK_N
     pid_bkv = tl.program_id(1)
     off_b = (pid_bkv // n_kv_heads).to(tl.int64)
     off_kvh = pid_bkv % n_kv_heads
+    q_b = off_b.to(tl.int32)
     offs_n = start_n + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
     offs_d = tl.arange(0, HEAD_DIM)
     key_ok = offs_n < seqlen
@@ -204,18 +228,22 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC,
         full_lo = 0
     for g in range(group):  # the q heads sharing this kv head
         off_h = off_kvh * group + g
-        q_base = Q + off_b * stride_qb + off_h * stride_qh
-        do_base = DO + off_b * stride_dob + off_h * stride_doh
+        if TMA:
+            q_base, do_base = Q, DO
+        else:
+            q_base = Q + off_b * stride_qb + off_h * stride_qh
+            do_base = DO + off_b * stride_dob + off_h * stride_doh
+        q_col = off_h * HEAD_DIM
         dq_base = DQ_ACC + off_b * stride_dqb + off_h * stride_dqh
         row_base = (off_b * n_heads + off_h) * seqlen
         if CAUSAL:
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base, dq_base,
-                                     stride_qs, stride_dos, stride_dqs, offs_n, offs_d, start_n,
-                                     tl.minimum(full_lo, seqlen), seqlen, qk_scale, True, BLOCK_M, ATOMIC_DQ,
-                                     INTERPRET, PRECISION)
+                                     stride_qs, stride_dos, stride_dqs, q_b, q_col, offs_n, offs_d, start_n,
+                                     tl.minimum(full_lo, seqlen), seqlen, qk_scale, True, BLOCK_M, HEAD_DIM,
+                                     ATOMIC_DQ, TMA, INTERPRET, PRECISION)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base, dq_base,
-                                 stride_qs, stride_dos, stride_dqs, offs_n, offs_d, full_lo, seqlen,
-                                 seqlen, qk_scale, False, BLOCK_M, ATOMIC_DQ, INTERPRET, PRECISION)
+                                 stride_qs, stride_dos, stride_dqs, q_b, q_col, offs_n, offs_d, full_lo, seqlen,
+                                 seqlen, qk_scale, False, BLOCK_M, HEAD_DIM, ATOMIC_DQ, TMA, INTERPRET, PRECISION)
     dk = dk * sm_scale
     tl.store(DK + off_b * stride_dkb + off_kvh * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :],
              _cast(dk, DK.dtype.element_ty, INTERPRET), mask=key_ok[:, None])
@@ -224,14 +252,17 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC,
 
 
 @triton.jit
-def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, lo, hi, seqlen,
-                  qk_scale, MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
-                  INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
-    """Accumulate dQ of one query block over the key blocks [lo, hi); masks as in the forward."""
+def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, kv_b, kv_col, offs_m, offs_d,
+                  lo, hi, seqlen, qk_scale, MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, TMA: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate dQ of one query block over the key blocks [lo, hi); masks and TMA as in the forward."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
-        if MASK:
-            in_seq = offs_n < seqlen
+        in_seq = offs_n < seqlen
+        if TMA:  # rows past the sequence end arrive as zeros
+            kT = tl.trans(k_base.load([kv_b, start_n, kv_col]).reshape(BLOCK_N, HEAD_DIM))  # (D, BLOCK_N)
+            vT = tl.trans(v_base.load([kv_b, start_n, kv_col]).reshape(BLOCK_N, HEAD_DIM))  # (D, BLOCK_N)
+        elif MASK:
             kT = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None], mask=in_seq[None, :], other=0.0)
             vT = tl.load(v_base + offs_n[None, :] * stride_vs + offs_d[:, None], mask=in_seq[None, :], other=0.0)
         else:
@@ -258,7 +289,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
                    stride_dqb, stride_dqs, stride_dqh,
                    seqlen, n_heads, group, sm_scale, qk_scale,
                    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
+                   TMA: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
+    """One program per (query block, batch x q head). With TMA, K and V are tensor descriptors."""
     start_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // n_heads).to(tl.int64)
@@ -274,8 +306,13 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
     row_base = pid_bh.to(tl.int64) * seqlen
     lse2 = tl.load(LSE + row_base + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634  # (BLOCK_M,)
     delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)  # (BLOCK_M,)
-    k_base = K + off_b * stride_kb + off_kvh * stride_kh
-    v_base = V + off_b * stride_vb + off_kvh * stride_vh
+    if TMA:
+        k_base, v_base = K, V
+    else:
+        k_base = K + off_b * stride_kb + off_kvh * stride_kh
+        v_base = V + off_b * stride_vb + off_kvh * stride_vh
+    kv_b = off_b.to(tl.int32)
+    kv_col = off_kvh * HEAD_DIM
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     if CAUSAL:
         full_hi = start_m * BLOCK_M
@@ -283,10 +320,12 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
     else:
         full_hi = (seqlen // BLOCK_N) * BLOCK_N
         mask_hi = seqlen
-    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d,
-                       0, full_hi, seqlen, qk_scale, False, CAUSAL, BLOCK_N, INTERPRET, PRECISION)
-    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d,
-                       full_hi, mask_hi, seqlen, qk_scale, True, CAUSAL, BLOCK_N, INTERPRET, PRECISION)
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, kv_b, kv_col, offs_m,
+                       offs_d, 0, full_hi, seqlen, qk_scale, False, CAUSAL, BLOCK_N, HEAD_DIM, TMA, INTERPRET,
+                       PRECISION)
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, kv_b, kv_col, offs_m,
+                       offs_d, full_hi, mask_hi, seqlen, qk_scale, True, CAUSAL, BLOCK_N, HEAD_DIM, TMA, INTERPRET,
+                       PRECISION)
     dq = dq * sm_scale
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqs + offs_d[None, :],
              _cast(dq, DQ.dtype.element_ty, INTERPRET), mask=row_ok[:, None])
@@ -318,6 +357,14 @@ class FlashAttentionBlocks:
     (FlashAttention-2's backward): 5 matmuls per (q block, kv block) pair instead of 7, since the dQ kernel
     no longer recomputes P and dP; the price is an fp32 dQ buffer and an order of additions that varies
     from run to run (last bits). bwd_q_m and bwd_q_n are then unused."""
+    fwd_tma: bool = False
+    """Load the forward's K/V tiles through Hopper's tensor memory accelerator (TMA, from host tensor
+    descriptors): asynchronous bulk copies into shared memory, with no address arithmetic or masks in
+    registers. Needs compute capability 9.0 or later: Triton lowers it on an A100 to code that spills
+    tens of KB per thread, so the tuner offers it only on Hopper and later. Tensors whose heads are not
+    contiguous, 16-byte aligned views take the pointer loads instead (`_tma_views`)."""
+    bwd_tma: bool = False
+    """The same for the backward's loop loads: Q and dO in the dK/dV kernel, K and V in the dQ kernel."""
 
 
 def check_blocks(blocks: FlashAttentionBlocks) -> FlashAttentionBlocks:
@@ -410,6 +457,31 @@ def _bsh(t: torch.Tensor) -> tuple:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+def tma_available(device: torch.device | str) -> bool:
+    """Whether tiles with fwd_tma / bwd_tma can run on device: a GPU of compute capability 9.0 (Hopper) or
+    later, or Triton's CPU interpreter, which emulates tensor descriptors (so the tests cover those tiles)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 9
+    return interpreting()
+
+
+def _tma_views(block_rows: int, *tensors: torch.Tensor) -> tuple | None:
+    """(B, S, H, D) tensors as (B, S, H * D) tensor descriptors of (1, block_rows, D) tiles, or None when one
+    of them cannot be described: heads not contiguous (stride(2) != D), or a base or stride that is not
+    16-byte aligned (the accelerator's rule)."""
+    views = []
+    for t in tensors:
+        batch, seqlen, heads, head_dim = t.shape
+        item = t.element_size()
+        if (t.stride(3) != 1 or (heads > 1 and t.stride(2) != head_dim) or t.data_ptr() % 16
+                or (t.stride(0) * item) % 16 or (t.stride(1) * item) % 16):
+            return None
+        views.append(TensorDescriptor(t, [batch, seqlen, heads * head_dim], [t.stride(0), t.stride(1), 1],
+                                      [1, block_rows, head_dim]))
+    return tuple(views)
+
+
 def flash_attention_fwd(q, k, v, causal: bool, softmax_scale: float, blocks: FlashAttentionBlocks | None = None):
     """Launch the forward; returns o (B, S, H, D) in q's dtype and lse (B, H, S) fp32 (natural log of
     the row sums of exp(scale · q·k) over the visible keys). Inputs must already be validated."""
@@ -420,10 +492,11 @@ def flash_attention_fwd(q, k, v, causal: bool, softmax_scale: float, blocks: Fla
     o = empty_like_order(q)  # (B, S, H, D), in q's batch/sequence memory order
     lse = torch.empty((batch, n_heads, seqlen), dtype=torch.float32, device=q.device)  # (B, H, S)
     for n_batch, (q_, k_, v_, o_, lse_) in _batch_chunks(batch, n_heads, q, k, v, o, lse):
+        kv = _tma_views(blocks.fwd_n, k_, v_) if blocks.fwd_tma else None
         _fwd_kernel[(triton.cdiv(seqlen, blocks.fwd_m), n_batch * n_heads)](
-            q_, k_, v_, o_, lse_, *_bsh(q), *_bsh(k), *_bsh(v), *_bsh(o),
+            q_, *(kv or (k_, v_)), o_, lse_, *_bsh(q), *_bsh(k), *_bsh(v), *_bsh(o),
             seqlen, n_heads, group, softmax_scale * _LOG2E,
-            CAUSAL=causal, BLOCK_M=blocks.fwd_m, BLOCK_N=blocks.fwd_n, HEAD_DIM=head_dim,
+            CAUSAL=causal, BLOCK_M=blocks.fwd_m, BLOCK_N=blocks.fwd_n, HEAD_DIM=head_dim, TMA=kv is not None,
             num_warps=blocks.fwd_warps, num_stages=blocks.fwd_stages, **_kernel_flags(q.dtype),
         )
     return o, lse
@@ -453,21 +526,25 @@ def flash_attention_bwd(do, q, k, v, o, lse, causal: bool, softmax_scale: float,
     dv = empty_like_order(v)  # (B, S, H_kv, D)
     # fp32 dQ sums for the atomic variant (zeroed: every share is added); otherwise an unused placeholder.
     dq_acc = empty_like_order(q, dtype=torch.float32).zero_() if blocks.bwd_atomic_dq else dq
-    for n_batch, chunk in _batch_chunks(batch, n_heads, q, k, v, do, lse, delta, dk, dv, dq_acc):
+    for n_batch, (q_, k_, v_, do_, *rest) in _batch_chunks(batch, n_heads, q, k, v, do, lse, delta, dk, dv, dq_acc):
+        q_do = _tma_views(blocks.bwd_kv_m, q_, do_) if blocks.bwd_tma else None
+        q_, do_ = q_do or (q_, do_)
         _bwd_dkdv_kernel[(triton.cdiv(seqlen, blocks.bwd_kv_n), n_batch * n_kv_heads)](
-            *chunk, *_bsh(q), *_bsh(k), *_bsh(v), *_bsh(do), *_bsh(dk), *_bsh(dv), *_bsh(dq_acc),
+            q_, k_, v_, do_, *rest, *_bsh(q), *_bsh(k), *_bsh(v), *_bsh(do), *_bsh(dk), *_bsh(dv), *_bsh(dq_acc),
             seqlen, n_heads, n_kv_heads, group, softmax_scale, qk_scale,
             CAUSAL=causal, BLOCK_M=blocks.bwd_kv_m, BLOCK_N=blocks.bwd_kv_n, HEAD_DIM=head_dim,
-            ATOMIC_DQ=blocks.bwd_atomic_dq, num_warps=blocks.bwd_warps, num_stages=blocks.bwd_stages, **flags,
+            ATOMIC_DQ=blocks.bwd_atomic_dq, TMA=q_do is not None, num_warps=blocks.bwd_warps,
+            num_stages=blocks.bwd_stages, **flags,
         )
     if blocks.bwd_atomic_dq:
         dq.copy_(dq_acc.mul_(softmax_scale))  # the dQ kernel's rounding: scale in fp32, then one cast
         return dq, dk, dv
-    for n_batch, chunk in _batch_chunks(batch, n_heads, q, k, v, do, lse, delta, dq):
+    for n_batch, (q_, k_, v_, *rest) in _batch_chunks(batch, n_heads, q, k, v, do, lse, delta, dq):
+        kv = _tma_views(blocks.bwd_q_n, k_, v_) if blocks.bwd_tma else None
         _bwd_dq_kernel[(triton.cdiv(seqlen, blocks.bwd_q_m), n_batch * n_heads)](
-            *chunk, *_bsh(q), *_bsh(k), *_bsh(v), *_bsh(do), *_bsh(dq),
+            q_, *(kv or (k_, v_)), *rest, *_bsh(q), *_bsh(k), *_bsh(v), *_bsh(do), *_bsh(dq),
             seqlen, n_heads, group, softmax_scale, qk_scale,
-            CAUSAL=causal, BLOCK_M=blocks.bwd_q_m, BLOCK_N=blocks.bwd_q_n, HEAD_DIM=head_dim,
+            CAUSAL=causal, BLOCK_M=blocks.bwd_q_m, BLOCK_N=blocks.bwd_q_n, HEAD_DIM=head_dim, TMA=kv is not None,
             num_warps=blocks.bwd_warps, num_stages=blocks.bwd_stages, **flags,
         )
     return dq, dk, dv

@@ -12,16 +12,21 @@ kernels), keeps the fastest of each, and registers the pair for that head_dim an
 default tiles' beyond bf16 rounding is rejected (a tile-specific bug must never become the fastest). The
 cost is one compile per candidate at start-up. fp32 attention (for checks, not speed) is not tuned.
 
-The candidates, (queries, keys, warps, stages) forward and (dK/dV queries, dK/dV keys, dQ queries, dQ keys,
-warps, stages) backward: the current default first, then FlashAttention-2's larger Hopper/Ampere tiles
-(128 queries, 8 warps), which need fewer programs and reload K/V less often but hold twice the fp32
-accumulators, and the default tiles spread over 8 warps (fewer registers per thread). Two backward
-candidates add dQ inside the dK/dV kernel with fp32 atomics (FlashAttention-2's scheme: 5 matmuls per
-block pair instead of 7, in exchange for atomic traffic); their sums vary in the last bits from run to
-run, so they are not tried when torch.use_deterministic_algorithms(True) is in force. Every candidate
-compiles for an H100 at head_dim 64 and 128 without spilling registers, within shared memory, with wgmma
-dots only (`perf/kernel_resources.py` shows this without a GPU); two earlier ones spilled 272 and 336
-bytes there and were replaced.
+The candidates, (queries, keys, warps, stages, TMA) forward and (dK/dV queries, dK/dV keys, dQ queries, dQ
+keys, warps, stages, atomic dQ, TMA) backward: the current default first, then FlashAttention-2's larger
+Hopper/Ampere tiles (128 queries, 8 warps), which need fewer programs and reload K/V less often but hold
+twice the fp32 accumulators, and the default tiles spread over 8 warps (fewer registers per thread). Two
+backward candidates add dQ inside the dK/dV kernel with fp32 atomics (FlashAttention-2's scheme: 5 matmuls
+per block pair instead of 7, in exchange for atomic traffic); their sums vary in the last bits from run to
+run, so they are not tried when torch.use_deterministic_algorithms(True) is in force. Five candidates
+(marked TMA) load their loops' tiles through Hopper's tensor memory accelerator instead of per-thread loads;
+at head_dim 128 the compiler's output holds 17-47 fewer registers per thread than at the same tiles without
+it (Triton 3.6 and 3.9, sm_90a), and registers are what the larger tiles were short of. Triton compiles them
+for an A100 into code that spills tens of KB per thread, so they are tried only on compute capability 9.0
+and later. Every candidate compiles for an H100 at head_dim 64 and 128 without spilling registers, within
+shared memory, with wgmma dots only (`perf/kernel_resources.py` shows this without a GPU); two earlier ones
+spilled 272 and 336 bytes there and were replaced. The TMA candidates have not been timed on a GPU yet:
+the tuner is what lets a GPU decide whether they help.
 """
 from __future__ import annotations
 
@@ -33,16 +38,21 @@ from typing import Callable
 
 import torch
 
-from .flash_attention import check_blocks, check_inputs, flash_attention_blocks, flash_attention_bwd, flash_attention_fwd, use_blocks
+from .flash_attention import (check_blocks, check_inputs, flash_attention_blocks, flash_attention_bwd, flash_attention_fwd,
+                              tma_available, use_blocks)
 
-FORWARD_CANDIDATES = ((64, 64, 4, 3), (128, 64, 8, 3), (64, 64, 8, 3), (128, 128, 8, 2))
-"""(fwd_m, fwd_n, fwd_warps, fwd_stages); the first is the default."""
-BACKWARD_CANDIDATES = ((32, 64, 64, 32, 4, 4, False), (32, 128, 128, 32, 8, 2, False),
-                       (32, 64, 64, 32, 8, 4, False), (64, 64, 64, 64, 8, 3, False),
-                       (32, 64, 64, 32, 8, 4, True), (32, 128, 128, 32, 8, 2, True))
-"""(bwd_kv_m, bwd_kv_n, bwd_q_m, bwd_q_n, bwd_warps, bwd_stages, bwd_atomic_dq); the first is the default."""
-_FORWARD_FIELDS = ("fwd_m", "fwd_n", "fwd_warps", "fwd_stages")
-_BACKWARD_FIELDS = ("bwd_kv_m", "bwd_kv_n", "bwd_q_m", "bwd_q_n", "bwd_warps", "bwd_stages", "bwd_atomic_dq")
+FORWARD_CANDIDATES = ((64, 64, 4, 3, False), (128, 64, 8, 3, False), (64, 64, 8, 3, False), (128, 128, 8, 2, False),
+                      (64, 64, 4, 3, True), (128, 64, 8, 3, True), (128, 128, 8, 2, True))
+"""(fwd_m, fwd_n, fwd_warps, fwd_stages, fwd_tma); the first is the default."""
+BACKWARD_CANDIDATES = ((32, 64, 64, 32, 4, 4, False, False), (32, 128, 128, 32, 8, 2, False, False),
+                       (32, 64, 64, 32, 8, 4, False, False), (64, 64, 64, 64, 8, 3, False, False),
+                       (32, 64, 64, 32, 8, 4, True, False), (32, 128, 128, 32, 8, 2, True, False),
+                       (32, 64, 64, 32, 4, 4, False, True), (32, 64, 64, 32, 8, 4, False, True))
+"""(bwd_kv_m, bwd_kv_n, bwd_q_m, bwd_q_n, bwd_warps, bwd_stages, bwd_atomic_dq, bwd_tma); the first is the
+default."""
+_FORWARD_FIELDS = ("fwd_m", "fwd_n", "fwd_warps", "fwd_stages", "fwd_tma")
+_BACKWARD_FIELDS = ("bwd_kv_m", "bwd_kv_n", "bwd_q_m", "bwd_q_n", "bwd_warps", "bwd_stages", "bwd_atomic_dq",
+                    "bwd_tma")
 
 
 @dataclass(frozen=True)
@@ -69,14 +79,15 @@ class TunedBlocks:
 
 
 def _label(values: tuple) -> str:
-    """'64x64 w4 s3' (forward), '32x64x64x32 w4 s4' (backward), '32x64 w8 s4 atomic dQ' (no dQ kernel)."""
+    """'64x64 w4 s3' (forward), '32x64x64x32 w4 s4' (backward), '32x64 w8 s4 atomic dQ' (no dQ kernel), with
+    ' TMA' after tiles whose loop loads go through the tensor memory accelerator."""
     if len(values) == len(_BACKWARD_FIELDS):
-        *tiles, warps, stages, atomic_dq = values
+        *tiles, warps, stages, atomic_dq, tma = values
         if atomic_dq:
-            return "x".join(str(t) for t in tiles[:2]) + f" w{warps} s{stages} atomic dQ"
+            tiles, stages = tiles[:2], f"{stages} atomic dQ"
     else:
-        *tiles, warps, stages = values
-    return "x".join(str(t) for t in tiles) + f" w{warps} s{stages}"
+        *tiles, warps, stages, tma = values
+    return "x".join(str(t) for t in tiles) + f" w{warps} s{stages}" + (" TMA" if tma else "")
 
 
 def cuda_time_ms(fn: Callable[[], object], repeats: int) -> float:
@@ -136,13 +147,23 @@ def tune_flash_attention(batch: int, seqlen: int, heads: int, kv_heads: int, hea
     def candidate(fields, values):
         return check_blocks(dataclasses.replace(default, **dict(zip(fields, values))))
 
-    forward_ms = {_label(c): _measure(lambda b=candidate(_FORWARD_FIELDS, c): flash_attention_fwd(
-        q, k, v, causal, scale, b), forward_ref, time_ms, repeats) for c in FORWARD_CANDIDATES}
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    backward_ms = {_label(c): "skipped: deterministic algorithms requested" if deterministic and c[-1] else
-                   _measure(lambda b=candidate(_BACKWARD_FIELDS, c): flash_attention_bwd(
-                       do, q, k, v, o, lse, causal, scale, b), backward_ref, time_ms, repeats)
-                   for c in BACKWARD_CANDIDATES}
+    def why_not(blocks) -> str:
+        """Why a candidate is not tried here ("" when it is)."""
+        if (blocks.fwd_tma or blocks.bwd_tma) and not tma_available(device):
+            return "skipped: TMA needs compute capability 9.0 or later"
+        if blocks.bwd_atomic_dq and torch.are_deterministic_algorithms_enabled():
+            return "skipped: deterministic algorithms requested"
+        return ""
+
+    forward_ms, backward_ms = {}, {}
+    for c in FORWARD_CANDIDATES:
+        b = candidate(_FORWARD_FIELDS, c)
+        forward_ms[_label(c)] = why_not(b) or _measure(
+            lambda b=b: flash_attention_fwd(q, k, v, causal, scale, b), forward_ref, time_ms, repeats)
+    for c in BACKWARD_CANDIDATES:
+        b = candidate(_BACKWARD_FIELDS, c)
+        backward_ms[_label(c)] = why_not(b) or _measure(
+            lambda b=b: flash_attention_bwd(do, q, k, v, o, lse, causal, scale, b), backward_ref, time_ms, repeats)
 
     def fastest(timings, candidates):
         timed = [(ms, c) for c, ms in zip(candidates, timings.values()) if isinstance(ms, float)]

@@ -42,6 +42,12 @@ def _blocks(fields, values):
     return check_blocks(dataclasses.replace(default, **dict(zip(fields, values))))
 
 
+def _atomic_dq_blocks():
+    """The first backward candidate with atomic dQ (and pointer loads)."""
+    values = next(c for c in tuning.BACKWARD_CANDIDATES if dict(zip(tuning._BACKWARD_FIELDS, c))["bwd_atomic_dq"])
+    return _blocks(tuning._BACKWARD_FIELDS, values)
+
+
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("stage,values", [("forward", c) for c in tuning.FORWARD_CANDIDATES[1:]]
                          + [("backward", c) for c in tuning.BACKWARD_CANDIDATES[1:]])
@@ -59,9 +65,11 @@ def test_every_candidate_matches_the_reference(stage, values, causal):
 
 
 def test_the_tuner_registers_the_fastest_tiles_and_skips_or_rejects_bad_ones(monkeypatch):
-    forward_times = iter([0.9, 0.5, 0.7])  # default, 128x64 w8, 64x64 w8 (128x128 fails)
-    # default, (32x128x128x32 rejected), 32x64x64x32 w8, 64x64x64x64 w8, 32x64 atomic dQ, (32x128 atomic rejected)
-    backward_times = iter([2.0, 2.5, 1.5, 1.7])
+    # default, 128x64 w8, 64x64 w8, (128x128 fails), 64x64 TMA, 128x64 TMA, (128x128 TMA fails)
+    forward_times = iter([0.9, 0.5, 0.7, 0.6, 0.55])
+    # default, (32x128x128x32 rejected), 32x64x64x32 w8, 64x64x64x64 w8, 32x64 atomic dQ, (32x128 atomic
+    # rejected), 32x64x64x32 w4 TMA, 32x64x64x32 w8 TMA
+    backward_times = iter([2.0, 2.5, 1.5, 1.7, 1.9, 1.6])
     real_fwd, real_bwd = tuning.flash_attention_fwd, tuning.flash_attention_bwd
 
     def fwd(q, k, v, causal, scale, blocks):
@@ -87,7 +95,8 @@ def test_the_tuner_registers_the_fastest_tiles_and_skips_or_rejects_bad_ones(mon
         assert tuned.backward_ms["32x128x128x32 w8 s2"].startswith("rejected")
         assert tuned.backward_ms["32x128 w8 s2 atomic dQ"].startswith("rejected")
         assert tuned.backward_ms["32x64 w8 s4 atomic dQ"] == 1.7
-        assert next(backward_times, None) is None  # every candidate that ran was timed once
+        assert tuned.forward_ms["128x64 w8 s3 TMA"] == 0.55 and tuned.backward_ms["32x64x64x32 w8 s4 TMA"] == 1.6
+        assert next(forward_times, None) is None and next(backward_times, None) is None  # each timed once
         assert flash_attention_blocks(D, interpret=False, dtype=torch.bfloat16) == tuned.blocks  # registered
         assert flash_attention_blocks(D, interpret=True) != tuned.blocks  # the interpreter keeps its tiles
         assert tuned.summary() == ("flash-attention tiles: forward 128x64 w8 s3 0.500 ms, default 64x64 w4 s3 "
@@ -120,7 +129,7 @@ def test_atomic_dq_on_sequence_major_views():
     qkv = torch.randn(S, 2, 2 * H, D, generator=gen).to(DEVICE, torch.bfloat16)  # (S, B, H + 2·KV, D)
     do = torch.randn(S, 2, H, D, generator=gen).to(DEVICE, torch.bfloat16).transpose(0, 1)  # (B, S, H, D)
     q, k, v = (t.transpose(0, 1) for t in (qkv[:, :, :H], qkv[:, :, H:H + KV], qkv[:, :, H + KV:]))
-    atomic = _blocks(tuning._BACKWARD_FIELDS, tuning.BACKWARD_CANDIDATES[-2])
+    atomic = _atomic_dq_blocks()
     split = dataclasses.replace(atomic, bwd_atomic_dq=False)
     scale = 1 / math.sqrt(D)
     o, lse = flash_attention_fwd(q, k, v, True, scale, atomic)
@@ -146,7 +155,7 @@ def test_deterministic_algorithms_keep_the_dq_kernel(monkeypatch):
 
     monkeypatch.setattr(kernels, "_bwd_dq_kernel", CountingKernel())
     q, k, v, do = _inputs()
-    atomic = _blocks(tuning._BACKWARD_FIELDS, tuning.BACKWARD_CANDIDATES[-2])
+    atomic = _atomic_dq_blocks()
     assert atomic.bwd_atomic_dq
     scale = 1 / math.sqrt(D)
     o, lse = flash_attention_fwd(q, k, v, True, scale, atomic)
@@ -163,7 +172,7 @@ def test_deterministic_algorithms_keep_the_dq_kernel(monkeypatch):
     for got, want in zip(atomic_grads, kept_grads):
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
     skipped = {label for label, ms in tuned.backward_ms.items() if ms == "skipped: deterministic algorithms requested"}
-    assert skipped == {"32x64 w8 s4 atomic dQ", "32x128 w8 s2 atomic dQ"}
+    assert skipped == {"32x64 w8 s4 atomic dQ", "32x128 w8 s2 atomic dQ"}  # TMA tiles without atomics still run
     assert not tuned.blocks.bwd_atomic_dq
 
 
@@ -198,3 +207,65 @@ def test_tiles_the_causal_split_cannot_use_are_refused():
             use_blocks(D, torch.bfloat16, dataclasses.replace(good, **{field: value}))
     assert flash_attention_blocks(D, interpret=False, tuned=True) == flash_attention_blocks(D, interpret=False,
                                                                                            tuned=False)
+
+
+def test_tma_tiles_are_not_tried_before_hopper(monkeypatch):
+    """Triton compiles tensor-descriptor loads for an A100 into code that spills tens of KB per thread, so on
+    a GPU below compute capability 9.0 the tuner skips the TMA candidates, saying why, and times the rest."""
+    monkeypatch.setattr(tuning, "tma_available", lambda device: False)
+    timed = []
+    try:
+        tuned = tuning.tune_flash_attention(1, 40, 2, 1, D, torch.bfloat16, DEVICE,
+                                            time_ms=lambda fn, r: timed.append(fn) or 1.0)
+    finally:
+        use_blocks(D, torch.bfloat16, None)
+    tma = [label for label in (*tuned.forward_ms, *tuned.backward_ms) if label.endswith(" TMA")]
+    assert len(tma) == 5
+    for label in tma:
+        assert (tuned.forward_ms | tuned.backward_ms)[label] == "skipped: TMA needs compute capability 9.0 or later"
+    assert len(timed) == len(tuning.FORWARD_CANDIDATES) + len(tuning.BACKWARD_CANDIDATES) - 5
+    assert not tuned.blocks.fwd_tma and not tuned.blocks.bwd_tma
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+def test_tma_tiles_on_the_models_views_equal_the_pointer_loads():
+    """The model hands attention views of its fused QKV projection, sequence-first under sequence
+    parallelism: the TMA tiles read them through (B, S, H * D) descriptors, with rows past the sequence end
+    (150 is mid-tile) filled with zeros, never the next batch element's rows (batch 1 holds NaN, which would
+    reach batch 0's outputs). Every output equals the pointer loads' bit for bit."""
+    gen = torch.Generator().manual_seed(9)
+    qkv = torch.randn(S, 2, H + 2 * KV, D, generator=gen).to(DEVICE, torch.bfloat16)  # (S, B, H + 2·KV, D)
+    do = torch.randn(S, 2, H, D, generator=gen).to(DEVICE, torch.bfloat16).transpose(0, 1)  # (B, S, H, D)
+    for layout in ("sequence-major", "batch-major"):
+        if layout == "batch-major":
+            qkv, do = qkv.transpose(0, 1).contiguous().transpose(0, 1), do.contiguous()
+        qkv[:, 1] = float("nan")
+        q, k, v = (t.transpose(0, 1) for t in (qkv[:, :, :H], qkv[:, :, H:H + KV], qkv[:, :, H + KV:]))
+        for causal in (True, False):
+            pointer = _blocks(tuning._BACKWARD_FIELDS, tuning.BACKWARD_CANDIDATES[2])
+            tma = dataclasses.replace(pointer, fwd_tma=True, bwd_tma=True)
+            scale = 1 / math.sqrt(D)
+            o, lse = flash_attention_fwd(q, k, v, causal, scale, pointer)
+            o_tma, lse_tma = flash_attention_fwd(q, k, v, causal, scale, tma)
+            want = flash_attention_bwd(do, q, k, v, o, lse, causal, scale, pointer)
+            got = flash_attention_bwd(do, q, k, v, o, lse, causal, scale, tma)
+            assert o[0].isfinite().all() and all(g[0].isfinite().all() for g in got), (layout, causal)
+            for name, g, w in zip(("o", "lse", "dq", "dk", "dv"), (o_tma, lse_tma, *got), (o, lse, *want)):
+                assert torch.equal(g[0], w[0]), (layout, causal, name)
+
+
+def test_views_a_descriptor_cannot_describe_take_the_pointer_loads():
+    """Heads that are not contiguous (here every other head of a wider tensor) or a row stride that is not a
+    multiple of 16 bytes cannot be a tensor descriptor: those calls run the pointer loads, with equal results."""
+    kernels = importlib.import_module("megamath.kernels.flash_attention")
+    gen = torch.Generator().manual_seed(10)
+    wide = torch.randn(1, S, 2 * H, D, generator=gen).to(DEVICE, torch.bfloat16)
+    assert kernels._tma_views(32, wide[:, :, ::2]) is None
+    odd = torch.randn(1, S, 1, 40, generator=gen).to(DEVICE, torch.bfloat16)[..., :D]  # rows of 80 bytes
+    assert odd.stride(1) * 2 % 16 == 0 and kernels._tma_views(32, odd) is not None
+    odd = torch.randn(1, S, 1, 36, generator=gen).to(DEVICE, torch.bfloat16)[..., :D]  # rows of 72 bytes
+    assert kernels._tma_views(32, odd) is None
+    q = wide[:, :, ::2]
+    pointer = _blocks(tuning._FORWARD_FIELDS, tuning.FORWARD_CANDIDATES[0])
+    tma = dataclasses.replace(pointer, fwd_tma=True)
+    assert torch.equal(flash_attention_fwd(q, q, q, True, 0.2, tma)[0], flash_attention_fwd(q, q, q, True, 0.2, pointer)[0])
