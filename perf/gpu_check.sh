@@ -9,12 +9,12 @@
 # Time of the short run on an H200, estimated from the work each step does (never timed whole on a GPU;
 # a fresh machine: nothing built, empty Triton and Inductor caches, no pytest-xdist): versions and packages
 # ~20 s; build ~50-90 s (three pybind11 files, the torch binding, one .cu; the .cu alone takes ~5 s in nvcc
-# 13); trainer tests ~50-80 s (~20 Triton compiles at head_dim 64, half of them the tuner's candidates);
-# training benchmark ~170-330 s (tuning at head_dim 128: ~15 compiles, ~50 s; the model's other kernels
+# 13); trainer tests ~65-100 s (~30 Triton compiles at head_dim 64, 22 of them the tuner's candidates);
+# training benchmark ~190-355 s (tuning at head_dim 128: 22 compiles, ~75 s; the model's other kernels
 # ~10 s; four Hugging Face model builds with fp32 init on the CPU, ~40 s; torch.compile of the HF model, cold,
 # once per micro-batch, ~40-70 s each; the 104 timed and warm-up steps ~25 s); attention benchmark ~50-70 s
 # (its kernels come from the Triton cache the training benchmark filled); `megamath train` ~30-50 s (two
-# Python starts; the trainer tests compiled its kernels at the same head_dim). In all about 6.5-10 minutes;
+# Python starts; the trainer tests compiled its kernels at the same head_dim). In all about 7-10.5 minutes;
 # the budget below stops it at 9, and `megamath train` runs last so that it is what a slow machine loses,
 # not the benchmarks. So one short run fits a lease; the run at the end is best a subset
 # (e.g. PARTS="train_bench attention"), as a machine given back is fresh again (the build and caches gone).

@@ -63,6 +63,8 @@ class Compiled:
     tensor_cores: str
     """'wgmma', 'mma', 'wgmma+mma' (some dots of each) or '-' (no dot)."""
     widest_access_bits: int
+    tma: bool = False
+    """Whether it copies tiles with the tensor memory accelerator (Hopper's cp.async.bulk.tensor)."""
     error: str = ""
     """Why it did not compile, if it did not (the other figures are then 0)."""
 
@@ -219,7 +221,8 @@ class KernelCompiler:
             return True
         self.compiled.append(Compiled(
             **row, shared_bytes=int(kernel.metadata.shared), registers=registers, spill_bytes=spills,
-            tensor_cores=_tensor_cores(kernel.asm["ttgir"]), widest_access_bits=_widest_access_bits(kernel.asm["ptx"])))
+            tensor_cores=_tensor_cores(kernel.asm["ttgir"]), widest_access_bits=_widest_access_bits(kernel.asm["ptx"]),
+            tma="cp.async.bulk.tensor" in kernel.asm["ptx"]))
         return True
 
 
@@ -237,7 +240,8 @@ def _default_shape() -> tuple[int, int, int, int, int]:
 
 
 def _cases() -> list[tuple[str, str, bool, Callable[[], object]]]:
-    """(op, case label, launched by default, launch) for every kernel configuration worth compiling."""
+    """(op, case label, launched by default, launch) for every kernel configuration worth compiling. A label
+    ending in " TMA" needs Hopper (sm_90a): the tuner never tries it on an A100."""
     import torch
 
     # By module path: the package re-exports each op under its module's name.
@@ -310,7 +314,8 @@ def _table(rows: list[Compiled]) -> str:
     for r in rows:
         case = r.case + (" (default)" if r.default else "")
         lines.append(f"| {case} | {r.kernel} | {r.config} | {ARCH_NAMES[r.arch]} | {r.shared_bytes / 1024:.1f} | "
-                     f"{r.registers} | {r.blocks_per_sm()} | {r.spill_bytes} | {r.tensor_cores} | {r.widest_access_bits} bit | "
+                     f"{r.registers} | {r.blocks_per_sm()} | {r.spill_bytes} | {r.tensor_cores} | {r.widest_access_bits} bit"
+                     f"{' + TMA' if r.tma else ''} | "
                      f"{'; '.join(r.cannot_launch() + r.slow_signs()) or 'none'} |")
     return "\n".join(lines)
 
@@ -355,7 +360,8 @@ def main(argv=None) -> int:
     compiler = KernelCompiler()
     for arch in arches:
         for op, label, default, launch in cases:
-            if op in wanted and args.match in label and (default or not args.defaults_only):
+            needs_hopper = label.endswith(" TMA") and arch < 90
+            if op in wanted and args.match in label and (default or not args.defaults_only) and not needs_hopper:
                 compiler.run(label, launch, arch, default)
 
     ptxas_version = subprocess.run([_ptxas_path(max(arches)), "--version"], capture_output=True, text=True)
