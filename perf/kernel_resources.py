@@ -327,7 +327,7 @@ def main(argv=None) -> int:
                                                    "adamw, flash_attention); default all")
     parser.add_argument("--match", default="", help="only cases whose label contains this text, e.g. 'attention D128'")
     parser.add_argument("--defaults-only", action="store_true", help="skip the tuner's candidate tiles")
-    parser.add_argument("--out", default="", help="also write kernel-resources-YYYY-MM-DD.md into this folder")
+    parser.add_argument("--out", default="", help="also write kernel-resources-YYYY-MM-DD-tritonVERSION.md into this folder")
     parser.add_argument("--json", default="", help="also write every row to this JSON file")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -380,7 +380,8 @@ def main(argv=None) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"kernel-resources-{datetime.date.today().isoformat()}.md").write_text(report)
+        # Named by Triton's version too: another version allocates registers differently (the GPU image's differs).
+        (out / f"kernel-resources-{datetime.date.today().isoformat()}-triton{triton.__version__}.md").write_text(report)
     if args.json:
         Path(args.json).write_text(json.dumps([{**dataclasses.asdict(r), "blocks_per_sm": r.blocks_per_sm()}
                                                for r in compiler.compiled], indent=1))
