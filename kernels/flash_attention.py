@@ -18,8 +18,9 @@ Layout is the model's (batch, seq, heads, head_dim); strides are passed explicit
 QKV projection work without copies (only a non-unit head_dim stride forces a copy). Causal blocks above
 the diagonal are skipped; the mask is applied only on the diagonal (and sequence-tail) blocks.
 On Hopper, tiles with `fwd_tma` / `bwd_tma` read the loops' K/V (or Q/dO) tiles through tensor
-descriptors of (B, S, H * D) views: the tensor memory accelerator copies them into shared memory
-asynchronously and fills rows past the sequence end with zeros, so no per-thread addresses or masks.
+descriptors of (B, S, H * D) views, or (S, B, H * D) for sequence-major ones: the tensor memory
+accelerator copies them into shared memory asynchronously and fills rows past the sequence end with
+zeros, so no per-thread addresses or masks.
 """
 from __future__ import annotations
 
@@ -56,6 +57,17 @@ def _dot(a, b, INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
     return tl.dot(a, b, input_precision=PRECISION)
 
 
+# TMA (a constexpr) says how the loops load their tiles: 0 with per-thread pointer loads, or from a tensor
+# descriptor (`_tma_views`) of a batch-major (1) or sequence-major (2) view.
+@triton.jit
+def _tma_tile(desc, batch, row, col, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, TMA: tl.constexpr):
+    """The (ROWS, HEAD_DIM) tile at sequence position `row`, columns [col, col + HEAD_DIM) of one batch
+    element, copied by the tensor memory accelerator; rows past the sequence end arrive as zeros."""
+    if TMA == 2:
+        return desc.load([row, batch, col]).reshape(ROWS, HEAD_DIM)
+    return desc.load([batch, row, col]).reshape(ROWS, HEAD_DIM)
+
+
 # ----------------------------------------------------------------------------------------- forward
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, kv_b, kv_col, offs_m, offs_d, lo, hi,
@@ -63,13 +75,13 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, kv_b, kv_
                HEAD_DIM: tl.constexpr, TMA: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
     """Online softmax over the key blocks [lo, hi). MASK blocks are the diagonal (causal) or the
     sequence tail (non-causal); every other block is fully visible and skips the mask arithmetic.
-    With TMA, k_base and v_base are (B, S, H_kv * D) tensor descriptors read at (kv_b, key, kv_col)."""
+    With TMA, k_base and v_base are tensor descriptors (`_tma_tile`)."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
         in_seq = offs_n < seqlen
         if TMA:  # rows past the sequence end arrive as zeros, as the masked loads below give them
-            kT = tl.trans(k_base.load([kv_b, start_n, kv_col]).reshape(BLOCK_N, HEAD_DIM))  # (D, BLOCK_N)
-            v = v_base.load([kv_b, start_n, kv_col]).reshape(BLOCK_N, HEAD_DIM)  # (BLOCK_N, D)
+            kT = tl.trans(_tma_tile(k_base, kv_b, start_n, kv_col, BLOCK_N, HEAD_DIM, TMA))  # (D, BLOCK_N)
+            v = _tma_tile(v_base, kv_b, start_n, kv_col, BLOCK_N, HEAD_DIM, TMA)  # (BLOCK_N, D)
         elif MASK:
             kT = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None], mask=in_seq[None, :], other=0.0)
             v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=in_seq[:, None], other=0.0)
@@ -168,7 +180,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base
                     INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
     """Accumulate dK, dV of one kv block over the query blocks [lo, hi) of one q head; with ATOMIC_DQ,
     also add this kv block's share of dQ (dS K, unscaled) into the fp32 buffer at dq_base. With TMA,
-    q_base and do_base are (B, S, H * D) tensor descriptors read at (q_b, query, q_col).
+    q_base and do_base are tensor descriptors (`_tma_tile`).
 
     Query rows past the sequence end load q = dO = delta = 0, which makes their dV and dS terms exactly
     zero, so only the causal diagonal needs a mask. Keys past the end load k = 0: their dQ share is 0."""
@@ -176,8 +188,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base
         offs_m = start_m + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
         row_ok = offs_m < seqlen
         if TMA:  # rows past the sequence end arrive as zeros
-            q = q_base.load([q_b, start_m, q_col]).reshape(BLOCK_M, HEAD_DIM)  # (BLOCK_M, D)
-            do = do_base.load([q_b, start_m, q_col]).reshape(BLOCK_M, HEAD_DIM)  # (BLOCK_M, D)
+            q = _tma_tile(q_base, q_b, start_m, q_col, BLOCK_M, HEAD_DIM, TMA)  # (BLOCK_M, D)
+            do = _tma_tile(do_base, q_b, start_m, q_col, BLOCK_M, HEAD_DIM, TMA)  # (BLOCK_M, D)
         else:
             q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
             do = tl.load(do_base + offs_m[:, None] * stride_dos + offs_d[None, :], mask=row_ok[:, None], other=0.0)
@@ -260,8 +272,8 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, 
         offs_n = start_n + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
         in_seq = offs_n < seqlen
         if TMA:  # rows past the sequence end arrive as zeros
-            kT = tl.trans(k_base.load([kv_b, start_n, kv_col]).reshape(BLOCK_N, HEAD_DIM))  # (D, BLOCK_N)
-            vT = tl.trans(v_base.load([kv_b, start_n, kv_col]).reshape(BLOCK_N, HEAD_DIM))  # (D, BLOCK_N)
+            kT = tl.trans(_tma_tile(k_base, kv_b, start_n, kv_col, BLOCK_N, HEAD_DIM, TMA))  # (D, BLOCK_N)
+            vT = tl.trans(_tma_tile(v_base, kv_b, start_n, kv_col, BLOCK_N, HEAD_DIM, TMA))  # (D, BLOCK_N)
         elif MASK:
             kT = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None], mask=in_seq[None, :], other=0.0)
             vT = tl.load(v_base + offs_n[None, :] * stride_vs + offs_d[:, None], mask=in_seq[None, :], other=0.0)
@@ -361,8 +373,8 @@ class FlashAttentionBlocks:
     """Load the forward's K/V tiles through Hopper's tensor memory accelerator (TMA, from host tensor
     descriptors): asynchronous bulk copies into shared memory, with no address arithmetic or masks in
     registers. Needs compute capability 9.0 or later: Triton lowers it on an A100 to code that spills
-    tens of KB per thread, so the tuner offers it only on Hopper and later. Tensors whose heads are not
-    contiguous, 16-byte aligned views take the pointer loads instead (`_tma_views`)."""
+    tens of KB per thread, so the tuner offers it only on Hopper and later. Views a tensor descriptor
+    cannot describe (heads not contiguous, strides not 16-byte aligned) take the pointer loads (`_tma_views`)."""
     bwd_tma: bool = False
     """The same for the backward's loop loads: Q and dO in the dK/dV kernel, K and V in the dQ kernel."""
 
@@ -466,20 +478,30 @@ def tma_available(device: torch.device | str) -> bool:
     return interpreting()
 
 
-def _tma_views(block_rows: int, *tensors: torch.Tensor) -> tuple | None:
-    """(B, S, H, D) tensors as (B, S, H * D) tensor descriptors of (1, block_rows, D) tiles, or None when one
-    of them cannot be described: heads not contiguous (stride(2) != D), or a base or stride that is not
-    16-byte aligned (the accelerator's rule)."""
-    views = []
+def _tma_views(block_rows: int, *tensors: torch.Tensor) -> tuple[tuple | None, int]:
+    """(B, S, H, D) tensors as tensor descriptors of their (·, ·, H * D) rows, and the kernels' TMA mode:
+    batch-major views (B, S, H * D) give 1, sequence-major ones (S, B, H * D) give 2, so the descriptor's
+    dimensions always run from the largest stride to the smallest, as the accelerator's tensor maps are
+    laid out. (None, 0) when one of them cannot be described: heads not contiguous, a base or stride not
+    16-byte aligned, strides that overlap, or tensors of different memory orders."""
+    views, modes = [], set()
     for t in tensors:
         batch, seqlen, heads, head_dim = t.shape
+        stride_b, stride_s, stride_h, stride_d = t.stride()
+        row = heads * head_dim
         item = t.element_size()
-        if (t.stride(3) != 1 or (heads > 1 and t.stride(2) != head_dim) or t.data_ptr() % 16
-                or (t.stride(0) * item) % 16 or (t.stride(1) * item) % 16):
-            return None
-        views.append(TensorDescriptor(t, [batch, seqlen, heads * head_dim], [t.stride(0), t.stride(1), 1],
-                                      [1, block_rows, head_dim]))
-    return tuple(views)
+        if (stride_d != 1 or (heads > 1 and stride_h != head_dim) or t.data_ptr() % 16
+                or (stride_b * item) % 16 or (stride_s * item) % 16):
+            return None, 0
+        if stride_s >= row and stride_b >= seqlen * stride_s:
+            modes.add(1)
+            views.append(TensorDescriptor(t, [batch, seqlen, row], [stride_b, stride_s, 1], [1, block_rows, head_dim]))
+        elif stride_b >= row and stride_s >= batch * stride_b:
+            modes.add(2)
+            views.append(TensorDescriptor(t, [seqlen, batch, row], [stride_s, stride_b, 1], [block_rows, 1, head_dim]))
+        else:
+            return None, 0
+    return (tuple(views), modes.pop()) if len(modes) == 1 else (None, 0)
 
 
 def flash_attention_fwd(q, k, v, causal: bool, softmax_scale: float, blocks: FlashAttentionBlocks | None = None):
@@ -492,11 +514,11 @@ def flash_attention_fwd(q, k, v, causal: bool, softmax_scale: float, blocks: Fla
     o = empty_like_order(q)  # (B, S, H, D), in q's batch/sequence memory order
     lse = torch.empty((batch, n_heads, seqlen), dtype=torch.float32, device=q.device)  # (B, H, S)
     for n_batch, (q_, k_, v_, o_, lse_) in _batch_chunks(batch, n_heads, q, k, v, o, lse):
-        kv = _tma_views(blocks.fwd_n, k_, v_) if blocks.fwd_tma else None
+        kv, tma = _tma_views(blocks.fwd_n, k_, v_) if blocks.fwd_tma else (None, 0)
         _fwd_kernel[(triton.cdiv(seqlen, blocks.fwd_m), n_batch * n_heads)](
             q_, *(kv or (k_, v_)), o_, lse_, *_bsh(q), *_bsh(k), *_bsh(v), *_bsh(o),
             seqlen, n_heads, group, softmax_scale * _LOG2E,
-            CAUSAL=causal, BLOCK_M=blocks.fwd_m, BLOCK_N=blocks.fwd_n, HEAD_DIM=head_dim, TMA=kv is not None,
+            CAUSAL=causal, BLOCK_M=blocks.fwd_m, BLOCK_N=blocks.fwd_n, HEAD_DIM=head_dim, TMA=tma,
             num_warps=blocks.fwd_warps, num_stages=blocks.fwd_stages, **_kernel_flags(q.dtype),
         )
     return o, lse
@@ -527,24 +549,24 @@ def flash_attention_bwd(do, q, k, v, o, lse, causal: bool, softmax_scale: float,
     # fp32 dQ sums for the atomic variant (zeroed: every share is added); otherwise an unused placeholder.
     dq_acc = empty_like_order(q, dtype=torch.float32).zero_() if blocks.bwd_atomic_dq else dq
     for n_batch, (q_, k_, v_, do_, *rest) in _batch_chunks(batch, n_heads, q, k, v, do, lse, delta, dk, dv, dq_acc):
-        q_do = _tma_views(blocks.bwd_kv_m, q_, do_) if blocks.bwd_tma else None
+        q_do, tma = _tma_views(blocks.bwd_kv_m, q_, do_) if blocks.bwd_tma else (None, 0)
         q_, do_ = q_do or (q_, do_)
         _bwd_dkdv_kernel[(triton.cdiv(seqlen, blocks.bwd_kv_n), n_batch * n_kv_heads)](
             q_, k_, v_, do_, *rest, *_bsh(q), *_bsh(k), *_bsh(v), *_bsh(do), *_bsh(dk), *_bsh(dv), *_bsh(dq_acc),
             seqlen, n_heads, n_kv_heads, group, softmax_scale, qk_scale,
             CAUSAL=causal, BLOCK_M=blocks.bwd_kv_m, BLOCK_N=blocks.bwd_kv_n, HEAD_DIM=head_dim,
-            ATOMIC_DQ=blocks.bwd_atomic_dq, TMA=q_do is not None, num_warps=blocks.bwd_warps,
+            ATOMIC_DQ=blocks.bwd_atomic_dq, TMA=tma, num_warps=blocks.bwd_warps,
             num_stages=blocks.bwd_stages, **flags,
         )
     if blocks.bwd_atomic_dq:
         dq.copy_(dq_acc.mul_(softmax_scale))  # the dQ kernel's rounding: scale in fp32, then one cast
         return dq, dk, dv
     for n_batch, (q_, k_, v_, *rest) in _batch_chunks(batch, n_heads, q, k, v, do, lse, delta, dq):
-        kv = _tma_views(blocks.bwd_q_n, k_, v_) if blocks.bwd_tma else None
+        kv, tma = _tma_views(blocks.bwd_q_n, k_, v_) if blocks.bwd_tma else (None, 0)
         _bwd_dq_kernel[(triton.cdiv(seqlen, blocks.bwd_q_m), n_batch * n_heads)](
             q_, *(kv or (k_, v_)), *rest, *_bsh(q), *_bsh(k), *_bsh(v), *_bsh(do), *_bsh(dq),
             seqlen, n_heads, group, softmax_scale, qk_scale,
-            CAUSAL=causal, BLOCK_M=blocks.bwd_q_m, BLOCK_N=blocks.bwd_q_n, HEAD_DIM=head_dim, TMA=kv is not None,
+            CAUSAL=causal, BLOCK_M=blocks.bwd_q_m, BLOCK_N=blocks.bwd_q_n, HEAD_DIM=head_dim, TMA=tma,
             num_warps=blocks.bwd_warps, num_stages=blocks.bwd_stages, **flags,
         )
     return dq, dk, dv

@@ -230,17 +230,19 @@ def test_tma_tiles_are_not_tried_before_hopper(monkeypatch):
 @pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
 def test_tma_tiles_on_the_models_views_equal_the_pointer_loads():
     """The model hands attention views of its fused QKV projection, sequence-first under sequence
-    parallelism: the TMA tiles read them through (B, S, H * D) descriptors, with rows past the sequence end
-    (150 is mid-tile) filled with zeros, never the next batch element's rows (batch 1 holds NaN, which would
-    reach batch 0's outputs). Every output equals the pointer loads' bit for bit."""
+    parallelism: the TMA tiles read them through (B, S, H * D) or (S, B, H * D) descriptors, with rows past
+    the sequence end (150 is mid-tile) filled with zeros, never the next batch element's rows (batch 1 holds
+    NaN, which would reach batch 0's outputs). Every output equals the pointer loads' bit for bit."""
     gen = torch.Generator().manual_seed(9)
     qkv = torch.randn(S, 2, H + 2 * KV, D, generator=gen).to(DEVICE, torch.bfloat16)  # (S, B, H + 2·KV, D)
     do = torch.randn(S, 2, H, D, generator=gen).to(DEVICE, torch.bfloat16).transpose(0, 1)  # (B, S, H, D)
-    for layout in ("sequence-major", "batch-major"):
+    kernels = importlib.import_module("megamath.kernels.flash_attention")
+    for layout, mode in (("sequence-major", 2), ("batch-major", 1)):
         if layout == "batch-major":
             qkv, do = qkv.transpose(0, 1).contiguous().transpose(0, 1), do.contiguous()
         qkv[:, 1] = float("nan")
         q, k, v = (t.transpose(0, 1) for t in (qkv[:, :, :H], qkv[:, :, H:H + KV], qkv[:, :, H + KV:]))
+        assert kernels._tma_views(32, k, v)[1] == kernels._tma_views(32, q, do)[1] == mode
         for causal in (True, False):
             pointer = _blocks(tuning._BACKWARD_FIELDS, tuning.BACKWARD_CANDIDATES[2])
             tma = dataclasses.replace(pointer, fwd_tma=True, bwd_tma=True)
@@ -255,16 +257,23 @@ def test_tma_tiles_on_the_models_views_equal_the_pointer_loads():
 
 
 def test_views_a_descriptor_cannot_describe_take_the_pointer_loads():
-    """Heads that are not contiguous (here every other head of a wider tensor) or a row stride that is not a
-    multiple of 16 bytes cannot be a tensor descriptor: those calls run the pointer loads, with equal results."""
+    """Heads that are not contiguous (here every other head of a wider tensor), a row stride that is not a
+    multiple of 16 bytes, overlapping batch elements or two memory orders in one launch cannot be tensor
+    descriptors: those calls run the pointer loads, with equal results."""
     kernels = importlib.import_module("megamath.kernels.flash_attention")
     gen = torch.Generator().manual_seed(10)
     wide = torch.randn(1, S, 2 * H, D, generator=gen).to(DEVICE, torch.bfloat16)
-    assert kernels._tma_views(32, wide[:, :, ::2]) is None
+    assert kernels._tma_views(32, wide[:, :, ::2]) == (None, 0)
     odd = torch.randn(1, S, 1, 40, generator=gen).to(DEVICE, torch.bfloat16)[..., :D]  # rows of 80 bytes
-    assert odd.stride(1) * 2 % 16 == 0 and kernels._tma_views(32, odd) is not None
+    assert odd.stride(1) * 2 % 16 == 0 and kernels._tma_views(32, odd)[1] == 1
     odd = torch.randn(1, S, 1, 36, generator=gen).to(DEVICE, torch.bfloat16)[..., :D]  # rows of 72 bytes
-    assert kernels._tma_views(32, odd) is None
+    assert kernels._tma_views(32, odd) == (None, 0)
+    overlapping = wide.as_strided((2, S, H, D), (D, 2 * H * D, D, 1))  # batch elements one head apart
+    assert kernels._tma_views(32, overlapping) == (None, 0)
+    sequence_major = torch.randn(S, 2, H, D, generator=gen).to(DEVICE, torch.bfloat16).transpose(0, 1)
+    batch_major = sequence_major.contiguous()
+    assert kernels._tma_views(32, sequence_major)[1] == 2 and kernels._tma_views(32, batch_major)[1] == 1
+    assert kernels._tma_views(32, sequence_major, batch_major) == (None, 0)  # one launch, one memory order
     q = wide[:, :, ::2]
     pointer = _blocks(tuning._FORWARD_FIELDS, tuning.FORWARD_CANDIDATES[0])
     tma = dataclasses.replace(pointer, fwd_tma=True)
