@@ -130,6 +130,17 @@ if [ -n "$missing" ]; then  # one quick try: a machine without network must not 
 fi
 
 step "build: megamath with the CUDA RMSNorm extension"
+# torch's build takes CUDA_HOME, else the folder above the first nvcc on PATH. Where that nvcc is a wrapper script
+# (a shim that execs the real compiler), the folder has no CUDA headers and the whole install fails
+# ("cuda_runtime.h: No such file", seen with torch 2.11), taking every later step with it: ask nvcc where it runs.
+if [ -z "${CUDA_HOME:-}" ] && command -v nvcc > /dev/null \
+    && [ ! -f "$(dirname "$(dirname "$(command -v nvcc)")")/include/cuda_runtime.h" ]; then
+    nvcc_bin=$(timeout 20 nvcc --dryrun -x cu -c /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ _HERE_=//p' | head -n 1)
+    if [ -n "$nvcc_bin" ] && [ -f "$nvcc_bin/../include/cuda_runtime.h" ]; then
+        export CUDA_HOME=$(cd "$nvcc_bin/.." && pwd)
+        echo "CUDA_HOME=$CUDA_HOME (where nvcc runs from; the nvcc on PATH is a wrapper)"
+    fi
+fi
 bounded setup 300 build "$DEST/build.log" env MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
     $PY -m pip install --no-build-isolation --no-deps -e .
 rc=$?; record $rc

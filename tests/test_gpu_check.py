@@ -32,6 +32,9 @@ STUB = """#!/usr/bin/env bash
 # Stands in for python: records its arguments, sleeps on the heavy steps (pytest and the benchmarks).
 printf '%s\\n' "$*" >> "$STUB_LOG"
 case "$*" in
+    *"pip install --no-build-isolation"*) printf 'CUDA_HOME=%s\\n' "${CUDA_HOME-(unset)}" >> "$STUB_LOG";;
+esac
+case "$*" in
     *bench_train.py*) exec "$REAL_PYTHON" -c "import time; print('| megamath | 1 | a row |'); time.sleep($STUB_SLEEP)";;
     "-m pytest "*|*bench_kernels.py*) exec sleep "${STUB_SLEEP:-0}";;
 esac
@@ -40,8 +43,10 @@ exit 0
 
 
 def run_check(tmp_path: Path, parts: str | None = None, sleep: float = 0, budget: int | None = None,
-              timeout: float = 60) -> tuple[subprocess.CompletedProcess, list[str], float]:
-    """Run gpu_check.sh with the stand-in python; (process, the stand-in's calls, wall seconds)."""
+              timeout: float = 60, env_extra: dict[str, str | None] | None = None
+              ) -> tuple[subprocess.CompletedProcess, list[str], float]:
+    """Run gpu_check.sh with the stand-in python; (process, the stand-in's calls, wall seconds). env_extra: variables
+    to set, or to remove (None)."""
     stub = tmp_path / "python"
     stub.write_text(STUB)
     stub.chmod(0o755)
@@ -55,6 +60,11 @@ def run_check(tmp_path: Path, parts: str | None = None, sleep: float = 0, budget
         env["PARTS"] = parts
     if budget is not None:
         env["GPU_CHECK_BUDGET"] = str(budget)
+    for key, value in (env_extra or {}).items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
     start = time.monotonic()
     # Its own process group, so that a run that overstays is stopped whole (the stand-in's sleeps included).
     with subprocess.Popen(["bash", str(SCRIPT)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -164,6 +174,38 @@ def test_the_budget_bounds_the_whole_run_and_names_what_it_cut(tmp_path):
     assert last.startswith("=== done: status ") and "cut:" in last, last
     assert any("bench_train.py" in call for call in calls), calls  # the later steps kept a share of the budget
     assert "| megamath | 1 | a row |" in log, log  # what a stopped Python step printed is in the log
+
+
+def test_the_build_finds_cuda_through_an_nvcc_wrapper(tmp_path):
+    """With CUDA_HOME unset, torch's build takes the folder above the first nvcc on PATH as CUDA's home; where
+    that nvcc is a wrapper script, the folder has no headers and the whole install failed ("cuda_runtime.h: No
+    such file", torch 2.11 with a shim nvcc), and every later step with it. The check asks nvcc where it runs
+    from; a CUDA_HOME already set, or a PATH nvcc beside its headers, is left alone."""
+    if shutil.which("timeout") is None:
+        pytest.skip("coreutils' timeout is what bounds each step")
+    cuda = tmp_path / "toolkit"
+    (cuda / "bin").mkdir(parents=True)
+    (cuda / "include").mkdir()
+    (cuda / "include" / "cuda_runtime.h").touch()
+    shim = tmp_path / "shim" / "bin"  # its parent holds no include/
+    shim.mkdir(parents=True)
+    (shim / "nvcc").write_text("#!/usr/bin/env bash\n"  # what nvcc --dryrun prints first (to stderr)
+                               f'case "$*" in *--dryrun*) echo "#$ _HERE_={cuda}/bin" >&2;; esac\n')
+    (shim / "nvcc").chmod(0o755)
+    path = f"{shim}{os.pathsep}{os.environ.get('PATH', '')}"
+
+    def cuda_home(env_extra):
+        run = tmp_path / f"run{len(list(tmp_path.glob('run*')))}"  # a fresh log for each run
+        run.mkdir()
+        result, calls, _ = run_check(run, parts="train", env_extra=env_extra)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return next(call for call in calls if call.startswith("CUDA_HOME="))
+
+    assert cuda_home({"PATH": path, "CUDA_HOME": None}) == f"CUDA_HOME={cuda.resolve()}"
+    assert cuda_home({"PATH": path, "CUDA_HOME": "/chosen"}) == "CUDA_HOME=/chosen"
+    (shim.parent / "include").mkdir()
+    (shim.parent / "include" / "cuda_runtime.h").touch()  # the nvcc on PATH sits beside its headers
+    assert cuda_home({"PATH": path, "CUDA_HOME": None}) == "CUDA_HOME=(unset)"
 
 
 def test_the_default_budget_fits_one_command_of_a_gpu_session():

@@ -8,6 +8,7 @@ when this torch's gloo has them.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
@@ -122,3 +123,33 @@ def test_collectives_override_is_checked(monkeypatch):
     monkeypatch.setenv(mappings.COLLECTIVES_ENV, "fastest")
     with pytest.raises(ValueError, match=r"^MEGAMATH_COLLECTIVES must be auto, native or portable, got 'fastest'$"):
         mappings.native_collectives(None)
+
+
+def _fresh_mappings():
+    """A new copy of megamath.parallel.mappings, which picks its single-tensor collectives when imported."""
+    spec = importlib.util.spec_from_file_location("_mappings_fresh", mappings.__file__)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("torch_names", ["2.11", "2.13"])
+def test_single_tensor_collectives_use_the_names_this_torch_has(monkeypatch, torch_names):
+    """torch 2.13 renamed all_gather_into_tensor / reduce_scatter_tensor to all_gather_single /
+    reduce_scatter_single (the old names warn there); torch 2.11, a GPU image's, has only the old names. The
+    suite runs on one torch, so each side is faked here."""
+    import torch.distributed as dist
+
+    calls = []
+    for name in ("all_gather_into_tensor", "reduce_scatter_tensor", "all_gather_single", "reduce_scatter_single"):
+        monkeypatch.setattr(dist, name, lambda out, x, group=None, async_op=False, name=name: calls.append(name),
+                            raising=False)
+    if torch_names == "2.11":
+        monkeypatch.delattr(dist, "all_gather_single")
+        monkeypatch.delattr(dist, "reduce_scatter_single")
+    fresh = _fresh_mappings()
+    x = torch.zeros(2)
+    fresh.all_gather_into(torch.empty(4), x, None)
+    fresh.reduce_scatter_into(torch.empty(1), x, None)
+    assert calls == (["all_gather_into_tensor", "reduce_scatter_tensor"] if torch_names == "2.11"
+                     else ["all_gather_single", "reduce_scatter_single"])
