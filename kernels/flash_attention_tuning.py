@@ -77,6 +77,12 @@ class TunedBlocks:
             parts.append(f"{what} {best} {timed[best]:.3f} ms{versus}")
         return "flash-attention tiles: " + "; ".join(parts)
 
+    def timings(self) -> str:
+        """Every candidate's median (or why it was skipped), one per line: what a GPU run teaches."""
+        return "\n".join(f"  {what} {label}: {f'{ms:.3f} ms' if isinstance(ms, float) else ms}"
+                         for what, timings in (("forward", self.forward_ms), ("backward", self.backward_ms))
+                         for label, ms in timings.items())
+
 
 def _label(values: tuple) -> str:
     """'64x64 w4 s3' (forward), '32x64x64x32 w4 s4' (backward), '32x64 w8 s4 atomic dQ' (no dQ kernel), with

@@ -257,7 +257,7 @@ def attention_cases(attn, ref, use_compile: bool, shrink: int, dev: str) -> list
                       f"{str(e).splitlines()[0][:120] if str(e) else ''}); ours runs its default tiles", flush=True)
                 blocks, label = None, "megamath (triton, default tiles: tuning failed)"
             else:
-                print(f"attention B={b} S={s} H={hq}/{hk}: {tiles.summary()}", flush=True)
+                print(f"attention B={b} S={s} H={hq}/{hk}: {tiles.summary()}\n{tiles.timings()}", flush=True)
                 blocks, label = tiles.blocks, "megamath (triton, tuned tiles)"
 
             def ours(q, k, v, blocks=blocks):

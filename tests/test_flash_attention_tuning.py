@@ -101,6 +101,10 @@ def test_the_tuner_registers_the_fastest_tiles_and_skips_or_rejects_bad_ones(mon
         assert flash_attention_blocks(D, interpret=True) != tuned.blocks  # the interpreter keeps its tiles
         assert tuned.summary() == ("flash-attention tiles: forward 128x64 w8 s3 0.500 ms, default 64x64 w4 s3 "
                                    "0.900 ms; backward 64x64x64x64 w8 s3 1.500 ms, default 32x64x64x32 w4 s4 2.000 ms")
+        lines = tuned.timings().splitlines()
+        assert len(lines) == len(tuning.FORWARD_CANDIDATES) + len(tuning.BACKWARD_CANDIDATES)
+        assert "  forward 128x128 w8 s2: skipped: RuntimeError" in lines
+        assert "  backward 32x64x64x32 w8 s4 TMA: 1.600 ms" in lines
     finally:
         use_blocks(D, torch.bfloat16, None)
     assert flash_attention_blocks(D, interpret=False, dtype=torch.bfloat16) == \
