@@ -25,6 +25,7 @@ zeros, so no per-thread addresses or masks.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -504,9 +505,17 @@ def _tma_views(block_rows: int, *tensors: torch.Tensor) -> tuple[tuple | None, i
     return (tuple(views), modes.pop()) if len(modes) == 1 else (None, 0)
 
 
-def flash_attention_fwd(q, k, v, causal: bool, softmax_scale: float, blocks: FlashAttentionBlocks | None = None):
+def _launcher(kernel, grid: tuple, compile_only: bool):
+    """kernel[grid], or with compile_only a call that compiles the kernel for its arguments and launches
+    nothing (Triton's warmup; inside its AsyncCompileMode the compile goes to a worker thread)."""
+    return functools.partial(kernel.warmup, grid=grid) if compile_only else kernel[grid]
+
+
+def flash_attention_fwd(q, k, v, causal: bool, softmax_scale: float, blocks: FlashAttentionBlocks | None = None,
+                        compile_only: bool = False):
     """Launch the forward; returns o (B, S, H, D) in q's dtype and lse (B, H, S) fp32 (natural log of
-    the row sums of exp(scale · q·k) over the visible keys). Inputs must already be validated."""
+    the row sums of exp(scale · q·k) over the visible keys). Inputs must already be validated.
+    compile_only compiles the kernels these arguments need and launches none (o and lse are then garbage)."""
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     batch, seqlen, n_heads, head_dim = q.shape
     group = n_heads // k.shape[2]
@@ -515,7 +524,7 @@ def flash_attention_fwd(q, k, v, causal: bool, softmax_scale: float, blocks: Fla
     lse = torch.empty((batch, n_heads, seqlen), dtype=torch.float32, device=q.device)  # (B, H, S)
     for n_batch, (q_, k_, v_, o_, lse_) in _batch_chunks(batch, n_heads, q, k, v, o, lse):
         kv, tma = _tma_views(blocks.fwd_n, k_, v_) if blocks.fwd_tma else (None, 0)
-        _fwd_kernel[(triton.cdiv(seqlen, blocks.fwd_m), n_batch * n_heads)](
+        _launcher(_fwd_kernel, (triton.cdiv(seqlen, blocks.fwd_m), n_batch * n_heads), compile_only)(
             q_, *(kv or (k_, v_)), o_, lse_, *_bsh(q), *_bsh(k), *_bsh(v), *_bsh(o),
             seqlen, n_heads, group, softmax_scale * _LOG2E,
             CAUSAL=causal, BLOCK_M=blocks.fwd_m, BLOCK_N=blocks.fwd_n, HEAD_DIM=head_dim, TMA=tma,
@@ -525,8 +534,9 @@ def flash_attention_fwd(q, k, v, causal: bool, softmax_scale: float, blocks: Fla
 
 
 def flash_attention_bwd(do, q, k, v, o, lse, causal: bool, softmax_scale: float,
-                        blocks: FlashAttentionBlocks | None = None):
-    """Launch the backward; returns dq (B, S, H, D), dk and dv (B, S, H_kv, D) in the inputs' dtype."""
+                        blocks: FlashAttentionBlocks | None = None, compile_only: bool = False):
+    """Launch the backward; returns dq (B, S, H, D), dk and dv (B, S, H_kv, D) in the inputs' dtype.
+    compile_only as in flash_attention_fwd."""
     do, q, k, v = _unit_last(do), _unit_last(q), _unit_last(k), _unit_last(v)
     batch, seqlen, n_heads, head_dim = q.shape
     n_kv_heads = k.shape[2]
@@ -540,7 +550,7 @@ def flash_attention_bwd(do, q, k, v, o, lse, causal: bool, softmax_scale: float,
     delta = torch.empty_like(lse)  # (B, H, S) fp32
     pre_m = 64 if not interpreting() else 16
     for n_batch, (o_, do_, delta_) in _batch_chunks(batch, n_heads, o, do, delta):
-        _bwd_preprocess_kernel[(triton.cdiv(seqlen, pre_m), n_batch * n_heads)](
+        _launcher(_bwd_preprocess_kernel, (triton.cdiv(seqlen, pre_m), n_batch * n_heads), compile_only)(
             o_, do_, delta_, *_bsh(o), *_bsh(do), seqlen, n_heads, BLOCK_M=pre_m, HEAD_DIM=head_dim,
         )
     dq = empty_like_order(q)  # (B, S, H, D), in q's batch/sequence memory order
@@ -551,7 +561,7 @@ def flash_attention_bwd(do, q, k, v, o, lse, causal: bool, softmax_scale: float,
     for n_batch, (q_, k_, v_, do_, *rest) in _batch_chunks(batch, n_heads, q, k, v, do, lse, delta, dk, dv, dq_acc):
         q_do, tma = _tma_views(blocks.bwd_kv_m, q_, do_) if blocks.bwd_tma else (None, 0)
         q_, do_ = q_do or (q_, do_)
-        _bwd_dkdv_kernel[(triton.cdiv(seqlen, blocks.bwd_kv_n), n_batch * n_kv_heads)](
+        _launcher(_bwd_dkdv_kernel, (triton.cdiv(seqlen, blocks.bwd_kv_n), n_batch * n_kv_heads), compile_only)(
             q_, k_, v_, do_, *rest, *_bsh(q), *_bsh(k), *_bsh(v), *_bsh(do), *_bsh(dk), *_bsh(dv), *_bsh(dq_acc),
             seqlen, n_heads, n_kv_heads, group, softmax_scale, qk_scale,
             CAUSAL=causal, BLOCK_M=blocks.bwd_kv_m, BLOCK_N=blocks.bwd_kv_n, HEAD_DIM=head_dim,
@@ -563,7 +573,7 @@ def flash_attention_bwd(do, q, k, v, o, lse, causal: bool, softmax_scale: float,
         return dq, dk, dv
     for n_batch, (q_, k_, v_, *rest) in _batch_chunks(batch, n_heads, q, k, v, do, lse, delta, dq):
         kv, tma = _tma_views(blocks.bwd_q_n, k_, v_) if blocks.bwd_tma else (None, 0)
-        _bwd_dq_kernel[(triton.cdiv(seqlen, blocks.bwd_q_m), n_batch * n_heads)](
+        _launcher(_bwd_dq_kernel, (triton.cdiv(seqlen, blocks.bwd_q_m), n_batch * n_heads), compile_only)(
             q_, *(kv or (k_, v_)), *rest, *_bsh(q), *_bsh(k), *_bsh(v), *_bsh(do), *_bsh(dq),
             seqlen, n_heads, group, softmax_scale, qk_scale,
             CAUSAL=causal, BLOCK_M=blocks.bwd_q_m, BLOCK_N=blocks.bwd_q_n, HEAD_DIM=head_dim, TMA=tma,

@@ -1,16 +1,16 @@
 """Flash-attention tiles chosen by measurement on the GPU at hand, once, for the run's own shape.
 
 Why: the fastest tiles depend on the GPU (an H100 has 228 KiB of shared memory per SM, an A100 164 KiB;
-their tensor cores and register files differ), on head_dim and dtype, and on the sequence length. One
-fixed set was measured on an H100 at D 128 to be 25-30 % slower than SDPA's flash backend (a figure
-from scratch runs quoted in the issue; no perf/results/ file holds it), and a table
-per GPU would be guesses until someone measures every cell. So `tune_flash_attention` times a short list
-of candidates on the caller's shape: forward tiles and backward tiles separately (they are independent
-kernels), keeps the fastest of each, and registers the pair for that head_dim and dtype
-(flash_attention.use_blocks), so every later call uses it. A candidate that does not fit this GPU
-(shared memory, registers) fails to compile or launch and is skipped; one whose results differ from the
-default tiles' beyond bf16 rounding is rejected (a tile-specific bug must never become the fastest). The
-cost is one compile per candidate at start-up. fp32 attention (for checks, not speed) is not tuned.
+their tensor cores and register files differ), on head_dim and dtype, and on the sequence length. One fixed
+set was measured on an H100 at D 128 to be 25-30 % slower than SDPA's flash backend (a figure from scratch
+runs quoted in the issue; no perf/results/ file holds it), and a table per GPU would be guesses until
+someone measures every cell. So `tune_flash_attention` times a short list of candidates on the caller's
+shape: forward tiles and backward tiles separately (they are independent kernels), keeps the fastest of
+each, and registers the pair for that head_dim and dtype (flash_attention.use_blocks), so every later call
+uses it. A candidate that does not fit this GPU (shared memory, registers) fails to compile or launch and is
+skipped; one whose results differ from the default tiles' beyond bf16 rounding is rejected (a tile-specific
+bug must never become the fastest). The cost is one compile per candidate at start-up, spread over the
+host's CPU threads (`compile_in_parallel`). fp32 attention (for checks, not speed) is not tuned.
 
 The candidates, (queries, keys, warps, stages, TMA) forward and (dK/dV queries, dK/dV keys, dQ queries, dQ
 keys, warps, stages, atomic dQ, TMA) backward: the current default first, then FlashAttention-2's larger
@@ -32,12 +32,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import statistics
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from ._interpreter import interpreting
 from .flash_attention import (check_blocks, check_inputs, flash_attention_blocks, flash_attention_bwd, flash_attention_fwd,
                               tma_available, use_blocks)
 
@@ -110,6 +113,30 @@ def cuda_time_ms(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
+def compile_in_parallel(compiles: list[Callable[[], object]], workers: int | None = None) -> None:
+    """Run compile-only launches with Triton's compiles spread over CPU threads (its AsyncCompileMode; the
+    compiler releases the GIL: 4 attention kernels compiled in 2.8 s on 2 threads against 5.3 s on one).
+
+    Why: the tuner's ~22 kernels compiled one after another took most of its start-up time, on a GPU host
+    whose other cores sat idle. Best effort: a compile that fails here is left to fail again at the
+    candidate's first launch, where `_measure` reports it; a Triton without AsyncCompileMode, and the CPU
+    interpreter (nothing to compile), compile at first launch as before."""
+    try:
+        from triton.runtime._async_compile import AsyncCompileMode
+    except ImportError:
+        return
+    if interpreting() or not compiles:
+        return
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = workers or min(len(compiles), cpus, 16)
+    with ThreadPoolExecutor(workers) as pool, AsyncCompileMode(pool, ignore_errors=True):
+        for compile_only in compiles:
+            try:
+                compile_only()
+            except Exception:  # noqa: BLE001 - the candidate's own launch reports it
+                pass
+
+
 def _close(got, want) -> bool:
     """Equal up to a few bf16 roundings: tiles change the order of the fp32 sums, nothing else."""
     return all(torch.allclose(g.float(), w.float(), rtol=2e-2, atol=2e-2) for g, w in zip(got, want))
@@ -161,15 +188,20 @@ def tune_flash_attention(batch: int, seqlen: int, heads: int, kv_heads: int, hea
             return "skipped: deterministic algorithms requested"
         return ""
 
-    forward_ms, backward_ms = {}, {}
-    for c in FORWARD_CANDIDATES:
-        b = candidate(_FORWARD_FIELDS, c)
-        forward_ms[_label(c)] = why_not(b) or _measure(
-            lambda b=b: flash_attention_fwd(q, k, v, causal, scale, b), forward_ref, time_ms, repeats)
-    for c in BACKWARD_CANDIDATES:
-        b = candidate(_BACKWARD_FIELDS, c)
-        backward_ms[_label(c)] = why_not(b) or _measure(
-            lambda b=b: flash_attention_bwd(do, q, k, v, o, lse, causal, scale, b), backward_ref, time_ms, repeats)
+    forward = {_label(c): candidate(_FORWARD_FIELDS, c) for c in FORWARD_CANDIDATES}
+    backward = {_label(c): candidate(_BACKWARD_FIELDS, c) for c in BACKWARD_CANDIDATES}
+    tried_forward = [b for b in forward.values() if not why_not(b)]
+    tried_backward = [b for b in backward.values() if not why_not(b)]
+    compile_in_parallel([lambda b=b: flash_attention_fwd(q, k, v, causal, scale, b, compile_only=True)
+                         for b in tried_forward]
+                        + [lambda b=b: flash_attention_bwd(do, q, k, v, o, lse, causal, scale, b, compile_only=True)
+                           for b in tried_backward])
+    forward_ms = {label: why_not(b) or _measure(lambda b=b: flash_attention_fwd(q, k, v, causal, scale, b),
+                                                forward_ref, time_ms, repeats)
+                  for label, b in forward.items()}
+    backward_ms = {label: why_not(b) or _measure(lambda b=b: flash_attention_bwd(do, q, k, v, o, lse, causal, scale, b),
+                                                 backward_ref, time_ms, repeats)
+                   for label, b in backward.items()}
 
     def fastest(timings, candidates):
         timed = [(ms, c) for c, ms in zip(candidates, timings.values()) if isinstance(ms, float)]

@@ -10,7 +10,8 @@
 # a fresh machine: nothing built, empty Triton and Inductor caches, no pytest-xdist): versions and packages
 # ~20 s; build ~50-90 s (three pybind11 files, the torch binding, one .cu; the .cu alone takes ~5 s in nvcc
 # 13); trainer tests ~65-100 s (~30 Triton compiles at head_dim 64, 22 of them the tuner's candidates);
-# training benchmark ~190-355 s (tuning at head_dim 128: 22 compiles, ~75 s; the model's other kernels
+# training benchmark ~190-355 s (tuning at head_dim 128: 22 compiles, ~75 s one by one, less now that the tuner
+# compiles them on all the host's cores; the model's other kernels
 # ~10 s; four Hugging Face model builds with fp32 init on the CPU, ~40 s; torch.compile of the HF model, cold,
 # once per micro-batch, ~40-70 s each; the 104 timed and warm-up steps ~25 s); attention benchmark ~50-70 s
 # (its kernels come from the Triton cache the training benchmark filled); `megamath train` ~30-50 s (two

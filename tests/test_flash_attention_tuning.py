@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import math
 
 import pytest
@@ -282,3 +283,46 @@ def test_views_a_descriptor_cannot_describe_take_the_pointer_loads():
     pointer = _blocks(tuning._FORWARD_FIELDS, tuning.FORWARD_CANDIDATES[0])
     tma = dataclasses.replace(pointer, fwd_tma=True)
     assert torch.equal(flash_attention_fwd(q, q, q, True, 0.2, tma)[0], flash_attention_fwd(q, q, q, True, 0.2, pointer)[0])
+
+
+COMPILE_IN_PARALLEL = """
+import dataclasses, importlib, json, sys
+import torch
+from triton.runtime import driver
+sys.path.insert(0, sys.argv[1])
+import kernel_resources
+fa = importlib.import_module("megamath.kernels.flash_attention")
+tuning = importlib.import_module("megamath.kernels.flash_attention_tuning")
+driver.set_active(kernel_resources._CompileOnlyDriver(90))  # an H100's compiler, no GPU needed
+q = torch.empty(1, 256, 4, 64, dtype=torch.bfloat16)
+default = fa.flash_attention_blocks(64, interpret=False, tuned=False)
+forward = [dataclasses.replace(default, **dict(zip(tuning._FORWARD_FIELDS, c))) for c in tuning.FORWARD_CANDIDATES[:3]]
+
+def broken():
+    raise RuntimeError("a candidate that does not compile")
+
+tuning.compile_in_parallel([lambda b=b: fa.flash_attention_fwd(q, q, q, True, 0.1, b, compile_only=True)
+                            for b in forward] + [broken], workers=2)
+kernels = [k for cache in fa._fwd_kernel.device_caches.values() for k in cache[0].values()]
+print(json.dumps(sorted([k.metadata.num_warps, "mma.sync" in k.asm["ptx"] or "wgmma" in k.asm["ptx"]] for k in kernels)))
+"""
+
+
+def test_candidates_compile_in_parallel_without_launching(tmp_path):
+    """The tuner compiles every candidate's kernels on CPU threads before timing them (Triton's
+    AsyncCompileMode): here for an H100 on this CPU, through the launchers' compile_only path. Each candidate
+    lands compiled in the kernel's cache, nothing is launched (there is no GPU), and a compile that fails does
+    not stop the others (the candidate's own launch reports it later)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton.backends.nvidia.compiler", reason="this Triton cannot compile for NVIDIA GPUs")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled, not interpreted
+    env["TRITON_CACHE_DIR"] = str(tmp_path)  # a cold cache: every kernel is compiled here
+    perf = Path(__file__).resolve().parents[1] / "perf"
+    done = subprocess.run([sys.executable, "-c", COMPILE_IN_PARALLEL, str(perf)], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == [[4, True], [8, True], [8, True]]
