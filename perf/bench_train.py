@@ -95,6 +95,8 @@ def megamath_step(config: ModelConfig, device: torch.device, dtype: torch.dtype,
                               dtype, device)
     # The choice, its timings and the tuned tiles, as a run logs them (on a GPU `auto` may pick SDPA).
     print(f"{'megamath-ref' if reference else 'megamath'}, micro-batch {b}: {choice.reason}", flush=True)
+    if choice.tile_timings:  # each candidate's time at the model's own shape: what one GPU run teaches
+        print(choice.tile_timings, flush=True)
     model.attention = choice.attention
     optimizer = ZeroOptimizer(model, state, OptimizerConfig(lr=LR), split_names=model.split_parameter_names(),
                               bucket_mb=BUCKET_MB)

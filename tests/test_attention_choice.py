@@ -71,6 +71,26 @@ def test_auto_times_both_on_a_gpu():
     assert set(choice.timings_ms) == {"megamath", "sdpa"} and choice.attention == min(choice.timings_ms,
                                                                                       key=choice.timings_ms.get)
     assert "flash-attention tiles: forward" in choice.reason, choice.reason  # ours was tuned before the race
+    assert choice.tile_timings.count("\n") + 1 == 15, choice.tile_timings  # every candidate's time, for the log
+
+
+def test_a_tuned_choice_carries_every_candidates_timing(monkeypatch):
+    """The one-line reason names the fastest tiles; tile_timings keeps each candidate's time (or why it was
+    skipped) for the benchmark's log, so one GPU run shows what each tile set, TMA included, is worth."""
+    import importlib
+
+    load_ops("triton")
+    tuning = importlib.import_module("megamath.kernels.flash_attention_tuning")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    tuned = tuning.TunedBlocks("tiles", {"64x64 w4 s3": 0.9, "64x64 w4 s3 TMA": 0.8},
+                               {"32x64x64x32 w4 s4": 2.0, "32x64 w8 s4 atomic dQ": "skipped: RuntimeError"})
+    monkeypatch.setattr(tuning, "tune_flash_attention", lambda *args, **kwargs: tuned)
+    choice = choose_attention("megamath", get_ops("triton", "cuda"), (1, 256, 4, 2, 64), torch.bfloat16,
+                              torch.device("cuda"))
+    assert choice.tiles == "tiles" and "forward 64x64 w4 s3 TMA 0.800 ms" in choice.reason
+    assert choice.tile_timings.splitlines() == ["  forward 64x64 w4 s3: 0.900 ms", "  forward 64x64 w4 s3 TMA: 0.800 ms",
+                                                "  backward 32x64x64x32 w4 s4: 2.000 ms",
+                                                "  backward 32x64 w8 s4 atomic dQ: skipped: RuntimeError"]
 
 
 def test_local_heads_are_what_the_attention_kernel_sees():

@@ -53,6 +53,8 @@ class AttentionChoice:
     """One line for the run's log."""
     tiles: object = None
     """The FlashAttentionBlocks our kernel was tuned to and now uses (a GPU with the Triton kernels), else None."""
+    tile_timings: str = ""
+    """Every tile candidate's timing, one per line (flash_attention_tuning.TunedBlocks.timings), when tuned."""
 
 
 def _kernel_refusal(shape: tuple[int, int, int, int, int], dtype: torch.dtype) -> str | None:
@@ -86,9 +88,9 @@ def choose_attention(setting: str, ops: Ops, shape: tuple[int, int, int, int, in
             return AttentionChoice("sdpa", {}, f"attention: sdpa (auto: our kernel does not take this shape: {refusal})")
         tuned = tune_flash_attention(b, s, hq, hkv, d, dtype, device)
         tiles = "; " + tuned.summary()
-    blocks = tuned.blocks if tuned is not None else None
+    blocks, tile_timings = (tuned.blocks, tuned.timings()) if tuned is not None else (None, "")
     if setting != "auto":
-        return AttentionChoice(setting, {}, f"attention: {setting} (set in the config){tiles}", blocks)
+        return AttentionChoice(setting, {}, f"attention: {setting} (set in the config){tiles}", blocks, tile_timings)
     if device.type != "cuda":
         return AttentionChoice("megamath", {}, "attention: megamath (auto: nothing to time off a GPU)")
     from megamath.kernels.flash_attention_tuning import cuda_time_ms
@@ -107,4 +109,4 @@ def choose_attention(setting: str, ops: Ops, shape: tuple[int, int, int, int, in
     best = min(timings, key=timings.get)
     detail = ", ".join(f"{name} {ms:.3f} ms" for name, ms in timings.items())
     return AttentionChoice(best, timings, f"attention: {best} (auto, forward + backward at B {b} S {s} heads "
-                                          f"{hq}/{hkv} D {d}: {detail}){tiles}", blocks)
+                                          f"{hq}/{hkv} D {d}: {detail}){tiles}", blocks, tile_timings)
