@@ -16,6 +16,31 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     install()
 
 
+def pytest_sessionstart(session):
+    """Refuse, in one line, an interpreter that cannot run with this numpy, before ~120 tests fail with a
+    message that names neither (`interpreter_refusal`)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        import numpy
+        import triton
+
+        refusal = interpreter_refusal(triton.__version__, numpy.__version__)
+        if refusal:
+            raise pytest.UsageError(refusal)
+
+
+def interpreter_refusal(triton_version: str, numpy_version: str) -> str | None:
+    """Why Triton's CPU interpreter cannot run with this numpy, or None. Triton 3.6's (torch 2.11's) turns a
+    one-element array into an int in a way numpy 2.4 rejects ("only 0-dimensional arrays can be converted to
+    Python scalars"); Triton 3.8 fixed it."""
+    def major_minor(version: str) -> tuple[int, ...]:
+        return tuple(int("".join(c for c in part if c.isdigit()) or 0) for part in version.split(".")[:2])
+
+    if major_minor(triton_version) < (3, 8) and major_minor(numpy_version) >= (2, 4):
+        return (f"Triton {triton_version}'s CPU interpreter cannot run with numpy {numpy_version}: "
+                "install numpy<2.4 (or Triton 3.8 or later)")
+    return None
+
+
 def pytest_configure(config):
     """An xdist worker's share of the CPUs for torch's intra-op threads, and for the processes its tests start
     (OMP_NUM_THREADS, unless set). Each worker's torch otherwise takes every CPU: 2 workers on 2 CPUs ran 4
