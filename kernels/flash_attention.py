@@ -69,6 +69,19 @@ def _tma_tile(desc, batch, row, col, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
     return desc.load([batch, row, col]).reshape(ROWS, HEAD_DIM)
 
 
+@triton.jit
+def _kv_sources(K, V, off_b, off_kvh, stride_kb, stride_kh, stride_vb, stride_vh, HEAD_DIM: tl.constexpr,
+                TMA: tl.constexpr):
+    """What a key loop reads one (batch, kv head)'s K and V from: base pointers, or with TMA the descriptors
+    themselves, with the batch and column coordinates `_tma_tile` takes."""
+    if TMA:
+        k_base, v_base = K, V
+    else:
+        k_base = K + off_b * stride_kb + off_kvh * stride_kh
+        v_base = V + off_b * stride_vb + off_kvh * stride_vh
+    return k_base, v_base, off_b.to(tl.int32), off_kvh * HEAD_DIM
+
+
 # ----------------------------------------------------------------------------------------- forward
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, kv_b, kv_col, offs_m, offs_d, lo, hi,
@@ -125,13 +138,8 @@ def _fwd_kernel(Q, K, V, O, LSE,
     row_ok = offs_m < seqlen
     q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)  # (BLOCK_M, D)
-    if TMA:
-        k_base, v_base = K, V
-    else:
-        k_base = K + off_b * stride_kb + off_kvh * stride_kh
-        v_base = V + off_b * stride_vb + off_kvh * stride_vh
-    kv_b = off_b.to(tl.int32)
-    kv_col = off_kvh * HEAD_DIM
+    k_base, v_base, kv_b, kv_col = _kv_sources(K, V, off_b, off_kvh, stride_kb, stride_kh, stride_vb, stride_vh,
+                                               HEAD_DIM, TMA)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -319,13 +327,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
     row_base = pid_bh.to(tl.int64) * seqlen
     lse2 = tl.load(LSE + row_base + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634  # (BLOCK_M,)
     delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)  # (BLOCK_M,)
-    if TMA:
-        k_base, v_base = K, V
-    else:
-        k_base = K + off_b * stride_kb + off_kvh * stride_kh
-        v_base = V + off_b * stride_vb + off_kvh * stride_vh
-    kv_b = off_b.to(tl.int32)
-    kv_col = off_kvh * HEAD_DIM
+    k_base, v_base, kv_b, kv_col = _kv_sources(K, V, off_b, off_kvh, stride_kb, stride_kh, stride_vb, stride_vh,
+                                               HEAD_DIM, TMA)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     if CAUSAL:
         full_hi = start_m * BLOCK_M
