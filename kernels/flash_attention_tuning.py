@@ -129,12 +129,16 @@ def compile_in_parallel(compiles: list[Callable[[], object]], workers: int | Non
         return
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     workers = workers or min(len(compiles), cpus, 16)
-    with ThreadPoolExecutor(workers) as pool, AsyncCompileMode(pool, ignore_errors=True):
-        for compile_only in compiles:
-            try:
-                compile_only()
-            except Exception:  # noqa: BLE001 - the candidate's own launch reports it
-                pass
+    with ThreadPoolExecutor(workers) as pool:
+        try:
+            with AsyncCompileMode(pool, ignore_errors=True):
+                for compile_only in compiles:
+                    try:
+                        compile_only()
+                    except Exception:  # noqa: BLE001 - the candidate's own launch reports it
+                        pass
+        except RuntimeError:  # a caller's AsyncCompileMode is active: leave the compiles to the first launches
+            pass
 
 
 def _close(got, want) -> bool:

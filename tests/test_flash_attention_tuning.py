@@ -285,6 +285,22 @@ def test_views_a_descriptor_cannot_describe_take_the_pointer_loads():
     assert torch.equal(flash_attention_fwd(q, q, q, True, 0.2, tma)[0], flash_attention_fwd(q, q, q, True, 0.2, pointer)[0])
 
 
+def test_compile_in_parallel_leaves_a_callers_async_compile_alone(monkeypatch):
+    """Triton allows one AsyncCompileMode at a time: inside a caller's, the tuner's precompile steps aside (the
+    candidates then compile at their first launch) instead of stopping the run's start-up."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from triton.runtime._async_compile import AsyncCompileMode
+
+    monkeypatch.setattr(tuning, "interpreting", lambda: False)
+    ran = []
+    with ThreadPoolExecutor(1) as pool, AsyncCompileMode(pool):
+        tuning.compile_in_parallel([lambda: ran.append(1)], workers=1)
+    assert ran == []
+    tuning.compile_in_parallel([lambda: ran.append(1)], workers=1)  # alone, it runs them
+    assert ran == [1]
+
+
 COMPILE_IN_PARALLEL = """
 import dataclasses, importlib, json, sys
 import torch
