@@ -195,7 +195,7 @@ def profile(step: Callable[[], float], device: torch.device, steps: int) -> dict
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as prof:
+    with torch.profiler.profile(activities=activities, acc_events=True) as prof:
         start = time.perf_counter()
         for _ in range(steps):
             step()

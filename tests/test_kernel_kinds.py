@@ -45,7 +45,7 @@ def test_a_profiled_step_adds_up_and_renders():
     tokens = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(0))
     batch = [(tokens[:, :-1], tokens[:, 1:])]
     train_step(model, optimizer, batch, 1e-3, state)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], acc_events=True) as prof:
         start = time.perf_counter()
         for step in range(2):
             with torch.profiler.record_function(f"step {step}"):  # an annotation: no work of its own

@@ -99,7 +99,9 @@ class StepProfiler:
             if self.cuda:
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
             with self.timer.phase("profile"):  # seconds: not training work, and not hidden between two steps
-                self.profiler = torch.profiler.profile(activities=activities)
+                # One window is one profiling cycle, so accumulating events changes nothing; it only keeps
+                # torch 2.11 (the GPU image's) from warning that events are cleared between cycles.
+                self.profiler = torch.profiler.profile(activities=activities, acc_events=True)
                 self.profiler.__enter__()
             self.window_start, self.window_clock = step, time.perf_counter()
             self.timer.annotate = True
