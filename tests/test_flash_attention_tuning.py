@@ -12,6 +12,10 @@ import dataclasses
 import importlib
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -329,11 +333,6 @@ def test_candidates_compile_in_parallel_without_launching(tmp_path):
     AsyncCompileMode): here for an H100 on this CPU, through the launchers' compile_only path. Each candidate
     lands compiled in the kernel's cache, nothing is launched (there is no GPU), and a compile that fails does
     not stop the others (the candidate's own launch reports it later)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     pytest.importorskip("triton.backends.nvidia.compiler", reason="this Triton cannot compile for NVIDIA GPUs")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled, not interpreted
     env["TRITON_CACHE_DIR"] = str(tmp_path)  # a cold cache: every kernel is compiled here
