@@ -194,16 +194,15 @@ def tune_flash_attention(batch: int, seqlen: int, heads: int, kv_heads: int, hea
 
     forward = {_label(c): candidate(_FORWARD_FIELDS, c) for c in FORWARD_CANDIDATES}
     backward = {_label(c): candidate(_BACKWARD_FIELDS, c) for c in BACKWARD_CANDIDATES}
-    tried_forward = [b for b in forward.values() if not why_not(b)]
-    tried_backward = [b for b in backward.values() if not why_not(b)]
+    skipped = {b: why_not(b) for b in (*forward.values(), *backward.values())}
     compile_in_parallel([lambda b=b: flash_attention_fwd(q, k, v, causal, scale, b, compile_only=True)
-                         for b in tried_forward]
+                         for b in forward.values() if not skipped[b]]
                         + [lambda b=b: flash_attention_bwd(do, q, k, v, o, lse, causal, scale, b, compile_only=True)
-                           for b in tried_backward])
-    forward_ms = {label: why_not(b) or _measure(lambda b=b: flash_attention_fwd(q, k, v, causal, scale, b),
+                           for b in backward.values() if not skipped[b]])
+    forward_ms = {label: skipped[b] or _measure(lambda b=b: flash_attention_fwd(q, k, v, causal, scale, b),
                                                 forward_ref, time_ms, repeats)
                   for label, b in forward.items()}
-    backward_ms = {label: why_not(b) or _measure(lambda b=b: flash_attention_bwd(do, q, k, v, o, lse, causal, scale, b),
+    backward_ms = {label: skipped[b] or _measure(lambda b=b: flash_attention_bwd(do, q, k, v, o, lse, causal, scale, b),
                                                  backward_ref, time_ms, repeats)
                    for label, b in backward.items()}
 

@@ -10,8 +10,9 @@ it retries on the new one). The holder writes what it does (training, reshard, .
 command into the file so the refusal can say who holds it. Advisory locks work on local filesystems and
 NFSv4/Lustre mounts that support flock; where the filesystem ignores them, nothing is refused.
 
-A command that writes one file among others in a folder (`megamath overlap --output HITS.jsonl`) locks that
-output alone with a `FileLock` beside it, so two runs writing other files there both run.
+A command that writes some files among others in a folder (`megamath overlap --output HITS.jsonl` and its
+summary) locks only those, with a `FileLock` beside them (megamath.overlap.run.output_lock), so two runs
+writing other files there both run.
 """
 from __future__ import annotations
 

@@ -127,39 +127,44 @@ def overlap(config: OverlapConfig, log=None) -> OverlapSummary:
     # beside the other's hits. Other outputs in the folder stay free; a device or pipe output is not locked.
     held = output_lock(output) if output.is_file() or not output.exists() else contextlib.nullcontext()
     with held:
-        summary = OverlapSummary.start(config, index, groups)
-        spec = ScanSpec(config.json_key, np.asarray(index.ns, dtype=np.int64), index.table, config.batch_bytes)
-        files = [(path, g) for g, group in enumerate(groups) for path in group.files]
-        total_bytes = sum(path.stat().st_size for group in groups for path in group.files)
-        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="overlap", file=sys.stderr,
-                   disable=not config.progress, dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30)
-        start = time.perf_counter()
+        return _scan(config, index, groups, output, log)
 
-        def scan_into(f) -> None:
-            results = map_files(scan_file, spec, files, config.workers)
-            try:
-                for result in results:
-                    group = groups[result.group]
-                    _count_bad(summary, result, config.report_bad_lines, log)
-                    hits = verify(index, result)
-                    for (line, item, fld, j), hit in hits.items():
-                        f.write(_hit_line(index, result, group, line, item, fld, j, hit))
-                    summary.add_batch(group, result, hits)
-                    elapsed = max(time.perf_counter() - start, 1e-9)
-                    bar.set_postfix_str(f"{summary.text_bytes / elapsed / 1e6:.1f} MB/s, "
-                                        f"{summary.documents / elapsed:,.0f} docs/s, {summary.hit_lines:,} hits",
-                                        refresh=False)
-                    bar.update(result.file_bytes)
-            finally:
-                results.close()  # stops the workers if the scan failed here
 
+def _scan(config: OverlapConfig, index: TestIndex, groups: list, output: Path, log) -> OverlapSummary:
+    """The scan into `output` and its summary beside it, under the output's lock."""
+    summary = OverlapSummary.start(config, index, groups)
+    spec = ScanSpec(config.json_key, np.asarray(index.ns, dtype=np.int64), index.table, config.batch_bytes)
+    files = [(path, g) for g, group in enumerate(groups) for path in group.files]
+    total_bytes = sum(path.stat().st_size for group in groups for path in group.files)
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="overlap", file=sys.stderr,
+               disable=not config.progress, dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30)
+    start = time.perf_counter()
+
+    def scan_into(f) -> None:
+        results = map_files(scan_file, spec, files, config.workers)
         try:
-            replace_atomically(output, scan_into)
+            for result in results:
+                group = groups[result.group]
+                _count_bad(summary, result, config.report_bad_lines, log)
+                hits = verify(index, result)
+                for (line, item, fld, j), hit in hits.items():
+                    f.write(_hit_line(index, result, group, line, item, fld, j, hit))
+                summary.add_batch(group, result, hits)
+                elapsed = max(time.perf_counter() - start, 1e-9)
+                bar.set_postfix_str(f"{summary.text_bytes / elapsed / 1e6:.1f} MB/s, "
+                                    f"{summary.documents / elapsed:,.0f} docs/s, {summary.hit_lines:,} hits",
+                                    refresh=False)
+                bar.update(result.file_bytes)
         finally:
-            bar.close()
-        summary.seconds = time.perf_counter() - start
-        write_text_atomically(summary_path(output), json.dumps(summary.to_json(), indent=1, ensure_ascii=False) + "\n")
-        return summary
+            results.close()  # stops the workers if the scan failed here
+
+    try:
+        replace_atomically(output, scan_into)
+    finally:
+        bar.close()
+    summary.seconds = time.perf_counter() - start
+    write_text_atomically(summary_path(output), json.dumps(summary.to_json(), indent=1, ensure_ascii=False) + "\n")
+    return summary
 
 
 def _count_bad(summary: OverlapSummary, result: ScanResult, report: int, log) -> None:

@@ -137,19 +137,23 @@ class StepProfiler:
         profiler.__exit__(None, None, None)
         name = f"steps{self.window_start}-{step}_rank{self.rank}"
         trace = self.dir / f"trace_{name}.json"
-        self._write_or_warn(trace, lambda: self._publish(trace, lambda tmp: export_trace(profiler, tmp)))
+        self._publish_or_warn(trace, lambda tmp: export_trace(profiler, tmp))
         steps = step - self.window_start + 1
         try:  # the summary beside the trace is a help, never the run's failure
             lines = breakdown_table(summarize(profiler, steps, self.cuda, wall), f"steps {self.window_start}-{step}")
         except Exception as err:
             lines = [f"no breakdown: {type(err).__name__}: {err}"]
         kinds = self.dir / f"kernels_{name}.md"
-        self._write_or_warn(kinds, lambda: self._publish(kinds, lambda tmp: tmp.write_text("\n".join(lines) + "\n")))
+        self._publish_or_warn(kinds, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
 
     @staticmethod
     def _publish(path: Path, write_to: Callable[[Path], None], kept: str | None = "the run goes on without it") -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         publish_file(path, write_to, kept)
+
+    def _publish_or_warn(self, path: Path, write_to: Callable[[Path], None]) -> None:
+        """`write_to(temporary)`, published as `path` (`_publish`), or a warning naming it (`_write_or_warn`)."""
+        self._write_or_warn(path, lambda: self._publish(path, write_to))
 
     def _write_or_warn(self, path: Path, write: Callable[[], object]) -> None:
         """`write()`, or a one-line warning naming `path` when it fails: the profile is a help, and a full disk
