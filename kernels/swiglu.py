@@ -11,15 +11,13 @@ saved) and writes dg and du in the same pass. Math in fp32, one rounding at each
 """
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
 
 from ._interpreter import cast_rne as _cast
 from ._interpreter import exact_bf16 as _exact_bf16
-
-
+from ._layout import empty_siblings
 
 
 @triton.jit
@@ -37,7 +35,7 @@ def _swiglu_fwd_kernel(g_ptr, u_ptr, out_ptr, n, n_cols, stride_g, stride_u, BLO
 
 @triton.jit
 def _swiglu_bwd_kernel(
-    dy_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n, n_cols, stride_g, stride_u, BLOCK: tl.constexpr,
+    dy_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n, n_cols, stride_g, stride_u, stride_dg, stride_du, BLOCK: tl.constexpr,
     EXACT_BF16: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) index into dy, dg, du
@@ -51,8 +49,8 @@ def _swiglu_bwd_kernel(
     silu = g * s
     dg = dy * u * s * (1.0 + g * (1.0 - s))
     du = dy * silu
-    tl.store(dg_ptr + offs, _cast(dg, dg_ptr.dtype.element_ty, EXACT_BF16), mask=mask)
-    tl.store(du_ptr + offs, _cast(du, du_ptr.dtype.element_ty, EXACT_BF16), mask=mask)
+    tl.store(dg_ptr + row * stride_dg + col, _cast(dg, dg_ptr.dtype.element_ty, EXACT_BF16), mask=mask)
+    tl.store(du_ptr + row * stride_du + col, _cast(du, du_ptr.dtype.element_ty, EXACT_BF16), mask=mask)
 
 
 def _launch_config(n: int):
@@ -107,18 +105,31 @@ def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _grad_buffers(gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor, int]:
+    """(dgate, its row stride, dup, its row stride). When gate and up are the two halves of one fused gate/up
+    projection, dgate and dup are the halves of one new tensor laid out the same way (empty_siblings): the
+    fused matmul's backward then takes it as its gradient as it is, with no concatenating copy. Else two
+    contiguous tensors."""
+    dg, du = empty_siblings((gate, up))
+    stride_dg, stride_du = _row_stride(dg), _row_stride(du)
+    if stride_dg is None or stride_du is None:  # rows not evenly spaced (a 0-d or transposed input)
+        dg, du = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (gate, up))
+        stride_dg = stride_du = _width(gate)
+    return dg, stride_dg, du, stride_du
+
+
 def swiglu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
-    """Launch the backward on row-strided gate and up; returns contiguous (dgate, dup)."""
+    """Launch the backward on row-strided gate and up; returns (dgate, dup), contiguous or, for the halves of
+    one fused projection, the halves of one new tensor (_grad_buffers)."""
     dy = dy.contiguous()
     gate, stride_g = _rows(gate)
     up, stride_u = _rows(up)
-    dg = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-    du = torch.empty(up.shape, dtype=up.dtype, device=up.device)
+    dg, stride_dg, du, stride_du = _grad_buffers(gate, up)
     n = gate.numel()
     if n:
         block, warps, programs = _launch_config(n)
         _swiglu_bwd_kernel[(programs,)](
-            dy, gate, up, dg, du, n, _width(gate), stride_g, stride_u, BLOCK=block,
+            dy, gate, up, dg, du, n, _width(gate), stride_g, stride_u, stride_dg, stride_du, BLOCK=block,
             EXACT_BF16=_exact_bf16(gate.dtype), num_warps=warps,
         )
     return dg, du

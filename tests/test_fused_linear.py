@@ -1,9 +1,12 @@
 """q, k, v (and gate, up) as one matmul where ZeRO-1's flat buffer already stores them back to back."""
+import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from megamath.kernels.swiglu import swiglu
 from megamath.model import Llama, ModelConfig
 from megamath.parallel import fused_linear
-from megamath.parallel.fused_linear import adjacent_order, linears
+from megamath.parallel.fused_linear import adjacent_order, join_last_dim, linears
 from megamath.parallel.optimizer_config import OptimizerConfig
 from megamath.parallel.state import ParallelState
 from megamath.parallel.zero import ZeroOptimizer
@@ -31,6 +34,58 @@ def test_adjacent_weights_make_one_matmul_with_the_same_values_and_gradients():
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-6)
 
 
+class _Cats(TorchDispatchMode):
+    """Records the width (last dim) of every tensor aten.cat makes."""
+
+    def __init__(self):
+        super().__init__()
+        self.widths = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten.cat.default:
+            self.widths.append(out.shape[-1])
+        return out
+
+
+@pytest.mark.parametrize("sequence_major", [False, True])
+def test_join_takes_slices_of_one_tensor_as_they_stand(sequence_major):
+    y = torch.randn(4, 3, 10).transpose(0, 1) if sequence_major else torch.randn(3, 4, 10)
+    joined = join_last_dim(list(y.split([2, 3, 5], dim=-1)))
+    assert joined.data_ptr() == y.data_ptr() and joined.stride() == y.stride() and joined.shape == y.shape
+
+
+def test_join_concatenates_what_is_not_one_tensor():
+    y = torch.randn(3, 4, 10)
+    cases = {
+        "separate tensors": [t.clone() for t in y.split([2, 3, 5], dim=-1)],
+        "slices out of order": list(reversed(y.split([5, 3, 2], dim=-1))),
+        "slices of a wider tensor": list(y[..., :9].split([2, 3, 4], dim=-1)),
+        "slices of different rows": [y[0, :, :5], y[1, :, 5:]],
+    }
+    for name, parts in cases.items():
+        joined = join_last_dim(parts)
+        assert joined.data_ptr() != y.data_ptr(), name
+        torch.testing.assert_close(joined, torch.cat(parts, dim=-1), rtol=0, atol=0, msg=name)
+
+
+def test_swiglu_hands_the_fused_gate_up_matmul_its_gradient_without_a_copy():
+    """gate and up from one matmul: SwiGLU's backward writes dgate and dup as the halves of one tensor, which
+    the matmul's backward takes as it stands: no concatenation, and the gradients of the unfused path."""
+    gen = torch.Generator().manual_seed(4)
+    buffer = torch.randn(2 * 24 * 12, generator=gen)
+    up, gate = buffer.view(2, 24, 12).unbind(0)  # back to back in ZeRO's (backward) order
+    adjacent = [w.detach().requires_grad_(True) for w in (gate, up)]
+    separate = [w.detach().clone().requires_grad_(True) for w in adjacent]
+    x, dy = torch.randn(3, 5, 12, generator=gen), torch.randn(3, 5, 24, generator=gen)
+    with _Cats() as cats:
+        swiglu(*linears(x, adjacent)).backward(dy)
+    assert cats.widths == []
+    swiglu(*linears(x, separate)).backward(dy)
+    for a, b in zip(adjacent, separate):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-6)
+
+
 def test_zero_lays_each_layers_q_k_v_and_gate_up_back_to_back():
     model = Llama(CONFIG)
     ZeroOptimizer(model, ParallelState.single(), OptimizerConfig(), model.split_parameter_names())
@@ -53,11 +108,13 @@ def test_model_with_kernels_fuses_and_matches_the_reference_ops(monkeypatch):
         model = Llama(ModelConfig(**{**CONFIG.to_dict(), "kernels": kernels}))
         opt = ZeroOptimizer(model, ParallelState.single(), OptimizerConfig(), model.split_parameter_names())
         opt.zero_grad()
-        loss = model(tokens[:, :-1], tokens[:, 1:])[1]
-        loss.backward()
+        with _Cats() as cats:
+            loss = model(tokens[:, :-1], tokens[:, 1:])[1]
+            loss.backward()
         results[kernels] = (loss.detach(), {n: opt.grad_view(p).clone() for n, p in model.named_parameters()})
         opt.remove_hooks()
     assert calls == [3, 2] * CONFIG.num_layers  # q/k/v and gate/up as one matmul each, kernel path only
+    assert 2 * CONFIG.ffn_hidden_size not in cats.widths  # SwiGLU's gradient reaches the gate/up matmul as is
     (ref_loss, ref_grads), (loss, grads) = results["reference"], results["triton"]
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
     for name in ref_grads:
@@ -78,22 +135,24 @@ def _sp_worker(rank, world_size, out_dir):
         model = Llama(ModelConfig(**{**CONFIG.to_dict(), "kernels": kernels}), state, sequence_parallel=True)
         opt = ZeroOptimizer(model, state, OptimizerConfig(), model.split_parameter_names())
         opt.zero_grad()
-        loss = model(tokens[:, :-1], tokens[:, 1:])[1]
-        loss.backward()
+        with _Cats() as cats:
+            loss = model(tokens[:, :-1], tokens[:, 1:])[1]
+            loss.backward()
         results[kernels] = (loss.detach(), {n: opt.grad_view(p).clone() for n, p in model.named_parameters()})
         opt.remove_hooks()
-    torch.save({"results": results, "calls": calls}, out_dir / f"sp{rank}.pt")
+    torch.save({"results": results, "calls": calls, "cat_widths": cats.widths}, out_dir / f"sp{rank}.pt")
 
 
 def test_sequence_parallel_fuses_q_k_v_too(tmp_path):
     """TP 2 with SP: the gathered input meets one fused matmul per layer (forward and backward) on the kernel
-    path; loss and gradients match the reference ops' unfused path."""
+    path; loss and gradients match the reference ops' unfused path; SwiGLU's gradient needs no join copy."""
     from distributed import run_distributed
 
     run_distributed(_sp_worker, 2, tmp_path)
     for rank in range(2):
         saved = torch.load(tmp_path / f"sp{rank}.pt")
         assert saved["calls"] == [3, 2] * CONFIG.num_layers + [2, 3] * CONFIG.num_layers  # fwd, then bwd
+        assert CONFIG.ffn_hidden_size not in saved["cat_widths"]  # gate/up's gradient, 2 · ffn/2 wide, joined as is
         (ref_loss, ref_grads), (loss, grads) = saved["results"]["reference"], saved["results"]["triton"]
         torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
         for name in ref_grads:

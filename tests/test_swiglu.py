@@ -3,7 +3,7 @@ import pytest
 import torch
 from kernel_tolerance import assert_close_3way
 
-from megamath.kernels.swiglu import swiglu, swiglu_ref
+from megamath.kernels.swiglu import swiglu, swiglu_bwd, swiglu_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -63,6 +63,29 @@ def test_non_contiguous_inputs():
     assert_close_3way(out, out_r, out_r, name="out non-contiguous")
     assert_close_3way(dg, dg_r, dg_r, name="dgate non-contiguous")
     assert_close_3way(du, du_r, du_r, name="dup non-contiguous")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed view"])
+def test_halves_of_one_projection_get_gradients_as_halves_of_one_tensor(layout):
+    """gate and up as the two halves of a fused (..., 2·f) projection (up first, as ZeRO lays the weights):
+    dgate and dup are the halves of one new tensor in the same places, so the projection's backward takes it
+    as its gradient as it stands. Halves whose rows are not evenly spaced (a transposed view) get two
+    contiguous gradients instead. Values as swiglu_ref's either way."""
+    g = torch.Generator().manual_seed(8)
+    fused = torch.randn(4, 3, 2 * 33, generator=g).to(DEVICE)
+    if layout == "transposed view":
+        fused = fused.transpose(0, 1)  # (B, S, 2f) view of (S, B, 2f) memory
+    up, gate = fused.split(33, dim=-1)
+    dy = torch.randn(gate.shape, generator=g).to(DEVICE)
+    dg, du = swiglu_bwd(dy, gate, up)
+    if layout == "transposed view":
+        assert dg.is_contiguous() and du.is_contiguous()
+    else:
+        assert dg.untyped_storage().data_ptr() == du.untyped_storage().data_ptr()
+        assert dg.storage_offset() == du.storage_offset() + 33 and dg.stride() == gate.stride()
+    _, dg_r, du_r = _run(swiglu_ref, gate.contiguous(), up.contiguous(), dy)
+    assert_close_3way(dg, dg_r, dg_r, name=f"dgate {layout}")
+    assert_close_3way(du, du_r, du_r, name=f"dup {layout}")
 
 
 def test_zero_dim():

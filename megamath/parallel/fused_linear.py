@@ -10,6 +10,13 @@ they already form one contiguous (Σ out, in) matrix. `_AdjacentWeights` hands t
 without a copy and splits its gradient back into the three parameters' gradients (views, no copy).
 Weights that are not adjacent (a plain model, a bucket boundary between them) take one matmul each.
 
+The output (..., Σ out) goes on as slices, and its gradient must come back as one tensor. autograd's split
+would concatenate the slices' gradients into a copy (gate/up at 7B width, S 4096, micro-batch 1: 180 MB
+written and read again per layer and step). `join_last_dim` takes them as they stand when a kernel wrote
+them as slices of one tensor in the output's layout (megamath.kernels' empty_siblings: SwiGLU's backward
+does), and concatenates otherwise. q, k and v still concatenate: RoPE stands between the projection and
+attention, and its gradients are new tensors.
+
 The model fuses with its kernel ops (GPUs, and Triton's interpreter in the tests), not with the plain-torch
 reference ops: one wide matmul sums in another order than three narrow ones, and the CPU reference runs
 stay bit-identical to the unfused arithmetic that their tests pin.
@@ -57,6 +64,28 @@ class _AdjacentWeights(torch.autograd.Function):
         return tuple(grad.split(ctx.rows, dim=0))  # each parameter's rows of the fused gradient
 
 
+def join_last_dim(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The gradient of y (..., Σ n_i) from its last-dim slices' gradients (..., n_i), in slice order: the
+    tensor they are slices of when they tile one (last_dim_parent), without a copy, else their concatenation."""
+    from megamath.kernels._layout import last_dim_parent  # here: the kernels import Triton, config parsing must not
+
+    parent = last_dim_parent(grads)
+    return torch.cat(grads, dim=-1) if parent is None else parent
+
+
+class _SplitLastDim(torch.autograd.Function):
+    """y.split(sizes, dim=-1), whose backward joins the slices' gradients without a copy where it can
+    (join_last_dim). A slice no loss reads gets zeros (autograd materializes them), hence a copy."""
+
+    @staticmethod
+    def forward(ctx, y, sizes):
+        return y.split(sizes, dim=-1)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return join_last_dim(list(grads)), None
+
+
 def linears(x: torch.Tensor, weights: list[torch.Tensor]) -> list[torch.Tensor]:
     """[F.linear(x, w) for w in weights], as one matmul when the weights are adjacent in memory.
 
@@ -68,7 +97,7 @@ def linears(x: torch.Tensor, weights: list[torch.Tensor]) -> list[torch.Tensor]:
         return [F.linear(x, w) for w in weights]
     ordered = [weights[i] for i in order]
     y = F.linear(x, _AdjacentWeights.apply(*ordered))  # (..., Σ out): one GEMM
-    parts = y.split([w.shape[0] for w in ordered], dim=-1)
+    parts = _SplitLastDim.apply(y, [w.shape[0] for w in ordered])
     out: list[torch.Tensor] = [None] * len(weights)  # type: ignore[list-item]
     for i, part in zip(order, parts):
         out[i] = part

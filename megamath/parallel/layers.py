@@ -47,7 +47,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megamath.parallel.fused_linear import adjacent_order, fused_view, linears
+from megamath.parallel.fused_linear import adjacent_order, fused_view, join_last_dim, linears
 from megamath.parallel.mappings import (
     SEQUENCE_DIM, all_gather, copy_to_tp, gather_from_sequence, gather_from_tp, group_rank, group_size, reduce_from_tp,
     reduce_scatter, reduce_scatter_to_sequence,
@@ -130,7 +130,8 @@ class _GatherLinears(torch.autograd.Function):
     autograd's own arithmetic for the unfused path (mm over the flattened tokens; the input gradients
     summed last projection first) and ends with the reduce-scatter gather_from_sequence's backward does.
     With `fuse` and weights back to back in memory (fused_linear.py), the forward is one matmul and the
-    backward one for dX and one for dW (the output gradients joined once, in memory order).
+    backward one for dX and one for dW (the output gradients joined in memory order: join_last_dim, no copy
+    when a kernel wrote them as slices of one tensor).
     """
 
     @staticmethod
@@ -155,7 +156,7 @@ class _GatherLinears(torch.autograd.Function):
         x_flat = all_gather(x_local, SEQUENCE_DIM, ctx.group).flatten(0, -2)  # (S·B, in), gathered again
         if ctx.order is not None:
             ordered = [weights[i] for i in ctx.order]
-            g_flat = torch.cat([grads[i].reshape(-1, grads[i].shape[-1]) for i in ctx.order], dim=1)  # (S·B, Σ)
+            g_flat = join_last_dim([grads[i] for i in ctx.order]).flatten(0, -2)  # (S·B, Σ), a view where it can
             grad_x = g_flat.mm(fused_view(ordered)).view(*grads[0].shape[:-1], -1)  # (S, B, in)
             grad_fused = g_flat.t().mm(x_flat).split([w.shape[0] for w in ordered], dim=0)  # (out_i/p, in) each
             grad_weights = [None] * len(weights)
