@@ -36,7 +36,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._interpreter import cast_rne as _cast
 from ._interpreter import interpreting
-from ._layout import empty_like_order, sequence_major
+from ._layout import empty_like_order, empty_siblings, sequence_major
 
 _LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x · log2 e)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -536,6 +536,24 @@ def flash_attention_fwd(q, k, v, causal: bool, softmax_scale: float, blocks: Fla
     return o, lse
 
 
+def _rows_of_heads(t: torch.Tensor) -> torch.Tensor | None:
+    """(B, S, H, D) as the (B, S, H·D) view it is when its heads lie back to back, else None."""
+    if t.stride(3) == 1 and (t.shape[2] == 1 or t.stride(2) == t.shape[3]):
+        return t.flatten(2)
+    return None
+
+
+def _grad_buffers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[torch.Tensor]:
+    """dq, dk, dv, uninitialised: where q, k, v are the head slices of one (B, S, ·) tensor (a fused q/k/v
+    projection's output), slices of one new tensor in the same places (empty_siblings), which the
+    projection's backward takes as its gradient without a concatenating copy; else each in its input's
+    batch/sequence memory order."""
+    rows = [_rows_of_heads(t) for t in (q, k, v)]
+    if any(r is None for r in rows):
+        return [empty_like_order(t) for t in (q, k, v)]
+    return [g.unflatten(2, t.shape[2:]) for g, t in zip(empty_siblings(rows), (q, k, v))]
+
+
 def flash_attention_bwd(do, q, k, v, o, lse, causal: bool, softmax_scale: float,
                         blocks: FlashAttentionBlocks | None = None, compile_only: bool = False):
     """Launch the backward; returns dq (B, S, H, D), dk and dv (B, S, H_kv, D) in the inputs' dtype.
@@ -556,9 +574,7 @@ def flash_attention_bwd(do, q, k, v, o, lse, causal: bool, softmax_scale: float,
         _launcher(_bwd_preprocess_kernel, (triton.cdiv(seqlen, pre_m), n_batch * n_heads), compile_only)(
             o_, do_, delta_, *_bsh(o), *_bsh(do), seqlen, n_heads, BLOCK_M=pre_m, HEAD_DIM=head_dim,
         )
-    dq = empty_like_order(q)  # (B, S, H, D), in q's batch/sequence memory order
-    dk = empty_like_order(k)  # (B, S, H_kv, D)
-    dv = empty_like_order(v)  # (B, S, H_kv, D)
+    dq, dk, dv = _grad_buffers(q, k, v)  # (B, S, H, D), (B, S, H_kv, D) x 2
     # fp32 dQ sums for the atomic variant (zeroed: every share is added); otherwise an unused placeholder.
     dq_acc = empty_like_order(q, dtype=torch.float32).zero_() if blocks.bwd_atomic_dq else dq
     for n_batch, (q_, k_, v_, do_, *rest) in _batch_chunks(batch, n_heads, q, k, v, do, lse, delta, dk, dv, dq_acc):

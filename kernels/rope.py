@@ -147,13 +147,18 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _rope_launch(q: torch.Tensor, k: torch.Tensor, theta: float, position_offset: int, sin_sign: float):
-    """Rotate q (B, S, Hq, D) and k (B, S, Hk, D) by +angle (sin_sign 1) or -angle (-1) into new tensors."""
-    q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
+def _rope_launch(q: torch.Tensor, k: torch.Tensor, theta: float, position_offset: int, sin_sign: float,
+                 in_place: bool = False):
+    """Rotate q (B, S, Hq, D) and k (B, S, Hk, D) by +angle (sin_sign 1) or -angle (-1) into new tensors, or
+    with in_place into q and k themselves (each program loads an element pair before it stores it)."""
+    if in_place:
+        q_out, k_out = q, k
+    else:
+        q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
+        q_out = empty_like_order(q)  # (B, S, Hq, D), dense, batch or sequence major as q is
+        k_out = empty_like_order(k)  # (B, S, Hk, D), dense, batch or sequence major as k is
     batch, seq, n_q_heads, head_dim = q.shape
     n_kv_heads = k.shape[2]
-    q_out = empty_like_order(q)  # (B, S, Hq, D), dense, batch or sequence major as q is
-    k_out = empty_like_order(k)  # (B, S, Hk, D), dense, batch or sequence major as k is
     if q.numel() == 0 and k.numel() == 0:
         return q_out, k_out
     half = head_dim // 2
@@ -202,6 +207,20 @@ def rope(q: torch.Tensor, k: torch.Tensor, theta: float = 10000.0,
     """
     _check_inputs(q, k, theta, position_offset)
     return _RoPE.apply(q, k, float(theta), operator.index(position_offset))
+
+
+def rope_(q: torch.Tensor, k: torch.Tensor, theta: float = 10000.0, position_offset: int = 0,
+          inverse: bool = False) -> None:
+    """Rotate q (B, S, Hq, D) and k (B, S, Hk, D) in place, by -angle with `inverse` (a rotation's transpose:
+    the backward). Not differentiable: for a caller that owns the memory inside its own autograd function,
+    as the fused q/k/v projection does (megamath.parallel.fused_linear), so that its pre-RoPE q and k are not
+    kept beside rotated copies. q and k must not overlap, and each head's head_dim must be contiguous."""
+    _check_inputs(q, k, theta, position_offset)
+    for name, t in (("q", q), ("k", k)):
+        if _last_dim_contiguous(t) is not t:
+            raise ValueError(f"rope_: {name} {tuple(t.shape)} with strides {t.stride()} cannot be rotated in place "
+                             "(its head_dim is not contiguous, or its heads lie 2^31 elements apart)")
+    _rope_launch(q, k, float(theta), operator.index(position_offset), -1.0 if inverse else 1.0, in_place=True)
 
 
 def rope_ref(q: torch.Tensor, k: torch.Tensor, theta: float = 10000.0,

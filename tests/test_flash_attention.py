@@ -125,6 +125,27 @@ def test_sequence_major_views_keep_their_memory_order():
     assert dense[0].is_contiguous(), "batch-first inputs keep batch-first outputs"
 
 
+@pytest.mark.parametrize("sequence_first", [False, True])
+def test_gradients_of_one_projections_slices_are_slices_of_one_tensor(sequence_first):
+    """k, v, q as the head slices of one projection output (ZeRO's order): dq, dk, dv are slices of one new
+    tensor in the same places, so the projection's backward takes it as its gradient without a
+    concatenating copy; their values are those of separate dense inputs."""
+    gen = torch.Generator().manual_seed(7)
+    shape = (21, 2, 8, 32) if sequence_first else (2, 21, 8, 32)
+    kvq = torch.randn(shape, generator=gen).to(DEVICE, torch.bfloat16)
+    view = (lambda t: t.transpose(0, 1)) if sequence_first else (lambda t: t)
+    k, v, q = (view(t) for t in (kvq[:, :, :2], kvq[:, :, 2:4], kvq[:, :, 4:]))  # (B, S, ·, D) views
+    do = torch.randn(q.shape, generator=gen).to(DEVICE, torch.bfloat16)
+    o, lse = flash_attention_fwd(q, k, v, True, 32 ** -0.5)
+    dq, dk, dv = flash_attention_bwd(do, q, k, v, o, lse, True, 32 ** -0.5)
+    assert dq.untyped_storage().data_ptr() == dk.untyped_storage().data_ptr() == dv.untyped_storage().data_ptr()
+    assert [t.storage_offset() - dk.storage_offset() for t in (dv, dq)] == [2 * 32, 4 * 32]
+    assert dq.stride() == q.stride() and dk.stride() == k.stride() and dv.stride() == v.stride()
+    dense = flash_attention_bwd(do, q.contiguous(), k.contiguous(), v.contiguous(), o, lse, True, 32 ** -0.5)
+    for got, want in zip((dq, dk, dv), dense):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_positions_2_31_elements_apart_are_copied_not_read_at_wrapped_offsets():
     """Batch element 0 of sequence-major (S 3, B 2^26, H 1, D 16) tensors: positions lie B·H·D = 2^30
     elements apart, so the third one is 2^31 past the first, beyond the kernels' int32 position offsets.

@@ -96,7 +96,9 @@ def test_zero_lays_each_layers_q_k_v_and_gate_up_back_to_back():
 
 
 def test_model_with_kernels_fuses_and_matches_the_reference_ops(monkeypatch):
-    """The Triton path (interpreted on CPU) takes the fused matmul inside ZeRO's buffer; same loss and grads."""
+    """The Triton path (interpreted on CPU) takes the fused matmul inside ZeRO's buffer; same loss and grads, and
+    no concatenating copy: RoPE runs in place in the q/k/v output, and the attention and SwiGLU kernels write
+    their gradients as slices of one tensor laid out like it."""
     calls = []
     fuse = fused_linear._AdjacentWeights.apply
     monkeypatch.setattr(fused_linear._AdjacentWeights, "apply", lambda *w: calls.append(len(w)) or fuse(*w))
@@ -114,7 +116,7 @@ def test_model_with_kernels_fuses_and_matches_the_reference_ops(monkeypatch):
         results[kernels] = (loss.detach(), {n: opt.grad_view(p).clone() for n, p in model.named_parameters()})
         opt.remove_hooks()
     assert calls == [3, 2] * CONFIG.num_layers  # q/k/v and gate/up as one matmul each, kernel path only
-    assert 2 * CONFIG.ffn_hidden_size not in cats.widths  # SwiGLU's gradient reaches the gate/up matmul as is
+    assert cats.widths == []  # the gradients of q/k/v (attention's) and gate/up (SwiGLU's) reach the matmuls as is
     (ref_loss, ref_grads), (loss, grads) = results["reference"], results["triton"]
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
     for name in ref_grads:
@@ -145,14 +147,16 @@ def _sp_worker(rank, world_size, out_dir):
 
 def test_sequence_parallel_fuses_q_k_v_too(tmp_path):
     """TP 2 with SP: the gathered input meets one fused matmul per layer (forward and backward) on the kernel
-    path; loss and gradients match the reference ops' unfused path; SwiGLU's gradient needs no join copy."""
+    path; loss and gradients match the reference ops' unfused path; the q/k/v and gate/up gradients need no
+    joining copy (only the sequence collectives' own joins of width h remain)."""
     from distributed import run_distributed
 
     run_distributed(_sp_worker, 2, tmp_path)
     for rank in range(2):
         saved = torch.load(tmp_path / f"sp{rank}.pt")
         assert saved["calls"] == [3, 2] * CONFIG.num_layers + [2, 3] * CONFIG.num_layers  # fwd, then bwd
-        assert CONFIG.ffn_hidden_size not in saved["cat_widths"]  # gate/up's gradient, 2 · ffn/2 wide, joined as is
+        qkv = (CONFIG.num_heads + 2 * CONFIG.num_kv_heads) * CONFIG.head_dim // 2  # one rank's q/k/v width
+        assert not {qkv, CONFIG.ffn_hidden_size} & set(saved["cat_widths"])  # gradients joined as they stand
         (ref_loss, ref_grads), (loss, grads) = saved["results"]["reference"], saved["results"]["triton"]
         torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
         for name in ref_grads:

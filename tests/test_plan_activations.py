@@ -6,7 +6,9 @@ CPU) under a saved-tensors hook that records every distinct storage kept for the
 left out. What it keeps must be the planner's `activations` plus the saved logits, give or take the
 small per-token vectors the model does not itemise (token ids, RMSNorm's and the loss's fp32 statistics):
 within 1 %. Once serial, once as TP 2 with sequence parallelism on two gloo ranks (each rank's own bytes),
-and once with K/V heads TP does not divide (each rank keeps only the heads its query heads read).
+and once with K/V heads TP does not divide (each rank keeps only the heads its query heads read). The first
+two also with the weights in ZeRO-1's buffer, as training runs them: q/k/v and gate/up are then one matmul
+each, whose output the backward keeps whole (RoPE rotates q and k in place there, so nothing more).
 """
 from __future__ import annotations
 
@@ -18,7 +20,9 @@ import torch
 from distributed import run_distributed
 from megamath.model.config import ModelConfig
 from megamath.model.llama import Attention, Llama
+from megamath.parallel.optimizer_config import OptimizerConfig
 from megamath.parallel.state import ParallelState
+from megamath.parallel.zero import ZeroOptimizer
 from megamath.planning import memory
 from megamath.planning.memory import RunShape, activation_bytes
 
@@ -54,10 +58,12 @@ def predicted_bytes(tp: int, sp: bool) -> int:
 def _worker(rank, world_size, out_dir):
     """Both TP 2 + SP models of this file (CONFIG, then UNEVEN) in one launch: one process start per rank
     for the two tests; each from_env call builds its own groups."""
-    for name, config in (("even", CONFIG), ("uneven", UNEVEN)):
+    for name, config in (("even", CONFIG), ("uneven", UNEVEN), ("even-zero", CONFIG)):
         state = ParallelState.from_env(2)
         torch.manual_seed(0)
         model = Llama(config, state, sequence_parallel=True).to(torch.bfloat16)
+        if name.endswith("zero"):
+            ZeroOptimizer(model, state, OptimizerConfig(), model.split_parameter_names())
         torch.save(saved_bytes(model), out_dir / f"saved-{name}-{rank}.pt")
 
 
@@ -67,19 +73,24 @@ def tp2_saved(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("plan_activations")
     run_distributed(_worker, 2, out_dir)
     return {(name, rank): torch.load(out_dir / f"saved-{name}-{rank}.pt")
-            for name in ("even", "uneven") for rank in range(2)}
+            for name in ("even", "uneven", "even-zero") for rank in range(2)}
 
 
-def test_serial_activations_are_what_autograd_keeps():
+@pytest.mark.parametrize("zero", [False, True], ids=["plain", "zero"])
+def test_serial_activations_are_what_autograd_keeps(zero):
     torch.manual_seed(0)
-    measured, predicted = saved_bytes(Llama(CONFIG).to(torch.bfloat16)), predicted_bytes(1, False)
+    model = Llama(CONFIG).to(torch.bfloat16)
+    if zero:
+        ZeroOptimizer(model, ParallelState.single(), OptimizerConfig(), model.split_parameter_names())
+    measured, predicted = saved_bytes(model), predicted_bytes(1, False)
     assert measured == pytest.approx(predicted, rel=0.01), (measured, predicted)
 
 
-def test_tensor_and_sequence_parallel_activations_are_what_autograd_keeps(tp2_saved):
+@pytest.mark.parametrize("name", ["even", "even-zero"])
+def test_tensor_and_sequence_parallel_activations_are_what_autograd_keeps(tp2_saved, name):
     predicted = predicted_bytes(2, True)
     for rank in range(2):
-        measured = tp2_saved[("even", rank)]
+        measured = tp2_saved[(name, rank)]
         assert measured == pytest.approx(predicted, rel=0.01), (rank, measured, predicted)
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 from kernel_tolerance import assert_close_3way
 
-from megamath.kernels.rope import rope, rope_ref
+from megamath.kernels.rope import rope, rope_, rope_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -124,6 +124,32 @@ def test_sequence_major_views_keep_their_memory_order():
         assert torch.equal(a, b)
     for t in got[:2]:  # q_out, k_out
         assert t.transpose(0, 1).is_contiguous(), t.stride()
+
+
+@pytest.mark.parametrize("sequence_first", [False, True])
+def test_in_place_rotation_is_ropes_and_its_inverse_ropes_backward(sequence_first):
+    """rope_ on the q and k slices of one projection output (as the fused q/k/v projection applies it) writes
+    exactly rope's outputs where q and k lie and leaves v alone; inverse=True writes exactly rope's input
+    gradients into the output gradients."""
+    g = torch.Generator().manual_seed(13)
+    shape = (7, 3, 4 + 2 * 2, 64) if sequence_first else (3, 7, 4 + 2 * 2, 64)
+    qkv = torch.randn(shape, generator=g).to(DEVICE, torch.bfloat16)
+    grads = torch.randn(shape, generator=g).to(DEVICE, torch.bfloat16)
+    view = (lambda t: t.transpose(0, 1)) if sequence_first else (lambda t: t)
+    q, k, v = (view(t) for t in (qkv[:, :, :4], qkv[:, :, 4:6], qkv[:, :, 6:]))  # (B, S, ·, D) views
+    dq_out, dk_out = view(grads[:, :, :4]), view(grads[:, :, 4:6])
+    q_want, k_want, dq_want, dk_want = _run(rope, q, k, dq_out, dk_out, 1e4, 3)
+    v_before = v.clone()
+    rope_(q, k, 1e4, 3)
+    rope_(dq_out, dk_out, 1e4, 3, inverse=True)
+    for got, want in ((q, q_want), (k, k_want), (v, v_before), (dq_out, dq_want), (dk_out, dk_want)):
+        assert torch.equal(got, want)
+
+
+def test_in_place_rotation_refuses_a_strided_head_dim():
+    x = torch.randn(2, 3, 4, 32, device=DEVICE)[..., ::2]  # head_dim 16, elements two apart
+    with pytest.raises(ValueError, match=r"rope_: q .* cannot be rotated in place"):
+        rope_(x, x.contiguous(), 1e4, 0)
 
 
 def test_heads_2_31_elements_apart_are_copied_not_read_at_wrapped_offsets():

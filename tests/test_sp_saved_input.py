@@ -19,7 +19,8 @@ CONFIG = ModelConfig(vocab_size=128, hidden_size=32, num_layers=2, num_heads=4, 
 B, S = 2, 8
 
 
-def _unfused(x, layers, group, sequence_parallel, fuse=False):
+def _unfused(x, layers, group, sequence_parallel, fuse=False, epilogue=None):
+    assert epilogue is None  # the reference ops rotate q and k themselves
     x_tp = tp_region_input(x, group, sequence_parallel)  # (B, S, h), saved by every matmul below
     return [m(x_tp, input_is_tp_region=True) for m in layers]
 

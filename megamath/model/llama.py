@@ -42,6 +42,8 @@ The elementwise and attention work goes through `ops.get_ops`, i.e. Triton kerne
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -55,7 +57,7 @@ from megamath.model.partition import (
 )
 from megamath.parallel.layers import (
     ColumnParallelLinear, RowParallelLinear, TPReplicatedLinear, VocabParallelEmbedding, VocabParallelLMHead,
-    column_parallel_inputs, shard_tensor, tp_region_input,
+    column_parallel_inputs, fuses, shard_tensor, tp_region_input,
 )
 from megamath.parallel.state import ParallelState
 
@@ -67,6 +69,41 @@ def swap_batch_seq(t: torch.Tensor, swap: bool) -> torch.Tensor:
     and shows sequence-first ones (q, k, v, logits) as the (B, S, ...) the kernels and callers expect.
     """
     return t.transpose(0, 1) if swap else t
+
+
+def heads_view(t: torch.Tensor, head_dim: int, sequence_first: bool) -> torch.Tensor:
+    """A projection's output (B, S, H·D), or (S, B, H·D) sequence first, as the (B, S, H, D) view the
+    attention kernels take."""
+    return swap_batch_seq(t.view(*t.shape[:2], -1, head_dim), sequence_first)
+
+
+@dataclass(frozen=True)
+class RoPEOnProjection:
+    """RoPE applied in place to the q and k slices of the fused q/k/v projection's output, and its transpose
+    (the rotation by -angle) to their gradients: a fused_linear.Epilogue.
+
+    Why: nothing needs q and k before RoPE. Rotated where they lie, autograd keeps the one (·, q+k+v) output
+    for attention's backward; rotated into new tensors, it would keep those too, beside the output that v is
+    a view of (Hq·D/p + Hkv·D/p values per token and layer, ~11 % of a 7B layer's activations, which the
+    memory planner does not count). And the attention kernel, writing dq, dk, dv as slices of one tensor laid
+    out like the output, hands the matmul its gradient without a concatenating copy.
+    """
+
+    rope_: Callable
+    theta: float
+    position_offset: int
+    head_dim: int
+    sequence_first: bool
+
+    def _rotate(self, q: torch.Tensor, k: torch.Tensor, inverse: bool) -> None:
+        q, k = (heads_view(t, self.head_dim, self.sequence_first) for t in (q, k))
+        self.rope_(q, k, self.theta, self.position_offset, inverse=inverse)
+
+    def forward_(self, outputs: list[torch.Tensor]) -> None:
+        self._rotate(outputs[0], outputs[1], inverse=False)  # q, k (, v untouched)
+
+    def backward_(self, grads: list[torch.Tensor]) -> None:
+        self._rotate(grads[0], grads[1], inverse=True)
 
 
 class RMSNorm(nn.Module):
@@ -141,22 +178,25 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, ops: Ops, position_offset: int, cache=None) -> torch.Tensor:
         """x (B, S, h) -> (B, S, h); under SP (S/p, B, h) -> (S/p, B, h), sequence first."""
+        epilogue = None
         if self.kv_replicated:
             x = tp_region_input(x, self.group, self.sequence_parallel)  # (B, S, h); from (S/p, B, h) under SP
             q, k, v = self.q_proj(x, input_is_tp_region=True), self._project_kv(self.k_proj, x), \
                 self._project_kv(self.v_proj, x)
         else:  # under SP: one all-gather, and the gathered (B, S, h) is not kept for the backward
-            q, k, v = column_parallel_inputs(x, [self.q_proj, self.k_proj, self.v_proj], self.group,
-                                             self.sequence_parallel, fuse=ops.backend == "triton")
+            layers, fuse = [self.q_proj, self.k_proj, self.v_proj], ops.backend == "triton"
+            if cache is None and ops.rope_ is not None and fuses(layers, fuse):
+                epilogue = RoPEOnProjection(ops.rope_, self.rope_theta, position_offset, self.head_dim,
+                                            self.sequence_parallel)
+            q, k, v = column_parallel_inputs(x, layers, self.group, self.sequence_parallel, fuse, epilogue)
         n0, n1 = q.shape[:2]  # (B, S), or (S, B) under SP
-        q = swap_batch_seq(q.view(n0, n1, -1, self.head_dim), self.sequence_parallel)  # (B, S, Hq/p, D)
-        k = swap_batch_seq(k.view(n0, n1, -1, self.head_dim), self.sequence_parallel)  # (B, S, Hkv/p, D)
-        v = swap_batch_seq(v.view(n0, n1, -1, self.head_dim), self.sequence_parallel)  # (B, S, Hkv/p, D)
+        q, k, v = (heads_view(t, self.head_dim, self.sequence_parallel) for t in (q, k, v))  # (B, S, H/p, D)
         if cache is not None:  # decoding: per-row positions and past keys (megamath.generation.kv_cache)
             kv_index = self._kv_index(k.device) if self.kv_expand is not None else None
             o = cache.attend(q, k, v, self.rope_theta, kv_index)  # (B, S, Hq/p, D)
             return self.o_proj(o.reshape(n0, n1, -1))  # (B, S, h): no SP with a cache
-        q, k = ops.rope(q, k, self.rope_theta, position_offset)  # (B, S, Hq/p, D), (B, S, Hkv/p, D)
+        if epilogue is None:  # else already rotated, in place in the projection's output
+            q, k = ops.rope(q, k, self.rope_theta, position_offset)  # (B, S, Hq/p, D), (B, S, Hkv/p, D)
         if self.kv_expand is not None:
             index = self._kv_index(k.device)
             k, v = k.index_select(2, index), v.index_select(2, index)  # (B, S, Hq/p, D)

@@ -10,6 +10,9 @@ Triton; the references live in the kernel files, so a CPU run of the model loads
 Signatures (all layouts are the model's, batch first):
     rms_norm(x (..., h), weight (h,), eps) -> (..., h)
     rope(q (B, S, Hq, D), k (B, S, Hkv, D), theta, position_offset) -> (q, k)   rotate-half (Llama)
+    rope_(q, k, theta, position_offset, inverse=False) -> None   the same rotation in place, no autograd: the
+        fused q/k/v projection's epilogue (llama.RoPEOnProjection); None where the model does not fuse (the
+        references: their runs stay bit-identical to the unfused arithmetic)
     flash_attention(q (B, S, Hq, D), k, v (B, S, Hkv, D), causal=True, softmax_scale=None) -> (B, S, Hq, D)
     swiglu(gate (..., f), up (..., f)) -> silu(gate) * up
     cross_entropy(logits (N, V/p), targets (N,), ignore_index=-100, group=None, vocab_start=None,
@@ -37,6 +40,7 @@ class Ops:
     flash_attention: Callable
     swiglu: Callable
     cross_entropy: Callable
+    rope_: Callable | None = None
 
 
 def resolve_backend(kernels: str, device: torch.device | str) -> str:
@@ -59,7 +63,7 @@ def _triton_ops() -> Ops:
     from megamath.kernels.cross_entropy import cross_entropy
     from megamath.kernels.flash_attention import flash_attention
     from megamath.kernels.rms_norm import rms_norm
-    from megamath.kernels.rope import rope
+    from megamath.kernels.rope import rope, rope_
     from megamath.kernels.swiglu import swiglu
 
     def unchecked_cross_entropy(logits, targets, ignore_index=-100, group=None, vocab_start=None, vocab_size=None):
@@ -69,7 +73,7 @@ def _triton_ops() -> Ops:
                              vocab_start=vocab_start, vocab_size=vocab_size)
 
     return Ops("triton", rms_norm=rms_norm, rope=rope, flash_attention=flash_attention, swiglu=swiglu,
-               cross_entropy=unchecked_cross_entropy)
+               cross_entropy=unchecked_cross_entropy, rope_=rope_)
 
 
 def _reference_ops() -> Ops:

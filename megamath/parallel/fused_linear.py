@@ -14,14 +14,18 @@ The output (..., Σ out) goes on as slices, and its gradient must come back as o
 would concatenate the slices' gradients into a copy (gate/up at 7B width, S 4096, micro-batch 1: 180 MB
 written and read again per layer and step). `join_last_dim` takes them as they stand when a kernel wrote
 them as slices of one tensor in the output's layout (megamath.kernels' empty_siblings: SwiGLU's backward
-does), and concatenates otherwise. q, k and v still concatenate: RoPE stands between the projection and
-attention, and its gradients are new tensors.
+does), and concatenates otherwise. RoPE stands between the q/k/v projection and attention: as an
+`Epilogue` it rotates q and k in place in the fused output (and their gradients back, in the joined
+gradient), so the attention kernel's gradients, written as slices of one tensor (flash_attention's
+_grad_buffers), reach the matmul as they stand too.
 
 The model fuses with its kernel ops (GPUs, and Triton's interpreter in the tests), not with the plain-torch
 reference ops: one wide matmul sums in another order than three narrow ones, and the CPU reference runs
 stay bit-identical to the unfused arithmetic that their tests pin.
 """
 from __future__ import annotations
+
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -73,32 +77,68 @@ def join_last_dim(grads: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(grads, dim=-1) if parent is None else parent
 
 
-class _SplitLastDim(torch.autograd.Function):
-    """y.split(sizes, dim=-1), whose backward joins the slices' gradients without a copy where it can
-    (join_last_dim). A slice no loss reads gets zeros (autograd materializes them), hence a copy."""
+class Epilogue(Protocol):
+    """An in-place transform of a fused projection's outputs, and its transpose on their gradients.
 
-    @staticmethod
-    def forward(ctx, y, sizes):
-        return y.split(sizes, dim=-1)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        return join_last_dim(list(grads)), None
-
-
-def linears(x: torch.Tensor, weights: list[torch.Tensor]) -> list[torch.Tensor]:
-    """[F.linear(x, w) for w in weights], as one matmul when the weights are adjacent in memory.
-
-    x (..., in) -> one (..., out_i) per weight; fused outputs are views of one (..., Σ out) tensor (their
-    last dim is contiguous, which is all the rope and attention kernels ask of q, k, v).
+    Both methods take the outputs (or gradients) in the order the caller named the weights, and overwrite
+    them. The fused output is a fresh tensor no one else holds, so a transform whose input nobody needs
+    afterwards (RoPE of q and k: megamath.model.llama.RoPEOnProjection) can run where it lies instead of
+    writing, and autograd keeping, a transformed copy beside it.
     """
-    order = adjacent_order(weights)
-    if order is None:
-        return [F.linear(x, w) for w in weights]
-    ordered = [weights[i] for i in order]
-    y = F.linear(x, _AdjacentWeights.apply(*ordered))  # (..., Σ out): one GEMM
-    parts = _SplitLastDim.apply(y, [w.shape[0] for w in ordered])
-    out: list[torch.Tensor] = [None] * len(weights)  # type: ignore[list-item]
+
+    def forward_(self, outputs: list[torch.Tensor]) -> None: ...
+
+    def backward_(self, grads: list[torch.Tensor]) -> None: ...
+
+
+def in_caller_order(parts, order: list[int]) -> list[torch.Tensor]:
+    """Parts given in memory order, put back in the order the caller named their weights (order: the caller's
+    index of each part, as adjacent_order gives it)."""
+    out: list[torch.Tensor] = [None] * len(order)  # type: ignore[list-item]
     for i, part in zip(order, parts):
         out[i] = part
     return out
+
+
+class _SplitLastDim(torch.autograd.Function):
+    """The fused output y (..., Σ out) as its per-weight slices (views, in the caller's order), with an optional
+    Epilogue applied in place; the backward joins the slices' gradients without a copy where it can
+    (join_last_dim) and applies the epilogue's transpose to the joined gradient. A slice no loss reads gets
+    zeros (autograd materializes them), hence a copy.
+
+    y is the output of the fused matmul, which keeps its input and weight, never its output, for the
+    backward: the epilogue may overwrite it.
+    """
+
+    @staticmethod
+    def forward(ctx, y, order, epilogue):
+        ctx.order, ctx.epilogue = order, epilogue
+        parts = in_caller_order(y.split([size for _, size in order], dim=-1), [i for i, _ in order])
+        if epilogue is not None:
+            epilogue.forward_(parts)
+        return tuple(parts)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        order = [i for i, _ in ctx.order]
+        grad = join_last_dim([grads[i] for i in order])
+        if ctx.epilogue is not None:
+            ctx.epilogue.backward_(in_caller_order(grad.split([size for _, size in ctx.order], dim=-1), order))
+        return grad, None, None
+
+
+def linears(x: torch.Tensor, weights: list[torch.Tensor], epilogue: Epilogue | None = None) -> list[torch.Tensor]:
+    """[F.linear(x, w) for w in weights], as one matmul when the weights are adjacent in memory.
+
+    x (..., in) -> one (..., out_i) per weight; fused outputs are views of one (..., Σ out) tensor (their
+    last dim is contiguous, which is all the rope and attention kernels ask of q, k, v). An `epilogue` needs
+    the fused matmul (ValueError otherwise: check with adjacent_order first).
+    """
+    order = adjacent_order(weights)
+    if order is None:
+        if epilogue is not None:
+            raise ValueError("linears: an epilogue needs the fused matmul, and these weights are not back to back")
+        return [F.linear(x, w) for w in weights]
+    ordered = [weights[i] for i in order]
+    y = F.linear(x, _AdjacentWeights.apply(*ordered))  # (..., Σ out): one GEMM
+    return list(_SplitLastDim.apply(y, [(i, weights[i].shape[0]) for i in order], epilogue))

@@ -47,7 +47,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megamath.parallel.fused_linear import adjacent_order, fused_view, join_last_dim, linears
+from megamath.parallel.fused_linear import Epilogue, adjacent_order, fused_view, in_caller_order, join_last_dim, linears
 from megamath.parallel.mappings import (
     SEQUENCE_DIM, all_gather, copy_to_tp, gather_from_sequence, gather_from_tp, group_rank, group_size, reduce_from_tp,
     reduce_scatter, reduce_scatter_to_sequence,
@@ -135,19 +135,21 @@ class _GatherLinears(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_local, group, fuse, *weights):
-        ctx.group = group
+    def forward(ctx, x_local, group, fuse, epilogue, *weights):
+        ctx.group, ctx.epilogue = group, epilogue
         ctx.order = adjacent_order(list(weights)) if fuse else None
+        if epilogue is not None and ctx.order is None:
+            raise ValueError("column-parallel projections: an epilogue needs the fused matmul, and these weights "
+                             "are not back to back")
         x = all_gather(x_local, SEQUENCE_DIM, group)  # (S, B, in): rank-major is sequence order, no copy
         ctx.save_for_backward(x_local, *weights)
         if ctx.order is None:
             return tuple(F.linear(x, w) for w in weights)  # each (S, B, out_i/p)
         ordered = [weights[i] for i in ctx.order]
         y = F.linear(x, fused_view(ordered))  # (S, B, Σ out/p): one GEMM
-        parts = y.split([w.shape[0] for w in ordered], dim=-1)
-        out = [None] * len(weights)
-        for i, part in zip(ctx.order, parts):
-            out[i] = part
+        out = in_caller_order(y.split([w.shape[0] for w in ordered], dim=-1), ctx.order)
+        if epilogue is not None:
+            epilogue.forward_(out)  # y is this function's own: overwritten in place
         return tuple(out)
 
     @staticmethod
@@ -156,13 +158,14 @@ class _GatherLinears(torch.autograd.Function):
         x_flat = all_gather(x_local, SEQUENCE_DIM, ctx.group).flatten(0, -2)  # (S·B, in), gathered again
         if ctx.order is not None:
             ordered = [weights[i] for i in ctx.order]
-            g_flat = join_last_dim([grads[i] for i in ctx.order]).flatten(0, -2)  # (S·B, Σ), a view where it can
+            sizes = [w.shape[0] for w in ordered]
+            grad = join_last_dim([grads[i] for i in ctx.order])  # (S, B, Σ), a view where it can
+            if ctx.epilogue is not None:
+                ctx.epilogue.backward_(in_caller_order(grad.split(sizes, dim=-1), ctx.order))
+            g_flat = grad.flatten(0, -2)  # (S·B, Σ)
             grad_x = g_flat.mm(fused_view(ordered)).view(*grads[0].shape[:-1], -1)  # (S, B, in)
-            grad_fused = g_flat.t().mm(x_flat).split([w.shape[0] for w in ordered], dim=0)  # (out_i/p, in) each
-            grad_weights = [None] * len(weights)
-            for i, g in zip(ctx.order, grad_fused):
-                grad_weights[i] = g
-            return (reduce_scatter(grad_x, SEQUENCE_DIM, ctx.group), None, None, *grad_weights)
+            grad_weights = in_caller_order(g_flat.t().mm(x_flat).split(sizes, dim=0), ctx.order)  # (out_i/p, in)
+            return (reduce_scatter(grad_x, SEQUENCE_DIM, ctx.group), None, None, None, *grad_weights)
         grad_x, grad_weights = None, []
         for g, w in reversed(list(zip(grads, weights))):
             g_flat = g.reshape(-1, g.shape[-1])  # (S·B, out_i/p)
@@ -170,24 +173,34 @@ class _GatherLinears(torch.autograd.Function):
             grad_x = gx if grad_x is None else grad_x + gx
             grad_weights.append(g_flat.t().mm(x_flat))  # (out_i/p, in)
         grad_x = grad_x.view(*grads[0].shape[:-1], -1)  # (S, B, in)
-        return (reduce_scatter(grad_x, SEQUENCE_DIM, ctx.group), None, None, *reversed(grad_weights))
+        return (reduce_scatter(grad_x, SEQUENCE_DIM, ctx.group), None, None, None, *reversed(grad_weights))
+
+
+def fuses(layers: list, fuse: bool) -> bool:
+    """Whether column_parallel_inputs makes one matmul of `layers` (so that it can take an epilogue)."""
+    return (fuse and all(type(m) is ColumnParallelLinear for m in layers)
+            and adjacent_order([m.weight for m in layers]) is not None)
 
 
 def column_parallel_inputs(x: torch.Tensor, layers: list, group, sequence_parallel: bool,
-                           fuse: bool = False) -> list[torch.Tensor]:
+                           fuse: bool = False, epilogue: Epilogue | None = None) -> list[torch.Tensor]:
     """Several column-parallel layers applied to one input x (B, S, h), or (S/p, B, h) under SP.
 
     Under SP with p > 1 and only ColumnParallelLinear layers, one _GatherLinears: a single all-gather and no
     saved (S, B, h) copy. Otherwise tp_region_input once, then the layers' matmuls (which save the shared
     input). With `fuse`, either way, one matmul for all of them when their weights lie back to back in
-    memory (fused_linear.py: ZeRO-1's flat buffer places them so).
+    memory (fused_linear.py: ZeRO-1's flat buffer places them so); an `epilogue` then transforms the
+    outputs in place (fused_linear.Epilogue; only where `fuses(layers, fuse)`, else ValueError).
     """
     column = all(type(m) is ColumnParallelLinear for m in layers)
     if sequence_parallel and group_size(group) > 1 and column:
-        return list(_GatherLinears.apply(x, group, fuse, *[m.weight for m in layers]))
+        return list(_GatherLinears.apply(x, group, fuse, epilogue, *[m.weight for m in layers]))
     x_tp = tp_region_input(x, group, sequence_parallel)  # (B, S, h); (S, B, h) under SP
     if fuse and column:
-        return linears(x_tp, [m.weight for m in layers])  # (B, S, out_i/p) each
+        return linears(x_tp, [m.weight for m in layers], epilogue)  # (B, S, out_i/p) each
+    if epilogue is not None:
+        raise ValueError("column-parallel projections: an epilogue needs the fused matmul (fuse=True and "
+                         "ColumnParallelLinear layers)")
     return [m(x_tp, input_is_tp_region=True) for m in layers]
 
 
@@ -258,7 +271,7 @@ class ColumnParallelLinear(_TPLayer):
         weight = self._active_weight()  # (out/p, in)
         if not input_is_tp_region:
             if self.sequence_parallel and self.tp_size > 1:  # the chunk, not the gathered input, is saved
-                return _GatherLinears.apply(x, self.group, False, weight)[0]  # (S, B, out/p)
+                return _GatherLinears.apply(x, self.group, False, None, weight)[0]  # (S, B, out/p)
             x = tp_region_input(x, self.group, self.sequence_parallel)  # (B, S, in)
         return F.linear(x, weight)  # (B, S, out/p)
 
