@@ -7,6 +7,7 @@ from megamath.kernels.swiglu import swiglu
 from megamath.model import Llama, ModelConfig
 from megamath.parallel import fused_linear
 from megamath.parallel.fused_linear import adjacent_order, join_last_dim, linears
+from megamath.parallel.layers import column_parallel_inputs
 from megamath.parallel.optimizer_config import OptimizerConfig
 from megamath.parallel.state import ParallelState
 from megamath.parallel.zero import ZeroOptimizer
@@ -84,6 +85,17 @@ def test_swiglu_hands_the_fused_gate_up_matmul_its_gradient_without_a_copy():
     swiglu(*linears(x, separate)).backward(dy)
     for a, b in zip(adjacent, separate):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-6)
+
+
+def test_an_epilogue_without_one_fused_matmul_is_refused():
+    """RoPE in place needs the one fused output; weights that are not back to back (a model without ZeRO's
+    buffer) take three matmuls, so the model rotates q and k itself, and a caller asking otherwise is told."""
+    attn = Llama(CONFIG).layers[0].self_attn
+    layers, x = [attn.q_proj, attn.k_proj, attn.v_proj], torch.randn(2, 3, CONFIG.hidden_size)
+    with pytest.raises(ValueError, match="column_parallel_inputs: an epilogue needs one fused matmul"):
+        column_parallel_inputs(x, layers, None, False, fuse=True, epilogue=object())
+    with pytest.raises(ValueError, match="linears: an epilogue needs the fused matmul"):
+        linears(x, [m.weight for m in layers], epilogue=object())
 
 
 def test_zero_lays_each_layers_q_k_v_and_gate_up_back_to_back():

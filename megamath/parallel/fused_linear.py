@@ -25,7 +25,7 @@ stay bit-identical to the unfused arithmetic that their tests pin.
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -91,9 +91,9 @@ class Epilogue(Protocol):
     def backward_(self, grads: list[torch.Tensor]) -> None: ...
 
 
-def in_caller_order(parts, order: list[int]) -> list[torch.Tensor]:
-    """Parts given in memory order, put back in the order the caller named their weights (order: the caller's
-    index of each part, as adjacent_order gives it)."""
+def in_caller_order(parts: Sequence[torch.Tensor], order: list[int]) -> list[torch.Tensor]:
+    """Parts given in memory order, put back in the order the caller named their weights (order[j]: the
+    caller's index of the j-th part in memory, as adjacent_order gives it)."""
     out: list[torch.Tensor] = [None] * len(order)  # type: ignore[list-item]
     for i, part in zip(order, parts):
         out[i] = part
@@ -111,20 +111,19 @@ class _SplitLastDim(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, y, order, epilogue):
-        ctx.order, ctx.epilogue = order, epilogue
-        parts = in_caller_order(y.split([size for _, size in order], dim=-1), [i for i, _ in order])
+    def forward(ctx, y, order, sizes, epilogue):
+        ctx.order, ctx.sizes, ctx.epilogue = order, sizes, epilogue
+        parts = in_caller_order(y.split(sizes, dim=-1), order)
         if epilogue is not None:
             epilogue.forward_(parts)
         return tuple(parts)
 
     @staticmethod
     def backward(ctx, *grads):
-        order = [i for i, _ in ctx.order]
-        grad = join_last_dim([grads[i] for i in order])
+        grad = join_last_dim([grads[i] for i in ctx.order])
         if ctx.epilogue is not None:
-            ctx.epilogue.backward_(in_caller_order(grad.split([size for _, size in ctx.order], dim=-1), order))
-        return grad, None, None
+            ctx.epilogue.backward_(in_caller_order(grad.split(ctx.sizes, dim=-1), ctx.order))
+        return grad, None, None, None
 
 
 def linears(x: torch.Tensor, weights: list[torch.Tensor], epilogue: Epilogue | None = None) -> list[torch.Tensor]:
@@ -141,4 +140,4 @@ def linears(x: torch.Tensor, weights: list[torch.Tensor], epilogue: Epilogue | N
         return [F.linear(x, w) for w in weights]
     ordered = [weights[i] for i in order]
     y = F.linear(x, _AdjacentWeights.apply(*ordered))  # (..., Σ out): one GEMM
-    return list(_SplitLastDim.apply(y, [(i, weights[i].shape[0]) for i in order], epilogue))
+    return list(_SplitLastDim.apply(y, order, [w.shape[0] for w in ordered], epilogue))

@@ -131,16 +131,14 @@ class _GatherLinears(torch.autograd.Function):
     summed last projection first) and ends with the reduce-scatter gather_from_sequence's backward does.
     With `fuse` and weights back to back in memory (fused_linear.py), the forward is one matmul and the
     backward one for dX and one for dW (the output gradients joined in memory order: join_last_dim, no copy
-    when a kernel wrote them as slices of one tensor).
+    when a kernel wrote them as slices of one tensor), and an `epilogue` (fused_linear.Epilogue) transforms
+    the fused output in place and its transpose the joined gradient.
     """
 
     @staticmethod
     def forward(ctx, x_local, group, fuse, epilogue, *weights):
         ctx.group, ctx.epilogue = group, epilogue
         ctx.order = adjacent_order(list(weights)) if fuse else None
-        if epilogue is not None and ctx.order is None:
-            raise ValueError("column-parallel projections: an epilogue needs the fused matmul, and these weights "
-                             "are not back to back")
         x = all_gather(x_local, SEQUENCE_DIM, group)  # (S, B, in): rank-major is sequence order, no copy
         ctx.save_for_backward(x_local, *weights)
         if ctx.order is None:
@@ -192,15 +190,15 @@ def column_parallel_inputs(x: torch.Tensor, layers: list, group, sequence_parall
     memory (fused_linear.py: ZeRO-1's flat buffer places them so); an `epilogue` then transforms the
     outputs in place (fused_linear.Epilogue; only where `fuses(layers, fuse)`, else ValueError).
     """
+    if epilogue is not None and not fuses(layers, fuse):
+        raise ValueError("column_parallel_inputs: an epilogue needs one fused matmul (fuse=True, and "
+                         "ColumnParallelLinear layers whose weights lie back to back in memory)")
     column = all(type(m) is ColumnParallelLinear for m in layers)
     if sequence_parallel and group_size(group) > 1 and column:
         return list(_GatherLinears.apply(x, group, fuse, epilogue, *[m.weight for m in layers]))
     x_tp = tp_region_input(x, group, sequence_parallel)  # (B, S, h); (S, B, h) under SP
     if fuse and column:
         return linears(x_tp, [m.weight for m in layers], epilogue)  # (B, S, out_i/p) each
-    if epilogue is not None:
-        raise ValueError("column-parallel projections: an epilogue needs the fused matmul (fuse=True and "
-                         "ColumnParallelLinear layers)")
     return [m(x_tp, input_is_tp_region=True) for m in layers]
 
 
