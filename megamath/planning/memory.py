@@ -16,7 +16,8 @@ the rank's query heads read, one per query head where they do not group evenly, 
         + 2h/sp      the two norm outputs the column-parallel matmuls keep (under SP only the rank's
                      chunk: the gathered input is all-gathered again in the backward, layers._GatherLinears;
                      the attention's whole input where K/V heads are replicated, which takes the unfused path)
-        + h_q/t + 2kv + h_q/t     q, k, v after RoPE and the attention output (FlashAttention)
+        + h_q/t + 2kv + h_q/t     q, k, v after RoPE and the attention output (FlashAttention; with
+                     ZeRO's fused q/k/v matmul, its one output, rotated in place)
         + 3f/t ]     gate, up and their SwiGLU product
     + 4 · heads/t    FlashAttention's fp32 log-sum-exp
 With activation checkpointing only each layer's input (2h/sp per token) is kept, and the layer being
