@@ -35,22 +35,29 @@ def _swiglu_fwd_kernel(g_ptr, u_ptr, out_ptr, n, n_cols, stride_g, stride_u, BLO
 
 @triton.jit
 def _swiglu_bwd_kernel(
-    dy_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n, n_cols, stride_g, stride_u, stride_dg, stride_du, BLOCK: tl.constexpr,
-    EXACT_BF16: tl.constexpr,
+    dy_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n, n_cols, stride_g, stride_u, BLOCK: tl.constexpr,
+    GRADS_LIKE_INPUTS: tl.constexpr, EXACT_BF16: tl.constexpr,
 ):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) index into dy, dg, du
+    """dg and du at gate's and up's own offsets (GRADS_LIKE_INPUTS: the halves of one fused gradient), else
+    contiguous; one offset computation serves both the loads and the stores either way."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) index into dy
     mask = offs < n
     row = offs // n_cols
     col = offs - row * n_cols
+    g_offs, u_offs = row * stride_g + col, row * stride_u + col
     dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + row * stride_g + col, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + row * stride_u + col, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + g_offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + u_offs, mask=mask, other=0.0).to(tl.float32)
     s = 1.0 / (1.0 + tl.exp(-g))
     silu = g * s
     dg = dy * u * s * (1.0 + g * (1.0 - s))
     du = dy * silu
-    tl.store(dg_ptr + row * stride_dg + col, _cast(dg, dg_ptr.dtype.element_ty, EXACT_BF16), mask=mask)
-    tl.store(du_ptr + row * stride_du + col, _cast(du, du_ptr.dtype.element_ty, EXACT_BF16), mask=mask)
+    if GRADS_LIKE_INPUTS:
+        tl.store(dg_ptr + g_offs, _cast(dg, dg_ptr.dtype.element_ty, EXACT_BF16), mask=mask)
+        tl.store(du_ptr + u_offs, _cast(du, du_ptr.dtype.element_ty, EXACT_BF16), mask=mask)
+    else:
+        tl.store(dg_ptr + offs, _cast(dg, dg_ptr.dtype.element_ty, EXACT_BF16), mask=mask)
+        tl.store(du_ptr + offs, _cast(du, du_ptr.dtype.element_ty, EXACT_BF16), mask=mask)
 
 
 def _launch_config(n: int):
@@ -105,17 +112,15 @@ def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _grad_buffers(gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor, int]:
-    """(dgate, its row stride, dup, its row stride). When gate and up are the two halves of one fused gate/up
-    projection, dgate and dup are the halves of one new tensor laid out the same way (empty_siblings): the
-    fused matmul's backward then takes it as its gradient as it is, with no concatenating copy. Else two
-    contiguous tensors."""
+def _grad_buffers(gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(dgate, dup, whether they lie as gate and up do). gate and up are row-strided (_rows). When they are the
+    two halves of one fused gate/up projection, dgate and dup are the halves of one new tensor laid out the
+    same way (empty_siblings): the fused matmul's backward then takes it as its gradient as it is, with no
+    concatenating copy. Else two tensors in their inputs' layout where that is dense, or contiguous."""
     dg, du = empty_siblings((gate, up))
-    stride_dg, stride_du = _row_stride(dg), _row_stride(du)
-    if stride_dg is None or stride_du is None:  # rows not evenly spaced (a 0-d or transposed input)
-        dg, du = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (gate, up))
-        stride_dg = stride_du = _width(gate)
-    return dg, stride_dg, du, stride_du
+    if dg.stride() == gate.stride() and du.stride() == up.stride():  # gate's and up's offsets address them
+        return dg, du, True
+    return (*(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (gate, up)), False)
 
 
 def swiglu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
@@ -124,12 +129,12 @@ def swiglu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
     dy = dy.contiguous()
     gate, stride_g = _rows(gate)
     up, stride_u = _rows(up)
-    dg, stride_dg, du, stride_du = _grad_buffers(gate, up)
+    dg, du, like_inputs = _grad_buffers(gate, up)
     n = gate.numel()
     if n:
         block, warps, programs = _launch_config(n)
         _swiglu_bwd_kernel[(programs,)](
-            dy, gate, up, dg, du, n, _width(gate), stride_g, stride_u, stride_dg, stride_du, BLOCK=block,
+            dy, gate, up, dg, du, n, _width(gate), stride_g, stride_u, BLOCK=block, GRADS_LIKE_INPUTS=like_inputs,
             EXACT_BF16=_exact_bf16(gate.dtype), num_warps=warps,
         )
     return dg, du
