@@ -128,7 +128,7 @@ def test_model_with_kernels_fuses_and_matches_the_reference_ops(monkeypatch):
         results[kernels] = (loss.detach(), {n: opt.grad_view(p).clone() for n, p in model.named_parameters()})
         opt.remove_hooks()
     assert calls == [3, 2] * CONFIG.num_layers  # q/k/v and gate/up as one matmul each, kernel path only
-    assert cats.widths == []  # in the kernel run, q/k/v (attention) and gate/up (SwiGLU) gradients reach the matmuls as is
+    assert cats.widths == []  # kernel run: the q/k/v and gate/up gradients reach their matmuls as they stand
     (ref_loss, ref_grads), (loss, grads) = results["reference"], results["triton"]
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
     for name in ref_grads:
