@@ -1,4 +1,6 @@
 """swiglu matches swiglu_ref forward and backward within the three-way tolerance."""
+import importlib
+
 import pytest
 import torch
 from kernel_tolerance import assert_close_3way
@@ -86,6 +88,31 @@ def test_halves_of_one_projection_get_gradients_as_halves_of_one_tensor(layout):
     _, dg_r, du_r = _run(swiglu_ref, gate.contiguous(), up.contiguous(), dy)
     assert_close_3way(dg, dg_r, dg_r, name=f"dgate {layout}")
     assert_close_3way(du, du_r, du_r, name=f"dup {layout}")
+
+
+def test_int64_indexing_past_2_31_gives_the_same_results(monkeypatch):
+    """The kernels index in int32 unless an index or offset reaches 2^31; with that limit lowered, a small fused
+    projection takes the int64 path, forward and backward, with bit-identical results."""
+    module = importlib.import_module("megamath.kernels.swiglu")  # the module, not the op it exports
+    g = torch.Generator().manual_seed(9)
+    fused = torch.randn(7, 2 * 33, generator=g).to(DEVICE, torch.bfloat16)
+    up, gate = fused.split(33, dim=-1)
+    dy = torch.randn(gate.shape, generator=g).to(DEVICE, torch.bfloat16)
+    narrow = (module.swiglu_fwd(gate, up), *module.swiglu_bwd(dy, gate, up))
+    monkeypatch.setattr(module, "_INT32_MAX", 64)
+    assert module._wide(gate.numel(), 256, 33, 66)
+    wide = (module.swiglu_fwd(gate, up), *module.swiglu_bwd(dy, gate, up))
+    for a, b in zip(narrow, wide):
+        assert torch.equal(a, b)
+
+
+def test_int64_is_taken_exactly_when_an_index_or_offset_reaches_2_31():
+    module = importlib.import_module("megamath.kernels.swiglu")
+    assert not module._wide(2**31 - 4096, 4096, 4096, 4096)  # contiguous: the last index is 2^31 - 4097
+    assert module._wide(2**31 - 4095, 4096, 4096, 4096)  # the last block's masked lanes reach 2^31
+    rows = 2**18  # 2^30 elements of 4096-wide rows, each half of a fused (·, 8192) projection: up to 2^31 - 4097
+    assert not module._wide(rows * 4096, 4096, 4096, 8192)
+    assert module._wide(rows * 4096, 4096, 4096, 8192 + 16)  # rows further apart: the last offsets pass 2^31
 
 
 def test_zero_dim():
