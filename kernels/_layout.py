@@ -6,9 +6,10 @@ Megatron-LM does). An output allocated contiguous (B, S, H, D) would have to be 
 order by the model, once per kernel and layer; allocated in the input's order, the model's transposes
 cost nothing. Batch-first inputs get plain contiguous outputs, as before.
 
-Likewise a fused projection's output (..., Σ n) reaches a kernel as last-dim slices (gate and up): the
-kernel's gradients, allocated as slices of one new tensor in the same places (empty_siblings), are the
-projection's output gradient as they stand (megamath.parallel.fused_linear.join_last_dim), with no copy.
+Likewise a fused projection's output (..., Σ n) reaches a kernel as last-dim slices (gate and up for SwiGLU;
+q, k and v for attention): the kernel's gradients, allocated as slices of one new tensor in the same places
+(empty_siblings), are the projection's output gradient as they stand
+(megamath.parallel.fused_linear.join_last_dim), with no copy.
 """
 from __future__ import annotations
 
