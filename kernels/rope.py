@@ -137,14 +137,17 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, theta: float, position_offse
                          f"supported maximum {MAX_POSITION - 1} (fp32 angle reduction)")
 
 
-def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+def _kernel_can_read(x: torch.Tensor) -> bool:
     # Heads and positions may be strided (views of a fused qkv projection); the head dim must not be. The
     # kernel offsets (batch, position) rows in int64 but heads in int32 (int64 would cost address arithmetic
     # in every tile), so a view whose heads lie 2^31 or more elements apart (a (B, H, S, D) tensor of that
-    # size, transposed) is copied, to heads head_dim apart, rather than read at wrapped addresses.
-    if x.stride(-1) != 1 or (x.shape[2] - 1) * x.stride(2) > _INT32_MAX:
-        return x.contiguous()
-    return x
+    # size, transposed) must be copied, to heads head_dim apart, rather than read at wrapped addresses.
+    return x.stride(-1) == 1 and (x.shape[2] - 1) * x.stride(2) <= _INT32_MAX
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """x as it is where the kernel can read it in place (_kernel_can_read), else a contiguous copy."""
+    return x if _kernel_can_read(x) else x.contiguous()
 
 
 def _rope_launch(q: torch.Tensor, k: torch.Tensor, theta: float, position_offset: int, sin_sign: float,
@@ -217,7 +220,7 @@ def rope_(q: torch.Tensor, k: torch.Tensor, theta: float = 10000.0, position_off
     kept beside rotated copies. q and k must not overlap, and each head's head_dim must be contiguous."""
     _check_inputs(q, k, theta, position_offset)
     for name, t in (("q", q), ("k", k)):
-        if _last_dim_contiguous(t) is not t:
+        if not _kernel_can_read(t):
             raise ValueError(f"rope_: {name} {tuple(t.shape)} with strides {t.stride()} cannot be rotated in place "
                              "(its head_dim is not contiguous, or its heads lie 2^31 elements apart)")
     _rope_launch(q, k, float(theta), operator.index(position_offset), -1.0 if inverse else 1.0, in_place=True)

@@ -100,30 +100,38 @@ def in_caller_order(parts: Sequence[torch.Tensor], order: list[int]) -> list[tor
     return out
 
 
-class _SplitLastDim(torch.autograd.Function):
-    """The fused output y (..., Σ out) as its per-weight slices (views, in the caller's order), with an optional
-    Epilogue applied in place; the backward joins the slices' gradients without a copy where it can
-    (join_last_dim) and applies the epilogue's transpose to the joined gradient. A slice no loss reads gets
-    zeros (autograd materializes them), hence a copy.
+def split_output(y: torch.Tensor, order: list[int], sizes: list[int],
+                 epilogue: Epilogue | None) -> list[torch.Tensor]:
+    """The fused output y (..., Σ out) as its per-weight slices (views, in the caller's order; `sizes` in memory
+    order), with the epilogue applied in place. y must be the fused matmul's own output: the matmul keeps its
+    input and weight, never its output, for the backward, so the epilogue may overwrite it."""
+    parts = in_caller_order(y.split(sizes, dim=-1), order)
+    if epilogue is not None:
+        epilogue.forward_(parts)
+    return parts
 
-    y is the output of the fused matmul, which keeps its input and weight, never its output, for the
-    backward: the epilogue may overwrite it.
-    """
+
+def join_gradients(grads, order: list[int], sizes: list[int], epilogue: Epilogue | None) -> torch.Tensor:
+    """split_output's backward: y's gradient from its slices' gradients (in the caller's order), joined without
+    a copy where it can be (join_last_dim), with the epilogue's transpose applied in place."""
+    grad = join_last_dim([grads[i] for i in order])
+    if epilogue is not None:
+        epilogue.backward_(in_caller_order(grad.split(sizes, dim=-1), order))
+    return grad
+
+
+class _SplitLastDim(torch.autograd.Function):
+    """split_output as an autograd function, for the output of an autograd matmul (linears). A slice no loss
+    reads gets zeros (autograd materializes them), hence a joining copy."""
 
     @staticmethod
     def forward(ctx, y, order, sizes, epilogue):
         ctx.order, ctx.sizes, ctx.epilogue = order, sizes, epilogue
-        parts = in_caller_order(y.split(sizes, dim=-1), order)
-        if epilogue is not None:
-            epilogue.forward_(parts)
-        return tuple(parts)
+        return tuple(split_output(y, order, sizes, epilogue))
 
     @staticmethod
     def backward(ctx, *grads):
-        grad = join_last_dim([grads[i] for i in ctx.order])
-        if ctx.epilogue is not None:
-            ctx.epilogue.backward_(in_caller_order(grad.split(ctx.sizes, dim=-1), ctx.order))
-        return grad, None, None, None
+        return join_gradients(grads, ctx.order, ctx.sizes, ctx.epilogue), None, None, None
 
 
 def linears(x: torch.Tensor, weights: list[torch.Tensor], epilogue: Epilogue | None = None) -> list[torch.Tensor]:

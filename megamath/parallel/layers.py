@@ -47,7 +47,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megamath.parallel.fused_linear import Epilogue, adjacent_order, fused_view, in_caller_order, join_last_dim, linears
+from megamath.parallel.fused_linear import (
+    Epilogue, adjacent_order, fused_view, in_caller_order, join_gradients, linears, split_output,
+)
 from megamath.parallel.mappings import (
     SEQUENCE_DIM, all_gather, copy_to_tp, gather_from_sequence, gather_from_tp, group_rank, group_size, reduce_from_tp,
     reduce_scatter, reduce_scatter_to_sequence,
@@ -145,10 +147,7 @@ class _GatherLinears(torch.autograd.Function):
             return tuple(F.linear(x, w) for w in weights)  # each (S, B, out_i/p)
         ordered = [weights[i] for i in ctx.order]
         y = F.linear(x, fused_view(ordered))  # (S, B, Σ out/p): one GEMM
-        out = in_caller_order(y.split([w.shape[0] for w in ordered], dim=-1), ctx.order)
-        if epilogue is not None:
-            epilogue.forward_(out)  # y is this function's own: overwritten in place
-        return tuple(out)
+        return tuple(split_output(y, ctx.order, [w.shape[0] for w in ordered], epilogue))
 
     @staticmethod
     def backward(ctx, *grads):
@@ -157,10 +156,7 @@ class _GatherLinears(torch.autograd.Function):
         if ctx.order is not None:
             ordered = [weights[i] for i in ctx.order]
             sizes = [w.shape[0] for w in ordered]
-            grad = join_last_dim([grads[i] for i in ctx.order])  # (S, B, Σ), a view where it can
-            if ctx.epilogue is not None:
-                ctx.epilogue.backward_(in_caller_order(grad.split(sizes, dim=-1), ctx.order))
-            g_flat = grad.flatten(0, -2)  # (S·B, Σ)
+            g_flat = join_gradients(grads, ctx.order, sizes, ctx.epilogue).flatten(0, -2)  # (S·B, Σ)
             grad_x = g_flat.mm(fused_view(ordered)).view(*grads[0].shape[:-1], -1)  # (S, B, in)
             grad_weights = in_caller_order(g_flat.t().mm(x_flat).split(sizes, dim=0), ctx.order)  # (out_i/p, in)
             return (reduce_scatter(grad_x, SEQUENCE_DIM, ctx.group), None, None, None, *grad_weights)
