@@ -90,16 +90,16 @@ def megamath_step(config: ModelConfig, device: torch.device, dtype: torch.dtype,
     with torch.device(device):
         model = Llama(config).to(dtype).train()
     b, s = tokens.shape[0], tokens.shape[1] - 1
-    ops = get_ops(config.kernels, device)
+    optimizer = ZeroOptimizer(model, state, OptimizerConfig(lr=LR), split_names=model.split_parameter_names(),
+                              bucket_mb=BUCKET_MB)
+    ops = get_ops(config.kernels, device)  # settled as a run settles it: after ZeRO has placed the weights
     choice = choose_attention(config.attention, ops, (b, s, config.num_heads, config.num_kv_heads, config.head_dim),
-                              dtype, device)
+                              dtype, device, layout=model.layers[0].self_attn.qkv_layout(ops))
     # The choice, its timings and the tuned tiles, as a run logs them (on a GPU `auto` may pick SDPA).
     print(f"{'megamath-ref' if reference else 'megamath'}, micro-batch {b}: {choice.reason}", flush=True)
     if choice.tile_timings:  # each candidate's time at the model's own shape: what one GPU run teaches
         print(choice.tile_timings, flush=True)
     model.attention = choice.attention
-    optimizer = ZeroOptimizer(model, state, OptimizerConfig(lr=LR), split_names=model.split_parameter_names(),
-                              bucket_mb=BUCKET_MB)
     batch = [(tokens[:, :-1], tokens[:, 1:])]
     return lambda: train_step(model, optimizer, batch, LR, state).loss
 

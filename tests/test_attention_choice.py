@@ -5,9 +5,14 @@ import pytest
 import torch
 
 from megamath.model import Llama, ModelConfig
-from megamath.model.attention import choose_attention, sdpa_attention, with_attention
+from megamath.model.attention import (QKVLayout, choose_attention, projection_attention_step, sdpa_attention,
+                                      with_attention)
 from megamath.model.ops import get_ops, load_ops
 from megamath.kernels.flash_attention import flash_attention_ref
+from megamath.parallel.optimizer_config import OptimizerConfig
+from megamath.parallel.state import ParallelState
+from megamath.parallel.zero import ZeroOptimizer
+from test_fused_linear import _Cats
 
 CONFIG = ModelConfig(vocab_size=64, hidden_size=48, num_layers=2, num_heads=6, num_kv_heads=2, ffn_hidden_size=64,
                      max_seq_length=32, kernels="reference")
@@ -67,11 +72,14 @@ def test_auto_takes_sdpa_for_a_shape_our_kernel_refuses(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="timing both attentions needs a CUDA GPU")
 def test_auto_times_both_on_a_gpu():
     ops = get_ops("auto", "cuda")
-    choice = choose_attention("auto", ops, (1, 256, 4, 2, 64), torch.bfloat16, torch.device("cuda"), repeats=3)
-    assert set(choice.timings_ms) == {"megamath", "sdpa"} and choice.attention == min(choice.timings_ms,
-                                                                                      key=choice.timings_ms.get)
-    assert "flash-attention tiles: forward" in choice.reason, choice.reason  # ours was tuned before the race
-    assert choice.tile_timings.count("\n") + 1 == 15, choice.tile_timings  # every candidate's time, for the log
+    for layout in (QKVLayout(), QKVLayout((2, 1, 0), False), QKVLayout((2, 1, 0), True)):
+        choice = choose_attention("auto", ops, (1, 256, 4, 2, 64), torch.bfloat16, torch.device("cuda"), repeats=3,
+                                  layout=layout)
+        assert set(choice.timings_ms) == {"megamath", "sdpa"} and choice.attention == min(choice.timings_ms,
+                                                                                          key=choice.timings_ms.get)
+        assert f"D 64, {layout.describe()}: megamath " in choice.reason, choice.reason
+        assert "flash-attention tiles: forward" in choice.reason, choice.reason  # ours was tuned before the race
+        assert choice.tile_timings.count("\n") + 1 == 15, choice.tile_timings  # every candidate's time, for the log
 
 
 def test_a_tuned_choice_carries_every_candidates_timing(monkeypatch):
@@ -91,6 +99,79 @@ def test_a_tuned_choice_carries_every_candidates_timing(monkeypatch):
     assert choice.tile_timings.splitlines() == ["  forward 64x64 w4 s3: 0.900 ms", "  forward 64x64 w4 s3 TMA: 0.800 ms",
                                                 "  backward 32x64x64x32 w4 s4: 2.000 ms",
                                                 "  backward 32x64 w8 s4 atomic dQ: skipped: RuntimeError"]
+
+
+def test_the_model_reports_the_q_k_v_layout_its_forward_uses():
+    """Fused only with the kernels and with weights back to back (ZeRO's buffer: k, v, q in memory)."""
+    for kernels, zero, want in [("reference", True, None), ("triton", False, None), ("triton", True, (2, 1, 0))]:
+        model = Llama(dataclasses.replace(CONFIG, kernels=kernels))
+        if zero:
+            ZeroOptimizer(model, ParallelState.single(), OptimizerConfig(), model.split_parameter_names())
+        layout = model.layers[0].self_attn.qkv_layout(get_ops(kernels, "cpu"))
+        assert layout == QKVLayout(want, False), (kernels, zero)
+
+
+class _Recorded:
+    """What one projection_attention_step handed attention (q, k, v), the gradient its output got back, and
+    the projections' gradients, each as q, k, v in (B, S, H, D)."""
+
+    def __init__(self, attend, layout: QKVLayout):
+        self.inputs, self.out_grad = None, None
+
+        def recording(q, k, v, causal):
+            self.inputs = (q, k, v)
+            o = attend(q, k, v, causal=causal)
+            o.register_hook(lambda g: setattr(self, "out_grad", g))
+            return o
+
+        step, leaves = projection_attention_step(recording, (2, 5, 6, 2, 16), torch.float32, torch.device("cpu"),
+                                                 layout, torch.Generator().manual_seed(0))
+        step()
+        if layout.fused_order is None:
+            grads = [t.grad for t in leaves]
+        else:
+            order = list(layout.fused_order)
+            grads = [None] * 3
+            for i, g in zip(order, leaves[0].grad.split([(96, 32, 32)[i] for i in order], dim=-1)):
+                grads[i] = g
+        self.grads = [g.transpose(0, 1) if layout.sequence_first else g for g in grads]  # (B, S, H·D)
+        self.grads = [g.unflatten(-1, (-1, 16)) for g in self.grads]
+
+
+@pytest.mark.parametrize("sequence_first", [False, True])
+@pytest.mark.parametrize("fused_order", [(2, 1, 0), None])
+def test_the_race_runs_attention_on_the_models_layout(fused_order, sequence_first):
+    """choose_attention times each candidate on q, k, v laid out as the layer lays them out (head views of
+    slices of one projection output, in ZeRO's v, k, q memory order, or of three outputs; sequence first under
+    SP) and returns their gradients to the projections through the model's own split (fused_linear)."""
+    run = _Recorded(flash_attention_ref, QKVLayout(fused_order, sequence_first))
+    q, k, v = run.inputs
+    assert q.shape == (2, 5, 6, 16) and k.shape == v.shape == (2, 5, 2, 16)
+    storages = {t.untyped_storage().data_ptr() for t in (q, k, v)}
+    if fused_order is not None:
+        assert len(storages) == 1 and v.data_ptr() < k.data_ptr() < q.data_ptr()  # one output, ZeRO's order
+        assert q.stride(0 if sequence_first else 1) == 160 and q.stride()[2:] == (16, 1)  # rows of all 10 heads
+    else:
+        assert len(storages) == 3
+    assert (q.stride(0) < q.stride(1)) == sequence_first  # (S, B, ·) memory seen as (B, S, H, D)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    want = torch.autograd.grad(flash_attention_ref(*leaves, causal=True), leaves, run.out_grad)
+    for got, ref in zip(run.grads, want):
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+def test_the_race_charges_sdpa_the_join_our_kernel_spares():
+    """With fused q/k/v our kernel's gradients are slices of one tensor, which the join takes as they stand; SDPA's
+    are separate and the join concatenates them: a copy the model pays and the race now includes."""
+    load_ops("triton")
+    from megamath.kernels.flash_attention import flash_attention
+
+    widths = {}
+    for name, attend in (("megamath", flash_attention), ("sdpa", sdpa_attention)):
+        with _Cats() as cats:
+            _Recorded(attend, QKVLayout((2, 1, 0), False))
+        widths[name] = cats.widths
+    assert widths == {"megamath": [], "sdpa": [160]}  # 6·16 + 2·2·16: the whole q/k/v projection
 
 
 def test_local_heads_are_what_the_attention_kernel_sees():

@@ -16,8 +16,8 @@ import torch
 
 from distributed import run_and_load
 from megamath.kernels.flash_attention import FlashAttentionBlocks, flash_attention_blocks, use_blocks
-from megamath.model.attention import AttentionChoice
-from megamath.model.llama import Llama
+from megamath.model.attention import AttentionChoice, QKVLayout
+from megamath.model.llama import Attention, Llama
 from megamath.parallel.state import ParallelState
 from megamath.training import attention_settle
 from megamath.training.config import TrainConfig
@@ -35,9 +35,11 @@ def config(run_dir, micro_batch_size=2) -> TrainConfig:
         "run_dir": str(run_dir), "micro_batch_size": micro_batch_size, "train_steps": 1})
 
 
-def stand_in(monkeypatch, attention: str, tiles: FlashAttentionBlocks | None, calls: list):
-    def choose(setting, ops, shape, dtype, device, repeats=10):
+def stand_in(monkeypatch, attention: str, tiles: FlashAttentionBlocks | None, calls: list, layouts: list | None = None):
+    def choose(setting, ops, shape, dtype, device, repeats=10, layout=None):
         calls.append(shape)
+        if layouts is not None:
+            layouts.append(layout)
         return AttentionChoice(attention, {"megamath": 1.0}, f"attention: {attention} (auto, timed)", tiles)
     monkeypatch.setattr(attention_settle, "choose_attention", choose)
 
@@ -84,6 +86,22 @@ def test_a_changed_shape_or_an_unreadable_file_is_timed_again(tmp_path, monkeypa
     assert len(calls) == 3
 
 
+def test_the_race_gets_the_models_q_k_v_layout_and_a_changed_one_is_timed_again(tmp_path, monkeypatch, clean_tiles):
+    """Whether q/k/v are fused depends on where the optimizer put their weights: the race runs on the layout the
+    model reports, and a start whose layout differs from the saved one (a run now fused, say) times again."""
+    calls, layouts = [], []
+    stand_in(monkeypatch, "megamath", None, calls, layouts)
+    settle(config(tmp_path), ParallelState.single())
+    assert layouts == [QKVLayout(None, False)]  # reference ops: three matmuls
+    fused = QKVLayout((2, 1, 0), False)
+    monkeypatch.setattr(Attention, "qkv_layout", lambda self, ops: fused)
+    model, line = settle(config(tmp_path), ParallelState.single())
+    assert layouts[-1] == fused and line.endswith("(timed again: qkv_layout changed since attention.json was written)")
+    assert json.loads((tmp_path / "attention.json").read_text())["key"]["qkv_layout"] == fused.describe()
+    settle(config(tmp_path), ParallelState.single())
+    assert len(calls) == 2  # the same layout again: kept
+
+
 def registered() -> tuple:
     """The tiles registered for (HEAD_DIM, fp32), as a plain tuple (what torch.save loads back safely)."""
     return dataclasses.astuple(flash_attention_blocks(HEAD_DIM, interpret=False, dtype=torch.float32))
@@ -94,7 +112,7 @@ def _two_ranks(rank, world_size, out_dir):
     cfg = config(out_dir)
     calls = []
 
-    def choose(setting, ops, shape, dtype, device, repeats=10):
+    def choose(setting, ops, shape, dtype, device, repeats=10, layout=None):
         calls.append(shape)
         preferred = "megamath" if state.rank == 0 else "sdpa"  # timings differ by rank
         return AttentionChoice(preferred, {}, f"attention: {preferred} (auto, timed)", TILES[state.rank])

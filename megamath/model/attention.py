@@ -6,21 +6,34 @@
 `choose_attention`: on CUDA it times the forward and backward of both for the run's own shape and keeps
 the faster (the timings are returned for the log), or takes SDPA without timing when our kernel cannot
 take the shape (e.g. head_dim 80); elsewhere it keeps `megamath`, whose CPU reference is the one the tests
-check against. Whenever our Triton kernel may run on a GPU (`auto` or `megamath`),
-its tiles are first tuned for this GPU and shape (megamath.kernels.flash_attention_tuning), so that
-`auto` compares SDPA with our kernel at its best.
+check against.
+
+The race is run the way the model runs attention (`QKVLayout`, `projection_attention_step`): q, k and v
+as head views of the projections' outputs, slices of one fused output where the model fuses them, and
+their gradients joined back into it as the model's backward joins them. That is part of the cost: our
+kernel writes dq, dk, dv as slices of one tensor, which the fused matmul takes as it stands, while SDPA's
+gradients are separate tensors that the join concatenates (and where SDPA allocates them (B, H, S, D)
+contiguous, as PyTorch's cuDNN backward does for inputs that are not dense, the heads view's backward
+copies each to (B, S, H·D) first). Timed on three separate contiguous tensors, as a kernel benchmark
+times it, SDPA would be spared copies the run then pays.
+
+Whenever our Triton kernel may run on a GPU (`auto` or `megamath`), its tiles are first tuned for this GPU
+and shape (megamath.kernels.flash_attention_tuning), so that `auto` compares SDPA with our kernel at its
+best.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from megamath.model.config import ATTENTION_CHOICES
 from megamath.model.ops import Ops
+from megamath.parallel.fused_linear import split_last_dim
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
@@ -33,6 +46,68 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
                                          is_causal=causal, scale=softmax_scale,
                                          enable_gqa=k.shape[2] != q.shape[2])
     return out.transpose(1, 2)  # (B, S, Hq, D)
+
+
+def heads_view(t: torch.Tensor, head_dim: int, sequence_first: bool) -> torch.Tensor:
+    """A projection's output (B, S, H·D), or (S, B, H·D) sequence first, as the (B, S, H, D) view the
+    attention kernels take."""
+    t = t.view(*t.shape[:2], -1, head_dim)
+    return t.transpose(0, 1) if sequence_first else t
+
+
+@dataclass(frozen=True)
+class QKVLayout:
+    """How a layer hands q, k and v to attention (megamath.model.llama.Attention.qkv_layout)."""
+
+    fused_order: tuple[int, ...] | None = None
+    """q, k, v (0, 1, 2) in memory order when they are slices of one fused projection output
+    (fused_linear.adjacent_order: ZeRO's buffer stores v, k, q, so (2, 1, 0)), or None: separate outputs."""
+    sequence_first: bool = False
+    """The projections' outputs are (S, B, ·) (sequence parallelism), which attention sees transposed."""
+
+    def describe(self) -> str:
+        where = "q/k/v slices of one projection" if self.fused_order is not None else "q/k/v separate"
+        return where + (", sequence first" if self.sequence_first else "")
+
+
+def projection_attention_step(attend: Callable, shape: tuple[int, int, int, int, int], dtype: torch.dtype,
+                              device: torch.device, layout: QKVLayout, generator: torch.Generator | None = None
+                              ) -> tuple[Callable[[], None], list[torch.Tensor]]:
+    """One forward + backward of `attend` on random projection outputs laid out as the model lays them out.
+
+    shape = (B, S, Hq, Hkv, D). Returns the step (which clears and refills the projections' gradients) and
+    the projections, the leaves whose .grad the step fills: one (B, S, (Hq + 2·Hkv)·D) tensor when fused,
+    else q, k, v outputs (B, S, H·D) ((S, B, ·) sequence first). The output gradient enters as the model's
+    does, through the (B, S, Hq·D) reshape ahead of o_proj.
+    """
+    b, s, hq, hkv, d = shape
+    n0, n1 = (s, b) if layout.sequence_first else (b, s)
+    widths = (hq * d, hkv * d, hkv * d)  # q, k, v
+
+    def rand(*size):
+        return torch.randn(*size, device=device, dtype=dtype, generator=generator)
+
+    if layout.fused_order is not None:
+        order = list(layout.fused_order)
+        leaves = [rand(n0, n1, sum(widths)).requires_grad_(True)]
+
+        def projections():
+            return split_last_dim(leaves[0], order, [widths[i] for i in order])
+    else:
+        leaves = [rand(n0, n1, w).requires_grad_(True) for w in widths]
+
+        def projections():
+            return leaves
+    grad = rand(n0, n1, hq * d)
+
+    def step() -> None:
+        for t in leaves:
+            t.grad = None
+        q, k, v = (heads_view(t, d, layout.sequence_first) for t in projections())  # (B, S, H, D)
+        o = attend(q, k, v, causal=True)  # (B, S, Hq, D)
+        o = o.transpose(0, 1) if layout.sequence_first else o
+        o.reshape(n0, n1, -1).backward(grad)
+    return step, leaves
 
 
 @functools.lru_cache(maxsize=None)
@@ -70,11 +145,12 @@ def _kernel_refusal(shape: tuple[int, int, int, int, int], dtype: torch.dtype) -
 
 
 def choose_attention(setting: str, ops: Ops, shape: tuple[int, int, int, int, int], dtype: torch.dtype,
-                     device: torch.device, repeats: int = 10) -> AttentionChoice:
+                     device: torch.device, repeats: int = 10, layout: QKVLayout = QKVLayout()) -> AttentionChoice:
     """Settle `model.attention` for a run whose attention inputs are q (B, S, Hq, D) with Hkv KV heads.
 
-    shape = (B, S, Hq, Hkv, D), per rank (under TP: local heads). Explicit settings are kept as they are
-    (with `megamath` on a GPU, our kernel's tiles are still tuned for the shape first).
+    shape = (B, S, Hq, Hkv, D), per rank (under TP: local heads); `layout`, how the model hands them over
+    (the race runs them so). Explicit settings are kept as they are (with `megamath` on a GPU, our kernel's
+    tiles are still tuned for the shape first).
     """
     if setting not in ATTENTION_CHOICES:
         raise ValueError(f"model.attention must be one of {', '.join(ATTENTION_CHOICES)}, got {setting!r}")
@@ -95,18 +171,14 @@ def choose_attention(setting: str, ops: Ops, shape: tuple[int, int, int, int, in
         return AttentionChoice("megamath", {}, "attention: megamath (auto: nothing to time off a GPU)")
     from megamath.kernels.flash_attention_tuning import cuda_time_ms
 
-    generator = torch.Generator(device=device).manual_seed(0)
-    q, k, v = (torch.randn(b, s, h, d, device=device, dtype=dtype, generator=generator).requires_grad_(True)
-               for h in (hq, hkv, hkv))
-    grad = torch.randn(b, s, hq, d, device=device, dtype=dtype, generator=generator)
     candidates = {"megamath": ops.flash_attention, "sdpa": sdpa_attention}
     timings = {}
     for name, attend in candidates.items():
-        def step(attend=attend):
-            q.grad = k.grad = v.grad = None
-            attend(q, k, v, causal=True).backward(grad)
+        generator = torch.Generator(device=device).manual_seed(0)  # the same inputs for both
+        step, _ = projection_attention_step(attend, shape, dtype, device, layout, generator)
         timings[name] = cuda_time_ms(step, repeats)
     best = min(timings, key=timings.get)
     detail = ", ".join(f"{name} {ms:.3f} ms" for name, ms in timings.items())
     return AttentionChoice(best, timings, f"attention: {best} (auto, forward + backward at B {b} S {s} heads "
-                                          f"{hq}/{hkv} D {d}: {detail}){tiles}", blocks, tile_timings)
+                                          f"{hq}/{hkv} D {d}, {layout.describe()}: {detail}){tiles}",
+                           blocks, tile_timings)

@@ -50,7 +50,7 @@ import torch.nn as nn
 import torch.utils.checkpoint
 
 from megamath.model.config import ModelConfig
-from megamath.model.attention import with_attention
+from megamath.model.attention import QKVLayout, heads_view, with_attention
 from megamath.model.ops import Ops, get_ops
 from megamath.model.partition import (
     VOCAB_PARAMETERS, ParamSpec, check_tensor_parallel, is_norm_weight, partition_table, replicated_kv_heads,
@@ -59,6 +59,7 @@ from megamath.parallel.layers import (
     ColumnParallelLinear, RowParallelLinear, TPReplicatedLinear, VocabParallelEmbedding, VocabParallelLMHead,
     column_parallel_inputs, fuses, shard_tensor, tp_region_input,
 )
+from megamath.parallel.fused_linear import adjacent_order
 from megamath.parallel.state import ParallelState
 
 
@@ -69,12 +70,6 @@ def swap_batch_seq(t: torch.Tensor, swap: bool) -> torch.Tensor:
     and shows sequence-first ones (q, k, v, logits) as the (B, S, ...) the kernels and callers expect.
     """
     return t.transpose(0, 1) if swap else t
-
-
-def heads_view(t: torch.Tensor, head_dim: int, sequence_first: bool) -> torch.Tensor:
-    """A projection's output (B, S, H·D), or (S, B, H·D) sequence first, as the (B, S, H, D) view the
-    attention kernels take."""
-    return swap_batch_seq(t.view(*t.shape[:2], -1, head_dim), sequence_first)
 
 
 @dataclass(frozen=True)
@@ -164,6 +159,17 @@ class Attention(nn.Module):
         rows = self.kv_rows if self.kv_replicated else slice(0, self.k_proj.weight.shape[0])
         return hq, (rows.stop - rows.start) // self.head_dim
 
+    def _fuses_qkv(self, ops: Ops) -> bool:
+        """Whether the forward projects q, k, v with one matmul (with the kernels, weights back to back)."""
+        return not self.kv_replicated and fuses([self.q_proj, self.k_proj, self.v_proj], ops.backend == "triton")
+
+    def qkv_layout(self, ops: Ops) -> QKVLayout:
+        """How the forward hands q, k, v to attention with these ops (what choose_attention races them on)."""
+        order = None
+        if self._fuses_qkv(ops):
+            order = tuple(adjacent_order([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]))
+        return QKVLayout(order, self.sequence_parallel)
+
     def _kv_index(self, device: torch.device) -> torch.Tensor:
         """kv_expand as an index tensor on `device`, built once per device: a host-to-device copy in every
         forward would cost a copy and a stream sync each time. Not a buffer: to_empty would leave it garbage."""
@@ -186,7 +192,7 @@ class Attention(nn.Module):
                 self._project_kv(self.v_proj, x)
         else:  # under SP: one all-gather, and the gathered (B, S, h) is not kept for the backward
             layers, fuse = [self.q_proj, self.k_proj, self.v_proj], ops.backend == "triton"
-            if cache is None and ops.rope_ is not None and fuses(layers, fuse):
+            if cache is None and ops.rope_ is not None and self._fuses_qkv(ops):
                 epilogue = RoPEOnProjection(ops.rope_, self.rope_theta, position_offset, self.head_dim,
                                             self.sequence_parallel)
             q, k, v = column_parallel_inputs(x, layers, self.group, self.sequence_parallel, fuse, epilogue)

@@ -121,8 +121,8 @@ def join_gradients(grads, order: list[int], sizes: list[int], epilogue: Epilogue
 
 
 class _SplitLastDim(torch.autograd.Function):
-    """split_output as an autograd function, for the output of an autograd matmul (linears). A slice no loss
-    reads gets zeros (autograd materializes them), hence a joining copy."""
+    """split_output as an autograd function (split_last_dim). A slice no loss reads gets zeros (autograd
+    materializes them), hence a joining copy."""
 
     @staticmethod
     def forward(ctx, y, order, sizes, epilogue):
@@ -132,6 +132,13 @@ class _SplitLastDim(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         return join_gradients(grads, ctx.order, ctx.sizes, ctx.epilogue), None, None, None
+
+
+def split_last_dim(y: torch.Tensor, order: list[int], sizes: list[int],
+                   epilogue: Epilogue | None = None) -> list[torch.Tensor]:
+    """split_output for the output y of an autograd matmul, whose gradient the backward joins from the
+    slices' gradients (join_gradients: no copy where a kernel wrote them as slices of one tensor)."""
+    return list(_SplitLastDim.apply(y, order, sizes, epilogue))
 
 
 def linears(x: torch.Tensor, weights: list[torch.Tensor], epilogue: Epilogue | None = None) -> list[torch.Tensor]:
@@ -148,4 +155,4 @@ def linears(x: torch.Tensor, weights: list[torch.Tensor], epilogue: Epilogue | N
         return [F.linear(x, w) for w in weights]
     ordered = [weights[i] for i in order]
     y = F.linear(x, _AdjacentWeights.apply(*ordered))  # (..., Σ out): one GEMM
-    return list(_SplitLastDim.apply(y, order, [w.shape[0] for w in ordered], epilogue))
+    return split_last_dim(y, order, [w.shape[0] for w in ordered], epilogue)

@@ -6,8 +6,10 @@ start, so ranks could run different tiles, and a resumed run could pick another 
 tiles than the run it continues: its losses would then drift from an uninterrupted run's in the last
 bits. So rank 0's tiles are used by every rank (the implementation is already agreed: SDPA only when every
 rank timed it faster), and the choice is written to RUN_DIR/attention.json. A later start with the same
-setting, kernels, GPU model, per-rank shape and dtype reads it and times nothing; anything else is timed
-again and the file rewritten, the log line saying why.
+setting, kernels, GPU model, per-rank shape, dtype and q/k/v layout (fused or not, sequence first or not:
+the race runs attention as the model does) reads it and times nothing; anything else is timed again and
+the file rewritten, the log line saying why. Called once the optimizer has placed the weights, since
+whether q/k/v are fused depends on where their weights lie.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from pathlib import Path
 import torch
 
 from megamath.atomic_io import write_text_atomically
-from megamath.model.attention import choose_attention
+from megamath.model.attention import QKVLayout, choose_attention
 from megamath.model.llama import Llama
 from megamath.model.ops import get_ops
 from megamath.parallel.mappings import all_gather_objects, all_reduce_max_
@@ -31,16 +33,19 @@ FILE = "attention.json"
 def settle_attention(model: Llama, config: TrainConfig, state: ParallelState, run_dir: Path,
                      dtype: torch.dtype) -> str:
     """Set model.attention (and our kernel's tiles) for this run on every rank; returns the log line."""
-    hq, hkv = model.layers[0].self_attn.local_heads()
+    attention = model.layers[0].self_attn
+    hq, hkv = attention.local_heads()
     shape = (config.micro_batch_size, config.data.seq_length, hq, hkv, config.model.head_dim)
     ops = get_ops(config.model.kernels, state.device)
+    layout = attention.qkv_layout(ops)
     key = {"setting": config.model.attention, "kernels": ops.backend, "shape": list(shape), "dtype": str(dtype),
-           "device": torch.cuda.get_device_name(state.device) if state.device.type == "cuda" else state.device.type}
+           "device": torch.cuda.get_device_name(state.device) if state.device.type == "cuda" else state.device.type,
+           "qkv_layout": layout.describe()}
     saved = all_gather_objects(_read(run_dir / FILE) if state.rank == 0 else None, state.world_group)[0]
     if saved is not None and saved.get("key") == key:
         record, line = saved, f"{saved['reason']} (kept from this run's first start, {FILE})"
     else:
-        record, line = _choose(key, ops, shape, dtype, state)
+        record, line = _choose(key, ops, shape, dtype, state, layout)
         if saved is not None:
             changed = sorted(name for name in key if saved.get("key", {}).get(name) != key[name])
             line += f" (timed again: {', '.join(changed) or 'the saved choice'} changed since {FILE} was written)"
@@ -54,10 +59,11 @@ def settle_attention(model: Llama, config: TrainConfig, state: ParallelState, ru
     return line
 
 
-def _choose(key: dict, ops, shape: tuple, dtype: torch.dtype, state: ParallelState) -> tuple[dict, str]:
+def _choose(key: dict, ops, shape: tuple, dtype: torch.dtype, state: ParallelState,
+            layout: QKVLayout) -> tuple[dict, str]:
     """Time on every rank; agree on the implementation (SDPA only if every rank prefers it) and on rank 0's
     tiles. Returns the record for the file and the log line."""
-    choice = choose_attention(key["setting"], ops, shape, dtype, state.device)
+    choice = choose_attention(key["setting"], ops, shape, dtype, state.device, layout=layout)
     chosen, reason = choice.attention, choice.reason
     if state.is_distributed and key["setting"] == "auto":
         prefers_ours = torch.tensor([float(chosen == "megamath")], device=state.device)
