@@ -100,6 +100,16 @@ def test_the_race_gets_the_models_q_k_v_layout_and_a_changed_one_is_timed_again(
     assert json.loads((tmp_path / "attention.json").read_text())["key"]["qkv_layout"] == fused.describe()
     settle(config(tmp_path), ParallelState.single())
     assert len(calls) == 2  # the same layout again: kept
+    # a file from before the layout was recorded: its choice stands (the run computes what it computed)
+    saved = json.loads((tmp_path / "attention.json").read_text())
+    del saved["key"]["qkv_layout"]
+    (tmp_path / "attention.json").write_text(json.dumps(saved))
+    model, line = settle(config(tmp_path), ParallelState.single())
+    assert len(calls) == 2 and line.endswith("(kept from this run's first start, attention.json)")
+    del saved["key"]["dtype"]  # but not a key missing any other field
+    (tmp_path / "attention.json").write_text(json.dumps(saved))
+    settle(config(tmp_path), ParallelState.single())
+    assert len(calls) == 3
 
 
 def registered() -> tuple:

@@ -8,8 +8,9 @@ bits. So rank 0's tiles are used by every rank (the implementation is already ag
 rank timed it faster), and the choice is written to RUN_DIR/attention.json. A later start with the same
 setting, kernels, GPU model, per-rank shape, dtype and q/k/v layout (fused or not, sequence first or not:
 the race runs attention as the model does) reads it and times nothing; anything else is timed again and
-the file rewritten, the log line saying why. Called once the optimizer has placed the weights, since
-whether q/k/v are fused depends on where their weights lie.
+the file rewritten, the log line saying why. A field the saved key lacks (written before megamath
+recorded it, e.g. the layout) is not a change: the run keeps computing what it computed. Called once the
+optimizer has placed the weights, since whether q/k/v are fused depends on where their weights lie.
 """
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ from megamath.parallel.state import ParallelState
 from megamath.training.config import TrainConfig
 
 FILE = "attention.json"
+ADDED_FIELDS = {"qkv_layout"}
+"""Key fields that a file written by an earlier megamath lacks: their absence is not a change."""
 
 
 def settle_attention(model: Llama, config: TrainConfig, state: ParallelState, run_dir: Path,
@@ -42,12 +45,13 @@ def settle_attention(model: Llama, config: TrainConfig, state: ParallelState, ru
            "device": torch.cuda.get_device_name(state.device) if state.device.type == "cuda" else state.device.type,
            "qkv_layout": layout.describe()}
     saved = all_gather_objects(_read(run_dir / FILE) if state.rank == 0 else None, state.world_group)[0]
-    if saved is not None and saved.get("key") == key:
+    if saved is not None and _same(saved.get("key"), key):
         record, line = saved, f"{saved['reason']} (kept from this run's first start, {FILE})"
     else:
         record, line = _choose(key, ops, shape, dtype, state, layout)
         if saved is not None:
-            changed = sorted(name for name in key if saved.get("key", {}).get(name) != key[name])
+            old = saved.get("key") if isinstance(saved.get("key"), dict) else {}
+            changed = sorted(name for name in key if name in old and old[name] != key[name])
             line += f" (timed again: {', '.join(changed) or 'the saved choice'} changed since {FILE} was written)"
         if state.rank == 0:
             write_text_atomically(run_dir / FILE, json.dumps(record, indent=1) + "\n")
@@ -74,6 +78,12 @@ def _choose(key: dict, ops, shape: tuple, dtype: torch.dtype, state: ParallelSta
     tiles = dataclasses.asdict(choice.tiles) if choice.tiles is not None else None
     tiles = all_gather_objects(tiles, state.world_group)[0]  # rank 0's, on every rank
     return {"key": key, "attention": chosen, "tiles": tiles, "reason": reason}, reason
+
+
+def _same(saved_key, key: dict) -> bool:
+    """Whether a saved key describes this start: equal in every field, bar those of ADDED_FIELDS it lacks."""
+    return (isinstance(saved_key, dict) and key.keys() - ADDED_FIELDS <= saved_key.keys() <= key.keys()
+            and all(saved_key[name] == key[name] for name in saved_key))
 
 
 def _read(path: Path) -> dict | None:
