@@ -8,7 +8,8 @@ tokens (seed 0), timed from before the forward to after a device synchronize at 
 median over --steps timed steps (after --warmup untimed ones) is reported.
 
     megamath            Llama with the kernels (Triton) and `model.attention` settled as a run does,
-                        bf16 weights, ZeRO-1 AdamW with fp32 master weights and moments (dp = 1)
+                        bf16 weights, ZeRO-1 AdamW with fp32 master weights and moments (dp = 1; the gradient
+                        buffer bf16, as `grad_dtype: auto` makes it where nothing is summed into it)
     megamath-ref        the same with the plain-torch reference ops and PyTorch's SDPA attention
     hf-eager            transformers' LlamaForCausalLM (SDPA attention), fp32 weights under bf16 autocast,
                         torch.optim.AdamW(fused=True): the usual mixed-precision recipe, fp32 master
@@ -59,6 +60,7 @@ from megamath.parallel.optimizer_config import OptimizerConfig
 from megamath.planning.memory import RunShape, memory_items
 from megamath.parallel.state import ParallelState
 from megamath.parallel.zero import ZeroOptimizer
+from megamath.parallel.zero_layout import resolve_grad_dtype
 from megamath.training.loop import train_step
 from megamath.training.kernel_kinds import breakdown_table, summarize
 from megamath.training.metrics import peak_tflops
@@ -91,7 +93,7 @@ def megamath_step(config: ModelConfig, device: torch.device, dtype: torch.dtype,
         model = Llama(config).to(dtype).train()
     b, s = tokens.shape[0], tokens.shape[1] - 1
     optimizer = ZeroOptimizer(model, state, OptimizerConfig(lr=LR), split_names=model.split_parameter_names(),
-                              bucket_mb=BUCKET_MB)
+                              bucket_mb=BUCKET_MB, micro_batches=1)  # as `megamath train` passes grad_accum_steps
     ops = get_ops(config.kernels, device)  # settled as a run settles it: after ZeRO has placed the weights
     choice = choose_attention(config.attention, ops, (b, s, config.num_heads, config.num_kv_heads, config.head_dim),
                               dtype, device, layout=model.layers[0].self_attn.qkv_layout(ops))
@@ -106,9 +108,10 @@ def megamath_step(config: ModelConfig, device: torch.device, dtype: torch.dtype,
 
 def planned_peak_gib(config: ModelConfig, micro_batch: int, seq: int) -> float:
     """The planner's peak allocation for megamath's step in this benchmark (GiB; bf16 weights as on a GPU)."""
+    grad_dtype = resolve_grad_dtype(OptimizerConfig(lr=LR).grad_dtype, True, 1, 1, 1)  # as ZeroOptimizer resolves it
     shape = RunShape(tp=1, dp=1, micro_batch=micro_batch, grad_accum=1, seq_length=seq,
                      activation_checkpointing=config.activation_checkpointing, sequence_parallel=False,
-                     grad_dtype=OptimizerConfig(lr=LR).grad_dtype, bucket_mb=BUCKET_MB,
+                     grad_dtype=grad_dtype, bucket_mb=BUCKET_MB,
                      overlap_grad_reduce=False, overlap_param_gather=False)
     items = memory_items(config, shape)
     return (sum(items.values()) - items["allocator_headroom"] - items["runtime_reserve"]) / 2**30

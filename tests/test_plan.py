@@ -112,6 +112,17 @@ def test_34b_bf16_gradients_save_2_bytes_per_parameter_per_tp_rank():
     assert fp32.total_bytes > bf16.total_bytes
 
 
+def test_auto_gradients_are_bf16_only_for_a_single_gpu_step_of_one_micro_batch():
+    """The plan resolves grad_dtype "auto" per layout as ZeroOptimizer does: bf16 only where nothing is summed."""
+    model = ModelConfig.from_preset("llemma-7b")
+    grads = {}
+    for gpus, grad_accum in [(1, 1), (1, 4), (8, 1)]:
+        p, = plan(PlanRequest(model=model, model_name="7b", gpu=get_gpu("h100-80gb"), gpus=gpus, tp=1, micro_batch=1,
+                              grad_accum=grad_accum, activation_checkpointing=True))
+        grads[(gpus, grad_accum)] = p.shape.grad_dtype
+    assert grads == {(1, 1): "bf16", (1, 4): "fp32", (8, 1): "fp32"}
+
+
 def test_search_ranks_fitting_options_by_throughput():
     req = PlanRequest(model=ModelConfig.from_preset("llemma-7b"), model_name="llemma-7b", gpu=get_gpu("a100-40gb"),
                       gpus=256)

@@ -136,6 +136,9 @@ def test_metrics_jsonl_and_falling_loss(tmp_path, one_thread, capsys):
     assert set(result.summary) == {"steps", "first_left_out", "step_time_s", "tokens_per_s", "tflops", "mfu"}
     out = capsys.readouterr().out
     assert "step      12  loss" in out and "val/arxiv" in out and "throughput over" in out
+    # grad_dtype auto, said once: fp32 weights (CPU) would be rounded by a bf16 buffer
+    assert ("gradient buffer: fp32 (grad_dtype auto at float32 weights, 1 micro-batch(es) per step, DP 1, TP 1: "
+            "bf16 only where nothing is summed into it)") in out
 
 
 def test_empty_data_path_fails_before_building_anything(tmp_path):

@@ -20,7 +20,7 @@ from megamath.parallel.grad_clip import clip_coefficient
 from megamath.parallel.state import ParallelState
 from megamath.parallel.optimizer_config import OptimizerConfig
 from megamath.parallel.zero import StepResult, ZeroOptimizer
-from megamath.parallel.zero_layout import ALIGN
+from megamath.parallel.zero_layout import ALIGN, resolve_grad_dtype
 
 MODEL = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, ffn_hidden_size=48,
                     max_seq_length=16, kernels="reference")
@@ -399,7 +399,7 @@ def test_moved_model_is_refused():
 
 
 def test_config_validation():
-    with pytest.raises(ValueError, match=r"^OptimizerConfig.grad_dtype must be one of bf16, fp32, got 'fp16'$"):
+    with pytest.raises(ValueError, match=r"^OptimizerConfig.grad_dtype must be one of auto, bf16, fp32, got 'fp16'$"):
         OptimizerConfig(grad_dtype="fp16")
     with pytest.raises(ValueError, match=r"^OptimizerConfig.beta2 must be in \[0, 1\), got 1.0$"):
         OptimizerConfig(beta2=1.0)
@@ -410,3 +410,49 @@ def test_config_validation():
         mixed.a = nn.Parameter(torch.ones(2))
         mixed.b = nn.Parameter(torch.ones(2, dtype=torch.float64))
         ZeroOptimizer(mixed, ParallelState.single(), OptimizerConfig())
+
+
+@pytest.mark.parametrize("weights, micro_batches, want", [
+    (torch.bfloat16, 1, "bf16"),     # one bf16 gradient per slot and step: bf16 holds it exactly
+    (torch.bfloat16, None, "fp32"),  # the count unknown: micro-batches may be summed
+    (torch.bfloat16, 2, "fp32"),     # two micro-batches are summed
+    (torch.float32, 1, "fp32"),      # fp32 gradients would be rounded
+])
+def test_auto_grad_dtype_is_bf16_only_where_nothing_is_summed(weights, micro_batches, want):
+    model = make_model(weights)
+    opt = ZeroOptimizer(model, ParallelState.single(), OptimizerConfig(), model.split_parameter_names(),
+                        micro_batches=micro_batches)
+    assert opt.grad_dtype == want and opt.flat_grad.dtype == {"bf16": torch.bfloat16, "fp32": torch.float32}[want]
+    assert resolve_grad_dtype("auto", True, 2, 1, 1) == resolve_grad_dtype("auto", True, 1, 2, 1) == "fp32"  # DP, TP sums
+    assert resolve_grad_dtype("bf16", False, 4, 2, None) == "bf16" and resolve_grad_dtype("fp32", True, 1, 1, 1) == "fp32"
+
+
+def test_auto_bf16_buffer_steps_exactly_as_an_fp32_buffer():
+    """bf16 weights, one micro-batch, one process: the bf16 buffer auto picks gives the fp32 buffer's losses, norms,
+    master weights and moments bit for bit (clipping active: the norm feeds every update)."""
+    runs = {}
+    for grad_dtype in ("auto", "fp32"):
+        model = make_model(torch.bfloat16)
+        opt = ZeroOptimizer(model, ParallelState.single(), zero_config(grad_dtype=grad_dtype, clip_grad=0.5),
+                            model.split_parameter_names(), micro_batches=1)
+        results = zero_train(model, opt, STEPS, 0, 1, micro=1)
+        assert all(r.clip_coef < 1 for r in results)
+        runs[grad_dtype] = (opt.flat_grad.dtype, [dataclasses.astuple(r) for r in results],
+                            opt.master, opt.exp_avg, opt.exp_avg_sq, opt.flat_param)
+    auto, fp32 = runs["auto"], runs["fp32"]
+    assert (auto[0], fp32[0]) == (torch.bfloat16, torch.float32)
+    assert auto[1] == fp32[1]
+    for a, b in zip(auto[2:], fp32[2:]):
+        assert torch.equal(a, b)
+
+
+def test_a_second_micro_batch_into_an_auto_bf16_buffer_is_refused():
+    model = make_model(torch.bfloat16)
+    opt = ZeroOptimizer(model, ParallelState.single(), OptimizerConfig(), model.split_parameter_names(),
+                        micro_batches=1)
+    x, y = batch(0)
+    opt.zero_grad()
+    model(x, y)[1].backward()
+    with pytest.raises(RuntimeError, match=r"^ZeroOptimizer: a second gradient of lm_head.weight in one step, but "
+                                           r"grad_dtype auto chose a bf16 buffer for one micro-batch per step"):
+        model(x, y)[1].backward()

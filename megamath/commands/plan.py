@@ -38,8 +38,9 @@ def add_parser(subparsers, name: str) -> None:
     parser.add_argument("--sequence-parallel", action="store_true", default=None,
                         help="sequence parallelism (absent: off for one plan, both ways in a search)")
     parser.add_argument("--tokens", type=float, default=None, metavar="N", help="tokens of the run, e.g. 200e9")
-    parser.add_argument("--grad-dtype", choices=("fp32", "bf16"), default=None,
-                        help="ZeRO-1 gradient buffer dtype (default: the config's, else fp32)")
+    parser.add_argument("--grad-dtype", choices=("auto", "fp32", "bf16"), default=None,
+                        help="ZeRO-1 gradient buffer dtype (default: the config's, else auto: bf16 on one GPU with "
+                        "one micro-batch, else fp32)")
     parser.add_argument("--efficiency", type=float, default=None, metavar="F",
                         help="fraction of the bf16 peak the compute reaches (default: megamath's MFU measured "
                         "on this GPU by perf/bench_train.py in perf/results/, else the GPU's stated value)")

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 
 GRAD_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+GRAD_DTYPE_SETTINGS = ("auto", *GRAD_DTYPES)
+"""optimizer.grad_dtype's values: a buffer dtype, or "auto" (megamath.parallel.zero_layout.resolve_grad_dtype)."""
 
 
 @dataclass
@@ -23,11 +25,13 @@ class OptimizerConfig:
     """Decoupled weight decay, applied to parameters with 2 or more dimensions only (not norm weights)."""
     clip_grad: float = 1.0
     """Clip the global gradient norm to this value; 0 turns clipping off (the norm is still computed)."""
-    grad_dtype: str = "fp32"
+    grad_dtype: str = "auto"
     """dtype of the flat gradient buffer. "fp32" (Megatron's default): 4 bytes per parameter; micro-batch
     gradients accumulate and are DP-summed in fp32, rounded once. "bf16": 2 bytes per parameter and half the
-    reduce-scatter's bytes, but every micro-batch's add and the DP sum round to bf16. (Bucket sizes and the
-    overlap of communication are `parallel.bucket_mb` / `overlap_grad_reduce` / `overlap_param_gather`.)"""
+    reduce-scatter's bytes, but every micro-batch's add and the DP sum round to bf16. "auto": "fp32", except
+    where nothing is summed into the buffer (bf16 weights, one micro-batch, one GPU), where "bf16" holds the
+    same values (zero_layout.resolve_grad_dtype). (Bucket sizes and the overlap of communication are
+    `parallel.bucket_mb` / `overlap_grad_reduce` / `overlap_param_gather`.)"""
 
     def __post_init__(self) -> None:
         for name in ("lr", "eps", "weight_decay", "clip_grad"):
@@ -50,6 +54,6 @@ class OptimizerConfig:
                 bounds = (f"in {'[' if low_ok else '('}{low:g}, {high:g}]" if math.isfinite(high)
                           else f"{'>=' if low_ok else '>'} {low:g} and finite")
                 raise ValueError(f"OptimizerConfig.{name} must be {bounds}, got {value!r}")
-        if self.grad_dtype not in GRAD_DTYPES:
-            raise ValueError(f"OptimizerConfig.grad_dtype must be one of {', '.join(GRAD_DTYPES)}, "
+        if self.grad_dtype not in GRAD_DTYPE_SETTINGS:
+            raise ValueError(f"OptimizerConfig.grad_dtype must be one of {', '.join(GRAD_DTYPE_SETTINGS)}, "
                              f"got {self.grad_dtype!r}")

@@ -19,7 +19,9 @@ Bytes per parameter on one rank, bf16 model (`zero_layout.buffer_bytes`, plus th
 What grad_dtype costs: "fp32" adds each micro-batch's gradient (bf16, as autograd computes it) into an
 fp32 buffer, so the accumulation over micro-batches and the DP sum round only once, at the end, to fp32;
 "bf16" saves 2 bytes per parameter and half the reduce-scatter's bytes, but rounds to bf16 at every
-micro-batch's add and inside the reduce-scatter (the DP sum is taken in bf16 by the collective).
+micro-batch's add and inside the reduce-scatter (the DP sum is taken in bf16 by the collective); "auto"
+(the default) is "bf16" exactly where no sum enters the buffer (bf16 weights, one micro-batch, one GPU:
+zero_layout.resolve_grad_dtype), where both hold the same values, and "fp32" everywhere else.
 
 One step (`step(lr)`), in three phases:
   1. `_reduce_scatter_grads`: every bucket's gradients summed over DP into this rank's pieces (a sum; the
@@ -79,7 +81,7 @@ from megamath.parallel.mappings import (all_gather_into, all_gather_list, all_re
 from megamath.parallel.optimizer_config import GRAD_DTYPES, OptimizerConfig
 from megamath.parallel import zero_checkpoint
 from megamath.parallel.state import ParallelState
-from megamath.parallel.zero_layout import ParamSlot, ZeroLayout, bucket_numel_for, zero_layout
+from megamath.parallel.zero_layout import ParamSlot, ZeroLayout, bucket_numel_for, resolve_grad_dtype, zero_layout
 
 
 @dataclass(frozen=True)
@@ -123,12 +125,14 @@ class ZeroOptimizer:
     the gradient norm sums their squares over TP and counts the other parameters once).
     `bucket_mb`: MiB of gradients per bucket (0: one bucket). `overlap_grad_reduce` /
     `overlap_param_gather`: start the reduce-scatters in the backward / finish the all-gathers in the next
-    forward (see the module docstring); off, each runs inside step().
+    forward (see the module docstring); off, each runs inside step(). `micro_batches`: backward passes per
+    step, when fixed; config.grad_dtype "auto" takes a bf16 buffer only when it is 1 and nothing else sums
+    into the buffer (optimizer_config.resolve_grad_dtype), and a second gradient per step is then refused.
     """
 
     def __init__(self, model: nn.Module, state: ParallelState, config: OptimizerConfig,
                  split_names: Collection[str] = (), *, bucket_mb: float = 0.0, overlap_grad_reduce: bool = False,
-                 overlap_param_gather: bool = False):
+                 overlap_param_gather: bool = False, micro_batches: int | None = None):
         self.state, self.config = state, config
         self.dp_size, self.dp_rank, self.dp_group = state.dp_size, state.dp_rank, state.dp_group
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -150,7 +154,10 @@ class ZeroOptimizer:
             raise ValueError(f"ZeroOptimizer: all parameters must share one dtype and device for the flat buffer, "
                              f"got dtypes {dtypes} on devices {devices}")
         self.param_dtype, self.device = named[0][1].dtype, named[0][1].device
-        grad_dtype = GRAD_DTYPES[config.grad_dtype]
+        self.grad_dtype = resolve_grad_dtype(config.grad_dtype, self.param_dtype == torch.bfloat16, self.dp_size,
+                                             state.tp_size, micro_batches)
+        self._one_gradient = config.grad_dtype == "auto" and self.grad_dtype == "bf16"  # exact only so
+        grad_dtype = GRAD_DTYPES[self.grad_dtype]
         self.layout: ZeroLayout = zero_layout([(n, tuple(p.shape), n in split_names) for n, p in named],
                                               self.dp_size, bucket_numel_for(bucket_mb, grad_dtype.itemsize))
         self.slots: list[ParamSlot] = self.layout.slots
@@ -231,6 +238,10 @@ class ZeroOptimizer:
                                    "reduce-scatter started: more backward passes than zero_grad(micro_batches=...) "
                                    "announced")
             if self._arrived[index]:
+                if self._one_gradient:
+                    raise RuntimeError(f"ZeroOptimizer: a second gradient of {slot.name} in one step, but grad_dtype "
+                                       "auto chose a bf16 buffer for one micro-batch per step (micro_batches=1): "
+                                       "pass the real count, or set grad_dtype")
                 grad_view.add_(grad)
             else:  # the slot still holds an earlier step's values: overwrite them
                 grad_view.copy_(grad)

@@ -33,6 +33,24 @@ from dataclasses import dataclass
 
 GRAD_BYTES = {"bf16": 2, "fp32": 4}
 """Bytes per element of the gradient buffer for each `optimizer.grad_dtype`."""
+
+
+def resolve_grad_dtype(setting: str, bf16_weights: bool, dp: int, tp: int, micro_batches: int | None) -> str:
+    """The gradient buffer's dtype ("bf16" or "fp32") for `optimizer.grad_dtype` = setting.
+
+    "auto" is "bf16" when nothing is ever summed into the buffer: bf16 weights (so autograd's gradients are
+    bf16), one micro-batch per step (`micro_batches` 1; None, unknown, counts as more), one DP rank and one
+    TP rank (no reduce-scatter, no sequence-parallel sum). Each slot then holds one bf16 gradient, copied as
+    it is; an fp32 buffer would hold the very same values in twice the bytes, and its readers (the norm, in
+    fp64, and AdamW, in fp32) widen them either way: the step is the same, and per parameter 2 bytes of
+    memory and 6 of memory traffic are saved (the copy's write, the norm's and AdamW's reads). Wherever a sum
+    enters the buffer, "fp32", which rounds it once, at the end.
+    """
+    if setting != "auto":
+        return setting
+    return "bf16" if bf16_weights and dp == 1 and tp == 1 and micro_batches == 1 else "fp32"
+
+
 ALIGN = 64
 """Each rank's piece of a bucket is a multiple of 64 elements (128 B in bf16), so every shard piece and
 every collective starts aligned for the GPU's vector loads and NCCL."""

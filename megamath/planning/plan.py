@@ -19,6 +19,7 @@ from pathlib import Path
 
 from megamath.model.config import ModelConfig
 from megamath.model.partition import check_tensor_parallel
+from megamath.parallel.zero_layout import resolve_grad_dtype
 from megamath.planning.hardware import GPU, GiB
 from megamath.planning import measured
 from megamath.planning.measured import compute_efficiency
@@ -44,7 +45,8 @@ class PlanRequest:
     """True: on; None: searched (off when tp and micro_batch are both given)."""
     sequence_parallel: bool | None = None
     tokens: float | None = None
-    grad_dtype: str = "fp32"
+    grad_dtype: str = "auto"
+    """optimizer.grad_dtype: "fp32", "bf16", or "auto", resolved for each candidate layout (resolve_grad_dtype)."""
     bucket_mb: float = 128.0
     overlap_grad_reduce: bool = True
     overlap_param_gather: bool = True
@@ -138,15 +140,17 @@ def _grad_accum(req: PlanRequest, micro: int, dp: int) -> int:
 def evaluate(req: PlanRequest, tp: int, micro: int, checkpointing: bool, sp: bool) -> Plan:
     """The plan of one configuration."""
     dp = req.gpus // tp
-    shape = RunShape(tp=tp, dp=dp, micro_batch=micro, grad_accum=_grad_accum(req, micro, dp),
+    grad_accum = _grad_accum(req, micro, dp)
+    grad_dtype = resolve_grad_dtype(req.grad_dtype, True, dp, tp, grad_accum)  # the plan's weights are bf16
+    shape = RunShape(tp=tp, dp=dp, micro_batch=micro, grad_accum=grad_accum,
                      seq_length=req.seq_length, activation_checkpointing=checkpointing,
-                     sequence_parallel=sp and tp > 1, grad_dtype=req.grad_dtype, bucket_mb=req.bucket_mb,
+                     sequence_parallel=sp and tp > 1, grad_dtype=grad_dtype, bucket_mb=req.bucket_mb,
                      overlap_grad_reduce=req.overlap_grad_reduce, overlap_param_gather=req.overlap_param_gather)
     gpu = req.gpu
     efficiency = req.efficiency
     net = Network(req.gpus_per_node, gpu.nvlink_gbs, req.internode_gbs or gpu.internode_gbs, gpu.alpha_intra,
                   gpu.alpha_inter)
-    layout = zero_layout_for(req.model, tp, dp, req.grad_dtype, req.bucket_mb)
+    layout = zero_layout_for(req.model, tp, dp, grad_dtype, req.bucket_mb)
     time = step_seconds(req.model, shape, gpu, net, layout, efficiency)
     tokens_per_step = shape.micro_batch * shape.grad_accum * dp * shape.seq_length
     tokens_per_s = tokens_per_step / time["total"]

@@ -161,7 +161,7 @@ def build_optimizer(config: TrainConfig, model: Llama, state: ParallelState) -> 
     par = config.parallel
     return ZeroOptimizer(model, state, config.optimizer, split_names=model.split_parameter_names(),
                          bucket_mb=par.bucket_mb, overlap_grad_reduce=par.overlap_grad_reduce,
-                         overlap_param_gather=par.overlap_param_gather)
+                         overlap_param_gather=par.overlap_param_gather, micro_batches=config.grad_accum_steps)
 
 
 def seed_rngs(seed: int, rank: int) -> None:
@@ -265,6 +265,10 @@ def _train(config: TrainConfig, state: ParallelState, attempt: str) -> TrainResu
         resharded = (f" (saved at tensor-parallel size {meta['tp_size']}, re-cut for {state.tp_size})"
                      if meta["tp_size"] != state.tp_size else "")
         log.say(f"resumed from {resume_from} at step {step}{resharded}")
+    if config.optimizer.grad_dtype == "auto":
+        log.say(f"gradient buffer: {optimizer.grad_dtype} (grad_dtype auto at {str(optimizer.param_dtype)[6:]} "
+                f"weights, {config.grad_accum_steps} micro-batch(es) per step, DP {state.dp_size}, TP {state.tp_size}: "
+                "bf16 only where nothing is summed into it)")
     log.say(settle_attention(model, config, state, run_dir, param_dtype(config, state.device)))
     last_saved, preempted, lr = step, False, 0.0
     try:

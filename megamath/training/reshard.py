@@ -52,7 +52,7 @@ from megamath.parallel.optimizer_config import GRAD_DTYPES
 from megamath.parallel.state import ParallelState
 from megamath.parallel.zero import ZeroOptimizer
 from megamath.parallel.zero_checkpoint import CHECKPOINT_FORMAT, STATE_KEYS, validate_shards
-from megamath.parallel.zero_layout import bucket_numel_for, read_flat, saved_layout, zero_layout
+from megamath.parallel.zero_layout import bucket_numel_for, read_flat, resolve_grad_dtype, saved_layout, zero_layout
 from megamath.run_lock import FolderLock
 from megamath.training import checkpoint as ckpt
 from megamath.training.checkpoint import (CHECKPOINTS, LATEST, METADATA, checkpoint_files, complete_checkpoints,
@@ -169,11 +169,23 @@ def default_dp_size(world_size: int, tp_size: int) -> int:
     return world_size // tp_size
 
 
+def _grad_dtype_after(source: TrainCheckpoint, tp_size: int, dp_size: int) -> str:
+    """The gradient buffer's dtype of the run resumed at (tp_size, dp_size), which sizes its buckets: the run's
+    grad_dtype, with "auto" resolved for the new layout (its weights' dtype, and its micro-batches per step at
+    the same global batch). A guess that misses only costs a re-cut when the run loads the shards."""
+    run = source.meta["config"]
+    old_dp, accum = source.dp_size, run.get("grad_accum_steps", 1)
+    micro_batches = accum * old_dp // dp_size if accum * old_dp % dp_size == 0 else None
+    bf16_weights = source.weight("norm.weight").dtype == torch.bfloat16  # the smallest tensor; all share one dtype
+    return resolve_grad_dtype(run.get("optimizer", {}).get("grad_dtype", "fp32"), bf16_weights, dp_size, tp_size,
+                              micro_batches)
+
+
 def optimizer_shards(source: TrainCheckpoint, names: list[str], tp_size: int, tp_rank: int, dp_size: int):
     """The ZeRO-1 shards (ZeroOptimizer.sharded_state_dict's format) of TP rank tp_rank's DP ranks, in order."""
     config, shapes = source.config, local_shapes(source.config, tp_size)
     run = source.meta["config"]
-    grad_bytes = GRAD_DTYPES[run.get("optimizer", {}).get("grad_dtype", "fp32")].itemsize
+    grad_bytes = GRAD_DTYPES[_grad_dtype_after(source, tp_size, dp_size)].itemsize
     bucket_numel = bucket_numel_for(run.get("parallel", {}).get("bucket_mb", 0.0), grad_bytes)  # the run's buckets
     layout = zero_layout([(n, shapes[n], tp_partition_dim(n, config, tp_size) is not None) for n in names], dp_size,
                          bucket_numel)
