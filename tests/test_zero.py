@@ -423,8 +423,10 @@ def test_auto_grad_dtype_is_bf16_only_where_nothing_is_summed(weights, micro_bat
     opt = ZeroOptimizer(model, ParallelState.single(), OptimizerConfig(), model.split_parameter_names(),
                         micro_batches=micro_batches)
     assert opt.grad_dtype == want and opt.flat_grad.dtype == {"bf16": torch.bfloat16, "fp32": torch.float32}[want]
-    assert resolve_grad_dtype("auto", True, 2, 1, 1) == resolve_grad_dtype("auto", True, 1, 2, 1) == "fp32"  # DP, TP sums
-    assert resolve_grad_dtype("bf16", False, 4, 2, None) == "bf16" and resolve_grad_dtype("fp32", True, 1, 1, 1) == "fp32"
+    assert resolve_grad_dtype("auto", True, 2, 1, 1) == "fp32"  # the DP reduce-scatter sums
+    assert resolve_grad_dtype("auto", True, 1, 2, 1) == "fp32"  # sequence parallelism sums over TP
+    assert resolve_grad_dtype("bf16", False, 4, 2, None) == "bf16"  # an explicit setting stands
+    assert resolve_grad_dtype("fp32", True, 1, 1, 1) == "fp32"
 
 
 def test_auto_bf16_buffer_steps_exactly_as_an_fp32_buffer():
@@ -456,3 +458,7 @@ def test_a_second_micro_batch_into_an_auto_bf16_buffer_is_refused():
     with pytest.raises(RuntimeError, match=r"^ZeroOptimizer: a second gradient of lm_head.weight in one step, but "
                                            r"grad_dtype auto chose a bf16 buffer for one micro-batch per step"):
         model(x, y)[1].backward()
+    for bad in (0, 1.0, True):
+        with pytest.raises(ValueError, match=rf"^ZeroOptimizer: micro_batches must be an integer >= 1 or None, "
+                                             rf"got {bad!r}$"):
+            ZeroOptimizer(make_model(), ParallelState.single(), OptimizerConfig(), micro_batches=bad)

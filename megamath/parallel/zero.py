@@ -127,7 +127,7 @@ class ZeroOptimizer:
     `overlap_param_gather`: start the reduce-scatters in the backward / finish the all-gathers in the next
     forward (see the module docstring); off, each runs inside step(). `micro_batches`: backward passes per
     step, when fixed; config.grad_dtype "auto" takes a bf16 buffer only when it is 1 and nothing else sums
-    into the buffer (optimizer_config.resolve_grad_dtype), and a second gradient per step is then refused.
+    into the buffer (zero_layout.resolve_grad_dtype), and a second gradient per step is then refused.
     """
 
     def __init__(self, model: nn.Module, state: ParallelState, config: OptimizerConfig,
@@ -148,6 +148,9 @@ class ZeroOptimizer:
                              "as replicated")
         if isinstance(bucket_mb, bool) or not isinstance(bucket_mb, (int, float)) or not bucket_mb >= 0:
             raise ValueError(f"ZeroOptimizer: bucket_mb must be a number >= 0, got {bucket_mb!r}")
+        if micro_batches is not None and (isinstance(micro_batches, bool) or not isinstance(micro_batches, int)
+                                          or micro_batches < 1):
+            raise ValueError(f"ZeroOptimizer: micro_batches must be an integer >= 1 or None, got {micro_batches!r}")
         dtypes = sorted({str(p.dtype) for _, p in named})
         devices = sorted({str(p.device) for _, p in named})
         if len(dtypes) > 1 or len(devices) > 1:
