@@ -1,8 +1,10 @@
-"""The trainer on a CUDA GPU: the bf16 model with the Triton kernels against the reference ops, and a hot
-path (forward, backward, SP/DP-free gradient accumulation) without device-to-host syncs.
+"""The trainer on a CUDA GPU: the bf16 model with the Triton kernels against the reference ops, a hot
+path (forward, backward, SP/DP-free gradient accumulation) without device-to-host syncs, and grad_dtype
+auto's bf16 buffer stepping as the fp32 one.
 
 CPU coverage of the same features: test_convergence.py (kernels under Triton's interpreter against the
-references, over 50 training steps) and test_train_loop.py (the step and its metrics).
+references, over 50 training steps), test_train_loop.py (the step and its metrics) and test_zero.py (the
+auto gradient buffer, bit-identical there).
 """
 import pytest
 import torch
@@ -12,7 +14,7 @@ from megamath.parallel.optimizer_config import OptimizerConfig
 from megamath.parallel.state import ParallelState
 from megamath.parallel.zero import ZeroOptimizer
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled kernels and sync checks need CUDA")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled kernels, sync checks and the GPU's own sums need CUDA")
 
 CONFIG = dict(vocab_size=4096, hidden_size=512, num_layers=2, num_heads=8, num_kv_heads=2, ffn_hidden_size=1408,
               max_seq_length=1024)
@@ -84,3 +86,29 @@ def test_a_training_step_makes_no_host_sync_until_its_one_read():
             torch.cuda.set_sync_debug_mode("default")
         result = optimizer.finish_step(stats.tolist())
         assert not result.skipped and result.grad_norm > 0
+
+
+def test_the_auto_bf16_gradient_buffer_steps_as_the_fp32_one():
+    """grad_dtype auto on one GPU with one micro-batch: a bf16 buffer holding the fp32 one's values. The CPU test
+    (test_zero.py) finds the steps bit-identical; here the norm's fp64 sum may run in another order on the GPU,
+    so the bar is a few fp32 ulps on the weights after three clipped steps, and the same first loss."""
+    generator = torch.Generator("cuda").manual_seed(1)
+    tokens = torch.randint(0, CONFIG["vocab_size"], (2, 513), device="cuda", generator=generator)
+    runs = {}
+    for grad_dtype in ("auto", "fp32"):
+        torch.manual_seed(0)
+        state = ParallelState.single("cuda")
+        model = Llama(ModelConfig(**CONFIG)).cuda().to(torch.bfloat16)
+        optimizer = ZeroOptimizer(model, state, OptimizerConfig(lr=1e-3, clip_grad=0.05, grad_dtype=grad_dtype),
+                                  split_names=model.split_parameter_names(), micro_batches=1)
+        losses = []
+        for _ in range(3):
+            optimizer.zero_grad(1)
+            _, loss = model(tokens[:, :-1], tokens[:, 1:])
+            loss.backward()
+            assert optimizer.step(1e-3).clip_coef < 1
+            losses.append(loss.item())
+        runs[grad_dtype] = (optimizer.flat_grad.dtype, losses, optimizer.master.clone())
+    assert (runs["auto"][0], runs["fp32"][0]) == (torch.bfloat16, torch.float32)
+    assert runs["auto"][1][0] == runs["fp32"][1][0]
+    torch.testing.assert_close(runs["auto"][2], runs["fp32"][2], rtol=1e-6, atol=1e-7)
