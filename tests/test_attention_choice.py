@@ -72,7 +72,7 @@ def test_auto_takes_sdpa_for_a_shape_our_kernel_refuses(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="timing both attentions needs a CUDA GPU")
 def test_auto_times_both_on_a_gpu():
     ops = get_ops("auto", "cuda")
-    for layout in (QKVLayout(), QKVLayout((2, 1, 0), False), QKVLayout((2, 1, 0), True)):
+    for layout in (QKVLayout(), QKVLayout((2, 1, 0), False)):  # sequence first: CPU tests (its TMA tiles compile anew)
         choice = choose_attention("auto", ops, (1, 256, 4, 2, 64), torch.bfloat16, torch.device("cuda"), repeats=3,
                                   layout=layout)
         assert set(choice.timings_ms) == {"megamath", "sdpa"} and choice.attention == min(choice.timings_ms,
