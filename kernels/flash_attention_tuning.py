@@ -156,13 +156,41 @@ def _measure(run: Callable[[], tuple], reference: tuple, time_ms, repeats: int):
         return f"skipped: {type(err).__name__}"
 
 
+def _attention_inputs(batch: int, seqlen: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                      device, fused: bool, sequence_first: bool) -> tuple[torch.Tensor, ...]:
+    """Random q, k, v and dO (batch, seqlen, h, head_dim) laid out as a model hands them over: head views of
+    (batch, seqlen, h·head_dim) projection outputs, or of (seqlen, batch, ·) ones when sequence first (then
+    the kernels run their sequence-major variant), q, k and v slices of one output when fused."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    n0, n1 = (seqlen, batch) if sequence_first else (batch, seqlen)
+    counts = (heads, kv_heads, kv_heads)
+
+    def rand(width):
+        return torch.randn(n0, n1, width, device=device, dtype=dtype, generator=generator)
+
+    def heads_of(t, h):
+        t = t.view(n0, n1, h, head_dim)
+        return t.transpose(0, 1) if sequence_first else t
+
+    if fused:
+        projections = rand(sum(counts) * head_dim).split([h * head_dim for h in counts], dim=-1)
+    else:
+        projections = [rand(h * head_dim) for h in counts]
+    q, k, v = (heads_of(t, h) for t, h in zip(projections, counts))
+    return q, k, v, heads_of(rand(heads * head_dim), heads)
+
+
 def tune_flash_attention(batch: int, seqlen: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
                          device: torch.device | str, causal: bool = True, repeats: int = 5,
-                         time_ms: Callable[[Callable[[], object], int], float] = cuda_time_ms) -> TunedBlocks:
+                         time_ms: Callable[[Callable[[], object], int], float] = cuda_time_ms, *,
+                         fused: bool = False, sequence_first: bool = False) -> TunedBlocks:
     """Time every candidate on q (batch, seqlen, heads, head_dim), k and v with kv_heads, register the
     fastest forward and backward tiles for (head_dim, dtype), and return them with every timing.
 
-    `time_ms(fn, repeats)` measures one candidate (CUDA events by default; tests pass their own).
+    `time_ms(fn, repeats)` measures one candidate (CUDA events by default; tests pass their own). `fused`
+    and `sequence_first` lay the inputs out as the model will (_attention_inputs): slices of one q/k/v
+    projection output, sequence first under sequence parallelism, whose kernels read other strides and, when
+    sequence first, are a variant of their own (with TMA, other tensor descriptors).
     """
     # Refuse what flash_attention refuses, with its message, before the launchers (which do not validate)
     # hit a Triton compile error (head_dim 80: no power of two) or time a shape no call will take.
@@ -172,10 +200,7 @@ def tune_flash_attention(batch: int, seqlen: int, heads: int, kv_heads: int, hea
     if dtype == torch.float32:
         use_blocks(head_dim, dtype, None)
         return TunedBlocks(default, {}, {})
-    generator = torch.Generator(device=device).manual_seed(0)
-    q, k, v = (torch.randn(batch, seqlen, h, head_dim, device=device, dtype=dtype, generator=generator)
-               for h in (heads, kv_heads, kv_heads))
-    do = torch.randn(batch, seqlen, heads, head_dim, device=device, dtype=dtype, generator=generator)
+    q, k, v, do = _attention_inputs(batch, seqlen, heads, kv_heads, head_dim, dtype, device, fused, sequence_first)
     scale = 1.0 / math.sqrt(head_dim)
     forward_ref = flash_attention_fwd(q, k, v, causal, scale, default)
     o, lse = forward_ref

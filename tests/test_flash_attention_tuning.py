@@ -265,6 +265,31 @@ def test_tma_tiles_on_the_models_views_equal_the_pointer_loads():
                 assert torch.equal(g[0], w[0]), (layout, causal, name)
 
 
+@pytest.mark.parametrize("fused, sequence_first", [(True, True), (False, False)])
+def test_the_tuner_times_the_views_the_model_hands_over(monkeypatch, fused, sequence_first):
+    """choose_attention tunes on the run's own layout: q, k, v as head views of one fused projection output or of
+    three, sequence first under sequence parallelism (the kernels' sequence-major variant, with TMA its own
+    descriptors), and dO in the same memory order, so a TMA candidate is timed on what the run launches."""
+    kernels = importlib.import_module("megamath.kernels.flash_attention")
+    seen = []
+    real_fwd, real_bwd = tuning.flash_attention_fwd, tuning.flash_attention_bwd
+    monkeypatch.setattr(tuning, "flash_attention_fwd", lambda q, k, v, *a, **kw: seen.append((q, k, v)) or
+                        real_fwd(q, k, v, *a, **kw))
+    monkeypatch.setattr(tuning, "flash_attention_bwd", lambda do, q, k, v, *a, **kw: seen.append((do,)) or
+                        real_bwd(do, q, k, v, *a, **kw))
+    try:
+        tuning.tune_flash_attention(2, 40, H, KV, D, torch.bfloat16, DEVICE, time_ms=lambda fn, r: 1.0, fused=fused,
+                                    sequence_first=sequence_first)
+    finally:
+        use_blocks(D, torch.bfloat16, None)
+    (q, k, v), (do,) = seen[0], next(t for t in seen if len(t) == 1)
+    assert q.shape == do.shape == (2, 40, H, D) and k.shape == v.shape == (2, 40, KV, D)
+    assert len({t.untyped_storage().data_ptr() for t in (q, k, v)}) == (1 if fused else 3)
+    token = (0 if sequence_first else 1)  # the dim whose stride is one projection row
+    assert q.stride(token) == ((H + 2 * KV) * D if fused else H * D) and do.stride(token) == H * D
+    assert kernels._tma_views(32, q, do)[1] == kernels._tma_views(32, k, v)[1] == (2 if sequence_first else 1)
+
+
 def test_views_a_descriptor_cannot_describe_take_the_pointer_loads():
     """Heads that are not contiguous (here every other head of a wider tensor), a row stride that is not a
     multiple of 16 bytes, overlapping batch elements or two memory orders in one launch cannot be tensor

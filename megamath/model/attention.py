@@ -17,9 +17,9 @@ contiguous, as PyTorch's cuDNN backward does for inputs that are not dense, the 
 copies each to (B, S, H·D) first). Timed on three separate contiguous tensors, as a kernel benchmark
 times it, SDPA would be spared copies the run then pays.
 
-Whenever our Triton kernel may run on a GPU (`auto` or `megamath`), its tiles are first tuned for this GPU
-and shape (megamath.kernels.flash_attention_tuning), so that `auto` compares SDPA with our kernel at its
-best.
+Whenever our Triton kernel may run on a GPU (`auto` or `megamath`), its tiles are first tuned for this GPU,
+shape and layout (megamath.kernels.flash_attention_tuning), so that `auto` compares SDPA with our kernel at
+its best.
 """
 from __future__ import annotations
 
@@ -162,7 +162,8 @@ def choose_attention(setting: str, ops: Ops, shape: tuple[int, int, int, int, in
         refusal = _kernel_refusal(shape, dtype)
         if refusal and setting == "auto":  # "megamath" set explicitly: the tuner raises it below
             return AttentionChoice("sdpa", {}, f"attention: sdpa (auto: our kernel does not take this shape: {refusal})")
-        tuned = tune_flash_attention(b, s, hq, hkv, d, dtype, device)
+        tuned = tune_flash_attention(b, s, hq, hkv, d, dtype, device, fused=layout.fused_order is not None,
+                                     sequence_first=layout.sequence_first)  # the tiles for the run's own views
         tiles = "; " + tuned.summary()
     blocks, tile_timings = (tuned.blocks, tuned.timings()) if tuned is not None else (None, "")
     if setting != "auto":
