@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from megamath.model import Llama, ModelConfig
-from megamath.model.attention import (QKVLayout, choose_attention, projection_attention_step, sdpa_attention,
-                                      with_attention)
+from megamath.model.attention import (SDPA_BACKENDS, QKVLayout, choose_attention, projection_attention_step, race,
+                                      sdpa_attention, sdpa_backend_attention, with_attention)
 from megamath.model.ops import get_ops, load_ops
 from megamath.kernels.flash_attention import flash_attention_ref
 from megamath.parallel.optimizer_config import OptimizerConfig
@@ -43,6 +43,70 @@ def test_model_with_sdpa_equals_the_reference_model():
     assert sdpa_model.attention == "sdpa"
 
 
+def test_sdpa_pinned_to_a_backend_is_sdpa_or_refuses():
+    """`auto` may settle on one SDPA backend; pinned, it computes what SDPA computes, and a backend that cannot
+    take the inputs (on this CPU: cuDNN and memory-efficient attention) raises instead of falling back."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 13, h, 16, generator=g, requires_grad=True) for h in (4, 2, 2))
+    dout = torch.randn(2, 13, 4, 16, generator=g)
+    want = torch.autograd.grad(sdpa_attention(q, k, v), (q, k, v), dout)
+    pinned = sdpa_backend_attention("sdpa-flash")
+    for got, ref in zip(torch.autograd.grad(pinned(q, k, v), (q, k, v), dout), want):
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    for name in ("sdpa-cudnn", "sdpa-efficient"):
+        with pytest.raises(RuntimeError):
+            sdpa_backend_attention(name)(q, k, v)
+    assert sdpa_backend_attention("sdpa-cudnn") is sdpa_backend_attention("sdpa-cudnn")  # one per backend
+    ops = get_ops("reference", "cpu")
+    assert with_attention(ops, "sdpa-flash").flash_attention is pinned
+    with pytest.raises(ValueError, match=r"^model.attention must be one of auto, megamath, sdpa \(settled: also "
+                                         r"sdpa-flash, sdpa-cudnn, sdpa-efficient\), got 'sdpa-math'$"):
+        with_attention(ops, "sdpa-math")
+    model = Llama(CONFIG)
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    ours = model(tokens)
+    model.attention = "sdpa-flash"  # as a run settled on it
+    torch.testing.assert_close(model(tokens), ours, rtol=1e-5, atol=1e-5)
+
+
+def test_the_race_times_each_sdpa_backend_and_skips_those_that_cannot_run(monkeypatch):
+    """Our kernel and each SDPA backend on its own; a backend that cannot take the inputs is named as skipped, and
+    cuDNN (a non-deterministic backward) is not tried under deterministic algorithms."""
+    times = {"megamath": 2.0, "sdpa-flash": 1.5}
+    ran = []
+
+    def time_ms(step):
+        step()  # raises for a backend that cannot run
+        name = next(n for n in times if n not in ran)
+        ran.append(name)
+        return times[name]
+
+    timings, detail = race(get_ops("reference", "cpu"), (1, 16, 4, 2, 16), torch.float32, torch.device("cpu"),
+                           QKVLayout((2, 1, 0), False), time_ms)
+    assert timings == times and set(SDPA_BACKENDS) == {"sdpa-flash", "sdpa-cudnn", "sdpa-efficient"}
+    assert detail.startswith("megamath 2.000 ms, sdpa-flash 1.500 ms, sdpa-cudnn skipped (No ")
+    assert "sdpa-efficient skipped (No " in detail and "This is likely" not in detail  # its first sentence only
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    ran.clear()
+    _, detail = race(get_ops("reference", "cpu"), (1, 16, 4, 2, 16), torch.float32, torch.device("cpu"),
+                     QKVLayout(), time_ms)
+    assert "sdpa-cudnn skipped (its backward is not deterministic)" in detail
+
+
+def test_a_backend_that_computes_something_else_is_rejected_untimed(monkeypatch):
+    """A backend that accepts inputs it gets wrong must never win the race by being fast."""
+    from megamath.model import attention
+
+    real = attention.sdpa_backend_attention
+    monkeypatch.setattr(attention, "sdpa_backend_attention", lambda name: (
+        (lambda q, k, v, causal=True: 1.05 * real(name)(q, k, v, causal)) if name == "sdpa-flash" else real(name)))
+    timed = []
+    timings, detail = race(get_ops("reference", "cpu"), (1, 16, 4, 2, 16), torch.float32, torch.device("cpu"),
+                           QKVLayout(), lambda step: timed.append(step) or 1.0)
+    assert timings == {"megamath": 1.0} and len(timed) == 1
+    assert "sdpa-flash rejected (its results differ from megamath's)" in detail
+
+
 def test_choice_rules_and_errors():
     ops = get_ops("reference", "cpu")
     assert with_attention(ops, "sdpa").flash_attention is sdpa_attention
@@ -75,8 +139,9 @@ def test_auto_times_both_on_a_gpu():
     for layout in (QKVLayout(), QKVLayout((2, 1, 0), False)):  # sequence first: CPU tests (its TMA tiles compile anew)
         choice = choose_attention("auto", ops, (1, 256, 4, 2, 64), torch.bfloat16, torch.device("cuda"), repeats=3,
                                   layout=layout)
-        assert set(choice.timings_ms) == {"megamath", "sdpa"} and choice.attention == min(choice.timings_ms,
-                                                                                          key=choice.timings_ms.get)
+        timings = choice.timings_ms  # ours and each SDPA backend that takes bf16 GQA at head_dim 64 here
+        assert {"megamath", "sdpa-flash"} <= set(timings) <= {"megamath", *SDPA_BACKENDS}, choice.reason
+        assert choice.attention == min(timings, key=timings.get)
         assert f"D 64, {layout.describe()}: megamath " in choice.reason, choice.reason
         assert "flash-attention tiles: forward" in choice.reason, choice.reason  # ours was tuned before the race
         assert choice.tile_timings.count("\n") + 1 == 15, choice.tile_timings  # every candidate's time, for the log

@@ -133,7 +133,14 @@ def _two_ranks(rank, world_size, out_dir):
     use_blocks(HEAD_DIM, torch.float32, None)
     model, line = settle(cfg, state)  # the resume
     again = (model.attention, registered(), line)
-    torch.save({"first": first, "again": again, "calls": len(calls)}, out_dir / f"rank{state.rank}.pt")
+    # every rank prefers an SDPA backend, each another one: rank 0's is run everywhere
+    backends = {0: "sdpa-cudnn", 1: "sdpa-flash"}
+    attention_settle.choose_attention = lambda *args, **kwargs: AttentionChoice(
+        backends[state.rank], {}, f"attention: {backends[state.rank]} (auto, timed)", None)
+    (out_dir / "sdpa").mkdir(exist_ok=True)
+    model, line = settle(config(out_dir / "sdpa"), state)
+    sdpa = (model.attention, line)
+    torch.save({"first": first, "again": again, "calls": len(calls), "sdpa": sdpa}, out_dir / f"rank{state.rank}.pt")
 
 
 def test_every_rank_runs_rank_0s_tiles_and_the_agreed_implementation(tmp_path):
@@ -145,3 +152,6 @@ def test_every_rank_runs_rank_0s_tiles_and_the_agreed_implementation(tmp_path):
         assert got["again"][:2] == ("megamath", want) and got["calls"] == 1, rank
         assert got["again"][2].endswith("(kept from this run's first start, attention.json)")
     assert results[1]["first"][2].endswith("megamath on every rank, as another preferred it")
+    assert results[0]["sdpa"] == ("sdpa-cudnn", "attention: sdpa-cudnn (auto, timed)")
+    assert results[1]["sdpa"] == ("sdpa-cudnn", "attention: sdpa-flash (auto, timed); sdpa-cudnn on every rank, as "
+                                                "rank 0 preferred it")

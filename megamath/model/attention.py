@@ -1,12 +1,15 @@
 """Which attention the model runs: megamath's flash-attention kernel, or PyTorch's SDPA, chosen per run.
 
 `model.attention` is `megamath` (our Triton kernel on a GPU, its reference on CPU), `sdpa`
-(`F.scaled_dot_product_attention`, whose backends on an H100 include FlashAttention-2 and cuDNN), or
-`auto`. A run should never be slower because of our kernel, so `auto` is settled once at start-up by
-`choose_attention`: on CUDA it times the forward and backward of both for the run's own shape and keeps
-the faster (the timings are returned for the log), or takes SDPA without timing when our kernel cannot
-take the shape (e.g. head_dim 80); elsewhere it keeps `megamath`, whose CPU reference is the one the tests
-check against.
+(`F.scaled_dot_product_attention`, with PyTorch's own choice among its backends: on an H100,
+FlashAttention-2, cuDNN and memory-efficient attention), or `auto`. A run should never be slower because
+of our kernel, nor because PyTorch's default backend is not the fastest for its shape, so `auto` is
+settled once at start-up by `choose_attention`: on CUDA it times the forward and backward of our kernel
+and of each SDPA backend on its own (`sdpa-flash`, `sdpa-cudnn`, `sdpa-efficient`; one that cannot take
+the inputs is skipped, cuDNN under deterministic algorithms too) for the run's own shape, keeps the fastest
+(the timings are returned for the log) and runs an SDPA winner pinned to its backend; it takes SDPA
+without timing when our kernel cannot take the shape (e.g. head_dim 80); elsewhere it keeps `megamath`,
+whose CPU reference is the one the tests check against.
 
 The race is run the way the model runs attention (`QKVLayout`, `projection_attention_step`): q, k and v
 as head views of the projections' outputs, slices of one fused output where the model fuses them, and
@@ -25,11 +28,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from megamath.model.config import ATTENTION_CHOICES
 from megamath.model.ops import Ops
@@ -46,6 +51,24 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
                                          is_causal=causal, scale=softmax_scale,
                                          enable_gqa=k.shape[2] != q.shape[2])
     return out.transpose(1, 2)  # (B, S, Hq, D)
+
+
+SDPA_BACKENDS = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
+                 "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION}
+"""The SDPA backends `auto` races one by one, by the name a settled run records (model.attention)."""
+
+
+@functools.lru_cache(maxsize=None)
+def sdpa_backend_attention(name: str) -> Callable:
+    """sdpa_attention pinned to one SDPA backend (SDPA_BACKENDS[name]); it raises where that backend cannot take
+    the inputs. The backend is chosen in the forward, and autograd runs that backend's backward."""
+    backend = SDPA_BACKENDS[name]
+
+    def attend(q, k, v, causal: bool = True, softmax_scale: float | None = None) -> torch.Tensor:
+        with sdpa_kernel(backend):
+            return sdpa_attention(q, k, v, causal, softmax_scale)
+    attend.__name__ = attend.__qualname__ = name.replace("-", "_") + "_attention"
+    return attend
 
 
 def heads_view(t: torch.Tensor, head_dim: int, sequence_first: bool) -> torch.Tensor:
@@ -75,8 +98,8 @@ def projection_attention_step(attend: Callable, shape: tuple[int, int, int, int,
                               ) -> tuple[Callable[[], None], list[torch.Tensor]]:
     """One forward + backward of `attend` on random projection outputs laid out as the model lays them out.
 
-    shape = (B, S, Hq, Hkv, D). Returns the step (which clears and refills the projections' gradients) and
-    the projections, the leaves whose .grad the step fills: one (B, S, (Hq + 2·Hkv)·D) tensor when fused,
+    shape = (B, S, Hq, Hkv, D). Returns the step (which clears and refills the projections' gradients, and
+    returns the output and those gradients) and the projections, the leaves whose .grad the step fills: one (B, S, (Hq + 2·Hkv)·D) tensor when fused,
     else q, k, v outputs (B, S, H·D) ((S, B, ·) sequence first). The output gradient enters as the model's
     does, through the (B, S, Hq·D) reshape ahead of o_proj.
     """
@@ -100,30 +123,37 @@ def projection_attention_step(attend: Callable, shape: tuple[int, int, int, int,
             return leaves
     grad = rand(n0, n1, hq * d)
 
-    def step() -> None:
+    def step() -> list[torch.Tensor]:
         for t in leaves:
             t.grad = None
         q, k, v = (heads_view(t, d, layout.sequence_first) for t in projections())  # (B, S, H, D)
         o = attend(q, k, v, causal=True)  # (B, S, Hq, D)
         o = o.transpose(0, 1) if layout.sequence_first else o
         o.reshape(n0, n1, -1).backward(grad)
+        return [o.detach()] + [t.grad for t in leaves]  # what it computed, for checking (no copies)
     return step, leaves
 
 
 @functools.lru_cache(maxsize=None)
 def with_attention(ops: Ops, attention: str) -> Ops:
-    """`ops` with its attention replaced by SDPA when `attention` is "sdpa" ("auto" not yet settled: ours)."""
-    if attention not in ATTENTION_CHOICES:
-        raise ValueError(f"model.attention must be one of {', '.join(ATTENTION_CHOICES)}, got {attention!r}")
-    return dataclasses.replace(ops, flash_attention=sdpa_attention) if attention == "sdpa" else ops
+    """`ops` with its attention replaced by SDPA when `attention` is "sdpa" (PyTorch's choice of backend) or a
+    settled "sdpa-<backend>" (SDPA_BACKENDS); "megamath" and "auto" (not yet settled) keep ours."""
+    if attention not in ATTENTION_CHOICES and attention not in SDPA_BACKENDS:
+        raise ValueError(f"model.attention must be one of {', '.join(ATTENTION_CHOICES)} (settled: also "
+                         f"{', '.join(SDPA_BACKENDS)}), got {attention!r}")
+    if attention == "sdpa":
+        return dataclasses.replace(ops, flash_attention=sdpa_attention)
+    if attention in SDPA_BACKENDS:
+        return dataclasses.replace(ops, flash_attention=sdpa_backend_attention(attention))
+    return ops
 
 
 @dataclass(frozen=True)
 class AttentionChoice:
     attention: str
-    """"megamath" or "sdpa"."""
+    """"megamath", "sdpa", or the SDPA backend `auto` found fastest ("sdpa-cudnn", ...: SDPA_BACKENDS)."""
     timings_ms: dict
-    """Median forward + backward time of each candidate (empty when nothing was timed)."""
+    """Median forward + backward time of each candidate that ran (empty when nothing was timed)."""
     reason: str
     """One line for the run's log."""
     tiles: object = None
@@ -172,14 +202,44 @@ def choose_attention(setting: str, ops: Ops, shape: tuple[int, int, int, int, in
         return AttentionChoice("megamath", {}, "attention: megamath (auto: nothing to time off a GPU)")
     from megamath.kernels.flash_attention_tuning import cuda_time_ms
 
-    candidates = {"megamath": ops.flash_attention, "sdpa": sdpa_attention}
-    timings = {}
-    for name, attend in candidates.items():
-        generator = torch.Generator(device=device).manual_seed(0)  # the same inputs for both
-        step, _ = projection_attention_step(attend, shape, dtype, device, layout, generator)
-        timings[name] = cuda_time_ms(step, repeats)
+    timings, detail = race(ops, shape, dtype, device, layout, lambda step: cuda_time_ms(step, repeats))
     best = min(timings, key=timings.get)
-    detail = ", ".join(f"{name} {ms:.3f} ms" for name, ms in timings.items())
     return AttentionChoice(best, timings, f"attention: {best} (auto, forward + backward at B {b} S {s} heads "
                                           f"{hq}/{hkv} D {d}, {layout.describe()}: {detail}){tiles}",
                            blocks, tile_timings)
+
+
+def race(ops: Ops, shape: tuple[int, int, int, int, int], dtype: torch.dtype, device: torch.device,
+         layout: QKVLayout, time_ms: Callable[[Callable[[], None]], float]) -> tuple[dict, str]:
+    """Our kernel (ops.flash_attention) and each SDPA backend, timed by time_ms(step) on the model's layout
+    (projection_attention_step): ({name: ms} of those that ran, the log's detail naming the skipped and why).
+    A backend that cannot take the inputs raises (RuntimeError) and is skipped; so is cuDNN's, whose backward
+    is not deterministic, under torch.use_deterministic_algorithms. One whose output or gradients differ from
+    our kernel's beyond bf16 rounding is rejected, never timed: a backend that accepts a case it gets wrong
+    (grouped-query heads, say) must not win by being fast. Our kernel failing is an error."""
+    candidates = {"megamath": ops.flash_attention, **{name: sdpa_backend_attention(name) for name in SDPA_BACKENDS}}
+    timings, detail, ours = {}, [], None
+    for name, attend in candidates.items():
+        if name == "sdpa-cudnn" and torch.are_deterministic_algorithms_enabled():
+            detail.append(f"{name} skipped (its backward is not deterministic)")
+            continue
+        generator = torch.Generator(device=device).manual_seed(0)  # the same inputs for each
+        step, _ = projection_attention_step(attend, shape, dtype, device, layout, generator)
+        try:
+            with warnings.catch_warnings():  # a backend that cannot run says why in several warnings: one line here
+                warnings.simplefilter("ignore")
+                got = step()
+                if ours is None:
+                    ours = [t.clone() for t in got]
+                elif not all(torch.allclose(g.float(), w.float(), rtol=2e-2, atol=2e-2) for g, w in zip(got, ours)):
+                    detail.append(f"{name} rejected (its results differ from megamath's)")
+                    continue
+                timings[name] = time_ms(step)
+        except RuntimeError as err:  # this backend does not take these inputs (or this GPU)
+            if name == "megamath":
+                raise
+            why = str(err).split(". ")[0].splitlines()[0][:100] if str(err).strip() else type(err).__name__
+            detail.append(f"{name} skipped ({why})")
+            continue
+        detail.append(f"{name} {timings[name]:.3f} ms")
+    return timings, ", ".join(detail)

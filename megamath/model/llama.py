@@ -264,7 +264,8 @@ class Llama(nn.Module):
         sp = self.sequence_parallel
         self.partition: dict[str, ParamSpec] = partition_table(config, parallel.tp_size, sp)
         self.attention = config.attention
-        """"megamath" or "sdpa" once a run has settled "auto" (megamath.model.attention.choose_attention)."""
+        """"megamath", "sdpa" or an SDPA backend ("sdpa-cudnn", ...) once a run has settled "auto"
+        (megamath.model.attention.choose_attention)."""
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, parallel.tp_group, sp)
         self.layers = nn.ModuleList(Block(config, parallel, sp) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)

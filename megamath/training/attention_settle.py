@@ -24,7 +24,7 @@ from megamath.atomic_io import write_text_atomically
 from megamath.model.attention import QKVLayout, choose_attention
 from megamath.model.llama import Llama
 from megamath.model.ops import get_ops
-from megamath.parallel.mappings import all_gather_objects, all_reduce_max_
+from megamath.parallel.mappings import all_gather_objects
 from megamath.parallel.state import ParallelState
 from megamath.training.config import TrainConfig
 
@@ -65,16 +65,16 @@ def settle_attention(model: Llama, config: TrainConfig, state: ParallelState, ru
 
 def _choose(key: dict, ops, shape: tuple, dtype: torch.dtype, state: ParallelState,
             layout: QKVLayout) -> tuple[dict, str]:
-    """Time on every rank; agree on the implementation (SDPA only if every rank prefers it) and on rank 0's
-    tiles. Returns the record for the file and the log line."""
+    """Time on every rank; agree on the implementation (SDPA only if every rank prefers it, then rank 0's
+    backend) and on rank 0's tiles. Returns the record for the file and the log line."""
     choice = choose_attention(key["setting"], ops, shape, dtype, state.device, layout=layout)
     chosen, reason = choice.attention, choice.reason
     if state.is_distributed and key["setting"] == "auto":
-        prefers_ours = torch.tensor([float(chosen == "megamath")], device=state.device)
-        all_reduce_max_(prefers_ours, state.world_group)
-        chosen = "megamath" if prefers_ours.item() > 0 else "sdpa"
+        preferred = all_gather_objects(chosen, state.world_group)
+        chosen = "megamath" if "megamath" in preferred else preferred[0]
         if chosen != choice.attention:
-            reason += "; megamath on every rank, as another preferred it"
+            reason += ("; megamath on every rank, as another preferred it" if chosen == "megamath"
+                       else f"; {chosen} on every rank, as rank 0 preferred it")
     tiles = dataclasses.asdict(choice.tiles) if choice.tiles is not None else None
     tiles = all_gather_objects(tiles, state.world_group)[0]  # rank 0's, on every rank
     return {"key": key, "attention": chosen, "tiles": tiles, "reason": reason}, reason
