@@ -100,9 +100,11 @@ def test_the_race_gets_the_models_q_k_v_layout_and_a_changed_one_is_timed_again(
     assert json.loads((tmp_path / "attention.json").read_text())["key"]["qkv_layout"] == fused.describe()
     settle(config(tmp_path), ParallelState.single())
     assert len(calls) == 2  # the same layout again: kept
-    # a file from before the layout was recorded: its choice stands (the run computes what it computed)
+    # a file from before the layout and PyTorch's version were recorded: its choice stands (the run computes
+    # what it computed)
     saved = json.loads((tmp_path / "attention.json").read_text())
-    del saved["key"]["qkv_layout"]
+    assert saved["key"]["torch"] == torch.__version__
+    del saved["key"]["qkv_layout"], saved["key"]["torch"]
     (tmp_path / "attention.json").write_text(json.dumps(saved))
     model, line = settle(config(tmp_path), ParallelState.single())
     assert len(calls) == 2 and line.endswith("(kept from this run's first start, attention.json)")
@@ -110,6 +112,9 @@ def test_the_race_gets_the_models_q_k_v_layout_and_a_changed_one_is_timed_again(
     (tmp_path / "attention.json").write_text(json.dumps(saved))
     settle(config(tmp_path), ParallelState.single())
     assert len(calls) == 3
+    monkeypatch.setattr(torch, "__version__", "0.0.1")  # another PyTorch: other SDPA backends, timed again
+    model, line = settle(config(tmp_path), ParallelState.single())
+    assert len(calls) == 4 and line.endswith("(timed again: torch changed since attention.json was written)")
 
 
 def registered() -> tuple:

@@ -6,9 +6,10 @@ start, so ranks could run different tiles, and a resumed run could pick another 
 tiles than the run it continues: its losses would then drift from an uninterrupted run's in the last
 bits. So rank 0's tiles are used by every rank (the implementation is already agreed: SDPA only when every
 rank timed it faster), and the choice is written to RUN_DIR/attention.json. A later start with the same
-setting, kernels, GPU model, per-rank shape, dtype and q/k/v layout (fused or not, sequence first or not:
-the race runs attention as the model does) reads it and times nothing; anything else is timed again and
-the file rewritten, the log line saying why. A field the saved key lacks (written before megamath
+setting, kernels, GPU model, per-rank shape, dtype, q/k/v layout (fused or not, sequence first or not:
+the race runs attention as the model does) and PyTorch version (its SDPA backends, a settled one among
+them, come with it) reads it and times nothing; anything else is timed again and the file rewritten, the
+log line saying why. A field the saved key lacks (written before megamath
 recorded it, e.g. the layout) is not a change: the run keeps computing what it computed. Called once the
 optimizer has placed the weights, since whether q/k/v are fused depends on where their weights lie.
 """
@@ -29,7 +30,7 @@ from megamath.parallel.state import ParallelState
 from megamath.training.config import TrainConfig
 
 FILE = "attention.json"
-ADDED_FIELDS = {"qkv_layout"}
+ADDED_FIELDS = {"qkv_layout", "torch"}
 """Key fields that a file written by an earlier megamath lacks: their absence is not a change."""
 
 
@@ -43,7 +44,7 @@ def settle_attention(model: Llama, config: TrainConfig, state: ParallelState, ru
     layout = attention.qkv_layout(ops)
     key = {"setting": config.model.attention, "kernels": ops.backend, "shape": list(shape), "dtype": str(dtype),
            "device": torch.cuda.get_device_name(state.device) if state.device.type == "cuda" else state.device.type,
-           "qkv_layout": layout.describe()}
+           "qkv_layout": layout.describe(), "torch": torch.__version__}
     saved = all_gather_objects(_read(run_dir / FILE) if state.rank == 0 else None, state.world_group)[0]
     if saved is not None and _same(saved.get("key"), key):
         record, line = saved, f"{saved['reason']} (kept from this run's first start, {FILE})"
