@@ -133,8 +133,8 @@ def test_auto_takes_sdpa_for_a_shape_our_kernel_refuses(monkeypatch):
         choose_attention("megamath", ops, (1, 256, 4, 2, 80), torch.bfloat16, gpu)  # asked for by name: refused
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="timing both attentions needs a CUDA GPU")
-def test_auto_times_both_on_a_gpu():
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="timing our attention and each SDPA backend needs a CUDA GPU")
+def test_auto_times_every_candidate_on_a_gpu():
     ops = get_ops("auto", "cuda")
     for layout in (QKVLayout(), QKVLayout((2, 1, 0), False)):  # sequence first: CPU tests (its TMA tiles compile anew)
         choice = choose_attention("auto", ops, (1, 256, 4, 2, 64), torch.bfloat16, torch.device("cuda"), repeats=3,
