@@ -6,7 +6,8 @@ FlashAttention-2, cuDNN and memory-efficient attention), or `auto`. A run should
 of our kernel, nor because PyTorch's default backend is not the fastest for its shape, so `auto` is
 settled once at start-up by `choose_attention`: on CUDA it times the forward and backward of our kernel
 and of each SDPA backend on its own (`sdpa-flash`, `sdpa-cudnn`, `sdpa-efficient`; one that cannot take
-the inputs is skipped, cuDNN under deterministic algorithms too) for the run's own shape, keeps the fastest
+the inputs is skipped, one whose results differ from ours rejected, cuDNN under deterministic algorithms
+not tried: `race`) for the run's own shape, keeps the fastest
 (the timings are returned for the log) and runs an SDPA winner pinned to its backend; it takes SDPA
 without timing when our kernel cannot take the shape (e.g. head_dim 80); elsewhere it keeps `megamath`,
 whose CPU reference is the one the tests check against.
