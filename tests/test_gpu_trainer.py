@@ -14,7 +14,8 @@ from megamath.parallel.optimizer_config import OptimizerConfig
 from megamath.parallel.state import ParallelState
 from megamath.parallel.zero import ZeroOptimizer
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled kernels, sync checks and the GPU's own sums need CUDA")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="compiled kernels, sync checks and the GPU's own sums need CUDA")
 
 CONFIG = dict(vocab_size=4096, hidden_size=512, num_layers=2, num_heads=8, num_kv_heads=2, ffn_hidden_size=1408,
               max_seq_length=1024)
@@ -90,12 +91,14 @@ def test_a_training_step_makes_no_host_sync_until_its_one_read():
 
 def test_the_auto_bf16_gradient_buffer_steps_as_the_fp32_one():
     """grad_dtype auto on one GPU with one micro-batch: a bf16 buffer holding the fp32 one's values. The CPU test
-    (test_zero.py) finds the steps bit-identical; here the norm's fp64 sum may run in another order on the GPU,
-    so the bar is a few fp32 ulps on the weights after three clipped steps, and the same first loss."""
+    (test_zero.py) finds the steps bit-identical; here the norm's fp64 sum may run in another order, and the
+    GPU's backward need not be bit-reproducible, so the bar is calibrated by a second fp32 run: after three
+    clipped steps the bf16 buffer's weights are as close to the fp32 run's as a repeat of that run is, up to a
+    few fp32 ulps, and the first loss is the same."""
     generator = torch.Generator("cuda").manual_seed(1)
     tokens = torch.randint(0, CONFIG["vocab_size"], (2, 513), device="cuda", generator=generator)
     runs = {}
-    for grad_dtype in ("auto", "fp32"):
+    for name, grad_dtype in (("auto", "auto"), ("fp32", "fp32"), ("fp32 again", "fp32")):
         torch.manual_seed(0)
         state = ParallelState.single("cuda")
         model = Llama(ModelConfig(**CONFIG)).cuda().to(torch.bfloat16)
@@ -108,7 +111,9 @@ def test_the_auto_bf16_gradient_buffer_steps_as_the_fp32_one():
             loss.backward()
             assert optimizer.step(1e-3).clip_coef < 1
             losses.append(loss.item())
-        runs[grad_dtype] = (optimizer.flat_grad.dtype, losses, optimizer.master.clone())
+        runs[name] = (optimizer.flat_grad.dtype, losses, optimizer.master.clone())
     assert (runs["auto"][0], runs["fp32"][0]) == (torch.bfloat16, torch.float32)
     assert runs["auto"][1][0] == runs["fp32"][1][0]
-    torch.testing.assert_close(runs["auto"][2], runs["fp32"][2], rtol=1e-6, atol=1e-7)
+    repeat = (runs["fp32 again"][2] - runs["fp32"][2]).abs()
+    off = (runs["auto"][2] - runs["fp32"][2]).abs()
+    assert (off <= 2 * repeat.max() + 1e-6 * runs["fp32"][2].abs() + 1e-7).all(), (off.max(), repeat.max())
