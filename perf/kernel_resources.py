@@ -271,11 +271,14 @@ def _cases() -> list[tuple[str, str, bool, Callable[[], object]]]:
         targets = torch.zeros(tokens, dtype=torch.int64)
         ce_module.cross_entropy(logits, targets, check_targets=False).backward()
 
-    def adamw():
-        n = 1 << 24
-        fp32 = [torch.empty(n) for _ in range(4)]
-        adamw_module.adamw_step(*fp32, lr=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, step=1,
-                                params_lowp=torch.empty(n, dtype=bf16), grad_scale=torch.ones(1))
+    def adamw(grad_dtype):
+        def launch():
+            n = 1 << 24
+            master, m, v = (torch.empty(n) for _ in range(3))
+            adamw_module.adamw_step(master, torch.empty(n, dtype=grad_dtype), m, v, lr=1e-4, beta1=0.9, beta2=0.95,
+                                    eps=1e-8, weight_decay=0.1, step=1, params_lowp=torch.empty(n, dtype=bf16),
+                                    grad_scale=torch.ones(1))
+        return launch
 
     def attention(head_dim, dtype, blocks, forward=True, backward=True):
         def launch():
@@ -288,7 +291,8 @@ def _cases() -> list[tuple[str, str, bool, Callable[[], object]]]:
 
     cases = [("rms_norm", "rms_norm", True, rms_norm), ("rope", "rope", True, rope),
              ("swiglu", "swiglu", True, swiglu), ("cross_entropy", "cross_entropy", True, cross_entropy),
-             ("adamw", "adamw", True, adamw)]
+             ("adamw", "adamw", True, adamw(torch.float32)),
+             ("adamw", "adamw bf16 grads", True, adamw(bf16))]  # grad_dtype auto's buffer on one GPU
     for head_dim in (dim, 64):  # the model's, and the common smaller one
         default = fa.flash_attention_blocks(head_dim, interpret=False, dtype=bf16, tuned=False)
         cases.append(("flash_attention", f"attention D{head_dim} default tiles", True,
