@@ -121,6 +121,13 @@ def test_auto_gradients_are_bf16_only_for_a_single_gpu_step_of_one_micro_batch()
                               grad_accum=grad_accum, activation_checkpointing=True))
         grads[(gpus, grad_accum)] = p.shape.grad_dtype
     assert grads == {(1, 1): "bf16", (1, 4): "fp32", (8, 1): "fp32"}
+    # the optimizer's memory traffic per element: 26 bytes + the norm's and AdamW's reads of the gradient
+    times = {}
+    for dtype in ("fp32", "bf16"):
+        p, = plan(PlanRequest(model=model, model_name="7b", gpu=get_gpu("h100-80gb"), gpus=1, tp=1, micro_batch=1,
+                              grad_accum=1, activation_checkpointing=True, grad_dtype=dtype))
+        times[dtype] = p.time["optimizer"]
+    assert times["fp32"] / times["bf16"] == pytest.approx(34 / 30, rel=1e-3)  # buckets' padding differs a little
 
 
 def test_search_ranks_fitting_options_by_throughput():

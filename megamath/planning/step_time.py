@@ -16,7 +16,10 @@ DP         per step, ZeRO-1's reduce-scatter of each gradient bucket and all-gat
            the job spans nodes, else NVLink. With overlap_grad_reduce the reduce-scatters hide behind the
            last micro-batch's backward except the last bucket's (the embedding's, produced last); with
            overlap_param_gather the all-gathers hide behind the next forward except the first bucket's.
-optimizer  AdamW over the rank's shard, memory-bound: ~32 bytes moved per element over HBM bandwidth.
+optimizer  the gradient norm and AdamW over the rank's shard, memory-bound, over HBM bandwidth: per element
+           the norm reads the gradient; AdamW reads the master, both moments (4 bytes each) and the gradient,
+           writes the master, the moments and the bf16 weight: 26 bytes + twice the gradient buffer's (34 with
+           fp32 gradients, 30 with bf16).
 """
 from __future__ import annotations
 
@@ -27,7 +30,8 @@ from megamath.parallel.zero_layout import GRAD_BYTES, ZeroLayout
 from megamath.planning.hardware import GPU
 from megamath.planning.memory import PARAM_BYTES, RunShape
 
-ADAMW_BYTES_PER_ELEMENT = 32  # read master, m, v, grad (4 each), write master, m, v (4 each) and the bf16 weight
+OPTIMIZER_BYTES_PER_ELEMENT = 4 * 3 + 4 * 3 + 2
+"""Besides the gradient: AdamW reads master, exp_avg, exp_avg_sq and writes them and the bf16 weight."""
 
 
 @dataclass(frozen=True)
@@ -74,7 +78,7 @@ def step_seconds(model: ModelConfig, shape: RunShape, gpu: GPU, net: Network, la
     ag = [_ring((b.end - b.start) * param_b, shape.dp, bw, alpha, 1.0) for b in layout.buckets]
     rs_exposed = max(rs[-1], sum(rs) - backward) if shape.overlap_grad_reduce else sum(rs)
     ag_exposed = max(ag[-1], sum(ag) - forward) if shape.overlap_param_gather else sum(ag)
-    optimizer = layout.shard_size * ADAMW_BYTES_PER_ELEMENT / (gpu.hbm_gbs * 1e9)
+    optimizer = layout.shard_size * (OPTIMIZER_BYTES_PER_ELEMENT + 2 * grad_b) / (gpu.hbm_gbs * 1e9)  # + norm, AdamW
     total = compute + tp_comm + rs_exposed + ag_exposed + optimizer
     return {"compute": compute, "tp_comm": tp_comm, "dp_reduce_scatter": rs_exposed, "dp_all_gather": ag_exposed,
             "optimizer": optimizer, "total": total, "dp_reduce_scatter_unhidden": sum(rs),
