@@ -167,7 +167,7 @@ def test_a_tuned_choice_carries_every_candidates_timing(monkeypatch):
 
 
 def test_the_model_reports_the_q_k_v_layout_its_forward_uses():
-    """Fused only with the kernels and with weights back to back (ZeRO's buffer: k, v, q in memory)."""
+    """Fused only with the kernels and with weights back to back (ZeRO's buffer: v, k, q in memory)."""
     for kernels, zero, want in [("reference", True, None), ("triton", False, None), ("triton", True, (2, 1, 0))]:
         model = Llama(dataclasses.replace(CONFIG, kernels=kernels))
         if zero:

@@ -127,9 +127,9 @@ def test_sequence_major_views_keep_their_memory_order():
 
 @pytest.mark.parametrize("sequence_first", [False, True])
 def test_gradients_of_one_projections_slices_are_slices_of_one_tensor(sequence_first):
-    """k, v, q as the head slices of one projection output (ZeRO's order): dq, dk, dv are slices of one new
-    tensor in the same places, so the projection's backward takes it as its gradient without a
-    concatenating copy; their values are those of separate dense inputs."""
+    """k, v, q as the head slices of one projection output (in that order; ZeRO's is v, k, q): dq, dk, dv are
+    slices of one new tensor in the same places, so the projection's backward takes it as its gradient
+    without a concatenating copy; their values are those of separate dense inputs."""
     gen = torch.Generator().manual_seed(7)
     shape = (21, 2, 8, 32) if sequence_first else (2, 21, 8, 32)
     kvq = torch.randn(shape, generator=gen).to(DEVICE, torch.bfloat16)

@@ -5,7 +5,7 @@ GPU busier than three narrow ones, and the backward needs one GEMM for dX and on
 each. Megatron gets there with one fused parameter in a rank-interleaved layout, which every checkpoint
 converter must then know about. megamath keeps q_proj / k_proj / v_proj as they are (names, shapes, Hugging
 Face import/export and `megamath reshard` untouched and bit-exact) and fuses where the memory allows:
-ZeRO-1's flat buffer stores a layer's k, v, q weights back to back (backward order), so on each TP rank
+ZeRO-1's flat buffer stores a layer's v, k, q weights back to back (backward order), so on each TP rank
 they already form one contiguous (Σ out, in) matrix. `_AdjacentWeights` hands that matrix to F.linear
 without a copy and splits its gradient back into the three parameters' gradients (views, no copy).
 Weights that are not adjacent (a plain model, a bucket boundary between them) take one matmul each.
