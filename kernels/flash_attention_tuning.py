@@ -5,11 +5,12 @@ their tensor cores and register files differ), on head_dim and dtype, and on the
 set was measured on an H100 at D 128 to be 25-30 % slower than SDPA's flash backend (a figure from scratch
 runs quoted in the issue; no perf/results/ file holds it), and a table per GPU would be guesses until
 someone measures every cell. So `tune_flash_attention` times a short list of candidates on the caller's
-shape and memory layout (views of a fused projection, sequence first or not): forward tiles and backward tiles separately (they are independent kernels), keeps the fastest of
-each, and registers the pair for that head_dim and dtype (flash_attention.use_blocks), so every later call
-uses it. A candidate that does not fit this GPU (shared memory, registers) fails to compile or launch and is
-skipped; one whose results differ from the default tiles' beyond bf16 rounding is rejected (a tile-specific
-bug must never become the fastest). The cost is one compile per candidate at start-up, spread over the
+shape and memory layout (views of a fused projection, sequence first or not): forward tiles and backward
+tiles separately (they are independent kernels), keeps the fastest of each, and registers the pair for that
+head_dim and dtype (flash_attention.use_blocks), so every later call uses it. A candidate that does not
+fit this GPU (shared memory, registers) fails to compile or launch and is skipped; one whose results differ
+from the default tiles' beyond bf16 rounding is rejected (a tile-specific bug must never become the
+fastest). The cost is one compile per candidate at start-up, spread over the
 host's CPU threads (`compile_in_parallel`). fp32 attention (for checks, not speed) is not tuned.
 
 The candidates, (queries, keys, warps, stages, TMA) forward and (dK/dV queries, dK/dV keys, dQ queries, dQ

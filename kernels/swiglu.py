@@ -139,10 +139,8 @@ def _grad_buffers(gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, t
     two halves of one fused gate/up projection, dgate and dup are the halves of one new tensor laid out the
     same way (empty_siblings): the fused matmul's backward then takes it as its gradient as it is, with no
     concatenating copy. Else two tensors in their inputs' layout where that is dense, or contiguous."""
-    dg, du = empty_siblings((gate, up))
-    if dg.stride() == gate.stride() and du.stride() == up.stride():  # gate's and up's offsets address them
-        return dg, du, True
-    return (*(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (gate, up)), False)
+    dg, du = empty_siblings((gate, up))  # not siblings: each dense (N, f), i.e. contiguous
+    return dg, du, dg.stride() == gate.stride() and du.stride() == up.stride()  # gate's and up's offsets fit
 
 
 def swiglu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):

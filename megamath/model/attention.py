@@ -100,9 +100,9 @@ def projection_attention_step(attend: Callable, shape: tuple[int, int, int, int,
     """One forward + backward of `attend` on random projection outputs laid out as the model lays them out.
 
     shape = (B, S, Hq, Hkv, D). Returns the step (which clears and refills the projections' gradients, and
-    returns the output and those gradients) and the projections, the leaves whose .grad the step fills: one (B, S, (Hq + 2·Hkv)·D) tensor when fused,
-    else q, k, v outputs (B, S, H·D) ((S, B, ·) sequence first). The output gradient enters as the model's
-    does, through the (B, S, Hq·D) reshape ahead of o_proj.
+    returns the output and those gradients) and the projections, the leaves whose .grad the step fills:
+    one (B, S, (Hq + 2·Hkv)·D) tensor when fused, else q, k, v outputs (B, S, H·D) ((S, B, ·) sequence
+    first). The output gradient enters as the model's does, through the (B, S, Hq·D) reshape ahead of o_proj.
     """
     b, s, hq, hkv, d = shape
     n0, n1 = (s, b) if layout.sequence_first else (b, s)
