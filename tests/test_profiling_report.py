@@ -99,8 +99,9 @@ def check_phases(records: list[dict], profiled: tuple[int, int]) -> None:
     # here, whatever the step's length (these steps take 6-20 ms, so a ratio to the step would be noise): per
     # step work left outside the phases moves the median. The evaluations and saves, slowed by SLOW_S, would
     # leave that much in their records' rest; an overloaded CPU that deschedules the process in the rest adds
-    # milliseconds to a record now and then, never a tenth of a second.
-    assert statistics.median(gaps) <= 1e-3 and max(gaps) < SLOW_S / 2, gaps
+    # milliseconds to a record now and then, never a tenth of a second. The median's bar is 2 ms: on the 2-core
+    # CI machine, with the other test worker busy, one full-suite run saw a median of 1.24 ms.
+    assert statistics.median(gaps) <= 2e-3 and max(gaps) < SLOW_S / 2, gaps
 
 
 def test_one_rank_records_have_phases_that_add_up(runs):
