@@ -3,7 +3,10 @@
 Why a kernel: with a 32k vocabulary and 8k tokens, the logits are 0.5 GB in bf16; torch's cross-entropy
 upcasts them to fp32 and keeps a log-softmax of the same size for the backward. Here the forward streams
 each row once in blocks with an online max / sum-exp in fp32 and keeps only logsumexp per row (N floats);
-the backward streams the row again and writes the gradient straight in the logits' dtype:
+the backward streams the row again and writes the gradient straight in the logits' dtype. A caller that
+says which gradient it will send into the loss (`expected_grad`; the training step does) gets that
+gradient written by the forward instead, right after the row's logsumexp, while the row is still in cache;
+the backward then only checks, on the device, that the expected gradient came:
 
     loss = (1 / n_valid) * sum_{rows r not ignored} (logsumexp(x_r) - x_r[t_r])
     dx_r = (softmax(x_r) - onehot(t_r)) * grad_out / n_valid          (0 for ignored rows)
@@ -20,7 +23,11 @@ column, the target logit. Then
 
 Nothing of vocabulary size crosses ranks, and the backward is local: each rank writes its own columns
 of the gradient from the global lse. Costs: forward reads the logits once; backward reads them once more
-and writes the gradient once.
+and writes the gradient once. With `expected_grad` (no `group`: the gradient needs the row's global lse),
+the forward reads each row twice, the second time from cache when the rows in flight fit it, and writes
+the gradient; the backward reads two scalars per row. That is one pass fewer over the logits (the saving Liger-Kernel
+gets by writing the gradient over the logits, here without overwriting them and without its host read of
+the loss gradient), and none more when the second read misses the cache.
 
 Targets outside the vocabulary: `check_targets=True` (the default) raises, at the cost of one tiny
 device-to-host sync; the training step passes False (its data side has already checked the ids), and
@@ -28,6 +35,8 @@ the kernel still makes such a row's loss NaN, so a bad id is never silently a fi
 loop skips a step whose loss is not finite).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
@@ -40,21 +49,8 @@ from ._interpreter import exact_bf16 as _exact_bf16
 
 
 @triton.jit
-def _ce_forward_kernel(logits_ptr, targets_ptr, lse_ptr, target_logit_ptr,
-                       n_cols, stride_row, vocab_start, vocab_size, ignore_index, BLOCK_V: tl.constexpr):
-    """One program per row: local logsumexp and (if this shard owns it) the target logit, both fp32.
-
-    A target outside [0, vocab_size) that is not ignore_index gets a NaN logsumexp, so its loss is NaN.
-    """
-    row = tl.program_id(0).to(tl.int64)  # int64: row * stride_row overflows int32 at large N * V
-    row_ptr = logits_ptr + row * stride_row
-    target = tl.load(targets_ptr + row)
-    valid = target != ignore_index
-    local_target = target - vocab_start
-    owned = valid & (local_target >= 0) & (local_target < n_cols)
-    # Ignored rows mask every load, so their logits are never read (a tensor loop bound would skip the
-    # loop too, but Triton 3.6's interpreter rejects one).
-    n_read = tl.where(valid, n_cols, 0)
+def _row_logsumexp_parts(row_ptr, n_cols, n_read, BLOCK_V: tl.constexpr):
+    """(max, sum of exp(x - max)) over the row's first n_read <= n_cols columns, in blocks, fp32."""
     m = float("-inf")  # running max
     s = 0.0  # running sum of exp(x - m)
     for start in range(0, n_cols, BLOCK_V):
@@ -65,34 +61,72 @@ def _ce_forward_kernel(logits_ptr, targets_ptr, lse_ptr, target_logit_ptr,
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), axis=0)
         m = m_new
+    return m, s
+
+
+@triton.jit
+def _store_row_grad(row_ptr, grad_row_ptr, n_cols, n_read, lse, local_target, row_scale,
+                    BLOCK_V: tl.constexpr, EXACT_BF16: tl.constexpr):
+    """grad = (exp(x - lse) - onehot) * row_scale over the row, in the gradient's dtype. Columns past
+    n_read load -inf (p = 0): an ignored row (n_read 0, row_scale 0) writes zeros without reading."""
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)  # (BLOCK_V,)
+        x = tl.load(row_ptr + cols, mask=cols < n_read, other=float("-inf")).to(tl.float32)
+        p = tl.exp(x - lse)
+        grad = (p - tl.where(cols == local_target, 1.0, 0.0)) * row_scale
+        tl.store(grad_row_ptr + cols, _cast(grad, grad_row_ptr.dtype.element_ty, EXACT_BF16), mask=cols < n_cols)
+
+
+@triton.jit
+def _ce_forward_kernel(logits_ptr, targets_ptr, lse_ptr, target_logit_ptr, grad_ptr, scale_ptr,
+                       n_cols, stride_row, stride_grad_row, vocab_start, vocab_size, ignore_index,
+                       BLOCK_V: tl.constexpr, WITH_GRAD: tl.constexpr, EXACT_BF16: tl.constexpr):
+    """One program per row: local logsumexp and (if this shard owns it) the target logit, both fp32; with
+    WITH_GRAD also the row's gradient for the scale at scale_ptr, the row read again while still cached.
+
+    A target outside [0, vocab_size) that is not ignore_index gets a NaN logsumexp, so its loss is NaN (and
+    its gradient row NaN).
+    """
+    row = tl.program_id(0).to(tl.int64)  # int64: row * stride_row overflows int32 at large N * V
+    row_ptr = logits_ptr + row * stride_row
+    target = tl.load(targets_ptr + row)
+    valid = target != ignore_index
+    local_target = target - vocab_start
+    owned = valid & (local_target >= 0) & (local_target < n_cols)
+    # Ignored rows mask every load, so their logits are never read (a tensor loop bound would skip the
+    # loop too, but Triton 3.6's interpreter rejects one).
+    n_read = tl.where(valid, n_cols, 0)
+    m, s = _row_logsumexp_parts(row_ptr, n_cols, n_read, BLOCK_V)
     lse = tl.where(valid, m + tl.log(tl.where(valid, s, 1.0)), 0.0)
     out_of_vocab = valid & ((target < 0) | (target >= vocab_size))
     lse = tl.where(out_of_vocab, float("nan"), lse)
     target_logit = tl.load(row_ptr + tl.where(owned, local_target, 0), mask=owned, other=0.0).to(tl.float32)
     tl.store(lse_ptr + row, lse)
     tl.store(target_logit_ptr + row, target_logit)
+    if WITH_GRAD:
+        row_scale = tl.where(valid, tl.load(scale_ptr), 0.0)
+        _store_row_grad(row_ptr, grad_ptr + row * stride_grad_row, n_cols, n_read, lse, local_target, row_scale,
+                        BLOCK_V, EXACT_BF16)
 
 
 @triton.jit
-def _ce_backward_kernel(logits_ptr, grad_ptr, targets_ptr, lse_ptr, scale_ptr,
+def _ce_backward_kernel(logits_ptr, grad_ptr, targets_ptr, lse_ptr, scale_ptr, grad_loss_ptr, expected_ptr,
                         n_cols, stride_row, stride_grad_row, vocab_start, ignore_index,
-                        BLOCK_V: tl.constexpr, EXACT_BF16: tl.constexpr):
-    """One program per row: grad = (exp(x - lse) - onehot) * scale, written in the logits' dtype."""
-    row = tl.program_id(0).to(tl.int64)
-    row_ptr = logits_ptr + row * stride_row
-    grad_row_ptr = grad_ptr + row * stride_grad_row
-    target = tl.load(targets_ptr + row)
-    valid = target != ignore_index
-    local_target = target - vocab_start
-    lse = tl.load(lse_ptr + row)
-    row_scale = tl.where(valid, tl.load(scale_ptr), 0.0)  # grad_out / n_valid, 0 for ignored rows
-    n_read = tl.where(valid, n_cols, 0)  # ignored rows load nothing (-inf gives p = 0) and write zeros
-    for start in range(0, n_cols, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)  # (BLOCK_V,)
-        x = tl.load(row_ptr + cols, mask=cols < n_read, other=float("-inf")).to(tl.float32)
-        p = tl.exp(x - lse)
-        grad = (p - tl.where(cols == local_target, 1.0, 0.0)) * row_scale
-        tl.store(grad_row_ptr + cols, _cast(grad, grad_ptr.dtype.element_ty, EXACT_BF16), mask=cols < n_cols)
+                        BLOCK_V: tl.constexpr, CHECK_EXPECTED: tl.constexpr, EXACT_BF16: tl.constexpr):
+    """One program per row: grad = (exp(x - lse) - onehot) * scale, written in the logits' dtype. With
+    CHECK_EXPECTED the forward already wrote it for the loss gradient at expected_ptr: the row is written
+    again only when the one at grad_loss_ptr differs (decided here, on the device: no host sync)."""
+    redo = True
+    if CHECK_EXPECTED:
+        redo = tl.load(grad_loss_ptr) != tl.load(expected_ptr)  # NaN != anything: recomputed, NaN
+    if redo:
+        row = tl.program_id(0).to(tl.int64)
+        target = tl.load(targets_ptr + row)
+        valid = target != ignore_index
+        row_scale = tl.where(valid, tl.load(scale_ptr), 0.0)  # grad_out / n_valid, 0 for ignored rows
+        n_read = tl.where(valid, n_cols, 0)  # ignored rows load nothing (-inf gives p = 0) and write zeros
+        _store_row_grad(logits_ptr + row * stride_row, grad_ptr + row * stride_grad_row, n_cols, n_read,
+                        tl.load(lse_ptr + row), target - vocab_start, row_scale, BLOCK_V, EXACT_BF16)
 
 
 def _launch_config(n_cols: int) -> tuple[int, int]:
@@ -138,7 +172,7 @@ def _combine_over_vocab_shards(lse_local, target_logit, group):
 
 class _CrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets, ignore_index, group, check_targets, vocab_start, vocab_size):
+    def forward(ctx, logits, targets, ignore_index, group, check_targets, vocab_start, vocab_size, expected_grad):
         n_rows, n_cols = logits.shape
         rank = 0 if group is None else dist.get_rank(group)
         world = 1 if group is None else dist.get_world_size(group)
@@ -148,38 +182,50 @@ class _CrossEntropy(torch.autograd.Function):
             _check_targets(targets, vocab_size, ignore_index)
         lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device)  # (N,)
         target_logit = torch.empty(n_rows, dtype=torch.float32, device=logits.device)  # (N,)
+        valid = targets != ignore_index  # (N,)
+        n_valid = valid.sum().clamp(min=1).float()  # stays on device: no sync; 1 when all are ignored
+        # The gradient in the forward needs this rank's lse to be the row's: not with a vocabulary split.
+        early = expected_grad is not None and group is None and ctx.needs_input_grad[0]
+        grad = expected = scale = None
+        if early:
+            grad = torch.empty_like(logits, memory_format=torch.contiguous_format)  # (N, V), logits' dtype
+            expected = torch.full((1,), expected_grad, dtype=torch.float32, device=logits.device)  # a fill: no copy
+            scale = expected / n_valid  # (1,): the backward's grad_loss / n_valid when grad_loss is as expected
         block_v, num_warps = _launch_config(n_cols)
         if n_rows > 0:
             _ce_forward_kernel[(n_rows,)](
-                logits, targets, lse, target_logit, n_cols, logits.stride(0), vocab_start, vocab_size,
-                ignore_index, BLOCK_V=block_v, num_warps=num_warps)
+                logits, targets, lse, target_logit, grad if early else lse, scale if early else lse,
+                n_cols, logits.stride(0), grad.stride(0) if early else 0, vocab_start, vocab_size, ignore_index,
+                BLOCK_V=block_v, WITH_GRAD=early, EXACT_BF16=_exact_bf16(logits.dtype), num_warps=num_warps)
         if group is not None:
             lse, target_logit = _combine_over_vocab_shards(lse, target_logit, group)
-        valid = targets != ignore_index  # (N,)
-        n_valid = valid.sum().clamp(min=1).float()  # stays on device: no sync; 1 when all are ignored
         loss = torch.where(valid, lse - target_logit, 0.0).sum() / n_valid
-        ctx.save_for_backward(logits, targets, lse, n_valid)
+        ctx.save_for_backward(logits, targets, lse, n_valid, grad, expected)
         ctx.ignore_index, ctx.vocab_start = ignore_index, vocab_start
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        logits, targets, lse, n_valid = ctx.saved_tensors
+        logits, targets, lse, n_valid, grad, expected = ctx.saved_tensors
         n_rows, n_cols = logits.shape
-        grad = torch.empty_like(logits, memory_format=torch.contiguous_format)  # (N, V_local), logits' dtype
-        scale = (grad_loss.float() / n_valid).reshape(1)  # (1,) read in the kernel: no host sync
+        early = grad is not None
+        if not early:
+            grad = torch.empty_like(logits, memory_format=torch.contiguous_format)  # (N, V_local), logits' dtype
+        grad_loss = grad_loss.float().reshape(1)  # (1,) read in the kernel: no host sync
+        scale = grad_loss / n_valid  # (1,)
         block_v, num_warps = _launch_config(n_cols)
         if n_rows > 0:
             _ce_backward_kernel[(n_rows,)](
-                logits, grad, targets, lse, scale, n_cols, logits.stride(0), grad.stride(0),
-                ctx.vocab_start, ctx.ignore_index, BLOCK_V=block_v, EXACT_BF16=_exact_bf16(logits.dtype),
-                num_warps=num_warps)
-        return grad, None, None, None, None, None, None
+                logits, grad, targets, lse, scale, grad_loss, expected if early else scale, n_cols,
+                logits.stride(0), grad.stride(0), ctx.vocab_start, ctx.ignore_index, BLOCK_V=block_v,
+                CHECK_EXPECTED=early, EXACT_BF16=_exact_bf16(logits.dtype), num_warps=num_warps)
+        return grad, None, None, None, None, None, None, None
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
                   group: "dist.ProcessGroup | None" = None, check_targets: bool = True,
-                  vocab_start: int | None = None, vocab_size: int | None = None) -> torch.Tensor:
+                  vocab_start: int | None = None, vocab_size: int | None = None,
+                  expected_grad: float | None = None) -> torch.Tensor:
     """Mean cross-entropy over targets != ignore_index; a 0-dim fp32 tensor (0 if all are ignored).
 
     logits: (N, V) any float dtype, or with `group` this rank's (N, V / p) slice of the vocabulary
@@ -188,6 +234,12 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     [vocab_start, vocab_start + width) of a vocabulary of vocab_size ids the ranks split unevenly.
     Differentiable in logits; the gradient has the logits' dtype. `check_targets=False` skips the
     host-synchronising range check (an out-of-range target then gives a NaN loss).
+
+    `expected_grad`: the gradient the caller will send back into the loss (1.0 for `loss.backward()`, 1/k
+    for `(loss / k).backward()`). Given, and without `group`, the forward writes the logits' gradient for it
+    in the same pass over each row (the row read again while still in cache) and the backward only checks
+    on the device that it came: one pass fewer over the logits. Any other gradient is still exact: the
+    backward then writes the gradient again, as without the hint (the forward's write wasted).
     """
     _check_inputs(logits, targets)
     if logits.stride(1) != 1:  # rows may be strided; columns are streamed and must be contiguous
@@ -195,8 +247,11 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     targets = targets.contiguous()  # the kernels read targets_ptr + row: a strided view would be misread
     if (vocab_start is None) != (vocab_size is None) or (vocab_start is not None and group is None):
         raise ValueError("cross_entropy: vocab_start and vocab_size go together, and only with a group")
+    if expected_grad is not None and (isinstance(expected_grad, bool) or not isinstance(expected_grad, (int, float))
+                                      or not math.isfinite(expected_grad)):
+        raise ValueError(f"cross_entropy: expected_grad must be a finite number or None, got {expected_grad!r}")
     return _CrossEntropy.apply(logits, targets, int(ignore_index), group, bool(check_targets), vocab_start,
-                               vocab_size)
+                               vocab_size, None if expected_grad is None else float(expected_grad))
 
 
 def cross_entropy_ref(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

@@ -144,3 +144,58 @@ def test_int32_targets_raise():
     with pytest.raises(ValueError) as err:
         cross_entropy(torch.zeros(2, 10, device=DEVICE), torch.tensor([1, 2], dtype=torch.int32, device=DEVICE))
     assert str(err.value) == "cross_entropy: targets must be int64, got torch.int32"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("loss_grad", [1.0, 1 / 3, 0.125])
+def test_gradient_written_in_the_forward_is_the_backward_one_bit_for_bit(dtype, loss_grad):
+    """expected_grad (the gradient the caller sends into the loss, here as `(loss · g).backward()` sends it)
+    changes no bit of the loss or of the logits' gradient, ignored rows included."""
+    logits, targets = _inputs(7, 5000, dtype, seed=11)
+    grad_loss = torch.tensor(loss_grad, device=DEVICE)
+    plain = _run(cross_entropy, logits, targets, grad_loss)
+    early = _run(cross_entropy, logits, targets, grad_loss, expected_grad=loss_grad)
+    assert torch.equal(early[0], plain[0]) and torch.equal(early[1], plain[1])
+    assert early[1][1::3].eq(0).all()  # the ignored rows
+
+
+def _forward_then_change_logits(expected_grad):
+    """A forward with expected_grad, then the logits changed behind autograd's back (`.data`): a backward
+    that writes the gradient again reads the new logits, one that keeps the forward's gradient does not."""
+    logits, targets = _inputs(5, 1000, torch.float32, seed=12)
+    logits.requires_grad_(True)
+    loss = cross_entropy(logits, targets, expected_grad=expected_grad)
+    logits.data.mul_(-1.0)
+    return logits, targets, loss
+
+
+def test_the_backward_keeps_the_forwards_gradient_when_the_expected_one_arrives():
+    logits, targets, loss = _forward_then_change_logits(1.0)
+    loss.backward()
+    _, want = _run(cross_entropy, -logits.detach(), targets, torch.tensor(1.0, device=DEVICE))  # the old logits
+    assert torch.equal(logits.grad, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_another_loss_gradient_is_written_again_exactly(dtype):
+    """A gradient other than the expected one: the backward writes the logits' gradient again, the same bits
+    as without the hint (a gradient the forward wrote for 1.0 and rescaled would round twice)."""
+    logits, targets = _inputs(7, 5000, dtype, seed=14)
+    grad_loss = torch.tensor(1 / 3, device=DEVICE)
+    plain = _run(cross_entropy, logits, targets, grad_loss)
+    early = _run(cross_entropy, logits, targets, grad_loss, expected_grad=1.0)
+    assert torch.equal(early[0], plain[0]) and torch.equal(early[1], plain[1])
+
+
+def test_expected_grad_without_a_backward_changes_nothing():
+    """Logits that need no gradient (evaluation) take the forward alone; the loss is the same."""
+    logits, targets = _inputs(6, 700, torch.bfloat16, seed=13)
+    with torch.no_grad():
+        assert torch.equal(cross_entropy(logits, targets, expected_grad=1.0), cross_entropy(logits, targets))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), True, "1.0"])
+def test_expected_grad_must_be_a_finite_number(bad):
+    with pytest.raises(ValueError) as err:
+        cross_entropy(torch.zeros(2, 10, device=DEVICE), torch.tensor([1, 2], device=DEVICE), expected_grad=bad)
+    assert str(err.value) == f"cross_entropy: expected_grad must be a finite number or None, got {bad!r}"
