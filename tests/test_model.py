@@ -172,6 +172,30 @@ def test_kernels_match_references():
         torch.testing.assert_close(ker_grads[name], grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("loss_grad", [0.5, 1 / 3])
+def test_loss_grad_lets_the_loss_kernel_write_the_gradient_in_the_forward(loss_grad):
+    """model(..., loss_grad=g) then (loss · g).backward(), as the training step does with g = 1/k: the same
+    bits as without the hint, and the logits' gradient is the one the forward wrote. Proof of the latter:
+    the logits are negated behind autograd's back after the forward, which a backward that read them again
+    would see."""
+    if not torch.cuda.is_available() and not __import__("os").environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1 (tests/conftest.py sets it on CPU)")
+    model = small_model(kernels="triton")
+    tokens, targets = batch()
+    runs = []
+    for hint in (None, loss_grad):
+        model.zero_grad(set_to_none=True)
+        logits, loss = model(tokens, targets, loss_grad=hint)
+        if hint is not None:
+            logits.data.neg_()
+        (loss * loss_grad).backward()
+        runs.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss_a, grads_a), (loss_b, grads_b) = runs
+    assert torch.equal(loss_a, loss_b)
+    for name in grads_a:
+        assert torch.equal(grads_a[name], grads_b[name]), name
+
+
 def test_activation_checkpointing_gives_identical_grads():
     plain = small_model()
     checkpointed = copy.deepcopy(plain)

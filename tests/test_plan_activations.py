@@ -3,7 +3,8 @@
 `megamath plan` sizes activations with a stated per-token model (megamath/planning/memory.py). Here the
 model runs one forward in bf16 on the Triton kernels (the path a GPU run takes; Triton's interpreter on
 CPU) under a saved-tensors hook that records every distinct storage kept for the backward, parameters
-left out. What it keeps must be the planner's `activations` plus the saved logits, give or take the
+left out. What it keeps must be the planner's `activations` plus the saved logits (at TP 1 also their
+gradient, which the loss kernel writes in the forward), give or take the
 small per-token vectors the model does not itemise (token ids, RMSNorm's and the loss's fp32 statistics):
 within 1 %. Once serial, once as TP 2 with sequence parallelism on two gloo ranks (each rank's own bytes),
 and once with K/V heads TP does not divide (each rank keeps only the heads its query heads read). The first
@@ -52,7 +53,10 @@ def predicted_bytes(tp: int, sp: bool) -> int:
     shape = RunShape(tp=tp, dp=1, micro_batch=B, grad_accum=1, seq_length=S, activation_checkpointing=False,
                      sequence_parallel=sp)
     logits_saved = B * S * CONFIG.vocab_size // tp * 2  # bf16; the planner's logits item adds their gradient
-    return activation_bytes(CONFIG, shape)["activations"] + logits_saved
+    # At TP 1 the loss kernel writes that gradient in the forward (the model names the loss's gradient), so it
+    # is kept from the forward on; the planner's logits item counts it either way.
+    gradient_saved = logits_saved if tp == 1 else 0
+    return activation_bytes(CONFIG, shape)["activations"] + logits_saved + gradient_saved
 
 
 def _worker(rank, world_size, out_dir):

@@ -166,6 +166,24 @@ def test_step_time_covers_the_optimizer(tmp_path, monkeypatch):
     assert all(r["step_time_s"] >= 0.3 for r in metrics(tmp_path / "run"))
 
 
+def test_each_micro_batch_names_the_gradient_its_loss_will_get(tmp_path, monkeypatch):
+    """With k micro-batches each loss gets 1/k: the model is told so (its loss kernel then writes the logits'
+    gradient in the forward)."""
+    from megamath.model import Llama
+
+    seen = []
+    forward = Llama.forward
+
+    def spy(self, tokens, targets=None, *args, **kwargs):
+        seen.append(kwargs.get("loss_grad"))
+        return forward(self, tokens, targets, *args, **kwargs)
+
+    monkeypatch.setattr(Llama, "forward", spy)
+    run(raw_config(tmp_path / "data", tmp_path / "run", train_steps=1, grad_accum_steps=3, eval_every=0,
+                   checkpoint__save_every=0))
+    assert seen == [1 / 3] * 3
+
+
 def test_metrics_peak_tflops_is_the_denominator_of_mfu(tmp_path):
     """metrics.peak_tflops overrides the table (here on a CPU, which the table has no peak for)."""
     run(raw_config(tmp_path / "data", tmp_path / "run", train_steps=2, checkpoint__save_every=0,

@@ -299,7 +299,7 @@ class Llama(nn.Module):
                 param.copy_(shard_tensor(full, dim, p, r, name, padded=name in VOCAB_PARAMETERS))  # padding: 0
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, position_offset: int = 0,
-                cache=None):
+                cache=None, loss_grad: float | None = 1.0):
         """tokens (B, S) int -> logits (B, S, V), or (logits, loss) when targets (B, S) are given.
 
         The loss is the mean cross-entropy over targets != -100. `position_offset` shifts RoPE's
@@ -313,6 +313,11 @@ class Llama(nn.Module):
         earlier calls and each row's positions; `position_offset` is then the number of slots already
         filled, and only the last position's logits (B, 1, V/p) are computed: decoding needs no more, and
         a long prompt's (B, S, V) logits would be the step's largest tensor.
+
+        `loss_grad`: the gradient the caller will send back into the loss (1.0 for `loss.backward()`, 1/k for
+        `(loss / k).backward()`; None: unknown). The loss kernel then writes the logits' gradient in its
+        forward pass over them, one pass fewer; another gradient still gets the exact result, at the cost of
+        that pass (see kernels.cross_entropy's `expected_grad`).
         """
         if tokens.dim() != 2 or tokens.is_floating_point() or tokens.is_complex():
             raise ValueError(f"tokens must be an integer tensor of shape (batch, seq), got "
@@ -346,17 +351,19 @@ class Llama(nn.Module):
         if targets is None:
             return swap_batch_seq(logits, sequence_first)  # (B, S, V/p)
         targets = swap_batch_seq(targets, sequence_first)  # in the logits' order
-        loss = self._cross_entropy(ops, logits.view(b * s, -1), targets.reshape(b * s))  # ()
+        loss = self._cross_entropy(ops, logits.view(b * s, -1), targets.reshape(b * s), loss_grad)  # ()
         return swap_batch_seq(logits, sequence_first), loss  # (B, S, V/p), a view under SP
 
-    def _cross_entropy(self, ops: Ops, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def _cross_entropy(self, ops: Ops, logits: torch.Tensor, targets: torch.Tensor,
+                       loss_grad: float | None = None) -> torch.Tensor:
         """Mean over targets != -100 of logits (N, V/p); vocabulary-parallel over the TP group when p > 1,
         where this rank's columns are the ids [lm_head.vocab_start, vocab_stop) (not rank · width: with
         padding the last rank's logits are narrower)."""
         if self.parallel.tp_size == 1:
-            return ops.cross_entropy(logits, targets, ignore_index=-100, group=None)
+            return ops.cross_entropy(logits, targets, ignore_index=-100, group=None, expected_grad=loss_grad)
         return ops.cross_entropy(logits, targets, ignore_index=-100, group=self.parallel.tp_group,
-                                 vocab_start=self.lm_head.vocab_start, vocab_size=self.config.vocab_size)
+                                 vocab_start=self.lm_head.vocab_start, vocab_size=self.config.vocab_size,
+                                 expected_grad=loss_grad)
 
     def split_parameter_names(self) -> set[str]:
         """Names of the parameters TP splits (each TP rank holds a different piece), from the partition table."""

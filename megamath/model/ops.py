@@ -16,9 +16,11 @@ Signatures (all layouts are the model's, batch first):
     flash_attention(q (B, S, Hq, D), k, v (B, S, Hkv, D), causal=True, softmax_scale=None) -> (B, S, Hq, D)
     swiglu(gate (..., f), up (..., f)) -> silu(gate) * up
     cross_entropy(logits (N, V/p), targets (N,), ignore_index=-100, group=None, vocab_start=None,
-                  vocab_size=None) -> mean over non-ignored;
+                  vocab_size=None, expected_grad=None) -> mean over non-ignored;
         with a tensor-parallel `group` the logits are this rank's vocabulary slice (vocab-parallel), the ids
-        [vocab_start, vocab_start + width) of vocab_size when given (a split p does not divide evenly)
+        [vocab_start, vocab_start + width) of vocab_size when given (a split p does not divide evenly);
+        expected_grad: the gradient the caller will send into the loss, a hint that lets the kernel write
+        the logits' gradient in its forward (exact whatever arrives; the references ignore it)
 """
 from __future__ import annotations
 
@@ -66,11 +68,12 @@ def _triton_ops() -> Ops:
     from megamath.kernels.rope import rope, rope_
     from megamath.kernels.swiglu import swiglu
 
-    def unchecked_cross_entropy(logits, targets, ignore_index=-100, group=None, vocab_start=None, vocab_size=None):
+    def unchecked_cross_entropy(logits, targets, ignore_index=-100, group=None, vocab_start=None, vocab_size=None,
+                                expected_grad=None):
         # No host-synchronising range check in the hot path: TrainData checks every batch's ids on the
         # host, and the kernel turns an out-of-range id into a NaN loss (a skipped step), never a number.
         return cross_entropy(logits, targets, ignore_index=ignore_index, group=group, check_targets=False,
-                             vocab_start=vocab_start, vocab_size=vocab_size)
+                             vocab_start=vocab_start, vocab_size=vocab_size, expected_grad=expected_grad)
 
     return Ops("triton", rms_norm=rms_norm, rope=rope, flash_attention=flash_attention, swiglu=swiglu,
                cross_entropy=unchecked_cross_entropy, rope_=rope_)
@@ -85,7 +88,8 @@ def _reference_ops() -> Ops:
     from megamath.kernels.swiglu import swiglu_ref
     from megamath.parallel.cross_entropy import vocab_parallel_cross_entropy_ref
 
-    def cross_entropy(logits, targets, ignore_index=-100, group=None, vocab_start=None, vocab_size=None):
+    def cross_entropy(logits, targets, ignore_index=-100, group=None, vocab_start=None, vocab_size=None,
+                      expected_grad=None):  # the hint is the kernel's: autograd's own backward needs none
         if group is None:
             return cross_entropy_ref(logits, targets, ignore_index=ignore_index)
         # unchecked, as the kernel in the training step (see _triton_ops): no host read

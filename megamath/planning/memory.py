@@ -23,8 +23,9 @@ the rank's query heads read, one per query head where they do not group evenly, 
 With activation checkpointing only each layer's input (2h/sp per token) is kept, and the layer being
 recomputed in the backward holds the full set above for one layer at a time. The backward's working set
 (the gradients of one layer's activations, twice that with recomputation) is counted as a transient.
-Logits and loss: the (b, s, V/t) bf16 logits the cross-entropy kernel keeps, their gradient, and an fp32
-log-sum-exp per token.
+Logits and loss: the (b, s, V/t) bf16 logits the cross-entropy kernel keeps, their gradient (at TP 1 written
+in the forward, kept from then on; under TP made in the backward: the same peak), and an fp32 log-sum-exp
+per token.
 """
 from __future__ import annotations
 

@@ -90,8 +90,8 @@ def train_step(model: Llama, optimizer: ZeroOptimizer, micro_batches: list[Micro
         optimizer.zero_grad(len(micro_batches))  # the count lets the last backward start the DP reductions
         loss_sum = torch.zeros((), dtype=torch.float32, device=state.device)
     for tokens, targets in micro_batches:  # tokens, targets: (b, S)
-        with phase("forward"):
-            _, loss = model(tokens, targets)  # () mean over the micro-batch's tokens
+        with phase("forward"):  # the loss kernel writes the logits' gradient for the backward below
+            _, loss = model(tokens, targets, loss_grad=1.0 / len(micro_batches))  # () mean over its tokens
         with phase("backward"):
             (loss / len(micro_batches)).backward()  # grads accumulate in the optimizer's flat buffer
             loss_sum += loss.detach().float()
