@@ -266,10 +266,12 @@ def _cases() -> list[tuple[str, str, bool, Callable[[], object]]]:
         gate, up = gate_up[:, :ffn], gate_up[:, ffn:]
         swiglu_module.swiglu_bwd(swiglu_module.swiglu_fwd(gate, up), gate, up)
 
-    def cross_entropy():
-        logits = torch.empty(tokens, vocab, dtype=bf16, requires_grad=True)
-        targets = torch.zeros(tokens, dtype=torch.int64)
-        ce_module.cross_entropy(logits, targets, check_targets=False).backward()
+    def cross_entropy(expected_grad):
+        def launch():
+            logits = torch.empty(tokens, vocab, dtype=bf16, requires_grad=True)
+            targets = torch.zeros(tokens, dtype=torch.int64)
+            ce_module.cross_entropy(logits, targets, check_targets=False, expected_grad=expected_grad).backward()
+        return launch
 
     def adamw(grad_dtype):
         def launch():
@@ -290,7 +292,8 @@ def _cases() -> list[tuple[str, str, bool, Callable[[], object]]]:
         return launch
 
     cases = [("rms_norm", "rms_norm", True, rms_norm), ("rope", "rope", True, rope),
-             ("swiglu", "swiglu", True, swiglu), ("cross_entropy", "cross_entropy", True, cross_entropy),
+             ("swiglu", "swiglu", True, swiglu), ("cross_entropy", "cross_entropy", True, cross_entropy(1.0)),  # training: the gradient in the forward
+             ("cross_entropy", "cross_entropy without a gradient hint", True, cross_entropy(None)),  # TP, eval
              ("adamw", "adamw", True, adamw(torch.float32)),
              ("adamw", "adamw bf16 grads", True, adamw(bf16))]  # grad_dtype auto's buffer on one GPU
     for head_dim in (dim, 64):  # the model's, and the common smaller one
