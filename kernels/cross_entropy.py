@@ -25,9 +25,9 @@ Nothing of vocabulary size crosses ranks, and the backward is local: each rank w
 of the gradient from the global lse. Costs: forward reads the logits once; backward reads them once more
 and writes the gradient once. With `expected_grad` (no `group`: the gradient needs the row's global lse),
 the forward reads each row twice, the second time from cache when the rows in flight fit it, and writes
-the gradient; the backward reads two scalars per row. That is one pass fewer over the logits (the saving Liger-Kernel
-gets by writing the gradient over the logits, here without overwriting them and without its host read of
-the loss gradient), and none more when the second read misses the cache.
+the gradient; the backward reads two scalars per row. That is one pass fewer over the logits (the saving
+Liger-Kernel gets by writing the gradient over the logits, here without overwriting them and without its
+host read of the loss gradient), and none more when the second read misses the cache.
 
 Targets outside the vocabulary: `check_targets=True` (the default) raises, at the cost of one tiny
 device-to-host sync; the training step passes False (its data side has already checked the ids), and

@@ -23,7 +23,8 @@ Bytes and FLOPs (bf16 = 2 bytes): rms_norm fwd reads x, writes y; bwd reads x, d
 and writes q and k (fwd and bwd alike). attention causal fwd FLOPs = 4·B·H·S²·D / 2, bwd = 2.5 × fwd.
 swiglu fwd reads gate, up, writes out; bwd reads gate, up, dout, writes dgate, dup. cross-entropy fwd+bwd
 reads the logits and writes their gradient (the least any of them can do; ours reads each row a second
-time right after the first, from cache where the rows in flight fit it, as Liger-Kernel's does). adamw reads p, g, m, v and writes p, m, v (fp32: 28 B/param).
+time right after the first, from cache where the rows in flight fit it, as Liger-Kernel's does). adamw
+reads p, g, m, v and writes p, m, v (fp32: 28 B/param).
 """
 from __future__ import annotations
 

@@ -292,7 +292,8 @@ def _cases() -> list[tuple[str, str, bool, Callable[[], object]]]:
         return launch
 
     cases = [("rms_norm", "rms_norm", True, rms_norm), ("rope", "rope", True, rope),
-             ("swiglu", "swiglu", True, swiglu), ("cross_entropy", "cross_entropy", True, cross_entropy(1.0)),  # training: the gradient in the forward
+             ("swiglu", "swiglu", True, swiglu),
+             ("cross_entropy", "cross_entropy", True, cross_entropy(1.0)),  # training: the gradient in the forward
              ("cross_entropy", "cross_entropy without a gradient hint", True, cross_entropy(None)),  # TP, eval
              ("adamw", "adamw", True, adamw(torch.float32)),
              ("adamw", "adamw bf16 grads", True, adamw(bf16))]  # grad_dtype auto's buffer on one GPU
