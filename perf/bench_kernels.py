@@ -304,6 +304,8 @@ def cross_entropy_cases(xent, ref, use_compile: bool, shrink: int, dev: str) -> 
         # As the training step calls it: ids checked on the data side (no host read here) and the loss's
         # gradient (1.0 from the scalar loss, as the fwd+bwd pass sends) named, so the forward writes it.
         Impl("megamath (triton)", lambda x, t: xent(x, t, check_targets=False, expected_grad=1.0), ours=True),
+        # Without the hint (the backward reads the logits again, as under TP): what the hint saves, measured.
+        Impl("megamath, no gradient hint", lambda x, t: xent(x, t, check_targets=False)),
         Impl("eager (cross_entropy_ref, fp32)", ref),
         compiled(ref, use_compile),
         Impl("F.cross_entropy (bf16)", F.cross_entropy),

@@ -68,3 +68,23 @@ def test_a_full_disk_while_an_op_is_written_keeps_the_ops_written_before(tmp_pat
     assert next(tmp_path.glob("kernels-*.md")).read_bytes() == written[0] and b"| rms_norm row |" in written[0]
     assert len(list(tmp_path.iterdir())) == 1  # no temporary
     assert "could not write" in str(failed.value) and "File too large" in str(failed.value), failed.value
+
+
+def test_the_cross_entropy_rows_run_what_they_name(monkeypatch):
+    """Each cross-entropy row's callable, built as the GPU run builds it (here on CPU tensors, the kernels under
+    Triton's interpreter, 16 rows of the anchors' 32016-wide vocabulary): ours with and without the gradient
+    hint give the reference's loss and gradient, so a GPU run times the arithmetic it names."""
+    bench = load_bench(monkeypatch)
+    xent = importlib.import_module("megamath.kernels.cross_entropy")
+    (case,) = bench.cross_entropy_cases(xent.cross_entropy, xent.cross_entropy_ref, False, 512, "cpu")
+    logits, targets = case.make()
+    upcast = logits.float().requires_grad_()
+    want = torch.autograd.grad(xent.cross_entropy_ref(upcast, targets), upcast)[0]  # (16, 32016) fp32
+    ours = [impl for impl in case.impls if impl.name.startswith("megamath")]
+    assert [impl.name for impl in ours] == ["megamath (triton)", "megamath, no gradient hint"]
+    for impl in ours:
+        x = logits.detach().clone().requires_grad_()
+        loss = impl.fn(x, targets)
+        (grad,) = torch.autograd.grad(loss, x)
+        torch.testing.assert_close(loss, xent.cross_entropy_ref(logits.float(), targets), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grad.float(), want, rtol=1e-2, atol=1e-9)  # bf16 rounding of each entry
