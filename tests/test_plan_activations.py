@@ -1,15 +1,15 @@
 """The planner's activation model against what autograd really keeps for the backward.
 
-`megamath plan` sizes activations with a stated per-token model (megamath/planning/memory.py). Here the
-model runs one forward in bf16 on the Triton kernels (the path a GPU run takes; Triton's interpreter on
-CPU) under a saved-tensors hook that records every distinct storage kept for the backward, parameters
-left out. What it keeps must be the planner's `activations` plus the saved logits (at TP 1 also their
-gradient, which the loss kernel writes in the forward), give or take the
-small per-token vectors the model does not itemise (token ids, RMSNorm's and the loss's fp32 statistics):
-within 1 %. Once serial, once as TP 2 with sequence parallelism on two gloo ranks (each rank's own bytes),
-and once with K/V heads TP does not divide (each rank keeps only the heads its query heads read). The first
-two also with the weights in ZeRO-1's buffer, as training runs them: q/k/v and gate/up are then one matmul
-each, whose output the backward keeps whole (RoPE rotates q and k in place there, so nothing more).
+`megamath plan` sizes activations with a stated per-token model (megamath/planning/memory.py). Here the model
+runs one forward in bf16 on the Triton kernels (the path a GPU run takes; Triton's interpreter on CPU) under a
+saved-tensors hook that records every distinct storage kept for the backward, parameters left out. What it
+keeps must be the planner's `activations` plus the saved logits (at TP 1 also their gradient, which the loss
+kernel writes in the forward), give or take the small per-token vectors the model does not itemise (token ids,
+RMSNorm's and the loss's fp32 statistics): within 1 %. Once serial, once as TP 2 with sequence parallelism on
+two gloo ranks (each rank's own bytes), and once with K/V heads TP does not divide (each rank keeps only the
+heads its query heads read). The first two also with the weights in ZeRO-1's buffer, as training runs them:
+q/k/v and gate/up are then one matmul each, whose output the backward keeps whole (RoPE rotates q and k in
+place there, so nothing more).
 """
 from __future__ import annotations
 
