@@ -5,7 +5,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from megamath.kernels.swiglu import swiglu
 from megamath.model import Llama, ModelConfig
-from megamath.parallel import fused_linear
+from megamath.parallel import grad_into_buffer
 from megamath.parallel.fused_linear import adjacent_order, join_last_dim, linears
 from megamath.parallel.layers import column_parallel_inputs
 from megamath.parallel.optimizer_config import OptimizerConfig
@@ -111,9 +111,10 @@ def test_model_with_kernels_fuses_and_matches_the_reference_ops(monkeypatch):
     """The Triton path (interpreted on CPU) takes the fused matmul inside ZeRO's buffer; same loss and grads, and
     no concatenating copy: RoPE runs in place in the q/k/v output, and the attention and SwiGLU kernels write
     their gradients as slices of one tensor laid out like it."""
-    calls = []
-    fuse = fused_linear._AdjacentWeights.apply
-    monkeypatch.setattr(fused_linear._AdjacentWeights, "apply", lambda *w: calls.append(len(w)) or fuse(*w))
+    calls = []  # the weights of each matmul of more than one (fp32 weights: each dW goes into ZeRO's buffer)
+    into_buffer = grad_into_buffer._LinearIntoBuffer.apply
+    monkeypatch.setattr(grad_into_buffer._LinearIntoBuffer, "apply",
+                        lambda x, slots, *w: (len(w) > 1 and calls.append(len(w))) or into_buffer(x, slots, *w))
     torch.manual_seed(0)
     tokens = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(3))
     results = {}

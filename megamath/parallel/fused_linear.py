@@ -30,6 +30,8 @@ from typing import Protocol, Sequence
 import torch
 import torch.nn.functional as F
 
+from megamath.parallel.grad_into_buffer import fused_view, linear, linears_into_buffer
+
 
 def adjacent_order(weights: list[torch.Tensor]) -> list[int] | None:
     """The indices of `weights` in memory order when they tile one contiguous row-major block (same dtype,
@@ -47,12 +49,6 @@ def adjacent_order(weights: list[torch.Tensor]) -> list[int] | None:
         if weights[a].data_ptr() + weights[a].numel() * weights[a].element_size() != weights[b].data_ptr():
             return None
     return order
-
-
-def fused_view(ordered: list[torch.Tensor]) -> torch.Tensor:
-    """The (Σ out, in) matrix that weights back to back in memory (in this order) form: a view, no copy."""
-    first = ordered[0]
-    return first.as_strided((sum(w.shape[0] for w in ordered), first.shape[1]), (first.shape[1], 1))
 
 
 class _AdjacentWeights(torch.autograd.Function):
@@ -152,7 +148,9 @@ def linears(x: torch.Tensor, weights: list[torch.Tensor], epilogue: Epilogue | N
     if order is None:
         if epilogue is not None:
             raise ValueError("linears: an epilogue needs the fused matmul, and these weights are not back to back")
-        return [F.linear(x, w) for w in weights]
+        return [linear(x, w) for w in weights]
     ordered = [weights[i] for i in order]
-    y = F.linear(x, _AdjacentWeights.apply(*ordered))  # (..., Σ out): one GEMM
+    y = linears_into_buffer(x, ordered)  # (..., Σ out): one GEMM, whose dW goes into ZeRO's buffer
+    if y is None:  # some weight without a slot in a buffer of its dtype: autograd's path
+        y = F.linear(x, _AdjacentWeights.apply(*ordered))  # (..., Σ out): one GEMM
     return split_last_dim(y, order, [w.shape[0] for w in ordered], epilogue)

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from megamath.parallel.fused_linear import (
     Epilogue, adjacent_order, fused_view, in_caller_order, join_gradients, linears, split_output,
 )
+from megamath.parallel.grad_into_buffer import linear
 from megamath.parallel.mappings import (
     SEQUENCE_DIM, all_gather, copy_to_tp, gather_from_sequence, gather_from_tp, group_rank, group_size, reduce_from_tp,
     reduce_scatter, reduce_scatter_to_sequence,
@@ -267,7 +268,7 @@ class ColumnParallelLinear(_TPLayer):
             if self.sequence_parallel and self.tp_size > 1:  # the chunk, not the gathered input, is saved
                 return _GatherLinears.apply(x, self.group, False, None, weight)[0]  # (S, B, out/p)
             x = tp_region_input(x, self.group, self.sequence_parallel)  # (B, S, in)
-        return F.linear(x, weight)  # (B, S, out/p)
+        return linear(x, weight)  # (B, S, out/p); dW into ZeRO's buffer where it can (grad_into_buffer.py)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, tp_size={self.tp_size}"
@@ -287,7 +288,7 @@ class RowParallelLinear(_TPLayer):
 
     def forward(self, x_local: torch.Tensor) -> torch.Tensor:
         """x_local (B, S, in/p) -> (B, S, out), or under SP (S, B, in/p) -> (S/p, B, out)."""
-        y_partial = F.linear(x_local, self.weight)  # (B, S, out): this rank's term of the sum
+        y_partial = linear(x_local, self.weight)  # (B, S, out): this rank's term of the sum
         return tp_region_output(y_partial, self.group, self.sequence_parallel)
 
     def extra_repr(self) -> str:

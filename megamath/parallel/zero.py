@@ -52,7 +52,9 @@ ones added, so `zero_grad()` clears nothing: it only marks every slot as awaitin
 That saves, per step, a pass writing the whole buffer with zeros and the first add's read of them
 (for 1B parameters and fp32 gradients, about 8 GB of memory traffic). A parameter whose gradient never
 arrives (unused in the forward) has its slot zeroed before anything reads the buffer: the reductions,
-the step and `grad_view`. Copying is exact: x + 0 is x (only -0.0 becomes +0.0 in the add).
+the step and `grad_view`. Copying is exact: x + 0 is x (only -0.0 becomes +0.0 in the add). Where the
+buffer has the parameter's own dtype, a linear weight's first gradient of the step skips the hook: its
+matmul writes it into the slot (`_BufferSlot`, grad_into_buffer.py), and the hook finds no `p.grad`.
 
 Which parameters are split over the TP ranks (each holds a different piece) is passed by name
 (`split_names`, for Llama `model.split_parameter_names()`, from megamath.model.partition); everything else
@@ -68,6 +70,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import weakref
 from dataclasses import dataclass
 from typing import Collection
 
@@ -79,7 +82,7 @@ from megamath.parallel.grad_clip import clip_coefficient, global_grad_norm
 from megamath.parallel.mappings import (all_gather_into, all_gather_list, all_reduce_, native_collectives,
                                         reduce_scatter_into)
 from megamath.parallel.optimizer_config import GRAD_DTYPES, OptimizerConfig
-from megamath.parallel import zero_checkpoint
+from megamath.parallel import grad_into_buffer, zero_checkpoint
 from megamath.parallel.state import ParallelState
 from megamath.parallel.zero_layout import ParamSlot, ZeroLayout, bucket_numel_for, resolve_grad_dtype, zero_layout
 
@@ -109,6 +112,27 @@ class ShardRange:
     @property
     def flat(self) -> slice:
         return slice(self.flat_start, self.flat_start + self.end - self.start)
+
+
+class _BufferSlot:
+    """grad_into_buffer.GradSlot of one parameter: its view of the flat gradient buffer (the parameter's dtype),
+    offered for the step's first gradient only (later ones are sums: the hook adds them). The optimizer is held
+    weakly (the registry lives as long as the parameter)."""
+
+    def __init__(self, optimizer: "ZeroOptimizer", index: int, slot: ParamSlot, shape: tuple[int, ...]):
+        self._optimizer = weakref.ref(optimizer)
+        self.index, self.slot, self.shape = index, slot, shape
+
+    def claim(self) -> torch.Tensor | None:
+        opt = self._optimizer()
+        if opt is None or opt._arrived[self.index] or opt._grad_work[self.slot.bucket] is not None:
+            return None  # a later gradient (a sum), or a bucket already sent: the hook's path (and its error)
+        return opt.flat_grad[self.slot.offset:self.slot.offset + self.slot.numel].view(self.shape)
+
+    def filled(self) -> None:
+        opt = self._optimizer()
+        opt._arrived[self.index] = True
+        opt._gradient_in(self.slot)
 
 
 def _adamw_fn(device: torch.device):
@@ -190,6 +214,8 @@ class ZeroOptimizer:
                 grad_view = self.flat_grad[slot.offset:slot.offset + slot.numel].view_as(p)
                 self._hooks.append(p.register_post_accumulate_grad_hook(
                     self._make_grad_hook(len(self.params) - 1, slot, grad_view)))
+                if grad_dtype == self.param_dtype:  # the weight's matmul may write its gradient there itself
+                    grad_into_buffer.register(p, _BufferSlot(self, len(self.params) - 1, slot, tuple(p.shape)))
         self._hook_forward(model)
         self.ranges = self._shard_ranges()
         self.master = torch.cat([self.flat_param[f0:f1] for f0, f1, _ in self.pieces]).to(torch.float32)  # (S,)
@@ -234,6 +260,8 @@ class ZeroOptimizer:
     def _make_grad_hook(self, index: int, slot: ParamSlot, grad_view: torch.Tensor):
         def hook(p: torch.Tensor) -> None:
             grad = p.grad  # (shape of p): this micro-batch's gradient, which autograd has just accumulated
+            if grad is None:  # its matmul wrote it into the buffer (_BufferSlot): autograd accumulated nothing
+                return
             if torch.promote_types(grad.dtype, grad_view.dtype) != grad_view.dtype:
                 grad = grad.to(grad_view.dtype)  # fp32 into a bf16 buffer; bf16 into fp32 adds without a copy
             if self._grad_work[slot.bucket] is not None:
@@ -250,13 +278,17 @@ class ZeroOptimizer:
                 grad_view.copy_(grad)
                 self._arrived[index] = True
             p.grad = None
-            if self.events is not None:
-                self.events.append(("grad", slot.name))
-            if self._expected is not None:
-                self._ready[slot.bucket] += 1
-                if self._ready[slot.bucket] == self._expected[slot.bucket]:
-                    self._launch_reduce_scatter(slot.bucket)  # the bucket's last gradient of the last backward
+            self._gradient_in(slot)
         return hook
+
+    def _gradient_in(self, slot: ParamSlot) -> None:
+        """A gradient of `slot` is in the buffer (by the hook, or written there by its matmul: _BufferSlot)."""
+        if self.events is not None:
+            self.events.append(("grad", slot.name))
+        if self._expected is not None:
+            self._ready[slot.bucket] += 1
+            if self._ready[slot.bucket] == self._expected[slot.bucket]:
+                self._launch_reduce_scatter(slot.bucket)  # the bucket's last gradient of the last backward
 
     def _shard_ranges(self) -> list[ShardRange]:
         """The parameters' pieces inside this rank's bucket pieces, merged into runs of equal (decay, TP)."""
@@ -280,6 +312,8 @@ class ZeroOptimizer:
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
+        for p in self.params:
+            grad_into_buffer.unregister(p)
 
     def zero_grad(self, micro_batches: int | None = None) -> None:
         """Start a new gradient sum; call once per optimizer step, before the first micro-batch. Nothing is
