@@ -1,10 +1,10 @@
 """The trainer on a CUDA GPU: the bf16 model with the Triton kernels against the reference ops, a hot
-path (forward, backward, SP/DP-free gradient accumulation) without device-to-host syncs, and grad_dtype
-auto's bf16 buffer stepping as the fp32 one.
+path (forward, backward, SP/DP-free gradient accumulation) without device-to-host syncs, grad_dtype
+auto's bf16 buffer stepping as the fp32 one, and linear weights' gradients written into it by their matmul.
 
 CPU coverage of the same features: test_convergence.py (kernels under Triton's interpreter against the
-references, over 50 training steps), test_train_loop.py (the step and its metrics) and test_zero.py (the
-auto gradient buffer, bit-identical there).
+references, over 50 training steps), test_train_loop.py (the step and its metrics), test_zero.py (the
+auto gradient buffer, bit-identical there) and test_grad_into_buffer.py.
 """
 import pytest
 import torch
@@ -117,3 +117,30 @@ def test_the_auto_bf16_gradient_buffer_steps_as_the_fp32_one():
     repeat = (runs["fp32 again"][2] - runs["fp32"][2]).abs()
     off = (runs["auto"][2] - runs["fp32"][2]).abs()
     assert (off <= 2 * repeat.max() + 1e-6 * runs["fp32"][2].abs() + 1e-7).all(), (off.max(), repeat.max())
+
+
+def test_linear_gradients_written_into_the_buffer_are_the_hooks_bits():
+    """bf16 weights into the auto bf16 buffer (one GPU, one micro-batch): each linear weight's gradient written
+    by its matmul into the buffer (grad_into_buffer.py) is what the hook's copy of autograd's gradient holds (the
+    same cuBLAS call; only the output's address differs). Calibrated like the test above: no further from the
+    hook's buffer than a repeat of the hook's run is (zero when this GPU's backward is reproducible)."""
+    from megamath.parallel import grad_into_buffer
+
+    tokens = torch.randint(0, CONFIG["vocab_size"], (2, 513), device="cuda",
+                           generator=torch.Generator("cuda").manual_seed(1))
+    grads = {}
+    for name in ("direct", "hook", "hook again"):
+        torch.manual_seed(0)
+        model = Llama(ModelConfig(**CONFIG)).cuda().to(torch.bfloat16)
+        optimizer = ZeroOptimizer(model, ParallelState.single("cuda"), OptimizerConfig(),
+                                  split_names=model.split_parameter_names(), micro_batches=1)
+        assert optimizer.flat_grad.dtype == torch.bfloat16
+        if name != "direct":
+            for p in model.parameters():
+                grad_into_buffer.unregister(p)
+        optimizer.zero_grad(1)
+        model(tokens[:, :-1], tokens[:, 1:])[1].backward()
+        grads[name] = optimizer.flat_grad.float()
+        optimizer.remove_hooks()
+    repeat = (grads["hook again"] - grads["hook"]).abs().max()
+    assert (grads["direct"] - grads["hook"]).abs().max() <= repeat, repeat
