@@ -2,8 +2,8 @@
 
 Why: autograd hands a weight's gradient to ZeroOptimizer's post-accumulate hook as a fresh tensor, which the
 hook copies into the flat buffer: per step one more write and one more read of every gradient (in bf16 at Code
-Llama 7B's width with 4 layers, 1.07 B parameters, about 4.3 GB of memory traffic, ~1.4 ms of an H100's
-bandwidth). Where the buffer holds the weight's own dtype (grad_dtype auto on one GPU with one micro-batch; fp32
+Llama 7B's width with 4 layers, whose linear weights are 0.94 B of its 1.07 B parameters, about 3.8 GB of memory
+traffic, ~1.2 ms at an H100's ~3 TB/s: arithmetic, not a timing). Where the buffer holds the weight's own dtype (grad_dtype auto on one GPU with one micro-batch; fp32
 weights anywhere) and the weight's slot still awaits its first gradient of the step, the matmul that computes
 the gradient can write it there itself (`torch.mm(..., out=slot)`): Megatron's `main_grad` idea, without its
 fp32-accumulating GEMM. Later micro-batches' gradients, a buffer of another dtype, a weight with a gradient
