@@ -6,7 +6,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from megamath.kernels.swiglu import swiglu
 from megamath.model import Llama, ModelConfig
 from megamath.parallel import grad_into_buffer
-from megamath.parallel.fused_linear import adjacent_order, join_last_dim, linears
+from megamath.parallel.back_to_back import adjacent_order
+from megamath.parallel.fused_linear import join_last_dim, linears
 from megamath.parallel.layers import column_parallel_inputs
 from megamath.parallel.optimizer_config import OptimizerConfig
 from megamath.parallel.state import ParallelState

@@ -42,6 +42,15 @@ def zero_grads_and_loss(model, tokens):
     return loss.detach().float(), grads
 
 
+def one_gpu_step_setup(config: OptimizerConfig):
+    """The seed-0 bf16 model on the GPU in a ZeRO-1 optimizer told of one micro-batch per step (as `megamath train`
+    with grad_accum_steps 1 tells it): grad_dtype auto then takes a bf16 buffer."""
+    torch.manual_seed(0)
+    model = Llama(ModelConfig(**CONFIG)).cuda().to(torch.bfloat16)
+    return model, ZeroOptimizer(model, ParallelState.single("cuda"), config, split_names=model.split_parameter_names(),
+                                micro_batches=1)
+
+
 def test_bf16_kernels_match_the_reference_ops_within_the_bf16_error():
     """|kernels - fp32 ref| <= 2 |bf16 ref - fp32 ref| + atol, for the loss and every gradient; the kernels both
     on a plain model and with ZeRO-1's buffer (the fused projections a training run takes)."""
@@ -99,11 +108,7 @@ def test_the_auto_bf16_gradient_buffer_steps_as_the_fp32_one():
     tokens = torch.randint(0, CONFIG["vocab_size"], (2, 513), device="cuda", generator=generator)
     runs = {}
     for name, grad_dtype in (("auto", "auto"), ("fp32", "fp32"), ("fp32 again", "fp32")):
-        torch.manual_seed(0)
-        state = ParallelState.single("cuda")
-        model = Llama(ModelConfig(**CONFIG)).cuda().to(torch.bfloat16)
-        optimizer = ZeroOptimizer(model, state, OptimizerConfig(lr=1e-3, clip_grad=0.05, grad_dtype=grad_dtype),
-                                  split_names=model.split_parameter_names(), micro_batches=1)
+        model, optimizer = one_gpu_step_setup(OptimizerConfig(lr=1e-3, clip_grad=0.05, grad_dtype=grad_dtype))
         losses = []
         for _ in range(3):
             optimizer.zero_grad(1)
@@ -130,10 +135,7 @@ def test_linear_gradients_written_into_the_buffer_are_the_hooks_bits():
                            generator=torch.Generator("cuda").manual_seed(1))
     grads = {}
     for name in ("direct", "hook", "hook again"):
-        torch.manual_seed(0)
-        model = Llama(ModelConfig(**CONFIG)).cuda().to(torch.bfloat16)
-        optimizer = ZeroOptimizer(model, ParallelState.single("cuda"), OptimizerConfig(),
-                                  split_names=model.split_parameter_names(), micro_batches=1)
+        model, optimizer = one_gpu_step_setup(OptimizerConfig())
         assert optimizer.flat_grad.dtype == torch.bfloat16
         if name != "direct":
             for p in model.parameters():

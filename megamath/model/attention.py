@@ -85,7 +85,7 @@ class QKVLayout:
 
     fused_order: tuple[int, ...] | None = None
     """q, k, v (0, 1, 2) in memory order when they are slices of one fused projection output
-    (fused_linear.adjacent_order: ZeRO's buffer stores v, k, q, so (2, 1, 0)), or None: separate outputs."""
+    (back_to_back.adjacent_order: ZeRO's buffer stores v, k, q, so (2, 1, 0)), or None: separate outputs."""
     sequence_first: bool = False
     """The projections' outputs are (S, B, ·) (sequence parallelism), which attention sees transposed."""
 

@@ -59,7 +59,7 @@ from megamath.parallel.layers import (
     ColumnParallelLinear, RowParallelLinear, TPReplicatedLinear, VocabParallelEmbedding, VocabParallelLMHead,
     column_parallel_inputs, fuses, shard_tensor, tp_region_input,
 )
-from megamath.parallel.fused_linear import adjacent_order
+from megamath.parallel.back_to_back import adjacent_order
 from megamath.parallel.state import ParallelState
 
 

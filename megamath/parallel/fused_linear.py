@@ -30,25 +30,8 @@ from typing import Protocol, Sequence
 import torch
 import torch.nn.functional as F
 
-from megamath.parallel.grad_into_buffer import fused_view, linear, linears_into_buffer
-
-
-def adjacent_order(weights: list[torch.Tensor]) -> list[int] | None:
-    """The indices of `weights` in memory order when they tile one contiguous row-major block (same dtype,
-    device and in-features), else None."""
-    if len(weights) < 2:
-        return None
-    first = weights[0]
-    if any(w.dim() != 2 or not w.is_contiguous() or w.dtype != first.dtype or w.device != first.device
-           or w.shape[1] != first.shape[1] for w in weights):
-        return None
-    if any(w.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() for w in weights):
-        return None
-    order = sorted(range(len(weights)), key=lambda i: weights[i].data_ptr())
-    for a, b in zip(order, order[1:]):
-        if weights[a].data_ptr() + weights[a].numel() * weights[a].element_size() != weights[b].data_ptr():
-            return None
-    return order
+from megamath.parallel.back_to_back import adjacent_order, fused_view
+from megamath.parallel.grad_into_buffer import linear, linears_into_buffer
 
 
 class _AdjacentWeights(torch.autograd.Function):

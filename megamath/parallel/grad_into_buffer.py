@@ -1,14 +1,14 @@
 """Weight gradients written by their matmul straight into ZeRO-1's gradient buffer, without the hook's copy.
 
-Why: autograd hands a weight's gradient to ZeroOptimizer's post-accumulate hook as a fresh tensor, which the
-hook copies into the flat buffer: per step one more write and one more read of every gradient (in bf16 at Code
-Llama 7B's width with 4 layers, whose linear weights are 0.94 B of its 1.07 B parameters, about 3.8 GB of memory
-traffic, ~1.2 ms at an H100's ~3 TB/s: arithmetic, not a timing). Where the buffer holds the weight's own dtype (grad_dtype auto on one GPU with one micro-batch; fp32
-weights anywhere) and the weight's slot still awaits its first gradient of the step, the matmul that computes
-the gradient can write it there itself (`torch.mm(..., out=slot)`): Megatron's `main_grad` idea, without its
-fp32-accumulating GEMM. Later micro-batches' gradients, a buffer of another dtype, a weight with a gradient
-hook of its own (Tensor.register_hook: it must see the gradient) and every weight nobody registered take
-autograd's path and the hook, as before.
+Why: autograd hands a weight's gradient to ZeroOptimizer's post-accumulate hook as a fresh tensor, which the hook
+copies into the flat buffer: per step one more write and one more read of every gradient (in bf16 at Code Llama
+7B's width with 4 layers, whose linear weights are 0.94 B of its 1.07 B parameters, about 3.8 GB of memory
+traffic, ~1.2 ms at an H100's ~3 TB/s: arithmetic, not a timing). Where the buffer holds the weight's own dtype
+(grad_dtype auto on one GPU with one micro-batch; fp32 weights anywhere) and the weight's slot still awaits its
+first gradient of the step, the matmul that computes the gradient can write it there itself (`torch.mm` with
+`out=`): Megatron's `main_grad` idea, without its fp32-accumulating GEMM. Later micro-batches' gradients, a
+buffer of another dtype, a weight with a gradient hook of its own (Tensor.register_hook: it must see the
+gradient) and every weight nobody registered take autograd's path and the hook, as before.
 
 How: ZeroOptimizer registers a `GradSlot` per parameter (`register`); the model's linear layers call `linear`
 (one weight) or `linears_into_buffer` (weights back to back in memory, fused_linear.py), which use this file's
@@ -27,6 +27,8 @@ from typing import Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from megamath.parallel.back_to_back import adjacent_order, fused_view
 
 
 class GradSlot(Protocol):
@@ -73,24 +75,9 @@ def _slots_for(weights: Sequence[torch.Tensor]) -> tuple[GradSlot, ...] | None:
     return None if any(s is None for s in slots) else slots
 
 
-def fused_view(ordered: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The (Σ out, in) matrix that row-major matrices back to back in memory (in this order) form: a view, no
-    copy (of weights, or of their gradients' slots in the buffer, which lie alike)."""
-    first = ordered[0]
-    return first.as_strided((sum(w.shape[0] for w in ordered), first.shape[1]), (first.shape[1], 1))
-
-
 def _matrix(ordered: Sequence[torch.Tensor]) -> torch.Tensor:
     """One matrix as it is, several back to back as their fused_view."""
     return ordered[0] if len(ordered) == 1 else fused_view(ordered)
-
-
-def _back_to_back(views: Sequence[torch.Tensor]) -> bool:
-    """Whether the claimed views tile one contiguous block, in the given order (so one matmul fills them)."""
-    for a, b in zip(views, views[1:]):
-        if a.data_ptr() + a.numel() * a.element_size() != b.data_ptr():
-            return False
-    return all(v.is_contiguous() for v in views)
 
 
 class _LinearIntoBuffer(torch.autograd.Function):
@@ -112,7 +99,8 @@ class _LinearIntoBuffer(torch.autograd.Function):
         hooked = any(w._backward_hooks for w in ctx.weights)
         views = [None] if hooked else [slot.claim() for slot in ctx.slots]
         x2 = x.reshape(-1, x.shape[-1])  # (tokens, in)
-        if all(v is not None for v in views) and _back_to_back(views):
+        claimed = all(v is not None for v in views)
+        if claimed and (len(views) == 1 or adjacent_order(views) == list(range(len(views)))):  # one matmul fills them
             torch.mm(g.t(), x2, out=_matrix(views))  # (Σ out, in): straight into the buffer
             for slot in ctx.slots:
                 slot.filled()

@@ -47,9 +47,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megamath.parallel.fused_linear import (
-    Epilogue, adjacent_order, fused_view, in_caller_order, join_gradients, linears, split_output,
-)
+from megamath.parallel.back_to_back import adjacent_order, fused_view
+from megamath.parallel.fused_linear import Epilogue, in_caller_order, join_gradients, linears, split_output
 from megamath.parallel.grad_into_buffer import linear
 from megamath.parallel.mappings import (
     SEQUENCE_DIM, all_gather, copy_to_tp, gather_from_sequence, gather_from_tp, group_rank, group_size, reduce_from_tp,
