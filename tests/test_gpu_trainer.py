@@ -99,7 +99,9 @@ def test_a_training_step_makes_no_host_sync_until_its_one_read():
 
 
 def test_the_auto_bf16_gradient_buffer_steps_as_the_fp32_one():
-    """grad_dtype auto on one GPU with one micro-batch: a bf16 buffer holding the fp32 one's values. The CPU test
+    """grad_dtype auto on one GPU with one micro-batch: a bf16 buffer holding the values of an fp32 one that takes
+    autograd's bf16 gradients (without gradient-accumulation fusion, which keeps the products' fp32 bits: the
+    next tests). The CPU test
     (test_zero.py) finds the steps bit-identical; here the norm's fp64 sum may run in another order, and the
     GPU's backward need not be bit-reproducible, so the bar is calibrated by a second fp32 run: after three
     clipped steps the bf16 buffer's weights are as close to the fp32 run's as a repeat of that run is, up to a
@@ -108,7 +110,8 @@ def test_the_auto_bf16_gradient_buffer_steps_as_the_fp32_one():
     tokens = torch.randint(0, CONFIG["vocab_size"], (2, 513), device="cuda", generator=generator)
     runs = {}
     for name, grad_dtype in (("auto", "auto"), ("fp32", "fp32"), ("fp32 again", "fp32")):
-        model, optimizer = one_gpu_step_setup(OptimizerConfig(lr=1e-3, clip_grad=0.05, grad_dtype=grad_dtype))
+        model, optimizer = one_gpu_step_setup(OptimizerConfig(lr=1e-3, clip_grad=0.05, grad_dtype=grad_dtype,
+                                                              gradient_accumulation_fusion=False))
         losses = []
         for _ in range(3):
             optimizer.zero_grad(1)
@@ -146,3 +149,35 @@ def test_linear_gradients_written_into_the_buffer_are_the_hooks_bits():
         optimizer.remove_hooks()
     repeat = (grads["hook again"] - grads["hook"]).abs().max()
     assert (grads["direct"] - grads["hook"]).abs().max() <= repeat, repeat
+
+
+def test_fused_accumulation_sums_bf16_gradients_in_fp32():
+    """Gradient-accumulation fusion on CUDA: torch's fp32-output GEMMs for bf16 operands exist and add in place
+    (grad_into_buffer.mixed_dtype_gemm), and bf16 weights into an fp32 buffer over two micro-batches hold, after
+    the first, fp32 products (values no bf16 holds, where the hook's copy holds bf16 ones) and, after the second,
+    sums within bf16's rounding of the hook's."""
+    from megamath.parallel import grad_into_buffer
+
+    assert grad_into_buffer.mixed_dtype_gemm("cuda")
+    tokens = torch.randint(0, CONFIG["vocab_size"], (2, 513), device="cuda",
+                           generator=torch.Generator("cuda").manual_seed(1))
+    sums = {}
+    for fusion in (True, False):
+        torch.manual_seed(0)
+        model = Llama(ModelConfig(**CONFIG)).cuda().to(torch.bfloat16)
+        optimizer = ZeroOptimizer(model, ParallelState.single("cuda"),
+                                  OptimizerConfig(grad_dtype="fp32", gradient_accumulation_fusion=fusion),
+                                  split_names=model.split_parameter_names(), micro_batches=2)
+        assert optimizer.gradient_accumulation_fusion is fusion
+        weight = model.layers[0].mlp.down_proj.weight
+        optimizer.zero_grad(2)
+        for micro in range(2):
+            x, y = tokens[micro:micro + 1, :-1], tokens[micro:micro + 1, 1:]
+            (model(x, y)[1] / 2).backward()
+            if micro == 0:
+                first = optimizer.grad_view(weight)
+                assert torch.equal(first, first.bfloat16().float()) is not fusion
+        sums[fusion] = optimizer.grad_view(weight).clone()
+        optimizer.remove_hooks()
+    scale = sums[False].abs().max().item()
+    torch.testing.assert_close(sums[True], sums[False], rtol=2 ** -6, atol=2 ** -7 * scale)

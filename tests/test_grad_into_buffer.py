@@ -1,8 +1,10 @@
-"""Weight gradients written by their matmul into ZeRO-1's buffer (grad_into_buffer.py): the same bits as the
-hook's copy, no copy of a linear weight's gradient, and autograd's path wherever the buffer cannot take one.
+"""Weight gradients written (and, with gradient-accumulation fusion, added) by their matmul into ZeRO-1's buffer
+(grad_into_buffer.py): the same bits as the hook's copy for a first gradient, fp32 sums of bf16 weights'
+gradients, no copy of a linear weight's gradient, and autograd's path wherever the buffer cannot take one.
 (Multi-rank runs, overlap, TP and the fused q/k/v and gate/up matmuls take this path too: test_zero*.py,
 test_tensor_parallel.py and test_fused_linear.py compare them with their references bit for bit.)"""
 import gc
+import itertools
 from collections import Counter
 
 import pytest
@@ -38,13 +40,14 @@ class _BufferCopies(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _steps(direct: bool, micro_batches: int = 1, dtype=torch.float32, grad_dtype: str = "auto"):
+def _steps(direct: bool, micro_batches: int = 1, dtype=torch.float32, grad_dtype: str = "auto", fusion: bool = False):
     """Three optimizer steps; with direct=False every parameter's slot is unregistered (the hook's copy). Returns
     the results and state, and per step the parameters the hook wrote into the buffer."""
     torch.manual_seed(0)
     model = Llama(CONFIG).to(dtype)
-    opt = ZeroOptimizer(model, ParallelState.single(), OptimizerConfig(lr=1e-2, clip_grad=0.5, grad_dtype=grad_dtype),
-                        model.split_parameter_names(), micro_batches=micro_batches)
+    config = OptimizerConfig(lr=1e-2, clip_grad=0.5, grad_dtype=grad_dtype, gradient_accumulation_fusion=fusion)
+    opt = ZeroOptimizer(model, ParallelState.single(), config, model.split_parameter_names(),
+                        micro_batches=micro_batches)
     if not direct:
         for p in model.parameters():
             grad_into_buffer.unregister(p)
@@ -64,9 +67,9 @@ def _steps(direct: bool, micro_batches: int = 1, dtype=torch.float32, grad_dtype
 
 @pytest.mark.parametrize("micro_batches", [1, 2])
 def test_same_bits_as_the_hooks_copy_without_copying_linear_weights(micro_batches):
-    """fp32 weights and buffer: each linear weight's first gradient of a step is written by its matmul (the hook
-    copies only the embedding and the norms); later micro-batches add through the hook. Steps, masters, moments
-    and weights: bit-identical to the hook's copy of every gradient."""
+    """Without fusion, fp32 weights and buffer: each linear weight's first gradient of a step is written by its
+    matmul (the hook copies only the embedding and the norms); later micro-batches add through the hook. Steps,
+    masters, moments and weights: bit-identical to the hook's copy of every gradient."""
     (direct, direct_hooked), (hooked, all_hooked) = (_steps(d, micro_batches) for d in (True, False))
     assert direct[0] == hooked[0]
     for a, b in zip(direct[1:3], hooked[1:3]):
@@ -81,18 +84,95 @@ def test_same_bits_as_the_hooks_copy_without_copying_linear_weights(micro_batche
         assert Counter(direct_hooked[step]) == Counter({n: micro_batches - (n in linear) for n in names}) - Counter()
 
 
-def test_a_buffer_of_another_dtype_takes_autograds_path():
-    """bf16 weights with an fp32 gradient buffer (grad_dtype fp32): no slot is offered; the hook converts and
-    copies, as before."""
-    torch.manual_seed(0)
-    model = Llama(CONFIG).to(torch.bfloat16)
-    opt = ZeroOptimizer(model, ParallelState.single(), OptimizerConfig(grad_dtype="fp32"), model.split_parameter_names())
-    assert grad_into_buffer._slots_for(list(model.parameters())) is None
-    opt.remove_hooks()
-    model = Llama(CONFIG).to(torch.bfloat16)
-    opt = ZeroOptimizer(model, ParallelState.single(), OptimizerConfig(grad_dtype="bf16"), model.split_parameter_names())
-    assert grad_into_buffer._slots_for(list(model.parameters())) is not None  # bf16 into bf16: offered
-    opt.remove_hooks()
+def test_fusion_adds_every_micro_batchs_linear_gradient_in_the_matmul():
+    """With gradient-accumulation fusion (the default), fp32 weights, two micro-batches: no linear weight's gradient
+    reaches the hook in either micro-batch (the second is added by its matmul into the slot), and the steps follow
+    the hook's (a GEMM adding into its output may round the sum once differently from an add after it)."""
+    assert OptimizerConfig().gradient_accumulation_fusion
+    (fused, fused_hooked), (hooked, _) = (_steps(d, 2, fusion=True) for d in (True, False))
+    names = set(fused[3])
+    linear = {n for n in names if n.split(".")[-2] in LINEAR}
+    for step in range(3):
+        assert Counter(fused_hooked[step]) == Counter({n: 2 for n in names - linear})
+    for a, b in zip(fused[0], hooked[0]):
+        assert a.grad_norm == pytest.approx(b.grad_norm, rel=1e-6) and a.clip_coef == pytest.approx(b.clip_coef,
+                                                                                                    rel=1e-6)
+    for a, b in zip(fused[1:3], hooked[1:3]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+
+
+def test_bf16_weights_sum_their_gradients_in_fp32_with_fusion():
+    """bf16 weights into an fp32 buffer over two micro-batches. With fusion, no linear weight's gradient goes through
+    the hook, and after the first micro-batch their slots hold fp32 products (values no bf16 holds); without it
+    the hook copies autograd's bf16 gradients and adds the second. Both agree within bf16's rounding."""
+    tokens = torch.randint(0, 64, (4, 9), generator=torch.Generator().manual_seed(1))
+    buffers = {}
+    for fusion in (True, False):
+        torch.manual_seed(0)
+        model = Llama(CONFIG).to(torch.bfloat16)
+        opt = ZeroOptimizer(model, ParallelState.single(), OptimizerConfig(grad_dtype="fp32",
+                                                                           gradient_accumulation_fusion=fusion),
+                            model.split_parameter_names(), micro_batches=2)
+        assert opt.gradient_accumulation_fusion is fusion
+        linear = {n: p for n, p in model.named_parameters() if n.split(".")[-2] in LINEAR}
+        opt.zero_grad(2)
+        with _BufferCopies(opt) as spy:
+            for micro, (x, y) in enumerate(zip(tokens[:, :-1].chunk(2), tokens[:, 1:].chunk(2))):
+                (model(x, y)[1] / 2).backward()
+                if micro == 0:
+                    for name, p in linear.items():
+                        first = opt.grad_view(p)
+                        assert torch.equal(first, first.bfloat16().float()) is not fusion, name
+        assert set(spy.written) & set(linear) == (set() if fusion else set(linear))
+        buffers[fusion] = {n: opt.grad_view(p).clone() for n, p in linear.items()}
+        opt.remove_hooks()
+    for name, fused in buffers[True].items():
+        unfused = buffers[False][name]
+        torch.testing.assert_close(fused, unfused, rtol=2 ** -7, atol=2 ** -7 * unfused.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_write_weight_gradient_accumulates_low_precision_operands_in_fp32(dtype):
+    """The fused matmul at awkward sizes: gᵀx written, then gᵀx added, into fp32 are the exact sums to fp32's
+    precision, several hundred times closer than the bf16/fp16-rounded products the hook would add."""
+    generator = torch.Generator().manual_seed(3)
+    g, x = (torch.randn(37, n, generator=generator).to(dtype) for n in (5, 11))  # (tokens, out), (tokens, in)
+    exact = g.t().double().mm(x.double())  # (out, in)
+    out = torch.full((5, 11), float("nan"))  # the write must ignore what the slot held
+    grad_into_buffer.write_weight_gradient(out, g, x, add=False)
+    grad_into_buffer.write_weight_gradient(out, g, x, add=True)
+    rounded = g.t().mm(x).float() * 2
+    fused_error, rounded_error = (out.double() - 2 * exact).abs().max(), (rounded.double() - 2 * exact).abs().max()
+    assert fused_error <= 1e-6 * (2 * exact).abs().max() and fused_error * 200 < rounded_error
+    same = torch.zeros(5, 11, dtype=dtype)
+    grad_into_buffer.write_weight_gradient(same, g, x, add=False)  # a buffer of the operands' dtype: autograd's mm
+    assert torch.equal(same, g.t().mm(x))
+
+
+def test_a_buffer_of_another_dtype_takes_autograds_path_without_fusion(monkeypatch):
+    """bf16 weights with an fp32 gradient buffer (grad_dtype fp32): without fusion, or where the device has no
+    matmul that accumulates bf16 into fp32, no slot is offered and the hook converts and copies, as before."""
+    def slots(config, **patch):
+        torch.manual_seed(0)
+        model = Llama(CONFIG).to(torch.bfloat16)
+        opt = ZeroOptimizer(model, ParallelState.single(), config, model.split_parameter_names())
+        offered = grad_into_buffer._slots_for(list(model.parameters())) is not None
+        opt.remove_hooks()
+        return offered, opt.gradient_accumulation_fusion
+
+    assert slots(OptimizerConfig(grad_dtype="fp32", gradient_accumulation_fusion=False)) == (False, False)
+    assert slots(OptimizerConfig(grad_dtype="fp32")) == (True, True)
+    assert slots(OptimizerConfig(grad_dtype="bf16", gradient_accumulation_fusion=False)) == (True, False)
+    assert grad_into_buffer.mixed_dtype_gemm("cpu")
+    monkeypatch.setattr(grad_into_buffer, "mixed_dtype_gemm", lambda device_type: False)  # a torch without it
+    assert slots(OptimizerConfig(grad_dtype="fp32")) == (False, False)
+
+
+def test_fusion_setting_is_a_bool():
+    for bad in ("yes", 1, None):
+        with pytest.raises(ValueError, match=rf"^OptimizerConfig.gradient_accumulation_fusion must be true or false, "
+                                             rf"got {bad!r}$"):
+            OptimizerConfig(gradient_accumulation_fusion=bad)
 
 
 def test_bf16_weights_into_a_bf16_buffer_match_the_hook():
@@ -142,3 +222,42 @@ def test_a_weight_with_its_own_gradient_hook_sees_its_gradient():
     assert len(seen) == 1 and seen[0].shape == model.lm_head.weight.shape
     assert torch.equal(opt.grad_view(model.lm_head.weight), seen[0] * 2)
     opt.remove_hooks()
+
+
+def _sequence_parallel_worker(rank, world_size, out_dir):
+    """TP 2 with sequence parallelism, fp32, two micro-batches: the column projections' backward computes their
+    gradients itself (layers._GatherLinears: one matmul per projection with the reference ops, one for q/k/v and
+    one for gate/up with the kernels); with fusion it writes and adds them into the buffer too. (Two KV heads, so
+    that TP splits k and v: a replicated KV projection's gradient, of its rows only, takes the hook.)"""
+    state = ParallelState.from_env(2)
+    tokens = torch.randint(0, 64, (4, 9), generator=torch.Generator().manual_seed(1))
+    out = {}
+    for kernels, direct in itertools.product(("reference", "triton"), (True, False)):
+        config = ModelConfig(**{**CONFIG.to_dict(), "num_kv_heads": 2, "kernels": kernels})
+        torch.manual_seed(0)
+        model = Llama(config, state, sequence_parallel=True)
+        opt = ZeroOptimizer(model, state, OptimizerConfig(), model.split_parameter_names(), micro_batches=2)
+        if not direct:
+            for p in model.parameters():
+                grad_into_buffer.unregister(p)
+        opt.zero_grad(2)
+        with _BufferCopies(opt) as spy:
+            for x, y in zip(tokens[:, :-1].chunk(2), tokens[:, 1:].chunk(2)):
+                (model(x, y)[1] / 2).backward()
+        out[kernels, direct] = (Counter(spy.written), {n: opt.grad_view(p).clone() for n, p in model.named_parameters()})
+        opt.remove_hooks()
+    torch.save(out, out_dir / f"sp{rank}.pt")
+
+
+def test_sequence_parallel_projections_write_into_the_buffer(tmp_path):
+    from distributed import run_distributed
+
+    run_distributed(_sequence_parallel_worker, 2, tmp_path)
+    for rank, kernels in itertools.product(range(2), ("reference", "triton")):
+        out = torch.load(tmp_path / f"sp{rank}.pt")
+        (direct_hooked, direct), (hooked, reference) = out[kernels, True], out[kernels, False]
+        linear = {n for n in reference if n.split(".")[-2] in LINEAR}
+        assert hooked == Counter({n: 2 for n in reference})  # the hook's path: every parameter, each micro-batch
+        assert direct_hooked == Counter({n: 2 for n in set(reference) - linear})  # no linear weight, q/k/v included
+        for name in reference:
+            torch.testing.assert_close(direct[name], reference[name], rtol=1e-5, atol=1e-8, msg=(kernels, name))

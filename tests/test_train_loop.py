@@ -139,6 +139,15 @@ def test_metrics_jsonl_and_falling_loss(tmp_path, one_thread, capsys):
     # grad_dtype auto, said once: fp32 weights (CPU) would be rounded by a bf16 buffer
     assert ("gradient buffer: fp32 (grad_dtype auto at float32 weights, 1 micro-batch(es) per step, DP 1, TP 1: "
             "bf16 only where nothing is summed into it)") in out
+    assert "gradient accumulation fusion" not in out  # on, and taken: fp32 weights into an fp32 buffer
+
+
+def test_a_fusion_the_buffer_cannot_take_is_said(tmp_path, one_thread, capsys):
+    """fp32 weights into a bf16 buffer: no matmul writes that, so the log says the hook carries the gradients."""
+    run(raw_config(tmp_path / "data", tmp_path / "run", train_steps=2, checkpoint__save_every=0,
+                   optimizer__grad_dtype="bf16"))
+    assert ("gradient accumulation fusion: off, float32 weights into a bf16 buffer on cpu have no matmul that "
+            "accumulates into it: the gradients go through the optimizer's hook") in capsys.readouterr().out
 
 
 def test_empty_data_path_fails_before_building_anything(tmp_path):

@@ -371,9 +371,11 @@ def test_a_gradient_that_does_not_arrive_counts_as_zero(read_first):
 
 
 def test_the_first_gradient_after_zero_grad_overwrites_the_slot_exactly():
-    """Copy for the first micro-batch, add for the next: bit-identical to summing into zeros."""
+    """The hook's copy for the first micro-batch, its add for the next: bit-identical to summing autograd's bf16
+    gradients into zeros (without gradient-accumulation fusion, which keeps the products' fp32 bits:
+    test_grad_into_buffer.py)."""
     model, reference = make_model(torch.bfloat16), make_model(torch.bfloat16)
-    opt = ZeroOptimizer(model, ParallelState.single(), zero_config())
+    opt = ZeroOptimizer(model, ParallelState.single(), zero_config(gradient_accumulation_fusion=False))
     for window in range(2):
         opt.zero_grad()
         reference.zero_grad(set_to_none=True)
@@ -430,13 +432,14 @@ def test_auto_grad_dtype_is_bf16_only_where_nothing_is_summed(weights, micro_bat
 
 
 def test_auto_bf16_buffer_steps_exactly_as_an_fp32_buffer():
-    """bf16 weights, one micro-batch, one process: the bf16 buffer auto picks gives the fp32 buffer's losses, norms,
-    master weights and moments bit for bit (clipping active: the norm feeds every update)."""
+    """bf16 weights, one micro-batch, one process: the bf16 buffer auto picks gives the losses, norms, master
+    weights and moments of an fp32 buffer holding autograd's bf16 gradients bit for bit (clipping active: the norm
+    feeds every update). With gradient-accumulation fusion an fp32 buffer holds more: the products' fp32 bits."""
     runs = {}
     for grad_dtype in ("auto", "fp32"):
         model = make_model(torch.bfloat16)
-        opt = ZeroOptimizer(model, ParallelState.single(), zero_config(grad_dtype=grad_dtype, clip_grad=0.5),
-                            model.split_parameter_names(), micro_batches=1)
+        config = zero_config(grad_dtype=grad_dtype, clip_grad=0.5, gradient_accumulation_fusion=False)
+        opt = ZeroOptimizer(model, ParallelState.single(), config, model.split_parameter_names(), micro_batches=1)
         results = zero_train(model, opt, STEPS, 0, 1, micro=1)
         assert all(r.clip_coef < 1 for r in results)
         runs[grad_dtype] = (opt.flat_grad.dtype, [dataclasses.astuple(r) for r in results],

@@ -1,27 +1,38 @@
-"""Weight gradients written by their matmul straight into ZeRO-1's gradient buffer, without the hook's copy.
+"""Weight gradients written (or added) by their matmul straight into ZeRO-1's gradient buffer, without the hook.
 
 Why: autograd hands a weight's gradient to ZeroOptimizer's post-accumulate hook as a fresh tensor, which the hook
-copies into the flat buffer: per step one more write and one more read of every gradient (in bf16 at Code Llama
-7B's width with 4 layers, whose linear weights are 0.94 B of its 1.07 B parameters, about 3.8 GB of memory
-traffic, ~1.2 ms at an H100's ~3 TB/s: arithmetic, not a timing). Where the buffer holds the weight's own dtype
-(grad_dtype auto on one GPU with one micro-batch; fp32 weights anywhere) and the weight's slot still awaits its
-first gradient of the step, the matmul that computes the gradient can write it there itself (`torch.mm` with
-`out=`): Megatron's `main_grad` idea, without its fp32-accumulating GEMM. Later micro-batches' gradients, a
-buffer of another dtype, a weight with a gradient hook of its own (Tensor.register_hook: it must see the
-gradient) and every weight nobody registered take autograd's path and the hook, as before.
+copies into the flat buffer, or adds to it for a later micro-batch, converting bf16 to fp32 where the buffer is
+fp32: per micro-batch one more write and one more read of every gradient, in the weight's dtype (in bf16 at Code
+Llama 7B's width with 4 layers, whose linear weights are 0.94 B of its 1.07 B parameters, about 3.8 GB of memory
+traffic, ~1.2 ms at an H100's ~3 TB/s: arithmetic, not a timing), and with bf16 weights a gradient rounded to
+bf16 before the fp32 buffer sums it. Instead the matmul that computes the gradient writes it into the weight's
+slot of the buffer (`torch.mm` with `out=`), or adds it there for a later micro-batch (beta 1: the GEMM reads
+the sum so far and writes the new one), in the buffer's dtype: Megatron's `main_grad` and its
+gradient-accumulation fusion. For bf16 weights and an fp32 buffer, CUDA's mixed-dtype GEMM (`out_dtype`
+float32: bf16 operands, the product accumulated and stored in fp32) does it; where that is missing (a CPU, or a
+torch without it, found by `mixed_dtype_gemm`) the same product of the operands' exact fp32 copies, on CPU, and
+on CUDA the hook's path.
+
+What takes which path (ZeroOptimizer's `_BufferSlot.claim` decides per gradient): with
+optimizer.gradient_accumulation_fusion (the default) every gradient of a linear weight goes into the buffer by
+its matmul; without it only the first of the step, and only into a buffer of the weight's own dtype (which is
+then bit-identical to the hook's copy). A weight with a gradient hook of its own (Tensor.register_hook: it must
+see the gradient), a bucket already sent, grad_dtype auto's refused second gradient, and every weight nobody
+registered take autograd's path and the hook.
 
 How: ZeroOptimizer registers a `GradSlot` per parameter (`register`); the model's linear layers call `linear`
 (one weight) or `linears_into_buffer` (weights back to back in memory, fused_linear.py), which use this file's
-autograd function wherever every weight has a slot. Its backward computes exactly what autograd's own backward
-of F.linear computes, the same matmuls on the same operands (dX = dY·W, dW = dYᵀ·X over the flattened tokens),
-so results are bit-identical with and without it; only where dW lands differs. The registry holds the
-parameters weakly (by id, checked against a weak reference), and nothing is stored on the parameter tensors
-(ZeroOptimizer's rule: `to_empty` re-creates them). One consequence to know: with an optimizer attached,
-`torch.autograd.grad` of a loss with respect to a linear weight returns None for it, the gradient having gone
-into the buffer (megamath calls it only on tensors no optimizer holds: the kernel benchmarks).
+autograd function wherever every weight has a slot. Its backward computes dX exactly as autograd's own backward
+of F.linear does, and dW with the same operands (dX = dY·W, dW = dYᵀ·X over the flattened tokens), so a first
+gradient into a buffer of the weight's dtype is bit-identical with and without it; only where dW lands differs.
+The registry holds the parameters weakly (by id, checked against a weak reference), and nothing is stored on the
+parameter tensors (ZeroOptimizer's rule: `to_empty` re-creates them). One consequence to know: with an optimizer
+attached, `torch.autograd.grad` of a loss with respect to a linear weight returns None for it, the gradient
+having gone into the buffer (megamath calls it only on tensors no optimizer holds: the kernel benchmarks).
 """
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import Protocol, Sequence
 
@@ -34,9 +45,9 @@ from megamath.parallel.back_to_back import adjacent_order, fused_view
 class GradSlot(Protocol):
     """Where one parameter's gradient goes (ZeroOptimizer's buffer)."""
 
-    def claim(self) -> torch.Tensor | None:
-        """The view (the parameter's shape) to write this step's first gradient into, or None when the
-        gradient must take autograd's path (it is not the first, or the buffer is not ready for it)."""
+    def claim(self) -> tuple[torch.Tensor, bool] | None:
+        """(view, add): the view (the parameter's shape) to write this gradient into (add False: the step's
+        first) or to add it to (add True), or None when it must take autograd's path and the hook."""
 
     def filled(self) -> None:
         """The claimed view now holds the gradient (queued on the device): what the hook does after its copy."""
@@ -75,9 +86,85 @@ def _slots_for(weights: Sequence[torch.Tensor]) -> tuple[GradSlot, ...] | None:
     return None if any(s is None for s in slots) else slots
 
 
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def mixed_dtype_gemm(device_type: str) -> bool:
+    """Whether write_weight_gradient can take bf16/fp16 operands into an fp32 gradient on this kind of device.
+
+    A CPU always can (the operands' fp32 copies). CUDA needs torch's `out_dtype` GEMMs, mm and baddbmm, whose
+    baddbmm must add into its fp32 output in place: checked once per process on small integers, exact in every
+    dtype involved, so that a torch build without them, or one that rounds, makes the optimizer keep the hook's
+    path instead of failing inside a backward."""
+    if device_type != "cuda":
+        return True
+    g = torch.arange(-6, 6, dtype=torch.bfloat16, device="cuda").view(4, 3)  # (tokens, out)
+    x = torch.arange(-4, 4, dtype=torch.bfloat16, device="cuda").view(4, 2)  # (tokens, in)
+    expected = g.t().double().mm(x.double())  # (out, in)
+    out = torch.full((3, 2), 0.5, dtype=torch.float32, device="cuda")
+    try:
+        write_weight_gradient(out, g, x, add=True)
+        added = torch.equal(out.double(), expected + 0.5)
+        write_weight_gradient(out, g, x, add=False)
+        return added and torch.equal(out.double(), expected)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
+def write_weight_gradient(out: torch.Tensor, g: torch.Tensor, x: torch.Tensor, add: bool) -> None:
+    """out (out, in) = gᵀ·x, or out += gᵀ·x with `add`: the weight gradient of y = x·Wᵀ from the flattened
+    output gradient g (tokens, out) and input x (tokens, in), accumulated and stored in out's dtype.
+
+    Same dtypes: autograd's matmul (mm with out=, or addmm_, whose GEMM adds the sum so far at its end). An
+    fp32 out with bf16/fp16 operands: on CUDA the mixed-dtype GEMM (out_dtype float32; for the add, baddbmm over
+    a batch of one, the one out_dtype GEMM that adds into an fp32 output); elsewhere the same product of the
+    operands' fp32 copies, which bf16/fp16 values convert to exactly."""
+    a = g.t()  # (out, tokens)
+    if out.dtype != g.dtype and out.device.type == "cuda":
+        if add:
+            torch.baddbmm(out[None], a[None], x[None], out_dtype=out.dtype, out=out[None])
+        else:
+            torch.mm(a, x, out_dtype=out.dtype, out=out)
+        return
+    if out.dtype != g.dtype:
+        a, x = a.to(out.dtype), x.to(out.dtype)
+    if add:
+        out.addmm_(a, x)
+    else:
+        torch.mm(a, x, out=out)
+
+
 def _matrix(ordered: Sequence[torch.Tensor]) -> torch.Tensor:
     """One matrix as it is, several back to back as their fused_view."""
     return ordered[0] if len(ordered) == 1 else fused_view(ordered)
+
+
+def _write_into(slots: Sequence[GradSlot], weights: Sequence[torch.Tensor], g: torch.Tensor, x: torch.Tensor) -> bool:
+    """dW = gᵀx of `weights` (one, or several back to back in memory, in memory order; g (tokens, Σ out), x
+    (tokens, in)) written or added by one matmul into their slots: True, or False (nothing done) where it must
+    take autograd's path: a weight with a gradient hook of its own (Tensor.register_hook: it must see the
+    gradient, even one added after the forward), a slot that declines, or slots that are not back to back."""
+    if any(w._backward_hooks for w in weights):
+        return False
+    claims = [slot.claim() for slot in slots]
+    if any(c is None for c in claims) or len({add for _, add in claims}) != 1:
+        return False
+    views = [view for view, _ in claims]
+    if len(views) > 1 and adjacent_order(views) != list(range(len(views))):
+        return False
+    write_weight_gradient(_matrix(views), g, x, add=claims[0][1])  # (Σ out, in): into the buffer
+    for slot in slots:
+        slot.filled()
+    return True
+
+
+def weight_gradient_into_slots(weights: Sequence[torch.Tensor], g: torch.Tensor, x: torch.Tensor) -> bool:
+    """For a backward that computes its weights' gradients itself (the sequence-parallel column projections,
+    layers.py): dW = gᵀx written or added into the weights' slots (weights one, or back to back in memory in
+    memory order; g (tokens, Σ out), x (tokens, in)); False, with nothing done, where autograd must take them."""
+    slots = tuple(_slot(w) for w in weights)
+    return all(s is not None for s in slots) and _write_into(slots, weights, g, x)
 
 
 class _LinearIntoBuffer(torch.autograd.Function):
@@ -95,15 +182,8 @@ class _LinearIntoBuffer(torch.autograd.Function):
         x, *ordered = ctx.saved_tensors
         g = grad_y.reshape(-1, grad_y.shape[-1])  # (tokens, Σ out)
         grad_x = g.mm(_matrix(ordered)).view(*grad_y.shape[:-1], -1) if ctx.needs_input_grad[0] else None
-        # A gradient hook on a weight (Tensor.register_hook) must see the gradient: autograd's path for it.
-        hooked = any(w._backward_hooks for w in ctx.weights)
-        views = [None] if hooked else [slot.claim() for slot in ctx.slots]
         x2 = x.reshape(-1, x.shape[-1])  # (tokens, in)
-        claimed = all(v is not None for v in views)
-        if claimed and (len(views) == 1 or adjacent_order(views) == list(range(len(views)))):  # one matmul fills them
-            torch.mm(g.t(), x2, out=_matrix(views))  # (Σ out, in): straight into the buffer
-            for slot in ctx.slots:
-                slot.filled()
+        if _write_into(ctx.slots, ctx.weights, g, x2):
             return (grad_x, None, *[None] * len(ordered))
         grad_w = g.t().mm(x2)  # (Σ out, in): as autograd computes it
         parts = grad_w.split([w.shape[0] for w in ordered], dim=0) if len(ordered) > 1 else (grad_w,)

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from megamath.parallel.back_to_back import adjacent_order, fused_view
 from megamath.parallel.fused_linear import Epilogue, in_caller_order, join_gradients, linears, split_output
-from megamath.parallel.grad_into_buffer import linear
+from megamath.parallel.grad_into_buffer import linear, weight_gradient_into_slots
 from megamath.parallel.mappings import (
     SEQUENCE_DIM, all_gather, copy_to_tp, gather_from_sequence, gather_from_tp, group_rank, group_size, reduce_from_tp,
     reduce_scatter, reduce_scatter_to_sequence,
@@ -139,7 +139,7 @@ class _GatherLinears(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_local, group, fuse, epilogue, *weights):
-        ctx.group, ctx.epilogue = group, epilogue
+        ctx.group, ctx.epilogue, ctx.weights = group, epilogue, weights  # the parameters: their gradients' slots
         ctx.order = adjacent_order(list(weights)) if fuse else None
         x = all_gather(x_local, SEQUENCE_DIM, group)  # (S, B, in): rank-major is sequence order, no copy
         ctx.save_for_backward(x_local, *weights)
@@ -158,14 +158,18 @@ class _GatherLinears(torch.autograd.Function):
             sizes = [w.shape[0] for w in ordered]
             g_flat = join_gradients(grads, ctx.order, sizes, ctx.epilogue).flatten(0, -2)  # (S·B, Σ)
             grad_x = g_flat.mm(fused_view(ordered)).view(*grads[0].shape[:-1], -1)  # (S, B, in)
-            grad_weights = in_caller_order(g_flat.t().mm(x_flat).split(sizes, dim=0), ctx.order)  # (out_i/p, in)
+            if weight_gradient_into_slots([ctx.weights[i] for i in ctx.order], g_flat, x_flat):
+                grad_weights = [None] * len(weights)  # written into ZeRO's buffer (grad_into_buffer.py)
+            else:
+                grad_weights = in_caller_order(g_flat.t().mm(x_flat).split(sizes, dim=0), ctx.order)  # (out_i/p, in)
             return (reduce_scatter(grad_x, SEQUENCE_DIM, ctx.group), None, None, None, *grad_weights)
         grad_x, grad_weights = None, []
-        for g, w in reversed(list(zip(grads, weights))):
+        for g, w, param in reversed(list(zip(grads, weights, ctx.weights))):
             g_flat = g.reshape(-1, g.shape[-1])  # (S·B, out_i/p)
             gx = g_flat.mm(w)  # (S·B, in)
             grad_x = gx if grad_x is None else grad_x + gx
-            grad_weights.append(g_flat.t().mm(x_flat))  # (out_i/p, in)
+            into_buffer = weight_gradient_into_slots([param], g_flat, x_flat)
+            grad_weights.append(None if into_buffer else g_flat.t().mm(x_flat))  # (out_i/p, in)
         grad_x = grad_x.view(*grads[0].shape[:-1], -1)  # (S, B, in)
         return (reduce_scatter(grad_x, SEQUENCE_DIM, ctx.group), None, None, None, *reversed(grad_weights))
 

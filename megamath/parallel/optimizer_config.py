@@ -29,9 +29,17 @@ class OptimizerConfig:
     """dtype of the flat gradient buffer. "fp32" (Megatron's default): 4 bytes per parameter; micro-batch
     gradients accumulate and are DP-summed in fp32, rounded once. "bf16": 2 bytes per parameter and half the
     reduce-scatter's bytes, but every micro-batch's add and the DP sum round to bf16. "auto": "fp32", except
-    where nothing is summed into the buffer (bf16 weights, one micro-batch, one GPU), where "bf16" holds the
-    same values (zero_layout.resolve_grad_dtype). (Bucket sizes and the overlap of communication are
+    where nothing is summed into the buffer (bf16 weights, one micro-batch, one GPU), where "bf16" holds
+    autograd's bf16 gradient as it is (zero_layout.resolve_grad_dtype). (Bucket sizes and the overlap of communication are
     `parallel.bucket_mb` / `overlap_grad_reduce` / `overlap_param_gather`.)"""
+    gradient_accumulation_fusion: bool = True
+    """Megatron's `--gradient-accumulation-fusion` (its default; `--no-gradient-accumulation-fusion` is false
+    here). True: every gradient of a linear weight is written, or added, by its weight-gradient matmul straight
+    into the buffer, accumulated in the buffer's dtype: bf16 weights into an fp32 buffer get an fp32 product,
+    not one rounded to bf16 first, and later micro-batches are summed by the matmul, not by an add after it
+    (megamath.parallel.grad_into_buffer). Slightly different bits from false, which writes by the matmul only
+    the first gradient of a weight whose buffer has its own dtype (exactly what the hook's copy would hold) and
+    hands every other one to the hook as a tensor in the weight's dtype."""
 
     def __post_init__(self) -> None:
         for name in ("lr", "eps", "weight_decay", "clip_grad"):
@@ -54,6 +62,9 @@ class OptimizerConfig:
                 bounds = (f"in {'[' if low_ok else '('}{low:g}, {high:g}]" if math.isfinite(high)
                           else f"{'>=' if low_ok else '>'} {low:g} and finite")
                 raise ValueError(f"OptimizerConfig.{name} must be {bounds}, got {value!r}")
+        if not isinstance(self.gradient_accumulation_fusion, bool):
+            raise ValueError(f"OptimizerConfig.gradient_accumulation_fusion must be true or false, "
+                             f"got {self.gradient_accumulation_fusion!r}")
         if self.grad_dtype not in GRAD_DTYPE_SETTINGS:
             raise ValueError(f"OptimizerConfig.grad_dtype must be one of {', '.join(GRAD_DTYPE_SETTINGS)}, "
                              f"got {self.grad_dtype!r}")

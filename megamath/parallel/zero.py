@@ -16,12 +16,14 @@ Bytes per parameter on one rank, bf16 model (`zero_layout.buffer_bytes`, plus th
     fp32 grads: 6 + 12/dp;  bf16 grads: 4 + 12/dp
 
 (7B at dp = 8 with fp32 grads: 6 + 1.5 = 7.5 bytes, 52 GB, against 18 bytes without sharding.)
-What grad_dtype costs: "fp32" adds each micro-batch's gradient (bf16, as autograd computes it) into an
-fp32 buffer, so the accumulation over micro-batches and the DP sum round only once, at the end, to fp32;
-"bf16" saves 2 bytes per parameter and half the reduce-scatter's bytes, but rounds to bf16 at every
+What grad_dtype costs: "fp32" adds each micro-batch's gradient into an fp32 buffer (a linear weight's,
+with gradient-accumulation fusion, as its matmul's fp32 product; otherwise in bf16, as autograd computes
+it), so the accumulation over micro-batches and the DP sum round only once, at the end, to fp32; "bf16"
+saves 2 bytes per parameter and half the reduce-scatter's bytes, but rounds to bf16 at every
 micro-batch's add and inside the reduce-scatter (the DP sum is taken in bf16 by the collective); "auto"
 (the default) is "bf16" exactly where no sum enters the buffer (bf16 weights, one micro-batch, one GPU:
-zero_layout.resolve_grad_dtype), where both hold the same values, and "fp32" everywhere else.
+zero_layout.resolve_grad_dtype), where it holds autograd's bf16 gradients as they are, and "fp32"
+everywhere else.
 
 One step (`step(lr)`), in three phases:
   1. `_reduce_scatter_grads`: every bucket's gradients summed over DP into this rank's pieces (a sum; the
@@ -52,9 +54,11 @@ ones added, so `zero_grad()` clears nothing: it only marks every slot as awaitin
 That saves, per step, a pass writing the whole buffer with zeros and the first add's read of them
 (for 1B parameters and fp32 gradients, about 8 GB of memory traffic). A parameter whose gradient never
 arrives (unused in the forward) has its slot zeroed before anything reads the buffer: the reductions,
-the step and `grad_view`. Copying is exact: x + 0 is x (only -0.0 becomes +0.0 in the add). Where the
-buffer has the parameter's own dtype, a linear weight's first gradient of the step skips the hook: its
-matmul writes it into the slot (`_BufferSlot`, grad_into_buffer.py), and the hook finds no `p.grad`.
+the step and `grad_view`. Copying is exact: x + 0 is x (only -0.0 becomes +0.0 in the add). A linear
+weight's gradients skip the hook: its matmul writes the first into the slot and, with
+optimizer.gradient_accumulation_fusion (the default), adds later ones there, in the buffer's dtype
+(`_BufferSlot`, grad_into_buffer.py), and the hook finds no `p.grad`; without fusion only a first gradient
+into a buffer of the weight's own dtype does.
 
 Which parameters are split over the TP ranks (each holds a different piece) is passed by name
 (`split_names`, for Llama `model.split_parameter_names()`, from megamath.model.partition); everything else
@@ -115,19 +119,24 @@ class ShardRange:
 
 
 class _BufferSlot:
-    """grad_into_buffer.GradSlot of one parameter: its view of the flat gradient buffer (the parameter's dtype),
-    offered for the step's first gradient only (later ones are sums: the hook adds them). The optimizer is held
-    weakly (the registry lives as long as the parameter)."""
+    """grad_into_buffer.GradSlot of one parameter: its view of the flat gradient buffer, offered for the step's
+    first gradient (written) and, with gradient-accumulation fusion, for later ones (added). The optimizer is
+    held weakly (the registry lives as long as the parameter)."""
 
     def __init__(self, optimizer: "ZeroOptimizer", index: int, slot: ParamSlot, shape: tuple[int, ...]):
         self._optimizer = weakref.ref(optimizer)
         self.index, self.slot, self.shape = index, slot, shape
 
-    def claim(self) -> torch.Tensor | None:
+    def claim(self) -> tuple[torch.Tensor, bool] | None:
         opt = self._optimizer()
-        if opt is None or opt._arrived[self.index] or opt._grad_work[self.slot.bucket] is not None:
-            return None  # a later gradient (a sum), or a bucket already sent: the hook's path (and its error)
-        return opt.flat_grad[self.slot.offset:self.slot.offset + self.slot.numel].view(self.shape)
+        if opt is None or opt._grad_work[self.slot.bucket] is not None:
+            return None  # a bucket already sent: the hook's path (and its error)
+        later = opt._arrived[self.index]
+        if later and (not opt.gradient_accumulation_fusion or opt._one_gradient):
+            return None  # a sum the hook adds (or, for grad_dtype auto's one gradient, refuses)
+        if not opt.gradient_accumulation_fusion and opt.flat_grad.dtype != opt.param_dtype:
+            return None  # without fusion, a gradient of another dtype is the hook's to convert
+        return opt.flat_grad[self.slot.offset:self.slot.offset + self.slot.numel].view(self.shape), later
 
     def filled(self) -> None:
         opt = self._optimizer()
@@ -196,6 +205,13 @@ class ZeroOptimizer:
 
         self.flat_param = torch.zeros(self.padded_numel, dtype=self.param_dtype, device=self.device)  # (N,)
         self.flat_grad = torch.zeros(self.padded_numel, dtype=grad_dtype, device=self.device)  # (N,)
+        self.gradient_accumulation_fusion = config.gradient_accumulation_fusion and (
+            grad_dtype == self.param_dtype or (grad_dtype == torch.float32
+                                               and self.param_dtype in grad_into_buffer.LOW_PRECISION
+                                               and grad_into_buffer.mixed_dtype_gemm(self.device.type)))
+        """Whether linear weights' gradients are written and summed by their matmuls into the buffer (the
+        setting, where this buffer and device allow it: grad_into_buffer.py); the training log says which."""
+        into_buffer = self.gradient_accumulation_fusion or grad_dtype == self.param_dtype
         by_name = dict(named)
         self.params: list[nn.Parameter] = []
         self._slot_of: dict[int, ParamSlot] = {}  # id(parameter) -> its slot
@@ -214,7 +230,7 @@ class ZeroOptimizer:
                 grad_view = self.flat_grad[slot.offset:slot.offset + slot.numel].view_as(p)
                 self._hooks.append(p.register_post_accumulate_grad_hook(
                     self._make_grad_hook(len(self.params) - 1, slot, grad_view)))
-                if grad_dtype == self.param_dtype:  # the weight's matmul may write its gradient there itself
+                if into_buffer:  # the weight's matmul may write its gradient there itself
                     grad_into_buffer.register(p, _BufferSlot(self, len(self.params) - 1, slot, tuple(p.shape)))
         self._hook_forward(model)
         self.ranges = self._shard_ranges()

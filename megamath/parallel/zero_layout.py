@@ -40,11 +40,13 @@ def resolve_grad_dtype(setting: str, bf16_weights: bool, dp: int, tp: int, micro
 
     "auto" is "bf16" when nothing is ever summed into the buffer: bf16 weights (so autograd's gradients are
     bf16), one micro-batch per step (`micro_batches` 1; None, unknown, counts as more), one DP rank and one
-    TP rank (no reduce-scatter, no sequence-parallel sum). Each slot then holds one bf16 gradient, copied as
-    it is; an fp32 buffer would hold the very same values in twice the bytes, and its readers (the norm, in
-    fp64, and AdamW, in fp32) widen them either way: the step is the same, and per parameter 2 bytes of
-    memory and 6 of memory traffic are saved (the copy's write, the norm's and AdamW's reads). Wherever a sum
-    enters the buffer, "fp32", which rounds it once, at the end.
+    TP rank (no reduce-scatter, no sequence-parallel sum). Each slot then holds one bf16 gradient as autograd
+    computes it; an fp32 buffer taking autograd's gradients would hold the very same values in twice the
+    bytes, and its readers (the norm, in fp64, and AdamW, in fp32) widen them either way: the step is the
+    same, and per parameter 2 bytes of memory and 6 of memory traffic are saved (the copy's write, the norm's
+    and AdamW's reads). (With gradient-accumulation fusion an fp32 buffer holds more: the linear weights'
+    products before their rounding to bf16, grad_into_buffer.py; "auto" trades that for speed where no sum
+    needs it.) Wherever a sum enters the buffer, "fp32", which rounds it once, at the end.
     """
     if setting != "auto":
         return setting

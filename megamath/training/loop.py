@@ -269,6 +269,10 @@ def _train(config: TrainConfig, state: ParallelState, attempt: str) -> TrainResu
         log.say(f"gradient buffer: {optimizer.grad_dtype} (grad_dtype auto at {str(optimizer.param_dtype)[6:]} "
                 f"weights, {config.grad_accum_steps} micro-batch(es) per step, DP {state.dp_size}, TP {state.tp_size}: "
                 "bf16 only where nothing is summed into it)")
+    if config.optimizer.gradient_accumulation_fusion and not optimizer.gradient_accumulation_fusion:
+        log.say(f"gradient accumulation fusion: off, {str(optimizer.param_dtype)[6:]} weights into a "
+                f"{optimizer.grad_dtype} buffer on {state.device.type} have no matmul that accumulates into it: "
+                "the gradients go through the optimizer's hook")
     log.say(settle_attention(model, config, state, run_dir, param_dtype(config, state.device)))
     last_saved, preempted, lr = step, False, 0.0
     try:
