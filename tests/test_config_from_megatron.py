@@ -49,6 +49,7 @@ def test_script_converts(tmp_path):
     # 32 GPUs / TP 2 = DP 16: 1024 = 4 × 16 × 16.
     assert (config.micro_batch_size, config.grad_accum_steps) == (4, 16)
     assert (config.optimizer.lr, config.optimizer.beta2, config.optimizer.weight_decay) == (1e-4, 0.95, 0.1)
+    assert (config.optimizer.grad_dtype, config.optimizer.gradient_accumulation_fusion) == ("fp32", True)
     assert (config.schedule.warmup_steps, config.schedule.decay_steps) == (500, 48000)
     assert config.schedule.min_lr_ratio == pytest.approx(0.033)
     assert config.data.train_blend() == ([2.0, 4.0], ["data/arxiv_train_text_document",
@@ -74,6 +75,9 @@ def test_flags_after_double_dash_and_world_size(tmp_path, capsys):
                  "--", *flags]) == 0
     assert load_config(out).grad_accum_steps == 2
     assert "--my-site-flag: no equivalent" in capsys.readouterr().out
+    unfused = convert_megatron([*flags, "--no-gradient-accumulation-fusion"], world_size=256, vocab_size=32000)
+    assert not unfused.validate().optimizer.gradient_accumulation_fusion
+    assert "--no-gradient-accumulation-fusion" not in {u.key for u in unfused.unmapped}
 
 
 def test_launcher_and_parsing():

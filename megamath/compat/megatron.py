@@ -31,7 +31,7 @@ KNOWN_UNMAPPED = {
     **{k: (NOT_NEEDED, "megamath's kernels are always fused (Triton RMSNorm, RoPE, FlashAttention, SwiGLU, "
                        "streaming cross-entropy)")
        for k in ("use_flash_attn", "no_masked_softmax_fusion", "no_bias_gelu_fusion", "no_bias_swiglu_fusion",
-                 "no_bias_dropout_fusion", "no_rope_fusion", "no_gradient_accumulation_fusion",
+                 "no_bias_dropout_fusion", "no_rope_fusion",
                  "attention_softmax_in_fp32", "apply_query_key_layer_scaling", "cross_entropy_loss_fusion",
                  "masked_softmax_fusion", "use_fused_rmsnorm", "transformer_impl", "use_mcore_models",
                  "use_legacy_models", "attention_backend", "no_persist_layer_norm", "bias_swiglu_fusion")},
@@ -340,7 +340,8 @@ def _optimizer(flags: Flags, out: Conversion) -> None:
     out.config["optimizer"] = {"lr": lr, "beta1": flags.one("adam_beta1", float, 0.9),
                                "beta2": flags.one("adam_beta2", float, 0.999), "eps": flags.one("adam_eps", float, 1e-8),
                                "weight_decay": flags.one("weight_decay", float, 0.01),
-                               "clip_grad": flags.one("clip_grad", float, 1.0), "grad_dtype": grad_dtype}
+                               "clip_grad": flags.one("clip_grad", float, 1.0), "grad_dtype": grad_dtype,
+                               "gradient_accumulation_fusion": not flags.on("no_gradient_accumulation_fusion")}
 
 
 def _batch(flags: Flags, world: int | None, tp: int, out: Conversion) -> None:
