@@ -2,14 +2,17 @@
 
     python perf/bench_train.py                                  # Code Llama 7B width, 4 layers, S 4096, mb 1 and 2
     python perf/bench_train.py --layers 2 --seq-length 2048 --micro-batch 1 --no-compile
+    python perf/bench_train.py --micro-batch 1 --grad-accum 4       # LLEMMA's recipe: accumulation over 4
 
 Each system runs the whole training step, forward + backward + optimizer step, on the same random
 tokens (seed 0), timed from before the forward to after a device synchronize at the step's end; the
-median over --steps timed steps (after --warmup untimed ones) is reported.
+median over --steps timed steps (after --warmup untimed ones) is reported. With --grad-accum K a step is K
+micro-batches' forward and backward (each loss divided by K) and one optimizer step, for every system.
 
     megamath            Llama with the kernels (Triton) and `model.attention` settled as a run does,
                         bf16 weights, ZeRO-1 AdamW with fp32 master weights and moments (dp = 1; the gradient
-                        buffer bf16, as `grad_dtype: auto` makes it where nothing is summed into it)
+                        buffer as `grad_dtype: auto` makes it: bf16 at one micro-batch per step, where nothing
+                        is summed into it, else fp32, which the weight-gradient matmuls accumulate into)
     megamath-ref        the same with the plain-torch reference ops and PyTorch's SDPA attention
     hf-eager            transformers' LlamaForCausalLM (SDPA attention), fp32 weights under bf16 autocast,
                         torch.optim.AdamW(fused=True): the usual mixed-precision recipe, fp32 master
@@ -83,17 +86,22 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def micro_batches(tokens: torch.Tensor, grad_accum: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(inputs, targets) of each micro-batch: tokens (K·b, S + 1) cut into K (b, S) pairs."""
+    return [(t[:, :-1], t[:, 1:]) for t in tokens.chunk(grad_accum)]
+
+
 def megamath_step(config: ModelConfig, device: torch.device, dtype: torch.dtype, tokens: torch.Tensor,
-                  reference: bool) -> Callable[[], float]:
+                  reference: bool, grad_accum: int = 1) -> Callable[[], float]:
     if reference:  # plain torch throughout: the reference ops, and PyTorch's SDPA rather than a timed choice
         config = ModelConfig.from_dict({**config.to_dict(), "kernels": "reference", "attention": "sdpa"})
     state = ParallelState.single(device)
     torch.manual_seed(0)
     with torch.device(device):
         model = Llama(config).to(dtype).train()
-    b, s = tokens.shape[0], tokens.shape[1] - 1
+    b, s = tokens.shape[0] // grad_accum, tokens.shape[1] - 1
     optimizer = ZeroOptimizer(model, state, OptimizerConfig(lr=LR), split_names=model.split_parameter_names(),
-                              bucket_mb=BUCKET_MB, micro_batches=1)  # as `megamath train` passes grad_accum_steps
+                              bucket_mb=BUCKET_MB, micro_batches=grad_accum)  # as `megamath train` passes it
     ops = get_ops(config.kernels, device)  # settled as a run settles it: after ZeRO has placed the weights
     choice = choose_attention(config.attention, ops, (b, s, config.num_heads, config.num_kv_heads, config.head_dim),
                               dtype, device, layout=model.layers[0].self_attn.qkv_layout(ops))
@@ -102,14 +110,14 @@ def megamath_step(config: ModelConfig, device: torch.device, dtype: torch.dtype,
     if choice.tile_timings:  # each candidate's time at the model's own shape: what one GPU run teaches
         print(choice.tile_timings, flush=True)
     model.attention = choice.attention
-    batch = [(tokens[:, :-1], tokens[:, 1:])]
+    batch = micro_batches(tokens, grad_accum)
     return lambda: train_step(model, optimizer, batch, LR, state).loss
 
 
-def planned_peak_gib(config: ModelConfig, micro_batch: int, seq: int) -> float:
+def planned_peak_gib(config: ModelConfig, micro_batch: int, seq: int, grad_accum: int = 1) -> float:
     """The planner's peak allocation for megamath's step in this benchmark (GiB; bf16 weights as on a GPU)."""
-    grad_dtype = resolve_grad_dtype(OptimizerConfig(lr=LR).grad_dtype, True, 1, 1, 1)  # as ZeroOptimizer resolves it
-    shape = RunShape(tp=1, dp=1, micro_batch=micro_batch, grad_accum=1, seq_length=seq,
+    grad_dtype = resolve_grad_dtype(OptimizerConfig(lr=LR).grad_dtype, True, 1, 1, grad_accum)  # as ZeroOptimizer
+    shape = RunShape(tp=1, dp=1, micro_batch=micro_batch, grad_accum=grad_accum, seq_length=seq,
                      activation_checkpointing=config.activation_checkpointing, sequence_parallel=False,
                      grad_dtype=grad_dtype, bucket_mb=BUCKET_MB,
                      overlap_grad_reduce=False, overlap_param_gather=False)
@@ -146,22 +154,26 @@ def hf_model(config: ModelConfig, device: torch.device):
     return transformers.LlamaForCausalLM._from_config(hf_config, attn_implementation="sdpa").to(device).train()
 
 
-def hf_step(config: ModelConfig, device: torch.device, tokens: torch.Tensor, compiled: bool) -> Callable[[], float]:
+def hf_step(config: ModelConfig, device: torch.device, tokens: torch.Tensor, compiled: bool,
+            grad_accum: int = 1) -> Callable[[], float]:
     model = hf_model(config, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95), weight_decay=0.1,
                                   fused=device.type == "cuda")
     forward = torch.compile(model) if compiled else model
-    x, y = tokens[:, :-1], tokens[:, 1:]
+    batch = micro_batches(tokens, grad_accum)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def step() -> float:
-        with amp:
-            logits = forward(input_ids=x).logits  # (b, S, V)
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
-        loss.backward()
+        total = 0.0
+        for x, y in batch:
+            with amp:
+                logits = forward(input_ids=x).logits  # (b, S, V)
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1)) / grad_accum
+            loss.backward()
+            total = total + loss.detach()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+        return float(total)
     return step
 
 
@@ -210,17 +222,18 @@ def profile(step: Callable[[], float], device: torch.device, steps: int) -> dict
 def run_case(config: ModelConfig, micro_batch: int, args, device: torch.device,
              on_row: Callable[[dict], None] = lambda row: None) -> list[dict]:
     """Every system's row at this micro-batch; on_row(row) as soon as each is measured."""
-    seq = args.seq_length
-    tokens = torch.randint(0, config.vocab_size, (micro_batch, seq + 1), generator=torch.Generator().manual_seed(0))
-    tokens = tokens.to(device)
+    seq, k = args.seq_length, args.grad_accum
+    tokens = torch.randint(0, config.vocab_size, (k * micro_batch, seq + 1), generator=torch.Generator().manual_seed(0))
+    tokens = tokens.to(device)  # (K·b, S + 1): K micro-batches of b sequences
     gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if gpu else torch.float32
     systems: dict[str, Callable[[], Callable[[], float]]] = {
-        "megamath": lambda: megamath_step(config, device, torch.bfloat16 if gpu else torch.float32, tokens, False),
-        "megamath-ref": lambda: megamath_step(config, device, torch.bfloat16 if gpu else torch.float32, tokens, True),
-        "hf-eager": lambda: hf_step(config, device, tokens, compiled=False),
+        "megamath": lambda: megamath_step(config, device, dtype, tokens, False, k),
+        "megamath-ref": lambda: megamath_step(config, device, dtype, tokens, True, k),
+        "hf-eager": lambda: hf_step(config, device, tokens, compiled=False, grad_accum=k),
     }
     if gpu and not args.no_compile:
-        systems["hf-compiled"] = lambda: hf_step(config, device, tokens, compiled=True)
+        systems["hf-compiled"] = lambda: hf_step(config, device, tokens, compiled=True, grad_accum=k)
     if not gpu:
         systems.pop("megamath-ref")  # on CPU megamath already runs the reference ops
     flops_per_token = config.flops_per_token(seq)
@@ -237,12 +250,12 @@ def run_case(config: ModelConfig, micro_batch: int, args, device: torch.device,
             row["error"] = f"error: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
         else:
             step_s = statistics.median(times)
-            tokens_per_s = micro_batch * seq / step_s
+            tokens_per_s = k * micro_batch * seq / step_s
             tflops = flops_per_token * tokens_per_s / 1e12
             row.update(step_ms=step_s * 1e3, tokens_per_s=tokens_per_s, tflops=tflops,
                        mfu=tflops / peak if peak else None, peak_gib=mem)
             if name == "megamath":
-                row["plan_gib"] = planned_peak_gib(config, micro_batch, seq)
+                row["plan_gib"] = planned_peak_gib(config, micro_batch, seq, k)
             if breakdown is not None:
                 row["breakdown"] = breakdown
             ours = next((r for r in rows + [row] if r["system"] == "megamath" and "step_ms" in r), None)
@@ -288,17 +301,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--seq-length", type=int, default=None, help="default 4096 on a GPU, 32 on CPU")
     parser.add_argument("--micro-batch", type=int, nargs="+", default=None, help="default 1 2 on a GPU, 2 on CPU")
+    parser.add_argument("--grad-accum", type=int, default=1, metavar="K",
+                        help="micro-batches per optimizer step, for every system (default 1)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps (default 3 on a GPU, 1 on CPU)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 10 on a GPU, 2 on CPU)")
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile peer")
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak for MFU")
     parser.add_argument("--breakdown-steps", type=int, default=2, metavar="N",
                         help="profile N more steps of megamath and write its kernels by kind (default 2; 0: none)")
-    parser.add_argument("--out", type=Path, default=None, help="folder for train-YYYY-MM-DD.md (GPU default: "
-                        "perf/results)")
+    parser.add_argument("--out", type=Path, default=None, help="folder for train-YYYY-MM-DD.md, "
+                        "train-YYYY-MM-DD-accumK.md with --grad-accum K > 1 (GPU default: perf/results)")
     args = parser.parse_args(argv)
     if args.breakdown_steps < 0:
         parser.error(f"--breakdown-steps must be >= 0, got {args.breakdown_steps}")
+    if args.grad_accum < 1:
+        parser.error(f"--grad-accum must be >= 1, got {args.grad_accum}")
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")
     args.seq_length = args.seq_length or (4096 if gpu else 32)
@@ -310,14 +327,16 @@ def main(argv: list[str] | None = None) -> int:
     header = [f"# Training step, {datetime.date.today()}: {what}", "",
               f"torch {torch.__version__}; model: L {config.num_layers}, h {config.hidden_size}, heads "
               f"{config.num_heads}/{config.num_kv_heads}, ffn {config.ffn_hidden_size}, vocab {config.vocab_size}, "
-              f"S {args.seq_length}; median of {args.steps} steps after {args.warmup} warm-up; model FLOPs/token "
+              f"S {args.seq_length}; {args.grad_accum} micro-batch(es) per optimizer step; median of {args.steps} "
+              f"steps after {args.warmup} warm-up; model FLOPs/token "
               f"{config.flops_per_token(args.seq_length):.4g} (causal attention halved, same for every system); "
               f"peak {peak_tflops(device, args.peak_tflops) or 'n/a'} TFLOP/s", ""]
     out = args.out or (REPO / "perf" / "results" if gpu else None)
     path = None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        path = out / f"train-{datetime.date.today()}.md"
+        accum = f"-accum{args.grad_accum}" if args.grad_accum > 1 else ""  # beside the default case's file, not over it
+        path = out / f"train-{datetime.date.today()}{accum}.md"
     rows = []
 
     def on_row(row: dict) -> None:

@@ -31,7 +31,8 @@
 # TRAIN_BENCH_TIMEOUT / BENCH_TIMEOUT (each step's own cap, seconds, 240 / 300 / 330; the budget's limit
 # applies when smaller), TESTS (test files to run instead of every kernel test), BENCH_ARGS (extra
 # arguments for perf/bench_kernels.py, e.g. "--no-compile" or "--ops rms_norm"), TRAIN_BENCH_ARGS (for
-# perf/bench_train.py), PARTS (which parts run: default
+# perf/bench_train.py, e.g. "--micro-batch 1 --grad-accum 4" for LLEMMA's accumulation: its own results
+# file), PARTS (which parts run: default
 # "trainer train_bench attention train"; also "tests" (every compiled kernel test, the trainer's included),
 # "kernels" (every kernel's benchmark, attention's included) and "resources" (perf/kernel_resources.py
 # under this machine's Triton, about a minute of CPU: registers, spills, wgmma of every kernel at sm_90a);

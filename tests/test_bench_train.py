@@ -118,3 +118,29 @@ def test_a_full_disk_while_a_row_is_written_keeps_the_rows_written_before(tmp_pa
     assert next(tmp_path.glob("train-*.md")).read_bytes() == written[0] and b"| megamath | 2 |" in written[0]
     assert [p.name for p in tmp_path.iterdir()] == [f"train-{bench.datetime.date.today()}.md"]  # no temporary
     assert re.match(r"could not write .*train-.*File too large", str(failed.value)), failed.value  # names the file
+
+
+def test_gradient_accumulation_steps_every_system_over_k_micro_batches(tmp_path, monkeypatch):
+    """--grad-accum 3: megamath's step is the loop's train_step over 3 micro-batches of the micro-batch size, with
+    the optimizer told so (grad_dtype auto then takes an fp32 buffer, which the matmuls accumulate into), and
+    the Hugging Face peer runs 3 backward passes per optimizer step; tokens/s counts all of them."""
+    pytest.importorskip("transformers", reason="the benchmark's peer")
+    bench = load_bench(monkeypatch)
+    seen = []
+    train_step = bench.train_step
+
+    def counting_train_step(model, optimizer, batch, *args):
+        seen.append((len(batch), batch[0][0].shape, optimizer.grad_dtype, optimizer.gradient_accumulation_fusion))
+        return train_step(model, optimizer, batch, *args)
+    monkeypatch.setattr(bench, "train_step", counting_train_step)
+    backward = torch.Tensor.backward
+    passes = []
+    monkeypatch.setattr(torch.Tensor, "backward", lambda self, *a, **k: passes.append(1) or backward(self, *a, **k))
+    assert bench.main(["--out", str(tmp_path), "--grad-accum", "3", "--breakdown-steps", "0"]) == 0
+    assert set(seen) == {(3, torch.Size([2, 32]), "fp32", True)}
+    text = (tmp_path / f"train-{bench.datetime.date.today()}-accum3.md").read_text()  # beside the default's file
+    assert "3 micro-batch(es) per optimizer step" in text
+    hf_steps = 1 + 2  # warm-up and timed steps on CPU
+    assert len(passes) - 3 * len(seen) == 3 * hf_steps, (len(passes), len(seen))
+    with pytest.raises(SystemExit):
+        bench.main(["--grad-accum", "0"])
