@@ -244,7 +244,8 @@ def _sequence_parallel_worker(rank, world_size, out_dir):
         with _BufferCopies(opt) as spy:
             for x, y in zip(tokens[:, :-1].chunk(2), tokens[:, 1:].chunk(2)):
                 (model(x, y)[1] / 2).backward()
-        out[kernels, direct] = (Counter(spy.written), {n: opt.grad_view(p).clone() for n, p in model.named_parameters()})
+        grads = {n: opt.grad_view(p).clone() for n, p in model.named_parameters()}
+        out[kernels, direct] = (Counter(spy.written), grads)
         opt.remove_hooks()
     torch.save(out, out_dir / f"sp{rank}.pt")
 

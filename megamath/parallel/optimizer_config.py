@@ -30,8 +30,8 @@ class OptimizerConfig:
     gradients accumulate and are DP-summed in fp32, rounded once. "bf16": 2 bytes per parameter and half the
     reduce-scatter's bytes, but every micro-batch's add and the DP sum round to bf16. "auto": "fp32", except
     where nothing is summed into the buffer (bf16 weights, one micro-batch, one GPU), where "bf16" holds
-    autograd's bf16 gradient as it is (zero_layout.resolve_grad_dtype). (Bucket sizes and the overlap of communication are
-    `parallel.bucket_mb` / `overlap_grad_reduce` / `overlap_param_gather`.)"""
+    autograd's bf16 gradient as it is (zero_layout.resolve_grad_dtype). (Bucket sizes and the overlap of
+    communication are `parallel.bucket_mb` / `overlap_grad_reduce` / `overlap_param_gather`.)"""
     gradient_accumulation_fusion: bool = True
     """Megatron's `--gradient-accumulation-fusion` (its default; `--no-gradient-accumulation-fusion` is false
     here). True: every gradient of a linear weight is written, or added, by its weight-gradient matmul straight
