@@ -106,6 +106,8 @@ def test_llemma_mixture_expands_from_data_dir():
     ({"data": {"data_path": ["a"], "seq_length": 64}, "eval_every": 10},
      "eval_every is 10 but data.valid_data is empty"),
     ({"parallel": {"sequence_parallel": True}}, "parallel.sequence_parallel needs parallel.tp_size > 1"),
+    ({"parallel": {"overlap_optimizer_step": "yes"}}, "parallel.overlap_optimizer_step must be bool, got 'yes'"),
+    ({"optimizer": {"gradient_accumulation_fusion": 1}}, "optimizer.gradient_accumulation_fusion must be bool, got 1"),
     ({"param_dtype": "fp16"}, "param_dtype must be one of auto, float32, bfloat16, got 'fp16'"),
     *[({"metrics": {"peak_tflops": bad}}, f"metrics.peak_tflops must be a positive number of TFLOP/s or null, got {bad!r}")
       for bad in (0.0, -989.0, float("inf"), float("nan"))],

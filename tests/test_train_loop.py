@@ -25,7 +25,7 @@ from megamath.parallel.state import ParallelState
 from megamath.parallel.zero import ZeroOptimizer
 from megamath.parallel.zero_layout import read_flat, saved_layout
 from megamath.training import loop
-from megamath.training.checkpoint import LATEST, latest_checkpoint, load_checkpoint, read_metadata
+from megamath.training.checkpoint import LATEST, latest_checkpoint, load_checkpoint, model_file, read_metadata
 from megamath.training.config import TrainConfig
 from megamath.training.loop import train
 from megamath.training.resume import validation_change
@@ -142,12 +142,16 @@ def test_metrics_jsonl_and_falling_loss(tmp_path, one_thread, capsys):
     assert "gradient accumulation fusion" not in out  # on, and taken: fp32 weights into an fp32 buffer
 
 
-def test_a_fusion_the_buffer_cannot_take_is_said(tmp_path, one_thread, capsys):
-    """fp32 weights into a bf16 buffer: no matmul writes that, so the log says the hook carries the gradients."""
+def test_settings_that_cannot_take_effect_are_said(tmp_path, one_thread, capsys):
+    """fp32 weights into a bf16 buffer: no matmul writes that, so the log says the hook carries the gradients;
+    an overlapped optimizer step over one bucket overlaps nothing, and the log says how to change that."""
     run(raw_config(tmp_path / "data", tmp_path / "run", train_steps=2, checkpoint__save_every=0,
-                   optimizer__grad_dtype="bf16"))
+                   optimizer__grad_dtype="bf16", parallel__bucket_mb=0, parallel__overlap_optimizer_step=True))
+    out = capsys.readouterr().out
     assert ("gradient accumulation fusion: off, float32 weights into a bf16 buffer on cpu have no matmul that "
-            "accumulates into it: the gradients go through the optimizer's hook") in capsys.readouterr().out
+            "accumulates into it: the gradients go through the optimizer's hook") in out
+    assert ("parallel.overlap_optimizer_step: one bucket (parallel.bucket_mb 0), so the forward's first layer waits "
+            "for the whole update and nothing overlaps; set bucket_mb (e.g. 128) to overlap it") in out
 
 
 def test_empty_data_path_fails_before_building_anything(tmp_path):
@@ -664,3 +668,18 @@ def test_a_nonfinite_validation_loss_is_null_in_metrics_jsonl(tmp_path, monkeypa
     records = [json.loads(line, parse_constant=refuse) for line in lines]
     assert records[1]["val_loss"] == {"arxiv": None} and records[1]["loss"] is not None
     assert "val/arxiv nan" in capsys.readouterr().out
+
+
+def test_an_overlapped_optimizer_step_trains_bit_for_bit_as_the_plain_one(tmp_path, one_thread):
+    """parallel.overlap_optimizer_step through `megamath train` (two accumulated micro-batches, a few buckets,
+    a checkpoint mid-run): the same losses, norms and final weights as without it."""
+    records, weights = {}, {}
+    for overlap in (False, True):
+        run_dir = tmp_path / f"run-{overlap}"
+        run(raw_config(tmp_path / "data", run_dir, train_steps=6, grad_accum_steps=2, micro_batch_size=1,
+                       parallel__bucket_mb=0.01, parallel__overlap_optimizer_step=overlap))
+        records[overlap] = [(r["loss"], r["grad_norm"]) for r in metrics(run_dir)]
+        weights[overlap] = load_file(latest_checkpoint(run_dir) / model_file(0))
+    assert len(records[False]) == 6 and records[True] == records[False]
+    assert weights[True].keys() == weights[False].keys()
+    assert all(torch.equal(weights[True][n], weights[False][n]) for n in weights[False])

@@ -2,13 +2,15 @@
 
 One launch of 4 gloo ranks, in two layouts: DP 4, and TP 2 × DP 2 (one process start for both; each
 ParallelState.from_env builds its own groups). Each trains the tiny Llama 3 steps of 2 accumulated
-micro-batches through the loop's own train_step, once with both overlaps off and once with both on (many
-small buckets), with and without sequence parallelism under TP. The weights, optimizer shards and
-step results must be identical: the overlaps change when a collective is issued, never what it sums.
-The DP 4 layout also records the optimizer's events to show the order: reduce-scatters issued while the
-backward still delivers gradients, all-gathers left in flight after step() and waited for by the forward.
+micro-batches through the loop's own train_step, once with both overlaps off, once with both on (many
+small buckets) and once with the optimizer step overlapped too, with and without sequence parallelism
+under TP. The weights, optimizer shards and step results must be identical: the overlaps change when a
+collective or an update is issued, never what it computes. The DP 4 layout also records the optimizer's
+events to show the order: reduce-scatters issued while the backward still delivers gradients, all-gathers
+(and overlapped updates) left in flight after step() and waited for by the forward, bucket by bucket.
 """
 import dataclasses
+import itertools
 
 import pytest
 import torch
@@ -23,11 +25,16 @@ from test_zero import LRS, MODEL, batch, zero_config
 STEPS, MICRO, BUCKET_MB = 3, 2, 0.004  # ~1,000 fp32 gradients per bucket: about a dozen buckets
 
 
-def _run(state, tp, sp: bool, overlap: bool, events: bool = False):
+OVERLAPS = (False, True, "step")
+"""Neither overlap; the reduce-scatters' and all-gathers'; those and the optimizer step's."""
+
+
+def _run(state, tp, sp: bool, overlap: bool | str, events: bool = False):
     torch.manual_seed(0)
     model = Llama(MODEL, parallel=state if tp > 1 else None, sequence_parallel=sp)
     opt = ZeroOptimizer(model, state, zero_config(), model.split_parameter_names(), bucket_mb=BUCKET_MB,
-                        overlap_grad_reduce=overlap, overlap_param_gather=overlap)
+                        overlap_grad_reduce=bool(overlap), overlap_param_gather=bool(overlap),
+                        overlap_optimizer_step=overlap == "step")
     rows = batch(0)[0].shape[0] // state.dp_size
     results = []
     for step in range(STEPS):
@@ -40,10 +47,11 @@ def _run(state, tp, sp: bool, overlap: bool, events: bool = False):
     if events:
         log["step"] = opt.events
         log["pending_after_step"] = [w is not None for w in opt._gather_work]
+        log["updates_pending_after_step"] = [w is not None for w in opt._update_work]
         opt.events = []
         model(x, y)  # the next forward waits for the all-gathers, bucket by bucket
         log["forward"] = opt.events
-        log["pending_after_forward"] = [w is not None for w in opt._gather_work]
+        log["pending_after_forward"] = [w is not None for w in opt._gather_work + opt._update_work]
         log["num_buckets"] = len(opt.buckets)
     slots = {s.name: s for s in opt.slots}
     waited = {name: [m for m in (name.rpartition(".")[0], name.rpartition(".")[0].rpartition(".")[0])
@@ -83,7 +91,7 @@ def _layout(rank, out_dir, tp):
     state = ParallelState.from_env(tp)
     report = {}
     for sp in ((False, True) if tp > 1 else (False,)):
-        for overlap in (False, True):
+        for overlap in OVERLAPS:
             report[(sp, overlap)] = _run(state, tp, sp, overlap, events=(tp == 1))
     if tp == 1:
         report["extra_backward"] = _extra_backward_error(state)
@@ -99,9 +107,9 @@ def launches(tmp_path_factory):
 
 @pytest.mark.parametrize("tp, world, sp", [(1, 4, False), (2, 4, False), (2, 4, True)])
 def test_overlapped_equals_non_overlapped_bit_for_bit(launches, tp, world, sp):
-    for rank in range(world):
+    for rank, overlap in itertools.product(range(world), OVERLAPS[1:]):
         report = torch.load(launches / f"tp{tp}-{rank}.pt", weights_only=False)
-        plain, overlapped = report[(sp, False)], report[(sp, True)]
+        plain, overlapped = report[(sp, False)], report[(sp, overlap)]
         assert plain["results"] == overlapped["results"], rank
         assert not any(r["skipped"] for r in plain["results"])
         assert plain["params"].keys() == overlapped["params"].keys()
@@ -153,3 +161,21 @@ def test_a_backward_beyond_the_announced_count_is_refused(launches):
         assert message.startswith("ZeroOptimizer: a gradient of lm_head.weight arrived after its bucket's "
                                   "reduce-scatter started: more backward passes than zero_grad(micro_batches=...) "
                                   "announced"), message
+
+
+def test_an_overlapped_optimizer_step_updates_bucket_by_bucket_under_the_next_forward(launches):
+    """overlap_optimizer_step: each bucket's AdamW, then its all-gather, in the forward's order (the embedding's
+    bucket first); step() returns with the updates pending (on a GPU, running on a side stream), and the next
+    forward waits for each bucket's update before its all-gather, first layers first, leaving nothing pending."""
+    for rank in range(4):
+        log = torch.load(launches / f"tp1-{rank}.pt", weights_only=False)[(False, "step")]["events"]
+        n = log["num_buckets"]
+        issued = [e for e in log["step"] if e[0] in ("update", "all_gather")]
+        assert issued == [(kind, b) for b in reversed(range(n)) for kind in ("update", "all_gather")], issued
+        assert all(log["updates_pending_after_step"])
+        waits = [e for e in log["forward"] if e[0] in ("wait_update", "wait_all_gather")]
+        buckets = sorted({b for _, b in waits}, reverse=True)
+        assert buckets == list(reversed(range(n))) and waits[0] == ("wait_update", n - 1), waits
+        for b in buckets:  # the update, then the gather, of each bucket
+            assert waits.index(("wait_update", b)) < waits.index(("wait_all_gather", b)), waits
+        assert not any(log["pending_after_forward"])

@@ -27,6 +27,7 @@ def sharded_state_dict(opt) -> dict:
 
     The tensors are the live fp32 shards (S,): save them (torch.save) before the next step.
     """
+    opt.finish_param_sync()  # an overlapped step's updates, before anything reads the shards
     return {
         "format": CHECKPOINT_FORMAT, "step": opt.step_count, "config": dataclasses.asdict(opt.config),
         "tp_size": opt.state.tp_size, "tp_rank": opt.state.tp_rank,
@@ -46,6 +47,7 @@ def load_sharded_state_dicts(opt, shards: list[dict]) -> None:
     shards without building the full vectors. The masters, rounded to the model's dtype, are also
     written into the model's parameters (they are the source of truth the bf16 weights came from).
     """
+    opt.finish_param_sync()  # nothing in flight may still write what is loaded
     old = validate_shards(shards, opt.state.tp_size, opt.state.tp_rank)
     old_slots = {name: (numel, offset) for name, numel, offset in old[0]["params"]}
     mine = {s.name: s.numel for s in opt.slots}
@@ -84,6 +86,7 @@ def load_param_states(opt, param_state, step: int) -> None:
                 raise ValueError(f"load_param_states: {key} of {slot.name} has {flat.numel()} elements, the "
                                  f"parameter {slot.numel}")
             shard[key].append((start, flat[lo - slot.offset:hi - slot.offset]))  # (hi - lo,)
+    opt.finish_param_sync()  # nothing in flight may still write what is loaded
     for key in STATE_KEYS:  # only now: a refused load changes nothing
         target = getattr(opt, key)
         target.zero_()

@@ -53,6 +53,12 @@ class ParallelConfig:
     overlap_param_gather: bool = True
     """Leave each bucket's DP all-gather of the updated weights running until the next forward reaches its
     layers (a forward pre-hook waits), instead of waiting at the end of the step (bit-identical either way)."""
+    overlap_optimizer_step: bool = False
+    """Run AdamW bucket by bucket on a side CUDA stream as soon as the gradient norm is known, in the
+    forward's order, so that the update of later layers runs under the next forward of earlier ones (a
+    forward pre-hook waits for its own buckets; bit-identical either way). Needs several buckets
+    (bucket_mb > 0). The step's `optimizer` phase then times the norm and the launches; the updates' device
+    time shows in the next step's `forward`. Off by default until a GPU run has measured what it saves."""
     bucket_mb: float = 128.0
     """MiB of gradients per ZeRO-1 bucket (0: one bucket, nothing to overlap). Smaller buckets start their
     reduce-scatter earlier; larger ones pay the collective's latency fewer times."""
@@ -62,6 +68,7 @@ class ParallelConfig:
         _check_bool("parallel.sequence_parallel", self.sequence_parallel)
         _check_bool("parallel.overlap_grad_reduce", self.overlap_grad_reduce)
         _check_bool("parallel.overlap_param_gather", self.overlap_param_gather)
+        _check_bool("parallel.overlap_optimizer_step", self.overlap_optimizer_step)
         if isinstance(self.bucket_mb, bool) or not isinstance(self.bucket_mb, (int, float)) or \
                 not 0 <= self.bucket_mb < math.inf:  # inf: a traceback at the optimizer's build, after the data's
             raise ValueError(f"parallel.bucket_mb must be a finite number >= 0 (0: one bucket), got {self.bucket_mb!r}")

@@ -161,7 +161,8 @@ def build_optimizer(config: TrainConfig, model: Llama, state: ParallelState) -> 
     par = config.parallel
     return ZeroOptimizer(model, state, config.optimizer, split_names=model.split_parameter_names(),
                          bucket_mb=par.bucket_mb, overlap_grad_reduce=par.overlap_grad_reduce,
-                         overlap_param_gather=par.overlap_param_gather, micro_batches=config.grad_accum_steps)
+                         overlap_param_gather=par.overlap_param_gather, micro_batches=config.grad_accum_steps,
+                         overlap_optimizer_step=par.overlap_optimizer_step)
 
 
 def seed_rngs(seed: int, rank: int) -> None:
@@ -269,6 +270,9 @@ def _train(config: TrainConfig, state: ParallelState, attempt: str) -> TrainResu
         log.say(f"gradient buffer: {optimizer.grad_dtype} (grad_dtype auto at {str(optimizer.param_dtype)[6:]} "
                 f"weights, {config.grad_accum_steps} micro-batch(es) per step, DP {state.dp_size}, TP {state.tp_size}: "
                 "bf16 only where nothing is summed into it)")
+    if optimizer.overlap_optimizer_step and len(optimizer.buckets) == 1:
+        log.say("parallel.overlap_optimizer_step: one bucket (parallel.bucket_mb 0), so the forward's first layer "
+                "waits for the whole update and nothing overlaps; set bucket_mb (e.g. 128) to overlap it")
     if config.optimizer.gradient_accumulation_fusion and not optimizer.gradient_accumulation_fusion:
         log.say(f"gradient accumulation fusion: off, {str(optimizer.param_dtype)[6:]} weights into a "
                 f"{optimizer.grad_dtype} buffer on {state.device.type} have no matmul that accumulates into it: "
