@@ -17,6 +17,9 @@ micro-batches' forward and backward (each loss divided by K) and one optimizer s
     hf-eager            transformers' LlamaForCausalLM (SDPA attention), fp32 weights under bf16 autocast,
                         torch.optim.AdamW(fused=True): the usual mixed-precision recipe, fp32 master
     hf-compiled         the same model through torch.compile
+    megamath-overlap    megamath with `parallel.overlap_optimizer_step`: AdamW bucket by bucket (the training
+                        default's 128 MiB buckets) on a side stream, under the next step's forward (measured
+                        last, so that a run cut short by its time limit keeps the peers' rows)
 
 Model FLOPs per token, for every system alike (ModelConfig.flops_per_token, Megatron's convention):
 6·(L·(2h·h_q + 2h·h_kv + 3h·ffn) + V·h) + 6·L·S·h_q, i.e. causal attention counted at half of the full
@@ -64,6 +67,7 @@ from megamath.planning.memory import RunShape, memory_items
 from megamath.parallel.state import ParallelState
 from megamath.parallel.zero import ZeroOptimizer
 from megamath.parallel.zero_layout import resolve_grad_dtype
+from megamath.training.config import ParallelConfig
 from megamath.training.loop import train_step
 from megamath.training.kernel_kinds import breakdown_table, summarize
 from megamath.training.metrics import peak_tflops
@@ -92,7 +96,7 @@ def micro_batches(tokens: torch.Tensor, grad_accum: int) -> list[tuple[torch.Ten
 
 
 def megamath_step(config: ModelConfig, device: torch.device, dtype: torch.dtype, tokens: torch.Tensor,
-                  reference: bool, grad_accum: int = 1) -> Callable[[], float]:
+                  reference: bool, grad_accum: int = 1, overlap: bool = False) -> Callable[[], float]:
     if reference:  # plain torch throughout: the reference ops, and PyTorch's SDPA rather than a timed choice
         config = ModelConfig.from_dict({**config.to_dict(), "kernels": "reference", "attention": "sdpa"})
     state = ParallelState.single(device)
@@ -101,12 +105,14 @@ def megamath_step(config: ModelConfig, device: torch.device, dtype: torch.dtype,
         model = Llama(config).to(dtype).train()
     b, s = tokens.shape[0] // grad_accum, tokens.shape[1] - 1
     optimizer = ZeroOptimizer(model, state, OptimizerConfig(lr=LR), split_names=model.split_parameter_names(),
-                              bucket_mb=BUCKET_MB, micro_batches=grad_accum)  # as `megamath train` passes it
+                              bucket_mb=ParallelConfig().bucket_mb if overlap else BUCKET_MB,
+                              micro_batches=grad_accum, overlap_optimizer_step=overlap)  # as `megamath train`
     ops = get_ops(config.kernels, device)  # settled as a run settles it: after ZeRO has placed the weights
     choice = choose_attention(config.attention, ops, (b, s, config.num_heads, config.num_kv_heads, config.head_dim),
                               dtype, device, layout=model.layers[0].self_attn.qkv_layout(ops))
     # The choice, its timings and the tuned tiles, as a run logs them (on a GPU `auto` may pick SDPA).
-    print(f"{'megamath-ref' if reference else 'megamath'}, micro-batch {b}: {choice.reason}", flush=True)
+    name = "megamath-ref" if reference else "megamath-overlap" if overlap else "megamath"
+    print(f"{name}, micro-batch {b}: {choice.reason}", flush=True)
     if choice.tile_timings:  # each candidate's time at the model's own shape: what one GPU run teaches
         print(choice.tile_timings, flush=True)
     model.attention = choice.attention
@@ -234,6 +240,7 @@ def run_case(config: ModelConfig, micro_batch: int, args, device: torch.device,
     }
     if gpu and not args.no_compile:
         systems["hf-compiled"] = lambda: hf_step(config, device, tokens, compiled=True, grad_accum=k)
+    systems["megamath-overlap"] = lambda: megamath_step(config, device, dtype, tokens, False, k, overlap=True)
     if not gpu:
         systems.pop("megamath-ref")  # on CPU megamath already runs the reference ops
     flops_per_token = config.flops_per_token(seq)
