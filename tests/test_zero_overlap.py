@@ -179,3 +179,27 @@ def test_an_overlapped_optimizer_step_updates_bucket_by_bucket_under_the_next_fo
         for b in buckets:  # the update, then the gather, of each bucket
             assert waits.index(("wait_update", b)) < waits.index(("wait_all_gather", b)), waits
         assert not any(log["pending_after_forward"])
+
+
+def test_one_gpu_leaves_its_updates_to_the_next_forward():
+    """DP 1 (no all-gathers, whatever overlap_param_gather says): step() returns with every bucket's update
+    pending, the next forward waits for them bucket by bucket, and grad_view and state_dict wait for the rest."""
+    torch.manual_seed(0)
+    model = Llama(MODEL)
+    opt = ZeroOptimizer(model, ParallelState.single(), zero_config(), bucket_mb=BUCKET_MB, overlap_optimizer_step=True)
+    x, y = batch(0)
+    opt.zero_grad()
+    model(x, y)[1].backward()
+    opt.step(LRS[0])
+    assert len(opt.buckets) > 3 and all(w is not None for w in opt._update_work)
+    opt.events = []
+    model(x, y)
+    waits = [b for kind, b in opt.events if kind == "wait_update"]
+    assert waits == list(reversed(range(len(opt.buckets)))) and not any(opt._update_work)
+    for wait in (lambda: opt.grad_view(model.lm_head.weight), model.state_dict):
+        opt.zero_grad()
+        model(x, y)[1].backward()
+        opt.step(LRS[0])
+        wait()
+        assert not any(opt._update_work)
+    opt.remove_hooks()

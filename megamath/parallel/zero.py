@@ -592,8 +592,8 @@ class ZeroOptimizer:
                     self._update_work[b] = True  # done already; waiting only records it (for the tests' events)
                 if self.dp_group is not None:
                     self._launch_all_gather(b)  # from the side stream: the collective waits for the update
-        if not self.overlap_param_gather:
-            self.finish_param_sync()
+        if self.dp_group is not None and not self.overlap_param_gather:
+            self.finish_param_sync()  # the gathers end in step(), and with them the updates they follow
 
     def _masters_to_params(self) -> None:
         for f0, f1, s0 in self.pieces:
