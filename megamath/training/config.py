@@ -54,12 +54,10 @@ class ParallelConfig:
     """Leave each bucket's DP all-gather of the updated weights running until the next forward reaches its
     layers (a forward pre-hook waits), instead of waiting at the end of the step (bit-identical either way)."""
     overlap_optimizer_step: bool = False
-    """Run AdamW bucket by bucket on a side CUDA stream as soon as the gradient norm is known, in the
-    forward's order, so that the update of later layers runs under the next forward of earlier ones (a
-    forward pre-hook waits for its own buckets; bit-identical either way). Needs several buckets
-    (bucket_mb > 0) and, with DP, overlap_param_gather (each bucket's all-gather follows its update). The
-    step's `optimizer` phase then times the norm and the launches; the updates' device time shows in the
-    next step's `forward`. Off by default until a GPU run has measured what it saves."""
+    """AdamW bucket by bucket on a side CUDA stream once the gradient norm is known, in the forward's order:
+    later layers update under the next forward of earlier ones, each waiting for its own buckets
+    (bit-identical). Needs bucket_mb > 0 and, with DP, overlap_param_gather. The `optimizer` phase then
+    times the norm and launches; the updates show in the next `forward`. Off until a GPU has measured it."""
     bucket_mb: float = 128.0
     """MiB of gradients per ZeRO-1 bucket (0: one bucket, nothing to overlap). Smaller buckets start their
     reduce-scatter earlier; larger ones pay the collective's latency fewer times."""
