@@ -8,6 +8,7 @@ from .cross_entropy import cross_entropy, cross_entropy_ref
 from .flash_attention import flash_attention, flash_attention_ref
 from .rms_norm import rms_norm, rms_norm_ref
 from .rope import rope, rope_ref
+from .sum_of_squares import sum_of_squares, sum_of_squares_ref
 from .swiglu import swiglu, swiglu_ref
 
 __all__ = [
@@ -16,5 +17,6 @@ __all__ = [
     "flash_attention", "flash_attention_ref",
     "rms_norm", "rms_norm_ref",
     "rope", "rope_ref",
+    "sum_of_squares", "sum_of_squares_ref",
     "swiglu", "swiglu_ref",
 ]

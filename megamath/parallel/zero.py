@@ -91,6 +91,7 @@ import torch
 import torch.nn as nn
 
 from megamath.kernels.adamw import adamw_step, adamw_step_ref
+from megamath.kernels.sum_of_squares import sum_of_squares, sum_of_squares_ref
 from megamath.parallel.grad_clip import clip_coefficient, global_grad_norm
 from megamath.parallel.mappings import (all_gather_into, all_gather_list, all_reduce_, native_collectives,
                                         reduce_scatter_into)
@@ -156,6 +157,11 @@ class _BufferSlot:
 def _adamw_fn(device: torch.device):
     """The Triton kernel on CUDA, its plain-torch reference elsewhere (as megamath.model.ops dispatches)."""
     return adamw_step if device.type == "cuda" else adamw_step_ref
+
+
+def _sum_of_squares_fn(device: torch.device):
+    """Σ g² in fp64: the Triton kernel on CUDA (one read of the buffer), elsewhere its reference (fp64 norm)."""
+    return sum_of_squares if device.type == "cuda" else sum_of_squares_ref
 
 
 class ZeroOptimizer:
@@ -488,11 +494,13 @@ class ZeroOptimizer:
     def _grad_norm(self) -> torch.Tensor:
         """Global norm of the DP-averaged gradient (fp32 scalar); valid after _reduce_scatter_grads."""
         # Squares accumulate in fp64: a CPU fp32 norm over millions of elements is off by ~1e-4 relative,
-        # enough to move the clip coefficient away from what a serial run (or transformers) computes.
+        # enough to move the clip coefficient away from what a serial run (or transformers) computes. On CUDA
+        # the kernel reads the buffer once; the fp64 norm would first copy it to fp64 (kernels/sum_of_squares.py).
         sums = {True: torch.zeros((), dtype=torch.float64, device=self.device),
                 False: torch.zeros((), dtype=torch.float64, device=self.device)}
+        squares = _sum_of_squares_fn(self.device)
         for r in self.ranges:
-            sums[r.tensor_parallel] += torch.linalg.vector_norm(self.flat_grad[r.flat], dtype=torch.float64) ** 2
+            sums[r.tensor_parallel] += squares(self.flat_grad[r.flat])
         norm = global_grad_norm(sums[True], sums[False], dp_group=self.dp_group, tp_group=self.state.tp_group)
         return norm / self.dp_size  # the buffer holds the DP sum; the average is 1/dp of it
 
