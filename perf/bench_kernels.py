@@ -24,7 +24,8 @@ and writes q and k (fwd and bwd alike). attention causal fwd FLOPs = 4·B·H·S�
 swiglu fwd reads gate, up, writes out; bwd reads gate, up, dout, writes dgate, dup. cross-entropy fwd+bwd
 reads the logits and writes their gradient (the least any of them can do; ours reads each row a second
 time right after the first, from cache where the rows in flight fit it, as Liger-Kernel's does). adamw
-reads p, g, m, v and writes p, m, v (fp32: 28 B/param).
+reads p, g, m, v and writes p, m, v (fp32: 28 B/param). sum_of_squares (the gradient norm's pass) reads the
+gradient buffer once (the fp64 reference first copies it to fp64: 18 B per bf16 element instead of 2).
 """
 from __future__ import annotations
 
@@ -44,9 +45,9 @@ from megamath.atomic_io import write_text_atomically
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "perf" / "results"
-OPS = ("rms_norm", "rope", "flash_attention", "swiglu", "cross_entropy", "adamw_step")
+OPS = ("rms_norm", "rope", "flash_attention", "swiglu", "cross_entropy", "adamw_step", "sum_of_squares")
 KERNEL_MODULE = {"rms_norm": "rms_norm", "rope": "rope", "flash_attention": "flash_attention", "swiglu": "swiglu",
-                 "cross_entropy": "cross_entropy", "adamw_step": "adamw"}
+                 "cross_entropy": "cross_entropy", "adamw_step": "adamw", "sum_of_squares": "sum_of_squares"}
 
 
 def kernel(name: str):
@@ -353,8 +354,26 @@ def adamw_cases(adamw_step, ref, use_compile: bool, shrink: int, dev: str) -> li
     ]
 
 
+def sum_of_squares_cases(sum_of_squares, ref, use_compile: bool, shrink: int, dev: str) -> list[Case]:
+    """The gradient norm's pass over a ZeRO-1 buffer, bf16 (grad_dtype auto on one GPU) and fp32. Peers: the fp64
+    norm the optimizer ran before (eager and compiled), and torch's fp32 norm (no copy, but fp32 sums)."""
+    n = 500_000_000 // shrink
+    out = []
+    for dtype in (torch.bfloat16, torch.float32):
+        shape = f"{n / 1e6:g}M {str(dtype)[6:]}"
+        out.append(Case("sum_of_squares", shape, lambda dtype=dtype: (torch.randn(n, device=dev, dtype=dtype),), 0,
+                        {"fwd": (n * dtype.itemsize, "B")}, [
+            Impl("megamath (triton, fp64 sums)", sum_of_squares, ours=True),
+            Impl("eager (fp64 norm ** 2)", ref),
+            compiled(ref, use_compile),
+            Impl("torch fp32 norm ** 2", lambda x: torch.linalg.vector_norm(x, dtype=torch.float32) ** 2),
+        ]))
+    return out
+
+
 BUILDERS = {"rms_norm": rms_norm_cases, "rope": rope_cases, "flash_attention": attention_cases,
-            "swiglu": swiglu_cases, "cross_entropy": cross_entropy_cases, "adamw_step": adamw_cases}
+            "swiglu": swiglu_cases, "cross_entropy": cross_entropy_cases, "adamw_step": adamw_cases,
+            "sum_of_squares": sum_of_squares_cases}
 
 
 def cases(ops: list[str], use_compile: bool, shrink: int = 1, dev: str = "cuda") -> list[Case]:
@@ -463,6 +482,10 @@ def cpu_main(args) -> int:
                     t = torch.randint(0, 50, (7,))
                     t[3] = -100
                     check(op, fn, ref, lambda: (r(7, 50, dtype=dtype), t), 1)
+                elif op == "sum_of_squares":
+                    x = r(3 * 16384 + 17, dtype=dtype)
+                    want = ref(x)  # fp64: the same squares from bf16 and its fp32 upcast; only the sum's order differs
+                    assert_close_3way(fn(x), ref(x.float()), want, atol=1e-12 * want.item(), name="sum_of_squares")
                 elif op == "adamw_step" and dtype == torch.float32:
                     hp = dict(lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, step=3)
                     bufs = [r(1000, dtype=torch.float32), r(1000, dtype=torch.float32),
@@ -472,7 +495,8 @@ def cpu_main(args) -> int:
                     ref(*theirs, **hp)
                     for name, a, b in zip(("params", "exp_avg", "exp_avg_sq"), mine[:1] + mine[2:], theirs[:1] + theirs[2:]):
                         assert_close_3way(a, b, b, name=f"adamw {name}")
-            what = "one step matches" if op == "adamw_step" else "forward and backward match"
+            what = {"adamw_step": "one step matches", "sum_of_squares": "the sum matches"}.get(
+                op, "forward and backward match")
             print(f"[ok]   {op}: {what} {op}_ref ({'fp32' if op == 'adamw_step' else 'fp32, bf16'})")
         except AssertionError as e:
             failures += 1

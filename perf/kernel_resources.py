@@ -245,9 +245,10 @@ def _cases() -> list[tuple[str, str, bool, Callable[[], object]]]:
     import torch
 
     # By module path: the package re-exports each op under its module's name.
-    adamw_module, ce_module, fa, tuning, rms_module, rope_module, swiglu_module = (
+    adamw_module, ce_module, fa, tuning, rms_module, rope_module, swiglu_module, squares_module = (
         importlib.import_module(f"megamath.kernels.{name}") for name in
-        ("adamw", "cross_entropy", "flash_attention", "flash_attention_tuning", "rms_norm", "rope", "swiglu"))
+        ("adamw", "cross_entropy", "flash_attention", "flash_attention_tuning", "rms_norm", "rope", "swiglu",
+         "sum_of_squares"))
 
     bf16, tokens = torch.bfloat16, SEQ
     hidden, heads, dim, ffn, vocab = _default_shape()
@@ -282,6 +283,9 @@ def _cases() -> list[tuple[str, str, bool, Callable[[], object]]]:
                                     grad_scale=torch.ones(1))
         return launch
 
+    def sum_of_squares(grad_dtype):
+        return lambda: squares_module.sum_of_squares(torch.empty(1 << 24, dtype=grad_dtype))
+
     def attention(head_dim, dtype, blocks, forward=True, backward=True):
         def launch():
             q = torch.empty(1, SEQ, heads, head_dim, dtype=dtype)
@@ -296,7 +300,9 @@ def _cases() -> list[tuple[str, str, bool, Callable[[], object]]]:
              ("cross_entropy", "cross_entropy", True, cross_entropy(1.0)),  # training: the gradient in the forward
              ("cross_entropy", "cross_entropy without a gradient hint", True, cross_entropy(None)),  # TP, eval
              ("adamw", "adamw", True, adamw(torch.float32)),
-             ("adamw", "adamw bf16 grads", True, adamw(bf16))]  # grad_dtype auto's buffer on one GPU
+             ("adamw", "adamw bf16 grads", True, adamw(bf16)),  # grad_dtype auto's buffer on one GPU
+             ("sum_of_squares", "sum_of_squares", True, sum_of_squares(torch.float32)),  # the gradient norm's pass
+             ("sum_of_squares", "sum_of_squares bf16 grads", True, sum_of_squares(bf16))]
     for head_dim in (dim, 64):  # the model's, and the common smaller one
         default = fa.flash_attention_blocks(head_dim, interpret=False, dtype=bf16, tuned=False)
         cases.append(("flash_attention", f"attention D{head_dim} default tiles", True,
@@ -332,7 +338,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="80,90", help="compute capabilities to compile for (default 80,90)")
     parser.add_argument("--only", default="", help="comma-separated ops (rms_norm, rope, swiglu, cross_entropy, "
-                                                   "adamw, flash_attention); default all")
+                                                   "adamw, sum_of_squares, flash_attention); default all")
     parser.add_argument("--match", default="", help="only cases whose label contains this text, e.g. 'attention D128'")
     parser.add_argument("--defaults-only", action="store_true", help="skip the tuner's candidate tiles")
     parser.add_argument("--out", default="", help="also write kernel-resources-YYYY-MM-DD-tritonVERSION.md into this folder")
