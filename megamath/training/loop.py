@@ -101,7 +101,7 @@ def train_step(model: Llama, optimizer: ZeroOptimizer, micro_batches: list[Micro
         loss = mean_over_dp(loss_sum / len(micro_batches), state)  # () on the device
         finite = torch.isfinite(loss)  # a non-finite loss skips the update on the device, like a non-finite norm
     stats = optimizer.launch_step(lr, timer, finite=finite)
-    with phase("optimizer"):  # on a GPU the read waits for AdamW; its time is the optimizer's
+    with phase("optimizer"):  # on a GPU the read waits for AdamW (for the norm only when AdamW is overlapped)
         loss_value, *figures = torch.cat([loss.view(1), stats]).tolist()  # the step's one device-to-host read
         result = optimizer.finish_step(figures)
     if not math.isfinite(loss_value):
