@@ -161,7 +161,7 @@ if part tests; then
             tests/test_cross_entropy*.py tests/test_adamw*.py tests/test_sum_of_squares.py tests/test_gpu_trainer.py \
             tests/test_attention_choice.py 2> /dev/null)}
 else
-    step "trainer tests, compiled on the GPU (the bf16 model against the reference ops, the host-sync test, the norm's kernel)"
+    step "trainer tests, compiled on the GPU (the bf16 model against the reference ops, host syncs, the norm kernel)"
     tests=${TESTS:-tests/test_gpu_trainer.py tests/test_sum_of_squares.py tests/test_attention_choice.py}
 fi
 workers=$(bounded tests 20 "xdist check" /dev/null $PY -c "import xdist" > /dev/null && echo "-n 8")
