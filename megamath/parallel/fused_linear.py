@@ -6,8 +6,9 @@ each. Megatron gets there with one fused parameter in a rank-interleaved layout,
 converter must then know about. megamath keeps q_proj / k_proj / v_proj as they are (names, shapes, Hugging
 Face import/export and `megamath reshard` untouched and bit-exact) and fuses where the memory allows:
 ZeRO-1's flat buffer stores a layer's v, k, q weights back to back (backward order), so on each TP rank
-they already form one contiguous (Σ out, in) matrix. `_AdjacentWeights` hands that matrix to F.linear
-without a copy and splits its gradient back into the three parameters' gradients (views, no copy).
+they already form one contiguous (Σ out, in) matrix. `grad_into_buffer.linears_into_buffer` multiplies by
+that matrix without a copy and hands each parameter its rows of the one dW matmul (views, no copy), or
+writes dW straight into ZeRO's gradient buffer.
 Weights that are not adjacent (a plain model, a bucket boundary between them) take one matmul each.
 
 The output (..., Σ out) goes on as slices, and its gradient must come back as one tensor. autograd's split
@@ -28,23 +29,9 @@ from __future__ import annotations
 from typing import Protocol, Sequence
 
 import torch
-import torch.nn.functional as F
 
-from megamath.parallel.back_to_back import adjacent_order, fused_view
+from megamath.parallel.back_to_back import adjacent_order
 from megamath.parallel.grad_into_buffer import linear, linears_into_buffer
-
-
-class _AdjacentWeights(torch.autograd.Function):
-    """Weights that lie back to back in memory (in the order given) as the one (Σ out, in) matrix they form."""
-
-    @staticmethod
-    def forward(ctx, *weights):
-        ctx.rows = [w.shape[0] for w in weights]
-        return fused_view(list(weights))
-
-    @staticmethod
-    def backward(ctx, grad):
-        return tuple(grad.split(ctx.rows, dim=0))  # each parameter's rows of the fused gradient
 
 
 def join_last_dim(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -133,7 +120,5 @@ def linears(x: torch.Tensor, weights: list[torch.Tensor], epilogue: Epilogue | N
             raise ValueError("linears: an epilogue needs the fused matmul, and these weights are not back to back")
         return [linear(x, w) for w in weights]
     ordered = [weights[i] for i in order]
-    y = linears_into_buffer(x, ordered)  # (..., Σ out): one GEMM, whose dW goes into ZeRO's buffer
-    if y is None:  # some weight without a slot in a buffer of its dtype: autograd's path
-        y = F.linear(x, _AdjacentWeights.apply(*ordered))  # (..., Σ out): one GEMM
+    y = linears_into_buffer(x, ordered)  # (..., Σ out): one GEMM, whose dW goes into ZeRO's buffer where it can
     return split_last_dim(y, order, [w.shape[0] for w in ordered], epilogue)

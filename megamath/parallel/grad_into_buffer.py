@@ -78,12 +78,17 @@ def _slot(weight: torch.Tensor) -> GradSlot | None:
     return entry[1] if entry is not None and entry[0]() is weight else None
 
 
+def _registered_slots(weights: Sequence[torch.Tensor]) -> tuple[GradSlot, ...] | None:
+    """Every weight's slot when each weight has one, else None."""
+    slots = tuple(_slot(w) for w in weights)
+    return None if any(s is None for s in slots) else slots
+
+
 def _slots_for(weights: Sequence[torch.Tensor]) -> tuple[GradSlot, ...] | None:
     """Every weight's slot when this forward records a graph and each weight has one, else None."""
     if not _SLOTS or not torch.is_grad_enabled() or not all(w.requires_grad for w in weights):
         return None
-    slots = tuple(_slot(w) for w in weights)
-    return None if any(s is None for s in slots) else slots
+    return _registered_slots(weights)
 
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -163,13 +168,14 @@ def weight_gradient_into_slots(weights: Sequence[torch.Tensor], g: torch.Tensor,
     """For a backward that computes its weights' gradients itself (the sequence-parallel column projections,
     layers.py): dW = gᵀx written or added into the weights' slots (weights one, or back to back in memory in
     memory order; g (tokens, Σ out), x (tokens, in)); False, with nothing done, where autograd must take them."""
-    slots = tuple(_slot(w) for w in weights)
-    return all(s is not None for s in slots) and _write_into(slots, weights, g, x)
+    slots = _registered_slots(weights)
+    return slots is not None and _write_into(slots, weights, g, x)
 
 
 class _LinearIntoBuffer(torch.autograd.Function):
     """y = x Wᵀ for W one weight or weights back to back in memory (in that order); the backward writes dW into
-    the weights' slots when all of them take it, else returns it to autograd (per weight, as views)."""
+    the weights' slots when there are slots (not None) and all of them take it, else returns it to autograd
+    (per weight, as views of one matmul's result)."""
 
     @staticmethod
     def forward(ctx, x, slots, *ordered):
@@ -183,7 +189,7 @@ class _LinearIntoBuffer(torch.autograd.Function):
         g = grad_y.reshape(-1, grad_y.shape[-1])  # (tokens, Σ out)
         grad_x = g.mm(_matrix(ordered)).view(*grad_y.shape[:-1], -1) if ctx.needs_input_grad[0] else None
         x2 = x.reshape(-1, x.shape[-1])  # (tokens, in)
-        if _write_into(ctx.slots, ctx.weights, g, x2):
+        if ctx.slots is not None and _write_into(ctx.slots, ctx.weights, g, x2):
             return (grad_x, None, *[None] * len(ordered))
         grad_w = g.t().mm(x2)  # (Σ out, in): as autograd computes it
         parts = grad_w.split([w.shape[0] for w in ordered], dim=0) if len(ordered) > 1 else (grad_w,)
@@ -196,8 +202,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight) if slots is None else _LinearIntoBuffer.apply(x, slots, weight)
 
 
-def linears_into_buffer(x: torch.Tensor, ordered: Sequence[torch.Tensor]) -> torch.Tensor | None:
-    """x (..., in) times the (Σ out, in) matrix of weights back to back in memory (in memory order), with their
-    gradients written into their slots: (..., Σ out), or None when some weight has no slot."""
-    slots = _slots_for(ordered)
-    return None if slots is None else _LinearIntoBuffer.apply(x, slots, *ordered)
+def linears_into_buffer(x: torch.Tensor, ordered: Sequence[torch.Tensor]) -> torch.Tensor:
+    """x (..., in) times the (Σ out, in) matrix of weights back to back in memory (in memory order), one matmul:
+    (..., Σ out). Their gradients are written into their slots where every weight has one, else returned to
+    autograd, each weight's rows of the one dW matmul (no copy)."""
+    if not torch.is_grad_enabled() or not any(w.requires_grad for w in ordered):
+        return F.linear(x, _matrix(ordered))  # nothing to differentiate: a plain matmul over the view
+    return _LinearIntoBuffer.apply(x, _slots_for(ordered), *ordered)

@@ -144,8 +144,6 @@ class _BufferSlot:
         later = opt._arrived[self.index]
         if later and (not opt.gradient_accumulation_fusion or opt._one_gradient):
             return None  # a sum the hook adds (or, for grad_dtype auto's one gradient, refuses)
-        if not opt.gradient_accumulation_fusion and opt.flat_grad.dtype != opt.param_dtype:
-            return None  # without fusion, a gradient of another dtype is the hook's to convert
         return opt.flat_grad[self.slot.offset:self.slot.offset + self.slot.numel].view(self.shape), later
 
     def filled(self) -> None:
@@ -207,6 +205,7 @@ class ZeroOptimizer:
             raise ValueError(f"ZeroOptimizer: all parameters must share one dtype and device for the flat buffer, "
                              f"got dtypes {dtypes} on devices {devices}")
         self.param_dtype, self.device = named[0][1].dtype, named[0][1].device
+        self._adamw_writes_params = self.param_dtype in grad_into_buffer.LOW_PRECISION  # else the masters are copied
         self.grad_dtype = resolve_grad_dtype(config.grad_dtype, self.param_dtype == torch.bfloat16, self.dp_size,
                                              state.tp_size, micro_batches)
         self._one_gradient = config.grad_dtype == "auto" and self.grad_dtype == "bf16"  # exact only so
@@ -559,7 +558,7 @@ class ZeroOptimizer:
 
     def _adamw(self, ranges: list[ShardRange], lr: float, grad_scale: torch.Tensor) -> None:
         cfg, adamw = self.config, _adamw_fn(self.device)
-        lowp = self.param_dtype in (torch.bfloat16, torch.float16)
+        lowp = self._adamw_writes_params
         for r in ranges:
             part = slice(r.start, r.end)
             adamw(self.master[part], self.flat_grad[r.flat], self.exp_avg[part], self.exp_avg_sq[part], lr=lr,
@@ -570,7 +569,7 @@ class ZeroOptimizer:
     def _update(self, lr: float, grad_scale: torch.Tensor) -> None:
         """Phase 2's AdamW on this rank's ranges, writing the new weights straight into its pieces."""
         self._adamw(self.ranges, lr, grad_scale)
-        if self.param_dtype not in (torch.bfloat16, torch.float16):
+        if not self._adamw_writes_params:
             self._masters_to_params()  # padding stays 0: its grads are 0 and it is never decayed
 
     def _launch_updates(self, lr: float, grad_scale: torch.Tensor) -> None:
@@ -589,9 +588,8 @@ class ZeroOptimizer:
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             for b in reversed(range(len(self.buckets))):
                 self._adamw(self._ranges_by_bucket[b], lr, grad_scale)
-                if self.param_dtype not in (torch.bfloat16, torch.float16):
-                    f0, f1, s0 = self.pieces[b]
-                    self.flat_param[f0:f1].copy_(self.master[s0:s0 + f1 - f0])
+                if not self._adamw_writes_params:
+                    self._masters_to_params([b])
                 self._record("update", b)
                 if side is not None:
                     self._update_work[b] = torch.cuda.Event()
@@ -603,8 +601,10 @@ class ZeroOptimizer:
         if self.dp_group is not None and not self.overlap_param_gather:
             self.finish_param_sync()  # the gathers end in step(), and with them the updates they follow
 
-    def _masters_to_params(self) -> None:
-        for f0, f1, s0 in self.pieces:
+    def _masters_to_params(self, buckets=None) -> None:
+        """The masters (rounded to the weights' dtype) into these buckets' pieces of the weights (default all)."""
+        for b in range(len(self.pieces)) if buckets is None else buckets:
+            f0, f1, s0 = self.pieces[b]
             self.flat_param[f0:f1].copy_(self.master[s0:s0 + f1 - f0])
 
     def _all_gather_params(self) -> None:
