@@ -5,6 +5,8 @@ as TP 1 × DP 4, TP 2 × DP 2 and TP 4 × DP 1 (KV heads replicated at TP 4), wi
 buffers and one or many buckets, and compares every buffer's bytes with the plan's prediction.
 """
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +18,7 @@ from megamath.parallel.state import ParallelState
 from megamath.planning import measured
 from megamath.planning.hardware import get_gpu
 from megamath.planning.memory import RunShape, zero_buffer_bytes, zero_layout_for
-from megamath.planning.plan import PlanRequest, plan
+from megamath.planning.plan import PlanRequest, evaluate, plan
 from megamath.training import loop
 from megamath.training.config import TrainConfig
 
@@ -130,6 +132,43 @@ def test_auto_gradients_are_bf16_only_for_a_single_gpu_step_of_one_micro_batch()
     assert times["fp32"] / times["bf16"] == pytest.approx(34 / 30, rel=1e-3)  # buckets' padding differs a little
 
 
+def test_an_overlapped_optimizer_step_leaves_the_norm_and_the_first_buckets_update_exposed():
+    """On one GPU the updates of all buckets but the embedding's hide behind the next forward; under DP their
+    all-gathers follow them, and without overlap_param_gather the step waits for them, so nothing hides."""
+    model = ModelConfig.from_preset("llemma-7b")
+
+    def step(gpus, overlap_step, **kw):
+        req = PlanRequest(model=model, model_name="7b", gpu=get_gpu("h100-80gb"), gpus=gpus, tp=1, micro_batch=1,
+                          grad_accum=1, activation_checkpointing=True, bucket_mb=64, overlap_optimizer_step=overlap_step,
+                          **kw)
+        p = evaluate(req, 1, 1, True, False)
+        return p.time, zero_layout_for(model, 1, gpus, p.shape.grad_dtype, 64)
+
+    plain, layout = step(1, False)
+    overlapped, _ = step(1, True)
+    hbm = get_gpu("h100-80gb").hbm_gbs * 1e9
+    first = layout.buckets[-1].end - layout.buckets[-1].start  # the embedding's bucket, the forward's first
+    assert len(layout.buckets) > 10 and layout.slots[-1].name.endswith("embed_tokens.weight")
+    norm, first_update = layout.shard_size * 2 / hbm, first * (26 + 2) / hbm  # bf16 gradients on one GPU
+    assert overlapped["optimizer"] == pytest.approx(norm + first_update)
+    assert plain["optimizer"] == pytest.approx(layout.shard_size * 30 / hbm) == overlapped["optimizer_unhidden"]
+    assert plain["total"] - overlapped["total"] == pytest.approx(plain["optimizer"] - overlapped["optimizer"])
+
+    dp_plain, dp_layout = step(8, False)
+    dp_overlapped, _ = step(8, True)
+    assert dp_overlapped["optimizer"] < dp_plain["optimizer"]
+    assert dp_overlapped["dp_all_gather"] >= dp_plain["dp_all_gather"]  # the gathers wait for the updates
+    assert dp_overlapped["total"] < dp_plain["total"]
+    waits, _ = step(8, True, overlap_param_gather=False)
+    assert waits["optimizer"] == pytest.approx(dp_plain["optimizer"])
+
+    slow, _ = step(1, True, efficiency=1.0, seq_length=256)  # a forward too short to hide them: they add up
+    slow_plain, _ = step(1, False, efficiency=1.0, seq_length=256)
+    forward = slow["compute"] / 4  # with checkpointing: forward, then forward + backward
+    assert forward < slow_plain["optimizer"] / 2
+    assert slow["optimizer"] == pytest.approx(slow_plain["optimizer"] - forward)
+
+
 def test_search_ranks_fitting_options_by_throughput():
     req = PlanRequest(model=ModelConfig.from_preset("llemma-7b"), model_name="llemma-7b", gpu=get_gpu("a100-40gb"),
                       gpus=256)
@@ -217,3 +256,27 @@ def test_cli_errors_are_one_line(capsys, argv, message):
     code, out, err = _cli(capsys, *argv)
     assert code == 2 and out == ""
     assert err.startswith(f"megamath plan: error: {message}") and err.count("\n") == 1, err
+
+
+def _readme_plan_transcripts() -> list[tuple[list[str], list[str]]]:
+    """(argv, printed lines) of each `$ megamath plan ...` transcript in the README (which leaves out the
+    assumptions line, and a search's itemised plan after its ranking)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    out = []
+    for block in re.findall(r"```[a-z]*\n(.*?)```", readme, re.S):
+        for transcript in re.split(r"^(?=\$ megamath plan )", block, flags=re.M):
+            if transcript.startswith("$ megamath plan "):
+                command, *printed = transcript.rstrip("\n").split("\n")
+                out.append((command.split()[3:], printed))
+    return out
+
+
+@pytest.mark.parametrize("argv, printed", _readme_plan_transcripts())
+def test_the_readmes_plans_are_what_the_command_prints(capsys, argv, printed):
+    code, out, _ = _cli(capsys, *argv)
+    assert code == 0
+    assert out.splitlines()[:len(printed)] == printed
+
+
+def test_the_readme_shows_plans():
+    assert len(_readme_plan_transcripts()) == 3

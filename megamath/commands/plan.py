@@ -37,6 +37,9 @@ def add_parser(subparsers, name: str) -> None:
                         help="recompute activations (absent: off for one plan, both ways in a search)")
     parser.add_argument("--sequence-parallel", action="store_true", default=None,
                         help="sequence parallelism (absent: off for one plan, both ways in a search)")
+    parser.add_argument("--overlap-optimizer-step", action="store_true", default=None,
+                        help="AdamW's buckets under the next forward, as parallel.overlap_optimizer_step (default: "
+                        "the config's, else off)")
     parser.add_argument("--tokens", type=float, default=None, metavar="N", help="tokens of the run, e.g. 200e9")
     parser.add_argument("--grad-dtype", choices=("auto", "fp32", "bf16"), default=None,
                         help="ZeRO-1 gradient buffer dtype (default: the config's, else auto: bf16 on one GPU with "
@@ -71,12 +74,13 @@ def request_from_args(args):
                       activation_checkpointing=config.model.activation_checkpointing,
                       sequence_parallel=config.parallel.sequence_parallel, grad_dtype=config.optimizer.grad_dtype,
                       bucket_mb=config.parallel.bucket_mb, overlap_grad_reduce=config.parallel.overlap_grad_reduce,
-                      overlap_param_gather=config.parallel.overlap_param_gather)
+                      overlap_param_gather=config.parallel.overlap_param_gather,
+                      overlap_optimizer_step=config.parallel.overlap_optimizer_step)
     else:
         model, name = ModelConfig.from_preset(args.model), args.model
     flags = dict(tp=args.tp, micro_batch=args.micro_batch, grad_accum=args.grad_accum, seq_length=args.seq_length,
                  activation_checkpointing=args.activation_checkpointing, sequence_parallel=args.sequence_parallel,
-                 grad_dtype=args.grad_dtype)
+                 grad_dtype=args.grad_dtype, overlap_optimizer_step=args.overlap_optimizer_step)
     fields.update({k: v for k, v in flags.items() if v is not None})
     fields.setdefault("seq_length", min(4096, model.max_seq_length))
     return PlanRequest(model=model, model_name=name, gpu=gpu, gpus=args.gpus, gpus_per_node=args.gpus_per_node,

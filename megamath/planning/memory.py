@@ -54,6 +54,7 @@ class RunShape:
     bucket_mb: float = 128.0
     overlap_grad_reduce: bool = True
     overlap_param_gather: bool = True
+    overlap_optimizer_step: bool = False
 
 
 def zero_layout_for(model: ModelConfig, tp: int, dp: int, grad_dtype: str, bucket_mb: float) -> ZeroLayout:

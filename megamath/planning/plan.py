@@ -50,6 +50,7 @@ class PlanRequest:
     bucket_mb: float = 128.0
     overlap_grad_reduce: bool = True
     overlap_param_gather: bool = True
+    overlap_optimizer_step: bool = False
     efficiency: float | None = None
     """Fraction of the bf16 peak; None: measured (perf/results) or the GPU's stated default, see measured.py."""
     internode_gbs: float | None = None
@@ -145,7 +146,8 @@ def evaluate(req: PlanRequest, tp: int, micro: int, checkpointing: bool, sp: boo
     shape = RunShape(tp=tp, dp=dp, micro_batch=micro, grad_accum=grad_accum,
                      seq_length=req.seq_length, activation_checkpointing=checkpointing,
                      sequence_parallel=sp and tp > 1, grad_dtype=grad_dtype, bucket_mb=req.bucket_mb,
-                     overlap_grad_reduce=req.overlap_grad_reduce, overlap_param_gather=req.overlap_param_gather)
+                     overlap_grad_reduce=req.overlap_grad_reduce, overlap_param_gather=req.overlap_param_gather,
+                     overlap_optimizer_step=req.overlap_optimizer_step)
     gpu = req.gpu
     efficiency = req.efficiency
     net = Network(req.gpus_per_node, gpu.nvlink_gbs, req.internode_gbs or gpu.internode_gbs, gpu.alpha_intra,

@@ -13,6 +13,7 @@ def _shape_line(p: Plan) -> str:
     s = p.shape
     overlaps = (s.overlap_grad_reduce, s.overlap_param_gather)
     overlap = "on" if all(overlaps) else "partly" if any(overlaps) else "off"
+    overlap += ", optimizer step overlapped" if s.overlap_optimizer_step else ""
     return (f"TP {s.tp} x DP {s.dp}, micro-batch {s.micro_batch} x accumulation {s.grad_accum} = "
             f"{s.micro_batch * s.grad_accum * s.dp:,} sequences ({p.tokens_per_step:,} tokens) per step; "
             f"checkpointing {_on(s.activation_checkpointing)}, SP {_on(s.sequence_parallel)}, "
@@ -47,7 +48,7 @@ def format_plan(req: PlanRequest, p: Plan) -> str:
               f"  {'DP reduce-scatter (exposed)':<50}{t['dp_reduce_scatter']:>7.2f}"
               f"  of {t['dp_reduce_scatter_unhidden']:.2f}",
               f"  {'DP all-gather (exposed)':<50}{t['dp_all_gather']:>7.2f}  of {t['dp_all_gather_unhidden']:.2f}",
-              f"  {'optimizer step':<50}{t['optimizer']:>7.2f}",
+              f"  {'optimizer step (exposed)':<50}{t['optimizer']:>7.2f}  of {t['optimizer_unhidden']:.2f}",
               f"  {'total':<50}{t['total']:>7.2f}",
               f"throughput {p.tokens_per_s:,.0f} tokens/s ({p.tokens_per_s / p.gpus:,.0f} per GPU), MFU {p.mfu:.1%}"]
     if p.run_tokens is not None:

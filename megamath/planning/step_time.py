@@ -19,7 +19,11 @@ DP         per step, ZeRO-1's reduce-scatter of each gradient bucket and all-gat
 optimizer  the gradient norm and AdamW over the rank's shard, memory-bound, over HBM bandwidth: per element
            the norm reads the gradient; AdamW reads the master, both moments (4 bytes each) and the gradient,
            writes the master, the moments and the bf16 weight: 26 bytes + twice the gradient buffer's (34 with
-           fp32 gradients, 30 with bf16).
+           fp32 gradients, 30 with bf16). With overlap_optimizer_step (and, under DP, overlap_param_gather,
+           without which the step waits for its updates) only the norm and the first bucket's update and
+           all-gather stay exposed: the other buckets' updates, then their all-gathers, fill the next forward,
+           and what does not fit in it adds up. Optimistic: it ignores the HBM bandwidth the updates take from
+           the forward's own memory-bound kernels.
 """
 from __future__ import annotations
 
@@ -52,8 +56,8 @@ def _ring(bytes_: float, ranks: int, gbs: float, alpha: float, factor: float) ->
 
 def step_seconds(model: ModelConfig, shape: RunShape, gpu: GPU, net: Network, layout: ZeroLayout,
                  efficiency: float) -> dict[str, float]:
-    """The step's time items (seconds): compute, tp_comm, dp_reduce_scatter, dp_all_gather (exposed parts),
-    optimizer, and total; plus the unexposed DP totals for reference."""
+    """The step's time items (seconds): compute, tp_comm, dp_reduce_scatter, dp_all_gather, optimizer (exposed
+    parts), and total; plus the DP and optimizer totals, exposed or not, for reference."""
     tokens = shape.micro_batch * shape.seq_length * shape.grad_accum  # one DP rank's step
     recompute = 4 / 3 if shape.activation_checkpointing else 1.0
     compute = model.flops_per_token(shape.seq_length) * tokens * recompute / shape.tp / (
@@ -77,9 +81,19 @@ def step_seconds(model: ModelConfig, shape: RunShape, gpu: GPU, net: Network, la
     rs = [_ring((b.end - b.start) * grad_b, shape.dp, bw, alpha, 1.0) for b in layout.buckets]
     ag = [_ring((b.end - b.start) * param_b, shape.dp, bw, alpha, 1.0) for b in layout.buckets]
     rs_exposed = max(rs[-1], sum(rs) - backward) if shape.overlap_grad_reduce else sum(rs)
-    ag_exposed = max(ag[-1], sum(ag) - forward) if shape.overlap_param_gather else sum(ag)
-    optimizer = layout.shard_size * (OPTIMIZER_BYTES_PER_ELEMENT + 2 * grad_b) / (gpu.hbm_gbs * 1e9)  # + norm, AdamW
+    norm = layout.shard_size * grad_b / (gpu.hbm_gbs * 1e9)
+    adamw = [b.piece(shape.dp) * (OPTIMIZER_BYTES_PER_ELEMENT + grad_b) / (gpu.hbm_gbs * 1e9)
+             for b in layout.buckets]
+    if shape.overlap_optimizer_step and (shape.dp == 1 or shape.overlap_param_gather):
+        # buckets[-1] holds the embedding, the forward's first: its update and gather are waited for at once;
+        # the others' updates take the forward's cover first, their gathers what the updates leave of it.
+        rest_adamw, rest_ag = sum(adamw[:-1]), sum(ag[:-1])
+        optimizer = norm + adamw[-1] + max(0.0, rest_adamw - forward)
+        ag_exposed = ag[-1] + max(0.0, rest_ag - max(0.0, forward - rest_adamw))
+    else:
+        optimizer = norm + sum(adamw)
+        ag_exposed = max(ag[-1], sum(ag) - forward) if shape.overlap_param_gather else sum(ag)
     total = compute + tp_comm + rs_exposed + ag_exposed + optimizer
     return {"compute": compute, "tp_comm": tp_comm, "dp_reduce_scatter": rs_exposed, "dp_all_gather": ag_exposed,
             "optimizer": optimizer, "total": total, "dp_reduce_scatter_unhidden": sum(rs),
-            "dp_all_gather_unhidden": sum(ag)}
+            "dp_all_gather_unhidden": sum(ag), "optimizer_unhidden": norm + sum(adamw)}
