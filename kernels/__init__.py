@@ -5,6 +5,7 @@ TRITON_INTERPRET=1 before importing this package to run the kernels in Triton's 
 """
 from .adamw import adamw_step, adamw_step_ref
 from .cross_entropy import cross_entropy, cross_entropy_ref
+from .embedding_backward import embedding_backward, embedding_backward_ref
 from .flash_attention import flash_attention, flash_attention_ref
 from .rms_norm import rms_norm, rms_norm_ref
 from .rope import rope, rope_ref
@@ -14,6 +15,7 @@ from .swiglu import swiglu, swiglu_ref
 __all__ = [
     "adamw_step", "adamw_step_ref",
     "cross_entropy", "cross_entropy_ref",
+    "embedding_backward", "embedding_backward_ref",
     "flash_attention", "flash_attention_ref",
     "rms_norm", "rms_norm_ref",
     "rope", "rope_ref",

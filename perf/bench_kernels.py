@@ -26,6 +26,8 @@ reads the logits and writes their gradient (the least any of them can do; ours r
 time right after the first, from cache where the rows in flight fit it, as Liger-Kernel's does). adamw
 reads p, g, m, v and writes p, m, v (fp32: 28 B/param). sum_of_squares (the gradient norm's pass) reads the
 gradient buffer once (the fp64 reference first copies it to fp64: 18 B per bf16 element instead of 2).
+embedding_backward reads the tokens' bf16 output gradients and ids, and writes the whole fp32 table (the
+step's first micro-batch) or reads and writes only the rows the tokens touch (a later one).
 """
 from __future__ import annotations
 
@@ -45,9 +47,11 @@ from megamath.atomic_io import write_text_atomically
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "perf" / "results"
-OPS = ("rms_norm", "rope", "flash_attention", "swiglu", "cross_entropy", "adamw_step", "sum_of_squares")
+OPS = ("rms_norm", "rope", "flash_attention", "swiglu", "cross_entropy", "adamw_step", "sum_of_squares",
+       "embedding_backward")
 KERNEL_MODULE = {"rms_norm": "rms_norm", "rope": "rope", "flash_attention": "flash_attention", "swiglu": "swiglu",
-                 "cross_entropy": "cross_entropy", "adamw_step": "adamw", "sum_of_squares": "sum_of_squares"}
+                 "cross_entropy": "cross_entropy", "adamw_step": "adamw", "sum_of_squares": "sum_of_squares",
+                 "embedding_backward": "embedding_backward"}
 
 
 def kernel(name: str):
@@ -371,9 +375,50 @@ def sum_of_squares_cases(sum_of_squares, ref, use_compile: bool, shrink: int, de
     return out
 
 
+def embedding_backward_cases(embedding_backward, ref, use_compile: bool, shrink: int, dev: str) -> list[Case]:
+    """The embedding table's gradient into ZeRO-1's fp32 buffer from bf16 output gradients, at Code Llama 7B's
+    vocabulary and width and one 4096-token micro-batch (ids uniform over the vocabulary), for the step's first
+    micro-batch (the table written) and a later one (added). Peers: what the hook's path runs (autograd's dense
+    bf16 gradient, then the hook's copy or add), eager and compiled; index_add_ of the fp32 rows into the buffer
+    (atomics: fast, but its sums are not reproducible); the plain-torch reference."""
+    vocab, width, n = 32016, 4096, 4096 // shrink
+    ids = torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(0))
+    touched = ids.unique().numel()
+
+    def make():
+        return torch.randn(n, width, device=dev, dtype=torch.bfloat16), ids.to(dev), torch.zeros(vocab, width,
+                                                                                              device=dev)
+
+    def hook_path(add: bool):
+        def fn(grad, ids, out):
+            dense = torch.ops.aten.embedding_dense_backward(grad, ids, out.shape[0], -1, False)  # (V, D) bf16
+            return out.add_(dense) if add else out.copy_(dense)
+        return fn
+
+    def atomics(add: bool):
+        def fn(grad, ids, out):
+            return (out if add else out.zero_()).index_add_(0, ids, grad.float())
+        return fn
+
+    out = []
+    for add in (False, True):
+        table = touched * width * 8 if add else vocab * width * 4
+        out.append(Case("embedding_backward", f"{n} tokens, {vocab}x{width} fp32 {'added' if add else 'written'}",
+                        make, 0, {"step": (n * width * 2 + n * 8 + table, "B")}, [
+            Impl("megamath (triton, sorted rows)", lambda g, i, o, add=add: embedding_backward(g, i, o, add),
+                 ours=True),
+            Impl("autograd bf16 + hook copy/add", hook_path(add)),
+            Impl("torch.compile(hook path)", torch.compile(hook_path(add), dynamic=False)) if use_compile else
+            Impl("torch.compile(hook path)", None, absent="skipped (--no-compile)"),
+            Impl("index_add_ fp32 (atomics)", atomics(add)),
+            Impl("eager (embedding_backward_ref)", lambda g, i, o, add=add: ref(g, i, o, add)),
+        ]))
+    return out
+
+
 BUILDERS = {"rms_norm": rms_norm_cases, "rope": rope_cases, "flash_attention": attention_cases,
             "swiglu": swiglu_cases, "cross_entropy": cross_entropy_cases, "adamw_step": adamw_cases,
-            "sum_of_squares": sum_of_squares_cases}
+            "sum_of_squares": sum_of_squares_cases, "embedding_backward": embedding_backward_cases}
 
 
 def cases(ops: list[str], use_compile: bool, shrink: int = 1, dev: str = "cuda") -> list[Case]:
@@ -486,6 +531,15 @@ def cpu_main(args) -> int:
                     x = r(3 * 16384 + 17, dtype=dtype)
                     want = ref(x)  # fp64: the same squares from bf16 and its fp32 upcast; only the sum's order differs
                     assert_close_3way(fn(x), ref(x.float()), want, atol=1e-12 * want.item(), name="sum_of_squares")
+                elif op == "embedding_backward":
+                    g, ids = r(40, 24, dtype=dtype), torch.randint(-1, 31, (40,))  # -1 and 30: foreign ids
+                    start = r(30, 24, dtype=torch.float32)
+                    for add in (False, True):
+                        mine, theirs, upcast = start.clone(), start.clone(), start.clone()
+                        fn(g, ids, mine, add)
+                        ref(g, ids, theirs, add)
+                        ref(g.float(), ids, upcast, add)  # the same fp32 sums: bf16 converts exactly
+                        assert_close_3way(mine, upcast, theirs, name=f"embedding_backward add={add}")
                 elif op == "adamw_step" and dtype == torch.float32:
                     hp = dict(lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, step=3)
                     bufs = [r(1000, dtype=torch.float32), r(1000, dtype=torch.float32),
@@ -495,7 +549,8 @@ def cpu_main(args) -> int:
                     ref(*theirs, **hp)
                     for name, a, b in zip(("params", "exp_avg", "exp_avg_sq"), mine[:1] + mine[2:], theirs[:1] + theirs[2:]):
                         assert_close_3way(a, b, b, name=f"adamw {name}")
-            what = {"adamw_step": "one step matches", "sum_of_squares": "the sum matches"}.get(
+            what = {"adamw_step": "one step matches", "sum_of_squares": "the sum matches",
+                    "embedding_backward": "the written and added tables match"}.get(
                 op, "forward and backward match")
             print(f"[ok]   {op}: {what} {op}_ref ({'fp32' if op == 'adamw_step' else 'fp32, bf16'})")
         except AssertionError as e:

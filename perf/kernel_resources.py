@@ -245,10 +245,10 @@ def _cases() -> list[tuple[str, str, bool, Callable[[], object]]]:
     import torch
 
     # By module path: the package re-exports each op under its module's name.
-    adamw_module, ce_module, fa, tuning, rms_module, rope_module, swiglu_module, squares_module = (
+    adamw_module, ce_module, fa, tuning, rms_module, rope_module, swiglu_module, squares_module, table_module = (
         importlib.import_module(f"megamath.kernels.{name}") for name in
         ("adamw", "cross_entropy", "flash_attention", "flash_attention_tuning", "rms_norm", "rope", "swiglu",
-         "sum_of_squares"))
+         "sum_of_squares", "embedding_backward"))
 
     bf16, tokens = torch.bfloat16, SEQ
     hidden, heads, dim, ffn, vocab = _default_shape()
@@ -286,6 +286,12 @@ def _cases() -> list[tuple[str, str, bool, Callable[[], object]]]:
     def sum_of_squares(grad_dtype):
         return lambda: squares_module.sum_of_squares(torch.empty(1 << 24, dtype=grad_dtype))
 
+    def embedding_backward(add):
+        def launch():  # bf16 output gradients into the fp32 buffer's slot of the table
+            grad, ids = torch.empty(tokens, hidden, dtype=bf16), torch.zeros(tokens, dtype=torch.int64)
+            table_module.embedding_backward(grad, ids, torch.empty(vocab, hidden), add)
+        return launch
+
     def attention(head_dim, dtype, blocks, forward=True, backward=True):
         def launch():
             q = torch.empty(1, SEQ, heads, head_dim, dtype=dtype)
@@ -302,7 +308,9 @@ def _cases() -> list[tuple[str, str, bool, Callable[[], object]]]:
              ("adamw", "adamw", True, adamw(torch.float32)),
              ("adamw", "adamw bf16 grads", True, adamw(bf16)),  # grad_dtype auto's buffer on one GPU
              ("sum_of_squares", "sum_of_squares", True, sum_of_squares(torch.float32)),  # the gradient norm's pass
-             ("sum_of_squares", "sum_of_squares bf16 grads", True, sum_of_squares(bf16))]
+             ("sum_of_squares", "sum_of_squares bf16 grads", True, sum_of_squares(bf16)),
+             ("embedding_backward", "embedding_backward written", True, embedding_backward(False)),  # 1st micro-batch
+             ("embedding_backward", "embedding_backward added", True, embedding_backward(True))]  # later ones
     for head_dim in (dim, 64):  # the model's, and the common smaller one
         default = fa.flash_attention_blocks(head_dim, interpret=False, dtype=bf16, tuned=False)
         cases.append(("flash_attention", f"attention D{head_dim} default tiles", True,
@@ -338,7 +346,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="80,90", help="compute capabilities to compile for (default 80,90)")
     parser.add_argument("--only", default="", help="comma-separated ops (rms_norm, rope, swiglu, cross_entropy, "
-                                                   "adamw, sum_of_squares, flash_attention); default all")
+                                                   "adamw, sum_of_squares, embedding_backward, flash_attention); default all")
     parser.add_argument("--match", default="", help="only cases whose label contains this text, e.g. 'attention D128'")
     parser.add_argument("--defaults-only", action="store_true", help="skip the tuner's candidate tiles")
     parser.add_argument("--out", default="", help="also write kernel-resources-YYYY-MM-DD-tritonVERSION.md into this folder")

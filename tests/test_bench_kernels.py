@@ -88,3 +88,31 @@ def test_the_cross_entropy_rows_run_what_they_name(monkeypatch):
         (grad,) = torch.autograd.grad(loss, x)
         torch.testing.assert_close(loss, xent.cross_entropy_ref(logits.float(), targets), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(grad.float(), want, rtol=1e-2, atol=1e-9)  # bf16 rounding of each entry
+
+
+def test_the_embedding_backward_rows_run_what_they_name(monkeypatch):
+    """Each embedding_backward row's callable, built as the GPU run builds it, on a small table (CPU, the kernel
+    under Triton's interpreter): written, then added, ours is the reference's fp32 sums bit for bit, index_add_
+    within fp32 rounding, the hook's path within the bf16 rounding of its dense gradient."""
+    bench = load_bench(monkeypatch)
+    module = importlib.import_module("megamath.kernels.embedding_backward")
+    cases = bench.embedding_backward_cases(module.embedding_backward, module.embedding_backward_ref, False, 64, "cpu")
+    assert [case.shape.split()[-1] for case in cases] == ["written", "added"]
+    generator = torch.Generator().manual_seed(0)
+    grad, ids = torch.randn(50, 24, generator=generator).bfloat16(), torch.randint(0, 9, (50,), generator=generator)
+    start = torch.randn(12, 24, generator=generator)
+    for case in cases:
+        add = case.shape.endswith("added")
+        want = module.embedding_backward_ref(grad, ids, start.clone(), add)
+        ran = [impl for impl in case.impls if impl.fn is not None]
+        assert [impl.name for impl in ran] == ["megamath (triton, sorted rows)", "autograd bf16 + hook copy/add",
+                                               "index_add_ fp32 (atomics)", "eager (embedding_backward_ref)"]
+        for impl in ran:
+            out = start.clone()
+            impl.fn(grad, ids, out)
+            if "hook" in impl.name:
+                torch.testing.assert_close(out, want, rtol=2 ** -7, atol=2 ** -7 * want.abs().max().item())
+            elif "atomics" in impl.name:  # each row added to the table in turn: fp32 rounding differs
+                torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+            else:
+                assert torch.equal(out, want), impl.name

@@ -1,6 +1,7 @@
 """Weight gradients written (and, with gradient-accumulation fusion, added) by their matmul into ZeRO-1's buffer
-(grad_into_buffer.py): the same bits as the hook's copy for a first gradient, fp32 sums of bf16 weights'
-gradients, no copy of a linear weight's gradient, and autograd's path wherever the buffer cannot take one.
+(grad_into_buffer.py), and the embedding's by its lookup: the same bits as the hook's copy for a first gradient,
+fp32 sums of bf16 weights' gradients, no copy of their gradients, and autograd's path wherever the buffer cannot
+take one.
 (Multi-rank runs, overlap, TP and the fused q/k/v and gate/up matmuls take this path too: test_zero*.py,
 test_tensor_parallel.py and test_fused_linear.py compare them with their references bit for bit.)"""
 import gc
@@ -9,7 +10,6 @@ from collections import Counter
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from megamath.model.config import ModelConfig
 from megamath.model.llama import Llama
@@ -20,24 +20,31 @@ from megamath.parallel.zero import ZeroOptimizer
 
 CONFIG = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, ffn_hidden_size=48,
                      max_seq_length=16, kernels="reference")
-LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+INTO_BUFFER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head", "embed_tokens")
+"""The layers whose weight gradient is written into the buffer by its matmul (linears) or its lookup."""
 
 
-class _BufferCopies(TorchDispatchMode):
-    """The parameters whose gradient the hook copies (or adds) into the optimizer's buffer during the block."""
+class _HookArrivals:
+    """The parameters whose gradient reaches ZeroOptimizer's hook through autograd (in arrival order) inside a
+    `with` block, i.e. not written into the buffer by their own matmul or lookup. Autograd runs every parameter's
+    post-accumulate hooks either way, with `.grad` None where nothing was accumulated; create this before the
+    optimizer, so that its hooks run before the optimizer's, which consume the gradient."""
 
-    def __init__(self, opt: ZeroOptimizer):
-        super().__init__()
-        self.storage = opt.flat_grad.untyped_storage().data_ptr()
-        base, size = opt.flat_grad.data_ptr(), opt.flat_grad.element_size()
-        self.names = {base + slot.offset * size: slot.name for slot in opt.slots}
-        self.written = []
+    def __init__(self, model: torch.nn.Module):
+        self.written, self.recording = [], False
+        for name, p in model.named_parameters():
+            p.register_post_accumulate_grad_hook(lambda p, name=name: self._seen(name, p))
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in (torch.ops.aten.copy_.default, torch.ops.aten.add_.Tensor) and \
-                args[0].untyped_storage().data_ptr() == self.storage:
-            self.written.append(self.names[args[0].data_ptr()])
-        return func(*args, **(kwargs or {}))
+    def _seen(self, name: str, p: torch.Tensor) -> None:
+        if self.recording and p.grad is not None:
+            self.written.append(name)
+
+    def __enter__(self):
+        self.written, self.recording = [], True
+        return self
+
+    def __exit__(self, *exc):
+        self.recording = False
 
 
 def _steps(direct: bool, micro_batches: int = 1, dtype=torch.float32, grad_dtype: str = "auto", fusion: bool = False):
@@ -45,6 +52,7 @@ def _steps(direct: bool, micro_batches: int = 1, dtype=torch.float32, grad_dtype
     the results and state, and per step the parameters the hook wrote into the buffer."""
     torch.manual_seed(0)
     model = Llama(CONFIG).to(dtype)
+    spy = _HookArrivals(model)
     config = OptimizerConfig(lr=1e-2, clip_grad=0.5, grad_dtype=grad_dtype, gradient_accumulation_fusion=fusion)
     opt = ZeroOptimizer(model, ParallelState.single(), config, model.split_parameter_names(),
                         micro_batches=micro_batches)
@@ -55,7 +63,7 @@ def _steps(direct: bool, micro_batches: int = 1, dtype=torch.float32, grad_dtype
     results, hooked = [], []
     for _ in range(3):
         opt.zero_grad(micro_batches)
-        with _BufferCopies(opt) as spy:
+        with spy:
             for x, y in zip(tokens[:, :-1].chunk(micro_batches), tokens[:, 1:].chunk(micro_batches)):
                 (model(x, y)[1] / micro_batches).backward()
         hooked.append(spy.written)
@@ -68,32 +76,33 @@ def _steps(direct: bool, micro_batches: int = 1, dtype=torch.float32, grad_dtype
 @pytest.mark.parametrize("micro_batches", [1, 2])
 def test_same_bits_as_the_hooks_copy_without_copying_linear_weights(micro_batches):
     """Without fusion, fp32 weights and buffer: each linear weight's first gradient of a step is written by its
-    matmul (the hook copies only the embedding and the norms); later micro-batches add through the hook. Steps,
-    masters, moments and weights: bit-identical to the hook's copy of every gradient."""
+    matmul, the embedding's by its lookup (the hook copies only the norms'); later micro-batches add through the
+    hook. Steps, masters, moments and weights: bit-identical to the hook's copy of every gradient."""
     (direct, direct_hooked), (hooked, all_hooked) = (_steps(d, micro_batches) for d in (True, False))
     assert direct[0] == hooked[0]
     for a, b in zip(direct[1:3], hooked[1:3]):
         assert torch.equal(a, b)
     assert all(torch.equal(direct[3][n], hooked[3][n]) for n in direct[3])
     names = set(direct[3])
-    linear = {n for n in names if n.split(".")[-2] in LINEAR}
+    into_buffer = {n for n in names if n.split(".")[-2] in INTO_BUFFER}
     for step in range(3):
         assert Counter(all_hooked[step]) == Counter({n: micro_batches for n in names})  # each micro-batch, each
-        first = direct_hooked[step][:len(names - linear)]  # the first micro-batch: every linear weight written
-        assert set(first) == names - linear  # by its matmul, the embedding and the norms by the hook
-        assert Counter(direct_hooked[step]) == Counter({n: micro_batches - (n in linear) for n in names}) - Counter()
+        first = direct_hooked[step][:len(names - into_buffer)]  # the first micro-batch: every linear weight written
+        assert set(first) == names - into_buffer  # by its matmul, the embedding by its lookup, the norms by the hook
+        want = Counter({n: micro_batches - (n in into_buffer) for n in names})
+        assert Counter(direct_hooked[step]) == want - Counter()
 
 
 def test_fusion_adds_every_micro_batchs_linear_gradient_in_the_matmul():
-    """With gradient-accumulation fusion (the default), fp32 weights, two micro-batches: no linear weight's gradient
-    reaches the hook in either micro-batch (the second is added by its matmul into the slot), and the steps follow
-    the hook's (a GEMM adding into its output may round the sum once differently from an add after it)."""
+    """With gradient-accumulation fusion (the default), fp32 weights, two micro-batches: no linear weight's or embedding
+    gradient reaches the hook in either micro-batch (the second is added by its matmul or lookup into the slot), and
+    the steps follow the hook's (a GEMM adding into its output may round the sum once differently from an add after it)."""
     assert OptimizerConfig().gradient_accumulation_fusion
     (fused, fused_hooked), (hooked, _) = (_steps(d, 2, fusion=True) for d in (True, False))
     names = set(fused[3])
-    linear = {n for n in names if n.split(".")[-2] in LINEAR}
+    into_buffer = {n for n in names if n.split(".")[-2] in INTO_BUFFER}
     for step in range(3):
-        assert Counter(fused_hooked[step]) == Counter({n: 2 for n in names - linear})
+        assert Counter(fused_hooked[step]) == Counter({n: 2 for n in names - into_buffer})
     for a, b in zip(fused[0], hooked[0]):
         assert a.grad_norm == pytest.approx(b.grad_norm, rel=1e-6) and a.clip_coef == pytest.approx(b.clip_coef,
                                                                                                     rel=1e-6)
@@ -102,29 +111,30 @@ def test_fusion_adds_every_micro_batchs_linear_gradient_in_the_matmul():
 
 
 def test_bf16_weights_sum_their_gradients_in_fp32_with_fusion():
-    """bf16 weights into an fp32 buffer over two micro-batches. With fusion, no linear weight's gradient goes through
-    the hook, and after the first micro-batch their slots hold fp32 products (values no bf16 holds); without it
-    the hook copies autograd's bf16 gradients and adds the second. Both agree within bf16's rounding."""
+    """bf16 weights into an fp32 buffer over two micro-batches. With fusion, no linear weight's or embedding gradient
+    goes through the hook, and after the first micro-batch their slots hold fp32 products and sums (values no bf16
+    holds); without it the hook copies autograd's bf16 gradients and adds the second. Both agree within bf16's rounding."""
     tokens = torch.randint(0, 64, (4, 9), generator=torch.Generator().manual_seed(1))
     buffers = {}
     for fusion in (True, False):
         torch.manual_seed(0)
         model = Llama(CONFIG).to(torch.bfloat16)
+        spy = _HookArrivals(model)
         opt = ZeroOptimizer(model, ParallelState.single(), OptimizerConfig(grad_dtype="fp32",
                                                                            gradient_accumulation_fusion=fusion),
                             model.split_parameter_names(), micro_batches=2)
         assert opt.gradient_accumulation_fusion is fusion
-        linear = {n: p for n, p in model.named_parameters() if n.split(".")[-2] in LINEAR}
+        into_buffer = {n: p for n, p in model.named_parameters() if n.split(".")[-2] in INTO_BUFFER}
         opt.zero_grad(2)
-        with _BufferCopies(opt) as spy:
+        with spy:
             for micro, (x, y) in enumerate(zip(tokens[:, :-1].chunk(2), tokens[:, 1:].chunk(2))):
                 (model(x, y)[1] / 2).backward()
                 if micro == 0:
-                    for name, p in linear.items():
+                    for name, p in into_buffer.items():
                         first = opt.grad_view(p)
                         assert torch.equal(first, first.bfloat16().float()) is not fusion, name
-        assert set(spy.written) & set(linear) == (set() if fusion else set(linear))
-        buffers[fusion] = {n: opt.grad_view(p).clone() for n, p in linear.items()}
+        assert set(spy.written) & set(into_buffer) == (set() if fusion else set(into_buffer))
+        buffers[fusion] = {n: opt.grad_view(p).clone() for n, p in into_buffer.items()}
         opt.remove_hooks()
     for name, fused in buffers[True].items():
         unfused = buffers[False][name]
@@ -180,7 +190,7 @@ def test_bf16_weights_into_a_bf16_buffer_match_the_hook():
     (direct, direct_hooked), (hooked, _) = (_steps(d, dtype=torch.bfloat16) for d in (True, False))
     assert direct[0] == hooked[0]
     assert torch.equal(direct[1], hooked[1]) and torch.equal(direct[2], hooked[2])
-    assert not any(n.split(".")[-2] in LINEAR for step in direct_hooked for n in step)
+    assert not any(n.split(".")[-2] in INTO_BUFFER for step in direct_hooked for n in step)
 
 
 def test_the_registry_lets_go_of_parameters():
@@ -205,6 +215,37 @@ def test_outside_autograd_or_without_a_slot_it_is_f_linear():
     assert grad_into_buffer._slots_for([w]) is None
     with torch.no_grad():
         assert torch.equal(grad_into_buffer.linear(x, w), torch.nn.functional.linear(x, w))
+    ids = torch.tensor([[3, 0], [1, 3]])
+    assert torch.equal(grad_into_buffer.embedding(ids, w), torch.nn.functional.embedding(ids, w))
+    foreign = ids == 3
+    masked = grad_into_buffer.embedding(ids, w, foreign)
+    assert torch.equal(masked[~foreign], w[ids[~foreign]]) and not masked[foreign].any()
+
+
+@pytest.mark.parametrize("grad_dtype, out_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                   (torch.bfloat16, torch.float32)])
+def test_the_embedding_gradient_into_a_slot_is_autograds_or_its_fp32_sum(grad_dtype, out_dtype):
+    """What the lookup writes, then adds, into a slot, with a vocabulary-parallel rank's foreign ids: autograd's
+    own dense gradient (masked) where the slot has the gradient's dtype, the hook's bits; bf16 gradients into
+    fp32, their fp32 sums, far closer to the exact ones than the bf16 gradient the hook would add."""
+    generator = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 6, (3, 40), generator=generator)
+    ids[0, :30] = 2  # one row summed 30+ times: a bf16 sum rounds visibly
+    foreign = ids == 5
+    grads = [torch.randn(3, 40, 7, generator=generator).to(grad_dtype) for _ in range(2)]
+    out = torch.full((6, 7), float("nan"), dtype=out_dtype)
+    grad_into_buffer.write_embedding_gradient(out, grads[0], ids, foreign, add=False)
+    grad_into_buffer.write_embedding_gradient(out, grads[1], ids, foreign, add=True)
+    dense = [grad_into_buffer._dense_embedding_gradient(g, ids, foreign, 6) for g in grads]
+    exact = sum(torch.zeros(6, 7, dtype=torch.float64).index_add_(0, ids[~foreign], g[~foreign].double())
+                for g in grads)
+    assert not exact[5].any() and not out[5].any()  # the foreign ids' row
+    if grad_dtype == out_dtype:
+        assert torch.equal(out, dense[0].to(out_dtype) + dense[1])
+    else:
+        hooks = dense[0].float() + dense[1].float()  # the hook's copy and add of autograd's bf16 gradients
+        ours_error, hooks_error = (out.double() - exact).abs().max(), (hooks.double() - exact).abs().max()
+        assert ours_error < 1e-5 and ours_error * 50 < hooks_error
 
 
 def test_a_weight_with_its_own_gradient_hook_sees_its_gradient():
@@ -216,11 +257,14 @@ def test_a_weight_with_its_own_gradient_hook_sees_its_gradient():
     tokens = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
     opt.zero_grad()
     loss = model(tokens[:, :-1], tokens[:, 1:])[1]
-    seen = []
-    model.lm_head.weight.register_hook(lambda g: seen.append(g.clone()) or g * 2)
+    seen = {}
+    for layer in (model.lm_head, model.embed_tokens):
+        layer.weight.register_hook(lambda g, layer=layer: seen.setdefault(layer, []).append(g.clone()) or g * 2)
     loss.backward()
-    assert len(seen) == 1 and seen[0].shape == model.lm_head.weight.shape
-    assert torch.equal(opt.grad_view(model.lm_head.weight), seen[0] * 2)
+    for layer, grads in seen.items():
+        assert len(grads) == 1 and grads[0].shape == layer.weight.shape
+        assert torch.equal(opt.grad_view(layer.weight), grads[0] * 2)
+    assert len(seen) == 2
     opt.remove_hooks()
 
 
@@ -236,12 +280,13 @@ def _sequence_parallel_worker(rank, world_size, out_dir):
         config = ModelConfig(**{**CONFIG.to_dict(), "num_kv_heads": 2, "kernels": kernels})
         torch.manual_seed(0)
         model = Llama(config, state, sequence_parallel=True)
+        spy = _HookArrivals(model)
         opt = ZeroOptimizer(model, state, OptimizerConfig(), model.split_parameter_names(), micro_batches=2)
         if not direct:
             for p in model.parameters():
                 grad_into_buffer.unregister(p)
         opt.zero_grad(2)
-        with _BufferCopies(opt) as spy:
+        with spy:
             for x, y in zip(tokens[:, :-1].chunk(2), tokens[:, 1:].chunk(2)):
                 (model(x, y)[1] / 2).backward()
         grads = {n: opt.grad_view(p).clone() for n, p in model.named_parameters()}
@@ -257,8 +302,8 @@ def test_sequence_parallel_projections_write_into_the_buffer(tmp_path):
     for rank, kernels in itertools.product(range(2), ("reference", "triton")):
         out = torch.load(tmp_path / f"sp{rank}.pt")
         (direct_hooked, direct), (hooked, reference) = out[kernels, True], out[kernels, False]
-        linear = {n for n in reference if n.split(".")[-2] in LINEAR}
+        into_buffer = {n for n in reference if n.split(".")[-2] in INTO_BUFFER}
         assert hooked == Counter({n: 2 for n in reference})  # the hook's path: every parameter, each micro-batch
-        assert direct_hooked == Counter({n: 2 for n in set(reference) - linear})  # no linear weight, q/k/v included
+        assert direct_hooked == Counter({n: 2 for n in set(reference) - into_buffer})  # no linear weight (q/k/v included), no embedding
         for name in reference:
             torch.testing.assert_close(direct[name], reference[name], rtol=1e-5, atol=1e-8, msg=(kernels, name))

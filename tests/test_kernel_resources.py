@@ -80,8 +80,8 @@ def test_default_launches_compile_for_h100_without_signs_of_slowness(compiled):
     kernels = {r["kernel"] for r in rows}
     assert kernels == {"_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel", "_rope_kernel", "_swiglu_fwd_kernel",
                        "_swiglu_bwd_kernel", "_ce_forward_kernel", "_ce_backward_kernel", "_adamw_kernel",
-                       "_sum_of_squares_kernel", "_fwd_kernel", "_bwd_preprocess_kernel", "_bwd_dkdv_kernel",
-                       "_bwd_dq_kernel"}
+                       "_sum_of_squares_kernel", "_embedding_backward_kernel", "_fwd_kernel", "_bwd_preprocess_kernel",
+                       "_bwd_dkdv_kernel", "_bwd_dq_kernel"}
     for r in rows:
         where = f"{r['kernel']} ({r['case']}, {r['config']})"
         assert r["default"], where

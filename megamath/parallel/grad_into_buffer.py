@@ -196,6 +196,71 @@ class _LinearIntoBuffer(torch.autograd.Function):
         return (grad_x, None, *parts)
 
 
+def _dense_embedding_gradient(grad: torch.Tensor, ids: torch.Tensor, foreign: torch.Tensor | None,
+                              rows: int) -> torch.Tensor:
+    """The (rows, D) gradient autograd computes for `_lookup` (embedding_dense_backward, foreign rows zeroed)."""
+    if foreign is not None:
+        grad, ids = grad.masked_fill(foreign.unsqueeze(-1), 0.0), ids.masked_fill(foreign, 0)
+    return torch.ops.aten.embedding_dense_backward(grad, ids, rows, -1, False)
+
+
+def write_embedding_gradient(out: torch.Tensor, grad: torch.Tensor, ids: torch.Tensor, foreign: torch.Tensor | None,
+                             add: bool) -> None:
+    """out (V, D) = the table gradient of `_lookup(ids, foreign, ·)` with output gradient grad (..., D), or
+    out += it with `add`. On CUDA the deterministic kernel (megamath.kernels.embedding_backward: each row's
+    tokens summed in fp32, one write of the table, or a read and write of the touched rows); elsewhere, into
+    a buffer of the gradient's dtype, autograd's own computation, written or added (the hook's bits), and
+    into fp32 from bf16/fp16 the kernel's reference (fp32 sums of exact copies)."""
+    if out.device.type == "cuda" or out.dtype != grad.dtype:
+        from megamath.kernels.embedding_backward import embedding_backward, embedding_backward_ref
+
+        write = embedding_backward if out.device.type == "cuda" else embedding_backward_ref
+        write(grad, ids if foreign is None else ids.masked_fill(foreign, -1), out, add)  # -1: no row
+        return
+    dense = _dense_embedding_gradient(grad, ids, foreign, out.shape[0])
+    if add:
+        out.add_(dense)
+    else:
+        out.copy_(dense)
+
+
+def _lookup(ids: torch.Tensor, foreign: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor:
+    """weight's rows at ids, zeros where `foreign` (ids another TP rank owns, filled with 0 to stay in range)."""
+    if foreign is None:
+        return F.embedding(ids, weight)
+    return F.embedding(ids.masked_fill(foreign, 0), weight).masked_fill(foreign.unsqueeze(-1), 0.0)
+
+
+class _EmbeddingIntoBuffer(torch.autograd.Function):
+    """`_lookup`, whose backward writes the table's gradient into the weight's slot when the slot takes it, else
+    returns autograd's dense gradient."""
+
+    @staticmethod
+    def forward(ctx, ids, foreign, slot, weight):
+        ctx.slot, ctx.weight = slot, weight  # the parameter itself, to see hooks added after the forward
+        ctx.save_for_backward(ids, foreign)
+        return _lookup(ids, foreign, weight)  # (..., D)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        ids, foreign = ctx.saved_tensors
+        claim = None if ctx.weight._backward_hooks else ctx.slot.claim()
+        if claim is None:
+            return None, None, None, _dense_embedding_gradient(grad_out, ids, foreign, ctx.weight.shape[0])
+        view, add = claim
+        write_embedding_gradient(view, grad_out, ids, foreign, add)
+        ctx.slot.filled()
+        return None, None, None, None
+
+
+def embedding(ids: torch.Tensor, weight: torch.Tensor, foreign: torch.Tensor | None = None) -> torch.Tensor:
+    """F.embedding(ids, weight) with rows zero where `foreign` (a bool mask like ids, or None), and the table's
+    gradient written into the weight's slot where it has one."""
+    slots = _slots_for([weight])
+    return _lookup(ids, foreign, weight) if slots is None else _EmbeddingIntoBuffer.apply(ids, foreign, *slots,
+                                                                                          weight)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """F.linear(x, weight), with the weight's gradient written into its slot where it has one."""
     slots = _slots_for([weight])

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from megamath.parallel.back_to_back import adjacent_order, fused_view
 from megamath.parallel.fused_linear import Epilogue, in_caller_order, join_gradients, linears, split_output
-from megamath.parallel.grad_into_buffer import linear, weight_gradient_into_slots
+from megamath.parallel.grad_into_buffer import embedding, linear, weight_gradient_into_slots
 from megamath.parallel.mappings import (
     SEQUENCE_DIM, all_gather, copy_to_tp, gather_from_sequence, gather_from_tp, group_rank, group_size, reduce_from_tp,
     reduce_scatter, reduce_scatter_to_sequence,
@@ -337,12 +337,11 @@ class VocabParallelEmbedding(_TPLayer):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, S) ids in [0, V) -> (B, S, h); under SP tokens (S, B) -> (S/p, B, h)."""
-        if self.tp_size == 1:
-            return F.embedding(tokens, self.weight)  # (B, S, h)
+        if self.tp_size == 1:  # the table's gradient goes into ZeRO's buffer where it can (grad_into_buffer.py)
+            return embedding(tokens, self.weight)  # (B, S, h)
         local_ids = tokens - self.vocab_start  # (B, S)
         foreign = (local_ids < 0) | (local_ids >= self.vocab_stop - self.vocab_start)  # (B, S): not a row of ours
-        x_partial = F.embedding(local_ids.masked_fill(foreign, 0), self.weight)  # (B, S, h)
-        x_partial = x_partial.masked_fill(foreign.unsqueeze(-1), 0.0)  # zero value and zero gradient
+        x_partial = embedding(local_ids, self.weight, foreign)  # (B, S, h): zero value and zero gradient there
         return tp_region_output(x_partial, self.group, self.sequence_parallel)
 
     def extra_repr(self) -> str:
