@@ -11,6 +11,16 @@ Why a kernel: unfused, torch makes an fp32 copy of x and several intermediates o
 forward reads x and weight once and writes y plus one fp32 `rstd` per row; the backward reads x, dy,
 rstd once, writes dx, and reduces dweight through fp32 per-program partial sums (a (programs, N) buffer,
 never an fp32 copy of x) followed by one small sum.
+
+    h, y = add_rms_norm(residual, delta, weight, eps)     h = residual + delta,  y = rms_norm(h)
+
+the pre-norm block's residual add fused in: the forward reads residual and delta and writes h and y (the
+add alone would write h and the norm read it back), and the backward adds the gradient arriving at h to
+the norm's dx before its one rounding, where autograd would write dx and then read it again to add the
+two (h feeds both the norm and the next residual add). Per norm of a (tokens, h) bf16 stream that is one
+read fewer forward and a read and a write fewer backward; at Code Llama 7B's width and S 4096, ~0.1 GB per
+norm per micro-batch (arithmetic, not a timing). h is rounded to the dtype before it is normalized, as
+the unfused add then norm does.
 """
 from __future__ import annotations
 
@@ -30,14 +40,20 @@ MAX_WIDTH = 65536  # one row per program lives in registers; beyond this the blo
 
 @triton.jit
 def _rms_norm_fwd_kernel(
-    x_ptr, w_ptr, y_ptr, rstd_ptr,
-    x_row_stride, y_row_stride, N, eps,
-    BLOCK: tl.constexpr, EXACT_BF16: tl.constexpr,
+    x_ptr, delta_ptr, h_ptr, w_ptr, y_ptr, rstd_ptr,
+    x_row_stride, delta_row_stride, h_row_stride, y_row_stride, N, eps,
+    BLOCK: tl.constexpr, EXACT_BF16: tl.constexpr, ADD: tl.constexpr,
 ):
+    """With ADD, x is the residual: h = x + delta is written (rounded to its dtype) and normalized."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
     x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)  # (BLOCK,)
+    if ADD:
+        delta = tl.load(delta_ptr + row * delta_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        h = _cast(x + delta, h_ptr.dtype.element_ty, EXACT_BF16)  # (BLOCK,): rounded as torch's add rounds
+        tl.store(h_ptr + row * h_row_stride + cols, h, mask=mask)
+        x = h.to(tl.float32)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)  # (BLOCK,)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / N + eps)
     tl.store(rstd_ptr + row, rstd)
@@ -49,13 +65,14 @@ def _rms_norm_fwd_kernel(
 
 @triton.jit
 def _rms_norm_bwd_kernel(
-    dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_ptr,
-    dy_row_stride, x_row_stride, dx_row_stride, M, N, rows_per_program,
-    BLOCK: tl.constexpr, EXACT_BF16: tl.constexpr,
+    dy_ptr, x_ptr, w_ptr, rstd_ptr, dres_ptr, dx_ptr, dw_partial_ptr,
+    dy_row_stride, x_row_stride, dres_row_stride, dx_row_stride, M, N, rows_per_program,
+    BLOCK: tl.constexpr, EXACT_BF16: tl.constexpr, ADD_GRAD: tl.constexpr,
 ):
     """Each program walks a contiguous range of rows and keeps its dweight share in fp32 registers.
 
-    dx = rstd * (g - x_hat * mean(g * x_hat)),  g = dy * w,  x_hat = x * rstd
+    dx = rstd * (g - x_hat * mean(g * x_hat)),  g = dy * w,  x_hat = x * rstd   (+ dres with ADD_GRAD: the
+                                                                               gradient arriving at x too)
     dw_partial[pid] = sum over its rows of dy * cast(x_hat)   (the value the forward multiplied by w)
     """
     pid = tl.program_id(0)
@@ -73,6 +90,8 @@ def _rms_norm_bwd_kernel(
         g = dy * w
         dot = tl.sum(g * x_hat, axis=0) / N
         dx = rstd * (g - x_hat * dot)
+        if ADD_GRAD:
+            dx += tl.load(dres_ptr + row * dres_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(dx_ptr + row * dx_row_stride + cols, _cast(dx, dx_ptr.dtype.element_ty, EXACT_BF16), mask=mask)
         dw_acc += dy * _cast(x_hat, x_ptr.dtype.element_ty, EXACT_BF16).to(tl.float32)
     tl.store(dw_partial_ptr + pid.to(tl.int64) * N + cols, dw_acc, mask=mask)
@@ -112,20 +131,23 @@ def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
         raise ValueError(f"rms_norm: row width {n} exceeds the supported maximum {MAX_WIDTH}")
 
 
-def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float):
-    """Launch the forward; returns y (x's shape and dtype), x as (M, N), rstd (M,) fp32."""
+def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Tensor | None = None):
+    """Launch the forward; returns y (x's shape and dtype), the normalized rows as (M, N) (x, or with `delta`
+    the new h = x + delta), rstd (M,) fp32."""
     n = x.shape[-1]
     x2 = _rows_2d(x)  # (M, N)
     m = x2.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     rstd = torch.empty(m, dtype=torch.float32, device=x.device)
+    delta2 = x2 if delta is None else _rows_2d(delta)  # (M, N)
+    h = x2 if delta is None else torch.empty((m, n), dtype=x.dtype, device=x.device)  # (M, N)
     if m > 0 and n > 0:
         block = triton.next_power_of_2(n)
         _rms_norm_fwd_kernel[(m,)](
-            x2, weight, y, rstd, x2.stride(0), y.stride(0), n, eps,
-            BLOCK=block, EXACT_BF16=_exact_bf16(x.dtype), num_warps=_num_warps(block),
+            x2, delta2, h, weight, y, rstd, x2.stride(0), delta2.stride(0), h.stride(0), y.stride(0), n, eps,
+            BLOCK=block, EXACT_BF16=_exact_bf16(x.dtype), ADD=delta is not None, num_warps=_num_warps(block),
         )
-    return y.view(x.shape), x2, rstd
+    return y.view(x.shape), h, rstd
 
 
 def _bwd_programs(m: int, device: torch.device) -> int:
@@ -138,10 +160,13 @@ def _bwd_programs(m: int, device: torch.device) -> int:
     return max(1, min(m, 8))
 
 
-def rms_norm_bwd(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor):
-    """Launch the backward; returns dx (M, N) in x's dtype and dweight in weight's dtype."""
+def rms_norm_bwd(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                 dres: torch.Tensor | None = None):
+    """Launch the backward; returns dx (M, N) in x's dtype (plus `dres`, x's shape, added before the rounding)
+    and dweight in weight's dtype."""
     m, n = x2.shape
     dy2 = _rows_2d(dy)  # (M, N)
+    dres2 = dy2 if dres is None else _rows_2d(dres)  # (M, N)
     dx = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
     if m == 0 or n == 0:
         return dx, torch.zeros_like(weight)
@@ -151,9 +176,9 @@ def rms_norm_bwd(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, rstd:
     dw_partial = torch.empty((programs, n), dtype=torch.float32, device=x2.device)  # (P, N)
     block = triton.next_power_of_2(n)
     _rms_norm_bwd_kernel[(programs,)](
-        dy2, x2, weight, rstd, dx, dw_partial,
-        dy2.stride(0), x2.stride(0), dx.stride(0), m, n, rows_per_program,
-        BLOCK=block, EXACT_BF16=_exact_bf16(x2.dtype), num_warps=_num_warps(block),
+        dy2, x2, weight, rstd, dres2, dx, dw_partial,
+        dy2.stride(0), x2.stride(0), dres2.stride(0), dx.stride(0), m, n, rows_per_program,
+        BLOCK=block, EXACT_BF16=_exact_bf16(x2.dtype), ADD_GRAD=dres is not None, num_warps=_num_warps(block),
     )
     dweight = dw_partial.sum(0).to(weight.dtype)  # (N,)
     return dx, dweight
@@ -177,6 +202,28 @@ class RMSNormFunction(torch.autograd.Function):
         return dx.view(ctx.x_shape), dweight, None
 
 
+class AddRMSNormFunction(torch.autograd.Function):
+    """(h, y) = (residual + delta, rms_norm(h)); saves h (M, N) and rstd. The backward's gradient of both inputs
+    is one tensor: the norm's dx plus the gradient arriving at h, summed in the kernel."""
+
+    @staticmethod
+    def forward(ctx, residual, delta, weight, eps):
+        weight = weight.contiguous()
+        y, h2, rstd = rms_norm_fwd(residual, weight, eps, delta=delta)
+        ctx.save_for_backward(h2, weight, rstd)
+        ctx.set_materialize_grads(False)  # an unused h (the last norm's) sends None, not zeros to read
+        return h2.view(residual.shape), y
+
+    @staticmethod
+    def backward(ctx, dh, dy):
+        h2, weight, rstd = ctx.saved_tensors
+        if dy is None:  # only h was used: the add's backward alone
+            return dh, dh, None, None
+        dx, dweight = rms_norm_bwd(dy, h2, weight, rstd, dres=dh)
+        dx = dx.view(dy.shape)
+        return dx, dx, dweight, None
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """RMSNorm over the last dim of x (any leading shape); output has x's shape and dtype.
 
@@ -191,3 +238,22 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> to
     x32 = x.float()
     x_hat = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return (x_hat.to(x.dtype) * weight).to(x.dtype)
+
+
+def add_rms_norm(residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                 eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, y): h = residual + delta (residual's shape and dtype), y = rms_norm(h, weight, eps), in one pass each
+    way (the module docstring). Differentiable in residual, delta and weight."""
+    _check(residual, weight)
+    if delta.shape != residual.shape or delta.dtype != residual.dtype or delta.device != residual.device:
+        raise ValueError(f"add_rms_norm: delta must match residual's shape, dtype and device, got "
+                         f"{tuple(delta.shape)} {delta.dtype} on {delta.device} for {tuple(residual.shape)} "
+                         f"{residual.dtype} on {residual.device}")
+    return AddRMSNormFunction.apply(residual, delta, weight, eps)
+
+
+def add_rms_norm_ref(residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                     eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain torch: the add, then rms_norm_ref of its result (what the unfused block computes)."""
+    h = residual + delta
+    return h, rms_norm_ref(h, weight, eps)

@@ -19,7 +19,8 @@ listed as absent, one that fails as error: nothing is faked. The table is printe
 Without CUDA it runs a correctness-only pass at tiny shapes (kernels under TRITON_INTERPRET=1 against
 their refs, three-way tolerance) and says that timings need a GPU.
 
-Bytes and FLOPs (bf16 = 2 bytes): rms_norm fwd reads x, writes y; bwd reads x, dy, writes dx. rope reads
+Bytes and FLOPs (bf16 = 2 bytes): rms_norm fwd reads x, writes y; bwd reads x, dy, writes dx; with the
+residual add, fwd reads x and delta, writes h and y, bwd reads h, dy and dh, writes dx. rope reads
 and writes q and k (fwd and bwd alike). attention causal fwd FLOPs = 4·B·H·S²·D / 2, bwd = 2.5 × fwd.
 swiglu fwd reads gate, up, writes out; bwd reads gate, up, dout, writes dgate, dup. cross-entropy fwd+bwd
 reads the logits and writes their gradient (the least any of them can do; ours reads each row a second
@@ -209,7 +210,24 @@ def rms_norm_cases(rms_norm, ref, use_compile: bool, shrink: int, dev: str) -> l
         Impl("F.rms_norm", lambda x, w: F.rms_norm(x, (n,), w, 1e-5)),
         Impl("liger", liger and (lambda x, w: liger.apply(x, w, 1e-5, 0.0, "llama"))),
         Impl("apex", apex_fn and (lambda x, w: apex_fn(x, w, (n,), 1e-5))),
-    ])]
+    ]), add_rms_norm_case(rms_norm, use_compile, m, n, dev)]
+
+
+def add_rms_norm_case(rms_norm, use_compile: bool, m: int, n: int, dev: str) -> Case:
+    """The pre-norm block's residual add and norm: (h, y) = (x + delta, rms_norm(h)), fused or not."""
+    module = importlib.import_module("megamath.kernels.rms_norm")
+    randn, nbytes = _randn(dev), m * n * 2
+
+    def unfused(x, delta, w):  # what the block ran before: the add's h, then the norm kernel reading it back
+        h = x + delta
+        return h, rms_norm(h, w, 1e-5)
+    return Case("rms_norm", f"{m}x{n} bf16 + residual add", lambda: (randn(m, n), randn(m, n), 1 + 0.1 * randn(n)),
+                3, {"fwd": (4 * nbytes, "B"), "bwd": (4 * nbytes, "B")}, [
+        Impl("megamath add_rms_norm (triton)", lambda x, d, w: module.add_rms_norm(x, d, w, 1e-5), ours=True),
+        Impl("megamath: torch add, then rms_norm", unfused),
+        Impl("eager (add_rms_norm_ref)", lambda x, d, w: module.add_rms_norm_ref(x, d, w, 1e-5)),
+        compiled(module.add_rms_norm_ref, use_compile),
+    ])
 
 
 def rope_cases(rope, ref, use_compile: bool, shrink: int, dev: str) -> list[Case]:

@@ -253,10 +253,12 @@ def _cases() -> list[tuple[str, str, bool, Callable[[], object]]]:
     bf16, tokens = torch.bfloat16, SEQ
     hidden, heads, dim, ffn, vocab = _default_shape()
 
-    def rms_norm():
-        x, w = torch.empty(tokens, hidden, dtype=bf16), torch.empty(hidden, dtype=bf16)
-        _, x2, rstd = rms_module.rms_norm_fwd(x, w, 1e-5)
-        rms_module.rms_norm_bwd(x, x2, w, rstd)
+    def rms_norm(add: bool):
+        def launch():  # with `add`, the residual add fused in both ways (the model's pre-norm blocks)
+            x, w = torch.empty(tokens, hidden, dtype=bf16), torch.empty(hidden, dtype=bf16)
+            _, x2, rstd = rms_module.rms_norm_fwd(x, w, 1e-5, delta=x if add else None)
+            rms_module.rms_norm_bwd(x, x2, w, rstd, dres=x if add else None)
+        return launch
 
     def rope():
         qkv = torch.empty(1, SEQ, 3 * heads, dim, dtype=bf16)  # views of a fused projection, as the model
@@ -301,7 +303,8 @@ def _cases() -> list[tuple[str, str, bool, Callable[[], object]]]:
                 fa.flash_attention_bwd(q, q, q, q, o, torch.empty(1, heads, SEQ), True, scale, blocks)
         return launch
 
-    cases = [("rms_norm", "rms_norm", True, rms_norm), ("rope", "rope", True, rope),
+    cases = [("rms_norm", "rms_norm", True, rms_norm(False)),
+             ("rms_norm", "rms_norm + residual add", True, rms_norm(True)), ("rope", "rope", True, rope),
              ("swiglu", "swiglu", True, swiglu),
              ("cross_entropy", "cross_entropy", True, cross_entropy(1.0)),  # training: the gradient in the forward
              ("cross_entropy", "cross_entropy without a gradient hint", True, cross_entropy(None)),  # TP, eval

@@ -152,3 +152,49 @@ def test_too_wide_rejected():
     with pytest.raises(ValueError) as e:
         rms_norm(torch.ones(1, 65537, device=DEVICE), torch.ones(65537, device=DEVICE))
     assert str(e.value) == "rms_norm: row width 65537 exceeds the supported maximum 65536"
+
+
+# ---- add_rms_norm: the residual add fused in ---------------------------------------------------------
+
+def _run_add(fn, residual, delta, w, dh, dy, eps=1e-5):
+    """(h, y) and the gradients of residual, delta and w, with gradients arriving at both outputs (dh None: h
+    unused, as the last norm's)."""
+    residual, delta, w = (t.detach().clone().requires_grad_(True) for t in (residual, delta, w))
+    h, y = fn(residual, delta, w, eps)
+    torch.autograd.backward([y] if dh is None else [h, y], [dy] if dh is None else [dh, dy])
+    return h.detach(), y.detach(), residual.grad, delta.grad, w.grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 1000), (2, 3, 129), (129, 1)])
+@pytest.mark.parametrize("h_used", [True, False])
+def test_add_rms_norm_matches_the_add_then_the_norm(shape, dtype, h_used):
+    """h is the add rounded as torch rounds it (bit for bit), y the norm of that h; the gradients of both inputs
+    are the norm's dx plus the gradient arriving at h, rounded once (autograd's sum of the two rounds twice)."""
+    residual, w, dy = _inputs(shape, dtype, seed=sum(shape) + DTYPES.index(dtype))
+    delta, _, dh = _inputs(shape, dtype, seed=sum(shape) + 7)
+    dh = dh if h_used else None
+    from megamath.kernels.rms_norm import add_rms_norm, add_rms_norm_ref
+
+    ours = _run_add(add_rms_norm, residual, delta, w, dh, dy)
+    upcast = _run_add(add_rms_norm_ref, residual.float(), delta.float(), w.float(), None if dh is None else dh.float(),
+                      dy.float())
+    lowp = _run_add(add_rms_norm_ref, residual, delta, w, dh, dy)
+    assert torch.equal(ours[0], residual + delta) and ours[0].dtype == dtype
+    assert torch.equal(ours[2], ours[3])  # one gradient for both summands
+    for i, name in enumerate(("h", "y", "d residual", "d delta", "d weight")):
+        # fp32: gradients scale the atol with their size (dweight sums rows; a width-1 row's dx is a
+        # cancellation amplified by rstd, here added to dh)
+        atol = None if dtype != torch.float32 or i < 2 else 1e-5 * max(1.0, upcast[i].abs().max().item())
+        assert_close_3way(ours[i], upcast[i], lowp[i], atol=atol, name=f"{name} {shape}")
+
+
+def test_add_rms_norm_rejects_a_delta_unlike_the_residual():
+    from megamath.kernels.rms_norm import add_rms_norm
+
+    x, w, _ = _inputs((2, 8), torch.float32, seed=0)
+    with pytest.raises(ValueError, match=r"^add_rms_norm: delta must match residual's shape, dtype and device, got "
+                                         r"\(2, 4\) torch.float32 on .* for \(2, 8\) torch.float32 on "):
+        add_rms_norm(x, x[:, :4], w)
+    with pytest.raises(ValueError, match=r"^add_rms_norm: delta must match .* got \(2, 8\) torch.bfloat16"):
+        add_rms_norm(x, x.bfloat16(), w)

@@ -118,6 +118,13 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, ops: Ops) -> torch.Tensor:
         return ops.rms_norm(x, self.weight, self.eps)
 
+    def add_and_norm(self, residual: torch.Tensor, delta: torch.Tensor | None,
+                     ops: Ops) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, norm(h)) for h = residual + delta (residual itself when delta is None), the add fused in."""
+        if delta is None:
+            return residual, ops.rms_norm(residual, self.weight, self.eps)
+        return ops.add_rms_norm(residual, delta, self.weight, self.eps)
+
 
 class Attention(nn.Module):
     """Causal grouped-query attention: Hq query heads share Hkv key/value heads (Hq / Hkv per group)."""
@@ -232,7 +239,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """x + attn(norm(x)), then + mlp(norm(·)): pre-norm keeps the residual stream un-normalized."""
+    """x + attn(norm(x)), then + mlp(norm(·)): pre-norm keeps the residual stream un-normalized.
+
+    The stream enters and leaves as a pair (residual, delta) whose sum is x: each norm adds the branch output
+    that precedes it to the stream in the same pass (ops.add_rms_norm), so the block's last add is done by
+    the next block's first norm (or the final norm), not here.
+    """
 
     def __init__(self, config: ModelConfig, parallel: ParallelState, sequence_parallel: bool = False):
         super().__init__()
@@ -241,9 +253,13 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
         self.mlp = MLP(config, parallel, sequence_parallel)
 
-    def forward(self, x: torch.Tensor, ops: Ops, position_offset: int, cache=None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x, ops), ops, position_offset, cache)  # (B, S, h)
-        return x + self.mlp(self.post_attention_layernorm(x, ops), ops)  # (B, S, h)
+    def forward(self, residual: torch.Tensor, delta: torch.Tensor | None, ops: Ops, position_offset: int,
+                cache=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(residual, delta) in, x = residual + delta (delta None: x = residual); (residual, delta) out."""
+        x, normed = self.input_layernorm.add_and_norm(residual, delta, ops)  # (B, S, h) each
+        attended = self.self_attn(normed, ops, position_offset, cache)  # (B, S, h)
+        x, normed = self.post_attention_layernorm.add_and_norm(x, attended, ops)
+        return x, self.mlp(normed, ops)  # their sum is the block's output
 
 
 class Llama(nn.Module):
@@ -336,17 +352,20 @@ class Llama(nn.Module):
         ops = with_attention(get_ops(self.config.kernels, tokens.device), self.attention)
         sequence_first = self.sequence_parallel
         x = self.embed_tokens(swap_batch_seq(tokens, sequence_first))  # (B, S, h), or (S/p, B, h) under SP
+        delta = None  # the stream is x + delta (Block's docstring)
         checkpointing = self.config.activation_checkpointing and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
             if cache is not None:
-                x = layer(x, ops, position_offset, cache.layers[i])  # (B, S, h)
-            elif checkpointing:
-                x = torch.utils.checkpoint.checkpoint(layer, x, ops, position_offset, use_reentrant=False)
+                x, delta = layer(x, delta, ops, position_offset, cache.layers[i])  # (B, S, h) each
+            elif checkpointing:  # one tensor kept per layer, as without the fused add: the sum goes in
+                x = x if delta is None else x + delta
+                x, delta = torch.utils.checkpoint.checkpoint(layer, x, None, ops, position_offset,
+                                                             use_reentrant=False)
             else:
-                x = layer(x, ops, position_offset)  # (B, S, h), or (S/p, B, h) under SP
+                x, delta = layer(x, delta, ops, position_offset)  # (B, S, h), or (S/p, B, h) under SP
         if cache is not None:
-            x = x[:, -1:]  # (B, 1, h)
-        x = self.norm(x, ops)  # (B, S, h), or (S/p, B, h) under SP
+            x, delta = x[:, -1:], None if delta is None else delta[:, -1:]  # (B, 1, h)
+        _, x = self.norm.add_and_norm(x, delta, ops)  # (B, S, h), or (S/p, B, h) under SP
         logits = self.lm_head(x)  # (B, S, V/p), or (S, B, V/p) under SP
         if targets is None:
             return swap_batch_seq(logits, sequence_first)  # (B, S, V/p)

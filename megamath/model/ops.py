@@ -9,6 +9,8 @@ Triton; the references live in the kernel files, so a CPU run of the model loads
 
 Signatures (all layouts are the model's, batch first):
     rms_norm(x (..., h), weight (h,), eps) -> (..., h)
+    add_rms_norm(residual (..., h), delta (..., h), weight (h,), eps) -> (h, y): h = residual + delta and
+        y = rms_norm(h), the pre-norm block's residual add and norm in one pass each way
     rope(q (B, S, Hq, D), k (B, S, Hkv, D), theta, position_offset) -> (q, k)   rotate-half (Llama)
     rope_(q, k, theta, position_offset, inverse=False) -> None   the same rotation in place, no autograd: the
         fused q/k/v projection's epilogue (llama.RoPEOnProjection); None where the model does not fuse (the
@@ -38,6 +40,7 @@ class Ops:
 
     backend: str
     rms_norm: Callable
+    add_rms_norm: Callable
     rope: Callable
     flash_attention: Callable
     swiglu: Callable
@@ -64,7 +67,7 @@ def _triton_ops() -> Ops:
     """The Triton kernels (each takes the same arguments as its reference)."""
     from megamath.kernels.cross_entropy import cross_entropy
     from megamath.kernels.flash_attention import flash_attention
-    from megamath.kernels.rms_norm import rms_norm
+    from megamath.kernels.rms_norm import add_rms_norm, rms_norm
     from megamath.kernels.rope import rope, rope_
     from megamath.kernels.swiglu import swiglu
 
@@ -75,15 +78,15 @@ def _triton_ops() -> Ops:
         return cross_entropy(logits, targets, ignore_index=ignore_index, group=group, check_targets=False,
                              vocab_start=vocab_start, vocab_size=vocab_size, expected_grad=expected_grad)
 
-    return Ops("triton", rms_norm=rms_norm, rope=rope, flash_attention=flash_attention, swiglu=swiglu,
-               cross_entropy=unchecked_cross_entropy, rope_=rope_)
+    return Ops("triton", rms_norm=rms_norm, add_rms_norm=add_rms_norm, rope=rope, flash_attention=flash_attention,
+               swiglu=swiglu, cross_entropy=unchecked_cross_entropy, rope_=rope_)
 
 
 def _reference_ops() -> Ops:
     """The plain-torch references beside the kernels; the vocabulary-parallel loss is megamath.parallel's."""
     from megamath.kernels.cross_entropy import cross_entropy_ref
     from megamath.kernels.flash_attention import flash_attention_ref
-    from megamath.kernels.rms_norm import rms_norm_ref
+    from megamath.kernels.rms_norm import add_rms_norm_ref, rms_norm_ref
     from megamath.kernels.rope import rope_ref
     from megamath.kernels.swiglu import swiglu_ref
     from megamath.parallel.cross_entropy import vocab_parallel_cross_entropy_ref
@@ -96,8 +99,8 @@ def _reference_ops() -> Ops:
         return vocab_parallel_cross_entropy_ref(logits, targets, ignore_index=ignore_index, group=group,
                                                 check_targets=False, vocab_start=vocab_start, vocab_size=vocab_size)
 
-    return Ops("reference", rms_norm=rms_norm_ref, rope=rope_ref, flash_attention=flash_attention_ref,
-               swiglu=swiglu_ref, cross_entropy=cross_entropy)
+    return Ops("reference", rms_norm=rms_norm_ref, add_rms_norm=add_rms_norm_ref, rope=rope_ref,
+               flash_attention=flash_attention_ref, swiglu=swiglu_ref, cross_entropy=cross_entropy)
 
 
 _TABLES = {"triton": _triton_ops, "reference": _reference_ops}
