@@ -141,7 +141,7 @@ def test_what_it_runs_exists_and_parses_the_flags_it_passes(tmp_path, monkeypatc
         expected |= {"perf/kernel_resources.py"}
     else:
         assert scripts["pytest"] == ["tests/test_gpu_trainer.py", "tests/test_sum_of_squares.py",
-                                     "tests/test_embedding_backward.py", "tests/test_attention_choice.py"]
+                                     "tests/test_attention_choice.py"]
         assert "--ops" in scripts["perf/bench_kernels.py"]
     assert set(scripts) == expected, calls
     for script in ("perf/bench_train.py", "perf/bench_kernels.py", "perf/kernel_resources.py"):
