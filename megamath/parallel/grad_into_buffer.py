@@ -1,4 +1,5 @@
-"""Weight gradients written (or added) by their matmul straight into ZeRO-1's gradient buffer, without the hook.
+"""Weight gradients written (or added) by their matmul, or the embedding's by its lookup, straight into ZeRO-1's
+gradient buffer, without the hook.
 
 Why: autograd hands a weight's gradient to ZeroOptimizer's post-accumulate hook as a fresh tensor, which the hook
 copies into the flat buffer, or adds to it for a later micro-batch, converting bf16 to fp32 where the buffer is
@@ -11,11 +12,14 @@ the sum so far and writes the new one), in the buffer's dtype: Megatron's `main_
 gradient-accumulation fusion. For bf16 weights and an fp32 buffer, CUDA's mixed-dtype GEMM (`out_dtype`
 float32: bf16 operands, the product accumulated and stored in fp32) does it; where that is missing (a CPU, or a
 torch without it, found by `mixed_dtype_gemm`) the same product of the operands' exact fp32 copies, on CPU, and
-on CUDA the hook's path.
+on CUDA the hook's path. The embedding table's gradient (`embedding`), whose autograd form is a dense table in
+the weight's dtype of which a micro-batch touches a few thousand rows, is written the same way by a
+deterministic kernel on CUDA (megamath.kernels.embedding_backward: each row's tokens summed in fp32); only the
+norm weights' (a few thousand elements per layer) still take the hook.
 
 What takes which path (ZeroOptimizer's `_BufferSlot.claim` decides per gradient): with
 optimizer.gradient_accumulation_fusion (the default) every gradient of a linear weight goes into the buffer by
-its matmul; without it only the first of the step, and only into a buffer of the weight's own dtype (which is
+its matmul (and the embedding's by its lookup); without it only the first of the step, and only into a buffer of the weight's own dtype (which is
 then bit-identical to the hook's copy). A weight with a gradient hook of its own (Tensor.register_hook: it must
 see the gradient), a bucket already sent, grad_dtype auto's refused second gradient, and every weight nobody
 registered take autograd's path and the hook.
