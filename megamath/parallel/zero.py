@@ -64,7 +64,8 @@ That saves, per step, a pass writing the whole buffer with zeros and the first a
 (for 1B parameters and fp32 gradients, about 8 GB of memory traffic). A parameter whose gradient never
 arrives (unused in the forward) has its slot zeroed before anything reads the buffer: the reductions,
 the step and `grad_view`. Copying is exact: x + 0 is x (only -0.0 becomes +0.0 in the add). A linear
-weight's gradients skip the hook: its matmul writes the first into the slot and, with
+weight's gradients (and the embedding's, by its lookup) skip the hook: its matmul writes the first into the
+slot and, with
 optimizer.gradient_accumulation_fusion (the default), adds later ones there, in the buffer's dtype
 (`_BufferSlot`, grad_into_buffer.py), and the hook finds no `p.grad`; without fusion only a first gradient
 into a buffer of the weight's own dtype does.
