@@ -43,7 +43,9 @@ def _run(state, tp, sp: bool, overlap: bool | str, events: bool = False):
             opt.events = []
         micro_batches = list(zip(x.chunk(MICRO), y.chunk(MICRO)))
         results.append(dataclasses.asdict(train_step(model, opt, micro_batches, LRS[step], state)))
-    log = {}
+    log = {"fired": set()}  # the modules whose forward pre-hooks ran in the next forward
+    for name, module in model.named_modules():
+        module.register_forward_pre_hook(lambda *args, name=name: log["fired"].add(name))
     if events:
         log["step"] = opt.events
         log["pending_after_step"] = [w is not None for w in opt._gather_work]
@@ -53,6 +55,8 @@ def _run(state, tp, sp: bool, overlap: bool | str, events: bool = False):
         log["forward"] = opt.events
         log["pending_after_forward"] = [w is not None for w in opt._gather_work + opt._update_work]
         log["num_buckets"] = len(opt.buckets)
+    else:
+        model(x, y)
     slots = {s.name: s for s in opt.slots}
     waited = {name: [m for m in (name.rpartition(".")[0], name.rpartition(".")[0].rpartition(".")[0])
                      if slots[name].bucket in opt.forward_waits.get(m, [])] for name in slots}
@@ -120,6 +124,10 @@ def test_overlapped_equals_non_overlapped_bit_for_bit(launches, tp, world, sp):
         assert plain["state"]["buckets"] == overlapped["state"]["buckets"] and len(plain["state"]["buckets"]) > 3
         waited = overlapped["events"]["waited_by"]
         assert all(waited.values()), [n for n, w in waited.items() if not w]  # every weight waited for
+        # ... by a module the forward calls as a module: a weight read by a plain method call would race its
+        # all-gather (or, with the step overlapped, its update) on a GPU
+        fired = overlapped["events"]["fired"]
+        assert all(set(w) & fired for w in waited.values()), [n for n, w in waited.items() if not set(w) & fired]
         if sp:  # the fused SP projections are applied by their parent: it waits for them
             assert "layers.0.self_attn" in waited["layers.0.self_attn.q_proj.weight"]
             assert "layers.1.mlp" in waited["layers.1.mlp.up_proj.weight"]

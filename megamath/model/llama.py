@@ -115,12 +115,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
-    def forward(self, x: torch.Tensor, ops: Ops) -> torch.Tensor:
-        return ops.rms_norm(x, self.weight, self.eps)
-
-    def add_and_norm(self, residual: torch.Tensor, delta: torch.Tensor | None,
-                     ops: Ops) -> tuple[torch.Tensor, torch.Tensor]:
-        """(h, norm(h)) for h = residual + delta (residual itself when delta is None), the add fused in."""
+    def forward(self, residual: torch.Tensor, delta: torch.Tensor | None,
+                ops: Ops) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, norm(h)) for h = residual + delta (residual itself when delta is None): the pre-norm block's
+        residual add fused into its norm. Called as a module, so that forward pre-hooks (ZeroOptimizer's wait
+        for the weight's all-gather) run before the weight is read."""
         if delta is None:
             return residual, ops.rms_norm(residual, self.weight, self.eps)
         return ops.add_rms_norm(residual, delta, self.weight, self.eps)
@@ -256,9 +255,9 @@ class Block(nn.Module):
     def forward(self, residual: torch.Tensor, delta: torch.Tensor | None, ops: Ops, position_offset: int,
                 cache=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(residual, delta) in, x = residual + delta (delta None: x = residual); (residual, delta) out."""
-        x, normed = self.input_layernorm.add_and_norm(residual, delta, ops)  # (B, S, h) each
+        x, normed = self.input_layernorm(residual, delta, ops)  # (B, S, h) each
         attended = self.self_attn(normed, ops, position_offset, cache)  # (B, S, h)
-        x, normed = self.post_attention_layernorm.add_and_norm(x, attended, ops)
+        x, normed = self.post_attention_layernorm(x, attended, ops)
         return x, self.mlp(normed, ops)  # their sum is the block's output
 
 
@@ -365,7 +364,7 @@ class Llama(nn.Module):
                 x, delta = layer(x, delta, ops, position_offset)  # (B, S, h), or (S/p, B, h) under SP
         if cache is not None:
             x, delta = x[:, -1:], None if delta is None else delta[:, -1:]  # (B, 1, h)
-        _, x = self.norm.add_and_norm(x, delta, ops)  # (B, S, h), or (S/p, B, h) under SP
+        _, x = self.norm(x, delta, ops)  # (B, S, h), or (S/p, B, h) under SP
         logits = self.lm_head(x)  # (B, S, V/p), or (S, B, V/p) under SP
         if targets is None:
             return swap_batch_seq(logits, sequence_first)  # (B, S, V/p)
