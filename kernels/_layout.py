@@ -10,10 +10,22 @@ Likewise a fused projection's output (..., Σ n) reaches a kernel as last-dim sl
 q, k and v for attention): the kernel's gradients, allocated as slices of one new tensor in the same places
 (empty_siblings), are the projection's output gradient as they stand
 (megamath.parallel.fused_linear.join_last_dim), with no copy.
+
+Row kernels (RMSNorm, the embedding's gradient) read any leading shape as (rows, N) rows of unit stride
+(`rows_2d`).
 """
 from __future__ import annotations
 
+import math
+
 import torch
+
+
+def rows_2d(t: torch.Tensor) -> torch.Tensor:
+    """View as (rows, N) with unit column stride, copying only when the layout forbids a view."""
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])  # not -1: ambiguous when the width is 0
 
 
 def sequence_major(t: torch.Tensor) -> bool:

@@ -29,6 +29,7 @@ import triton.language as tl
 
 from ._interpreter import cast_rne as _cast
 from ._interpreter import exact_bf16
+from ._layout import rows_2d
 
 MAX_BLOCK_D = 1024
 """Columns per program (4 warps: 8 fp32 accumulators a thread, 16-byte loads and stores)."""
@@ -71,14 +72,12 @@ def _rows(grad: torch.Tensor, ids: torch.Tensor, out: torch.Tensor) -> tuple[tor
     if not grad.device == ids.device == out.device:
         raise ValueError(f"embedding_backward: grad, ids and out must be on one device, got {grad.device}, "
                          f"{ids.device} and {out.device}")
-    return grad.reshape(-1, out.shape[1]), ids.reshape(-1)
+    return rows_2d(grad), ids.reshape(-1)  # (N, D) with unit column stride, (N,)
 
 
 def embedding_backward(grad: torch.Tensor, ids: torch.Tensor, out: torch.Tensor, add: bool = False) -> torch.Tensor:
     """Write (or, with `add`, add) the table gradient Σ grad[i] over each row's ids into `out`; returns out."""
     grad, ids = _rows(grad, ids, out)
-    if grad.stride(1) != 1:
-        grad = grad.contiguous()
     rows, cols = out.shape
     if rows == 0 or cols == 0:
         return out

@@ -24,14 +24,13 @@ the unfused add then norm does.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from ._interpreter import cast_rne as _cast
 from ._interpreter import exact_bf16 as _exact_bf16
+from ._layout import rows_2d
 
 MAX_WIDTH = 65536  # one row per program lives in registers; beyond this the block no longer fits
 
@@ -108,13 +107,6 @@ def _num_warps(block: int) -> int:
     return 4
 
 
-def _rows_2d(t: torch.Tensor) -> torch.Tensor:
-    """View as (rows, N) with unit column stride, copying only when the layout forbids a view."""
-    if t.stride(-1) != 1:
-        t = t.contiguous()
-    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])  # not -1: ambiguous when the width is 0
-
-
 def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
     if not x.is_floating_point():
         raise TypeError(f"rms_norm: x must be a floating-point tensor, got {x.dtype}")
@@ -135,11 +127,11 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch
     """Launch the forward; returns y (x's shape and dtype), the normalized rows as (M, N) (x, or with `delta`
     the new h = x + delta), rstd (M,) fp32."""
     n = x.shape[-1]
-    x2 = _rows_2d(x)  # (M, N)
+    x2 = rows_2d(x)  # (M, N)
     m = x2.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     rstd = torch.empty(m, dtype=torch.float32, device=x.device)
-    delta2 = x2 if delta is None else _rows_2d(delta)  # (M, N)
+    delta2 = x2 if delta is None else rows_2d(delta)  # (M, N)
     h = x2 if delta is None else torch.empty((m, n), dtype=x.dtype, device=x.device)  # (M, N)
     if m > 0 and n > 0:
         block = triton.next_power_of_2(n)
@@ -165,8 +157,8 @@ def rms_norm_bwd(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, rstd:
     """Launch the backward; returns dx (M, N) in x's dtype (plus `dres`, x's shape, added before the rounding)
     and dweight in weight's dtype."""
     m, n = x2.shape
-    dy2 = _rows_2d(dy)  # (M, N)
-    dres2 = dy2 if dres is None else _rows_2d(dres)  # (M, N)
+    dy2 = rows_2d(dy)  # (M, N)
+    dres2 = dy2 if dres is None else rows_2d(dres)  # (M, N)
     dx = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
     if m == 0 or n == 0:
         return dx, torch.zeros_like(weight)

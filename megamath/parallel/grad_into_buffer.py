@@ -149,15 +149,24 @@ def _matrix(ordered: Sequence[torch.Tensor]) -> torch.Tensor:
     return ordered[0] if len(ordered) == 1 else fused_view(ordered)
 
 
+def _claims(slots: Sequence[GradSlot], weights: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, bool]] | None:
+    """Every slot's (view, add), all writes or all adds; None where the gradients must take autograd's path: a
+    weight with a gradient hook of its own (Tensor.register_hook: it must see the gradient, even one added
+    after the forward) or a slot that declines."""
+    if any(w._backward_hooks for w in weights):
+        return None
+    claims = [slot.claim() for slot in slots]
+    if any(c is None for c in claims) or len({add for _, add in claims}) != 1:
+        return None
+    return claims
+
+
 def _write_into(slots: Sequence[GradSlot], weights: Sequence[torch.Tensor], g: torch.Tensor, x: torch.Tensor) -> bool:
     """dW = gᵀx of `weights` (one, or several back to back in memory, in memory order; g (tokens, Σ out), x
     (tokens, in)) written or added by one matmul into their slots: True, or False (nothing done) where it must
-    take autograd's path: a weight with a gradient hook of its own (Tensor.register_hook: it must see the
-    gradient, even one added after the forward), a slot that declines, or slots that are not back to back."""
-    if any(w._backward_hooks for w in weights):
-        return False
-    claims = [slot.claim() for slot in slots]
-    if any(c is None for c in claims) or len({add for _, add in claims}) != 1:
+    take autograd's path (`_claims`), or where the slots are not back to back."""
+    claims = _claims(slots, weights)
+    if claims is None:
         return False
     views = [view for view, _ in claims]
     if len(views) > 1 and adjacent_order(views) != list(range(len(views))):
@@ -248,10 +257,10 @@ class _EmbeddingIntoBuffer(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         ids, foreign = ctx.saved_tensors
-        claim = None if ctx.weight._backward_hooks else ctx.slot.claim()
-        if claim is None:
+        claims = _claims([ctx.slot], [ctx.weight])
+        if claims is None:
             return None, None, None, _dense_embedding_gradient(grad_out, ids, foreign, ctx.weight.shape[0])
-        view, add = claim
+        (view, add), = claims
         write_embedding_gradient(view, grad_out, ids, foreign, add)
         ctx.slot.filled()
         return None, None, None, None
