@@ -163,7 +163,7 @@ def test_the_budget_bounds_the_whole_run_and_names_what_it_cut(tmp_path):
     and the final status line (non-zero) is the log's last line."""
     if shutil.which("timeout") is None:
         pytest.skip("coreutils' timeout is what bounds each step")
-    budget = 12
+    budget = 20  # the training benchmark's share (22 %) must outlast a Python start on a loaded 2-core machine
     result, calls, wall = run_check(tmp_path, sleep=100, budget=budget, timeout=budget + 30)
     log = (tmp_path / "out" / "gpu_check.log").read_text()
     assert wall <= budget + 2, (wall, log)
