@@ -107,7 +107,8 @@ def _num_warps(block: int) -> int:
     return 4
 
 
-def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
+def check_inputs(x: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor | None = None) -> None:
+    """One-line errors for what the kernels cannot take: x and weight (and delta, with the residual add)."""
     if not x.is_floating_point():
         raise TypeError(f"rms_norm: x must be a floating-point tensor, got {x.dtype}")
     if x.dim() == 0:
@@ -121,6 +122,10 @@ def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
         raise ValueError(f"rms_norm: x is on {x.device} but weight is on {weight.device}")
     if n > MAX_WIDTH:
         raise ValueError(f"rms_norm: row width {n} exceeds the supported maximum {MAX_WIDTH}")
+    if delta is not None and (delta.shape != x.shape or delta.dtype != x.dtype or delta.device != x.device):
+        raise ValueError(f"add_rms_norm: delta must match residual's shape, dtype and device, got "
+                         f"{tuple(delta.shape)} {delta.dtype} on {delta.device} for {tuple(x.shape)} "
+                         f"{x.dtype} on {x.device}")
 
 
 def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Tensor | None = None):
@@ -153,27 +158,36 @@ def _bwd_programs(m: int, device: torch.device) -> int:
 
 
 def rms_norm_bwd(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
-                 dres: torch.Tensor | None = None):
+                 dres: torch.Tensor | None = None, dweight_out: torch.Tensor | None = None, add: bool = False):
     """Launch the backward; returns dx (M, N) in x's dtype (plus `dres`, x's shape, added before the rounding)
-    and dweight in weight's dtype."""
+    and dweight in weight's dtype. With `dweight_out` (N,) the programs' fp32 partial sums, summed in fp32, are
+    written there instead (or added to it with `add`), rounded once to its dtype, and dweight is None: a
+    gradient buffer in fp32 then holds the fp32 sum, not its bf16 rounding."""
     m, n = x2.shape
     dy2 = rows_2d(dy)  # (M, N)
     dres2 = dy2 if dres is None else rows_2d(dres)  # (M, N)
     dx = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
     if m == 0 or n == 0:
-        return dx, torch.zeros_like(weight)
-    programs = _bwd_programs(m, x2.device)
-    rows_per_program = triton.cdiv(m, programs)
-    programs = triton.cdiv(m, rows_per_program)
-    dw_partial = torch.empty((programs, n), dtype=torch.float32, device=x2.device)  # (P, N)
-    block = triton.next_power_of_2(n)
-    _rms_norm_bwd_kernel[(programs,)](
-        dy2, x2, weight, rstd, dres2, dx, dw_partial,
-        dy2.stride(0), x2.stride(0), dres2.stride(0), dx.stride(0), m, n, rows_per_program,
-        BLOCK=block, EXACT_BF16=_exact_bf16(x2.dtype), ADD_GRAD=dres is not None, num_warps=_num_warps(block),
-    )
-    dweight = dw_partial.sum(0).to(weight.dtype)  # (N,)
-    return dx, dweight
+        dw_sum = torch.zeros(n, dtype=torch.float32, device=x2.device)
+    else:
+        programs = _bwd_programs(m, x2.device)
+        rows_per_program = triton.cdiv(m, programs)
+        programs = triton.cdiv(m, rows_per_program)
+        dw_partial = torch.empty((programs, n), dtype=torch.float32, device=x2.device)  # (P, N)
+        block = triton.next_power_of_2(n)
+        _rms_norm_bwd_kernel[(programs,)](
+            dy2, x2, weight, rstd, dres2, dx, dw_partial,
+            dy2.stride(0), x2.stride(0), dres2.stride(0), dx.stride(0), m, n, rows_per_program,
+            BLOCK=block, EXACT_BF16=_exact_bf16(x2.dtype), ADD_GRAD=dres is not None, num_warps=_num_warps(block),
+        )
+        dw_sum = dw_partial.sum(0)  # (N,) fp32
+    if dweight_out is None:
+        return dx, dw_sum.to(weight.dtype)
+    if add:
+        dweight_out.add_(dw_sum)
+    else:
+        dweight_out.copy_(dw_sum)
+    return dx, None
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -221,7 +235,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.
 
     Differentiable in x and weight. Statistics in fp32; see the module docstring for the rounding order.
     """
-    _check(x, weight)
+    check_inputs(x, weight)
     return RMSNormFunction.apply(x, weight, eps)
 
 
@@ -236,11 +250,7 @@ def add_rms_norm(residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tens
                  eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
     """(h, y): h = residual + delta (residual's shape and dtype), y = rms_norm(h, weight, eps), in one pass each
     way (the module docstring). Differentiable in residual, delta and weight."""
-    _check(residual, weight)
-    if delta.shape != residual.shape or delta.dtype != residual.dtype or delta.device != residual.device:
-        raise ValueError(f"add_rms_norm: delta must match residual's shape, dtype and device, got "
-                         f"{tuple(delta.shape)} {delta.dtype} on {delta.device} for {tuple(residual.shape)} "
-                         f"{residual.dtype} on {residual.device}")
+    check_inputs(residual, weight, delta)
     return AddRMSNormFunction.apply(residual, delta, weight, eps)
 
 

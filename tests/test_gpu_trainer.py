@@ -173,7 +173,8 @@ def test_fused_accumulation_sums_bf16_gradients_in_fp32():
     """Gradient-accumulation fusion on CUDA: torch's fp32-output GEMMs for bf16 operands exist and add in place
     (grad_into_buffer.mixed_dtype_gemm), and bf16 weights into an fp32 buffer over two micro-batches hold, after
     the first, fp32 products (values no bf16 holds, where the hook's copy holds bf16 ones) and, after the second,
-    sums within bf16's rounding of the hook's."""
+    sums within bf16's rounding of the hook's: a linear weight's by its matmul, a norm weight's by the norm
+    kernel's fp32 partial sums."""
     from megamath.parallel import grad_into_buffer
 
     assert grad_into_buffer.mixed_dtype_gemm("cuda")
@@ -187,18 +188,21 @@ def test_fused_accumulation_sums_bf16_gradients_in_fp32():
                                   OptimizerConfig(grad_dtype="fp32", gradient_accumulation_fusion=fusion),
                                   split_names=model.split_parameter_names(), micro_batches=2)
         assert optimizer.gradient_accumulation_fusion is fusion
-        weight = model.layers[0].mlp.down_proj.weight
+        weights = {"down_proj": model.layers[0].mlp.down_proj.weight,
+                   "post_attention_layernorm": model.layers[0].post_attention_layernorm.weight}
         optimizer.zero_grad(2)
         for micro in range(2):
             x, y = tokens[micro:micro + 1, :-1], tokens[micro:micro + 1, 1:]
             (model(x, y)[1] / 2).backward()
             if micro == 0:
-                first = optimizer.grad_view(weight)
-                assert torch.equal(first, first.bfloat16().float()) is not fusion
-        sums[fusion] = optimizer.grad_view(weight).clone()
+                for name, weight in weights.items():
+                    first = optimizer.grad_view(weight)
+                    assert torch.equal(first, first.bfloat16().float()) is not fusion, name
+        sums[fusion] = {name: optimizer.grad_view(weight).clone() for name, weight in weights.items()}
         optimizer.remove_hooks()
-    scale = sums[False].abs().max().item()
-    torch.testing.assert_close(sums[True], sums[False], rtol=2 ** -6, atol=2 ** -7 * scale)
+    for name, unfused in sums[False].items():
+        scale = unfused.abs().max().item()
+        torch.testing.assert_close(sums[True][name], unfused, rtol=2 ** -6, atol=2 ** -7 * scale, msg=name)
 
 
 def test_an_overlapped_optimizer_step_steps_as_the_plain_one():

@@ -1,5 +1,6 @@
 """Weight gradients written (and, with gradient-accumulation fusion, added) by their matmul into ZeRO-1's buffer
-(grad_into_buffer.py), and the embedding's by its lookup: the same bits as the hook's copy for a first gradient,
+(grad_into_buffer.py), the embedding's by its lookup and, with the kernels, the norms' by their kernel's backward:
+the same bits as the hook's copy for a first gradient,
 fp32 sums of bf16 weights' gradients, no copy of their gradients, and autograd's path wherever the buffer cannot
 take one.
 (Multi-rank runs, overlap, TP and the fused q/k/v and gate/up matmuls take this path too: test_zero*.py,
@@ -22,6 +23,14 @@ CONFIG = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, n
                      max_seq_length=16, kernels="reference")
 INTO_BUFFER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head", "embed_tokens")
 """The layers whose weight gradient is written into the buffer by its matmul (linears) or its lookup."""
+NORMS = ("input_layernorm", "post_attention_layernorm", "norm")
+"""The norm layers, whose weight gradient the RMSNorm kernel writes into the buffer (the reference ops: the hook)."""
+
+
+def _into_buffer(names, kernels: str = "reference") -> set:
+    """The parameters whose gradient goes into the buffer without the hook, under `kernels`."""
+    layers = INTO_BUFFER + (NORMS if kernels == "triton" else ())
+    return {n for n in names if n.split(".")[-2] in layers}
 
 
 class _HookArrivals:
@@ -47,11 +56,13 @@ class _HookArrivals:
         self.recording = False
 
 
-def _steps(direct: bool, micro_batches: int = 1, dtype=torch.float32, grad_dtype: str = "auto", fusion: bool = False):
-    """Three optimizer steps; with direct=False every parameter's slot is unregistered (the hook's copy). Returns
-    the results and state, and per step the parameters the hook wrote into the buffer."""
+def _steps(direct: bool, micro_batches: int = 1, dtype=torch.float32, grad_dtype: str = "auto", fusion: bool = False,
+           kernels: str = "reference"):
+    """Optimizer steps (three; two with the kernels, which run in Triton's interpreter here); with direct=False
+    every parameter's slot is unregistered (the hook's copy). Returns the results and state, and per step the
+    parameters the hook wrote into the buffer."""
     torch.manual_seed(0)
-    model = Llama(CONFIG).to(dtype)
+    model = Llama(ModelConfig(**{**CONFIG.to_dict(), "kernels": kernels})).to(dtype)
     spy = _HookArrivals(model)
     config = OptimizerConfig(lr=1e-2, clip_grad=0.5, grad_dtype=grad_dtype, gradient_accumulation_fusion=fusion)
     opt = ZeroOptimizer(model, ParallelState.single(), config, model.split_parameter_names(),
@@ -61,7 +72,7 @@ def _steps(direct: bool, micro_batches: int = 1, dtype=torch.float32, grad_dtype
             grad_into_buffer.unregister(p)
     tokens = torch.randint(0, 64, (4, 9), generator=torch.Generator().manual_seed(1))
     results, hooked = [], []
-    for _ in range(3):
+    for _ in range(3 if kernels == "reference" else 2):
         opt.zero_grad(micro_batches)
         with spy:
             for x, y in zip(tokens[:, :-1].chunk(micro_batches), tokens[:, 1:].chunk(micro_batches)):
@@ -73,19 +84,20 @@ def _steps(direct: bool, micro_batches: int = 1, dtype=torch.float32, grad_dtype
     return out, hooked
 
 
-@pytest.mark.parametrize("micro_batches", [1, 2])
-def test_same_bits_as_the_hooks_copy_without_copying_linear_weights(micro_batches):
+@pytest.mark.parametrize("micro_batches, kernels", [(1, "reference"), (2, "reference")])
+def test_same_bits_as_the_hooks_copy_without_copying_linear_weights(micro_batches, kernels):
     """Without fusion, fp32 weights and buffer: each linear weight's first gradient of a step is written by its
-    matmul, the embedding's by its lookup (the hook copies only the norms'); later micro-batches add through the
-    hook. Steps, masters, moments and weights: bit-identical to the hook's copy of every gradient."""
-    (direct, direct_hooked), (hooked, all_hooked) = (_steps(d, micro_batches) for d in (True, False))
+    matmul, the embedding's by its lookup, with the kernels the norms' by their kernel (with the reference ops the
+    hook copies the norms'); later micro-batches add through the hook. Steps, masters, moments and weights:
+    bit-identical to the hook's copy of every gradient."""
+    (direct, direct_hooked), (hooked, all_hooked) = (_steps(d, micro_batches, kernels=kernels) for d in (True, False))
     assert direct[0] == hooked[0]
     for a, b in zip(direct[1:3], hooked[1:3]):
         assert torch.equal(a, b)
     assert all(torch.equal(direct[3][n], hooked[3][n]) for n in direct[3])
     names = set(direct[3])
-    into_buffer = {n for n in names if n.split(".")[-2] in INTO_BUFFER}
-    for step in range(3):
+    into_buffer = _into_buffer(names, kernels)
+    for step in range(len(direct[0])):
         assert Counter(all_hooked[step]) == Counter({n: micro_batches for n in names})  # each micro-batch, each
         first = direct_hooked[step][:len(names - into_buffer)]  # the first micro-batch: every linear weight written
         assert set(first) == names - into_buffer  # by its matmul, the embedding by its lookup, the norms by the hook
@@ -93,15 +105,18 @@ def test_same_bits_as_the_hooks_copy_without_copying_linear_weights(micro_batche
         assert Counter(direct_hooked[step]) == want - Counter()
 
 
-def test_fusion_adds_every_micro_batchs_linear_gradient_in_the_matmul():
+@pytest.mark.parametrize("kernels", ["reference", "triton"])
+def test_fusion_adds_every_micro_batchs_linear_gradient_in_the_matmul(kernels):
     """With gradient-accumulation fusion (the default), fp32 weights, two micro-batches: no linear weight's or embedding
-    gradient reaches the hook in either micro-batch (the second is added by its matmul or lookup into the slot), and
-    the steps follow the hook's (a GEMM adding into its output may round the sum once differently from an add after it)."""
+    gradient (with the kernels, no gradient at all) reaches the hook in either micro-batch (the second is added by its
+    matmul, lookup or norm kernel into the slot), and the steps follow the hook's (a GEMM adding into its output may
+    round the sum once differently from an add after it)."""
     assert OptimizerConfig().gradient_accumulation_fusion
-    (fused, fused_hooked), (hooked, _) = (_steps(d, 2, fusion=True) for d in (True, False))
+    (fused, fused_hooked), (hooked, _) = (_steps(d, 2, fusion=True, kernels=kernels) for d in (True, False))
     names = set(fused[3])
-    into_buffer = {n for n in names if n.split(".")[-2] in INTO_BUFFER}
-    for step in range(3):
+    into_buffer = _into_buffer(names, kernels)
+    assert kernels == "reference" or into_buffer == names
+    for step in range(len(fused[0])):
         assert Counter(fused_hooked[step]) == Counter({n: 2 for n in names - into_buffer})
     for a, b in zip(fused[0], hooked[0]):
         assert a.grad_norm == pytest.approx(b.grad_norm, rel=1e-6) and a.clip_coef == pytest.approx(b.clip_coef,
@@ -110,21 +125,23 @@ def test_fusion_adds_every_micro_batchs_linear_gradient_in_the_matmul():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
 
 
-def test_bf16_weights_sum_their_gradients_in_fp32_with_fusion():
+@pytest.mark.parametrize("kernels", ["reference", "triton"])
+def test_bf16_weights_sum_their_gradients_in_fp32_with_fusion(kernels):
     """bf16 weights into an fp32 buffer over two micro-batches. With fusion, no linear weight's or embedding gradient
-    goes through the hook, and after the first micro-batch their slots hold fp32 products and sums (values no bf16
-    holds); without it the hook copies autograd's bf16 gradients and adds the second. Both agree within bf16's rounding."""
+    (with the kernels, no norm's either) goes through the hook, and after the first micro-batch their slots hold fp32
+    products and sums (values no bf16 holds); without it the hook copies autograd's bf16 gradients and adds the
+    second. Both agree within bf16's rounding."""
     tokens = torch.randint(0, 64, (4, 9), generator=torch.Generator().manual_seed(1))
     buffers = {}
     for fusion in (True, False):
         torch.manual_seed(0)
-        model = Llama(CONFIG).to(torch.bfloat16)
+        model = Llama(ModelConfig(**{**CONFIG.to_dict(), "kernels": kernels})).to(torch.bfloat16)
         spy = _HookArrivals(model)
         opt = ZeroOptimizer(model, ParallelState.single(), OptimizerConfig(grad_dtype="fp32",
                                                                            gradient_accumulation_fusion=fusion),
                             model.split_parameter_names(), micro_batches=2)
         assert opt.gradient_accumulation_fusion is fusion
-        into_buffer = {n: p for n, p in model.named_parameters() if n.split(".")[-2] in INTO_BUFFER}
+        into_buffer = {n: p for n, p in model.named_parameters() if n in _into_buffer([n], kernels)}
         opt.zero_grad(2)
         with spy:
             for micro, (x, y) in enumerate(zip(tokens[:, :-1].chunk(2), tokens[:, 1:].chunk(2))):
@@ -248,23 +265,24 @@ def test_the_embedding_gradient_into_a_slot_is_autograds_or_its_fp32_sum(grad_dt
         assert ours_error < 1e-5 and ours_error * 50 < hooks_error
 
 
-def test_a_weight_with_its_own_gradient_hook_sees_its_gradient():
+@pytest.mark.parametrize("kernels", ["reference", "triton"])
+def test_a_weight_with_its_own_gradient_hook_sees_its_gradient(kernels):
     """Tensor.register_hook on a weight, even added after the forward (as a NaN-injecting test does): the hook gets
-    the gradient, and what it returns is what reaches the buffer."""
+    the gradient, and what it returns is what reaches the buffer (a linear, the embedding, a norm)."""
     torch.manual_seed(0)
-    model = Llama(CONFIG)
+    model = Llama(ModelConfig(**{**CONFIG.to_dict(), "kernels": kernels}))
     opt = ZeroOptimizer(model, ParallelState.single(), OptimizerConfig(), model.split_parameter_names())
     tokens = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
     opt.zero_grad()
     loss = model(tokens[:, :-1], tokens[:, 1:])[1]
     seen = {}
-    for layer in (model.lm_head, model.embed_tokens):
+    for layer in (model.lm_head, model.embed_tokens, model.layers[0].input_layernorm, model.norm):
         layer.weight.register_hook(lambda g, layer=layer: seen.setdefault(layer, []).append(g.clone()) or g * 2)
     loss.backward()
     for layer, grads in seen.items():
         assert len(grads) == 1 and grads[0].shape == layer.weight.shape
         assert torch.equal(opt.grad_view(layer.weight), grads[0] * 2)
-    assert len(seen) == 2
+    assert len(seen) == 4
     opt.remove_hooks()
 
 
@@ -302,8 +320,10 @@ def test_sequence_parallel_projections_write_into_the_buffer(tmp_path):
     for rank, kernels in itertools.product(range(2), ("reference", "triton")):
         out = torch.load(tmp_path / f"sp{rank}.pt")
         (direct_hooked, direct), (hooked, reference) = out[kernels, True], out[kernels, False]
-        into_buffer = {n for n in reference if n.split(".")[-2] in INTO_BUFFER}
+        into_buffer = _into_buffer(reference, kernels)
         assert hooked == Counter({n: 2 for n in reference})  # the hook's path: every parameter, each micro-batch
-        assert direct_hooked == Counter({n: 2 for n in set(reference) - into_buffer})  # no linear weight (q/k/v included), no embedding
+        # no linear weight (q/k/v included), no embedding; with the kernels no norm either (all of them)
+        assert direct_hooked == Counter({n: 2 for n in set(reference) - into_buffer})
+        assert kernels == "reference" or not direct_hooked
         for name in reference:
             torch.testing.assert_close(direct[name], reference[name], rtol=1e-5, atol=1e-8, msg=(kernels, name))

@@ -198,3 +198,47 @@ def test_add_rms_norm_rejects_a_delta_unlike_the_residual():
         add_rms_norm(x, x[:, :4], w)
     with pytest.raises(ValueError, match=r"^add_rms_norm: delta must match .* got \(2, 8\) torch.bfloat16"):
         add_rms_norm(x, x.bfloat16(), w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_dres", [False, True])
+def test_weight_gradient_into_a_given_buffer_is_the_fp32_sum(dtype, with_dres):
+    """rms_norm_bwd's dweight_out (a slice of a gradient buffer, as ZeroOptimizer's): written, then added, with the
+    programs' fp32 sum rounded once to the buffer's dtype. Into fp32 it is the returned dweight's fp32 sum (bit for
+    bit where the weights are fp32); into a buffer of the weight's dtype, the returned dweight's bits; dx is the
+    same either way, and the buffer's other elements are untouched."""
+    from megamath.kernels.rms_norm import rms_norm_bwd, rms_norm_fwd
+
+    x, w, dy = _inputs((37, 129), dtype, seed=11)
+    dres = _inputs((37, 129), dtype, seed=12)[2] if with_dres else None
+    _, x2, rstd = rms_norm_fwd(x, w, 1e-5)
+    dx, dweight = rms_norm_bwd(dy, x2, w, rstd, dres=dres)
+    x32 = x.float()
+    exact = (dy.double() * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype).double()).sum(0)
+    for out_dtype in dict.fromkeys((torch.float32, dtype)):
+        buffer = torch.full((3 + 129 + 2,), float("nan"), dtype=out_dtype, device=DEVICE)
+        view = buffer[3:3 + 129]
+        dx_w, none = rms_norm_bwd(dy, x2, w, rstd, dres=dres, dweight_out=view)
+        assert none is None and torch.equal(dx_w, dx)
+        written = view.clone()
+        rms_norm_bwd(dy, x2, w, rstd, dres=dres, dweight_out=view, add=True)
+        assert buffer[:3].isnan().all() and buffer[-2:].isnan().all()
+        if out_dtype == dtype:
+            assert torch.equal(written, dweight) and torch.equal(view, dweight + dweight)
+        else:  # bf16 weights into fp32: the fp32 sum, not its bf16 rounding
+            assert torch.equal(written.to(dtype), dweight) and not torch.equal(written, written.to(dtype).float())
+            assert torch.equal(view, written + written)
+            ours, rounded = (written.double() - exact).abs().max(), (dweight.double() - exact).abs().max()
+            assert ours * 20 < rounded
+
+
+def test_weight_gradient_of_no_rows_into_a_buffer_is_zero():
+    from megamath.kernels.rms_norm import rms_norm_bwd, rms_norm_fwd
+
+    x, w, _ = _inputs((0, 16), torch.float32, seed=0)
+    _, x2, rstd = rms_norm_fwd(x, w, 1e-5)
+    out = torch.full((16,), 2.0, device=DEVICE)
+    rms_norm_bwd(x, x2, w, rstd, dweight_out=out, add=True)
+    assert torch.equal(out, torch.full((16,), 2.0, device=DEVICE))
+    rms_norm_bwd(x, x2, w, rstd, dweight_out=out)
+    assert not out.any()

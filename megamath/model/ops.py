@@ -3,7 +3,8 @@
 The model never imports a kernel module itself: it asks `get_ops(config.kernels, device)` on every
 forward, so one model object can run the kernels on a GPU and the references on a CPU copy (which is
 how the tests compare them). The two tables below, `_triton_ops` and `_reference_ops`, name every op's
-function explicitly, so a reader follows the model to a kernel in one step. Kernel modules import Triton,
+function explicitly, so a reader follows the model to a kernel in one step (the norms in two: the kernels
+through megamath.parallel.grad_into_buffer, which sends their weight's gradient into ZeRO-1's buffer). Kernel modules import Triton,
 so each table imports them on first use (a config parser, or a tool that never runs the model, never loads
 Triton; the references live in the kernel files, so a CPU run of the model loads it too).
 
@@ -67,9 +68,11 @@ def _triton_ops() -> Ops:
     """The Triton kernels (each takes the same arguments as its reference)."""
     from megamath.kernels.cross_entropy import cross_entropy
     from megamath.kernels.flash_attention import flash_attention
-    from megamath.kernels.rms_norm import add_rms_norm, rms_norm
     from megamath.kernels.rope import rope, rope_
     from megamath.kernels.swiglu import swiglu
+    # megamath.kernels.rms_norm's rms_norm and add_rms_norm, with the weight's gradient into its slot of ZeRO-1's
+    # buffer where it has one
+    from megamath.parallel.grad_into_buffer import add_rms_norm, rms_norm
 
     def unchecked_cross_entropy(logits, targets, ignore_index=-100, group=None, vocab_start=None, vocab_size=None,
                                 expected_grad=None):

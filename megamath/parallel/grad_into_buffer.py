@@ -1,5 +1,5 @@
-"""Weight gradients written (or added) by their matmul, or the embedding's by its lookup, straight into ZeRO-1's
-gradient buffer, without the hook.
+"""Weight gradients written (or added) by their matmul, the embedding's by its lookup and the norms' by their
+kernel, straight into ZeRO-1's gradient buffer, without the hook.
 
 Why: autograd hands a weight's gradient to ZeroOptimizer's post-accumulate hook as a fresh tensor, which the hook
 copies into the flat buffer, or adds to it for a later micro-batch, converting bf16 to fp32 where the buffer is
@@ -14,21 +14,24 @@ float32: bf16 operands, the product accumulated and stored in fp32) does it; whe
 torch without it, found by `mixed_dtype_gemm`) the same product of the operands' exact fp32 copies, on CPU, and
 on CUDA the hook's path. The embedding table's gradient (`embedding`), whose autograd form is a dense table in
 the weight's dtype of which a micro-batch touches a few thousand rows, is written the same way by a
-deterministic kernel on CUDA (megamath.kernels.embedding_backward: each row's tokens summed in fp32); only the
-norm weights' (a few thousand elements per layer) still take the hook.
+deterministic kernel on CUDA (megamath.kernels.embedding_backward: each row's tokens summed in fp32), and the
+norm weights' by the RMSNorm kernel's backward (`rms_norm`, `add_rms_norm`: its fp32 partial sums summed into
+the slot, where autograd's path would round each micro-batch's sum to bf16 before the buffer adds it). With the
+reference ops the norms take the hook, and so does a replicated KV projection's gradient (its rows only).
 
 What takes which path (ZeroOptimizer's `_BufferSlot.claim` decides per gradient): with
 optimizer.gradient_accumulation_fusion (the default) every gradient of a linear weight goes into the buffer by
-its matmul (and the embedding's by its lookup); without it only the first of the step, and only into a buffer of the weight's own dtype (which is
-then bit-identical to the hook's copy). A weight with a gradient hook of its own (Tensor.register_hook: it must
-see the gradient), a bucket already sent, grad_dtype auto's refused second gradient, and every weight nobody
-registered take autograd's path and the hook.
+its matmul (and the embedding's by its lookup, the norms' by their kernel); without it only the first of the
+step, and only into a buffer of the weight's own dtype (which is then bit-identical to the hook's copy). A weight
+with a gradient hook of its own (Tensor.register_hook: it must see the gradient), a bucket already sent,
+grad_dtype auto's refused second gradient, and every weight nobody registered take autograd's path and the hook.
 
 How: ZeroOptimizer registers a `GradSlot` per parameter (`register`); the model's linear layers call `linear`
 (one weight) or `linears_into_buffer` (weights back to back in memory, fused_linear.py), which use this file's
 autograd function wherever every weight has a slot. Its backward computes dX exactly as autograd's own backward
 of F.linear does, and dW with the same operands (dX = dY·W, dW = dYᵀ·X over the flattened tokens), so a first
 gradient into a buffer of the weight's dtype is bit-identical with and without it; only where dW lands differs.
+The embedding calls `embedding`; the kernels' ops table (megamath.model.ops) names `rms_norm` and `add_rms_norm`.
 The registry holds the parameters weakly (by id, checked against a weak reference), and nothing is stored on the
 parameter tensors (ZeroOptimizer's rule: `to_empty` re-creates them). One consequence to know: with an optimizer
 attached, `torch.autograd.grad` of a loss with respect to a linear weight returns None for it, the gradient
@@ -272,6 +275,68 @@ def embedding(ids: torch.Tensor, weight: torch.Tensor, foreign: torch.Tensor | N
     slots = _slots_for([weight])
     return _lookup(ids, foreign, weight) if slots is None else _EmbeddingIntoBuffer.apply(ids, foreign, *slots,
                                                                                           weight)
+
+
+class _NormIntoBuffer(torch.autograd.Function):
+    """The RMSNorm kernel, with the residual add when `delta` is given (outputs (h, y), else y), whose backward
+    writes the weight's gradient into its slot when the slot takes it: the kernel's fp32 partial sums summed in
+    fp32 and rounded once to the buffer's dtype (megamath.kernels.rms_norm.rms_norm_bwd's `dweight_out`), where
+    autograd's path rounds each micro-batch's gradient to the weight's dtype first. Else it returns the
+    gradient to autograd, as the kernel's own autograd functions do."""
+
+    @staticmethod
+    def forward(ctx, residual, delta, eps, slot, weight):
+        from megamath.kernels.rms_norm import rms_norm_fwd
+
+        ctx.slot, ctx.weight, ctx.add = slot, weight, delta is not None  # the parameter, to see hooks added later
+        weight = weight.contiguous()  # the kernels index weight as w_ptr + col
+        y, h2, rstd = rms_norm_fwd(residual, weight, eps, delta=delta)
+        ctx.save_for_backward(h2, weight, rstd)
+        if delta is None:
+            return y
+        ctx.set_materialize_grads(False)  # an unused h (the last norm's) sends None, not zeros to read
+        return h2.view(residual.shape), y
+
+    @staticmethod
+    def backward(ctx, *grads):
+        from megamath.kernels.rms_norm import rms_norm_bwd
+
+        dh, dy = grads if ctx.add else (None, grads[0])
+        if dy is None:  # only h was used: the add's backward alone
+            return dh, dh, None, None, None
+        h2, weight, rstd = ctx.saved_tensors
+        claims = _claims([ctx.slot], [ctx.weight])
+        view, add = claims[0] if claims is not None else (None, False)
+        dx, dweight = rms_norm_bwd(dy, h2, weight, rstd, dres=dh, dweight_out=view, add=add)
+        if claims is not None:
+            ctx.slot.filled()
+        dx = dx.view(dy.shape)
+        return dx, dx if ctx.add else None, None, None, dweight
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """The RMSNorm kernel (megamath.kernels.rms_norm.rms_norm), with the weight's gradient written into its slot
+    where it has one."""
+    from megamath.kernels.rms_norm import check_inputs, rms_norm as kernel
+
+    slots = _slots_for([weight])
+    if slots is None:
+        return kernel(x, weight, eps)
+    check_inputs(x, weight)
+    return _NormIntoBuffer.apply(x, None, eps, *slots, weight)
+
+
+def add_rms_norm(residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                 eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused residual add and RMSNorm kernel (megamath.kernels.rms_norm.add_rms_norm), with the weight's
+    gradient written into its slot where it has one."""
+    from megamath.kernels.rms_norm import add_rms_norm as kernel, check_inputs
+
+    slots = _slots_for([weight])
+    if slots is None:
+        return kernel(residual, delta, weight, eps)
+    check_inputs(residual, weight, delta)
+    return _NormIntoBuffer.apply(residual, delta, eps, *slots, weight)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
