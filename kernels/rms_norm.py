@@ -24,6 +24,8 @@ the unfused add then norm does.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import triton
 import triton.language as tl
@@ -107,7 +109,7 @@ def _num_warps(block: int) -> int:
     return 4
 
 
-def check_inputs(x: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor | None = None) -> None:
+def _check(x: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor | None = None) -> None:
     """One-line errors for what the kernels cannot take: x and weight (and delta, with the residual add)."""
     if not x.is_floating_point():
         raise TypeError(f"rms_norm: x must be a floating-point tensor, got {x.dtype}")
@@ -158,85 +160,69 @@ def _bwd_programs(m: int, device: torch.device) -> int:
 
 
 def rms_norm_bwd(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
-                 dres: torch.Tensor | None = None, dweight_out: torch.Tensor | None = None, add: bool = False):
+                 dres: torch.Tensor | None = None):
     """Launch the backward; returns dx (M, N) in x's dtype (plus `dres`, x's shape, added before the rounding)
-    and dweight in weight's dtype. With `dweight_out` (N,) the programs' fp32 partial sums, summed in fp32, are
-    written there instead (or added to it with `add`), rounded once to its dtype, and dweight is None: a
-    gradient buffer in fp32 then holds the fp32 sum, not its bf16 rounding."""
+    and dweight (N,) in fp32: the programs' fp32 partial sums summed, not yet rounded to weight's dtype."""
     m, n = x2.shape
     dy2 = rows_2d(dy)  # (M, N)
     dres2 = dy2 if dres is None else rows_2d(dres)  # (M, N)
     dx = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
     if m == 0 or n == 0:
-        dw_sum = torch.zeros(n, dtype=torch.float32, device=x2.device)
-    else:
-        programs = _bwd_programs(m, x2.device)
-        rows_per_program = triton.cdiv(m, programs)
-        programs = triton.cdiv(m, rows_per_program)
-        dw_partial = torch.empty((programs, n), dtype=torch.float32, device=x2.device)  # (P, N)
-        block = triton.next_power_of_2(n)
-        _rms_norm_bwd_kernel[(programs,)](
-            dy2, x2, weight, rstd, dres2, dx, dw_partial,
-            dy2.stride(0), x2.stride(0), dres2.stride(0), dx.stride(0), m, n, rows_per_program,
-            BLOCK=block, EXACT_BF16=_exact_bf16(x2.dtype), ADD_GRAD=dres is not None, num_warps=_num_warps(block),
-        )
-        dw_sum = dw_partial.sum(0)  # (N,) fp32
-    if dweight_out is None:
-        return dx, dw_sum.to(weight.dtype)
-    if add:
-        dweight_out.add_(dw_sum)
-    else:
-        dweight_out.copy_(dw_sum)
-    return dx, None
+        return dx, torch.zeros(n, dtype=torch.float32, device=x2.device)
+    programs = _bwd_programs(m, x2.device)
+    rows_per_program = triton.cdiv(m, programs)
+    programs = triton.cdiv(m, rows_per_program)
+    dw_partial = torch.empty((programs, n), dtype=torch.float32, device=x2.device)  # (P, N)
+    block = triton.next_power_of_2(n)
+    _rms_norm_bwd_kernel[(programs,)](
+        dy2, x2, weight, rstd, dres2, dx, dw_partial,
+        dy2.stride(0), x2.stride(0), dres2.stride(0), dx.stride(0), m, n, rows_per_program,
+        BLOCK=block, EXACT_BF16=_exact_bf16(x2.dtype), ADD_GRAD=dres is not None, num_warps=_num_warps(block),
+    )
+    return dx, dw_partial.sum(0)  # (N,) fp32
 
 
 class RMSNormFunction(torch.autograd.Function):
-    """Saves x (as given, no copy) and the fp32 per-row rstd; recomputes x_hat in the backward."""
+    """y = rms_norm(x), or with `delta` (h, y) = (x + delta, rms_norm(h)). Saves the normalized rows (x as given,
+    no copy, or h) and the fp32 per-row rstd, and recomputes x_hat in the backward. With the add, the gradient of
+    both inputs is one tensor: the norm's dx plus the gradient arriving at h, summed in the kernel. The weight's
+    fp32 gradient goes to `weight_grad_sink` first, when there is one (`rms_norm`)."""
 
     @staticmethod
-    def forward(ctx, x, weight, eps):
+    def forward(ctx, x, delta, weight, eps, weight_grad_sink):
         weight = weight.contiguous()  # the kernels index weight as w_ptr + col: a strided view would be misread
-        y, x2, rstd = rms_norm_fwd(x, weight, eps)
-        ctx.save_for_backward(x2, weight, rstd)
-        ctx.x_shape = x.shape
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x2, weight, rstd = ctx.saved_tensors
-        dx, dweight = rms_norm_bwd(dy, x2, weight, rstd)
-        return dx.view(ctx.x_shape), dweight, None
-
-
-class AddRMSNormFunction(torch.autograd.Function):
-    """(h, y) = (residual + delta, rms_norm(h)); saves h (M, N) and rstd. The backward's gradient of both inputs
-    is one tensor: the norm's dx plus the gradient arriving at h, summed in the kernel."""
-
-    @staticmethod
-    def forward(ctx, residual, delta, weight, eps):
-        weight = weight.contiguous()
-        y, h2, rstd = rms_norm_fwd(residual, weight, eps, delta=delta)
+        y, h2, rstd = rms_norm_fwd(x, weight, eps, delta=delta)
         ctx.save_for_backward(h2, weight, rstd)
+        ctx.add, ctx.sink = delta is not None, weight_grad_sink
+        if delta is None:
+            return y
         ctx.set_materialize_grads(False)  # an unused h (the last norm's) sends None, not zeros to read
-        return h2.view(residual.shape), y
+        return h2.view(x.shape), y
 
     @staticmethod
-    def backward(ctx, dh, dy):
-        h2, weight, rstd = ctx.saved_tensors
+    def backward(ctx, *grads):
+        dh, dy = grads if ctx.add else (None, grads[0])
         if dy is None:  # only h was used: the add's backward alone
-            return dh, dh, None, None
+            return dh, dh, None, None, None
+        h2, weight, rstd = ctx.saved_tensors
         dx, dweight = rms_norm_bwd(dy, h2, weight, rstd, dres=dh)
         dx = dx.view(dy.shape)
-        return dx, dx, dweight, None
+        taken = ctx.sink is not None and ctx.sink(dweight)
+        return dx, dx if ctx.add else None, None if taken else dweight.to(weight.dtype), None, None
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5,
+             weight_grad_sink: Callable[[torch.Tensor], bool] | None = None) -> torch.Tensor:
     """RMSNorm over the last dim of x (any leading shape); output has x's shape and dtype.
 
     Differentiable in x and weight. Statistics in fp32; see the module docstring for the rounding order.
+    `weight_grad_sink`, when given, is called in the backward with the weight's gradient as its fp32 sum (N,),
+    before any rounding; returning True means it took it (say, added it to an fp32 gradient buffer, as
+    megamath's ZeRO-1 does: megamath.parallel.grad_into_buffer) and autograd gets None for the weight, False
+    that autograd gets it, rounded to the weight's dtype as without a sink.
     """
-    check_inputs(x, weight)
-    return RMSNormFunction.apply(x, weight, eps)
+    _check(x, weight)
+    return RMSNormFunction.apply(x, None, weight, eps, weight_grad_sink)
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -246,12 +232,12 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> to
     return (x_hat.to(x.dtype) * weight).to(x.dtype)
 
 
-def add_rms_norm(residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
-                 eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rms_norm(residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5,
+                 weight_grad_sink: Callable[[torch.Tensor], bool] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(h, y): h = residual + delta (residual's shape and dtype), y = rms_norm(h, weight, eps), in one pass each
-    way (the module docstring). Differentiable in residual, delta and weight."""
-    check_inputs(residual, weight, delta)
-    return AddRMSNormFunction.apply(residual, delta, weight, eps)
+    way (the module docstring). Differentiable in residual, delta and weight; `weight_grad_sink` as rms_norm's."""
+    _check(residual, weight, delta)
+    return RMSNormFunction.apply(residual, delta, weight, eps, weight_grad_sink)
 
 
 def add_rms_norm_ref(residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,

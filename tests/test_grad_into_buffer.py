@@ -265,6 +265,50 @@ def test_the_embedding_gradient_into_a_slot_is_autograds_or_its_fp32_sum(grad_dt
         assert ours_error < 1e-5 and ours_error * 50 < hooks_error
 
 
+class _ListSlot:
+    """A GradSlot that offers a view of its own buffer: written first, then added; or declines every gradient."""
+
+    def __init__(self, n: int, dtype: torch.dtype, declines: bool = False):
+        self.buffer, self.declines, self.fills = torch.full((n + 2,), float("nan"), dtype=dtype), declines, 0
+
+    def claim(self):
+        return None if self.declines else (self.buffer[1:-1], self.fills > 0)
+
+    def filled(self):
+        self.fills += 1
+
+
+@pytest.mark.parametrize("declines", [False, True])
+def test_a_norm_weight_gradient_into_its_slot_is_the_kernels_fp32_sum(declines):
+    """A bf16 norm weight with a slot in an fp32 buffer: two backwards through the kernels write, then add, the
+    kernel's fp32 sums into the slot (the weight's .grad stays None); a declining slot leaves autograd the usual bf16
+    gradient. The kernels' own sink test (test_rms_norm.py) checks what the sum is."""
+    generator = torch.Generator().manual_seed(3)
+    x, delta = (torch.randn(2, 5, 24, generator=generator).bfloat16() for _ in range(2))
+    weight = torch.nn.Parameter((1 + 0.1 * torch.randn(24, generator=generator)).bfloat16())
+    slot = _ListSlot(24, torch.float32, declines)
+    grad_into_buffer.register(weight, slot)
+    sums = []
+    from megamath.kernels.rms_norm import add_rms_norm, rms_norm
+
+    def backward(y):  # y, or add_rms_norm's (h, y)
+        (y[1] if isinstance(y, tuple) else y).float().square().sum().backward()
+
+    for ours, kernel in ((grad_into_buffer.rms_norm, rms_norm), (grad_into_buffer.add_rms_norm, add_rms_norm)):
+        args = (x,) if ours is grad_into_buffer.rms_norm else (x, delta)
+        received = []
+        backward(kernel(*args, weight.detach().requires_grad_(), weight_grad_sink=lambda g: received.append(g) or True))
+        sums.append(received[0])
+        backward(ours(*args, weight))
+    grad_into_buffer.unregister(weight)
+    if declines:
+        assert slot.fills == 0 and torch.equal(weight.grad, sums[0].bfloat16() + sums[1].bfloat16())
+    else:
+        assert slot.fills == 2 and weight.grad is None and slot.buffer[[0, -1]].isnan().all()
+        assert torch.equal(slot.buffer[1:-1], sums[0] + sums[1])
+        assert not torch.equal(sums[0], sums[0].bfloat16().float())  # fp32 values, not their bf16 rounding
+
+
 @pytest.mark.parametrize("kernels", ["reference", "triton"])
 def test_a_weight_with_its_own_gradient_hook_sees_its_gradient(kernels):
     """Tensor.register_hook on a weight, even added after the forward (as a NaN-injecting test does): the hook gets

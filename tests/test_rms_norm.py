@@ -201,44 +201,40 @@ def test_add_rms_norm_rejects_a_delta_unlike_the_residual():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("with_dres", [False, True])
-def test_weight_gradient_into_a_given_buffer_is_the_fp32_sum(dtype, with_dres):
-    """rms_norm_bwd's dweight_out (a slice of a gradient buffer, as ZeroOptimizer's): written, then added, with the
-    programs' fp32 sum rounded once to the buffer's dtype. Into fp32 it is the returned dweight's fp32 sum (bit for
-    bit where the weights are fp32); into a buffer of the weight's dtype, the returned dweight's bits; dx is the
-    same either way, and the buffer's other elements are untouched."""
-    from megamath.kernels.rms_norm import rms_norm_bwd, rms_norm_fwd
+@pytest.mark.parametrize("add", [False, True])
+@pytest.mark.parametrize("taken", [False, True])
+def test_a_weight_gradient_sink_gets_the_fp32_sum(dtype, add, taken):
+    """weight_grad_sink is called once per backward with the weight's gradient as the programs' fp32 sum: what
+    autograd gets rounded to the weight's dtype (bit for bit), and with bf16 weights far closer to the exact sum.
+    Taken (True), autograd gets None for the weight; declined, the usual gradient. dx is the same either way."""
+    from megamath.kernels.rms_norm import add_rms_norm
 
     x, w, dy = _inputs((37, 129), dtype, seed=11)
-    dres = _inputs((37, 129), dtype, seed=12)[2] if with_dres else None
-    _, x2, rstd = rms_norm_fwd(x, w, 1e-5)
-    dx, dweight = rms_norm_bwd(dy, x2, w, rstd, dres=dres)
-    x32 = x.float()
-    exact = (dy.double() * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype).double()).sum(0)
-    for out_dtype in dict.fromkeys((torch.float32, dtype)):
-        buffer = torch.full((3 + 129 + 2,), float("nan"), dtype=out_dtype, device=DEVICE)
-        view = buffer[3:3 + 129]
-        dx_w, none = rms_norm_bwd(dy, x2, w, rstd, dres=dres, dweight_out=view)
-        assert none is None and torch.equal(dx_w, dx)
-        written = view.clone()
-        rms_norm_bwd(dy, x2, w, rstd, dres=dres, dweight_out=view, add=True)
-        assert buffer[:3].isnan().all() and buffer[-2:].isnan().all()
-        if out_dtype == dtype:
-            assert torch.equal(written, dweight) and torch.equal(view, dweight + dweight)
-        else:  # bf16 weights into fp32: the fp32 sum, not its bf16 rounding
-            assert torch.equal(written.to(dtype), dweight) and not torch.equal(written, written.to(dtype).float())
-            assert torch.equal(view, written + written)
-            ours, rounded = (written.double() - exact).abs().max(), (dweight.double() - exact).abs().max()
-            assert ours * 20 < rounded
+    delta, _, dh = _inputs((37, 129), dtype, seed=12)
+    plain = _run_add(add_rms_norm, x, delta, w, dh, dy) if add else _run(rms_norm, x, w, dy, 1e-5)
+    received = []
+
+    def sink(dweight):
+        received.append(dweight.clone())
+        return taken
+
+    def with_sink(*args):
+        return (add_rms_norm if add else rms_norm)(*args, weight_grad_sink=sink)
+    ours = _run_add(with_sink, x, delta, w, dh, dy) if add else _run(with_sink, x, w, dy, 1e-5)
+    (dweight,) = received
+    assert dweight.dtype == torch.float32 and dweight.shape == w.shape
+    assert torch.equal(dweight.to(dtype), plain[-1])
+    assert ours[-1] is None if taken else torch.equal(ours[-1], plain[-1])
+    assert all(torch.equal(a, b) for a, b in zip(ours[:-1], plain[:-1]))  # y (h), dx: unchanged
+    if dtype == torch.bfloat16:
+        h = (x + delta if add else x).float()
+        exact = (dy.double() * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype).double()).sum(0)
+        ours_error, rounded_error = (dweight.double() - exact).abs().max(), (plain[-1].double() - exact).abs().max()
+        assert ours_error * 20 < rounded_error
 
 
-def test_weight_gradient_of_no_rows_into_a_buffer_is_zero():
-    from megamath.kernels.rms_norm import rms_norm_bwd, rms_norm_fwd
-
-    x, w, _ = _inputs((0, 16), torch.float32, seed=0)
-    _, x2, rstd = rms_norm_fwd(x, w, 1e-5)
-    out = torch.full((16,), 2.0, device=DEVICE)
-    rms_norm_bwd(x, x2, w, rstd, dweight_out=out, add=True)
-    assert torch.equal(out, torch.full((16,), 2.0, device=DEVICE))
-    rms_norm_bwd(x, x2, w, rstd, dweight_out=out)
-    assert not out.any()
+def test_a_sink_sees_zeros_for_no_rows():
+    x, w, dy = _inputs((0, 16), torch.float32, seed=0)
+    received = []
+    _run(lambda *args: rms_norm(*args, weight_grad_sink=lambda g: received.append(g) or True), x, w, dy, 1e-5)
+    assert len(received) == 1 and torch.equal(received[0], torch.zeros(16, device=DEVICE))

@@ -4,9 +4,10 @@ The model never imports a kernel module itself: it asks `get_ops(config.kernels,
 forward, so one model object can run the kernels on a GPU and the references on a CPU copy (which is
 how the tests compare them). The two tables below, `_triton_ops` and `_reference_ops`, name every op's
 function explicitly, so a reader follows the model to a kernel in one step (the norms in two: the kernels
-through megamath.parallel.grad_into_buffer, which sends their weight's gradient into ZeRO-1's buffer). Kernel modules import Triton,
-so each table imports them on first use (a config parser, or a tool that never runs the model, never loads
-Triton; the references live in the kernel files, so a CPU run of the model loads it too).
+through megamath.parallel.grad_into_buffer, which sends their weight's gradient into ZeRO-1's buffer).
+Kernel modules import Triton, so each table imports them on first use (a config parser, or a tool that never
+runs the model, never loads Triton; the references live in the kernel files, so a CPU run of the model loads
+it too).
 
 Signatures (all layouts are the model's, batch first):
     rms_norm(x (..., h), weight (h,), eps) -> (..., h)

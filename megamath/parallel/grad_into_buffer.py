@@ -15,8 +15,8 @@ torch without it, found by `mixed_dtype_gemm`) the same product of the operands'
 on CUDA the hook's path. The embedding table's gradient (`embedding`), whose autograd form is a dense table in
 the weight's dtype of which a micro-batch touches a few thousand rows, is written the same way by a
 deterministic kernel on CUDA (megamath.kernels.embedding_backward: each row's tokens summed in fp32), and the
-norm weights' by the RMSNorm kernel's backward (`rms_norm`, `add_rms_norm`: its fp32 partial sums summed into
-the slot, where autograd's path would round each micro-batch's sum to bf16 before the buffer adds it). With the
+norm weights' by the RMSNorm kernel's backward (`rms_norm`, `add_rms_norm`: the kernel hands its fp32 sum to the
+slot, where autograd's path would round each micro-batch's sum to bf16 before the buffer adds it). With the
 reference ops the norms take the hook, and so does a replicated KV projection's gradient (its rows only).
 
 What takes which path (ZeroOptimizer's `_BufferSlot.claim` decides per gradient): with
@@ -277,66 +277,41 @@ def embedding(ids: torch.Tensor, weight: torch.Tensor, foreign: torch.Tensor | N
                                                                                           weight)
 
 
-class _NormIntoBuffer(torch.autograd.Function):
-    """The RMSNorm kernel, with the residual add when `delta` is given (outputs (h, y), else y), whose backward
-    writes the weight's gradient into its slot when the slot takes it: the kernel's fp32 partial sums summed in
-    fp32 and rounded once to the buffer's dtype (megamath.kernels.rms_norm.rms_norm_bwd's `dweight_out`), where
-    autograd's path rounds each micro-batch's gradient to the weight's dtype first. Else it returns the
-    gradient to autograd, as the kernel's own autograd functions do."""
-
-    @staticmethod
-    def forward(ctx, residual, delta, eps, slot, weight):
-        from megamath.kernels.rms_norm import rms_norm_fwd
-
-        ctx.slot, ctx.weight, ctx.add = slot, weight, delta is not None  # the parameter, to see hooks added later
-        weight = weight.contiguous()  # the kernels index weight as w_ptr + col
-        y, h2, rstd = rms_norm_fwd(residual, weight, eps, delta=delta)
-        ctx.save_for_backward(h2, weight, rstd)
-        if delta is None:
-            return y
-        ctx.set_materialize_grads(False)  # an unused h (the last norm's) sends None, not zeros to read
-        return h2.view(residual.shape), y
-
-    @staticmethod
-    def backward(ctx, *grads):
-        from megamath.kernels.rms_norm import rms_norm_bwd
-
-        dh, dy = grads if ctx.add else (None, grads[0])
-        if dy is None:  # only h was used: the add's backward alone
-            return dh, dh, None, None, None
-        h2, weight, rstd = ctx.saved_tensors
-        claims = _claims([ctx.slot], [ctx.weight])
-        view, add = claims[0] if claims is not None else (None, False)
-        dx, dweight = rms_norm_bwd(dy, h2, weight, rstd, dres=dh, dweight_out=view, add=add)
-        if claims is not None:
-            ctx.slot.filled()
-        dx = dx.view(dy.shape)
-        return dx, dx if ctx.add else None, None, None, dweight
+def _norm_gradient_sink(slot: GradSlot, weight: torch.Tensor):
+    """The norm kernels' `weight_grad_sink` for a weight with a slot: the weight's fp32 gradient written, or added,
+    into the slot (rounded once, to the buffer's dtype) when the slot takes it (`_claims`), else left to autograd."""
+    def sink(dweight: torch.Tensor) -> bool:  # (N,) fp32
+        claims = _claims([slot], [weight])
+        if claims is None:
+            return False
+        (view, add), = claims
+        if add:
+            view.add_(dweight)
+        else:
+            view.copy_(dweight)
+        slot.filled()
+        return True
+    return sink
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """The RMSNorm kernel (megamath.kernels.rms_norm.rms_norm), with the weight's gradient written into its slot
     where it has one."""
-    from megamath.kernels.rms_norm import check_inputs, rms_norm as kernel
+    from megamath.kernels.rms_norm import rms_norm as kernel
 
     slots = _slots_for([weight])
-    if slots is None:
-        return kernel(x, weight, eps)
-    check_inputs(x, weight)
-    return _NormIntoBuffer.apply(x, None, eps, *slots, weight)
+    return kernel(x, weight, eps, weight_grad_sink=None if slots is None else _norm_gradient_sink(*slots, weight))
 
 
 def add_rms_norm(residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
                  eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
     """The fused residual add and RMSNorm kernel (megamath.kernels.rms_norm.add_rms_norm), with the weight's
     gradient written into its slot where it has one."""
-    from megamath.kernels.rms_norm import add_rms_norm as kernel, check_inputs
+    from megamath.kernels.rms_norm import add_rms_norm as kernel
 
     slots = _slots_for([weight])
-    if slots is None:
-        return kernel(residual, delta, weight, eps)
-    check_inputs(residual, weight, delta)
-    return _NormIntoBuffer.apply(residual, delta, eps, *slots, weight)
+    return kernel(residual, delta, weight, eps,
+                  weight_grad_sink=None if slots is None else _norm_gradient_sink(*slots, weight))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
