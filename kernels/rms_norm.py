@@ -10,7 +10,8 @@ and in bf16/fp16 the kernel rounds exactly where plain torch does.
 Why a kernel: unfused, torch makes an fp32 copy of x and several intermediates of its size. Here the
 forward reads x and weight once and writes y plus one fp32 `rstd` per row; the backward reads x, dy,
 rstd once, writes dx, and reduces dweight through fp32 per-program partial sums (a (programs, N) buffer,
-never an fp32 copy of x) followed by one small sum.
+never an fp32 copy of x) followed by one small sum, whose fp32 result a caller may take before it is rounded
+to the weight's dtype (`weight_grad_sink`: an optimizer's fp32 gradient buffer).
 
     h, y = add_rms_norm(residual, delta, weight, eps)     h = residual + delta,  y = rms_norm(h)
 

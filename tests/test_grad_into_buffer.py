@@ -1,8 +1,7 @@
 """Weight gradients written (and, with gradient-accumulation fusion, added) by their matmul into ZeRO-1's buffer
 (grad_into_buffer.py), the embedding's by its lookup and, with the kernels, the norms' by their kernel's backward:
-the same bits as the hook's copy for a first gradient,
-fp32 sums of bf16 weights' gradients, no copy of their gradients, and autograd's path wherever the buffer cannot
-take one.
+the same bits as the hook's copy for a first gradient, fp32 sums of bf16 weights' gradients, no copy of their
+gradients, and autograd's path wherever the buffer cannot take one.
 (Multi-rank runs, overlap, TP and the fused q/k/v and gate/up matmuls take this path too: test_zero*.py,
 test_tensor_parallel.py and test_fused_linear.py compare them with their references bit for bit.)"""
 import gc
@@ -25,6 +24,10 @@ INTO_BUFFER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 """The layers whose weight gradient is written into the buffer by its matmul (linears) or its lookup."""
 NORMS = ("input_layernorm", "post_attention_layernorm", "norm")
 """The norm layers, whose weight gradient the RMSNorm kernel writes into the buffer (the reference ops: the hook)."""
+
+
+def _model(kernels: str = "reference") -> Llama:
+    return Llama(ModelConfig(**{**CONFIG.to_dict(), "kernels": kernels}))
 
 
 def _into_buffer(names, kernels: str = "reference") -> set:
@@ -62,7 +65,7 @@ def _steps(direct: bool, micro_batches: int = 1, dtype=torch.float32, grad_dtype
     every parameter's slot is unregistered (the hook's copy). Returns the results and state, and per step the
     parameters the hook wrote into the buffer."""
     torch.manual_seed(0)
-    model = Llama(ModelConfig(**{**CONFIG.to_dict(), "kernels": kernels})).to(dtype)
+    model = _model(kernels).to(dtype)
     spy = _HookArrivals(model)
     config = OptimizerConfig(lr=1e-2, clip_grad=0.5, grad_dtype=grad_dtype, gradient_accumulation_fusion=fusion)
     opt = ZeroOptimizer(model, ParallelState.single(), config, model.split_parameter_names(),
@@ -84,20 +87,19 @@ def _steps(direct: bool, micro_batches: int = 1, dtype=torch.float32, grad_dtype
     return out, hooked
 
 
-@pytest.mark.parametrize("micro_batches, kernels", [(1, "reference"), (2, "reference")])
-def test_same_bits_as_the_hooks_copy_without_copying_linear_weights(micro_batches, kernels):
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_same_bits_as_the_hooks_copy_without_copying_linear_weights(micro_batches):
     """Without fusion, fp32 weights and buffer: each linear weight's first gradient of a step is written by its
-    matmul, the embedding's by its lookup, with the kernels the norms' by their kernel (with the reference ops the
-    hook copies the norms'); later micro-batches add through the hook. Steps, masters, moments and weights:
-    bit-identical to the hook's copy of every gradient."""
-    (direct, direct_hooked), (hooked, all_hooked) = (_steps(d, micro_batches, kernels=kernels) for d in (True, False))
+    matmul, the embedding's by its lookup (with the reference ops the hook copies the norms'); later micro-batches
+    add through the hook. Steps, masters, moments and weights: bit-identical to the hook's copy of every gradient."""
+    (direct, direct_hooked), (hooked, all_hooked) = (_steps(d, micro_batches) for d in (True, False))
     assert direct[0] == hooked[0]
     for a, b in zip(direct[1:3], hooked[1:3]):
         assert torch.equal(a, b)
     assert all(torch.equal(direct[3][n], hooked[3][n]) for n in direct[3])
     names = set(direct[3])
-    into_buffer = _into_buffer(names, kernels)
-    for step in range(len(direct[0])):
+    into_buffer = _into_buffer(names)
+    for step in range(3):
         assert Counter(all_hooked[step]) == Counter({n: micro_batches for n in names})  # each micro-batch, each
         first = direct_hooked[step][:len(names - into_buffer)]  # the first micro-batch: every linear weight written
         assert set(first) == names - into_buffer  # by its matmul, the embedding by its lookup, the norms by the hook
@@ -135,7 +137,7 @@ def test_bf16_weights_sum_their_gradients_in_fp32_with_fusion(kernels):
     buffers = {}
     for fusion in (True, False):
         torch.manual_seed(0)
-        model = Llama(ModelConfig(**{**CONFIG.to_dict(), "kernels": kernels})).to(torch.bfloat16)
+        model = _model(kernels).to(torch.bfloat16)
         spy = _HookArrivals(model)
         opt = ZeroOptimizer(model, ParallelState.single(), OptimizerConfig(grad_dtype="fp32",
                                                                            gradient_accumulation_fusion=fusion),
@@ -314,7 +316,7 @@ def test_a_weight_with_its_own_gradient_hook_sees_its_gradient(kernels):
     """Tensor.register_hook on a weight, even added after the forward (as a NaN-injecting test does): the hook gets
     the gradient, and what it returns is what reaches the buffer (a linear, the embedding, a norm)."""
     torch.manual_seed(0)
-    model = Llama(ModelConfig(**{**CONFIG.to_dict(), "kernels": kernels}))
+    model = _model(kernels)
     opt = ZeroOptimizer(model, ParallelState.single(), OptimizerConfig(), model.split_parameter_names())
     tokens = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
     opt.zero_grad()
