@@ -16,10 +16,12 @@ The race is run the way the model runs attention (`QKVLayout`, `projection_atten
 as head views of the projections' outputs, slices of one fused output where the model fuses them, and
 their gradients joined back into it as the model's backward joins them. That is part of the cost: our
 kernel writes dq, dk, dv as slices of one tensor, which the fused matmul takes as it stands, while SDPA's
-gradients are separate tensors that the join concatenates (and where SDPA allocates them (B, H, S, D)
-contiguous, as PyTorch's cuDNN backward does for inputs that are not dense, the heads view's backward
-copies each to (B, S, H·D) first). Timed on three separate contiguous tensors, as a kernel benchmark
-times it, SDPA would be spared copies the run then pays.
+gradients are separate tensors that the join concatenates: one copy of each per layer. (Only one: PyTorch's
+cuDNN backward allocates each gradient with `empty_like` of its input, which for these strided views gives
+dense strides in the views' own dimension order (torch 2.11 and 2.13), so the heads view's backward is a
+view.)
+Timed on three separate contiguous tensors, as a kernel benchmark times it, SDPA would be spared the copy
+the run then pays.
 
 Whenever our Triton kernel may run on a GPU (`auto` or `megamath`), its tiles are first tuned for this GPU,
 shape and layout (megamath.kernels.flash_attention_tuning), so that `auto` compares SDPA with our kernel at
