@@ -19,9 +19,8 @@ kernel writes dq, dk, dv as slices of one tensor, which the fused matmul takes a
 gradients are separate tensors that the join concatenates: one copy of each per layer. (Only one: PyTorch's
 cuDNN backward allocates each gradient with `empty_like` of its input, which for these strided views gives
 dense strides in the views' own dimension order (torch 2.11 and 2.13), so the heads view's backward is a
-view.)
-Timed on three separate contiguous tensors, as a kernel benchmark times it, SDPA would be spared the copy
-the run then pays.
+view.) Timed on three separate contiguous tensors, as a kernel benchmark times it, SDPA would be spared the
+copy the run then pays.
 
 Whenever our Triton kernel may run on a GPU (`auto` or `megamath`), its tiles are first tuned for this GPU,
 shape and layout (megamath.kernels.flash_attention_tuning), so that `auto` compares SDPA with our kernel at
