@@ -16,6 +16,7 @@ from megamath.parallel.zero import ZeroOptimizer
 from megamath.training import loop
 from megamath.training.checkpoint import (LATEST, complete_checkpoints, latest_checkpoint, load_checkpoint,
                                           read_metadata, rng_state, set_rng_state)
+from megamath.training.checkpoint_integrity import sealed_metadata_text
 from megamath.training.config import TrainConfig
 from test_train_loop import assert_bitwise_equal, final_state, metrics, one_thread, raw_config, run  # noqa: F401
 
@@ -128,7 +129,7 @@ def test_refusals(tmp_path, one_thread):
     optimizer = ZeroOptimizer(model, state, config.optimizer, model.split_parameter_names())
     meta_path = root / "step_0000002" / "metadata.json"
     meta = json.loads(meta_path.read_text())
-    meta_path.write_text(json.dumps({**meta, "tp_size": 2}))
+    meta_path.write_text(sealed_metadata_text({**meta, "tp_size": 2}))  # sealed: the layout check is reached
     with pytest.raises(ValueError, match=r"was saved with tensor-parallel size 2, this run uses 1: re-cut it with "
                                          r"`megamath reshard` or load it with "
                                          r"megamath\.training\.reshard\.load_checkpoint_any_tp"):

@@ -1,6 +1,7 @@
 """Checkpoints that cannot lie: checksums verified on load, resume falling back to the newest intact
 checkpoint, `megamath checkpoint verify`, the last good checkpoint kept through a divergence."""
 import json
+import re
 import shutil
 
 import pytest
@@ -10,8 +11,8 @@ from megamath.cli import main
 from megamath.parallel.state import ParallelState
 from megamath.parallel.zero import ZeroOptimizer
 from megamath.training import loop
-from megamath.training.checkpoint import (LATEST, CheckpointIntegrityError, latest_checkpoint, load_checkpoint,
-                                          prune_checkpoints, read_metadata)
+from megamath.training.checkpoint import (LATEST, CheckpointIntegrityError, _saved_after_good_update,
+                                          latest_checkpoint, load_checkpoint, prune_checkpoints, read_metadata)
 from megamath.training.checkpoint_verify import verify_checkpoint
 from megamath.training.config import TrainConfig
 from test_train_loop import (assert_bitwise_equal, final_state, inject_nonfinite, metrics, one_thread,  # noqa: F401
@@ -54,7 +55,7 @@ def test_damaged_checkpoint_falls_back_to_the_previous_intact_one(good_run, tmp_
     ok, line = verify_checkpoint(root / "step_0000008")
     assert not ok and line.startswith(f"{root / 'step_0000008'}: BROKEN: checkpoint file "
                                       f"{root / 'step_0000008' / FILES[kind]} ")
-    assert __import__("re").search(expected, line), line
+    assert re.search(expected, line), line
 
     result = run(raw_config(good_run / "data", tmp_path / "run"))  # resume=auto: walks back to step 4
     out = capsys.readouterr().out
@@ -197,19 +198,55 @@ def test_a_corrupt_metadata_file_falls_back_too(good_run, tmp_path, one_thread, 
     assert_bitwise_equal(final_state(tmp_path / "run", 8), final_state(good_run / "run", 8))
 
 
-def test_a_metadata_file_naming_another_step_falls_back_too(good_run, tmp_path, one_thread, capsys):
-    """One flipped bit turns `"step": 8` into `"step": 0`: valid JSON that no checksum covers. Unchecked, the run
-    restarted at step 0 on step 8's weights and erased metrics.jsonl."""
+def flip_digit(meta_path, before: bytes, mask: int) -> None:
+    """Flip bits of the character right after `before` in a metadata file: valid JSON, another value."""
+    data = meta_path.read_bytes()
+    at = data.index(before) + len(before)
+    meta_path.write_bytes(data[:at] + bytes([data[at] ^ mask]) + data[at + 1:])
+
+
+def unseal(meta_path) -> None:
+    """Metadata as versions before the seal wrote it."""
+    meta = json.loads(meta_path.read_text())
+    del meta["metadata_sha256"]
+    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+
+
+@pytest.mark.parametrize("sealed", [True, False], ids=["sealed", "unsealed"])
+def test_a_metadata_file_naming_another_step_falls_back_too(good_run, tmp_path, one_thread, capsys, sealed):
+    """One flipped bit turns `"step": 8` into `"step": 0`: valid JSON. Unchecked, the run restarted at step 0 on
+    step 8's weights and erased metrics.jsonl. The seal catches it; without one (older metadata), the folder's
+    name does."""
     shutil.copytree(good_run / "run", tmp_path / "run")
     meta = tmp_path / "run" / "checkpoints" / "step_0000008" / "metadata.json"
-    data = meta.read_bytes()
-    at = data.index(b'"step": 8,') + len(b'"step": ')
-    meta.write_bytes(data[:at] + bytes([data[at] ^ 0x08]) + data[at + 1:])  # '8' -> '0'
+    if not sealed:
+        unseal(meta)
+    flip_digit(meta, b'"step": ', 0x08)  # '8' -> '0'
     assert run(raw_config(good_run / "data", tmp_path / "run")).step == 8
-    assert (f"skipped checkpoint step_0000008: {meta} says step 0, but its folder is step_0000008"
-            in capsys.readouterr().out)
+    expected = (r"has contents with sha256 [0-9a-f]{64}, expected [0-9a-f]{64} \(it changed after it was saved\)"
+                if sealed else "says step 0, but its folder is step_0000008")
+    assert re.search(f"skipped checkpoint step_0000008: {re.escape(str(meta))} {expected}",
+                     capsys.readouterr().out)
     assert_bitwise_equal(final_state(tmp_path / "run", 8), final_state(good_run / "run", 8))
     assert untimed(metrics(tmp_path / "run")) == untimed(metrics(good_run / "run"))
+
+
+def test_altered_metadata_is_broken_for_verify_and_resume_walks_back(good_run, tmp_path, one_thread, capsys):
+    """A flipped digit of the global batch (or the DP size, the non-finite streak) is valid JSON naming the right
+    step: before the seal, `checkpoint verify` called it intact and resume stopped on a batch mismatch (or a
+    missing shard) instead of walking back to the intact step 4."""
+    shutil.copytree(good_run / "run", tmp_path / "run")
+    root = tmp_path / "run" / "checkpoints"
+    meta = root / "step_0000008" / "metadata.json"
+    flip_digit(meta, b'"global_batch_size": ', 0x01)
+    ok, line = verify_checkpoint(root / "step_0000008")
+    assert not ok and line.startswith(f"{root / 'step_0000008'}: BROKEN: {meta} has contents with sha256 "), line
+    assert not _saved_after_good_update(root / "step_0000008")  # pruning does not trust it either
+    assert run(raw_config(good_run / "data", tmp_path / "run")).step == 8
+    out = capsys.readouterr().out
+    assert "skipped checkpoint step_0000008" in out and "resumed from" in out and "step_0000004" in out
+    assert (root / "step_0000008.corrupt").is_dir()
+    assert_bitwise_equal(final_state(tmp_path / "run", 8), final_state(good_run / "run", 8))
 
 
 def test_reshard_refuses_a_damaged_checkpoint_in_one_line(good_run, tmp_path, capsys):
@@ -253,7 +290,7 @@ def test_checkpoints_saved_before_checksums_still_resume(good_run, tmp_path, one
     shutil.copytree(good_run / "run", tmp_path / "run")
     meta_path = tmp_path / "run" / "checkpoints" / "step_0000004" / "metadata.json"
     meta = json.loads(meta_path.read_text())
-    del meta["checksums"], meta["update_ok"]
+    del meta["checksums"], meta["update_ok"], meta["metadata_sha256"]
     meta_path.write_text(json.dumps(meta))
     shutil.rmtree(tmp_path / "run" / "checkpoints" / "step_0000008")
     (tmp_path / "run" / "checkpoints" / LATEST).write_text("step_0000004\n")

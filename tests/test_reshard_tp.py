@@ -31,6 +31,7 @@ from megamath.training import checkpoint as ckpt
 from megamath.training import loop
 from megamath.training import reshard as rs
 from megamath.training.checkpoint import LATEST, complete_checkpoints, read_metadata, rng_state, set_rng_state
+from megamath.training.checkpoint_integrity import file_digest, sealed_metadata_text
 from megamath.training.config import TrainConfig
 from megamath.training.loop import train
 from test_train_loop import final_state, metrics, raw_config, run, untimed, write_corpus
@@ -295,17 +296,15 @@ def _copy(src: Path, dst: Path) -> Path:
 def _edit_meta(path: Path, **model) -> None:
     meta = json.loads((path / "metadata.json").read_text())
     meta["config"]["model"].update(model)
-    (path / "metadata.json").write_text(json.dumps(meta))
+    (path / "metadata.json").write_text(sealed_metadata_text(meta))  # sealed: the checks behind the seal are reached
 
 
 def _reseal(path: Path) -> None:
     """Record the checksums of files edited on purpose, so the consistency checks behind the integrity
     check are reached (as for a checkpoint a buggy writer sealed, or one saved before checksums)."""
-    from megamath.training.checkpoint_integrity import file_digest
-
     meta = json.loads((path / "metadata.json").read_text())
     meta["checksums"] = {name: file_digest(path / name) for name in meta["files"]}
-    (path / "metadata.json").write_text(json.dumps(meta))
+    (path / "metadata.json").write_text(sealed_metadata_text(meta))
 
 
 def test_refusals(runs, tmp_path):

@@ -6,7 +6,8 @@ Layout of RUN_DIR/checkpoints/:
 
     step_0001000/
         metadata.json                 rank 0: step, consumed samples, tp/dp sizes, schedule, the run's config,
-                                      update_ok, and every other file's size and SHA-256 (`checksums`)
+                                      update_ok, every other file's size and SHA-256 (`checksums`), and
+                                      the SHA-256 of its own contents (`metadata_sha256`)
         model_tp00.safetensors        the model's TP rank 0 slice, written by its DP rank 0 (bf16 when training in bf16)
         optimizer_tp00_dp000.pt       each rank's ZeRO-1 shard: fp32 master, exp_avg, exp_avg_sq, layout
         rng_rank00000.pt              each rank's python / numpy / torch / cuda RNG states
@@ -45,8 +46,9 @@ from megamath.atomic_io import write_text_atomically as _write_text_atomically
 from megamath.model.safetensors_io import save_safetensors
 from megamath.parallel.mappings import barrier
 from megamath.parallel.state import ParallelState
-from megamath.training.checkpoint_integrity import (CheckpointIntegrityError, check_file_name, collect_sums,
-                                                    verify_files, write_rank_sums)
+from megamath.training.checkpoint_integrity import (CheckpointIntegrityError, check_file_name, check_metadata_seal,
+                                                    collect_sums, sealed_metadata_text, verify_files,
+                                                    write_rank_sums)
 
 FORMAT = "megamath-train-checkpoint-v1"
 CHECKPOINTS = "checkpoints"
@@ -148,7 +150,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, opti
         meta = {"format": FORMAT, "step": step, "tp_size": state.tp_size, "dp_size": state.dp_size,
                 "world_size": state.world_size, "files": files, **metadata,
                 "checksums": {f: sums[f] for f in files}}
-        write_checkpoint_file(lambda path: path.write_text(json.dumps(meta, indent=2) + "\n"), tmp / METADATA)
+        write_metadata(tmp, meta)
         _fsync(tmp)
         if final.exists():  # this step was saved before, by a run that went on past it and was resumed earlier
             old = root / f".{name}.old-{os.getpid()}"
@@ -174,6 +176,11 @@ def write_checkpoint_file(write, path: Path) -> None:
         # SafetensorError, neither naming the file: say which file, how much room is left, and what survives.
         raise OSError(f"could not write checkpoint file {path} ({_free_space(path.parent)} free there): "
                       f"{' '.join(str(err).split())}; the checkpoints saved before are untouched") from err
+
+
+def write_metadata(folder: Path, meta: dict) -> None:
+    """Write (and fsync) `folder`'s metadata.json, sealed with the digest of its contents."""
+    write_checkpoint_file(lambda path: path.write_text(sealed_metadata_text(meta)), folder / METADATA)
 
 
 def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
@@ -218,7 +225,10 @@ def prune_checkpoints(root: Path, keep: int) -> None:
 def _saved_after_good_update(path: Path) -> bool:
     try:
         meta = json.loads((path / METADATA).read_text())
-    except (OSError, ValueError):
+        if not isinstance(meta, dict):
+            return False
+        check_metadata_seal(meta, str(path / METADATA))
+    except (OSError, ValueError):  # unreadable or altered metadata vouches for nothing
         return False
     return bool(meta.get("update_ok", meta.get("consecutive_nonfinite", 1) == 0))
 
@@ -290,12 +300,14 @@ def read_metadata(path: str | Path, check_files: bool = True) -> dict:
         meta = json.loads(meta_path.read_text())
     except (ValueError, UnicodeDecodeError) as err:
         raise CheckpointIntegrityError(f"{meta_path} is not valid JSON ({err})") from None
+    if isinstance(meta, dict):
+        check_metadata_seal(meta, str(meta_path))
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{meta_path}: not a {FORMAT} checkpoint (format "
                          f"{meta.get('format') if isinstance(meta, dict) else None!r})")
     if not isinstance(meta.get("files"), list):
         raise CheckpointIntegrityError(f"{meta_path} lists no files")
-    # No checksum covers metadata.json itself: a flipped digit of its step would resume at another step.
+    # A step folder copied or renamed by hand (or unsealed metadata) must not resume at another step.
     named = _STEP_DIR.match(path.name)
     if named and meta.get("step") != int(named.group(1)):
         raise CheckpointIntegrityError(f"{meta_path} says step {meta.get('step')!r}, but its folder is {path.name}")

@@ -4,6 +4,9 @@ Why: a shard with a few bytes overwritten, or cut short by a full disk, otherwis
 with a traceback that names no file) and the run trains on garbage. Every file of a checkpoint gets
 its size and SHA-256 recorded in metadata.json, which is written last; a loader hashes each file it
 is about to read and refuses a mismatch with the file's name, the expected and the found size/digest.
+metadata.json seals itself: `metadata_sha256` is the digest of the rest of its contents (as canonical JSON),
+since one flipped digit there (the step, the global batch, the DP size) would otherwise pass every check and
+resume a run wrongly, or fail it, rather than walk back to the previous checkpoint.
 
 Saving: each rank hashes the files it wrote (read back from the page cache) and leaves the digests in
 a small `.sums_rankNNNNN.json` in the temporary folder; rank 0 merges them into metadata.json's
@@ -21,6 +24,7 @@ import re
 from pathlib import Path
 
 SUMS_PREFIX = ".sums_rank"
+METADATA_DIGEST = "metadata_sha256"
 _CHUNK = 8 << 20
 _PLAIN_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -45,7 +49,20 @@ def check_file_name(name: str, where: str) -> str:
     return name
 
 
+def _contents_digest(meta: dict) -> str:
+    """SHA-256 of the metadata without its seal, as canonical JSON (sorted keys, no spaces): the same for the
+    dict that was saved and for the one parsed back, whatever the file's layout."""
+    body = {key: value for key, value in meta.items() if key != METADATA_DIGEST}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 # ---- saving ------------------------------------------------------------------------------------------------
+
+def sealed_metadata_text(meta: dict) -> str:
+    """metadata.json's text: `meta` with, last, `metadata_sha256` over the rest (any older seal replaced)."""
+    body = {key: value for key, value in meta.items() if key != METADATA_DIGEST}
+    return json.dumps({**body, METADATA_DIGEST: _contents_digest(body)}, indent=2) + "\n"
+
 
 def write_rank_sums(folder: Path, rank: int, names: list[str]) -> None:
     """Digests of the files this rank wrote into `folder`, left for rank 0 to merge."""
@@ -63,6 +80,18 @@ def collect_sums(folder: Path) -> dict[str, dict]:
 
 
 # ---- loading -----------------------------------------------------------------------------------------------
+
+def check_metadata_seal(meta: dict, where: str) -> None:
+    """Refuse metadata whose contents changed after it was sealed (metadata saved unsealed, by older versions,
+    is taken as it is)."""
+    recorded = meta.get(METADATA_DIGEST)
+    if recorded is None:
+        return
+    found = _contents_digest(meta)
+    if found != recorded:
+        raise CheckpointIntegrityError(f"{where} has contents with sha256 {found}, expected {recorded} "
+                                       "(it changed after it was saved)")
+
 
 def verify_files(path: Path, meta: dict, names: list[str]) -> None:
     """Check that each file of `names` in checkpoint `path` is present with its recorded size and digest."""

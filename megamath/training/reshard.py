@@ -33,7 +33,6 @@ numbers after the initialization today; dropout would.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import random
 import shutil
@@ -247,7 +246,7 @@ def _write_files(source: TrainCheckpoint, folder: Path, tp_size: int, dp_size: i
         ckpt.write_checkpoint_file(lambda path: torch.save(state, path), folder / rng_file(rank))
     meta = _new_metadata(source, tp_size, dp_size)
     meta["checksums"] = {name: file_digest(folder / name) for name in meta["files"]}
-    ckpt.write_checkpoint_file(lambda path: path.write_text(json.dumps(meta, indent=2) + "\n"), folder / METADATA)
+    ckpt.write_metadata(folder, meta)
 
 
 def reshard_checkpoint(checkpoint: str | Path, output: str | Path, tp_size: int, dp_size: int | None = None) -> Path:
