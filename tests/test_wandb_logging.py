@@ -122,3 +122,20 @@ def test_the_run_id_is_kept_whole_before_the_wandb_run_starts(tmp_path):
     assert held == run_id + "\n" and len(run_id) == 8  # on disk before W&B starts
     WandbSink(wandb, config, tmp_path, None)  # a resume: the same W&B run
     assert wandb.inits[1] == (run_id, run_id + "\n") and [p.name for p in tmp_path.iterdir()] == ["wandb_run_id"]
+
+
+def test_a_run_wandb_refuses_is_one_clear_error(tmp_path):
+    """Online without an API key, wandb.init raises its UsageError: it reached the user as a 37-line traceback."""
+    wandb = pytest.importorskip("wandb", reason="wandb is not installed: its error classes are needed")
+
+    class RefusingWandb:
+        errors = wandb.errors
+
+        def init(self, **kwargs):
+            raise wandb.errors.UsageError("No API key configured. Use `wandb login` to log in.")
+
+    with pytest.raises(ValueError, match=r"^logging\.wandb: W&B could not start the run: No API key configured\. "
+                                         r"Use `wandb login` to log in\. \(log in with `wandb login` or "
+                                         r"WANDB_API_KEY, or set logging\.wandb\.mode to offline\)$"):
+        WandbSink(RefusingWandb(), WandbConfig(project="p"), tmp_path, None)
+

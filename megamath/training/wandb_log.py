@@ -86,8 +86,14 @@ class WandbSink:
         else:  # kept before the run starts, and whole: a cut or lost id makes the resumed run a new W&B run
             run_id = secrets.token_hex(4)
             write_text_atomically(id_file, run_id + "\n")
-        self.run = wandb.init(project=config.project, group=config.group, name=config.name, entity=config.entity,
-                              mode=config.mode, dir=str(run_dir), id=run_id, resume="allow", config=run_config)
+        try:
+            self.run = wandb.init(project=config.project, group=config.group, name=config.name,
+                                  entity=config.entity, mode=config.mode, dir=str(run_dir), id=run_id,
+                                  resume="allow", config=run_config)
+        except wandb.errors.Error as err:  # W&B's own refusals (no API key, no such entity, ...): one line
+            raise ValueError(f"logging.wandb: W&B could not start the run: {' '.join(str(err).split())} "
+                             "(log in with `wandb login` or WANDB_API_KEY, or set logging.wandb.mode to offline)"
+                             ) from err
 
     def log(self, rec: dict) -> None:
         self.run.log(flatten_record(rec), step=rec["step"])
