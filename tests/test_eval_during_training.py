@@ -3,6 +3,7 @@ metrics.jsonl, the same accuracies on 1 and 2 data-parallel ranks, and through a
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -64,8 +65,18 @@ def test_config_errors(assets):
         EvaluationConfig(tasks=[{"name": "gsm8k"}], tokenizer_model=str(tokenizer))
     with pytest.raises(ValueError, match="tokenizer_model is required"):
         EvaluationConfig(tasks=[{"name": "gsm8k", "data": "x"}])
-    with pytest.raises(ValueError, match="maj must be an integer >= 1"):
+    with pytest.raises(ValueError, match=r"^evaluation\.tasks\[0\]: maj must be an integer >= 1, got 0$"):
         EvaluationConfig(tasks=[{"name": "gsm8k", "data": "x", "maj": 0}], tokenizer_model=str(tokenizer))
+    # YAML's lists, numbers and nulls where a string belongs: a traceback (unhashable list, a path of an int)
+    for task, message in (({"name": ["gsm8k"], "data": "x"}, "name must be a non-empty string, got ['gsm8k']"),
+                          ({"name": "gsm8k", "data": 5}, "data must be a non-empty string, got 5"),
+                          ({"name": "gsm8k", "data": None}, "data must be a non-empty string, got None")):
+        with pytest.raises(ValueError, match=rf"^evaluation\.tasks\[1\]: {re.escape(message)}$"):
+            EvaluationConfig(tasks=[{"name": "gsm8k", "data": "x"}, task], tokenizer_model=str(tokenizer))
+    with pytest.raises(ValueError, match=r"^evaluation\.tasks must be a list of mappings, got \{'name': 'gsm8k'"):
+        EvaluationConfig(tasks={"name": "gsm8k", "data": "x"}, tokenizer_model=str(tokenizer))
+    with pytest.raises(ValueError, match=r"^evaluation\.tokenizer_model must be a non-empty path or null, got 7$"):
+        EvaluationConfig(tasks=[{"name": "gsm8k", "data": "x"}], tokenizer_model=7)
 
 
 def test_sampling_and_length_errors_come_at_load_not_at_the_first_eval_step(tmp_path, assets):

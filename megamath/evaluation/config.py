@@ -36,12 +36,16 @@ class EvalTaskConfig:
     def __post_init__(self) -> None:
         from megamath.evaluation.tasks import TASKS  # light: the task table, no model code
 
+        for key in ("name", "data"):  # YAML hands over lists, numbers and nulls as they are
+            value = getattr(self, key)
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{key} must be a non-empty string, got {value!r}")
         if self.name not in TASKS:
-            raise ValueError(f"evaluation task {self.name!r} is unknown; choose one of {', '.join(TASKS)}")
+            raise ValueError(f"task {self.name!r} is unknown; choose one of {', '.join(TASKS)}")
         for key, low in (("shots", 0), ("limit", 1), ("maj", 1), ("max_new_tokens", 1)):
             value = getattr(self, key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
-                raise ValueError(f"evaluation task {self.name}: {key} must be an integer >= {low}, got {value!r}")
+                raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
 
 
 @dataclass
@@ -59,6 +63,12 @@ class EvaluationConfig:
     batch_size: int = 16
 
     def __post_init__(self) -> None:
+        if not isinstance(self.tasks, list):
+            raise ValueError(f"evaluation.tasks must be a list of mappings, got {self.tasks!r}")
+        for key in ("tokenizer_model", "data_dir"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"evaluation.{key} must be a non-empty path or null, got {value!r}")
         tasks = []
         for i, task in enumerate(self.tasks):
             if isinstance(task, EvalTaskConfig):
@@ -71,7 +81,10 @@ class EvaluationConfig:
             if unknown or "name" not in task or "data" not in task:
                 raise ValueError(f"evaluation.tasks[{i}]: needs name and data, takes {', '.join(sorted(known))}"
                                  + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
-            tasks.append(EvalTaskConfig(**task))
+            try:
+                tasks.append(EvalTaskConfig(**task))
+            except ValueError as err:
+                raise ValueError(f"evaluation.tasks[{i}]: {err}") from None
         self.tasks = tasks
         if tasks and not self.tokenizer_model:
             raise ValueError("evaluation.tokenizer_model is required when evaluation.tasks are listed")
