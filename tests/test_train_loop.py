@@ -206,6 +206,19 @@ def test_metrics_peak_tflops_is_the_denominator_of_mfu(tmp_path):
     assert json.loads((tmp_path / "run" / "run_info.json").read_text())["peak_tflops"] == 0.25
 
 
+def test_a_resume_drops_the_redone_steps_and_the_lines_that_are_no_step_records(tmp_path):
+    """Valid JSON that is no step record (`5`, a step "x") stopped a resume with an AttributeError/TypeError
+    traceback; it goes the way of a torn line. Records without a step stay."""
+    from megamath.training.metrics import _truncate_after
+
+    path = tmp_path / "metrics.jsonl"
+    lines = ['{"step": 1, "loss": 2.0}', '{"step": 2, "loss": 1.5}', "5", '{"step": "x"}', "[1, 2]",
+             '{"step": true}', '{"note": "kept"}', '{"step": 3, "loss": 1.25}', '{"step": 4, "lo']
+    path.write_text("\n".join(lines))
+    _truncate_after(path, 2)
+    assert path.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"note": "kept"}\n'
+
+
 def test_token_ids_outside_the_vocabulary_are_refused_on_the_host(tmp_path):
     raw = raw_config(tmp_path / "data", tmp_path / "run", model__vocab_size=48)  # the corpus holds ids up to 59
     with pytest.raises(ValueError, match=r"^sample \d+ holds token id 5\d, outside the model's vocabulary "

@@ -295,8 +295,11 @@ def _truncate_after(path: Path, last_step: int) -> None:
     kept = []
     for line in path.read_text().splitlines(keepends=True):
         try:
-            step = json.loads(line).get("step", 0)
+            rec = json.loads(line)
         except ValueError:  # a line torn by a killed process
+            continue
+        step = rec.get("step", 0) if isinstance(rec, dict) else None
+        if not isinstance(step, int) or isinstance(step, bool):  # not a step record (valid JSON, not ours)
             continue
         if step <= last_step:
             kept.append(line if line.endswith("\n") else line + "\n")
