@@ -76,9 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except RuntimeError as err:
         # A collective broken by another rank's failure: one line that points at that rank, not a traceback.
+        # PyTorch's host allocator failing (a size too large for this machine) is a RuntimeError too.
         from megamath.parallel.peer_failure import lost_peer
 
-        if args.debug or (line := lost_peer(err)) is None:
+        if args.debug or (line := lost_peer(err) or _host_out_of_memory(err)) is None:
             raise
         print(f"megamath {args.command}: error: {line}", file=sys.stderr)
         return 1
@@ -89,6 +90,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"megamath {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
+
+
+def _host_out_of_memory(err: RuntimeError) -> str | None:
+    """PyTorch's CPU allocator refusing an allocation, as one line (None for any other RuntimeError)."""
+    message = " ".join(str(err).split())
+    at = message.find("DefaultCPUAllocator: can't allocate memory")
+    return None if at < 0 else f"out of memory: {message[at:]}"
 
 
 def _one_line(err: BaseException) -> str:

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from generation_fixtures import build_checkpoint, build_tokenizer
 from megamath.cli import main
@@ -512,6 +514,20 @@ def test_running_out_of_host_memory_is_one_line(capsys, monkeypatch):
     assert main(["plan", "--model", "llemma-7b", "--gpu", "h200", "--gpus", "8"]) == 1
     assert capsys.readouterr().err == ("megamath plan: error: out of memory: Unable to allocate 18.6 GiB for an array "
                                        "with shape (10000000000,) and data type int16\n")
+
+
+def test_torch_out_of_host_memory_is_one_line_too(capsys, monkeypatch):
+    """PyTorch's CPU allocator raises a RuntimeError (a training micro-batch or vocabulary too large for the
+    host): it reached the user as an 84-line traceback."""
+    import megamath.commands.plan as plan
+
+    monkeypatch.setattr(plan, "run", lambda args: torch.empty(2**50, dtype=torch.uint8))  # 1 PiB: refused at once
+    assert main(["plan", "--model", "llemma-7b", "--gpu", "h200", "--gpus", "8"]) == 1
+    assert re.fullmatch(r"megamath plan: error: out of memory: DefaultCPUAllocator: can't allocate memory: you tried "
+                        r"to allocate 1125899906842624 bytes\..*\n", capsys.readouterr().err)
+    monkeypatch.setattr(plan, "run", lambda args: torch.tensor([1.0]).view(3))  # any other RuntimeError: raised
+    with pytest.raises(RuntimeError, match="is invalid for input of size 1"):
+        main(["plan", "--model", "llemma-7b", "--gpu", "h200", "--gpus", "8"])
 
 
 def test_merge_into_an_empty_prefix_is_refused(tmp_path, capsys, monkeypatch):
