@@ -85,8 +85,9 @@ def test_many_datasets_up_to_the_int16_limit():
     ([], 10, "weights must be a non-empty 1-D list, got shape (0,)"),
     ([[1.0, 2.0]], 10, "weights must be a non-empty 1-D list, got shape (1, 2)"),
     ([1e308, 1e308], 10, "weights sum to inf; scale them down"),
-    ([1.0], 0, "num_samples must be positive, got 0"),
-    ([1.0], -3, "num_samples must be positive, got -3"),
+    ([1.0], 0, "num_samples must be positive and fit in 64 bits, got 0"),
+    ([1.0], -3, "num_samples must be positive and fit in 64 bits, got -3"),
+    ([1.0], 2**63, f"num_samples must be positive and fit in 64 bits, got {2**63}"),  # was a pybind11 TypeError
     (np.ones(32768), 10, "at most 32767 datasets can be blended, got 32768"),
 ])
 def test_errors(build, weights, num_samples, message):

@@ -94,6 +94,10 @@ def test_llemma_mixture_expands_from_data_dir():
      "init_std, activation_checkpointing, kernels, attention"),
     ({"micro_batch_size": "two"}, "micro_batch_size must be int, got 'two'"),
     ({"micro_batch_size": 0}, "micro_batch_size must be an integer >= 1, got 0"),
+    # past 64 bits: a pybind11 or torch TypeError traceback, or a bare "Overflow when unpacking long long"
+    *[(raw, f"{key} must fit in 64 bits (at most {2**63 - 1}), got {10**20}") for key, raw in (
+        ("train_steps", {"train_steps": 10**20}), ("seed", {"seed": 10**20}),
+        ("model.vocab_size", {"model": {"preset": "tiny", "vocab_size": 10**20}}))],
     ({"optimizer": {"lr": "fast"}}, "optimizer.lr must be float, got 'fast'"),
     ({"init_from_hf": 3}, "init_from_hf must be str or null, got 3"),
     ({"model": {"preset": "huge"}}, "unknown model preset 'huge'; choose one of codellama-7b, llemma-34b, "

@@ -219,6 +219,13 @@ def test_a_resume_drops_the_redone_steps_and_the_lines_that_are_no_step_records(
     assert path.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"note": "kept"}\n'
 
 
+def test_more_samples_than_64_bits_count_is_refused_before_the_data_is_built(tmp_path):
+    raw = raw_config(tmp_path / "data", tmp_path / "run", micro_batch_size=2**62)  # × 8 steps: 2**65 samples
+    with pytest.raises(ValueError, match=rf"^train_steps 8 × global batch {2**62} \(micro_batch_size · "
+                                         r"grad_accum_steps · DP\) is more samples than 64 bits count$"):
+        run(raw)
+
+
 def test_token_ids_outside_the_vocabulary_are_refused_on_the_host(tmp_path):
     raw = raw_config(tmp_path / "data", tmp_path / "run", model__vocab_size=48)  # the corpus holds ids up to 59
     with pytest.raises(ValueError, match=r"^sample \d+ holds token id 5\d, outside the model's vocabulary "

@@ -46,8 +46,8 @@ def normalize_weights(weights: Sequence[float] | np.ndarray) -> np.ndarray:
 
 
 def _check_num_samples(num_samples: int) -> int:
-    if int(num_samples) <= 0:
-        raise ValueError(f"num_samples must be positive, got {num_samples}")
+    if not 0 < int(num_samples) < 2**63:
+        raise ValueError(f"num_samples must be positive and fit in 64 bits, got {num_samples}")
     return int(num_samples)
 
 

@@ -34,6 +34,7 @@ from megamath.training.wandb_log import WandbConfig
 # ProofPile II and are left to an explicit data_path list (examples/llemma_7b.yaml shows it).
 LLEMMA_MIXTURE = {"arxiv": 2.0, "open-web-math": 4.0, "algebraic-stack": 1.0}
 PARAM_DTYPES = ("auto", "float32", "bfloat16")
+INT64_LIMIT = 2**63  # config integers must be below it: they reach numpy and torch as int64
 
 
 def proofpile_prefix(data_dir: str | Path, subset: str, split: str) -> str:
@@ -387,6 +388,8 @@ def _coerce(kind, value, key: str):
         if base is bool and isinstance(value, bool):
             return value
         if base is int and isinstance(value, int) and not isinstance(value, bool):
+            if not -INT64_LIMIT <= value < INT64_LIMIT:  # numpy and torch take 64-bit integers: refuse it here
+                raise ValueError(f"{key} must fit in 64 bits (at most {INT64_LIMIT - 1}), got {value}")
             return value
         if base is float and not isinstance(value, bool):
             if isinstance(value, (int, float)):

@@ -54,6 +54,9 @@ class TrainData:
         self.global_batch_size = config.global_batch_size(state.dp_size)
         data = config.data
         weights, prefixes = data.train_blend()
+        if config.train_steps * self.global_batch_size >= 2**63:  # the sample index counts in int64
+            raise ValueError(f"train_steps {config.train_steps} × global batch {self.global_batch_size} "
+                             "(micro_batch_size · grad_accum_steps · DP) is more samples than 64 bits count")
 
         def build_train() -> BlendedDataset:
             return BlendedDataset([_open(p) for p in prefixes], weights, config.train_steps * self.global_batch_size,
