@@ -18,7 +18,8 @@ def same_file(a: str | Path, b: str | Path) -> bool:
 
 def prepare_output_file(path: str | Path, flag: str = "--output", inputs: Iterable[str | Path] = ()) -> Path:
     """Refuse an output `path` that is a folder, lies under a file or in a folder this process cannot write,
-    or is one of `inputs`; create its missing parent folders. Returns `path` as a Path."""
+    or is one of `inputs` or an existing file inside one (a model folder, say); create its missing parent
+    folders. Returns `path` as a Path."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{flag} {path} is a folder; name a file")
@@ -27,6 +28,9 @@ def prepare_output_file(path: str | Path, flag: str = "--output", inputs: Iterab
     for source in inputs:
         if same_file(path, source):
             raise ValueError(f"{flag} {path} is also an input ({source}); writing it would replace that input")
+        if path.is_file() and os.path.isdir(source) and path.resolve().is_relative_to(Path(source).resolve()):
+            # a new file beside a model's (a run folder's) files is fine; replacing one of them is not
+            raise ValueError(f"{flag} {path} is a file of the input {source}; writing it would replace it")
     folder = path.parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -178,9 +179,14 @@ def test_unwritable_output_fails_before_the_model_runs(tiny, tmp_path, capsys, m
     build = _eval_args if command == "eval" else _generate_args
     (tmp_path / "afile").write_text("keep")
     (tmp_path / "adir").mkdir()
+    model_file = next(p for p in sorted(Path(tiny[0]).rglob("*")) if p.is_file())
+    before = {p: p.read_bytes() for p in [tiny[1], *Path(tiny[0]).rglob("*")] if p.is_file()}
     for output, message in ((tmp_path / "afile" / "out.jsonl", f"{tmp_path / 'afile'} is a file, not a folder"),
                             (tmp_path / "adir", "is a folder; name a file"),
-                            (data, f"is also an input ({data})")):
+                            (data, f"is also an input ({data})"),
+                            # both ran to the end and replaced the tokenizer or a weights file (exit 0)
+                            (tiny[1], f"is also an input ({tiny[1]})"),
+                            (model_file, f"is a file of the input {tiny[0]}; writing it would replace it")):
         assert main(build(tiny, data, output)) == 2
         line = one_error_line(capsys, command)
         assert line.startswith(f"--output {output}") and message in line, line
@@ -190,6 +196,7 @@ def test_unwritable_output_fails_before_the_model_runs(tiny, tmp_path, capsys, m
                                                "(permission denied)")
     assert data.read_text() == '{"id": "1", "prompt": "2 + 2 =", "answer": "4"}\n'
     assert (tmp_path / "afile").read_text() == "keep"
+    assert {p: p.read_bytes() for p in before} == before
 
 
 def test_eval_creates_the_folder_of_its_output(tiny, tmp_path, capsys):
@@ -197,6 +204,10 @@ def test_eval_creates_the_folder_of_its_output(tiny, tmp_path, capsys):
     data.write_text('{"id": "1", "prompt": "2 + 2 =", "answer": "4"}\n')
     assert main(_eval_args(tiny, data, tmp_path / "new" / "results.jsonl")) == 0
     assert len((tmp_path / "new" / "results.jsonl").read_text().splitlines()) == 1
+    # a new file beside the model's own (results kept in the run folder) is no replacement
+    shutil.copytree(tiny[0], tmp_path / "model")
+    assert main(_eval_args((tmp_path / "model", tiny[1]), data, tmp_path / "model" / "results.jsonl")) == 0
+    assert len((tmp_path / "model" / "results.jsonl").read_text().splitlines()) == 1
 
 
 def test_overlap_output_naming_its_test_set_keeps_the_test_set(tmp_path, capsys):

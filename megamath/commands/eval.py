@@ -50,7 +50,8 @@ def run(args) -> int:
     from megamath.output_path import prepare_output_file
 
     check_generation_flags(args)
-    prepare_output_file(args.output, inputs=[args.data])  # written at the end: fail now, not after the run
+    # written at the end: fail now, not after the run; and never over the data, tokenizer or model
+    prepare_output_file(args.output, inputs=[p for p in (args.data, args.tokenizer_model, args.model) if p])
     task = get_task(args.task)
     problems = task.read(args.data)
     if args.limit is not None:

@@ -90,7 +90,8 @@ def run(args) -> int:
     check_generation_flags(args)
     if args.num_samples < 1:
         raise ValueError(f"--num-samples must be at least 1, got {args.num_samples}")
-    prepare_output_file(args.output, inputs=[args.prompts])  # written at the end: fail now, not after the run
+    # written at the end: fail now, not after the run; and never over the prompts, tokenizer or model
+    prepare_output_file(args.output, inputs=[args.prompts, args.tokenizer_model, args.model])
     params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, tuple(args.stop))
     records = read_prompts(args.prompts)
     check_completion_count(len(records), args.num_samples)  # before the model loads
