@@ -223,6 +223,24 @@ def test_overlap_output_naming_its_test_set_keeps_the_test_set(tmp_path, capsys)
     assert corpus.read_text() == '{"text": "zero one two three four five"}\n'
 
 
+def test_overlap_summary_path_is_checked_before_the_scan(tmp_path, capsys):
+    """The summary (HITS.summary.json) is written after the hits: it replaced a test set of that name, and a
+    folder there failed the run after the old hits were already replaced."""
+    test = tmp_path / "t.summary.json"
+    test.write_text('{"id": "a", "q": "one two three four"}\n')
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"text": "zero one two three four five"}\n')
+    (tmp_path / "k.jsonl").write_text("OLD HITS\n")
+    (tmp_path / "k.summary.json").mkdir()
+    for output, message in ((tmp_path / "t.jsonl", f"--output's summary {test} is also an input ({test})"),
+                            (tmp_path / "k.jsonl", f"--output's summary {tmp_path / 'k.summary.json'} is a folder")):
+        assert main(["overlap", "--test", str(test), "--field", "q", "--n", "3", "--corpus", str(corpus),
+                     "--output", str(output), "--workers", "1", "--no-progress"]) == 2
+        assert one_error_line(capsys, "overlap").startswith(message)
+    assert test.read_text() == '{"id": "a", "q": "one two three four"}\n'
+    assert (tmp_path / "k.jsonl").read_text() == "OLD HITS\n" and not (tmp_path / "t.jsonl").exists()
+
+
 @pytest.mark.parametrize("command, flag, value, message", [
     ("generate", "--num-samples", "0", "--num-samples must be at least 1, got 0"),
     ("generate", "--batch-size", "0", "--batch-size must be at least 1, got 0"),

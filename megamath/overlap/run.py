@@ -122,7 +122,10 @@ def overlap(config: OverlapConfig, log=None) -> OverlapSummary:
     output = Path(config.output)
     if output.is_dir():
         raise ValueError(f"--output {output} is a folder; name the HITS.jsonl file")
-    prepare_output_file(output, inputs=[config.test, *(path for group in groups for path in group.files)])
+    inputs = [config.test, *(path for group in groups for path in group.files)]
+    prepare_output_file(output, inputs=inputs)
+    # The summary is written after the hits are published: check its path now, not after the scan.
+    prepare_output_file(summary_path(output), flag="--output's summary", inputs=inputs)
     # One run per output, held from the scan to the summary: two runs on one HITS.jsonl left one's summary
     # beside the other's hits. Other outputs in the folder stay free; a device or pipe output is not locked.
     held = output_lock(output) if output.is_file() or not output.exists() else contextlib.nullcontext()
