@@ -73,11 +73,19 @@ def test_cli(tmp_path, capsys):
 
 def test_cli_vocab_size_too_small_is_one_line(tmp_path, capsys):
     """SentencePiece refuses a vocabulary smaller than the corpus's characters with a RuntimeError: bad
-    input all the same, so one line, not a traceback."""
-    assert main(["demo-corpus", "--output", str(tmp_path), "--documents", "2", "--vocab-size", "10"]) == 2
+    input all the same, so one line, not a traceback; and what an earlier run wrote is left as it was (the
+    corpus of the new seed replaced it before the tokenizer failed, leaving a corpus its tokenizer was not
+    trained on)."""
+    assert main(["demo-corpus", "--output", str(tmp_path), "--documents", "2"]) == 0
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main(["demo-corpus", "--output", str(tmp_path), "--documents", "2", "--seed", "7", "--vocab-size",
+                 "10"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert err.startswith("megamath demo-corpus: error: --vocab-size 10: SentencePiece cannot train the demo "
                           "tokenizer: Vocabulary size is smaller than required_chars")
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # no staging folder left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "eval", "tokenizer.model"]
     assert main(["demo-corpus", "--output", str(tmp_path), "--documents", "2", "--vocab-size", "0"]) == 2
     assert capsys.readouterr().err.strip() == "megamath demo-corpus: error: --vocab-size must be at least 1, got 0"

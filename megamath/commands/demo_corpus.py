@@ -23,7 +23,7 @@ def add_parser(subparsers, name: str) -> None:
 
 
 def run(args) -> int:
-    from megamath.data.demo_corpus import DemoCorpusConfig, train_demo_tokenizer, write_demo_corpus
+    from megamath.data.demo_corpus import DemoCorpusConfig, write_corpus_and_tokenizer
     from megamath.evaluation.demo_arith import write_problems
 
     if args.documents < 1:
@@ -31,9 +31,8 @@ def run(args) -> int:
     if args.vocab_size < 1:
         raise ValueError(f"--vocab-size must be at least 1, got {args.vocab_size}")
     config = DemoCorpusConfig(documents_per_subset=args.documents, seed=args.seed, vocab_size=args.vocab_size)
-    counts = write_demo_corpus(args.output / "corpus", config)
     try:
-        model = train_demo_tokenizer(args.output / "corpus", args.output / "tokenizer.model", config.vocab_size)
+        counts, model = write_corpus_and_tokenizer(args.output, config)
     except RuntimeError as err:  # how SentencePiece refuses settings, e.g. fewer pieces than the corpus has characters
         reason = str(err).rsplit("] ", 1)[-1].strip() or str(err)
         raise ValueError(f"--vocab-size {args.vocab_size}: SentencePiece cannot train the demo tokenizer: "

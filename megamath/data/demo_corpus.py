@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,6 +80,37 @@ def _training_lines(root: Path):
 
 def train_demo_tokenizer(corpus_root: str | Path, model_path: str | Path, vocab_size: int = 1024) -> Path:
     """Train a Llama-style SentencePiece BPE model on the corpus' training split; write it to model_path."""
+    model = _train_tokenizer(Path(corpus_root), vocab_size)
+    model_path = Path(model_path)
+    model_path.parent.mkdir(parents=True, exist_ok=True)
+    replace_atomically(model_path, lambda f: f.write(model))
+    return model_path
+
+
+def write_corpus_and_tokenizer(output: str | Path,
+                               config: DemoCorpusConfig) -> tuple[dict[tuple[str, str], int], Path]:
+    """OUTPUT/corpus/ and OUTPUT/tokenizer.model, replaced only once both are made: the corpus is written into
+    a hidden folder beside them and moved into place after its tokenizer trained, so settings SentencePiece
+    refuses (a RuntimeError: fewer pieces than the corpus has characters) leave what was there untouched."""
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".corpus.tmp-", dir=output))
+    try:
+        counts = write_demo_corpus(staging, config)
+        model = _train_tokenizer(staging, config.vocab_size)
+        for path in sorted(staging.rglob("*.jsonl.zst")):
+            target = output / "corpus" / path.relative_to(staging)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    model_path = output / "tokenizer.model"
+    replace_atomically(model_path, lambda f: f.write(model))
+    return counts, model_path
+
+
+def _train_tokenizer(corpus_root: Path, vocab_size: int) -> bytes:
+    """The serialized SentencePiece model trained on `corpus_root`'s training split."""
     import sentencepiece as spm
 
     model = io.BytesIO()
@@ -97,7 +131,4 @@ def train_demo_tokenizer(corpus_root: str | Path, model_path: str | Path, vocab_
         num_threads=2,
         minloglevel=2,
     )
-    model_path = Path(model_path)
-    model_path.parent.mkdir(parents=True, exist_ok=True)
-    replace_atomically(model_path, lambda f: f.write(model.getvalue()))
-    return model_path
+    return model.getvalue()
