@@ -13,6 +13,7 @@ from megamath.parallel.zero import ZeroOptimizer
 from megamath.training import loop
 from megamath.training.checkpoint import (LATEST, CheckpointIntegrityError, _saved_after_good_update,
                                           latest_checkpoint, load_checkpoint, prune_checkpoints, read_metadata)
+from megamath.training.checkpoint_integrity import sealed_metadata_text
 from megamath.training.checkpoint_verify import verify_checkpoint
 from megamath.training.config import TrainConfig
 from test_train_loop import (assert_bitwise_equal, final_state, inject_nonfinite, metrics, one_thread,  # noqa: F401
@@ -258,6 +259,31 @@ def test_reshard_refuses_a_damaged_checkpoint_in_one_line(good_run, tmp_path, ca
     err = capsys.readouterr().err
     assert err.startswith(f"megamath reshard: error: checkpoint file {shard} is ") and err.count("\n") == 1
     assert not list((tmp_path / "tp2" / "checkpoints").glob("step_*"))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.update(checksums=[]), "checksums must map each file to its bytes and sha256"),
+    (lambda m: m["checksums"].update({"rng_rank00000.pt": "x"}),
+     "checksums must map each file to its bytes and sha256"),
+    (lambda m: m.pop("config"), "config must be a mapping with a model mapping, got NoneType"),
+    (lambda m: m["config"].update(model=None), "config must be a mapping with a model mapping, got dict"),
+    (lambda m: m.update(world_size=None), "world_size must be an integer >= 1, got None"),
+    (lambda m: m.update(dp_size="1"), "dp_size must be an integer >= 1, got '1'"),
+])
+def test_metadata_of_the_wrong_shape_is_broken_not_a_traceback(good_run, tmp_path, capsys, edit, message):
+    """Sealed but malformed (as a buggy writer would leave it): `checkpoint verify` called some of these intact,
+    and verify, reshard and convert stopped on AttributeError / TypeError / KeyError tracebacks."""
+    shutil.copytree(good_run / "run", tmp_path / "run")
+    meta_path = tmp_path / "run" / "checkpoints" / "step_0000008" / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    edit(meta)
+    meta_path.write_text(sealed_metadata_text(meta))
+    assert main(["checkpoint", "verify", str(meta_path.parent)]) == 1
+    assert capsys.readouterr().out == f"{meta_path.parent}: BROKEN: {meta_path}: {message}\n"
+    for argv in (["reshard", "--checkpoint", str(meta_path.parent), "--tp-size", "2", "--output", str(tmp_path / "r")],
+                 ["convert", "megamath-to-hf", str(meta_path.parent), str(tmp_path / "hf")]):
+        assert main(argv) == 2
+        assert capsys.readouterr().err == f"megamath {argv[0]}: error: {meta_path}: {message}\n"
 
 
 def _dp2_fallback_worker(rank, world_size, tmp):

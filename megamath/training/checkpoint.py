@@ -307,6 +307,7 @@ def read_metadata(path: str | Path, check_files: bool = True) -> dict:
                          f"{meta.get('format') if isinstance(meta, dict) else None!r})")
     if not isinstance(meta.get("files"), list):
         raise CheckpointIntegrityError(f"{meta_path} lists no files")
+    _check_metadata_types(meta, meta_path)
     # A step folder copied or renamed by hand (or unsealed metadata) must not resume at another step.
     named = _STEP_DIR.match(path.name)
     if named and meta.get("step") != int(named.group(1)):
@@ -319,6 +320,24 @@ def read_metadata(path: str | Path, check_files: bool = True) -> dict:
     if missing:
         raise ValueError(f"checkpoint {path} is missing files: {', '.join(missing)}")
     return meta
+
+
+def _check_metadata_types(meta: dict, meta_path: Path) -> None:
+    """The fields readers index into have the types they expect (metadata saved before the seal, or by a
+    buggy writer, may not): a wrong type is a one-line integrity error, not a TypeError deep in a reader."""
+    for key, low in (("step", 0), ("tp_size", 1), ("dp_size", 1), ("world_size", 1)):
+        value = meta.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise CheckpointIntegrityError(f"{meta_path}: {key} must be an integer >= {low}, got {value!r}")
+    config = meta.get("config")
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise CheckpointIntegrityError(f"{meta_path}: config must be a mapping with a model mapping, got "
+                                       f"{type(config).__name__}")
+    sums = meta.get("checksums")
+    if sums is not None and not (isinstance(sums, dict) and all(
+            isinstance(s, dict) and isinstance(s.get("bytes"), int) and isinstance(s.get("sha256"), str)
+            for s in sums.values())):
+        raise CheckpointIntegrityError(f"{meta_path}: checksums must map each file to its bytes and sha256")
 
 
 def files_read(meta: dict, state: ParallelState) -> list[str]:
