@@ -31,3 +31,14 @@ def read_jsonl_objects(path: str | Path, what: str = "file") -> Iterator[tuple[i
             if not isinstance(record, dict):
                 raise ValueError(f"{path}:{line_no}: expected a JSON object")
             yield line_no, record
+
+
+def is_text(value: str) -> bool:
+    """False for a string holding a lone surrogate (JSON's `\\ud800` escape gives one): it is no Unicode
+    text, and the tokenizer refuses it with a traceback far from the line it came from."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+

@@ -57,6 +57,12 @@ def test_generate_bad_input_is_one_line(tiny, tmp_path, capsys):
     assert main(["generate", *_args(tiny, "--prompts", str(tmp_path / "bad.jsonl"), "--output",
                                     str(tmp_path / "o.jsonl"))]) == 2
     assert 'bad.jsonl:1: expected an object with a string "prompt"' in capsys.readouterr().err
+    # JSON's \ud800 escape: a traceback from the tokenizer once the model had loaded
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "x"}\n{"prompt": "2 + 2 = \\ud800"}\n')
+    assert main(["generate", *_args(tiny, "--prompts", str(tmp_path / "bad.jsonl"), "--output",
+                                    str(tmp_path / "o.jsonl"))]) == 2
+    assert capsys.readouterr().err == (f'megamath generate: error: {tmp_path / "bad.jsonl"}:2: "prompt" holds a lone '
+                                       'surrogate escape (\\ud800-\\udfff), not text\n')
     (tmp_path / "ok.jsonl").write_text('{"prompt": "x"}\n')
     assert main(["generate", *_args(tiny, "--prompts", str(tmp_path / "ok.jsonl"), "--output", str(tmp_path / "o"),
                                     "--max-new-tokens", "5000")]) == 2

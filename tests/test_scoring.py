@@ -264,6 +264,9 @@ def test_math_reader_takes_the_release_layout_and_jsonl(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"problem": "P"}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1: missing string field"):
         get_task("math").read(tmp_path / "bad.jsonl")
+    (tmp_path / "bad.jsonl").write_text('{"question": "2 + \\ud800", "answer": "#### 4"}\n')  # JSON's escape
+    with pytest.raises(ValueError, match=r"bad\.jsonl:1: field\(s\) question hold a lone surrogate escape"):
+        get_task("gsm8k").read(tmp_path / "bad.jsonl")
 
 
 def test_gsm8k_reader_errors(tmp_path):

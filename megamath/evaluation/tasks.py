@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from megamath.evaluation import demo_arith, gsm8k, minerva_math
-from megamath.jsonl import read_jsonl_objects
+from megamath.jsonl import is_text, read_jsonl_objects
 
 
 @dataclass
@@ -52,6 +52,10 @@ def _need(record: dict, keys: tuple[str, ...], where: str) -> None:
     missing = [k for k in keys if not isinstance(record.get(k), str)]
     if missing:
         raise ValueError(f"{where}: missing string field(s) {', '.join(missing)}")
+    broken = [k for k in keys if not is_text(record[k])]
+    if broken:
+        raise ValueError(f"{where}: field(s) {', '.join(broken)} hold a lone surrogate escape (\\ud800-\\udfff), "
+                         "not text")
 
 
 def read_gsm8k(path: Path) -> list[Problem]:

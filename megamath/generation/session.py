@@ -10,7 +10,7 @@ from pathlib import Path
 from megamath.data.tokenizer import SentencePieceTokenizer
 from megamath.generation.batching import PromptCodec
 from megamath.generation.loading import load_model
-from megamath.jsonl import read_jsonl_objects
+from megamath.jsonl import is_text, read_jsonl_objects
 from megamath.parallel.mappings import all_gather_objects
 from megamath.parallel.state import ParallelState
 
@@ -21,6 +21,8 @@ def read_prompts(path: Path) -> list[dict]:
     for n, record in read_jsonl_objects(path, "prompts file"):
         if not isinstance(record.get("prompt"), str):
             raise ValueError(f'{path}:{n}: expected an object with a string "prompt"')
+        if not is_text(record["prompt"]):
+            raise ValueError(f'{path}:{n}: "prompt" holds a lone surrogate escape (\\ud800-\\udfff), not text')
         records.append(record)
     if not records:
         raise ValueError(f"{path}: no prompts")
