@@ -223,7 +223,11 @@ def test_resharded_state_is_merge_and_shard_of_the_original(runs, tmp_path):
     for t, shard in enumerate(models(runs / "b_tp2_tool" / STEP2, 2)):
         expected = shard_state_dict(full, config_b_model, 2, t)
         assert shard.keys() == expected.keys() and all(torch.equal(shard[n], expected[n]) for n in shard)
-    # TP 4 (its 2 KV heads replicated on 4 ranks) × DP 3, padded shards, and back to TP 1 × DP 1.
+    # TP 4 (its 2 KV heads replicated on 4 ranks) × DP 3, padded shards, and back to TP 1 × DP 1. DP 3 needs a
+    # global batch it divides: a copy says 6 (a run of micro-batch 2 on 3 ranks), its files unchanged.
+    src = _copy(src, tmp_path / "batch6")
+    meta = json.loads((src / "metadata.json").read_text())
+    (src / "metadata.json").write_text(sealed_metadata_text({**meta, "global_batch_size": 6}))
     rs.reshard_checkpoint(src, tmp_path / "tp4", 4, 3)
     tp4 = tmp_path / "tp4" / STEP2
     for t, shard in enumerate(models(tp4, 4)):
@@ -319,6 +323,10 @@ def test_refusals(runs, tmp_path):
     assert error(src, 3) == "tensor-parallel size 3 does not divide num_heads 4"
     assert error(src, 0) == "tensor-parallel size must be a positive integer, got 0"
     assert error(src, 1, 0) == "data-parallel size must be a positive integer, got 0"
+    batch = read_metadata(src)["global_batch_size"]  # resume checks it: a DP size not dividing it never resumes
+    assert error(src, 1, batch + 1) == (f"the checkpoint's global batch {batch} is not divisible by data-parallel "
+                                        f"size {batch + 1}: no run on it keeps that batch (micro_batch_size · "
+                                        "grad_accum_steps · DP); give --dp-size a divisor of it")
     vocab = _copy(src, tmp_path / "vocab")
     _edit_meta(vocab, vocab_size=5)
     assert error(vocab, 4) == ("tensor-parallel size 4 would leave TP rank 3 no vocabulary id of vocab_size 5 (2 rows "

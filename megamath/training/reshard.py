@@ -263,6 +263,11 @@ def reshard_checkpoint(checkpoint: str | Path, output: str | Path, tp_size: int,
         dp_size = default_dp_size(meta["world_size"], tp_size)
     if isinstance(dp_size, bool) or not isinstance(dp_size, int) or dp_size < 1:
         raise ValueError(f"data-parallel size must be a positive integer, got {dp_size!r}")
+    batch = meta.get("global_batch_size")
+    if isinstance(batch, int) and batch % dp_size:  # a resume checks it: such a checkpoint could never resume
+        raise ValueError(f"the checkpoint's global batch {batch} is not divisible by data-parallel size {dp_size}: "
+                         "no run on it keeps that batch (micro_batch_size · grad_accum_steps · DP); give --dp-size "
+                         "a divisor of it")
     # One writer per run directory, as for training: two reshards into OUTPUT shared `.step_N.tmp`, each
     # deleting the other's files, and one left a checkpoint mixing both layouts that its checksums sealed.
     with FolderLock(output, "reshard"):
