@@ -125,6 +125,27 @@ def test_what_megamath_cannot_train_is_an_error(tmp_path, edit, message):
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize("edit, message", [
+    (("--micro-batch-size 4", "--micro-batch-size 0"), "--micro-batch-size must be at least 1, got 0"),
+    (("--nproc_per_node 8", "--nproc_per_node 0"), "--nproc_per_node must be at least 1, got 0"),
+    (("--nnodes 4", "--nnodes=0"), "--nnodes must be at least 1, got 0"),
+    (("--tensor-model-parallel-size 2", "--tensor-model-parallel-size 0"),
+     "--tensor-model-parallel-size must be at least 1, got 0"),
+    (("--num-attention-heads 32", "--num-attention-heads 0"), "--num-attention-heads must be at least 1, got 0"),
+    (("--swiglu", "--swiglu --make-vocab-size-divisible-by 0"),
+     "--make-vocab-size-divisible-by must be at least 1, got 0"),
+    (("--lr 1e-4", "--lr 0"), "--lr must be positive, got 0"),  # the schedule's floor: --min-lr / --lr
+])
+def test_a_zero_size_is_a_one_line_error_naming_the_flag(tmp_path, capsys, edit, message):
+    """Each of these sizes is divided by in the conversion: at 0 the CLI printed a ZeroDivisionError traceback."""
+    text = SCRIPT.replace(*edit)
+    assert text != SCRIPT
+    path = tmp_path / "train.sh"
+    path.write_text(text)
+    assert main(["config", "from-megatron", "--vocab-size", "32000", str(path)]) == 2
+    assert capsys.readouterr().err == f"megamath config: error: {message}\n"
+
+
 def test_converted_config_trains_shrunk_on_cpu(tmp_path):
     from test_train_loop import metrics, write_corpus
 

@@ -287,6 +287,44 @@ def test_cli_error_names_the_key(tmp_path, capsys):
     assert err.startswith("megamath config: error: pipe_parallel_size is 4") and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("edits, message", [
+    ([('"make_vocab_size_divisible_by": 1,', '"make_vocab_size_divisible_by": 0,')],
+     "make_vocab_size_divisible_by must be at least 1, got 0"),
+    ([('"model_parallel_size": 2,', '"model_parallel_size": 0,')], "model_parallel_size must be at least 1, got 0"),
+    # No decay_lr_to: the schedule's floor is min_lr / lr.
+    ([('"lr": 0.0001,', '"lr": 0,'), ('"decay_lr_to": 0.033,', '"min_lr": 0.0000033,')],
+     "optimizer.params.lr must be positive, got 0"),
+    ([('"train_micro_batch_size_per_gpu": 4,', '"train_micro_batch_size_per_gpu": 0,')],
+     "train_micro_batch_size_per_gpu must be at least 1, got 0"),  # was micro_batch_size 1
+    ([('"gradient_accumulation_steps": 2,', '"gradient_accumulation_steps": 0,')],
+     "gradient_accumulation_steps must be at least 1, got 0"),  # was grad_accum_steps 1
+    # GPT-NeoX main's MLP width is rounded up to a multiple of mlp_multiple_of.
+    ([('"mlp_type": "llama",', ''), ('"activation": "silu",', '"activation": "swiglu", "mlp_multiple_of": 0, '
+                                     '"intermediate_size": 32768, "use_bias_in_mlp": false,')],
+     "mlp_multiple_of must be at least 1, got 0"),
+])
+def test_a_zero_size_is_a_one_line_error_naming_the_key(tmp_path, capsys, edits, message):
+    """A size the conversion divides by was a ZeroDivisionError traceback at 0; a zero batch was replaced by 1."""
+    text = LLEMMA_7B_YML
+    for old, new in edits:
+        assert old in text
+        text = text.replace(old, new)
+    assert main(["config", "from-neox", *write_llemma(tmp_path, text), "--vocab-size", "32016"]) == 2
+    assert capsys.readouterr().err == f"megamath config: error: {message}\n"
+
+
+def test_batch_aliases_count_only_when_the_keys_are_absent(tmp_path):
+    """batch_size and gas are GPT-NeoX's aliases of train_micro_batch_size_per_gpu and
+    gradient_accumulation_steps: an absent key takes the alias (else 1); a key set to 0 was replaced by it."""
+    text = LLEMMA_7B_YML.replace('"train_micro_batch_size_per_gpu": 4,', '"batch_size": 8,')
+    text = text.replace('"gradient_accumulation_steps": 2,', '')
+    config = convert_neox(read_neox_yaml(write_llemma(tmp_path, text)), vocab_size=32016).validate()
+    assert (config.micro_batch_size, config.grad_accum_steps) == (8, 1)
+    zero = LLEMMA_7B_YML.replace('"gradient_accumulation_steps": 2,', '"gradient_accumulation_steps": 0, "gas": 4,')
+    with pytest.raises(ValueError, match=r"^gradient_accumulation_steps must be at least 1, got 0$"):
+        convert_neox(read_neox_yaml(write_llemma(tmp_path, zero)), vocab_size=32016)
+
+
 def test_hf_load_single_data_path_and_constant_schedule(tmp_path):
     hf = tmp_path / "CodeLlama-7b-hf"
     hf.mkdir()

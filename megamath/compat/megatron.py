@@ -134,6 +134,7 @@ def parse_flags(words: Sequence[str]) -> tuple[dict, int | None]:
 
 
 def _launcher_world_size(launcher: list[str]) -> int | None:
+    """torchrun's nproc_per_node × nnodes; a size of 0 is an error (the batch arithmetic divides by it)."""
     sizes = {}
     for i, word in enumerate(launcher):
         name, eq, value = word.partition("=")
@@ -141,6 +142,8 @@ def _launcher_world_size(launcher: list[str]) -> int | None:
             value = value if eq else (launcher[i + 1] if i + 1 < len(launcher) else "")
             if not value.isdigit():
                 return None  # e.g. an elastic range 1:4: not a fixed size
+            if int(value) < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
             sizes[name.lstrip("-").replace("-", "_")] = int(value)
     if "nproc_per_node" not in sizes:
         return None
@@ -154,16 +157,21 @@ class Flags(Keys):
         value = self.take(key)
         return value is not None and (value == [] or str(value[0]).lower() in ("true", "1"))
 
-    def one(self, key: str, kind, default=None):
+    def one(self, key: str, kind, default=None, low=None):
+        """The flag's one value as `kind`, or `default` when absent. A given value below `low` is an error:
+        a size the conversion divides by must not be 0 (a ZeroDivisionError), nor be replaced by the default."""
         value = self.take(key)
         if value is None:
             return default
         if len(value) != 1:
             raise ValueError(f"--{key.replace('_', '-')} takes one value, got {value}")
         try:
-            return kind(value[0])
+            result = kind(value[0])
         except ValueError:
             raise ValueError(f"--{key.replace('_', '-')} must be {kind.__name__}, got {value[0]!r}") from None
+        if low is not None and result < low:
+            raise ValueError(f"--{key.replace('_', '-')} must be at least {low}, got {value[0]}")
+        return result
 
 
 def convert_megatron(words: Sequence[str], world_size: int | None = None, vocab_size: int | None = None,
@@ -173,7 +181,7 @@ def convert_megatron(words: Sequence[str], world_size: int | None = None, vocab_
     out = Conversion({}, source=source)
     world = world_size or launcher_world
     _refuse(flags)
-    tp = flags.one("tensor_model_parallel_size", int, 1)
+    tp = flags.one("tensor_model_parallel_size", int, 1, low=1)
     sequence_parallel = flags.on("sequence_parallel")
     if sequence_parallel and tp == 1:  # Megatron turns it off (with a warning) when there is no TP to split over
         out.notes.append("--sequence-parallel with --tensor-model-parallel-size 1: Megatron disables it, and so "
@@ -252,7 +260,7 @@ def _refuse(flags: Flags) -> None:
 
 
 def _model(flags: Flags, vocab_size: int | None, tp: int, out: Conversion) -> dict:
-    shape = {k: flags.one(k, int) for k in ("num_layers", "hidden_size", "num_attention_heads", "seq_length")}
+    shape = {k: flags.one(k, int, low=1) for k in ("num_layers", "hidden_size", "num_attention_heads", "seq_length")}
     missing = [f"--{k.replace('_', '-')}" for k, v in shape.items() if v is None]
     if missing:
         raise ValueError(f"{', '.join(missing)} not given: Megatron-LM needs them too")
@@ -314,7 +322,7 @@ def _vocab_size(flags: Flags, given: int | None, tp: int, out: Conversion) -> in
         from megamath.data.tokenizer import load_sentencepiece
 
         given = load_sentencepiece(model).get_piece_size()
-    multiple = flags.one("make_vocab_size_divisible_by", int, 128) * tp
+    multiple = flags.one("make_vocab_size_divisible_by", int, 128, low=1) * tp
     padded = multiple * math.ceil(given / multiple)
     sizing = f"{given} tokens, padded to {padded} as Megatron pads (make_vocab_size_divisible_by × TP)"
     if tokenizer is None:
@@ -329,6 +337,8 @@ def _optimizer(flags: Flags, out: Conversion) -> None:
     lr = flags.one("lr", float, None)
     if lr is None:
         raise ValueError("--lr not given: Megatron-LM needs it too")
+    if lr <= 0:  # the schedule's floor is min_lr / lr
+        raise ValueError(f"--lr must be positive, got {flags.raw['lr'][0]}")
     if flags.on("bf16"):
         out.config["param_dtype"] = "auto"
         out.notes.append("--bf16: param_dtype auto = bfloat16 weights with fp32 master weights and Adam moments "
@@ -345,7 +355,7 @@ def _optimizer(flags: Flags, out: Conversion) -> None:
 
 
 def _batch(flags: Flags, world: int | None, tp: int, out: Conversion) -> None:
-    micro = flags.one("micro_batch_size", int, None)
+    micro = flags.one("micro_batch_size", int, None, low=1)
     if micro is None:
         raise ValueError("--micro-batch-size not given: Megatron-LM needs it too")
     out.config["micro_batch_size"] = micro

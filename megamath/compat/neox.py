@@ -123,9 +123,9 @@ def convert_neox(raw: dict, vocab_size: int | None = None, source: str = "") -> 
     if missing:  # before the architecture checks: with no model file, "pos_emb is not set" would be the error
         raise ValueError(f"{', '.join(missing)} not set: GPT-NeoX needs them too{SPLIT_HINT}")
     _architecture(keys)
-    out.config["model"] = _model(keys, vocab_size, out)
-    out.config["parallel"] = {"tp_size": _int(keys, "model_parallel_size", 1),
-                              "sequence_parallel": bool(keys.take("sequence_parallel", False))}
+    tp = _int(keys, "model_parallel_size", 1, low=1)
+    out.config["model"] = _model(keys, vocab_size, tp, out)
+    out.config["parallel"] = {"tp_size": tp, "sequence_parallel": bool(keys.take("sequence_parallel", False))}
     _optimizer(keys, out)
     out.config["data"] = _data(keys, out)
     _schedule(keys, out)
@@ -204,7 +204,7 @@ def _architecture(keys: Keys) -> None:
                          "model.ffn_hidden_size after converting")
 
 
-def _model(keys: Keys, vocab_size: int | None, out: Conversion) -> dict:
+def _model(keys: Keys, vocab_size: int | None, tp: int, out: Conversion) -> dict:
     shape = {k: keys.take(k) for k in SHAPE_KEYS}
     hidden = int(shape["hidden_size"])
     ffn = _ffn_hidden_size(keys, hidden, out)
@@ -218,7 +218,7 @@ def _model(keys: Keys, vocab_size: int | None, out: Conversion) -> dict:
     out.notes.append(f"rms_norm_epsilon {eps:g}: GPT-NeoX's RMSNorm divides by rms(x) + eps, megamath's (Llama's, "
                      "Hugging Face's) by sqrt(mean(x²) + eps); they differ where rms(x)² is not large against eps")
     return {
-        "vocab_size": _vocab_size(keys, vocab_size, out),
+        "vocab_size": _vocab_size(keys, vocab_size, tp, out),
         "hidden_size": hidden,
         "num_layers": int(shape["num_layers"]),
         "num_heads": int(shape["num_attention_heads"]),
@@ -261,7 +261,7 @@ def _ffn_hidden_size(keys: Keys, hidden: int, out: Conversion) -> int:
     if size is not None and factor is not None:
         raise ValueError("intermediate_size and expansion_factor are both set: GPT-NeoX refuses that too; keep one")
     width = int(size) if size else int(float(factor) * hidden) if factor else 4 * hidden
-    multiple = int(keys.take("mlp_multiple_of", 1))
+    multiple = _int(keys, "mlp_multiple_of", 1, low=1)
     ffn = multiple * math.ceil((int(width * 2 / 3) // 2) / multiple)
     if not size:
         out.notes.append(f"activation swiglu without intermediate_size: GPT-NeoX sizes the MLP from "
@@ -276,7 +276,7 @@ def _ffn_llama(hidden: int) -> int:
     return LLAMA_MLP_MULTIPLE * ((ffn + LLAMA_MLP_MULTIPLE - 1) // LLAMA_MLP_MULTIPLE)
 
 
-def _vocab_size(keys: Keys, given: int | None, out: Conversion) -> int:
+def _vocab_size(keys: Keys, given: int | None, tp: int, out: Conversion) -> int:
     """GPT-NeoX's padded vocabulary: the tokenizer's size rounded up to make_vocab_size_divisible_by × TP."""
     if keys.take("padded_vocab_size") is not None:
         return int(keys.raw["padded_vocab_size"])
@@ -294,7 +294,7 @@ def _vocab_size(keys: Keys, given: int | None, out: Conversion) -> int:
         from megamath.data.tokenizer import load_sentencepiece
 
         given = load_sentencepiece(path).get_piece_size()
-    multiple = int(keys.take("make_vocab_size_divisible_by", 128)) * int(keys.raw.get("model_parallel_size", 1))
+    multiple = _int(keys, "make_vocab_size_divisible_by", 128, low=1) * tp
     padded = multiple * math.ceil(given / multiple)
     out.unmapped.append(Unmapped("tokenizer_type", NOT_NEEDED,
                                  f"{tokenizer}: it only sizes the vocabulary here ({given} tokens, padded to {padded} "
@@ -310,9 +310,12 @@ def _optimizer(keys: Keys, out: Conversion) -> None:
     if kind not in ADAM_TYPES:
         raise ValueError(f"optimizer.type is {spec.get('type')!r}: megamath trains with AdamW (ZeRO-1) only")
     params = dict(spec.get("params") or {})
+    lr_key = "optimizer.params.lr" if "lr" in params else "lr"
     lr = params.pop("lr", keys.take("lr"))
     if lr is None:
         raise ValueError(f"optimizer.params.lr not set: GPT-NeoX needs it too{SPLIT_HINT}")
+    if _float(lr, lr_key) <= 0:  # the schedule's floor is min_lr / lr
+        raise ValueError(f"{lr_key} must be positive, got {lr!r}")
     betas = params.pop("betas", [0.9, 0.999])
     eps = params.pop("eps", 1e-8)
     for name in params:
@@ -338,7 +341,7 @@ def _optimizer(keys: Keys, out: Conversion) -> None:
         keys.take(name)
     grad_dtype = _grad_dtype(keys, out)
     clip = keys.take("gradient_clipping", 1.0)  # DeepSpeed's setting; GPT-NeoX's default clips at 1.0
-    out.config["optimizer"] = {"lr": _float(lr, "lr"), "beta1": float(betas[0]), "beta2": float(betas[1]),
+    out.config["optimizer"] = {"lr": _float(lr, lr_key), "beta1": float(betas[0]), "beta2": float(betas[1]),
                                "eps": _float(eps, "optimizer.params.eps"),
                                "weight_decay": _float(keys.take("weight_decay", 0.1 if _neox_main(keys) else 0.01),
                                                       "weight_decay"),
@@ -431,8 +434,12 @@ def _data(keys: Keys, out: Conversion) -> dict:
 
 def _checkpointing(keys: Keys, out: Conversion) -> None:
     c = out.config
-    c["micro_batch_size"] = _int(keys, "train_micro_batch_size_per_gpu", None) or _int(keys, "batch_size", 1)
-    accum = _int(keys, "gradient_accumulation_steps", None) or _int(keys, "gas", 1)
+    # The aliases batch_size and gas count only when these keys are absent: a 0 is an error, not absent.
+    micro = _int(keys, "train_micro_batch_size_per_gpu", None, low=1)
+    c["micro_batch_size"] = _int(keys, "batch_size", 1, low=1) if micro is None else micro
+    accum = _int(keys, "gradient_accumulation_steps", None, low=1)
+    if accum is None:
+        accum = _int(keys, "gas", 1, low=1)
     c["grad_accum_steps"] = accum
     batch = keys.take("train_batch_size")
     if batch is not None:
@@ -497,12 +504,15 @@ def _logging(keys: Keys, out: Conversion) -> None:
         out.unmapped.append(Unmapped("wandb_host", NO_EQUIVALENT, f"set WANDB_BASE_URL={host} in the environment"))
 
 
-def _int(keys: Keys, key: str, default):
+def _int(keys: Keys, key: str, default, low=None):
+    """The key's integer; `low` bounds it from below (a size the conversion divides by must not be 0)."""
     value = keys.take(key, default)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
         raise ValueError(f"{key} must be an integer, got {value!r}")
+    if low is not None and value < low:
+        raise ValueError(f"{key} must be at least {low}, got {value!r}")
     return int(value)
 
 
