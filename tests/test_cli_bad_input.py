@@ -281,6 +281,14 @@ def _run_folder(path, **files):
     ("metrics.jsonl", '{"step": 1}\n[1, 2]\n{"step": 3}\n',
      "metrics.jsonl:2: not a metrics record (an object with a step)"),
     ("metrics.jsonl", '{"loss": 1}\n{"step": 3}\n', "metrics.jsonl:1: not a metrics record (an object with a step)"),
+    # The sections the summary reads, and the counts it multiplies tokens by: they were tracebacks.
+    ("config.yaml", "model: x\n", "config.yaml: model must be a mapping of keys, got 'x'"),
+    ("config.yaml", "parallel: [1]\n", "config.yaml: parallel must be a mapping of keys, got [1]"),
+    ("config.yaml", "data: 5\n", "config.yaml: data must be a mapping of keys, got 5"),
+    ("config.yaml", 'data: {seq_length: "32"}\n', "config.yaml: data.seq_length must be an integer >= 1, got '32'"),
+    ("config.yaml", "data: {seq_length: 0}\n", "config.yaml: data.seq_length must be an integer >= 1, got 0"),
+    ("run_info.json", '{"seq_length": "32"}', "run_info.json: seq_length must be an integer >= 1, got '32'"),
+    ("run_info.json", '{"world_size": "2"}', "run_info.json: world_size must be an integer >= 1, got '2'"),
 ])
 def test_report_of_a_corrupt_run_folder_is_one_line(tmp_path, capsys, name, text, message):
     run = _run_folder(tmp_path / "run")
@@ -301,6 +309,19 @@ def test_report_output_never_replaces_what_it_reads(tmp_path, capsys):
     assert main(["report", str(run), "--output", str(tmp_path / "adir")]) == 2
     assert one_error_line(capsys, "report") == f"--output {tmp_path / 'adir'} is a folder; name a file"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "run"]  # no temporary file left behind
+
+
+def test_report_takes_null_config_sections_as_the_defaults(tmp_path, capsys):
+    run = _run_folder(tmp_path / "run", config_yaml="model:\ndata:\nparallel:\n")
+    assert main(["report", str(run), "--format", "md"]) == 0
+    assert "| parallel layout | TP 1 × DP ? |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "inf", "nan"])
+def test_report_tokens_must_be_positive_and_finite(tmp_path, capsys, value):
+    run = _run_folder(tmp_path / "run")
+    assert main(["report", str(run), "--tokens", value]) == 2
+    assert one_error_line(capsys, "report") == f"--tokens must be > 0 and finite, got {float(value)}"
 
 
 @pytest.mark.parametrize("value", ["-0.1", "1.5", "nan"])
@@ -408,8 +429,17 @@ def test_demo_corpus_interrupted_mid_write_leaves_no_file(tmp_path, capsys, monk
 # ---- plan ---------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("flags, message", [
-    (["--internode-gbs", "0"], "--internode-gbs must be positive, got 0.0"),
-    (["--internode-gbs", "-5"], "--internode-gbs must be positive, got -5.0"),
+    (["--internode-gbs", "0"], "--internode-gbs must be positive and finite, got 0.0"),
+    (["--internode-gbs", "-5"], "--internode-gbs must be positive and finite, got -5.0"),
+    (["--internode-gbs", "inf"], "--internode-gbs must be positive and finite, got inf"),
+    (["--tokens", "inf", "--json"], "--tokens must be positive and finite, got inf"),  # `Infinity` is not JSON
+    (["--tokens", "1e400"], "--tokens must be positive and finite, got inf"),
+    (["--tokens", "nan"], "--tokens must be positive and finite, got nan"),
+    # TP groups are consecutive ranks: at 3 GPUs per node, ranks 2 and 3 would be one group on two nodes.
+    (["--gpus-per-node", "4", "--tp", "8"], "--tp 8 does not divide --gpus-per-node 4: a TP group must sit in one node "
+     "(its all-reduces need NVLink)"),
+    (["--gpus-per-node", "3", "--tp", "2"], "--tp 2 does not divide --gpus-per-node 3: a TP group must sit in one node "
+     "(its all-reduces need NVLink)"),
     (["--top", "0"], "--top must be >= 1, got 0"),
 ])
 def test_plan_flags_that_would_be_ignored_are_refused(capsys, flags, message):

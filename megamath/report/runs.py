@@ -56,8 +56,26 @@ def load_run(path: str | Path) -> Run:
     config = read_yaml(path / CONFIG, "config") if (path / CONFIG).is_file() else {}
     if not isinstance(config or {}, dict):
         raise ValueError(f"{path / CONFIG} must hold a mapping of keys, got {type(config).__name__}")
+    check_config(config or {}, path / CONFIG)
     info = read_json(path / RUN_INFO) if (path / RUN_INFO).is_file() else {}
+    for key in ("world_size", "seq_length"):  # the counts the report multiplies by
+        check_count(path / RUN_INFO, key, info.get(key))
     return Run(path, path.resolve().name, records, config or {}, info)
+
+
+def check_config(config: dict, where: Path) -> None:
+    """What the report reads of config.yaml: its sections mappings (or null, the defaults, as in training) and
+    data.seq_length, which multiplies token counts, an integer."""
+    for section in ("model", "data", "parallel"):
+        if config.get(section) is not None and not isinstance(config[section], dict):
+            raise ValueError(f"{where}: {section} must be a mapping of keys, got {config[section]!r}")
+    check_count(where, "data.seq_length", (config.get("data") or {}).get("seq_length"))
+
+
+def check_count(where: Path, key: str, value) -> None:
+    """A count of the run (None: not recorded) must be an integer >= 1."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{where}: {key} must be an integer >= 1, got {value!r}")
 
 
 def load_runs(paths: list[str | Path]) -> list[Run]:

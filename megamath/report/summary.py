@@ -62,7 +62,7 @@ def percentile(xs: list[float], q: float) -> float | None:
 
 
 def seq_length(run: Run) -> int | None:
-    return run.config.get("data", {}).get("seq_length") or run.info.get("seq_length")
+    return (run.config.get("data") or {}).get("seq_length") or run.info.get("seq_length")
 
 
 def tokens_per_step(run: Run) -> int | None:
@@ -91,13 +91,13 @@ def describe_model(config: dict) -> str:
 
 
 def describe_layout(run: Run) -> str:
-    parallel = run.config.get("parallel", {})
+    parallel = run.config.get("parallel") or {}  # null: the defaults
     tp = run.info.get("tp_size", parallel.get("tp_size", 1))
     dp = run.info.get("dp_size", "?")
     parts = [f"TP {tp} × DP {dp}"]
     if parallel.get("sequence_parallel"):
         parts.append("SP")
-    if run.config.get("model", {}).get("activation_checkpointing"):
+    if (run.config.get("model") or {}).get("activation_checkpointing"):
         parts.append("activation checkpointing")
     if "micro_batch_size" in run.config:
         parts.append(f"micro-batch {run.config['micro_batch_size']} × {run.config.get('grad_accum_steps', 1)} "
