@@ -181,6 +181,21 @@ def test_search_ranks_fitting_options_by_throughput():
     assert {p.shape.tp for p in only_tp4} == {4}
 
 
+def test_a_job_that_leaves_its_last_node_partly_empty_is_planned():
+    """8 GPUs at 3 per node (3 + 3 + 2): the plan counts no nodes, it asks only whether the job spans more than
+    one (DP then runs over the inter-node network, each GPU its own NIC) and which TP sizes keep a group in one
+    node (those dividing 3 and 8: TP 1)."""
+    model = ModelConfig.from_preset("llemma-7b")
+
+    def request(gpus_per_node):
+        return PlanRequest(model=model, model_name="llemma-7b", gpu=get_gpu("h200"), gpus=8,
+                           gpus_per_node=gpus_per_node)
+
+    assert {p.shape.tp for p in plan(request(3))} == {1}
+    three, four, eight = (evaluate(request(n), 1, 1, True, False).time for n in (3, 4, 8))
+    assert three == four and three["dp_reduce_scatter_unhidden"] > eight["dp_reduce_scatter_unhidden"]
+
+
 # ---- efficiency: measured where this project has measured it ------------------------------------------
 
 def _bench_result(folder, date: str, device: str, mfus: list[float]) -> None:

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 
@@ -39,8 +40,8 @@ def run(args) -> int:
     if args.skip_steps is not None and args.skip_steps < 0:
         raise ValueError(f"--skip-steps must be >= 0, got {args.skip_steps}")
     tokens = LLEMMA_TOKENS if args.tokens is None else args.tokens
-    if not tokens > 0:
-        raise ValueError(f"--tokens must be > 0, got {args.tokens}")
+    if not 0 < tokens < math.inf:
+        raise ValueError(f"--tokens must be > 0 and finite, got {args.tokens}")
     threshold = COMM_THRESHOLD if args.comm_threshold is None else args.comm_threshold
     if not 0 <= threshold <= 1:
         raise ValueError(f"--comm-threshold must be a share between 0 and 1, got {threshold}")

@@ -14,6 +14,7 @@ unless their flag fixes them on. Without
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,9 +70,9 @@ class PlanRequest:
             check_tensor_parallel(self.model, self.tp)
             if self.gpus % self.tp:
                 raise ValueError(f"--tp {self.tp} does not divide --gpus {self.gpus}")
-            if self.tp > self.gpus_per_node:
-                raise ValueError(f"--tp {self.tp} exceeds --gpus-per-node {self.gpus_per_node}: a TP group must sit "
-                                 "in one node (its all-reduces need NVLink)")
+            if self.gpus_per_node % self.tp:  # TP groups are consecutive ranks: one would straddle two nodes
+                raise ValueError(f"--tp {self.tp} does not divide --gpus-per-node {self.gpus_per_node}: a TP group "
+                                 "must sit in one node (its all-reduces need NVLink)")
         if self.seq_length > self.model.max_seq_length:
             raise ValueError(f"--seq-length {self.seq_length} exceeds the model's max_seq_length "
                              f"{self.model.max_seq_length}")
@@ -80,10 +81,10 @@ class PlanRequest:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.efficiency is not None and not 0 < self.efficiency <= 1:
             raise ValueError(f"--efficiency must be in (0, 1], got {self.efficiency}")
-        if self.tokens is not None and not self.tokens > 0:
-            raise ValueError(f"--tokens must be positive, got {self.tokens}")
-        if self.internode_gbs is not None and not self.internode_gbs > 0:  # 0 fell back to the GPU's default
-            raise ValueError(f"--internode-gbs must be positive, got {self.internode_gbs}")
+        if self.tokens is not None and not 0 < self.tokens < math.inf:  # inf: Infinity in --json, not JSON
+            raise ValueError(f"--tokens must be positive and finite, got {self.tokens}")
+        if self.internode_gbs is not None and not 0 < self.internode_gbs < math.inf:  # 0 fell back to the default
+            raise ValueError(f"--internode-gbs must be positive and finite, got {self.internode_gbs}")
         resolved = compute_efficiency(self.gpu, self.efficiency, self.results_dir or measured.RESULTS_DIR)
         self.efficiency, self.efficiency_source = resolved.value, resolved.source
 
