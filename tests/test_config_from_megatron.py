@@ -135,6 +135,12 @@ def test_what_megamath_cannot_train_is_an_error(tmp_path, edit, message):
     (("--swiglu", "--swiglu --make-vocab-size-divisible-by 0"),
      "--make-vocab-size-divisible-by must be at least 1, got 0"),
     (("--lr 1e-4", "--lr 0"), "--lr must be positive, got 0"),  # the schedule's floor: --min-lr / --lr
+    # 0 was replaced by the default (--train-iters, --seq-length); Megatron-LM asserts on it
+    (("--lr-decay-iters 48000", "--lr-decay-iters 0"), "--lr-decay-iters must be at least 1, got 0"),
+    (("--max-position-embeddings 4096", "--max-position-embeddings 0"),
+     "--max-position-embeddings must be at least 1, got 0"),
+    (("--num-query-groups 8", "--num-query-groups 0"), "--num-query-groups must be at least 1, got 0"),
+    (("--train-iters 48000", "--train-iters 0"), "--train-iters must be at least 1, got 0"),
 ])
 def test_a_zero_size_is_a_one_line_error_naming_the_flag(tmp_path, capsys, edit, message):
     """Each of these sizes is divided by in the conversion: at 0 the CLI printed a ZeroDivisionError traceback."""

@@ -302,6 +302,13 @@ def test_cli_error_names_the_key(tmp_path, capsys):
     ([('"mlp_type": "llama",', ''), ('"activation": "silu",', '"activation": "swiglu", "mlp_multiple_of": 0, '
                                      '"intermediate_size": 32768, "use_bias_in_mlp": false,')],
      "mlp_multiple_of must be at least 1, got 0"),
+    # 0 was replaced by the default (seq_length, save_interval, one KV head per query head)
+    ([('"max_position_embeddings": 4096,', '"max_position_embeddings": 0,')],
+     "max_position_embeddings must be at least 1, got 0"),
+    ([('"checkpoint_factor": 500,', '"checkpoint_factor": 0,')], "checkpoint_factor must be at least 1, got 0"),
+    ([('"mlp_type": "llama",', ''), ('"num_attention_heads": 32,', '"num_attention_heads": 32, "num_kv_heads": 0,'),
+      ('"activation": "silu",', '"activation": "swiglu", "intermediate_size": 32768, "use_bias_in_mlp": false,')],
+     "num_kv_heads must be at least 1, got 0"),  # GPT-NeoX main, which always reads num_kv_heads
 ])
 def test_a_zero_size_is_a_one_line_error_naming_the_key(tmp_path, capsys, edits, message):
     """A size the conversion divides by was a ZeroDivisionError traceback at 0; a zero batch was replaced by 1."""

@@ -266,7 +266,7 @@ def _model(flags: Flags, vocab_size: int | None, tp: int, out: Conversion) -> di
         raise ValueError(f"{', '.join(missing)} not given: Megatron-LM needs them too")
     h, heads = shape["hidden_size"], shape["num_attention_heads"]
     gqa = flags.on("group_query_attention")
-    groups = flags.one("num_query_groups", int, 1)  # Megatron's default: one group (multi-query attention)
+    groups = flags.one("num_query_groups", int, 1, low=1)  # Megatron's default: one group (multi-query attention)
     ffn = flags.one("ffn_hidden_size", int, None)
     if ffn is None:  # Megatron's default with --swiglu: 2/3 of 4h, rounded down to a multiple of 64
         ffn = int((4 * h * 2 / 3) / 64) * 64
@@ -281,7 +281,7 @@ def _model(flags: Flags, vocab_size: int | None, tp: int, out: Conversion) -> di
     return {
         "vocab_size": _vocab_size(flags, vocab_size, tp, out), "hidden_size": h, "num_layers": shape["num_layers"],
         "num_heads": heads, "num_kv_heads": groups if gqa else heads, "ffn_hidden_size": ffn,
-        "max_seq_length": flags.one("max_position_embeddings", int, None) or shape["seq_length"],
+        "max_seq_length": flags.one("max_position_embeddings", int, None, low=1) or shape["seq_length"],
         "rope_theta": flags.one("rotary_base", float, 10000.0), "norm_eps": eps,
         "init_std": flags.one("init_method_std", float, 0.02),
         "activation_checkpointing": _recompute(flags, out), "kernels": "auto",
@@ -382,10 +382,10 @@ def _schedule(flags: Flags, out: Conversion) -> None:
     (decay − warmup))), min after decay; megamath's formula, with r = min_lr / lr."""
     if flags.take("train_samples") is not None:
         raise ValueError("--train-samples: give --train-iters (megamath counts optimizer steps)")
-    train_iters = flags.one("train_iters", int, None)
+    train_iters = flags.one("train_iters", int, None, low=1)
     if train_iters is None:
         raise ValueError("--train-iters not given: Megatron-LM needs it (or --train-samples) too")
-    decay = flags.one("lr_decay_iters", int, None) or train_iters
+    decay = flags.one("lr_decay_iters", int, None, low=1) or train_iters  # 0: Megatron-LM asserts
     warmup = flags.one("lr_warmup_iters", int, None)
     fraction = flags.one("lr_warmup_fraction", float, None)
     if warmup is None:

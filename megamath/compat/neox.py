@@ -224,7 +224,7 @@ def _model(keys: Keys, vocab_size: int | None, tp: int, out: Conversion) -> dict
         "num_heads": int(shape["num_attention_heads"]),
         "num_kv_heads": _kv_heads(keys, int(shape["num_attention_heads"]), out),
         "ffn_hidden_size": ffn,
-        "max_seq_length": int(keys.take("max_position_embeddings") or shape["seq_length"]),
+        "max_seq_length": _int(keys, "max_position_embeddings", None, low=1) or int(shape["seq_length"]),
         "rope_theta": float(keys.take("rotary_emb_base", 10000)),
         "norm_eps": eps,
         "init_std": float(keys.take("init_method_std", 0.02)),
@@ -238,7 +238,7 @@ def _kv_heads(keys: Keys, heads: int, out: Conversion) -> int:
     groupedquery; GPT-NeoX main has no attention_type and always reads num_kv_heads."""
     kind, kv = keys.take("attention_type"), keys.take("num_kv_heads")
     if kind is None and _neox_main(keys):
-        return int(kv or heads)
+        return heads if kv is None else _int(keys, "num_kv_heads", kv, low=1)
     if (kind or "multihead") == "multihead":
         if kv not in (None, heads):
             out.unmapped.append(Unmapped("num_kv_heads", NOT_NEEDED, f"{kv}: GPT-NeoX ignores it with attention_type "
@@ -463,7 +463,8 @@ def _checkpointing(keys: Keys, out: Conversion) -> None:
     if num_layers != 1:
         out.unmapped.append(Unmapped("checkpoint_num_layers", UNSUPPORTED, f"{num_layers}: megamath checkpoints "
                                      "every block (less memory, the same recompute)"))
-    c["checkpoint"] = {"save_every": _int(keys, "checkpoint_factor", None) or _int(keys, "save_interval", 0)}
+    factor = _int(keys, "checkpoint_factor", None, low=1)  # a 0 is an error, not "absent"
+    c["checkpoint"] = {"save_every": _int(keys, "save_interval", 0) if factor is None else factor}
     keep = keys.take("keep_last_n_checkpoints")
     if keep is not None:
         c["checkpoint"]["keep"] = int(keep)
