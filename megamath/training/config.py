@@ -7,6 +7,9 @@ are parsed as YAML scalars, applied to the raw mapping before validation. Nothin
 
 The model section is a `ModelConfig`, given in full or as `preset: <name>` plus the fields to change.
 The peak learning rate is `optimizer.lr`; `schedule` only shapes it (see schedule.py).
+
+Why one file: it is one schema, the run's sections and the one walk (`_build`, `_coerce`) that checks each
+key against its annotation and names the key it refuses; split, the fields would part from their checks.
 """
 from __future__ import annotations
 
