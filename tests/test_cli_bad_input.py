@@ -279,8 +279,16 @@ def _run_folder(path, **files):
     ("run_info.json", "[1", "run_info.json is not valid JSON"),
     ("run_info.json", "[1]", "run_info.json must hold a JSON object, got list"),
     ("metrics.jsonl", '{"step": 1}\n[1, 2]\n{"step": 3}\n',
-     "metrics.jsonl:2: not a metrics record (an object with a step)"),
-    ("metrics.jsonl", '{"loss": 1}\n{"step": 3}\n', "metrics.jsonl:1: not a metrics record (an object with a step)"),
+     "metrics.jsonl:2: not a metrics record (an object with a step >= 1)"),
+    ("metrics.jsonl", '{"loss": 1}\n{"step": 3}\n',
+     "metrics.jsonl:1: not a metrics record (an object with a step >= 1)"),
+    # what the report divides by or compares: a ZeroDivisionError or TypeError traceback
+    ("metrics.jsonl", '{"step": 0, "consumed_samples": 2}\n',
+     "metrics.jsonl:1: not a metrics record (an object with a step >= 1)"),
+    ("metrics.jsonl", '{"step": 1, "consumed_samples": "2"}\n', "metrics.jsonl:1: consumed_samples must be a number, "
+     "got '2'"),
+    ("metrics.jsonl", '{"step": 1}\n{"step": 2, "tokens_per_s": "fast"}\n',
+     "metrics.jsonl:2: tokens_per_s must be a number, got 'fast'"),
     # The sections the summary reads, and the counts it multiplies tokens by: they were tracebacks.
     ("config.yaml", "model: x\n", "config.yaml: model must be a mapping of keys, got 'x'"),
     ("config.yaml", "parallel: [1]\n", "config.yaml: parallel must be a mapping of keys, got [1]"),

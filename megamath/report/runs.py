@@ -11,6 +11,8 @@ from megamath.training.config import read_yaml
 METRICS = "metrics.jsonl"
 CONFIG = "config.yaml"
 RUN_INFO = "run_info.json"  # written by megamath.training.metrics.MetricsLogger
+NUMBERS = ("consumed_samples", "loss", "lr", "grad_norm", "step_time_s", "step_time_min_s", "step_time_max_s",
+           "tokens_per_s", "tflops", "mfu", "slowest_rank")  # a string there stopped the report on a TypeError
 
 
 @dataclass
@@ -47,8 +49,13 @@ def load_run(path: str | Path) -> Run:
             if number < len(lines):  # only the last line may be torn (a run killed while writing it)
                 raise ValueError(f"{metrics}:{number} is not valid JSON") from None
             continue
-        if not isinstance(record, dict) or not isinstance(record.get("step"), (int, float)):
-            raise ValueError(f"{metrics}:{number}: not a metrics record (an object with a step)")
+        step = record.get("step") if isinstance(record, dict) else None
+        if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+            raise ValueError(f"{metrics}:{number}: not a metrics record (an object with a step >= 1)")
+        for key in NUMBERS:  # the fields the report does arithmetic on
+            if record.get(key) is not None and (isinstance(record[key], bool)
+                                                or not isinstance(record[key], (int, float))):
+                raise ValueError(f"{metrics}:{number}: {key} must be a number, got {record[key]!r}")
         records.append(record)
     if not records:
         raise ValueError(f"{metrics} holds no step yet")
