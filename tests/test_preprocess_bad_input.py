@@ -177,6 +177,21 @@ def test_corrupt_archives_fail_with_the_file_named(tmp_path, model, name, corrup
     assert list((tmp_path / "out").iterdir()) == []
 
 
+def test_datasets_finished_before_a_failure_stay_and_are_named(tmp_path, model, capsys):
+    """A late failure keeps the datasets already published (hours of work on a large corpus) and says which:
+    the folder otherwise held them, new, beside the failed one's old files with nothing to tell them apart."""
+    good, cut = tmp_path / "a.jsonl", tmp_path / "b.jsonl.zst"
+    good.write_bytes(b"".join(_lines("one", "two")))
+    # cut in its last block: the blocks before it decode, so b's dataset is begun (and a's finished) first
+    cut.write_bytes(zstandard.ZstdCompressor().compress(b"".join(_lines(*[f"d {i}" for i in range(30000)])))[:-9])
+    with pytest.raises(ValueError, match=r"b\.jsonl\.zst: cannot decompress"):
+        _run([good, cut], model, tmp_path / "out", workers=1, batch_bytes=4096)
+    assert "finished before the failure, and published: a_text_document" in capsys.readouterr().err
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    assert _stored(tmp_path / "out" / "a_text_document") == [sp.encode(t) + [2] for t in ("one", "two")]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a_text_document.bin", "a_text_document.idx"]
+
+
 def test_valid_but_unusual_files(tmp_path, model):
     """UTF-8 BOM, CRLF line ends, no final newline, meta as a JSON string, another json key."""
     path = tmp_path / "odd.jsonl"

@@ -13,6 +13,7 @@ results are written in input order, so the output is byte-identical for any work
 
 A dataset is published (atomically, by the writer) when its last file is done; any exception, a
 `--strict` bad line or Ctrl-C aborts the dataset being written, so no output looks complete unless it is.
+Datasets finished before a failure stay published (hours of work on a large corpus), and are named.
 """
 from __future__ import annotations
 
@@ -159,6 +160,11 @@ class _Outputs:
             summary.seconds, self._clock = now - self._clock, now
             self._next_to_finish += 1
 
+    @property
+    def published(self) -> list[str]:
+        """The datasets already finished and renamed into place."""
+        return [summary.name for summary in self.summaries[:self._next_to_finish]]
+
     def finish(self) -> list[DatasetSummary]:
         self._finish_before(len(self.summaries))
         return self.summaries
@@ -250,6 +256,8 @@ def _run(config: PreprocessConfig, groups, tokenizer, dtype, spec, log) -> list[
         return summaries
     except BaseException:
         outputs.abort()
+        if outputs.published:  # complete, and kept: a late failure must not cost hours of finished work
+            log(f"finished before the failure, and published: {', '.join(outputs.published)}")
         raise
     finally:
         pool.close(terminate=failed)
