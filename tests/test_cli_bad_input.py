@@ -346,7 +346,11 @@ def test_report_comm_threshold_is_a_share(tmp_path, capsys, value):
     (["--port", "70000"], "--port must be 0..65535, got 70000"),
     (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
     (["--max-body-bytes", "0"], "--max-body-bytes must be at least 1, got 0"),
-    (["--request-timeout", "0"], "--request-timeout must be > 0 seconds, got 0.0"),
+    (["--request-timeout", "0"], "--request-timeout must be > 0 and at most 1e+06 seconds, got 0.0"),
+    # sockets refuse an infinite timeout: the server started, then dropped every request unanswered
+    (["--request-timeout", "inf"], "--request-timeout must be > 0 and at most 1e+06 seconds, got inf"),
+    (["--num-samples", "20000000"], "20,000,000 samples of each of 1 prompts is 20,000,000 completions; at most "
+     "10,000,000 in one run (split the prompts or take fewer samples)"),  # was a 500 on every request
     (["--seed", "-1"], "--seed must be >= 0, got -1"),
     (["--temperature", "0.2", "--temperatures", "0.5", "1.0"], "give --temperature or --temperatures, not both"),
     # Checked only by each request's SamplingParams, these answered every request with a 500.
@@ -363,8 +367,12 @@ def test_serve_flags_are_checked_before_the_model_loads(tiny, capsys, monkeypatc
     assert one_error_line(capsys, "serve") == message
 
 
-def test_serve_on_a_port_in_use_names_it(tiny, capsys):
+def test_serve_on_a_port_in_use_names_it_before_the_model_loads(tiny, capsys, monkeypatch):
     import socket
+
+    from megamath.generation import session
+
+    monkeypatch.setattr(session, "open_model", lambda *a, **k: pytest.fail("the model was loaded"))
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -189,6 +189,107 @@ def test_a_burst_of_clients_waits_its_turn_and_each_gets_its_answer(monkeypatch)
     assert replies == [(200, {"suggestions": [f"λ h{i} : α ⊢ α"]}) for i in range(64)]
 
 
+def raw_exchange(port: int, data: bytes, wait: float = 30.0) -> tuple[bytes, float]:
+    """Send `data` as is, then read the reply until the server closes: (reply, seconds it took)."""
+    import socket
+    import time
+
+    start = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=wait) as conn:
+        conn.sendall(data)
+        reply = b""
+        while chunk := conn.recv(1 << 16):
+            reply += chunk
+    return reply, time.monotonic() - start
+
+
+def test_requests_the_http_layer_or_json_refused_get_a_json_4xx_and_the_server_keeps_serving(monkeypatch):
+    """Each of these was a dropped connection with a traceback in the log (an int() of "²" or of 5000 digits,
+    json.loads' digit limit), an HTML page (a garbled request line), or a 501 HTML page (PUT)."""
+    import threading
+
+    from megamath.generation import server as server_module
+    from megamath.generation.server import LLMStepServer, ServeConfig, make_handler
+
+    monkeypatch.setattr(server_module, "suggest", lambda *args: ["rfl"])
+    httpd = LLMStepServer(("127.0.0.1", 0), make_handler(None, None, ServeConfig()))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    port = httpd.server_address[1]
+    big = b'{"tactic_state": "x", "context": ' + b"1" * 5000 + b"}"
+    try:
+        for request, status, error in (
+                (b"POST / HTTP/1.0\r\nContent-Length: " + str(len(big)).encode() + b"\r\n\r\n" + big,
+                 b"400", b'"malformed JSON: Exceeds the limit (4300 digits)'),
+                (b"POST / HTTP/1.0\r\nContent-Length: \xb2\r\n\r\n{}", b"400", b'"invalid Content-Length'),
+                (b"POST / HTTP/1.0\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n{}", b"400",
+                 b'"invalid Content-Length'),
+                (b"PUT / HTTP/1.0\r\nContent-Length: 2\r\n\r\n{}", b"405", b'{"error": "use POST / with a JSON body"}'),
+                (b"BREW / HTTP/1.0\r\n\r\n", b"501", b'{"error": "Unsupported method'),
+                (b"GARBAGE\r\n\r\n", None, b'{"error": "Bad request syntax')):  # HTTP/0.9: a body alone
+            reply, _ = raw_exchange(port, request)
+            if status is None:
+                assert reply.startswith(error), reply
+                continue
+            head, _, body = reply.partition(b"\r\n\r\n")
+            assert head.split(b" ")[1] == status and b"Content-Type: application/json" in head, reply
+            assert body.startswith(error) or error in body, reply
+        assert post(port, b'{"tactic_state": "x"}') == (200, {"suggestions": ["rfl"]})
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_a_client_trickling_its_body_is_cut_off_at_the_timeout_not_per_read(monkeypatch):
+    """The timeout bounded each socket read: a client sending a byte a second under a 1 s timeout held the
+    one-at-a-time server (and every client behind it) for as long as it liked, then got its answer."""
+    import threading
+    import time
+
+    from megamath.generation import server as server_module
+    from megamath.generation.server import LLMStepServer, ServeConfig, make_handler
+
+    monkeypatch.setattr(server_module, "suggest", lambda *args: ["rfl"])
+    httpd = LLMStepServer(("127.0.0.1", 0), make_handler(None, None, ServeConfig(request_timeout_s=1.5)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    port = httpd.server_address[1]
+    result = {}
+
+    def trickle():
+        import socket
+
+        start = time.monotonic()
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+            conn.sendall(b"POST / HTTP/1.0\r\nContent-Length: 20\r\n\r\n")
+            reply = b""
+            for byte in b'{"tactic_state": "x"}'[:19]:
+                try:
+                    conn.sendall(bytes([byte]))
+                    conn.settimeout(0.5)
+                    reply += conn.recv(1 << 16)  # the answer, once it comes
+                except socket.timeout:
+                    continue
+                except OSError:
+                    break
+                if reply:
+                    break
+        result["trickler"] = (reply, time.monotonic() - start)
+
+    slow = threading.Thread(target=trickle)
+    try:
+        slow.start()
+        time.sleep(0.3)
+        start = time.monotonic()
+        assert post(port, b'{"tactic_state": "x"}') == (200, {"suggestions": ["rfl"]})
+        waited = time.monotonic() - start
+        slow.join()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    reply, seconds = result["trickler"]
+    assert reply.startswith(b"HTTP/1.0 408") and b"the body did not arrive within 1.5 s" in reply, reply
+    assert seconds < 4 and waited < 4  # cut at 1.5 s, not after the 19 reads of 0.5 s each (~10 s)
+
+
 def test_suggestions_are_prefixed_deduplicated_and_ranked_by_mean_logprob(monkeypatch):
     from megamath.generation import server as server_module
     from megamath.generation.generate import Completion

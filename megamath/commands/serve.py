@@ -35,7 +35,8 @@ def add_parser(subparsers, name: str) -> None:
 def run(args) -> int:
     from megamath.generation.generate import SamplingParams
     from megamath.generation.session import open_model
-    from megamath.generation.server import ServeConfig, serve
+    from megamath.generation.batching import check_completion_count
+    from megamath.generation.server import MAX_REQUEST_TIMEOUT_S, ServeConfig, listen, serve
 
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise ValueError("megamath serve runs as one process (no torchrun)")
@@ -44,6 +45,7 @@ def run(args) -> int:
     temperatures = tuple(args.temperatures or [0.5 if args.temperature is None else args.temperature])
     if args.num_samples < 1:
         raise ValueError(f"--num-samples must be positive, got {args.num_samples}")
+    check_completion_count(1, args.num_samples)  # as generate's: past it, every request failed with a 500
     for temperature in temperatures:  # each request's settings, checked now: a bad one failed every request
         SamplingParams(args.max_new_tokens, temperature, args.top_p)
     if not 0 <= args.port <= 65535:
@@ -51,15 +53,21 @@ def run(args) -> int:
     check_generation_flags(args)
     if args.max_body_bytes < 1:
         raise ValueError(f"--max-body-bytes must be at least 1, got {args.max_body_bytes}")
-    if not args.request_timeout > 0:
-        raise ValueError(f"--request-timeout must be > 0 seconds, got {args.request_timeout}")
+    if not 0 < args.request_timeout <= MAX_REQUEST_TIMEOUT_S:  # inf: the server dropped every request
+        raise ValueError(f"--request-timeout must be > 0 and at most {MAX_REQUEST_TIMEOUT_S:g} seconds, "
+                         f"got {args.request_timeout}")
     config = ServeConfig(args.host, args.port, args.num_samples, temperatures, args.max_new_tokens, args.top_p,
                          args.max_body_bytes, args.request_timeout, args.seed, args.batch_size)
-    model, codec, _ = open_model(args.model, args.tokenizer_model, args.max_new_tokens)
+    server = listen(config)  # before the model loads: a port in use fails now, not after minutes
+    try:
+        model, codec, _ = open_model(args.model, args.tokenizer_model, args.max_new_tokens)
+    except BaseException:
+        server.server_close()
+        raise
 
     def ready(host, port):
         print(f"megamath serve: listening on http://{host}:{port}/ (LLMSTEP protocol; SIGTERM stops)", flush=True)
 
-    serve(model, codec, config, ready)
+    serve(model, codec, config, ready, server)
     print("megamath serve: stopped", flush=True)
     return 0

@@ -2,7 +2,8 @@
 
     POST /   {"tactic_state": str, "prefix": str, "context": str}
           -> {"suggestions": [str, ...]}          200
-          -> {"error": str}                        400 malformed JSON or fields, 404 other paths,
+          -> {"error": str}                        400 malformed JSON, fields or Content-Length, 404 other
+                                                   paths, 405 other methods, 408 body not sent in time,
                                                    411 no Content-Length, 413 body too large, 503 timeout,
                                                    500 generation failed (e.g. out of GPU memory; logged)
 
@@ -14,14 +15,18 @@ accepted and unused, as in LLMSTEP's reference server. The samples of the server
 seeds keyed by n: the same proof state asked again gets fresh samples, and a restarted server answers its
 requests in the same order with the same suggestions.
 
-One request is served at a time (one model; up to 128 more connections wait their turn); each request's
-socket reads and its generation are bounded by `request_timeout_s`. The server binds to 127.0.0.1 unless
-told otherwise; SIGTERM finishes the request in flight and stops it.
+One request is served at a time (one model; up to 128 more connections wait their turn). Reading a request
+and generating its answer are each bounded by `request_timeout_s` in all, not per socket read: a client
+trickling a byte at a time would otherwise hold the server, and every client behind it, for as long as it
+liked. Every error, the HTTP layer's own included, is a JSON body. The server binds to 127.0.0.1 unless
+told otherwise, before the model loads (a port in use fails at once); SIGTERM finishes the request in
+flight and stops it.
 """
 from __future__ import annotations
 
 import json
 import signal
+import socket
 import sys
 import threading
 import time
@@ -53,11 +58,20 @@ class ServeConfig:
     batch_size: int = 16
 
 
+MAX_REQUEST_TIMEOUT_S = 1e6
+"""The longest --request-timeout: sockets refuse infinite (or absurd) timeouts with OverflowError."""
+
+
 class LLMStepServer(HTTPServer):
     """An HTTPServer whose listen queue holds a burst of clients: one request is served at a time and the
     others wait their turn there (HTTPServer's queue of 5 reset every connection past it)."""
 
     request_queue_size = 128
+
+    def handle_error(self, request, client_address) -> None:
+        """One line per failed connection (a client gone mid-request, above all), not a traceback."""
+        err = sys.exc_info()[1]
+        print(f"request from {client_address[0]} failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
 
 
 def llmstep_prompt(tactic_state: str, prefix: str) -> str:
@@ -89,15 +103,44 @@ def make_handler(model, codec: PromptCodec, config: ServeConfig):
     counter = iter(range(1 << 62))
 
     class Handler(BaseHTTPRequestHandler):
-        timeout = config.request_timeout_s  # socket reads: a stalled client cannot hold the server
+        timeout = config.request_timeout_s  # each socket read; the read deadline below bounds them all
         server_version = "megamath-llmstep"
+
+        def setup(self) -> None:
+            """Start the request's read deadline: past it, the socket's reading side is shut, so a read in
+            progress ends at once (short) and the client is answered 408 or dropped."""
+            super().setup()
+            self._read_deadline = threading.Timer(config.request_timeout_s, self._stop_reading)
+            self._read_deadline.daemon = True
+            self._read_deadline.start()
+
+        def _stop_reading(self) -> None:
+            try:
+                self.connection.shutdown(socket.SHUT_RD)
+            except OSError:  # already closed
+                pass
+
+        def finish(self) -> None:
+            self._read_deadline.cancel()
+            super().finish()
 
         def log_message(self, format, *args):  # noqa: A002 - the base class's name
             pass
 
-        def _reply(self, status: int, body: dict) -> None:
+        def send_error(self, code, message=None, explain=None):
+            """The HTTP layer's own errors (a garbled request line, an unknown method) as JSON, like ours."""
+            self.close_connection = True
+            if self.command == "HEAD":  # a HEAD reply carries no body
+                self.send_response(code, message)
+                self.end_headers()
+                return
+            self._reply(code, {"error": message or self.responses.get(code, ("error",))[0]})
+
+        def _reply(self, status: int, body: dict, headers: dict | None = None) -> None:
             data = json.dumps(body).encode()
             self.send_response(status)
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
@@ -107,25 +150,41 @@ def make_handler(model, codec: PromptCodec, config: ServeConfig):
             """Read and drop a refused body, up to DISCARD_BYTES: a socket closed with data unread is reset,
             and a client still sending would get an error instead of the answer."""
             left = min(length, DISCARD_BYTES)
-            while left > 0 and (chunk := self.rfile.read(min(left, 1 << 16))):
-                left -= len(chunk)
+            try:
+                while left > 0 and (chunk := self.rfile.read(min(left, 1 << 16))):
+                    left -= len(chunk)
+            except TimeoutError:  # the 413 is sent all the same
+                pass
 
         def do_GET(self):  # noqa: N802
-            self._reply(405, {"error": "use POST / with a JSON body"})
+            self._reply(405, {"error": "use POST / with a JSON body"}, {"Allow": "POST"})
+
+        do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_GET  # noqa: N815
 
         def do_POST(self):  # noqa: N802
             if self.path.split("?")[0] != "/":
                 return self._reply(404, {"error": f"unknown path {self.path}"})
             length = self.headers.get("Content-Length")
-            if length is None or not length.isdigit():
+            if length is None:
                 return self._reply(411, {"error": "a Content-Length header is required"})
+            if not (length.isascii() and length.isdigit() and len(length) <= 18):  # "²" passes isdigit()
+                return self._reply(400, {"error": f"invalid Content-Length {length[:40]!r}"})
             if int(length) > config.max_body_bytes:
                 self.close_connection = True
                 self._discard(int(length))
                 return self._reply(413, {"error": f"body of {length} bytes exceeds {config.max_body_bytes}"})
             try:
-                request = json.loads(self.rfile.read(int(length)).decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                body = self.rfile.read(int(length))
+            except TimeoutError:
+                body = b""
+            if len(body) < int(length):  # the read deadline passed (or the client stopped sending)
+                self.close_connection = True
+                return self._reply(408, {"error": f"the body did not arrive within {config.request_timeout_s} s "
+                                                  f"({len(body)} of {length} bytes)"})
+            self._read_deadline.cancel()  # generation has a deadline of its own
+            try:
+                request = json.loads(body.decode("utf-8"))
+            except ValueError as err:  # bad UTF-8 or JSON, or an integer of more than 4300 digits
                 return self._reply(400, {"error": f"malformed JSON: {err}"})
             except RecursionError:  # "[[[[...]]]]": Python's parser recurses once per level
                 return self._reply(400, {"error": "malformed JSON: nested too deeply"})
@@ -155,12 +214,20 @@ def make_handler(model, codec: PromptCodec, config: ServeConfig):
     return Handler
 
 
-def serve(model, codec: PromptCodec, config: ServeConfig, ready=None) -> None:
-    """Serve until SIGTERM or SIGINT; `ready(host, port)` is called once listening."""
+def listen(config: ServeConfig) -> LLMStepServer:
+    """The bound server, before any model is loaded: a port in use must not cost a model load first.
+    Clients that connect before `serve` starts wait in the listen queue."""
     try:
-        server = LLMStepServer((config.host, config.port), make_handler(model, codec, config))
+        return LLMStepServer((config.host, config.port), BaseHTTPRequestHandler, bind_and_activate=True)
     except OSError as err:  # port in use, unknown host: the OS's message names neither
         raise OSError(f"cannot listen on {config.host}:{config.port}: {err.strerror or err}") from None
+
+
+def serve(model, codec: PromptCodec, config: ServeConfig, ready=None, server: LLMStepServer | None = None) -> None:
+    """Serve until SIGTERM or SIGINT on `server` (bound by `listen`; bound here when not given);
+    `ready(host, port)` is called once listening."""
+    server = server or listen(config)
+    server.RequestHandlerClass = make_handler(model, codec, config)
     stop = threading.Event()
 
     def on_signal(signum, frame):
