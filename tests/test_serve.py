@@ -290,6 +290,34 @@ def test_a_client_trickling_its_body_is_cut_off_at_the_timeout_not_per_read(monk
     assert seconds < 4 and waited < 4  # cut at 1.5 s, not after the 19 reads of 0.5 s each (~10 s)
 
 
+def test_a_client_gone_mid_request_is_one_log_line_not_a_traceback(monkeypatch, capsys):
+    import socket
+    import struct
+    import threading
+    import time
+
+    from megamath.generation import server as server_module
+    from megamath.generation.server import LLMStepServer, ServeConfig, make_handler
+
+    monkeypatch.setattr(server_module, "suggest", lambda *args: ["rfl"])
+    httpd = LLMStepServer(("127.0.0.1", 0), make_handler(None, None, ServeConfig()))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    port = httpd.server_address[1]
+    try:
+        conn = socket.create_connection(("127.0.0.1", port))
+        conn.sendall(b"POST / HTTP/1.0\r\nContent-Length: 100\r\n\r\n{")
+        time.sleep(0.2)  # the server is reading the body
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()  # a reset, as a client killed mid-send
+        assert post(port, b'{"tactic_state": "x"}') == (200, {"suggestions": ["rfl"]})
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.startswith("request from 127.0.0.1 failed: ConnectionResetError"), err
+    assert err.count("\n") == 1
+
+
 def test_suggestions_are_prefixed_deduplicated_and_ranked_by_mean_logprob(monkeypatch):
     from megamath.generation import server as server_module
     from megamath.generation.generate import Completion
