@@ -54,12 +54,13 @@ class TrainData:
         self.global_batch_size = config.global_batch_size(state.dp_size)
         data = config.data
         weights, prefixes = data.train_blend()
-        if config.train_steps * self.global_batch_size >= 2**63:  # the sample index counts in int64
+        num_samples = config.train_steps * self.global_batch_size
+        if num_samples >= 2**63:  # the sample index counts in int64
             raise ValueError(f"train_steps {config.train_steps} × global batch {self.global_batch_size} "
                              "(micro_batch_size · grad_accum_steps · DP) is more samples than 64 bits count")
 
         def build_train() -> BlendedDataset:
-            return BlendedDataset([_open(p) for p in prefixes], weights, config.train_steps * self.global_batch_size,
+            return BlendedDataset([_open(p) for p in prefixes], weights, num_samples,
                                   data.seq_length, seed=data.seed, cache_dir=cache_dir)
 
         self.train = rank0_first(state, build_train)
