@@ -26,6 +26,7 @@ from megamath.evaluation.voting import majority_vote
     (" The answer is $-5. Then 3 more.", "-5"), (" The answer is -$5.", "-5"), (" The answer is $ 12.", "12"),
     (" So he gave 20 - 12", "12"),  # the last number, not "- 12"
     (" The answer is 5.\nWait, she had 9. The answer is 7.", "5"),  # the first statement is graded
+    (" The answer is .5.", "0.5"),  # a leading point is part of the number, not the 5 after it
 ])
 def test_gsm8k_extraction(completion, expected):
     assert gsm8k.extract_answer(completion) == expected
@@ -36,6 +37,9 @@ def test_gsm8k_gold_and_comparison():
     assert gsm8k.gold_answer("... #### 1,000") == "1000"
     assert gsm8k.is_correct("$1,000.", "1000") and gsm8k.is_correct("18.0", "18")
     assert not gsm8k.is_correct("17", "18") and not gsm8k.is_correct(None, "18")
+    assert not gsm8k.is_correct(".5", "5") and gsm8k.is_correct("0.50", ".5")
+    assert not gsm8k.is_correct("12345678901234567", "12345678901234568")  # exact, not as floats
+    assert gsm8k.normalize_number("1e99999") == "1e99999"  # no 100000-digit integer is spelled out
     with pytest.raises(ValueError, match="####"):
         gsm8k.gold_answer("no marker")
 
@@ -89,6 +93,11 @@ EQUIVALENT = [
     ("(5)", "5"),  # parentheses around one value only group it
     (r"2\sqrt[3]{2}", r"\sqrt[3]{16}"),  # a cube root survives the \sqrt2 shorthand rule
     (r"\text{(C)}", "C"),
+    (r"1\,000", "1000"), (r"5\,\text{cm}", "5"), (r"2\,\sqrt{3}", r"2\sqrt{3}"),  # LaTeX spacing
+    (r"\frac{1}{2}\quad", "0.5"), (r"3\:", "3"), (r"x \qquad", "x"),
+    ("08", "8"), ("007", "7"), ("0.05", r"\frac{1}{20}"),  # leading zeros: 08 is eight, not 0·8
+    (r"\left(2^{1024}\right)^{2}", "2^{2048}"), (r"(10^{400})^{1}", "10^{400}"),  # bases past a float's range
+    (r"\frac{\sqrt{2}}{2}", r"\frac{1}{\sqrt{2}}"),
 ]
 DIFFERENT = [
     ("3", "4"),
@@ -108,6 +117,11 @@ DIFFERENT = [
     ("(1,2)", "1"),
     ("2, 3", "23"),  # a list of two solutions is not the number twenty-three
     ("2,3", "3,2"),  # lists compare in order, as in Minerva's check
+    # A decimal is exact as written: no tolerance makes a rounded or nearby decimal right.
+    ("0.3333333333", r"\frac{1}{3}"), ("1000000008.0", "1000000007"), ("2000000.001", "2000000"),
+    ("3.14159265359", r"\pi"), ("0.000000001", "0"), ("1.41421356237", r"\sqrt{2}"),
+    ("08", "0"), ("0012", "0"),  # Python would read 08 as 0 times 8
+    ("10112", "1011_2"),  # a base subscript is not a digit separator
 ]
 
 
@@ -142,6 +156,11 @@ def test_math_extraction_and_gold():
     assert minerva_math.extract_answer(r" so the answer is $\boxed{\frac{1}{2}}$.") == r"\frac{1}{2}"
     assert minerva_math.extract_answer(" no idea") is None
     assert minerva_math.extract_answer(r" so $\boxed{}$.") is None
+    # Only Minerva's line is the answer: "the final answer is" in the reasoning is not.
+    reasoned = (" At first I thought the final answer is 4.\nBut I double counted: $6$.\n"
+                "Final Answer: The final answer is $6$. ")
+    assert minerva_math.extract_answer(reasoned) == "$6$"
+    assert minerva_math.extract_answer(" Since $x<0$, the final answer is negative. So $\\boxed{-3}$.") == "-3"
     ran_on = ("Final Answer: The final answer is $5$.\nBut $2+4$ is $6$.\n"
               "Final Answer: The final answer is $6$.")  # the first answer is graded, as Minerva's search does
     assert minerva_math.extract_answer(ran_on) == "$5$"

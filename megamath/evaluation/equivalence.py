@@ -115,8 +115,6 @@ def _namespace() -> dict:
 
 def _check_size(expr) -> None:
     """Refuse (ValueError) a power too large to evaluate: expr is unevaluated, so nothing big exists yet."""
-    import math
-
     import sympy
 
     for node in sympy.preorder_traversal(expr):
@@ -127,9 +125,12 @@ def _check_size(expr) -> None:
             if exponent > MAX_SYMBOLIC_EXPONENT:
                 raise ValueError(f"exponent {exponent:g} too large")
             continue
-        base = abs(complex(sympy.N(node.base)))
-        if base not in (0.0, 1.0) and exponent * abs(math.log10(base)) > MAX_DIGITS:
-            raise ValueError(f"power with about {exponent * abs(math.log10(base)):g} digits")
+        base = sympy.N(sympy.Abs(node.base))  # an mpmath float: 2^{1024} is no overflow, as a Python float is
+        if not base.is_finite or base.is_zero or base == 1:
+            continue
+        digits = exponent * abs(float(sympy.log(base, 10).evalf()))
+        if digits > MAX_DIGITS:
+            raise ValueError(f"power with about {digits:g} digits")
 
 
 def to_sympy(text: str):
@@ -137,6 +138,10 @@ def to_sympy(text: str):
                                             standard_transformations)
 
     python = latex_to_python(text)
+    # Python's number literals are not LaTeX's: 08 would be 0·8 and 1011_2 (a base subscript) 10112.
+    python = re.sub(r"(?<![0-9A-Za-z_.])0+(?=[0-9])", "", python)
+    if re.search(r"[0-9]_", python):
+        raise ValueError(f"subscripted number in {text!r}")
     if re.search(r"[^0-9A-Za-z_+\-*/().\s]", python):
         raise ValueError(f"unsupported characters in {text!r}")
     # parse_expr evaluates its input as Python: a model's answer must not reach attributes ("(1).__class__").
@@ -164,14 +169,26 @@ def _split_top_level(text: str) -> list[str]:
     return parts + [text[start:]]
 
 
+def _exact_decimals(expr):
+    """Every decimal as written becomes the rational it spells: 0.3333333333 is not 1/3."""
+    import sympy
+
+    return expr.xreplace({f: sympy.Rational(str(f)) for f in expr.atoms(sympy.Float)})
+
+
 def _scalar_equal(a: str, b: str) -> bool:
     import sympy
 
     x, y = to_sympy(a), to_sympy(b)
+    decimals = bool(x.atoms(sympy.Float) or y.atoms(sympy.Float))
+    x, y = _exact_decimals(x), _exact_decimals(y)
     difference = sympy.simplify(x - y)
     if difference == 0:
         return True
-    if difference.is_Rational:  # exactly nonzero: a relative tolerance would equate 1000000007 and 1000000008
+    # A decimal is exact as written (3.14159265359 is not pi), and an exactly nonzero rational difference is
+    # never float noise (1000000007 is not 1000000008). What is left, irrational constants simplify could not
+    # cancel (sqrt(2)/2 against 1/sqrt(2)), is compared numerically.
+    if decimals or difference.is_Rational:
         return False
     return bool(difference.is_number and abs(complex(sympy.N(difference))) <= 1e-9 * max(1.0, abs(complex(sympy.N(y)))))
 

@@ -6,6 +6,7 @@ Answers are compared after removing commas, `$` and a trailing period, as number
 """
 from __future__ import annotations
 
+import decimal
 import re
 
 EXEMPLARS = [
@@ -38,7 +39,8 @@ EXEMPLARS = [
      "left. 23 - 15 is 8. The answer is 8."),
 ]
 STOP = ("\n\nQ:", "\nQ:", "\n\n\n")
-_NUMBER = r"(?:-?[$]\s*-?|-)?[0-9][0-9,]*(?:\.[0-9]+)?"  # 5, -5, $5, -$5, $-5; the "-" of "20 - 12" is no sign
+# 5, -5, $5, -$5, $-5, .5; the "-" of "20 - 12" is no sign
+_NUMBER = r"(?:-?[$]\s*-?|-)?(?:[0-9][0-9,]*(?:\.[0-9]+)?|\.[0-9]+)"
 _ANSWER_IS = re.compile(r"[Tt]he answer is:?\s*(" + _NUMBER + ")")
 
 
@@ -52,15 +54,18 @@ def build_prompt(question: str, shots: int = 8) -> str:
 
 
 def normalize_number(text: str) -> str:
-    """'$1,234.' -> '1234'; '18.00' -> '18'; text that is not a number comes back stripped of the same marks."""
+    """'$1,234.' -> '1234'; '18.00' -> '18'; '.50' -> '0.5'; text that is not a number comes back stripped of
+    the same marks. Decimal, not float: 12345678901234567 and 12345678901234568 stay two answers."""
     text = text.strip().replace(",", "").replace("$", "").strip().rstrip(".").strip()
     try:
-        value = float(text)
-    except ValueError:
+        value = decimal.Decimal(text)
+    except decimal.InvalidOperation:
         return text
-    if value.is_integer():
+    if not value.is_finite() or abs(value.adjusted()) > 1000:  # inf, nan, 1e99999: no digits to spell out
+        return text
+    if value == value.to_integral_value():
         return str(int(value))
-    return repr(value)
+    return format(value.normalize(), "f")
 
 
 def gold_answer(solution: str) -> str:

@@ -2,16 +2,16 @@ r"""MATH (Hendrycks et al., 2021) with Minerva's 4-shot prompt and final-answer 
 
 The prompt is Minerva's (Lewkowycz et al., 2022): four worked problems, each solution ending with
 "Final Answer: The final answer is $…$. I hope it is correct." The model's answer is what follows the
-first "The final answer is" (else its last `\boxed{}`); the gold answer is the last `\boxed{}` of the
-dataset's solution. Both go through `normalize_final_answer`, Minerva's normalisation (appendix D: keep
-the right-hand side of an equation, drop units and filler words, unwrap `\text{}`, `\boxed{}`, `$…$`,
-complete shorthand like `\frac12`), with additions it lacks: `\dfrac`/`\tfrac` read as `\frac`, `\%`,
-`%`, `\!`, `\left`/`\right` dropped, `\mathrm{}`/`\mathbf{}` unwrapped too, braces matched when unwrapping
-(Minerva's regexes stop at the first `}`), a trailing period dropped, `\sqrt[n]{x}` kept whole, and commas
-dropped only as thousands separators (Minerva's turns the list "2,3" into 23). Equivalence
-(equivalence.py) is equality of the normalised strings, then symbolic equality through SymPy under a
-timeout. Where Minerva's scoring finds no "Final Answer" line it counts the problem wrong; the `\boxed{}`
-fallback here is more lenient.
+first "Final Answer: The final answer is" (else its last `\boxed{}`); the gold answer is the last
+`\boxed{}` of the dataset's solution. Both go through `normalize_final_answer`, Minerva's normalisation
+(appendix D: keep the right-hand side of an equation, drop units and filler words, unwrap `\text{}`,
+`\boxed{}`, `$…$`, complete shorthand like `\frac12`), with additions it lacks: `\dfrac`/`\tfrac` read as
+`\frac`, `\%`, `%`, `\!`, `\left`/`\right` and spacing (`\,` `\:` `\quad`) dropped, `\mathrm{}`/`\mathbf{}`
+unwrapped too, braces matched when unwrapping (Minerva's regexes stop at the first `}`), a trailing period
+dropped, `\sqrt[n]{x}` kept whole, and commas dropped only as thousands separators (Minerva's turns the
+list "2,3" into 23). Equivalence (equivalence.py) is equality of the normalised strings, then symbolic
+equality through SymPy under a timeout. Where Minerva's scoring finds no "Final Answer" line it counts the
+problem wrong; the `\boxed{}` fallback here is more lenient.
 """
 from __future__ import annotations
 
@@ -55,7 +55,8 @@ REMOVED_EXPRESSIONS = [
 ]
 # Additions: spellings Minerva's table does not cover, applied first.
 EXTRA_SUBSTITUTIONS = [("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\left", ""), ("\\right", ""),
-                       ("\\%", ""), ("%", ""), ("\\!", "")]
+                       ("\\%", ""), ("%", ""), ("\\!", ""), ("\\qquad", ""), ("\\quad", ""), ("\\,", ""),
+                       ("\\:", "")]  # spacing: 1\,000 is 1000 (SymPy's LaTeX grammar skips these too)
 
 
 def build_prompt(problem: str, shots: int = 4) -> str:
@@ -93,11 +94,13 @@ def gold_answer(solution: str) -> str:
 
 
 def extract_answer(completion: str) -> str | None:
-    """What follows the first "The final answer is" on its line (Minerva's format), else the last `\\boxed{}`.
+    """What follows the first "Final Answer: The final answer is" (Minerva's line), else the last `\\boxed{}`.
 
-    The first, as Minerva's scoring searches for it: a second one belongs to text the model ran on into.
+    The line itself, not the phrase anywhere: reasoning that says "at first I thought the final answer is 4"
+    must not be graded. The first such line, as Minerva's scoring searches for it: a second one belongs to
+    text the model ran on into.
     """
-    match = re.search(r"[Tt]he final answer is(.*)", completion)
+    match = re.search(r"Final Answer: The final answer is(.*)", completion)
     if match:
         answer = match.group(1).split("I hope it is correct")[0].strip()
         answer = answer[:-1].strip() if answer.endswith(".") else answer
