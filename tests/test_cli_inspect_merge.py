@@ -138,6 +138,21 @@ def test_merge_bad_inputs_exit_2(tmp_path, capsys):
     assert not (tmp_path / "m.idx").exists()
 
 
+def test_merge_refuses_an_output_whose_bin_is_an_inputs(tmp_path, capsys):
+    """b.bin a link to a.bin, b.idx its own: merging b into a replaced a.bin, so b read the merge's tokens."""
+    write(tmp_path / "a", [[[1, 2, 3]]])
+    write(tmp_path / "c", [[[7, 8]]])
+    (tmp_path / "b.bin").symlink_to("a.bin")
+    (tmp_path / "b.idx").write_bytes((tmp_path / "a.idx").read_bytes())
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert main(["merge", "--input", str(tmp_path / "b"), str(tmp_path / "c"), "--output", str(tmp_path / "a")]) == 2
+    assert capsys.readouterr().err == (f"megamath merge: error: --output {tmp_path / 'a'}: its .bin is also input "
+                                       f"{tmp_path / 'b'}'s .bin (a link or another name for it); writing it would "
+                                       "replace that input\n")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert IndexedDataset(tmp_path / "b")[0].tolist() == [1, 2, 3]
+
+
 def test_a_second_writer_in_the_output_folder_is_refused(tmp_path, capsys):
     """Two merges into one prefix raced between the .bin and .idx renames (one failed on its own output)."""
     write(tmp_path / "in" / "a", [[[1, 2, 3]]])

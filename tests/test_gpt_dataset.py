@@ -101,6 +101,16 @@ def test_errors_name_the_dataset(tmp_path):
         GPTDataset(small, 1, 0)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_float_dataset_is_refused_not_truncated_to_token_ids(tmp_path, dtype):
+    """A float indexed dataset (codes 6, 7) is valid MMIDIDX, but its samples were cast to int64: 2.7 -> 2."""
+    floats = write_dataset(tmp_path / "f", [np.array([1.5, 2.7, 3.9, 4.2, 5.5, 6.6, 7.1, 8.8, 9.9], dtype)], dtype)
+    with pytest.raises(ValueError, match=rf"^dataset {tmp_path / 'f'} stores {np.dtype(dtype)} values, not token "
+                                         r"ids: GPT samples need an integer dataset \(uint16 or int32, as preprocess"):
+        GPTDataset(floats, 2, 4)
+    assert len(GPTDataset(write_dataset(tmp_path / "i", [np.arange(9)], np.int64), 2, 4)) == 2  # any integer type
+
+
 # --- the index cache ----------------------------------------------------------------------------------
 
 @pytest.fixture

@@ -33,6 +33,11 @@ def run(args) -> int:
     for prefix in inputs:  # as every command refuses: the merge would replace one of the datasets it reads
         if same_file(f"{output}.idx", f"{prefix}.idx"):
             raise ValueError(f"--output {args.output} is also an input ({prefix}); writing it would replace that input")
+        # An input's .bin alone may be the output's (b.bin a link to a.bin, b.idx its own): publishing the
+        # output's .bin would replace that input's tokens under its intact .idx.
+        if same_file(f"{output}.bin", f"{prefix}.bin"):
+            raise ValueError(f"--output {args.output}: its .bin is also input {prefix}'s .bin (a link or another "
+                             "name for it); writing it would replace that input")
     merged = merge_datasets(inputs, output)
     print(f"merged {len(args.input)} datasets into {merged.prefix}: {len(merged)} sequences, "
           f"{merged.num_documents} documents, {merged.num_tokens} tokens ({merged.dtype})")

@@ -50,8 +50,14 @@ def gpt_index_description(dataset: TokenSource, documents: np.ndarray, num_sampl
 
 def check_documents(dataset: TokenSource, documents: np.ndarray | None, seq_length: int) -> tuple[np.ndarray, int]:
     """(`documents` as an int64 array (all sequences by default), their token count), rejecting ids out
-    of range and datasets too small for one sample, with messages that name the dataset."""
+    of range, datasets too small for one sample and datasets of non-integer values, with messages that name
+    the dataset. A float dataset is a valid MMIDIDX file, but its values cast to int64 token ids silently
+    truncated (2.7 -> 2): training on it would learn from ids nobody wrote."""
     name, n = dataset_name(dataset), len(dataset.sizes)
+    dtype = getattr(dataset, "dtype", None)
+    if dtype is not None and np.dtype(dtype).kind not in "iu":
+        raise ValueError(f"dataset {name} stores {np.dtype(dtype)} values, not token ids: GPT samples need an "
+                         "integer dataset (uint16 or int32, as preprocess writes)")
     all_sequences = documents is None
     if all_sequences:
         documents = np.arange(n, dtype=np.int64)
