@@ -270,11 +270,11 @@ def test_interrupted_run_publishes_nothing(tmp_path, bpe_model, monkeypatch, wor
     calls = []
     original = IndexedDatasetWriter.add_documents
 
-    def interrupted(self, tokens, lengths):
+    def interrupted(self, tokens, lengths, sequences=None):
         calls.append(len(lengths))
         if len(calls) == 3:
             raise KeyboardInterrupt
-        original(self, tokens, lengths)
+        original(self, tokens, lengths, sequences)
 
     monkeypatch.setattr(IndexedDatasetWriter, "add_documents", interrupted)
     with pytest.raises(KeyboardInterrupt):

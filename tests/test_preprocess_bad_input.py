@@ -63,6 +63,11 @@ BAD_LINES = [  # (line, reason, detail)
     (b'{"text": null}\n', NOT_A_STRING, "'text' is null"),
     (b'{"text": ["a", "b"]}\n', NOT_A_STRING, "'text' is an array"),
     (b'{"text": ""}\n', EMPTY_TEXT, "'text' is an empty string"),
+    # Valid JSON that json.loads still refuses: RecursionError, and a ValueError with no .msg or .colno.
+    (b'{"text": "x", "meta": ' + b"[" * 5000 + b"]" * 5000 + b"}\n", INVALID_JSON,
+     "nested too deeply to parse (arrays or objects beyond Python's recursion limit)"),
+    (b'{"text": "x", "meta": ' + b"1" * 5000 + b"}\n", INVALID_JSON,
+     "Exceeds the limit (4300 digits) for integer string conversion: value has 5000 digits"),
 ]
 
 
@@ -97,6 +102,22 @@ def test_strict_stops_at_the_first_bad_line_in_input_order(tmp_path, model, work
         _run([root], model, out, workers=workers, strict=True, batch_bytes=200)
     assert str(err.value) == f"{path}:42: {NOT_A_STRING}: 'text' is a number (strict mode stops at the first bad line)"
     assert sorted(p.name for p in out.iterdir()) == ["arxiv_test_text_document.bin", "arxiv_test_text_document.idx"]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_json_that_json_loads_cannot_take_is_a_bad_line_not_a_crash(tmp_path, model, capsys, workers):
+    """A line nested thousands deep (RecursionError) or with a 5,000-digit number (ValueError without .msg)
+    aborted the run with a traceback, in a worker or in this process; now it is an invalid-JSON line."""
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"".join(_lines("one") + [b'{"text": "x", "meta": ' + b"[" * 100000 + b"]" * 100000 + b"}\n"]
+                              + _lines("two") + [b'{"text": "x", "meta": ' + b"9" * 5000 + b"}\n"] + _lines("three")))
+    (summary,) = _run([path], model, tmp_path / "out", workers=workers)
+    assert summary.skipped == {INVALID_JSON: 2} and summary.documents == 3
+    assert [(b.line, b.reason) for b in summary.bad_lines] == [(2, INVALID_JSON), (4, INVALID_JSON)]
+    with pytest.raises(ValueError) as err:
+        _run([path], model, tmp_path / "strict", workers=workers, strict=True)
+    assert str(err.value) == (f"{path}:2: {INVALID_JSON}: nested too deeply to parse (arrays or objects beyond "
+                              "Python's recursion limit) (strict mode stops at the first bad line)")
 
 
 def test_line_numbers_across_batches_and_files(tmp_path, model, capsys):

@@ -3,6 +3,7 @@ run per output folder; zero-byte archives and names that would leave the output 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 
 from megamath.cli import main
 from megamath.data.preprocess import preprocess
+from megamath.data.sources import InputGroup
 from megamath.run_lock import FolderBusyError, FolderLock
 from test_preprocess import _config, _texts, _write, bpe_model  # noqa: F401
 
@@ -113,6 +115,24 @@ def test_json_key_that_leaves_the_output_folder_is_refused(tmp_path, bpe_model, 
                  str(tmp_path / "out"), "--json-key", "a/../../x", "--workers", "1", "--no-progress"]) == 2
     assert "--json-key 'a/../../x' would name datasets outside --output-dir" in capsys.readouterr().err
     assert not list(tmp_path.glob("x_*")) and not os.path.exists(tmp_path.parent / "x_document.bin")
+
+
+def test_dots_inside_a_name_are_no_path(tmp_path, bpe_model, capsys):
+    """`v1..2.jsonl` and a key `a..b` were refused for holding "..", and the refusal blamed --json-key even for
+    a file name. Only separators, or a whole `.` / `..` key, are refused, and the blame goes to the cause."""
+    src = _write(tmp_path / "v1..2.jsonl", [{"a..b": "hello"}])
+    assert main(["preprocess", "--input", str(src), "--tokenizer-model", str(bpe_model), "--output-dir",
+                 str(tmp_path / "out"), "--json-key", "a..b", "--workers", "1", "--no-progress"]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["v1..2_a..b_document.bin",
+                                                                    "v1..2_a..b_document.idx"]
+    for key in (".", ".."):
+        with pytest.raises(ValueError, match=rf"^--json-key '{re.escape(key)}' is a folder's name, not a usable key"):
+            _config([src], bpe_model, tmp_path / "out", json_key=key)
+    with pytest.raises(ValueError, match=r"^dataset name 'a\\\\b_text_document' \(from the input name\) is not a "
+                                         r"plain file name: use names without path separators$"):
+        InputGroup("a\\b", (src,)).output_prefix(tmp_path, "text")
+    with pytest.raises(ValueError, match=r"^dataset name 'x_a/b_document' \(from --json-key\) is not a plain"):
+        InputGroup("x", (src,)).output_prefix(tmp_path, "a/b")
 
 
 def test_os_errors_on_user_paths_are_one_line(tmp_path, bpe_model, capsys):

@@ -7,13 +7,18 @@ writes `out/pp2_text_document.{bin,idx}`: Megatron's `{output_prefix}_{key}_docu
 Megatron-LM writes for the same input and tokenizer. Megatron-LM (since its 2026 tokenizer rewrite) runs
 its three SentencePiece tokenizer types the same way: the ids of `encode(text)`, no BOS, and with
 `--append-eod` the model's EOS after each document; megamath's `preprocess` stores exactly that, so
-the files are also byte-identical to `megamath preprocess` on the same file.
+the files are also byte-identical to `megamath preprocess` on the same file (of string texts: see below).
+
+A list of strings under a key (the sentences Megatron's `--split-sentences` writes) is one document of
+several sequences, as Megatron writes it: one sequence per sentence that has tokens, the EOS (with
+`--append-eod`) ending the last. `megamath preprocess` skips such a line (text not a string).
 
 Megatron's `--partitions N` deals the input lines out round robin (line i to partition i mod N), encodes
 each partition and concatenates them in partition order; `--keep-sequential-samples` deals contiguous
 chunks instead, which keeps the input order. The documents are written in that same order here; the
 partition files are made in a temporary folder and removed (Megatron leaves `{input}_{i}` files next to
-the input and `{output_prefix}_{i}_*` datasets next to the output).
+the input and `{output_prefix}_{i}_*` datasets next to the output). Inputs are read, and bad lines
+reported at their input file:line, exactly as without partitions.
 
 Differences on input Megatron cannot read: invalid JSON lines, which stop Megatron, are skipped and
 reported (`--strict` stops); an empty text, which Megatron stores as an empty document, is skipped and
@@ -25,12 +30,13 @@ import argparse
 import glob
 import os
 import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Sequence
 
 from megamath.atomic_io import naming_write_errors, remove_dead_temporaries, temp_tag
 from megamath.data.preprocess import PreprocessConfig, default_workers, format_summary, preprocess
-from megamath.data.sources import InputGroup, _blocks
+from megamath.data.sources import InputGroup, read_line_batches
 
 SENTENCEPIECE_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer")
 # Megatron-LM's other tokenizer types, refused with what to use instead.
@@ -79,8 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
 def check_supported(args) -> None:
     """One-line errors for what megamath does not do, each saying what to use instead."""
     if args.split_sentences:
-        raise ValueError("--split-sentences is not supported: megamath stores one sequence per document "
-                         "(Megatron's default for GPT training); drop the flag")
+        raise ValueError("--split-sentences is not supported: megamath splits no text into sentences (GPT "
+                         "training, Megatron's default, keeps one sequence per document); drop the flag (texts "
+                         "already split, JSON lists of sentences, are read as Megatron reads them)")
     if args.find_optimal_num_workers:
         raise ValueError("--find-optimal-num-workers is not supported: the output is the same for any --workers; "
                          "time worker counts with perf/bench_data.py preprocess --workers 1 2 4 ...")
@@ -110,29 +117,35 @@ def input_files(spec: str, partitions: int) -> list[Path]:
                                                                 if matches else ""))
 
 
-def deal_round_robin(files: Sequence[Path], partitions: int, folder: Path) -> list[Path]:
-    """Megatron's partition files: line i of the inputs (counted across files) goes to partition i mod N."""
-    paths = [folder / f"partition_{i}.jsonl" for i in range(partitions)]
+def deal_round_robin(files: Sequence[Path], partitions: int, folder: Path, name: str) -> InputGroup:
+    """Megatron's partition files: line i of the inputs (counted across files) goes to partition i mod N,
+    and the partitions are read in order.
+
+    Inputs are read as `megamath preprocess` reads them (read_line_batches: a 0-byte or corrupt archive is
+    an error naming the file, a BOM is dropped, each file's last line is a line). Each input's share of a
+    partition is a copy of its own, whose lines are every N-th line of that input: the group's origins map
+    a bad line back to the input's file:line.
+    """
+    copies: list[list[tuple[Path, tuple[Path, int, int]]]] = [[] for _ in range(partitions)]  # per partition
+    dealt = 0  # lines dealt so far, across files
     # the partitions are copies of the input, as large: a full disk is likeliest here, and would name no file
     with naming_write_errors(folder, "the inputs are untouched and nothing was written under --output-prefix"):
-        outs = [open(p, "wb") for p in paths]
-        try:
-            index, carry = 0, b""
-            for path in files:
-                with open(path, "rb") as raw:
-                    for block in _blocks(raw, path, 1 << 20):
-                        lines = (carry + block).split(b"\n")
-                        carry = lines.pop()
-                        for line in lines:
-                            outs[index].write(line + b"\n")
-                            index = (index + 1) % partitions
-                if carry:  # a last line without a newline is still a line of its own
-                    outs[index].write(carry + b"\n")
-                    index, carry = (index + 1) % partitions, b""
-        finally:
-            for out in outs:
-                out.close()
-    return paths
+        for k, path in enumerate(files):
+            names = [folder / f"partition_{p}_{k}.jsonl" for p in range(partitions)]
+            first = dealt  # the global index of this file's line 1
+            with ExitStack() as stack:
+                outs = [stack.enter_context(open(name, "wb")) for name in names]
+                for batch in read_line_batches(path, 0, 1 << 20):
+                    lines = batch.data.split(b"\n")
+                    if not lines[-1]:
+                        lines.pop()  # the newline that ends the batch's last line
+                    for j in range(min(partitions, len(lines))):
+                        outs[(dealt + j) % partitions].write(b"\n".join(lines[j::partitions]) + b"\n")
+                    dealt += len(lines)
+            for p in range(partitions):  # partition p's first line of this file: line (p - first) % N + 1
+                copies[p].append((names[p], (path, (p - first) % partitions + 1, partitions)))
+    files_and_origins = [copy for partition in copies for copy in partition]
+    return InputGroup(name, tuple(f for f, _ in files_and_origins), origins=tuple(o for _, o in files_and_origins))
 
 
 def run(argv: Sequence[str]) -> int:
@@ -143,15 +156,15 @@ def run(argv: Sequence[str]) -> int:
     prefix.parent.mkdir(parents=True, exist_ok=True)
     remove_dead_temporaries(prefix.parent, ".megatron-partitions-")  # a killed run's copy of its input
     with tempfile.TemporaryDirectory(prefix=f".megatron-partitions-{temp_tag()}-", dir=prefix.parent) as tmp:
+        # One dataset per key: Megatron's {output_prefix}_{key}_document, made of the files in this order.
+        group = InputGroup(prefix.name, tuple(files))
         if args.partitions > 1 and not args.keep_sequential_samples:
-            files = deal_round_robin(files, args.partitions, Path(tmp))
+            group = deal_round_robin(files, args.partitions, Path(tmp), prefix.name)
         for key in args.json_keys:
-            # One dataset: Megatron's {output_prefix}_{key}_document, made of the files in this order.
-            group = InputGroup(prefix.name, tuple(files))
             config = PreprocessConfig(inputs=[str(f) for f in files], tokenizer_model=args.tokenizer_model,
                                       output_dir=prefix.parent, workers=args.workers or default_workers(),
                                       json_key=key, append_eod=args.append_eod, strict=args.strict,
-                                      progress=args.progress)
+                                      progress=args.progress, sentence_lists=True)
             print(format_summary(preprocess(config, groups=[group])))
     return 0
 

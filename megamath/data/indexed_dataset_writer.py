@@ -128,14 +128,16 @@ class IndexedDatasetWriter:
         self.add_item(tokens)
         self.end_document()
 
-    def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
-        """Append `len(lengths)` one-sequence documents given as flat tokens, in one write.
+    def add_documents(self, tokens: np.ndarray, lengths: np.ndarray, sequences: np.ndarray | None = None) -> None:
+        """Append documents given as flat tokens, in one write: `len(lengths)` one-sequence documents, or
+        with `sequences` (documents,) that many sequences per document, `lengths` then being per sequence
+        (Megatron's `add_document(tokens, lengths)` for each document in turn).
 
         The preprocessing hot path: no per-document Python work, only vectorised checks.
         """
         self._check_open()
         tokens = self._as_tokens(tokens)  # (sum(lengths),)
-        lengths = np.asarray(lengths)  # (n_docs,)
+        lengths = np.asarray(lengths)  # (n_docs,) or with `sequences` (n_sequences,)
         if lengths.ndim != 1 or (lengths.size and lengths.dtype.kind not in "iu"):
             raise ValueError(f"lengths must be a 1-D integer array, got {lengths.dtype} of shape {lengths.shape}")
         lengths = lengths.astype(np.int64)
@@ -144,13 +146,21 @@ class IndexedDatasetWriter:
                              f"got [{lengths.min()}, {lengths.max()}]")
         if int(lengths.sum()) != len(tokens):
             raise ValueError(f"lengths sum to {int(lengths.sum())} but {len(tokens)} tokens were given")
+        if sequences is None:
+            sequences = np.ones(len(lengths), dtype=np.int64)  # (n_docs,)
+        sequences = np.asarray(sequences)  # (n_docs,)
+        if sequences.ndim != 1 or (sequences.size and (sequences.dtype.kind not in "iu" or sequences.min() < 0)):
+            raise ValueError(f"sequences must be a 1-D array of counts, got {sequences.dtype} "
+                             f"of shape {sequences.shape}")
+        if int(sequences.sum()) != len(lengths):
+            raise ValueError(f"sequences sum to {int(sequences.sum())} but {len(lengths)} lengths were given")
         if self._sizes.count != self._doc_ends.last:
             raise ValueError("add_documents() needs the current document closed: call end_document() first")
         with naming_write_errors(self._bin_path):
             self._bin.write(memoryview(tokens).cast("B"))
         first = self._sizes.count
         self._sizes.extend(lengths)
-        self._doc_ends.extend(np.arange(first + 1, first + 1 + len(lengths), dtype=np.int64))
+        self._doc_ends.extend(first + np.cumsum(sequences, dtype=np.int64))
 
     def add_dataset(self, prefix: str | Path) -> None:
         """Append a whole dataset: its tokens are copied, its sequence and document indices are offset

@@ -73,6 +73,11 @@ class PreprocessConfig:
     """Bad lines printed (and kept in the summary) per reason and dataset; all are counted."""
     progress: bool = True
     """Show a progress bar on stderr."""
+    sentence_lists: bool = False
+    """Read a list of strings under json_key as one document of several sequences, a sentence each, as
+    Megatron's preprocess_data.py does (its --split-sentences writes such lists); tools/preprocess_data.py
+    sets it. Off, such a line is skipped (text not a string): `megamath preprocess` stores one sequence per
+    document."""
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -81,9 +86,12 @@ class PreprocessConfig:
             raise ValueError(f"batch_bytes must be at least 1, got {self.batch_bytes}")
         if not self.json_key:
             raise ValueError("--json-key must not be empty")
-        if "/" in self.json_key or "\\" in self.json_key or ".." in self.json_key or "\0" in self.json_key:
+        if "/" in self.json_key or "\\" in self.json_key or "\0" in self.json_key:
             raise ValueError(f"--json-key {self.json_key!r} would name datasets outside --output-dir (it is part "
-                             "of the file name): use a key without path separators or '..'")
+                             "of the file name): use a key without path separators")
+        if self.json_key in (".", ".."):  # `a..b` is a plain name; only a whole `.` or `..` names a folder
+            raise ValueError(f"--json-key {self.json_key!r} is a folder's name, not a usable key (it is part of "
+                             "the file name): use another key")
 
 
 @dataclass
@@ -117,7 +125,8 @@ class _Outputs:
     def __init__(self, groups: list[InputGroup], config: PreprocessConfig, dtype: np.dtype, log) -> None:
         self.config, self.dtype, self.log = config, dtype, log
         prefixes = [g.output_prefix(config.output_dir, config.json_key) for g in groups]
-        self.summaries = [DatasetSummary(prefix.name, prefix, len(g.files)) for g, prefix in zip(groups, prefixes)]
+        inputs = [len(g.files) if g.origins is None else len({source for source, _, _ in g.origins}) for g in groups]
+        self.summaries = [DatasetSummary(prefix.name, prefix, n) for n, prefix in zip(inputs, prefixes)]
         self._writers: dict[int, IndexedDatasetWriter] = {}
         self._next_to_finish = 0
         self._clock = time.perf_counter()
@@ -126,7 +135,7 @@ class _Outputs:
         self._finish_before(batch.group)
         summary = self.summaries[batch.group]
         for offset, reason, detail in encoded.bad:
-            bad = BadLine(batch.file, batch.first_line + offset, reason, detail)
+            bad = BadLine(batch.file, batch.first_line + offset * batch.line_step, reason, detail)
             if self.config.strict:
                 raise ValueError(f"{bad} (strict mode stops at the first bad line)")
             count = summary.skipped.get(reason, 0) + 1
@@ -134,8 +143,8 @@ class _Outputs:
             if count <= self.config.report_bad_lines:
                 summary.bad_lines.append(bad)
                 self.log(f"skipped {bad}")
-        self._writer(batch.group).add_documents(encoded.tokens, encoded.lengths)
-        summary.documents += len(encoded.lengths)
+        self._writer(batch.group).add_documents(encoded.tokens, encoded.lengths, encoded.sequences)
+        summary.documents += encoded.documents
         summary.tokens += len(encoded.tokens)
         summary.input_bytes += encoded.input_bytes
 
@@ -180,8 +189,14 @@ class _Outputs:
 
 def _line_batches(groups: list[InputGroup], batch_bytes: int) -> Iterator[LineBatch]:
     for index, group in enumerate(groups):
-        for path in group.files:
-            yield from read_line_batches(path, index, batch_bytes)
+        for k, path in enumerate(group.files):
+            if group.origins is None:
+                yield from read_line_batches(path, index, batch_bytes)
+                continue
+            source, first, step = group.origins[k]  # a copy of every step-th line of `source`: name those
+            for batch in read_line_batches(path, index, batch_bytes):
+                yield dataclasses.replace(batch, file=source, first_line=first + (batch.first_line - 1) * step,
+                                          line_step=step)
 
 
 def preprocess(config: PreprocessConfig, groups: list[InputGroup] | None = None) -> list[DatasetSummary]:
@@ -200,7 +215,7 @@ def preprocess(config: PreprocessConfig, groups: list[InputGroup] | None = None)
                          "--append-eod cannot mark document ends; use a model with an EOS or pass --no-append-eod")
     dtype = best_dtype(tokenizer.vocab_size)
     spec = EncoderSpec(str(config.tokenizer_model), tokenizer.newline_cuts, config.json_key,
-                        tokenizer.eos_id if config.append_eod else None, dtype.str)
+                        tokenizer.eos_id if config.append_eod else None, dtype.str, config.sentence_lists)
 
     def log(message: str) -> None:
         tqdm.write(message, file=sys.stderr)
@@ -245,7 +260,7 @@ def _run(config: PreprocessConfig, groups, tokenizer, dtype, spec, log) -> list[
     try:
         for batch, encoded in pool.map_ordered(_line_batches(groups, config.batch_bytes)):
             outputs.add(batch, encoded)
-            documents, tokens = documents + len(encoded.lengths), tokens + len(encoded.tokens)
+            documents, tokens = documents + encoded.documents, tokens + len(encoded.tokens)
             text_bytes += encoded.input_bytes
             elapsed = max(time.perf_counter() - start, 1e-9)
             bar.set_postfix_str(f"{documents / elapsed:,.0f} docs/s, {text_bytes / elapsed / 1e6:.1f} MB/s, "

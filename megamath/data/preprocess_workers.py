@@ -32,14 +32,21 @@ class EncoderSpec:
     json_key: str
     eod_id: int | None
     dtype: str
+    sentence_lists: bool = False
+    """Read a list of strings as one document of several sequences (PreprocessConfig.sentence_lists)."""
 
 
 @dataclass
 class Encoded:
     tokens: np.ndarray  # (sum(lengths),) in the dataset dtype
-    lengths: np.ndarray  # (documents,) int64
+    lengths: np.ndarray  # (sequences,) int64; one sequence per document unless `sequences` says otherwise
     bad: list[tuple[int, str, str]]  # (line offset in the batch, reason, detail)
     input_bytes: int
+    sequences: np.ndarray | None = None  # (documents,) int64 sequences per document; None: one each
+
+    @property
+    def documents(self) -> int:
+        return len(self.lengths) if self.sequences is None else len(self.sequences)
 
 
 class BatchEncoder:
@@ -50,12 +57,36 @@ class BatchEncoder:
         self.spec = spec
 
     def __call__(self, data: bytes) -> Encoded:
-        texts, bad = parse_lines(data, self.spec.json_key)
+        texts, bad = parse_lines(data, self.spec.json_key, self.spec.sentence_lists)
+        if self.spec.sentence_lists and any(type(text) is list for text in texts):
+            return self._encode_sentences(texts, bad, len(data))
         tokens, lengths = self.tokenizer.encode_flat(texts, self.spec.eod_id, self.spec.dtype)
         extra = int(self.spec.eod_id is not None)
         if len(lengths) and int(lengths.min()) == extra:  # rare: a text the model maps to no tokens
             tokens, lengths, bad = self._drop_tokenless(tokens, lengths, bad, extra)
         return Encoded(tokens, lengths, bad, len(data))
+
+    def _encode_sentences(self, texts: list, bad: list, input_bytes: int) -> Encoded:
+        """Megatron's Encoder.encode for a batch holding lists of sentences: each sentence that encodes to
+        some tokens is one sequence of its document, and the EOS (when appended) ends the last sequence.
+        A plain string is a one-sentence list, so its document is what the one-sequence path writes."""
+        docs = [text if type(text) is list else [text] for text in texts]
+        tokens, lengths = self.tokenizer.encode_flat([s for doc in docs for s in doc], None, self.spec.dtype)
+        counts = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))  # (documents,) sentences
+        kept = lengths > 0  # (sentences,) Megatron drops a sentence with no tokens
+        sequences = np.bincount(np.repeat(np.arange(len(docs)), counts)[kept], minlength=len(docs))  # (documents,)
+        lengths = lengths[kept]  # (sequences,)
+        if not sequences.all():  # a document of no tokens: skipped, as the one-sequence path skips it
+            bad_offsets = {offset for offset, _, _ in bad}
+            good_offsets = [i for i in range(len(docs) + len(bad)) if i not in bad_offsets]  # (documents,)
+            bad = sorted(bad + [(good_offsets[d], EMPTY_TEXT, f"{self.spec.json_key!r} encodes to no tokens")
+                                for d in np.flatnonzero(sequences == 0)])
+            sequences = sequences[sequences > 0]
+        if self.spec.eod_id is not None and len(sequences):
+            last = np.cumsum(sequences) - 1  # (documents,) each document's last sequence
+            tokens = np.insert(tokens, np.cumsum(lengths)[last], np.asarray(self.spec.eod_id, tokens.dtype))
+            lengths[last] += 1
+        return Encoded(tokens, lengths, bad, input_bytes, sequences.astype(np.int64))
 
     def _drop_tokenless(self, tokens, lengths, bad, extra):
         bad_offsets = {offset for offset, _, _ in bad}

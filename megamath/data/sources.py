@@ -53,15 +53,26 @@ class InputGroup:
     """In reading order."""
     subset: str | None = None
     split: str | None = None
+    origins: tuple[tuple[Path, int, int], ...] | None = None
+    """When the files are copies of inputs (Megatron's round-robin partitions), per file: (the input, its
+    line number of the copy's first line, the step between the input lines of consecutive copy lines), so
+    bad lines are reported at the input's file:line. None: the files are the inputs."""
 
     def output_prefix(self, output_dir: str | Path, json_key: str) -> Path:
         """`output_dir/{name}_{json_key}_document` (Megatron's `{prefix}_{key}_document`); a name that would
-        leave output_dir (a separator or `..` from the key or a file name) is refused."""
+        leave output_dir (a path separator, from the key or a file name) is refused. `..` inside a name
+        (`v1..2.jsonl`) is harmless: only a whole name `.` or `..` means a folder."""
         name = f"{self.name}_{json_key}_document"
-        if "/" in name or "\\" in name or "\0" in name or ".." in name or Path(name).name != name:
-            raise ValueError(f"dataset name {name!r} (from {'--json-key' if json_key in name else 'the input name'}) "
-                             "is not a plain file name: use names without path separators or '..'")
+        if _has_separator(name) or name in (".", ".."):
+            cause = "--json-key" if _has_separator(json_key) else "the input name"
+            raise ValueError(f"dataset name {name!r} (from {cause}) is not a plain file name: "
+                             "use names without path separators")
         return Path(output_dir) / name
+
+
+def _has_separator(name: str) -> bool:
+    """Whether `name` holds a path separator (or a NUL, which no file name can)."""
+    return "/" in name or "\\" in name or "\0" in name
 
 
 @dataclass(frozen=True)
@@ -92,6 +103,8 @@ class LineBatch:
     """Complete lines, `\\n`-terminated except possibly the file's last."""
     file_bytes: int
     """Bytes of the (compressed) file consumed for this batch: drives the progress bar."""
+    line_step: int = 1
+    """Line k of `data` (from 0) is line `first_line + k * line_step` of `file` (a partition copy: see origins)."""
 
 
 # --- finding inputs ---------------------------------------------------------------------------------
@@ -254,11 +267,14 @@ _JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a num
                bool: "a boolean", type(None): "null"}
 
 
-def parse_lines(data: bytes, json_key: str) -> tuple[list[str], list[tuple[int, str, str]]]:
+def parse_lines(data: bytes, json_key: str, sentence_lists: bool = False
+                ) -> tuple[list, list[tuple[int, str, str]]]:
     """Texts of the valid records in `data`, in order, and `(line offset, reason, detail)` of the rest.
 
     The batch is decoded as UTF-8 in one call; only when that fails is it decoded line by line to find
-    the culprits. `meta` is not needed for tokenization and is not validated.
+    the culprits. `meta` is not needed for tokenization and is not validated. With `sentence_lists`, a
+    list of strings under `json_key` (Megatron's sentence-split format) is a valid text, returned as that
+    list; otherwise it is skipped as not a string.
     """
     try:
         lines: list = data.decode("utf-8").split("\n")
@@ -267,7 +283,7 @@ def parse_lines(data: bytes, json_key: str) -> tuple[list[str], list[tuple[int, 
         lines, decoded = data.split(b"\n"), False
     if lines and not lines[-1]:
         lines.pop()  # the terminating newline of the batch's last line
-    texts: list[str] = []
+    texts: list = []  # str, or list[str] with sentence_lists
     bad: list[tuple[int, str, str]] = []
     loads = json.loads
     for i, line in enumerate(lines):
@@ -279,14 +295,20 @@ def parse_lines(data: bytes, json_key: str) -> tuple[list[str], list[tuple[int, 
                 continue
         try:
             record = loads(line)
-        except ValueError as err:
-            detail = "blank line" if not line.strip() else f"{err.msg} at column {err.colno}"
-            bad.append((i, INVALID_JSON, detail))
+        except (ValueError, RecursionError) as err:  # RecursionError: nesting deeper than Python's stack allows
+            bad.append((i, INVALID_JSON, _json_fault(line, err)))
             continue
         if type(record) is not dict:
             bad.append((i, NOT_AN_OBJECT, f"the line is {_JSON_TYPES.get(type(record), 'a value')}"))
             continue
         text = record.get(json_key)
+        if sentence_lists and type(text) is list:
+            fault = _sentence_list_fault(text, json_key)
+            if fault:
+                bad.append((i, *fault))
+            else:
+                texts.append(text)
+            continue
         if type(text) is not str:
             if json_key not in record:
                 keys = ", ".join(repr(k) for k in list(record)[:8])
@@ -303,6 +325,31 @@ def parse_lines(data: bytes, json_key: str) -> tuple[list[str], list[tuple[int, 
             continue
         texts.append(text)
     return texts, bad
+
+
+def _json_fault(line: str, err: Exception) -> str:
+    """Why json.loads refused a line, in one line. Not only JSONDecodeError: a line nested thousands deep
+    raises RecursionError, and an integer of over 4,300 digits a plain ValueError (no .msg, no .colno)."""
+    if not line.strip():
+        return "blank line"
+    if isinstance(err, json.JSONDecodeError):
+        return f"{err.msg} at column {err.colno}"
+    if isinstance(err, RecursionError):
+        return "nested too deeply to parse (arrays or objects beyond Python's recursion limit)"
+    # e.g. "Exceeds the limit (4300 digits) for integer string conversion: value has 5000 digits"
+    return " ".join(str(err).split(";")[0].split()) or type(err).__name__
+
+
+def _sentence_list_fault(sentences: list, json_key: str) -> tuple[str, str] | None:
+    """(reason, detail) when a list under json_key is no usable list of sentences, else None."""
+    for sentence in sentences:
+        if type(sentence) is not str:
+            return NOT_A_STRING, f"{json_key!r} is a list holding {_JSON_TYPES.get(type(sentence), 'a value')}"
+    if not any(sentences):  # Megatron would store an empty document; skipped, as an empty string is
+        return EMPTY_TEXT, f"{json_key!r} is " + ("a list of empty strings" if sentences else "an empty list")
+    if not all(map(_is_utf8_encodable, sentences)):
+        return INVALID_UTF8, f"{json_key!r} has a lone surrogate escape (\\ud800-\\udfff)"
+    return None
 
 
 def _is_utf8_encodable(text: str) -> bool:
