@@ -9,9 +9,12 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 import torch.distributed as dist
+
+from megamath.parallel.agreement import check_same_on_every_rank
 
 
 @dataclass(frozen=True)
@@ -38,10 +41,14 @@ class ParallelState:
         return cls(1, 0, 1, 0, 1, 0, torch.device(device))
 
     @classmethod
-    def from_env(cls, tp_size: int = 1, backend: str | None = None, timeout_s: int = 600) -> "ParallelState":
+    def from_env(cls, tp_size: int = 1, backend: str | None = None, timeout_s: int = 600,
+                 same_on_every_rank: Mapping | None = None) -> "ParallelState":
         """Join the job torchrun started (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) and build groups.
 
-        NCCL with one GPU per local rank when CUDA is available, gloo on CPU.
+        NCCL with one GPU per local rank when CUDA is available, gloo on CPU. Every group's collectives give
+        up after `timeout_s` (a stalled peer is an error, not a silent wait). `same_on_every_rank` (the
+        training config) is compared across ranks right after joining, before the groups are built from
+        it: a rank launched with other settings stops the job with one line (megamath.parallel.agreement).
         """
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
             if tp_size != 1:
@@ -58,17 +65,21 @@ class ParallelState:
         if not dist.is_initialized():
             dist.init_process_group(backend, rank=rank, world_size=world_size,
                                     timeout=datetime.timedelta(seconds=timeout_s))
+        if same_on_every_rank is not None:
+            check_same_on_every_rank(same_on_every_rank, dist.group.WORLD, "configs",
+                                     "launch every rank with the same config file and overrides")
+        timeout = datetime.timedelta(seconds=timeout_s)  # new_group's default is torch's 30 minutes, not ours
         dp_size = world_size // tp_size
         tp_group = dp_group = None
         # Every rank must create every group, in the same order.
         for start in range(0, world_size, tp_size):
             ranks = list(range(start, start + tp_size))
-            group = dist.new_group(ranks) if tp_size > 1 else None
+            group = dist.new_group(ranks, timeout=timeout) if tp_size > 1 else None
             if rank in ranks:
                 tp_group = group
         for offset in range(tp_size):
             ranks = list(range(offset, world_size, tp_size))
-            group = dist.new_group(ranks) if dp_size > 1 else None
+            group = dist.new_group(ranks, timeout=timeout) if dp_size > 1 else None
             if rank in ranks:
                 dp_group = group
         return cls(world_size, rank, tp_size, rank % tp_size, dp_size, rank // tp_size, device, tp_group, dp_group)

@@ -21,6 +21,7 @@ import torch
 from megamath.data.blended_dataset import BlendedDataset
 from megamath.data.gpt_dataset import GPTDataset
 from megamath.data.indexed_dataset import IndexedDataset
+from megamath.parallel.agreement import check_same_on_every_rank
 from megamath.parallel.mappings import barrier
 from megamath.parallel.state import ParallelState
 
@@ -73,6 +74,12 @@ class TrainData:
                     for name, prefix in data.valid_sets().items()}
 
         self.valid = rank0_first(state, build_valid) if config.eval_every else {}
+        # The same prefixes may hold other data on another node (a stale copy): its ranks would train on
+        # other samples, with exit 0. The fingerprints (each index's hash) are computed already, for the cache.
+        held = {gpt.name: gpt.dataset.fingerprint() for gpt in self.train.datasets if gpt is not None}
+        held.update({gpt.name: gpt.dataset.fingerprint() for gpt in self.valid.values()})
+        check_same_on_every_rank(held, state.world_group, "data (the SHA-256 of each dataset's .idx, and its .bin size)",
+                                 "give every node the same copy of the datasets")
 
     def sample_rows(self, step: int, micro: int) -> range:
         """Indices into the blend of this rank's rows of micro-batch `micro` of update `step` (1-based)."""
