@@ -68,6 +68,7 @@ class FileLock:
         os.ftruncate(fd, 0)
         os.write(fd, (f"{self.what}\npid {os.getpid()} on {socket.gethostname()} since "
                       f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv)[:300]}\n").encode())
+        os.fsync(fd)  # a network filesystem shows other nodes the holder (training's ranks compare it) once synced
         self._fd = fd
         return self
 

@@ -88,7 +88,11 @@ def find_resume_checkpoint(mode: str, run_dir: Path, state: ParallelState,
                                     f"({ckpt.METADATA} not found)")
         verified_checkpoint(path, state)
         return path
-    candidates, pointer_problem = _candidates(root)
+    # Rank 0's view, on every rank: a rank that listed another set (a stale directory cache) would verify
+    # other checkpoints, that is issue other collectives, and hang the job.
+    candidates, pointer_problem = _candidates(root) if state.rank == 0 else (None, None)
+    if state.is_distributed:
+        candidates, pointer_problem = all_gather_objects((candidates, pointer_problem), state.world_group)[0]
     if pointer_problem:
         say(f"warning: {pointer_problem}; looking for the newest intact checkpoint instead")
     skipped = []
