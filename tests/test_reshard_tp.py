@@ -401,6 +401,42 @@ def test_a_failed_reshard_leaves_no_checkpoint(runs, tmp_path, monkeypatch):
     assert sorted(p.name for p in root.iterdir()) == [LATEST, "step_0000002"] and read_metadata(path)["dp_size"] == 2
 
 
+def test_a_step_folder_in_the_way_is_refused_before_writing(runs, tmp_path, monkeypatch):
+    """A non-checkpoint OUTPUT/checkpoints/step_N: every file was written, then the rename failed ("Directory
+    not empty") and the full .step_N.tmp stayed; a failed rename now leaves nothing either."""
+    root = tmp_path / "out" / "checkpoints"
+    (root / "step_0000002").mkdir(parents=True)
+    (root / "step_0000002" / "notes.txt").write_text("x")
+    with pytest.raises(FileExistsError) as err:
+        rs.reshard_checkpoint(runs / "a_tp2" / STEP2, tmp_path / "out", 1, 2)
+    assert str(err.value) == (f"{root / 'step_0000002'} is in the way (it is not a checkpoint): move it, or reshard "
+                              "into a new run directory")
+    assert sorted(p.name for p in root.iterdir()) == ["step_0000002"]
+
+    def failing_rename(src, dst):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(rs.os, "rename", failing_rename)
+    with pytest.raises(OSError, match="Invalid cross-device link"):
+        rs.reshard_checkpoint(runs / "a_tp2" / STEP2, tmp_path / "other", 1, 2)
+    assert list((tmp_path / "other" / "checkpoints").iterdir()) == [], "no .step_N.tmp left"
+
+
+def test_an_output_inside_the_source_is_refused(runs, tmp_path, capsys):
+    """OUTPUT = the source step folder was accepted (exit 0): the new run was written inside the checkpoint."""
+    run = _copy(runs / "b_tp1", tmp_path / "run")
+    step = run / STEP2
+    cases = [(step, step, f"{step} is the run or checkpoint being resharded ({step})"),
+             (step, step / "tp2", f"{step / 'tp2'} is inside the run or checkpoint being resharded ({step})"),
+             (step, run / "tp2", f"{run / 'tp2'} is inside the run or checkpoint being resharded ({run})"),
+             (run, run, f"{run} is the run or checkpoint being resharded ({run})")]
+    before = sorted(str(p) for p in run.rglob("*"))
+    for checkpoint, output, message in cases:
+        assert main(["reshard", "--checkpoint", str(checkpoint), "--tp-size", "2", "--output", str(output)]) == 2
+        assert capsys.readouterr().err == f"megamath reshard: error: {message}: reshard into a new run directory\n"
+    assert sorted(str(p) for p in run.rglob("*")) == before, "nothing written into the source"
+
+
 def test_a_second_writer_on_the_output_is_refused(runs, tmp_path, capsys):
     """Two reshards into one OUTPUT shared its temp folder, each deleting the other's files; a training there
     would race it too. The output's run lock refuses the second at once."""

@@ -14,7 +14,8 @@ def add_parser(subparsers, name: str) -> None:
         description="Reads a complete training checkpoint saved at any TP x DP size and writes the same state "
         "(weights, fp32 masters, Adam moments, step, RNG states) as a checkpoint for TP size N and DP size M "
         "under OUTPUT/checkpoints/, with `latest` naming it: train with run_dir OUTPUT and parallel.tp_size N "
-        "to resume. OUTPUT must not hold checkpoints yet, nor be in use by a training or another reshard.")
+        "to resume. OUTPUT must not hold checkpoints yet (nor a step folder of the same name), be in use by a "
+        "training or another reshard, or be or lie inside the checkpoint or run directory it reads.")
     parser.add_argument("--checkpoint", required=True, metavar="PATH",
                         help="a checkpoint folder (RUN_DIR/checkpoints/step_XXXXXXX) or a run directory (its latest)")
     parser.add_argument("--tp-size", required=True, type=int, metavar="N", help="the new tensor-parallel size")

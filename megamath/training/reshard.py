@@ -258,6 +258,7 @@ def reshard_checkpoint(checkpoint: str | Path, output: str | Path, tp_size: int,
     """
     src = resolve_checkpoint(checkpoint)
     meta = read_metadata(src)
+    check_output_outside(src, output)
     check_tensor_parallel(ModelConfig.from_dict(meta["config"]["model"]), tp_size)
     if dp_size is None:
         dp_size = default_dp_size(meta["world_size"], tp_size)
@@ -276,22 +277,39 @@ def reshard_checkpoint(checkpoint: str | Path, output: str | Path, tp_size: int,
         if held:
             raise FileExistsError(f"{output} already holds checkpoints ({', '.join(p.name for _, p in held)}): "
                                   "reshard into a new run directory")
-        source = TrainCheckpoint(src)
-        name = step_dir_name(source.meta["step"])
+        name = step_dir_name(meta["step"])
         final, tmp = root / name, root / f".{name}.tmp"
+        if final.exists() or final.is_symlink():  # not a checkpoint (those are refused above): the rename would fail
+            raise FileExistsError(f"{final} is in the way (it is not a checkpoint): move it, or reshard into a new "
+                                  "run directory")
+        source = TrainCheckpoint(src)
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # left by a reshard that was killed
         tmp.mkdir()
         try:
             _write_files(source, tmp, tp_size, dp_size)
+            fsync_path(tmp)
+            os.rename(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)  # refused input or a failed write: leave nothing half done
             raise
-        fsync_path(tmp)
-        os.rename(tmp, final)
         fsync_path(root)
         write_text_atomically(root / LATEST, name + "\n")
         return final
+
+
+def check_output_outside(src: Path, output: str | Path) -> None:
+    """Refuse an OUTPUT that is, or is inside, the checkpoint read or the run directory holding it.
+
+    Why: the new run was written into the input step folder (exit 0), so the source checkpoint held a
+    second run's files, and a later prune or copy of either took the other with it."""
+    out = Path(output).resolve()
+    src = src.resolve()
+    sources = [src] + ([src.parent.parent] if src.parent.name == CHECKPOINTS else [])
+    for folder in sources:
+        if out == folder or folder in out.parents:
+            raise ValueError(f"{output} is {'inside ' if out != folder else ''}the run or checkpoint being "
+                             f"resharded ({folder}): reshard into a new run directory")
 
 
 # ---- resuming at another TP size directly ------------------------------------------------------------------
