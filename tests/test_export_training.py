@@ -69,3 +69,57 @@ def test_hf_index_entries_outside_the_folder_are_refused(tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "../../etc/x"}}))
     with pytest.raises(ValueError, match=r"weight_map names '\.\./\.\./etc/x', not a file name inside"):
         SafetensorsReader(tmp_path)
+
+
+def test_a_run_started_from_a_model_folder_exports_its_special_tokens(tmp_path):
+    """The export wrote Llama 2's bos 1 / eos 2 whatever the model the run started from said, and no
+    generation_config.json; they are the init folder's (recorded as init_from_hf in the run config)."""
+    from megamath.model.config import ModelConfig
+    from megamath.model.model_folder import save_model_folder
+
+    raw = raw_config(tmp_path / "data", tmp_path / "run", train_steps=1, checkpoint__save_every=0)
+    save_model_folder(Llama(ModelConfig(**raw["model"])), tmp_path / "init")
+    ids = {"bos_token_id": 0, "eos_token_id": [5, 6], "pad_token_id": 3}
+    (tmp_path / "init" / "token_ids.json").write_text(json.dumps(ids))
+    (tmp_path / "init" / "generation_config.json").write_text('{"eos_token_id": [5, 6, 7]}\n')
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run({**raw, "init_from_hf": str(tmp_path / "init")})
+    finally:
+        torch.set_num_threads(before)
+    assert main(["convert", "megamath-to-hf", str(tmp_path / "run"), str(tmp_path / "hf")]) == 0
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert {k: config[k] for k in ids} == ids
+    assert (tmp_path / "hf" / "generation_config.json").read_text() == '{"eos_token_id": [5, 6, 7]}\n'
+    # The folder now holds a model of another vocabulary: its ids are another tokenizer's, not the run's.
+    (tmp_path / "init" / "config.json").write_text(json.dumps({**raw["model"], "vocab_size": 65}))
+    assert main(["convert", "megamath-to-hf", str(tmp_path / "run"), str(tmp_path / "hf2")]) == 0
+    config = json.loads((tmp_path / "hf2" / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"], "pad_token_id" in config) == (1, 2, False)
+    assert not (tmp_path / "hf2" / "generation_config.json").exists()
+
+
+def test_an_export_cast_that_overflows_is_refused(trained, tmp_path, capsys):
+    """--dtype float16 on weights beyond ±65504 wrote inf with exit status 0."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from megamath.training.checkpoint_integrity import file_digest, sealed_metadata_text
+
+    tmp, _ = trained
+    step = shutil.copytree(tmp / "run" / "checkpoints" / "step_0000004", tmp_path / "step_0000004")
+    tensors = load_file(str(step / "model_tp00.safetensors"))
+    tensors["layers.1.mlp.down_proj.weight"][0, :2] = 1e6
+    save_file(tensors, str(step / "model_tp00.safetensors"))
+    meta = json.loads((step / "metadata.json").read_text())
+    meta["checksums"] = {name: file_digest(step / name) for name in meta["files"]}
+    (step / "metadata.json").write_text(sealed_metadata_text(meta))
+    assert main(["convert", "megamath-to-hf", str(step), str(tmp_path / "hf"), "--dtype", "float16"]) == 2
+    assert capsys.readouterr().err == (
+        "megamath convert: error: tensor model.layers.1.mlp.down_proj.weight: casting float32 to float16 turns 2 "
+        "finite values into inf (largest 1e+06, the most float16 holds is 65504); keep the stored dtype or choose "
+        "a wider one\n")
+    assert not (tmp_path / "hf").exists()
+    assert main(["convert", "megamath-to-hf", str(step), str(tmp_path / "hf"), "--dtype", "bfloat16"]) == 0

@@ -252,3 +252,99 @@ def test_hf_export_loads_in_transformers_bit_exactly(hf_model, tmp_path):
     tokens = torch.randint(0, 1003, (2, 21), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         assert torch.equal(reloaded(tokens).logits, model(tokens).logits)
+
+
+# ---- what the architecture does not show: RoPE's keys, activation names, special tokens --------------------
+
+BASE = {"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16, "num_attention_heads": 2,
+        "num_hidden_layers": 1}
+DEFAULT = {"rope_type": "default"}
+# (legacy and new RoPE keys, θ megamath reads or the refusal), each read as transformers 5 reads it
+ROPE_CASES = [
+    ({"rope_parameters": DEFAULT, "rope_scaling": {"rope_type": "linear", "factor": 4.0}},
+     "Hugging Face config: RoPE scaling 'linear' is not supported (only plain RoPE)"),  # rope_scaling wins
+    ({"rope_scaling": DEFAULT, "rope_theta": 1e6}, 1e6),  # θ fills what rope_scaling lacks
+    ({"rope_scaling": {"type": "default"}, "rope_theta": 1e6, "rope_parameters": {**DEFAULT, "rope_theta": 1e6}}, 1e6),
+    ({"rope_theta": 1e6, "rope_parameters": DEFAULT}, 1e6),
+    ({"rope_parameters": {**DEFAULT, "rope_theta": 5e5}}, 5e5),
+    ({"rope_scaling": None, "rope_theta": 5e5}, 5e5),  # what megamath writes
+    ({"rope_scaling": DEFAULT, "rope_theta": 1e6, "rope_parameters": {**DEFAULT, "rope_theta": 1e4}},
+     "Hugging Face config: rope_scaling {'rope_type': 'default'} and rope_parameters {'rope_type': 'default', "
+     "'rope_theta': 10000.0} disagree (transformers reads rope_scaling); make them match or drop one"),
+    ({"rope_theta": 1e6, "rope_parameters": {**DEFAULT, "rope_theta": 1e4}},
+     "Hugging Face config: rope_theta 1000000.0 and rope_parameters's rope_theta 10000.0 disagree (transformers 5 "
+     "reads rope_parameters's, 4.x the top-level one); make them match"),
+    ({"rope_parameters": "default"}, "Hugging Face config: rope_parameters must be an object or null, got 'default'"),
+]
+
+
+@pytest.mark.parametrize("change, expected", ROPE_CASES)
+def test_rope_is_read_as_transformers_reads_it_or_refused(change, expected):
+    """rope_parameters {'default'} beside rope_scaling {'linear'} converted as plain RoPE, and rope_scaling
+    {'default'} beside rope_theta 1e6 as θ 1e4: transformers reads both otherwise."""
+    if isinstance(expected, str):
+        with pytest.raises(ValueError) as err:
+            hf_config_to_model_config({**BASE, **change})
+        assert str(err.value) == expected
+        return
+    assert hf_config_to_model_config({**BASE, **change}).rope_theta == expected
+    transformers = pytest.importorskip("transformers", reason="transformers (a dev dependency) is not installed")
+    theirs = transformers.LlamaConfig.from_dict(json.loads(json.dumps({**BASE, **change}))).rope_parameters
+    assert (theirs["rope_type"], theirs["rope_theta"]) == ("default", expected)
+
+
+def test_transformers_reads_the_refused_linear_case_as_linear():
+    transformers = pytest.importorskip("transformers", reason="transformers (a dev dependency) is not installed")
+    config = transformers.LlamaConfig.from_dict(json.loads(json.dumps({**BASE, **ROPE_CASES[0][0]})))  # a copy
+    assert config.rope_parameters["rope_type"] == "linear"
+
+
+def test_swish_is_silu():
+    """transformers' ACT2FN maps "swish" to the same SiLU; it was refused."""
+    assert hf_config_to_model_config({**BASE, "hidden_act": "swish"}) == hf_config_to_model_config(BASE)
+    with pytest.raises(ValueError, match=r"^Hugging Face config: hidden_act must be 'silu', got 'gelu'$"):
+        hf_config_to_model_config({**BASE, "hidden_act": "gelu"})
+
+
+def test_special_token_ids_and_generation_config_survive_a_round_trip(megamath_ckpt, tmp_path):
+    """HF -> megamath -> HF turned bos 0 / eos [5, 6] / pad 3 into Llama 2's 1 / 2 / None and dropped
+    generation_config.json: generation of the export never stopped at its end-of-turn token."""
+    hf = _export(megamath_ckpt, tmp_path)
+    config = json.loads((hf / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"]) == (1, 2)  # a megamath model folder without ids
+    ids = {"bos_token_id": 0, "eos_token_id": [5, 6], "pad_token_id": 3}
+    (hf / "config.json").write_text(json.dumps({**config, **ids}))
+    generation = '{\n  "bos_token_id": 0,\n  "eos_token_id": [5, 6, 7],\n  "temperature": 0.6\n}\n'
+    (hf / "generation_config.json").write_text(generation)
+    convert_hf_to_megamath(hf, tmp_path / "mm")
+    assert json.loads((tmp_path / "mm" / "token_ids.json").read_text()) == ids
+    assert load_model_folder(tmp_path / "mm").config == ModelConfig(**{**SMALL, "kernels": "auto"})
+    convert_megamath_to_hf(tmp_path / "mm", tmp_path / "hf2")
+    back = json.loads((tmp_path / "hf2" / "config.json").read_text())
+    assert {k: back[k] for k in ids} == ids
+    assert (tmp_path / "hf2" / "generation_config.json").read_text() == generation
+    assert not (tmp_path / "hf2" / "token_ids.json").exists()
+    transformers = pytest.importorskip("transformers", reason="transformers (a dev dependency) is not installed")
+    loaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf2")
+    assert (loaded.config.bos_token_id, loaded.config.eos_token_id, loaded.config.pad_token_id) == (0, [5, 6], 3)
+    assert loaded.generation_config.eos_token_id == [5, 6, 7]
+
+
+@pytest.mark.parametrize("value", ["</s>", [5, "6"], True, 1.5])
+def test_a_special_token_id_of_the_wrong_type_is_one_line(megamath_ckpt, tmp_path, value):
+    hf = _export(megamath_ckpt, tmp_path)
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**config, "eos_token_id": value}))
+    with pytest.raises(ValueError) as err:
+        convert_hf_to_megamath(hf, tmp_path / "mm")
+    assert str(err.value) == (f"{hf / 'config.json'}: eos_token_id must be a token id, a list of them or null, "
+                              f"got {value!r}")
+
+
+def test_an_old_configs_pad_of_minus_one_is_carried_as_given(megamath_ckpt, tmp_path):
+    hf = _export(megamath_ckpt, tmp_path)
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**config, "pad_token_id": -1}))
+    convert_hf_to_megamath(hf, tmp_path / "mm")
+    convert_megamath_to_hf(tmp_path / "mm", tmp_path / "hf2")
+    assert json.loads((tmp_path / "hf2" / "config.json").read_text())["pad_token_id"] == -1

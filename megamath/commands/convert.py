@@ -18,7 +18,9 @@ def add_parser(subparsers, name: str) -> None:
         "sharded model-*.safetensors with model.safetensors.index.json); megamath-to-hf reads a megamath model "
         "folder or a training checkpoint (a run directory, taking its latest, or a step_XXXXXXX folder, at any "
         "tensor-parallel size) and writes one that LlamaForCausalLM.from_pretrained loads. DST must not exist "
-        "or be an empty directory.",
+        "or be an empty directory. Special token ids (bos/eos/pad) and generation_config.json travel with the "
+        "model both ways. Only float weights convert (F32, BF16, F16, F64): dequantize a quantized checkpoint "
+        "first.",
     )
     parser.add_argument("direction", choices=("hf-to-megamath", "megamath-to-hf"))
     parser.add_argument("src", type=Path, metavar="SRC", help="checkpoint directory to read")
@@ -26,7 +28,9 @@ def add_parser(subparsers, name: str) -> None:
     parser.add_argument("--max-shard-size", default="5GB",
                         help="largest safetensors file to write, e.g. 5GB, 500MB, 2GiB (default 5GB)")
     parser.add_argument("--dtype", choices=DTYPES, default=None,
-                        help="cast the weights (default: keep the stored dtype)")
+                        help="cast the weights; a cast that turns a finite weight into inf is refused "
+                        "(default: keep the stored dtype; weights of mixed dtypes take config.json's dtype, else "
+                        "the one most parameters have)")
     parser.set_defaults(run=run)
 
 

@@ -4,25 +4,88 @@ These are *model folders*: one model's weights, what `megamath convert` reads an
 `init_from_hf` accepts. Training checkpoints (sharded per rank, with optimizer and RNG state) are
 megamath.training.checkpoint's, a different thing with different names (`save_checkpoint` there,
 `save_model_folder` here). The safetensors library is used directly (no transformers import).
+
+Besides config.json (ModelConfig's fields, strictly) a model folder converted from Hugging Face keeps
+what the architecture does not say but an export must give back: the special token ids of HF's config
+(token_ids.json) and HF's generation_config.json, copied as is.
+
+Dtypes: only float weights are read (safetensors_io refuses int, bool, float8). A folder whose weights
+mix float dtypes (a bf16 embedding among fp32 layers), which no forward runs on, is cast to one dtype:
+`dtype` if given, else the config's `dtype`/`torch_dtype` (what transformers' from_pretrained loads it
+as), else the dtype of most parameters (by element count). Uniform weights keep their dtype unless
+`dtype` says otherwise; every cast refuses to turn finite values into inf (safetensors_io.cast_checked).
 """
 from __future__ import annotations
 
 import json
+import math
+import shutil
 from pathlib import Path
 
 import torch
 
 from megamath.model.config import ModelConfig
 from megamath.model.hf_llama import (IGNORED_HF_TENSORS, check_tensors, from_hf_name, hf_config_to_model_config,
-                                     model_config_to_hf_config, to_hf_name)
+                                     model_config_to_hf_config, to_hf_name, token_ids)
 from megamath.model.llama import Llama
 from megamath.model.partition import parameter_shapes
-from megamath.model.safetensors_io import (CONFIG_NAME, DEFAULT_MAX_SHARD_SIZE, SafetensorsReader, parse_size,
-                                           read_json, some_names, write_dir_atomically, write_safetensors_dir)
+from megamath.model.safetensors_io import (CONFIG_NAME, DEFAULT_MAX_SHARD_SIZE, SafetensorsReader, cast_checked,
+                                           parse_size, read_json, some_names, write_dir_atomically,
+                                           write_safetensors_dir)
+
+
+TOKEN_IDS_NAME = "token_ids.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
+_NAMED_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                 "float64": torch.float64}
 
 
 def load_config(directory: str | Path) -> ModelConfig:
     return ModelConfig.from_dict(read_json(Path(directory) / CONFIG_NAME))
+
+
+def weights_dtype(reader: SafetensorsReader, files: dict[str, str], dtype: torch.dtype | None,
+                  named: object = None) -> torch.dtype:
+    """The one dtype the weights `files` (our name -> name in the files) are written or loaded in (see the
+    module docstring); every weight's stored dtype is checked first, so a non-float one is refused early."""
+    stored = {n: reader.dtype(f) for n, f in files.items()}
+    if dtype is not None:
+        return dtype
+    kinds = set(stored.values())
+    if len(kinds) == 1:
+        return kinds.pop()
+    if isinstance(named, str) and named in _NAMED_DTYPES:
+        return _NAMED_DTYPES[named]
+    numel = {kind: 0 for kind in kinds}
+    for n, kind in stored.items():
+        numel[kind] += math.prod(reader.shape(files[n]))
+    return max(kinds, key=lambda kind: (numel[kind], kind.itemsize))
+
+
+def hf_extras(directory: str | Path) -> tuple[dict, Path | None]:
+    """(special token ids, generation_config.json or None) of a Hugging Face or megamath model folder."""
+    directory = Path(directory)
+    config = read_json(directory / CONFIG_NAME)
+    if "model_type" in config:
+        ids = token_ids(config, str(directory / CONFIG_NAME))
+    elif (directory / TOKEN_IDS_NAME).is_file():
+        ids = token_ids(read_json(directory / TOKEN_IDS_NAME), str(directory / TOKEN_IDS_NAME))
+    else:
+        ids = {}
+    generation = directory / GENERATION_CONFIG_NAME
+    if not generation.is_file():
+        return ids, None
+    read_json(generation)  # a broken one is refused here, not by transformers when the export loads
+    return ids, generation
+
+
+def write_hf_extras(tmp: Path, ids: dict, generation: Path | None, hf: bool) -> None:
+    """Into an export's temp folder: the token ids (megamath folders only: an HF config.json holds them)
+    and a copy of generation_config.json."""
+    if ids and not hf:
+        (tmp / TOKEN_IDS_NAME).write_text(json.dumps(ids, indent=2) + "\n")
+    if generation is not None:
+        shutil.copyfile(generation, tmp / GENERATION_CONFIG_NAME)
 
 
 def save_model_folder(model, directory: str | Path, max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
@@ -36,7 +99,8 @@ def save_model_folder(model, directory: str | Path, max_shard_size: str | int = 
     def write(tmp: Path) -> None:
         (tmp / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         plan = [(n, state[n].numel() * (dtype or state[n].dtype).itemsize) for n in parameter_shapes(config)]
-        write_safetensors_dir(tmp, plan, lambda n: state[n].to("cpu", dtype or state[n].dtype), max_bytes)
+        write_safetensors_dir(tmp, plan, lambda n: cast_checked(state[n].cpu(), dtype or state[n].dtype, n),
+                              max_bytes)
 
     return write_dir_atomically(directory, write)
 
@@ -51,6 +115,7 @@ def load_model_folder(directory: str | Path, device: torch.device | str = "cpu",
         config = ModelConfig.from_dict({**config.to_dict(), **overrides})
     reader = SafetensorsReader(directory)
     check_tensors({n: reader.shape(n) for n in reader.names()}, config, str)
+    dtype = weights_dtype(reader, {n: n for n in parameter_shapes(config)}, dtype)
     with torch.device("meta"):
         model = Llama(config)
     state = {n: reader.get(n, dtype).to(device) for n in parameter_shapes(config)}
@@ -62,7 +127,9 @@ def convert_hf_to_megamath(src: str | Path, dst: str | Path, max_shard_size: str
                            dtype: torch.dtype | None = None) -> ModelConfig:
     """Hugging Face Llama directory -> megamath checkpoint directory; returns the model's config."""
     src, max_bytes = Path(src), parse_size(max_shard_size)
-    config = hf_config_to_model_config(read_json(src / CONFIG_NAME))
+    hf = read_json(src / CONFIG_NAME)
+    config = hf_config_to_model_config(hf)
+    ids, generation = hf_extras(src)
     reader = SafetensorsReader(src)
     hf_names = [n for n in reader.names() if not IGNORED_HF_TENSORS.match(n)]
     foreign = sorted(n for n in hf_names if to_hf_name(from_hf_name(n)) != n)  # not "model.*" / "lm_head.weight"
@@ -70,9 +137,11 @@ def convert_hf_to_megamath(src: str | Path, dst: str | Path, max_shard_size: str
         raise ValueError(f"checkpoint has unknown tensors: {some_names(foreign)}")
     hf_of = {from_hf_name(n): n for n in hf_names}  # our name -> HF name
     check_tensors({n: reader.shape(hf) for n, hf in hf_of.items()}, config, lambda n: hf_of.get(n, to_hf_name(n)))
+    dtype = weights_dtype(reader, hf_of, dtype, hf.get("dtype") or hf.get("torch_dtype"))
 
     def write(tmp: Path) -> None:
         (tmp / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        write_hf_extras(tmp, ids, generation, hf=False)
         plan = [(n, reader.nbytes(hf_of[n], dtype)) for n in parameter_shapes(config)]
         write_safetensors_dir(tmp, plan, lambda n: reader.get(hf_of[n], dtype), max_bytes)
 
@@ -87,10 +156,13 @@ def convert_megamath_to_hf(src: str | Path, dst: str | Path, max_shard_size: str
     config = load_config(src)
     reader = SafetensorsReader(src)
     check_tensors({n: reader.shape(n) for n in reader.names()}, config, str)
-    hf_config = model_config_to_hf_config(config, dtype or reader.dtype("embed_tokens.weight"))
+    dtype = weights_dtype(reader, {n: n for n in parameter_shapes(config)}, dtype)
+    ids, generation = hf_extras(src)
+    hf_config = model_config_to_hf_config(config, dtype, ids)
 
     def write(tmp: Path) -> None:
         (tmp / CONFIG_NAME).write_text(json.dumps(hf_config, indent=2) + "\n")
+        write_hf_extras(tmp, ids, generation, hf=True)
         plan = [(to_hf_name(n), reader.nbytes(n, dtype)) for n in parameter_shapes(config)]
         write_safetensors_dir(tmp, plan, lambda hf: reader.get(from_hf_name(hf), dtype), max_bytes)
 

@@ -38,7 +38,7 @@ def load_pretrained(model: torch.nn.Module, directory: str | Path, state: Parall
     tp = state.tp_size
     with torch.no_grad():
         for name, param in model.named_parameters():
-            full = reader.get(ours[name])
+            full = reader.get(ours[name], param.dtype)  # cast_checked: a weight the dtype cannot hold is refused
             param.copy_(full if tp == 1 else tp_slice(full, name, model.config, tp, state.tp_rank))
 
 

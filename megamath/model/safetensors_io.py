@@ -20,13 +20,15 @@ from huggingface_hub import split_state_dict_into_shards_factory
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from megamath.atomic_io import naming_write_errors, remove_dead_temporaries, temp_tag
+from megamath.atomic_io import fsync_path, naming_write_errors, remove_dead_temporaries, temp_tag
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1}
+_TMP_PREFIX = ".megamath-tmp-"  # write_dir_atomically's temp folder inside an empty DST
+# The weights a Llama can hold. Integer, bool and float8 tensors are refused, not cast: an int8 tensor cast to
+# float is its quantized codes without their scales, i.e. garbage that converts and loads without complaint.
 _TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
@@ -56,11 +58,11 @@ class SafetensorsReader:
             weight_map = read_json(index).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise ValueError(f"{index}: no weight_map")
+            for name, f in weight_map.items():  # a file name, not leading out of the checkpoint folder
+                if not isinstance(f, str) or f in ("", ".", "..") or "\\" in f or Path(f).name != f:
+                    raise ValueError(f"{index}: weight_map names {f!r}, not a file name inside {self.directory} "
+                                     f"(for {name})")
             files = sorted(set(weight_map.values()))
-            outside = [f for f in files if not isinstance(f, str) or f in ("", ".", "..") or "\\" in f
-                       or Path(f).name != f]
-            if outside:  # a file name must not lead out of the checkpoint folder
-                raise ValueError(f"{index}: weight_map names {outside[0]!r}, not a file name inside {self.directory}")
         elif single.is_file():
             weight_map, files = None, [WEIGHTS_NAME]
         else:
@@ -92,19 +94,42 @@ class SafetensorsReader:
 
     def nbytes(self, name: str, dtype: torch.dtype | None = None) -> int:
         """Bytes of the tensor as stored, or once cast to `dtype`."""
-        tensor_slice = self._handles[self.file_of[name]].get_slice(name)
         numel = 1
-        for n in tensor_slice.get_shape():
+        for n in self.shape(name):
             numel *= n
-        width = _DTYPE_BYTES[tensor_slice.get_dtype()] if dtype is None else dtype.itemsize
-        return numel * width
+        return numel * (dtype or self.dtype(name)).itemsize
 
     def dtype(self, name: str) -> torch.dtype:
-        return _TORCH_DTYPES[self._handles[self.file_of[name]].get_slice(name).get_dtype()]
+        """The stored dtype; anything but a float weight is refused, naming the file, tensor and dtype."""
+        code = self._handles[self.file_of[name]].get_slice(name).get_dtype()
+        if code not in _TORCH_DTYPES:
+            raise ValueError(f"{self.directory / self.file_of[name]}: tensor {name} is stored as {code}; only "
+                             f"{', '.join(_TORCH_DTYPES)} weights are read (dequantize the checkpoint first)")
+        return _TORCH_DTYPES[code]
 
     def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor, cast to `dtype` if given (cast_checked: an overflow is an error)."""
+        self.dtype(name)  # refuses a non-float tensor
         tensor = self._handles[self.file_of[name]].get_tensor(name)
-        return tensor if dtype is None else tensor.to(dtype)
+        return tensor if dtype is None else cast_checked(tensor, dtype, name)
+
+
+def cast_checked(tensor: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
+    """`tensor.to(dtype)`, refused when the cast turns finite values into inf (bf16's 1e5 is fp16's inf).
+
+    Why: `--dtype float16` on bf16 or fp32 weights beyond ±65504 wrote a model whose first forward is NaN,
+    with exit status 0; the tensor is named so the user sees which weight does not fit."""
+    out = tensor.to(dtype)
+    if out.dtype == tensor.dtype or not out.is_floating_point() or torch.isfinite(out).all():
+        return out
+    lost = torch.isfinite(tensor) & ~torch.isfinite(out)
+    if lost.any():
+        top = tensor[lost].abs().max().item()
+        raise ValueError(f"tensor {name}: casting {str(tensor.dtype).removeprefix('torch.')} to "
+                         f"{str(dtype).removeprefix('torch.')} turns {int(lost.sum())} finite values into inf "
+                         f"(largest {top:.6g}, the most {str(dtype).removeprefix('torch.')} holds is "
+                         f"{torch.finfo(dtype).max:.6g}); keep the stored dtype or choose a wider one")
+    return out
 
 
 def some_names(names: list[str], limit: int = 8) -> str:
@@ -163,22 +188,48 @@ def write_safetensors_dir(directory: Path, plan: list[tuple[str, int]], fetch: C
 
 
 def write_dir_atomically(dst: str | Path, write: Callable[[Path], None]) -> Path:
-    """Build the checkpoint in a sibling temp folder, then rename it into place: no half-written DST."""
-    dst = Path(dst)
+    """Build the checkpoint in a temp folder, fsync it, then publish it as DST; returns DST, resolved.
+
+    DST is resolved first ('.' and a symlink name the folder they lead to) and checked before anything is
+    written: it must not exist, or be an empty folder. A new DST is the temp folder beside it, renamed
+    into place: no half-written DST is ever seen. An empty folder is kept and filled, the temp folder
+    inside it, its entries moved up with config.json last: the folder may be the shell's current one, a
+    mount point or a symlink's target, which a rename over it would detach or fail on at the very end;
+    a reader finds no config.json until the rest is there. Every file and both folders are fsynced before
+    and after publishing (atomic_io's rule), or a crash right after could leave a DST of empty shards.
+    """
+    dst = Path(dst).resolve()
+    if dst.is_dir():
+        remove_dead_temporaries(dst, _TMP_PREFIX)  # a killed convert's, inside the empty DST it was filling
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise FileExistsError(f"{dst} already exists and is not an empty directory")
-    tmp = dst.with_name(f".{dst.name}.tmp-{temp_tag()}")
+    in_place = dst.is_dir()
+    tmp = dst / f"{_TMP_PREFIX}{temp_tag()}" if in_place else dst.with_name(f".{dst.name}.tmp-{temp_tag()}")
     shutil.rmtree(tmp, ignore_errors=True)
     dst.parent.mkdir(parents=True, exist_ok=True)  # a file in the way is named here, not as the temp folder
-    remove_dead_temporaries(dst.parent, f".{dst.name}.tmp-")  # a killed export's: as large as the model
+    if not in_place:
+        remove_dead_temporaries(dst.parent, f".{dst.name}.tmp-")  # a killed export's: as large as the model
     tmp.mkdir()
+    moved = []
     try:
         with naming_write_errors(dst, "nothing of it was kept"):  # a full disk, in whichever file it struck
             write(tmp)
-        if dst.exists():
-            dst.rmdir()
-        os.replace(tmp, dst)
+            for path in tmp.iterdir():
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
+        fsync_path(tmp)
+        if in_place:
+            for path in sorted(tmp.iterdir(), key=lambda p: p.name == CONFIG_NAME):  # config.json last
+                os.rename(path, dst / path.name)
+                moved.append(dst / path.name)
+            tmp.rmdir()
+            fsync_path(dst)
+        else:
+            os.replace(tmp, dst)
+            fsync_path(dst.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for path in moved:
+            path.unlink(missing_ok=True)
         raise
     return dst

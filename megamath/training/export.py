@@ -5,6 +5,10 @@ Training writes per-TP-rank slices with a metadata.json, not the config.json + s
 megamath model folder, so the export merges each parameter's slices (reshard.TrainCheckpoint, after
 checking the model files' checksums) and streams them, one output shard at a time, into the Hugging
 Face layout that model_folder.py writes. The optimizer state is not read.
+
+Special token ids and generation_config.json are not in a training checkpoint: a run started from a
+model folder (`init_from_hf`, recorded in the checkpoint's run config) gets that folder's, read at export
+time if it is still there with the run's vocabulary size; otherwise Llama 2's bos 1 / eos 2.
 """
 from __future__ import annotations
 
@@ -16,8 +20,9 @@ import torch
 from megamath.model.config import ModelConfig
 from megamath.model.hf_llama import from_hf_name, model_config_to_hf_config, to_hf_name
 from megamath.model.partition import parameter_shapes
-from megamath.model.safetensors_io import (CONFIG_NAME, DEFAULT_MAX_SHARD_SIZE, parse_size, write_dir_atomically,
-                                           write_safetensors_dir)
+from megamath.model.model_folder import hf_extras, write_hf_extras
+from megamath.model.safetensors_io import (CONFIG_NAME, DEFAULT_MAX_SHARD_SIZE, cast_checked, parse_size, read_json,
+                                           write_dir_atomically, write_safetensors_dir)
 from megamath.training.checkpoint import CHECKPOINTS, LATEST, METADATA
 from megamath.training.reshard import TrainCheckpoint, resolve_checkpoint
 
@@ -40,17 +45,30 @@ def export_training_checkpoint_to_hf(src: str | Path, dst: str | Path,
     source = TrainCheckpoint(step, with_optimizer=False)
     config = source.config
     names = list(parameter_shapes(config))
-    stored = source.weight(names[0]).dtype
-    hf_config = model_config_to_hf_config(config, dtype or stored)
-    width = (dtype or stored).itemsize
+    stored = source.weight(names[0]).dtype  # training keeps every parameter in one dtype
+    dtype = dtype or stored
+    ids, generation = init_extras(source.meta["config"].get("init_from_hf"), config)
+    hf_config = model_config_to_hf_config(config, dtype, ids)
 
     def write(tmp: Path) -> None:
         (tmp / CONFIG_NAME).write_text(json.dumps(hf_config, indent=2) + "\n")
-        plan = [(to_hf_name(n), _numel(shape) * width) for n, shape in parameter_shapes(config).items()]
-        write_safetensors_dir(tmp, plan, lambda hf: source.weight(from_hf_name(hf)).to(dtype or stored), max_bytes)
+        write_hf_extras(tmp, ids, generation, hf=True)
+        plan = [(to_hf_name(n), _numel(shape) * dtype.itemsize) for n, shape in parameter_shapes(config).items()]
+        write_safetensors_dir(tmp, plan, lambda hf: cast_checked(source.weight(from_hf_name(hf)), dtype, hf), max_bytes)
 
     write_dir_atomically(dst, write)
     return config
+
+
+def init_extras(init_from: str | None, config: ModelConfig) -> tuple[dict, Path | None]:
+    """The token ids and generation_config.json of the folder the run started from, when it is still
+    there and holds a model of the run's vocabulary (ids of another tokenizer would be wrong, not missing)."""
+    if not init_from or not (Path(init_from) / CONFIG_NAME).is_file():
+        return {}, None
+    saved = read_json(Path(init_from) / CONFIG_NAME)
+    if saved.get("vocab_size") != config.vocab_size:
+        return {}, None
+    return hf_extras(init_from)
 
 
 def _numel(shape: tuple[int, ...]) -> int:
