@@ -47,6 +47,11 @@ def test_generate_keeps_fields_and_is_seeded(tiny, tmp_path, capsys):
         assert all(0 < len(ids) <= 12 and lp < 0 for ids, lp in zip(record["token_ids"], record["logprobs"]))
     assert [r["token_ids"] for r in a] == [r["token_ids"] for r in b]  # the seed, not the batching, decides
     assert "wrote 2 prompts x 3 completions" in capsys.readouterr().out
+    # --dtype: float32 is CPU's default (the same bits); bfloat16 weights give other log-probabilities
+    assert main(["generate", *_args(tiny, *flags, "--dtype", "float32", "--output", str(tmp_path / "f.jsonl"))]) == 0
+    assert _lines(tmp_path / "f.jsonl") == a
+    assert main(["generate", *_args(tiny, *flags, "--dtype", "bfloat16", "--output", str(tmp_path / "h.jsonl"))]) == 0
+    assert [r["logprobs"] for r in _lines(tmp_path / "h.jsonl")] != [r["logprobs"] for r in a]
 
 
 def test_generate_bad_input_is_one_line(tiny, tmp_path, capsys):

@@ -16,6 +16,7 @@ from pathlib import Path
 from megamath.commands import leaves_process_group
 
 _STOP_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def stop_string(text: str) -> str:
@@ -41,6 +42,10 @@ def add_generation_flags(parser, max_new_tokens: int | None, temperature: float,
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the samples (default 0)")
     parser.add_argument("--batch-size", type=int, default=batch_size, metavar="B",
                         help=f"sequences decoded together (default {batch_size})")
+    parser.add_argument("--dtype", choices=("auto",) + tuple(DTYPES), default="auto",
+                        help="the weights' dtype while decoding (default auto: bfloat16 on a GPU, float32 on CPU). "
+                        "A seed gives the same samples at any --batch-size, TP or DP size up to the logits' "
+                        "rounding: in bfloat16 another batch or layout can flip a near tie, float32 rarely")
 
 
 def add_tp_size_flag(parser, items: str) -> None:
@@ -95,7 +100,8 @@ def run(args) -> int:
     params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, tuple(args.stop))
     records = read_prompts(args.prompts)
     check_completion_count(len(records), args.num_samples)  # before the model loads
-    model, codec, state = open_model(args.model, args.tokenizer_model, args.max_new_tokens, tp_size=args.tp_size)
+    model, codec, state = open_model(args.model, args.tokenizer_model, args.max_new_tokens, tp_size=args.tp_size,
+                                     dtype=args.dtype)
     keys = state.dp_share(len(records))
     bar = tqdm(total=len(keys), unit="prompt", disable=state.rank != 0, file=sys.stderr)
     results = complete(model, codec, [records[k]["prompt"] for k in keys], params, args.num_samples, args.seed,

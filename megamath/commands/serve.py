@@ -60,7 +60,7 @@ def run(args) -> int:
                          args.max_body_bytes, args.request_timeout, args.seed, args.batch_size)
     server = listen(config)  # before the model loads: a port in use fails now, not after minutes
     try:
-        model, codec, _ = open_model(args.model, args.tokenizer_model, args.max_new_tokens)
+        model, codec, _ = open_model(args.model, args.tokenizer_model, args.max_new_tokens, dtype=args.dtype)
     except BaseException:
         server.server_close()
         raise

@@ -3,7 +3,7 @@
 Why a layer above `generate`: the commands (generate, eval, serve) and evaluation during training all
 need the same prompt handling (BOS first, as Llama's tokenizer does; too-long prompts cut from the left
 so the question at the end survives), the same seeds (sample j of prompt key i draws from a stream
-derived from (seed, i, j), so a sample does not depend on the batch size or the order of the file) and
+derived from (seed, i, j), so a sample does not depend on the batch size, only on its prompt's number) and
 the same batching (rows sorted by prompt length, so a batch pads little).
 """
 from __future__ import annotations

@@ -6,7 +6,8 @@ takes the argmax; sampling divides the logits by the temperature, keeps the smal
 probability reaches top_p, and draws with an exponential race (argmax p / E, E ~ Exp(1)) from a
 generator of the row's own: a row's draws depend on its seed only, not on its batch neighbours, so a
 seed reproduces a sample whatever the batch size or the tensor-parallel size (every TP rank gathers
-the same full-vocabulary logits and draws the same token).
+the same full-vocabulary logits and draws the same token). That holds bit for bit in float32 on CPU; in
+bfloat16 another batch (its padding) or TP layout rounds the logits differently (~1e-2): a near tie can flip.
 
 Each completion stops at EOS, at a stop string (its text is cut before it), or after max_new_tokens.
 `logprob` is the sum over its generated tokens of log p(token) under the model itself (temperature 1,

@@ -17,7 +17,7 @@ from megamath.model.config import ModelConfig
 from megamath.model.hf_llama import hf_config_to_model_config
 from megamath.model.llama import Llama
 from megamath.model.pretrained import load_pretrained
-from megamath.model.safetensors_io import CONFIG_NAME, read_json
+from megamath.model.safetensors_io import CONFIG_NAME, cast_checked, read_json
 from megamath.model.tp_state_dict import tp_slice
 from megamath.parallel.state import ParallelState
 from megamath.training.checkpoint import CHECKPOINTS, LATEST, METADATA
@@ -64,7 +64,7 @@ def load_model(path: str | Path, parallel: ParallelState | None = None, device: 
     if source is None:
         load_pretrained(model, path, parallel)
     else:
-
-        for name, param in model.named_parameters():
-            param.copy_(tp_slice(source.weight(name), name, config, parallel.tp_size, parallel.tp_rank))
+        for name, param in model.named_parameters():  # cast_checked: a weight the dtype cannot hold is refused
+            param.copy_(cast_checked(tp_slice(source.weight(name), name, config, parallel.tp_size, parallel.tp_rank),
+                                     param.dtype, name))
     return model.eval()

@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
+
 from megamath.data.tokenizer import SentencePieceTokenizer
 from megamath.generation.batching import PromptCodec
 from megamath.generation.loading import load_model
@@ -29,13 +31,15 @@ def read_prompts(path: Path) -> list[dict]:
     return records
 
 
-def open_model(model_path: str | Path, tokenizer_model: str | Path, max_new_tokens: int, tp_size: int | None = None):
+def open_model(model_path: str | Path, tokenizer_model: str | Path, max_new_tokens: int, tp_size: int | None = None,
+               dtype: str = "auto"):
     """(model, codec, parallel state) for generating up to max_new_tokens per completion; under torchrun
     every process is one tensor-parallel rank, or with `tp_size` the processes form WORLD_SIZE / tp_size
-    data-parallel groups of tp_size ranks (each group a whole model)."""
+    data-parallel groups of tp_size ranks (each group a whole model). `dtype`: a torch dtype's name, or
+    "auto" (loading.default_dtype)."""
     tokenizer = SentencePieceTokenizer(tokenizer_model)
     state = ParallelState.from_env(tp_size=int(os.environ.get("WORLD_SIZE", 1)) if tp_size is None else tp_size)
-    model = load_model(model_path, state)
+    model = load_model(model_path, state, dtype=None if dtype == "auto" else getattr(torch, dtype))
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} pieces, more than the model's vocabulary "
                          f"{model.config.vocab_size}")
