@@ -73,9 +73,12 @@ def test_hf_index_entries_outside_the_folder_are_refused(tmp_path):
 
 def test_a_run_started_from_a_model_folder_exports_its_special_tokens(tmp_path):
     """The export wrote Llama 2's bos 1 / eos 2 whatever the model the run started from said, and no
-    generation_config.json; they are the init folder's (recorded as init_from_hf in the run config)."""
+    generation_config.json; they are the init folder's, recorded in the checkpoints' metadata."""
+    import shutil
+
     from megamath.model.config import ModelConfig
     from megamath.model.model_folder import save_model_folder
+    from megamath.training.checkpoint_integrity import sealed_metadata_text
 
     raw = raw_config(tmp_path / "data", tmp_path / "run", train_steps=1, checkpoint__save_every=0)
     save_model_folder(Llama(ModelConfig(**raw["model"])), tmp_path / "init")
@@ -88,11 +91,21 @@ def test_a_run_started_from_a_model_folder_exports_its_special_tokens(tmp_path):
         run({**raw, "init_from_hf": str(tmp_path / "init")})
     finally:
         torch.set_num_threads(before)
+    shutil.move(tmp_path / "init", tmp_path / "moved")  # the record, not the folder, is what the export reads
     assert main(["convert", "megamath-to-hf", str(tmp_path / "run"), str(tmp_path / "hf")]) == 0
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert {k: config[k] for k in ids} == ids
-    assert (tmp_path / "hf" / "generation_config.json").read_text() == '{"eos_token_id": [5, 6, 7]}\n'
-    # The folder now holds a model of another vocabulary: its ids are another tokenizer's, not the run's.
+    assert json.loads((tmp_path / "hf" / "generation_config.json").read_text()) == {"eos_token_id": [5, 6, 7]}
+    # A checkpoint saved before the record: the folder's ids when it is there with the run's vocabulary,
+    # Llama 2's when it holds another tokenizer's model (its ids would be wrong, not missing).
+    step = tmp_path / "run" / "checkpoints" / "step_0000001"
+    meta = json.loads((step / "metadata.json").read_text())
+    assert meta["hf_extras"] == {"token_ids": ids, "generation_config": {"eos_token_id": [5, 6, 7]}}
+    del meta["hf_extras"]
+    (step / "metadata.json").write_text(sealed_metadata_text(meta))
+    shutil.move(tmp_path / "moved", tmp_path / "init")
+    assert main(["convert", "megamath-to-hf", str(tmp_path / "run"), str(tmp_path / "hf1")]) == 0
+    assert {k: json.loads((tmp_path / "hf1" / "config.json").read_text())[k] for k in ids} == ids
     (tmp_path / "init" / "config.json").write_text(json.dumps({**raw["model"], "vocab_size": 65}))
     assert main(["convert", "megamath-to-hf", str(tmp_path / "run"), str(tmp_path / "hf2")]) == 0
     config = json.loads((tmp_path / "hf2" / "config.json").read_text())
@@ -123,3 +136,19 @@ def test_an_export_cast_that_overflows_is_refused(trained, tmp_path, capsys):
         "a wider one\n")
     assert not (tmp_path / "hf").exists()
     assert main(["convert", "megamath-to-hf", str(step), str(tmp_path / "hf"), "--dtype", "bfloat16"]) == 0
+
+
+def test_a_resumed_run_keeps_its_checkpoints_record_and_a_bad_record_is_one_line(tmp_path):
+    from megamath.model.model_folder import read_hf_extras_record
+    from megamath.training.loop import hf_extras_of_run
+
+    raw = raw_config(tmp_path / "data", tmp_path / "run")
+    config = TrainConfig.from_dict({**raw, "init_from_hf": str(tmp_path / "gone")})
+    record = {"token_ids": {"eos_token_id": 9}, "generation_config": None}
+    assert hf_extras_of_run(config, {"hf_extras": record}) is record  # the folder, gone, is not read again
+    assert hf_extras_of_run(TrainConfig.from_dict(raw), None) is None  # a run from scratch records nothing
+    for bad in ({"token_ids": [9], "generation_config": None}, {"token_ids": {}, "generation_config": 3}, "x"):
+        with pytest.raises(ValueError, match=r"^m\.json: hf_extras must map token_ids to a mapping"):
+            read_hf_extras_record(bad, "m.json")
+    with pytest.raises(ValueError, match=r"^m\.json: eos_token_id must be a token id"):
+        read_hf_extras_record({"token_ids": {"eos_token_id": "</s>"}, "generation_config": None}, "m.json")

@@ -79,13 +79,33 @@ def hf_extras(directory: str | Path) -> tuple[dict, Path | None]:
     return ids, generation
 
 
-def write_hf_extras(tmp: Path, ids: dict, generation: Path | None, hf: bool) -> None:
+def write_hf_extras(tmp: Path, ids: dict, generation: Path | dict | None, hf: bool) -> None:
     """Into an export's temp folder: the token ids (megamath folders only: an HF config.json holds them)
-    and a copy of generation_config.json."""
+    and generation_config.json, copied from a file or written from its contents (a training checkpoint's
+    record, hf_extras_record)."""
     if ids and not hf:
         (tmp / TOKEN_IDS_NAME).write_text(json.dumps(ids, indent=2) + "\n")
-    if generation is not None:
+    if isinstance(generation, dict):
+        (tmp / GENERATION_CONFIG_NAME).write_text(json.dumps(generation, indent=2) + "\n")
+    elif generation is not None:
         shutil.copyfile(generation, tmp / GENERATION_CONFIG_NAME)
+
+
+def hf_extras_record(directory: str | Path) -> dict:
+    """What a training run started from `directory` keeps in its checkpoints' metadata (`hf_extras`), so that
+    its export gives back the folder's special token ids and generation_config.json even once the folder is
+    gone: {"token_ids": {...}, "generation_config": {...} or None}."""
+    ids, generation = hf_extras(directory)
+    return {"token_ids": ids, "generation_config": None if generation is None else read_json(generation)}
+
+
+def read_hf_extras_record(record: object, where: str) -> tuple[dict, dict | None]:
+    """(token ids, generation config) of a checkpoint's `hf_extras`, checked: a wrong type is one line."""
+    if not isinstance(record, dict) or not isinstance(record.get("token_ids"), dict) \
+            or not isinstance(record.get("generation_config"), (dict, type(None))):
+        raise ValueError(f"{where}: hf_extras must map token_ids to a mapping and generation_config to a mapping "
+                         f"or null, got {record!r}")
+    return token_ids(record["token_ids"], where), record["generation_config"]
 
 
 def save_model_folder(model, directory: str | Path, max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,

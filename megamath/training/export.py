@@ -6,9 +6,10 @@ megamath model folder, so the export merges each parameter's slices (reshard.Tra
 checking the model files' checksums) and streams them, one output shard at a time, into the Hugging
 Face layout that model_folder.py writes. The optimizer state is not read.
 
-Special token ids and generation_config.json are not in a training checkpoint: a run started from a
-model folder (`init_from_hf`, recorded in the checkpoint's run config) gets that folder's, read at export
-time if it is still there with the run's vocabulary size; otherwise Llama 2's bos 1 / eos 2.
+A run started from a model folder (`init_from_hf`) records that folder's special token ids and
+generation_config.json in its checkpoints' metadata (`hf_extras`), and the export writes them back. A
+checkpoint saved before that record gets them from the folder itself, if it is still there with the run's
+vocabulary size; a run with neither exports Llama 2's bos 1 / eos 2.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torch
 from megamath.model.config import ModelConfig
 from megamath.model.hf_llama import from_hf_name, model_config_to_hf_config, to_hf_name
 from megamath.model.partition import parameter_shapes
-from megamath.model.model_folder import hf_extras, write_hf_extras
+from megamath.model.model_folder import hf_extras, read_hf_extras_record, write_hf_extras
 from megamath.model.safetensors_io import (CONFIG_NAME, DEFAULT_MAX_SHARD_SIZE, cast_checked, parse_size, read_json,
                                            write_dir_atomically, write_safetensors_dir)
 from megamath.training.checkpoint import CHECKPOINTS, LATEST, METADATA
@@ -47,7 +48,10 @@ def export_training_checkpoint_to_hf(src: str | Path, dst: str | Path,
     names = list(parameter_shapes(config))
     stored = source.weight(names[0]).dtype  # training keeps every parameter in one dtype
     dtype = dtype or stored
-    ids, generation = init_extras(source.meta["config"].get("init_from_hf"), config)
+    if "hf_extras" in source.meta:
+        ids, generation = read_hf_extras_record(source.meta["hf_extras"], f"{step / METADATA}")
+    else:
+        ids, generation = init_extras(source.meta["config"].get("init_from_hf"), config)
     hf_config = model_config_to_hf_config(config, dtype, ids)
 
     def write(tmp: Path) -> None:
@@ -61,7 +65,7 @@ def export_training_checkpoint_to_hf(src: str | Path, dst: str | Path,
 
 
 def init_extras(init_from: str | None, config: ModelConfig) -> tuple[dict, Path | None]:
-    """The token ids and generation_config.json of the folder the run started from, when it is still
+    """For a checkpoint without `hf_extras`: the token ids and generation_config.json of the folder the run started from, when it is still
     there and holds a model of the run's vocabulary (ids of another tokenizer would be wrong, not missing)."""
     if not init_from or not (Path(init_from) / CONFIG_NAME).is_file():
         return {}, None

@@ -33,6 +33,7 @@ import torch
 
 from megamath.evaluation.during_training import check_task_inputs, evaluate_tasks
 from megamath.model.llama import Llama
+from megamath.model.model_folder import hf_extras_record
 from megamath.model.pretrained import load_pretrained
 from megamath.parallel.sequence_parallel import allreduce_sequence_parallel_grads
 from megamath.parallel.mappings import all_reduce_
@@ -181,10 +182,20 @@ def resume_point(config: TrainConfig, run_dir: Path, state: ParallelState) -> Pa
     return find_resume_checkpoint(config.checkpoint.resume, run_dir, state, say)
 
 
-def _metadata(config: TrainConfig, step: int, lr: float, global_batch: int, nonfinite: int) -> dict:
-    return {"consumed_samples": step * global_batch, "global_batch_size": global_batch,
+def _metadata(config: TrainConfig, step: int, lr: float, global_batch: int, nonfinite: int,
+              hf_extras: dict | None) -> dict:
+    meta = {"consumed_samples": step * global_batch, "global_batch_size": global_batch,
             "schedule": {"lr": lr, "peak_lr": config.optimizer.lr, **vars(config.schedule)},
             "consecutive_nonfinite": nonfinite, "update_ok": nonfinite == 0, "config": config.to_dict()}
+    return meta if hf_extras is None else {**meta, "hf_extras": hf_extras}
+
+
+def hf_extras_of_run(config: TrainConfig, saved: dict | None) -> dict | None:
+    """The special token ids and generation config the run's export gives back: those its checkpoint
+    recorded, else (a fresh start, or a checkpoint from before the record) those of init_from_hf's folder."""
+    if saved is not None and "hf_extras" in saved:
+        return saved["hf_extras"]
+    return hf_extras_record(config.init_from_hf) if config.init_from_hf else None
 
 
 class PreemptionFlag:
@@ -250,6 +261,7 @@ def _train(config: TrainConfig, state: ParallelState, attempt: str) -> TrainResu
                              f"this run's is {data.global_batch_size} (micro_batch_size · grad_accum_steps · dp): "
                              "keep it equal on resume (adjust grad_accum_steps to the new DP size)")
         step, nonfinite = meta["step"], meta["consecutive_nonfinite"]
+    hf_extras = hf_extras_of_run(config, saved if resume_from is not None else None)
     tokens_per_step = data.global_batch_size * config.data.seq_length
     flops_per_token = config.model.flops_per_token(config.data.seq_length)
     description = RunDescription(dump_config(config), run_info(
@@ -324,7 +336,7 @@ def _train(config: TrainConfig, state: ParallelState, attempt: str) -> TrainResu
                     log.write(rec, timing, flush=save)
                 if save:
                     with timer.phase("checkpoint"):
-                        meta = _metadata(config, step, lr, data.global_batch_size, nonfinite)
+                        meta = _metadata(config, step, lr, data.global_batch_size, nonfinite, hf_extras)
                         ckpt.save_checkpoint(run_dir, step, model, optimizer, state, meta, config.checkpoint.keep,
                                              attempt=attempt)
                     last_saved = step
