@@ -10,7 +10,8 @@ import time
 import pytest
 
 from distributed import run_distributed
-from megamath.parallel.agreement import disagreement, flatten
+from megamath.dotted_keys import flatten
+from megamath.parallel.agreement import disagreement
 from megamath.parallel.peer_failure import lost_peer
 from test_train_loop import one_thread  # noqa: F401
 

@@ -11,21 +11,11 @@ from __future__ import annotations
 
 from typing import Mapping
 
+from megamath.dotted_keys import flatten
 from megamath.parallel.mappings import all_gather_objects
 
 SHOWN = 3
 """Keys named in the error; the rest are counted."""
-
-
-def flatten(settings: Mapping, prefix: str = "") -> dict:
-    """{"a": {"b": 1}} -> {"a.b": 1}: the dotted keys a config override would use."""
-    flat = {}
-    for key, value in settings.items():
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _shown(value) -> str:

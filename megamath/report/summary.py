@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 
+from megamath.dotted_keys import flatten
 from megamath.model.config import ModelConfig
 from megamath.report.runs import Run
 
@@ -188,16 +189,6 @@ def markdown_table(summaries: list[dict]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in table_rows(summaries)]
     return "\n".join(lines)
-
-
-def flatten(config: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def config_differences(runs: list[Run], ignore: tuple[str, ...] = ("run_dir",)) -> list[tuple[str, list]]:
