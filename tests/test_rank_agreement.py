@@ -42,8 +42,8 @@ def test_a_rank_given_another_config_stops_every_rank_before_the_groups_are_buil
     run_distributed(_configs_differ, 2, tmp_path, timeout_s=120)
     for rank in (0, 1):
         assert (tmp_path / f"rank{rank}.txt").read_text() == (
-            "the ranks hold different configs: optimizer.lr: 0.003 on rank 0, 0.01 on rank 1 (launch every rank "
-            "with the same config file and overrides)")
+            "the ranks hold different settings: optimizer.lr: 0.003 on rank 0, 0.01 on rank 1 (launch every rank "
+            "with the same command line, config file and overrides)")
 
 
 def _a_peer_stalls(rank: int, world_size: int, out_dir) -> None:
@@ -171,3 +171,30 @@ def test_every_rank_resumes_from_the_checkpoint_rank_0_chose(tmp_path, one_threa
     run_distributed(_find, 2, tmp_path, timeout_s=120)
     found = [(tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)]
     assert found == [str(tmp_path / "run" / "checkpoints" / "step_0000008")] * 2
+
+
+def _generate(rank: int, world_size: int, out_dir, model: str, tokenizer: str) -> None:
+    import contextlib
+    import io
+
+    from megamath.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        status = main(["generate", "--model", model, "--tokenizer-model", tokenizer, "--prompts",
+                       str(out_dir / "p.jsonl"), "--output", str(out_dir / "out.jsonl"), "--max-new-tokens", "4",
+                       "--seed", str(rank)])  # one node's launch line says another seed
+    (out_dir / f"rank{rank}.txt").write_text(f"{status}\n{err.getvalue()}")
+
+
+def test_generate_ranks_launched_with_other_flags_stop_before_decoding(tmp_path):
+    from generation_fixtures import build_checkpoint, build_tokenizer
+
+    model, tokenizer = build_checkpoint(tmp_path / "ckpt"), build_tokenizer(tmp_path / "tok.model")
+    (tmp_path / "p.jsonl").write_text('{"prompt": "1 + 1 ="}\n')
+    run_distributed(_generate, 2, tmp_path, str(model), str(tokenizer), timeout_s=120)
+    for rank in (0, 1):
+        assert (tmp_path / f"rank{rank}.txt").read_text() == (
+            "2\nmegamath generate: error: the ranks hold different settings: seed: '0' on rank 0, '1' on rank 1 "
+            "(launch every rank with the same command line, config file and overrides)\n")
+    assert not (tmp_path / "out.jsonl").exists()

@@ -65,7 +65,8 @@ def run(args) -> int:
     task.prompt(problems[0].question, task.shots if args.shots is None else args.shots)  # bad --shots: fail now
     check_completion_count(len(problems), args.maj)  # before the model loads
     model, codec, state = open_model(args.model, args.tokenizer_model,
-                                     args.max_new_tokens or task.max_new_tokens, tp_size=args.tp_size, dtype=args.dtype)
+                                     args.max_new_tokens or task.max_new_tokens, tp_size=args.tp_size, dtype=args.dtype,
+                                     flags=vars(args))
     keys = state.dp_share(len(problems))
     passes = 2 if args.maj > 1 else 1  # greedy, then the maj@k samples: the bar counts each problem twice
     share = f" (1/{state.dp_size} of the problems per group)" if state.dp_size > 1 else ""

@@ -101,7 +101,7 @@ def run(args) -> int:
     records = read_prompts(args.prompts)
     check_completion_count(len(records), args.num_samples)  # before the model loads
     model, codec, state = open_model(args.model, args.tokenizer_model, args.max_new_tokens, tp_size=args.tp_size,
-                                     dtype=args.dtype)
+                                     dtype=args.dtype, flags=vars(args))
     keys = state.dp_share(len(records))
     bar = tqdm(total=len(keys), unit="prompt", disable=state.rank != 0, file=sys.stderr)
     results = complete(model, codec, [records[k]["prompt"] for k in keys], params, args.num_samples, args.seed,

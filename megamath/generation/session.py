@@ -32,13 +32,16 @@ def read_prompts(path: Path) -> list[dict]:
 
 
 def open_model(model_path: str | Path, tokenizer_model: str | Path, max_new_tokens: int, tp_size: int | None = None,
-               dtype: str = "auto"):
+               dtype: str = "auto", flags: dict | None = None):
     """(model, codec, parallel state) for generating up to max_new_tokens per completion; under torchrun
     every process is one tensor-parallel rank, or with `tp_size` the processes form WORLD_SIZE / tp_size
     data-parallel groups of tp_size ranks (each group a whole model). `dtype`: a torch dtype's name, or
-    "auto" (loading.default_dtype)."""
+    "auto" (loading.default_dtype). `flags`, the command's, are compared across the ranks first (a rank
+    launched with another --seed or --model would decode other samples, or hang the job)."""
     tokenizer = SentencePieceTokenizer(tokenizer_model)
-    state = ParallelState.from_env(tp_size=int(os.environ.get("WORLD_SIZE", 1)) if tp_size is None else tp_size)
+    settings = {key: str(value) for key, value in (flags or {}).items() if not callable(value)}
+    state = ParallelState.from_env(tp_size=int(os.environ.get("WORLD_SIZE", 1)) if tp_size is None else tp_size,
+                                   same_on_every_rank=settings)
     model = load_model(model_path, state, dtype=None if dtype == "auto" else getattr(torch, dtype))
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} pieces, more than the model's vocabulary "

@@ -47,7 +47,7 @@ class ParallelState:
 
         NCCL with one GPU per local rank when CUDA is available, gloo on CPU. Every group's collectives give
         up after `timeout_s` (a stalled peer is an error, not a silent wait). `same_on_every_rank` (the
-        training config) is compared across ranks right after joining, before the groups are built from
+        training config, a command's flags) is compared across ranks right after joining, before the groups are built from
         it: a rank launched with other settings stops the job with one line (megamath.parallel.agreement).
         """
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
@@ -66,8 +66,8 @@ class ParallelState:
             dist.init_process_group(backend, rank=rank, world_size=world_size,
                                     timeout=datetime.timedelta(seconds=timeout_s))
         if same_on_every_rank is not None:
-            check_same_on_every_rank(same_on_every_rank, dist.group.WORLD, "configs",
-                                     "launch every rank with the same config file and overrides")
+            check_same_on_every_rank(same_on_every_rank, dist.group.WORLD, "settings",
+                                     "launch every rank with the same command line, config file and overrides")
         timeout = datetime.timedelta(seconds=timeout_s)  # new_group's default is torch's 30 minutes, not ours
         dp_size = world_size // tp_size
         tp_group = dp_group = None
