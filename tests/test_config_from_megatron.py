@@ -246,3 +246,33 @@ def test_a_quoted_string_over_several_lines_is_shell_not_a_quoting_error(tmp_pat
     path.write_text('# it\'s the launch\ntorchrun --nproc_per_node 8 pretrain_gpt.py --save "runs/a b" \\\n'
                     '    --num-layers 2\n')
     assert parse_flags(read_command_line([str(path)])[0]) == ({"save": ["runs/a b"], "num_layers": ["2"]}, 8)
+
+
+def _schedule_of(*flags: str):
+    script = SCRIPT.replace("--lr-warmup-iters 500 ", "")
+    words = script.split("pretrain_gpt.py")[1].replace("\\\n", " ").split() + list(flags)
+    conversion = convert_megatron(words, vocab_size=32000, world_size=32)
+    return conversion.validate().schedule, conversion.notes
+
+
+def test_a_warmup_fraction_counts_beside_zero_warmup_iterations():
+    """Megatron-LM takes --lr-warmup-fraction when --lr-warmup-iters is 0 (its default); the converted run
+    started at the peak lr instead."""
+    assert _schedule_of("--lr-warmup-iters", "0", "--lr-warmup-fraction", "0.05")[0].warmup_steps == 2400
+    assert _schedule_of("--lr-warmup-fraction", "0.05")[0].warmup_steps == 2400  # 0.05 × decay 48,000
+    assert _schedule_of()[0].warmup_steps == 0  # neither: Megatron's 0
+    schedule, notes = _schedule_of("--lr-warmup-fraction", "0.0000123")
+    assert schedule.warmup_steps == 1 and any("0.5904 iterations in Megatron-LM, rounded to 1 steps" in n
+                                              for n in notes), notes
+    with pytest.raises(ValueError, match="--lr-warmup-iters and --lr-warmup-fraction are both set"):
+        _schedule_of("--lr-warmup-iters", "10", "--lr-warmup-fraction", "0.05")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--weight-decay-incr-style", "linear", "--start-weight-decay", "0", "--end-weight-decay", "0.1"),
+     "--weight-decay-incr-style linear: megamath trains with one weight decay"),
+    (("--start-weight-decay", "0.1"), "--start-weight-decay/--end-weight-decay: megamath trains with one weight"),
+])
+def test_a_weight_decay_schedule_is_refused_not_dropped(flags, message):
+    with pytest.raises(ValueError, match=message):
+        _schedule_of(*flags)

@@ -365,6 +365,13 @@ def test_warmup_left_out_is_gpt_neoxs_default_of_one_percent(tmp_path):
     text = LLEMMA_7B_YML.replace('"warmup_iters": 500,', '"warmup": 0,')
     config = convert_neox(read_neox_yaml(write_llemma(tmp_path, text)), vocab_size=32016).validate()
     assert config.schedule.warmup_steps == 0  # explicitly off
+    # warmup_iters 0 is GPT-NeoX's "not set": a warmup fraction beside it counts (it used to start at the peak)
+    text = LLEMMA_7B_YML.replace('"warmup_iters": 500,', '"warmup_iters": 0, "warmup": 0.01,')
+    config = convert_neox(read_neox_yaml(write_llemma(tmp_path, text)), vocab_size=32016).validate()
+    assert config.schedule.warmup_steps == 480
+    text = LLEMMA_7B_YML.replace('"warmup_iters": 500,', '"warmup_iters": 0,')
+    config = convert_neox(read_neox_yaml(write_llemma(tmp_path, text)), vocab_size=32016).validate()
+    assert config.schedule.warmup_steps == 0  # alone, 0 iterations are 0
 
 
 def test_gradient_clipping_left_out_is_gpt_neoxs_default_of_one(tmp_path):

@@ -254,6 +254,15 @@ def _refuse(flags: Flags) -> None:
     for key in ("rampup_batch_size", "step_batch_size_schedule"):
         if flags.take(key) is not None:
             raise ValueError(f"--{key.replace('_', '-')}: megamath trains with one global batch size")
+    style = flags.one("weight_decay_incr_style", str, "constant")
+    start, end = flags.take("start_weight_decay"), flags.take("end_weight_decay")
+    if style != "constant":  # Megatron then ramps start -> end over training and ignores --weight-decay
+        raise ValueError(f"--weight-decay-incr-style {style}: megamath trains with one weight decay (--weight-decay); "
+                         "remove it")
+    if start is not None or end is not None:
+        raise ValueError("--start-weight-decay/--end-weight-decay: megamath trains with one weight decay "
+                         "(--weight-decay), and Megatron-LM reads them only with a --weight-decay-incr-style "
+                         "other than constant; remove them")
     optimizer = flags.one("optimizer", str, "adam")
     if optimizer != "adam":
         raise ValueError(f"--optimizer {optimizer}: megamath trains with AdamW (ZeRO-1) only")
@@ -388,8 +397,16 @@ def _schedule(flags: Flags, out: Conversion) -> None:
     decay = flags.one("lr_decay_iters", int, None, low=1) or train_iters  # 0: Megatron-LM asserts
     warmup = flags.one("lr_warmup_iters", int, None)
     fraction = flags.one("lr_warmup_fraction", float, None)
-    if warmup is None:
-        warmup = round((fraction or 0.0) * decay)
+    if fraction is not None:  # Megatron-LM takes the fraction when --lr-warmup-iters is 0, its default
+        if warmup:
+            raise ValueError("--lr-warmup-iters and --lr-warmup-fraction are both set: Megatron-LM refuses that "
+                             "too; keep one")
+        warmup = round(fraction * decay)
+        if warmup != fraction * decay:
+            out.notes.append(f"--lr-warmup-fraction {fraction}: {fraction * decay:g} iterations in Megatron-LM, "
+                             f"rounded to {warmup} steps")
+    elif warmup is None:
+        warmup = 0
     style = flags.one("lr_decay_style", str, "linear")
     peak = out.config["optimizer"]["lr"]
     if style == "constant":

@@ -384,9 +384,12 @@ def _schedule(keys: Keys, out: Conversion) -> None:
     if keys.raw.get("warmup_iters") and keys.raw.get("warmup"):
         raise ValueError("warmup_iters and warmup are both set: GPT-NeoX refuses that too; keep one")
     # Neither: 1%, GPT-NeoX main's default (the llemma branch has no default and fails to build its schedule).
+    # warmup_iters 0 beside a warmup fraction: GPT-NeoX takes the fraction (0 is its "not set").
+    fraction_given = "warmup" in keys.raw
     warmup_iters, warmup_fraction = keys.take("warmup_iters"), keys.take("warmup", 0.01)
-    warmup = int(warmup_iters) if warmup_iters is not None else round(float(warmup_fraction or 0.0) * decay)
-    if warmup_iters is None and warmup_fraction and warmup != float(warmup_fraction) * decay:
+    by_fraction = warmup_iters is None or (not warmup_iters and fraction_given)
+    warmup = round(float(warmup_fraction or 0.0) * decay) if by_fraction else int(warmup_iters)
+    if by_fraction and warmup_fraction and warmup != float(warmup_fraction) * decay:
         out.notes.append(f"warmup {warmup_fraction}: {float(warmup_fraction) * decay} iterations in GPT-NeoX, "
                          f"rounded to {warmup} steps")
     peak = out.config["optimizer"]["lr"]
@@ -405,8 +408,9 @@ def _schedule(keys: Keys, out: Conversion) -> None:
     out.config["schedule"] = {"warmup_steps": warmup, "decay_steps": decay, "min_lr_ratio": float(ratio)}
     out.config["train_steps"] = int(train_iters)
     out.notes.append("schedule: GPT-NeoX steps its scheduler after each update, so its update k runs at the lr of "
-                     "iteration k−1 (the first at 0); megamath's update k runs at lr(k): the same curve, one update "
-                     "earlier. Past lr_decay_iters GPT-NeoX's cosine rises again, megamath's holds the floor")
+                     "iteration k−1 (on the llemma branch the first at 0; main since #1379 runs the first two at "
+                     "lr/warmup); megamath's update k runs at lr(k): the same curve, one update earlier. Past "
+                     "lr_decay_iters GPT-NeoX's cosine rises again, megamath's holds the floor")
 
 
 def _data(keys: Keys, out: Conversion) -> dict:
