@@ -2,8 +2,9 @@
 
 Why a kernel: with a 32k vocabulary and 8k tokens, the logits are 0.5 GB in bf16; torch's cross-entropy
 upcasts them to fp32 and keeps a log-softmax of the same size for the backward. Here the forward streams
-each row once in blocks with an online max / sum-exp in fp32 and keeps only logsumexp per row (N floats);
-the backward streams the row again and writes the gradient straight in the logits' dtype. A caller that
+each row once in blocks with an online max / sum-exp in fp32 and keeps per row only its max m and
+ls = log(sum exp(x - m)) (2N floats; lse = m + ls, never formed: at logits of 1e6 the fp32 rounding of lse
+alone is 0.06, which the loss ls - (x[t] - m) and the softmax exp((x - m) - ls) never see); the backward streams the row again and writes the gradient straight in the logits' dtype. A caller that
 says which gradient it will send into the loss (`expected_grad`; the training step does) gets that
 gradient written by the forward instead, right after the row's logsumexp, while the row is still in cache;
 the backward then only checks, on the device, that the expected gradient came:
@@ -15,14 +16,14 @@ Vocabulary parallelism (Megatron's vocab-parallel cross-entropy; `group=` a proc
 rank r holds the columns [r * V_local, (r + 1) * V_local) of the logits, or, given `vocab_start` and
 `vocab_size`, the columns [vocab_start, vocab_start + its width) of a V the ranks split unevenly (a
 vocabulary p does not divide: the last rank's slice is narrower, its padding never computed, so it never
-enters the softmax). Per row, each rank computes its local logsumexp l_r and, where it owns the target
-column, the target logit. Then
+enters the softmax). Per row, each rank computes its local max m_r and log-sum ls_r and, where it owns
+the target column, the target logit. Then
 
-    M   = max_r l_r                                  all-reduce MAX, (N,) fp32
-    lse = M + log(sum_r exp(l_r - M)),  x[t] = sum_r  one all-reduce SUM of (2, N) fp32
+    M  = max_r m_r                                          all-reduce MAX, (N,) fp32
+    ls = log(sum_r exp(ls_r + m_r - M)),  x[t] = sum_r      one all-reduce SUM of (2, N) fp32
 
 Nothing of vocabulary size crosses ranks, and the backward is local: each rank writes its own columns
-of the gradient from the global lse. Costs: forward reads the logits once; backward reads them once more
+of the gradient from the global (M, ls). Costs: forward reads the logits once; backward reads them once more
 and writes the gradient once. With `expected_grad` (no `group`: the gradient needs the row's global lse),
 the forward reads each row twice, the second time from cache when the rows in flight fit it, and writes
 the gradient; the backward reads two scalars per row. That is one pass fewer over the logits (the saving
@@ -65,26 +66,28 @@ def _row_logsumexp_parts(row_ptr, n_cols, n_read, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
-def _store_row_grad(row_ptr, grad_row_ptr, n_cols, n_read, lse, local_target, row_scale,
+def _store_row_grad(row_ptr, grad_row_ptr, n_cols, n_read, row_max, log_sum, local_target, row_scale,
                     BLOCK_V: tl.constexpr, EXACT_BF16: tl.constexpr):
-    """grad = (exp(x - lse) - onehot) * row_scale over the row, in the gradient's dtype. Columns past
-    n_read load -inf (p = 0): an ignored row (n_read 0, row_scale 0) writes zeros without reading."""
+    """grad = (exp((x - row_max) - log_sum) - onehot) * row_scale over the row, in the gradient's dtype.
+    Columns past n_read load -inf (p = 0): an ignored row (n_read 0, row_scale 0) writes zeros without
+    reading."""
     for start in range(0, n_cols, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)  # (BLOCK_V,)
         x = tl.load(row_ptr + cols, mask=cols < n_read, other=float("-inf")).to(tl.float32)
-        p = tl.exp(x - lse)
+        p = tl.exp((x - row_max) - log_sum)
         grad = (p - tl.where(cols == local_target, 1.0, 0.0)) * row_scale
         tl.store(grad_row_ptr + cols, _cast(grad, grad_row_ptr.dtype.element_ty, EXACT_BF16), mask=cols < n_cols)
 
 
 @triton.jit
-def _ce_forward_kernel(logits_ptr, targets_ptr, lse_ptr, target_logit_ptr, grad_ptr, scale_ptr,
+def _ce_forward_kernel(logits_ptr, targets_ptr, max_ptr, log_sum_ptr, target_logit_ptr, grad_ptr, scale_ptr,
                        n_cols, stride_row, stride_grad_row, vocab_start, vocab_size, ignore_index,
                        BLOCK_V: tl.constexpr, WITH_GRAD: tl.constexpr, EXACT_BF16: tl.constexpr):
-    """One program per row: local logsumexp and (if this shard owns it) the target logit, both fp32; with
-    WITH_GRAD also the row's gradient for the scale at scale_ptr, the row read again while still cached.
+    """One program per row: the local logsumexp as (row max, log of the sum of exp(x - max)) and (if this
+    shard owns it) the target logit, all fp32; with WITH_GRAD also the row's gradient for the scale at
+    scale_ptr, the row read again while still cached.
 
-    A target outside [0, vocab_size) that is not ignore_index gets a NaN logsumexp, so its loss is NaN (and
+    A target outside [0, vocab_size) that is not ignore_index gets a NaN log-sum, so its loss is NaN (and
     its gradient row NaN).
     """
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride_row overflows int32 at large N * V
@@ -97,23 +100,26 @@ def _ce_forward_kernel(logits_ptr, targets_ptr, lse_ptr, target_logit_ptr, grad_
     # loop too, but Triton 3.6's interpreter rejects one).
     n_read = tl.where(valid, n_cols, 0)
     m, s = _row_logsumexp_parts(row_ptr, n_cols, n_read, BLOCK_V)
-    lse = tl.where(valid, m + tl.log(tl.where(valid, s, 1.0)), 0.0)
+    m = tl.where(valid, m, 0.0)
+    log_sum = tl.where(valid, tl.log(tl.where(valid, s, 1.0)), 0.0)
     out_of_vocab = valid & ((target < 0) | (target >= vocab_size))
-    lse = tl.where(out_of_vocab, float("nan"), lse)
+    log_sum = tl.where(out_of_vocab, float("nan"), log_sum)
     target_logit = tl.load(row_ptr + tl.where(owned, local_target, 0), mask=owned, other=0.0).to(tl.float32)
-    tl.store(lse_ptr + row, lse)
+    tl.store(max_ptr + row, m)
+    tl.store(log_sum_ptr + row, log_sum)
     tl.store(target_logit_ptr + row, target_logit)
     if WITH_GRAD:
         row_scale = tl.where(valid, tl.load(scale_ptr), 0.0)
-        _store_row_grad(row_ptr, grad_ptr + row * stride_grad_row, n_cols, n_read, lse, local_target, row_scale,
-                        BLOCK_V, EXACT_BF16)
+        _store_row_grad(row_ptr, grad_ptr + row * stride_grad_row, n_cols, n_read, m, log_sum, local_target,
+                        row_scale, BLOCK_V, EXACT_BF16)
 
 
 @triton.jit
-def _ce_backward_kernel(logits_ptr, grad_ptr, targets_ptr, lse_ptr, scale_ptr, grad_loss_ptr, expected_ptr,
+def _ce_backward_kernel(logits_ptr, grad_ptr, targets_ptr, max_ptr, log_sum_ptr, scale_ptr, grad_loss_ptr,
+                        expected_ptr,
                         n_cols, stride_row, stride_grad_row, vocab_start, ignore_index,
                         BLOCK_V: tl.constexpr, CHECK_EXPECTED: tl.constexpr, EXACT_BF16: tl.constexpr):
-    """One program per row: grad = (exp(x - lse) - onehot) * scale, written in the logits' dtype. With
+    """One program per row: grad = (exp((x - m) - ls) - onehot) * scale, written in the logits' dtype. With
     CHECK_EXPECTED the forward already wrote it for the loss gradient at expected_ptr: the row is written
     again only when the one at grad_loss_ptr differs (decided here, on the device: no host sync)."""
     redo = True
@@ -126,7 +132,8 @@ def _ce_backward_kernel(logits_ptr, grad_ptr, targets_ptr, lse_ptr, scale_ptr, g
         row_scale = tl.where(valid, tl.load(scale_ptr), 0.0)  # grad_out / n_valid, 0 for ignored rows
         n_read = tl.where(valid, n_cols, 0)  # ignored rows load nothing (-inf gives p = 0) and write zeros
         _store_row_grad(logits_ptr + row * stride_row, grad_ptr + row * stride_grad_row, n_cols, n_read,
-                        tl.load(lse_ptr + row), target - vocab_start, row_scale, BLOCK_V, EXACT_BF16)
+                        tl.load(max_ptr + row), tl.load(log_sum_ptr + row), target - vocab_start, row_scale,
+                        BLOCK_V, EXACT_BF16)
 
 
 def _forward_launch(n_cols: int) -> tuple[int, int]:
@@ -177,14 +184,14 @@ def _check_targets(targets: torch.Tensor, vocab: int, ignore_index: int) -> None
                          f"[0, {vocab}) and is not ignore_index ({ignore_index})")
 
 
-def _combine_over_vocab_shards(lse_local, target_logit, group):
-    """Global logsumexp and target logit from each rank's shard: two (N,)-sized all-reduces."""
-    lse_max = lse_local.clone()  # (N,)
-    dist.all_reduce(lse_max, op=dist.ReduceOp.MAX, group=group)
+def _combine_over_vocab_shards(row_max, log_sum, target_logit, group):
+    """The row's global (max, log-sum) and target logit from each rank's shard: two (N,)-sized all-reduces."""
+    global_max = row_max.clone()  # (N,)
+    dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
     # Ranks whose shard is all -inf for a row contribute exp(-inf) = 0; the max is finite somewhere.
-    stats = torch.stack([torch.exp(lse_local - lse_max), target_logit])  # (2, N)
+    stats = torch.stack([torch.exp(log_sum + (row_max - global_max)), target_logit])  # (2, N)
     dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
-    return lse_max + torch.log(stats[0]), stats[1]
+    return global_max, torch.log(stats[0]), stats[1]
 
 
 class _CrossEntropy(torch.autograd.Function):
@@ -197,7 +204,8 @@ class _CrossEntropy(torch.autograd.Function):
             vocab_start, vocab_size = rank * n_cols, n_cols * world
         if check_targets:
             _check_targets(targets, vocab_size, ignore_index)
-        lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device)  # (N,)
+        row_max = torch.empty(n_rows, dtype=torch.float32, device=logits.device)  # (N,)
+        log_sum = torch.empty(n_rows, dtype=torch.float32, device=logits.device)  # (N,)
         target_logit = torch.empty(n_rows, dtype=torch.float32, device=logits.device)  # (N,)
         valid = targets != ignore_index  # (N,)
         n_valid = valid.sum().clamp(min=1).float()  # stays on device: no sync; 1 when all are ignored
@@ -211,19 +219,22 @@ class _CrossEntropy(torch.autograd.Function):
         block_v, num_warps = _forward_launch(n_cols)
         if n_rows > 0:
             _ce_forward_kernel[(n_rows,)](
-                logits, targets, lse, target_logit, grad if early else lse, scale if early else lse,
+                logits, targets, row_max, log_sum, target_logit, grad if early else log_sum,
+                scale if early else log_sum,
                 n_cols, logits.stride(0), grad.stride(0) if early else 0, vocab_start, vocab_size, ignore_index,
                 BLOCK_V=block_v, WITH_GRAD=early, EXACT_BF16=_exact_bf16(logits.dtype), num_warps=num_warps)
         if group is not None:
-            lse, target_logit = _combine_over_vocab_shards(lse, target_logit, group)
-        loss = torch.where(valid, lse - target_logit, 0.0).sum() / n_valid
-        ctx.save_for_backward(logits, targets, lse, n_valid, grad, expected)
+            row_max, log_sum, target_logit = _combine_over_vocab_shards(row_max, log_sum, target_logit, group)
+        # logsumexp - x[t] as log_sum - (x[t] - max): the difference of two logits is exact where the
+        # logsumexp's own rounding (at the logits' magnitude: 0.06 at 1e6 in fp32) would be the loss's.
+        loss = torch.where(valid, log_sum - (target_logit - row_max), 0.0).sum() / n_valid
+        ctx.save_for_backward(logits, targets, row_max, log_sum, n_valid, grad, expected)
         ctx.ignore_index, ctx.vocab_start = ignore_index, vocab_start
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        logits, targets, lse, n_valid, grad, expected = ctx.saved_tensors
+        logits, targets, row_max, log_sum, n_valid, grad, expected = ctx.saved_tensors
         n_rows, n_cols = logits.shape
         early = grad is not None
         if not early:
@@ -233,7 +244,7 @@ class _CrossEntropy(torch.autograd.Function):
         block_v, num_warps = _backward_launch(n_cols)
         if n_rows > 0:
             _ce_backward_kernel[(n_rows,)](
-                logits, grad, targets, lse, scale, grad_loss, expected if early else scale, n_cols,
+                logits, grad, targets, row_max, log_sum, scale, grad_loss, expected if early else scale, n_cols,
                 logits.stride(0), grad.stride(0), ctx.vocab_start, ctx.ignore_index, BLOCK_V=block_v,
                 CHECK_EXPECTED=early, EXACT_BF16=_exact_bf16(logits.dtype), num_warps=num_warps)
         return grad, None, None, None, None, None, None, None

@@ -74,6 +74,14 @@ def test_ignore_index_inside_vocabulary_and_large_logits():
     _check(logits, targets, ignore_index=0)
 
 
+@pytest.mark.parametrize("dtype, shift", [(torch.float16, 3e4), (torch.float32, 1e6), (torch.bfloat16, 1e30)])
+def test_logits_all_far_from_zero_keep_their_precision(dtype, shift):
+    """Every logit of a row near 1e6: logsumexp as one fp32 number rounds by 0.06 there, which the loss and
+    the softmax inherited (bf16 at 1e30 gave a loss of 0). Differences from the row's max do not."""
+    logits, targets = _inputs(3, 65, torch.float32, seed=5)
+    _check((logits + shift).to(dtype), targets)
+
+
 def test_all_ignored_gives_zero_loss_and_zero_grad():
     logits, _ = _inputs(4, 1000, torch.bfloat16, seed=3)
     targets = torch.full((4,), -100, dtype=torch.int64, device=DEVICE)
