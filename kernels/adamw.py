@@ -4,7 +4,8 @@ Same math and order as torch.optim.AdamW (decoupled weight decay, bias correctio
 
     g  = grad * grad_scale                       (grad_scale folds in the clipping coefficient)
     p  = p * (1 - lr * wd)
-    m  = m + (1 - beta1) * (g - m)               (torch's lerp)
+    m  = m + (1 - beta1) * (g - m)               (torch's lerp; for beta1 <= 0.5 in its other form,
+                                                   g - (g - m) * beta1, which keeps g when m dwarfs it)
     v  = v * beta2 + (1 - beta2) * g * g
     p  = p - lr / (1 - beta1^step) * m / (sqrt(v) / sqrt(1 - beta2^step) + eps)
     p_lowp = bf16(p)                             (only when params_lowp is given)
@@ -36,6 +37,7 @@ def _adamw_kernel(
     p_ptr, g_ptr, m_ptr, v_ptr, lowp_ptr, scale_ptr,
     n, grad_scale, decay, beta1_c, beta2, beta2_c, step_size, bc2_sqrt, eps,
     BLOCK: tl.constexpr, HAS_LOWP: tl.constexpr, SCALE_FROM_PTR: tl.constexpr, EXACT_BF16: tl.constexpr,
+    LERP_FROM_END: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,)
     mask = offs < n
@@ -50,7 +52,10 @@ def _adamw_kernel(
     m = tl.load(m_ptr + offs, mask=mask, other=0.0)
     v = tl.load(v_ptr + offs, mask=mask, other=0.0)
     p = p * decay
-    m = m + beta1_c * (g - m)
+    if LERP_FROM_END:  # torch's lerp for a weight >= 0.5: beta1 = 0 must give exactly g
+        m = g - (g - m) * (1.0 - beta1_c)
+    else:
+        m = m + beta1_c * (g - m)
     v = v * beta2 + beta2_c * g * g
     denom = tl.sqrt(v) / bc2_sqrt + eps
     p = p - step_size * (m / denom)
@@ -132,7 +137,7 @@ def adamw_step(params: torch.Tensor, grads: torch.Tensor, exp_avg: torch.Tensor,
         n, 1.0 if scale_from_ptr else float(grad_scale), 1.0 - lr * weight_decay, 1.0 - beta1, beta2,
         1.0 - beta2, lr / bias_correction1, math.sqrt(bias_correction2), eps,
         BLOCK=block, HAS_LOWP=params_lowp is not None, SCALE_FROM_PTR=scale_from_ptr,
-        EXACT_BF16=params_lowp is not None and _exact_bf16(params_lowp.dtype),
+        EXACT_BF16=params_lowp is not None and _exact_bf16(params_lowp.dtype), LERP_FROM_END=1.0 - beta1 >= 0.5,
         num_warps=4,
     )
 

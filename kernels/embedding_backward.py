@@ -81,7 +81,8 @@ def embedding_backward(grad: torch.Tensor, ids: torch.Tensor, out: torch.Tensor,
     rows, cols = out.shape
     if rows == 0 or cols == 0:
         return out
-    sorted_ids, order = torch.sort(ids, stable=True)  # (N,): equal ids keep their token order
+    # int64 first: the row numbers below are made in the ids' dtype, and uint8 ids would wrap at 256
+    sorted_ids, order = torch.sort(ids.long(), stable=True)  # (N,): equal ids keep their token order
     row_ids = torch.arange(rows, device=ids.device, dtype=sorted_ids.dtype)  # (V,)
     starts = torch.searchsorted(sorted_ids, row_ids)  # (V,): row v's tokens are order[starts[v]:ends[v]]
     ends = torch.searchsorted(sorted_ids, row_ids, right=True)  # (V,)

@@ -186,8 +186,8 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"swiglu: gate and up must have the same shape, got {tuple(gate.shape)} and {tuple(up.shape)}")
     if gate.dtype != up.dtype:
         raise TypeError(f"swiglu: gate and up must have the same dtype, got {gate.dtype} and {up.dtype}")
-    if not gate.is_floating_point():
-        raise TypeError(f"swiglu: inputs must be floating-point, got {gate.dtype}")
+    if gate.dtype not in (torch.float32, torch.bfloat16, torch.float16):  # computed in fp32: float64 would lose digits
+        raise TypeError(f"swiglu: inputs must be float32, bfloat16 or float16, got {gate.dtype}")
     if gate.device != up.device:
         raise ValueError(f"swiglu: gate is on {gate.device} but up is on {up.device}")
     return SwiGLUFunction.apply(gate, up)

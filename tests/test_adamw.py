@@ -162,3 +162,18 @@ def test_bad_arguments_rejected(kwargs, message):
     with pytest.raises((ValueError, TypeError)) as e:
         adamw_step(*_buffers(), **args)
     assert str(e.value) == message
+
+
+@pytest.mark.parametrize("beta1", [0.0, 0.3, 0.5, 0.6, 0.9])
+def test_first_moment_is_torchs_lerp_on_both_sides_of_one_half(beta1):
+    """torch's lerp switches form at weight 0.5; with beta1 0 the kernel's one form lost a gradient smaller
+    than the old moment's rounding step (exp_avg 0 instead of 1e-8: no update at all)."""
+    hp = dict(lr=1e-3, beta1=beta1, beta2=0.0, eps=1e-8, weight_decay=0.0, step=1)
+    results = []
+    for fn in (adamw_step, adamw_step_ref):
+        p, m, v = torch.ones(5), torch.ones(5), torch.zeros(5)
+        g = torch.tensor([1e-8, -3e-9, 0.5, 7.0, 1e-30])
+        fn(p, g, m, v, **hp)
+        results.append((p, m))
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=0, atol=0)  # the moment: the same bits
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-6)  # and so the update

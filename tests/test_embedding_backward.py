@@ -101,3 +101,12 @@ def test_integer_gradients_sum_exactly_into_a_slot_of_a_flat_buffer():
 def test_bad_input_is_one_line(call, message):
     with pytest.raises((ValueError, TypeError), match=message):
         call()
+
+
+@pytest.mark.parametrize("id_dtype, rows", [(torch.uint8, 300), (torch.int8, 300), (torch.int16, 65539)])
+def test_ids_narrower_than_the_vocabulary_reach_every_row(id_dtype, rows):
+    """Row numbers were made in the ids' dtype: with uint8 ids, rows 256 and 257 got rows 0 and 1's sums."""
+    ids = torch.tensor([0, 1], dtype=id_dtype)
+    grad = torch.ones(2, 4)
+    out = embedding_backward(grad, ids, torch.full((rows, 4), 7.0))
+    assert out[:2].eq(1).all() and out[2:].eq(0).all(), out[250:260]

@@ -141,10 +141,16 @@ def test_dtype_mismatch_rejected():
     assert str(e.value) == "swiglu: gate and up must have the same dtype, got torch.float32 and torch.bfloat16"
 
 
+def test_float64_rejected_not_computed_in_fp32():
+    gate = torch.randn(4, 8, dtype=torch.float64)
+    with pytest.raises(TypeError, match="swiglu: inputs must be float32, bfloat16 or float16, got torch.float64"):
+        swiglu(gate, gate.clone())
+
+
 def test_integer_rejected():
     with pytest.raises(TypeError) as e:
         swiglu(torch.ones(3, device=DEVICE, dtype=torch.int32), torch.ones(3, device=DEVICE, dtype=torch.int32))
-    assert str(e.value) == "swiglu: inputs must be floating-point, got torch.int32"
+    assert str(e.value) == "swiglu: inputs must be float32, bfloat16 or float16, got torch.int32"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
