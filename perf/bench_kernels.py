@@ -439,13 +439,17 @@ BUILDERS = {"rms_norm": rms_norm_cases, "rope": rope_cases, "flash_attention": a
             "sum_of_squares": sum_of_squares_cases, "embedding_backward": embedding_backward_cases}
 
 
-def cases(ops: list[str], use_compile: bool, shrink: int = 1, dev: str = "cuda") -> list[Case]:
-    """The anchors' shapes; `shrink` divides the token (or parameter) count for a quick smoke run."""
+def cases(ops: list[str], use_compile: bool, shrink: int = 1, dev: str = "cuda",
+          missing: list[str] | None = None) -> list[Case]:
+    """The anchors' shapes; `shrink` divides the token (or parameter) count for a quick smoke run. Ops whose
+    kernel cannot be imported are appended to `missing`."""
     out = []
     for op in ops:
         k = kernel(op)
         if k is not None:
             out += BUILDERS[op](*k, use_compile, shrink, dev)
+        elif missing is not None:
+            missing.append(op)
     return out
 
 
@@ -475,6 +479,16 @@ def environment() -> str:
             f"triton {triton.__version__}")
 
 
+def result_suffix(args) -> str:
+    """What the results file's name adds to kernels-DATE: a subset of ops, --shrink or --no-compile, so that
+    such a run (the GPU check's attention-only one) never replaces that day's full table."""
+    ops = args.ops.split(",")
+    parts = ["+".join(ops)] if sorted(ops) != sorted(OPS) else []
+    parts += [f"shrink{args.shrink}"] if args.shrink > 1 else []
+    parts += ["nocompile"] if args.no_compile else []
+    return "".join(f"-{part}" for part in parts)
+
+
 def gpu_main(args) -> int:
     ops = args.ops.split(",")
     env = environment()
@@ -484,7 +498,7 @@ def gpu_main(args) -> int:
     today = datetime.date.today().isoformat()
     out_dir = Path(args.out) if args.out else RESULTS
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"kernels-{today}.md"
+    path = out_dir / f"kernels-{today}{result_suffix(args)}.md"
     header = [f"# Kernel benchmarks, {today}", "", f"- device: {env}",
               f"- ceilings (this run): d2d copy {copy_gbps:.1f} GB/s read+write; bf16 matmul 8192^3 {tflops:.1f} TFLOP/s",
               "- time: median of `triton.testing.do_bench`; floor: bytes / copy ceiling or FLOPs / matmul ceiling; "
@@ -492,13 +506,19 @@ def gpu_main(args) -> int:
               "inputs (outputs and gradients included)",
               "- bytes and FLOPs: perf/bench_kernels.py's docstring (the conventions of shared/anchors/README.md)", ""]
     rows: list[Row] = []
-    for case in cases(ops, not args.no_compile, args.shrink):
+    missing: list[str] = []
+    for case in cases(ops, not args.no_compile, args.shrink, missing=missing):
         rows += run_case(case, (copy_gbps, tflops))
         # after each op, so a cut-off run keeps its rows; by rename, so a kill or full disk mid-write keeps them too
         write_text_atomically(path, "\n".join(header + table(rows)) + "\n")
     print("\n".join(table(rows)))
     print(f"wrote {path}")
-    return 0
+    # Peers may be absent or fail; our own kernels must be there and run (the GPU check reads this status).
+    failures = [f"{op}: kernel not available" for op in missing]
+    failures += [f"{r.op} {r.shape} {r.pas}: {r.status}" for r in rows if r.ours and r.status != "ok"]
+    for failure in failures:
+        print(f"FAILED (ours): {failure}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 # ------------------------------------------------------------------------------------ CPU correctness
@@ -584,7 +604,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile peers (saves minutes)")
-    parser.add_argument("--out", default="", help="folder for kernels-YYYY-MM-DD.md (default perf/results)")
+    parser.add_argument("--out", default="", help="folder for kernels-YYYY-MM-DD.md (default perf/results; a subset "
+                        "of ops, --shrink or --no-compile is named in the file's name)")
     parser.add_argument("--shrink", type=int, default=1, help="divide token/parameter counts by this (smoke runs)")
     parser.add_argument("--cpu", action="store_true", help="run the CPU correctness pass even with a GPU")
     args = parser.parse_args(argv)

@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import importlib.metadata
 import statistics
 import sys
 import time
@@ -88,6 +89,14 @@ def model_config(args, gpu: bool) -> ModelConfig:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def end_of_step(device: torch.device) -> None:
+    """Where a timed step ends: its work on the main stream. What it left on a side stream (the overlapped
+    optimizer's bucket updates) runs on under the next step's forward, as in training: a full device sync
+    per step would drain it first and time the overlap away. measure() adds the last drain to the last step."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
 
 
 def micro_batches(tokens: torch.Tensor, grad_accum: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -185,7 +194,7 @@ def hf_step(config: ModelConfig, device: torch.device, tokens: torch.Tensor, com
 
 def measure(build: Callable[[], Callable[[], float]], device: torch.device, warmup: int,
             steps: int, profile_steps: int = 0) -> tuple[list[float], float, list[str] | None]:
-    """Step times in seconds (device synchronized at each step's end), the peak memory the system itself
+    """Step times in seconds (each to its main stream's end, see end_of_step), the peak memory the system itself
     allocated, GiB: the peak over the timed steps less what was allocated before it was built (the shared
     input tokens, anything an earlier system left behind); and with profile_steps, the table of those further
     steps' kernels by kind (megamath.training.kernel_kinds), profiled after the timed ones."""
@@ -197,11 +206,14 @@ def measure(build: Callable[[], Callable[[], float]], device: torch.device, warm
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
-    for _ in range(steps):
+    for _ in range(steps):  # back to back, as training runs them
         start = time.perf_counter()
         step()
-        sync(device)
+        end_of_step(device)
         times.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    sync(device)  # the side streams' last work, charged to the last step: the steps' sum is all their work
+    times[-1] += time.perf_counter() - start
     peak = (torch.cuda.max_memory_allocated(device) - base) / 2**30 if device.type == "cuda" else float("nan")
     if not profile_steps:
         return times, peak, None
@@ -240,6 +252,8 @@ def run_case(config: ModelConfig, micro_batch: int, args, device: torch.device,
     }
     if gpu and not args.no_compile:
         systems["hf-compiled"] = lambda: hf_step(config, device, tokens, compiled=True, grad_accum=k)
+    elif gpu:  # left out on purpose: a row that says so, as an absent peer gets
+        systems["hf-compiled"] = None
     systems["megamath-overlap"] = lambda: megamath_step(config, device, dtype, tokens, False, k, overlap=True)
     if not gpu:
         systems.pop("megamath-ref")  # on CPU megamath already runs the reference ops
@@ -248,6 +262,11 @@ def run_case(config: ModelConfig, micro_batch: int, args, device: torch.device,
     rows = []
     for name, build in systems.items():
         row = {"system": name, "micro_batch": micro_batch}
+        if build is None:
+            row["error"] = "absent: skipped (--no-compile)"
+            rows.append(row)
+            on_row(row)
+            continue
         try:
             times, mem, breakdown = measure(build, device, args.warmup, args.steps,
                                         args.breakdown_steps if name == "megamath" else 0)
@@ -303,6 +322,26 @@ def breakdowns(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
+
+
+def result_suffix(args, gpu: bool) -> str:
+    """What the results file's name adds to train-DATE: every way this run differs from the default case, so
+    that it never replaces that day's default table (the one `megamath plan` reads: planning/measured.py)."""
+    parts = [f"accum{args.grad_accum}"] if args.grad_accum > 1 else []
+    if gpu:
+        parts += [f"L{args.layers}"] if args.layers != 4 else []
+        parts += [f"S{args.seq_length}"] if args.seq_length != 4096 else []
+        parts += ["mb" + "-".join(map(str, args.micro_batch))] if args.micro_batch and args.micro_batch != [1, 2] else []
+        parts += ["nocompile"] if args.no_compile else []
+        parts += [f"peak{args.peak_tflops:g}"] if args.peak_tflops else []
+    return "".join(f"-{part}" for part in parts)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=4)
@@ -332,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     what = (torch.cuda.get_device_name(device) if gpu else
             "CPU smoke run: tiny model, fp32 -- NOT a measurement, only a check that the benchmark runs")
     header = [f"# Training step, {datetime.date.today()}: {what}", "",
-              f"torch {torch.__version__}; model: L {config.num_layers}, h {config.hidden_size}, heads "
+              f"torch {torch.__version__}, transformers {_version('transformers')}, triton {_version('triton')}; model: L {config.num_layers}, h {config.hidden_size}, heads "
               f"{config.num_heads}/{config.num_kv_heads}, ffn {config.ffn_hidden_size}, vocab {config.vocab_size}, "
               f"S {args.seq_length}; {args.grad_accum} micro-batch(es) per optimizer step; median of {args.steps} "
               f"steps after {args.warmup} warm-up; model FLOPs/token "
@@ -342,8 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     path = None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        accum = f"-accum{args.grad_accum}" if args.grad_accum > 1 else ""  # beside the default case's file, not over it
-        path = out / f"train-{datetime.date.today()}{accum}.md"
+        path = out / f"train-{datetime.date.today()}{result_suffix(args, gpu)}.md"
     rows = []
 
     def on_row(row: dict) -> None:

@@ -53,7 +53,7 @@ def test_a_full_disk_while_an_op_is_written_keeps_the_ops_written_before(tmp_pat
     bench = load_bench(monkeypatch)
     monkeypatch.setattr(bench, "environment", lambda: "a stand-in GPU")
     monkeypatch.setattr(bench, "measure_ceilings", lambda: (1000.0, 100.0))
-    monkeypatch.setattr(bench, "cases", lambda *args: ["rms_norm", "rope"])
+    monkeypatch.setattr(bench, "cases", lambda *args, **kwargs: ["rms_norm", "rope"])
     monkeypatch.setattr(bench, "table", lambda rows: [f"{len(rows)} rows:", *(f"| {row} |" for row in rows)])
     written = []
 
@@ -68,6 +68,37 @@ def test_a_full_disk_while_an_op_is_written_keeps_the_ops_written_before(tmp_pat
     assert next(tmp_path.glob("kernels-*.md")).read_bytes() == written[0] and b"| rms_norm row |" in written[0]
     assert len(list(tmp_path.iterdir())) == 1  # no temporary
     assert "could not write" in str(failed.value) and "File too large" in str(failed.value), failed.value
+
+
+@pytest.mark.parametrize("fault", ["none", "ours failed", "ours missing", "peer failed"])
+def test_the_status_fails_when_our_kernel_fails_or_is_missing_not_when_a_peer_does(tmp_path, monkeypatch, fault):
+    """The GPU check reads this status: it was 0 with our kernel erroring (a row saying so) or not importable
+    (no row at all), so a broken attention kernel passed the check."""
+    bench = load_bench(monkeypatch)
+    monkeypatch.setattr(bench, "environment", lambda: "a stand-in GPU")
+    monkeypatch.setattr(bench, "measure_ceilings", lambda: (1000.0, 100.0))
+
+    def cases(ops, use_compile, shrink=1, dev="cuda", missing=None):
+        if fault == "ours missing":
+            missing.append("rope")
+        return ["rms_norm"]
+    monkeypatch.setattr(bench, "cases", cases)
+
+    def run_case(case, ceilings):
+        ours = bench.Row(case, "megamath", "fwd", "4x4", ours=True)
+        peer = bench.Row(case, "liger", "fwd", "4x4", ours=False)
+        ours.ms = peer.ms = ours.rate = peer.rate = ours.floor_ms = peer.floor_ms = ours.extra_mib = peer.extra_mib = 1.0
+        ours.unit = peer.unit = "GB/s"
+        if fault == "ours failed":
+            ours.status = "error: CompilationError: boom"
+        if fault == "peer failed":
+            peer.status = "error: RuntimeError: peer"
+        return [ours, peer]
+    monkeypatch.setattr(bench, "run_case", run_case)
+    args = argparse.Namespace(ops="rms_norm,rope", out=str(tmp_path), no_compile=True, shrink=1)
+    assert bench.gpu_main(args) == (1 if fault.startswith("ours") else 0)
+    # a subset of ops without compile is named in the file: never over the day's full table
+    assert [p.name for p in tmp_path.iterdir()] == [f"kernels-{bench.datetime.date.today()}-rms_norm+rope-nocompile.md"]
 
 
 def test_the_cross_entropy_rows_run_what_they_name(monkeypatch):

@@ -144,3 +144,19 @@ def test_gradient_accumulation_steps_every_system_over_k_micro_batches(tmp_path,
     assert len(passes) - 3 * len(seen) == 3 * hf_steps, (len(passes), len(seen))
     with pytest.raises(SystemExit):
         bench.main(["--grad-accum", "0"])
+
+
+def test_a_run_off_the_default_case_is_named_so_and_never_replaces_its_table(monkeypatch):
+    """train-DATE.md was written for any shape or flag, over the day's default table the planner reads."""
+    import argparse
+
+    bench = load_bench(monkeypatch)
+
+    def args(**given):
+        base = dict(layers=4, seq_length=4096, micro_batch=None, grad_accum=1, no_compile=False, peak_tflops=None)
+        return argparse.Namespace(**{**base, **given})
+    assert bench.result_suffix(args(), gpu=True) == ""
+    assert bench.result_suffix(args(micro_batch=[1, 2]), gpu=True) == ""
+    assert bench.result_suffix(args(layers=2, seq_length=2048, micro_batch=[4], no_compile=True, peak_tflops=700.0,
+                                    grad_accum=3), gpu=True) == "-accum3-L2-S2048-mb4-nocompile-peak700"
+    assert bench.result_suffix(args(seq_length=32, micro_batch=[2]), gpu=False) == ""  # the CPU smoke case

@@ -6,10 +6,16 @@ from megamath.planning.hardware import get_gpu
 from megamath.planning.measured import measured_efficiency
 
 
-def _bench_result(folder, date: str, device: str, mfu: float) -> None:
-    """A perf/results/train-DATE.md as perf/bench_train.py writes it: a title naming the device, one megamath row."""
-    (folder / f"train-{date}.md").write_text("\n".join([
+def _bench_result(folder, date: str, device: str, mfu: float, layers: int = 4, seq: int = 4096,
+                  peak: float | None = None, name: str | None = None) -> None:
+    """A perf/results/train-DATE.md as perf/bench_train.py writes it: a title naming the device, the case's
+    line, one megamath row."""
+    peak = peak if peak is not None else (835.0 if "NVL" in device else 989.0 if "H" in device else 312.0)
+    (folder / (name or f"train-{date}.md")).write_text("\n".join([
         f"# Training step, {date}: {device}", "",
+        f"torch 2.11, transformers 5, triton 3.6; model: L {layers}, h 4096, heads 32/32, ffn 11008, vocab 32016, "
+        f"S {seq}; 1 micro-batch(es) per optimizer step; median of 10 steps after 3 warm-up; model FLOPs/token "
+        f"6.05e+09 (causal attention halved, same for every system); peak {peak} TFLOP/s", "",
         "| system | micro-batch | step ms | tokens/s | model TFLOP/s | MFU | peak GiB | plan GiB | vs ours |",
         "|---|---|---|---|---|---|---|---|---|",
         f"| megamath | 1 | 500.0 | 8,192 | 400.0 | {100 * mfu:.1f} % | 30.1 | 29.0 | 1.00 |"]) + "\n")
@@ -32,6 +38,18 @@ def test_a_measurement_on_another_form_factor_is_not_the_planned_gpus(tmp_path, 
            "a100-40gb": "NVIDIA A100-SXM4-40GB"}[gpu]
     _bench_result(tmp_path, "2026-12-04", sxm, 0.52)  # older, but on the planned part: it counts
     assert measured_efficiency(get_gpu(gpu), tmp_path).value == pytest.approx(0.52)
+
+
+def test_only_the_default_case_against_the_gpus_own_peak_counts_as_measured(tmp_path):
+    """A 2-layer or S 2048 run, or MFU over a --peak-tflops of the user's, is no measurement of the default
+    case a plan scales: the planner took their MFU as the GPU's efficiency."""
+    gpu = get_gpu("h100-80gb")
+    _bench_result(tmp_path, "2026-12-07", "NVIDIA H100 80GB HBM3", 0.21, layers=2, name="train-2026-12-07-L2.md")
+    _bench_result(tmp_path, "2026-12-06", "NVIDIA H100 80GB HBM3", 0.30, seq=2048, name="train-2026-12-06-S2048.md")
+    _bench_result(tmp_path, "2026-12-05", "NVIDIA H100 80GB HBM3", 0.25, peak=700.0)
+    assert measured_efficiency(gpu, tmp_path) is None
+    _bench_result(tmp_path, "2026-12-04", "NVIDIA H100 80GB HBM3", 0.52)
+    assert measured_efficiency(gpu, tmp_path).value == pytest.approx(0.52)
 
 
 CUDA_TOTAL_MIB = {"a100-40gb": 40_536, "a100-80gb": 81_920, "h100-80gb": 81_082, "h200": 143_156}

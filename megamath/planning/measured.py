@@ -29,6 +29,9 @@ OTHER_PARTS = ("PCIe", "NVL", "GH200")
 NVLink figures), and a PCIe or NVL card (lower power, clocks and peak) or a Grace Hopper superchip reaches
 another fraction of its peak, so a step measured on one is not a measurement on them."""
 _TITLE = re.compile(r"^# Training step, (\d{4}-\d{2}-\d{2}): (.+)$")
+_CASE = re.compile(r"model: L (\d+), h (\d+),.* S (\d+);.* peak ([\d.]+) TFLOP/s")
+DEFAULT_CASE = (4, 4096, 4096)
+"""(layers, hidden, sequence length) of bench_train's default case: the shape whose MFU stands for a plan's."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,9 @@ def measured_efficiency(gpu: GPU, results_dir: Path = RESULTS_DIR) -> Efficiency
         device = title.group(2).lower() if title else ""
         if not title or not words or not all(w.lower() in device for w in words) \
                 or any(w.lower() in device for w in OTHER_PARTS):
+            continue
+        case = _CASE.search(text)  # another shape, or MFU over another peak (--peak-tflops), is no measurement of it
+        if not case or tuple(map(int, case.groups()[:3])) != DEFAULT_CASE or float(case.group(4)) != gpu.peak_tflops:
             continue
         mfus = [m for m in _megamath_mfus(text) if 0 < m <= 1]
         if mfus:
