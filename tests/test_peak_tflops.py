@@ -30,3 +30,7 @@ def test_no_peak_off_a_gpu_or_for_an_unknown_one(monkeypatch):
     assert metrics.peak_tflops(torch.device("cpu")) is None
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA Tesla V100-SXM2-16GB")
     assert metrics.peak_tflops(torch.device("cuda", 0)) is None
+    # a MIG slice is named after its chip, but holds a fraction of it: no peak (metrics.peak_tflops overrides)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3 MIG 1g.10gb")
+    assert metrics.peak_tflops(torch.device("cuda", 0)) is None
+    assert metrics.peak_tflops(torch.device("cuda", 0), override=140.0) == 140.0

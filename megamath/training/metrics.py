@@ -52,6 +52,8 @@ def peak_tflops(device: torch.device, override: float | None = None) -> float | 
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
+    if "MIG" in name:  # a slice of the GPU ("... MIG 1g.10gb") has a fraction of its SMs: not the chip's peak
+        return None
     for key, value in PEAK_TFLOPS:
         if key in name:
             return value
