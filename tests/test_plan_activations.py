@@ -49,6 +49,10 @@ def saved_bytes(model: Llama) -> int:
     return sum(storages.values())
 
 
+LOSS_STATS = B * S * 8
+"""The cross-entropy kernel's fp32 row max and log-sum per token (the planner's logits item counts them)."""
+
+
 def predicted_bytes(tp: int, sp: bool) -> int:
     shape = RunShape(tp=tp, dp=1, micro_batch=B, grad_accum=1, seq_length=S, activation_checkpointing=False,
                      sequence_parallel=sp)
@@ -56,7 +60,7 @@ def predicted_bytes(tp: int, sp: bool) -> int:
     # At TP 1 the loss kernel writes that gradient in the forward (the model names the loss's gradient), so it
     # is kept from the forward on; the planner's logits item counts it either way.
     gradient_saved = logits_saved if tp == 1 else 0
-    return activation_bytes(CONFIG, shape)["activations"] + logits_saved + gradient_saved
+    return activation_bytes(CONFIG, shape)["activations"] + logits_saved + gradient_saved + LOSS_STATS
 
 
 def _worker(rank, world_size, out_dir):
@@ -110,7 +114,8 @@ def test_replicated_kv_activations_are_what_autograd_keeps(tp2_saved):
     """TP 2 with SP (one layer, to stay quick); the head count rule below covers every other layout."""
     shape = RunShape(tp=2, dp=1, micro_batch=B, grad_accum=1, seq_length=S, activation_checkpointing=False,
                      sequence_parallel=True)
-    predicted = activation_bytes(UNEVEN, shape)["activations"] + B * S * UNEVEN.vocab_size // 2 * 2  # + bf16 logits
+    predicted = (activation_bytes(UNEVEN, shape)["activations"] + B * S * UNEVEN.vocab_size // 2 * 2  # + bf16 logits
+                 + LOSS_STATS)
     for rank in range(2):
         measured = tp2_saved[("uneven", rank)]
         assert measured == pytest.approx(predicted, rel=0.01), (rank, measured, predicted)

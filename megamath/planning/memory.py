@@ -24,8 +24,8 @@ With activation checkpointing only each layer's input (2h/sp per token) is kept,
 recomputed in the backward holds the full set above for one layer at a time. The backward's working set
 (the gradients of one layer's activations, twice that with recomputation) is counted as a transient.
 Logits and loss: the (b, s, V/t) bf16 logits the cross-entropy kernel keeps, their gradient (at TP 1 written
-in the forward, kept from then on; under TP made in the backward: the same peak), and an fp32 log-sum-exp
-per token.
+in the forward, kept from then on; under TP made in the backward: the same peak), and per token the fp32
+row max and log-sum the kernel keeps in place of a log-sum-exp.
 """
 from __future__ import annotations
 
@@ -107,7 +107,7 @@ def activation_bytes(model: ModelConfig, shape: RunShape) -> dict[str, int]:
         kept = L * layer + final_norm
         transient = layer
     vocab_local = vocab_rows_per_rank(model.vocab_size, tp)  # memory: the widest rank's logits (no padding logits)
-    logits = tokens * (2 * PARAM_BYTES * vocab_local + 4)
+    logits = tokens * (2 * PARAM_BYTES * vocab_local + 8)
     return {"activations": int(kept), "backward_transient": int(transient), "logits_and_loss": int(logits)}
 
 
