@@ -371,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     what = (torch.cuda.get_device_name(device) if gpu else
             "CPU smoke run: tiny model, fp32 -- NOT a measurement, only a check that the benchmark runs")
     header = [f"# Training step, {datetime.date.today()}: {what}", "",
-              f"torch {torch.__version__}, transformers {_version('transformers')}, triton {_version('triton')}; model: L {config.num_layers}, h {config.hidden_size}, heads "
+              f"torch {torch.__version__}, transformers {_version('transformers')}, triton {_version('triton')}; "
+              f"model: L {config.num_layers}, h {config.hidden_size}, heads "
               f"{config.num_heads}/{config.num_kv_heads}, ffn {config.ffn_hidden_size}, vocab {config.vocab_size}, "
               f"S {args.seq_length}; {args.grad_accum} micro-batch(es) per optimizer step; median of {args.steps} "
               f"steps after {args.warmup} warm-up; model FLOPs/token "
