@@ -40,6 +40,11 @@ def check_task_inputs(config: EvaluationConfig) -> None:
     a wrong path or --shots would otherwise stop training at its first evaluation, eval_every steps in."""
     if not config.tasks:
         return
+    names = [task.name for task in config.tasks]
+    for i, name in enumerate(names):
+        if name in names[:i]:  # the later task's accuracy replaced the earlier's in the record, silently
+            raise ValueError(f"evaluation.tasks[{i}]: a second {name} task; both would log eval/{name}/maj1 to "
+                             f"metrics.jsonl, one overwriting the other: list each task once")
     from megamath.data.tokenizer import load_sentencepiece
 
     load_sentencepiece(config.tokenizer_model)

@@ -45,6 +45,13 @@ def series(run: Run, key: str | tuple[str, ...]) -> tuple[list[int], list[float]
     return xs, ys
 
 
+def _label(*parts: str) -> str:
+    """A legend entry from user-chosen names (run folders, validation sets, tasks): their `$` written as a literal
+    dollar, since matplotlib reads text between two of them as math (a folder `lr$1e-3$` lost its dollars, one
+    named `a$\\frac{$` stopped the report on a parse error)."""
+    return "".join(parts).replace("$", r"\$")
+
+
 def _colour(i: int):
     return plt.get_cmap("tab10")(i % 10)
 
@@ -60,11 +67,11 @@ def _axes(n: int, width: float = 10.0, height: float = 3.2):
 def loss_figure(runs: list[Run]) -> list[tuple[str, str]]:
     fig, (ax,) = _axes(1, height=4.0)
     for i, run in enumerate(runs):
-        ax.plot(*series(run, "loss"), color=_colour(i), lw=1.2, label=f"{run.name}: train")
+        ax.plot(*series(run, "loss"), color=_colour(i), lw=1.2, label=_label(run.name, ": train"))
         subsets = sorted({n for r in run.records for n in r.get("val_loss", {})})
         for j, name in enumerate(subsets):
             ax.plot(*series(run, ("val_loss", name)), color=_colour(i), ls=("--", ":", "-.")[j % 3], marker="o",
-                    ms=4, label=f"{run.name}: validation {name}")
+                    ms=4, label=_label(run.name, ": validation ", name))
     ax.set_ylabel("loss")
     ax.legend(fontsize=8)
     return [("Training and validation loss", to_uri(fig))]
@@ -73,7 +80,7 @@ def loss_figure(runs: list[Run]) -> list[tuple[str, str]]:
 def lr_figure(runs: list[Run]) -> list[tuple[str, str]]:
     fig, (ax,) = _axes(1, height=2.6)
     for i, run in enumerate(runs):
-        ax.plot(*series(run, "lr"), color=_colour(i), label=run.name)
+        ax.plot(*series(run, "lr"), color=_colour(i), label=_label(run.name))
     ax.set_ylabel("learning rate")
     ax.legend(fontsize=8)
     return [("Learning rate", to_uri(fig))]
@@ -83,9 +90,9 @@ def throughput_figure(runs: list[Run]) -> list[tuple[str, str]]:
     has_mfu = any(series(r, "mfu")[0] for r in runs)
     fig, (top, bottom) = _axes(2)
     for i, run in enumerate(runs):
-        top.plot(*series(run, "tokens_per_s"), color=_colour(i), lw=1, label=run.name)
+        top.plot(*series(run, "tokens_per_s"), color=_colour(i), lw=1, label=_label(run.name))
         xs, ys = series(run, "mfu" if has_mfu else "tflops")
-        bottom.plot(xs, [100 * y for y in ys] if has_mfu else ys, color=_colour(i), lw=1, label=run.name)
+        bottom.plot(xs, [100 * y for y in ys] if has_mfu else ys, color=_colour(i), lw=1, label=_label(run.name))
     top.set_ylabel("tokens/s")
     bottom.set_ylabel("MFU (%)" if has_mfu else "TFLOP/s per device (no MFU: no GPU peak)")
     top.legend(fontsize=8)
@@ -122,7 +129,7 @@ def hardware_figure(runs: list[Run]) -> list[tuple[str, str]]:
     fig, axes = _axes(len(present), height=2.4)
     for ax, (key, label) in zip(axes, present):
         for i, run in enumerate(runs):
-            ax.plot(*series(run, key), color=_colour(i), lw=1, label=run.name)
+            ax.plot(*series(run, key), color=_colour(i), lw=1, label=_label(run.name))
         ax.set_ylabel(label, fontsize=8)
     axes[0].legend(fontsize=8)
     return [("Memory, power and utilization", to_uri(fig))]
@@ -147,7 +154,7 @@ def score_figure(runs: list[Run]) -> list[tuple[str, str]]:
             xs, ys = series(run, key)
             if xs:
                 ax.plot(xs, ys, color=_colour(i), ls=("-", "--", ":", "-.")[j % 4], marker="o", ms=4,
-                        label=f"{run.name}: {'.'.join(key)}")
+                        label=_label(run.name, ": ", ".".join(key)))
     ax.set_ylabel("score")
     ax.legend(fontsize=8)
     return [("Evaluation scores", to_uri(fig))]

@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 import numpy as np
@@ -41,8 +42,8 @@ def loss_spikes(records: list[dict]) -> list[int]:
     spikes, history = [], []
     for rec in records:
         loss = rec.get("loss")
-        if loss is None:
-            continue
+        if loss is None or not math.isfinite(loss):  # a NaN kept in the window made every later median NaN:
+            continue  # no spike was found for LOSS_WINDOW steps (the skipped-steps note reports such steps)
         if len(history) >= 5:
             recent = np.array(history[-LOSS_WINDOW:])
             med = float(np.median(recent))

@@ -19,9 +19,10 @@ NUMBERS = ("consumed_samples", "loss", "lr", "grad_norm", "step_time_s", "step_t
 class Run:
     path: Path
     name: str
-    """Label in tables and legends: the folder's name (with its parent when two runs share a name)."""
+    """Label in tables and legends: the folder's name (with its parents when two runs share a name)."""
     records: list[dict]
-    """metrics.jsonl, one dict per step, in step order (a resumed run's file is already one curve)."""
+    """metrics.jsonl, one dict per step, in step order: a step logged again (a start resumed from an earlier
+    checkpoint, in a file no truncating writer cleaned up) replaces it and every later step, as it does in training."""
     config: dict = field(default_factory=dict)
     """config.yaml as plain data (empty when missing)."""
     info: dict = field(default_factory=dict)
@@ -56,10 +57,11 @@ def load_run(path: str | Path) -> Run:
             if record.get(key) is not None and (isinstance(record[key], bool)
                                                 or not isinstance(record[key], (int, float))):
                 raise ValueError(f"{metrics}:{number}: {key} must be a number, got {record[key]!r}")
+        while records and records[-1]["step"] >= step:  # a redone step: the earlier attempt's steps from it on
+            records.pop()  # were rolled back (MetricsLogger truncates them; older files still hold them)
         records.append(record)
     if not records:
         raise ValueError(f"{metrics} holds no step yet")
-    records.sort(key=lambda r: r["step"])
     config = read_yaml(path / CONFIG, "config") if (path / CONFIG).is_file() else {}
     if not isinstance(config or {}, dict):
         raise ValueError(f"{path / CONFIG} must hold a mapping of keys, got {type(config).__name__}")
@@ -86,9 +88,24 @@ def check_count(where: Path, key: str, value) -> None:
 
 
 def load_runs(paths: list[str | Path]) -> list[Run]:
+    """The runs, each once, named by as many trailing folders of their path as tell them apart."""
     runs = [load_run(p) for p in paths]
-    names = [r.name for r in runs]
+    seen = {}
     for run in runs:
-        if names.count(run.name) > 1:  # two runs named `train` in different folders
-            run.name = f"{run.path.resolve().parent.name}/{run.path.resolve().name}"
+        where = run.path.resolve()
+        if where in seen:  # two columns, legends and config columns that could not be told apart
+            same = f"{run.path} is given twice" if str(run.path) == str(seen[where]) else \
+                f"{seen[where]} and {run.path} are the same run folder"
+            raise ValueError(f"{same}: give each run once")
+        seen[where] = run.path
+    depth = [1] * len(runs)
+    while True:
+        names = [str(Path(*r.path.resolve().parts[-d:])) for r, d in zip(runs, depth)]
+        shared = [i for i, name in enumerate(names) if names.count(name) > 1]
+        if not shared:  # two runs named `train` in different folders: `a/train`, `b/train`, and so on up
+            break
+        for i in shared:
+            depth[i] += 1
+    for run, name in zip(runs, names):
+        run.name = name
     return runs

@@ -185,7 +185,7 @@ def table_rows(summaries: list[dict]) -> list[list[str]]:
 
 
 def markdown_table(summaries: list[dict]) -> str:
-    header = ["", *[s["run"] for s in summaries]]
+    header = ["", *[s["run"].replace("|", "\\|") for s in summaries]]  # a folder may be named `a|b`
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in table_rows(summaries)]
     return "\n".join(lines)
