@@ -152,6 +152,12 @@ def test_settings_that_cannot_take_effect_are_said(tmp_path, one_thread, capsys)
             "accumulates into it: the gradients go through the optimizer's hook") in out
     assert ("parallel.overlap_optimizer_step: one bucket (parallel.bucket_mb 0), so the forward's first layer waits "
             "for the whole update and nothing overlaps; set bucket_mb (e.g. 128) to overlap it") in out
+    # the default 128 MiB holds this tiny model's gradients in one bucket: the log says so, not "bucket_mb 0"
+    run(raw_config(tmp_path / "data", tmp_path / "run2", train_steps=1, checkpoint__save_every=0,
+                   parallel__overlap_optimizer_step=True))
+    assert ("parallel.overlap_optimizer_step: one bucket (parallel.bucket_mb 128 holds all 0.0865 MiB of gradients), "
+            "so the forward's first layer waits for the whole update and nothing overlaps; set bucket_mb below 0.0865 "
+            "to overlap it") in capsys.readouterr().out
 
 
 def test_empty_data_path_fails_before_building_anything(tmp_path):
@@ -235,17 +241,20 @@ def test_token_ids_outside_the_vocabulary_are_refused_on_the_host(tmp_path):
 
 # ---- exact resume, one process ----------------------------------------------------------------------------------
 
-def test_resume_is_bitwise_exact_single_process(tmp_path, one_thread):
-    raw_a = raw_config(tmp_path / "data", tmp_path / "a")
+@pytest.mark.parametrize("overlap_step", [False, True])
+def test_resume_is_bitwise_exact_single_process(tmp_path, one_thread, overlap_step):
+    """Also with the optimizer step overlapped over many buckets: its weights must be the masters a resume loads."""
+    par = dict(parallel__bucket_mb=0.002, parallel__overlap_optimizer_step=True) if overlap_step else {}
+    raw_a = raw_config(tmp_path / "data", tmp_path / "a", **par)
     run(raw_a)
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     rewind(tmp_path / "b", 4)
-    result = run(raw_config(tmp_path / "data", tmp_path / "b"))
+    result = run(raw_config(tmp_path / "data", tmp_path / "b", **par))
     assert result.step == 8
     assert untimed(metrics(tmp_path / "b")) == untimed(metrics(tmp_path / "a"))  # losses, norms, lrs: all equal
     assert_bitwise_equal(final_state(tmp_path / "a", 8), final_state(tmp_path / "b", 8))
     # a finished run resumed again does nothing more
-    assert run(raw_config(tmp_path / "data", tmp_path / "b")).step == 8 and len(metrics(tmp_path / "b")) == 8
+    assert run(raw_config(tmp_path / "data", tmp_path / "b", **par)).step == 8 and len(metrics(tmp_path / "b")) == 8
 
 
 def test_resume_says_when_the_samples_come_in_another_order(tmp_path, one_thread, capsys):

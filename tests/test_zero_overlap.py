@@ -19,6 +19,7 @@ from distributed import run_distributed
 from megamath.model.llama import Llama
 from megamath.parallel.state import ParallelState
 from megamath.parallel.zero import ZeroOptimizer
+from megamath.parallel.zero_layout import bucket_numel_for, zero_layout
 from megamath.training.loop import train_step
 from test_zero import LRS, MODEL, batch, zero_config
 
@@ -211,3 +212,42 @@ def test_one_gpu_leaves_its_updates_to_the_next_forward():
         wait()
         assert not any(opt._update_work)
     opt.remove_hooks()
+
+
+def test_one_gpu_overlapped_step_equals_the_plain_one_where_a_run_of_weights_fills_a_bucket_exactly():
+    """DP 1: a bucket that ends exactly where its last weight ends (no padding) is followed, in the shard, by the
+    next bucket's first weight. A run of AdamW merged across that boundary was updated with its first bucket
+    only, after the second bucket's update had been marked done: with fp32 weights the second bucket's part of
+    the run kept last step's values (its masters moved on), and on a GPU its next forward could read it mid-update."""
+    def train(overlap_step: bool):
+        torch.manual_seed(0)
+        model = Llama(MODEL)
+        opt = ZeroOptimizer(model, ParallelState.single(), zero_config(), bucket_mb=BUCKET_MB,
+                            overlap_optimizer_step=overlap_step)
+        for step in range(2):
+            x, y = batch(step)
+            opt.zero_grad()
+            model(x, y)[1].backward()
+            opt.step(LRS[step])
+        params = {k: v.clone() for k, v in model.state_dict().items()}
+        opt.remove_hooks()
+        return opt, params
+
+    opt, overlapped = train(True)
+    flush = [b for b in opt.buckets[:-1] if any(s.offset + s.numel == b.end for s in opt.slots)]
+    assert flush, "the layout must have a bucket its weights fill exactly for this check to mean anything"
+    plain = train(False)[1]
+    for name in plain:
+        assert torch.equal(plain[name], overlapped[name]), name
+    for b, ranges in enumerate(opt._ranges_by_bucket):  # each run lies in the bucket whose update writes it
+        f0, f1, _ = opt.pieces[b]
+        assert all(f0 <= r.flat_start and r.flat.stop <= f1 for r in ranges), (b, ranges)
+
+
+def test_a_bucket_size_below_one_gradient_is_a_bucket_per_parameter():
+    """parallel.bucket_mb > 0 asks for buckets; one smaller than a gradient's bytes rounded to 0 elements, which
+    zero_layout reads as 0's one bucket: nothing overlapped, the opposite of what was asked."""
+    params = [("a", (10,), False), ("b", (3, 4), False), ("c", (7,), False)]
+    for bucket_mb in (1e-7, 1e-9):
+        assert len(zero_layout(params, 2, bucket_numel_for(bucket_mb, 4)).buckets) == len(params)
+    assert len(zero_layout(params, 2, bucket_numel_for(0.0, 4)).buckets) == 1

@@ -331,7 +331,9 @@ class ZeroOptimizer:
                 self._launch_reduce_scatter(slot.bucket)  # the bucket's last gradient of the last backward
 
     def _shard_ranges(self) -> list[ShardRange]:
-        """The parameters' pieces inside this rank's bucket pieces, merged into runs of equal (decay, TP)."""
+        """The parameters' pieces inside this rank's bucket pieces, merged into runs of equal (decay, TP), never
+        across buckets: with DP 1 one bucket's piece ends where the next one's begins, and the overlapped step
+        updates (and marks done) each bucket's runs on their own (_launch_updates)."""
         ranges: list[ShardRange] = []
         for slot in self.slots:
             f0, f1, s0 = self.pieces[slot.bucket]
@@ -339,7 +341,7 @@ class ZeroOptimizer:
             if lo >= hi:
                 continue
             start, last = s0 + lo - f0, ranges[-1] if ranges else None
-            if (last and last.end == start and last.flat.stop == lo
+            if (last and last.end == start and last.flat.stop == lo and last.flat_start >= f0
                     and (last.decay, last.tensor_parallel) == (slot.decay, slot.tensor_parallel)):
                 ranges[-1] = dataclasses.replace(last, end=start + hi - lo)
             else:

@@ -141,8 +141,9 @@ def zero_layout(params: list[tuple[str, tuple[int, ...], bool]], dp_size: int, b
 
 
 def bucket_numel_for(bucket_mb: float, grad_bytes: int) -> int:
-    """Elements of a bucket of bucket_mb MiB of gradients (0: one bucket)."""
-    return int(bucket_mb * 2**20) // grad_bytes if bucket_mb > 0 else 0
+    """Elements of a bucket of bucket_mb MiB of gradients (0: one bucket). At least 1 for any bucket_mb > 0: a
+    size below one gradient means a bucket per parameter, never 0's one bucket."""
+    return max(1, int(bucket_mb * 2**20) // grad_bytes) if bucket_mb > 0 else 0
 
 
 def buffer_bytes(layout: ZeroLayout, param_bytes: int, grad_bytes: int) -> dict[str, int]:

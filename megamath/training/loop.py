@@ -283,8 +283,12 @@ def _train(config: TrainConfig, state: ParallelState, attempt: str) -> TrainResu
                 f"weights, {config.grad_accum_steps} micro-batch(es) per step, DP {state.dp_size}, TP {state.tp_size}: "
                 "bf16 only where nothing is summed into it)")
     if optimizer.overlap_optimizer_step and len(optimizer.buckets) == 1:
-        log.say("parallel.overlap_optimizer_step: one bucket (parallel.bucket_mb 0), so the forward's first layer "
-                "waits for the whole update and nothing overlaps; set bucket_mb (e.g. 128) to overlap it")
+        grad_mib = optimizer.numel * optimizer.flat_grad.element_size() / 2**20
+        why, fix = (("parallel.bucket_mb 0", "set bucket_mb (e.g. 128)") if not config.parallel.bucket_mb else
+                    (f"parallel.bucket_mb {config.parallel.bucket_mb:g} holds all {grad_mib:.3g} MiB of gradients",
+                     f"set bucket_mb below {grad_mib:.3g}"))
+        log.say(f"parallel.overlap_optimizer_step: one bucket ({why}), so the forward's first layer "
+                f"waits for the whole update and nothing overlaps; {fix} to overlap it")
     if config.optimizer.gradient_accumulation_fusion and not optimizer.gradient_accumulation_fusion:
         log.say(f"gradient accumulation fusion: off, {str(optimizer.param_dtype)[6:]} weights into a "
                 f"{optimizer.grad_dtype} buffer on {state.device.type} have no matmul that accumulates into it: "
