@@ -19,6 +19,7 @@ from megamath.planning import measured
 from megamath.planning.hardware import get_gpu
 from megamath.planning.memory import RunShape, zero_buffer_bytes, zero_layout_for
 from megamath.planning.plan import PlanRequest, evaluate, plan
+from megamath.planning.step_time import hardware_flops_per_token
 from megamath.training import loop
 from megamath.training.config import TrainConfig
 
@@ -164,7 +165,8 @@ def test_an_overlapped_optimizer_step_leaves_the_norm_and_the_first_buckets_upda
 
     slow, _ = step(1, True, efficiency=1.0, seq_length=256)  # a forward too short to hide them: they add up
     slow_plain, _ = step(1, False, efficiency=1.0, seq_length=256)
-    forward = slow["compute"] / 4  # with checkpointing: forward, then forward + backward
+    flops = model.flops_per_token(256)  # with checkpointing: the forward's share of the step's FLOPs
+    forward = slow["compute"] * flops / 3 / hardware_flops_per_token(model, 256, True)
     assert forward < slow_plain["optimizer"] / 2
     assert slow["optimizer"] == pytest.approx(slow_plain["optimizer"] - forward)
 
@@ -179,6 +181,16 @@ def test_search_ranks_fitting_options_by_throughput():
     assert {p.shape.tp for p in plans} <= {1, 2, 4, 8}
     only_tp4 = plan(PlanRequest(model=req.model, model_name="x", gpu=req.gpu, gpus=256, tp=4))
     assert {p.shape.tp for p in only_tp4} == {4}
+
+
+def test_search_offers_sequence_parallelism_only_where_tp_divides_the_sequence():
+    """The model refuses SP when TP does not divide the sequence length: a search must not recommend it."""
+    model = ModelConfig.from_preset("llemma-7b")
+    for seq, sp in ((4095, None), (4094, True)):
+        plans = plan(PlanRequest(model=model, model_name="7b", gpu=get_gpu("h100-80gb"), gpus=8, seq_length=seq,
+                                 sequence_parallel=sp))
+        assert all(seq % p.shape.tp == 0 for p in plans if p.shape.sequence_parallel)
+        assert {p.shape.tp for p in plans if p.shape.sequence_parallel} == ({2} if seq == 4094 else set())
 
 
 def test_a_job_that_leaves_its_last_node_partly_empty_is_planned():
@@ -269,6 +281,8 @@ def test_cli_config_file_and_json(capsys):
     (["--model", "llemma-7b", "--gpu", "a100-40gb", "--gpus", "256", "--micro-batch", "512"],
      "micro-batch 512 of llemma-7b does not fit on a100-40gb at any TP size: the smallest needs "),
     (["--model", "llemma-13b", "--gpu", "a100-40gb", "--gpus", "8"], "unknown model preset 'llemma-13b'"),
+    (["--model", "llemma-7b", "--gpu", "a100-40gb", "--gpus", "8", "--tp", "2", "--micro-batch", "1",
+      "--sequence-parallel", "--seq-length", "4095"], "--seq-length 4095 is not divisible by --tp 2: "),
 ])
 def test_cli_errors_are_one_line(capsys, argv, message):
     code, out, err = _cli(capsys, *argv)

@@ -63,3 +63,14 @@ def test_capacity_is_what_cuda_can_allocate(gpu):
     """A plan that 'fits with 0.3 GiB to spare' must not count memory CUDA never hands out."""
     capacity_mib = get_gpu(gpu).memory_bytes / 2**20
     assert CUDA_TOTAL_MIB[gpu] * 0.99 <= capacity_mib <= CUDA_TOTAL_MIB[gpu], (gpu, capacity_mib)
+
+
+def test_a_malformed_measurement_is_a_one_line_error_naming_its_file(tmp_path):
+    """A hand-edited table whose MFU cell is not a number: which file, not float()'s bare complaint."""
+    _bench_result(tmp_path, "2026-12-05", "NVIDIA H100 80GB HBM3", 0.52)
+    path = tmp_path / "train-2026-12-05.md"
+    path.write_text(path.read_text().replace("52.0 %", "52,0 %"))
+    with pytest.raises(ValueError) as err:
+        measured_efficiency(get_gpu("h100-80gb"), tmp_path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: megamath's MFU '52,0 %' is not a number") and "\n" not in message

@@ -42,13 +42,17 @@ class Efficiency:
     """Where it comes from, for the plan's assumptions line."""
 
 
-def _megamath_mfus(text: str) -> list[float]:
+def _megamath_mfus(text: str, path: Path) -> list[float]:
     """MFU of every megamath row of a bench_train table (the sixth column, e.g. "52.1 %")."""
     mfus = []
     for line in text.splitlines():
         cells = [c.strip() for c in line.split("|")]
         if len(cells) > 7 and cells[1] == "megamath" and cells[6].endswith("%"):
-            mfus.append(float(cells[6].rstrip(" %")) / 100)
+            try:
+                mfus.append(float(cells[6].rstrip(" %")) / 100)
+            except ValueError:  # a hand-edited table: say which file, not float()'s bare complaint
+                raise ValueError(f"{path}: megamath's MFU {cells[6]!r} is not a number; correct or remove the "
+                                 "file, or give --efficiency") from None
     return mfus
 
 
@@ -65,7 +69,7 @@ def measured_efficiency(gpu: GPU, results_dir: Path = RESULTS_DIR) -> Efficiency
         case = _CASE.search(text)  # another shape, or MFU over another peak (--peak-tflops), is no measurement of it
         if not case or tuple(map(int, case.groups()[:3])) != DEFAULT_CASE or float(case.group(4)) != gpu.peak_tflops:
             continue
-        mfus = [m for m in _megamath_mfus(text) if 0 < m <= 1]
+        mfus = [m for m in _megamath_mfus(text, path) if 0 < m <= 1]
         if mfus:
             return Efficiency(statistics.median(mfus), f"measured: megamath's MFU in {path.name} on {title.group(2)}")
     return None

@@ -8,7 +8,7 @@ evaluated for one configuration or for every configuration of a search, ranked b
 Search (when --tp or --micro-batch is missing): TP over the divisors of the GPUs per node that the model
 allows (heads and FFN divisible; a vocabulary it does not divide is padded, vocab_split.vocab_range) and that
 divide the GPU count, micro-batches 1..64, activation checkpointing and sequence parallelism both ways
-unless their flag fixes them on. Without
+unless their flag fixes them on (SP only where TP divides the sequence length). Without
 --grad-accum the accumulation is the one whose global batch is closest to 4M tokens (LLEMMA's).
 """
 from __future__ import annotations
@@ -73,6 +73,9 @@ class PlanRequest:
             if self.gpus_per_node % self.tp:  # TP groups are consecutive ranks: one would straddle two nodes
                 raise ValueError(f"--tp {self.tp} does not divide --gpus-per-node {self.gpus_per_node}: a TP group "
                                  "must sit in one node (its all-reduces need NVLink)")
+        if self.sequence_parallel and self.tp is not None and self.tp > 1 and self.seq_length % self.tp:
+            raise ValueError(f"--seq-length {self.seq_length} is not divisible by --tp {self.tp}: sequence "
+                             "parallelism splits each sequence over the TP group")
         if self.seq_length > self.model.max_seq_length:
             raise ValueError(f"--seq-length {self.seq_length} exceeds the model's max_seq_length "
                              f"{self.model.max_seq_length}")
@@ -178,6 +181,15 @@ def _tp_choices(req: PlanRequest) -> list[int]:
     return out
 
 
+def _sp_choices(req: PlanRequest, tp: int) -> list[bool]:
+    """Sequence parallelism at this TP size: off at TP 1, and only where TP divides the sequence (the model
+    splits it into TP equal chunks); both ways unless the request fixes it on."""
+    if tp == 1:
+        return [False]
+    possible = [False, True] if req.seq_length % tp == 0 else [False]
+    return [sp for sp in possible if sp] if req.sequence_parallel else possible
+
+
 def plan(req: PlanRequest) -> list[Plan]:
     """One plan when TP and micro-batch are given; else every searched configuration that fits, fastest first.
 
@@ -190,7 +202,7 @@ def plan(req: PlanRequest) -> list[Plan]:
     for tp in _tp_choices(req):
         for micro in ([req.micro_batch] if req.micro_batch is not None else MICRO_BATCHES):
             for ckpt in ([True] if req.activation_checkpointing else [False, True]):
-                for sp in ([True] if req.sequence_parallel else [False, True]) if tp > 1 else [False]:
+                for sp in _sp_choices(req, tp):
                     candidates.append(evaluate(req, tp, micro, ckpt, sp))
     fitting = [p for p in candidates if p.fits]
     if not fitting:

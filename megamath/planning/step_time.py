@@ -3,13 +3,13 @@
 Why this shape: at Llemma's scale a step is matmuls plus three kinds of communication, and only their
 exposed parts add up. The model, with every constant from hardware.py:
 
-compute    FLOPs per token (ModelConfig.flops_per_token: Megatron's count, causal attention) × tokens of
-           one DP rank's step / tp, × 4/3 with activation checkpointing (one more forward), over
-           peak × efficiency. Forward : backward = 1 : 2 (1 : 3 with recomputation inside the backward).
-TP         per micro-batch, 4L + 1 collectives on the (b, s, h) bf16 activations (2 per block forward,
-           2 backward, the vocabulary-parallel embedding), 2L more with recomputation; an all-reduce, or
-           under sequence parallelism an all-gather + reduce-scatter pair of the same bytes, plus the
-           backward's second all-gather of each column-parallel input (L + 1/2 more). Ring α-β:
+compute    the FLOPs a step runs over peak × efficiency: per token ModelConfig.flops_per_token (Megatron's count,
+           causal attention halved: the model FLOPs of MFU) plus, with activation checkpointing, each block's
+           forward once more in the backward, but for its down projection (hardware_flops_per_token), × the
+           tokens of one DP rank's step / tp. Forward : backward in proportion to their FLOPs (1 : 2 without
+           recomputation; the recomputation belongs to the backward).
+TP         per micro-batch, tp_collectives(): all-reduces of the (b, s, h) bf16 activations (under sequence
+           parallelism all-gather + reduce-scatter pairs of the same bytes), ring α-β:
            2 (t-1)/t · bytes / bw + 2 (t-1) α, inside a node (NVLink). Not overlapped: fully exposed.
 DP         per step, ZeRO-1's reduce-scatter of each gradient bucket and all-gather of each parameter
            bucket, ring α-β per bucket: (d-1)/d · bytes / bw + (d-1) α, over the inter-node network when
@@ -54,26 +54,63 @@ def _ring(bytes_: float, ranks: int, gbs: float, alpha: float, factor: float) ->
     return factor * (ranks - 1) / ranks * bytes_ / (gbs * 1e9) + factor * (ranks - 1) * alpha
 
 
+def recompute_flops_per_token(model: ModelConfig, seq_length: int) -> int:
+    """FLOPs per token that activation checkpointing adds: every block's forward again, in the backward, up to
+    the last tensor its backward needs. torch's checkpoint (non-reentrant, which the model uses) stops a
+    block's recomputation there, at the down projection's input: the down projection and the MLP's output
+    collective are not rerun, and the LM head is outside the checkpoints. So per layer the q, k, v, o, gate and
+    up matmuls, 2 FLOPs per weight, and the causal attention's 2·S·h_q (flops_per_token's convention):
+
+        2 · L · (2h·h_q + 2h·h_kv + 2h·ffn) + 2 · L · S · h_q
+
+    not a whole forward (x 4/3 would charge 2·L·h·ffn + 2·V·h more per token; 6 % of the 34B's compute).
+    """
+    h, L, s = model.hidden_size, model.num_layers, seq_length
+    q_width, kv_width = model.num_heads * model.head_dim, model.num_kv_heads * model.head_dim
+    return 2 * L * (2 * h * q_width + 2 * h * kv_width + 2 * h * model.ffn_hidden_size) + 2 * L * s * q_width
+
+
+def hardware_flops_per_token(model: ModelConfig, seq_length: int, checkpointing: bool) -> int:
+    """FLOPs per token a training step runs (HFU's count): the model FLOPs, plus the recomputation when on."""
+    extra = recompute_flops_per_token(model, seq_length) if checkpointing else 0
+    return model.flops_per_token(seq_length) + extra
+
+
+def tp_collectives(model: ModelConfig, shape: RunShape) -> float:
+    """One micro-batch's TP collectives of a (b, s, h) activation per rank, in all-reduces (an all-gather or a
+    reduce-scatter of the whole tensor moves half an all-reduce's bytes):
+
+    4L + 2      forward: the two row-parallel outputs of each block and the vocabulary-parallel embedding;
+                backward: the two column-parallel inputs' gradients of each block and the LM head's
+    + L + 1/2   under SP, where each becomes an all-gather + reduce-scatter pair of the same bytes: the
+                backward all-gathers each column-parallel input again (2 per block and the LM head's, halves)
+    + L         with checkpointing: the recomputed attention's output all-reduce (the MLP's is not rerun,
+                recompute_flops_per_token); under SP + 3L/2: the attention's gather and reduce-scatter and
+                the MLP's gather
+    """
+    L, sp = model.num_layers, shape.sequence_parallel
+    count = 4 * L + 2 + (L + 0.5 if sp else 0)
+    if shape.activation_checkpointing:
+        count += 1.5 * L if sp else L
+    return count
+
+
 def step_seconds(model: ModelConfig, shape: RunShape, gpu: GPU, net: Network, layout: ZeroLayout,
                  efficiency: float) -> dict[str, float]:
     """The step's time items (seconds): compute, tp_comm, dp_reduce_scatter, dp_all_gather, optimizer (exposed
     parts), and total; plus the DP and optimizer totals, exposed or not, for reference."""
     tokens = shape.micro_batch * shape.seq_length * shape.grad_accum  # one DP rank's step
-    recompute = 4 / 3 if shape.activation_checkpointing else 1.0
-    compute = model.flops_per_token(shape.seq_length) * tokens * recompute / shape.tp / (
-        gpu.peak_tflops * 1e12 * efficiency)
+    step_flops = hardware_flops_per_token(model, shape.seq_length, shape.activation_checkpointing)
+    compute = step_flops * tokens / shape.tp / (gpu.peak_tflops * 1e12 * efficiency)
     per_micro = compute / shape.grad_accum
-    forward = per_micro * (1 / 4 if shape.activation_checkpointing else 1 / 3)
+    forward = per_micro * model.flops_per_token(shape.seq_length) / 3 / step_flops
     backward = per_micro - forward
 
     tp_comm = 0.0
     if shape.tp > 1:
         message = shape.micro_batch * shape.seq_length * model.hidden_size * PARAM_BYTES
-        count = 4 * model.num_layers + 1 + (2 * model.num_layers if shape.activation_checkpointing else 0)
-        if shape.sequence_parallel:  # the backward gathers each column-parallel input again: half an all-reduce
-            count += model.num_layers + 0.5
         one = _ring(message, shape.tp, net.nvlink_gbs, net.alpha_intra, 2.0)
-        tp_comm = shape.grad_accum * count * one
+        tp_comm = shape.grad_accum * tp_collectives(model, shape) * one
 
     spans_nodes = shape.tp * shape.dp > net.gpus_per_node
     bw, alpha = (net.internode_gbs, net.alpha_inter) if spans_nodes else (net.nvlink_gbs, net.alpha_intra)
