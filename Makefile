@@ -3,8 +3,11 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The CPU build is enough for the demo and the tests; on a GPU node install your CUDA build first.
+# The torch a venv without one gets. On Linux, PyPI's wheel is the CUDA build (nvidia-* packages, several GB); the
+# CPU build is enough for the demo and the tests: set TORCH_INDEX to PyTorch's CPU wheel index to fetch it.
+# On a GPU node install your CUDA build first (or set TORCH_SPEC / TORCH_INDEX to it).
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 # Test processes: `auto` is one per CPU this job may use, at most 8 (tests/conftest.py says how). Whole
@@ -18,7 +21,7 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)")
 	$(PY) -m pip install -e ".[dev]"
 	touch $@
 
@@ -29,4 +32,4 @@ test: setup
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 clean:
-	rm -rf $(VENV) build *.egg-info runs megamath/*.so
+	rm -rf $(VENV) build *.egg-info runs megamath/*.so kernels/*.so

@@ -32,9 +32,15 @@ COMMANDS = {
     "plan": "plan",
 }
 
+DESCRIPTION = ("Megatron-style continued pretraining of math language models (the LLEMMA recipe): data, "
+               "training, conversion, evaluation and planning.")
+EPILOG = ("`megamath COMMAND --help` lists a command's flags. Training runs under torchrun: "
+          "torchrun --standalone --nproc_per_node 8 -m megamath.cli train --config examples/llemma_7b.yaml")
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="megamath", description=__doc__.splitlines()[0], allow_abbrev=False)
+    # What a user reads first: the tool, not this module (whose docstring is for developers).
+    parser = argparse.ArgumentParser(prog="megamath", description=DESCRIPTION, epilog=EPILOG, allow_abbrev=False)
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module_name in COMMANDS.items():

@@ -4,8 +4,11 @@ script is started from."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
+
+import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "demo.sh"
 # Each call appends its arguments, one a line, after a `---` line; `megamath report` prints a path.
@@ -32,3 +35,19 @@ def test_paths_stay_whole_and_the_config_is_found_from_any_folder(tmp_path):
     config = Path(train[train.index("--config") + 1])
     assert (elsewhere / config).is_file(), f"--config {config} does not exist from {elsewhere}"
     assert "data.data_dir=my runs/demo/data" in train and "run_dir=my runs/demo/train" in train
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_setup_takes_torch_from_the_index_given(tmp_path):
+    """PyPI's Linux torch is the CUDA build (GBs of nvidia-* wheels), so the README's CPU build needs the
+    PyTorch CPU index: TORCH_INDEX passes it to the torch install only; by default pip's own index is used."""
+    venv = tmp_path / "novenv"  # missing: make would create it; -n only prints the commands
+    def torch_install(*variables: str) -> str:
+        proc = subprocess.run(["make", "-n", "setup", f"VENV={venv}", *variables], cwd=SCRIPT.parents[1],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        (line,) = [line for line in proc.stdout.splitlines() if "pip install" in line and "torch==" in line]
+        return line
+    assert "--index-url" not in torch_install()
+    cpu = "https://wheels.example/whl/cpu"  # any index URL
+    assert torch_install(f"TORCH_INDEX={cpu}").endswith(f'pip install "torch==2.13.0" --index-url "{cpu}"')

@@ -124,3 +124,26 @@ def test_the_run_folder_is_the_configs_unless_run_dir_is_given(tmp_path):
     assert not any(arg.startswith("run_dir=") for arg in launch), launch
     launch = _launch_line(tmp_path, {"CONFIG": "examples/llemma_34b.yaml", "RUN_DIR": "/shared/my runs/34b"})
     assert launch[-1] == "run_dir=/shared/my runs/34b"
+
+
+@pytest.mark.parametrize("case", ["outside SLURM", "scontrol fails"])
+def test_no_launch_without_a_rendezvous_host(tmp_path, case):
+    """Without -e, a failed `scontrol show hostnames` left MASTER_ADDR empty and every node launched torchrun at
+    ':29500'; outside SLURM the first sign was bash's 'unbound variable' after logs/ was made. Now one line, exit 2."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "log"
+    bin_dir.mkdir()
+    log.mkdir()
+    fakes = {"srun": '#!/bin/bash\necho "$@" >> "$LOG/srun"\n',
+             "scontrol": '#!/bin/bash\necho "scontrol: error: Invalid node name specified" >&2\nexit 1\n'}
+    for name, text in fakes.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(PATH=f"{bin_dir}:{os.environ['PATH']}", LOG=str(log))
+    if case == "scontrol fails":
+        env.update(SLURM_JOB_ID="42", SLURM_NNODES="2", SLURM_JOB_NODELIST="node[0-1]")
+    proc = subprocess.run(["bash", str(SCRIPT)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert not (log / "srun").exists(), "launched without a rendezvous host"
+    expected = "no first host in SLURM_JOB_NODELIST" if case == "scontrol fails" else "SLURM_JOB_ID is not set"
+    assert f"launch_slurm.sbatch: error: {expected}" in proc.stderr, proc.stderr

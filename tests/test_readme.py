@@ -62,3 +62,16 @@ def test_every_config_key_named_exists():
         for part in key.split("."):
             node = _section(node, part)
             assert node is not None, f"README names {key}, which TrainConfig does not have"
+
+
+def test_every_example_script_line_runs_as_shown():
+    """`bash examples/launch_multinode.sh` alone stopped at its usage line: a script that requires an argument
+    (`${1:?usage}`) must be shown with one, and every script the README runs must exist."""
+    root = Path(__file__).resolve().parents[1]
+    shown = [line.split(" #")[0].split() for block in re.findall(r"```[a-z]*\n(.*?)```", README, re.S)
+             for line in block.replace("\\\n", " ").splitlines() if re.match(r"\s*(bash|sbatch) examples/", line)]
+    assert len(shown) >= 2
+    for runner, script, *args in shown:
+        assert (root / script).is_file(), f"{runner} {script}: no such file"
+        if "${1:?" in (root / script).read_text():
+            assert args, f"`{runner} {script}` without the argument the script requires"

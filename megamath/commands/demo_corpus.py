@@ -16,9 +16,12 @@ def add_parser(subparsers, name: str) -> None:
         "not match.",
     )
     parser.add_argument("--output", required=True, type=Path, help="folder to write into")
-    parser.add_argument("--documents", type=int, default=1000, help="training documents per subset")
-    parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--vocab-size", type=int, default=1024, help="upper bound on the tokenizer's pieces")
+    parser.add_argument("--documents", type=int, default=1000, help="training documents per subset (default 1000)")
+    parser.add_argument("--seed", type=int, default=1234,
+                        help="seed of the corpus, the tokenizer and the demo-arith problems (default 1234)")
+    parser.add_argument("--vocab-size", type=int, default=1024,
+                        help="upper bound on the tokenizer's pieces (default 1024; examples/tiny.yaml's model "
+                        "has 2048 ids)")
     parser.set_defaults(run=run)
 
 
