@@ -355,3 +355,21 @@ def test_completions_keep_the_space_that_follows_the_prompt(tmp_path):
         assert full_ids[:len(prompt_ids)] == prompt_ids
         assert codec.decode(full_ids[len(prompt_ids):]) == continuation
     assert codec.decode([]) == ""
+
+
+def test_a_greedy_temperature_decodes_its_share_once(monkeypatch):
+    """--temperatures 0 0.5 --num-samples 10 decoded 5 copies of the one greedy completion."""
+    from megamath.generation import server as server_module
+    from megamath.generation.generate import Completion
+    from megamath.generation.server import ServeConfig, suggest
+
+    counts = []
+
+    def fake_complete(model, codec, prompts, params, count, *args, **kwargs):
+        counts.append((params.temperature, count))
+        return [[Completion([1], -1.0, f" t{params.temperature} s{j}") for j in range(count)]]
+
+    monkeypatch.setattr(server_module, "complete", fake_complete)
+    config = ServeConfig(num_samples=10, temperatures=(0.0, 0.5))
+    assert suggest(None, None, config, "⊢ True", "exact")[0] == "exact t0.0 s0"
+    assert counts == [(0.0, 1), (0.5, 5)]

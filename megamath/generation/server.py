@@ -4,23 +4,24 @@
           -> {"suggestions": [str, ...]}          200
           -> {"error": str}                        400 malformed JSON, fields or Content-Length, 404 other
                                                    paths, 405 other methods, 408 body not sent in time,
-                                                   411 no Content-Length, 413 body too large, 503 timeout,
-                                                   500 generation failed (e.g. out of GPU memory; logged)
+                                                   411 no Content-Length, 413 body too large, 503 timeout
+                                                   or stopping, 500 generation failed (e.g. out of GPU
+                                                   memory; logged)
 
 The prompt is LLMSTEP's `[GOAL]{tactic_state}[PROOFSTEP]{prefix}`; `num_samples` completions are drawn
-(split evenly over the configured temperatures), each cut at the first newline; a suggestion is the
-prefix followed by the completion, stripped. Duplicates are merged and suggestions ranked by mean
-log-probability per generated token (long tactics are not penalised for their length). `context` is
-accepted and unused, as in LLMSTEP's reference server. The samples of the server's n-th request draw from
-seeds keyed by n: the same proof state asked again gets fresh samples, and a restarted server answers its
-requests in the same order with the same suggestions.
+(split evenly over the configured temperatures; a temperature of 0's share is its one greedy completion),
+each cut at the first newline; a suggestion is the prefix followed by the completion, stripped. Duplicates
+are merged and suggestions ranked by mean log-probability per generated token (long tactics are not
+penalised for their length). `context` is accepted and unused, as in LLMSTEP's reference server. The
+samples of the server's n-th request draw from seeds keyed by n: the same proof state asked again gets
+fresh samples, and a restarted server answers its requests in the same order with the same suggestions.
 
 One request is served at a time (one model; up to 128 more connections wait their turn). Reading a request
 and generating its answer are each bounded by `request_timeout_s` in all, not per socket read: a client
 trickling a byte at a time would otherwise hold the server, and every client behind it, for as long as it
 liked. Every error, the HTTP layer's own included, is a JSON body. The server binds to 127.0.0.1 unless
 told otherwise, before the model loads (a port in use fails at once); SIGTERM finishes the request in
-flight and stops it.
+flight and stops it (a connection still sending its request is cut short, not waited for).
 """
 from __future__ import annotations
 
@@ -88,6 +89,8 @@ def suggest(model, codec: PromptCodec, config: ServeConfig, tactic_state: str, p
         count = config.num_samples // len(temps) + (t_index < config.num_samples % len(temps))
         if count == 0:
             continue
+        if temperature == 0:  # greedy: every sample of the share is the same completion; one is decoded
+            count = 1
         params = SamplingParams(config.max_new_tokens, temperature, config.top_p, ("\n",))
         samples = complete(model, codec, [prompt], params, count, config.seed, config.batch_size,
                            keys=[request_number * len(temps) + t_index], deadline=deadline)[0]
@@ -105,6 +108,17 @@ def make_handler(model, codec: PromptCodec, config: ServeConfig):
     class Handler(BaseHTTPRequestHandler):
         timeout = config.request_timeout_s  # each socket read; the read deadline below bounds them all
         server_version = "megamath-llmstep"
+        reading = None
+        """The handler whose request is still arriving (one at a time is served), for `stop`."""
+        stopping = False
+
+        @classmethod
+        def stop(cls) -> None:
+            """The server is stopping: a request still arriving (an idle connection, a slow client) is cut
+            short now, not waited for until its read deadline; one being generated is finished."""
+            cls.stopping = True
+            if cls.reading is not None:
+                cls.reading._stop_reading()
 
         def setup(self) -> None:
             """Start the request's read deadline: past it, the socket's reading side is shut, so a read in
@@ -113,6 +127,13 @@ def make_handler(model, codec: PromptCodec, config: ServeConfig):
             self._read_deadline = threading.Timer(config.request_timeout_s, self._stop_reading)
             self._read_deadline.daemon = True
             self._read_deadline.start()
+            Handler.reading = self
+            if Handler.stopping:  # the signal came between the accept and here
+                self._stop_reading()
+
+        def _done_reading(self) -> None:
+            self._read_deadline.cancel()
+            Handler.reading = None
 
         def _stop_reading(self) -> None:
             try:
@@ -121,7 +142,7 @@ def make_handler(model, codec: PromptCodec, config: ServeConfig):
                 pass
 
         def finish(self) -> None:
-            self._read_deadline.cancel()
+            self._done_reading()
             super().finish()
 
         def log_message(self, format, *args):  # noqa: A002 - the base class's name
@@ -130,10 +151,6 @@ def make_handler(model, codec: PromptCodec, config: ServeConfig):
         def send_error(self, code, message=None, explain=None):
             """The HTTP layer's own errors (a garbled request line, an unknown method) as JSON, like ours."""
             self.close_connection = True
-            if self.command == "HEAD":  # a HEAD reply carries no body
-                self.send_response(code, message)
-                self.end_headers()
-                return
             self._reply(code, {"error": message or self.responses.get(code, ("error",))[0]})
 
         def _reply(self, status: int, body: dict, headers: dict | None = None) -> None:
@@ -144,7 +161,17 @@ def make_handler(model, codec: PromptCodec, config: ServeConfig):
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
-            self.wfile.write(data)
+            if self.command != "HEAD":  # a HEAD reply carries no body
+                self.wfile.write(data)
+
+        def _refuse(self, status: int, error: str, headers: dict | None = None) -> None:
+            """An error reply to a request whose body (if it has one) is not wanted: the body is read and dropped
+            first, or closing the socket would reset the connection under a client still sending it."""
+            self.close_connection = True
+            length = self.headers.get("Content-Length", "")
+            if _valid_length(length):
+                self._discard(int(length))
+            self._reply(status, {"error": error}, headers)
 
         def _discard(self, length: int) -> None:
             """Read and drop a refused body, up to DISCARD_BYTES: a socket closed with data unread is reset,
@@ -157,31 +184,31 @@ def make_handler(model, codec: PromptCodec, config: ServeConfig):
                 pass
 
         def do_GET(self):  # noqa: N802
-            self._reply(405, {"error": "use POST / with a JSON body"}, {"Allow": "POST"})
+            self._refuse(405, "use POST / with a JSON body", {"Allow": "POST"})
 
-        do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_GET  # noqa: N815
+        do_HEAD = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_GET  # noqa: N815
 
         def do_POST(self):  # noqa: N802
             if self.path.split("?")[0] != "/":
-                return self._reply(404, {"error": f"unknown path {self.path}"})
+                return self._refuse(404, f"unknown path {self.path}")
             length = self.headers.get("Content-Length")
             if length is None:
                 return self._reply(411, {"error": "a Content-Length header is required"})
-            if not (length.isascii() and length.isdigit() and len(length) <= 18):  # "²" passes isdigit()
+            if not _valid_length(length):
                 return self._reply(400, {"error": f"invalid Content-Length {length[:40]!r}"})
             if int(length) > config.max_body_bytes:
-                self.close_connection = True
-                self._discard(int(length))
-                return self._reply(413, {"error": f"body of {length} bytes exceeds {config.max_body_bytes}"})
+                return self._refuse(413, f"body of {length} bytes exceeds {config.max_body_bytes}")
             try:
                 body = self.rfile.read(int(length))
             except TimeoutError:
                 body = b""
-            if len(body) < int(length):  # the read deadline passed (or the client stopped sending)
+            if len(body) < int(length):  # the read deadline passed, the server is stopping, or the client stopped
                 self.close_connection = True
+                if Handler.stopping:
+                    return self._reply(503, {"error": "the server is stopping"})
                 return self._reply(408, {"error": f"the body did not arrive within {config.request_timeout_s} s "
                                                   f"({len(body)} of {length} bytes)"})
-            self._read_deadline.cancel()  # generation has a deadline of its own
+            self._done_reading()  # generation has a deadline of its own, and is finished on a stop
             try:
                 request = json.loads(body.decode("utf-8"))
             except ValueError as err:  # bad UTF-8 or JSON, or an integer of more than 4300 digits
@@ -214,6 +241,11 @@ def make_handler(model, codec: PromptCodec, config: ServeConfig):
     return Handler
 
 
+def _valid_length(length: str) -> bool:
+    """A Content-Length int() takes as it is meant: plain ASCII digits ("²" passes isdigit()), not absurdly many."""
+    return length.isascii() and length.isdigit() and len(length) <= 18
+
+
 def listen(config: ServeConfig) -> LLMStepServer:
     """The bound server, before any model is loaded: a port in use must not cost a model load first.
     Clients that connect before `serve` starts wait in the listen queue."""
@@ -225,15 +257,20 @@ def listen(config: ServeConfig) -> LLMStepServer:
 
 def serve(model, codec: PromptCodec, config: ServeConfig, ready=None, server: LLMStepServer | None = None) -> None:
     """Serve until SIGTERM or SIGINT on `server` (bound by `listen`; bound here when not given);
-    `ready(host, port)` is called once listening."""
+    `ready(host, port)` is called once listening. The request in flight is finished first; a second SIGINT
+    (Ctrl-C again) does not wait for it: it raises KeyboardInterrupt."""
     server = server or listen(config)
-    server.RequestHandlerClass = make_handler(model, codec, config)
+    handler_class = server.RequestHandlerClass = make_handler(model, codec, config)
     stop = threading.Event()
 
     def on_signal(signum, frame):
-        if not stop.is_set():
-            stop.set()
-            threading.Thread(target=server.shutdown, daemon=True).start()  # shutdown() waits for the loop
+        if stop.is_set():
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        stop.set()
+        threading.Thread(target=server.shutdown, daemon=True).start()  # shutdown() waits for the loop
+        handler_class.stop()  # the loop waits for the connection in hand: it must not wait on a silent client
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:

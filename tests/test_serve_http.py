@@ -1,0 +1,121 @@
+"""`megamath serve`'s HTTP layer as clients meet it, with a stand-in for generation: stop signals while a
+connection is still sending its request or its answer is being generated, refusals of requests that carry a
+large body, HEAD."""
+from __future__ import annotations
+
+import http.client
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+SERVER_SCRIPT = """
+import sys, time
+from megamath.generation import server
+server.suggest = lambda model, codec, config, state, *args: time.sleep(50) or ["slow"] if state == "slow" else ["rfl"]
+try:
+    server.serve(None, None, server.ServeConfig(port=0, request_timeout_s=60.0), lambda host, port: print(port, flush=True))
+except KeyboardInterrupt:  # as megamath.cli's main
+    print("interrupted", flush=True)
+    sys.exit(130)
+print("stopped", flush=True)
+"""
+
+
+def start_server() -> tuple[subprocess.Popen, int]:
+    proc = subprocess.Popen([sys.executable, "-c", SERVER_SCRIPT], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    return proc, int(proc.stdout.readline())
+
+
+@pytest.mark.parametrize("sent, sig", [(b"", signal.SIGTERM),  # an idle connection (a browser's preconnect)
+                                       (b"POST / HTTP/1.0\r\nContent-Length: 100\r\n\r\n{", signal.SIGINT)],
+                         ids=["idle-sigterm", "part-of-a-body-sigint"])
+def test_a_stop_signal_does_not_wait_for_a_request_still_being_sent(sent, sig):
+    """The serve loop waited for the connection in hand to send its request: SIGTERM or Ctrl-C took the whole
+    request timeout (60 s) to stop a server whose client was idle or slow."""
+    proc, port = start_server()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+            conn.sendall(sent)
+            time.sleep(1.0)  # the server has taken the connection and waits for the rest of the request
+            proc.send_signal(sig)
+            out, err = proc.communicate(timeout=30)  # half the request timeout: not waited for
+            reply = b""
+            while chunk := conn.recv(1 << 16):
+                reply += chunk
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 0 and out.endswith("stopped\n"), (out, err)
+    if sent:  # a request cut short is answered, and not with a timeout it did not have
+        assert reply.startswith(b"HTTP/1.0 503") and b'{"error": "the server is stopping' in reply, reply
+    else:
+        assert reply == b""
+
+
+def test_a_second_ctrl_c_does_not_wait_for_the_request_in_flight():
+    """Ctrl-C lets the request in flight finish (up to the request timeout, 60 s); a second one was ignored."""
+    proc, port = start_server()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+            conn.sendall(b'POST / HTTP/1.0\r\nContent-Length: 24\r\n\r\n{"tactic_state": "slow"}')
+            time.sleep(1.0)  # generating
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 130 and out.endswith("interrupted\n"), (out, err)
+
+
+@pytest.fixture
+def stand_in_server(monkeypatch):
+    from megamath.generation import server as server_module
+    from megamath.generation.server import LLMStepServer, ServeConfig, make_handler
+
+    monkeypatch.setattr(server_module, "suggest", lambda *args: ["rfl"])
+    httpd = LLMStepServer(("127.0.0.1", 0), make_handler(None, None, ServeConfig(max_body_bytes=2000)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield httpd.server_address[1]
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def request(port: int, method: str, path: str = "/", body: bytes | None = None):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request(method, path, body=body)
+        response = conn.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        conn.close()
+
+
+def test_a_refused_request_with_a_large_body_gets_its_answer(stand_in_server):
+    """A wrong path or method was answered with the body unread: closing the socket reset the connection under
+    a client still sending, which saw a broken pipe instead of the 404 or 405 (the 413 already read it)."""
+    body = json.dumps({"tactic_state": "x" * (8 << 20)}).encode()
+    for method, path, status, error in (("POST", "/other", 404, "unknown path /other"),
+                                        ("PUT", "/", 405, "use POST / with a JSON body"),
+                                        ("GET", "/", 405, "use POST / with a JSON body"),
+                                        ("POST", "/", 413, f"body of {len(body)} bytes exceeds 2000")):
+        assert request(stand_in_server, method, path, body)[::2] == (status, json.dumps({"error": error}).encode())
+    assert request(stand_in_server, "POST", "/", b'{"tactic_state": "x"}')[::2] == (200, b'{"suggestions": ["rfl"]}')
+
+
+def test_head_is_refused_like_get_without_a_body(stand_in_server):
+    """HEAD got a bare 501 "Unsupported method" where every other method but POST gets a 405 naming POST."""
+    status, headers, body = request(stand_in_server, "HEAD")
+    assert (status, headers["Allow"], headers["Content-Type"], body) == (405, "POST", "application/json", b"")
+    assert request(stand_in_server, "POST", "/", b'{"tactic_state": "x"}')[::2] == (200, b'{"suggestions": ["rfl"]}')
