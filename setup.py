@@ -4,28 +4,50 @@
 imports the rest of megamath.
 
 Optional: the CUDA C++ RMSNorm (`megamath.kernels._rms_norm_cuda`) is built only when torch with
-CUDA and nvcc are present at build time; otherwise it is skipped silently. pip's isolated build
-environment has no torch, so on a CUDA machine install with `pip install --no-build-isolation -e .`.
+CUDA and nvcc (at torch's CUDA_HOME) are present at build time; otherwise it is skipped, saying why in
+the build log (`pip install -v`). pip's isolated build environment has no torch, so on a CUDA machine
+install the build requirements, then build in your environment:
+
+    pip install setuptools wheel "pybind11>=2.10"
+    pip install --no-build-isolation -e .
+
+nvcc targets TORCH_CUDA_ARCH_LIST when set (e.g. "8.0;9.0" for a cluster of A100s and H100s), else the
+GPUs visible at build time, else (no GPU visible, e.g. a build node) A100 and H100.
+
+Every build recompiles the extensions (`force`): a non-editable build would otherwise pack the .so left
+in build/ by an earlier build, one compiled against another torch included.
 """
+import os
+import sys
+
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import find_packages, setup
 
+# sm_80 (A100) and sm_90 (H100), plus sm_90 PTX for newer GPUs: the targets of a build that sees no GPU,
+# where torch's own choice (the visible GPUs' capabilities) is an empty list and an IndexError.
+NO_GPU_ARCH_FLAGS = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+                     "-gencode=arch=compute_90,code=compute_90"]
+
 
 def cuda_extension():
-    """(extension, build command) for the CUDA RMSNorm, or (None, None) where it cannot be built."""
+    """The CUDA RMSNorm extension, or why it cannot be built here (a str)."""
     try:
         import torch
-        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+        from torch.utils.cpp_extension import CUDA_HOME, CUDAExtension
     except ImportError:
-        return None, None
-    if torch.version.cuda is None or CUDA_HOME is None:  # CUDA_HOME: where torch found nvcc
-        return None, None
-    ext = CUDAExtension(
+        return "torch is not importable in this build environment (pip's isolated builds have none)"
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is not a CUDA build"
+    if CUDA_HOME is None or not os.path.isfile(os.path.join(CUDA_HOME, "bin", "nvcc")):
+        return f"no nvcc at CUDA_HOME={CUDA_HOME} (set CUDA_HOME, or put nvcc on PATH)"
+    nvcc_flags = ["-O3"]
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and torch.cuda.device_count() == 0:
+        nvcc_flags += NO_GPU_ARCH_FLAGS
+    return CUDAExtension(
         "megamath.kernels._rms_norm_cuda",
         ["csrc/rms_norm_binding.cpp", "csrc/rms_norm_cuda.cu"],
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
+        extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags},
     )
-    return ext, BuildExtension
 
 
 ext_modules = [
@@ -37,14 +59,17 @@ ext_modules = [
     ),
 ]
 
-cuda_ext, cuda_build_ext = cuda_extension()
-if cuda_ext is not None:  # torch's build command also compiles the plain C++ extension
+cuda_ext = cuda_extension()
+if isinstance(cuda_ext, str):
+    print(f"megamath: skipping the optional CUDA RMSNorm extension: {cuda_ext}", file=sys.stderr)
+else:  # torch's build command also compiles the plain C++ extension
+    from torch.utils.cpp_extension import BuildExtension as build_ext
     ext_modules.append(cuda_ext)
-    build_ext = cuda_build_ext
 
 setup(
     packages=find_packages(include=["megamath", "megamath.*"]) + ["megamath.kernels"],
     package_dir={"megamath.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},
+    options={"build_ext": {"force": True}},
 )

@@ -9,8 +9,8 @@ at install time:
 
     pip install --no-build-isolation -e .
 
-Without it, `rms_norm_cuda` raises ImportError saying how to build it; given CPU tensors it raises
-RuntimeError.
+Without it, `rms_norm_cuda` raises ImportError saying how to build it (or, when a build made against
+another torch does not load, how to rebuild it); given CPU tensors it raises RuntimeError.
 The weight may be x's dtype or float32 (fp32 master weights); y and dx have x's dtype, dweight the
 weight's.
 """
@@ -24,14 +24,20 @@ _BUILD_HINT = (
     "megamath.kernels._rms_norm_cuda is not built: reinstall megamath on a machine with a CUDA build of "
     "torch and nvcc, with `pip install --no-build-isolation -e .`"
 )
+_LOAD_HINT = (
+    "megamath.kernels._rms_norm_cuda is built but does not load (built against another torch or CUDA?): "
+    "rebuild it with `pip install --no-build-isolation -e .` in this environment"
+)
 
 
 def _extension():
     """The compiled extension, imported on first use so that importing this module never fails."""
     try:
         return importlib.import_module(f"{__package__}._rms_norm_cuda")
-    except ImportError as e:
+    except ModuleNotFoundError as e:
         raise ImportError(f"{_BUILD_HINT} ({e})") from e
+    except ImportError as e:  # the .so is there: an undefined symbol, a wrong ELF, ...
+        raise ImportError(f"{_LOAD_HINT} ({e})") from e
 
 
 def is_available() -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -67,6 +68,17 @@ def test_unbuilt_extension_raises_import_error_with_build_hint():
         "megamath.kernels._rms_norm_cuda is not built: reinstall megamath on a machine with a CUDA build of "
         "torch and nvcc, with `pip install --no-build-isolation -e .` ("
     )
+    assert rms_cuda_mod.is_available() is False
+
+
+def test_a_build_that_does_not_load_asks_for_a_rebuild(monkeypatch):
+    # A .so left by another torch: "not built" would be untrue, and the loader's error alone says no remedy.
+    def undefined_symbol(name):
+        raise ImportError(f"{name}.so: undefined symbol: _ZN3c104cuda20getCurrentCUDAStreamEa")
+
+    monkeypatch.setattr(rms_cuda_mod, "importlib", SimpleNamespace(import_module=undefined_symbol))
+    with pytest.raises(ImportError, match=r"is built but does not load .*: rebuild it .*undefined symbol"):
+        rms_norm_cuda(torch.randn(2, 8), torch.ones(8))
     assert rms_cuda_mod.is_available() is False
 
 

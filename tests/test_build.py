@@ -1,0 +1,108 @@
+"""setup.py's decisions, read without compiling: which extensions a build gets, with which nvcc targets, that
+every build recompiles them, and that an sdist carries every C++/CUDA source.
+
+setup.py runs with `setuptools.setup` replaced by a recorder of its arguments. The CUDA cases fake a CUDA
+build of torch (torch.version.cuda, and torch's CUDA_HOME pointed at a folder with or without bin/nvcc), so
+they run on the CPU torch of CI.
+"""
+from __future__ import annotations
+
+import runpy
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import setuptools
+import torch
+import torch.utils.cpp_extension as cpp_extension
+
+REPO = Path(__file__).resolve().parents[1]
+CUDA_EXT = "megamath.kernels._rms_norm_cuda"
+
+
+def _configured(monkeypatch, cuda_home: Path | None, arch_list: str | None = None) -> dict:
+    """The arguments setup.py gives setup(), with torch posing as a CUDA build whose nvcc lives in
+    cuda_home (None: torch as it is)."""
+    recorded = {}
+    monkeypatch.setattr(setuptools, "setup", recorded.update)
+    monkeypatch.chdir(REPO)
+    if cuda_home is not None:
+        monkeypatch.setattr(torch.version, "cuda", "12.4")
+        monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(cuda_home))
+    if arch_list is None:
+        monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    else:
+        monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", arch_list)
+    runpy.run_path(str(REPO / "setup.py"), run_name="__main__")
+    return recorded
+
+
+def _fake_cuda_home(tmp_path: Path) -> Path:
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "nvcc").write_text("#!/bin/sh\n")
+    return tmp_path
+
+
+def _ext(setup_args, name):
+    return next((e for e in setup_args["ext_modules"] if e.name == name), None)
+
+
+def test_cpu_torch_builds_the_helpers_alone(monkeypatch, capsys):
+    if torch.version.cuda is not None:
+        pytest.skip("this torch is a CUDA build")
+    dist = _configured(monkeypatch, None)
+    assert [e.name for e in dist["ext_modules"]] == ["megamath._helpers"]
+    assert "is not a CUDA build" in capsys.readouterr().err
+
+
+def test_missing_nvcc_skips_the_cuda_extension_instead_of_failing_the_install(monkeypatch, tmp_path, capsys):
+    # A stale CUDA_HOME (a module unloaded, a moved toolkit): torch's build command would stop the whole
+    # install with "nvcc not found", the helpers included.
+    dist = _configured(monkeypatch, tmp_path / "gone")
+    assert _ext(dist, CUDA_EXT) is None and _ext(dist, "megamath._helpers") is not None
+    assert f"no nvcc at CUDA_HOME={tmp_path / 'gone'}" in capsys.readouterr().err
+
+
+def test_without_a_visible_gpu_nvcc_targets_a100_and_h100(monkeypatch, tmp_path):
+    # torch's own choice there is the visible GPUs' capabilities: none, and an IndexError mid-build.
+    if torch.cuda.device_count():
+        pytest.skip("a GPU is visible: torch targets it")
+    dist = _configured(monkeypatch, _fake_cuda_home(tmp_path))
+    nvcc = _ext(dist, CUDA_EXT).extra_compile_args["nvcc"]
+    assert "-O3" in nvcc
+    assert {"-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"} <= set(nvcc)
+    assert dist["cmdclass"]["build_ext"] is cpp_extension.BuildExtension
+
+
+def test_torch_cuda_arch_list_is_left_to_torch(monkeypatch, tmp_path):
+    dist = _configured(monkeypatch, _fake_cuda_home(tmp_path), arch_list="8.0")
+    assert not any("arch" in flag for flag in _ext(dist, CUDA_EXT).extra_compile_args["nvcc"])
+
+
+def test_every_build_recompiles_the_extensions(monkeypatch):
+    # Otherwise a non-editable build packs whatever .so an earlier build left in build/ (one compiled
+    # against another torch, or a half-written one) without looking at it.
+    assert _configured(monkeypatch, None)["options"]["build_ext"]["force"] is True
+
+
+def test_sdist_carries_every_csrc_source(tmp_path):
+    # With a CPU torch setup.py lists only the helpers' sources; the CUDA ones come in through MANIFEST.in.
+    # Made from a copy, so that the checkout's megamath.egg-info is not rewritten.
+    src = tmp_path / "src"
+    ignore = shutil.ignore_patterns("__pycache__", "*.so")
+    for name in ("megamath", "kernels", "csrc"):
+        shutil.copytree(REPO / name, src / name, ignore=ignore)
+    for name in ("setup.py", "pyproject.toml", "MANIFEST.in", "README.md"):
+        if (REPO / name).exists():
+            shutil.copy(REPO / name, src / name)
+    proc = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "--dist-dir", str(tmp_path / "dist")],
+                          cwd=src, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    (archive,) = (tmp_path / "dist").glob("megamath-*.tar.gz")
+    with tarfile.open(archive) as tar:
+        names = {Path(n).relative_to(Path(n).parts[0]).as_posix() for n in tar.getnames() if "/" in n}
+    expected = {p.relative_to(REPO).as_posix() for p in (REPO / "csrc").iterdir() if p.is_file()}
+    assert expected and expected <= names, sorted(expected - names)
