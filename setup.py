@@ -4,7 +4,7 @@
 imports the rest of megamath.
 
 Optional: the CUDA C++ RMSNorm (`megamath.kernels._rms_norm_cuda`) is built only when torch with
-CUDA and nvcc (at torch's CUDA_HOME) are present at build time; otherwise it is skipped, saying why in
+CUDA and a CUDA toolkit (nvcc and headers at torch's CUDA_HOME) are present at build time; otherwise it is skipped, saying why in
 the build log (`pip install -v`). pip's isolated build environment has no torch, so on a CUDA machine
 install the build requirements, then build in your environment:
 
@@ -40,6 +40,9 @@ def cuda_extension():
         return f"torch {torch.__version__} is not a CUDA build"
     if CUDA_HOME is None or not os.path.isfile(os.path.join(CUDA_HOME, "bin", "nvcc")):
         return f"no nvcc at CUDA_HOME={CUDA_HOME} (set CUDA_HOME, or put nvcc on PATH)"
+    if not os.path.isfile(os.path.join(CUDA_HOME, "include", "cuda_runtime.h")):  # torch took the folder above
+        return (f"CUDA_HOME={CUDA_HOME} has no include/cuda_runtime.h (is its bin/nvcc a wrapper script?): "
+                "set CUDA_HOME to the CUDA toolkit's folder")  # a wrapper nvcc; every compile would fail
     nvcc_flags = ["-O3"]
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and torch.cuda.device_count() == 0:
         nvcc_flags += NO_GPU_ARCH_FLAGS

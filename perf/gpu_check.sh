@@ -123,7 +123,11 @@ import importlib.util
 wanted = {'sentencepiece': 'sentencepiece', 'zstandard': 'zstandard', 'tqdm': 'tqdm', 'yaml': 'pyyaml',
           'safetensors': 'safetensors', 'pybind11': 'pybind11', 'pytest': 'pytest',
           'setuptools': 'setuptools'}  # the build (--no-build-isolation) imports setuptools, so does torch.utils.cpp_extension
-print(' '.join(pkg for module, pkg in wanted.items() if importlib.util.find_spec(module) is None))" \
+missing = [pkg for module, pkg in wanted.items() if importlib.util.find_spec(module) is None]
+if 'setuptools' not in missing and not importlib.util.find_spec('wheel') \\
+        and not importlib.util.find_spec('setuptools.command.bdist_wheel'):
+    missing.append('wheel')  # a setuptools before 70.1 builds a wheel (editable ones too) only with it
+print(' '.join(missing))" \
     && missing=$(tail -n 1 "$DEST/missing.txt")  # (a failed check's last line is no package list)
 rm -f "$DEST/missing.txt"
 if [ -n "$missing" ]; then  # one quick try: a machine without network must not spend minutes in retries

@@ -43,6 +43,8 @@ def _configured(monkeypatch, cuda_home: Path | None, arch_list: str | None = Non
 def _fake_cuda_home(tmp_path: Path) -> Path:
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "nvcc").write_text("#!/bin/sh\n")
+    (tmp_path / "include").mkdir()
+    (tmp_path / "include" / "cuda_runtime.h").write_text("")
     return tmp_path
 
 
@@ -64,6 +66,16 @@ def test_missing_nvcc_skips_the_cuda_extension_instead_of_failing_the_install(mo
     dist = _configured(monkeypatch, tmp_path / "gone")
     assert _ext(dist, CUDA_EXT) is None and _ext(dist, "megamath._helpers") is not None
     assert f"no nvcc at CUDA_HOME={tmp_path / 'gone'}" in capsys.readouterr().err
+
+
+def test_a_cuda_home_without_headers_skips_the_cuda_extension(monkeypatch, tmp_path, capsys):
+    # The folder above a wrapper script `nvcc` on PATH (/usr/local/bin/nvcc exec-ing the real one): torch takes
+    # it as CUDA_HOME, and every compile stopped the whole install on "cuda_runtime.h: No such file".
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "nvcc").write_text("#!/bin/sh\nexec /opt/cuda/bin/nvcc \"$@\"\n")
+    dist = _configured(monkeypatch, tmp_path)
+    assert _ext(dist, CUDA_EXT) is None and _ext(dist, "megamath._helpers") is not None
+    assert f"CUDA_HOME={tmp_path} has no include/cuda_runtime.h" in capsys.readouterr().err
 
 
 def test_without_a_visible_gpu_nvcc_targets_a100_and_h100(monkeypatch, tmp_path):
