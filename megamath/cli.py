@@ -89,6 +89,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"megamath {args.command}: error: {line}", file=sys.stderr)
         return 1
+    except ChildProcessError as err:
+        # A worker process died (killed, out of memory) or failed: not the input's fault, so status 1, as a
+        # lost rank; one line, the worker's own traceback with --debug.
+        if args.debug:
+            raise
+        print(f"megamath {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return 1
     except (ValueError, OSError) as err:
         # Bad input or an OS error on a user's path (missing, exists, read-only, a file where a folder goes,
         # locked, a corrupt checkpoint): one clear line, no traceback, unless --debug.

@@ -296,3 +296,82 @@ def test_a_field_given_twice_is_checked_once(planted, capsys):
     assert len(totals) == 2  # one total line per run
     assert _read_hits(twice) == _read_hits(once) and _read_hits(once)
     assert json.loads(summary_path(twice).read_text())["fields"] == ["question"]
+
+
+def test_candidate_offsets_cost_linear_time_in_a_long_document():
+    """A document holding a test text many times (a benchmark dump) makes many candidates: each one's
+    character offset was found by decoding the document up to it, quadratic in the document's length
+    (100,000 candidates in 300 kB took ~20 s; a 10 MB dump took hours)."""
+    import time
+
+    index = OverlapIndex.build([OverlapItem(0, ("é",))], ["question"], [1])
+    spec = ScanSpec("text", np.array([1], dtype=np.int64), index.table)
+    batch = (json.dumps({"text": "é " * 100_000, "meta": 0}, ensure_ascii=False) + "\n").encode()
+    start = time.perf_counter()
+    result = scan_batch(spec, batch)
+    assert time.perf_counter() - start < 5.0
+    assert [c.offset for c in result.candidates] == list(range(0, 200_000, 2))
+    hits = verify(index, result)
+    assert [(key, hit.offset, hit.ngram) for key, hit in hits.items()] == [((0, 0, 0, 0), 0, "é")]
+
+
+def _exit_in_worker(spec, path, group):
+    """A worker that dies without a word (as under the out-of-memory killer)."""
+    import os
+    if group == 1:
+        os._exit(3)
+    yield from ()
+
+
+def _raise_in_worker(spec, path, group):
+    raise KeyError("no such thing\nsecond line")
+    yield
+
+
+@pytest.mark.parametrize("fn, expected", [(_exit_in_worker, r"scan worker megamath-overlap-\d \(pid \d+\) died with "
+                                                             r"exit code 3$"),
+                                          (_raise_in_worker, r"a scan worker failed on \S+: KeyError: 'no such "
+                                                             r"thing\\nsecond line'$")])
+def test_a_worker_crash_is_one_line_and_publishes_nothing(planted, monkeypatch, capsys, fn, expected):
+    """A dead or failing worker was a RuntimeError, which the CLI shows as a traceback; it is one line
+    now (the worker's own traceback is kept as the error's cause, for --debug), and no hits are written."""
+    import re
+
+    from megamath.overlap import run as overlap_run
+    from megamath.overlap.pool import WorkerError, map_files
+
+    tmp, _, _ = planted
+    if fn is _raise_in_worker:
+        with pytest.raises(WorkerError) as err:
+            list(map_files(fn, None, [(tmp / f"f{i}", i) for i in range(3)], 2))
+        assert re.search(expected, str(err.value)) and "Traceback" in str(err.value.__cause__)
+    monkeypatch.setattr(overlap_run, "scan_file", fn)
+    out = tmp / "crash.jsonl"
+    corpus = [str(tmp / "corpus/open-web-math"), str(tmp / "corpus/arxiv")]
+    assert main(["overlap", "--test", str(tmp / "test.jsonl"), "--field", "question", "--corpus", *corpus,
+                 "--workers", "2", "--output", str(out), "--no-progress"]) == 1  # a crash, not bad input
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("megamath overlap: error: ") and re.search(expected, lines[0])
+    assert not out.exists() and not summary_path(out).exists()
+
+
+def test_a_subset_whose_every_line_is_skipped_is_an_error(tmp_path, capsys):
+    """A wrong --json-key skips every line: the run reported '0 of N test items hit' and exited 0, which
+    reads as a clean corpus. As in `megamath preprocess`, it is a one-line error and nothing is written."""
+    _write_jsonl(tmp_path / "t.jsonl", [{"question": "a b c"}])
+    _write_jsonl(tmp_path / "c/web/train/w.jsonl", [{"body": "a b c"}, {"body": "x y"}])
+    _write_jsonl(tmp_path / "c/code/train/k.jsonl", [{"text": "a b c"}])
+    out = tmp_path / "h.jsonl"
+    args = ["overlap", "--test", str(tmp_path / "t.jsonl"), "--field", "question", "--corpus", str(tmp_path / "c"),
+            "--n", "2", "--output", str(out), "--workers", "1", "--no-progress"]
+    assert main(args) == 2
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert error == ("megamath overlap: error: web: every corpus line was skipped (missing json key: 2); nothing "
+                     "written: check --json-key 'text' and the corpus")
+    assert not out.exists() and not summary_path(out).exists()
+    assert main(args + ["--json-key", "body"]) == 2  # now the other subset has no 'body'
+    assert "code: every corpus line was skipped" in capsys.readouterr().err
+    _write_jsonl(tmp_path / "c/web/train/w.jsonl", [{"body": "a b c"}, {"text": "a b"}])  # one good line is enough
+    assert main(args) == 0 and len(_read_hits(out)) == 2
+    _write_jsonl(tmp_path / "c/web/train/w.jsonl", [{"text": ""}])  # empty texts alone: nothing to scan, no fault
+    assert main(args) == 0 and len(_read_hits(out)) == 1

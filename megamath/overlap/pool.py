@@ -8,6 +8,9 @@ worker streams each file's batches back as it goes (the results are candidates o
 batch), and the main process handles them in file order, holding back files that finish early. Memory
 stays bounded: a worker holds one batch at a time and the main process only small results; the output
 is identical for any worker count. `workers == 1` reads in this process, no pickling.
+
+A worker that dies (killed, out of memory) or raises is a `WorkerError`, an OSError so that the CLI prints
+it as one line; the worker's traceback, when it sent one, is the error's cause (shown with --debug).
 """
 from __future__ import annotations
 
@@ -24,6 +27,17 @@ FileFn = Callable[[Any, Path, int], Iterator[Any]]
 _BATCH, _FILE_DONE, _ERROR = "batch", "done", "error"
 
 
+class WorkerError(ChildProcessError):
+    """A scan worker died or failed: one line, not the main process's traceback around the worker's."""
+
+
+class _RemoteTraceback(Exception):
+    """The worker's traceback as text (what concurrent.futures does), set as the WorkerError's cause."""
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
 def _worker_main(fn: FileFn, spec, tasks, results) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the main process stops the workers
     seq = -1
@@ -34,9 +48,10 @@ def _worker_main(fn: FileFn, spec, tasks, results) -> None:
                 results.put((_BATCH, seq, result))
             results.put((_FILE_DONE, seq, None))
     except ValueError as err:  # bad input (e.g. a corrupt archive): one clear line in the main process
-        results.put((_ERROR, seq, ("ValueError", str(err))))
-    except Exception:
-        results.put((_ERROR, seq, ("RuntimeError", traceback.format_exc())))
+        results.put((_ERROR, seq, ("ValueError", str(err), "")))
+    except Exception as err:
+        summary = " ".join(traceback.format_exception_only(type(err), err)[-1].split())
+        results.put((_ERROR, seq, ("WorkerError", summary, traceback.format_exc())))
 
 
 def map_files(fn: FileFn, spec, files: Sequence[tuple[Path, int]], workers: int) -> Iterator[Any]:
@@ -65,9 +80,11 @@ def map_files(fn: FileFn, spec, files: Sequence[tuple[Path, int]], workers: int)
         while current < len(files):
             kind, seq, payload = _next(results, procs)
             if kind == _ERROR:
-                error_type, message = payload
-                where = f"{files[seq][0]}: " if seq >= 0 and error_type != "ValueError" else ""
-                raise (ValueError if error_type == "ValueError" else RuntimeError)(f"{where}{message}")
+                error_type, message, worker_traceback = payload
+                if error_type == "ValueError":  # its message names the file
+                    raise ValueError(message)
+                where = f" on {files[seq][0]}" if seq >= 0 else ""
+                raise WorkerError(f"a scan worker failed{where}: {message}") from _RemoteTraceback(worker_traceback)
             if kind == _BATCH and seq == current:
                 yield payload
             elif kind == _BATCH:
@@ -98,5 +115,16 @@ def _next(results, procs):
                 try:  # a worker that failed cleanly sent its traceback just before exiting
                     return results.get(timeout=1.0)
                 except queue.Empty:
-                    raise RuntimeError(f"worker {dead[0].name} (pid {dead[0].pid}) died with exit code "
-                                       f"{dead[0].exitcode}") from None
+                    raise WorkerError(f"scan worker {dead[0].name} (pid {dead[0].pid}) died with "
+                                      f"{_exit_status(dead[0].exitcode)}") from None
+
+
+def _exit_status(code: int) -> str:
+    """`exit code 3`, or for a signal its name (multiprocessing reports signal N as exit code -N)."""
+    if code >= 0:
+        return f"exit code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        return f"exit code {code}"
+    return f"exit code {code} ({name}{', e.g. the out-of-memory killer' if name == 'SIGKILL' else ''})"

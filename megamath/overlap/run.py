@@ -158,6 +158,7 @@ def _scan(config: OverlapConfig, index: TestIndex, groups: list, output: Path, l
                                     f"{summary.documents / elapsed:,.0f} docs/s, {summary.hit_lines:,} hits",
                                     refresh=False)
                 bar.update(result.file_bytes)
+            summary.check_scanned(config.json_key)  # before the hits are published
         finally:
             results.close()  # stops the workers if the scan failed here
 

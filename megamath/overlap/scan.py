@@ -92,12 +92,25 @@ def scan_batch(spec: ScanSpec, data: bytes) -> ScanResult:
     bad_lines = {offset for offset, _, _ in bad}
     line_of = [i for i in range(documents + len(bad)) if i not in bad_lines]  # document -> line offset
     lines = data.split(b"\n")
-    for j, d, start, end in zip(which.tolist(), docs.tolist(), starts.tolist(), ends.tolist()):
+    # One pass over the batch, not a decode of the document's prefix per candidate (quadratic in its length)
+    char_offsets = _char_offsets(buf, offsets[docs], starts)
+    for j, d, start, end, offset in zip(which.tolist(), docs.tolist(), starts.tolist(), ends.tolist(),
+                                        char_offsets.tolist()):
         line = line_of[d]
         ngram = " ".join(buf[start:end].decode("utf-8", "surrogatepass").split())
-        offset = len(buf[offsets[d]:start].decode("utf-8", "surrogatepass"))
         result.candidates.append(Candidate(line, j, offset, ngram))
         if line not in result.meta:
             record = json.loads(lines[line])
             result.meta[line] = record.get("meta")
     return result
+
+
+def _char_offsets(buf: bytes, begins: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """(candidates,) int64 character offset of each byte position `starts` in its document, which begins at
+    byte `begins`: the bytes in between that start a UTF-8 character (not 0b10xxxxxx; a surrogatepass
+    surrogate counts once, as in the str)."""
+    starts_char = (np.frombuffer(buf, dtype=np.uint8) & 0xC0) != 0x80  # (bytes,)
+    points = np.unique(np.concatenate([begins, starts]))  # (p,) all < len(buf)
+    chars = np.zeros(len(points), dtype=np.int64)  # characters from points[0] to each point
+    np.cumsum(np.add.reduceat(starts_char, points, dtype=np.int64)[:-1], out=chars[1:])
+    return chars[np.searchsorted(points, starts)] - chars[np.searchsorted(points, begins)]

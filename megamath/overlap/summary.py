@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from megamath.data.sources import InputGroup
+from megamath.data.sources import EMPTY_TEXT, InputGroup
 
 
 @dataclass
@@ -20,6 +20,8 @@ class _SubsetStats:
     """(field, j) -> documents with at least one hit."""
     items_hit: dict[tuple[int, int], set[int]] = field(default_factory=dict)
     """(field, j) -> test item indices hit."""
+    skipped: dict[str, int] = field(default_factory=dict)
+    """reason -> corpus lines skipped."""
 
 
 @dataclass
@@ -56,6 +58,8 @@ class OverlapSummary:
         self.documents += result.documents
         self.text_bytes += result.text_bytes
         self.hit_lines += len(hits)
+        for _, reason, _ in result.bad:
+            stats.skipped[reason] = stats.skipped.get(reason, 0) + 1
         docs_per_key: dict[tuple[int, int], set[int]] = {}
         for line, item, fld, j in hits:
             docs_per_key.setdefault((fld, j), set()).add(line)
@@ -64,6 +68,15 @@ class OverlapSummary:
             per_subset[name] = per_subset.get(name, 0) + 1
         for key, lines in docs_per_key.items():
             stats.documents_hit[key] = stats.documents_hit.get(key, 0) + len(lines)
+
+    def check_scanned(self, json_key: str) -> None:
+        """Refuse a subset whose every line was skipped (e.g. a wrong --json-key): its '0 items hit' would
+        read as a clean corpus. Empty texts alone are no fault: there was nothing to scan."""
+        for name, stats in self.subsets.items():
+            if not stats.documents and set(stats.skipped) - {EMPTY_TEXT}:
+                reasons = ", ".join(f"{reason}: {count:,}" for reason, count in sorted(stats.skipped.items()))
+                raise ValueError(f"{name}: every corpus line was skipped ({reasons}); nothing written: check "
+                                 f"--json-key {json_key!r} and the corpus")
 
     def _keys(self) -> list[tuple[int, int]]:
         return [(f, j) for f in range(len(self.fields)) for j in range(len(self.ns))]
