@@ -9,6 +9,7 @@ and rejects one whose results differ from the default tiles'.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import json
 import math
@@ -42,6 +43,32 @@ def _reference(q, k, v, do, causal):
     return o.detach(), q.grad, k.grad, v.grad
 
 
+def _reference_lse(q, k, causal):
+    """flash_attention_fwd's lse (B, H, S), fp32: the natural log of the row sums of exp(scale · q·k) over the
+    visible keys, from fp32 scores."""
+    k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
+    scores = torch.einsum("bshd,bthd->bhst", q.float(), k.float()) / math.sqrt(D)
+    if causal:
+        above = torch.ones(q.shape[1], q.shape[1], dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(above, float("-inf"))
+    return scores.logsumexp(dim=-1)
+
+
+@functools.cache
+def _case(causal):
+    """((q, k, v, do), the reference's (o, dq, dk, dv), its lse, the default tiles' forward (o, lse)): made once
+    per causal mode for every test of a candidate (the tensors are only read)."""
+    q, k, v, do = _inputs()
+    default = flash_attention_blocks(D, interpret=False, dtype=torch.bfloat16, tuned=False)
+    return ((q, k, v, do), _reference(q, k, v, do, causal), _reference_lse(q, k, causal),
+            flash_attention_fwd(q, k, v, causal, 1 / math.sqrt(D), default))
+
+
+def _assert_close_to_reference(names, got, want):
+    for name, g, w in zip(names, got, want):
+        torch.testing.assert_close(g.float(), w.float(), rtol=2e-2, atol=2e-2, msg=lambda m: f"{name}: {m}")
+
+
 def _blocks(fields, values):
     default = flash_attention_blocks(D, interpret=False, dtype=torch.bfloat16, tuned=False)
     return check_blocks(dataclasses.replace(default, **dict(zip(fields, values))))
@@ -54,19 +81,32 @@ def _atomic_dq_blocks():
 
 
 @pytest.mark.parametrize("causal", [True, False])
+def test_the_default_tiles_match_the_reference(causal):
+    """The default forward's o and lse, and the default backward's gradients from them."""
+    (q, k, v, do), want, want_lse, (o, lse) = _case(causal)
+    default = flash_attention_blocks(D, interpret=False, dtype=torch.bfloat16, tuned=False)
+    grads = flash_attention_bwd(do, q, k, v, o, lse, causal, 1 / math.sqrt(D), default)
+    torch.testing.assert_close(lse, want_lse, rtol=0, atol=1e-4)
+    _assert_close_to_reference(("o", "dq", "dk", "dv"), (o, *grads), want)
+
+
+@pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("stage,values", [("forward", c) for c in tuning.FORWARD_CANDIDATES[1:]]
                          + [("backward", c) for c in tuning.BACKWARD_CANDIDATES[1:]])
 def test_every_candidate_matches_the_reference(stage, values, causal):
-    q, k, v, do = _inputs()
-    want = _reference(q, k, v, do, causal)
-    default = flash_attention_blocks(D, interpret=False, dtype=torch.bfloat16, tuned=False)
-    fields = tuning._FORWARD_FIELDS if stage == "forward" else tuning._BACKWARD_FIELDS
-    blocks = _blocks(fields, values)
+    """A forward candidate: its o, and its lse (the backward reads nothing else of the forward) to 1e-4, where
+    the default backward's gradients from it would notice an lse off by δ (they scale by about e^-δ) only from
+    δ near their 2e-2 tolerance. A backward candidate: its gradients from the default forward (that forward,
+    with the default backward, is test_the_default_tiles_match_the_reference)."""
+    (q, k, v, do), want, want_lse, (o, lse) = _case(causal)
     scale = 1 / math.sqrt(D)
-    o, lse = flash_attention_fwd(q, k, v, causal, scale, blocks if stage == "forward" else default)
-    grads = flash_attention_bwd(do, q, k, v, o, lse, causal, scale, blocks if stage == "backward" else default)
-    for name, got, ref in zip(("o", "dq", "dk", "dv"), (o, *grads), want):
-        torch.testing.assert_close(got.float(), ref.float(), rtol=2e-2, atol=2e-2, msg=lambda m: f"{name}: {m}")
+    if stage == "forward":
+        o, lse = flash_attention_fwd(q, k, v, causal, scale, _blocks(tuning._FORWARD_FIELDS, values))
+        torch.testing.assert_close(lse, want_lse, rtol=0, atol=1e-4)
+        _assert_close_to_reference(("o",), (o,), want)
+    else:
+        grads = flash_attention_bwd(do, q, k, v, o, lse, causal, scale, _blocks(tuning._BACKWARD_FIELDS, values))
+        _assert_close_to_reference(("o", "dq", "dk", "dv"), (o, *grads), want)
 
 
 def test_the_tuner_registers_the_fastest_tiles_and_skips_or_rejects_bad_ones(monkeypatch):
@@ -163,11 +203,11 @@ def test_deterministic_algorithms_keep_the_dq_kernel(monkeypatch):
             return real_dq_kernel[grid]
 
     monkeypatch.setattr(kernels, "_bwd_dq_kernel", CountingKernel())
-    q, k, v, do = _inputs()
+    (q, k, v, do), _, _, (o, lse) = _case(True)  # the default forward: the atomic tiles' own
     atomic = _atomic_dq_blocks()
-    assert atomic.bwd_atomic_dq
+    default = flash_attention_blocks(D, interpret=False, dtype=torch.bfloat16, tuned=False)
+    assert atomic.bwd_atomic_dq and all(getattr(atomic, f) == getattr(default, f) for f in tuning._FORWARD_FIELDS)
     scale = 1 / math.sqrt(D)
-    o, lse = flash_attention_fwd(q, k, v, True, scale, atomic)
     atomic_grads = flash_attention_bwd(do, q, k, v, o, lse, True, scale, atomic)
     assert dq_launches == []  # dQ came from the dK/dV kernel's atomics
     torch.use_deterministic_algorithms(True)
@@ -240,11 +280,14 @@ def test_tma_tiles_are_not_tried_before_hopper(monkeypatch):
 def test_tma_tiles_on_the_models_views_equal_the_pointer_loads():
     """The model hands attention views of its fused QKV projection, sequence-first under sequence
     parallelism: the TMA tiles read them through (B, S, H * D) or (S, B, H * D) descriptors, with rows past
-    the sequence end (150 is mid-tile) filled with zeros, never the next batch element's rows (batch 1 holds
-    NaN, which would reach batch 0's outputs). Every output equals the pointer loads' bit for bit."""
+    the sequence end (mid-tile) filled with zeros, never the next batch element's rows (batch 1 holds NaN,
+    which would reach batch 0's outputs). Every output equals the pointer loads' bit for bit."""
+    # Tiles of 32 and 64 rows here, so 100 rows (not S): every loop has full blocks, diagonal ones and a tail
+    # ending mid-tile, at under half the interpreter's time for 150.
+    seqlen = 100
     gen = torch.Generator().manual_seed(9)
-    qkv = torch.randn(S, 2, H + 2 * KV, D, generator=gen).to(DEVICE, torch.bfloat16)  # (S, B, H + 2·KV, D)
-    do = torch.randn(S, 2, H, D, generator=gen).to(DEVICE, torch.bfloat16).transpose(0, 1)  # (B, S, H, D)
+    qkv = torch.randn(seqlen, 2, H + 2 * KV, D, generator=gen).to(DEVICE, torch.bfloat16)  # (S, B, H + 2·KV, D)
+    do = torch.randn(seqlen, 2, H, D, generator=gen).to(DEVICE, torch.bfloat16).transpose(0, 1)  # (B, S, H, D)
     kernels = importlib.import_module("megamath.kernels.flash_attention")
     for layout, mode in (("sequence-major", 2), ("batch-major", 1)):
         if layout == "batch-major":
@@ -254,6 +297,8 @@ def test_tma_tiles_on_the_models_views_equal_the_pointer_loads():
         assert kernels._tma_views(32, k, v)[1] == kernels._tma_views(32, q, do)[1] == mode
         for causal in (True, False):
             pointer = _blocks(tuning._BACKWARD_FIELDS, tuning.BACKWARD_CANDIDATES[2])
+            assert {pointer.fwd_m, pointer.fwd_n, pointer.bwd_kv_m, pointer.bwd_kv_n, pointer.bwd_q_m,
+                    pointer.bwd_q_n} == {32, 64} and seqlen > 64  # full tiles, then a tail mid-tile
             tma = dataclasses.replace(pointer, fwd_tma=True, bwd_tma=True)
             scale = 1 / math.sqrt(D)
             o, lse = flash_attention_fwd(q, k, v, causal, scale, pointer)
@@ -272,17 +317,31 @@ def test_the_tuner_times_the_views_the_model_hands_over(monkeypatch, fused, sequ
     descriptors), and dO in the same memory order, so a TMA candidate is timed on what the run launches."""
     kernels = importlib.import_module("megamath.kernels.flash_attention")
     seen = []
-    real_fwd, real_bwd = tuning.flash_attention_fwd, tuning.flash_attention_bwd
-    monkeypatch.setattr(tuning, "flash_attention_fwd", lambda q, k, v, *a, **kw: seen.append((q, k, v)) or
-                        real_fwd(q, k, v, *a, **kw))
-    monkeypatch.setattr(tuning, "flash_attention_bwd", lambda do, q, k, v, *a, **kw: seen.append((do,)) or
-                        real_bwd(do, q, k, v, *a, **kw))
+
+    def recorded(real, inputs):
+        """real, recording the inputs of every call; the default tiles' launch (the tuner's reference) runs,
+        each candidate gets its result back (only the inputs are checked here; on the CPU interpreter each
+        candidate's launch costs ~0.2 s)."""
+        results = []
+
+        def launch(*args, **kwargs):
+            seen.append(args[:inputs])
+            if kwargs.get("compile_only"):
+                return real(*args, **kwargs)
+            if not results:
+                results.append(real(*args, **kwargs))
+            return results[0]
+        return launch
+
+    monkeypatch.setattr(tuning, "flash_attention_fwd", recorded(tuning.flash_attention_fwd, 3))
+    monkeypatch.setattr(tuning, "flash_attention_bwd", recorded(tuning.flash_attention_bwd, 1))
     try:
         tuning.tune_flash_attention(2, 40, H, KV, D, torch.bfloat16, DEVICE, time_ms=lambda fn, r: 1.0, fused=fused,
                                     sequence_first=sequence_first)
     finally:
         use_blocks(D, torch.bfloat16, None)
     (q, k, v), (do,) = seen[0], next(t for t in seen if len(t) == 1)
+    assert all(all(a is b for a, b in zip(t, (q, k, v) if len(t) == 3 else (do,))) for t in seen)  # every candidate
     assert q.shape == do.shape == (2, 40, H, D) and k.shape == v.shape == (2, 40, KV, D)
     assert len({t.untyped_storage().data_ptr() for t in (q, k, v)}) == (1 if fused else 3)
     token = (0 if sequence_first else 1)  # the dim whose stride is one projection row

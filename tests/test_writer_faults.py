@@ -1,16 +1,17 @@
 """Faults in the commands that write datasets, caches, model folders and result files (checkpoints have
 tests/test_checkpoint_faults.py): a full disk, simulated for real by a file size limit (RLIMIT_FSIZE) on the
-writing process, which then fails its writes past the limit with EFBIG as a full disk fails them with ENOSPC."""
+writing process, which then fails its writes past the limit with EFBIG as a full disk fails them with ENOSPC.
+
+Each command runs in a process of its own, forked from tests/forked_script.py's server (torch and megamath
+already imported, ~2 s of CPU a process less than `python -m megamath.cli`), the limit set in it before the
+command starts; its stdout and stderr go to pipes, which the limit does not hold (a log file would be cut)."""
 from __future__ import annotations
 
 import json
 import os
 import re
-import resource
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,8 @@ import pytest
 import torch
 import yaml
 
+import megamath.cli
+from forked_script import ScriptProcess
 from megamath.cli import main
 from megamath.compat import megatron_preprocess
 from megamath.data.indexed_dataset_writer import IndexedDatasetWriter
@@ -29,6 +32,7 @@ from test_preprocess import _texts, _write, bpe_model  # noqa: F401
 from test_train_loop import metrics, raw_config, rewind, run
 
 REPO = Path(__file__).resolve().parents[1]
+CLI = Path(megamath.cli.__file__)  # `python CLI ARGS` runs `python -m megamath.cli ARGS`'s code as __main__
 LIMIT = 1000  # bytes a file may reach: each output below is larger
 
 
@@ -74,9 +78,15 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def _limit_file_size() -> None:
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing
-    resource.setrlimit(resource.RLIMIT_FSIZE, (LIMIT, LIMIT))
+def _command(script: Path, args: list[str], **kwargs) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `python script ARGS` in a process of its own (kwargs: ScriptProcess's
+    env and file_size_limit: RLIMIT_FSIZE set, SIGXFSZ ignored there before the script starts)."""
+    proc = ScriptProcess(script, args, None, **kwargs)
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    return proc.returncode, stdout, stderr
 
 
 @pytest.mark.parametrize("name", ["preprocess", "tools/preprocess_data.py", "merge", "blend", "convert", "config"])
@@ -85,14 +95,13 @@ def test_a_full_disk_is_one_line_naming_the_file_and_loses_nothing(tmp_path, bpe
     if name not in ("convert", "blend"):  # convert refuses an existing destination; blend would find its cache
         assert _run(name, argv) == 0  # a complete earlier output, which the failed run must leave as it was
     before = _files(out) if out.exists() else {}
-    command = argv if name.startswith("tools/") else ["-m", "megamath.cli", *argv]
-    proc = subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=300,
-                          preexec_fn=_limit_file_size)
+    script, args = (Path(argv[0]), argv[1:]) if name.startswith("tools/") else (CLI, argv)
+    returncode, _, stderr = _command(script, args, file_size_limit=LIMIT)
     prog = "preprocess_data.py" if name.startswith("tools/") else f"megamath {argv[0]}"
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and re.match(
+    assert returncode == 2 and stderr.count("\n") == 1 and re.match(
         rf"{re.escape(prog)}: error: could not write {re.escape(str(out))}/\S+ \(\d+\.\d\d GiB free there\): "
         r".*File too large.*; (any earlier .+ is untouched|nothing of it was kept|the inputs are untouched .+)\n$",
-        proc.stderr), proc.stderr
+        stderr), stderr
     after = _files(out) if out.exists() else {}
     if before:
         assert after == before  # no temporary left, no earlier file changed
@@ -137,17 +146,12 @@ def test_a_full_disk_on_the_run_files_is_one_line_and_keeps_them_whole(tmp_path,
     config = (run_dir / "config.yaml").read_bytes()
     logged = (run_dir / "metrics.jsonl").read_bytes()
 
-    def limit_file_size() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    proc = subprocess.run([sys.executable, "-m", "megamath.cli", "train", "--config", str(home / "run.yaml")],
-                          capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    last = proc.stderr.splitlines()[-1]
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr and re.fullmatch(
+    returncode, _, stderr = _command(CLI, ["train", "--config", str(home / "run.yaml")], file_size_limit=limit,
+                                     env={**os.environ, "OMP_NUM_THREADS": "1"})
+    last = stderr.splitlines()[-1]
+    assert returncode == 2 and "Traceback" not in stderr and re.fullmatch(
         rf"megamath train: error: could not write {re.escape(str(run_dir / name))} \(\d+\.\d\d GiB free there\): "
-        r"File too large; .+", last), proc.stderr
+        r"File too large; .+", last), stderr
     if limit == 1000:  # the cut failed: both files as they were
         assert (run_dir / "metrics.jsonl").read_bytes() == logged and (run_dir / "config.yaml").read_bytes() == config
     elif name == "config.yaml":  # the earlier one, whole
@@ -183,9 +187,8 @@ def test_the_run_after_a_kill_removes_the_killed_runs_temporary(tmp_path, bpe_mo
     """Nothing removed these temporaries, as large as the output, the model or the input."""
     argv, out = _writers(tmp_path, bpe_model)[name]
     (tmp_path / "killer.py").write_text(KILLER)
-    proc = subprocess.run([sys.executable, str(tmp_path / "killer.py"), *KILLED_AT[name], name, *argv],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    returncode, _, stderr = _command(tmp_path / "killer.py", [*KILLED_AT[name], name, *argv])
+    assert returncode == -signal.SIGKILL, stderr
     left = [p.name for p in out.iterdir() if p.name != LOCK_NAME]  # a lock file left is taken over at once
     assert len(left) == 1 and (".tmp-" in left[0] or "partitions" in left[0]), left  # the killed run's temporary
     assert _run(name, argv) == 0
