@@ -20,6 +20,7 @@ from megamath.data.indexed_dataset import IndexedDataset
 from megamath.data.indexed_dataset_writer import IndexedDatasetWriter
 from megamath.data.preprocess import PreprocessConfig, format_summary, preprocess
 from megamath.data.preprocess_workers import EncoderSpec, ProcessPool
+from megamath.workers import WorkerError
 from megamath.data.sources import LineBatch, discover_inputs
 from megamath.data.tokenizer import SentencePieceTokenizer, encode_flat_ref, newline_cuts_are_exact, split_at_newlines
 
@@ -241,9 +242,10 @@ def test_worker_failure_is_reported(tmp_path):
     pool = ProcessPool(spec, workers=1)
     try:
         batch = LineBatch(0, Path("f.jsonl"), 1, b'{"text": "x"}\n', 10)
-        with pytest.raises(RuntimeError, match=r"(?s)^a preprocessing worker failed:\n.*FileNotFoundError: "
-                                               r"tokenizer model not found: .*missing\.model"):
+        with pytest.raises(WorkerError, match=r"^a preprocessing worker failed: FileNotFoundError: "
+                                              r"tokenizer model not found: .*missing\.model$") as err:
             list(pool.map_ordered([batch]))
+        assert "Traceback" in str(err.value.__cause__)  # the worker's own, shown with --debug
     finally:
         pool.close(terminate=True)
 
@@ -255,8 +257,8 @@ def test_dead_worker_raises_instead_of_hanging(bpe_model):
         pool._procs[0].kill()  # as the OOM killer would
         pool._procs[0].join()
         batch = LineBatch(0, Path("f.jsonl"), 1, b'{"text": "x"}\n', 10)
-        with pytest.raises(RuntimeError, match=r"^preprocessing worker megamath-preprocess-0 \(pid \d+\) died with "
-                                               r"exit code -9$"):
+        with pytest.raises(WorkerError, match=r"^preprocessing worker megamath-preprocess-0 \(pid \d+\) died with "
+                                              r"exit code -9 \(SIGKILL, e\.g\. the out-of-memory killer\)$"):
             list(pool.map_ordered([batch]))
     finally:
         pool.close(terminate=True)

@@ -3,17 +3,14 @@
 Each worker parses, validates and tokenizes a whole ~1 MB batch and returns one flat token array; the
 pool keeps at most `2 * workers` batches in flight and hands results back in input order. Workers die
 with their parent however it dies (PR_SET_PDEATHSIG on Linux, plus a poll for a vanished parent), so a
-killed preprocess never leaves orphans behind.
+killed preprocess never leaves orphans behind; a killed or failing worker, or a Ctrl-C, never hangs or
+garbles the main process (`megamath/workers.py`, shared with `megamath overlap`).
 """
 from __future__ import annotations
 
-import ctypes
 import multiprocessing
 import os
 import queue
-import signal
-import time
-import traceback
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -21,6 +18,7 @@ import numpy as np
 
 from megamath.data.sources import EMPTY_TEXT, LineBatch, parse_lines
 from megamath.data.tokenizer import SentencePieceTokenizer
+from megamath.workers import Workers, failure, failure_error, worker_started
 
 
 @dataclass(frozen=True)
@@ -101,22 +99,9 @@ class BatchEncoder:
         return tokens[keep_tokens], lengths[~empty], bad
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    """Have the kernel SIGKILL this worker when its parent dies, however it dies (kill -9 included), so no
-    orphan keeps tokenizing; Linux only (prctl PR_SET_PDEATHSIG), the task loop's polling covers the rest."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent_pid:  # the parent died before the request took effect
-        os._exit(1)
-
-
 def _worker_main(spec: EncoderSpec, tasks, results, parent_pid: int) -> None:
-    _die_with_parent(parent_pid)
     # Ctrl-C reaches the whole process group: the main process handles it and stops the workers.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    worker_started(parent_pid)
     seq = -1
     try:
         encode = BatchEncoder(spec)
@@ -130,9 +115,9 @@ def _worker_main(spec: EncoderSpec, tasks, results, parent_pid: int) -> None:
             if task is None:
                 return
             seq, data = task
-            results.put((seq, encode(data)))
-    except Exception:
-        results.put((seq, traceback.format_exc()))
+            results.send((seq, encode(data)))
+    except Exception as err:
+        results.send((seq, failure(err)))
 
 
 # --- main side: running batches -------------------------------------------------------------------
@@ -155,18 +140,20 @@ class InProcess:
 class ProcessPool:
     """Worker processes fed from one task queue, with at most `2 * workers` batches in flight.
 
-    Unlike `Pool.imap`, nothing is read ahead of that window, and a worker that dies (OOM killer)
-    raises here instead of hanging the run.
+    Unlike `Pool.imap`, nothing is read ahead of that window, and a worker that dies (OOM killer) or fails
+    raises a one-line `WorkerError` here instead of hanging the run (`megamath/workers.py`).
     """
 
     def __init__(self, spec: EncoderSpec, workers: int) -> None:
-        context = multiprocessing.get_context("spawn")  # fork is unsafe with threads (tqdm, torch)
-        self._tasks, self._results = context.Queue(), context.Queue()
+        self._tasks = multiprocessing.get_context("spawn").Queue()
         self._max_in_flight = 2 * workers
-        self._procs = [context.Process(target=_worker_main, args=(spec, self._tasks, self._results, os.getpid()),
-                                       name=f"megamath-preprocess-{i}", daemon=True) for i in range(workers)]
-        for proc in self._procs:
-            proc.start()
+        try:
+            self._workers = Workers(_worker_main, (spec, self._tasks), workers, "megamath-preprocess",
+                                    "preprocessing worker")
+        except BaseException:
+            self._close_tasks()
+            raise
+        self._procs = self._workers.procs
 
     def map_ordered(self, batches: Iterable[LineBatch]) -> Iterator[tuple[LineBatch, Encoded]]:
         batches = iter(batches)
@@ -181,42 +168,25 @@ class ProcessPool:
             if not in_flight:
                 return
             while received not in done:
-                seq, result = self._next_result()
-                if isinstance(result, str):
+                _, (seq, result) = self._workers.receive()
+                if isinstance(result, tuple):  # a worker's exception
                     where = f" on {in_flight[seq].file} from line {in_flight[seq].first_line}" if seq >= 0 else ""
-                    raise RuntimeError(f"a preprocessing worker failed{where}:\n{result}")
+                    raise failure_error(f"a preprocessing worker failed{where}", result)
                 done[seq] = result
             yield in_flight.pop(received), done.pop(received)
             received += 1
-
-    def _next_result(self):
-        while True:
-            try:
-                return self._results.get(timeout=1.0)
-            except queue.Empty:
-                dead = [proc for proc in self._procs if not proc.is_alive()]
-                if dead:
-                    try:  # a worker that failed cleanly sent its traceback just before exiting
-                        return self._results.get(timeout=1.0)
-                    except queue.Empty:
-                        raise RuntimeError(f"preprocessing worker {dead[0].name} (pid {dead[0].pid}) died with "
-                                           f"exit code {dead[0].exitcode}") from None
 
     def close(self, terminate: bool = False) -> None:
         """Stop the workers: after their current task, or at once when the run failed."""
         if not terminate:
             for _ in self._procs:
                 self._tasks.put(None)
-        deadline = time.monotonic() + 5.0
-        for proc in self._procs:
-            if not terminate:
-                proc.join(timeout=max(0.0, deadline - time.monotonic()))
-            if proc.is_alive():
-                proc.terminate()
-            proc.join()
+        self._workers.stop(terminate)
+        self._close_tasks()
+
+    def _close_tasks(self) -> None:
         self._tasks.cancel_join_thread()
         self._tasks.close()
-        self._results.close()
 
 
 # --- main side: writing datasets --------------------------------------------------------------------
