@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The torch a venv without one gets. On Linux, PyPI's wheel is the CUDA build (nvidia-* packages, several GB); the
+# The torch a venv without one gets. On Linux, pip's default index has the CUDA build (nvidia-* packages, several GB); the
 # CPU build is enough for the demo and the tests: set TORCH_INDEX to PyTorch's CPU wheel index to fetch it.
 # On a GPU node install your CUDA build first (or set TORCH_SPEC / TORCH_INDEX to it).
 TORCH_SPEC ?= torch==2.13.0

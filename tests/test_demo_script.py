@@ -39,7 +39,7 @@ def test_paths_stay_whole_and_the_config_is_found_from_any_folder(tmp_path):
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_make_setup_takes_torch_from_the_index_given(tmp_path):
-    """PyPI's Linux torch is the CUDA build (GBs of nvidia-* wheels), so the README's CPU build needs the
+    """pip's default Linux torch is the CUDA build (GBs of nvidia-* wheels), so the README's CPU build needs the
     PyTorch CPU index: TORCH_INDEX passes it to the torch install only; by default pip's own index is used."""
     venv = tmp_path / "novenv"  # missing: make would create it; -n only prints the commands
     def torch_install(*variables: str) -> str:
