@@ -20,7 +20,7 @@ in build/ by an earlier build, one compiled against another torch included.
 import os
 import sys
 
-from pybind11.setup_helpers import Pybind11Extension, build_ext
+from pybind11.setup_helpers import Pybind11Extension, build_ext as pybind11_build_ext
 from setuptools import find_packages, setup
 
 # sm_80 (A100) and sm_90 (H100), plus sm_90 PTX for newer GPUs: the targets of a build that sees no GPU,
@@ -62,17 +62,18 @@ ext_modules = [
     ),
 ]
 
+build_command = pybind11_build_ext
 cuda_ext = cuda_extension()
 if isinstance(cuda_ext, str):
     print(f"megamath: skipping the optional CUDA RMSNorm extension: {cuda_ext}", file=sys.stderr)
 else:  # torch's build command also compiles the plain C++ extension
-    from torch.utils.cpp_extension import BuildExtension as build_ext
+    from torch.utils.cpp_extension import BuildExtension as build_command
     ext_modules.append(cuda_ext)
 
 setup(
     packages=find_packages(include=["megamath", "megamath.*"]) + ["megamath.kernels"],
     package_dir={"megamath.kernels": "kernels"},
     ext_modules=ext_modules,
-    cmdclass={"build_ext": build_ext},
+    cmdclass={"build_ext": build_command},
     options={"build_ext": {"force": True}},
 )

@@ -1,7 +1,6 @@
 """The numbers of `megamath plan` against what they claim to be (measured efficiency, step time, MFU)."""
 import pytest
 
-from megamath.model.config import ModelConfig
 from megamath.planning.hardware import get_gpu
 from megamath.planning.measured import measured_efficiency
 

@@ -31,7 +31,8 @@ from tqdm import tqdm
 from megamath.data.indexed_dataset import best_dtype
 from megamath.data.indexed_dataset_writer import IndexedDatasetWriter, remove_dead_writers_temporaries
 from megamath.data.preprocess_workers import Encoded, EncoderSpec, InProcess, ProcessPool
-from megamath.data.sources import BadLine, InputGroup, LineBatch, archive_fault, discover_inputs, read_line_batches
+from megamath.data.sources import (BadLine, InputGroup, LineBatch, archive_fault, discover_inputs, read_line_batches,
+                                   skipped_counts)
 from megamath.data.tokenizer import SentencePieceTokenizer
 from megamath.run_lock import FolderLock
 
@@ -159,8 +160,7 @@ class _Outputs:
             index = self._next_to_finish
             summary = self.summaries[index]
             if summary.skipped and not summary.documents:  # e.g. a wrong --json-key: an empty dataset is no result
-                reasons = ", ".join(f"{reason}: {count:,}" for reason, count in sorted(summary.skipped.items()))
-                raise ValueError(f"{summary.name}: every line was skipped ({reasons}; first: {summary.bad_lines[0]}); "
+                raise ValueError(f"{summary.name}: every line was skipped ({skipped_counts(summary.skipped)}; first: {summary.bad_lines[0]}); "
                                  "nothing written for it: check --json-key and the input")
             self._writer(index).finalize()
             del self._writers[index]

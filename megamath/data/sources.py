@@ -43,6 +43,11 @@ EMPTY_TEXT = "empty text"
 BAD_LINE_REASONS = (INVALID_JSON, INVALID_UTF8, NOT_AN_OBJECT, MISSING_KEY, NOT_A_STRING, EMPTY_TEXT)
 
 
+def skipped_counts(skipped: dict[str, int]) -> str:
+    """Skipped lines by reason, for an error line: `invalid JSON: 3, missing json key: 1,024`."""
+    return ", ".join(f"{reason}: {count:,}" for reason, count in sorted(skipped.items()))
+
+
 @dataclass(frozen=True)
 class InputGroup:
     """The files that make one output dataset."""

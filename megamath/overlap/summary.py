@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from megamath.data.sources import EMPTY_TEXT, InputGroup
+from megamath.data.sources import EMPTY_TEXT, InputGroup, skipped_counts
 
 
 @dataclass
@@ -74,8 +74,7 @@ class OverlapSummary:
         read as a clean corpus. Empty texts alone are no fault: there was nothing to scan."""
         for name, stats in self.subsets.items():
             if not stats.documents and set(stats.skipped) - {EMPTY_TEXT}:
-                reasons = ", ".join(f"{reason}: {count:,}" for reason, count in sorted(stats.skipped.items()))
-                raise ValueError(f"{name}: every corpus line was skipped ({reasons}); nothing written: check "
+                raise ValueError(f"{name}: every corpus line was skipped ({skipped_counts(stats.skipped)}); nothing written: check "
                                  f"--json-key {json_key!r} and the corpus")
 
     def _keys(self) -> list[tuple[int, int]]:
