@@ -15,6 +15,11 @@ Why not a shared multiprocessing.Queue of results, and the rest of the plumbing 
   and, landing inside `start()`, left a child nobody tracked. Children are started with SIGINT blocked,
   which they inherit through exec, and this process's own Ctrl-C is held until all are tracked.
 - Workers ask the kernel to kill them when the main process dies, however it dies (`die_with_parent`).
+- Tasks go to each worker through a pipe of its own too, not a multiprocessing Queue: a Queue's locks are
+  named semaphores, which the resource tracker is told about, and a process ending at the wrong moment
+  (its feeder thread stopped mid-cleanup at exit) left the tracker to print warnings after the run's one
+  line. One reader and one writer per pipe need no lock. A thread in the worker keeps its pipe drained
+  (`task_stream`), so the main process never waits on a worker's work to hand it a task.
 """
 from __future__ import annotations
 
@@ -24,12 +29,13 @@ import mmap
 import multiprocessing
 import os
 import pickle
+import queue
 import signal
 import tempfile
 import threading
 import traceback
-from multiprocessing import connection, reduction
-from typing import Any, Callable, Sequence
+from multiprocessing import connection, reduction, resource_tracker
+from typing import Any, Callable, Iterator, Sequence
 
 
 class WorkerError(ChildProcessError):
@@ -77,6 +83,27 @@ def die_with_parent(parent_pid: int) -> None:
         pass
     if os.getppid() != parent_pid:  # the parent died before the request took effect
         os._exit(1)
+
+
+def task_stream(tasks: connection.Connection) -> Iterator[Any]:
+    """A worker's tasks, until the main process closes its end of the pipe (or dies). A thread reads them as
+    they come: a task bigger than a pipe's buffer (a preprocess batch) sent to a worker that is itself
+    blocked sending a result would otherwise hold both processes for good."""
+    inbox: queue.SimpleQueue = queue.SimpleQueue()
+
+    def read() -> None:
+        try:
+            while True:
+                inbox.put(tasks.recv())
+        except (EOFError, OSError):
+            inbox.put(_NO_MORE)
+
+    threading.Thread(target=read, name="megamath-tasks", daemon=True).start()
+    while (task := inbox.get()) is not _NO_MORE:
+        yield task
+
+
+_NO_MORE = object()
 
 
 def worker_started(parent_pid: int) -> None:
@@ -141,29 +168,57 @@ def _ctrl_c_held():
 
 
 class Workers:
-    """`count` spawned processes running `target(*args, results, parent_pid)`; `results` is the worker's own
-    end of its result pipe (`results.send(message)`), and its first call should be `worker_started`."""
+    """`count` spawned processes running `target(*args, tasks, results, parent_pid)`: `tasks` is the worker's
+    end of its task pipe (read it with `task_stream`), `results` its end of its result pipe
+    (`results.send(message)`); its first call should be `worker_started`. Each worker holds at most `depth`
+    tasks: `free` finds one with room, `send` hands it a task, `task_done` says one finished."""
 
-    def __init__(self, target: Callable, args: Sequence[Any], count: int, name: str, label: str) -> None:
+    def __init__(self, target: Callable, args: Sequence[Any], count: int, name: str, label: str,
+                 depth: int = 2) -> None:
         self.label = label  # "scan worker": how errors name a worker
+        self.depth = depth
+        self.in_hand = [0] * count  # tasks sent to each worker and not yet done
         context = multiprocessing.get_context("spawn")  # fork is unsafe with threads (tqdm, torch)
-        self.procs, self._conns = [], []
+        self.procs, self._conns, self._tasks = [], [], []
+        # Spawning starts multiprocessing's resource tracker if none runs yet, and that start unblocks
+        # SIGINT in this process after it: start it now, before Ctrl-C is held.
+        resource_tracker.ensure_running()
         try:
             with _ctrl_c_held():
                 for i in range(count):
+                    task_reader, task_writer = context.Pipe(duplex=False)
                     reader, writer = context.Pipe(duplex=False)
-                    proc = context.Process(target=target, args=(*args, writer, os.getpid()), name=f"{name}-{i}",
-                                           daemon=True)
+                    proc = context.Process(target=target, args=(*args, task_reader, writer, os.getpid()),
+                                           name=f"{name}-{i}", daemon=True)
                     try:
                         proc.start()
-                    finally:
-                        writer.close()  # the worker is its only writer: its death is our end of file
+                    finally:  # the worker is the only reader of one and the only writer of the other
+                        task_reader.close()
+                        writer.close()  # so its death is our end of file
                     self.procs.append(proc)
+                    self._tasks.append(task_writer)
                     self._conns.append(reader)
         except BaseException:
             self.stop(terminate=True)
             raise
         self._open = list(self._conns)
+
+    def free(self) -> int | None:
+        """The worker holding the fewest tasks, if it has room for another."""
+        i = min(range(len(self.procs)), key=self.in_hand.__getitem__)
+        return i if self.in_hand[i] < self.depth else None
+
+    def send(self, i: int, task: Any) -> None:
+        """Hand worker `i` a task. One that has died takes none: `receive` tells how it ended (its last
+        message may be the error that ended it)."""
+        self.in_hand[i] += 1
+        try:
+            self._tasks[i].send(task)
+        except OSError:  # a broken pipe
+            pass
+
+    def task_done(self, i: int) -> None:
+        self.in_hand[i] -= 1
 
     def receive(self) -> tuple[int, Any]:
         """(worker index, message) of the next message from any worker. A worker that dies, cut message or
@@ -177,14 +232,18 @@ class Workers:
                     self._open.remove(conn)
                     proc = self.procs[i]
                     proc.join(timeout=5.0)
-                    if proc.exitcode != 0:
+                    if proc.exitcode != 0 or self.in_hand[i]:
                         status = ("closed its pipe" if proc.exitcode is None
-                                  else f"died with {exit_status(proc.exitcode)}")
+                                  else f"died with {exit_status(proc.exitcode)}" if proc.exitcode
+                                  else f"exited with {self.in_hand[i]} task(s) not done")
                         raise WorkerError(f"{self.label} {proc.name} (pid {proc.pid}) {status}") from None
         raise WorkerError(f"every {self.label} exited with results still due")
 
     def stop(self, terminate: bool = False) -> None:
-        """Wait for the workers to exit (they were told to), or stop them at once when the run failed."""
+        """Close the task pipes, so the workers exit after their tasks in hand, and wait for them; or stop
+        them at once when the run failed."""
+        for conn in self._tasks:
+            conn.close()
         for proc in self.procs:
             if not terminate:
                 proc.join(timeout=5.0)

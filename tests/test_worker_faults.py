@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -40,6 +41,13 @@ def fault():
 
 if __name__ == "__mp_main__" and FAULT == "int-start":  # Ctrl-C while a worker is still importing
     os.killpg(0, signal.SIGINT)
+
+# A named semaphore (a multiprocessing Queue or Lock) is left to the resource tracker when a process dies or
+# exits at the wrong moment, and the tracker then prints warnings after the run's one line: none may be made.
+from multiprocessing import resource_tracker
+register = resource_tracker.register
+resource_tracker.register = lambda name, rtype: (print(f"registered a {rtype}", file=sys.stderr),
+                                                 register(name, rtype))
 
 import megamath.data.preprocess_workers as preprocess_workers
 import megamath.overlap.run as overlap_run
@@ -184,7 +192,7 @@ def test_preprocess_worker_faults(tmp_path, bpe_model, fault):  # noqa: F811
     _check("preprocess", fault, status, lines, out)
 
 
-def _cut_message(results, parent_pid):
+def _cut_message(tasks, results, parent_pid):
     """A worker killed half-way through sending a result: the header promises bytes that never come."""
     from megamath.workers import worker_started
     worker_started(parent_pid)
@@ -204,3 +212,51 @@ def test_a_worker_killed_mid_message_is_an_error_not_a_hang():
     finally:
         workers.stop(terminate=True)
     assert not workers.procs[0].is_alive()
+
+
+def _echo(tasks, results, parent_pid):
+    from megamath.workers import task_stream, worker_started
+    worker_started(parent_pid)
+    for task in task_stream(tasks):
+        results.send(task)
+
+
+def test_big_tasks_and_big_results_at_once_do_not_deadlock():
+    """Both directions far past a pipe's buffer: the main process sends a worker its second 4 MB task while
+    the worker sends back its first; without the worker's reading thread each waits on the other for good."""
+    from megamath.workers import Workers
+
+    workers = Workers(_echo, (), 1, "megamath-test", "test worker")
+    try:
+        big = [bytes([k]) * (4 << 20) for k in range(2)]
+        done = threading.Timer(60, lambda: os.kill(workers.procs[0].pid, signal.SIGKILL))  # a hang: an error
+        done.start()
+        for task in big:
+            workers.send(workers.free(), task)
+        assert workers.free() is None  # two in hand: no room for a third
+        assert [workers.receive()[1] for _ in big] == big
+        done.cancel()
+    finally:
+        workers.stop()
+    assert workers.procs[0].exitcode == 0  # closing its task pipe ended it
+
+
+def _exit_early(tasks, results, parent_pid):
+    from megamath.workers import worker_started
+    worker_started(parent_pid)
+
+
+def test_a_worker_that_exits_with_tasks_in_hand_is_an_error():
+    """Exit status 0 but a task never done: the other workers would wait for tasks and the main process for
+    results, for good."""
+    from megamath.workers import WorkerError, Workers
+
+    workers = Workers(_exit_early, (), 1, "megamath-test", "test worker")
+    try:
+        workers.procs[0].join(timeout=30)
+        workers.send(0, "a task")  # its pipe is broken: not an error here, receive says what happened
+        with pytest.raises(WorkerError, match=r"^test worker megamath-test-0 \(pid \d+\) exited with 1 task\(s\) "
+                                              r"not done$"):
+            workers.receive()
+    finally:
+        workers.stop(terminate=True)

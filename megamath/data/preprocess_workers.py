@@ -1,16 +1,13 @@
 """The tokenizing side of `megamath preprocess`: worker processes that parse and encode batches of raw lines.
 
 Each worker parses, validates and tokenizes a whole ~1 MB batch and returns one flat token array; the
-pool keeps at most `2 * workers` batches in flight and hands results back in input order. Workers die
-with their parent however it dies (PR_SET_PDEATHSIG on Linux, plus a poll for a vanished parent), so a
-killed preprocess never leaves orphans behind; a killed or failing worker, or a Ctrl-C, never hangs or
+pool keeps at most `2 * workers` batches in flight, two per worker, and hands results back in input
+order. Workers die with their parent however it dies (PR_SET_PDEATHSIG on Linux; elsewhere their task pipe
+ends), so a killed preprocess never leaves orphans behind; a killed or failing worker, or a Ctrl-C, never hangs or
 garbles the main process (`megamath/workers.py`, shared with `megamath overlap`).
 """
 from __future__ import annotations
 
-import multiprocessing
-import os
-import queue
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -18,7 +15,7 @@ import numpy as np
 
 from megamath.data.sources import EMPTY_TEXT, LineBatch, parse_lines
 from megamath.data.tokenizer import SentencePieceTokenizer
-from megamath.workers import Workers, failure, failure_error, worker_started
+from megamath.workers import Workers, failure, failure_error, task_stream, worker_started
 
 
 @dataclass(frozen=True)
@@ -105,16 +102,7 @@ def _worker_main(spec: EncoderSpec, tasks, results, parent_pid: int) -> None:
     seq = -1
     try:
         encode = BatchEncoder(spec)
-        while True:
-            try:
-                task = tasks.get(timeout=1.0)
-            except queue.Empty:
-                if os.getppid() != parent_pid:  # orphaned: nobody will read the results
-                    return
-                continue
-            if task is None:
-                return
-            seq, data = task
+        for seq, data in task_stream(tasks):
             results.send((seq, encode(data)))
     except Exception as err:
         results.send((seq, failure(err)))
@@ -138,21 +126,15 @@ class InProcess:
 
 
 class ProcessPool:
-    """Worker processes fed from one task queue, with at most `2 * workers` batches in flight.
+    """Worker processes fed a batch at a time, with at most `2 * workers` batches in flight.
 
     Unlike `Pool.imap`, nothing is read ahead of that window, and a worker that dies (OOM killer) or fails
     raises a one-line `WorkerError` here instead of hanging the run (`megamath/workers.py`).
     """
 
     def __init__(self, spec: EncoderSpec, workers: int) -> None:
-        self._tasks = multiprocessing.get_context("spawn").Queue()
-        self._max_in_flight = 2 * workers
-        try:
-            self._workers = Workers(_worker_main, (spec, self._tasks), workers, "megamath-preprocess",
-                                    "preprocessing worker")
-        except BaseException:
-            self._close_tasks()
-            raise
+        self._max_in_flight = 2 * workers  # sent and not yet yielded, results held for order included
+        self._workers = Workers(_worker_main, (spec,), workers, "megamath-preprocess", "preprocessing worker")
         self._procs = self._workers.procs
 
     def map_ordered(self, batches: Iterable[LineBatch]) -> Iterator[tuple[LineBatch, Encoded]]:
@@ -161,14 +143,16 @@ class ProcessPool:
         done: dict[int, Encoded] = {}
         sent = received = 0
         while True:
-            while len(in_flight) < self._max_in_flight and (batch := next(batches, None)) is not None:
-                self._tasks.put((sent, batch.data))
+            while (len(in_flight) < self._max_in_flight and (i := self._workers.free()) is not None
+                   and (batch := next(batches, None)) is not None):
+                self._workers.send(i, (sent, batch.data))
                 in_flight[sent] = batch
                 sent += 1
             if not in_flight:
                 return
             while received not in done:
-                _, (seq, result) = self._workers.receive()
+                i, (seq, result) = self._workers.receive()
+                self._workers.task_done(i)
                 if isinstance(result, tuple):  # a worker's exception
                     where = f" on {in_flight[seq].file} from line {in_flight[seq].first_line}" if seq >= 0 else ""
                     raise failure_error(f"a preprocessing worker failed{where}", result)
@@ -178,15 +162,7 @@ class ProcessPool:
 
     def close(self, terminate: bool = False) -> None:
         """Stop the workers: after their current task, or at once when the run failed."""
-        if not terminate:
-            for _ in self._procs:
-                self._tasks.put(None)
         self._workers.stop(terminate)
-        self._close_tasks()
-
-    def _close_tasks(self) -> None:
-        self._tasks.cancel_join_thread()
-        self._tasks.close()
 
 
 # --- main side: writing datasets --------------------------------------------------------------------

@@ -16,11 +16,10 @@ for GSM8K at n = 3 and 5) reaches the workers through a file, not spawn's start-
 """
 from __future__ import annotations
 
-import multiprocessing
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from megamath.workers import SharedBytes, WorkerError, Workers, failure, failure_error, worker_started
+from megamath.workers import SharedBytes, WorkerError, Workers, failure, failure_error, task_stream, worker_started
 
 __all__ = ["FileFn", "WorkerError", "map_files"]
 
@@ -36,8 +35,7 @@ def _worker_main(fn: FileFn, shared_spec: SharedBytes, tasks, results, parent_pi
     try:
         spec = shared_spec.load()
         shared_spec.close()
-        while (task := tasks.get()) is not None:
-            seq, path, group = task
+        for seq, path, group in task_stream(tasks):
             for result in fn(spec, path, group):
                 results.send((_BATCH, seq, result))
             results.send((_FILE_DONE, seq, None))
@@ -56,19 +54,16 @@ def map_files(fn: FileFn, spec, files: Sequence[tuple[Path, int]], workers: int)
             yield from fn(spec, path, group)
         return
     workers = min(workers, len(files))
-    tasks = multiprocessing.get_context("spawn").Queue()
-    for seq, (path, group) in enumerate(files):
-        tasks.put((seq, path, group))
-    for _ in range(workers):
-        tasks.put(None)
     shared_spec, pool = SharedBytes(spec), None
+    queued = iter(enumerate(files))  # each worker holds at most two files; the next goes to the first free
     held: dict[int, list[Any]] = {}  # results of files after the current one
     finished: set[int] = set()
     current, failed = 0, True
     try:
-        pool = Workers(_worker_main, (fn, shared_spec, tasks), workers, "megamath-overlap", "scan worker")
+        pool = Workers(_worker_main, (fn, shared_spec), workers, "megamath-overlap", "scan worker")
+        _hand_out(pool, queued)
         while current < len(files):
-            _, (kind, seq, payload) = pool.receive()
+            i, (kind, seq, payload) = pool.receive()
             if kind == _ERROR:
                 if payload[0] == "ValueError":  # its message names the file
                     raise ValueError(payload[1])
@@ -79,6 +74,8 @@ def map_files(fn: FileFn, spec, files: Sequence[tuple[Path, int]], workers: int)
                 held.setdefault(seq, []).append(payload)
             else:
                 finished.add(seq)
+                pool.task_done(i)
+                _hand_out(pool, queued)
             while current in finished:  # the current file is done: release the files held behind it
                 current += 1
                 yield from held.pop(current, [])
@@ -87,5 +84,9 @@ def map_files(fn: FileFn, spec, files: Sequence[tuple[Path, int]], workers: int)
         if pool is not None:
             pool.stop(terminate=failed)
         shared_spec.close()
-        tasks.cancel_join_thread()
-        tasks.close()
+
+
+def _hand_out(pool: Workers, queued: Iterator[tuple[int, tuple[Path, int]]]) -> None:
+    while (i := pool.free()) is not None and (task := next(queued, None)) is not None:
+        seq, (path, group) = task
+        pool.send(i, (seq, path, group))
