@@ -4,6 +4,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -276,3 +277,50 @@ def test_a_kill_while_pruning_leaves_no_half_deleted_checkpoint(tmp_path, monkey
     assert latest_checkpoint(tmp_path / "run").name == "step_0000004"
     assert run(raw).step == 4  # the next start (nothing left to train) cleans up
     assert sorted(p.name for p in root.iterdir()) == [LATEST, "step_0000004"]
+
+
+def _processes_running(marker: str) -> list[int]:
+    """Processes whose command line holds `marker` (torchrun starts each rank in a session of its own)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if marker.encode() in (entry / "cmdline").read_bytes() and \
+                    (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                found.append(int(entry.name))
+        except (OSError, IndexError):
+            continue
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds the ranks through /proc (Linux)")
+def test_ranks_whose_torchrun_agent_was_killed_save_and_stop(tmp_path):
+    """SIGKILL of the agent alone (the out-of-memory killer's choice, or a careless kill): its ranks, each in a
+    session of its own, got no signal and trained on unwatched, holding the run's lock for good. They now
+    save a checkpoint at the end of the step and exit, so the next launch resumes from it."""
+    raw = raw_config(tmp_path / "data", tmp_path / "run", train_steps=400, checkpoint__save_every=1000,
+                     micro_batch_size=1, log_every=1)
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
+    script = tmp_path / "orphan.py"
+    script.write_text(KILLER)  # no kill point: it only trains
+    proc = start_torchrun(script, tmp_path / "run.yaml", -1, -1)
+    log = tmp_path / "run" / "metrics.jsonl"
+    try:
+        deadline = time.time() + 120
+        while not (log.is_file() and len(log.read_text().splitlines()) >= 2):
+            assert proc.poll() is None and time.time() < deadline, "the run ended or stalled before the kill"
+            time.sleep(0.05)
+        proc.kill()  # the agent; its ranks live on as orphans
+        out, err = proc.communicate(timeout=120)  # the ranks hold its pipes: they end when the ranks do
+    finally:
+        proc.kill()
+        for pid in _processes_running(str(script)):
+            os.kill(pid, signal.SIGKILL)
+    assert not _processes_running(str(script))
+    stopped = len(metrics(tmp_path / "run"))
+    assert stopped < 400, "the run ended before the kill"
+    assert re.search(rf"stopping on the loss of its torchrun agent \(pid \d+\) after step {stopped}: checkpoint saved",
+                     out + err), (out[-2000:], err[-2000:])
+    latest = latest_checkpoint(tmp_path / "run")
+    assert latest is not None and latest.name == ckpt.step_dir_name(stopped)
+    ok, line = verify_checkpoint(latest)
+    assert ok, line

@@ -12,7 +12,8 @@ Order of one step (every rank, in lockstep):
     6. metrics, with the time of each phase (phases.py; on GPUs written a step later, but at once when a
        checkpoint follows, so that no checkpoint exists without its step's record);
     7. a checkpoint every save_every steps, at the end, and when SIGTERM/SIGUSR1 asked the job to stop
-       (saved at the end of the step, then a clean exit 0); its time is in the next step's record.
+       or torchrun's agent is gone (saved at the end of the step, then a clean exit 0); its time is in the
+       next step's record.
 
 After max_consecutive_nonfinite skipped steps in a row the run stops with NonFiniteError. No checkpoint
 is written while the streak of skipped steps is non-zero (not even at the end or on preemption), and
@@ -22,6 +23,7 @@ The whole run holds RUN_DIR's lock (run_guard.py); resume picks the newest intac
 from __future__ import annotations
 
 import math
+import os
 import random
 import signal
 import threading
@@ -199,11 +201,18 @@ def hf_extras_of_run(config: TrainConfig, saved: dict | None) -> dict | None:
 
 
 class PreemptionFlag:
-    """Set by SIGTERM / SIGUSR1; the loop checks it at the end of each step (handlers only set a flag)."""
+    """Set by SIGTERM / SIGUSR1; the loop checks it at the end of each step (handlers only set a flag).
+
+    Under torchrun it is also set when the rank's agent is gone (killed by SIGKILL, or by the out-of-memory
+    killer): torchrun starts each rank in a session of its own, so no signal reaches it then, and the ranks
+    trained on unwatched, holding the run's lock. They save and stop instead, as on a preemption."""
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
         self._previous = {}
+        # torchrun's agent is the parent of its ranks and sets TORCHELASTIC_RUN_ID; a gone parent means a
+        # new parent pid (init, or a subreaper)
+        self._agent = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
 
     def __enter__(self) -> "PreemptionFlag":
         if threading.current_thread() is threading.main_thread():
@@ -220,6 +229,8 @@ class PreemptionFlag:
 
     def agreed(self, state: ParallelState) -> bool:
         """True on every rank when any rank was signalled (they may see the signal at different steps)."""
+        if self.signal_name is None and self._agent is not None and os.getppid() != self._agent:
+            self.signal_name = f"the loss of its torchrun agent (pid {self._agent})"
         flag = self.signal_name is not None
         if not state.is_distributed:
             return flag
