@@ -283,11 +283,23 @@ def test_cli_config_file_and_json(capsys):
     (["--model", "llemma-13b", "--gpu", "a100-40gb", "--gpus", "8"], "unknown model preset 'llemma-13b'"),
     (["--model", "llemma-7b", "--gpu", "a100-40gb", "--gpus", "8", "--tp", "2", "--micro-batch", "1",
       "--sequence-parallel", "--seq-length", "4095"], "--seq-length 4095 is not divisible by --tp 2: "),
+    (["--model", "llemma-7b", "--gpu", "a100-40gb", "--gpus", "8", "--results", "no/such/folder"],
+     "--results no/such/folder: no such folder"),
 ])
 def test_cli_errors_are_one_line(capsys, argv, message):
     code, out, err = _cli(capsys, *argv)
     assert code == 2 and out == ""
     assert err.startswith(f"megamath plan: error: {message}") and err.count("\n") == 1, err
+
+
+def test_cli_results_folder_gives_the_measured_efficiency(tmp_path, capsys):
+    """An installed package has no checkout's perf/results: --results names where the measurements are."""
+    _bench_result(tmp_path, "2026-12-05", "NVIDIA H100 80GB HBM3", [0.55, 0.57])
+    argv = ["--model", "llemma-7b", "--gpu", "h100-80gb", "--gpus", "8", "--tp", "1", "--micro-batch", "1"]
+    code, out, _ = _cli(capsys, *argv, "--results", str(tmp_path))
+    assert code == 0 and "measured: megamath's MFU in train-2026-12-05.md on NVIDIA H100 80GB HBM3" in out
+    code, out, _ = _cli(capsys, *argv)
+    assert code == 0 and "stated default" in out and "measured:" not in out
 
 
 def _readme_plan_transcripts() -> list[tuple[list[str], list[str]]]:

@@ -47,6 +47,9 @@ def add_parser(subparsers, name: str) -> None:
     parser.add_argument("--efficiency", type=float, default=None, metavar="F",
                         help="fraction of the bf16 peak the compute reaches (default: megamath's MFU measured "
                         "on this GPU by perf/bench_train.py in perf/results/, else the GPU's stated value)")
+    parser.add_argument("--results", default=None, metavar="DIR",
+                        help="folder of perf/bench_train.py's train-*.md results, for an installed package or results "
+                        "kept elsewhere (default: perf/results/ of the checkout this package runs from)")
     parser.add_argument("--internode-gbs", type=float, default=None, metavar="GB/s",
                         help="inter-node bandwidth per GPU (default: the GPU's stated value)")
     parser.add_argument("--top", type=int, default=10, metavar="K", help="configurations listed by a search")
@@ -83,6 +86,10 @@ def request_from_args(args):
                  grad_dtype=args.grad_dtype, overlap_optimizer_step=args.overlap_optimizer_step)
     fields.update({k: v for k, v in flags.items() if v is not None})
     fields.setdefault("seq_length", min(4096, model.max_seq_length))
+    if args.results is not None:
+        if not Path(args.results).is_dir():
+            raise ValueError(f"--results {args.results}: no such folder")
+        fields["results_dir"] = Path(args.results)
     return PlanRequest(model=model, model_name=name, gpu=gpu, gpus=args.gpus, gpus_per_node=args.gpus_per_node,
                        tokens=args.tokens, efficiency=args.efficiency, internode_gbs=args.internode_gbs, **fields)
 
