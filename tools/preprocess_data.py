@@ -6,7 +6,9 @@
 
 writes out/name_text_document.{bin,idx}, byte-identical to Megatron-LM's output for the same input and
 tokenizer (SentencePieceTokenizer, GPTSentencePieceTokenizer, Llama2Tokenizer; see
-megamath/compat/megatron_preprocess.py). Called with megamath's own flags (--output-dir, no
+megamath/compat/megatron_preprocess.py). Every other flag of Megatron's parser, its shared tokenizer flags
+included, is ignored where Megatron ignores it for SentencePiece, and refused with one line (exit status 2)
+where it would change Megatron's ids or make Megatron fail. Called with megamath's own flags (--output-dir, no
 --output-prefix) it is `megamath preprocess`, which names outputs per ProofPile II subset and split.
 """
 import sys

@@ -20,6 +20,14 @@ partition files are made in a temporary folder and removed (Megatron leaves `{in
 the input and `{output_prefix}_{i}_*` datasets next to the output). Inputs are read, and bad lines
 reported at their input file:line, exactly as without partitions.
 
+Every flag of Megatron's parser is accepted or refused with one line (Megatron-LM as of August 2026: its
+preprocess_data.py adds the shared tokenizer flags of megatron/training/config's TokenizerConfig). Tokenizer
+flags Megatron reads only for other tokenizer types are ignored, as Megatron ignores them for SentencePiece;
+`--vocab-extra-ids` is ignored because Megatron's preprocess_data.py resets it to 0. Flags that would change
+Megatron's ids are refused: special tokens, the legacy wrapper with `--append-eod` (Megatron fails there; alone
+it encodes the same), keeping extra whitespace on a model that collapses it (a no-op on Llama's, accepted),
+and a metadata file that names another library, another class, or attributes of its own.
+
 Differences on input Megatron cannot read: invalid JSON lines, which stop Megatron, are skipped and
 reported (`--strict` stops); an empty text, which Megatron stores as an empty document, is skipped and
 reported; `.jsonl.zst` inputs are read directly; glob matches are read in sorted name order.
@@ -28,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
 import tempfile
 from contextlib import ExitStack
@@ -37,11 +46,37 @@ from typing import Sequence
 from megamath.atomic_io import naming_write_errors, remove_dead_temporaries, temp_tag
 from megamath.data.preprocess import PreprocessConfig, default_workers, format_summary, preprocess
 from megamath.data.sources import InputGroup, read_line_batches
+from megamath.data.tokenizer import load_sentencepiece
+from megamath.input_path import read_text
 
 SENTENCEPIECE_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer")
 # Megatron-LM's other tokenizer types, refused with what to use instead.
 OTHER_TYPES = ("GPT2BPETokenizer", "HuggingFaceTokenizer", "BertWordPieceLowerCase", "BertWordPieceCase",
                "TikTokenizer", "NullTokenizer", "MultimodalTokenizer", "NullMultimodalTokenizer", "SFTTokenizer")
+# Megatron-LM's tokenizer flags that no SentencePiece type reads (there, as here): accepted and ignored.
+_VOCAB = "sizes a model's embedding, not the data"
+_HF = "BERT, GPT2 and HuggingFace tokenizers only"
+_IGNORED = (
+    (["--vocab-size"], {"type": int}, "TikTokenizer and NullTokenizer only"),
+    (["--padded-vocab-size"], {"type": int}, _VOCAB),
+    (["--no-pad-vocab-size", "--disable-pad-vocab-size"], {"action": "store_false", "dest": "pad_vocab_size"}, _VOCAB),
+    (["--vocab-file"], {}, _HF),
+    (["--merge-file"], {}, _HF),
+    (["--vocab-extra-ids"], {"type": int, "default": 0}, "Megatron's preprocess_data.py resets it to 0"),
+    (["--tiktoken-pattern"], {"choices": ["v1", "v2"]}, "TikTokenizer only"),
+    (["--tiktoken-num-special-tokens"], {"type": int, "default": 1000}, "TikTokenizer only"),
+    (["--tokenizer-hf-no-use-fast"], {"action": "store_true"}, _HF),
+    (["--tokenizer-hf-no-include-special-tokens"], {"action": "store_true"}, _HF),
+    (["--trust-remote-code"], {"action": "store_true"}, _HF),
+    (["--use-gigatoken"], {"action": "store_true"}, _HF),
+    (["--null-tokenizer-eod-id"], {"type": int}, "NullTokenizer only"),
+    (["--null-tokenizer-pad-id"], {"type": int, "default": -1}, "NullTokenizer only"),
+    (["--chat-template"], {}, "kept for formatting conversations; preprocessing encodes plain text"),
+)
+# What a metadata file may hold for Megatron to run the tokenizer it runs without one.
+_METADATA_CLASSES = {None, ("megatron.core.tokenizers.text.text_tokenizer", "MegatronTokenizerText"),
+                     ("megatron.core.tokenizers.text", "MegatronTokenizerText")}
+_METADATA_KEYS = {"library", "class_name", "class_path", "chat_template"}
 USE_INSTEAD = ("megamath tokenizes with SentencePiece only: use --tokenizer-type GPTSentencePieceTokenizer "
                "--tokenizer-model tokenizer.model (the Llama / Code Llama tokenizer)")
 
@@ -57,13 +92,26 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--split-sentences", action="store_true", help="not supported (refused)")
     group.add_argument("--keep-newlines", action="store_true", help="only used with --split-sentences")
     group.add_argument("--lang", default="english", help="only used with --split-sentences")
-    group = parser.add_argument_group("tokenizer")
+    group = parser.add_argument_group("tokenizer", "Megatron-LM's shared tokenizer flags (TokenizerConfig). "
+                                      "IGNORED: flags Megatron-LM does not use for SentencePiece types either.")
     group.add_argument("--tokenizer-type", required=True, metavar="TYPE",
                        help=f"one of {', '.join(SENTENCEPIECE_TYPES)}")
     group.add_argument("--tokenizer-model", help="SentencePiece tokenizer.model")
-    group.add_argument("--vocab-file", help="ignored for SentencePiece types (as in Megatron)")
-    group.add_argument("--merge-file", help="ignored for SentencePiece types (as in Megatron)")
-    group.add_argument("--vocab-extra-ids", type=int, default=0, help="must be 0")
+    group.add_argument("--tokenizer-metadata", dest="metadata_path", metavar="JSON",
+                       help="Megatron's tokenizer_metadata.json: accepted when it names the sentencepiece library "
+                       "and Megatron's default text tokenizer class (what it then runs), refused otherwise")
+    group.add_argument("--tokenizer-special-tokens", dest="special_tokens", nargs="+", metavar="TOKEN",
+                       help="not supported (refused): megamath adds no tokens to a SentencePiece model")
+    group.add_argument("--tokenizer-sentencepiece-legacy", action="store_true",
+                       help="Megatron's legacy SentencePiece wrapper: the same ids without special tokens; "
+                       "refused with --append-eod (that wrapper has no EOS id there, and Megatron fails)")
+    group.add_argument("--no-tokenizer-sentencepiece-ignore-extra-whitespaces",
+                       "--disable-tokenizer-sentencepiece-ignore-extra-whitespaces", action="store_false",
+                       dest="tokenizer_sentencepiece_ignore_extra_whitespaces",
+                       help="no effect for a model that keeps runs of spaces (Llama's), as in Megatron; refused "
+                       "for a model that collapses them (Megatron then encodes space runs its own way)")
+    for flags, kind, ignored in _IGNORED:
+        group.add_argument(*flags, **kind, help=f"IGNORED ({ignored})")
     group.add_argument("--append-eod", action="store_true", help="append the EOS id after every document")
     group = parser.add_argument_group("output data")
     group.add_argument("--output-prefix", required=True, help="path of the outputs without _{key}_document.bin")
@@ -93,16 +141,59 @@ def check_supported(args) -> None:
                          "time worker counts with perf/bench_data.py preprocess --workers 1 2 4 ...")
     if args.tokenizer_type not in SENTENCEPIECE_TYPES:
         known = "" if args.tokenizer_type in OTHER_TYPES else " (not a Megatron-LM tokenizer type)"
+        if args.tokenizer_type in ("Llama3Tokenizer", "MistralTokenizer"):
+            known = " (no longer a Megatron-LM tokenizer type: Megatron-LM runs those models with HuggingFaceTokenizer)"
         raise ValueError(f"--tokenizer-type {args.tokenizer_type} is not supported{known}: {USE_INSTEAD}")
     if not args.tokenizer_model:
         raise ValueError(f"--tokenizer-type {args.tokenizer_type} needs --tokenizer-model tokenizer.model")
-    if args.vocab_extra_ids:
-        raise ValueError("--vocab-extra-ids is not supported: megamath adds no tokens to the SentencePiece vocabulary")
+    if args.special_tokens:
+        raise ValueError("--tokenizer-special-tokens is not supported: megamath encodes text with the model's own "
+                         "pieces (Megatron-LM takes special tokens for SentencePiece only with "
+                         "--tokenizer-sentencepiece-legacy, then cuts texts at them and gives new ones new ids)")
+    if args.tokenizer_sentencepiece_legacy and args.append_eod:
+        raise ValueError("--tokenizer-sentencepiece-legacy with --append-eod is not supported: Megatron-LM's legacy "
+                         "SentencePiece wrapper has no EOS id when built from these flags, and fails at the "
+                         "first document; drop --tokenizer-sentencepiece-legacy (alone it gives the same ids)")
     if args.workers < 1 or args.partitions < 1:
         raise ValueError("--workers and --partitions must be at least 1")
     if os.path.basename(args.output_prefix) in ("", ".", ".."):  # Path("out/") is "out": out_text_document beside out/
         raise ValueError(f"--output-prefix {args.output_prefix!r} names a folder, not a dataset: add a name, "
                          "e.g. out/pp2 for out/pp2_text_document.bin")
+
+
+def check_metadata(path: str) -> None:
+    """Megatron reads --tokenizer-metadata instead of its {'library': 'sentencepiece'} default: its library, and
+    its class (class_path.class_name), choose the tokenizer run; its keys become the tokenizer's attributes."""
+    what = f"--tokenizer-metadata {path}"
+    try:
+        meta = json.loads(read_text(path, "--tokenizer-metadata", "a JSON file"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{what}: invalid JSON ({err.msg} at line {err.lineno})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{what}: not a JSON object, as Megatron's tokenizer metadata is")
+    if meta.get("library") != "sentencepiece":
+        raise ValueError(f"{what} names the tokenizer library {meta.get('library')!r}, which Megatron-LM would then "
+                         f"run instead of SentencePiece: {USE_INSTEAD}")
+    name = meta.get("class_name")
+    if ((meta.get("class_path"), name) if name else None) not in _METADATA_CLASSES:
+        raise ValueError(f"{what} names the tokenizer class {meta.get('class_path')}.{name}, which megamath cannot "
+                         "run; drop the flag to run Megatron's default SentencePiece tokenizer")
+    if set(meta) - _METADATA_KEYS:
+        raise ValueError(f"{what} sets {', '.join(sorted(set(meta) - _METADATA_KEYS))}, which Megatron-LM sets as "
+                         f"attributes of its tokenizer; megamath accepts only the keys Megatron writes: "
+                         f"{', '.join(sorted(_METADATA_KEYS))}")
+
+
+def check_whitespace_flag(args) -> None:
+    """Megatron's --no-tokenizer-sentencepiece-ignore-extra-whitespaces acts only on a model that encodes 'x  y'
+    as it encodes 'x y' (collapses runs of spaces); Llama's keeps them, and there the flag does nothing."""
+    if args.tokenizer_sentencepiece_ignore_extra_whitespaces:
+        return
+    sp = load_sentencepiece(args.tokenizer_model)
+    if sp.encode("x  y", out_type=str) == sp.encode("x y", out_type=str):
+        raise ValueError("--no-tokenizer-sentencepiece-ignore-extra-whitespaces is not supported for "
+                         f"{args.tokenizer_model}: this model collapses runs of spaces, where Megatron-LM encodes "
+                         "them its own way and megamath does not; drop the flag")
 
 
 def input_files(spec: str, partitions: int) -> list[Path]:
@@ -151,6 +242,9 @@ def deal_round_robin(files: Sequence[Path], partitions: int, folder: Path, name:
 def run(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(list(argv))
     check_supported(args)
+    if args.metadata_path is not None:
+        check_metadata(args.metadata_path)
+    check_whitespace_flag(args)
     files = input_files(args.input, args.partitions)
     prefix = Path(args.output_prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
