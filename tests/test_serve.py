@@ -116,7 +116,7 @@ def test_a_failed_generation_gets_a_500_and_the_server_keeps_serving(monkeypatch
     from megamath.generation import server as server_module
     from megamath.generation.server import ServeConfig, make_handler
 
-    def suggest(model, codec, config, tactic_state, prefix, request_number, deadline):
+    def suggest(model, codec, config, tactic_state, prefix, request_number, deadline, check=None):
         if tactic_state == "huge":
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return [prefix + " rfl"]
@@ -143,7 +143,7 @@ def test_deeply_nested_json_gets_a_400_and_the_server_keeps_serving(monkeypatch)
     from megamath.generation import server as server_module
     from megamath.generation.server import ServeConfig, make_handler
 
-    monkeypatch.setattr(server_module, "suggest", lambda *args: ["rfl"])
+    monkeypatch.setattr(server_module, "suggest", lambda *args, **kwargs: ["rfl"])
     httpd = HTTPServer(("127.0.0.1", 0), make_handler(None, None, ServeConfig()))
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
@@ -164,7 +164,7 @@ def test_a_burst_of_clients_waits_its_turn_and_each_gets_its_answer(monkeypatch)
     from megamath.generation import server as server_module
     from megamath.generation.server import LLMStepServer, ServeConfig, make_handler
 
-    monkeypatch.setattr(server_module, "suggest", lambda model, codec, config, state, prefix, n, deadline:
+    monkeypatch.setattr(server_module, "suggest", lambda model, codec, config, state, prefix, n, deadline, check=None:
                         time.sleep(0.01) or [f"{prefix} {state}"])
     httpd = LLMStepServer(("127.0.0.1", 0), make_handler(None, None, ServeConfig()))
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
@@ -211,7 +211,7 @@ def test_requests_the_http_layer_or_json_refused_get_a_json_4xx_and_the_server_k
     from megamath.generation import server as server_module
     from megamath.generation.server import LLMStepServer, ServeConfig, make_handler
 
-    monkeypatch.setattr(server_module, "suggest", lambda *args: ["rfl"])
+    monkeypatch.setattr(server_module, "suggest", lambda *args, **kwargs: ["rfl"])
     httpd = LLMStepServer(("127.0.0.1", 0), make_handler(None, None, ServeConfig()))
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     port = httpd.server_address[1]
@@ -248,7 +248,7 @@ def test_a_client_trickling_its_body_is_cut_off_at_the_timeout_not_per_read(monk
     from megamath.generation import server as server_module
     from megamath.generation.server import LLMStepServer, ServeConfig, make_handler
 
-    monkeypatch.setattr(server_module, "suggest", lambda *args: ["rfl"])
+    monkeypatch.setattr(server_module, "suggest", lambda *args, **kwargs: ["rfl"])
     httpd = LLMStepServer(("127.0.0.1", 0), make_handler(None, None, ServeConfig(request_timeout_s=1.5)))
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     port = httpd.server_address[1]
@@ -302,7 +302,7 @@ def test_a_client_gone_mid_request_is_one_log_line_not_a_traceback(monkeypatch, 
     from megamath.generation import server as server_module
     from megamath.generation.server import LLMStepServer, ServeConfig, make_handler
 
-    monkeypatch.setattr(server_module, "suggest", lambda *args: ["rfl"])
+    monkeypatch.setattr(server_module, "suggest", lambda *args, **kwargs: ["rfl"])
     httpd = LLMStepServer(("127.0.0.1", 0), make_handler(None, None, ServeConfig()))
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     port = httpd.server_address[1]
@@ -328,7 +328,7 @@ def test_suggestions_are_prefixed_deduplicated_and_ranked_by_mean_logprob(monkey
 
     seen = []
 
-    def fake_complete(model, codec, prompts, params, count, seed, batch_size, keys, deadline=None):
+    def fake_complete(model, codec, prompts, params, count, seed, batch_size, keys, **kwargs):
         seen.append((prompts[0], params.temperature, count, params.stop))
         return [[Completion([1, 2], -4.0, " [foo]"), Completion([1], -1.0, "_comm"),  # means -2.0, -1.0
                  Completion([1, 2, 3, 4, 5], -4.0, " [foo]"), Completion([1], -0.1, "  ")][:count]]  # -0.8, blank

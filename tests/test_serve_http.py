@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 SERVER_SCRIPT = """
 import sys, time
 from megamath.generation import server
-server.suggest = lambda model, codec, config, state, *args: time.sleep(50) or ["slow"] if state == "slow" else ["rfl"]
+server.suggest = lambda *args, **kwargs: time.sleep(50) or ["slow"] if args[3] == "slow" else ["rfl"]
 try:
     server.serve(None, None, server.ServeConfig(port=0, request_timeout_s=60.0), lambda host, port: print(port, flush=True))
 except KeyboardInterrupt:  # as megamath.cli's main
@@ -84,7 +84,7 @@ def stand_in_server(monkeypatch):
     from megamath.generation import server as server_module
     from megamath.generation.server import LLMStepServer, ServeConfig, make_handler
 
-    monkeypatch.setattr(server_module, "suggest", lambda *args: ["rfl"])
+    monkeypatch.setattr(server_module, "suggest", lambda *args, **kwargs: ["rfl"])
     httpd = LLMStepServer(("127.0.0.1", 0), make_handler(None, None, ServeConfig(max_body_bytes=2000)))
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     yield httpd.server_address[1]

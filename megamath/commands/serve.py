@@ -20,7 +20,9 @@ def add_parser(subparsers, name: str) -> None:
         "Binds to 127.0.0.1 unless --host says otherwise; SIGTERM stops it cleanly.")
     add_generation_flags(parser, max_new_tokens=64, temperature=0.5, batch_size=16)
     parser.set_defaults(temperature=None)
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address or name to bind (default 127.0.0.1: this machine only; :: every IPv6 "
+                        "interface, and IPv4 too where the OS allows; ::1 IPv6 loopback)")
     parser.add_argument("--port", type=int, default=6000, help="TCP port (default 6000; 0 picks a free one)")
     parser.add_argument("--num-samples", type=int, default=10, metavar="N", help="samples per request (default 10)")
     parser.add_argument("--temperatures", type=float, nargs="+", default=None, metavar="T",
@@ -36,7 +38,7 @@ def run(args) -> int:
     from megamath.generation.generate import SamplingParams
     from megamath.generation.session import open_model
     from megamath.generation.batching import check_completion_count
-    from megamath.generation.server import MAX_REQUEST_TIMEOUT_S, ServeConfig, listen, serve
+    from megamath.generation.server import MAX_REQUEST_TIMEOUT_S, ServeConfig, format_address, listen, serve
 
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise ValueError("megamath serve runs as one process (no torchrun)")
@@ -66,7 +68,8 @@ def run(args) -> int:
         raise
 
     def ready(host, port):
-        print(f"megamath serve: listening on http://{host}:{port}/ (LLMSTEP protocol; SIGTERM stops)", flush=True)
+        print(f"megamath serve: listening on http://{format_address(host, port)}/ (LLMSTEP protocol; SIGTERM stops)",
+              flush=True)
 
     serve(model, codec, config, ready, server)
     print("megamath serve: stopped", flush=True)

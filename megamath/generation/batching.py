@@ -72,11 +72,12 @@ class PromptCodec:
 
 def complete(model, codec: PromptCodec, prompts: Sequence[str], params: SamplingParams, num_samples: int = 1,
              seed: int = 0, batch_size: int = 16, keys: Sequence[int] | None = None,
-             progress: Callable[[int, int], None] | None = None,
-             deadline: float | None = None) -> list[list[Completion]]:
+             progress: Callable[[int, int], None] | None = None, deadline: float | None = None,
+             check: Callable[[], None] | None = None) -> list[list[Completion]]:
     """num_samples completions of each prompt; `keys` (default 0, 1, ...) name the prompts in the seeds.
 
-    `progress(prompts_finished, tokens_generated)` is called after each batch.
+    `progress(prompts_finished, tokens_generated)` is called after each batch; `deadline` and `check` are
+    generate's (a server's time bound, and its test of a client still there).
     """
     check_completion_count(len(prompts), num_samples)
     if batch_size < 1:
@@ -92,7 +93,7 @@ def complete(model, codec: PromptCodec, prompts: Sequence[str], params: Sampling
         batch = rows[start:start + batch_size]
         seeds = [row_seed(seed, keys[i], j) for i, j in batch]
         done = generate(model, [encoded[i] for i, _ in batch], params, seeds=seeds, eos_id=eos, decode=codec.decode,
-                        deadline=deadline, vocab_limit=getattr(codec.tokenizer, "vocab_size", None))
+                        deadline=deadline, vocab_limit=getattr(codec.tokenizer, "vocab_size", None), check=check)
         finished = 0
         for (i, j), completion in zip(batch, done):
             out[i][j] = completion

@@ -151,13 +151,14 @@ def _last_logits(model, logits: torch.Tensor) -> torch.Tensor:
 def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams, *, seeds: Sequence[int] | None = None,
              eos_id: int | None = None, decode: Callable[[list[int]], str] | None = None,
              use_cache: bool = True, deadline: float | None = None,
-             vocab_limit: int | None = None) -> list[Completion]:
+             vocab_limit: int | None = None, check: Callable[[], None] | None = None) -> list[Completion]:
     """Complete each prompt (a list of token ids) once; `seeds` (one per prompt) are needed to sample.
 
     `vocab_limit`: only ids below it are generated (a model's vocabulary padded past its tokenizer's:
     the demo's holds 2,048 rows for 1,024 pieces); log-probabilities are then over those ids.
 
     `deadline` (a time.monotonic() value): past it, decoding raises TimeoutError (a server's bound per request).
+    `check` is called between decode steps; what it raises ends decoding (a server whose client has left).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -182,6 +183,12 @@ def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
         if deadline is not None and time.monotonic() > deadline:
             steps.close()
             raise TimeoutError(f"generation passed its deadline after {i + 1} tokens")
+        if check is not None:
+            try:
+                check()
+            except BaseException:
+                steps.close()
+                raise
         logits = steps.send(tokens)
     steps.close()
     return tracker.finish()

@@ -19,15 +19,23 @@ fresh samples, and a restarted server answers its requests in the same order wit
 One request is served at a time (one model; up to 128 more connections wait their turn). Reading a request
 and generating its answer are each bounded by `request_timeout_s` in all, not per socket read: a client
 trickling a byte at a time would otherwise hold the server, and every client behind it, for as long as it
-liked. Every error, the HTTP layer's own included, is a JSON body. The server binds to 127.0.0.1 unless
-told otherwise, before the model loads (a port in use fails at once); SIGTERM finishes the request in
-flight and stops it (a connection still sending its request is cut short, not waited for).
+liked. A client that closes its connection while its suggestions are generated (it gave up, timed out or
+was killed) is noticed between decode steps: decoding stops, one line is logged and the next client is
+served (a client that half-closes, shutting its sending side while it waits for the answer, reads the
+same and is not answered). Every error, the HTTP layer's own included, is a JSON body.
+
+The server binds to 127.0.0.1 unless told otherwise, before the model loads (a port in use fails at once):
+an IPv6 address (`::1`, `::` with IPv4 clients too where the OS allows, bracketed or not) binds an IPv6
+socket, a host name its IPv4 address when it has one. SIGTERM finishes the request in flight and stops it
+(a connection still sending its request is cut short, not waited for).
 """
 from __future__ import annotations
 
 import json
+import select
 import signal
 import socket
+import socketserver
 import sys
 import threading
 import time
@@ -63,11 +71,65 @@ MAX_REQUEST_TIMEOUT_S = 1e6
 """The longest --request-timeout: sockets refuse infinite (or absurd) timeouts with OverflowError."""
 
 
+class ClientGone(Exception):
+    """The client closed its connection before its answer was ready."""
+
+
+def format_address(host: str, port: int) -> str:
+    """host:port, an IPv6 address in brackets ([::1]:6000), as a URL writes it."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+def bind_address(host: str, port: int) -> tuple[int, tuple]:
+    """(address family, socket address) to bind `host` to: an IPv6 address (bracketed or not) gives an IPv6
+    socket; a name that resolves to both families its IPv4 address, as before (`localhost` stays
+    127.0.0.1); "" every IPv4 interface, as before."""
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, _, _, _, address = min(infos, key=lambda info: info[0] != socket.AF_INET)  # the first IPv4 one
+    return family, address
+
+
+def client_closed(conn: socket.socket) -> bool:
+    """Whether the peer has closed (or reset) the connection, without waiting: the socket reads as ready and a
+    peek there reads the end of the stream (bytes waiting, a pipelined request, are a client still there)."""
+    try:
+        if hasattr(select, "poll"):
+            poller = select.poll()
+            poller.register(conn, select.POLLIN)
+            ready = bool(poller.poll(0))
+        else:
+            ready = bool(select.select([conn], [], [], 0)[0])
+        return ready and conn.recv(1, socket.MSG_PEEK) == b""
+    except TimeoutError:
+        return False
+    except (OSError, ValueError):  # reset by the peer, or closed
+        return True
+
+
 class LLMStepServer(HTTPServer):
     """An HTTPServer whose listen queue holds a burst of clients: one request is served at a time and the
-    others wait their turn there (HTTPServer's queue of 5 reset every connection past it)."""
+    others wait their turn there (HTTPServer's queue of 5 reset every connection past it). The address is
+    resolved for its family (IPv4 or IPv6: `bind_address`)."""
 
     request_queue_size = 128
+
+    def __init__(self, server_address, handler_class, bind_and_activate: bool = True):
+        self.address_family, address = bind_address(*server_address[:2])
+        super().__init__(address, handler_class, bind_and_activate)
+
+    def server_bind(self) -> None:
+        """Dual stack on an IPv6 socket where the OS allows (`::` takes IPv4 clients too), as Python's own
+        `http.server --bind ::`; and no reverse DNS lookup of the address, which HTTPServer's does only to
+        store a name no one reads (seconds, or a hang, where DNS is slow or unreachable)."""
+        if self.address_family == socket.AF_INET6:
+            try:
+                self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            except (OSError, AttributeError):  # an OS without dual stack: IPv6 clients only
+                pass
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
 
     def handle_error(self, request, client_address) -> None:
         """One line per failed connection (a client gone mid-request, above all), not a traceback."""
@@ -80,8 +142,9 @@ def llmstep_prompt(tactic_state: str, prefix: str) -> str:
 
 
 def suggest(model, codec: PromptCodec, config: ServeConfig, tactic_state: str, prefix: str,
-            request_number: int = 0, deadline: float | None = None) -> list[str]:
-    """Ranked, deduplicated tactic suggestions for one proof state."""
+            request_number: int = 0, deadline: float | None = None, check=None) -> list[str]:
+    """Ranked, deduplicated tactic suggestions for one proof state. `check()`, called before each temperature's
+    share and between decode steps, raises to stop (the client is gone)."""
     prompt = llmstep_prompt(tactic_state, prefix)
     scored: dict[str, float] = {}
     temps = config.temperatures
@@ -92,8 +155,10 @@ def suggest(model, codec: PromptCodec, config: ServeConfig, tactic_state: str, p
         if temperature == 0:  # greedy: every sample of the share is the same completion; one is decoded
             count = 1
         params = SamplingParams(config.max_new_tokens, temperature, config.top_p, ("\n",))
+        if check is not None:
+            check()
         samples = complete(model, codec, [prompt], params, count, config.seed, config.batch_size,
-                           keys=[request_number * len(temps) + t_index], deadline=deadline)[0]
+                           keys=[request_number * len(temps) + t_index], deadline=deadline, check=check)[0]
         for c in samples:
             text = (prefix + c.text).strip()
             if text:
@@ -111,6 +176,9 @@ def make_handler(model, codec: PromptCodec, config: ServeConfig):
         reading = None
         """The handler whose request is still arriving (one at a time is served), for `stop`."""
         stopping = False
+        abandoned = 0
+        """Requests whose client left before its answer was ready (their generation stopped)."""
+        _read_shut = False
 
         @classmethod
         def stop(cls) -> None:
@@ -136,10 +204,15 @@ def make_handler(model, codec: PromptCodec, config: ServeConfig):
             Handler.reading = None
 
         def _stop_reading(self) -> None:
+            self._read_shut = True  # our own end of the stream: not the client leaving
             try:
                 self.connection.shutdown(socket.SHUT_RD)
             except OSError:  # already closed
                 pass
+
+        def _check_client(self) -> None:
+            if not self._read_shut and client_closed(self.connection):
+                raise ClientGone
 
         def finish(self) -> None:
             self._done_reading()
@@ -225,10 +298,17 @@ def make_handler(model, codec: PromptCodec, config: ServeConfig):
                     request.get(key, "").encode("utf-8")
             except UnicodeEncodeError as err:
                 return self._reply(400, {"error": f"{key} is not valid Unicode: {err.reason}"})
-            deadline = time.monotonic() + config.request_timeout_s
+            start = time.monotonic()
+            number = next(counter)
             try:
                 suggestions = suggest(model, codec, config, request["tactic_state"], request.get("prefix", ""),
-                                      next(counter), deadline)
+                                      number, start + config.request_timeout_s, check=self._check_client)
+            except ClientGone:  # no one to answer
+                self.close_connection = True
+                Handler.abandoned += 1
+                print(f"request {number} from {self.client_address[0]} abandoned: the client closed its connection; "
+                      f"generation stopped after {time.monotonic() - start:.1f} s", file=sys.stderr, flush=True)
+                return
             except TimeoutError:
                 return self._reply(503, {"error": f"timed out after {config.request_timeout_s} s"})
             except Exception as err:  # noqa: BLE001 - e.g. out of GPU memory: answer, log, and keep serving
@@ -251,8 +331,9 @@ def listen(config: ServeConfig) -> LLMStepServer:
     Clients that connect before `serve` starts wait in the listen queue."""
     try:
         return LLMStepServer((config.host, config.port), BaseHTTPRequestHandler, bind_and_activate=True)
-    except OSError as err:  # port in use, unknown host: the OS's message names neither
-        raise OSError(f"cannot listen on {config.host}:{config.port}: {err.strerror or err}") from None
+    except (OSError, ValueError) as err:  # port in use, unknown host, a name too long: the message names neither
+        where = format_address(config.host, config.port)
+        raise OSError(f"cannot listen on {where}: {getattr(err, 'strerror', None) or err}") from None
 
 
 def serve(model, codec: PromptCodec, config: ServeConfig, ready=None, server: LLMStepServer | None = None) -> None:
