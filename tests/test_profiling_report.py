@@ -29,9 +29,10 @@ from megamath.training.profiling import OutOfMemoryStop, StepProfiler
 from test_train_loop import metrics, raw_config, rewind
 
 STEPS = 8
-SLOW_S = 0.15
+SLOW_S = 0.4
 """Added to every evaluation and checkpoint save of the runs: work that big outside the phases cannot hide
-in a machine's scheduling noise (check_phases)."""
+in a machine's scheduling noise (check_phases). At 0.15 it could: on a loaded 2-core machine a record's rest
+held 107 ms of waiting for a CPU, past the 75 ms bar."""
 
 
 def tiny(tmp: Path, name: str, **top) -> dict:
@@ -89,6 +90,7 @@ def check_phases(records: list[dict], profiled: tuple[int, int]) -> None:
         assert ("log" in phases) == (r["step"] > 1)  # the previous step's record, timed in this step
         assert ("profile" in phases) == (r["step"] in profiled), r  # the profiler's start and its trace
         assert phases["forward"] > 0 and phases["backward"] > 0 and phases["optimizer"] > 0
+        assert phases.get("eval", SLOW_S) >= SLOW_S and phases.get("checkpoint", SLOW_S) >= SLOW_S, r  # slowed
         total = sum(phases.values())
         assert total <= r["step_time_s"] * (1 + 1e-9)  # phases lie inside the step
         gaps.append(r["step_time_s"] - total)
@@ -97,11 +99,13 @@ def check_phases(records: list[dict], profiled: tuple[int, int]) -> None:
         assert r["tokens_per_s"] == pytest.approx(r["consumed_samples"] // r["step"] * 32 / train_time, rel=1e-9)
     # ... and cover it: the untimed rest of a step is the Python between its dozen phase boundaries, 0.1-0.25 ms
     # here, whatever the step's length (these steps take 6-20 ms, so a ratio to the step would be noise): per
-    # step work left outside the phases moves the median. The evaluations and saves, slowed by SLOW_S, would
-    # leave that much in their records' rest; an overloaded CPU that deschedules the process in the rest adds
-    # milliseconds to a record now and then, never a tenth of a second. The median's bar is 2 ms: on the 2-core
-    # CI machine, with the other test worker busy, one full-suite run saw a median of 1.24 ms.
-    assert statistics.median(gaps) <= 2e-3 and max(gaps) < SLOW_S / 2, gaps
+    # step work left outside the phases is in every record's rest, so it moves the lower quartile too. The
+    # evaluations and saves, slowed by SLOW_S, would leave that much in their records' rest. An overloaded CPU
+    # that deschedules the process in the rest adds to some records, not all: with 4-6 busy loops beside the
+    # runs on 2 cores (load 6-9), up to 5 of the 8 rests held 2-40 ms (medians of 2.8 and 3.7 ms, past the
+    # median's old bar of 2 ms), never the lowest 3, and the largest held 107 ms. The bar stays 2 ms, on the
+    # lower quartile.
+    assert sorted(gaps)[len(gaps) // 4] <= 2e-3 and max(gaps) < SLOW_S / 2, sorted(gaps)
 
 
 def test_one_rank_records_have_phases_that_add_up(runs):

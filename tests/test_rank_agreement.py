@@ -54,8 +54,10 @@ def _a_peer_stalls(rank: int, world_size: int, out_dir) -> None:
 
     state = ParallelState.from_env(1, timeout_s=2)
     dist.barrier(group=state.world_group)
-    if rank == 1:
-        time.sleep(8)  # stalled (a hung filesystem, a stopped process) past the job's 2 s timeout
+    if rank == 1:  # stalled (a hung filesystem, a stopped process) past the job's 2 s timeout, until rank 0 has
+        deadline = time.monotonic() + 8  # its error, or 8 s: a group on torch's 30-minute default waits them out
+        while not (out_dir / "line.txt").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
         os._exit(0)
     start = time.monotonic()
     try:

@@ -90,7 +90,7 @@ def read_wandb_records(path: Path) -> list[bytes]:
         _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
         payload = data[pos + 7:pos + 7 + length]
         pos += 7 + length
-        if kind == 0:
+        if kind == 0 or len(payload) < length:  # the end, or a record still being written (read it next time)
             break
         pending = payload if kind in (1, 2) else pending + payload
         if kind in (1, 4):
