@@ -22,7 +22,10 @@ import sys
 import threading
 from pathlib import Path
 
-PRELOAD = ["torch", "megamath.cli", "megamath.training.loop"]
+PRELOAD = ["torch", "torch._dynamo", "megamath.cli", "megamath.training.loop"]
+"""torch._dynamo (with sympy: ~2 s of CPU) because most processes import it anyway, each on its own: a model built
+on the meta device (init_from_hf, loading a checkpoint to generate or evaluate) draws `normal_` through torch._refs,
+whose dynamo-disabling wrapper imports it on first use. It starts no thread and changes no signal handler."""
 
 
 def _run_script(script: str, args: list[str], log, env: dict, cwd: str, file_size_limit: int | None = None) -> None:

@@ -8,7 +8,8 @@ import datetime
 import os
 
 import torch
-import torch.multiprocessing as mp
+
+from distributed import run_distributed
 
 WORLD = 2
 # (rows, vocabulary split evenly over the ranks, dtype); 2 x 501 makes each shard odd-sized.
@@ -31,7 +32,7 @@ def _loss_and_grad(fn, logits, targets, grad_loss, **kwargs):
     return loss.detach(), logits.grad
 
 
-def _worker(rank, init_file):
+def _worker(rank, world_size, init_file):
     os.environ["TRITON_INTERPRET"] = "1"  # before the kernels (and Triton) are imported in this process
     import torch.distributed as dist
     from kernel_tolerance import assert_close_3way
@@ -69,4 +70,4 @@ def _worker(rank, init_file):
 
 
 def test_vocab_parallel_matches_single_process(tmp_path):
-    mp.spawn(_worker, args=(str(tmp_path / "rendezvous"),), nprocs=WORLD, join=True)
+    run_distributed(_worker, WORLD, str(tmp_path / "rendezvous"))  # forked ranks: no Python start, no imports

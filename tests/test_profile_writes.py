@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from disk_full import file_size_limit
+from forked_script import ScriptProcess
 from megamath.training.profiling import StepProfiler
 from test_train_loop import metrics, raw_config, run
 
@@ -152,8 +153,7 @@ _profile_one_step(Path(sys.argv[1]))
 def test_a_run_killed_mid_trace_leaves_no_cut_trace_and_the_next_run_removes_its_temporary(tmp_path):
     script = tmp_path / "killed.py"
     script.write_text(KILLED_MID_TRACE)
-    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path), str(Path(__file__).parent)],
-                            stderr=subprocess.PIPE, text=True)
+    proc = ScriptProcess(script, [tmp_path, Path(__file__).parent], log=None)  # forked: no Python start, no imports
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == -signal.SIGKILL, err
     profile = tmp_path / "profile"

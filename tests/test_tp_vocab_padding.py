@@ -65,10 +65,12 @@ def _worker(rank, world_size, out_dir):
 def _model_case(state, case: str, sp: bool) -> dict:
     config = config_of(case)
     tokens, targets = batch(config.vocab_size)
-    serial, model, r = serial_and_tp_pass(config, state, sp, tokens, targets)  # (init: the seeded TP model's own)
+    first = state.tp_rank == 0  # the serial pass and step (one seed: the same on every rank) run on TP rank 0 only
+    serial, model, r = serial_and_tp_pass(config, state, sp, tokens, targets, serial_pass=first)  # (init: the
+    # seeded TP model's own; serial_state: the serial weights every rank builds and gives its TP model)
     r["ranges"] = (model.embed_tokens.vocab_start, model.embed_tokens.vocab_stop, model.lm_head.vocab_start,
                    model.lm_head.vocab_stop)
-    for m in (serial, model):  # one step with weight decay: the padding must stay zero, moments too
+    for m in (serial, model) if first else (model,):  # a step with weight decay: the padding stays zero, moments too
         opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1)
         opt.step()
         if m is model:
@@ -95,6 +97,7 @@ def test_padded_vocabulary_model_matches_serial(ranks, case):
     config = config_of(case)
     v, rows = config.vocab_size, vocab_rows_per_rank(config.vocab_size, tp)
     assert rows * tp > v, "the case must pad"
+    serial = ranks[0][case]  # the serial model's pass, logits, gradients and step (TP rank 0 ran them)
     for rank in range(tp):
         r, where = ranks[rank][case], f"{case} rank {rank}"
         start, stop = vocab_range(v, tp, rank)
@@ -107,11 +110,11 @@ def test_padded_vocabulary_model_matches_serial(ranks, case):
             assert not r["init"][name][stop - start:].any(), f"{where}: {name} padding is zero"
         # the padded logits never exist: this rank's slice is its valid ids only
         assert r["tp_logits"].shape == (B, S, stop - start)
-        torch.testing.assert_close(r["tp_logits"], r["serial_logits"][..., start:stop], **TOL)
+        torch.testing.assert_close(r["tp_logits"], serial["serial_logits"][..., start:stop], **TOL)
         assert r["tp_logits_gathered"].shape == (B, S, v)
-        torch.testing.assert_close(r["tp_logits_gathered"], r["serial_logits"], **TOL)
-        torch.testing.assert_close(r["tp_loss"], r["serial_loss"], **TOL)
-        expected = shard_state_dict(r["serial_grads"], config, tp, rank)
+        torch.testing.assert_close(r["tp_logits_gathered"], serial["serial_logits"], **TOL)
+        torch.testing.assert_close(r["tp_loss"], serial["serial_loss"], **TOL)
+        expected = shard_state_dict(serial["serial_grads"], config, tp, rank)
         for name, grad in r["tp_grads"].items():
             torch.testing.assert_close(grad, expected[name], **TOL, msg=lambda m: f"{where}: grad of {name}: {m}")
         for name in VOCAB:
@@ -123,7 +126,7 @@ def test_padded_vocabulary_model_matches_serial(ranks, case):
     # differ in sign); tests/test_tp_vocab_training.py compares whole runs. The merge strips the padding.
     merged = merge_state_dicts([ranks[t][case]["tp_after"] for t in range(tp)], config)
     for name, tensor in merged.items():  # the serial tensors come back at the true V
-        assert tensor.shape == r["serial_after"][name].shape, name
+        assert tensor.shape == serial["serial_after"][name].shape, name
 
 
 # ---- without processes -----------------------------------------------------------------------------------

@@ -19,11 +19,12 @@ def grads(model) -> dict[str, torch.Tensor]:
 
 
 def serial_and_tp_pass(config: ModelConfig, state: ParallelState, sequence_parallel: bool, tokens: torch.Tensor,
-                       targets: torch.Tensor) -> tuple[Llama, Llama, dict]:
+                       targets: torch.Tensor, serial_pass: bool = True) -> tuple[Llama, Llama, dict]:
     """(serial model, TP model, results): `init` (the TP model as its seeded init built it, before it is given
     the serial slices), `serial_state`, and for each model its logits, loss and gradients (`tp_logits` this
     rank's vocabulary slice, `tp_logits_gathered` all of it; `tp_grads_partial` before the sequence-parallel
-    norm gradients are summed over TP, `tp_grads` after)."""
+    norm gradients are summed over TP, `tp_grads` after). With serial_pass=False the serial model is built (its
+    weights are the TP model's) but not run: its pass is the same on every rank, one rank's will do."""
     torch.manual_seed(11)
     serial = Llama(config)
     torch.manual_seed(11)
@@ -31,9 +32,10 @@ def serial_and_tp_pass(config: ModelConfig, state: ParallelState, sequence_paral
     r = {"init": {k: v.clone() for k, v in model.state_dict().items()},
          "serial_state": {k: v.clone() for k, v in serial.state_dict().items()}}
     model.load_state_dict(shard_state_dict(serial.state_dict(), config, state.tp_size, state.tp_rank))
-    logits, loss = serial(tokens, targets)
-    loss.backward()
-    r.update(serial_logits=logits.detach(), serial_loss=loss.detach(), serial_grads=grads(serial))
+    if serial_pass:
+        logits, loss = serial(tokens, targets)
+        loss.backward()
+        r.update(serial_logits=logits.detach(), serial_loss=loss.detach(), serial_grads=grads(serial))
     logits, loss = model(tokens, targets)
     loss.backward()
     r.update(tp_logits=logits.detach(), tp_loss=loss.detach(), tp_grads_partial=grads(model),
