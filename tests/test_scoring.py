@@ -2,10 +2,8 @@
 majority voting and its tie rule, the task readers."""
 from __future__ import annotations
 
-import contextlib
+import functools
 import json
-import signal
-import threading
 
 import pytest
 
@@ -16,25 +14,6 @@ from megamath.evaluation.voting import majority_vote
 
 
 # ---- SymPy's time limit, counted in CPU time ---------------------------------------------------------------------
-
-@contextlib.contextmanager
-def _cpu_time_limit(seconds: float):
-    """equivalence._time_limit counting this process's CPU time (ITIMER_PROF) instead of the wall clock."""
-    if threading.current_thread() is not threading.main_thread() or seconds <= 0:
-        yield
-        return
-
-    def on_alarm(signum, frame):
-        raise equivalence._Timeout()
-
-    previous = signal.signal(signal.SIGPROF, on_alarm)
-    signal.setitimer(signal.ITIMER_PROF, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_PROF, 0)
-        signal.signal(signal.SIGPROF, previous)
-
 
 WALL_CLOCK_LIMIT = {"test_symbolic_equality_is_bounded"}  # the library's own timer, as it runs
 
@@ -51,7 +30,7 @@ def cpu_time_limit(request, monkeypatch):
     import sympy  # noqa: F401
 
     if request.node.originalname not in WALL_CLOCK_LIMIT:
-        monkeypatch.setattr(equivalence, "_time_limit", _cpu_time_limit)
+        monkeypatch.setattr(equivalence, "_time_limit", functools.partial(equivalence._time_limit, cpu=True))
 
 
 # ---- GSM8K -------------------------------------------------------------------------------------------------

@@ -39,8 +39,9 @@ class _Timeout(Exception):
 
 
 @contextlib.contextmanager
-def _time_limit(seconds: float):
-    """Raise _Timeout after `seconds` (main thread only; elsewhere no limit)."""
+def _time_limit(seconds: float, cpu: bool = False):
+    """Raise _Timeout after `seconds` of the wall clock, or with `cpu` of this process's CPU time (main thread
+    only; elsewhere no limit)."""
     if threading.current_thread() is not threading.main_thread() or seconds <= 0:
         yield
         return
@@ -48,13 +49,14 @@ def _time_limit(seconds: float):
     def on_alarm(signum, frame):
         raise _Timeout()
 
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    sig, timer = (signal.SIGPROF, signal.ITIMER_PROF) if cpu else (signal.SIGALRM, signal.ITIMER_REAL)
+    previous = signal.signal(sig, on_alarm)
+    signal.setitimer(timer, seconds)
     try:
         yield
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+        signal.setitimer(timer, 0)
+        signal.signal(sig, previous)
 
 
 def _group(text: str, i: int) -> tuple[str, int]:
