@@ -387,9 +387,14 @@ def test_serve_on_a_port_in_use_names_it_before_the_model_loads(tiny, capsys, mo
 
 def test_output_piped_into_a_reader_that_leaves_is_no_error(tmp_path):
     """`megamath plan ... | head -1`: the reader closes the pipe; stop quietly, as a Unix filter does."""
-    proc = subprocess.Popen([sys.executable, "-m", "megamath.cli", "plan", "--model", "llemma-7b", "--gpu", "h200",
-                             "--gpus", "8"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    proc.stdout.close()  # before it writes: every write fails with EPIPE
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # before it writes: every write fails with EPIPE (closed after the start, a parent slow
+    # to close it let the whole 2.7 KB table into the pipe's buffer: no error, status 0)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "megamath.cli", "plan", "--model", "llemma-7b", "--gpu",
+                                 "h200", "--gpus", "8"], stdout=write_end, stderr=subprocess.PIPE)
+    finally:
+        os.close(write_end)
     err = proc.stderr.read().decode()
     proc.wait(timeout=60)
     assert err == "" and proc.returncode == 1
