@@ -2,11 +2,20 @@
 
 TRITON_INTERPRET must be set before any kernel module is imported, hence here. The interpreter's
 repeated scan of triton.language is cached (tests/interpreter_speedup.py: same kernels, same values).
+
+The checkout's root leaves sys.path here: `python -m pytest` (and pytest-xdist's workers) put it first,
+where kernels/ (installed as megamath.kernels) would shadow the package named `kernels` that
+transformers imports since 5.25. The tests import megamath as installed, never from the root.
 """
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != REPO_ROOT]
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -7,6 +7,7 @@ they run on the CPU torch of CI.
 """
 from __future__ import annotations
 
+import os
 import runpy
 import shutil
 import subprocess
@@ -100,9 +101,22 @@ def test_every_build_recompiles_the_extensions(monkeypatch):
     assert _configured(monkeypatch, None)["options"]["build_ext"]["force"] is True
 
 
+def _hub_kernels_lookalike(site: Path) -> None:
+    """An installed package named `kernels` with a setuptools egg_info hook, as transformers >= 5.25 brings
+    (Hugging Face's kernels): setup.py must not let the checkout's kernels/ folder shadow it."""
+    (site / "kernels").mkdir(parents=True)
+    (site / "kernels" / "__init__.py").write_text(
+        "def write_probe(cmd, basename, filename):\n    cmd.write_file('probe', filename, 'hub')\n")
+    info = site / "kernels-0.19.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: kernels\nVersion: 0.19.1\n")
+    (info / "entry_points.txt").write_text("[egg_info.writers]\nkernels_probe.txt = kernels:write_probe\n")
+
+
 def test_sdist_carries_every_csrc_source(tmp_path):
     # With a CPU torch setup.py lists only the helpers' sources; the CUDA ones come in through MANIFEST.in.
-    # Made from a copy, so that the checkout's megamath.egg-info is not rewritten.
+    # Made from a copy, so that the checkout's megamath.egg-info is not rewritten. A package named kernels
+    # with an egg_info hook is installed beside it (_hub_kernels_lookalike).
     src = tmp_path / "src"
     ignore = shutil.ignore_patterns("__pycache__", "*.so")
     for name in ("megamath", "kernels", "csrc"):
@@ -110,9 +124,13 @@ def test_sdist_carries_every_csrc_source(tmp_path):
     for name in ("setup.py", "pyproject.toml", "MANIFEST.in", "README.md"):
         if (REPO / name).exists():
             shutil.copy(REPO / name, src / name)
+    _hub_kernels_lookalike(tmp_path / "site")
+    paths = [str(tmp_path / "site"), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     proc = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "--dist-dir", str(tmp_path / "dist")],
-                          cwd=src, capture_output=True, text=True, timeout=300)
+                          cwd=src, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
+    assert (src / "megamath.egg-info" / "kernels_probe.txt").read_text() == "hub"
     (archive,) = (tmp_path / "dist").glob("megamath-*.tar.gz")
     with tarfile.open(archive) as tar:
         names = {Path(n).relative_to(Path(n).parts[0]).as_posix() for n in tar.getnames() if "/" in n}

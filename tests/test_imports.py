@@ -88,6 +88,15 @@ def assert_runs(code: str) -> None:
     assert result.returncode == 0, result.stderr
 
 
+def test_the_checkout_root_is_off_sys_path():
+    # Else kernels/ shadows the package named kernels that transformers >= 5.25 imports (tests/conftest.py).
+    import importlib.util
+
+    assert REPO not in {Path(entry or ".").resolve() for entry in sys.path}
+    spec = importlib.util.find_spec("kernels")
+    assert spec is None or not Path(spec.origin or "").is_relative_to(REPO / "kernels"), spec
+
+
 def test_parsing_a_training_config_imports_no_triton():
     """Run with Triton made unimportable, as on a machine without it."""
     code = (
