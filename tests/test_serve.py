@@ -290,7 +290,7 @@ def test_a_client_trickling_its_body_is_cut_off_at_the_timeout_not_per_read(monk
         httpd.server_close()
     reply, seconds = result["trickler"]
     assert reply.startswith(b"HTTP/1.0 408") and b"the body did not arrive within 1.5 s" in reply, reply
-    assert seconds < 4 and waited < 4  # cut at 1.5 s, not after the 19 reads of 0.5 s each (~10 s)
+    assert seconds < 6 and waited < 6  # cut at 1.5 s, not after the 19 reads of 0.5 s each (~10 s)
 
 
 def test_a_client_gone_mid_request_is_one_log_line_not_a_traceback(monkeypatch, capsys):

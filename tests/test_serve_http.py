@@ -20,7 +20,24 @@ REPO = Path(__file__).resolve().parents[1]
 SERVER_SCRIPT = """
 import sys, time
 from megamath.generation import server
-server.suggest = lambda *args, **kwargs: time.sleep(50) or ["slow"] if args[3] == "slow" else ["rfl"]
+
+def suggest(model, codec, config, tactic_state, *args, **kwargs):
+    if tactic_state != "slow":
+        return ["rfl"]
+    print("generating", flush=True)
+    time.sleep(50)
+    return ["slow"]
+
+def make_handler(*args, make_handler=server.make_handler):
+    handler = make_handler(*args)
+    setup = handler.setup
+    def announced_setup(self):
+        setup(self)
+        print("accepted", flush=True)
+    handler.setup = announced_setup
+    return handler
+
+server.suggest, server.make_handler = suggest, make_handler
 try:
     server.serve(None, None, server.ServeConfig(port=0, request_timeout_s=60.0), lambda host, port: print(port, flush=True))
 except KeyboardInterrupt:  # as megamath.cli's main
@@ -36,6 +53,16 @@ def start_server() -> tuple[subprocess.Popen, int]:
     return proc, int(proc.stdout.readline())
 
 
+def wait_for(proc: subprocess.Popen, line: str, timeout_s: float = 30.0) -> None:
+    """Until the server prints `line` ("accepted": a connection is in hand; "generating"), however loaded the
+    machine: a fixed sleep could signal it before, and test something else."""
+    got = []
+    reader = threading.Thread(target=lambda: got.append(proc.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout_s)  # not select(): the buffered pipe may already hold the line
+    assert got == [line + "\n"], f"the server did not print {line!r} in {timeout_s} s: {got}"
+
+
 @pytest.mark.parametrize("sent, sig", [(b"", signal.SIGTERM),  # an idle connection (a browser's preconnect)
                                        (b"POST / HTTP/1.0\r\nContent-Length: 100\r\n\r\n{", signal.SIGINT)],
                          ids=["idle-sigterm", "part-of-a-body-sigint"])
@@ -46,7 +73,7 @@ def test_a_stop_signal_does_not_wait_for_a_request_still_being_sent(sent, sig):
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
             conn.sendall(sent)
-            time.sleep(1.0)  # the server has taken the connection and waits for the rest of the request
+            wait_for(proc, "accepted")  # what was sent is read, and the rest waited for, before or after
             proc.send_signal(sig)
             out, err = proc.communicate(timeout=30)  # half the request timeout: not waited for
             reply = b""
@@ -68,9 +95,10 @@ def test_a_second_ctrl_c_does_not_wait_for_the_request_in_flight():
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
             conn.sendall(b'POST / HTTP/1.0\r\nContent-Length: 24\r\n\r\n{"tactic_state": "slow"}')
-            time.sleep(1.0)  # generating
+            wait_for(proc, "accepted")
+            wait_for(proc, "generating")
             proc.send_signal(signal.SIGINT)
-            time.sleep(0.5)
+            time.sleep(0.5)  # the first is handled (handled or not, the second must end the run)
             proc.send_signal(signal.SIGINT)
             out, err = proc.communicate(timeout=30)
     finally:
