@@ -53,7 +53,7 @@ def test_well_formed_request_gets_ranked_unique_suggestions(server):
     status, body = post(port, json.dumps(request).encode())
     assert status == 200 and set(body) == {"suggestions"}
     suggestions = body["suggestions"]
-    assert 1 <= len(suggestions) <= 6 and len(set(suggestions)) == len(suggestions)
+    assert 1 <= len(suggestions) <= 12 and len(set(suggestions)) == len(suggestions)  # 6 per temperature
     assert all(isinstance(s, str) and s.startswith("rw") and "\n" not in s for s in suggestions)
 
 
@@ -337,7 +337,27 @@ def test_suggestions_are_prefixed_deduplicated_and_ranked_by_mean_logprob(monkey
     config = ServeConfig(num_samples=5, temperatures=(0.5, 1.0))
     # " [foo]" twice: one suggestion, with its better mean (-0.8 beats "_comm"'s -1.0); blanks are dropped.
     assert suggest(None, None, config, "⊢ a = a", "rw") == ["rw [foo]", "rw_comm"]
-    assert seen == [("[GOAL]⊢ a = a[PROOFSTEP]rw", 0.5, 3, ("\n",)), ("[GOAL]⊢ a = a[PROOFSTEP]rw", 1.0, 2, ("\n",))]
+    # LLMSTEP's --num-samples: that many at each temperature (the split over them gave 3 and 2).
+    assert seen == [("[GOAL]⊢ a = a[PROOFSTEP]rw", 0.5, 5, ("\n",)), ("[GOAL]⊢ a = a[PROOFSTEP]rw", 1.0, 5, ("\n",))]
+
+
+def test_sorry_and_admit_are_never_suggested(monkeypatch):
+    """A copilot's `sorry` closes the goal in the editor and proves nothing (LLMSTEP drops it too)."""
+    from megamath.generation import server as server_module
+    from megamath.generation.generate import Completion
+    from megamath.generation.server import ServeConfig, suggest
+
+    def fake_complete(model, codec, prompts, params, count, *args, **kwargs):
+        return [[Completion([1], -0.1, "sorry"), Completion([1], -0.2, "admit "), Completion([1], -0.3, " "),
+                 Completion([1], -0.4, "sorry_lemma"), Completion([1, 2], -1.0, "simp")]]
+
+    monkeypatch.setattr(server_module, "complete", fake_complete)
+    assert suggest(None, None, ServeConfig(num_samples=5), "⊢ True", "") == ["sorry_lemma", "simp"]
+    assert suggest(None, None, ServeConfig(num_samples=5), "⊢ True", "so") == ["sosorry", "soadmit", "sosorry_lemma",
+                                                                                "sosimp"]
+    fake = [Completion([1], -0.1, "rry"), Completion([1], -0.2, "rry_lemma"), Completion([1], -0.3, "lve")]
+    monkeypatch.setattr(server_module, "complete", lambda *args, **kwargs: [fake])
+    assert suggest(None, None, ServeConfig(num_samples=5), "⊢ True", "so") == ["sorry_lemma", "solve"]
 
 
 def test_completions_keep_the_space_that_follows_the_prompt(tmp_path):
@@ -357,8 +377,8 @@ def test_completions_keep_the_space_that_follows_the_prompt(tmp_path):
     assert codec.decode([]) == ""
 
 
-def test_a_greedy_temperature_decodes_its_share_once(monkeypatch):
-    """--temperatures 0 0.5 --num-samples 10 decoded 5 copies of the one greedy completion."""
+def test_a_greedy_temperature_decodes_once(monkeypatch):
+    """--temperatures 0 0.5 --num-samples 10 decoded copies of the one greedy completion."""
     from megamath.generation import server as server_module
     from megamath.generation.generate import Completion
     from megamath.generation.server import ServeConfig, suggest
@@ -372,4 +392,4 @@ def test_a_greedy_temperature_decodes_its_share_once(monkeypatch):
     monkeypatch.setattr(server_module, "complete", fake_complete)
     config = ServeConfig(num_samples=10, temperatures=(0.0, 0.5))
     assert suggest(None, None, config, "⊢ True", "exact")[0] == "exact t0.0 s0"
-    assert counts == [(0.0, 1), (0.5, 5)]
+    assert counts == [(0.0, 1), (0.5, 10)]

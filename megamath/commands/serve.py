@@ -16,7 +16,8 @@ def add_parser(subparsers, name: str) -> None:
     parser = subparsers.add_parser(
         name, help="serve tactic suggestions over HTTP (LLMSTEP's protocol) for Lean's llmstep",
         description="POST / {\"tactic_state\", \"prefix\", \"context\"} -> {\"suggestions\": [...]}: N samples "
-        "of [GOAL]state[PROOFSTEP]prefix, cut at a newline, deduplicated, ranked by mean log-probability. "
+        "of [GOAL]state[PROOFSTEP]prefix per temperature, cut at a newline, deduplicated, without sorry and "
+        "admit, ranked by mean log-probability. "
         "Binds to 127.0.0.1 unless --host says otherwise; SIGTERM stops it cleanly.")
     add_generation_flags(parser, max_new_tokens=64, temperature=0.5, batch_size=16)
     parser.set_defaults(temperature=None)
@@ -24,9 +25,11 @@ def add_parser(subparsers, name: str) -> None:
                         help="address or name to bind (default 127.0.0.1: this machine only; :: every IPv6 "
                         "interface, and IPv4 too where the OS allows; ::1 IPv6 loopback)")
     parser.add_argument("--port", type=int, default=6000, help="TCP port (default 6000; 0 picks a free one)")
-    parser.add_argument("--num-samples", type=int, default=10, metavar="N", help="samples per request (default 10)")
+    parser.add_argument("--num-samples", type=int, default=10, metavar="N",
+                        help="samples per temperature of each request, as LLMSTEP's (default 10; one at "
+                        "temperature 0)")
     parser.add_argument("--temperatures", type=float, nargs="+", default=None, metavar="T",
-                        help="several temperatures to split the samples over (instead of --temperature)")
+                        help="several temperatures, --num-samples at each (instead of --temperature)")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, metavar="N",
                         help="largest request body accepted (default 1 MiB)")
     parser.add_argument("--request-timeout", type=float, default=60.0, metavar="S",

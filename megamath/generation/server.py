@@ -57,8 +57,8 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 6000
     num_samples: int = 10
+    """Samples per temperature (LLMSTEP's meaning); a greedy temperature (0) decodes one."""
     temperatures: tuple[float, ...] = (0.5,)
-    """Samples are split evenly over these temperatures."""
     max_new_tokens: int = 64
     top_p: float = 1.0
     max_body_bytes: int = 1 << 20
@@ -137,23 +137,25 @@ class LLMStepServer(HTTPServer):
         print(f"request from {client_address[0]} failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
 
 
+GIVING_UP = frozenset({"sorry", "admit"})
+"""Tactics never suggested: they close the goal in the editor and prove nothing (LLMSTEP drops them too)."""
+
+
 def llmstep_prompt(tactic_state: str, prefix: str) -> str:
     return f"[GOAL]{tactic_state}[PROOFSTEP]{prefix}"
 
 
 def suggest(model, codec: PromptCodec, config: ServeConfig, tactic_state: str, prefix: str,
             request_number: int = 0, deadline: float | None = None, check=None) -> list[str]:
-    """Ranked, deduplicated tactic suggestions for one proof state. `check()`, called before each temperature's
-    share and between decode steps, raises to stop (the client is gone)."""
+    """Ranked, deduplicated tactic suggestions for one proof state: `config.num_samples` per temperature, as
+    LLMSTEP's servers draw them, without the blank ones and those that close no goal (`sorry`, `admit`).
+    `check()`, called before each temperature's samples and between decode steps, raises to stop (the client
+    is gone)."""
     prompt = llmstep_prompt(tactic_state, prefix)
     scored: dict[str, float] = {}
     temps = config.temperatures
     for t_index, temperature in enumerate(temps):
-        count = config.num_samples // len(temps) + (t_index < config.num_samples % len(temps))
-        if count == 0:
-            continue
-        if temperature == 0:  # greedy: every sample of the share is the same completion; one is decoded
-            count = 1
+        count = 1 if temperature == 0 else config.num_samples  # greedy: every sample would be the same one
         params = SamplingParams(config.max_new_tokens, temperature, config.top_p, ("\n",))
         if check is not None:
             check()
@@ -161,7 +163,7 @@ def suggest(model, codec: PromptCodec, config: ServeConfig, tactic_state: str, p
                            keys=[request_number * len(temps) + t_index], deadline=deadline, check=check)[0]
         for c in samples:
             text = (prefix + c.text).strip()
-            if text:
+            if c.text.strip() and text not in GIVING_UP:  # a blank completion would suggest the prefix as typed
                 score = c.logprob / max(1, len(c.token_ids))
                 scored[text] = max(score, scored.get(text, float("-inf")))
     return sorted(scored, key=lambda s: -scored[s])
