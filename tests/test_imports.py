@@ -1,6 +1,8 @@
 """Imports run one way: no cycle among megamath's modules (lazy imports count), the kernels import nothing of
 megamath, and parsing a training config loads neither Triton nor the kernels."""
 import ast
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -88,13 +90,21 @@ def assert_runs(code: str) -> None:
     assert result.returncode == 0, result.stderr
 
 
-def test_the_checkout_root_is_off_sys_path():
-    # Else kernels/ shadows the package named kernels that transformers >= 5.25 imports (tests/conftest.py).
-    import importlib.util
+def _root_before_site_packages(path: list[str], cwd: str) -> bool:
+    entries = [Path(cwd, entry).resolve() for entry in path]
+    site = min(i for i, entry in enumerate(entries) if entry.name in ("site-packages", "dist-packages"))
+    return REPO in entries[:site]
 
-    assert REPO not in {Path(entry or ".").resolve() for entry in sys.path}
-    spec = importlib.util.find_spec("kernels")
-    assert spec is None or not Path(spec.origin or "").is_relative_to(REPO / "kernels"), spec
+
+def test_the_checkout_root_never_comes_before_site_packages():
+    # There kernels/ shadows the package named kernels that transformers >= 5.25 imports: tests/conftest.py
+    # removes the root, and the tools that run from a checkout without installing append it.
+    assert not _root_before_site_packages(sys.path, os.getcwd())
+    for tool in ("preprocess_data", "reshard_checkpoint"):
+        code = f"import json, runpy, sys; runpy.run_path({str(REPO / 'tools' / f'{tool}.py')!r}); print(json.dumps(sys.path))"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd="/")
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert not _root_before_site_packages(json.loads(out.stdout), "/"), tool
 
 
 def test_parsing_a_training_config_imports_no_triton():

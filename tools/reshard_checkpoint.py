@@ -10,8 +10,10 @@ parameter at a time and also carries the ZeRO-1 optimizer state (masters and Ada
 import sys
 from pathlib import Path
 
-# Runnable from a checkout without installing: the repository root holds the `megamath` package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# Runnable from a checkout without installing: the repository root holds the `megamath` package. Appended:
+# an installed megamath comes first, and the root's kernels/ never shadows the package named `kernels` that
+# transformers imports since 5.25.
+sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 from megamath.cli import main  # noqa: E402
 
