@@ -118,6 +118,11 @@ def _session(sid: int) -> list[int]:
     return found
 
 
+def _ctrl_c_as_a_shell() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def _run_with_fault(tmp_path: Path, fault: str, args: list[str]) -> tuple[int, list[str]]:
     (tmp_path / "faulty.py").write_text(SCRIPT)
     die = tmp_path / "die.sh"
@@ -125,9 +130,11 @@ def _run_with_fault(tmp_path: Path, fault: str, args: list[str]) -> tuple[int, l
     die.chmod(0o755)
     env = dict(os.environ, FAULT=fault, DIE=str(die), PYTHONPATH=os.pathsep.join(
         [str(Path(__file__).parent), *filter(None, [os.environ.get("PYTHONPATH")])]))
-    # A session of its own: its process group gets the Ctrl-C, as a terminal's foreground job would.
+    # A session of its own: its process group gets the Ctrl-C, as a terminal's foreground job would. And, as a
+    # shell starts one, with Ctrl-C neither ignored nor blocked, whatever state this test process is in (both
+    # survive exec: a CI run once saw every Ctrl-C case of one pytest worker run to the end or hang).
     proc = subprocess.Popen([sys.executable, str(tmp_path / "faulty.py"), *args], env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=_ctrl_c_as_a_shell)
     try:
         _, err = proc.communicate(timeout=90)
     except subprocess.TimeoutExpired:
