@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -147,3 +148,21 @@ def test_head_is_refused_like_get_without_a_body(stand_in_server):
     status, headers, body = request(stand_in_server, "HEAD")
     assert (status, headers["Allow"], headers["Content-Type"], body) == (405, "POST", "application/json", b"")
     assert request(stand_in_server, "POST", "/", b'{"tactic_state": "x"}')[::2] == (200, b'{"suggestions": ["rfl"]}')
+
+
+def test_each_answer_is_one_access_log_line_that_a_request_cannot_forge(stand_in_server, capsys):
+    """No line told an operator who asked what and got what (LLMSTEP's server prints one per request)."""
+    assert request(stand_in_server, "POST", "/", b'{"tactic_state": "x"}')[0] == 200
+    for raw in (b"POST /a\x1b[2J\xffb HTTP/1.0\r\nContent-Length: 2\r\n\r\n{}", b"GARBLED\r\n\r\n"):
+        with socket.create_connection(("127.0.0.1", stand_in_server), timeout=30) as conn:
+            conn.sendall(raw)
+            reply = b""
+            while chunk := conn.recv(1 << 16):  # a garbled request line gets HTTP/0.9's bare body
+                reply += chunk
+            assert b'{"error": ' in reply, reply
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3, lines
+    assert re.fullmatch(r'127\.0\.0\.1 "POST /" 200: 1 suggestions \(\d+\.\d\d s\)', lines[0]), lines[0]
+    escaped = "/a\\u001b[2J\\u00ffb"  # the terminal's escape sequence, and a byte that is not ASCII
+    assert lines[1].startswith(f'127.0.0.1 "POST {escaped}" 404: unknown path {escaped} ('), lines[1]
+    assert lines[2].startswith('127.0.0.1 "- -" 400: '), lines[2]

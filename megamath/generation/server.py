@@ -194,6 +194,7 @@ def make_handler(model, codec: PromptCodec, config: ServeConfig):
             """Start the request's read deadline: past it, the socket's reading side is shut, so a read in
             progress ends at once (short) and the client is answered 408 or dropped."""
             super().setup()
+            self._started = time.monotonic()
             self._read_deadline = threading.Timer(config.request_timeout_s, self._stop_reading)
             self._read_deadline.daemon = True
             self._read_deadline.start()
@@ -238,6 +239,15 @@ def make_handler(model, codec: PromptCodec, config: ServeConfig):
             self.end_headers()
             if self.command != "HEAD":  # a HEAD reply carries no body
                 self.wfile.write(data)
+            self._log(status, body)
+
+        def _log(self, status: int, body: dict) -> None:
+            """One line per answered request on stdout, as LLMSTEP's server prints: who, what, the answer, how
+            long from the connection's start (the request's own text escaped, so it cannot forge log lines)."""
+            what = f"{len(body['suggestions'])} suggestions" if "suggestions" in body else body["error"][:200]
+            request = f"{self.command or '-'} {getattr(self, 'path', None) or '-'}"[:200]
+            print(f"{self.client_address[0]} {json.dumps(request)} {status}: {json.dumps(what)[1:-1]} "
+                  f"({time.monotonic() - self._started:.2f} s)", flush=True)
 
         def _refuse(self, status: int, error: str, headers: dict | None = None) -> None:
             """An error reply to a request whose body (if it has one) is not wanted: the body is read and dropped
