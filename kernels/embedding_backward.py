@@ -15,7 +15,10 @@ row's sum before the fp32 buffer adds it. Here the first micro-batch writes the 
 later one reads and writes only the rows its tokens touch (~0.1 GB at 4,096 tokens). `index_add_` into the
 buffer would do it with atomics, whose order (and so whose fp32 sum) changes from run to run; instead the
 ids are sorted (stable: token order within a row), `searchsorted` finds each row's tokens, and one program
-per (row, column block) sums them in order. No step of it reads anything back to the host.
+per (row, column block) sums them in order. Adding, the rows are those of the tokens: one program per
+(sorted token position, column block), and the one at the start of a run of equal ids sums the run into its
+row, so a later micro-batch launches N programs where writing launches V. No step of it reads anything back
+to the host.
 
     embedding_backward(grad, ids, out, add)      grad (N, D) float, ids (N,) int, out (V, D) fp32/bf16/fp16
     embedding_backward_ref(grad, ids, out, add)  plain torch (index_add_ into an fp32 table: in token order
@@ -37,19 +40,29 @@ _OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
-def _embedding_backward_kernel(grad_ptr, order_ptr, starts_ptr, ends_ptr, out_ptr, D, stride_grad, stride_out,
-                               ADD: tl.constexpr, BLOCK_D: tl.constexpr, EXACT_BF16: tl.constexpr):
-    row = tl.program_id(0)
+def _embedding_backward_kernel(grad_ptr, order_ptr, sorted_ids_ptr, starts_ptr, ends_ptr, out_ptr, V, D,
+                               stride_grad, stride_out, ADD: tl.constexpr, BLOCK_D: tl.constexpr,
+                               EXACT_BF16: tl.constexpr):
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
     mask = cols < D
-    start = tl.load(starts_ptr + row)
-    end = tl.load(ends_ptr + row)
-    if not ADD or end > start:  # a row no token touched keeps its sum so far
+    if ADD:  # program p: sorted position p, which starts a run of equal ids or does nothing
+        position = tl.program_id(0).to(tl.int64)
+        row = tl.load(sorted_ids_ptr + position)  # int64
+        start = position
+        end = tl.load(ends_ptr + position)  # the run's end
+        first = tl.load(starts_ptr + position)  # the run's start
+        work = (first == position) & (row >= 0) & (row < V)  # a foreign id adds nothing
+    else:  # program v: row v, its tokens order[starts[v]:ends[v]] (none: written zero)
+        row = tl.program_id(0).to(tl.int64)
+        start = tl.load(starts_ptr + row)
+        end = tl.load(ends_ptr + row)
+        work = True
+    if work:
         acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
         for j in range(start, end):  # this row's tokens, in token order
             token = tl.load(order_ptr + j).to(tl.int64)
             acc += tl.load(grad_ptr + token * stride_grad + cols, mask=mask, other=0.0).to(tl.float32)
-        out_ptrs = out_ptr + row.to(tl.int64) * stride_out + cols
+        out_ptrs = out_ptr + row * stride_out + cols
         if ADD:
             acc += tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptrs, _cast(acc, out_ptr.dtype.element_ty, EXACT_BF16), mask=mask)
@@ -81,15 +94,19 @@ def embedding_backward(grad: torch.Tensor, ids: torch.Tensor, out: torch.Tensor,
     rows, cols = out.shape
     if rows == 0 or cols == 0:
         return out
-    # int64 first: the row numbers below are made in the ids' dtype, and uint8 ids would wrap at 256
+    # int64 first: row numbers made in the ids' dtype would wrap (uint8 ids: row 256 is row 0)
     sorted_ids, order = torch.sort(ids.long(), stable=True)  # (N,): equal ids keep their token order
-    row_ids = torch.arange(rows, device=ids.device, dtype=sorted_ids.dtype)  # (V,)
-    starts = torch.searchsorted(sorted_ids, row_ids)  # (V,): row v's tokens are order[starts[v]:ends[v]]
-    ends = torch.searchsorted(sorted_ids, row_ids, right=True)  # (V,)
+    if add and not len(ids):
+        return out
+    # Writing, the keys are the rows, (V,): row v's tokens are order[starts[v]:ends[v]]. Adding, they are the
+    # sorted ids, (N,): position p's run of equal ids is [starts[p], ends[p]).
+    keys = sorted_ids if add else torch.arange(rows, device=ids.device, dtype=sorted_ids.dtype)
+    starts = torch.searchsorted(sorted_ids, keys)
+    ends = torch.searchsorted(sorted_ids, keys, right=True)
     block = min(MAX_BLOCK_D, triton.next_power_of_2(cols))
-    _embedding_backward_kernel[(rows, triton.cdiv(cols, block))](
-        grad, order, starts, ends, out, cols, grad.stride(0), out.stride(0), ADD=bool(add), BLOCK_D=block,
-        EXACT_BF16=exact_bf16(out.dtype), num_warps=4)
+    _embedding_backward_kernel[(len(keys), triton.cdiv(cols, block))](
+        grad, order, sorted_ids, starts, ends, out, rows, cols, grad.stride(0), out.stride(0), ADD=bool(add),
+        BLOCK_D=block, EXACT_BF16=exact_bf16(out.dtype), num_warps=4)
     return out
 
 

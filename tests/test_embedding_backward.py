@@ -108,11 +108,9 @@ def test_bad_input_is_one_line(call, message):
                                                           (torch.int16, 32769, -32768, True)])
 def test_ids_narrower_than_the_vocabulary_reach_every_row(id_dtype, rows, foreign, add):
     """Row numbers were made in the ids' dtype: with uint8 ids, rows 256 and 257 got rows 0 and 1's sums. Made
-    in a signed dtype, the first row past its maximum is its minimum, which a foreign id may hold: int16 row
-    32768 got id -32768's sum (the vocabulary that shows it, 32769 rows, is half of one where rows 65536 and
-    65537 wrap to 0 and 1: one interpreted program per row). That one adds: the row numbers are made before
-    either kernel runs, and the program of a row no token touches then only reads its range (~0.6 of the time
-    of writing a zero row); row 32768 would show the foreign sum as 8 instead of 7."""
+    in a signed dtype, the first row past its maximum is its minimum, which a foreign id may hold: int8 row 128
+    got id -128's sum. Adding, the rows are the ids' own (one program per token): int16 ids with a foreign
+    -32768 into a table past 32767 rows, where row 32768 would show the foreign sum as 8 instead of 7."""
     ids = torch.tensor([0, 1] if foreign is None else [0, 1, foreign], dtype=id_dtype)
     grad = torch.ones(len(ids), 4)
     out = embedding_backward(grad, ids, torch.full((rows, 4), 7.0), add=add)
