@@ -28,8 +28,8 @@ from megamath.planning import memory
 from megamath.planning.memory import RunShape, activation_bytes
 
 CONFIG = ModelConfig(vocab_size=320, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=192,
-                     max_seq_length=64, kernels="triton")
-B, S = 2, 64
+                     max_seq_length=32, kernels="triton")
+B, S = 2, 32
 
 
 def saved_bytes(model: Llama) -> int:
@@ -105,7 +105,7 @@ def test_tensor_and_sequence_parallel_activations_are_what_autograd_keeps(tp2_sa
 # ---- K/V heads that TP does not divide -------------------------------------------------------------------
 
 UNEVEN = ModelConfig(vocab_size=320, hidden_size=192, num_layers=1, num_heads=12, num_kv_heads=3, ffn_hidden_size=192,
-                     max_seq_length=64, kernels="triton")
+                     max_seq_length=32, kernels="triton")
 """12 query heads over 3 K/V heads at TP 2: rank 0's six query heads read K/V heads 0,0,0,0,1,1, which do not
 group evenly, so each rank keeps its k and v expanded to six heads (more than the 3 a whole copy holds)."""
 
