@@ -358,6 +358,10 @@ def test_report_comm_threshold_is_a_share(tmp_path, capsys, value):
     (["--temperature", "-1"], "temperature must be >= 0 and finite, got -1.0"),
     (["--top-p", "1.5"], "top_p must be in (0, 1], got 1.5"),
     (["--max-new-tokens", "0"], "max_new_tokens must be a positive integer, got 0"),
+    (["--prompts", "context", "fewshot"],
+     "--prompts takes each of proofstep, context at most once, got context fewshot"),
+    (["--prompts", "context", "context"],
+     "--prompts takes each of proofstep, context at most once, got context context"),
 ])
 def test_serve_flags_are_checked_before_the_model_loads(tiny, capsys, monkeypatch, flags, message):
     from megamath.generation import session

@@ -101,7 +101,8 @@ def test_the_checkout_root_never_comes_before_site_packages():
     # removes the root, and the tools that run from a checkout without installing append it.
     assert not _root_before_site_packages(sys.path, os.getcwd())
     for tool in ("preprocess_data", "reshard_checkpoint"):
-        code = f"import json, runpy, sys; runpy.run_path({str(REPO / 'tools' / f'{tool}.py')!r}); print(json.dumps(sys.path))"
+        path = str(REPO / "tools" / f"{tool}.py")
+        code = f"import json, runpy, sys; runpy.run_path({path!r}); print(json.dumps(sys.path))"
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd="/")
         assert out.returncode == 0, out.stderr[-2000:]
         assert not _root_before_site_packages(json.loads(out.stdout), "/"), tool

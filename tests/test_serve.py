@@ -23,7 +23,8 @@ def server(tmp_path_factory):
     ckpt, tok = build_checkpoint(root / "ckpt"), build_tokenizer(root / "tok.model")
     proc = subprocess.Popen(
         [sys.executable, "-m", "megamath.cli", "serve", "--model", str(ckpt), "--tokenizer-model", str(tok),
-         "--port", "0", "--num-samples", "6", "--temperatures", "0.5", "1.0", "--max-new-tokens", "10",
+         "--port", "0", "--num-samples", "6", "--temperatures", "0.5", "1.0", "--prompts", "proofstep", "context",
+         "--max-new-tokens", "10",
          "--max-body-bytes", "2000"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -53,7 +54,7 @@ def test_well_formed_request_gets_ranked_unique_suggestions(server):
     status, body = post(port, json.dumps(request).encode())
     assert status == 200 and set(body) == {"suggestions"}
     suggestions = body["suggestions"]
-    assert 1 <= len(suggestions) <= 12 and len(set(suggestions)) == len(suggestions)  # 6 per temperature
+    assert 1 <= len(suggestions) <= 24 and len(set(suggestions)) == len(suggestions)  # 6 per prompt and temperature
     assert all(isinstance(s, str) and s.startswith("rw") and "\n" not in s for s in suggestions)
 
 
@@ -116,7 +117,7 @@ def test_a_failed_generation_gets_a_500_and_the_server_keeps_serving(monkeypatch
     from megamath.generation import server as server_module
     from megamath.generation.server import ServeConfig, make_handler
 
-    def suggest(model, codec, config, tactic_state, prefix, request_number, deadline, check=None):
+    def suggest(model, codec, config, tactic_state, prefix, request_number, deadline, check=None, context=""):
         if tactic_state == "huge":
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return [prefix + " rfl"]
@@ -164,8 +165,8 @@ def test_a_burst_of_clients_waits_its_turn_and_each_gets_its_answer(monkeypatch)
     from megamath.generation import server as server_module
     from megamath.generation.server import LLMStepServer, ServeConfig, make_handler
 
-    monkeypatch.setattr(server_module, "suggest", lambda model, codec, config, state, prefix, n, deadline, check=None:
-                        time.sleep(0.01) or [f"{prefix} {state}"])
+    monkeypatch.setattr(server_module, "suggest", lambda model, codec, config, state, prefix, n, deadline, check=None,
+                        context="": time.sleep(0.01) or [f"{prefix} {state}"])
     httpd = LLMStepServer(("127.0.0.1", 0), make_handler(None, None, ServeConfig()))
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     replies = [None] * 64
@@ -338,7 +339,8 @@ def test_suggestions_are_prefixed_deduplicated_and_ranked_by_mean_logprob(monkey
     # " [foo]" twice: one suggestion, with its better mean (-0.8 beats "_comm"'s -1.0); blanks are dropped.
     assert suggest(None, None, config, "⊢ a = a", "rw") == ["rw [foo]", "rw_comm"]
     # LLMSTEP's --num-samples: that many at each temperature (the split over them gave 3 and 2).
-    assert seen == [("[GOAL]⊢ a = a[PROOFSTEP]rw", 0.5, 5, ("\n",)), ("[GOAL]⊢ a = a[PROOFSTEP]rw", 1.0, 5, ("\n",))]
+    prompt = "[GOAL]⊢ a = a[PROOFSTEP]rw"
+    assert seen == [(prompt, 0.5, 5, ("\n",)), (prompt, 1.0, 5, ("\n",))]
 
 
 def test_sorry_and_admit_are_never_suggested(monkeypatch):
@@ -358,6 +360,33 @@ def test_sorry_and_admit_are_never_suggested(monkeypatch):
     fake = [Completion([1], -0.1, "rry"), Completion([1], -0.2, "rry_lemma"), Completion([1], -0.3, "lve")]
     monkeypatch.setattr(server_module, "complete", lambda *args, **kwargs: [fake])
     assert suggest(None, None, ServeConfig(num_samples=5), "⊢ True", "so") == ["sorry_lemma", "solve"]
+
+
+def test_the_context_prompt_continues_the_file_and_merges_with_the_proofstep_prompt(monkeypatch):
+    """A model only pretrained on Lean (LLEMMA) does not know the [GOAL]..[PROOFSTEP] format; LLMSTEP's server
+    for it also continues the file the client sends as context."""
+    from megamath.generation import server as server_module
+    from megamath.generation.generate import Completion
+    from megamath.generation.server import ServeConfig, suggest
+
+    seen = []
+
+    def fake_complete(model, codec, prompts, params, count, seed, batch_size, keys, **kwargs):
+        seen.append((prompts[0], keys[0]))
+        text = " simp" if prompts[0].startswith("[GOAL]") else " ring"
+        return [[Completion([1], -1.0 if text == " simp" else -0.5, text)]]
+
+    monkeypatch.setattr(server_module, "complete", fake_complete)
+    config = ServeConfig(num_samples=1, prompts=("proofstep", "context"))
+    context = "theorem t (a b : ℕ) : a + b = b + a := by\n  "
+    assert suggest(None, None, config, "⊢ a + b = b + a", "", 3, context=context) == ["ring", "simp"]
+    assert seen == [("[GOAL]⊢ a + b = b + a[PROOFSTEP]", 6), (context, 7)]  # seeds: request 3, prompts 0 and 1
+    seen.clear()  # a request without context: the context prompt has nothing to continue
+    assert suggest(None, None, config, "⊢ True", "tri", 4) == ["tri simp"]
+    assert seen == [("[GOAL]⊢ True[PROOFSTEP]tri", 8)]
+    seen.clear()  # the default: the proofstep prompt alone, keyed by the request as before
+    assert suggest(None, None, ServeConfig(num_samples=1), "⊢ True", "", 4, context=context) == ["simp"]
+    assert seen == [("[GOAL]⊢ True[PROOFSTEP]", 4)]
 
 
 def test_completions_keep_the_space_that_follows_the_prompt(tmp_path):

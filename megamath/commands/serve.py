@@ -30,6 +30,10 @@ def add_parser(subparsers, name: str) -> None:
                         "temperature 0)")
     parser.add_argument("--temperatures", type=float, nargs="+", default=None, metavar="T",
                         help="several temperatures, --num-samples at each (instead of --temperature)")
+    parser.add_argument("--prompts", nargs="+", default=["proofstep"], metavar="NAME",
+                        help="prompts whose suggestions are merged: proofstep ([GOAL]state[PROOFSTEP]prefix, for "
+                        "a model tuned on proof steps; the default), context (the Lean file text the request sends as "
+                        "context, then the prefix: for a model pretrained on Lean such as LLEMMA)")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, metavar="N",
                         help="largest request body accepted (default 1 MiB)")
     parser.add_argument("--request-timeout", type=float, default=60.0, metavar="S",
@@ -41,13 +45,16 @@ def run(args) -> int:
     from megamath.generation.generate import SamplingParams
     from megamath.generation.session import open_model
     from megamath.generation.batching import check_completion_count
-    from megamath.generation.server import MAX_REQUEST_TIMEOUT_S, ServeConfig, format_address, listen, serve
+    from megamath.generation.server import MAX_REQUEST_TIMEOUT_S, PROMPTS, ServeConfig, format_address, listen, serve
 
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise ValueError("megamath serve runs as one process (no torchrun)")
     if args.temperatures is not None and args.temperature is not None:  # one would be dropped without a word
         raise ValueError("give --temperature or --temperatures, not both")
     temperatures = tuple(args.temperatures or [0.5 if args.temperature is None else args.temperature])
+    unknown = [name for name in args.prompts if name not in PROMPTS]
+    if unknown or len(set(args.prompts)) < len(args.prompts):
+        raise ValueError(f"--prompts takes each of {', '.join(PROMPTS)} at most once, got {' '.join(args.prompts)}")
     if args.num_samples < 1:
         raise ValueError(f"--num-samples must be positive, got {args.num_samples}")
     check_completion_count(1, args.num_samples)  # as generate's: past it, every request failed with a 500
@@ -62,7 +69,7 @@ def run(args) -> int:
         raise ValueError(f"--request-timeout must be > 0 and at most {MAX_REQUEST_TIMEOUT_S:g} seconds, "
                          f"got {args.request_timeout}")
     config = ServeConfig(args.host, args.port, args.num_samples, temperatures, args.max_new_tokens, args.top_p,
-                         args.max_body_bytes, args.request_timeout, args.seed, args.batch_size)
+                         args.max_body_bytes, args.request_timeout, args.seed, args.batch_size, tuple(args.prompts))
     server = listen(config)  # before the model loads: a port in use fails now, not after minutes
     try:
         model, codec, _ = open_model(args.model, args.tokenizer_model, args.max_new_tokens, dtype=args.dtype)

@@ -8,13 +8,16 @@
                                                    or stopping, 500 generation failed (e.g. out of GPU
                                                    memory; logged)
 
-The prompt is LLMSTEP's `[GOAL]{tactic_state}[PROOFSTEP]{prefix}`; `num_samples` completions are drawn
-(split evenly over the configured temperatures; a temperature of 0's share is its one greedy completion),
-each cut at the first newline; a suggestion is the prefix followed by the completion, stripped. Duplicates
-are merged and suggestions ranked by mean log-probability per generated token (long tactics are not
-penalised for their length). `context` is accepted and unused, as in LLMSTEP's reference server. The
-samples of the server's n-th request draw from seeds keyed by n: the same proof state asked again gets
-fresh samples, and a restarted server answers its requests in the same order with the same suggestions.
+The prompts (`prompts`, LLMSTEP's two): `proofstep`, `[GOAL]{tactic_state}[PROOFSTEP]{prefix}`, the format
+of a model tuned on proof steps; `context`, `{context}{prefix}`, the Lean file text the client sends as
+context, continued, which a model only pretrained on Lean code such as LLEMMA can do (a request without
+context skips it). Per prompt and
+temperature `num_samples` completions are drawn (one at temperature 0: every greedy sample is the same),
+each cut at the first newline; a suggestion is the prefix followed by the completion, stripped. Blank
+completions, `sorry` and `admit` are dropped, duplicates merged, and suggestions ranked by mean
+log-probability per generated token (long tactics are not penalised for their length). The samples of the
+server's n-th request draw from seeds keyed by n: the same proof state asked again gets fresh samples, and
+a restarted server answers its requests in the same order with the same suggestions.
 
 One request is served at a time (one model; up to 128 more connections wait their turn). Reading a request
 and generating its answer are each bounded by `request_timeout_s` in all, not per socket read: a client
@@ -31,6 +34,7 @@ socket, a host name its IPv4 address when it has one. SIGTERM finishes the reque
 """
 from __future__ import annotations
 
+import itertools
 import json
 import select
 import signal
@@ -65,6 +69,8 @@ class ServeConfig:
     request_timeout_s: float = 60.0
     seed: int = 0
     batch_size: int = 16
+    prompts: tuple[str, ...] = ("proofstep",)
+    """Names in PROMPTS; their suggestions are merged and ranked together."""
 
 
 MAX_REQUEST_TIMEOUT_S = 1e6
@@ -145,22 +151,30 @@ def llmstep_prompt(tactic_state: str, prefix: str) -> str:
     return f"[GOAL]{tactic_state}[PROOFSTEP]{prefix}"
 
 
+PROMPTS = {"proofstep": lambda state, prefix, context: llmstep_prompt(state, prefix),
+           "context": lambda state, prefix, context: context + prefix if context else None}
+"""name -> prompt(tactic_state, prefix, context), None where the request gives it nothing to work on."""
+
+
 def suggest(model, codec: PromptCodec, config: ServeConfig, tactic_state: str, prefix: str,
-            request_number: int = 0, deadline: float | None = None, check=None) -> list[str]:
-    """Ranked, deduplicated tactic suggestions for one proof state: `config.num_samples` per temperature, as
-    LLMSTEP's servers draw them, without the blank ones and those that close no goal (`sorry`, `admit`).
-    `check()`, called before each temperature's samples and between decode steps, raises to stop (the client
-    is gone)."""
-    prompt = llmstep_prompt(tactic_state, prefix)
+            request_number: int = 0, deadline: float | None = None, check=None, context: str = "") -> list[str]:
+    """Ranked, deduplicated tactic suggestions for one proof state: `config.num_samples` per prompt and
+    temperature, as LLMSTEP's servers draw them, without the blank ones and those that close no goal (`sorry`,
+    `admit`). `check()`, called before each batch of samples and between decode steps, raises to stop (the
+    client is gone)."""
     scored: dict[str, float] = {}
     temps = config.temperatures
-    for t_index, temperature in enumerate(temps):
+    for (p_index, name), (t_index, temperature) in itertools.product(enumerate(config.prompts), enumerate(temps)):
+        prompt = PROMPTS[name](tactic_state, prefix, context)
+        if prompt is None:
+            continue
         count = 1 if temperature == 0 else config.num_samples  # greedy: every sample would be the same one
         params = SamplingParams(config.max_new_tokens, temperature, config.top_p, ("\n",))
         if check is not None:
             check()
+        key = (request_number * len(config.prompts) + p_index) * len(temps) + t_index
         samples = complete(model, codec, [prompt], params, count, config.seed, config.batch_size,
-                           keys=[request_number * len(temps) + t_index], deadline=deadline, check=check)[0]
+                           keys=[key], deadline=deadline, check=check)[0]
         for c in samples:
             text = (prefix + c.text).strip()
             if c.text.strip() and text not in GIVING_UP:  # a blank completion would suggest the prefix as typed
@@ -306,7 +320,7 @@ def make_handler(model, codec: PromptCodec, config: ServeConfig):
             if "tactic_state" not in request or bad:
                 return self._reply(400, {"error": 'expected {"tactic_state": str, "prefix": str, "context": str}'})
             try:  # JSON's \ud800 escapes give lone surrogates, which the tokenizer cannot take
-                for key in ("tactic_state", "prefix"):
+                for key in ("tactic_state", "prefix", "context"):
                     request.get(key, "").encode("utf-8")
             except UnicodeEncodeError as err:
                 return self._reply(400, {"error": f"{key} is not valid Unicode: {err.reason}"})
@@ -314,7 +328,8 @@ def make_handler(model, codec: PromptCodec, config: ServeConfig):
             number = next(counter)
             try:
                 suggestions = suggest(model, codec, config, request["tactic_state"], request.get("prefix", ""),
-                                      number, start + config.request_timeout_s, check=self._check_client)
+                                      number, start + config.request_timeout_s, check=self._check_client,
+                                      context=request.get("context", ""))
             except ClientGone:  # no one to answer
                 self.close_connection = True
                 Handler.abandoned += 1
