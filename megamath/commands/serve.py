@@ -16,8 +16,8 @@ def add_parser(subparsers, name: str) -> None:
     parser = subparsers.add_parser(
         name, help="serve tactic suggestions over HTTP (LLMSTEP's protocol) for Lean's llmstep",
         description="POST / {\"tactic_state\", \"prefix\", \"context\"} -> {\"suggestions\": [...]}: N samples "
-        "of [GOAL]state[PROOFSTEP]prefix per temperature, cut at a newline, deduplicated, without sorry and "
-        "admit, ranked by mean log-probability. "
+        "of [GOAL]state[PROOFSTEP]prefix (or of the request's context then the prefix: --prompts) per "
+        "temperature, cut at a newline, deduplicated, without sorry and admit, ranked by mean log-probability. "
         "Binds to 127.0.0.1 unless --host says otherwise; SIGTERM stops it cleanly.")
     add_generation_flags(parser, max_new_tokens=64, temperature=0.5, batch_size=16)
     parser.set_defaults(temperature=None)

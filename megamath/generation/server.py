@@ -13,8 +13,8 @@ of a model tuned on proof steps; `context`, `{context}{prefix}`, the Lean file t
 context, continued, which a model only pretrained on Lean code such as LLEMMA can do (a request without
 context skips it). Per prompt and
 temperature `num_samples` completions are drawn (one at temperature 0: every greedy sample is the same),
-each cut at the first newline; a suggestion is the prefix followed by the completion, stripped. Blank
-completions, `sorry` and `admit` are dropped, duplicates merged, and suggestions ranked by mean
+each cut at the first newline; a suggestion is the prefix followed by the completion, stripped. Empty
+suggestions, `sorry` and `admit` are dropped (LLMSTEP's filter), duplicates merged, and suggestions ranked by mean
 log-probability per generated token (long tactics are not penalised for their length). The samples of the
 server's n-th request draw from seeds keyed by n: the same proof state asked again gets fresh samples, and
 a restarted server answers its requests in the same order with the same suggestions.
@@ -159,7 +159,7 @@ PROMPTS = {"proofstep": lambda state, prefix, context: llmstep_prompt(state, pre
 def suggest(model, codec: PromptCodec, config: ServeConfig, tactic_state: str, prefix: str,
             request_number: int = 0, deadline: float | None = None, check=None, context: str = "") -> list[str]:
     """Ranked, deduplicated tactic suggestions for one proof state: `config.num_samples` per prompt and
-    temperature, as LLMSTEP's servers draw them, without the blank ones and those that close no goal (`sorry`,
+    temperature, as LLMSTEP's servers draw them, without empty ones and those that close no goal (`sorry`,
     `admit`). `check()`, called before each batch of samples and between decode steps, raises to stop (the
     client is gone)."""
     scored: dict[str, float] = {}
@@ -177,7 +177,7 @@ def suggest(model, codec: PromptCodec, config: ServeConfig, tactic_state: str, p
                            keys=[key], deadline=deadline, check=check)[0]
         for c in samples:
             text = (prefix + c.text).strip()
-            if c.text.strip() and text not in GIVING_UP:  # a blank completion would suggest the prefix as typed
+            if text and text not in GIVING_UP:  # a blank completion suggests the prefix as typed: it may be whole
                 score = c.logprob / max(1, len(c.token_ids))
                 scored[text] = max(score, scored.get(text, float("-inf")))
     return sorted(scored, key=lambda s: -scored[s])
@@ -260,8 +260,11 @@ def make_handler(model, codec: PromptCodec, config: ServeConfig):
             long from the connection's start (the request's own text escaped, so it cannot forge log lines)."""
             what = f"{len(body['suggestions'])} suggestions" if "suggestions" in body else body["error"][:200]
             request = f"{self.command or '-'} {getattr(self, 'path', None) or '-'}"[:200]
-            print(f"{self.client_address[0]} {json.dumps(request)} {status}: {json.dumps(what)[1:-1]} "
-                  f"({time.monotonic() - self._started:.2f} s)", flush=True)
+            try:
+                print(f"{self.client_address[0]} {json.dumps(request)} {status}: {json.dumps(what)[1:-1]} "
+                      f"({time.monotonic() - self._started:.2f} s)", flush=True)
+            except OSError:  # stdout closed (`megamath serve | head -1` read the address): the answer is sent
+                pass
 
         def _refuse(self, status: int, error: str, headers: dict | None = None) -> None:
             """An error reply to a request whose body (if it has one) is not wanted: the body is read and dropped
