@@ -22,8 +22,8 @@ import sys
 
 # `python setup.py ...` puts this folder first on sys.path, where kernels/ would shadow the package named
 # `kernels` (a transformers dependency since 5.25), whose setuptools hook egg_info then fails to import.
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [entry for entry in sys.path if os.path.abspath(entry or ".") != HERE]
+HERE = os.path.dirname(os.path.realpath(__file__))
+sys.path[:] = [entry for entry in sys.path if os.path.realpath(entry or ".") != HERE]
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext as pybind11_build_ext
 from setuptools import find_packages, setup
