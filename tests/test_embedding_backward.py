@@ -109,8 +109,9 @@ def test_bad_input_is_one_line(call, message):
 def test_ids_narrower_than_the_vocabulary_reach_every_row(id_dtype, rows, foreign, add):
     """Row numbers were made in the ids' dtype: with uint8 ids, rows 256 and 257 got rows 0 and 1's sums. Made
     in a signed dtype, the first row past its maximum is its minimum, which a foreign id may hold: int8 row 128
-    got id -128's sum. Adding, the rows are the ids' own (one program per token): int16 ids with a foreign
-    -32768 into a table past 32767 rows, where row 32768 would show the foreign sum as 8 instead of 7."""
+    got id -128's sum. Adding, the rows are the sorted ids themselves (one program per token), made in int64:
+    int16 ids with a foreign -32768 into a table past 32767 rows keep that so (row 32768 would show the
+    foreign sum as 8 instead of 7)."""
     ids = torch.tensor([0, 1] if foreign is None else [0, 1, foreign], dtype=id_dtype)
     grad = torch.ones(len(ids), 4)
     out = embedding_backward(grad, ids, torch.full((rows, 4), 7.0), add=add)

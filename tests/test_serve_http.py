@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -31,11 +30,14 @@ def suggest(model, codec, config, tactic_state, *args, **kwargs):
 
 def make_handler(*args, make_handler=server.make_handler):
     handler = make_handler(*args)
-    setup = handler.setup
+    setup, stop = handler.setup, handler.stop
     def announced_setup(self):
         setup(self)
         print("accepted", flush=True)
-    handler.setup = announced_setup
+    def announced_stop():  # the first stop signal's work, done
+        stop()
+        print("stopping", flush=True)
+    handler.setup, handler.stop = announced_setup, staticmethod(announced_stop)
     return handler
 
 server.suggest, server.make_handler = suggest, make_handler
@@ -99,7 +101,7 @@ def test_a_second_ctrl_c_does_not_wait_for_the_request_in_flight():
             wait_for(proc, "accepted")
             wait_for(proc, "generating")
             proc.send_signal(signal.SIGINT)
-            time.sleep(0.5)  # the first is handled (handled or not, the second must end the run)
+            wait_for(proc, "stopping")  # two before the handler runs would be one: a signal is a flag until then
             proc.send_signal(signal.SIGINT)
             out, err = proc.communicate(timeout=30)
     finally:

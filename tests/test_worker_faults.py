@@ -28,6 +28,13 @@ from pathlib import Path
 
 FAULT = os.environ["FAULT"]
 
+# As a shell starts a foreground job: Ctrl-C neither ignored nor blocked, whatever the test process's state
+# (both survive exec: started from a background job of a non-interactive shell, which ignores SIGINT, every
+# Ctrl-C case ran to the end or hung). The main process only: a worker starts with it blocked, by design.
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
 
 def fault():
     if FAULT == "kill-mid":  # as the out-of-memory killer would
@@ -118,11 +125,6 @@ def _session(sid: int) -> list[int]:
     return found
 
 
-def _ctrl_c_as_a_shell() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-
-
 def _run_with_fault(tmp_path: Path, fault: str, args: list[str]) -> tuple[int, list[str]]:
     (tmp_path / "faulty.py").write_text(SCRIPT)
     die = tmp_path / "die.sh"
@@ -130,11 +132,9 @@ def _run_with_fault(tmp_path: Path, fault: str, args: list[str]) -> tuple[int, l
     die.chmod(0o755)
     env = dict(os.environ, FAULT=fault, DIE=str(die), PYTHONPATH=os.pathsep.join(
         [str(Path(__file__).parent), *filter(None, [os.environ.get("PYTHONPATH")])]))
-    # A session of its own: its process group gets the Ctrl-C, as a terminal's foreground job would. And, as a
-    # shell starts one, with Ctrl-C neither ignored nor blocked, whatever state this test process is in (both
-    # survive exec: a CI run once saw every Ctrl-C case of one pytest worker run to the end or hang).
+    # A session of its own: its process group gets the Ctrl-C, as a terminal's foreground job would.
     proc = subprocess.Popen([sys.executable, str(tmp_path / "faulty.py"), *args], env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=_ctrl_c_as_a_shell)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         _, err = proc.communicate(timeout=90)
     except subprocess.TimeoutExpired:
