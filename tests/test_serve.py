@@ -336,8 +336,9 @@ def test_suggestions_are_prefixed_deduplicated_and_ranked_by_mean_logprob(monkey
 
     monkeypatch.setattr(server_module, "complete", fake_complete)
     config = ServeConfig(num_samples=5, temperatures=(0.5, 1.0))
-    # " [foo]" twice: one suggestion, with its better mean (-0.8 beats "_comm"'s -1.0); blanks are dropped.
-    assert suggest(None, None, config, "⊢ a = a", "rw") == ["rw [foo]", "rw_comm"]
+    # " [foo]" twice: one suggestion, with its better mean (-0.8 beats "_comm"'s -1.0); a blank completion
+    # suggests the prefix alone (the model ended the tactic there), as LLMSTEP does.
+    assert suggest(None, None, config, "⊢ a = a", "rw") == ["rw", "rw [foo]", "rw_comm"]
     # LLMSTEP's --num-samples: that many at each temperature (the split over them gave 3 and 2).
     prompt = "[GOAL]⊢ a = a[PROOFSTEP]rw"
     assert seen == [(prompt, 0.5, 5, ("\n",)), (prompt, 1.0, 5, ("\n",))]
@@ -355,8 +356,8 @@ def test_sorry_and_admit_are_never_suggested(monkeypatch):
 
     monkeypatch.setattr(server_module, "complete", fake_complete)
     assert suggest(None, None, ServeConfig(num_samples=5), "⊢ True", "") == ["sorry_lemma", "simp"]
-    assert suggest(None, None, ServeConfig(num_samples=5), "⊢ True", "so") == ["sosorry", "soadmit", "sosorry_lemma",
-                                                                                "sosimp"]
+    assert suggest(None, None, ServeConfig(num_samples=5), "⊢ True", "so") == ["sosorry", "soadmit", "so",
+                                                                                "sosorry_lemma", "sosimp"]
     fake = [Completion([1], -0.1, "rry"), Completion([1], -0.2, "rry_lemma"), Completion([1], -0.3, "lve")]
     monkeypatch.setattr(server_module, "complete", lambda *args, **kwargs: [fake])
     assert suggest(None, None, ServeConfig(num_samples=5), "⊢ True", "so") == ["sorry_lemma", "solve"]
