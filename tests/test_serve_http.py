@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from test_serve import raw_exchange
+
 REPO = Path(__file__).resolve().parents[1]
 
 SERVER_SCRIPT = """
@@ -156,12 +158,8 @@ def test_each_answer_is_one_access_log_line_that_a_request_cannot_forge(stand_in
     """No line told an operator who asked what and got what (LLMSTEP's server prints one per request)."""
     assert request(stand_in_server, "POST", "/", b'{"tactic_state": "x"}')[0] == 200
     for raw in (b"POST /a\x1b[2J\xffb HTTP/1.0\r\nContent-Length: 2\r\n\r\n{}", b"GARBLED\r\n\r\n"):
-        with socket.create_connection(("127.0.0.1", stand_in_server), timeout=30) as conn:
-            conn.sendall(raw)
-            reply = b""
-            while chunk := conn.recv(1 << 16):  # a garbled request line gets HTTP/0.9's bare body
-                reply += chunk
-            assert b'{"error": ' in reply, reply
+        reply, _ = raw_exchange(stand_in_server, raw)  # a garbled request line gets HTTP/0.9's bare body
+        assert b'{"error": ' in reply, reply
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 3, lines
     assert re.fullmatch(r'127\.0\.0\.1 "POST /" 200: 1 suggestions \(\d+\.\d\d s\)', lines[0]), lines[0]
