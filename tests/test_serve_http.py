@@ -166,3 +166,20 @@ def test_each_answer_is_one_access_log_line_that_a_request_cannot_forge(stand_in
     escaped = "/a\\u001b[2J\\u00ffb"  # the terminal's escape sequence, and a byte that is not ASCII
     assert lines[1].startswith(f'127.0.0.1 "POST {escaped}" 404: unknown path {escaped} ('), lines[1]
     assert lines[2].startswith('127.0.0.1 "- -" 400: '), lines[2]
+
+
+def test_a_closed_stdout_costs_no_error_line_and_no_answer(stand_in_server, monkeypatch, capsys):
+    """`megamath serve | head -1` (the address read, the pipe closed): each access-log line raised BrokenPipeError
+    after the answer was sent, and the server logged a failed request for every one."""
+    class ClosedPipe:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    for _ in range(2):
+        status, _, body = request(stand_in_server, "POST", "/", b'{"tactic_state": "x"}')
+        assert (status, body) == (200, b'{"suggestions": ["rfl"]}')
+    assert capsys.readouterr().err == ""
