@@ -38,8 +38,13 @@ class BlendedDataset:
     """num_samples samples of seq_length + 1 int64 tokens, drawn from `datasets` in proportion to `weights`."""
 
     def __init__(self, datasets: Sequence[TokenSource], weights: Sequence[float], num_samples: int,
-                 seq_length: int, seed: int = 1234, cache_dir: str | Path | None = None) -> None:
+                 seq_length: int, seed: int = 1234, cache_dir: str | Path | None = None,
+                 documents: Sequence[np.ndarray | None] | None = None) -> None:
+        """documents: per dataset, the sequence ids it may supply (None: all), e.g. its part of a split."""
         datasets = list(datasets)
+        documents = [None] * len(datasets) if documents is None else list(documents)
+        if len(documents) != len(datasets):
+            raise ValueError(f"got {len(documents)} document lists for {len(datasets)} datasets")
         if len(datasets) == 0:
             raise ValueError("a blend needs at least one dataset")
         if len(weights) != len(datasets):
@@ -53,8 +58,8 @@ class BlendedDataset:
             raise ValueError(f"seed must be >= 0, got {seed}")
         self.num_samples, self.seq_length, self.seed = int(num_samples), int(seq_length), int(seed)
         self.names = [dataset_name(d) for d in datasets]
-        for dataset in datasets:  # every dataset must be usable, picked or not
-            check_documents(dataset, None, self.seq_length)
+        for dataset, docs in zip(datasets, documents):  # every dataset must be usable, picked or not
+            check_documents(dataset, docs, self.seq_length)
         self.weights = normalize_weights(weights)  # (D,)
         description = {"kind": "blend", "version": INDEX_FORMAT_VERSION, "weights": self.weights.tolist(),
                        "num_samples": self.num_samples}
@@ -65,9 +70,10 @@ class BlendedDataset:
         self.dataset_sample_index = arrays["dataset_sample_index"]  # (num_samples,) int64
         self.counts = np.bincount(self.dataset_index, minlength=len(datasets)).astype(np.int64)  # (D,)
         self.datasets: list[GPTDataset | None] = [
-            GPTDataset(dataset, int(count), self.seq_length, seed=dataset_seed(self.seed, k), cache_dir=cache_dir)
+            GPTDataset(dataset, int(count), self.seq_length, seed=dataset_seed(self.seed, k), documents=docs,
+                       cache_dir=cache_dir)
             if count > 0 else None
-            for k, (dataset, count) in enumerate(zip(datasets, self.counts))
+            for k, (dataset, count, docs) in enumerate(zip(datasets, self.counts, documents))
         ]
 
     def __len__(self) -> int:

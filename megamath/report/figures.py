@@ -21,7 +21,7 @@ from megamath.training.phases import PHASES  # noqa: E402
 HARDWARE = (("max_mem_gib", "peak allocated memory (GiB)"), ("max_reserved_gib", "peak reserved memory (GiB)"),
             ("power_w", "power (W)"), ("gpu_util", "GPU utilization (%)"), ("temp_c", "temperature (°C)"),
             ("sm_clock_mhz", "SM clock (MHz)"), ("j_per_token", "energy per token (J)"))
-NOT_SCORES = ("phases", "val_loss")
+NOT_SCORES = ("phases", "val_loss", "test_loss")
 
 
 def to_uri(fig) -> str:
@@ -72,6 +72,9 @@ def loss_figure(runs: list[Run]) -> list[tuple[str, str]]:
         for j, name in enumerate(subsets):
             ax.plot(*series(run, ("val_loss", name)), color=_colour(i), ls=("--", ":", "-.")[j % 3], marker="o",
                     ms=4, label=_label(run.name, ": validation ", name))
+        for j, name in enumerate(sorted({n for r in run.records for n in r.get("test_loss", {})})):
+            ax.plot(*series(run, ("test_loss", name)), color=_colour(i), ls="none", marker=("s", "^", "D")[j % 3],
+                    ms=6, label=_label(run.name, ": test ", name))  # data.split's test parts, at the last step
     ax.set_ylabel("loss")
     ax.legend(fontsize=8)
     return [("Training and validation loss", to_uri(fig))]
@@ -140,7 +143,7 @@ def _is_number(x) -> bool:
 
 
 def score_figure(runs: list[Run]) -> list[tuple[str, str]]:
-    """Evaluation scores: any dict of numbers in the records other than phases and val_loss, and the flat
+    """Evaluation scores: any dict of numbers in the records other than phases and losses, and the flat
     `eval/<task>/maj<k>` numbers that evaluation during training logs."""
     keys = sorted({(k, n) for r in runs for rec in r.records for k, v in rec.items()
                    if isinstance(v, dict) and k not in NOT_SCORES for n, x in v.items() if _is_number(x)}

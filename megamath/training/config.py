@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import yaml
 
 from megamath.data.blending import parse_data_path
+from megamath.data.splits import canonical_split, parse_split
 from megamath.evaluation.config import EvaluationConfig
 from megamath.input_path import read_text
 from megamath.model.config import ModelConfig
@@ -89,7 +90,13 @@ class DataConfig:
     """Folder of `megamath preprocess` outputs that `llemma` refers to ({subset}_{split}_text_document)."""
     valid_data: dict | str = field(default_factory=dict)
     """Validation sets reported one by one, `{name: prefix}`, or `llemma`: the validation split of each
-    ProofPile II subset in data_dir. Empty: no evaluation."""
+    ProofPile II subset in data_dir. Empty: no evaluation (unless data.split holds some out)."""
+    split: str | list | float | None = None
+    """Megatron-LM's --split, e.g. `969,30,1`: train, validation and test shares of each data_path prefix's
+    documents, cut in order as Megatron-LM cuts them (megamath.data.splits). The train parts form the blend;
+    each validation part is a validation set named after its prefix (`.../arxiv_train_text_document` ->
+    `arxiv`), reported beside valid_data's; each test part's loss is taken once, at the last step
+    (`test_loss`). None: every document trains."""
     seq_length: int = 4096
     """Tokens per sample fed to the model (each sample reads seq_length + 1, the targets shifted by one)."""
     seed: int = 1234
@@ -110,6 +117,8 @@ class DataConfig:
             raise ValueError(f"data.valid_data must be a mapping {{name: prefix}} or 'llemma', got {self.valid_data!r}")
         _check_int("data.seq_length", self.seq_length, 1)
         _check_int("data.seed", self.seed, 0)
+        if self.split is not None:
+            self.split = canonical_split(self.split)  # one spelling, so that a resume compares like with like
         if self.data_path:
             self.train_blend()  # reject a malformed list now; an empty one is refused when training starts
 
@@ -125,8 +134,16 @@ class DataConfig:
         except ValueError as err:
             raise ValueError(f"data.data_path: {err}") from None
 
+    def split_shares(self) -> tuple[float, float, float]:
+        """(train, valid, test) shares of each training prefix's documents: (1, 0, 0) without data.split."""
+        return (1.0, 0.0, 0.0) if self.split is None else parse_split(self.split)
+
+    def has_validation(self) -> bool:
+        """Whether the run has validation sets: valid_data's, or data.split's validation parts."""
+        return bool(self.valid_sets()) or (bool(self.data_path) and self.split_shares()[1] > 0)
+
     def valid_sets(self) -> dict[str, str]:
-        """{name: prefix} of the validation sets."""
+        """{name: prefix} of the validation sets of valid_data (data.split's parts are cut from the data)."""
         if self.valid_data == "llemma":
             return {s: proofpile_prefix(self.data_dir, s, "validation") for s in LLEMMA_MIXTURE}
         return {str(name): str(prefix) for name, prefix in self.valid_data.items()}
@@ -253,8 +270,9 @@ class TrainConfig:
         if self.evaluation.tasks and not self.eval_every:
             raise ValueError("evaluation.tasks are listed but eval_every is 0: set how often they run")
         self.evaluation.check_room(self.model.max_seq_length)
-        if self.eval_every and not self.data.valid_sets():
-            raise ValueError(f"eval_every is {self.eval_every} but data.valid_data is empty")
+        if self.eval_every and not self.data.has_validation():
+            raise ValueError(f"eval_every is {self.eval_every} but data.valid_data is empty "
+                             "(and no data.split holds validation documents out)")
 
     def global_batch_size(self, dp_size: int) -> int:
         return self.micro_batch_size * self.grad_accum_steps * dp_size

@@ -1,7 +1,8 @@
 """Which samples each rank trains and evaluates on, as a pure function of the step.
 
-The training set is one BlendedDataset of train_steps · global_batch samples over the data_path blend,
-so the whole run's sample order is fixed before the first step. Step s (1-based) consumes samples
+The training set is one BlendedDataset of train_steps · global_batch samples over the data_path blend
+(over each prefix's train part under data.split), so the whole run's sample order is fixed before the
+first step. Step s (1-based) consumes samples
 [(s−1)·G, s·G) with G = micro_batch_size · grad_accum_steps · dp_size. Inside a step the order is
 Megatron's: micro-batch m covers [m·b·dp, (m+1)·b·dp) of the step's samples and DP rank r takes the
 b = micro_batch_size rows starting at r·b. Tensor-parallel ranks of one DP rank read the same rows.
@@ -21,6 +22,7 @@ import torch
 from megamath.data.blended_dataset import BlendedDataset
 from megamath.data.gpt_dataset import GPTDataset
 from megamath.data.indexed_dataset import IndexedDataset
+from megamath.data.splits import cut_splits
 from megamath.parallel.agreement import check_same_on_every_rank
 from megamath.parallel.mappings import barrier
 from megamath.parallel.state import ParallelState
@@ -59,25 +61,31 @@ class TrainData:
         if num_samples >= 2**63:  # the sample index counts in int64
             raise ValueError(f"train_steps {config.train_steps} × global batch {self.global_batch_size} "
                              "(micro_batch_size · grad_accum_steps · DP) is more samples than 64 bits count")
+        sources = [_open(p) for p in prefixes]
+        cut = cut_splits(sources, prefixes, data.split, data.seq_length, taken=data.valid_sets())
+        self.split_lines = cut.lines  # what the run's log says of the split
 
         def build_train() -> BlendedDataset:
-            return BlendedDataset([_open(p) for p in prefixes], weights, num_samples,
-                                  data.seq_length, seed=data.seed, cache_dir=cache_dir)
+            return BlendedDataset(sources, weights, num_samples, data.seq_length, seed=data.seed,
+                                  cache_dir=cache_dir, documents=cut.train)
 
         self.train = rank0_first(state, build_train)
         # Each validation set is a fixed list of samples, the same at every evaluation, so that the
         # curve moves only with the model (Megatron instead walks on through its validation set).
         eval_samples = config.eval_batches * self.micro_batch_size * state.dp_size
 
-        def build_valid() -> dict[str, GPTDataset]:
-            return {name: GPTDataset(_open(prefix), eval_samples, data.seq_length, seed=data.seed, cache_dir=cache_dir)
-                    for name, prefix in data.valid_sets().items()}
+        def build_held_out(parts: dict[str, tuple[IndexedDataset, np.ndarray | None]]) -> dict[str, GPTDataset]:
+            return {name: GPTDataset(source, eval_samples, data.seq_length, seed=data.seed, documents=ids,
+                                     cache_dir=cache_dir)
+                    for name, (source, ids) in parts.items()}
 
-        self.valid = rank0_first(state, build_valid) if config.eval_every else {}
+        valid_parts = {name: (_open(prefix), None) for name, prefix in data.valid_sets().items()} | cut.valid
+        self.valid = rank0_first(state, lambda: build_held_out(valid_parts)) if config.eval_every else {}
+        self.test = rank0_first(state, lambda: build_held_out(cut.test))  # data.split's test parts: the last step
         # The same prefixes may hold other data on another node (a stale copy): its ranks would train on
         # other samples, with exit 0. The fingerprints (each index's hash) are computed already, for the cache.
         held = {gpt.name: gpt.dataset.fingerprint() for gpt in self.train.datasets if gpt is not None}
-        held.update({gpt.name: gpt.dataset.fingerprint() for gpt in self.valid.values()})
+        held.update({gpt.name: gpt.dataset.fingerprint() for gpt in (*self.valid.values(), *self.test.values())})
         check_same_on_every_rank(held, state.world_group, "data (the SHA-256 of each dataset's .idx, and its .bin size)",
                                  "give every node the same copy of the datasets")
 
@@ -91,9 +99,9 @@ class TrainData:
         """This rank's grad_accum_steps micro-batches of update `step`."""
         return [self._batch(self.train, self.sample_rows(step, m)) for m in range(self.grad_accum_steps)]
 
-    def valid_batches(self, name: str) -> list[MicroBatch]:
-        """This rank's micro-batches of validation set `name` (eval_batches of them)."""
-        dataset, b = self.valid[name], self.micro_batch_size
+    def held_out_batches(self, dataset: GPTDataset) -> list[MicroBatch]:
+        """This rank's micro-batches of a validation or test set (eval_batches of them)."""
+        b = self.micro_batch_size
         starts = range(self.dp_rank * b, len(dataset), b * self.dp_size)
         return [self._batch(dataset, range(s, s + b)) for s in starts]
 

@@ -122,12 +122,12 @@ def mean_over_dp(value: torch.Tensor, state: ParallelState) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: Llama, data: TrainData, state: ParallelState) -> dict[str, float]:
-    """Mean validation loss of each validation set over its fixed samples (all DP ranks' share)."""
+def evaluate(model: Llama, data: TrainData, state: ParallelState, sets: str = "valid") -> dict[str, float]:
+    """Mean loss of each validation (or, with sets="test", test) set over its fixed samples (all DP ranks' share)."""
     model.eval()
     losses = {}
-    for name in data.valid:
-        batches = data.valid_batches(name)
+    for name, dataset in getattr(data, sets).items():
+        batches = data.held_out_batches(dataset)
         total = torch.zeros((), dtype=torch.float32, device=state.device)
         for tokens, targets in batches:
             total += model(tokens, targets)[1].float()
@@ -289,6 +289,8 @@ def _train(config: TrainConfig, state: ParallelState, attempt: str) -> TrainResu
         resharded = (f" (saved at tensor-parallel size {meta['tp_size']}, re-cut for {state.tp_size})"
                      if meta["tp_size"] != state.tp_size else "")
         log.say(f"resumed from {resume_from} at step {step}{resharded}")
+    for line in data.split_lines:
+        log.say(line)
     if config.optimizer.grad_dtype == "auto":
         log.say(f"gradient buffer: {optimizer.grad_dtype} (grad_dtype auto at {str(optimizer.param_dtype)[6:]} "
                 f"weights, {config.grad_accum_steps} micro-batch(es) per step, DP {state.dp_size}, TP {state.tp_size}: "
@@ -323,6 +325,10 @@ def _train(config: TrainConfig, state: ParallelState, attempt: str) -> TrainResu
                         rec["val_loss"] = {name: finite_or_none(value)  # JSON has no NaN
                                            for name, value in evaluate(model, data, state).items()}
                         rec.update(evaluate_tasks(model, config.evaluation, state, log.say))  # few-shot tasks
+                if data.test and step == config.train_steps:  # Megatron-LM's test loss, at the end of training
+                    with timer.phase("eval"):
+                        rec["test_loss"] = {name: finite_or_none(value)
+                                            for name, value in evaluate(model, data, state, "test").items()}
                 if out.skipped:
                     log.say(f"step {step}: non-finite loss {out.loss} / grad norm {out.grad_norm}: update skipped "
                             f"({nonfinite} in a row, limit {config.max_consecutive_nonfinite})")

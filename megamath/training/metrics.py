@@ -187,7 +187,7 @@ class MetricsLogger:
                 self.bar.update(1)
                 loss = "nan" if rec["loss"] is None else f"{rec['loss']:.4f}"
                 self.bar.set_postfix_str(f"loss {loss} lr {rec['lr']:.2e}", refresh=False)
-                if rec["step"] % self.log_every == 0 or "val_loss" in rec:
+                if rec["step"] % self.log_every == 0 or "val_loss" in rec or "test_loss" in rec:
                     self.say(format_record(rec))
 
     def _complete(self, rec: dict, timing: StepTiming, gather: bool) -> None:
@@ -272,8 +272,9 @@ def format_record(rec: dict) -> str:
         line += f"  MFU {rec['mfu']:.1%}"
     if "max_mem_gib" in rec:
         line += f"  mem {rec['max_mem_gib']:.1f} GiB"
-    for name, value in rec.get("val_loss", {}).items():
-        line += f"  val/{name} {'nan' if value is None else f'{value:.4f}'}"
+    for key, short in (("val_loss", "val"), ("test_loss", "test")):
+        for name, value in rec.get(key, {}).items():
+            line += f"  {short}/{name} {'nan' if value is None else f'{value:.4f}'}"
     return line
 
 

@@ -130,7 +130,7 @@ def rewound_past(run_dir: Path, step: int) -> str | None:
             "count them")
 
 
-DATA_ORDER_KEYS = (("train_steps",), ("data", "data_path"), ("data", "data_dir"), ("data", "seed"))
+DATA_ORDER_KEYS = (("train_steps",), ("data", "data_path"), ("data", "data_dir"), ("data", "seed"), ("data", "split"))
 """What fixes the order of the training samples besides the global batch (which must stay equal): the blend is
 train_steps · global batch samples, and its shuffles depend on that size (as Megatron-LM's indices do on
 train-iters)."""

@@ -1,0 +1,140 @@
+"""Megatron-LM's `--split`: train, validation and test parts cut out of each dataset's documents.
+
+`--split 969,30,1` gives every `--data-path` prefix's first 96.9 % of documents to training, the next 3 % to
+validation and the last 0.1 % to a test set. The cut follows Megatron-LM (megatron.core.datasets): the shares
+are normalized, their running sums (0, a, a + b, 1) are the parts' bounds as fractions, and part k holds
+documents [round(lo_k · N), round(hi_k · N)) of the N sequences, with Python's round (halves to even). A zero
+share is no part at all. GPT-NeoX's older rule rounds each share and shifts the bounds by the excess, so a bound
+can differ by one document there.
+
+Contiguous parts, not a shuffle, so the held-out documents are the same whatever the seed, sample count or
+sequence length: a validation loss can be compared across runs of one corpus.
+"""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+import numpy as np
+
+PARTS = ("train", "valid", "test")
+PART_NAMES = {"train": "training", "valid": "validation", "test": "test"}
+
+
+class SplitParts(NamedTuple):
+    """The sequence ids of each part of one dataset: (count,) int64 arrays, None for a zero share."""
+
+    train: np.ndarray | None
+    valid: np.ndarray | None
+    test: np.ndarray | None
+
+
+def parse_split(split: str | Sequence[float]) -> tuple[float, float, float]:
+    """(train, valid, test) shares summing to 1 from '969,30,1', '98/2' or [99, 1]: missing shares are 0."""
+    if isinstance(split, str):
+        items = [item.strip() for item in re.split(r"[,/]", split)]
+    elif isinstance(split, (list, tuple)):
+        items = list(split)
+    elif isinstance(split, (int, float)) and not isinstance(split, bool):
+        items = [split]  # YAML reads `split: 100` as a number
+    else:
+        raise ValueError(f"data.split must be a string such as '969,30,1' or a list of up to 3 numbers, got {split!r}")
+    if not 1 <= len(items) <= 3:
+        raise ValueError(f"data.split {split!r}: give 1 to 3 shares (train, validation, test), got {len(items)}")
+    shares = []
+    for item in items:
+        try:
+            if isinstance(item, bool):
+                raise ValueError
+            share = float(item)
+        except (TypeError, ValueError):
+            raise ValueError(f"data.split {split!r}: {item!r} is not a number; expected shares such as '969,30,1'") \
+                from None
+        if not math.isfinite(share) or share < 0:
+            raise ValueError(f"data.split {split!r}: shares must be finite and >= 0, got {item}")
+        shares.append(share)
+    shares += [0.0] * (3 - len(shares))
+    total = sum(shares)
+    if shares[0] <= 0:
+        raise ValueError(f"data.split {split!r} gives training no documents: its first share must be positive")
+    return tuple(share / total for share in shares)
+
+
+def canonical_split(split: str | Sequence[float]) -> str:
+    """The split as written in configs and checkpoints, '969,30,1': the shares given, before normalizing."""
+    parse_split(split)  # the errors first
+    items = ([item.strip() for item in re.split(r"[,/]", split)] if isinstance(split, str)
+             else list(split) if isinstance(split, (list, tuple)) else [split])
+    return ",".join(f"{float(item):g}" for item in items)
+
+
+def split_documents(num_documents: int, split: str | Sequence[float]) -> SplitParts:
+    """Each part's sequence ids among num_documents, by Megatron-LM's rule (see the module's docstring)."""
+    bounds = np.cumsum((0.0, *parse_split(split))).tolist()  # 0, a, a + b, 1 (as running float sums)
+    parts = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        if hi <= lo:
+            parts.append(None)
+            continue
+        begin, end = int(round(lo * float(num_documents))), int(round(hi * float(num_documents)))
+        parts.append(np.arange(begin, end, dtype=np.int64))
+    return SplitParts(*parts)
+
+
+def part_names(prefixes: Sequence[str], taken: Sequence[str] = ()) -> list[str]:
+    """A report name per prefix for its validation and test parts: `.../arxiv_train_text_document` -> `arxiv`;
+    the folder's file name, then the prefix itself, where the short name is already used (by `taken` too)."""
+    used, names = set(taken), []
+    for prefix in prefixes:
+        short = Path(prefix).name
+        for suffix in ("_text_document", "_document", "_train"):
+            short = short[: -len(suffix)] if short.endswith(suffix) and len(short) > len(suffix) else short
+        name = next((n for n in (short, Path(prefix).name, str(prefix)) if n not in used), str(prefix))
+        used.add(name)
+        names.append(name)
+    return names
+
+
+class SplitCut(NamedTuple):
+    """A blend's datasets cut by data.split, as training reads them."""
+
+    train: list[np.ndarray | None]  # per dataset, the ids it trains on (None: all)
+    valid: dict  # {name: (dataset, ids)} the validation parts
+    test: dict  # {name: (dataset, ids)} the test parts
+    lines: list[str]  # what the run's log says of the cut
+
+
+def cut_splits(datasets: Sequence, prefixes: Sequence[str], split: str | None, seq_length: int,
+               taken: Sequence[str] = ()) -> SplitCut:
+    """Each dataset's parts under `split` (None: train on everything), refusing a part too small for one sample.
+
+    datasets: IndexedDatasets (anything with `sizes`), one per prefix; taken: report names already in use.
+    """
+    if split is None:
+        return SplitCut([None] * len(datasets), {}, {}, [])
+    names = part_names(prefixes, taken)
+    train, valid, test, lines = [], {}, {}, [f"data.split {split}: documents cut in order into train, validation "
+                                               "and test parts"]
+    for dataset, prefix, name in zip(datasets, prefixes, names):
+        sizes = np.asarray(dataset.sizes)
+        parts = split_documents(len(sizes), split)
+        for part, ids in zip(PARTS, parts):
+            if ids is None:
+                continue
+            tokens = int(sizes[ids].sum(dtype=np.int64))
+            if tokens < seq_length + 1:
+                where = f"documents [{ids[0]}, {ids[-1] + 1})" if len(ids) else "no documents"
+                raise ValueError(f"data.split {split} leaves the {PART_NAMES[part]} part of {prefix} {where} of {len(sizes)}, "
+                                 f"{tokens} tokens: fewer than the seq_length + 1 = {seq_length + 1} that one "
+                                 "sample needs; give that part a larger share, or more data")
+        train.append(parts.train)
+        if parts.valid is not None:
+            valid[name] = (dataset, parts.valid)
+        if parts.test is not None:
+            test[name] = (dataset, parts.test)
+        counts = ", ".join(f"{part} {len(ids):,}" for part, ids in zip(PARTS, parts) if ids is not None)
+        lines.append(f"  {prefix}: {len(sizes):,} documents: {counts}" + (
+            f" (reported as {name})" if parts.valid is not None or parts.test is not None else ""))
+    return SplitCut(train, valid, test, lines)
