@@ -9,6 +9,8 @@ import pytest
 from megamath.data.indexed_dataset_writer import IndexedDatasetWriter
 from megamath.data.splits import canonical_split, cut_splits, parse_split, part_names, split_documents
 from megamath.parallel.state import ParallelState
+from megamath.report.figures import loss_figure, score_figure
+from megamath.report.runs import load_run
 from megamath.training.config import TrainConfig
 from megamath.training.data import TrainData
 from megamath.training.loop import train
@@ -114,14 +116,17 @@ def test_run_reports_validation_parts_and_the_test_loss_once_at_the_end(tmp_path
     assert set(records[-1]["val_loss"]) == set(records[-1]["test_loss"]) == {"tagged"}
     out = capsys.readouterr().out
     assert "data.split 8,1,1: documents cut in order" in out and "  test/tagged " in out
+    run = load_run(tmp_path / "run")  # the report draws the test loss with the losses, not as a score
+    assert len(loss_figure([run])) == 1 and score_figure([run]) == []
 
 
 def test_a_part_too_small_for_one_sample_is_refused_before_training(tmp_path):
-    with pytest.raises(ValueError, match=r"data.split 8,1,1 leaves the validation part of .*tagged_train_text_document "
-                                         r"documents \[32, 36\) of 40, \d+ tokens: fewer than the seq_length \+ 1"):
+    with pytest.raises(ValueError, match=r"data.split 8,1,1 gives the validation part of .*tagged_train_text_document "
+                                         r"documents \[32, 36\) of its 40 documents, \d+ tokens: fewer than the "
+                                         r"seq_length \+ 1"):
         TrainData(split_config(tmp_path, data__seq_length=512, model__max_seq_length=512), ParallelState.single(), None)
     sources = [type("Sizes", (), {"sizes": np.full(3, 100, dtype=np.int32)})()]
-    with pytest.raises(ValueError, match=r"leaves the validation part of x no documents of 3, 0 tokens"):
+    with pytest.raises(ValueError, match=r"gives the validation part of x none of its 3 documents, 0 tokens.*\(0: no such part\)"):
         cut_splits(sources, ["x"], "969,30,1", 32)
 
 

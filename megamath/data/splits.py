@@ -125,10 +125,11 @@ def cut_splits(datasets: Sequence, prefixes: Sequence[str], split: str | None, s
                 continue
             tokens = int(sizes[ids].sum(dtype=np.int64))
             if tokens < seq_length + 1:
-                where = f"documents [{ids[0]}, {ids[-1] + 1})" if len(ids) else "no documents"
-                raise ValueError(f"data.split {split} leaves the {PART_NAMES[part]} part of {prefix} {where} of {len(sizes)}, "
-                                 f"{tokens} tokens: fewer than the seq_length + 1 = {seq_length + 1} that one "
-                                 "sample needs; give that part a larger share, or more data")
+                what = f"documents [{ids[0]}, {ids[-1] + 1})" if len(ids) else "none"
+                raise ValueError(f"data.split {split} gives the {PART_NAMES[part]} part of {prefix} {what} of its "
+                                 f"{len(sizes)} documents, {tokens} tokens: fewer than the seq_length + 1 = "
+                                 f"{seq_length + 1} that one sample needs; give that part a larger share (0: no such "
+                                 "part), or more data")
         train.append(parts.train)
         if parts.valid is not None:
             valid[name] = (dataset, parts.valid)
