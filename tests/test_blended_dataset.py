@@ -135,3 +135,24 @@ def test_cli_blend_reports_bad_input(tmp_path, three, capsys):
     missing = str(tmp_path / "nope")
     assert main(["blend", "--data-path", "1", missing, "--seq-length", "8", "--num-samples", "5"]) == 2
     assert capsys.readouterr().err.strip() == f"megamath blend: error: indexed dataset file not found: {missing}.idx"
+
+
+def test_cli_blend_with_split_blends_only_the_train_parts(three, capsys):
+    a, b, c = (str(d.prefix) for d in three)
+    argv = ["blend", "--data-path", "2", a, "4", b, "1", c, "--seq-length", "4", "--num-samples", "1000",
+            "--split", "8,2"]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:4] == ["--split 8,2: documents cut in order into train, validation and test parts",
+                         f"  {a}: 30 documents: train 24, valid 6 (reported as a)",
+                         f"  {b}: 12 documents: train 10, valid 2 (reported as b)",  # 9.6 rounds to 10
+                         f"  {c}: 50 documents: train 40, valid 10 (reported as c)"]
+    documents = [np.arange(24), np.arange(10), np.arange(40)]
+    blend = BlendedDataset(three, [2, 4, 1], 1000, 4, documents=documents)
+    for line, row in zip(lines[5:8], blend.summary_rows()):
+        assert line.split()[-1] == str(row.epochs)  # the train parts' epochs, not the whole datasets'
+    assert [row.epochs for row in blend.summary_rows()] != [row.epochs for row in
+                                                             BlendedDataset(three, [2, 4, 1], 1000, 4).summary_rows()]
+    assert main(argv[:-1] + ["2,8,x"]) == 2
+    assert capsys.readouterr().err.strip() == ("megamath blend: error: --split '2,8,x': 'x' is not a number; "
+                                               "expected shares such as '969,30,1'")

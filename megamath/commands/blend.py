@@ -10,6 +10,7 @@ import time
 from megamath.data.blended_dataset import BlendedDataset
 from megamath.data.blending import parse_data_path
 from megamath.data.indexed_dataset import IndexedDataset
+from megamath.data.splits import canonical_split, cut_splits
 
 
 def add_parser(subparsers, name: str) -> None:
@@ -20,6 +21,8 @@ def add_parser(subparsers, name: str) -> None:
     parser.add_argument("--seq-length", type=int, required=True, help="tokens per sample, excluding the shared one")
     parser.add_argument("--num-samples", type=int, required=True, help="samples in the blend")
     parser.add_argument("--seed", type=int, default=1234, help="shuffling seed (default 1234)")
+    parser.add_argument("--split", default=None, metavar="TRAIN,VALID,TEST",
+                        help="blend only each dataset's train part of this cut, as data.split does (e.g. 969,30,1)")
     parser.add_argument("--cache-dir", default=None, help="where to cache the indices (default: none)")
     parser.set_defaults(run=run)
 
@@ -36,10 +39,17 @@ def format_table(blend: BlendedDataset) -> str:
 def run(args) -> int:
     weights, prefixes = parse_data_path(args.data_path)
     datasets = [_open(prefix) for prefix in prefixes]
+    try:
+        split = None if args.split is None else canonical_split(args.split)
+        cut = cut_splits(datasets, prefixes, split, args.seq_length)
+    except ValueError as err:  # the messages name the config key; here it is the flag
+        raise ValueError(str(err).replace("data.split", "--split", 1)) from None
     start = time.perf_counter()
     blend = BlendedDataset(datasets, weights, args.num_samples, args.seq_length, seed=args.seed,
-                           cache_dir=args.cache_dir)
+                           cache_dir=args.cache_dir, documents=cut.train)
     elapsed = time.perf_counter() - start
+    for line in cut.lines:
+        print(line.replace("data.split", "--split", 1))
     print(format_table(blend))
     print(f"{len(blend):,} samples of {args.seq_length + 1} tokens from {len(datasets)} dataset(s), "
           f"indices built in {elapsed:.2f} s" + (f" (cache: {args.cache_dir})" if args.cache_dir else ""))
