@@ -3,6 +3,8 @@
 megamath cannot train is an error naming the flag; unknown flags are listed."""
 from __future__ import annotations
 
+import shlex
+
 import pytest
 
 from megamath.cli import main
@@ -276,3 +278,38 @@ def test_a_warmup_fraction_counts_beside_zero_warmup_iterations():
 def test_a_weight_decay_schedule_is_refused_not_dropped(flags, message):
     with pytest.raises(ValueError, match=message):
         _schedule_of(*flags)
+
+
+def _data_of(data_flags: str):
+    """The script with its data flags replaced by `data_flags`: (config, conversion)."""
+    start = SCRIPT.index("--data-path")
+    script = SCRIPT[:start] + data_flags + " \\\n    " + SCRIPT[SCRIPT.index("--tokenizer-type"):]
+    words = shlex.split(script.split("pretrain_gpt.py")[1].replace("\\\n", " "))
+    conversion = convert_megatron(words, vocab_size=32000, world_size=32)
+    return conversion.validate(), conversion
+
+
+def test_data_path_alone_is_cut_by_megatrons_default_split():
+    config, conversion = _data_of("--data-path data/pp2_text_document")
+    assert config.data.split == "969,30,1" and config.data.valid_sets() == {}
+    assert (config.eval_every, config.eval_batches) == (250, 50 * 16)  # the one validation part gets all the work
+    assert any("not given, so Megatron-LM's default 969,30,1" in note for note in conversion.notes)
+
+
+def test_an_explicit_split_is_taken_and_its_validation_parts_share_the_work():
+    config, conversion = _data_of("--data-path 2 data/a_text_document 4 data/b_text_document --split '99, 1, 0'")
+    assert config.data.split == "99,1,0" and config.data.split_shares()[1] == pytest.approx(0.01)
+    assert (config.eval_every, config.eval_batches) == (250, 50 * 16 // 2)  # two prefixes, two validation parts
+    config, _ = _data_of("--data-path data/a_text_document --split 100")
+    assert (config.data.split, config.eval_every) == ("100", 0)  # nothing held out: no evaluation
+
+
+def test_split_beside_per_split_paths_is_ignored_as_megatron_ignores_it():
+    config, conversion = _data_of("--train-data-path data/a_text_document --valid-data-path data/a_validation "
+                                  "--split 98,2,0")
+    assert config.data.split is None and config.data.valid_sets() == {"a": "data/a_validation"}
+    listed = {u.key: u for u in conversion.unmapped}
+    assert listed["--split"].kind == "not needed" and "beside --train-data-path" in listed["--split"].reason
+    config, conversion = _data_of("--data-path data/a_text_document --valid-data-path data/a_validation")
+    assert config.data.split is None  # the validation data is named; every --data-path document trains
+    assert any("set data.split to hold documents out as well" in note for note in conversion.notes)

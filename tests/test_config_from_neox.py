@@ -343,10 +343,17 @@ def test_hf_load_single_data_path_and_constant_schedule(tmp_path):
     config = conversion.validate()
     assert config.init_from_hf == str(hf) and config.schedule.min_lr_ratio == 1.0
     assert config.data.train_blend() == ([1.0], ["data/all_text_document"])
-    assert config.eval_every == 0  # no validation sets: evaluation off, and said
+    # GPT-NeoX cuts data_path by its default split: the validation part is evaluated with all of the work
+    assert (config.data.split, config.eval_every) == ("969,30,1", 250)
     listed = {u.key: u for u in conversion.unmapped}
-    assert listed["split"].kind == "unsupported" and "load" not in listed
-    assert any(note.startswith("eval_interval 250: no valid_data_paths") for note in conversion.notes)
+    assert "split" not in listed and "load" not in listed
+    assert any(note.startswith("split 969,30,1 (GPT-NeoX default): data_path's documents are cut")
+               for note in conversion.notes)
+    (tmp_path / "one.yml").write_text(text.replace('"data-path":', '"split": "100", "data-path":'))
+    conversion = convert_neox(read_neox_yaml([tmp_path / "one.yml"]), vocab_size=32016)
+    assert (conversion.validate().data.split, conversion.validate().eval_every) == ("100", 0)  # nothing held out
+    assert any(note.startswith("eval_interval 250: no valid_data_paths and no validation share in split")
+               for note in conversion.notes)
 
 
 def test_warmup_left_out_is_gpt_neoxs_default_of_one_percent(tmp_path):
@@ -462,3 +469,11 @@ def test_num_kv_heads_counts_only_with_a_grouped_attention_type(tmp_path):
     conversion = convert_neox(read_neox_yaml(write_llemma(tmp_path, grouped)), vocab_size=32016)
     assert conversion.validate().model.num_kv_heads == 8
     assert "attention_type" not in {u.key for u in conversion.unmapped}
+
+
+def test_split_beside_train_data_paths_is_ignored_as_gpt_neox_ignores_it(tmp_path):
+    text = LLEMMA_7B_YML.replace('"launcher": "slurm",', '"launcher": "slurm", "split": "949,50,1",')
+    conversion = convert_neox(read_neox_yaml(write_llemma(tmp_path, text)), vocab_size=32016)
+    assert conversion.validate().data.split is None  # LLEMMA's data.yml names its train and validation files
+    listed = {u.key: u for u in conversion.unmapped}
+    assert listed["split"].kind == "not needed" and "beside train_data_paths" in listed["split"].reason

@@ -15,6 +15,7 @@ from typing import Callable
 
 import yaml
 
+from megamath.data.splits import parse_split
 from megamath.training.config import TrainConfig
 
 # Reasons an unmapped key is listed with.
@@ -104,3 +105,11 @@ def valid_set_names(prefixes: list[str]) -> dict:
             name = Path(prefix).name
         names[name] = prefix
     return names
+
+
+def held_out_sets(data: dict) -> int:
+    """How many validation sets data.split cuts out of a converted `data` section: one per data_path prefix when
+    its validation share is not 0."""
+    if data.get("split") is None or not data.get("data_path"):
+        return 0
+    return len(data["data_path"]) // 2 if parse_split(data["split"])[1] > 0 else 0

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Sequence
 
 from megamath.compat.conversion import (NO_EQUIVALENT, NOT_NEEDED, UNSUPPORTED, Conversion, Keys, Unmapped,
-                                        valid_set_names)
+                                        held_out_sets, valid_set_names)
+from megamath.data.splits import canonical_split
 from megamath.input_path import read_text
 
 SENTENCEPIECE_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer")
@@ -59,9 +60,7 @@ KNOWN_UNMAPPED = {
     "use_checkpoint_args": (NOT_NEEDED, "the config is the source of the model's shape"),
     "seq_length_for_eval": (NOT_NEEDED, "validation uses data.seq_length"),
     "data_cache_path": (NOT_NEEDED, "set data.cache_dir (default RUN_DIR/index-cache)"),
-    "split": (UNSUPPORTED, "megamath trains on all of --data-path and validates on separate prefixes "
-                           "(data.valid_data); no split is cut out of --data-path"),
-    "test_data_path": (NO_EQUIVALENT, "megamath evaluates validation sets only"),
+    "test_data_path": (NO_EQUIVALENT, "megamath takes test losses only from data.split's test parts of --data-path"),
     "log_throughput": (NOT_NEEDED, "metrics.jsonl records tokens/s, TFLOP/s and MFU every step"),
     **{k: (NOT_NEEDED, "metrics.jsonl records loss, lr, grad norm, throughput and memory every step")
        for k in ("log_timers_to_tensorboard", "log_validation_ppl_to_tensorboard", "log_memory_to_tensorboard",
@@ -431,24 +430,38 @@ def _data_and_checkpoints(flags: Flags, out: Conversion) -> None:
     data: dict = {"seq_length": int(flags.raw["seq_length"][0])}
     seed = flags.one("seed", int, 1234)
     data["seed"], c["seed"] = seed, seed
-    train = flags.take("train_data_path") or flags.take("data_path")
+    per_split = flags.take("train_data_path")
+    train = per_split or flags.take("data_path")
     if train and len(train) == 1:
         data["data_path"] = [1.0, train[0]]
     elif train:
         if len(train) % 2 or not all(_is_number(w) for w in train[0::2]):
             raise ValueError("--data-path: give weights and prefixes (W1 PREFIX1 W2 PREFIX2 ...) or one prefix")
         data["data_path"] = [float(x) if i % 2 == 0 else x for i, x in enumerate(train)]
+    split = flags.one("split", str, None)
     valid = flags.take("valid_data_path") or []
+    if train and not per_split and (split is not None or not valid):
+        data["split"] = canonical_split(split or "969, 30, 1")  # Megatron-LM cuts --data-path by --split
+        if split is None:
+            out.notes.append("--split: not given, so Megatron-LM's default 969,30,1 (it warns so too): 3 % of each "
+                             "--data-path prefix's documents validate, 0.1 % test")
+    elif train and not per_split:
+        out.notes.append("--split: not given, and --valid-data-path names the validation data, so every --data-path "
+                         "document trains (Megatron-LM either refuses the two together or ignores --valid-data-path "
+                         "and cuts 969,30,1); set data.split to hold documents out as well")
+    elif split is not None:
+        out.unmapped.append(Unmapped("--split", NOT_NEEDED,
+                                     f"{split}: Megatron-LM ignores it beside --train-data-path"))
     prefixes = valid[1::2] if len(valid) > 1 and _is_number(valid[0]) else valid
     data["valid_data"] = valid_set_names(list(prefixes))
     c["data"] = data
     interval, iters = flags.one("eval_interval", int, 1000), flags.one("eval_iters", int, 100)
-    sets = len(data["valid_data"])
+    sets = len(data["valid_data"]) + held_out_sets(data)
     c["eval_every"] = interval if sets else 0
     c["eval_batches"] = max(1, math.ceil(iters * c["grad_accum_steps"] / max(sets, 1)))
     if interval and not sets:
-        out.notes.append(f"--eval-interval {interval}: no --valid-data-path, so evaluation is off (megamath does "
-                         "not cut a validation split out of --data-path); set data.valid_data and eval_every")
+        out.notes.append(f"--eval-interval {interval}: no --valid-data-path and no validation share in --split, so "
+                         "evaluation is off; set data.valid_data or data.split, and eval_every")
     c["checkpoint"] = {"save_every": flags.one("save_interval", int, 0), "resume": "auto"}
     save, load = flags.one("save", str, None), flags.one("load", str, None)
     if save:

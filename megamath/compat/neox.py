@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Sequence
 
 from megamath.compat.conversion import (NO_EQUIVALENT, NOT_NEEDED, UNSUPPORTED, Conversion, Keys, Unmapped,
-                                        valid_set_names)
+                                        held_out_sets, valid_set_names)
+from megamath.data.splits import canonical_split
 from megamath.training.config import read_yaml
 
 LLAMA_MLP_MULTIPLE = 256  # GPT-NeoX's LLaMAParallelMLP rounds 2·4h/3 up to a multiple of this
@@ -66,8 +67,8 @@ KNOWN_UNMAPPED = {
     "exit_interval": (NO_EQUIVALENT, "stop a run with SIGUSR1/SIGTERM (it saves, then exits 0) or by train_steps"),
     "s3_path": (NO_EQUIVALENT, "checkpoints are written to RUN_DIR only; copy them with your own tools"),
     "s3_chunk_size": (NO_EQUIVALENT, "checkpoints are written to RUN_DIR only"),
-    "test_data_paths": (NO_EQUIVALENT, "megamath evaluates validation sets only (data.valid_data)"),
-    "test_data_weights": (NO_EQUIVALENT, "megamath evaluates validation sets only (data.valid_data)"),
+    "test_data_paths": (NO_EQUIVALENT, "megamath takes test losses only from data.split's test parts of data_path"),
+    "test_data_weights": (NO_EQUIVALENT, "megamath takes test losses only from data.split's test parts of data_path"),
     "valid_data_weights": (NOT_NEEDED, "each validation set is evaluated and reported on its own"),
     "distributed_backend": (NOT_NEEDED, "NCCL on GPUs, gloo on CPUs, chosen by megamath"),
     "steps_per_print": (NOT_NEEDED, "DeepSpeed's console print; see log_every"),
@@ -424,13 +425,16 @@ def _data(keys: Keys, out: Conversion) -> dict:
         if len(weights) != len(train):
             raise ValueError(f"train_data_weights has {len(weights)} entries for {len(train)} train_data_paths")
         data["data_path"] = [x for w, p in zip(weights, train) for x in (float(w), str(p))]
-    elif single:
+    elif single:  # GPT-NeoX cuts data_path by split (969, 30, 1 by default)
         data["data_path"] = [1.0, str(single)]
-        out.unmapped.append(Unmapped("split", UNSUPPORTED, f"{split or '969, 30, 1'}: megamath trains on all of "
-                                     "data_path and validates on separate prefixes (data.valid_data); no split "
-                                     "is cut out of data_path"))
+        data["split"] = canonical_split(split if split is not None else "969, 30, 1")
+        out.notes.append(f"split {data['split']}{'' if split is not None else ' (GPT-NeoX default)'}: data_path's "
+                         "documents are cut into train, validation and test parts by Megatron-LM's rule; GPT-NeoX "
+                         "rounds each share and shifts the bounds by the excess, so a bound can differ by one document")
     elif split is not None:
         out.unmapped.append(Unmapped("split", NOT_NEEDED, "no data_path to split"))
+    if train and split is not None:
+        out.unmapped.append(Unmapped("split", NOT_NEEDED, f"{split}: GPT-NeoX ignores it beside train_data_paths"))
     valid = keys.take("valid_data_paths") or []
     data["valid_data"] = valid_set_names([str(p) for p in valid])
     return data
@@ -450,14 +454,14 @@ def _checkpointing(keys: Keys, out: Conversion) -> None:
         out.unmapped.append(Unmapped("train_batch_size", NOT_NEEDED, f"{batch}: megamath's global batch is "
                                      "micro_batch_size × grad_accum_steps × data-parallel size, as in GPT-NeoX"))
     interval, iters = _int(keys, "eval_interval", 1000), _int(keys, "eval_iters", 100)
-    sets = len(c["data"]["valid_data"])
+    sets = len(c["data"]["valid_data"]) + held_out_sets(c["data"])
     c["eval_every"] = interval if sets else 0
     c["eval_batches"] = math.ceil(iters * accum / max(sets, 1))
     if interval and not sets:
-        out.notes.append(f"eval_interval {interval}: no valid_data_paths, so evaluation is off; set data.valid_data "
-                         f"and eval_every={interval}")
+        out.notes.append(f"eval_interval {interval}: no valid_data_paths and no validation share in split, so "
+                         f"evaluation is off; set data.valid_data or data.split, and eval_every={interval}")
     out.notes.append(f"eval_iters {iters}: GPT-NeoX evaluates eval_iters × gradient_accumulation_steps = "
-                     f"{iters * accum} micro-batches per rank on the blend of valid_data_paths and reports one loss; "
+                     f"{iters * accum} micro-batches per rank on the blend of its validation data and reports one loss; "
                      f"megamath reports each validation set, so the same work is split: eval_batches = "
                      f"⌈{iters * accum} / {max(sets, 1)}⌉ = {c['eval_batches']} per set")
     if keys.take("checkpoint_scale", "linear") != "linear":
