@@ -3,6 +3,7 @@
 megamath cannot train is an error naming the flag; unknown flags are listed."""
 from __future__ import annotations
 
+import json
 import shlex
 
 import pytest
@@ -309,7 +310,41 @@ def test_split_beside_per_split_paths_is_ignored_as_megatron_ignores_it():
                                   "--split 98,2,0")
     assert config.data.split is None and config.data.valid_sets() == {"a": "data/a_validation"}
     listed = {u.key: u for u in conversion.unmapped}
-    assert listed["--split"].kind == "not needed" and "beside --train-data-path" in listed["--split"].reason
+    assert listed["--split"].kind == "not needed" and "beside per-split data" in listed["--split"].reason
     config, conversion = _data_of("--data-path data/a_text_document --valid-data-path data/a_validation")
     assert config.data.split is None  # the validation data is named; every --data-path document trains
     assert any("set data.split to hold documents out as well" in note for note in conversion.notes)
+
+
+def test_data_paths_read_from_megatrons_files(tmp_path, monkeypatch):
+    """--data-args-path holds --data-path's words; --per-split-data-args-path a JSON of train, valid and test
+    blends. Both are read from the current folder, as Megatron-LM reads them."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "blend.txt").write_text("2 data/a_text_document\n4 data/b_text_document\n")
+    config, _ = _data_of("--data-args-path blend.txt --split 98,2,0")
+    assert config.data.train_blend() == ([2.0, 4.0], ["data/a_text_document", "data/b_text_document"])
+    assert (config.data.split, config.eval_every) == ("98,2,0", 250)
+    (tmp_path / "splits.json").write_text(json.dumps({"train": "1 data/a_text_document", "valid": ["data/a_val"],
+                                                      "test": ["data/a_test"]}))
+    config, conversion = _data_of("--per-split-data-args-path splits.json")
+    assert config.data.train_blend() == ([1.0], ["data/a_text_document"]) and config.data.split is None
+    assert config.data.valid_sets() == {"a": "data/a_val"}
+    listed = {u.key: u for u in conversion.unmapped}
+    assert listed["--per-split-data-args-path"].kind == "no equivalent"  # its test blend
+
+
+@pytest.mark.parametrize("flags, files, message", [
+    ("--data-args-path blend.txt", {"blend.txt": "data/a"}, "--data-args-path without --split: Megatron-LM stops"),
+    ("--data-args-path blend.txt --data-path data/a --split 99,1", {"blend.txt": "data/a"},
+     "--data-path and --data-args-path are both given"),
+    ("--data-args-path nope.txt --split 99,1", {}, "nope.txt"),
+    ("--per-split-data-args-path s.json", {"s.json": '{"train": ["data/a"]}'},
+     r"--per-split-data-args-path s.json: expected JSON with train, valid and test.*KeyError\('valid'\)"),
+])
+def test_bad_data_files_are_one_line_errors(tmp_path, monkeypatch, flags, files, message):
+    monkeypatch.chdir(tmp_path)
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises((ValueError, FileNotFoundError), match=message) as err:
+        _data_of(flags)
+    assert "\n" not in str(err.value)

@@ -15,6 +15,7 @@ lines are the table of Megatron-LM flags that have no counterpart, each with its
 """
 from __future__ import annotations
 
+import json
 import math
 import shlex
 from pathlib import Path
@@ -430,7 +431,7 @@ def _data_and_checkpoints(flags: Flags, out: Conversion) -> None:
     data: dict = {"seq_length": int(flags.raw["seq_length"][0])}
     seed = flags.one("seed", int, 1234)
     data["seed"], c["seed"] = seed, seed
-    per_split = flags.take("train_data_path")
+    per_split, valid = _data_files(flags, out)
     train = per_split or flags.take("data_path")
     if train and len(train) == 1:
         data["data_path"] = [1.0, train[0]]
@@ -439,7 +440,6 @@ def _data_and_checkpoints(flags: Flags, out: Conversion) -> None:
             raise ValueError("--data-path: give weights and prefixes (W1 PREFIX1 W2 PREFIX2 ...) or one prefix")
         data["data_path"] = [float(x) if i % 2 == 0 else x for i, x in enumerate(train)]
     split = flags.one("split", str, None)
-    valid = flags.take("valid_data_path") or []
     if train and not per_split and (split is not None or not valid):
         data["split"] = canonical_split(split or "969, 30, 1")  # Megatron-LM cuts --data-path by --split
         if split is None:
@@ -450,8 +450,8 @@ def _data_and_checkpoints(flags: Flags, out: Conversion) -> None:
                          "document trains (Megatron-LM either refuses the two together or ignores --valid-data-path "
                          "and cuts 969,30,1); set data.split to hold documents out as well")
     elif split is not None:
-        out.unmapped.append(Unmapped("--split", NOT_NEEDED,
-                                     f"{split}: Megatron-LM ignores it beside --train-data-path"))
+        out.unmapped.append(Unmapped("--split", NOT_NEEDED, f"{split}: Megatron-LM ignores it beside per-split data"
+                                     if per_split else f"{split}: no --data-path to split"))
     prefixes = valid[1::2] if len(valid) > 1 and _is_number(valid[0]) else valid
     data["valid_data"] = valid_set_names(list(prefixes))
     c["data"] = data
@@ -478,6 +478,36 @@ def _data_and_checkpoints(flags: Flags, out: Conversion) -> None:
     if project:
         c["logging"] = {"wandb": {"project": project, "group": None, "name": flags.one("wandb_exp_name", str, None),
                                   "mode": "online", "entity": flags.one("wandb_entity", str, None)}}
+
+
+def _data_files(flags: Flags, out: Conversion) -> tuple[list[str] | None, list[str]]:
+    """(--train-data-path, --valid-data-path) words, read from Megatron-LM's files when they are given instead:
+    --data-args-path (the words of --data-path) and --per-split-data-args-path (JSON: train, valid, test, each a
+    list of words or one string of them). Paths are read from the current folder, as Megatron-LM reads them."""
+    train, valid = flags.take("train_data_path"), flags.take("valid_data_path") or []
+    args_path = flags.one("data_args_path", str, None)
+    if args_path is not None:
+        if flags.raw.get("data_path") is not None:
+            raise ValueError("--data-path and --data-args-path are both given: Megatron-LM takes one of them")
+        if flags.raw.get("split") is None:  # its default split is set for --data-path only, and a blend needs one
+            raise ValueError("--data-args-path without --split: Megatron-LM stops there too (a blend needs a split); "
+                             "give --split, e.g. 969,30,1, its default beside --data-path")
+        flags.raw["data_path"] = read_text(args_path, "--data-args-path", "a list of weights and prefixes").split()
+    per_split_path = flags.one("per_split_data_args_path", str, None)
+    if per_split_path is not None:
+        text = read_text(per_split_path, "--per-split-data-args-path", "a JSON file")
+        try:
+            blends = json.loads(text)
+            blends = {part: blends[part].split() if isinstance(blends[part], str) else list(blends[part])
+                      for part in ("train", "valid", "test")}
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"--per-split-data-args-path {per_split_path}: expected JSON with train, valid and test, "
+                             f"each a list of weights and prefixes (or one string of them): {err!r}") from None
+        train, valid = blends["train"], blends["valid"]
+        if blends["test"]:
+            out.unmapped.append(Unmapped("--per-split-data-args-path", NO_EQUIVALENT, f"{per_split_path}'s test "
+                                         "blend: megamath takes test losses only from data.split's parts"))
+    return train, valid
 
 
 def _is_number(text: str) -> bool:
