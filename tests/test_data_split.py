@@ -141,3 +141,10 @@ def test_changing_the_split_on_resume_is_announced(tmp_path):
     saved = {"step": 4, "config": {**config.to_dict(), "data": {**config.to_dict()["data"], "split": None}}}
     assert "data.split None -> '8,1,1'" in data_order_change(saved, config)
     assert data_order_change({"step": 4, "config": config.to_dict()}, config) is None
+
+
+def test_validation_prefixes_are_opened_only_when_evaluation_is_on(tmp_path):
+    """eval_every 0 leaves valid_data unread (a run may keep a config's sets it does not evaluate)."""
+    config = split_config(tmp_path, eval_every=0, data__valid_data={"gone": str(tmp_path / "missing")})
+    data = TrainData(config, ParallelState.single(), None)
+    assert data.valid == {} and list(data.test) == ["tagged"]  # the test part is still taken at the end

@@ -79,8 +79,11 @@ class TrainData:
                                      cache_dir=cache_dir)
                     for name, (source, ids) in parts.items()}
 
-        valid_parts = {name: (_open(prefix), None) for name, prefix in data.valid_sets().items()} | cut.valid
-        self.valid = rank0_first(state, lambda: build_held_out(valid_parts)) if config.eval_every else {}
+        if config.eval_every:  # (valid_data's prefixes are opened only then)
+            valid_parts = {name: (_open(prefix), None) for name, prefix in data.valid_sets().items()} | cut.valid
+            self.valid = rank0_first(state, lambda: build_held_out(valid_parts))
+        else:
+            self.valid = {}
         self.test = rank0_first(state, lambda: build_held_out(cut.test))  # data.split's test parts: the last step
         # The same prefixes may hold other data on another node (a stale copy): its ranks would train on
         # other samples, with exit 0. The fingerprints (each index's hash) are computed already, for the cache.
