@@ -5,6 +5,9 @@ import json
 
 import numpy as np
 import pytest
+import torch
+
+from distributed import run_distributed
 
 from megamath.data.indexed_dataset_writer import IndexedDatasetWriter
 from megamath.data.splits import canonical_split, cut_splits, parse_split, part_names, split_documents
@@ -118,6 +121,30 @@ def test_run_reports_validation_parts_and_the_test_loss_once_at_the_end(tmp_path
     assert "data.split 8,1,1: documents cut in order" in out and "  test/tagged " in out
     run = load_run(tmp_path / "run")  # the report draws the test loss with the losses, not as a score
     assert len(loss_figure([run])) == 1 and score_figure([run]) == []
+
+
+def _dp2_split_worker(rank, world_size, tmp):
+    torch.set_num_threads(1)
+    train(split_config(tmp, train_steps=8, micro_batch_size=1), ParallelState.from_env(1))
+
+
+def test_two_dp_ranks_report_the_held_out_losses_of_one(tmp_path):
+    """DP 2 (each rank half of every held-out batch, the mean over ranks) against DP 1 with the same samples."""
+    tagged_corpus(tmp_path)  # before the ranks start: they would race to write it
+    run_distributed(_dp2_split_worker, 2, tmp_path)
+    (tmp_path / "one").mkdir()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(split_config(tmp_path / "one", train_steps=8, micro_batch_size=1, grad_accum_steps=2,
+                           eval_batches=4), ParallelState.single())
+    finally:
+        torch.set_num_threads(threads)
+    two, one = (json.loads((d / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+                for d in (tmp_path, tmp_path / "one"))
+    for key in ("val_loss", "test_loss"):
+        assert two[key].keys() == one[key].keys() == {"tagged"}
+        np.testing.assert_allclose(two[key]["tagged"], one[key]["tagged"], rtol=1e-4)
 
 
 def test_a_part_too_small_for_one_sample_is_refused_before_training(tmp_path):
