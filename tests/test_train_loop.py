@@ -29,6 +29,7 @@ from megamath.training.checkpoint import LATEST, latest_checkpoint, load_checkpo
 from megamath.training.config import TrainConfig
 from megamath.training.loop import train
 from megamath.training.resume import validation_change
+from megamath.training.schedule import lr_at
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -269,6 +270,25 @@ def test_resume_says_when_the_samples_come_in_another_order(tmp_path, one_thread
     assert run(longer).step == 12
     assert ("warning: train_steps 8 -> 12, data.seed 1234 -> 7 since checkpoint step 4: the blend is rebuilt, so the "
             "samples from here on come in another order") in capsys.readouterr().out
+
+
+def test_resume_says_when_the_learning_rate_schedule_changed(tmp_path, one_thread, capsys):
+    """Megatron-LM refuses a changed schedule unless told to override it; megamath takes the config's and says
+    how the lr jumps."""
+    run(raw_config(tmp_path / "data", tmp_path / "a"))
+    rewind(tmp_path / "a", 4)
+    capsys.readouterr()
+    changed = raw_config(tmp_path / "data", tmp_path / "a", optimizer__lr=1e-3, schedule__decay_steps=40)
+    run(changed)
+    config = TrainConfig.from_dict(changed)
+    old = TrainConfig.from_dict(raw_config(tmp_path / "data", tmp_path / "a"))
+    new_lr, old_lr = lr_at(5, 1e-3, config.schedule), lr_at(5, 3e-3, old.schedule)
+    assert (f"warning: optimizer.lr 0.003 -> 0.001, schedule.decay_steps 20 -> 40 since checkpoint step 4; update 5 "
+            f"runs at lr {new_lr:.4g}, not {old_lr:.4g}") in capsys.readouterr().out
+    rewind(tmp_path / "a", 8)  # step 8's checkpoint was saved under the new schedule: resuming it is quiet
+    changed["train_steps"] = 10
+    assert run(changed).step == 10
+    assert "optimizer.lr" not in capsys.readouterr().out
 
 
 def test_a_refused_resume_leaves_the_runs_config_yaml_as_it_was(tmp_path, one_thread):

@@ -50,7 +50,7 @@ from megamath.training.phases import PhaseTimer, no_phase
 from megamath.training.profiling import StepProfiler
 from megamath.training.reshard import load_checkpoint_any_tp
 from megamath.training.resume import (check_resume_compatible, data_order_change, find_resume_checkpoint,
-                                     rewound_past, validation_change)
+                                     rewound_past, schedule_change, validation_change)
 from megamath.training.run_guard import hold_run_dir
 from megamath.training.schedule import lr_at
 
@@ -262,6 +262,8 @@ def _train(config: TrainConfig, state: ParallelState, attempt: str) -> TrainResu
         if state.rank == 0 and (warning := data_order_change(saved, config)):
             print(warning, flush=True)
         if state.rank == 0 and (warning := validation_change(saved, config, state.dp_size)):
+            print(warning, flush=True)
+        if state.rank == 0 and (warning := schedule_change(saved, config)):
             print(warning, flush=True)
         if state.rank == 0 and (note := rewound_past(run_dir, saved["step"])):
             print(note, flush=True)

@@ -24,6 +24,7 @@ from megamath.parallel.mappings import all_gather_objects, barrier
 from megamath.parallel.state import ParallelState
 from megamath.training import checkpoint as ckpt
 from megamath.training.checkpoint_integrity import verify_files
+from megamath.training.schedule import ScheduleConfig, lr_at
 
 SHAPE_KEYS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size")
 
@@ -151,6 +152,27 @@ def data_order_change(meta: dict, config) -> str | None:
         return None
     return (f"warning: {', '.join(changed)} since checkpoint step {meta['step']}: the blend is rebuilt, so the samples "
             "from here on come in another order than that run's (some may repeat, others be skipped)")
+
+
+def schedule_change(meta: dict, config) -> str | None:
+    """A warning line when this run's learning-rate schedule differs from the checkpoint run's (the peak, warmup,
+    decay or floor): the curve then jumps at the resume. Megatron-LM refuses this unless told to override;
+    megamath takes the config's schedule, as `--override-opt_param-scheduler` does, and says what changed."""
+    saved = meta.get("schedule")
+    if not saved or "peak_lr" not in saved:
+        return None
+    ours = {"peak_lr": config.optimizer.lr, **vars(config.schedule)}
+    changed = [f"{'optimizer.lr' if key == 'peak_lr' else 'schedule.' + key} {saved.get(key)!r} -> {value!r}"
+               for key, value in ours.items() if saved.get(key) != value]
+    if not changed:
+        return None
+    step = meta["step"] + 1
+    try:
+        before = lr_at(step, saved["peak_lr"], ScheduleConfig(**{k: saved[k] for k in vars(config.schedule)}))
+        jump = f"; update {step} runs at lr {lr_at(step, config.optimizer.lr, config.schedule):.4g}, not {before:.4g}"
+    except (KeyError, TypeError, ValueError):  # a schedule this version cannot rebuild: the keys say enough
+        jump = ""
+    return f"warning: {', '.join(changed)} since checkpoint step {meta['step']}{jump}"
 
 
 def validation_change(meta: dict, config, dp_size: int) -> str | None:
