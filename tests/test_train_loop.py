@@ -625,6 +625,8 @@ def _tp_worker(rank, world_size, tmp):
     train(TrainConfig.from_dict(raw), state)
     model = loop.build_model(TrainConfig.from_dict({**raw, "init_from_hf": str(tmp / "hf")}), state)
     torch.save({n: p.detach().clone() for n, p in model.named_parameters()}, tmp / f"pretrained_tp{rank}.pt")
+    warm = loop.build_model(TrainConfig.from_dict({**raw, "init_from_hf": str(tmp / "tp2")}), state)  # its own run
+    torch.save({n: p.detach().clone() for n, p in warm.named_parameters()}, tmp / f"warm_tp{rank}.pt")
 
 
 def _tp_source_model(tmp: Path):
@@ -645,7 +647,7 @@ def _write_tp_inputs(tmp: Path) -> None:
 
 def test_tensor_and_sequence_parallel_run_matches_serial(two_rank_runs, one_thread):
     """TP = 2 with sequence parallelism (norm-weight grads summed over TP inside ZeRO's flat buffer) follows
-    the serial run; init_from_hf gives each TP rank its slices of the checkpoint."""
+    the serial run; init_from_hf gives each TP rank its slices of the checkpoint, a model folder or a training run."""
     from megamath.model.tp_state_dict import merge_state_dicts, shard_state_dict
 
     tmp_path = two_rank_runs / "tp"  # the TP 2 run is made by the module's 2-rank launch
@@ -662,6 +664,14 @@ def test_tensor_and_sequence_parallel_run_matches_serial(two_rank_runs, one_thre
     full = {n: p.detach() for n, p in source.named_parameters()}
     for r in range(2):
         assert_bitwise_equal(torch.load(tmp_path / f"pretrained_tp{r}.pt"), shard_state_dict(full, config.model, 2, r))
+    # init_from_hf naming a training run: at TP 2 each rank starts from the slices that rank saved, and one
+    # process starts from their merge
+    for r in range(2):
+        assert_bitwise_equal(torch.load(tmp_path / f"warm_tp{r}.pt"),
+                             dict(load_file(str(path / f"model_tp{r:02d}.safetensors"))))
+    warm = loop.build_model(TrainConfig.from_dict({**raw, "init_from_hf": str(tmp_path / "tp2")}),
+                            ParallelState.single())
+    assert_bitwise_equal({n: p.detach() for n, p in warm.named_parameters()}, merged)
 
 
 def signal_at_step(monkeypatch, step: int) -> None:

@@ -246,7 +246,9 @@ class TrainConfig:
     eval_batches: int = 10
     """Micro-batches per data-parallel rank in each validation set's evaluation."""
     init_from_hf: str | None = None
-    """Start from a Hugging Face Llama checkpoint folder (or a megamath one); null: random initialization."""
+    """Start from a Hugging Face Llama checkpoint folder (or a megamath one), or from the weights of a megamath
+    training run (its latest checkpoint) or step folder, at step 0 with a fresh optimizer (Megatron-LM's
+    --finetune); null: random initialization."""
     param_dtype: str = "auto"
     """Model parameter dtype (the optimizer keeps fp32 masters): auto = bfloat16 on GPUs, float32 on CPUs."""
     seed: int = 1234

@@ -51,8 +51,10 @@ from megamath.training.profiling import StepProfiler
 from megamath.training.reshard import load_checkpoint_any_tp
 from megamath.training.resume import (check_resume_compatible, data_order_change, find_resume_checkpoint,
                                      rewound_past, schedule_change, validation_change)
+from megamath.training.export import is_training_checkpoint
 from megamath.training.run_guard import hold_run_dir
 from megamath.training.schedule import lr_at
+from megamath.training.warm_start import load_training_weights, training_hf_extras
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -151,7 +153,10 @@ def build_model(config: TrainConfig, state: ParallelState) -> Llama:
         with torch.device("meta"):  # no time spent on an init the weights overwrite
             model = Llama(config.model, parallel=state, sequence_parallel=sp)
         model.to_empty(device=state.device)
-        load_pretrained(model, config.init_from_hf, state)
+        if is_training_checkpoint(config.init_from_hf):  # a megamath run's weights, step 0 (Megatron's --finetune)
+            load_training_weights(model, config.init_from_hf, state)
+        else:
+            load_pretrained(model, config.init_from_hf, state)
     else:
         torch.manual_seed(config.seed)  # the same on every rank: TP ranks slice one draw, DP ranks agree
         with torch.device(state.device):
@@ -197,7 +202,11 @@ def hf_extras_of_run(config: TrainConfig, saved: dict | None) -> dict | None:
     recorded, else (a fresh start, or a checkpoint from before the record) those of init_from_hf's folder."""
     if saved is not None and "hf_extras" in saved:
         return saved["hf_extras"]
-    return hf_extras_record(config.init_from_hf) if config.init_from_hf else None
+    if not config.init_from_hf:
+        return None
+    if is_training_checkpoint(config.init_from_hf):
+        return training_hf_extras(config.init_from_hf)
+    return hf_extras_record(config.init_from_hf)
 
 
 class PreemptionFlag:
