@@ -338,6 +338,10 @@ def test_data_paths_read_from_megatrons_files(tmp_path, monkeypatch):
     ("--data-args-path blend.txt --data-path data/a --split 99,1", {"blend.txt": "data/a"},
      "--data-path and --data-args-path are both given"),
     ("--data-args-path nope.txt --split 99,1", {}, "nope.txt"),
+    ("--data-args-path blend.txt --split 99,1", {"blend.txt": "\n"}, "blend.txt holds no weights or prefixes"),
+    ("--data-path data/a --train-data-path data/b", {}, "--data-path beside --train-data-path or --per-split"),
+    ("--data-path data/a --per-split-data-args-path s.json", {"s.json": "{}"}, "--data-path beside --train-data-path"),
+    ("--data-path data/a --split ''", {}, "^--split '': '' is not a number"),
     ("--per-split-data-args-path s.json", {"s.json": '{"train": ["data/a"]}'},
      r"--per-split-data-args-path s.json: expected JSON with train, valid and test.*KeyError\('valid'\)"),
 ])

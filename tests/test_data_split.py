@@ -64,6 +64,19 @@ def test_bad_splits_get_one_line_errors(split, message):
     assert "\n" not in str(err.value) and str(err.value).startswith("data.split")
 
 
+def test_the_written_split_keeps_every_digit():
+    """A share rounded when written would move a bound: 2,000,001 documents of 3,000,001 train, as Megatron-LM's."""
+    split = canonical_split("66.6666667,33.3333333")
+    assert split == "66.6666667,33.3333333" and len(split_documents(3000001, split).train) == 2000001
+    assert canonical_split("1.0000004,1") == "1.0000004,1" and len(split_documents(5, "1.0000004,1").train) == 3
+
+
+def test_a_prefix_listed_twice_has_one_held_out_set():
+    sources = [type("Sizes", (), {"sizes": np.full(10, 100, dtype=np.int32)})()] * 2
+    cut = cut_splits(sources, ["d/x_text_document"] * 2, "8,1,1", 32)
+    assert list(cut.valid) == list(cut.test) == ["x"] and len(cut.train) == 2
+
+
 def test_one_spelling_of_each_split():
     assert canonical_split("969, 30, 1") == canonical_split([969, 30, 1]) == canonical_split("969/30/1") == "969,30,1"
     assert canonical_split(100) == "100" and canonical_split("99.5, .5") == "99.5,0.5"

@@ -112,4 +112,4 @@ def held_out_sets(data: dict) -> int:
     its validation share is not 0."""
     if data.get("split") is None or not data.get("data_path"):
         return 0
-    return len(data["data_path"]) // 2 if parse_split(data["split"])[1] > 0 else 0
+    return len(set(data["data_path"][1::2])) if parse_split(data["split"])[1] > 0 else 0

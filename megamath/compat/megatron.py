@@ -441,7 +441,10 @@ def _data_and_checkpoints(flags: Flags, out: Conversion) -> None:
         data["data_path"] = [float(x) if i % 2 == 0 else x for i, x in enumerate(train)]
     split = flags.one("split", str, None)
     if train and not per_split and (split is not None or not valid):
-        data["split"] = canonical_split(split or "969, 30, 1")  # Megatron-LM cuts --data-path by --split
+        try:  # Megatron-LM cuts --data-path by --split
+            data["split"] = canonical_split(split if split is not None else "969, 30, 1")
+        except ValueError as err:  # the message names the config key; here it is the flag
+            raise ValueError(str(err).replace("data.split", "--split", 1)) from None
         if split is None:
             out.notes.append("--split: not given, so Megatron-LM's default 969,30,1 (it warns so too): 3 % of each "
                              "--data-path prefix's documents validate, 0.1 % test")
@@ -492,8 +495,14 @@ def _data_files(flags: Flags, out: Conversion) -> tuple[list[str] | None, list[s
         if flags.raw.get("split") is None:  # its default split is set for --data-path only, and a blend needs one
             raise ValueError("--data-args-path without --split: Megatron-LM stops there too (a blend needs a split); "
                              "give --split, e.g. 969,30,1, its default beside --data-path")
-        flags.raw["data_path"] = read_text(args_path, "--data-args-path", "a list of weights and prefixes").split()
+        words = read_text(args_path, "--data-args-path", "a list of weights and prefixes").split()
+        if not words:
+            raise ValueError(f"--data-args-path {args_path} holds no weights or prefixes")
+        flags.raw["data_path"] = words
     per_split_path = flags.one("per_split_data_args_path", str, None)
+    if flags.raw.get("data_path") is not None and (train or per_split_path is not None):
+        raise ValueError("--data-path beside --train-data-path or --per-split-data-args-path: Megatron-LM takes one "
+                         "blend (cut by --split) or per-split blends, not both; give one of them")
     if per_split_path is not None:
         text = read_text(per_split_path, "--per-split-data-args-path", "a JSON file")
         try:

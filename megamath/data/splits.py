@@ -67,7 +67,13 @@ def canonical_split(split: str | Sequence[float]) -> str:
     parse_split(split)  # the errors first
     items = ([item.strip() for item in re.split(r"[,/]", split)] if isinstance(split, str)
              else list(split) if isinstance(split, (list, tuple)) else [split])
-    return ",".join(f"{float(item):g}" for item in items)
+    return ",".join(_exact(float(item)) for item in items)
+
+
+def _exact(share: float) -> str:
+    """The share as written back without losing a digit (a rounded share would move a bound): 969, 66.6666667."""
+    text = repr(share)
+    return text[:-2] if text.endswith(".0") else text
 
 
 def split_documents(num_documents: int, split: str | Sequence[float]) -> SplitParts:
@@ -131,11 +137,12 @@ def cut_splits(datasets: Sequence, prefixes: Sequence[str], split: str | None, s
                                  f"{seq_length + 1} that one sample needs; give that part a larger share (0: no such "
                                  "part), or more data")
         train.append(parts.train)
-        if parts.valid is not None:
+        again = prefix in prefixes[:len(train) - 1]  # listed twice in the blend: its held-out parts count once
+        if parts.valid is not None and not again:
             valid[name] = (dataset, parts.valid)
-        if parts.test is not None:
+        if parts.test is not None and not again:
             test[name] = (dataset, parts.test)
         counts = ", ".join(f"{part} {len(ids):,}" for part, ids in zip(PARTS, parts) if ids is not None)
         lines.append(f"  {prefix}: {len(sizes):,} documents: {counts}" + (
-            f" (reported as {name})" if parts.valid is not None or parts.test is not None else ""))
+            f" (reported as {name})" if (parts.valid is not None or parts.test is not None) and not again else ""))
     return SplitCut(train, valid, test, lines)
