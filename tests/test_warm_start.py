@@ -1,6 +1,7 @@
 """init_from_hf naming a megamath training run or step folder: its weights at step 0, a fresh optimizer, its
 special-token record carried on (Megatron-LM's --finetune for megamath's own checkpoints)."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from test_train_loop import metrics, raw_config, run
 
 
 def stage(tmp_path, name: str, **top) -> dict:
-    return raw_config(tmp_path / "data", tmp_path / name, train_steps=4, **top)
+    return raw_config(tmp_path / "data", tmp_path / name, **{"train_steps": 4, **top})
 
 
 def test_a_second_stage_starts_from_the_first_stages_weights_at_step_zero(tmp_path):
@@ -73,4 +74,22 @@ def test_a_damaged_checkpoint_is_not_trained_from(tmp_path):
     config = TrainConfig.from_dict(stage(tmp_path, "two", init_from_hf=str(tmp_path / "one")))
     with pytest.raises(CheckpointIntegrityError, match=r"model_tp00.safetensors has sha256 .* \(its contents changed "
                                                        r"after it was saved\)"):
+        loop.build_model(config, ParallelState.single())
+
+
+def test_a_second_stage_resumes_after_the_first_stage_is_gone(tmp_path):
+    """A resume overwrites every weight, so init_from_hf's source is not read again (nor needed)."""
+    run(stage(tmp_path, "one"))
+    run(stage(tmp_path, "two", init_from_hf=str(tmp_path / "one")))
+    shutil.rmtree(tmp_path / "one")
+    assert run(stage(tmp_path, "two", init_from_hf=str(tmp_path / "one"), train_steps=6)).step == 6
+    assert [r["step"] for r in metrics(tmp_path / "two")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_run_whose_latest_is_gone_is_named_as_init_from_hf(tmp_path):
+    run(stage(tmp_path, "one"))
+    (tmp_path / "one" / "checkpoints" / "step_0000004").rename(tmp_path / "one" / "checkpoints" / "step_0000004.corrupt")
+    config = TrainConfig.from_dict(stage(tmp_path, "two", init_from_hf=str(tmp_path / "one")))
+    with pytest.raises(ValueError, match=r"^init_from_hf: .*latest names step_0000004, which is not a complete "
+                                         r"checkpoint[^;]*$"):
         loop.build_model(config, ParallelState.single())

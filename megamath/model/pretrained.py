@@ -26,7 +26,8 @@ def load_pretrained(model: torch.nn.Module, directory: str | Path, state: Parall
     """
     directory = Path(directory)
     if not (directory / CONFIG_NAME).is_file():
-        raise FileNotFoundError(f"init_from_hf: {directory / CONFIG_NAME} not found")
+        raise FileNotFoundError(f"init_from_hf: {directory / CONFIG_NAME} not found (nor is {directory} a megamath "
+                                "training run or step folder: no checkpoints/latest, no metadata.json)")
     saved = read_json(directory / CONFIG_NAME)
     is_hf = "model_type" in saved
     check_architecture(saved, is_hf, model.config, directory)

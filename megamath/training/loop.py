@@ -146,16 +146,19 @@ def param_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
     return getattr(torch, config.param_dtype)
 
 
-def build_model(config: TrainConfig, state: ParallelState) -> Llama:
-    """This TP rank's model on its device in the training dtype: seeded random init, or pretrained weights."""
+def build_model(config: TrainConfig, state: ParallelState, pretrained: bool = True) -> Llama:
+    """This TP rank's model on its device in the training dtype: seeded random init, or pretrained weights.
+
+    pretrained=False (a resume, whose checkpoint overwrites every weight) leaves init_from_hf's weights
+    unread: a later stage resumes even once the run it started from is gone, and reads nothing twice."""
     sp = config.parallel.sequence_parallel
     if config.init_from_hf:
         with torch.device("meta"):  # no time spent on an init the weights overwrite
             model = Llama(config.model, parallel=state, sequence_parallel=sp)
         model.to_empty(device=state.device)
-        if is_training_checkpoint(config.init_from_hf):  # a megamath run's weights, step 0 (Megatron's --finetune)
-            load_training_weights(model, config.init_from_hf, state)
-        else:
+        if pretrained and is_training_checkpoint(config.init_from_hf):  # a megamath run's weights, step 0
+            load_training_weights(model, config.init_from_hf, state)  # (Megatron-LM's --finetune)
+        elif pretrained:
             load_pretrained(model, config.init_from_hf, state)
     else:
         torch.manual_seed(config.seed)  # the same on every rank: TP ranks slice one draw, DP ranks agree
@@ -202,8 +205,8 @@ def hf_extras_of_run(config: TrainConfig, saved: dict | None) -> dict | None:
     recorded, else (a fresh start, or a checkpoint from before the record) those of init_from_hf's folder."""
     if saved is not None and "hf_extras" in saved:
         return saved["hf_extras"]
-    if not config.init_from_hf:
-        return None
+    if not config.init_from_hf or (saved is not None and not Path(config.init_from_hf).exists()):
+        return None  # (a resume whose starting point is gone: its checkpoints had no record either)
     if is_training_checkpoint(config.init_from_hf):
         return training_hf_extras(config.init_from_hf)
     return hf_extras_record(config.init_from_hf)
@@ -260,11 +263,11 @@ def _train(config: TrainConfig, state: ParallelState, attempt: str) -> TrainResu
     run_dir = Path(config.run_dir)
     data = TrainData(config, state, config.data.cache_dir or run_dir / "index-cache")  # data errors first
     check_task_inputs(config.evaluation)  # and the evaluation's, not at its first eval_every step
-    model = build_model(config, state)
+    resume_from = resume_point(config, run_dir, state)
+    model = build_model(config, state, pretrained=resume_from is None)  # a resume overwrites every weight
     optimizer = build_optimizer(config, model, state)
     seed_rngs(config.seed, state.rank)
     step, nonfinite = 0, 0
-    resume_from = resume_point(config, run_dir, state)
     if resume_from is not None:
         saved = ckpt.read_metadata(resume_from)
         check_resume_compatible(saved, config, resume_from)

@@ -25,7 +25,10 @@ def load_training_weights(model: torch.nn.Module, path: str | Path, state: Paral
 
     The model's shape must be the checkpoint's; everything else (rope_theta, norm_eps, max_seq_length, the
     kernels) is the run's own, as with a Hugging Face folder."""
-    source = TrainCheckpoint(resolve_checkpoint(path), with_optimizer=False)
+    try:
+        source = TrainCheckpoint(resolve_checkpoint(path), with_optimizer=False)
+    except (FileNotFoundError, ValueError) as err:  # its own words, said of init_from_hf (a resume's advice aside)
+        raise type(err)(f"init_from_hf: {str(err).split('; point it at')[0]}") from None
     differ = [f"{key} {getattr(source.config, key)} (checkpoint) vs {getattr(model.config, key)} (this run)"
               for key in SHAPE_KEYS if getattr(source.config, key) != getattr(model.config, key)]
     if differ:
