@@ -180,6 +180,9 @@ def test_changing_the_split_on_resume_is_announced(tmp_path):
     config = split_config(tmp_path)
     saved = {"step": 4, "config": {**config.to_dict(), "data": {**config.to_dict()["data"], "split": None}}}
     assert "data.split None -> '8,1,1'" in data_order_change(saved, config)
+    assert "documents trained on up to step 4 now lie in data.split's held-out parts" in data_order_change(saved, config)
+    wider = {"step": 4, "config": {**config.to_dict(), "data": {**config.to_dict()["data"], "split": "6,2,2"}}}
+    assert "held-out parts" not in data_order_change(wider, config)  # 6,2,2 -> 8,1,1: held-out documents only shrink
     assert data_order_change({"step": 4, "config": config.to_dict()}, config) is None
 
 

@@ -24,6 +24,7 @@ from megamath.parallel.mappings import all_gather_objects, barrier
 from megamath.parallel.state import ParallelState
 from megamath.training import checkpoint as ckpt
 from megamath.training.checkpoint_integrity import verify_files
+from megamath.data.splits import parse_split
 from megamath.training.schedule import ScheduleConfig, lr_at
 
 SHAPE_KEYS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size")
@@ -150,8 +151,14 @@ def data_order_change(meta: dict, config) -> str | None:
             changed.append(f"{'.'.join(keys)} {old!r} -> {new!r}")
     if not changed:
         return None
-    return (f"warning: {', '.join(changed)} since checkpoint step {meta['step']}: the blend is rebuilt, so the samples "
+    line = (f"warning: {', '.join(changed)} since checkpoint step {meta['step']}: the blend is rebuilt, so the samples "
             "from here on come in another order than that run's (some may repeat, others be skipped)")
+    old_split = (saved.get("data") or {}).get("split")
+    before = 1.0 if old_split is None else parse_split(old_split)[0]
+    if before > config.data.split_shares()[0]:  # the old train part reaches into the new held-out parts
+        line += (f"; documents trained on up to step {meta['step']} now lie in data.split's held-out parts, so "
+                 "val_loss and test_loss of those parts are no longer of unseen documents")
+    return line
 
 
 def schedule_change(meta: dict, config) -> str | None:
