@@ -45,13 +45,13 @@ from megamath.training import checkpoint as ckpt
 from megamath.training.attention_settle import settle_attention
 from megamath.training.config import TrainConfig, dump_config
 from megamath.training.data import MicroBatch, TrainData
+from megamath.training.export import is_training_checkpoint
 from megamath.training.metrics import MetricsLogger, RunDescription, finite_or_none, format_summary, run_info
 from megamath.training.phases import PhaseTimer, no_phase
 from megamath.training.profiling import StepProfiler
 from megamath.training.reshard import load_checkpoint_any_tp
 from megamath.training.resume import (check_resume_compatible, data_order_change, find_resume_checkpoint,
                                      rewound_past, schedule_change, validation_change)
-from megamath.training.export import is_training_checkpoint
 from megamath.training.run_guard import hold_run_dir
 from megamath.training.schedule import lr_at
 from megamath.training.warm_start import load_training_weights, training_hf_extras
