@@ -562,8 +562,8 @@ def inject_nonfinite(monkeypatch, loss_steps=(), grad_steps=()):
     """Make the loss (forward hook) or one gradient (tensor hook) NaN at the given steps (1 micro-batch a step)."""
     build = loop.build_model
 
-    def build_with_faults(config, state):
-        model = build(config, state)
+    def build_with_faults(config, state, **options):
+        model = build(config, state, **options)
         calls, handles = {"n": 0}, []
 
         def forward_hook(module, args, output):
@@ -712,8 +712,8 @@ def test_a_nonfinite_validation_loss_is_null_in_metrics_jsonl(tmp_path, monkeypa
     """metrics.jsonl stays strict JSON (NaN and Infinity are not JSON) when only the validation loss overflows."""
     build = loop.build_model
 
-    def build_overflowing_in_eval(config, state):
-        model = build(config, state)
+    def build_overflowing_in_eval(config, state, **options):
+        model = build(config, state, **options)
         model.register_forward_hook(lambda module, args, out: None if module.training else (out[0], out[1] * math.inf))
         return model
 
