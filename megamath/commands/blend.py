@@ -39,17 +39,14 @@ def format_table(blend: BlendedDataset) -> str:
 def run(args) -> int:
     weights, prefixes = parse_data_path(args.data_path)
     datasets = [_open(prefix) for prefix in prefixes]
-    try:
-        split = None if args.split is None else canonical_split(args.split)
-        cut = cut_splits(datasets, prefixes, split, args.seq_length)
-    except ValueError as err:  # the messages name the config key; here it is the flag
-        raise ValueError(str(err).replace("data.split", "--split", 1)) from None
+    split = None if args.split is None else canonical_split(args.split, "--split")
+    cut = cut_splits(datasets, prefixes, split, args.seq_length, key="--split")
     start = time.perf_counter()
     blend = BlendedDataset(datasets, weights, args.num_samples, args.seq_length, seed=args.seed,
                            cache_dir=args.cache_dir, documents=cut.train)
     elapsed = time.perf_counter() - start
     for line in cut.lines:
-        print(line.replace("data.split", "--split", 1))
+        print(line)
     print(format_table(blend))
     print(f"{len(blend):,} samples of {args.seq_length + 1} tokens from {len(datasets)} dataset(s), "
           f"indices built in {elapsed:.2f} s" + (f" (cache: {args.cache_dir})" if args.cache_dir else ""))

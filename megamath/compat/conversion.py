@@ -10,12 +10,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import yaml
 
-from megamath.data.splits import parse_split
+from megamath.data.splits import parse_split, part_names
 from megamath.training.config import TrainConfig
 
 # Reasons an unmapped key is listed with.
@@ -96,15 +95,8 @@ class Keys:
 
 def valid_set_names(prefixes: list[str]) -> dict:
     """Report names for validation prefixes: `.../arxiv_validation_text_document` -> `arxiv`."""
-    names = {}
-    for prefix in prefixes:
-        name = Path(prefix).name
-        for suffix in ("_text_document", "_document", "_validation", "_valid", "_val"):
-            name = name[: -len(suffix)] if name.endswith(suffix) and len(name) > len(suffix) else name
-        if name in names:
-            name = Path(prefix).name
-        names[name] = prefix
-    return names
+    suffixes = ("_text_document", "_document", "_validation", "_valid", "_val")
+    return dict(zip(part_names(prefixes, suffixes=suffixes), prefixes))
 
 
 def held_out_sets(data: dict) -> int:

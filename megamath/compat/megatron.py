@@ -441,10 +441,7 @@ def _data_and_checkpoints(flags: Flags, out: Conversion) -> None:
         data["data_path"] = [float(x) if i % 2 == 0 else x for i, x in enumerate(train)]
     split = flags.one("split", str, None)
     if train and not per_split and (split is not None or not valid):
-        try:  # Megatron-LM cuts --data-path by --split
-            data["split"] = canonical_split(split if split is not None else "969, 30, 1")
-        except ValueError as err:  # the message names the config key; here it is the flag
-            raise ValueError(str(err).replace("data.split", "--split", 1)) from None
+        data["split"] = canonical_split(split if split is not None else "969, 30, 1", "--split")  # as Megatron-LM
         if split is None:
             out.notes.append("--split: not given, so Megatron-LM's default 969,30,1 (it warns so too): 3 % of each "
                              "--data-path prefix's documents validate, 0.1 % test")

@@ -31,8 +31,9 @@ class SplitParts(NamedTuple):
     test: np.ndarray | None
 
 
-def parse_split(split: str | Sequence[float]) -> tuple[float, float, float]:
-    """(train, valid, test) shares summing to 1 from '969,30,1', '98/2' or [99, 1]: missing shares are 0."""
+def parse_split(split: str | Sequence[float], key: str = "data.split") -> tuple[float, float, float]:
+    """(train, valid, test) shares summing to 1 from '969,30,1', '98/2' or [99, 1]: missing shares are 0.
+    `key` names the setting in errors (`--split` on a command line)."""
     if isinstance(split, str):
         items = [item.strip() for item in re.split(r"[,/]", split)]
     elif isinstance(split, (list, tuple)):
@@ -40,9 +41,9 @@ def parse_split(split: str | Sequence[float]) -> tuple[float, float, float]:
     elif isinstance(split, (int, float)) and not isinstance(split, bool):
         items = [split]  # YAML reads `split: 100` as a number
     else:
-        raise ValueError(f"data.split must be a string such as '969,30,1' or a list of up to 3 numbers, got {split!r}")
+        raise ValueError(f"{key} must be a string such as '969,30,1' or a list of up to 3 numbers, got {split!r}")
     if not 1 <= len(items) <= 3:
-        raise ValueError(f"data.split {split!r}: give 1 to 3 shares (train, validation, test), got {len(items)}")
+        raise ValueError(f"{key} {split!r}: give 1 to 3 shares (train, validation, test), got {len(items)}")
     shares = []
     for item in items:
         try:
@@ -50,21 +51,21 @@ def parse_split(split: str | Sequence[float]) -> tuple[float, float, float]:
                 raise ValueError
             share = float(item)
         except (TypeError, ValueError):
-            raise ValueError(f"data.split {split!r}: {item!r} is not a number; expected shares such as '969,30,1'") \
+            raise ValueError(f"{key} {split!r}: {item!r} is not a number; expected shares such as '969,30,1'") \
                 from None
         if not math.isfinite(share) or share < 0:
-            raise ValueError(f"data.split {split!r}: shares must be finite and >= 0, got {item}")
+            raise ValueError(f"{key} {split!r}: shares must be finite and >= 0, got {item}")
         shares.append(share)
     shares += [0.0] * (3 - len(shares))
     total = sum(shares)
     if shares[0] <= 0:
-        raise ValueError(f"data.split {split!r} gives training no documents: its first share must be positive")
+        raise ValueError(f"{key} {split!r} gives training no documents: its first share must be positive")
     return tuple(share / total for share in shares)
 
 
-def canonical_split(split: str | Sequence[float]) -> str:
+def canonical_split(split: str | Sequence[float], key: str = "data.split") -> str:
     """The split as written in configs and checkpoints, '969,30,1': the shares given, before normalizing."""
-    parse_split(split)  # the errors first
+    parse_split(split, key)  # the errors first
     items = ([item.strip() for item in re.split(r"[,/]", split)] if isinstance(split, str)
              else list(split) if isinstance(split, (list, tuple)) else [split])
     return ",".join(_exact(float(item)) for item in items)
@@ -89,13 +90,15 @@ def split_documents(num_documents: int, split: str | Sequence[float]) -> SplitPa
     return SplitParts(*parts)
 
 
-def part_names(prefixes: Sequence[str], taken: Sequence[str] = ()) -> list[str]:
-    """A report name per prefix for its validation and test parts: `.../arxiv_train_text_document` -> `arxiv`;
-    the folder's file name, then the prefix itself, where the short name is already used (by `taken` too)."""
+def part_names(prefixes: Sequence[str], taken: Sequence[str] = (),
+               suffixes: Sequence[str] = ("_text_document", "_document", "_train")) -> list[str]:
+    """A report name per prefix, e.g. for its validation and test parts: `.../arxiv_train_text_document` ->
+    `arxiv` (the file name without `suffixes`); the file name, then the prefix itself, where the short name is
+    already used (by `taken` too)."""
     used, names = set(taken), []
     for prefix in prefixes:
         short = Path(prefix).name
-        for suffix in ("_text_document", "_document", "_train"):
+        for suffix in suffixes:
             short = short[: -len(suffix)] if short.endswith(suffix) and len(short) > len(suffix) else short
         name = next((n for n in (short, Path(prefix).name, str(prefix)) if n not in used), str(prefix))
         used.add(name)
@@ -113,7 +116,7 @@ class SplitCut(NamedTuple):
 
 
 def cut_splits(datasets: Sequence, prefixes: Sequence[str], split: str | None, seq_length: int,
-               taken: Sequence[str] = ()) -> SplitCut:
+               taken: Sequence[str] = (), key: str = "data.split") -> SplitCut:
     """Each dataset's parts under `split` (None: train on everything), refusing a part too small for one sample.
 
     datasets: IndexedDatasets (anything with `sizes`), one per prefix; taken: report names already in use.
@@ -121,7 +124,7 @@ def cut_splits(datasets: Sequence, prefixes: Sequence[str], split: str | None, s
     if split is None:
         return SplitCut([None] * len(datasets), {}, {}, [])
     names = part_names(prefixes, taken)
-    train, valid, test, lines = [], {}, {}, [f"data.split {split}: documents cut in order into train, validation "
+    train, valid, test, lines = [], {}, {}, [f"{key} {split}: documents cut in order into train, validation "
                                                "and test parts"]
     for dataset, prefix, name in zip(datasets, prefixes, names):
         sizes = np.asarray(dataset.sizes)
@@ -132,7 +135,7 @@ def cut_splits(datasets: Sequence, prefixes: Sequence[str], split: str | None, s
             tokens = int(sizes[ids].sum(dtype=np.int64))
             if tokens < seq_length + 1:
                 what = f"documents [{ids[0]}, {ids[-1] + 1})" if len(ids) else "none"
-                raise ValueError(f"data.split {split} gives the {PART_NAMES[part]} part of {prefix} {what} of its "
+                raise ValueError(f"{key} {split} gives the {PART_NAMES[part]} part of {prefix} {what} of its "
                                  f"{len(sizes)} documents, {tokens} tokens: fewer than the seq_length + 1 = "
                                  f"{seq_length + 1} that one sample needs; give that part a larger share (0: no such "
                                  "part), or more data")

@@ -124,11 +124,12 @@ def mean_over_dp(value: torch.Tensor, state: ParallelState) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: Llama, data: TrainData, state: ParallelState, sets: str = "valid") -> dict[str, float]:
-    """Mean loss of each validation (or, with sets="test", test) set over its fixed samples (all DP ranks' share)."""
+def evaluate(model: Llama, data: TrainData, state: ParallelState, sets: dict | None = None) -> dict[str, float]:
+    """Mean loss of each held-out set (data.valid's by default, or data.test's) over its fixed samples (all DP
+    ranks' share)."""
     model.eval()
     losses = {}
-    for name, dataset in getattr(data, sets).items():
+    for name, dataset in (data.valid if sets is None else sets).items():
         batches = data.held_out_batches(dataset)
         total = torch.zeros((), dtype=torch.float32, device=state.device)
         for tokens, targets in batches:
@@ -342,7 +343,7 @@ def _train(config: TrainConfig, state: ParallelState, attempt: str) -> TrainResu
                 if data.test and step == config.train_steps:  # Megatron-LM's test loss, at the end of training
                     with timer.phase("eval"):
                         rec["test_loss"] = {name: finite_or_none(value)
-                                            for name, value in evaluate(model, data, state, "test").items()}
+                                            for name, value in evaluate(model, data, state, data.test).items()}
                 if out.skipped:
                     log.say(f"step {step}: non-finite loss {out.loss} / grad norm {out.grad_norm}: update skipped "
                             f"({nonfinite} in a row, limit {config.max_consecutive_nonfinite})")
