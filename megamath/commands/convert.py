@@ -1,6 +1,7 @@
-"""`megamath convert`: Hugging Face Llama checkpoints to megamath's format and back.
+"""`megamath convert`: Hugging Face Llama checkpoints to megamath's format and back, and Megatron-LM
+checkpoints to Hugging Face's.
 
-Both directions stream tensor by tensor from memory-mapped safetensors files into one output shard
+hf-to-megamath and megamath-to-hf stream tensor by tensor from memory-mapped safetensors files into one output shard
 at a time, so a 34B checkpoint converts in about one shard of memory, without transformers installed.
 """
 from __future__ import annotations
@@ -13,16 +14,18 @@ DTYPES = ("bfloat16", "float16", "float32")
 def add_parser(subparsers, name: str) -> None:
     parser = subparsers.add_parser(
         name,
-        help="convert Llama checkpoints between Hugging Face and megamath",
+        help="convert Llama checkpoints between Hugging Face and megamath, or from Megatron-LM",
         description="hf-to-megamath reads a Hugging Face Llama directory (config.json + model.safetensors or "
         "sharded model-*.safetensors with model.safetensors.index.json); megamath-to-hf reads a megamath model "
         "folder or a training checkpoint (a run directory, taking its latest, or a step_XXXXXXX folder, at any "
         "tensor-parallel size) and writes one that LlamaForCausalLM.from_pretrained loads. DST must not exist "
         "or be an empty directory. Special token ids (bos/eos/pad) and generation_config.json travel with the "
-        "model both ways. Only float weights convert (F32, BF16, F16, F64): dequantize a quantized checkpoint "
+        "model both ways. megatron-to-hf reads a Megatron-LM (Megatron Core GPT) checkpoint of either format, torch or "
+        "torch_dist, at any tensor- and pipeline-parallel size (the --save folder, taking its latest, or one "
+        "iter_NNNNNNN folder); its pickled args are read without importing Megatron-LM. Only float weights convert (F32, BF16, F16, F64): dequantize a quantized checkpoint "
         "first.",
     )
-    parser.add_argument("direction", choices=("hf-to-megamath", "megamath-to-hf"))
+    parser.add_argument("direction", choices=("hf-to-megamath", "megamath-to-hf", "megatron-to-hf"))
     parser.add_argument("src", type=Path, metavar="SRC", help="checkpoint directory to read")
     parser.add_argument("dst", type=Path, metavar="DST", help="checkpoint directory to write")
     parser.add_argument("--max-shard-size", default="5GB",
@@ -31,6 +34,9 @@ def add_parser(subparsers, name: str) -> None:
                         help="cast the weights; a cast that turns a finite weight into inf is refused "
                         "(default: keep the stored dtype; weights of mixed dtypes take config.json's dtype, else "
                         "the one most parameters have)")
+    parser.add_argument("--vocab-size", type=int, default=None, metavar="N",
+                        help="megatron-to-hf only: keep the first N rows of the embedding and output layer, the "
+                        "tokenizer's size (default: Megatron-LM's padded vocabulary, as the checkpoint holds it)")
     parser.set_defaults(run=run)
 
 
@@ -42,13 +48,37 @@ def run(args) -> int:
 
     training = is_training_checkpoint(args.src)
     check_source(args.src, args.direction, training)
+    if args.vocab_size is not None and args.direction != "megatron-to-hf":
+        raise ValueError("--vocab-size applies to megatron-to-hf only (the other directions keep the vocabulary)")
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    if args.direction == "megatron-to-hf":
+        return _from_megatron(args, dtype)
     convert = convert_hf_to_megamath if args.direction == "hf-to-megamath" else convert_megamath_to_hf
     if args.direction == "megamath-to-hf" and training:
         convert = export_training_checkpoint_to_hf  # a run directory or step folder: TP slices merged
-    dtype = getattr(torch, args.dtype) if args.dtype else None
     config = convert(args.src, args.dst, max_shard_size=args.max_shard_size, dtype=dtype)
     print(f"converted {args.src} -> {args.dst} ({args.direction}): {config.num_layers} layers, "
           f"hidden {config.hidden_size}, {config.num_params():,} parameters")
+    return 0
+
+
+def _from_megatron(args, dtype) -> int:
+    from megamath.compat.megatron_llama import convert_megatron_to_hf
+
+    config, read = convert_megatron_to_hf(args.src, args.dst, vocab_size=args.vocab_size,
+                                          max_shard_size=args.max_shard_size, dtype=dtype)
+    a = read.args
+    print(f"converted {args.src} -> {args.dst} (megatron-to-hf): iteration {read.iteration}, {read.checkpoint_format} "
+          f"format, TP {a.get('tensor_model_parallel_size', 1)} PP {a.get('pipeline_model_parallel_size', 1)}; "
+          f"{config.num_layers} layers, hidden {config.hidden_size}, {config.num_params():,} parameters")
+    padded = a.get("padded_vocab_size")
+    if args.vocab_size is None:
+        known = f" (the args give the tokenizer's size: {a['vocab_size']})" if a.get("vocab_size") else ""
+        print(f"vocabulary: Megatron-LM's padded {padded} rows kept; --vocab-size N keeps the tokenizer's N{known}")
+    if not a.get("untie_embeddings_and_output_weights", False):
+        print("the checkpoint ties the output layer to the embedding: both are written (megamath trains them untied)")
+    print("special tokens: Llama's bos 1 / eos 2 written (Megatron-LM's args name none); edit config.json if the "
+          "tokenizer differs")
     return 0
 
 

@@ -471,8 +471,8 @@ def _data_and_checkpoints(flags: Flags, out: Conversion) -> None:
             c["init_from_hf"] = load
         else:
             out.unmapped.append(Unmapped("--load", UNSUPPORTED, f"{load} is not a Hugging Face folder (no "
-                                         "config.json): convert the Megatron checkpoint to Hugging Face format and "
-                                         "set init_from_hf"))
+                                         "config.json): convert the Megatron checkpoint with `megamath convert "
+                                         f"megatron-to-hf {load} HF_DIR` and set init_from_hf: HF_DIR"))
     c["log_every"] = flags.one("log_interval", int, 100)
     project = flags.one("wandb_project", str, None)
     if project:

@@ -1,0 +1,148 @@
+"""A Megatron-LM checkpoint as a Llama: `megamath convert megatron-to-hf CKPT OUT`.
+
+Megatron-LM's own checkpoint arguments say what the model is; what megamath's Llama cannot express
+(biases, LayerNorm, q/k norms, experts, interleaved or scaled RoPE, ...) is refused by the argument's
+name. The weights map one to one, but for two fused tensors:
+- `linear_qkv` holds, per query group, the group's query heads, then its key head, then its value head
+  (heads/groups query heads per group); q, k and v are cut out of it;
+- `linear_fc1` is [gate; up] (SwiGLU's first matmul): its halves are gate_proj and up_proj.
+RoPE is rotate-half on both sides (Megatron-LM's default; `--rotary-interleaved` is refused), so no
+weight is permuted. The output is a Hugging Face Llama folder, which `init_from_hf` starts a run from.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from megamath.compat.megatron_checkpoint import MegatronWeights, read_megatron_checkpoint
+from megamath.model.config import ModelConfig
+from megamath.model.hf_llama import check_tensors, model_config_to_hf_config, to_hf_name
+from megamath.model.partition import parameter_shapes
+from megamath.model.safetensors_io import (CONFIG_NAME, DEFAULT_MAX_SHARD_SIZE, cast_checked, parse_size,
+                                           write_dir_atomically, write_safetensors_dir)
+
+_ARCHITECTURE = "megamath converts the Llama architecture only"
+
+
+def _refuse(args: dict) -> None:
+    """The checkpoint's arguments that describe a model other than Llama, each refused by name."""
+    def arg(name, default=None):
+        value = args.get(name, default)
+        return default if value is None else value
+
+    position = arg("position_embedding_type", "rope" if arg("use_rotary_position_embeddings", False) else None)
+    wanted = (("position_embedding_type", position, "rope"), ("normalization", arg("normalization"), "RMSNorm"),
+              ("swiglu", arg("swiglu", False), True), ("rotary_percent", arg("rotary_percent", 1.0), 1.0))
+    for name, value, want in wanted:
+        if value != want:
+            raise ValueError(f"checkpoint args: {name} is {value!r}: {_ARCHITECTURE} ({name} {want!r})")
+    for name in ("add_bias_linear", "add_qkv_bias", "qk_layernorm", "apply_layernorm_1p",
+                 "layernorm_zero_centered_gamma", "rotary_interleaved", "use_rope_scaling",
+                 "apply_residual_connection_post_layernorm", "multi_latent_attention", "attention_output_gate"):
+        if arg(name, False):
+            raise ValueError(f"checkpoint args: {name} is set: {_ARCHITECTURE}")
+    for name in ("num_experts", "mtp_num_layers", "window_size"):
+        if arg(name):
+            raise ValueError(f"checkpoint args: {name} is {args[name]!r}: {_ARCHITECTURE} (dense, full attention)")
+    if arg("rotary_seq_len_interpolation_factor", 1) != 1:
+        raise ValueError("checkpoint args: rotary_seq_len_interpolation_factor is set: megamath computes Llama's "
+                         "plain RoPE (no position interpolation)")
+    heads, hidden = arg("num_attention_heads"), arg("hidden_size")
+    if None in (heads, hidden, arg("num_layers"), arg("ffn_hidden_size")):
+        raise ValueError("checkpoint args: num_layers, hidden_size, num_attention_heads and ffn_hidden_size are "
+                         "all needed")
+    if arg("kv_channels", hidden // heads) != hidden // heads:
+        raise ValueError(f"checkpoint args: kv_channels {args['kv_channels']} differs from hidden_size / "
+                         f"num_attention_heads = {hidden // heads}; megamath's head size is that quotient")
+
+
+def llama_config(args: dict, vocab_size: int | None = None) -> ModelConfig:
+    """megamath's ModelConfig of a checkpoint's arguments; `vocab_size` trims Megatron's padded vocabulary
+    to the tokenizer's size (default: keep the padded size, as the checkpoint holds it)."""
+    _refuse(args)
+    padded = args.get("padded_vocab_size")
+    if not padded:
+        raise ValueError("checkpoint args: padded_vocab_size is missing")
+    if vocab_size is not None and not 0 < vocab_size <= padded:
+        raise ValueError(f"--vocab-size {vocab_size}: must be between 1 and the checkpoint's padded vocabulary "
+                         f"{padded}")
+    heads = args["num_attention_heads"]
+    eps = args.get("norm_epsilon") or args.get("layernorm_epsilon") or 1e-5  # the newer name, then the older
+    return ModelConfig(
+        vocab_size=vocab_size or padded, hidden_size=args["hidden_size"], num_layers=args["num_layers"],
+        num_heads=heads, num_kv_heads=args.get("num_query_groups") if args.get("group_query_attention") else heads,
+        ffn_hidden_size=args["ffn_hidden_size"],
+        max_seq_length=args.get("max_position_embeddings") or args.get("seq_length") or 4096,
+        rope_theta=float(args.get("rotary_base") or 10000), norm_eps=float(eps),
+        init_std=float(args.get("init_method_std") or 0.02),
+    )
+
+
+def llama_state_dict(weights: MegatronWeights, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """megamath's Llama state dict (serial names and shapes) of a checkpoint's global weights."""
+    t = weights.tensors
+    if weights.num_layers != config.num_layers:
+        raise ValueError(f"the checkpoint holds {weights.num_layers} layers, its args say num_layers "
+                         f"{config.num_layers}")
+    v, d = config.vocab_size, config.head_dim
+    per_group = config.num_heads // config.num_kv_heads
+    out = {"embed_tokens.weight": t["embedding"][:v]}
+    for i in range(config.num_layers):
+        layer = {role: t[f"layers.{i}.{role}"] for role in ("input_norm", "qkv", "proj", "mlp_norm", "fc1", "fc2")}
+        qkv = layer["qkv"]
+        if qkv.shape[0] != (config.num_heads + 2 * config.num_kv_heads) * d:
+            raise ValueError(f"layer {i}: linear_qkv has {qkv.shape[0]} rows, expected (heads + 2 · groups) · "
+                             f"head_dim = {(config.num_heads + 2 * config.num_kv_heads) * d}")
+        grouped = qkv.reshape(config.num_kv_heads, per_group + 2, d, -1)
+        gate, up = layer["fc1"].chunk(2, dim=0)
+        prefix = f"layers.{i}."
+        out.update({
+            prefix + "input_layernorm.weight": layer["input_norm"],
+            prefix + "self_attn.q_proj.weight": grouped[:, :per_group].reshape(config.num_heads * d, -1),
+            prefix + "self_attn.k_proj.weight": grouped[:, per_group].reshape(config.num_kv_heads * d, -1),
+            prefix + "self_attn.v_proj.weight": grouped[:, per_group + 1].reshape(config.num_kv_heads * d, -1),
+            prefix + "self_attn.o_proj.weight": layer["proj"],
+            prefix + "post_attention_layernorm.weight": layer["mlp_norm"],
+            prefix + "mlp.gate_proj.weight": gate,
+            prefix + "mlp.up_proj.weight": up,
+            prefix + "mlp.down_proj.weight": layer["fc2"],
+        })
+    out["norm.weight"] = t["final_norm"]
+    out["lm_head.weight"] = t.get("output", t["embedding"])[:v]  # tied: the output layer is the embedding
+    check_tensors({n: tuple(x.shape) for n, x in out.items()}, config, lambda n: f"{n} (from the Megatron-LM checkpoint)")
+    return out
+
+
+def stored_dtype(weights: MegatronWeights) -> torch.dtype:
+    """The training dtype (args.params_dtype), else the dtype most of the weights have."""
+    dtype = weights.args.get("params_dtype")
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    counts: dict[torch.dtype, int] = {}
+    for tensor in weights.tensors.values():
+        counts[tensor.dtype] = counts.get(tensor.dtype, 0) + tensor.numel()
+    return max(counts, key=counts.get)
+
+
+def convert_megatron_to_hf(src: str | Path, dst: str | Path, vocab_size: int | None = None,
+                           max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
+                           dtype: torch.dtype | None = None) -> tuple[ModelConfig, MegatronWeights]:
+    """A Megatron-LM checkpoint -> a Hugging Face Llama folder (Llama 2's bos 1 / eos 2, as Megatron-LM's
+    arguments name no special tokens); returns the model's config and what was read."""
+    max_bytes = parse_size(max_shard_size)
+    weights = read_megatron_checkpoint(src)
+    config = llama_config(weights.args, vocab_size)
+    state = llama_state_dict(weights, config)
+    dtype = dtype or stored_dtype(weights)
+    hf_config = model_config_to_hf_config(config, dtype)
+
+    def write(tmp: Path) -> None:
+        (tmp / CONFIG_NAME).write_text(json.dumps(hf_config, indent=2) + "\n")
+        plan = [(to_hf_name(n), state[n].numel() * dtype.itemsize) for n in parameter_shapes(config)]
+        by_hf = {to_hf_name(n): n for n in state}
+        write_safetensors_dir(tmp, plan, lambda hf: cast_checked(state[by_hf[hf]].contiguous(), dtype, hf), max_bytes)
+
+    write_dir_atomically(dst, write)
+    return config, weights

@@ -1,0 +1,250 @@
+"""`megamath convert megatron-to-hf` against checkpoints and logits written by Megatron-LM itself
+(tests/fixtures/megatron/write_fixtures.py says how): the converted model computes Megatron-LM's logits,
+in megamath and in transformers, for both checkpoint formats and with tensor and pipeline parallelism;
+and what cannot be converted is refused with one line naming the cause."""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from megamath.cli import main
+from megamath.compat.megatron_checkpoint import read_megatron_checkpoint
+from megamath.compat.megatron_llama import llama_config
+from megamath.compat.pickle_guard import Foreign, guarded_load, plain_args
+from megamath.generation.loading import load_model
+
+FIXTURES = Path(__file__).parent / "fixtures" / "megatron"
+# Megatron-LM's two formats: TP 2 × PP 2, PP 2 with 2 virtual stages each (layers 0 2 on stage 0, 1 3 on 1), TP 2
+CHECKPOINTS = {"torch_tp2_pp2": "torch format, TP 2 PP 2", "torch_pp2_vp2": "torch format, TP 1 PP 2",
+               "torch_dist_tp2": "torch_dist format, TP 2 PP 1"}
+RANK_FILE = "iter_0000010/mp_rank_{}/model_optim_rng.pt"
+
+
+def megatron_logits(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    ref = load_file(FIXTURES / name / "megatron_logits.safetensors")
+    return ref["input_ids"], ref["logits"]
+
+
+def convert(src, dst, *extra) -> None:
+    assert main(["convert", "megatron-to-hf", str(src), str(dst), "--dtype", "float32", *extra]) == 0
+
+
+@pytest.mark.parametrize("name", CHECKPOINTS)
+def test_the_converted_model_computes_megatrons_logits(name, tmp_path, capsys):
+    convert(FIXTURES / name, tmp_path / "hf")
+    out = capsys.readouterr().out
+    assert f"iteration 10, {CHECKPOINTS[name]}; 4 layers" in out
+    assert "vocabulary: Megatron-LM's padded 64 rows kept" in out and "tokenizer's size: 60" in out
+    ids, expected = megatron_logits(name)
+    model = load_model(tmp_path / "hf", device="cpu", kernels="reference")
+    with torch.no_grad():
+        logits = model(ids)
+    torch.testing.assert_close(logits.float(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", CHECKPOINTS)
+def test_transformers_loads_the_folder_and_computes_megatrons_logits(name, tmp_path):
+    transformers = pytest.importorskip("transformers", reason="transformers (a dev dependency) is not installed")
+    convert(FIXTURES / name, tmp_path / "hf")
+    model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    ids, expected = megatron_logits(name)
+    with torch.no_grad():
+        logits = model(ids).logits
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_vocab_size_keeps_the_tokenizers_rows_and_the_default_dtype_is_the_training_dtype(tmp_path):
+    assert main(["convert", "megatron-to-hf", str(FIXTURES / "torch_tp2_pp2"), str(tmp_path / "hf"),
+                 "--vocab-size", "60"]) == 0
+    tensors = load_file(tmp_path / "hf" / "model.safetensors")
+    assert tensors["model.embed_tokens.weight"].shape == (60, 32) and tensors["lm_head.weight"].shape == (60, 32)
+    assert {t.dtype for t in tensors.values()} == {torch.bfloat16}  # --bf16; the fp32 norms are cast
+    ids, expected = megatron_logits("torch_tp2_pp2")
+    model = load_model(tmp_path / "hf", device="cpu", dtype=torch.float32, kernels="reference")
+    with torch.no_grad():
+        logits = model(ids)
+    # bf16 norms: Megatron-LM kept them in fp32, so the logits agree to bf16's precision
+    torch.testing.assert_close(logits, expected[..., :60], rtol=0, atol=0.02)
+
+
+def test_a_save_folder_an_iteration_folder_and_both_formats_give_the_same_kind_of_weights():
+    by_save = read_megatron_checkpoint(FIXTURES / "torch_dist_tp2")
+    by_iter = read_megatron_checkpoint(FIXTURES / "torch_dist_tp2" / "iter_0000010")
+    assert by_save.tensors.keys() == by_iter.tensors.keys()
+    assert all(torch.equal(by_save.tensors[k], by_iter.tensors[k]) for k in by_save.tensors)
+    legacy = read_megatron_checkpoint(FIXTURES / "torch_tp2_pp2")
+    assert legacy.tensors.keys() == by_save.tensors.keys() and legacy.num_layers == 4
+    assert {k: v.shape for k, v in legacy.tensors.items()} == {k: v.shape for k, v in by_save.tensors.items()}
+
+
+# ---- the args are read, not run -----------------------------------------------------------------------------
+
+class _Runs:
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.path}",)
+
+
+def test_a_pickle_naming_a_function_does_not_run_it(tmp_path):
+    marker = tmp_path / "ran"
+    torch.save({"args": argparse.Namespace(x=_Runs(str(marker))), "w": torch.ones(2)}, tmp_path / "evil.pt")
+    loaded = guarded_load(tmp_path / "evil.pt")
+    assert not marker.exists()
+    assert isinstance(loaded["args"].x, Foreign) and loaded["args"].x.qualname.endswith(".system")
+    assert torch.equal(loaded["w"], torch.ones(2))
+
+
+def test_megatrons_own_classes_in_the_args_load_without_megatron():
+    args = plain_args(guarded_load(FIXTURES / "torch_tp2_pp2" / RANK_FILE.format("00_000"))["args"])
+    assert repr(args["attention_backend"]) == "<megatron.core.transformer.enums.AttnBackend(5)>"
+    assert args["params_dtype"] is torch.bfloat16 and args["padded_vocab_size"] == 64
+
+
+# ---- refused, with the cause --------------------------------------------------------------------------------
+
+def fail(src, dst, capsys, *extra) -> str:
+    assert main(["convert", "megatron-to-hf", str(src), str(dst), *extra]) == 2
+    assert not Path(dst).exists()
+    return capsys.readouterr().err.removeprefix("megamath convert: error: ").rstrip("\n")
+
+
+def copy(name: str, tmp_path) -> Path:
+    return Path(shutil.copytree(FIXTURES / name, tmp_path / name))
+
+
+def rewrite(path: Path, change) -> None:
+    """Re-save one rank file after `change(state)`; args of plain values only (Megatron's enums dropped)."""
+    state = guarded_load(path)
+    state["args"] = argparse.Namespace(**{k: v for k, v in plain_args(state["args"]).items()
+                                          if not isinstance(v, Foreign)})
+    change(state)
+    torch.save(state, path.with_suffix(".new"))  # a new file: the loaded tensors are mapped from the old one
+    os.replace(path.with_suffix(".new"), path)
+
+
+def test_a_missing_rank_file_is_named(tmp_path, capsys):
+    src = copy("torch_tp2_pp2", tmp_path)
+    (src / RANK_FILE.format("01_001")).unlink()
+    assert fail(src, tmp_path / "hf", capsys) == (f"{src / 'iter_0000010'}: model_optim_rng.pt missing for "
+                                                  "mp_rank_01_001 (tensor-parallel size 2, pipeline size 2)")
+
+
+def test_tp_copies_of_a_norm_that_differ_are_refused(tmp_path, capsys):
+    src = copy("torch_tp2_pp2", tmp_path)
+    rewrite(src / RANK_FILE.format("01_001"),
+            lambda s: s["model"]["decoder.final_layernorm.weight"].add_(1))
+    assert fail(src, tmp_path / "hf", capsys).endswith(": final_norm: replicated over tensor parallelism, yet TP "
+                                                       "rank 1's copy differs from rank 0's")
+
+
+def test_a_tensor_of_another_architecture_is_refused_by_name(tmp_path, capsys):
+    src = copy("torch_tp2_pp2", tmp_path)
+    for rank in ("00_000", "01_000"):
+        rewrite(src / RANK_FILE.format(rank),
+                lambda s: s["model"].__setitem__("decoder.layers.0.self_attention.linear_qkv.bias", torch.zeros(32)))
+    assert "unexpected tensor decoder.layers.0.self_attention.linear_qkv.bias: megamath converts the Llama " \
+           "architecture only" in fail(src, tmp_path / "hf", capsys)
+
+
+def test_tied_embeddings_write_the_embedding_as_the_output_layer(tmp_path, capsys):
+    src = copy("torch_tp2_pp2", tmp_path)
+    for rank in ("00_000", "01_000", "00_001", "01_001"):
+        def tie(state):
+            state["args"].untie_embeddings_and_output_weights = False
+            state["model"].pop("output_layer.weight", None)
+        rewrite(src / RANK_FILE.format(rank), tie)
+    convert(src, tmp_path / "hf")
+    assert "ties the output layer to the embedding" in capsys.readouterr().out
+    tensors = load_file(tmp_path / "hf" / "model.safetensors")
+    assert torch.equal(tensors["lm_head.weight"], tensors["model.embed_tokens.weight"])
+
+
+def test_a_legacy_model_is_sent_to_megatrons_converter(tmp_path, capsys):
+    src = copy("torch_tp2_pp2", tmp_path)
+    rewrite(src / RANK_FILE.format("00_000"), lambda s: s.__setitem__("model", {"language_model": {}}))
+    assert "a legacy (pre-Megatron-Core) model; convert it to Megatron Core first" in fail(src, tmp_path / "hf", capsys)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"add_bias_linear": True}, "checkpoint args: add_bias_linear is set: megamath converts the Llama architecture only"),
+    ({"normalization": "LayerNorm"}, "checkpoint args: normalization is 'LayerNorm': megamath converts the Llama "
+                                     "architecture only (normalization 'RMSNorm')"),
+    ({"swiglu": False}, "checkpoint args: swiglu is False: megamath converts the Llama architecture only (swiglu True)"),
+    ({"rotary_interleaved": True}, "checkpoint args: rotary_interleaved is set: megamath converts the Llama "
+                                   "architecture only"),
+    ({"num_experts": 8}, "checkpoint args: num_experts is 8: megamath converts the Llama architecture only (dense, "
+                         "full attention)"),
+    ({"kv_channels": 16}, "checkpoint args: kv_channels 16 differs from hidden_size / num_attention_heads = 8; "
+                          "megamath's head size is that quotient"),
+])
+def test_args_of_another_architecture_are_refused_by_name(change, message):
+    args = read_megatron_checkpoint(FIXTURES / "torch_dist_tp2").args
+    with pytest.raises(ValueError) as err:
+        llama_config({**args, **change})
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize("bad", ["0", "65"])
+def test_a_vocab_size_outside_the_padded_vocabulary_is_refused(bad, tmp_path, capsys):
+    assert fail(FIXTURES / "torch_dist_tp2", tmp_path / "hf", capsys, "--vocab-size", bad) == \
+        f"--vocab-size {bad}: must be between 1 and the checkpoint's padded vocabulary 64"
+
+
+def test_folders_that_are_not_a_checkpoint_are_named(tmp_path, capsys):
+    assert fail(tmp_path / "nowhere", tmp_path / "hf", capsys) == f"{tmp_path / 'nowhere'} not found"
+    (tmp_path / "empty").mkdir()
+    assert fail(tmp_path / "empty", tmp_path / "hf", capsys) == (
+        f"{tmp_path / 'empty'}: not a Megatron-LM checkpoint (no latest_checkpointed_iteration.txt, and not an "
+        "iter_NNNNNNN or release folder)")
+    src = copy("torch_dist_tp2", tmp_path)
+    (src / "latest_checkpointed_iteration.txt").write_text("20\n")
+    assert fail(src, tmp_path / "hf", capsys) == (f"{src / 'latest_checkpointed_iteration.txt'} names iteration 20, "
+                                                  f"but {src / 'iter_0000020'} is not there")
+    (src / "latest_checkpointed_iteration.txt").write_text("latest\n")
+    assert fail(src, tmp_path / "hf", capsys) == (f"{src / 'latest_checkpointed_iteration.txt'}: expected an "
+                                                  "iteration number or 'release', got 'latest'")
+
+
+def test_vocab_size_belongs_to_megatron_to_hf(tmp_path, capsys):
+    (tmp_path / "hf").mkdir()
+    assert main(["convert", "hf-to-megamath", str(tmp_path / "hf"), str(tmp_path / "out"), "--vocab-size", "5"]) == 2
+    assert "--vocab-size applies to megatron-to-hf only" in capsys.readouterr().err
+
+
+# ---- the way in: a Megatron-LM run continued in megamath -----------------------------------------------------
+
+def test_a_megamath_run_starts_from_the_converted_folder(tmp_path):
+    from megamath.parallel.state import ParallelState
+    from megamath.training import loop
+    from megamath.training.config import TrainConfig
+    from test_train_loop import metrics, raw_config, run
+
+    convert(FIXTURES / "torch_dist_tp2", tmp_path / "hf")
+    raw = raw_config(tmp_path / "data", tmp_path / "run", init_from_hf=str(tmp_path / "hf"), train_steps=2,
+                     model__num_layers=4, model__ffn_hidden_size=48, model__max_seq_length=16, data__seq_length=16,
+                     checkpoint__save_every=2)
+    model = loop.build_model(TrainConfig.from_dict(raw), ParallelState.single())
+    ids, expected = megatron_logits("torch_dist_tp2")
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), expected, rtol=1e-5, atol=1e-5)
+    assert run(raw).step == 2 and [r["step"] for r in metrics(tmp_path / "run")] == [1, 2]
+
+
+def test_config_from_megatron_names_the_command_that_converts_its_load_folder():
+    from megamath.compat.megatron import convert_megatron
+    from test_config_from_megatron import SCRIPT
+
+    load = str(FIXTURES / "torch_tp2_pp2")
+    flags = SCRIPT.split("pretrain_gpt.py \\\n", 1)[1].replace("\\\n", " ").split() + ["--load", load]
+    unmapped = {u.key: u for u in convert_megatron(flags, world_size=32, vocab_size=32000).unmapped}
+    assert unmapped["--load"].reason == (f"{load} is not a Hugging Face folder (no config.json): convert the "
+                                         f"Megatron checkpoint with `megamath convert megatron-to-hf {load} "
+                                         "HF_DIR` and set init_from_hf: HF_DIR")
