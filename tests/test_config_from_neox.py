@@ -186,7 +186,9 @@ def test_every_key_is_mapped_or_listed(tmp_path):
     listed = {u.key.split(".")[0]: u for u in conversion.unmapped}
     assert listed["my_cluster_knob"].kind == "no equivalent" and "not a GPT-NeoX" in listed["my_cluster_knob"].reason
     assert listed["tensorboard_dir"].kind == "no equivalent"  # `-` spelling read as `_`
-    assert listed["load"].kind == "unsupported" and "convert_neox_to_hf" in listed["load"].reason
+    assert listed["load"].kind == "unsupported" and listed["load"].reason.endswith(
+        "a GPT-NeoX checkpoint; convert it with `megamath convert neox-to-hf /path/to/converted/codellama_7b_weights_"
+        "with_mp2 HF_DIR` and set init_from_hf: HF_DIR")
     assert listed["partition_activations"].reason and listed["launcher"].kind == "not needed"
     assert {"zero_optimization", "tokenizer_type", "finetune"} <= set(listed)
     mapped = {"pipe_parallel_size", "model_parallel_size", "make_vocab_size_divisible_by", "num_layers",
@@ -399,7 +401,12 @@ def test_rmsnorm_epsilon_placement_is_noted(tmp_path):
     a note, since for Code Llama's small early activations the two differ by more than rounding."""
     conversion = convert_neox(read_neox_yaml(write_llemma(tmp_path)), vocab_size=32016)
     assert conversion.validate().model.norm_eps == 1e-5
-    assert any(note.startswith("rms_norm_epsilon 1e-05: GPT-NeoX") for note in conversion.notes)
+    assert any(note.startswith("rms_norm_epsilon 1e-05: the llemma branch's RMSNorm") for note in conversion.notes)
+    main_branch = LLEMMA_7B_YML.replace('"mlp_type": "llama",', '').replace(
+        '"activation": "silu",', '"activation": "swiglu", "intermediate_size": 32768, "use_bias_in_mlp": false,')
+    assert main_branch != LLEMMA_7B_YML
+    notes = convert_neox(read_neox_yaml(write_llemma(tmp_path, main_branch)), vocab_size=32016).notes
+    assert not any(note.startswith("rms_norm_epsilon") for note in notes)  # main's RMSNorm is Llama's
 
 
 def test_force_never_overwrites_a_source_file(tmp_path, capsys):

@@ -216,7 +216,7 @@ def test_folders_that_are_not_a_checkpoint_are_named(tmp_path, capsys):
 def test_vocab_size_belongs_to_megatron_to_hf(tmp_path, capsys):
     (tmp_path / "hf").mkdir()
     assert main(["convert", "hf-to-megamath", str(tmp_path / "hf"), str(tmp_path / "out"), "--vocab-size", "5"]) == 2
-    assert "--vocab-size applies to megatron-to-hf only" in capsys.readouterr().err
+    assert "--vocab-size applies to megatron-to-hf and neox-to-hf only" in capsys.readouterr().err
 
 
 # ---- the way in: a Megatron-LM run continued in megamath -----------------------------------------------------

@@ -1,5 +1,5 @@
-"""`megamath convert`: Hugging Face Llama checkpoints to megamath's format and back, and Megatron-LM
-checkpoints to Hugging Face's.
+"""`megamath convert`: Hugging Face Llama checkpoints to megamath's format and back, and Megatron-LM and
+GPT-NeoX checkpoints to Hugging Face's.
 
 hf-to-megamath and megamath-to-hf stream tensor by tensor from memory-mapped safetensors files into one output shard
 at a time, so a 34B checkpoint converts in about one shard of memory, without transformers installed.
@@ -14,7 +14,7 @@ DTYPES = ("bfloat16", "float16", "float32")
 def add_parser(subparsers, name: str) -> None:
     parser = subparsers.add_parser(
         name,
-        help="convert Llama checkpoints between Hugging Face and megamath, or from Megatron-LM",
+        help="convert Llama checkpoints between Hugging Face and megamath, or from Megatron-LM and GPT-NeoX",
         description="hf-to-megamath reads a Hugging Face Llama directory (config.json + model.safetensors or "
         "sharded model-*.safetensors with model.safetensors.index.json); megamath-to-hf reads a megamath model "
         "folder or a training checkpoint (a run directory, taking its latest, or a step_XXXXXXX folder, at any "
@@ -22,10 +22,12 @@ def add_parser(subparsers, name: str) -> None:
         "or be an empty directory. Special token ids (bos/eos/pad) and generation_config.json travel with the "
         "model both ways. megatron-to-hf reads a Megatron-LM (Megatron Core GPT) checkpoint of either format, torch or "
         "torch_dist, at any tensor- and pipeline-parallel size (the --save folder, taking its latest, or one "
-        "iter_NNNNNNN folder); its pickled args are read without importing Megatron-LM. Only float weights convert (F32, BF16, F16, F64): dequantize a quantized checkpoint "
-        "first.",
+        "iter_NNNNNNN folder); neox-to-hf a GPT-NeoX checkpoint (the llemma branch's or main's; the save folder, "
+        "taking its latest, or one global_stepN folder, with the configs/ GPT-NeoX copies into it), sequential or "
+        "pipeline files, at any tensor-parallel size. Their pickles are read without importing those trainers. "
+        "Only float weights convert (F32, BF16, F16, F64): dequantize a quantized checkpoint first.",
     )
-    parser.add_argument("direction", choices=("hf-to-megamath", "megamath-to-hf", "megatron-to-hf"))
+    parser.add_argument("direction", choices=("hf-to-megamath", "megamath-to-hf", "megatron-to-hf", "neox-to-hf"))
     parser.add_argument("src", type=Path, metavar="SRC", help="checkpoint directory to read")
     parser.add_argument("dst", type=Path, metavar="DST", help="checkpoint directory to write")
     parser.add_argument("--max-shard-size", default="5GB",
@@ -35,8 +37,8 @@ def add_parser(subparsers, name: str) -> None:
                         "(default: keep the stored dtype; weights of mixed dtypes take config.json's dtype, else "
                         "the one most parameters have)")
     parser.add_argument("--vocab-size", type=int, default=None, metavar="N",
-                        help="megatron-to-hf only: keep the first N rows of the embedding and output layer, the "
-                        "tokenizer's size (default: Megatron-LM's padded vocabulary, as the checkpoint holds it)")
+                        help="megatron-to-hf and neox-to-hf only: keep the first N rows of the embedding and output "
+                        "layer, the tokenizer's size (default: the padded vocabulary, as the checkpoint holds it)")
     parser.set_defaults(run=run)
 
 
@@ -48,11 +50,12 @@ def run(args) -> int:
 
     training = is_training_checkpoint(args.src)
     check_source(args.src, args.direction, training)
-    if args.vocab_size is not None and args.direction != "megatron-to-hf":
-        raise ValueError("--vocab-size applies to megatron-to-hf only (the other directions keep the vocabulary)")
+    if args.vocab_size is not None and args.direction not in FROM_TRAINERS:
+        raise ValueError("--vocab-size applies to megatron-to-hf and neox-to-hf only (the other directions keep "
+                         "the vocabulary)")
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    if args.direction == "megatron-to-hf":
-        return _from_megatron(args, dtype)
+    if args.direction in FROM_TRAINERS:
+        return FROM_TRAINERS[args.direction](args, dtype)
     convert = convert_hf_to_megamath if args.direction == "hf-to-megamath" else convert_megamath_to_hf
     if args.direction == "megamath-to-hf" and training:
         convert = export_training_checkpoint_to_hf  # a run directory or step folder: TP slices merged
@@ -80,6 +83,26 @@ def _from_megatron(args, dtype) -> int:
     print("special tokens: Llama's bos 1 / eos 2 written (Megatron-LM's args name none); edit config.json if the "
           "tokenizer differs")
     return 0
+
+
+def _from_neox(args, dtype) -> int:
+    from megamath.compat.neox_checkpoint import convert_neox_to_hf
+
+    config, read, notes = convert_neox_to_hf(args.src, args.dst, vocab_size=args.vocab_size,
+                                             max_shard_size=args.max_shard_size, dtype=dtype)
+    print(f"converted {args.src} -> {args.dst} (neox-to-hf): {read.folder.name}, {read.layout} files, TP "
+          f"{read.config.get('model_parallel_size') or 1}; {config.num_layers} layers, hidden {config.hidden_size}, "
+          f"{config.num_params():,} parameters")
+    for note in notes:
+        print(f"note: {note}")
+    if args.vocab_size is None:
+        print(f"vocabulary: the padded {config.vocab_size} rows kept; --vocab-size N keeps the tokenizer's N")
+    print("special tokens: Llama's bos 1 / eos 2 written (GPT-NeoX's config names none); edit config.json if the "
+          "tokenizer differs")
+    return 0
+
+
+FROM_TRAINERS = {"megatron-to-hf": _from_megatron, "neox-to-hf": _from_neox}
 
 
 def check_source(src: Path, direction: str, training: bool) -> None:

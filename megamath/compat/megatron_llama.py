@@ -11,17 +11,15 @@ weight is permuted. The output is a Hugging Face Llama folder, which `init_from_
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from megamath.compat.megatron_checkpoint import MegatronWeights, read_megatron_checkpoint
 from megamath.model.config import ModelConfig
-from megamath.model.hf_llama import check_tensors, model_config_to_hf_config, to_hf_name
-from megamath.model.partition import parameter_shapes
-from megamath.model.safetensors_io import (CONFIG_NAME, DEFAULT_MAX_SHARD_SIZE, cast_checked, parse_size,
-                                           write_dir_atomically, write_safetensors_dir)
+from megamath.model.hf_llama import check_tensors
+from megamath.model.model_folder import save_state_as_hf
+from megamath.model.safetensors_io import DEFAULT_MAX_SHARD_SIZE
 
 _ARCHITECTURE = "megamath converts the Llama architecture only"
 
@@ -129,20 +127,9 @@ def stored_dtype(weights: MegatronWeights) -> torch.dtype:
 def convert_megatron_to_hf(src: str | Path, dst: str | Path, vocab_size: int | None = None,
                            max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
                            dtype: torch.dtype | None = None) -> tuple[ModelConfig, MegatronWeights]:
-    """A Megatron-LM checkpoint -> a Hugging Face Llama folder (Llama 2's bos 1 / eos 2, as Megatron-LM's
-    arguments name no special tokens); returns the model's config and what was read."""
-    max_bytes = parse_size(max_shard_size)
+    """A Megatron-LM checkpoint -> a Hugging Face Llama folder; returns the model's config and what was read."""
     weights = read_megatron_checkpoint(src)
     config = llama_config(weights.args, vocab_size)
     state = llama_state_dict(weights, config)
-    dtype = dtype or stored_dtype(weights)
-    hf_config = model_config_to_hf_config(config, dtype)
-
-    def write(tmp: Path) -> None:
-        (tmp / CONFIG_NAME).write_text(json.dumps(hf_config, indent=2) + "\n")
-        plan = [(to_hf_name(n), state[n].numel() * dtype.itemsize) for n in parameter_shapes(config)]
-        by_hf = {to_hf_name(n): n for n in state}
-        write_safetensors_dir(tmp, plan, lambda hf: cast_checked(state[by_hf[hf]].contiguous(), dtype, hf), max_bytes)
-
-    write_dir_atomically(dst, write)
+    save_state_as_hf(state, config, dst, dtype or stored_dtype(weights), max_shard_size)
     return config, weights

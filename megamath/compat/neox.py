@@ -141,6 +141,19 @@ def convert_neox(raw: dict, vocab_size: int | None = None, source: str = "") -> 
     return out
 
 
+def neox_model_config(raw: dict, vocab_size: int) -> tuple[dict, list[str]]:
+    """The model section (and notes) of a merged GPT-NeoX config, for converting its checkpoint: the
+    architecture is checked and the shapes mapped as for training; what only shapes training (dropout, the
+    pipeline size, which the checkpoint's files already reflect) is not asked about."""
+    missing = [k for k in SHAPE_KEYS if raw.get(k) is None]
+    if missing:
+        raise ValueError(f"{', '.join(missing)} not set in the checkpoint's config")
+    keys = Keys({**raw, "pipe_parallel_size": 0, "hidden_dropout": 0, "attention_dropout": 0})
+    out = Conversion({})
+    _architecture(keys)
+    return _model(keys, vocab_size, _int(keys, "model_parallel_size", 1, low=1), out), out.notes
+
+
 # ---- what megamath can train ---------------------------------------------------------------------------
 
 def _neox_main(keys: Keys) -> bool:
@@ -216,8 +229,10 @@ def _model(keys: Keys, vocab_size: int | None, tp: int, out: Conversion) -> dict
                                      "normal(0, init_std) with scaled output projections; only a run from random "
                                      "weights is affected"))
     eps = float(keys.take("rms_norm_epsilon", 1e-8))
-    out.notes.append(f"rms_norm_epsilon {eps:g}: GPT-NeoX's RMSNorm divides by rms(x) + eps, megamath's (Llama's, "
-                     "Hugging Face's) by sqrt(mean(x²) + eps); they differ where rms(x)² is not large against eps")
+    if not _neox_main(keys):  # main's RMSNorm is Llama's: x · rsqrt(mean(x²) + eps)
+        out.notes.append(f"rms_norm_epsilon {eps:g}: the llemma branch's RMSNorm divides by rms(x) + eps, megamath's "
+                         "(Llama's, Hugging Face's, GPT-NeoX main's) by sqrt(mean(x²) + eps); they differ where "
+                         "rms(x)² is not large against eps")
     return {
         "vocab_size": _vocab_size(keys, vocab_size, tp, out),
         "hidden_size": hidden,
@@ -490,8 +505,8 @@ def _checkpointing(keys: Keys, out: Conversion) -> None:
                                  "starts at step 0 from the weights")
         else:
             out.unmapped.append(Unmapped("load", UNSUPPORTED, f"{load} is not a Hugging Face folder (no config.json "
-                                         "there): a GPT-NeoX checkpoint; convert it with GPT-NeoX's "
-                                         "tools/ckpts/convert_neox_to_hf.py and set init_from_hf to the result"))
+                                         "there): a GPT-NeoX checkpoint; convert it with `megamath convert "
+                                         f"neox-to-hf {load} HF_DIR` and set init_from_hf: HF_DIR"))
             if finetune:
                 out.unmapped.append(Unmapped("finetune", NOT_NEEDED, "init_from_hf always loads the weights only "
                                              "and starts at step 0 (GPT-NeoX's finetune)"))

@@ -188,3 +188,20 @@ def convert_megamath_to_hf(src: str | Path, dst: str | Path, max_shard_size: str
 
     write_dir_atomically(dst, write)
     return config
+
+
+def save_state_as_hf(state: dict[str, torch.Tensor], config: ModelConfig, dst: str | Path, dtype: torch.dtype,
+                     max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE) -> Path:
+    """Serial Llama tensors under megamath's names (another trainer's checkpoint, mapped) -> a Hugging Face
+    Llama folder, cast to `dtype`; its config names Llama 2's bos 1 / eos 2, as those checkpoints name none."""
+    max_bytes = parse_size(max_shard_size)
+    check_tensors({n: tuple(t.shape) for n, t in state.items()}, config, str)
+    hf_config = model_config_to_hf_config(config, dtype)
+    by_hf = {to_hf_name(n): n for n in state}
+
+    def write(tmp: Path) -> None:
+        (tmp / CONFIG_NAME).write_text(json.dumps(hf_config, indent=2) + "\n")
+        plan = [(to_hf_name(n), state[n].numel() * dtype.itemsize) for n in parameter_shapes(config)]
+        write_safetensors_dir(tmp, plan, lambda hf: cast_checked(state[by_hf[hf]].contiguous(), dtype, hf), max_bytes)
+
+    return write_dir_atomically(dst, write)

@@ -1,0 +1,149 @@
+"""`megamath convert neox-to-hf` against checkpoints and logits written by GPT-NeoX itself
+(tests/fixtures/neox/write_fixtures.py says how): the llemma branch LLEMMA was trained with (multi-head and
+grouped-query, sequential files) and GPT-NeoX main (grouped-query, pipeline files), each at TP 2; the
+converted model computes GPT-NeoX's logits in megamath and in transformers; faults are one line."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from megamath.cli import main
+from megamath.compat.pickle_guard import guarded_load
+from megamath.generation.loading import load_model
+
+FIXTURES = Path(__file__).parent / "fixtures" / "neox"
+CHECKPOINTS = {"llemma_tp2": "sequential files, TP 2", "llemma_gqa_tp2": "sequential files, TP 2",
+               "main_gqa_tp2": "pipeline files, TP 2"}
+
+
+def neox_logits(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    ref = load_file(FIXTURES / name / "neox_logits.safetensors")
+    return ref["input_ids"], ref["logits"]
+
+
+def convert(src, dst, *extra) -> None:
+    assert main(["convert", "neox-to-hf", str(src), str(dst), "--dtype", "float32", *extra]) == 0
+
+
+@pytest.mark.parametrize("name", CHECKPOINTS)
+def test_the_converted_model_computes_neox_logits(name, tmp_path, capsys):
+    convert(FIXTURES / name, tmp_path / "hf")
+    out = capsys.readouterr().out
+    assert f"(neox-to-hf): global_step10, {CHECKPOINTS[name]}; 2 layers, hidden 32" in out
+    assert ("note: rms_norm_epsilon 1e-10: the llemma branch's RMSNorm" in out) == name.startswith("llemma")
+    ids, expected = neox_logits(name)
+    model = load_model(tmp_path / "hf", device="cpu", kernels="reference")
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", CHECKPOINTS)
+def test_transformers_loads_the_folder_and_computes_neox_logits(name, tmp_path):
+    transformers = pytest.importorskip("transformers", reason="transformers (a dev dependency) is not installed")
+    convert(FIXTURES / name, tmp_path / "hf")
+    model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    ids, expected = neox_logits(name)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_save_folder_and_the_step_folder_convert_alike_and_vocab_size_trims(tmp_path):
+    convert(FIXTURES / "llemma_gqa_tp2", tmp_path / "a", "--vocab-size", "50")
+    convert(FIXTURES / "llemma_gqa_tp2" / "global_step10", tmp_path / "b", "--vocab-size", "50")
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a["model.embed_tokens.weight"].shape == (50, 32) and a["lm_head.weight"].shape == (50, 32)
+    assert a["model.layers.0.self_attn.k_proj.weight"].shape == (16, 32)  # 2 KV heads of 8
+
+
+# ---- refused, with the cause --------------------------------------------------------------------------------
+
+def fail(src, dst, capsys, *extra) -> str:
+    assert main(["convert", "neox-to-hf", str(src), str(dst), *extra]) == 2
+    assert not Path(dst).exists()
+    return capsys.readouterr().err.removeprefix("megamath convert: error: ").rstrip("\n")
+
+
+def copy(name: str, tmp_path) -> Path:
+    return Path(shutil.copytree(FIXTURES / name, tmp_path / name))
+
+
+def rewrite(path: Path, change) -> None:
+    state = guarded_load(path)
+    change(state)
+    torch.save(state, path.with_suffix(".new"))  # a new file: the loaded tensors are mapped from the old one
+    os.replace(path.with_suffix(".new"), path)
+
+
+def test_missing_files_are_named(tmp_path, capsys):
+    src = copy("llemma_tp2", tmp_path)
+    (src / "global_step10" / "mp_rank_01_model_states.pt").unlink()
+    assert fail(src, tmp_path / "hf", capsys) == (f"{src / 'global_step10'}: mp_rank_01_model_states.pt missing "
+                                                  "(model_parallel_size 2)")
+    src = copy("main_gqa_tp2", tmp_path)
+    (src / "global_step10" / "layer_03-model_01-model_states.pt").unlink()
+    assert fail(src, tmp_path / "hf", capsys) == (f"{src / 'global_step10'}: layer_03-model_01-model_states.pt "
+                                                  "missing (model_parallel_size 2)")
+
+
+def test_a_checkpoint_without_its_config_says_where_to_put_it(tmp_path, capsys):
+    src = copy("llemma_tp2", tmp_path)
+    shutil.rmtree(src / "global_step10" / "configs")
+    assert fail(src, tmp_path / "hf", capsys) == (
+        f"{src / 'global_step10'}: no configs/*.yml (GPT-NeoX copies the run's YAML files there); copy the run's "
+        "config files into that folder")
+
+
+def test_folders_that_are_not_a_checkpoint_are_named(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert fail(tmp_path / "empty", tmp_path / "hf", capsys) == (
+        f"{tmp_path / 'empty'}: not a GPT-NeoX checkpoint (no 'latest' file, no mp_rank_00_model_states.pt, no "
+        "layer_*-model_*-model_states.pt)")
+    src = copy("llemma_tp2", tmp_path)
+    (src / "latest").write_text("global_step20")
+    assert fail(src, tmp_path / "hf", capsys) == (f"{src / 'latest'} names 'global_step20', but "
+                                                  f"{src / 'global_step20'} is not there")
+
+
+def test_a_tensor_of_another_architecture_is_refused_by_name(tmp_path, capsys):
+    src = copy("llemma_tp2", tmp_path)
+    for rank in (0, 1):
+        rewrite(src / "global_step10" / f"mp_rank_{rank:02d}_model_states.pt",
+                lambda s: s["module"].__setitem__("sequential.2.attention.dense.bias", torch.zeros(32)))
+    assert fail(src, tmp_path / "hf", capsys) == (f"{src / 'global_step10'}: unexpected tensor attention.dense.bias "
+                                                  "in layer 0: megamath converts the Llama architecture only "
+                                                  "(RMSNorm, SwiGLU, no biases)")
+
+
+def test_a_config_of_another_architecture_is_refused_by_its_key(tmp_path, capsys):
+    src = copy("llemma_tp2", tmp_path)
+    config = src / "global_step10" / "configs" / "tiny.yml"
+    config.write_text(config.read_text().replace('"no_weight_tying": true', '"no_weight_tying": false'))
+    assert fail(src, tmp_path / "hf", capsys) == ("no_weight_tying is False: megamath trains the Llama "
+                                                  "architecture only (untied input and output embeddings)")
+
+
+def test_heads_that_do_not_match_the_weights_are_refused(tmp_path, capsys):
+    src = copy("llemma_gqa_tp2", tmp_path)
+    config = src / "global_step10" / "configs" / "tiny.yml"
+    config.write_text(config.read_text().replace('"num_kv_heads": 2', '"num_kv_heads": 4'))
+    assert fail(src, tmp_path / "hf", capsys) == ("layer 0: query_key_value has 32 rows per rank, expected (heads + "
+                                                  "2 · kv_heads) · head_dim / TP = 48: the config's heads do not "
+                                                  "match the weights")
+
+
+def test_norms_that_differ_between_tp_ranks_are_averaged_as_neox_averages_them(tmp_path, capsys):
+    src = copy("llemma_tp2", tmp_path)
+    rewrite(src / "global_step10" / "mp_rank_01_model_states.pt",
+            lambda s: s["module"]["sequential.5.norm.scale"].add_(0.5))
+    convert(src, tmp_path / "hf")
+    assert "note: the final norm: norm.scale differs between TP ranks by up to 0.25; their mean is written" \
+        in capsys.readouterr().out
+    rank0 = guarded_load(src / "global_step10" / "mp_rank_00_model_states.pt")["module"]["sequential.5.norm.scale"]
+    written = load_file(tmp_path / "hf" / "model.safetensors")["model.norm.weight"]
+    torch.testing.assert_close(written, rank0 + 0.25)
