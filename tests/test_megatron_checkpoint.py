@@ -248,3 +248,46 @@ def test_config_from_megatron_names_the_command_that_converts_its_load_folder():
     assert unmapped["--load"].reason == (f"{load} is not a Hugging Face folder (no config.json): convert the "
                                          f"Megatron checkpoint with `megamath convert megatron-to-hf {load} "
                                          "HF_DIR` and set init_from_hf: HF_DIR")
+
+
+def test_an_older_torch_dist_checkpoint_with_its_args_in_common_pt(tmp_path, capsys):
+    """Megatron-LM kept the common state (args, iteration) in common.pt before moving it into the
+    distributed checkpoint's data; both are read."""
+    import pickle
+
+    from torch.distributed.checkpoint import FileSystemReader
+
+    src = copy("torch_dist_tp2", tmp_path)
+    folder = src / "iter_0000010"
+    metadata = FileSystemReader(str(folder)).read_metadata()
+    args = read_megatron_checkpoint(src).args
+    for key in [k for k in metadata.state_dict_metadata if k.startswith("common_state")]:
+        del metadata.state_dict_metadata[key]
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+    plain = argparse.Namespace(**{k: v for k, v in args.items() if not isinstance(v, Foreign)})
+    torch.save({"args": plain, "iteration": 10, "checkpoint_version": 3.0}, folder / "common.pt")
+    convert(src, tmp_path / "hf")
+    ids, expected = megatron_logits("torch_dist_tp2")
+    model = load_model(tmp_path / "hf", device="cpu", kernels="reference")
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), expected, rtol=1e-5, atol=1e-5)
+    (folder / "common.pt").unlink()
+    assert fail(src, tmp_path / "hf2", capsys) == f"{folder}: no common state (args) in the checkpoint and no common.pt"
+
+
+def test_a_truncated_rank_file_is_named(tmp_path, capsys):
+    src = copy("torch_tp2_pp2", tmp_path)
+    path = src / RANK_FILE.format("01_001")
+    path.write_bytes(path.read_bytes()[:30000])
+    message = fail(src, tmp_path / "hf", capsys)
+    assert message.startswith(f"{path}: not a readable torch.save file (") and message.endswith(
+        "); is it truncated or damaged?")
+
+
+def test_a_release_checkpoint_is_read_from_its_tracker_or_its_folder(tmp_path):
+    src = copy("torch_dist_tp2", tmp_path)
+    (src / "iter_0000010").rename(src / "release")
+    (src / "latest_checkpointed_iteration.txt").write_text("release")
+    for path in (src, src / "release"):
+        weights = read_megatron_checkpoint(path)
+        assert weights.iteration == "release" and weights.num_layers == 4

@@ -147,3 +147,14 @@ def test_norms_that_differ_between_tp_ranks_are_averaged_as_neox_averages_them(t
     rank0 = guarded_load(src / "global_step10" / "mp_rank_00_model_states.pt")["module"]["sequential.5.norm.scale"]
     written = load_file(tmp_path / "hf" / "model.safetensors")["model.norm.weight"]
     torch.testing.assert_close(written, rank0 + 0.25)
+
+
+def test_a_flipped_byte_in_a_weight_is_caught_by_the_files_crc(tmp_path, capsys):
+    """torch.load does not check the zip records' CRC-32: the damaged weight converted without a word."""
+    src = copy("llemma_tp2", tmp_path)
+    path = src / "global_step10" / "mp_rank_01_model_states.pt"
+    data = bytearray(path.read_bytes())
+    data[60000] ^= 0xFF  # inside a tensor's record
+    path.write_bytes(bytes(data))
+    assert fail(src, tmp_path / "hf", capsys) == (f"{path}: record mp_rank_01_model_states/data/8 fails its CRC-32 "
+                                                  "check: the file is damaged")

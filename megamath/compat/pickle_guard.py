@@ -81,10 +81,24 @@ _GUARDED = types.SimpleNamespace(__name__="megamath_guarded_pickle", Unpickler=G
 
 
 def guarded_load(source: str | Path | io.BytesIO):
-    """`torch.load` of a file (or bytes) of another trainer's: tensors on the CPU, foreign classes inert. A
-    file's tensors are memory-mapped (the zip format torch has written since 1.6), not read into memory."""
-    mmap = not isinstance(source, io.BytesIO) and zipfile.is_zipfile(source)
-    return torch.load(source, map_location="cpu", weights_only=False, pickle_module=_GUARDED, mmap=mmap)
+    """`torch.load` of a file (or bytes) of another trainer's: tensors on the CPU, foreign classes inert.
+
+    A file in the zip format torch has written since 1.6 has each record's CRC-32 checked first (torch.load
+    does not: a flipped bit in a weight would convert silently), then its tensors are memory-mapped rather
+    than read into memory. A file that is neither that nor an older torch pickle is refused, naming it."""
+    if isinstance(source, io.BytesIO):
+        return torch.load(source, map_location="cpu", weights_only=False, pickle_module=_GUARDED)
+    zipped = zipfile.is_zipfile(source)
+    if zipped:
+        with zipfile.ZipFile(source) as archive:
+            damaged = archive.testzip()
+        if damaged is not None:
+            raise ValueError(f"{source}: record {damaged} fails its CRC-32 check: the file is damaged")
+    try:
+        return torch.load(source, map_location="cpu", weights_only=False, pickle_module=_GUARDED, mmap=zipped)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        raise ValueError(f"{source}: not a readable torch.save file ({type(err).__name__}: {err}); is it truncated "
+                         "or damaged?") from err
 
 
 def plain_args(args: object) -> dict:
