@@ -113,15 +113,10 @@ def llama_state_dict(weights: MegatronWeights, config: ModelConfig) -> dict[str,
     return out
 
 
-def stored_dtype(weights: MegatronWeights) -> torch.dtype:
-    """The training dtype (args.params_dtype), else the dtype most of the weights have."""
+def training_dtype(weights: MegatronWeights) -> torch.dtype | None:
+    """args.params_dtype (the norms may be stored in float32 beside bfloat16 weights), if the args have it."""
     dtype = weights.args.get("params_dtype")
-    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
-        return dtype
-    counts: dict[torch.dtype, int] = {}
-    for tensor in weights.tensors.values():
-        counts[tensor.dtype] = counts.get(tensor.dtype, 0) + tensor.numel()
-    return max(counts, key=counts.get)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
 
 
 def convert_megatron_to_hf(src: str | Path, dst: str | Path, vocab_size: int | None = None,
@@ -131,5 +126,5 @@ def convert_megatron_to_hf(src: str | Path, dst: str | Path, vocab_size: int | N
     weights = read_megatron_checkpoint(src)
     config = llama_config(weights.args, vocab_size)
     state = llama_state_dict(weights, config)
-    save_state_as_hf(state, config, dst, dtype or stored_dtype(weights), max_shard_size)
+    save_state_as_hf(state, config, dst, dtype or training_dtype(weights), max_shard_size)
     return config, weights

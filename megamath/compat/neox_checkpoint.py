@@ -210,14 +210,6 @@ def _split_qkv(ranks: list[dict], config: ModelConfig, llemma: bool, where: str)
     return torch.cat(qs), torch.cat(ks), torch.cat(vs)
 
 
-def stored_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
-    """The dtype most of the weights have (DeepSpeed saves the module in its training dtype)."""
-    counts: dict[torch.dtype, int] = {}
-    for tensor in state.values():
-        counts[tensor.dtype] = counts.get(tensor.dtype, 0) + tensor.numel()
-    return max(counts, key=counts.get)
-
-
 def convert_neox_to_hf(src: str | Path, dst: str | Path, vocab_size: int | None = None,
                        max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
                        dtype: torch.dtype | None = None) -> tuple[ModelConfig, NeoXCheckpoint, list[str]]:
@@ -225,5 +217,5 @@ def convert_neox_to_hf(src: str | Path, dst: str | Path, vocab_size: int | None 
     checkpoint = read_neox_checkpoint(src)
     config, notes = llama_config(checkpoint, vocab_size)
     state, more = llama_state_dict(checkpoint, config)
-    save_state_as_hf(state, config, dst, dtype or stored_dtype(state), max_shard_size)
+    save_state_as_hf(state, config, dst, dtype, max_shard_size)  # DeepSpeed saved the training dtype
     return config, checkpoint, notes + more

@@ -190,11 +190,17 @@ def convert_megamath_to_hf(src: str | Path, dst: str | Path, max_shard_size: str
     return config
 
 
-def save_state_as_hf(state: dict[str, torch.Tensor], config: ModelConfig, dst: str | Path, dtype: torch.dtype,
-                     max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE) -> Path:
+def save_state_as_hf(state: dict[str, torch.Tensor], config: ModelConfig, dst: str | Path,
+                     dtype: torch.dtype | None = None, max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE) -> Path:
     """Serial Llama tensors under megamath's names (another trainer's checkpoint, mapped) -> a Hugging Face
-    Llama folder, cast to `dtype`; its config names Llama 2's bos 1 / eos 2, as those checkpoints name none."""
+    Llama folder, cast to `dtype` (default: the dtype most of the weights have); its config names Llama 2's
+    bos 1 / eos 2, as those checkpoints name none."""
     max_bytes = parse_size(max_shard_size)
+    if dtype is None:
+        counts: dict[torch.dtype, int] = {}
+        for tensor in state.values():
+            counts[tensor.dtype] = counts.get(tensor.dtype, 0) + tensor.numel()
+        dtype = max(counts, key=counts.get)
     check_tensors({n: tuple(t.shape) for n, t in state.items()}, config, str)
     hf_config = model_config_to_hf_config(config, dtype)
     by_hf = {to_hf_name(n): n for n in state}
