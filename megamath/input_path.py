@@ -1,4 +1,4 @@
-"""Reading a file a command is given, checked first so a wrong path or a binary file is one line naming it.
+"""Reading a file or folder a command is given, checked first so a wrong path or a binary file is one line naming it.
 
 A folder and a missing path are refused with their own wording; anything else that exists is read,
 regular or not, so process substitution (`--prompts <(zstdcat p.jsonl.zst)`) and /dev/stdin work.
@@ -15,6 +15,16 @@ def require_file(path: str | Path, what: str) -> Path:
         raise IsADirectoryError(f"{what} {path} is a folder, not a file")
     if not path.exists():
         raise FileNotFoundError(f"{what} not found: {path}")
+    return path
+
+
+def require_folder(path: str | Path, kind: str) -> Path:
+    """`path` as a Path; `{path} not found`, or `{path} is a file; {kind} is a folder` otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found")
+    if not path.is_dir():
+        raise ValueError(f"{path} is a file; {kind} is a folder")
     return path
 
 

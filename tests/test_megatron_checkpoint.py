@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,9 @@ from megamath.compat.megatron_llama import llama_config
 from megamath.compat.pickle_guard import Foreign, guarded_load, plain_args
 from megamath.generation.loading import load_model
 
+import foreign_checkpoints
+from foreign_checkpoints import rewrite
+
 FIXTURES = Path(__file__).parent / "fixtures" / "megatron"
 # Megatron-LM's two formats: TP 2 × PP 2, PP 2 with 2 virtual stages each (layers 0 2 on stage 0, 1 3 on 1), TP 2
 CHECKPOINTS = {"torch_tp2_pp2": "torch format, TP 2 PP 2", "torch_pp2_vp2": "torch format, TP 1 PP 2",
@@ -26,13 +28,21 @@ CHECKPOINTS = {"torch_tp2_pp2": "torch format, TP 2 PP 2", "torch_pp2_vp2": "tor
 RANK_FILE = "iter_0000010/mp_rank_{}/model_optim_rng.pt"
 
 
+def convert(src, dst, *extra) -> None:
+    foreign_checkpoints.convert("megatron-to-hf", src, dst, *extra)
+
+
+def fail(src, dst, capsys, *extra) -> str:
+    return foreign_checkpoints.fail("megatron-to-hf", src, dst, capsys, *extra)
+
+
+def copy(name: str, tmp_path) -> Path:
+    return foreign_checkpoints.copy(f"megatron/{name}", tmp_path)
+
+
 def megatron_logits(name: str) -> tuple[torch.Tensor, torch.Tensor]:
     ref = load_file(FIXTURES / name / "megatron_logits.safetensors")
     return ref["input_ids"], ref["logits"]
-
-
-def convert(src, dst, *extra) -> None:
-    assert main(["convert", "megatron-to-hf", str(src), str(dst), "--dtype", "float32", *extra]) == 0
 
 
 @pytest.mark.parametrize("name", CHECKPOINTS)
@@ -109,25 +119,6 @@ def test_megatrons_own_classes_in_the_args_load_without_megatron():
 
 
 # ---- refused, with the cause --------------------------------------------------------------------------------
-
-def fail(src, dst, capsys, *extra) -> str:
-    assert main(["convert", "megatron-to-hf", str(src), str(dst), *extra]) == 2
-    assert not Path(dst).exists()
-    return capsys.readouterr().err.removeprefix("megamath convert: error: ").rstrip("\n")
-
-
-def copy(name: str, tmp_path) -> Path:
-    return Path(shutil.copytree(FIXTURES / name, tmp_path / name))
-
-
-def rewrite(path: Path, change) -> None:
-    """Re-save one rank file after `change(state)`; args of plain values only (Megatron's enums dropped)."""
-    state = guarded_load(path)
-    state["args"] = argparse.Namespace(**{k: v for k, v in plain_args(state["args"]).items()
-                                          if not isinstance(v, Foreign)})
-    change(state)
-    torch.save(state, path.with_suffix(".new"))  # a new file: the loaded tensors are mapped from the old one
-    os.replace(path.with_suffix(".new"), path)
 
 
 def test_a_missing_rank_file_is_named(tmp_path, capsys):

@@ -4,7 +4,6 @@ grouped-query, sequential files) and GPT-NeoX main (grouped-query, pipeline file
 converted model computes GPT-NeoX's logits in megamath and in transformers; faults are one line."""
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -12,22 +11,32 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from megamath.cli import main
 from megamath.compat.pickle_guard import guarded_load
 from megamath.generation.loading import load_model
+
+import foreign_checkpoints
+from foreign_checkpoints import rewrite
 
 FIXTURES = Path(__file__).parent / "fixtures" / "neox"
 CHECKPOINTS = {"llemma_tp2": "sequential files, TP 2", "llemma_gqa_tp2": "sequential files, TP 2",
                "main_gqa_tp2": "pipeline files, TP 2"}
 
 
+def convert(src, dst, *extra) -> None:
+    foreign_checkpoints.convert("neox-to-hf", src, dst, *extra)
+
+
+def fail(src, dst, capsys, *extra) -> str:
+    return foreign_checkpoints.fail("neox-to-hf", src, dst, capsys, *extra)
+
+
+def copy(name: str, tmp_path) -> Path:
+    return foreign_checkpoints.copy(f"neox/{name}", tmp_path)
+
+
 def neox_logits(name: str) -> tuple[torch.Tensor, torch.Tensor]:
     ref = load_file(FIXTURES / name / "neox_logits.safetensors")
     return ref["input_ids"], ref["logits"]
-
-
-def convert(src, dst, *extra) -> None:
-    assert main(["convert", "neox-to-hf", str(src), str(dst), "--dtype", "float32", *extra]) == 0
 
 
 @pytest.mark.parametrize("name", CHECKPOINTS)
@@ -62,22 +71,6 @@ def test_the_save_folder_and_the_step_folder_convert_alike_and_vocab_size_trims(
 
 
 # ---- refused, with the cause --------------------------------------------------------------------------------
-
-def fail(src, dst, capsys, *extra) -> str:
-    assert main(["convert", "neox-to-hf", str(src), str(dst), *extra]) == 2
-    assert not Path(dst).exists()
-    return capsys.readouterr().err.removeprefix("megamath convert: error: ").rstrip("\n")
-
-
-def copy(name: str, tmp_path) -> Path:
-    return Path(shutil.copytree(FIXTURES / name, tmp_path / name))
-
-
-def rewrite(path: Path, change) -> None:
-    state = guarded_load(path)
-    change(state)
-    torch.save(state, path.with_suffix(".new"))  # a new file: the loaded tensors are mapped from the old one
-    os.replace(path.with_suffix(".new"), path)
 
 
 def test_missing_files_are_named(tmp_path, capsys):

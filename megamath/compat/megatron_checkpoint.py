@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from megamath.compat.pickle_guard import guarded_load, plain_args
+from megamath.input_path import require_folder
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RANK_FILE = "model_optim_rng.pt"
@@ -66,12 +67,7 @@ class MegatronWeights:
 def iteration_folder(path: str | Path) -> tuple[Path, int | str]:
     """The folder of the checkpoint to read: a --save folder's latest (its tracker file names it), or an
     iter_NNNNNNN / release folder itself."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found")
-    if not path.is_dir():
-        raise ValueError(f"{path} is a file; a Megatron-LM checkpoint is a folder (the --save folder, or one "
-                         "iter_NNNNNNN folder in it)")
+    path = require_folder(path, "a Megatron-LM checkpoint (the --save folder, or one iter_NNNNNNN folder in it)")
     name = path.name
     if re.fullmatch(r"iter_\d{7}", name) or name == "release":
         return path, "release" if name == "release" else int(name[5:])

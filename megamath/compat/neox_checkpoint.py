@@ -28,6 +28,7 @@ import torch
 
 from megamath.compat.neox import neox_model_config, read_neox_yaml
 from megamath.compat.pickle_guard import guarded_load
+from megamath.input_path import require_folder
 from megamath.model.config import ModelConfig
 from megamath.model.model_folder import save_state_as_hf
 from megamath.model.safetensors_io import DEFAULT_MAX_SHARD_SIZE
@@ -55,12 +56,7 @@ class NeoXCheckpoint:
 
 def checkpoint_folder(path: str | Path) -> Path:
     """The global_stepN folder: a --save folder's latest (its `latest` file names it), or the folder itself."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found")
-    if not path.is_dir():
-        raise ValueError(f"{path} is a file; a GPT-NeoX checkpoint is a folder (the save folder, or one "
-                         "global_stepN folder in it)")
+    path = require_folder(path, "a GPT-NeoX checkpoint (the save folder, or one global_stepN folder in it)")
     if (path / _SEQUENTIAL.format(0)).is_file() or any(_PIPELINE.match(p.name) for p in path.iterdir()):
         return path
     latest = path / "latest"
