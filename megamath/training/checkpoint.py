@@ -274,6 +274,15 @@ def remove_stale_temporaries(root: Path) -> list[Path]:
 
 # ---- find and load -------------------------------------------------------------------------------------------
 
+class IncompleteCheckpointError(ValueError):
+    """`latest` names a step folder that is not a complete checkpoint. The fault and the advice are kept
+    apart: the advice fits a resume, while init_from_hf reading the same run says only the fault."""
+
+    def __init__(self, fault: str, advice: str):
+        super().__init__(f"{fault}; {advice}")
+        self.fault, self.advice = fault, advice
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The checkpoint `latest` names, or None when the run has none."""
     root = Path(run_dir) / CHECKPOINTS
@@ -285,8 +294,9 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
         raise ValueError(f"{pointer} holds {named[:80]!r}, not the name of a step_NNNNNNN folder beside it")
     path = root / named
     if not (path / METADATA).is_file():
-        raise ValueError(f"{pointer} names {path.name}, which is not a complete checkpoint; point it at one of "
-                         f"{[p.name for _, p in complete_checkpoints(root)]} or resume from a path")
+        raise IncompleteCheckpointError(f"{pointer} names {path.name}, which is not a complete checkpoint",
+                                        f"point it at one of {[p.name for _, p in complete_checkpoints(root)]} "
+                                        "or resume from a path")
     return path
 
 

@@ -15,7 +15,7 @@ import torch
 from megamath.model.safetensors_io import cast_checked
 from megamath.model.tp_state_dict import tp_slice
 from megamath.parallel.state import ParallelState
-from megamath.training.checkpoint import read_metadata
+from megamath.training.checkpoint import IncompleteCheckpointError, read_metadata
 from megamath.training.reshard import TrainCheckpoint, resolve_checkpoint
 from megamath.training.resume import SHAPE_KEYS
 
@@ -27,8 +27,10 @@ def load_training_weights(model: torch.nn.Module, path: str | Path, state: Paral
     kernels) is the run's own, as with a Hugging Face folder."""
     try:
         source = TrainCheckpoint(resolve_checkpoint(path), with_optimizer=False)
-    except (FileNotFoundError, ValueError) as err:  # its own words, said of init_from_hf (a resume's advice aside)
-        raise type(err)(f"init_from_hf: {str(err).split('; point it at')[0]}") from None
+    except IncompleteCheckpointError as err:  # the fault, said of init_from_hf; the advice is a resume's
+        raise ValueError(f"init_from_hf: {err.fault}") from None
+    except (FileNotFoundError, ValueError) as err:  # its own words, said of init_from_hf
+        raise type(err)(f"init_from_hf: {err}") from None
     differ = [f"{key} {getattr(source.config, key)} (checkpoint) vs {getattr(model.config, key)} (this run)"
               for key in SHAPE_KEYS if getattr(source.config, key) != getattr(model.config, key)]
     if differ:
