@@ -282,3 +282,22 @@ def test_a_release_checkpoint_is_read_from_its_tracker_or_its_folder(tmp_path):
     for path in (src, src / "release"):
         weights = read_megatron_checkpoint(path)
         assert weights.iteration == "release" and weights.num_layers == 4
+
+
+def test_transformer_engine_names_of_the_norms_in_the_torch_format(tmp_path):
+    """With --transformer-impl transformer_engine (Megatron-LM's default) the norms live in the fused
+    norm+linear modules: linear_qkv.layer_norm_weight, linear_fc1.layer_norm_weight."""
+    src = copy("torch_tp2_pp2", tmp_path)
+    te_names = {"input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+                "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight"}
+
+    def rename(state):
+        state["model"] = {next((k.replace(a, b) for a, b in te_names.items() if k.endswith(a)), k): v
+                          for k, v in state["model"].items()}
+    for rank in ("00_000", "01_000", "00_001", "01_001"):
+        rewrite(src / RANK_FILE.format(rank), rename)
+    convert(src, tmp_path / "hf")
+    ids, expected = megatron_logits("torch_tp2_pp2")
+    with torch.no_grad():
+        logits = load_model(tmp_path / "hf", device="cpu", kernels="reference")(ids)
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
