@@ -301,3 +301,46 @@ def test_transformer_engine_names_of_the_norms_in_the_torch_format(tmp_path):
     with torch.no_grad():
         logits = load_model(tmp_path / "hf", device="cpu", kernels="reference")(ids)
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_rank_slices_are_joined_one_shard_at_a_time_as_they_are_written(tmp_path, monkeypatch):
+    """A 34B checkpoint must not be held whole in memory: the TP slices (memory-mapped) are joined only when
+    the writer asks for a tensor, and joined tensors live no longer than the shard being written."""
+    import gc
+    import weakref
+
+    from megamath.compat import megatron_checkpoint
+    from megamath.compat.megatron_llama import convert_megatron_to_hf
+
+    alive, most = [], [0]
+    join = megatron_checkpoint._join
+
+    def counting_join(*args):
+        gc.collect()
+        alive[:] = [r for r in alive if r() is not None]
+        most[0] = max(most[0], len(alive) + 1)
+        joined = join(*args)
+        if args[1] in megatron_checkpoint._TP_DIM:  # a norm is one rank's mapped copy, not a new tensor
+            alive.append(weakref.ref(joined))
+        return joined
+    monkeypatch.setattr(megatron_checkpoint, "_join", counting_join)
+    weights = read_megatron_checkpoint(FIXTURES / "torch_tp2_pp2")
+    from megamath.compat.megatron_llama import llama_state_dict
+    llama_state_dict(weights, llama_config(weights.args))
+    assert most[0] == 0  # reading and planning join nothing
+    convert_megatron_to_hf(FIXTURES / "torch_tp2_pp2", tmp_path / "hf", max_shard_size="8KB")
+    import json
+    files = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())["weight_map"]
+    per_shard = max(list(files.values()).count(f) for f in set(files.values()))
+    assert len(set(files.values())) > 10 and per_shard <= 5
+    assert 0 < most[0] <= per_shard + 1  # a shard's worth of joined tensors, not the model's 30
+
+
+def test_args_that_do_not_match_the_weights_are_refused_before_writing(tmp_path, capsys):
+    src = copy("torch_dist_tp2", tmp_path)
+    weights = read_megatron_checkpoint(src)
+    from megamath.compat.megatron_llama import llama_state_dict
+    with pytest.raises(ValueError) as err:
+        llama_state_dict(weights, llama_config({**weights.args, "ffn_hidden_size": 40}))
+    assert str(err.value) == ("layers.0.fc1: the checkpoint holds shape (96, 32), its args give (80, 32) (linear_qkv: "
+                              "(heads + 2 · query groups) · head_dim rows; linear_fc1: 2 · ffn rows)")

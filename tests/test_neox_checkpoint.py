@@ -151,3 +151,11 @@ def test_a_flipped_byte_in_a_weight_is_caught_by_the_files_crc(tmp_path, capsys)
     path.write_bytes(bytes(data))
     assert fail(src, tmp_path / "hf", capsys) == (f"{path}: record mp_rank_01_model_states/data/8 fails its CRC-32 "
                                                   "check: the file is damaged")
+
+
+def test_a_config_whose_mlp_width_does_not_match_the_weights_is_refused_before_writing(tmp_path, capsys):
+    src = copy("main_gqa_tp2", tmp_path)
+    config = src / "global_step10" / "configs" / "tiny.yml"
+    config.write_text(config.read_text().replace('"intermediate_size": 96', '"intermediate_size": 192'))
+    assert fail(src, tmp_path / "hf", capsys) == (f"{src / 'global_step10'}: layers.0.mlp.up_proj.weight comes out "
+                                                  "of the checkpoint with shape (32, 32), the config gives (64, 32)")

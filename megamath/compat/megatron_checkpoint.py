@@ -56,12 +56,41 @@ class MegatronWeights:
     args: dict
     iteration: int | str
     checkpoint_format: str
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
-    """"embedding", "output" (absent when tied), "final_norm", and "layers.{i}.{role}" for LAYER_TENSORS' roles."""
+    tensors: dict[str, torch.Tensor | Slices] = field(default_factory=dict)
+    """"embedding", "output" (absent when tied), "final_norm", and "layers.{i}.{role}" for LAYER_TENSORS' roles;
+    global tensors (torch_dist), or the TP ranks' slices of them, joined when read (torch)."""
 
     @property
     def num_layers(self) -> int:
         return sum(1 for name in self.tensors if name.endswith(".qkv"))
+
+    def tensor(self, name: str) -> torch.Tensor:
+        value = self.tensors[name]
+        return value.join() if isinstance(value, Slices) else value
+
+
+@dataclass
+class Slices:
+    """One global tensor as the TP ranks' files hold it (memory-mapped), joined only when read."""
+
+    pieces: list[torch.Tensor]
+    role: str
+    where: str
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        dim = _TP_DIM.get(self.role)
+        shape = list(self.pieces[0].shape)
+        if dim is not None:
+            shape[dim] = sum(p.shape[dim] for p in self.pieces)
+        return tuple(shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pieces[0].dtype
+
+    def join(self) -> torch.Tensor:
+        return _join(self.pieces, self.role, self.where)
 
 
 def iteration_folder(path: str | Path) -> tuple[Path, int | str]:
@@ -166,7 +195,7 @@ def _merge_stage(per_tp: list[dict], offset: int, out: dict, where: str) -> int:
         role = name.rsplit(".", 1)[-1]
         pieces = [r[name] for r in roles]
         global_name = f"layers.{offset + int(name.split('.')[1])}.{role}" if name.startswith("layers.") else name
-        out[global_name] = _join(pieces, role, f"{where}: {name}")
+        out[global_name] = Slices(pieces, role, f"{where}: {name}")
     return len(layers)
 
 

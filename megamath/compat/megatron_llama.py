@@ -17,8 +17,8 @@ import torch
 
 from megamath.compat.megatron_checkpoint import MegatronWeights, read_megatron_checkpoint
 from megamath.model.config import ModelConfig
-from megamath.model.hf_llama import check_tensors
-from megamath.model.model_folder import save_state_as_hf
+from megamath.model.model_folder import Deferred, save_state_as_hf
+from megamath.model.partition import parameter_shapes
 from megamath.model.safetensors_io import DEFAULT_MAX_SHARD_SIZE
 
 _ARCHITECTURE = "megamath converts the Llama architecture only"
@@ -78,39 +78,54 @@ def llama_config(args: dict, vocab_size: int | None = None) -> ModelConfig:
     )
 
 
-def llama_state_dict(weights: MegatronWeights, config: ModelConfig) -> dict[str, torch.Tensor]:
-    """megamath's Llama state dict (serial names and shapes) of a checkpoint's global weights."""
+def llama_state_dict(weights: MegatronWeights, config: ModelConfig) -> dict[str, Deferred]:
+    """megamath's Llama state dict (serial names and shapes) of a checkpoint's global weights, each tensor
+    made when it is written (the rank files' slices are joined then, one tensor at a time)."""
     t = weights.tensors
     if weights.num_layers != config.num_layers:
         raise ValueError(f"the checkpoint holds {weights.num_layers} layers, its args say num_layers "
                          f"{config.num_layers}")
     v, d = config.vocab_size, config.head_dim
     per_group = config.num_heads // config.num_kv_heads
-    out = {"embed_tokens.weight": t["embedding"][:v]}
+    shapes = parameter_shapes(config)
+    out: dict[str, Deferred] = {}
+
+    def put(name: str, source: str, cut) -> None:
+        out[name] = Deferred(shapes[name], t[source].dtype, lambda: cut(weights.tensor(source)))
+
+    _check_sources(weights, config)
+
+    def grouped(x):  # per query group: its query heads, its key head, its value head
+        return x.reshape(config.num_kv_heads, per_group + 2, d, -1)
+    put("embed_tokens.weight", "embedding", lambda x: x[:v])
     for i in range(config.num_layers):
-        layer = {role: t[f"layers.{i}.{role}"] for role in ("input_norm", "qkv", "proj", "mlp_norm", "fc1", "fc2")}
-        qkv = layer["qkv"]
-        if qkv.shape[0] != (config.num_heads + 2 * config.num_kv_heads) * d:
-            raise ValueError(f"layer {i}: linear_qkv has {qkv.shape[0]} rows, expected (heads + 2 · groups) · "
-                             f"head_dim = {(config.num_heads + 2 * config.num_kv_heads) * d}")
-        grouped = qkv.reshape(config.num_kv_heads, per_group + 2, d, -1)
-        gate, up = layer["fc1"].chunk(2, dim=0)
-        prefix = f"layers.{i}."
-        out.update({
-            prefix + "input_layernorm.weight": layer["input_norm"],
-            prefix + "self_attn.q_proj.weight": grouped[:, :per_group].reshape(config.num_heads * d, -1),
-            prefix + "self_attn.k_proj.weight": grouped[:, per_group].reshape(config.num_kv_heads * d, -1),
-            prefix + "self_attn.v_proj.weight": grouped[:, per_group + 1].reshape(config.num_kv_heads * d, -1),
-            prefix + "self_attn.o_proj.weight": layer["proj"],
-            prefix + "post_attention_layernorm.weight": layer["mlp_norm"],
-            prefix + "mlp.gate_proj.weight": gate,
-            prefix + "mlp.up_proj.weight": up,
-            prefix + "mlp.down_proj.weight": layer["fc2"],
-        })
-    out["norm.weight"] = t["final_norm"]
-    out["lm_head.weight"] = t.get("output", t["embedding"])[:v]  # tied: the output layer is the embedding
-    check_tensors({n: tuple(x.shape) for n, x in out.items()}, config, lambda n: f"{n} (from the Megatron-LM checkpoint)")
+        prefix, qkv = f"layers.{i}.", f"layers.{i}.qkv"
+        put(prefix + "input_layernorm.weight", prefix + "input_norm", lambda x: x)
+        put(prefix + "self_attn.q_proj.weight", qkv, lambda x: grouped(x)[:, :per_group].reshape(-1, x.shape[1]))
+        put(prefix + "self_attn.k_proj.weight", qkv, lambda x: grouped(x)[:, per_group].reshape(-1, x.shape[1]))
+        put(prefix + "self_attn.v_proj.weight", qkv, lambda x: grouped(x)[:, per_group + 1].reshape(-1, x.shape[1]))
+        put(prefix + "self_attn.o_proj.weight", prefix + "proj", lambda x: x)
+        put(prefix + "post_attention_layernorm.weight", prefix + "mlp_norm", lambda x: x)
+        put(prefix + "mlp.gate_proj.weight", prefix + "fc1", lambda x: x.chunk(2, dim=0)[0])  # fc1 is [gate; up]
+        put(prefix + "mlp.up_proj.weight", prefix + "fc1", lambda x: x.chunk(2, dim=0)[1])
+        put(prefix + "mlp.down_proj.weight", prefix + "fc2", lambda x: x)
+    put("norm.weight", "final_norm", lambda x: x)
+    put("lm_head.weight", "output" if "output" in t else "embedding", lambda x: x[:v])  # tied: the embedding
     return out
+
+
+def _check_sources(weights: MegatronWeights, config: ModelConfig) -> None:
+    """Each global tensor's shape against the args' model, before anything is written."""
+    h, d, f = config.hidden_size, config.head_dim, config.ffn_hidden_size
+    expected = {"input_norm": (h,), "mlp_norm": (h,), "qkv": ((config.num_heads + 2 * config.num_kv_heads) * d, h),
+                "proj": (h, config.num_heads * d), "fc1": (2 * f, h), "fc2": (h, f), "final_norm": (h,)}
+    padded = weights.args.get("padded_vocab_size")
+    for name, value in weights.tensors.items():
+        role = name.rsplit(".", 1)[-1]
+        want = (padded, h) if role in ("embedding", "output") else expected[role]
+        if tuple(value.shape) != want:
+            raise ValueError(f"{name}: the checkpoint holds shape {tuple(value.shape)}, its args give {want} "
+                             "(linear_qkv: (heads + 2 · query groups) · head_dim rows; linear_fc1: 2 · ffn rows)")
 
 
 def training_dtype(weights: MegatronWeights) -> torch.dtype | None:

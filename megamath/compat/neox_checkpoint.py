@@ -30,7 +30,8 @@ from megamath.compat.neox import neox_model_config, read_neox_yaml
 from megamath.compat.pickle_guard import guarded_load
 from megamath.input_path import require_folder
 from megamath.model.config import ModelConfig
-from megamath.model.model_folder import save_state_as_hf
+from megamath.model.model_folder import Deferred, save_state_as_hf
+from megamath.model.partition import parameter_shapes
 from megamath.model.safetensors_io import DEFAULT_MAX_SHARD_SIZE
 
 _SEQUENTIAL = "mp_rank_{:02d}_model_states.pt"
@@ -122,8 +123,10 @@ def _find(checkpoint: NeoXCheckpoint, name: str) -> int:
     return found[0]
 
 
-def llama_state_dict(checkpoint: NeoXCheckpoint, config: ModelConfig) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """megamath's serial Llama state dict of the checkpoint, and notes (replicated norms that differed)."""
+def llama_state_dict(checkpoint: NeoXCheckpoint, config: ModelConfig) -> tuple[dict[str, Deferred], list[str]]:
+    """megamath's serial Llama state dict of the checkpoint, each tensor made when it is written (the rank
+    files are memory-mapped: one tensor at a time is held), and the notes of replicated norms that differ
+    (filled as the norms are written)."""
     notes: list[str] = []
     modules = checkpoint.modules
     layers = sorted(i for i, ranks in modules.items() if _ATTENTION[1] in ranks[0])
@@ -133,7 +136,19 @@ def llama_state_dict(checkpoint: NeoXCheckpoint, config: ModelConfig) -> tuple[d
     output_dim = 1 if checkpoint.config.get("output_layer_parallelism", "column") == "row" else 0
     embedding, norm, output = (_find(checkpoint, n) for n in ("word_embeddings.weight", "norm.scale",
                                                                "final_linear.weight"))
-    state = {"embed_tokens.weight": _cat(modules[embedding], "word_embeddings.weight", 0)[:config.vocab_size]}
+    shapes, v = parameter_shapes(config), config.vocab_size
+    state: dict[str, Deferred] = {}
+
+    def put(name: str, ranks: list[dict], make) -> None:
+        """`make(ranks)` is run once on meta tensors now (its shape checked before anything is written)."""
+        meta = [{k: torch.empty(t.shape, dtype=t.dtype, device="meta") for k, t in r.items()} for r in ranks]
+        made = make(meta)
+        if tuple(made.shape) != shapes[name]:
+            raise ValueError(f"{checkpoint.folder}: {name} comes out of the checkpoint with shape "
+                             f"{tuple(made.shape)}, the config gives {shapes[name]}")
+        state[name] = Deferred(shapes[name], made.dtype, lambda: make(ranks))
+
+    put("embed_tokens.weight", modules[embedding], lambda rs: _cat(rs, "word_embeddings.weight", 0)[:v])
     for i, index in enumerate(layers):
         ranks = modules[index]
         unknown = sorted(set(ranks[0]) - set(_ATTENTION) - set(LLEMMA_MLP) - set(MAIN_MLP)
@@ -141,25 +156,25 @@ def llama_state_dict(checkpoint: NeoXCheckpoint, config: ModelConfig) -> tuple[d
         if unknown:
             raise ValueError(f"{checkpoint.folder}: unexpected tensor {unknown[0]} in layer {i}: {_ARCHITECTURE} "
                              "(RMSNorm, SwiGLU, no biases)")
-        q, k, v = _split_qkv(ranks, config, llemma=LLEMMA_MLP[0] in ranks[0], where=f"layer {i}")
-        prefix = f"layers.{i}."
-        state.update({
-            prefix + "input_layernorm.weight": _replicated(ranks, _ATTENTION[0], f"layer {i}", notes),
-            prefix + "self_attn.q_proj.weight": q, prefix + "self_attn.k_proj.weight": k,
-            prefix + "self_attn.v_proj.weight": v,
-            prefix + "self_attn.o_proj.weight": _cat(ranks, _ATTENTION[2], 1),
-            prefix + "post_attention_layernorm.weight": _replicated(ranks, _ATTENTION[3], f"layer {i}", notes),
-        })
-        if LLEMMA_MLP[0] in ranks[0]:
-            gate, up, down = (_cat(ranks, name, dim) for name, dim in zip(LLEMMA_MLP, (0, 0, 1)))
-        else:
-            halves = [r[MAIN_MLP[0]].chunk(2, dim=0) for r in ranks]  # GPT-NeoX main: [up; gate] on each rank
-            up, gate = torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])
-            down = _cat(ranks, MAIN_MLP[1], 1)
-        state.update({prefix + "mlp.gate_proj.weight": gate, prefix + "mlp.up_proj.weight": up,
-                      prefix + "mlp.down_proj.weight": down})
-    state["norm.weight"] = _replicated(modules[norm], "norm.scale", "the final norm", notes)
-    state["lm_head.weight"] = _cat(modules[output], "final_linear.weight", output_dim)[:config.vocab_size]
+        llemma, where, prefix = LLEMMA_MLP[0] in ranks[0], f"layer {i}", f"layers.{i}."
+        _check_qkv(ranks, config, llemma, where)
+        put(prefix + "input_layernorm.weight", ranks, lambda rs, w=where: _replicated(rs, _ATTENTION[0], w, notes))
+        for part, name in enumerate(("q_proj", "k_proj", "v_proj")):
+            put(f"{prefix}self_attn.{name}.weight", ranks,
+                lambda rs, p=part, ll=llemma: _split_qkv(rs, config, ll)[p])
+        put(prefix + "self_attn.o_proj.weight", ranks, lambda rs: _cat(rs, _ATTENTION[2], 1))
+        put(prefix + "post_attention_layernorm.weight", ranks,
+            lambda rs, w=where: _replicated(rs, _ATTENTION[3], w, notes))
+        if llemma:
+            for name, source, dim in (("gate", "w1", 0), ("up", "w3", 0), ("down", "w2", 1)):
+                put(f"{prefix}mlp.{name}_proj.weight", ranks, lambda rs, s=source, d=dim: _cat(rs, f"mlp.{s}.weight", d))
+        else:  # GPT-NeoX main: linear1 is [up; gate] on each rank
+            for name, half in (("up", 0), ("gate", 1)):
+                put(f"{prefix}mlp.{name}_proj.weight", ranks,
+                    lambda rs, k=half: torch.cat([r[MAIN_MLP[0]].chunk(2, dim=0)[k] for r in rs]))
+            put(prefix + "mlp.down_proj.weight", ranks, lambda rs: _cat(rs, MAIN_MLP[1], 1))
+    put("norm.weight", modules[norm], lambda rs: _replicated(rs, "norm.scale", "the final norm", notes))
+    put("lm_head.weight", modules[output], lambda rs: _cat(rs, "final_linear.weight", output_dim)[:v])
     return state, notes
 
 
@@ -169,6 +184,8 @@ def _cat(ranks: list[dict], name: str, dim: int) -> torch.Tensor:
 
 def _replicated(ranks: list[dict], name: str, where: str, notes: list[str]) -> torch.Tensor:
     """A norm weight every TP rank holds: their mean, as GPT-NeoX's own converter takes it."""
+    if ranks[0][name].is_meta:  # put()'s shape check
+        return ranks[0][name]
     pieces = [r[name].float() for r in ranks]
     mean = torch.stack(pieces).mean(0)
     spread = max((p - mean).abs().max().item() for p in pieces)
@@ -177,20 +194,26 @@ def _replicated(ranks: list[dict], name: str, where: str, notes: list[str]) -> t
     return mean.to(ranks[0][name].dtype)
 
 
-def _split_qkv(ranks: list[dict], config: ModelConfig, llemma: bool, where: str):
-    """q, k, v (serial) from each rank's query_key_value, by the layout its GPT-NeoX version reads."""
+def _check_qkv(ranks: list[dict], config: ModelConfig, llemma: bool, where: str) -> None:
     tp, d, heads, kv = len(ranks), config.head_dim, config.num_heads, config.num_kv_heads
     if heads % tp or kv % tp or (llemma and (d * kv) % heads):
         raise ValueError(f"{where}: {heads} heads and {kv} KV heads cannot be split over {tp} tensor-parallel ranks "
                          "as GPT-NeoX splits them")
+    rows = (heads + 2 * kv) * d // tp
+    for r in ranks:
+        if r[_ATTENTION[1]].shape[0] != rows:
+            raise ValueError(f"{where}: query_key_value has {r[_ATTENTION[1]].shape[0]} rows per rank, expected "
+                             f"(heads + 2 · kv_heads) · head_dim / TP = {rows}: the config's heads do not match "
+                             "the weights")
+
+
+def _split_qkv(ranks: list[dict], config: ModelConfig, llemma: bool) -> tuple[torch.Tensor, ...]:
+    """q, k, v (serial) from each rank's query_key_value, by the layout its GPT-NeoX version reads."""
+    tp, d, heads, kv = len(ranks), config.head_dim, config.num_heads, config.num_kv_heads
     per_rank_heads, per_rank_kv = heads // tp, kv // tp
     qs, ks, vs = [], [], []
     for r in ranks:
         w = r[_ATTENTION[1]]
-        if w.shape[0] != (per_rank_heads + 2 * per_rank_kv) * d:
-            raise ValueError(f"{where}: query_key_value has {w.shape[0]} rows per rank, expected (heads + 2 · "
-                             f"kv_heads) · head_dim / TP = {(per_rank_heads + 2 * per_rank_kv) * d}: the config's "
-                             "heads do not match the weights")
         if kv == heads:  # per head [q; k; v]
             grouped = w.reshape(per_rank_heads, 3, d, -1)
             q, k, v = grouped[:, 0], grouped[:, 1], grouped[:, 2]

@@ -20,7 +20,9 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -190,24 +192,42 @@ def convert_megamath_to_hf(src: str | Path, dst: str | Path, max_shard_size: str
     return config
 
 
-def save_state_as_hf(state: dict[str, torch.Tensor], config: ModelConfig, dst: str | Path,
+@dataclass(frozen=True)
+class Deferred:
+    """A tensor made only when it is written (say, joined from memory-mapped rank files), so that a converter
+    holds one tensor at a time, not the model."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    load: Callable[[], torch.Tensor]
+
+
+def save_state_as_hf(state: dict[str, torch.Tensor | Deferred], config: ModelConfig, dst: str | Path,
                      dtype: torch.dtype | None = None, max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE) -> Path:
-    """Serial Llama tensors under megamath's names (another trainer's checkpoint, mapped) -> a Hugging Face
-    Llama folder, cast to `dtype` (default: the dtype most of the weights have); its config names Llama 2's
-    bos 1 / eos 2, as those checkpoints name none."""
+    """Serial Llama tensors under megamath's names (another trainer's checkpoint, mapped; each a tensor or
+    Deferred) -> a Hugging Face Llama folder, cast to `dtype` (default: the dtype most of the weights have);
+    its config names Llama 2's bos 1 / eos 2, as those checkpoints name none."""
     max_bytes = parse_size(max_shard_size)
+    shapes = {n: tuple(t.shape) for n, t in state.items()}
+    check_tensors(shapes, config, str)
     if dtype is None:
         counts: dict[torch.dtype, int] = {}
-        for tensor in state.values():
-            counts[tensor.dtype] = counts.get(tensor.dtype, 0) + tensor.numel()
+        for name, tensor in state.items():
+            counts[tensor.dtype] = counts.get(tensor.dtype, 0) + math.prod(shapes[name])
         dtype = max(counts, key=counts.get)
-    check_tensors({n: tuple(t.shape) for n, t in state.items()}, config, str)
     hf_config = model_config_to_hf_config(config, dtype)
     by_hf = {to_hf_name(n): n for n in state}
 
+    def fetch(hf: str) -> torch.Tensor:
+        value = state[by_hf[hf]]
+        tensor = value.load() if isinstance(value, Deferred) else value
+        if tuple(tensor.shape) != shapes[by_hf[hf]]:  # a Deferred that made another shape than it promised
+            raise ValueError(f"{hf}: made with shape {tuple(tensor.shape)}, expected {shapes[by_hf[hf]]}")
+        return cast_checked(tensor.contiguous(), dtype, hf)
+
     def write(tmp: Path) -> None:
         (tmp / CONFIG_NAME).write_text(json.dumps(hf_config, indent=2) + "\n")
-        plan = [(to_hf_name(n), state[n].numel() * dtype.itemsize) for n in parameter_shapes(config)]
-        write_safetensors_dir(tmp, plan, lambda hf: cast_checked(state[by_hf[hf]].contiguous(), dtype, hf), max_bytes)
+        plan = [(to_hf_name(n), math.prod(shapes[n]) * dtype.itemsize) for n in parameter_shapes(config)]
+        write_safetensors_dir(tmp, plan, fetch, max_bytes)
 
     return write_dir_atomically(dst, write)
