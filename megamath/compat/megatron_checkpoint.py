@@ -10,7 +10,7 @@ Both of Megatron-LM's checkpoint formats are read:
 
 The result is a `MegatronWeights`: the checkpoint's arguments and, per layer, the global tensors in
 Megatron's layout: `linear_qkv` grouped by query group (each group's query heads, then its key head,
-then its value head) and `linear_fc1` as [gate; up]. `to_llama` turns them into megamath's Llama names.
+then its value head) and `linear_fc1` as [gate; up]. megatron_llama turns them into megamath's Llama.
 Files are unpickled by pickle_guard, so nothing of Megatron-LM's is imported or run.
 """
 from __future__ import annotations
