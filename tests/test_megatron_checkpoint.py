@@ -165,10 +165,12 @@ def test_a_legacy_model_is_sent_to_megatrons_converter(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"add_bias_linear": True}, "checkpoint args: add_bias_linear is set: megamath converts the Llama architecture only"),
+    ({"add_bias_linear": True}, "checkpoint args: add_bias_linear is set: megamath converts the Llama architecture "
+                                "only"),
     ({"normalization": "LayerNorm"}, "checkpoint args: normalization is 'LayerNorm': megamath converts the Llama "
                                      "architecture only (normalization 'RMSNorm')"),
-    ({"swiglu": False}, "checkpoint args: swiglu is False: megamath converts the Llama architecture only (swiglu True)"),
+    ({"swiglu": False}, "checkpoint args: swiglu is False: megamath converts the Llama architecture only "
+                        "(swiglu True)"),
     ({"rotary_interleaved": True}, "checkpoint args: rotary_interleaved is set: megamath converts the Llama "
                                    "architecture only"),
     ({"num_experts": 8}, "checkpoint args: num_experts is 8: megamath converts the Llama architecture only (dense, "

@@ -167,7 +167,8 @@ def llama_state_dict(checkpoint: NeoXCheckpoint, config: ModelConfig) -> tuple[d
             lambda rs, w=where: _replicated(rs, _ATTENTION[3], w, notes))
         if llemma:
             for name, source, dim in (("gate", "w1", 0), ("up", "w3", 0), ("down", "w2", 1)):
-                put(f"{prefix}mlp.{name}_proj.weight", ranks, lambda rs, s=source, d=dim: _cat(rs, f"mlp.{s}.weight", d))
+                put(f"{prefix}mlp.{name}_proj.weight", ranks,
+                    lambda rs, s=source, d=dim: _cat(rs, f"mlp.{s}.weight", d))
         else:  # GPT-NeoX main: linear1 is [up; gate] on each rank
             for name, half in (("up", 0), ("gate", 1)):
                 put(f"{prefix}mlp.{name}_proj.weight", ranks,

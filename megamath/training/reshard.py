@@ -233,7 +233,7 @@ def _write_files(source: TrainCheckpoint, folder: Path, tp_size: int, dp_size: i
     names = list(parameter_shapes(source.config))  # the model's own order
     for tp_rank in range(tp_size):
         tensors = {n: tp_slice(source.weight(n), n, source.config, tp_size, tp_rank).contiguous() for n in names}
-        ckpt.write_checkpoint_file(lambda path: save_safetensors(tensors, path), folder / model_file(tp_rank))
+        ckpt.write_checkpoint_file(lambda path, t=tensors: save_safetensors(t, path), folder / model_file(tp_rank))
         del tensors
         for dp_rank, shard in enumerate(optimizer_shards(source, names, tp_size, tp_rank, dp_size)):
             ckpt.write_checkpoint_file(lambda path: torch.save(shard, path), folder / optimizer_file(tp_rank, dp_rank))
