@@ -87,7 +87,7 @@ def test_a_save_folder_an_iteration_folder_and_both_formats_give_the_same_kind_o
     by_save = read_megatron_checkpoint(FIXTURES / "torch_dist_tp2")
     by_iter = read_megatron_checkpoint(FIXTURES / "torch_dist_tp2" / "iter_0000010")
     assert by_save.tensors.keys() == by_iter.tensors.keys()
-    assert all(torch.equal(by_save.tensors[k], by_iter.tensors[k]) for k in by_save.tensors)
+    assert all(torch.equal(by_save.tensor(k), by_iter.tensor(k)) for k in by_save.tensors)
     legacy = read_megatron_checkpoint(FIXTURES / "torch_tp2_pp2")
     assert legacy.tensors.keys() == by_save.tensors.keys() and legacy.num_layers == 4
     assert {k: v.shape for k, v in legacy.tensors.items()} == {k: v.shape for k, v in by_save.tensors.items()}
@@ -308,7 +308,6 @@ def test_transformer_engine_names_of_the_norms_in_the_torch_format(tmp_path):
 def test_rank_slices_are_joined_one_shard_at_a_time_as_they_are_written(tmp_path, monkeypatch):
     """A 34B checkpoint must not be held whole in memory: the TP slices (memory-mapped) are joined only when
     the writer asks for a tensor, and joined tensors live no longer than the shard being written."""
-    import gc
     import weakref
 
     from megamath.compat import megatron_checkpoint
@@ -318,7 +317,6 @@ def test_rank_slices_are_joined_one_shard_at_a_time_as_they_are_written(tmp_path
     join = megatron_checkpoint._join
 
     def counting_join(*args):
-        gc.collect()
         alive[:] = [r for r in alive if r() is not None]
         most[0] = max(most[0], len(alive) + 1)
         joined = join(*args)
@@ -346,3 +344,27 @@ def test_args_that_do_not_match_the_weights_are_refused_before_writing(tmp_path,
         llama_state_dict(weights, llama_config({**weights.args, "ffn_hidden_size": 40}))
     assert str(err.value) == ("layers.0.fc1: the checkpoint holds shape (96, 32), its args give (80, 32) (linear_qkv: "
                               "(heads + 2 · query groups) · head_dim rows; linear_fc1: 2 · ffn rows)")
+
+
+def test_torch_dist_layer_weights_are_read_one_layer_window_at_a_time(monkeypatch):
+    """A stacked key ([layers, ...]) read whole would hold every layer's copy at once: each read takes one
+    layer's window, and the windows equal the whole tensor's slices."""
+    from megamath.compat.megatron_torch_dist import DistCheckpoint
+
+    weights = read_megatron_checkpoint(FIXTURES / "torch_dist_tp2")
+    source = weights.tensors["layers.0.qkv"].source
+    stacked = [k for k in source.tensor_keys() if k.startswith("decoder.layers.")]
+    assert len(stacked) == 6
+    for key in stacked:
+        whole = source.read(key)
+        assert whole.shape[0] == 4
+        assert all(torch.equal(source.read(key, i), whole[i]) for i in range(4))
+    reads = []
+    read = DistCheckpoint.read
+    monkeypatch.setattr(DistCheckpoint, "read", lambda self, key, layer=None: reads.append((key, layer)) or
+                        read(self, key, layer))
+    from megamath.compat.megatron_llama import llama_state_dict
+    state = llama_state_dict(weights, llama_config(weights.args))
+    assert reads == []  # planning reads nothing
+    state["layers.2.mlp.up_proj.weight"].load()
+    assert reads == [("decoder.layers.mlp.linear_fc1.weight", 2)]

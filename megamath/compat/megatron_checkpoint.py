@@ -6,7 +6,7 @@ Both of Megatron-LM's checkpoint formats are read:
   slices are merged here and the layers numbered by counting the stages' layers in order (so an uneven
   split of layers over the pipeline stages needs no flag).
 - `torch_dist` (`--ckpt-format torch_dist`, the default): a PyTorch distributed-checkpoint folder whose
-  tensors are already global, the layers stacked on a leading axis.
+  tensors are already global, the layers stacked on a leading axis (megatron_torch_dist reads it).
 
 The result is a `MegatronWeights`: the checkpoint's arguments and, per layer, the global tensors in
 Megatron's layout: `linear_qkv` grouped by query group (each group's query heads, then its key head,
@@ -15,14 +15,13 @@ Files are unpickled by pickle_guard, so nothing of Megatron-LM's is imported or 
 """
 from __future__ import annotations
 
-import io
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from megamath.compat.megatron_torch_dist import DistCheckpoint, DistTensor
 from megamath.compat.pickle_guard import guarded_load, plain_args
 from megamath.input_path import require_folder
 
@@ -56,17 +55,17 @@ class MegatronWeights:
     args: dict
     iteration: int | str
     checkpoint_format: str
-    tensors: dict[str, torch.Tensor | Slices] = field(default_factory=dict)
-    """"embedding", "output" (absent when tied), "final_norm", and "layers.{i}.{role}" for LAYER_TENSORS' roles;
-    global tensors (torch_dist), or the TP ranks' slices of them, joined when read (torch)."""
+    tensors: dict[str, Slices | DistTensor] = field(default_factory=dict)
+    """"embedding", "output" (absent when tied), "final_norm", and "layers.{i}.{role}" for LAYER_TENSORS' roles:
+    each global tensor's shape and dtype, read only when asked for (`tensor`), one at a time."""
 
     @property
     def num_layers(self) -> int:
         return sum(1 for name in self.tensors if name.endswith(".qkv"))
 
     def tensor(self, name: str) -> torch.Tensor:
-        value = self.tensors[name]
-        return value.join() if isinstance(value, Slices) else value
+        """The global tensor `name`, read (and joined from its TP slices) now."""
+        return self.tensors[name].read()
 
 
 @dataclass
@@ -89,7 +88,7 @@ class Slices:
     def dtype(self) -> torch.dtype:
         return self.pieces[0].dtype
 
-    def join(self) -> torch.Tensor:
+    def read(self) -> torch.Tensor:
         return _join(self.pieces, self.role, self.where)
 
 
@@ -233,50 +232,20 @@ def _join(pieces: list[torch.Tensor], role: str, where: str) -> torch.Tensor:
 
 
 def _read_torch_dist(folder: Path, iteration) -> MegatronWeights:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
-
-    class GuardedPlanner(DefaultLoadPlanner):
-        """Unpickles the common state (args) with pickle_guard, not with torch.load(weights_only=False)."""
-
-        def load_bytes(self, read_item, value):
-            self.state_dict[read_item.dest_index.fqn] = guarded_load(value)
-
-    reader = FileSystemReader(str(folder))
-    stored = reader.read_metadata().state_dict_metadata
-    request: dict = {}
-    roles = {}
+    checkpoint = DistCheckpoint(folder)
     per_layer = {f"decoder.layers.{name}": role for role, names in LAYER_TENSORS.items() for name in names}
-    for key, meta in stored.items():
-        role = {v: k for k, v in _GLOBAL_TENSORS.items()}.get(key) or per_layer.get(key)
-        if isinstance(meta, TensorStorageMetadata) and role is not None:
-            request[key] = torch.empty(meta.size, dtype=meta.properties.dtype)
-            roles[key] = role
-        elif isinstance(meta, BytesStorageMetadata) and key.startswith("common_state"):
-            request[key] = io.BytesIO()
-    common_file = folder / "common.pt"  # Megatron-LM versions before the common state moved into the folder's data
-    if not any(k.startswith("common_state") for k in request) and not common_file.is_file():
-        raise ValueError(f"{folder}: no common state (args) in the checkpoint and no common.pt")
-    _refuse_unknown(stored, roles, folder)
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(request, storage_reader=reader, no_dist=True,
-                 planner=GuardedPlanner(flatten_state_dict=False, flatten_sharded_tensors=False))
-    common = next((v for k, v in request.items() if k.startswith("common_state")), None)
-    if common is None:
-        common = guarded_load(common_file)
-    if isinstance(common, list):  # the sharded object's one shard
-        common = common[0]
-    weights = MegatronWeights(plain_args(common.get("args")), iteration, "torch_dist")
+    known = {**{v: k for k, v in _GLOBAL_TENSORS.items()}, **per_layer}
+    roles = {key: known[key] for key in checkpoint.tensor_keys() if key in known}
+    _refuse_unknown(checkpoint.stored, roles, folder)
+    weights = MegatronWeights(plain_args(checkpoint.common_state().get("args")), iteration, "torch_dist")
     for key, role in roles.items():
-        tensor = request[key]
-        if key.startswith("decoder.layers."):
-            for i in range(tensor.shape[0]):
-                weights.tensors[f"layers.{i}.{role}"] = tensor[i]
+        meta = checkpoint.stored[key]
+        shape, dtype = tuple(meta.size), meta.properties.dtype
+        if key.startswith("decoder.layers."):  # layers stacked on the first axis: one window each
+            for i in range(shape[0]):
+                weights.tensors[f"layers.{i}.{role}"] = DistTensor(checkpoint, key, i, shape[1:], dtype)
         else:
-            weights.tensors[role] = tensor
+            weights.tensors[role] = DistTensor(checkpoint, key, None, shape, dtype)
     return weights
 
 
