@@ -368,3 +368,26 @@ def test_torch_dist_layer_weights_are_read_one_layer_window_at_a_time(monkeypatc
     assert reads == []  # planning reads nothing
     state["layers.2.mlp.up_proj.weight"].load()
     assert reads == [("decoder.layers.mlp.linear_fc1.weight", 2)]
+
+
+@pytest.mark.parametrize("fixture, trainer, direction", [
+    ("megatron/torch_tp2_pp2", "Megatron-LM", "megatron-to-hf"),
+    ("megatron/torch_dist_tp2", "Megatron-LM", "megatron-to-hf"),
+    ("neox/llemma_tp2", "GPT-NeoX", "neox-to-hf"), ("neox/main_gqa_tp2", "GPT-NeoX", "neox-to-hf")])
+def test_a_foreign_checkpoint_given_as_a_model_names_the_command_that_converts_it(fixture, trainer, direction,
+                                                                                  tmp_path):
+    """init_from_hf or --model naming a Megatron-LM or GPT-NeoX folder said only "config.json not found"."""
+    from megamath.parallel.state import ParallelState
+    from megamath.training import loop
+    from megamath.training.config import TrainConfig
+    from test_train_loop import raw_config
+
+    path = foreign_checkpoints.FIXTURES / fixture
+    advice = f"is a {trainer} checkpoint: convert it with `megamath convert {direction} {path} HF_DIR`"
+    with pytest.raises(ValueError) as err:
+        load_model(path, device="cpu")
+    assert str(err.value) == f"{path} {advice} and use HF_DIR"
+    config = TrainConfig.from_dict(raw_config(tmp_path / "data", tmp_path / "run", init_from_hf=str(path)))
+    with pytest.raises(ValueError) as err:
+        loop.build_model(config, ParallelState.single())
+    assert str(err.value) == f"init_from_hf: {path} {advice} and set init_from_hf: HF_DIR"

@@ -16,7 +16,7 @@ import torch
 from megamath.model.config import ModelConfig
 from megamath.model.hf_llama import hf_config_to_model_config
 from megamath.model.llama import Llama
-from megamath.model.pretrained import load_pretrained
+from megamath.model.pretrained import foreign_trainer, load_pretrained
 from megamath.model.safetensors_io import CONFIG_NAME, cast_checked, read_json
 from megamath.model.tp_state_dict import tp_slice
 from megamath.parallel.state import ParallelState
@@ -32,6 +32,10 @@ def checkpoint_kind(path: str | Path) -> str:
         return "train-step"
     if (path / CONFIG_NAME).is_file():
         return "hf" if "model_type" in read_json(path / CONFIG_NAME) else "megamath"
+    trainer = foreign_trainer(path)
+    if trainer:
+        raise ValueError(f"{path} is a {trainer[0]} checkpoint: convert it with `megamath convert {trainer[1]} "
+                         f"{path} HF_DIR` and use HF_DIR")
     raise FileNotFoundError(f"{path}: not a training run (checkpoints/latest), a checkpoint step folder "
                             f"(metadata.json) or a model folder ({CONFIG_NAME})")
 

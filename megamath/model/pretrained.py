@@ -26,6 +26,10 @@ def load_pretrained(model: torch.nn.Module, directory: str | Path, state: Parall
     """
     directory = Path(directory)
     if not (directory / CONFIG_NAME).is_file():
+        trainer = foreign_trainer(directory)
+        if trainer:
+            raise ValueError(f"init_from_hf: {directory} is a {trainer[0]} checkpoint: convert it with `megamath "
+                             f"convert {trainer[1]} {directory} HF_DIR` and set init_from_hf: HF_DIR")
         raise FileNotFoundError(f"init_from_hf: {directory / CONFIG_NAME} not found (nor is {directory} a megamath "
                                 "training run or step folder: no checkpoints/latest, no metadata.json)")
     saved = read_json(directory / CONFIG_NAME)
@@ -41,6 +45,21 @@ def load_pretrained(model: torch.nn.Module, directory: str | Path, state: Parall
         for name, param in model.named_parameters():
             full = reader.get(ours[name], param.dtype)  # cast_checked: a weight the dtype cannot hold is refused
             param.copy_(full if tp == 1 else tp_slice(full, name, model.config, tp, state.tp_rank))
+
+
+def foreign_trainer(directory: Path) -> tuple[str, str] | None:
+    """(trainer, convert direction) when `directory` looks like another trainer's checkpoint, by its file
+    names only (the readers, in megamath.compat, build on the model package, not the other way round)."""
+    if not directory.is_dir():
+        return None
+    names = {p.name for p in directory.iterdir()}
+    if "latest_checkpointed_iteration.txt" in names or any(n.startswith("mp_rank_") and (directory / n).is_dir()
+                                                         for n in names) or ".metadata" in names:
+        return "Megatron-LM", "megatron-to-hf"
+    if "mp_rank_00_model_states.pt" in names or any(n.startswith("layer_00-model_") for n in names) or \
+            ("latest" in names and any(n.startswith("global_step") for n in names)):
+        return "GPT-NeoX", "neox-to-hf"
+    return None
 
 
 def check_architecture(saved: dict, is_hf: bool, config: ModelConfig, directory: Path) -> None:
