@@ -391,3 +391,40 @@ def test_a_foreign_checkpoint_given_as_a_model_names_the_command_that_converts_i
     with pytest.raises(ValueError) as err:
         loop.build_model(config, ParallelState.single())
     assert str(err.value) == f"init_from_hf: {path} {advice} and set init_from_hf: HF_DIR"
+
+
+def spm_with_ids(path: Path, bos: int, eos: int) -> Path:
+    """A tiny SentencePiece model whose bos/eos are not Llama's 1/2."""
+    import io as _io
+
+    import sentencepiece as spm
+
+    model = _io.BytesIO()
+    sentences = [f"x + {i} = {i} + x, so the sum is {i * 7}" for i in range(50)]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=model, vocab_size=60,
+                                   model_type="bpe", hard_vocab_limit=False, unk_id=0, pad_id=-1, bos_id=bos,
+                                   eos_id=eos, num_threads=1, minloglevel=2)
+    path.write_bytes(model.getvalue())
+    return path
+
+
+def test_the_special_token_ids_are_those_of_the_runs_sentencepiece_model(tmp_path, capsys):
+    import json
+
+    src = copy("torch_tp2_pp2", tmp_path)
+    tokenizer = spm_with_ids(tmp_path / "tokenizer.model", bos=3, eos=4)
+
+    def name_tokenizer(state):
+        state["args"].tokenizer_type, state["args"].tokenizer_model = "GPTSentencePieceTokenizer", str(tokenizer)
+    rewrite(src / RANK_FILE.format("00_000"), name_tokenizer)  # the args are read from TP 0, PP 0
+    convert(src, tmp_path / "hf")
+    assert f"special tokens from the args' tokenizer_model {tokenizer}: bos 3, eos 4" in capsys.readouterr().out
+    hf = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (hf["bos_token_id"], hf["eos_token_id"], hf["pad_token_id"]) == (3, 4, None)
+    tokenizer.unlink()  # named but not here (the run's path on another machine): Llama's, said so
+    convert(src, tmp_path / "hf2")
+    assert (f"special tokens: Llama's bos 1 / eos 2 written (the args' tokenizer_model {tokenizer} is not here); "
+            "edit config.json if the tokenizer differs") in capsys.readouterr().out
+    convert(FIXTURES / "torch_dist_tp2", tmp_path / "hf3")  # NullTokenizer
+    assert ("special tokens: Llama's bos 1 / eos 2 written (tokenizer_type NullTokenizer names no SentencePiece "
+            "model)") in capsys.readouterr().out

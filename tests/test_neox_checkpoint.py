@@ -159,3 +159,18 @@ def test_a_config_whose_mlp_width_does_not_match_the_weights_is_refused_before_w
     config.write_text(config.read_text().replace('"intermediate_size": 96', '"intermediate_size": 192'))
     assert fail(src, tmp_path / "hf", capsys) == (f"{src / 'global_step10'}: layers.0.mlp.up_proj.weight comes out "
                                                   "of the checkpoint with shape (32, 32), the config gives (64, 32)")
+
+
+def test_the_special_token_ids_are_those_of_the_configs_sentencepiece_vocab_file(tmp_path, capsys):
+    import json
+
+    from test_megatron_checkpoint import spm_with_ids
+
+    src = copy("llemma_tp2", tmp_path)
+    tokenizer = spm_with_ids(tmp_path / "tokenizer.model", bos=5, eos=6)
+    (src / "global_step10" / "configs" / "tokenizer.yml").write_text(
+        f'{{"tokenizer_type": "SPMTokenizer", "vocab_file": "{tokenizer}"}}')
+    convert(src, tmp_path / "hf")
+    assert f"special tokens from the config's vocab_file {tokenizer}: bos 5, eos 6" in capsys.readouterr().out
+    hf = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (hf["bos_token_id"], hf["eos_token_id"]) == (5, 6)

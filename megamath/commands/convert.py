@@ -68,8 +68,8 @@ def run(args) -> int:
 def _from_megatron(args, dtype) -> int:
     from megamath.compat.megatron_llama import convert_megatron_to_hf
 
-    config, read = convert_megatron_to_hf(args.src, args.dst, vocab_size=args.vocab_size,
-                                          max_shard_size=args.max_shard_size, dtype=dtype)
+    config, read, special = convert_megatron_to_hf(args.src, args.dst, vocab_size=args.vocab_size,
+                                                   max_shard_size=args.max_shard_size, dtype=dtype)
     a = read.args
     print(f"converted {args.src} -> {args.dst} (megatron-to-hf): iteration {read.iteration}, {read.checkpoint_format} "
           f"format, TP {a.get('tensor_model_parallel_size', 1)} PP {a.get('pipeline_model_parallel_size', 1)}; "
@@ -80,8 +80,7 @@ def _from_megatron(args, dtype) -> int:
         print(f"vocabulary: Megatron-LM's padded {padded} rows kept; --vocab-size N keeps the tokenizer's N{known}")
     if not a.get("untie_embeddings_and_output_weights", False):
         print("the checkpoint ties the output layer to the embedding: both are written (megamath trains them untied)")
-    print("special tokens: Llama's bos 1 / eos 2 written (Megatron-LM's args name none); edit config.json if the "
-          "tokenizer differs")
+    print(special)
     return 0
 
 
@@ -93,12 +92,11 @@ def _from_neox(args, dtype) -> int:
     print(f"converted {args.src} -> {args.dst} (neox-to-hf): {read.folder.name}, {read.layout} files, TP "
           f"{read.config.get('model_parallel_size') or 1}; {config.num_layers} layers, hidden {config.hidden_size}, "
           f"{config.num_params():,} parameters")
-    for note in notes:
+    for note in notes[:-1]:
         print(f"note: {note}")
     if args.vocab_size is None:
         print(f"vocabulary: the padded {config.vocab_size} rows kept; --vocab-size N keeps the tokenizer's N")
-    print("special tokens: Llama's bos 1 / eos 2 written (GPT-NeoX's config names none); edit config.json if the "
-          "tokenizer differs")
+    print(notes[-1])  # the special token ids written
     return 0
 
 

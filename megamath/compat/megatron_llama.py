@@ -15,7 +15,9 @@ from pathlib import Path
 
 import torch
 
+from megamath.compat.megatron import SENTENCEPIECE_TYPES
 from megamath.compat.megatron_checkpoint import MegatronWeights, read_megatron_checkpoint
+from megamath.compat.tokenizer_ids import sentencepiece_token_ids
 from megamath.model.config import ModelConfig
 from megamath.model.model_folder import Deferred, save_state_as_hf
 from megamath.model.partition import parameter_shapes
@@ -136,10 +138,16 @@ def training_dtype(weights: MegatronWeights) -> torch.dtype | None:
 
 def convert_megatron_to_hf(src: str | Path, dst: str | Path, vocab_size: int | None = None,
                            max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
-                           dtype: torch.dtype | None = None) -> tuple[ModelConfig, MegatronWeights]:
-    """A Megatron-LM checkpoint -> a Hugging Face Llama folder; returns the model's config and what was read."""
+                           dtype: torch.dtype | None = None) -> tuple[ModelConfig, MegatronWeights, str]:
+    """A Megatron-LM checkpoint -> a Hugging Face Llama folder; returns the model's config, what was read,
+    and which special token ids were written."""
     weights = read_megatron_checkpoint(src)
     config = llama_config(weights.args, vocab_size)
     state = llama_state_dict(weights, config)
-    save_state_as_hf(state, config, dst, dtype or training_dtype(weights), max_shard_size)
-    return config, weights
+    kind = weights.args.get("tokenizer_type")
+    if kind in SENTENCEPIECE_TYPES:
+        ids, said = sentencepiece_token_ids(weights.args.get("tokenizer_model"), "the args' tokenizer_model")
+    else:
+        ids, said = sentencepiece_token_ids(None, f"tokenizer_type {kind}")
+    save_state_as_hf(state, config, dst, dtype or training_dtype(weights), max_shard_size, ids)
+    return config, weights, said

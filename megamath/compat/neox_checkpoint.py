@@ -28,6 +28,7 @@ import torch
 
 from megamath.compat.neox import neox_model_config, read_neox_yaml
 from megamath.compat.pickle_guard import guarded_load
+from megamath.compat.tokenizer_ids import sentencepiece_token_ids
 from megamath.input_path import require_folder
 from megamath.model.config import ModelConfig
 from megamath.model.model_folder import Deferred, save_state_as_hf
@@ -233,9 +234,14 @@ def _split_qkv(ranks: list[dict], config: ModelConfig, llemma: bool) -> tuple[to
 def convert_neox_to_hf(src: str | Path, dst: str | Path, vocab_size: int | None = None,
                        max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
                        dtype: torch.dtype | None = None) -> tuple[ModelConfig, NeoXCheckpoint, list[str]]:
-    """A GPT-NeoX checkpoint -> a Hugging Face Llama folder; the model's config, what was read, and notes."""
+    """A GPT-NeoX checkpoint -> a Hugging Face Llama folder; the model's config, what was read, and notes
+    (the last: which special token ids were written)."""
     checkpoint = read_neox_checkpoint(src)
     config, notes = llama_config(checkpoint, vocab_size)
     state, more = llama_state_dict(checkpoint, config)
-    save_state_as_hf(state, config, dst, dtype, max_shard_size)  # DeepSpeed saved the training dtype
-    return config, checkpoint, notes + more
+    kind = checkpoint.config.get("tokenizer_type") or "GPT2BPETokenizer"  # GPT-NeoX's default
+    spm = kind == "SPMTokenizer"
+    ids, said = sentencepiece_token_ids(checkpoint.config.get("vocab_file") if spm else None,
+                                        "the config's vocab_file" if spm else f"tokenizer_type {kind}")
+    save_state_as_hf(state, config, dst, dtype, max_shard_size, ids)  # DeepSpeed saved the training dtype
+    return config, checkpoint, notes + more + [said]

@@ -203,10 +203,11 @@ class Deferred:
 
 
 def save_state_as_hf(state: dict[str, torch.Tensor | Deferred], config: ModelConfig, dst: str | Path,
-                     dtype: torch.dtype | None = None, max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE) -> Path:
+                     dtype: torch.dtype | None = None, max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
+                     ids: dict | None = None) -> Path:
     """Serial Llama tensors under megamath's names (another trainer's checkpoint, mapped; each a tensor or
     Deferred) -> a Hugging Face Llama folder, cast to `dtype` (default: the dtype most of the weights have);
-    its config names Llama 2's bos 1 / eos 2, as those checkpoints name none."""
+    its config names the special token `ids` (token_ids' keys), by default Llama 2's bos 1 / eos 2."""
     max_bytes = parse_size(max_shard_size)
     shapes = {n: tuple(t.shape) for n, t in state.items()}
     check_tensors(shapes, config, str)
@@ -215,7 +216,7 @@ def save_state_as_hf(state: dict[str, torch.Tensor | Deferred], config: ModelCon
         for name, tensor in state.items():
             counts[tensor.dtype] = counts.get(tensor.dtype, 0) + math.prod(shapes[name])
         dtype = max(counts, key=counts.get)
-    hf_config = model_config_to_hf_config(config, dtype)
+    hf_config = model_config_to_hf_config(config, dtype, ids)
     by_hf = {to_hf_name(n): n for n in state}
 
     def fetch(hf: str) -> torch.Tensor:
