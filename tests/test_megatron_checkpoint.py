@@ -428,3 +428,28 @@ def test_the_special_token_ids_are_those_of_the_runs_sentencepiece_model(tmp_pat
     convert(FIXTURES / "torch_dist_tp2", tmp_path / "hf3")  # NullTokenizer
     assert ("special tokens: Llama's bos 1 / eos 2 written (tokenizer_type NullTokenizer names no SentencePiece "
             "model)") in capsys.readouterr().out
+
+
+def test_a_flipped_byte_in_torch_dist_data_is_caught_by_the_chunks_crc(tmp_path, capsys):
+    """Each stored chunk of a distributed checkpoint is a torch.save record whose CRC-32 the loader does not
+    check: the damaged weight converted silently."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
+    src = copy("torch_dist_tp2", tmp_path)
+    folder = src / "iter_0000010"
+    metadata = FileSystemReader(str(folder)).read_metadata()
+    key = "decoder.layers.mlp.linear_fc2.weight"
+    info = metadata.storage_data[MetadataIndex(key, torch.Size([2, 0, 0]))]
+    path = folder / info.relative_path
+    original = path.read_bytes()
+    data = bytearray(original)
+    data[info.offset + info.length // 2] ^= 0x01  # in its tensor data
+    path.write_bytes(bytes(data))
+    assert fail(src, tmp_path / "hf", capsys) == (f"{path}: the stored chunk of {key} at [2, 0, 0] fails its "
+                                                  "CRC-32 check: the file is damaged")
+    data = bytearray(original)
+    data[info.offset + info.length - 30] ^= 0x01  # in its zip directory, which torch's reader refuses
+    path.write_bytes(bytes(data))
+    message = fail(src, tmp_path / "hf", capsys)  # one line, not the loader's traceback
+    assert message.startswith(f"{folder}: reading {key} failed: ") and "\n" not in message

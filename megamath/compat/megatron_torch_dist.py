@@ -5,13 +5,15 @@ tensors are global; a layer weight is one tensor with the layers stacked on its 
 (`decoder.layers.mlp.linear_fc1.weight`: [num_layers, 2·ffn, hidden]). Reading such a key whole would hold
 every layer's copy of it at once (a third of a 34B model for linear_fc1), so each read asks for one
 layer's window of it: the distributed checkpoint's own resharding (`create_read_items_for_chunk_list`)
-finds the stored chunks that overlap the window and reads only those bytes. The common state (args,
-iteration) is unpickled by pickle_guard, not by torch.load(weights_only=False).
+finds the stored chunks that overlap the window and reads only those bytes, after their CRC-32s are
+checked. The common state (args, iteration) is unpickled by pickle_guard, not by
+torch.load(weights_only=False).
 """
 from __future__ import annotations
 
 import io
 import warnings
+import zipfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -19,8 +21,10 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import BytesStorageMetadata, ChunkStorageMetadata, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, MetadataIndex,
+                                                   TensorStorageMetadata)
 from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
@@ -94,14 +98,43 @@ class DistCheckpoint:
         offsets = [0] * len(size)
         if layer is not None:
             offsets[0], size[0] = layer, 1
+        self._verify(key, offsets[0], offsets[0] + size[0])
         out = torch.empty(size, dtype=meta.properties.dtype)
         self._load({key: out}, _GuardedPlanner({key: tuple(offsets)}))
         return out[0] if layer is not None else out
 
+    def _verify(self, key: str, start: int, stop: int) -> None:
+        """The CRC-32s of the stored chunks of `key` whose first-axis range meets [start, stop). Each chunk
+        is written as a torch.save zip record, whose CRCs the loader does not check: a flipped bit in a
+        weight would convert silently. (A chunk stored otherwise, with no CRC, is not checked.)"""
+        storage = self.reader.read_metadata().storage_data
+        for chunk in self.stored[key].chunks:
+            first = chunk.offsets[0] if len(chunk.offsets) else 0
+            if len(chunk.offsets) and not (first < stop and start < first + chunk.sizes[0]):
+                continue
+            info = storage[MetadataIndex(key, chunk.offsets)]
+            with open(self.folder / info.relative_path, "rb") as f:
+                f.seek(info.offset)
+                record = io.BytesIO(f.read(info.length))
+            if not record.getvalue().startswith(b"PK\x03\x04"):  # not a zip record: no CRC to check
+                continue
+            try:
+                with zipfile.ZipFile(record) as archive:
+                    damaged = archive.testzip() is not None
+            except (zipfile.BadZipFile, OSError, EOFError):  # its zip structure itself is broken
+                damaged = True
+            if damaged:
+                raise ValueError(f"{self.folder / info.relative_path}: the stored chunk of {key} at "
+                                 f"{list(chunk.offsets)} fails its CRC-32 check: the file is damaged")
+
     def _load(self, request: dict, planner: _GuardedPlanner) -> None:
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(request, storage_reader=self.reader, planner=planner, no_dist=True)
+            try:
+                dcp.load(request, storage_reader=self.reader, planner=planner, no_dist=True)
+            except CheckpointException as err:  # its message is a rank's whole traceback: keep the last line
+                last = [line.strip() for line in str(err).splitlines() if line.strip()][-1]
+                raise ValueError(f"{self.folder}: reading {', '.join(request)} failed: {last}") from err
 
 
 @dataclass
