@@ -174,3 +174,20 @@ def test_the_special_token_ids_are_those_of_the_configs_sentencepiece_vocab_file
     assert f"special tokens from the config's vocab_file {tokenizer}: bos 5, eos 6" in capsys.readouterr().out
     hf = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert (hf["bos_token_id"], hf["eos_token_id"]) == (5, 6)
+
+
+def test_rank_files_beyond_the_configs_tensor_parallel_size_are_refused(tmp_path, capsys):
+    """Reading only the first rank's files would have written half-width weights."""
+    src = copy("llemma_tp2", tmp_path)
+    config = src / "global_step10" / "configs" / "tiny.yml"
+    config.write_text(config.read_text().replace('"model_parallel_size": 2', '"model_parallel_size": 1'))
+    assert fail(src, tmp_path / "hf", capsys) == (f"{src / 'global_step10'}: files of tensor-parallel rank 1, but "
+                                                  "the config says model_parallel_size 1")
+
+
+def test_ranks_that_hold_different_tensors_are_refused(tmp_path, capsys):
+    src = copy("llemma_tp2", tmp_path)
+    rewrite(src / "global_step10" / "mp_rank_01_model_states.pt",
+            lambda s: s["module"].pop("sequential.3.mlp.w3.weight"))
+    assert fail(src, tmp_path / "hf", capsys) == (f"{src / 'global_step10'}: module 3 holds other tensors on TP rank 1 "
+                                                  "than on rank 0 (mlp.w3.weight)")

@@ -82,6 +82,11 @@ def read_neox_checkpoint(path: str | Path) -> NeoXCheckpoint:
     tp = config.get("model_parallel_size") or 1
     pipeline = {(int(m.group(1)), int(m.group(2))): p for p in folder.iterdir() if (m := _PIPELINE.match(p.name))}
     checkpoint = NeoXCheckpoint(folder, config, "pipeline" if pipeline else "sequential")
+    extra = sorted({r for _, r in pipeline} | {int(m.group(1)) for p in folder.iterdir()
+                                              if (m := re.fullmatch(r"mp_rank_(\d+)_model_states\.pt", p.name))})
+    if extra and extra[-1] >= tp:  # reading only the first ranks would write half-width weights
+        raise ValueError(f"{folder}: files of tensor-parallel rank {extra[-1]}, but the config says "
+                         f"model_parallel_size {tp}")
     if pipeline:
         for index in sorted({i for i, _ in pipeline}):
             missing = [r for r in range(tp) if (index, r) not in pipeline]
@@ -89,7 +94,19 @@ def read_neox_checkpoint(path: str | Path) -> NeoXCheckpoint:
                 raise FileNotFoundError(f"{folder}: layer_{index:02d}-model_{missing[0]:02d}-model_states.pt "
                                         f"missing (model_parallel_size {tp})")
             checkpoint.modules[index] = [guarded_load(pipeline[(index, r)]) for r in range(tp)]
-        return checkpoint
+    else:
+        _read_sequential(checkpoint, tp)
+    for index, ranks in checkpoint.modules.items():
+        for rank, held in enumerate(ranks[1:], 1):
+            if held.keys() != ranks[0].keys():
+                raise ValueError(f"{folder}: module {index} holds other tensors on TP rank {rank} than on rank 0 "
+                                 f"({sorted(set(held) ^ set(ranks[0]))[0]})")
+    return checkpoint
+
+
+def _read_sequential(checkpoint: NeoXCheckpoint, tp: int) -> None:
+    """mp_rank_TT_model_states.pt's `module` (keys sequential.{i}.{name}) into checkpoint.modules."""
+    folder = checkpoint.folder
     for rank in range(tp):
         file = folder / _SEQUENTIAL.format(rank)
         if not file.is_file():
@@ -102,7 +119,6 @@ def read_neox_checkpoint(path: str | Path) -> NeoXCheckpoint:
             if m is None:
                 raise ValueError(f"{file}: unexpected key {key} (a sequential model's keys are sequential.N.name)")
             checkpoint.modules.setdefault(int(m.group(1)), [{} for _ in range(tp)])[rank][m.group(2)] = value
-    return checkpoint
 
 
 def llama_config(checkpoint: NeoXCheckpoint, vocab_size: int | None = None) -> tuple[ModelConfig, list[str]]:
