@@ -191,3 +191,12 @@ def test_ranks_that_hold_different_tensors_are_refused(tmp_path, capsys):
             lambda s: s["module"].pop("sequential.3.mlp.w3.weight"))
     assert fail(src, tmp_path / "hf", capsys) == (f"{src / 'global_step10'}: module 3 holds other tensors on TP rank 1 "
                                                   "than on rank 0 (mlp.w3.weight)")
+
+
+def test_a_row_parallel_output_layer_is_refused(tmp_path, capsys):
+    src = copy("main_gqa_tp2", tmp_path)
+    config = src / "global_step10" / "configs" / "tiny.yml"
+    config.write_text(config.read_text().replace('"output_layer_parallelism": "column"',
+                                                 '"output_layer_parallelism": "row"'))
+    assert fail(src, tmp_path / "hf", capsys).startswith("output_layer_parallelism is 'row': GPT-NeoX's row-parallel "
+                                                         "output layer is turned off")

@@ -150,7 +150,10 @@ def llama_state_dict(checkpoint: NeoXCheckpoint, config: ModelConfig) -> tuple[d
     if len(layers) != config.num_layers:
         raise ValueError(f"{checkpoint.folder}: {len(layers)} transformer layers in the files, the config says "
                          f"num_layers {config.num_layers}")
-    output_dim = 1 if checkpoint.config.get("output_layer_parallelism", "column") == "row" else 0
+    if checkpoint.config.get("output_layer_parallelism", "column") != "column":
+        raise ValueError(f"output_layer_parallelism is {checkpoint.config['output_layer_parallelism']!r}: GPT-NeoX's "
+                         "row-parallel output layer is turned off in the llemma branch and in main (its issue 905), "
+                         "so this converter reads the column-parallel one only")
     embedding, norm, output = (_find(checkpoint, n) for n in ("word_embeddings.weight", "norm.scale",
                                                                "final_linear.weight"))
     shapes, v = parameter_shapes(config), config.vocab_size
@@ -192,7 +195,7 @@ def llama_state_dict(checkpoint: NeoXCheckpoint, config: ModelConfig) -> tuple[d
                     lambda rs, k=half: torch.cat([r[MAIN_MLP[0]].chunk(2, dim=0)[k] for r in rs]))
             put(prefix + "mlp.down_proj.weight", ranks, lambda rs: _cat(rs, MAIN_MLP[1], 1))
     put("norm.weight", modules[norm], lambda rs: _replicated(rs, "norm.scale", "the final norm", notes))
-    put("lm_head.weight", modules[output], lambda rs: _cat(rs, "final_linear.weight", output_dim)[:v])
+    put("lm_head.weight", modules[output], lambda rs: _cat(rs, "final_linear.weight", 0)[:v])
     return state, notes
 
 
