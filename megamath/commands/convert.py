@@ -1,8 +1,9 @@
 """`megamath convert`: Hugging Face Llama checkpoints to megamath's format and back, and Megatron-LM and
 GPT-NeoX checkpoints to Hugging Face's.
 
-hf-to-megamath and megamath-to-hf stream tensor by tensor from memory-mapped safetensors files into one output shard
-at a time, so a 34B checkpoint converts in about one shard of memory, without transformers installed.
+Every direction streams tensor by tensor from memory-mapped files into one output shard at a time, so a
+34B checkpoint converts in about one shard of memory, without transformers (or the other trainer)
+installed.
 """
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ def add_parser(subparsers, name: str) -> None:
         "folder or a training checkpoint (a run directory, taking its latest, or a step_XXXXXXX folder, at any "
         "tensor-parallel size) and writes one that LlamaForCausalLM.from_pretrained loads. DST must not exist "
         "or be an empty directory. Special token ids (bos/eos/pad) and generation_config.json travel with the "
-        "model both ways. megatron-to-hf reads a Megatron-LM (Megatron Core GPT) checkpoint of either format, torch or "
-        "torch_dist, at any tensor- and pipeline-parallel size (the --save folder, taking its latest, or one "
+        "model both ways. megatron-to-hf reads a Megatron-LM (Megatron Core GPT) checkpoint of either format, "
+        "torch or torch_dist, at any tensor- and pipeline-parallel size (the --save folder, taking its latest, or one "
         "iter_NNNNNNN folder); neox-to-hf a GPT-NeoX checkpoint (the llemma branch's or main's; the save folder, "
         "taking its latest, or one global_stepN folder, with the configs/ GPT-NeoX copies into it), sequential or "
         "pipeline files, at any tensor-parallel size. Their pickles are read without importing those trainers. "

@@ -80,7 +80,8 @@ class DistCheckpoint:
         return {k: m for k, m in self.stored.items() if isinstance(m, TensorStorageMetadata)}
 
     def common_state(self) -> dict:
-        keys = [k for k, m in self.stored.items() if isinstance(m, BytesStorageMetadata) and k.startswith("common_state")]
+        keys = [k for k, m in self.stored.items()
+                if isinstance(m, BytesStorageMetadata) and k.startswith("common_state")]
         if keys:
             request = {keys[0]: io.BytesIO()}
             self._load(request, _GuardedPlanner())
