@@ -1,18 +1,73 @@
-"""Helpers of the tests of `megamath convert megatron-to-hf` and `neox-to-hf`: run a direction, expect
-its one-line error, copy a fixture to damage it, re-save a rank file after a change."""
+"""Helpers of the tests of `megamath convert megatron-to-hf` and `neox-to-hf`: the checkpoints they read,
+written once per test process (trainer_checkpoints), each with the logits of the model it holds; run a
+direction, expect its one-line error, copy a checkpoint to damage it, re-save a rank file after a change;
+and the trainers' own files, for the opt-in comparisons."""
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
+import pytest
 import torch
 
+import trainer_checkpoints as tc
 from megamath.cli import main
 from megamath.compat.pickle_guard import Foreign, guarded_load, plain_args
 
-FIXTURES = Path(__file__).parent / "fixtures"
+CHECKPOINTS = {  # name: (seed of the source model, its config fields, writer)
+    "megatron/torch_tp2_pp2": (1, {}, lambda m, p: tc.write_megatron_torch(m, p, tp=2, pp=2)),
+    "megatron/torch_pp2_vp2": (2, {}, lambda m, p: tc.write_megatron_torch(m, p, tp=1, pp=2, vp=2)),
+    "megatron/torch_dist_tp2": (3, {}, lambda m, p: tc.write_megatron_torch_dist(m, p, tp=2)),
+    "neox/llemma_tp2": (4, tc.NEOX["llemma"], lambda m, p: tc.write_neox(m, p, "llemma")),
+    "neox/llemma_gqa_tp2": (5, tc.NEOX["llemma_gqa"], lambda m, p: tc.write_neox(m, p, "llemma_gqa")),
+    "neox/main_gqa_tp2": (6, tc.NEOX["main_gqa"], lambda m, p: tc.write_neox(m, p, "main_gqa")),
+}
+TRAINER_FILES = "MEGAMATH_TRAINER_FILES"  # a folder the fixture scripts wrote, with megatron/ and neox/ in it
+_written: dict[str, tuple[Path, torch.Tensor]] = {}
+_root: list[Path] = []  # this process's folder of written checkpoints, made on first use
+
+
+def _folder() -> Path:
+    if not _root:
+        _root.append(Path(tempfile.mkdtemp(prefix="megamath-foreign-")))
+        atexit.register(shutil.rmtree, _root[0], ignore_errors=True)
+    return _root[0]
+
+
+def written(name: str) -> Path:
+    """The checkpoint `name` of CHECKPOINTS, written on first use (read-only by convention: copy() to damage)."""
+    if name not in _written:
+        seed, fields, write = CHECKPOINTS[name]
+        model = tc.source_model(seed, **fields)
+        path = _folder() / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(model, path)
+        _written[name] = (path, tc.logits(model))
+    return _written[name][0]
+
+
+def expected_logits(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids, the float32 logits of the model checkpoint `name` holds)."""
+    written(name)
+    return tc.INPUT_IDS, _written[name][1]
+
+
+def trainer_files(name: str) -> Path:
+    """The checkpoint `name` as the trainer itself wrote it (tests/fixtures/*/write_fixtures.py), where
+    MEGAMATH_TRAINER_FILES names their folder; skipped otherwise (Megatron-LM and GPT-NeoX are not
+    dependencies, and their files are not committed)."""
+    root = os.environ.get(TRAINER_FILES)
+    if not root:
+        pytest.skip(f"{TRAINER_FILES} is not set: the trainers' own files are written by hand with "
+                    "tests/fixtures/*/write_fixtures.py (the layouts are tested on files written here)")
+    path = Path(root) / name
+    if not path.exists():
+        pytest.fail(f"{TRAINER_FILES}={root} has no {name}")
+    return path
 
 
 def convert(direction: str, src, dst, *extra) -> None:
@@ -26,9 +81,9 @@ def fail(direction: str, src, dst, capsys, *extra) -> str:
     return capsys.readouterr().err.removeprefix("megamath convert: error: ").rstrip("\n")
 
 
-def copy(fixture: str, tmp_path) -> Path:
-    """A writable copy of tests/fixtures/{fixture} (e.g. "megatron/torch_tp2_pp2")."""
-    return Path(shutil.copytree(FIXTURES / fixture, tmp_path / Path(fixture).name))
+def copy(name: str, tmp_path) -> Path:
+    """A writable copy of the checkpoint `name` (e.g. "megatron/torch_tp2_pp2")."""
+    return Path(shutil.copytree(written(name), tmp_path / Path(name).name))
 
 
 def rewrite(path: Path, change) -> None:

@@ -21,7 +21,6 @@ from megamath.generation.loading import load_model
 import foreign_checkpoints
 from foreign_checkpoints import rewrite
 
-FIXTURES = Path(__file__).parent / "fixtures" / "megatron"
 # Megatron-LM's two formats: TP 2 × PP 2, PP 2 with 2 virtual stages each (layers 0 2 on stage 0, 1 3 on 1), TP 2
 CHECKPOINTS = {"torch_tp2_pp2": "torch format, TP 2 PP 2", "torch_pp2_vp2": "torch format, TP 1 PP 2",
                "torch_dist_tp2": "torch_dist format, TP 2 PP 1"}
@@ -40,14 +39,18 @@ def copy(name: str, tmp_path) -> Path:
     return foreign_checkpoints.copy(f"megatron/{name}", tmp_path)
 
 
+def written(name: str) -> Path:
+    """A Megatron-LM checkpoint in trainer_checkpoints' layout, of a model with known logits."""
+    return foreign_checkpoints.written(f"megatron/{name}")
+
+
 def megatron_logits(name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    ref = load_file(FIXTURES / name / "megatron_logits.safetensors")
-    return ref["input_ids"], ref["logits"]
+    return foreign_checkpoints.expected_logits(f"megatron/{name}")
 
 
 @pytest.mark.parametrize("name", CHECKPOINTS)
 def test_the_converted_model_computes_megatrons_logits(name, tmp_path, capsys):
-    convert(FIXTURES / name, tmp_path / "hf")
+    convert(written(name), tmp_path / "hf")
     out = capsys.readouterr().out
     assert f"iteration 10, {CHECKPOINTS[name]}; 4 layers" in out
     assert "vocabulary: Megatron-LM's padded 64 rows kept" in out and "tokenizer's size: 60" in out
@@ -61,7 +64,7 @@ def test_the_converted_model_computes_megatrons_logits(name, tmp_path, capsys):
 @pytest.mark.parametrize("name", CHECKPOINTS)
 def test_transformers_loads_the_folder_and_computes_megatrons_logits(name, tmp_path):
     transformers = pytest.importorskip("transformers", reason="transformers (a dev dependency) is not installed")
-    convert(FIXTURES / name, tmp_path / "hf")
+    convert(written(name), tmp_path / "hf")
     model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     ids, expected = megatron_logits(name)
     with torch.no_grad():
@@ -70,7 +73,7 @@ def test_transformers_loads_the_folder_and_computes_megatrons_logits(name, tmp_p
 
 
 def test_vocab_size_keeps_the_tokenizers_rows_and_the_default_dtype_is_the_training_dtype(tmp_path):
-    assert main(["convert", "megatron-to-hf", str(FIXTURES / "torch_tp2_pp2"), str(tmp_path / "hf"),
+    assert main(["convert", "megatron-to-hf", str(written("torch_tp2_pp2")), str(tmp_path / "hf"),
                  "--vocab-size", "60"]) == 0
     tensors = load_file(tmp_path / "hf" / "model.safetensors")
     assert tensors["model.embed_tokens.weight"].shape == (60, 32) and tensors["lm_head.weight"].shape == (60, 32)
@@ -84,11 +87,11 @@ def test_vocab_size_keeps_the_tokenizers_rows_and_the_default_dtype_is_the_train
 
 
 def test_a_save_folder_an_iteration_folder_and_both_formats_give_the_same_kind_of_weights():
-    by_save = read_megatron_checkpoint(FIXTURES / "torch_dist_tp2")
-    by_iter = read_megatron_checkpoint(FIXTURES / "torch_dist_tp2" / "iter_0000010")
+    by_save = read_megatron_checkpoint(written("torch_dist_tp2"))
+    by_iter = read_megatron_checkpoint(written("torch_dist_tp2") / "iter_0000010")
     assert by_save.tensors.keys() == by_iter.tensors.keys()
     assert all(torch.equal(by_save.tensor(k), by_iter.tensor(k)) for k in by_save.tensors)
-    legacy = read_megatron_checkpoint(FIXTURES / "torch_tp2_pp2")
+    legacy = read_megatron_checkpoint(written("torch_tp2_pp2"))
     assert legacy.tensors.keys() == by_save.tensors.keys() and legacy.num_layers == 4
     assert {k: v.shape for k, v in legacy.tensors.items()} == {k: v.shape for k, v in by_save.tensors.items()}
 
@@ -113,7 +116,7 @@ def test_a_pickle_naming_a_function_does_not_run_it(tmp_path):
 
 
 def test_megatrons_own_classes_in_the_args_load_without_megatron():
-    args = plain_args(guarded_load(FIXTURES / "torch_tp2_pp2" / RANK_FILE.format("00_000"))["args"])
+    args = plain_args(guarded_load(written("torch_tp2_pp2") / RANK_FILE.format("00_000"))["args"])
     assert repr(args["attention_backend"]) == "<megatron.core.transformer.enums.AttnBackend(5)>"
     assert args["params_dtype"] is torch.bfloat16 and args["padded_vocab_size"] == 64
 
@@ -179,7 +182,7 @@ def test_a_legacy_model_is_sent_to_megatrons_converter(tmp_path, capsys):
                           "megamath's head size is that quotient"),
 ])
 def test_args_of_another_architecture_are_refused_by_name(change, message):
-    args = read_megatron_checkpoint(FIXTURES / "torch_dist_tp2").args
+    args = read_megatron_checkpoint(written("torch_dist_tp2")).args
     with pytest.raises(ValueError) as err:
         llama_config({**args, **change})
     assert str(err.value) == message
@@ -187,7 +190,7 @@ def test_args_of_another_architecture_are_refused_by_name(change, message):
 
 @pytest.mark.parametrize("bad", ["0", "65"])
 def test_a_vocab_size_outside_the_padded_vocabulary_is_refused(bad, tmp_path, capsys):
-    assert fail(FIXTURES / "torch_dist_tp2", tmp_path / "hf", capsys, "--vocab-size", bad) == \
+    assert fail(written("torch_dist_tp2"), tmp_path / "hf", capsys, "--vocab-size", bad) == \
         f"--vocab-size {bad}: must be between 1 and the checkpoint's padded vocabulary 64"
 
 
@@ -220,7 +223,7 @@ def test_a_megamath_run_starts_from_the_converted_folder(tmp_path):
     from megamath.training.config import TrainConfig
     from test_train_loop import metrics, raw_config, run
 
-    convert(FIXTURES / "torch_dist_tp2", tmp_path / "hf")
+    convert(written("torch_dist_tp2"), tmp_path / "hf")
     raw = raw_config(tmp_path / "data", tmp_path / "run", init_from_hf=str(tmp_path / "hf"), train_steps=2,
                      model__num_layers=4, model__ffn_hidden_size=48, model__max_seq_length=16, data__seq_length=16,
                      checkpoint__save_every=2)
@@ -235,7 +238,7 @@ def test_config_from_megatron_names_the_command_that_converts_its_load_folder():
     from megamath.compat.megatron import convert_megatron
     from test_config_from_megatron import SCRIPT
 
-    load = str(FIXTURES / "torch_tp2_pp2")
+    load = str(written("torch_tp2_pp2"))
     flags = SCRIPT.split("pretrain_gpt.py \\\n", 1)[1].replace("\\\n", " ").split() + ["--load", load]
     unmapped = {u.key: u for u in convert_megatron(flags, world_size=32, vocab_size=32000).unmapped}
     assert unmapped["--load"].reason == (f"{load} is not a Hugging Face folder (no config.json): convert the "
@@ -271,7 +274,7 @@ def test_an_older_torch_dist_checkpoint_with_its_args_in_common_pt(tmp_path, cap
 def test_a_truncated_rank_file_is_named(tmp_path, capsys):
     src = copy("torch_tp2_pp2", tmp_path)
     path = src / RANK_FILE.format("01_001")
-    path.write_bytes(path.read_bytes()[:30000])
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
     message = fail(src, tmp_path / "hf", capsys)
     assert message.startswith(f"{path}: not a readable torch.save file (") and message.endswith(
         "); is it truncated or damaged?")
@@ -324,11 +327,11 @@ def test_rank_slices_are_joined_one_shard_at_a_time_as_they_are_written(tmp_path
             alive.append(weakref.ref(joined))
         return joined
     monkeypatch.setattr(megatron_checkpoint, "_join", counting_join)
-    weights = read_megatron_checkpoint(FIXTURES / "torch_tp2_pp2")
+    weights = read_megatron_checkpoint(written("torch_tp2_pp2"))
     from megamath.compat.megatron_llama import llama_state_dict
     llama_state_dict(weights, llama_config(weights.args))
     assert most[0] == 0  # reading and planning join nothing
-    convert_megatron_to_hf(FIXTURES / "torch_tp2_pp2", tmp_path / "hf", max_shard_size="8KB")
+    convert_megatron_to_hf(written("torch_tp2_pp2"), tmp_path / "hf", max_shard_size="8KB")
     import json
     files = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())["weight_map"]
     per_shard = max(list(files.values()).count(f) for f in set(files.values()))
@@ -351,7 +354,7 @@ def test_torch_dist_layer_weights_are_read_one_layer_window_at_a_time(monkeypatc
     layer's window, and the windows equal the whole tensor's slices."""
     from megamath.compat.megatron_torch_dist import DistCheckpoint
 
-    weights = read_megatron_checkpoint(FIXTURES / "torch_dist_tp2")
+    weights = read_megatron_checkpoint(written("torch_dist_tp2"))
     source = weights.tensors["layers.0.qkv"].source
     stacked = [k for k in source.tensor_keys() if k.startswith("decoder.layers.")]
     assert len(stacked) == 6
@@ -382,7 +385,7 @@ def test_a_foreign_checkpoint_given_as_a_model_names_the_command_that_converts_i
     from megamath.training.config import TrainConfig
     from test_train_loop import raw_config
 
-    path = foreign_checkpoints.FIXTURES / fixture
+    path = foreign_checkpoints.written(fixture)
     advice = f"is a {trainer} checkpoint: convert it with `megamath convert {direction} {path} HF_DIR`"
     with pytest.raises(ValueError) as err:
         load_model(path, device="cpu")
@@ -425,7 +428,7 @@ def test_the_special_token_ids_are_those_of_the_runs_sentencepiece_model(tmp_pat
     convert(src, tmp_path / "hf2")
     assert (f"special tokens: Llama's bos 1 / eos 2 written (the args' tokenizer_model {tokenizer} is not here); "
             "edit config.json if the tokenizer differs") in capsys.readouterr().out
-    convert(FIXTURES / "torch_dist_tp2", tmp_path / "hf3")  # NullTokenizer
+    convert(written("torch_dist_tp2"), tmp_path / "hf3")  # NullTokenizer
     assert ("special tokens: Llama's bos 1 / eos 2 written (tokenizer_type NullTokenizer names no SentencePiece "
             "model)") in capsys.readouterr().out
 

@@ -5,6 +5,7 @@ converted model computes GPT-NeoX's logits in megamath and in transformers; faul
 from __future__ import annotations
 
 import shutil
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,6 @@ from megamath.generation.loading import load_model
 import foreign_checkpoints
 from foreign_checkpoints import rewrite
 
-FIXTURES = Path(__file__).parent / "fixtures" / "neox"
 CHECKPOINTS = {"llemma_tp2": "sequential files, TP 2", "llemma_gqa_tp2": "sequential files, TP 2",
                "main_gqa_tp2": "pipeline files, TP 2"}
 
@@ -34,14 +34,18 @@ def copy(name: str, tmp_path) -> Path:
     return foreign_checkpoints.copy(f"neox/{name}", tmp_path)
 
 
+def written(name: str) -> Path:
+    """A GPT-NeoX checkpoint in trainer_checkpoints' layout, of a model with known logits."""
+    return foreign_checkpoints.written(f"neox/{name}")
+
+
 def neox_logits(name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    ref = load_file(FIXTURES / name / "neox_logits.safetensors")
-    return ref["input_ids"], ref["logits"]
+    return foreign_checkpoints.expected_logits(f"neox/{name}")
 
 
 @pytest.mark.parametrize("name", CHECKPOINTS)
 def test_the_converted_model_computes_neox_logits(name, tmp_path, capsys):
-    convert(FIXTURES / name, tmp_path / "hf")
+    convert(written(name), tmp_path / "hf")
     out = capsys.readouterr().out
     assert f"(neox-to-hf): global_step10, {CHECKPOINTS[name]}; 2 layers, hidden 32" in out
     assert ("note: rms_norm_epsilon 1e-10: the llemma branch's RMSNorm" in out) == name.startswith("llemma")
@@ -54,7 +58,7 @@ def test_the_converted_model_computes_neox_logits(name, tmp_path, capsys):
 @pytest.mark.parametrize("name", CHECKPOINTS)
 def test_transformers_loads_the_folder_and_computes_neox_logits(name, tmp_path):
     transformers = pytest.importorskip("transformers", reason="transformers (a dev dependency) is not installed")
-    convert(FIXTURES / name, tmp_path / "hf")
+    convert(written(name), tmp_path / "hf")
     model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     ids, expected = neox_logits(name)
     with torch.no_grad():
@@ -62,8 +66,8 @@ def test_transformers_loads_the_folder_and_computes_neox_logits(name, tmp_path):
 
 
 def test_the_save_folder_and_the_step_folder_convert_alike_and_vocab_size_trims(tmp_path):
-    convert(FIXTURES / "llemma_gqa_tp2", tmp_path / "a", "--vocab-size", "50")
-    convert(FIXTURES / "llemma_gqa_tp2" / "global_step10", tmp_path / "b", "--vocab-size", "50")
+    convert(written("llemma_gqa_tp2"), tmp_path / "a", "--vocab-size", "50")
+    convert(written("llemma_gqa_tp2") / "global_step10", tmp_path / "b", "--vocab-size", "50")
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert a["model.embed_tokens.weight"].shape == (50, 32) and a["lm_head.weight"].shape == (50, 32)
@@ -146,11 +150,13 @@ def test_a_flipped_byte_in_a_weight_is_caught_by_the_files_crc(tmp_path, capsys)
     """torch.load does not check the zip records' CRC-32: the damaged weight converted without a word."""
     src = copy("llemma_tp2", tmp_path)
     path = src / "global_step10" / "mp_rank_01_model_states.pt"
+    with zipfile.ZipFile(path) as archive:  # the largest record: a weight's data
+        record = max(archive.infolist(), key=lambda info: info.compress_size)
     data = bytearray(path.read_bytes())
-    data[60000] ^= 0xFF  # inside a tensor's record
+    data[record.header_offset + 100 + record.compress_size // 2] ^= 0xFF  # inside that tensor's bytes
     path.write_bytes(bytes(data))
-    assert fail(src, tmp_path / "hf", capsys) == (f"{path}: record mp_rank_01_model_states/data/8 fails its CRC-32 "
-                                                  "check: the file is damaged")
+    assert fail(src, tmp_path / "hf", capsys) == (f"{path}: record {record.filename} fails its "
+                                                  "CRC-32 check: the file is damaged")
 
 
 def test_a_config_whose_mlp_width_does_not_match_the_weights_is_refused_before_writing(tmp_path, capsys):

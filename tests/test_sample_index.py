@@ -144,19 +144,3 @@ def test_gpt_indices_cover_num_samples_and_are_seeded():
         np.testing.assert_array_equal(out[name], again[name])
     assert not np.array_equal(out["shuffle_idx"], other["shuffle_idx"])
 
-
-def test_one_epochs_indices_equal_megatron_lms():
-    """Against Megatron-LM's own GPTDataset (tests/fixtures/megatron/write_index_fixtures.py): for a dataset
-    read in one epoch, the document, sample and shuffle indices are Megatron-LM's, so such a run reads
-    Megatron-LM's samples in Megatron-LM's order. (With several epochs megamath permutes each epoch on its
-    own, where Megatron-LM shuffles all epochs' documents together: see this module's docstring.)"""
-    from pathlib import Path
-
-    fixture = np.load(Path(__file__).parent / "fixtures" / "megatron" / "gpt_indices.npz")
-    cases = sorted({k.rsplit("_", 2)[0] for k in fixture if k != "sizes"})
-    assert len(cases) == 3
-    for case in cases:
-        seq_length, num_samples, seed = (int(part[1:]) for part in case.split("_"))
-        ours = si.build_gpt_indices(fixture["sizes"], np.arange(len(fixture["sizes"])), num_samples, seq_length, seed)
-        for name in ("doc_idx", "sample_idx", "shuffle_idx"):
-            assert np.array_equal(ours[name], fixture[f"{case}_{name}"].astype(np.int64)), (case, name)
