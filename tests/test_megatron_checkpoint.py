@@ -369,7 +369,7 @@ def test_torch_dist_layer_weights_are_read_one_layer_window_at_a_time(monkeypatc
     from megamath.compat.megatron_llama import llama_state_dict
     state = llama_state_dict(weights, llama_config(weights.args))
     assert reads == []  # planning reads nothing
-    state["layers.2.mlp.up_proj.weight"].load()
+    state["layers.2.mlp.up_proj.weight"].read()
     assert reads == [("decoder.layers.mlp.linear_fc1.weight", 2)]
 
 

@@ -22,6 +22,10 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 
 from megamath.model import Llama, ModelConfig
 
@@ -87,16 +91,16 @@ def _grouped_qkv(state: dict, i: int, config: ModelConfig) -> torch.Tensor:
 
 
 def _megatron_layer(state: dict, i: int, config: ModelConfig, tp: int, r: int) -> dict:
-    """Layer i's tensors on TP rank r, under the local spec's names (bfloat16; norms float32, as stored)."""
+    """Layer i's tensors on TP rank r, under the local spec's names."""
     p = f"layers.{i}."
     gate, up = (state[p + f"mlp.{n}_proj.weight"].chunk(tp, dim=0)[r] for n in ("gate", "up"))
     return {
-        "input_layernorm.weight": state[p + "input_layernorm.weight"].float(),
+        "input_layernorm.weight": state[p + "input_layernorm.weight"],
         "self_attention.linear_proj.weight": state[p + "self_attn.o_proj.weight"].chunk(tp, dim=1)[r],
         "self_attention.linear_proj._extra_state": None,
         "self_attention.linear_qkv.weight": _grouped_qkv(state, i, config).chunk(tp, dim=0)[r],
         "self_attention.linear_qkv._extra_state": None,
-        "pre_mlp_layernorm.weight": state[p + "post_attention_layernorm.weight"].float(),
+        "pre_mlp_layernorm.weight": state[p + "post_attention_layernorm.weight"],
         "mlp.linear_fc1.weight": torch.cat([gate, up]),
         "mlp.linear_fc1._extra_state": None,
         "mlp.linear_fc2.weight": state[p + "mlp.down_proj.weight"].chunk(tp, dim=1)[r],
@@ -104,9 +108,11 @@ def _megatron_layer(state: dict, i: int, config: ModelConfig, tp: int, r: int) -
     }
 
 
-def _bf16(tensors: dict) -> dict:
-    return {k: (v if v is None or v.dtype == torch.float32 and "norm" in k else v.to(torch.bfloat16).clone())
-            for k, v in tensors.items()}
+def _stored(name: str, tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """As a --bf16 Megatron-LM run stores a tensor: norms in float32, the rest in bfloat16."""
+    if tensor is None:
+        return None
+    return (tensor.float() if "norm" in name else tensor.to(torch.bfloat16)).clone()
 
 
 def _save_with_megatron_classes(obj, args: argparse.Namespace, path) -> None:
@@ -143,10 +149,10 @@ def write_megatron_torch(model: Llama, save: Path, tp: int, pp: int, vp: int | N
                     sd.update({f"decoder.layers.{j}.{k}": v
                                for k, v in _megatron_layer(state, first + j, config, tp, r).items()})
                 if s == pp - 1 and c == chunks - 1:
-                    sd["decoder.final_layernorm.weight"] = state["norm.weight"].float()
+                    sd["decoder.final_layernorm.weight"] = state["norm.weight"]
                     sd["output_layer.weight"] = state["lm_head.weight"].chunk(tp, dim=0)[r]
                     sd["output_layer._extra_state"] = None
-                models.append(_bf16(sd))
+                models.append({k: _stored(k, v) for k, v in sd.items()})
             folder = save / "iter_0000010" / (f"mp_rank_{r:02d}" + (f"_{s:03d}" if pp > 1 else ""))
             folder.mkdir(parents=True)
             content = {"args": megatron_args(config, tp, pp, vp, "torch"), "checkpoint_version": 3.0,
@@ -161,13 +167,11 @@ def write_megatron_torch_dist(model: Llama, save: Path, tp: int) -> Path:
     """`--ckpt-format torch_dist`: a distributed checkpoint of global tensors, layers stacked on a first axis
     (Transformer Engine's norm names), one chunk per layer and TP rank, the args in a `common_state` bytes
     item, as Megatron-LM's dist_checkpointing writes them."""
-    import torch.distributed.checkpoint as dcp
-
     config, state = model.config, {n: t.detach() for n, t in model.state_dict().items()}
     layers = [_megatron_layer(state, i, config, 1, 0) for i in range(config.num_layers)]
     stacked = {  # name: (tensor, TP-split dim of one layer, or None)
         "embedding.word_embeddings.weight": (state["embed_tokens.weight"], 0),
-        "decoder.final_layernorm.weight": (state["norm.weight"].float(), None),
+        "decoder.final_layernorm.weight": (state["norm.weight"], None),
         "output_layer.weight": (state["lm_head.weight"], 0),
     }
     for ours, theirs, dim in (("input_layernorm.weight", "self_attention.linear_qkv.layer_norm_weight", None),
@@ -177,8 +181,7 @@ def write_megatron_torch_dist(model: Llama, save: Path, tp: int) -> Path:
                               ("mlp.linear_fc1.weight", "mlp.linear_fc1.weight", "fc1"),
                               ("mlp.linear_fc2.weight", "mlp.linear_fc2.weight", 1)):
         stacked[f"decoder.layers.{theirs}"] = (torch.stack([layer[ours] for layer in layers]), dim)
-    tensors = {k: (t if t.dtype == torch.float32 and "norm" in k else t.to(torch.bfloat16), dim)
-               for k, (t, dim) in stacked.items()}
+    tensors = {k: (_stored(k, t), dim) for k, (t, dim) in stacked.items()}
     common = {"args": megatron_args(config, tp, 1, None, "torch_dist"), "checkpoint_version": 3.0, "iteration": 10,
               "num_floating_point_operations_so_far": 0}
     buffer = io.BytesIO()
@@ -189,7 +192,8 @@ def write_megatron_torch_dist(model: Llama, save: Path, tp: int) -> Path:
     request["decoder.layers.self_attention.linear_proj._extra_state/shard_0_4"] = io.BytesIO(b"")
     with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(request, checkpoint_id=str(folder), planner=_ChunkPlanner(tensors, tp, config), no_dist=True)
+        dcp.save(request, checkpoint_id=str(folder), no_dist=True,
+                 planner=_ChunkPlanner({k: dim for k, (_, dim) in tensors.items()}, tp))
     (folder / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1}))
     (save / "latest_checkpointed_iteration.txt").write_text("10")
     return save
@@ -217,41 +221,36 @@ def _chunks(shape: tuple, dim, tp: int, layered: bool) -> list[tuple[tuple, tupl
     return pieces
 
 
-class _ChunkPlanner:
+class _ChunkPlanner(DefaultSavePlanner):
     """Saves each tensor as the chunks `_chunks` gives (what several Megatron-LM ranks would write)."""
 
-    def __new__(cls, tensors: dict, tp: int, config: ModelConfig):
-        from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
-        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
-        from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
+    def __init__(self, split_dims: dict, tp: int):
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self.split_dims, self.tp = split_dims, tp
 
-        class Planner(DefaultSavePlanner):
-            def create_local_plan(self):
-                items = []
-                for fqn, value in self.state_dict.items():
-                    if not isinstance(value, torch.Tensor):
-                        items.append(WriteItem(index=MetadataIndex(fqn), type=WriteItemType.BYTE_IO))
-                        continue
-                    dim = tensors[fqn][1]
-                    for offsets, sizes in _chunks(tuple(value.shape), dim, tp, fqn.startswith("decoder.layers.")):
-                        items.append(WriteItem(
-                            index=MetadataIndex(fqn, torch.Size(offsets)), type=WriteItemType.SHARD,
-                            tensor_data=TensorWriteData(
-                                chunk=ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes)),
-                                properties=TensorProperties.create_from_tensor(value), size=value.size())))
-                self.plan = SavePlan(items)
-                return self.plan
+    def create_local_plan(self):
+        items = []
+        for fqn, value in self.state_dict.items():
+            if not isinstance(value, torch.Tensor):
+                items.append(WriteItem(index=MetadataIndex(fqn), type=WriteItemType.BYTE_IO))
+                continue
+            for offsets, sizes in _chunks(tuple(value.shape), self.split_dims[fqn], self.tp,
+                                          fqn.startswith("decoder.layers.")):
+                chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))
+                items.append(WriteItem(index=MetadataIndex(fqn, torch.Size(offsets)), type=WriteItemType.SHARD,
+                                       tensor_data=TensorWriteData(chunk=chunk, size=value.size(),
+                                                                   properties=TensorProperties.create_from_tensor(value))))
+        self.plan = SavePlan(items)
+        return self.plan
 
-            def resolve_data(self, write_item):
-                value = self.state_dict[write_item.index.fqn]
-                if write_item.type == WriteItemType.BYTE_IO:
-                    return value
-                for axis, (start, size) in enumerate(zip(write_item.tensor_data.chunk.offsets,
-                                                         write_item.tensor_data.chunk.sizes)):
-                    value = value.narrow(axis, start, size)
-                return value.contiguous()
-
-        return Planner(flatten_state_dict=False, flatten_sharded_tensors=False)
+    def resolve_data(self, write_item):
+        value = self.state_dict[write_item.index.fqn]
+        if write_item.type == WriteItemType.BYTE_IO:
+            return value
+        chunk = write_item.tensor_data.chunk
+        for axis, (start, size) in enumerate(zip(chunk.offsets, chunk.sizes)):
+            value = value.narrow(axis, start, size)
+        return value.contiguous()
 
 
 # ---- GPT-NeoX ----------------------------------------------------------------------------------------------

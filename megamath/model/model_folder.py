@@ -199,7 +199,7 @@ class Deferred:
 
     shape: tuple[int, ...]
     dtype: torch.dtype
-    load: Callable[[], torch.Tensor]
+    read: Callable[[], torch.Tensor]
 
 
 def save_state_as_hf(state: dict[str, torch.Tensor | Deferred], config: ModelConfig, dst: str | Path,
@@ -221,7 +221,7 @@ def save_state_as_hf(state: dict[str, torch.Tensor | Deferred], config: ModelCon
 
     def fetch(hf: str) -> torch.Tensor:
         value = state[by_hf[hf]]
-        tensor = value.load() if isinstance(value, Deferred) else value
+        tensor = value.read() if isinstance(value, Deferred) else value
         if tuple(tensor.shape) != shapes[by_hf[hf]]:  # a Deferred that made another shape than it promised
             raise ValueError(f"{hf}: made with shape {tuple(tensor.shape)}, expected {shapes[by_hf[hf]]}")
         return cast_checked(tensor.contiguous(), dtype, hf)
