@@ -14,6 +14,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -96,13 +97,15 @@ py::array_t<int64_t> build_sample_index(const Int32Array& sizes, const Int64Arra
 }
 
 // Greedy blending: sample i goes to the dataset furthest behind its target share,
-// argmax_d weights[d] * (i + 1) - count[d], ties to the lowest index; dataset_sample_index[i] is
-// how many samples that dataset had before. `weights` must already be normalized to sum 1 (the
-// Python wrapper does it once, so that this loop and the numpy reference see identical doubles).
+// argmax_d weights[d] * t(i) - count[d], ties to the lowest index; dataset_sample_index[i] is
+// how many samples that dataset had before. The target t(i) is i + 1 (the count once sample i is
+// placed), or with `megatron_target` Megatron-LM's max(i, 1), which gives samples 0 and 1 one target.
+// `weights` must already be normalized to sum 1 (the Python wrapper does it, so that this loop and
+// the numpy reference see identical doubles).
 //
 // weights: (n_datasets,) float64
 // returns: dataset_index (num_samples,) int16, dataset_sample_index (num_samples,) int64
-py::tuple build_blending_indices(const Float64Array& weights, int64_t num_samples) {
+py::tuple build_blending_indices(const Float64Array& weights, int64_t num_samples, bool megatron_target) {
   if (weights.ndim() != 1) throw std::invalid_argument("weights must be 1-D");
   const int64_t n_datasets = weights.shape(0);
   if (n_datasets < 1) throw std::invalid_argument("weights must name at least one dataset");
@@ -127,7 +130,7 @@ py::tuple build_blending_indices(const Float64Array& weights, int64_t num_sample
     py::gil_scoped_release release;
     std::vector<int64_t> count(n_datasets, 0);
     for (int64_t i = 0; i < num_samples; ++i) {
-      const double target = static_cast<double>(i + 1);
+      const double target = megatron_target ? std::max(static_cast<double>(i), 1.0) : static_cast<double>(i + 1);
       int64_t best = 0;
       double best_error = w[0] * target - static_cast<double>(count[0]);
       for (int64_t d = 1; d < n_datasets; ++d) {
@@ -155,6 +158,7 @@ PYBIND11_MODULE(_helpers, m) {
         py::arg("num_samples"),
         "(num_samples + 1, 2) int64 rows (position in doc_idx, offset) of global tokens k * seq_length.");
   m.def("build_blending_indices", &build_blending_indices, py::arg("weights"), py::arg("num_samples"),
+        py::arg("megatron_target") = false,
         "Greedy blend of normalized weights: (dataset_index int16, dataset_sample_index int64).");
   register_ngram_overlap(m);
   register_jsonl_text(m);

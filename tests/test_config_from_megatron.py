@@ -297,6 +297,19 @@ def test_data_path_alone_is_cut_by_megatrons_default_split():
     assert any("not given, so Megatron-LM's default 969,30,1" in note for note in conversion.notes)
 
 
+def test_the_converted_run_reads_megatrons_samples_in_megatrons_order():
+    config, conversion = _data_of("--data-path data/a_text_document")
+    assert config.data.sample_order == "megatron" and config.data.lone_prefix()  # unblended, as Megatron-LM reads it
+    config, conversion = _data_of("--data-path 1 data/a_text_document")
+    assert not config.data.lone_prefix()  # a weight makes it a blend of one, built with Megatron-LM's surplus
+    assert "--mid-level-dataset-surplus" not in {u.key for u in conversion.unmapped}
+    _, conversion = _data_of("--data-path 1 data/a_text_document --mid-level-dataset-surplus 0.005")
+    assert "--mid-level-dataset-surplus" not in {u.key for u in conversion.unmapped}  # the default
+    _, conversion = _data_of("--data-path 1 data/a_text_document --mid-level-dataset-surplus 0.01")
+    listed = {u.key: u for u in conversion.unmapped}["--mid-level-dataset-surplus"]
+    assert listed.kind == "unsupported" and "another order" in listed.reason
+
+
 def test_an_explicit_split_is_taken_and_its_validation_parts_share_the_work():
     config, conversion = _data_of("--data-path 2 data/a_text_document 4 data/b_text_document --split '99, 1, 0'")
     assert config.data.split == "99,1,0" and config.data.split_shares()[1] == pytest.approx(0.01)
@@ -328,6 +341,7 @@ def test_data_paths_read_from_megatrons_files(tmp_path, monkeypatch):
                                                       "test": ["data/a_test"]}))
     config, conversion = _data_of("--per-split-data-args-path splits.json")
     assert config.data.train_blend() == ([1.0], ["data/a_text_document"]) and config.data.split is None
+    assert config.data.lone_prefix()  # Megatron-LM reads a lone per-split prefix unblended, its weight unused
     assert config.data.valid_sets() == {"a": "data/a_val"}
     listed = {u.key: u for u in conversion.unmapped}
     assert listed["--per-split-data-args-path"].kind == "no equivalent"  # its test blend

@@ -10,6 +10,7 @@ import time
 from megamath.data.blended_dataset import BlendedDataset
 from megamath.data.blending import parse_data_path
 from megamath.data.indexed_dataset import IndexedDataset
+from megamath.data.megatron_order import BLEND_SURPLUS, SAMPLE_ORDERS
 from megamath.data.splits import canonical_split, cut_splits
 
 
@@ -23,6 +24,8 @@ def add_parser(subparsers, name: str) -> None:
     parser.add_argument("--seed", type=int, default=1234, help="shuffling seed (default 1234)")
     parser.add_argument("--split", default=None, metavar="TRAIN,VALID,TEST",
                         help="blend only each dataset's train part of this cut, as data.split does (e.g. 969,30,1)")
+    parser.add_argument("--sample-order", choices=SAMPLE_ORDERS, default="megamath",
+                        help="megamath's order, or Megatron-LM's (data.sample_order; default megamath)")
     parser.add_argument("--cache-dir", default=None, help="where to cache the indices (default: none)")
     parser.set_defaults(run=run)
 
@@ -42,8 +45,10 @@ def run(args) -> int:
     split = None if args.split is None else canonical_split(args.split, "--split")
     cut = cut_splits(datasets, prefixes, split, args.seq_length, key="--split")
     start = time.perf_counter()
+    surplus = 0.0 if len(args.data_path) == 1 else BLEND_SURPLUS  # Megatron-LM reads a lone prefix unblended
     blend = BlendedDataset(datasets, weights, args.num_samples, args.seq_length, seed=args.seed,
-                           cache_dir=args.cache_dir, documents=cut.train)
+                           cache_dir=args.cache_dir, documents=cut.train, sample_order=args.sample_order,
+                           surplus=surplus)
     elapsed = time.perf_counter() - start
     for line in cut.lines:
         print(line)

@@ -14,6 +14,7 @@ from typing import Callable
 
 import yaml
 
+from megamath.data.blending import parse_data_path
 from megamath.data.splits import parse_split, part_names
 from megamath.training.config import TrainConfig
 
@@ -104,4 +105,5 @@ def held_out_sets(data: dict) -> int:
     its validation share is not 0."""
     if data.get("split") is None or not data.get("data_path"):
         return 0
-    return len(set(data["data_path"][1::2])) if parse_split(data["split"])[1] > 0 else 0
+    prefixes = parse_data_path([str(item) for item in data["data_path"]])[1]  # [PREFIX] or [W1, PREFIX1, ...]
+    return len(set(prefixes)) if parse_split(data["split"])[1] > 0 else 0

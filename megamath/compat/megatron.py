@@ -23,6 +23,7 @@ from typing import Sequence
 
 from megamath.compat.conversion import (NO_EQUIVALENT, NOT_NEEDED, UNSUPPORTED, Conversion, Keys, Unmapped,
                                         held_out_sets, valid_set_names)
+from megamath.data.megatron_order import BLEND_SURPLUS
 from megamath.data.splits import canonical_split
 from megamath.input_path import read_text
 
@@ -428,17 +429,25 @@ def _schedule(flags: Flags, out: Conversion) -> None:
 
 def _data_and_checkpoints(flags: Flags, out: Conversion) -> None:
     c = out.config
-    data: dict = {"seq_length": int(flags.raw["seq_length"][0])}
+    data: dict = {"seq_length": int(flags.raw["seq_length"][0]), "sample_order": "megatron"}
     seed = flags.one("seed", int, 1234)
     data["seed"], c["seed"] = seed, seed
     per_split, valid = _data_files(flags, out)
     train = per_split or flags.take("data_path")
-    if train and len(train) == 1:
-        data["data_path"] = [1.0, train[0]]
+    # Megatron-LM reads a lone prefix without a blend, and so without the blend's surplus samples, when it has no
+    # weight or comes per split; data.sample_order megatron does the same for a lone prefix without a weight
+    if train and (len(train) == 1 or (per_split and len(train) == 2 and _is_number(train[0]))):
+        data["data_path"] = [train[-1]]
     elif train:
         if len(train) % 2 or not all(_is_number(w) for w in train[0::2]):
             raise ValueError("--data-path: give weights and prefixes (W1 PREFIX1 W2 PREFIX2 ...) or one prefix")
         data["data_path"] = [float(x) if i % 2 == 0 else x for i, x in enumerate(train)]
+    surplus = flags.one("mid_level_dataset_surplus", float, BLEND_SURPLUS)
+    if surplus != BLEND_SURPLUS:
+        out.unmapped.append(Unmapped("--mid-level-dataset-surplus", UNSUPPORTED, f"{surplus}: data.sample_order megatron "
+                                     f"builds Megatron-LM's order at its default {BLEND_SURPLUS}; with another surplus "
+                                     "each blended dataset is built for another count, and its samples come in another "
+                                     "order"))
     split = flags.one("split", str, None)
     if train and not per_split and (split is not None or not valid):
         data["split"] = canonical_split(split if split is not None else "969, 30, 1", "--split")  # as Megatron-LM

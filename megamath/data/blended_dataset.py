@@ -3,7 +3,8 @@
 The blending indices decide, for each of num_samples samples, its dataset and its rank within that
 dataset. Their counts are exactly what each dataset must supply, so each GPTDataset is built for
 that count (Megatron-LM asks each for weight * num_samples * 1.005 and hopes). A dataset the blend
-never picks (a tiny weight, few samples) gets no GPTDataset at all.
+never picks (a tiny weight, few samples) gets no GPTDataset at all. With sample_order `megatron` the
+blend and each dataset are built as Megatron-LM builds them (megatron_order.py), sample for sample.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from megamath.data import megatron_order
 from megamath.data.blending import build_blending_indices, normalize_weights
 from megamath.data.gpt_dataset import GPTDataset, TokenSource, check_documents, dataset_name
 from megamath.data.index_cache import INDEX_FORMAT_VERSION, IndexCache, load_or_build
@@ -39,8 +41,12 @@ class BlendedDataset:
 
     def __init__(self, datasets: Sequence[TokenSource], weights: Sequence[float], num_samples: int,
                  seq_length: int, seed: int = 1234, cache_dir: str | Path | None = None,
-                 documents: Sequence[np.ndarray | None] | None = None) -> None:
-        """documents: per dataset, the sequence ids it may supply (None: all), e.g. its part of a split."""
+                 documents: Sequence[np.ndarray | None] | None = None, sample_order: str = "megamath",
+                 surplus: float = megatron_order.BLEND_SURPLUS) -> None:
+        """documents: per dataset, the sequence ids it may supply (None: all), e.g. its part of a split.
+        sample_order: `megamath`, or `megatron` for Megatron-LM's blend and GPT orders.
+        surplus: with `megatron`, the extra share of samples each dataset is built for (Megatron-LM's
+        --mid-level-dataset-surplus; 0 for a lone prefix given without a weight, which it reads unblended)."""
         datasets = list(datasets)
         documents = [None] * len(datasets) if documents is None else list(documents)
         if len(documents) != len(datasets):
@@ -57,23 +63,28 @@ class BlendedDataset:
         if int(seed) < 0:  # else numpy's SeedSequence says only "expected non-negative integer"
             raise ValueError(f"seed must be >= 0, got {seed}")
         self.num_samples, self.seq_length, self.seed = int(num_samples), int(seq_length), int(seed)
+        self.sample_order = megatron_order.check_sample_order(sample_order)
+        megatron = self.sample_order == "megatron"
         self.names = [dataset_name(d) for d in datasets]
         for dataset, docs in zip(datasets, documents):  # every dataset must be usable, picked or not
             check_documents(dataset, docs, self.seq_length)
         self.weights = normalize_weights(weights)  # (D,)
         description = {"kind": "blend", "version": INDEX_FORMAT_VERSION, "weights": self.weights.tolist(),
-                       "num_samples": self.num_samples}
+                       "num_samples": self.num_samples, "sample_order": self.sample_order}
+        build = megatron_order.build_blending_indices if megatron else build_blending_indices
         cache = IndexCache(cache_dir) if cache_dir is not None else None
         arrays = load_or_build(cache, description, BLEND_NAMES,
-                               lambda: dict(zip(BLEND_NAMES, build_blending_indices(weights, self.num_samples))))
+                               lambda: dict(zip(BLEND_NAMES, build(weights, self.num_samples))))
         self.dataset_index = arrays["dataset_index"]  # (num_samples,) int16
         self.dataset_sample_index = arrays["dataset_sample_index"]  # (num_samples,) int64
         self.counts = np.bincount(self.dataset_index, minlength=len(datasets)).astype(np.int64)  # (D,)
+        # what each dataset is built for: exactly its count here; Megatron-LM's ⌈⌈w·N⌉·(1 + surplus)⌉ there
+        built = megatron_order.requested_samples(weights, self.num_samples, surplus) if megatron else self.counts
         self.datasets: list[GPTDataset | None] = [
-            GPTDataset(dataset, int(count), self.seq_length, seed=dataset_seed(self.seed, k), documents=docs,
-                       cache_dir=cache_dir)
+            GPTDataset(dataset, int(size), self.seq_length, seed=self.seed if megatron else dataset_seed(self.seed, k),
+                       documents=docs, cache_dir=cache_dir, sample_order=self.sample_order)
             if count > 0 else None
-            for k, (dataset, count, docs) in enumerate(zip(datasets, self.counts, documents))
+            for k, (dataset, count, size, docs) in enumerate(zip(datasets, self.counts, built, documents))
         ]
 
     def __len__(self) -> int:

@@ -5,11 +5,11 @@ furthest behind its target share, so after any prefix of n samples every dataset
 samples to within about one. `build_blending_indices` runs that loop in C++ (O(samples * datasets));
 `build_blending_indices_ref` is the numpy reference the tests hold it to.
 
-Not Megatron's order, sample for sample: Megatron-LM's loop measures the deficit against a target of
-max(i, 1) samples, so samples 0 and 1 share one target; here the target is i + 1, the count once
-sample i is placed. Shares and the within-one bound are the same, but the two sequences differ at
-some positions (weights 1:3 give 1 0 1 1 1 0 1 1 here, 1 0 1 1 0 1 1 1 in Megatron-LM). The GPT
-sample order inside each dataset is not Megatron's either (see `sample_index`).
+Megatron's loop differs in one detail: it measures the deficit against a target of max(i, 1) samples,
+so samples 0 and 1 share one target; megamath's target is i + 1, the count once sample i is placed.
+Shares and the within-one bound are the same, but the two sequences differ at some positions (weights
+1:3 give 1 0 1 1 1 0 1 1 here, 1 0 1 1 0 1 1 1 in Megatron-LM). `megatron_target=True` runs Megatron's
+rule (data.sample_order: megatron, see megatron_order.py).
 """
 from __future__ import annotations
 
@@ -51,18 +51,19 @@ def _check_num_samples(num_samples: int) -> int:
     return int(num_samples)
 
 
-def build_blending_indices(weights: Sequence[float] | np.ndarray, num_samples: int) -> tuple[np.ndarray, np.ndarray]:
+def build_blending_indices(weights: Sequence[float] | np.ndarray, num_samples: int,
+                           megatron_target: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(dataset_index (num_samples,) int16, dataset_sample_index (num_samples,) int64), in C++.
 
-    Sample i comes from dataset argmax_d w[d] * (i + 1) - count[d] (ties to the lowest d, w normalized
-    to sum 1) and is that dataset's count[d]-th sample.
+    Sample i comes from dataset argmax_d w[d] * t - count[d] with t = i + 1 (Megatron-LM's max(i, 1) with
+    megatron_target), ties to the lowest d, w normalized to sum 1, and is that dataset's count[d]-th sample.
     """
     normalized = normalize_weights(weights)
-    return _helpers.build_blending_indices(normalized, _check_num_samples(num_samples))
+    return _helpers.build_blending_indices(normalized, _check_num_samples(num_samples), bool(megatron_target))
 
 
-def build_blending_indices_ref(weights: Sequence[float] | np.ndarray,
-                               num_samples: int) -> tuple[np.ndarray, np.ndarray]:
+def build_blending_indices_ref(weights: Sequence[float] | np.ndarray, num_samples: int,
+                               megatron_target: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Numpy reference of `build_blending_indices`: one vectorised argmax per sample."""
     w = normalize_weights(weights)  # (D,)
     num_samples = _check_num_samples(num_samples)
@@ -70,7 +71,8 @@ def build_blending_indices_ref(weights: Sequence[float] | np.ndarray,
     dataset_index = np.empty(num_samples, dtype=np.int16)
     dataset_sample_index = np.empty(num_samples, dtype=np.int64)
     for i in range(num_samples):
-        d = int(np.argmax(w * float(i + 1) - count))  # argmax takes the first of equal maxima
+        target = float(max(i, 1)) if megatron_target else float(i + 1)
+        d = int(np.argmax(w * target - count))  # argmax takes the first of equal maxima
         dataset_index[i] = d
         dataset_sample_index[i] = int(count[d])
         count[d] += 1

@@ -3,8 +3,9 @@
 A sample is seq_length + 1 tokens packed across document boundaries; sample i's last token is sample
 i+1's first, so the model reads tokens[:-1] and predicts tokens[1:]. Documents are shuffled per
 epoch, samples are shuffled (the partial last epoch apart, after the full ones), and len(dataset) is
-exactly num_samples. The index arithmetic lives in `sample_index.py`, caching in `index_cache.py`;
-this file joins them to a dataset and reads samples.
+exactly num_samples. The index arithmetic lives in `sample_index.py` (Megatron-LM's own order, where it
+differs, in `megatron_order.py`), caching in `index_cache.py`; this file joins them to a dataset and reads
+samples.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
-from megamath.data import sample_index
+from megamath.data import megatron_order, sample_index
 from megamath.data.index_cache import INDEX_FORMAT_VERSION, IndexCache, array_digest, load_or_build
 
 INDEX_NAMES = ("doc_idx", "sample_idx", "shuffle_idx")
@@ -35,7 +36,7 @@ def dataset_name(dataset: TokenSource) -> str:
 
 
 def gpt_index_description(dataset: TokenSource, documents: np.ndarray, num_samples: int, seq_length: int,
-                          seed: int) -> dict:
+                          seed: int, sample_order: str = "megamath") -> dict:
     """Everything that changes doc_idx / sample_idx / shuffle_idx, as the cache key's description."""
     return {
         "kind": "gpt",
@@ -45,6 +46,7 @@ def gpt_index_description(dataset: TokenSource, documents: np.ndarray, num_sampl
         "num_samples": int(num_samples),
         "seq_length": int(seq_length),
         "seed": int(seed),
+        "sample_order": sample_order,
     }
 
 
@@ -84,10 +86,12 @@ class GPTDataset:
     dataset:    an IndexedDataset (or anything with prefix, sizes, get, fingerprint)
     documents:  sequence ids to read, each a document (default: all); e.g. one split
     cache_dir:  where indices are cached (None: built in memory every time)
+    sample_order: `megamath`, or `megatron` for Megatron-LM's order (megatron_order.py)
     """
 
     def __init__(self, dataset: TokenSource, num_samples: int, seq_length: int, seed: int = 1234,
-                 documents: np.ndarray | None = None, cache_dir: str | Path | None = None) -> None:
+                 documents: np.ndarray | None = None, cache_dir: str | Path | None = None,
+                 sample_order: str = "megamath") -> None:
         if int(seq_length) < 1:
             raise ValueError(f"seq_length must be >= 1, got {seq_length}")
         if int(num_samples) < 1:
@@ -95,9 +99,10 @@ class GPTDataset:
         self.dataset = dataset
         self.name = dataset_name(dataset)
         self.num_samples, self.seq_length, self.seed = int(num_samples), int(seq_length), int(seed)
+        self.sample_order = megatron_order.check_sample_order(sample_order)
         self.documents, self.tokens_per_epoch = check_documents(dataset, documents, self.seq_length)
         self.description = gpt_index_description(dataset, self.documents, self.num_samples,
-                                                 self.seq_length, self.seed)
+                                                 self.seq_length, self.seed, self.sample_order)
         cache = IndexCache(cache_dir) if cache_dir is not None else None
         arrays = load_or_build(cache, self.description, INDEX_NAMES, self.build_indices)
         self.doc_idx = arrays["doc_idx"]  # (E * D,)
@@ -107,8 +112,8 @@ class GPTDataset:
 
     def build_indices(self) -> dict[str, np.ndarray]:
         """doc_idx, sample_idx, shuffle_idx built from scratch (what a cache miss runs)."""
-        return sample_index.build_gpt_indices(self.dataset.sizes, self.documents, self.num_samples,
-                                              self.seq_length, self.seed)
+        build = megatron_order.build_gpt_indices if self.sample_order == "megatron" else sample_index.build_gpt_indices
+        return build(self.dataset.sizes, self.documents, self.num_samples, self.seq_length, self.seed)
 
     def __len__(self) -> int:
         return self.num_samples

@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import yaml
 
 from megamath.data.blending import parse_data_path
+from megamath.data.megatron_order import check_sample_order
 from megamath.data.splits import canonical_split, parse_split
 from megamath.evaluation.config import EvaluationConfig
 from megamath.input_path import read_text
@@ -101,6 +102,11 @@ class DataConfig:
     """Tokens per sample fed to the model (each sample reads seq_length + 1, the targets shifted by one)."""
     seed: int = 1234
     """Shuffling seed of the sample indices (Megatron's --seed for the data)."""
+    sample_order: str = "megamath"
+    """`megamath`, or `megatron`: the training samples in exactly the order Megatron-LM's GPTDataset and
+    BlendedDataset give for the same data_path, split, seed, seq_length and train_steps × global batch (its
+    --train-iters × --global-batch-size), at its default --mid-level-dataset-surplus (megamath.data.megatron_order
+    says where the two differ). Validation and test sets keep megamath's fixed sample lists."""
     cache_dir: str | None = None
     """Where sample indices are cached; default RUN_DIR/index-cache."""
 
@@ -117,6 +123,7 @@ class DataConfig:
             raise ValueError(f"data.valid_data must be a mapping {{name: prefix}} or 'llemma', got {self.valid_data!r}")
         _check_int("data.seq_length", self.seq_length, 1)
         _check_int("data.seed", self.seed, 0)
+        check_sample_order(self.sample_order, "data.sample_order")
         if self.split is not None:
             self.split = canonical_split(self.split)  # one spelling, so that a resume compares like with like
         if self.data_path:
@@ -133,6 +140,10 @@ class DataConfig:
             return parse_data_path([str(item) for item in self.data_path])
         except ValueError as err:
             raise ValueError(f"data.data_path: {err}") from None
+
+    def lone_prefix(self) -> bool:
+        """Whether data_path is one prefix without a weight, which Megatron-LM reads without a blend."""
+        return isinstance(self.data_path, list) and len(self.data_path) == 1
 
     def split_shares(self) -> tuple[float, float, float]:
         """(train, valid, test) shares of each training prefix's documents: (1, 0, 0) without data.split."""

@@ -2,7 +2,7 @@
 
 The training set is one BlendedDataset of train_steps · global_batch samples over the data_path blend
 (over each prefix's train part under data.split), so the whole run's sample order is fixed before the
-first step. Step s (1-based) consumes samples
+first step; data.sample_order `megatron` makes it Megatron-LM's order for the same flags. Step s (1-based) consumes samples
 [(s−1)·G, s·G) with G = micro_batch_size · grad_accum_steps · dp_size. Inside a step the order is
 Megatron's: micro-batch m covers [m·b·dp, (m+1)·b·dp) of the step's samples and DP rank r takes the
 b = micro_batch_size rows starting at r·b. Tensor-parallel ranks of one DP rank read the same rows.
@@ -19,6 +19,7 @@ from typing import Callable, TypeVar
 import numpy as np
 import torch
 
+from megamath.data import megatron_order
 from megamath.data.blended_dataset import BlendedDataset
 from megamath.data.gpt_dataset import GPTDataset
 from megamath.data.indexed_dataset import IndexedDataset
@@ -67,7 +68,8 @@ class TrainData:
 
         def build_train() -> BlendedDataset:
             return BlendedDataset(sources, weights, num_samples, data.seq_length, seed=data.seed,
-                                  cache_dir=cache_dir, documents=cut.train)
+                                  cache_dir=cache_dir, documents=cut.train, sample_order=data.sample_order,
+                                  surplus=0.0 if data.lone_prefix() else megatron_order.BLEND_SURPLUS)
 
         self.train = rank0_first(state, build_train)
         # Each validation set is a fixed list of samples, the same at every evaluation, so that the

@@ -132,10 +132,13 @@ def rewound_past(run_dir: Path, step: int) -> str | None:
             "count them")
 
 
-DATA_ORDER_KEYS = (("train_steps",), ("data", "data_path"), ("data", "data_dir"), ("data", "seed"), ("data", "split"))
+DATA_ORDER_KEYS = (("train_steps",), ("data", "data_path"), ("data", "data_dir"), ("data", "seed"), ("data", "split"),
+                   ("data", "sample_order"))
 """What fixes the order of the training samples besides the global batch (which must stay equal): the blend is
 train_steps · global batch samples, and its shuffles depend on that size (as Megatron-LM's indices do on
 train-iters)."""
+ORDER_KEYS_ADDED = {("data", "sample_order"): "megamath"}
+"""Keys newer than some checkpoints, with the value an older checkpoint ran with."""
 
 
 def data_order_change(meta: dict, config) -> str | None:
@@ -147,6 +150,7 @@ def data_order_change(meta: dict, config) -> str | None:
         old, new = saved, ours
         for key in keys:
             old, new = (old or {}).get(key), (new or {}).get(key)
+        old = ORDER_KEYS_ADDED.get(keys) if old is None else old
         if old != new:
             changed.append(f"{'.'.join(keys)} {old!r} -> {new!r}")
     if not changed:
