@@ -345,6 +345,7 @@ def test_hf_load_single_data_path_and_constant_schedule(tmp_path):
     config = conversion.validate()
     assert config.init_from_hf == str(hf) and config.schedule.min_lr_ratio == 1.0
     assert config.data.train_blend() == ([1.0], ["data/all_text_document"])
+    assert config.data.sample_order == "neox" and config.data.lone_prefix()  # read unblended, as GPT-NeoX reads it
     # GPT-NeoX cuts data_path by its default split: the validation part is evaluated with all of the work
     assert (config.data.split, config.eval_every) == ("969,30,1", 250)
     listed = {u.key: u for u in conversion.unmapped}
@@ -484,3 +485,13 @@ def test_split_beside_train_data_paths_is_ignored_as_gpt_neox_ignores_it(tmp_pat
     assert conversion.validate().data.split is None  # LLEMMA's data.yml names its train and validation files
     listed = {u.key: u for u in conversion.unmapped}
     assert listed["split"].kind == "not needed" and "beside train_data_paths" in listed["split"].reason
+
+
+def test_the_converted_run_reads_gpt_neoxs_samples_in_its_order(tmp_path):
+    config = convert_neox(read_neox_yaml(write_llemma(tmp_path)), vocab_size=32016).validate()
+    assert config.data.sample_order == "neox" and not config.data.lone_prefix()
+    text = LLEMMA_7B_YML.replace('"launcher": "slurm",', '"launcher": "slurm", "train_data_paths": ["data/a"], '
+                                 '"train_data_weights": [1.0],')
+    config = convert_neox(read_neox_yaml(write_llemma(tmp_path, text)[:1]), vocab_size=32016).validate()  # no data.yml
+    assert config.data.train_blend() == ([1.0], ["data/a"])
+    assert not config.data.lone_prefix()  # one train_data_paths entry is still a blend (built with its surplus)

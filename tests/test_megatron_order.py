@@ -1,6 +1,6 @@
-"""data.sample_order: megatron reads Megatron-LM's training samples in Megatron-LM's order.
+"""data.sample_order: megatron / neox reads that trainer's training samples in that trainer's order.
 
-The cases and the digests of what Megatron-LM's own GPTDataset / BlendedDataset built for them are in
+The cases and the digests of what Megatron-LM's and GPT-NeoX's own datasets built for them are in
 megatron_order_cases.py; here megamath's TrainData builds the same setups and must give the same arrays
 and, step by step, the same samples.
 """
@@ -14,11 +14,13 @@ from megamath.data import blending, megatron_order, sample_index
 from megamath.data.gpt_dataset import GPTDataset
 from megamath.data.indexed_dataset import IndexedDataset
 from megamath.data.indexed_dataset_writer import IndexedDatasetWriter
+from megamath.data.splits import split_documents
 from megamath.parallel.state import ParallelState
 from megamath.training.config import TrainConfig
 from megamath.training.data import TrainData
+from megamath.training.loop import train
 from megamath.training.resume import data_order_change
-from megatron_order_cases import CASES, MEGATRON, digest, documents
+from megatron_order_cases import BUILT, CASES, digest, documents
 from test_train_loop import raw_config
 
 
@@ -52,10 +54,10 @@ def trained_samples(data: TrainData, steps: int) -> np.ndarray:
 
 
 def digests(data: TrainData, name: str) -> dict[str, str]:
-    """The keys MEGATRON holds for this case, from megamath's TrainData."""
+    """The keys BUILT holds for this case, from megamath's TrainData."""
     case = CASES[name]
     out = {"samples": digest(trained_samples(data, case.num_samples))}
-    if case.weights is not None:  # Megatron-LM reads a lone unweighted prefix without a blend
+    if case.weights is not None:  # the trainers read a lone unweighted prefix without a blend
         out["dataset_index"] = "".join(str(int(d)) for d in data.train.dataset_index)
         out["dataset_sample_index"] = digest(data.train.dataset_sample_index)
     for k, gpt in enumerate(data.train.datasets):
@@ -65,15 +67,17 @@ def digests(data: TrainData, name: str) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_training_reads_megatron_lms_samples_in_its_order(tmp_path, name):
-    assert digests(case_data(tmp_path, name, "megatron"), name) == MEGATRON[name]
+def test_training_reads_the_trainers_samples_in_its_order(tmp_path, name):
+    assert digests(case_data(tmp_path, name, CASES[name].trainer), name) == BUILT[name]
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_each_case_is_one_where_megamaths_own_order_differs(tmp_path, name):
-    """Else the test above would pass with the wrong order as well."""
-    own = case_data(tmp_path, name, "megamath")
-    assert digest(trained_samples(own, CASES[name].num_samples)) != MEGATRON[name]["samples"]
+def test_each_case_is_one_where_the_wrong_order_differs(tmp_path, name):
+    """Else the test above would pass with a wrong order as well: megamath's own, and for GPT-NeoX's cases
+    Megatron-LM's (several Megatron-LM cases are ones where GPT-NeoX's order happens to agree)."""
+    for order in ("megamath", "megatron") if CASES[name].trainer == "neox" else ("megamath",):
+        other = case_data(tmp_path / order, name, order)
+        assert digest(trained_samples(other, CASES[name].num_samples)) != BUILT[name]["samples"], order
 
 
 def test_the_cases_cover_what_they_say():
@@ -82,10 +86,10 @@ def test_the_cases_cover_what_they_say():
     tokens = int(sizes.sum())
     assert sample_index.num_epochs_needed(tokens, 16, together.num_samples) == 3
     assert not megatron_order.separates_final_epoch(tokens, 16, together.num_samples, 3)
-    with_surplus, = megatron_order.requested_samples([1.0], together.num_samples)
+    with_surplus, = megatron_order.requested_samples([1.0], together.num_samples, "megatron")
     assert sample_index.num_epochs_needed(tokens, 16, with_surplus) == 4  # what a blend of one would build
     assert sample_index.num_epochs_needed(tokens, 16, apart.num_samples) == 2  # unblended it would be 2 epochs
-    built, = megatron_order.requested_samples(apart.weights, apart.num_samples)
+    built, = megatron_order.requested_samples(apart.weights, apart.num_samples, "megatron")
     assert built == 56 and sample_index.num_epochs_needed(tokens, 16, built) == 3
     assert megatron_order.separates_final_epoch(tokens, 16, built, 3)
 
@@ -120,9 +124,25 @@ def test_one_epoch_without_a_blend_is_the_same_in_both_orders(tmp_path):
         np.testing.assert_array_equal(getattr(ours, name), getattr(theirs, name))
 
 
-def test_blend_sizes_are_megatrons_with_its_surplus():
-    assert megatron_order.requested_samples([3, 2, 5], 60) == [19, 13, 31]
-    assert megatron_order.requested_samples([1], 55, surplus=0.0) == [55]
+def test_blend_sizes_are_each_trainers_with_its_surplus():
+    assert megatron_order.requested_samples([3, 2, 5], 60, "megatron") == [19, 13, 31]
+    assert megatron_order.requested_samples([3, 2, 5], 61, "megatron") == [20, 14, 32]  # ⌈⌈w·N⌉·1.005⌉
+    assert megatron_order.requested_samples([3, 2, 5], 61, "neox") == [19, 13, 31]  # ⌈w·N·1.005⌉
+    assert megatron_order.requested_samples([1], 55, "megatron", surplus=0.0) == [55]
+
+
+def test_the_neox_cases_cover_what_they_say():
+    train, valid, test = split_documents(25, "45,45,10", rule="neox")
+    assert (train[-1], valid[-1], test[-1]) == (11, 22, 24)  # GPT-NeoX trains on [0, 12)
+    assert split_documents(25, "45,45,10").train[-1] == 10  # Megatron-LM on [0, 11)
+    tokens = sum(len(d) for d in documents(3))
+    assert megatron_order.requested_samples([3, 2, 5], 59, "neox") == [18, 12, 30]
+    assert sample_index.num_epochs_needed(tokens, 16, 30) == 3
+    assert megatron_order.requested_samples([3, 2, 5], 59, "megatron")[2] == 31
+    assert sample_index.num_epochs_needed(tokens, 16, 31) == 4
+    tokens = sum(len(d) for d in documents(0))
+    assert sample_index.num_epochs_needed(tokens, 16, 56) == 3
+    assert megatron_order.separates_final_epoch(tokens, 16, 56, 3)  # Megatron-LM would, GPT-NeoX does not
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -141,7 +161,7 @@ def test_megatron_blending_rule_in_cpp_matches_its_numpy_reference(seed):
 
 def test_an_unknown_sample_order_is_one_line_naming_the_key(tmp_path):
     raw = raw_config(tmp_path / "corpus", tmp_path / "run", data__sample_order="nemo")
-    with pytest.raises(ValueError, match=r"^data.sample_order must be one of megamath, megatron, got 'nemo'$"):
+    with pytest.raises(ValueError, match=r"^data.sample_order must be one of megamath, megatron, neox, got 'nemo'$"):
         TrainConfig.from_dict(raw)
 
 
@@ -173,4 +193,12 @@ def test_cli_blend_in_megatrons_order_warms_the_cache_training_reads(tmp_path, c
                      data__seq_length=16, data__seed=7, data__sample_order="megatron")
     data = TrainData(TrainConfig.from_dict(raw), ParallelState.single(), cache)
     assert {path: path.stat().st_mtime_ns for path in cache.iterdir()} == built  # nothing rebuilt
-    assert digest(data.train.datasets[0].shuffle_idx) == MEGATRON["weighted_prefix_final_epoch_apart"]["shuffle_idx.0"]
+    assert digest(data.train.datasets[0].shuffle_idx) == BUILT["weighted_prefix_final_epoch_apart"]["shuffle_idx.0"]
+
+
+def test_a_run_in_gpt_neoxs_order_trains_and_says_so(tmp_path, capsys):
+    raw = raw_config(tmp_path / "corpus", tmp_path / "run", train_steps=2, data__sample_order="neox")
+    train(TrainConfig.from_dict(raw), ParallelState.single())
+    assert ("data.sample_order neox: the training samples come in GPT-NeoX's order for this blend, split, seed, "
+            "seq_length and 2 steps × 2 samples") in capsys.readouterr().out
+    assert (tmp_path / "run" / "checkpoints" / "step_0000002").is_dir()

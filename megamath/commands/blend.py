@@ -25,7 +25,7 @@ def add_parser(subparsers, name: str) -> None:
     parser.add_argument("--split", default=None, metavar="TRAIN,VALID,TEST",
                         help="blend only each dataset's train part of this cut, as data.split does (e.g. 969,30,1)")
     parser.add_argument("--sample-order", choices=SAMPLE_ORDERS, default="megamath",
-                        help="megamath's order, or Megatron-LM's (data.sample_order; default megamath)")
+                        help="megamath's order, or Megatron-LM's or GPT-NeoX's (data.sample_order; default megamath)")
     parser.add_argument("--cache-dir", default=None, help="where to cache the indices (default: none)")
     parser.set_defaults(run=run)
 
@@ -43,7 +43,8 @@ def run(args) -> int:
     weights, prefixes = parse_data_path(args.data_path)
     datasets = [_open(prefix) for prefix in prefixes]
     split = None if args.split is None else canonical_split(args.split, "--split")
-    cut = cut_splits(datasets, prefixes, split, args.seq_length, key="--split")
+    cut = cut_splits(datasets, prefixes, split, args.seq_length, key="--split",
+                     rule="neox" if args.sample_order == "neox" else "megatron")
     start = time.perf_counter()
     surplus = 0.0 if len(args.data_path) == 1 else BLEND_SURPLUS  # Megatron-LM reads a lone prefix unblended
     blend = BlendedDataset(datasets, weights, args.num_samples, args.seq_length, seed=args.seed,

@@ -430,7 +430,8 @@ def _schedule(keys: Keys, out: Conversion) -> None:
 
 
 def _data(keys: Keys, out: Conversion) -> dict:
-    data: dict = {"seq_length": int(keys.raw["seq_length"]), "seed": int(keys.raw.get("seed", 1234))}
+    data: dict = {"seq_length": int(keys.raw["seq_length"]), "seed": int(keys.raw.get("seed", 1234)),
+                  "sample_order": "neox"}  # GPT-NeoX's samples in its order, even for one train_data_paths entry
     out.config["seed"] = int(keys.take("seed", 1234))
     train, weights = keys.take("train_data_paths"), keys.take("train_data_weights")
     single = keys.take("data_path")
@@ -440,12 +441,13 @@ def _data(keys: Keys, out: Conversion) -> dict:
         if len(weights) != len(train):
             raise ValueError(f"train_data_weights has {len(weights)} entries for {len(train)} train_data_paths")
         data["data_path"] = [x for w, p in zip(weights, train) for x in (float(w), str(p))]
-    elif single:  # GPT-NeoX cuts data_path by split (969, 30, 1 by default)
-        data["data_path"] = [1.0, str(single)]
+    elif single:  # GPT-NeoX cuts data_path by split (969, 30, 1 by default) and reads it without a blend
+        data["data_path"] = [str(single)]
         data["split"] = canonical_split(split if split is not None else "969, 30, 1")
         out.notes.append(f"split {data['split']}{'' if split is not None else ' (GPT-NeoX default)'}: data_path's "
-                         "documents are cut into train, validation and test parts by Megatron-LM's rule; GPT-NeoX "
-                         "rounds each share and shifts the bounds by the excess, so a bound can differ by one document")
+                         "documents are cut into train, validation and test parts by GPT-NeoX's rule (with "
+                         "data.sample_order neox; megamath's other orders cut by Megatron-LM's, where a bound can "
+                         "differ by one document)")
     elif split is not None:
         out.unmapped.append(Unmapped("split", NOT_NEEDED, "no data_path to split"))
     if train and split is not None:

@@ -3,8 +3,8 @@
 The blending indices decide, for each of num_samples samples, its dataset and its rank within that
 dataset. Their counts are exactly what each dataset must supply, so each GPTDataset is built for
 that count (Megatron-LM asks each for weight * num_samples * 1.005 and hopes). A dataset the blend
-never picks (a tiny weight, few samples) gets no GPTDataset at all. With sample_order `megatron` the
-blend and each dataset are built as Megatron-LM builds them (megatron_order.py), sample for sample.
+never picks (a tiny weight, few samples) gets no GPTDataset at all. With sample_order `megatron` or `neox`
+the blend and each dataset are built as that trainer builds them (megatron_order.py), sample for sample.
 """
 from __future__ import annotations
 
@@ -44,9 +44,9 @@ class BlendedDataset:
                  documents: Sequence[np.ndarray | None] | None = None, sample_order: str = "megamath",
                  surplus: float = megatron_order.BLEND_SURPLUS) -> None:
         """documents: per dataset, the sequence ids it may supply (None: all), e.g. its part of a split.
-        sample_order: `megamath`, or `megatron` for Megatron-LM's blend and GPT orders.
-        surplus: with `megatron`, the extra share of samples each dataset is built for (Megatron-LM's
-        --mid-level-dataset-surplus; 0 for a lone prefix given without a weight, which it reads unblended)."""
+        sample_order: `megamath`, or `megatron` / `neox` for that trainer's blend and GPT orders.
+        surplus: with those, the extra share of samples each dataset is built for (Megatron-LM's
+        --mid-level-dataset-surplus; 0 for a lone prefix given without a weight, which both read unblended)."""
         datasets = list(datasets)
         documents = [None] * len(datasets) if documents is None else list(documents)
         if len(documents) != len(datasets):
@@ -64,24 +64,25 @@ class BlendedDataset:
             raise ValueError(f"seed must be >= 0, got {seed}")
         self.num_samples, self.seq_length, self.seed = int(num_samples), int(seq_length), int(seed)
         self.sample_order = megatron_order.check_sample_order(sample_order)
-        megatron = self.sample_order == "megatron"
+        peer = self.sample_order != "megamath"  # a trainer's order: megatron_order.py
         self.names = [dataset_name(d) for d in datasets]
         for dataset, docs in zip(datasets, documents):  # every dataset must be usable, picked or not
             check_documents(dataset, docs, self.seq_length)
         self.weights = normalize_weights(weights)  # (D,)
         description = {"kind": "blend", "version": INDEX_FORMAT_VERSION, "weights": self.weights.tolist(),
                        "num_samples": self.num_samples, "sample_order": self.sample_order}
-        build = megatron_order.build_blending_indices if megatron else build_blending_indices
         cache = IndexCache(cache_dir) if cache_dir is not None else None
-        arrays = load_or_build(cache, description, BLEND_NAMES,
-                               lambda: dict(zip(BLEND_NAMES, build(weights, self.num_samples))))
+        arrays = load_or_build(cache, description, BLEND_NAMES, lambda: dict(zip(BLEND_NAMES, (
+            megatron_order.build_blending_indices(weights, self.num_samples, self.sample_order) if peer
+            else build_blending_indices(weights, self.num_samples)))))
         self.dataset_index = arrays["dataset_index"]  # (num_samples,) int16
         self.dataset_sample_index = arrays["dataset_sample_index"]  # (num_samples,) int64
         self.counts = np.bincount(self.dataset_index, minlength=len(datasets)).astype(np.int64)  # (D,)
-        # what each dataset is built for: exactly its count here; Megatron-LM's ⌈⌈w·N⌉·(1 + surplus)⌉ there
-        built = megatron_order.requested_samples(weights, self.num_samples, surplus) if megatron else self.counts
+        # what each dataset is built for: exactly its count here; the trainer's count with its surplus there
+        built = (megatron_order.requested_samples(weights, self.num_samples, self.sample_order, surplus) if peer
+                 else self.counts)
         self.datasets: list[GPTDataset | None] = [
-            GPTDataset(dataset, int(size), self.seq_length, seed=self.seed if megatron else dataset_seed(self.seed, k),
+            GPTDataset(dataset, int(size), self.seq_length, seed=self.seed if peer else dataset_seed(self.seed, k),
                        documents=docs, cache_dir=cache_dir, sample_order=self.sample_order)
             if count > 0 else None
             for k, (dataset, count, size, docs) in enumerate(zip(datasets, self.counts, built, documents))

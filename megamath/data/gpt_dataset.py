@@ -3,9 +3,9 @@
 A sample is seq_length + 1 tokens packed across document boundaries; sample i's last token is sample
 i+1's first, so the model reads tokens[:-1] and predicts tokens[1:]. Documents are shuffled per
 epoch, samples are shuffled (the partial last epoch apart, after the full ones), and len(dataset) is
-exactly num_samples. The index arithmetic lives in `sample_index.py` (Megatron-LM's own order, where it
-differs, in `megatron_order.py`), caching in `index_cache.py`; this file joins them to a dataset and reads
-samples.
+exactly num_samples. The index arithmetic lives in `sample_index.py` (Megatron-LM's and GPT-NeoX's
+orders, where they differ, in `megatron_order.py`), caching in `index_cache.py`; this file joins them to a
+dataset and reads samples.
 """
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ class GPTDataset:
     dataset:    an IndexedDataset (or anything with prefix, sizes, get, fingerprint)
     documents:  sequence ids to read, each a document (default: all); e.g. one split
     cache_dir:  where indices are cached (None: built in memory every time)
-    sample_order: `megamath`, or `megatron` for Megatron-LM's order (megatron_order.py)
+    sample_order: `megamath`, or `megatron` / `neox` for that trainer's order (megatron_order.py)
     """
 
     def __init__(self, dataset: TokenSource, num_samples: int, seq_length: int, seed: int = 1234,
@@ -112,8 +112,10 @@ class GPTDataset:
 
     def build_indices(self) -> dict[str, np.ndarray]:
         """doc_idx, sample_idx, shuffle_idx built from scratch (what a cache miss runs)."""
-        build = megatron_order.build_gpt_indices if self.sample_order == "megatron" else sample_index.build_gpt_indices
-        return build(self.dataset.sizes, self.documents, self.num_samples, self.seq_length, self.seed)
+        arguments = (self.dataset.sizes, self.documents, self.num_samples, self.seq_length, self.seed)
+        if self.sample_order == "megamath":
+            return sample_index.build_gpt_indices(*arguments)
+        return megatron_order.build_gpt_indices(*arguments, order=self.sample_order)
 
     def __len__(self) -> int:
         return self.num_samples

@@ -1,22 +1,29 @@
-"""Megatron-LM's training sample order, reproduced: `data.sample_order: megatron`.
+"""Megatron-LM's and GPT-NeoX's training sample orders, reproduced: `data.sample_order: megatron | neox`.
 
-Why a separate file: megamath's own order (sample_index.py, blending.py) differs from Megatron-LM's on
-purpose, but a run that moves over from Megatron-LM may need Megatron-LM's samples in Megatron-LM's order,
-sample for sample (to compare the two trainers' loss curves on the same data, or to keep a recipe's data
-exactly). This file holds the arithmetic in which the two differ, as Megatron Core's GPTDataset and
-BlendedMegatronDatasetBuilder do it (checked against Megatron-LM main of 2026-08-22):
+Why a separate file: megamath's own order (sample_index.py, blending.py) differs from theirs on purpose,
+but a run that moves over from Megatron-LM or GPT-NeoX may need that trainer's samples in that trainer's
+order, sample for sample (to compare the two trainers' loss curves on the same data, or to keep a recipe's
+data exactly, as LLEMMA's GPT-NeoX config gives it). This file holds the arithmetic in which the orders
+differ. `megatron` is Megatron Core's GPTDataset and BlendedMegatronDatasetBuilder (checked against
+Megatron-LM main of 2026-08-22); `neox` is GPT-NeoX's GPT2Dataset and BlendableDataset, which are Megatron-LM's
+older data code (checked against the llemma branch that trained LLEMMA, and main with its default packed
+samples):
 
 - Epochs: when num_samples needs E > 1 passes over the documents, doc_idx is E copies of the documents
-  shuffled together (a document may come twice before another comes once), except that the final epoch
-  is shuffled apart, and its samples too, when it is under 80 % used (`separates_final_epoch`).
-- Blend sizes: each dataset of a weighted --data-path is asked for ⌈⌈w·N⌉·1.005⌉ samples
-  (`--mid-level-dataset-surplus` 0.005), which decides its epochs and so its order. A lone prefix without a
-  weight is read without a blend and asked for N.
+  shuffled together (a document may come twice before another comes once), and so are all their samples.
+  Megatron-LM shuffles the final epoch apart, documents and samples, when it is under 80 % used
+  (`separates_final_epoch`); GPT-NeoX never does.
+- Blend sizes: each dataset of a weighted blend is asked for ⌈⌈w·N⌉·1.005⌉ samples (Megatron-LM's
+  `--mid-level-dataset-surplus` 0.005) or ⌈w·N·1.005⌉ (GPT-NeoX), which decides its epochs and so its order.
+  A lone prefix without a weight (Megatron-LM's --data-path, GPT-NeoX's data_path) is read without a blend
+  and asked for N.
 - Blend order: sample i goes to argmax_d w[d]·max(i, 1) − count[d] (megamath: i + 1), the weights
-  normalized twice as Megatron-LM's builder and BlendedDataset each normalize them.
+  normalized twice, as each trainer normalizes them once where the sizes are computed and once in its
+  blended dataset (numpy's sum both times in Megatron-LM; Python's, then numpy's, in GPT-NeoX).
 - Seeds: every dataset's indices use the run's seed (megamath derives one per dataset).
+- data.split: GPT-NeoX cuts it by Megatron-LM's older rule (splits.py).
 
-For one epoch without a blend the two orders are the same. What is shared (the sample index walk, the
+For one epoch without a blend the three orders are the same. What is shared (the sample index walk, the
 shuffle index) comes from sample_index.py.
 """
 from __future__ import annotations
@@ -29,9 +36,10 @@ import numpy as np
 from megamath.data import blending, sample_index
 from megamath.data.blending import normalize_weights
 
-SAMPLE_ORDERS = ("megamath", "megatron")
+SAMPLE_ORDERS = ("megamath", "megatron", "neox")
 BLEND_SURPLUS = 0.005
-"""Megatron-LM's --mid-level-dataset-surplus default: the share of extra samples each blended dataset builds."""
+"""The share of extra samples each blended dataset is built for (Megatron-LM's --mid-level-dataset-surplus
+default; GPT-NeoX's fixed 1.005 factor)."""
 FINAL_EPOCH_THRESHOLD = 0.80
 """Megatron-LM shuffles the final epoch apart when fewer than this share of its samples are used."""
 
@@ -66,9 +74,11 @@ def build_doc_idx(documents: np.ndarray, num_epochs: int, rng: np.random.RandomS
 
 
 def build_gpt_indices(sizes: np.ndarray, documents: np.ndarray, num_samples: int, seq_length: int,
-                      seed: int) -> dict[str, np.ndarray]:
-    """doc_idx, sample_idx and shuffle_idx as Megatron-LM's GPTDataset builds them for num_samples samples
-    (the same shapes and meaning as `sample_index.build_gpt_indices`)."""
+                      seed: int, order: str) -> dict[str, np.ndarray]:
+    """doc_idx, sample_idx and shuffle_idx as `order`'s GPT dataset builds them for num_samples samples (the
+    same shapes and meaning as `sample_index.build_gpt_indices`)."""
+    if order not in ("megatron", "neox"):
+        raise ValueError(f"order must be megatron or neox, got {order!r}")
     if seq_length < 1:
         raise ValueError(f"seq_length must be >= 1, got {seq_length}")
     if num_samples < 1:
@@ -76,7 +86,7 @@ def build_gpt_indices(sizes: np.ndarray, documents: np.ndarray, num_samples: int
     documents = np.asarray(documents, dtype=np.int64)
     tokens_per_epoch = int(np.asarray(sizes)[documents].sum(dtype=np.int64))
     num_epochs = sample_index.num_epochs_needed(tokens_per_epoch, seq_length, num_samples)
-    separate = separates_final_epoch(tokens_per_epoch, seq_length, num_samples, num_epochs)
+    separate = order == "megatron" and separates_final_epoch(tokens_per_epoch, seq_length, num_samples, num_epochs)
     rng = np.random.RandomState(seed)
     doc_idx = build_doc_idx(documents, num_epochs, rng, separate)
     total = sample_index.samples_in(num_epochs * tokens_per_epoch, seq_length)  # S
@@ -86,13 +96,27 @@ def build_gpt_indices(sizes: np.ndarray, documents: np.ndarray, num_samples: int
     return {"doc_idx": doc_idx, "sample_idx": sample_idx, "shuffle_idx": shuffle_idx}
 
 
-def build_blending_indices(weights: Sequence[float], num_samples: int) -> tuple[np.ndarray, np.ndarray]:
-    """Megatron-LM's blending indices (its max(i, 1) target) for weights normalized twice, as its builder and
-    then its BlendedDataset each normalize them: the second pass can move the last bit, and with it a tie."""
-    return blending.build_blending_indices(normalize_weights(weights), num_samples, megatron_target=True)
+def _normalized_once(weights: Sequence[float], order: str) -> list[float]:
+    """The weights as `order` normalizes them where it sizes the datasets: numpy's sum (Megatron-LM) or
+    Python's (GPT-NeoX), which can differ in the last bit."""
+    if order == "neox":
+        total = sum(float(w) for w in weights)
+        return [float(w) / total for w in weights]
+    return normalize_weights(weights).tolist()
 
 
-def requested_samples(weights: Sequence[float], num_samples: int, surplus: float = BLEND_SURPLUS) -> list[int]:
-    """Samples each dataset of a weighted blend of num_samples is built for: ⌈⌈w·N⌉·(1 + surplus)⌉, in
-    Python floats as Megatron-LM computes them (weights normalized once)."""
-    return [int(math.ceil(math.ceil(num_samples * w) * (1 + surplus))) for w in normalize_weights(weights).tolist()]
+def build_blending_indices(weights: Sequence[float], num_samples: int, order: str) -> tuple[np.ndarray, np.ndarray]:
+    """`order`'s blending indices (the max(i, 1) target) for the weights normalized twice, as the trainer does;
+    the second, numpy normalization is blending.build_blending_indices's own. Normalizing again can move the
+    last bit, and with it a tie."""
+    return blending.build_blending_indices(_normalized_once(weights, order), num_samples, megatron_target=True)
+
+
+def requested_samples(weights: Sequence[float], num_samples: int, order: str,
+                      surplus: float = BLEND_SURPLUS) -> list[int]:
+    """Samples each dataset of a weighted blend of num_samples is built for, in Python floats as the trainer
+    computes them: ⌈⌈w·N⌉·(1 + surplus)⌉ (Megatron-LM) or ⌈N·w·(1 + surplus)⌉ (GPT-NeoX)."""
+    normalized = _normalized_once(weights, order)
+    if order == "neox":
+        return [int(math.ceil(num_samples * w * (1 + surplus))) for w in normalized]
+    return [int(math.ceil(math.ceil(num_samples * w) * (1 + surplus))) for w in normalized]

@@ -4,8 +4,9 @@
 validation and the last 0.1 % to a test set. The cut follows Megatron-LM (megatron.core.datasets): the shares
 are normalized, their running sums (0, a, a + b, 1) are the parts' bounds as fractions, and part k holds
 documents [round(lo_k · N), round(hi_k · N)) of the N sequences, with Python's round (halves to even). A zero
-share is no part at all. GPT-NeoX's older rule rounds each share and shifts the bounds by the excess, so a bound
-can differ by one document there.
+share is no part at all. GPT-NeoX's rule (Megatron-LM's older one, `rule="neox"`, used with data.sample_order
+neox) rounds each share's document count, adds them up and shifts every bound by the excess over N, so a bound
+can differ by one document between the two.
 
 Contiguous parts, not a shuffle, so the held-out documents are the same whatever the seed, sample count or
 sequence length: a validation loss can be compared across runs of one corpus.
@@ -77,9 +78,24 @@ def _exact(share: float) -> str:
     return text[:-2] if text.endswith(".0") else text
 
 
-def split_documents(num_documents: int, split: str | Sequence[float]) -> SplitParts:
-    """Each part's sequence ids among num_documents, by Megatron-LM's rule (see the module's docstring)."""
-    bounds = np.cumsum((0.0, *parse_split(split))).tolist()  # 0, a, a + b, 1 (as running float sums)
+SPLIT_RULES = ("megatron", "neox")
+
+
+def split_documents(num_documents: int, split: str | Sequence[float], rule: str = "megatron") -> SplitParts:
+    """Each part's sequence ids among num_documents, by Megatron-LM's rule or GPT-NeoX's (see the module's
+    docstring)."""
+    shares = parse_split(split)
+    if rule == "neox":  # rounded counts, then every bound moved by the excess; an empty part is no part
+        bounds = [0]
+        for share in shares:
+            bounds.append(bounds[-1] + int(round(share * float(num_documents))))
+        excess = bounds[-1] - num_documents
+        bounds = [0] + [bound - excess for bound in bounds[1:]]
+        return SplitParts(*(np.arange(lo, hi, dtype=np.int64) if hi > lo else None
+                            for lo, hi in zip(bounds[:-1], bounds[1:])))
+    if rule != "megatron":
+        raise ValueError(f"rule must be one of {', '.join(SPLIT_RULES)}, got {rule!r}")
+    bounds = np.cumsum((0.0, *shares)).tolist()  # 0, a, a + b, 1 (as running float sums)
     parts = []
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         if hi <= lo:
@@ -116,10 +132,11 @@ class SplitCut(NamedTuple):
 
 
 def cut_splits(datasets: Sequence, prefixes: Sequence[str], split: str | None, seq_length: int,
-               taken: Sequence[str] = (), key: str = "data.split") -> SplitCut:
+               taken: Sequence[str] = (), key: str = "data.split", rule: str = "megatron") -> SplitCut:
     """Each dataset's parts under `split` (None: train on everything), refusing a part too small for one sample.
 
-    datasets: IndexedDatasets (anything with `sizes`), one per prefix; taken: report names already in use.
+    datasets: IndexedDatasets (anything with `sizes`), one per prefix; taken: report names already in use;
+    rule: whose cut, Megatron-LM's or GPT-NeoX's (split_documents).
     """
     if split is None:
         return SplitCut([None] * len(datasets), {}, {}, [])
@@ -128,7 +145,7 @@ def cut_splits(datasets: Sequence, prefixes: Sequence[str], split: str | None, s
                                                "and test parts"]
     for dataset, prefix, name in zip(datasets, prefixes, names):
         sizes = np.asarray(dataset.sizes)
-        parts = split_documents(len(sizes), split)
+        parts = split_documents(len(sizes), split, rule)
         for part, ids in zip(PARTS, parts):
             if ids is None:
                 continue

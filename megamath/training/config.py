@@ -103,10 +103,13 @@ class DataConfig:
     seed: int = 1234
     """Shuffling seed of the sample indices (Megatron's --seed for the data)."""
     sample_order: str = "megamath"
-    """`megamath`, or `megatron`: the training samples in exactly the order Megatron-LM's GPTDataset and
-    BlendedDataset give for the same data_path, split, seed, seq_length and train_steps × global batch (its
-    --train-iters × --global-batch-size), at its default --mid-level-dataset-surplus (megamath.data.megatron_order
-    says where the two differ). Validation and test sets keep megamath's fixed sample lists."""
+    """`megamath`, or `megatron` / `neox`: the training samples in exactly the order that trainer gives for the
+    same data_path, split, seed, seq_length and train_steps × global batch (Megatron-LM's --train-iters ×
+    --global-batch-size at its default --mid-level-dataset-surplus; GPT-NeoX's train_iters × train_batch_size,
+    with data.split cut as GPT-NeoX cuts it). A lone data_path prefix without a weight is read unblended, as
+    Megatron-LM's --data-path and GPT-NeoX's data_path read it; give it a weight for a blend of one (GPT-NeoX's
+    train_data_paths). megamath.data.megatron_order says where the orders differ. Validation and test sets keep
+    megamath's fixed sample lists."""
     cache_dir: str | None = None
     """Where sample indices are cached; default RUN_DIR/index-cache."""
 

@@ -2,10 +2,11 @@
 
 The training set is one BlendedDataset of train_steps · global_batch samples over the data_path blend
 (over each prefix's train part under data.split), so the whole run's sample order is fixed before the
-first step; data.sample_order `megatron` makes it Megatron-LM's order for the same flags. Step s (1-based) consumes samples
-[(s−1)·G, s·G) with G = micro_batch_size · grad_accum_steps · dp_size. Inside a step the order is
-Megatron's: micro-batch m covers [m·b·dp, (m+1)·b·dp) of the step's samples and DP rank r takes the
-b = micro_batch_size rows starting at r·b. Tensor-parallel ranks of one DP rank read the same rows.
+first step; data.sample_order `megatron` or `neox` makes it that trainer's order for the same settings.
+Step s (1-based) consumes samples [(s−1)·G, s·G) with G = micro_batch_size · grad_accum_steps · dp_size.
+Inside a step the order is Megatron's (and GPT-NeoX's): micro-batch m covers [m·b·dp, (m+1)·b·dp) of the
+step's samples and DP rank r takes the b = micro_batch_size rows starting at r·b. Tensor-parallel ranks
+of one DP rank read the same rows.
 Nothing is iterated, so the data position of a checkpoint is just its step and resume is exact.
 
 Sample indices are built on global rank 0 first (it writes the cache), then loaded by the others after a
@@ -63,7 +64,8 @@ class TrainData:
             raise ValueError(f"train_steps {config.train_steps} × global batch {self.global_batch_size} "
                              "(micro_batch_size · grad_accum_steps · DP) is more samples than 64 bits count")
         sources = [_open(p) for p in prefixes]
-        cut = cut_splits(sources, prefixes, data.split, data.seq_length, taken=data.valid_sets())
+        cut = cut_splits(sources, prefixes, data.split, data.seq_length, taken=data.valid_sets(),
+                         rule="neox" if data.sample_order == "neox" else "megatron")
         self.split_lines = cut.lines  # what the run's log says of the split
 
         def build_train() -> BlendedDataset:
