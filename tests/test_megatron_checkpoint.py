@@ -54,6 +54,9 @@ def test_the_converted_model_computes_megatrons_logits(name, tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"iteration 10, {CHECKPOINTS[name]}; 4 layers" in out
     assert "vocabulary: Megatron-LM's padded 64 rows kept" in out and "tokenizer's size: 60" in out
+    assert (f"to continue that run in megamath: init_from_hf: {tmp_path / 'hf'}, init_step: 10, data.sample_order: "
+            "megatron, and its train_steps (--train-iters) and global batch") in out
+    assert "consumed_train_samples" not in out  # 80 = 10 iterations × 8
     ids, expected = megatron_logits(name)
     model = load_model(tmp_path / "hf", device="cpu", kernels="reference")
     with torch.no_grad():
@@ -456,3 +459,20 @@ def test_a_flipped_byte_in_torch_dist_data_is_caught_by_the_chunks_crc(tmp_path,
     path.write_bytes(bytes(data))
     message = fail(src, tmp_path / "hf", capsys)  # one line, not the loader's traceback
     assert message.startswith(f"{folder}: reading {key} failed: ") and "\n" not in message
+
+
+def test_a_batch_size_ramp_is_noted_beside_the_continue_hint(tmp_path, capsys, monkeypatch):
+    """init_step continues at iteration × global batch; after a ramp the run had read fewer samples."""
+    from megamath.compat import megatron_llama
+
+    real = megatron_llama.convert_megatron_to_hf
+
+    def ramped(*args, **kwargs):
+        config, read, special = real(*args, **kwargs)
+        read.args["consumed_train_samples"] = 72
+        return config, read, special
+
+    monkeypatch.setattr(megatron_llama, "convert_megatron_to_hf", ramped)
+    convert(written("torch_tp2_pp2"), tmp_path / "hf")
+    assert ("note: its consumed_train_samples 72 is not iteration × global batch 80 (a batch-size ramp?): init_step "
+            "continues at sample 80 of the order") in capsys.readouterr().out

@@ -48,6 +48,8 @@ def test_the_converted_model_computes_neox_logits(name, tmp_path, capsys):
     convert(written(name), tmp_path / "hf")
     out = capsys.readouterr().out
     assert f"(neox-to-hf): global_step10, {CHECKPOINTS[name]}; 2 layers, hidden 32" in out
+    assert (f"init_from_hf: {tmp_path / 'hf'}, init_step: 10, data.sample_order: neox, and its train_steps "
+            "(train_iters)") in out
     assert ("note: rms_norm_epsilon 1e-10: the llemma branch's RMSNorm" in out) == name.startswith("llemma")
     ids, expected = neox_logits(name)
     model = load_model(tmp_path / "hf", device="cpu", kernels="reference")

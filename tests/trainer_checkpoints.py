@@ -78,7 +78,8 @@ def megatron_args(config: ModelConfig, tp: int, pp: int, vp: int | None, ckpt_fo
         padded_vocab_size=config.vocab_size, make_vocab_size_divisible_by=16, tokenizer_type="NullTokenizer",
         tokenizer_model=None, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vp, pipeline_model_parallel_layout=None, ckpt_format=ckpt_format,
-        params_dtype=torch.bfloat16, bf16=True, transformer_impl="local", attention_backend=None)
+        params_dtype=torch.bfloat16, bf16=True, transformer_impl="local", attention_backend=None,
+        global_batch_size=8, consumed_train_samples=80)  # iteration 10 of 8 samples each
 
 
 def _grouped_qkv(state: dict, i: int, config: ModelConfig) -> torch.Tensor:

@@ -7,6 +7,7 @@ installed.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 DTYPES = ("bfloat16", "float16", "float32")
@@ -82,7 +83,21 @@ def _from_megatron(args, dtype) -> int:
     if not a.get("untie_embeddings_and_output_weights", False):
         print("the checkpoint ties the output layer to the embedding: both are written (megamath trains them untied)")
     print(special)
+    if isinstance(read.iteration, int) and read.iteration > 0:
+        print(continue_hint(args.dst, read.iteration, "megatron", "--train-iters"))
+        consumed, batch = a.get("consumed_train_samples"), a.get("global_batch_size")
+        if isinstance(consumed, int) and isinstance(batch, int) and consumed != read.iteration * batch:
+            print(f"note: its consumed_train_samples {consumed:,} is not iteration × global batch "
+                  f"{read.iteration * batch:,} (a batch-size ramp?): init_step continues at sample "
+                  f"{read.iteration * batch:,} of the order")
     return 0
+
+
+def continue_hint(dst, iteration: int, order: str, train_iters: str) -> str:
+    """How to go on with the converted run in megamath at the update after `iteration`."""
+    return (f"to continue that run in megamath: init_from_hf: {dst}, init_step: {iteration}, data.sample_order: "
+            f"{order}, and its train_steps ({train_iters}) and global batch, as `megamath config from-{order}` "
+            "writes them (the optimizer's moments start fresh)")
 
 
 def _from_neox(args, dtype) -> int:
@@ -98,6 +113,8 @@ def _from_neox(args, dtype) -> int:
     if args.vocab_size is None:
         print(f"vocabulary: the padded {config.vocab_size} rows kept; --vocab-size N keeps the tokenizer's N")
     print(notes[-1])  # the special token ids written
+    if (step := re.fullmatch(r"global_step(\d+)", read.folder.name)) and int(step.group(1)) > 0:
+        print(continue_hint(args.dst, int(step.group(1)), "neox", "train_iters"))
     return 0
 
 

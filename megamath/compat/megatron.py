@@ -481,7 +481,9 @@ def _data_and_checkpoints(flags: Flags, out: Conversion) -> None:
         else:
             out.unmapped.append(Unmapped("--load", UNSUPPORTED, f"{load} is not a Hugging Face folder (no "
                                          "config.json): convert the Megatron checkpoint with `megamath convert "
-                                         f"megatron-to-hf {load} HF_DIR` and set init_from_hf: HF_DIR"))
+                                         f"megatron-to-hf {load} HF_DIR` and set init_from_hf: HF_DIR (and, to go "
+                                         "on from its iteration as Megatron-LM does without --finetune, init_step: "
+                                         "the iteration the convert command prints)"))
     c["log_every"] = flags.one("log_interval", int, 100)
     project = flags.one("wandb_project", str, None)
     if project:

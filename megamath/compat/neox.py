@@ -504,11 +504,13 @@ def _checkpointing(keys: Keys, out: Conversion) -> None:
             c["init_from_hf"] = str(load)
             if not finetune:
                 out.notes.append("load without finetune: GPT-NeoX would resume its iteration count; init_from_hf "
-                                 "starts at step 0 from the weights")
+                                 "starts at step 0 from the weights, unless init_step gives the iteration")
         else:
             out.unmapped.append(Unmapped("load", UNSUPPORTED, f"{load} is not a Hugging Face folder (no config.json "
                                          "there): a GPT-NeoX checkpoint; convert it with `megamath convert "
-                                         f"neox-to-hf {load} HF_DIR` and set init_from_hf: HF_DIR"))
+                                         f"neox-to-hf {load} HF_DIR` and set init_from_hf: HF_DIR"
+                                         + ("" if finetune else " (and, to go on from its iteration as GPT-NeoX does "
+                                            "without finetune, init_step: the iteration the convert command prints)")))
             if finetune:
                 out.unmapped.append(Unmapped("finetune", NOT_NEEDED, "init_from_hf always loads the weights only "
                                              "and starts at step 0 (GPT-NeoX's finetune)"))

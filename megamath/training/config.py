@@ -263,6 +263,11 @@ class TrainConfig:
     """Start from a Hugging Face Llama checkpoint folder (or a megamath one), or from the weights of a megamath
     training run (its latest checkpoint) or step folder, at step 0 with a fresh optimizer (Megatron-LM's
     --finetune); null: random initialization."""
+    init_step: int = 0
+    """The step init_from_hf's weights were trained to, when this run continues that run (e.g. a Megatron-LM or
+    GPT-NeoX run converted at that iteration): the first update is init_step + 1, so the learning rate, the
+    data position (with the source's data.sample_order, train_steps and global batch, the samples it had not
+    read yet) and the checkpoint names carry on; the optimizer's moments start fresh. 0: a new run."""
     param_dtype: str = "auto"
     """Model parameter dtype (the optimizer keeps fp32 masters): auto = bfloat16 on GPUs, float32 on CPUs."""
     seed: int = 1234
@@ -278,6 +283,12 @@ class TrainConfig:
         for name, low in (("micro_batch_size", 1), ("grad_accum_steps", 1), ("train_steps", 1), ("eval_every", 0),
                           ("eval_batches", 1), ("seed", 0), ("max_consecutive_nonfinite", 1), ("log_every", 1)):
             _check_int(name, getattr(self, name), low)
+        _check_int("init_step", self.init_step, 0)
+        if self.init_step and not self.init_from_hf:
+            raise ValueError(f"init_step {self.init_step} needs init_from_hf: the weights trained to that step")
+        if self.init_step >= self.train_steps:
+            raise ValueError(f"init_step {self.init_step} leaves no step to train: train_steps is {self.train_steps} "
+                             "(the whole run's, counted from its start)")
         if self.param_dtype not in PARAM_DTYPES:
             raise ValueError(f"param_dtype must be one of {', '.join(PARAM_DTYPES)}, got {self.param_dtype!r}")
         if self.data.seq_length > self.model.max_seq_length:

@@ -268,7 +268,7 @@ def _train(config: TrainConfig, state: ParallelState, attempt: str) -> TrainResu
     model = build_model(config, state, pretrained=resume_from is None)  # a resume overwrites every weight
     optimizer = build_optimizer(config, model, state)
     seed_rngs(config.seed, state.rank)
-    step, nonfinite = 0, 0
+    step, nonfinite = config.init_step, 0  # a fresh start: step 0, or where init_from_hf's run stopped
     if resume_from is not None:
         saved = ckpt.read_metadata(resume_from)
         check_resume_compatible(saved, config, resume_from)
@@ -326,7 +326,10 @@ def _train(config: TrainConfig, state: ParallelState, attempt: str) -> TrainResu
                 f"{optimizer.grad_dtype} buffer on {state.device.type} have no matmul that accumulates into it: "
                 "the gradients go through the optimizer's hook")
     log.say(settle_attention(model, config, state, run_dir, param_dtype(config, state.device)))
-    last_saved, preempted, lr = step, False, 0.0
+    last_saved, preempted, lr = (step if resume_from is not None else 0), False, 0.0
+    if resume_from is None and step:
+        log.say(f"init_step {step}: continuing the run of {config.init_from_hf} at step {step + 1} (learning rate, "
+                f"data position and checkpoint names go on from there; the optimizer's moments start fresh)")
     try:
         with PreemptionFlag() as flag:
             while step < config.train_steps:
