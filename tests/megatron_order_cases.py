@@ -12,7 +12,10 @@ int64 arrays, so that the trainers' int32/uint32 choices do not matter.
 from __future__ import annotations
 
 import hashlib
+import pprint
+import tempfile
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -69,6 +72,29 @@ CASES = {
 
 def digest(array) -> str:
     return hashlib.sha256(np.ascontiguousarray(np.asarray(array, dtype=np.int64)).tobytes()).hexdigest()[:16]
+
+
+def blend_digests(dataset_index, dataset_sample_index, num_samples: int) -> dict[str, str]:
+    """BUILT's entries for a blend's first num_samples: the dataset of each (as digits), and a digest of the rest."""
+    return {"dataset_index": "".join(str(int(d)) for d in dataset_index[:num_samples]),
+            "dataset_sample_index": digest(dataset_sample_index[:num_samples])}
+
+
+def gpt_digests(k: int, doc_idx, sample_idx, shuffle_idx) -> dict[str, str]:
+    """BUILT's entries for the GPT dataset of the blend's k-th dataset."""
+    return {f"doc_idx.{k}": digest(doc_idx), f"sample_idx.{k}": digest(sample_idx),
+            f"shuffle_idx.{k}": digest(shuffle_idx)}
+
+
+def print_built(trainer: str, case_digests: Callable[[Case, str], dict[str, str]]) -> None:
+    """What a write_order_digests.py script prints: BUILT's entries for `trainer`'s cases, each built by
+    `case_digests(case, folder)` in a fresh temporary folder."""
+    built = {}
+    for name, case in CASES.items():
+        if case.trainer == trainer:
+            with tempfile.TemporaryDirectory() as folder:
+                built[name] = case_digests(case, folder)
+    pprint.pprint(built, width=120, sort_dicts=False)
 
 
 BUILT: dict[str, dict[str, str]] = {

@@ -20,7 +20,7 @@ from megamath.training.config import TrainConfig
 from megamath.training.data import TrainData
 from megamath.training.loop import train
 from megamath.training.resume import data_order_change
-from megatron_order_cases import BUILT, CASES, digest, documents
+from megatron_order_cases import BUILT, CASES, blend_digests, digest, documents, gpt_digests
 from test_train_loop import raw_config
 
 
@@ -58,11 +58,9 @@ def digests(data: TrainData, name: str) -> dict[str, str]:
     case = CASES[name]
     out = {"samples": digest(trained_samples(data, case.num_samples))}
     if case.weights is not None:  # the trainers read a lone unweighted prefix without a blend
-        out["dataset_index"] = "".join(str(int(d)) for d in data.train.dataset_index)
-        out["dataset_sample_index"] = digest(data.train.dataset_sample_index)
+        out.update(blend_digests(data.train.dataset_index, data.train.dataset_sample_index, case.num_samples))
     for k, gpt in enumerate(data.train.datasets):
-        out.update({f"doc_idx.{k}": digest(gpt.doc_idx), f"sample_idx.{k}": digest(gpt.sample_idx),
-                    f"shuffle_idx.{k}": digest(gpt.shuffle_idx)})
+        out.update(gpt_digests(k, gpt.doc_idx, gpt.sample_idx, gpt.shuffle_idx))
     return out
 
 

@@ -79,21 +79,11 @@ def build_gpt_indices(sizes: np.ndarray, documents: np.ndarray, num_samples: int
     same shapes and meaning as `sample_index.build_gpt_indices`)."""
     if order not in ("megatron", "neox"):
         raise ValueError(f"order must be megatron or neox, got {order!r}")
-    if seq_length < 1:
-        raise ValueError(f"seq_length must be >= 1, got {seq_length}")
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    documents = np.asarray(documents, dtype=np.int64)
-    tokens_per_epoch = int(np.asarray(sizes)[documents].sum(dtype=np.int64))
-    num_epochs = sample_index.num_epochs_needed(tokens_per_epoch, seq_length, num_samples)
+    documents, tokens_per_epoch, num_epochs = sample_index.plan_epochs(sizes, documents, num_samples, seq_length)
     separate = order == "megatron" and separates_final_epoch(tokens_per_epoch, seq_length, num_samples, num_epochs)
     rng = np.random.RandomState(seed)
     doc_idx = build_doc_idx(documents, num_epochs, rng, separate)
-    total = sample_index.samples_in(num_epochs * tokens_per_epoch, seq_length)  # S
-    sample_idx = sample_index.build_sample_index(sizes, doc_idx, seq_length, total)
-    first = sample_index.samples_in((num_epochs - 1) * tokens_per_epoch, seq_length) if separate else total
-    shuffle_idx = sample_index.build_shuffle_idx(total, first, rng)
-    return {"doc_idx": doc_idx, "sample_idx": sample_idx, "shuffle_idx": shuffle_idx}
+    return sample_index.index_epochs(sizes, doc_idx, seq_length, tokens_per_epoch, num_epochs, separate, rng)
 
 
 def _normalized_once(weights: Sequence[float], order: str) -> list[float]:

@@ -100,6 +100,30 @@ def build_sample_index_ref(sizes: np.ndarray, doc_idx: np.ndarray, seq_length: i
     return np.stack([j, positions - starts[j]], axis=1).astype(np.int64)
 
 
+def plan_epochs(sizes: np.ndarray, documents: np.ndarray, num_samples: int,
+                seq_length: int) -> tuple[np.ndarray, int, int]:
+    """(documents as int64, tokens per epoch, epochs needed for num_samples), after checking the counts."""
+    if seq_length < 1:
+        raise ValueError(f"seq_length must be >= 1, got {seq_length}")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    documents = np.asarray(documents, dtype=np.int64)
+    tokens_per_epoch = int(np.asarray(sizes)[documents].sum(dtype=np.int64))
+    return documents, tokens_per_epoch, num_epochs_needed(tokens_per_epoch, seq_length, num_samples)
+
+
+def index_epochs(sizes: np.ndarray, doc_idx: np.ndarray, seq_length: int, tokens_per_epoch: int, num_epochs: int,
+                 final_epoch_apart: bool, rng: np.random.RandomState) -> dict[str, np.ndarray]:
+    """doc_idx with the sample_idx of every full sample its epochs give, and their shuffle_idx (the final epoch's
+    samples shuffled apart when `final_epoch_apart`), drawn from `rng` after doc_idx was."""
+    total = samples_in(num_epochs * tokens_per_epoch, seq_length)  # S
+    sample_idx = build_sample_index(sizes, doc_idx, seq_length, total)
+    apart = final_epoch_apart and num_epochs > 1
+    first = samples_in((num_epochs - 1) * tokens_per_epoch, seq_length) if apart else total
+    shuffle_idx = build_shuffle_idx(total, first, rng)
+    return {"doc_idx": doc_idx, "sample_idx": sample_idx, "shuffle_idx": shuffle_idx}
+
+
 def build_gpt_indices(sizes: np.ndarray, documents: np.ndarray, num_samples: int, seq_length: int,
                       seed: int) -> dict[str, np.ndarray]:
     """doc_idx, sample_idx and shuffle_idx for `num_samples` samples of seq_length + 1 tokens.
@@ -108,17 +132,7 @@ def build_gpt_indices(sizes: np.ndarray, documents: np.ndarray, num_samples: int
     Epochs are added until num_samples fit; sample_idx holds every full sample those epochs give
     (at least num_samples), and the dataset reads the first num_samples of shuffle_idx.
     """
-    if seq_length < 1:
-        raise ValueError(f"seq_length must be >= 1, got {seq_length}")
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    documents = np.asarray(documents, dtype=np.int64)
-    tokens_per_epoch = int(np.asarray(sizes)[documents].sum(dtype=np.int64))
-    num_epochs = num_epochs_needed(tokens_per_epoch, seq_length, num_samples)
+    documents, tokens_per_epoch, num_epochs = plan_epochs(sizes, documents, num_samples, seq_length)
     rng = np.random.RandomState(seed)
     doc_idx = build_doc_idx(documents, num_epochs, rng)
-    total = samples_in(num_epochs * tokens_per_epoch, seq_length)  # S
-    sample_idx = build_sample_index(sizes, doc_idx, seq_length, total)
-    first = samples_in((num_epochs - 1) * tokens_per_epoch, seq_length) if num_epochs > 1 else total
-    shuffle_idx = build_shuffle_idx(total, first, rng)
-    return {"doc_idx": doc_idx, "sample_idx": sample_idx, "shuffle_idx": shuffle_idx}
+    return index_epochs(sizes, doc_idx, seq_length, tokens_per_epoch, num_epochs, True, rng)
