@@ -235,6 +235,11 @@ def test_a_megamath_run_starts_from_the_converted_folder(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(ids), expected, rtol=1e-5, atol=1e-5)
     assert run(raw).step == 2 and [r["step"] for r in metrics(tmp_path / "run")] == [1, 2]
+    # the run converted at iteration 10 goes on at 11, in Megatron-LM's order, as the converter says
+    later = {**raw, "run_dir": str(tmp_path / "later"), "init_step": 10, "train_steps": 12,
+             "data": {**raw["data"], "sample_order": "megatron"}}
+    assert run(later).step == 12 and [r["step"] for r in metrics(tmp_path / "later") if "step" in r] == [11, 12]
+    assert [p.name for p in (tmp_path / "later" / "checkpoints").glob("step_*")] == ["step_0000012"]
 
 
 def test_config_from_megatron_names_the_command_that_converts_its_load_folder():
