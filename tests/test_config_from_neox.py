@@ -495,3 +495,17 @@ def test_the_converted_run_reads_gpt_neoxs_samples_in_its_order(tmp_path):
     config = convert_neox(read_neox_yaml(write_llemma(tmp_path, text)[:1]), vocab_size=32016).validate()  # no data.yml
     assert config.data.train_blend() == ([1.0], ["data/a"])
     assert not config.data.lone_prefix()  # one train_data_paths entry is still a blend (built with its surplus)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ('"pack_impl": "unpacked",', "^pack_impl is 'unpacked': megamath packs documents into samples across their "),
+    ('"train_epochs": 2,', "^train_epochs is set: give train_iters instead"),
+])
+def test_data_settings_that_change_what_a_sample_is_are_refused(tmp_path, extra, message):
+    text = LLEMMA_7B_YML.replace('"launcher": "slurm",', f'"launcher": "slurm", {extra}')
+    with pytest.raises(ValueError, match=message):
+        convert_neox(read_neox_yaml(write_llemma(tmp_path, text)), vocab_size=32016)
+    text = LLEMMA_7B_YML.replace('"launcher": "slurm",', '"launcher": "slurm", "pack_impl": "packed", '
+                                 '"allow_chopped": true,')
+    conversion = convert_neox(read_neox_yaml(write_llemma(tmp_path, text)), vocab_size=32016)
+    assert not {"pack_impl", "allow_chopped"} & {u.key for u in conversion.unmapped}

@@ -433,6 +433,12 @@ def _data(keys: Keys, out: Conversion) -> dict:
     data: dict = {"seq_length": int(keys.raw["seq_length"]), "seed": int(keys.raw.get("seed", 1234)),
                   "sample_order": "neox"}  # GPT-NeoX's samples in its order, even for one train_data_paths entry
     out.config["seed"] = int(keys.take("seed", 1234))
+    _require(keys, "pack_impl", "packed", "packed", "megamath packs documents into samples across their boundaries, "
+             "as GPT-NeoX's packed does")
+    keys.take("allow_chopped")  # (it matters only to the other pack_impl)
+    if keys.take("train_epochs") is not None:
+        raise ValueError("train_epochs is set: give train_iters instead (megamath counts optimizer steps, and GPT-NeoX "
+                         "builds another sample order from an epoch count)")
     train, weights = keys.take("train_data_paths"), keys.take("train_data_weights")
     single = keys.take("data_path")
     split = keys.take("split")
