@@ -271,6 +271,54 @@ def test_a_warmup_fraction_counts_beside_zero_warmup_iterations():
         _schedule_of("--lr-warmup-iters", "10", "--lr-warmup-fraction", "0.05")
 
 
+def _sample_based(*flags: str, world_size: int | None = 32, global_batch: bool = True):
+    """The script made sample-based (Megatron-LM's examples/gpt3 style): (config, notes)."""
+    script = SCRIPT.replace("--lr-warmup-iters 500 --lr-decay-iters 48000", "").replace("--train-iters 48000", "")
+    script = script if global_batch else script.replace("--global-batch-size 1024", "")
+    words = script.split("pretrain_gpt.py")[1].replace("\\\n", " ").split() + list(flags)
+    conversion = convert_megatron(words, vocab_size=32000, world_size=world_size)
+    return conversion.validate(), conversion.notes
+
+
+def test_a_sample_based_run_is_the_same_schedule_in_steps_of_the_global_batch():
+    """Megatron-LM trains --train-samples // G iterations, and its scheduler, advanced by G samples each
+    iteration, draws the curve over samples: the same curve over decay / G and warmup / G steps."""
+    config, notes = _sample_based("--train-samples", "1024000", "--lr-decay-samples", "1000000",
+                                  "--lr-warmup-samples", "10240")
+    assert config.train_steps == 1000 and config.data.sample_order == "megatron"
+    assert (config.schedule.warmup_steps, config.schedule.decay_steps) == (10, 977)
+    assert any(n.startswith("--lr-decay-samples: 1e+06 samples, 976.562 steps of 1024 in Megatron-LM, rounded to "
+                            "977 steps") for n in notes), notes
+    config, _ = _sample_based("--train-samples", "1024000", "--lr-warmup-fraction", "0.01")
+    assert (config.schedule.warmup_steps, config.schedule.decay_steps) == (10, 1000)  # decay: all the samples
+    config, notes = _sample_based("--train-samples", "1024500")
+    assert config.train_steps == 1000 and any("--train-samples 1024500 is not a multiple of the global batch 1024: "
+                                              "1000 steps" in n for n in notes)
+
+
+def test_without_global_batch_size_a_sample_based_run_takes_megatrons_default_batch():
+    """Megatron-LM's default global batch is the micro-batch on every data-parallel rank: 4 × 16 here."""
+    config, _ = _sample_based("--train-samples", "6400", global_batch=False)
+    assert (config.train_steps, config.micro_batch_size, config.grad_accum_steps) == (100, 4, 1)
+    with pytest.raises(ValueError, match="^--train-samples: megamath counts steps of one global batch, so the "
+                                         "global batch is needed; give --global-batch-size, or the world size"):
+        _sample_based("--train-samples", "6400", world_size=None, global_batch=False)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--train-samples", "1024000", "--train-iters", "1000"),
+     "^--train-iters and --train-samples are both set: Megatron-LM asserts one of them"),
+    (("--train-samples", "1024000", "--lr-decay-iters", "900"),
+     "^--lr-decay-iters / --lr-warmup-iters beside --train-samples"),
+    (("--train-samples", "1000"), "^--train-samples 1000 is less than one global batch"),
+    (("--train-iters", "1000", "--lr-decay-samples", "100000"),
+     "^--lr-decay-samples / --lr-warmup-samples beside --train-iters"),
+])
+def test_mixed_iteration_and_sample_settings_are_one_line_errors(flags, message):
+    with pytest.raises(ValueError, match=message):
+        _sample_based(*flags)
+
+
 @pytest.mark.parametrize("flags, message", [
     (("--weight-decay-incr-style", "linear", "--start-weight-decay", "0", "--end-weight-decay", "0.1"),
      "--weight-decay-incr-style linear: megamath trains with one weight decay"),

@@ -190,8 +190,8 @@ def convert_megatron(words: Sequence[str], world_size: int | None = None, vocab_
     out.config["parallel"] = {"tp_size": tp, "sequence_parallel": sequence_parallel and tp > 1}
     out.config["model"] = _model(flags, vocab_size, tp, out)
     _optimizer(flags, out)
-    _batch(flags, world, tp, out)
-    _schedule(flags, out)
+    global_batch = _batch(flags, world, tp, out)
+    _schedule(flags, global_batch, out)
     _data_and_checkpoints(flags, out)
     flags.check_spelling(lambda key: "--" + key.replace("_", "-"))
     for key in flags.untaken():
@@ -364,7 +364,9 @@ def _optimizer(flags: Flags, out: Conversion) -> None:
                                "gradient_accumulation_fusion": not flags.on("no_gradient_accumulation_fusion")}
 
 
-def _batch(flags: Flags, world: int | None, tp: int, out: Conversion) -> None:
+def _batch(flags: Flags, world: int | None, tp: int, out: Conversion) -> int | None:
+    """Sets micro_batch_size and grad_accum_steps; returns the global batch, None where the world size is unknown
+    and --global-batch-size absent (Megatron-LM's default then: the micro-batch on every data-parallel rank)."""
     micro = flags.one("micro_batch_size", int, None, low=1)
     if micro is None:
         raise ValueError("--micro-batch-size not given: Megatron-LM needs it too")
@@ -372,7 +374,7 @@ def _batch(flags: Flags, world: int | None, tp: int, out: Conversion) -> None:
     global_batch = flags.one("global_batch_size", int, None)
     if global_batch is None:
         out.config["grad_accum_steps"] = 1
-        return
+        return None if world is None or world % tp else micro * (world // tp)
     if world is None:
         raise ValueError("--global-batch-size: megamath's config counts per data-parallel rank, so the job's size "
                          "is needed; pass --world-size N (GPUs) or include torchrun's --nnodes/--nproc_per_node")
@@ -385,29 +387,79 @@ def _batch(flags: Flags, world: int | None, tp: int, out: Conversion) -> None:
     out.config["grad_accum_steps"] = global_batch // (micro * dp)
     out.notes.append(f"--global-batch-size {global_batch} on {world} GPUs (data-parallel {dp}): grad_accum_steps "
                      f"{out.config['grad_accum_steps']}; on another GPU count change grad_accum_steps to keep it")
+    return global_batch
 
 
-def _schedule(flags: Flags, out: Conversion) -> None:
-    """Megatron: warmup lr = peak · i / warmup, then min + (peak − min) · ½ · (1 + cos(π · (i − warmup) /
-    (decay − warmup))), min after decay; megamath's formula, with r = min_lr / lr."""
-    if flags.take("train_samples") is not None:
-        raise ValueError("--train-samples: give --train-iters (megamath counts optimizer steps)")
+def _iteration_based(flags: Flags, out: Conversion) -> tuple[int, int, int]:
+    """(train_iters, decay, warmup) of an iteration-based run, in iterations."""
+    if flags.raw.get("lr_decay_samples") is not None or flags.one("lr_warmup_samples", int, 0):
+        raise ValueError("--lr-decay-samples / --lr-warmup-samples beside --train-iters: Megatron-LM asserts "
+                         "iteration-based decay and warmup then; give --lr-decay-iters / --lr-warmup-iters")
     train_iters = flags.one("train_iters", int, None, low=1)
     if train_iters is None:
         raise ValueError("--train-iters not given: Megatron-LM needs it (or --train-samples) too")
     decay = flags.one("lr_decay_iters", int, None, low=1) or train_iters  # 0: Megatron-LM asserts
-    warmup = flags.one("lr_warmup_iters", int, None)
+    return train_iters, decay, _warmup(flags, "lr_warmup_iters", decay, 1, out)
+
+
+def _sample_based(flags: Flags, global_batch: int | None, out: Conversion) -> tuple[int, int, int]:
+    """(train_iters, decay, warmup) in iterations of a sample-based run (--train-samples, --lr-decay-samples,
+    --lr-warmup-samples): Megatron-LM trains train_samples // global batch iterations, and its scheduler,
+    advanced by the global batch each iteration, draws the same curve over decay / G and warmup / G iterations."""
+    if flags.raw.get("train_iters") is not None:
+        raise ValueError("--train-iters and --train-samples are both set: Megatron-LM asserts one of them; keep one")
+    if flags.raw.get("lr_decay_iters") is not None or flags.one("lr_warmup_iters", int, 0):
+        raise ValueError("--lr-decay-iters / --lr-warmup-iters beside --train-samples: Megatron-LM asserts "
+                         "sample-based decay and warmup then; give --lr-decay-samples / --lr-warmup-samples")
+    if global_batch is None:
+        raise ValueError("--train-samples: megamath counts steps of one global batch, so the global batch is needed; "
+                         "give --global-batch-size, or the world size (--world-size N or torchrun's --nnodes/"
+                         "--nproc_per_node)")
+    samples = flags.one("train_samples", int, None, low=1)
+    if samples < global_batch:
+        raise ValueError(f"--train-samples {samples} is less than one global batch ({global_batch}): no iteration "
+                         "to train")
+    if samples % global_batch:
+        out.notes.append(f"--train-samples {samples} is not a multiple of the global batch {global_batch}: "
+                         f"{samples // global_batch} steps, as Megatron-LM trains, but its sample order is built for "
+                         f"{samples} samples and megamath's for {samples // global_batch * global_batch}, so "
+                         f"data.sample_order megatron reads other samples (a multiple of {global_batch} reads the "
+                         "same)")
+    decay = flags.one("lr_decay_samples", int, None, low=1) or samples
+    return (samples // global_batch, _in_steps(decay, global_batch, "--lr-decay-samples", out),
+            _warmup(flags, "lr_warmup_samples", decay, global_batch, out))
+
+
+def _warmup(flags: Flags, key: str, decay: int, per_step: int, out: Conversion) -> int:
+    """Warmup steps from `key` (iterations or samples, per_step of them a step) or --lr-warmup-fraction of the
+    decay, which Megatron-LM takes when `key` is 0, its default."""
+    warmup = flags.one(key, int, 0)
     fraction = flags.one("lr_warmup_fraction", float, None)
-    if fraction is not None:  # Megatron-LM takes the fraction when --lr-warmup-iters is 0, its default
-        if warmup:
-            raise ValueError("--lr-warmup-iters and --lr-warmup-fraction are both set: Megatron-LM refuses that "
-                             "too; keep one")
-        warmup = round(fraction * decay)
-        if warmup != fraction * decay:
-            out.notes.append(f"--lr-warmup-fraction {fraction}: {fraction * decay:g} iterations in Megatron-LM, "
-                             f"rounded to {warmup} steps")
-    elif warmup is None:
-        warmup = 0
+    if fraction is None:
+        return _in_steps(warmup, per_step, "--" + key.replace("_", "-"), out)
+    if warmup:
+        raise ValueError(f"--{key.replace('_', '-')} and --lr-warmup-fraction are both set: Megatron-LM refuses "
+                         "that too; keep one")
+    return _in_steps(fraction * decay, per_step, f"--lr-warmup-fraction {fraction}", out)
+
+
+def _in_steps(amount: float, per_step: int, what: str, out: Conversion) -> int:
+    """`amount` iterations or samples as whole steps of `per_step`, with a note when that rounds."""
+    steps = round(amount / per_step)
+    if steps != amount / per_step:
+        unit = "iterations" if per_step == 1 else f"samples, {amount / per_step:g} steps of {per_step}"
+        out.notes.append(f"{what}: {amount:g} {unit} in Megatron-LM, rounded to {steps} steps")
+    return steps
+
+
+def _schedule(flags: Flags, global_batch: int | None, out: Conversion) -> None:
+    """Megatron: warmup lr = peak · i / warmup, then min + (peak − min) · ½ · (1 + cos(π · (i − warmup) /
+    (decay − warmup))), min after decay; megamath's formula, with r = min_lr / lr. A sample-based run (its
+    scheduler counts samples, global_batch per iteration) is the same curve over iterations of global_batch."""
+    if flags.raw.get("train_samples") is not None:
+        train_iters, decay, warmup = _sample_based(flags, global_batch, out)
+    else:
+        train_iters, decay, warmup = _iteration_based(flags, out)
     style = flags.one("lr_decay_style", str, "linear")
     peak = out.config["optimizer"]["lr"]
     if style == "constant":
