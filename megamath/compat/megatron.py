@@ -496,10 +496,10 @@ def _data_and_checkpoints(flags: Flags, out: Conversion) -> None:
         data["data_path"] = [float(x) if i % 2 == 0 else x for i, x in enumerate(train)]
     surplus = flags.one("mid_level_dataset_surplus", float, BLEND_SURPLUS)
     if surplus != BLEND_SURPLUS:
-        out.unmapped.append(Unmapped("--mid-level-dataset-surplus", UNSUPPORTED, f"{surplus}: data.sample_order megatron "
-                                     f"builds Megatron-LM's order at its default {BLEND_SURPLUS}; with another surplus "
-                                     "each blended dataset is built for another count, and its samples come in another "
-                                     "order"))
+        out.unmapped.append(Unmapped("--mid-level-dataset-surplus", UNSUPPORTED,
+                                     f"{surplus}: data.sample_order megatron builds Megatron-LM's order at its default "
+                                     f"{BLEND_SURPLUS}; with another surplus each blended dataset is built for another "
+                                     "count, and its samples come in another order"))
     split = flags.one("split", str, None)
     if train and not per_split and (split is not None or not valid):
         data["split"] = canonical_split(split if split is not None else "969, 30, 1", "--split")  # as Megatron-LM

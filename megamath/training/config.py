@@ -145,7 +145,7 @@ class DataConfig:
             raise ValueError(f"data.data_path: {err}") from None
 
     def lone_prefix(self) -> bool:
-        """Whether data_path is one prefix without a weight, which Megatron-LM reads without a blend."""
+        """Whether data_path is one prefix without a weight, which Megatron-LM and GPT-NeoX read without a blend."""
         return isinstance(self.data_path, list) and len(self.data_path) == 1
 
     def split_shares(self) -> tuple[float, float, float]:

@@ -309,7 +309,8 @@ def _train(config: TrainConfig, state: ParallelState, attempt: str) -> TrainResu
     if config.data.sample_order != "megamath":
         trainer = {"megatron": "Megatron-LM", "neox": "GPT-NeoX"}[config.data.sample_order]
         log.say(f"data.sample_order {config.data.sample_order}: the training samples come in {trainer}'s order for "
-                f"this blend, split, seed, seq_length and {config.train_steps} steps × {data.global_batch_size} samples")
+                f"this blend, split, seed, seq_length and {config.train_steps} steps × "
+                f"{data.global_batch_size} samples")
     if config.optimizer.grad_dtype == "auto":
         log.say(f"gradient buffer: {optimizer.grad_dtype} (grad_dtype auto at {str(optimizer.param_dtype)[6:]} "
                 f"weights, {config.grad_accum_steps} micro-batch(es) per step, DP {state.dp_size}, TP {state.tp_size}: "
