@@ -208,3 +208,16 @@ def test_a_row_parallel_output_layer_is_refused(tmp_path, capsys):
                                                  '"output_layer_parallelism": "row"'))
     assert fail(src, tmp_path / "hf", capsys).startswith("output_layer_parallelism is 'row': GPT-NeoX's row-parallel "
                                                          "output layer is turned off")
+
+
+def test_config_from_neox_gives_the_step_to_continue_its_load_checkpoint_from(tmp_path):
+    """load without finetune: GPT-NeoX goes on from the checkpoint's step, which the listing now names."""
+    from megamath.compat.neox import convert_neox, read_neox_yaml
+    from test_config_from_neox import LLEMMA_7B_YML, write_llemma
+
+    load = written("llemma_gqa_tp2")
+    text = (LLEMMA_7B_YML.replace('"/path/to/converted/codellama_7b_weights_with_mp2"', f'"{load}"')
+            .replace('"finetune": true,', '"finetune": false,'))
+    listed = {u.key: u for u in convert_neox(read_neox_yaml(write_llemma(tmp_path, text)), vocab_size=32016).unmapped}
+    assert listed["load"].reason.endswith("(and, to go on from its iteration as GPT-NeoX does without finetune, "
+                                          "init_step: 10)")

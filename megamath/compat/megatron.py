@@ -531,16 +531,28 @@ def _data_and_checkpoints(flags: Flags, out: Conversion) -> None:
         if (Path(load) / "config.json").is_file():
             c["init_from_hf"] = load
         else:
-            out.unmapped.append(Unmapped("--load", UNSUPPORTED, f"{load} is not a Hugging Face folder (no "
-                                         "config.json): convert the Megatron checkpoint with `megamath convert "
-                                         f"megatron-to-hf {load} HF_DIR` and set init_from_hf: HF_DIR (and, to go "
-                                         "on from its iteration as Megatron-LM does without --finetune, init_step: "
-                                         "the iteration the convert command prints)"))
+            reason = (f"{load} is not a Hugging Face folder (no config.json): convert the Megatron checkpoint with "
+                      f"`megamath convert megatron-to-hf {load} HF_DIR` and set init_from_hf: HF_DIR")
+            if flags.raw.get("finetune") is None:  # Megatron-LM goes on from the checkpoint's iteration
+                reason += (" (and, to go on from its iteration as Megatron-LM does without --finetune, "
+                           f"{_init_step(load)})")
+            out.unmapped.append(Unmapped("--load", UNSUPPORTED, reason))
     c["log_every"] = flags.one("log_interval", int, 100)
     project = flags.one("wandb_project", str, None)
     if project:
         c["logging"] = {"wandb": {"project": project, "group": None, "name": flags.one("wandb_exp_name", str, None),
                                   "mode": "online", "entity": flags.one("wandb_entity", str, None)}}
+
+
+def _init_step(load: str) -> str:
+    """`init_step: N` with the iteration of the checkpoint at `load`, when this machine can read it."""
+    from megamath.compat.megatron_checkpoint import iteration_folder
+
+    try:
+        _, iteration = iteration_folder(load)
+    except (OSError, ValueError):  # not here (converted on another machine), or not readable: the convert says it
+        return "init_step: the iteration the convert command prints"
+    return f"init_step: {iteration}" if isinstance(iteration, int) else "init_step: 0 (a release checkpoint)"
 
 
 def _data_files(flags: Flags, out: Conversion) -> tuple[list[str] | None, list[str]]:

@@ -17,6 +17,7 @@ lines are the table of GPT-NeoX keys that have no counterpart, each with its rea
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -463,6 +464,17 @@ def _data(keys: Keys, out: Conversion) -> dict:
     return data
 
 
+def _init_step(load: str) -> str:
+    """`init_step: N` with the step of the checkpoint at `load`, when this machine can read it."""
+    from megamath.compat.neox_checkpoint import checkpoint_folder  # (it imports this module)
+
+    try:
+        step = re.fullmatch(r"global_step(\d+)", checkpoint_folder(load).name)
+    except (OSError, ValueError):  # not here (converted on another machine), or not readable: the convert says it
+        step = None
+    return f"init_step: {int(step.group(1))}" if step else "init_step: the iteration the convert command prints"
+
+
 def _checkpointing(keys: Keys, out: Conversion) -> None:
     c = out.config
     # The aliases batch_size and gas count only when these keys are absent: a 0 is an error, not absent.
@@ -516,7 +528,7 @@ def _checkpointing(keys: Keys, out: Conversion) -> None:
                                          "there): a GPT-NeoX checkpoint; convert it with `megamath convert "
                                          f"neox-to-hf {load} HF_DIR` and set init_from_hf: HF_DIR"
                                          + ("" if finetune else " (and, to go on from its iteration as GPT-NeoX does "
-                                            "without finetune, init_step: the iteration the convert command prints)")))
+                                            f"without finetune, {_init_step(load)})")))
             if finetune:
                 out.unmapped.append(Unmapped("finetune", NOT_NEEDED, "init_from_hf always loads the weights only "
                                              "and starts at step 0 (GPT-NeoX's finetune)"))
