@@ -465,13 +465,15 @@ def _data(keys: Keys, out: Conversion) -> dict:
 
 
 def _init_step(load: str) -> str:
-    """`init_step: N` with the step of the checkpoint at `load`, when this machine can read it."""
-    from megamath.compat.neox_checkpoint import checkpoint_folder  # (it imports this module)
-
-    try:
-        step = re.fullmatch(r"global_step(\d+)", checkpoint_folder(load).name)
-    except (OSError, ValueError):  # not here (converted on another machine), or not readable: the convert says it
-        step = None
+    """`init_step: N` with the step of the checkpoint at `load` (a global_stepN folder, or a save folder whose
+    `latest` file names one), when this machine can read it."""
+    name = Path(load).name
+    if not re.fullmatch(r"global_step\d+", name):
+        try:
+            name = (Path(load) / "latest").read_text().strip()
+        except (OSError, UnicodeDecodeError):  # not here (converted on another machine): the convert says it
+            name = ""
+    step = re.fullmatch(r"global_step(\d+)", name)
     return f"init_step: {int(step.group(1))}" if step else "init_step: the iteration the convert command prints"
 
 
