@@ -58,6 +58,8 @@ CASES = {
     "weighted_prefix_final_epoch_apart": Case("megatron", (0,), (1.0,), "100,0,0", 16, 55, 7),
     # three datasets cut 90,10,0 and blended 3:2:5; the small third one is read over several epochs
     "blend_with_split": Case("megatron", (1, 2, 3), (3.0, 2.0, 5.0), "90,10,0", 16, 60, 99),
+    # weights 12:11:2, normalized twice as Megatron-LM does, tie-break differently at sample 15 than once
+    "blend_decided_by_the_last_bit": Case("megatron", (1, 2, 3), (12.0, 11.0, 2.0), "100,0,0", 16, 30, 5),
     # GPT-NeoX's data_path cut by split 45,45,10: its rule trains on documents [0, 12) of 25 (Megatron-LM's
     # on [0, 11)); 30 samples of that part need 4 epochs
     "neox_data_path_split": Case("neox", (2,), None, "45,45,10", 16, 30, 1234),
@@ -114,6 +116,14 @@ BUILT: dict[str, dict[str, str]] = {
         "doc_idx.0": "b6f92e3ea7706300", "sample_idx.0": "fcbc782c323dbf87", "shuffle_idx.0": "ca4ad8df0f8f70b3",
         "doc_idx.1": "1176a9f0ec4da0a9", "sample_idx.1": "f011e6dbeb2b6187", "shuffle_idx.1": "4606beaf05a47ddb",
         "doc_idx.2": "b85ed75ac61c5d01", "sample_idx.2": "c2e6fd00e4a52620", "shuffle_idx.2": "9eb60bdc51f185ae",
+    },
+    "blend_decided_by_the_last_bit": {
+        "samples": "899d05bda39a7e29",
+        "dataset_index": "012010101010101021010101001201",
+        "dataset_sample_index": "982df30de0c066c7",
+        "doc_idx.0": "279404dd7eeae749", "sample_idx.0": "8c7c279ff183354e", "shuffle_idx.0": "2ff83a740e6fdff9",
+        "doc_idx.1": "108f983bc2ce280c", "sample_idx.1": "35f0f83921e3d4fc", "shuffle_idx.1": "a887907a669e2a0a",
+        "doc_idx.2": "f6a8d828eacb317a", "sample_idx.2": "6d597a05ffb2f0f3", "shuffle_idx.2": "9e4c576b0687ec29",
     },
     "neox_data_path_split": {
         "samples": "7550cb5c431760bd",
