@@ -96,3 +96,30 @@ def rewrite(path: Path, change) -> None:
     change(state)
     torch.save(state, path.with_suffix(".new"))  # a new file: the loaded tensors are mapped from the old one
     os.replace(path.with_suffix(".new"), path)
+
+
+class Trainer:
+    """One trainer's checkpoints and its convert direction, so that a test file names neither again:
+    `convert, fail, copy, written, logits = Trainer("megatron", "megatron-to-hf").helpers()`."""
+
+    def __init__(self, trainer: str, direction: str) -> None:
+        self.trainer, self.direction = trainer, direction
+
+    def convert(self, src, dst, *extra) -> None:
+        convert(self.direction, src, dst, *extra)
+
+    def fail(self, src, dst, capsys, *extra) -> str:
+        return fail(self.direction, src, dst, capsys, *extra)
+
+    def copy(self, name: str, tmp_path) -> Path:
+        return copy(f"{self.trainer}/{name}", tmp_path)
+
+    def written(self, name: str) -> Path:
+        """A checkpoint in trainer_checkpoints' layout, of a model with known logits."""
+        return written(f"{self.trainer}/{name}")
+
+    def logits(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return expected_logits(f"{self.trainer}/{name}")
+
+    def helpers(self) -> tuple:
+        return self.convert, self.fail, self.copy, self.written, self.logits

@@ -19,7 +19,7 @@ from megamath.compat.pickle_guard import Foreign, guarded_load, plain_args
 from megamath.generation.loading import load_model
 
 import foreign_checkpoints
-from foreign_checkpoints import rewrite
+from foreign_checkpoints import Trainer, rewrite
 
 # Megatron-LM's two formats: TP 2 × PP 2, PP 2 with 2 virtual stages each (layers 0 2 on stage 0, 1 3 on 1), TP 2
 CHECKPOINTS = {"torch_tp2_pp2": "torch format, TP 2 PP 2", "torch_pp2_vp2": "torch format, TP 1 PP 2",
@@ -27,25 +27,7 @@ CHECKPOINTS = {"torch_tp2_pp2": "torch format, TP 2 PP 2", "torch_pp2_vp2": "tor
 RANK_FILE = "iter_0000010/mp_rank_{}/model_optim_rng.pt"
 
 
-def convert(src, dst, *extra) -> None:
-    foreign_checkpoints.convert("megatron-to-hf", src, dst, *extra)
-
-
-def fail(src, dst, capsys, *extra) -> str:
-    return foreign_checkpoints.fail("megatron-to-hf", src, dst, capsys, *extra)
-
-
-def copy(name: str, tmp_path) -> Path:
-    return foreign_checkpoints.copy(f"megatron/{name}", tmp_path)
-
-
-def written(name: str) -> Path:
-    """A Megatron-LM checkpoint in trainer_checkpoints' layout, of a model with known logits."""
-    return foreign_checkpoints.written(f"megatron/{name}")
-
-
-def megatron_logits(name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return foreign_checkpoints.expected_logits(f"megatron/{name}")
+convert, fail, copy, written, megatron_logits = Trainer("megatron", "megatron-to-hf").helpers()
 
 
 @pytest.mark.parametrize("name", CHECKPOINTS)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import shutil
 import zipfile
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,32 +14,13 @@ from safetensors.torch import load_file
 from megamath.compat.pickle_guard import guarded_load
 from megamath.generation.loading import load_model
 
-import foreign_checkpoints
-from foreign_checkpoints import rewrite
+from foreign_checkpoints import Trainer, rewrite
 
 CHECKPOINTS = {"llemma_tp2": "sequential files, TP 2", "llemma_gqa_tp2": "sequential files, TP 2",
                "main_gqa_tp2": "pipeline files, TP 2"}
 
 
-def convert(src, dst, *extra) -> None:
-    foreign_checkpoints.convert("neox-to-hf", src, dst, *extra)
-
-
-def fail(src, dst, capsys, *extra) -> str:
-    return foreign_checkpoints.fail("neox-to-hf", src, dst, capsys, *extra)
-
-
-def copy(name: str, tmp_path) -> Path:
-    return foreign_checkpoints.copy(f"neox/{name}", tmp_path)
-
-
-def written(name: str) -> Path:
-    """A GPT-NeoX checkpoint in trainer_checkpoints' layout, of a model with known logits."""
-    return foreign_checkpoints.written(f"neox/{name}")
-
-
-def neox_logits(name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return foreign_checkpoints.expected_logits(f"neox/{name}")
+convert, fail, copy, written, neox_logits = Trainer("neox", "neox-to-hf").helpers()
 
 
 @pytest.mark.parametrize("name", CHECKPOINTS)

@@ -10,7 +10,7 @@ import time
 from megamath.data.blended_dataset import BlendedDataset
 from megamath.data.blending import parse_data_path
 from megamath.data.indexed_dataset import IndexedDataset
-from megamath.data.megatron_order import BLEND_SURPLUS, SAMPLE_ORDERS
+from megamath.data.megatron_order import SAMPLE_ORDERS, blend_surplus, split_rule
 from megamath.data.splits import canonical_split, cut_splits
 
 
@@ -44,12 +44,11 @@ def run(args) -> int:
     datasets = [_open(prefix) for prefix in prefixes]
     split = None if args.split is None else canonical_split(args.split, "--split")
     cut = cut_splits(datasets, prefixes, split, args.seq_length, key="--split",
-                     rule="neox" if args.sample_order == "neox" else "megatron")
+                     rule=split_rule(args.sample_order))
     start = time.perf_counter()
-    surplus = 0.0 if len(args.data_path) == 1 else BLEND_SURPLUS  # Megatron-LM reads a lone prefix unblended
     blend = BlendedDataset(datasets, weights, args.num_samples, args.seq_length, seed=args.seed,
                            cache_dir=args.cache_dir, documents=cut.train, sample_order=args.sample_order,
-                           surplus=surplus)
+                           surplus=blend_surplus(args.data_path))
     elapsed = time.perf_counter() - start
     for line in cut.lines:
         print(line)

@@ -50,6 +50,23 @@ def check_sample_order(order: str, key: str = "sample_order") -> str:
     return order
 
 
+def split_rule(order: str) -> str:
+    """Whose rounding cuts data.split under `order` (splits.split_documents): GPT-NeoX's for its own order,
+    Megatron-LM's for the others."""
+    return "neox" if order == "neox" else "megatron"
+
+
+def lone_prefix(data_path: Sequence | str) -> bool:
+    """Whether `data_path` ([PREFIX], [W1, PREFIX1, ...] or `llemma`, a weighted mixture) is one prefix without a
+    weight, which Megatron-LM's --data-path and GPT-NeoX's data_path read without a blend."""
+    return not isinstance(data_path, str) and len(data_path) == 1
+
+
+def blend_surplus(data_path: Sequence | str) -> float:
+    """The surplus a trainer's blend of `data_path` is built with: none for a lone prefix, read unblended."""
+    return 0.0 if lone_prefix(data_path) else BLEND_SURPLUS
+
+
 def separates_final_epoch(tokens_per_epoch: int, seq_length: int, num_samples: int, num_epochs: int) -> bool:
     """Whether Megatron-LM shuffles the last of num_epochs epochs (documents and samples) apart: when the
     samples it contributes are fewer than 80 % of an epoch's, so that they do not crowd the run's end."""

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import yaml
 
 from megamath.data.blending import parse_data_path
-from megamath.data.megatron_order import check_sample_order
+from megamath.data.megatron_order import check_sample_order, lone_prefix
 from megamath.data.splits import canonical_split, parse_split
 from megamath.evaluation.config import EvaluationConfig
 from megamath.input_path import read_text
@@ -146,7 +146,7 @@ class DataConfig:
 
     def lone_prefix(self) -> bool:
         """Whether data_path is one prefix without a weight, which Megatron-LM and GPT-NeoX read without a blend."""
-        return isinstance(self.data_path, list) and len(self.data_path) == 1
+        return lone_prefix(self.data_path)
 
     def split_shares(self) -> tuple[float, float, float]:
         """(train, valid, test) shares of each training prefix's documents: (1, 0, 0) without data.split."""

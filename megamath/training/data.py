@@ -65,13 +65,13 @@ class TrainData:
                              "(micro_batch_size · grad_accum_steps · DP) is more samples than 64 bits count")
         sources = [_open(p) for p in prefixes]
         cut = cut_splits(sources, prefixes, data.split, data.seq_length, taken=data.valid_sets(),
-                         rule="neox" if data.sample_order == "neox" else "megatron")
+                         rule=megatron_order.split_rule(data.sample_order))
         self.split_lines = cut.lines  # what the run's log says of the split
 
         def build_train() -> BlendedDataset:
             return BlendedDataset(sources, weights, num_samples, data.seq_length, seed=data.seed,
                                   cache_dir=cache_dir, documents=cut.train, sample_order=data.sample_order,
-                                  surplus=0.0 if data.lone_prefix() else megatron_order.BLEND_SURPLUS)
+                                  surplus=megatron_order.blend_surplus(data.data_path))
 
         self.train = rank0_first(state, build_train)
         # Each validation set is a fixed list of samples, the same at every evaluation, so that the
