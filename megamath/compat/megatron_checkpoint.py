@@ -58,6 +58,8 @@ class MegatronWeights:
     tensors: dict[str, Slices | DistTensor] = field(default_factory=dict)
     """"embedding", "output" (absent when tied), "final_norm", and "layers.{i}.{role}" for LAYER_TENSORS' roles:
     each global tensor's shape and dtype, read only when asked for (`tensor`), one at a time."""
+    source: DistCheckpoint | None = None
+    """The torch_dist folder read (its optimizer state is read from it too); None for the torch format."""
 
     @property
     def num_layers(self) -> int:
@@ -233,20 +235,35 @@ def _join(pieces: list[torch.Tensor], role: str, where: str) -> torch.Tensor:
 
 def _read_torch_dist(folder: Path, iteration) -> MegatronWeights:
     checkpoint = DistCheckpoint(folder)
-    per_layer = {f"decoder.layers.{name}": role for role, names in LAYER_TENSORS.items() for name in names}
-    known = {**{v: k for k, v in _GLOBAL_TENSORS.items()}, **per_layer}
-    roles = {key: known[key] for key in checkpoint.tensor_keys() if key in known}
+    roles = dist_roles(checkpoint)
     _refuse_unknown(checkpoint.stored, roles, folder)
     weights = MegatronWeights(plain_args(checkpoint.common_state().get("args")), iteration, "torch_dist")
+    weights.tensors = dist_tensors(checkpoint, roles)
+    weights.source = checkpoint
+    return weights
+
+
+def dist_roles(checkpoint: DistCheckpoint, prefix: str = "") -> dict[str, str]:
+    """The stored keys `prefix` + a Llama tensor's key, with that tensor's role (the weights: no prefix; their
+    optimizer state: `optimizer.state.exp_avg.` and the like, as Megatron-LM names it)."""
+    per_layer = {f"decoder.layers.{name}": role for role, names in LAYER_TENSORS.items() for name in names}
+    known = {**{v: k for k, v in _GLOBAL_TENSORS.items()}, **per_layer}
+    return {key: known[key[len(prefix):]] for key in checkpoint.tensor_keys()
+            if key.startswith(prefix) and key[len(prefix):] in known}
+
+
+def dist_tensors(checkpoint: DistCheckpoint, roles: dict[str, str]) -> dict[str, DistTensor]:
+    """The global tensors of `roles`' keys by role ("embedding", "layers.{i}.qkv", ...), each read when asked."""
+    tensors = {}
     for key, role in roles.items():
         meta = checkpoint.stored[key]
         shape, dtype = tuple(meta.size), meta.properties.dtype
-        if key.startswith("decoder.layers."):  # layers stacked on the first axis: one window each
+        if role not in _GLOBAL_TENSORS:  # layers stacked on the first axis: one window each
             for i in range(shape[0]):
-                weights.tensors[f"layers.{i}.{role}"] = DistTensor(checkpoint, key, i, shape[1:], dtype)
+                tensors[f"layers.{i}.{role}"] = DistTensor(checkpoint, key, i, shape[1:], dtype)
         else:
-            weights.tensors[role] = DistTensor(checkpoint, key, None, shape, dtype)
-    return weights
+            tensors[role] = DistTensor(checkpoint, key, None, shape, dtype)
+    return tensors
 
 
 def _refuse_unknown(stored: dict, roles: dict, folder: Path) -> None:

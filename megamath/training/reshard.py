@@ -182,28 +182,48 @@ def _grad_dtype_after(source: TrainCheckpoint, tp_size: int, dp_size: int) -> st
 
 def optimizer_shards(source: TrainCheckpoint, names: list[str], tp_size: int, tp_rank: int, dp_size: int):
     """The ZeRO-1 shards (ZeroOptimizer.sharded_state_dict's format) of TP rank tp_rank's DP ranks, in order."""
-    config, shapes = source.config, local_shapes(source.config, tp_size)
     run = source.meta["config"]
     grad_bytes = GRAD_DTYPES[_grad_dtype_after(source, tp_size, dp_size)].itemsize
     bucket_numel = bucket_numel_for(run.get("parallel", {}).get("bucket_mb", 0.0), grad_bytes)  # the run's buckets
+    yield from zero_shards(source.param_state, names, source.config, tp_size, tp_rank, dp_size, bucket_numel,
+                           source.step_count, source.optimizer_config)
+
+
+def zero_shards(param_state, names: list[str], config: ModelConfig, tp_size: int, tp_rank: int, dp_size: int,
+                bucket_numel: int, step: int, optimizer_config: dict, read_once: bool = False):
+    """ZeRO-1 shards of TP rank tp_rank's DP ranks, in order, from each parameter's serial fp32 state
+    (`param_state(name)`: {"master", "exp_avg", "exp_avg_sq"}), placed as ZeroOptimizer places them with
+    buckets of `bucket_numel` elements.
+
+    A parameter spread over several DP ranks' pieces is read once per rank holding a piece of it, with one
+    shard in memory at a time; `read_once` reads each parameter once and holds all the DP ranks' shards (the
+    TP rank's whole state, 12 bytes per element), for a source whose reads are costly."""
+    shapes = local_shapes(config, tp_size)
     layout = zero_layout([(n, shapes[n], tp_partition_dim(n, config, tp_size) is not None) for n in names], dp_size,
                          bucket_numel)
     params = [(slot.name, slot.numel, slot.offset) for slot in layout.slots]
-    for dp_rank in range(dp_size):
-        pieces = layout.rank_pieces(dp_rank)
-        tensors = {key: torch.zeros(layout.shard_size, dtype=torch.float32) for key in STATE_KEYS}  # (S,); padding 0
+    for group in ([list(range(dp_size))] if read_once else [[r] for r in range(dp_size)]):
+        pieces = {r: layout.rank_pieces(r) for r in group}
+        tensors = {r: {key: torch.zeros(layout.shard_size, dtype=torch.float32) for key in STATE_KEYS}  # padding 0
+                   for r in group}
         for slot in layout.slots:
-            f0, f1, s0 = pieces[slot.bucket]
-            lo, hi = max(slot.offset, f0), min(slot.offset + slot.numel, f1)
-            if lo >= hi:
+            owners = []  # (dp rank, flat range [lo, hi) it holds, where in its shard)
+            for r in group:
+                f0, f1, s0 = pieces[r][slot.bucket]
+                lo, hi = max(slot.offset, f0), min(slot.offset + slot.numel, f1)
+                if lo < hi:
+                    owners.append((r, lo, hi, s0 + lo - f0))
+            if not owners:
                 continue
-            for key, full in source.param_state(slot.name).items():
+            for key, full in param_state(slot.name).items():
                 piece = tp_slice(full, slot.name, config, tp_size, tp_rank).reshape(-1)  # (numel,)
-                tensors[key][s0 + lo - f0:s0 + hi - f0] = piece[lo - slot.offset:hi - slot.offset]
-        yield {"format": CHECKPOINT_FORMAT, "step": source.step_count, "config": source.optimizer_config,
-               "tp_size": tp_size, "tp_rank": tp_rank, "dp_size": dp_size, "dp_rank": dp_rank,
-               "shard_size": layout.shard_size, "buckets": [(b.start, b.end) for b in layout.buckets],
-               "params": params, **tensors}
+                for r, lo, hi, start in owners:
+                    tensors[r][key][start:start + hi - lo] = piece[lo - slot.offset:hi - slot.offset]
+        for r in group:
+            yield {"format": CHECKPOINT_FORMAT, "step": step, "config": optimizer_config,
+                   "tp_size": tp_size, "tp_rank": tp_rank, "dp_size": dp_size, "dp_rank": r,
+                   "shard_size": layout.shard_size, "buckets": [(b.start, b.end) for b in layout.buckets],
+                   "params": params, **tensors.pop(r)}
 
 
 def fresh_rng_state(seed: int) -> dict:
@@ -230,21 +250,34 @@ def _new_metadata(source: TrainCheckpoint, tp_size: int, dp_size: int) -> dict:
 
 def _write_files(source: TrainCheckpoint, folder: Path, tp_size: int, dp_size: int) -> None:
     """Every file of the new layout into `folder`, metadata.json last."""
-    names = list(parameter_shapes(source.config))  # the model's own order
+    seed = source.meta["config"]["seed"]
+
+    def rng_state(rank: int) -> dict:
+        if rank < source.meta["world_size"]:
+            return torch.load(source.path / rng_file(rank), weights_only=True)
+        return fresh_rng_state(seed + rank)
+
+    write_checkpoint_files(folder, source.config, tp_size, dp_size, source.weight,
+                           lambda names, tp_rank: optimizer_shards(source, names, tp_size, tp_rank, dp_size),
+                           rng_state, _new_metadata(source, tp_size, dp_size))
+
+
+def write_checkpoint_files(folder: Path, config: ModelConfig, tp_size: int, dp_size: int, weight, shards, rng_state,
+                           meta: dict) -> None:
+    """A TP tp_size × DP dp_size checkpoint's files into `folder`: per TP rank its slice of every `weight(name)`
+    (serial) and the DP shards `shards(names, tp_rank)` yields, per rank `rng_state(rank)`, then `meta` with
+    every file's checksum as metadata.json, last."""
+    names = list(parameter_shapes(config))  # the model's own order
     for tp_rank in range(tp_size):
-        tensors = {n: tp_slice(source.weight(n), n, source.config, tp_size, tp_rank).contiguous() for n in names}
+        tensors = {n: tp_slice(weight(n), n, config, tp_size, tp_rank).contiguous() for n in names}
         ckpt.write_checkpoint_file(lambda path, t=tensors: save_safetensors(t, path), folder / model_file(tp_rank))
         del tensors
-        for dp_rank, shard in enumerate(optimizer_shards(source, names, tp_size, tp_rank, dp_size)):
+        for dp_rank, shard in enumerate(shards(names, tp_rank)):
             ckpt.write_checkpoint_file(lambda path: torch.save(shard, path), folder / optimizer_file(tp_rank, dp_rank))
-    seed = source.meta["config"]["seed"]
     for rank in range(tp_size * dp_size):
-        if rank < source.meta["world_size"]:
-            state = torch.load(source.path / rng_file(rank), weights_only=True)
-        else:
-            state = fresh_rng_state(seed + rank)
+        state = rng_state(rank)
         ckpt.write_checkpoint_file(lambda path: torch.save(state, path), folder / rng_file(rank))
-    meta = _new_metadata(source, tp_size, dp_size)
+    meta = {**meta, "files": checkpoint_files(tp_size, dp_size)}
     meta["checksums"] = {name: file_digest(folder / name) for name in meta["files"]}
     ckpt.write_metadata(folder, meta)
 
@@ -269,25 +302,32 @@ def reshard_checkpoint(checkpoint: str | Path, output: str | Path, tp_size: int,
         raise ValueError(f"the checkpoint's global batch {batch} is not divisible by data-parallel size {dp_size}: "
                          "no run on it keeps that batch (micro_batch_size · grad_accum_steps · DP); give --dp-size "
                          "a divisor of it")
+    return write_new_run(output, meta["step"], lambda folder: _write_files(TrainCheckpoint(src), folder, tp_size,
+                                                                           dp_size), "reshard")
+
+
+def write_new_run(output: str | Path, step: int, write, what: str) -> Path:
+    """OUTPUT/checkpoints/step_XXXXXXX, its files written by `write(folder)` into a temp folder (metadata.json
+    last), renamed into place, then `latest` naming it: a killed tool leaves no checkpoint behind, never half of
+    one, and a run with run_dir OUTPUT resumes from it. `what` names the tool in the run lock and messages."""
     # One writer per run directory, as for training: two reshards into OUTPUT shared `.step_N.tmp`, each
     # deleting the other's files, and one left a checkpoint mixing both layouts that its checksums sealed.
-    with FolderLock(output, "reshard"):
+    with FolderLock(output, what):
         root = Path(output) / CHECKPOINTS
         held = complete_checkpoints(root)
         if held:
             raise FileExistsError(f"{output} already holds checkpoints ({', '.join(p.name for _, p in held)}): "
-                                  "reshard into a new run directory")
-        name = step_dir_name(meta["step"])
+                                  f"{what} into a new run directory")
+        name = step_dir_name(step)
         final, tmp = root / name, root / f".{name}.tmp"
         if final.exists() or final.is_symlink():  # not a checkpoint (those are refused above): the rename would fail
-            raise FileExistsError(f"{final} is in the way (it is not a checkpoint): move it, or reshard into a new "
+            raise FileExistsError(f"{final} is in the way (it is not a checkpoint): move it, or {what} into a new "
                                   "run directory")
-        source = TrainCheckpoint(src)
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a reshard that was killed
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a tool that was killed
         tmp.mkdir()
         try:
-            _write_files(source, tmp, tp_size, dp_size)
+            write(tmp)
             fsync_path(tmp)
             os.rename(tmp, final)
         except BaseException:
