@@ -5,8 +5,9 @@ MEGAMATH_TRAINER_FILES names a folder that tests/fixtures/megatron/write_fixture
 write_index_fixtures.py and tests/fixtures/neox/write_fixtures.py wrote (their docstrings say how); the
 layouts themselves are tested in every run on checkpoints trainer_checkpoints writes. Here: the converted
 model computes the trainer's own float32 logits; trainer_checkpoints, given that model, writes the
-trainer's tensors back element for element (so the everyday tests' files are the trainers' layout); and
-megamath's one-epoch GPT sample order is Megatron-LM's GPTDataset's.
+trainer's tensors back element for element (so the everyday tests' files are the trainers' layout);
+Megatron-LM's Adam state, from either of its optimizers, lands on each parameter's elements; and megamath's
+one-epoch GPT sample order is Megatron-LM's GPTDataset's.
 """
 from __future__ import annotations
 
@@ -80,3 +81,43 @@ def test_one_epochs_gpt_indices_equal_megatron_lms():
         ours = si.build_gpt_indices(fixture["sizes"], np.arange(len(fixture["sizes"])), num_samples, seq_length, seed)
         for name in ("doc_idx", "sample_idx", "shuffle_idx"):
             assert np.array_equal(ours[name], fixture[f"{case}_{name}"].astype(np.int64)), (case, name)
+
+
+@pytest.mark.parametrize("name, batch", [("megatron/adam_tp2", 1), ("megatron/distopt_tp2_dp2", 2)])
+def test_megatron_lms_own_adam_state_lands_on_each_parameter(name, batch, tmp_path):
+    """After Megatron-LM's one update whose gradient was each weight w itself (write_fixtures.py), exp_avg is
+    (1 - 0.9) · w and exp_avg_sq (1 - 0.999) · w² element for element, and the fp32 master rounds to the
+    weight Megatron-LM stored. The master moved by lr 1e-7 in the update, hence the tolerances (a state
+    misplaced by one element is off by ~1e-3): read from either optimizer's files, every state sits on its own
+    parameter's elements."""
+    from megamath.compat.megatron_checkpoint import read_megatron_checkpoint
+    from megamath.compat.megatron_llama import llama_config, llama_state_dict
+    from megamath.compat.megatron_run import convert_megatron_to_run
+    from megamath.training.config import TrainConfig
+    from megamath.training.reshard import TrainCheckpoint
+
+    model = {"vocab_size": 64, "hidden_size": 32, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2,
+             "ffn_hidden_size": 48, "max_seq_length": 16, "norm_eps": 1e-5, "kernels": "reference"}
+    config = TrainConfig.from_dict({"model": model, "data": {"seq_length": 16}, "train_steps": 20,
+                                    "optimizer": {"beta2": 0.999}, "parallel": {"tp_size": 2},
+                                    "run_dir": str(tmp_path / "run")})
+    done = convert_megatron_to_run(trainer_files(name), tmp_path / "run", config)
+    assert (done.adam.step, done.adam.betas, done.dp_size) == (1, (0.9, 0.999), batch)
+    saved = TrainCheckpoint(done.checkpoint)
+    stored = read_megatron_checkpoint(trainer_files(name))
+    hf = llama_state_dict(stored, llama_config(stored.args))
+    for param in saved.local:
+        state, weight = saved.param_state(param), hf[param].read()
+        assert torch.equal(state["master"].to(weight.dtype), weight), param
+        w = state["master"]
+        torch.testing.assert_close(state["exp_avg"], 0.1 * w, rtol=1e-5, atol=2e-8, msg=param)
+        torch.testing.assert_close(state["exp_avg_sq"], 1e-3 * w.square(), rtol=1e-5, atol=1e-9, msg=param)
+
+
+def test_megatron_lms_bucketed_adam_state_is_refused_with_what_to_do(tmp_path):
+    from megamath.compat.megatron_checkpoint import read_megatron_checkpoint
+    from megamath.compat.megatron_optimizer import read_megatron_adam
+
+    weights = read_megatron_checkpoint(trainer_files("megatron/buckets_dp2"))
+    with pytest.raises(ValueError, match=r"\(dp_reshardable, Megatron-LM's default\).*--dist-ckpt-optim-fully-resh"):
+        read_megatron_adam(weights)

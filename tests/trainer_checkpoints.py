@@ -63,7 +63,8 @@ def _attn_backend():
     return name, module
 
 
-def megatron_args(config: ModelConfig, tp: int, pp: int, vp: int | None, ckpt_format: str) -> argparse.Namespace:
+def megatron_args(config: ModelConfig, tp: int, pp: int, vp: int | None, ckpt_format: str, iteration: int = 10,
+                  global_batch: int = 8) -> argparse.Namespace:
     """The fields Megatron-LM's parse_args/validate_args give a Llama run (the converter reads these)."""
     return argparse.Namespace(
         num_layers=config.num_layers, hidden_size=config.hidden_size, num_attention_heads=config.num_heads,
@@ -79,7 +80,7 @@ def megatron_args(config: ModelConfig, tp: int, pp: int, vp: int | None, ckpt_fo
         tokenizer_model=None, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vp, pipeline_model_parallel_layout=None, ckpt_format=ckpt_format,
         params_dtype=torch.bfloat16, bf16=True, transformer_impl="local", attention_backend=None,
-        global_batch_size=8, consumed_train_samples=80)  # iteration 10 of 8 samples each
+        global_batch_size=global_batch, consumed_train_samples=iteration * global_batch)
 
 
 def _grouped_qkv(state: dict, i: int, config: ModelConfig) -> torch.Tensor:
@@ -164,11 +165,46 @@ def write_megatron_torch(model: Llama, save: Path, tp: int, pp: int, vp: int | N
     return save
 
 
-def write_megatron_torch_dist(model: Llama, save: Path, tp: int) -> Path:
+def write_megatron_torch_dist(model: Llama, save: Path, tp: int, adam: dict | None = None, iteration: int = 10,
+                              global_batch: int = 8) -> Path:
     """`--ckpt-format torch_dist`: a distributed checkpoint of global tensors, layers stacked on a first axis
     (Transformer Engine's norm names), one chunk per layer and TP rank, the args in a `common_state` bytes
-    item, as Megatron-LM's dist_checkpointing writes them."""
-    config, state = model.config, {n: t.detach() for n, t in model.state_dict().items()}
+    item, as Megatron-LM's dist_checkpointing writes them.
+
+    `adam` adds an optimizer state as Megatron-LM stores it: {"sharding": "per parameter" (the non-distributed
+    optimizer: exp_avg, exp_avg_sq, and fp32_param for the bf16 parameters, the step in `common_step`) or
+    "fully_reshardable" (the distributed optimizer's `param` for all, the step in the param groups), "step",
+    and megamath state dicts for "master", "exp_avg", "exp_avg_sq"}."""
+    config = model.config
+    tensors = {k: (_stored(k, t), dim) for k, (t, dim) in _megatron_global(model.state_dict(), config).items()}
+    common = {"args": megatron_args(config, tp, 1, None, "torch_dist", iteration, global_batch),
+              "checkpoint_version": 3.0, "iteration": iteration, "num_floating_point_operations_so_far": 0}
+    if adam is not None:
+        common["optimizer"] = _adam_common(adam)
+        master = "param" if adam["sharding"] == "fully_reshardable" else "fp32_param"
+        for state, ours in (("exp_avg", "exp_avg"), ("exp_avg_sq", "exp_avg_sq"), (master, "master")):
+            for key, (t, dim) in _megatron_global(adam[ours], config).items():
+                if state == "fp32_param" and tensors[key][0].dtype == torch.float32:
+                    continue  # a float32 parameter is its own master
+                tensors[f"optimizer.state.{state}.{key}"] = (t.float().clone(), dim)
+    buffer = io.BytesIO()
+    _save_with_megatron_classes([common], common["args"], buffer)
+    folder = save / f"iter_{iteration:07d}"
+    request = {k: t for k, (t, _) in tensors.items()}
+    request["common_state/shard_0_1"] = io.BytesIO(buffer.getvalue())
+    request["decoder.layers.self_attention.linear_proj._extra_state/shard_0_4"] = io.BytesIO(b"")
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(request, checkpoint_id=str(folder), no_dist=True,
+                 planner=_ChunkPlanner({k: dim for k, (_, dim) in tensors.items()}, tp))
+    (folder / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1}))
+    (save / "latest_checkpointed_iteration.txt").write_text(str(iteration))
+    return save
+
+
+def _megatron_global(state: dict, config: ModelConfig) -> dict:
+    """megamath's serial tensors under torch_dist's keys, each with the dim TP splits one layer on (None)."""
+    state = {n: t.detach() for n, t in state.items()}
     layers = [_megatron_layer(state, i, config, 1, 0) for i in range(config.num_layers)]
     stacked = {  # name: (tensor, TP-split dim of one layer, or None)
         "embedding.word_embeddings.weight": (state["embed_tokens.weight"], 0),
@@ -182,22 +218,20 @@ def write_megatron_torch_dist(model: Llama, save: Path, tp: int) -> Path:
                               ("mlp.linear_fc1.weight", "mlp.linear_fc1.weight", "fc1"),
                               ("mlp.linear_fc2.weight", "mlp.linear_fc2.weight", 1)):
         stacked[f"decoder.layers.{theirs}"] = (torch.stack([layer[ours] for layer in layers]), dim)
-    tensors = {k: (_stored(k, t), dim) for k, (t, dim) in stacked.items()}
-    common = {"args": megatron_args(config, tp, 1, None, "torch_dist"), "checkpoint_version": 3.0, "iteration": 10,
-              "num_floating_point_operations_so_far": 0}
-    buffer = io.BytesIO()
-    _save_with_megatron_classes([common], common["args"], buffer)
-    folder = save / "iter_0000010"
-    request = {k: t for k, (t, _) in tensors.items()}
-    request["common_state/shard_0_1"] = io.BytesIO(buffer.getvalue())
-    request["decoder.layers.self_attention.linear_proj._extra_state/shard_0_4"] = io.BytesIO(b"")
-    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(request, checkpoint_id=str(folder), no_dist=True,
-                 planner=_ChunkPlanner({k: dim for k, (_, dim) in tensors.items()}, tp))
-    (folder / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1}))
-    (save / "latest_checkpointed_iteration.txt").write_text("10")
-    return save
+    return stacked
+
+
+def _adam_common(adam: dict) -> dict:
+    """The optimizer's entry of the common state, as each optimizer saves it."""
+    group = {"betas": (0.9, 0.95), "eps": 1e-8, "lr": 1e-4, "weight_decay": 0.1, "wd_mult": 1.0}
+    if adam["sharding"] == "fully_reshardable":
+        groups = [{**group, "step": float(adam["step"])}, {**group, "wd_mult": 0.0, "step": float(adam["step"])}]
+        return {"optimizer": {"param_groups": groups}, "param_state_sharding_type": "fully_reshardable"}
+    if adam["sharding"] == "dp_reshardable":
+        return {"param_state_sharding_type": "dp_reshardable"}
+    return {"optimizer": {"state": {"common_step": torch.tensor(float(adam["step"]))},
+                          "param_groups": [group, {**group, "wd_mult": 0.0}]},
+            "fp32_from_fp16_params": [[]]}
 
 
 def _chunks(shape: tuple, dim, tp: int, layered: bool) -> list[tuple[tuple, tuple]]:

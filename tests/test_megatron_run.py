@@ -1,0 +1,169 @@
+"""`megamath convert megatron-to-run`: a Megatron-LM checkpoint with its Adam state becomes a megamath run that
+resumes where it stopped.
+
+The checkpoints are written in Megatron-LM's torch_dist layout by tests/trainer_checkpoints.py (checked against
+checkpoints Megatron-LM itself wrote in tests/test_trainer_files.py). The end-to-end test moves a megamath
+run's own state through Megatron-LM's layout and back: the continued run must train exactly as the original.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from megamath.cli import main
+from megamath.compat.megatron_run import convert_megatron_to_run
+from megamath.parallel.state import ParallelState
+from megamath.training.config import TrainConfig
+from megamath.training.loop import train
+from megamath.training.reshard import TrainCheckpoint
+from test_train_loop import metrics, one_thread, raw_config  # noqa: F401  (one_thread is a fixture)
+from trainer_checkpoints import source_model, write_megatron_torch, write_megatron_torch_dist
+
+SHARDINGS = ("per parameter", "fully_reshardable")
+
+
+def random_states(model, seed: int) -> dict[str, dict[str, torch.Tensor]]:
+    """Distinct fp32 values per state and element, so that any misplaced element shows."""
+    g = torch.Generator().manual_seed(seed)
+    states = {}
+    for key in ("master", "exp_avg", "exp_avg_sq"):
+        states[key] = {n: torch.randn(p.shape, generator=g) for n, p in model.state_dict().items()}
+    states["exp_avg_sq"] = {n: t.square() for n, t in states["exp_avg_sq"].items()}
+    return states
+
+
+def small_config(tmp_path, **top) -> TrainConfig:
+    """raw_config's run with the Megatron checkpoints' model (4 layers, FFN 48) at micro-batch 2: DP 4 of 8."""
+    raw = raw_config(tmp_path / "corpus", tmp_path / "run", train_steps=20, **top)
+    raw["model"].update(num_layers=4, ffn_hidden_size=48, max_seq_length=32, norm_eps=1e-5)
+    raw["data"]["seq_length"] = 16
+    return TrainConfig.from_dict(raw)
+
+
+@pytest.mark.parametrize("sharding", SHARDINGS)
+def test_the_run_holds_megatrons_masters_moments_and_step(tmp_path, sharding):
+    model = source_model()
+    states = random_states(model, 1)
+    src = write_megatron_torch_dist(model, tmp_path / "megatron", tp=2,
+                                    adam={"sharding": sharding, "step": 9, **states})
+    config = small_config(tmp_path, parallel__tp_size=2)
+    done = convert_megatron_to_run(src, tmp_path / "run", config)
+    assert done.checkpoint == tmp_path / "run" / "checkpoints" / "step_0000010"
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step_0000010\n"
+    saved = TrainCheckpoint(done.checkpoint)
+    assert (saved.tp_size, saved.dp_size, saved.step_count) == (2, 4, 9)
+    assert (saved.meta["consumed_samples"], saved.meta["global_batch_size"]) == (80, 8)
+    assert saved.meta["converted_from"]["optimizer_state"] == sharding
+    for name in model.state_dict():
+        got = saved.param_state(name)
+        for key in ("master", "exp_avg", "exp_avg_sq"):
+            expected = states[key][name]
+            if key == "master" and sharding == "per parameter" and "norm" in name:
+                expected = model.state_dict()[name]  # a float32 parameter's weight is its master
+            assert torch.equal(got[key], expected), (name, key)
+        assert torch.equal(saved.weight(name), model.state_dict()[name].to(torch.bfloat16)), name
+
+
+def test_a_run_continued_from_megatrons_layout_trains_as_the_original(tmp_path, one_thread):
+    """A megamath run's step-3 state, written as Megatron-LM stores it and converted back, trains steps 4..6
+    exactly as the run itself did: weights, masters, moments and step all landed on the right parameters."""
+    full = raw_config(tmp_path / "corpus", tmp_path / "full", train_steps=6, checkpoint__save_every=3)
+    full["model"]["norm_eps"] = 1e-5
+    train(TrainConfig.from_dict(full), ParallelState.single())
+    saved = TrainCheckpoint(tmp_path / "full" / "checkpoints" / "step_0000003")
+    model = source_model(num_layers=2, ffn_hidden_size=64, max_seq_length=32)
+    model.load_state_dict({n: saved.weight(n) for n in model.state_dict()})
+    states = {key: {} for key in ("master", "exp_avg", "exp_avg_sq")}
+    for name in model.state_dict():
+        for key, value in saved.param_state(name).items():
+            states[key][name] = value
+    src = write_megatron_torch_dist(model, tmp_path / "megatron", tp=1, iteration=3, global_batch=2,
+                                    adam={"sharding": "fully_reshardable", "step": saved.step_count, **states})
+    later = TrainConfig.from_dict({**full, "run_dir": str(tmp_path / "later")})
+    convert_megatron_to_run(src, tmp_path / "later", later)
+    train(later, ParallelState.single())
+    ours = [r for r in metrics(tmp_path / "later") if "step" in r]
+    theirs = [r for r in metrics(tmp_path / "full") if r.get("step", 0) > 3]
+    assert [r["step"] for r in ours] == [4, 5, 6]
+    for key in ("loss", "grad_norm", "lr", "consumed_samples"):
+        assert [r[key] for r in ours] == [r[key] for r in theirs], key
+
+
+def test_the_cli_converts_and_says_how_to_continue(tmp_path, capsys):
+    src = write_megatron_torch_dist(source_model(), tmp_path / "megatron", tp=2,
+                                    adam={"sharding": "per parameter", "step": 10, **random_states(source_model(), 2)})
+    config = small_config(tmp_path)
+    path = tmp_path / "config.yaml"
+    path.write_text(json.dumps({**config.to_dict(), "run_dir": str(tmp_path / "out")}))
+    assert main(["convert", "megatron-to-run", str(src), str(tmp_path / "out"), "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "iteration 10, Adam step 10 (optimizer state per parameter), TP 2 -> TP 1 × DP 4" in out
+    assert "resumes at update 11" in out
+    assert "note: the config's data.sample_order is megamath" in out
+    assert TrainCheckpoint(tmp_path / "out" / "checkpoints" / "step_0000010").step_count == 10
+
+
+def write(tmp_path, **adam):
+    model = source_model()
+    return write_megatron_torch_dist(model, tmp_path / "megatron", tp=2,
+                                     adam={"sharding": "per parameter", "step": 10, **random_states(model, 3), **adam})
+
+
+@pytest.mark.parametrize("case, message", [
+    ("dp_reshardable", r"stored in its gradient buckets \(dp_reshardable, Megatron-LM's default\), whose parameter "
+                       r"order the file does not record; save it once with --dist-ckpt-optim-fully-reshardable"),
+    ("no optimizer", r"the checkpoint holds no optimizer state \(saved with --no-save-optim\?\); convert the weights "
+                     "alone with `megamath convert megatron-to-hf`"),
+    ("torch format", r"the torch format's optimizer state is not read"),
+    ("shape", r"^the config describes another model than the checkpoint's: model.hidden_size 64 \(config\) vs 32 "),
+    ("rope", r"model.rope_theta 500000.0 \(config\) vs 10000.0 \(checkpoint\)"),
+    ("batch", r"global batch 8 is not a multiple of the config's micro_batch_size · grad_accum_steps = 3"),
+    ("steps", r"^config train_steps 10 leaves nothing to train after iteration 10"),
+    ("vocabulary", r"^config model.vocab_size 128 exceeds the checkpoint's padded vocabulary 64$"),
+])
+def test_what_cannot_continue_is_one_line_that_says_what_to_do(tmp_path, case, message):
+    top = {"shape": {"model__hidden_size": 64}, "rope": {"model__rope_theta": 500000.0},
+           "batch": {"micro_batch_size": 3}, "steps": {"train_steps": 10},
+           "vocabulary": {"model__vocab_size": 128}}.get(case, {})
+    if case == "torch format":
+        src = write_megatron_torch(source_model(), tmp_path / "megatron", tp=2, pp=1)
+    elif case == "no optimizer":
+        src = write_megatron_torch_dist(source_model(), tmp_path / "megatron", tp=2)
+    else:
+        src = write(tmp_path, sharding="dp_reshardable" if case == "dp_reshardable" else "per parameter")
+    raw = small_config(tmp_path).to_dict()
+    for key, value in top.items():
+        section, _, field = key.rpartition("__")
+        (raw[section] if section else raw)[field] = value
+    with pytest.raises(ValueError, match=message):
+        convert_megatron_to_run(src, tmp_path / "run", TrainConfig.from_dict(raw))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_run_directory_with_checkpoints_is_not_written_into(tmp_path):
+    src = write(tmp_path)
+    config = small_config(tmp_path)
+    convert_megatron_to_run(src, tmp_path / "run", config)
+    with pytest.raises(FileExistsError, match="already holds checkpoints .*convert into a new run directory"):
+        convert_megatron_to_run(src, tmp_path / "run", config)
+
+
+def test_config_is_megatron_to_runs_alone(tmp_path, capsys):
+    src = write(tmp_path)
+    assert main(["convert", "megatron-to-run", str(src), str(tmp_path / "out")]) == 2
+    assert "error: --config is megatron-to-run's, and it needs one" in capsys.readouterr().err
+    assert main(["convert", "megatron-to-hf", str(src), str(tmp_path / "out"), "--config", "x.yaml"]) == 2
+    assert "error: --config is megatron-to-run's" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_megatron_to_hf_points_at_megatron_to_run_when_the_optimizer_is_saved(tmp_path, capsys):
+    src = write(tmp_path)
+    assert main(["convert", "megatron-to-hf", str(src), str(tmp_path / "hf")]) == 0
+    out = capsys.readouterr().out
+    assert f"its optimizer state is saved too: `megamath convert megatron-to-run {src} RUN_DIR" in out
+    plain = write_megatron_torch_dist(source_model(), tmp_path / "plain", tp=2)
+    assert main(["convert", "megatron-to-hf", str(plain), str(tmp_path / "hf2")]) == 0
+    assert "its optimizer state is saved too" not in capsys.readouterr().out
