@@ -167,3 +167,38 @@ def test_megatron_to_hf_points_at_megatron_to_run_when_the_optimizer_is_saved(tm
     plain = write_megatron_torch_dist(source_model(), tmp_path / "plain", tp=2)
     assert main(["convert", "megatron-to-hf", str(plain), str(tmp_path / "hf2")]) == 0
     assert "its optimizer state is saved too" not in capsys.readouterr().out
+
+
+def test_a_flipped_byte_in_a_moment_is_caught_and_nothing_is_written(tmp_path):
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
+    src = write(tmp_path)
+    folder = src / "iter_0000010"
+    key = "optimizer.state.exp_avg_sq.decoder.layers.mlp.linear_fc2.weight"
+    info = FileSystemReader(str(folder)).read_metadata().storage_data[MetadataIndex(key, torch.Size([3, 0, 0]))]
+    path = folder / info.relative_path
+    data = bytearray(path.read_bytes())
+    data[info.offset + info.length // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"the stored chunk of {key} at \\[3, 0, 0\\] fails its CRC-32 check"):
+        convert_megatron_to_run(src, tmp_path / "run", small_config(tmp_path))
+    assert list((tmp_path / "run" / "checkpoints").iterdir()) == []  # no step folder, no latest, no temporary
+
+
+def test_a_write_that_fails_midway_leaves_no_checkpoint_and_a_retry_succeeds(tmp_path, monkeypatch):
+    import megamath.compat.megatron_run as megatron_run
+
+    src, config = write(tmp_path), small_config(tmp_path)
+    real = megatron_run.zero_shards
+
+    def disk_full(*args, **kwargs):
+        yield next(real(*args, **kwargs))
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(megatron_run, "zero_shards", disk_full)
+    with pytest.raises(OSError, match="No space left on device"):
+        convert_megatron_to_run(src, tmp_path / "run", config)
+    assert list((tmp_path / "run" / "checkpoints").iterdir()) == []
+    monkeypatch.setattr(megatron_run, "zero_shards", real)
+    assert convert_megatron_to_run(src, tmp_path / "run", config).checkpoint.name == "step_0000010"

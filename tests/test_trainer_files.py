@@ -121,3 +121,28 @@ def test_megatron_lms_bucketed_adam_state_is_refused_with_what_to_do(tmp_path):
     weights = read_megatron_checkpoint(trainer_files("megatron/buckets_dp2"))
     with pytest.raises(ValueError, match=r"\(dp_reshardable, Megatron-LM's default\).*--dist-ckpt-optim-fully-resh"):
         read_megatron_adam(weights)
+
+
+@pytest.mark.parametrize("name, sharding", [("megatron/adam_tp2", "per parameter"),
+                                            ("megatron/distopt_tp2_dp2", "fully_reshardable")])
+def test_the_test_time_writer_writes_megatron_lms_own_optimizer_state(name, sharding, tmp_path):
+    """trainer_checkpoints' optimizer state, given what megamath read from Megatron-LM's file, is that file's:
+    the same keys (no fp32_param for a float32 parameter), dtypes and elements."""
+    from megamath.compat.megatron_checkpoint import read_megatron_checkpoint
+    from megamath.compat.megatron_llama import llama_config, llama_state_dict
+    from megamath.compat.megatron_optimizer import read_megatron_adam
+    from trainer_checkpoints import write_megatron_torch_dist
+
+    stored = read_megatron_checkpoint(trainer_files(name))
+    adam = read_megatron_adam(stored)
+    config = llama_config(stored.args)
+    states = {key: {n: t.read() for n, t in llama_state_dict(found, config).items()}
+              for key, found in adam.states.items()}
+    model = _converted(name, tmp_path)
+    write_megatron_torch_dist(model, tmp_path / "ours", tp=2, adam={"sharding": sharding, "step": adam.step, **states})
+    theirs = DistCheckpoint(trainer_files(name) / "iter_0000010")
+    ours = DistCheckpoint(tmp_path / "ours" / "iter_0000010")
+    keys = {k for k in theirs.tensor_keys() if k.startswith("optimizer.")}
+    assert keys == {k for k in ours.tensor_keys() if k.startswith("optimizer.")}
+    for key in keys:
+        assert torch.equal(theirs.read(key), ours.read(key)), key

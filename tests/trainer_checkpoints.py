@@ -270,7 +270,7 @@ class _ChunkPlanner(DefaultSavePlanner):
                 items.append(WriteItem(index=MetadataIndex(fqn), type=WriteItemType.BYTE_IO))
                 continue
             for offsets, sizes in _chunks(tuple(value.shape), self.split_dims[fqn], self.tp,
-                                          fqn.startswith("decoder.layers.")):
+                                          "decoder.layers." in fqn):  # the optimizer state's keys too
                 chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))
                 items.append(WriteItem(index=MetadataIndex(fqn, torch.Size(offsets)), type=WriteItemType.SHARD,
                                        tensor_data=TensorWriteData(chunk=chunk, size=value.size(),
