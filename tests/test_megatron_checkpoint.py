@@ -314,16 +314,16 @@ def test_rank_slices_are_joined_one_shard_at_a_time_as_they_are_written(tmp_path
     from megamath.compat.megatron_llama import convert_megatron_to_hf
 
     alive, most = [], [0]
-    join = megatron_checkpoint._join
+    join = megatron_checkpoint.join_tp_slices
 
     def counting_join(*args):
         alive[:] = [r for r in alive if r() is not None]
         most[0] = max(most[0], len(alive) + 1)
         joined = join(*args)
-        if args[1] in megatron_checkpoint._TP_DIM:  # a norm is one rank's mapped copy, not a new tensor
+        if args[1] in megatron_checkpoint.TP_DIM:  # a norm is one rank's mapped copy, not a new tensor
             alive.append(weakref.ref(joined))
         return joined
-    monkeypatch.setattr(megatron_checkpoint, "_join", counting_join)
+    monkeypatch.setattr(megatron_checkpoint, "join_tp_slices", counting_join)
     weights = read_megatron_checkpoint(written("torch_tp2_pp2"))
     from megamath.compat.megatron_llama import llama_state_dict
     llama_state_dict(weights, llama_config(weights.args))

@@ -21,16 +21,20 @@ from megamath.training.reshard import TrainCheckpoint
 from test_train_loop import metrics, one_thread, raw_config  # noqa: F401  (one_thread is a fixture)
 from trainer_checkpoints import source_model, write_megatron_torch, write_megatron_torch_dist
 
-SHARDINGS = ("per parameter", "fully_reshardable")
+SHARDINGS = ("per parameter", "fully_reshardable", "dp_reshardable")
 
 
 def random_states(model, seed: int) -> dict[str, dict[str, torch.Tensor]]:
-    """Distinct fp32 values per state and element, so that any misplaced element shows."""
+    """Distinct fp32 values per state and element, so that any misplaced element shows. The masters are the
+    weights moved below bfloat16's resolution (the norms, float32 parameters, are their weights), as a bf16
+    run's masters are, so that each rounds to the stored weight."""
     g = torch.Generator().manual_seed(seed)
     states = {}
-    for key in ("master", "exp_avg", "exp_avg_sq"):
+    for key in ("exp_avg", "exp_avg_sq"):
         states[key] = {n: torch.randn(p.shape, generator=g) for n, p in model.state_dict().items()}
     states["exp_avg_sq"] = {n: t.square() for n, t in states["exp_avg_sq"].items()}
+    states["master"] = {n: w.clone() if "norm" in n else w + w * 2**-10 * (2 * torch.rand(w.shape, generator=g) - 1)
+                        for n, w in model.state_dict().items()}
     return states
 
 
@@ -46,8 +50,8 @@ def small_config(tmp_path, **top) -> TrainConfig:
 def test_the_run_holds_megatrons_masters_moments_and_step(tmp_path, sharding):
     model = source_model()
     states = random_states(model, 1)
-    src = write_megatron_torch_dist(model, tmp_path / "megatron", tp=2,
-                                    adam={"sharding": sharding, "step": 9, **states})
+    src = write_megatron_torch_dist(model, tmp_path / "megatron", tp=2,  # buckets of ~1000: several per buffer
+                                    adam={"sharding": sharding, "step": 9, "bucket_numel": 1000, **states})
     config = small_config(tmp_path, parallel__tp_size=2)
     done = convert_megatron_to_run(src, tmp_path / "run", config)
     assert done.checkpoint == tmp_path / "run" / "checkpoints" / "step_0000010"
@@ -55,18 +59,16 @@ def test_the_run_holds_megatrons_masters_moments_and_step(tmp_path, sharding):
     saved = TrainCheckpoint(done.checkpoint)
     assert (saved.tp_size, saved.dp_size, saved.step_count) == (2, 4, 9)
     assert (saved.meta["consumed_samples"], saved.meta["global_batch_size"]) == (80, 8)
-    assert saved.meta["converted_from"]["optimizer_state"] == sharding
+    assert saved.meta["converted_from"]["optimizer_state"].startswith(sharding)
     for name in model.state_dict():
         got = saved.param_state(name)
         for key in ("master", "exp_avg", "exp_avg_sq"):
-            expected = states[key][name]
-            if key == "master" and sharding == "per parameter" and "norm" in name:
-                expected = model.state_dict()[name]  # a float32 parameter's weight is its master
-            assert torch.equal(got[key], expected), (name, key)
+            assert torch.equal(got[key], states[key][name]), (name, key)
         assert torch.equal(saved.weight(name), model.state_dict()[name].to(torch.bfloat16)), name
 
 
-def test_a_run_continued_from_megatrons_layout_trains_as_the_original(tmp_path, one_thread):
+@pytest.mark.parametrize("sharding", ["fully_reshardable", "dp_reshardable"])
+def test_a_run_continued_from_megatrons_layout_trains_as_the_original(tmp_path, one_thread, sharding):
     """A megamath run's step-3 state, written as Megatron-LM stores it and converted back, trains steps 4..6
     exactly as the run itself did: weights, masters, moments and step all landed on the right parameters."""
     full = raw_config(tmp_path / "corpus", tmp_path / "full", train_steps=6, checkpoint__save_every=3)
@@ -80,7 +82,7 @@ def test_a_run_continued_from_megatrons_layout_trains_as_the_original(tmp_path, 
         for key, value in saved.param_state(name).items():
             states[key][name] = value
     src = write_megatron_torch_dist(model, tmp_path / "megatron", tp=1, iteration=3, global_batch=2,
-                                    adam={"sharding": "fully_reshardable", "step": saved.step_count, **states})
+                                    adam={"sharding": sharding, "step": saved.step_count, **states})
     later = TrainConfig.from_dict({**full, "run_dir": str(tmp_path / "later")})
     convert_megatron_to_run(src, tmp_path / "later", later)
     train(later, ParallelState.single())
@@ -112,8 +114,9 @@ def write(tmp_path, **adam):
 
 
 @pytest.mark.parametrize("case, message", [
-    ("dp_reshardable", r"stored in its gradient buckets \(dp_reshardable, Megatron-LM's default\), whose parameter "
-                       r"order the file does not record; save it once with --dist-ckpt-optim-fully-reshardable"),
+    ("bucket order", r"the distributed optimizer's bucketed state \(dp_reshardable\) fits none of the parameter "
+                     r"orders megamath knows \(local, transformer_engine, transformer_engine, weight first\); save it "
+                     "once with --dist-ckpt-optim-fully-reshardable"),
     ("no optimizer", r"the checkpoint holds no optimizer state \(saved with --no-save-optim\?\); convert the weights "
                      "alone with `megamath convert megatron-to-hf`"),
     ("torch format", r"the torch format's optimizer state is not read"),
@@ -131,8 +134,13 @@ def test_what_cannot_continue_is_one_line_that_says_what_to_do(tmp_path, case, m
         src = write_megatron_torch(source_model(), tmp_path / "megatron", tp=2, pp=1)
     elif case == "no optimizer":
         src = write_megatron_torch_dist(source_model(), tmp_path / "megatron", tp=2)
+    elif case == "bucket order":  # masters that are not the weights': no order is confirmed
+        model = source_model()
+        states = {**random_states(model, 4), "master": random_states(source_model(seed=5), 4)["master"]}
+        src = write_megatron_torch_dist(model, tmp_path / "megatron", tp=2,
+                                        adam={"sharding": "dp_reshardable", "step": 10, **states})
     else:
-        src = write(tmp_path, sharding="dp_reshardable" if case == "dp_reshardable" else "per parameter")
+        src = write(tmp_path)
     raw = small_config(tmp_path).to_dict()
     for key, value in top.items():
         section, _, field = key.rpartition("__")
@@ -140,6 +148,20 @@ def test_what_cannot_continue_is_one_line_that_says_what_to_do(tmp_path, case, m
     with pytest.raises(ValueError, match=message):
         convert_megatron_to_run(src, tmp_path / "run", TrainConfig.from_dict(raw))
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_each_bucketed_master_is_checked_against_its_weight_element_for_element(tmp_path):
+    """An order is chosen on each parameter's first row; a master elsewhere that does not round to its weight
+    (here one element of layer 2's linear_fc2, past its first row) still stops the conversion."""
+    model = source_model()
+    states = random_states(model, 6)
+    states["master"]["layers.2.mlp.down_proj.weight"][5, 7] += 1.0
+    src = write_megatron_torch_dist(model, tmp_path / "megatron", tp=2,
+                                    adam={"sharding": "dp_reshardable", "step": 10, **states})
+    with pytest.raises(ValueError, match=r"the bucketed param of layers.2.fc2 does not round to its weight: the "
+                                         "bucket layout megamath rebuilt is not this checkpoint's"):
+        convert_megatron_to_run(src, tmp_path / "run", small_config(tmp_path))
+    assert list((tmp_path / "run" / "checkpoints").iterdir()) == []
 
 
 def test_a_run_directory_with_checkpoints_is_not_written_into(tmp_path):

@@ -83,13 +83,15 @@ def test_one_epochs_gpt_indices_equal_megatron_lms():
             assert np.array_equal(ours[name], fixture[f"{case}_{name}"].astype(np.int64)), (case, name)
 
 
-@pytest.mark.parametrize("name, batch", [("megatron/adam_tp2", 1), ("megatron/distopt_tp2_dp2", 2)])
+@pytest.mark.parametrize("name, batch", [("megatron/adam_tp2", 1), ("megatron/distopt_tp2_dp2", 2),
+                                         ("megatron/buckets_dp2", 2), ("megatron/buckets_tp2_dp2", 2)])
 def test_megatron_lms_own_adam_state_lands_on_each_parameter(name, batch, tmp_path):
     """After Megatron-LM's one update whose gradient was each weight w itself (write_fixtures.py), exp_avg is
     (1 - 0.9) · w and exp_avg_sq (1 - 0.999) · w² element for element, and the fp32 master rounds to the
     weight Megatron-LM stored. The master moved by lr 1e-7 in the update, hence the tolerances (a state
-    misplaced by one element is off by ~1e-3): read from either optimizer's files, every state sits on its own
-    parameter's elements."""
+    misplaced by one element is off by ~1e-3): read from either optimizer's files, in each of its layouts
+    (per parameter, or the distributed optimizer's buckets rebuilt), every state sits on its own parameter's
+    elements."""
     from megamath.compat.megatron_checkpoint import read_megatron_checkpoint
     from megamath.compat.megatron_llama import llama_config, llama_state_dict
     from megamath.compat.megatron_run import convert_megatron_to_run
@@ -112,15 +114,6 @@ def test_megatron_lms_own_adam_state_lands_on_each_parameter(name, batch, tmp_pa
         w = state["master"]
         torch.testing.assert_close(state["exp_avg"], 0.1 * w, rtol=1e-5, atol=2e-8, msg=param)
         torch.testing.assert_close(state["exp_avg_sq"], 1e-3 * w.square(), rtol=1e-5, atol=1e-9, msg=param)
-
-
-def test_megatron_lms_bucketed_adam_state_is_refused_with_what_to_do(tmp_path):
-    from megamath.compat.megatron_checkpoint import read_megatron_checkpoint
-    from megamath.compat.megatron_optimizer import read_megatron_adam
-
-    weights = read_megatron_checkpoint(trainer_files("megatron/buckets_dp2"))
-    with pytest.raises(ValueError, match=r"\(dp_reshardable, Megatron-LM's default\).*--dist-ckpt-optim-fully-resh"):
-        read_megatron_adam(weights)
 
 
 @pytest.mark.parametrize("name, sharding", [("megatron/adam_tp2", "per parameter"),

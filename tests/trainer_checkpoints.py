@@ -179,20 +179,19 @@ def write_megatron_torch_dist(model: Llama, save: Path, tp: int, adam: dict | No
     tensors = {k: (_stored(k, t), dim) for k, (t, dim) in _megatron_global(model.state_dict(), config).items()}
     common = {"args": megatron_args(config, tp, 1, None, "torch_dist", iteration, global_batch),
               "checkpoint_version": 3.0, "iteration": iteration, "num_floating_point_operations_so_far": 0}
+    objects = {}
     if adam is not None:
-        common["optimizer"] = _adam_common(adam)
-        master = "param" if adam["sharding"] == "fully_reshardable" else "fp32_param"
-        for state, ours in (("exp_avg", "exp_avg"), ("exp_avg_sq", "exp_avg_sq"), (master, "master")):
-            for key, (t, dim) in _megatron_global(adam[ours], config).items():
-                if state == "fp32_param" and tensors[key][0].dtype == torch.float32:
-                    continue  # a float32 parameter is its own master
-                tensors[f"optimizer.state.{state}.{key}"] = (t.float().clone(), dim)
+        from megatron_adam_files import optimizer_state  # (it builds on this file's layouts)
+
+        common["optimizer"], added, objects = optimizer_state(adam, config, tp, tensors)
+        tensors.update(added)
     buffer = io.BytesIO()
     _save_with_megatron_classes([common], common["args"], buffer)
     folder = save / f"iter_{iteration:07d}"
     request = {k: t for k, (t, _) in tensors.items()}
     request["common_state/shard_0_1"] = io.BytesIO(buffer.getvalue())
     request["decoder.layers.self_attention.linear_proj._extra_state/shard_0_4"] = io.BytesIO(b"")
+    request.update({key: io.BytesIO(value) for key, value in objects.items()})
     with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.save(request, checkpoint_id=str(folder), no_dist=True,
@@ -219,19 +218,6 @@ def _megatron_global(state: dict, config: ModelConfig) -> dict:
                               ("mlp.linear_fc2.weight", "mlp.linear_fc2.weight", 1)):
         stacked[f"decoder.layers.{theirs}"] = (torch.stack([layer[ours] for layer in layers]), dim)
     return stacked
-
-
-def _adam_common(adam: dict) -> dict:
-    """The optimizer's entry of the common state, as each optimizer saves it."""
-    group = {"betas": (0.9, 0.95), "eps": 1e-8, "lr": 1e-4, "weight_decay": 0.1, "wd_mult": 1.0}
-    if adam["sharding"] == "fully_reshardable":
-        groups = [{**group, "step": float(adam["step"])}, {**group, "wd_mult": 0.0, "step": float(adam["step"])}]
-        return {"optimizer": {"param_groups": groups}, "param_state_sharding_type": "fully_reshardable"}
-    if adam["sharding"] == "dp_reshardable":
-        return {"param_state_sharding_type": "dp_reshardable"}
-    return {"optimizer": {"state": {"common_step": torch.tensor(float(adam["step"]))},
-                          "param_groups": [group, {**group, "wd_mult": 0.0}]},
-            "fp32_from_fp16_params": [[]]}
 
 
 def _chunks(shape: tuple, dim, tp: int, layered: bool) -> list[tuple[tuple, tuple]]:

@@ -45,7 +45,7 @@ _GLOBAL_TENSORS = {"embedding": "embedding.word_embeddings.weight", "output": "o
                    "final_norm": "decoder.final_layernorm.weight"}
 # How tensor parallelism splits each tensor in the `torch` format: the dim its rank slices are joined on.
 # Norms are replicated; linear_fc1's slices are [gate_r; up_r] and are joined half by half.
-_TP_DIM = {"embedding": 0, "output": 0, "qkv": 0, "fc1": 0, "proj": 1, "fc2": 1}
+TP_DIM = {"embedding": 0, "output": 0, "qkv": 0, "fc1": 0, "proj": 1, "fc2": 1}
 
 
 @dataclass
@@ -80,7 +80,7 @@ class Slices:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        dim = _TP_DIM.get(self.role)
+        dim = TP_DIM.get(self.role)
         shape = list(self.pieces[0].shape)
         if dim is not None:
             shape[dim] = sum(p.shape[dim] for p in self.pieces)
@@ -91,7 +91,7 @@ class Slices:
         return self.pieces[0].dtype
 
     def read(self) -> torch.Tensor:
-        return _join(self.pieces, self.role, self.where)
+        return join_tp_slices(self.pieces, self.role, self.where)
 
 
 def iteration_folder(path: str | Path) -> tuple[Path, int | str]:
@@ -219,8 +219,9 @@ def _roles(state: dict, where: str) -> dict[str, torch.Tensor]:
     return found
 
 
-def _join(pieces: list[torch.Tensor], role: str, where: str) -> torch.Tensor:
-    dim = _TP_DIM.get(role)
+def join_tp_slices(pieces: list[torch.Tensor], role: str, where: str) -> torch.Tensor:
+    """One global tensor of its TP ranks' slices (linear_fc1's as [gate; up] halves); a replicated one checked equal."""
+    dim = TP_DIM.get(role)
     if dim is None:  # replicated over TP
         for t, piece in enumerate(pieces[1:], 1):
             if not torch.equal(piece, pieces[0]):

@@ -11,10 +11,11 @@ global layout (layers stacked on the first axis, linear_qkv grouped by query gro
   in float32 (the norms of a --bf16 run) has no fp32_param, its weight is its master; the Adam step is the
   common state's `common_step`;
 - the distributed optimizer saved with `--dist-ckpt-optim-fully-reshardable`:
-  `optimizer.state.{param,exp_avg,exp_avg_sq}.<key>`, the step in the param groups.
-Refused with what to do instead: the distributed optimizer's default `dp_reshardable` layout (flat buckets
-whose parameter order is Megatron-LM's internal bucketing, not stored in the file), the `torch` format, and
-a checkpoint saved without its optimizer (--no-save-optim).
+  `optimizer.state.{param,exp_avg,exp_avg_sq}.<key>`, the step in the param groups;
+- the distributed optimizer's default layout (`dp_reshardable`): flat buckets whose parameter order the file
+  does not record, rebuilt and checked against the weights by megatron_buckets.
+Refused with what to do instead: the `torch` format, and a checkpoint saved without its optimizer
+(--no-save-optim).
 """
 from __future__ import annotations
 
@@ -23,11 +24,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from megamath.compat.megatron_buckets import bucket_states
 from megamath.compat.megatron_checkpoint import MegatronWeights, dist_roles, dist_tensors
 
 STATE_PREFIXES = {"exp_avg": "optimizer.state.exp_avg.", "exp_avg_sq": "optimizer.state.exp_avg_sq.",
                   "fp32_param": "optimizer.state.fp32_param.", "param": "optimizer.state.param."}
 FULLY_RESHARDABLE = "fully_reshardable"
+BUCKETED = "dp_reshardable"
 PER_PARAMETER = "per parameter"  # the non-distributed optimizer
 _WEIGHTS_ONLY = ("convert the weights alone with `megamath convert megatron-to-hf` and continue with init_from_hf "
                  "and init_step (the moments then start fresh)")
@@ -60,11 +63,12 @@ def read_megatron_adam(weights: MegatronWeights) -> MegatronAdam:
         raise ValueError(f"{where}: the checkpoint holds no optimizer state (saved with --no-save-optim?); "
                          + _WEIGHTS_ONLY)
     sharding = optimizer.get("param_state_sharding_type")
+    if sharding == BUCKETED:
+        return _read_bucketed(weights, checkpoint, where)
     if sharding is not None and sharding != FULLY_RESHARDABLE:
-        raise ValueError(f"{where}: the distributed optimizer's state is stored in its gradient buckets "
-                         f"({sharding}, Megatron-LM's default), whose parameter order the file does not record; "
-                         "save it once with --dist-ckpt-optim-fully-reshardable (Megatron-LM writes each "
-                         "parameter's state then), or " + _WEIGHTS_ONLY)
+        raise ValueError(f"{where}: the distributed optimizer's state is stored as {sharding!r}, a layout megamath "
+                         "does not read; save it once with --dist-ckpt-optim-fully-reshardable (Megatron-LM writes "
+                         "each parameter's state then), or " + _WEIGHTS_ONLY)
     inner = optimizer.get("optimizer", optimizer)
     groups = inner.get("param_groups") if isinstance(inner, dict) else None
     if not groups:
@@ -78,6 +82,21 @@ def read_megatron_adam(weights: MegatronWeights) -> MegatronAdam:
         found.tensors = dist_tensors(checkpoint, dist_roles(checkpoint, STATE_PREFIXES[state]))
         adam.states["master" if state == master else state] = found
     _fill_float32_masters(adam.states["master"], weights, where)
+    _check_complete(adam, weights, where)
+    return adam
+
+
+def _read_bucketed(weights: MegatronWeights, checkpoint, where: str) -> MegatronAdam:
+    """The distributed optimizer's default layout, rebuilt and checked by megatron_buckets."""
+    key = "optimizer.distributed.dp_group_idx_0.optimizer"
+    groups = (checkpoint.read_object(key) or {}).get("param_groups") if checkpoint.object_keys(key) else None
+    if not groups:
+        raise ValueError(f"{where}: the bucketed optimizer state has no param_groups ({key}); " + _WEIGHTS_ONLY)
+    states, order = bucket_states(weights, checkpoint)
+    betas, eps = _settings(groups, where)
+    adam = MegatronAdam(_step({}, groups, where), f"{BUCKETED} ({order} order)", betas, eps)
+    for state, ours in (("param", "master"), ("exp_avg", "exp_avg"), ("exp_avg_sq", "exp_avg_sq")):
+        adam.states[ours] = MegatronWeights(weights.args, weights.iteration, "torch_dist", states[state], checkpoint)
     _check_complete(adam, weights, where)
     return adam
 

@@ -4,7 +4,8 @@ The checkpoint becomes a megamath training checkpoint, RUN_DIR/checkpoints/step_
 out for the config's tensor-parallel size and for the data-parallel size its batch implies (global batch /
 (micro_batch_size · grad_accum_steps)); `megamath train --config CONFIG` with run_dir RUN_DIR resumes from
 it at update N + 1. What carries over:
-- the fp32 masters and Adam's moments (megatron_optimizer), mapped to megamath's parameters as the weights
+- the fp32 masters and Adam's moments (megatron_optimizer, with megatron_buckets for the distributed
+  optimizer's default layout), mapped to megamath's parameters as the weights
   are (megatron_llama: linear_qkv cut into q, k, v by query group, linear_fc1 into gate and up; the padded
   vocabulary trimmed to the config's), and Adam's step count, so its bias correction goes on;
 - the step, the learning rate's place on the schedule and the data position (N × global batch samples, in

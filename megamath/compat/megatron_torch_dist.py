@@ -80,29 +80,43 @@ class DistCheckpoint:
         return {k: m for k, m in self.stored.items() if isinstance(m, TensorStorageMetadata)}
 
     def common_state(self) -> dict:
-        keys = [k for k, m in self.stored.items()
-                if isinstance(m, BytesStorageMetadata) and k.startswith("common_state")]
-        if keys:
-            request = {keys[0]: io.BytesIO()}
-            self._load(request, _GuardedPlanner())
-            common = request[keys[0]]
-        elif (self.folder / COMMON_FILE).is_file():
+        if self.object_keys("common_state"):
+            return self.read_object("common_state")
+        if (self.folder / COMMON_FILE).is_file():
             common = guarded_load(self.folder / COMMON_FILE)
-        else:
-            raise ValueError(f"{self.folder}: no common state (args) in the checkpoint and no {COMMON_FILE}")
-        return common[0] if isinstance(common, list) else common  # a sharded object's one shard
+            return common[0] if isinstance(common, list) else common
+        raise ValueError(f"{self.folder}: no common state (args) in the checkpoint and no {COMMON_FILE}")
+
+    def object_keys(self, prefix: str) -> list[str]:
+        """The stored objects (pickled, not tensors) whose keys start with `prefix`."""
+        return [k for k, m in self.stored.items() if isinstance(m, BytesStorageMetadata) and k.startswith(prefix)]
+
+    def read_object(self, prefix: str):
+        """The first stored object under `prefix` (a sharded object's one shard), unpickled by pickle_guard."""
+        key = self.object_keys(prefix)[0]
+        request = {key: io.BytesIO()}
+        self._load(request, _GuardedPlanner())
+        found = request[key]
+        return found[0] if isinstance(found, list) else found
 
     def read(self, key: str, layer: int | None = None) -> torch.Tensor:
         """Tensor `key` whole, or its slice `layer` along the first (stacked layers) axis."""
+        if layer is None:
+            size = self.stored[key].size
+            return self.read_range(key, 0, size[0] if len(size) else 0)
+        return self.read_range(key, layer, layer + 1)[0]
+
+    def read_range(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Tensor `key`'s elements [start, stop) along its first axis (the chunks they lie in checked first)."""
         meta = self.stored[key]
         size = list(meta.size)
         offsets = [0] * len(size)
-        if layer is not None:
-            offsets[0], size[0] = layer, 1
-        self._verify(key, offsets[0], offsets[0] + size[0])
+        if size:
+            offsets[0], size[0] = start, stop - start
+        self._verify(key, start, stop)
         out = torch.empty(size, dtype=meta.properties.dtype)
         self._load({key: out}, _GuardedPlanner({key: tuple(offsets)}))
-        return out[0] if layer is not None else out
+        return out
 
     def _verify(self, key: str, start: int, stop: int) -> None:
         """The CRC-32s of the stored chunks of `key` whose first-axis range meets [start, stop). Each chunk

@@ -1,0 +1,187 @@
+"""The distributed optimizer's default checkpoint layout (`dp_reshardable`): Adam's state in its gradient buckets.
+
+Megatron-LM saves, per model-parallel rank g (the TP rank, without pipeline stages) and per gradient buffer b
+(one per parameter dtype), each bucket k's fp32 master, exp_avg and exp_avg_sq as flat vectors
+
+    optimizer.distributed.dp_group_idx_{g}.gbuf_idx_{b}.dtype_(PARAM, GRAD).bucket_idx_{k}.{param,exp_avg,exp_avg_sq}
+
+of the bucket's unpadded length, and no record of which parameter lies where. The layout is Megatron-LM's
+(megatron/core/optimizer/distrib_optimizer.py, _compute_per_buffer_param_layout): a buffer holds the
+parameters of its dtype in reverse registration order, each TP rank's local slice, each starting at a
+multiple of 64 elements; a bucket closes at the parameter that fills it, so each bucket's stored length
+says where the next one starts. It is rebuilt here for the registration orders Megatron Core's GPT layer
+specs give (the local spec's, and Transformer Engine's with a norm inside the fused linear, either side of
+its weight) and trusted only when the checkpoint says so: an order is taken when every parameter's first
+row of masters rounds to the weight Megatron-LM stored, and then each master read is checked, element for
+element, against its weight. A checkpoint no order fits is refused with what to do instead.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from megamath.compat.megatron_checkpoint import TP_DIM, MegatronWeights, join_tp_slices
+from megamath.compat.megatron_torch_dist import DistCheckpoint
+
+STATES = ("param", "exp_avg", "exp_avg_sq")
+PARAM_ALIGN = 64
+_BUCKET = re.compile(r"optimizer\.distributed\.dp_group_idx_(\d+)\.gbuf_idx_(\d+)\.dtype_\(torch\.(\w+), "
+                     r"torch\.(\w+)\)\.bucket_idx_(\d+)\.param$")
+LAYER_ORDERS = {  # a layer's parameters in the order Megatron Core registers them, per layer spec
+    "local": ("input_norm", "proj", "qkv", "mlp_norm", "fc1", "fc2"),
+    "transformer_engine": ("proj", "input_norm", "qkv", "mlp_norm", "fc1", "fc2"),
+    "transformer_engine, weight first": ("proj", "qkv", "input_norm", "fc1", "mlp_norm", "fc2"),
+}
+REFUSED = ("save it once with --dist-ckpt-optim-fully-reshardable (Megatron-LM writes each parameter's state "
+           "then), or convert the weights alone with `megamath convert megatron-to-hf` and continue with "
+           "init_from_hf and init_step (the moments then start fresh)")
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One TP rank's local slice of a parameter inside a bucket: its key (without the state), start, shape."""
+
+    key: str
+    start: int
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return int(torch.Size(self.shape).numel())
+
+
+@dataclass
+class BucketTensor:
+    """A global tensor of one state, joined from its TP ranks' pieces when read. A master (`state` "param")
+    is checked against the parameter's weight as it is read."""
+
+    source: DistCheckpoint
+    role: str
+    state: str
+    pieces: list[Piece]
+    shape: tuple[int, ...]
+    weight: object = None
+    dtype: torch.dtype = torch.float32
+
+    def read(self) -> torch.Tensor:
+        slices = [self.source.read_range(f"{p.key}.{self.state}", p.start, p.start + p.numel).view(p.shape)
+                  for p in self.pieces]
+        where = f"{self.source.folder}: the bucketed {self.state} of {self.role}"
+        out = join_tp_slices(slices, self.role.rsplit(".", 1)[-1], where)
+        if self.weight is not None:
+            weight = self.weight.read()
+            if not torch.equal(out.to(weight.dtype), weight):
+                raise ValueError(f"{where} does not round to its weight: the bucket layout megamath rebuilt is not "
+                                 f"this checkpoint's; {REFUSED}")
+        return out
+
+
+def bucket_states(weights: MegatronWeights, checkpoint: DistCheckpoint) -> tuple[dict[str, dict], str]:
+    """Per state ("param", "exp_avg", "exp_avg_sq"), the BucketTensors by role; and the layer order that fits."""
+    buffers = _buffers(checkpoint, weights)
+    spec = weights.args.get("transformer_impl")
+    orders = sorted(LAYER_ORDERS, key=lambda name: not name.startswith(str(spec)))  # the args' spec tried first
+    for name in orders:
+        pieces = _place(LAYER_ORDERS[name], weights, buffers)
+        if pieces is not None and all(_first_row_fits(checkpoint, weights, role, found)
+                                      for role, found in pieces.items()):
+            states = {state: {role: BucketTensor(checkpoint, role, state, found, tuple(weights.tensors[role].shape),
+                                                 weights.tensors[role] if state == "param" else None)
+                              for role, found in pieces.items()} for state in STATES}
+            return states, name
+    raise ValueError(f"{checkpoint.folder}: the distributed optimizer's bucketed state (dp_reshardable) fits none of "
+                     f"the parameter orders megamath knows ({', '.join(LAYER_ORDERS)}); " + REFUSED)
+
+
+def _buffers(checkpoint: DistCheckpoint, weights: MegatronWeights) -> dict[int, list[tuple[torch.dtype, list]]]:
+    """Per TP rank, its buffers in order: (parameter dtype, [(bucket key, stored length), ...])."""
+    found: dict[int, dict[int, tuple[torch.dtype, dict[int, tuple[str, int]]]]] = {}
+    for key, meta in checkpoint.tensor_keys().items():
+        match = _BUCKET.match(key)
+        if match is None:
+            continue
+        group, gbuf, dtype, _, bucket = match.groups()
+        buffer = found.setdefault(int(group), {}).setdefault(int(gbuf), (getattr(torch, dtype), {}))
+        buffer[1][int(bucket)] = (key[:-len(".param")], int(meta.size[0]))
+    tp = weights.args.get("tensor_model_parallel_size") or 1
+    pp = weights.args.get("pipeline_model_parallel_size") or 1
+    if pp > 1 or weights.args.get("num_experts"):
+        raise ValueError(f"{checkpoint.folder}: the bucketed optimizer state of a pipeline-parallel run is not read "
+                         "(its model-parallel groups are TP × PP ranks); " + REFUSED)
+    if sorted(found) != list(range(tp)):
+        raise ValueError(f"{checkpoint.folder}: the bucketed optimizer state holds model-parallel groups "
+                         f"{sorted(found)}, the args TP size {tp}; the checkpoint is incomplete")
+    out = {}
+    for group, gbufs in found.items():
+        out[group] = []
+        for gbuf in sorted(gbufs):
+            dtype, buckets = gbufs[gbuf]
+            if sorted(buckets) != list(range(len(buckets))):
+                raise ValueError(f"{checkpoint.folder}: buffer {gbuf} of group {group} has buckets {sorted(buckets)}; "
+                                 "the checkpoint is incomplete")
+            out[group].append((dtype, [buckets[k] for k in range(len(buckets))]))
+    return out
+
+
+def _registration(weights: MegatronWeights, layer_order: tuple[str, ...]) -> list[str]:
+    layers = [f"layers.{i}.{role}" for i in range(weights.num_layers) for role in layer_order]
+    return ["embedding", *layers, "final_norm", "output"]
+
+
+def local_shape(shape: tuple[int, ...], role: str, tp: int) -> tuple[int, ...]:
+    dim = TP_DIM.get(role.rsplit(".", 1)[-1])
+    return shape if dim is None else tuple(n // tp if d == dim else n for d, n in enumerate(shape))
+
+
+def _place(layer_order, weights: MegatronWeights, buffers) -> dict[str, list[Piece]] | None:
+    """Each parameter's pieces (one per TP rank) under `layer_order`; None where the buckets' lengths disagree."""
+    order = [role for role in _registration(weights, layer_order) if role in weights.tensors]
+    if len(order) != len(weights.tensors):
+        return None
+    tp = len(buffers)
+    pieces: dict[str, list[Piece]] = {role: [] for role in order}
+    for group in range(tp):
+        for dtype, buckets in buffers[group]:
+            params = [role for role in reversed(order) if weights.tensors[role].dtype == dtype]
+            k, start = 0, 0
+            for role in params:
+                if k == len(buckets):
+                    return None
+                start = -(-start // PARAM_ALIGN) * PARAM_ALIGN
+                shape = local_shape(tuple(weights.tensors[role].shape), role, tp)
+                piece = Piece(buckets[k][0], start, shape)
+                end = start + piece.numel
+                if end > buckets[k][1]:
+                    return None
+                pieces[role].append(piece)
+                k, start = (k + 1, 0) if end == buckets[k][1] else (k, end)
+            if k != len(buckets):
+                return None
+    return pieces if all(len(found) == tp for found in pieces.values()) else None
+
+
+def _first_row_fits(checkpoint: DistCheckpoint, weights: MegatronWeights, role: str, pieces: list[Piece]) -> bool:
+    """Whether each TP rank's first row of masters rounds to the weight's elements there (a cheap test of an
+    order: a misplaced parameter's row is another tensor's values)."""
+    weight = weights.tensors[role].read()
+    tp = len(pieces)
+    for rank, piece in enumerate(pieces):
+        row = piece.shape[-1] if len(piece.shape) > 1 else piece.numel
+        master = checkpoint.read_range(f"{piece.key}.param", piece.start, piece.start + row)
+        if not torch.equal(master.to(weight.dtype), tp_local_slice(weight, role, tp, rank).reshape(-1)[:row]):
+            return False
+    return True
+
+
+def tp_local_slice(tensor: torch.Tensor, role: str, tp: int, rank: int) -> torch.Tensor:
+    """TP rank `rank`'s slice of a global tensor, as Megatron-LM holds it (linear_fc1: [gate_r; up_r])."""
+    role = role.rsplit(".", 1)[-1]
+    dim = TP_DIM.get(role)
+    if dim is None:
+        return tensor
+    if role == "fc1":
+        gate, up = tensor.chunk(2, dim=0)
+        return torch.cat([gate.chunk(tp, dim=0)[rank], up.chunk(tp, dim=0)[rank]])
+    return tensor.chunk(tp, dim=dim)[rank]

@@ -1,0 +1,95 @@
+"""Megatron-LM's optimizer state in a torch_dist checkpoint, as its two optimizers save it, for
+trainer_checkpoints.write_megatron_torch_dist (checked against Megatron-LM's own files in
+tests/test_trainer_files.py)."""
+from __future__ import annotations
+
+import io
+
+import torch
+
+from megamath.model import ModelConfig
+from trainer_checkpoints import _megatron_global, _megatron_layer
+
+
+def optimizer_state(adam: dict, config: ModelConfig, tp: int, weights: dict) -> tuple[dict, dict, dict]:
+    """The common state's optimizer entry, the tensors (key: (tensor, TP-split dim)) and the pickled objects
+    (key: bytes) of `adam` (write_megatron_torch_dist's argument), beside the stored `weights`."""
+    if adam["sharding"] == "dp_reshardable":
+        flats, objects = _buckets(adam, config, tp)
+        return _adam_common(adam), {key: (flat, None) for key, flat in flats.items()}, objects
+    tensors = {}
+    master = "param" if adam["sharding"] == "fully_reshardable" else "fp32_param"
+    for state, ours in (("exp_avg", "exp_avg"), ("exp_avg_sq", "exp_avg_sq"), (master, "master")):
+        for key, (t, dim) in _megatron_global(adam[ours], config).items():
+            if state == "fp32_param" and weights[key][0].dtype == torch.float32:
+                continue  # a float32 parameter is its own master
+            tensors[f"optimizer.state.{state}.{key}"] = (t.float().clone(), dim)
+    return _adam_common(adam), tensors, {}
+
+
+_LOCAL_NAMES = {"input_norm": "input_layernorm.weight", "proj": "self_attention.linear_proj.weight",
+                "qkv": "self_attention.linear_qkv.weight", "mlp_norm": "pre_mlp_layernorm.weight",
+                "fc1": "mlp.linear_fc1.weight", "fc2": "mlp.linear_fc2.weight"}
+
+
+def _buckets(adam: dict, config: ModelConfig, tp: int) -> tuple[dict, dict]:
+    """The distributed optimizer's dp_reshardable state, laid out as Megatron-LM's DistributedOptimizer lays out
+    its buffers for the local spec of a --bf16 run: per TP rank, a bfloat16 and a float32 (norms) buffer, each
+    holding its parameters' local slices in reverse registration order, every start a multiple of 64, the
+    padding 0 here; buckets close at the parameter reaching adam["bucket_numel"] (default: one bucket). Also
+    each TP rank's param groups object (with the step)."""
+    order = ["embedding"] + [f"layers.{i}.{role}" for i in range(config.num_layers) for role in _LOCAL_NAMES]
+    order += ["final_norm", "output"]
+    bucket_numel = adam.get("bucket_numel")
+    flats, objects = {}, {}
+    for r in range(tp):
+        locals_ = {}
+        for key in ("master", "exp_avg", "exp_avg_sq"):
+            state = {n: t.detach().float() for n, t in adam[key].items()}
+            layers = [_megatron_layer(state, i, config, tp, r) for i in range(config.num_layers)]
+            for role in order:
+                if role.startswith("layers."):
+                    _, i, name = role.split(".")
+                    value = layers[int(i)][_LOCAL_NAMES[name]]
+                else:
+                    value = {"embedding": state["embed_tokens.weight"].chunk(tp, dim=0)[r], "final_norm":
+                             state["norm.weight"], "output": state["lm_head.weight"].chunk(tp, dim=0)[r]}[role]
+                locals_.setdefault(role, {})[key] = value.reshape(-1)
+        for gbuf, (dtype, norms) in enumerate((("bfloat16", False), ("float32", True))):
+            params = [role for role in reversed(order) if role.endswith("norm") == norms]
+            buckets, current, start = [], [], 0
+            for role in params:
+                start = -(-start // 64) * 64
+                current.append((role, start))
+                start += locals_[role]["master"].numel()
+                if bucket_numel is not None and start >= bucket_numel:
+                    buckets.append((current, start))
+                    current, start = [], 0
+            if current:
+                buckets.append((current, start))
+            for k, (placed, length) in enumerate(buckets):
+                base = (f"optimizer.distributed.dp_group_idx_{r}.gbuf_idx_{gbuf}.dtype_(torch.{dtype}, "
+                        f"torch.float32).bucket_idx_{k}")
+                for key, name in (("master", "param"), ("exp_avg", "exp_avg"), ("exp_avg_sq", "exp_avg_sq")):
+                    flat = torch.zeros(length)
+                    for role, at in placed:
+                        flat[at:at + locals_[role][key].numel()] = locals_[role][key]
+                    flats[f"{base}.{name}"] = flat
+        buffer = io.BytesIO()
+        group = {"betas": (0.9, 0.95), "eps": 1e-8, "step": float(adam["step"])}
+        torch.save([{"param_groups": [group, {**group, "wd_mult": 0.0}]}], buffer)
+        objects[f"optimizer.distributed.dp_group_idx_{r}.optimizer/shard_0_1"] = buffer.getvalue()
+    return flats, objects
+
+
+def _adam_common(adam: dict) -> dict:
+    """The optimizer's entry of the common state, as each optimizer saves it."""
+    group = {"betas": (0.9, 0.95), "eps": 1e-8, "lr": 1e-4, "weight_decay": 0.1, "wd_mult": 1.0}
+    if adam["sharding"] == "fully_reshardable":
+        groups = [{**group, "step": float(adam["step"])}, {**group, "wd_mult": 0.0, "step": float(adam["step"])}]
+        return {"optimizer": {"param_groups": groups}, "param_state_sharding_type": "fully_reshardable"}
+    if adam["sharding"] == "dp_reshardable":
+        return {"param_state_sharding_type": "dp_reshardable"}
+    return {"optimizer": {"state": {"common_step": torch.tensor(float(adam["step"]))},
+                          "param_groups": [group, {**group, "wd_mult": 0.0}]},
+            "fp32_from_fp16_params": [[]]}
