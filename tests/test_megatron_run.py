@@ -175,7 +175,7 @@ def test_a_run_directory_with_checkpoints_is_not_written_into(tmp_path):
 def test_config_is_megatron_to_runs_alone(tmp_path, capsys):
     src = write(tmp_path)
     assert main(["convert", "megatron-to-run", str(src), str(tmp_path / "out")]) == 2
-    assert "error: --config is megatron-to-run's, and it needs one" in capsys.readouterr().err
+    assert "error: --config is megatron-to-run's and neox-to-run's, and they need one" in capsys.readouterr().err
     assert main(["convert", "megatron-to-hf", str(src), str(tmp_path / "out"), "--config", "x.yaml"]) == 2
     assert "error: --config is megatron-to-run's" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
@@ -209,18 +209,18 @@ def test_a_flipped_byte_in_a_moment_is_caught_and_nothing_is_written(tmp_path):
 
 
 def test_a_write_that_fails_midway_leaves_no_checkpoint_and_a_retry_succeeds(tmp_path, monkeypatch):
-    import megamath.compat.megatron_run as megatron_run
+    import megamath.compat.run_writer as run_writer
 
     src, config = write(tmp_path), small_config(tmp_path)
-    real = megatron_run.zero_shards
+    real = run_writer.zero_shards
 
     def disk_full(*args, **kwargs):
         yield next(real(*args, **kwargs))
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(megatron_run, "zero_shards", disk_full)
+    monkeypatch.setattr(run_writer, "zero_shards", disk_full)
     with pytest.raises(OSError, match="No space left on device"):
         convert_megatron_to_run(src, tmp_path / "run", config)
     assert list((tmp_path / "run" / "checkpoints").iterdir()) == []
-    monkeypatch.setattr(megatron_run, "zero_shards", real)
+    monkeypatch.setattr(run_writer, "zero_shards", real)
     assert convert_megatron_to_run(src, tmp_path / "run", config).checkpoint.name == "step_0000010"

@@ -104,7 +104,7 @@ def test_megatron_lms_own_adam_state_lands_on_each_parameter(name, batch, tmp_pa
                                     "optimizer": {"beta2": 0.999}, "parallel": {"tp_size": 2},
                                     "run_dir": str(tmp_path / "run")})
     done = convert_megatron_to_run(trainer_files(name), tmp_path / "run", config)
-    assert (done.adam.step, done.adam.betas, done.dp_size) == (1, (0.9, 0.999), batch)
+    assert (done.source.adam_step, done.source.betas, done.dp_size) == (1, (0.9, 0.999), batch)
     saved = TrainCheckpoint(done.checkpoint)
     stored = read_megatron_checkpoint(trainer_files(name))
     hf = llama_state_dict(stored, llama_config(stored.args))
@@ -139,3 +139,39 @@ def test_the_test_time_writer_writes_megatron_lms_own_optimizer_state(name, shar
     assert keys == {k for k in ours.tensor_keys() if k.startswith("optimizer.")}
     for key in keys:
         assert torch.equal(theirs.read(key), ours.read(key)), key
+
+
+def test_gpt_neoxs_own_zero_state_lands_on_each_parameter(tmp_path):
+    """GPT-NeoX's llemma branch through DeepSpeed's ZeRO stage 1 (TP 2 × DP 2, bf16), after one update whose
+    gradient was each weight (write_fixtures.py): exp_avg = 0.1 · w and exp_avg_sq = 0.001 · w² on every
+    element, and the fp32 master rounds to the weight DeepSpeed stored. And DeepSpeed's partitions hold the
+    parameters in the module's order, as neox_zero_files writes them for the everyday tests."""
+    from megamath.compat.neox_checkpoint import llama_config, llama_state_dict, read_neox_checkpoint
+    from megamath.compat.neox_run import convert_neox_to_run
+    from megamath.training.config import TrainConfig
+    from megamath.training.reshard import TrainCheckpoint
+
+    src = trainer_files("neox/llemma_zero1_tp2_dp2")
+    model = {"vocab_size": 64, "hidden_size": 32, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
+             "ffn_hidden_size": 256, "max_seq_length": 16, "norm_eps": 1e-10, "kernels": "reference"}
+    config = TrainConfig.from_dict({"model": model, "data": {"seq_length": 16}, "train_steps": 20,
+                                    "optimizer": {"beta2": 0.999}, "parallel": {"tp_size": 2},
+                                    "run_dir": str(tmp_path / "run")})
+    done = convert_neox_to_run(src, tmp_path / "run", config)
+    assert (done.source.adam_step, done.source.betas, done.dp_size) == (1, (0.9, 0.999), 2)
+    saved = TrainCheckpoint(done.checkpoint)
+    checkpoint = read_neox_checkpoint(src)
+    weights, _ = llama_state_dict(checkpoint, llama_config(checkpoint)[0])
+    for param in saved.local:
+        state, weight = saved.param_state(param), weights[param].read()
+        assert torch.equal(state["master"].to(weight.dtype), weight), param
+        w = state["master"]
+        torch.testing.assert_close(state["exp_avg"], 0.1 * w, rtol=1e-5, atol=2e-8, msg=param)
+        torch.testing.assert_close(state["exp_avg_sq"], 1e-3 * w.square(), rtol=1e-5, atol=1e-9, msg=param)
+    for t in range(2):
+        names = []
+        for d in range(2):
+            state = guarded_load(src / "global_step10" / f"bf16_zero_pp_rank_{d}_mp_rank_{t:02d}_optim_states.pt")
+            names += [n for n in state["optimizer_state_dict"]["param_slice_mappings"][0] if n not in names]
+        module = guarded_load(src / "global_step10" / f"mp_rank_{t:02d}_model_states.pt")["module"]
+        assert names == [n for n in module if not n.endswith("inv_freq")]

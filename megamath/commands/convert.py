@@ -1,6 +1,6 @@
 """`megamath convert`: Hugging Face Llama checkpoints to megamath's format and back, Megatron-LM and
-GPT-NeoX checkpoints to Hugging Face's, and a Megatron-LM checkpoint with its optimizer state to a megamath
-run that resumes where it stopped.
+GPT-NeoX checkpoints to Hugging Face's, and a Megatron-LM or GPT-NeoX checkpoint with its optimizer state to a
+megamath run that resumes where it stopped.
 
 Every direction streams tensor by tensor from memory-mapped files into one output shard at a time, so a
 34B checkpoint converts in about one shard of memory, without transformers (or the other trainer)
@@ -29,12 +29,13 @@ def add_parser(subparsers, name: str) -> None:
         "taking its latest, or one global_stepN folder, with the configs/ GPT-NeoX copies into it), sequential or "
         "pipeline files, at any tensor-parallel size. Their pickles are read without importing those trainers. "
         "Only float weights convert (F32, BF16, F16, F64): dequantize a quantized checkpoint first. "
-        "megatron-to-run reads a torch_dist Megatron-LM checkpoint with its optimizer state and writes run directory "
-        "DST's checkpoint for --config (fp32 masters, Adam's moments and step, the iteration): `megamath train "
-        "--config` with run_dir DST resumes from it at the next iteration.",
+        "megatron-to-run (a torch_dist Megatron-LM checkpoint) and neox-to-run (a GPT-NeoX checkpoint with its "
+        "DeepSpeed ZeRO optimizer files) read the optimizer state too and write run directory DST's checkpoint for "
+        "--config (fp32 masters, Adam's moments and step, the iteration): `megamath train --config` with run_dir "
+        "DST resumes from it at the next iteration.",
     )
     parser.add_argument("direction", choices=("hf-to-megamath", "megamath-to-hf", "megatron-to-hf", "neox-to-hf",
-                                              "megatron-to-run"))
+                                              "megatron-to-run", "neox-to-run"))
     parser.add_argument("src", type=Path, metavar="SRC", help="checkpoint directory to read")
     parser.add_argument("dst", type=Path, metavar="DST", help="checkpoint directory to write")
     parser.add_argument("--max-shard-size", default="5GB",
@@ -47,9 +48,9 @@ def add_parser(subparsers, name: str) -> None:
                         help="megatron-to-hf and neox-to-hf only: keep the first N rows of the embedding and output "
                         "layer, the tokenizer's size (default: the padded vocabulary, as the checkpoint holds it)")
     parser.add_argument("--config", type=Path, default=None, metavar="CONFIG.yaml",
-                        help="megatron-to-run only (and required there): the megamath training config the run goes on "
-                        "with (`megamath config from-megatron` writes one), which must describe the checkpoint's model "
-                        "and global batch")
+                        help="megatron-to-run and neox-to-run only (and required there): the megamath training config "
+                        "the run goes on with (`megamath config from-megatron` / `from-neox` writes one), which must "
+                        "describe the checkpoint's model and global batch")
     parser.set_defaults(run=run)
 
 
@@ -61,9 +62,10 @@ def run(args) -> int:
 
     training = is_training_checkpoint(args.src)
     check_source(args.src, args.direction, training)
-    if (args.config is not None) != (args.direction == "megatron-to-run"):
-        raise ValueError("--config is megatron-to-run's, and it needs one: the training config the run goes on with")
-    if args.direction == "megatron-to-run":
+    if (args.config is not None) != (args.direction in TO_RUN):
+        raise ValueError("--config is megatron-to-run's and neox-to-run's, and they need one: the training config "
+                         "the run goes on with")
+    if args.direction in TO_RUN:
         return _to_run(args)
     if args.vocab_size is not None and args.direction not in FROM_TRAINERS:
         raise ValueError("--vocab-size applies to megatron-to-hf and neox-to-hf only (the other directions keep "
@@ -132,32 +134,39 @@ def _from_neox(args, dtype) -> int:
     print(notes[-1])  # the special token ids written
     if (step := re.fullmatch(r"global_step(\d+)", read.folder.name)) and int(step.group(1)) > 0:
         print(continue_hint(args.dst, int(step.group(1)), "neox", "train_iters"))
+        if any(re.search(r"zero_pp_rank_\d+_mp_rank_\d+_optim_states\.pt$", p.name) for p in read.folder.iterdir()):
+            print(f"its optimizer state is saved too: `megamath convert neox-to-run {args.src} RUN_DIR --config "
+                  "CONFIG.yaml` keeps the fp32 masters and Adam's moments, and RUN_DIR resumes at update "
+                  f"{int(step.group(1)) + 1}")
     return 0
 
 
 def _to_run(args) -> int:
-    from megamath.compat.megatron_run import convert_megatron_to_run
     from megamath.training.config import load_config
 
     given = [flag for flag, value in (("--vocab-size", args.vocab_size), ("--dtype", args.dtype)) if value is not None]
     if given or args.max_shard_size != "5GB":
-        raise ValueError(f"{', '.join(given) or '--max-shard-size'}: not megatron-to-run's; the config says the "
+        raise ValueError(f"{', '.join(given) or '--max-shard-size'}: not {args.direction}'s; the config says the "
                          "vocabulary and dtype, and a training checkpoint has one file per rank")
     config = load_config(args.config)
-    done = convert_megatron_to_run(args.src, args.dst, config)
-    a, adam = done.weights.args, done.adam
-    print(f"converted {args.src} -> {done.checkpoint} (megatron-to-run): iteration {done.weights.iteration}, "
-          f"Adam step {adam.step} (optimizer state {adam.sharding}), TP {a.get('tensor_model_parallel_size', 1)} -> "
-          f"TP {config.parallel.tp_size} × DP {done.dp_size}; {config.model.num_layers} layers, "
-          f"{config.model.num_params():,} parameters")
+    if args.direction == "megatron-to-run":
+        from megamath.compat.megatron_run import convert_megatron_to_run as convert
+    else:
+        from megamath.compat.neox_run import convert_neox_to_run as convert
+    done = convert(args.src, args.dst, config)
+    run = done.source
+    print(f"converted {args.src} -> {done.checkpoint} ({args.direction}): iteration {run.iteration}, Adam step "
+          f"{run.adam_step} (optimizer state {run.optimizer_state}), {run.layout} -> TP {config.parallel.tp_size} × "
+          f"DP {done.dp_size}; {config.model.num_layers} layers, {config.model.num_params():,} parameters")
     for note in done.notes:
         print(f"note: {note}")
     print(f"to continue: megamath train --config {args.config} (run_dir {args.dst}) resumes at update "
-          f"{done.weights.iteration + 1}")
+          f"{run.iteration + 1}")
     return 0
 
 
 FROM_TRAINERS = {"megatron-to-hf": _from_megatron, "neox-to-hf": _from_neox}
+TO_RUN = ("megatron-to-run", "neox-to-run")
 
 
 def check_source(src: Path, direction: str, training: bool) -> None:
