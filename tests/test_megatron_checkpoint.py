@@ -234,13 +234,17 @@ def test_config_from_megatron_names_the_command_that_converts_its_load_folder():
     assert unmapped["--load"].reason == (f"{load} is not a Hugging Face folder (no config.json): convert the "
                                          f"Megatron checkpoint with `megamath convert megatron-to-hf {load} "
                                          "HF_DIR` and set init_from_hf: HF_DIR (and, to go on from its iteration "
-                                         "as Megatron-LM does without --finetune, init_step: 10)")
+                                         "as Megatron-LM does without --finetune, init_step: 10); or keep its "
+                                         f"optimizer state too: `megamath convert megatron-to-run {load} RUN_DIR "
+                                         "--config` this config")
     finetune = {u.key: u for u in convert_megatron(flags + ["--finetune"], world_size=32, vocab_size=32000).unmapped}
     assert finetune["--load"].reason.endswith("and set init_from_hf: HF_DIR")  # it starts at iteration 0
     assert finetune["--finetune"].kind == "not needed"
     elsewhere = {u.key: u for u in convert_megatron(flags[:-1] + ["/not/on/this/machine"], world_size=32,
                                                     vocab_size=32000).unmapped}
-    assert elsewhere["--load"].reason.endswith("init_step: the iteration the convert command prints)")
+    assert elsewhere["--load"].reason.endswith("init_step: the iteration the convert command prints); or keep its "
+                                               "optimizer state too: `megamath convert megatron-to-run /not/on/this/"
+                                               "machine RUN_DIR --config` this config")
 
 
 def test_an_older_torch_dist_checkpoint_with_its_args_in_common_pt(tmp_path, capsys):

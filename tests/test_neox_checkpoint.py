@@ -200,9 +200,11 @@ def test_config_from_neox_gives_the_step_to_continue_its_load_checkpoint_from(tm
             .replace('"finetune": true,', '"finetune": false,'))
     listed = {u.key: u for u in convert_neox(read_neox_yaml(write_llemma(tmp_path, text)), vocab_size=32016).unmapped}
     assert listed["load"].reason.endswith("(and, to go on from its iteration as GPT-NeoX does without finetune, "
-                                          "init_step: 10)")
+                                          f"init_step: 10); or keep its optimizer state too: `megamath convert "
+                                          f"neox-to-run {load} RUN_DIR --config` this config")
     for folder, said in ((load / "global_step10", "init_step: 10)"),
                          (tmp_path / "elsewhere", "init_step: the iteration the convert command prints)")):
+        said += f"; or keep its optimizer state too: `megamath convert neox-to-run {folder} RUN_DIR --config` this config"
         text = LLEMMA_7B_YML.replace('"/path/to/converted/codellama_7b_weights_with_mp2"', f'"{folder}"').replace(
             '"finetune": true,', '"finetune": false,')
         listed = {u.key: u for u in convert_neox(read_neox_yaml(write_llemma(tmp_path, text)),

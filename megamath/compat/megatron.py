@@ -535,7 +535,8 @@ def _data_and_checkpoints(flags: Flags, out: Conversion) -> None:
                       f"`megamath convert megatron-to-hf {load} HF_DIR` and set init_from_hf: HF_DIR")
             if flags.raw.get("finetune") is None:  # Megatron-LM goes on from the checkpoint's iteration
                 reason += (" (and, to go on from its iteration as Megatron-LM does without --finetune, "
-                           f"{_init_step(load)})")
+                           f"{_init_step(load)}); or keep its optimizer state too: `megamath convert megatron-to-run "
+                           f"{load} RUN_DIR --config` this config")
             out.unmapped.append(Unmapped("--load", UNSUPPORTED, reason))
     c["log_every"] = flags.one("log_interval", int, 100)
     project = flags.one("wandb_project", str, None)

@@ -530,7 +530,9 @@ def _checkpointing(keys: Keys, out: Conversion) -> None:
                                          "there): a GPT-NeoX checkpoint; convert it with `megamath convert "
                                          f"neox-to-hf {load} HF_DIR` and set init_from_hf: HF_DIR"
                                          + ("" if finetune else " (and, to go on from its iteration as GPT-NeoX does "
-                                            f"without finetune, {_init_step(load)})")))
+                                            f"without finetune, {_init_step(load)}); or keep its optimizer state "
+                                            f"too: `megamath convert neox-to-run {load} RUN_DIR --config` this "
+                                            "config")))
             if finetune:
                 out.unmapped.append(Unmapped("finetune", NOT_NEEDED, "init_from_hf always loads the weights only "
                                              "and starts at step 0 (GPT-NeoX's finetune)"))
