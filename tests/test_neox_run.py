@@ -14,7 +14,8 @@ from megamath.training.config import TrainConfig
 from megamath.training.loop import train
 from megamath.training.reshard import TrainCheckpoint
 from neox_zero_files import write_zero_files
-from test_train_loop import metrics, one_thread, raw_config  # noqa: F401  (one_thread is a fixture)
+from test_megatron_run import assert_trains_as
+from test_train_loop import one_thread, raw_config  # noqa: F401  (one_thread is a fixture)
 from trainer_checkpoints import NEOX, source_model, write_neox
 
 KEYS = ("master", "exp_avg", "exp_avg_sq")
@@ -84,11 +85,7 @@ def test_a_run_continued_from_deepspeeds_files_trains_as_the_original(tmp_path, 
     later = TrainConfig.from_dict({**full, "run_dir": str(tmp_path / "later")})
     convert_neox_to_run(tmp_path / "neox", tmp_path / "later", later)
     train(later, ParallelState.single())
-    ours = [r for r in metrics(tmp_path / "later") if "step" in r]
-    theirs = [r for r in metrics(tmp_path / "full") if r.get("step", 0) > 3]
-    assert [r["step"] for r in ours] == [4, 5, 6]
-    for key in ("loss", "grad_norm", "lr", "consumed_samples"):
-        assert [r[key] for r in ours] == [r[key] for r in theirs], key
+    assert_trains_as(tmp_path / "later", tmp_path / "full", after=3)
 
 
 def test_the_cli_converts_and_what_cannot_continue_says_what_to_do(tmp_path, capsys):
