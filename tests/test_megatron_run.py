@@ -40,7 +40,7 @@ def random_states(model, seed: int) -> dict[str, dict[str, torch.Tensor]]:
 
 def small_config(tmp_path, **top) -> TrainConfig:
     """raw_config's run with the Megatron checkpoints' model (4 layers, FFN 48) at micro-batch 2: DP 4 of 8."""
-    raw = raw_config(tmp_path / "corpus", tmp_path / "run", train_steps=20, **top)
+    raw = raw_config(tmp_path / "corpus", tmp_path / "run", **{"train_steps": 20, **top})
     raw["model"].update(num_layers=4, ffn_hidden_size=48, max_seq_length=32, norm_eps=1e-5)
     raw["data"]["seq_length"] = 16
     return TrainConfig.from_dict(raw)
@@ -230,3 +230,31 @@ def test_a_write_that_fails_midway_leaves_no_checkpoint_and_a_retry_succeeds(tmp
     assert list((tmp_path / "run" / "checkpoints").iterdir()) == []
     monkeypatch.setattr(run_writer, "zero_shards", real)
     assert convert_megatron_to_run(src, tmp_path / "run", config).checkpoint.name == "step_0000010"
+
+
+def test_after_a_batch_size_ramp_the_run_reads_on_from_megatrons_consumed_samples(tmp_path, capsys, monkeypatch):
+    """Megatron-LM's --rampup-batch-size leaves consumed_train_samples below iteration × global batch, and its
+    sampler goes on from there: so does the continued run (and its checkpoints and metrics count from there)."""
+    from megamath.training import data as training_data
+
+    model = source_model()
+    src = write_megatron_torch_dist(model, tmp_path / "megatron", tp=1, consumed=70,  # 10 iterations, batch up to 8
+                                    adam={"sharding": "per parameter", "step": 10, **random_states(model, 7)})
+    config = small_config(tmp_path, train_steps=11, checkpoint__save_every=11, micro_batch_size=8)
+    done = convert_megatron_to_run(src, tmp_path / "run", config)
+    assert ("its consumed samples 70 are fewer than iteration × global batch 80 (a batch-size ramp): the run reads "
+            "on from sample 70 of the order, as Megatron-LM would; its steps count on from 10") in done.notes
+    assert TrainCheckpoint(done.checkpoint).meta["consumed_samples"] == 70
+    read = []
+    original = training_data.TrainData._batch
+
+    def recording(self, dataset, rows):
+        if dataset is self.train:
+            read.extend(rows)
+        return original(self, dataset, rows)
+
+    monkeypatch.setattr(training_data.TrainData, "_batch", recording)
+    train(config, ParallelState.single())
+    assert read == list(range(70, 78))  # update 11: the 8 samples after the 70 read
+    assert [r["consumed_samples"] for r in metrics(tmp_path / "run") if "step" in r] == [78]
+    assert TrainCheckpoint(tmp_path / "run" / "checkpoints" / "step_0000011").meta["consumed_samples"] == 78

@@ -64,7 +64,7 @@ def _attn_backend():
 
 
 def megatron_args(config: ModelConfig, tp: int, pp: int, vp: int | None, ckpt_format: str, iteration: int = 10,
-                  global_batch: int = 8) -> argparse.Namespace:
+                  global_batch: int = 8, consumed: int | None = None) -> argparse.Namespace:
     """The fields Megatron-LM's parse_args/validate_args give a Llama run (the converter reads these)."""
     return argparse.Namespace(
         num_layers=config.num_layers, hidden_size=config.hidden_size, num_attention_heads=config.num_heads,
@@ -80,7 +80,8 @@ def megatron_args(config: ModelConfig, tp: int, pp: int, vp: int | None, ckpt_fo
         tokenizer_model=None, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vp, pipeline_model_parallel_layout=None, ckpt_format=ckpt_format,
         params_dtype=torch.bfloat16, bf16=True, transformer_impl="local", attention_backend=None,
-        global_batch_size=global_batch, consumed_train_samples=iteration * global_batch)
+        global_batch_size=global_batch,
+        consumed_train_samples=iteration * global_batch if consumed is None else consumed)
 
 
 def _grouped_qkv(state: dict, i: int, config: ModelConfig) -> torch.Tensor:
@@ -166,7 +167,7 @@ def write_megatron_torch(model: Llama, save: Path, tp: int, pp: int, vp: int | N
 
 
 def write_megatron_torch_dist(model: Llama, save: Path, tp: int, adam: dict | None = None, iteration: int = 10,
-                              global_batch: int = 8) -> Path:
+                              global_batch: int = 8, consumed: int | None = None) -> Path:
     """`--ckpt-format torch_dist`: a distributed checkpoint of global tensors, layers stacked on a first axis
     (Transformer Engine's norm names), one chunk per layer and TP rank, the args in a `common_state` bytes
     item, as Megatron-LM's dist_checkpointing writes them.
@@ -177,7 +178,7 @@ def write_megatron_torch_dist(model: Llama, save: Path, tp: int, adam: dict | No
     and megamath state dicts for "master", "exp_avg", "exp_avg_sq"}."""
     config = model.config
     tensors = {k: (_stored(k, t), dim) for k, (t, dim) in _megatron_global(model.state_dict(), config).items()}
-    common = {"args": megatron_args(config, tp, 1, None, "torch_dist", iteration, global_batch),
+    common = {"args": megatron_args(config, tp, 1, None, "torch_dist", iteration, global_batch, consumed),
               "checkpoint_version": 3.0, "iteration": iteration, "num_floating_point_operations_so_far": 0}
     objects = {}
     if adam is not None:

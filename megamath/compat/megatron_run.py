@@ -34,10 +34,13 @@ def convert_megatron_to_run(src: str | Path, run_dir: str | Path, config: TrainC
     batch = weights.args.get("global_batch_size")
     if not isinstance(batch, int) or batch < 1:
         raise ValueError(f"{src}: the checkpoint's args have no global_batch_size; the data position needs it")
+    consumed = weights.args.get("consumed_train_samples", weights.iteration * batch)
+    if not isinstance(consumed, int) or not 0 <= consumed <= weights.iteration * batch:
+        raise ValueError(f"{src}: the checkpoint's args give consumed_train_samples {consumed!r}, not a count between "
+                         f"0 and iteration × global batch {weights.iteration * batch}; the data position needs it")
     adam = read_megatron_adam(weights)
     source = ForeignRun(
-        "Megatron-LM", "megatron", Path(src), weights.iteration, batch, weights.args.get("consumed_train_samples"),
-        adam.step, adam.betas, adam.eps, adam.sharding, f"TP {weights.args.get('tensor_model_parallel_size', 1)}",
+        "Megatron-LM", "megatron", Path(src), weights.iteration, batch, consumed, consumed, adam.step, adam.betas, adam.eps, adam.sharding, f"TP {weights.args.get('tensor_model_parallel_size', 1)}",
         model, llama_state_dict(weights, model),
         {key: llama_state_dict(found, model) for key, found in adam.states.items()},
         training_dtype(weights) or torch.bfloat16)

@@ -42,6 +42,6 @@ def convert_neox_to_run(src: str | Path, run_dir: str | Path, config: TrainConfi
     tp = len(embedding)
     source = ForeignRun(
         "GPT-NeoX", "neox", Path(src), int(step.group(1)), int(batch), model_states.get("global_samples"),
-        adam.step, adam.betas, adam.eps, f"DeepSpeed ZeRO, DP {adam.dp_size}", f"TP {tp}", model, weights, states,
+        int(step.group(1)) * int(batch), adam.step, adam.betas, adam.eps, f"DeepSpeed ZeRO, DP {adam.dp_size}", f"TP {tp}", model, weights, states,
         weights["embed_tokens.weight"].dtype, notes=notes + more)
     return write_run(source, run_dir, config)

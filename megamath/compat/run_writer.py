@@ -47,6 +47,10 @@ class ForeignRun:
     iteration: int
     global_batch: int
     consumed_samples: int | None
+    """The samples the trainer counted as read (reported when it is not iteration × global batch)."""
+    data_position: int
+    """The sample the trainer would read next: Megatron-LM's consumed_train_samples (fewer than iteration ×
+    global batch after a batch-size ramp), GPT-NeoX's iteration × global batch."""
     adam_step: int
     betas: tuple[float, float]
     eps: float
@@ -114,7 +118,7 @@ def write_run(source: ForeignRun, run_dir: str | Path, config: TrainConfig) -> R
                            dataclasses.asdict(config.optimizer), read_once=True)
 
     meta = {"format": FORMAT, "step": iteration, "tp_size": tp, "dp_size": dp_size, "world_size": tp * dp_size,
-            "consumed_samples": iteration * batch, "global_batch_size": batch,
+            "consumed_samples": source.data_position, "global_batch_size": batch,
             "schedule": {"lr": lr_at(iteration, config.optimizer.lr, config.schedule), "peak_lr": config.optimizer.lr,
                          **vars(config.schedule)},
             "consecutive_nonfinite": 0, "update_ok": True, "config": config.to_dict(),
@@ -136,10 +140,15 @@ def _notes(source: ForeignRun, config: TrainConfig, run_dir) -> list[str]:
     if source.betas != ours or source.eps != config.optimizer.eps:
         notes.append(f"the checkpoint's Adam betas {source.betas} and eps {source.eps:g} differ from the config's "
                      f"{ours} and {config.optimizer.eps:g}: the run goes on with the config's")
-    consumed, iteration, batch = source.consumed_samples, source.iteration, source.global_batch
-    if isinstance(consumed, int) and consumed != iteration * batch:
-        notes.append(f"its consumed samples {consumed:,} are not iteration × global batch {iteration * batch:,} "
-                     f"(a batch-size ramp?): the run reads on from sample {iteration * batch:,} of the order")
+    consumed, full = source.consumed_samples, source.iteration * source.global_batch
+    if source.data_position != full:
+        notes.append(f"its consumed samples {source.data_position:,} are fewer than iteration × global batch "
+                     f"{full:,} (a batch-size ramp): the run reads on from sample {source.data_position:,} of the "
+                     f"order, as {source.trainer} would; its steps count on from {source.iteration}")
+    elif isinstance(consumed, int) and consumed != full:
+        notes.append(f"{source.trainer} counted {consumed:,} samples read, iteration × global batch is {full:,}: the "
+                     f"run reads on from sample {full:,}, as {source.trainer}'s sampler goes on by iteration")
+    iteration = source.iteration
     if source.adam_step != iteration:
         notes.append(f"Adam's step count is {source.adam_step}, the iteration {iteration} (iterations skipped, by "
                      "a loss scaler or on non-finite gradients): Adam goes on from its own count")

@@ -57,6 +57,10 @@ class TrainData:
         self.dp_size, self.dp_rank, self.device = state.dp_size, state.dp_rank, state.device
         self.vocab_size = config.model.vocab_size
         self.global_batch_size = config.global_batch_size(state.dp_size)
+        self.sample_offset = 0
+        """Where update `step` reads, against (step - 1) × global batch: the samples a resumed run's checkpoint
+        consumed minus step × global batch, 0 but for another trainer's run that ramped its batch size up (it
+        read fewer; the loop sets it from the checkpoint, and reads on from there as Megatron-LM does)."""
         data = config.data
         weights, prefixes = data.train_blend()
         num_samples = config.train_steps * self.global_batch_size
@@ -99,7 +103,7 @@ class TrainData:
     def sample_rows(self, step: int, micro: int) -> range:
         """Indices into the blend of this rank's rows of micro-batch `micro` of update `step` (1-based)."""
         b = self.micro_batch_size
-        start = (step - 1) * self.global_batch_size + micro * b * self.dp_size + self.dp_rank * b
+        start = (step - 1) * self.global_batch_size + self.sample_offset + micro * b * self.dp_size + self.dp_rank * b
         return range(start, start + b)
 
     def micro_batches(self, step: int) -> list[MicroBatch]:

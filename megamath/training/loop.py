@@ -51,7 +51,7 @@ from megamath.training.phases import PhaseTimer, no_phase
 from megamath.training.profiling import StepProfiler
 from megamath.training.reshard import load_checkpoint_any_tp
 from megamath.training.resume import (check_resume_compatible, data_order_change, find_resume_checkpoint,
-                                     rewound_past, schedule_change, validation_change)
+                                     resume_sample_offset, rewound_past, schedule_change, validation_change)
 from megamath.training.run_guard import hold_run_dir
 from megamath.training.schedule import lr_at
 from megamath.training.warm_start import load_training_weights, training_hf_extras
@@ -194,8 +194,8 @@ def resume_point(config: TrainConfig, run_dir: Path, state: ParallelState) -> Pa
 
 
 def _metadata(config: TrainConfig, step: int, lr: float, global_batch: int, nonfinite: int,
-              hf_extras: dict | None) -> dict:
-    meta = {"consumed_samples": step * global_batch, "global_batch_size": global_batch,
+              hf_extras: dict | None, sample_offset: int = 0) -> dict:
+    meta = {"consumed_samples": step * global_batch + sample_offset, "global_batch_size": global_batch,
             "schedule": {"lr": lr, "peak_lr": config.optimizer.lr, **vars(config.schedule)},
             "consecutive_nonfinite": nonfinite, "update_ok": nonfinite == 0, "config": config.to_dict()}
     return meta if hf_extras is None else {**meta, "hf_extras": hf_extras}
@@ -287,6 +287,7 @@ def _train(config: TrainConfig, state: ParallelState, attempt: str) -> TrainResu
                              f"this run's is {data.global_batch_size} (micro_batch_size · grad_accum_steps · dp): "
                              "keep it equal on resume (adjust grad_accum_steps to the new DP size)")
         step, nonfinite = meta["step"], meta["consecutive_nonfinite"]
+        data.sample_offset = resume_sample_offset(meta, data.global_batch_size, resume_from)
     hf_extras = hf_extras_of_run(config, saved if resume_from is not None else None)
     tokens_per_step = data.global_batch_size * config.data.seq_length
     flops_per_token = config.model.flops_per_token(config.data.seq_length)
@@ -341,7 +342,8 @@ def _train(config: TrainConfig, state: ParallelState, attempt: str) -> TrainResu
                 with timer.phase("data"):
                     micro_batches = data.micro_batches(step)
                 out = train_step(model, optimizer, micro_batches, lr, state, timer)
-                rec = log.record(step, out.loss, lr, out.grad_norm, out.skipped, step * data.global_batch_size)
+                rec = log.record(step, out.loss, lr, out.grad_norm, out.skipped,
+                                 step * data.global_batch_size + data.sample_offset)
                 nonfinite = nonfinite + 1 if out.skipped else 0
                 if config.eval_every and step % config.eval_every == 0:
                     with timer.phase("eval"):
@@ -380,7 +382,8 @@ def _train(config: TrainConfig, state: ParallelState, attempt: str) -> TrainResu
                     log.write(rec, timing, flush=save)
                 if save:
                     with timer.phase("checkpoint"):
-                        meta = _metadata(config, step, lr, data.global_batch_size, nonfinite, hf_extras)
+                        meta = _metadata(config, step, lr, data.global_batch_size, nonfinite, hf_extras,
+                                         data.sample_offset)
                         ckpt.save_checkpoint(run_dir, step, model, optimizer, state, meta, config.checkpoint.keep,
                                              attempt=attempt)
                     last_saved = step

@@ -222,3 +222,14 @@ def check_resume_compatible(meta: dict, config, path: Path) -> None:
         raise ValueError(f"checkpoint {path} was trained with data.seq_length {old_seq}, this run's is "
                          f"{config.data.seq_length}: set checkpoint.allow_seq_length_change=true to change it on "
                          "purpose")
+
+
+def resume_sample_offset(meta: dict, global_batch: int, path) -> int:
+    """TrainData.sample_offset of a run resumed from checkpoint `meta`: its consumed samples minus step × global
+    batch (0 for megamath's own checkpoints; negative for another trainer's run converted after a batch-size
+    ramp)."""
+    consumed = meta.get("consumed_samples", meta["step"] * global_batch)
+    if not isinstance(consumed, int) or not 0 <= consumed <= meta["step"] * global_batch:
+        raise ValueError(f"checkpoint {path}: consumed_samples {consumed!r} is not between 0 and step × global batch "
+                         f"{meta['step'] * global_batch}")
+    return consumed - meta["step"] * global_batch
