@@ -125,7 +125,9 @@ def write(tmp_path, **adam):
                      "once with --dist-ckpt-optim-fully-reshardable"),
     ("no optimizer", r"the checkpoint holds no optimizer state \(saved with --no-save-optim\?\); convert the weights "
                      "alone with `megamath convert megatron-to-hf`"),
-    ("torch format", r"the torch format's optimizer state is not read"),
+    ("torch format", r"the torch format's optimizer state is not read \(model_optim_rng.pt, distrib_optim.pt\); "
+                     r"re-save it with Megatron-LM in the torch_dist format \(the run's launch with "
+                     "--ckpt-convert-format torch_dist --ckpt-convert-save DIR writes DIR/torch_dist"),
     ("shape", r"^the config describes another model than the checkpoint's: model.hidden_size 64 \(config\) vs 32 "),
     ("rope", r"model.rope_theta 500000.0 \(config\) vs 10000.0 \(checkpoint\)"),
     ("batch", r"global batch 8 is not a multiple of the config's micro_batch_size · grad_accum_steps = 3"),

@@ -54,7 +54,9 @@ def read_megatron_adam(weights: MegatronWeights) -> MegatronAdam:
     where = f"iteration {weights.iteration}"
     if weights.source is None:
         raise ValueError(f"{where}: the torch format's optimizer state is not read (model_optim_rng.pt, "
-                         "distrib_optim.pt); save the checkpoint in the torch_dist format, or " + _WEIGHTS_ONLY)
+                         "distrib_optim.pt); re-save it with Megatron-LM in the torch_dist format (the run's launch "
+                         "with --ckpt-convert-format torch_dist --ckpt-convert-save DIR writes DIR/torch_dist, its "
+                         "optimizer included) and convert that, or " + _WEIGHTS_ONLY)
     checkpoint = weights.source
     where = str(checkpoint.folder)
     common = checkpoint.common_state()
