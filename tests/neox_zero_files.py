@@ -28,7 +28,8 @@ def write_zero_files(save: Path, states: dict[str, Llama], variant: str, tp: int
         flats, names = {}, []
         for key, holder in states.items():
             modules = _neox_modules(holder, tp, r, variant)
-            params = [(f"sequential.{i}.{k}", v) for i, m in modules.items() for k, v in m.items()
+            prefix = "sequential." if variant.startswith("llemma") else ""  # pipeline layer files for main
+            params = [(f"{prefix}{i}.{k}", v) for i, m in modules.items() for k, v in m.items()
                       if not k.endswith("inv_freq")]
             names = [(n, v.numel()) for n, v in params]
             flat = torch.cat([v.float().reshape(-1) for _, v in params])

@@ -46,7 +46,7 @@ def neox_config(tmp_path, variant: str, **top) -> TrainConfig:
     return TrainConfig.from_dict(raw)
 
 
-@pytest.mark.parametrize("variant", ["llemma", "llemma_gqa"])
+@pytest.mark.parametrize("variant", ["llemma", "llemma_gqa", "main_gqa"])
 def test_the_run_holds_deepspeeds_masters_moments_and_step(tmp_path, variant):
     model = source_model(**NEOX[variant])
     states = holders(model, 1)

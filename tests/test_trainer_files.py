@@ -177,3 +177,31 @@ def test_gpt_neoxs_own_zero_state_lands_on_each_parameter(tmp_path):
             names += [n for n in state["optimizer_state_dict"]["param_slice_mappings"][0] if n not in names]
         module = guarded_load(src / "global_step10" / f"mp_rank_{t:02d}_model_states.pt")["module"]
         assert names == [n for n in module if not n.endswith("inv_freq")]
+
+
+def test_gpt_neox_mains_pipeline_files_zero_state_lands_on_each_parameter(tmp_path):
+    """GPT-NeoX main's pipeline layout (layer files; DeepSpeed names the parameters by layer index) after one
+    real update through DeepSpeed's pipeline engine, ZeRO-1, TP 2 × DP 2: each master rounds to the weight
+    stored, and exp_avg_sq = 0.1 · exp_avg² (one update with betas 0.9, 0.999: 0.001 g² and 0.1 g) on every
+    element."""
+    from megamath.compat.neox_checkpoint import llama_config, llama_state_dict, read_neox_checkpoint
+    from megamath.compat.neox_run import convert_neox_to_run
+    from megamath.training.config import TrainConfig
+    from megamath.training.reshard import TrainCheckpoint
+
+    src = trainer_files("neox/main_zero1_tp2_dp2")
+    checkpoint = read_neox_checkpoint(src)
+    model = llama_config(checkpoint)[0]
+    config = TrainConfig.from_dict({"model": {**model.to_dict(), "kernels": "reference"}, "data": {"seq_length": 16},
+                                    "train_steps": 20, "optimizer": {"beta2": 0.999}, "parallel": {"tp_size": 2},
+                                    "run_dir": str(tmp_path / "run")})
+    done = convert_neox_to_run(src, tmp_path / "run", config)
+    assert (done.source.adam_step, done.dp_size) == (1, 2)
+    saved = TrainCheckpoint(done.checkpoint)
+    weights, _ = llama_state_dict(checkpoint, model)
+    for param in saved.local:
+        state, weight = saved.param_state(param), weights[param].read()
+        assert torch.equal(state["master"].to(weight.dtype), weight), param
+        assert state["exp_avg"].abs().max() > 0, param
+        torch.testing.assert_close(state["exp_avg_sq"], 0.1 * state["exp_avg"].square(), rtol=1e-5, atol=1e-30,
+                                   msg=param)

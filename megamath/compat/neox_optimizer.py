@@ -5,13 +5,14 @@ tensor-parallel rank's model states, one file per data-parallel rank d and TP ra
 `[bf16_]zero_pp_rank_{d}_mp_rank_{t:02d}_optim_states.pt`. Each holds, per parameter group, that DP rank's
 partition of the group's flat fp32 masters (`single_partition_of_fp32_groups`) and of Adam's exp_avg and
 exp_avg_sq (`base_optimizer_state`), and `param_slice_mappings`: for every parameter with elements in the
-partition, its name (the module's, `sequential.{i}.{name}`) and the fragment's length and start. The
+partition, its name (the engine module's: `sequential.{i}.{name}`, or `{i}.{name}` for the pipeline layout's
+layer i) and the fragment's length and start. The
 fragments of a parameter, in DP rank order, are its flattened elements; the shape is the weight's on that
 TP rank. The states come out as NeoXCheckpoints holding the state in place of the weights, so
 neox_checkpoint.llama_state_dict maps them to megamath's parameters exactly as it maps the weights.
 Refused with what to do instead: a checkpoint without ZeRO files (saved without its optimizer, or ZeRO
 stage 0, whose state DeepSpeed keeps elsewhere), files without `param_slice_mappings` (DeepSpeed before
-its universal-checkpoint records), ZeRO stage 3, and the pipeline layout.
+its universal-checkpoint records), and ZeRO stage 3.
 """
 from __future__ import annotations
 
@@ -44,9 +45,6 @@ def read_neox_adam(checkpoint: NeoXCheckpoint) -> NeoXAdam:
     if not files:
         raise ValueError(f"{folder}: no DeepSpeed ZeRO optimizer files (zero_pp_rank_D_mp_rank_TT_optim_states.pt): "
                          "saved without its optimizer, or with ZeRO stage 0; " + _WEIGHTS_ONLY)
-    if checkpoint.layout != "sequential":
-        raise ValueError(f"{folder}: the optimizer state of the pipeline layout (pipe_parallel_size >= 1) is not "
-                         "read; " + _WEIGHTS_ONLY)
     tp = len(next(iter(checkpoint.modules.values())))
     dp = 1 + max(d for d, _ in files)
     missing = [f"zero_pp_rank_{d}_mp_rank_{t:02d}" for d in range(dp) for t in range(tp) if (d, t) not in files]
@@ -116,7 +114,9 @@ def _modules(checkpoint: NeoXCheckpoint, ranks: list[dict], key: str) -> dict[in
         for t, held in enumerate(weights):
             found = {}
             for name, weight in held.items():
-                full = f"sequential.{index}.{name}"
+                # DeepSpeed names a parameter as the engine's module does: the sequential model's attribute,
+                # or the pipeline module's layer index
+                full = f"sequential.{index}.{name}" if checkpoint.layout == "sequential" else f"{index}.{name}"
                 if name.endswith("rotary_emb.inv_freq"):
                     continue  # a buffer, not a parameter
                 pieces = ranks[t].pop(full, None)
