@@ -34,19 +34,29 @@ _LOCAL_NAMES = {"input_norm": "input_layernorm.weight", "proj": "self_attention.
 
 def _buckets(adam: dict, config: ModelConfig, tp: int) -> tuple[dict, dict]:
     """The distributed optimizer's dp_reshardable state, laid out as Megatron-LM's DistributedOptimizer lays out
-    its buffers for the local spec of a --bf16 run: per TP rank, a bfloat16 and a float32 (norms) buffer, each
-    holding its parameters' local slices in reverse registration order, every start a multiple of 64, the
-    padding 0 here; buckets close at the parameter reaching adam["bucket_numel"] (default: one bucket). Also
-    each TP rank's param groups object (with the step)."""
-    order = ["embedding"] + [f"layers.{i}.{role}" for i in range(config.num_layers) for role in _LOCAL_NAMES]
-    order += ["final_norm", "output"]
+    its buffers for the local spec of a --bf16 run: per model-parallel group (TP rank r of pipeline stage p is
+    group p·TP + r; adam["pp"] stages, the first holding adam["first_stage_layers"] layers if given, else an
+    even split), a buffer per dtype in the order the stage first registers one (norms float32, the rest
+    bfloat16), each holding its parameters' local slices in reverse registration order, every start a
+    multiple of 64, the padding 0 here; buckets close at the parameter reaching adam["bucket_numel"]
+    (default: one bucket). Also each group's param groups object (with the step)."""
+    pp, first = adam.get("pp", 1), adam.get("first_stage_layers")
+    counts = [config.num_layers // pp] * pp
+    if first is not None:
+        counts = [first] + [(config.num_layers - first) // (pp - 1)] * (pp - 1)
+    starts = [sum(counts[:p]) for p in range(pp)]
     bucket_numel = adam.get("bucket_numel")
     flats, objects = {}, {}
-    for r in range(tp):
+    for group_index in range(tp * pp):
+        r, stage = group_index % tp, group_index // tp
+        order = (["embedding"] if stage == 0 else [])
+        order += [f"layers.{i}.{role}" for i in range(starts[stage], starts[stage] + counts[stage])
+                  for role in _LOCAL_NAMES]
+        order += ["final_norm", "output"] if stage == pp - 1 else []
         locals_ = {}
         for key in ("master", "exp_avg", "exp_avg_sq"):
             state = {n: t.detach().float() for n, t in adam[key].items()}
-            layers = [_megatron_layer(state, i, config, tp, r) for i in range(config.num_layers)]
+            layers = {i: _megatron_layer(state, i, config, tp, r) for i in range(config.num_layers)}
             for role in order:
                 if role.startswith("layers."):
                     _, i, name = role.split(".")
@@ -55,8 +65,9 @@ def _buckets(adam: dict, config: ModelConfig, tp: int) -> tuple[dict, dict]:
                     value = {"embedding": state["embed_tokens.weight"].chunk(tp, dim=0)[r], "final_norm":
                              state["norm.weight"], "output": state["lm_head.weight"].chunk(tp, dim=0)[r]}[role]
                 locals_.setdefault(role, {})[key] = value.reshape(-1)
-        for gbuf, (dtype, norms) in enumerate((("bfloat16", False), ("float32", True))):
-            params = [role for role in reversed(order) if role.endswith("norm") == norms]
+        dtypes = list(dict.fromkeys("float32" if role.endswith("norm") else "bfloat16" for role in order))
+        for gbuf, dtype in enumerate(dtypes):
+            params = [role for role in reversed(order) if role.endswith("norm") == (dtype == "float32")]
             buckets, current, start = [], [], 0
             for role in params:
                 start = -(-start // 64) * 64
@@ -68,7 +79,7 @@ def _buckets(adam: dict, config: ModelConfig, tp: int) -> tuple[dict, dict]:
             if current:
                 buckets.append((current, start))
             for k, (placed, length) in enumerate(buckets):
-                base = (f"optimizer.distributed.dp_group_idx_{r}.gbuf_idx_{gbuf}.dtype_(torch.{dtype}, "
+                base = (f"optimizer.distributed.dp_group_idx_{group_index}.gbuf_idx_{gbuf}.dtype_(torch.{dtype}, "
                         f"torch.float32).bucket_idx_{k}")
                 for key, name in (("master", "param"), ("exp_avg", "exp_avg"), ("exp_avg_sq", "exp_avg_sq")):
                     flat = torch.zeros(length)
@@ -78,7 +89,7 @@ def _buckets(adam: dict, config: ModelConfig, tp: int) -> tuple[dict, dict]:
         buffer = io.BytesIO()
         group = {"betas": (0.9, 0.95), "eps": 1e-8, "step": float(adam["step"])}
         torch.save([{"param_groups": [group, {**group, "wd_mult": 0.0}]}], buffer)
-        objects[f"optimizer.distributed.dp_group_idx_{r}.optimizer/shard_0_1"] = buffer.getvalue()
+        objects[f"optimizer.distributed.dp_group_idx_{group_index}.optimizer/shard_0_1"] = buffer.getvalue()
     return flats, objects
 
 

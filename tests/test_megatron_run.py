@@ -46,12 +46,14 @@ def small_config(tmp_path, **top) -> TrainConfig:
     return TrainConfig.from_dict(raw)
 
 
-@pytest.mark.parametrize("sharding", SHARDINGS)
-def test_the_run_holds_megatrons_masters_moments_and_step(tmp_path, sharding):
+@pytest.mark.parametrize("sharding, stages", [*((s, {}) for s in SHARDINGS),
+                                              ("dp_reshardable", {"pp": 2}),
+                                              ("dp_reshardable", {"pp": 2, "first_stage_layers": 1})])
+def test_the_run_holds_megatrons_masters_moments_and_step(tmp_path, sharding, stages):
     model = source_model()
     states = random_states(model, 1)
     src = write_megatron_torch_dist(model, tmp_path / "megatron", tp=2,  # buckets of ~1000: several per buffer
-                                    adam={"sharding": sharding, "step": 9, "bucket_numel": 1000, **states})
+                                    adam={"sharding": sharding, "step": 9, "bucket_numel": 1000, **stages, **states})
     config = small_config(tmp_path, parallel__tp_size=2)
     done = convert_megatron_to_run(src, tmp_path / "run", config)
     assert done.checkpoint == tmp_path / "run" / "checkpoints" / "step_0000010"
@@ -67,8 +69,8 @@ def test_the_run_holds_megatrons_masters_moments_and_step(tmp_path, sharding):
         assert torch.equal(saved.weight(name), model.state_dict()[name].to(torch.bfloat16)), name
 
 
-@pytest.mark.parametrize("sharding", ["fully_reshardable", "dp_reshardable"])
-def test_a_run_continued_from_megatrons_layout_trains_as_the_original(tmp_path, one_thread, sharding):
+@pytest.mark.parametrize("sharding, stages", [("fully_reshardable", {}), ("dp_reshardable", {"pp": 2})])
+def test_a_run_continued_from_megatrons_layout_trains_as_the_original(tmp_path, one_thread, sharding, stages):
     """A megamath run's step-3 state, written as Megatron-LM stores it and converted back, trains steps 4..6
     exactly as the run itself did: weights, masters, moments and step all landed on the right parameters."""
     full = raw_config(tmp_path / "corpus", tmp_path / "full", train_steps=6, checkpoint__save_every=3)
@@ -82,7 +84,7 @@ def test_a_run_continued_from_megatrons_layout_trains_as_the_original(tmp_path, 
         for key, value in saved.param_state(name).items():
             states[key][name] = value
     src = write_megatron_torch_dist(model, tmp_path / "megatron", tp=1, iteration=3, global_batch=2,
-                                    adam={"sharding": sharding, "step": saved.step_count, **states})
+                                    adam={"sharding": sharding, "step": saved.step_count, **stages, **states})
     later = TrainConfig.from_dict({**full, "run_dir": str(tmp_path / "later")})
     convert_megatron_to_run(src, tmp_path / "later", later)
     train(later, ParallelState.single())
@@ -125,6 +127,8 @@ def write(tmp_path, **adam):
                      "once with --dist-ckpt-optim-fully-reshardable"),
     ("no optimizer", r"the checkpoint holds no optimizer state \(saved with --no-save-optim\?\); convert the weights "
                      "alone with `megamath convert megatron-to-hf`"),
+    ("virtual stages", r"the bucketed optimizer state of a run with num_layers_per_virtual_pipeline_stage is not "
+                       r"read \(its stages' layers are placed otherwise\)"),
     ("torch format", r"the torch format's optimizer state is not read \(model_optim_rng.pt, distrib_optim.pt\); "
                      r"re-save it with Megatron-LM in the torch_dist format \(the run's launch with "
                      "--ckpt-convert-format torch_dist --ckpt-convert-save DIR writes DIR/torch_dist"),
@@ -142,6 +146,8 @@ def test_what_cannot_continue_is_one_line_that_says_what_to_do(tmp_path, case, m
         src = write_megatron_torch(source_model(), tmp_path / "megatron", tp=2, pp=1)
     elif case == "no optimizer":
         src = write_megatron_torch_dist(source_model(), tmp_path / "megatron", tp=2)
+    elif case == "virtual stages":
+        src = write(tmp_path, sharding="dp_reshardable", pp=2, args={"num_layers_per_virtual_pipeline_stage": 1})
     elif case == "bucket order":  # masters that are not the weights': no order is confirmed
         model = source_model()
         states = {**random_states(model, 4), "master": random_states(source_model(seed=5), 4)["master"]}

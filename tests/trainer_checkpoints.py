@@ -181,6 +181,11 @@ def write_megatron_torch_dist(model: Llama, save: Path, tp: int, adam: dict | No
     common = {"args": megatron_args(config, tp, 1, None, "torch_dist", iteration, global_batch, consumed),
               "checkpoint_version": 3.0, "iteration": iteration, "num_floating_point_operations_so_far": 0}
     objects = {}
+    if adam is not None:  # the stages' layers matter to the bucketed layout only; "args" sets any other
+        common["args"].pipeline_model_parallel_size = adam.get("pp", 1)
+        common["args"].decoder_first_pipeline_num_layers = adam.get("first_stage_layers")
+        for key, value in adam.get("args", {}).items():
+            setattr(common["args"], key, value)
     if adam is not None:
         from megatron_adam_files import optimizer_state  # (it builds on this file's layouts)
 

@@ -1,15 +1,17 @@
 """The distributed optimizer's default checkpoint layout (`dp_reshardable`): Adam's state in its gradient buckets.
 
-Megatron-LM saves, per model-parallel rank g (the TP rank, without pipeline stages) and per gradient buffer b
+Megatron-LM saves, per model-parallel rank g (TP rank + TP size × pipeline stage) and per gradient buffer b
 (one per parameter dtype), each bucket k's fp32 master, exp_avg and exp_avg_sq as flat vectors
 
-    optimizer.distributed.dp_group_idx_{g}.gbuf_idx_{b}.dtype_(PARAM, GRAD).bucket_idx_{k}.{param,exp_avg,exp_avg_sq}
+    optimizer.distributed.dp_group_idx_{g}.gbuf_idx_{b}.dtype_(PARAM, GRAD).bucket_idx_{k}.{param,...}
 
 of the bucket's unpadded length, and no record of which parameter lies where. The layout is Megatron-LM's
 (megatron/core/optimizer/distrib_optimizer.py, _compute_per_buffer_param_layout): a buffer holds the
 parameters of its dtype in reverse registration order, each TP rank's local slice, each starting at a
 multiple of 64 elements; a bucket closes at the parameter that fills it, so each bucket's stored length
-says where the next one starts. It is rebuilt here for the registration orders Megatron Core's GPT layer
+says where the next one starts. A pipeline stage registers the embedding (the first stage), its layers (split evenly, or as
+--decoder-first-pipeline-num-layers and --decoder-last-pipeline-num-layers say) and the final norm and
+output layer (the last stage). It is rebuilt here for the registration orders Megatron Core's GPT layer
 specs give (the local spec's, and Transformer Engine's with a norm inside the fused linear, either side of
 its weight) and trusted only when the checkpoint says so: an order is taken when every parameter's first
 row of masters rounds to the weight Megatron-LM stored, and then each master read is checked, element for
@@ -96,7 +98,8 @@ def bucket_states(weights: MegatronWeights, checkpoint: DistCheckpoint) -> tuple
 
 
 def _buffers(checkpoint: DistCheckpoint, weights: MegatronWeights) -> dict[int, list[tuple[torch.dtype, list]]]:
-    """Per TP rank, its buffers in order: (parameter dtype, [(bucket key, stored length), ...])."""
+    """Per model-parallel group (TP rank + TP size × pipeline stage), its buffers in order: (parameter dtype,
+    [(bucket key, stored length), ...])."""
     found: dict[int, dict[int, tuple[torch.dtype, dict[int, tuple[str, int]]]]] = {}
     for key, meta in checkpoint.tensor_keys().items():
         match = _BUCKET.match(key)
@@ -105,14 +108,16 @@ def _buffers(checkpoint: DistCheckpoint, weights: MegatronWeights) -> dict[int, 
         group, gbuf, dtype, _, bucket = match.groups()
         buffer = found.setdefault(int(group), {}).setdefault(int(gbuf), (getattr(torch, dtype), {}))
         buffer[1][int(bucket)] = (key[:-len(".param")], int(meta.size[0]))
-    tp = weights.args.get("tensor_model_parallel_size") or 1
-    pp = weights.args.get("pipeline_model_parallel_size") or 1
-    if pp > 1 or weights.args.get("num_experts"):
-        raise ValueError(f"{checkpoint.folder}: the bucketed optimizer state of a pipeline-parallel run is not read "
-                         "(its model-parallel groups are TP × PP ranks); " + REFUSED)
-    if sorted(found) != list(range(tp)):
+    tp, pp = _sizes(weights)
+    for name in ("pipeline_model_parallel_layout", "num_layers_per_virtual_pipeline_stage",
+                 "virtual_pipeline_model_parallel_size", "account_for_embedding_in_pipeline_split",
+                 "account_for_loss_in_pipeline_split", "num_experts"):
+        if weights.args.get(name):
+            raise ValueError(f"{checkpoint.folder}: the bucketed optimizer state of a run with {name} is not read "
+                             "(its stages' layers are placed otherwise); " + REFUSED)
+    if sorted(found) != list(range(tp * pp)):
         raise ValueError(f"{checkpoint.folder}: the bucketed optimizer state holds model-parallel groups "
-                         f"{sorted(found)}, the args TP size {tp}; the checkpoint is incomplete")
+                         f"{sorted(found)}, the args TP {tp} × PP {pp}; the checkpoint is incomplete")
     out = {}
     for group, gbufs in found.items():
         out[group] = []
@@ -125,9 +130,31 @@ def _buffers(checkpoint: DistCheckpoint, weights: MegatronWeights) -> dict[int, 
     return out
 
 
-def _registration(weights: MegatronWeights, layer_order: tuple[str, ...]) -> list[str]:
-    layers = [f"layers.{i}.{role}" for i in range(weights.num_layers) for role in layer_order]
-    return ["embedding", *layers, "final_norm", "output"]
+def _sizes(weights: MegatronWeights) -> tuple[int, int]:
+    return (weights.args.get("tensor_model_parallel_size") or 1, weights.args.get("pipeline_model_parallel_size") or 1)
+
+
+def stage_layers(weights: MegatronWeights) -> list[range]:
+    """The layers of each pipeline stage, as Megatron-LM splits them: evenly, but for the first and last stage's
+    counts when --decoder-first/last-pipeline-num-layers give them."""
+    _, pp = _sizes(weights)
+    first, last = (weights.args.get(f"decoder_{end}_pipeline_num_layers") for end in ("first", "last"))
+    counts = [first, *[None] * (pp - 2), last] if pp > 1 else [None]
+    rest = weights.num_layers - sum(c for c in counts if c is not None)
+    even = counts.count(None)
+    if even and rest % even or not even and rest:
+        raise ValueError(f"{weights.num_layers} layers do not split over {pp} pipeline stages as the args say")
+    counts = [c if c is not None else rest // even for c in counts]
+    starts = [sum(counts[:p]) for p in range(pp)]
+    return [range(start, start + count) for start, count in zip(starts, counts)]
+
+
+def _registration(weights: MegatronWeights, layer_order: tuple[str, ...], stage: int = 0) -> list[str]:
+    """Pipeline stage `stage`'s parameters in the order its model registers them."""
+    stages = stage_layers(weights)
+    layers = [f"layers.{i}.{role}" for i in stages[stage] for role in layer_order]
+    return (["embedding"] if stage == 0 else []) + layers + (["final_norm", "output"] if stage == len(stages) - 1
+                                                             else [])
 
 
 def local_shape(shape: tuple[int, ...], role: str, tp: int) -> tuple[int, ...]:
@@ -137,12 +164,11 @@ def local_shape(shape: tuple[int, ...], role: str, tp: int) -> tuple[int, ...]:
 
 def _place(layer_order, weights: MegatronWeights, buffers) -> dict[str, list[Piece]] | None:
     """Each parameter's pieces (one per TP rank) under `layer_order`; None where the buckets' lengths disagree."""
-    order = [role for role in _registration(weights, layer_order) if role in weights.tensors]
-    if len(order) != len(weights.tensors):
-        return None
-    tp = len(buffers)
-    pieces: dict[str, list[Piece]] = {role: [] for role in order}
-    for group in range(tp):
+    tp, pp = _sizes(weights)
+    pieces: dict[str, dict[int, Piece]] = {}
+    for group in range(tp * pp):
+        rank, stage = group % tp, group // tp
+        order = [role for role in _registration(weights, layer_order, stage) if role in weights.tensors]
         for dtype, buckets in buffers[group]:
             params = [role for role in reversed(order) if weights.tensors[role].dtype == dtype]
             k, start = 0, 0
@@ -155,11 +181,13 @@ def _place(layer_order, weights: MegatronWeights, buffers) -> dict[str, list[Pie
                 end = start + piece.numel
                 if end > buckets[k][1]:
                     return None
-                pieces[role].append(piece)
+                pieces.setdefault(role, {})[rank] = piece
                 k, start = (k + 1, 0) if end == buckets[k][1] else (k, end)
             if k != len(buckets):
                 return None
-    return pieces if all(len(found) == tp for found in pieces.values()) else None
+    if set(pieces) != set(weights.tensors) or any(len(found) != tp for found in pieces.values()):
+        return None
+    return {role: [found[t] for t in range(tp)] for role, found in pieces.items()}
 
 
 def _first_row_fits(checkpoint: DistCheckpoint, weights: MegatronWeights, role: str, pieces: list[Piece]) -> bool:
