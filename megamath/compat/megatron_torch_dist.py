@@ -79,13 +79,19 @@ class DistCheckpoint:
     def tensor_keys(self) -> dict[str, TensorStorageMetadata]:
         return {k: m for k, m in self.stored.items() if isinstance(m, TensorStorageMetadata)}
 
-    def common_state(self) -> dict:
+    @cached_property
+    def _common(self) -> dict:
         if self.object_keys("common_state"):
             return self.read_object("common_state")
         if (self.folder / COMMON_FILE).is_file():
             common = guarded_load(self.folder / COMMON_FILE)
             return common[0] if isinstance(common, list) else common
         raise ValueError(f"{self.folder}: no common state (args) in the checkpoint and no {COMMON_FILE}")
+
+    def common_state(self) -> dict:
+        """The args, iteration and optimizer entry; unpickled once (the weights', the optimizer's and the
+        command's readers all ask for it)."""
+        return self._common
 
     def object_keys(self, prefix: str) -> list[str]:
         """The stored objects (pickled, not tensors) whose keys start with `prefix`."""

@@ -11,7 +11,8 @@ learning rate's place on the schedule and the data position (N × global batch s
 data.sample_order). The config must describe the checkpoint's model and batch; a difference is refused by
 name. The RNG states start as a fresh run seeds them (nothing draws random numbers after the
 initialization). Each TP rank's whole optimizer state is held while its shards are written (12 bytes per
-parameter / TP); each parameter is read once.
+parameter / TP); the source is read once per TP rank written (a fused q/k/v or gate/up tensor once per part
+cut from it), not once per DP rank.
 """
 from __future__ import annotations
 

@@ -106,6 +106,10 @@ class TrainData:
         start = (step - 1) * self.global_batch_size + self.sample_offset + micro * b * self.dp_size + self.dp_rank * b
         return range(start, start + b)
 
+    def consumed_after(self, step: int) -> int:
+        """Samples read once update `step` is done (what metrics and checkpoints record)."""
+        return step * self.global_batch_size + self.sample_offset
+
     def micro_batches(self, step: int) -> list[MicroBatch]:
         """This rank's grad_accum_steps micro-batches of update `step`."""
         return [self._batch(self.train, self.sample_rows(step, m)) for m in range(self.grad_accum_steps)]

@@ -193,9 +193,9 @@ def resume_point(config: TrainConfig, run_dir: Path, state: ParallelState) -> Pa
     return find_resume_checkpoint(config.checkpoint.resume, run_dir, state, say)
 
 
-def _metadata(config: TrainConfig, step: int, lr: float, global_batch: int, nonfinite: int,
-              hf_extras: dict | None, sample_offset: int = 0) -> dict:
-    meta = {"consumed_samples": step * global_batch + sample_offset, "global_batch_size": global_batch,
+def _metadata(config: TrainConfig, step: int, lr: float, global_batch: int,
+              consumed: int, nonfinite: int, hf_extras: dict | None) -> dict:
+    meta = {"consumed_samples": consumed, "global_batch_size": global_batch,
             "schedule": {"lr": lr, "peak_lr": config.optimizer.lr, **vars(config.schedule)},
             "consecutive_nonfinite": nonfinite, "update_ok": nonfinite == 0, "config": config.to_dict()}
     return meta if hf_extras is None else {**meta, "hf_extras": hf_extras}
@@ -342,8 +342,7 @@ def _train(config: TrainConfig, state: ParallelState, attempt: str) -> TrainResu
                 with timer.phase("data"):
                     micro_batches = data.micro_batches(step)
                 out = train_step(model, optimizer, micro_batches, lr, state, timer)
-                rec = log.record(step, out.loss, lr, out.grad_norm, out.skipped,
-                                 step * data.global_batch_size + data.sample_offset)
+                rec = log.record(step, out.loss, lr, out.grad_norm, out.skipped, data.consumed_after(step))
                 nonfinite = nonfinite + 1 if out.skipped else 0
                 if config.eval_every and step % config.eval_every == 0:
                     with timer.phase("eval"):
@@ -382,8 +381,8 @@ def _train(config: TrainConfig, state: ParallelState, attempt: str) -> TrainResu
                     log.write(rec, timing, flush=save)
                 if save:
                     with timer.phase("checkpoint"):
-                        meta = _metadata(config, step, lr, data.global_batch_size, nonfinite, hf_extras,
-                                         data.sample_offset)
+                        meta = _metadata(config, step, lr, data.global_batch_size, data.consumed_after(step),
+                                         nonfinite, hf_extras)
                         ckpt.save_checkpoint(run_dir, step, model, optimizer, state, meta, config.checkpoint.keep,
                                              attempt=attempt)
                     last_saved = step

@@ -239,8 +239,7 @@ def _new_metadata(source: TrainCheckpoint, tp_size: int, dp_size: int) -> dict:
     meta = copy.deepcopy(source.meta)
     old = {"path": str(source.path), "tp_size": source.tp_size, "dp_size": source.dp_size}
     meta.pop("checksums", None)  # the new files get their own
-    meta.update(tp_size=tp_size, dp_size=dp_size, world_size=tp_size * dp_size,
-                files=checkpoint_files(tp_size, dp_size), resharded_from=old)
+    meta.update(tp_size=tp_size, dp_size=dp_size, world_size=tp_size * dp_size, resharded_from=old)
     parallel = meta["config"].setdefault("parallel", {})
     parallel["tp_size"] = tp_size
     if tp_size == 1:
