@@ -18,6 +18,7 @@ from megamath.parallel.state import ParallelState
 from megamath.training.config import TrainConfig
 from megamath.training.loop import train
 from megamath.training.reshard import TrainCheckpoint
+from megamath.training.schedule import lr_at
 from test_train_loop import metrics, one_thread, raw_config  # noqa: F401  (one_thread is a fixture)
 from trainer_checkpoints import source_model, write_megatron_torch, write_megatron_torch_dist
 
@@ -242,7 +243,8 @@ def test_a_write_that_fails_midway_leaves_no_checkpoint_and_a_retry_succeeds(tmp
 
 def test_after_a_batch_size_ramp_the_run_reads_on_from_megatrons_consumed_samples(tmp_path, capsys, monkeypatch):
     """Megatron-LM's --rampup-batch-size leaves consumed_train_samples below iteration × global batch, and its
-    sampler goes on from there: so does the continued run (and its checkpoints and metrics count from there)."""
+    sampler goes on from there: so does the continued run (and its checkpoints and metrics count from there).
+    Its scheduler counts samples too, so the learning rate goes on from 70 / 8 = 8.75 global batches, not 10."""
     from megamath.training import data as training_data
 
     model = source_model()
@@ -251,8 +253,12 @@ def test_after_a_batch_size_ramp_the_run_reads_on_from_megatrons_consumed_sample
     config = small_config(tmp_path, train_steps=11, checkpoint__save_every=11, micro_batch_size=8)
     done = convert_megatron_to_run(src, tmp_path / "run", config)
     assert ("its consumed samples 70 are fewer than iteration × global batch 80 (a batch-size ramp): the run reads "
-            "on from sample 70 of the order, as Megatron-LM would; its steps count on from 10") in done.notes
-    assert TrainCheckpoint(done.checkpoint).meta["consumed_samples"] == 70
+            "on from sample 70 of the order, as Megatron-LM would; its steps count on from 10, its learning rate "
+            "from schedule position 8.75, not 10 (samples / global batch, as Megatron-LM's scheduler counts)"
+            ) in done.notes
+    meta = TrainCheckpoint(done.checkpoint).meta
+    assert meta["consumed_samples"] == 70
+    assert meta["schedule"]["lr"] == lr_at(8.75, config.optimizer.lr, config.schedule)
     read = []
     original = training_data.TrainData._batch
 
@@ -265,4 +271,7 @@ def test_after_a_batch_size_ramp_the_run_reads_on_from_megatrons_consumed_sample
     train(config, ParallelState.single())
     assert read == list(range(70, 78))  # update 11: the 8 samples after the 70 read
     assert [r["consumed_samples"] for r in metrics(tmp_path / "run") if "step" in r] == [78]
+    lr = lr_at(9.75, config.optimizer.lr, config.schedule)  # Megatron-LM's lr after 70 + 8 samples of batch 8
+    assert lr != lr_at(11, config.optimizer.lr, config.schedule)
+    assert [r["lr"] for r in metrics(tmp_path / "run") if "step" in r] == [lr]
     assert TrainCheckpoint(tmp_path / "run" / "checkpoints" / "step_0000011").meta["consumed_samples"] == 78

@@ -50,5 +50,5 @@ def test_errors():
         ScheduleConfig(warmup_steps=-1)
     with pytest.raises(ValueError, match=r"^schedule.min_lr_ratio must be a number in \[0, 1\], got 2$"):
         ScheduleConfig(min_lr_ratio=2)
-    with pytest.raises(ValueError, match=r"^step must be >= 1 \(the first update is step 1\), got 0$"):
+    with pytest.raises(ValueError, match=r"^step must be > 0 \(the first update is step 1\), got 0$"):
         lr_at(0, 1e-4, LLEMMA)

@@ -118,10 +118,10 @@ def write_run(source: ForeignRun, run_dir: str | Path, config: TrainConfig) -> R
         return zero_shards(param_state, names, config.model, tp, tp_rank, dp_size, bucket_numel, source.adam_step,
                            dataclasses.asdict(config.optimizer), read_once=True)
 
+    lr = lr_at(source.data_position / batch, config.optimizer.lr, config.schedule)  # (TrainData.schedule_position)
     meta = {"format": FORMAT, "step": iteration, "tp_size": tp, "dp_size": dp_size, "world_size": tp * dp_size,
             "consumed_samples": source.data_position, "global_batch_size": batch,
-            "schedule": {"lr": lr_at(iteration, config.optimizer.lr, config.schedule), "peak_lr": config.optimizer.lr,
-                         **vars(config.schedule)},
+            "schedule": {"lr": lr, "peak_lr": config.optimizer.lr, **vars(config.schedule)},
             "consecutive_nonfinite": 0, "update_ok": True, "config": config.to_dict(),
             "converted_from": {"trainer": source.trainer, "path": str(Path(source.path).resolve()),
                                "iteration": iteration, "adam_step": source.adam_step,
@@ -145,7 +145,9 @@ def _notes(source: ForeignRun, config: TrainConfig, run_dir) -> list[str]:
     if source.data_position != full:
         notes.append(f"its consumed samples {source.data_position:,} are fewer than iteration × global batch "
                      f"{full:,} (a batch-size ramp): the run reads on from sample {source.data_position:,} of the "
-                     f"order, as {source.trainer} would; its steps count on from {source.iteration}")
+                     f"order, as {source.trainer} would; its steps count on from {source.iteration}, its learning "
+                     f"rate from schedule position {source.data_position / source.global_batch:g}, not "
+                     f"{source.iteration} (samples / global batch, as {source.trainer}'s scheduler counts)")
     elif isinstance(consumed, int) and consumed != full:
         notes.append(f"{source.trainer} counted {consumed:,} samples read, iteration × global batch is {full:,}: the "
                      f"run reads on from sample {full:,}, as {source.trainer}'s sampler goes on by iteration")

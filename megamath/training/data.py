@@ -110,6 +110,14 @@ class TrainData:
         """Samples read once update `step` is done (what metrics and checkpoints record)."""
         return step * self.global_batch_size + self.sample_offset
 
+    def schedule_position(self, step: int) -> float:
+        """Where update `step` stands on the learning-rate schedule: its samples read over the global batch.
+
+        That is `step` itself (exactly) unless a converted run ramped its batch size up: Megatron-LM's scheduler
+        advances by each update's samples (decay over lr_decay_iters × global batch samples), so its learning
+        rate after a ramp is where the samples say, behind the iteration count; the continued run keeps it."""
+        return self.consumed_after(step) / self.global_batch_size
+
     def micro_batches(self, step: int) -> list[MicroBatch]:
         """This rank's grad_accum_steps micro-batches of update `step`."""
         return [self._batch(self.train, self.sample_rows(step, m)) for m in range(self.grad_accum_steps)]

@@ -336,7 +336,7 @@ def _train(config: TrainConfig, state: ParallelState, attempt: str) -> TrainResu
         with PreemptionFlag() as flag:
             while step < config.train_steps:
                 step += 1
-                lr = lr_at(step, config.optimizer.lr, config.schedule)
+                lr = lr_at(data.schedule_position(step), config.optimizer.lr, config.schedule)
                 timer.start_step()  # (a no-op after the first step: the previous one opened it)
                 profiler.begin(step)
                 with timer.phase("data"):

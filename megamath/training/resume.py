@@ -178,9 +178,12 @@ def schedule_change(meta: dict, config) -> str | None:
     if not changed:
         return None
     step = meta["step"] + 1
-    try:
-        before = lr_at(step, saved["peak_lr"], ScheduleConfig(**{k: saved[k] for k in vars(config.schedule)}))
-        jump = f"; update {step} runs at lr {lr_at(step, config.optimizer.lr, config.schedule):.4g}, not {before:.4g}"
+    batch = meta.get("global_batch_size")
+    position = (meta.get("consumed_samples", meta["step"] * batch) + batch) / batch if batch else step
+    try:  # (the position: TrainData.schedule_position)
+        before = lr_at(position, saved["peak_lr"], ScheduleConfig(**{k: saved[k] for k in vars(config.schedule)}))
+        after = lr_at(position, config.optimizer.lr, config.schedule)
+        jump = f"; update {step} runs at lr {after:.4g}, not {before:.4g}"
     except (KeyError, TypeError, ValueError):  # a schedule this version cannot rebuild: the keys say enough
         jump = ""
     return f"warning: {', '.join(changed)} since checkpoint step {meta['step']}{jump}"

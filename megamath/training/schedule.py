@@ -4,10 +4,13 @@
     after:          lr = peak · (r + (1 − r) · ½ · (1 + cos(π · t))),   t = (step − warmup) / (decay − warmup)
 
 with t clipped to [0, 1], so the rate holds at r · peak after `decay_steps` (LLEMMA 7B: warmup 500, decay
-48,000, r = 1/30; the 7B run stopped at 42,000 steps, before the floor; the 34B decayed over its 12,000). `step` is the 1-based number
-of the optimizer update being taken: the first update runs at peak / warmup, update `warmup` at the
-peak, and both branches agree there. The peak itself is `optimizer.lr` (as Megatron's `--lr` is the
-peak of its schedule), so the run has one learning rate to set.
+48,000, r = 1/30; the 7B run stopped at 42,000 steps, before the floor; the 34B decayed over its 12,000).
+`step` is the 1-based number of the optimizer update being taken: the first update runs at peak / warmup,
+update `warmup` at the peak, and both branches agree there. After another trainer's batch-size ramp it is a
+fractional position instead, the samples read by the update's end over the global batch
+(TrainData.schedule_position): Megatron-LM's scheduler counts samples, and so stands behind its iteration
+count after a ramp. The peak itself is `optimizer.lr` (as Megatron's `--lr` is the peak of its schedule), so
+the run has one learning rate to set.
 """
 from __future__ import annotations
 
@@ -38,10 +41,11 @@ class ScheduleConfig:
         self.min_lr_ratio = float(ratio)
 
 
-def lr_at(step: int, peak_lr: float, config: ScheduleConfig) -> float:
-    """The learning rate of update `step` (1-based) under `config`, peaking at `peak_lr`."""
-    if step < 1:
-        raise ValueError(f"step must be >= 1 (the first update is step 1), got {step}")
+def lr_at(step: float, peak_lr: float, config: ScheduleConfig) -> float:
+    """The learning rate of update `step` (1-based; a fractional schedule position after a batch-size ramp)
+    under `config`, peaking at `peak_lr`."""
+    if not step > 0:  # (a ramped run's last update may stand below 1: it read less than one global batch)
+        raise ValueError(f"step must be > 0 (the first update is step 1), got {step}")
     warmup, decay, r = config.warmup_steps, config.decay_steps, config.min_lr_ratio
     if step <= warmup:
         return peak_lr * step / warmup
