@@ -36,28 +36,33 @@ def _buckets(adam: dict, config: ModelConfig, tp: int) -> tuple[dict, dict]:
     """The distributed optimizer's dp_reshardable state, laid out as Megatron-LM's DistributedOptimizer lays out
     its buffers for the local spec of a --bf16 run: per model-parallel group (TP rank r of pipeline stage p is
     group p·TP + r; adam["pp"] stages, the first holding adam["first_stage_layers"] layers if given, else an
-    even split), a buffer per dtype in the order the stage first registers one (norms float32, the rest
-    bfloat16), each holding its parameters' local slices in reverse registration order, every start a
-    multiple of 64, the padding 0 here; buckets close at the parameter reaching adam["bucket_numel"]
-    (default: one bucket). Also each group's param groups object (with the step)."""
-    pp, first = adam.get("pp", 1), adam.get("first_stage_layers")
+    even split), per model chunk (adam["vp"] virtual stages: chunk c of stage p holds the (c·pp + p)-th run of
+    share / vp layers), a buffer per dtype in the order the chunk first registers one (norms float32, the
+    rest bfloat16), numbered on from the previous chunk's, each holding its parameters' local slices in
+    reverse registration order, every start a multiple of 64, the padding 0 here; buckets close at the
+    parameter reaching adam["bucket_numel"] (default: one bucket). Also each group's param groups object
+    (with the step)."""
+    pp, vp, first = adam.get("pp", 1), adam.get("vp", 1), adam.get("first_stage_layers")
     counts = [config.num_layers // pp] * pp
     if first is not None:
         counts = [first] + [(config.num_layers - first) // (pp - 1)] * (pp - 1)
-    starts = [sum(counts[:p]) for p in range(pp)]
+    per_chunk = [n // vp for n in counts]
     bucket_numel = adam.get("bucket_numel")
     flats, objects = {}, {}
     for group_index in range(tp * pp):
         r, stage = group_index % tp, group_index // tp
-        order = (["embedding"] if stage == 0 else [])
-        order += [f"layers.{i}.{role}" for i in range(starts[stage], starts[stage] + counts[stage])
-                  for role in _LOCAL_NAMES]
-        order += ["final_norm", "output"] if stage == pp - 1 else []
+        chunks = []
+        for c in range(vp):
+            start = c * sum(per_chunk) + sum(per_chunk[:stage])
+            order = ["embedding"] if stage == 0 and c == 0 else []
+            order += [f"layers.{i}.{role}" for i in range(start, start + per_chunk[stage]) for role in _LOCAL_NAMES]
+            order += ["final_norm", "output"] if stage == pp - 1 and c == vp - 1 else []
+            chunks.append(order)
         locals_ = {}
         for key in ("master", "exp_avg", "exp_avg_sq"):
             state = {n: t.detach().float() for n, t in adam[key].items()}
             layers = {i: _megatron_layer(state, i, config, tp, r) for i in range(config.num_layers)}
-            for role in order:
+            for role in (role for order in chunks for role in order):
                 if role.startswith("layers."):
                     _, i, name = role.split(".")
                     value = layers[int(i)][_LOCAL_NAMES[name]]
@@ -65,8 +70,9 @@ def _buckets(adam: dict, config: ModelConfig, tp: int) -> tuple[dict, dict]:
                     value = {"embedding": state["embed_tokens.weight"].chunk(tp, dim=0)[r], "final_norm":
                              state["norm.weight"], "output": state["lm_head.weight"].chunk(tp, dim=0)[r]}[role]
                 locals_.setdefault(role, {})[key] = value.reshape(-1)
-        dtypes = list(dict.fromkeys("float32" if role.endswith("norm") else "bfloat16" for role in order))
-        for gbuf, dtype in enumerate(dtypes):
+        buffers = [(order, dtype) for order in chunks
+                   for dtype in dict.fromkeys("float32" if role.endswith("norm") else "bfloat16" for role in order)]
+        for gbuf, (order, dtype) in enumerate(buffers):
             params = [role for role in reversed(order) if role.endswith("norm") == (dtype == "float32")]
             buckets, current, start = [], [], 0
             for role in params:

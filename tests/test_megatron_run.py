@@ -49,7 +49,8 @@ def small_config(tmp_path, **top) -> TrainConfig:
 
 @pytest.mark.parametrize("sharding, stages", [*((s, {}) for s in SHARDINGS),
                                               ("dp_reshardable", {"pp": 2}),
-                                              ("dp_reshardable", {"pp": 2, "first_stage_layers": 1})])
+                                              ("dp_reshardable", {"pp": 2, "first_stage_layers": 1}),
+                                              ("dp_reshardable", {"pp": 2, "vp": 2})])
 def test_the_run_holds_megatrons_masters_moments_and_step(tmp_path, sharding, stages):
     model = source_model()
     states = random_states(model, 1)
@@ -128,8 +129,8 @@ def write(tmp_path, **adam):
                      "once with --dist-ckpt-optim-fully-reshardable"),
     ("no optimizer", r"the checkpoint holds no optimizer state \(saved with --no-save-optim\?\); convert the weights "
                      "alone with `megamath convert megatron-to-hf`"),
-    ("virtual stages", r"the bucketed optimizer state of a run with num_layers_per_virtual_pipeline_stage is not "
-                       r"read \(its stages' layers are placed otherwise\)"),
+    ("custom layout", r"the bucketed optimizer state of a run with pipeline_model_parallel_layout is not read "
+                      r"\(its stages' layers are placed otherwise\)"),
     ("torch format", r"the torch format's optimizer state is not read \(model_optim_rng.pt, distrib_optim.pt\); "
                      r"re-save it with Megatron-LM in the torch_dist format \(the run's launch with "
                      "--ckpt-convert-format torch_dist --ckpt-convert-save DIR writes DIR/torch_dist"),
@@ -147,8 +148,8 @@ def test_what_cannot_continue_is_one_line_that_says_what_to_do(tmp_path, case, m
         src = write_megatron_torch(source_model(), tmp_path / "megatron", tp=2, pp=1)
     elif case == "no optimizer":
         src = write_megatron_torch_dist(source_model(), tmp_path / "megatron", tp=2)
-    elif case == "virtual stages":
-        src = write(tmp_path, sharding="dp_reshardable", pp=2, args={"num_layers_per_virtual_pipeline_stage": 1})
+    elif case == "custom layout":
+        src = write(tmp_path, sharding="dp_reshardable", pp=2, args={"pipeline_model_parallel_layout": "Et|tt|ttL"})
     elif case == "bucket order":  # masters that are not the weights': no order is confirmed
         model = source_model()
         states = {**random_states(model, 4), "master": random_states(source_model(seed=5), 4)["master"]}

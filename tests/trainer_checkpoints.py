@@ -184,6 +184,7 @@ def write_megatron_torch_dist(model: Llama, save: Path, tp: int, adam: dict | No
     if adam is not None:  # the stages' layers matter to the bucketed layout only; "args" sets any other
         common["args"].pipeline_model_parallel_size = adam.get("pp", 1)
         common["args"].decoder_first_pipeline_num_layers = adam.get("first_stage_layers")
+        common["args"].virtual_pipeline_model_parallel_size = adam.get("vp")
         for key, value in adam.get("args", {}).items():
             setattr(common["args"], key, value)
     if adam is not None:

@@ -9,9 +9,10 @@ of the bucket's unpadded length, and no record of which parameter lies where. Th
 (megatron/core/optimizer/distrib_optimizer.py, _compute_per_buffer_param_layout): a buffer holds the
 parameters of its dtype in reverse registration order, each TP rank's local slice, each starting at a
 multiple of 64 elements; a bucket closes at the parameter that fills it, so each bucket's stored length
-says where the next one starts. A pipeline stage registers the embedding (the first stage), its layers (split evenly, or as
---decoder-first-pipeline-num-layers and --decoder-last-pipeline-num-layers say) and the final norm and
-output layer (the last stage). It is rebuilt here for the registration orders Megatron Core's GPT layer
+says where the next one starts. A pipeline stage registers the embedding (the first stage), its layers (split
+evenly, or as --decoder-first-pipeline-num-layers and --decoder-last-pipeline-num-layers say) and the final
+norm and output layer (the last stage); with virtual stages each of its model chunks has buffers of its own,
+numbered after the previous chunk's. It is rebuilt here for the registration orders Megatron Core's GPT layer
 specs give (the local spec's, and Transformer Engine's with a norm inside the fused linear, either side of
 its weight) and trusted only when the checkpoint says so: an order is taken when every parameter's first
 row of masters rounds to the weight Megatron-LM stored, and then each master read is checked, element for
@@ -109,8 +110,7 @@ def _buffers(checkpoint: DistCheckpoint, weights: MegatronWeights) -> dict[int, 
         buffer = found.setdefault(int(group), {}).setdefault(int(gbuf), (getattr(torch, dtype), {}))
         buffer[1][int(bucket)] = (key[:-len(".param")], int(meta.size[0]))
     tp, pp = _sizes(weights)
-    for name in ("pipeline_model_parallel_layout", "num_layers_per_virtual_pipeline_stage",
-                 "virtual_pipeline_model_parallel_size", "account_for_embedding_in_pipeline_split",
+    for name in ("pipeline_model_parallel_layout", "account_for_embedding_in_pipeline_split",
                  "account_for_loss_in_pipeline_split", "num_experts"):
         if weights.args.get(name):
             raise ValueError(f"{checkpoint.folder}: the bucketed optimizer state of a run with {name} is not read "
@@ -134,10 +134,13 @@ def _sizes(weights: MegatronWeights) -> tuple[int, int]:
     return (weights.args.get("tensor_model_parallel_size") or 1, weights.args.get("pipeline_model_parallel_size") or 1)
 
 
-def stage_layers(weights: MegatronWeights) -> list[range]:
-    """The layers of each pipeline stage, as Megatron-LM splits them: evenly, but for the first and last stage's
-    counts when --decoder-first/last-pipeline-num-layers give them."""
+def chunk_layers(weights: MegatronWeights) -> list[list[range]]:
+    """The layers of each pipeline stage's model chunks (one chunk per stage without virtual stages), as
+    Megatron-LM places them: each stage gets an even share, or the first and last stage the counts
+    --decoder-first/last-pipeline-num-layers give, and with v virtual stages each stage's share is cut into v
+    chunks that run chunk-major: chunk 0 of every stage in stage order, then chunk 1, ..."""
     _, pp = _sizes(weights)
+    vp = _virtual_stages(weights, pp)
     first, last = (weights.args.get(f"decoder_{end}_pipeline_num_layers") for end in ("first", "last"))
     counts = [first, *[None] * (pp - 2), last] if pp > 1 else [None]
     rest = weights.num_layers - sum(c for c in counts if c is not None)
@@ -145,16 +148,37 @@ def stage_layers(weights: MegatronWeights) -> list[range]:
     if even and rest % even or not even and rest:
         raise ValueError(f"{weights.num_layers} layers do not split over {pp} pipeline stages as the args say")
     counts = [c if c is not None else rest // even for c in counts]
-    starts = [sum(counts[:p]) for p in range(pp)]
-    return [range(start, start + count) for start, count in zip(starts, counts)]
+    if any(c % vp for c in counts):
+        raise ValueError(f"the stages' {counts} layers do not split into {vp} virtual stages each as the args say")
+    per_chunk = [c // vp for c in counts]
+    start, out = 0, [[] for _ in range(pp)]
+    for _ in range(vp):
+        for stage, n in enumerate(per_chunk):
+            out[stage].append(range(start, start + n))
+            start += n
+    return out
 
 
-def _registration(weights: MegatronWeights, layer_order: tuple[str, ...], stage: int = 0) -> list[str]:
-    """Pipeline stage `stage`'s parameters in the order its model registers them."""
-    stages = stage_layers(weights)
-    layers = [f"layers.{i}.{role}" for i in stages[stage] for role in layer_order]
-    return (["embedding"] if stage == 0 else []) + layers + (["final_norm", "output"] if stage == len(stages) - 1
-                                                             else [])
+def _virtual_stages(weights: MegatronWeights, pp: int) -> int:
+    """Model chunks per pipeline stage: the args' virtual_pipeline_model_parallel_size (Megatron-LM derives it
+    from --num-layers-per-virtual-pipeline-stage or --num-virtual-stages-per-pipeline-rank), else 1."""
+    vp = weights.args.get("virtual_pipeline_model_parallel_size")
+    per_stage = weights.args.get("num_layers_per_virtual_pipeline_stage")
+    if not vp and per_stage:
+        vp = weights.num_layers // pp // per_stage
+    return vp or 1
+
+
+def _registration(weights: MegatronWeights, layer_order: tuple[str, ...], stage: int = 0) -> list[list[str]]:
+    """Pipeline stage `stage`'s model chunks, each its parameters in the order it registers them: the embedding
+    in the first chunk of the first stage, the final norm and output layer in the last chunk of the last."""
+    stages = chunk_layers(weights)
+    chunks = [[f"layers.{i}.{role}" for i in layers for role in layer_order] for layers in stages[stage]]
+    if stage == 0:
+        chunks[0].insert(0, "embedding")
+    if stage == len(stages) - 1:
+        chunks[-1].extend(["final_norm", "output"])
+    return chunks
 
 
 def local_shape(shape: tuple[int, ...], role: str, tp: int) -> tuple[int, ...]:
@@ -168,26 +192,37 @@ def _place(layer_order, weights: MegatronWeights, buffers) -> dict[str, list[Pie
     pieces: dict[str, dict[int, Piece]] = {}
     for group in range(tp * pp):
         rank, stage = group % tp, group // tp
-        order = [role for role in _registration(weights, layer_order, stage) if role in weights.tensors]
-        for dtype, buckets in buffers[group]:
-            params = [role for role in reversed(order) if weights.tensors[role].dtype == dtype]
-            k, start = 0, 0
-            for role in params:
-                if k == len(buckets):
+        group_buffers = iter(buffers[group])
+        for chunk in _registration(weights, layer_order, stage):  # its buffers follow the previous chunk's
+            order = [role for role in chunk if role in weights.tensors]
+            for _ in {weights.tensors[role].dtype for role in order}:  # a buffer per dtype
+                dtype, buckets = next(group_buffers, (None, None))
+                params = [role for role in reversed(order) if weights.tensors[role].dtype == dtype]
+                if not params or not _fill(params, buckets, pieces, rank, tp, weights):
                     return None
-                start = -(-start // PARAM_ALIGN) * PARAM_ALIGN
-                shape = local_shape(tuple(weights.tensors[role].shape), role, tp)
-                piece = Piece(buckets[k][0], start, shape)
-                end = start + piece.numel
-                if end > buckets[k][1]:
-                    return None
-                pieces.setdefault(role, {})[rank] = piece
-                k, start = (k + 1, 0) if end == buckets[k][1] else (k, end)
-            if k != len(buckets):
-                return None
+        if next(group_buffers, None) is not None:
+            return None
     if set(pieces) != set(weights.tensors) or any(len(found) != tp for found in pieces.values()):
         return None
     return {role: [found[t] for t in range(tp)] for role, found in pieces.items()}
+
+
+def _fill(params: list[str], buckets: list[tuple[str, int]], pieces: dict, rank: int, tp: int,
+          weights: MegatronWeights) -> bool:
+    """Place `params` (in buffer order) into one buffer's buckets, adding TP rank `rank`'s pieces; False where
+    they do not fill the buckets' stored lengths exactly."""
+    k, start = 0, 0
+    for role in params:
+        if k == len(buckets):
+            return False
+        start = -(-start // PARAM_ALIGN) * PARAM_ALIGN
+        piece = Piece(buckets[k][0], start, local_shape(tuple(weights.tensors[role].shape), role, tp))
+        end = start + piece.numel
+        if end > buckets[k][1]:
+            return False
+        pieces.setdefault(role, {})[rank] = piece
+        k, start = (k + 1, 0) if end == buckets[k][1] else (k, end)
+    return k == len(buckets)
 
 
 def _first_row_fits(checkpoint: DistCheckpoint, weights: MegatronWeights, role: str, pieces: list[Piece]) -> bool:
