@@ -37,7 +37,8 @@ def _buckets(adam: dict, config: ModelConfig, tp: int) -> tuple[dict, dict]:
     its buffers for the local spec of a --bf16 run: per model-parallel group (TP rank r of pipeline stage p is
     group p·TP + r; adam["pp"] stages, the first holding adam["first_stage_layers"] layers if given, else an
     even split), per model chunk (adam["vp"] virtual stages: chunk c of stage p holds the (c·pp + p)-th run of
-    share / vp layers), a buffer per dtype in the order the chunk first registers one (norms float32, the
+    share / vp layers; or adam["virtual_stage_layers"], [chunk][stage] counts, the layers numbered chunk-major,
+    for a custom layout or a split that counts the embedding and loss), a buffer per dtype in the order the chunk first registers one (norms float32, the
     rest bfloat16), numbered on from the previous chunk's, each holding its parameters' local slices in
     reverse registration order, every start a multiple of 64, the padding 0 here; buckets close at the
     parameter reaching adam["bucket_numel"] (default: one bucket). Also each group's param groups object
@@ -46,16 +47,17 @@ def _buckets(adam: dict, config: ModelConfig, tp: int) -> tuple[dict, dict]:
     counts = [config.num_layers // pp] * pp
     if first is not None:
         counts = [first] + [(config.num_layers - first) // (pp - 1)] * (pp - 1)
-    per_chunk = [n // vp for n in counts]
+    per_chunk = adam.get("virtual_stage_layers", [[n // vp for n in counts]] * vp)
+    vp = len(per_chunk)
     bucket_numel = adam.get("bucket_numel")
     flats, objects = {}, {}
     for group_index in range(tp * pp):
         r, stage = group_index % tp, group_index // tp
         chunks = []
         for c in range(vp):
-            start = c * sum(per_chunk) + sum(per_chunk[:stage])
+            start = sum(map(sum, per_chunk[:c])) + sum(per_chunk[c][:stage])
             order = ["embedding"] if stage == 0 and c == 0 else []
-            order += [f"layers.{i}.{role}" for i in range(start, start + per_chunk[stage]) for role in _LOCAL_NAMES]
+            order += [f"layers.{i}.{role}" for i in range(start, start + per_chunk[c][stage]) for role in _LOCAL_NAMES]
             order += ["final_norm", "output"] if stage == pp - 1 and c == vp - 1 else []
             chunks.append(order)
         locals_ = {}

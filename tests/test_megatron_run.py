@@ -50,7 +50,14 @@ def small_config(tmp_path, **top) -> TrainConfig:
 @pytest.mark.parametrize("sharding, stages", [*((s, {}) for s in SHARDINGS),
                                               ("dp_reshardable", {"pp": 2}),
                                               ("dp_reshardable", {"pp": 2, "first_stage_layers": 1}),
-                                              ("dp_reshardable", {"pp": 2, "vp": 2})])
+                                              ("dp_reshardable", {"pp": 2, "vp": 2}),
+                                              ("dp_reshardable", {"pp": 2, "virtual_stage_layers": [[0, 2], [1, 1]],
+                                                                  "args": {"pipeline_model_parallel_layout":
+                                                                           "E|t*2|t|,tL"}}),
+                                              ("dp_reshardable", {"pp": 3, "virtual_stage_layers": [[1, 2, 1]],
+                                                                  "args": {"account_for_embedding_in_pipeline_split":
+                                                                           True, "account_for_loss_in_pipeline_split":
+                                                                           True}})])
 def test_the_run_holds_megatrons_masters_moments_and_step(tmp_path, sharding, stages):
     model = source_model()
     states = random_states(model, 1)
@@ -129,8 +136,8 @@ def write(tmp_path, **adam):
                      "once with --dist-ckpt-optim-fully-reshardable"),
     ("no optimizer", r"the checkpoint holds no optimizer state \(saved with --no-save-optim\?\); convert the weights "
                      "alone with `megamath convert megatron-to-hf`"),
-    ("custom layout", r"the bucketed optimizer state of a run with pipeline_model_parallel_layout is not read "
-                      r"\(its stages' layers are placed otherwise\)"),
+    ("custom layout", r"--pipeline-model-parallel-layout Et\|tt\|ttL: 3 virtual stages do not divide among 2 "
+                      "pipeline stages$"),
     ("torch format", r"the torch format's optimizer state is not read \(model_optim_rng.pt, distrib_optim.pt\); "
                      r"re-save it with Megatron-LM in the torch_dist format \(the run's launch with "
                      "--ckpt-convert-format torch_dist --ckpt-convert-save DIR writes DIR/torch_dist"),

@@ -39,10 +39,12 @@ def test_the_converted_model_computes_the_trainers_own_logits(name, tmp_path):
         torch.testing.assert_close(model(reference["input_ids"]), reference["logits"], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["megatron/buckets_tp2_pp2_dp2", "megatron/buckets_pp2_vp2_dp2"])
+@pytest.mark.parametrize("name", ["megatron/buckets_tp2_pp2_dp2", "megatron/buckets_pp2_vp2_dp2",
+                                  "megatron/buckets_layout_pp2", "megatron/buckets_split_pp3"])
 def test_torch_dist_weights_over_pipeline_and_virtual_stages_compute_the_trainers_own_logits(name, tmp_path):
-    """torch_dist names every layer by its global number: the stages' and the virtual stages' layers land in
-    their places (Megatron-LM's logits, after its one update, from the weights it saved)."""
+    """torch_dist names every layer by its global number: the layers of stages, virtual stages, a custom layout
+    and a split counting the embedding and loss land in their places (Megatron-LM's logits, after its one
+    update, from the weights it saved)."""
     test_the_converted_model_computes_the_trainers_own_logits(name, tmp_path)
 
 
@@ -92,7 +94,8 @@ def test_one_epochs_gpt_indices_equal_megatron_lms():
 
 @pytest.mark.parametrize("name, batch", [("megatron/adam_tp2", 1), ("megatron/distopt_tp2_dp2", 2),
                                          ("megatron/buckets_dp2", 2), ("megatron/buckets_tp2_dp2", 2),
-                                         ("megatron/buckets_tp2_pp2_dp2", 2), ("megatron/buckets_pp2_vp2_dp2", 2)])
+                                         ("megatron/buckets_tp2_pp2_dp2", 2), ("megatron/buckets_pp2_vp2_dp2", 2),
+                                         ("megatron/buckets_layout_pp2", 1), ("megatron/buckets_split_pp3", 1)])
 def test_megatron_lms_own_adam_state_lands_on_each_parameter(name, batch, tmp_path):
     """After Megatron-LM's one update whose gradient was each weight w itself (write_fixtures.py), exp_avg is
     (1 - 0.9) · w and exp_avg_sq (1 - 0.999) · w² element for element, and the fp32 master rounds to the

@@ -9,10 +9,9 @@ of the bucket's unpadded length, and no record of which parameter lies where. Th
 (megatron/core/optimizer/distrib_optimizer.py, _compute_per_buffer_param_layout): a buffer holds the
 parameters of its dtype in reverse registration order, each TP rank's local slice, each starting at a
 multiple of 64 elements; a bucket closes at the parameter that fills it, so each bucket's stored length
-says where the next one starts. A pipeline stage registers the embedding (the first stage), its layers (split
-evenly, or as --decoder-first-pipeline-num-layers and --decoder-last-pipeline-num-layers say) and the final
-norm and output layer (the last stage); with virtual stages each of its model chunks has buffers of its own,
-numbered after the previous chunk's. It is rebuilt here for the registration orders Megatron Core's GPT layer
+says where the next one starts. A pipeline stage registers the embedding (the first stage), its layers
+(placed as _virtual_stage_counts says) and the final norm and output layer (the last stage); with virtual
+stages each of its model chunks has buffers of its own, numbered after the previous chunk's. It is rebuilt here for the registration orders Megatron Core's GPT layer
 specs give (the local spec's, and Transformer Engine's with a norm inside the fused linear, either side of
 its weight) and trusted only when the checkpoint says so: an order is taken when every parameter's first
 row of masters rounds to the weight Megatron-LM stored, and then each master read is checked, element for
@@ -110,11 +109,6 @@ def _buffers(checkpoint: DistCheckpoint, weights: MegatronWeights) -> dict[int, 
         buffer = found.setdefault(int(group), {}).setdefault(int(gbuf), (getattr(torch, dtype), {}))
         buffer[1][int(bucket)] = (key[:-len(".param")], int(meta.size[0]))
     tp, pp = _sizes(weights)
-    for name in ("pipeline_model_parallel_layout", "account_for_embedding_in_pipeline_split",
-                 "account_for_loss_in_pipeline_split", "num_experts"):
-        if weights.args.get(name):
-            raise ValueError(f"{checkpoint.folder}: the bucketed optimizer state of a run with {name} is not read "
-                             "(its stages' layers are placed otherwise); " + REFUSED)
     if sorted(found) != list(range(tp * pp)):
         raise ValueError(f"{checkpoint.folder}: the bucketed optimizer state holds model-parallel groups "
                          f"{sorted(found)}, the args TP {tp} × PP {pp}; the checkpoint is incomplete")
@@ -136,37 +130,71 @@ def _sizes(weights: MegatronWeights) -> tuple[int, int]:
 
 def chunk_layers(weights: MegatronWeights) -> list[list[range]]:
     """The layers of each pipeline stage's model chunks (one chunk per stage without virtual stages), as
-    Megatron-LM places them: each stage gets an even share, or the first and last stage the counts
-    --decoder-first/last-pipeline-num-layers give, and with v virtual stages each stage's share is cut into v
-    chunks that run chunk-major: chunk 0 of every stage in stage order, then chunk 1, ..."""
+    Megatron-LM places them: virtual stage (c, p), chunk c of stage p, holds the next run of layers in
+    chunk-major order (chunk 0 of every stage in stage order, then chunk 1, ...), as many as
+    _virtual_stage_counts gives it."""
     _, pp = _sizes(weights)
-    vp = _virtual_stages(weights, pp)
-    first, last = (weights.args.get(f"decoder_{end}_pipeline_num_layers") for end in ("first", "last"))
+    start, out = 0, [[] for _ in range(pp)]
+    for row in _virtual_stage_counts(weights, pp):
+        for stage, n in enumerate(row):
+            out[stage].append(range(start, start + n))
+            start += n
+    if start != weights.num_layers:
+        raise ValueError(f"the args place {start} layers over the pipeline stages, the model has "
+                         f"{weights.num_layers}")
+    return out
+
+
+def _virtual_stage_counts(weights: MegatronWeights, pp: int) -> list[list[int]]:
+    """Decoder layers per virtual stage, [chunk][stage]. A --pipeline-model-parallel-layout lists them (its
+    t's, virtual stage c·pp + p being chunk c of stage p). Otherwise each stage gets an even share, or the
+    first and last stage the counts --decoder-first/last-pipeline-num-layers give, and each share is cut into
+    v chunks (v virtual stages); --account-for-embedding/loss-in-pipeline-split count the embedding and the
+    output layer as one layer each, in the first chunk of the first stage and the last chunk of the last."""
+    args = weights.args
+    layout = args.get("pipeline_model_parallel_layout")
+    if layout:
+        stages = _parse_layout(str(layout))
+        flat = "".join(stages)
+        if len(stages) % pp:
+            raise ValueError(f"--pipeline-model-parallel-layout {layout}: {len(stages)} virtual stages do not "
+                             f"divide among {pp} pipeline stages")
+        if not (stages[0].startswith("E") and stages[-1].endswith("L")) or (flat.count("E"), flat.count("L")) != (1, 1):
+            raise ValueError(f"--pipeline-model-parallel-layout {layout}: the embedding (E) must open the first "
+                             "stage and the loss (L) close the last, once each")
+        vp = len(stages) // pp
+        return [[stages[c * pp + p].count("t") for p in range(pp)] for c in range(vp)]
+    vp = args.get("virtual_pipeline_model_parallel_size") or 1
+    if vp == 1 and args.get("num_layers_per_virtual_pipeline_stage"):  # (Megatron-LM derives the size from it)
+        vp = weights.num_layers // pp // args["num_layers_per_virtual_pipeline_stage"]
+    first, last = (args.get(f"decoder_{end}_pipeline_num_layers") for end in ("first", "last"))
+    embedding, loss = (int(bool(args.get(f"account_for_{end}_in_pipeline_split"))) for end in ("embedding", "loss"))
     counts = [first, *[None] * (pp - 2), last] if pp > 1 else [None]
-    rest = weights.num_layers - sum(c for c in counts if c is not None)
+    rest = weights.num_layers + embedding + loss - sum(c for c in counts if c is not None)
     even = counts.count(None)
     if even and rest % even or not even and rest:
         raise ValueError(f"{weights.num_layers} layers do not split over {pp} pipeline stages as the args say")
     counts = [c if c is not None else rest // even for c in counts]
     if any(c % vp for c in counts):
         raise ValueError(f"the stages' {counts} layers do not split into {vp} virtual stages each as the args say")
-    per_chunk = [c // vp for c in counts]
-    start, out = 0, [[] for _ in range(pp)]
-    for _ in range(vp):
-        for stage, n in enumerate(per_chunk):
-            out[stage].append(range(start, start + n))
-            start += n
+    out = [[c // vp for c in counts] for _ in range(vp)]
+    out[0][0] -= embedding
+    out[-1][-1] -= loss
     return out
 
 
-def _virtual_stages(weights: MegatronWeights, pp: int) -> int:
-    """Model chunks per pipeline stage: the args' virtual_pipeline_model_parallel_size (Megatron-LM derives it
-    from --num-layers-per-virtual-pipeline-stage or --num-virtual-stages-per-pipeline-rank), else 1."""
-    vp = weights.args.get("virtual_pipeline_model_parallel_size")
-    per_stage = weights.args.get("num_layers_per_virtual_pipeline_stage")
-    if not vp and per_stage:
-        vp = weights.num_layers // pp // per_stage
-    return vp or 1
+def _parse_layout(layout: str) -> list[str]:
+    """Megatron-LM's --pipeline-model-parallel-layout, its virtual stages in order (e.g. "E|(tt|)*2,tL" ->
+    ["E", "tt", "tt", "tL"]): commas are cosmetic, "(x)*n" and "x*n" repeat, "|" separates stages."""
+    layout = layout.replace(",", "")
+    for pattern in (r"\(([^)]+)\)\*(\d+)", r"(.)\*(\d+)"):
+        layout = re.sub(pattern, lambda m: m.group(1) * int(m.group(2)), layout)
+    stages = layout.split("|")
+    unknown = set("".join(stages)) - set("EtL")
+    if unknown:
+        raise ValueError(f"--pipeline-model-parallel-layout holds {''.join(sorted(unknown))}: megamath reads "
+                         "embedding (E), decoder (t) and loss (L) stages only")
+    return stages
 
 
 def _registration(weights: MegatronWeights, layer_order: tuple[str, ...], stage: int = 0) -> list[list[str]]:

@@ -40,7 +40,8 @@ def convert_megatron_to_run(src: str | Path, run_dir: str | Path, config: TrainC
                          f"0 and iteration × global batch {weights.iteration * batch}; the data position needs it")
     adam = read_megatron_adam(weights)
     source = ForeignRun(
-        "Megatron-LM", "megatron", Path(src), weights.iteration, batch, consumed, consumed, adam.step, adam.betas, adam.eps, adam.sharding, f"TP {weights.args.get('tensor_model_parallel_size', 1)}",
+        "Megatron-LM", "megatron", Path(src), weights.iteration, batch, consumed, consumed, adam.step, adam.betas,
+        adam.eps, adam.sharding, f"TP {weights.args.get('tensor_model_parallel_size', 1)}",
         model, llama_state_dict(weights, model),
         {key: llama_state_dict(found, model) for key, found in adam.states.items()},
         training_dtype(weights) or torch.bfloat16)
