@@ -3,6 +3,8 @@ run that resumes where it stopped (LLEMMA's trainer; the files checked against G
 tests/test_trainer_files.py)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -60,6 +62,26 @@ def test_the_run_holds_deepspeeds_masters_moments_and_step(tmp_path, variant):
         got = saved.param_state(name)
         for key in KEYS:
             assert torch.equal(got[key], states[key].state_dict()[name]), (name, key)
+
+
+@pytest.mark.parametrize("variant", ["llemma", "main_gqa"])
+def test_deepspeeds_own_sample_count_is_read_once_and_noted_where_it_differs(tmp_path, variant, monkeypatch):
+    """DeepSpeed's engine counts the samples it trained (`global_samples`, in mp_rank_00_model_states.pt, which
+    holds the weights of TP rank 0 in the sequential layout, so it is read once); GPT-NeoX's sampler goes on
+    by iteration, and so does the run, saying so where the two differ."""
+    model = source_model(**NEOX[variant])
+    write_neox(model, tmp_path / "neox", variant, tp=2, global_samples=77)
+    write_zero_files(tmp_path / "neox", holders(model, 2), variant, tp=2, dp=3, step=10)
+    loads = []
+    real = torch.load
+    monkeypatch.setattr(torch, "load", lambda path, *a, **k: loads.append(Path(path).name) or real(path, *a, **k))
+    done = convert_neox_to_run(tmp_path / "neox", tmp_path / "run", neox_config(tmp_path, variant,
+                                                                                parallel__tp_size=2))
+    assert loads.count("mp_rank_00_model_states.pt") == 1, loads
+    batch = done.source.global_batch
+    assert (f"GPT-NeoX counted 77 samples read, iteration × global batch is {10 * batch}: the run reads on from "
+            f"sample {10 * batch}, as GPT-NeoX's sampler goes on by iteration") in done.notes
+    assert TrainCheckpoint(done.checkpoint).meta["consumed_samples"] == 10 * batch
 
 
 def test_a_run_continued_from_deepspeeds_files_trains_as_the_original(tmp_path, one_thread):  # noqa: F811

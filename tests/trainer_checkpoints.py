@@ -346,10 +346,10 @@ def _neox_modules(model: Llama, tp: int, r: int, variant: str) -> dict[int, dict
     return {i: {k: v.clone() for k, v in m.items()} for i, m in modules.items()}
 
 
-def write_neox(model: Llama, save: Path, variant: str, tp: int = 2) -> Path:
+def write_neox(model: Llama, save: Path, variant: str, tp: int = 2, global_samples: int | None = None) -> Path:
     """A GPT-NeoX checkpoint as save_ds_checkpoint leaves it: global_step10/ with DeepSpeed's model states
-    (sequential mp_rank_TT_model_states.pt for the llemma variants, pipeline layer files for main), the run's
-    config copied into configs/, and `latest`."""
+    (sequential mp_rank_TT_model_states.pt for the llemma variants, pipeline layer files for main; the engine's
+    `global_samples` if given), the run's config copied into configs/, and `latest`."""
     folder = save / "global_step10"
     (folder / "configs").mkdir(parents=True)
     (folder / "configs" / "tiny.yml").write_text(json.dumps(neox_config(variant, model.config, tp), indent=2))
@@ -365,7 +365,8 @@ def write_neox(model: Llama, save: Path, variant: str, tp: int = 2) -> Path:
             for i, m in modules.items():
                 torch.save(m, folder / f"layer_{i:02d}-model_{r:02d}-model_states.pt")
         torch.save({"module": module, "buffer_names": [], "optimizer": None, "iteration": 10, "args": args,
-                    "dp_world_size": 1, "mp_world_size": tp, "ds_version": "0.12"},
+                    "dp_world_size": 1, "mp_world_size": tp, "ds_version": "0.12",
+                    **({} if global_samples is None else {"global_samples": global_samples})},
                    folder / f"mp_rank_{r:02d}_model_states.pt")
     (save / "latest").write_text("global_step10")
     return save

@@ -54,6 +54,8 @@ class NeoXCheckpoint:
     layout: str
     modules: dict[int, list[dict]] = field(default_factory=dict)
     """Module index -> its state dict on TP ranks 0 … p-1."""
+    global_samples: int | None = None
+    """DeepSpeed's count of samples trained (mp_rank_00_model_states.pt), None where the files have none."""
 
 
 def checkpoint_folder(path: str | Path) -> Path:
@@ -94,6 +96,9 @@ def read_neox_checkpoint(path: str | Path) -> NeoXCheckpoint:
                 raise FileNotFoundError(f"{folder}: layer_{index:02d}-model_{missing[0]:02d}-model_states.pt "
                                         f"missing (model_parallel_size {tp})")
             checkpoint.modules[index] = [guarded_load(pipeline[(index, r)]) for r in range(tp)]
+        engine = folder / _SEQUENTIAL.format(0)  # DeepSpeed's engine state beside the layer files (no module)
+        if engine.is_file():
+            checkpoint.global_samples = guarded_load(engine).get("global_samples")
     else:
         _read_sequential(checkpoint, tp)
     for index, ranks in checkpoint.modules.items():
@@ -111,7 +116,10 @@ def _read_sequential(checkpoint: NeoXCheckpoint, tp: int) -> None:
         file = folder / _SEQUENTIAL.format(rank)
         if not file.is_file():
             raise FileNotFoundError(f"{folder}: {file.name} missing (model_parallel_size {tp})")
-        module = guarded_load(file).get("module")
+        state = guarded_load(file)
+        module = state.get("module")
+        if rank == 0:
+            checkpoint.global_samples = state.get("global_samples")
         if not isinstance(module, dict):
             raise ValueError(f"{file}: no 'module' state dict in the file")
         for key, value in module.items():

@@ -14,7 +14,6 @@ from pathlib import Path
 
 from megamath.compat.neox_checkpoint import llama_config, llama_state_dict, read_neox_checkpoint
 from megamath.compat.neox_optimizer import read_neox_adam
-from megamath.compat.pickle_guard import guarded_load
 from megamath.compat.run_writer import ForeignRun, RunConversion, check_model, check_vocabulary, write_run
 from megamath.training.config import TrainConfig
 
@@ -38,10 +37,8 @@ def convert_neox_to_run(src: str | Path, run_dir: str | Path, config: TrainConfi
     neox = checkpoint.config
     micro = neox.get("train_micro_batch_size_per_gpu") or 1
     batch = neox.get("train_batch_size") or micro * (neox.get("gradient_accumulation_steps") or 1) * adam.dp_size
-    model_states = guarded_load(checkpoint.folder / "mp_rank_00_model_states.pt")
-    tp = len(embedding)
     source = ForeignRun(
-        "GPT-NeoX", "neox", Path(src), int(step.group(1)), int(batch), model_states.get("global_samples"),
-        int(step.group(1)) * int(batch), adam.step, adam.betas, adam.eps, f"DeepSpeed ZeRO, DP {adam.dp_size}", f"TP {tp}", model, weights, states,
-        weights["embed_tokens.weight"].dtype, notes=notes + more)
+        "GPT-NeoX", "neox", Path(src), int(step.group(1)), int(batch), checkpoint.global_samples,
+        int(step.group(1)) * int(batch), adam.step, adam.betas, adam.eps, f"DeepSpeed ZeRO, DP {adam.dp_size}",
+        f"TP {len(embedding)}", model, weights, states, weights["embed_tokens.weight"].dtype, notes=notes + more)
     return write_run(source, run_dir, config)
