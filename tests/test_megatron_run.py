@@ -138,6 +138,10 @@ def write(tmp_path, **adam):
                      "alone with `megamath convert megatron-to-hf`"),
     ("custom layout", r"--pipeline-model-parallel-layout Et\|tt\|ttL: 3 virtual stages do not divide among 2 "
                       "pipeline stages$"),
+    ("layout ends", r"--pipeline-model-parallel-layout tE\|t\|t\|tL: the embedding \(E\) must open the first stage "
+                    r"and the loss \(L\) close the last, once each$"),
+    ("layout layers", r"--pipeline-model-parallel-layout holds m: megamath reads embedding \(E\), decoder \(t\) and "
+                      r"loss \(L\) stages only$"),
     ("torch format", r"the torch format's optimizer state is not read \(model_optim_rng.pt, distrib_optim.pt\); "
                      r"re-save it with Megatron-LM in the torch_dist format \(the run's launch with "
                      "--ckpt-convert-format torch_dist --ckpt-convert-save DIR writes DIR/torch_dist"),
@@ -155,8 +159,9 @@ def test_what_cannot_continue_is_one_line_that_says_what_to_do(tmp_path, case, m
         src = write_megatron_torch(source_model(), tmp_path / "megatron", tp=2, pp=1)
     elif case == "no optimizer":
         src = write_megatron_torch_dist(source_model(), tmp_path / "megatron", tp=2)
-    elif case == "custom layout":
-        src = write(tmp_path, sharding="dp_reshardable", pp=2, args={"pipeline_model_parallel_layout": "Et|tt|ttL"})
+    elif case.startswith(("custom layout", "layout")):
+        layout = {"custom layout": "Et|tt|ttL", "layout ends": "tE|t|t|tL", "layout layers": "Et|t|t|tmL"}[case]
+        src = write(tmp_path, sharding="dp_reshardable", pp=2, args={"pipeline_model_parallel_layout": layout})
     elif case == "bucket order":  # masters that are not the weights': no order is confirmed
         model = source_model()
         states = {**random_states(model, 4), "master": random_states(source_model(seed=5), 4)["master"]}

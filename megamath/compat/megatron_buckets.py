@@ -11,11 +11,12 @@ parameters of its dtype in reverse registration order, each TP rank's local slic
 multiple of 64 elements; a bucket closes at the parameter that fills it, so each bucket's stored length
 says where the next one starts. A pipeline stage registers the embedding (the first stage), its layers
 (placed as _virtual_stage_counts says) and the final norm and output layer (the last stage); with virtual
-stages each of its model chunks has buffers of its own, numbered after the previous chunk's. It is rebuilt here for the registration orders Megatron Core's GPT layer
-specs give (the local spec's, and Transformer Engine's with a norm inside the fused linear, either side of
-its weight) and trusted only when the checkpoint says so: an order is taken when every parameter's first
-row of masters rounds to the weight Megatron-LM stored, and then each master read is checked, element for
-element, against its weight. A checkpoint no order fits is refused with what to do instead.
+stages each of its model chunks has buffers of its own, numbered after the previous chunk's. It is rebuilt
+here for the registration orders Megatron Core's GPT layer specs give (the local spec's, and Transformer
+Engine's with a norm inside the fused linear, either side of its weight) and trusted only when the
+checkpoint says so: an order is taken when every parameter's first row of masters rounds to the weight
+Megatron-LM stored, and then each master read is checked, element for element, against its weight. A
+checkpoint no order fits is refused with what to do instead.
 """
 from __future__ import annotations
 
@@ -159,7 +160,8 @@ def _virtual_stage_counts(weights: MegatronWeights, pp: int) -> list[list[int]]:
         if len(stages) % pp:
             raise ValueError(f"--pipeline-model-parallel-layout {layout}: {len(stages)} virtual stages do not "
                              f"divide among {pp} pipeline stages")
-        if not (stages[0].startswith("E") and stages[-1].endswith("L")) or (flat.count("E"), flat.count("L")) != (1, 1):
+        ends = stages[0].startswith("E") and stages[-1].endswith("L")
+        if not ends or (flat.count("E"), flat.count("L")) != (1, 1):
             raise ValueError(f"--pipeline-model-parallel-layout {layout}: the embedding (E) must open the first "
                              "stage and the loss (L) close the last, once each")
         vp = len(stages) // pp
