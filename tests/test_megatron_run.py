@@ -145,13 +145,15 @@ def write(tmp_path, **adam):
     ("torch format", r"the torch format's optimizer state is not read \(model_optim_rng.pt, distrib_optim.pt\); "
                      r"re-save it with Megatron-LM in the torch_dist format \(the run's launch with "
                      "--ckpt-convert-format torch_dist --ckpt-convert-save DIR writes DIR/torch_dist"),
+    ("tied", r"the checkpoint ties the output layer to the embedding \(one parameter, one Adam state\); megamath "
+             "trains them untied, so its optimizer state has no counterpart here$"),
     ("shape", r"^the config describes another model than the checkpoint's: model.hidden_size 64 \(config\) vs 32 "),
     ("rope", r"model.rope_theta 500000.0 \(config\) vs 10000.0 \(checkpoint\)"),
     ("batch", r"global batch 8 is not a multiple of the config's micro_batch_size · grad_accum_steps = 3"),
     ("steps", r"^config train_steps 10 leaves nothing to train after iteration 10"),
     ("vocabulary", r"^config model.vocab_size 128 exceeds the checkpoint's padded vocabulary 64$"),
 ])
-def test_what_cannot_continue_is_one_line_that_says_what_to_do(tmp_path, case, message):
+def test_what_cannot_continue_is_one_line_that_says_what_to_do(tmp_path, case, message, monkeypatch):
     top = {"shape": {"model__hidden_size": 64}, "rope": {"model__rope_theta": 500000.0},
            "batch": {"micro_batch_size": 3}, "steps": {"train_steps": 10},
            "vocabulary": {"model__vocab_size": 128}}.get(case, {})
@@ -169,6 +171,16 @@ def test_what_cannot_continue_is_one_line_that_says_what_to_do(tmp_path, case, m
                                         adam={"sharding": "dp_reshardable", "step": 10, **states})
     else:
         src = write(tmp_path)
+    if case == "tied":  # Megatron-LM's default: no output_layer.weight, the embedding serves both
+        from megamath.compat import megatron_run
+
+        def tied(path):
+            weights = read(path)
+            weights.tensors.pop("output")
+            return weights
+
+        read = megatron_run.read_megatron_checkpoint
+        monkeypatch.setattr(megatron_run, "read_megatron_checkpoint", tied)
     raw = small_config(tmp_path).to_dict()
     for key, value in top.items():
         section, _, field = key.rpartition("__")
