@@ -71,6 +71,8 @@ def test_the_run_holds_megatrons_masters_moments_and_step(tmp_path, sharding, st
     assert (saved.tp_size, saved.dp_size, saved.step_count) == (2, 4, 9)
     assert (saved.meta["consumed_samples"], saved.meta["global_batch_size"]) == (80, 8)
     assert saved.meta["converted_from"]["optimizer_state"].startswith(sharding)
+    assert done.source.layout == "TP 2" + "".join(f" × {key.upper()} {stages[key]}" for key in ("pp", "vp")
+                                                  if key in stages)
     for name in model.state_dict():
         got = saved.param_state(name)
         for key in ("master", "exp_avg", "exp_avg_sq"):

@@ -41,8 +41,15 @@ def convert_megatron_to_run(src: str | Path, run_dir: str | Path, config: TrainC
     adam = read_megatron_adam(weights)
     source = ForeignRun(
         "Megatron-LM", "megatron", Path(src), weights.iteration, batch, consumed, consumed, adam.step, adam.betas,
-        adam.eps, adam.sharding, f"TP {weights.args.get('tensor_model_parallel_size', 1)}",
+        adam.eps, adam.sharding, _layout(weights.args),
         model, llama_state_dict(weights, model),
         {key: llama_state_dict(found, model) for key, found in adam.states.items()},
         training_dtype(weights) or torch.bfloat16)
     return write_run(source, run_dir, config)
+
+
+def _layout(args: dict) -> str:
+    """The source run's model-parallel layout, as the convert command reports it (e.g. "TP 2 × PP 4 × VP 2")."""
+    sizes = [("TP", args.get("tensor_model_parallel_size") or 1), ("PP", args.get("pipeline_model_parallel_size") or 1),
+             ("VP", args.get("virtual_pipeline_model_parallel_size") or 1)]
+    return " × ".join(f"{name} {size}" for i, (name, size) in enumerate(sizes) if i == 0 or size > 1)

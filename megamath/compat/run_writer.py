@@ -58,7 +58,7 @@ class ForeignRun:
     optimizer_state: str
     """How the trainer stored the state, said in the report."""
     layout: str
-    """The checkpoint's parallel layout, said in the report ("TP 2")."""
+    """The checkpoint's parallel layout, said in the report ("TP 2", "TP 2 × PP 4 × VP 2")."""
     model: ModelConfig
     """The checkpoint's model, its vocabulary trimmed to the config's."""
     weights: dict[str, Deferred]
