@@ -38,11 +38,11 @@ def _buckets(adam: dict, config: ModelConfig, tp: int) -> tuple[dict, dict]:
     group p·TP + r; adam["pp"] stages, the first holding adam["first_stage_layers"] layers if given, else an
     even split), per model chunk (adam["vp"] virtual stages: chunk c of stage p holds the (c·pp + p)-th run of
     share / vp layers; or adam["virtual_stage_layers"], [chunk][stage] counts, the layers numbered chunk-major,
-    for a custom layout or a split that counts the embedding and loss), a buffer per dtype in the order the chunk first registers one (norms float32, the
-    rest bfloat16), numbered on from the previous chunk's, each holding its parameters' local slices in
-    reverse registration order, every start a multiple of 64, the padding 0 here; buckets close at the
-    parameter reaching adam["bucket_numel"] (default: one bucket). Also each group's param groups object
-    (with the step)."""
+    for a custom layout or a split that counts the embedding and loss), a buffer per dtype in the order the
+    chunk first registers one (norms float32, the rest bfloat16), numbered on from the previous chunk's, each
+    holding its parameters' local slices in reverse registration order, every start a multiple of 64, the
+    padding 0 here; buckets close at the parameter reaching adam["bucket_numel"] (default: one bucket). Also
+    each group's param groups object (with the step)."""
     pp, vp, first = adam.get("pp", 1), adam.get("vp", 1), adam.get("first_stage_layers")
     counts = [config.num_layers // pp] * pp
     if first is not None:
@@ -112,3 +112,52 @@ def _adam_common(adam: dict) -> dict:
     return {"optimizer": {"state": {"common_step": torch.tensor(float(adam["step"]))},
                           "param_groups": [group, {**group, "wd_mult": 0.0}]},
             "fp32_from_fp16_params": [[]]}
+
+
+def torch_optimizer(adam: dict, models: list[dict], states: dict[str, list[dict]]) -> tuple[dict, dict | None]:
+    """One model-parallel rank's optimizer state in Megatron-LM's torch format, beside its stored chunks
+    `models` (Megatron name -> tensor, registration order) and their local `states` ("master", "exp_avg",
+    "exp_avg_sq", the same layout): model_optim_rng.pt's `optimizer` entry, and distrib_optim.pt's content for
+    adam["sharding"] "distributed" (else None).
+
+    Per parameter: torch's Adam state dict, group 0 the matrices (weight decay) and group 1 the norms, each in
+    registration order, the indices counting through group 0 then group 1; fp32_from_fp16_params the
+    bfloat16 parameters' masters per group (a float32 norm is its own master). Distributed: the param groups
+    with the step, and per buffer (each chunk's parameters of one dtype, in the order the chunk first
+    registers one; numbered on over the chunks) the flat master, exp_avg and exp_avg_sq of the whole buffer,
+    its parameters in reverse registration order at multiples of 64, one bucket, as `buckets_coalesced` keeps
+    it."""
+    group = {"betas": (0.9, 0.95), "eps": 1e-8, "lr": 1e-4, "weight_decay": 0.1}
+    keys = [(c, k) for c, chunk in enumerate(models) for k, v in chunk.items() if v is not None]
+    if adam["sharding"] == "distributed":
+        groups = [{**group, "wd_mult": 1.0, "step": float(adam["step"])},
+                  {**group, "wd_mult": 0.0, "step": float(adam["step"])}]
+        distributed, gbuf = {"buckets_coalesced": True}, 0
+        for c, chunk in enumerate(models):
+            names = [k for k, v in chunk.items() if v is not None]
+            for dtype in dict.fromkeys(chunk[k].dtype for k in names):
+                placed, start = [], 0
+                for k in reversed([k for k in names if chunk[k].dtype == dtype]):
+                    start = -(-start // 64) * 64
+                    placed.append((k, start))
+                    start += chunk[k].numel()
+                flats = {}
+                for ours, theirs in (("master", "param"), ("exp_avg", "exp_avg"), ("exp_avg_sq", "exp_avg_sq")):
+                    flat = torch.zeros(start)
+                    for k, at in placed:
+                        flat[at:at + chunk[k].numel()] = states[ours][c][k].float().reshape(-1)
+                    flats[theirs] = flat
+                distributed[gbuf] = {(dtype, torch.float32): {**flats, "numel_unpadded": start}}
+                gbuf += 1
+        return {"optimizer": {"param_groups": groups}}, distributed
+    decayed = [(c, k) for c, k in keys if models[c][k].dim() > 1]
+    others = [(c, k) for c, k in keys if models[c][k].dim() == 1]
+    state, masters = {}, [[], []]
+    for index, (g, (c, k)) in enumerate([(0, key) for key in decayed] + [(1, key) for key in others]):
+        state[index] = {"step": torch.tensor(float(adam["step"])), "exp_avg": states["exp_avg"][c][k].float().clone(),
+                        "exp_avg_sq": states["exp_avg_sq"][c][k].float().clone()}
+        if models[c][k].dtype != torch.float32:
+            masters[g].append(states["master"][c][k].float().clone())
+    groups = [{**group, "wd_mult": 1.0, "params": list(range(len(decayed)))},
+              {**group, "wd_mult": 0.0, "params": list(range(len(decayed), len(keys)))}]
+    return {"optimizer": {"state": state, "param_groups": groups}, "fp32_from_fp16_params": masters}, None

@@ -100,6 +100,16 @@ def test_a_pickle_naming_a_function_does_not_run_it(tmp_path):
     assert torch.equal(loaded["w"], torch.ones(2))
 
 
+def test_a_tensor_pickled_with_its_attributes_loads_as_a_tensor(tmp_path):
+    """Megatron-LM's fp32 masters carry attributes (tensor_model_parallel, ...), so torch pickles them through
+    _rebuild_from_type_v2 naming torch.Tensor itself; that class is loaded as the real one."""
+    master = torch.arange(4.0)
+    master.tensor_model_parallel = True
+    torch.save({"fp32_from_fp16_params": [[master]]}, tmp_path / "optimizer.pt")
+    loaded = guarded_load(tmp_path / "optimizer.pt")["fp32_from_fp16_params"][0][0]
+    assert type(loaded) is torch.Tensor and torch.equal(loaded, master) and loaded.tensor_model_parallel is True
+
+
 def test_megatrons_own_classes_in_the_args_load_without_megatron():
     args = plain_args(guarded_load(written("torch_tp2_pp2") / RANK_FILE.format("00_000"))["args"])
     assert repr(args["attention_backend"]) == "<megatron.core.transformer.enums.AttnBackend(5)>"

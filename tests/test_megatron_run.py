@@ -80,6 +80,26 @@ def test_the_run_holds_megatrons_masters_moments_and_step(tmp_path, sharding, st
         assert torch.equal(saved.weight(name), model.state_dict()[name].to(torch.bfloat16)), name
 
 
+@pytest.mark.parametrize("sharding, pp, vp", [("per parameter", 1, None), ("per parameter", 2, 2),
+                                              ("distributed", 1, None), ("distributed", 2, 2)])
+def test_the_torch_formats_optimizer_state_lands_on_each_parameter(tmp_path, sharding, pp, vp):
+    """The legacy torch format records no parameter names in its optimizer state: the non-distributed
+    optimizer's indices and the distributed optimizer's flat buffers (distrib_optim.pt) are mapped by
+    Megatron-LM's rules, over pipeline and virtual stages, every state checked on its own parameter."""
+    model = source_model()
+    states = random_states(model, 8)
+    src = write_megatron_torch(model, tmp_path / "megatron", tp=2, pp=pp, vp=vp,
+                               adam={"sharding": sharding, "step": 9, **states})
+    done = convert_megatron_to_run(src, tmp_path / "run", small_config(tmp_path, parallel__tp_size=2))
+    saved = TrainCheckpoint(done.checkpoint)
+    assert (saved.step_count, saved.meta["step"]) == (9, 10)
+    assert done.source.optimizer_state == f"{sharding}, torch format (local order)"
+    for name in model.state_dict():
+        got = saved.param_state(name)
+        for key in ("master", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(got[key], states[key][name]), (name, key)
+
+
 @pytest.mark.parametrize("sharding, stages", [("fully_reshardable", {}), ("dp_reshardable", {"pp": 2})])
 def test_a_run_continued_from_megatrons_layout_trains_as_the_original(tmp_path, one_thread, sharding, stages):
     """A megamath run's step-3 state, written as Megatron-LM stores it and converted back, trains steps 4..6
@@ -144,9 +164,15 @@ def write(tmp_path, **adam):
                     r"and the loss \(L\) close the last, once each$"),
     ("layout layers", r"--pipeline-model-parallel-layout holds m: megamath reads embedding \(E\), decoder \(t\) and "
                       r"loss \(L\) stages only$"),
-    ("torch format", r"the torch format's optimizer state is not read \(model_optim_rng.pt, distrib_optim.pt\); "
-                     r"re-save it with Megatron-LM in the torch_dist format \(the run's launch with "
-                     "--ckpt-convert-format torch_dist --ckpt-convert-save DIR writes DIR/torch_dist"),
+    ("torch format", r"mp_rank_00/model_optim_rng.pt: the checkpoint holds no optimizer state \(saved with "
+                     r"--no-save-optim\?\); convert the weights alone with `megamath convert megatron-to-hf`"),
+    ("torch buckets apart", r"distrib_optim.pt: an older distributed-optimizer layout \(buckets stored apart\), "
+                            "which megamath does not read; re-save the checkpoint with Megatron-LM in the torch_dist "
+                            "format"),
+    ("torch order", r"the optimizer's parameter indices fit none of the parameter orders megamath knows \(local, "
+                    r"transformer_engine, transformer_engine, weight first\); re-save the checkpoint with Megatron-LM "
+                    r"in the torch_dist format \(the run's launch with --ckpt-convert-format torch_dist "
+                    "--ckpt-convert-save DIR writes DIR/torch_dist"),
     ("tied", r"the checkpoint ties the output layer to the embedding \(one parameter, one Adam state\); megamath "
              "trains them untied, so its optimizer state has no counterpart here$"),
     ("shape", r"^the config describes another model than the checkpoint's: model.hidden_size 64 \(config\) vs 32 "),
@@ -161,6 +187,19 @@ def test_what_cannot_continue_is_one_line_that_says_what_to_do(tmp_path, case, m
            "vocabulary": {"model__vocab_size": 128}}.get(case, {})
     if case == "torch format":
         src = write_megatron_torch(source_model(), tmp_path / "megatron", tp=2, pp=1)
+    elif case == "torch buckets apart":  # Megatron-LM before `buckets_coalesced`: a list of buckets per state
+        model = source_model()
+        src = write_megatron_torch(model, tmp_path / "megatron", tp=2, pp=1,
+                                   adam={"sharding": "distributed", "step": 10, **random_states(model, 4)})
+        for file in src.glob("iter_0000010/mp_rank_*/distrib_optim.pt"):
+            state = torch.load(file)
+            del state["buckets_coalesced"]
+            torch.save(state, file)
+    elif case == "torch order":  # masters that are not the weights': no order is confirmed
+        model = source_model()
+        states = {**random_states(model, 4), "master": random_states(source_model(seed=5), 4)["master"]}
+        src = write_megatron_torch(model, tmp_path / "megatron", tp=2, pp=1,
+                                   adam={"sharding": "per parameter", "step": 10, **states})
     elif case == "no optimizer":
         src = write_megatron_torch_dist(source_model(), tmp_path / "megatron", tp=2)
     elif case.startswith(("custom layout", "layout")):
@@ -230,6 +269,15 @@ def test_megatron_to_hf_points_at_megatron_to_run_when_the_optimizer_is_saved(tm
     assert f"its optimizer state is saved too: `megamath convert megatron-to-run {src} RUN_DIR" in out
     plain = write_megatron_torch_dist(source_model(), tmp_path / "plain", tp=2)
     assert main(["convert", "megatron-to-hf", str(plain), str(tmp_path / "hf2")]) == 0
+    assert "its optimizer state is saved too" not in capsys.readouterr().out
+    model = source_model()  # the torch format, with and without its optimizer
+    legacy = write_megatron_torch(model, tmp_path / "legacy", tp=2, pp=1,
+                                  adam={"sharding": "distributed", "step": 10, **random_states(model, 4)})
+    assert main(["convert", "megatron-to-hf", str(legacy), str(tmp_path / "hf3")]) == 0
+    assert f"its optimizer state is saved too: `megamath convert megatron-to-run {legacy} RUN_DIR" in \
+        capsys.readouterr().out
+    bare = write_megatron_torch(model, tmp_path / "bare", tp=2, pp=1)
+    assert main(["convert", "megatron-to-hf", str(bare), str(tmp_path / "hf4")]) == 0
     assert "its optimizer state is saved too" not in capsys.readouterr().out
 
 

@@ -95,7 +95,10 @@ def test_one_epochs_gpt_indices_equal_megatron_lms():
 @pytest.mark.parametrize("name, batch", [("megatron/adam_tp2", 1), ("megatron/distopt_tp2_dp2", 2),
                                          ("megatron/buckets_dp2", 2), ("megatron/buckets_tp2_dp2", 2),
                                          ("megatron/buckets_tp2_pp2_dp2", 2), ("megatron/buckets_pp2_vp2_dp2", 2),
-                                         ("megatron/buckets_layout_pp2", 1), ("megatron/buckets_split_pp3", 1)])
+                                         ("megatron/buckets_layout_pp2", 1), ("megatron/buckets_split_pp3", 1),
+                                         ("megatron/torch_adam_tp2", 1), ("megatron/torch_buckets_tp2_dp2", 2),
+                                         ("megatron/torch_buckets_pp2_vp2_dp2", 2),
+                                         ("megatron/buckets_overlap_dp2", 2), ("megatron/torch_buckets_overlap_dp2", 2)])
 def test_megatron_lms_own_adam_state_lands_on_each_parameter(name, batch, tmp_path):
     """After Megatron-LM's one update whose gradient was each weight w itself (write_fixtures.py), exp_avg is
     (1 - 0.9) · w and exp_avg_sq (1 - 0.999) · w² element for element, and the fp32 master rounds to the

@@ -134,36 +134,58 @@ def _save_with_megatron_classes(obj, args: argparse.Namespace, path) -> None:
             del sys.modules[key]
 
 
-def write_megatron_torch(model: Llama, save: Path, tp: int, pp: int, vp: int | None = None) -> Path:
+def write_megatron_torch(model: Llama, save: Path, tp: int, pp: int, vp: int | None = None,
+                         adam: dict | None = None) -> Path:
     """`--ckpt-format torch`: iter_0000010/mp_rank_TT[_PPP]/model_optim_rng.pt, the stages' layers numbered from
-    0, virtual stages chunk-major (chunk c of stage p holds layers (c·pp + p)·n ...)."""
-    config, state = model.config, {n: t.detach() for n, t in model.state_dict().items()}
-    chunks = vp or 1
-    per_chunk = config.num_layers // (pp * chunks)
+    0, virtual stages chunk-major (chunk c of stage p holds layers (c·pp + p)·n ...).
+
+    `adam` adds the optimizer state as Megatron-LM's torch format stores it (megatron_adam_files.torch_optimizer):
+    {"sharding": "per parameter" or "distributed", "step", and megamath state dicts for "master", "exp_avg",
+    "exp_avg_sq"}."""
+    config = model.config
     for r in range(tp):
         for s in range(pp):
-            models = []
-            for c in range(chunks):
-                first = (c * pp + s) * per_chunk
-                sd = {}
-                if s == 0 and c == 0:
-                    sd["embedding.word_embeddings.weight"] = state["embed_tokens.weight"].chunk(tp, dim=0)[r]
-                for j in range(per_chunk):
-                    sd.update({f"decoder.layers.{j}.{k}": v
-                               for k, v in _megatron_layer(state, first + j, config, tp, r).items()})
-                if s == pp - 1 and c == chunks - 1:
-                    sd["decoder.final_layernorm.weight"] = state["norm.weight"]
-                    sd["output_layer.weight"] = state["lm_head.weight"].chunk(tp, dim=0)[r]
-                    sd["output_layer._extra_state"] = None
-                models.append({k: _stored(k, v) for k, v in sd.items()})
+            models = [{k: _stored(k, v) for k, v in chunk.items()}
+                      for chunk in _stage_chunks(model.state_dict(), config, tp, pp, vp, r, s)]
             folder = save / "iter_0000010" / (f"mp_rank_{r:02d}" + (f"_{s:03d}" if pp > 1 else ""))
             folder.mkdir(parents=True)
             content = {"args": megatron_args(config, tp, pp, vp, "torch"), "checkpoint_version": 3.0,
                        "iteration": 10, "num_floating_point_operations_so_far": 0}
             content.update({"model": models[0]} if vp is None else {f"model{c}": m for c, m in enumerate(models)})
+            if adam is not None:
+                from megatron_adam_files import torch_optimizer  # (it builds on this file's layouts)
+
+                states = {key: _stage_chunks(adam[key], config, tp, pp, vp, r, s)
+                          for key in ("master", "exp_avg", "exp_avg_sq")}
+                content["optimizer"], distributed = torch_optimizer(adam, models, states)
+                if distributed is not None:
+                    torch.save(distributed, folder / "distrib_optim.pt")
             _save_with_megatron_classes(content, content["args"], folder / "model_optim_rng.pt")
     (save / "latest_checkpointed_iteration.txt").write_text("10")
     return save
+
+
+def _stage_chunks(state: dict, config: ModelConfig, tp: int, pp: int, vp: int | None, r: int, s: int) -> list[dict]:
+    """TP rank r of stage s's model chunks, each its local tensors of megamath state dict `state` by Megatron
+    name in registration order (the local spec's)."""
+    state = {n: t.detach() for n, t in state.items()}
+    chunks = vp or 1
+    per_chunk = config.num_layers // (pp * chunks)
+    out = []
+    for c in range(chunks):
+        first = (c * pp + s) * per_chunk
+        sd = {}
+        if s == 0 and c == 0:
+            sd["embedding.word_embeddings.weight"] = state["embed_tokens.weight"].chunk(tp, dim=0)[r]
+        for j in range(per_chunk):
+            sd.update({f"decoder.layers.{j}.{k}": v
+                       for k, v in _megatron_layer(state, first + j, config, tp, r).items()})
+        if s == pp - 1 and c == chunks - 1:
+            sd["decoder.final_layernorm.weight"] = state["norm.weight"]
+            sd["output_layer.weight"] = state["lm_head.weight"].chunk(tp, dim=0)[r]
+            sd["output_layer._extra_state"] = None
+        out.append(sd)
+    return out
 
 
 def write_megatron_torch_dist(model: Llama, save: Path, tp: int, adam: dict | None = None, iteration: int = 10,

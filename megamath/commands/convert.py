@@ -29,8 +29,8 @@ def add_parser(subparsers, name: str) -> None:
         "taking its latest, or one global_stepN folder, with the configs/ GPT-NeoX copies into it), sequential or "
         "pipeline files, at any tensor-parallel size. Their pickles are read without importing those trainers. "
         "Only float weights convert (F32, BF16, F16, F64): dequantize a quantized checkpoint first. "
-        "megatron-to-run (a torch_dist Megatron-LM checkpoint) and neox-to-run (a GPT-NeoX checkpoint with its "
-        "DeepSpeed ZeRO optimizer files) read the optimizer state too and write run directory DST's checkpoint for "
+        "megatron-to-run (a Megatron-LM checkpoint of either format saved with its optimizer) and neox-to-run (a "
+        "GPT-NeoX checkpoint with its DeepSpeed ZeRO optimizer files) read the optimizer state too and write run directory DST's checkpoint for "
         "--config (fp32 masters, Adam's moments and step, the iteration): `megamath train --config` with run_dir "
         "DST resumes from it at the next iteration.",
     )
@@ -100,7 +100,7 @@ def _from_megatron(args, dtype) -> int:
     print(special)
     if isinstance(read.iteration, int) and read.iteration > 0:
         print(continue_hint(args.dst, read.iteration, "megatron", "--train-iters"))
-        if read.source is not None and "optimizer" in read.source.common_state():
+        if read.optimizer_saved:
             print(f"its optimizer state is saved too: `megamath convert megatron-to-run {args.src} RUN_DIR --config "
                   "CONFIG.yaml` keeps the fp32 masters and Adam's moments, and RUN_DIR resumes at update "
                   f"{read.iteration + 1}")

@@ -81,9 +81,12 @@ class BucketTensor:
         return out
 
 
-def bucket_states(weights: MegatronWeights, checkpoint: DistCheckpoint) -> tuple[dict[str, dict], str]:
-    """Per state ("param", "exp_avg", "exp_avg_sq"), the BucketTensors by role; and the layer order that fits."""
-    buffers = _buffers(checkpoint, weights)
+def bucket_states(weights: MegatronWeights, checkpoint: DistCheckpoint, buffers: dict | None = None
+                  ) -> tuple[dict[str, dict], str]:
+    """Per state ("param", "exp_avg", "exp_avg_sq"), the BucketTensors by role; and the layer order that fits.
+    `buffers` (as _buffers gives them) and `checkpoint.read_range` may come from another source of flat
+    buffers (megatron_torch_optimizer's distrib_optim.pt files)."""
+    buffers = _buffers(checkpoint, weights) if buffers is None else buffers
     spec = weights.args.get("transformer_impl")
     orders = sorted(LAYER_ORDERS, key=lambda name: not name.startswith(str(spec)))  # the args' spec tried first
     for name in orders:
@@ -199,7 +202,7 @@ def _parse_layout(layout: str) -> list[str]:
     return stages
 
 
-def _registration(weights: MegatronWeights, layer_order: tuple[str, ...], stage: int = 0) -> list[list[str]]:
+def registration(weights: MegatronWeights, layer_order: tuple[str, ...], stage: int = 0) -> list[list[str]]:
     """Pipeline stage `stage`'s model chunks, each its parameters in the order it registers them: the embedding
     in the first chunk of the first stage, the final norm and output layer in the last chunk of the last."""
     stages = chunk_layers(weights)
@@ -223,7 +226,7 @@ def _place(layer_order, weights: MegatronWeights, buffers) -> dict[str, list[Pie
     for group in range(tp * pp):
         rank, stage = group % tp, group // tp
         group_buffers = iter(buffers[group])
-        for chunk in _registration(weights, layer_order, stage):  # its buffers follow the previous chunk's
+        for chunk in registration(weights, layer_order, stage):  # its buffers follow the previous chunk's
             order = [role for role in chunk if role in weights.tensors]
             for _ in {weights.tensors[role].dtype for role in order}:  # a buffer per dtype
                 dtype, buckets = next(group_buffers, (None, None))

@@ -60,6 +60,10 @@ class MegatronWeights:
     each global tensor's shape and dtype, read only when asked for (`tensor`), one at a time."""
     source: DistCheckpoint | None = None
     """The torch_dist folder read (its optimizer state is read from it too); None for the torch format."""
+    rank_files: dict[tuple[int, int], Path] = field(default_factory=dict)
+    """The torch format's model_optim_rng.pt by (TP rank, pipeline stage) (its optimizer state is beside it)."""
+    optimizer_saved: bool = False
+    """Whether the checkpoint holds an optimizer state (megatron_optimizer reads it)."""
 
     @property
     def num_layers(self) -> int:
@@ -157,7 +161,7 @@ def _read_torch(folder: Path, iteration, rank_dirs: list[Path]) -> MegatronWeigh
         loaded = [first if (t, p) == (0, 0) else guarded_load(files[(t, p)]) for t in range(tp_size)]
         for c, key in enumerate(chunks):
             stages[(c, p)] = [_model_of(sd, key, files[(t, p)]) for t, sd in enumerate(loaded)]
-    weights = MegatronWeights(args, iteration, "torch")
+    weights = MegatronWeights(args, iteration, "torch", rank_files=files, optimizer_saved="optimizer" in first)
     offset = 0
     for c in range(len(chunks)):  # virtual stages are chunk-major: chunk c of every stage, then chunk c + 1
         for p in range(pp_size):
@@ -241,6 +245,7 @@ def _read_torch_dist(folder: Path, iteration) -> MegatronWeights:
     weights = MegatronWeights(plain_args(checkpoint.common_state().get("args")), iteration, "torch_dist")
     weights.tensors = dist_tensors(checkpoint, roles)
     weights.source = checkpoint
+    weights.optimizer_saved = "optimizer" in checkpoint.common_state()
     return weights
 
 

@@ -14,8 +14,8 @@ global layout (layers stacked on the first axis, linear_qkv grouped by query gro
   `optimizer.state.{param,exp_avg,exp_avg_sq}.<key>`, the step in the param groups;
 - the distributed optimizer's default layout (`dp_reshardable`): flat buckets whose parameter order the file
   does not record, rebuilt and checked against the weights by megatron_buckets.
-Refused with what to do instead: the `torch` format, and a checkpoint saved without its optimizer
-(--no-save-optim).
+From the legacy `torch` format, both optimizers (megatron_torch_optimizer). Refused with what to do instead:
+a checkpoint saved without its optimizer (--no-save-optim), and a layout no known parameter order fits.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from megamath.compat import megatron_torch_optimizer as torch_format
 from megamath.compat.megatron_buckets import bucket_states
 from megamath.compat.megatron_checkpoint import MegatronWeights, dist_roles, dist_tensors
 
@@ -51,12 +52,8 @@ class MegatronAdam:
 def read_megatron_adam(weights: MegatronWeights) -> MegatronAdam:
     """The Adam state stored beside `weights` (read_megatron_checkpoint's result), every tensor checked
     against its weight's shape before anything is read."""
-    where = f"iteration {weights.iteration}"
     if weights.source is None:
-        raise ValueError(f"{where}: the torch format's optimizer state is not read (model_optim_rng.pt, "
-                         "distrib_optim.pt); re-save it with Megatron-LM in the torch_dist format (the run's launch "
-                         "with --ckpt-convert-format torch_dist --ckpt-convert-save DIR writes DIR/torch_dist, its "
-                         "optimizer included) and convert that, or " + _WEIGHTS_ONLY)
+        return _read_torch_format(weights)
     checkpoint = weights.source
     where = str(checkpoint.folder)
     common = checkpoint.common_state()
@@ -99,6 +96,40 @@ def _read_bucketed(weights: MegatronWeights, checkpoint, where: str) -> Megatron
     adam = MegatronAdam(_step({}, groups, where), f"{BUCKETED} ({order} order)", betas, eps)
     for state, ours in (("param", "master"), ("exp_avg", "exp_avg"), ("exp_avg_sq", "exp_avg_sq")):
         adam.states[ours] = MegatronWeights(weights.args, weights.iteration, "torch_dist", states[state], checkpoint)
+    _check_complete(adam, weights, where)
+    return adam
+
+
+def _read_torch_format(weights: MegatronWeights) -> MegatronAdam:
+    """The legacy torch format's optimizer state, read by megatron_torch_optimizer."""
+    where = str(next(iter(weights.rank_files.values())).parent.parent)
+    try:
+        optimizers = torch_format.rank_optimizers(weights)
+    except ValueError as error:
+        raise ValueError(f"{error}; {_WEIGHTS_ONLY}") from None
+    first = optimizers[(0, 0)]
+    distributed = torch_format.is_distributed(weights)
+    groups = (first.get("optimizer") or {}).get("param_groups")
+    if not groups:
+        raise ValueError(f"{where}: the optimizer state has no param_groups; " + _WEIGHTS_ONLY)
+    betas, eps = _settings(groups, where)
+    try:
+        if distributed:
+            states, order = torch_format.distributed_states(weights)
+            adam = MegatronAdam(_step({}, groups, where), f"distributed, torch format ({order} order)", betas, eps)
+            states = {ours: states[state] for state, ours in (("param", "master"), ("exp_avg", "exp_avg"),
+                                                                ("exp_avg_sq", "exp_avg_sq"))}
+        else:
+            states, order = torch_format.per_parameter_states(weights, optimizers)
+            step = torch_format.optimizer_step(first, where)
+            adam = MegatronAdam(_step({"state": {"common_step": step}}, groups, where),
+                                f"{PER_PARAMETER}, torch format ({order} order)", betas, eps)
+    except ValueError as error:
+        raise ValueError(f"{error}; re-save the checkpoint with Megatron-LM in the torch_dist format (the run's "
+                         "launch with --ckpt-convert-format torch_dist --ckpt-convert-save DIR writes "
+                         "DIR/torch_dist, its optimizer included) and convert that, or " + _WEIGHTS_ONLY) from None
+    for key, tensors in states.items():
+        adam.states[key] = MegatronWeights(weights.args, weights.iteration, "torch", tensors)
     _check_complete(adam, weights, where)
     return adam
 

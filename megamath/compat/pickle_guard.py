@@ -65,6 +65,8 @@ class GuardedUnpickler(pickle.Unpickler):
             return getattr(torch._utils, name)
         if module == "torch._tensor" and name == "_rebuild_from_type_v2":
             return torch._tensor._rebuild_from_type_v2
+        if (module, name) == ("torch", "Tensor"):  # a tensor pickled with its attributes (Megatron-LM's masters)
+            return torch.Tensor
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
         if module == "torch" and name.endswith("Storage") or module == "torch.storage" and name == "UntypedStorage":
