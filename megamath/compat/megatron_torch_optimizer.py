@@ -128,8 +128,10 @@ def _assign(weights: MegatronWeights, optimizers: dict, layer_order: tuple[str, 
 
 
 def _rounds_to(master, weights: MegatronWeights, role: str) -> bool:
+    if master is weights.tensors[role]:  # a float32 parameter, its own master
+        return True
     weight = weights.tensors[role].read()
-    return master is weights.tensors[role] or torch.equal(master.read().to(weight.dtype), weight)
+    return torch.equal(master.read().to(weight.dtype), weight)
 
 
 def optimizer_step(optimizer: dict, where: str) -> float | None:
