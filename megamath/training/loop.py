@@ -242,14 +242,19 @@ class PreemptionFlag:
 
     def agreed(self, state: ParallelState) -> bool:
         """True on every rank when any rank was signalled (they may see the signal at different steps)."""
-        if self.signal_name is None and self._agent is not None and os.getppid() != self._agent:
-            self.signal_name = f"the loss of its torchrun agent (pid {self._agent})"
+        self._check_agent()
         flag = self.signal_name is not None
         if not state.is_distributed:
             return flag
         t = torch.tensor([1.0 if flag else 0.0], device=state.device)
         all_reduce_(t, state.world_group)
+        if t.item() > 0:
+            self._check_agent()  # a rank of this node may have seen the agent go just before this one could
         return bool(t.item() > 0)
+
+    def _check_agent(self) -> None:
+        if self.signal_name is None and self._agent is not None and os.getppid() != self._agent:
+            self.signal_name = f"the loss of its torchrun agent (pid {self._agent})"
 
 
 # ---- the run ----------------------------------------------------------------------------------------------
