@@ -61,9 +61,17 @@ class MegatronWeights:
     source: DistCheckpoint | None = None
     """The torch_dist folder read (its optimizer state is read from it too); None for the torch format."""
     rank_files: dict[tuple[int, int], Path] = field(default_factory=dict)
-    """The torch format's model_optim_rng.pt by (TP rank, pipeline stage) (its optimizer state is beside it)."""
-    optimizer_saved: bool = False
-    """Whether the checkpoint holds an optimizer state (megatron_optimizer reads it)."""
+    """The torch format's model_optim_rng.pt by (TP rank, pipeline stage) (distrib_optim.pt lies beside it)."""
+    rank_optimizers: dict[tuple[int, int], object] = field(default_factory=dict)
+    """The torch format's `optimizer` entry of each model_optim_rng.pt (None where absent), kept from the one
+    unpickling of the file (its tensors memory-mapped) for megatron_torch_optimizer."""
+
+    @property
+    def optimizer_saved(self) -> bool:
+        """Whether the checkpoint holds an optimizer state (megatron_optimizer reads it)."""
+        if self.source is not None:
+            return "optimizer" in self.source.common_state()
+        return any(optimizer is not None for optimizer in self.rank_optimizers.values())
 
     @property
     def num_layers(self) -> int:
@@ -157,11 +165,12 @@ def _read_torch(folder: Path, iteration, rank_dirs: list[Path]) -> MegatronWeigh
                          "checkpoint to the torch_dist format first (Megatron-LM's --ckpt-convert-format torch_dist)")
     chunks = _model_chunks(first, files[(0, 0)])
     stages = {}  # (chunk, pp) -> per TP rank, the chunk's state dict
+    weights = MegatronWeights(args, iteration, "torch", rank_files=files)
     for p in range(pp_size):
         loaded = [first if (t, p) == (0, 0) else guarded_load(files[(t, p)]) for t in range(tp_size)]
         for c, key in enumerate(chunks):
             stages[(c, p)] = [_model_of(sd, key, files[(t, p)]) for t, sd in enumerate(loaded)]
-    weights = MegatronWeights(args, iteration, "torch", rank_files=files, optimizer_saved="optimizer" in first)
+        weights.rank_optimizers.update({(t, p): sd.get("optimizer") for t, sd in enumerate(loaded)})
     offset = 0
     for c in range(len(chunks)):  # virtual stages are chunk-major: chunk c of every stage, then chunk c + 1
         for p in range(pp_size):
@@ -245,7 +254,6 @@ def _read_torch_dist(folder: Path, iteration) -> MegatronWeights:
     weights = MegatronWeights(plain_args(checkpoint.common_state().get("args")), iteration, "torch_dist")
     weights.tensors = dist_tensors(checkpoint, roles)
     weights.source = checkpoint
-    weights.optimizer_saved = "optimizer" in checkpoint.common_state()
     return weights
 
 

@@ -72,7 +72,7 @@ def read_megatron_adam(weights: MegatronWeights) -> MegatronAdam:
     groups = inner.get("param_groups") if isinstance(inner, dict) else None
     if not groups:
         raise ValueError(f"{where}: the optimizer state has no param_groups; " + _WEIGHTS_ONLY)
-    step = _step(inner, groups, where)
+    step = _step(groups, where, (inner.get("state") or {}).get("common_step"))
     betas, eps = _settings(groups, where)
     master = "param" if sharding == FULLY_RESHARDABLE else "fp32_param"
     adam = MegatronAdam(step, sharding or PER_PARAMETER, betas, eps)
@@ -93,7 +93,7 @@ def _read_bucketed(weights: MegatronWeights, checkpoint, where: str) -> Megatron
         raise ValueError(f"{where}: the bucketed optimizer state has no param_groups ({key}); " + _WEIGHTS_ONLY)
     states, order = bucket_states(weights, checkpoint)
     betas, eps = _settings(groups, where)
-    adam = MegatronAdam(_step({}, groups, where), f"{BUCKETED} ({order} order)", betas, eps)
+    adam = MegatronAdam(_step(groups, where), f"{BUCKETED} ({order} order)", betas, eps)
     for state, ours in (("param", "master"), ("exp_avg", "exp_avg"), ("exp_avg_sq", "exp_avg_sq")):
         adam.states[ours] = MegatronWeights(weights.args, weights.iteration, "torch_dist", states[state], checkpoint)
     _check_complete(adam, weights, where)
@@ -102,7 +102,7 @@ def _read_bucketed(weights: MegatronWeights, checkpoint, where: str) -> Megatron
 
 def _read_torch_format(weights: MegatronWeights) -> MegatronAdam:
     """The legacy torch format's optimizer state, read by megatron_torch_optimizer."""
-    where = str(next(iter(weights.rank_files.values())).parent.parent)
+    where = str(torch_format.checkpoint_folder(weights))
     try:
         optimizers = torch_format.rank_optimizers(weights)
     except ValueError as error:
@@ -116,13 +116,13 @@ def _read_torch_format(weights: MegatronWeights) -> MegatronAdam:
     try:
         if distributed:
             states, order = torch_format.distributed_states(weights)
-            adam = MegatronAdam(_step({}, groups, where), f"distributed, torch format ({order} order)", betas, eps)
+            adam = MegatronAdam(_step(groups, where), f"distributed, torch format ({order} order)", betas, eps)
             states = {ours: states[state] for state, ours in (("param", "master"), ("exp_avg", "exp_avg"),
                                                                 ("exp_avg_sq", "exp_avg_sq"))}
         else:
             states, order = torch_format.per_parameter_states(weights, optimizers)
             step = torch_format.optimizer_step(first, where)
-            adam = MegatronAdam(_step({"state": {"common_step": step}}, groups, where),
+            adam = MegatronAdam(_step(groups, where, step),
                                 f"{PER_PARAMETER}, torch format ({order} order)", betas, eps)
     except ValueError as error:
         raise ValueError(f"{error}; re-save the checkpoint with Megatron-LM in the torch_dist format (the run's "
@@ -134,10 +134,9 @@ def _read_torch_format(weights: MegatronWeights) -> MegatronAdam:
     return adam
 
 
-def _step(inner: dict, groups: list, where: str) -> int:
-    """Adam's step count (its bias correction's exponent): the non-distributed optimizer's `common_step`, or
+def _step(groups: list, where: str, common: float | None = None) -> int:
+    """Adam's step count (its bias correction's exponent): the non-distributed optimizer's own (`common`), or
     the param groups' `step` (one for all: Megatron-LM steps every group together)."""
-    common = (inner.get("state") or {}).get("common_step")
     steps = {float(g["step"]) for g in groups if isinstance(g, dict) and g.get("step") is not None}
     if common is not None:
         steps.add(float(common))

@@ -19,6 +19,8 @@ which parameter a state belongs to.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from megamath.compat.megatron_buckets import LAYER_ORDERS, bucket_states, local_shape, registration
@@ -28,19 +30,22 @@ from megamath.compat.pickle_guard import guarded_load
 DISTRIBUTED_FILE = "distrib_optim.pt"
 
 
+def checkpoint_folder(weights: MegatronWeights) -> Path:
+    """The iteration folder of a torch-format checkpoint (the mp_rank_* folders' parent)."""
+    return next(iter(weights.rank_files.values())).parent.parent
+
+
 def is_distributed(weights: MegatronWeights) -> bool:
     return all((path.parent / DISTRIBUTED_FILE).is_file() for path in weights.rank_files.values())
 
 
 def rank_optimizers(weights: MegatronWeights) -> dict[tuple[int, int], dict]:
-    """Each model-parallel rank's `optimizer` entry of model_optim_rng.pt (tensors memory-mapped)."""
-    found = {}
-    for rank, path in weights.rank_files.items():
-        optimizer = guarded_load(path).get("optimizer")
+    """Each model-parallel rank's `optimizer` entry of model_optim_rng.pt, as the weights' reader kept it."""
+    for rank, optimizer in weights.rank_optimizers.items():
         if not isinstance(optimizer, dict):
-            raise ValueError(f"{path}: the checkpoint holds no optimizer state (saved with --no-save-optim?)")
-        found[rank] = optimizer
-    return found
+            raise ValueError(f"{weights.rank_files[rank]}: the checkpoint holds no optimizer state (saved with "
+                             "--no-save-optim?)")
+    return weights.rank_optimizers
 
 
 class DistributedFiles:
@@ -49,7 +54,7 @@ class DistributedFiles:
 
     def __init__(self, weights: MegatronWeights) -> None:
         tp = weights.args.get("tensor_model_parallel_size") or 1
-        self.folder = next(iter(weights.rank_files.values())).parent.parent
+        self.folder = checkpoint_folder(weights)
         self.buffers: dict[int, list] = {}
         self._flat: dict[str, dict] = {}
         for (t, p), path in sorted(weights.rank_files.items()):
@@ -88,8 +93,8 @@ def per_parameter_states(weights: MegatronWeights, optimizers: dict[tuple[int, i
         states = _assign(weights, optimizers, LAYER_ORDERS[name])
         if states is not None and all(_rounds_to(states["master"][role], weights, role) for role in weights.tensors):
             return states, name
-    raise ValueError(f"{next(iter(weights.rank_files.values())).parent.parent}: the optimizer's parameter indices fit "
-                     f"none of the parameter orders megamath knows ({', '.join(LAYER_ORDERS)})")
+    raise ValueError(f"{checkpoint_folder(weights)}: the optimizer's parameter indices fit none of the parameter "
+                     f"orders megamath knows ({', '.join(LAYER_ORDERS)})")
 
 
 def _assign(weights: MegatronWeights, optimizers: dict, layer_order: tuple[str, ...]) -> dict[str, dict] | None:
@@ -118,7 +123,7 @@ def _assign(weights: MegatronWeights, optimizers: dict, layer_order: tuple[str, 
                     pieces[key].setdefault(role, {})[t] = state[key]
             for role, master in zip(sixteen, group_masters):
                 pieces["master"].setdefault(role, {})[t] = master
-    where = next(iter(weights.rank_files.values())).parent.parent
+    where = checkpoint_folder(weights)
     out = {key: {role: Slices([found[t] for t in range(tp)], role.rsplit(".", 1)[-1], f"{where}: the {key} of {role}")
                  for role, found in by_role.items()} for key, by_role in pieces.items()}
     for role, tensor in weights.tensors.items():  # a float32 parameter is its own master
@@ -134,7 +139,7 @@ def _rounds_to(master, weights: MegatronWeights, role: str) -> bool:
     return torch.equal(master.read().to(weight.dtype), weight)
 
 
-def optimizer_step(optimizer: dict, where: str) -> float | None:
+def optimizer_step(optimizer: dict, where: str) -> float:
     """The non-distributed optimizer's step count: torch Adam's per-parameter `step`, one for all."""
     steps = {float(state["step"]) for state in ((optimizer.get("optimizer") or {}).get("state") or {}).values()
              if isinstance(state, dict) and "step" in state}
