@@ -133,6 +133,20 @@ def test_auto_takes_sdpa_for_a_shape_our_kernel_refuses(monkeypatch):
         choose_attention("megamath", ops, (1, 256, 4, 2, 80), torch.bfloat16, gpu)  # asked for by name: refused
 
 
+def test_on_a_cpu_too_a_shape_our_kernel_refuses_is_settled_before_the_first_forward(tmp_path):
+    """With the Triton kernels under the CPU interpreter, `auto` used to keep our kernel ("nothing to time off a
+    GPU") for a head_dim it refuses, and the run failed at its first forward, after its data was built."""
+    ops, cpu = get_ops("triton", "cpu"), torch.device("cpu")
+    choice = choose_attention("auto", ops, (1, 16, 4, 2, 8), torch.float32, cpu)
+    assert (choice.attention, choice.timings_ms) == ("sdpa", {})
+    assert "our kernel does not take this shape: flash_attention: head_dim 8 is not supported" in choice.reason
+    with pytest.raises(ValueError, match="^flash_attention: head_dim 8 is not supported"):
+        choose_attention("megamath", ops, (1, 16, 4, 2, 8), torch.float32, cpu)
+    assert choose_attention("auto", ops, (1, 16, 4, 2, 16), torch.float32, cpu).attention == "megamath"
+    assert choose_attention("auto", get_ops("reference", "cpu"), (1, 16, 4, 2, 8), torch.float32, cpu).attention \
+        == "megamath"  # the reference attention takes any head_dim
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="timing our attention and each SDPA backend needs a CUDA GPU")
 def test_auto_times_every_candidate_on_a_gpu():
     ops = get_ops("auto", "cuda")

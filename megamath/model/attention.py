@@ -188,12 +188,14 @@ def choose_attention(setting: str, ops: Ops, shape: tuple[int, int, int, int, in
         raise ValueError(f"model.attention must be one of {', '.join(ATTENTION_CHOICES)}, got {setting!r}")
     b, s, hq, hkv, d = shape
     tiles, tuned = "", None
+    refusal = _kernel_refusal(shape, dtype) if ops.backend == "triton" and setting != "sdpa" else None
+    if refusal and setting == "auto":  # on a CPU too (Triton's interpreter), before the first forward meets it
+        return AttentionChoice("sdpa", {}, f"attention: sdpa (auto: our kernel does not take this shape: {refusal})")
+    if refusal:  # "megamath" asked for by name: refused at start-up, not at the first forward
+        raise ValueError(refusal)
     if device.type == "cuda" and ops.backend == "triton" and setting != "sdpa":
         from megamath.kernels.flash_attention_tuning import tune_flash_attention  # Triton only on this path
 
-        refusal = _kernel_refusal(shape, dtype)
-        if refusal and setting == "auto":  # "megamath" set explicitly: the tuner raises it below
-            return AttentionChoice("sdpa", {}, f"attention: sdpa (auto: our kernel does not take this shape: {refusal})")
         tuned = tune_flash_attention(b, s, hq, hkv, d, dtype, device, fused=layout.fused_order is not None,
                                      sequence_first=layout.sequence_first)  # the tiles for the run's own views
         tiles = "; " + tuned.summary()
