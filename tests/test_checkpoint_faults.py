@@ -35,10 +35,10 @@ import os, signal, sys
 import torch
 torch.set_num_threads(1)
 import megamath.training.checkpoint as ckpt
-import megamath.training.loop as loop
+import megamath.training.preemption as preemption
 config, point = sys.argv[1], int(sys.argv[2])
 kill_rank = int(sys.argv[3]) if len(sys.argv) > 3 else int(os.environ.get("RANK", 0))
-loop.PREEMPTION_SIGNALS = (signal.SIGUSR1,)
+preemption.PREEMPTION_SIGNALS = (signal.SIGUSR1,)
 events = {"n": 0}
 
 def at_event(original):

@@ -28,6 +28,7 @@ from megamath.training import loop
 from megamath.training.checkpoint import LATEST, latest_checkpoint, load_checkpoint, model_file, read_metadata
 from megamath.training.config import TrainConfig
 from megamath.training.loop import train
+from megamath.training.preemption import StopFlag
 from megamath.training.resume import validation_change
 from megamath.training.schedule import lr_at
 
@@ -676,7 +677,7 @@ def test_tensor_and_sequence_parallel_run_matches_serial(two_rank_runs, one_thre
 
 def signal_at_step(monkeypatch, step: int) -> None:
     """As if SIGTERM reached the job during step `step` (the flag is read once per step)."""
-    agreed, calls = loop.PreemptionFlag.agreed, {"n": 0}
+    agreed, calls = StopFlag.agreed, {"n": 0}
 
     def agreed_at(self, state):
         calls["n"] += 1
@@ -684,7 +685,7 @@ def signal_at_step(monkeypatch, step: int) -> None:
             self.signal_name = "SIGTERM"
         return agreed(self, state)
 
-    monkeypatch.setattr(loop.PreemptionFlag, "agreed", agreed_at)
+    monkeypatch.setattr(StopFlag, "agreed", agreed_at)
 
 
 @pytest.mark.parametrize("resumed", [False, True])

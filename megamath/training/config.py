@@ -276,6 +276,13 @@ class TrainConfig:
     """Stop with an error after this many skipped (NaN/inf) steps in a row."""
     log_every: int = 10
     """Print a console line every this many steps (metrics.jsonl gets every step)."""
+    exit_every: int = 0
+    """Save and stop (exit 0) after each step that is a multiple of this, before train_steps (Megatron-LM's
+    --exit-interval): a long run in jobs of a fixed length, each resuming where the last stopped. 0: never."""
+    exit_after_minutes: float = 0.0
+    """Save and stop (exit 0) at the end of the first step that ends this many minutes after the training
+    started (Megatron-LM's --exit-duration-in-mins): under a walltime limit, set it the longest step, an
+    evaluation and a save under the limit. Every rank stops at the same step. 0: no limit."""
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     """Few-shot tasks run every eval_every steps (megamath.evaluation.config)."""
 
@@ -284,6 +291,11 @@ class TrainConfig:
                           ("eval_batches", 1), ("seed", 0), ("max_consecutive_nonfinite", 1), ("log_every", 1)):
             _check_int(name, getattr(self, name), low)
         _check_int("init_step", self.init_step, 0)
+        _check_int("exit_every", self.exit_every, 0)
+        minutes = self.exit_after_minutes
+        if isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or not math.isfinite(minutes) \
+                or minutes < 0:
+            raise ValueError(f"exit_after_minutes must be a number of minutes >= 0 (0: no limit), got {minutes!r}")
         if self.init_step and not self.init_from_hf:
             raise ValueError(f"init_step {self.init_step} needs init_from_hf: the weights trained to that step")
         if self.init_step >= self.train_steps:

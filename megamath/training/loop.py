@@ -11,9 +11,9 @@ Order of one step (every rank, in lockstep):
     5. validation every eval_every steps;
     6. metrics, with the time of each phase (phases.py; on GPUs written a step later, but at once when a
        checkpoint follows, so that no checkpoint exists without its step's record);
-    7. a checkpoint every save_every steps, at the end, and when SIGTERM/SIGUSR1 asked the job to stop
-       or torchrun's agent is gone (saved at the end of the step, then a clean exit 0); its time is in the
-       next step's record.
+    7. a checkpoint every save_every steps, at the end, and when the run stops early (preemption.py:
+       SIGTERM/SIGUSR1, torchrun's agent gone, exit_after_minutes reached; or a step that is a multiple of
+       exit_every), saved at the end of the step, then a clean exit 0; its time is in the next step's record.
 
 After max_consecutive_nonfinite skipped steps in a row the run stops with NonFiniteError. No checkpoint
 is written while the streak of skipped steps is non-zero (not even at the end or on preemption), and
@@ -23,10 +23,8 @@ The whole run holds RUN_DIR's lock (run_guard.py); resume picks the newest intac
 from __future__ import annotations
 
 import math
-import os
 import random
-import signal
-import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +46,7 @@ from megamath.training.data import MicroBatch, TrainData
 from megamath.training.export import is_training_checkpoint
 from megamath.training.metrics import MetricsLogger, RunDescription, finite_or_none, format_summary, run_info
 from megamath.training.phases import PhaseTimer, no_phase
+from megamath.training.preemption import StopFlag
 from megamath.training.profiling import StepProfiler
 from megamath.training.reshard import load_checkpoint_any_tp
 from megamath.training.resume import (check_resume_compatible, data_order_change, find_resume_checkpoint,
@@ -55,8 +54,6 @@ from megamath.training.resume import (check_resume_compatible, data_order_change
 from megamath.training.run_guard import hold_run_dir
 from megamath.training.schedule import lr_at
 from megamath.training.warm_start import load_training_weights, training_hf_extras
-
-PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class NonFiniteError(RuntimeError):
@@ -213,59 +210,16 @@ def hf_extras_of_run(config: TrainConfig, saved: dict | None) -> dict | None:
     return hf_extras_record(config.init_from_hf)
 
 
-class PreemptionFlag:
-    """Set by SIGTERM / SIGUSR1; the loop checks it at the end of each step (handlers only set a flag).
-
-    Under torchrun it is also set when the rank's agent is gone (killed by SIGKILL, or by the out-of-memory
-    killer): torchrun starts each rank in a session of its own, so no signal reaches it then, and the ranks
-    trained on unwatched, holding the run's lock. They save and stop instead, as on a preemption."""
-
-    def __init__(self) -> None:
-        self.signal_name: str | None = None
-        self._previous = {}
-        # torchrun's agent is the parent of its ranks and sets TORCHELASTIC_RUN_ID; a gone parent means a
-        # new parent pid (init, or a subreaper)
-        self._agent = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
-
-    def __enter__(self) -> "PreemptionFlag":
-        if threading.current_thread() is threading.main_thread():
-            for sig in PREEMPTION_SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.signal_name = signal.Signals(signum).name
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def agreed(self, state: ParallelState) -> bool:
-        """True on every rank when any rank was signalled (they may see the signal at different steps)."""
-        self._check_agent()
-        flag = self.signal_name is not None
-        if not state.is_distributed:
-            return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=state.device)
-        all_reduce_(t, state.world_group)
-        if t.item() > 0:
-            self._check_agent()  # a rank of this node may have seen the agent go just before this one could
-        return bool(t.item() > 0)
-
-    def _check_agent(self) -> None:
-        if self.signal_name is None and self._agent is not None and os.getppid() != self._agent:
-            self.signal_name = f"the loss of its torchrun agent (pid {self._agent})"
-
-
 # ---- the run ----------------------------------------------------------------------------------------------
 
 def train(config: TrainConfig, state: ParallelState) -> TrainResult:
     """Train per `config` on this process' share of the job; returns when done or preempted."""
+    started = time.monotonic()  # exit_after_minutes counts from here, as Megatron-LM's from its start
     with hold_run_dir(Path(config.run_dir), state) as attempt:  # one training per run_dir
-        return _train(config, state, attempt)
+        return _train(config, state, attempt, started)
 
 
-def _train(config: TrainConfig, state: ParallelState, attempt: str) -> TrainResult:
+def _train(config: TrainConfig, state: ParallelState, attempt: str, started: float) -> TrainResult:
     run_dir = Path(config.run_dir)
     data = TrainData(config, state, config.data.cache_dir or run_dir / "index-cache")  # data errors first
     check_task_inputs(config.evaluation)  # and the evaluation's, not at its first eval_every step
@@ -338,7 +292,7 @@ def _train(config: TrainConfig, state: ParallelState, attempt: str) -> TrainResu
         log.say(f"init_step {step}: continuing the run of {config.init_from_hf} at step {step + 1} (learning rate, "
                 f"data position and checkpoint names go on from there; the optimizer's moments start fresh)")
     try:
-        with PreemptionFlag() as flag:
+        with StopFlag(config.exit_after_minutes, started) as flag:
             while step < config.train_steps:
                 step += 1
                 lr = lr_at(data.schedule_position(step), config.optimizer.lr, config.schedule)
@@ -371,6 +325,8 @@ def _train(config: TrainConfig, state: ParallelState, attempt: str) -> TrainResu
                             "of those steps")
                 with timer.phase("sync"):  # a collective: mostly waiting for the slowest rank
                     preempted = flag.agreed(state)
+                if not preempted and config.exit_every and step % config.exit_every == 0 and step < config.train_steps:
+                    preempted, flag.reason = True, f"exit_every {config.exit_every}"  # (the same step on every rank)
                 save_every = config.checkpoint.save_every
                 due = preempted or step == config.train_steps or (save_every and step % save_every == 0)
                 save = due and not nonfinite
@@ -400,7 +356,7 @@ def _train(config: TrainConfig, state: ParallelState, attempt: str) -> TrainResu
                              f"resume from the last good checkpoint, {path}" if last_saved else
                              "no checkpoint was saved yet (none is during a streak of skipped steps): the next "
                              "run starts from scratch")
-                    log.say(f"stopping on {flag.signal_name or 'a peer rank’s signal'} after step {step}: {saved}")
+                    log.say(f"stopping on {flag.reason} after step {step}: {saved}")
                     break
         summary = log.summary()
         log.say(format_summary(summary))
