@@ -509,3 +509,11 @@ def test_data_settings_that_change_what_a_sample_is_are_refused(tmp_path, extra,
                                  '"allow_chopped": true,')
     conversion = convert_neox(read_neox_yaml(write_llemma(tmp_path, text)), vocab_size=32016)
     assert not {"pack_impl", "allow_chopped"} & {u.key for u in conversion.unmapped}
+
+
+def test_exit_interval_maps_to_exit_every_and_says_megamath_saves_there(tmp_path):
+    (tmp_path / "exit.yml").write_text(LLEMMA_7B_YML.replace('"log_interval": 1,', '"log_interval": 1, "exit_interval": 1000,'))
+    conversion = convert_neox(read_neox_yaml([tmp_path / "exit.yml"]), vocab_size=32016)
+    assert conversion.validate().exit_every == 1000 and "exit_interval" not in {u.key for u in conversion.unmapped}
+    assert ("exit_interval 1000: megamath saves a checkpoint when it stops there (exit_every); GPT-NeoX only exits, "
+            "keeping what its last checkpoint_factor save holds") in conversion.notes

@@ -50,8 +50,6 @@ KNOWN_UNMAPPED = {
     "distributed_backend": (NOT_NEEDED, "NCCL on GPUs, gloo on CPUs, chosen by megamath"),
     "distributed_timeout_minutes": (NOT_NEEDED, "megamath's process groups time out after 10 minutes"),
     "exit_signal_handler": (NOT_NEEDED, "megamath always saves and exits 0 on SIGTERM or SIGUSR1"),
-    "exit_duration_in_mins": (NO_EQUIVALENT, "send SIGUSR1/SIGTERM (e.g. SLURM's --signal) to save and stop"),
-    "exit_interval": (NO_EQUIVALENT, "send SIGUSR1/SIGTERM to save and stop, or set train_steps"),
     "tensorboard_dir": (NO_EQUIVALENT, "logging.tensorboard: true writes the events to RUN_DIR/tensorboard/ (the "
                                        "folder is not configurable); metrics.jsonl stays the record"),
     "wandb_save_dir": (NOT_NEEDED, "W&B writes under run_dir"),
@@ -539,6 +537,11 @@ def _data_and_checkpoints(flags: Flags, out: Conversion) -> None:
                            f"{load} RUN_DIR --config` this config")
             out.unmapped.append(Unmapped("--load", UNSUPPORTED, reason))
     c["log_every"] = flags.one("log_interval", int, 100)
+    exit_every, minutes = flags.one("exit_interval", int, 0, low=0), flags.one("exit_duration_in_mins", float, 0, low=0)
+    if exit_every:
+        c["exit_every"] = exit_every
+    if minutes:
+        c["exit_after_minutes"] = minutes
     project = flags.one("wandb_project", str, None)
     if project:
         c["logging"] = {"wandb": {"project": project, "group": None, "name": flags.one("wandb_exp_name", str, None),

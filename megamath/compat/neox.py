@@ -65,7 +65,6 @@ KNOWN_UNMAPPED = {
     "no_load_rng": (NO_EQUIVALENT, "a megamath checkpoint resumes everything"),
     "extra_save_iters": (NO_EQUIVALENT, "checkpoints are saved every checkpoint.save_every steps, at the end and "
                                         "on SIGTERM/SIGUSR1"),
-    "exit_interval": (NO_EQUIVALENT, "stop a run with SIGUSR1/SIGTERM (it saves, then exits 0) or by train_steps"),
     "s3_path": (NO_EQUIVALENT, "checkpoints are written to RUN_DIR only; copy them with your own tools"),
     "s3_chunk_size": (NO_EQUIVALENT, "checkpoints are written to RUN_DIR only"),
     "test_data_paths": (NO_EQUIVALENT, "megamath takes test losses only from data.split's test parts of data_path"),
@@ -540,6 +539,11 @@ def _checkpointing(keys: Keys, out: Conversion) -> None:
         out.notes.append("finetune without load: nothing to start from, so random initialization")
     c["log_every"] = _int(keys, "log_interval", 100)
     c["checkpoint"]["resume"] = "auto"
+    exit_every = _int(keys, "exit_interval", 0, low=0)
+    if exit_every:
+        c["exit_every"] = exit_every
+        out.notes.append(f"exit_interval {exit_every}: megamath saves a checkpoint when it stops there (exit_every); "
+                         "GPT-NeoX only exits, keeping what its last checkpoint_factor save holds")
 
 
 def _logging(keys: Keys, out: Conversion) -> None:
