@@ -416,8 +416,9 @@ def test_bad_data_files_are_one_line_errors(tmp_path, monkeypatch, flags, files,
     assert "\n" not in str(err.value)
 
 
-def test_exit_interval_and_duration_map_to_the_run_s_own_limits():
-    """Both were listed as having no equivalent; a SLURM script that relies on them now keeps its stops."""
+def test_exit_and_timeout_flags_map_to_the_run_s_own_settings():
+    """--exit-interval and --exit-duration-in-mins were listed as having no equivalent, --distributed-timeout-minutes
+    as not needed (megamath's timeout was fixed at 10 minutes); a script that relies on them now keeps them."""
     flags = SCRIPT.split("pretrain_gpt.py \\\n", 1)[1].replace("\\\n", " ")
     plain = convert_megatron(flags.split(), world_size=32, vocab_size=32000).validate()
     assert (plain.exit_every, plain.exit_after_minutes) == (0, 0.0)
@@ -425,5 +426,9 @@ def test_exit_interval_and_duration_map_to_the_run_s_own_limits():
     conversion = convert_megatron(timed.split(), world_size=32, vocab_size=32000)
     assert (conversion.validate().exit_every, conversion.validate().exit_after_minutes) == (2000, 230.0)
     assert not {"--exit-interval", "--exit-duration-in-mins"} & {u.key for u in conversion.unmapped}
+    assert conversion.validate().parallel.timeout_minutes == 10.0  # Megatron-LM's default too
+    longer = convert_megatron((flags + " --distributed-timeout-minutes 60").split(), world_size=32, vocab_size=32000)
+    assert longer.validate().parallel.timeout_minutes == 60.0
+    assert "--distributed-timeout-minutes" not in {u.key for u in longer.unmapped}
     with pytest.raises(ValueError, match=r"^--exit-duration-in-mins must be at least 0, got -5$"):
         convert_megatron((flags + " --exit-duration-in-mins -5").split(), world_size=32, vocab_size=32000)

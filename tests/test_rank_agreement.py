@@ -74,7 +74,30 @@ def test_the_data_parallel_group_times_out_as_the_job_does_and_says_so_in_one_li
     waited, line = (tmp_path / "line.txt").read_text().split("\n", 1)
     assert float(waited) < 6, f"waited {waited} s: the group took torch's 30-minute default, not the job's 2 s"
     assert line.startswith("rank 0 timed out in a collective (") and "another rank stopped answering" in line, line
-    assert "\n" not in line
+    assert line.endswith("needs a longer parallel.timeout_minutes") and "\n" not in line
+
+
+def test_the_training_configs_timeout_is_the_groups(tmp_path, monkeypatch, one_thread):
+    """parallel.timeout_minutes (Megatron-LM's --distributed-timeout-minutes) reaches the process groups; the
+    10-minute timeout was fixed, and a rank 0 that builds a large blend's index for longer stopped the job."""
+    import yaml
+
+    from megamath.cli import main
+    from megamath.parallel.state import ParallelState
+    from test_train_loop import raw_config
+
+    asked = {}
+
+    def single(cls, tp_size=1, **options):
+        asked.update(options)
+        return ParallelState.single()
+
+    monkeypatch.setattr(ParallelState, "from_env", classmethod(single))
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw_config(tmp_path / "data", tmp_path / "run", train_steps=1)))
+    assert main(["train", "--config", str(tmp_path / "run.yaml"), "parallel.timeout_minutes=45"]) == 0
+    assert asked["timeout_s"] == 45 * 60
+    assert main(["train", "--config", str(tmp_path / "run.yaml"), "run_dir=" + str(tmp_path / "b")]) == 0
+    assert asked["timeout_s"] == 10 * 60  # the default, Megatron-LM's too
 
 
 def _hold(rank: int, world_size: int, out_dir, run_dir: str, fault: str) -> None:

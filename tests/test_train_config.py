@@ -116,6 +116,8 @@ def test_llemma_mixture_expands_from_data_dir():
     ({"parallel": {"overlap_optimizer_step": "yes"}}, "parallel.overlap_optimizer_step must be bool, got 'yes'"),
     ({"optimizer": {"gradient_accumulation_fusion": 1}}, "optimizer.gradient_accumulation_fusion must be bool, got 1"),
     ({"param_dtype": "fp16"}, "param_dtype must be one of auto, float32, bfloat16, got 'fp16'"),
+    *[({"parallel": {"timeout_minutes": bad}}, f"parallel.timeout_minutes must be a finite number of minutes > 0, "
+                                              f"got {bad!r}") for bad in (0.0, -1.0, float("inf"))],
     *[({"metrics": {"peak_tflops": bad}}, f"metrics.peak_tflops must be a positive number of TFLOP/s or null, got {bad!r}")
       for bad in (0.0, -989.0, float("inf"), float("nan"))],
     ({"metrics": {"peak_tflops": True}}, "metrics.peak_tflops must be float or null, got True"),

@@ -35,7 +35,8 @@ def run(args) -> int:
 
     overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
     config = load_config(args.config, overrides)
-    state = ParallelState.from_env(config.parallel.tp_size, same_on_every_rank=config.to_dict())
+    state = ParallelState.from_env(config.parallel.tp_size, timeout_s=config.parallel.timeout_minutes * 60,
+                                   same_on_every_rank=config.to_dict())
     try:
         train(config, state)
     except (NonFiniteError, OutOfMemoryStop) as err:

@@ -48,7 +48,6 @@ KNOWN_UNMAPPED = {
     "tp_comm_overlap": (NO_EQUIVALENT, "megamath's tensor-parallel collectives are not overlapped with compute"),
     "num_workers": (NOT_NEEDED, "samples are read in the training process (memory-mapped, no loader workers)"),
     "distributed_backend": (NOT_NEEDED, "NCCL on GPUs, gloo on CPUs, chosen by megamath"),
-    "distributed_timeout_minutes": (NOT_NEEDED, "megamath's process groups time out after 10 minutes"),
     "exit_signal_handler": (NOT_NEEDED, "megamath always saves and exits 0 on SIGTERM or SIGUSR1"),
     "tensorboard_dir": (NO_EQUIVALENT, "logging.tensorboard: true writes the events to RUN_DIR/tensorboard/ (the "
                                        "folder is not configurable); metrics.jsonl stays the record"),
@@ -537,6 +536,9 @@ def _data_and_checkpoints(flags: Flags, out: Conversion) -> None:
                            f"{load} RUN_DIR --config` this config")
             out.unmapped.append(Unmapped("--load", UNSUPPORTED, reason))
     c["log_every"] = flags.one("log_interval", int, 100)
+    timeout = flags.one("distributed_timeout_minutes", float, None, low=1)
+    if timeout is not None:
+        c["parallel"]["timeout_minutes"] = timeout
     exit_every, minutes = flags.one("exit_interval", int, 0, low=0), flags.one("exit_duration_in_mins", float, 0, low=0)
     if exit_every:
         c["exit_every"] = exit_every

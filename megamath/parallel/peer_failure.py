@@ -33,6 +33,7 @@ def lost_peer(err: BaseException) -> str | None:
     who = f"rank {rank}" if rank is not None else "this process"
     if any(words in message for words in _GLOO_TIMEOUT):
         return (f"{who} timed out in a collective ({first}): another rank stopped answering (stalled, stuck in I/O, "
-                "or stopped) or issued other collectives; a stack dump of the ranks (py-spy dump) shows where each waits")
+                "or stopped) or issued other collectives; a stack dump of the ranks (py-spy dump) shows where each waits; "
+                "a training whose rank is only slow (a long index build or save) needs a longer parallel.timeout_minutes")
     return (f"{who} lost a peer in a collective ({first}): another rank failed or was killed first, and its "
             "own error (or torchrun's summary of the failed ranks) names the cause")

@@ -41,7 +41,7 @@ class ParallelState:
         return cls(1, 0, 1, 0, 1, 0, torch.device(device))
 
     @classmethod
-    def from_env(cls, tp_size: int = 1, backend: str | None = None, timeout_s: int = 600,
+    def from_env(cls, tp_size: int = 1, backend: str | None = None, timeout_s: float = 600,
                  same_on_every_rank: Mapping | None = None) -> "ParallelState":
         """Join the job torchrun started (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) and build groups.
 

@@ -67,6 +67,10 @@ class ParallelConfig:
     bucket_mb: float = 128.0
     """MiB of gradients per ZeRO-1 bucket (0: one bucket, nothing to overlap). Smaller buckets start their
     reduce-scatter earlier; larger ones pay the collective's latency fewer times."""
+    timeout_minutes: float = 10.0
+    """How long a collective waits for the other ranks before the job stops with an error (Megatron-LM's
+    --distributed-timeout-minutes, the same default). Raise it where a rank is slow for long on purpose: rank 0
+    building a large blend's sample index while the others wait, or a save to a slow filesystem."""
 
     def __post_init__(self) -> None:
         _check_int("parallel.tp_size", self.tp_size, 1)
@@ -78,6 +82,9 @@ class ParallelConfig:
                 not 0 <= self.bucket_mb < math.inf:  # inf: a traceback at the optimizer's build, after the data's
             raise ValueError(f"parallel.bucket_mb must be a finite number >= 0 (0: one bucket), got {self.bucket_mb!r}")
         self.bucket_mb = float(self.bucket_mb)
+        minutes = self.timeout_minutes
+        if isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or not 0 < minutes < math.inf:
+            raise ValueError(f"parallel.timeout_minutes must be a finite number of minutes > 0, got {minutes!r}")
         if self.sequence_parallel and self.tp_size == 1:
             raise ValueError("parallel.sequence_parallel needs parallel.tp_size > 1")
 
