@@ -324,9 +324,9 @@ def _train(config: TrainConfig, state: ParallelState, attempt: str, started: flo
                             f"gradient norm; stopping. {kept} with a lower learning rate or after checking the data "
                             "of those steps")
                 with timer.phase("sync"):  # a collective: mostly waiting for the slowest rank
-                    preempted = flag.agreed(state)
-                if not preempted and config.exit_every and step % config.exit_every == 0 and step < config.train_steps:
-                    preempted, flag.reason = True, f"exit_every {config.exit_every}"  # (the same step on every rank)
+                    preempted = flag.agreed(state)  # (called every step: a collective)
+                at_interval = bool(config.exit_every) and step % config.exit_every == 0 and step < config.train_steps
+                preempted = preempted or at_interval  # exit_every: the same step on every rank, nothing to agree
                 save_every = config.checkpoint.save_every
                 due = preempted or step == config.train_steps or (save_every and step % save_every == 0)
                 save = due and not nonfinite
@@ -356,7 +356,8 @@ def _train(config: TrainConfig, state: ParallelState, attempt: str, started: flo
                              f"resume from the last good checkpoint, {path}" if last_saved else
                              "no checkpoint was saved yet (none is during a streak of skipped steps): the next "
                              "run starts from scratch")
-                    log.say(f"stopping on {flag.reason} after step {step}: {saved}")
+                    why = flag.reason or f"exit_every {config.exit_every}"  # (the flag's reason when it stopped the run)
+                    log.say(f"stopping on {why} after step {step}: {saved}")
                     break
         summary = log.summary()
         log.say(format_summary(summary))
