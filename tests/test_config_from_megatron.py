@@ -390,9 +390,19 @@ def test_data_paths_read_from_megatrons_files(tmp_path, monkeypatch):
     config, conversion = _data_of("--per-split-data-args-path splits.json")
     assert config.data.train_blend() == ([1.0], ["data/a_text_document"]) and config.data.split is None
     assert config.data.lone_prefix()  # Megatron-LM reads a lone per-split prefix unblended, its weight unused
-    assert config.data.valid_sets() == {"a": "data/a_val"}
-    listed = {u.key: u for u in conversion.unmapped}
-    assert listed["--per-split-data-args-path"].kind == "no equivalent"  # its test blend
+    assert config.data.valid_sets() == {"a": "data/a_val"} and config.data.test_sets() == {"a": "data/a_test"}
+    assert "--per-split-data-args-path" not in {u.key for u in conversion.unmapped}  # its test blend is mapped
+
+
+def test_test_data_path_maps_to_test_sets_taken_after_the_last_step():
+    """--test-data-path (a blend, weights or not) was listed as having no equivalent: each of its prefixes is now a
+    data.test_data set, evaluated once after the last step as Megatron-LM evaluates its test blend."""
+    config, conversion = _data_of("--train-data-path data/a_text_document --valid-data-path data/a_validation "
+                                  "--test-data-path 1 data/a_test_text_document 3 data/b_test")
+    assert config.data.test_sets() == {"a": "data/a_test_text_document", "b": "data/b_test"}
+    assert "--test-data-path" not in {u.key for u in conversion.unmapped}
+    config, _ = _data_of("--data-path data/a_text_document --split 98,1,1")
+    assert config.data.test_sets() == {}  # the test part of the split is data.split's
 
 
 @pytest.mark.parametrize("flags, files, message", [

@@ -136,12 +136,15 @@ DATA_YML = """\
   "valid-data-paths": ["data/proof-pile-2/arxiv_validation_text_document",
                        "data/proof-pile-2/open-web-math_validation_text_document",
                        "data/proof-pile-2/algebraic-stack_validation_text_document"],
+  "test-data-paths": ["data/proof-pile-2/arxiv_test_text_document",
+                      "data/proof-pile-2/open-web-math_test_text_document",
+                      "data/proof-pile-2/algebraic-stack_test_text_document"],
 }
 """
 
 # Fields that name places on a cluster or how much is printed, not what is trained.
 SITE_FIELDS = {"run_dir", "init_from_hf", "log_every", "logging"}
-SITE_DATA_FIELDS = {"data_path", "data_dir", "valid_data", "cache_dir"}
+SITE_DATA_FIELDS = {"data_path", "data_dir", "valid_data", "test_data", "cache_dir"}
 
 
 def write_llemma(tmp_path: Path, text: str = LLEMMA_7B_YML) -> list[str]:
@@ -159,6 +162,7 @@ def training_fields(config: TrainConfig) -> dict:
         d["data"].pop(key)
     d["data"]["train_blend"] = config.data.train_blend()
     d["data"]["valid_sets"] = config.data.valid_sets()
+    d["data"]["test_sets"] = config.data.test_sets()
     return d
 
 
@@ -201,7 +205,7 @@ def test_every_key_is_mapped_or_listed(tmp_path):
               "train_iters", "lr_decay_iters", "lr_decay_style", "decay_lr_to", "warmup_iters",
               "checkpoint_factor", "eval_interval", "eval_iters", "log_interval", "vocab_file", "save",
               "use_wandb", "wandb_group", "wandb_project", "wandb_team", "wandb_host", "train_data_paths",
-              "train_data_weights", "valid_data_paths"}
+              "train_data_weights", "valid_data_paths", "test_data_paths"}
     raw = read_neox_yaml(write_llemma(tmp_path, text))
     assert set(raw) <= mapped | set(listed), set(raw) - mapped - set(listed)
     report = conversion.report()
@@ -272,12 +276,14 @@ def test_cli_output_trains_shrunk_on_cpu(tmp_path, capsys):
               "model.num_kv_heads=4", "model.ffn_hidden_size=64", "model.max_seq_length=32",
               "model.kernels=reference", "data.seq_length=32", "parallel.tp_size=1", "micro_batch_size=2",
               f"data.data_path=[2, {prefixes['arxiv']}, 4, {prefixes['web']}]",
-              f"data.valid_data={{arxiv: {prefixes['arxiv']}}}", "train_steps=4", "eval_every=2", "eval_batches=1",
+              f"data.valid_data={{arxiv: {prefixes['arxiv']}}}", f"data.test_data={{web: {prefixes['web']}}}",
+              "train_steps=4", "eval_every=2", "eval_batches=1",
               "schedule.warmup_steps=1", "schedule.decay_steps=4", f"run_dir={tmp_path / 'run'}",
               "logging.wandb.mode=disabled"]
     assert main(["train", "--config", str(out), *shrink]) == 0
     records = metrics(tmp_path / "run")
     assert [r["step"] for r in records] == [1, 2, 3, 4] and "val_loss" in records[1]
+    assert [r["step"] for r in records if "test_loss" in r] == [4] and set(records[-1]["test_loss"]) == {"web"}
     saved = load_config(tmp_path / "run" / "config.yaml")
     assert saved.model.activation_checkpointing and saved.grad_accum_steps == 2 and saved.schedule.min_lr_ratio == 0.033
 

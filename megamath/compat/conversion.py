@@ -94,10 +94,20 @@ class Keys:
                                  "(as written it would be left out, and its setting lost)")
 
 
-def valid_set_names(prefixes: list[str]) -> dict:
-    """Report names for validation prefixes: `.../arxiv_validation_text_document` -> `arxiv`."""
-    suffixes = ("_text_document", "_document", "_validation", "_valid", "_val")
+def held_out_set_names(words: list[str]) -> dict:
+    """{report name: prefix} of validation or test data given as prefixes, or as a blend's weights and prefixes
+    (each set is reported on its own, so the weights drop): `.../arxiv_validation_text_document` -> `arxiv`."""
+    prefixes = words[1::2] if len(words) > 1 and is_number(words[0]) else words
+    suffixes = ("_text_document", "_document", "_validation", "_valid", "_val", "_test")
     return dict(zip(part_names(prefixes, suffixes=suffixes), prefixes))
+
+
+def is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
 
 
 def held_out_sets(data: dict) -> int:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Sequence
 
 from megamath.compat.conversion import (NO_EQUIVALENT, NOT_NEEDED, UNSUPPORTED, Conversion, Keys, Unmapped,
-                                        held_out_sets, valid_set_names)
+                                        held_out_set_names, held_out_sets, is_number)
 from megamath.data.megatron_order import BLEND_SURPLUS
 from megamath.data.splits import canonical_split
 from megamath.input_path import read_text
@@ -59,7 +59,6 @@ KNOWN_UNMAPPED = {
     "use_checkpoint_args": (NOT_NEEDED, "the config is the source of the model's shape"),
     "seq_length_for_eval": (NOT_NEEDED, "validation uses data.seq_length"),
     "data_cache_path": (NOT_NEEDED, "set data.cache_dir (default RUN_DIR/index-cache)"),
-    "test_data_path": (NO_EQUIVALENT, "megamath takes test losses only from data.split's test parts of --data-path"),
     "log_throughput": (NOT_NEEDED, "metrics.jsonl records tokens/s, TFLOP/s and MFU every step"),
     **{k: (NOT_NEEDED, "metrics.jsonl records loss, lr, grad norm, throughput and memory every step")
        for k in ("log_timers_to_tensorboard", "log_validation_ppl_to_tensorboard", "log_memory_to_tensorboard",
@@ -481,14 +480,14 @@ def _data_and_checkpoints(flags: Flags, out: Conversion) -> None:
     data: dict = {"seq_length": int(flags.raw["seq_length"][0]), "sample_order": "megatron"}
     seed = flags.one("seed", int, 1234)
     data["seed"], c["seed"] = seed, seed
-    per_split, valid = _data_files(flags, out)
+    per_split, valid, test = _data_files(flags, out)
     train = per_split or flags.take("data_path")
     # Megatron-LM reads a lone prefix without a blend, and so without the blend's surplus samples, when it has no
     # weight or comes per split; data.sample_order megatron does the same for a lone prefix without a weight
-    if train and (len(train) == 1 or (per_split and len(train) == 2 and _is_number(train[0]))):
+    if train and (len(train) == 1 or (per_split and len(train) == 2 and is_number(train[0]))):
         data["data_path"] = [train[-1]]
     elif train:
-        if len(train) % 2 or not all(_is_number(w) for w in train[0::2]):
+        if len(train) % 2 or not all(is_number(w) for w in train[0::2]):
             raise ValueError("--data-path: give weights and prefixes (W1 PREFIX1 W2 PREFIX2 ...) or one prefix")
         data["data_path"] = [float(x) if i % 2 == 0 else x for i, x in enumerate(train)]
     surplus = flags.one("mid_level_dataset_surplus", float, BLEND_SURPLUS)
@@ -510,8 +509,9 @@ def _data_and_checkpoints(flags: Flags, out: Conversion) -> None:
     elif split is not None:
         out.unmapped.append(Unmapped("--split", NOT_NEEDED, f"{split}: Megatron-LM ignores it beside per-split data"
                                      if per_split else f"{split}: no --data-path to split"))
-    prefixes = valid[1::2] if len(valid) > 1 and _is_number(valid[0]) else valid
-    data["valid_data"] = valid_set_names(list(prefixes))
+    data["valid_data"] = held_out_set_names(list(valid))
+    if test:  # Megatron-LM evaluates the test blend once, after the last iteration; megamath each set on its own
+        data["test_data"] = held_out_set_names(list(test))
     c["data"] = data
     interval, iters = flags.one("eval_interval", int, 1000), flags.one("eval_iters", int, 100)
     sets = len(data["valid_data"]) + held_out_sets(data)
@@ -561,11 +561,13 @@ def _init_step(load: str) -> str:
     return f"init_step: {iteration}" if isinstance(iteration, int) else "init_step: 0 (a release checkpoint)"
 
 
-def _data_files(flags: Flags, out: Conversion) -> tuple[list[str] | None, list[str]]:
-    """(--train-data-path, --valid-data-path) words, read from Megatron-LM's files when they are given instead:
-    --data-args-path (the words of --data-path) and --per-split-data-args-path (JSON: train, valid, test, each a
-    list of words or one string of them). Paths are read from the current folder, as Megatron-LM reads them."""
-    train, valid = flags.take("train_data_path"), flags.take("valid_data_path") or []
+def _data_files(flags: Flags, out: Conversion) -> tuple[list[str] | None, list[str], list[str]]:
+    """(--train-data-path, --valid-data-path, --test-data-path) words, read from Megatron-LM's files when they are
+    given instead: --data-args-path (the words of --data-path) and --per-split-data-args-path (JSON: train, valid,
+    test, each a list of words or one string of them). Paths are read from the current folder, as Megatron-LM
+    reads them."""
+    train, valid, test = (flags.take("train_data_path"), flags.take("valid_data_path") or [],
+                          flags.take("test_data_path") or [])
     args_path = flags.one("data_args_path", str, None)
     if args_path is not None:
         if flags.raw.get("data_path") is not None:
@@ -590,16 +592,6 @@ def _data_files(flags: Flags, out: Conversion) -> tuple[list[str] | None, list[s
         except (ValueError, KeyError, TypeError) as err:
             raise ValueError(f"--per-split-data-args-path {per_split_path}: expected JSON with train, valid and test, "
                              f"each a list of weights and prefixes (or one string of them): {err!r}") from None
-        train, valid = blends["train"], blends["valid"]
-        if blends["test"]:
-            out.unmapped.append(Unmapped("--per-split-data-args-path", NO_EQUIVALENT, f"{per_split_path}'s test "
-                                         "blend: megamath takes test losses only from data.split's parts"))
-    return train, valid
+        train, valid, test = blends["train"], blends["valid"], blends["test"]
+    return train, valid, test
 
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False

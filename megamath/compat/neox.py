@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Sequence
 
 from megamath.compat.conversion import (NO_EQUIVALENT, NOT_NEEDED, UNSUPPORTED, Conversion, Keys, Unmapped,
-                                        held_out_sets, valid_set_names)
+                                        held_out_set_names, held_out_sets)
 from megamath.data.splits import canonical_split
 from megamath.training.config import read_yaml
 
@@ -67,9 +67,8 @@ KNOWN_UNMAPPED = {
                                         "on SIGTERM/SIGUSR1"),
     "s3_path": (NO_EQUIVALENT, "checkpoints are written to RUN_DIR only; copy them with your own tools"),
     "s3_chunk_size": (NO_EQUIVALENT, "checkpoints are written to RUN_DIR only"),
-    "test_data_paths": (NO_EQUIVALENT, "megamath takes test losses only from data.split's test parts of data_path"),
-    "test_data_weights": (NO_EQUIVALENT, "megamath takes test losses only from data.split's test parts of data_path"),
     "valid_data_weights": (NOT_NEEDED, "each validation set is evaluated and reported on its own"),
+    "test_data_weights": (NOT_NEEDED, "each test set is evaluated and reported on its own"),
     "distributed_backend": (NOT_NEEDED, "NCCL on GPUs, gloo on CPUs, chosen by megamath"),
     "steps_per_print": (NOT_NEEDED, "DeepSpeed's console print; see log_every"),
     "wall_clock_breakdown": (NOT_NEEDED, "metrics.jsonl records step time, tokens/s, TFLOP/s and MFU every step"),
@@ -459,7 +458,10 @@ def _data(keys: Keys, out: Conversion) -> dict:
     if train and split is not None:
         out.unmapped.append(Unmapped("split", NOT_NEEDED, f"{split}: GPT-NeoX ignores it beside train_data_paths"))
     valid = keys.take("valid_data_paths") or []
-    data["valid_data"] = valid_set_names([str(p) for p in valid])
+    data["valid_data"] = held_out_set_names([str(p) for p in valid])
+    test = keys.take("test_data_paths") or []
+    if test:  # GPT-NeoX evaluates the test blend once, after the last iteration; megamath each set on its own
+        data["test_data"] = held_out_set_names([str(p) for p in test])
     return data
 
 

@@ -99,12 +99,16 @@ class DataConfig:
     valid_data: dict | str = field(default_factory=dict)
     """Validation sets reported one by one, `{name: prefix}`, or `llemma`: the validation split of each
     ProofPile II subset in data_dir. Empty: no evaluation (unless data.split holds some out)."""
+    test_data: dict | str = field(default_factory=dict)
+    """Test sets whose loss is taken once, after the last step (`test_loss`, beside data.split's test parts),
+    `{name: prefix}`, or `llemma`: the test split of each ProofPile II subset in data_dir (Megatron-LM's
+    --test-data-path, GPT-NeoX's test_data_paths)."""
     split: str | list | float | None = None
     """Megatron-LM's --split, e.g. `969,30,1`: train, validation and test shares of each data_path prefix's
     documents, cut in order as Megatron-LM cuts them (megamath.data.splits). The train parts form the blend;
     each validation part is a validation set named after its prefix (`.../arxiv_train_text_document` ->
     `arxiv`), reported beside valid_data's; each test part's loss is taken once, at the last step
-    (`test_loss`). None: every document trains."""
+    (`test_loss`), beside test_data's. None: every document trains."""
     seq_length: int = 4096
     """Tokens per sample fed to the model (each sample reads seq_length + 1, the targets shifted by one)."""
     seed: int = 1234
@@ -125,12 +129,17 @@ class DataConfig:
             self.data_path = [self.data_path]
         if not isinstance(self.data_path, (list, str)):
             raise ValueError(f"data.data_path must be a list [W1, PREFIX1, ...] or 'llemma', got {self.data_path!r}")
-        if self.data_path == "llemma" or self.valid_data == "llemma":
-            if self.data_dir is None:
-                raise ValueError("data.data_dir is needed to find the 'llemma' datasets")
-        if not isinstance(self.valid_data, (dict, str)) or (isinstance(self.valid_data, str)
-                                                            and self.valid_data != "llemma"):
-            raise ValueError(f"data.valid_data must be a mapping {{name: prefix}} or 'llemma', got {self.valid_data!r}")
+        if "llemma" in (self.data_path, self.valid_data, self.test_data) and self.data_dir is None:
+            raise ValueError("data.data_dir is needed to find the 'llemma' datasets")
+        for key in ("valid_data", "test_data"):
+            value = getattr(self, key)
+            if not isinstance(value, (dict, str)) or (isinstance(value, str) and value != "llemma"):
+                raise ValueError(f"data.{key} must be a mapping {{name: prefix}} or 'llemma', got {value!r}")
+            bad = [name for name, prefix in (value.items() if isinstance(value, dict) else ())
+                   if not isinstance(prefix, str) or not prefix]
+            if bad:
+                raise ValueError(f"data.{key}: set {bad[0]!r} has no prefix (give {{name: path/to/prefix}}, without "
+                                 ".bin/.idx)")
         _check_int("data.seq_length", self.seq_length, 1)
         _check_int("data.seed", self.seed, 0)
         check_sample_order(self.sample_order, "data.sample_order")
@@ -165,9 +174,16 @@ class DataConfig:
 
     def valid_sets(self) -> dict[str, str]:
         """{name: prefix} of the validation sets of valid_data (data.split's parts are cut from the data)."""
-        if self.valid_data == "llemma":
-            return {s: proofpile_prefix(self.data_dir, s, "validation") for s in LLEMMA_MIXTURE}
-        return {str(name): str(prefix) for name, prefix in self.valid_data.items()}
+        return self._held_out_sets(self.valid_data, "validation")
+
+    def test_sets(self) -> dict[str, str]:
+        """{name: prefix} of the test sets of test_data (data.split's parts are cut from the data)."""
+        return self._held_out_sets(self.test_data, "test")
+
+    def _held_out_sets(self, value: dict | str, split: str) -> dict[str, str]:
+        if value == "llemma":
+            return {s: proofpile_prefix(self.data_dir, s, split) for s in LLEMMA_MIXTURE}
+        return {str(name): str(prefix) for name, prefix in value.items()}
 
 
 @dataclass

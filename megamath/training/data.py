@@ -68,7 +68,7 @@ class TrainData:
             raise ValueError(f"train_steps {config.train_steps} × global batch {self.global_batch_size} "
                              "(micro_batch_size · grad_accum_steps · DP) is more samples than 64 bits count")
         sources = [_open(p) for p in prefixes]
-        cut = cut_splits(sources, prefixes, data.split, data.seq_length, taken=data.valid_sets(),
+        cut = cut_splits(sources, prefixes, data.split, data.seq_length, taken=[*data.valid_sets(), *data.test_sets()],
                          rule=megatron_order.split_rule(data.sample_order))
         self.split_lines = cut.lines  # what the run's log says of the split
 
@@ -92,12 +92,15 @@ class TrainData:
             self.valid = rank0_first(state, lambda: build_held_out(valid_parts))
         else:
             self.valid = {}
-        self.test = rank0_first(state, lambda: build_held_out(cut.test))  # data.split's test parts: the last step
+        # Test sets (test_data's and data.split's test parts) are evaluated once, after the last step.
+        test_parts = {name: (_open(prefix), None) for name, prefix in data.test_sets().items()} | cut.test
+        self.test = rank0_first(state, lambda: build_held_out(test_parts))
         # The same prefixes may hold other data on another node (a stale copy): its ranks would train on
         # other samples, with exit 0. The fingerprints (each index's hash) are computed already, for the cache.
         held = {gpt.name: gpt.dataset.fingerprint() for gpt in self.train.datasets if gpt is not None}
         held.update({gpt.name: gpt.dataset.fingerprint() for gpt in (*self.valid.values(), *self.test.values())})
-        check_same_on_every_rank(held, state.world_group, "data (the SHA-256 of each dataset's .idx, and its .bin size)",
+        check_same_on_every_rank(held, state.world_group,
+                                 "data (the SHA-256 of each dataset's .idx, and its .bin size)",
                                  "give every node the same copy of the datasets")
 
     def sample_rows(self, step: int, micro: int) -> range:
