@@ -442,3 +442,15 @@ def test_exit_and_timeout_flags_map_to_the_run_s_own_settings():
     assert "--distributed-timeout-minutes" not in {u.key for u in longer.unmapped}
     with pytest.raises(ValueError, match=r"^--exit-duration-in-mins must be at least 0, got -5$"):
         convert_megatron((flags + " --exit-duration-in-mins -5").split(), world_size=32, vocab_size=32000)
+
+
+def test_tensorboard_dir_maps_to_the_events_folder():
+    """--tensorboard-dir was listed as having no equivalent (the folder was fixed at RUN_DIR/tensorboard)."""
+    words = shlex.split(SCRIPT.split("pretrain_gpt.py")[1].replace("\\\n", " ")) + ["--tensorboard-dir", "tb/7b"]
+    conversion = convert_megatron(words, vocab_size=32000, world_size=32)
+    config = conversion.validate()
+    assert (config.logging.tensorboard, config.logging.tensorboard_dir) == (True, "tb/7b")
+    assert config.logging.wandb.project == "math"  # beside W&B
+    assert "--tensorboard-dir" not in {u.key for u in conversion.unmapped}
+    config = convert_megatron(words[:-2], vocab_size=32000, world_size=32).validate()
+    assert (config.logging.tensorboard, config.logging.tensorboard_dir) == (False, None)

@@ -189,7 +189,9 @@ def test_every_key_is_mapped_or_listed(tmp_path):
     conversion = convert_neox(read_neox_yaml(write_llemma(tmp_path, text)), vocab_size=32016)
     listed = {u.key.split(".")[0]: u for u in conversion.unmapped}
     assert listed["my_cluster_knob"].kind == "no equivalent" and "not a GPT-NeoX" in listed["my_cluster_knob"].reason
-    assert listed["tensorboard_dir"].kind == "no equivalent"  # `-` spelling read as `_`
+    assert "tensorboard_dir" not in listed  # `-` spelling read as `_`, and mapped:
+    assert conversion.config["logging"]["tensorboard_dir"] == "tb" and conversion.config["logging"]["tensorboard"]
+    assert conversion.config["logging"]["wandb"]["project"] == "your-project-name"  # beside W&B
     assert listed["load"].kind == "unsupported" and listed["load"].reason.endswith(
         "a GPT-NeoX checkpoint; convert it with `megamath convert neox-to-hf /path/to/converted/codellama_7b_weights_"
         "with_mp2 HF_DIR` and set init_from_hf: HF_DIR")
@@ -205,7 +207,7 @@ def test_every_key_is_mapped_or_listed(tmp_path):
               "train_iters", "lr_decay_iters", "lr_decay_style", "decay_lr_to", "warmup_iters",
               "checkpoint_factor", "eval_interval", "eval_iters", "log_interval", "vocab_file", "save",
               "use_wandb", "wandb_group", "wandb_project", "wandb_team", "wandb_host", "train_data_paths",
-              "train_data_weights", "valid_data_paths", "test_data_paths"}
+              "train_data_weights", "valid_data_paths", "test_data_paths", "tensorboard_dir"}
     raw = read_neox_yaml(write_llemma(tmp_path, text))
     assert set(raw) <= mapped | set(listed), set(raw) - mapped - set(listed)
     report = conversion.report()

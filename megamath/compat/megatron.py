@@ -49,8 +49,6 @@ KNOWN_UNMAPPED = {
     "num_workers": (NOT_NEEDED, "samples are read in the training process (memory-mapped, no loader workers)"),
     "distributed_backend": (NOT_NEEDED, "NCCL on GPUs, gloo on CPUs, chosen by megamath"),
     "exit_signal_handler": (NOT_NEEDED, "megamath always saves and exits 0 on SIGTERM or SIGUSR1"),
-    "tensorboard_dir": (NO_EQUIVALENT, "logging.tensorboard: true writes the events to RUN_DIR/tensorboard/ (the "
-                                       "folder is not configurable); metrics.jsonl stays the record"),
     "wandb_save_dir": (NOT_NEEDED, "W&B writes under run_dir"),
     "no_load_optim": (NOT_NEEDED, "init_from_hf loads the weights only"),
     "no_load_rng": (NOT_NEEDED, "init_from_hf loads the weights only"),
@@ -544,10 +542,16 @@ def _data_and_checkpoints(flags: Flags, out: Conversion) -> None:
         c["exit_every"] = exit_every
     if minutes:
         c["exit_after_minutes"] = minutes
+    logging: dict = {}
+    events = flags.one("tensorboard_dir", str, None)
+    if events:
+        logging.update(tensorboard=True, tensorboard_dir=events)
     project = flags.one("wandb_project", str, None)
     if project:
-        c["logging"] = {"wandb": {"project": project, "group": None, "name": flags.one("wandb_exp_name", str, None),
-                                  "mode": "online", "entity": flags.one("wandb_entity", str, None)}}
+        logging["wandb"] = {"project": project, "group": None, "name": flags.one("wandb_exp_name", str, None),
+                            "mode": "online", "entity": flags.one("wandb_entity", str, None)}
+    if logging:
+        c["logging"] = logging
 
 
 def _init_step(load: str) -> str:

@@ -73,8 +73,6 @@ KNOWN_UNMAPPED = {
     "steps_per_print": (NOT_NEEDED, "DeepSpeed's console print; see log_every"),
     "wall_clock_breakdown": (NOT_NEEDED, "metrics.jsonl records step time, tokens/s, TFLOP/s and MFU every step"),
     "log_dir": (NOT_NEEDED, "everything goes to run_dir (metrics.jsonl, config.yaml)"),
-    "tensorboard_dir": (NO_EQUIVALENT, "logging.tensorboard: true writes the events to RUN_DIR/tensorboard/ (the "
-                                       "folder is not configurable); metrics.jsonl stays the record"),
     "wandb_init_all_ranks": (NOT_NEEDED, "only rank 0 logs"),
     "git_hash": (NOT_NEEDED, "bookkeeping"),
     "config_files": (NOT_NEEDED, "bookkeeping"),
@@ -552,12 +550,15 @@ def _logging(keys: Keys, out: Conversion) -> None:
     use = keys.take("use_wandb")
     project, group = keys.take("wandb_project", "neox"), keys.take("wandb_group")
     team, host = keys.take("wandb_team"), keys.take("wandb_host", "https://api.wandb.ai")
-    if not use:
-        return
-    out.config["logging"] = {"wandb": {"project": str(project), "group": group and str(group), "name": None,
-                                       "mode": "online", "entity": team and str(team)}}
-    if host.rstrip("/") != "https://api.wandb.ai":
-        out.unmapped.append(Unmapped("wandb_host", NO_EQUIVALENT, f"set WANDB_BASE_URL={host} in the environment"))
+    events = keys.take("tensorboard_dir")
+    logging: dict = {"tensorboard": True, "tensorboard_dir": str(events)} if events else {}
+    if use:
+        logging["wandb"] = {"project": str(project), "group": group and str(group), "name": None, "mode": "online",
+                            "entity": team and str(team)}
+        if host.rstrip("/") != "https://api.wandb.ai":
+            out.unmapped.append(Unmapped("wandb_host", NO_EQUIVALENT, f"set WANDB_BASE_URL={host} in the environment"))
+    if logging:
+        out.config["logging"] = logging
 
 
 def _int(keys: Keys, key: str, default, low=None):

@@ -227,13 +227,29 @@ class ProfileConfig:
 @dataclass
 class LoggingConfig:
     tensorboard: bool = False
-    """Also write every metrics.jsonl scalar as TensorBoard events in RUN_DIR/tensorboard/ (metrics.jsonl stays
-    the source of truth)."""
+    """Also write every metrics.jsonl scalar as TensorBoard events in tensorboard_dir (metrics.jsonl stays the
+    source of truth)."""
+    tensorboard_dir: str | None = None
+    """Where the events go (Megatron-LM's --tensorboard-dir), e.g. a run's own folder under the one a TensorBoard
+    server watches; a folder outside RUN_DIR is claimed by the first run that writes there, and refused to any
+    other. null: RUN_DIR/tensorboard."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
     """Weights & Biases, `{project, group, name, mode, entity}`: off unless `project` is set."""
 
     def __post_init__(self) -> None:
         _check_bool("logging.tensorboard", self.tensorboard)
+        if self.tensorboard_dir is not None:
+            if not isinstance(self.tensorboard_dir, str) or not self.tensorboard_dir:
+                raise ValueError(f"logging.tensorboard_dir must be a folder or null, got {self.tensorboard_dir!r}")
+            if not self.tensorboard:
+                raise ValueError(f"logging.tensorboard_dir is {self.tensorboard_dir!r} but logging.tensorboard is "
+                                 "false: set logging.tensorboard=true to write the events (or tensorboard_dir=null)")
+
+    def tensorboard_path(self, run_dir: str | Path) -> Path | None:
+        """The folder of the TensorBoard events, or None without them."""
+        if not self.tensorboard:
+            return None
+        return Path(run_dir) / "tensorboard" if self.tensorboard_dir is None else Path(self.tensorboard_dir)
 
 
 @dataclass

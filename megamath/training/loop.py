@@ -254,7 +254,7 @@ def _train(config: TrainConfig, state: ParallelState, attempt: str, started: flo
         state.world_size, state.tp_size, state.device, flops_per_token, tokens_per_step, config.data.seq_length,
         config.metrics.peak_tflops))
     log = MetricsLogger(run_dir, state, flops_per_token, tokens_per_step, config.train_steps, step + 1,
-                        config.log_every, config.logging.tensorboard, description,
+                        config.log_every, config.logging.tensorboard_path(run_dir), description,
                         wandb=config.logging.wandb, run_config=config.to_dict(),
                         peak_override=config.metrics.peak_tflops)
     timer = PhaseTimer(state.device)

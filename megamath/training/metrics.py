@@ -114,7 +114,7 @@ class MetricsLogger:
     """
 
     def __init__(self, run_dir: Path, state: ParallelState, flops_per_token: int, tokens_per_step: int,
-                 total_steps: int, first_step: int, log_every: int, tensorboard: bool = False,
+                 total_steps: int, first_step: int, log_every: int, tensorboard_dir: Path | None = None,
                  description: RunDescription | None = None, wandb: WandbConfig | None = None,
                  run_config: dict | None = None, peak_override: float | None = None) -> None:
         self.enabled = state.rank == 0
@@ -135,13 +135,13 @@ class MetricsLogger:
         if description is not None:  # (a copy: the caller's description stays as given)
             since = layout_since_step(_read_info(self.run_dir), description.info, first_step)
             self.description = RunDescription(description.config_yaml, {**description.info, "layout_since_step": since})
+        if tensorboard_dir is not None:  # first: a folder refused leaves metrics.jsonl as it was
+            from megamath.training.tensorboard_log import TensorBoardLog
+
+            self.tensorboard = TensorBoardLog(Path(tensorboard_dir), first_step, self.run_dir)
         self.path = self.run_dir / "metrics.jsonl"
         _truncate_after(self.path, first_step - 1)
         self.file = open(self.path, "a", buffering=1)  # line-buffered: a killed run keeps its lines
-        if tensorboard:
-            from megamath.training.tensorboard_log import TensorBoardLog
-
-            self.tensorboard = TensorBoardLog(Path(run_dir) / "tensorboard", first_step)
         from tqdm import tqdm
 
         self.bar = tqdm(total=total_steps, initial=first_step - 1, desc="train", unit="step", file=sys.stderr,
