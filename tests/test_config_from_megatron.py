@@ -454,3 +454,61 @@ def test_tensorboard_dir_maps_to_the_events_folder():
     assert "--tensorboard-dir" not in {u.key for u in conversion.unmapped}
     config = convert_megatron(words[:-2], vocab_size=32000, world_size=32).validate()
     assert (config.logging.tensorboard, config.logging.tensorboard_dir) == (False, None)
+
+
+def _words(extra: str) -> list[str]:
+    return shlex.split(SCRIPT.split("pretrain_gpt.py")[1].replace("\\\n", " ")) + extra.split()
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("--window-size 4096,0", "--window-size 4096,0: this trains sliding-window attention"),
+    ("--multi-latent-attention", "--multi-latent-attention: this trains multi-latent attention"),
+    ("--squared-relu", "--squared-relu: this trains another activation than SwiGLU"),
+    ("--mtp-num-layers 1", "--mtp-num-layers 1: this trains multi-token prediction layers"),
+    ("--softmax-type learnable", "--softmax-type learnable: this trains another attention softmax"),
+    ("--hybrid-layer-pattern M*M*", "--hybrid-layer-pattern M\\*M\\*: this trains Mamba/hybrid layers"),
+    ("--qk-l2-norm", "--qk-l2-norm: this trains L2-normalized queries and keys"),
+    ("--yaml-cfg run.yaml", "--yaml-cfg: Megatron-LM then reads the settings from that YAML file"),
+])
+def test_flags_that_make_another_model_are_refused(extra, message):
+    """They were listed as unknown flags and the conversion went on: the config then trained a Llama in place of
+    the model the script trains, and only a read of the list would tell."""
+    with pytest.raises(ValueError, match="^" + message) as err:
+        convert_megatron(_words(extra), vocab_size=32000, world_size=32)
+    assert "\n" not in str(err.value)
+    assert "megamath trains the Llama architecture only" in str(err.value) or "yaml" in extra
+
+
+def test_settings_that_change_nothing_are_listed_as_not_needed():
+    conversion = convert_megatron(_words("--mtp-num-layers 0 --softmax-type vanilla --moe-router-topk 2 "
+                                         "--kv-lora-rank 512 --mamba-num-heads 4 --use-dist-ckpt --ckpt-format "
+                                         "torch_dist --num-layers-per-virtual-pipeline-stage 2 "
+                                         "--check-for-nan-in-loss-and-grad --no-save-optim"),
+                                  vocab_size=32000, world_size=32)
+    listed = {u.key: u for u in conversion.unmapped}
+    assert "--mtp-num-layers" not in listed and "--softmax-type" not in listed  # Megatron-LM's defaults, taken
+    assert listed["--moe-router-topk"].kind == "not needed" and "without --num-experts" in listed["--moe-router-topk"].reason
+    assert "inert without --multi-latent-attention" in listed["--kv-lora-rank"].reason
+    assert listed["--mamba-num-heads"].kind == listed["--use-dist-ckpt"].kind == "not needed"
+    assert "no pipeline parallelism" in listed["--num-layers-per-virtual-pipeline-stage"].reason
+    assert "max_consecutive_nonfinite" in listed["--check-for-nan-in-loss-and-grad"].reason
+    assert listed["--no-save-optim"].kind == "no equivalent"
+    assert not [u for u in conversion.unmapped if "this converter knows" in u.reason and u.key != "--my-site-flag"]
+
+
+def test_profile_flags_map_to_the_profile_window():
+    """Megatron-LM's torch.profiler is active over steps start..end-1; its nsys bracket is steps start+1..end."""
+    conversion = convert_megatron(_words("--profile --use-pytorch-profiler --profile-step-start 3 "
+                                         "--profile-step-end 5 --record-memory-history --profile-ranks 0"),
+                                  vocab_size=32000, world_size=32)
+    assert (conversion.validate().profile.steps, conversion.validate().profile.memory) == ([3, 4], True)
+    assert {u.key: u.kind for u in conversion.unmapped}["--profile-ranks"] == "not needed"
+    conversion = convert_megatron(_words("--profile"), vocab_size=32000, world_size=32)  # defaults 10 and 12, nsys
+    assert conversion.validate().profile.steps == [11, 12]
+    assert any(n.startswith("--profile without --use-pytorch-profiler: Megatron-LM brackets steps 11..12 for nsys")
+               for n in conversion.notes)
+    config = convert_megatron(_words("--profile-step-start 4"), vocab_size=32000, world_size=32).validate()
+    assert config.profile.steps == [] and not config.profile.memory  # no --profile: nothing traced
+    with pytest.raises(ValueError, match="--profile-step-end 5 leaves no step to profile after --profile-step-start 5"):
+        convert_megatron(_words("--profile --profile-step-start 5 --profile-step-end 5"), vocab_size=32000,
+                         world_size=32)

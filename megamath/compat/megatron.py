@@ -71,6 +71,85 @@ KNOWN_UNMAPPED = {
                                              "the loss, so the mean over micro-batches is the mean per token"),
     **{k: (NOT_NEEDED, "only used to build the tokenizer's vocabulary; megamath reads token ids")
        for k in ("vocab_file", "merge_file")},
+    **{k: (NOT_NEEDED, "megamath checkpoints are sharded safetensors + torch files per rank, read at any TP or DP "
+                       "size")
+       for k in ("use_dist_ckpt", "dist_ckpt_format", "auto_detect_ckpt_format", "ckpt_fully_parallel_save",
+                 "ckpt_fully_parallel_load", "ckpt_assume_constant_structure", "dist_ckpt_strictness",
+                 "ckpt_convert_format")},
+    "async_save": (NO_EQUIVALENT, "megamath saves synchronously: each rank writes its share, then the checkpoint is "
+                                  "verified and published"),
+    **{k: (NO_EQUIVALENT, "megamath's checkpoints always hold the optimizer and RNG states (a resume needs them); "
+                          "`megamath convert megamath-to-hf` writes the weights alone")
+       for k in ("no_save_optim", "no_save_rng")},
+    "override_opt_param_scheduler": (NOT_NEEDED, "a resume takes the config's schedule, with a warning naming each "
+                                                 "change"),
+    "use_checkpoint_opt_param_scheduler": (NO_EQUIVALENT, "a resume takes the config's schedule, not the "
+                                                          "checkpoint's (a warning names each change)"),
+    "profile_ranks": (NOT_NEEDED, "megamath traces every rank (Megatron-LM: rank 0 by default)"),
+    **{k: (NOT_NEEDED, "read only with --profile") for k in ("profile_step_start", "profile_step_end",
+                                                              "use_pytorch_profiler")},
+    **{k: (NOT_NEEDED, "megamath's trace records what its kernel summary needs (no shapes, stacks or execution "
+                       "traces)")
+       for k in ("pytorch_profiler_collect_shapes", "pytorch_profiler_collect_callstack",
+                 "pytorch_profiler_collect_chakra", "record_shapes", "nvtx_ranges")},
+    "memory_snapshot_path": (NOT_NEEDED, "snapshots go to RUN_DIR/profile/memory_step{s}_rank{r}.pickle"),
+    **{k: (NOT_NEEDED, "a pipeline layout; megamath has no pipeline parallelism")
+       for k in ("num_layers_per_virtual_pipeline_stage", "num_virtual_stages_per_pipeline_rank",
+                 "decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers",
+                 "num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage",
+                 "pipeline_model_parallel_layout", "account_for_embedding_in_pipeline_split",
+                 "account_for_loss_in_pipeline_split")},
+    **{k: (NOT_NEEDED, "settings of multi-latent attention, which megamath refuses: inert without "
+                       "--multi-latent-attention")
+       for k in ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim",
+                 "rotary_scaling_factor", "mscale", "mscale_all_dim", "cache_mla_latents", "mla_down_proj_fusion")},
+    "rope_scaling_factor": (NOT_NEEDED, "read only with --use-rope-scaling, which megamath refuses"),
+    "no_position_embedding": (NOT_NEEDED, "megamath has no learned position embedding (RoPE only)"),
+    "fp32_residual_connection": (UNSUPPORTED, "megamath keeps the residual stream in the parameter dtype"),
+    **{k: (NOT_NEEDED, "megamath skips a step with a non-finite loss or gradient norm and stops after "
+                       "max_consecutive_nonfinite of them in a row")
+       for k in ("check_for_nan_in_loss_and_grad", "no_check_for_nan_in_loss_and_grad")},
+    **{k: (NOT_NEEDED, "samples are memory-mapped and read in the training process, in an order fixed by the step")
+       for k in ("dataloader_type", "num_dataset_builder_threads", "no_mmap_bin_files")},
+    **{k: (NOT_NEEDED, "metrics.jsonl records each step's time per phase and the slowest rank")
+       for k in ("log_straggler", "straggler_minmax_count", "barrier_with_l1_time", "logging_level",
+                 "tensorboard_queue_size")},
+}
+# Prefixes of settings that only act with a switch megamath refuses (a dense Llama ignores them).
+INERT_FAMILIES = {
+    "moe_": "MoE settings: inert without --num-experts (megamath trains dense models)",
+    "mamba_": "Mamba settings: inert without hybrid layers (megamath trains Llama layers)",
+    "mtp_": "multi-token prediction settings: inert without --mtp-num-layers",
+    "dsa_": "sparse-attention indexer settings: inert without that attention variant",
+    "yarn_": "YaRN settings: inert without --position-embedding-type yarn",
+    "mup_": "muP settings: inert without --use-mup",
+    "mhc_": "hyper-connection settings: inert without --enable-mhc-connections",
+    "linear_": "linear-attention settings: inert without --linear-attention-freq",
+}
+# Flags that change the model a Llama is (Megatron-LM's defaults leave it one): {flag: (values that change
+# nothing, what it trains instead)}. Listed as "no equivalent", each would convert into another model.
+MODEL_CHANGES = {
+    **{k: ((), "sliding-window attention") for k in ("window_size", "window_attn_skip_freq")},
+    "softmax_scale": ((), "another attention scale than 1/sqrt(head_dim)"),
+    "softmax_type": (("vanilla",), "another attention softmax"),
+    "multi_latent_attention": ((), "multi-latent attention"),
+    "experimental_attention_variant": ((), "another attention"),
+    "linear_attention_freq": ((), "linear-attention layers"),
+    "qk_l2_norm": ((), "L2-normalized queries and keys"),
+    "qk_clip": ((), "clipped query and key weights"),
+    "attention_output_gate": ((), "a gated attention output"),
+    "no_rope_freq": ((), "layers without RoPE"),
+    "mrope_section": ((), "multimodal RoPE"),
+    **{k: ((), "another activation than SwiGLU") for k in ("squared_relu", "openai_gelu", "quick_geglu")},
+    "glu_linear_offset": (("0", "0.0"), "an offset GLU"),
+    "activation_func_clamp_value": ((), "a clamped activation"),
+    "use_mup": ((), "muP's width scaling"),
+    "enable_mhc_connections": ((), "hyper-connections between layers"),
+    **{k: ((), "Mamba/hybrid layers") for k in ("is_hybrid_model", "hybrid_layer_pattern", "hybrid_override_pattern")},
+    "mtp_num_layers": (("0",), "multi-token prediction layers and their loss"),
+    **{k: ((), "layers of different shapes")
+       for k in ("heterogeneous_layers_config_path", "heterogeneous_layers_config_encoded_json")},
+    "spec": ((), "a custom layer spec"),
 }
 
 
@@ -187,10 +266,12 @@ def convert_megatron(words: Sequence[str], world_size: int | None = None, vocab_
     global_batch = _batch(flags, world, tp, out)
     _schedule(flags, global_batch, out)
     _data_and_checkpoints(flags, out)
+    _profiling(flags, out)
     flags.check_spelling(lambda key: "--" + key.replace("_", "-"))
     for key in flags.untaken():
-        kind, reason = KNOWN_UNMAPPED.get(key, (NO_EQUIVALENT, "not a Megatron-LM training flag this converter "
-                                                               "knows; ignored"))
+        family = next((why for prefix, why in INERT_FAMILIES.items() if key.startswith(prefix)), None)
+        kind, reason = KNOWN_UNMAPPED.get(key, (NOT_NEEDED, family) if family else (
+            NO_EQUIVALENT, "not a Megatron-LM training flag this converter knows; ignored"))
         out.unmapped.append(Unmapped("--" + key.replace("_", "-"), kind, reason))
     out.validate()
     return out
@@ -261,6 +342,15 @@ def _refuse(flags: Flags) -> None:
     optimizer = flags.one("optimizer", str, "adam")
     if optimizer != "adam":
         raise ValueError(f"--optimizer {optimizer}: megamath trains with AdamW (ZeRO-1) only")
+    for key, (neutral, what) in MODEL_CHANGES.items():
+        value = flags.take(key)
+        if value is None or (value and value[0] in neutral) or [str(v).lower() for v in value] in (["false"], ["0"]):
+            continue
+        raise ValueError(f"--{key.replace('_', '-')}{''.join(' ' + str(v) for v in value)}: this trains {what}; "
+                         "megamath trains the Llama architecture only")
+    if flags.take("yaml_cfg") is not None:
+        raise ValueError("--yaml-cfg: Megatron-LM then reads the settings from that YAML file, which this converter "
+                         "does not read; give them as flags")
 
 
 def _model(flags: Flags, vocab_size: int | None, tp: int, out: Conversion) -> dict:
@@ -552,6 +642,28 @@ def _data_and_checkpoints(flags: Flags, out: Conversion) -> None:
                             "mode": "online", "entity": flags.one("wandb_entity", str, None)}
     if logging:
         c["logging"] = logging
+
+
+def _profiling(flags: Flags, out: Conversion) -> None:
+    """--profile's window of steps, and --record-memory-history, as profile.steps and profile.memory."""
+    profile: dict = {}
+    if flags.on("profile"):
+        start, end = flags.one("profile_step_start", int, 10, low=0), flags.one("profile_step_end", int, 12, low=0)
+        torch_profiler = flags.on("use_pytorch_profiler")
+        # Megatron-LM's torch.profiler schedule is active over steps start..end-1 (1-based); without it, nsys is
+        # started before step start+1 and stopped after step end.
+        first, last = (max(start, 1), end - 1) if torch_profiler else (start + 1, end)
+        if last < first:
+            raise ValueError(f"--profile-step-end {end} leaves no step to profile after --profile-step-start {start}")
+        profile["steps"] = [first, last]
+        if not torch_profiler:
+            out.notes.append(f"--profile without --use-pytorch-profiler: Megatron-LM brackets steps {first}..{last} "
+                             "for nsys (cudaProfilerStart/Stop); megamath writes a torch.profiler trace of them per "
+                             "rank in RUN_DIR/profile/ (profile.steps), with a summary of their kernels by kind")
+    if flags.on("record_memory_history"):
+        profile["memory"] = True  # one snapshot at the window's end (Megatron-LM: one every --log-interval)
+    if profile:
+        out.config["profile"] = profile
 
 
 def _init_step(load: str) -> str:
