@@ -171,8 +171,15 @@ def test_a_legacy_model_is_sent_to_megatrons_converter(tmp_path, capsys):
                         "(swiglu True)"),
     ({"rotary_interleaved": True}, "checkpoint args: rotary_interleaved is set: megamath converts the Llama "
                                    "architecture only"),
-    ({"num_experts": 8}, "checkpoint args: num_experts is 8: megamath converts the Llama architecture only (dense, "
-                         "full attention)"),
+    ({"num_experts": 8}, "checkpoint args: num_experts is 8: megamath converts the Llama architecture only (dense)"),
+    ({"window_size": (4096, 0)}, "checkpoint args: window_size is (4096, 0): megamath converts the Llama architecture "
+                                 "only (this model has sliding-window attention)"),
+    ({"softmax_type": "learnable"}, "checkpoint args: softmax_type is 'learnable': megamath converts the Llama "
+                                    "architecture only (this model has another attention softmax)"),
+    ({"no_rope_freq": [0, 0, 0, 1]}, "checkpoint args: no_rope_freq is [0, 0, 0, 1]: megamath converts the Llama "
+                                     "architecture only (this model has layers without RoPE)"),
+    ({"squared_relu": True}, "checkpoint args: squared_relu is True: megamath converts the Llama architecture only "
+                             "(this model has another activation than SwiGLU)"),
     ({"kv_channels": 16}, "checkpoint args: kv_channels 16 differs from hidden_size / num_attention_heads = 8; "
                           "megamath's head size is that quotient"),
 ])
@@ -181,6 +188,14 @@ def test_args_of_another_architecture_are_refused_by_name(change, message):
     with pytest.raises(ValueError) as err:
         llama_config({**args, **change})
     assert str(err.value) == message
+
+
+def test_args_at_megatrons_defaults_are_a_llama():
+    """Features' switches at their defaults (None, False, 0, `vanilla`) are not refused: checkpoints record them."""
+    args = read_megatron_checkpoint(written("torch_dist_tp2")).args
+    rest = {"window_size": None, "softmax_type": "vanilla", "mtp_num_layers": None, "is_hybrid_model": False,
+            "glu_linear_offset": 0.0, "no_rope_freq": None, "use_mup": False}
+    assert llama_config({**args, **rest}) == llama_config(args)
 
 
 @pytest.mark.parametrize("bad", ["0", "65"])

@@ -127,7 +127,8 @@ INERT_FAMILIES = {
     "linear_": "linear-attention settings: inert without --linear-attention-freq",
 }
 # Flags that change the model a Llama is (Megatron-LM's defaults leave it one): {flag: (values that change
-# nothing, what it trains instead)}. Listed as "no equivalent", each would convert into another model.
+# nothing, what it trains instead)}. Listed as "no equivalent", each would convert into another model; a checkpoint
+# whose args set one is refused too (megatron_llama).
 MODEL_CHANGES = {
     **{k: ((), "sliding-window attention") for k in ("window_size", "window_attn_skip_freq")},
     "softmax_scale": ((), "another attention scale than 1/sqrt(head_dim)"),

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from megamath.compat.megatron import SENTENCEPIECE_TYPES
+from megamath.compat.megatron import MODEL_CHANGES, SENTENCEPIECE_TYPES
 from megamath.compat.megatron_checkpoint import MegatronWeights, read_megatron_checkpoint
 from megamath.compat.tokenizer_ids import sentencepiece_token_ids
 from megamath.model.config import ModelConfig
@@ -43,9 +43,12 @@ def _refuse(args: dict) -> None:
                  "apply_residual_connection_post_layernorm", "multi_latent_attention", "attention_output_gate"):
         if arg(name, False):
             raise ValueError(f"checkpoint args: {name} is set: {_ARCHITECTURE}")
-    for name in ("num_experts", "mtp_num_layers", "window_size"):
-        if arg(name):
-            raise ValueError(f"checkpoint args: {name} is {args[name]!r}: {_ARCHITECTURE} (dense, full attention)")
+    if arg("num_experts"):
+        raise ValueError(f"checkpoint args: num_experts is {args['num_experts']!r}: {_ARCHITECTURE} (dense)")
+    for name, (neutral, what) in MODEL_CHANGES.items():  # the flags `config from-megatron` refuses too
+        value = arg(name)
+        if value and str(value) not in neutral:
+            raise ValueError(f"checkpoint args: {name} is {value!r}: {_ARCHITECTURE} (this model has {what})")
     if arg("rotary_seq_len_interpolation_factor", 1) != 1:
         raise ValueError("checkpoint args: rotary_seq_len_interpolation_factor is set: megamath computes Llama's "
                          "plain RoPE (no position interpolation)")
