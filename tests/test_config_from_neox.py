@@ -525,3 +525,53 @@ def test_exit_interval_maps_to_exit_every_and_says_megamath_saves_there(tmp_path
     assert conversion.validate().exit_every == 1000 and "exit_interval" not in {u.key for u in conversion.unmapped}
     assert ("exit_interval 1000: megamath saves a checkpoint when it stops there (exit_every); GPT-NeoX only exits, "
             "keeping what its last checkpoint_factor save holds") in conversion.notes
+
+
+def _convert_with(tmp_path, extra: str):
+    text = LLEMMA_7B_YML.replace('"launcher": "slurm",', f'"launcher": "slurm", {extra}')
+    return convert_neox(read_neox_yaml(write_llemma(tmp_path, text)), vocab_size=32016)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ('"use_qk_layernorm": true,', r"use_qk_layernorm is True: megamath trains the Llama architecture only \(no "
+                                  "query/key norms"),
+    ('"moe_num_experts": 8,', r"moe_num_experts is 8: megamath trains dense Llama models only \(no MoE\)"),
+    ('"train_impl": "dpo",', "train_impl is 'dpo': megamath trains language modelling only"),
+    ('"dataset_impl": "pairwise",', "dataset_impl is 'pairwise': megamath reads GPT-style token datasets only"),
+    ('"soft_prompt_tuning": {"enabled": true},', "soft_prompt_tuning is enabled: it trains a soft prompt alone"),
+    ('"curriculum_learning": {"enabled": true},', "curriculum_learning is enabled: it trains a sequence-length "),
+    ('"init_method_std": null,', "init_method_std must be a number, got None"),
+    ('"seed": null,', r"seed is null: give an integer \(GPT-NeoX's default: 1234\)"),
+    ('"sliding_window_width": "wide",', "sliding_window_width must be an integer, got 'wide'"),
+])
+def test_keys_that_train_something_else_or_are_malformed_are_refused(tmp_path, extra, message):
+    """They were listed as unknown keys (the conversion trained a Llama in place of the model asked for) or crashed
+    with a TypeError."""
+    with pytest.raises(ValueError, match="^" + message) as err:
+        _convert_with(tmp_path, extra)
+    assert "\n" not in str(err.value)
+
+
+def test_neox_settings_left_at_rest_are_listed_with_why(tmp_path):
+    conversion = _convert_with(tmp_path, '"moe_num_experts": 1, "moe_top_k": 2, "soft_prompt_tuning": {"enabled": '
+                               'false}, "te_mha": true, "mup_width_scale": 2, "dpo_beta": 0.1, "rpe_num_buckets": 32, '
+                               '"hysteresis": 2, "use_bnb_optimizer": true, "comet_project": "x", "prescale_gradients": '
+                               'false,')
+    listed = {u.key: u for u in conversion.unmapped}
+    assert "moe_num_experts" not in listed and "soft_prompt_tuning" not in listed  # their defaults, taken
+    assert "inert without moe_num_experts > 1" in listed["moe_top_k"].reason
+    assert {listed[k].kind for k in ("te_mha", "mup_width_scale", "dpo_beta", "rpe_num_buckets", "hysteresis",
+                                     "prescale_gradients")} == {"not needed"}
+    assert listed["use_bnb_optimizer"].kind == "unsupported" and listed["comet_project"].reason.startswith("Comet")
+    assert not [u for u in conversion.unmapped if "this converter knows" in u.reason]
+
+
+def test_profile_keys_map_to_the_profile_window_and_the_run_name_to_w_and_b(tmp_path):
+    """GPT-NeoX's torch.profiler waits profile_step_start steps and warms up one: it traces steps start+1..stop."""
+    config = _convert_with(tmp_path, '"profile": true, "profile_step_start": 3, "profile_step_stop": 5, '
+                           '"memory_profiling": true, "memory_profiling_path": "mem", "wandb_run_name": "r1",').validate()
+    assert (config.profile.steps, config.profile.memory, config.logging.wandb.name) == ([4, 5], True, "r1")
+    config = _convert_with(tmp_path, '"profile_step_start": 3,').validate()
+    assert config.profile.steps == [] and not config.profile.memory
+    with pytest.raises(ValueError, match="profile_step_stop 3 leaves no step to profile after profile_step_start 3"):
+        _convert_with(tmp_path, '"profile": true, "profile_step_start": 3, "profile_step_stop": 3,')

@@ -90,6 +90,66 @@ KNOWN_UNMAPPED = {
        for k in ("text_gen_type", "temperature", "top_p", "top_k", "return_logits", "maximum_tokens", "prompt_end",
                  "sample_input_file", "sample_output_file", "num_samples", "recompute", "eval_results_prefix",
                  "eval_tasks")},
+    **{k: (NOT_NEEDED, "megamath's kernels are its own (Triton, fused); TransformerEngine layers compute the same "
+                       "model")
+       for k in ("te_columnparallel", "te_rowparallel", "te_layernorm_mlp", "te_mha", "layernorm_fusion",
+                 "rmsnorm_fusion", "fused_kernels_build_path")},
+    **{k: (NOT_NEEDED, "read only with TransformerEngine's FP8, which megamath has not (bfloat16 matmuls)")
+       for k in ("te_fp8_format", "te_fp8_wgrad", "te_fp8_amax_history_len", "te_fp8_amax_compute_algo",
+                 "te_fp8_margin", "te_fp8_mha")},
+    **{k: (NOT_NEEDED, "settings of a position embedding, norm or layer type megamath refuses: inert here")
+       for k in ("layernorm_epsilon", "scalenorm_epsilon", "rpe_num_buckets", "rpe_max_distance", "opt_pos_emb_offset",
+                 "sparsity_config", "sparse_attention", "gmlp_attn_dim", "dim_att", "head_size", "ffn_dim")},
+    **{k: (NOT_NEEDED, "read only with another train_impl than normal, which megamath refuses")
+       for k in ("dpo_fp32", "dpo_reference_free", "dpo_beta", "kto_fp32", "kto_desirable_weight",
+                 "kto_undesirable_weight", "kto_beta", "z_loss", "fp32_reinforce", "kl_impl", "kl_div_beta",
+                 "reinforce_leave_one_out", "precompute_model_name")},
+    **{k: (NOT_NEEDED, "the data of preference or reward training (train_impl), which megamath refuses")
+       for k in ("train_label_data_paths", "train_reward_data_paths", "test_label_data_paths", "test_reward_data_paths",
+                 "valid_label_data_paths", "valid_reward_data_paths", "pos_train_data_paths", "neg_train_data_paths",
+                 "pos_train_label_data_paths", "neg_train_label_data_paths", "pos_valid_data_paths",
+                 "neg_valid_data_paths", "pos_valid_label_data_paths", "neg_valid_label_data_paths",
+                 "pos_test_data_paths", "neg_test_data_paths", "pos_test_label_data_paths",
+                 "neg_test_label_data_paths", "online_dataserver_ips", "online_dataserver_ports",
+                 "serve_model_weights", "weight_server_port")},
+    "weighted_sampler_alpha": (NOT_NEEDED, "read only with weight_by_num_documents, which megamath refuses"),
+    **{k: (NOT_NEEDED, "settings of muP, which megamath refuses (use_mup): inert here")
+       for k in ("mup_init_scale", "mup_attn_temp", "mup_output_temp", "mup_embedding_mult", "mup_rp_embedding_mult",
+                 "mup_width_scale", "coord_check", "save_base_shapes", "base_shapes_file")},
+    **{k: (NOT_NEEDED, "fp16 loss scaling; megamath trains in bfloat16 without it")
+       for k in ("hysteresis", "dynamic_loss_scale", "loss_scale", "loss_scale_window", "min_scale", "amp")},
+    "profile_backward": (NOT_NEEDED, "megamath's trace covers the whole step, backward included"),
+    "memory_profiling_path": (NOT_NEEDED, "snapshots go to RUN_DIR/profile/memory_step{s}_rank{r}.pickle"),
+    **{k: (NOT_NEEDED, "read only with profile: true") for k in ("profile_step_start", "profile_step_stop")},
+    "peak_theoretical_tflops": (NOT_NEEDED, "metrics.peak_tflops sets MFU's peak when the GPU table lacks the card"),
+    "rotary_save_freqs_buffer": (NOT_NEEDED, "megamath computes RoPE's frequencies in its kernels (none saved)"),
+    "use_cpu_initialization": (NOT_NEEDED, "each rank initializes its own shard on its device"),
+    "char_level_ppl": (NO_EQUIVALENT, "metrics.jsonl reports the loss per token"),
+    **{k: (NOT_NEEDED, "DeepSpeed engine settings; megamath runs its own loop under torchrun")
+       for k in ("deepspeed", "deepspeed_extra_args", "prescale_gradients", "gradient_predivide_factor",
+                 "sparse_gradients", "dump_state", "flops_profiler", "communication_data_type", "autotuning",
+                 "autotuning_run", "activation_checkpointing", "data_efficiency", "tensorboard", "wandb",
+                 "csv_monitor", "elasticity", "comms_logger", "compression_training", "checkpoint", "deepscale",
+                 "deepscale_config", "lazy_mpu_init", "adlr_autoresume", "adlr_autoresume_interval", "onnx_safe",
+                 "pipe_partition_method", "is_pipe_parallel", "iteration", "do_train", "do_valid", "do_test",
+                 "warning")},
+    "curriculum_seqlen": (NOT_NEEDED, "read only with curriculum_learning, which megamath refuses"),
+    "batch_size": (NOT_NEEDED, "an alias of train_micro_batch_size_per_gpu, which is set"),
+    "use_comet": (NO_EQUIVALENT, "Comet ML logging; megamath writes metrics.jsonl, TensorBoard and W&B"),
+    **{k: (NO_EQUIVALENT, "a GPT-NeoX main key (read with activation swiglu); this config's MLP is the llemma "
+                          "branch's (mlp_type llama)")
+       for k in ("mlp_multiple_of", "expansion_factor", "use_bias_in_mlp")},
+    "optimizer_type": (NOT_NEEDED, "GPT-NeoX derives it from optimizer.type, which sets megamath's optimizer"),
+    "use_bnb_optimizer": (UNSUPPORTED, "megamath's AdamW keeps fp32 moments (no 8-bit bitsandbytes Adam): more "
+                                       "memory, the exact update"),
+    "scheduler": (NO_EQUIVALENT, "a DeepSpeed learning-rate scheduler; megamath's schedule comes from GPT-NeoX's lr "
+                                 "keys (schedule.*)"),
+}
+# Prefixes of settings that only act with a switch megamath refuses (a dense Llama ignores them).
+INERT_FAMILIES = {
+    "moe_": "MoE settings: inert without moe_num_experts > 1 (megamath trains dense models)",
+    "mamba_": "Mamba settings: inert without Mamba layers in attention_config",
+    "comet_": "Comet ML logging, which megamath has not (metrics.jsonl, TensorBoard, W&B)",
 }
 
 
@@ -131,8 +191,9 @@ def convert_neox(raw: dict, vocab_size: int | None = None, source: str = "") -> 
     _logging(keys, out)
     keys.check_spelling(str)
     for key in keys.untaken():
-        kind, reason = KNOWN_UNMAPPED.get(key, (NO_EQUIVALENT, "not a GPT-NeoX training key this converter knows; "
-                                                               "ignored"))
+        family = next((why for prefix, why in INERT_FAMILIES.items() if key.startswith(prefix)), None)
+        kind, reason = KNOWN_UNMAPPED.get(key, (NOT_NEEDED, family) if family else (
+            NO_EQUIVALENT, "not a GPT-NeoX training key this converter knows; ignored"))
         out.unmapped.append(Unmapped(key, kind, reason))
     out.validate()
     return out
@@ -198,8 +259,12 @@ def _architecture(keys: Keys) -> None:
         _require(keys, key, {0, 0.0}, 0.0 if _neox_main(keys) else 0.1,
                  "megamath trains without dropout; set it to 0")
     _require(keys, "use_mup", False, False, "megamath has no muP parametrization")
-    window = keys.take("sliding_window_width")
-    if window is not None and int(window) < int(keys.raw.get("seq_length") or 0):
+    _require(keys, "use_qk_layernorm", False, False, f"{llama} (no query/key norms)")
+    experts = _int(keys, "moe_num_experts", 1, low=1)
+    if experts > 1:
+        raise ValueError(f"moe_num_experts is {experts}: megamath trains dense Llama models only (no MoE)")
+    window = _int(keys, "sliding_window_width", None, low=1)
+    if window is not None and window < int(keys.raw.get("seq_length") or 0):
         raise ValueError(f"sliding_window_width is {window}: megamath has dense causal attention only (a window "
                          "shorter than seq_length changes what each token attends to)")
     if keys.take("num_unique_layers") not in (None, keys.raw.get("num_layers")):
@@ -209,6 +274,15 @@ def _architecture(keys: Keys) -> None:
         if keys.take(key):
             raise ValueError(f"{key} is set: megamath trains on every token of the blend at the given weights; "
                              "remove it to convert")
+    _require(keys, "train_impl", "normal", "normal", "megamath trains language modelling only (no DPO, KTO, reward "
+             "model or REINFORCE objective)")
+    _require(keys, "dataset_impl", "gpt2", "gpt2", "megamath reads GPT-style token datasets only")
+    for key, what in (("soft_prompt_tuning", "a soft prompt alone"), ("curriculum_learning", "a sequence-length "
+                                                                                             "curriculum")):
+        setting = keys.take(key)
+        if isinstance(setting, dict) and setting.get("enabled"):
+            raise ValueError(f"{key} is enabled: it trains {what}; megamath trains the whole model on full-length "
+                             "samples")
     if not _neox_main(keys) and keys.take("intermediate_size") is not None:
         raise ValueError("intermediate_size: the MLP width follows GPT-NeoX's Llama rule (256·⌈(8h/3)/256⌉); "
                          "this converter does not map an explicit width, remove the key or edit "
@@ -216,8 +290,8 @@ def _architecture(keys: Keys) -> None:
 
 
 def _model(keys: Keys, vocab_size: int | None, tp: int, out: Conversion) -> dict:
-    shape = {k: keys.take(k) for k in SHAPE_KEYS}
-    hidden = int(shape["hidden_size"])
+    shape = {k: _int(keys, k, None, low=1) for k in SHAPE_KEYS}
+    hidden = shape["hidden_size"]
     ffn = _ffn_hidden_size(keys, hidden, out)
     init_method = keys.take("init_method", "normal")
     output_init = keys.take("output_layer_init_method", "scaled_normal")
@@ -225,7 +299,7 @@ def _model(keys: Keys, vocab_size: int | None, tp: int, out: Conversion) -> dict
         out.unmapped.append(Unmapped("init_method", UNSUPPORTED, f"{init_method}/{output_init}: megamath initializes "
                                      "normal(0, init_std) with scaled output projections; only a run from random "
                                      "weights is affected"))
-    eps = float(keys.take("rms_norm_epsilon", 1e-8))
+    eps = _float(keys.take("rms_norm_epsilon", 1e-8), "rms_norm_epsilon")
     if not _neox_main(keys):  # main's RMSNorm is Llama's: x · rsqrt(mean(x²) + eps)
         out.notes.append(f"rms_norm_epsilon {eps:g}: the llemma branch's RMSNorm divides by rms(x) + eps, megamath's "
                          "(Llama's, Hugging Face's, GPT-NeoX main's) by sqrt(mean(x²) + eps); they differ where "
@@ -238,9 +312,9 @@ def _model(keys: Keys, vocab_size: int | None, tp: int, out: Conversion) -> dict
         "num_kv_heads": _kv_heads(keys, int(shape["num_attention_heads"]), out),
         "ffn_hidden_size": ffn,
         "max_seq_length": _int(keys, "max_position_embeddings", None, low=1) or int(shape["seq_length"]),
-        "rope_theta": float(keys.take("rotary_emb_base", 10000)),
+        "rope_theta": _float(keys.take("rotary_emb_base", 10000), "rotary_emb_base"),
         "norm_eps": eps,
-        "init_std": float(keys.take("init_method_std", 0.02)),
+        "init_std": _float(keys.take("init_method_std", 0.02), "init_method_std"),
         "activation_checkpointing": bool(keys.take("checkpoint_activations", False)),
         "kernels": "auto",
     }
@@ -406,7 +480,7 @@ def _schedule(keys: Keys, out: Conversion) -> None:
         out.notes.append(f"warmup {warmup_fraction}: {float(warmup_fraction) * decay} iterations in GPT-NeoX, "
                          f"rounded to {warmup} steps")
     peak = out.config["optimizer"]["lr"]
-    ratio, min_lr = keys.take("decay_lr_to"), float(keys.take("min_lr", 0.0) or 0.0)
+    ratio, min_lr = keys.take("decay_lr_to"), _float(keys.take("min_lr", 0.0) or 0.0, "min_lr")
     if style == "constant":
         ratio = 1.0
     elif style != "cosine":
@@ -427,9 +501,10 @@ def _schedule(keys: Keys, out: Conversion) -> None:
 
 
 def _data(keys: Keys, out: Conversion) -> dict:
-    data: dict = {"seq_length": int(keys.raw["seq_length"]), "seed": int(keys.raw.get("seed", 1234)),
+    seed = _int(keys, "seed", 1234, low=0)
+    data: dict = {"seq_length": int(keys.raw["seq_length"]), "seed": seed,
                   "sample_order": "neox"}  # GPT-NeoX's samples in its order, even for one train_data_paths entry
-    out.config["seed"] = int(keys.take("seed", 1234))
+    out.config["seed"] = seed
     _require(keys, "pack_impl", "packed", "packed", "megamath packs documents into samples across their boundaries, "
              "as GPT-NeoX's packed does")
     keys.take("allow_chopped")  # (it matters only to the other pack_impl)
@@ -550,20 +625,40 @@ def _logging(keys: Keys, out: Conversion) -> None:
     use = keys.take("use_wandb")
     project, group = keys.take("wandb_project", "neox"), keys.take("wandb_group")
     team, host = keys.take("wandb_team"), keys.take("wandb_host", "https://api.wandb.ai")
+    name = keys.take("wandb_run_name")
     events = keys.take("tensorboard_dir")
     logging: dict = {"tensorboard": True, "tensorboard_dir": str(events)} if events else {}
     if use:
-        logging["wandb"] = {"project": str(project), "group": group and str(group), "name": None, "mode": "online",
-                            "entity": team and str(team)}
+        logging["wandb"] = {"project": str(project), "group": group and str(group), "name": name and str(name),
+                            "mode": "online", "entity": team and str(team)}
         if host.rstrip("/") != "https://api.wandb.ai":
             out.unmapped.append(Unmapped("wandb_host", NO_EQUIVALENT, f"set WANDB_BASE_URL={host} in the environment"))
     if logging:
         out.config["logging"] = logging
+    _profiling(keys, out)
+
+
+def _profiling(keys: Keys, out: Conversion) -> None:
+    """profile's window and memory_profiling, as profile.steps and profile.memory. GPT-NeoX's torch.profiler
+    schedule waits profile_step_start steps and warms up one, so its trace holds steps start+1..stop (1-based);
+    nsys, which it starts too, brackets one more."""
+    profile: dict = {}
+    if keys.take("profile"):
+        start, stop = _int(keys, "profile_step_start", 10, low=0), _int(keys, "profile_step_stop", 12, low=0)
+        if stop <= start:
+            raise ValueError(f"profile_step_stop {stop} leaves no step to profile after profile_step_start {start}")
+        profile["steps"] = [start + 1, stop]
+    if keys.take("memory_profiling"):
+        profile["memory"] = True  # one snapshot at the window's end (GPT-NeoX: one per profiled step)
+    if profile:
+        out.config["profile"] = profile
 
 
 def _int(keys: Keys, key: str, default, low=None):
     """The key's integer; `low` bounds it from below (a size the conversion divides by must not be 0)."""
     value = keys.take(key, default)
+    if value is None and default is not None:  # set to null: GPT-NeoX would fail on it later
+        raise ValueError(f"{key} is null: give an integer (GPT-NeoX's default: {default})")
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
