@@ -84,10 +84,11 @@ def test_flags_after_double_dash_and_world_size(tmp_path, capsys):
 
 
 def test_launcher_and_parsing():
-    _, world = parse_flags(["torchrun", "--nnodes=2", "--nproc-per-node", "8", "pretrain_gpt.py", "--lr", "1"])
+    _, world, _ = parse_flags(["torchrun", "--nnodes=2", "--nproc-per-node", "8", "pretrain_gpt.py", "--lr", "1"])
     assert world == 16
-    parsed, world = parse_flags(["--data-path", "1", "a", "2", "b", "--bf16", "--lr=3e-4"])
+    parsed, world, repeated = parse_flags(["--data-path", "1", "a", "2", "b", "--bf16", "--lr=3e-4"])
     assert parsed == {"data_path": ["1", "a", "2", "b"], "bf16": [], "lr": ["3e-4"]} and world is None
+    assert repeated == {}
     with pytest.raises(ValueError, match="expand shell variables"):
         parse_flags(["--lr", "$LR"])
 
@@ -248,7 +249,18 @@ def test_a_quoted_string_over_several_lines_is_shell_not_a_quoting_error(tmp_pat
         parse_flags(read_command_line([str(path)])[0])
     path.write_text('# it\'s the launch\ntorchrun --nproc_per_node 8 pretrain_gpt.py --save "runs/a b" \\\n'
                     '    --num-layers 2\n')
-    assert parse_flags(read_command_line([str(path)])[0]) == ({"save": ["runs/a b"], "num_layers": ["2"]}, 8)
+    assert parse_flags(read_command_line([str(path)])[0]) == ({"save": ["runs/a b"], "num_layers": ["2"]}, 8, {})
+
+
+def test_a_flag_given_again_takes_its_last_value_as_argparse_does():
+    """A launch script's base flags followed by overrides (`--eval-iters 10 ... --eval-iters 50`) was refused as
+    "given twice"; Megatron-LM's argparse takes the last value, and so does the conversion, with a note."""
+    parsed, _, repeated = parse_flags(["--lr", "1e-4", "--bf16", "--lr=3e-4", "--bf16", "--lr", "2e-4"])
+    assert parsed == {"bf16": [], "lr": ["2e-4"]} and repeated == {"--lr": 3, "--bf16": 2}
+    conversion = convert_megatron(_words("--eval-iters 10 --lr 3e-4"), vocab_size=32000, world_size=32)
+    assert conversion.validate().optimizer.lr == 3e-4  # SCRIPT's --lr 1e-4, then this one
+    assert "--lr is given 2 times: Megatron-LM's argparse takes the last (3e-4), and so does this conversion" in \
+        conversion.notes
 
 
 def _schedule_of(*flags: str):

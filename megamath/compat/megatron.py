@@ -181,8 +181,10 @@ def read_command_line(args: Sequence[str]) -> tuple[list[str], str]:
     return args, "a Megatron-LM command line"
 
 
-def parse_flags(words: Sequence[str]) -> tuple[dict, int | None]:
-    """{flag_name (underscores): [values]} of the training script's flags, and the launcher's world size."""
+def parse_flags(words: Sequence[str]) -> tuple[dict, int | None, dict]:
+    """{flag_name (underscores): [values]} of the training script's flags, the launcher's world size, and
+    {flag as written: number of times} of the flags given more than once: as Megatron-LM's argparse does, the last
+    occurrence counts (a script's base flags followed by overrides)."""
     variables = [w for w in words if "$" in w]
     if variables:
         raise ValueError(f"{variables[0]}: expand shell variables first (e.g. run the script with "
@@ -191,13 +193,15 @@ def parse_flags(words: Sequence[str]) -> tuple[dict, int | None]:
     launcher, flags = (words[:script], words[script + 1:]) if script is not None else ([], list(words))
     world = _launcher_world_size(launcher)
     parsed: dict = {}
+    repeated: dict = {}
     current = None
     for word in flags:
         if word.startswith("--"):
             name, eq, value = word[2:].partition("=")
             current = name.replace("-", "_")
             if current in parsed:
-                raise ValueError(f"--{name} is given twice")
+                repeated[f"--{name}"] = repeated.get(f"--{name}", 1) + 1
+                del parsed[current]  # (re-inserted last: the order of the flags as they finally stand)
             parsed[current] = [value] if eq else []
         elif current is None:
             hint = (" (a file holding the command line goes last, after megamath's own flags such as --output "
@@ -205,7 +209,7 @@ def parse_flags(words: Sequence[str]) -> tuple[dict, int | None]:
             raise ValueError(f"{word!r} comes before any --flag{hint}")
         else:
             parsed[current].append(word)
-    return parsed, world
+    return parsed, world, repeated
 
 
 def _launcher_world_size(launcher: list[str]) -> int | None:
@@ -251,9 +255,13 @@ class Flags(Keys):
 
 def convert_megatron(words: Sequence[str], world_size: int | None = None, vocab_size: int | None = None,
                      source: str = "") -> Conversion:
-    parsed, launcher_world = parse_flags(words)
+    parsed, launcher_world, repeated = parse_flags(words)
     flags = Flags(parsed)
     out = Conversion({}, source=source)
+    for flag, times in repeated.items():
+        value = " ".join(parsed[flag[2:].replace("-", "_")])
+        out.notes.append(f"{flag} is given {times} times: Megatron-LM's argparse takes the last"
+                         f"{f' ({value})' if value else ''}, and so does this conversion")
     world = world_size or launcher_world
     _refuse(flags)
     tp = flags.one("tensor_model_parallel_size", int, 1, low=1)
