@@ -94,3 +94,18 @@ def test_llemma_names_the_test_split_of_each_subset(tmp_path):
     with pytest.raises(ValueError, match="data.data_dir is needed to find the 'llemma' datasets"):
         DataConfig(data_path=["d/x"], test_data="llemma")
     assert DataConfig(data_path=["d/x"]).test_sets() == {}
+
+
+def test_a_held_out_set_that_also_trains_is_announced(tmp_path, capsys):
+    """Megatron-LM accepts a validation or test prefix that is also a training prefix; its loss is then of trained
+    documents, which the run's log says, once, at the start."""
+    config = split_config(tmp_path, train_steps=2, data__split=None, eval_every=0)
+    trained = config.data.train_blend()[1][0]
+    config = split_config(tmp_path, train_steps=2, data__split=None, eval_every=2,
+                          data__valid_data={"seen": trained, "other": other_corpus(tmp_path)},
+                          data__test_data={"seen_too": trained})
+    train(config, ParallelState.single())
+    out = capsys.readouterr().out
+    assert f"warning: data.valid_data set 'seen' ({trained}) is also in data.data_path" in out
+    assert f"warning: data.test_data set 'seen_too' ({trained}) is also in data.data_path" in out
+    assert "'other'" not in out

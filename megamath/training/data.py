@@ -71,6 +71,11 @@ class TrainData:
         cut = cut_splits(sources, prefixes, data.split, data.seq_length, taken=[*data.valid_sets(), *data.test_sets()],
                          rule=megatron_order.split_rule(data.sample_order))
         self.split_lines = cut.lines  # what the run's log says of the split
+        trained = {Path(prefix).resolve() for prefix in prefixes}
+        self.warnings = [f"warning: data.{key} set {name!r} ({prefix}) is also in data.data_path: its loss is of "
+                         "documents the run trains on, not of unseen ones"
+                         for key, sets in (("valid_data", data.valid_sets()), ("test_data", data.test_sets()))
+                         for name, prefix in sets.items() if Path(prefix).resolve() in trained]
 
         def build_train() -> BlendedDataset:
             return BlendedDataset(sources, weights, num_samples, data.seq_length, seed=data.seed,

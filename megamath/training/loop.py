@@ -264,7 +264,7 @@ def _train(config: TrainConfig, state: ParallelState, attempt: str, started: flo
         resharded = (f" (saved at tensor-parallel size {meta['tp_size']}, re-cut for {state.tp_size})"
                      if meta["tp_size"] != state.tp_size else "")
         log.say(f"resumed from {resume_from} at step {step}{resharded}")
-    for line in data.split_lines:
+    for line in data.split_lines + data.warnings:
         log.say(line)
     if config.data.sample_order != "megamath":
         trainer = {"megatron": "Megatron-LM", "neox": "GPT-NeoX"}[config.data.sample_order]
