@@ -88,7 +88,7 @@ def test_llemma_mixture_expands_from_data_dir():
                                 "clip_grad, grad_dtype, gradient_accumulation_fusion"),
     ({"modle": {}}, "unknown key 'modle'; config takes: model, parallel, optimizer, data, schedule, checkpoint, "
                     "profile, logging, metrics, run_dir, micro_batch_size, grad_accum_steps, train_steps, eval_every, "
-                    "eval_batches, init_from_hf, init_step, param_dtype, seed, max_consecutive_nonfinite, log_every, exit_every, exit_after_minutes, evaluation"),
+                    "eval_batches, init_from_hf, init_step, param_dtype, seed, max_consecutive_nonfinite, log_every, exit_every, exit_after_minutes, evaluation, skip_train"),
     ({"model": {"preset": "tiny", "hidden": 64}}, "unknown key 'model.hidden'; model takes: preset, vocab_size, "
      "hidden_size, num_layers, num_heads, num_kv_heads, ffn_hidden_size, max_seq_length, rope_theta, norm_eps, "
      "init_std, activation_checkpointing, kernels, attention"),
@@ -153,7 +153,7 @@ def test_cli_reports_a_bad_config_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err == ("megamath train: error: unknown key 'warmup'; config takes: model, parallel, optimizer, data, "
                    "schedule, checkpoint, profile, logging, metrics, run_dir, micro_batch_size, grad_accum_steps, train_steps, "
-                   "eval_every, eval_batches, init_from_hf, init_step, param_dtype, seed, max_consecutive_nonfinite, log_every, exit_every, exit_after_minutes, evaluation\n")
+                   "eval_every, eval_batches, init_from_hf, init_step, param_dtype, seed, max_consecutive_nonfinite, log_every, exit_every, exit_after_minutes, evaluation, skip_train\n")
 
 
 @pytest.mark.parametrize("name", ["tiny.yaml", "llemma_7b.yaml", "llemma_34b.yaml"])

@@ -636,6 +636,8 @@ def _data_and_checkpoints(flags: Flags, out: Conversion) -> None:
     timeout = flags.one("distributed_timeout_minutes", float, None, low=1)
     if timeout is not None:
         c["parallel"]["timeout_minutes"] = timeout
+    if flags.on("skip_train"):  # evaluate the starting point on the validation and test data, train nothing
+        c["skip_train"] = True
     exit_every, minutes = flags.one("exit_interval", int, 0, low=0), flags.one("exit_duration_in_mins", float, 0, low=0)
     if exit_every:
         c["exit_every"] = exit_every

@@ -324,6 +324,10 @@ class TrainConfig:
     evaluation and a save under the limit. Every rank stops at the same step. 0: no limit."""
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     """Few-shot tasks run every eval_every steps (megamath.evaluation.config)."""
+    skip_train: bool = False
+    """Train nothing: evaluate the run's starting point (the checkpoint a resume would take, else init_from_hf's
+    weights) on the validation and test sets and evaluation.tasks, print the losses and write
+    RUN_DIR/held_out_step{N}.json (Megatron-LM's --skip-train)."""
 
     def __post_init__(self) -> None:
         for name, low in (("micro_batch_size", 1), ("grad_accum_steps", 1), ("train_steps", 1), ("eval_every", 0),
@@ -345,8 +349,14 @@ class TrainConfig:
         if self.data.seq_length > self.model.max_seq_length:
             raise ValueError(f"data.seq_length {self.data.seq_length} exceeds model.max_seq_length "
                              f"{self.model.max_seq_length}")
-        if self.evaluation.tasks and not self.eval_every:
+        _check_bool("skip_train", self.skip_train)
+        if self.evaluation.tasks and not self.eval_every and not self.skip_train:
             raise ValueError("evaluation.tasks are listed but eval_every is 0: set how often they run")
+        if self.skip_train and not (self.data.has_validation() or self.data.test_sets() or
+                                    (self.data.data_path and self.data.split_shares()[2] > 0)
+                                    or self.evaluation.tasks):
+            raise ValueError("skip_train evaluates the held-out sets, and this config has none: set data.valid_data, "
+                             "data.test_data, a data.split with held-out shares, or evaluation.tasks")
         self.evaluation.check_room(self.model.max_seq_length)
         if self.eval_every and not self.data.has_validation():
             raise ValueError(f"eval_every is {self.eval_every} but data.valid_data is empty "

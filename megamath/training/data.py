@@ -92,7 +92,7 @@ class TrainData:
                                      cache_dir=cache_dir)
                     for name, (source, ids) in parts.items()}
 
-        if config.eval_every:  # (valid_data's prefixes are opened only then)
+        if config.eval_every or config.skip_train:  # (valid_data's prefixes are opened only then)
             valid_parts = {name: (_open(prefix), None) for name, prefix in data.valid_sets().items()} | cut.valid
             self.valid = rank0_first(state, lambda: build_held_out(valid_parts))
         else:

@@ -36,7 +36,6 @@ from megamath.model.llama import Llama
 from megamath.model.model_folder import hf_extras_record
 from megamath.model.pretrained import load_pretrained
 from megamath.parallel.sequence_parallel import allreduce_sequence_parallel_grads
-from megamath.parallel.mappings import all_reduce_
 from megamath.parallel.state import ParallelState
 from megamath.parallel.zero import ZeroOptimizer
 from megamath.training import checkpoint as ckpt
@@ -44,6 +43,7 @@ from megamath.training.attention_settle import settle_attention
 from megamath.training.config import TrainConfig, dump_config
 from megamath.training.data import MicroBatch, TrainData
 from megamath.training.export import is_training_checkpoint
+from megamath.training.held_out import evaluate, evaluate_start, mean_over_dp
 from megamath.training.metrics import MetricsLogger, RunDescription, finite_or_none, format_summary, run_info
 from megamath.training.phases import PhaseTimer, no_phase
 from megamath.training.preemption import StopFlag
@@ -109,31 +109,6 @@ def train_step(model: Llama, optimizer: ZeroOptimizer, micro_batches: list[Micro
     if not math.isfinite(loss_value):
         return StepOutput(loss_value, math.nan, skipped=True)
     return StepOutput(loss_value, result.grad_norm, result.skipped)
-
-
-def mean_over_dp(value: torch.Tensor, state: ParallelState) -> torch.Tensor:
-    """The mean of a scalar over the DP group (TP ranks of a DP rank hold the same loss), on the device."""
-    if state.dp_group is not None:
-        value = value.clone()
-        all_reduce_(value, state.dp_group)
-        value /= state.dp_size
-    return value
-
-
-@torch.no_grad()
-def evaluate(model: Llama, data: TrainData, state: ParallelState, sets: dict | None = None) -> dict[str, float]:
-    """Mean loss of each held-out set (data.valid's by default, or data.test's) over its fixed samples (all DP
-    ranks' share)."""
-    model.eval()
-    losses = {}
-    for name, dataset in (data.valid if sets is None else sets).items():
-        batches = data.held_out_batches(dataset)
-        total = torch.zeros((), dtype=torch.float32, device=state.device)
-        for tokens, targets in batches:
-            total += model(tokens, targets)[1].float()
-        losses[name] = float(mean_over_dp(total / len(batches), state))
-    model.train()
-    return losses
 
 
 # ---- building ---------------------------------------------------------------------------------------------
@@ -247,6 +222,12 @@ def _train(config: TrainConfig, state: ParallelState, attempt: str, started: flo
                              "keep it equal on resume (adjust grad_accum_steps to the new DP size)")
         step, nonfinite = meta["step"], meta["consecutive_nonfinite"]
         data.sample_offset = resume_sample_offset(meta, data.global_batch_size, resume_from)
+    if config.skip_train:  # Megatron-LM's --skip-train: the starting point's held-out losses, nothing trained
+        line = settle_attention(model, config, state, run_dir, param_dtype(config, state.device))
+        if state.rank == 0:
+            print(line, flush=True)
+        source = str(resume_from or config.init_from_hf or f"the random initialization (seed {config.seed})")
+        return TrainResult(step, False, evaluate_start(model, data, config, state, step, source))
     hf_extras = hf_extras_of_run(config, saved if resume_from is not None else None)
     tokens_per_step = data.global_batch_size * config.data.seq_length
     flops_per_token = config.model.flops_per_token(config.data.seq_length)
