@@ -62,7 +62,7 @@ def test_a_profile_that_cannot_be_written_is_a_warning_and_the_run_goes_on(tmp_p
         profile.write_text("not a folder")
     assert run(raw).step == 4
     assert [r["step"] for r in metrics(tmp_path / "run")] == [1, 2, 3, 4]
-    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: rank")]
     trace = re.escape(str(profile / "trace_steps2-3_rank0.json"))
     if fault == "full disk":
         assert len(warnings) == 1 and re.fullmatch(
