@@ -9,6 +9,8 @@ from distributed import run_distributed
 from megamath.cli import main
 from megamath.compat.megatron import convert_megatron
 from megamath.parallel.state import ParallelState
+from megamath.report.figures import held_out_series, loss_figure
+from megamath.report.runs import load_run
 from megamath.training.config import TrainConfig
 from megamath.training.loop import train
 from test_config_from_megatron import _words
@@ -51,6 +53,18 @@ def test_a_fresh_run_evaluates_its_initial_weights_and_writes_no_checkpoint(tmp_
     # then training from there starts at step 1 as if nothing had run
     train(config(tmp_path), ParallelState.single())
     assert [r["step"] for r in metrics(tmp_path / "run")] == list(range(1, 9))
+    # and the report draws the starting point before the validation losses of steps 4 and 8
+    run = load_run(tmp_path / "run")
+    steps, losses = held_out_series(run, "val_loss", "arxiv")
+    assert steps == [0, 4, 8] and losses[0] == result.summary["val_loss"]["arxiv"]
+    assert held_out_series(run, "test_loss", "web")[0] == [0, 8] and len(loss_figure([run])) == 1
+
+
+def test_a_malformed_held_out_record_is_named_by_the_report(tmp_path):
+    train(config(tmp_path, train_steps=1, eval_every=1), ParallelState.single())
+    (tmp_path / "run" / "held_out_step0000000.json").write_text('{"step": 0, "val_loss": {"arxiv": "low"}}')
+    with pytest.raises(ValueError, match=r"held_out_step0000000.json: val_loss must map each set to a loss or null"):
+        load_run(tmp_path / "run")
 
 
 def test_skip_train_needs_something_to_evaluate(tmp_path):

@@ -64,17 +64,28 @@ def _axes(n: int, width: float = 10.0, height: float = 3.2):
     return fig, list(axes[:, 0])
 
 
+def held_out_series(run: Run, key: str, name: str) -> tuple[list[int], list[float]]:
+    """series() of a held-out loss with skip_train's measurements (run.held_out) at the steps the records lack."""
+    points = dict(zip(*series(run, (key, name))))
+    for extra in run.held_out:
+        value = extra.get(key, {}).get(name)
+        if isinstance(value, (int, float)) and extra["step"] not in points:
+            points[extra["step"]] = value
+    steps = sorted(points)
+    return steps, [points[s] for s in steps]
+
+
 def loss_figure(runs: list[Run]) -> list[tuple[str, str]]:
     fig, (ax,) = _axes(1, height=4.0)
     for i, run in enumerate(runs):
         ax.plot(*series(run, "loss"), color=_colour(i), lw=1.2, label=_label(run.name, ": train"))
-        subsets = sorted({n for r in run.records for n in r.get("val_loss", {})})
-        for j, name in enumerate(subsets):
-            ax.plot(*series(run, ("val_loss", name)), color=_colour(i), ls=("--", ":", "-.")[j % 3], marker="o",
-                    ms=4, label=_label(run.name, ": validation ", name))
-        for j, name in enumerate(sorted({n for r in run.records for n in r.get("test_loss", {})})):
-            ax.plot(*series(run, ("test_loss", name)), color=_colour(i), ls="none", marker=("s", "^", "D")[j % 3],
-                    ms=6, label=_label(run.name, ": test ", name))  # data.split's test parts, at the last step
+        for key, kind in (("val_loss", "validation"), ("test_loss", "test")):
+            names = sorted({n for r in [*run.records, *run.held_out] for n in r.get(key, {})})
+            for j, name in enumerate(names):
+                style = (dict(ls=("--", ":", "-.")[j % 3], marker="o", ms=4) if kind == "validation" else
+                         dict(ls="none", marker=("s", "^", "D")[j % 3], ms=6))  # taken at the last step
+                ax.plot(*held_out_series(run, key, name), color=_colour(i), label=_label(run.name, f": {kind} ", name),
+                        **style)
     ax.set_ylabel("loss")
     ax.legend(fontsize=8)
     return [("Training and validation loss", to_uri(fig))]

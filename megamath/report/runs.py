@@ -11,6 +11,7 @@ from megamath.training.config import read_yaml
 METRICS = "metrics.jsonl"
 CONFIG = "config.yaml"
 RUN_INFO = "run_info.json"  # written by megamath.training.metrics.MetricsLogger
+HELD_OUT = "held_out_step*.json"  # written by megamath.training.held_out (skip_train)
 NUMBERS = ("consumed_samples", "loss", "lr", "grad_norm", "step_time_s", "step_time_min_s", "step_time_max_s",
            "tokens_per_s", "tflops", "mfu", "slowest_rank")  # a string there stopped the report on a TypeError
 
@@ -27,6 +28,9 @@ class Run:
     """config.yaml as plain data (empty when missing)."""
     info: dict = field(default_factory=dict)
     """run_info.json: world size, TP/DP sizes, device (empty for runs older than it)."""
+    held_out: list[dict] = field(default_factory=list)
+    """RUN_DIR/held_out_step*.json in step order: what `skip_train` measured of the run's starting points
+    ({step, val_loss, test_loss}), e.g. the losses before step 1."""
 
 
 def load_run(path: str | Path) -> Run:
@@ -69,7 +73,22 @@ def load_run(path: str | Path) -> Run:
     info = read_json(path / RUN_INFO) if (path / RUN_INFO).is_file() else {}
     for key in ("world_size", "seq_length"):  # the counts the report multiplies by
         check_count(path / RUN_INFO, key, info.get(key))
-    return Run(path, path.resolve().name, records, config or {}, info)
+    held_out = sorted((read_held_out(p) for p in path.glob(HELD_OUT)), key=lambda h: h["step"])
+    return Run(path, path.resolve().name, records, config or {}, info, held_out)
+
+
+def read_held_out(path: Path) -> dict:
+    """One skip_train record: its step and its {set: loss or null} mappings, checked."""
+    record = read_json(path)
+    step = record.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"{path}: not a held-out record (an object with a step >= 0)")
+    for key in ("val_loss", "test_loss"):
+        losses = record.get(key, {})
+        if not isinstance(losses, dict) or not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+                                                   for v in losses.values()):
+            raise ValueError(f"{path}: {key} must map each set to a loss or null, got {losses!r}")
+    return record
 
 
 def check_config(config: dict, where: Path) -> None:
