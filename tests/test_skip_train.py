@@ -101,3 +101,16 @@ def test_two_dp_ranks_give_the_losses_of_one(tmp_path):
                 ParallelState.single()).summary
     for key in ("val_loss", "test_loss"):
         assert two[key] == pytest.approx(one[key], rel=1e-5)
+
+
+def test_a_checkpoint_of_another_run_is_evaluated_from_a_folder_of_its_own(tmp_path):
+    """A training run's folder is locked while it trains: its checkpoints are evaluated from another run_dir,
+    checkpoint.resume naming the step."""
+    train(config(tmp_path), ParallelState.single())
+    at_4 = metrics(tmp_path / "run")[3]["val_loss"]
+    step_4 = tmp_path / "run" / "checkpoints" / "step_0000004"
+    raw = raw_config(tmp_path / "data", tmp_path / "eval", eval_every=4, eval_batches=2, skip_train=True)
+    raw["checkpoint"]["resume"] = str(step_4)
+    result = train(TrainConfig.from_dict(raw), ParallelState.single())
+    assert result.step == 4 and result.summary["val_loss"] == pytest.approx(at_4, rel=1e-6)
+    assert (tmp_path / "eval" / "held_out_step0000004.json").exists()
