@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job, end to end on data the project generates itself (CPU is enough):
 # demo corpus -> tokenizer -> preprocess to .bin/.idx -> inspect -> Llemma's 2:4:1 mixture of samples
-# -> the untrained model's held-out losses -> training with demo-arith accuracy every eval_every steps -> megamath eval on the final model -> the report.
+# -> the untrained model's held-out losses -> training with demo-arith accuracy every eval_every steps
+# -> megamath eval on the final model -> the report.
 set -euo pipefail
 OUT=${1:-runs/demo}
 EXAMPLES=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)  # tiny.yaml beside this script, from any folder

@@ -499,7 +499,8 @@ def test_settings_that_change_nothing_are_listed_as_not_needed():
                                   vocab_size=32000, world_size=32)
     listed = {u.key: u for u in conversion.unmapped}
     assert "--mtp-num-layers" not in listed and "--softmax-type" not in listed  # Megatron-LM's defaults, taken
-    assert listed["--moe-router-topk"].kind == "not needed" and "without --num-experts" in listed["--moe-router-topk"].reason
+    topk = listed["--moe-router-topk"]
+    assert topk.kind == "not needed" and "without --num-experts" in topk.reason
     assert "inert without --multi-latent-attention" in listed["--kv-lora-rank"].reason
     assert listed["--mamba-num-heads"].kind == listed["--use-dist-ckpt"].kind == "not needed"
     assert "no pipeline parallelism" in listed["--num-layers-per-virtual-pipeline-stage"].reason
