@@ -575,3 +575,23 @@ def test_profile_keys_map_to_the_profile_window_and_the_run_name_to_w_and_b(tmp_
     assert config.profile.steps == [] and not config.profile.memory
     with pytest.raises(ValueError, match="profile_step_stop 3 leaves no step to profile after profile_step_start 3"):
         _convert_with(tmp_path, '"profile": true, "profile_step_start": 3, "profile_step_stop": 3,')
+
+
+@pytest.mark.parametrize("old, new, message", [
+    ('"betas": [0.9, 0.95],', '"betas": null,', r"optimizer.params.betas must be two numbers \[beta1, beta2\], got None"),
+    ('"betas": [0.9, 0.95],', '"betas": [0.9],', r"optimizer.params.betas must be two numbers \[beta1, beta2\], got \[0.9\]"),
+    ('"betas": [0.9, 0.95],', '"betas": [0.9, "x"],', r"optimizer.params.betas\[1\] must be a number, got 'x'"),
+])
+def test_malformed_optimizer_values_are_one_line_errors(tmp_path, old, new, message):
+    """A null or short betas crashed the converter with a TypeError or IndexError."""
+    assert old in LLEMMA_7B_YML
+    with pytest.raises(ValueError, match="^" + message):
+        convert_neox(read_neox_yaml(write_llemma(tmp_path, LLEMMA_7B_YML.replace(old, new))), vocab_size=32016)
+
+
+def test_a_null_wandb_host_is_wandb_s_own(tmp_path):
+    """wandb_host: null crashed on .rstrip; W&B then uses its own host, and so does the conversion."""
+    raw = read_neox_yaml(write_llemma(tmp_path, LLEMMA_7B_YML.replace('"wandb_host": "https://api.wandb.ai",',
+                                                                      '"wandb_host": null,')))
+    conversion = convert_neox(raw, vocab_size=32016)
+    assert "wandb_host" not in {u.key for u in conversion.unmapped} and conversion.validate().logging.wandb.project

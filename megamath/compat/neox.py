@@ -404,6 +404,8 @@ def _optimizer(keys: Keys, out: Conversion) -> None:
     if _float(lr, lr_key) <= 0:  # the schedule's floor is min_lr / lr
         raise ValueError(f"{lr_key} must be positive, got {lr!r}")
     betas = params.pop("betas", [0.9, 0.999])
+    if not isinstance(betas, (list, tuple)) or len(betas) != 2:
+        raise ValueError(f"optimizer.params.betas must be two numbers [beta1, beta2], got {betas!r}")
     eps = params.pop("eps", 1e-8)
     for name in params:
         out.unmapped.append(Unmapped(f"optimizer.params.{name}", NO_EQUIVALENT, "megamath's AdamW takes lr, betas, "
@@ -428,7 +430,8 @@ def _optimizer(keys: Keys, out: Conversion) -> None:
         keys.take(name)
     grad_dtype = _grad_dtype(keys, out)
     clip = keys.take("gradient_clipping", 1.0)  # DeepSpeed's setting; GPT-NeoX's default clips at 1.0
-    out.config["optimizer"] = {"lr": _float(lr, lr_key), "beta1": float(betas[0]), "beta2": float(betas[1]),
+    out.config["optimizer"] = {"lr": _float(lr, lr_key), "beta1": _float(betas[0], "optimizer.params.betas[0]"),
+                               "beta2": _float(betas[1], "optimizer.params.betas[1]"),
                                "eps": _float(eps, "optimizer.params.eps"),
                                "weight_decay": _float(keys.take("weight_decay", 0.1 if _neox_main(keys) else 0.01),
                                                       "weight_decay"),
@@ -624,14 +627,14 @@ def _checkpointing(keys: Keys, out: Conversion) -> None:
 def _logging(keys: Keys, out: Conversion) -> None:
     use = keys.take("use_wandb")
     project, group = keys.take("wandb_project", "neox"), keys.take("wandb_group")
-    team, host = keys.take("wandb_team"), keys.take("wandb_host", "https://api.wandb.ai")
+    team, host = keys.take("wandb_team"), keys.take("wandb_host") or "https://api.wandb.ai"
     name = keys.take("wandb_run_name")
     events = keys.take("tensorboard_dir")
     logging: dict = {"tensorboard": True, "tensorboard_dir": str(events)} if events else {}
     if use:
         logging["wandb"] = {"project": str(project), "group": group and str(group), "name": name and str(name),
                             "mode": "online", "entity": team and str(team)}
-        if host.rstrip("/") != "https://api.wandb.ai":
+        if str(host).rstrip("/") != "https://api.wandb.ai":
             out.unmapped.append(Unmapped("wandb_host", NO_EQUIVALENT, f"set WANDB_BASE_URL={host} in the environment"))
     if logging:
         out.config["logging"] = logging
