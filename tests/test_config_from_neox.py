@@ -581,9 +581,15 @@ def test_profile_keys_map_to_the_profile_window_and_the_run_name_to_w_and_b(tmp_
     ('"betas": [0.9, 0.95],', '"betas": null,', r"optimizer.params.betas must be two numbers \[beta1, beta2\], got None"),
     ('"betas": [0.9, 0.95],', '"betas": [0.9],', r"optimizer.params.betas must be two numbers \[beta1, beta2\], got \[0.9\]"),
     ('"betas": [0.9, 0.95],', '"betas": [0.9, "x"],', r"optimizer.params.betas\[1\] must be a number, got 'x'"),
+    ('"zero_optimization": {', '"zero_optimization": true, "unused": {', "zero_optimization must be a mapping of keys"),
+    ('"data_types": {', '"data_types": "bf16", "unused2": {', "data_types must be a mapping of keys, got 'bf16'"),
+    ('"hidden_dropout": 0,', '"hidden_dropout": [0],', r"hidden_dropout is \[0\]: megamath trains without dropout"),
+    ('"train_iters": 48000,', '"train_iters": [48000],', r"train_iters must be an integer, got \[48000\]"),
+    ('"lr_decay_iters": 48000,', '"lr_decay_iters": "all",', "lr_decay_iters must be an integer, got 'all'"),
 ])
-def test_malformed_optimizer_values_are_one_line_errors(tmp_path, old, new, message):
-    """A null or short betas crashed the converter with a TypeError or IndexError."""
+def test_malformed_values_are_one_line_errors(tmp_path, old, new, message):
+    """A null or short betas, a section that is not a mapping, a list where a number goes crashed the converter
+    with a TypeError, an IndexError or an AttributeError."""
     assert old in LLEMMA_7B_YML
     with pytest.raises(ValueError, match="^" + message):
         convert_neox(read_neox_yaml(write_llemma(tmp_path, LLEMMA_7B_YML.replace(old, new))), vocab_size=32016)

@@ -221,7 +221,7 @@ def _neox_main(keys: Keys) -> bool:
 
 def _require(keys: Keys, key: str, wanted, default, why: str) -> None:
     value = keys.take(key, default)
-    ok = value in wanted if isinstance(wanted, (set, tuple)) else value == wanted
+    ok = any(value == w for w in wanted) if isinstance(wanted, (set, tuple)) else value == wanted  # (a list given)
     if not ok:
         given = f"is {value!r}" if key in keys else f"is not set (GPT-NeoX's default: {default!r})"
         raise ValueError(f"{key} {given}: {why}")
@@ -392,11 +392,11 @@ def _vocab_size(keys: Keys, given: int | None, tp: int, out: Conversion) -> int:
 
 
 def _optimizer(keys: Keys, out: Conversion) -> None:
-    spec = keys.take("optimizer") or {}
+    spec = _mapping(keys.take("optimizer"), "optimizer")
     kind = str(spec.get("type", "adam")).lower()
     if kind not in ADAM_TYPES:
         raise ValueError(f"optimizer.type is {spec.get('type')!r}: megamath trains with AdamW (ZeRO-1) only")
-    params = dict(spec.get("params") or {})
+    params = dict(_mapping(spec.get("params"), "optimizer.params"))
     lr_key = "optimizer.params.lr" if "lr" in params else "lr"
     lr = params.pop("lr", keys.take("lr"))
     if lr is None:
@@ -410,7 +410,7 @@ def _optimizer(keys: Keys, out: Conversion) -> None:
     for name in params:
         out.unmapped.append(Unmapped(f"optimizer.params.{name}", NO_EQUIVALENT, "megamath's AdamW takes lr, betas, "
                                      "eps and the top-level weight_decay"))
-    zero = keys.take("zero_optimization") or {}
+    zero = _mapping(keys.take("zero_optimization"), "zero_optimization")
     stage = zero.get("stage", keys.take("zero_stage", 0))
     if stage not in (0, 1):
         out.unmapped.append(Unmapped("zero_optimization.stage", UNSUPPORTED, f"{stage}: megamath runs ZeRO-1, the "
@@ -453,7 +453,7 @@ def _grad_dtype(keys: Keys, out: Conversion) -> str:
                          "Adam moments on GPUs (float32 on a CPU)")
     else:
         out.config["param_dtype"] = "float32"
-    accum = str((keys.take("data_types") or {}).get("grad_accum_dtype", "fp32")).lower()
+    accum = str(_mapping(keys.take("data_types"), "data_types").get("grad_accum_dtype", "fp32")).lower()
     if accum in ("fp16", "float16"):
         raise ValueError("data_types.grad_accum_dtype fp16: megamath accumulates gradients in fp32 or bf16")
     if keys.take("fp32_allreduce") or accum in ("fp32", "float32"):
@@ -464,19 +464,21 @@ def _grad_dtype(keys: Keys, out: Conversion) -> str:
 def _schedule(keys: Keys, out: Conversion) -> None:
     """GPT-NeoX (llemma branch) and megamath both compute, after a linear warmup,
     lr = peak · (r + (1 − r) · ½ · (1 + cos(π · (i − warmup) / (decay − warmup)))); the differences are noted."""
-    train_iters = keys.take("train_iters")
+    train_iters = _int(keys, "train_iters", None, low=1)
     if train_iters is None:
         raise ValueError(f"train_iters not set: GPT-NeoX needs it too{SPLIT_HINT}")
     style = keys.take("lr_decay_style", "linear")
-    decay = keys.take("lr_decay_iters")
+    decay = _int(keys, "lr_decay_iters", None, low=1)
     fraction = keys.take("lr_decay_fraction")
-    decay = int(decay if decay is not None else math.floor(train_iters * fraction) if fraction else train_iters)
+    fraction = None if fraction is None else _float(fraction, "lr_decay_fraction")
+    decay = decay if decay is not None else math.floor(train_iters * fraction) if fraction else train_iters
     if keys.raw.get("warmup_iters") and keys.raw.get("warmup"):
         raise ValueError("warmup_iters and warmup are both set: GPT-NeoX refuses that too; keep one")
     # Neither: 1%, GPT-NeoX main's default (the llemma branch has no default and fails to build its schedule).
     # warmup_iters 0 beside a warmup fraction: GPT-NeoX takes the fraction (0 is its "not set").
     fraction_given = "warmup" in keys.raw
-    warmup_iters, warmup_fraction = keys.take("warmup_iters"), keys.take("warmup", 0.01)
+    warmup_iters, warmup_fraction = _int(keys, "warmup_iters", None, low=0), keys.take("warmup", 0.01)
+    warmup_fraction = _float(warmup_fraction or 0.0, "warmup")
     by_fraction = warmup_iters is None or (not warmup_iters and fraction_given)
     warmup = round(float(warmup_fraction or 0.0) * decay) if by_fraction else int(warmup_iters)
     if by_fraction and warmup_fraction and warmup != float(warmup_fraction) * decay:
@@ -484,6 +486,7 @@ def _schedule(keys: Keys, out: Conversion) -> None:
                          f"rounded to {warmup} steps")
     peak = out.config["optimizer"]["lr"]
     ratio, min_lr = keys.take("decay_lr_to"), _float(keys.take("min_lr", 0.0) or 0.0, "min_lr")
+    ratio = None if ratio is None else _float(ratio, "decay_lr_to")
     if style == "constant":
         ratio = 1.0
     elif style != "cosine":
@@ -669,6 +672,15 @@ def _int(keys: Keys, key: str, default, low=None):
     if low is not None and value < low:
         raise ValueError(f"{key} must be at least {low}, got {value!r}")
     return int(value)
+
+
+def _mapping(value, key: str) -> dict:
+    """A section of the config (null or absent: empty); anything else is a one-line error naming it."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{key} must be a mapping of keys, got {value!r}")
+    return value
 
 
 def _float(value, key: str) -> float:
