@@ -601,3 +601,19 @@ def test_a_null_wandb_host_is_wandb_s_own(tmp_path):
                                                                       '"wandb_host": null,')))
     conversion = convert_neox(raw, vocab_size=32016)
     assert "wandb_host" not in {u.key for u in conversion.unmapped} and conversion.validate().logging.wandb.project
+
+
+@pytest.mark.parametrize("edit, message", [
+    (('"train-data-paths": [', '"train-data-paths": "data/x", "unused": ['),
+     "train_data_paths must be a list \\(of prefixes, or of weights\\), got 'data/x'"),
+    (('"train-data-weights": [2, 4, 1]', '"train-data-weights": true'), "train_data_weights must be a list"),
+    (('"train-data-weights": [2, 4, 1]', '"train-data-weights": [2, "many", 1]'),
+     "train_data_weights must be a number, got 'many'"),
+    (('"valid-data-paths": [', '"valid-data-paths": 3, "unused": ['), "valid_data_paths must be a list"),
+])
+def test_data_lists_that_are_not_lists_are_refused(tmp_path, edit, message):
+    """A lone string was read letter by letter as that many prefixes; a number or a flag crashed on len()."""
+    paths = write_llemma(tmp_path)
+    Path(paths[1]).write_text(DATA_YML.replace(*edit))
+    with pytest.raises(ValueError, match="^" + message):
+        convert_neox(read_neox_yaml(paths), vocab_size=32016)

@@ -517,14 +517,15 @@ def _data(keys: Keys, out: Conversion) -> dict:
     if keys.take("train_epochs") is not None:
         raise ValueError("train_epochs is set: give train_iters instead (megamath counts optimizer steps, and GPT-NeoX "
                          "builds another sample order from an epoch count)")
-    train, weights = keys.take("train_data_paths"), keys.take("train_data_weights")
+    train, weights = _list(keys.take("train_data_paths"), "train_data_paths"), \
+        _list(keys.take("train_data_weights"), "train_data_weights")
     single = keys.take("data_path")
     split = keys.take("split")
     if train:
         weights = weights or [1.0] * len(train)
         if len(weights) != len(train):
             raise ValueError(f"train_data_weights has {len(weights)} entries for {len(train)} train_data_paths")
-        data["data_path"] = [x for w, p in zip(weights, train) for x in (float(w), str(p))]
+        data["data_path"] = [x for w, p in zip(weights, train) for x in (_float(w, "train_data_weights"), str(p))]
     elif single:  # GPT-NeoX cuts data_path by split (969, 30, 1 by default) and reads it without a blend
         data["data_path"] = [str(single)]
         data["split"] = canonical_split(split if split is not None else "969, 30, 1")
@@ -536,9 +537,9 @@ def _data(keys: Keys, out: Conversion) -> dict:
         out.unmapped.append(Unmapped("split", NOT_NEEDED, "no data_path to split"))
     if train and split is not None:
         out.unmapped.append(Unmapped("split", NOT_NEEDED, f"{split}: GPT-NeoX ignores it beside train_data_paths"))
-    valid = keys.take("valid_data_paths") or []
+    valid = _list(keys.take("valid_data_paths"), "valid_data_paths")
     data["valid_data"] = held_out_set_names([str(p) for p in valid])
-    test = keys.take("test_data_paths") or []
+    test = _list(keys.take("test_data_paths"), "test_data_paths")
     if test:  # GPT-NeoX evaluates the test blend once, after the last iteration; megamath each set on its own
         data["test_data"] = held_out_set_names([str(p) for p in test])
     return data
@@ -672,6 +673,17 @@ def _int(keys: Keys, key: str, default, low=None):
     if low is not None and value < low:
         raise ValueError(f"{key} must be at least {low}, got {value!r}")
     return int(value)
+
+
+def _list(value, key: str) -> list:
+    """A list of the config (null or absent: empty), each entry a prefix or a weight; anything else (a lone
+    string would be read letter by letter) is a one-line error naming it."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, (str, int, float)) and not isinstance(v, bool)
+                                              for v in value):
+        raise ValueError(f"{key} must be a list (of prefixes, or of weights), got {value!r}")
+    return value
 
 
 def _mapping(value, key: str) -> dict:
