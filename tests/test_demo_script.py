@@ -29,12 +29,14 @@ def test_paths_stay_whole_and_the_config_is_found_from_any_folder(tmp_path):
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     calls = [block.splitlines() for block in log.read_text().split("--- ")[1:]]
-    assert [c[0] for c in calls] == ["megamath"] * 4 + ["torchrun"] + ["megamath"] * 2
+    assert [c[0] for c in calls] == ["megamath"] * 4 + ["torchrun"] * 2 + ["megamath"] * 2
     assert calls[0][1:] == ["demo-corpus", "--output", "my runs/demo"]
-    train = calls[4][1:]
-    config = Path(train[train.index("--config") + 1])
-    assert (elsewhere / config).is_file(), f"--config {config} does not exist from {elsewhere}"
-    assert "data.data_dir=my runs/demo/data" in train and "run_dir=my runs/demo/train" in train
+    start, train = calls[4][1:], calls[5][1:]  # the untrained model's losses (skip_train), then the training
+    assert "skip_train=true" in start and "skip_train=true" not in train
+    for call in (start, train):
+        config = Path(call[call.index("--config") + 1])
+        assert (elsewhere / config).is_file(), f"--config {config} does not exist from {elsewhere}"
+        assert "data.data_dir=my runs/demo/data" in call and "run_dir=my runs/demo/train" in call
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
