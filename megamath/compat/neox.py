@@ -130,9 +130,14 @@ KNOWN_UNMAPPED = {
                  "sparse_gradients", "dump_state", "flops_profiler", "communication_data_type", "autotuning",
                  "autotuning_run", "activation_checkpointing", "data_efficiency", "tensorboard", "wandb",
                  "csv_monitor", "elasticity", "comms_logger", "compression_training", "checkpoint", "deepscale",
-                 "deepscale_config", "lazy_mpu_init", "adlr_autoresume", "adlr_autoresume_interval", "onnx_safe",
-                 "pipe_partition_method", "is_pipe_parallel", "iteration", "do_train", "do_valid", "do_test",
-                 "warning")},
+                 "deepscale_config")},
+    **{k: (NOT_NEEDED, "GPT-NeoX derives it at start-up; a config does not set it")
+       for k in ("iteration", "do_train", "do_valid", "do_test", "warning", "is_pipe_parallel")},
+    **{k: (NOT_NEEDED, "megamath resumes from RUN_DIR/checkpoints/latest on any restart (checkpoint.resume auto)")
+       for k in ("adlr_autoresume", "adlr_autoresume_interval")},
+    "lazy_mpu_init": (NOT_NEEDED, "the process groups are set up by torchrun and megamath at start-up"),
+    "onnx_safe": (NOT_NEEDED, "an ONNX export setting, not training"),
+    "pipe_partition_method": (NOT_NEEDED, "a pipeline layout; megamath has no pipeline parallelism"),
     "curriculum_seqlen": (NOT_NEEDED, "read only with curriculum_learning, which megamath refuses"),
     "batch_size": (NOT_NEEDED, "an alias of train_micro_batch_size_per_gpu, which is set"),
     "use_comet": (NO_EQUIVALENT, "Comet ML logging; megamath writes metrics.jsonl, TensorBoard and W&B"),
