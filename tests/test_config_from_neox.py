@@ -617,3 +617,10 @@ def test_data_lists_that_are_not_lists_are_refused(tmp_path, edit, message):
     Path(paths[1]).write_text(DATA_YML.replace(*edit))
     with pytest.raises(ValueError, match="^" + message):
         convert_neox(read_neox_yaml(paths), vocab_size=32016)
+
+
+def test_null_is_the_default_where_gpt_neox_defaults_to_null(tmp_path):
+    """exit_interval, batch_size and gas default to null in GPT-NeoX (unset); a config that writes the null is
+    converted as if it left them out, while a null seed (GPT-NeoX's default 1234) is refused above."""
+    config = _convert_with(tmp_path, '"exit_interval": null, "batch_size": null, "gas": null,').validate()
+    assert (config.exit_every, config.micro_batch_size, config.grad_accum_steps) == (0, 4, 2)

@@ -150,6 +150,8 @@ KNOWN_UNMAPPED = {
     "scheduler": (NO_EQUIVALENT, "a DeepSpeed learning-rate scheduler; megamath's schedule comes from GPT-NeoX's lr "
                                  "keys (schedule.*)"),
 }
+NULL_IS_UNSET = {"exit_interval", "batch_size", "gas", "save_interval"}
+"""Integer keys GPT-NeoX defaults to null (unset, their alias or 0 counts instead): null there is no error."""
 # Prefixes of settings that only act with a switch megamath refuses (a dense Llama ignores them).
 INERT_FAMILIES = {
     "moe_": "MoE settings: inert without moe_num_experts > 1 (megamath trains dense models)",
@@ -669,7 +671,9 @@ def _profiling(keys: Keys, out: Conversion) -> None:
 def _int(keys: Keys, key: str, default, low=None):
     """The key's integer; `low` bounds it from below (a size the conversion divides by must not be 0)."""
     value = keys.take(key, default)
-    if value is None and default is not None:  # set to null: GPT-NeoX would fail on it later
+    if value is None and key in NULL_IS_UNSET:
+        return default
+    if value is None and default is not None:  # set to null where GPT-NeoX's default is a number: it fails later
         raise ValueError(f"{key} is null: give an integer (GPT-NeoX's default: {default})")
     if value is None:
         return None
