@@ -525,3 +525,50 @@ def test_profile_flags_map_to_the_profile_window():
     with pytest.raises(ValueError, match="--profile-step-end 5 leaves no step to profile after --profile-step-start 5"):
         convert_megatron(_words("--profile --profile-step-start 5 --profile-step-end 5"), vocab_size=32000,
                          world_size=32)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("--model-parallel-size 2", "--model-parallel-size: Megatron-LM refuses it too \\(no longer valid\\); use "
+                                "--tensor-model-parallel-size"),
+    ("--checkpoint-activations", "--checkpoint-activations: Megatron-LM refuses it too"),
+    ("--freeze-all-layers", "--freeze-all-layers: this trains no weight"),
+    ("--fim-data", "--fim-data: this trains fill-in-the-middle rearranged samples"),
+    ("--sft", "--sft: this trains supervised fine-tuning"),
+    ("--perform-rl-step", "--perform-rl-step: this trains reinforcement learning"),
+    ("--iterations-to-skip 120 121", "--iterations-to-skip 120 121: megamath trains every step's samples"),
+    ("--mtp-num-layer 2", "--mtp-num-layer is not a key this converter knows; did you mean --mtp-num-layers\\?"),
+])
+def test_flags_that_would_convert_into_another_run_are_refused(extra, message):
+    """Each was listed as an unknown flag and the conversion went on: old scripts' flags that Megatron-LM now stops
+    on (a TP size silently 1), runs that train something else (frozen, FIM, SFT, RL), batches meant to be skipped,
+    and a slip inside a family of listed settings."""
+    with pytest.raises(ValueError, match="^" + message) as err:
+        convert_megatron(_words(extra), vocab_size=32000, world_size=32)
+    assert "\n" not in str(err.value)
+
+
+def test_real_flags_near_a_read_one_are_listed_not_taken_for_typos():
+    """--mtp-hybrid-override-pattern (a real flag) is one slip from --hybrid-override-pattern: it was refused as a
+    typo; settings of whole families of features are listed with why, not as unknown flags."""
+    conversion = convert_megatron(_words("--mtp-hybrid-override-pattern M --inference-max-requests 8 "
+                                         "--tp-comm-overlap-cfg x.yaml --manual-gc --main-grads-dtype bf16"),
+                                  vocab_size=32000, world_size=32)
+    listed = {u.key: u for u in conversion.unmapped}
+    assert "inert without --mtp-num-layers" in listed["--mtp-hybrid-override-pattern"].reason
+    assert listed["--inference-max-requests"].reason.startswith("inference-server settings")
+    assert "not overlapped" in listed["--tp-comm-overlap-cfg"].reason
+    assert listed["--manual-gc"].kind == "no equivalent" and listed["--main-grads-dtype"].kind == "unsupported"
+
+
+def test_the_vocabulary_follows_padded_vocab_size_and_no_pad_vocab_size():
+    """Megatron-LM's model has --padded-vocab-size rows as given, or the tokenizer's size with --no-pad-vocab-size;
+    both were ignored, so the converted model had another vocabulary size than the run's."""
+    assert convert_megatron(_words(""), vocab_size=32000, world_size=32).validate().model.vocab_size == 32000
+    conversion = convert_megatron(_words("--padded-vocab-size 32256"), vocab_size=32000, world_size=32)
+    assert conversion.validate().model.vocab_size == 32256
+    sizing = {u.key: u for u in conversion.unmapped}["--tokenizer-type"].reason
+    assert "32256 rows as --padded-vocab-size gives" in sizing
+    assert convert_megatron(_words("--no-pad-vocab-size --make-vocab-size-divisible-by 256"), vocab_size=32001,
+                            world_size=32).validate().model.vocab_size == 32001
+    with pytest.raises(ValueError, match="--padded-vocab-size 100 is below the tokenizer's 32000 tokens"):
+        convert_megatron(_words("--padded-vocab-size 100"), vocab_size=32000, world_size=32)

@@ -80,16 +80,19 @@ class Keys:
     def untaken(self) -> list[str]:
         return [k for k in self.raw if k not in self.taken]
 
-    def check_spelling(self, spell: Callable[[str], str]) -> None:
+    def check_spelling(self, spell: Callable[[str], str],
+                       known: Callable[[str, str], bool] = lambda key, close: False) -> None:
         """Refuse an unread key that is one slip away from a key the conversion reads and the source lacks.
 
         Why: such a key is almost surely a typo of that one (`tensor_model_paralel_size`), and listing it as
         "not converted" would drop its setting while the conversion went on (TP silently 1); Megatron-LM's
-        own argument parser refuses it too. `spell` writes a key as the user wrote it (`--flag-name`)."""
+        own argument parser refuses it too. `spell` writes a key as the user wrote it (`--flag-name`); `known(key,
+        close)` says that the key is a real one the converter lists, not a typo of `close` (Megatron-LM's
+        `mtp_hybrid_override_pattern` beside `hybrid_override_pattern`)."""
         wanted = [k for k in self.taken if k not in self.raw]
         for key in self.untaken():
             close = difflib.get_close_matches(key, wanted, n=1, cutoff=0.9)
-            if close:
+            if close and not known(key, close[0]):
                 raise ValueError(f"{spell(key)} is not a key this converter knows; did you mean {spell(close[0])}? "
                                  "(as written it would be left out, and its setting lost)")
 

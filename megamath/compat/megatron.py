@@ -104,6 +104,38 @@ KNOWN_UNMAPPED = {
        for k in ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim",
                  "rotary_scaling_factor", "mscale", "mscale_all_dim", "cache_mla_latents", "mla_down_proj_fusion")},
     "rope_scaling_factor": (NOT_NEEDED, "read only with --use-rope-scaling, which megamath refuses"),
+    **{k: (NO_EQUIVALENT, "megamath leaves Python's garbage collector on")
+       for k in ("manual_gc", "manual_gc_interval", "no_manual_gc_eval")},
+    **{k: (UNSUPPORTED, "megamath initializes every weight normal(0, init_std), output projections scaled, alike on "
+                        "every rank; only a run from random weights is affected")
+       for k in ("embedding_init_method_std", "init_method_xavier_uniform", "data_parallel_random_init")},
+    **{k: (UNSUPPORTED, "megamath's optimizer keeps fp32 master weights and moments (optimizer.grad_dtype sets the "
+                        "gradient buffer's): more memory, the exact update")
+       for k in ("use_precision_aware_optimizer", "main_grads_dtype", "main_params_dtype", "exp_avg_dtype",
+                 "exp_avg_sq_dtype", "optimizer_cpu_offload", "optimizer_offload_fraction")},
+    **{k: (UNSUPPORTED, "megamath shards the optimizer state (ZeRO-1); parameters and gradients stay whole on each "
+                        "data-parallel rank: more memory, the same updates")
+       for k in ("use_torch_fsdp2", "use_megatron_fsdp", "data_parallel_sharding_strategy")},
+    **{k: (NO_EQUIVALENT, "each validation set is evaluated on eval_batches micro-batches of the training size "
+                          "every eval_every steps")
+       for k in ("eval_micro_batch_size", "eval_global_batch_size", "full_validation", "start_eval_at_iter")},
+    **{k: (NOT_NEEDED, "megamath evaluates and reports each validation set on its own")
+       for k in ("multiple_validation_sets", "validation_set_names")},
+    "exit_signal": (NOT_NEEDED, "megamath saves and stops on SIGTERM and SIGUSR1"),
+    **{k: (NO_EQUIVALENT, "Megatron-LM's rerun machine; megamath skips a step with a non-finite loss or gradient "
+                          "norm and stops after max_consecutive_nonfinite in a row")
+       for k in ("check_for_spiky_loss", "check_for_large_grads", "result_rejected_tracker_filename",
+                 "error_injection_rate", "error_injection_type")},
+    "no_weight_decay_cond_type": (NOT_NEEDED, "its one choice decays q/k layernorms, which megamath refuses"),
+    "apply_wd_to_qk_layernorm": (NOT_NEEDED, "q/k layernorms, which megamath refuses"),
+    "deterministic_mode": (NO_EQUIVALENT, "megamath has no such switch (its attention leaves atomic and "
+                                          "non-deterministic backends out only under "
+                                          "torch.use_deterministic_algorithms)"),
+    **{k: (NOT_NEEDED, "each rank initializes its own shard on its device") for k in (
+        "use_cpu_initialization", "no_initialization", "init_model_with_meta_device")},
+    **{k: (NOT_NEEDED, "read only with fp16 loss scaling; megamath trains in bfloat16 without it")
+       for k in ("loss_scale", "initial_loss_scale", "min_loss_scale", "loss_scale_window", "hysteresis",
+                 "fp16_lm_cross_entropy")},
     "no_position_embedding": (NOT_NEEDED, "megamath has no learned position embedding (RoPE only)"),
     "fp32_residual_connection": (UNSUPPORTED, "megamath keeps the residual stream in the parameter dtype"),
     **{k: (NOT_NEEDED, "megamath skips a step with a non-finite loss or gradient norm and stops after "
@@ -112,9 +144,16 @@ KNOWN_UNMAPPED = {
     **{k: (NOT_NEEDED, "samples are memory-mapped and read in the training process, in an order fixed by the step")
        for k in ("dataloader_type", "num_dataset_builder_threads", "no_mmap_bin_files")},
     **{k: (NOT_NEEDED, "metrics.jsonl records each step's time per phase and the slowest rank")
-       for k in ("log_straggler", "straggler_minmax_count", "barrier_with_l1_time", "logging_level",
+       for k in ("log_straggler", "straggler_minmax_count", "barrier_with_L1_time", "logging_level",
                  "tensorboard_queue_size")},
 }
+LEGACY_FLAGS = {"model_parallel_size": "--tensor-model-parallel-size", "batch_size": "--micro-batch-size",
+                "warmup": "--lr-warmup-fraction", "checkpoint_activations": "--recompute-activations"}
+"""Flags of old Megatron-LM scripts that Megatron-LM now stops on: a script with one does not run there."""
+OTHER_TRAINING = {"freeze_all_layers": "no weight (every layer frozen)",
+                  "fim_data": "fill-in-the-middle rearranged samples", "sft": "supervised fine-tuning (prompts "
+                  "left out of the loss)", "perform_rl_step": "reinforcement learning (GRPO)"}
+"""Switches whose run trains on something other than the blend's tokens, or trains nothing."""
 # Prefixes of settings that only act with a switch megamath refuses (a dense Llama ignores them).
 INERT_FAMILIES = {
     "moe_": "MoE settings: inert without --num-experts (megamath trains dense models)",
@@ -125,6 +164,38 @@ INERT_FAMILIES = {
     "mup_": "muP settings: inert without --use-mup",
     "mhc_": "hyper-connection settings: inert without --enable-mhc-connections",
     "linear_": "linear-attention settings: inert without --linear-attention-freq",
+    "fim_": "fill-in-the-middle settings: inert without --fim-data, which megamath refuses",
+    "sft_": "supervised fine-tuning settings: inert without --sft, which megamath refuses",
+    "rl_": "reinforcement-learning settings: inert without --perform-rl-step, which megamath refuses",
+    "grpo_": "reinforcement-learning settings: inert without --perform-rl-step, which megamath refuses",
+    "muon_": "settings of another optimizer than Adam (--optimizer), which megamath refuses",
+    "lion_": "settings of another optimizer than Adam (--optimizer), which megamath refuses",
+    "sgd_": "settings of another optimizer than Adam (--optimizer), which megamath refuses",
+    "fp8_": "FP8 settings: inert without --fp8-format, which megamath does not train",
+    "fp4_": "FP4 settings: megamath's matrix multiplies run in bfloat16",
+    "inference_": "inference-server settings, not training",
+    "tp_comm_": "tensor-parallel communication overlap (Transformer Engine); megamath's TP collectives are not "
+                "overlapped with compute",
+    "cuda_graph": "CUDA graphs; megamath's step is not captured in one",
+    "inprocess_": "Megatron-LM's in-process restart; megamath is restarted by the job and resumes from its latest "
+                  "checkpoint",
+    "fault_injector_": "fault injection, a test aid",
+    "one_logger": "NVIDIA's one-logger telemetry; metrics.jsonl is megamath's record",
+    "otel_": "OpenTelemetry tracing; metrics.jsonl is megamath's record",
+    "flight_recorder": "NCCL flight recorder dumps",
+    "logits_": "logit dumping for distillation, not training",
+    "async_ckpt": "asynchronous checkpointing, which megamath does not do (each save is synchronous)",
+    "ckpt_": "Megatron-LM checkpoint-format settings; megamath writes its own format",
+    "non_persistent_": "Megatron-LM's non-persistent (local) checkpoints; megamath saves every checkpoint.save_every "
+                       "steps to RUN_DIR",
+    "dataloader_": "Megatron-LM data-loader tuning; megamath memory-maps its datasets in the training process",
+    "tokenizer_": "tokenizer settings; megamath reads token ids from the preprocessed datasets",
+    "tiktoken_": "tokenizer settings; megamath reads token ids from the preprocessed datasets",
+    "null_tokenizer_": "tokenizer settings; megamath reads token ids from the preprocessed datasets",
+    "megatron_fsdp": "FSDP settings; megamath shards the optimizer state (ZeRO-1)",
+    "fsdp_": "FSDP settings; megamath shards the optimizer state (ZeRO-1)",
+    **{k: "a vision, retrieval or BERT model's setting, not a GPT's"
+       for k in ("dino_", "ict_", "biencoder_", "retriever_", "vision_", "bert_", "img_")},
 }
 # Flags that change the model a Llama is (Megatron-LM's defaults leave it one): {flag: (values that change
 # nothing, what it trains instead)}. Listed as "no equivalent", each would convert into another model; a checkpoint
@@ -276,14 +347,27 @@ def convert_megatron(words: Sequence[str], world_size: int | None = None, vocab_
     _schedule(flags, global_batch, out)
     _data_and_checkpoints(flags, out)
     _profiling(flags, out)
-    flags.check_spelling(lambda key: "--" + key.replace("_", "-"))
+    flags.check_spelling(lambda key: "--" + key.replace("_", "-"), known=_not_a_typo)
     for key in flags.untaken():
-        family = next((why for prefix, why in INERT_FAMILIES.items() if key.startswith(prefix)), None)
-        kind, reason = KNOWN_UNMAPPED.get(key, (NOT_NEEDED, family) if family else (
-            NO_EQUIVALENT, "not a Megatron-LM training flag this converter knows; ignored"))
+        kind, reason = _listed(key) or (NO_EQUIVALENT, "not a Megatron-LM training flag this converter knows; ignored")
         out.unmapped.append(Unmapped("--" + key.replace("_", "-"), kind, reason))
     out.validate()
     return out
+
+
+def _not_a_typo(key: str, close: str) -> bool:
+    """Whether `key`, one slip away from `close`, is a flag this converter lists: by name, or in a family of
+    settings other than `close`'s (a slip inside a family, `mtp_num_layer`, stays a typo)."""
+    if key in KNOWN_UNMAPPED:
+        return True
+    family = next((prefix for prefix in INERT_FAMILIES if key.startswith(prefix)), None)
+    return family is not None and not close.startswith(family)
+
+
+def _listed(key: str) -> tuple[str, str] | None:
+    """(kind, reason) of a flag this converter knows and does not map, or None."""
+    family = next((why for prefix, why in INERT_FAMILIES.items() if key.startswith(prefix)), None)
+    return KNOWN_UNMAPPED.get(key, (NOT_NEEDED, family) if family else None)
 
 
 def _refuse(flags: Flags) -> None:
@@ -357,6 +441,17 @@ def _refuse(flags: Flags) -> None:
             continue
         raise ValueError(f"--{key.replace('_', '-')}{''.join(' ' + str(v) for v in value)}: this trains {what}; "
                          "megamath trains the Llama architecture only")
+    for key, instead in LEGACY_FLAGS.items():
+        if flags.take(key) is not None:
+            raise ValueError(f"--{key.replace('_', '-')}: Megatron-LM refuses it too (no longer valid); use {instead}")
+    for key, what in OTHER_TRAINING.items():
+        if flags.on(key):
+            raise ValueError(f"--{key.replace('_', '-')}: this trains {what}; megamath trains every weight on every "
+                             "token of the blend (continued pretraining)")
+    skipped = flags.take("iterations_to_skip")
+    if skipped:
+        raise ValueError(f"--iterations-to-skip {' '.join(skipped)}: megamath trains every step's samples (no skip "
+                         "list); remove it, or stop before those steps and resume past them with init_step")
     if flags.take("yaml_cfg") is not None:
         raise ValueError("--yaml-cfg: Megatron-LM then reads the settings from that YAML file, which this converter "
                          "does not read; give them as flags")
@@ -428,6 +523,13 @@ def _vocab_size(flags: Flags, given: int | None, tp: int, out: Conversion) -> in
     multiple = flags.one("make_vocab_size_divisible_by", int, 128, low=1) * tp
     padded = multiple * math.ceil(given / multiple)
     sizing = f"{given} tokens, padded to {padded} as Megatron pads (make_vocab_size_divisible_by × TP)"
+    fixed, unpadded = flags.one("padded_vocab_size", int, None, low=1), flags.on("no_pad_vocab_size")
+    if fixed is not None:  # Megatron-LM takes the model's vocabulary as given, padding nothing
+        if fixed < given:
+            raise ValueError(f"--padded-vocab-size {fixed} is below the tokenizer's {given} tokens")
+        padded, sizing = fixed, f"{given} tokens, {fixed} rows as --padded-vocab-size gives"
+    elif unpadded:
+        padded, sizing = given, f"{given} tokens, unpadded (--no-pad-vocab-size)"
     if tokenizer is None:
         out.notes.append(f"vocabulary: {sizing}")
     else:

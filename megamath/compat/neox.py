@@ -196,14 +196,27 @@ def convert_neox(raw: dict, vocab_size: int | None = None, source: str = "") -> 
     _schedule(keys, out)
     _checkpointing(keys, out)
     _logging(keys, out)
-    keys.check_spelling(str)
+    keys.check_spelling(str, known=_not_a_typo)
     for key in keys.untaken():
-        family = next((why for prefix, why in INERT_FAMILIES.items() if key.startswith(prefix)), None)
-        kind, reason = KNOWN_UNMAPPED.get(key, (NOT_NEEDED, family) if family else (
-            NO_EQUIVALENT, "not a GPT-NeoX training key this converter knows; ignored"))
+        kind, reason = _listed(key) or (NO_EQUIVALENT, "not a GPT-NeoX training key this converter knows; ignored")
         out.unmapped.append(Unmapped(key, kind, reason))
     out.validate()
     return out
+
+
+def _not_a_typo(key: str, close: str) -> bool:
+    """Whether `key`, one slip away from `close`, is a key this converter lists: by name, or in a family of
+    settings other than `close`'s (a slip inside a family, `mtp_num_layer`, stays a typo)."""
+    if key in KNOWN_UNMAPPED:
+        return True
+    family = next((prefix for prefix in INERT_FAMILIES if key.startswith(prefix)), None)
+    return family is not None and not close.startswith(family)
+
+
+def _listed(key: str) -> tuple[str, str] | None:
+    """(kind, reason) of a key this converter knows and does not map, or None."""
+    family = next((why for prefix, why in INERT_FAMILIES.items() if key.startswith(prefix)), None)
+    return KNOWN_UNMAPPED.get(key, (NOT_NEEDED, family) if family else None)
 
 
 def neox_model_config(raw: dict, vocab_size: int) -> tuple[dict, list[str]]:
