@@ -536,6 +536,7 @@ def test_profile_flags_map_to_the_profile_window():
     ("--sft", "--sft: this trains supervised fine-tuning"),
     ("--perform-rl-step", "--perform-rl-step: this trains reinforcement learning"),
     ("--iterations-to-skip 120 121", "--iterations-to-skip 120 121: megamath trains every step's samples"),
+    ("--phase-transition-iterations 1000,2000", "--phase-transition-iterations 1000,2000: Megatron-LM stops at each"),
     ("--mtp-num-layer 2", "--mtp-num-layer is not a key this converter knows; did you mean --mtp-num-layers\\?"),
 ])
 def test_flags_that_would_convert_into_another_run_are_refused(extra, message):

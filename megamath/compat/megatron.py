@@ -165,6 +165,7 @@ INERT_FAMILIES = {
     "mhc_": "hyper-connection settings: inert without --enable-mhc-connections",
     "linear_": "linear-attention settings: inert without --linear-attention-freq",
     "fim_": "fill-in-the-middle settings: inert without --fim-data, which megamath refuses",
+    "lr_wsd_": "warmup-stable-decay settings: inert without --lr-decay-style WSD, which megamath refuses",
     "sft_": "supervised fine-tuning settings: inert without --sft, which megamath refuses",
     "rl_": "reinforcement-learning settings: inert without --perform-rl-step, which megamath refuses",
     "grpo_": "reinforcement-learning settings: inert without --perform-rl-step, which megamath refuses",
@@ -448,6 +449,12 @@ def _refuse(flags: Flags) -> None:
         if flags.on(key):
             raise ValueError(f"--{key.replace('_', '-')}: this trains {what}; megamath trains every weight on every "
                              "token of the blend (continued pretraining)")
+    phases = flags.one("phase_transition_iterations", str, None)
+    if phases:
+        raise ValueError(f"--phase-transition-iterations {phases}: Megatron-LM stops at each and builds each phase's "
+                         "samples for that phase alone; megamath's sample order spans the whole run: remove it for "
+                         "one order over all train_steps (data.sample_order megatron then follows Megatron-LM "
+                         "without phases)")
     skipped = flags.take("iterations_to_skip")
     if skipped:
         raise ValueError(f"--iterations-to-skip {' '.join(skipped)}: megamath trains every step's samples (no skip "
