@@ -140,6 +140,8 @@ KNOWN_UNMAPPED = {
     "pipe_partition_method": (NOT_NEEDED, "a pipeline layout; megamath has no pipeline parallelism"),
     "curriculum_seqlen": (NOT_NEEDED, "read only with curriculum_learning, which megamath refuses"),
     "batch_size": (NOT_NEEDED, "an alias of train_micro_batch_size_per_gpu, which is set"),
+    "gas": (NOT_NEEDED, "an alias of gradient_accumulation_steps, which is set"),
+    "save_iters": (NOT_NEEDED, "GPT-NeoX derives it from checkpoint_factor (checkpoint.save_every)"),
     "use_comet": (NO_EQUIVALENT, "Comet ML logging; megamath writes metrics.jsonl, TensorBoard and W&B"),
     **{k: (NO_EQUIVALENT, "a GPT-NeoX main key (read with activation swiglu); this config's MLP is the llemma "
                           "branch's (mlp_type llama)")
