@@ -573,3 +573,12 @@ def test_the_vocabulary_follows_padded_vocab_size_and_no_pad_vocab_size():
                             world_size=32).validate().model.vocab_size == 32001
     with pytest.raises(ValueError, match="--padded-vocab-size 100 is below the tokenizer's 32000 tokens"):
         convert_megatron(_words("--padded-vocab-size 100"), vocab_size=32000, world_size=32)
+
+
+def test_zero_centered_norms_are_a_llama_with_a_note():
+    """--apply-layernorm-1p (γ − 1 stored) was refused; it is the same model and the same Adam updates."""
+    conversion = convert_megatron(_words("--apply-layernorm-1p"), vocab_size=32000, world_size=32)
+    conversion.validate()
+    assert any(note.startswith("--apply-layernorm-1p: Megatron-LM stores each norm weight as γ − 1")
+               for note in conversion.notes)
+    assert "--apply-layernorm-1p" not in {u.key for u in conversion.unmapped}

@@ -19,6 +19,7 @@ from megamath.compat.pickle_guard import Foreign, guarded_load, plain_args
 from megamath.generation.loading import load_model
 
 import foreign_checkpoints
+import trainer_checkpoints as tc
 from foreign_checkpoints import Trainer, rewrite
 
 # Megatron-LM's two formats: TP 2 × PP 2, PP 2 with 2 virtual stages each (layers 0 2 on stage 0, 1 3 on 1), TP 2
@@ -499,3 +500,19 @@ def test_a_batch_size_ramp_is_noted_beside_the_continue_hint(tmp_path, capsys, m
     convert(written("torch_tp2_pp2"), tmp_path / "hf")
     assert ("note: its consumed_train_samples 72 is not iteration × global batch 80 (a batch-size ramp?): init_step "
             "continues at sample 80 of the order") in capsys.readouterr().out
+
+
+def test_zero_centered_norms_convert_with_the_one_added_back(tmp_path):
+    """--apply-layernorm-1p (Megatron-LM's own Llama 3 example sets it) stores each norm weight as γ − 1; it was
+    refused. The converted model computes the model's own logits, its norms γ."""
+    model = tc.source_model(seed=7)
+    src = tc.write_megatron_torch_dist(model, tmp_path / "megatron", tp=2, zero_centered_gamma=True)
+    stored = read_megatron_checkpoint(src).tensors
+    norm = next(name for name in stored if name.endswith("final_norm"))
+    assert read_megatron_checkpoint(src).tensor(norm).abs().max() < 0.5  # around 0, not 1: γ − 1 is stored
+    convert(src, tmp_path / "hf")
+    converted = load_model(tmp_path / "hf", device="cpu", kernels="reference")
+    with torch.no_grad():
+        torch.testing.assert_close(converted(tc.INPUT_IDS).float(), tc.logits(model).float(), rtol=1e-5, atol=1e-5)
+    weights = load_file(tmp_path / "hf" / "model.safetensors")
+    torch.testing.assert_close(weights["model.norm.weight"].float(), model.state_dict()["norm.weight"].float())

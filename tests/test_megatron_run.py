@@ -350,3 +350,21 @@ def test_after_a_batch_size_ramp_the_run_reads_on_from_megatrons_consumed_sample
     assert lr != lr_at(11, config.optimizer.lr, config.schedule)
     assert [r["lr"] for r in metrics(tmp_path / "run") if "step" in r] == [lr]
     assert TrainCheckpoint(tmp_path / "run" / "checkpoints" / "step_0000011").meta["consumed_samples"] == 78
+
+
+@pytest.mark.parametrize("sharding", SHARDINGS)
+def test_zero_centered_norms_continue_with_their_masters_shifted_and_their_moments_kept(tmp_path, sharding):
+    """--apply-layernorm-1p: Megatron-LM's norm weights and fp32 masters are γ − 1; the run's are γ. Adam's
+    moments are those of the same gradients, so they carry over as they are."""
+    model = source_model()
+    states = random_states(model, 1)
+    src = write_megatron_torch_dist(model, tmp_path / "megatron", tp=2, zero_centered_gamma=True,
+                                    adam={"sharding": sharding, "step": 9, "bucket_numel": 1000, **states})
+    done = convert_megatron_to_run(src, tmp_path / "run", small_config(tmp_path, parallel__tp_size=2))
+    saved = TrainCheckpoint(done.checkpoint)
+    for name in model.state_dict():
+        got = saved.param_state(name)
+        for key in ("master", "exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(got[key], states[key][name], rtol=0, atol=3e-7, msg=f"{name} {key}")
+        torch.testing.assert_close(saved.weight(name).float(), model.state_dict()[name].to(torch.bfloat16).float(),
+                                   rtol=0, atol=2**-7, msg=name)

@@ -189,7 +189,8 @@ def _stage_chunks(state: dict, config: ModelConfig, tp: int, pp: int, vp: int | 
 
 
 def write_megatron_torch_dist(model: Llama, save: Path, tp: int, adam: dict | None = None, iteration: int = 10,
-                              global_batch: int = 8, consumed: int | None = None) -> Path:
+                              global_batch: int = 8, consumed: int | None = None,
+                              zero_centered_gamma: bool = False) -> Path:
     """`--ckpt-format torch_dist`: a distributed checkpoint of global tensors, layers stacked on a first axis
     (Transformer Engine's norm names), one chunk per layer and TP rank, the args in a `common_state` bytes
     item, as Megatron-LM's dist_checkpointing writes them.
@@ -197,11 +198,19 @@ def write_megatron_torch_dist(model: Llama, save: Path, tp: int, adam: dict | No
     `adam` adds an optimizer state as Megatron-LM stores it: {"sharding": "per parameter" (the non-distributed
     optimizer: exp_avg, exp_avg_sq, and fp32_param for the bf16 parameters, the step in `common_step`) or
     "fully_reshardable" (the distributed optimizer's `param` for all, the step in the param groups), "step",
-    and megamath state dicts for "master", "exp_avg", "exp_avg_sq"}."""
+    and megamath state dicts for "master", "exp_avg", "exp_avg_sq"}.
+
+    `zero_centered_gamma` stores each norm weight, and its master, as γ − 1 (`--apply-layernorm-1p`)."""
     config = model.config
-    tensors = {k: (_stored(k, t), dim) for k, (t, dim) in _megatron_global(model.state_dict(), config).items()}
+    state = model.state_dict()
+    if zero_centered_gamma:
+        state = {n: t - 1 if "norm" in n else t for n, t in state.items()}
+        if adam is not None:
+            adam = {**adam, "master": {n: t - 1 if "norm" in n else t for n, t in adam["master"].items()}}
+    tensors = {k: (_stored(k, t), dim) for k, (t, dim) in _megatron_global(state, config).items()}
     common = {"args": megatron_args(config, tp, 1, None, "torch_dist", iteration, global_batch, consumed),
               "checkpoint_version": 3.0, "iteration": iteration, "num_floating_point_operations_so_far": 0}
+    common["args"].layernorm_zero_centered_gamma = zero_centered_gamma
     objects = {}
     if adam is not None:  # the stages' layers matter to the bucketed layout only; "args" sets any other
         common["args"].pipeline_model_parallel_size = adam.get("pp", 1)

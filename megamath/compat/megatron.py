@@ -411,7 +411,7 @@ def _refuse(flags: Flags) -> None:
     if factor != 1:
         raise ValueError(f"--rotary-seq-len-interpolation-factor {factor}: megamath computes Llama's plain RoPE only "
                          "(no position interpolation)")
-    for key in ("fp16", "apply_layernorm_1p", "qk_layernorm", "eod_mask_loss", "reset_position_ids",
+    for key in ("fp16", "qk_layernorm", "eod_mask_loss", "reset_position_ids",
                 "reset_attention_mask", "add_qkv_bias", "add_bias_linear", "apply_residual_connection_post_layernorm"):
         if flags.on(key):
             raise ValueError(f"--{key.replace('_', '-')}: megamath cannot train that (" +
@@ -483,6 +483,11 @@ def _model(flags: Flags, vocab_size: int | None, tp: int, out: Conversion) -> di
     eps = flags.one("norm_epsilon", float, None)
     if eps is None:
         eps = flags.one("layernorm_epsilon", float, 1e-5)  # the older name, in the versions before the rename
+    if flags.on("apply_layernorm_1p"):
+        out.notes.append("--apply-layernorm-1p: Megatron-LM stores each norm weight as γ − 1, megamath as γ (a "
+                         "Llama's): the same model, and the same Adam updates (the gradient is the same and neither "
+                         "decays norms); only bf16 rounds γ and γ − 1 differently. Its checkpoints convert with the "
+                         "1 added back (megatron-to-hf, megatron-to-run)")
     return {
         "vocab_size": _vocab_size(flags, vocab_size, tp, out), "hidden_size": h, "num_layers": shape["num_layers"],
         "num_heads": heads, "num_kv_heads": groups if gqa else heads, "ffn_hidden_size": ffn,

@@ -38,8 +38,7 @@ def _refuse(args: dict) -> None:
     for name, value, want in wanted:
         if value != want:
             raise ValueError(f"checkpoint args: {name} is {value!r}: {_ARCHITECTURE} ({name} {want!r})")
-    for name in ("add_bias_linear", "add_qkv_bias", "qk_layernorm", "apply_layernorm_1p",
-                 "layernorm_zero_centered_gamma", "rotary_interleaved", "use_rope_scaling",
+    for name in ("add_bias_linear", "add_qkv_bias", "qk_layernorm", "rotary_interleaved", "use_rope_scaling",
                  "apply_residual_connection_post_layernorm", "multi_latent_attention", "attention_output_gate"):
         if arg(name, False):
             raise ValueError(f"checkpoint args: {name} is set: {_ARCHITECTURE}")
@@ -83,9 +82,18 @@ def llama_config(args: dict, vocab_size: int | None = None) -> ModelConfig:
     )
 
 
-def llama_state_dict(weights: MegatronWeights, config: ModelConfig) -> dict[str, Deferred]:
+def zero_centered(args: dict) -> bool:
+    """Whether the norms are stored as γ − 1 (`--apply-layernorm-1p`; its newer name zero-centered gamma): the
+    same model as a Llama's, whose norm weight is γ."""
+    return bool(args.get("layernorm_zero_centered_gamma") or args.get("apply_layernorm_1p"))
+
+
+def llama_state_dict(weights: MegatronWeights, config: ModelConfig, norms_plus_one: bool = False
+                     ) -> dict[str, Deferred]:
     """megamath's Llama state dict (serial names and shapes) of a checkpoint's global weights, each tensor
-    made when it is written (the rank files' slices are joined then, one tensor at a time)."""
+    made when it is written (the rank files' slices are joined then, one tensor at a time). `norms_plus_one`
+    turns zero-centered norm weights (and their fp32 masters; not Adam's moments, which a shift leaves as they
+    are) into γ, added in float32."""
     t = weights.tensors
     if weights.num_layers != config.num_layers:
         raise ValueError(f"the checkpoint holds {weights.num_layers} layers, its args say num_layers "
@@ -98,6 +106,9 @@ def llama_state_dict(weights: MegatronWeights, config: ModelConfig) -> dict[str,
     def put(name: str, source: str, cut) -> None:
         out[name] = Deferred(shapes[name], t[source].dtype, lambda: cut(weights.tensor(source)))
 
+    def norm(x):
+        return (x.float() + 1).to(x.dtype) if norms_plus_one else x
+
     _check_sources(weights, config)
 
     def grouped(x):  # per query group: its query heads, its key head, its value head
@@ -105,16 +116,16 @@ def llama_state_dict(weights: MegatronWeights, config: ModelConfig) -> dict[str,
     put("embed_tokens.weight", "embedding", lambda x: x[:v])
     for i in range(config.num_layers):
         prefix, qkv = f"layers.{i}.", f"layers.{i}.qkv"
-        put(prefix + "input_layernorm.weight", prefix + "input_norm", lambda x: x)
+        put(prefix + "input_layernorm.weight", prefix + "input_norm", norm)
         put(prefix + "self_attn.q_proj.weight", qkv, lambda x: grouped(x)[:, :per_group].reshape(-1, x.shape[1]))
         put(prefix + "self_attn.k_proj.weight", qkv, lambda x: grouped(x)[:, per_group].reshape(-1, x.shape[1]))
         put(prefix + "self_attn.v_proj.weight", qkv, lambda x: grouped(x)[:, per_group + 1].reshape(-1, x.shape[1]))
         put(prefix + "self_attn.o_proj.weight", prefix + "proj", lambda x: x)
-        put(prefix + "post_attention_layernorm.weight", prefix + "mlp_norm", lambda x: x)
+        put(prefix + "post_attention_layernorm.weight", prefix + "mlp_norm", norm)
         put(prefix + "mlp.gate_proj.weight", prefix + "fc1", lambda x: x.chunk(2, dim=0)[0])  # fc1 is [gate; up]
         put(prefix + "mlp.up_proj.weight", prefix + "fc1", lambda x: x.chunk(2, dim=0)[1])
         put(prefix + "mlp.down_proj.weight", prefix + "fc2", lambda x: x)
-    put("norm.weight", "final_norm", lambda x: x)
+    put("norm.weight", "final_norm", norm)
     put("lm_head.weight", "output" if "output" in t else "embedding", lambda x: x[:v])  # tied: the embedding
     return out
 
@@ -146,7 +157,7 @@ def convert_megatron_to_hf(src: str | Path, dst: str | Path, vocab_size: int | N
     and which special token ids were written."""
     weights = read_megatron_checkpoint(src)
     config = llama_config(weights.args, vocab_size)
-    state = llama_state_dict(weights, config)
+    state = llama_state_dict(weights, config, norms_plus_one=zero_centered(weights.args))
     kind = weights.args.get("tokenizer_type")
     if kind in SENTENCEPIECE_TYPES:
         ids, said = sentencepiece_token_ids(weights.args.get("tokenizer_model"), "the args' tokenizer_model")

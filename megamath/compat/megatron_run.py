@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from megamath.compat.megatron_checkpoint import read_megatron_checkpoint
-from megamath.compat.megatron_llama import llama_config, llama_state_dict, training_dtype
+from megamath.compat.megatron_llama import llama_config, llama_state_dict, training_dtype, zero_centered
 from megamath.compat.megatron_optimizer import read_megatron_adam
 from megamath.compat.run_writer import ForeignRun, RunConversion, check_model, check_vocabulary, write_run
 from megamath.training.config import TrainConfig
@@ -39,11 +39,13 @@ def convert_megatron_to_run(src: str | Path, run_dir: str | Path, config: TrainC
         raise ValueError(f"{src}: the checkpoint's args give consumed_train_samples {consumed!r}, not a count between "
                          f"0 and iteration × global batch {weights.iteration * batch}; the data position needs it")
     adam = read_megatron_adam(weights)
+    shifted = zero_centered(weights.args)  # γ − 1 stored: the weights and masters take the 1 back, the moments not
     source = ForeignRun(
         "Megatron-LM", "megatron", Path(src), weights.iteration, batch, consumed, consumed, adam.step, adam.betas,
         adam.eps, adam.sharding, _layout(weights.args),
-        model, llama_state_dict(weights, model),
-        {key: llama_state_dict(found, model) for key, found in adam.states.items()},
+        model, llama_state_dict(weights, model, norms_plus_one=shifted),
+        {key: llama_state_dict(found, model, norms_plus_one=shifted and key == "master")
+         for key, found in adam.states.items()},
         training_dtype(weights) or torch.bfloat16)
     return write_run(source, run_dir, config)
 
