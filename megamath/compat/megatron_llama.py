@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from megamath.compat.megatron import MODEL_CHANGES, SENTENCEPIECE_TYPES
+from megamath.compat.megatron import SENTENCEPIECE_TYPES
+from megamath.compat.megatron_flags import MODEL_CHANGES
 from megamath.compat.megatron_checkpoint import MegatronWeights, read_megatron_checkpoint
 from megamath.compat.tokenizer_ids import sentencepiece_token_ids
 from megamath.model.config import ModelConfig
