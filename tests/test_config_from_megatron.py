@@ -582,3 +582,43 @@ def test_zero_centered_norms_are_a_llama_with_a_note():
     assert any(note.startswith("--apply-layernorm-1p: Megatron-LM stores each norm weight as γ − 1")
                for note in conversion.notes)
     assert "--apply-layernorm-1p" not in {u.key for u in conversion.unmapped}
+
+
+# Megatron-LM's own examples/llama/train_llama3_8b_h100_fp8.sh (main of 2026-08-22) with real data, as `bash -x`
+# prints its command (the variables expanded).
+LLAMA3_EXAMPLE = """\
+torchrun --nproc_per_node 8 --nnodes 1 --node_rank 0 --master_addr localhost --master_port 29500 pretrain_gpt.py \
+ --use-mcore-models --num-layers 32 --hidden-size 4096 --ffn-hidden-size 14336 --num-attention-heads 32 \
+ --group-query-attention --num-query-groups 8 --kv-channels 128 --seq-length 8192 --max-position-embeddings 8192 \
+ --position-embedding-type rope --rotary-base 1000000 --rotary-percent 1.0 --attention-dropout 0.0 \
+ --hidden-dropout 0.0 --swiglu --normalization RMSNorm --init-method-std 0.0134 --attention-backend fused \
+ --apply-layernorm-1p --untie-embeddings-and-output-weights --disable-bias-linear --micro-batch-size 1 \
+ --global-batch-size 128 --train-samples 1953125000 --lr-decay-samples 1949218748 --lr-warmup-samples 3906252 \
+ --lr 0.00015 --min-lr 0.00001 --decoupled-lr 5.0e-4 --decoupled-min-lr 4.5e-5 --lr-decay-style cosine \
+ --clip-grad 1.0 --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --bf16 --grad-reduce-in-bf16 \
+ --cross-entropy-loss-fusion --calculate-per-token-loss --manual-gc --empty-unused-memory-level 1 \
+ --exit-duration-in-mins 235 --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather \
+ --fp8-format hybrid --fp8-amax-history-len 1024 --fp8-amax-compute-algo max --fp8-param-gather \
+ --tensor-model-parallel-size 1 --context-parallel-size 1 --sequence-parallel --data-path data/pp2_text_document \
+ --tokenizer-type HuggingFaceTokenizer --tokenizer-model tokenizer --data-cache-path cache --split '99,1,0' \
+ --no-create-attention-mask-in-dataloader --no-mmap-bin-files --num-workers 1 --vocab-size 128256 \
+ --log-interval 1 --eval-iters 32 --eval-interval 100 --save-interval 1000 --log-throughput --profile \
+ --profile-step-start 4 --profile-step-end 6 --ckpt-format torch_dist --distributed-timeout-minutes 60 \
+ --save checkpoints/llama3_8b_fp8 --load checkpoints/llama3_8b_fp8 --tensorboard-dir tensorboard_logs/llama3_8b_fp8
+"""
+
+
+def test_megatrons_own_llama3_example_converts_but_for_its_decoupled_lr():
+    """Every flag of the example is mapped or listed with its reason; only the decoupled learning rate of the
+    embedding and output layers, which megamath does not train, stops the conversion."""
+    words = shlex.split(LLAMA3_EXAMPLE.replace("\\\n", " "))
+    with pytest.raises(ValueError, match="^--decoupled-lr: megamath trains every parameter at one learning rate"):
+        convert_megatron(words, vocab_size=None)
+    i = words.index("--decoupled-lr")
+    conversion = convert_megatron(words[:i] + words[i + 4:], vocab_size=None)
+    config = conversion.validate()
+    assert (config.model.num_kv_heads, config.model.ffn_hidden_size, config.model.vocab_size) == (8, 14336, 128256)
+    assert (config.grad_accum_steps, config.exit_after_minutes, config.parallel.timeout_minutes) == (16, 235, 60)
+    assert (config.profile.steps, config.logging.tensorboard_dir) == ([5, 6], "tensorboard_logs/llama3_8b_fp8")
+    assert not [u.key for u in conversion.unmapped if "this converter knows" in u.reason]
+    assert {u.key for u in conversion.unmapped if u.kind == "unsupported"} >= {"--fp8-format", "--load"}

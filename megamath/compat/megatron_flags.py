@@ -106,6 +106,9 @@ KNOWN_UNMAPPED = {
                  "error_injection_rate", "error_injection_type")},
     "no_weight_decay_cond_type": (NOT_NEEDED, "its one choice decays q/k layernorms, which megamath refuses"),
     "apply_wd_to_qk_layernorm": (NOT_NEEDED, "q/k layernorms, which megamath refuses"),
+    "empty_unused_memory_level": (NOT_NEEDED, "megamath leaves PyTorch's caching allocator alone (no "
+                                              "empty_cache calls in the step)"),
+    "no_create_attention_mask_in_dataloader": (NOT_NEEDED, "megamath's attention is causal without a mask tensor"),
     "deterministic_mode": (NO_EQUIVALENT, "megamath has no such switch (its attention leaves atomic and "
                                           "non-deterministic backends out only under "
                                           "torch.use_deterministic_algorithms)"),
