@@ -578,8 +578,8 @@ def test_profile_keys_map_to_the_profile_window_and_the_run_name_to_w_and_b(tmp_
 
 
 @pytest.mark.parametrize("old, new, message", [
-    ('"betas": [0.9, 0.95],', '"betas": null,', r"optimizer.params.betas must be two numbers \[beta1, beta2\], got None"),
-    ('"betas": [0.9, 0.95],', '"betas": [0.9],', r"optimizer.params.betas must be two numbers \[beta1, beta2\], got \[0.9\]"),
+    ('"betas": [0.9, 0.95],', '"betas": null,', r"optimizer.params.betas must be two numbers .*, got None"),
+    ('"betas": [0.9, 0.95],', '"betas": [0.9],', r"optimizer.params.betas must be two numbers .*, got \[0.9\]"),
     ('"betas": [0.9, 0.95],', '"betas": [0.9, "x"],', r"optimizer.params.betas\[1\] must be a number, got 'x'"),
     ('"zero_optimization": {', '"zero_optimization": true, "unused": {', "zero_optimization must be a mapping of keys"),
     ('"data_types": {', '"data_types": "bf16", "unused2": {', "data_types must be a mapping of keys, got 'bf16'"),

@@ -157,7 +157,8 @@ def convert_megatron(words: Sequence[str], world_size: int | None = None, vocab_
     _profiling(flags, out)
     flags.check_spelling(lambda key: "--" + key.replace("_", "-"), known=UNMAPPED.not_a_typo)
     for key in flags.untaken():
-        kind, reason = UNMAPPED.reason(key) or (NO_EQUIVALENT, "not a Megatron-LM training flag this converter knows; ignored")
+        kind, reason = UNMAPPED.reason(key) or (NO_EQUIVALENT, "not a Megatron-LM training flag this converter knows; "
+                                                                "ignored")
         out.unmapped.append(Unmapped("--" + key.replace("_", "-"), kind, reason))
     out.validate()
     return out

@@ -75,7 +75,8 @@ def convert_neox(raw: dict, vocab_size: int | None = None, source: str = "") -> 
     _logging(keys, out)
     keys.check_spelling(str, known=UNMAPPED.not_a_typo)
     for key in keys.untaken():
-        kind, reason = UNMAPPED.reason(key) or (NO_EQUIVALENT, "not a GPT-NeoX training key this converter knows; ignored")
+        kind, reason = UNMAPPED.reason(key) or (NO_EQUIVALENT, "not a GPT-NeoX training key this converter knows; "
+                                                                "ignored")
         out.unmapped.append(Unmapped(key, kind, reason))
     out.validate()
     return out

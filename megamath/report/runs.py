@@ -85,8 +85,9 @@ def read_held_out(path: Path) -> dict:
         raise ValueError(f"{path}: not a held-out record (an object with a step >= 0)")
     for key in ("val_loss", "test_loss"):
         losses = record.get(key, {})
-        if not isinstance(losses, dict) or not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
-                                                   for v in losses.values()):
+        numbers = isinstance(losses, dict) and all(
+            v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in losses.values())
+        if not numbers:
             raise ValueError(f"{path}: {key} must map each set to a loss or null, got {losses!r}")
     return record
 
