@@ -109,8 +109,6 @@ def test_launcher_and_parsing():
     (("--rotary-base 10000", "--rotary-base 10000 --use-rope-scaling"), "--use-rope-scaling: megamath"),
     (("--swiglu", "--swiglu --apply-residual-connection-post-layernorm"),
      "--apply-residual-connection-post-layernorm: megamath cannot train that"),
-    # Megatron-LM's examples/llama script: an lr for the embedding and output layers was dropped as "unknown".
-    (("--lr 1e-4", "--lr 1e-4 --decoupled-lr 5.0e-4"), "--decoupled-lr: megamath trains every parameter at one"),
     # Megatron-LM's examples/gpt3 script: a batch-size schedule was dropped as "unknown".
     (("--micro-batch-size 4", "--micro-batch-size 4 --step-batch-size-schedule 0:16 2.4B:320"),
      "--step-batch-size-schedule: megamath trains with one global batch size"),
@@ -608,17 +606,18 @@ torchrun --nproc_per_node 8 --nnodes 1 --node_rank 0 --master_addr localhost --m
 """
 
 
-def test_megatrons_own_llama3_example_converts_but_for_its_decoupled_lr():
-    """Every flag of the example is mapped or listed with its reason; only the decoupled learning rate of the
-    embedding and output layers, which megamath does not train, stops the conversion."""
+def test_megatrons_own_llama3_example_converts():
+    """Every flag of the example is mapped or listed with its reason, its decoupled learning rate of the embedding
+    and output layer (refused until megamath trained one) included."""
     words = shlex.split(LLAMA3_EXAMPLE.replace("\\\n", " "))
-    with pytest.raises(ValueError, match="^--decoupled-lr: megamath trains every parameter at one learning rate"):
-        convert_megatron(words, vocab_size=None)
-    i = words.index("--decoupled-lr")
-    conversion = convert_megatron(words[:i] + words[i + 4:], vocab_size=None)
+    conversion = convert_megatron(words, vocab_size=None)
     config = conversion.validate()
     assert (config.model.num_kv_heads, config.model.ffn_hidden_size, config.model.vocab_size) == (8, 14336, 128256)
+    assert (config.optimizer.lr, config.optimizer.decoupled_lr, config.optimizer.decoupled_min_lr) == (1.5e-4, 5e-4,
+                                                                                                      4.5e-5)
     assert (config.grad_accum_steps, config.exit_after_minutes, config.parallel.timeout_minutes) == (16, 235, 60)
     assert (config.profile.steps, config.logging.tensorboard_dir) == ([5, 6], "tensorboard_logs/llama3_8b_fp8")
     assert not [u.key for u in conversion.unmapped if "this converter knows" in u.reason]
     assert {u.key for u in conversion.unmapped if u.kind == "unsupported"} >= {"--fp8-format", "--load"}
+    alone = convert_megatron(_words("--decoupled-min-lr 1e-5"), vocab_size=32000, world_size=32)
+    assert {u.key: u.reason for u in alone.unmapped}["--decoupled-min-lr"] == "read only with --decoupled-lr"

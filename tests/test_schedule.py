@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from megamath.training.schedule import ScheduleConfig, lr_at
+from megamath.training.schedule import ScheduleConfig, decoupled_lr_at, lr_at
 
 LLEMMA = ScheduleConfig(warmup_steps=500, decay_steps=48000, min_lr_ratio=1 / 30)
 
@@ -52,3 +52,16 @@ def test_errors():
         ScheduleConfig(min_lr_ratio=2)
     with pytest.raises(ValueError, match=r"^step must be > 0 \(the first update is step 1\), got 0$"):
         lr_at(0, 1e-4, LLEMMA)
+
+
+def test_the_decoupled_schedule_has_the_same_shape_from_its_own_peak_to_its_own_floor():
+    """Megatron-LM's --decoupled-lr group: the same warmup and cosine, from decoupled_lr to decoupled_min_lr, or to
+    the other parameters' floor (--min-lr, here min_lr_ratio × lr) without one."""
+    cfg = ScheduleConfig(warmup_steps=10, decay_steps=110, min_lr_ratio=0.1)
+    assert decoupled_lr_at(5, 1e-4, None, None, cfg) is None
+    assert decoupled_lr_at(5, 1e-4, 5e-4, 5e-5, cfg) == pytest.approx(2.5e-4)  # half of the warmup
+    assert decoupled_lr_at(60, 1e-4, 5e-4, 5e-5, cfg) == pytest.approx((5e-4 + 5e-5) / 2)  # the cosine's middle
+    assert decoupled_lr_at(500, 1e-4, 5e-4, 5e-5, cfg) == pytest.approx(5e-5)
+    assert decoupled_lr_at(500, 1e-4, 5e-4, None, cfg) == pytest.approx(1e-5)  # the others' floor, 0.1 × 1e-4
+    with pytest.raises(ValueError, match="floor 0.0001 .* is above optimizer.decoupled_lr 5e-05"):
+        decoupled_lr_at(1, 1e-3, 5e-5, None, ScheduleConfig(min_lr_ratio=0.1))

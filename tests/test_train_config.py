@@ -85,7 +85,7 @@ def test_llemma_mixture_expands_from_data_dir():
 
 @pytest.mark.parametrize("raw, message", [
     ({"optimizer": {"lrr": 1}}, "unknown key 'optimizer.lrr'; optimizer takes: lr, beta1, beta2, eps, weight_decay, "
-                                "clip_grad, grad_dtype, gradient_accumulation_fusion"),
+                                "clip_grad, grad_dtype, decoupled_lr, decoupled_min_lr, gradient_accumulation_fusion"),
     ({"modle": {}}, "unknown key 'modle'; config takes: model, parallel, optimizer, data, schedule, checkpoint, "
                     "profile, logging, metrics, run_dir, micro_batch_size, grad_accum_steps, train_steps, eval_every, "
                     "eval_batches, init_from_hf, init_step, param_dtype, seed, max_consecutive_nonfinite, log_every, exit_every, exit_after_minutes, evaluation, skip_train"),

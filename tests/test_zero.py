@@ -465,3 +465,51 @@ def test_a_second_micro_batch_into_an_auto_bf16_buffer_is_refused():
         with pytest.raises(ValueError, match=rf"^ZeroOptimizer: micro_batches must be an integer >= 1 or None, "
                                              rf"got {bad!r}$"):
             ZeroOptimizer(make_model(), ParallelState.single(), OptimizerConfig(), micro_batches=bad)
+
+
+DECOUPLED_LRS = [3e-2, 2e-2, 1e-2, 5e-3, 4e-3, 3e-3]  # optimizer.decoupled_lr's schedule (--decoupled-lr)
+
+
+@pytest.mark.parametrize("bucket_mb, overlap", [(0.0, False), (0.004, True)])
+def test_decoupled_parameters_step_at_their_own_learning_rate(bucket_mb, overlap):
+    """The embedding and the LM head at decoupled_lr, the rest at lr: torch's AdamW with them in a group of their
+    own (weight-decayed, as matrices are), whether the update runs whole or bucket by bucket."""
+    decoupled = ("embed_tokens.weight", "lm_head.weight")
+    reference = make_model()
+    params = dict(reference.named_parameters())
+    groups = [{"params": [p for n, p in params.items() if n not in decoupled and p.ndim >= 2],
+               "weight_decay": HP["weight_decay"]},
+              {"params": [p for n, p in params.items() if p.ndim < 2], "weight_decay": 0.0},
+              {"params": [params[n] for n in decoupled], "weight_decay": HP["weight_decay"]}]
+    opt = torch.optim.AdamW(groups, lr=LRS[0], betas=(HP["beta1"], HP["beta2"]), eps=HP["eps"], foreach=False)
+    for step in range(STEPS):
+        x, y = batch(step)
+        opt.zero_grad(set_to_none=True)
+        reference(x, y)[1].backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), CLIP)
+        for i, group in enumerate(opt.param_groups):
+            group["lr"] = DECOUPLED_LRS[step] if i == 2 else LRS[step]
+        opt.step()
+    model = make_model()
+    zero = ZeroOptimizer(model, ParallelState.single(), zero_config(decoupled_lr=DECOUPLED_LRS[0]),
+                         decoupled_names=decoupled, bucket_mb=bucket_mb, overlap_optimizer_step=overlap)
+    assert any(r.decoupled for r in zero.ranges) and not all(r.decoupled for r in zero.ranges)
+    for step in range(STEPS):
+        x, y = batch(step)
+        zero.zero_grad()
+        for xm, ym in zip(x.chunk(2), y.chunk(2)):
+            (model(xm, ym)[1] / 2).backward()
+        zero.step(LRS[step], decoupled_lr=DECOUPLED_LRS[step])
+    zero.finish_param_sync()
+    _assert_params_close(dict(model.named_parameters()), reference, f"decoupled bucket_mb {bucket_mb}")
+    plain = make_model()  # and the decoupled lr does move them: without it they end elsewhere
+    plain_opt = ZeroOptimizer(plain, ParallelState.single(), zero_config())
+    zero_train(plain, plain_opt, STEPS, 0, 1)
+    assert not torch.allclose(dict(plain.named_parameters())["embed_tokens.weight"],
+                              dict(model.named_parameters())["embed_tokens.weight"])
+
+
+def test_decoupled_names_must_name_parameters():
+    with pytest.raises(ValueError, match="split_names or decoupled_names name no trainable parameter of the model: "
+                                         "embed.weight"):
+        ZeroOptimizer(make_model(), ParallelState.single(), zero_config(), decoupled_names=["embed.weight"])

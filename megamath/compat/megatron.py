@@ -210,10 +210,6 @@ def _refuse(flags: Flags) -> None:
             raise ValueError(f"--{key.replace('_', '-')}: megamath cannot train that (" +
                              ("it trains in bfloat16 without loss scaling; use --bf16" if key == "fp16" else
                               "Llama layers, every token of the blend in the loss") + ")")
-    for key in ("decoupled_lr", "decoupled_min_lr"):
-        if flags.take(key) is not None:
-            raise ValueError(f"--{key.replace('_', '-')}: megamath trains every parameter at one learning rate "
-                             "(Megatron's decoupled lr applies to the embedding and output layers); remove it")
     for key in ("rampup_batch_size", "step_batch_size_schedule"):
         if flags.take(key) is not None:
             raise ValueError(f"--{key.replace('_', '-')}: megamath trains with one global batch size")
@@ -362,6 +358,11 @@ def _optimizer(flags: Flags, out: Conversion) -> None:
                                "weight_decay": flags.one("weight_decay", float, 0.01),
                                "clip_grad": flags.one("clip_grad", float, 1.0), "grad_dtype": grad_dtype,
                                "gradient_accumulation_fusion": not flags.on("no_gradient_accumulation_fusion")}
+    decoupled, decoupled_min = flags.one("decoupled_lr", float, None), flags.one("decoupled_min_lr", float, None)
+    if decoupled is not None:  # the embedding and output layer's own peak (and floor), on the others' schedule
+        out.config["optimizer"].update(decoupled_lr=decoupled, decoupled_min_lr=decoupled_min)
+    elif decoupled_min is not None:
+        out.unmapped.append(Unmapped("--decoupled-min-lr", NOT_NEEDED, "read only with --decoupled-lr"))
 
 
 def _batch(flags: Flags, world: int | None, tp: int, out: Conversion) -> int | None:

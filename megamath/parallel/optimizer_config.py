@@ -32,6 +32,12 @@ class OptimizerConfig:
     where nothing is summed into the buffer (bf16 weights, one micro-batch, one GPU), where "bf16" holds
     autograd's bf16 gradient as it is (zero_layout.resolve_grad_dtype). (Bucket sizes and the overlap of
     communication are `parallel.bucket_mb` / `overlap_grad_reduce` / `overlap_param_gather`.)"""
+    decoupled_lr: float | None = None
+    """Peak learning rate of the embedding and the LM head alone (Megatron-LM's --decoupled-lr), on the same
+    warmup and decay as the others, down to decoupled_min_lr; null: `lr`, like every parameter."""
+    decoupled_min_lr: float | None = None
+    """The floor of decoupled_lr's schedule (--decoupled-min-lr); null: the other parameters' floor,
+    schedule.min_lr_ratio × lr, as Megatron-LM takes --min-lr."""
     gradient_accumulation_fusion: bool = True
     """Megatron's `--gradient-accumulation-fusion` (its default; `--no-gradient-accumulation-fusion` is false
     here). True: every gradient of a linear weight is written, or added, by its weight-gradient matmul straight
@@ -62,6 +68,21 @@ class OptimizerConfig:
                 bounds = (f"in {'[' if low_ok else '('}{low:g}, {high:g}]" if math.isfinite(high)
                           else f"{'>=' if low_ok else '>'} {low:g} and finite")
                 raise ValueError(f"OptimizerConfig.{name} must be {bounds}, got {value!r}")
+        for name in ("decoupled_lr", "decoupled_min_lr"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or not 0.0 <= value <= 1.0 or (name == "decoupled_lr" and value == 0):
+                bounds = "(0, 1]" if name == "decoupled_lr" else "[0, 1]"
+                raise ValueError(f"OptimizerConfig.{name} must be a learning rate in {bounds} or null, got {value!r}")
+            setattr(self, name, float(value))
+        if self.decoupled_min_lr is not None and self.decoupled_lr is None:
+            raise ValueError("OptimizerConfig.decoupled_min_lr is set but decoupled_lr is not: it is the floor of "
+                             "decoupled_lr's schedule")
+        if self.decoupled_min_lr is not None and self.decoupled_min_lr > self.decoupled_lr:
+            raise ValueError(f"OptimizerConfig.decoupled_min_lr {self.decoupled_min_lr:g} is above decoupled_lr "
+                             f"{self.decoupled_lr:g}: the floor of a decay")
         if not isinstance(self.gradient_accumulation_fusion, bool):
             raise ValueError(f"OptimizerConfig.gradient_accumulation_fusion must be true or false, "
                              f"got {self.gradient_accumulation_fusion!r}")

@@ -115,14 +115,16 @@ class StepResult:
 
 @dataclass(frozen=True)
 class ShardRange:
-    """A run of the shard, [start, end) in shard coordinates, whose parameters share decay and TP-ness;
-    it lies in one bucket piece, at [flat_start, flat_start + end - start) of the flat buffers."""
+    """A run of the shard, [start, end) in shard coordinates, whose parameters share decay, TP-ness and learning
+    rate (`decoupled`: optimizer.decoupled_lr's); it lies in one bucket piece, at [flat_start, flat_start + end -
+    start) of the flat buffers."""
 
     start: int
     end: int
     flat_start: int
     decay: bool
     tensor_parallel: bool
+    decoupled: bool = False
 
     @property
     def flat(self) -> slice:
@@ -181,16 +183,17 @@ class ZeroOptimizer:
     def __init__(self, model: nn.Module, state: ParallelState, config: OptimizerConfig,
                  split_names: Collection[str] = (), *, bucket_mb: float = 0.0, overlap_grad_reduce: bool = False,
                  overlap_param_gather: bool = False, micro_batches: int | None = None,
-                 overlap_optimizer_step: bool = False):
+                 overlap_optimizer_step: bool = False, decoupled_names: Collection[str] = ()):
         self.state, self.config = state, config
         self.dp_size, self.dp_rank, self.dp_group = state.dp_size, state.dp_rank, state.dp_group
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("ZeroOptimizer: the model has no trainable parameters")
-        split_names = set(split_names)
-        unknown = sorted(split_names - {n for n, _ in named})
+        split_names, self.decoupled_names = set(split_names), set(decoupled_names)
+        unknown = sorted((split_names | self.decoupled_names) - {n for n, _ in named})
         if unknown:
-            raise ValueError(f"ZeroOptimizer: split_names names no trainable parameter of the model: {', '.join(unknown)}")
+            raise ValueError(f"ZeroOptimizer: split_names or decoupled_names name no trainable parameter of the model: "
+                             f"{', '.join(unknown)}")
         if state.tp_size > 1 and not split_names:
             raise ValueError(f"ZeroOptimizer: tensor-parallel size {state.tp_size} needs split_names, the parameters TP "
                              "splits (Llama.split_parameter_names()), or the gradient norm would count their pieces "
@@ -331,9 +334,9 @@ class ZeroOptimizer:
                 self._launch_reduce_scatter(slot.bucket)  # the bucket's last gradient of the last backward
 
     def _shard_ranges(self) -> list[ShardRange]:
-        """The parameters' pieces inside this rank's bucket pieces, merged into runs of equal (decay, TP), never
-        across buckets: with DP 1 one bucket's piece ends where the next one's begins, and the overlapped step
-        updates (and marks done) each bucket's runs on their own (_launch_updates)."""
+        """The parameters' pieces inside this rank's bucket pieces, merged into runs of equal (decay, TP, learning
+        rate), never across buckets: with DP 1 one bucket's piece ends where the next one's begins, and the
+        overlapped step updates (and marks done) each bucket's runs on their own (_launch_updates)."""
         ranges: list[ShardRange] = []
         for slot in self.slots:
             f0, f1, s0 = self.pieces[slot.bucket]
@@ -341,11 +344,13 @@ class ZeroOptimizer:
             if lo >= hi:
                 continue
             start, last = s0 + lo - f0, ranges[-1] if ranges else None
+            decoupled = slot.name in self.decoupled_names
             if (last and last.end == start and last.flat.stop == lo and last.flat_start >= f0
-                    and (last.decay, last.tensor_parallel) == (slot.decay, slot.tensor_parallel)):
+                    and (last.decay, last.tensor_parallel, last.decoupled) == (slot.decay, slot.tensor_parallel,
+                                                                              decoupled)):
                 ranges[-1] = dataclasses.replace(last, end=start + hi - lo)
             else:
-                ranges.append(ShardRange(start, start + hi - lo, lo, slot.decay, slot.tensor_parallel))
+                ranges.append(ShardRange(start, start + hi - lo, lo, slot.decay, slot.tensor_parallel, decoupled))
         return ranges
 
     def remove_hooks(self) -> None:
@@ -507,13 +512,14 @@ class ZeroOptimizer:
         return norm / self.dp_size  # the buffer holds the DP sum; the average is 1/dp of it
 
     @torch.no_grad()
-    def step(self, lr: float, timer=None) -> StepResult:
+    def step(self, lr: float, timer=None, decoupled_lr: float | None = None) -> StepResult:
         """One AdamW update at learning rate lr of the gradients accumulated since zero_grad(); reads its
         result on the host at the end (launch_step, then finish_step)."""
-        return self.finish_step(self.launch_step(lr, timer).tolist())
+        return self.finish_step(self.launch_step(lr, timer, decoupled_lr=decoupled_lr).tolist())
 
     @torch.no_grad()
-    def launch_step(self, lr: float, timer=None, finite: torch.Tensor | None = None) -> torch.Tensor:
+    def launch_step(self, lr: float, timer=None, finite: torch.Tensor | None = None,
+                    decoupled_lr: float | None = None) -> torch.Tensor:
         """The whole step, launched without a device-to-host sync: (grad_norm, applied 1/0, clip_coef), a (3,)
         fp32 tensor on the device. Read it when the step has to end anyway and pass the values to
         finish_step before the next step.
@@ -523,7 +529,9 @@ class ZeroOptimizer:
         times grad_reduce / optimizer / param_gather; with the overlaps on, grad_reduce is the wait for
         reductions the backward started, and param_gather the launch of gathers the next forward waits for.
         A skipped update still all-gathers the (unchanged) parameters: the host does not know it was skipped.
+        `decoupled_lr`: the learning rate of the decoupled_names parameters (default: `lr`).
         """
+        lr = (lr, lr if decoupled_lr is None else decoupled_lr)  # (the others', decoupled_names')
         phase = timer.phase if timer is not None else (lambda name: contextlib.nullcontext())
         with phase("param_gather"):
             self.finish_param_sync()  # the last step's gathers (the forward has normally waited for them all)
@@ -559,23 +567,24 @@ class ZeroOptimizer:
         self.step_count += 1  # taken back by finish_step if the update was skipped
         return torch.stack([norm, applied.float(), coef.float()]), grad_scale
 
-    def _adamw(self, ranges: list[ShardRange], lr: float, grad_scale: torch.Tensor) -> None:
+    def _adamw(self, ranges: list[ShardRange], lr: tuple[float, float], grad_scale: torch.Tensor) -> None:
         cfg, adamw = self.config, _adamw_fn(self.device)
         lowp = self._adamw_writes_params
         for r in ranges:
             part = slice(r.start, r.end)
-            adamw(self.master[part], self.flat_grad[r.flat], self.exp_avg[part], self.exp_avg_sq[part], lr=lr,
+            adamw(self.master[part], self.flat_grad[r.flat], self.exp_avg[part], self.exp_avg_sq[part],
+                  lr=lr[1] if r.decoupled else lr[0],
                   beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps, weight_decay=cfg.weight_decay if r.decay else 0.0,
                   step=self.step_count, params_lowp=self.flat_param[r.flat] if lowp else None,
                   grad_scale=grad_scale)
 
-    def _update(self, lr: float, grad_scale: torch.Tensor) -> None:
+    def _update(self, lr: tuple[float, float], grad_scale: torch.Tensor) -> None:
         """Phase 2's AdamW on this rank's ranges, writing the new weights straight into its pieces."""
         self._adamw(self.ranges, lr, grad_scale)
         if not self._adamw_writes_params:
             self._masters_to_params()  # padding stays 0: its grads are 0 and it is never decayed
 
-    def _launch_updates(self, lr: float, grad_scale: torch.Tensor) -> None:
+    def _launch_updates(self, lr: tuple[float, float], grad_scale: torch.Tensor) -> None:
         """Phases 2 and 3 bucket by bucket, in the forward's order (the embedding's bucket first): each bucket's
         AdamW, then its all-gather. On CUDA they run on a side stream, once the norm and grad_scale (on the
         current stream) are done; an event per bucket marks its update, which the next forward's pre-hook waits

@@ -350,6 +350,12 @@ class TrainConfig:
             raise ValueError(f"data.seq_length {self.data.seq_length} exceeds model.max_seq_length "
                              f"{self.model.max_seq_length}")
         _check_bool("skip_train", self.skip_train)
+        opt = self.optimizer
+        if opt.decoupled_lr is not None and opt.decoupled_min_lr is None \
+                and self.schedule.min_lr_ratio * opt.lr > opt.decoupled_lr:
+            raise ValueError(f"optimizer.decoupled_lr {opt.decoupled_lr:g} is below the schedule's floor "
+                             f"schedule.min_lr_ratio × optimizer.lr = {self.schedule.min_lr_ratio * opt.lr:g}, which "
+                             "decoupled_min_lr defaults to: set optimizer.decoupled_min_lr")
         if self.evaluation.tasks and not self.eval_every and not self.skip_train:
             raise ValueError("evaluation.tasks are listed but eval_every is 0: set how often they run")
         if self.skip_train and not (self.data.has_validation() or self.data.test_sets() or

@@ -52,7 +52,7 @@ from megamath.training.reshard import load_checkpoint_any_tp
 from megamath.training.resume import (check_resume_compatible, data_order_change, find_resume_checkpoint,
                                      resume_sample_offset, rewound_past, schedule_change, validation_change)
 from megamath.training.run_guard import hold_run_dir
-from megamath.training.schedule import lr_at
+from megamath.training.schedule import decoupled_lr_at, lr_at
 from megamath.training.warm_start import load_training_weights, training_hf_extras
 
 
@@ -85,8 +85,9 @@ class TrainResult:
 # ---- one step ---------------------------------------------------------------------------------------------
 
 def train_step(model: Llama, optimizer: ZeroOptimizer, micro_batches: list[MicroBatch], lr: float,
-               state: ParallelState, timer: PhaseTimer | None = None) -> StepOutput:
-    """One optimizer update from this rank's micro-batches of the step (`timer` times its phases)."""
+               state: ParallelState, timer: PhaseTimer | None = None, decoupled_lr: float | None = None) -> StepOutput:
+    """One optimizer update from this rank's micro-batches of the step (`timer` times its phases; `decoupled_lr`,
+    the embedding's and LM head's learning rate when optimizer.decoupled_lr sets one)."""
     phase = timer.phase if timer is not None else no_phase
     with phase("optimizer"):  # the gradient buffer's memset is the optimizer's bookkeeping
         optimizer.zero_grad(len(micro_batches))  # the count lets the last backward start the DP reductions
@@ -102,7 +103,7 @@ def train_step(model: Llama, optimizer: ZeroOptimizer, micro_batches: list[Micro
             allreduce_sequence_parallel_grads(model.sequence_parallel_parameters(), state, optimizer)
         loss = mean_over_dp(loss_sum / len(micro_batches), state)  # () on the device
         finite = torch.isfinite(loss)  # a non-finite loss skips the update on the device, like a non-finite norm
-    stats = optimizer.launch_step(lr, timer, finite=finite)
+    stats = optimizer.launch_step(lr, timer, finite=finite, decoupled_lr=decoupled_lr)
     with phase("optimizer"):  # on a GPU the read waits for AdamW (for the norm only when AdamW is overlapped)
         loss_value, *figures = torch.cat([loss.view(1), stats]).tolist()  # the step's one device-to-host read
         result = optimizer.finish_step(figures)
@@ -112,6 +113,9 @@ def train_step(model: Llama, optimizer: ZeroOptimizer, micro_batches: list[Micro
 
 
 # ---- building ---------------------------------------------------------------------------------------------
+
+DECOUPLED = ("embed_tokens.weight", "lm_head.weight")
+"""The parameters optimizer.decoupled_lr sets the learning rate of (Megatron-LM's embedding and output layer)."""
 
 def param_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
     if config.param_dtype == "auto":
@@ -146,7 +150,8 @@ def build_optimizer(config: TrainConfig, model: Llama, state: ParallelState) -> 
     return ZeroOptimizer(model, state, config.optimizer, split_names=model.split_parameter_names(),
                          bucket_mb=par.bucket_mb, overlap_grad_reduce=par.overlap_grad_reduce,
                          overlap_param_gather=par.overlap_param_gather, micro_batches=config.grad_accum_steps,
-                         overlap_optimizer_step=par.overlap_optimizer_step)
+                         overlap_optimizer_step=par.overlap_optimizer_step,
+                         decoupled_names=DECOUPLED if config.optimizer.decoupled_lr is not None else ())
 
 
 def seed_rngs(seed: int, rank: int) -> None:
@@ -277,12 +282,17 @@ def _train(config: TrainConfig, state: ParallelState, attempt: str, started: flo
             while step < config.train_steps:
                 step += 1
                 lr = lr_at(data.schedule_position(step), config.optimizer.lr, config.schedule)
+                opt = config.optimizer
+                decoupled_lr = decoupled_lr_at(data.schedule_position(step), opt.lr, opt.decoupled_lr,
+                                               opt.decoupled_min_lr, config.schedule)
                 timer.start_step()  # (a no-op after the first step: the previous one opened it)
                 profiler.begin(step)
                 with timer.phase("data"):
                     micro_batches = data.micro_batches(step)
-                out = train_step(model, optimizer, micro_batches, lr, state, timer)
+                out = train_step(model, optimizer, micro_batches, lr, state, timer, decoupled_lr)
                 rec = log.record(step, out.loss, lr, out.grad_norm, out.skipped, data.consumed_after(step))
+                if decoupled_lr is not None:
+                    rec["decoupled_lr"] = decoupled_lr
                 nonfinite = nonfinite + 1 if out.skipped else 0
                 if config.eval_every and step % config.eval_every == 0:
                     with timer.phase("eval"):

@@ -14,6 +14,7 @@ the run has one learning rate to set.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -51,3 +52,17 @@ def lr_at(step: float, peak_lr: float, config: ScheduleConfig) -> float:
         return peak_lr * step / warmup
     t = min(max((step - warmup) / (decay - warmup), 0.0), 1.0)
     return peak_lr * (r + (1.0 - r) * 0.5 * (1.0 + math.cos(math.pi * t)))
+
+
+def decoupled_lr_at(step: float, peak_lr: float, decoupled_lr: float | None, decoupled_min_lr: float | None,
+                    config: ScheduleConfig) -> float | None:
+    """The learning rate of the embedding and the LM head at update `step` when optimizer.decoupled_lr sets
+    theirs (None otherwise): the same warmup and cosine, from decoupled_lr down to decoupled_min_lr (default:
+    the other parameters' floor, min_lr_ratio × peak_lr), as Megatron-LM schedules its decoupled group."""
+    if decoupled_lr is None:
+        return None
+    floor = config.min_lr_ratio * peak_lr if decoupled_min_lr is None else decoupled_min_lr
+    if floor > decoupled_lr:
+        raise ValueError(f"the decoupled learning rate's floor {floor:g} (schedule.min_lr_ratio × optimizer.lr) is "
+                         f"above optimizer.decoupled_lr {decoupled_lr:g}: set optimizer.decoupled_min_lr")
+    return lr_at(step, decoupled_lr, dataclasses.replace(config, min_lr_ratio=floor / decoupled_lr))
