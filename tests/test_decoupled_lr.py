@@ -7,7 +7,7 @@ from megamath.parallel.state import ParallelState
 from megamath.training.config import TrainConfig
 from megamath.training.loop import train
 from megamath.training.schedule import decoupled_lr_at
-from test_train_loop import metrics, raw_config
+from test_train_loop import metrics, raw_config, rewind
 
 
 def test_a_run_records_and_applies_the_decoupled_schedule(tmp_path):
@@ -40,3 +40,12 @@ def test_bad_decoupled_settings_are_one_line_errors(tmp_path, optimizer, message
     with pytest.raises(ValueError, match=message) as err:
         TrainConfig.from_dict(raw)
     assert "\n" not in str(err.value)
+
+
+def test_a_resume_that_sets_or_changes_it_says_so(tmp_path, capsys):
+    train(TrainConfig.from_dict(raw_config(tmp_path / "data", tmp_path / "run")), ParallelState.single())
+    rewind(tmp_path / "run", 4)
+    capsys.readouterr()
+    raw = raw_config(tmp_path / "data", tmp_path / "run", optimizer__decoupled_lr=1e-2)
+    train(TrainConfig.from_dict(raw), ParallelState.single())
+    assert "warning: optimizer.decoupled_lr None -> 0.01 since checkpoint step 4" in capsys.readouterr().out

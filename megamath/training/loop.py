@@ -173,7 +173,9 @@ def resume_point(config: TrainConfig, run_dir: Path, state: ParallelState) -> Pa
 def _metadata(config: TrainConfig, step: int, lr: float, global_batch: int,
               consumed: int, nonfinite: int, hf_extras: dict | None) -> dict:
     meta = {"consumed_samples": consumed, "global_batch_size": global_batch,
-            "schedule": {"lr": lr, "peak_lr": config.optimizer.lr, **vars(config.schedule)},
+            "schedule": {"lr": lr, "peak_lr": config.optimizer.lr, **vars(config.schedule),
+                         "decoupled_lr": config.optimizer.decoupled_lr,
+                         "decoupled_min_lr": config.optimizer.decoupled_min_lr},
             "consecutive_nonfinite": nonfinite, "update_ok": nonfinite == 0, "config": config.to_dict()}
     return meta if hf_extras is None else {**meta, "hf_extras": hf_extras}
 

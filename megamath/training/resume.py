@@ -172,8 +172,12 @@ def schedule_change(meta: dict, config) -> str | None:
     saved = meta.get("schedule")
     if not saved or "peak_lr" not in saved:
         return None
-    ours = {"peak_lr": config.optimizer.lr, **vars(config.schedule)}
-    changed = [f"{'optimizer.lr' if key == 'peak_lr' else 'schedule.' + key} {saved.get(key)!r} -> {value!r}"
+    opt = config.optimizer
+    ours = {"peak_lr": opt.lr, **vars(config.schedule), "decoupled_lr": opt.decoupled_lr,
+            "decoupled_min_lr": opt.decoupled_min_lr}  # (the last two absent before megamath had them: None)
+    section = {"peak_lr": "optimizer.lr", "decoupled_lr": "optimizer.decoupled_lr",
+               "decoupled_min_lr": "optimizer.decoupled_min_lr"}
+    changed = [f"{section.get(key, 'schedule.' + key)} {saved.get(key)!r} -> {value!r}"
                for key, value in ours.items() if saved.get(key) != value]
     if not changed:
         return None
