@@ -332,10 +332,10 @@ def test_the_profiler_stops_only_after_the_collectives_in_flight_finish(tmp_path
 def test_out_of_memory_stops_with_a_clear_message(tmp_path, monkeypatch):
     real_step = loop.train_step
 
-    def failing(model, optimizer, batches, lr, state, timer=None):
+    def failing(model, optimizer, batches, lr, state, timer=None, decoupled_lr=None):
         if optimizer.step_count == 1:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real_step(model, optimizer, batches, lr, state, timer)
+        return real_step(model, optimizer, batches, lr, state, timer, decoupled_lr)
 
     monkeypatch.setattr(loop, "train_step", failing)
     raw = raw_config(tmp_path / "data", tmp_path / "run", checkpoint__save_every=0)

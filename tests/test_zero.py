@@ -510,6 +510,5 @@ def test_decoupled_parameters_step_at_their_own_learning_rate(bucket_mb, overlap
 
 
 def test_decoupled_names_must_name_parameters():
-    with pytest.raises(ValueError, match="split_names or decoupled_names name no trainable parameter of the model: "
-                                         "embed.weight"):
+    with pytest.raises(ValueError, match="decoupled_names names no trainable parameter of the model: embed.weight"):
         ZeroOptimizer(make_model(), ParallelState.single(), zero_config(), decoupled_names=["embed.weight"])

@@ -190,10 +190,10 @@ class ZeroOptimizer:
         if not named:
             raise ValueError("ZeroOptimizer: the model has no trainable parameters")
         split_names, self.decoupled_names = set(split_names), set(decoupled_names)
-        unknown = sorted((split_names | self.decoupled_names) - {n for n, _ in named})
-        if unknown:
-            raise ValueError(f"ZeroOptimizer: split_names or decoupled_names name no trainable parameter of the model: "
-                             f"{', '.join(unknown)}")
+        for what, names in (("split_names", split_names), ("decoupled_names", self.decoupled_names)):
+            unknown = sorted(names - {n for n, _ in named})
+            if unknown:
+                raise ValueError(f"ZeroOptimizer: {what} names no trainable parameter of the model: {', '.join(unknown)}")
         if state.tp_size > 1 and not split_names:
             raise ValueError(f"ZeroOptimizer: tensor-parallel size {state.tp_size} needs split_names, the parameters TP "
                              "splits (Llama.split_parameter_names()), or the gradient norm would count their pieces "
