@@ -531,7 +531,7 @@ class ZeroOptimizer:
         A skipped update still all-gathers the (unchanged) parameters: the host does not know it was skipped.
         `decoupled_lr`: the learning rate of the decoupled_names parameters (default: `lr`).
         """
-        lr = (lr, lr if decoupled_lr is None else decoupled_lr)  # (the others', decoupled_names')
+        lrs = (lr, lr if decoupled_lr is None else decoupled_lr)  # (the others', decoupled_names')
         phase = timer.phase if timer is not None else (lambda name: contextlib.nullcontext())
         with phase("param_gather"):
             self.finish_param_sync()  # the last step's gathers (the forward has normally waited for them all)
@@ -541,9 +541,9 @@ class ZeroOptimizer:
         with phase("optimizer"):
             stats, grad_scale = self._norm_and_scale(finite)
             if self.overlap_optimizer_step:
-                self._launch_updates(lr, grad_scale)  # and each bucket's all-gather after its update
+                self._launch_updates(lrs, grad_scale)  # and each bucket's all-gather after its update
             else:
-                self._update(lr, grad_scale)
+                self._update(lrs, grad_scale)
         with phase("param_gather"):
             if not self.overlap_optimizer_step:
                 self._all_gather_params()
@@ -567,24 +567,24 @@ class ZeroOptimizer:
         self.step_count += 1  # taken back by finish_step if the update was skipped
         return torch.stack([norm, applied.float(), coef.float()]), grad_scale
 
-    def _adamw(self, ranges: list[ShardRange], lr: tuple[float, float], grad_scale: torch.Tensor) -> None:
+    def _adamw(self, ranges: list[ShardRange], lrs: tuple[float, float], grad_scale: torch.Tensor) -> None:
         cfg, adamw = self.config, _adamw_fn(self.device)
         lowp = self._adamw_writes_params
         for r in ranges:
             part = slice(r.start, r.end)
             adamw(self.master[part], self.flat_grad[r.flat], self.exp_avg[part], self.exp_avg_sq[part],
-                  lr=lr[1] if r.decoupled else lr[0],
+                  lr=lrs[1] if r.decoupled else lrs[0],
                   beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps, weight_decay=cfg.weight_decay if r.decay else 0.0,
                   step=self.step_count, params_lowp=self.flat_param[r.flat] if lowp else None,
                   grad_scale=grad_scale)
 
-    def _update(self, lr: tuple[float, float], grad_scale: torch.Tensor) -> None:
+    def _update(self, lrs: tuple[float, float], grad_scale: torch.Tensor) -> None:
         """Phase 2's AdamW on this rank's ranges, writing the new weights straight into its pieces."""
-        self._adamw(self.ranges, lr, grad_scale)
+        self._adamw(self.ranges, lrs, grad_scale)
         if not self._adamw_writes_params:
             self._masters_to_params()  # padding stays 0: its grads are 0 and it is never decayed
 
-    def _launch_updates(self, lr: tuple[float, float], grad_scale: torch.Tensor) -> None:
+    def _launch_updates(self, lrs: tuple[float, float], grad_scale: torch.Tensor) -> None:
         """Phases 2 and 3 bucket by bucket, in the forward's order (the embedding's bucket first): each bucket's
         AdamW, then its all-gather. On CUDA they run on a side stream, once the norm and grad_scale (on the
         current stream) are done; an event per bucket marks its update, which the next forward's pre-hook waits
@@ -599,7 +599,7 @@ class ZeroOptimizer:
             grad_scale.record_stream(side)  # freed by this stream's host code, read by the side stream's kernels
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             for b in reversed(range(len(self.buckets))):
-                self._adamw(self._ranges_by_bucket[b], lr, grad_scale)
+                self._adamw(self._ranges_by_bucket[b], lrs, grad_scale)
                 if not self._adamw_writes_params:
                     self._masters_to_params([b])
                 self._record("update", b)

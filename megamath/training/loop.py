@@ -229,10 +229,10 @@ def _train(config: TrainConfig, state: ParallelState, attempt: str, started: flo
                              "keep it equal on resume (adjust grad_accum_steps to the new DP size)")
         step, nonfinite = meta["step"], meta["consecutive_nonfinite"]
         data.sample_offset = resume_sample_offset(meta, data.global_batch_size, resume_from)
+    attention = settle_attention(model, config, state, run_dir, param_dtype(config, state.device))
     if config.skip_train:  # Megatron-LM's --skip-train: the starting point's held-out losses, nothing trained
-        line = settle_attention(model, config, state, run_dir, param_dtype(config, state.device))
         if state.rank == 0:
-            print(line, flush=True)
+            print(attention, flush=True)
         source = str(resume_from or config.init_from_hf or f"the random initialization (seed {config.seed})")
         return TrainResult(step, False, evaluate_start(model, data, config, state, step, source))
     hf_extras = hf_extras_of_run(config, saved if resume_from is not None else None)
@@ -274,19 +274,20 @@ def _train(config: TrainConfig, state: ParallelState, attempt: str, started: flo
         log.say(f"gradient accumulation fusion: off, {str(optimizer.param_dtype)[6:]} weights into a "
                 f"{optimizer.grad_dtype} buffer on {state.device.type} have no matmul that accumulates into it: "
                 "the gradients go through the optimizer's hook")
-    log.say(settle_attention(model, config, state, run_dir, param_dtype(config, state.device)))
+    log.say(attention)
     last_saved, preempted, lr = (step if resume_from is not None else 0), False, 0.0
     if resume_from is None and step:
         log.say(f"init_step {step}: continuing the run of {config.init_from_hf} at step {step + 1} (learning rate, "
                 f"data position and checkpoint names go on from there; the optimizer's moments start fresh)")
+    opt = config.optimizer
     try:
         with StopFlag(config.exit_after_minutes, started) as flag:
             while step < config.train_steps:
                 step += 1
-                lr = lr_at(data.schedule_position(step), config.optimizer.lr, config.schedule)
-                opt = config.optimizer
-                decoupled_lr = decoupled_lr_at(data.schedule_position(step), opt.lr, opt.decoupled_lr,
-                                               opt.decoupled_min_lr, config.schedule)
+                position = data.schedule_position(step)
+                lr = lr_at(position, opt.lr, config.schedule)
+                decoupled_lr = decoupled_lr_at(position, opt.lr, opt.decoupled_lr, opt.decoupled_min_lr,
+                                               config.schedule)
                 timer.start_step()  # (a no-op after the first step: the previous one opened it)
                 profiler.begin(step)
                 with timer.phase("data"):
