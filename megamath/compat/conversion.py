@@ -104,18 +104,19 @@ class UnmappedTable:
     def __init__(self, by_name: dict[str, tuple[str, str]], families: dict[str, str]) -> None:
         self.by_name, self.families = by_name, families
 
+    def _family(self, key: str) -> str | None:
+        return next((prefix for prefix in self.families if key.startswith(prefix)), None)
+
     def reason(self, key: str) -> tuple[str, str] | None:
         """(kind, reason) of `key`, or None for a key the converter does not know."""
-        family = next((why for prefix, why in self.families.items() if key.startswith(prefix)), None)
-        return self.by_name.get(key, (NOT_NEEDED, family) if family else None)
+        family = self._family(key)
+        return self.by_name.get(key, (NOT_NEEDED, self.families[family]) if family else None)
 
     def not_a_typo(self, key: str, close: str) -> bool:
         """Whether `key`, one slip away from `close` (a key the converter reads), is a real key this table lists:
         by name, or in a family of settings other than `close`'s (a slip inside a family stays a typo)."""
-        if key in self.by_name:
-            return True
-        family = next((prefix for prefix in self.families if key.startswith(prefix)), None)
-        return family is not None and not close.startswith(family)
+        family = self._family(key)
+        return key in self.by_name or (family is not None and not close.startswith(family))
 
 
 def held_out_set_names(words: list[str]) -> dict:
