@@ -1,5 +1,6 @@
 """model.attention: SDPA behind the flash_attention signature equals the reference; `auto` settles once."""
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from megamath.parallel.state import ParallelState
 from megamath.parallel.zero import ZeroOptimizer
 from test_fused_linear import _Cats
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the Triton kernels run: the GPU check compiles these
 CONFIG = ModelConfig(vocab_size=64, hidden_size=48, num_layers=2, num_heads=6, num_kv_heads=2, ffn_hidden_size=64,
                      max_seq_length=32, kernels="reference")
 
@@ -133,6 +135,8 @@ def test_auto_takes_sdpa_for_a_shape_our_kernel_refuses(monkeypatch):
         choose_attention("megamath", ops, (1, 256, 4, 2, 80), torch.bfloat16, gpu)  # asked for by name: refused
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the CPU interpreter's case; on a GPU, "
+                    "test_auto_takes_sdpa_for_a_shape_our_kernel_refuses is the same rule")
 def test_on_a_cpu_too_a_shape_our_kernel_refuses_is_settled_before_the_first_forward(tmp_path):
     """With the Triton kernels under the CPU interpreter, `auto` used to keep our kernel ("nothing to time off a
     GPU") for a head_dim it refuses, and the run failed at its first forward, after its data was built."""
@@ -186,7 +190,7 @@ def test_the_model_reports_the_q_k_v_layout_its_forward_uses():
         model = Llama(dataclasses.replace(CONFIG, kernels=kernels))
         if zero:
             ZeroOptimizer(model, ParallelState.single(), OptimizerConfig(), model.split_parameter_names())
-        layout = model.layers[0].self_attn.qkv_layout(get_ops(kernels, "cpu"))
+        layout = model.layers[0].self_attn.qkv_layout(get_ops(kernels, DEVICE))
         assert layout == QKVLayout(want, False), (kernels, zero)
 
 
@@ -194,7 +198,7 @@ class _Recorded:
     """What one projection_attention_step handed attention (q, k, v), the gradient its output got back, and
     the projections' gradients, each as q, k, v in (B, S, H, D)."""
 
-    def __init__(self, attend, layout: QKVLayout):
+    def __init__(self, attend, layout: QKVLayout, device: str = "cpu"):
         self.inputs, self.out_grad = None, None
 
         def recording(q, k, v, causal):
@@ -203,7 +207,7 @@ class _Recorded:
             o.register_hook(lambda g: setattr(self, "out_grad", g))
             return o
 
-        step, leaves = projection_attention_step(recording, (2, 5, 6, 2, 16), torch.float32, torch.device("cpu"),
+        step, leaves = projection_attention_step(recording, (2, 5, 6, 2, 16), torch.float32, torch.device(device),
                                                  layout, torch.Generator().manual_seed(0))
         step()
         if layout.fused_order is None:
@@ -248,7 +252,7 @@ def test_the_race_charges_sdpa_the_join_our_kernel_spares():
     widths = {}
     for name, attend in (("megamath", flash_attention), ("sdpa", sdpa_attention)):
         with _Cats() as cats:
-            _Recorded(attend, QKVLayout((2, 1, 0), False))
+            _Recorded(attend, QKVLayout((2, 1, 0), False), DEVICE)
         widths[name] = cats.widths
     assert widths == {"megamath": [], "sdpa": [160]}  # 6·16 + 2·2·16: the whole q/k/v projection
 

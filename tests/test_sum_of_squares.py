@@ -61,12 +61,12 @@ def test_the_optimizers_norm_through_the_kernel(monkeypatch):
 
     config = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
                          ffn_hidden_size=48, max_seq_length=16, kernels="reference")
-    tokens = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     results = {}
     for name, fn in (("kernel", sum_of_squares), ("reference", sum_of_squares_ref)):
         monkeypatch.setattr(zero, "_sum_of_squares_fn", lambda device, fn=fn: fn)
         torch.manual_seed(0)
-        model = Llama(config).to(torch.bfloat16)
+        model = Llama(config).to(DEVICE, torch.bfloat16)
         opt = zero.ZeroOptimizer(model, ParallelState.single(), OptimizerConfig(clip_grad=0.1),
                                  model.split_parameter_names(), bucket_mb=0.01, micro_batches=1)
         assert len(opt.ranges) > 4
