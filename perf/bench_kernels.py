@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib
+import inspect
 import os
 import sys
 from dataclasses import dataclass, field
@@ -210,7 +211,37 @@ def rms_norm_cases(rms_norm, ref, use_compile: bool, shrink: int, dev: str) -> l
         Impl("F.rms_norm", lambda x, w: F.rms_norm(x, (n,), w, 1e-5)),
         Impl("liger", liger and (lambda x, w: liger.apply(x, w, 1e-5, 0.0, "llama"))),
         Impl("apex", apex_fn and (lambda x, w: apex_fn(x, w, (n,), 1e-5))),
-    ]), add_rms_norm_case(rms_norm, use_compile, m, n, dev)]
+    ]), add_rms_norm_case(rms_norm, use_compile, m, n, dev), rms_norm_bwd_launch_case(m, n, dev)]
+
+
+BWD_LAUNCHES = ((16, 2), (8, 2), (16, 4), (32, 1))
+"""(num_warps, programs per SM) of the RMSNorm backward to time beside the default (the first, as
+megamath.kernels.rms_norm._bwd_launch picks it at width 4096): which one fills the GPU best is measured."""
+
+
+def rms_norm_bwd_launch_case(m: int, n: int, dev: str) -> Case:
+    """The backward kernel alone (no autograd) at each launch of BWD_LAUNCHES: the launch that sets the default,
+    and, against the autograd row, what the host spends around the kernel."""
+    module = importlib.import_module("megamath.kernels.rms_norm")
+    randn, nbytes = _randn(dev), m * n * 2
+
+    def make():
+        x, w = randn(m, n), 1 + 0.1 * randn(n)
+        _, x2, rstd = module.rms_norm_fwd(x, w, 1e-5)
+        return randn(m, n), x2, w, rstd
+
+    def at(launch):
+        def run(dy, x2, w, rstd):
+            default, module._bwd_launch = module._bwd_launch, lambda block: launch
+            try:
+                return module.rms_norm_bwd(dy, x2, w, rstd)
+            finally:
+                module._bwd_launch = default
+        return run
+
+    return Case("rms_norm", f"{m}x{n} bf16, backward kernel alone", make, 0, {"step": (3 * nbytes, "B")}, [
+        Impl(f"megamath (triton) {warps} warps, {per_sm} per SM" + (" (default)" if i == 0 else ""), at((warps, per_sm)),
+             ours=i == 0) for i, (warps, per_sm) in enumerate(BWD_LAUNCHES)])
 
 
 def add_rms_norm_case(rms_norm, use_compile: bool, m: int, n: int, dev: str) -> Case:
@@ -318,8 +349,11 @@ def cross_entropy_cases(xent, ref, use_compile: bool, shrink: int, dev: str) -> 
     randn, n, v = _randn(dev), 8192 // shrink, 32016
     liger = optional("liger_kernel.ops.cross_entropy", "LigerCrossEntropyFunction")
 
+    # Newer Liger-Kernel (0.8.5) takes a class-weight tensor third, older ones do not; apply() takes no keywords.
+    weight = (None,) if liger and "weight" in inspect.signature(liger.forward).parameters else ()
+
     def liger_xent(x, t):
-        loss = liger.apply(x, t)
+        loss = liger.apply(x, t, *weight)
         return loss[0] if isinstance(loss, tuple) else loss
 
     return [Case("cross_entropy", f"{n}x{v} bf16", lambda: (randn(n, v), torch.randint(0, v, (n,), device=dev)), 1,
@@ -483,7 +517,7 @@ def result_suffix(args) -> str:
     """What the results file's name adds to kernels-DATE: a subset of ops, --shrink or --no-compile, so that
     such a run (the GPU check's attention-only one) never replaces that day's full table."""
     ops = args.ops.split(",")
-    parts = ["+".join(ops)] if sorted(ops) != sorted(OPS) else []
+    parts = ["-".join(ops)] if sorted(ops) != sorted(OPS) else []
     parts += [f"shrink{args.shrink}"] if args.shrink > 1 else []
     parts += ["nocompile"] if args.no_compile else []
     return "".join(f"-{part}" for part in parts)

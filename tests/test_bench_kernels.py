@@ -98,7 +98,7 @@ def test_the_status_fails_when_our_kernel_fails_or_is_missing_not_when_a_peer_do
     args = argparse.Namespace(ops="rms_norm,rope", out=str(tmp_path), no_compile=True, shrink=1)
     assert bench.gpu_main(args) == (1 if fault.startswith("ours") else 0)
     # a subset of ops without compile is named in the file: never over the day's full table
-    assert [p.name for p in tmp_path.iterdir()] == [f"kernels-{bench.datetime.date.today()}-rms_norm+rope-nocompile.md"]
+    assert [p.name for p in tmp_path.iterdir()] == [f"kernels-{bench.datetime.date.today()}-rms_norm-rope-nocompile.md"]
 
 
 def test_the_cross_entropy_rows_run_what_they_name(monkeypatch):
@@ -147,3 +147,41 @@ def test_the_embedding_backward_rows_run_what_they_name(monkeypatch):
                 torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
             else:
                 assert torch.equal(out, want), impl.name
+
+
+def test_the_rms_norm_backward_launch_rows_time_the_backward_and_leave_the_default(monkeypatch):
+    """Each launch row of the RMSNorm backward, built as the GPU run builds it (CPU tensors, the interpreter,
+    32 rows of width 4096), computes the backward under its own launch and puts the default launch back after,
+    also when the kernel fails."""
+    bench = load_bench(monkeypatch)
+    module = importlib.import_module("megamath.kernels.rms_norm")
+    default = module._bwd_launch
+    (*_, case) = bench.rms_norm_cases(module.rms_norm, module.rms_norm_ref, False, 512, "cpu")
+    assert case.shape == "32x4096 bf16, backward kernel alone" and list(case.work) == ["step"]
+    assert [impl.ours for impl in case.impls] == [True] + [False] * (len(bench.BWD_LAUNCHES) - 1)
+    dy, x2, w, rstd = case.make()
+    want = module.rms_norm_bwd(dy, x2, w, rstd)
+    seen = []
+    monkeypatch.setattr(module, "_rms_norm_bwd_kernel", _Recording(module._rms_norm_bwd_kernel, seen))
+    for impl, launch in zip(case.impls, bench.BWD_LAUNCHES):
+        got = impl.fn(dy, x2, w, rstd)
+        assert seen.pop() == launch[0]  # the row's num_warps reached the kernel
+        torch.testing.assert_close(got, want, rtol=0, atol=0)  # the interpreter runs 8 programs whatever the launch
+        assert module._bwd_launch is default
+    monkeypatch.setattr(module, "_rms_norm_bwd_kernel", None)  # a launch that fails
+    with pytest.raises(TypeError):
+        case.impls[1].fn(dy, x2, w, rstd)
+    assert module._bwd_launch is default
+
+
+class _Recording:
+    """A Triton kernel whose launches record their num_warps."""
+
+    def __init__(self, kernel, seen: list):
+        self.kernel, self.seen = kernel, seen
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.seen.append(kwargs["num_warps"])
+            return self.kernel[grid](*args, **kwargs)
+        return launch
