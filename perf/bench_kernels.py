@@ -240,8 +240,8 @@ def rms_norm_bwd_launch_case(m: int, n: int, dev: str) -> Case:
         return run
 
     return Case("rms_norm", f"{m}x{n} bf16, backward kernel alone", make, 0, {"step": (3 * nbytes, "B")}, [
-        Impl(f"megamath (triton) {warps} warps, {per_sm} per SM" + (" (default)" if i == 0 else ""), at((warps, per_sm)),
-             ours=i == 0) for i, (warps, per_sm) in enumerate(BWD_LAUNCHES)])
+        Impl(f"megamath (triton) {warps} warps, {per_sm} per SM" + (" (default)" if i == 0 else ""),
+             at((warps, per_sm)), ours=i == 0) for i, (warps, per_sm) in enumerate(BWD_LAUNCHES)])
 
 
 def add_rms_norm_case(rms_norm, use_compile: bool, m: int, n: int, dev: str) -> Case:

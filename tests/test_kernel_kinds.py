@@ -73,3 +73,54 @@ def test_a_window_without_kernels_says_so_instead_of_an_idle_device():
     empty = {"kinds": {}, "busy_ms": 0.0, "wall_ms": 120.0, "device": "cuda"}
     assert kernel_kinds.breakdown_table(empty, "2 profiled steps") == [
         "2 profiled steps: the profiler recorded no kernels; nothing to break down"]
+
+
+def test_idle_gaps_are_the_device_waiting_between_kernels():
+    """Gaps are measured from the furthest end so far (overlapping kernels hide none), summed per step, and the
+    longest are named by their neighbours; a gap under min_us counts as idle but is not listed."""
+    kernels = [("a", 0, 10), ("b", 10, 20), ("c", 50, 60), ("d", 55, 70), ("e", 100, 110), ("f", 115, 120),
+               ("b", 150, 160), ("c", 190, 200)]  # out of order on purpose: sorted by start inside
+    gaps = kernel_kinds.idle_gaps(sorted(kernels, key=lambda k: -k[1]), steps=2)
+    assert gaps["idle_ms"] == pytest.approx((30 + 30 + 5 + 30 + 30) / 1e3 / 2)
+    assert gaps["waits"] == [(pytest.approx(0.03), 1.0, "b", "c"), (pytest.approx(0.015), 0.5, "d", "e"),
+                             (pytest.approx(0.015), 0.5, "f", "b")]
+    assert kernel_kinds.idle_gaps([], steps=2) == {"idle_ms": 0.0, "waits": []}
+
+
+class _Event:
+    def __init__(self, name, start, end):
+        self.name = self.key = name
+        self.device_type = kernel_kinds.DeviceType.CUDA
+        self.time_range = type("Interval", (), {"start": start, "end": end})()
+        self.self_device_time_total = end - start
+
+
+def test_a_gpu_window_reports_where_the_device_waited():
+    """On CUDA the summary carries the gaps between the profiled kernels, and the table lists them under the
+    kinds (a profiler stand-in with two steps of three kernels, the device idle 400 µs before the second
+    step's first kernel; the host blocked 1.5 ms per step in the runtime's copy back)."""
+    events = [_Event(name, base + start, base + end) for base in (0, 1600)
+              for name, start, end in (("Memset (Device)", 400, 500), ("nvjet_gemm", 500, 1500),
+                                       ("_adamw_kernel", 1500, 1600))]
+
+    waits = [_Event("cudaMemcpyAsync", 100, 1600), _Event("cudaMemcpyAsync", 1700, 3200),
+             _Event("cudaLaunchKernel", 0, 50)]
+    for event in waits:
+        event.device_type = kernel_kinds.DeviceType.CPU
+
+    class Profiler:
+        def key_averages(self):
+            return events
+
+        def events(self):
+            return events + waits
+
+    result = kernel_kinds.summarize(Profiler(), 2, cuda=True, wall_s=0.004)
+    assert result["gaps"] == {"idle_ms": pytest.approx(0.4 / 2), "waits": [(pytest.approx(0.2), 0.5, "_adamw_kernel",
+                                                                            "Memset (Device)")]}
+    assert result["host_wait_ms"] == pytest.approx(1.5)
+    lines = kernel_kinds.breakdown_table(result, "2 profiled steps")
+    assert lines[0].endswith("; the host waited 1.5 ms per step in the runtime for the device, so spent 0.5 "
+                             "launching and in Python")
+    assert "Device idle between its first and last kernel: 0.20 ms per step" in "\n".join(lines)
+    assert lines[-1] == "| 0.20 | 0.5 | `_adamw_kernel` | `Memset (Device)` |"

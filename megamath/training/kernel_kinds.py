@@ -53,8 +53,43 @@ def summarize(profiler, steps: int, cuda: bool, wall_s: float) -> dict:
         total, names = kinds.get(kind, (0.0, []))
         kinds[kind] = (total + ms, names + [(event.key, ms)])
     kinds = {k: (ms, sorted(names, key=lambda n: -n[1])) for k, (ms, names) in kinds.items()}
-    return {"kinds": kinds, "busy_ms": sum(ms for ms, _ in kinds.values()), "wall_ms": wall_s * 1e3 / steps,
-            "device": "cuda" if cuda else "cpu"}
+    result = {"kinds": kinds, "busy_ms": sum(ms for ms, _ in kinds.values()), "wall_ms": wall_s * 1e3 / steps,
+              "device": "cuda" if cuda else "cpu"}
+    if cuda:
+        events = profiler.events()
+        result["gaps"] = idle_gaps([(e.name, e.time_range.start, e.time_range.end) for e in events
+                                    if e.device_type == DeviceType.CUDA], steps)
+        # The host's time blocked in the runtime waiting for the device: the rest of the wall it was launching.
+        result["host_wait_ms"] = sum(e.time_range.end - e.time_range.start for e in events
+                                     if e.device_type == DeviceType.CPU and e.name in HOST_WAITS) / 1e3 / steps
+    return result
+
+
+HOST_WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
+              "cudaMemcpyAsync")
+"""CUDA runtime calls in which the host waits for the device (a copy to pageable host memory, as a .tolist()
+makes, returns only once the stream has drained)."""
+
+
+def idle_gaps(kernels: list[tuple[str, float, float]], steps: int, top: int = 6, min_us: float = 10.0) -> dict:
+    """Where the device waited between its kernels: (name, start µs, end µs) of each device activity, over
+    `steps` steps. Returns {"idle_ms": idle time between the first start and the last end, per step; "waits":
+    [(ms per step, count per step, the kernel before, the kernel after)] for the `top` heaviest pairs of
+    neighbours, gaps under `min_us` left out}. A gap says the host had not yet launched the kernel after it:
+    a sync, or host work (Python, launch overhead) slower than the kernels it launched."""
+    idle_us, pairs = 0.0, {}
+    reach, last = None, ""
+    for name, start, end in sorted(kernels, key=lambda k: k[1]):
+        if reach is not None and start - reach > 0:
+            idle_us += start - reach
+            if start - reach >= min_us:
+                total, count = pairs.get((last, name), (0.0, 0))
+                pairs[(last, name)] = (total + start - reach, count + 1)
+        if reach is None or end > reach:
+            reach, last = end, name
+    waits = sorted(((us / 1e3 / steps, count / steps, before, after) for (before, after), (us, count) in pairs.items()),
+                   key=lambda w: -w[0])
+    return {"idle_ms": idle_us / 1e3 / steps, "waits": waits[:top]}
 
 
 def breakdown_table(result: dict, title: str) -> list[str]:
@@ -66,12 +101,22 @@ def breakdown_table(result: dict, title: str) -> list[str]:
     if result["device"] == "cuda":
         head = (f"{title}: device busy {busy:.1f} ms of a {wall:.1f} ms step ({100 * busy / wall:.0f} %; the rest is "
                 "the device waiting on the host)")
+        if "host_wait_ms" in result:
+            head += (f"; the host waited {result['host_wait_ms']:.1f} ms per step in the runtime for the device, so "
+                     f"spent {wall - result['host_wait_ms']:.1f} launching and in Python")
     else:
         head = f"{title}: CPU ops take {busy:.1f} ms of a {wall:.1f} ms step ({100 * busy / wall:.0f} %)"
     lines = [head, "", "| kind | ms per step | share of busy | heaviest |", "|---|---:|---:|---|"]
     for kind, (ms, names) in sorted(result["kinds"].items(), key=lambda item: -item[1][0]):
         heaviest = "; ".join(f"`{_short(name)}` {t:.2f}" for name, t in names[:2])
         lines.append(f"| {kind} | {ms:.2f} | {100 * ms / max(busy, 1e-12):.1f} % | {heaviest} |")
+    gaps = result.get("gaps")
+    if gaps and gaps["waits"]:
+        lines += ["", f"Device idle between its first and last kernel: {gaps['idle_ms']:.2f} ms per step; the longest "
+                  "waits (the host had not launched the kernel after):", "",
+                  "| ms per step | gaps per step | after | before |", "|---:|---:|---|---|"]
+        lines += [f"| {ms:.2f} | {count:g} | `{_short(before)}` | `{_short(after)}` |"
+                  for ms, count, before, after in gaps["waits"]]
     return lines
 
 
