@@ -51,18 +51,29 @@ from ._interpreter import exact_bf16 as _exact_bf16
 
 @triton.jit
 def _row_logsumexp_parts(row_ptr, n_cols, n_read, BLOCK_V: tl.constexpr):
-    """(max, sum of exp(x - max)) over the row's first n_read <= n_cols columns, in blocks, fp32."""
-    m = float("-inf")  # running max
-    s = 0.0  # running sum of exp(x - m)
+    """(max, sum of exp(x - max)) over the row's first n_read <= n_cols columns, in blocks, fp32.
+
+    Each lane keeps its own running max and sum across the blocks, and the lanes are combined once, at the
+    row's end: no reduction across the program's warps inside the loop, so no barrier holds the next block's
+    loads back (a reduction per block, as before, left one block of the row in flight at a time). One exp per
+    element: the distance between x and the lane's max, negated, is x's term when the max stays and the old
+    sum's rescale when x is the new max."""
+    m = tl.full((BLOCK_V,), float("-inf"), tl.float32)  # each lane's running max
+    s = tl.zeros((BLOCK_V,), tl.float32)  # each lane's sum of exp(x - m)
     for start in range(0, n_cols, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)  # (BLOCK_V,)
         x = tl.load(row_ptr + cols, mask=cols < n_read, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        # A block of -inf logits (masked vocabulary) before any finite one would give exp(-inf + inf).
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), axis=0)
-        m = m_new
-    return m, s
+        bigger = x > m
+        # A lane's max is -inf before its first finite x, a masked x is -inf: 0 in their place where the
+        # other is subtracted keeps -inf - -inf (NaN) out of both branches; exp(-inf) is then 0 as wanted.
+        m_fin, x_fin = tl.where(m == float("-inf"), 0.0, m), tl.where(x == float("-inf"), 0.0, x)
+        e = tl.exp(tl.where(bigger, m - x_fin, x - m_fin))
+        s = tl.where(bigger, s * e + 1.0, s + e)
+        m = tl.maximum(m, x)
+    row_max = tl.max(m, axis=0)
+    # A row of -inf logits (masked vocabulary) would give exp(-inf + inf).
+    row_safe = tl.where(row_max == float("-inf"), 0.0, row_max)
+    return row_max, tl.sum(s * tl.exp(m - row_safe), axis=0)
 
 
 @triton.jit
@@ -137,19 +148,20 @@ def _ce_backward_kernel(logits_ptr, grad_ptr, targets_ptr, max_ptr, log_sum_ptr,
 
 
 def _forward_launch(n_cols: int) -> tuple[int, int]:
-    """(BLOCK_V, num_warps) of the forward: blocks of up to 8192 columns, 8 fp32 per thread (32 warps).
+    """(BLOCK_V, num_warps) of the forward: blocks of up to 4096 columns, 8 per thread (one 16-byte bf16
+    access), 16 warps.
 
-    Why so wide: the forward that also writes the gradient reads each row a second time, and that read is
-    only cheap if the row is still in L2. What decides it is the number of rows in flight, each touching
-    its row (64 KB at a 32k bf16 vocabulary) about 1.5 times (two reads, one write) before it is done:
-    at 8 warps and 4096 columns an H100 holds 8 programs per SM, 1056 rows, ~100 MB, twice its 50 MB L2;
-    at 32 warps and 8192 columns it holds 2 per SM (2048 threads; 28-31 registers, compiled for sm_90a),
-    264 rows, ~25 MB, with 32 KB of loads per SM still in flight. (A model, not a measurement: the
-    kernel benchmark times it against Liger-Kernel and torch.compile.) The forward without the gradient
-    launches the same way, so that the loss has the same bits with and without the hint.
+    Why: the forward that also writes the gradient reads each row a second time, cheaply only while the row
+    is still in L2, so the rows in flight must fit it: each touches its row (64 KB at a 32k bf16 vocabulary)
+    about 1.5 times (two reads, one write) before it is done. Compiled for sm_90a (Triton 3.9) this launch
+    holds 40 registers, 3 programs per SM: ~400 rows, ~25 MB on an H100 (50 MB of L2), 48 warps per SM.
+    (The launch before, 8192 columns at 32 warps, held 2 programs per SM whose per-block reductions
+    serialized each row's loads; with each lane's own running max and sum it would hold only 1.) A model,
+    not a measurement: perf/bench_kernels.py times other launches beside it. The forward without the
+    gradient launches the same way, so that the loss has the same bits with and without the hint.
     """
-    block_v = min(triton.next_power_of_2(n_cols), 8192)
-    return block_v, max(1, min(32, block_v // 256))
+    block_v = min(triton.next_power_of_2(n_cols), 4096)
+    return block_v, max(1, min(16, block_v // 256))
 
 
 def _backward_launch(n_cols: int) -> tuple[int, int]:

@@ -367,7 +367,26 @@ def cross_entropy_cases(xent, ref, use_compile: bool, shrink: int, dev: str) -> 
         compiled(ref, use_compile),
         Impl("F.cross_entropy (bf16)", F.cross_entropy),
         Impl("liger", liger and liger_xent),
-    ])]
+    ] + [Impl(f"megamath (triton), forward {block} columns x {warps} warps", forward_at((block, warps)))
+         for block, warps in CE_FORWARD_LAUNCHES])]
+
+
+CE_FORWARD_LAUNCHES = ((8192, 32), (2048, 8), (1024, 4))
+"""(BLOCK_V, num_warps) of the cross-entropy forward to time beside the default
+(megamath.kernels.cross_entropy._forward_launch), each with the gradient hint as the training step runs it."""
+
+
+def forward_at(launch):
+    """Our cross-entropy as the training step calls it, its forward at `launch`."""
+    module = importlib.import_module("megamath.kernels.cross_entropy")
+
+    def run(x, t):
+        default, module._forward_launch = module._forward_launch, lambda n_cols: launch
+        try:
+            return module.cross_entropy(x, t, check_targets=False, expected_grad=1.0)
+        finally:
+            module._forward_launch = default
+    return run
 
 
 def adamw_cases(adamw_step, ref, use_compile: bool, shrink: int, dev: str) -> list[Case]:

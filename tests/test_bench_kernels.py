@@ -104,7 +104,8 @@ def test_the_status_fails_when_our_kernel_fails_or_is_missing_not_when_a_peer_do
 def test_the_cross_entropy_rows_run_what_they_name(monkeypatch):
     """Each cross-entropy row's callable, built as the GPU run builds it (here on CPU tensors, the kernels under
     Triton's interpreter, 16 rows of the anchors' 32016-wide vocabulary): ours with and without the gradient
-    hint give the reference's loss and gradient, so a GPU run times the arithmetic it names."""
+    hint, and with the forward at each other launch, give the reference's loss and gradient, so a GPU run
+    times the arithmetic it names."""
     bench = load_bench(monkeypatch)
     xent = importlib.import_module("megamath.kernels.cross_entropy")
     (case,) = bench.cross_entropy_cases(xent.cross_entropy, xent.cross_entropy_ref, False, 512, "cpu")
@@ -112,13 +113,16 @@ def test_the_cross_entropy_rows_run_what_they_name(monkeypatch):
     upcast = logits.float().requires_grad_()
     want = torch.autograd.grad(xent.cross_entropy_ref(upcast, targets), upcast)[0]  # (16, 32016) fp32
     ours = [impl for impl in case.impls if impl.name.startswith("megamath")]
-    assert [impl.name for impl in ours] == ["megamath (triton)", "megamath, no gradient hint"]
+    assert [impl.name for impl in ours] == ["megamath (triton)", "megamath, no gradient hint"] + [
+        f"megamath (triton), forward {block} columns x {warps} warps" for block, warps in bench.CE_FORWARD_LAUNCHES]
+    default = xent._forward_launch
     for impl in ours:
         x = logits.detach().clone().requires_grad_()
         loss = impl.fn(x, targets)
         (grad,) = torch.autograd.grad(loss, x)
         torch.testing.assert_close(loss, xent.cross_entropy_ref(logits.float(), targets), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(grad.float(), want, rtol=1e-2, atol=1e-9)  # bf16 rounding of each entry
+        assert xent._forward_launch is default  # a launch row puts the default back
 
 
 def test_the_embedding_backward_rows_run_what_they_name(monkeypatch):
