@@ -278,7 +278,16 @@ def rope_cases(rope, ref, use_compile: bool, shrink: int, dev: str) -> list[Case
         Impl("eager (rope_ref, fp32)", lambda q, k: ref(q, k, 1e4, 0)),
         compiled(ref, use_compile),
         Impl("liger", liger and (lambda q, k, cos, sin: liger.apply(q, k, cos, sin)), make=liger_inputs),
-    ])]
+    ]), rope_launch_case(b, s, hq, hk, d, dev)]
+
+
+def rope_launch_case(b: int, s: int, hq: int, hk: int, d: int, dev: str) -> Case:
+    """The backward's kernel launch alone (the rotation by -angle into new tensors, no autograd): against the
+    autograd row, what the host spends around the kernel."""
+    module, randn = importlib.import_module("megamath.kernels.rope"), _randn(dev)
+    return Case("rope", f"q{hq}/k{hk} S={s} B={b} D={d}, backward kernel alone",
+                lambda: (randn(b, s, hq, d), randn(b, s, hk, d)), 0, {"step": (2 * 2 * b * s * (hq + hk) * d, "B")}, [
+        Impl("megamath (triton)", lambda dq, dk: module._rope_launch(dq, dk, 1e4, 0, -1.0), ours=True)])
 
 
 def attention_cases(attn, ref, use_compile: bool, shrink: int, dev: str) -> list[Case]:

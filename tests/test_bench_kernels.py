@@ -189,3 +189,16 @@ class _Recording:
             self.seen.append(kwargs["num_warps"])
             return self.kernel[grid](*args, **kwargs)
         return launch
+
+
+def test_the_rope_backward_kernel_row_rotates_back(monkeypatch):
+    """The rope row that times the backward's launch alone computes the backward: the rotation by -angle, which
+    undoes the forward (CPU, the interpreter, the anchors' shape cut to 8 positions)."""
+    bench = load_bench(monkeypatch)
+    module = importlib.import_module("megamath.kernels.rope")
+    (_, case) = bench.rope_cases(module.rope, module.rope_ref, False, 512, "cpu")
+    assert case.shape == "q32/k8 S=8 B=4 D=128, backward kernel alone" and list(case.work) == ["step"]
+    q, k = (t.float() for t in case.make())
+    back = case.impls[0].fn(*module.rope(q, k, 1e4, 0))
+    for got, want in zip(back, (q, k)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
