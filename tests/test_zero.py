@@ -512,3 +512,35 @@ def test_decoupled_parameters_step_at_their_own_learning_rate(bucket_mb, overlap
 def test_decoupled_names_must_name_parameters():
     with pytest.raises(ValueError, match="decoupled_names names no trainable parameter of the model: embed.weight"):
         ZeroOptimizer(make_model(), ParallelState.single(), zero_config(), decoupled_names=["embed.weight"])
+
+
+def test_the_norm_sums_touching_ranges_in_one_launch(monkeypatch):
+    """The gradient norm does not need the decay or learning-rate runs: ranges that touch in the buffer are
+    summed in one launch (one bucket at DP 1: all of them), covering exactly the ranges' elements; under TP the
+    split and replicated runs stay apart, since only the split squares are summed over TP."""
+    from megamath.parallel import zero
+
+    config = ModelConfig(vocab_size=64, hidden_size=32, num_layers=3, num_heads=2, num_kv_heads=1,
+                         ffn_hidden_size=48, max_seq_length=16, kernels="reference")
+    model = Llama(config)
+    opt = ZeroOptimizer(model, ParallelState.single(), OptimizerConfig(clip_grad=1.0), model.split_parameter_names())
+    assert len(opt.ranges) > 10 and len(opt._norm_runs) == 1
+    (flat, _), = opt._norm_runs
+    assert (flat.start, flat.stop) == (opt.ranges[0].flat.start, opt.ranges[-1].flat.stop)
+    assert sum(r.flat.stop - r.flat.start for r in opt.ranges) == flat.stop - flat.start  # no gap, no padding
+    calls = []
+    real = zero._sum_of_squares_fn
+    monkeypatch.setattr(zero, "_sum_of_squares_fn", lambda device: lambda x: calls.append(x.numel()) or real(device)(x))
+    tokens = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    opt.zero_grad(1)
+    model(tokens[:, :-1], tokens[:, 1:])[1].backward()
+    grads = torch.cat([opt.grad_view(p).flatten() for p in model.parameters()]).double()
+    result = opt.step(1e-3)
+    assert calls == [flat.stop - flat.start]
+    assert result.grad_norm == pytest.approx(grads.norm().item(), rel=1e-6)
+
+    opt.state = dataclasses.replace(opt.state, tp_group=object())  # as under TP: flags kept apart
+    runs = opt._runs_for_the_norm()
+    assert len(runs) > 1 and all(a[1] != b[1] for a, b in zip(runs, runs[1:]))
+    assert runs[0][0].start == flat.start and runs[-1][0].stop == flat.stop
+    opt.remove_hooks()

@@ -255,6 +255,7 @@ class ZeroOptimizer:
                     grad_into_buffer.register(p, _BufferSlot(self, len(self.params) - 1, slot, tuple(p.shape)))
         self._hook_forward(model)
         self.ranges = self._shard_ranges()
+        self._norm_runs = self._runs_for_the_norm()
         self.master = torch.cat([self.flat_param[f0:f1] for f0, f1, _ in self.pieces]).to(torch.float32)  # (S,)
         self.exp_avg = torch.zeros_like(self.master)  # (S,)
         self.exp_avg_sq = torch.zeros_like(self.master)  # (S,)
@@ -352,6 +353,21 @@ class ZeroOptimizer:
             else:
                 ranges.append(ShardRange(start, start + hi - lo, lo, slot.decay, slot.tensor_parallel, decoupled))
         return ranges
+
+    def _runs_for_the_norm(self) -> list[tuple[slice, bool]]:
+        """(flat slice, tensor_parallel) for the gradient norm: the ranges joined where they touch in the buffer
+        and their TP flag agrees, or whatever it is without TP (both sums then just add). The norm needs no
+        decay or learning-rate runs: at Code Llama 7B's width and 4 layers its 19 ranges (norms between the
+        linears) become one, and one sum_of_squares launch replaces 19 launches and 19 fp64 adds, each of
+        which the host took longer to launch than the GPU to run."""
+        runs: list[tuple[slice, bool]] = []
+        any_flag = self.state.tp_group is None
+        for r in self.ranges:
+            if runs and runs[-1][0].stop == r.flat.start and (any_flag or runs[-1][1] == r.tensor_parallel):
+                runs[-1] = (slice(runs[-1][0].start, r.flat.stop), runs[-1][1])
+            else:
+                runs.append((r.flat, r.tensor_parallel))
+        return runs
 
     def remove_hooks(self) -> None:
         """Finish the parameters' all-gathers and detach every hook (the parameters stay views of the buffer)."""
@@ -506,8 +522,8 @@ class ZeroOptimizer:
         sums = {True: torch.zeros((), dtype=torch.float64, device=self.device),
                 False: torch.zeros((), dtype=torch.float64, device=self.device)}
         squares = _sum_of_squares_fn(self.device)
-        for r in self.ranges:
-            sums[r.tensor_parallel] += squares(self.flat_grad[r.flat])
+        for flat, tensor_parallel in self._norm_runs:
+            sums[tensor_parallel] += squares(self.flat_grad[flat])
         norm = global_grad_norm(sums[True], sums[False], dp_group=self.dp_group, tp_group=self.state.tp_group)
         return norm / self.dp_size  # the buffer holds the DP sum; the average is 1/dp of it
 
