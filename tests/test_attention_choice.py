@@ -208,7 +208,7 @@ class _Recorded:
             return o
 
         step, leaves = projection_attention_step(recording, (2, 5, 6, 2, 16), torch.float32, torch.device(device),
-                                                 layout, torch.Generator().manual_seed(0))
+                                                 layout, torch.Generator(device).manual_seed(0))
         step()
         if layout.fused_order is None:
             grads = [t.grad for t in leaves]
