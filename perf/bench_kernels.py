@@ -380,7 +380,7 @@ def cross_entropy_cases(xent, ref, use_compile: bool, shrink: int, dev: str) -> 
          for block, warps in CE_FORWARD_LAUNCHES])]
 
 
-CE_FORWARD_LAUNCHES = ((8192, 32), (2048, 8), (1024, 4))
+CE_FORWARD_LAUNCHES = ((4096, 16), (8192, 32), (2048, 8))
 """(BLOCK_V, num_warps) of the cross-entropy forward to time beside the default
 (megamath.kernels.cross_entropy._forward_launch), each with the gradient hint as the training step runs it."""
 
