@@ -6,19 +6,16 @@
 # against Hugging Face eager and compiled, the planner's memory), attention against SDPA's backends, and a
 # short `megamath train` (one process, 20 steps, two checkpoints; its loss must fall). The rest, every
 # compiled kernel test and the benchmark of every kernel, runs by PARTS, one or two parts per call.
-# Time of the short run on an H200, estimated from the work each step does (never timed whole on a GPU;
-# a fresh machine: nothing built, empty Triton and Inductor caches, no pytest-xdist): versions and packages
-# ~20 s; build ~50-90 s (three pybind11 files, the torch binding, one .cu; the .cu alone takes ~5 s in nvcc
-# 13); trainer tests ~65-100 s (~30 Triton compiles at head_dim 64, 22 of them the tuner's candidates);
-# training benchmark ~190-355 s (tuning at head_dim 128: 22 compiles, ~75 s one by one, less now that the tuner
-# compiles them on all the host's cores; the model's other kernels
-# ~10 s; four Hugging Face model builds with fp32 init on the CPU, ~40 s; torch.compile of the HF model, cold,
-# once per micro-batch, ~40-70 s each; the 104 timed and warm-up steps ~25 s); attention benchmark ~50-70 s
-# (its kernels come from the Triton cache the training benchmark filled); `megamath train` ~30-50 s (two
-# Python starts; the trainer tests compiled its kernels at the same head_dim). In all about 7-10.5 minutes;
-# the budget below stops it at 9, and `megamath train` runs last so that it is what a slow machine loses,
-# not the benchmarks. So one short run fits a lease; the run at the end is best a subset
-# (e.g. PARTS="train_bench attention"), as a machine given back is fresh again (the build and caches gone).
+# Time of the short run on a fresh H200 (2026-12-04: nothing built, empty Triton and Inductor caches,
+# pytest-xdist present): versions and packages 13 s; build 84 s (three pybind11 files, the torch binding, one
+# .cu); trainer tests 39 s (~30 Triton compiles at head_dim 64, 22 of them the tuner's candidates, on 8
+# workers); training benchmark 148 s (tuning at head_dim 128, four Hugging Face builds, torch.compile of the HF
+# model once per micro-batch, the timed steps); attention benchmark 23 s (its kernels from the Triton cache the
+# training benchmark filled); `megamath train` 14 s. In all 321 s; the budget below stops it at 9 minutes, and
+# `megamath train` runs last so that it is what a slow machine loses, not the benchmarks. So one short run
+# fits a lease; the run at the end is best a subset (e.g. PARTS="train_bench kernels" with
+# TRAIN_BENCH_ARGS="--micro-batch 1" and BENCH_ARGS="--ops ..." naming the kernels that changed), as a
+# machine given back is fresh again (the build and caches gone), and TESTS may name single tests.
 # Assumes torch, triton and numpy are installed; installs megamath's other needs if missing (from wheels in
 # $WHEELS_DIR when there is no network; without zstandard only corpus reading is lost).
 #
