@@ -163,12 +163,13 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch
 
 def _bwd_launch(block: int) -> tuple[int, int]:
     """(num_warps, programs per SM) of the backward. Registers, not bandwidth, bound the rows an SM has in
-    flight: with 8 elements of a row per thread (one 16-byte bf16 access) the kernel holds ~64 registers at
-    width 4096 (Triton 3.9, sm_90a), so two 16-warp programs fill the register file, each with two rows in
-    flight (the prefetch): 4 per SM. Measured on an H200 (16384 x 4096 bf16, the kernel launch alone,
-    perf/bench_kernels.py): 0.117 ms, 3.4 TB/s, against 0.119 at 8 warps x 2 per SM, 0.126 at 16 x 4 and
-    0.142 at 32 x 1, and 0.143 for our CUDA C++ backward; the launch before (8 warps, 16 elements per thread,
-    ~120 registers, no prefetch) ran at 1.2 TB/s."""
+    flight, two per program (the prefetch). 8 elements of a row per thread (one 16-byte bf16 access): at
+    width 4096, 16 warps and ~64 registers (Triton 3.9, sm_90a), so two programs fill the register file.
+    Measured on an H200 (16384 x 4096 bf16, the kernel launch alone, perf/bench_kernels.py): 0.117 ms,
+    3.4 TB/s, against 0.119 at 8 warps x 2 per SM, 0.126 at 16 x 4 and 0.142 at 32 x 1, and 0.143 for our
+    CUDA C++ backward; the launch before (8 warps, ~120 registers, no prefetch) ran at 1.2 TB/s. On an A100
+    these 16 warps take ~80 registers (sm_80) and one program fits per SM, as many rows in flight as the
+    launch before held there; 8 warps would fit two (not timed on an A100)."""
     return max(4, min(32, block // 256)), 2
 
 

@@ -215,8 +215,8 @@ def rms_norm_cases(rms_norm, ref, use_compile: bool, shrink: int, dev: str) -> l
 
 
 BWD_LAUNCHES = ((16, 2), (8, 2), (16, 4), (32, 1))
-"""(num_warps, programs per SM) of the RMSNorm backward to time beside the default (the first, as
-megamath.kernels.rms_norm._bwd_launch picks it at width 4096): which one fills the GPU best is measured."""
+"""(num_warps, programs per SM) of the RMSNorm backward to time (megamath.kernels.rms_norm._bwd_launch picks the
+first at width 4096): which one fills the GPU best is measured."""
 
 
 def rms_norm_bwd_launch_case(m: int, n: int, dev: str) -> Case:
@@ -240,8 +240,8 @@ def rms_norm_bwd_launch_case(m: int, n: int, dev: str) -> Case:
         return run
 
     return Case("rms_norm", f"{m}x{n} bf16, backward kernel alone", make, 0, {"step": (3 * nbytes, "B")}, [
-        Impl(f"megamath (triton) {warps} warps, {per_sm} per SM" + (" (default)" if i == 0 else ""),
-             at((warps, per_sm)), ours=i == 0) for i, (warps, per_sm) in enumerate(BWD_LAUNCHES)])
+        Impl(f"megamath (triton) {warps} warps, {per_sm} per SM", at((warps, per_sm)), ours=i == 0)
+        for i, (warps, per_sm) in enumerate(BWD_LAUNCHES)])
 
 
 def add_rms_norm_case(rms_norm, use_compile: bool, m: int, n: int, dev: str) -> Case:
