@@ -33,8 +33,9 @@ and runtime reserve that torch.cuda.max_memory_allocated does not see; on a GPU 
 more than 10 % away from the measured peak.
 
 After its timed steps, megamath runs --breakdown-steps more under torch.profiler, and the results end with its
-kernels summed by kind (GEMM, attention, norm, ..., and the share of the step the device sat idle): what to
-tune next, readable without a GPU (megamath.training.kernel_kinds).
+kernels summed by kind (GEMM, attention, norm, ..., and the share of the step the device sat idle), how long
+the host waited for the device and so how long it spent launching, and the longest idle gaps between kernels
+by their neighbours: what to tune next, readable without a GPU (megamath.training.kernel_kinds).
 
 Each row is printed, and the file rewritten, as soon as it is measured, so a run stopped by a time limit keeps
 what it measured. A peer that is absent or fails is a row saying so; megamath's own step failing (or the
