@@ -4,7 +4,8 @@ rope, SwiGLU, cross-entropy, optimizer, copies, communication and the rest.
 Why: an MFU figure alone does not say what to fix next, and a GPU session is short; a trace needs a viewer
 and an hour. This table says it at a glance: the share of GEMMs (cuBLAS, already near peak), of attention,
 of the memory-bound kernels, and how much of the step the device sat idle waiting on the host (launch
-gaps, syncs), where (the longest gaps, by the kernels around them) and how long the host itself was blocked. The trainer writes it beside each profiler trace; perf/bench_train.py puts it in its results.
+gaps, syncs), where (the longest gaps, by the kernels around them) and how long the host itself was
+blocked. The trainer writes it beside each profiler trace; perf/bench_train.py puts it in its results.
 
 Device time is each kernel's own time (on CPU: each op's self time), summed over the profiled steps and
 divided by their number; `busy` is their sum, `wall` the host time of the window, the device synchronized
