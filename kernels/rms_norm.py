@@ -181,6 +181,7 @@ def _bwd_programs(m: int, device: torch.device, per_sm: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
+    """The device's SM count, asked once: every backward launch sizes its grid by it."""
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 

@@ -358,8 +358,8 @@ class ZeroOptimizer:
         """(flat slice, tensor_parallel) for the gradient norm: the ranges joined where they touch in the buffer
         and their TP flag agrees, or whatever it is without TP (both sums then just add). The norm needs no
         decay or learning-rate runs: at Code Llama 7B's width and 4 layers its 19 ranges (norms between the
-        linears) become one, and one sum_of_squares launch replaces 19 launches and 19 fp64 adds, each of
-        which the host took longer to launch than the GPU to run."""
+        linears) become one, and one sum_of_squares launch replaces 19 launches and 19 fp64 adds, most of
+        them over a norm's few thousand elements: host launches the GPU was left waiting for."""
         runs: list[tuple[slice, bool]] = []
         any_flag = self.state.tp_group is None
         for r in self.ranges:
