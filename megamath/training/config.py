@@ -63,7 +63,8 @@ class ParallelConfig:
     """AdamW bucket by bucket on a side CUDA stream once the gradient norm is known, in the forward's order:
     later layers update under the next forward of earlier ones, each waiting for its own buckets
     (bit-identical). Needs bucket_mb > 0 and, with DP, overlap_param_gather. The `optimizer` phase then
-    times the norm and launches; the updates show in the next `forward`. Off until a GPU has measured it."""
+    times the norm and launches; the updates show in the next `forward`. Off: on one H200 it saved 2.5-3 % of
+    the benchmark's step at micro-batch 1 and cost 3 % at micro-batch 2 (perf/results/train-2026-12-04*.md)."""
     bucket_mb: float = 128.0
     """MiB of gradients per ZeRO-1 bucket (0: one bucket, nothing to overlap). Smaller buckets start their
     reduce-scatter earlier; larger ones pay the collective's latency fewer times."""
