@@ -167,9 +167,9 @@ def _bwd_launch(block: int) -> tuple[int, int]:
     width 4096, 16 warps and ~64 registers (Triton 3.9, sm_90a), so two programs fill the register file.
     Measured on an H200 (16384 x 4096 bf16, the kernel launch alone, perf/bench_kernels.py): 0.117 ms,
     3.4 TB/s, against 0.119 at 8 warps x 2 per SM, 0.126 at 16 x 4 and 0.142 at 32 x 1, and 0.143 for our
-    CUDA C++ backward; the launch before (8 warps, ~120 registers, no prefetch) ran at 1.2 TB/s. On an A100
-    these 16 warps take ~80 registers (sm_80) and one program fits per SM, as many rows in flight as the
-    launch before held there; 8 warps would fit two (not timed on an A100)."""
+    CUDA C++ backward; the launch before (8 warps, ~120 registers, no prefetch) ran at 1.2 TB/s. For an A100
+    Triton 3.6 (the GPU image's) also compiles it to 64 registers, two programs per SM; Triton 3.9 to ~80,
+    one (not timed on an A100)."""
     return max(4, min(32, block // 256)), 2
 
 
