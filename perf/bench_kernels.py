@@ -211,7 +211,32 @@ def rms_norm_cases(rms_norm, ref, use_compile: bool, shrink: int, dev: str) -> l
         Impl("F.rms_norm", lambda x, w: F.rms_norm(x, (n,), w, 1e-5)),
         Impl("liger", liger and (lambda x, w: liger.apply(x, w, 1e-5, 0.0, "llama"))),
         Impl("apex", apex_fn and (lambda x, w: apex_fn(x, w, (n,), 1e-5))),
-    ]), add_rms_norm_case(rms_norm, use_compile, m, n, dev), rms_norm_bwd_launch_case(m, n, dev)]
+    ]), add_rms_norm_case(rms_norm, use_compile, m, n, dev), rms_norm_fwd_launch_case(m, n, dev),
+        rms_norm_bwd_launch_case(m, n, dev)]
+
+
+FWD_WARPS = (8, 4, 16, 32)
+"""num_warps of the RMSNorm forward to time (megamath.kernels.rms_norm._num_warps picks the first at width 4096):
+the forward ran 3 % behind Liger-Kernel's, at the same launch, on the H200."""
+
+
+def rms_norm_fwd_launch_case(m: int, n: int, dev: str) -> Case:
+    """The forward kernel alone (no autograd) at each of FWD_WARPS."""
+    module = importlib.import_module("megamath.kernels.rms_norm")
+    randn, nbytes = _randn(dev), m * n * 2
+
+    def at(warps):
+        def run(x, w):
+            default, module._num_warps = module._num_warps, lambda block: warps
+            try:
+                return module.rms_norm_fwd(x, w, 1e-5)
+            finally:
+                module._num_warps = default
+        return run
+
+    return Case("rms_norm", f"{m}x{n} bf16, forward kernel alone", lambda: (randn(m, n), 1 + 0.1 * randn(n)), 0,
+                {"step": (2 * nbytes, "B")},
+                [Impl(f"megamath (triton) {warps} warps", at(warps), ours=i == 0) for i, warps in enumerate(FWD_WARPS)])
 
 
 BWD_LAUNCHES = ((16, 2), (8, 2), (16, 4), (32, 1))

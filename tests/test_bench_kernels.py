@@ -160,7 +160,7 @@ def test_the_rms_norm_backward_launch_rows_time_the_backward_and_leave_the_defau
     bench = load_bench(monkeypatch)
     module = importlib.import_module("megamath.kernels.rms_norm")
     default = module._bwd_launch
-    (*_, case) = bench.rms_norm_cases(module.rms_norm, module.rms_norm_ref, False, 512, "cpu")
+    case = bench.rms_norm_cases(module.rms_norm, module.rms_norm_ref, False, 512, "cpu")[-1]
     assert case.shape == "32x4096 bf16, backward kernel alone" and list(case.work) == ["step"]
     assert [impl.ours for impl in case.impls] == [True] + [False] * (len(bench.BWD_LAUNCHES) - 1)
     dy, x2, w, rstd = case.make()
@@ -202,3 +202,24 @@ def test_the_rope_backward_kernel_row_rotates_back(monkeypatch):
     back = case.impls[0].fn(*module.rope(q, k, 1e4, 0))
     for got, want in zip(back, (q, k)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_rms_norm_forward_launch_rows_run_the_forward_at_their_warps(monkeypatch):
+    """Each forward launch row (CPU, the interpreter, 32 rows of width 4096) gives the default launch's output,
+    its num_warps reaches the kernel, and the default is back after each row."""
+    bench = load_bench(monkeypatch)
+    module = importlib.import_module("megamath.kernels.rms_norm")
+    default = module._num_warps
+    case = bench.rms_norm_cases(module.rms_norm, module.rms_norm_ref, False, 512, "cpu")[-2]
+    assert case.shape == "32x4096 bf16, forward kernel alone" and list(case.work) == ["step"]
+    assert [impl.ours for impl in case.impls] == [True] + [False] * (len(bench.FWD_WARPS) - 1)
+    assert default(4096) == bench.FWD_WARPS[0]  # the first row is the default launch
+    x, w = case.make()
+    want = module.rms_norm_fwd(x, w, 1e-5)
+    seen = []
+    monkeypatch.setattr(module, "_rms_norm_fwd_kernel", _Recording(module._rms_norm_fwd_kernel, seen))
+    for impl, warps in zip(case.impls, bench.FWD_WARPS):
+        got = impl.fn(x, w)
+        assert seen.pop() == warps and module._num_warps is default
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
