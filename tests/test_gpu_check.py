@@ -243,12 +243,14 @@ def test_the_training_case_is_a_valid_config_and_its_check_can_fail(tmp_path):
 
     def run_with(losses):
         lines = [json.dumps({"step": i + 1, "loss": loss, "step_time_s": 0.01, "tokens_per_s": 1e5, "mfu": 0.3,
-                             "phases": {"forward": 0.004, "optimizer": 0.002}}) for i, loss in enumerate(losses)]
+                             "phases": {"forward": 0.004, "optimizer": 0.002, **({"log": 0.003} if i else {})}})
+                 for i, loss in enumerate(losses)]
         (tmp_path / "run" / "metrics.jsonl").write_text("\n".join(lines) + "\n")
         return case.main(["--check", str(tmp_path)])
 
     falling = [8.3 - 0.4 * i for i in range(case.STEPS)]
     assert run_with(falling) == 0
+    assert case.check_run(tmp_path).endswith("writing a step's record (the `log` phase) 3.0 ms per step, median")
     assert run_with([8.3] * case.STEPS) == 1
     assert run_with(falling[:-1] + [None]) == 1
     assert run_with(falling[:-1]) == 1
@@ -269,3 +271,47 @@ def test_an_interpreter_that_cannot_run_with_this_numpy_is_refused_in_one_line(t
     if refused:
         assert message == (f"Triton {triton_version}'s CPU interpreter cannot run with numpy {numpy_version}: "
                            "install numpy<2.4 (or Triton 3.8 or later)")
+
+
+def test_the_hardware_readings_are_timed_one_by_one():
+    """gpu_train_case times each reading a step's record makes (a stand-in NVML here: one reading slow, one
+    failing as a board without it fails); without a CUDA device it says so instead."""
+    import torch
+
+    from megamath.training.hardware import HardwareProbe
+
+    class NVML:
+        NVML_TEMPERATURE_GPU, NVML_CLOCK_SM = 0, 1
+
+        def nvmlDeviceGetUtilizationRates(self, handle):
+            return type("Rates", (), {"gpu": 50})()
+
+        def nvmlDeviceGetMemoryInfo(self, handle):
+            return type("Memory", (), {"used": 2**30})()
+
+        def nvmlDeviceGetPowerUsage(self, handle):
+            time.sleep(0.004)  # milliwatts, slowly
+            return 300_000
+
+        def nvmlDeviceGetTemperature(self, handle, sensor):
+            raise RuntimeError("not on this board")
+
+        def nvmlDeviceGetClockInfo(self, handle, clock):
+            return 1980
+
+        def nvmlDeviceGetTotalEnergyConsumption(self, handle):
+            return 1000
+
+    case = _case_module()
+    probe = HardwareProbe(torch.device("cpu"))
+    probe.handle, probe.nvml = "board 0", NVML()
+    assert {key: read() for key, read in probe.readers().items() if key != "temp_c"} == {
+        "gpu_util": 50, "gpu_mem_used_gib": 1.0, "power_w": 300.0, "sm_clock_mhz": 1980}
+    line = case.reading_times(probe, repeats=3)
+    assert line.startswith("hardware readings, median ms of 3 calls: gpu_util ")
+    assert "temp_c fails (RuntimeError)" in line and ", energy " in line
+    assert line.rsplit(", ", 1)[1].startswith("the whole read() ")  # (on a CPU device: no readings, nothing to wait)
+    power = float(line.split("power_w ")[1].split(",")[0])
+    assert power >= 4.0
+    if not torch.cuda.is_available():
+        assert case.reading_times() == "hardware readings: no CUDA device here"

@@ -32,11 +32,25 @@ class HardwareProbe:
                 index = int(visible[index])  # NVML numbers all GPUs, CUDA only the visible ones
             self.handle = pynvml.nvmlDeviceGetHandleByIndex(index)
             self.nvml = pynvml
-            self.last_energy_mj = self._energy_mj()
+            self.last_energy_mj = self.energy_mj()
         except Exception:  # no library, no driver access: report without NVML
             self.handle = None
 
-    def _energy_mj(self) -> int | None:
+    def readers(self) -> dict:
+        """NVML's per-step readings by their record key, each a call (empty without NVML)."""
+        if self.handle is None:
+            return {}
+        nvml, handle = self.nvml, self.handle
+        return {
+            "gpu_util": lambda: nvml.nvmlDeviceGetUtilizationRates(handle).gpu,
+            "gpu_mem_used_gib": lambda: nvml.nvmlDeviceGetMemoryInfo(handle).used / 2**30,
+            "power_w": lambda: nvml.nvmlDeviceGetPowerUsage(handle) / 1000.0,
+            "temp_c": lambda: nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU),
+            "sm_clock_mhz": lambda: nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_SM),
+        }
+
+    def energy_mj(self) -> int | None:
+        """The board's energy counter, millijoules since the driver loaded (None where it has none)."""
         try:
             return self.nvml.nvmlDeviceGetTotalEnergyConsumption(self.handle)
         except Exception:  # boards before Volta have no energy counter
@@ -52,20 +66,12 @@ class HardwareProbe:
                "alloc_retries": int(stats.get("num_alloc_retries", 0))}
         if self.handle is None:
             return out
-        nvml = self.nvml
-        readers = {
-            "gpu_util": lambda: nvml.nvmlDeviceGetUtilizationRates(self.handle).gpu,
-            "gpu_mem_used_gib": lambda: nvml.nvmlDeviceGetMemoryInfo(self.handle).used / 2**30,
-            "power_w": lambda: nvml.nvmlDeviceGetPowerUsage(self.handle) / 1000.0,
-            "temp_c": lambda: nvml.nvmlDeviceGetTemperature(self.handle, nvml.NVML_TEMPERATURE_GPU),
-            "sm_clock_mhz": lambda: nvml.nvmlDeviceGetClockInfo(self.handle, nvml.NVML_CLOCK_SM),
-        }
-        for key, reader in readers.items():
+        for key, reader in self.readers().items():
             try:
                 out[key] = reader()
             except Exception:  # a field this board or driver does not report
                 pass
-        energy = self._energy_mj()
+        energy = self.energy_mj()
         if energy is not None and self.last_energy_mj is not None:
             out["gpu_energy_j"] = (energy - self.last_energy_mj) / 1000.0
         self.last_energy_mj = energy
