@@ -157,12 +157,8 @@ def test_the_rms_norm_backward_launch_rows_time_the_backward_and_leave_the_defau
     """Each launch row of the RMSNorm backward, built as the GPU run builds it (CPU tensors, the interpreter,
     32 rows of width 4096), computes the backward under its own launch and puts the default launch back after,
     also when the kernel fails."""
-    bench = load_bench(monkeypatch)
-    module = importlib.import_module("megamath.kernels.rms_norm")
+    bench, module, case = _rms_norm_launch_case(monkeypatch, -1, "backward", "BWD_LAUNCHES")
     default = module._bwd_launch
-    case = bench.rms_norm_cases(module.rms_norm, module.rms_norm_ref, False, 512, "cpu")[-1]
-    assert case.shape == "32x4096 bf16, backward kernel alone" and list(case.work) == ["step"]
-    assert [impl.ours for impl in case.impls] == [True] + [False] * (len(bench.BWD_LAUNCHES) - 1)
     dy, x2, w, rstd = case.make()
     want = module.rms_norm_bwd(dy, x2, w, rstd)
     seen = []
@@ -176,6 +172,17 @@ def test_the_rms_norm_backward_launch_rows_time_the_backward_and_leave_the_defau
     with pytest.raises(TypeError):
         case.impls[1].fn(dy, x2, w, rstd)
     assert module._bwd_launch is default
+
+
+def _rms_norm_launch_case(monkeypatch, index: int, direction: str, launches: str):
+    """(the benchmark module, megamath.kernels.rms_norm, the case of RMSNorm's `direction` kernel alone at each of
+    the benchmark's `launches`, the first one ours), as the GPU run builds it at 32 rows of width 4096."""
+    bench = load_bench(monkeypatch)
+    module = importlib.import_module("megamath.kernels.rms_norm")
+    case = bench.rms_norm_cases(module.rms_norm, module.rms_norm_ref, False, 512, "cpu")[index]
+    assert case.shape == f"32x4096 bf16, {direction} kernel alone" and list(case.work) == ["step"]
+    assert [impl.ours for impl in case.impls] == [True] + [False] * (len(getattr(bench, launches)) - 1)
+    return bench, module, case
 
 
 class _Recording:
@@ -207,12 +214,8 @@ def test_the_rope_backward_kernel_row_rotates_back(monkeypatch):
 def test_the_rms_norm_forward_launch_rows_run_the_forward_at_their_warps(monkeypatch):
     """Each forward launch row (CPU, the interpreter, 32 rows of width 4096) gives the default launch's output,
     its num_warps reaches the kernel, and the default is back after each row."""
-    bench = load_bench(monkeypatch)
-    module = importlib.import_module("megamath.kernels.rms_norm")
+    bench, module, case = _rms_norm_launch_case(monkeypatch, -2, "forward", "FWD_WARPS")
     default = module._num_warps
-    case = bench.rms_norm_cases(module.rms_norm, module.rms_norm_ref, False, 512, "cpu")[-2]
-    assert case.shape == "32x4096 bf16, forward kernel alone" and list(case.work) == ["step"]
-    assert [impl.ours for impl in case.impls] == [True] + [False] * (len(bench.FWD_WARPS) - 1)
     assert default(4096) == bench.FWD_WARPS[0]  # the first row is the default launch
     x, w = case.make()
     want = module.rms_norm_fwd(x, w, 1e-5)
