@@ -41,6 +41,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -227,11 +228,8 @@ def rms_norm_fwd_launch_case(m: int, n: int, dev: str) -> Case:
 
     def at(warps):
         def run(x, w):
-            default, module._num_warps = module._num_warps, lambda block: warps
-            try:
+            with mock.patch.object(module, "_num_warps", lambda block: warps):
                 return module.rms_norm_fwd(x, w, 1e-5)
-            finally:
-                module._num_warps = default
         return run
 
     return Case("rms_norm", f"{m}x{n} bf16, forward kernel alone", lambda: (randn(m, n), 1 + 0.1 * randn(n)), 0,
@@ -257,11 +255,8 @@ def rms_norm_bwd_launch_case(m: int, n: int, dev: str) -> Case:
 
     def at(launch):
         def run(dy, x2, w, rstd):
-            default, module._bwd_launch = module._bwd_launch, lambda block: launch
-            try:
+            with mock.patch.object(module, "_bwd_launch", lambda block: launch):
                 return module.rms_norm_bwd(dy, x2, w, rstd)
-            finally:
-                module._bwd_launch = default
         return run
 
     return Case("rms_norm", f"{m}x{n} bf16, backward kernel alone", make, 0, {"step": (3 * nbytes, "B")}, [
@@ -415,11 +410,8 @@ def forward_at(launch):
     module = importlib.import_module("megamath.kernels.cross_entropy")
 
     def run(x, t):
-        default, module._forward_launch = module._forward_launch, lambda n_cols: launch
-        try:
+        with mock.patch.object(module, "_forward_launch", lambda n_cols: launch):
             return module.cross_entropy(x, t, check_targets=False, expected_grad=1.0)
-        finally:
-            module._forward_launch = default
     return run
 
 
